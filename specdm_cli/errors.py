@@ -1,0 +1,76 @@
+"""Domain errors: one line for the user (what, which file, how to fix) and an exit code."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+# Exit codes of DESIGN.md: a pipeline branches on them.
+EXIT_USAGE = 2
+EXIT_INPUT = 3
+EXIT_MODEL = 4
+EXIT_RESOURCE = 5
+EXIT_LOCKED = 6
+EXIT_SIGINT = 130
+EXIT_SIGTERM = 143
+
+
+class SpecdmError(Exception):
+    """An error the user can act on; the CLI prints `line()` and exits with `exit_code`."""
+
+    exit_code = EXIT_INPUT
+
+    def __init__(self, message: str, path: Path | str | None = None, hint: str | None = None):
+        super().__init__(message)
+        self.message = message
+        self.path = Path(path) if path is not None else None
+        self.hint = hint
+
+    def line(self) -> str:
+        """The single stderr line: message, the file it concerns, the fix."""
+        text = f"error: {self.message}"
+        if self.path is not None:
+            text += f" ({self.path})"
+        if self.hint:
+            text += f": {self.hint}"
+        return " ".join(text.split())
+
+
+class UsageError(SpecdmError):
+    """Options that cannot work together or are out of range."""
+
+    exit_code = EXIT_USAGE
+
+
+class InputDataError(SpecdmError):
+    """Raw data or a store that is missing, malformed or inconsistent."""
+
+    exit_code = EXIT_INPUT
+
+
+class ModelError(SpecdmError):
+    """A run directory or checkpoint that is missing, corrupt, tampered or incompatible."""
+
+    exit_code = EXIT_MODEL
+
+
+class ResourceError(SpecdmError):
+    """Disk full, out of memory, no GPU."""
+
+    exit_code = EXIT_RESOURCE
+
+
+class LockHeldError(SpecdmError):
+    """Another live process holds the lock of a store or run directory."""
+
+    exit_code = EXIT_LOCKED
+
+
+class Interrupted(SpecdmError):
+    """SIGINT or SIGTERM arrived; the work in hand was finished and the rest can be resumed."""
+
+    def __init__(self, signum: int):
+        super().__init__("interrupted", hint="rerun with --resume")
+        self.exit_code = 128 + signum
+
+    def line(self) -> str:
+        return "interrupted: rerun with --resume"

@@ -1,0 +1,158 @@
+"""What a store is: the pydantic Manifest kept in `manifest.json` and the Zarr attributes."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from specdm_cli.errors import InputDataError
+
+SCHEMA_VERSION = 1
+IGNORE_INDEX = 255
+SPLITS = ("train", "val", "test", "synthetic")
+Task = Literal["ss", "cd"]
+StoreFormat = Literal["zarr", "geotiff"]
+
+# Array names: the one vocabulary of Zarr arrays, GeoTIFF folders, Dataset keys and the manifest.
+IMAGE_ARRAYS: dict[str, tuple[str, ...]] = {"ss": ("image",), "cd": ("image_t1", "image_t2")}
+LABEL_ARRAY: dict[str, str] = {"ss": "mask", "cd": "change"}
+GEOTIFF_FOLDERS = {
+    "image": "images",
+    "mask": "masks",
+    "image_t1": "t1",
+    "image_t2": "t2",
+    "change": "change",
+}
+
+
+def array_names(task: Task) -> tuple[str, ...]:
+    """The raster arrays of a sample of `task`, images first."""
+    return (*IMAGE_ARRAYS[task], LABEL_ARRAY[task])
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class Band(_Strict):
+    """One spectral band."""
+
+    name: str
+    wavelength_nm: float | None = Field(None, description="centre wavelength")
+    fwhm_nm: float | None = None
+
+
+class ClassInfo(_Strict):
+    """One label class: its index in the store, name, display colour and code in the raw data."""
+
+    index: int = Field(ge=0, lt=IGNORE_INDEX)
+    name: str
+    colour: tuple[int, int, int]
+    code: int | str | None = Field(None, description="the class's value in the raw label files")
+
+
+class Normalization(_Strict):
+    """Per-band statistics in physical units over the valid pixels of one split."""
+
+    split: str
+    mean: list[float]
+    std: list[float]
+    minimum: list[float]
+    maximum: list[float]
+    pixels: int
+
+
+class SourceInfo(_Strict):
+    """Where a prepared store came from."""
+
+    dataset: str
+    raw_path: str | None = None
+    split_counts: dict[str, int] = Field(default_factory=dict)
+    candidates: int = 0
+    removed: dict[str, int] = Field(default_factory=dict, description="patches dropped, by filter")
+    nodata_pixels: int = 0
+    details: dict[str, Any] = Field(default_factory=dict)
+
+
+class ModelInfo(_Strict):
+    """Which model made a synthetic store and how."""
+
+    run_id: str
+    kind: str
+    path: str | None = None
+    checkpoint_sha256: dict[str, str] = Field(default_factory=dict)
+    sampler: str
+    steps: int
+    seed: int
+    precision: str
+    details: dict[str, Any] = Field(default_factory=dict)
+
+
+class SampleFiles(_Strict):
+    """GeoTIFF stores: the files of one sample, relative to the store root."""
+
+    index: int
+    files: dict[str, str]
+
+
+class Manifest(_Strict):
+    """A store's description; `complete` is true only once every sample is written."""
+
+    schema_version: int = SCHEMA_VERSION
+    tool_version: str
+    format: StoreFormat
+    task: Task
+    count: int = Field(ge=0)
+    height: int = Field(gt=0)
+    width: int = Field(gt=0)
+    dtype: str
+    arrays: list[str]
+    bands: list[Band]
+    band_order_source: str | None = None
+    rgb_bands: list[str] | None = None
+    classes: list[ClassInfo]
+    ignore_index: int = IGNORE_INDEX
+    crs: str | None = None
+    batch_grid: int = Field(gt=0, description="B: samples per chunk of per-sample arrays")
+    split_counts: dict[str, int] = Field(default_factory=dict)
+    class_pixel_fraction: dict[str, list[float]] = Field(
+        default_factory=dict, description="per split, the fraction of labelled pixels per class"
+    )
+    normalization: Normalization | None = None
+    source: SourceInfo | None = None
+    model: ModelInfo | None = None
+    plan: dict[str, Any] = Field(default_factory=dict, description="what resume must match")
+    provenance: dict[str, Any] = Field(default_factory=dict, description="command, versions")
+    files: list[SampleFiles] | None = None
+    complete: bool = False
+
+    def to_json(self) -> str:
+        return self.model_dump_json(indent=2)
+
+
+def manifest_schema() -> dict[str, Any]:
+    """The JSON Schema of the manifest (`specdm inspect --schema`)."""
+    return Manifest.model_json_schema()
+
+
+def load_manifest(path: Path) -> Manifest:
+    """Read and validate a `manifest.json`, as an input-data error if it is not one."""
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise InputDataError(
+            "not a specdm store: no manifest.json", path.parent, "run `specdm prepare` first"
+        ) from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise InputDataError(f"unreadable manifest ({exc})", path, "re-create the store") from None
+    try:
+        return Manifest.model_validate(raw)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(part) for part in first["loc"])
+        raise InputDataError(
+            f"invalid manifest: {where}: {first['msg']}", path, "re-create the store"
+        ) from None

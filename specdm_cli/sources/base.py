@@ -1,0 +1,205 @@
+"""The reader contract: a raw dataset in, validated numpy samples in physical units out."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+
+from specdm_cli.errors import InputDataError
+from specdm_cli.manifest import IGNORE_INDEX, Band, ClassInfo, Task
+
+
+@dataclass(frozen=True)
+class PrepareOptions:
+    """Every `specdm prepare` option a reader may look at (each reader uses its own few)."""
+
+    bands: tuple[str, ...] | None = None
+    patch_size: int = 256
+    overlap: float = 0.6
+    nodata: float | None = None
+    classes_file: Path | None = None
+    splits_file: Path | None = None
+    val_fraction: float = 0.1
+    test_fraction: float = 0.0
+    seed: int = 0
+    task: Task = "ss"
+    n: int = 256
+    size: int = 64
+    band_set: str = "s2"
+
+
+@dataclass(frozen=True)
+class SourceSpec:
+    """What every sample of a source has in common; becomes the store's manifest."""
+
+    dataset: str
+    task: Task
+    bands: list[Band]
+    classes: list[ClassInfo]
+    dtype: str
+    height: int
+    width: int
+    crs: str | None = None
+    rgb_bands: list[str] | None = None
+    band_order_source: str | None = None
+    details: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """A cheap reference to one would-be sample; `load` turns it into a RawSample."""
+
+    source_id: str
+    split: str
+    ref: Any
+
+
+@dataclass
+class RawSample:
+    """One validated sample: `arrays` maps array names (`image`, `mask`, ...) to numpy arrays.
+
+    Images are (C, H, W) in physical units with nodata already replaced; labels are (H, W)
+    uint8 class indices with IGNORE_INDEX (255) for ignored and nodata pixels.
+    """
+
+    source_id: str
+    split: str
+    arrays: dict[str, np.ndarray]
+    bounds: tuple[float, float, float, float] | None = None
+    nodata_pixels: int = 0
+
+
+@dataclass
+class SourcePlan:
+    """A reader's answer to `open`: the spec and the ordered candidate list."""
+
+    spec: SourceSpec
+    candidates: Sequence[Candidate]
+    load: Callable[[Candidate], RawSample]
+
+
+class Reader(Protocol):
+    """A raw dataset reader: list candidates cheaply, load one on demand (thread-safe)."""
+
+    def __call__(self, raw: Path | None, options: PrepareOptions) -> SourcePlan: ...
+
+
+def apply_nodata(
+    image: np.ndarray,
+    label: np.ndarray | None,
+    nodata: float | None,
+    path: Path | str,
+    nan_is_nodata: bool = False,
+) -> tuple[np.ndarray, int]:
+    """Replace nodata pixels of a (C, H, W) image in place; returns (pixel mask, count).
+
+    A pixel is nodata where any band equals `nodata`, or is NaN when NaN is declared nodata.
+    Its label becomes IGNORE_INDEX and each band takes the mean of the sample's valid pixels
+    (0 when none is valid). Any other NaN or inf is an error naming `path`.
+    """
+    invalid = np.zeros(image.shape[1:], dtype=bool)
+    if nodata is not None and not np.isnan(nodata):
+        invalid |= (image == nodata).any(axis=0)
+    if np.issubdtype(image.dtype, np.floating):
+        nan_pixels = np.isnan(image).any(axis=0)
+        if nan_is_nodata or (nodata is not None and np.isnan(nodata)):
+            invalid |= nan_pixels
+        elif nan_pixels.any():
+            raise InputDataError(
+                "image has NaN pixels but NaN is not declared nodata",
+                path,
+                "pass --nodata nan or fix the file",
+            )
+        inf_pixels = np.isinf(image).any(axis=0) & ~invalid
+        if inf_pixels.any():
+            raise InputDataError("image has infinite values", path, "fix or remove the file")
+    count = int(invalid.sum())
+    if count:
+        valid = ~invalid
+        for band in image:
+            band[invalid] = band[valid].mean() if valid.any() else 0
+        if label is not None:
+            label[invalid] = IGNORE_INDEX
+    return invalid, count
+
+
+def remap_labels(raw: np.ndarray, codes: Sequence[int], path: Path | str) -> np.ndarray:
+    """Map raw label codes to indices 0..K-1 (255 stays ignore); an unknown code is an error."""
+    if not np.issubdtype(raw.dtype, np.integer):
+        if not np.all(np.isfinite(raw)) or not np.all(raw == np.round(raw)):
+            raise InputDataError("label file holds non-integer values", path, "fix the file")
+    values = raw.astype(np.int64)
+    lut = {int(code): index for index, code in enumerate(codes)}
+    lut.setdefault(IGNORE_INDEX, IGNORE_INDEX)
+    present = np.unique(values)
+    unknown = [int(v) for v in present if int(v) not in lut]
+    if unknown:
+        raise InputDataError(
+            f"unknown label code(s) {unknown[:5]} (known: {sorted(lut)})",
+            path,
+            "fix the label file or declare the classes",
+        )
+    table = np.full(int(present.max()) + 1, IGNORE_INDEX, dtype=np.uint8)
+    for code, index in lut.items():
+        if code < table.size:
+            table[code] = index
+    return table[values]
+
+
+def patch_windows(height: int, width: int, size: int, overlap: float) -> list[tuple[int, int]]:
+    """Top-left corners of size x size windows with the given overlap that cover the whole image.
+
+    The last window in each direction is moved back to touch the edge, so edges are covered
+    without padding; an image smaller than a window gets one window at (0, 0) (caller pads).
+    """
+    stride = max(1, round(size * (1.0 - overlap)))
+    return [(y, x) for y in _starts(height, size, stride) for x in _starts(width, size, stride)]
+
+
+def _starts(length: int, size: int, stride: int) -> list[int]:
+    if length <= size:
+        return [0]
+    starts = list(range(0, length - size + 1, stride))
+    if starts[-1] != length - size:
+        starts.append(length - size)
+    return starts
+
+
+def pad_to(array: np.ndarray, height: int, width: int, fill: float) -> np.ndarray:
+    """Pad the last two axes of `array` at the bottom and right to (height, width)."""
+    pad_y, pad_x = height - array.shape[-2], width - array.shape[-1]
+    if pad_y <= 0 and pad_x <= 0:
+        return array
+    widths = [(0, 0)] * (array.ndim - 2) + [(0, max(pad_y, 0)), (0, max(pad_x, 0))]
+    return np.pad(array, widths, constant_values=fill)
+
+
+def class_fraction(label: np.ndarray, num_classes: int) -> np.ndarray:
+    """Fraction of labelled (non-ignore) pixels per class; zeros when none is labelled."""
+    counts = np.bincount(label[label != IGNORE_INDEX].ravel(), minlength=num_classes)
+    total = counts.sum()
+    return (counts[:num_classes] / total if total else np.zeros(num_classes)).astype(np.float32)
+
+
+def iter_nonempty_lines(path: Path) -> Iterator[str]:
+    """Stripped, non-empty lines of a text file."""
+    for line in path.read_text(encoding="utf-8").splitlines():
+        if line.strip():
+            yield line.strip()
+
+
+def require_dir(path: Path | None, what: str) -> Path:
+    """`path` as an existing non-empty directory, else a one-line input error."""
+    if path is None:
+        raise InputDataError(f"{what} needs a RAW folder", hint="pass the path of the raw data")
+    if not path.exists():
+        raise InputDataError("folder does not exist", path, "check the path")
+    if not path.is_dir():
+        raise InputDataError("not a folder", path, "pass the folder that holds the raw data")
+    if not any(path.iterdir()):
+        raise InputDataError("folder is empty", path, "download or extract the data into it")
+    return path

@@ -1,0 +1,1 @@
+"""Reader for the demo source (being written)."""

@@ -1,0 +1,1 @@
+"""Reader for the geotiff source (being written)."""

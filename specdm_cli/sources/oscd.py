@@ -1,0 +1,1 @@
+"""Reader for the oscd source (being written)."""

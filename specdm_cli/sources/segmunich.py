@@ -1,0 +1,1 @@
+"""Reader for the segmunich source (being written)."""
