@@ -92,10 +92,14 @@ class ModelInfo(_Strict):
 
 
 class SampleFiles(_Strict):
-    """GeoTIFF stores: the files of one sample, relative to the store root."""
+    """GeoTIFF stores: the files of one sample, relative to the store root, and its facts."""
 
     index: int
     files: dict[str, str]
+    split: str
+    class_fraction: list[float]
+    source_id: str | None = None
+    bounds: tuple[float, float, float, float] | None = None
 
 
 class Manifest(_Strict):

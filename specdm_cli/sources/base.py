@@ -129,9 +129,11 @@ def apply_nodata(
 
 def remap_labels(raw: np.ndarray, codes: Sequence[int], path: Path | str) -> np.ndarray:
     """Map raw label codes to indices 0..K-1 (255 stays ignore); an unknown code is an error."""
-    if not np.issubdtype(raw.dtype, np.integer):
-        if not np.all(np.isfinite(raw)) or not np.all(raw == np.round(raw)):
-            raise InputDataError("label file holds non-integer values", path, "fix the file")
+    integer_valued = np.issubdtype(raw.dtype, np.integer) or (
+        np.all(np.isfinite(raw)) and np.all(raw == np.round(raw))
+    )
+    if not integer_valued:
+        raise InputDataError("label file holds non-integer values", path, "fix the file")
     values = raw.astype(np.int64)
     lut = {int(code): index for index, code in enumerate(codes)}
     lut.setdefault(IGNORE_INDEX, IGNORE_INDEX)

@@ -38,7 +38,18 @@ S2_FWHM_NM: dict[str, float] = {
 }
 S2_ALL_BANDS: tuple[str, ...] = tuple(S2_WAVELENGTH_NM)
 # The ten bands SpecDM uses (paper section 4.1): the 10 m bands then the 20 m bands.
-S2_TEN_BANDS: tuple[str, ...] = ("B02", "B03", "B04", "B08", "B05", "B06", "B07", "B8A", "B11", "B12")
+S2_TEN_BANDS: tuple[str, ...] = (
+    "B02",
+    "B03",
+    "B04",
+    "B08",
+    "B05",
+    "B06",
+    "B07",
+    "B8A",
+    "B11",
+    "B12",
+)
 S2_RGB_BANDS: tuple[str, str, str] = ("B04", "B03", "B02")
 S2_BAND_SOURCE = "Sentinel-2A MSI SRF (ESA COPE-GSEG-EOPG-TN-15-0007), via torchgeo"
 

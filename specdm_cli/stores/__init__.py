@@ -1,0 +1,124 @@
+"""Samples <-> disk: Zarr and GeoTIFF stores, their lifecycle (create, resume, overwrite) and locks."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Literal
+
+from specdm_cli.errors import InputDataError, UsageError
+from specdm_cli.manifest import Manifest, load_manifest
+from specdm_cli.stores.atomic import remove_tree
+from specdm_cli.stores.base import MANIFEST_NAME, SampleMeta, StoreReader, StoreWriter
+from specdm_cli.stores.geotiff_store import GeoTiffReader, GeoTiffWriter, create_geotiff
+from specdm_cli.stores.zarr_store import ZarrReader, ZarrWriter, create_zarr
+
+__all__ = [
+    "SampleMeta",
+    "StoreReader",
+    "StoreWriter",
+    "create_store",
+    "open_store",
+    "open_writer",
+    "resolve_target",
+]
+
+TargetState = Literal["fresh", "resume", "done"]
+
+
+def open_store(path: Path, allow_incomplete: bool = False) -> StoreReader:
+    """Open a store of either format for reading; an incomplete one only when asked for."""
+    if not path.exists():
+        raise InputDataError("store does not exist", path, "check the path or run `specdm prepare`")
+    manifest = load_manifest(path / MANIFEST_NAME)
+    if not manifest.complete and not allow_incomplete:
+        raise InputDataError(
+            "store is incomplete (its writer stopped early)",
+            path,
+            "rerun its command with --resume",
+        )
+    if manifest.format == "zarr":
+        return ZarrReader(path, manifest)
+    return GeoTiffReader(path, manifest)
+
+
+def open_writer(path: Path, manifest: Manifest) -> StoreWriter:
+    """A writer over an existing store laid out by `create_store`."""
+    if manifest.format == "zarr":
+        return ZarrWriter(path, manifest)
+    return GeoTiffWriter(path, manifest)
+
+
+def create_store(path: Path, manifest: Manifest, capacity: int, georeferenced: bool) -> None:
+    """Lay out an empty store in a temporary sibling, then rename it into place atomically."""
+    temp = path.with_name(f".{path.name}.creating-{os.getpid()}")
+    remove_tree(temp)
+    try:
+        if manifest.format == "zarr":
+            create_zarr(temp, manifest, capacity, georeferenced)
+        else:
+            create_geotiff(temp, manifest)
+        temp.rename(path)
+    except BaseException:
+        remove_tree(temp)
+        raise
+
+
+def is_ours(path: Path) -> bool:
+    """True for an empty folder or one whose manifest.json / run.json validates as specdm's."""
+    if not path.is_dir():
+        return False
+    if not any(path.iterdir()):
+        return True
+    try:
+        load_manifest(path / MANIFEST_NAME)
+    except InputDataError:
+        return (path / "run.json").is_file() and _is_run_json(path / "run.json")
+    return True
+
+
+def _is_run_json(path: Path) -> bool:
+    import json
+
+    try:
+        return bool(json.loads(path.read_text(encoding="utf-8")).get("specdm_run"))
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def resolve_target(
+    path: Path, plan: dict[str, object], resume: bool, overwrite: bool
+) -> TargetState:
+    """Decide what to do with an output path, per DESIGN.md's resume/overwrite rules.
+
+    Returns "fresh" (nothing there, or removed by --overwrite), "resume" (an incomplete store
+    of the same plan) or "done" (a complete store of the same plan, with --resume).
+    """
+    if resume and overwrite:
+        raise UsageError("--resume and --overwrite exclude each other", hint="pick one")
+    if not path.exists():
+        return "fresh"
+    if overwrite:
+        if not is_ours(path):
+            raise InputDataError(
+                "refusing to overwrite a folder that is not a specdm store",
+                path,
+                "remove it yourself",
+            )
+        remove_tree(path)
+        return "fresh"
+    if not resume:
+        raise InputDataError(
+            "output already exists", path, "pass --resume, --overwrite or another --out"
+        )
+    if path.is_dir() and not any(path.iterdir()):
+        path.rmdir()
+        return "fresh"
+    manifest = load_manifest(path / MANIFEST_NAME)
+    if manifest.plan != plan:
+        raise InputDataError(
+            "cannot resume: the store was made with other inputs or options",
+            path,
+            "use the original command, or --overwrite",
+        )
+    return "done" if manifest.complete else "resume"

@@ -1,0 +1,339 @@
+"""The `specdm` command line: thin Typer commands, output on stderr/stdout, exit codes.
+
+Heavy modules (torch, zarr, rasterio) are imported inside the commands so `--help` is instant.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import asdict
+from enum import StrEnum
+from pathlib import Path
+from typing import Annotated, Any, TypeVar
+
+import typer
+from rich.console import Console
+from typer.core import TyperGroup
+
+from specdm_cli import __version__
+from specdm_cli.errors import EXIT_RESOURCE, EXIT_SIGINT, EXIT_USAGE, SpecdmError
+
+
+def _usage_error_types() -> tuple[type[Exception], ...]:
+    """Click's UsageError: typer >= 0.29 vendors click, older releases use the click package."""
+    found: list[type[Exception]] = []
+    try:
+        from typer._click.exceptions import UsageError as VendoredUsageError
+
+        found.append(VendoredUsageError)
+    except ImportError:
+        pass
+    try:
+        from click import UsageError
+
+        found.append(UsageError)
+    except ImportError:
+        pass
+    return tuple(found)
+
+
+USAGE_ERRORS = _usage_error_types()
+
+
+class _OneLineUsageErrors(TyperGroup):
+    """Usage errors as one stderr line with exit 2, instead of a multi-line panel."""
+
+    def main(self, *args: Any, **kwargs: Any) -> Any:
+        kwargs.pop("standalone_mode", None)
+        try:
+            code = super().main(*args, **{**kwargs, "standalone_mode": False})
+        except USAGE_ERRORS as error:
+            context = getattr(error, "ctx", None)
+            where = context.command_path if context is not None else "specdm"
+            message = " ".join(getattr(error, "format_message", error.__str__)().split())
+            sys.stderr.write(f"error: {message} (see `{where} --help`)\n")
+            sys.exit(EXIT_USAGE)
+        except typer.Abort:
+            sys.stderr.write("interrupted: rerun with --resume\n")
+            sys.exit(EXIT_SIGINT)
+        sys.exit(code if isinstance(code, int) else 0)
+
+
+app = typer.Typer(
+    cls=_OneLineUsageErrors,
+    name="specdm",
+    help="Synthetic labelled multispectral datasets with SpecDM (two-stream latent diffusion).",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    pretty_exceptions_show_locals=False,
+    add_completion=False,
+)
+stderr = Console(stderr=True, highlight=False)
+T = TypeVar("T")
+
+
+class Source(StrEnum):
+    segmunich = "segmunich"
+    oscd = "oscd"
+    geotiff = "geotiff"
+    demo = "demo"
+
+
+class StoreFormat(StrEnum):
+    zarr = "zarr"
+    geotiff = "geotiff"
+
+
+class DemoBands(StrEnum):
+    s2 = "s2"
+    hsi = "hsi"
+
+
+class TaskName(StrEnum):
+    ss = "ss"
+    cd = "cd"
+
+
+JsonOption = Annotated[bool, typer.Option("--json", help="Print one JSON summary on stdout.")]
+QuietOption = Annotated[bool, typer.Option("--quiet", "-q", help="No progress on stderr.")]
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"specdm {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main_callback(
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="Show the version.")
+    ] = False,
+) -> None:
+    """specdm: prepare, fit, synthesize and benchmark labelled multispectral data."""
+
+
+@contextmanager
+def _domain_errors() -> Iterator[None]:
+    """Domain errors become one stderr line and their exit code; never a traceback."""
+    try:
+        yield
+    except SpecdmError as error:
+        stderr.print(error.line(), markup=False, soft_wrap=True)
+        raise typer.Exit(error.exit_code) from None
+    except KeyboardInterrupt:
+        stderr.print("interrupted: rerun with --resume", markup=False)
+        raise typer.Exit(EXIT_SIGINT) from None
+    except MemoryError:
+        stderr.print("error: out of memory: use a smaller --batch-size or --workers", markup=False)
+        raise typer.Exit(EXIT_RESOURCE) from None
+
+
+def _emit_json(payload: Any) -> None:
+    sys.stdout.write(json.dumps(payload, indent=2, default=str) + "\n")
+
+
+@contextmanager
+def _progress_bar(description: str, quiet: bool) -> Iterator[Callable[[int, int], None]]:
+    """A rich progress bar on stderr, fed by a (done, total) callback."""
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TaskProgressColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
+
+    if quiet:
+        yield lambda done, total: None
+        return
+    columns = (
+        "[progress.description]{task.description}",
+        BarColumn(),
+        MofNCompleteColumn(),
+        TaskProgressColumn(),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+    )
+    with Progress(*columns, console=stderr, transient=False) as bar:
+        task = bar.add_task(description, total=None)
+
+        def update(done: int, total: int) -> None:
+            bar.update(task, completed=done, total=total)
+
+        yield update
+
+
+@app.command()
+def prepare(
+    source: Annotated[Source, typer.Argument(help="segmunich, oscd, geotiff or demo.")],
+    raw: Annotated[Path | None, typer.Argument(help="Raw data folder (not for demo).")] = None,
+    out: Annotated[
+        Path | None, typer.Option("--out", "-o", help="Output store [./<source>.zarr].")
+    ] = None,
+    store_format: Annotated[
+        StoreFormat, typer.Option("--format", help="Store format.")
+    ] = StoreFormat.zarr,
+    resume: Annotated[
+        bool, typer.Option(help="Continue an interrupted run of the same command.")
+    ] = False,
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing specdm store.")] = False,
+    max_blank: Annotated[
+        float, typer.Option(help="Drop patches with more zero/nodata pixels than this.")
+    ] = 0.5,
+    max_background: Annotated[
+        float | None, typer.Option(help="Drop patches with more label-0 pixels than this.")
+    ] = None,
+    bands: Annotated[
+        str | None, typer.Option(help="OSCD: comma-separated bands [the paper's 10].")
+    ] = None,
+    patch_size: Annotated[int, typer.Option(help="OSCD/GeoTIFF: patch size in pixels.")] = 256,
+    overlap: Annotated[float, typer.Option(help="OSCD/GeoTIFF: patch overlap (paper: 0.6).")] = 0.6,
+    nodata: Annotated[str | None, typer.Option(help="Nodata value (a number or 'nan').")] = None,
+    classes: Annotated[
+        Path | None, typer.Option(help="GeoTIFF: class names/codes (JSON or CSV).")
+    ] = None,
+    splits: Annotated[Path | None, typer.Option(help="GeoTIFF: CSV of stem,split.")] = None,
+    val_fraction: Annotated[
+        float, typer.Option(help="Fraction of source files (OSCD: cities) for val.")
+    ] = 0.1,
+    test_fraction: Annotated[
+        float | None, typer.Option(help="Fraction of source files for test [demo 0.1, else 0].")
+    ] = None,
+    seed: Annotated[int, typer.Option(help="Seed of split assignment and demo scenes.")] = 0,
+    task: Annotated[TaskName, typer.Option(help="Demo: ss or cd.")] = TaskName.ss,
+    n: Annotated[int, typer.Option("--n", min=1, help="Demo: number of scenes.")] = 512,
+    size: Annotated[int, typer.Option(help="Demo: scene size in pixels.")] = 64,
+    demo_bands: Annotated[
+        DemoBands, typer.Option("--demo-bands", help="Demo: s2 (10 bands) or hsi (>=100).")
+    ] = DemoBands.s2,
+    workers: Annotated[int, typer.Option(help="Reader threads.")] = 4,
+    json_output: JsonOption = False,
+    quiet: QuietOption = False,
+) -> None:
+    """Turn a raw dataset into a canonical, resumable store."""
+    with _domain_errors():
+        from specdm_cli.pipeline.prepare import PrepareRequest
+        from specdm_cli.pipeline.prepare import prepare as run_prepare
+        from specdm_cli.pipeline.signals import graceful_stop
+        from specdm_cli.sources.base import PrepareOptions
+        from specdm_cli.sources.registry import NO_RAW
+
+        _check_raw(source.value, raw, NO_RAW)
+        options = PrepareOptions(
+            bands=tuple(b.strip() for b in bands.split(",") if b.strip()) if bands else None,
+            patch_size=patch_size,
+            overlap=overlap,
+            nodata=_parse_nodata(nodata),
+            classes_file=classes,
+            splits_file=splits,
+            val_fraction=val_fraction,
+            test_fraction=_default_test_fraction(source.value, test_fraction),
+            seed=seed,
+            task=task.value,
+            n=n,
+            size=size,
+            band_set=demo_bands.value,
+        )
+        _check_prepare_ranges(options)
+        request = PrepareRequest(
+            source=source.value,
+            raw=raw,
+            out=out or Path(f"{source.value}.zarr"),
+            format=store_format.value,
+            options=options,
+            max_blank=max_blank,
+            max_background=max_background,
+            resume=resume,
+            overwrite=overwrite,
+            workers=workers,
+        )
+        with graceful_stop() as stop, _progress_bar(f"prepare {source.value}", quiet) as progress:
+            summary = run_prepare(request, stop, progress)
+        if not quiet:
+            stderr.print(
+                f"{summary.state}: {summary.out}: {summary.count} samples {summary.split_counts}, "
+                f"removed {summary.removed or 'none'} of {summary.candidates}",
+                markup=False,
+            )
+        if json_output:
+            _emit_json(asdict(summary))
+
+
+def _check_raw(source: str, raw: Path | None, no_raw: frozenset[str]) -> None:
+    from specdm_cli.errors import UsageError
+
+    if source in no_raw and raw is not None:
+        raise UsageError(f"{source} takes no RAW folder", hint=f"run `specdm prepare {source}`")
+    if source not in no_raw and raw is None:
+        raise UsageError(f"{source} needs a RAW folder", hint=f"run `specdm prepare {source} PATH`")
+
+
+def _check_prepare_ranges(options: Any) -> None:
+    from specdm_cli.errors import UsageError
+
+    if options.patch_size < 8:
+        raise UsageError("--patch-size must be at least 8", hint="e.g. --patch-size 128")
+    if not 0.0 <= options.overlap < 1.0:
+        raise UsageError("--overlap must lie in [0, 1)", hint="e.g. --overlap 0.6")
+    if not 0.0 <= options.val_fraction < 1.0 or not 0.0 <= options.test_fraction < 1.0:
+        raise UsageError("split fractions must lie in [0, 1)", hint="e.g. --val-fraction 0.1")
+
+
+def _default_test_fraction(source: str, given: float | None) -> float:
+    # Demo scenes are free, so they get a test split (80/10/10) for downstream evaluation.
+    if given is not None:
+        return given
+    return 0.1 if source == "demo" else 0.0
+
+
+def _parse_nodata(text: str | None) -> float | None:
+    from specdm_cli.errors import UsageError
+
+    if text is None:
+        return None
+    try:
+        return float(text)
+    except ValueError:
+        raise UsageError(
+            f"--nodata {text!r} is not a number", hint="e.g. --nodata 0 or --nodata nan"
+        ) from None
+
+
+@app.command()
+def inspect(
+    store: Annotated[Path | None, typer.Argument(help="A prepared or synthetic store.")] = None,
+    schema: Annotated[
+        bool, typer.Option("--schema", help="Print the manifest JSON Schema.")
+    ] = False,
+    allow_incomplete: Annotated[
+        bool, typer.Option(help="Read a store whose writer stopped early.")
+    ] = False,
+    json_output: JsonOption = False,
+) -> None:
+    """Validate a store and summarise it: splits, bands, classes, provenance."""
+    with _domain_errors():
+        from specdm_cli.manifest import manifest_schema
+        from specdm_cli.pipeline.inspect import inspect_store, render_report
+
+        if schema:
+            _emit_json(manifest_schema())
+            return
+        if store is None:
+            from specdm_cli.errors import UsageError
+
+            raise UsageError("inspect needs a STORE", hint="run `specdm inspect PATH`")
+        report = inspect_store(store, allow_incomplete)
+        if json_output:
+            _emit_json(report)
+        else:
+            render_report(report, Console(highlight=False))
+
+
+def main() -> None:
+    """Console-script entry point."""
+    app()

@@ -1,0 +1,361 @@
+"""The two-stream KL-VAE of SpecDM (paper Sec. 3.1): image and mask branches, joint latent layout."""
+
+from __future__ import annotations
+
+from typing import Any, Literal, cast
+
+import torch
+import torch.nn.functional as F  # noqa: N812 (the usual torch alias)
+from diffusers import AutoencoderKL
+from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from torch import Tensor, nn
+
+from specdm_cli.manifest import IGNORE_INDEX, IMAGE_ARRAYS, LABEL_ARRAY, Task
+from specdm_cli.models.losses import (
+    KL_WEIGHT,
+    SAD_WEIGHT,
+    Posterior,
+    denormalize,
+    image_branch_loss,
+    kl_loss,
+    mask_branch_loss,
+    mask_ce,
+    masked_l1,
+    sad_loss,
+)
+
+# Block widths used when none are given, by downsampling factor. LDM's kl-f4 has ch=128,
+# ch_mult=(1, 2, 4) and kl-f8 ch_mult=(1, 2, 4, 4); we keep the multipliers at half LDM's base
+# width for the image branch and a quarter for the mask branch (a one-hot mask carries far less
+# information than a 10-13 band image). Our choice, not measured.
+DEFAULT_IMAGE_BLOCKS = {4: (64, 128, 256), 8: (64, 128, 256, 256)}
+DEFAULT_MASK_BLOCKS = {4: (32, 64, 128), 8: (32, 64, 128, 128)}
+
+
+class VAEConfig(BaseModel):
+    """Shape of the two-stream (or single-stream baseline) VAE; stored beside its weights."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    # Spectral bands per image (SegMunich 10, OSCD 13): from the prepared store.
+    bands: int = Field(ge=1)
+    # Label classes K (SegMunich 13, change detection 2): from the prepared store.
+    num_classes: int = Field(ge=2, le=IGNORE_INDEX)
+    # "ss": image + mask; "cd": two phases + change map through the same image branch (Sec. 3.3).
+    task: Task = "ss"
+    # False: the paper's two-stream VAE (Sec. 3.1). True: one VAE over all channels concatenated,
+    # the LDM baseline the paper compares with (Sec. 4.2-4.4).
+    single_stream: bool = False
+    # Spatial downsampling f. Blank in our copy of the paper (Sec. 3.1 cites LDM [43]); 4 = LDM
+    # kl-f4 and DESIGN.md (128 px -> 32 px latents).
+    downsample: Literal[4, 8] = 4
+    # Image latent channels. LDM kl-f4 has z_channels=3 for 3-band RGB; a 10-13 band image holds
+    # more, so we take 4 (LDM kl-f8 / Stable Diffusion). Our choice.
+    image_latent_channels: int = Field(4, ge=1)
+    # Mask latent channels: 3 = LDM kl-f4's z_channels; a piecewise-constant one-hot mask
+    # compresses well. Our choice, not in the paper.
+    mask_latent_channels: int = Field(3, ge=1)
+    # Single-stream latent channels; None = the two-stream joint latent's total, so the baseline's
+    # diffusion model sees a latent of the same size.
+    joint_latent_channels: int | None = Field(None, ge=1)
+    # Image branch widths, one per level (f = 2**(levels-1)); empty = DEFAULT_IMAGE_BLOCKS[f].
+    # The single-stream VAE uses these too.
+    image_block_out_channels: tuple[int, ...] = ()
+    # Mask branch widths, one per level; empty = DEFAULT_MASK_BLOCKS[f].
+    mask_block_out_channels: tuple[int, ...] = ()
+    # Residual blocks per level: LDM kl-f4's num_res_blocks=2.
+    layers_per_block: int = Field(2, ge=1)
+    # GroupNorm groups: LDM's Normalize (32 groups) and diffusers' default; must divide widths.
+    norm_num_groups: int = Field(32, ge=1)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _default_blocks(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            f = data.get("downsample", 4)
+            data = dict(data)
+            if not data.get("image_block_out_channels"):
+                data["image_block_out_channels"] = DEFAULT_IMAGE_BLOCKS.get(f, ())
+            if not data.get("mask_block_out_channels"):
+                data["mask_block_out_channels"] = DEFAULT_MASK_BLOCKS.get(f, ())
+        return data
+
+    @model_validator(mode="after")
+    def _check(self) -> VAEConfig:
+        for name in ("image_block_out_channels", "mask_block_out_channels"):
+            blocks: tuple[int, ...] = getattr(self, name)
+            if not blocks or 2 ** (len(blocks) - 1) != self.downsample:
+                raise ValueError(
+                    f"{name}={blocks} gives f={2 ** (len(blocks) - 1)} but downsample="
+                    f"{self.downsample}: give log2(f)+1 widths"
+                )
+            if any(c < 1 or c % self.norm_num_groups for c in blocks):
+                raise ValueError(f"norm_num_groups={self.norm_num_groups} must divide {name}")
+        if self.joint_latent_channels is not None and not self.single_stream:
+            raise ValueError("joint_latent_channels applies only with single_stream=True")
+        return self
+
+    @property
+    def image_names(self) -> tuple[str, ...]:
+        """Image array names of the task: ("image",) or ("image_t1", "image_t2")."""
+        return IMAGE_ARRAYS[self.task]
+
+    @property
+    def label_name(self) -> str:
+        """Label array name of the task: "mask" or "change"."""
+        return LABEL_ARRAY[self.task]
+
+    @property
+    def latent_channels(self) -> int:
+        """Channels of the joint latent the diffusion model sees."""
+        if self.joint_latent_channels is not None:
+            return self.joint_latent_channels
+        return len(self.image_names) * self.image_latent_channels + self.mask_latent_channels
+
+
+def build_autoencoder(
+    in_channels: int,
+    out_channels: int,
+    latent_channels: int,
+    block_out_channels: tuple[int, ...],
+    layers_per_block: int,
+    norm_num_groups: int,
+) -> Any:
+    """A diffusers `AutoencoderKL` (LDM's KL-VAE, Sec. 3.4) with f = 2**(len(blocks)-1).
+
+    `scaling_factor` is 1.0: the latent scale is estimated per stream after training.
+    """
+    levels = len(block_out_channels)
+    autoencoder: Any = AutoencoderKL  # diffusers' __init__ is untyped
+    return autoencoder(
+        in_channels=in_channels,
+        out_channels=out_channels,
+        down_block_types=("DownEncoderBlock2D",) * levels,
+        up_block_types=("UpDecoderBlock2D",) * levels,
+        block_out_channels=tuple(block_out_channels),
+        layers_per_block=layers_per_block,
+        latent_channels=latent_channels,
+        norm_num_groups=norm_num_groups,
+        scaling_factor=1.0,
+        force_upcast=False,
+    )
+
+
+def one_hot_mask(mask: Tensor, num_classes: int) -> Tensor:
+    """(B, H, W) labels -> (B, K, H, W) float one-hot (Sec. 3.4); label 255 -> all zeros.
+
+    Raises:
+        RuntimeError: a label is neither in 0..K-1 nor 255 (from `F.one_hot`).
+    """
+    mask = mask.long()
+    valid = mask != IGNORE_INDEX
+    hot = F.one_hot(torch.where(valid, mask, torch.zeros_like(mask)), num_classes)
+    hot = hot * valid.unsqueeze(-1)
+    return hot.permute(0, 3, 1, 2).float()
+
+
+def _split_posterior(posterior: Posterior, parts: int) -> list[Posterior]:
+    """Split a posterior over a batch stacked from `parts` equal groups into one per group."""
+    params = cast(Tensor, cast(Any, posterior).parameters)
+    return [DiagonalGaussianDistribution(p) for p in params.chunk(parts, dim=0)]
+
+
+def _sample(vae: Any, x: Tensor, generator: torch.Generator | None) -> tuple[Tensor, Posterior]:
+    """Encode, sample the posterior, decode: (reconstruction, posterior)."""
+    posterior = cast(Posterior, vae.encode(x).latent_dist)
+    recon = cast(Tensor, vae.decode(posterior.sample(generator)).sample)
+    return recon, posterior
+
+
+class SpecDMVAE(nn.Module):
+    """Image and mask KL-VAEs with separate parameters (two-stream, Sec. 3.1), or one joint VAE.
+
+    Batches are dicts keyed by array name: images band-normalised (B, C, H, W) float, labels
+    (B, H, W) integer with 255 = ignore. For cd the one image VAE encodes both phases (shared
+    weights, Sec. 3.3). The single-stream baseline encodes concat(images..., one-hot labels) on
+    the channel axis and decodes the same channels (images, then class logits).
+    """
+
+    def __init__(self, config: VAEConfig) -> None:
+        super().__init__()
+        self.config = config
+        c = config
+        self.image_vae: Any = None
+        self.mask_vae: Any = None
+        self.joint_vae: Any = None
+        common = {"layers_per_block": c.layers_per_block, "norm_num_groups": c.norm_num_groups}
+        if c.single_stream:
+            channels = len(c.image_names) * c.bands + c.num_classes
+            self.joint_vae = build_autoencoder(
+                channels, channels, c.latent_channels, c.image_block_out_channels, **common
+            )
+        else:
+            self.image_vae = build_autoencoder(
+                c.bands, c.bands, c.image_latent_channels, c.image_block_out_channels, **common
+            )
+            self.mask_vae = build_autoencoder(
+                c.num_classes,
+                c.num_classes,
+                c.mask_latent_channels,
+                c.mask_block_out_channels,
+                **common,
+            )
+
+    def latent_layout(self) -> list[tuple[str, int]]:
+        """Channel blocks of the joint latent, in order: [(stream name, channels), ...].
+
+        ss: [("image", c_img), ("mask", c_mask)]; cd: [("image_t1", c_img), ("image_t2", c_img),
+        ("change", c_mask)]; single-stream (ss and cd): [("joint", c)].
+        """
+        c = self.config
+        if c.single_stream:
+            return [("joint", c.latent_channels)]
+        images = [(name, c.image_latent_channels) for name in c.image_names]
+        return [*images, (c.label_name, c.mask_latent_channels)]
+
+    def split_latent(self, z: Tensor) -> dict[str, Tensor]:
+        """(B, sum c, h, w) joint latent -> {stream name: (B, c, h, w)} following the layout."""
+        names, sizes = zip(*self.latent_layout(), strict=True)
+        if z.shape[1] != sum(sizes):
+            raise ValueError(f"latent has {z.shape[1]} channels, layout wants {sum(sizes)}")
+        return dict(zip(names, torch.split(z, list(sizes), dim=1), strict=True))
+
+    def join_latent(self, parts: dict[str, Tensor]) -> Tensor:
+        """{stream name: latent} -> joint latent concatenated on channels in layout order."""
+        names = [name for name, _ in self.latent_layout()]
+        if sorted(parts) != sorted(names):
+            raise ValueError(f"latent parts {sorted(parts)} do not match the layout {names}")
+        return torch.cat([parts[name] for name in names], dim=1)
+
+    def _joint_input(self, batch: dict[str, Tensor]) -> Tensor:
+        """Single-stream input: images then the one-hot label on the channel axis."""
+        c = self.config
+        hot = one_hot_mask(batch[c.label_name], c.num_classes)
+        images = [batch[name] for name in c.image_names]
+        return torch.cat([*images, hot.to(images[0])], dim=1)
+
+    def encode(self, batch: dict[str, Tensor]) -> dict[str, Posterior]:
+        """Latent distributions keyed by stream name (the names of `latent_layout`)."""
+        c = self.config
+        if c.single_stream:
+            return {"joint": self.joint_vae.encode(self._joint_input(batch)).latent_dist}
+        images = torch.cat([batch[name] for name in c.image_names], dim=0)
+        image_post = cast(Posterior, self.image_vae.encode(images).latent_dist)
+        posts = dict(
+            zip(c.image_names, _split_posterior(image_post, len(c.image_names)), strict=True)
+        )
+        hot = one_hot_mask(batch[c.label_name], c.num_classes).to(images)
+        posts[c.label_name] = self.mask_vae.encode(hot).latent_dist
+        return posts
+
+    def encode_latent(
+        self,
+        batch: dict[str, Tensor],
+        sample: bool = False,
+        generator: torch.Generator | None = None,
+    ) -> Tensor:
+        """Joint latent of a batch: posterior modes (means), or samples if `sample`."""
+        posts = self.encode(batch)
+        parts = {k: p.sample(generator) if sample else p.mode() for k, p in posts.items()}
+        return self.join_latent(parts)
+
+    def decode_images(self, z: Tensor) -> Tensor:
+        """Image-branch latents (B, c_img, h, w) -> band-normalised images (B, C, H, W)."""
+        if self.image_vae is None:
+            raise RuntimeError("decode_images needs the two-stream VAE; use decode_joint")
+        return cast(Tensor, self.image_vae.decode(z).sample)
+
+    def decode_mask_logits(self, z: Tensor) -> Tensor:
+        """Mask-branch latents (B, c_mask, h, w) -> class logits (B, K, H, W)."""
+        if self.mask_vae is None:
+            raise RuntimeError("decode_mask_logits needs the two-stream VAE; use decode_joint")
+        return cast(Tensor, self.mask_vae.decode(z).sample)
+
+    def decode_joint(self, z: Tensor) -> dict[str, Tensor]:
+        """Joint latent -> {image name: normalised (B, C, H, W), label name: logits (B, K, H, W)}."""
+        c = self.config
+        parts = self.split_latent(z)
+        if c.single_stream:
+            out = cast(Tensor, self.joint_vae.decode(parts["joint"]).sample)
+            sizes = [c.bands] * len(c.image_names) + [c.num_classes]
+            names = [*c.image_names, c.label_name]
+            return dict(zip(names, torch.split(out, sizes, dim=1), strict=True))
+        images = self.decode_images(torch.cat([parts[n] for n in c.image_names], dim=0))
+        decoded = dict(zip(c.image_names, images.chunk(len(c.image_names), dim=0), strict=True))
+        decoded[c.label_name] = self.decode_mask_logits(parts[c.label_name])
+        return decoded
+
+    def forward_losses(
+        self,
+        batch: dict[str, Tensor],
+        mean: Tensor,
+        std: Tensor,
+        sad_weight: float = SAD_WEIGHT,
+        kl_weight: float = KL_WEIGHT,
+        class_weights: Tensor | None = None,
+        valid: Tensor | None = None,
+        generator: torch.Generator | None = None,
+    ) -> dict[str, Tensor]:
+        """Encode, sample, decode and score a batch (paper Eq. 1-2, plus LDM's KL terms).
+
+        Args:
+            batch: band-normalised images and integer labels keyed by array name.
+            mean: per-band mean (C,) of the normalisation, for SAD in physical units.
+            std: per-band std (C,) of the normalisation.
+            sad_weight: SAD weight in Eq. 1 (paper Sec. 3.4: 0.1).
+            kl_weight: KL weight (LDM: 1e-6).
+            class_weights: (K,) cross-entropy weights; None = unweighted (the paper).
+            valid: (B, H, W) bool image pixels to score (e.g. not nodata); None = all. For cd it
+                applies to both phases.
+            generator: RNG for the posterior samples.
+
+        Returns:
+            Scalar tensors: two-stream "image/{l1,sad,kl,total}", "mask/{ce,kl,total}"
+            (cd: image terms averaged over both phases; "mask/" is the change map), or
+            single-stream "joint/{l1,sad,ce,kl,total}"; and "total", the sum to minimise.
+        """
+        if self.config.single_stream:
+            losses = self._joint_losses(
+                batch, mean, std, sad_weight, kl_weight, class_weights, valid, generator
+            )
+            return {**{f"joint/{k}": v for k, v in losses.items()}, "total": losses["total"]}
+        c = self.config
+        images = torch.cat([batch[name] for name in c.image_names], dim=0)
+        valid_all = None if valid is None else valid.repeat(len(c.image_names), 1, 1)
+        recon, post = _sample(self.image_vae, images, generator)
+        image = image_branch_loss(recon, images, post, mean, std, valid_all, sad_weight, kl_weight)
+        target = batch[c.label_name].long()
+        hot = one_hot_mask(target, c.num_classes).to(images)
+        logits, mask_post = _sample(self.mask_vae, hot, generator)
+        mask = mask_branch_loss(logits, target, mask_post, class_weights, kl_weight)
+        return {
+            **{f"image/{k}": v for k, v in image.items()},
+            **{f"mask/{k}": v for k, v in mask.items()},
+            "total": image["total"] + mask["total"],
+        }
+
+    def _joint_losses(
+        self,
+        batch: dict[str, Tensor],
+        mean: Tensor,
+        std: Tensor,
+        sad_weight: float,
+        kl_weight: float,
+        class_weights: Tensor | None,
+        valid: Tensor | None,
+        generator: torch.Generator | None,
+    ) -> dict[str, Tensor]:
+        """Single-stream baseline: L1 + SAD on the image channels, CE on the class channels."""
+        c = self.config
+        n_img = len(c.image_names)
+        recon, post = _sample(self.joint_vae, self._joint_input(batch), generator)
+        rec_img = torch.cat(recon[:, : n_img * c.bands].chunk(n_img, dim=1), dim=0)
+        images = torch.cat([batch[name] for name in c.image_names], dim=0)
+        valid_all = None if valid is None else valid.repeat(n_img, 1, 1)
+        l1 = masked_l1(rec_img, images, valid_all)
+        sad = sad_loss(denormalize(rec_img, mean, std), denormalize(images, mean, std), valid_all)
+        ce = mask_ce(recon[:, n_img * c.bands :], batch[c.label_name], class_weights)
+        kl = kl_loss(post)
+        total = l1 + sad_weight * sad + ce + kl_weight * kl
+        return {"l1": l1, "sad": sad, "ce": ce, "kl": kl, "total": total}

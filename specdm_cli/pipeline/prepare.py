@@ -1,0 +1,331 @@
+"""The `prepare` stage: raw dataset -> validated, resumable, canonical store."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+
+from specdm_cli import __version__
+from specdm_cli.errors import InputDataError, UsageError
+from specdm_cli.manifest import IGNORE_INDEX, LABEL_ARRAY, Manifest, SourceInfo, array_names
+from specdm_cli.pipeline.provenance import provenance
+from specdm_cli.pipeline.signals import StopFlag
+from specdm_cli.pipeline.stats import PrepareTally
+from specdm_cli.sources.base import Candidate, PrepareOptions, RawSample, SourceSpec, class_fraction
+from specdm_cli.sources.registry import READERS
+from specdm_cli.stores import SampleMeta, StoreWriter, create_store, open_writer, resolve_target
+from specdm_cli.stores.atomic import atomic_write_text
+from specdm_cli.stores.lock import DirLock
+
+PROGRESS_FILE = ".specdm/prepare-progress.json"
+Progress = Callable[[int, int], None]
+
+
+@dataclass(frozen=True)
+class PrepareRequest:
+    """A validated `specdm prepare` invocation."""
+
+    source: str
+    raw: Path | None
+    out: Path
+    format: Literal["zarr", "geotiff"]
+    options: PrepareOptions
+    max_blank: float = 0.5
+    max_background: float | None = None
+    resume: bool = False
+    overwrite: bool = False
+    workers: int = 4
+    # Samples per block of per-sample tables and per progress record: small enough that a
+    # resume loses little, large enough that the tables are not rewritten per sample.
+    batch_grid: int = 64
+
+
+@dataclass(frozen=True)
+class PrepareSummary:
+    """What `prepare` did, for the terminal and `--json`."""
+
+    out: str
+    state: str
+    count: int
+    split_counts: dict[str, int]
+    candidates: int
+    removed: dict[str, int]
+    nodata_pixels: int
+    seconds: float
+
+
+def _plan(request: PrepareRequest) -> dict[str, Any]:
+    """What a resume must match: the source, the raw path, every option that shapes the store."""
+    options = {
+        k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(request.options).items()
+    }
+    options = json.loads(json.dumps(options, default=list))
+    return {
+        "stage": "prepare",
+        "source": request.source,
+        "raw": str(request.raw.resolve()) if request.raw else None,
+        "format": request.format,
+        "options": options,
+        "max_blank": request.max_blank,
+        "max_background": request.max_background,
+        "batch_grid": request.batch_grid,
+    }
+
+
+def _validate(request: PrepareRequest) -> None:
+    if request.source not in READERS:
+        known = ", ".join(sorted(READERS))
+        raise UsageError(f"unknown source {request.source!r}", hint=f"use one of: {known}")
+    if not 0.0 <= request.max_blank <= 1.0:
+        raise UsageError("--max-blank must lie in [0, 1]", hint="e.g. --max-blank 0.5")
+    if request.max_background is not None and not 0.0 <= request.max_background <= 1.0:
+        raise UsageError("--max-background must lie in [0, 1]", hint="e.g. --max-background 0.9")
+    if request.workers < 1:
+        raise UsageError("--workers must be at least 1", hint="e.g. --workers 4")
+
+
+def prepare(
+    request: PrepareRequest, stop: StopFlag, progress: Progress | None = None
+) -> PrepareSummary:
+    """Run the prepare stage; resumable by sample index, locked, finished atomically."""
+    started = time.monotonic()
+    _validate(request)
+    plan = _plan(request)
+    state = resolve_target(request.out, plan, request.resume, request.overwrite)
+    if state == "done":
+        return _summary(request.out, "already complete", started)
+    source_plan = READERS[request.source](request.raw, request.options)
+    if not source_plan.candidates:
+        raise InputDataError("no samples found", request.raw, "check the folder layout")
+    if state == "fresh":
+        manifest = _initial_manifest(request, source_plan.spec, plan, len(source_plan.candidates))
+        georeferenced = source_plan.spec.crs is not None
+        create_store(request.out, manifest, len(source_plan.candidates), georeferenced)
+    with DirLock(request.out):
+        writer = open_writer(request.out, _load_incomplete(request.out))
+        tally = _load_tally(request.out)
+        writer.forget_from(tally.kept)
+        _run_blocks(
+            request,
+            source_plan.spec,
+            source_plan.candidates,
+            source_plan.load,
+            writer,
+            tally,
+            stop,
+            progress,
+        )
+        _finish(writer, source_plan.spec, tally, request)
+    return _summary(request.out, "resumed" if state == "resume" else "created", started)
+
+
+def _load_incomplete(out: Path) -> Manifest:
+    from specdm_cli.manifest import load_manifest
+
+    return load_manifest(out / "manifest.json")
+
+
+def _load_tally(out: Path) -> PrepareTally:
+    path = out / PROGRESS_FILE
+    if not path.exists():
+        return PrepareTally()
+    return PrepareTally.from_json(json.loads(path.read_text(encoding="utf-8")))
+
+
+def _initial_manifest(
+    request: PrepareRequest, spec: SourceSpec, plan: dict[str, Any], capacity: int
+) -> Manifest:
+    return Manifest(
+        tool_version=__version__,
+        format=request.format,
+        task=spec.task,
+        count=capacity,
+        height=spec.height,
+        width=spec.width,
+        dtype=spec.dtype,
+        arrays=list(array_names(spec.task)),
+        bands=spec.bands,
+        band_order_source=spec.band_order_source,
+        rgb_bands=spec.rgb_bands,
+        classes=spec.classes,
+        crs=spec.crs,
+        batch_grid=request.batch_grid,
+        source=SourceInfo(
+            dataset=spec.dataset,
+            raw_path=plan["raw"],
+            candidates=capacity,
+            details=spec.details,
+        ),
+        plan=plan,
+        provenance=provenance(),
+        complete=False,
+    )
+
+
+def _blocks(
+    candidates: Sequence[Candidate], start: int, size: int
+) -> Iterator[Sequence[Candidate]]:
+    for first in range(start, len(candidates), size):
+        yield candidates[first : first + size]
+
+
+def _run_blocks(
+    request: PrepareRequest,
+    spec: SourceSpec,
+    candidates: Sequence[Candidate],
+    load: Callable[[Candidate], RawSample],
+    writer: StoreWriter,
+    tally: PrepareTally,
+    stop: StopFlag,
+    progress: Progress | None,
+) -> None:
+    """Load blocks in a thread pool (the next block loads while this one is written)."""
+    with ThreadPoolExecutor(max_workers=request.workers) as pool:
+        blocks = _blocks(candidates, tally.candidates_done, request.batch_grid)
+        pending: list[Future[RawSample]] | None = None
+        for block in blocks:
+            upcoming = [pool.submit(load, c) for c in block]
+            if pending is not None:
+                _write_block(request, spec, [f.result() for f in pending], writer, tally, stop)
+            pending = upcoming
+            if progress:
+                progress(tally.candidates_done, len(candidates))
+        if pending is not None:
+            _write_block(request, spec, [f.result() for f in pending], writer, tally, stop)
+        if progress:
+            progress(tally.candidates_done, len(candidates))
+
+
+def _write_block(
+    request: PrepareRequest,
+    spec: SourceSpec,
+    samples: list[RawSample],
+    writer: StoreWriter,
+    tally: PrepareTally,
+    stop: StopFlag,
+) -> None:
+    """Filter, write and account one block, then record progress (the resume point)."""
+    start = tally.kept
+    metas: list[SampleMeta] = []
+    for sample in samples:
+        _check_shapes(sample, spec)
+        reason = _removal_reason(sample, spec, request)
+        tally.nodata_pixels += sample.nodata_pixels
+        if reason is not None:
+            tally.removed[reason] = tally.removed.get(reason, 0) + 1
+            continue
+        metas.append(_write_sample(writer, start + len(metas), sample, spec, tally))
+    if metas:
+        writer.mark_written(start, metas)
+    tally.kept += len(metas)
+    tally.candidates_done += len(samples)
+    atomic_write_text(writer.root / PROGRESS_FILE, json.dumps(tally.to_json()))
+    stop.check()
+
+
+def _write_sample(
+    writer: StoreWriter, index: int, sample: RawSample, spec: SourceSpec, tally: PrepareTally
+) -> SampleMeta:
+    label = sample.arrays[LABEL_ARRAY[spec.task]]
+    if hasattr(writer, "set_bounds"):
+        writer.set_bounds(index, sample.bounds)
+    writer.write_arrays(index, sample.arrays)
+    tally.split_counts[sample.split] = tally.split_counts.get(sample.split, 0) + 1
+    tally.add_class_pixels(sample.split, label, len(spec.classes))
+    if sample.split == "train":
+        images = [sample.arrays[name] for name in array_names(spec.task)[:-1]]
+        tally.add_band_moments(images, label != IGNORE_INDEX)
+    return SampleMeta(
+        split=sample.split,
+        class_fraction=class_fraction(label, len(spec.classes)),
+        source_id=sample.source_id,
+        bounds=sample.bounds,
+    )
+
+
+def _check_shapes(sample: RawSample, spec: SourceSpec) -> None:
+    """A reader's sample must match the spec, else the store would be inconsistent."""
+    for name in array_names(spec.task):
+        array = sample.arrays.get(name)
+        expected = (
+            (spec.height, spec.width)
+            if name == LABEL_ARRAY[spec.task]
+            else (len(spec.bands), spec.height, spec.width)
+        )
+        if array is None or array.shape != expected:
+            found = None if array is None else array.shape
+            raise InputDataError(
+                f"sample {sample.source_id}: {name} has shape {found}, expected {expected}",
+                hint="all samples of a dataset must share bands and size",
+            )
+
+
+def _removal_reason(sample: RawSample, spec: SourceSpec, request: PrepareRequest) -> str | None:
+    """Why a patch is dropped (the paper removes mostly blank patches; section 4.1), or None."""
+    label = sample.arrays[LABEL_ARRAY[spec.task]]
+    blank = label == IGNORE_INDEX
+    for name in array_names(spec.task)[:-1]:
+        blank = blank | ~np.any(sample.arrays[name], axis=0)
+    if float(blank.mean()) > request.max_blank:
+        return "blank"
+    if request.max_background is not None and float((label == 0).mean()) > request.max_background:
+        return "background"
+    return None
+
+
+def _finish(
+    writer: StoreWriter, spec: SourceSpec, tally: PrepareTally, request: PrepareRequest
+) -> None:
+    """Shrink to the kept samples and write the complete manifest last."""
+    if tally.kept == 0:
+        raise InputDataError(
+            f"every patch was removed by the filters ({tally.removed})",
+            request.raw,
+            "relax --max-blank / --max-background",
+        )
+    writer.truncate(tally.kept)
+    manifest = writer.manifest
+    assert manifest.source is not None
+    source = manifest.source.model_copy(
+        update={
+            "split_counts": dict(tally.split_counts),
+            "removed": dict(tally.removed),
+            "nodata_pixels": tally.nodata_pixels,
+        }
+    )
+    final = manifest.model_copy(
+        update={
+            "count": tally.kept,
+            "split_counts": dict(tally.split_counts),
+            "class_pixel_fraction": tally.class_fractions(),
+            "normalization": tally.normalization("train"),
+            "source": source,
+            "complete": True,
+        }
+    )
+    writer.save_manifest(Manifest.model_validate(final.model_dump()))
+    (writer.root / PROGRESS_FILE).unlink(missing_ok=True)
+
+
+def _summary(out: Path, state: str, started: float) -> PrepareSummary:
+    from specdm_cli.manifest import load_manifest
+
+    manifest = load_manifest(out / "manifest.json")
+    source = manifest.source or SourceInfo(dataset="?")
+    return PrepareSummary(
+        out=str(out),
+        state=state,
+        count=manifest.count,
+        split_counts=manifest.split_counts,
+        candidates=source.candidates,
+        removed=source.removed,
+        nodata_pixels=source.nodata_pixels,
+        seconds=round(time.monotonic() - started, 3),
+    )

@@ -1,0 +1,218 @@
+"""GeoTIFF stores: a folder of tiled, deflated tiles per array and a manifest listing every file."""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import rasterio
+from rasterio.crs import CRS
+from rasterio.errors import NotGeoreferencedWarning, RasterioError
+from rasterio.transform import from_bounds
+
+from specdm_cli.errors import InputDataError
+from specdm_cli.manifest import GEOTIFF_FOLDERS, Manifest, SampleFiles, array_names
+from specdm_cli.stores.atomic import as_resource_error, atomic_write_text, remove_tree
+from specdm_cli.stores.base import MANIFEST_NAME, SampleMeta, StoreReader, StoreWriter
+
+MARKERS = ".specdm/written"
+
+
+def create_geotiff(root: Path, manifest: Manifest) -> None:
+    """Lay out an empty GeoTIFF store: one folder per array, an incomplete manifest."""
+    for name in array_names(manifest.task):
+        (root / GEOTIFF_FOLDERS[name]).mkdir(parents=True, exist_ok=True)
+    (root / MARKERS).mkdir(parents=True, exist_ok=True)
+    atomic_write_text(root / MANIFEST_NAME, manifest.to_json())
+
+
+def sample_files(manifest: Manifest, index: int) -> dict[str, str]:
+    """Relative paths of the files of sample `index`."""
+    return {name: f"{GEOTIFF_FOLDERS[name]}/{index:06d}.tif" for name in array_names(manifest.task)}
+
+
+def _block_size(height: int, width: int) -> int | None:
+    # GTiff tiles must be multiples of 16; a tile larger than the raster only wastes space.
+    block = min(256, height, width) // 16 * 16
+    return block or None
+
+
+def _profile(manifest: Manifest, array: np.ndarray, bounds: Any) -> dict[str, Any]:
+    count = 1 if array.ndim == 2 else array.shape[0]
+    profile: dict[str, Any] = {
+        "driver": "GTiff",
+        "height": manifest.height,
+        "width": manifest.width,
+        "count": count,
+        "dtype": array.dtype.name,
+        "compress": "deflate",
+        "predictor": 3 if np.issubdtype(array.dtype, np.floating) else 2,
+    }
+    block = _block_size(manifest.height, manifest.width)
+    if block:
+        profile.update(tiled=True, blockxsize=block, blockysize=block)
+    if bounds is not None and manifest.crs:
+        profile["crs"] = CRS.from_user_input(manifest.crs)
+        profile["transform"] = from_bounds(*bounds, manifest.width, manifest.height)
+    return profile
+
+
+def write_tile(path: Path, manifest: Manifest, array: np.ndarray, bounds: Any = None) -> None:
+    """Write one tile atomically: band descriptions with wavelengths, a colour table on masks."""
+    temp = path.with_name(f".{path.name}.tmp")
+    try:
+        with warnings.catch_warnings():
+            # Synthetic tiles carry no geolocation on purpose (DESIGN.md).
+            warnings.simplefilter("ignore", NotGeoreferencedWarning)
+            _write_raster(temp, manifest, array, bounds)
+        temp.replace(path)
+    except OSError as exc:
+        temp.unlink(missing_ok=True)
+        raise as_resource_error(exc, path) from None
+    except RasterioError as exc:
+        temp.unlink(missing_ok=True)
+        raise InputDataError(f"cannot write GeoTIFF ({exc})", path, "check --out") from None
+
+
+def _write_raster(temp: Path, manifest: Manifest, array: np.ndarray, bounds: Any) -> None:
+    with rasterio.open(temp, "w", **_profile(manifest, array, bounds)) as dst:
+        if array.ndim == 2:
+            dst.write(array, 1)
+            dst.nodata = manifest.ignore_index
+            dst.write_colormap(1, {c.index: (*c.colour, 255) for c in manifest.classes})
+            dst.set_band_description(1, "label")
+        else:
+            dst.write(array)
+            for number, band in enumerate(manifest.bands, start=1):
+                wavelength = f" ({band.wavelength_nm:g} nm)" if band.wavelength_nm else ""
+                dst.set_band_description(number, f"{band.name}{wavelength}")
+
+
+class GeoTiffWriter(StoreWriter):
+    """Writes tiles; a per-sample marker file is the written flag."""
+
+    def __init__(self, root: Path, manifest: Manifest):
+        super().__init__(root, manifest)
+        self._pending_bounds: dict[int, Any] = {}
+
+    def write_arrays(self, index: int, arrays: dict[str, np.ndarray]) -> None:
+        files = sample_files(self.manifest, index)
+        for name, values in arrays.items():
+            write_tile(
+                self.root / files[name], self.manifest, values, self._pending_bounds.get(index)
+            )
+
+    def set_bounds(self, index: int, bounds: tuple[float, float, float, float] | None) -> None:
+        """Georeference the tiles of sample `index` (call before write_arrays)."""
+        self._pending_bounds[index] = bounds
+
+    def mark_written(self, start: int, metas: list[SampleMeta]) -> None:
+        for index, meta in enumerate(metas, start=start):
+            record = SampleFiles(
+                index=index,
+                files=sample_files(self.manifest, index),
+                split=meta.split,
+                class_fraction=[float(v) for v in meta.class_fraction],
+                source_id=meta.source_id,
+                bounds=meta.bounds,
+            )
+            atomic_write_text(self.root / MARKERS / f"{index:06d}.json", record.model_dump_json())
+            self._pending_bounds.pop(index, None)
+
+    def written(self) -> np.ndarray:
+        flags = np.zeros(self.manifest.count, dtype=bool)
+        for index in _marker_indices(self.root):
+            if index < flags.size:
+                flags[index] = True
+        return flags
+
+    def forget_from(self, index: int) -> None:
+        for marked in _marker_indices(self.root):
+            if marked >= index:
+                (self.root / MARKERS / f"{marked:06d}.json").unlink(missing_ok=True)
+
+    def save_manifest(self, manifest: Manifest) -> None:
+        self.manifest = manifest
+        if manifest.complete:
+            manifest = manifest.model_copy(update={"files": _records(self.root, manifest.count)})
+        atomic_write_text(self.root / MANIFEST_NAME, manifest.to_json())
+
+    def truncate(self, count: int) -> None:
+        self.forget_from(count)
+        for folder in {GEOTIFF_FOLDERS[n] for n in array_names(self.manifest.task)}:
+            for tile in (self.root / folder).glob("*.tif"):
+                if tile.stem.isdigit() and int(tile.stem) >= count:
+                    remove_tree(tile)
+
+
+def _marker_indices(root: Path) -> list[int]:
+    return sorted(int(p.stem) for p in (root / MARKERS).glob("*.json") if p.stem.isdigit())
+
+
+def _records(root: Path, count: int) -> list[SampleFiles]:
+    records = []
+    for index in range(count):
+        marker = root / MARKERS / f"{index:06d}.json"
+        records.append(SampleFiles.model_validate_json(marker.read_text(encoding="utf-8")))
+    return records
+
+
+class GeoTiffReader(StoreReader):
+    """Reads a GeoTIFF store through its manifest (or its markers while incomplete)."""
+
+    def __init__(self, root: Path, manifest: Manifest):
+        super().__init__(root, manifest)
+        self.records = manifest.files if manifest.files is not None else self._markers()
+        self._by_index = {record.index: record for record in self.records}
+
+    def _markers(self) -> list[SampleFiles]:
+        return [
+            SampleFiles.model_validate_json((self.root / MARKERS / f"{i:06d}.json").read_bytes())
+            for i in _marker_indices(self.root)
+        ]
+
+    def read(self, index: int) -> dict[str, np.ndarray]:
+        record = self._by_index.get(index)
+        if record is None:
+            raise InputDataError(f"sample {index} was never written", self.root, "finish the store")
+        return {name: self._read_tile(name, rel) for name, rel in record.files.items()}
+
+    def _read_tile(self, name: str, relative: str) -> np.ndarray:
+        path = (self.root / relative).resolve()
+        if not path.is_relative_to(self.root.resolve()):
+            raise InputDataError("manifest points outside the store", path, "re-create the store")
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", NotGeoreferencedWarning)
+                with rasterio.open(path) as src:
+                    values = src.read()
+        except (RasterioError, OSError) as exc:
+            raise InputDataError(f"unreadable tile ({exc})", path, "re-create the store") from None
+        tile: np.ndarray = values[0] if name in ("mask", "change") else values
+        return tile
+
+    def _column(self, key: str, fill: Any) -> list[Any]:
+        values = [fill] * len(self)
+        for record in self.records:
+            if record.index < len(self):
+                values[record.index] = getattr(record, key)
+        return values
+
+    def splits(self) -> np.ndarray:
+        return np.array(self._column("split", ""), dtype=object)
+
+    def class_fractions(self) -> np.ndarray:
+        zeros = [0.0] * len(self.manifest.classes)
+        return np.array(self._column("class_fraction", zeros), dtype=np.float32)
+
+    def written(self) -> np.ndarray:
+        flags = np.zeros(len(self), dtype=bool)
+        flags[[r.index for r in self.records if r.index < len(self)]] = True
+        return flags
+
+    def source_ids(self) -> list[str] | None:
+        if self.manifest.source is None:
+            return None
+        return [str(v) for v in self._column("source_id", "")]

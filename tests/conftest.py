@@ -1,0 +1,48 @@
+"""Shared fixtures: tiny stores made by the real CLI."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from specdm_cli.cli import app
+
+
+@pytest.fixture(autouse=True)
+def _isolated_user_dirs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Keep run registries and caches out of the real home directory."""
+    monkeypatch.setenv("SPECDM_HOME", str(tmp_path / "specdm-home"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+
+
+def run_cli(*args: str | Path) -> tuple[int, str, str]:
+    """Run the real CLI in-process; returns (exit code, stdout, stderr)."""
+    result = CliRunner().invoke(app, [str(a) for a in args], catch_exceptions=False)
+    return result.exit_code, result.stdout, result.stderr
+
+
+def prepare_demo(out: Path, *extra: str, task: str = "ss", n: int = 24, size: int = 32) -> Path:
+    code, _stdout, stderr = run_cli(
+        "prepare", "demo", "--out", out, "--task", task, "--n", str(n), "--size", str(size),
+        "--quiet", *extra,
+    )  # fmt: skip
+    assert code == 0, stderr
+    return out
+
+
+@pytest.fixture(scope="session")
+def demo_ss_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return prepare_demo(tmp_path_factory.mktemp("demo") / "ss.zarr")
+
+
+@pytest.fixture(scope="session")
+def demo_cd_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return prepare_demo(tmp_path_factory.mktemp("demo") / "cd.zarr", task="cd")
+
+
+def manifest_of(store: Path) -> dict[str, object]:
+    loaded: dict[str, object] = json.loads((store / "manifest.json").read_text())
+    return loaded

@@ -1,0 +1,217 @@
+"""`specdm prepare` and `specdm inspect` end to end on the demo source: stores, resume, errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+from pathlib import Path
+
+import numpy as np
+import pytest
+import rasterio
+import xarray as xr
+import zarr
+
+from specdm_cli.errors import Interrupted
+from specdm_cli.pipeline.prepare import PrepareRequest, prepare
+from specdm_cli.pipeline.signals import StopFlag
+from specdm_cli.sources.base import PrepareOptions
+from specdm_cli.stores import open_store
+from specdm_cli.stores.lock import LOCK_NAME
+from tests.conftest import manifest_of, prepare_demo, run_cli
+
+
+def _arrays(store: Path) -> dict[str, np.ndarray]:
+    group = zarr.open_group(store, mode="r")
+    return {name: np.asarray(array[:]) for name, array in group.arrays()}
+
+
+def test_demo_store_layout_and_manifest(demo_ss_store: Path) -> None:
+    manifest = manifest_of(demo_ss_store)
+    assert manifest["complete"] is True
+    assert manifest["count"] == 24
+    assert sum(manifest["split_counts"].values()) == 24  # type: ignore[attr-defined]
+    group = zarr.open_group(demo_ss_store, mode="r")
+    image, mask = group["image"], group["mask"]
+    assert image.shape == (24, 10, 32, 32) and image.dtype == np.uint16
+    assert image.chunks == (1, 10, 32, 32)
+    assert mask.shape == (24, 32, 32) and mask.dtype == np.uint8
+    assert np.asarray(group["written"][:]).all()
+    assert group.attrs["specdm"]["count"] == 24
+
+
+def test_normalization_is_the_train_split_statistics(demo_ss_store: Path) -> None:
+    reader = open_store(demo_ss_store)
+    train = [reader.read(i) for i in reader.indices("train")]
+    pixels = np.concatenate(
+        [s["image"][:, s["mask"] != 255].astype(np.float64) for s in train], axis=1
+    )
+    stats = reader.manifest.normalization
+    assert stats is not None and stats.split == "train"
+    np.testing.assert_allclose(stats.mean, pixels.mean(axis=1), rtol=1e-9)
+    np.testing.assert_allclose(stats.std, pixels.std(axis=1), rtol=1e-6)
+    assert stats.pixels == pixels.shape[1]
+
+
+def test_class_fraction_per_sample_matches_the_mask(demo_ss_store: Path) -> None:
+    reader = open_store(demo_ss_store)
+    fractions = reader.class_fractions()
+    sample = reader.read(3)["mask"]
+    counts = np.bincount(sample[sample != 255].ravel(), minlength=fractions.shape[1])
+    np.testing.assert_allclose(fractions[3], counts / counts.sum(), rtol=1e-6)
+
+
+def test_xarray_opens_the_store_with_band_names(demo_ss_store: Path) -> None:
+    dataset = xr.open_zarr(demo_ss_store, consolidated=False)
+    assert dataset["image"].dims == ("sample", "band", "y", "x")
+    assert list(dataset["band"].values)[:3] == ["B02", "B03", "B04"]
+    assert dataset["mask"].sizes["sample"] == 24
+
+
+def test_inspect_json_and_schema(demo_ss_store: Path) -> None:
+    code, stdout, _ = run_cli("inspect", demo_ss_store, "--json")
+    assert code == 0
+    report = json.loads(stdout)
+    assert report["count"] == 24 and report["written"] == 24
+    assert abs(sum(c["pixel_fraction"] for c in report["classes"]) - 1.0) < 1e-6
+    code, stdout, _ = run_cli("inspect", "--schema")
+    assert code == 0 and "complete" in json.loads(stdout)["properties"]
+    code, stdout, _ = run_cli("inspect", demo_ss_store)
+    assert code == 0 and "B8A" in stdout
+
+
+def test_geotiff_format_round_trips_through_the_geotiff_reader(tmp_path: Path) -> None:
+    tiles = prepare_demo(tmp_path / "tiles", "--format", "geotiff", n=6)
+    manifest = manifest_of(tiles)
+    assert manifest["format"] == "geotiff" and len(manifest["files"]) == 6  # type: ignore[arg-type]
+    with rasterio.open(tiles / "images" / "000000.tif") as src:
+        assert src.profile["compress"] == "deflate" and src.count == 10
+        assert src.descriptions[0].startswith("B02 (492.7")
+    with rasterio.open(tiles / "masks" / "000000.tif") as src:
+        assert src.colormap(1)[1][:3] != (0, 0, 0) or src.colormap(1)[0][:3] != (0, 0, 0)
+    code, _, stderr = run_cli("prepare", "geotiff", tiles, "--out", tmp_path / "back.zarr", "--quiet",
+                              "--val-fraction", "0", "--patch-size", "32")  # fmt: skip
+    assert code == 0, stderr
+    original, back = open_store(tiles), open_store(tmp_path / "back.zarr")
+    assert len(back) == 6
+    back_by_id = dict(zip(back.source_ids() or [], range(len(back)), strict=True))
+    for index in range(6):
+        again = back.read(back_by_id[f"{index:06d}"])
+        np.testing.assert_array_equal(again["image"], original.read(index)["image"])
+        np.testing.assert_array_equal(again["mask"], original.read(index)["mask"])
+
+
+def test_cd_store_has_both_phases_and_change(demo_cd_store: Path) -> None:
+    arrays = _arrays(demo_cd_store)
+    assert arrays["image_t1"].shape == arrays["image_t2"].shape == (24, 10, 32, 32)
+    assert set(np.unique(arrays["change"])) <= {0, 1, 255}
+
+
+def _request(out: Path, **changes: object) -> PrepareRequest:
+    options = PrepareOptions(task="ss", n=40, size=32, seed=3)
+    fields = {"source": "demo", "raw": None, "out": out, "format": "zarr", "options": options,
+              "batch_grid": 8, "workers": 2, **changes}  # fmt: skip
+    return PrepareRequest(**fields)  # type: ignore[arg-type]
+
+
+def test_interrupted_prepare_resumes_to_identical_store(tmp_path: Path) -> None:
+    prepare(_request(tmp_path / "whole.zarr"), StopFlag())
+    stop = StopFlag()
+
+    def stop_after_two_blocks(done: int, total: int) -> None:
+        if done >= 16:
+            stop.signum = 15
+
+    with pytest.raises(Interrupted):
+        prepare(_request(tmp_path / "cut.zarr"), stop, stop_after_two_blocks)
+    assert manifest_of(tmp_path / "cut.zarr")["complete"] is False
+    code, _, _ = run_cli("inspect", tmp_path / "cut.zarr")
+    assert code == 3
+    assert run_cli("inspect", tmp_path / "cut.zarr", "--allow-incomplete")[0] == 0
+    summary = prepare(_request(tmp_path / "cut.zarr", resume=True), StopFlag())
+    assert summary.state == "resumed"
+    whole, cut = _arrays(tmp_path / "whole.zarr"), _arrays(tmp_path / "cut.zarr")
+    assert whole.keys() == cut.keys()
+    for name in whole:
+        np.testing.assert_array_equal(whole[name], cut[name], err_msg=name)
+    first, second = manifest_of(tmp_path / "whole.zarr"), manifest_of(tmp_path / "cut.zarr")
+    assert first["normalization"] == second["normalization"]
+    assert first["class_pixel_fraction"] == second["class_pixel_fraction"]
+    assert not (tmp_path / "cut.zarr" / ".specdm" / "prepare-progress.json").exists()
+
+
+def test_existing_output_resume_and_overwrite_rules(tmp_path: Path) -> None:
+    store = prepare_demo(tmp_path / "s.zarr", n=8)
+    code, _, stderr = run_cli("prepare", "demo", "--out", store, "--n", "8", "--size", "32")
+    assert code == 3 and "already exists" in stderr and "Traceback" not in stderr
+    code, stdout, _ = run_cli("prepare", "demo", "--out", store, "--n", "8", "--size", "32",
+                              "--task", "ss", "--resume", "--json", "--quiet")  # fmt: skip
+    assert code == 0 and json.loads(stdout)["state"] == "already complete"
+    code, _, stderr = run_cli(
+        "prepare", "demo", "--out", store, "--n", "9", "--size", "32", "--resume"
+    )
+    assert code == 3 and "other inputs or options" in stderr
+    assert prepare_demo(store, "--overwrite", n=5) == store
+    assert manifest_of(store)["count"] == 5
+
+
+def test_overwrite_refuses_a_folder_that_is_not_ours(tmp_path: Path) -> None:
+    foreign = tmp_path / "precious"
+    foreign.mkdir()
+    (foreign / "thesis.tex").write_text("years of work")
+    code, _, stderr = run_cli("prepare", "demo", "--out", foreign, "--overwrite", "--n", "4")
+    assert code == 3 and "not a specdm store" in stderr
+    assert (foreign / "thesis.tex").read_text() == "years of work"
+
+
+def _incomplete_store(tmp_path: Path) -> Path:
+    stop = StopFlag()
+    stop.signum = 2
+    with pytest.raises(Interrupted):
+        prepare(_request(tmp_path / "held.zarr"), stop)
+    return tmp_path / "held.zarr"
+
+
+def test_a_live_lock_is_refused_and_a_stale_lock_taken_over(tmp_path: Path) -> None:
+    store = _incomplete_store(tmp_path)
+    lock = store / LOCK_NAME
+    lock.write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "started": 0}))
+    with pytest.raises(Exception) as caught:
+        prepare(_request(store, resume=True), StopFlag())
+    assert getattr(caught.value, "exit_code", None) == 6
+    lock.write_text(json.dumps({"pid": 2**22 + 12345, "host": socket.gethostname(), "started": 0}))
+    assert prepare(_request(store, resume=True), StopFlag()).state == "resumed"
+    assert not lock.exists()
+
+
+@pytest.mark.parametrize(
+    ("args", "code", "words"),
+    [
+        (["prepare", "mnist"], 2, "mnist"),
+        (["prepare", "segmunich"], 2, "needs a RAW folder"),
+        (["prepare", "demo", "some/folder"], 2, "takes no RAW"),
+        (["prepare", "demo", "--n", "0"], 2, "--n"),
+        (["prepare", "demo", "--format", "hdf5"], 2, "hdf5"),
+        (["prepare", "demo", "--max-blank", "1.5"], 2, "--max-blank"),
+        (["prepare", "demo", "--nodata", "lots"], 2, "--nodata"),
+        (["prepare", "segmunich", "/does/not/exist"], 3, "does not exist"),
+        (["inspect", "/does/not/exist.zarr"], 3, "does not exist"),
+    ],
+)
+def test_bad_input_is_one_line_with_its_exit_code(
+    tmp_path: Path, args: list[str], code: int, words: str
+) -> None:
+    os.chdir(tmp_path)
+    exit_code, _, stderr = run_cli(*args)
+    assert exit_code == code
+    assert words in stderr
+    assert "Traceback" not in stderr
+    assert len([line for line in stderr.splitlines() if line.strip()]) <= 3
+
+
+def test_store_that_is_not_a_store_is_an_input_error(tmp_path: Path) -> None:
+    (tmp_path / "fake.zarr").mkdir()
+    (tmp_path / "fake.zarr" / "manifest.json").write_text("{not json")
+    code, _, stderr = run_cli("inspect", tmp_path / "fake.zarr")
+    assert code == 3 and "unreadable manifest" in stderr

@@ -1,0 +1,434 @@
+"""The GeoTIFF-folder reader: layouts, bands, classes, splits, patches, georeferencing, errors."""
+
+from __future__ import annotations
+
+import csv
+import json
+import re
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+import rasterio
+from rasterio.crs import CRS
+from rasterio.transform import from_origin
+
+from specdm_cli.errors import InputDataError
+from specdm_cli.manifest import Band, ClassInfo, Manifest
+from specdm_cli.sources.base import PrepareOptions, SourcePlan
+from specdm_cli.sources.geotiff import read_geotiff
+from tests.fixtures.geotiff_folder import (
+    CRS_EPSG,
+    ORIGIN,
+    PIXEL_M,
+    TILE_STEP_M,
+    band_name,
+    make_geotiff_folder,
+    stems,
+    wavelengths,
+    write_image,
+    write_label,
+)
+
+
+def _read(path: Path, band: int | None = None) -> np.ndarray:
+    with rasterio.open(path) as src:
+        return np.asarray(src.read(band) if band else src.read())
+
+
+def _plan(root: Path, **options: object) -> SourcePlan:
+    return read_geotiff(root, PrepareOptions(**options))  # type: ignore[arg-type]
+
+
+def _write_splits(path: Path, rows: list[tuple[str, str]]) -> Path:
+    with path.open("w", newline="", encoding="utf-8") as handle:
+        csv.writer(handle).writerows([("stem", "split"), *rows])
+    return path
+
+
+def test_ss_folder_reads_bands_classes_and_pixels(tmp_path: Path) -> None:
+    root = make_geotiff_folder(tmp_path / "raw")
+    plan = _plan(root)
+    spec = plan.spec
+    assert (spec.dataset, spec.task, spec.dtype) == ("geotiff", "ss", "uint16")
+    assert (spec.height, spec.width) == (24, 20)
+    assert [b.name for b in spec.bands] == [band_name(i) for i in range(5)]
+    assert [b.wavelength_nm for b in spec.bands] == wavelengths(5)
+    assert [c.source_id for c in plan.candidates] == stems(4)
+    sample = plan.load(plan.candidates[1])
+    image = sample.arrays["image"]
+    assert image.dtype == np.uint16 and image.shape == (5, 24, 20)
+    np.testing.assert_array_equal(image, _read(root / "images" / "tile_01.tif"))
+    assert sample.nodata_pixels == 0
+
+
+def test_noncontiguous_codes_are_remapped_in_code_order_and_kept(tmp_path: Path) -> None:
+    root = make_geotiff_folder(tmp_path / "raw", codes=[100, 10, 40])
+    plan = _plan(root)
+    assert [(c.index, c.code, c.name) for c in plan.spec.classes] == [
+        (0, 10, "class_10"),
+        (1, 40, "class_40"),
+        (2, 100, "class_100"),
+    ]
+    raw = _read(root / "masks" / "tile_02.tif", 1)
+    mask = plan.load(plan.candidates[2]).arrays["mask"]
+    assert mask.dtype == np.uint8
+    np.testing.assert_array_equal(mask, np.searchsorted([10, 40, 100], raw))
+    assert len({tuple(c.colour) for c in plan.spec.classes}) == 3
+
+
+@pytest.mark.parametrize("kind", ["json", "csv"])
+def test_classes_from_file_found_in_raw(tmp_path: Path, kind: str) -> None:
+    root = make_geotiff_folder(tmp_path / "raw", classes_file=kind)
+    classes = _plan(root).spec.classes
+    assert [(c.index, c.code, c.name) for c in classes] == [
+        (0, 10, "name_10"),
+        (1, 40, "name_40"),
+        (2, 100, "name_100"),
+    ]
+    assert classes[1].colour == (40, 24, 8)
+
+
+def test_classes_file_option_may_declare_absent_codes(tmp_path: Path) -> None:
+    root = make_geotiff_folder(tmp_path / "raw", codes=[10, 40])
+    path = tmp_path / "legend.json"
+    # Listed out of code order: indices follow the codes, not the file.
+    entries = [{"code": 40}, {"code": 10, "name": "water"}, {"code": 20, "color": "#00ff00"}]
+    path.write_text(json.dumps(entries), encoding="utf-8")
+    plan = _plan(root, classes_file=path)
+    assert [c.name for c in plan.spec.classes] == ["water", "class_20", "class_40"]
+    assert plan.spec.classes[1].colour == (0, 255, 0)
+    raw = _read(root / "masks" / "tile_00.tif", 1)
+    mask = plan.load(plan.candidates[0]).arrays["mask"]
+    np.testing.assert_array_equal(mask, np.where(raw == 10, 0, 2))
+
+
+def test_change_detection_folder(tmp_path: Path) -> None:
+    root = make_geotiff_folder(tmp_path / "raw", task="cd", codes=[0, 1], n=3)
+    plan = _plan(root)
+    assert plan.spec.task == "cd"
+    assert [c.code for c in plan.spec.classes] == [0, 1]
+    sample = plan.load(plan.candidates[0])
+    assert set(sample.arrays) == {"image_t1", "image_t2", "change"}
+    np.testing.assert_array_equal(sample.arrays["image_t2"], _read(root / "t2" / "tile_00.tif"))
+    np.testing.assert_array_equal(
+        sample.arrays["change"], _read(root / "change" / "tile_00.tif", 1)
+    )
+
+
+def test_band_names_fall_back_and_wavelengths_come_from_tags(tmp_path: Path) -> None:
+    root = make_geotiff_folder(tmp_path / "raw", n=1, bands=3)
+    path = root / "images" / "tile_00.tif"
+    with rasterio.open(path, "r+") as dst:
+        dst.set_band_description(1, "664.6 nm")
+        dst.set_band_description(2, "")
+        dst.update_tags(2, wavelength="0.56", wavelength_units="micrometers")
+        dst.set_band_description(3, "SWIR")
+    bands = _plan(root).spec.bands
+    assert [(b.name, b.wavelength_nm) for b in bands] == [
+        ("band_1", 664.6),
+        ("band_2", 560.0),
+        ("SWIR", None),
+    ]
+
+
+def test_splits_from_csv(tmp_path: Path) -> None:
+    root = make_geotiff_folder(tmp_path / "raw", size=(40, 40))
+    rows = [("tile_00", "train"), ("tile_01.tif", "val"), ("tile_02", "test"), ("tile_03", "train")]
+    plan = _plan(root, splits_file=_write_splits(tmp_path / "s.csv", rows), patch_size=16)
+    by_file = {c.ref[0]: c.split for c in plan.candidates}
+    assert by_file == {"tile_00": "train", "tile_01": "val", "tile_02": "test", "tile_03": "train"}
+    assert plan.load(plan.candidates[-1]).split == "train"
+
+
+def test_fraction_splits_are_by_file_and_deterministic(tmp_path: Path) -> None:
+    root = make_geotiff_folder(tmp_path / "raw", n=10, size=(20, 20), bands=1)
+    options = {"val_fraction": 0.2, "test_fraction": 0.3, "patch_size": 8, "overlap": 0.0}
+
+    def splits(seed: int) -> dict[str, str]:
+        plan = _plan(root, seed=seed, **options)
+        seen: dict[str, set[str]] = {}
+        for c in plan.candidates:
+            seen.setdefault(c.ref[0], set()).add(c.split)
+        assert all(len(s) == 1 for s in seen.values()), "one file's patches span splits"
+        return {stem: s.pop() for stem, s in seen.items()}
+
+    first = splits(seed=1)
+    assert sorted(first.values()).count("val") == 2
+    assert sorted(first.values()).count("test") == 3
+    assert splits(seed=1) == first
+    assert any(splits(seed=s) != first for s in range(2, 6))
+
+
+def test_patches_cover_edges_and_small_files_are_padded(tmp_path: Path) -> None:
+    root = make_geotiff_folder(tmp_path / "raw", n=2, sizes=[(40, 30), (10, 12)], bands=2)
+    plan = _plan(root, patch_size=16, overlap=0.5)
+    assert (plan.spec.height, plan.spec.width) == (16, 16)
+    big = [c for c in plan.candidates if c.ref[0] == "tile_00"]
+    covered = np.zeros((40, 30), dtype=bool)
+    image = _read(root / "images" / "tile_00.tif")
+    for candidate in big:
+        _, y, x = candidate.ref
+        assert candidate.source_id == f"tile_00/y{y}_x{x}"
+        patch = plan.load(candidate).arrays["image"]
+        np.testing.assert_array_equal(patch, image[:, y : y + 16, x : x + 16])
+        covered[y : y + 16, x : x + 16] = True
+    assert covered.all()
+    small = plan.load(next(c for c in plan.candidates if c.source_id == "tile_01"))
+    mask, padded = small.arrays["mask"], small.arrays["image"]
+    assert padded.shape == (2, 16, 16) and mask.shape == (16, 16)
+    assert (mask[10:, :] == 255).all() and (mask[:, 12:] == 255).all()
+    assert (mask[:10, :12] != 255).all()
+    np.testing.assert_array_equal(padded[:, :10, :12], _read(root / "images" / "tile_01.tif"))
+    assert (padded[:, 10:, :] > 0).all()  # filled like nodata (band mean), never a blank 0
+
+
+def test_same_size_tiles_keep_their_size(tmp_path: Path) -> None:
+    root = make_geotiff_folder(tmp_path / "raw", n=2, size=(12, 20), bands=1)
+    plan = _plan(root, patch_size=16)
+    assert (plan.spec.height, plan.spec.width) == (12, 16)
+    assert [c.source_id for c in plan.candidates] == [
+        f"{s}/y0_x{x}" for s in stems(2) for x in (0, 4)
+    ]
+
+
+def test_bounds_and_crs_of_georeferenced_patches(tmp_path: Path) -> None:
+    root = make_geotiff_folder(tmp_path / "raw", n=2, size=(24, 20), bands=1)
+    plan = _plan(root, patch_size=16, overlap=0.5)
+    assert plan.spec.crs == f"EPSG:{CRS_EPSG}"
+    candidate = next(c for c in plan.candidates if c.ref == ("tile_01", 8, 4))
+    left = ORIGIN[0] + TILE_STEP_M + 4 * PIXEL_M
+    top = ORIGIN[1] - TILE_STEP_M - 8 * PIXEL_M
+    expected = (left, top - 16 * PIXEL_M, left + 16 * PIXEL_M, top)
+    assert plan.load(candidate).bounds == pytest.approx(expected)
+
+
+def test_ungeoreferenced_folder_has_no_crs_or_bounds(tmp_path: Path) -> None:
+    root = make_geotiff_folder(tmp_path / "raw", n=2, georeferenced=False)
+    plan = _plan(root)
+    assert plan.spec.crs is None
+    assert plan.load(plan.candidates[0]).bounds is None
+
+
+def test_224_bands(tmp_path: Path) -> None:
+    root = make_geotiff_folder(tmp_path / "raw", n=2, size=(8, 8), bands=224, dtype="int16")
+    plan = _plan(root)
+    assert len(plan.spec.bands) == 224 and plan.spec.dtype == "int16"
+    assert plan.spec.bands[223].name == "B224"
+    assert plan.spec.bands[223].wavelength_nm == pytest.approx(2190.0)
+    assert plan.spec.rgb_bands is not None and len(plan.spec.rgb_bands) == 3
+    assert plan.load(plan.candidates[1]).arrays["image"].shape == (224, 8, 8)
+
+
+def test_float64_becomes_float32_and_nan_nodata_is_ignored(tmp_path: Path) -> None:
+    root = make_geotiff_folder(tmp_path / "raw", n=1, bands=2, dtype="float64")
+    image = _read(root / "images" / "tile_00.tif")
+    image[:, 0, 0] = np.nan
+    write_image(root / "images" / "tile_00.tif", image, {}, nodata=float("nan"))
+    plan = _plan(root)
+    assert plan.spec.dtype == "float32"
+    sample = plan.load(plan.candidates[0])
+    assert sample.arrays["image"].dtype == np.float32
+    assert np.isfinite(sample.arrays["image"]).all()
+    assert sample.nodata_pixels == 1 and sample.arrays["mask"][0, 0] == 255
+
+
+def test_nodata_tags_and_option(tmp_path: Path) -> None:
+    root = make_geotiff_folder(tmp_path / "raw", n=1, codes=[1, 2])
+    label = _read(root / "masks" / "tile_00.tif", 1)
+    label[5, 5] = 0
+    write_label(root / "masks" / "tile_00.tif", label, {}, nodata=0)
+    image = _read(root / "images" / "tile_00.tif")
+    image[:, 3, 4] = 0  # the fixture's values are 1..9999: only this pixel holds 0
+    write_image(root / "images" / "tile_00.tif", image, {})
+    plan = _plan(root, nodata=0)
+    assert [c.code for c in plan.spec.classes] == [1, 2]  # the mask's nodata is no class
+    sample = plan.load(plan.candidates[0])
+    assert sample.arrays["mask"][5, 5] == 255 and sample.arrays["mask"][3, 4] == 255
+    assert sample.nodata_pixels == 1
+
+
+def test_reads_a_specdm_geotiff_export_back(tmp_path: Path) -> None:
+    root = make_geotiff_folder(tmp_path / "export", n=2, codes=[0, 1, 2], bands=2)
+    (root / ".specdm" / "written").mkdir(parents=True)
+    classes = [ClassInfo(index=i, name=f"c{i}", colour=(i, i, i), code=10 * i) for i in range(3)]
+    manifest = Manifest(
+        tool_version="0",
+        format="geotiff",
+        task="ss",
+        count=2,
+        height=24,
+        width=20,
+        dtype="uint16",
+        arrays=["image", "mask"],
+        bands=[Band(name="B01"), Band(name="B02")],
+        classes=classes,
+        batch_grid=1,
+    )
+    (root / "manifest.json").write_text(manifest.to_json(), encoding="utf-8")
+    plan = _plan(root)
+    assert [(c.name, c.code) for c in plan.spec.classes] == [("c0", 0), ("c1", 1), ("c2", 2)]
+    assert len(plan.candidates) == 2
+
+
+def test_foreign_manifest_json_is_ignored(tmp_path: Path) -> None:
+    root = make_geotiff_folder(tmp_path / "raw", n=2)
+    (root / "manifest.json").write_text('{"made by": "someone else"}', encoding="utf-8")
+    assert [c.name for c in _plan(root).spec.classes] == ["class_10", "class_40", "class_100"]
+
+
+def test_loads_are_thread_safe(tmp_path: Path) -> None:
+    root = make_geotiff_folder(tmp_path / "raw", n=3, size=(30, 30), bands=3)
+    plan = _plan(root, patch_size=16, overlap=0.5)
+    serial = [plan.load(c).arrays["image"] for c in plan.candidates]
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        threaded = [s.arrays["image"] for s in pool.map(plan.load, plan.candidates)]
+    for a, b in zip(serial, threaded, strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+# --- errors: each names the culprit file -----------------------------------------------------
+
+Breaker = Callable[[Path, Path], Path]  # (root, tmp_path) -> the path the error must name
+
+
+def _remove_mask(root: Path, _: Path) -> Path:
+    (root / "masks" / "tile_01.tif").unlink()
+    return root / "masks" / "tile_01.tif"
+
+
+def _remove_masks_folder(root: Path, _: Path) -> Path:
+    for path in (root / "masks").iterdir():
+        path.unlink()
+    (root / "masks").rmdir()
+    return root / "masks"
+
+
+def _empty_masks_folder(root: Path, _: Path) -> Path:
+    for path in (root / "masks").iterdir():
+        path.unlink()
+    return root / "masks"
+
+
+def _neither_layout(root: Path, tmp: Path) -> Path:
+    (root / "images").rename(tmp / "elsewhere")
+    (root / "masks").rename(tmp / "elsewhere_masks")
+    (root / "tiles").mkdir()
+    return root
+
+
+def _wrong_band_count(root: Path, _: Path) -> Path:
+    path = root / "images" / "tile_02.tif"
+    write_image(path, np.ones((4, 24, 20), dtype=np.uint16), {})
+    return path
+
+
+def _wrong_dtype(root: Path, _: Path) -> Path:
+    path = root / "images" / "tile_03.tif"
+    write_image(path, np.ones((5, 24, 20), dtype=np.float32), {})
+    return path
+
+
+def _mask_size(root: Path, _: Path) -> Path:
+    path = root / "masks" / "tile_01.tif"
+    write_label(path, np.full((24, 19), 10, dtype=np.uint8), {})
+    return path
+
+
+def _corrupt_tiff(root: Path, _: Path) -> Path:
+    path = root / "images" / "tile_03.tif"
+    path.write_bytes(b"II*\x00garbage" * 10)
+    return path
+
+
+def _other_crs(root: Path, _: Path) -> Path:
+    path = root / "images" / "tile_02.tif"
+    geo = {"crs": CRS.from_epsg(4326), "transform": from_origin(11.0, 48.0, 1e-4, 1e-4)}
+    write_image(path, _read(path), geo)
+    return path
+
+
+def _bad_classes_json(root: Path, _: Path) -> Path:
+    (root / "classes.json").write_text('{"classes": [{"name": "no code"}]}', encoding="utf-8")
+    return root / "classes.json"
+
+
+def _bad_classes_csv(root: Path, _: Path) -> Path:
+    (root / "classes.csv").write_text("value,label\n10,water\n", encoding="utf-8")
+    return root / "classes.csv"
+
+
+def _duplicate_class_code(root: Path, _: Path) -> Path:
+    (root / "classes.csv").write_text("code,name\n10,a\n10,b\n", encoding="utf-8")
+    return root / "classes.csv"
+
+
+@pytest.mark.parametrize(
+    ("breaker", "words"),
+    [
+        (_remove_mask, "no partner in masks/"),
+        (_remove_masks_folder, "folder missing"),
+        (_empty_masks_folder, "no .tif"),
+        (_neither_layout, "t1/+t2/+change/"),
+        (_wrong_band_count, "expected 5 bands, found 4"),
+        (_wrong_dtype, "expected dtype uint16, found float32"),
+        (_mask_size, "differs from its image"),
+        (_corrupt_tiff, "corrupt"),
+        (_other_crs, "CRS EPSG:4326"),
+        (_bad_classes_json, "bad classes file"),
+        (_bad_classes_csv, "columns code and name"),
+        (_duplicate_class_code, "listed twice"),
+    ],
+)
+def test_bad_folders_name_the_culprit(tmp_path: Path, breaker: Breaker, words: str) -> None:
+    root = make_geotiff_folder(tmp_path / "raw")
+    culprit = breaker(root, tmp_path)
+    with pytest.raises(InputDataError, match=re.escape(words)) as info:
+        _plan(root)
+    assert info.value.path == culprit
+    assert info.value.hint
+
+
+@pytest.mark.parametrize("state", ["missing", "empty"])
+def test_missing_or_empty_raw_folder(tmp_path: Path, state: str) -> None:
+    root = tmp_path / "raw"
+    if state == "empty":
+        root.mkdir()
+    with pytest.raises(InputDataError) as info:
+        _plan(root)
+    assert info.value.path == root
+
+
+@pytest.mark.parametrize(
+    ("rows", "words"),
+    [
+        ([("tile_00", "train"), ("tile_09", "val")], "no image has the stem 'tile_09'"),
+        ([("tile_00", "training")], "split 'training'"),
+        ([("tile_00", "train"), ("tile_01", "val")], "2 file\\(s\\) have no split"),
+    ],
+)
+def test_bad_splits_file(tmp_path: Path, rows: list[tuple[str, str]], words: str) -> None:
+    root = make_geotiff_folder(tmp_path / "raw")
+    path = _write_splits(tmp_path / "splits.csv", rows)
+    with pytest.raises(InputDataError, match=words) as info:
+        _plan(root, splits_file=path)
+    assert info.value.path == path
+
+
+def test_unknown_label_code_is_an_error_at_load(tmp_path: Path) -> None:
+    root = make_geotiff_folder(tmp_path / "raw", n=2)
+    legend = tmp_path / "legend.csv"
+    legend.write_text("code,name\n10,a\n40,b\n", encoding="utf-8")
+    plan = _plan(root, classes_file=legend)
+    with pytest.raises(InputDataError, match="unknown label code") as info:
+        plan.load(plan.candidates[1])
+    assert info.value.path == root / "masks" / "tile_01.tif"
+
+
+def test_missing_classes_file_is_an_error(tmp_path: Path) -> None:
+    root = make_geotiff_folder(tmp_path / "raw", n=1)
+    with pytest.raises(InputDataError, match="classes file not found") as info:
+        _plan(root, classes_file=tmp_path / "nope.json")
+    assert info.value.path == tmp_path / "nope.json"

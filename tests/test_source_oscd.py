@@ -1,0 +1,421 @@
+"""The OSCD reader on tiny raw trees in the real layout: folders, zips, labels, splits, errors."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import rasterio
+import tifffile
+from affine import Affine
+from PIL import Image
+
+from specdm_cli.errors import InputDataError
+from specdm_cli.sources import oscd
+from specdm_cli.sources.base import PrepareOptions, RawSample, SourcePlan
+from specdm_cli.sources.oscd import read_oscd
+from specdm_cli.sources.sentinel2 import S2_TEN_BANDS
+from tests.fixtures.oscd import (
+    BANDS,
+    IMAGES,
+    TEST_LABELS,
+    TRAIN_LABELS,
+    make_oscd,
+    oscd_city,
+)
+
+SMALL = PrepareOptions(patch_size=16, overlap=0.5)
+SIZES = {"aguasclaras": (40, 48), "bercy": (36, 44), "brasilia": (30, 38)}
+
+
+@pytest.fixture(scope="module")
+def tree(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., Path]:
+    """make_oscd(**kwargs), written once per module and kwargs: read it, never edit it."""
+    made: dict[str, Path] = {}
+
+    def build(**kwargs: Any) -> Path:
+        key = repr(sorted(kwargs.items()))
+        if key not in made:
+            made[key] = make_oscd(tmp_path_factory.mktemp("oscd"), **kwargs)
+        return made[key]
+
+    return build
+
+
+@pytest.fixture
+def raw(tree: Callable[..., Path], tmp_path: Path) -> Path:
+    """An editable default tree: hard links to the shared one, so edits go through `_fresh`."""
+    return Path(shutil.copytree(tree(), tmp_path / "raw", copy_function=os.link))
+
+
+def _fresh(path: Path) -> Path:
+    """Unlink `path` before it is rewritten: writing into a hard link would edit the shared tree."""
+    path.unlink(missing_ok=True)
+    return path
+
+
+def _load_all(plan: SourcePlan) -> dict[str, RawSample]:
+    return {c.source_id: plan.load(c) for c in plan.candidates}
+
+
+def _city_samples(plan: SourcePlan, city: str) -> list[tuple[int, int, RawSample]]:
+    return [(c.ref[1], c.ref[2], plan.load(c)) for c in plan.candidates if c.ref[0] == city]
+
+
+def _band_file(root: Path, city: str, phase: int, band: str) -> Path:
+    return root / IMAGES / city / f"imgs_{phase}_rect" / f"{band}.tif"
+
+
+def _error(root: Path, options: PrepareOptions = SMALL) -> InputDataError:
+    """The error of opening `root` and loading every sample; it must carry a hint."""
+    with pytest.raises(InputDataError) as info:
+        _load_all(read_oscd(root, options))
+    assert info.value.hint
+    return info.value
+
+
+def test_default_spec_ten_bands_and_hand_counted_windows(tree: Callable[..., Path]) -> None:
+    plan = read_oscd(tree(), SMALL)
+    spec = plan.spec
+    assert (spec.dataset, spec.task, spec.dtype, spec.height, spec.width) == (
+        "oscd",
+        "cd",
+        "uint16",
+        16,
+        16,
+    )
+    assert [b.name for b in spec.bands] == list(S2_TEN_BANDS)
+    assert spec.rgb_bands == ["B04", "B03", "B02"]
+    assert [(c.index, c.name, c.code) for c in spec.classes] == [
+        (0, "no change", 0),
+        (1, "change", 1),
+    ]
+    assert spec.crs is None
+    # Stride 8: aguasclaras 40x48 -> 4 x 5, bercy 36x44 -> 4 x 5, brasilia 30x38 -> 3 x 4.
+    assert len(plan.candidates) == 20 + 20 + 12
+    first = plan.candidates[0]
+    assert first.source_id == f"{first.ref[0]}/y0_x0" and first.ref[1:] == (0, 0)
+    sample = plan.load(first)
+    assert sample.arrays["image_t1"].shape == (10, 16, 16)
+    assert sample.arrays["image_t1"].dtype == np.uint16
+    assert sample.arrays["change"].dtype == np.uint8
+    assert sample.bounds is None
+
+
+def test_windows_cover_every_pixel_of_every_city(tree: Callable[..., Path]) -> None:
+    plan = read_oscd(tree(), SMALL)
+    for city, (height, width) in SIZES.items():
+        covered = np.zeros((height, width), dtype=bool)
+        for c in plan.candidates:
+            if c.ref[0] == city:
+                covered[c.ref[1] : c.ref[1] + 16, c.ref[2] : c.ref[2] + 16] = True
+        assert covered.all(), city
+
+
+def test_samples_hold_the_file_values_and_the_change_map(tree: Callable[..., Path]) -> None:
+    plan = read_oscd(tree(), SMALL)
+    t1, t2, change = oscd_city("bercy", *SIZES["bercy"])
+    order = [BANDS.index(b) for b in S2_TEN_BANDS]
+    for y, x, sample in _city_samples(plan, "bercy"):
+        window = np.s_[y : y + 16, x : x + 16]
+        np.testing.assert_array_equal(sample.arrays["image_t1"], t1[order][(slice(None), *window)])
+        np.testing.assert_array_equal(sample.arrays["image_t2"], t2[order][(slice(None), *window)])
+        np.testing.assert_array_equal(sample.arrays["change"], change[window].astype(np.uint8))
+        assert sample.nodata_pixels == 0
+    # The fixture's maps hold change (a few percent), so the label test can fail.
+    assert 0 < change.mean() < 0.2
+
+
+def test_folders_and_zips_give_identical_samples(tree: Callable[..., Path]) -> None:
+    raw, zipped = tree(), tree(zipped=True)
+    assert sorted(p.name for p in zipped.iterdir()) == sorted(
+        f"{s}.zip" for s in (IMAGES, TRAIN_LABELS, TEST_LABELS)
+    )
+    from_dirs, from_zips = read_oscd(raw, SMALL), read_oscd(zipped, SMALL)
+    assert from_dirs.candidates == from_zips.candidates
+    assert from_dirs.spec.details == from_zips.spec.details
+    dirs, zips = _load_all(from_dirs), _load_all(from_zips)
+    for source_id, sample in dirs.items():
+        for name, array in sample.arrays.items():
+            np.testing.assert_array_equal(array, zips[source_id].arrays[name])
+
+
+@pytest.mark.parametrize("zipped", [False, True])
+def test_cities_from_label_folders_when_txt_is_missing(
+    tree: Callable[..., Path], zipped: bool
+) -> None:
+    root = tree(zipped=zipped, with_txt=False)
+    plan = read_oscd(root, PrepareOptions(patch_size=16, val_fraction=0))
+    cities = plan.spec.details["cities"]
+    assert cities == {"train": ["aguasclaras", "bercy"], "val": [], "test": ["brasilia"]}
+
+
+def test_txt_wins_over_label_folders(raw: Path) -> None:
+    _fresh(raw / IMAGES / "train.txt").write_text("bercy\n")
+    cities = read_oscd(raw, SMALL).spec.details["cities"]
+    assert cities == {"train": ["bercy"], "val": [], "test": ["brasilia"]}
+
+
+def test_rgba_change_map_ignores_alpha(tree: Callable[..., Path]) -> None:
+    root = tree(rgba_city="bercy", tif_labels_only="brasilia")
+    with Image.open(root / TRAIN_LABELS / "bercy" / "cm" / "cm.png") as img:
+        assert img.mode == "RGBA"
+    _, _, change = oscd_city("bercy", *SIZES["bercy"])
+    for y, x, sample in _city_samples(read_oscd(root, SMALL), "bercy"):
+        expected = change[y : y + 16, x : x + 16].astype(np.uint8)
+        np.testing.assert_array_equal(sample.arrays["change"], expected)
+
+
+def test_tif_labels_two_means_change(tree: Callable[..., Path]) -> None:
+    root = tree(rgba_city="bercy", tif_labels_only="brasilia")
+    assert not (root / TEST_LABELS / "brasilia" / "cm" / "cm.png").exists()
+    plan = read_oscd(root, SMALL)
+    assert plan.spec.details["label_source"]["brasilia"] == "cm/brasilia-cm.tif"
+    assert plan.spec.details["label_source"]["bercy"] == "cm/cm.png"
+    _, _, change = oscd_city("brasilia", *SIZES["brasilia"])
+    for y, x, sample in _city_samples(plan, "brasilia"):
+        expected = change[y : y + 16, x : x + 16].astype(np.uint8)
+        np.testing.assert_array_equal(sample.arrays["change"], expected)
+
+
+def test_cm_png_is_preferred_over_the_tif(raw: Path) -> None:
+    tif = raw / TRAIN_LABELS / "bercy" / "cm" / "bercy-cm.tif"
+    tifffile.imwrite(_fresh(tif), np.full(SIZES["bercy"], 2, dtype=np.uint8))
+    samples = _city_samples(read_oscd(raw, SMALL), "bercy")
+    assert not all(sample.arrays["change"].all() for _, _, sample in samples)
+
+
+def test_city_smaller_than_a_patch_is_padded_as_nodata(tree: Callable[..., Path]) -> None:
+    root = tree(cities={"tiny": ("train", 10, 12), "other": ("test", 20, 20)})
+    plan = read_oscd(root, PrepareOptions(patch_size=16, val_fraction=0))
+    tiny = [c for c in plan.candidates if c.ref[0] == "tiny"]
+    assert [c.source_id for c in tiny] == ["tiny/y0_x0"]
+    sample = plan.load(tiny[0])
+    change = sample.arrays["change"]
+    assert change.shape == (16, 16)
+    assert (change[10:] == 255).all() and (change[:, 12:] == 255).all()
+    assert (change[:10, :12] != 255).all()
+    assert sample.nodata_pixels == 16 * 16 - 10 * 12
+    image = sample.arrays["image_t1"]
+    assert image.shape == (10, 16, 16)
+    means = image[:, :10, :12].reshape(10, -1).mean(axis=1).astype(np.uint16)
+    np.testing.assert_array_equal(image[:, 15, 15], means)
+
+
+def test_bands_option_picks_and_orders_bands(tree: Callable[..., Path]) -> None:
+    raw = tree()
+    bands = ("B8A", "B01", "B04")
+    plan = read_oscd(raw, PrepareOptions(patch_size=16, overlap=0.5, bands=bands))
+    assert [b.name for b in plan.spec.bands] == list(bands)
+    assert plan.spec.details["bands"] == list(bands)
+    assert plan.spec.rgb_bands is None
+    t1, _, _ = oscd_city("bercy", *SIZES["bercy"])
+    y, x, sample = _city_samples(plan, "bercy")[-1]
+    expected = t1[[BANDS.index(b) for b in bands], y : y + 16, x : x + 16]
+    np.testing.assert_array_equal(sample.arrays["image_t1"], expected)
+
+
+@pytest.mark.parametrize(("band", "factor"), [("B05", 2), ("B01", 6)])
+def test_coarse_bands_are_resampled_bilinearly_onto_the_10m_grid(
+    tree: Callable[..., Path], band: str, factor: int
+) -> None:
+    raw = tree()
+    height, width = SIZES["aguasclaras"]
+    coarse = tifffile.imread(_band_file(raw, "aguasclaras", 1, band))
+    assert coarse.shape == (-(-height // factor), -(-width // factor))
+    plan = read_oscd(raw, PrepareOptions(patch_size=64, bands=(band, "B02")))
+    ((_, _, sample),) = _city_samples(plan, "aguasclaras")
+    got = sample.arrays["image_t1"][0, :height, :width].astype(np.float64)
+    truth = oscd_city("aguasclaras", height, width)[0][BANDS.index(band)].astype(np.float64)
+    nearest = np.repeat(np.repeat(coarse, factor, 0), factor, 1)[:height, :width]
+    # Bilinear: within the coarse range, closer to the 10 m truth than blocky nearest.
+    assert coarse.min() <= got.min() and got.max() <= coarse.max()
+    assert np.abs(got - truth).mean() < np.abs(nearest - truth).mean()
+    assert len(np.unique(got)) > coarse.size
+    assert (sample.arrays["change"][height:] == 255).all()
+
+
+def test_val_is_carved_from_train_by_city_deterministically(
+    tree: Callable[..., Path],
+) -> None:
+    cities = {f"c{i}": ("train", 12, 14) for i in range(5)} | {"t": ("test", 12, 14)}
+    root = tree(cities=cities)
+
+    def split_of(seed: int, fraction: float = 0.4) -> dict[str, list[str]]:
+        options = PrepareOptions(patch_size=8, overlap=0.5, val_fraction=fraction, seed=seed)
+        plan = read_oscd(root, options)
+        found: dict[str, set[str]] = {}
+        for c in plan.candidates:
+            found.setdefault(c.ref[0], set()).add(c.split)
+        assert all(len(splits) == 1 for splits in found.values())  # no city in two splits
+        by_split = plan.spec.details["cities"]
+        assert {city: splits.pop() for city, splits in found.items()} == {
+            city: split for split, names in by_split.items() for city in names
+        }
+        assert plan.spec.details["val_from"] == "train cities, by city"
+        return dict(by_split)
+
+    first = split_of(seed=3)
+    assert len(first["val"]) == 2 and len(first["train"]) == 3 and first["test"] == ["t"]
+    assert split_of(seed=3) == first
+    assert len({tuple(split_of(seed)["val"]) for seed in range(6)}) > 1
+    assert split_of(seed=0, fraction=0.0)["val"] == []
+    assert len(split_of(seed=0, fraction=0.01)["val"]) == 1  # at least one city
+
+
+def test_dates_are_kept_as_strings_and_missing_is_none(raw: Path) -> None:
+    (raw / IMAGES / "brasilia" / "dates.txt").unlink()
+    dates = read_oscd(raw, SMALL).spec.details["dates"]
+    assert dates["bercy"] == {"date_1": "20161130", "date_2": "20170829"}
+    assert dates["brasilia"] is None
+
+
+@pytest.mark.filterwarnings("ignore::rasterio.errors.NotGeoreferencedWarning")
+def test_nodata_tag_of_one_phase_ignores_the_label_there(raw: Path) -> None:
+    path = _band_file(raw, "bercy", 2, "B02")
+    band = tifffile.imread(path)
+    band[:4, :5] = 0
+    profile = {"driver": "GTiff", "count": 1, "dtype": "uint16", "nodata": 0}
+    with rasterio.open(_fresh(path), "w", height=36, width=44, **profile) as dst:
+        dst.write(band, 1)
+    (y, x, sample), *_ = _city_samples(read_oscd(raw, SMALL), "bercy")
+    assert (y, x) == (0, 0)
+    assert sample.nodata_pixels == 20
+    assert (sample.arrays["change"][:4, :5] == 255).all()
+    assert (sample.arrays["change"][4:] != 255).all()
+    assert (sample.arrays["image_t2"][:, :4, :5] != 0).all()  # replaced by the valid mean
+
+
+def test_georeferenced_rect_files_give_crs_and_bounds(raw: Path) -> None:
+    for city, (height, width) in SIZES.items():
+        for phase in (1, 2):
+            path = _band_file(raw, city, phase, "B02")
+            band = tifffile.imread(path)
+            profile = {"driver": "GTiff", "count": 1, "dtype": "uint16", "crs": "EPSG:32723"}
+            transform = Affine(10, 0, 100000, 0, -10, 200000)
+            with rasterio.open(
+                _fresh(path), "w", height=height, width=width, transform=transform, **profile
+            ) as dst:
+                dst.write(band, 1)
+    plan = read_oscd(raw, SMALL)
+    assert plan.spec.crs == "EPSG:32723"
+    (candidate,) = [c for c in plan.candidates if c.source_id == "bercy/y8_x16"]
+    assert plan.load(candidate).bounds == (100160.0, 199760.0, 100320.0, 199920.0)
+
+
+def test_each_city_is_read_once_when_loaded_in_order(
+    tree: Callable[..., Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    reads: list[str] = []
+    original = oscd._read_city
+
+    def counting(ctx: Any, city: Any) -> Any:
+        reads.append(city.name)
+        return original(ctx, city)
+
+    monkeypatch.setattr(oscd, "_read_city", counting)
+    _load_all(read_oscd(tree(), SMALL))
+    assert sorted(reads) == sorted(SIZES)
+
+
+def test_thread_pool_loads_equal_sequential_loads(tree: Callable[..., Path]) -> None:
+    raw = tree()
+    plan = read_oscd(raw, PrepareOptions(patch_size=8, overlap=0.5))
+    sequential = _load_all(read_oscd(raw, PrepareOptions(patch_size=8, overlap=0.5)))
+    with ThreadPoolExecutor(8) as pool:
+        parallel = list(pool.map(plan.load, plan.candidates))
+    for sample in parallel:
+        for name, array in sample.arrays.items():
+            np.testing.assert_array_equal(array, sequential[sample.source_id].arrays[name])
+
+
+# Each error case: (edit the tree, the path the error must name relative to the raw folder).
+def _drop(rel: str) -> Callable[[Path], object]:
+    def edit(root: Path) -> None:
+        target = root / rel
+        shutil.rmtree(target) if target.is_dir() else target.unlink()
+
+    return edit
+
+
+def _garbage(rel: str) -> Callable[[Path], object]:
+    return lambda root: _fresh(root / rel).write_bytes(b"not an image at all" * 10)
+
+
+def _resize_tif(rel: str, shape: tuple[int, int]) -> Callable[[Path], object]:
+    return lambda root: tifffile.imwrite(_fresh(root / rel), np.ones(shape, dtype=np.uint16))
+
+
+def _list_extra_city(root: Path) -> None:
+    _fresh(root / IMAGES / "train.txt").write_text("aguasclaras,bercy,paris\n")
+
+
+BERCY = f"{IMAGES}/bercy"
+ERROR_CASES = {
+    "images folder missing": (_drop(IMAGES), IMAGES),
+    "train labels missing": (_drop(TRAIN_LABELS), TRAIN_LABELS),
+    "test labels missing": (_drop(TEST_LABELS), TEST_LABELS),
+    "listed city without images": (_list_extra_city, f"{IMAGES}/paris"),
+    "city without change map": (_drop(f"{TRAIN_LABELS}/bercy/cm"), f"{TRAIN_LABELS}/bercy/cm"),
+    "missing band file": (_drop(f"{BERCY}/imgs_2_rect/B05.tif"), f"{BERCY}/imgs_2_rect/B05.tif"),
+    "phases of different size": (
+        _resize_tif(f"{BERCY}/imgs_2_rect/B02.tif", (36, 40)),
+        f"{BERCY}/imgs_2_rect/B02.tif",
+    ),
+    "band on no S2 grid": (
+        _resize_tif(f"{BERCY}/imgs_1_rect/B05.tif", (36, 10)),
+        f"{BERCY}/imgs_1_rect/B05.tif",
+    ),
+    "label size differs": (
+        lambda root: Image.new("L", (10, 10)).save(_fresh(root / TRAIN_LABELS / "bercy/cm/cm.png")),
+        f"{TRAIN_LABELS}/bercy/cm/cm.png",
+    ),
+    "corrupt band": (_garbage(f"{BERCY}/imgs_1_rect/B03.tif"), f"{BERCY}/imgs_1_rect/B03.tif"),
+    "corrupt grid band": (_garbage(f"{BERCY}/imgs_1_rect/B02.tif"), f"{BERCY}/imgs_1_rect/B02.tif"),
+    "corrupt png": (_garbage(f"{TRAIN_LABELS}/bercy/cm/cm.png"), f"{TRAIN_LABELS}/bercy/cm/cm.png"),
+}
+
+
+@pytest.mark.parametrize("case", list(ERROR_CASES))
+def test_broken_trees_raise_input_errors_naming_the_culprit(raw: Path, case: str) -> None:
+    edit, culprit = ERROR_CASES[case]
+    edit(raw)
+    assert _error(raw).path == raw / culprit
+
+
+def test_corrupt_member_of_a_zip_is_named_inside_the_zip(raw: Path, tmp_path: Path) -> None:
+    _fresh(raw / BERCY / "imgs_1_rect" / "B03.tif").write_bytes(b"garbage" * 20)
+    root = tmp_path / "zipped"
+    for stem in (IMAGES, TRAIN_LABELS, TEST_LABELS):
+        shutil.make_archive(str(root / stem), "zip", raw, stem)
+    error = _error(root)
+    assert error.path == root / f"{IMAGES}.zip" / BERCY / "imgs_1_rect" / "B03.tif"
+
+
+def test_corrupt_zip_is_named(tree: Callable[..., Path], tmp_path: Path) -> None:
+    root = Path(shutil.copytree(tree(zipped=True), tmp_path / "raw", copy_function=os.link))
+    _fresh(root / f"{TRAIN_LABELS}.zip").write_bytes(b"PK truncated")
+    assert _error(root).path == root / f"{TRAIN_LABELS}.zip"
+
+
+def test_missing_and_empty_raw_folders(tmp_path: Path) -> None:
+    assert _error(tmp_path / "nowhere").path == tmp_path / "nowhere"
+    (tmp_path / "empty").mkdir()
+    assert _error(tmp_path / "empty").path == tmp_path / "empty"
+
+
+def test_city_in_both_train_and_test_is_an_error(raw: Path) -> None:
+    _fresh(raw / IMAGES / "test.txt").write_text("brasilia,bercy\n")
+    assert "both train and test" in _error(raw).message
+
+
+@pytest.mark.parametrize("bands", [("B02", "B13"), ("B02", "B02"), ()])
+def test_bad_band_lists_are_errors(tree: Callable[..., Path], bands: tuple[str, ...]) -> None:
+    error = _error(tree(), PrepareOptions(bands=bands))
+    assert "B13" in error.message if "B13" in bands else "band list" in error.message

@@ -1,0 +1,359 @@
+"""The SegMunich reader on tiny raw trees in the official and GFM-Bench layouts."""
+
+from __future__ import annotations
+
+import csv
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tifffile
+from PIL import Image
+
+from specdm_cli.errors import InputDataError
+from specdm_cli.sources.base import PrepareOptions, SourcePlan
+from specdm_cli.sources.segmunich import SEGMUNICH_BANDS, read_segmunich
+from tests.fixtures.segmunich import RAW_CODES, make_segmunich
+
+OPTIONS = PrepareOptions()
+# The remap of every published loader (datasets.md 1.4), written out by hand.
+EXPECTED_INDEX = {0: 0, 21: 1, 22: 2, 23: 3, 31: 4, 5: 5, 32: 6, 33: 7, 41: 8, 13: 9, 14: 10}
+EXPECTED_INDEX |= {11: 11, 12: 12, 255: 255}
+
+
+def _open(root: Path, options: PrepareOptions = OPTIONS) -> SourcePlan:
+    return read_segmunich(root, options)
+
+
+def _tree(tmp_path: Path, splits: dict[str, int] | None = None, size: int = 16) -> Path:
+    """An official tree wrapped in TUM_128/; returns the TUM_128 folder."""
+    return make_segmunich(tmp_path, splits=splits, size=size) / "TUM_128"
+
+
+def _input_error(root: Path, match: str, options: PrepareOptions = OPTIONS) -> InputDataError:
+    """The error of opening `root` and loading every sample; it must say `match`."""
+    with pytest.raises(InputDataError, match=match) as info:
+        plan = _open(root, options)
+        for candidate in plan.candidates:
+            plan.load(candidate)
+    assert info.value.hint
+    return info.value
+
+
+def test_official_layout_lists_splits_in_order_and_loads_file_values(tmp_path: Path) -> None:
+    plan = _open(make_segmunich(tmp_path))
+
+    ids = [c.source_id for c in plan.candidates]
+    assert ids == ["train/1", "train/2", "train/3", "val/4", "val/5"]
+    assert [c.split for c in plan.candidates] == ["train"] * 3 + ["val"] * 2
+    spec = plan.spec
+    assert (spec.dataset, spec.task, spec.dtype, spec.height, spec.width) == (
+        "segmunich",
+        "ss",
+        "float32",
+        16,
+        16,
+    )
+    assert spec.details["layout"] == "official"
+    assert spec.details["splits"] == ["train", "val"]
+    assert [c.index for c in spec.classes] == list(range(13))
+    assert len({c.colour for c in spec.classes}) == 13
+
+    sample = plan.load(plan.candidates[3])
+    on_disk = tifffile.imread(tmp_path / "TUM_128" / "val" / "img" / "4.tif")
+    assert sample.source_id == "val/4" and sample.split == "val"
+    assert sample.arrays["image"].dtype == np.float32
+    np.testing.assert_array_equal(sample.arrays["image"], on_disk.transpose(2, 0, 1))
+    mask = sample.arrays["mask"]
+    assert mask.dtype == np.uint8 and mask.shape == (16, 16)
+    assert mask.max() < 13 and sample.nodata_pixels == 0
+
+
+def test_gfm_bench_layout_orders_train_before_test(tmp_path: Path) -> None:
+    root = make_segmunich(tmp_path, layout="gfm", wrap="SegMunich")
+    metadata = tmp_path / "SegMunich" / "dataset" / "metadata.csv"
+    # Reverse the data rows so the file lists test first: order must follow the splits.
+    header, *rows = metadata.read_text().splitlines()
+    # Saved back by a spreadsheet: a byte-order mark, CRLF line ends.
+    metadata.write_text("\ufeff" + "\r\n".join([header, *reversed(rows)]) + "\r\n")
+
+    plan = _open(root)
+
+    ids = [c.source_id for c in plan.candidates]
+    assert ids == ["train/3", "train/2", "train/1", "test/5", "test/4"]
+    assert plan.spec.details["layout"] == "gfm-bench"
+    assert plan.spec.details["splits"] == ["train", "test"]
+    assert plan.load(plan.candidates[-1]).arrays["image"].shape == (10, 16, 16)
+
+
+@pytest.mark.parametrize("wrap", [None, "TUM_128", "SegMunich"])
+def test_root_may_be_the_tree_or_hold_one_wrapping_folder(tmp_path: Path, wrap: str | None) -> None:
+    plan = _open(make_segmunich(tmp_path, wrap=wrap, splits={"train": 1, "test": 1}))
+
+    assert [c.source_id for c in plan.candidates] == ["train/1", "test/2"]
+    assert plan.spec.details["splits"] == ["train", "test"]
+
+
+def test_band_order_is_the_measured_file_order(tmp_path: Path) -> None:
+    spec = _open(make_segmunich(tmp_path)).spec
+
+    expected = ["B02", "B03", "B04", "B08", "B05", "B06", "B07", "B8A", "B11", "B12"]
+    assert list(SEGMUNICH_BANDS) == expected
+    assert [b.name for b in spec.bands] == expected
+    assert spec.bands[3].wavelength_nm == pytest.approx(832.8)
+    assert spec.rgb_bands == ["B04", "B03", "B02"]
+    assert spec.band_order_source and "B8A" in spec.band_order_source
+
+
+def test_raw_codes_map_to_indices_and_255_stays_ignore(tmp_path: Path) -> None:
+    tree = _tree(tmp_path, splits={"train": 1}, size=4)
+    codes = np.array(sorted(EXPECTED_INDEX), dtype=np.uint8)  # 14 values incl. 255
+    label = np.resize(codes, (4, 4))
+    tifffile.imwrite(tree / "train" / "label" / "1.tif", label)
+
+    plan = _open(tree)
+    mask = plan.load(plan.candidates[0]).arrays["mask"]
+
+    np.testing.assert_array_equal(mask, np.vectorize(EXPECTED_INDEX.get)(label))
+    assert (mask == 255).sum() == (label == 255).sum() > 0
+    assert plan.spec.details["label_codes"] == {
+        str(code): index for code, index in EXPECTED_INDEX.items() if code != 255
+    }
+    assert {c.code: c.index for c in plan.spec.classes} == {
+        code: index for code, index in EXPECTED_INDEX.items() if code != 255
+    }
+    assert sorted(int(str(c.code)) for c in plan.spec.classes) == sorted(RAW_CODES)
+
+
+def test_chw_and_one_page_hwc_files_read_like_the_original_encoding(tmp_path: Path) -> None:
+    tree = _tree(tmp_path, splits={"train": 3})
+    img = tree / "train" / "img"
+    original = tifffile.imread(img / "1.tif")
+    tifffile.imwrite(img / "2.tif", original.transpose(2, 0, 1).copy())
+    tifffile.imwrite(img / "3.tif", original, photometric="minisblack", planarconfig="contig")
+    for label in ("2", "3"):
+        (tree / "train" / "label" / f"{label}.tif").write_bytes(
+            (tree / "train" / "label" / "1.tif").read_bytes()
+        )
+
+    plan = _open(tree)
+    first, *others = (plan.load(c) for c in plan.candidates)
+
+    for other in others:
+        np.testing.assert_array_equal(other.arrays["image"], first.arrays["image"])
+        np.testing.assert_array_equal(other.arrays["mask"], first.arrays["mask"])
+
+
+def test_uint16_and_lzw_labels_are_read(tmp_path: Path) -> None:
+    tree = _tree(tmp_path, splits={"train": 2})
+    label_dir = tree / "train" / "label"
+    raw = [tifffile.imread(label_dir / f"{i}.tif") for i in (1, 2)]
+    tifffile.imwrite(label_dir / "1.tif", raw[0].astype(np.uint16))
+    # tifffile needs imagecodecs for LZW; the reader falls back to PIL as the official code does.
+    Image.fromarray(raw[1]).save(label_dir / "2.tif", compression="tiff_lzw")
+
+    plan = _open(tree)
+    masks = [plan.load(c).arrays["mask"] for c in plan.candidates]
+
+    for mask, codes in zip(masks, raw, strict=True):
+        assert mask.dtype == np.uint8
+        np.testing.assert_array_equal(mask, np.vectorize(EXPECTED_INDEX.get)(codes))
+
+
+def test_load_is_thread_safe_and_deterministic(tmp_path: Path) -> None:
+    plan = _open(make_segmunich(tmp_path, splits={"train": 6, "val": 6}))
+
+    serial = [plan.load(c).arrays for c in plan.candidates]
+    with ThreadPoolExecutor(4) as pool:
+        threaded = [s.arrays for s in pool.map(plan.load, plan.candidates)]
+
+    for one, other in zip(serial, threaded, strict=True):
+        for name in ("image", "mask"):
+            np.testing.assert_array_equal(one[name], other[name])
+
+
+def test_fixture_looks_like_the_real_patch(tmp_path: Path) -> None:
+    tree = _tree(tmp_path, splits={"train": 1})
+    image = tifffile.imread(tree / "train" / "img" / "1.tif")
+    with tifffile.TiffFile(tree / "train" / "img" / "1.tif") as tif:
+        assert len(tif.pages) == 16 and tif.pages[0].shape == (16, 10)
+
+    assert image.dtype == np.float32 and np.all(image == np.rint(image))
+    assert image.min() >= 100 and image.max() <= 5000
+    blocks = image[1:15, 1:15].reshape(7, 2, 7, 2, 10)
+    constant = (blocks == blocks[:, :1, :, :1]).all(axis=(0, 1, 2, 3))
+    assert constant.tolist() == [False] * 4 + [True] * 6
+    label = tifffile.imread(tree / "train" / "label" / "1.tif")
+    assert label.dtype == np.uint8 and set(np.unique(label)) <= set(RAW_CODES)
+    assert len(np.unique(label)) > 1 and (label[:, 1:] == label[:, :-1]).mean() > 0.5
+
+
+# Errors: each is an InputDataError naming the offending path and saying how to fix it.
+
+
+def test_missing_folder(tmp_path: Path) -> None:
+    err = _input_error(tmp_path / "nowhere", "does not exist")
+    assert err.path == tmp_path / "nowhere"
+
+
+def test_empty_folder(tmp_path: Path) -> None:
+    err = _input_error(tmp_path, "empty")
+    assert err.path == tmp_path
+
+
+def test_folder_without_dataset_folder(tmp_path: Path) -> None:
+    (tmp_path / "TUM_128" / "train").mkdir(parents=True)
+    err = _input_error(tmp_path, "dataset/ folder")
+    assert err.path == tmp_path / "dataset"
+    assert "TUM_128" in (err.hint or "")
+
+
+def test_unextracted_archive(tmp_path: Path) -> None:
+    (tmp_path / "TUM_128.zip").write_bytes(b"PK")
+    err = _input_error(tmp_path, "dataset/ folder")
+    assert err.path == tmp_path / "dataset"
+    assert "extract TUM_128.zip" in (err.hint or "")
+
+
+def test_no_split_list(tmp_path: Path) -> None:
+    tree = _tree(tmp_path)
+    for split_list in (tree / "dataset").iterdir():
+        split_list.unlink()
+    (tree / "dataset" / "notes.txt").write_text("1\n")
+
+    err = _input_error(tmp_path, "no split list")
+    assert err.path == tree / "dataset"
+
+
+def test_metadata_csv_without_source_column(tmp_path: Path) -> None:
+    make_segmunich(tmp_path, layout="gfm", wrap=None)
+    metadata = tmp_path / "dataset" / "metadata.csv"
+    with metadata.open("w", newline="") as handle:
+        csv.writer(handle).writerows([["id", "split"], ["1", "train"]])
+
+    err = _input_error(tmp_path, "columns id and source")
+    assert err.path == metadata
+
+
+def test_image_listed_but_missing(tmp_path: Path) -> None:
+    tree = _tree(tmp_path)
+    (tree / "val" / "img" / "5.tif").unlink()
+
+    err = _input_error(tmp_path, "listed in split 'val' is missing")
+    assert err.path == tree / "val" / "img" / "5.tif"
+    assert "val" in (err.hint or "")
+
+
+def test_label_listed_but_missing(tmp_path: Path) -> None:
+    tree = _tree(tmp_path)
+    (tree / "train" / "label" / "2.tif").unlink()
+    (tree / "train" / "label" / "3.tif").unlink()
+
+    err = _input_error(tmp_path, r"missing \(and 1 more\)")
+    assert err.path == tree / "train" / "label" / "2.tif"
+
+
+def test_split_folder_missing(tmp_path: Path) -> None:
+    tree = _tree(tmp_path)
+    (tree / "dataset" / "test.txt").write_text("9\n")
+
+    err = _input_error(tmp_path, "folder missing for split 'test'")
+    assert err.path == tree / "test" / "img"
+
+
+def test_duplicate_id_in_split_list(tmp_path: Path) -> None:
+    tree = _tree(tmp_path)
+    (tree / "dataset" / "train.txt").write_text("1\n2\n\n1\n")
+
+    err = _input_error(tmp_path, r"listed twice: \['1'\]")
+    assert err.path == tree / "dataset" / "train.txt"
+
+
+@pytest.mark.parametrize("which", ["1", "3"])
+def test_wrong_band_count(tmp_path: Path, which: str) -> None:
+    # Sample 1 fails at open (it sets the spec); sample 3 fails when loaded.
+    tree = _tree(tmp_path)
+    path = tree / "train" / "img" / f"{which}.tif"
+    tifffile.imwrite(path, np.full((16, 16, 9), 500, dtype=np.float32))
+
+    err = _input_error(tmp_path, "expected 10 bands, found 9")
+    assert err.path == path
+
+
+def test_label_size_differs_from_image(tmp_path: Path) -> None:
+    tree = _tree(tmp_path)
+    path = tree / "val" / "label" / "4.tif"
+    tifffile.imwrite(path, np.zeros((16, 12), dtype=np.uint8))
+
+    err = _input_error(tmp_path, "label is 16x12 but its image is 16x16")
+    assert err.path == path
+
+
+def test_image_size_differs_from_first_image(tmp_path: Path) -> None:
+    tree = _tree(tmp_path)
+    path = tree / "train" / "img" / "2.tif"
+    tifffile.imwrite(path, np.full((8, 8, 10), 500, dtype=np.float32))
+
+    err = _input_error(tmp_path, "image is 8x8 but the first image is 16x16")
+    assert err.path == path
+
+
+def test_unknown_label_code(tmp_path: Path) -> None:
+    tree = _tree(tmp_path)
+    path = tree / "train" / "label" / "3.tif"
+    label = tifffile.imread(path)
+    label[0, 0] = 7
+    tifffile.imwrite(path, label)
+
+    err = _input_error(tmp_path, r"unknown label code\(s\) \[7\]")
+    assert err.path == path
+
+
+def _with_nan(tmp_path: Path) -> Path:
+    tree = _tree(tmp_path, splits={"train": 1})
+    path = tree / "train" / "img" / "1.tif"
+    image = tifffile.imread(path)
+    image[2:4, 5, 7] = np.nan
+    tifffile.imwrite(path, image)
+    return path
+
+
+def test_nan_without_declared_nodata(tmp_path: Path) -> None:
+    path = _with_nan(tmp_path)
+
+    err = _input_error(tmp_path, "NaN")
+    assert err.path == path
+    assert "--nodata nan" in (err.hint or "")
+
+
+def test_nan_declared_nodata_becomes_ignore(tmp_path: Path) -> None:
+    _with_nan(tmp_path)
+    plan = _open(tmp_path, PrepareOptions(nodata=float("nan")))
+
+    sample = plan.load(plan.candidates[0])
+
+    assert sample.nodata_pixels == 2
+    assert np.isfinite(sample.arrays["image"]).all()
+    assert sample.arrays["mask"][2:4, 5].tolist() == [255, 255]
+    assert (sample.arrays["mask"] == 255).sum() == 2
+
+
+@pytest.mark.parametrize("which", ["img/1", "img/3", "label/2"])
+def test_truncated_tiff(tmp_path: Path, which: str) -> None:
+    tree = _tree(tmp_path)
+    path = tree / "train" / f"{which}.tif"
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+    err = _input_error(tmp_path, "corrupt or truncated TIFF")
+    assert err.path == path
+    assert "re-download" in (err.hint or "")
+
+
+def test_not_a_tiff(tmp_path: Path) -> None:
+    tree = _tree(tmp_path)
+    path = tree / "val" / "img" / "5.tif"
+    path.write_text("<html>404</html>")
+
+    err = _input_error(tmp_path, "corrupt or truncated TIFF")
+    assert err.path == path
