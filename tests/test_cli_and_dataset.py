@@ -1,0 +1,66 @@
+"""The CLI's start-up contract and the torch Dataset view of stores."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from specdm_cli import __version__
+from specdm_cli.errors import InputDataError
+from specdm_cli.stores.dataset import StoreDataset
+from tests.conftest import run_cli
+
+
+def test_help_and_version_do_not_import_torch() -> None:
+    probe = (
+        "import sys\n"
+        "from specdm_cli.cli import app\n"
+        "assert 'torch' not in sys.modules and 'zarr' not in sys.modules, 'heavy import at top'\n"
+    )
+    subprocess.run([sys.executable, "-c", probe], check=True)
+    done = subprocess.run(
+        [sys.executable, "-m", "specdm_cli", "--version"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert done.stdout.strip() == f"specdm {__version__}"
+
+
+def test_help_lists_the_commands() -> None:
+    code, stdout, _ = run_cli("--help")
+    assert code == 0 and "prepare" in stdout and "inspect" in stdout
+
+
+def test_dataset_keys_split_and_dtypes(demo_ss_store: Path) -> None:
+    train = StoreDataset(demo_ss_store, split="train")
+    everything = StoreDataset(demo_ss_store)
+    assert 0 < len(train) < len(everything) == 24
+    sample = train[0]
+    assert sample["image"].dtype == torch.float32 and sample["image"].shape == (10, 32, 32)
+    assert sample["mask"].dtype == torch.int64 and sample["mask"].shape == (32, 32)
+    assert "origin" not in sample
+
+
+def test_torchgeo_layout_for_change_detection(demo_cd_store: Path) -> None:
+    sample = StoreDataset(demo_cd_store, layout="torchgeo")[1]
+    assert sample["image"].shape == (2, 10, 32, 32)
+    assert sample["mask"].shape == (1, 32, 32)
+    plain = StoreDataset(demo_cd_store)[1]
+    assert torch.equal(sample["image"][1], plain["image_t2"])
+
+
+def test_several_stores_carry_their_origin(demo_ss_store: Path, tmp_path: Path) -> None:
+    joined = StoreDataset([demo_ss_store, demo_ss_store])
+    assert len(joined) == 48
+    assert joined[0]["origin"] == 0 and joined[47]["origin"] == 1
+    assert torch.equal(joined[0]["image"], joined[24]["image"])
+
+
+def test_stores_of_other_shapes_cannot_be_joined(demo_ss_store: Path, demo_cd_store: Path) -> None:
+    with pytest.raises(InputDataError, match="cannot be joined"):
+        StoreDataset([demo_ss_store, demo_cd_store])
