@@ -171,6 +171,15 @@ def _starts(length: int, size: int, stride: int) -> list[int]:
     return starts
 
 
+def patch_bounds(
+    transform: Any, y: int, x: int, height: int, width: int
+) -> tuple[float, float, float, float]:
+    """(left, bottom, right, top) of a height x width window at (y, x), padding included."""
+    # Corners with `@`: rasterio's window_bounds uses Affine's deprecated `*`.
+    (x0, y0), (x1, y1) = transform @ (x, y), transform @ (x + width, y + height)
+    return float(min(x0, x1)), float(min(y0, y1)), float(max(x0, x1)), float(max(y0, y1))
+
+
 def pad_to(array: np.ndarray, height: int, width: int, fill: float) -> np.ndarray:
     """Pad the last two axes of `array` at the bottom and right to (height, width)."""
     pad_y, pad_x = height - array.shape[-2], width - array.shape[-1]

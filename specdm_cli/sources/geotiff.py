@@ -20,7 +20,6 @@ import rasterio
 from rasterio.crs import CRS
 from rasterio.errors import NotGeoreferencedWarning, RasterioError
 from rasterio.windows import Window
-from rasterio.windows import bounds as window_bounds
 
 from specdm_cli.errors import InputDataError, UsageError
 from specdm_cli.manifest import (
@@ -41,6 +40,7 @@ from specdm_cli.sources.base import (
     SourceSpec,
     apply_nodata,
     pad_to,
+    patch_bounds,
     patch_windows,
     remap_labels,
     require_dir,
@@ -604,7 +604,7 @@ def _load(candidate: Candidate, *, ctx: _Context) -> RawSample:
         invalid |= mask
         arrays[name] = _pad_image(image, mask, ctx.height, ctx.width)
         if ctx.georeferenced and bounds is None:
-            bounds = _bounds(transform, y, x, ctx)
+            bounds = patch_bounds(transform, y, x, ctx.height, ctx.width)
     arrays[label_name] = pad_to(label, ctx.height, ctx.width, IGNORE_INDEX)
     return RawSample(
         candidate.source_id, candidate.split, arrays, bounds, nodata_pixels=int(invalid.sum())
@@ -630,9 +630,3 @@ def _pad_image(image: np.ndarray, invalid: np.ndarray, height: int, width: int) 
     outside[: image.shape[1], : image.shape[2]] = False
     padded[:, outside] = means.astype(image.dtype)[:, None]
     return padded
-
-
-def _bounds(transform: Any, y: int, x: int, ctx: _Context) -> tuple[float, float, float, float]:
-    """(left, bottom, right, top) of the whole sample, padding included, in the file's CRS."""
-    left, bottom, right, top = window_bounds(Window(x, y, ctx.width, ctx.height), transform)
-    return float(left), float(bottom), float(right), float(top)

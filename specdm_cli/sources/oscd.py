@@ -33,6 +33,7 @@ from specdm_cli.sources.base import (
     SourceSpec,
     apply_nodata,
     pad_to,
+    patch_bounds,
     patch_windows,
     remap_labels,
     require_dir,
@@ -551,7 +552,11 @@ def _load(candidate: Candidate, *, ctx: _Context, cache: _CityCache) -> RawSampl
     }
     arrays["change"] = pad_to(change, ctx.size, ctx.size, IGNORE_INDEX)
     padding = ctx.size * ctx.size - change.size
-    bounds = _bounds(ctx.cities[city].transform, y, x, ctx.size) if ctx.georeferenced else None
+    bounds = (
+        patch_bounds(ctx.cities[city].transform, y, x, ctx.size, ctx.size)
+        if ctx.georeferenced
+        else None
+    )
     return RawSample(
         candidate.source_id, candidate.split, arrays, bounds, int(invalid.sum()) + padding
     )
@@ -568,10 +573,3 @@ def _pad_image(image: np.ndarray, invalid: np.ndarray, size: int) -> np.ndarray:
     outside[: image.shape[1], : image.shape[2]] = False
     padded[:, outside] = means.astype(image.dtype)[:, None]
     return padded
-
-
-def _bounds(transform: Any, y: int, x: int, size: int) -> tuple[float, float, float, float]:
-    """(left, bottom, right, top) of the whole patch, padding included, in the city's CRS."""
-    # Corners with `@`: rasterio's window_bounds uses Affine's deprecated `*`.
-    (x0, y0), (x1, y1) = transform @ (x, y), transform @ (x + size, y + size)
-    return float(min(x0, x1)), float(min(y0, y1)), float(max(x0, x1)), float(max(y0, y1))
