@@ -14,7 +14,14 @@ import numpy as np
 
 from specdm_cli import __version__
 from specdm_cli.errors import InputDataError, UsageError
-from specdm_cli.manifest import IGNORE_INDEX, LABEL_ARRAY, Manifest, SourceInfo, array_names
+from specdm_cli.manifest import (
+    IGNORE_INDEX,
+    LABEL_ARRAY,
+    Manifest,
+    SourceInfo,
+    array_names,
+    load_manifest,
+)
 from specdm_cli.pipeline.provenance import provenance
 from specdm_cli.pipeline.signals import StopFlag
 from specdm_cli.pipeline.stats import PrepareTally
@@ -22,6 +29,7 @@ from specdm_cli.sources.base import Candidate, PrepareOptions, RawSample, Source
 from specdm_cli.sources.registry import READERS
 from specdm_cli.stores import SampleMeta, StoreWriter, create_store, open_writer, resolve_target
 from specdm_cli.stores.atomic import atomic_write_text
+from specdm_cli.stores.base import MANIFEST_NAME
 from specdm_cli.stores.lock import DirLock
 
 PROGRESS_FILE = ".specdm/prepare-progress.json"
@@ -127,9 +135,7 @@ def prepare(
 
 
 def _load_incomplete(out: Path) -> Manifest:
-    from specdm_cli.manifest import load_manifest
-
-    return load_manifest(out / "manifest.json")
+    return load_manifest(out / MANIFEST_NAME)
 
 
 def _load_tally(out: Path) -> PrepareTally:
@@ -234,9 +240,7 @@ def _write_sample(
     writer: StoreWriter, index: int, sample: RawSample, spec: SourceSpec, tally: PrepareTally
 ) -> SampleMeta:
     label = sample.arrays[LABEL_ARRAY[spec.task]]
-    if hasattr(writer, "set_bounds"):
-        writer.set_bounds(index, sample.bounds)
-    writer.write_arrays(index, sample.arrays)
+    writer.write_arrays(index, sample.arrays, sample.bounds)
     tally.split_counts[sample.split] = tally.split_counts.get(sample.split, 0) + 1
     tally.add_class_pixels(sample.split, label, len(spec.classes))
     if sample.split == "train":
@@ -315,9 +319,7 @@ def _finish(
 
 
 def _summary(out: Path, state: str, started: float) -> PrepareSummary:
-    from specdm_cli.manifest import load_manifest
-
-    manifest = load_manifest(out / "manifest.json")
+    manifest = load_manifest(out / MANIFEST_NAME)
     source = manifest.source or SourceInfo(dataset="?")
     return PrepareSummary(
         out=str(out),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import Literal
@@ -78,8 +79,6 @@ def is_ours(path: Path) -> bool:
 
 
 def _is_run_json(path: Path) -> bool:
-    import json
-
     try:
         return bool(json.loads(path.read_text(encoding="utf-8")).get("specdm_run"))
     except (OSError, ValueError, AttributeError):

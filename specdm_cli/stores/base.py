@@ -11,6 +11,7 @@ import numpy as np
 from specdm_cli.manifest import SPLITS, Manifest
 
 MANIFEST_NAME = "manifest.json"
+Bounds = tuple[float, float, float, float]
 
 
 @dataclass(frozen=True)
@@ -20,7 +21,7 @@ class SampleMeta:
     split: str
     class_fraction: np.ndarray
     source_id: str | None = None
-    bounds: tuple[float, float, float, float] | None = None
+    bounds: Bounds | None = None
 
 
 def split_code(split: str) -> int:
@@ -36,8 +37,13 @@ class StoreWriter(ABC):
         self.manifest = manifest
 
     @abstractmethod
-    def write_arrays(self, index: int, arrays: dict[str, np.ndarray]) -> None:
-        """Write the raster arrays (`image`, `mask`, ...) of sample `index`."""
+    def write_arrays(
+        self, index: int, arrays: dict[str, np.ndarray], bounds: Bounds | None = None
+    ) -> None:
+        """Write the raster arrays (`image`, `mask`, ...) of sample `index`.
+
+        `bounds` (in the manifest's CRS) georeferences formats that carry it per file.
+        """
 
     @abstractmethod
     def mark_written(self, start: int, metas: list[SampleMeta]) -> None:

@@ -15,7 +15,7 @@ from rasterio.transform import from_bounds
 from specdm_cli.errors import InputDataError
 from specdm_cli.manifest import GEOTIFF_FOLDERS, Manifest, SampleFiles, array_names
 from specdm_cli.stores.atomic import as_resource_error, atomic_write_text, remove_tree
-from specdm_cli.stores.base import MANIFEST_NAME, SampleMeta, StoreReader, StoreWriter
+from specdm_cli.stores.base import MANIFEST_NAME, Bounds, SampleMeta, StoreReader, StoreWriter
 
 MARKERS = ".specdm/written"
 
@@ -93,20 +93,12 @@ def _write_raster(temp: Path, manifest: Manifest, array: np.ndarray, bounds: Any
 class GeoTiffWriter(StoreWriter):
     """Writes tiles; a per-sample marker file is the written flag."""
 
-    def __init__(self, root: Path, manifest: Manifest):
-        super().__init__(root, manifest)
-        self._pending_bounds: dict[int, Any] = {}
-
-    def write_arrays(self, index: int, arrays: dict[str, np.ndarray]) -> None:
+    def write_arrays(
+        self, index: int, arrays: dict[str, np.ndarray], bounds: Bounds | None = None
+    ) -> None:
         files = sample_files(self.manifest, index)
         for name, values in arrays.items():
-            write_tile(
-                self.root / files[name], self.manifest, values, self._pending_bounds.get(index)
-            )
-
-    def set_bounds(self, index: int, bounds: tuple[float, float, float, float] | None) -> None:
-        """Georeference the tiles of sample `index` (call before write_arrays)."""
-        self._pending_bounds[index] = bounds
+            write_tile(self.root / files[name], self.manifest, values, bounds)
 
     def mark_written(self, start: int, metas: list[SampleMeta]) -> None:
         for index, meta in enumerate(metas, start=start):
@@ -119,7 +111,6 @@ class GeoTiffWriter(StoreWriter):
                 bounds=meta.bounds,
             )
             atomic_write_text(self.root / MARKERS / f"{index:06d}.json", record.model_dump_json())
-            self._pending_bounds.pop(index, None)
 
     def written(self) -> np.ndarray:
         flags = np.zeros(self.manifest.count, dtype=bool)

@@ -14,7 +14,14 @@ import zarr.codecs
 from specdm_cli.errors import InputDataError
 from specdm_cli.manifest import IMAGE_ARRAYS, LABEL_ARRAY, SPLITS, Manifest
 from specdm_cli.stores.atomic import atomic_write_text
-from specdm_cli.stores.base import MANIFEST_NAME, SampleMeta, StoreReader, StoreWriter, split_code
+from specdm_cli.stores.base import (
+    MANIFEST_NAME,
+    Bounds,
+    SampleMeta,
+    StoreReader,
+    StoreWriter,
+    split_code,
+)
 
 ATTR_KEY = "specdm"
 # The lock, manifest.json and the progress record live beside the arrays on purpose.
@@ -130,7 +137,10 @@ class ZarrWriter(StoreWriter):
         super().__init__(root, manifest)
         self.group = zarr.open_group(root, mode="r+", zarr_format=3, use_consolidated=False)
 
-    def write_arrays(self, index: int, arrays: dict[str, np.ndarray]) -> None:
+    def write_arrays(
+        self, index: int, arrays: dict[str, np.ndarray], bounds: Bounds | None = None
+    ) -> None:
+        # Bounds go into the `bounds` table with the rest of the sample's metadata.
         for name, values in arrays.items():
             _array(self.group, name)[index] = values
 
