@@ -192,66 +192,72 @@ def _run_blocks(
     stop: StopFlag,
     progress: Progress | None,
 ) -> None:
-    """Load blocks in a thread pool (the next block loads while this one is written)."""
+    """Load and write in one thread pool: block k+1 loads while block k is written."""
     with ThreadPoolExecutor(max_workers=request.workers) as pool:
-        blocks = _blocks(candidates, tally.candidates_done, request.batch_grid)
+        block = _BlockWriter(request, spec, writer, tally, pool)
         pending: list[Future[RawSample]] | None = None
-        for block in blocks:
-            upcoming = [pool.submit(load, c) for c in block]
+        for chunk in _blocks(candidates, tally.candidates_done, request.batch_grid):
+            upcoming = [pool.submit(load, c) for c in chunk]
             if pending is not None:
-                _write_block(request, spec, [f.result() for f in pending], writer, tally, stop)
+                block.write([f.result() for f in pending])
+                stop.check()
             pending = upcoming
             if progress:
                 progress(tally.candidates_done, len(candidates))
         if pending is not None:
-            _write_block(request, spec, [f.result() for f in pending], writer, tally, stop)
+            block.write([f.result() for f in pending])
         if progress:
             progress(tally.candidates_done, len(candidates))
 
 
-def _write_block(
-    request: PrepareRequest,
-    spec: SourceSpec,
-    samples: list[RawSample],
-    writer: StoreWriter,
-    tally: PrepareTally,
-    stop: StopFlag,
-) -> None:
-    """Filter, write and account one block, then record progress (the resume point)."""
-    start = tally.kept
-    metas: list[SampleMeta] = []
-    for sample in samples:
-        _check_shapes(sample, spec)
-        reason = _removal_reason(sample, spec, request)
-        tally.nodata_pixels += sample.nodata_pixels
+@dataclass
+class _BlockWriter:
+    """Filters, writes and accounts one block at a time; its progress record is the resume point."""
+
+    request: PrepareRequest
+    spec: SourceSpec
+    writer: StoreWriter
+    tally: PrepareTally
+    pool: ThreadPoolExecutor
+
+    def write(self, samples: list[RawSample]) -> None:
+        kept = [sample for sample in samples if self._keep(sample)]
+        start = self.tally.kept
+        writes = [
+            self.pool.submit(self.writer.write_arrays, start + offset, s.arrays, s.bounds)
+            for offset, s in enumerate(kept)
+        ]
+        metas = [self._account(sample) for sample in kept]
+        for done in writes:
+            done.result()
+        if metas:
+            self.writer.mark_written(start, metas)
+        self.tally.kept += len(metas)
+        self.tally.candidates_done += len(samples)
+        atomic_write_text(self.writer.root / PROGRESS_FILE, json.dumps(self.tally.to_json()))
+
+    def _keep(self, sample: RawSample) -> bool:
+        _check_shapes(sample, self.spec)
+        self.tally.nodata_pixels += sample.nodata_pixels
+        reason = _removal_reason(sample, self.spec, self.request)
         if reason is not None:
-            tally.removed[reason] = tally.removed.get(reason, 0) + 1
-            continue
-        metas.append(_write_sample(writer, start + len(metas), sample, spec, tally))
-    if metas:
-        writer.mark_written(start, metas)
-    tally.kept += len(metas)
-    tally.candidates_done += len(samples)
-    atomic_write_text(writer.root / PROGRESS_FILE, json.dumps(tally.to_json()))
-    stop.check()
+            self.tally.removed[reason] = self.tally.removed.get(reason, 0) + 1
+        return reason is None
 
-
-def _write_sample(
-    writer: StoreWriter, index: int, sample: RawSample, spec: SourceSpec, tally: PrepareTally
-) -> SampleMeta:
-    label = sample.arrays[LABEL_ARRAY[spec.task]]
-    writer.write_arrays(index, sample.arrays, sample.bounds)
-    tally.split_counts[sample.split] = tally.split_counts.get(sample.split, 0) + 1
-    tally.add_class_pixels(sample.split, label, len(spec.classes))
-    if sample.split == "train":
-        images = [sample.arrays[name] for name in array_names(spec.task)[:-1]]
-        tally.add_band_moments(images, label != IGNORE_INDEX)
-    return SampleMeta(
-        split=sample.split,
-        class_fraction=class_fraction(label, len(spec.classes)),
-        source_id=sample.source_id,
-        bounds=sample.bounds,
-    )
+    def _account(self, sample: RawSample) -> SampleMeta:
+        label = sample.arrays[LABEL_ARRAY[self.spec.task]]
+        tally, classes = self.tally, len(self.spec.classes)
+        tally.split_counts[sample.split] = tally.split_counts.get(sample.split, 0) + 1
+        tally.add_class_pixels(sample.split, label, classes)
+        if sample.split == "train":
+            images = [sample.arrays[name] for name in array_names(self.spec.task)[:-1]]
+            tally.add_band_moments(images, label != IGNORE_INDEX)
+        return SampleMeta(
+            split=sample.split,
+            class_fraction=class_fraction(label, classes),
+            source_id=sample.source_id,
+            bounds=sample.bounds,
+        )
 
 
 def _check_shapes(sample: RawSample, spec: SourceSpec) -> None:

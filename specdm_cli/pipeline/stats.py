@@ -41,15 +41,20 @@ class PrepareTally:
     def add_band_moments(self, images: list[np.ndarray], valid: np.ndarray) -> None:
         """Accumulate per-band moments over the valid pixels of one sample's images."""
         for image in images:
-            pixels = image[:, valid].astype(np.float64)
+            pixels = image.reshape(image.shape[0], -1)
+            if not valid.all():
+                pixels = pixels[:, valid.ravel()]
             if pixels.shape[1] == 0:
                 continue
+            as_double = pixels.astype(np.float64)
             if not self.band_sum:
                 bands = pixels.shape[0]
                 self.band_sum, self.band_sumsq = [0.0] * bands, [0.0] * bands
                 self.band_min, self.band_max = [np.inf] * bands, [-np.inf] * bands
-            self.band_sum = (np.asarray(self.band_sum) + pixels.sum(axis=1)).tolist()
-            self.band_sumsq = (np.asarray(self.band_sumsq) + (pixels**2).sum(axis=1)).tolist()
+            # One pass each, in float64: sums of millions of reflectances lose digits in float32.
+            self.band_sum = (np.asarray(self.band_sum) + as_double.sum(axis=1)).tolist()
+            sumsq = np.einsum("ij,ij->i", as_double, as_double)
+            self.band_sumsq = (np.asarray(self.band_sumsq) + sumsq).tolist()
             self.band_min = np.minimum(self.band_min, pixels.min(axis=1)).tolist()
             self.band_max = np.maximum(self.band_max, pixels.max(axis=1)).tolist()
             self.band_pixels += pixels.shape[1]
