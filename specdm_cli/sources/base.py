@@ -189,6 +189,21 @@ def pad_to(array: np.ndarray, height: int, width: int, fill: float) -> np.ndarra
     return np.pad(array, widths, constant_values=fill)
 
 
+def pad_image_as_nodata(
+    image: np.ndarray, invalid: np.ndarray, height: int, width: int
+) -> np.ndarray:
+    """Pad a (C, h, w) image to (height, width) like nodata: each band takes its valid mean."""
+    if image.shape[1:] == (height, width):
+        return image
+    valid = ~invalid
+    means = image[:, valid].mean(axis=1) if valid.any() else np.zeros(image.shape[0])
+    padded = pad_to(image, height, width, 0)
+    outside = np.ones((height, width), dtype=bool)
+    outside[: image.shape[1], : image.shape[2]] = False
+    padded[:, outside] = means.astype(image.dtype)[:, None]
+    return padded
+
+
 def class_fraction(label: np.ndarray, num_classes: int) -> np.ndarray:
     """Fraction of labelled (non-ignore) pixels per class; zeros when none is labelled."""
     counts = np.bincount(label[label != IGNORE_INDEX].ravel(), minlength=num_classes)

@@ -39,6 +39,7 @@ from specdm_cli.sources.base import (
     SourcePlan,
     SourceSpec,
     apply_nodata,
+    pad_image_as_nodata,
     pad_to,
     patch_bounds,
     patch_windows,
@@ -602,7 +603,7 @@ def _load(candidate: Candidate, *, ctx: _Context) -> RawSample:
         nodata = ctx.nodata if ctx.nodata is not None else file_nodata
         mask, _ = apply_nodata(image, label, nodata, paths[name])
         invalid |= mask
-        arrays[name] = _pad_image(image, mask, ctx.height, ctx.width)
+        arrays[name] = pad_image_as_nodata(image, mask, ctx.height, ctx.width)
         if ctx.georeferenced and bounds is None:
             bounds = patch_bounds(transform, y, x, ctx.height, ctx.width)
     arrays[label_name] = pad_to(label, ctx.height, ctx.width, IGNORE_INDEX)
@@ -617,16 +618,3 @@ def _read_window(path: Path, y: int, x: int, ctx: _Context) -> tuple[np.ndarray,
         window = Window(x, y, min(ctx.width, src.width - x), min(ctx.height, src.height - y))
         # A fresh array of the window only: memory stays flat however large the file.
         return np.asarray(src.read(window=window)), src.nodata, src.transform
-
-
-def _pad_image(image: np.ndarray, invalid: np.ndarray, height: int, width: int) -> np.ndarray:
-    """Pad to (height, width) like nodata: each band takes the mean of its valid pixels."""
-    if image.shape[1:] == (height, width):
-        return image
-    valid = ~invalid
-    means = image[:, valid].mean(axis=1) if valid.any() else np.zeros(image.shape[0])
-    padded = pad_to(image, height, width, 0)
-    outside = np.ones((height, width), dtype=bool)
-    outside[: image.shape[1], : image.shape[2]] = False
-    padded[:, outside] = means.astype(image.dtype)[:, None]
-    return padded

@@ -32,6 +32,7 @@ from specdm_cli.sources.base import (
     SourcePlan,
     SourceSpec,
     apply_nodata,
+    pad_image_as_nodata,
     pad_to,
     patch_bounds,
     patch_windows,
@@ -547,7 +548,7 @@ def _load(candidate: Candidate, *, ctx: _Context, cache: _CityCache) -> RawSampl
         invalid |= mask
         patches.append(patch)
     arrays = {
-        array: _pad_image(patch, invalid, ctx.size)
+        array: pad_image_as_nodata(patch, invalid, ctx.size, ctx.size)
         for array, patch in zip(("image_t1", "image_t2"), patches, strict=True)
     }
     arrays["change"] = pad_to(change, ctx.size, ctx.size, IGNORE_INDEX)
@@ -560,16 +561,3 @@ def _load(candidate: Candidate, *, ctx: _Context, cache: _CityCache) -> RawSampl
     return RawSample(
         candidate.source_id, candidate.split, arrays, bounds, int(invalid.sum()) + padding
     )
-
-
-def _pad_image(image: np.ndarray, invalid: np.ndarray, size: int) -> np.ndarray:
-    """Pad to size x size like nodata: each band takes the mean of its valid pixels."""
-    if image.shape[1:] == (size, size):
-        return image
-    valid = ~invalid
-    means = image[:, valid].mean(axis=1) if valid.any() else np.zeros(image.shape[0])
-    padded = pad_to(image, size, size, 0)
-    outside = np.ones((size, size), dtype=bool)
-    outside[: image.shape[1], : image.shape[2]] = False
-    padded[:, outside] = means.astype(image.dtype)[:, None]
-    return padded
