@@ -1,0 +1,197 @@
+"""Deterministic training of the feature network on a reference store's train split."""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F  # noqa: N812 (the usual torch alias)
+from torch import Tensor, nn
+
+from specdm_cli.errors import InputDataError
+from specdm_cli.manifest import IGNORE_INDEX, IMAGE_ARRAYS, LABEL_ARRAY
+from specdm_cli.metrics.masks import mask_feature_dims, mask_features
+from specdm_cli.metrics.network import FeatureNetConfig, build_network
+from specdm_cli.metrics.stats import MomentAccumulator
+from specdm_cli.stores import StoreReader
+
+Progress = Callable[[str, int, int], None]
+# Training data is held in memory below this size, else read from the store at every step.
+PRELOAD_BYTES = 512 * 2**20
+# Standardisation floors: an image feature dimension is never scaled up by more than 1e6, and a
+# mask feature (a pixel fraction) that hardly varies on train counts as varying by 1% of pixels.
+IMAGE_STD_FLOOR = 1e-6
+MASK_STD_FLOOR = 0.01
+
+
+@contextmanager
+def _deterministic(seed: int) -> Iterator[None]:
+    """Seeded, deterministic torch inside the block; global RNG and flags restored after."""
+    enabled = torch.are_deterministic_algorithms_enabled()
+    warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
+    # warn_only: an op with no deterministic kernel on some device warns rather than fails.
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    try:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            yield
+    finally:
+        torch.use_deterministic_algorithms(enabled, warn_only=warn_only)
+
+
+class _TrainData:
+    """Train samples, band-normalised; held in memory when small, else read per batch."""
+
+    def __init__(self, reader: StoreReader, mean: np.ndarray, std: np.ndarray):
+        self.reader, self.mean, self.std = reader, mean, std
+        self.indices = reader.indices("train")
+        if self.indices.size == 0:
+            raise InputDataError(
+                "reference store has no train samples to fit the feature network",
+                reader.root,
+                "use a store with a train split",
+            )
+        manifest = reader.manifest
+        phases = len(IMAGE_ARRAYS[manifest.task])
+        size = self.indices.size * phases * len(manifest.bands) * manifest.height * manifest.width
+        self.cache: dict[int, tuple[list[np.ndarray], np.ndarray]] | None = (
+            {} if size * 4 <= PRELOAD_BYTES else None
+        )
+
+    def sample(self, index: int) -> tuple[list[np.ndarray], np.ndarray]:
+        if self.cache is not None and index in self.cache:
+            return self.cache[index]
+        arrays = self.reader.read(index)
+        task = self.reader.manifest.task
+        images = [
+            ((arrays[name] - self.mean[:, None, None]) / self.std[:, None, None]).astype(np.float32)
+            for name in IMAGE_ARRAYS[task]
+        ]
+        item = (images, arrays[LABEL_ARRAY[task]].astype(np.int64))
+        if self.cache is not None:
+            self.cache[index] = item
+        return item
+
+    def batch(self, rng: np.random.Generator, size: int) -> tuple[list[Tensor], Tensor]:
+        """A random batch with one random flip/rotation (drawn from `rng`, so reproducible)."""
+        chosen = rng.choice(self.indices, size, replace=self.indices.size < size)
+        items = [self.sample(int(i)) for i in chosen]
+        phases = len(items[0][0])
+        images = [torch.from_numpy(np.stack([it[0][p] for it in items])) for p in range(phases)]
+        labels = torch.from_numpy(np.stack([it[1] for it in items]))
+        square = labels.shape[-1] == labels.shape[-2]
+        turns, flip = int(rng.integers(4)) if square else 0, bool(rng.random() < 0.5)
+        images = [_augment(x, turns, flip) for x in images]
+        return images, _augment(labels, turns, flip)
+
+
+def _augment(x: Tensor, turns: int, flip: bool) -> Tensor:
+    x = torch.rot90(x, turns, dims=(-2, -1))
+    # rot90 returns strided views; contiguous inputs keep convolutions on their fast path.
+    return (torch.flip(x, dims=(-1,)) if flip else x).contiguous()
+
+
+def class_weights(reference: StoreReader, classes: int) -> Tensor:
+    """Cross-entropy weights 1 / sqrt(train pixel fraction), mean 1 over present classes.
+
+    Without them a rare class (cd change pixels are ~2% of the demo) is never predicted after a
+    short training, and pair consistency would then measure nothing about it. Classes absent from
+    train get the largest weight; a store without train fractions gets uniform weights.
+    """
+    fractions = np.asarray(reference.manifest.class_pixel_fraction.get("train", []), np.float64)
+    if fractions.size != classes or not (fractions > 0).any():
+        return torch.ones(classes)
+    present = fractions > 0
+    weights = np.zeros(classes)
+    weights[present] = 1.0 / np.sqrt(fractions[present])
+    weights[present] /= weights[present].mean()
+    weights[~present] = weights[present].max()
+    return torch.from_numpy(weights.astype(np.float32))
+
+
+def train_network(
+    reference: StoreReader,
+    config: FeatureNetConfig,
+    band_mean: np.ndarray,
+    band_std: np.ndarray,
+    device: str = "cpu",
+    progress: Progress | None = None,
+) -> tuple[nn.Module, dict[str, np.ndarray], dict[str, Any]]:
+    """Train the feature network on the reference train split: fixed steps, seed and batches.
+
+    Returns:
+        (the model in eval mode; the feature standardisation fitted on the train split; a
+        summary: train samples, mean loss of the last 10% of steps, seconds, device).
+    """
+    data = _TrainData(reference, band_mean, band_std)
+    rng = np.random.default_rng(config.seed)
+    weights = class_weights(reference, config.classes).to(device)
+    losses: list[float] = []
+    start = time.perf_counter()
+    with _deterministic(config.seed):
+        model = build_network(config).to(device)
+        optimiser = torch.optim.AdamW(
+            model.parameters(), lr=config.lr, weight_decay=config.weight_decay
+        )
+        schedule = torch.optim.lr_scheduler.LambdaLR(
+            optimiser, lambda step: 0.5 * (1.0 + math.cos(math.pi * step / config.steps))
+        )
+        model.train()
+        for step in range(config.steps):
+            images, labels = data.batch(rng, config.batch_size)
+            _features, logits = model([x.to(device) for x in images])
+            target = labels.to(device)
+            loss = F.cross_entropy(logits, target, weight=weights, ignore_index=IGNORE_INDEX)
+            optimiser.zero_grad(set_to_none=True)
+            torch.autograd.backward(loss)
+            optimiser.step()
+            schedule.step()
+            losses.append(float(loss.detach()))
+            if progress is not None:
+                progress("train features", step + 1, config.steps)
+    scales = _fit_scales(model, data, config, device)
+    tail = losses[-max(1, len(losses) // 10) :]
+    summary = {
+        "train_samples": int(data.indices.size),
+        "final_loss": float(np.mean(tail)),
+        "train_seconds": round(time.perf_counter() - start, 2),
+        "device": device,
+        "torch_version": torch.__version__,
+    }
+    return model, scales, summary
+
+
+def _fit_scales(
+    model: nn.Module, data: _TrainData, config: FeatureNetConfig, device: str
+) -> dict[str, np.ndarray]:
+    """Per-dimension mean and std of image and mask features over the reference train split.
+
+    Features are standardised with these, so FD is in units of the train spread and KID's
+    cubic kernel sees values of order 1, as it does with Inception features. cd: both phases
+    share one standardisation (one feature space for t1 and t2).
+    """
+    image = MomentAccumulator(config.feature_dim)
+    mask = MomentAccumulator(mask_feature_dims(config.classes))
+    model.eval()
+    with torch.inference_mode():
+        for start in range(0, data.indices.size, config.batch_size):
+            items = [data.sample(int(i)) for i in data.indices[start : start + config.batch_size]]
+            phases = [
+                torch.from_numpy(np.stack([it[0][p] for it in items])).to(device)
+                for p in range(len(items[0][0]))
+            ]
+            features, _logits = model(phases)
+            for values in features:
+                image.add(values.double().cpu().numpy())
+            mask.add(mask_features(np.stack([it[1] for it in items]), config.classes))
+    return {
+        "image_mean": image.mean,
+        "image_std": np.maximum(np.sqrt(np.diag(image.covariance())), IMAGE_STD_FLOOR),
+        "mask_mean": mask.mean,
+        "mask_std": np.maximum(np.sqrt(np.diag(mask.covariance())), MASK_STD_FLOOR),
+    }
