@@ -6,6 +6,8 @@ Heavy modules (torch, zarr, rasterio) are imported inside the commands so `--hel
 from __future__ import annotations
 
 import json
+import logging
+import os
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -19,7 +21,14 @@ from rich.console import Console
 from typer.core import TyperGroup
 
 from specdm_cli import __version__
-from specdm_cli.errors import EXIT_RESOURCE, EXIT_SIGINT, EXIT_USAGE, SpecdmError
+from specdm_cli.errors import (
+    EXIT_RESOURCE,
+    EXIT_SIGINT,
+    EXIT_USAGE,
+    ResourceError,
+    SpecdmError,
+    resource_error_from,
+)
 
 
 def _usage_error_types() -> tuple[type[Exception], ...]:
@@ -114,6 +123,9 @@ def main_callback(
     ] = False,
 ) -> None:
     """specdm: prepare, fit, synthesize and benchmark labelled multispectral data."""
+    # GDAL/libtiff report through these loggers; our own one-line errors say what matters.
+    for library in ("rasterio", "tifffile"):
+        logging.getLogger(library).addHandler(logging.NullHandler())
 
 
 @contextmanager
@@ -127,9 +139,26 @@ def _domain_errors() -> Iterator[None]:
     except KeyboardInterrupt:
         stderr.print("interrupted: rerun with --resume", markup=False)
         raise typer.Exit(EXIT_SIGINT) from None
+    except OSError as error:
+        # Readers turn their own I/O errors into input errors; what is left is the output side.
+        resource = resource_error_from(error) or ResourceError(
+            f"cannot write ({error.strerror or error})", error.filename, "check --out"
+        )
+        stderr.print(resource.line(), markup=False, soft_wrap=True)
+        raise typer.Exit(EXIT_RESOURCE) from None
     except MemoryError:
         stderr.print("error: out of memory: use a smaller --batch-size or --workers", markup=False)
         raise typer.Exit(EXIT_RESOURCE) from None
+    except Exception as error:
+        if os.environ.get("SPECDM_DEBUG"):
+            raise
+        stderr.print(
+            f"error: unexpected {type(error).__name__}: {error} "
+            "(a bug: rerun with SPECDM_DEBUG=1 for a traceback and report it)",
+            markup=False,
+            soft_wrap=True,
+        )
+        raise typer.Exit(1) from None
 
 
 def _emit_json(payload: Any) -> None:

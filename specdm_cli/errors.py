@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 from pathlib import Path
 
 # Exit codes of DESIGN.md: a pipeline branches on them.
@@ -74,3 +75,15 @@ class Interrupted(SpecdmError):
 
     def line(self) -> str:
         return "interrupted: rerun with --resume"
+
+
+def resource_error_from(exc: OSError, path: Path | str | None = None) -> ResourceError | None:
+    """Disk full and unwritable paths as one-line resource errors (exit 5); None for the rest."""
+    where = path if path is not None else exc.filename
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+        return ResourceError(
+            "no space left on device", where, "free space, then rerun with --resume"
+        )
+    if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return ResourceError("cannot write here", where, "choose a writable --out")
+    return None

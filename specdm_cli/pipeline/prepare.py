@@ -14,6 +14,7 @@ import numpy as np
 
 from specdm_cli import __version__
 from specdm_cli.errors import InputDataError, UsageError
+from specdm_cli.faults import fault_point
 from specdm_cli.manifest import (
     IGNORE_INDEX,
     LABEL_ARRAY,
@@ -28,7 +29,7 @@ from specdm_cli.pipeline.stats import PrepareTally
 from specdm_cli.sources.base import Candidate, PrepareOptions, RawSample, SourceSpec, class_fraction
 from specdm_cli.sources.registry import READERS
 from specdm_cli.stores import SampleMeta, StoreWriter, create_store, open_writer, resolve_target
-from specdm_cli.stores.atomic import atomic_write_text
+from specdm_cli.stores.atomic import atomic_write_text, remove_stray_temporaries
 from specdm_cli.stores.base import MANIFEST_NAME
 from specdm_cli.stores.lock import DirLock
 
@@ -117,6 +118,7 @@ def prepare(
         georeferenced = source_plan.spec.crs is not None
         create_store(request.out, manifest, len(source_plan.candidates), georeferenced)
     with DirLock(request.out):
+        remove_stray_temporaries(request.out)
         writer = open_writer(request.out, _load_incomplete(request.out))
         tally = _load_tally(request.out)
         writer.forget_from(tally.kept)
@@ -235,6 +237,7 @@ class _BlockWriter:
         self.tally.kept += len(metas)
         self.tally.candidates_done += len(samples)
         atomic_write_text(self.writer.root / PROGRESS_FILE, json.dumps(self.tally.to_json()))
+        fault_point("prepare.after_block")
 
     def _keep(self, sample: RawSample) -> bool:
         _check_shapes(sample, self.spec)
@@ -320,6 +323,7 @@ def _finish(
             "complete": True,
         }
     )
+    fault_point("prepare.before_manifest")
     writer.save_manifest(Manifest.model_validate(final.model_dump()))
     (writer.root / PROGRESS_FILE).unlink(missing_ok=True)
 

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import errno
 import os
 import shutil
 import tempfile
 from pathlib import Path
 
-from specdm_cli.errors import ResourceError
+from specdm_cli.errors import resource_error_from
+from specdm_cli.faults import fault_point
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
@@ -17,7 +17,10 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     handle, temp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(handle, "wb") as stream:
-            stream.write(data)
+            stream.write(data[: len(data) // 2])
+            stream.flush()
+            fault_point("atomic.mid_write")
+            stream.write(data[len(data) // 2 :])
             stream.flush()
             os.fsync(stream.fileno())
         Path(temp).replace(path)
@@ -36,13 +39,7 @@ def atomic_write_text(path: Path, text: str) -> None:
 
 def as_resource_error(exc: OSError, path: Path) -> Exception:
     """Disk full and unwritable paths become one-line resource errors (exit 5)."""
-    if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
-        return ResourceError(
-            "no space left on device", path, "free space, then rerun with --resume"
-        )
-    if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
-        return ResourceError("cannot write here", path, "choose a writable --out")
-    return exc
+    return resource_error_from(exc, path) or exc
 
 
 def remove_tree(path: Path) -> None:
@@ -51,3 +48,11 @@ def remove_tree(path: Path) -> None:
         shutil.rmtree(path)
     elif path.exists() or path.is_symlink():
         path.unlink()
+
+
+def remove_stray_temporaries(root: Path) -> int:
+    """Delete temporary files a killed writer left under `root`; returns how many."""
+    strays = [p for p in root.rglob(".*.tmp") if p.is_file()]
+    for stray in strays:
+        stray.unlink(missing_ok=True)
+    return len(strays)

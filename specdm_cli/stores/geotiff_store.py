@@ -10,14 +10,17 @@ import numpy as np
 import rasterio
 from rasterio.crs import CRS
 from rasterio.errors import NotGeoreferencedWarning, RasterioError
+from rasterio.io import MemoryFile
 from rasterio.transform import from_bounds
 
 from specdm_cli.errors import InputDataError
 from specdm_cli.manifest import GEOTIFF_FOLDERS, Manifest, SampleFiles, array_names
-from specdm_cli.stores.atomic import as_resource_error, atomic_write_text, remove_tree
+from specdm_cli.stores.atomic import atomic_write_bytes, atomic_write_text, remove_tree
 from specdm_cli.stores.base import MANIFEST_NAME, Bounds, SampleMeta, StoreReader, StoreWriter
 
 MARKERS = ".specdm/written"
+# Synthetic tiles carry no geolocation on purpose (DESIGN.md); set once, as filters are global.
+warnings.filterwarnings("ignore", category=NotGeoreferencedWarning)
 
 
 def create_geotiff(root: Path, manifest: Manifest) -> None:
@@ -60,34 +63,32 @@ def _profile(manifest: Manifest, array: np.ndarray, bounds: Any) -> dict[str, An
 
 
 def write_tile(path: Path, manifest: Manifest, array: np.ndarray, bounds: Any = None) -> None:
-    """Write one tile atomically: band descriptions with wavelengths, a colour table on masks."""
-    temp = path.with_name(f".{path.name}.tmp")
+    """Write one tile atomically: band descriptions with wavelengths, a colour table on masks.
+
+    GDAL encodes into memory and our atomic write puts the bytes on disk, so a full disk is one
+    clean OSError (exit 5) rather than libtiff messages and a half-written file.
+    """
     try:
-        with warnings.catch_warnings():
-            # Synthetic tiles carry no geolocation on purpose (DESIGN.md).
-            warnings.simplefilter("ignore", NotGeoreferencedWarning)
-            _write_raster(temp, manifest, array, bounds)
-        temp.replace(path)
-    except OSError as exc:
-        temp.unlink(missing_ok=True)
-        raise as_resource_error(exc, path) from None
+        with MemoryFile() as memory:
+            with memory.open(**_profile(manifest, array, bounds)) as dst:
+                _fill_tile(dst, manifest, array)
+            encoded = memory.read()
     except RasterioError as exc:
-        temp.unlink(missing_ok=True)
-        raise InputDataError(f"cannot write GeoTIFF ({exc})", path, "check --out") from None
+        raise InputDataError(f"cannot encode GeoTIFF ({exc})", path, "report this") from None
+    atomic_write_bytes(path, encoded)
 
 
-def _write_raster(temp: Path, manifest: Manifest, array: np.ndarray, bounds: Any) -> None:
-    with rasterio.open(temp, "w", **_profile(manifest, array, bounds)) as dst:
-        if array.ndim == 2:
-            dst.write(array, 1)
-            dst.nodata = manifest.ignore_index
-            dst.write_colormap(1, {c.index: (*c.colour, 255) for c in manifest.classes})
-            dst.set_band_description(1, "label")
-        else:
-            dst.write(array)
-            for number, band in enumerate(manifest.bands, start=1):
-                wavelength = f" ({band.wavelength_nm:g} nm)" if band.wavelength_nm else ""
-                dst.set_band_description(number, f"{band.name}{wavelength}")
+def _fill_tile(dst: Any, manifest: Manifest, array: np.ndarray) -> None:
+    if array.ndim == 2:
+        dst.write(array, 1)
+        dst.nodata = manifest.ignore_index
+        dst.write_colormap(1, {c.index: (*c.colour, 255) for c in manifest.classes})
+        dst.set_band_description(1, "label")
+        return
+    dst.write(array)
+    for number, band in enumerate(manifest.bands, start=1):
+        wavelength = f" ({band.wavelength_nm:g} nm)" if band.wavelength_nm else ""
+        dst.set_band_description(number, f"{band.name}{wavelength}")
 
 
 class GeoTiffWriter(StoreWriter):
@@ -175,10 +176,8 @@ class GeoTiffReader(StoreReader):
         if not path.is_relative_to(self.root.resolve()):
             raise InputDataError("manifest points outside the store", path, "re-create the store")
         try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", NotGeoreferencedWarning)
-                with rasterio.open(path) as src:
-                    values = src.read()
+            with rasterio.open(path) as src:
+                values = src.read()
         except (RasterioError, OSError) as exc:
             raise InputDataError(f"unreadable tile ({exc})", path, "re-create the store") from None
         tile: np.ndarray = values[0] if name in ("mask", "change") else values

@@ -43,8 +43,8 @@ def _holder(lock_path: Path) -> dict[str, object] | None:
 class DirLock:
     """Exclusive lock on a folder, held by one live process at a time."""
 
-    def __init__(self, folder: Path):
-        self.path = folder / LOCK_NAME
+    def __init__(self, folder: Path, name: str = LOCK_NAME):
+        self.path = folder / name
         self.held = False
 
     def acquire(self) -> None:

@@ -1,0 +1,141 @@
+"""Fault suite for `prepare`: kill at named points, SIGTERM, disk full, unwritable output.
+
+The real CLI runs in a subprocess (signals and kills need one); after each fault `--resume`
+must give a store byte-identical to an uninterrupted run, with nothing left that claims to be
+complete and no stray temporary files.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import zarr
+
+DEMO = ("prepare", "demo", "--n", "200", "--size", "32", "--seed", "5", "--quiet")
+
+
+def specdm(
+    *args: str | Path, env: dict[str, str] | None = None, fsize: int | None = None
+) -> subprocess.CompletedProcess[str]:
+    def limit_file_size() -> None:
+        # Without ignoring SIGXFSZ the kernel kills the writer instead of failing its write.
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        if fsize is not None:
+            resource.setrlimit(resource.RLIMIT_FSIZE, (fsize, fsize))
+
+    return subprocess.run(
+        [sys.executable, "-m", "specdm_cli", *map(str, args)],
+        capture_output=True, text=True, timeout=300,
+        env={**os.environ, **(env or {})}, preexec_fn=limit_file_size,
+    )  # fmt: skip
+
+
+def arrays(store: Path) -> dict[str, np.ndarray]:
+    return {name: np.asarray(a[:]) for name, a in zarr.open_group(store, mode="r").arrays()}
+
+
+def manifest_without_provenance(store: Path) -> dict[str, object]:
+    manifest = json.loads((store / "manifest.json").read_text())
+    manifest.pop("provenance")
+    manifest["plan"].pop("raw", None)
+    return manifest
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("ref") / "ref.zarr"
+    assert specdm(*DEMO, "--out", out).returncode == 0
+    return out
+
+
+def assert_same_store(store: Path, reference: Path) -> None:
+    expected, actual = arrays(reference), arrays(store)
+    assert expected.keys() == actual.keys()
+    for name in expected:
+        np.testing.assert_array_equal(actual[name], expected[name], err_msg=name)
+    assert manifest_without_provenance(store) == manifest_without_provenance(reference)
+    assert not list(store.rglob(".*.tmp")), "stray temporary files left behind"
+
+
+@pytest.mark.parametrize(
+    "point", ["prepare.after_block:2", "atomic.mid_write:3", "prepare.before_manifest"]
+)
+def test_kill_then_resume_gives_the_uninterrupted_store(
+    tmp_path: Path, reference: Path, point: str
+) -> None:
+    out = tmp_path / "killed.zarr"
+    killed = specdm(*DEMO, "--out", out, env={"SPECDM_FAULT": point})
+    assert killed.returncode == -signal.SIGKILL
+    assert json.loads((out / "manifest.json").read_text())["complete"] is False
+    resumed = specdm(*DEMO, "--out", out, "--resume")
+    assert resumed.returncode == 0, resumed.stderr
+    assert_same_store(out, reference)
+
+
+def test_sigterm_stops_cleanly_with_the_resume_hint(tmp_path: Path) -> None:
+    out = tmp_path / "term.zarr"
+    command = [
+        sys.executable,
+        "-m",
+        "specdm_cli",
+        "prepare",
+        "demo",
+        "--n",
+        "3000",
+        "--size",
+        "32",
+        "--quiet",
+        "--out",
+        str(out),
+    ]
+    process = subprocess.Popen(command, stderr=subprocess.PIPE, text=True)
+    progress = out / ".specdm" / "prepare-progress.json"
+    deadline = time.monotonic() + 120
+    while not progress.exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 143
+    assert stderr.strip().splitlines()[-1] == "interrupted: rerun with --resume"
+    assert json.loads((out / "manifest.json").read_text())["complete"] is False
+
+
+def test_disk_full_is_exit_5_and_a_resume_with_space_completes(tmp_path: Path) -> None:
+    out = tmp_path / "tiles"
+    args = (
+        "prepare",
+        "demo",
+        "--n",
+        "40",
+        "--size",
+        "64",
+        "--format",
+        "geotiff",
+        "--quiet",
+        "--out",
+        out,
+    )
+    full = specdm(*args, fsize=24_000)
+    assert full.returncode == 5, full.stderr
+    lines = [line for line in full.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and "Traceback" not in full.stderr
+    assert json.loads((out / "manifest.json").read_text())["complete"] is False
+    again = specdm(*args, "--resume")
+    assert again.returncode == 0, again.stderr
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["complete"] is True and len(manifest["files"]) == 40
+
+
+def test_unwritable_output_is_exit_5(tmp_path: Path) -> None:
+    done = specdm(*DEMO, "--out", "/sys/specdm-cannot-write.zarr")
+    assert done.returncode == 5
+    assert done.stderr.startswith("error:") and "Traceback" not in done.stderr
