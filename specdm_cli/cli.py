@@ -363,6 +363,123 @@ def inspect(
             render_report(report, Console(highlight=False))
 
 
+class Precision(StrEnum):
+    fp32 = "fp32"
+    bf16 = "bf16"
+    fp16 = "fp16"
+
+
+def _config_or_usage_error(model: Any, **values: Any) -> Any:
+    """Validate options into a pydantic config; the first problem becomes a usage error."""
+    from pydantic import ValidationError
+
+    from specdm_cli.errors import UsageError
+
+    try:
+        return model(**{k: v for k, v in values.items() if v is not None})
+    except ValidationError as error:
+        first = error.errors()[0]
+        option = "--" + "-".join(str(first["loc"][0]).split("_")) if first["loc"] else "options"
+        raise UsageError(f"{option}: {first['msg']}", hint="see --help") from None
+
+
+def _blocks(text: str | None) -> tuple[int, ...] | None:
+    from specdm_cli.errors import UsageError
+
+    if text is None:
+        return None
+    try:
+        return tuple(int(part) for part in text.split(","))
+    except ValueError:
+        raise UsageError(
+            f"{text!r} is not a comma-separated list of widths", hint="e.g. 64,128,256"
+        ) from None
+
+
+@app.command("fit-vae")
+def fit_vae(
+    store: Annotated[Path, typer.Argument(help="A prepared store.")],
+    run: Annotated[
+        Path | None, typer.Option(help="Run directory [<user data>/runs/<dataset>-<time>].")
+    ] = None,
+    batch_size: Annotated[int | None, typer.Option(help="Batch size [16].")] = None,
+    lr: Annotated[
+        float | None, typer.Option(help="Learning rate [4.5e-6 x batch size, LDM].")
+    ] = None,
+    steps: Annotated[int | None, typer.Option(help="Training steps [20000].")] = None,
+    kl_weight: Annotated[float | None, typer.Option(help="KL weight, LDM scale [1e-6].")] = None,
+    sad_weight: Annotated[float | None, typer.Option(help="SAD weight [0.1, paper Eq. 1].")] = None,
+    class_weights: Annotated[str | None, typer.Option(help="none or auto [auto].")] = None,
+    seed: Annotated[int | None, typer.Option(help="Seed [0].")] = None,
+    precision: Annotated[
+        Precision | None, typer.Option(help="fp32, bf16, fp16 (CUDA only) [fp32].")
+    ] = None,
+    gpus: Annotated[str | None, typer.Option(help="CUDA device, e.g. 0 [CPU].")] = None,
+    threads: Annotated[int | None, typer.Option(help="CPU threads for torch.")] = None,
+    val_every: Annotated[int | None, typer.Option(help="Validate every N steps [1000].")] = None,
+    checkpoint_every: Annotated[
+        int | None, typer.Option(help="Checkpoint every N steps [1000].")
+    ] = None,
+    resume: Annotated[
+        bool, typer.Option(help="Continue the run from its last checkpoint.")
+    ] = False,
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing run directory.")] = False,
+    split: Annotated[str | None, typer.Option(help="Split to train on [train].")] = None,
+    limit: Annotated[
+        int | None, typer.Option(help="Train on the first N pairs (paper protocol).")
+    ] = None,
+    downsample: Annotated[int | None, typer.Option(help="Downsampling factor 4 or 8 [4].")] = None,
+    image_latent_channels: Annotated[
+        int | None, typer.Option(help="Image latent channels [4].")
+    ] = None,
+    mask_latent_channels: Annotated[
+        int | None, typer.Option(help="Mask latent channels [3].")
+    ] = None,
+    image_blocks: Annotated[
+        str | None, typer.Option(help="Image VAE widths, e.g. 64,128,256.")
+    ] = None,
+    mask_blocks: Annotated[
+        str | None, typer.Option(help="Mask VAE widths, e.g. 32,64,128.")
+    ] = None,
+    norm_groups: Annotated[int | None, typer.Option(help="GroupNorm groups [32].")] = None,
+    single_stream: Annotated[
+        bool, typer.Option(help="LDM baseline: one VAE on image + one-hot mask.")
+    ] = False,
+    augment: Annotated[str | None, typer.Option(help="d4 or none [d4].")] = None,
+    json_output: JsonOption = False,
+    quiet: QuietOption = False,
+) -> None:
+    """Train the two-stream VAE (image and mask branches) on a store."""
+    with _domain_errors():
+        from specdm_cli.pipeline.fit_vae import FitVAERequest, VAETrainConfig
+        from specdm_cli.pipeline.fit_vae import fit_vae as run_fit_vae
+        from specdm_cli.pipeline.signals import graceful_stop
+        from specdm_cli.pipeline.training import torch_threads
+
+        config = _config_or_usage_error(
+            VAETrainConfig,
+            batch_size=batch_size, lr=lr, steps=steps, kl_weight=kl_weight, sad_weight=sad_weight,
+            class_weights=class_weights, seed=seed, precision=precision.value if precision else None,
+            val_every=val_every, checkpoint_every=checkpoint_every, split=split, limit=limit,
+            downsample=downsample, image_latent_channels=image_latent_channels,
+            mask_latent_channels=mask_latent_channels, image_block_out_channels=_blocks(image_blocks),
+            mask_block_out_channels=_blocks(mask_blocks), norm_num_groups=norm_groups,
+            single_stream=single_stream or None, augment=augment,
+        )  # fmt: skip
+        request = FitVAERequest(store, run, config, resume, overwrite, gpus)
+        warn = (lambda line: None) if quiet else (lambda line: stderr.print(line, markup=False))
+        with (
+            graceful_stop() as stop,
+            torch_threads(threads),
+            _progress_bar("fit-vae", quiet) as bar,
+        ):
+            summary = run_fit_vae(request, stop, lambda done, total, losses: bar(done, total), warn)
+        if not quiet:
+            stderr.print(f"{summary.state}: {summary.run} at step {summary.step}", markup=False)
+        if json_output:
+            _emit_json(asdict(summary))
+
+
 def main() -> None:
     """Console-script entry point."""
     app()

@@ -1,0 +1,107 @@
+"""Checkpoints as safetensors + JSON: sha256 of every weights file, atomic folders, no pickles."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from specdm_cli.errors import ModelError
+from specdm_cli.faults import fault_point
+from specdm_cli.stores.atomic import atomic_write_text
+
+WEIGHTS = "diffusion_pytorch_model.safetensors"
+
+
+def sha256_file(path: Path) -> str:
+    """Hex sha256 of a file, read in 1 MiB blocks."""
+    digest = hashlib.sha256()
+    with path.open("rb") as stream:
+        for block in iter(lambda: stream.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def weights_digests(root: Path, folder: Path) -> dict[str, str]:
+    """sha256 of every .safetensors file under `folder`, keyed by path relative to `root`."""
+    return {str(p.relative_to(root)): sha256_file(p) for p in sorted(folder.rglob("*.safetensors"))}
+
+
+def verify_digests(root: Path, expected: dict[str, str]) -> None:
+    """Refuse weights whose sha256 differs from what run.json recorded (exit 4)."""
+    for relative, digest in expected.items():
+        path = root / relative
+        if not path.is_file():
+            raise ModelError(
+                "weights file listed in run.json is missing", path, "re-train or restore the run"
+            )
+        if sha256_file(path) != digest:
+            raise ModelError(
+                "weights do not match run.json (tampered or corrupt)",
+                path,
+                "re-train or restore the run",
+            )
+
+
+def save_module(module: Any, folder: Path) -> None:
+    """A diffusers model as `config.json` + safetensors weights."""
+    module.save_pretrained(folder, safe_serialization=True)
+
+
+def load_module(cls: Any, folder: Path) -> Any:
+    """Load a diffusers model saved by `save_module`, offline, safetensors only."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    try:
+        return cls.from_pretrained(folder, use_safetensors=True, low_cpu_mem_usage=False)
+    except (OSError, ValueError, SafetensorError, json.JSONDecodeError) as exc:
+        raise ModelError(
+            f"cannot load model ({exc})", folder, "re-train or restore the run"
+        ) from None
+
+
+def save_optimizer(optimizer: torch.optim.Optimizer, folder: Path) -> None:
+    """Optimizer state: tensors in safetensors, the rest (param groups, scalars) in JSON."""
+    state = optimizer.state_dict()
+    tensors: dict[str, torch.Tensor] = {}
+    scalars: dict[str, Any] = {}
+    for index, slots in state["state"].items():
+        for name, value in slots.items():
+            key = f"{index}.{name}"
+            if isinstance(value, torch.Tensor):
+                tensors[key] = value.detach().cpu().contiguous()
+            else:
+                scalars[key] = value
+    save_file(tensors, folder / "optimizer.safetensors")
+    meta = {"param_groups": state["param_groups"], "scalars": scalars}
+    atomic_write_text(folder / "optimizer.json", json.dumps(meta))
+
+
+def load_optimizer(optimizer: torch.optim.Optimizer, folder: Path) -> None:
+    """Restore what `save_optimizer` wrote."""
+    try:
+        tensors = load_file(folder / "optimizer.safetensors")
+        meta = json.loads((folder / "optimizer.json").read_text(encoding="utf-8"))
+    except (OSError, SafetensorError, ValueError) as exc:
+        raise ModelError(
+            f"unreadable optimizer state ({exc})", folder, "restart without --resume"
+        ) from None
+    state: dict[int, dict[str, Any]] = {}
+    for key, value in [*tensors.items(), *meta["scalars"].items()]:
+        index, name = key.split(".", 1)
+        state.setdefault(int(index), {})[name] = value
+    optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+
+
+def publish_folder(temp: Path, final: Path) -> None:
+    """Move a fully written folder into place (the old one, if any, is removed first)."""
+    fault_point("checkpoint.before_publish")
+    if final.exists():
+        shutil.rmtree(final)
+    temp.rename(final)

@@ -1,0 +1,70 @@
+"""The user data directory and its run registry (`runs.json`): later commands find runs there."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import platformdirs
+
+from specdm_cli.stores.atomic import atomic_write_text
+from specdm_cli.stores.lock import DirLock
+
+
+def user_dir() -> Path:
+    """specdm's user data directory; SPECDM_HOME overrides it (tests, shared machines)."""
+    home = os.environ.get("SPECDM_HOME")
+    return Path(home) if home else Path(platformdirs.user_data_dir("specdm"))
+
+
+def default_run_dir(dataset: str) -> Path:
+    """`<user data dir>/runs/<dataset>-<timestamp>`."""
+    return user_dir() / "runs" / f"{dataset}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def _registry() -> Path:
+    return user_dir() / "runs.json"
+
+
+def read_registry() -> list[dict[str, Any]]:
+    """All registry entries, oldest first (an unreadable registry reads as empty)."""
+    try:
+        entries = json.loads(_registry().read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return []
+    return entries if isinstance(entries, list) else []
+
+
+def record_run(run: Path, task: str, stage: str, can_sample: bool) -> None:
+    """Append (or update) the entry of `run` in the registry, under the registry's lock."""
+    folder = user_dir()
+    folder.mkdir(parents=True, exist_ok=True)
+    with DirLock(folder, ".runs.lock"):
+        entries = [e for e in read_registry() if e.get("path") != str(run.resolve())]
+        entries.append(
+            {
+                "path": str(run.resolve()),
+                "run_id": run.name,
+                "task": task,
+                "stage": stage,
+                "can_sample": can_sample,
+                "finished": time.time(),
+            }
+        )
+        atomic_write_text(_registry(), json.dumps(entries, indent=2))
+
+
+def newest_run(task: str, can_sample: bool = True) -> Path | None:
+    """The newest registered run of `task` that can sample (and still exists)."""
+    for entry in reversed(read_registry()):
+        path = Path(str(entry.get("path", "")))
+        if (
+            entry.get("task") == task
+            and (entry.get("can_sample") or not can_sample)
+            and path.is_dir()
+        ):
+            return path
+    return None

@@ -1,0 +1,145 @@
+"""Run directories: create, resume or overwrite; lock; atomic checkpoints; the run registry."""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, Literal
+
+from specdm_cli.errors import InputDataError, ModelError, UsageError
+from specdm_cli.pipeline.checkpoints import (
+    load_optimizer,
+    publish_folder,
+    save_optimizer,
+    weights_digests,
+)
+from specdm_cli.pipeline.registry import default_run_dir, record_run
+from specdm_cli.pipeline.run_manifest import RUN_FILE, RunManifest, StageState, load_run, save_run
+from specdm_cli.stores import StoreReader, is_ours
+from specdm_cli.stores.atomic import remove_stray_temporaries, remove_tree
+from specdm_cli.stores.lock import DirLock
+
+__all__ = ["default_run_dir", "load_optimizer_state", "save_optimizer_state"]
+load_optimizer_state = load_optimizer
+save_optimizer_state = save_optimizer
+RunState = Literal["fresh", "resume"]
+
+
+def prepare_run_dir(run: Path, resume: bool, overwrite: bool) -> RunState:
+    """DESIGN.md's rules for an output folder, applied to a run directory."""
+    if resume and overwrite:
+        raise UsageError("--resume and --overwrite exclude each other", hint="pick one")
+    if not run.exists() or (run.is_dir() and not any(run.iterdir())):
+        return "fresh"
+    if overwrite:
+        if not is_ours(run):
+            raise InputDataError(
+                "refusing to overwrite a folder that is not a specdm run", run, "remove it yourself"
+            )
+        remove_tree(run)
+        return "fresh"
+    if not resume:
+        raise InputDataError(
+            "run directory already exists", run, "pass --resume, --overwrite or another --run"
+        )
+    if not (run / RUN_FILE).exists():
+        raise ModelError("not a run directory: no run.json", run, "choose another --run")
+    return "resume"
+
+
+class RunLock(DirLock):
+    """The run directory's writer lock (the folder is created if needed)."""
+
+    def __init__(self, run: Path):
+        run.mkdir(parents=True, exist_ok=True)
+        super().__init__(run)
+
+
+def open_or_create_run(
+    run: Path, reader: StoreReader, state: RunState, source_sha256: str, made_by: dict[str, Any]
+) -> RunManifest:
+    """The run's manifest: new for a fresh run, loaded (weights verified) for a resume."""
+    remove_stray_temporaries(run)
+    if state == "resume":
+        manifest = load_run(run)
+        if manifest.source_manifest_sha256 != source_sha256:
+            raise ModelError(
+                "cannot resume: the run was trained on another store",
+                run,
+                "use its store or a new --run",
+            )
+        return manifest
+    store = reader.manifest
+    if store.normalization is None:
+        raise InputDataError(
+            "the store has no normalisation statistics (no train split)",
+            reader.root,
+            "re-run prepare",
+        )
+    manifest = RunManifest(
+        run_id=run.name,
+        task=store.task,
+        dataset=store.source.dataset if store.source else "synthetic",
+        source_store=str(reader.root.resolve()),
+        source_manifest_sha256=source_sha256,
+        bands=store.bands,
+        classes=store.classes,
+        dtype=store.dtype,
+        height=store.height,
+        width=store.width,
+        normalization=store.normalization,
+        provenance=made_by,
+    )
+    save_run(run, manifest)
+    return manifest
+
+
+def check_resume(run: Path, recorded: dict[str, Any], requested: dict[str, Any]) -> None:
+    """A resume must use the options the stage was started with (all but steps and schedules)."""
+    if recorded != requested:
+        changed = sorted(
+            k for k in set(recorded) | set(requested) if recorded.get(k) != requested.get(k)
+        )
+        raise ModelError(
+            f"cannot resume: options differ from the run's ({', '.join(changed)})",
+            run,
+            "resume with the original options, or start a new --run",
+        )
+
+
+def commit_checkpoint(
+    run: Path,
+    stage: str,
+    step: int,
+    write: Callable[[Path], None],
+    identity: dict[str, Any],
+    finished: bool,
+    details: dict[str, Any],
+) -> None:
+    """Write a checkpoint folder aside, move it into place, then point run.json at it."""
+    relative = f"checkpoints/{stage}-{step:07d}"
+    temp = run / f".{stage}-{step:07d}.partial"
+    remove_tree(temp)
+    temp.mkdir(parents=True)
+    write(temp)
+    (run / "checkpoints").mkdir(exist_ok=True)
+    publish_folder(temp, run / relative)
+    manifest = load_run(run, verify=False)
+    manifest.stages[stage] = StageState(
+        config=identity,
+        step=step,
+        finished=finished,
+        checkpoint=relative,
+        weights=weights_digests(run, run / relative),
+        details=details,
+    )
+    save_run(run, manifest)
+    for old in (run / "checkpoints").glob(f"{stage}-*"):
+        if old.name != Path(relative).name:
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def register(run: Path, task: str, stage: str, can_sample: bool) -> None:
+    """Add the run to the user's registry so later commands find it."""
+    record_run(run, task, stage, can_sample)

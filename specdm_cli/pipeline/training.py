@@ -1,0 +1,102 @@
+"""What every training stage shares: devices, precision, deterministic batches, augmentation."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+from collections.abc import Iterator
+from typing import Literal
+
+import numpy as np
+import torch
+
+from specdm_cli.errors import ResourceError, UsageError
+from specdm_cli.manifest import IGNORE_INDEX, IMAGE_ARRAYS, LABEL_ARRAY, Task
+from specdm_cli.stores import StoreReader
+
+Precision = Literal["fp32", "bf16", "fp16"]
+
+
+def parse_device(gpus: str | None) -> torch.device:
+    """`--gpus`: None runs on the CPU, "0" on CUDA device 0 (several devices: not yet)."""
+    if gpus is None or gpus.strip().lower() == "cpu":
+        return torch.device("cpu")
+    devices = [d.strip() for d in gpus.split(",") if d.strip()]
+    if not all(d.isdigit() for d in devices):
+        raise UsageError(f"--gpus {gpus!r} is not a list of device numbers", hint="e.g. --gpus 0")
+    if not torch.cuda.is_available():
+        raise ResourceError(
+            "CUDA was asked for but no GPU is available", hint="drop --gpus to run on the CPU"
+        )
+    if len(devices) > 1:
+        raise UsageError(
+            "several GPUs are not supported yet", hint="pass one device, e.g. --gpus 0"
+        )
+    if int(devices[0]) >= torch.cuda.device_count():
+        raise ResourceError(
+            f"no CUDA device {devices[0]}", hint=f"there are {torch.cuda.device_count()}"
+        )
+    return torch.device(f"cuda:{devices[0]}")
+
+
+def autocast(
+    device: torch.device, precision: Precision
+) -> contextlib.AbstractContextManager[object]:
+    """Mixed precision on CUDA; the CPU always runs fp32 (bf16 there is slower and noisier)."""
+    if device.type != "cuda" or precision == "fp32":
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    return torch.autocast(device_type="cuda", dtype=dtype)
+
+
+def step_seed(seed: int, step: int, stream: str) -> int:
+    """A 63-bit seed from (seed, step, stream): every random draw of a step is a function of it."""
+    digest = hashlib.blake2b(f"{seed}/{step}/{stream}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
+
+
+def d4(array: np.ndarray, rotations: int, flip: bool) -> np.ndarray:
+    """One of the 8 symmetries of the square, on the last two axes."""
+    out = np.rot90(array, rotations, axes=(-2, -1))
+    return np.ascontiguousarray(out[..., ::-1] if flip else out)
+
+
+def load_batch(
+    reader: StoreReader, indices: np.ndarray, rng: np.random.Generator | None
+) -> dict[str, np.ndarray]:
+    """Stack samples `indices`; with `rng`, each gets a random D4 symmetry (images and label alike)."""
+    samples = [reader.read(int(i)) for i in indices]
+    if rng is not None:
+        moves = [(int(rng.integers(4)), bool(rng.integers(2))) for _ in samples]
+        samples = [
+            {k: d4(v, *move) for k, v in s.items()} for s, move in zip(samples, moves, strict=True)
+        ]
+    return {name: np.stack([s[name] for s in samples]) for name in samples[0]}
+
+
+def to_tensors(
+    batch: dict[str, np.ndarray],
+    task: Task,
+    mean: torch.Tensor,
+    std: torch.Tensor,
+    device: torch.device,
+) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """Band-normalised float images and int64 labels on `device`, and the valid-pixel mask."""
+    label = torch.from_numpy(batch[LABEL_ARRAY[task]].astype(np.int64)).to(device)
+    tensors = {LABEL_ARRAY[task]: label}
+    for name in IMAGE_ARRAYS[task]:
+        image = torch.from_numpy(batch[name].astype(np.float32)).to(device)
+        tensors[name] = (image - mean[:, None, None]) / std[:, None, None]
+    return tensors, label != IGNORE_INDEX
+
+
+@contextlib.contextmanager
+def torch_threads(count: int | None) -> Iterator[None]:
+    """Set torch's intra-op threads for a stage (restored after)."""
+    previous = torch.get_num_threads()
+    if count:
+        torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)

@@ -1,0 +1,126 @@
+"""`specdm fit-vae` end to end on tiny demo stores: run dirs, resume, refusals, learning."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from specdm_cli.pipeline.checkpoints import sha256_file
+from specdm_cli.pipeline.registry import read_registry
+from tests.conftest import prepare_demo, run_cli
+
+TINY = ("--image-blocks", "8,16,16", "--mask-blocks", "8,8,16", "--norm-groups", "4",
+        "--batch-size", "4", "--lr", "1e-3", "--threads", "2", "--quiet")  # fmt: skip
+
+
+def fit(store: Path, run: Path, *extra: str) -> tuple[int, str, str]:
+    return run_cli("fit-vae", store, "--run", run, *TINY, *extra)
+
+
+def weights(run: Path) -> dict[str, torch.Tensor]:
+    manifest = json.loads((run / "run.json").read_text())
+    folder = run / manifest["stages"]["vae"]["checkpoint"]
+    tensors = {}
+    for path in sorted(folder.rglob("*.safetensors")):
+        tensors.update({f"{path.relative_to(folder)}:{k}": v for k, v in load_file(path).items()})
+    return tensors
+
+
+def test_run_directory_contents(demo_ss_store: Path, tmp_path: Path) -> None:
+    code, stdout, stderr = fit(
+        demo_ss_store, tmp_path / "run", "--steps", "3", "--val-every", "3", "--json"
+    )
+    assert code == 0, stderr
+    summary = json.loads(stdout)
+    assert summary["step"] == 3 and 0.0 <= summary["validation"]["miou"] <= 1.0
+    manifest = json.loads((tmp_path / "run" / "run.json").read_text())
+    stage = manifest["stages"]["vae"]
+    assert stage["finished"] and stage["details"]["latent_layout"] == [["image", 4], ["mask", 3]]
+    assert {Path(p).name for p in stage["weights"]} == {
+        "diffusion_pytorch_model.safetensors",
+        "optimizer.safetensors",
+    }
+    for relative, digest in stage["weights"].items():
+        assert sha256_file(tmp_path / "run" / relative) == digest
+    lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["step"] for line in lines] == [1, 2, 3]
+    assert [e["path"] for e in read_registry()] == [str((tmp_path / "run").resolve())]
+
+
+@pytest.mark.parametrize("extra", [(), ("--single-stream",)])
+def test_change_detection_and_single_stream_train(
+    demo_cd_store: Path, tmp_path: Path, extra: tuple[str, ...]
+) -> None:
+    code, _stdout, stderr = fit(demo_cd_store, tmp_path / "run", "--steps", "2", "--json", *extra)
+    assert code == 0, stderr
+    layout = json.loads((tmp_path / "run" / "run.json").read_text())["stages"]["vae"]["details"][
+        "latent_layout"
+    ]
+    expected = [["joint", 11]] if extra else [["image_t1", 4], ["image_t2", 4], ["change", 3]]
+    assert layout == expected
+
+
+def test_two_plus_two_steps_equal_four(demo_ss_store: Path, tmp_path: Path) -> None:
+    assert fit(demo_ss_store, tmp_path / "whole", "--steps", "4")[0] == 0
+    assert fit(demo_ss_store, tmp_path / "split", "--steps", "2")[0] == 0
+    code, stdout, stderr = fit(
+        demo_ss_store, tmp_path / "split", "--steps", "4", "--resume", "--json"
+    )
+    assert code == 0, stderr
+    assert json.loads(stdout)["state"] == "resumed"
+    whole, split = weights(tmp_path / "whole"), weights(tmp_path / "split")
+    assert whole.keys() == split.keys()
+    for name in whole:
+        assert torch.equal(whole[name], split[name]), name
+    again = fit(demo_ss_store, tmp_path / "split", "--steps", "4", "--resume", "--json")
+    assert again[0] == 0 and json.loads(again[1])["state"] == "already complete"
+
+
+def test_loss_falls_on_a_demo_store(tmp_path: Path) -> None:
+    store = prepare_demo(tmp_path / "d.zarr", n=32, size=16)
+    # Last value wins: a larger batch and rate than TINY make the fall clear in 60 steps.
+    code, _, stderr = run_cli("fit-vae", store, "--run", tmp_path / "run", *TINY, "--steps", "60",
+                              "--val-every", "60", "--lr", "1e-2", "--batch-size", "8",
+                              "--augment", "none")  # fmt: skip
+    assert code == 0, stderr
+    totals = [
+        json.loads(line)["total"]
+        for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+    ]
+    assert sum(totals[-8:]) / 8 < 0.8 * sum(totals[:8]) / 8
+
+
+def test_refusals(demo_ss_store: Path, tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    assert fit(demo_ss_store, run, "--steps", "2")[0] == 0
+    code, _, stderr = fit(demo_ss_store, run, "--steps", "4", "--resume", "--sad-weight", "0")
+    assert code == 4 and "sad_weight" in stderr
+    code, _, stderr = fit(demo_ss_store, run, "--steps", "4")
+    assert code == 3 and "already exists" in stderr
+    weights_file = next(run.rglob("image/diffusion_pytorch_model.safetensors"))
+    weights_file.write_bytes(weights_file.read_bytes()[:-8] + b"tampered")
+    code, _, stderr = fit(demo_ss_store, run, "--steps", "4", "--resume")
+    assert code == 4 and "tampered" in stderr and "Traceback" not in stderr
+
+
+@pytest.mark.parametrize(
+    ("args", "code", "words"),
+    [
+        (("--batch-size", "0"), 2, "--batch-size"),
+        (("--downsample", "3"), 2, "--downsample"),
+        (("--split", "synthetic"), 3, "no 'synthetic' samples"),
+        (("--gpus", "0"), 5, "CUDA"),
+    ],
+)
+def test_bad_options(
+    demo_ss_store: Path, tmp_path: Path, args: tuple[str, ...], code: int, words: str
+) -> None:
+    if args[0] == "--gpus" and torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    exit_code, _, stderr = fit(demo_ss_store, tmp_path / "run", "--steps", "1", *args)
+    assert exit_code == code, stderr
+    assert words in stderr and "Traceback" not in stderr
