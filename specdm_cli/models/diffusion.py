@@ -1,0 +1,132 @@
+"""The denoising U-Net, LDM's noise schedule and EMA weights (paper Sec. 3.2, 3.4)."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import torch
+from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler, UNet2DModel
+from pydantic import BaseModel, ConfigDict, Field
+from torch import nn
+
+SamplerName = Literal["ddpm", "ddim", "dpmpp"]
+
+
+class UNetConfig(BaseModel):
+    """A diffusers UNet2DModel over the joint latent."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    channels: int = Field(ge=1)  # joint latent channels (the VAE's latent layout)
+    sample_size: int = Field(ge=4)  # latent height = width
+    # Our presets follow LDM's latent U-Nets (channel multipliers 1-2-2/3-4, attention at the
+    # coarser levels) at a width of 128, smaller than LDM's 224 for our 10-200 band latents.
+    block_out_channels: tuple[int, ...] = (128, 256, 256)
+    attention: tuple[bool, ...] = (False, True, True)
+    layers_per_block: int = Field(2, ge=1)  # LDM num_res_blocks
+    norm_num_groups: int = Field(32, ge=1)  # LDM / diffusers
+    attention_head_dim: int = Field(32, ge=1)  # LDM num_head_channels
+
+    @classmethod
+    def for_latent(cls, channels: int, size: int, **overrides: Any) -> UNetConfig:
+        """Presets for 16x16, 32x32 and 64x64 latents (deeper for larger latents)."""
+        presets: dict[int, dict[str, Any]] = {
+            16: {"block_out_channels": (128, 256, 256), "attention": (False, True, True)},
+            32: {
+                "block_out_channels": (128, 256, 256, 512),
+                "attention": (False, False, True, True),
+            },
+            64: {
+                "block_out_channels": (128, 256, 384, 512),
+                "attention": (False, False, True, True),
+            },
+        }
+        preset = presets[min(presets, key=lambda s: abs(s - size))]
+        return cls(channels=channels, sample_size=size, **{**preset, **overrides})
+
+
+def build_unet(config: UNetConfig) -> Any:
+    """The U-Net of `config` (epsilon prediction: output channels = input channels)."""
+    down = ["AttnDownBlock2D" if a else "DownBlock2D" for a in config.attention]
+    up = ["AttnUpBlock2D" if a else "UpBlock2D" for a in reversed(config.attention)]
+    unet: Any = UNet2DModel  # untyped constructor
+    return unet(
+        sample_size=config.sample_size,
+        in_channels=config.channels,
+        out_channels=config.channels,
+        layers_per_block=config.layers_per_block,
+        block_out_channels=config.block_out_channels,
+        down_block_types=tuple(down),
+        up_block_types=tuple(up),
+        norm_num_groups=config.norm_num_groups,
+        attention_head_dim=config.attention_head_dim,
+    )
+
+
+class ScheduleConfig(BaseModel):
+    """LDM's "linear" schedule: beta linear in sqrt(beta) from 0.0015 to 0.0155 (paper Sec. 3.4)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    num_train_timesteps: int = 1000  # LDM's T; blank in our copy of the paper
+    beta_start: float = 0.0015  # paper Sec. 3.4
+    beta_end: float = 0.0155  # paper Sec. 3.4
+    beta_schedule: str = "scaled_linear"  # diffusers' name for LDM's "linear"
+    prediction_type: str = "epsilon"  # LDM
+
+
+def ldm_betas(config: ScheduleConfig) -> torch.Tensor:
+    """The betas from the formula, in float64: linspace(sqrt(b0), sqrt(b1), T) ** 2."""
+    roots = torch.linspace(
+        config.beta_start**0.5,
+        config.beta_end**0.5,
+        config.num_train_timesteps,
+        dtype=torch.float64,
+    )
+    return roots**2
+
+
+def make_scheduler(name: SamplerName, config: ScheduleConfig) -> Any:
+    """A diffusers scheduler on the schedule; LDM never clips latents, so nothing clips."""
+    common = {**config.model_dump()}
+    ddpm: Any = DDPMScheduler  # diffusers' schedulers are untyped
+    ddim: Any = DDIMScheduler
+    dpmpp: Any = DPMSolverMultistepScheduler
+    if name == "ddpm":
+        return ddpm(**common, clip_sample=False, variance_type="fixed_small")
+    if name == "ddim":
+        return ddim(**common, clip_sample=False, set_alpha_to_one=False, steps_offset=1)
+    return dpmpp(
+        **common,
+        algorithm_type="dpmsolver++",
+        solver_order=2,
+        thresholding=False,
+        lower_order_final=True,
+    )
+
+
+class EMA:
+    """Exponential moving average of parameters, with LDM's warm-up: min(decay, (1+n)/(10+n))."""
+
+    def __init__(self, model: nn.Module, decay: float = 0.9999):  # LDM's LitEma decay
+        self.decay = decay
+        self.updates = 0
+        self.shadow = {k: v.detach().clone().float() for k, v in model.state_dict().items()}
+
+    def current_decay(self) -> float:
+        return min(self.decay, (1 + self.updates) / (10 + self.updates))
+
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> None:
+        decay = self.current_decay()
+        self.updates += 1
+        for name, value in model.state_dict().items():
+            if value.dtype.is_floating_point:
+                self.shadow[name].mul_(decay).add_(value.detach().float(), alpha=1 - decay)
+            else:
+                self.shadow[name].copy_(value)
+
+    def copy_to(self, model: nn.Module) -> None:
+        model.load_state_dict(
+            {k: v.to(model.state_dict()[k].dtype) for k, v in self.shadow.items()}
+        )
