@@ -480,6 +480,65 @@ def fit_vae(
             _emit_json(asdict(summary))
 
 
+@app.command("fit-diffusion")
+def fit_diffusion(
+    run: Annotated[Path, typer.Argument(help="A run directory with a trained VAE.")],
+    store: Annotated[Path | None, typer.Option(help="Store to encode [the VAE's store].")] = None,
+    batch_size: Annotated[int | None, typer.Option(help="Batch size [32].")] = None,
+    lr: Annotated[
+        float | None, typer.Option(help="Learning rate [2e-6 x batch size, LDM].")
+    ] = None,
+    steps: Annotated[int | None, typer.Option(help="Training steps [50000].")] = None,
+    seed: Annotated[int | None, typer.Option(help="Seed [0].")] = None,
+    precision: Annotated[
+        Precision | None, typer.Option(help="fp32, bf16, fp16 (CUDA only) [fp32].")
+    ] = None,
+    ema_decay: Annotated[float | None, typer.Option(help="EMA decay [0.9999, LDM].")] = None,
+    unet_blocks: Annotated[
+        str | None, typer.Option(help="U-Net widths [preset for the latent size].")
+    ] = None,
+    layers_per_block: Annotated[int | None, typer.Option(help="Res blocks per level [2].")] = None,
+    norm_groups: Annotated[int | None, typer.Option(help="GroupNorm groups [32].")] = None,
+    head_dim: Annotated[int | None, typer.Option(help="Attention head width [32].")] = None,
+    checkpoint_every: Annotated[
+        int | None, typer.Option(help="Checkpoint every N steps [1000].")
+    ] = None,
+    gpus: Annotated[str | None, typer.Option(help="CUDA device, e.g. 0 [CPU].")] = None,
+    threads: Annotated[int | None, typer.Option(help="CPU threads for torch.")] = None,
+    resume: Annotated[bool, typer.Option(help="Continue from the last checkpoint.")] = False,
+    json_output: JsonOption = False,
+    quiet: QuietOption = False,
+) -> None:
+    """Train the denoising U-Net on the joint latents of a run's VAE."""
+    with _domain_errors():
+        from specdm_cli.pipeline.fit_diffusion import DiffusionTrainConfig, FitDiffusionRequest
+        from specdm_cli.pipeline.fit_diffusion import fit_diffusion as run_fit_diffusion
+        from specdm_cli.pipeline.signals import graceful_stop
+        from specdm_cli.pipeline.training import torch_threads
+
+        config = _config_or_usage_error(
+            DiffusionTrainConfig,
+            batch_size=batch_size, lr=lr, steps=steps, seed=seed,
+            precision=precision.value if precision else None, ema_decay=ema_decay,
+            block_out_channels=_blocks(unet_blocks), layers_per_block=layers_per_block,
+            norm_num_groups=norm_groups, attention_head_dim=head_dim, checkpoint_every=checkpoint_every,
+        )  # fmt: skip
+        request = FitDiffusionRequest(run, config, resume, gpus, store)
+        with (
+            graceful_stop() as stop,
+            torch_threads(threads),
+            _progress_bar("fit-diffusion", quiet) as bar,
+        ):
+            summary = run_fit_diffusion(request, stop, lambda stage, done, total: bar(done, total))
+        if not quiet:
+            stderr.print(
+                f"{summary.state}: {summary.run} at step {summary.step} (latent cache {summary.cache})",
+                markup=False,
+            )
+        if json_output:
+            _emit_json(asdict(summary))
+
+
 def main() -> None:
     """Console-script entry point."""
     app()

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import time
 from collections.abc import Callable
@@ -121,10 +120,6 @@ def model_config(config: VAETrainConfig, manifest: Manifest) -> VAEConfig:
     )
 
 
-def manifest_sha256(store: Path) -> str:
-    return hashlib.sha256((store / "manifest.json").read_bytes()).hexdigest()
-
-
 def training_indices(reader: StoreReader, config: VAETrainConfig) -> np.ndarray:
     """The training samples: the chosen split, cut to `--limit` (paper's limited-data protocol)."""
     indices = reader.indices(config.split)
@@ -227,7 +222,7 @@ def fit_vae(
     state = runs.prepare_run_dir(run, request.resume, request.overwrite)
     with runs.RunLock(run):
         manifest = runs.open_or_create_run(
-            run, reader, state, manifest_sha256(request.store), provenance()
+            run, reader, state, runs.store_sha256(request.store), provenance()
         )
         stage = manifest.stages.get("vae")
         if stage is not None:

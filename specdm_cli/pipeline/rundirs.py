@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -24,6 +25,11 @@ __all__ = ["default_run_dir", "load_optimizer_state", "save_optimizer_state"]
 load_optimizer_state = load_optimizer
 save_optimizer_state = save_optimizer
 RunState = Literal["fresh", "resume"]
+
+
+def store_sha256(store: Path) -> str:
+    """sha256 of a store's manifest.json: what a run was trained on."""
+    return hashlib.sha256((store / "manifest.json").read_bytes()).hexdigest()
 
 
 def prepare_run_dir(run: Path, resume: bool, overwrite: bool) -> RunState:

@@ -1,0 +1,278 @@
+"""The `fit-diffusion` stage: a denoising U-Net on the joint latents (paper Sec. 3.2, 3.4)."""
+
+from __future__ import annotations
+
+import copy
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F  # noqa: N812
+from pydantic import BaseModel, ConfigDict, Field
+
+from specdm_cli.errors import ModelError
+from specdm_cli.models.diffusion import EMA, ScheduleConfig, UNetConfig, build_unet, ldm_betas
+from specdm_cli.pipeline import rundirs as runs
+from specdm_cli.pipeline.checkpoints import load_module, save_module
+from specdm_cli.pipeline.latent_cache import LatentCache, cache_key, open_or_build
+from specdm_cli.pipeline.run_manifest import RunManifest, load_run
+from specdm_cli.pipeline.signals import StopFlag
+from specdm_cli.pipeline.training import Precision, autocast, parse_device, step_seed
+from specdm_cli.pipeline.vae_io import load_vae
+from specdm_cli.stores import open_store
+
+Progress = Callable[[str, int, int], None]
+
+
+class DiffusionTrainConfig(BaseModel):
+    """How to train the U-Net; every default says where it comes from."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    batch_size: int = Field(32, ge=1)  # ours: one GPU at 32x32 latents (LDM: 48)
+    # None = LDM's base_learning_rate 2e-6 x batch size (its scale_lr); the paper's is blank.
+    lr: float | None = Field(None, gt=0)
+    steps: int = Field(50_000, ge=1)  # ours
+    seed: int = Field(0, ge=0)
+    precision: Precision = "fp32"
+    ema_decay: float = Field(0.9999, gt=0, lt=1)  # LDM's LitEma
+    checkpoint_every: int = Field(1000, ge=1)  # ours
+    block_out_channels: tuple[int, ...] | None = None  # None = UNetConfig.for_latent's preset
+    layers_per_block: int = Field(2, ge=1)  # LDM num_res_blocks
+    norm_num_groups: int = Field(32, ge=1)
+    attention_head_dim: int = Field(32, ge=1)
+
+    def learning_rate(self) -> float:
+        return self.lr if self.lr is not None else 2e-6 * self.batch_size
+
+    def training_identity(self) -> dict[str, Any]:
+        return self.model_dump(exclude={"steps", "checkpoint_every"}, mode="json")
+
+
+@dataclass(frozen=True)
+class FitDiffusionRequest:
+    run: Path
+    config: DiffusionTrainConfig
+    resume: bool = False
+    gpus: str | None = None
+    store: Path | None = None  # default: the store the VAE was trained on
+
+
+@dataclass
+class FitDiffusionSummary:
+    run: str
+    state: str
+    step: int
+    steps: int
+    seconds: float
+    steps_per_second: float
+    cache: str
+    loss: float | None = None
+    latent_scale: list[float] = field(default_factory=list)
+
+
+def unet_config(config: DiffusionTrainConfig, channels: int, size: int) -> UNetConfig:
+    overrides: dict[str, Any] = {
+        "layers_per_block": config.layers_per_block,
+        "norm_num_groups": config.norm_num_groups,
+        "attention_head_dim": config.attention_head_dim,
+    }
+    if config.block_out_channels:
+        levels = len(config.block_out_channels)
+        overrides["block_out_channels"] = config.block_out_channels
+        overrides["attention"] = tuple(level >= levels // 2 for level in range(levels))
+    return UNetConfig.for_latent(channels, size, **overrides)
+
+
+class DiffusionTrainer:
+    """The U-Net, its EMA, the optimizer and the deterministic step over the latent cache."""
+
+    def __init__(
+        self,
+        cache: LatentCache,
+        config: DiffusionTrainConfig,
+        unet_cfg: UNetConfig,
+        device: torch.device,
+    ):
+        self.cache, self.config, self.device = cache, config, device
+        torch.manual_seed(config.seed)
+        self.unet = build_unet(unet_cfg).to(device).train()
+        self.ema = EMA(self.unet, config.ema_decay)
+        self.optimizer = torch.optim.AdamW(self.unet.parameters(), lr=config.learning_rate())
+        self.scale = torch.from_numpy(cache.scale).to(device)[None, :, None, None]
+        # Products in float64, as LDM registers them, then float32 for the step.
+        acp = torch.cumprod(1 - ldm_betas(ScheduleConfig()), dim=0)
+        self.alphas_cumprod = acp.to(device=device, dtype=torch.float32)
+
+    def step(self, step: int) -> float:
+        """One denoising step; the batch, z, noise and t depend only on (seed, step)."""
+        rng = np.random.default_rng(step_seed(self.config.seed, step, "batch"))
+        rows = np.sort(
+            rng.choice(
+                len(self.cache),
+                self.config.batch_size,
+                replace=len(self.cache) < self.config.batch_size,
+            )
+        )
+        generator = torch.Generator().manual_seed(step_seed(self.config.seed, step, "noise"))
+        mean = torch.from_numpy(np.asarray(self.cache.mean.get_orthogonal_selection((rows,))))
+        std = torch.from_numpy(np.asarray(self.cache.std.get_orthogonal_selection((rows,))))
+        z = (mean + std * torch.randn(mean.shape, generator=generator)).to(self.device) * self.scale
+        noise = torch.randn(z.shape, generator=generator).to(self.device)
+        t = torch.randint(0, len(self.alphas_cumprod), (z.shape[0],), generator=generator).to(
+            self.device
+        )
+        a = self.alphas_cumprod[t][:, None, None, None]
+        noisy = a.sqrt() * z + (1 - a).sqrt() * noise
+        with autocast(self.device, self.config.precision):
+            predicted = self.unet(noisy, t).sample
+        loss = F.mse_loss(predicted.float(), noise)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()  # type: ignore[no-untyped-call]
+        self.optimizer.step()
+        self.ema.update(self.unet)
+        return float(loss.detach())
+
+
+def fit_diffusion(
+    request: FitDiffusionRequest, stop: StopFlag, progress: Progress | None = None
+) -> FitDiffusionSummary:
+    """Encode the latent cache (once), then train the U-Net with EMA; resume is bit-exact."""
+    started = time.monotonic()
+    device = parse_device(request.gpus)
+    run = request.run
+    manifest = load_run(run)
+    with runs.RunLock(run):
+        vae_stage = manifest.stages.get("vae")
+        if vae_stage is None or not vae_stage.finished:
+            raise ModelError(
+                "the run has no finished VAE", run, "run `specdm fit-vae` to the end first"
+            )
+        stage = manifest.stages.get("diffusion")
+        resumable = stage is not None and stage.checkpoint is not None
+        if resumable and not request.resume:
+            raise ModelError(
+                "the run already has a diffusion model", run, "pass --resume to continue it"
+            )
+        if stage is not None and resumable:
+            runs.check_resume(run, stage.config, request.config.training_identity())
+            if stage.finished and stage.step >= request.config.steps:
+                return FitDiffusionSummary(
+                    str(run), "already complete", stage.step, request.config.steps, 0.0, 0.0, "kept"
+                )
+        cache = _cache(run, manifest, request, device, progress)
+        size = manifest.height // int(vae_stage.details["model"]["downsample"])
+        trainer = DiffusionTrainer(
+            cache, request.config, unet_config(request.config, cache.mean.shape[1], size), device
+        )
+        start = (
+            _restore(run, trainer, stage.checkpoint, device)
+            if stage is not None and stage.checkpoint and resumable
+            else 0
+        )
+        summary = _train(run, trainer, start, request.config, stop, progress)
+    runs.register(run, manifest.task, "diffusion", can_sample=True)
+    summary.seconds = round(time.monotonic() - started, 3)
+    summary.state = "resumed" if start else "trained"
+    summary.cache = "reused" if cache.reused else "built"
+    summary.latent_scale = cache.scale.tolist()
+    return summary
+
+
+def _cache(
+    run: Path,
+    manifest: RunManifest,
+    request: FitDiffusionRequest,
+    device: torch.device,
+    progress: Progress | None,
+) -> LatentCache:
+    vae_stage = manifest.stages["vae"]
+    store = request.store or Path(manifest.source_store)
+    reader = open_store(store)
+    store_sha = runs.store_sha256(store)
+    augment = vae_stage.config.get("augment", "none") == "d4"
+    key = cache_key(vae_stage.weights, store_sha, "d4" if augment else "none")
+    vae = load_vae(run, manifest, device)
+    split = str(vae_stage.config.get("split", "train"))
+    limit = vae_stage.config.get("limit")
+    indices = reader.indices(split)[: limit or None]
+    batch = max(1, min(64, request.config.batch_size))
+    report = (lambda done, total: progress("encode latents", done, total)) if progress else None
+    return open_or_build(run, vae, reader, indices, key, augment, batch, report)
+
+
+def _restore(run: Path, trainer: DiffusionTrainer, checkpoint: str, device: torch.device) -> int:
+    from diffusers import UNet2DModel
+
+    folder = run / checkpoint
+    trainer.unet = load_module(UNet2DModel, folder / "train_unet").to(device).train()
+    ema_unet = load_module(UNet2DModel, folder / "unet")
+    trainer.ema.shadow = {k: v.detach().clone().float() for k, v in ema_unet.state_dict().items()}
+    state = json.loads((folder / "ema.json").read_text(encoding="utf-8"))
+    trainer.ema.updates = int(state["updates"])
+    trainer.optimizer = torch.optim.AdamW(
+        trainer.unet.parameters(), lr=trainer.config.learning_rate()
+    )
+    runs.load_optimizer_state(trainer.optimizer, folder)
+    return int(state["step"])
+
+
+def _train(
+    run: Path,
+    trainer: DiffusionTrainer,
+    start: int,
+    config: DiffusionTrainConfig,
+    stop: StopFlag,
+    progress: Progress | None,
+) -> FitDiffusionSummary:
+    loss: float | None = None
+    tick = time.monotonic()
+    for step in range(start, config.steps):
+        loss = trainer.step(step)
+        done = step + 1
+        with (run / "metrics.jsonl").open("a", encoding="utf-8") as stream:
+            stream.write(json.dumps({"stage": "diffusion", "step": done, "loss": loss}) + "\n")
+        finished = done == config.steps
+        if finished or done % config.checkpoint_every == 0 or stop.signum is not None:
+            _checkpoint(run, trainer, config, done, finished)
+        if progress:
+            progress("fit-diffusion", done, config.steps)
+        stop.check()
+    rate = (config.steps - start) / max(time.monotonic() - tick, 1e-9)
+    return FitDiffusionSummary(
+        str(run), "", config.steps, config.steps, 0.0, round(rate, 3), "", loss
+    )
+
+
+def _checkpoint(
+    run: Path, trainer: DiffusionTrainer, config: DiffusionTrainConfig, step: int, finished: bool
+) -> None:
+    def write(folder: Path) -> None:
+        ema_unet = copy.deepcopy(trainer.unet)
+        trainer.ema.copy_to(ema_unet)
+        save_module(ema_unet, folder / "unet")
+        save_module(trainer.unet, folder / "train_unet")
+        runs.save_optimizer_state(trainer.optimizer, folder)
+        (folder / "ema.json").write_text(json.dumps({"updates": trainer.ema.updates, "step": step}))
+
+    details = {
+        "unet": dict(trainer.unet.config),
+        "schedule": ScheduleConfig().model_dump(),
+        "latent_scale": trainer.cache.scale.tolist(),
+        "learning_rate": config.learning_rate(),
+        "cached_views": len(trainer.cache),
+    }
+    runs.commit_checkpoint(
+        run,
+        "diffusion",
+        step,
+        write,
+        config.training_identity(),
+        finished,
+        json.loads(json.dumps(details, default=str)),
+    )

@@ -1,0 +1,131 @@
+"""The latent cache of fit-diffusion: the train split encoded once by the frozen VAE.
+
+Each entry keeps the posterior mean and std (so every step samples a fresh z) for one of the 8
+D4 views of a sample (or the sample itself without augmentation): encoding once is far cheaper
+than encoding every batch again (examples/bench_latent_cache.py measures the ratio). The cache
+is keyed by the VAE weights, the store's manifest and the augmentation: reused when all match,
+rebuilt otherwise, never silently stale.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, cast
+
+import numpy as np
+import torch
+import zarr
+
+from specdm_cli.errors import InputDataError
+from specdm_cli.models.vae import SpecDMVAE
+from specdm_cli.pipeline.training import d4, load_batch, to_tensors
+from specdm_cli.stores import StoreReader
+from specdm_cli.stores.atomic import remove_tree
+
+CACHE = "latents.zarr"
+VIEWS = [(rotations, flip) for flip in (False, True) for rotations in range(4)]
+
+
+def cache_key(vae_weights: dict[str, str], store_sha256: str, augment: str) -> str:
+    """What the cache depends on, hashed."""
+    payload = json.dumps(
+        {"vae": vae_weights, "store": store_sha256, "augment": augment}, sort_keys=True
+    )
+    return hashlib.sha256(payload.encode()).hexdigest()
+
+
+@dataclass
+class LatentCache:
+    """Posterior means and stds of every cached view, plus per-channel scales (1 / std of z)."""
+
+    mean: Any
+    std: Any
+    scale: np.ndarray
+    reused: bool
+
+    def __len__(self) -> int:
+        return int(self.mean.shape[0])
+
+
+def open_or_build(
+    run: Path,
+    vae: SpecDMVAE,
+    reader: StoreReader,
+    indices: np.ndarray,
+    key: str,
+    augment: bool,
+    batch_size: int,
+    progress: Callable[[int, int], None] | None = None,
+) -> LatentCache:
+    """The run's cache for `key`, built now if missing, stale or unfinished."""
+    path = run / CACHE
+    if path.exists():
+        group = zarr.open_group(path, mode="r")
+        if group.attrs.get("key") == key and group.attrs.get("complete"):
+            return _loaded(group, reused=True)
+        remove_tree(path)
+    return _build(path, vae, reader, indices, key, augment, batch_size, progress)
+
+
+def _loaded(group: zarr.Group, reused: bool) -> LatentCache:
+    scale = np.asarray(group.attrs["scale"], dtype=np.float32)
+    return LatentCache(group["mean"], group["std"], scale, reused)
+
+
+@torch.no_grad()
+def _build(
+    path: Path,
+    vae: SpecDMVAE,
+    reader: StoreReader,
+    indices: np.ndarray,
+    key: str,
+    augment: bool,
+    batch_size: int,
+    progress: Callable[[int, int], None] | None,
+) -> LatentCache:
+    views = VIEWS if augment else VIEWS[:1]
+    manifest = reader.manifest
+    stats = manifest.normalization
+    if stats is None:
+        raise InputDataError(
+            "the store has no normalisation statistics", reader.root, "re-run prepare"
+        )
+    device = next(vae.parameters()).device
+    mean_t = torch.tensor(stats.mean, device=device)
+    std_t = torch.tensor(stats.std, device=device)
+    channels = sum(size for _, size in vae.latent_layout())
+    side = manifest.height // vae.config.downsample
+    total = len(indices) * len(views)
+    group = zarr.open_group(path, mode="w")
+    shape, chunks = (total, channels, side, side), (batch_size, channels, side, side)
+    mean_a = group.create_array("mean", shape=shape, chunks=chunks, dtype="float32")
+    std_a = group.create_array("std", shape=shape, chunks=chunks, dtype="float32")
+    sums = np.zeros((2, channels), dtype=np.float64)
+    done = 0
+    for start in range(0, total, batch_size):
+        entries = range(start, min(start + batch_size, total))
+        samples = load_batch(reader, indices[[e // len(views) for e in entries]], None)
+        for row, entry in enumerate(entries):
+            for name in samples:
+                samples[name][row] = d4(samples[name][row], *views[entry % len(views)])
+        batch, _ = to_tensors(samples, manifest.task, mean_t, std_t, device)
+        posts = vae.encode(batch)
+        means = vae.join_latent({k: p.mean for k, p in posts.items()}).float().cpu().numpy()
+        stds = (
+            vae.join_latent({k: cast(Any, p).std for k, p in posts.items()}).float().cpu().numpy()
+        )
+        mean_a[entries.start : entries.stop] = means
+        std_a[entries.start : entries.stop] = stds
+        sums += [means.sum(axis=(0, 2, 3)), (means**2).sum(axis=(0, 2, 3))]
+        done += len(entries)
+        if progress:
+            progress(done, total)
+    count = total * side * side
+    variance = np.maximum(sums[1] / count - (sums[0] / count) ** 2, 1e-12)
+    scale = (1.0 / np.sqrt(variance)).astype(np.float32)
+    group.attrs.update({"key": key, "scale": scale.tolist(), "views": len(views), "complete": True})
+    return _loaded(group, reused=False)

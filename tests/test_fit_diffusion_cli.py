@@ -1,0 +1,117 @@
+"""`specdm fit-diffusion` end to end: latent cache, EMA, bit-exact resume, refusals."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tests.conftest import prepare_demo, run_cli
+
+VAE = ("--image-blocks", "8,16,16", "--mask-blocks", "8,8,16", "--norm-groups", "4",
+       "--batch-size", "8", "--lr", "1e-2", "--threads", "2", "--quiet")  # fmt: skip
+UNET = ("--unet-blocks", "16,32", "--norm-groups", "8", "--head-dim", "8", "--layers-per-block", "1",
+        "--batch-size", "8", "--lr", "1e-3", "--threads", "2", "--quiet")  # fmt: skip
+
+
+def _vae_run(root: Path, *extra: str, task: str = "ss") -> Path:
+    store = prepare_demo(root / f"{task}.zarr", n=32, size=16, task=task)
+    run = root / "vae-run"
+    code, _, stderr = run_cli("fit-vae", store, "--run", run, *VAE, "--steps", "8", *extra)
+    assert code == 0, stderr
+    return run
+
+
+@pytest.fixture(scope="module")
+def vae_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return _vae_run(tmp_path_factory.mktemp("vae"))
+
+
+def copy_run(run: Path, target: Path) -> Path:
+    shutil.copytree(run, target, ignore=shutil.ignore_patterns(".specdm.lock"))
+    return target
+
+
+def diffuse(run: Path, *extra: str) -> tuple[int, dict[str, object], str]:
+    code, stdout, stderr = run_cli("fit-diffusion", run, *UNET, "--json", *extra)
+    return code, json.loads(stdout) if code == 0 else {}, stderr
+
+
+def unet_weights(run: Path) -> dict[str, torch.Tensor]:
+    stage = json.loads((run / "run.json").read_text())["stages"]["diffusion"]
+    folder = run / stage["checkpoint"]
+    return {
+        f"{sub}:{k}": v
+        for sub in ("unet", "train_unet")
+        for k, v in load_file(folder / sub / "diffusion_pytorch_model.safetensors").items()
+    }
+
+
+def test_cache_scales_and_run_manifest(vae_run: Path, tmp_path: Path) -> None:
+    run = copy_run(vae_run, tmp_path / "run")
+    code, summary, stderr = diffuse(run, "--steps", "3")
+    assert code == 0, stderr
+    assert summary["cache"] == "built" and len(summary["latent_scale"]) == 7  # type: ignore[arg-type]
+    stage = json.loads((run / "run.json").read_text())["stages"]["diffusion"]
+    assert stage["finished"] and stage["details"]["schedule"]["beta_schedule"] == "scaled_linear"
+    assert (
+        stage["details"]["cached_views"] == 8 * 32 * 8 // 10
+        or stage["details"]["cached_views"] % 8 == 0
+    )
+    code, summary, _ = diffuse(run, "--steps", "5", "--resume")
+    assert code == 0 and summary["cache"] == "reused"
+
+
+def test_cache_is_rebuilt_for_another_store(vae_run: Path, tmp_path: Path) -> None:
+    run = copy_run(vae_run, tmp_path / "run")
+    assert diffuse(run, "--steps", "2")[0] == 0
+    other = prepare_demo(tmp_path / "other.zarr", "--seed", "9", n=24, size=16)
+    code, summary, stderr = diffuse(run, "--steps", "3", "--resume", "--store", str(other))
+    assert code == 0, stderr
+    assert summary["cache"] == "built"
+
+
+def test_two_plus_two_steps_equal_four_with_ema(vae_run: Path, tmp_path: Path) -> None:
+    whole = copy_run(vae_run, tmp_path / "whole")
+    split = copy_run(vae_run, tmp_path / "split")
+    assert diffuse(whole, "--steps", "4")[0] == 0
+    assert diffuse(split, "--steps", "2")[0] == 0
+    code, summary, stderr = diffuse(split, "--steps", "4", "--resume")
+    assert code == 0 and summary["state"] == "resumed", stderr
+    first, second = unet_weights(whole), unet_weights(split)
+    assert first.keys() == second.keys()
+    for name in first:
+        assert torch.equal(first[name], second[name]), name
+
+
+def test_loss_falls(vae_run: Path, tmp_path: Path) -> None:
+    run = copy_run(vae_run, tmp_path / "run")
+    assert diffuse(run, "--steps", "60", "--lr", "3e-3")[0] == 0
+    losses = [
+        json.loads(line)["loss"]
+        for line in (run / "metrics.jsonl").read_text().splitlines()
+        if '"diffusion"' in line
+    ]
+    assert sum(losses[-10:]) / 10 < 0.9 * sum(losses[:10]) / 10
+
+
+def test_single_stream_chain(tmp_path: Path) -> None:
+    run = _vae_run(tmp_path, "--single-stream", task="cd")
+    code, summary, stderr = diffuse(run, "--steps", "2")
+    assert code == 0, stderr
+    assert len(summary["latent_scale"]) == 11  # type: ignore[arg-type]
+
+
+def test_refusals(vae_run: Path, tmp_path: Path) -> None:
+    code, _, stderr = diffuse(tmp_path, "--steps", "2")
+    assert code == 4 and "run.json" in stderr
+    run = copy_run(vae_run, tmp_path / "run")
+    assert diffuse(run, "--steps", "2")[0] == 0
+    code, _, stderr = diffuse(run, "--steps", "4")
+    assert code == 4 and "--resume" in stderr
+    code, _, stderr = diffuse(run, "--steps", "4", "--resume", "--ema-decay", "0.99")
+    assert code == 4 and "ema_decay" in stderr
