@@ -539,6 +539,125 @@ def fit_diffusion(
             _emit_json(asdict(summary))
 
 
+class Sampler(StrEnum):
+    ddpm = "ddpm"
+    ddim = "ddim"
+    dpmpp = "dpmpp"
+
+
+@app.command()
+def synthesize(
+    out: Annotated[Path | None, typer.Option("--out", "-o", help="Output store.")] = None,
+    n: Annotated[int, typer.Option("--n", help="Number of pairs.")] = 0,
+    model: Annotated[
+        str | None, typer.Option(help="Run directory, or 'demo' [newest run of --task, else demo].")
+    ] = None,
+    task: Annotated[
+        TaskName | None, typer.Option(help="ss or cd (picks the default model).")
+    ] = None,
+    sampler: Annotated[
+        Sampler, typer.Option(help="ddpm (1000 steps, paper), ddim, dpmpp.")
+    ] = Sampler.dpmpp,
+    steps: Annotated[
+        int | None, typer.Option(help="Denoising steps [ddpm 1000, ddim 50, dpmpp 20].")
+    ] = None,
+    seed: Annotated[int, typer.Option(help="Seed: sample i depends only on (model, seed, i).")] = 0,
+    batch_size: Annotated[
+        int, typer.Option(help="B: the batch grid, fixed when the store is created.")
+    ] = 16,
+    precision: Annotated[
+        Precision, typer.Option(help="fp32, bf16, fp16 (CUDA only).")
+    ] = Precision.fp32,
+    store_format: Annotated[
+        StoreFormat, typer.Option("--format", help="Store format.")
+    ] = StoreFormat.zarr,
+    shard: Annotated[
+        str | None, typer.Option(help="Write shard i of N (i/N), on batch-grid lines.")
+    ] = None,
+    finalize: Annotated[
+        Path | None, typer.Option(help="Merge the shard records of a store and finish it.")
+    ] = None,
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing specdm store.")] = False,
+    preview: Annotated[
+        Path | None, typer.Option(help="Write a PNG grid of the first samples.")
+    ] = None,
+    gpus: Annotated[str | None, typer.Option(help="CUDA device, e.g. 0 [CPU].")] = None,
+    threads: Annotated[int | None, typer.Option(help="CPU threads for torch.")] = None,
+    json_output: JsonOption = False,
+    quiet: QuietOption = False,
+) -> None:
+    """Synthesize labelled pairs with a trained (or the shipped demo) model."""
+    with _domain_errors():
+        from specdm_cli.errors import UsageError
+        from specdm_cli.pipeline.models import choose_model
+        from specdm_cli.pipeline.shards import finalize as finalize_store
+        from specdm_cli.pipeline.shards import parse_shard
+        from specdm_cli.pipeline.signals import graceful_stop
+        from specdm_cli.pipeline.synthesize import SynthesizeRequest
+        from specdm_cli.pipeline.synthesize import synthesize as run_synthesize
+        from specdm_cli.pipeline.training import torch_threads
+        from specdm_cli.stores import is_ours
+        from specdm_cli.stores.atomic import remove_tree
+
+        if finalize is not None:
+            finalize_store(finalize, required=True)
+            stderr.print(f"complete: {finalize}", markup=False)
+            return
+        if out is None or n <= 0:
+            raise UsageError(
+                "synthesize needs --out and --n >= 1", hint="e.g. --n 1000 --out syn.zarr"
+            )
+        if batch_size < 1:
+            raise UsageError("--batch-size must be at least 1", hint="e.g. --batch-size 16")
+        chosen_shard = parse_shard(shard)
+        chosen = choose_model(model, task.value if task else None)
+        if task is not None and chosen.manifest.task != task.value:
+            raise UsageError(
+                f"the model is for task {chosen.manifest.task}, not {task.value}",
+                hint="drop --task or pick another --model",
+            )
+        if not quiet:
+            stderr.print(
+                f"model: {chosen.path} ({chosen.kind}, sha256 {chosen.sha256[:12]})", markup=False
+            )
+        if overwrite and out.exists():
+            if not is_ours(out):
+                raise UsageError(
+                    "refusing to overwrite a folder that is not a specdm store",
+                    hint="remove it yourself",
+                )
+            remove_tree(out)
+        request = SynthesizeRequest(
+            chosen, out, n, sampler.value, steps, seed, batch_size, precision.value,
+            store_format.value, chosen_shard, gpus,
+        )  # fmt: skip
+        with (
+            graceful_stop() as stop,
+            torch_threads(threads),
+            _progress_bar("synthesize (batches)", quiet) as bar,
+        ):
+            summary = run_synthesize(request, stop, bar)
+        if preview is not None:
+            _write_preview(out, preview)
+        if not quiet:
+            state = "complete" if summary.complete else "shard done, store not complete yet"
+            stderr.print(
+                f"{state}: {summary.out}: {summary.written}/{summary.n} pairs, {summary.pairs_per_second} pairs/s",
+                markup=False,
+            )
+        if json_output:
+            _emit_json(asdict(summary))
+
+
+def _write_preview(store: Path, picture: Path) -> None:
+    from specdm_cli.pipeline.preview import write_preview
+    from specdm_cli.stores import open_store
+
+    reader = open_store(store, allow_incomplete=True)
+    first = [int(i) for i in reader.indices()[:8]]
+    write_preview(picture, [reader.read(i) for i in first], reader.manifest)
+
+
 def main() -> None:
     """Console-script entry point."""
     app()

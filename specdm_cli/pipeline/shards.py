@@ -1,0 +1,124 @@
+"""The shard protocol of synthetic stores: batch grid, join-or-create, range records, finalize."""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from specdm_cli.errors import InputDataError, UsageError
+from specdm_cli.manifest import Manifest, load_manifest
+from specdm_cli.stores import create_store, open_store, open_writer
+from specdm_cli.stores.atomic import atomic_write_text
+from specdm_cli.stores.base import MANIFEST_NAME
+
+RECORDS = ".specdm/shards"
+
+
+@dataclass(frozen=True)
+class Shard:
+    """Shard `index` of `count` (0-based), as given by `--shard i/N`."""
+
+    index: int = 0
+    count: int = 1
+
+
+def parse_shard(text: str | None) -> Shard:
+    """`i/N` with 0 <= i < N; None means the whole job."""
+    if text is None:
+        return Shard()
+    match = re.fullmatch(r"(\d+)/(\d+)", text.strip())
+    if not match or not int(match[1]) < int(match[2]):
+        raise UsageError(f"--shard {text!r} is not i/N with 0 <= i < N", hint="e.g. --shard 0/4")
+    return Shard(int(match[1]), int(match[2]))
+
+
+def shard_batches(n: int, batch: int, shard: Shard) -> list[range]:
+    """The sample ranges of this shard's batches: batch k is [kB, (k+1)B), shards split on them."""
+    batches = -(-n // batch)
+    first = shard.index * batches // shard.count
+    last = (shard.index + 1) * batches // shard.count
+    return [range(k * batch, min((k + 1) * batch, n)) for k in range(first, last)]
+
+
+def join_or_create(out: Path, manifest: Manifest) -> Manifest:
+    """Join the store at `out` if its plan matches `manifest.plan`, else create it atomically."""
+    if not out.exists():
+        try:
+            create_store(out, manifest, manifest.count, georeferenced=False)
+        except OSError:
+            if not out.exists():
+                raise
+            # Another shard created it between our check and our rename: join theirs.
+    existing = load_manifest(out / MANIFEST_NAME)
+    if existing.plan != manifest.plan:
+        raise InputDataError(
+            "the store was made by another synthesis plan (model, seed, n, sampler, steps, "
+            "precision, batch size or format differ)",
+            out,
+            "use the same options, another --out, or --overwrite",
+        )
+    return existing
+
+
+def write_record(out: Path, batches: list[range], stats: dict[str, Any]) -> None:
+    """Record that this shard's batches are all written, with its statistics."""
+    if not batches:
+        return
+    start, stop = batches[0].start, batches[-1].stop
+    record = {"start": start, "stop": stop, **stats}
+    atomic_write_text(out / RECORDS / f"{start:09d}-{stop:09d}.json", json.dumps(record))
+
+
+def _records(out: Path) -> list[dict[str, Any]]:
+    folder = out / RECORDS
+    if not folder.is_dir():
+        return []
+    return [json.loads(p.read_text(encoding="utf-8")) for p in sorted(folder.glob("*.json"))]
+
+
+def _covered(records: list[dict[str, Any]], n: int) -> bool:
+    flags = np.zeros(n, dtype=bool)
+    for record in records:
+        flags[record["start"] : record["stop"]] = True
+    return bool(flags.all())
+
+
+def finalize(out: Path, required: bool = False) -> bool:
+    """Merge the shard records into the manifest and mark it complete when all of [0, n) is done.
+
+    Returns whether the store is complete; with `required`, an unfinished store is an error.
+    """
+    manifest = load_manifest(out / MANIFEST_NAME)
+    if manifest.complete:
+        return True
+    records = _records(out)
+    reader = open_store(out, allow_incomplete=True)
+    if not _covered(records, manifest.count) or not reader.written().all():
+        if required:
+            missing = int((~reader.written()).sum())
+            raise InputDataError(
+                f"{missing} of {manifest.count} samples are not written yet",
+                out,
+                "run the missing shards (same options), then --finalize again",
+            )
+        return False
+    fractions = reader.class_fractions().mean(axis=0)
+    clipped = sum(r.get("clipped_values", 0) for r in records)
+    values = sum(r.get("image_values", 0) for r in records)
+    model = manifest.model
+    details = {**(model.details if model else {}), "clipped_fraction": clipped / max(values, 1)}
+    final = manifest.model_copy(
+        update={
+            "split_counts": {"synthetic": manifest.count},
+            "class_pixel_fraction": {"synthetic": fractions.tolist(), "all": fractions.tolist()},
+            "model": model.model_copy(update={"details": details}) if model else None,
+            "complete": True,
+        }
+    )
+    open_writer(out, manifest).save_manifest(Manifest.model_validate(final.model_dump()))
+    return True

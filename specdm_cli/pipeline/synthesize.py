@@ -1,0 +1,262 @@
+"""The `synthesize` stage: sample joint latents, decode both streams, stream them into a store."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+
+from specdm_cli import __version__
+from specdm_cli.errors import UsageError
+from specdm_cli.faults import fault_point
+from specdm_cli.manifest import IMAGE_ARRAYS, LABEL_ARRAY, Manifest, ModelInfo, array_names
+from specdm_cli.models.diffusion import SamplerName, ScheduleConfig
+from specdm_cli.models.samplers import DEFAULT_STEPS, sample_generator, sample_latents
+from specdm_cli.pipeline.checkpoints import load_module
+from specdm_cli.pipeline.models import ChosenModel
+from specdm_cli.pipeline.provenance import provenance
+from specdm_cli.pipeline.shards import Shard, finalize, join_or_create, shard_batches, write_record
+from specdm_cli.pipeline.signals import StopFlag
+from specdm_cli.pipeline.training import Precision, autocast, parse_device
+from specdm_cli.pipeline.vae_io import load_vae
+from specdm_cli.pipeline.writer import BackgroundWriter
+from specdm_cli.sources.base import class_fraction
+from specdm_cli.stores import SampleMeta, open_store, open_writer
+from specdm_cli.stores.lock import DirLock
+
+Progress = Callable[[int, int], None]
+
+
+@dataclass(frozen=True)
+class SynthesizeRequest:
+    """A validated `specdm synthesize` invocation."""
+
+    model: ChosenModel
+    out: Path
+    n: int
+    sampler: SamplerName = "dpmpp"
+    steps: int | None = None
+    seed: int = 0
+    batch_size: int = 16
+    precision: Precision = "fp32"
+    format: Literal["zarr", "geotiff"] = "zarr"
+    shard: Shard = field(default_factory=Shard)
+    gpus: str | None = None
+
+
+@dataclass
+class SynthesizeSummary:
+    out: str
+    model: str
+    model_kind: str
+    n: int
+    written: int
+    batches: int
+    seconds: float
+    pairs_per_second: float
+    complete: bool
+
+
+def _plan(request: SynthesizeRequest, steps: int) -> dict[str, Any]:
+    """What every shard and resume must agree on (DESIGN.md's shard protocol)."""
+    return {
+        "stage": "synthesize",
+        "model_sha256": request.model.sha256,
+        "seed": request.seed,
+        "n": request.n,
+        "sampler": request.sampler,
+        "steps": steps,
+        "precision": request.precision,
+        "batch_size": request.batch_size,
+        "format": request.format,
+    }
+
+
+def _manifest(request: SynthesizeRequest, steps: int, device: torch.device) -> Manifest:
+    run = request.model.manifest
+    diffusion = run.stages["diffusion"]
+    return Manifest(
+        tool_version=__version__,
+        format=request.format,
+        task=run.task,
+        count=request.n,
+        height=run.height,
+        width=run.width,
+        dtype=run.dtype,
+        arrays=list(array_names(run.task)),
+        bands=run.bands,
+        rgb_bands=_rgb(run.bands),
+        classes=run.classes,
+        batch_grid=request.batch_size,
+        normalization=run.normalization,
+        model=ModelInfo(
+            run_id=run.run_id,
+            kind=request.model.kind,
+            path=str(request.model.path),
+            checkpoint_sha256={
+                k: v for stage in run.stages.values() for k, v in stage.weights.items()
+            },
+            sampler=request.sampler,
+            steps=steps,
+            seed=request.seed,
+            precision=request.precision,
+            details={
+                "model_sha256": request.model.sha256,
+                "schedule": diffusion.details.get("schedule"),
+                "latent_scale": diffusion.details.get("latent_scale"),
+                "source_manifest_sha256": run.source_manifest_sha256,
+                "device": str(device),
+            },
+        ),
+        plan=_plan(request, steps),
+        provenance=provenance(),
+    )
+
+
+def _rgb(bands: list[Any]) -> list[str] | None:
+    names = [band.name for band in bands]
+    wanted = ["B04", "B03", "B02"]
+    return wanted if all(name in names for name in wanted) else None
+
+
+class Sampler:
+    """The run's U-Net (EMA weights) and VAE decoders, producing physical-unit samples."""
+
+    def __init__(self, model: ChosenModel, request: SynthesizeRequest, device: torch.device):
+        from diffusers import UNet2DModel
+
+        run, manifest = model.path, model.manifest
+        stage = manifest.stages["diffusion"]
+        self.unet = load_module(UNet2DModel, run / str(stage.checkpoint) / "unet").to(device).eval()
+        self.vae = load_vae(run, manifest, device)
+        self.scale = torch.tensor(stage.details["latent_scale"], device=device)[None, :, None, None]
+        self.schedule = ScheduleConfig.model_validate(stage.details["schedule"])
+        self.mean = torch.tensor(manifest.normalization.mean, device=device)[:, None, None]
+        self.std = torch.tensor(manifest.normalization.std, device=device)[:, None, None]
+        self.side = manifest.height // self.vae.config.downsample
+        self.channels = int(self.scale.shape[1])
+        self.request, self.device, self.task = request, device, manifest.task
+        self.dtype = np.dtype(manifest.dtype)
+
+    @torch.no_grad()
+    def batch(self, indices: range, steps: int) -> tuple[dict[str, np.ndarray], int]:
+        """Samples `indices` (the grid batch, padded to B): arrays in the store's units, clipped count."""
+        padded = range(indices.start, indices.start + self.request.batch_size)
+        generators = [sample_generator(self.request.seed, i) for i in padded]
+        latents = sample_latents(
+            self.unet, self.request.sampler, self.schedule, steps, (self.channels, self.side, self.side),
+            generators, self.device, lambda: autocast(self.device, self.request.precision),
+        )  # fmt: skip
+        decoded = self.vae.decode_joint(latents / self.scale)
+        keep = len(indices)
+        arrays: dict[str, np.ndarray] = {}
+        clipped = 0
+        for name in IMAGE_ARRAYS[self.task]:
+            physical = (decoded[name][:keep].float() * self.std + self.mean).cpu().numpy()
+            arrays[name], count = to_dtype(physical, self.dtype)
+            clipped += count
+        label = decoded[LABEL_ARRAY[self.task]][:keep].argmax(dim=1)
+        arrays[LABEL_ARRAY[self.task]] = label.to(torch.uint8).cpu().numpy()
+        return arrays, clipped
+
+
+def to_dtype(values: np.ndarray, dtype: np.dtype[Any]) -> tuple[np.ndarray, int]:
+    """Round (integer stores) and clip to the dtype's range; returns the array and values clipped."""
+    if np.issubdtype(dtype, np.integer):
+        info = np.iinfo(dtype)
+        values = np.rint(values)
+        low, high = float(info.min), float(info.max)
+    else:
+        finfo = np.finfo(dtype)
+        low, high = float(finfo.min), float(finfo.max)
+    clipped = int(((values < low) | (values > high)).sum())
+    return np.clip(values, low, high).astype(dtype), clipped
+
+
+def synthesize(
+    request: SynthesizeRequest, stop: StopFlag, progress: Progress | None = None
+) -> SynthesizeSummary:
+    """Write this shard's batches (skipping written ones), record them, finalize when all are in."""
+    started = time.monotonic()
+    if request.n <= 0:
+        raise UsageError("--n must be at least 1", hint="e.g. --n 1000")
+    device = parse_device(request.gpus)
+    steps = request.steps or DEFAULT_STEPS[request.sampler]
+    manifest = join_or_create(request.out, _manifest(request, steps, device))
+    batches = shard_batches(request.n, request.batch_size, request.shard)
+    lock_name = f".specdm.lock.{request.shard.index}-of-{request.shard.count}"
+    with DirLock(request.out, lock_name):
+        writer = open_writer(request.out, manifest)
+        written = writer.written()
+        todo = [b for b in batches if not written[b.start : b.stop].all()]
+        sampler = Sampler(request.model, request, device) if todo else None
+        clipped, done = _run(
+            sampler, writer, todo, steps, stop, progress, len(batches) - len(todo), len(batches)
+        )
+        write_record(
+            request.out,
+            batches,
+            {"clipped_values": clipped, "image_values": _values(manifest, batches)},
+        )
+    complete = finalize(request.out)
+    seconds = time.monotonic() - started
+    return SynthesizeSummary(
+        str(request.out), str(request.model.path), request.model.kind, request.n,
+        int(open_store(request.out, allow_incomplete=True).written().sum()), len(batches),
+        round(seconds, 3), round(done / max(seconds, 1e-9), 3), complete,
+    )  # fmt: skip
+
+
+def _values(manifest: Manifest, batches: list[range]) -> int:
+    samples = sum(len(b) for b in batches)
+    return (
+        samples
+        * len(IMAGE_ARRAYS[manifest.task])
+        * len(manifest.bands)
+        * manifest.height
+        * manifest.width
+    )
+
+
+def _run(
+    sampler: Sampler | None,
+    writer: Any,
+    todo: list[range],
+    steps: int,
+    stop: StopFlag,
+    progress: Progress | None,
+    already: int,
+    total: int,
+) -> tuple[int, int]:
+    """Sample on this thread, write on the background writer; returns (clipped values, samples)."""
+    clipped = samples = 0
+    classes = len(writer.manifest.classes)
+    label_name = LABEL_ARRAY[writer.manifest.task]
+
+    def write(item: tuple[range, dict[str, np.ndarray]]) -> None:
+        indices, arrays = item
+        for offset, index in enumerate(indices):
+            writer.write_arrays(index, {name: values[offset] for name, values in arrays.items()})
+        metas = [
+            SampleMeta("synthetic", class_fraction(arrays[label_name][k], classes))
+            for k in range(len(indices))
+        ]
+        writer.mark_written(indices.start, metas)
+        fault_point("synthesize.after_batch")
+
+    with BackgroundWriter(write) as background:
+        for number, indices in enumerate(todo, start=already + 1):
+            assert sampler is not None
+            arrays, clipped_here = sampler.batch(indices, steps)
+            background.submit((indices, arrays))
+            clipped += clipped_here
+            samples += len(indices)
+            if progress:
+                progress(number, total)
+            stop.check()
+    return clipped, samples

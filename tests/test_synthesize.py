@@ -1,0 +1,189 @@
+"""`specdm synthesize` end to end: stores, determinism across shards and resume, model choice."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import xarray as xr
+import zarr
+
+from specdm_cli.stores.dataset import StoreDataset
+from tests.conftest import prepare_demo, run_cli
+
+VAE = ("--image-blocks", "8,16,16", "--mask-blocks", "8,8,16", "--norm-groups", "4",
+       "--batch-size", "8", "--lr", "1e-2", "--threads", "2", "--quiet", "--steps", "8")  # fmt: skip
+UNET = ("--unet-blocks", "16,32", "--norm-groups", "8", "--head-dim", "8", "--layers-per-block", "1",
+        "--batch-size", "8", "--lr", "1e-3", "--threads", "2", "--quiet", "--steps", "4")  # fmt: skip
+FAST = ("--steps", "4", "--batch-size", "4", "--threads", "2", "--quiet")
+
+
+def train_run(root: Path, task: str) -> Path:
+    store = prepare_demo(root / f"{task}.zarr", n=24, size=16, task=task)
+    run = root / f"run-{task}"
+    for command in (("fit-vae", store, "--run", run, *VAE), ("fit-diffusion", run, *UNET)):
+        code, _, stderr = run_cli(*command)
+        assert code == 0, stderr
+    return run
+
+
+@pytest.fixture(scope="module")
+def ss_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return train_run(tmp_path_factory.mktemp("ss"), "ss")
+
+
+def arrays(store: Path) -> dict[str, np.ndarray]:
+    return {name: np.asarray(a[:]) for name, a in zarr.open_group(store, mode="r").arrays()}
+
+
+def synth(run: Path, out: Path, *extra: str) -> tuple[int, str, str]:
+    return run_cli("synthesize", "--model", run, "--out", out, *FAST, *extra)
+
+
+def test_synthetic_store_is_a_store(ss_run: Path, tmp_path: Path) -> None:
+    out = tmp_path / "syn.zarr"
+    code, stdout, stderr = synth(
+        ss_run, out, "--n", "10", "--json", "--preview", str(tmp_path / "p.png")
+    )
+    assert code == 0, stderr
+    summary = json.loads(stdout)
+    assert summary["complete"] and summary["written"] == 10
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["split_counts"] == {"synthetic": 10} and manifest["model"]["sampler"] == "dpmpp"
+    assert manifest["batch_grid"] == 4 and manifest["model"]["steps"] == 4
+    data = arrays(out)
+    assert data["image"].shape == (10, 10, 16, 16) and data["image"].dtype == np.uint16
+    assert data["mask"].max() < len(manifest["classes"])
+    assert run_cli("inspect", out)[0] == 0
+    assert len(StoreDataset(out)) == 10
+    assert xr.open_zarr(out, consolidated=False)["image"].sizes["sample"] == 10
+    assert (tmp_path / "p.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_same_seed_same_bytes_other_seed_other_bytes(ss_run: Path, tmp_path: Path) -> None:
+    assert synth(ss_run, tmp_path / "a.zarr", "--n", "6")[0] == 0
+    assert synth(ss_run, tmp_path / "b.zarr", "--n", "6")[0] == 0
+    assert synth(ss_run, tmp_path / "c.zarr", "--n", "6", "--seed", "1")[0] == 0
+    a, b, c = arrays(tmp_path / "a.zarr"), arrays(tmp_path / "b.zarr"), arrays(tmp_path / "c.zarr")
+    assert np.array_equal(a["image"], b["image"]) and np.array_equal(a["mask"], b["mask"])
+    assert not np.array_equal(a["image"], c["image"])
+
+
+def test_shards_merge_into_the_single_run_bytes(ss_run: Path, tmp_path: Path) -> None:
+    assert synth(ss_run, tmp_path / "whole.zarr", "--n", "11")[0] == 0
+    shards = tmp_path / "shards.zarr"
+    code, stdout, _ = synth(ss_run, shards, "--n", "11", "--shard", "1/3", "--json")
+    assert code == 0 and json.loads(stdout)["complete"] is False
+    code, _, stderr = run_cli("synthesize", "--finalize", shards)
+    assert code == 3 and "not written yet" in stderr
+    assert synth(ss_run, shards, "--n", "11", "--shard", "0/3")[0] == 0
+    code, stdout, _ = synth(ss_run, shards, "--n", "11", "--shard", "2/3", "--json")
+    assert code == 0 and json.loads(stdout)["complete"] is True
+    whole, merged = arrays(tmp_path / "whole.zarr"), arrays(shards)
+    for name in ("image", "mask", "written", "class_fraction"):
+        np.testing.assert_array_equal(whole[name], merged[name], err_msg=name)
+
+
+def test_a_killed_run_resumes_to_the_same_bytes(ss_run: Path, tmp_path: Path) -> None:
+    assert synth(ss_run, tmp_path / "whole.zarr", "--n", "12")[0] == 0
+    out = tmp_path / "killed.zarr"
+    command = [
+        sys.executable,
+        "-m",
+        "specdm_cli",
+        "synthesize",
+        "--model",
+        str(ss_run),
+        "--out",
+        str(out),
+        "--n",
+        "12",
+        *FAST,
+    ]
+    killed = subprocess.run(
+        command,
+        env={**os.environ, "SPECDM_FAULT": "synthesize.after_batch:2"},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert killed.returncode == -signal.SIGKILL
+    assert json.loads((out / "manifest.json").read_text())["complete"] is False
+    assert int(np.asarray(zarr.open_group(out, mode="r")["written"][:]).sum()) == 8
+    resumed = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr
+    whole, again = arrays(tmp_path / "whole.zarr"), arrays(out)
+    for name in ("image", "mask", "written"):
+        np.testing.assert_array_equal(whole[name], again[name], err_msg=name)
+
+
+def test_another_plan_cannot_join_a_store(ss_run: Path, tmp_path: Path) -> None:
+    assert synth(ss_run, tmp_path / "s.zarr", "--n", "4")[0] == 0
+    code, _, stderr = synth(ss_run, tmp_path / "s.zarr", "--n", "4", "--seed", "3")
+    assert code == 3 and "another synthesis plan" in stderr
+
+
+def test_geotiff_output(ss_run: Path, tmp_path: Path) -> None:
+    code, _, stderr = synth(ss_run, tmp_path / "tiles", "--n", "5", "--format", "geotiff")
+    assert code == 0, stderr
+    manifest = json.loads((tmp_path / "tiles" / "manifest.json").read_text())
+    assert manifest["complete"] and len(manifest["files"]) == 5
+    assert (tmp_path / "tiles" / "masks" / "000004.tif").is_file()
+
+
+def test_default_model_is_the_newest_registered_run(
+    ss_run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from specdm_cli.pipeline.registry import record_run
+
+    record_run(ss_run, "ss", "diffusion", can_sample=True)
+    code, stdout, stderr = run_cli(
+        "synthesize", "--task", "ss", "--n", "4", "--out", tmp_path / "d.zarr", *FAST, "--json"
+    )
+    assert code == 0, stderr
+    assert json.loads(stdout)["model_kind"] == "registry"
+    code, _, stderr = run_cli(
+        "synthesize",
+        "--task",
+        "cd",
+        "--n",
+        "4",
+        "--out",
+        tmp_path / "e.zarr",
+        "--model",
+        str(ss_run),
+        *FAST,
+    )
+    assert code == 2 and "task ss" in stderr
+
+
+@pytest.mark.parametrize(
+    ("args", "code"),
+    [
+        (("--n", "0"), 2),
+        (("--n", "3", "--shard", "3/2"), 2),
+        (("--n", "3", "--batch-size", "0"), 2),
+    ],
+)
+def test_bad_options(ss_run: Path, tmp_path: Path, args: tuple[str, ...], code: int) -> None:
+    exit_code, _, stderr = run_cli(
+        "synthesize", "--model", ss_run, "--out", tmp_path / "x.zarr", *args
+    )
+    assert exit_code == code and stderr.startswith("error:") and "Traceback" not in stderr
+
+
+def test_a_tampered_model_is_refused(ss_run: Path, tmp_path: Path) -> None:
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(ss_run, run)
+    weights = next(run.rglob("unet/diffusion_pytorch_model.safetensors"))
+    weights.write_bytes(weights.read_bytes()[:-4] + b"evil")
+    code, _, stderr = synth(run, tmp_path / "x.zarr", "--n", "2")
+    assert code == 4 and "tampered" in stderr
