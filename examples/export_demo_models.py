@@ -1,0 +1,51 @@
+"""Copy the sampling parts of the demo runs into specdm_cli/assets/demo-<task>/.
+
+Keeps run.json and the final checkpoint's sampling weights (VAE branches, EMA U-Net); drops
+training state (optimizer, raw U-Net), metrics and the latent cache, and lists only the kept
+files' sha256 in run.json, so the shipped model verifies like any run.
+
+    python examples/export_demo_models.py WORKDIR
+"""
+
+from __future__ import annotations
+
+import shutil
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from specdm_cli.pipeline.checkpoints import weights_digests
+from specdm_cli.pipeline.run_manifest import load_run, save_run
+
+ASSETS = Path(__file__).resolve().parents[1] / "specdm_cli" / "assets"
+KEEP = {"vae": ("image", "mask", "joint"), "diffusion": ("unet",)}
+
+
+def export(run: Path, target: Path) -> None:
+    manifest = load_run(run)
+    if target.exists():
+        shutil.rmtree(target)
+    target.mkdir(parents=True)
+    for name, stage in manifest.stages.items():
+        assert stage.checkpoint is not None and stage.finished, f"{run}: {name} is not finished"
+        for part in KEEP[name]:
+            source = run / stage.checkpoint / part
+            if source.is_dir():
+                shutil.copytree(source, target / stage.checkpoint / part)
+        stage.weights = weights_digests(target, target / stage.checkpoint)
+    manifest.source_store = f"demo scenes (examples/train_demo_models.sh), run {run.name}"
+    save_run(target, manifest)
+    load_run(target)  # verifies every digest
+
+
+def main() -> None:
+    work = Path(sys.argv[1])
+    for task in ("ss", "cd"):
+        export(work / f"run-{task}", ASSETS / f"demo-{task}")
+        size = sum(p.stat().st_size for p in (ASSETS / f"demo-{task}").rglob("*") if p.is_file())
+        print(f"demo-{task}: {size / 2**20:.1f} MiB")
+
+
+if __name__ == "__main__":
+    main()
