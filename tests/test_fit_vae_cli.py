@@ -124,3 +124,25 @@ def test_bad_options(
     exit_code, _, stderr = fit(demo_ss_store, tmp_path / "run", "--steps", "1", *args)
     assert exit_code == code, stderr
     assert words in stderr and "Traceback" not in stderr
+
+
+@pytest.mark.slow  # two spawned processes each import torch and diffusers: about 20-30 s
+def test_two_cpu_ranks_train_with_gloo_and_checkpoint_once(
+    demo_ss_store: Path, tmp_path: Path
+) -> None:
+    code, _stdout, stderr = fit(
+        demo_ss_store, tmp_path / "run", "--steps", "2", "--gpus", "cpu:2", "--json"
+    )
+    assert code == 0, stderr
+    manifest = json.loads((tmp_path / "run" / "run.json").read_text())
+    stage = manifest["stages"]["vae"]
+    assert (
+        stage["finished"]
+        and stage["step"] == 2
+        and stage["checkpoint"] == "checkpoints/vae-0000002"
+    )
+    assert (
+        len((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()) == 2
+    )  # rank 0 alone writes
+    code, _, stderr = fit(demo_ss_store, tmp_path / "odd", "--steps", "1", "--gpus", "cpu:3")
+    assert code == 2 and "multiple" in stderr

@@ -12,19 +12,22 @@ from typing import Any, Literal
 import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field
+from torch import nn
 
-from specdm_cli.errors import InputDataError
+from specdm_cli.errors import InputDataError, UsageError
 from specdm_cli.manifest import Manifest
 from specdm_cli.models.losses import class_weights_auto
 from specdm_cli.models.vae import SpecDMVAE, VAEConfig
 from specdm_cli.pipeline import rundirs as runs
+from specdm_cli.pipeline.distributed import data_parallel, launched_by_torchrun, run_ranks
 from specdm_cli.pipeline.provenance import provenance
+from specdm_cli.pipeline.run_manifest import load_run
 from specdm_cli.pipeline.signals import StopFlag
 from specdm_cli.pipeline.training import (
     Precision,
     autocast,
     load_batch,
-    parse_device,
+    parse_devices,
     step_seed,
     to_tensors,
 )
@@ -149,7 +152,14 @@ def validation_indices(
 class VAETrainer:
     """One training run: model, optimizer, data and the deterministic step."""
 
-    def __init__(self, reader: StoreReader, config: VAETrainConfig, device: torch.device):
+    def __init__(
+        self,
+        reader: StoreReader,
+        config: VAETrainConfig,
+        device: torch.device,
+        rank: int = 0,
+        world: int = 1,
+    ):
         manifest = reader.manifest
         if manifest.normalization is None:
             raise InputDataError(
@@ -158,6 +168,7 @@ class VAETrainer:
                 "re-run prepare",
             )
         self.reader, self.config, self.device = reader, config, device
+        self.rank, self.world = rank, world
         self.task = manifest.task
         self.mean = torch.tensor(manifest.normalization.mean, dtype=torch.float32, device=device)
         self.std = torch.tensor(manifest.normalization.std, dtype=torch.float32, device=device)
@@ -172,6 +183,12 @@ class VAETrainer:
         )
         pixels = len(manifest.bands) * manifest.height * manifest.width
         self.kl_weight = config.kl_weight / pixels
+        self.losses: nn.Module = _Losses(self)
+
+    def wrap(self) -> None:
+        """Data-parallel across ranks (after any checkpoint is loaded)."""
+        self.losses = data_parallel(_Losses(self), self.device, self.world)
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=self.config.learning_rate())
 
     def step(self, step: int) -> dict[str, float]:
         """Train on batch `step`: its samples, symmetries and posterior noise depend only on (seed, step)."""
@@ -180,30 +197,61 @@ class VAETrainer:
             self.indices, self.config.batch_size, replace=len(self.indices) < self.config.batch_size
         )
         augment = rng if self.config.augment == "d4" else None
-        batch, valid = to_tensors(
-            load_batch(self.reader, chosen, augment), self.task, self.mean, self.std, self.device
-        )
-        generator = torch.Generator().manual_seed(step_seed(self.config.seed, step, "posterior"))
+        # Every rank draws the whole batch the same way, then trains on its own rows.
+        arrays = {
+            k: v[self.rank :: self.world]
+            for k, v in load_batch(self.reader, chosen, augment).items()
+        }
+        batch, valid = to_tensors(arrays, self.task, self.mean, self.std, self.device)
+        stream = f"posterior/{self.rank}" if self.world > 1 else "posterior"
+        generator = torch.Generator().manual_seed(step_seed(self.config.seed, step, stream))
         with autocast(self.device, self.config.precision):
-            losses = self.model.forward_losses(
-                batch,
-                self.mean,
-                self.std,
-                self.config.sad_weight,
-                self.kl_weight,
-                self.class_weights,
-                valid,
-                generator,
-            )
+            losses: dict[str, torch.Tensor] = self.losses(batch, valid, generator)
         self.optimizer.zero_grad(set_to_none=True)
         losses["total"].backward()  # type: ignore[no-untyped-call]
         self.optimizer.step()
         return {name: float(value.detach()) for name, value in losses.items()}
 
 
+class _Losses(nn.Module):
+    """forward() = the VAE's losses, so DistributedDataParallel can wrap the training step."""
+
+    def __init__(self, trainer: VAETrainer):
+        super().__init__()
+        self.model = trainer.model
+        self.trainer = [trainer]  # a list: not registered as a submodule
+
+    def forward(
+        self, batch: dict[str, torch.Tensor], valid: torch.Tensor, generator: torch.Generator
+    ) -> dict[str, torch.Tensor]:
+        t = self.trainer[0]
+        return self.model.forward_losses(
+            batch,
+            t.mean,
+            t.std,
+            t.config.sad_weight,
+            t.kl_weight,
+            t.class_weights,
+            valid,
+            generator,
+        )
+
+
 def _append_metrics(run: Path, record: dict[str, Any]) -> None:
     with (run / "metrics.jsonl").open("a", encoding="utf-8") as stream:
         stream.write(json.dumps(record) + "\n")
+
+
+@dataclass(frozen=True)
+class _Job:
+    """What every rank needs to train (picklable: ranks may be separate processes)."""
+
+    run: Path
+    store: Path
+    config: VAETrainConfig
+    checkpoint: str | None
+    start: int
+    val: np.ndarray
 
 
 def fit_vae(
@@ -215,10 +263,14 @@ def fit_vae(
     """Train (or resume) the VAE of a run; checkpoints are atomic and resume is bit-exact."""
     started = time.monotonic()
     reader = open_store(request.store)
-    device = parse_device(request.gpus)
-    run = request.run or runs.default_run_dir(
-        reader.manifest.source.dataset if reader.manifest.source else "synthetic"
-    )
+    devices = parse_devices(request.gpus)
+    if request.config.batch_size % len(devices):
+        raise UsageError(
+            f"--batch-size must be a multiple of the {len(devices)} ranks",
+            hint="e.g. --batch-size 16",
+        )
+    dataset = reader.manifest.source.dataset if reader.manifest.source else "synthetic"
+    run = request.run or runs.default_run_dir(dataset)
     state = runs.prepare_run_dir(run, request.resume, request.overwrite)
     with runs.RunLock(run):
         manifest = runs.open_or_create_run(
@@ -231,22 +283,50 @@ def fit_vae(
                 return FitVAESummary(
                     str(run), "already complete", stage.step, request.config.steps, 0.0, 0.0
                 )
-        trainer = VAETrainer(reader, request.config, device)
-        start = 0
-        if stage is not None and stage.checkpoint is not None:
-            load_branches(trainer.model, run / stage.checkpoint)
-            trainer.model.to(device).train()  # from_pretrained hands back eval-mode modules
-            trainer.optimizer = torch.optim.AdamW(
-                trainer.model.parameters(), lr=request.config.learning_rate()
-            )
-            runs.load_optimizer_state(trainer.optimizer, run / stage.checkpoint)
-            start = stage.step
-        val = validation_indices(reader, request.config, warn)
-        summary = _train(run, trainer, start, val, request.config, stop, progress)
+        checkpoint = stage.checkpoint if stage is not None else None
+        start = stage.step if stage is not None and checkpoint else 0
+        job = _Job(
+            run,
+            request.store,
+            request.config,
+            checkpoint,
+            start,
+            validation_indices(reader, request.config, warn),
+        )
+        if len(devices) == 1 and not launched_by_torchrun():
+            summary = _rank_main(0, 1, devices[0], job, stop, progress)
+        else:
+            run_ranks(_rank_main, devices, job)
+            summary = _summary_from_run(job)
     runs.register(run, manifest.task, "vae", can_sample=False)
     summary.seconds = round(time.monotonic() - started, 3)
     summary.state = "resumed" if start else "trained"
     return summary
+
+
+def _rank_main(
+    rank: int,
+    world: int,
+    device: torch.device,
+    job: _Job,
+    stop: StopFlag | None = None,
+    progress: Progress | None = None,
+) -> FitVAESummary:
+    """One rank: build the model, load the checkpoint, wrap for data parallelism, train."""
+    trainer = VAETrainer(open_store(job.store), job.config, device, rank, world)
+    if job.checkpoint is not None:
+        load_branches(trainer.model, job.run / job.checkpoint)
+        trainer.model.to(device).train()  # from_pretrained hands back eval-mode modules
+    trainer.wrap()
+    if job.checkpoint is not None:
+        runs.load_optimizer_state(trainer.optimizer, job.run / job.checkpoint)
+    return _train(job.run, trainer, job.start, job.val, job.config, stop or StopFlag(), progress)
+
+
+def _summary_from_run(job: _Job) -> FitVAESummary:
+    stage = load_run(job.run).stages["vae"]
+    validation = stage.details.get("validation")
+    return FitVAESummary(str(job.run), "", stage.step, job.config.steps, 0.0, 0.0, {}, validation)
 
 
 def _train(
@@ -260,26 +340,28 @@ def _train(
 ) -> FitVAESummary:
     losses: dict[str, float] = {}
     validation: dict[str, Any] | None = None
+    writer = trainer.rank == 0
     tick = time.monotonic()
     for step in range(start, config.steps):
         losses = trainer.step(step)
         done = step + 1
-        record: dict[str, Any] = {"step": done, **losses}
-        if len(val) and (done % config.val_every == 0 or done == config.steps):
-            validation = validate(
-                trainer.model,
-                trainer.reader,
-                val,
-                trainer.task,
-                trainer.mean,
-                trainer.std,
-                config.batch_size,
-            )
-            record["val"] = validation
-        _append_metrics(run, record)
-        finished = done == config.steps
-        if finished or done % config.checkpoint_every == 0 or stop.signum is not None:
-            _checkpoint(run, trainer, config, done, finished, validation)
+        if writer:
+            record: dict[str, Any] = {"step": done, **losses}
+            if len(val) and (done % config.val_every == 0 or done == config.steps):
+                validation = validate(
+                    trainer.model,
+                    trainer.reader,
+                    val,
+                    trainer.task,
+                    trainer.mean,
+                    trainer.std,
+                    config.batch_size,
+                )
+                record["val"] = validation
+            _append_metrics(run, record)
+            finished = done == config.steps
+            if finished or done % config.checkpoint_every == 0 or stop.signum is not None:
+                _checkpoint(run, trainer, config, done, finished, validation)
         if progress:
             progress(done, config.steps, losses)
         stop.check()

@@ -17,26 +17,39 @@ from specdm_cli.stores import StoreReader
 Precision = Literal["fp32", "bf16", "fp16"]
 
 
-def parse_device(gpus: str | None) -> torch.device:
-    """`--gpus`: None runs on the CPU, "0" on CUDA device 0 (several devices: not yet)."""
+def parse_devices(gpus: str | None) -> list[torch.device]:
+    """`--gpus`: none = the CPU; "0,1" = those CUDA devices, one rank each; "cpu:N" = N CPU ranks (gloo)."""
     if gpus is None or gpus.strip().lower() == "cpu":
-        return torch.device("cpu")
-    devices = [d.strip() for d in gpus.split(",") if d.strip()]
-    if not all(d.isdigit() for d in devices):
-        raise UsageError(f"--gpus {gpus!r} is not a list of device numbers", hint="e.g. --gpus 0")
+        return [torch.device("cpu")]
+    text = gpus.strip().lower()
+    if text.startswith("cpu:"):
+        count = text.removeprefix("cpu:")
+        if not count.isdigit() or int(count) < 1:
+            raise UsageError(f"--gpus {gpus!r}: cpu:N needs N >= 1", hint="e.g. --gpus cpu:2")
+        return [torch.device("cpu")] * int(count)
+    devices = [d.strip() for d in text.split(",") if d.strip()]
+    if not devices or not all(d.isdigit() for d in devices):
+        raise UsageError(
+            f"--gpus {gpus!r} is not a list of device numbers", hint="e.g. --gpus 0,1 or cpu:2"
+        )
     if not torch.cuda.is_available():
         raise ResourceError(
             "CUDA was asked for but no GPU is available", hint="drop --gpus to run on the CPU"
         )
-    if len(devices) > 1:
-        raise UsageError(
-            "several GPUs are not supported yet", hint="pass one device, e.g. --gpus 0"
-        )
-    if int(devices[0]) >= torch.cuda.device_count():
+    missing = [d for d in devices if int(d) >= torch.cuda.device_count()]
+    if missing:
         raise ResourceError(
-            f"no CUDA device {devices[0]}", hint=f"there are {torch.cuda.device_count()}"
+            f"no CUDA device {missing[0]}", hint=f"there are {torch.cuda.device_count()}"
         )
-    return torch.device(f"cuda:{devices[0]}")
+    return [torch.device(f"cuda:{d}") for d in devices]
+
+
+def parse_device(gpus: str | None) -> torch.device:
+    """One device for the stages that run one process (several: fit-vae only, for now)."""
+    devices = parse_devices(gpus)
+    if len(devices) > 1:
+        raise UsageError("this command runs on one device", hint="pass one device, e.g. --gpus 0")
+    return devices[0]
 
 
 def autocast(
