@@ -115,3 +115,13 @@ def test_refusals(vae_run: Path, tmp_path: Path) -> None:
     assert code == 4 and "--resume" in stderr
     code, _, stderr = diffuse(run, "--steps", "4", "--resume", "--ema-decay", "0.99")
     assert code == 4 and "ema_decay" in stderr
+
+
+@pytest.mark.slow  # two spawned processes each import torch and diffusers: about 20-30 s
+def test_two_cpu_ranks_share_the_fit_vae_code_path(vae_run: Path, tmp_path: Path) -> None:
+    run = copy_run(vae_run, tmp_path / "run")
+    code, summary, stderr = diffuse(run, "--steps", "2", "--gpus", "cpu:2")
+    assert code == 0, stderr
+    stage = json.loads((run / "run.json").read_text())["stages"]["diffusion"]
+    assert stage["finished"] and stage["step"] == 2
+    assert summary["cache"] == "built"

@@ -15,14 +15,15 @@ import torch
 import torch.nn.functional as F  # noqa: N812
 from pydantic import BaseModel, ConfigDict, Field
 
-from specdm_cli.errors import ModelError
+from specdm_cli.errors import ModelError, UsageError
 from specdm_cli.models.diffusion import EMA, ScheduleConfig, UNetConfig, build_unet, ldm_betas
 from specdm_cli.pipeline import rundirs as runs
 from specdm_cli.pipeline.checkpoints import load_module, save_module
-from specdm_cli.pipeline.latent_cache import LatentCache, cache_key, open_or_build
+from specdm_cli.pipeline.distributed import data_parallel, launched_by_torchrun, run_ranks
+from specdm_cli.pipeline.latent_cache import LatentCache, cache_key, open_cache, open_or_build
 from specdm_cli.pipeline.run_manifest import RunManifest, load_run
 from specdm_cli.pipeline.signals import StopFlag
-from specdm_cli.pipeline.training import Precision, autocast, parse_device, step_seed
+from specdm_cli.pipeline.training import Precision, autocast, parse_devices, step_seed
 from specdm_cli.pipeline.vae_io import load_vae
 from specdm_cli.stores import open_store
 
@@ -98,10 +99,14 @@ class DiffusionTrainer:
         config: DiffusionTrainConfig,
         unet_cfg: UNetConfig,
         device: torch.device,
+        rank: int = 0,
+        world: int = 1,
     ):
         self.cache, self.config, self.device = cache, config, device
+        self.rank, self.world = rank, world
         torch.manual_seed(config.seed)
         self.unet = build_unet(unet_cfg).to(device).train()
+        self.net: Any = self.unet
         self.ema = EMA(self.unet, config.ema_decay)
         self.optimizer = torch.optim.AdamW(self.unet.parameters(), lr=config.learning_rate())
         self.scale = torch.from_numpy(cache.scale).to(device)[None, :, None, None]
@@ -109,17 +114,19 @@ class DiffusionTrainer:
         acp = torch.cumprod(1 - ldm_betas(ScheduleConfig()), dim=0)
         self.alphas_cumprod = acp.to(device=device, dtype=torch.float32)
 
+    def wrap(self) -> None:
+        """Data-parallel across ranks (after any checkpoint is loaded)."""
+        self.net = data_parallel(self.unet, self.device, self.world)
+
     def step(self, step: int) -> float:
         """One denoising step; the batch, z, noise and t depend only on (seed, step)."""
         rng = np.random.default_rng(step_seed(self.config.seed, step, "batch"))
-        rows = np.sort(
-            rng.choice(
-                len(self.cache),
-                self.config.batch_size,
-                replace=len(self.cache) < self.config.batch_size,
-            )
-        )
-        generator = torch.Generator().manual_seed(step_seed(self.config.seed, step, "noise"))
+        replace = len(self.cache) < self.config.batch_size
+        chosen = rng.choice(len(self.cache), self.config.batch_size, replace=replace)
+        # Every rank draws the whole batch the same way, then trains on its own rows.
+        rows = np.sort(chosen[self.rank :: self.world])
+        stream = f"noise/{self.rank}" if self.world > 1 else "noise"
+        generator = torch.Generator().manual_seed(step_seed(self.config.seed, step, stream))
         mean = torch.from_numpy(np.asarray(self.cache.mean.get_orthogonal_selection((rows,))))
         std = torch.from_numpy(np.asarray(self.cache.std.get_orthogonal_selection((rows,))))
         z = (mean + std * torch.randn(mean.shape, generator=generator)).to(self.device) * self.scale
@@ -130,7 +137,7 @@ class DiffusionTrainer:
         a = self.alphas_cumprod[t][:, None, None, None]
         noisy = a.sqrt() * z + (1 - a).sqrt() * noise
         with autocast(self.device, self.config.precision):
-            predicted = self.unet(noisy, t).sample
+            predicted = self.net(noisy, t).sample
         loss = F.mse_loss(predicted.float(), noise)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()  # type: ignore[no-untyped-call]
@@ -139,49 +146,94 @@ class DiffusionTrainer:
         return float(loss.detach())
 
 
+@dataclass(frozen=True)
+class _Job:
+    """What every rank needs (picklable: ranks may be separate processes)."""
+
+    run: Path
+    config: DiffusionTrainConfig
+    unet: UNetConfig
+    checkpoint: str | None
+    start: int
+
+
 def fit_diffusion(
     request: FitDiffusionRequest, stop: StopFlag, progress: Progress | None = None
 ) -> FitDiffusionSummary:
     """Encode the latent cache (once), then train the U-Net with EMA; resume is bit-exact."""
     started = time.monotonic()
-    device = parse_device(request.gpus)
+    devices = parse_devices(request.gpus)
+    if request.config.batch_size % len(devices):
+        raise UsageError(
+            f"--batch-size must be a multiple of the {len(devices)} ranks",
+            hint="e.g. --batch-size 32",
+        )
     run = request.run
     manifest = load_run(run)
     with runs.RunLock(run):
-        vae_stage = manifest.stages.get("vae")
-        if vae_stage is None or not vae_stage.finished:
-            raise ModelError(
-                "the run has no finished VAE", run, "run `specdm fit-vae` to the end first"
+        stage = _check_stages(run, manifest, request)
+        if stage is not None and stage.finished and stage.step >= request.config.steps:
+            return FitDiffusionSummary(
+                str(run), "already complete", stage.step, request.config.steps, 0.0, 0.0, "kept"
             )
-        stage = manifest.stages.get("diffusion")
-        resumable = stage is not None and stage.checkpoint is not None
-        if resumable and not request.resume:
-            raise ModelError(
-                "the run already has a diffusion model", run, "pass --resume to continue it"
+        cache = _cache(run, manifest, request, devices[0], progress)
+        size = manifest.height // int(manifest.stages["vae"].details["model"]["downsample"])
+        checkpoint = stage.checkpoint if stage is not None else None
+        start = stage.step if checkpoint else 0
+        job = _Job(
+            run,
+            request.config,
+            unet_config(request.config, cache.mean.shape[1], size),
+            checkpoint,
+            start,
+        )
+        if len(devices) == 1 and not launched_by_torchrun():
+            summary = _rank_main(0, 1, devices[0], job, stop, progress)
+        else:
+            run_ranks(_rank_main, devices, job)
+            summary = FitDiffusionSummary(
+                str(run), "", request.config.steps, request.config.steps, 0.0, 0.0, ""
             )
-        if stage is not None and resumable:
-            runs.check_resume(run, stage.config, request.config.training_identity())
-            if stage.finished and stage.step >= request.config.steps:
-                return FitDiffusionSummary(
-                    str(run), "already complete", stage.step, request.config.steps, 0.0, 0.0, "kept"
-                )
-        cache = _cache(run, manifest, request, device, progress)
-        size = manifest.height // int(vae_stage.details["model"]["downsample"])
-        trainer = DiffusionTrainer(
-            cache, request.config, unet_config(request.config, cache.mean.shape[1], size), device
-        )
-        start = (
-            _restore(run, trainer, stage.checkpoint, device)
-            if stage is not None and stage.checkpoint and resumable
-            else 0
-        )
-        summary = _train(run, trainer, start, request.config, stop, progress)
     runs.register(run, manifest.task, "diffusion", can_sample=True)
     summary.seconds = round(time.monotonic() - started, 3)
     summary.state = "resumed" if start else "trained"
     summary.cache = "reused" if cache.reused else "built"
     summary.latent_scale = cache.scale.tolist()
     return summary
+
+
+def _check_stages(run: Path, manifest: RunManifest, request: FitDiffusionRequest) -> Any:
+    """The diffusion stage to resume (or None); refusals for a missing VAE or a wrong resume."""
+    vae_stage = manifest.stages.get("vae")
+    if vae_stage is None or not vae_stage.finished:
+        raise ModelError(
+            "the run has no finished VAE", run, "run `specdm fit-vae` to the end first"
+        )
+    stage = manifest.stages.get("diffusion")
+    if stage is None or stage.checkpoint is None:
+        return None
+    if not request.resume:
+        raise ModelError(
+            "the run already has a diffusion model", run, "pass --resume to continue it"
+        )
+    runs.check_resume(run, stage.config, request.config.training_identity())
+    return stage
+
+
+def _rank_main(
+    rank: int,
+    world: int,
+    device: torch.device,
+    job: _Job,
+    stop: StopFlag | None = None,
+    progress: Progress | None = None,
+) -> FitDiffusionSummary:
+    """One rank: open the cache, build or restore the U-Net, wrap for data parallelism, train."""
+    trainer = DiffusionTrainer(open_cache(job.run), job.config, job.unet, device, rank, world)
+    if job.checkpoint is not None:
+        _restore(job.run, trainer, job.checkpoint, device)
+    trainer.wrap()
+    return _train(job.run, trainer, job.start, job.config, stop or StopFlag(), progress)
 
 
 def _cache(
@@ -235,11 +287,12 @@ def _train(
     for step in range(start, config.steps):
         loss = trainer.step(step)
         done = step + 1
-        with (run / "metrics.jsonl").open("a", encoding="utf-8") as stream:
-            stream.write(json.dumps({"stage": "diffusion", "step": done, "loss": loss}) + "\n")
-        finished = done == config.steps
-        if finished or done % config.checkpoint_every == 0 or stop.signum is not None:
-            _checkpoint(run, trainer, config, done, finished)
+        if trainer.rank == 0:
+            with (run / "metrics.jsonl").open("a", encoding="utf-8") as stream:
+                stream.write(json.dumps({"stage": "diffusion", "step": done, "loss": loss}) + "\n")
+            finished = done == config.steps
+            if finished or done % config.checkpoint_every == 0 or stop.signum is not None:
+                _checkpoint(run, trainer, config, done, finished)
         if progress:
             progress("fit-diffusion", done, config.steps)
         stop.check()

@@ -71,6 +71,11 @@ def open_or_build(
     return _build(path, vae, reader, indices, key, augment, batch_size, progress)
 
 
+def open_cache(run: Path) -> LatentCache:
+    """A finished cache, opened for reading (each training rank opens its own)."""
+    return _loaded(zarr.open_group(run / CACHE, mode="r"), reused=True)
+
+
 def _loaded(group: zarr.Group, reused: bool) -> LatentCache:
     scale = np.asarray(group.attrs["scale"], dtype=np.float32)
     return LatentCache(group["mean"], group["std"], scale, reused)
