@@ -114,7 +114,9 @@ class EMA:
         self.shadow = {k: v.detach().clone().float() for k, v in model.state_dict().items()}
 
     def current_decay(self) -> float:
-        return min(self.decay, (1 + self.updates) / (10 + self.updates))
+        """The decay the next update uses (LitEma counts the update first: 2/11 for the first)."""
+        upcoming = self.updates + 1
+        return min(self.decay, (1 + upcoming) / (10 + upcoming))
 
     @torch.no_grad()
     def update(self, model: nn.Module) -> None:
