@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import shutil
 import subprocess
 import tempfile
 from pathlib import Path
@@ -21,8 +23,10 @@ def fit(store: Path, run: Path, args: argparse.Namespace, sad_weight: str) -> di
                "--norm-groups", "8", "--batch-size", "16", "--lr", "2e-3", "--precision", args.precision]  # fmt: skip
     if args.gpus:
         command += ["--gpus", args.gpus]
+    # A private user data dir: the benchmark's runs stay out of the user's registry.
+    env = {**os.environ, "SPECDM_HOME": str(store.parent / "home")}
     summary: dict[str, object] = json.loads(
-        subprocess.run(command, check=True, capture_output=True, text=True).stdout
+        subprocess.run(command, check=True, capture_output=True, text=True, env=env).stdout
     )
     return summary
 
@@ -36,8 +40,19 @@ def main() -> None:
     parser.add_argument("--mask-blocks", default="16,32,32")
     parser.add_argument("--gpus", default=None)
     parser.add_argument("--precision", default="fp32")
+    parser.add_argument("--keep", action="store_true", help="keep the store and runs")
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="specdm-vae-"))
+    try:
+        bench(work, args)
+    finally:
+        if args.keep:
+            print(f"kept {work}")
+        else:
+            shutil.rmtree(work, ignore_errors=True)
+
+
+def bench(work: Path, args: argparse.Namespace) -> None:
     store = work / "demo.zarr"
     subprocess.run(
         [

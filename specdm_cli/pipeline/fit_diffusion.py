@@ -287,15 +287,18 @@ def _train(
     for step in range(start, config.steps):
         loss = trainer.step(step)
         done = step + 1
+        # Read once: a signal landing later in this step is seen at the next one, never half.
+        stopping = stop.signum is not None
         if trainer.rank == 0:
             with (run / "metrics.jsonl").open("a", encoding="utf-8") as stream:
                 stream.write(json.dumps({"stage": "diffusion", "step": done, "loss": loss}) + "\n")
             finished = done == config.steps
-            if finished or done % config.checkpoint_every == 0 or stop.signum is not None:
+            if finished or done % config.checkpoint_every == 0 or stopping:
                 _checkpoint(run, trainer, config, done, finished)
         if progress:
             progress("fit-diffusion", done, config.steps)
-        stop.check()
+        if stopping:
+            stop.check()
     rate = (config.steps - start) / max(time.monotonic() - tick, 1e-9)
     return FitDiffusionSummary(
         str(run), "", config.steps, config.steps, 0.0, round(rate, 3), "", loss

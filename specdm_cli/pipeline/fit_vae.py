@@ -345,6 +345,8 @@ def _train(
     for step in range(start, config.steps):
         losses = trainer.step(step)
         done = step + 1
+        # Read once: a signal landing later in this step is seen at the next one, never half.
+        stopping = stop.signum is not None
         if writer:
             record: dict[str, Any] = {"step": done, **losses}
             if len(val) and (done % config.val_every == 0 or done == config.steps):
@@ -360,11 +362,12 @@ def _train(
                 record["val"] = validation
             _append_metrics(run, record)
             finished = done == config.steps
-            if finished or done % config.checkpoint_every == 0 or stop.signum is not None:
+            if finished or done % config.checkpoint_every == 0 or stopping:
                 _checkpoint(run, trainer, config, done, finished, validation)
         if progress:
             progress(done, config.steps, losses)
-        stop.check()
+        if stopping:
+            stop.check()
     rate = (config.steps - start) / max(time.monotonic() - tick, 1e-9)
     return FitVAESummary(
         str(run), "", config.steps, config.steps, 0.0, round(rate, 3), losses, validation

@@ -1,0 +1,234 @@
+"""fit-vae paths that test_fit_vae_cli.py leaves open: save/load bit-exactness, interrupts,
+refusals of stores and run folders, --limit, the validation fallback, the registry, --gpus."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import signal
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import zarr
+from safetensors.torch import load_file
+
+from specdm_cli.errors import Interrupted, UsageError
+from specdm_cli.manifest import SPLITS
+from specdm_cli.models.vae import SpecDMVAE
+from specdm_cli.pipeline.checkpoints import load_optimizer, save_optimizer
+from specdm_cli.pipeline.fit_vae import (
+    FitVAERequest,
+    VAETrainConfig,
+    VAETrainer,
+    fit_vae,
+    model_config,
+)
+from specdm_cli.pipeline.registry import newest_run, read_registry, record_run
+from specdm_cli.pipeline.signals import StopFlag
+from specdm_cli.pipeline.training import parse_devices, torch_threads
+from specdm_cli.pipeline.vae_io import load_branches, save_vae
+from specdm_cli.stores import open_store
+from tests.conftest import manifest_of, prepare_demo, run_cli
+
+TINY = ("--image-blocks", "8,16,16", "--mask-blocks", "8,8,16", "--norm-groups", "4",
+        "--batch-size", "4", "--lr", "1e-3", "--threads", "2", "--quiet")  # fmt: skip
+TINY_CONFIG = {
+    "image_block_out_channels": (8, 16, 16),
+    "mask_block_out_channels": (8, 8, 16),
+    "norm_num_groups": 4,
+    "batch_size": 4,
+    "lr": 1e-3,
+}
+
+
+def fit(store: Path, run: Path, *extra: str) -> tuple[int, str, str]:
+    return run_cli("fit-vae", store, "--run", run, *TINY, *extra)
+
+
+def stage(run: Path) -> dict[str, object]:
+    loaded: dict[str, object] = json.loads((run / "run.json").read_text())["stages"]["vae"]
+    return loaded
+
+
+def checkpoint_files(run: Path) -> dict[str, object]:
+    """Every file of the run's latest checkpoint: bytes, or for configs the JSON less
+    `_name_or_path` (diffusers records the folder a resumed model was loaded from)."""
+    folder = run / str(stage(run)["checkpoint"])
+    files: dict[str, object] = {}
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        if path.name == "config.json":
+            files[str(path.relative_to(folder))] = {
+                k: v for k, v in json.loads(path.read_text()).items() if k != "_name_or_path"
+            }
+        else:
+            files[str(path.relative_to(folder))] = path.read_bytes()
+    return files
+
+
+@pytest.mark.parametrize("single_stream", [False, True])
+def test_save_then_load_is_bit_exact(
+    demo_ss_store: Path, tmp_path: Path, single_stream: bool
+) -> None:
+    config = model_config(
+        VAETrainConfig(single_stream=single_stream, **TINY_CONFIG),
+        open_store(demo_ss_store).manifest,
+    )
+    torch.manual_seed(1)
+    model = SpecDMVAE(config)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    sum(p.square().sum() for p in model.parameters()).backward()  # type: ignore[union-attr]
+    optimizer.step()
+    save_vae(model, tmp_path)
+    save_optimizer(optimizer, tmp_path)
+    torch.manual_seed(2)
+    loaded = SpecDMVAE(config)
+    load_branches(loaded, tmp_path)
+    before, after = model.state_dict(), loaded.state_dict()
+    assert before.keys() == after.keys()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    restored = torch.optim.AdamW(loaded.parameters(), lr=5.0)
+    load_optimizer(restored, tmp_path)
+    assert restored.param_groups[0]["lr"] == 1e-3
+    saved, back = optimizer.state_dict()["state"], restored.state_dict()["state"]
+    assert saved.keys() == back.keys()
+    assert all(torch.equal(saved[i][k], back[i][k]) for i in saved for k in saved[i])
+    assert not list(tmp_path.rglob("*.bin")) and not list(tmp_path.rglob("*.pt"))  # no pickles
+
+
+def test_interrupt_checkpoints_and_resume_matches_an_uninterrupted_run(
+    demo_ss_store: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    config = VAETrainConfig(steps=4, val_every=4, **TINY_CONFIG)
+    stop = StopFlag()
+    original = VAETrainer.step
+
+    def signal_during_step_two(trainer: VAETrainer, step: int) -> dict[str, float]:
+        if step == 1:
+            stop.signum = signal.SIGTERM  # as if SIGTERM arrived while step 2 ran
+        return original(trainer, step)
+
+    with torch_threads(2):
+        with monkeypatch.context() as patch, pytest.raises(Interrupted):
+            patch.setattr(VAETrainer, "step", signal_during_step_two)
+            fit_vae(FitVAERequest(demo_ss_store, tmp_path / "cut", config), stop,
+                    warn=lambda line: None)  # fmt: skip
+        assert stage(tmp_path / "cut")["step"] == 2 and not stage(tmp_path / "cut")["finished"]
+        assert not read_registry()  # an interrupted run is not offered to later stages
+        resumed = fit_vae(
+            FitVAERequest(demo_ss_store, tmp_path / "cut", config, resume=True), StopFlag()
+        )
+        whole = fit_vae(FitVAERequest(demo_ss_store, tmp_path / "whole", config), StopFlag())
+    assert resumed.state == "resumed" and resumed.validation == whole.validation
+    assert checkpoint_files(tmp_path / "cut") == checkpoint_files(tmp_path / "whole")
+    steps = [json.loads(line)["step"] for line in (tmp_path / "cut" / "metrics.jsonl").open()]
+    assert steps == [1, 2, 3, 4]
+
+
+def test_a_signal_during_the_progress_update_still_checkpoints(
+    demo_ss_store: Path, tmp_path: Path
+) -> None:
+    config = VAETrainConfig(steps=4, **TINY_CONFIG)
+    stop = StopFlag()
+
+    def signal_during_progress(done: int, total: int, losses: dict[str, float]) -> None:
+        if done == 1:
+            stop.signum = signal.SIGINT
+
+    with torch_threads(2), pytest.raises(Interrupted):
+        fit_vae(FitVAERequest(demo_ss_store, tmp_path / "run", config), stop,
+                signal_during_progress, warn=lambda line: None)  # fmt: skip
+    logged = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+    assert stage(tmp_path / "run")["step"] == len(logged)  # no step lost, none logged twice
+
+
+def test_a_store_without_a_train_split_is_refused(demo_ss_store: Path, tmp_path: Path) -> None:
+    store = tmp_path / "no-train.zarr"
+    shutil.copytree(demo_ss_store, store)
+    split = zarr.open_group(str(store), mode="r+")["split"]
+    assert isinstance(split, zarr.Array)
+    codes = np.asarray(split[:])
+    split[:] = np.where(codes == SPLITS.index("train"), SPLITS.index("val"), codes)
+    manifest = manifest_of(store)
+    manifest["normalization"] = None  # prepare computes it on train: none without train
+    (store / "manifest.json").write_text(json.dumps(manifest))
+    code, _, stderr = fit(store, tmp_path / "run", "--steps", "1")
+    assert code == 3 and "no train split" in stderr and "Traceback" not in stderr
+    code, _, stderr = fit(store, tmp_path / "run2", "--steps", "1", "--split", "train")
+    assert code == 3 and "Traceback" not in stderr
+
+
+def test_run_folder_refusals(demo_ss_store: Path, demo_cd_store: Path, tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    assert fit(demo_ss_store, run, "--steps", "1")[0] == 0
+    code, _, stderr = fit(demo_cd_store, run, "--steps", "2", "--resume")
+    assert code == 4 and "another store" in stderr
+    code, _, stderr = fit(demo_ss_store, run, "--steps", "2", "--resume", "--overwrite")
+    assert code == 2 and "exclude" in stderr
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "thesis.tex").write_text("keep me")
+    code, _, stderr = fit(demo_ss_store, foreign, "--steps", "1", "--overwrite")
+    assert code == 3 and (foreign / "thesis.tex").exists()
+    assert fit(demo_ss_store, run, "--steps", "1", "--overwrite")[0] == 0
+
+
+def test_limit_class_weights_and_validation_on_test(tmp_path: Path) -> None:
+    store = prepare_demo(tmp_path / "noval.zarr", "--val-fraction", "0", n=16, size=16)
+    args = (*TINY[:-1], "--steps", "2", "--limit", "5", "--class-weights", "none", "--json")
+    code, stdout, stderr = run_cli("fit-vae", store, "--run", tmp_path / "run", *args)
+    assert code == 0, stderr
+    assert "no val split; validating on test" in stderr
+    details = stage(tmp_path / "run")["details"]
+    assert isinstance(details, dict) and details["train_samples"] == 5
+    validation = json.loads(stdout)["validation"]
+    assert {"rmse", "rmse_physical", "sad", "ce", "iou", "miou"} <= validation.keys()
+    classes = manifest_of(store)["classes"]
+    assert isinstance(classes, list) and len(validation["iou"]) == len(classes)
+    assert 0.0 <= validation["miou"] <= 1.0 and 0.0 <= validation["sad"] <= np.pi
+    run_json = json.loads((tmp_path / "run" / "run.json").read_text())
+    assert run_json["normalization"] == manifest_of(store)["normalization"]
+    assert newest_run("ss", can_sample=False) == (tmp_path / "run").resolve()
+    assert newest_run("ss") is None  # a VAE alone cannot sample
+
+
+def test_half_precision_is_fp32_on_the_cpu(demo_ss_store: Path, tmp_path: Path) -> None:
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    for precision in ("fp32", "bf16"):
+        assert (
+            fit(demo_ss_store, tmp_path / precision, "--steps", "1", "--precision", precision)[0]
+            == 0
+        )
+    fp32, bf16 = (
+        load_file(next((tmp_path / p).rglob("image/*.safetensors"))) for p in ("fp32", "bf16")
+    )
+    assert all(torch.equal(fp32[k], bf16[k]) for k in fp32)
+
+
+def test_registry_finds_the_newest_run_per_task(tmp_path: Path) -> None:
+    runs = {name: tmp_path / name for name in ("ss-old", "cd", "ss-new", "ss-vae-only")}
+    for path in runs.values():
+        path.mkdir()
+    record_run(runs["ss-old"], "ss", "diffusion", can_sample=True)
+    record_run(runs["cd"], "cd", "diffusion", can_sample=True)
+    record_run(runs["ss-new"], "ss", "diffusion", can_sample=True)
+    record_run(runs["ss-vae-only"], "ss", "vae", can_sample=False)
+    assert newest_run("ss") == runs["ss-new"].resolve()
+    assert newest_run("cd") == runs["cd"].resolve()
+    shutil.rmtree(runs["ss-new"])
+    assert newest_run("ss") == runs["ss-old"].resolve()  # a deleted run is skipped
+    entries = read_registry()
+    assert {"run_id", "path", "task", "stage", "can_sample", "finished"} <= entries[0].keys()
+
+
+@pytest.mark.parametrize("text", ["cpu:0", "cpu:x", "a,b", ""])
+def test_bad_gpus_strings_are_usage_errors(text: str) -> None:
+    with pytest.raises(UsageError):
+        parse_devices(text)
+
+
+def test_gpus_strings() -> None:
+    assert parse_devices(None) == [torch.device("cpu")]
+    assert parse_devices("cpu:3") == [torch.device("cpu")] * 3
