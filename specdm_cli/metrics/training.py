@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
@@ -44,42 +44,52 @@ def _deterministic(seed: int) -> Iterator[None]:
         torch.use_deterministic_algorithms(enabled, warn_only=warn_only)
 
 
-class _TrainData:
-    """Train samples, band-normalised; held in memory when small, else read per batch."""
+class TrainData:
+    """Samples of one or more stores, band-normalised; held in memory when small, else read per batch.
 
-    def __init__(self, reader: StoreReader, mean: np.ndarray, std: np.ndarray):
-        self.reader, self.mean, self.std = reader, mean, std
-        self.indices = reader.indices("train")
-        if self.indices.size == 0:
-            raise InputDataError(
-                "reference store has no train samples to fit the feature network",
-                reader.root,
-                "use a store with a train split",
-            )
-        manifest = reader.manifest
+    A sample is addressed by its position in the pool (the sources' indices, one after another),
+    so a batch is the same whatever store each sample comes from.
+    """
+
+    def __init__(
+        self,
+        sources: Sequence[tuple[StoreReader, np.ndarray]],
+        mean: np.ndarray,
+        std: np.ndarray,
+    ):
+        self.mean, self.std = mean, std
+        self.readers = [reader for reader, _ in sources]
+        self.pool = [(k, int(i)) for k, (_, indices) in enumerate(sources) for i in indices]
+        manifest = self.readers[0].manifest
         phases = len(IMAGE_ARRAYS[manifest.task])
-        size = self.indices.size * phases * len(manifest.bands) * manifest.height * manifest.width
+        size = len(self.pool) * phases * len(manifest.bands) * manifest.height * manifest.width
         self.cache: dict[int, tuple[list[np.ndarray], np.ndarray]] | None = (
             {} if size * 4 <= PRELOAD_BYTES else None
         )
 
-    def sample(self, index: int) -> tuple[list[np.ndarray], np.ndarray]:
-        if self.cache is not None and index in self.cache:
-            return self.cache[index]
-        arrays = self.reader.read(index)
-        task = self.reader.manifest.task
+    def __len__(self) -> int:
+        return len(self.pool)
+
+    def sample(self, position: int) -> tuple[list[np.ndarray], np.ndarray]:
+        """(normalised images per phase, int64 labels) of pool entry `position`."""
+        if self.cache is not None and position in self.cache:
+            return self.cache[position]
+        source, index = self.pool[position]
+        reader = self.readers[source]
+        arrays = reader.read(index)
+        task = reader.manifest.task
         images = [
             ((arrays[name] - self.mean[:, None, None]) / self.std[:, None, None]).astype(np.float32)
             for name in IMAGE_ARRAYS[task]
         ]
         item = (images, arrays[LABEL_ARRAY[task]].astype(np.int64))
         if self.cache is not None:
-            self.cache[index] = item
+            self.cache[position] = item
         return item
 
     def batch(self, rng: np.random.Generator, size: int) -> tuple[list[Tensor], Tensor]:
         """A random batch with one random flip/rotation (drawn from `rng`, so reproducible)."""
-        chosen = rng.choice(self.indices, size, replace=self.indices.size < size)
+        chosen = rng.choice(len(self.pool), size, replace=len(self.pool) < size)
         items = [self.sample(int(i)) for i in chosen]
         phases = len(items[0][0])
         images = [torch.from_numpy(np.stack([it[0][p] for it in items])) for p in range(phases)]
@@ -88,6 +98,18 @@ class _TrainData:
         turns, flip = int(rng.integers(4)) if square else 0, bool(rng.random() < 0.5)
         images = [_augment(x, turns, flip) for x in images]
         return images, _augment(labels, turns, flip)
+
+
+def train_split_data(reader: StoreReader, mean: np.ndarray, std: np.ndarray) -> TrainData:
+    """The train split of `reader` as TrainData; an empty train split is an input error."""
+    indices = reader.indices("train")
+    if indices.size == 0:
+        raise InputDataError(
+            "reference store has no train samples to fit the feature network",
+            reader.root,
+            "use a store with a train split",
+        )
+    return TrainData([(reader, indices)], mean, std)
 
 
 def _augment(x: Tensor, turns: int, flip: bool) -> Tensor:
@@ -114,25 +136,25 @@ def class_weights(reference: StoreReader, classes: int) -> Tensor:
     return torch.from_numpy(weights.astype(np.float32))
 
 
-def train_network(
-    reference: StoreReader,
+def fit(
     config: FeatureNetConfig,
-    band_mean: np.ndarray,
-    band_std: np.ndarray,
+    data: TrainData,
+    weights: Tensor,
     device: str = "cpu",
     progress: Progress | None = None,
-) -> tuple[nn.Module, dict[str, np.ndarray], dict[str, Any]]:
-    """Train the feature network on the reference train split: fixed steps, seed and batches.
+    stage: str = "train features",
+) -> tuple[nn.Module, list[float]]:
+    """Train a fresh network of `config` on `data`: fixed steps, seed, batches and cosine decay.
+
+    Everything random is drawn from `config.seed`, so two calls with the same config and the
+    same pool train the same weights (what makes downstream rows comparable).
 
     Returns:
-        (the model in eval mode; the feature standardisation fitted on the train split; a
-        summary: train samples, mean loss of the last 10% of steps, seconds, device).
+        (the model, left in train mode; the loss of every step).
     """
-    data = _TrainData(reference, band_mean, band_std)
     rng = np.random.default_rng(config.seed)
-    weights = class_weights(reference, config.classes).to(device)
+    weights = weights.to(device)
     losses: list[float] = []
-    start = time.perf_counter()
     with _deterministic(config.seed):
         model = build_network(config).to(device)
         optimiser = torch.optim.AdamW(
@@ -153,11 +175,32 @@ def train_network(
             schedule.step()
             losses.append(float(loss.detach()))
             if progress is not None:
-                progress("train features", step + 1, config.steps)
+                progress(stage, step + 1, config.steps)
+    return model, losses
+
+
+def train_network(
+    reference: StoreReader,
+    config: FeatureNetConfig,
+    band_mean: np.ndarray,
+    band_std: np.ndarray,
+    device: str = "cpu",
+    progress: Progress | None = None,
+) -> tuple[nn.Module, dict[str, np.ndarray], dict[str, Any]]:
+    """Train the feature network on the reference train split: fixed steps, seed and batches.
+
+    Returns:
+        (the model in eval mode; the feature standardisation fitted on the train split; a
+        summary: train samples, mean loss of the last 10% of steps, seconds, device).
+    """
+    data = train_split_data(reference, band_mean, band_std)
+    start = time.perf_counter()
+    weights = class_weights(reference, config.classes)
+    model, losses = fit(config, data, weights, device, progress)
     scales = _fit_scales(model, data, config, device)
     tail = losses[-max(1, len(losses) // 10) :]
     summary = {
-        "train_samples": int(data.indices.size),
+        "train_samples": len(data),
         "final_loss": float(np.mean(tail)),
         "train_seconds": round(time.perf_counter() - start, 2),
         "device": device,
@@ -167,7 +210,7 @@ def train_network(
 
 
 def _fit_scales(
-    model: nn.Module, data: _TrainData, config: FeatureNetConfig, device: str
+    model: nn.Module, data: TrainData, config: FeatureNetConfig, device: str
 ) -> dict[str, np.ndarray]:
     """Per-dimension mean and std of image and mask features over the reference train split.
 
@@ -179,8 +222,10 @@ def _fit_scales(
     mask = MomentAccumulator(mask_feature_dims(config.classes))
     model.eval()
     with torch.inference_mode():
-        for start in range(0, data.indices.size, config.batch_size):
-            items = [data.sample(int(i)) for i in data.indices[start : start + config.batch_size]]
+        for start in range(0, len(data), config.batch_size):
+            items = [
+                data.sample(i) for i in range(start, min(start + config.batch_size, len(data)))
+            ]
             phases = [
                 torch.from_numpy(np.stack([it[0][p] for it in items])).to(device)
                 for p in range(len(items[0][0]))
