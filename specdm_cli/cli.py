@@ -414,7 +414,9 @@ def fit_vae(
     precision: Annotated[
         Precision | None, typer.Option(help="fp32, bf16, fp16 (CUDA only) [fp32].")
     ] = None,
-    gpus: Annotated[str | None, typer.Option(help="CUDA device, e.g. 0 [CPU].")] = None,
+    gpus: Annotated[
+        str | None, typer.Option(help="CUDA devices, e.g. 0 or 0,1; cpu:N = N CPU ranks [CPU].")
+    ] = None,
     threads: Annotated[int | None, typer.Option(help="CPU threads for torch.")] = None,
     val_every: Annotated[int | None, typer.Option(help="Validate every N steps [1000].")] = None,
     checkpoint_every: Annotated[
@@ -503,7 +505,13 @@ def fit_diffusion(
     checkpoint_every: Annotated[
         int | None, typer.Option(help="Checkpoint every N steps [1000].")
     ] = None,
-    gpus: Annotated[str | None, typer.Option(help="CUDA device, e.g. 0 [CPU].")] = None,
+    val_every: Annotated[
+        int | None, typer.Option(help="EMA loss on the val latents every N steps [1000].")
+    ] = None,
+    val_samples: Annotated[int | None, typer.Option(help="Val samples encoded [256].")] = None,
+    gpus: Annotated[
+        str | None, typer.Option(help="CUDA devices, e.g. 0 or 0,1; cpu:N = N CPU ranks [CPU].")
+    ] = None,
     threads: Annotated[int | None, typer.Option(help="CPU threads for torch.")] = None,
     resume: Annotated[bool, typer.Option(help="Continue from the last checkpoint.")] = False,
     json_output: JsonOption = False,
@@ -522,17 +530,22 @@ def fit_diffusion(
             precision=precision.value if precision else None, ema_decay=ema_decay,
             block_out_channels=_blocks(unet_blocks), layers_per_block=layers_per_block,
             norm_num_groups=norm_groups, attention_head_dim=head_dim, checkpoint_every=checkpoint_every,
+            val_every=val_every, val_samples=val_samples,
         )  # fmt: skip
         request = FitDiffusionRequest(run, config, resume, gpus, store)
+        warn = (lambda line: None) if quiet else (lambda line: stderr.print(line, markup=False))
         with (
             graceful_stop() as stop,
             torch_threads(threads),
             _progress_bar("fit-diffusion", quiet) as bar,
         ):
-            summary = run_fit_diffusion(request, stop, lambda stage, done, total: bar(done, total))
+            summary = run_fit_diffusion(
+                request, stop, lambda stage, done, total: bar(done, total), warn
+            )
         if not quiet:
+            val = f", val loss {summary.val_loss:.4f}" if summary.val_loss is not None else ""
             stderr.print(
-                f"{summary.state}: {summary.run} at step {summary.step} (latent cache {summary.cache})",
+                f"{summary.state}: {summary.run} at step {summary.step} (latent cache {summary.cache}{val})",
                 markup=False,
             )
         if json_output:

@@ -88,15 +88,20 @@ def test_two_plus_two_steps_equal_four_with_ema(vae_run: Path, tmp_path: Path) -
         assert torch.equal(first[name], second[name]), name
 
 
-def test_loss_falls(vae_run: Path, tmp_path: Path) -> None:
+def test_loss_and_val_loss_fall(vae_run: Path, tmp_path: Path) -> None:
     run = copy_run(vae_run, tmp_path / "run")
-    assert diffuse(run, "--steps", "60", "--lr", "3e-3")[0] == 0
-    losses = [
-        json.loads(line)["loss"]
+    code, summary, stderr = diffuse(run, "--steps", "60", "--lr", "3e-3", "--val-every", "20")
+    assert code == 0, stderr
+    records = [
+        json.loads(line)
         for line in (run / "metrics.jsonl").read_text().splitlines()
         if '"diffusion"' in line
     ]
+    losses = [record["loss"] for record in records]
     assert sum(losses[-10:]) / 10 < 0.9 * sum(losses[:10]) / 10
+    val = {record["step"]: record["val_loss"] for record in records if "val_loss" in record}
+    assert list(val) == [20, 40, 60] and summary["val_loss"] == val[60]
+    assert val[60] < val[20]
 
 
 def test_single_stream_chain(tmp_path: Path) -> None:

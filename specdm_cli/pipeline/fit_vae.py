@@ -30,6 +30,7 @@ from specdm_cli.pipeline.training import (
     parse_devices,
     step_seed,
     to_tensors,
+    validation_indices,
 )
 from specdm_cli.pipeline.vae_io import load_branches, save_vae
 from specdm_cli.pipeline.vae_validation import validate
@@ -133,20 +134,6 @@ def training_indices(reader: StoreReader, config: VAETrainConfig) -> np.ndarray:
             "prepare a train split or pass --split",
         )
     return indices[: config.limit] if config.limit else indices
-
-
-def validation_indices(
-    reader: StoreReader, config: VAETrainConfig, warn: Callable[[str], None]
-) -> np.ndarray:
-    """Up to `val_samples` of `val`, else of `test` (with a warning), else none."""
-    for split in ("val", "test"):
-        indices = reader.indices(split)
-        if len(indices):
-            if split == "test":
-                warn("warning: the store has no val split; validating on test")
-            return indices[: config.val_samples]
-    warn("warning: the store has no val or test split; no validation")
-    return np.array([], dtype=np.int64)
 
 
 class VAETrainer:
@@ -291,7 +278,7 @@ def fit_vae(
             request.config,
             checkpoint,
             start,
-            validation_indices(reader, request.config, warn),
+            validation_indices(reader, request.config.val_samples, warn),
         )
         if len(devices) == 1 and not launched_by_torchrun():
             summary = _rank_main(0, 1, devices[0], job, stop, progress)

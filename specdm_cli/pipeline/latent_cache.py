@@ -93,17 +93,8 @@ def _build(
     progress: Callable[[int, int], None] | None,
 ) -> LatentCache:
     views = VIEWS if augment else VIEWS[:1]
-    manifest = reader.manifest
-    stats = manifest.normalization
-    if stats is None:
-        raise InputDataError(
-            "the store has no normalisation statistics", reader.root, "re-run prepare"
-        )
-    device = next(vae.parameters()).device
-    mean_t = torch.tensor(stats.mean, device=device)
-    std_t = torch.tensor(stats.std, device=device)
     channels = sum(size for _, size in vae.latent_layout())
-    side = manifest.height // vae.config.downsample
+    side = reader.manifest.height // vae.config.downsample
     total = len(indices) * len(views)
     group = zarr.open_group(path, mode="w")
     shape, chunks = (total, channels, side, side), (batch_size, channels, side, side)
@@ -113,15 +104,8 @@ def _build(
     done = 0
     for start in range(0, total, batch_size):
         entries = range(start, min(start + batch_size, total))
-        samples = load_batch(reader, indices[[e // len(views) for e in entries]], None)
-        for row, entry in enumerate(entries):
-            for name in samples:
-                samples[name][row] = d4(samples[name][row], *views[entry % len(views)])
-        batch, _ = to_tensors(samples, manifest.task, mean_t, std_t, device)
-        posts = vae.encode(batch)
-        means = vae.join_latent({k: p.mean for k, p in posts.items()}).float().cpu().numpy()
-        stds = (
-            vae.join_latent({k: cast(Any, p).std for k, p in posts.items()}).float().cpu().numpy()
+        means, stds = _encode(
+            vae, reader, indices, [views[e % len(views)] for e in entries], entries, len(views)
         )
         mean_a[entries.start : entries.stop] = means
         std_a[entries.start : entries.stop] = stds
@@ -134,3 +118,44 @@ def _build(
     scale = (1.0 / np.sqrt(variance)).astype(np.float32)
     group.attrs.update({"key": key, "scale": scale.tolist(), "views": len(views), "complete": True})
     return _loaded(group, reused=False)
+
+
+@torch.no_grad()
+def encode_means(
+    vae: SpecDMVAE, reader: StoreReader, indices: np.ndarray, batch_size: int
+) -> np.ndarray:
+    """Posterior means of `indices` as they are (no augmentation): validation latents."""
+    parts = []
+    for start in range(0, len(indices), batch_size):
+        entries = range(start, min(start + batch_size, len(indices)))
+        parts.append(_encode(vae, reader, indices, [VIEWS[0]] * len(entries), entries, 1)[0])
+    return np.concatenate(parts) if parts else np.zeros((0,), dtype=np.float32)
+
+
+def _encode(
+    vae: SpecDMVAE,
+    reader: StoreReader,
+    indices: np.ndarray,
+    views: list[tuple[int, bool]],
+    entries: range,
+    views_per_sample: int,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Posterior means and stds of cache entries (entry e = view e % V of sample e // V)."""
+    manifest = reader.manifest
+    stats = manifest.normalization
+    if stats is None:
+        raise InputDataError(
+            "the store has no normalisation statistics", reader.root, "re-run prepare"
+        )
+    device = next(vae.parameters()).device
+    samples = load_batch(reader, indices[[e // views_per_sample for e in entries]], None)
+    for row, view in enumerate(views):
+        for name in samples:
+            samples[name][row] = d4(samples[name][row], *view)
+    mean_t = torch.tensor(stats.mean, device=device)
+    std_t = torch.tensor(stats.std, device=device)
+    batch, _ = to_tensors(samples, manifest.task, mean_t, std_t, device)
+    posts = vae.encode(batch)
+    means = vae.join_latent({k: p.mean for k, p in posts.items()}).float().cpu().numpy()
+    stds = vae.join_latent({k: cast(Any, p).std for k, p in posts.items()}).float().cpu().numpy()
+    return means, stds

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Literal
 
 import numpy as np
@@ -113,3 +113,15 @@ def torch_threads(count: int | None) -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(previous)
+
+
+def validation_indices(reader: StoreReader, limit: int, warn: Callable[[str], None]) -> np.ndarray:
+    """Up to `limit` samples of `val`, else of `test` (with a warning), else none."""
+    for split in ("val", "test"):
+        indices = reader.indices(split)
+        if len(indices):
+            if split == "test":
+                warn("warning: the store has no val split; validating on test")
+            return indices[:limit]
+    warn("warning: the store has no val or test split; no validation")
+    return np.array([], dtype=np.int64)
