@@ -594,6 +594,12 @@ def synthesize(
     preview: Annotated[
         Path | None, typer.Option(help="Write a PNG grid of the first samples.")
     ] = None,
+    require: Annotated[
+        str | None,
+        typer.Option(
+            help="CLASS:MINFRAC[,...]: keep only samples with at least that fraction of each class."
+        ),
+    ] = None,
     gpus: Annotated[str | None, typer.Option(help="CUDA device, e.g. 0 [CPU].")] = None,
     threads: Annotated[int | None, typer.Option(help="CPU threads for torch.")] = None,
     json_output: JsonOption = False,
@@ -603,6 +609,7 @@ def synthesize(
     with _domain_errors():
         from specdm_cli.errors import UsageError
         from specdm_cli.pipeline.models import choose_model
+        from specdm_cli.pipeline.require import parse_require
         from specdm_cli.pipeline.shards import finalize as finalize_store
         from specdm_cli.pipeline.shards import parse_shard
         from specdm_cli.pipeline.signals import graceful_stop
@@ -640,9 +647,10 @@ def synthesize(
                     hint="remove it yourself",
                 )
             remove_tree(out)
+        requirements = parse_require(require, chosen.manifest.classes)
         request = SynthesizeRequest(
             chosen, out, n, sampler.value, steps, seed, batch_size, precision.value,
-            store_format.value, chosen_shard, gpus,
+            store_format.value, chosen_shard, gpus, requirements,
         )  # fmt: skip
         with (
             graceful_stop() as stop,

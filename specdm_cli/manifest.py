@@ -100,6 +100,7 @@ class SampleFiles(_Strict):
     class_fraction: list[float]
     source_id: str | None = None
     bounds: tuple[float, float, float, float] | None = None
+    candidate: int | None = Field(None, description="synthetic: the sampler draw of this sample")
 
 
 class Manifest(_Strict):

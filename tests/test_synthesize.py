@@ -187,3 +187,58 @@ def test_a_tampered_model_is_refused(ss_run: Path, tmp_path: Path) -> None:
     weights.write_bytes(weights.read_bytes()[:-4] + b"evil")
     code, _, stderr = synth(run, tmp_path / "x.zarr", "--n", "2")
     assert code == 4 and "tampered" in stderr
+
+
+def test_require_keeps_the_accepted_draws_in_order(ss_run: Path, tmp_path: Path) -> None:
+    assert synth(ss_run, tmp_path / "plain.zarr", "--n", "24")[0] == 0
+    plain = arrays(tmp_path / "plain.zarr")
+    fractions = plain["class_fraction"]
+    wanted = int(np.argmax((fractions > 0).sum(axis=0) * (fractions.std(axis=0) > 0)))
+    threshold = float(np.sort(fractions[:, wanted])[::-1][4])
+    assert 0 < threshold < 1
+    require = ("--n", "4", "--require", f"{wanted}:{threshold}", "--json")
+    code, stdout, stderr = synth(ss_run, tmp_path / "kept.zarr", *require)
+    assert code == 0, stderr
+    kept = arrays(tmp_path / "kept.zarr")
+    drawn = kept["candidate"]
+    assert np.all(np.diff(drawn) > 0) and json.loads(stdout)["draws"] >= drawn[-1] + 1
+    qualifying = np.flatnonzero(fractions[:, wanted] >= threshold)
+    np.testing.assert_array_equal(drawn, qualifying[:4])
+    for name in ("image", "mask", "class_fraction"):
+        np.testing.assert_array_equal(kept[name], plain[name][drawn], err_msg=name)
+    manifest = json.loads((tmp_path / "kept.zarr" / "manifest.json").read_text())
+    assert manifest["complete"] and manifest["plan"]["require"]
+    np.testing.assert_array_equal(plain["candidate"], np.arange(24))
+
+
+def test_require_resumes_after_a_kill(ss_run: Path, tmp_path: Path) -> None:
+    classes = json.loads((ss_run / "run.json").read_text())["classes"]
+    wanted = f"{classes[0]['name']}:0.01"
+    options = ["--n", "8", "--require", wanted]
+    assert synth(ss_run, tmp_path / "whole.zarr", *options)[0] == 0
+    out = tmp_path / "killed.zarr"
+    command = [sys.executable, "-m", "specdm_cli", "synthesize", "--model", str(ss_run),
+               "--out", str(out), *FAST, *options]  # fmt: skip
+    environment = {**os.environ, "SPECDM_FAULT": "synthesize.after_batch:1"}
+    killed = subprocess.run(command, env=environment, capture_output=True, timeout=300)
+    assert killed.returncode == -signal.SIGKILL
+    resumed = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr
+    whole, again = arrays(tmp_path / "whole.zarr"), arrays(out)
+    for name in ("image", "mask", "candidate"):
+        np.testing.assert_array_equal(whole[name], again[name], err_msg=name)
+
+
+@pytest.mark.parametrize(
+    ("require", "message"),
+    [
+        ("nosuchclass:0.1", "no class"),
+        ("0:1.5", "in (0, 1]"),
+        ("0:0.1 --shard 0/2", "cannot be split"),
+        ("0:1", "draws qualified"),
+    ],
+)
+def test_require_refusals(ss_run: Path, tmp_path: Path, require: str, message: str) -> None:
+    spec, *extra = require.split()
+    code, _, stderr = synth(ss_run, tmp_path / "r.zarr", "--n", "1", "--require", spec, *extra)
+    assert code == 2 and message in stderr and "Traceback" not in stderr

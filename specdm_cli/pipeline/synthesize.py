@@ -20,6 +20,7 @@ from specdm_cli.models.samplers import DEFAULT_STEPS, sample_generator, sample_l
 from specdm_cli.pipeline.checkpoints import load_module
 from specdm_cli.pipeline.models import ChosenModel
 from specdm_cli.pipeline.provenance import provenance
+from specdm_cli.pipeline.require import Requirement, accepted, give_up, resume_draw
 from specdm_cli.pipeline.shards import Shard, finalize, join_or_create, shard_batches, write_record
 from specdm_cli.pipeline.signals import StopFlag
 from specdm_cli.pipeline.training import Precision, autocast, parse_device
@@ -47,6 +48,7 @@ class SynthesizeRequest:
     format: Literal["zarr", "geotiff"] = "zarr"
     shard: Shard = field(default_factory=Shard)
     gpus: str | None = None
+    require: tuple[Requirement, ...] = ()
 
 
 @dataclass
@@ -60,6 +62,7 @@ class SynthesizeSummary:
     seconds: float
     pairs_per_second: float
     complete: bool
+    draws: int = 0  # sampler draws this call made (more than pairs written with --require)
 
 
 def _plan(request: SynthesizeRequest, steps: int) -> dict[str, Any]:
@@ -74,6 +77,7 @@ def _plan(request: SynthesizeRequest, steps: int) -> dict[str, Any]:
         "precision": request.precision,
         "batch_size": request.batch_size,
         "format": request.format,
+        **({"require": [r.text() for r in request.require]} if request.require else {}),
     }
 
 
@@ -142,20 +146,21 @@ class Sampler:
         self.channels = int(self.scale.shape[1])
         self.request, self.device, self.task = request, device, manifest.task
         self.dtype = np.dtype(manifest.dtype)
+        self.classes = len(manifest.classes)
 
     @torch.no_grad()
-    def batch(self, indices: range, steps: int) -> tuple[dict[str, np.ndarray], int]:
-        """Samples `indices` (the grid batch, padded to B): arrays in the store's units, clipped count."""
-        padded = range(indices.start, indices.start + self.request.batch_size)
+    def batch(self, first: int, keep: int, steps: int) -> tuple[dict[str, np.ndarray], np.ndarray]:
+        """Draws first.. (always B of them, so every batch computes alike), the first `keep`
+        returned in the store's units with the values clipped per sample."""
+        padded = range(first, first + self.request.batch_size)
         generators = [sample_generator(self.request.seed, i) for i in padded]
         latents = sample_latents(
             self.unet, self.request.sampler, self.schedule, steps, (self.channels, self.side, self.side),
             generators, self.device, lambda: autocast(self.device, self.request.precision),
         )  # fmt: skip
         decoded = self.vae.decode_joint(latents / self.scale)
-        keep = len(indices)
         arrays: dict[str, np.ndarray] = {}
-        clipped = 0
+        clipped = np.zeros(keep, dtype=np.int64)
         for name in IMAGE_ARRAYS[self.task]:
             physical = (decoded[name][:keep].float() * self.std + self.mean).cpu().numpy()
             arrays[name], count = to_dtype(physical, self.dtype)
@@ -165,8 +170,9 @@ class Sampler:
         return arrays, clipped
 
 
-def to_dtype(values: np.ndarray, dtype: np.dtype[Any]) -> tuple[np.ndarray, int]:
-    """Round (integer stores) and clip to the dtype's range; returns the array and values clipped."""
+def to_dtype(values: np.ndarray, dtype: np.dtype[Any]) -> tuple[np.ndarray, np.ndarray]:
+    """Round (integer stores) and clip to the dtype's range; returns the array and the values
+    clipped in each sample (axis 0)."""
     if np.issubdtype(dtype, np.integer):
         info = np.iinfo(dtype)
         values = np.rint(values)
@@ -174,7 +180,8 @@ def to_dtype(values: np.ndarray, dtype: np.dtype[Any]) -> tuple[np.ndarray, int]
     else:
         finfo = np.finfo(dtype)
         low, high = float(finfo.min), float(finfo.max)
-    clipped = int(((values < low) | (values > high)).sum())
+    outside = (values < low) | (values > high)
+    clipped = outside.reshape(len(values), -1).sum(axis=1)
     return np.clip(values, low, high).astype(dtype), clipped
 
 
@@ -185,6 +192,11 @@ def synthesize(
     started = time.monotonic()
     if request.n <= 0:
         raise UsageError("--n must be at least 1", hint="e.g. --n 1000")
+    if request.require and request.shard.count > 1:
+        raise UsageError(
+            "--require cannot be split with --shard: sample i is the i-th accepted draw",
+            hint="run it unsharded (--resume continues an interrupted run)",
+        )
     device = parse_device(request.gpus)
     steps = request.steps or DEFAULT_STEPS[request.sampler]
     manifest = join_or_create(request.out, _manifest(request, steps, device))
@@ -194,69 +206,124 @@ def synthesize(
         writer = open_writer(request.out, manifest)
         written = writer.written()
         todo = [b for b in batches if not written[b.start : b.stop].all()]
-        sampler = Sampler(request.model, request, device) if todo else None
-        clipped, done = _run(
-            sampler, writer, todo, steps, stop, progress, len(batches) - len(todo), len(batches)
-        )
-        write_record(
-            request.out,
-            batches,
-            {"clipped_values": clipped, "image_values": _values(manifest, batches)},
-        )
+        draws = _Draws(Sampler(request.model, request, device), steps) if todo else None
+        if draws is not None and request.require:
+            candidates = open_store(request.out, allow_incomplete=True).candidates()
+            draws.require(request.require, resume_draw(candidates, todo[0].start))
+        done = _run(draws, writer, todo, stop, progress, len(batches) - len(todo), len(batches))
     complete = finalize(request.out)
     seconds = time.monotonic() - started
     return SynthesizeSummary(
         str(request.out), str(request.model.path), request.model.kind, request.n,
         int(open_store(request.out, allow_incomplete=True).written().sum()), len(batches),
         round(seconds, 3), round(done / max(seconds, 1e-9), 3), complete,
+        draws.count if draws else 0,
     )  # fmt: skip
 
 
-def _values(manifest: Manifest, batches: list[range]) -> int:
-    samples = sum(len(b) for b in batches)
-    return (
-        samples
-        * len(IMAGE_ARRAYS[manifest.task])
-        * len(manifest.bands)
-        * manifest.height
-        * manifest.width
-    )
+Drawn = tuple[dict[str, np.ndarray], np.ndarray, np.ndarray]  # arrays, clipped, draw indices
+
+
+class _Draws:
+    """The samples of grid batches: draw i for sample i, or with --require the accepted draws
+    in order, drawn in fixed blocks of B (see pipeline/require.py)."""
+
+    def __init__(self, sampler: Sampler, steps: int):
+        self.sampler, self.steps = sampler, steps
+        self.block = sampler.request.batch_size
+        self.requirements: tuple[Requirement, ...] = ()
+        self.count = 0
+        self.pending: list[Drawn] = []
+
+    def require(self, requirements: tuple[Requirement, ...], next_draw: int) -> None:
+        self.requirements = requirements
+        self.next_draw = next_draw
+
+    def take(self, batch: range) -> Drawn:
+        if not self.requirements:
+            arrays, clipped = self.sampler.batch(batch.start, len(batch), self.steps)
+            self.count += len(batch)
+            return arrays, clipped, np.arange(batch.start, batch.stop)
+        spent = 0
+        while self._waiting() < len(batch):
+            spent += self._draw_block()
+            give_up(spent, self._waiting(), len(batch), self.requirements)
+        return self._pop(len(batch))
+
+    def _waiting(self) -> int:
+        return sum(len(drawn[2]) for drawn in self.pending)
+
+    def _draw_block(self) -> int:
+        """Draws the block holding `next_draw`; returns how many new draws it made."""
+        first = self.next_draw - self.next_draw % self.block
+        arrays, clipped = self.sampler.batch(first, self.block, self.steps)
+        label = arrays[LABEL_ARRAY[self.sampler.task]]
+        keep = accepted(label, self.requirements, self.sampler.classes)
+        keep[: self.next_draw - first] = False  # drawn before: written already
+        rows = np.flatnonzero(keep)
+        self.pending.append(({k: v[rows] for k, v in arrays.items()}, clipped[rows], first + rows))
+        made = self.block - (self.next_draw - first)
+        self.count += made
+        self.next_draw = first + self.block
+        return made
+
+    def _pop(self, size: int) -> Drawn:
+        names = self.pending[0][0].keys()
+        arrays = {k: np.concatenate([d[0][k] for d in self.pending]) for k in names}
+        clipped = np.concatenate([d[1] for d in self.pending])
+        draws = np.concatenate([d[2] for d in self.pending])
+        rest = ({k: v[size:] for k, v in arrays.items()}, clipped[size:], draws[size:])
+        self.pending = [rest] if len(draws) > size else []
+        return {k: v[:size] for k, v in arrays.items()}, clipped[:size], draws[:size]
 
 
 def _run(
-    sampler: Sampler | None,
+    draws: _Draws | None,
     writer: Any,
     todo: list[range],
-    steps: int,
     stop: StopFlag,
     progress: Progress | None,
     already: int,
     total: int,
-) -> tuple[int, int]:
-    """Sample on this thread, write on the background writer; returns (clipped values, samples)."""
-    clipped = samples = 0
-    classes = len(writer.manifest.classes)
-    label_name = LABEL_ARRAY[writer.manifest.task]
+) -> int:
+    """Sample on this thread, write on the background writer; returns the samples written."""
+    samples = 0
+    manifest = writer.manifest
+    classes = len(manifest.classes)
+    label_name = LABEL_ARRAY[manifest.task]
 
-    def write(item: tuple[range, dict[str, np.ndarray]]) -> None:
-        indices, arrays = item
+    def write(item: tuple[range, Drawn]) -> None:
+        indices, (arrays, clipped, drawn) = item
         for offset, index in enumerate(indices):
             writer.write_arrays(index, {name: values[offset] for name, values in arrays.items()})
         metas = [
-            SampleMeta("synthetic", class_fraction(arrays[label_name][k], classes))
+            SampleMeta(
+                "synthetic", class_fraction(arrays[label_name][k], classes), candidate=int(drawn[k])
+            )
             for k in range(len(indices))
         ]
+        # The record first: a kill between the two leaves the batch unwritten, so it is redone.
+        record = {"clipped_values": int(clipped.sum()), "image_values": _values(manifest, indices)}
+        write_record(writer.root, [indices], record)
         writer.mark_written(indices.start, metas)
         fault_point("synthesize.after_batch")
 
     with BackgroundWriter(write) as background:
         for number, indices in enumerate(todo, start=already + 1):
-            assert sampler is not None
-            arrays, clipped_here = sampler.batch(indices, steps)
-            background.submit((indices, arrays))
-            clipped += clipped_here
+            assert draws is not None
+            background.submit((indices, draws.take(indices)))
             samples += len(indices)
             if progress:
                 progress(number, total)
             stop.check()
-    return clipped, samples
+    return samples
+
+
+def _values(manifest: Manifest, batch: range) -> int:
+    return (
+        len(batch)
+        * len(IMAGE_ARRAYS[manifest.task])
+        * len(manifest.bands)
+        * manifest.height
+        * manifest.width
+    )

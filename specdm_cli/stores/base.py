@@ -22,6 +22,7 @@ class SampleMeta:
     class_fraction: np.ndarray
     source_id: str | None = None
     bounds: Bounds | None = None
+    candidate: int | None = None  # synthetic stores: the sampler draw this sample came from
 
 
 def split_code(split: str) -> int:
@@ -95,6 +96,10 @@ class StoreReader(ABC):
     @abstractmethod
     def source_ids(self) -> list[str] | None:
         """Source id of every sample (real data), else None."""
+
+    @abstractmethod
+    def candidates(self) -> np.ndarray | None:
+        """Synthetic stores: the draw index of every sample (-1 unwritten), else None."""
 
     def indices(self, split: str | None = None) -> np.ndarray:
         """Indices of the written samples of `split` (all splits when None)."""

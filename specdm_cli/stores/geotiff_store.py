@@ -110,6 +110,7 @@ class GeoTiffWriter(StoreWriter):
                 class_fraction=[float(v) for v in meta.class_fraction],
                 source_id=meta.source_id,
                 bounds=meta.bounds,
+                candidate=meta.candidate,
             )
             atomic_write_text(self.root / MARKERS / f"{index:06d}.json", record.model_dump_json())
 
@@ -201,6 +202,11 @@ class GeoTiffReader(StoreReader):
         flags = np.zeros(len(self), dtype=bool)
         flags[[r.index for r in self.records if r.index < len(self)]] = True
         return flags
+
+    def candidates(self) -> np.ndarray | None:
+        if self.manifest.model is None:
+            return None
+        return np.array([-1 if c is None else c for c in self._column("candidate", -1)], np.int64)
 
     def source_ids(self) -> list[str] | None:
         if self.manifest.source is None:

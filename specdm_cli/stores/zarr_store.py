@@ -86,6 +86,11 @@ def _create_tables(
             "source_id", shape=(capacity,), chunks=(grid,), dtype=str,
             dimension_names=("sample",),
         )  # fmt: skip
+    if manifest.model is not None:
+        group.create_array(
+            "candidate", shape=(capacity,), chunks=(grid,), dtype="int64", fill_value=-1,
+            dimension_names=("sample",), **common,
+        )  # fmt: skip
     if georeferenced:
         group.create_array(
             "bounds", shape=(capacity, 4), chunks=(grid, 4), dtype="float64",
@@ -155,6 +160,9 @@ class ZarrWriter(StoreWriter):
         if "source_id" in self.group:
             ids = np.array([m.source_id or "" for m in metas])
             _array(self.group, "source_id")[start:stop] = ids
+        if "candidate" in self.group:
+            drawn = [m.candidate if m.candidate is not None else -1 for m in metas]
+            _array(self.group, "candidate")[start:stop] = np.array(drawn, dtype=np.int64)
         if "bounds" in self.group:
             bounds = [m.bounds if m.bounds is not None else (np.nan,) * 4 for m in metas]
             _array(self.group, "bounds")[start:stop] = np.array(bounds, dtype=np.float64)
@@ -220,6 +228,9 @@ class ZarrReader(StoreReader):
 
     def written(self) -> np.ndarray:
         return self._table("written")
+
+    def candidates(self) -> np.ndarray | None:
+        return self._table("candidate") if "candidate" in self.group else None
 
     def source_ids(self) -> list[str] | None:
         if "source_id" not in self.group:
