@@ -79,6 +79,7 @@ def save_optimizer(optimizer: torch.optim.Optimizer, folder: Path) -> None:
             else:
                 scalars[key] = value
     save_file(tensors, folder / "optimizer.safetensors")
+    fault_point("checkpoint.mid_write")  # weights and optimizer tensors on disk, not the rest
     meta = {"param_groups": state["param_groups"], "scalars": scalars}
     atomic_write_text(folder / "optimizer.json", json.dumps(meta))
 

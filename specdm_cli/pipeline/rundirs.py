@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from specdm_cli.errors import InputDataError, ModelError, UsageError
+from specdm_cli.faults import fault_point
 from specdm_cli.pipeline.checkpoints import (
     load_optimizer,
     publish_folder,
@@ -55,18 +56,40 @@ def prepare_run_dir(run: Path, resume: bool, overwrite: bool) -> RunState:
 
 
 class RunLock(DirLock):
-    """The run directory's writer lock (the folder is created if needed)."""
+    """The run directory's writer lock (the folder is created if needed).
+
+    Whoever takes it first removes what a killed writer left: temporary files and unpublished
+    checkpoint folders (`.<stage>-<step>.partial`), which a resume may never write again.
+    """
 
     def __init__(self, run: Path):
         run.mkdir(parents=True, exist_ok=True)
         super().__init__(run)
+
+    def acquire(self) -> None:
+        super().acquire()
+        remove_strays(self.path.parent)
+
+
+def remove_strays(run: Path) -> None:
+    """Temporary files, unpublished checkpoint folders, published ones run.json does not name."""
+    remove_stray_temporaries(run)
+    for partial in run.glob(".*.partial"):
+        remove_tree(partial)
+    try:
+        manifest = load_run(run, verify=False)
+    except ModelError:
+        return  # no readable run.json: a fresh run, or one a later step refuses
+    named = {stage.checkpoint for stage in manifest.stages.values()}
+    for folder in (run / "checkpoints").glob("*"):
+        if f"checkpoints/{folder.name}" not in named:
+            remove_tree(folder)
 
 
 def open_or_create_run(
     run: Path, reader: StoreReader, state: RunState, source_sha256: str, made_by: dict[str, Any]
 ) -> RunManifest:
     """The run's manifest: new for a fresh run, loaded (weights verified) for a resume."""
-    remove_stray_temporaries(run)
     if state == "resume":
         manifest = load_run(run)
         if manifest.source_manifest_sha256 != source_sha256:
@@ -131,6 +154,7 @@ def commit_checkpoint(
     write(temp)
     (run / "checkpoints").mkdir(exist_ok=True)
     publish_folder(temp, run / relative)
+    fault_point("checkpoint.after_publish")  # in place, but run.json still names the old one
     manifest = load_run(run, verify=False)
     manifest.stages[stage] = StageState(
         config=identity,
@@ -141,6 +165,7 @@ def commit_checkpoint(
         details=details,
     )
     save_run(run, manifest)
+    fault_point("checkpoint.after_commit")  # run.json names the new one; the old one is still there
     for old in (run / "checkpoints").glob(f"{stage}-*"):
         if old.name != Path(relative).name:
             shutil.rmtree(old, ignore_errors=True)

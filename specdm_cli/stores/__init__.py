@@ -12,6 +12,7 @@ from specdm_cli.manifest import Manifest, load_manifest
 from specdm_cli.stores.atomic import remove_tree
 from specdm_cli.stores.base import MANIFEST_NAME, SampleMeta, StoreReader, StoreWriter
 from specdm_cli.stores.geotiff_store import GeoTiffReader, GeoTiffWriter, create_geotiff
+from specdm_cli.stores.lock import refuse_if_locked
 from specdm_cli.stores.zarr_store import ZarrReader, ZarrWriter, create_zarr
 
 __all__ = [
@@ -66,11 +67,15 @@ def create_store(path: Path, manifest: Manifest, capacity: int, georeferenced: b
 
 
 def is_ours(path: Path) -> bool:
-    """True for an empty folder or one whose manifest.json / run.json validates as specdm's."""
+    """May `--overwrite` remove `path`? True for an empty folder or one whose manifest.json /
+    run.json validates as specdm's; a folder a live process holds locked raises LockHeldError
+    (exit 6): it is in use, not ours to remove.
+    """
     if not path.is_dir():
         return False
     if not any(path.iterdir()):
         return True
+    refuse_if_locked(path)
     try:
         load_manifest(path / MANIFEST_NAME)
     except InputDataError:

@@ -40,6 +40,18 @@ def _holder(lock_path: Path) -> dict[str, object] | None:
     return dict(record)
 
 
+def refuse_if_locked(folder: Path) -> None:
+    """Raise LockHeldError (exit 6) if a live process holds any specdm lock in `folder`."""
+    for lock_path in sorted(folder.glob(f"{LOCK_NAME}*")):
+        holder = _holder(lock_path)
+        if holder is not None:
+            raise LockHeldError(
+                f"in use: locked by process {holder.get('pid')} on {holder.get('host')}",
+                folder,
+                "wait for it to finish; never remove a folder a live process writes",
+            )
+
+
 class DirLock:
     """Exclusive lock on a folder, held by one live process at a time."""
 

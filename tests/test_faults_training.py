@@ -1,0 +1,171 @@
+"""Fault suite for `fit-vae` and `fit-diffusion`: kills at named points, SIGTERM and SIGINT.
+
+The killed or signalled run is the real CLI in a subprocess (SPECDM_FAULT kills it or freezes it
+at a named point, see `specdm_cli/faults.py`); the reference and the `--resume` run in-process,
+which is the same code and saves importing torch again. After `--resume`, every tensor of the
+final checkpoint (weights, EMA, optimizer) equals an uninterrupted run's at the same step, and
+the run dir holds no temporary file, partial or unnamed checkpoint folder, or lock.
+"""
+
+from __future__ import annotations
+
+import shutil
+import signal
+from pathlib import Path
+
+import pytest
+
+from specdm_cli.pipeline.run_manifest import load_run
+from specdm_cli.stores.lock import LOCK_NAME
+from tests.conftest import prepare_demo, run_cli
+from tests.fault_tools import (
+    assert_clean_run,
+    assert_one_error_line,
+    assert_same_state,
+    checkpoint_state,
+    run_killed,
+    spawn,
+    stage_of,
+    wait_until_stopped,
+)
+
+VAE = ("--image-blocks", "8,16,16", "--mask-blocks", "8,8,16", "--norm-groups", "4",
+       "--batch-size", "4", "--lr", "1e-3", "--threads", "2", "--val-every", "100", "--quiet")  # fmt: skip
+UNET = ("--unet-blocks", "16,32", "--norm-groups", "8", "--head-dim", "8", "--layers-per-block", "1",
+        "--batch-size", "4", "--lr", "1e-3", "--threads", "2", "--quiet")  # fmt: skip
+STEPS = ("--steps", "6", "--checkpoint-every", "2")
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return prepare_demo(tmp_path_factory.mktemp("store") / "s.zarr", n=16, size=16)
+
+
+def fit_vae(store: Path, run: Path, *extra: str) -> None:
+    code, _, stderr = run_cli("fit-vae", store, "--run", run, *VAE, *extra)
+    assert code == 0, stderr
+
+
+@pytest.fixture(scope="module")
+def vae_reference(store: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, object]:
+    run = tmp_path_factory.mktemp("vae-ref") / "run"
+    fit_vae(store, run, *STEPS)
+    return checkpoint_state(run, "vae")
+
+
+@pytest.fixture(scope="module")
+def vae_run(store: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A finished tiny VAE: the start of every fit-diffusion case."""
+    run = tmp_path_factory.mktemp("vae") / "run"
+    fit_vae(store, run, "--steps", "2")
+    return run
+
+
+def copy_run(run: Path, target: Path) -> Path:
+    shutil.copytree(run, target, ignore=shutil.ignore_patterns(LOCK_NAME))
+    return target
+
+
+@pytest.fixture(scope="module")
+def diffusion_reference(
+    vae_run: Path, tmp_path_factory: pytest.TempPathFactory
+) -> dict[str, object]:
+    run = copy_run(vae_run, tmp_path_factory.mktemp("diffusion-ref") / "run")
+    code, _, stderr = run_cli("fit-diffusion", run, *UNET, *STEPS)
+    assert code == 0, stderr
+    return checkpoint_state(run, "diffusion")
+
+
+def assert_killed_state_is_honest(run: Path, stage: str, done_before: int) -> None:
+    """After a kill: the lock is left, and run.json names only a whole, earlier checkpoint."""
+    assert (run / LOCK_NAME).exists()
+    recorded = stage_of(run, stage)
+    if recorded is not None:
+        assert recorded["finished"] is False and recorded["step"] == done_before
+    load_run(run)  # every weights file run.json lists is there and matches its sha256
+
+
+# What each kill leaves (checkpoints every 2 steps, so the nth checkpoint is step 2n):
+# - checkpoint.mid_write:2: `.vae-0000004.partial` holds weights and optimizer tensors, no
+#   optimizer.json; run.json names step 2. The resume checkpoints every 3 steps, so step 4 is
+#   never written again: only the new lock's clean-up removes the partial folder.
+# - atomic.mid_write:3: the third atomic write is run.json at the first checkpoint (after its
+#   creation and optimizer.json): half a `.run.json.*.tmp`, run.json has no VAE yet while
+#   `checkpoints/vae-0000002` is already published; the resume starts from step 0.
+@pytest.mark.parametrize(
+    ("fault", "done_before"), [("checkpoint.mid_write:2", 2), ("atomic.mid_write:3", 0)]
+)
+def test_fit_vae_killed_then_resumed_equals_the_uninterrupted_run(
+    store: Path, vae_reference: dict[str, object], tmp_path: Path, fault: str, done_before: int
+) -> None:
+    run = tmp_path / "run"
+    run_killed("fit-vae", store, "--run", run, *VAE, *STEPS, fault=fault)
+    assert_killed_state_is_honest(run, "vae", done_before)
+    fit_vae(store, run, "--steps", "6", "--checkpoint-every", "3", "--resume")
+    stage = stage_of(run, "vae")
+    assert stage is not None and stage["finished"] is True and stage["step"] == 6
+    assert_same_state(checkpoint_state(run, "vae"), vae_reference)
+    assert_clean_run(run)
+
+
+# - checkpoint.before_publish:2: `.diffusion-0000004.partial` is whole but not moved into place.
+# - checkpoint.after_publish:2: `checkpoints/diffusion-0000004` is in place, run.json names step 2.
+@pytest.mark.parametrize(
+    "fault",
+    [
+        "checkpoint.before_publish:2",
+        pytest.param(
+            "checkpoint.after_publish:2",
+            # A second fit-diffusion subprocess (torch + diffusers imports): about 15-20 s.
+            marks=pytest.mark.slow,
+        ),
+    ],
+)
+def test_fit_diffusion_killed_then_resumed_equals_the_uninterrupted_run(
+    vae_run: Path, diffusion_reference: dict[str, object], tmp_path: Path, fault: str
+) -> None:
+    run = copy_run(vae_run, tmp_path / "run")
+    run_killed("fit-diffusion", run, *UNET, *STEPS, fault=fault)
+    assert_killed_state_is_honest(run, "diffusion", 2)
+    code, _, stderr = run_cli("fit-diffusion", run, *UNET, *STEPS, "--resume")
+    assert code == 0, stderr
+    assert_same_state(checkpoint_state(run, "diffusion"), diffusion_reference)
+    assert_clean_run(run)
+
+
+@pytest.mark.parametrize(("signum", "exit_code"), [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+def test_a_signal_stops_fit_vae_at_a_checkpoint_and_resume_is_exact(
+    store: Path,
+    vae_reference: dict[str, object],
+    tmp_path: Path,
+    signum: signal.Signals,
+    exit_code: int,
+) -> None:
+    run = tmp_path / "run"
+    # Frozen right after its first checkpoint (step 2): alive, holding the run's lock.
+    process = spawn(
+        "fit-vae", store, "--run", run, *VAE, *STEPS, fault="checkpoint.after_commit:1:stop"
+    )
+    try:
+        wait_until_stopped(process)
+        # A second writer on the same run dir is refused while the first lives (exit 6).
+        for command in (
+            ("fit-vae", store, "--run", run, *VAE, *STEPS, "--resume"),
+            ("fit-vae", store, "--run", run, *VAE, *STEPS, "--overwrite"),
+            ("fit-diffusion", run, *UNET, *STEPS),
+        ):
+            code, _, stderr = run_cli(*command)
+            assert_one_error_line(code, stderr, 6, f"process {process.pid}")
+        assert (run / "run.json").is_file()  # --overwrite removed nothing
+        process.send_signal(signum)  # delivered when it runs again
+    finally:
+        process.send_signal(signal.SIGCONT)
+        _, stderr = process.communicate(timeout=300)
+    # The signal landed during step 2's clean-up: step 3 is trained and checkpointed, then exit.
+    assert process.returncode == exit_code, stderr
+    assert stderr.strip().splitlines()[-1] == "interrupted: rerun with --resume"
+    stage = stage_of(run, "vae")
+    assert stage is not None and stage["step"] == 3 and stage["finished"] is False
+    assert_clean_run(run)
+    fit_vae(store, run, *STEPS, "--resume")
+    assert_same_state(checkpoint_state(run, "vae"), vae_reference)
