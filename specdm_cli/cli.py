@@ -670,6 +670,141 @@ def synthesize(
             _emit_json(asdict(summary))
 
 
+@app.command()
+def benchmark(
+    real: Annotated[
+        Path | None, typer.Option(help="The real store (held-out splits compared).")
+    ] = None,
+    synthetic: Annotated[Path | None, typer.Option(help="The synthetic store to judge.")] = None,
+    model: Annotated[
+        str | None, typer.Option(help="Run (or 'demo'): adds VAE reconstruction and pairs/s.")
+    ] = None,
+    out: Annotated[
+        Path | None, typer.Option("--out", "-o", help="Report folder [<synthetic>-benchmark].")
+    ] = None,
+    downstream: Annotated[
+        bool, typer.Option(help="Train on real / synthetic / both, test on real (slow).")
+    ] = False,
+    real_limit: Annotated[
+        int | None,
+        typer.Option(min=1, help="Real train pairs downstream [paper: ss 2000, cd 100]."),
+    ] = None,
+    synthetic_ratio: Annotated[
+        str, typer.Option(help="Synthetic pairs per real pair, e.g. 1,3,5 (Table 6).")
+    ] = "5",
+    downstream_steps: Annotated[
+        int, typer.Option(min=1, help="Optimiser steps per downstream configuration.")
+    ] = 1000,
+    downstream_batch_size: Annotated[int, typer.Option(min=1, help="Downstream batch size.")] = 16,
+    write_scores: Annotated[
+        bool, typer.Option(help="Add a per-sample `quality` array to the synthetic store.")
+    ] = False,
+    compare: Annotated[
+        Path | None, typer.Option(help="Another report.json to put side by side.")
+    ] = None,
+    label: Annotated[str | None, typer.Option(help="Name of this side [store name].")] = None,
+    feature_steps: Annotated[
+        int | None, typer.Option(min=1, help="Feature network training steps [400].")
+    ] = None,
+    throughput_batches: Annotated[int, typer.Option(min=1, help="Batches timed for pairs/s.")] = 2,
+    batch_size: Annotated[int, typer.Option(min=1, help="Samples per metrics batch.")] = 32,
+    gpus: Annotated[str | None, typer.Option(help="CUDA device, e.g. 0 [CPU].")] = None,
+    threads: Annotated[int | None, typer.Option(help="CPU threads for torch.")] = None,
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing report folder.")] = False,
+    schema: Annotated[
+        bool, typer.Option("--schema", help="Print the report.json JSON Schema.")
+    ] = False,
+    json_output: JsonOption = False,
+    quiet: QuietOption = False,
+) -> None:
+    """Report how good, how useful and how fast a synthetic dataset is."""
+    with _domain_errors():
+        from specdm_cli.benchmark.downstream import DownstreamOptions
+        from specdm_cli.benchmark.render import print_tables
+        from specdm_cli.benchmark.report import report_json, report_schema
+        from specdm_cli.benchmark.run import BenchmarkRequest
+        from specdm_cli.benchmark.run import benchmark as run_benchmark
+        from specdm_cli.errors import UsageError
+        from specdm_cli.pipeline.training import torch_threads
+
+        if schema:
+            _emit_json(report_schema())
+            return
+        if real is None or synthetic is None:
+            raise UsageError(
+                "benchmark needs --real and --synthetic",
+                hint="e.g. --real real.zarr --synthetic syn.zarr",
+            )
+        ratios = _blocks(synthetic_ratio) or (5,)
+        if min(ratios) < 1:
+            raise UsageError("--synthetic-ratio values must be >= 1", hint="e.g. 1,3,5")
+        options = DownstreamOptions(
+            steps=downstream_steps,
+            batch_size=downstream_batch_size,
+            real_limit=real_limit,
+            ratios=ratios,
+        )
+        request = BenchmarkRequest(
+            real, synthetic, out, model, options if downstream else None, write_scores, compare,
+            overwrite, feature_steps, label, gpus, throughput_batches, batch_size,
+        )  # fmt: skip
+        with torch_threads(threads), _staged_progress("benchmark", quiet) as progress:
+            report, folder = run_benchmark(request, progress)
+        if json_output:
+            sys.stdout.write(report_json(report, per_sample=False) + "\n")
+        else:
+            print_tables(report, Console(highlight=False))
+        if not quiet:
+            stderr.print(f"report: {folder / 'report.md'}", markup=False)
+
+
+@contextmanager
+def _staged_progress(name: str, quiet: bool) -> Iterator[Callable[[str, int, int], None]]:
+    """A progress bar fed by (stage, done, total): the bar restarts, named, at each stage."""
+    with _progress_bar(name, quiet) as bar:
+        current: list[str] = []
+
+        def update(stage: str, done: int, total: int) -> None:
+            if not quiet and current[-1:] != [stage]:
+                current.append(stage)
+                stderr.print(f"{name}: {stage}", markup=False)
+            bar(done, total)
+
+        yield update
+
+
+@app.command("filter")
+def filter_command(
+    store: Annotated[
+        Path, typer.Argument(help="A store with quality scores (benchmark --write-scores).")
+    ],
+    min_quality: Annotated[
+        float, typer.Option(help="Keep the samples scoring at least this (0..1).")
+    ],
+    out: Annotated[Path | None, typer.Option("--out", "-o", help="The subset store.")] = None,
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing specdm store.")] = False,
+    json_output: JsonOption = False,
+    quiet: QuietOption = False,
+) -> None:
+    """Write the subset of a store whose per-sample quality reaches --min-quality."""
+    with _domain_errors():
+        from specdm_cli.errors import UsageError
+        from specdm_cli.pipeline.filter import FilterRequest, filter_store
+
+        if out is None:
+            raise UsageError("filter needs --out", hint="e.g. --out syn-good.zarr")
+        with _progress_bar("filter", quiet) as bar:
+            summary = filter_store(FilterRequest(store, min_quality, out, overwrite), bar)
+        if not quiet:
+            stderr.print(
+                f"complete: {summary.out}: kept {summary.kept} of {summary.parent_count} "
+                f"(quality >= {summary.min_quality:g})",
+                markup=False,
+            )
+        if json_output:
+            _emit_json(asdict(summary))
+
+
 def _write_preview(store: Path, picture: Path) -> None:
     from specdm_cli.pipeline.preview import write_preview
     from specdm_cli.stores import open_store

@@ -103,6 +103,27 @@ class SampleFiles(_Strict):
     candidate: int | None = Field(None, description="synthetic: the sampler draw of this sample")
 
 
+class QualityScores(_Strict):
+    """Per-sample quality scores (array `quality`), written by `specdm benchmark --write-scores`."""
+
+    definition: str = Field(description="what a score means (see README, Benchmark)")
+    feature_hash: str = Field(description="sha256 of the feature network the scores came from")
+    reference: str = Field(description="the real store the scores are calibrated against")
+    reference_manifest_sha256: str
+    count: int = Field(ge=0, description="samples scored")
+
+
+class ParentInfo(_Strict):
+    """A subset store's origin: `specdm filter` kept the parent's samples scoring >= min_quality."""
+
+    path: str
+    manifest_sha256: str
+    min_quality: float
+    parent_count: int = Field(ge=0)
+    kept: int = Field(ge=0)
+    parent_index: list[int] = Field(description="for each sample here, its index in the parent")
+
+
 class Manifest(_Strict):
     """A store's description; `complete` is true only once every sample is written."""
 
@@ -132,6 +153,9 @@ class Manifest(_Strict):
     plan: dict[str, Any] = Field(default_factory=dict, description="what resume must match")
     provenance: dict[str, Any] = Field(default_factory=dict, description="command, versions")
     files: list[SampleFiles] | None = None
+    # Both absent from stores written before benchmark/filter existed: old manifests still load.
+    quality_scores: QualityScores | None = None
+    parent: ParentInfo | None = None
     complete: bool = False
 
     def to_json(self) -> str:

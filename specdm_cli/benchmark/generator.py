@@ -1,0 +1,153 @@
+"""The generator's side of a benchmark: what real data it saw, VAE reconstruction, sampling speed."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from specdm_cli.errors import InputDataError, ModelError, UsageError
+from specdm_cli.pipeline.models import ChosenModel
+from specdm_cli.pipeline.run_manifest import RunManifest, load_run
+from specdm_cli.stores import StoreReader
+
+from .report import GeneratorInfo, Reconstruction, Throughput
+
+# Without a plan to copy (a store made by another model), throughput is timed with
+# synthesize's defaults.
+DEFAULT_PLAN: dict[str, Any] = {
+    "sampler": "dpmpp",
+    "steps": 20,
+    "batch_size": 16,
+    "precision": "fp32",
+}
+
+
+def generator_info(
+    synthetic: StoreReader, real_sha256: str, chosen: ChosenModel | None
+) -> GeneratorInfo | None:
+    """The run behind `synthetic` (--model, else the run its manifest names, if still there)."""
+    model = synthetic.manifest.model
+    run = chosen.manifest if chosen is not None else _run_of(model.path if model else None)
+    if run is None:
+        if model is None:
+            return None
+        source = model.details.get("source_manifest_sha256")
+        return GeneratorInfo(
+            run_id=model.run_id, kind=model.kind, path=model.path,
+            source_manifest_sha256=source, real_store_is_source=source == real_sha256,
+        )  # fmt: skip
+    vae = run.stages.get("vae")
+    config = vae.config if vae else {}
+    seen = vae.details.get("train_samples") if vae else None
+    return GeneratorInfo(
+        run_id=run.run_id, kind=chosen.kind if chosen else (model.kind if model else "run"),
+        path=str(chosen.path) if chosen else (model.path if model else None),
+        train_split=config.get("split"), train_limit=config.get("limit"),
+        real_pairs_seen=int(seen) if seen is not None else None,
+        source_manifest_sha256=run.source_manifest_sha256,
+        real_store_is_source=run.source_manifest_sha256 == real_sha256,
+    )  # fmt: skip
+
+
+def _run_of(path: str | None) -> RunManifest | None:
+    if not path or not (Path(path) / "run.json").is_file():
+        return None
+    try:
+        return load_run(Path(path), verify=False)
+    except ModelError:
+        return None
+
+
+def check_model_fits(chosen: ChosenModel, real: StoreReader) -> None:
+    """The run must be of the real store's task and band count."""
+    run, manifest = chosen.manifest, real.manifest
+    if run.task != manifest.task or len(run.bands) != len(manifest.bands):
+        raise UsageError(
+            f"the model is for task {run.task} with {len(run.bands)} bands, the real store is "
+            f"{manifest.task} with {len(manifest.bands)}",
+            chosen.path,
+            "pass the --model trained on data like --real",
+        )
+
+
+def reconstruction(
+    chosen: ChosenModel, real: StoreReader, device: torch.device, batch_size: int = 16
+) -> Reconstruction:
+    """Table 4: reconstruct the real val split (else test) through the run's VAE."""
+    from specdm_cli.pipeline.vae_io import load_vae
+    from specdm_cli.pipeline.vae_validation import validate
+
+    split = "val" if real.indices("val").size else "test"
+    indices = real.indices(split)
+    if indices.size == 0:
+        raise InputDataError("the real store has no val or test split", real.root, "re-prepare it")
+    norm = chosen.manifest.normalization
+    mean = torch.tensor(norm.mean, dtype=torch.float32, device=device)
+    std = torch.tensor(norm.std, dtype=torch.float32, device=device)
+    model = load_vae(chosen.path, chosen.manifest, device)
+    result = validate(model, real, indices, chosen.manifest.task, mean, std, batch_size)
+    return Reconstruction(split=split, count=int(indices.size), **result)
+
+
+def throughput(
+    chosen: ChosenModel, synthetic: StoreReader, device: torch.device, batches: int = 2
+) -> Throughput:
+    """Pairs per second of sampling + decoding (no I/O): `batches` batches after a warm-up one.
+
+    The synthetic store's own plan (sampler, steps, B, precision) is timed when this model
+    made it, so the figure is the speed that store was made at.
+    """
+    plan = synthetic.manifest.plan
+    same = plan.get("model_sha256") == chosen.sha256
+    settings = {key: plan[key] if same else DEFAULT_PLAN[key] for key in DEFAULT_PLAN}
+    size, steps = int(settings["batch_size"]), int(settings["steps"])
+    draw = _batch_sampler(chosen, device, str(settings["sampler"]), str(settings["precision"]))
+    draw(range(0, size), steps)
+    start = time.perf_counter()
+    for k in range(1, batches + 1):
+        draw(range(k * size, (k + 1) * size), steps)
+    seconds = time.perf_counter() - start
+    return Throughput(
+        pairs_per_second=round(batches * size / max(seconds, 1e-9), 3), pairs=batches * size,
+        batch_size=size, sampler=str(settings["sampler"]), steps=steps,
+        precision=str(settings["precision"]), device=str(device),
+    )  # fmt: skip
+
+
+def _batch_sampler(
+    chosen: ChosenModel, device: torch.device, sampler: Any, precision: Any
+) -> Callable[[range, int], None]:
+    """A function drawing and decoding samples `indices` as `synthesize` does (one RNG each)."""
+    from diffusers import UNet2DModel
+
+    from specdm_cli.models.diffusion import ScheduleConfig
+    from specdm_cli.models.samplers import sample_generator, sample_latents
+    from specdm_cli.pipeline.checkpoints import load_module
+    from specdm_cli.pipeline.training import autocast
+    from specdm_cli.pipeline.vae_io import load_vae
+
+    run = chosen.manifest
+    stage = run.stages["diffusion"]
+    unet = load_module(UNet2DModel, chosen.path / str(stage.checkpoint) / "unet").to(device).eval()
+    vae = load_vae(chosen.path, run, device)
+    scale = torch.tensor(stage.details["latent_scale"], device=device)[None, :, None, None]
+    schedule = ScheduleConfig.model_validate(stage.details["schedule"])
+    side = run.height // vae.config.downsample
+    shape = (int(scale.shape[1]), side, side)
+
+    @torch.no_grad()
+    def draw(indices: range, steps: int) -> None:
+        generators = [sample_generator(0, i) for i in indices]
+        latents = sample_latents(
+            unet, sampler, schedule, steps, shape, generators, device,
+            lambda: autocast(device, precision),
+        )  # fmt: skip
+        decoded = vae.decode_joint(latents / scale)
+        for values in decoded.values():
+            values.float().cpu().numpy()  # decoding finishes on the device before the clock stops
+
+    return draw

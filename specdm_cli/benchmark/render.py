@@ -1,0 +1,218 @@
+"""A report as Markdown (`report.md`) and as rich tables for the terminal."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+from .report import BenchmarkReport
+
+Row = tuple[str, float | None, float | None, str]
+
+
+def _fmt(value: float | None) -> str:
+    if value is None:
+        return "-"
+    if math.isnan(value):
+        return "n/a"
+    return f"{value:.4g}"
+
+
+def quality_rows(report: BenchmarkReport) -> list[Row]:
+    """(metric, synthetic, real reference or None, meaning) for the quality table."""
+    q = report.quality
+    rows: list[Row] = [
+        ("fd_spectral", q.fd_spectral, None, "Fréchet distance, image features (lower is better)"),
+        ("fd_mask", q.fd_mask, None, "Fréchet distance, mask features"),
+        ("fd_joint", q.fd_joint, None, "Fréchet distance, image + mask features"),
+        ("kid_spectral", q.kid_spectral, None, f"KID (± {_fmt(q.kid_spectral_std)})"),
+        ("msad", q.msad, None, "mean spectral angle between class-mean spectra, rad"),
+        ("js_class", q.js_class, None, "Jensen-Shannon divergence of class fractions, bits"),
+        ("wasserstein_mean_std", q.wasserstein_mean_std, None, "per-band W1 / real std, mean"),
+        ("pair_miou", q.pair_miou, q.pair_miou_reference, "network prediction vs own mask"),
+        (
+            "near_duplicate_fraction",
+            q.near_duplicate_fraction_feature,
+            q.near_duplicate_percentile / 100,
+            "share closer to a real train sample than the calibrated threshold",
+        ),
+        (
+            "nn_feature_distance_median",
+            q.nn_feature_distance_median,
+            q.nn_feature_distance_median_reference,
+            "distance to the nearest real train sample",
+        ),
+        ("quality_score_mean", report.scores.mean, report.scores.real_mean, "per-sample score"),
+    ]
+    if q.change_sample_fraction_candidate is not None:
+        rows += [
+            (
+                "change_sample_fraction",
+                q.change_sample_fraction_candidate,
+                q.change_sample_fraction_reference,
+                "share of samples with any change",
+            ),
+            (
+                "change_angle_auc",
+                q.change_angle_auc_candidate,
+                q.change_angle_auc_reference,
+                "t1->t2 spectral angle separates change (AUC)",
+            ),
+        ]
+    return rows
+
+
+def _table(header: list[str], rows: list[list[str]]) -> list[str]:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return lines + ["| " + " | ".join(row) + " |" for row in rows]
+
+
+def _head(report: BenchmarkReport) -> list[str]:
+    lines = [
+        f"# specdm benchmark: {report.label}",
+        "",
+        f"- task `{report.task}`; real `{report.real.path}` ({report.real.split_counts}); "
+        f"synthetic `{report.synthetic.path}` ({report.synthetic.count} pairs)",
+        f"- feature network `{report.feature_hash[:16]}` (every figure below depends on it)",
+    ]
+    gen = report.generator
+    if gen is not None:
+        seen = "unknown" if gen.real_pairs_seen is None else str(gen.real_pairs_seen)
+        source = "this real store" if gen.real_store_is_source else "another store"
+        lines.append(
+            f"- generator `{gen.run_id}` ({gen.kind}) trained on {seen} real pairs of {source}"
+        )
+    return [*lines, f"- {report.created}, specdm {report.tool_version}", ""]
+
+
+def _quality(report: BenchmarkReport) -> list[str]:
+    rows = [[n, _fmt(s), _fmt(r), m] for n, s, r, m in quality_rows(report)]
+    lines = ["## Quality (real held-out vs synthetic)", ""]
+    lines += _table(["metric", "synthetic", "real", "meaning"], rows)
+    per_class = [[k, _fmt(v)] for k, v in report.quality.sad_per_class.items()]
+    lines += ["", "Spectral angle of class-mean spectra (rad):", ""]
+    lines += _table(["class", "SAD"], per_class)
+    fractions = report.quality.class_fraction_reference
+    lines += ["", "Class pixel fractions:", ""]
+    lines += _table(
+        ["class", "real", "synthetic"],
+        [
+            [k, _fmt(v), _fmt(report.quality.class_fraction_candidate.get(k))]
+            for k, v in fractions.items()
+        ],
+    )
+    pairs = [
+        [str(p.synthetic_index), str(p.real_index), _fmt(p.feature_distance),
+         _fmt(p.pixel_distance), "yes" if p.near_duplicate else "no"]
+        for p in report.closest_pairs
+    ]  # fmt: skip
+    lines += ["", "Memorisation: the synthetic samples closest to a real train sample:", ""]
+    lines += _table(["synthetic", "real train", "feature d", "pixel d", "near duplicate"], pairs)
+    return [*lines, ""]
+
+
+def _scores(report: BenchmarkReport) -> list[str]:
+    s = report.scores
+    quantiles = ", ".join(f"{k} {_fmt(v)}" for k, v in s.quantiles.items())
+    shares = ", ".join(f">= {k}: {_fmt(v)}" for k, v in s.share_at_least.items())
+    written = "written to the store" if s.written else "not written (--write-scores)"
+    return [
+        "## Per-sample quality scores",
+        "",
+        f"Score = {s.definition}. Mean {_fmt(s.mean)} (real held-out: {_fmt(s.real_mean)}); "
+        f"{quantiles}; shares {shares}; {written}.",
+        "",
+    ]
+
+
+def _generator(report: BenchmarkReport) -> list[str]:
+    lines: list[str] = []
+    if report.reconstruction is not None:
+        r = report.reconstruction
+        lines += [f"## VAE reconstruction (Table 4), real {r.split} ({r.count})", ""]
+        lines += _table(
+            ["RMSE", "RMSE (physical)", "SAD", "CE", "mIoU"],
+            [[_fmt(r.rmse), _fmt(r.rmse_physical), _fmt(r.sad), _fmt(r.ce), _fmt(r.miou)]],
+        )
+        lines.append("")
+    if report.throughput is not None:
+        t = report.throughput
+        lines += [
+            "## Sampling throughput",
+            "",
+            f"{_fmt(t.pairs_per_second)} pairs/s ({t.sampler}, {t.steps} steps, B {t.batch_size}, "
+            f"{t.precision}, {t.device}; sampling and decoding, no I/O)",
+            "",
+        ]
+    return lines
+
+
+def _downstream(report: BenchmarkReport) -> list[str]:
+    d = report.downstream
+    if d is None:
+        return []
+    lines = [
+        "## Downstream utility (Tables 3, 5, 6)",
+        "",
+        f"{d.network}; {d.config['steps']} steps of {d.config['batch_size']}, seed "
+        f"{d.config['seed']}, the same for every row; tested on real {d.eval_split} "
+        f"({d.eval_count} pairs); F1 = {d.f1_definition}.",
+        "",
+    ]
+    rows = [
+        [r.name, str(r.real_count), str(r.synthetic_count), _fmt(r.miou), _fmt(r.f1)]
+        for r in d.rows
+    ]
+    return [*lines, *_table(["training data", "real", "synthetic", "mIoU", "F1"], rows), ""]
+
+
+def _comparison(report: BenchmarkReport) -> list[str]:
+    c = report.comparison
+    if c is None:
+        return []
+    rows = []
+    for f in c.figures:
+        delta = None if f.this is None or f.other is None else f.this - f.other
+        rows.append([f.name, _fmt(f.this), _fmt(f.other), _fmt(delta)])
+    lines = [f"## Comparison with `{c.other}`", ""]
+    return [*lines, *_table(["figure", c.this_label, c.other_label, "difference"], rows), ""]
+
+
+def markdown(report: BenchmarkReport) -> str:
+    """The whole `report.md`, with the figures embedded by relative path."""
+    lines = _head(report) + _quality(report) + _scores(report)
+    lines += _generator(report) + _downstream(report) + _comparison(report)
+    if report.figures:
+        lines += ["## Figures", ""]
+        lines += [f"![{name}]({file})" for name, file in report.figures.items()]
+    return "\n".join(lines) + "\n"
+
+
+def print_tables(report: BenchmarkReport, console: Console) -> None:
+    """The quality figures (beside the compared report's), then the downstream rows."""
+    comparison = report.comparison
+    table = Table(title=f"benchmark: {report.label} (feature network {report.feature_hash[:12]})")
+    for column in ("metric", "synthetic", "real"):
+        table.add_column(column, justify="left" if column == "metric" else "right")
+    if comparison is not None:
+        table.add_column(comparison.other_label, justify="right")
+    other: dict[str, Any] = {f.name: f.other for f in comparison.figures} if comparison else {}
+    names = {"near_duplicate_fraction": "near_duplicate_fraction_feature"}
+    for name, synthetic, real, _meaning in quality_rows(report):
+        cells = [name, _fmt(synthetic), _fmt(real)]
+        if comparison is not None:
+            cells.append(_fmt(other.get(names.get(name, name))))
+        table.add_row(*cells)
+    console.print(table)
+    if report.downstream is not None:
+        rows = Table(title=f"downstream, tested on real {report.downstream.eval_split}")
+        for column in ("training data", "real", "synthetic", "mIoU", "F1"):
+            rows.add_column(column, justify="left" if column == "training data" else "right")
+        for r in report.downstream.rows:
+            rows.add_row(
+                r.name, str(r.real_count), str(r.synthetic_count), _fmt(r.miou), _fmt(r.f1)
+            )
+        console.print(rows)

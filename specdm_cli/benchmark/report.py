@@ -1,0 +1,244 @@
+"""What `specdm benchmark` reports: the pydantic models of `report.json` and its JSON Schema."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from specdm_cli.errors import InputDataError
+from specdm_cli.metrics.quality import QualityReport
+
+REPORT_SCHEMA_VERSION = 1
+REPORT_NAME = "report.json"
+MARKDOWN_NAME = "report.md"
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class StoreRef(_Strict):
+    """A store the benchmark read."""
+
+    path: str
+    manifest_sha256: str
+    task: str
+    count: int
+    split_counts: dict[str, int]
+
+
+class ClosePair(_Strict):
+    """A synthetic sample and its nearest real train sample in feature space."""
+
+    synthetic_index: int
+    real_index: int
+    feature_distance: float
+    pixel_distance: float
+    near_duplicate: bool
+
+
+class ScoreSummary(_Strict):
+    """Distribution of the per-sample quality scores (see `definition`)."""
+
+    definition: str
+    count: int
+    mean: float
+    quantiles: dict[str, float] = Field(description="q05, q25, median, q75, q95")
+    share_at_least: dict[str, float] = Field(description="share of samples scoring >= 0.1/0.25/0.5")
+    real_mean: float = Field(description="mean score of the real held-out samples themselves")
+    mean_consistency: float
+    mean_spectral_angle: float = Field(description="rad, finite samples")
+    written: bool = Field(description="written into the synthetic store (--write-scores)")
+
+
+class GeneratorInfo(_Strict):
+    """The model behind the synthetic store and the real data it saw."""
+
+    run_id: str
+    kind: str
+    path: str | None
+    train_split: str | None = None
+    train_limit: int | None = None
+    real_pairs_seen: int | None = Field(None, description="real pairs the VAE and U-Net trained on")
+    source_manifest_sha256: str | None = None
+    real_store_is_source: bool = Field(description="--real is the very store it was trained on")
+
+
+class Reconstruction(_Strict):
+    """VAE reconstruction of the real val split through the posterior means (paper Table 4)."""
+
+    split: str
+    count: int
+    rmse: float = Field(description="normalised units")
+    rmse_physical: float
+    sad: float = Field(description="mean spectral angle, rad")
+    ce: float = Field(description="mask cross-entropy, nats per pixel")
+    miou: float
+    iou: list[float | None]
+
+
+class Throughput(_Strict):
+    """Sampling speed of the run: whole batches timed after one warm-up batch."""
+
+    pairs_per_second: float
+    pairs: int
+    batch_size: int
+    sampler: str
+    steps: int
+    precision: str
+    device: str
+
+
+class DownstreamRow(_Strict):
+    """One training configuration of the downstream network, evaluated on real data."""
+
+    name: str
+    real_count: int
+    synthetic_count: int
+    miou: float
+    f1: float
+    iou_per_class: dict[str, float]
+    final_loss: float
+    seconds: float
+
+
+class Downstream(_Strict):
+    """Downstream utility (paper Tables 3, 5, 6): same network, seed and budget per row."""
+
+    network: str
+    config: dict[str, Any]
+    real_limit: int
+    eval_split: str
+    eval_count: int
+    f1_definition: str
+    rows: list[DownstreamRow]
+
+
+class ComparedFigure(_Strict):
+    name: str
+    this: float | None
+    other: float | None
+
+
+class Comparison(_Strict):
+    """This report beside another computed with the same feature network."""
+
+    other: str
+    this_label: str
+    other_label: str
+    figures: list[ComparedFigure]
+
+
+class BenchmarkReport(_Strict):
+    """Everything `specdm benchmark` measured; `figures` name PNGs beside the report."""
+
+    schema_version: int = REPORT_SCHEMA_VERSION
+    tool_version: str
+    created: str
+    command: str
+    label: str = Field(description="short name of the synthetic side (tables, --compare)")
+    task: str
+    real: StoreRef
+    synthetic: StoreRef
+    feature_hash: str
+    quality: QualityReport
+    closest_pairs: list[ClosePair]
+    scores: ScoreSummary
+    generator: GeneratorInfo | None = None
+    reconstruction: Reconstruction | None = None
+    throughput: Throughput | None = None
+    downstream: Downstream | None = None
+    comparison: Comparison | None = None
+    figures: dict[str, str] = Field(default_factory=dict, description="name -> PNG file")
+
+    def headline(self) -> dict[str, float | None]:
+        """The figures a table shows and `--compare` lines up, by name."""
+        q = self.quality
+        rows: dict[str, float | None] = {
+            "fd_spectral": q.fd_spectral, "fd_mask": q.fd_mask, "fd_joint": q.fd_joint,
+            "kid_spectral": q.kid_spectral, "msad": q.msad, "js_class": q.js_class,
+            "wasserstein_mean_std": q.wasserstein_mean_std, "pair_miou": q.pair_miou,
+            "pair_miou_reference": q.pair_miou_reference,
+            "near_duplicate_fraction_feature": q.near_duplicate_fraction_feature,
+            "nn_feature_distance_median": q.nn_feature_distance_median,
+            "quality_score_mean": self.scores.mean,
+        }  # fmt: skip
+        if q.change_sample_fraction_candidate is not None:
+            rows["change_sample_fraction_candidate"] = q.change_sample_fraction_candidate
+            rows["change_sample_fraction_reference"] = q.change_sample_fraction_reference
+            rows["change_angle_auc_candidate"] = q.change_angle_auc_candidate
+        if self.reconstruction is not None:
+            for key in ("rmse", "rmse_physical", "sad", "ce", "miou"):
+                rows[f"vae_{key}"] = getattr(self.reconstruction, key)
+        if self.throughput is not None:
+            rows["pairs_per_second"] = self.throughput.pairs_per_second
+        for row in self.downstream.rows if self.downstream else []:
+            rows[f"downstream[{row.name}].miou"] = row.miou
+            rows[f"downstream[{row.name}].f1"] = row.f1
+        return rows
+
+
+def _finite_or_text(value: Any) -> Any:
+    """Non-finite floats as the strings "NaN", "Infinity", "-Infinity" (pydantic reads them back)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return "NaN" if math.isnan(value) else ("Infinity" if value > 0 else "-Infinity")
+    if isinstance(value, dict):
+        return {k: _finite_or_text(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_finite_or_text(v) for v in value]
+    return value
+
+
+def report_json(report: BenchmarkReport, per_sample: bool = True) -> str:
+    """Strict JSON (no NaN tokens: KID of a tiny set is NaN); `per_sample` False drops the lists."""
+    exclude = None if per_sample else {"quality": {"per_sample"}}
+    return json.dumps(_finite_or_text(report.model_dump(mode="python", exclude=exclude)), indent=2)
+
+
+def report_schema() -> dict[str, Any]:
+    """The JSON Schema of `report.json`."""
+    return BenchmarkReport.model_json_schema()
+
+
+def load_report(path: Path) -> BenchmarkReport:
+    """Read and validate a `report.json` (or the folder holding one) as an input-data error."""
+    file = path / REPORT_NAME if path.is_dir() else path
+    try:
+        return BenchmarkReport.model_validate(json.loads(file.read_text(encoding="utf-8")))
+    except FileNotFoundError:
+        raise InputDataError("no benchmark report here", file, "pass a report.json") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise InputDataError(f"unreadable report ({exc})", file, "pass a report.json") from None
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(part) for part in first["loc"])
+        raise InputDataError(
+            f"not a specdm benchmark report: {where}: {first['msg']}", file, "re-run benchmark"
+        ) from None
+
+
+def check_comparable(feature_hash: str, other: BenchmarkReport, other_path: Path) -> None:
+    """Figures of two reports compare only when one feature network made both."""
+    if feature_hash != other.feature_hash:
+        raise InputDataError(
+            f"the reports' feature networks differ ({feature_hash[:12]} vs "
+            f"{other.feature_hash[:12]}), so their figures are not comparable",
+            other_path,
+            "benchmark both against the same --real store with the same feature options",
+        )
+
+
+def compare(this: BenchmarkReport, other: BenchmarkReport, other_path: Path) -> Comparison:
+    """Line up the headline figures of two reports; refused unless one feature network made both."""
+    check_comparable(this.feature_hash, other, other_path)
+    mine, theirs = this.headline(), other.headline()
+    names = list(mine) + [name for name in theirs if name not in mine]
+    figures = [ComparedFigure(name=n, this=mine.get(n), other=theirs.get(n)) for n in names]
+    other_label = other.label if other.label != this.label else f"{other.label} (other)"
+    return Comparison(
+        other=str(other_path), this_label=this.label, other_label=other_label, figures=figures
+    )

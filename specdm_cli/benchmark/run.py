@@ -1,0 +1,241 @@
+"""The `benchmark` stage: quality, generator, downstream utility -> report.json, report.md, PNGs."""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from specdm_cli import __version__
+from specdm_cli.errors import InputDataError
+from specdm_cli.manifest import QualityScores
+from specdm_cli.metrics import MetricsOptions, QualityReport, compare_stores, load_or_train
+from specdm_cli.metrics.features import FeatureNetwork, Progress, default_config, manifest_sha256
+from specdm_cli.metrics.quality import split_indices
+from specdm_cli.pipeline.models import choose_model
+from specdm_cli.pipeline.training import parse_device
+from specdm_cli.stores import StoreReader, open_store
+from specdm_cli.stores.atomic import atomic_write_text, remove_tree
+from specdm_cli.stores.lock import DirLock
+from specdm_cli.stores.quality import write_quality
+
+from . import generator as gen
+from .downstream import DownstreamOptions, run_downstream
+from .render import markdown
+from .report import (
+    MARKDOWN_NAME,
+    REPORT_NAME,
+    BenchmarkReport,
+    ClosePair,
+    ScoreSummary,
+    StoreRef,
+    check_comparable,
+    compare,
+    load_report,
+    report_json,
+)
+from .scores import SCORE_DEFINITION, SampleTraits, Scores, quality_scores, sample_traits
+
+CLOSEST_SHOWN = 5
+
+
+@dataclass(frozen=True)
+class BenchmarkRequest:
+    """A validated `specdm benchmark` invocation."""
+
+    real: Path
+    synthetic: Path
+    out: Path | None = None
+    model: str | None = None
+    downstream: DownstreamOptions | None = None
+    write_scores: bool = False
+    compare: Path | None = None
+    overwrite: bool = False
+    feature_steps: int | None = None  # None: the feature network's default budget
+    label: str | None = None
+    gpus: str | None = None
+    throughput_batches: int = 2
+    batch_size: int = 32
+
+
+def default_out(synthetic: Path) -> Path:
+    """`syn.zarr` -> `syn-benchmark/` beside it."""
+    return synthetic.with_name(f"{synthetic.name.split('.')[0] or synthetic.name}-benchmark")
+
+
+def open_pair(real_path: Path, synthetic_path: Path) -> tuple[StoreReader, StoreReader]:
+    """Both stores, complete, of one task, band count and class count."""
+    real, synthetic = open_store(real_path), open_store(synthetic_path)
+    a, b = real.manifest, synthetic.manifest
+    if a.task != b.task:
+        raise InputDataError(
+            f"task mismatch: the real store is {a.task}, the synthetic store {b.task}",
+            synthetic_path,
+            f"benchmark a synthetic {a.task} store against it",
+        )
+    if (len(a.bands), len(a.classes)) != (len(b.bands), len(b.classes)):
+        raise InputDataError(
+            f"the stores differ in bands ({len(a.bands)} vs {len(b.bands)}) or classes "
+            f"({len(a.classes)} vs {len(b.classes)})",
+            synthetic_path,
+            "benchmark against the real store the generator was trained on",
+        )
+    return real, synthetic
+
+
+def check_out(out: Path, overwrite: bool) -> None:
+    """An existing non-empty output is refused, unless --overwrite and it is one of our reports."""
+    if not out.exists():
+        return
+    empty = out.is_dir() and not any(out.iterdir())
+    ours = out.is_dir() and (out / REPORT_NAME).is_file()
+    if not (empty or ours):
+        raise InputDataError(
+            "output exists and is not a benchmark report", out, "choose another --out"
+        )
+    if ours and not overwrite:
+        raise InputDataError("output already exists", out, "pass --overwrite or another --out")
+
+
+def benchmark(
+    request: BenchmarkRequest, progress: Progress | None = None
+) -> tuple[BenchmarkReport, Path]:
+    """Measure, write the report folder atomically; returns the report and the folder."""
+    real, synthetic = open_pair(request.real, request.synthetic)
+    other = load_report(request.compare) if request.compare is not None else None
+    out = request.out or default_out(request.synthetic)
+    check_out(out, request.overwrite)
+    chosen = choose_model(request.model, real.manifest.task) if request.model else None
+    if chosen is not None:
+        gen.check_model_fits(chosen, real)
+    device = parse_device(request.gpus)
+    overrides = {"steps": request.feature_steps} if request.feature_steps else {}
+    network = load_or_train(
+        real, default_config(real, **overrides), device=str(device), progress=progress
+    )
+    if other is not None:
+        check_comparable(network.feature_hash, other, request.compare or Path())
+    synthetic_sha = manifest_sha256(synthetic)
+    options = MetricsOptions(batch_size=request.batch_size)
+    quality = compare_stores(real, synthetic, network, options=options, progress=progress)
+    traits, scores = _score(real, synthetic, network, request.batch_size, progress)
+    if request.write_scores:
+        _write_scores(synthetic, scores, network, real)
+    report = BenchmarkReport(
+        tool_version=__version__, created=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        command=" ".join(sys.argv), label=request.label or synthetic.root.name.split(".")[0],
+        task=real.manifest.task, real=_ref(real, manifest_sha256(real)),
+        synthetic=_ref(synthetic, synthetic_sha), feature_hash=network.feature_hash,
+        quality=quality, closest_pairs=closest(quality),
+        scores=summarise(scores, request.write_scores),
+        generator=gen.generator_info(synthetic, manifest_sha256(real), chosen),
+    )  # fmt: skip
+    if chosen is not None:
+        report.reconstruction = gen.reconstruction(chosen, real, device)
+        report.throughput = gen.throughput(chosen, synthetic, device, request.throughput_batches)
+    if request.downstream is not None:
+        report.downstream = run_downstream(
+            real, synthetic, request.downstream, str(device), progress
+        )
+    if other is not None:
+        report.comparison = compare(report, other, request.compare or Path())
+    means = (traits[0].class_means(), traits[1].class_means())
+    write_report_folder(out, report, real, synthetic, means)
+    return report, out
+
+
+def _ref(reader: StoreReader, sha: str) -> StoreRef:
+    manifest = reader.manifest
+    return StoreRef(
+        path=str(reader.root), manifest_sha256=sha, task=manifest.task,
+        count=len(reader), split_counts=manifest.split_counts,
+    )  # fmt: skip
+
+
+def _score(
+    real: StoreReader,
+    synthetic: StoreReader,
+    network: FeatureNetwork,
+    batch_size: int,
+    progress: Progress | None,
+) -> tuple[tuple[SampleTraits, SampleTraits], Scores]:
+    heldout, _split = split_indices(real, "heldout")
+    real_traits = sample_traits(real, heldout, network, batch_size, progress, "scores (real)")
+    syn_traits = sample_traits(
+        synthetic, synthetic.indices(None), network, batch_size, progress, "scores (synthetic)"
+    )
+    return (real_traits, syn_traits), quality_scores(real_traits, syn_traits)
+
+
+def _write_scores(
+    synthetic: StoreReader, scores: Scores, network: FeatureNetwork, real: StoreReader
+) -> None:
+    values = np.full(len(synthetic), np.nan)
+    values[synthetic.indices(None)] = scores.quality
+    info = QualityScores(
+        definition=SCORE_DEFINITION, feature_hash=network.feature_hash, reference=str(real.root),
+        reference_manifest_sha256=manifest_sha256(real), count=int(scores.quality.size),
+    )  # fmt: skip
+    with DirLock(synthetic.root):
+        synthetic.manifest = write_quality(synthetic.root, synthetic.manifest, values, info)
+
+
+def closest(quality: QualityReport, count: int = CLOSEST_SHOWN) -> list[ClosePair]:
+    """The `count` synthetic samples nearest (feature space) to a real train sample."""
+    per = quality.per_sample
+    order = np.argsort(np.asarray(per.nn_feature_distance), kind="stable")[:count]
+    return [
+        ClosePair(
+            synthetic_index=per.index[k],
+            real_index=per.nn_feature_index[k],
+            feature_distance=per.nn_feature_distance[k],
+            pixel_distance=per.nn_pixel_distance[k],
+            near_duplicate=per.near_duplicate[k],
+        )
+        for k in order
+        if per.nn_feature_index[k] >= 0
+    ]
+
+
+def summarise(scores: Scores, written: bool) -> ScoreSummary:
+    """Mean, quantiles and threshold shares of the scores."""
+    q = scores.quality
+    levels = {"q05": 5, "q25": 25, "median": 50, "q75": 75, "q95": 95}
+    finite = scores.spectral_angle[np.isfinite(scores.spectral_angle)]
+    return ScoreSummary(
+        definition=SCORE_DEFINITION, count=int(q.size), mean=float(q.mean()),
+        quantiles={k: float(np.percentile(q, v)) for k, v in levels.items()},
+        share_at_least={str(t): float((q >= t).mean()) for t in (0.1, 0.25, 0.5)},
+        real_mean=float(scores.real_quality.mean()),
+        mean_consistency=float(scores.consistency.mean()),
+        mean_spectral_angle=float(finite.mean()) if finite.size else float("nan"),
+        written=written,
+    )  # fmt: skip
+
+
+def write_report_folder(
+    out: Path,
+    report: BenchmarkReport,
+    real: StoreReader,
+    synthetic: StoreReader,
+    class_means: tuple[np.ndarray, np.ndarray],
+) -> None:
+    """Figures, report.json and report.md in a temporary sibling, renamed into place at the end."""
+    from .figures import draw_all
+
+    temp = out.with_name(f".{out.name}.writing-{os.getpid()}")
+    remove_tree(temp)
+    temp.mkdir(parents=True)
+    try:
+        report.figures = draw_all(temp, report, real, synthetic, class_means)
+        atomic_write_text(temp / REPORT_NAME, report_json(report))
+        atomic_write_text(temp / MARKDOWN_NAME, markdown(report))
+        remove_tree(out)
+        temp.rename(out)
+    except BaseException:
+        remove_tree(temp)
+        raise

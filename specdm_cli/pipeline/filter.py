@@ -1,0 +1,155 @@
+"""`specdm filter`: a subset store of the samples whose quality score reaches a threshold."""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from specdm_cli.errors import InputDataError, UsageError
+from specdm_cli.manifest import Manifest, ParentInfo
+from specdm_cli.pipeline.provenance import provenance
+from specdm_cli.stores import (
+    SampleMeta,
+    StoreReader,
+    create_store,
+    open_store,
+    open_writer,
+    resolve_target,
+)
+from specdm_cli.stores.base import MANIFEST_NAME
+from specdm_cli.stores.lock import DirLock
+from specdm_cli.stores.quality import read_quality, write_quality
+
+Progress = Callable[[int, int], None]
+
+
+@dataclass(frozen=True)
+class FilterRequest:
+    """A validated `specdm filter` invocation."""
+
+    store: Path
+    min_quality: float
+    out: Path
+    overwrite: bool = False
+
+
+@dataclass
+class FilterSummary:
+    out: str
+    parent: str
+    min_quality: float
+    parent_count: int
+    kept: int
+
+
+def kept_indices(scores: np.ndarray, written: np.ndarray, min_quality: float) -> np.ndarray:
+    """Written samples scoring at least `min_quality` (a NaN score never passes), in order."""
+    with np.errstate(invalid="ignore"):
+        passing = scores[written] >= min_quality
+    kept: np.ndarray = written[passing]
+    return kept
+
+
+def filter_store(request: FilterRequest, progress: Progress | None = None) -> FilterSummary:
+    """Copy the parent's samples scoring >= `min_quality` into a new store, complete at the end."""
+    if not math.isfinite(request.min_quality) or not 0.0 <= request.min_quality <= 1.0:
+        raise UsageError("--min-quality must lie in [0, 1]", hint="e.g. --min-quality 0.2")
+    reader = open_store(request.store)
+    scores = read_quality(reader)
+    kept = kept_indices(scores, reader.indices(None), request.min_quality)
+    if kept.size == 0:
+        best = np.nanmax(scores) if np.isfinite(scores).any() else math.nan
+        raise InputDataError(
+            f"no sample scores at least {request.min_quality:g} (best {best:.3f})",
+            request.store,
+            "lower --min-quality",
+        )
+    manifest = _subset_manifest(reader, kept, request)
+    resolve_target(request.out, manifest.plan, resume=False, overwrite=request.overwrite)
+    create_store(request.out, manifest, int(kept.size), georeferenced=False)
+    with DirLock(request.out):
+        _copy(reader, request.out, manifest, kept, progress)
+        _finish(reader, request.out, manifest, kept, scores)
+    return FilterSummary(
+        str(request.out), str(request.store), request.min_quality, len(reader), int(kept.size)
+    )
+
+
+def manifest_sha256(root: Path) -> str:
+    """sha256 of a store's manifest.json (the same digest the metrics name a store by)."""
+    return hashlib.sha256((root / MANIFEST_NAME).read_bytes()).hexdigest()
+
+
+def _subset_manifest(reader: StoreReader, kept: np.ndarray, request: FilterRequest) -> Manifest:
+    parent = reader.manifest
+    parent_sha = manifest_sha256(reader.root)
+    info = ParentInfo(
+        path=str(request.store), manifest_sha256=parent_sha, min_quality=request.min_quality,
+        parent_count=len(reader), kept=int(kept.size), parent_index=[int(i) for i in kept],
+    )  # fmt: skip
+    return parent.model_copy(
+        update={
+            "count": int(kept.size),
+            "split_counts": {},
+            "class_pixel_fraction": {},
+            "plan": {
+                "stage": "filter",
+                "parent_manifest_sha256": parent_sha,
+                "min_quality": request.min_quality,
+            },
+            "provenance": provenance(),
+            "files": None,
+            "quality_scores": None,
+            "parent": info,
+            "complete": False,
+        }
+    )
+
+
+def _copy(
+    reader: StoreReader,
+    out: Path,
+    manifest: Manifest,
+    kept: np.ndarray,
+    progress: Progress | None,
+) -> None:
+    """Write the kept samples at positions 0..k-1, one batch-grid batch at a time."""
+    writer = open_writer(out, manifest)
+    splits, fractions = reader.splits(), reader.class_fractions()
+    ids = reader.source_ids()
+    grid = manifest.batch_grid
+    for start in range(0, kept.size, grid):
+        chunk = kept[start : start + grid]
+        for position, index in enumerate(chunk, start=start):
+            writer.write_arrays(position, reader.read(int(index)))
+        metas = [
+            SampleMeta(str(splits[i]), fractions[i], ids[i] if ids is not None else None)
+            for i in chunk
+        ]
+        writer.mark_written(start, metas)
+        if progress is not None:
+            progress(min(start + grid, int(kept.size)), int(kept.size))
+
+
+def _finish(
+    reader: StoreReader, out: Path, manifest: Manifest, kept: np.ndarray, scores: np.ndarray
+) -> None:
+    """Scores of the kept samples, split counts and class fractions; then `complete: true`."""
+    splits, fractions = reader.splits()[kept], reader.class_fractions()[kept]
+    counts = {str(s): int((splits == s).sum()) for s in dict.fromkeys(splits.tolist())}
+    per_split = {s: fractions[splits == s].mean(axis=0).tolist() for s in counts}
+    per_split["all"] = fractions.mean(axis=0).tolist()
+    parent_scores = reader.manifest.quality_scores
+    assert parent_scores is not None  # read_quality checked it
+    subset = manifest.model_copy(update={"split_counts": counts, "class_pixel_fraction": per_split})
+    subset = write_quality(
+        out, subset, scores[kept], parent_scores.model_copy(update={"count": int(kept.size)})
+    )
+    open_writer(out, subset).save_manifest(
+        Manifest.model_validate(subset.model_copy(update={"complete": True}).model_dump())
+    )

@@ -1,0 +1,270 @@
+"""`specdm benchmark` and `specdm filter` end to end: real tiny stores, the shipped demo models,
+real (tiny) training of the feature and downstream networks."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import zarr
+
+from specdm_cli.benchmark.downstream import DownstreamOptions, configurations
+from specdm_cli.benchmark.report import BenchmarkReport, load_report
+from specdm_cli.manifest import QualityScores, load_manifest
+from specdm_cli.stores import open_store
+from specdm_cli.stores.quality import read_quality, write_quality
+from tests.conftest import prepare_demo, run_cli
+
+# Budgets that finish in seconds: the numbers are meaningless, the plumbing is what is tested.
+FAST = ("--feature-steps", "5", "--batch-size", "8", "--threads", "2", "--quiet")
+DOWNSTREAM = ("--downstream", "--downstream-steps", "3", "--downstream-batch-size", "4",
+              "--real-limit", "10", "--synthetic-ratio", "1,2")  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """One SPECDM_HOME for the module, so the feature network is trained once per budget."""
+    folder = tmp_path_factory.mktemp("home")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("SPECDM_HOME", str(folder))
+        yield folder
+
+
+@pytest.fixture(autouse=True)
+def _shared_home(home: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SPECDM_HOME", str(home))
+
+
+def synthesize_demo(out: Path, task: str, n: int) -> Path:
+    code, _, stderr = run_cli(
+        "synthesize", "--model", "demo", "--task", task, "--n", str(n), "--out", out,
+        "--steps", "2", "--batch-size", "4", "--threads", "2", "--quiet",
+    )  # fmt: skip
+    assert code == 0, stderr
+    return out
+
+
+@pytest.fixture(scope="module")
+def ss(home: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """(real store, synthetic store) for ss; 32 px, 10 bands, as the shipped demo model."""
+    root = tmp_path_factory.mktemp("ss")
+    real = prepare_demo(root / "real.zarr", n=48, size=32)
+    return real, synthesize_demo(root / "syn.zarr", "ss", 12)
+
+
+@pytest.fixture(scope="module")
+def ss_report(ss: tuple[Path, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One full benchmark: --model, --downstream, --write-scores (on a copy of the store)."""
+    real, synthetic = ss
+    root = tmp_path_factory.mktemp("report")
+    scored = root / "scored.zarr"
+    shutil.copytree(synthetic, scored)
+    out = root / "report"
+    code, stdout, stderr = run_cli(
+        "benchmark", "--real", real, "--synthetic", scored, "--model", "demo", "--out", out,
+        "--write-scores", "--throughput-batches", "1", "--json", *DOWNSTREAM, *FAST,
+    )  # fmt: skip
+    assert code == 0, stderr
+    (root / "stdout.json").write_text(stdout)
+    return out
+
+
+def test_report_files_exist_and_validate(ss_report: Path, ss: tuple[Path, Path]) -> None:
+    report = load_report(ss_report / "report.json")
+    assert report.task == "ss" and report.synthetic.count == 12
+    for name in ("samples", "spectra", "classes", "closest", "downstream"):
+        assert (ss_report / report.figures[name]).read_bytes()[:4] == b"\x89PNG", name
+    text = (ss_report / "report.md").read_text()
+    for heading in (
+        "## Quality",
+        "## Per-sample quality",
+        "## VAE reconstruction",
+        "## Downstream",
+    ):
+        assert heading in text
+    assert f"![spectra]({report.figures['spectra']})" in text
+    assert len(report.closest_pairs) == 5
+    distances = [p.feature_distance for p in report.closest_pairs]
+    assert distances == sorted(distances)
+    assert min(report.quality.per_sample.nn_feature_distance) == distances[0]
+    # The schema printed by --schema describes what report.json holds.
+    code, stdout, _ = run_cli("benchmark", "--schema")
+    schema = json.loads(stdout)
+    written = json.loads((ss_report / "report.json").read_text())
+    assert code == 0 and set(schema["required"]) <= set(written) <= set(schema["properties"])
+    # --json on stdout: the same report without the per-sample lists.
+    summary = json.loads((ss_report.parent / "stdout.json").read_text())
+    assert "per_sample" not in summary["quality"] and summary["feature_hash"] == report.feature_hash
+
+
+def test_generator_side_is_measured(ss_report: Path, ss: tuple[Path, Path]) -> None:
+    report = load_report(ss_report)
+    real = open_store(ss[0])
+    generator, recon, speed = report.generator, report.reconstruction, report.throughput
+    assert generator is not None and recon is not None and speed is not None
+    # The demo run saw 841 real pairs of its own store, which is not this one.
+    assert generator.real_pairs_seen == 841 and not generator.real_store_is_source
+    assert recon.split == "val" and recon.count == real.indices("val").size
+    assert recon.rmse > 0 and 0 < recon.sad < 1.6 and 0 <= recon.miou <= 1
+    # The synthetic store's own plan is what gets timed.
+    assert (speed.steps, speed.batch_size, speed.pairs) == (2, 4, 4) and speed.pairs_per_second > 0
+
+
+def test_downstream_rows_train_on_the_right_data(ss_report: Path, ss: tuple[Path, Path]) -> None:
+    downstream = load_report(ss_report).downstream
+    assert downstream is not None and downstream.eval_split == "test"
+    counts = {row.name: (row.real_count, row.synthetic_count) for row in downstream.rows}
+    # 10 real pairs; synthetic only asks for 2 x 10 but the store has 12.
+    assert counts == {
+        "real": (10, 0),
+        "synthetic": (0, 12),
+        "real+synthetic x1": (10, 10),
+        "real+synthetic x2": (10, 12),
+    }
+    assert all(0 <= row.miou <= 1 and row.final_loss > 0 for row in downstream.rows)
+    assert downstream.config["steps"] == 3 and downstream.config["seed"] == 0
+    real, synthetic = (open_store(p) for p in ss)
+    rows = configurations(real, synthetic, DownstreamOptions(real_limit=10, ratios=(1, 2)))
+    train = real.indices("train")
+    assert np.array_equal(rows[0].real, train[:10]) and rows[0].synthetic.size == 0
+    assert np.array_equal(rows[2].synthetic, synthetic.indices(None)[:10])
+
+
+def test_write_scores_then_filter_keeps_the_samples_above(ss_report: Path, tmp_path: Path) -> None:
+    scored = ss_report.parent / "scored.zarr"
+    reader = open_store(scored)
+    scores = read_quality(reader)
+    assert reader.manifest.quality_scores is not None
+    assert scores.shape == (12,) and ((scores >= 0) & (scores <= 1)).all()
+    assert load_report(ss_report).scores.written
+    threshold = float(np.median(scores))
+    code, stdout, stderr = run_cli(
+        "filter", scored, "--min-quality", str(threshold), "--out", tmp_path / "sub.zarr", "--json"
+    )
+    assert code == 0, stderr
+    assert json.loads(stdout)["kept"] == int((scores >= threshold).sum())
+
+
+def test_filter_keeps_exactly_the_samples_at_or_above(
+    ss: tuple[Path, Path], tmp_path: Path
+) -> None:
+    store = tmp_path / "syn.zarr"
+    shutil.copytree(ss[1], store)
+    scores = np.array([0.9, 0.1, 0.5, 0.49, 0.7, 0.0, 1.0, 0.3, 0.5, 0.2, 0.8, 0.6])
+    info = QualityScores(
+        definition="test", feature_hash="f" * 64, reference="r", reference_manifest_sha256="0",
+        count=12,
+    )  # fmt: skip
+    write_quality(store, open_store(store).manifest, scores, info)
+    out = tmp_path / "sub.zarr"
+    code, _, stderr = run_cli("filter", store, "--min-quality", "0.5", "--out", out, "--quiet")
+    assert code == 0, stderr
+    expected = [0, 2, 4, 6, 8, 10, 11]
+    manifest = load_manifest(out / "manifest.json")
+    assert manifest.complete and manifest.count == 7 and manifest.split_counts == {"synthetic": 7}
+    assert manifest.parent is not None and manifest.parent.min_quality == 0.5
+    assert manifest.parent.parent_index == expected and manifest.parent.path == str(store)
+    parent, subset = zarr.open_group(store, mode="r"), zarr.open_group(out, mode="r")
+    for name in ("image", "mask", "class_fraction"):
+        np.testing.assert_array_equal(subset[name][:], parent[name][:][expected], err_msg=name)
+    np.testing.assert_allclose(read_quality(open_store(out)), scores[expected])
+    assert run_cli("inspect", out)[0] == 0
+    # A second filter of the subset works on the copied scores.
+    code, stdout, _ = run_cli(
+        "filter", out, "--min-quality", "0.8", "--out", tmp_path / "b", "--json"
+    )
+    assert code == 0 and json.loads(stdout)["kept"] == 3
+    # Refusals: one line, the contract's exit code, nothing written.
+    for args, exit_code, words in (
+        (("--min-quality", "0.5", "--out", out), 3, "already exists"),
+        (("--min-quality", "1.5", "--out", tmp_path / "c"), 2, "[0, 1]"),
+        (("--min-quality", "1.0", "--out", tmp_path / "d"), 0, ""),
+    ):
+        code, _, stderr = run_cli("filter", store, *args, "--quiet")
+        assert code == exit_code and words in stderr and "Traceback" not in stderr
+    code, _, stderr = run_cli("filter", ss[1], "--min-quality", "0.5", "--out", tmp_path / "e")
+    assert code == 3 and "no quality scores" in stderr and not (tmp_path / "e").exists()
+
+
+def test_compare_lines_up_reports_of_one_feature_network(
+    ss_report: Path, ss: tuple[Path, Path], tmp_path: Path
+) -> None:
+    real, synthetic = ss
+    out = tmp_path / "other"
+    code, stdout, stderr = run_cli(
+        "benchmark", "--real", real, "--synthetic", synthetic, "--out", out, "--label", "plain",
+        "--compare", ss_report / "report.json", *FAST,
+    )  # fmt: skip
+    assert code == 0, stderr
+    comparison = load_report(out).comparison
+    assert comparison is not None and comparison.other_label == "scored"
+    figures = {f.name: (f.this, f.other) for f in comparison.figures}
+    # The other side ran downstream; this one did not: its rows show as missing here.
+    assert figures["downstream[real].miou"][0] is None and figures["fd_spectral"][1] is not None
+    assert "## Comparison" in (out / "report.md").read_text() and "scored" in stdout
+    # Another feature network (other training budget): refused, nothing written.
+    refused = tmp_path / "refused"
+    code, _, stderr = run_cli(
+        "benchmark", "--real", real, "--synthetic", synthetic, "--out", refused,
+        "--compare", out / "report.json", *FAST, "--feature-steps", "6",
+    )  # fmt: skip
+    assert code == 3 and "feature networks differ" in stderr and stderr.count("\n") == 1
+    assert not refused.exists()
+
+
+def test_change_detection_report(home: Path, demo_cd_store: Path, tmp_path: Path) -> None:
+    synthetic = synthesize_demo(tmp_path / "syn-cd.zarr", "cd", 8)
+    out = tmp_path / "cd"
+    code, _, stderr = run_cli(
+        "benchmark", "--real", demo_cd_store, "--synthetic", synthetic, "--out", out,
+        *DOWNSTREAM, *FAST,
+    )  # fmt: skip
+    assert code == 0, stderr
+    report = BenchmarkReport.model_validate_json((out / "report.json").read_text())
+    assert report.quality.change_ratio_hist_candidate is not None and "change" in report.figures
+    assert report.downstream is not None
+    assert report.downstream.f1_definition == "F1 of the change class"
+    assert [r.name for r in report.downstream.rows][:2] == ["real", "synthetic"]
+
+
+@pytest.mark.parametrize(
+    ("case", "code", "words"),
+    [
+        ("missing", 3, "does not exist"),
+        ("task", 3, "task mismatch"),
+        ("incomplete", 3, "incomplete"),
+        ("compare", 3, "not a specdm benchmark report"),
+        ("no-real", 2, "needs --real"),
+        ("ratio", 2, "--synthetic-ratio"),
+    ],
+)
+def test_bad_input_is_one_line(
+    case: str, code: int, words: str, ss: tuple[Path, Path], demo_cd_store: Path, tmp_path: Path
+) -> None:
+    real, synthetic = ss
+    args: list[str | Path] = ["--real", real, "--synthetic", synthetic]
+    if case == "missing":
+        args[3] = tmp_path / "nope.zarr"
+    elif case == "task":
+        args[1] = demo_cd_store
+    elif case == "incomplete":
+        broken = tmp_path / "broken.zarr"
+        shutil.copytree(synthetic, broken)
+        manifest = json.loads((broken / "manifest.json").read_text())
+        (broken / "manifest.json").write_text(json.dumps({**manifest, "complete": False}))
+        args[3] = broken
+    elif case == "compare":
+        (tmp_path / "bad.json").write_text('{"task": "ss"}')
+        args += ["--compare", tmp_path / "bad.json"]
+    elif case == "no-real":
+        args = args[2:]
+    else:
+        args += ["--synthetic-ratio", "0"]
+    out = tmp_path / "out"
+    exit_code, _, stderr = run_cli("benchmark", *args, "--out", out, *FAST)
+    assert exit_code == code and words in stderr, stderr
+    assert stderr.startswith("error:") and stderr.count("\n") == 1 and not out.exists()
