@@ -86,3 +86,13 @@ def test_sample_i_depends_only_on_seed_and_index(sampler: str, steps: int) -> No
     assert not torch.equal(batch, draw([0, 1, 2, 3], seed=8))
     reordered = draw([2, 3, 0, 1])
     assert torch.allclose(reordered[0], batch[2], atol=1e-5)
+
+
+@pytest.mark.parametrize(("side", "levels"), [(2, 2), (4, 3), (6, 2), (16, 3), (32, 4)])
+def test_presets_fit_small_latents(side: int, levels: int) -> None:
+    config = UNetConfig.for_latent(3, side, norm_num_groups=4, attention_head_dim=8)
+    assert len(config.block_out_channels) == levels == len(config.attention)
+    small = config.model_copy(update={"block_out_channels": (8, 16, 16, 16)[:levels]})
+    unet = build_unet(small)
+    out = unet(torch.zeros(1, 3, side, side), torch.tensor([10])).sample
+    assert out.shape == (1, 3, side, side)

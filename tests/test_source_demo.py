@@ -172,7 +172,7 @@ def test_splits_follow_the_fractions_and_do_not_depend_on_n() -> None:
     ("options", "words"),
     [
         ({"n": 0}, "--n"),
-        ({"size": 8}, "--size"),
+        ({"size": 0}, "--size"),
         ({"size": 60}, "--size"),
         ({"band_set": "rgb"}, "band set"),
         ({"task": "od"}, "task"),

@@ -169,6 +169,7 @@ def test_default_model_is_the_newest_registered_run(
         (("--n", "0"), 2),
         (("--n", "3", "--shard", "3/2"), 2),
         (("--n", "3", "--batch-size", "0"), 2),
+        (("--n", "3", "--task", "xx"), 2),
     ],
 )
 def test_bad_options(ss_run: Path, tmp_path: Path, args: tuple[str, ...], code: int) -> None:
@@ -242,3 +243,39 @@ def test_require_refusals(ss_run: Path, tmp_path: Path, require: str, message: s
     spec, *extra = require.split()
     code, _, stderr = synth(ss_run, tmp_path / "r.zarr", "--n", "1", "--require", spec, *extra)
     assert code == 2 and message in stderr and "Traceback" not in stderr
+
+
+def test_a_missing_model_is_exit_4(tmp_path: Path) -> None:
+    code, _, stderr = run_cli("synthesize", "--model", tmp_path / "nothing", "--n", "2",
+                              "--out", tmp_path / "x.zarr")  # fmt: skip
+    assert code == 4 and "no run.json" in stderr and not (tmp_path / "x.zarr").exists()
+
+
+def test_batch_size_1_and_4_agree_within_tolerance(ss_run: Path, tmp_path: Path) -> None:
+    assert synth(ss_run, tmp_path / "b4.zarr", "--n", "4")[0] == 0
+    assert synth(ss_run, tmp_path / "b1.zarr", "--n", "4", "--batch-size", "1")[0] == 0
+    four, one = arrays(tmp_path / "b4.zarr"), arrays(tmp_path / "b1.zarr")
+    # Reflectance x 10000 in uint16: batched float kernels may round differently by a unit.
+    difference = np.abs(four["image"].astype(np.int64) - one["image"].astype(np.int64))
+    assert difference.max() <= 2
+    assert (four["mask"] == one["mask"]).mean() >= 0.99
+
+
+def test_a_hyperspectral_chain_on_tiny_tiles(tmp_path: Path) -> None:
+    store = prepare_demo(tmp_path / "hsi.zarr", "--demo-bands", "hsi", n=16, size=8)
+    bands = len(json.loads((store / "manifest.json").read_text())["bands"])
+    assert bands >= 100
+    run = tmp_path / "run"
+    assert run_cli("fit-vae", store, "--run", run, *VAE)[0] == 0
+    code, _, stderr = run_cli("fit-diffusion", run, *UNET, "--unet-blocks", "16,32,32")
+    assert code == 2 and "divisible by 4, not 2" in stderr  # a 2x2 latent halves once only
+    code, _, stderr = run_cli("fit-diffusion", run, *UNET)
+    assert code == 0, stderr
+    out = tmp_path / "syn.zarr"
+    code, _, stderr = synth(run, out, "--n", "2")
+    assert code == 0, stderr
+    code, stdout, stderr = run_cli("inspect", out, "--json")
+    assert code == 0, stderr
+    summary = json.loads(stdout)
+    assert summary["complete"] and summary["written"] == 2 and len(summary["bands"]) == bands
+    assert arrays(out)["image"].shape == (2, bands, 8, 8)

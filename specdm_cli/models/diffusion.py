@@ -6,7 +6,7 @@ from typing import Any, Literal
 
 import torch
 from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler, UNet2DModel
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import nn
 
 SamplerName = Literal["ddpm", "ddim", "dpmpp"]
@@ -18,7 +18,7 @@ class UNetConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     channels: int = Field(ge=1)  # joint latent channels (the VAE's latent layout)
-    sample_size: int = Field(ge=4)  # latent height = width
+    sample_size: int = Field(ge=1)  # latent height = width
     # Our presets follow LDM's latent U-Nets (channel multipliers 1-2-2/3-4, attention at the
     # coarser levels) at a width of 128, smaller than LDM's 224 for our 10-200 band latents.
     block_out_channels: tuple[int, ...] = (128, 256, 256)
@@ -26,6 +26,19 @@ class UNetConfig(BaseModel):
     layers_per_block: int = Field(2, ge=1)  # LDM num_res_blocks
     norm_num_groups: int = Field(32, ge=1)  # LDM / diffusers
     attention_head_dim: int = Field(32, ge=1)  # LDM num_head_channels
+
+    @model_validator(mode="after")
+    def _levels_fit(self) -> UNetConfig:
+        # Every level but the last halves the latent: it must stay whole down to the bottom.
+        halvings = len(self.block_out_channels) - 1
+        if len(self.attention) != len(self.block_out_channels):
+            raise ValueError("one attention flag per U-Net level is needed")
+        if self.sample_size % 2**halvings:
+            raise ValueError(
+                f"{len(self.block_out_channels)} U-Net levels need a latent side divisible by "
+                f"{2**halvings}, not {self.sample_size}: use fewer levels (--unet-blocks)"
+            )
+        return self
 
     @classmethod
     def for_latent(cls, channels: int, size: int, **overrides: Any) -> UNetConfig:
@@ -42,6 +55,10 @@ class UNetConfig(BaseModel):
             },
         }
         preset = presets[min(presets, key=lambda s: abs(s - size))]
+        levels = len(preset["block_out_channels"])
+        while levels > 1 and size % 2 ** (levels - 1):  # tiny latents: fewer halvings
+            levels -= 1
+        preset = {key: value[:levels] for key, value in preset.items()}
         return cls(channels=channels, sample_size=size, **{**preset, **overrides})
 
 

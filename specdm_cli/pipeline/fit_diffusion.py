@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F  # noqa: N812
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from specdm_cli.errors import ModelError, UsageError
 from specdm_cli.models.diffusion import EMA, ScheduleConfig, UNetConfig, build_unet, ldm_betas
@@ -104,7 +104,11 @@ def unet_config(config: DiffusionTrainConfig, channels: int, size: int) -> UNetC
         levels = len(config.block_out_channels)
         overrides["block_out_channels"] = config.block_out_channels
         overrides["attention"] = tuple(level >= levels // 2 for level in range(levels))
-    return UNetConfig.for_latent(channels, size, **overrides)
+    try:
+        return UNetConfig.for_latent(channels, size, **overrides)
+    except ValidationError as error:
+        reason = error.errors()[0]["msg"].removeprefix("Value error, ")
+        raise UsageError(f"the U-Net does not fit the {size}x{size} latent: {reason}") from None
 
 
 class DiffusionTrainer:

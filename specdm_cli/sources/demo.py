@@ -365,8 +365,8 @@ def _validate(options: PrepareOptions) -> None:
         (options.band_set in BAND_SETS, f"unknown band set {options.band_set!r}", "use s2 or hsi"),
         (options.n >= 1, f"--n must be at least 1 (got {options.n})", "pass --n 1 or more"),
         (
-            options.size >= 16 and options.size % 8 == 0,
-            f"--size must be a multiple of 8 and at least 16 (got {options.size})",
+            options.size >= 8 and options.size % 8 == 0,
+            f"--size must be a positive multiple of 8 (got {options.size})",
             "e.g. --size 64",
         ),
         (options.seed >= 0, f"--seed must be >= 0 (got {options.seed})", "pass a seed >= 0"),
@@ -423,7 +423,7 @@ def read_demo(raw: Path | None, options: PrepareOptions) -> SourcePlan:
     i is drawn from `np.random.default_rng([seed, i])` and its split from a hash of (seed, i).
 
     Raises:
-        UsageError: n < 1, size not a multiple of 8 or below 16, an unknown task or band set,
+        UsageError: n < 1, size not a positive multiple of 8, an unknown task or band set,
             a negative seed, or split fractions out of range.
     """
     _validate(options)
