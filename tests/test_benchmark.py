@@ -169,7 +169,7 @@ def test_filter_keeps_exactly_the_samples_at_or_above(
     assert manifest.parent is not None and manifest.parent.min_quality == 0.5
     assert manifest.parent.parent_index == expected and manifest.parent.path == str(store)
     parent, subset = zarr.open_group(store, mode="r"), zarr.open_group(out, mode="r")
-    for name in ("image", "mask", "class_fraction"):
+    for name in ("image", "mask", "class_fraction", "candidate"):
         np.testing.assert_array_equal(subset[name][:], parent[name][:][expected], err_msg=name)
     np.testing.assert_allclose(read_quality(open_store(out)), scores[expected])
     assert run_cli("inspect", out)[0] == 0

@@ -121,14 +121,20 @@ def _copy(
     """Write the kept samples at positions 0..k-1, one batch-grid batch at a time."""
     writer = open_writer(out, manifest)
     splits, fractions = reader.splits(), reader.class_fractions()
-    ids = reader.source_ids()
+    ids, draws = reader.source_ids(), reader.candidates()
     grid = manifest.batch_grid
     for start in range(0, kept.size, grid):
         chunk = kept[start : start + grid]
         for position, index in enumerate(chunk, start=start):
             writer.write_arrays(position, reader.read(int(index)))
+        # Synthetic samples keep their draw index: the subset still says where each came from.
         metas = [
-            SampleMeta(str(splits[i]), fractions[i], ids[i] if ids is not None else None)
+            SampleMeta(
+                str(splits[i]),
+                fractions[i],
+                ids[i] if ids is not None else None,
+                candidate=int(draws[i]) if draws is not None else None,
+            )
             for i in chunk
         ]
         writer.mark_written(start, metas)
