@@ -240,6 +240,7 @@ def test_change_detection_report(home: Path, demo_cd_store: Path, tmp_path: Path
         ("compare", 3, "not a specdm benchmark report"),
         ("no-real", 2, "needs --real"),
         ("ratio", 2, "--synthetic-ratio"),
+        ("size", 3, "differ in size"),
     ],
 )
 def test_bad_input_is_one_line(
@@ -260,6 +261,8 @@ def test_bad_input_is_one_line(
     elif case == "compare":
         (tmp_path / "bad.json").write_text('{"task": "ss"}')
         args += ["--compare", tmp_path / "bad.json"]
+    elif case == "size":
+        args[1] = prepare_demo(tmp_path / "big.zarr", n=12, size=16)
     elif case == "no-real":
         args = args[2:]
     else:

@@ -77,6 +77,12 @@ def open_pair(real_path: Path, synthetic_path: Path) -> tuple[StoreReader, Store
             synthetic_path,
             f"benchmark a synthetic {a.task} store against it",
         )
+    if (a.height, a.width) != (b.height, b.width):
+        raise InputDataError(
+            f"the stores' samples differ in size ({a.height}x{a.width} vs {b.height}x{b.width})",
+            synthetic_path,
+            "prepare the real store with the generator's patch size (demo models: --size 32)",
+        )
     if (len(a.bands), len(a.classes)) != (len(b.bands), len(b.classes)):
         raise InputDataError(
             f"the stores differ in bands ({len(a.bands)} vs {len(b.bands)}) or classes "
