@@ -576,8 +576,11 @@ def synthesize(
     ] = None,
     seed: Annotated[int, typer.Option(help="Seed: sample i depends only on (model, seed, i).")] = 0,
     batch_size: Annotated[
-        int, typer.Option(help="B: the batch grid, fixed when the store is created.")
-    ] = 16,
+        str,
+        typer.Option(
+            help="B: the batch grid, fixed when the store is created; auto = the store's, else 16 on CPU, 64 on CUDA."
+        ),
+    ] = "auto",
     precision: Annotated[
         Precision, typer.Option(help="fp32, bf16, fp16 (CUDA only).")
     ] = Precision.fp32,
@@ -613,7 +616,11 @@ def synthesize(
         from specdm_cli.pipeline.shards import finalize as finalize_store
         from specdm_cli.pipeline.shards import parse_shard
         from specdm_cli.pipeline.signals import graceful_stop
-        from specdm_cli.pipeline.synthesize import SynthesizeRequest
+        from specdm_cli.pipeline.synthesize import (
+            SynthesizeRequest,
+            parse_batch_size,
+            resolve_batch_size,
+        )
         from specdm_cli.pipeline.synthesize import synthesize as run_synthesize
         from specdm_cli.pipeline.training import torch_threads
         from specdm_cli.stores import is_ours
@@ -627,9 +634,8 @@ def synthesize(
             raise UsageError(
                 "synthesize needs --out and --n >= 1", hint="e.g. --n 1000 --out syn.zarr"
             )
-        if batch_size < 1:
-            raise UsageError("--batch-size must be at least 1", hint="e.g. --batch-size 16")
         chosen_shard = parse_shard(shard)
+        grid = parse_batch_size(batch_size)
         chosen = choose_model(model, task.value if task else None)
         if task is not None and chosen.manifest.task != task.value:
             raise UsageError(
@@ -649,7 +655,7 @@ def synthesize(
             remove_tree(out)
         requirements = parse_require(require, chosen.manifest.classes)
         request = SynthesizeRequest(
-            chosen, out, n, sampler.value, steps, seed, batch_size, precision.value,
+            chosen, out, n, sampler.value, steps, seed, resolve_batch_size(grid, out, gpus), precision.value,
             store_format.value, chosen_shard, gpus, requirements,
         )  # fmt: skip
         with (

@@ -170,6 +170,7 @@ def test_default_model_is_the_newest_registered_run(
         (("--n", "3", "--shard", "3/2"), 2),
         (("--n", "3", "--batch-size", "0"), 2),
         (("--n", "3", "--task", "xx"), 2),
+        (("--n", "3", "--batch-size", "many"), 2),
     ],
 )
 def test_bad_options(ss_run: Path, tmp_path: Path, args: tuple[str, ...], code: int) -> None:
@@ -279,3 +280,17 @@ def test_a_hyperspectral_chain_on_tiny_tiles(tmp_path: Path) -> None:
     summary = json.loads(stdout)
     assert summary["complete"] and summary["written"] == 2 and len(summary["bands"]) == bands
     assert arrays(out)["image"].shape == (2, bands, 8, 8)
+
+
+def test_batch_size_auto_joins_the_stores_grid(ss_run: Path, tmp_path: Path) -> None:
+    out = tmp_path / "auto.zarr"
+    assert synth(ss_run, out, "--n", "6", "--batch-size", "2", "--shard", "0/2")[0] == 0
+    code, stdout, stderr = run_cli("synthesize", "--model", ss_run, "--out", out, "--n", "6",
+                                   "--steps", "4", "--shard", "1/2", "--json", "--quiet")  # fmt: skip
+    assert code == 0 and json.loads(stdout)["complete"], stderr
+    assert json.loads((out / "manifest.json").read_text())["batch_grid"] == 2
+    fresh = tmp_path / "fresh.zarr"
+    assert (
+        run_cli("synthesize", "--model", ss_run, "--out", fresh, "--n", "1", "--steps", "1")[0] == 0
+    )
+    assert json.loads((fresh / "manifest.json").read_text())["batch_grid"] == 16  # CPU default
