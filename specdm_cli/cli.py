@@ -603,7 +603,12 @@ def synthesize(
             help="CLASS:MINFRAC[,...]: keep only samples with at least that fraction of each class."
         ),
     ] = None,
-    gpus: Annotated[str | None, typer.Option(help="CUDA device, e.g. 0 [CPU].")] = None,
+    gpus: Annotated[
+        str | None,
+        typer.Option(
+            help="CUDA devices, one process each, e.g. 0 or 0,1; cpu:N = N CPU processes [CPU]."
+        ),
+    ] = None,
     threads: Annotated[int | None, typer.Option(help="CPU threads for torch.")] = None,
     json_output: JsonOption = False,
     quiet: QuietOption = False,

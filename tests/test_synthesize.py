@@ -294,3 +294,19 @@ def test_batch_size_auto_joins_the_stores_grid(ss_run: Path, tmp_path: Path) -> 
         run_cli("synthesize", "--model", ss_run, "--out", fresh, "--n", "1", "--steps", "1")[0] == 0
     )
     assert json.loads((fresh / "manifest.json").read_text())["batch_grid"] == 16  # CPU default
+
+
+@pytest.mark.slow  # two spawned processes each import torch and diffusers: about 20-30 s
+def test_two_cpu_ranks_write_the_single_run_bytes(ss_run: Path, tmp_path: Path) -> None:
+    assert synth(ss_run, tmp_path / "one.zarr", "--n", "10")[0] == 0
+    code, stdout, stderr = synth(ss_run, tmp_path / "two.zarr", "--n", "10", "--gpus", "cpu:2",
+                                 "--json")  # fmt: skip
+    assert code == 0, stderr
+    summary = json.loads(stdout)
+    assert summary["complete"] and summary["written"] == 10
+    one, two = arrays(tmp_path / "one.zarr"), arrays(tmp_path / "two.zarr")
+    for name in ("image", "mask", "written", "candidate", "class_fraction"):
+        np.testing.assert_array_equal(one[name], two[name], err_msg=name)
+    code, _, stderr = synth(ss_run, tmp_path / "r.zarr", "--n", "2", "--gpus", "cpu:2",
+                            "--require", "0:0.1")  # fmt: skip
+    assert code == 2 and "cannot be split" in stderr

@@ -30,7 +30,8 @@ from specdm_cli.pipeline.provenance import provenance
 from specdm_cli.pipeline.require import Requirement, accepted, give_up, resume_draw
 from specdm_cli.pipeline.shards import Shard, finalize, join_or_create, shard_batches, write_record
 from specdm_cli.pipeline.signals import StopFlag
-from specdm_cli.pipeline.training import Precision, autocast, parse_device
+from specdm_cli.pipeline.synth_ranks import run_on_devices
+from specdm_cli.pipeline.training import Precision, autocast, parse_device, parse_devices
 from specdm_cli.pipeline.vae_io import load_vae
 from specdm_cli.pipeline.writer import BackgroundWriter
 from specdm_cli.sources.base import class_fraction
@@ -226,32 +227,41 @@ def synthesize(
     started = time.monotonic()
     if request.n <= 0:
         raise UsageError("--n must be at least 1", hint="e.g. --n 1000")
-    if request.require and request.shard.count > 1:
+    devices = parse_devices(request.gpus)
+    if request.require and (request.shard.count > 1 or len(devices) > 1):
         raise UsageError(
-            "--require cannot be split with --shard: sample i is the i-th accepted draw",
-            hint="run it unsharded (--resume continues an interrupted run)",
+            "--require cannot be split over shards or devices: sample i is the i-th accepted draw",
+            hint="run it on one device (--resume continues an interrupted run)",
         )
-    device = parse_device(request.gpus)
     steps = request.steps or DEFAULT_STEPS[request.sampler]
-    manifest = join_or_create(request.out, _manifest(request, steps, device))
+    manifest = join_or_create(request.out, _manifest(request, steps, devices[0]))
     batches = shard_batches(request.n, request.batch_size, request.shard)
+    if len(devices) > 1:
+        done = run_on_devices(request, devices, stop, progress)
+        return _summary(request, started, done, len(batches), 0)
     lock_name = f".specdm.lock.{request.shard.index}-of-{request.shard.count}"
     with DirLock(request.out, lock_name):
         writer = open_writer(request.out, manifest)
         written = writer.written()
         todo = [b for b in batches if not written[b.start : b.stop].all()]
-        draws = _Draws(Sampler(request.model, request, device), steps) if todo else None
+        draws = _Draws(Sampler(request.model, request, devices[0]), steps) if todo else None
         if draws is not None and request.require:
             candidates = open_store(request.out, allow_incomplete=True).candidates()
             draws.require(request.require, resume_draw(candidates, todo[0].start))
         done = _run(draws, writer, todo, stop, progress, len(batches) - len(todo), len(batches))
+    return _summary(request, started, done, len(batches), draws.count if draws else 0)
+
+
+def _summary(
+    request: SynthesizeRequest, started: float, done: int, batches: int, draws: int
+) -> SynthesizeSummary:
+    """Finalize the store if every part is in, and say what this call did."""
     complete = finalize(request.out)
     seconds = time.monotonic() - started
     return SynthesizeSummary(
         str(request.out), str(request.model.path), request.model.kind, request.n,
-        int(open_store(request.out, allow_incomplete=True).written().sum()), len(batches),
-        round(seconds, 3), round(done / max(seconds, 1e-9), 3), complete,
-        draws.count if draws else 0,
+        int(open_store(request.out, allow_incomplete=True).written().sum()), batches,
+        round(seconds, 3), round(done / max(seconds, 1e-9), 3), complete, draws or done,
     )  # fmt: skip
 
 

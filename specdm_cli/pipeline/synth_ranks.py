@@ -1,0 +1,120 @@
+"""`synthesize --gpus 0,1` (or `cpu:N`): one process per device, no communication needed.
+
+Rank r of k writes sub-shard (i*k + r) / (N*k) of shard i/N: the same grid lines the shard
+protocol uses, and together exactly shard i's batches, so the bytes equal a single-device run's
+on one device type. The parent shows progress from the store's written flags, forwards a stop
+signal to the ranks (each finishes its batch in hand) and finalizes.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+from dataclasses import replace
+from multiprocessing.queues import SimpleQueue
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch.multiprocessing.spawn import ProcessExitedException, ProcessRaisedException, spawn
+
+from specdm_cli.errors import EXIT_RESOURCE, Interrupted, SpecdmError, resource_error_from
+from specdm_cli.pipeline.shards import Shard, shard_batches
+from specdm_cli.pipeline.signals import StopFlag, graceful_stop
+from specdm_cli.stores import open_store
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    from specdm_cli.pipeline.synthesize import SynthesizeRequest
+
+
+class RankFailed(SpecdmError):
+    """A device's process stopped with an error; its own line is the message."""
+
+    def __init__(self, line: str, exit_code: int):
+        super().__init__(line.removeprefix("error: "))
+        self.exit_code = exit_code
+
+
+def sub_shard(shard: Shard, rank: int, world: int) -> Shard:
+    return Shard(shard.index * world + rank, shard.count * world)
+
+
+def device_option(device: torch.device) -> str:
+    return "cpu" if device.type == "cpu" else str(device.index)
+
+
+def run_on_devices(
+    request: SynthesizeRequest,
+    devices: list[torch.device],
+    stop: StopFlag,
+    progress: Callable[[int, int], None] | None,
+) -> int:
+    """Synthesize this shard with one process per device; returns the samples this call wrote."""
+    batches = shard_batches(request.n, request.batch_size, request.shard)
+    before = _written(request, batches)
+    failures: SimpleQueue[tuple[str, int]] = multiprocessing.get_context("spawn").SimpleQueue()
+    context: Any = spawn(  # type: ignore[no-untyped-call]
+        _rank, args=(request, devices, failures), nprocs=len(devices), join=False
+    )
+    forwarded = False
+    while not _joined(context):
+        if stop.signum is not None and not forwarded:
+            for process in context.processes:
+                process.terminate()  # SIGTERM: the rank finishes its batch in hand
+            forwarded = True
+        if progress:
+            progress(_batches_done(request, batches), len(batches))
+    if not failures.empty():
+        line, code = failures.get()
+        raise RankFailed(line, code)
+    stop.check()
+    return _written(request, batches) - before
+
+
+def _joined(context: Any) -> bool:
+    try:
+        return bool(context.join(timeout=0.5))
+    except ProcessRaisedException as error:  # not a domain error: a bug, reported as such
+        last = str(error).strip().splitlines()[-1]
+        raise RankFailed(f"a device process failed: {last}", 1) from None
+    except ProcessExitedException as error:
+        raise RankFailed(f"a device process died (exit {error.exit_code})", 1) from None
+
+
+def _written(request: SynthesizeRequest, batches: list[range]) -> int:
+    if not batches:
+        return 0
+    flags = open_store(request.out, allow_incomplete=True).written()
+    return int(flags[batches[0].start : batches[-1].stop].sum())
+
+
+def _batches_done(request: SynthesizeRequest, batches: list[range]) -> int:
+    flags = open_store(request.out, allow_incomplete=True).written()
+    return sum(bool(flags[b.start : b.stop].all()) for b in batches)
+
+
+def _rank(
+    rank: int,
+    request: SynthesizeRequest,
+    devices: list[torch.device],
+    failures: SimpleQueue[tuple[str, int]],
+) -> None:
+    from specdm_cli.pipeline.synthesize import synthesize
+
+    part = replace(
+        request,
+        shard=sub_shard(request.shard, rank, len(devices)),
+        gpus=device_option(devices[rank]),
+    )
+    if devices[rank].type == "cpu":  # share the cores instead of oversubscribing them
+        torch.set_num_threads(max(1, torch.get_num_threads() // len(devices)))
+    try:
+        with graceful_stop() as stop:
+            synthesize(part, stop)
+    except Interrupted:
+        return
+    except SpecdmError as error:
+        failures.put((error.line(), error.exit_code))
+    except OSError as error:
+        resource = resource_error_from(error)
+        failures.put((resource.line() if resource else f"error: {error}", EXIT_RESOURCE))
