@@ -30,6 +30,7 @@ from specdm_cli.pipeline.latent_cache import (
 from specdm_cli.pipeline.run_manifest import RunManifest, load_run
 from specdm_cli.pipeline.signals import StopFlag
 from specdm_cli.pipeline.training import (
+    LossScaler,
     Precision,
     autocast,
     parse_devices,
@@ -130,6 +131,7 @@ class DiffusionTrainer:
         self.net: Any = self.unet
         self.ema = EMA(self.unet, config.ema_decay)
         self.optimizer = torch.optim.AdamW(self.unet.parameters(), lr=config.learning_rate())
+        self.scaler = LossScaler(device, config.precision)
         self.scale = torch.from_numpy(cache.scale).to(device)[None, :, None, None]
         # Products in float64, as LDM registers them, then float32 for the step.
         acp = torch.cumprod(1 - ldm_betas(ScheduleConfig()), dim=0)
@@ -160,9 +162,7 @@ class DiffusionTrainer:
         with autocast(self.device, self.config.precision):
             predicted = self.net(noisy, t).sample
         loss = F.mse_loss(predicted.float(), noise)
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()  # type: ignore[no-untyped-call]
-        self.optimizer.step()
+        self.scaler.step(loss, self.optimizer)
         self.ema.update(self.unet)
         return float(loss.detach())
 
@@ -321,6 +321,7 @@ def _restore(run: Path, trainer: DiffusionTrainer, checkpoint: str, device: torc
         trainer.unet.parameters(), lr=trainer.config.learning_rate()
     )
     runs.load_optimizer_state(trainer.optimizer, folder)
+    trainer.scaler.load(folder)
     return int(state["step"])
 
 
@@ -369,6 +370,7 @@ def _checkpoint(
         save_module(ema_unet, folder / "unet")
         save_module(trainer.unet, folder / "train_unet")
         runs.save_optimizer_state(trainer.optimizer, folder)
+        trainer.scaler.save(folder)
         (folder / "ema.json").write_text(json.dumps({"updates": trainer.ema.updates, "step": step}))
 
     details = {

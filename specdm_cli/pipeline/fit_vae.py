@@ -24,6 +24,7 @@ from specdm_cli.pipeline.provenance import provenance
 from specdm_cli.pipeline.run_manifest import load_run
 from specdm_cli.pipeline.signals import StopFlag
 from specdm_cli.pipeline.training import (
+    LossScaler,
     Precision,
     autocast,
     load_batch,
@@ -163,6 +164,7 @@ class VAETrainer:
         torch.manual_seed(config.seed)
         self.model = SpecDMVAE(model_config(config, manifest)).to(device)
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=config.learning_rate())
+        self.scaler = LossScaler(device, config.precision)
         fractions = manifest.class_pixel_fraction.get("train")
         auto = config.class_weights == "auto" and fractions is not None
         self.class_weights = (
@@ -194,9 +196,7 @@ class VAETrainer:
         generator = torch.Generator().manual_seed(step_seed(self.config.seed, step, stream))
         with autocast(self.device, self.config.precision):
             losses: dict[str, torch.Tensor] = self.losses(batch, valid, generator)
-        self.optimizer.zero_grad(set_to_none=True)
-        losses["total"].backward()  # type: ignore[no-untyped-call]
-        self.optimizer.step()
+        self.scaler.step(losses["total"], self.optimizer)
         return {name: float(value.detach()) for name, value in losses.items()}
 
 
@@ -307,6 +307,7 @@ def _rank_main(
     trainer.wrap()
     if job.checkpoint is not None:
         runs.load_optimizer_state(trainer.optimizer, job.run / job.checkpoint)
+        trainer.scaler.load(job.run / job.checkpoint)
     return _train(job.run, trainer, job.start, job.val, job.config, stop or StopFlag(), progress)
 
 
@@ -372,6 +373,7 @@ def _checkpoint(
     def write(folder: Path) -> None:
         save_vae(trainer.model, folder)
         runs.save_optimizer_state(trainer.optimizer, folder)
+        trainer.scaler.save(folder)
 
     details = {
         "model": trainer.model.config.model_dump(mode="json"),

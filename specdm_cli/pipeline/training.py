@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Literal
 
 import numpy as np
@@ -125,3 +127,29 @@ def validation_indices(reader: StoreReader, limit: int, warn: Callable[[str], No
             return indices[:limit]
     warn("warning: the store has no val or test split; no validation")
     return np.array([], dtype=np.int64)
+
+
+class LossScaler:
+    """fp16 on CUDA scales the loss so small gradients do not underflow in half precision
+    (torch's GradScaler); everywhere else (fp32, bf16, the CPU) a plain backward and step."""
+
+    FILE = "grad_scaler.json"
+
+    def __init__(self, device: torch.device, precision: Precision):
+        enabled = device.type == "cuda" and precision == "fp16"
+        self.scaler = torch.amp.GradScaler(device.type, enabled=enabled)
+
+    def step(self, loss: torch.Tensor, optimizer: torch.optim.Optimizer) -> None:
+        optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()  # type: ignore[no-untyped-call]
+        self.scaler.step(optimizer)
+        self.scaler.update()
+
+    def save(self, folder: Path) -> None:
+        if self.scaler.is_enabled():
+            (folder / self.FILE).write_text(json.dumps(self.scaler.state_dict()), encoding="utf-8")
+
+    def load(self, folder: Path) -> None:
+        saved = folder / self.FILE
+        if self.scaler.is_enabled() and saved.is_file():
+            self.scaler.load_state_dict(json.loads(saved.read_text(encoding="utf-8")))
