@@ -417,6 +417,9 @@ def fit_vae(
     gpus: Annotated[
         str | None, typer.Option(help="CUDA devices, e.g. 0 or 0,1; cpu:N = N CPU ranks [CPU].")
     ] = None,
+    workers: Annotated[
+        int | None, typer.Option(help="Reader threads for the training batches [4].")
+    ] = None,
     threads: Annotated[int | None, typer.Option(help="CPU threads for torch.")] = None,
     val_every: Annotated[int | None, typer.Option(help="Validate every N steps [1000].")] = None,
     checkpoint_every: Annotated[
@@ -463,6 +466,7 @@ def fit_vae(
             batch_size=batch_size, lr=lr, steps=steps, kl_weight=kl_weight, sad_weight=sad_weight,
             class_weights=class_weights, seed=seed, precision=precision.value if precision else None,
             val_every=val_every, checkpoint_every=checkpoint_every, split=split, limit=limit,
+            workers=workers,
             downsample=downsample, image_latent_channels=image_latent_channels,
             mask_latent_channels=mask_latent_channels, image_block_out_channels=_blocks(image_blocks),
             mask_block_out_channels=_blocks(mask_blocks), norm_num_groups=norm_groups,

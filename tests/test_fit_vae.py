@@ -232,3 +232,13 @@ def test_bad_gpus_strings_are_usage_errors(text: str) -> None:
 def test_gpus_strings() -> None:
     assert parse_devices(None) == [torch.device("cpu")]
     assert parse_devices("cpu:3") == [torch.device("cpu")] * 3
+
+
+def test_reader_threads_do_not_change_the_weights(demo_ss_store: Path, tmp_path: Path) -> None:
+    runs = {}
+    for workers in (1, 3):
+        config = VAETrainConfig(steps=2, workers=workers, **TINY_CONFIG)
+        with torch_threads(2):
+            fit_vae(FitVAERequest(demo_ss_store, tmp_path / f"w{workers}", config), StopFlag())
+        runs[workers] = checkpoint_files(tmp_path / f"w{workers}")
+    assert runs[1] == runs[3]

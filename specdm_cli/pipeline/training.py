@@ -6,6 +6,7 @@ import contextlib
 import hashlib
 import json
 from collections.abc import Callable, Iterator
+from concurrent.futures import Executor
 from pathlib import Path
 from typing import Literal
 
@@ -77,10 +78,15 @@ def d4(array: np.ndarray, rotations: int, flip: bool) -> np.ndarray:
 
 
 def load_batch(
-    reader: StoreReader, indices: np.ndarray, rng: np.random.Generator | None
+    reader: StoreReader,
+    indices: np.ndarray,
+    rng: np.random.Generator | None,
+    pool: Executor | None = None,
 ) -> dict[str, np.ndarray]:
-    """Stack samples `indices`; with `rng`, each gets a random D4 symmetry (images and label alike)."""
-    samples = [reader.read(int(i)) for i in indices]
+    """Stack samples `indices` (read on `pool` if given); with `rng`, each gets a random D4
+    symmetry (images and label alike)."""
+    read = pool.map if pool is not None else map
+    samples = list(read(reader.read, (int(i) for i in indices)))
     if rng is not None:
         moves = [(int(rng.integers(4)), bool(rng.integers(2))) for _ in samples]
         samples = [
