@@ -73,6 +73,9 @@ def ss_report(ss: tuple[Path, Path], tmp_path_factory: pytest.TempPathFactory) -
     return out
 
 
+@pytest.mark.slow(
+    reason="its setup is the module's full benchmark run (--model, --downstream, --write-scores)"
+)
 def test_report_files_exist_and_validate(ss_report: Path, ss: tuple[Path, Path]) -> None:
     report = load_report(ss_report / "report.json")
     assert report.task == "ss" and report.synthetic.count == 12
@@ -190,6 +193,7 @@ def test_filter_keeps_exactly_the_samples_at_or_above(
     assert code == 3 and "no quality scores" in stderr and not (tmp_path / "e").exists()
 
 
+@pytest.mark.slow(reason="two more benchmark runs, one training another feature network")
 def test_compare_lines_up_reports_of_one_feature_network(
     ss_report: Path, ss: tuple[Path, Path], tmp_path: Path
 ) -> None:
@@ -216,6 +220,9 @@ def test_compare_lines_up_reports_of_one_feature_network(
     assert not refused.exists()
 
 
+@pytest.mark.slow(
+    reason="cd synthesis with the demo model, then a benchmark with downstream training"
+)
 def test_change_detection_report(home: Path, demo_cd_store: Path, tmp_path: Path) -> None:
     synthetic = synthesize_demo(tmp_path / "syn-cd.zarr", "cd", 8)
     out = tmp_path / "cd"
@@ -271,3 +278,14 @@ def test_bad_input_is_one_line(
     exit_code, _, stderr = run_cli("benchmark", *args, "--out", out, *FAST)
     assert exit_code == code and words in stderr, stderr
     assert stderr.startswith("error:") and stderr.count("\n") == 1 and not out.exists()
+
+
+def test_score_terms_are_ratios_to_the_typical_real_sample() -> None:
+    from specdm_cli.benchmark.scores import relative_to_typical
+
+    consistency = relative_to_typical(np.array([0.2, 0.5, 1.0, 0.0]), 0.5, higher_is_better=True)
+    np.testing.assert_allclose(consistency, [0.4, 1.0, 1.0, 0.0])
+    angles = np.array([0.1, 0.4, 0.0, np.inf])
+    np.testing.assert_allclose(
+        relative_to_typical(angles, 0.2, higher_is_better=False), [1.0, 0.5, 1.0, 0.0]
+    )

@@ -121,9 +121,11 @@ def change_statistics(folder: Path, report: BenchmarkReport) -> str | None:
 
 def closest_pairs(
     folder: Path, report: BenchmarkReport, real: StoreReader, syn: StoreReader
-) -> str:
+) -> str | None:
     """The synthetic samples nearest to a real train sample (memorisation check), side by side."""
     pairs = report.closest_pairs
+    if not pairs:
+        return None
     figure, axes = plt.subplots(len(pairs), 2, figsize=(8, 1.9 * len(pairs)), squeeze=False)
     for row, pair in enumerate(pairs):
         for column, (reader, index, label) in enumerate(
@@ -164,10 +166,10 @@ def draw_all(
         "samples": sample_grid(folder, real, synthetic),
         "spectra": spectral_profiles(folder, real.manifest, *class_means),
         "classes": class_distribution(folder, report),
-        "closest": closest_pairs(folder, report, real, synthetic),
     }
-    for name, draw in (("change", change_statistics), ("downstream", downstream_bars)):
-        made = draw(folder, report)
-        if made is not None:
-            figures[name] = made
-    return figures
+    optional = {
+        "closest": closest_pairs(folder, report, real, synthetic),
+        "change": change_statistics(folder, report),
+        "downstream": downstream_bars(folder, report),
+    }
+    return figures | {name: made for name, made in optional.items() if made is not None}

@@ -13,9 +13,10 @@ from specdm_cli.metrics.stats import spectral_angle
 from specdm_cli.stores import StoreReader
 
 SCORE_DEFINITION = (
-    "min(share of real held-out samples whose pair consistency (mIoU of the feature network's "
-    "prediction vs the sample's own mask) is at most the sample's, share of real held-out "
-    "samples whose spectral angle to the real class-mean spectra is at least the sample's)"
+    "min(consistency / median real consistency, median real spectral angle / spectral angle), "
+    "each capped at 1; consistency = mIoU of the feature network's prediction vs the sample's "
+    "own mask, spectral angle = pixel-weighted angle between the sample's and the real "
+    "class-mean spectra; real = the real held-out samples"
 )
 
 
@@ -88,18 +89,11 @@ def spectral_angles(traits: SampleTraits, reference_means: np.ndarray) -> np.nda
     return mean
 
 
-def share_at_most(values: np.ndarray, reference: np.ndarray) -> np.ndarray:
-    """For each value, the share of `reference` values <= it (ties count as matched)."""
-    ordered = np.sort(reference)
-    result: np.ndarray = np.searchsorted(ordered, values, side="right") / max(ordered.size, 1)
-    return result
-
-
-def share_at_least(values: np.ndarray, reference: np.ndarray) -> np.ndarray:
-    """For each value, the share of `reference` values >= it (ties count as matched)."""
-    ordered = np.sort(reference)
-    below = np.searchsorted(ordered, values, side="left")
-    result: np.ndarray = (ordered.size - below) / max(ordered.size, 1)
+def relative_to_typical(value: np.ndarray, typical: float, higher_is_better: bool) -> np.ndarray:
+    """value / typical (or typical / value when lower is better), capped at 1 and floored at 0."""
+    with np.errstate(invalid="ignore", divide="ignore"):
+        ratio = value / typical if higher_is_better else typical / value
+    result: np.ndarray = np.clip(np.nan_to_num(ratio, nan=0.0, posinf=1.0), 0.0, 1.0)
     return result
 
 
@@ -110,22 +104,25 @@ class Scores:
     quality: np.ndarray  # (N,) candidate scores in [0, 1]
     consistency: np.ndarray
     spectral_angle: np.ndarray
-    real_quality: np.ndarray  # the real held-out samples scored the same way (about uniform)
+    real_quality: np.ndarray  # the real held-out samples scored the same way
 
 
 def quality_scores(real: SampleTraits, candidate: SampleTraits) -> Scores:
     """Score candidate samples against the real held-out set (see SCORE_DEFINITION).
 
-    Each term is the share of real samples the candidate matches or beats, so 0.5 means "as
-    good as the median real sample" on that term; the score is the weaker term, as a pair
-    with a fine image but a wrong mask (or the reverse) is not a good pair.
+    Each term compares the sample with the typical (median) real sample, so 1 means "at least as
+    good as the typical real pair" on that term and 0.5 "half as good", whatever the dataset,
+    band count or class count; the score is the weaker term, as a pair with a fine image but a
+    wrong mask (or the reverse) is not a good pair.
     """
     means = real.class_means()
     real_angle, cand_angle = spectral_angles(real, means), spectral_angles(candidate, means)
+    typical_consistency = float(np.median(real.consistency))
+    typical_angle = float(np.median(real_angle[np.isfinite(real_angle)]))
 
     def score(consistency: np.ndarray, angle: np.ndarray) -> np.ndarray:
-        labels = share_at_most(consistency, real.consistency)
-        spectra = share_at_least(angle, real_angle)
+        labels = relative_to_typical(consistency, typical_consistency, higher_is_better=True)
+        spectra = relative_to_typical(angle, typical_angle, higher_is_better=False)
         combined: np.ndarray = np.minimum(labels, spectra)
         return combined
 
