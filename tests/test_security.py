@@ -71,3 +71,27 @@ def test_prepare_and_inspect_run_with_sockets_blocked(tmp_path: Path) -> None:
     )
     assert code == 0, stderr
     assert run_cli("inspect", tmp_path / "s.zarr", "--json")[0] == 0
+
+
+@pytest.mark.usefixtures("no_network")
+def test_the_whole_pipeline_runs_with_sockets_blocked(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # HF_HUB_OFFLINE unset, as a user runs it: models come from local folders, never the Hub.
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    store, run = tmp_path / "s.zarr", tmp_path / "run"
+    tiny = ("--norm-groups", "4", "--batch-size", "4", "--threads", "2", "--quiet", "--steps", "2")
+    for command in (
+        ("prepare", "demo", "--n", "12", "--size", "16", "--out", store, "--quiet"),
+        ("fit-vae", store, "--run", run, "--image-blocks", "8,16,16", "--mask-blocks", "8,8,16",
+         *tiny),
+        ("fit-diffusion", run, "--unet-blocks", "16,32", "--head-dim", "8",
+         "--layers-per-block", "1", *tiny),
+        ("synthesize", "--model", run, "--n", "2", "--batch-size", "2", "--steps", "2",
+         "--out", tmp_path / "syn.zarr", "--quiet"),
+        ("synthesize", "--model", "demo", "--task", "cd", "--n", "1", "--batch-size", "1",
+         "--steps", "1", "--out", tmp_path / "demo.zarr", "--quiet"),
+        ("inspect", tmp_path / "syn.zarr", "--json"),
+    ):  # fmt: skip
+        code, _, stderr = run_cli(*command)
+        assert code == 0, f"{command[0]}: {stderr}"

@@ -6,6 +6,7 @@ import hashlib
 import json
 import os
 import shutil
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -58,12 +59,41 @@ def save_module(module: Any, folder: Path) -> None:
 def load_module(cls: Any, folder: Path) -> Any:
     """Load a diffusers model saved by `save_module`, offline, safetensors only."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from diffusers.utils import logging as diffusers_logging
+
+    verbosity = diffusers_logging.get_verbosity()
+    # diffusers' warnings would be extra stderr lines; what they warn of is an error below.
+    diffusers_logging.set_verbosity_error()
     try:
-        return cls.from_pretrained(folder, use_safetensors=True, low_cpu_mem_usage=False)
-    except (OSError, ValueError, SafetensorError, json.JSONDecodeError) as exc:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            model, info = cls.from_pretrained(
+                folder, use_safetensors=True, low_cpu_mem_usage=False, output_loading_info=True
+            )
+    except MemoryError:
+        raise
+    except Exception as exc:
+        # A damaged config.json or weights file fails anywhere inside diffusers (TypeError on a
+        # config that is `null`, KeyError, RuntimeError on a shape): all mean "unusable folder".
         raise ModelError(
-            f"cannot load model ({exc})", folder, "re-train or restore the run"
+            f"cannot load model ({_first_line(exc)})", folder, "re-train or restore the run"
         ) from None
+    finally:
+        diffusers_logging.set_verbosity(verbosity)
+    # diffusers only warns when config.json builds another network than the weights describe.
+    unmatched = [*info["missing_keys"], *info["unexpected_keys"], *info["mismatched_keys"]]
+    if unmatched:
+        raise ModelError(
+            f"the weights do not fit config.json ({len(unmatched)} tensors differ)",
+            folder,
+            "re-train or restore the run",
+        )
+    return model
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0] if text else ''}"[:300]
 
 
 def save_optimizer(optimizer: torch.optim.Optimizer, folder: Path) -> None:
@@ -89,15 +119,54 @@ def load_optimizer(optimizer: torch.optim.Optimizer, folder: Path) -> None:
     try:
         tensors = load_file(folder / "optimizer.safetensors")
         meta = json.loads((folder / "optimizer.json").read_text(encoding="utf-8"))
-    except (OSError, SafetensorError, ValueError) as exc:
+        state: dict[int, dict[str, Any]] = {}
+        for key, value in [*tensors.items(), *meta["scalars"].items()]:
+            index, name = key.split(".", 1)
+            state.setdefault(int(index), {})[name] = value
+        _check_optimizer_state(optimizer, state, meta["param_groups"])
+        optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+    except (OSError, SafetensorError, ValueError, TypeError, KeyError, AttributeError) as exc:
         raise ModelError(
-            f"unreadable optimizer state ({exc})", folder, "restart without --resume"
+            f"unreadable optimizer state ({_first_line(exc)})", folder, "restart without --resume"
         ) from None
-    state: dict[int, dict[str, Any]] = {}
-    for key, value in [*tensors.items(), *meta["scalars"].items()]:
-        index, name = key.split(".", 1)
-        state.setdefault(int(index), {})[name] = value
-    optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+
+
+def _check_optimizer_state(
+    optimizer: torch.optim.Optimizer, state: dict[int, dict[str, Any]], groups: Any
+) -> None:
+    """torch loads any state and fails (or trains wrongly) later: check it against the live one.
+
+    The saved groups need the live groups' keys, parameters and kinds of value, and every
+    per-parameter tensor the shape of its parameter.
+    """
+    live = optimizer.state_dict()["param_groups"]
+    if not isinstance(groups, list) or len(groups) != len(live):
+        raise ValueError("param_groups do not match the model")
+    for saved, current in zip(groups, live, strict=True):
+        if not isinstance(saved, dict) or saved.keys() != current.keys():
+            raise ValueError("param_groups do not match the model")
+        if saved["params"] != current["params"] or any(
+            _kind(saved[k]) != _kind(current[k]) for k in current
+        ):
+            raise ValueError("param_groups do not match the model")
+    shapes = [p.shape for group in optimizer.param_groups for p in group["params"]]
+    for index, slots in state.items():
+        if not 0 <= index < len(shapes):
+            raise ValueError(f"state for unknown parameter {index}")
+        for name, value in slots.items():
+            if isinstance(value, torch.Tensor) and value.dim() and value.shape != shapes[index]:
+                raise ValueError(f"state {index}.{name} has shape {tuple(value.shape)}")
+
+
+def _kind(value: Any) -> Any:
+    """What JSON keeps of a value's type: numbers are numbers, tuples are lists."""
+    if isinstance(value, bool) or value is None or isinstance(value, str):
+        return type(value)
+    if isinstance(value, int | float):
+        return float
+    if isinstance(value, list | tuple):
+        return [_kind(v) for v in value]
+    return type(value)
 
 
 def publish_folder(temp: Path, final: Path) -> None:

@@ -84,10 +84,16 @@ def is_ours(path: Path) -> bool:
 
 
 def _is_run_json(path: Path) -> bool:
+    """A run.json specdm wrote: `"specdm_run": true` beside a run's own fields, not any JSON."""
     try:
-        return bool(json.loads(path.read_text(encoding="utf-8")).get("specdm_run"))
-    except (OSError, ValueError, AttributeError):
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
         return False
+    return (
+        isinstance(record, dict)
+        and record.get("specdm_run") is True
+        and {"run_id", "task", "stages", "source_manifest_sha256"} <= record.keys()
+    )
 
 
 def resolve_target(

@@ -1,0 +1,86 @@
+"""Two processes on one store: a live writer's lock refuses the second (exit 6), even with
+`--overwrite`; a lock left by a killed writer is taken over; shards on disjoint ranges proceed
+side by side and the last one finalizes the store to the bytes of one uninterrupted run.
+
+The first writer is the real CLI in a subprocess, frozen at a named point with
+`SPECDM_FAULT=point:nth:stop` (alive, holding its lock) while the second runs in-process.
+Run directories get the same checks in `test_faults_training.py`.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+from pathlib import Path
+
+import numpy as np
+import zarr
+
+from tests.conftest import manifest_of, run_cli
+from tests.fault_tools import assert_one_error_line, spawn, wait_until_stopped
+
+DEMO = ("prepare", "demo", "--n", "120", "--size", "16", "--seed", "3", "--quiet")
+# The shipped demo model: nothing to train. 8 pairs on a grid of B=2: shard 0/2 = batches 0-1.
+SYNTH = ("synthesize", "--model", "demo", "--task", "ss", "--n", "8", "--batch-size", "2",
+         "--steps", "2", "--threads", "2", "--quiet")  # fmt: skip
+
+
+def arrays(store: Path) -> dict[str, np.ndarray]:
+    return {name: np.asarray(a[:]) for name, a in zarr.open_group(store, mode="r").arrays()}
+
+
+def locks(store: Path) -> list[str]:
+    return sorted(p.name for p in store.glob(".specdm.lock*"))
+
+
+def test_prepare_second_writer_refused_stale_lock_taken_over(tmp_path: Path) -> None:
+    reference = tmp_path / "ref.zarr"
+    assert run_cli(*DEMO, "--out", reference)[0] == 0
+    out = tmp_path / "s.zarr"
+    first = spawn(*DEMO, "--out", out, fault="prepare.after_block:1:stop")
+    try:
+        wait_until_stopped(first)
+        for extra in ("--resume", "--overwrite"):
+            code, _, stderr = run_cli(*DEMO, "--out", out, extra)
+            assert_one_error_line(code, stderr, 6, f"process {first.pid}")
+        assert manifest_of(out)["complete"] is False  # --overwrite removed nothing
+    finally:
+        first.kill()
+        first.communicate(timeout=60)
+    assert locks(out) == [".specdm.lock"]  # left by the killed writer
+    code, _, stderr = run_cli(*DEMO, "--out", out, "--resume")
+    assert code == 0, stderr
+    assert locks(out) == []
+    expected, actual = arrays(reference), arrays(out)
+    for name in expected:
+        np.testing.assert_array_equal(actual[name], expected[name], err_msg=name)
+
+
+def test_synthesize_shards_locks_and_finalize(tmp_path: Path) -> None:
+    whole = tmp_path / "whole.zarr"
+    assert run_cli(*SYNTH, "--out", whole)[0] == 0
+    out = tmp_path / "shards.zarr"
+    # Shard 0 freezes after its first batch is written, holding `.specdm.lock.0-of-2`.
+    first = spawn(*SYNTH, "--out", out, "--shard", "0/2", fault="synthesize.after_batch:1:stop")
+    try:
+        wait_until_stopped(first)
+        code, _, stderr = run_cli(*SYNTH, "--out", out, "--shard", "0/2")
+        assert_one_error_line(code, stderr, 6, f"process {first.pid}")
+        code, _, stderr = run_cli(*SYNTH, "--out", out, "--overwrite")
+        assert_one_error_line(code, stderr, 6, f"process {first.pid}")
+        # The other shard's range is free: it runs to the end beside the live shard 0.
+        code, stdout, stderr = run_cli(*SYNTH, "--out", out, "--shard", "1/2", "--json")
+        assert code == 0, stderr
+        assert json.loads(stdout)["complete"] is False  # shard 0 is not done
+        assert manifest_of(out)["complete"] is False
+    finally:
+        first.send_signal(signal.SIGKILL)
+        first.communicate(timeout=60)
+    assert locks(out) == [".specdm.lock.0-of-2"]  # left by the killed shard
+    code, stdout, stderr = run_cli(*SYNTH, "--out", out, "--shard", "0/2", "--json")
+    assert code == 0, stderr
+    assert json.loads(stdout)["complete"] is True  # the last shard in finalizes
+    assert locks(out) == [] and not list(out.rglob(".*.tmp"))
+    expected, merged = arrays(whole), arrays(out)
+    for name in ("image", "mask", "written", "class_fraction"):
+        np.testing.assert_array_equal(merged[name], expected[name], err_msg=name)
