@@ -30,10 +30,21 @@ from specdm_cli.pipeline.vae_io import load_vae
 from specdm_cli.stores import open_store
 
 
-def tiny_run(work: Path) -> Path:
+def tiny_run(work: Path, size: int) -> Path:
     store, run = work / "demo.zarr", work / "run"
     subprocess.run(
-        ["specdm", "prepare", "demo", "--n", "128", "--size", "32", "--out", str(store), "--quiet"],
+        [
+            "specdm",
+            "prepare",
+            "demo",
+            "--n",
+            "128",
+            "--size",
+            str(size),
+            "--out",
+            str(store),
+            "--quiet",
+        ],
         check=True,
     )
     subprocess.run(["specdm", "fit-vae", str(store), "--run", str(run), "--steps", "20", "--quiet",
@@ -47,9 +58,11 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--gpus", default=None)
+    parser.add_argument("--size", type=int, default=64, help="tile size of the tiny demo run")
+    parser.add_argument("--unet-blocks", default=None, help="U-Net widths [the preset]")
     args = parser.parse_args()
     device = parse_device(args.gpus)
-    run = args.run or tiny_run(Path(tempfile.mkdtemp(prefix="specdm-cache-")))
+    run = args.run or tiny_run(Path(tempfile.mkdtemp(prefix="specdm-cache-")), args.size)
     manifest = load_run(run)
     reader = open_store(Path(manifest.source_store))
     vae = load_vae(run, manifest, device)
@@ -58,7 +71,8 @@ def main() -> None:
     key = cache_key(manifest.stages["vae"].weights, rundirs.store_sha256(reader.root), "d4")
     cache = open_or_build(run, vae, reader, indices, key, True, 64)
     build = time.perf_counter() - started
-    config = DiffusionTrainConfig(batch_size=args.batch_size, lr=1e-4)
+    blocks = tuple(int(b) for b in args.unet_blocks.split(",")) if args.unet_blocks else None
+    config = DiffusionTrainConfig(batch_size=args.batch_size, lr=1e-4, block_out_channels=blocks)
     trainer = DiffusionTrainer(
         cache,
         config,
@@ -84,7 +98,10 @@ def main() -> None:
         trainer.step(step)
 
     fly = _time(on_the_fly, args.steps, device)
-    print(f"device {device}; cache of {len(cache)} views built in {build:.1f} s")
+    print(
+        f"device {device}; {manifest.height} px tiles; U-Net {trainer.unet.config.block_out_channels}"
+    )
+    print(f"cache of {len(cache)} views built in {build:.1f} s")
     print(
         f"| path | steps/s |\n|---|---:|\n| latent cache | {cached:.2f} |\n| encode on the fly | {fly:.2f} |"
     )
