@@ -61,6 +61,9 @@ def spectral_profiles(
     names = _class_names(manifest)
     wavelengths = [b.wavelength_nm for b in manifest.bands]
     x = np.array(wavelengths if all(wavelengths) else range(len(manifest.bands)), np.float64)
+    # Stores keep the source's band order (SegMunich puts B08 before B05): plot by wavelength.
+    order = np.argsort(x, kind="stable")
+    x, real_means, syn_means = x[order], real_means[..., order], syn_means[..., order]
     columns = min(4, len(names))
     lines = -(-len(names) // columns)
     figure, axes = plt.subplots(lines, columns, figsize=(3.2 * columns, 2.6 * lines), squeeze=False)
