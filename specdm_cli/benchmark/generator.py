@@ -105,7 +105,9 @@ def throughput(
     same = plan.get("model_sha256") == chosen.sha256
     settings = {key: plan[key] if same else DEFAULT_PLAN[key] for key in DEFAULT_PLAN}
     size, steps = int(settings["batch_size"]), int(settings["steps"])
-    draw = _batch_sampler(chosen, device, str(settings["sampler"]), str(settings["precision"]))
+    draw = _batch_sampler(
+        chosen, device, str(settings["sampler"]), str(settings["precision"]), size
+    )
     draw(range(0, size), steps)
     start = time.perf_counter()
     for k in range(1, batches + 1):
@@ -119,35 +121,17 @@ def throughput(
 
 
 def _batch_sampler(
-    chosen: ChosenModel, device: torch.device, sampler: Any, precision: Any
+    chosen: ChosenModel, device: torch.device, sampler: Any, precision: Any, batch_size: int
 ) -> Callable[[range, int], None]:
-    """A function drawing and decoding samples `indices` as `synthesize` does (one RNG each)."""
-    from diffusers import UNet2DModel
+    """A function drawing and decoding samples `indices` exactly as `synthesize` does."""
+    from specdm_cli.pipeline.synthesize import Sampler, SynthesizeRequest
 
-    from specdm_cli.models.diffusion import ScheduleConfig
-    from specdm_cli.models.samplers import sample_generator, sample_latents
-    from specdm_cli.pipeline.checkpoints import load_module
-    from specdm_cli.pipeline.training import autocast
-    from specdm_cli.pipeline.vae_io import load_vae
+    request = SynthesizeRequest(
+        chosen, Path("unused"), batch_size, sampler, batch_size=batch_size, precision=precision
+    )
+    model = Sampler(chosen, request, device)
 
-    run = chosen.manifest
-    stage = run.stages["diffusion"]
-    unet = load_module(UNet2DModel, chosen.path / str(stage.checkpoint) / "unet").to(device).eval()
-    vae = load_vae(chosen.path, run, device)
-    scale = torch.tensor(stage.details["latent_scale"], device=device)[None, :, None, None]
-    schedule = ScheduleConfig.model_validate(stage.details["schedule"])
-    side = run.height // vae.config.downsample
-    shape = (int(scale.shape[1]), side, side)
-
-    @torch.no_grad()
     def draw(indices: range, steps: int) -> None:
-        generators = [sample_generator(0, i) for i in indices]
-        latents = sample_latents(
-            unet, sampler, schedule, steps, shape, generators, device,
-            lambda: autocast(device, precision),
-        )  # fmt: skip
-        decoded = vae.decode_joint(latents / scale)
-        for values in decoded.values():
-            values.float().cpu().numpy()  # decoding finishes on the device before the clock stops
+        model.batch(indices.start, len(indices), steps)  # arrays come back on the host
 
     return draw
