@@ -72,10 +72,52 @@ def load_run(run: Path, verify: bool = True) -> RunManifest:
         raise ModelError(
             f"unreadable run.json ({first})", path, "re-train or restore the run"
         ) from None
+    try:
+        check_consistent(manifest)
+    except (KeyError, TypeError, ValueError) as exc:  # pydantic's ValidationError included
+        first = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc) else ''}"
+        raise ModelError(
+            f"inconsistent run.json ({first[:300]})", path, "re-train or restore the run"
+        ) from None
     if verify:
         for stage in manifest.stages.values():
             verify_digests(run, stage.weights)
     return manifest
+
+
+def check_consistent(manifest: RunManifest) -> None:
+    """What the stages read from run.json beyond its schema: the VAE's model, the diffusion
+    schedule and latent scales, one normalisation value per band, a usable dtype and size."""
+    import numpy as np
+
+    from specdm_cli.models.diffusion import ScheduleConfig
+    from specdm_cli.models.vae import VAEConfig
+
+    bands = len(manifest.bands)
+    stats = manifest.normalization
+    if len(stats.mean) != bands or len(stats.std) != bands:
+        raise ValueError(f"normalization has not one value per band ({bands})")
+    if np.dtype(manifest.dtype).kind not in "uif" or not manifest.classes:
+        raise ValueError(f"dtype {manifest.dtype!r} or classes unusable")
+    vae = manifest.stages.get("vae")
+    if vae is not None and vae.checkpoint is not None:
+        model = VAEConfig.model_validate(vae.details["model"])
+        if min(manifest.height, manifest.width) < model.downsample or (
+            manifest.height % model.downsample or manifest.width % model.downsample
+        ):
+            raise ValueError(f"size {manifest.height}x{manifest.width} does not fit the VAE")
+    diffusion = manifest.stages.get("diffusion")
+    if diffusion is not None and diffusion.checkpoint is not None:
+        ScheduleConfig.model_validate(diffusion.details["schedule"])
+        scale = diffusion.details["latent_scale"]
+        if (
+            not isinstance(scale, list)
+            or not scale
+            or not all(
+                isinstance(v, int | float) and not isinstance(v, bool) and v > 0 for v in scale
+            )
+        ):
+            raise ValueError("latent_scale is not a list of positive numbers")
 
 
 def save_run(run: Path, manifest: RunManifest) -> None:
