@@ -619,7 +619,7 @@ def synthesize(
 ) -> None:
     """Synthesize labelled pairs with a trained (or the shipped demo) model."""
     with _domain_errors():
-        from specdm_cli.errors import UsageError
+        from specdm_cli.errors import InputDataError, UsageError
         from specdm_cli.pipeline.models import choose_model
         from specdm_cli.pipeline.require import parse_require
         from specdm_cli.pipeline.shards import finalize as finalize_store
@@ -657,9 +657,10 @@ def synthesize(
             )
         if overwrite and out.exists():
             if not is_ours(out):
-                raise UsageError(
+                raise InputDataError(
                     "refusing to overwrite a folder that is not a specdm store",
-                    hint="remove it yourself",
+                    out,
+                    "remove it yourself",
                 )
             remove_tree(out)
         requirements = parse_require(require, chosen.manifest.classes)

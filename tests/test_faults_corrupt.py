@@ -195,10 +195,6 @@ def test_garbled_checkpoint_json_fails_cleanly(
     assert_works_or_exit_4(*load_with_the_command_that_reads(run, relative))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="fit_diffusion._restore reads ema.json unguarded: a damaged one is exit 1 (reported)",
-)
 def test_garbled_ema_json_fails_cleanly(tiny_run: Path, tmp_path: Path) -> None:
     run = copy_of(tiny_run, tmp_path)
     stage = stage_of(run, "diffusion")
@@ -213,8 +209,7 @@ def test_garbled_ema_json_fails_cleanly(tiny_run: Path, tmp_path: Path) -> None:
     [
         (("prepare", "demo", "--n", "4", "--size", "16", "--quiet", "--out"), 3),
         (("fit-vae", "STORE", *VAE, "--run"), 3),
-        # UsageError in cli.py: 2, where the others say 3 (reported, not changed here).
-        (("synthesize", "--model", "RUN", *SYNTH, "--out"), 2),
+        (("synthesize", "--model", "RUN", *SYNTH, "--out"), 3),
     ],
 )
 def test_overwrite_refuses_a_folder_that_is_not_ours(

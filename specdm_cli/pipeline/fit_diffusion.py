@@ -214,8 +214,10 @@ def fit_diffusion(
             hint="e.g. --batch-size 32",
         )
     run = request.run
-    manifest = load_run(run)
+    load_run(run, verify=False)  # a clear error before the lock creates anything
     with runs.RunLock(run):
+        # Read and verified under the lock: another writer may be committing a checkpoint.
+        manifest = load_run(run)
         stage = _check_stages(run, manifest, request)
         if stage is not None and stage.finished and stage.step >= request.config.steps:
             return FitDiffusionSummary(
@@ -315,14 +317,25 @@ def _restore(run: Path, trainer: DiffusionTrainer, checkpoint: str, device: torc
     trainer.unet = load_module(UNet2DModel, folder / "train_unet").to(device).train()
     ema_unet = load_module(UNet2DModel, folder / "unet")
     trainer.ema.shadow = {k: v.detach().clone().float() for k, v in ema_unet.state_dict().items()}
-    state = json.loads((folder / "ema.json").read_text(encoding="utf-8"))
-    trainer.ema.updates = int(state["updates"])
+    state = _ema_state(folder / "ema.json")
+    trainer.ema.updates = state["updates"]
     trainer.optimizer = torch.optim.AdamW(
         trainer.unet.parameters(), lr=trainer.config.learning_rate()
     )
     runs.load_optimizer_state(trainer.optimizer, folder)
     trainer.scaler.load(folder)
-    return int(state["step"])
+    return state["step"]
+
+
+def _ema_state(path: Path) -> dict[str, int]:
+    """The EMA's update count and step of a checkpoint; damage is a model error (exit 4)."""
+    try:
+        state = json.loads(path.read_text(encoding="utf-8"))
+        return {key: int(state[key]) for key in ("updates", "step")}
+    except (OSError, ValueError, TypeError, KeyError):
+        raise ModelError(
+            "the checkpoint's EMA state is missing or damaged", path, "resume from another run"
+        ) from None
 
 
 def _train(

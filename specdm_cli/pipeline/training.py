@@ -13,7 +13,7 @@ from typing import Literal
 import numpy as np
 import torch
 
-from specdm_cli.errors import ResourceError, UsageError
+from specdm_cli.errors import ModelError, ResourceError, UsageError
 from specdm_cli.manifest import IGNORE_INDEX, IMAGE_ARRAYS, LABEL_ARRAY, Task
 from specdm_cli.stores import StoreReader
 
@@ -157,5 +157,11 @@ class LossScaler:
 
     def load(self, folder: Path) -> None:
         saved = folder / self.FILE
-        if self.scaler.is_enabled() and saved.is_file():
+        if not (self.scaler.is_enabled() and saved.is_file()):
+            return
+        try:
             self.scaler.load_state_dict(json.loads(saved.read_text(encoding="utf-8")))
+        except (ValueError, TypeError, KeyError, AttributeError):
+            raise ModelError(
+                "the checkpoint's loss-scaler state is damaged", saved, "resume from another run"
+            ) from None
