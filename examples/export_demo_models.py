@@ -1,8 +1,10 @@
 """Copy the sampling parts of the demo runs into specdm_cli/assets/demo-<task>/.
 
 Keeps run.json and the final checkpoint's sampling weights (VAE branches, EMA U-Net); drops
-training state (optimizer, raw U-Net), metrics and the latent cache, and lists only the kept
-files' sha256 in run.json, so the shipped model verifies like any run.
+training state (optimizer, raw U-Net), metrics and the latent cache, stores the kept weights as
+fp16 (half the bytes; the loader builds fp32 modules from them, so sampling runs in fp32 as
+before) and lists only the kept files' sha256 in run.json, so the shipped model verifies like
+any run.
 
     python examples/export_demo_models.py WORKDIR
 """
@@ -15,11 +17,23 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import torch
+from safetensors.torch import load_file, save_file
+
 from specdm_cli.pipeline.checkpoints import weights_digests
 from specdm_cli.pipeline.run_manifest import load_run, save_run
 
 ASSETS = Path(__file__).resolve().parents[1] / "specdm_cli" / "assets"
 KEEP = {"vae": ("image", "mask", "joint"), "diffusion": ("unet",)}
+
+
+def to_fp16(folder: Path) -> None:
+    """Rewrite every floating tensor of the safetensors files under `folder` as fp16."""
+    for path in folder.rglob("*.safetensors"):
+        tensors = load_file(path)
+        half = {k: v.half() if v.is_floating_point() else v for k, v in tensors.items()}
+        save_file(half, path, metadata={"format": "pt"})
+        assert all(torch.isfinite(v).all() for v in half.values()), f"{path}: fp16 overflow"
 
 
 def export(run: Path, target: Path) -> None:
@@ -33,8 +47,11 @@ def export(run: Path, target: Path) -> None:
             source = run / stage.checkpoint / part
             if source.is_dir():
                 shutil.copytree(source, target / stage.checkpoint / part)
+                to_fp16(target / stage.checkpoint / part)
         stage.weights = weights_digests(target, target / stage.checkpoint)
-    manifest.source_store = f"demo scenes (examples/train_demo_models.sh), run {run.name}"
+    manifest.source_store = (
+        f"demo scenes (examples/train_demo_models.sh), run {run.name}, fp16 weights"
+    )
     save_run(target, manifest)
     load_run(target)  # verifies every digest
 
@@ -44,7 +61,7 @@ def main() -> None:
     for task in ("ss", "cd"):
         export(work / f"run-{task}", ASSETS / f"demo-{task}")
         size = sum(p.stat().st_size for p in (ASSETS / f"demo-{task}").rglob("*") if p.is_file())
-        print(f"demo-{task}: {size / 2**20:.1f} MiB")
+        print(f"demo-{task}: {size / 2**20:.2f} MiB")
 
 
 if __name__ == "__main__":

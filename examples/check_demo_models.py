@@ -1,0 +1,153 @@
+"""Gate the shipped demo models: 512 samples per task against a fresh demo store's test split.
+
+    python examples/check_demo_models.py --out /tmp/check-demo      # exit 1 if any figure fails
+
+For each task: prepares a demo store with the generator settings of
+`examples/train_demo_models.sh` (seed 11, 64 px; more scenes, so that scenes 0..2047, the
+training store, are its first ones and its val and test splits have about 512 scenes each and
+were never trained on), synthesizes `--n` samples with the shipped model (`--model demo`) and the
+default sampler, fits the metrics' feature network on the store's train split, and compares
+
+- synthetic vs real test (the figures gated), and
+- real val vs real test (two real halves of the same size: the floor the ratios refer to).
+
+Prints each figure beside its frozen threshold; exits 1 if any fails.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from specdm_cli.metrics import QualityReport, compare_stores, load_or_train
+from specdm_cli.metrics.features import default_config
+from specdm_cli.stores import open_store
+
+# The generator settings of examples/train_demo_models.sh, with more scenes for the held-out
+# splits (sample i depends only on (seed, i), so the training scenes are the first 2048).
+DEMO_SEED = 11
+DEMO_SIZE = 64
+CHECK_SCENES = 5120
+
+# Frozen thresholds: the values issue 6 suggests, fixed in this script before any model was
+# evaluated with it, and not moved since. The real floor they sit above, measured by this script
+# (real val vs real test, ~520 vs ~540 scenes, 2025-11): cd js_class 0.0000 bits, msad 0.0026
+# rad, pair_miou 0.958, fd_spectral 1.00 (examples/metrics_table.py shows which corruption
+# moves which figure).
+JS_CLASS_MAX = 0.05  # bits, Jensen-Shannon divergence of the class pixel fractions
+MSAD_MAX = 0.05  # rad, mean over classes of the angle between mean spectra
+PAIR_MIOU_MIN_RATIO = 0.6  # x the feature network's mIoU on real val (its own ceiling)
+FD_SPECTRAL_MAX_RATIO = 3.0  # x fd_spectral of real val vs real test
+
+
+@dataclass(frozen=True)
+class Check:
+    """One gated figure: the synthetic value, the threshold, and which side passes."""
+
+    name: str
+    value: float
+    threshold: float
+    at_most: bool
+
+    @property
+    def passed(self) -> bool:
+        return self.value <= self.threshold if self.at_most else self.value >= self.threshold
+
+
+def checks(synthetic: QualityReport, real: QualityReport) -> list[Check]:
+    """The four gated figures of one task, thresholds resolved against the real halves."""
+    return [
+        Check("js_class (bits)", synthetic.js_class, JS_CLASS_MAX, True),
+        Check("msad (rad)", synthetic.msad, MSAD_MAX, True),
+        Check("pair_miou", synthetic.pair_miou, PAIR_MIOU_MIN_RATIO * real.pair_miou, False),
+        Check(
+            "fd_spectral",
+            synthetic.fd_spectral,
+            FD_SPECTRAL_MAX_RATIO * real.fd_spectral,
+            True,
+        ),
+    ]
+
+
+def specdm(*args: str) -> str:
+    """Run the real CLI (`python -m specdm_cli`), return its stdout."""
+    command = [sys.executable, "-m", "specdm_cli", *args]
+    return subprocess.run(command, check=True, stdout=subprocess.PIPE, text=True).stdout
+
+
+def prepare(task: str, workdir: Path) -> Path:
+    out = workdir / f"real-{task}.zarr"
+    specdm("prepare", "demo", "--task", task, "--n", str(CHECK_SCENES), "--size", str(DEMO_SIZE),
+           "--seed", str(DEMO_SEED), "--out", str(out), "--resume", "--quiet")  # fmt: skip
+    return out
+
+
+def synthesize_once(out: Path, *options: str) -> dict[str, Any]:
+    """`specdm synthesize --out OUT OPTIONS --json`, or the summary saved by an earlier call."""
+    summary = out.with_suffix(".summary.json")
+    if not summary.is_file():
+        summary.write_text(specdm("synthesize", "--out", str(out), *options, "--json", "--quiet"))
+    result: dict[str, Any] = json.loads(summary.read_text())
+    return result
+
+
+def synthesize(task: str, n: int, workdir: Path, threads: int) -> tuple[Path, float]:
+    """`n` samples of the shipped model with the default sampler; (store, pairs/s)."""
+    out = workdir / f"syn-{task}-{n}.zarr"
+    options = ("--model", "demo", "--task", task, "--n", str(n), "--threads", str(threads))
+    return out, float(synthesize_once(out, *options)["pairs_per_second"])
+
+
+def evaluate(task: str, n: int, workdir: Path, threads: int) -> tuple[list[Check], float]:
+    """The checks of one task and the measured pairs/s of its synthesis."""
+    reference = open_store(prepare(task, workdir))
+    synthetic_path, pairs_per_second = synthesize(task, n, workdir, threads)
+    network = load_or_train(reference, default_config(reference), workdir / "features")
+    test, val = reference.indices("test"), reference.indices("val")
+    real = compare_stores(
+        reference, reference, network, reference_indices=test, candidate_indices=val
+    )
+    synthetic = compare_stores(
+        reference, open_store(synthetic_path), network, reference_indices=test
+    )
+    print(f"# {task}: {synthetic.candidate.count} synthetic, {val.size} real val, "
+          f"{test.size} real test; feature network {network.feature_hash[:12]}")  # fmt: skip
+    print(f"# {task}: real val vs test: js_class {real.js_class:.4f}, msad {real.msad:.4f}, "
+          f"pair_miou {real.pair_miou:.3f}, fd_spectral {real.fd_spectral:.3f}")  # fmt: skip
+    return checks(synthetic, real), pairs_per_second
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--task", choices=["ss", "cd", "both"], default="both")
+    parser.add_argument("--n", type=int, default=512, help="synthetic samples per task")
+    parser.add_argument("--threads", type=int, default=2, help="CPU threads for synthesize")
+    parser.add_argument("--out", type=Path, default=None, help="work folder (default: temp)")
+    args = parser.parse_args()
+    workdir = args.out or Path(tempfile.mkdtemp(prefix="specdm-check-demo-"))
+    workdir.mkdir(parents=True, exist_ok=True)
+    failed = 0
+    rows = []
+    for task in ("ss", "cd") if args.task == "both" else (args.task,):
+        results, pairs_per_second = evaluate(task, args.n, workdir, args.threads)
+        rows += [(task, check) for check in results]
+        print(f"# {task}: {pairs_per_second:.1f} pairs/s (default sampler, {args.threads} threads)")
+    print(f"{'task':<5} {'figure':<16} {'value':>10} {'threshold':>12}  result")
+    for task, check in rows:
+        side = "<=" if check.at_most else ">="
+        verdict = "pass" if check.passed else "FAIL"
+        print(
+            f"{task:<5} {check.name:<16} {check.value:>10.4f} {side} {check.threshold:>9.4f}  {verdict}"
+        )
+        failed += not check.passed
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
