@@ -1,0 +1,103 @@
+"""Choose the default step counts of the ODE samplers by measurement on the shipped demo model.
+
+    python examples/choose_sampler_steps.py --task cd --n 256 --out /tmp/steps
+
+Synthesizes `--n` samples with 1000-step DDPM (the paper's reference) and with `ddim` and
+`dpmpp` over a ladder of step counts, all with the same seed (so every sampler starts from the
+same initial noise), compares each with the real test split of the demo store that
+`examples/check_demo_models.py` uses, and prints fd_spectral, msad and KID (the small-N
+estimate, with its error bar) per row. A sampler's default is the fewest steps of the ladder
+whose fd_spectral and msad are both within 10% of DDPM's (at most 1.1 x; better also counts).
+Below 256 samples FD is dominated by its small-sample bias, so KID replaces it, with DDPM's KID
+error bar added to the 10% allowance.
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from check_demo_models import prepare, synthesize_once
+
+from specdm_cli.metrics import compare_stores, load_or_train
+from specdm_cli.metrics.features import default_config
+from specdm_cli.stores import open_store
+
+LADDER = (5, 10, 15, 20, 30, 50)
+TOLERANCE = 1.10  # "within 10% of 1000-step DDPM"
+FD_MIN_SAMPLES = 256  # below this, KID (unbiased) stands in for fd_spectral
+
+
+@dataclass(frozen=True)
+class Row:
+    """The figures of one (sampler, steps) against the real test split."""
+
+    sampler: str
+    steps: int
+    fd_spectral: float
+    msad: float
+    kid: float
+    kid_std: float
+    pairs_per_second: float
+    n: int
+
+    def within(self, reference: Row) -> bool:
+        """msad and fd_spectral (KID below FD_MIN_SAMPLES) at most TOLERANCE x the reference's."""
+        if self.n >= FD_MIN_SAMPLES:
+            distance = self.fd_spectral <= TOLERANCE * reference.fd_spectral
+        else:
+            allowance = (TOLERANCE - 1) * abs(reference.kid) + reference.kid_std
+            distance = self.kid <= reference.kid + allowance
+        return distance and self.msad <= TOLERANCE * reference.msad
+
+
+def measure(task: str, sampler: str, steps: int, n: int, workdir: Path, threads: int) -> Row:
+    """Synthesize (or reuse) one store and compare it with the real test split."""
+    out = workdir / f"{task}-{sampler}-{steps}-{n}.zarr"
+    summary = synthesize_once(out, "--model", "demo", "--task", task, "--n", str(n), "--sampler",
+                              sampler, "--steps", str(steps), "--threads", str(threads))  # fmt: skip
+    reference = open_store(prepare(task, workdir))
+    network = load_or_train(reference, default_config(reference), workdir / "features")
+    report = compare_stores(
+        reference, open_store(out), network, reference_indices=reference.indices("test")
+    )
+    return Row(sampler, steps, report.fd_spectral, report.msad, report.kid_spectral,
+               report.kid_spectral_std, float(summary["pairs_per_second"]), n)  # fmt: skip
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--task", choices=["ss", "cd"], default="cd")
+    parser.add_argument("--n", type=int, default=256, help="samples per sampler setting")
+    parser.add_argument("--ladder", default=",".join(map(str, LADDER)), help="step counts")
+    parser.add_argument("--samplers", default="dpmpp,ddim")
+    parser.add_argument("--threads", type=int, default=2, help="CPU threads for synthesize")
+    parser.add_argument("--out", type=Path, default=None, help="work folder (default: temp)")
+    args = parser.parse_args()
+    workdir = args.out or Path(tempfile.mkdtemp(prefix="specdm-steps-"))
+    workdir.mkdir(parents=True, exist_ok=True)
+    ladder = [int(s) for s in args.ladder.split(",")]
+    ddpm = measure(args.task, "ddpm", 1000, args.n, workdir, args.threads)
+    rows = [ddpm]
+    chosen: dict[str, int | None] = {}
+    for sampler in args.samplers.split(","):
+        measured = [measure(args.task, sampler, k, args.n, workdir, args.threads) for k in ladder]
+        rows += measured
+        chosen[sampler] = next((r.steps for r in measured if r.within(ddpm)), None)
+    print(f"# task {args.task}, {args.n} samples each vs the real test split; "
+          f"pass = {'fd_spectral' if args.n >= FD_MIN_SAMPLES else 'kid'} and msad within "
+          f"{TOLERANCE} x ddpm-1000")  # fmt: skip
+    print(f"{'sampler':<8} {'steps':>5} {'fd_spectral':>11} {'msad':>8} {'kid':>8} "
+          f"{'kid_std':>8} {'pairs/s':>8}  pass")  # fmt: skip
+    for row in rows:
+        mark = "ref" if row is ddpm else ("yes" if row.within(ddpm) else "no")
+        print(f"{row.sampler:<8} {row.steps:>5} {row.fd_spectral:>11.4f} {row.msad:>8.4f} "
+              f"{row.kid:>8.4f} {row.kid_std:>8.4f} {row.pairs_per_second:>8.1f}  {mark}")  # fmt: skip
+    for sampler, steps in chosen.items():
+        print(f"# {sampler}: fewest passing steps = {steps if steps else 'none of the ladder'}")
+
+
+if __name__ == "__main__":
+    main()
