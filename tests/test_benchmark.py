@@ -15,6 +15,8 @@ import zarr
 from specdm_cli.benchmark.downstream import DownstreamOptions, configurations
 from specdm_cli.benchmark.report import BenchmarkReport, load_report
 from specdm_cli.manifest import QualityScores, load_manifest
+from specdm_cli.pipeline.models import demo_model_path
+from specdm_cli.pipeline.run_manifest import load_run
 from specdm_cli.stores import open_store
 from specdm_cli.stores.quality import read_quality, write_quality
 from tests.conftest import prepare_demo, run_cli
@@ -39,6 +41,11 @@ def _shared_home(home: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("SPECDM_HOME", str(home))
 
 
+def demo_size(task: str) -> int:
+    """The tile size of the shipped demo model: real stores must match it."""
+    return load_run(demo_model_path(task)).height
+
+
 def synthesize_demo(out: Path, task: str, n: int) -> Path:
     code, _, stderr = run_cli(
         "synthesize", "--model", "demo", "--task", task, "--n", str(n), "--out", out,
@@ -50,9 +57,9 @@ def synthesize_demo(out: Path, task: str, n: int) -> Path:
 
 @pytest.fixture(scope="module")
 def ss(home: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    """(real store, synthetic store) for ss; 32 px, 10 bands, as the shipped demo model."""
+    """(real store, synthetic store) for ss; 10 bands and tiles as the shipped demo model's."""
     root = tmp_path_factory.mktemp("ss")
-    real = prepare_demo(root / "real.zarr", n=48, size=32)
+    real = prepare_demo(root / "real.zarr", n=48, size=demo_size("ss"))
     return real, synthesize_demo(root / "syn.zarr", "ss", 12)
 
 
@@ -109,8 +116,9 @@ def test_generator_side_is_measured(ss_report: Path, ss: tuple[Path, Path]) -> N
     real = open_store(ss[0])
     generator, recon, speed = report.generator, report.reconstruction, report.throughput
     assert generator is not None and recon is not None and speed is not None
-    # The demo run saw 841 real pairs of its own store, which is not this one.
-    assert generator.real_pairs_seen == 841 and not generator.real_store_is_source
+    # The demo run saw the train pairs of its own store, which is not this one.
+    seen = load_run(demo_model_path("ss")).stages["vae"].details["train_samples"]
+    assert generator.real_pairs_seen == seen > 0 and not generator.real_store_is_source
     assert recon.split == "val" and recon.count == real.indices("val").size
     assert recon.rmse > 0 and 0 < recon.sad < 1.6 and 0 <= recon.miou <= 1
     # The synthetic store's own plan is what gets timed.
@@ -223,11 +231,12 @@ def test_compare_lines_up_reports_of_one_feature_network(
 @pytest.mark.slow(
     reason="cd synthesis with the demo model, then a benchmark with downstream training"
 )
-def test_change_detection_report(home: Path, demo_cd_store: Path, tmp_path: Path) -> None:
+def test_change_detection_report(home: Path, tmp_path: Path) -> None:
+    real = prepare_demo(tmp_path / "real-cd.zarr", task="cd", n=24, size=demo_size("cd"))
     synthetic = synthesize_demo(tmp_path / "syn-cd.zarr", "cd", 8)
     out = tmp_path / "cd"
     code, _, stderr = run_cli(
-        "benchmark", "--real", demo_cd_store, "--synthetic", synthetic, "--out", out,
+        "benchmark", "--real", real, "--synthetic", synthetic, "--out", out,
         *DOWNSTREAM, *FAST,
     )  # fmt: skip
     assert code == 0, stderr
