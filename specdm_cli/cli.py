@@ -598,6 +598,12 @@ def synthesize(
         Path | None, typer.Option(help="Merge the shard records of a store and finish it.")
     ] = None,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing specdm store.")] = False,
+    resume: Annotated[
+        bool,
+        typer.Option(
+            help="Continue an interrupted store (same options); a store with the same plan is joined anyway, as shards do."
+        ),
+    ] = False,
     preview: Annotated[
         Path | None, typer.Option(help="Write a PNG grid of the first samples.")
     ] = None,

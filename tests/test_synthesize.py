@@ -116,7 +116,7 @@ def test_a_killed_run_resumes_to_the_same_bytes(ss_run: Path, tmp_path: Path) ->
     assert killed.returncode == -signal.SIGKILL
     assert json.loads((out / "manifest.json").read_text())["complete"] is False
     assert int(np.asarray(zarr.open_group(out, mode="r")["written"][:]).sum()) == 8
-    resumed = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    resumed = subprocess.run([*command, "--resume"], capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stderr
     whole, again = arrays(tmp_path / "whole.zarr"), arrays(out)
     for name in ("image", "mask", "written"):
