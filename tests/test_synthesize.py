@@ -54,6 +54,9 @@ def test_synthetic_store_is_a_store(ss_run: Path, tmp_path: Path) -> None:
     assert code == 0, stderr
     summary = json.loads(stdout)
     assert summary["complete"] and summary["written"] == 10
+    # Three batches went through the writer: it was busy, and never longer than the whole call.
+    assert 0 < summary["write_seconds"] <= summary["seconds"]
+    assert 0 <= summary["write_wait_seconds"] <= summary["seconds"]
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["split_counts"] == {"synthetic": 10} and manifest["model"]["sampler"] == "dpmpp"
     assert manifest["batch_grid"] == 4 and manifest["model"]["steps"] == 4

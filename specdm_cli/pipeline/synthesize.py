@@ -72,6 +72,9 @@ class SynthesizeSummary:
     pairs_per_second: float
     complete: bool
     draws: int = 0  # sampler draws this call made (more than pairs written with --require)
+    write_seconds: float = 0.0  # this process's writer busy time (overlaps sampling; 0 with ranks)
+    write_wait_seconds: float = 0.0  # time sampling waited for the writer: what I/O added
+    cuda_peak_bytes: int | None = None  # one CUDA device: torch's peak allocated memory
 
 
 # Ours: on 2 CPU cores pairs/s stops growing beyond about 16; on CUDA a larger grid keeps the
@@ -238,7 +241,7 @@ def synthesize(
     batches = shard_batches(request.n, request.batch_size, request.shard)
     if len(devices) > 1:
         done = run_on_devices(request, devices, stop, progress)
-        return _summary(request, started, done, len(batches), 0)
+        return _summary(request, started, Written(done), len(batches), 0)
     lock_name = f".specdm.lock.{request.shard.index}-of-{request.shard.count}"
     with DirLock(request.out, lock_name):
         writer = open_writer(request.out, manifest)
@@ -248,12 +251,18 @@ def synthesize(
         if draws is not None and request.require:
             candidates = open_store(request.out, allow_incomplete=True).candidates()
             draws.require(request.require, resume_draw(candidates, todo[0].start))
-        done = _run(draws, writer, todo, stop, progress, len(batches) - len(todo), len(batches))
-    return _summary(request, started, done, len(batches), draws.count if draws else 0)
+        loop = _run(draws, writer, todo, stop, progress, len(batches) - len(todo), len(batches))
+    if devices[0].type == "cuda":
+        loop.cuda_peak_bytes = torch.cuda.max_memory_allocated(devices[0])
+    return _summary(request, started, loop, len(batches), draws.count if draws else 0)
 
 
 def _summary(
-    request: SynthesizeRequest, started: float, done: int, batches: int, draws: int
+    request: SynthesizeRequest,
+    started: float,
+    loop: Written,
+    batches: int,
+    draws: int,
 ) -> SynthesizeSummary:
     """Finalize the store if every part is in, and say what this call did."""
     complete = finalize(request.out)
@@ -261,11 +270,23 @@ def _summary(
     return SynthesizeSummary(
         str(request.out), str(request.model.path), request.model.kind, request.n,
         int(open_store(request.out, allow_incomplete=True).written().sum()), batches,
-        round(seconds, 3), round(done / max(seconds, 1e-9), 3), complete, draws or done,
+        round(seconds, 3), round(loop.samples / max(seconds, 1e-9), 3), complete,
+        draws or loop.samples, round(loop.busy_seconds, 3), round(loop.blocked_seconds, 3),
+        loop.cuda_peak_bytes,
     )  # fmt: skip
 
 
 Drawn = tuple[dict[str, np.ndarray], np.ndarray, np.ndarray]  # arrays, clipped, draw indices
+
+
+@dataclass
+class Written:
+    """What one process's writing loop did: samples, and the writer's time (see BackgroundWriter)."""
+
+    samples: int = 0
+    busy_seconds: float = 0.0
+    blocked_seconds: float = 0.0
+    cuda_peak_bytes: int | None = None
 
 
 class _Draws:
@@ -329,8 +350,8 @@ def _run(
     progress: Progress | None,
     already: int,
     total: int,
-) -> int:
-    """Sample on this thread, write on the background writer; returns the samples written."""
+) -> Written:
+    """Sample on this thread, write on the background writer."""
     samples = 0
     manifest = writer.manifest
     classes = len(manifest.classes)
@@ -360,7 +381,7 @@ def _run(
             if progress:
                 progress(number, total)
             stop.check()
-    return samples
+    return Written(samples, background.busy_seconds, background.blocked_seconds)
 
 
 def _values(manifest: Manifest, batch: range) -> int:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import queue
 import threading
+import time
 from collections.abc import Callable
 from types import TracebackType
 from typing import Any
@@ -16,13 +17,15 @@ class BackgroundWriter:
 
     `submit` blocks when `depth` items are waiting, so memory stays flat however many batches
     are produced; an error on the writer thread is raised in the caller at the next `submit`
-    or at `close`.
+    or at `close`. `busy_seconds` is the time spent writing, `blocked_seconds` the time the
+    caller waited for the writer (what writing added to the wall time).
     """
 
     def __init__(self, write: Callable[[Any], None], depth: int = 2):
         self._write = write
         self._queue: queue.Queue[Any] = queue.Queue(maxsize=depth)
         self._error: BaseException | None = None
+        self.busy_seconds = self.blocked_seconds = 0.0
         self._thread = threading.Thread(target=self._run, name="specdm-writer", daemon=True)
         self._thread.start()
 
@@ -32,10 +35,12 @@ class BackgroundWriter:
             if item is _DONE:
                 return
             if self._error is None:
+                started = time.perf_counter()
                 try:
                     self._write(item)
                 except BaseException as error:  # re-raised in the producing thread
                     self._error = error
+                self.busy_seconds += time.perf_counter() - started
 
     def _raise_pending(self) -> None:
         if self._error is not None:
@@ -45,12 +50,16 @@ class BackgroundWriter:
     def submit(self, item: Any) -> None:
         """Queue one item for writing (blocks while the queue is full)."""
         self._raise_pending()
+        started = time.perf_counter()
         self._queue.put(item)
+        self.blocked_seconds += time.perf_counter() - started
 
     def close(self) -> None:
         """Write everything queued, stop the thread, raise any writer error."""
+        started = time.perf_counter()
         self._queue.put(_DONE)
         self._thread.join()
+        self.blocked_seconds += time.perf_counter() - started
         self._raise_pending()
 
     def __enter__(self) -> BackgroundWriter:

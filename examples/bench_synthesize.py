@@ -1,0 +1,160 @@
+"""Synthesis speed, quality and memory of a shipped demo model, side by side in one run.
+
+    python examples/bench_synthesize.py --task cd --out /tmp/bench-syn
+    python examples/bench_synthesize.py --task cd --gpu        # on a CUDA machine: adds bf16 --n 10000
+
+Prints, for the default sampler and for 1000-step DDPM (the paper's reference): pairs/s and their
+ratio, fd_spectral, mSAD and KID against the demo store's real test split (the store and feature
+network of `examples/check_demo_models.py`), and the share of wall time the background writer
+was busy and the share sampling waited for it. Then the peak RSS of `synthesize` at two sizes
+(default 256 and 4096; these runs use `--rss-steps` sampler steps, since memory does not depend
+on the step count and the point is that it stays flat in --n). Every figure comes from the real
+CLI in a child process; peak RSS is the child's own, from wait4.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from check_demo_models import prepare
+
+from specdm_cli.metrics import compare_stores, load_or_train
+from specdm_cli.metrics.features import default_config
+from specdm_cli.stores import open_store
+
+
+@dataclass(frozen=True)
+class Synthesis:
+    """One `specdm synthesize --json` call: its summary and the child's peak RSS."""
+
+    summary: dict[str, Any]
+    peak_rss_mib: float
+
+    @property
+    def pairs_per_second(self) -> float:
+        return float(self.summary["pairs_per_second"])
+
+    def share(self, key: str) -> float:
+        return float(self.summary[key]) / max(float(self.summary["seconds"]), 1e-9)
+
+
+def synthesize(out: Path, *options: str) -> Synthesis:
+    """Run the real CLI in a child process; peak RSS from the kernel's accounting of that child."""
+    command = [sys.executable, "-m", "specdm_cli", "synthesize", "--out", str(out), *options]
+    command += ["--overwrite", "--json", "--quiet"]
+    child = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
+    assert child.stdout is not None
+    stdout = child.stdout.read()
+    _, status, usage = os.wait4(child.pid, 0)
+    child.returncode = os.waitstatus_to_exitcode(status)
+    if child.returncode != 0:
+        raise SystemExit(f"synthesize failed with exit {child.returncode}: {' '.join(command)}")
+    return Synthesis(json.loads(stdout), usage.ru_maxrss / 1024)  # Linux: ru_maxrss in KiB
+
+
+def quality(reference_path: Path, candidate: Path, workdir: Path) -> dict[str, float]:
+    """fd_spectral, msad and KID of `candidate` against the real test split."""
+    reference = open_store(reference_path)
+    network = load_or_train(reference, default_config(reference), workdir / "features")
+    report = compare_stores(
+        reference, open_store(candidate), network, reference_indices=reference.indices("test")
+    )
+    return {
+        "fd_spectral": report.fd_spectral,
+        "msad": report.msad,
+        "kid": report.kid_spectral,
+        "kid_std": report.kid_spectral_std,
+    }
+
+
+def compare_samplers(args: argparse.Namespace, workdir: Path) -> None:
+    common = ("--model", "demo", "--task", args.task, "--seed", "0", "--threads", str(args.threads))
+    reference = prepare(args.task, workdir)
+    rows = {
+        "default (dpmpp)": synthesize(
+            workdir / "default.zarr", *common, "--n", str(args.quality_n)
+        ),
+        "ddpm 1000": synthesize(
+            workdir / "ddpm.zarr", *common, "--n", str(args.ddpm_n), "--sampler", "ddpm"
+        ),
+    }
+    stores = {"default (dpmpp)": "default.zarr", "ddpm 1000": "ddpm.zarr"}
+    print(f"# {args.task}, demo model, {args.threads} threads; quality vs {reference.name} test")
+    print("| sampler | n | pairs/s | fd_spectral | msad (rad) | KID | writer busy | waited |")
+    print("|---|---|---|---|---|---|---|---|")
+    for name, run in rows.items():
+        figures = quality(reference, workdir / stores[name], workdir)
+        print(
+            f"| {name} | {run.summary['n']} | {run.pairs_per_second:.3f} "
+            f"| {figures['fd_spectral']:.2f} | {figures['msad']:.4f} "
+            f"| {figures['kid']:.4f} ± {figures['kid_std']:.4f} "
+            f"| {run.share('write_seconds'):.1%} | {run.share('write_wait_seconds'):.1%} |"
+        )
+    ratio = rows["default (dpmpp)"].pairs_per_second / rows["ddpm 1000"].pairs_per_second
+    print(f"\nspeed-up of the default sampler over 1000-step DDPM: {ratio:.1f}x")
+
+
+def compare_memory(args: argparse.Namespace, workdir: Path) -> None:
+    common = ("--model", "demo", "--task", args.task, "--steps", str(args.rss_steps))
+    small, large = args.rss_n
+    runs = [
+        synthesize(workdir / f"rss-{n}.zarr", *common, "--n", str(n), "--threads", "2")
+        for n in (small, large)
+    ]
+    print(f"\n# peak RSS ({args.rss_steps} dpmpp steps)")
+    print("| n | peak RSS (MiB) | pairs/s | writer busy |")
+    print("|---|---|---|---|")
+    for n, run in zip((small, large), runs, strict=True):
+        print(
+            f"| {n} | {run.peak_rss_mib:.0f} | {run.pairs_per_second:.1f} "
+            f"| {run.share('write_seconds'):.1%} |"
+        )
+    print(f"\nRSS ratio n={large} / n={small}: {runs[1].peak_rss_mib / runs[0].peak_rss_mib:.2f}x")
+
+
+def gpu_run(args: argparse.Namespace, workdir: Path) -> None:
+    run = synthesize(
+        workdir / "gpu.zarr", "--model", "demo", "--task", args.task, "--n", "10000",
+        "--gpus", "0", "--precision", "bf16",
+    )  # fmt: skip
+    peak = run.summary.get("cuda_peak_bytes") or 0
+    print("\n# GPU: --n 10000 --precision bf16 --gpus 0 (default sampler, batch auto)")
+    print(
+        f"{run.pairs_per_second:.1f} pairs/s, {run.summary['seconds']:.0f} s, "
+        f"peak CUDA memory {peak / 2**20:.0f} MiB, peak RSS {run.peak_rss_mib:.0f} MiB, "
+        f"writer busy {run.share('write_seconds'):.1%}"
+    )
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--task", choices=["ss", "cd"], default="cd")
+    parser.add_argument("--quality-n", type=int, default=256, help="default-sampler samples")
+    parser.add_argument("--ddpm-n", type=int, default=64, help="DDPM samples (slow on CPU)")
+    parser.add_argument(
+        "--rss-n", type=int, nargs=2, default=[256, 4096], metavar=("SMALL", "LARGE")
+    )
+    parser.add_argument("--rss-steps", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--gpu", action="store_true", help="also --n 10000 bf16 on CUDA device 0")
+    parser.add_argument("--out", type=Path, default=None, help="work folder (default: temp)")
+    args = parser.parse_args()
+    workdir = args.out or Path(tempfile.mkdtemp(prefix="specdm-bench-syn-"))
+    workdir.mkdir(parents=True, exist_ok=True)
+    compare_samplers(args, workdir)
+    compare_memory(args, workdir)
+    if args.gpu:
+        gpu_run(args, workdir)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
