@@ -8,6 +8,7 @@ import math
 import shutil
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -22,8 +23,9 @@ from specdm_cli.metrics import (
     compare_stores,
     default_cache_dir,
     load_or_train,
+    quality,
 )
-from specdm_cli.metrics.collect import mean_iou
+from specdm_cli.metrics.collect import collect, mean_iou
 from specdm_cli.metrics.features import default_config, file_sha256
 from specdm_cli.metrics.masks import mask_feature_dims, mask_features
 from specdm_cli.metrics.memorisation import nearest
@@ -325,6 +327,28 @@ def test_store_compared_with_itself(ss_setup: tuple[StoreReader, FeatureNetwork]
     assert report.js_class == 0.0
     assert all(v == 0.0 for v in report.wasserstein_per_band.values())
     assert report.pair_miou == report.pair_miou_reference
+
+
+def test_train_bank_is_read_once_per_reference_and_network(
+    ss_setup: tuple[StoreReader, FeatureNetwork], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    reader, network = ss_setup
+    val = reader.indices("val")
+    stages: list[str] = []
+
+    def counting(*args: Any, **kwargs: Any) -> Any:
+        stages.append(args[5])
+        return collect(*args, **kwargs)
+
+    monkeypatch.setattr(quality, "_last_train_bank", None)
+    monkeypatch.setattr(quality, "collect", counting)
+    pairs = {"reference_indices": val[0::2], "candidate_indices": val[1::2]}
+    first = compare_stores(reader, reader, network, **pairs)
+    second = compare_stores(reader, reader, network, **pairs)
+    assert stages == ["reference", "candidate", "train", "reference", "candidate"]
+    assert first.model_dump_json() == second.model_dump_json()
+    compare_stores(reader, reader, network, reference_indices=val[1::2], candidate_indices=val)
+    assert stages.count("train") == 1  # other samples judged, the same train bank
 
 
 def test_report_streams_and_carries_the_feature_hash(
