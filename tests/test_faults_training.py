@@ -14,6 +14,7 @@ import signal
 from pathlib import Path
 
 import pytest
+import zarr
 
 from specdm_cli.pipeline.run_manifest import load_run
 from specdm_cli.stores.lock import LOCK_NAME
@@ -127,6 +128,28 @@ def test_fit_diffusion_killed_then_resumed_equals_the_uninterrupted_run(
     run = copy_run(vae_run, tmp_path / "run")
     run_killed("fit-diffusion", run, *UNET, *STEPS, fault=fault)
     assert_killed_state_is_honest(run, "diffusion", 2)
+    code, _, stderr = run_cli("fit-diffusion", run, *UNET, *STEPS, "--resume")
+    assert code == 0, stderr
+    assert_same_state(checkpoint_state(run, "diffusion"), diffusion_reference)
+    assert_clean_run(run)
+
+
+@pytest.mark.slow  # a fit-diffusion subprocess (torch + diffusers imports): about 15 s
+def test_a_signal_stops_the_latent_cache_build_and_resume_rebuilds_it(
+    vae_run: Path, diffusion_reference: dict[str, object], tmp_path: Path
+) -> None:
+    run = copy_run(vae_run, tmp_path / "run")
+    process = spawn("fit-diffusion", run, *UNET, *STEPS, fault="latent_cache.after_batch:1:stop")
+    try:
+        wait_until_stopped(process)
+        process.send_signal(signal.SIGTERM)  # delivered when it runs again
+    finally:
+        process.send_signal(signal.SIGCONT)
+        _, stderr = process.communicate(timeout=300)
+    assert process.returncode == 143, stderr
+    assert stderr.strip().splitlines()[-1] == "interrupted: rerun with --resume"
+    assert "complete" not in zarr.open_group(run / "latents.zarr", mode="r").attrs
+    assert stage_of(run, "diffusion") is None
     code, _, stderr = run_cli("fit-diffusion", run, *UNET, *STEPS, "--resume")
     assert code == 0, stderr
     assert_same_state(checkpoint_state(run, "diffusion"), diffusion_reference)

@@ -223,7 +223,7 @@ def fit_diffusion(
             return FitDiffusionSummary(
                 str(run), "already complete", stage.step, request.config.steps, 0.0, 0.0, "kept"
             )
-        cache, val = _latents(run, manifest, request, devices[0], progress, warn)
+        cache, val = _latents(run, manifest, request, devices[0], stop, progress, warn)
         size = manifest.height // int(manifest.stages["vae"].details["model"]["downsample"])
         checkpoint = stage.checkpoint if stage is not None else None
         start = stage.step if checkpoint else 0
@@ -289,6 +289,7 @@ def _latents(
     manifest: RunManifest,
     request: FitDiffusionRequest,
     device: torch.device,
+    stop: StopFlag,
     progress: Progress | None,
     warn: Callable[[str], None],
 ) -> tuple[LatentCache, np.ndarray]:
@@ -304,7 +305,12 @@ def _latents(
     limit = vae_stage.config.get("limit")
     indices = reader.indices(split)[: limit or None]
     batch = max(1, min(64, request.config.batch_size))
-    report = (lambda done, total: progress("encode latents", done, total)) if progress else None
+
+    def report(done: int, total: int) -> None:
+        if progress:
+            progress("encode latents", done, total)
+        stop.check()  # an unfinished cache is rebuilt on the next run
+
     cache = open_or_build(run, vae, reader, indices, key, augment, batch, report)
     val = validation_indices(reader, request.config.val_samples, warn)
     return cache, encode_means(vae, reader, val, batch)

@@ -21,6 +21,7 @@ import torch
 import zarr
 
 from specdm_cli.errors import InputDataError
+from specdm_cli.faults import fault_point
 from specdm_cli.models.vae import SpecDMVAE
 from specdm_cli.pipeline.training import d4, load_batch, to_tensors
 from specdm_cli.stores import StoreReader
@@ -111,6 +112,7 @@ def _build(
         std_a[entries.start : entries.stop] = stds
         sums += [means.sum(axis=(0, 2, 3)), (means**2).sum(axis=(0, 2, 3))]
         done += len(entries)
+        fault_point("latent_cache.after_batch")
         if progress:
             progress(done, total)
     count = total * side * side
