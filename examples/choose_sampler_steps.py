@@ -23,6 +23,7 @@ from check_demo_models import prepare, synthesize_once
 
 from specdm_cli.metrics import compare_stores, load_or_train
 from specdm_cli.metrics.features import default_config
+from specdm_cli.pipeline.models import choose_model
 from specdm_cli.stores import open_store
 
 LADDER = (5, 10, 15, 20, 30, 50)
@@ -55,7 +56,8 @@ class Row:
 
 def measure(task: str, sampler: str, steps: int, n: int, workdir: Path, threads: int) -> Row:
     """Synthesize (or reuse) one store and compare it with the real test split."""
-    out = workdir / f"{task}-{sampler}-{steps}-{n}.zarr"
+    model = choose_model("demo", task).sha256[:12]  # a retrained model gets stores of its own
+    out = workdir / f"{task}-{sampler}-{steps}-{n}-{model}.zarr"
     summary = synthesize_once(out, "--model", "demo", "--task", task, "--n", str(n), "--sampler",
                               sampler, "--steps", str(steps), "--threads", str(threads))  # fmt: skip
     reference = open_store(prepare(task, workdir))
