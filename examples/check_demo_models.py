@@ -31,6 +31,7 @@ import torch
 from specdm_cli.manifest import IMAGE_ARRAYS, LABEL_ARRAY
 from specdm_cli.metrics import QualityReport, compare_stores, load_or_train
 from specdm_cli.metrics.features import default_config
+from specdm_cli.models.samplers import DEFAULT_STEPS
 from specdm_cli.pipeline.models import choose_model
 from specdm_cli.pipeline.training import load_batch, to_tensors
 from specdm_cli.pipeline.vae_io import load_vae
@@ -106,8 +107,9 @@ def synthesize_once(out: Path, *options: str) -> dict[str, Any]:
 
 def synthesize(task: str, n: int, workdir: Path, threads: int) -> tuple[Path, float]:
     """`n` samples of the shipped model with the default sampler; (store, pairs/s)."""
-    model = choose_model("demo", task).sha256[:12]  # a retrained model gets a store of its own
-    out = workdir / f"syn-{task}-{n}-{model}.zarr"
+    # A retrained model or another default step count gets a store of its own.
+    model = choose_model("demo", task).sha256[:12]
+    out = workdir / f"syn-{task}-{n}-{model}-dpmpp{DEFAULT_STEPS['dpmpp']}.zarr"
     options = ("--model", "demo", "--task", task, "--n", str(n), "--threads", str(threads))
     return out, float(synthesize_once(out, *options)["pairs_per_second"])
 
