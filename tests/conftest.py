@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -11,11 +12,20 @@ from typer.testing import CliRunner
 from specdm_cli.cli import app
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _isolated_session_user_dirs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """Session and module fixtures (tiny runs made once) register their runs too: keep those
+    out of the real home directory as well, or a developer's `synthesize` would pick them."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("SPECDM_HOME", str(tmp_path_factory.mktemp("specdm-home")))
+        patch.setenv("HF_HUB_OFFLINE", "1")
+        yield
+
+
 @pytest.fixture(autouse=True)
 def _isolated_user_dirs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Keep run registries and caches out of the real home directory."""
+    """Each test gets a registry and caches of its own."""
     monkeypatch.setenv("SPECDM_HOME", str(tmp_path / "specdm-home"))
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
 
 
 def run_cli(*args: str | Path) -> tuple[int, str, str]:

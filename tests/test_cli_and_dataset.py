@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -64,3 +65,16 @@ def test_several_stores_carry_their_origin(demo_ss_store: Path, tmp_path: Path) 
 def test_stores_of_other_shapes_cannot_be_joined(demo_ss_store: Path, demo_cd_store: Path) -> None:
     with pytest.raises(InputDataError, match="cannot be joined"):
         StoreDataset([demo_ss_store, demo_cd_store])
+
+
+@pytest.fixture(scope="module")
+def home_seen_by_module_fixtures() -> str | None:
+    return os.environ.get("SPECDM_HOME")
+
+
+def test_module_fixtures_do_not_write_to_the_real_user_dirs(
+    home_seen_by_module_fixtures: str | None, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    # Runs made by session or module fixtures are registered; they must land in a temp home.
+    assert home_seen_by_module_fixtures is not None
+    assert Path(home_seen_by_module_fixtures).is_relative_to(tmp_path_factory.getbasetemp())
