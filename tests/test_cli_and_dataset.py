@@ -9,8 +9,10 @@ from pathlib import Path
 
 import pytest
 import torch
+import typer
 
 from specdm_cli import __version__
+from specdm_cli.cli import app
 from specdm_cli.errors import InputDataError
 from specdm_cli.stores.dataset import StoreDataset
 from tests.conftest import run_cli
@@ -78,3 +80,13 @@ def test_module_fixtures_do_not_write_to_the_real_user_dirs(
     # Runs made by session or module fixtures are registered; they must land in a temp home.
     assert home_seen_by_module_fixtures is not None
     assert Path(home_seen_by_module_fixtures).is_relative_to(tmp_path_factory.getbasetemp())
+
+
+def test_synthesize_steps_help_names_the_default_step_counts() -> None:
+    # The CLI module cannot import the samplers (torch), so its help repeats their defaults.
+    from specdm_cli.models.samplers import DEFAULT_STEPS
+
+    command = typer.main.get_command(app).commands["synthesize"]  # type: ignore[attr-defined]
+    (steps,) = [p for p in command.params if p.name == "steps"]
+    for sampler, count in DEFAULT_STEPS.items():
+        assert f"{sampler} {count}" in str(steps.help)
