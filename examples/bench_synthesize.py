@@ -86,12 +86,11 @@ def compare_samplers(args: argparse.Namespace, workdir: Path) -> None:
             workdir / "ddpm.zarr", *common, "--n", str(args.ddpm_n), "--sampler", "ddpm"
         ),
     }
-    stores = {"default (dpmpp)": "default.zarr", "ddpm 1000": "ddpm.zarr"}
     print(f"# {args.task}, demo model, {args.threads} threads; quality vs {reference.name} test")
     print("| sampler | n | pairs/s | fd_spectral | msad (rad) | KID | writer busy | waited |")
     print("|---|---|---|---|---|---|---|---|")
     for name, run in rows.items():
-        figures = quality(reference, workdir / stores[name], workdir)
+        figures = quality(reference, Path(run.summary["out"]), workdir)
         print(
             f"| {name} | {run.summary['n']} | {run.pairs_per_second:.3f} "
             f"| {figures['fd_spectral']:.2f} | {figures['msad']:.4f} "

@@ -241,7 +241,7 @@ def synthesize(
     batches = shard_batches(request.n, request.batch_size, request.shard)
     if len(devices) > 1:
         done = run_on_devices(request, devices, stop, progress)
-        return _summary(request, started, Written(done), len(batches), 0)
+        return _summary(request, started, Written(done), len(batches), 0, None)
     lock_name = f".specdm.lock.{request.shard.index}-of-{request.shard.count}"
     with DirLock(request.out, lock_name):
         writer = open_writer(request.out, manifest)
@@ -252,9 +252,8 @@ def synthesize(
             candidates = open_store(request.out, allow_incomplete=True).candidates()
             draws.require(request.require, resume_draw(candidates, todo[0].start))
         loop = _run(draws, writer, todo, stop, progress, len(batches) - len(todo), len(batches))
-    if devices[0].type == "cuda":
-        loop.cuda_peak_bytes = torch.cuda.max_memory_allocated(devices[0])
-    return _summary(request, started, loop, len(batches), draws.count if draws else 0)
+    cuda_peak = torch.cuda.max_memory_allocated(devices[0]) if devices[0].type == "cuda" else None
+    return _summary(request, started, loop, len(batches), draws.count if draws else 0, cuda_peak)
 
 
 def _summary(
@@ -263,6 +262,7 @@ def _summary(
     loop: Written,
     batches: int,
     draws: int,
+    cuda_peak_bytes: int | None,
 ) -> SynthesizeSummary:
     """Finalize the store if every part is in, and say what this call did."""
     complete = finalize(request.out)
@@ -272,7 +272,7 @@ def _summary(
         int(open_store(request.out, allow_incomplete=True).written().sum()), batches,
         round(seconds, 3), round(loop.samples / max(seconds, 1e-9), 3), complete,
         draws or loop.samples, round(loop.busy_seconds, 3), round(loop.blocked_seconds, 3),
-        loop.cuda_peak_bytes,
+        cuda_peak_bytes,
     )  # fmt: skip
 
 
@@ -286,7 +286,6 @@ class Written:
     samples: int = 0
     busy_seconds: float = 0.0
     blocked_seconds: float = 0.0
-    cuda_peak_bytes: int | None = None
 
 
 class _Draws:
