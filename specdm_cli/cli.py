@@ -500,6 +500,10 @@ def fit_diffusion(
         Precision | None, typer.Option(help="fp32, bf16, fp16 (CUDA only) [fp32].")
     ] = None,
     ema_decay: Annotated[float | None, typer.Option(help="EMA decay [0.9999, LDM].")] = None,
+    snr_gamma: Annotated[
+        float | None,
+        typer.Option(help="Min-SNR loss weights; 0 = LDM's plain mean [5, Hang et al. 2023]."),
+    ] = None,
     unet_blocks: Annotated[
         str | None, typer.Option(help="U-Net widths [preset for the latent size].")
     ] = None,
@@ -532,7 +536,7 @@ def fit_diffusion(
             DiffusionTrainConfig,
             batch_size=batch_size, lr=lr, steps=steps, seed=seed,
             precision=precision.value if precision else None, ema_decay=ema_decay,
-            block_out_channels=_blocks(unet_blocks), layers_per_block=layers_per_block,
+            snr_gamma=snr_gamma, block_out_channels=_blocks(unet_blocks), layers_per_block=layers_per_block,
             norm_num_groups=norm_groups, attention_head_dim=head_dim, checkpoint_every=checkpoint_every,
             val_every=val_every, val_samples=val_samples,
         )  # fmt: skip

@@ -16,6 +16,7 @@ from specdm_cli.models.diffusion import (
     make_scheduler,
 )
 from specdm_cli.models.samplers import sample_generator, sample_latents
+from specdm_cli.pipeline.fit_diffusion import snr_weights
 
 
 def test_betas_follow_ldm_linear_formula_in_float64() -> None:
@@ -29,6 +30,17 @@ def test_betas_follow_ldm_linear_formula_in_float64() -> None:
     scheduler = make_scheduler("ddpm", config)
     assert torch.allclose(scheduler.betas.double(), betas, atol=1e-9)
     assert bool((scheduler.alphas_cumprod[1:] < scheduler.alphas_cumprod[:-1]).all())
+
+
+def test_min_snr_weights_follow_the_formula() -> None:
+    acp = torch.cumprod(1 - ldm_betas(ScheduleConfig()), dim=0)
+    weights = snr_weights(acp, 5.0)
+    for t in (0, 50, 200, 400, 999):
+        snr = float(acp[t]) / (1 - float(acp[t]))
+        assert float(weights[t]) == pytest.approx(min(snr, 5.0) / snr, rel=1e-12)
+    # Low-noise steps are down-weighted, noisy ones (SNR <= 5) keep weight 1.
+    assert float(weights[0]) < 0.01 and float(weights[999]) == 1.0
+    assert bool((snr_weights(acp, 0.0) == 1).all())
 
 
 def test_ema_warms_up_and_two_plus_two_updates_equal_four() -> None:

@@ -6,8 +6,10 @@ import json
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+import zarr
 from safetensors.torch import load_file
 
 from tests.conftest import prepare_demo, run_cli
@@ -64,6 +66,40 @@ def test_cache_scales_and_run_manifest(vae_run: Path, tmp_path: Path) -> None:
     )
     code, summary, _ = diffuse(run, "--steps", "5", "--resume")
     assert code == 0 and summary["cache"] == "reused"
+
+
+def test_the_unet_sees_centred_unit_latents(vae_run: Path, tmp_path: Path) -> None:
+    run = copy_run(vae_run, tmp_path / "run")
+    code, summary, stderr = diffuse(run, "--steps", "2")
+    assert code == 0, stderr
+    means = np.asarray(zarr.open_group(run / "latents.zarr", mode="r")["mean"][:], np.float64)
+    shift, scale = (
+        np.asarray(summary[k])[None, :, None, None] for k in ("latent_shift", "latent_scale")
+    )
+    seen = (means - shift) * scale
+    assert np.abs(seen.mean(axis=(0, 2, 3))).max() < 1e-4
+    assert np.allclose(seen.std(axis=(0, 2, 3)), 1, atol=1e-3)
+    details = json.loads((run / "run.json").read_text())["stages"]["diffusion"]["details"]
+    assert details["latent_shift"] == summary["latent_shift"]
+
+
+def test_a_cache_without_its_shift_is_rebuilt(vae_run: Path, tmp_path: Path) -> None:
+    run = copy_run(vae_run, tmp_path / "run")
+    assert diffuse(run, "--steps", "2")[0] == 0
+    group = zarr.open_group(run / "latents.zarr", mode="r+")
+    group.attrs.put({k: v for k, v in group.attrs.asdict().items() if k != "shift"})
+    code, summary, stderr = diffuse(run, "--steps", "3", "--resume")
+    assert code == 0, stderr
+    assert summary["cache"] == "built"
+
+
+def test_snr_gamma_is_part_of_the_training_identity(vae_run: Path, tmp_path: Path) -> None:
+    run = copy_run(vae_run, tmp_path / "run")
+    assert diffuse(run, "--steps", "2")[0] == 0
+    code, _, stderr = diffuse(run, "--steps", "4", "--resume", "--snr-gamma", "0")
+    assert code == 4 and "snr_gamma" in stderr
+    code, _, stderr = diffuse(copy_run(vae_run, tmp_path / "bad"), "--snr-gamma", "-1")
+    assert code == 2 and "--snr-gamma" in stderr
 
 
 def test_cache_is_rebuilt_for_another_store(vae_run: Path, tmp_path: Path) -> None:

@@ -194,6 +194,26 @@ def test_a_tampered_model_is_refused(ss_run: Path, tmp_path: Path) -> None:
     assert code == 4 and "tampered" in stderr
 
 
+def test_the_latent_shift_is_undone_before_decoding(ss_run: Path, tmp_path: Path) -> None:
+    """Samples are decoded at latent / scale + shift; runs from before the shift decode at 0."""
+    import shutil
+
+    decoded = {}
+    for variant in ("trained", "zero", "absent"):
+        run = shutil.copytree(ss_run, tmp_path / variant)
+        manifest = json.loads((run / "run.json").read_text())
+        details = manifest["stages"]["diffusion"]["details"]
+        if variant == "zero":
+            details["latent_shift"] = [0.0] * len(details["latent_scale"])
+        if variant == "absent":
+            del details["latent_shift"]
+        (run / "run.json").write_text(json.dumps(manifest))
+        assert synth(run, tmp_path / f"{variant}.zarr", "--n", "4")[0] == 0
+        decoded[variant] = arrays(tmp_path / f"{variant}.zarr")["image"]
+    assert np.array_equal(decoded["zero"], decoded["absent"])
+    assert not np.array_equal(decoded["trained"], decoded["zero"])
+
+
 def test_require_keeps_the_accepted_draws_in_order(ss_run: Path, tmp_path: Path) -> None:
     assert synth(ss_run, tmp_path / "plain.zarr", "--n", "24")[0] == 0
     plain = arrays(tmp_path / "plain.zarr")

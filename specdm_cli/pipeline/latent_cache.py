@@ -41,10 +41,12 @@ def cache_key(vae_weights: dict[str, str], store_sha256: str, augment: str) -> s
 
 @dataclass
 class LatentCache:
-    """Posterior means and stds of every cached view, plus per-channel scales (1 / std of z)."""
+    """Posterior means and stds of every cached view, plus per-channel statistics of the means:
+    the U-Net sees (z - shift) * scale, each channel centred and of unit variance."""
 
     mean: Any
     std: Any
+    shift: np.ndarray
     scale: np.ndarray
     reused: bool
 
@@ -66,7 +68,9 @@ def open_or_build(
     path = run / CACHE
     if path.exists():
         group = zarr.open_group(path, mode="r")
-        if group.attrs.get("key") == key and group.attrs.get("complete"):
+        attrs = group.attrs
+        # Caches written before the shift was recorded are rebuilt (they only lack the means).
+        if attrs.get("key") == key and attrs.get("complete") and "shift" in attrs:
             return _loaded(group, reused=True)
         remove_tree(path)
     return _build(path, vae, reader, indices, key, augment, batch_size, progress)
@@ -78,8 +82,9 @@ def open_cache(run: Path) -> LatentCache:
 
 
 def _loaded(group: zarr.Group, reused: bool) -> LatentCache:
+    shift = np.asarray(group.attrs["shift"], dtype=np.float32)
     scale = np.asarray(group.attrs["scale"], dtype=np.float32)
-    return LatentCache(group["mean"], group["std"], scale, reused)
+    return LatentCache(group["mean"], group["std"], shift, scale, reused)
 
 
 @torch.no_grad()
@@ -116,9 +121,11 @@ def _build(
         if progress:
             progress(done, total)
     count = total * side * side
-    variance = np.maximum(sums[1] / count - (sums[0] / count) ** 2, 1e-12)
+    shift = sums[0] / count
+    variance = np.maximum(sums[1] / count - shift**2, 1e-12)
     scale = (1.0 / np.sqrt(variance)).astype(np.float32)
-    group.attrs.update({"key": key, "scale": scale.tolist(), "views": len(views), "complete": True})
+    statistics = {"shift": shift.astype(np.float32).tolist(), "scale": scale.tolist()}
+    group.attrs.update({"key": key, **statistics, "views": len(views), "complete": True})
     return _loaded(group, reused=False)
 
 

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from specdm_cli import __version__
@@ -110,14 +111,24 @@ def check_consistent(manifest: RunManifest) -> None:
     if diffusion is not None and diffusion.checkpoint is not None:
         ScheduleConfig.model_validate(diffusion.details["schedule"])
         scale = diffusion.details["latent_scale"]
-        if (
-            not isinstance(scale, list)
-            or not scale
-            or not all(
-                isinstance(v, int | float) and not isinstance(v, bool) and v > 0 for v in scale
-            )
-        ):
+        if not _numbers(scale) or not all(v > 0 for v in scale):
             raise ValueError("latent_scale is not a list of positive numbers")
+        # Runs trained before the latents were centred have no shift: it is zero.
+        shift = diffusion.details.get("latent_shift", [0.0] * len(scale))
+        if not _numbers(shift) or len(shift) != len(scale):
+            raise ValueError("latent_shift is not a list of numbers, one per latent channel")
+
+
+def _numbers(values: Any) -> bool:
+    """A non-empty list of finite ints or floats (not bools)."""
+    return (
+        isinstance(values, list)
+        and bool(values)
+        and all(
+            isinstance(v, int | float) and not isinstance(v, bool) and np.isfinite(v)
+            for v in values
+        )
+    )
 
 
 def save_run(run: Path, manifest: RunManifest) -> None:

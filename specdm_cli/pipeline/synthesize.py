@@ -150,6 +150,7 @@ def _manifest(request: SynthesizeRequest, steps: int, device: torch.device) -> M
             details={
                 "model_sha256": request.model.sha256,
                 "schedule": diffusion.details.get("schedule"),
+                "latent_shift": diffusion.details.get("latent_shift"),
                 "latent_scale": diffusion.details.get("latent_scale"),
                 "source_manifest_sha256": run.source_manifest_sha256,
                 "device": str(device),
@@ -177,6 +178,8 @@ class Sampler:
         self.unet = load_module(UNet2DModel, run / str(stage.checkpoint) / "unet").to(device).eval()
         self.vae = load_vae(run, manifest, device)
         self.scale = torch.tensor(stage.details["latent_scale"], device=device)[None, :, None, None]
+        shift = stage.details.get("latent_shift", [0.0] * self.scale.shape[1])
+        self.shift = torch.tensor(shift, device=device)[None, :, None, None]
         self.schedule = ScheduleConfig.model_validate(stage.details["schedule"])
         self.mean = torch.tensor(manifest.normalization.mean, device=device)[:, None, None]
         self.std = torch.tensor(manifest.normalization.std, device=device)[:, None, None]
@@ -196,7 +199,7 @@ class Sampler:
             self.unet, self.request.sampler, self.schedule, steps, (self.channels, self.side, self.side),
             generators, self.device, lambda: autocast(self.device, self.request.precision),
         )  # fmt: skip
-        decoded = self.vae.decode_joint(latents / self.scale)
+        decoded = self.vae.decode_joint(latents / self.scale + self.shift)
         arrays: dict[str, np.ndarray] = {}
         clipped = np.zeros(keep, dtype=np.int64)
         for name in IMAGE_ARRAYS[self.task]:
