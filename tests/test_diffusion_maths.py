@@ -34,13 +34,17 @@ def test_betas_follow_ldm_linear_formula_in_float64() -> None:
 
 def test_min_snr_weights_follow_the_formula() -> None:
     acp = torch.cumprod(1 - ldm_betas(ScheduleConfig()), dim=0)
-    weights = snr_weights(acp, 5.0)
+    weights = snr_weights(acp, 5.0, "epsilon")
     for t in (0, 50, 200, 400, 999):
         snr = float(acp[t]) / (1 - float(acp[t]))
         assert float(weights[t]) == pytest.approx(min(snr, 5.0) / snr, rel=1e-12)
     # Low-noise steps are down-weighted, noisy ones (SNR <= 5) keep weight 1.
     assert float(weights[0]) < 0.01 and float(weights[999]) == 1.0
-    assert bool((snr_weights(acp, 0.0) == 1).all())
+    assert bool((snr_weights(acp, 0.0, "epsilon") == 1).all())
+    # v targets carry an extra (SNR + 1) / SNR: their weights are min(SNR, 5) / (SNR + 1).
+    v_weights = snr_weights(acp, 5.0, "v_prediction")
+    snr = acp / (1 - acp)
+    assert torch.allclose(v_weights, weights * snr / (snr + 1), rtol=1e-12)
 
 
 def test_ema_warms_up_and_two_plus_two_updates_equal_four() -> None:

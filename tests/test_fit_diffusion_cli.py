@@ -93,6 +93,28 @@ def test_a_cache_without_its_shift_is_rebuilt(vae_run: Path, tmp_path: Path) -> 
     assert summary["cache"] == "built"
 
 
+def test_a_v_prediction_run_trains_and_samples(vae_run: Path, tmp_path: Path) -> None:
+    run = copy_run(vae_run, tmp_path / "run")
+    code, summary, stderr = diffuse(
+        run, "--steps", "4", "--val-every", "4", "--prediction", "v_prediction"
+    )
+    assert code == 0, stderr
+    # The val loss is the epsilon error the v output implies: on the scale of an epsilon run's.
+    assert 0 < summary["val_loss"] < 2  # type: ignore[operator]
+    details = json.loads((run / "run.json").read_text())["stages"]["diffusion"]["details"]
+    assert details["schedule"]["prediction_type"] == "v_prediction"
+    out = tmp_path / "syn.zarr"
+    code, _, stderr = run_cli(
+        "synthesize", "--model", run, "--out", out, "--n", "2", "--steps", "3", "--quiet"
+    )
+    assert code == 0, stderr
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["complete"]
+    assert manifest["model"]["details"]["schedule"]["prediction_type"] == "v_prediction"
+    code, _, stderr = diffuse(copy_run(vae_run, tmp_path / "bad"), "--prediction", "x0")
+    assert code == 2 and "--prediction" in stderr
+
+
 def test_snr_gamma_is_part_of_the_training_identity(vae_run: Path, tmp_path: Path) -> None:
     run = copy_run(vae_run, tmp_path / "run")
     assert diffuse(run, "--steps", "2")[0] == 0

@@ -63,7 +63,7 @@ class UNetConfig(BaseModel):
 
 
 def build_unet(config: UNetConfig) -> Any:
-    """The U-Net of `config` (epsilon prediction: output channels = input channels)."""
+    """The U-Net of `config` (epsilon or v prediction: output channels = input channels)."""
     down = ["AttnDownBlock2D" if a else "DownBlock2D" for a in config.attention]
     up = ["AttnUpBlock2D" if a else "UpBlock2D" for a in reversed(config.attention)]
     unet: Any = UNet2DModel  # untyped constructor
@@ -89,7 +89,8 @@ class ScheduleConfig(BaseModel):
     beta_start: float = 0.0015  # paper Sec. 3.4
     beta_end: float = 0.0155  # paper Sec. 3.4
     beta_schedule: str = "scaled_linear"  # diffusers' name for LDM's "linear"
-    prediction_type: str = "epsilon"  # LDM
+    # LDM predicts epsilon; "v_prediction" (Salimans & Ho 2022) is the option for small budgets.
+    prediction_type: Literal["epsilon", "v_prediction"] = "epsilon"
 
 
 def ldm_betas(config: ScheduleConfig) -> torch.Tensor:

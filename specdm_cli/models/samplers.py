@@ -48,9 +48,9 @@ def sample_latents(
     for number, timestep in enumerate(scheduler.timesteps):
         model_input = scheduler.scale_model_input(latents, timestep)
         with autocast():
-            epsilon = unet(model_input, timestep).sample
+            prediction = unet(model_input, timestep).sample
         extra = {"generator": generators} if sampler == "ddpm" else {}
-        latents = scheduler.step(epsilon.float(), timestep, latents, **extra).prev_sample
+        latents = scheduler.step(prediction.float(), timestep, latents, **extra).prev_sample
         if callback:
             callback(number + 1, len(scheduler.timesteps))
     result: torch.Tensor = latents.float()

@@ -8,7 +8,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -60,6 +60,7 @@ class DiffusionTrainConfig(BaseModel):
     # error of 0.07 is a 2.6-sigma error in the implied latent; the plain mean spends the
     # gradient on low-noise steps and left our demo samples with 1.5-2x the latents' spread.
     snr_gamma: float = Field(5.0, ge=0)
+    prediction: Literal["epsilon", "v_prediction"] = "epsilon"  # LDM
     checkpoint_every: int = Field(1000, ge=1)  # ours
     val_every: int = Field(1000, ge=1)  # ours: as fit-vae
     val_samples: int = Field(256, ge=1)  # ours: the val loss varies < 1% between evaluations
@@ -118,12 +119,13 @@ def unet_config(config: DiffusionTrainConfig, channels: int, size: int) -> UNetC
         raise UsageError(f"the U-Net does not fit the {size}x{size} latent: {reason}") from None
 
 
-def snr_weights(alphas_cumprod: torch.Tensor, gamma: float) -> torch.Tensor:
-    """Per-timestep loss weights: min(SNR, gamma) / SNR, or ones for gamma 0."""
+def snr_weights(alphas_cumprod: torch.Tensor, gamma: float, prediction: str) -> torch.Tensor:
+    """Per-timestep loss weights (Hang et al. 2023): min(SNR, gamma) / SNR for epsilon
+    targets, / (SNR + 1) for v targets; ones for gamma 0."""
     if gamma == 0:
         return torch.ones_like(alphas_cumprod)
     snr = alphas_cumprod / (1 - alphas_cumprod)
-    return snr.clamp(max=gamma) / snr
+    return snr.clamp(max=gamma) / (snr if prediction == "epsilon" else snr + 1)
 
 
 class DiffusionTrainer:
@@ -151,7 +153,8 @@ class DiffusionTrainer:
         # Products in float64, as LDM registers them, then float32 for the step.
         acp = torch.cumprod(1 - ldm_betas(ScheduleConfig()), dim=0)
         self.alphas_cumprod = acp.to(device=device, dtype=torch.float32)
-        self.loss_weight = snr_weights(acp, config.snr_gamma).to(device=device, dtype=torch.float32)
+        weights = snr_weights(acp, config.snr_gamma, config.prediction)
+        self.loss_weight = weights.to(device=device, dtype=torch.float32)
 
     def wrap(self) -> None:
         """Data-parallel across ranks (after any checkpoint is loaded)."""
@@ -178,7 +181,10 @@ class DiffusionTrainer:
         noisy = a.sqrt() * z + (1 - a).sqrt() * noise
         with autocast(self.device, self.config.precision):
             predicted = self.net(noisy, t).sample
-        per_sample = (predicted.float() - noise).pow(2).mean(dim=(1, 2, 3))
+        target = (
+            noise if self.config.prediction == "epsilon" else a.sqrt() * noise - (1 - a).sqrt() * z
+        )
+        per_sample = (predicted.float() - target).pow(2).mean(dim=(1, 2, 3))
         loss = (per_sample * self.loss_weight[t]).mean()
         self.scaler.step(loss, self.optimizer)
         self.ema.update(self.unet)
@@ -197,11 +203,12 @@ class DiffusionTrainer:
             noise = torch.randn(z.shape, generator=generator).to(self.device)
             t = torch.randint(0, len(self.alphas_cumprod), (z.shape[0],), generator=generator)
             a = self.alphas_cumprod[t.to(self.device)][:, None, None, None]
+            noisy = a.sqrt() * z + (1 - a).sqrt() * noise
             with autocast(self.device, self.config.precision):
-                predicted = ema_unet(
-                    a.sqrt() * z + (1 - a).sqrt() * noise, t.to(self.device)
-                ).sample
-            total += float(F.mse_loss(predicted.float(), noise, reduction="sum"))
+                predicted = ema_unet(noisy, t.to(self.device)).sample.float()
+            if self.config.prediction == "v_prediction":  # the epsilon it implies
+                predicted = (1 - a).sqrt() * noisy + a.sqrt() * predicted
+            total += float(F.mse_loss(predicted, noise, reduction="sum"))
         return total / max(1, latents.size)
 
 
@@ -413,7 +420,7 @@ def _checkpoint(
 
     details = {
         "unet": dict(trainer.unet.config),
-        "schedule": ScheduleConfig().model_dump(),
+        "schedule": ScheduleConfig(prediction_type=config.prediction).model_dump(),
         "latent_shift": trainer.cache.shift.tolist(),
         "latent_scale": trainer.cache.scale.tolist(),
         "learning_rate": config.learning_rate(),
