@@ -10,9 +10,10 @@ export SPECDM_HOME="$work/home"
 # Steps: the cd image branch sees both phases of a pair, so 750 cd steps train it on as many
 # images as 1500 ss steps. The VAE step counts fill about half of the 60-minute budget: between
 # 300 and 600 ss steps the reconstructions of real val scenes still gained (mSAD 0.110 -> 0.087,
-# pair mIoU 0.46 -> 0.55; ours, 2026-12-02, examples/check_demo_models.py --ceiling). 3000
-# U-Net steps of 32 latents (about seven passes over the 8 D4 views of the train split) take the
-# other half; examples/check_demo_models.py gates the result. The U-Net predicts v, not LDM's
+# pair mIoU 0.46 -> 0.55; ours, 2026-12-02, examples/check_demo_models.py --ceiling). 6000
+# U-Net steps of 32 latents take about 25-30 minutes per task side by side; from 3000 to 6000 the
+# val loss still fell (ss 0.115 -> 0.108, cd 0.099 -> 0.092) and ss pair mIoU rose 0.54 -> 0.59
+# (examples/check_demo_models.py, which gates the result). The U-Net predicts v, not LDM's
 # epsilon: after 800 steps an epsilon U-Net's samples had 1.5-2x the spread of the real latents
 # (its implied latent at t = 999 was off by a mean square of 15-17), a v U-Net's matched them
 # within 10% (ours, 2026-12-02; README, fit-diffusion).
@@ -24,7 +25,7 @@ train() {
     --batch-size 16 --lr "$vae_lr" --steps "$vae_steps" --val-every 250 --checkpoint-every 250 --threads 1
   specdm fit-diffusion "$work/run-$task" --quiet \
     --unet-blocks 32,64,64 --norm-groups 16 --head-dim 32 --layers-per-block 1 \
-    --batch-size 32 --lr 1e-3 --steps "${UNET_STEPS:-3000}" --val-every 1000 --checkpoint-every 1000 --threads 1 \
+    --batch-size 32 --lr 1e-3 --steps "${UNET_STEPS:-6000}" --val-every 1000 --checkpoint-every 1000 --threads 1 \
     --prediction v_prediction --snr-gamma 5
 }
 # The two tasks train side by side, one thread each. VAE learning rates: at 2e-3 the ss mask
