@@ -14,9 +14,9 @@ export SPECDM_HOME="$work/home"
 # U-Net steps of 32 latents take about 25-30 minutes per task side by side; from 3000 to 6000 the
 # val loss still fell (ss 0.115 -> 0.108, cd 0.099 -> 0.092) and ss pair mIoU rose 0.54 -> 0.59
 # (examples/check_demo_models.py, which gates the result). The U-Net predicts v, not LDM's
-# epsilon: after 800 steps an epsilon U-Net's samples had 1.5-2x the spread of the real latents
+# epsilon: after 800 steps an epsilon U-Net's samples had 1.6-2.2x the spread of the real latents
 # (its implied latent at t = 999 was off by a mean square of 15-17), a v U-Net's matched them
-# within 10% (ours, 2026-12-02; README, fit-diffusion).
+# within 12% (ours, 2026-12-02; README, fit-diffusion).
 train() {
   local task=$1 vae_steps=$2 vae_lr=$3
   specdm prepare demo --task "$task" --n 2048 --size 64 --seed 11 --out "$work/demo-$task.zarr" --quiet --overwrite

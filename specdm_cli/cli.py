@@ -583,7 +583,7 @@ def synthesize(
         Sampler, typer.Option(help="ddpm (1000 steps, paper), ddim, dpmpp.")
     ] = Sampler.dpmpp,
     steps: Annotated[
-        int | None, typer.Option(help="Denoising steps [ddpm 1000, ddim 10, dpmpp 10].")
+        int | None, typer.Option(help="Denoising steps [ddpm 1000, ddim 20, dpmpp 10].")
     ] = None,
     seed: Annotated[int, typer.Option(help="Seed: sample i depends only on (model, seed, i).")] = 0,
     batch_size: Annotated[

@@ -58,7 +58,7 @@ class DiffusionTrainConfig(BaseModel):
     # Min-SNR-gamma loss weights (Hang et al. 2023, their gamma): min(SNR, gamma) / SNR for
     # epsilon targets. 0 = LDM's plain mean. LDM's schedule ends at SNR 7e-4, where an epsilon
     # error of 0.07 is a 2.6-sigma error in the implied latent; the plain mean spends the
-    # gradient on low-noise steps and left our demo samples with 1.5-2x the latents' spread.
+    # gradient on low-noise steps and left our demo samples with 1.6-2.2x the latents' spread.
     snr_gamma: float = Field(5.0, ge=0)
     prediction: Literal["epsilon", "v_prediction"] = "epsilon"  # LDM
     checkpoint_every: int = Field(1000, ge=1)  # ours
