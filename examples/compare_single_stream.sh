@@ -23,6 +23,7 @@ size=${SIZE:-32}                         # scene size: 32 px -> 8x8 latents (f =
 seed=${SEED:-11}                         # demo scenes; training and sampling use seed 0
 vae_steps=${VAE_STEPS:-300}
 unet_steps=${UNET_STEPS:-400}
+prediction=${PREDICTION:-v_prediction}   # the demo models' U-Net target (README, fit-diffusion)
 samples=${SAMPLES:-256}
 downstream_steps=${DOWNSTREAM_STEPS:-200}  # 0: no downstream rows
 real_limit=${REAL_LIMIT:-100}
@@ -55,7 +56,8 @@ arm() {
   specdm fit-diffusion "$run" --quiet \
     --unet-blocks 32,64,64 --layers-per-block 1 --norm-groups 16 --head-dim 32 \
     --batch-size 32 --lr 1e-3 --steps "$unet_steps" --seed 0 \
-    --val-every "$unet_steps" --checkpoint-every "$unet_steps" --threads "$threads"
+    --val-every "$unet_steps" --checkpoint-every "$unet_steps" --threads "$threads" \
+    --prediction "$prediction"
   log "$name: synthesize $samples pairs"
   specdm synthesize --model "$run" --n "$samples" --seed 0 --out "$work/syn-$task-$name.zarr" \
     --overwrite --quiet --threads "$threads"
@@ -96,7 +98,7 @@ bench single-stream --compare "$work/bench-$task-two-stream/report.json"
 report="$work/bench-$task-single-stream/report.md"
 log "done: $work/bench-$task-two-stream/report.md and $report"
 echo "task $task; $n demo scenes of ${size}px (seed $seed); both arms: fit-vae $vae_steps steps," \
-  "fit-diffusion $unet_steps steps, $samples samples; downstream steps $downstream_steps;" \
+  "fit-diffusion $unet_steps steps ($prediction), $samples samples; downstream steps $downstream_steps;" \
   "wall $((SECONDS - start)) s"
 # The comparison section: figure | single-stream | two-stream | difference (single - two).
 awk '/^## Comparison with/ {on = 1} on && /^## / && !/^## Comparison/ {exit} on' "$report"
