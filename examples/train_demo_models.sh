@@ -8,15 +8,15 @@ work=${1:?work directory}
 mkdir -p "$work"
 export SPECDM_HOME="$work/home"
 # Steps: the cd image branch sees both phases of a pair, so 750 cd steps train it on as many
-# images as 1500 ss steps. The VAE step counts fill about half of the 60-minute budget: between
-# 300 and 600 ss steps the reconstructions of real val scenes still gained (mSAD 0.110 -> 0.087,
-# pair mIoU 0.46 -> 0.55; ours, 2026-12-02, examples/check_demo_models.py --ceiling). 6000
-# U-Net steps of 32 latents take about 25-30 minutes per task side by side; from 3000 to 6000 the
-# val loss still fell (ss 0.115 -> 0.108, cd 0.099 -> 0.092) and ss pair mIoU rose 0.54 -> 0.59
-# (examples/check_demo_models.py, which gates the result). The U-Net predicts v, not LDM's
-# epsilon: after 800 steps an epsilon U-Net's samples had 1.6-2.2x the spread of the real latents
-# (its implied latent at t = 999 was off by a mean square of 15-17), a v U-Net's matched them
-# within 12% (ours, 2026-12-02; README, fit-diffusion).
+# images as 1500 ss steps. Between 300 and 600 ss VAE steps the reconstructions of real val
+# scenes still gained (mSAD 0.110 -> 0.087, pair mIoU 0.46 -> 0.55; ours, 2026-12-02,
+# examples/check_demo_models.py --ceiling). From 3000 to 6000 U-Net steps the val loss still
+# fell (ss 0.115 -> 0.108, cd 0.099 -> 0.092) and ss pair mIoU rose 0.54 -> 0.59
+# (examples/check_demo_models.py, which gates the result). The whole script took 37 min on an
+# idle 2-core machine (2026-12-02): prepare + VAE 15 (ss) and 13 (cd) min, U-Net 21 and 23.
+# The U-Net predicts v, not LDM's epsilon: after 800 steps an epsilon U-Net's samples had
+# 1.6-2.2x the spread of the real latents (its implied latent at t = 999 was off by a mean
+# square of 15-17), a v U-Net's matched them within 12% (ours; README, fit-diffusion).
 train() {
   local task=$1 vae_steps=$2 vae_lr=$3
   specdm prepare demo --task "$task" --n 2048 --size 64 --seed 11 --out "$work/demo-$task.zarr" --quiet --overwrite
