@@ -55,12 +55,14 @@ class DiffusionTrainConfig(BaseModel):
     seed: int = Field(0, ge=0)
     precision: Precision = "fp32"
     ema_decay: float = Field(0.9999, gt=0, lt=1)  # LDM's LitEma
-    # Min-SNR-gamma loss weights (Hang et al. 2023, their gamma): min(SNR, gamma) / SNR for
-    # epsilon targets. 0 = LDM's plain mean. LDM's schedule ends at SNR 7e-4, where an epsilon
-    # error of 0.07 is a 2.6-sigma error in the implied latent; the plain mean spends the
-    # gradient on low-noise steps and left our demo samples with 1.6-2.2x the latents' spread.
+    # Min-SNR-gamma loss weights (Hang et al. 2023, their gamma 5): min(SNR, gamma) / SNR for
+    # epsilon targets, / (SNR + 1) for v targets; 0 = LDM's plain mean. They move the gradient
+    # from low-noise steps to the noisy ones that set a sample's layout.
     snr_gamma: float = Field(5.0, ge=0)
-    prediction: Literal["epsilon", "v_prediction"] = "epsilon"  # LDM
+    # LDM's epsilon. Its schedule ends at SNR 7e-4, where an epsilon error is multiplied by 38 in
+    # the latent it implies: on our demo budget, epsilon U-Nets (with or without min-SNR)
+    # sampled latents with 1.6-2.2x the real spread, v U-Nets within 12% (README, fit-diffusion).
+    prediction: Literal["epsilon", "v_prediction"] = "epsilon"
     checkpoint_every: int = Field(1000, ge=1)  # ours
     val_every: int = Field(1000, ge=1)  # ours: as fit-vae
     val_samples: int = Field(256, ge=1)  # ours: the val loss varies < 1% between evaluations
