@@ -195,6 +195,21 @@ def test_garbled_checkpoint_json_fails_cleanly(
     assert_works_or_exit_4(*load_with_the_command_that_reads(run, relative))
 
 
+@pytest.mark.parametrize("sub", ["unet", "train_unet"])
+def test_a_null_scalar_in_a_unet_config_is_exit_4(tiny_run: Path, tmp_path: Path, sub: str) -> None:
+    """Found by the property above: diffusers builds a U-Net with mid_block_scale_factor null
+    and fails only in its first forward pass."""
+    run = copy_of(tiny_run, tmp_path)
+    stage = stage_of(run, "diffusion")
+    assert stage is not None
+    relative = f"{stage['checkpoint']}/{sub}/config.json"
+    config = json.loads((run / relative).read_text())
+    config["mid_block_scale_factor"] = None
+    (run / relative).write_text(json.dumps(config))
+    code, stderr = load_with_the_command_that_reads(run, relative)
+    assert code == 4 and "mid_block_scale_factor" in stderr, stderr
+
+
 def test_garbled_ema_json_fails_cleanly(tiny_run: Path, tmp_path: Path) -> None:
     run = copy_of(tiny_run, tmp_path)
     stage = stage_of(run, "diffusion")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
 import os
 import shutil
@@ -80,6 +81,14 @@ def load_module(cls: Any, folder: Path) -> Any:
         ) from None
     finally:
         diffusers_logging.set_verbosity(verbosity)
+    wrong = _mistyped_config(cls, dict(model.config))
+    if wrong:
+        # diffusers builds some modules from such values and fails only at the first forward.
+        raise ModelError(
+            f"config.json has values of the wrong type: {', '.join(wrong[:3])}",
+            folder,
+            "re-train or restore the run",
+        )
     # diffusers only warns when config.json builds another network than the weights describe.
     unmatched = [*info["missing_keys"], *info["unexpected_keys"], *info["mismatched_keys"]]
     if unmatched:
@@ -89,6 +98,25 @@ def load_module(cls: Any, folder: Path) -> Any:
             "re-train or restore the run",
         )
     return model
+
+
+def _mistyped_config(cls: Any, config: dict[str, Any]) -> list[str]:
+    """Config keys whose value is not of the kind of the constructor's scalar default (None
+    for a number, text for a flag, ...); keys whose default is None or a sequence are free."""
+
+    def kind(value: Any) -> str:
+        if isinstance(value, bool):
+            return "bool"
+        return "number" if isinstance(value, int | float) else type(value).__name__
+
+    parameters = inspect.signature(cls.__init__).parameters.items()
+    return [
+        name
+        for name, parameter in parameters
+        if name in config
+        and isinstance(parameter.default, bool | int | float | str)
+        and kind(config[name]) != kind(parameter.default)
+    ]
 
 
 def _first_line(exc: BaseException) -> str:
