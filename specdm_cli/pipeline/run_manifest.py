@@ -113,10 +113,15 @@ def check_consistent(manifest: RunManifest) -> None:
         scale = diffusion.details["latent_scale"]
         if not _numbers(scale) or not all(v > 0 for v in scale):
             raise ValueError("latent_scale is not a list of positive numbers")
-        # Runs trained before the latents were centred have no shift: it is zero.
-        shift = diffusion.details.get("latent_shift", [0.0] * len(scale))
+        shift = latent_shift(diffusion.details)
         if not _numbers(shift) or len(shift) != len(scale):
             raise ValueError("latent_shift is not a list of numbers, one per latent channel")
+
+
+def latent_shift(details: dict[str, Any]) -> Any:
+    """The diffusion stage's per-channel latent shift; runs trained before the latents were
+    centred have none: it is zero."""
+    return details.get("latent_shift", [0.0] * len(details["latent_scale"]))
 
 
 def _numbers(values: Any) -> bool:

@@ -28,6 +28,7 @@ from specdm_cli.pipeline.checkpoints import load_module
 from specdm_cli.pipeline.models import ChosenModel
 from specdm_cli.pipeline.provenance import provenance
 from specdm_cli.pipeline.require import Requirement, accepted, give_up, resume_draw
+from specdm_cli.pipeline.run_manifest import latent_shift
 from specdm_cli.pipeline.shards import Shard, finalize, join_or_create, shard_batches, write_record
 from specdm_cli.pipeline.signals import StopFlag
 from specdm_cli.pipeline.synth_ranks import run_on_devices
@@ -178,8 +179,7 @@ class Sampler:
         self.unet = load_module(UNet2DModel, run / str(stage.checkpoint) / "unet").to(device).eval()
         self.vae = load_vae(run, manifest, device)
         self.scale = torch.tensor(stage.details["latent_scale"], device=device)[None, :, None, None]
-        shift = stage.details.get("latent_shift", [0.0] * self.scale.shape[1])
-        self.shift = torch.tensor(shift, device=device)[None, :, None, None]
+        self.shift = torch.tensor(latent_shift(stage.details), device=device)[None, :, None, None]
         self.schedule = ScheduleConfig.model_validate(stage.details["schedule"])
         self.mean = torch.tensor(manifest.normalization.mean, device=device)[:, None, None]
         self.std = torch.tensor(manifest.normalization.std, device=device)[:, None, None]
