@@ -22,6 +22,7 @@ n=${N:-512}                              # demo scenes (about 82% train, the res
 size=${SIZE:-32}                         # scene size: 32 px -> 8x8 latents (f = 4)
 seed=${SEED:-11}                         # demo scenes; training and sampling use seed 0
 vae_steps=${VAE_STEPS:-300}
+vae_lr=${VAE_LR:-2e-3}                   # 1e-3 for runs past ~1,000 steps (train_demo_models.sh)
 unet_steps=${UNET_STEPS:-400}
 prediction=${PREDICTION:-v_prediction}   # the demo models' U-Net target (README, fit-diffusion)
 samples=${SAMPLES:-256}
@@ -50,7 +51,7 @@ arm() {
   log "$name: fit-vae ($vae_steps steps)"
   specdm fit-vae "$store" --run "$run" --overwrite --quiet "$@" \
     --image-blocks 16,32,32 --mask-blocks 8,16,16 --norm-groups 8 \
-    --batch-size 16 --lr 2e-3 --steps "$vae_steps" --seed 0 \
+    --batch-size 16 --lr "$vae_lr" --steps "$vae_steps" --seed 0 \
     --val-every "$vae_steps" --checkpoint-every "$vae_steps" --workers 1 --threads "$threads"
   log "$name: fit-diffusion ($unet_steps steps)"
   specdm fit-diffusion "$run" --quiet \
@@ -97,7 +98,7 @@ bench single-stream --compare "$work/bench-$task-two-stream/report.json"
 
 report="$work/bench-$task-single-stream/report.md"
 log "done: $work/bench-$task-two-stream/report.md and $report"
-echo "task $task; $n demo scenes of ${size}px (seed $seed); both arms: fit-vae $vae_steps steps," \
+echo "task $task; $n demo scenes of ${size}px (seed $seed); both arms: fit-vae $vae_steps steps (lr $vae_lr)," \
   "fit-diffusion $unet_steps steps ($prediction), $samples samples; downstream steps $downstream_steps;" \
   "wall $((SECONDS - start)) s"
 # The comparison section: figure | single-stream | two-stream | difference (single - two).
