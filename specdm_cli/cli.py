@@ -369,6 +369,11 @@ class Precision(StrEnum):
     fp16 = "fp16"
 
 
+class Prediction(StrEnum):
+    epsilon = "epsilon"
+    v_prediction = "v_prediction"
+
+
 def _config_or_usage_error(model: Any, **values: Any) -> Any:
     """Validate options into a pydantic config; the first problem becomes a usage error."""
     from pydantic import ValidationError
@@ -505,7 +510,7 @@ def fit_diffusion(
         typer.Option(help="Min-SNR loss weights; 0 = LDM's plain mean [5, Hang et al. 2023]."),
     ] = None,
     prediction: Annotated[
-        str | None, typer.Option(help="epsilon or v_prediction [epsilon, LDM].")
+        Prediction | None, typer.Option(help="epsilon or v_prediction [epsilon, LDM].")
     ] = None,
     unet_blocks: Annotated[
         str | None, typer.Option(help="U-Net widths [preset for the latent size].")
@@ -539,7 +544,8 @@ def fit_diffusion(
             DiffusionTrainConfig,
             batch_size=batch_size, lr=lr, steps=steps, seed=seed,
             precision=precision.value if precision else None, ema_decay=ema_decay,
-            snr_gamma=snr_gamma, prediction=prediction, block_out_channels=_blocks(unet_blocks), layers_per_block=layers_per_block,
+            snr_gamma=snr_gamma, prediction=prediction.value if prediction else None,
+            block_out_channels=_blocks(unet_blocks), layers_per_block=layers_per_block,
             norm_num_groups=norm_groups, attention_head_dim=head_dim, checkpoint_every=checkpoint_every,
             val_every=val_every, val_samples=val_samples,
         )  # fmt: skip
