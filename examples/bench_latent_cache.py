@@ -23,12 +23,16 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from specdm_cli.pipeline import rundirs
-from specdm_cli.pipeline.fit_diffusion import DiffusionTrainConfig, DiffusionTrainer, unet_config
-from specdm_cli.pipeline.latent_cache import cache_key, open_or_build
-from specdm_cli.pipeline.run_manifest import load_run
-from specdm_cli.pipeline.training import d4, load_batch, parse_device, step_seed, to_tensors
-from specdm_cli.pipeline.vae_io import load_vae
+from specdm_cli.pipeline.runs import rundirs
+from specdm_cli.pipeline.runs.run_manifest import load_run
+from specdm_cli.pipeline.runs.vae_io import load_vae
+from specdm_cli.pipeline.train.common import d4, load_batch, parse_device, step_seed, to_tensors
+from specdm_cli.pipeline.train.fit_diffusion import (
+    DiffusionTrainConfig,
+    DiffusionTrainer,
+    unet_config,
+)
+from specdm_cli.pipeline.train.latent_cache import cache_key, open_or_build
 from specdm_cli.stores import open_store
 
 

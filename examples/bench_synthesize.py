@@ -26,8 +26,8 @@ from typing import Any
 
 from check_demo_models import prepare
 
-from specdm_cli.metrics import compare_stores, load_or_train
-from specdm_cli.metrics.features import default_config
+from specdm_cli.pipeline.benchmark.features import default_config, load_or_train
+from specdm_cli.pipeline.benchmark.quality import compare_stores
 from specdm_cli.stores import open_store
 
 

@@ -29,12 +29,12 @@ import numpy as np
 import torch
 
 from specdm_cli.manifest import IMAGE_ARRAYS, LABEL_ARRAY
-from specdm_cli.metrics import QualityReport, compare_stores, load_or_train
-from specdm_cli.metrics.features import default_config
 from specdm_cli.models.samplers import DEFAULT_STEPS
-from specdm_cli.pipeline.models import choose_model
-from specdm_cli.pipeline.training import load_batch, to_tensors
-from specdm_cli.pipeline.vae_io import load_vae
+from specdm_cli.pipeline.benchmark.features import default_config, load_or_train
+from specdm_cli.pipeline.benchmark.quality import QualityReport, compare_stores
+from specdm_cli.pipeline.runs.choose import choose_model
+from specdm_cli.pipeline.runs.vae_io import load_vae
+from specdm_cli.pipeline.train.common import load_batch, to_tensors
 from specdm_cli.stores import StoreReader, open_store
 
 # The generator settings of examples/train_demo_models.sh, with more scenes for the held-out

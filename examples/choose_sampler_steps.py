@@ -26,9 +26,9 @@ from pathlib import Path
 
 from check_demo_models import prepare, synthesize_once
 
-from specdm_cli.metrics import compare_stores, load_or_train
-from specdm_cli.metrics.features import default_config
-from specdm_cli.pipeline.models import choose_model
+from specdm_cli.pipeline.benchmark.features import default_config, load_or_train
+from specdm_cli.pipeline.benchmark.quality import compare_stores
+from specdm_cli.pipeline.runs.choose import choose_model
 from specdm_cli.stores import open_store
 
 LADDER = (5, 10, 15, 20, 30, 50)

@@ -20,8 +20,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch
 from safetensors.torch import load_file, save_file
 
-from specdm_cli.pipeline.checkpoints import weights_digests
-from specdm_cli.pipeline.run_manifest import load_run, save_run
+from specdm_cli.pipeline.runs.checkpoints import weights_digests
+from specdm_cli.pipeline.runs.run_manifest import load_run, save_run
 
 ASSETS = Path(__file__).resolve().parents[1] / "specdm_cli" / "assets"
 KEEP = {"vae": ("image", "mask", "joint"), "diffusion": ("unet",)}

@@ -25,8 +25,8 @@ import numpy as np
 import zarr
 
 from specdm_cli.manifest import IMAGE_ARRAYS, LABEL_ARRAY
-from specdm_cli.metrics import QualityReport, compare_stores, load_or_train
-from specdm_cli.metrics.features import default_config
+from specdm_cli.pipeline.benchmark.features import default_config, load_or_train
+from specdm_cli.pipeline.benchmark.quality import QualityReport, compare_stores
 from specdm_cli.stores import open_store
 
 Corruption = Callable[[zarr.Group, str, np.ndarray], None]

@@ -246,8 +246,8 @@ def prepare(
 ) -> None:
     """Turn a raw dataset into a canonical, resumable store."""
     with _domain_errors():
-        from specdm_cli.pipeline.prepare import PrepareRequest
-        from specdm_cli.pipeline.prepare import prepare as run_prepare
+        from specdm_cli.pipeline.prepare.prepare import PrepareRequest
+        from specdm_cli.pipeline.prepare.prepare import prepare as run_prepare
         from specdm_cli.pipeline.signals import graceful_stop
         from specdm_cli.sources.base import PrepareOptions
         from specdm_cli.sources.registry import NO_RAW
@@ -461,10 +461,10 @@ def fit_vae(
 ) -> None:
     """Train the two-stream VAE (image and mask branches) on a store."""
     with _domain_errors():
-        from specdm_cli.pipeline.fit_vae import FitVAERequest, VAETrainConfig
-        from specdm_cli.pipeline.fit_vae import fit_vae as run_fit_vae
         from specdm_cli.pipeline.signals import graceful_stop
-        from specdm_cli.pipeline.training import torch_threads
+        from specdm_cli.pipeline.train.common import torch_threads
+        from specdm_cli.pipeline.train.fit_vae import FitVAERequest, VAETrainConfig
+        from specdm_cli.pipeline.train.fit_vae import fit_vae as run_fit_vae
 
         config = _config_or_usage_error(
             VAETrainConfig,
@@ -535,10 +535,13 @@ def fit_diffusion(
 ) -> None:
     """Train the denoising U-Net on the joint latents of a run's VAE."""
     with _domain_errors():
-        from specdm_cli.pipeline.fit_diffusion import DiffusionTrainConfig, FitDiffusionRequest
-        from specdm_cli.pipeline.fit_diffusion import fit_diffusion as run_fit_diffusion
         from specdm_cli.pipeline.signals import graceful_stop
-        from specdm_cli.pipeline.training import torch_threads
+        from specdm_cli.pipeline.train.common import torch_threads
+        from specdm_cli.pipeline.train.fit_diffusion import (
+            DiffusionTrainConfig,
+            FitDiffusionRequest,
+        )
+        from specdm_cli.pipeline.train.fit_diffusion import fit_diffusion as run_fit_diffusion
 
         config = _config_or_usage_error(
             DiffusionTrainConfig,
@@ -639,18 +642,18 @@ def synthesize(
     """Synthesize labelled pairs with a trained (or the shipped demo) model."""
     with _domain_errors():
         from specdm_cli.errors import InputDataError, UsageError
-        from specdm_cli.pipeline.models import choose_model
-        from specdm_cli.pipeline.require import parse_require
-        from specdm_cli.pipeline.shards import finalize as finalize_store
-        from specdm_cli.pipeline.shards import parse_shard
+        from specdm_cli.pipeline.runs.choose import choose_model
         from specdm_cli.pipeline.signals import graceful_stop
-        from specdm_cli.pipeline.synthesize import (
+        from specdm_cli.pipeline.synthesize.require import parse_require
+        from specdm_cli.pipeline.synthesize.shards import finalize as finalize_store
+        from specdm_cli.pipeline.synthesize.shards import parse_shard
+        from specdm_cli.pipeline.synthesize.synthesize import (
             SynthesizeRequest,
             parse_batch_size,
             resolve_batch_size,
         )
-        from specdm_cli.pipeline.synthesize import synthesize as run_synthesize
-        from specdm_cli.pipeline.training import torch_threads
+        from specdm_cli.pipeline.synthesize.synthesize import synthesize as run_synthesize
+        from specdm_cli.pipeline.train.common import torch_threads
         from specdm_cli.stores import is_ours
         from specdm_cli.stores.atomic import remove_tree
 
@@ -754,13 +757,13 @@ def benchmark(
 ) -> None:
     """Report how good, how useful and how fast a synthetic dataset is."""
     with _domain_errors():
-        from specdm_cli.benchmark.downstream import DownstreamOptions
-        from specdm_cli.benchmark.render import print_tables
-        from specdm_cli.benchmark.report import report_json, report_schema
-        from specdm_cli.benchmark.run import BenchmarkRequest
-        from specdm_cli.benchmark.run import benchmark as run_benchmark
         from specdm_cli.errors import UsageError
-        from specdm_cli.pipeline.training import torch_threads
+        from specdm_cli.pipeline.benchmark.benchmark import BenchmarkRequest
+        from specdm_cli.pipeline.benchmark.benchmark import benchmark as run_benchmark
+        from specdm_cli.pipeline.benchmark.downstream import DownstreamOptions
+        from specdm_cli.pipeline.benchmark.render import print_tables
+        from specdm_cli.pipeline.benchmark.report import report_json, report_schema
+        from specdm_cli.pipeline.train.common import torch_threads
 
         if schema:
             _emit_json(report_schema())
@@ -841,7 +844,7 @@ def filter_command(
 
 
 def _write_preview(store: Path, picture: Path) -> None:
-    from specdm_cli.pipeline.preview import write_preview
+    from specdm_cli.pipeline.synthesize.preview import write_preview
     from specdm_cli.stores import open_store
 
     reader = open_store(store, allow_incomplete=True)

@@ -12,11 +12,11 @@ import numpy as np
 import pytest
 import zarr
 
-from specdm_cli.benchmark.downstream import DownstreamOptions, configurations
-from specdm_cli.benchmark.report import BenchmarkReport, load_report
 from specdm_cli.manifest import QualityScores, load_manifest
-from specdm_cli.pipeline.models import demo_model_path
-from specdm_cli.pipeline.run_manifest import load_run
+from specdm_cli.pipeline.benchmark.downstream import DownstreamOptions, configurations
+from specdm_cli.pipeline.benchmark.report import BenchmarkReport, load_report
+from specdm_cli.pipeline.runs.choose import demo_model_path
+from specdm_cli.pipeline.runs.run_manifest import load_run
 from specdm_cli.stores import open_store
 from specdm_cli.stores.quality import read_quality, write_quality
 from tests.conftest import prepare_demo, run_cli
@@ -290,7 +290,7 @@ def test_bad_input_is_one_line(
 
 
 def test_score_terms_are_ratios_to_the_typical_real_sample() -> None:
-    from specdm_cli.benchmark.scores import relative_to_typical
+    from specdm_cli.pipeline.benchmark.scores import relative_to_typical
 
     consistency = relative_to_typical(np.array([0.2, 0.5, 1.0, 0.0]), 0.5, higher_is_better=True)
     np.testing.assert_allclose(consistency, [0.4, 1.0, 1.0, 0.0])

@@ -13,10 +13,10 @@ import torch
 import zarr
 from diffusers import UNet2DModel
 
-from specdm_cli.pipeline.checkpoints import load_module
-from specdm_cli.pipeline.models import demo_model_path
-from specdm_cli.pipeline.run_manifest import load_run
-from specdm_cli.pipeline.vae_io import load_vae
+from specdm_cli.pipeline.runs.checkpoints import load_module
+from specdm_cli.pipeline.runs.choose import demo_model_path
+from specdm_cli.pipeline.runs.run_manifest import load_run
+from specdm_cli.pipeline.runs.vae_io import load_vae
 from tests.conftest import run_cli
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -18,7 +18,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from specdm_cli.pipeline.checkpoints import sha256_file
+from specdm_cli.pipeline.runs.checkpoints import sha256_file
 from tests.conftest import prepare_demo, run_cli
 from tests.fault_tools import assert_one_error_line, stage_of
 from tests.test_faults_inputs import GARBLING, garble

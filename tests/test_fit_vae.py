@@ -17,18 +17,18 @@ from safetensors.torch import load_file
 from specdm_cli.errors import Interrupted, UsageError
 from specdm_cli.manifest import SPLITS
 from specdm_cli.models.vae import SpecDMVAE
-from specdm_cli.pipeline.checkpoints import load_optimizer, save_optimizer
-from specdm_cli.pipeline.fit_vae import (
+from specdm_cli.pipeline.runs.checkpoints import load_optimizer, save_optimizer
+from specdm_cli.pipeline.runs.registry import newest_run, read_registry, record_run
+from specdm_cli.pipeline.runs.vae_io import load_branches, save_vae
+from specdm_cli.pipeline.signals import StopFlag
+from specdm_cli.pipeline.train.common import parse_devices, torch_threads
+from specdm_cli.pipeline.train.fit_vae import (
     FitVAERequest,
     VAETrainConfig,
     VAETrainer,
     fit_vae,
     model_config,
 )
-from specdm_cli.pipeline.registry import newest_run, read_registry, record_run
-from specdm_cli.pipeline.signals import StopFlag
-from specdm_cli.pipeline.training import parse_devices, torch_threads
-from specdm_cli.pipeline.vae_io import load_branches, save_vae
 from specdm_cli.stores import open_store
 from tests.conftest import manifest_of, prepare_demo, run_cli
 

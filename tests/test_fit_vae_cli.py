@@ -9,8 +9,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from specdm_cli.pipeline.checkpoints import sha256_file
-from specdm_cli.pipeline.registry import read_registry
+from specdm_cli.pipeline.runs.checkpoints import sha256_file
+from specdm_cli.pipeline.runs.registry import read_registry
 from tests.conftest import prepare_demo, run_cli
 
 TINY = ("--image-blocks", "8,16,16", "--mask-blocks", "8,8,16", "--norm-groups", "4",

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-from specdm_cli.pipeline.training import LossScaler
+from specdm_cli.pipeline.train.common import LossScaler
 
 
 def _trained(scaler: LossScaler, steps: int = 3) -> torch.nn.Linear:

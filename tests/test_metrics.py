@@ -16,20 +16,8 @@ import zarr
 
 from specdm_cli.errors import InputDataError, UsageError
 from specdm_cli.manifest import IMAGE_ARRAYS, LABEL_ARRAY
-from specdm_cli.metrics import (
-    FeatureNetwork,
-    MetricsOptions,
-    QualityReport,
-    compare_stores,
-    default_cache_dir,
-    load_or_train,
-    quality,
-)
-from specdm_cli.metrics.collect import collect, mean_iou
-from specdm_cli.metrics.features import default_config, file_sha256
 from specdm_cli.metrics.masks import mask_feature_dims, mask_features
 from specdm_cli.metrics.memorisation import nearest
-from specdm_cli.metrics.quality import split_indices
 from specdm_cli.metrics.stats import (
     MomentAccumulator,
     frechet_distance,
@@ -39,6 +27,21 @@ from specdm_cli.metrics.stats import (
     roc_auc_from_histograms,
     spectral_angle,
     wasserstein1,
+)
+from specdm_cli.pipeline.benchmark import quality
+from specdm_cli.pipeline.benchmark.collect import collect, mean_iou
+from specdm_cli.pipeline.benchmark.features import (
+    FeatureNetwork,
+    default_cache_dir,
+    default_config,
+    file_sha256,
+    load_or_train,
+)
+from specdm_cli.pipeline.benchmark.quality import (
+    MetricsOptions,
+    QualityReport,
+    compare_stores,
+    split_indices,
 )
 from specdm_cli.stores import StoreReader, open_store
 from tests.conftest import prepare_demo

@@ -14,7 +14,7 @@ import xarray as xr
 import zarr
 
 from specdm_cli.errors import Interrupted
-from specdm_cli.pipeline.prepare import PrepareRequest, prepare
+from specdm_cli.pipeline.prepare.prepare import PrepareRequest, prepare
 from specdm_cli.pipeline.signals import StopFlag
 from specdm_cli.sources.base import PrepareOptions
 from specdm_cli.stores import open_store

@@ -143,7 +143,7 @@ def test_geotiff_output(ss_run: Path, tmp_path: Path) -> None:
 def test_default_model_is_the_newest_registered_run(
     ss_run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from specdm_cli.pipeline.registry import record_run
+    from specdm_cli.pipeline.runs.registry import record_run
 
     record_run(ss_run, "ss", "diffusion", can_sample=True)
     code, stdout, stderr = run_cli(

@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from specdm_cli.pipeline.writer import BackgroundWriter
+from specdm_cli.pipeline.synthesize.writer import BackgroundWriter
 
 
 def test_items_are_written_in_order_on_another_thread() -> None:

@@ -7,7 +7,7 @@ from typing import Any
 
 import numpy as np
 
-from specdm_cli.metrics.collect import SetStats
+from specdm_cli.metrics.sets import SetStats
 
 
 def nearest(

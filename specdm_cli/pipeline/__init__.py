@@ -1,0 +1,1 @@
+"""The stages of the pipeline, one folder each: prepare, train, synthesize, benchmark; runs holds run dirs."""

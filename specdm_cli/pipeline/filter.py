@@ -12,7 +12,7 @@ import numpy as np
 
 from specdm_cli.errors import InputDataError, UsageError
 from specdm_cli.manifest import Manifest, ParentInfo
-from specdm_cli.pipeline.provenance import provenance
+from specdm_cli.pipeline.runs.provenance import provenance
 from specdm_cli.stores import (
     SampleMeta,
     StoreReader,

@@ -13,10 +13,10 @@ from torch import nn
 
 from specdm_cli.errors import InputDataError
 from specdm_cli.manifest import IGNORE_INDEX, IMAGE_ARRAYS, LABEL_ARRAY
-from specdm_cli.metrics.collect import batches, mean_iou
-from specdm_cli.metrics.features import Progress, band_statistics, default_config
-from specdm_cli.metrics.network import FeatureNetConfig
-from specdm_cli.metrics.training import TrainData, class_weights, fit
+from specdm_cli.models.feature_net import FeatureNetConfig
+from specdm_cli.pipeline.benchmark.collect import batches, mean_iou
+from specdm_cli.pipeline.benchmark.feature_training import TrainData, class_weights, fit
+from specdm_cli.pipeline.benchmark.features import Progress, band_statistics, default_config
 from specdm_cli.stores import StoreReader
 
 from .report import Downstream, DownstreamRow

@@ -8,8 +8,8 @@ import torch
 
 from specdm_cli.errors import ModelError
 from specdm_cli.models.vae import SpecDMVAE, VAEConfig
-from specdm_cli.pipeline.checkpoints import load_module, save_module
-from specdm_cli.pipeline.run_manifest import RunManifest
+from specdm_cli.pipeline.runs.checkpoints import load_module, save_module
+from specdm_cli.pipeline.runs.run_manifest import RunManifest
 
 BRANCHES = {"image": "image_vae", "mask": "mask_vae", "joint": "joint_vae"}
 

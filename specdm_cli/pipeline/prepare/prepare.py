@@ -23,9 +23,9 @@ from specdm_cli.manifest import (
     array_names,
     load_manifest,
 )
-from specdm_cli.pipeline.provenance import provenance
+from specdm_cli.pipeline.prepare.tally import PrepareTally
+from specdm_cli.pipeline.runs.provenance import provenance
 from specdm_cli.pipeline.signals import StopFlag
-from specdm_cli.pipeline.stats import PrepareTally
 from specdm_cli.sources.base import Candidate, PrepareOptions, RawSample, SourceSpec, class_fraction
 from specdm_cli.sources.registry import READERS
 from specdm_cli.stores import SampleMeta, StoreWriter, create_store, open_writer, resolve_target

@@ -9,8 +9,8 @@ from importlib import resources
 from pathlib import Path
 
 from specdm_cli.errors import ModelError, UsageError
-from specdm_cli.pipeline.registry import newest_run
-from specdm_cli.pipeline.run_manifest import RunManifest, load_run
+from specdm_cli.pipeline.runs.registry import newest_run
+from specdm_cli.pipeline.runs.run_manifest import RunManifest, load_run
 
 
 @dataclass(frozen=True)

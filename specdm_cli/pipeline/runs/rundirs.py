@@ -10,14 +10,20 @@ from typing import Any, Literal
 
 from specdm_cli.errors import InputDataError, ModelError, UsageError
 from specdm_cli.faults import fault_point
-from specdm_cli.pipeline.checkpoints import (
+from specdm_cli.pipeline.runs.checkpoints import (
     load_optimizer,
     publish_folder,
     save_optimizer,
     weights_digests,
 )
-from specdm_cli.pipeline.registry import default_run_dir, record_run
-from specdm_cli.pipeline.run_manifest import RUN_FILE, RunManifest, StageState, load_run, save_run
+from specdm_cli.pipeline.runs.registry import default_run_dir, record_run
+from specdm_cli.pipeline.runs.run_manifest import (
+    RUN_FILE,
+    RunManifest,
+    StageState,
+    load_run,
+    save_run,
+)
 from specdm_cli.stores import StoreReader, is_ours
 from specdm_cli.stores.atomic import remove_stray_temporaries, remove_tree
 from specdm_cli.stores.lock import DirLock

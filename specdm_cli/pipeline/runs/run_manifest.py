@@ -12,7 +12,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from specdm_cli import __version__
 from specdm_cli.errors import ModelError
 from specdm_cli.manifest import Band, ClassInfo, Normalization, Task
-from specdm_cli.pipeline.checkpoints import verify_digests
+from specdm_cli.pipeline.runs.checkpoints import verify_digests
 from specdm_cli.stores.atomic import atomic_write_text
 
 RUN_FILE = "run.json"

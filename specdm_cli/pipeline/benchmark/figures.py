@@ -10,7 +10,7 @@ import matplotlib
 import numpy as np
 
 from specdm_cli.manifest import Manifest
-from specdm_cli.pipeline.preview import preview_row
+from specdm_cli.pipeline.synthesize.preview import preview_row
 from specdm_cli.stores import StoreReader
 
 from .report import BenchmarkReport

@@ -10,8 +10,8 @@ from typing import Any
 import torch
 
 from specdm_cli.errors import InputDataError, ModelError, UsageError
-from specdm_cli.pipeline.models import ChosenModel
-from specdm_cli.pipeline.run_manifest import RunManifest, load_run
+from specdm_cli.pipeline.runs.choose import ChosenModel
+from specdm_cli.pipeline.runs.run_manifest import RunManifest, load_run
 from specdm_cli.stores import StoreReader
 
 from .report import GeneratorInfo, Reconstruction, Throughput
@@ -78,8 +78,8 @@ def reconstruction(
     chosen: ChosenModel, real: StoreReader, device: torch.device, batch_size: int = 16
 ) -> Reconstruction:
     """Table 4: reconstruct the real val split (else test) through the run's VAE."""
-    from specdm_cli.pipeline.vae_io import load_vae
-    from specdm_cli.pipeline.vae_validation import validate
+    from specdm_cli.pipeline.runs.vae_io import load_vae
+    from specdm_cli.pipeline.train.vae_validation import validate
 
     split = "val" if real.indices("val").size else "test"
     indices = real.indices(split)
@@ -124,7 +124,7 @@ def _batch_sampler(
     chosen: ChosenModel, device: torch.device, sampler: Any, precision: Any, batch_size: int
 ) -> Callable[[range, int], None]:
     """A function drawing and decoding samples `indices` exactly as `synthesize` does."""
-    from specdm_cli.pipeline.synthesize import Sampler, SynthesizeRequest
+    from specdm_cli.pipeline.synthesize.synthesize import Sampler, SynthesizeRequest
 
     request = SynthesizeRequest(
         chosen, Path("unused"), batch_size, sampler, batch_size=batch_size, precision=precision

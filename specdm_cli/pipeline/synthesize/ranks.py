@@ -17,14 +17,14 @@ import torch
 from torch.multiprocessing.spawn import ProcessExitedException, ProcessRaisedException, spawn
 
 from specdm_cli.errors import EXIT_RESOURCE, Interrupted, SpecdmError, resource_error_from
-from specdm_cli.pipeline.shards import Shard, shard_batches
 from specdm_cli.pipeline.signals import StopFlag, graceful_stop
+from specdm_cli.pipeline.synthesize.shards import Shard, shard_batches
 from specdm_cli.stores import open_store
 
 if TYPE_CHECKING:
     from collections.abc import Callable
 
-    from specdm_cli.pipeline.synthesize import SynthesizeRequest
+    from specdm_cli.pipeline.synthesize.synthesize import SynthesizeRequest
 
 
 class RankFailed(SpecdmError):
@@ -99,7 +99,7 @@ def _rank(
     devices: list[torch.device],
     failures: SimpleQueue[tuple[str, int]],
 ) -> None:
-    from specdm_cli.pipeline.synthesize import synthesize
+    from specdm_cli.pipeline.synthesize.synthesize import synthesize
 
     part = replace(
         request,

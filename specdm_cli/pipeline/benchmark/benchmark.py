@@ -13,11 +13,21 @@ import numpy as np
 from specdm_cli import __version__
 from specdm_cli.errors import InputDataError
 from specdm_cli.manifest import QualityScores
-from specdm_cli.metrics import MetricsOptions, QualityReport, compare_stores, load_or_train
-from specdm_cli.metrics.features import FeatureNetwork, Progress, default_config, manifest_sha256
-from specdm_cli.metrics.quality import split_indices
-from specdm_cli.pipeline.models import choose_model
-from specdm_cli.pipeline.training import parse_device
+from specdm_cli.pipeline.benchmark.features import (
+    FeatureNetwork,
+    Progress,
+    default_config,
+    load_or_train,
+    manifest_sha256,
+)
+from specdm_cli.pipeline.benchmark.quality import (
+    MetricsOptions,
+    QualityReport,
+    compare_stores,
+    split_indices,
+)
+from specdm_cli.pipeline.runs.choose import choose_model
+from specdm_cli.pipeline.train.common import parse_device
 from specdm_cli.stores import StoreReader, open_store
 from specdm_cli.stores.atomic import atomic_write_text, remove_tree
 from specdm_cli.stores.lock import DirLock

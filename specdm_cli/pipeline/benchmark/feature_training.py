@@ -16,8 +16,8 @@ from torch import Tensor, nn
 from specdm_cli.errors import InputDataError
 from specdm_cli.manifest import IGNORE_INDEX, IMAGE_ARRAYS, LABEL_ARRAY
 from specdm_cli.metrics.masks import mask_feature_dims, mask_features
-from specdm_cli.metrics.network import FeatureNetConfig, build_network
 from specdm_cli.metrics.stats import MomentAccumulator
+from specdm_cli.models.feature_net import FeatureNetConfig, build_network
 from specdm_cli.stores import StoreReader
 
 Progress = Callable[[str, int, int], None]

@@ -19,12 +19,12 @@ from specdm_cli.errors import InputDataError, UsageError
 from specdm_cli.manifest import Manifest
 from specdm_cli.models.losses import class_weights_auto
 from specdm_cli.models.vae import SpecDMVAE, VAEConfig
-from specdm_cli.pipeline import rundirs as runs
-from specdm_cli.pipeline.distributed import data_parallel, launched_by_torchrun, run_ranks
-from specdm_cli.pipeline.provenance import provenance
-from specdm_cli.pipeline.run_manifest import load_run
+from specdm_cli.pipeline.runs import rundirs as runs
+from specdm_cli.pipeline.runs.provenance import provenance
+from specdm_cli.pipeline.runs.run_manifest import load_run
+from specdm_cli.pipeline.runs.vae_io import load_branches, save_vae
 from specdm_cli.pipeline.signals import StopFlag
-from specdm_cli.pipeline.training import (
+from specdm_cli.pipeline.train.common import (
     LossScaler,
     Precision,
     autocast,
@@ -34,8 +34,8 @@ from specdm_cli.pipeline.training import (
     to_tensors,
     validation_indices,
 )
-from specdm_cli.pipeline.vae_io import load_branches, save_vae
-from specdm_cli.pipeline.vae_validation import validate
+from specdm_cli.pipeline.train.distributed import data_parallel, launched_by_torchrun, run_ranks
+from specdm_cli.pipeline.train.vae_validation import validate
 from specdm_cli.stores import StoreReader, open_store
 
 Progress = Callable[[int, int, dict[str, float]], None]

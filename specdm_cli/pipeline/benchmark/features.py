@@ -18,8 +18,8 @@ from torch import Tensor, nn
 
 from specdm_cli.errors import InputDataError
 from specdm_cli.metrics.masks import mask_features
-from specdm_cli.metrics.network import FeatureNetConfig, build_network
-from specdm_cli.metrics.training import Progress, train_network
+from specdm_cli.models.feature_net import FeatureNetConfig, build_network
+from specdm_cli.pipeline.benchmark.feature_training import Progress, train_network
 from specdm_cli.stores import StoreReader
 from specdm_cli.stores.atomic import atomic_write_text, remove_tree
 

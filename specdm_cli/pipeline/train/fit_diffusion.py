@@ -17,19 +17,12 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from specdm_cli.errors import ModelError, UsageError
 from specdm_cli.models.diffusion import EMA, ScheduleConfig, UNetConfig, build_unet, ldm_betas
-from specdm_cli.pipeline import rundirs as runs
-from specdm_cli.pipeline.checkpoints import load_module, save_module
-from specdm_cli.pipeline.distributed import data_parallel, launched_by_torchrun, run_ranks
-from specdm_cli.pipeline.latent_cache import (
-    LatentCache,
-    cache_key,
-    encode_means,
-    open_cache,
-    open_or_build,
-)
-from specdm_cli.pipeline.run_manifest import RunManifest, load_run
+from specdm_cli.pipeline.runs import rundirs as runs
+from specdm_cli.pipeline.runs.checkpoints import load_module, save_module
+from specdm_cli.pipeline.runs.run_manifest import RunManifest, load_run
+from specdm_cli.pipeline.runs.vae_io import load_vae
 from specdm_cli.pipeline.signals import StopFlag
-from specdm_cli.pipeline.training import (
+from specdm_cli.pipeline.train.common import (
     LossScaler,
     Precision,
     autocast,
@@ -37,7 +30,14 @@ from specdm_cli.pipeline.training import (
     step_seed,
     validation_indices,
 )
-from specdm_cli.pipeline.vae_io import load_vae
+from specdm_cli.pipeline.train.distributed import data_parallel, launched_by_torchrun, run_ranks
+from specdm_cli.pipeline.train.latent_cache import (
+    LatentCache,
+    cache_key,
+    encode_means,
+    open_cache,
+    open_or_build,
+)
 from specdm_cli.stores import open_store
 
 Progress = Callable[[str, int, int], None]

@@ -24,17 +24,23 @@ from specdm_cli.manifest import (
 )
 from specdm_cli.models.diffusion import SamplerName, ScheduleConfig
 from specdm_cli.models.samplers import DEFAULT_STEPS, sample_generator, sample_latents
-from specdm_cli.pipeline.checkpoints import load_module
-from specdm_cli.pipeline.models import ChosenModel
-from specdm_cli.pipeline.provenance import provenance
-from specdm_cli.pipeline.require import Requirement, accepted, give_up, resume_draw
-from specdm_cli.pipeline.run_manifest import latent_shift
-from specdm_cli.pipeline.shards import Shard, finalize, join_or_create, shard_batches, write_record
+from specdm_cli.pipeline.runs.checkpoints import load_module
+from specdm_cli.pipeline.runs.choose import ChosenModel
+from specdm_cli.pipeline.runs.provenance import provenance
+from specdm_cli.pipeline.runs.run_manifest import latent_shift
+from specdm_cli.pipeline.runs.vae_io import load_vae
 from specdm_cli.pipeline.signals import StopFlag
-from specdm_cli.pipeline.synth_ranks import run_on_devices
-from specdm_cli.pipeline.training import Precision, autocast, parse_device, parse_devices
-from specdm_cli.pipeline.vae_io import load_vae
-from specdm_cli.pipeline.writer import BackgroundWriter
+from specdm_cli.pipeline.synthesize.ranks import run_on_devices
+from specdm_cli.pipeline.synthesize.require import Requirement, accepted, give_up, resume_draw
+from specdm_cli.pipeline.synthesize.shards import (
+    Shard,
+    finalize,
+    join_or_create,
+    shard_batches,
+    write_record,
+)
+from specdm_cli.pipeline.synthesize.writer import BackgroundWriter
+from specdm_cli.pipeline.train.common import Precision, autocast, parse_device, parse_devices
 from specdm_cli.sources.base import class_fraction
 from specdm_cli.stores import SampleMeta, open_store, open_writer
 from specdm_cli.stores.base import MANIFEST_NAME

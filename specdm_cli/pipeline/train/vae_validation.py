@@ -9,7 +9,7 @@ import torch.nn.functional as F  # noqa: N812
 from specdm_cli.manifest import IGNORE_INDEX, IMAGE_ARRAYS, LABEL_ARRAY, Task
 from specdm_cli.models.losses import denormalize, spectral_angle
 from specdm_cli.models.vae import SpecDMVAE
-from specdm_cli.pipeline.training import load_batch, to_tensors
+from specdm_cli.pipeline.train.common import load_batch, to_tensors
 from specdm_cli.stores import StoreReader
 
 

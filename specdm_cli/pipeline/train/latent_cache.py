@@ -23,7 +23,7 @@ import zarr
 from specdm_cli.errors import InputDataError
 from specdm_cli.faults import fault_point
 from specdm_cli.models.vae import SpecDMVAE
-from specdm_cli.pipeline.training import d4, load_batch, to_tensors
+from specdm_cli.pipeline.train.common import d4, load_batch, to_tensors
 from specdm_cli.stores import StoreReader
 from specdm_cli.stores.atomic import remove_tree
 

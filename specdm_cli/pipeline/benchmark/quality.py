@@ -10,16 +10,9 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
 from specdm_cli.errors import InputDataError, UsageError
-from specdm_cli.metrics.collect import (
-    CHANGE_RATIO_EDGES,
-    CollectOptions,
-    SetStats,
-    collect,
-    mean_iou,
-)
-from specdm_cli.metrics.features import FeatureNetwork, Progress, manifest_sha256
 from specdm_cli.metrics.masks import MASK_FEATURES
 from specdm_cli.metrics.memorisation import memorisation
+from specdm_cli.metrics.sets import SetStats
 from specdm_cli.metrics.stats import (
     jensen_shannon,
     kid,
@@ -27,6 +20,13 @@ from specdm_cli.metrics.stats import (
     spectral_angle,
     wasserstein1,
 )
+from specdm_cli.pipeline.benchmark.collect import (
+    CHANGE_RATIO_EDGES,
+    CollectOptions,
+    collect,
+    mean_iou,
+)
+from specdm_cli.pipeline.benchmark.features import FeatureNetwork, Progress, manifest_sha256
 from specdm_cli.stores import StoreReader
 
 # Comparison splits. The reference's held-out samples (val + test) by default: the feature

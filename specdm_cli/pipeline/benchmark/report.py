@@ -10,7 +10,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from specdm_cli.errors import InputDataError
-from specdm_cli.metrics.quality import QualityReport
+from specdm_cli.pipeline.benchmark.quality import QualityReport
 
 REPORT_SCHEMA_VERSION = 1
 REPORT_NAME = "report.json"

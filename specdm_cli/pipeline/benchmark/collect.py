@@ -4,15 +4,16 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import torch.nn.functional as F  # noqa: N812 (the usual torch alias)
 
 from specdm_cli.manifest import IGNORE_INDEX, IMAGE_ARRAYS, LABEL_ARRAY
-from specdm_cli.metrics.features import FeatureNetwork, Progress
 from specdm_cli.metrics.masks import mask_feature_dims
+from specdm_cli.metrics.sets import SetStats
 from specdm_cli.metrics.stats import MomentAccumulator, spectral_angle
+from specdm_cli.pipeline.benchmark.features import FeatureNetwork, Progress
 from specdm_cli.stores import StoreReader
 
 # Spectral angles of non-negative spectra lie in [0, pi/2]; 4096 bins make ties in the
@@ -32,32 +33,6 @@ class CollectOptions:
     batch_size: int = 32
     pixel_grid: int = 8  # thumbnail cells per side for pixel-space neighbours
     full: bool = True  # False: only the neighbour banks (features, thumbnails)
-
-
-@dataclass
-class SetStats:
-    """Accumulated statistics of one sample set; memory O(N x (feature + thumbnail dims))."""
-
-    indices: np.ndarray
-    features: list[np.ndarray]
-    thumbnails: np.ndarray
-    image_moments: list[MomentAccumulator] = field(default_factory=list)
-    mask_moments: MomentAccumulator | None = None
-    joint_moments: MomentAccumulator | None = None
-    class_pixels: np.ndarray | None = None
-    class_spectra: np.ndarray | None = None
-    band_hist: np.ndarray | None = None
-    outside: int = 0
-    values: int = 0
-    confusion: np.ndarray | None = None
-    sample_miou: np.ndarray | None = None
-    change_ratio: np.ndarray | None = None
-    angle_hist: np.ndarray | None = None
-
-    @property
-    def joint_features(self) -> np.ndarray:
-        """(N, phases x D): the phases' features side by side (what KID and neighbours use)."""
-        return np.concatenate(self.features, axis=1)
 
 
 def batches(reader: StoreReader, indices: np.ndarray, size: int) -> Iterator[dict[str, np.ndarray]]:

@@ -1,1 +1,0 @@
-"""`specdm benchmark`: how good, how useful and how fast a synthetic dataset is."""

@@ -1,0 +1,1 @@
+"""benchmark: quality, memorisation, downstream utility and throughput of a synthetic store."""

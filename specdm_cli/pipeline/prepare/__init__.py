@@ -1,0 +1,1 @@
+"""prepare: raw dataset in, canonical store out (filters, normalisation statistics, resume)."""

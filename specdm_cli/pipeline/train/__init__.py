@@ -1,0 +1,1 @@
+"""fit-vae and fit-diffusion: devices, ranks, batches, checkpoints, latent cache, validation."""
