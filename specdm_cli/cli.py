@@ -12,15 +12,26 @@ import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict
-from enum import StrEnum
 from pathlib import Path
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
 from typer.core import TyperGroup
 
 from specdm_cli import __version__
+from specdm_cli.config import (
+    DemoBandSet,
+    Devices,
+    Precision,
+    Prediction,
+    Progress,
+    SamplerName,
+    SourceName,
+    StoreFormat,
+    Task,
+    parse_devices,
+)
 from specdm_cli.errors import (
     EXIT_RESOURCE,
     EXIT_SIGINT,
@@ -81,33 +92,39 @@ app = typer.Typer(
     add_completion=False,
 )
 stderr = Console(stderr=True, highlight=False)
-T = TypeVar("T")
 
 
-class Source(StrEnum):
-    segmunich = "segmunich"
-    oscd = "oscd"
-    geotiff = "geotiff"
-    demo = "demo"
-
-
-class StoreFormat(StrEnum):
-    zarr = "zarr"
-    geotiff = "geotiff"
-
-
-class DemoBands(StrEnum):
-    s2 = "s2"
-    hsi = "hsi"
-
-
-class TaskName(StrEnum):
-    ss = "ss"
-    cd = "cd"
+def _devices(value: str | Devices) -> Devices:
+    """`--gpus`, parsed once for every command; a bad value is a usage error."""
+    if isinstance(value, Devices):
+        return value
+    try:
+        return parse_devices(value)
+    except SpecdmError as error:
+        raise typer.BadParameter(error.message) from None
 
 
 JsonOption = Annotated[bool, typer.Option("--json", help="Print one JSON summary on stdout.")]
 QuietOption = Annotated[bool, typer.Option("--quiet", "-q", help="No progress on stderr.")]
+GpusOption = Annotated[
+    Devices,
+    typer.Option(
+        parser=_devices,
+        metavar="0,1|cpu:N",
+        show_default="CPU",
+        help="CUDA devices, one process each (e.g. 0 or 0,1); cpu:N = N CPU processes.",
+    ),
+]
+ThreadsOption = Annotated[int | None, typer.Option(min=1, help="CPU threads for torch.")]
+PrecisionOption = Annotated[
+    Precision | None, typer.Option(help="fp32, bf16, fp16 (CUDA only) [fp32].")
+]
+ResumeOption = Annotated[
+    bool, typer.Option(help="Continue an interrupted run of the same command.")
+]
+OverwriteOption = Annotated[
+    bool, typer.Option(help="Replace an existing output of the same kind that specdm made.")
+]
 
 
 def _version(value: bool) -> None:
@@ -166,19 +183,20 @@ def _emit_json(payload: Any) -> None:
 
 
 @contextmanager
-def _progress_bar(description: str, quiet: bool) -> Iterator[Callable[[int, int], None]]:
-    """A rich progress bar on stderr, fed by a (done, total) callback."""
+def _progress(name: str, quiet: bool) -> Iterator[Progress]:
+    """A rich progress bar on stderr fed by progress(stage, done, total); a new stage is named
+    on its own line and restarts the bar."""
     from rich.progress import (
         BarColumn,
         MofNCompleteColumn,
-        Progress,
         TaskProgressColumn,
         TimeElapsedColumn,
         TimeRemainingColumn,
     )
+    from rich.progress import Progress as Bar
 
     if quiet:
-        yield lambda done, total: None
+        yield lambda stage, done, total: None
         return
     columns = (
         "[progress.description]{task.description}",
@@ -188,10 +206,15 @@ def _progress_bar(description: str, quiet: bool) -> Iterator[Callable[[int, int]
         TimeElapsedColumn(),
         TimeRemainingColumn(),
     )
-    with Progress(*columns, console=stderr, transient=False) as bar:
-        task = bar.add_task(description, total=None)
+    with Bar(*columns, console=stderr, transient=False) as bar:
+        task = bar.add_task(name, total=None)
+        stages: list[str] = []
 
-        def update(done: int, total: int) -> None:
+        def update(stage: str, done: int, total: int) -> None:
+            if stages[-1:] != [stage]:
+                stages.append(stage)
+                if stage != name:
+                    stderr.print(f"{name}: {stage}", markup=False)
             bar.update(task, completed=done, total=total)
 
         yield update
@@ -199,14 +222,12 @@ def _progress_bar(description: str, quiet: bool) -> Iterator[Callable[[int, int]
 
 @app.command()
 def prepare(
-    source: Annotated[Source, typer.Argument(help="segmunich, oscd, geotiff or demo.")],
+    source: Annotated[SourceName, typer.Argument(help="segmunich, oscd, geotiff or demo.")],
     raw: Annotated[Path | None, typer.Argument(help="Raw data folder (not for demo).")] = None,
     out: Annotated[
         Path | None, typer.Option("--out", "-o", help="Output store [./<source>.zarr].")
     ] = None,
-    store_format: Annotated[
-        StoreFormat, typer.Option("--format", help="Store format.")
-    ] = StoreFormat.zarr,
+    store_format: Annotated[StoreFormat, typer.Option("--format", help="Store format.")] = "zarr",
     resume: Annotated[
         bool, typer.Option(help="Continue an interrupted run of the same command.")
     ] = False,
@@ -234,12 +255,12 @@ def prepare(
         float | None, typer.Option(help="Fraction of source files for test [demo 0.1, else 0].")
     ] = None,
     seed: Annotated[int, typer.Option(help="Seed of split assignment and demo scenes.")] = 0,
-    task: Annotated[TaskName, typer.Option(help="Demo: ss or cd.")] = TaskName.ss,
+    task: Annotated[Task, typer.Option(help="Demo: ss or cd.")] = "ss",
     n: Annotated[int, typer.Option("--n", min=1, help="Demo: number of scenes.")] = 512,
     size: Annotated[int, typer.Option(help="Demo: scene size in pixels.")] = 64,
     demo_bands: Annotated[
-        DemoBands, typer.Option("--demo-bands", help="Demo: s2 (10 bands) or hsi (>=100).")
-    ] = DemoBands.s2,
+        DemoBandSet, typer.Option("--demo-bands", help="Demo: s2 (10 bands) or hsi (>=100).")
+    ] = "s2",
     workers: Annotated[int, typer.Option(help="Reader threads.")] = 4,
     json_output: JsonOption = False,
     quiet: QuietOption = False,
@@ -252,7 +273,7 @@ def prepare(
         from specdm_cli.sources.base import PrepareOptions
         from specdm_cli.sources.registry import NO_RAW
 
-        _check_raw(source.value, raw, NO_RAW)
+        _check_raw(source, raw, NO_RAW)
         options = PrepareOptions(
             bands=tuple(b.strip() for b in bands.split(",") if b.strip()) if bands else None,
             patch_size=patch_size,
@@ -261,19 +282,19 @@ def prepare(
             classes_file=classes,
             splits_file=splits,
             val_fraction=val_fraction,
-            test_fraction=_default_test_fraction(source.value, test_fraction),
+            test_fraction=_default_test_fraction(source, test_fraction),
             seed=seed,
-            task=task.value,
+            task=task,
             n=n,
             size=size,
-            band_set=demo_bands.value,
+            band_set=demo_bands,
         )
         _check_prepare_ranges(options)
         request = PrepareRequest(
-            source=source.value,
+            source=source,
             raw=raw,
-            out=out or Path(f"{source.value}.zarr"),
-            format=store_format.value,
+            out=out or Path(f"{source}.zarr"),
+            format=store_format,
             options=options,
             max_blank=max_blank,
             max_background=max_background,
@@ -281,7 +302,7 @@ def prepare(
             overwrite=overwrite,
             workers=workers,
         )
-        with graceful_stop() as stop, _progress_bar(f"prepare {source.value}", quiet) as progress:
+        with graceful_stop() as stop, _progress("prepare", quiet) as progress:
             summary = run_prepare(request, stop, progress)
         if not quiet:
             stderr.print(
@@ -363,17 +384,6 @@ def inspect(
             render_report(report, Console(highlight=False))
 
 
-class Precision(StrEnum):
-    fp32 = "fp32"
-    bf16 = "bf16"
-    fp16 = "fp16"
-
-
-class Prediction(StrEnum):
-    epsilon = "epsilon"
-    v_prediction = "v_prediction"
-
-
 def _config_or_usage_error(model: Any, **values: Any) -> Any:
     """Validate options into a pydantic config; the first problem becomes a usage error."""
     from pydantic import ValidationError
@@ -401,6 +411,11 @@ def _blocks(text: str | None) -> tuple[int, ...] | None:
         ) from None
 
 
+def _warn(quiet: bool) -> Callable[[str], None]:
+    """Where a stage's warnings and notices go: stderr, or nowhere with --quiet."""
+    return (lambda line: None) if quiet else (lambda line: stderr.print(line, markup=False))
+
+
 @app.command("fit-vae")
 def fit_vae(
     store: Annotated[Path, typer.Argument(help="A prepared store.")],
@@ -416,24 +431,18 @@ def fit_vae(
     sad_weight: Annotated[float | None, typer.Option(help="SAD weight [0.1, paper Eq. 1].")] = None,
     class_weights: Annotated[str | None, typer.Option(help="none or auto [auto].")] = None,
     seed: Annotated[int | None, typer.Option(help="Seed [0].")] = None,
-    precision: Annotated[
-        Precision | None, typer.Option(help="fp32, bf16, fp16 (CUDA only) [fp32].")
-    ] = None,
-    gpus: Annotated[
-        str | None, typer.Option(help="CUDA devices, e.g. 0 or 0,1; cpu:N = N CPU ranks [CPU].")
-    ] = None,
+    precision: PrecisionOption = None,
+    gpus: GpusOption = Devices(),  # noqa: B008 (an immutable value)
     workers: Annotated[
         int | None, typer.Option(help="Reader threads for the training batches [4].")
     ] = None,
-    threads: Annotated[int | None, typer.Option(help="CPU threads for torch.")] = None,
+    threads: ThreadsOption = None,
     val_every: Annotated[int | None, typer.Option(help="Validate every N steps [1000].")] = None,
     checkpoint_every: Annotated[
         int | None, typer.Option(help="Checkpoint every N steps [1000].")
     ] = None,
-    resume: Annotated[
-        bool, typer.Option(help="Continue the run from its last checkpoint.")
-    ] = False,
-    overwrite: Annotated[bool, typer.Option(help="Replace an existing run directory.")] = False,
+    resume: ResumeOption = False,
+    overwrite: OverwriteOption = False,
     split: Annotated[str | None, typer.Option(help="Split to train on [train].")] = None,
     limit: Annotated[
         int | None, typer.Option(help="Train on the first N pairs (paper protocol).")
@@ -461,15 +470,16 @@ def fit_vae(
 ) -> None:
     """Train the two-stream VAE (image and mask branches) on a store."""
     with _domain_errors():
+        from specdm_cli.config import VAETrainConfig
         from specdm_cli.pipeline.signals import graceful_stop
         from specdm_cli.pipeline.train.common import torch_threads
-        from specdm_cli.pipeline.train.fit_vae import FitVAERequest, VAETrainConfig
+        from specdm_cli.pipeline.train.fit_vae import FitVAERequest
         from specdm_cli.pipeline.train.fit_vae import fit_vae as run_fit_vae
 
         config = _config_or_usage_error(
             VAETrainConfig,
             batch_size=batch_size, lr=lr, steps=steps, kl_weight=kl_weight, sad_weight=sad_weight,
-            class_weights=class_weights, seed=seed, precision=precision.value if precision else None,
+            class_weights=class_weights, seed=seed, precision=precision,
             val_every=val_every, checkpoint_every=checkpoint_every, split=split, limit=limit,
             workers=workers,
             downsample=downsample, image_latent_channels=image_latent_channels,
@@ -477,14 +487,11 @@ def fit_vae(
             mask_block_out_channels=_blocks(mask_blocks), norm_num_groups=norm_groups,
             single_stream=single_stream or None, augment=augment,
         )  # fmt: skip
-        request = FitVAERequest(store, run, config, resume, overwrite, gpus)
-        warn = (lambda line: None) if quiet else (lambda line: stderr.print(line, markup=False))
-        with (
-            graceful_stop() as stop,
-            torch_threads(threads),
-            _progress_bar("fit-vae", quiet) as bar,
-        ):
-            summary = run_fit_vae(request, stop, lambda done, total, losses: bar(done, total), warn)
+        request = FitVAERequest(
+            store=store, run=run, config=config, resume=resume, overwrite=overwrite, devices=gpus
+        )
+        with graceful_stop() as stop, torch_threads(threads), _progress("fit-vae", quiet) as bar:
+            summary = run_fit_vae(request, stop, bar, _warn(quiet))
         if not quiet:
             stderr.print(f"{summary.state}: {summary.run} at step {summary.step}", markup=False)
         if json_output:
@@ -501,9 +508,7 @@ def fit_diffusion(
     ] = None,
     steps: Annotated[int | None, typer.Option(help="Training steps [50000].")] = None,
     seed: Annotated[int | None, typer.Option(help="Seed [0].")] = None,
-    precision: Annotated[
-        Precision | None, typer.Option(help="fp32, bf16, fp16 (CUDA only) [fp32].")
-    ] = None,
+    precision: PrecisionOption = None,
     ema_decay: Annotated[float | None, typer.Option(help="EMA decay [0.9999, LDM].")] = None,
     snr_gamma: Annotated[
         float | None,
@@ -525,43 +530,37 @@ def fit_diffusion(
         int | None, typer.Option(help="EMA loss on the val latents every N steps [1000].")
     ] = None,
     val_samples: Annotated[int | None, typer.Option(help="Val samples encoded [256].")] = None,
-    gpus: Annotated[
-        str | None, typer.Option(help="CUDA devices, e.g. 0 or 0,1; cpu:N = N CPU ranks [CPU].")
-    ] = None,
-    threads: Annotated[int | None, typer.Option(help="CPU threads for torch.")] = None,
-    resume: Annotated[bool, typer.Option(help="Continue from the last checkpoint.")] = False,
+    gpus: GpusOption = Devices(),  # noqa: B008 (an immutable value)
+    threads: ThreadsOption = None,
+    resume: ResumeOption = False,
     json_output: JsonOption = False,
     quiet: QuietOption = False,
 ) -> None:
     """Train the denoising U-Net on the joint latents of a run's VAE."""
     with _domain_errors():
+        from specdm_cli.config import DiffusionTrainConfig
         from specdm_cli.pipeline.signals import graceful_stop
         from specdm_cli.pipeline.train.common import torch_threads
-        from specdm_cli.pipeline.train.fit_diffusion import (
-            DiffusionTrainConfig,
-            FitDiffusionRequest,
-        )
+        from specdm_cli.pipeline.train.fit_diffusion import FitDiffusionRequest
         from specdm_cli.pipeline.train.fit_diffusion import fit_diffusion as run_fit_diffusion
 
         config = _config_or_usage_error(
             DiffusionTrainConfig,
-            batch_size=batch_size, lr=lr, steps=steps, seed=seed,
-            precision=precision.value if precision else None, ema_decay=ema_decay,
-            snr_gamma=snr_gamma, prediction=prediction.value if prediction else None,
+            batch_size=batch_size, lr=lr, steps=steps, seed=seed, precision=precision,
+            ema_decay=ema_decay, snr_gamma=snr_gamma, prediction=prediction,
             block_out_channels=_blocks(unet_blocks), layers_per_block=layers_per_block,
             norm_num_groups=norm_groups, attention_head_dim=head_dim, checkpoint_every=checkpoint_every,
             val_every=val_every, val_samples=val_samples,
         )  # fmt: skip
-        request = FitDiffusionRequest(run, config, resume, gpus, store)
-        warn = (lambda line: None) if quiet else (lambda line: stderr.print(line, markup=False))
+        request = FitDiffusionRequest(
+            run=run, config=config, resume=resume, devices=gpus, store=store
+        )
         with (
             graceful_stop() as stop,
             torch_threads(threads),
-            _progress_bar("fit-diffusion", quiet) as bar,
+            _progress("fit-diffusion", quiet) as bar,
         ):
-            summary = run_fit_diffusion(
-                request, stop, lambda stage, done, total: bar(done, total), warn
-            )
+            summary = run_fit_diffusion(request, stop, bar, _warn(quiet))
         if not quiet:
             val = f", val loss {summary.val_loss:.4f}" if summary.val_loss is not None else ""
             stderr.print(
@@ -572,12 +571,6 @@ def fit_diffusion(
             _emit_json(asdict(summary))
 
 
-class Sampler(StrEnum):
-    ddpm = "ddpm"
-    ddim = "ddim"
-    dpmpp = "dpmpp"
-
-
 @app.command()
 def synthesize(
     out: Annotated[Path | None, typer.Option("--out", "-o", help="Output store.")] = None,
@@ -585,12 +578,10 @@ def synthesize(
     model: Annotated[
         str | None, typer.Option(help="Run directory, or 'demo' [newest run of --task, else demo].")
     ] = None,
-    task: Annotated[
-        TaskName | None, typer.Option(help="ss or cd (picks the default model).")
-    ] = None,
+    task: Annotated[Task | None, typer.Option(help="ss or cd (picks the default model).")] = None,
     sampler: Annotated[
-        Sampler, typer.Option(help="ddpm (1000 steps, paper), ddim, dpmpp.")
-    ] = Sampler.dpmpp,
+        SamplerName, typer.Option(help="ddpm (1000 steps, paper), ddim, dpmpp.")
+    ] = "dpmpp",
     steps: Annotated[
         int | None, typer.Option(help="Denoising steps [ddpm 1000, ddim 20, dpmpp 10].")
     ] = None,
@@ -601,19 +592,15 @@ def synthesize(
             help="B: the batch grid, fixed when the store is created; auto = the store's, else 16 on CPU, 64 on CUDA."
         ),
     ] = "auto",
-    precision: Annotated[
-        Precision, typer.Option(help="fp32, bf16, fp16 (CUDA only).")
-    ] = Precision.fp32,
-    store_format: Annotated[
-        StoreFormat, typer.Option("--format", help="Store format.")
-    ] = StoreFormat.zarr,
+    precision: PrecisionOption = None,
+    store_format: Annotated[StoreFormat, typer.Option("--format", help="Store format.")] = "zarr",
     shard: Annotated[
         str | None, typer.Option(help="Write shard i of N (i/N), on batch-grid lines.")
     ] = None,
     finalize: Annotated[
         Path | None, typer.Option(help="Merge the shard records of a store and finish it.")
     ] = None,
-    overwrite: Annotated[bool, typer.Option(help="Replace an existing specdm store.")] = False,
+    overwrite: OverwriteOption = False,
     resume: Annotated[
         bool,
         typer.Option(
@@ -629,33 +616,18 @@ def synthesize(
             help="CLASS:MINFRAC[,...]: keep only samples with at least that fraction of each class."
         ),
     ] = None,
-    gpus: Annotated[
-        str | None,
-        typer.Option(
-            help="CUDA devices, one process each, e.g. 0 or 0,1; cpu:N = N CPU processes [CPU]."
-        ),
-    ] = None,
-    threads: Annotated[int | None, typer.Option(help="CPU threads for torch.")] = None,
+    gpus: GpusOption = Devices(),  # noqa: B008 (an immutable value)
+    threads: ThreadsOption = None,
     json_output: JsonOption = False,
     quiet: QuietOption = False,
 ) -> None:
     """Synthesize labelled pairs with a trained (or the shipped demo) model."""
     with _domain_errors():
-        from specdm_cli.errors import InputDataError, UsageError
-        from specdm_cli.pipeline.runs.choose import choose_model
+        from specdm_cli.errors import UsageError
         from specdm_cli.pipeline.signals import graceful_stop
-        from specdm_cli.pipeline.synthesize.require import parse_require
+        from specdm_cli.pipeline.synthesize.command import SynthesizeOptions, synthesize_store
         from specdm_cli.pipeline.synthesize.shards import finalize as finalize_store
-        from specdm_cli.pipeline.synthesize.shards import parse_shard
-        from specdm_cli.pipeline.synthesize.synthesize import (
-            SynthesizeRequest,
-            parse_batch_size,
-            resolve_batch_size,
-        )
-        from specdm_cli.pipeline.synthesize.synthesize import synthesize as run_synthesize
         from specdm_cli.pipeline.train.common import torch_threads
-        from specdm_cli.stores import is_ours
-        from specdm_cli.stores.atomic import remove_tree
 
         if finalize is not None:
             finalize_store(finalize, required=True)
@@ -665,39 +637,13 @@ def synthesize(
             raise UsageError(
                 "synthesize needs --out and --n >= 1", hint="e.g. --n 1000 --out syn.zarr"
             )
-        chosen_shard = parse_shard(shard)
-        grid = parse_batch_size(batch_size)
-        chosen = choose_model(model, task.value if task else None)
-        if task is not None and chosen.manifest.task != task.value:
-            raise UsageError(
-                f"the model is for task {chosen.manifest.task}, not {task.value}",
-                hint="drop --task or pick another --model",
-            )
-        if not quiet:
-            stderr.print(
-                f"model: {chosen.path} ({chosen.kind}, sha256 {chosen.sha256[:12]})", markup=False
-            )
-        if overwrite and out.exists():
-            if not is_ours(out):
-                raise InputDataError(
-                    "refusing to overwrite a folder that is not a specdm store",
-                    out,
-                    "remove it yourself",
-                )
-            remove_tree(out)
-        requirements = parse_require(require, chosen.manifest.classes)
-        request = SynthesizeRequest(
-            chosen, out, n, sampler.value, steps, seed, resolve_batch_size(grid, out, gpus), precision.value,
-            store_format.value, chosen_shard, gpus, requirements,
+        options = SynthesizeOptions(
+            out=out, n=n, model=model, task=task, sampler=sampler, steps=steps, seed=seed,
+            batch_size=batch_size, precision=precision or "fp32", format=store_format,
+            shard=shard, devices=gpus, require=require, overwrite=overwrite, preview=preview,
         )  # fmt: skip
-        with (
-            graceful_stop() as stop,
-            torch_threads(threads),
-            _progress_bar("synthesize (batches)", quiet) as bar,
-        ):
-            summary = run_synthesize(request, stop, bar)
-        if preview is not None:
-            _write_preview(out, preview)
+        with graceful_stop() as stop, torch_threads(threads), _progress("synthesize", quiet) as bar:
+            summary = synthesize_store(options, stop, bar, _warn(quiet))
         if not quiet:
             state = "complete" if summary.complete else "shard done, store not complete yet"
             stderr.print(
@@ -746,9 +692,9 @@ def benchmark(
     ] = None,
     throughput_batches: Annotated[int, typer.Option(min=1, help="Batches timed for pairs/s.")] = 2,
     batch_size: Annotated[int, typer.Option(min=1, help="Samples per metrics batch.")] = 32,
-    gpus: Annotated[str | None, typer.Option(help="CUDA device, e.g. 0 [CPU].")] = None,
-    threads: Annotated[int | None, typer.Option(help="CPU threads for torch.")] = None,
-    overwrite: Annotated[bool, typer.Option(help="Replace an existing report folder.")] = False,
+    gpus: GpusOption = Devices(),  # noqa: B008 (an immutable value)
+    threads: ThreadsOption = None,
+    overwrite: OverwriteOption = False,
     schema: Annotated[
         bool, typer.Option("--schema", help="Print the report.json JSON Schema.")
     ] = False,
@@ -757,10 +703,10 @@ def benchmark(
 ) -> None:
     """Report how good, how useful and how fast a synthetic dataset is."""
     with _domain_errors():
+        from specdm_cli.config import DownstreamOptions
         from specdm_cli.errors import UsageError
         from specdm_cli.pipeline.benchmark.benchmark import BenchmarkRequest
         from specdm_cli.pipeline.benchmark.benchmark import benchmark as run_benchmark
-        from specdm_cli.pipeline.benchmark.downstream import DownstreamOptions
         from specdm_cli.pipeline.benchmark.render import print_tables
         from specdm_cli.pipeline.benchmark.report import report_json, report_schema
         from specdm_cli.pipeline.train.common import torch_threads
@@ -783,10 +729,12 @@ def benchmark(
             ratios=ratios,
         )
         request = BenchmarkRequest(
-            real, synthetic, out, model, options if downstream else None, write_scores, compare,
-            overwrite, feature_steps, label, gpus, throughput_batches, batch_size,
+            real=real, synthetic=synthetic, out=out, model=model,
+            downstream=options if downstream else None, write_scores=write_scores,
+            compare=compare, overwrite=overwrite, feature_steps=feature_steps, label=label,
+            devices=gpus, throughput_batches=throughput_batches, batch_size=batch_size,
         )  # fmt: skip
-        with torch_threads(threads), _staged_progress("benchmark", quiet) as progress:
+        with torch_threads(threads), _progress("benchmark", quiet) as progress:
             report, folder = run_benchmark(request, progress)
         if json_output:
             sys.stdout.write(report_json(report, per_sample=False) + "\n")
@@ -794,21 +742,6 @@ def benchmark(
             print_tables(report, Console(highlight=False))
         if not quiet:
             stderr.print(f"report: {folder / 'report.md'}", markup=False)
-
-
-@contextmanager
-def _staged_progress(name: str, quiet: bool) -> Iterator[Callable[[str, int, int], None]]:
-    """A progress bar fed by (stage, done, total): the bar restarts, named, at each stage."""
-    with _progress_bar(name, quiet) as bar:
-        current: list[str] = []
-
-        def update(stage: str, done: int, total: int) -> None:
-            if not quiet and current[-1:] != [stage]:
-                current.append(stage)
-                stderr.print(f"{name}: {stage}", markup=False)
-            bar(done, total)
-
-        yield update
 
 
 @app.command("filter")
@@ -820,7 +753,7 @@ def filter_command(
         float, typer.Option(help="Keep the samples scoring at least this (0..1).")
     ],
     out: Annotated[Path | None, typer.Option("--out", "-o", help="The subset store.")] = None,
-    overwrite: Annotated[bool, typer.Option(help="Replace an existing specdm store.")] = False,
+    overwrite: OverwriteOption = False,
     json_output: JsonOption = False,
     quiet: QuietOption = False,
 ) -> None:
@@ -831,7 +764,7 @@ def filter_command(
 
         if out is None:
             raise UsageError("filter needs --out", hint="e.g. --out syn-good.zarr")
-        with _progress_bar("filter", quiet) as bar:
+        with _progress("filter", quiet) as bar:
             summary = filter_store(FilterRequest(store, min_quality, out, overwrite), bar)
         if not quiet:
             stderr.print(
@@ -841,15 +774,6 @@ def filter_command(
             )
         if json_output:
             _emit_json(asdict(summary))
-
-
-def _write_preview(store: Path, picture: Path) -> None:
-    from specdm_cli.pipeline.synthesize.preview import write_preview
-    from specdm_cli.stores import open_store
-
-    reader = open_store(store, allow_incomplete=True)
-    first = [int(i) for i in reader.indices()[:8]]
-    write_preview(picture, [reader.read(i) for i in first], reader.manifest)
 
 
 def main() -> None:

@@ -4,17 +4,17 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from specdm_cli.config import StoreFormat as StoreFormat
+from specdm_cli.config import Task as Task
 from specdm_cli.errors import InputDataError
 
 SCHEMA_VERSION = 1
 IGNORE_INDEX = 255
 SPLITS = ("train", "val", "test", "synthetic")
-Task = Literal["ss", "cd"]
-StoreFormat = Literal["zarr", "geotiff"]
 
 # Array names: the one vocabulary of Zarr arrays, GeoTIFF folders, Dataset keys and the manifest.
 IMAGE_ARRAYS: dict[str, tuple[str, ...]] = {"ss": ("image",), "cd": ("image_t1", "image_t2")}

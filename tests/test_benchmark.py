@@ -12,8 +12,9 @@ import numpy as np
 import pytest
 import zarr
 
+from specdm_cli.config import DownstreamOptions
 from specdm_cli.manifest import QualityScores, load_manifest
-from specdm_cli.pipeline.benchmark.downstream import DownstreamOptions, configurations
+from specdm_cli.pipeline.benchmark.downstream import configurations
 from specdm_cli.pipeline.benchmark.report import BenchmarkReport, load_report
 from specdm_cli.pipeline.runs.choose import demo_model_path
 from specdm_cli.pipeline.runs.run_manifest import load_run

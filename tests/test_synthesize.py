@@ -321,7 +321,8 @@ def test_batch_size_auto_joins_the_stores_grid(ss_run: Path, tmp_path: Path) -> 
 
 @pytest.mark.slow  # two spawned processes each import torch and diffusers: about 20-30 s
 def test_two_cpu_ranks_write_the_single_run_bytes(ss_run: Path, tmp_path: Path) -> None:
-    assert synth(ss_run, tmp_path / "one.zarr", "--n", "10")[0] == 0
+    # Each of 2 ranks gets half of --threads 2: the single run uses the same 1 thread.
+    assert synth(ss_run, tmp_path / "one.zarr", "--n", "10", "--threads", "1")[0] == 0
     code, stdout, stderr = synth(ss_run, tmp_path / "two.zarr", "--n", "10", "--gpus", "cpu:2",
                                  "--json")  # fmt: skip
     assert code == 0, stderr
@@ -333,3 +334,23 @@ def test_two_cpu_ranks_write_the_single_run_bytes(ss_run: Path, tmp_path: Path) 
     code, _, stderr = synth(ss_run, tmp_path / "r.zarr", "--n", "2", "--gpus", "cpu:2",
                             "--require", "0:0.1")  # fmt: skip
     assert code == 2 and "cannot be split" in stderr
+
+
+@pytest.mark.slow  # two spawned processes each import torch and diffusers: about 20-30 s
+def test_cpu_ranks_without_batch_size_use_the_cpu_default_grid(
+    ss_run: Path, tmp_path: Path
+) -> None:
+    # --gpus is parsed once for every command: B auto with cpu:2 is the CPU default (16), not a
+    # "this command runs on one device" refusal.
+    common = ("synthesize", "--model", ss_run, "--n", "20", "--steps", "4", "--quiet", "--json")
+    code, _, stderr = run_cli(*common, "--out", tmp_path / "one.zarr", "--threads", "1")
+    assert code == 0, stderr
+    code, stdout, stderr = run_cli(
+        *common, "--out", tmp_path / "two.zarr", "--gpus", "cpu:2", "--threads", "2"
+    )
+    assert code == 0, stderr
+    assert json.loads(stdout)["written"] == 20
+    assert json.loads((tmp_path / "two.zarr" / "manifest.json").read_text())["batch_grid"] == 16
+    one, two = arrays(tmp_path / "one.zarr"), arrays(tmp_path / "two.zarr")
+    for name in ("image", "mask", "written", "class_fraction"):
+        np.testing.assert_array_equal(one[name], two[name], err_msg=name)

@@ -9,7 +9,7 @@ from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler,
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import nn
 
-SamplerName = Literal["ddpm", "ddim", "dpmpp"]
+from specdm_cli.config import SamplerName
 
 
 class UNetConfig(BaseModel):

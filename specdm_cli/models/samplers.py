@@ -8,7 +8,8 @@ from typing import Any
 
 import torch
 
-from specdm_cli.models.diffusion import SamplerName, ScheduleConfig, make_scheduler
+from specdm_cli.config import SamplerName
+from specdm_cli.models.diffusion import ScheduleConfig, make_scheduler
 
 # DDPM is the paper's 1000-step reference. dpmpp 10 and ddim 20: the fewest steps of the ladder
 # 10/20/50 whose KID and mSAD are within 10% of DDPM-1000's on both shipped demo models (64

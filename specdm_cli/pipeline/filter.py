@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import hashlib
 import math
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from specdm_cli.config import Progress
 from specdm_cli.errors import InputDataError, UsageError
 from specdm_cli.manifest import Manifest, ParentInfo
 from specdm_cli.pipeline.runs.provenance import provenance
@@ -24,8 +24,6 @@ from specdm_cli.stores import (
 from specdm_cli.stores.base import MANIFEST_NAME
 from specdm_cli.stores.lock import DirLock
 from specdm_cli.stores.quality import read_quality, write_quality
-
-Progress = Callable[[int, int], None]
 
 
 @dataclass(frozen=True)
@@ -139,7 +137,7 @@ def _copy(
         ]
         writer.mark_written(start, metas)
         if progress is not None:
-            progress(min(start + grid, int(kept.size)), int(kept.size))
+            progress("filter", min(start + grid, int(kept.size)), int(kept.size))
 
 
 def _finish(

@@ -5,36 +5,35 @@ from __future__ import annotations
 import os
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from specdm_cli import __version__
+from specdm_cli.config import Devices, DownstreamOptions, MetricsOptions, Progress
 from specdm_cli.errors import InputDataError
 from specdm_cli.manifest import QualityScores
 from specdm_cli.pipeline.benchmark.features import (
     FeatureNetwork,
-    Progress,
     default_config,
     load_or_train,
     manifest_sha256,
 )
 from specdm_cli.pipeline.benchmark.quality import (
-    MetricsOptions,
     QualityReport,
     compare_stores,
     split_indices,
 )
 from specdm_cli.pipeline.runs.choose import choose_model
-from specdm_cli.pipeline.train.common import parse_device
+from specdm_cli.pipeline.train.common import torch_devices
 from specdm_cli.stores import StoreReader, open_store
 from specdm_cli.stores.atomic import atomic_write_text, remove_tree
 from specdm_cli.stores.lock import DirLock
 from specdm_cli.stores.quality import write_quality
 
 from . import generator as gen
-from .downstream import DownstreamOptions, run_downstream
+from .downstream import run_downstream
 from .render import markdown
 from .report import (
     MARKDOWN_NAME,
@@ -67,7 +66,7 @@ class BenchmarkRequest:
     overwrite: bool = False
     feature_steps: int | None = None  # None: the feature network's default budget
     label: str | None = None
-    gpus: str | None = None
+    devices: Devices = field(default_factory=Devices)
     throughput_batches: int = 2
     batch_size: int = 32
 
@@ -128,7 +127,7 @@ def benchmark(
     chosen = choose_model(request.model, real.manifest.task) if request.model else None
     if chosen is not None:
         gen.check_model_fits(chosen, real)
-    device = parse_device(request.gpus)
+    device = torch_devices(request.devices.one())[0]
     overrides = {"steps": request.feature_steps} if request.feature_steps else {}
     network = load_or_train(
         real, default_config(real, **overrides), device=str(device), progress=progress

@@ -9,11 +9,12 @@ from dataclasses import dataclass
 import numpy as np
 import torch.nn.functional as F  # noqa: N812 (the usual torch alias)
 
+from specdm_cli.config import Progress
 from specdm_cli.manifest import IGNORE_INDEX, IMAGE_ARRAYS, LABEL_ARRAY
 from specdm_cli.metrics.masks import mask_feature_dims
 from specdm_cli.metrics.sets import SetStats
 from specdm_cli.metrics.stats import MomentAccumulator, spectral_angle
-from specdm_cli.pipeline.benchmark.features import FeatureNetwork, Progress
+from specdm_cli.pipeline.benchmark.features import FeatureNetwork
 from specdm_cli.stores import StoreReader
 
 # Spectral angles of non-negative spectra lie in [0, pi/2]; 4096 bins make ties in the

@@ -11,12 +11,13 @@ import numpy as np
 import torch
 from torch import nn
 
+from specdm_cli.config import DownstreamOptions, Progress
 from specdm_cli.errors import InputDataError
 from specdm_cli.manifest import IGNORE_INDEX, IMAGE_ARRAYS, LABEL_ARRAY
 from specdm_cli.models.feature_net import FeatureNetConfig
 from specdm_cli.pipeline.benchmark.collect import batches, mean_iou
 from specdm_cli.pipeline.benchmark.feature_training import TrainData, class_weights, fit
-from specdm_cli.pipeline.benchmark.features import Progress, band_statistics, default_config
+from specdm_cli.pipeline.benchmark.features import band_statistics, default_config
 from specdm_cli.stores import StoreReader
 
 from .report import Downstream, DownstreamRow
@@ -31,20 +32,6 @@ NETWORK = {
     "ss": "compact U-Net segmenter (metrics.network.SegmentationNet)",
     "cd": "siamese U-Net change detector, shared encoder on t1/t2 (metrics.network.SiameseChangeNet)",
 }
-
-
-@dataclass(frozen=True)
-class DownstreamOptions:
-    """Budget and data of the downstream runs; identical for every configuration."""
-
-    # 1000 steps of 16 (our choice): ~1 min per configuration at 32 px on 2 CPU cores.
-    steps: int = 1000
-    batch_size: int = 16
-    lr: float = 2e-3
-    seed: int = 0
-    width: int = 16
-    real_limit: int | None = None  # None: the paper's 2000 (ss) / 100 (cd)
-    ratios: tuple[int, ...] = (5,)  # synthetic pairs per real pair; the paper's Table 6 varies it
 
 
 @dataclass(frozen=True)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F  # noqa: N812 (the usual torch alias)
 from torch import Tensor, nn
 
+from specdm_cli.config import Progress
 from specdm_cli.errors import InputDataError
 from specdm_cli.manifest import IGNORE_INDEX, IMAGE_ARRAYS, LABEL_ARRAY
 from specdm_cli.metrics.masks import mask_feature_dims, mask_features
@@ -20,7 +21,6 @@ from specdm_cli.metrics.stats import MomentAccumulator
 from specdm_cli.models.feature_net import FeatureNetConfig, build_network
 from specdm_cli.stores import StoreReader
 
-Progress = Callable[[str, int, int], None]
 # Training data is held in memory below this size, else read from the store at every step.
 PRELOAD_BYTES = 512 * 2**20
 # Standardisation floors: an image feature dimension is never scaled up by more than 1e6, and a

@@ -16,14 +16,15 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
+from specdm_cli.config import Progress
 from specdm_cli.errors import InputDataError
 from specdm_cli.metrics.masks import mask_features
 from specdm_cli.models.feature_net import FeatureNetConfig, build_network
-from specdm_cli.pipeline.benchmark.feature_training import Progress, train_network
+from specdm_cli.pipeline.benchmark.feature_training import train_network
 from specdm_cli.stores import StoreReader
 from specdm_cli.stores.atomic import atomic_write_text, remove_tree
 
-__all__ = ["FeatureNetwork", "Progress", "default_cache_dir", "load_or_train"]
+__all__ = ["FeatureNetwork", "default_cache_dir", "load_or_train"]
 
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"

@@ -7,8 +7,9 @@ from dataclasses import replace
 from typing import Any
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, Field
 
+from specdm_cli.config import MetricsOptions, Progress
 from specdm_cli.errors import InputDataError, UsageError
 from specdm_cli.metrics.masks import MASK_FEATURES
 from specdm_cli.metrics.memorisation import memorisation
@@ -26,32 +27,13 @@ from specdm_cli.pipeline.benchmark.collect import (
     collect,
     mean_iou,
 )
-from specdm_cli.pipeline.benchmark.features import FeatureNetwork, Progress, manifest_sha256
+from specdm_cli.pipeline.benchmark.features import FeatureNetwork, manifest_sha256
 from specdm_cli.stores import StoreReader
 
 # Comparison splits. The reference's held-out samples (val + test) by default: the feature
 # network was fitted on train, so train features are tighter than those of unseen data and
 # would flatter a generator that copies train. The candidate: all its samples.
 SPLIT_CHOICES = ("heldout", "train", "val", "test", "synthetic", "all")
-
-
-class MetricsOptions(BaseModel):
-    """How `compare_stores` samples and bins; every default says why."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    batch_size: int = Field(32, ge=1, description="samples per forward pass")
-    # Bińkowski et al. / torch-fidelity use 100 subsets of 1000; capped at half the smaller set.
-    kid_subsets: int = Field(100, ge=2, description="KID subsets")
-    kid_subset_size: int = Field(1000, ge=2, description="KID subset size")
-    seed: int = Field(0, description="seed of the KID subsets")
-    # 256 bins over the reference's padded value range: ~0.3% of the range per bin.
-    histogram_bins: int = Field(256, ge=2, description="bins of the per-band value histograms")
-    # 8 x 8 cells: coarse enough to ignore noise, fine enough that a copy stays a copy.
-    pixel_grid: int = Field(8, ge=1, description="cells per side of the pixel-space thumbnail")
-    # A new real sample falls below the 1st percentile of real held-out->train distances 1% of
-    # the time; a candidate fraction well above 0.01 means copies.
-    near_duplicate_percentile: float = Field(1.0, gt=0, lt=100, description="threshold percentile")
 
 
 class StoreSide(BaseModel):

@@ -13,6 +13,7 @@ from typing import Any, Literal
 import numpy as np
 
 from specdm_cli import __version__
+from specdm_cli.config import Progress
 from specdm_cli.errors import InputDataError, UsageError
 from specdm_cli.faults import fault_point
 from specdm_cli.manifest import (
@@ -34,7 +35,6 @@ from specdm_cli.stores.base import MANIFEST_NAME
 from specdm_cli.stores.lock import DirLock
 
 PROGRESS_FILE = ".specdm/prepare-progress.json"
-Progress = Callable[[int, int], None]
 
 
 @dataclass(frozen=True)
@@ -205,11 +205,11 @@ def _run_blocks(
                 stop.check()
             pending = upcoming
             if progress:
-                progress(tally.candidates_done, len(candidates))
+                progress("prepare", tally.candidates_done, len(candidates))
         if pending is not None:
             block.write([f.result() for f in pending])
         if progress:
-            progress(tally.candidates_done, len(candidates))
+            progress("prepare", tally.candidates_done, len(candidates))
 
 
 @dataclass

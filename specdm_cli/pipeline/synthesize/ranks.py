@@ -16,14 +16,13 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch.multiprocessing.spawn import ProcessExitedException, ProcessRaisedException, spawn
 
+from specdm_cli.config import Progress
 from specdm_cli.errors import EXIT_RESOURCE, Interrupted, SpecdmError, resource_error_from
 from specdm_cli.pipeline.signals import StopFlag, graceful_stop
 from specdm_cli.pipeline.synthesize.shards import Shard, shard_batches
 from specdm_cli.stores import open_store
 
 if TYPE_CHECKING:
-    from collections.abc import Callable
-
     from specdm_cli.pipeline.synthesize.synthesize import SynthesizeRequest
 
 
@@ -39,22 +38,17 @@ def sub_shard(shard: Shard, rank: int, world: int) -> Shard:
     return Shard(shard.index * world + rank, shard.count * world)
 
 
-def device_option(device: torch.device) -> str:
-    return "cpu" if device.type == "cpu" else str(device.index)
-
-
 def run_on_devices(
     request: SynthesizeRequest,
-    devices: list[torch.device],
     stop: StopFlag,
-    progress: Callable[[int, int], None] | None,
+    progress: Progress | None,
 ) -> int:
     """Synthesize this shard with one process per device; returns the samples this call wrote."""
     batches = shard_batches(request.n, request.batch_size, request.shard)
     before = _written(request, batches)
     failures: SimpleQueue[tuple[str, int]] = multiprocessing.get_context("spawn").SimpleQueue()
     context: Any = spawn(  # type: ignore[no-untyped-call]
-        _rank, args=(request, devices, failures), nprocs=len(devices), join=False
+        _rank, args=(request, failures), nprocs=request.devices.ranks, join=False
     )
     forwarded = False
     while not _joined(context):
@@ -63,7 +57,7 @@ def run_on_devices(
                 process.terminate()  # SIGTERM: the rank finishes its batch in hand
             forwarded = True
         if progress:
-            progress(_batches_done(request, batches), len(batches))
+            progress("synthesize", _batches_done(request, batches), len(batches))
     if not failures.empty():
         line, code = failures.get()
         raise RankFailed(line, code)
@@ -96,18 +90,17 @@ def _batches_done(request: SynthesizeRequest, batches: list[range]) -> int:
 def _rank(
     rank: int,
     request: SynthesizeRequest,
-    devices: list[torch.device],
     failures: SimpleQueue[tuple[str, int]],
 ) -> None:
     from specdm_cli.pipeline.synthesize.synthesize import synthesize
 
     part = replace(
         request,
-        shard=sub_shard(request.shard, rank, len(devices)),
-        gpus=device_option(devices[rank]),
+        shard=sub_shard(request.shard, rank, request.devices.ranks),
+        devices=request.devices.rank(rank),
     )
-    if devices[rank].type == "cpu":  # share the cores instead of oversubscribing them
-        torch.set_num_threads(max(1, torch.get_num_threads() // len(devices)))
+    if request.devices.kind == "cpu":  # share the cores instead of oversubscribing them
+        torch.set_num_threads(max(1, torch.get_num_threads() // request.devices.ranks))
     try:
         with graceful_stop() as stop:
             synthesize(part, stop)

@@ -3,15 +3,15 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import torch
 
 from specdm_cli import __version__
+from specdm_cli.config import Devices, Precision, Progress, SamplerName, StoreFormat
 from specdm_cli.errors import UsageError
 from specdm_cli.faults import fault_point
 from specdm_cli.manifest import (
@@ -22,7 +22,7 @@ from specdm_cli.manifest import (
     array_names,
     load_manifest,
 )
-from specdm_cli.models.diffusion import SamplerName, ScheduleConfig
+from specdm_cli.models.diffusion import ScheduleConfig
 from specdm_cli.models.samplers import DEFAULT_STEPS, sample_generator, sample_latents
 from specdm_cli.pipeline.runs.checkpoints import load_module
 from specdm_cli.pipeline.runs.choose import ChosenModel
@@ -40,13 +40,11 @@ from specdm_cli.pipeline.synthesize.shards import (
     write_record,
 )
 from specdm_cli.pipeline.synthesize.writer import BackgroundWriter
-from specdm_cli.pipeline.train.common import Precision, autocast, parse_device, parse_devices
+from specdm_cli.pipeline.train.common import autocast, torch_devices
 from specdm_cli.sources.base import class_fraction
 from specdm_cli.stores import SampleMeta, open_store, open_writer
 from specdm_cli.stores.base import MANIFEST_NAME
 from specdm_cli.stores.lock import DirLock
-
-Progress = Callable[[int, int], None]
 
 
 @dataclass(frozen=True)
@@ -61,9 +59,9 @@ class SynthesizeRequest:
     seed: int = 0
     batch_size: int = 16
     precision: Precision = "fp32"
-    format: Literal["zarr", "geotiff"] = "zarr"
+    format: StoreFormat = "zarr"
     shard: Shard = field(default_factory=Shard)
-    gpus: str | None = None
+    devices: Devices = field(default_factory=Devices)
     require: tuple[Requirement, ...] = ()
 
 
@@ -100,14 +98,14 @@ def parse_batch_size(text: str) -> int | None:
     return int(text)
 
 
-def resolve_batch_size(given: int | None, out: Path, gpus: str | None) -> int:
+def resolve_batch_size(given: int | None, out: Path, devices: Devices) -> int:
     """B as given, or for `auto` the grid of the store at `out` when it exists (so a resume or
     another shard needs no B), else a default for the device."""
     if given is not None:
         return given
     if (out / MANIFEST_NAME).is_file():
         return load_manifest(out / MANIFEST_NAME).batch_grid
-    return AUTO_BATCH[parse_device(gpus).type]
+    return AUTO_BATCH[devices.kind]
 
 
 def _plan(request: SynthesizeRequest, steps: int) -> dict[str, Any]:
@@ -239,17 +237,17 @@ def synthesize(
     started = time.monotonic()
     if request.n <= 0:
         raise UsageError("--n must be at least 1", hint="e.g. --n 1000")
-    devices = parse_devices(request.gpus)
-    if request.require and (request.shard.count > 1 or len(devices) > 1):
+    if request.require and (request.shard.count > 1 or request.devices.ranks > 1):
         raise UsageError(
             "--require cannot be split over shards or devices: sample i is the i-th accepted draw",
             hint="run it on one device (--resume continues an interrupted run)",
         )
     steps = request.steps or DEFAULT_STEPS[request.sampler]
+    devices = torch_devices(request.devices)
     manifest = join_or_create(request.out, _manifest(request, steps, devices[0]))
     batches = shard_batches(request.n, request.batch_size, request.shard)
-    if len(devices) > 1:
-        done = run_on_devices(request, devices, stop, progress)
+    if request.devices.ranks > 1:
+        done = run_on_devices(request, stop, progress)
         return _summary(request, started, Written(done), len(batches), 0, None)
     lock_name = f".specdm.lock.{request.shard.index}-of-{request.shard.count}"
     with DirLock(request.out, lock_name):
@@ -387,7 +385,7 @@ def _run(
             background.submit((indices, draws.take(indices)))
             samples += len(indices)
             if progress:
-                progress(number, total)
+                progress("synthesize", number, total)
             stop.check()
     return Written(samples, background.busy_seconds, background.blocked_seconds)
 

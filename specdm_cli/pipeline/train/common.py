@@ -8,51 +8,39 @@ import json
 from collections.abc import Callable, Iterator
 from concurrent.futures import Executor
 from pathlib import Path
-from typing import Literal
 
 import numpy as np
 import torch
 
+from specdm_cli.config import Devices, Precision
 from specdm_cli.errors import ModelError, ResourceError, UsageError
 from specdm_cli.manifest import IGNORE_INDEX, IMAGE_ARRAYS, LABEL_ARRAY, Task
 from specdm_cli.stores import StoreReader
 
-Precision = Literal["fp32", "bf16", "fp16"]
 
-
-def parse_devices(gpus: str | None) -> list[torch.device]:
-    """`--gpus`: none = the CPU; "0,1" = those CUDA devices, one rank each; "cpu:N" = N CPU ranks (gloo)."""
-    if gpus is None or gpus.strip().lower() == "cpu":
-        return [torch.device("cpu")]
-    text = gpus.strip().lower()
-    if text.startswith("cpu:"):
-        count = text.removeprefix("cpu:")
-        if not count.isdigit() or int(count) < 1:
-            raise UsageError(f"--gpus {gpus!r}: cpu:N needs N >= 1", hint="e.g. --gpus cpu:2")
-        return [torch.device("cpu")] * int(count)
-    devices = [d.strip() for d in text.split(",") if d.strip()]
-    if not devices or not all(d.isdigit() for d in devices):
-        raise UsageError(
-            f"--gpus {gpus!r} is not a list of device numbers", hint="e.g. --gpus 0,1 or cpu:2"
-        )
+def torch_devices(devices: Devices) -> list[torch.device]:
+    """One torch device per rank; CUDA asked for but absent is a resource error (exit 5)."""
+    if devices.kind == "cpu":
+        return [torch.device("cpu")] * devices.ranks
     if not torch.cuda.is_available():
         raise ResourceError(
             "CUDA was asked for but no GPU is available", hint="drop --gpus to run on the CPU"
         )
-    missing = [d for d in devices if int(d) >= torch.cuda.device_count()]
+    missing = [index for index in devices.cuda_indices if index >= torch.cuda.device_count()]
     if missing:
         raise ResourceError(
             f"no CUDA device {missing[0]}", hint=f"there are {torch.cuda.device_count()}"
         )
-    return [torch.device(f"cuda:{d}") for d in devices]
+    return [torch.device(f"cuda:{index}") for index in devices.cuda_indices]
 
 
-def parse_device(gpus: str | None) -> torch.device:
-    """One device for the stages that run one process (several: fit-vae only, for now)."""
-    devices = parse_devices(gpus)
-    if len(devices) > 1:
-        raise UsageError("this command runs on one device", hint="pass one device, e.g. --gpus 0")
-    return devices[0]
+def check_batch_divides(batch_size: int, devices: Devices) -> None:
+    """Data-parallel training splits every batch evenly over the ranks."""
+    if batch_size % devices.ranks:
+        raise UsageError(
+            f"--batch-size must be a multiple of the {devices.ranks} ranks",
+            hint=f"e.g. --batch-size {devices.ranks * 8}",
+        )
 
 
 def autocast(

@@ -8,13 +8,14 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F  # noqa: N812
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import ValidationError
 
+from specdm_cli.config import Devices, DiffusionTrainConfig, Progress
 from specdm_cli.errors import ModelError, UsageError
 from specdm_cli.models.diffusion import EMA, ScheduleConfig, UNetConfig, build_unet, ldm_betas
 from specdm_cli.pipeline.runs import rundirs as runs
@@ -24,10 +25,10 @@ from specdm_cli.pipeline.runs.vae_io import load_vae
 from specdm_cli.pipeline.signals import StopFlag
 from specdm_cli.pipeline.train.common import (
     LossScaler,
-    Precision,
     autocast,
-    parse_devices,
+    check_batch_divides,
     step_seed,
+    torch_devices,
     validation_indices,
 )
 from specdm_cli.pipeline.train.distributed import data_parallel, launched_by_torchrun, run_ranks
@@ -40,52 +41,13 @@ from specdm_cli.pipeline.train.latent_cache import (
 )
 from specdm_cli.stores import open_store
 
-Progress = Callable[[str, int, int], None]
-
-
-class DiffusionTrainConfig(BaseModel):
-    """How to train the U-Net; every default says where it comes from."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    batch_size: int = Field(32, ge=1)  # ours: one GPU at 32x32 latents (LDM: 48)
-    # None = LDM's base_learning_rate 2e-6 x batch size (its scale_lr); the paper's is blank.
-    lr: float | None = Field(None, gt=0)
-    steps: int = Field(50_000, ge=1)  # ours
-    seed: int = Field(0, ge=0)
-    precision: Precision = "fp32"
-    ema_decay: float = Field(0.9999, gt=0, lt=1)  # LDM's LitEma
-    # Min-SNR-gamma loss weights (Hang et al. 2023, their gamma 5): min(SNR, gamma) / SNR for
-    # epsilon targets, / (SNR + 1) for v targets; 0 = LDM's plain mean. They move the gradient
-    # from low-noise steps to the noisy ones that set a sample's layout.
-    snr_gamma: float = Field(5.0, ge=0)
-    # LDM's epsilon. Its schedule ends at SNR 7e-4, where an epsilon error is multiplied by 38 in
-    # the latent it implies: on our demo budget, epsilon U-Nets (with or without min-SNR)
-    # sampled latents with 1.6-2.2x the real spread, v U-Nets within 12% (README, fit-diffusion).
-    prediction: Literal["epsilon", "v_prediction"] = "epsilon"
-    checkpoint_every: int = Field(1000, ge=1)  # ours
-    val_every: int = Field(1000, ge=1)  # ours: as fit-vae
-    val_samples: int = Field(256, ge=1)  # ours: the val loss varies < 1% between evaluations
-    block_out_channels: tuple[int, ...] | None = None  # None = UNetConfig.for_latent's preset
-    layers_per_block: int = Field(2, ge=1)  # LDM num_res_blocks
-    norm_num_groups: int = Field(32, ge=1)
-    attention_head_dim: int = Field(32, ge=1)
-
-    def learning_rate(self) -> float:
-        return self.lr if self.lr is not None else 2e-6 * self.batch_size
-
-    def training_identity(self) -> dict[str, Any]:
-        return self.model_dump(
-            exclude={"steps", "checkpoint_every", "val_every", "val_samples"}, mode="json"
-        )
-
 
 @dataclass(frozen=True)
 class FitDiffusionRequest:
     run: Path
     config: DiffusionTrainConfig
     resume: bool = False
-    gpus: str | None = None
+    devices: Devices = field(default_factory=Devices)
     store: Path | None = None  # default: the store the VAE was trained on
 
 
@@ -234,12 +196,8 @@ def fit_diffusion(
 ) -> FitDiffusionSummary:
     """Encode the latent cache (once), then train the U-Net with EMA; resume is bit-exact."""
     started = time.monotonic()
-    devices = parse_devices(request.gpus)
-    if request.config.batch_size % len(devices):
-        raise UsageError(
-            f"--batch-size must be a multiple of the {len(devices)} ranks",
-            hint="e.g. --batch-size 32",
-        )
+    check_batch_divides(request.config.batch_size, request.devices)
+    devices = torch_devices(request.devices)
     run = request.run
     load_run(run, verify=False)  # a clear error before the lock creates anything
     with runs.RunLock(run):
@@ -334,9 +292,9 @@ def _latents(
     indices = reader.indices(split)[: limit or None]
     batch = max(1, min(64, request.config.batch_size))
 
-    def report(done: int, total: int) -> None:
+    def report(stage: str, done: int, total: int) -> None:
         if progress:
-            progress("encode latents", done, total)
+            progress(stage, done, total)
         stop.check()  # an unfinished cache is rebuilt on the next run
 
     cache = open_or_build(run, vae, reader, indices, key, augment, batch, report)

@@ -8,14 +8,14 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
-from specdm_cli.errors import InputDataError, UsageError
+from specdm_cli.config import Devices, Progress, VAETrainConfig
+from specdm_cli.errors import InputDataError
 from specdm_cli.manifest import Manifest
 from specdm_cli.models.losses import class_weights_auto
 from specdm_cli.models.vae import SpecDMVAE, VAEConfig
@@ -26,64 +26,17 @@ from specdm_cli.pipeline.runs.vae_io import load_branches, save_vae
 from specdm_cli.pipeline.signals import StopFlag
 from specdm_cli.pipeline.train.common import (
     LossScaler,
-    Precision,
     autocast,
+    check_batch_divides,
     load_batch,
-    parse_devices,
     step_seed,
     to_tensors,
+    torch_devices,
     validation_indices,
 )
 from specdm_cli.pipeline.train.distributed import data_parallel, launched_by_torchrun, run_ranks
 from specdm_cli.pipeline.train.vae_validation import validate
 from specdm_cli.stores import StoreReader, open_store
-
-Progress = Callable[[int, int, dict[str, float]], None]
-
-
-class VAETrainConfig(BaseModel):
-    """How to train the VAE; every default says where it comes from."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    # Our choice for one 24-80 GB GPU at 128 px; LDM's kl-f4 config uses 12 per GPU.
-    batch_size: int = Field(16, ge=1)
-    # None = LDM's base_learning_rate 4.5e-6 x batch size (its scale_lr); the paper's is blank.
-    lr: float | None = Field(None, gt=0)
-    # Our choice: LDM trains its autoencoders far longer; enough for 10-band 128 px tiles.
-    steps: int = Field(20_000, ge=1)
-    # LDM's KL weight, relative to a reconstruction loss summed over pixels (applied / C*H*W).
-    kl_weight: float = Field(1e-6, ge=0)
-    sad_weight: float = Field(0.1, ge=0)  # paper Eq. 1, Sec. 3.4
-    class_weights: Literal["none", "auto"] = "auto"  # ours: rare classes and rare change
-    seed: int = Field(0, ge=0)
-    precision: Precision = "fp32"
-    augment: Literal["d4", "none"] = "d4"  # ours: OSCD has a few hundred pairs
-    limit: int | None = Field(None, ge=1)  # paper's limited-data protocol (first N pairs)
-    split: str = "train"
-    # Ours: Zarr decompression releases the GIL, so a few reader threads keep up with a GPU.
-    workers: int = Field(4, ge=1)
-    val_every: int = Field(1000, ge=1)  # ours
-    val_samples: int = Field(256, ge=1)  # ours: enough for a stable mIoU, cheap on CPU
-    checkpoint_every: int = Field(1000, ge=1)  # ours
-    downsample: Literal[4, 8] = 4  # LDM kl-f4; the paper's f is blank in our copy
-    image_latent_channels: int = Field(4, ge=1)  # see VAEConfig
-    mask_latent_channels: int = Field(3, ge=1)  # see VAEConfig
-    image_block_out_channels: tuple[int, ...] = ()  # () = VAEConfig's default for f
-    mask_block_out_channels: tuple[int, ...] = ()
-    layers_per_block: int = Field(2, ge=1)  # LDM kl-f4
-    norm_num_groups: int = Field(32, ge=1)  # LDM / diffusers
-    single_stream: bool = False  # LDM baseline of Tables 1, 2, 5
-
-    def learning_rate(self) -> float:
-        return self.lr if self.lr is not None else 4.5e-6 * self.batch_size
-
-    def training_identity(self) -> dict[str, Any]:
-        """What a resume must match: everything but the schedule of steps, checks and saves."""
-        return self.model_dump(
-            exclude={"steps", "val_every", "checkpoint_every", "val_samples", "workers"},
-            mode="json",
-        )
 
 
 @dataclass(frozen=True)
@@ -95,7 +48,7 @@ class FitVAERequest:
     config: VAETrainConfig
     resume: bool = False
     overwrite: bool = False
-    gpus: str | None = None
+    devices: Devices = field(default_factory=Devices)
 
 
 @dataclass
@@ -255,12 +208,8 @@ def fit_vae(
     """Train (or resume) the VAE of a run; checkpoints are atomic and resume is bit-exact."""
     started = time.monotonic()
     reader = open_store(request.store)
-    devices = parse_devices(request.gpus)
-    if request.config.batch_size % len(devices):
-        raise UsageError(
-            f"--batch-size must be a multiple of the {len(devices)} ranks",
-            hint="e.g. --batch-size 16",
-        )
+    check_batch_divides(request.config.batch_size, request.devices)
+    devices = torch_devices(request.devices)
     dataset = reader.manifest.source.dataset if reader.manifest.source else "synthetic"
     run = request.run or runs.default_run_dir(dataset)
     state = runs.prepare_run_dir(run, request.resume, request.overwrite)
@@ -358,7 +307,7 @@ def _train(
             if finished or done % config.checkpoint_every == 0 or stopping:
                 _checkpoint(run, trainer, config, done, finished, validation)
         if progress:
-            progress(done, config.steps, losses)
+            progress("fit-vae", done, config.steps)
         if stopping:
             stop.check()
     rate = (config.steps - start) / max(time.monotonic() - tick, 1e-9)

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
@@ -20,6 +19,7 @@ import numpy as np
 import torch
 import zarr
 
+from specdm_cli.config import Progress
 from specdm_cli.errors import InputDataError
 from specdm_cli.faults import fault_point
 from specdm_cli.models.vae import SpecDMVAE
@@ -62,7 +62,7 @@ def open_or_build(
     key: str,
     augment: bool,
     batch_size: int,
-    progress: Callable[[int, int], None] | None = None,
+    progress: Progress | None = None,
 ) -> LatentCache:
     """The run's cache for `key`, built now if missing, stale or unfinished."""
     path = run / CACHE
@@ -96,7 +96,7 @@ def _build(
     key: str,
     augment: bool,
     batch_size: int,
-    progress: Callable[[int, int], None] | None,
+    progress: Progress | None,
 ) -> LatentCache:
     views = VIEWS if augment else VIEWS[:1]
     channels = sum(size for _, size in vae.latent_layout())
@@ -119,7 +119,7 @@ def _build(
         done += len(entries)
         fault_point("latent_cache.after_batch")
         if progress:
-            progress(done, total)
+            progress("encode latents", done, total)
     count = total * side * side
     shift = sums[0] / count
     variance = np.maximum(sums[1] / count - shift**2, 1e-12)

@@ -1,0 +1,198 @@
+"""How to run each stage: the shared choices, the devices and every stage's typed config.
+
+The bottom layer beside `manifest` and `errors`: no torch, no I/O. The CLI's option choices are
+these `Literal`s (typer lists them in `--help`), so a choice is named in one place only.
+Architecture configs (`VAEConfig`, `UNetConfig`, `FeatureNetConfig`) stay beside their
+networks in `models/`, as diffusers and nanoGPT keep them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from specdm_cli.errors import UsageError
+
+Task = Literal["ss", "cd"]
+StoreFormat = Literal["zarr", "geotiff"]
+SourceName = Literal["segmunich", "oscd", "geotiff", "demo"]
+DemoBandSet = Literal["s2", "hsi"]
+Precision = Literal["fp32", "bf16", "fp16"]
+Prediction = Literal["epsilon", "v_prediction"]
+SamplerName = Literal["ddpm", "ddim", "dpmpp"]
+ClassWeights = Literal["none", "auto"]
+Augment = Literal["d4", "none"]
+DeviceKind = Literal["cpu", "cuda"]
+
+# How every stage reports progress: progress(stage, done, total); the CLI draws it.
+Progress = Callable[[str, int, int], None]
+
+
+@dataclass(frozen=True)
+class Devices:
+    """`--gpus`, parsed once: the device kind and one entry per rank (process)."""
+
+    kind: DeviceKind = "cpu"
+    cuda_indices: tuple[int, ...] = ()  # kind "cuda": one CUDA device per rank
+    cpu_ranks: int = 1  # kind "cpu": this many gloo ranks
+
+    @property
+    def ranks(self) -> int:
+        return len(self.cuda_indices) if self.kind == "cuda" else self.cpu_ranks
+
+    def rank(self, rank: int) -> Devices:
+        """The one device of `rank`, as that rank's own process sees it."""
+        if self.kind == "cuda":
+            return Devices("cuda", (self.cuda_indices[rank],))
+        return Devices("cpu")
+
+    def option(self) -> str:
+        """The `--gpus` text that parses back to this value."""
+        if self.kind == "cuda":
+            return ",".join(str(index) for index in self.cuda_indices)
+        return "cpu" if self.cpu_ranks == 1 else f"cpu:{self.cpu_ranks}"
+
+    def one(self) -> Devices:
+        """These devices for a command that runs one process."""
+        if self.ranks > 1:
+            raise UsageError(
+                f"--gpus {self.option()}: this command runs on one device",
+                hint="pass one device, e.g. --gpus 0",
+            )
+        return self
+
+
+def parse_devices(text: str | None) -> Devices:
+    """`--gpus`: none or "cpu" = the CPU; "0,1" = those CUDA devices; "cpu:N" = N CPU ranks."""
+    if text is None or text.strip().lower() == "cpu":
+        return Devices()
+    given = text.strip().lower()
+    if given.startswith("cpu:"):
+        count = given.removeprefix("cpu:")
+        if not count.isdigit() or int(count) < 1:
+            raise UsageError(f"--gpus {text!r}: cpu:N needs N >= 1", hint="e.g. --gpus cpu:2")
+        return Devices("cpu", (), int(count))
+    indices = [part.strip() for part in given.split(",") if part.strip()]
+    if not indices or not all(part.isdigit() for part in indices):
+        raise UsageError(
+            f"--gpus {text!r} is not a list of device numbers", hint="e.g. --gpus 0,1 or cpu:2"
+        )
+    return Devices("cuda", tuple(int(part) for part in indices))
+
+
+class VAETrainConfig(BaseModel):
+    """How to train the VAE; every default says where it comes from."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    # Our choice for one 24-80 GB GPU at 128 px; LDM's kl-f4 config uses 12 per GPU.
+    batch_size: int = Field(16, ge=1)
+    # None = LDM's base_learning_rate 4.5e-6 x batch size (its scale_lr); the paper's is blank.
+    lr: float | None = Field(None, gt=0)
+    # Our choice: LDM trains its autoencoders far longer; enough for 10-band 128 px tiles.
+    steps: int = Field(20_000, ge=1)
+    # LDM's KL weight, relative to a reconstruction loss summed over pixels (applied / C*H*W).
+    kl_weight: float = Field(1e-6, ge=0)
+    sad_weight: float = Field(0.1, ge=0)  # paper Eq. 1, Sec. 3.4
+    class_weights: ClassWeights = "auto"  # ours: rare classes and rare change
+    seed: int = Field(0, ge=0)
+    precision: Precision = "fp32"
+    augment: Augment = "d4"  # ours: OSCD has a few hundred pairs
+    limit: int | None = Field(None, ge=1)  # paper's limited-data protocol (first N pairs)
+    split: str = "train"
+    # Ours: Zarr decompression releases the GIL, so a few reader threads keep up with a GPU.
+    workers: int = Field(4, ge=1)
+    val_every: int = Field(1000, ge=1)  # ours
+    val_samples: int = Field(256, ge=1)  # ours: enough for a stable mIoU, cheap on CPU
+    checkpoint_every: int = Field(1000, ge=1)  # ours
+    downsample: Literal[4, 8] = 4  # LDM kl-f4; the paper's f is blank in our copy
+    image_latent_channels: int = Field(4, ge=1)  # see VAEConfig
+    mask_latent_channels: int = Field(3, ge=1)  # see VAEConfig
+    image_block_out_channels: tuple[int, ...] = ()  # () = VAEConfig's default for f
+    mask_block_out_channels: tuple[int, ...] = ()
+    layers_per_block: int = Field(2, ge=1)  # LDM kl-f4
+    norm_num_groups: int = Field(32, ge=1)  # LDM / diffusers
+    single_stream: bool = False  # LDM baseline of Tables 1, 2, 5
+
+    def learning_rate(self) -> float:
+        return self.lr if self.lr is not None else 4.5e-6 * self.batch_size
+
+    def training_identity(self) -> dict[str, Any]:
+        """What a resume must match: everything but the schedule of steps, checks and saves."""
+        return self.model_dump(
+            exclude={"steps", "val_every", "checkpoint_every", "val_samples", "workers"},
+            mode="json",
+        )
+
+
+class DiffusionTrainConfig(BaseModel):
+    """How to train the U-Net; every default says where it comes from."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    batch_size: int = Field(32, ge=1)  # ours: one GPU at 32x32 latents (LDM: 48)
+    # None = LDM's base_learning_rate 2e-6 x batch size (its scale_lr); the paper's is blank.
+    lr: float | None = Field(None, gt=0)
+    steps: int = Field(50_000, ge=1)  # ours
+    seed: int = Field(0, ge=0)
+    precision: Precision = "fp32"
+    ema_decay: float = Field(0.9999, gt=0, lt=1)  # LDM's LitEma
+    # Min-SNR-gamma loss weights (Hang et al. 2023, their gamma 5): min(SNR, gamma) / SNR for
+    # epsilon targets, / (SNR + 1) for v targets; 0 = LDM's plain mean. They move the gradient
+    # from low-noise steps to the noisy ones that set a sample's layout.
+    snr_gamma: float = Field(5.0, ge=0)
+    # LDM's epsilon. Its schedule ends at SNR 7e-4, where an epsilon error is multiplied by 38 in
+    # the latent it implies: on our demo budget, epsilon U-Nets (with or without min-SNR)
+    # sampled latents with 1.6-2.2x the real spread, v U-Nets within 12% (README, fit-diffusion).
+    prediction: Prediction = "epsilon"
+    checkpoint_every: int = Field(1000, ge=1)  # ours
+    val_every: int = Field(1000, ge=1)  # ours: as fit-vae
+    val_samples: int = Field(256, ge=1)  # ours: the val loss varies < 1% between evaluations
+    block_out_channels: tuple[int, ...] | None = None  # None = UNetConfig.for_latent's preset
+    layers_per_block: int = Field(2, ge=1)  # LDM num_res_blocks
+    norm_num_groups: int = Field(32, ge=1)
+    attention_head_dim: int = Field(32, ge=1)
+
+    def learning_rate(self) -> float:
+        return self.lr if self.lr is not None else 2e-6 * self.batch_size
+
+    def training_identity(self) -> dict[str, Any]:
+        return self.model_dump(
+            exclude={"steps", "checkpoint_every", "val_every", "val_samples"}, mode="json"
+        )
+
+
+class MetricsOptions(BaseModel):
+    """How `compare_stores` samples and bins; every default says why."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    batch_size: int = Field(32, ge=1, description="samples per forward pass")
+    # Bińkowski et al. / torch-fidelity use 100 subsets of 1000; capped at half the smaller set.
+    kid_subsets: int = Field(100, ge=2, description="KID subsets")
+    kid_subset_size: int = Field(1000, ge=2, description="KID subset size")
+    seed: int = Field(0, description="seed of the KID subsets")
+    # 256 bins over the reference's padded value range: ~0.3% of the range per bin.
+    histogram_bins: int = Field(256, ge=2, description="bins of the per-band value histograms")
+    # 8 x 8 cells: coarse enough to ignore noise, fine enough that a copy stays a copy.
+    pixel_grid: int = Field(8, ge=1, description="cells per side of the pixel-space thumbnail")
+    # A new real sample falls below the 1st percentile of real held-out->train distances 1% of
+    # the time; a candidate fraction well above 0.01 means copies.
+    near_duplicate_percentile: float = Field(1.0, gt=0, lt=100, description="threshold percentile")
+
+
+@dataclass(frozen=True)
+class DownstreamOptions:
+    """Budget and data of the downstream runs; identical for every configuration."""
+
+    # 1000 steps of 16 (our choice): ~1 min per configuration at 32 px on 2 CPU cores.
+    steps: int = 1000
+    batch_size: int = 16
+    lr: float = 2e-3
+    seed: int = 0
+    width: int = 16
+    real_limit: int | None = None  # None: the paper's 2000 (ss) / 100 (cd)
+    ratios: tuple[int, ...] = (5,)  # synthetic pairs per real pair; the paper's Table 6 varies it

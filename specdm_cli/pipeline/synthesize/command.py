@@ -1,0 +1,102 @@
+"""`specdm synthesize` as one call: choose the model, clear an old store, sample, preview."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from specdm_cli.config import Devices, Precision, Progress, SamplerName, StoreFormat, Task
+from specdm_cli.errors import InputDataError, UsageError
+from specdm_cli.pipeline.runs.choose import ChosenModel, choose_model
+from specdm_cli.pipeline.signals import StopFlag
+from specdm_cli.pipeline.synthesize.preview import write_preview
+from specdm_cli.pipeline.synthesize.require import parse_require
+from specdm_cli.pipeline.synthesize.shards import parse_shard
+from specdm_cli.pipeline.synthesize.synthesize import (
+    SynthesizeRequest,
+    SynthesizeSummary,
+    parse_batch_size,
+    resolve_batch_size,
+    synthesize,
+)
+from specdm_cli.stores import is_ours, open_store
+from specdm_cli.stores.atomic import remove_tree
+
+PREVIEW_SAMPLES = 8
+
+
+@dataclass(frozen=True)
+class SynthesizeOptions:
+    """`specdm synthesize`'s options, typed but not yet resolved (model, B, shard, --require)."""
+
+    out: Path
+    n: int
+    model: str | None = None
+    task: Task | None = None
+    sampler: SamplerName = "dpmpp"
+    steps: int | None = None
+    seed: int = 0
+    batch_size: str = "auto"
+    precision: Precision = "fp32"
+    format: StoreFormat = "zarr"
+    shard: str | None = None
+    devices: Devices = field(default_factory=Devices)
+    require: str | None = None
+    overwrite: bool = False
+    preview: Path | None = None
+
+
+def synthesize_store(
+    options: SynthesizeOptions,
+    stop: StopFlag,
+    progress: Progress | None = None,
+    notice: Callable[[str], None] = lambda line: None,
+) -> SynthesizeSummary:
+    """Resolve the options into a request, write the store (or this shard of it), preview it."""
+    if options.n <= 0:
+        raise UsageError("synthesize needs --n >= 1", hint="e.g. --n 1000 --out syn.zarr")
+    shard = parse_shard(options.shard)
+    grid = parse_batch_size(options.batch_size)
+    chosen = _model(options)
+    notice(f"model: {chosen.path} ({chosen.kind}, sha256 {chosen.sha256[:12]})")
+    if options.overwrite and options.out.exists():
+        _remove_old_store(options.out)
+    request = SynthesizeRequest(
+        model=chosen,
+        out=options.out,
+        n=options.n,
+        sampler=options.sampler,
+        steps=options.steps,
+        seed=options.seed,
+        batch_size=resolve_batch_size(grid, options.out, options.devices),
+        precision=options.precision,
+        format=options.format,
+        shard=shard,
+        devices=options.devices,
+        require=parse_require(options.require, chosen.manifest.classes),
+    )
+    summary = synthesize(request, stop, progress)
+    if options.preview is not None:
+        reader = open_store(options.out, allow_incomplete=True)
+        first = [int(i) for i in reader.indices()[:PREVIEW_SAMPLES]]
+        write_preview(options.preview, [reader.read(i) for i in first], reader.manifest)
+    return summary
+
+
+def _model(options: SynthesizeOptions) -> ChosenModel:
+    chosen = choose_model(options.model, options.task)
+    if options.task is not None and chosen.manifest.task != options.task:
+        raise UsageError(
+            f"the model is for task {chosen.manifest.task}, not {options.task}",
+            hint="drop --task or pick another --model",
+        )
+    return chosen
+
+
+def _remove_old_store(out: Path) -> None:
+    if not is_ours(out):
+        raise InputDataError(
+            "refusing to overwrite a folder that is not a specdm store", out, "remove it yourself"
+        )
+    remove_tree(out)
