@@ -23,12 +23,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from specdm_cli.config import DiffusionTrainConfig, parse_devices
 from specdm_cli.pipeline.runs import rundirs
 from specdm_cli.pipeline.runs.run_manifest import load_run
 from specdm_cli.pipeline.runs.vae_io import load_vae
-from specdm_cli.pipeline.train.common import d4, load_batch, parse_device, step_seed, to_tensors
+from specdm_cli.pipeline.train.common import d4, load_batch, step_seed, to_tensors, torch_devices
 from specdm_cli.pipeline.train.fit_diffusion import (
-    DiffusionTrainConfig,
     DiffusionTrainer,
     unet_config,
 )
@@ -67,7 +67,7 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=64, help="tile size of the tiny demo run")
     parser.add_argument("--unet-blocks", default=None, help="U-Net widths [the preset]")
     args = parser.parse_args()
-    device = parse_device(args.gpus)
+    device = torch_devices(parse_devices(args.gpus).one())[0]
     run = args.run or tiny_run(Path(tempfile.mkdtemp(prefix="specdm-cache-")), args.size)
     manifest = load_run(run)
     reader = open_store(Path(manifest.source_store))

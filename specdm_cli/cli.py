@@ -267,13 +267,11 @@ def prepare(
 ) -> None:
     """Turn a raw dataset into a canonical, resumable store."""
     with _domain_errors():
+        from specdm_cli.config import PrepareOptions
         from specdm_cli.pipeline.prepare.prepare import PrepareRequest
         from specdm_cli.pipeline.prepare.prepare import prepare as run_prepare
         from specdm_cli.pipeline.signals import graceful_stop
-        from specdm_cli.sources.base import PrepareOptions
-        from specdm_cli.sources.registry import NO_RAW
 
-        _check_raw(source, raw, NO_RAW)
         options = PrepareOptions(
             bands=tuple(b.strip() for b in bands.split(",") if b.strip()) if bands else None,
             patch_size=patch_size,
@@ -289,7 +287,6 @@ def prepare(
             size=size,
             band_set=demo_bands,
         )
-        _check_prepare_ranges(options)
         request = PrepareRequest(
             source=source,
             raw=raw,
@@ -312,26 +309,6 @@ def prepare(
             )
         if json_output:
             _emit_json(asdict(summary))
-
-
-def _check_raw(source: str, raw: Path | None, no_raw: frozenset[str]) -> None:
-    from specdm_cli.errors import UsageError
-
-    if source in no_raw and raw is not None:
-        raise UsageError(f"{source} takes no RAW folder", hint=f"run `specdm prepare {source}`")
-    if source not in no_raw and raw is None:
-        raise UsageError(f"{source} needs a RAW folder", hint=f"run `specdm prepare {source} PATH`")
-
-
-def _check_prepare_ranges(options: Any) -> None:
-    from specdm_cli.errors import UsageError
-
-    if options.patch_size < 8:
-        raise UsageError("--patch-size must be at least 8", hint="e.g. --patch-size 128")
-    if not 0.0 <= options.overlap < 1.0:
-        raise UsageError("--overlap must lie in [0, 1)", hint="e.g. --overlap 0.6")
-    if not 0.0 <= options.val_fraction < 1.0 or not 0.0 <= options.test_fraction < 1.0:
-        raise UsageError("split fractions must lie in [0, 1)", hint="e.g. --val-fraction 0.1")
 
 
 def _default_test_fraction(source: str, given: float | None) -> float:
@@ -367,11 +344,10 @@ def inspect(
 ) -> None:
     """Validate a store and summarise it: splits, bands, classes, provenance."""
     with _domain_errors():
-        from specdm_cli.manifest import manifest_schema
-        from specdm_cli.pipeline.inspect import inspect_store, render_report
+        from specdm_cli.pipeline.inspect import inspect_store, store_schema
 
         if schema:
-            _emit_json(manifest_schema())
+            _emit_json(store_schema())
             return
         if store is None:
             from specdm_cli.errors import UsageError
@@ -381,7 +357,38 @@ def inspect(
         if json_output:
             _emit_json(report)
         else:
-            render_report(report, Console(highlight=False))
+            _render_inspect(report, Console(highlight=False))
+
+
+def _render_inspect(report: dict[str, Any], console: Console) -> None:
+    """The human-readable summary of `inspect_store`."""
+    from rich.table import Table
+
+    state = "complete" if report["complete"] else "INCOMPLETE"
+    shape = report["shape"]
+    console.print(
+        f"[bold]{report['path']}[/] {report['format']} task={report['task']} {state}: "
+        f"{report['count']} samples of {shape['bands']}x{shape['height']}x{shape['width']} "
+        f"{report['dtype']}"
+    )
+    console.print(
+        "splits: " + ", ".join(f"{k} {v}" for k, v in sorted(report["split_counts"].items()))
+    )
+    origin = report["source"] or report["model"] or {}
+    console.print(f"from: {origin.get('dataset') or origin.get('run_id')}  crs: {report['crs']}")
+    bands = Table("band", "wavelength (nm)", title="bands", title_justify="left")
+    for band in report["bands"]:
+        bands.add_row(band["name"], f"{band['wavelength_nm']:g}" if band["wavelength_nm"] else "-")
+    classes = Table("index", "class", "code", "pixels", title="classes", title_justify="left")
+    for item in report["classes"]:
+        share = item["pixel_fraction"]
+        classes.add_row(
+            str(item["index"]),
+            item["name"],
+            str(item["code"]),
+            f"{share:.1%}" if share is not None else "-",
+        )
+    console.print(bands, classes)
 
 
 def _config_or_usage_error(model: Any, **values: Any) -> Any:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -81,6 +82,25 @@ def parse_devices(text: str | None) -> Devices:
             f"--gpus {text!r} is not a list of device numbers", hint="e.g. --gpus 0,1 or cpu:2"
         )
     return Devices("cuda", tuple(int(part) for part in indices))
+
+
+@dataclass(frozen=True)
+class PrepareOptions:
+    """Every `specdm prepare` option a reader may look at (each reader uses its own few)."""
+
+    bands: tuple[str, ...] | None = None
+    patch_size: int = 256
+    overlap: float = 0.6
+    nodata: float | None = None
+    classes_file: Path | None = None
+    splits_file: Path | None = None
+    val_fraction: float = 0.1
+    test_fraction: float = 0.0
+    seed: int = 0
+    task: Task = "ss"
+    n: int = 256
+    size: int = 64
+    band_set: DemoBandSet = "s2"
 
 
 class VAETrainConfig(BaseModel):

@@ -14,6 +14,7 @@ import torch
 import zarr
 from safetensors.torch import load_file
 
+from specdm_cli.config import Devices, VAETrainConfig, parse_devices
 from specdm_cli.errors import Interrupted, UsageError
 from specdm_cli.manifest import SPLITS
 from specdm_cli.models.vae import SpecDMVAE
@@ -21,10 +22,9 @@ from specdm_cli.pipeline.runs.checkpoints import load_optimizer, save_optimizer
 from specdm_cli.pipeline.runs.registry import newest_run, read_registry, record_run
 from specdm_cli.pipeline.runs.vae_io import load_branches, save_vae
 from specdm_cli.pipeline.signals import StopFlag
-from specdm_cli.pipeline.train.common import parse_devices, torch_threads
+from specdm_cli.pipeline.train.common import torch_devices, torch_threads
 from specdm_cli.pipeline.train.fit_vae import (
     FitVAERequest,
-    VAETrainConfig,
     VAETrainer,
     fit_vae,
     model_config,
@@ -132,7 +132,7 @@ def test_a_signal_during_the_progress_update_still_checkpoints(
     config = VAETrainConfig(steps=4, **TINY_CONFIG)
     stop = StopFlag()
 
-    def signal_during_progress(done: int, total: int, losses: dict[str, float]) -> None:
+    def signal_during_progress(stage_name: str, done: int, total: int) -> None:
         if done == 1:
             stop.signum = signal.SIGINT
 
@@ -230,8 +230,15 @@ def test_bad_gpus_strings_are_usage_errors(text: str) -> None:
 
 
 def test_gpus_strings() -> None:
-    assert parse_devices(None) == [torch.device("cpu")]
-    assert parse_devices("cpu:3") == [torch.device("cpu")] * 3
+    assert parse_devices(None) == Devices() == parse_devices("cpu")
+    assert torch_devices(parse_devices(None)) == [torch.device("cpu")]
+    assert torch_devices(parse_devices("cpu:3")) == [torch.device("cpu")] * 3
+    two = parse_devices(" 0, 1")
+    assert (two.kind, two.ranks, two.option()) == ("cuda", 2, "0,1")
+    assert two.rank(1) == Devices("cuda", (1,))
+    assert parse_devices(parse_devices("cpu:3").option()) == parse_devices("cpu:3")
+    with pytest.raises(UsageError, match="one device"):
+        parse_devices("cpu:2").one()
 
 
 def test_reader_threads_do_not_change_the_weights(demo_ss_store: Path, tmp_path: Path) -> None:

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import zarr
 
+from specdm_cli.config import MetricsOptions
 from specdm_cli.errors import InputDataError, UsageError
 from specdm_cli.manifest import IMAGE_ARRAYS, LABEL_ARRAY
 from specdm_cli.metrics.masks import mask_feature_dims, mask_features
@@ -38,7 +39,6 @@ from specdm_cli.pipeline.benchmark.features import (
     load_or_train,
 )
 from specdm_cli.pipeline.benchmark.quality import (
-    MetricsOptions,
     QualityReport,
     compare_stores,
     split_indices,

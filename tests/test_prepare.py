@@ -119,7 +119,7 @@ def test_interrupted_prepare_resumes_to_identical_store(tmp_path: Path) -> None:
     prepare(_request(tmp_path / "whole.zarr"), StopFlag())
     stop = StopFlag()
 
-    def stop_after_two_blocks(done: int, total: int) -> None:
+    def stop_after_two_blocks(stage: str, done: int, total: int) -> None:
         if done >= 16:
             stop.signum = 15
 

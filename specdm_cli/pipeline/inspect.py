@@ -6,20 +6,21 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from rich.console import Console
-from rich.table import Table
 
 from specdm_cli.errors import InputDataError
-from specdm_cli.manifest import Manifest, array_names
-from specdm_cli.stores import StoreReader, open_store
-from specdm_cli.stores.geotiff_store import GeoTiffReader
-from specdm_cli.stores.zarr_store import ZarrReader, _array
+from specdm_cli.manifest import Manifest, manifest_schema
+from specdm_cli.stores import check_layout, open_store
+
+
+def store_schema() -> dict[str, Any]:
+    """The JSON Schema of a store's manifest (`specdm inspect --schema`)."""
+    return manifest_schema()
 
 
 def inspect_store(path: Path, allow_incomplete: bool = False) -> dict[str, Any]:
     """Validate the store at `path` and return its summary (the `--json` payload)."""
     reader = open_store(path, allow_incomplete)
-    _validate_layout(reader)
+    check_layout(reader)
     manifest = reader.manifest
     written = reader.written()
     if manifest.complete and not written.all():
@@ -28,34 +29,6 @@ def inspect_store(path: Path, allow_incomplete: bool = False) -> dict[str, Any]:
             f"store claims complete but samples {missing} are not written", path, "re-create it"
         )
     return _summary(path, manifest, int(written.sum()))
-
-
-def _validate_layout(reader: StoreReader) -> None:
-    manifest = reader.manifest
-    if isinstance(reader, ZarrReader):
-        for name in array_names(manifest.task):
-            array = _array(reader.group, name)
-            expected_tail = (manifest.height, manifest.width)
-            if array.shape[0] != manifest.count or tuple(array.shape[-2:]) != expected_tail:
-                raise InputDataError(
-                    f"array {name} has shape {array.shape}, manifest says {manifest.count} samples "
-                    f"of {expected_tail}",
-                    reader.root,
-                    "re-create the store",
-                )
-    elif isinstance(reader, GeoTiffReader):
-        root = reader.root.resolve()
-        for record in reader.records:
-            for relative in record.files.values():
-                tile = (root / relative).resolve()
-                if not tile.is_relative_to(root):
-                    raise InputDataError(
-                        "manifest points outside the store", tile, "re-create the store"
-                    )
-                if not tile.is_file():
-                    raise InputDataError(
-                        "tile listed in the manifest is missing", tile, "re-create the store"
-                    )
 
 
 def _summary(path: Path, manifest: Manifest, written: int) -> dict[str, Any]:
@@ -84,32 +57,3 @@ def _summary(path: Path, manifest: Manifest, written: int) -> dict[str, Any]:
         "tool_version": manifest.tool_version,
         "created": manifest.provenance.get("created"),
     }
-
-
-def render_report(report: dict[str, Any], console: Console) -> None:
-    """The human-readable summary of `inspect_store`."""
-    state = "complete" if report["complete"] else "INCOMPLETE"
-    shape = report["shape"]
-    console.print(
-        f"[bold]{report['path']}[/] {report['format']} task={report['task']} {state}: "
-        f"{report['count']} samples of {shape['bands']}x{shape['height']}x{shape['width']} "
-        f"{report['dtype']}"
-    )
-    console.print(
-        "splits: " + ", ".join(f"{k} {v}" for k, v in sorted(report["split_counts"].items()))
-    )
-    origin = report["source"] or report["model"] or {}
-    console.print(f"from: {origin.get('dataset') or origin.get('run_id')}  crs: {report['crs']}")
-    bands = Table("band", "wavelength (nm)", title="bands", title_justify="left")
-    for band in report["bands"]:
-        bands.add_row(band["name"], f"{band['wavelength_nm']:g}" if band["wavelength_nm"] else "-")
-    classes = Table("index", "class", "code", "pixels", title="classes", title_justify="left")
-    for item in report["classes"]:
-        share = item["pixel_fraction"]
-        classes.add_row(
-            str(item["index"]),
-            item["name"],
-            str(item["code"]),
-            f"{share:.1%}" if share is not None else "-",
-        )
-    console.print(bands, classes)

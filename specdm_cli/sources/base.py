@@ -9,27 +9,9 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from specdm_cli.config import PrepareOptions as PrepareOptions
 from specdm_cli.errors import InputDataError
 from specdm_cli.manifest import IGNORE_INDEX, Band, ClassInfo, Task
-
-
-@dataclass(frozen=True)
-class PrepareOptions:
-    """Every `specdm prepare` option a reader may look at (each reader uses its own few)."""
-
-    bands: tuple[str, ...] | None = None
-    patch_size: int = 256
-    overlap: float = 0.6
-    nodata: float | None = None
-    classes_file: Path | None = None
-    splits_file: Path | None = None
-    val_fraction: float = 0.1
-    test_fraction: float = 0.0
-    seed: int = 0
-    task: Task = "ss"
-    n: int = 256
-    size: int = 64
-    band_set: str = "s2"
 
 
 @dataclass(frozen=True)

@@ -8,12 +8,12 @@ from pathlib import Path
 from typing import Literal
 
 from specdm_cli.errors import InputDataError, UsageError
-from specdm_cli.manifest import Manifest, load_manifest
+from specdm_cli.manifest import Manifest, array_names, load_manifest
 from specdm_cli.stores.atomic import remove_tree
 from specdm_cli.stores.base import MANIFEST_NAME, SampleMeta, StoreReader, StoreWriter
 from specdm_cli.stores.geotiff_store import GeoTiffReader, GeoTiffWriter, create_geotiff
 from specdm_cli.stores.lock import refuse_if_locked
-from specdm_cli.stores.zarr_store import ZarrReader, ZarrWriter, create_zarr
+from specdm_cli.stores.zarr_store import ZarrReader, ZarrWriter, _array, create_zarr
 
 __all__ = [
     "SampleMeta",
@@ -132,3 +132,32 @@ def resolve_target(
             "use the original command, or --overwrite",
         )
     return "done" if manifest.complete else "resume"
+
+
+def check_layout(reader: StoreReader) -> None:
+    """Arrays (Zarr) or tiles (GeoTIFF) agree with the manifest; else the store is damaged."""
+    manifest = reader.manifest
+    if isinstance(reader, ZarrReader):
+        for name in array_names(manifest.task):
+            array = _array(reader.group, name)
+            expected_tail = (manifest.height, manifest.width)
+            if array.shape[0] != manifest.count or tuple(array.shape[-2:]) != expected_tail:
+                raise InputDataError(
+                    f"array {name} has shape {array.shape}, manifest says {manifest.count} samples "
+                    f"of {expected_tail}",
+                    reader.root,
+                    "re-create the store",
+                )
+    elif isinstance(reader, GeoTiffReader):
+        root = reader.root.resolve()
+        for record in reader.records:
+            for relative in record.files.values():
+                tile = (root / relative).resolve()
+                if not tile.is_relative_to(root):
+                    raise InputDataError(
+                        "manifest points outside the store", tile, "re-create the store"
+                    )
+                if not tile.is_file():
+                    raise InputDataError(
+                        "tile listed in the manifest is missing", tile, "re-create the store"
+                    )

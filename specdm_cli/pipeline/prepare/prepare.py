@@ -28,7 +28,7 @@ from specdm_cli.pipeline.prepare.tally import PrepareTally
 from specdm_cli.pipeline.runs.provenance import provenance
 from specdm_cli.pipeline.signals import StopFlag
 from specdm_cli.sources.base import Candidate, PrepareOptions, RawSample, SourceSpec, class_fraction
-from specdm_cli.sources.registry import READERS
+from specdm_cli.sources.registry import NO_RAW, READERS
 from specdm_cli.stores import SampleMeta, StoreWriter, create_store, open_writer, resolve_target
 from specdm_cli.stores.atomic import atomic_write_text, remove_stray_temporaries
 from specdm_cli.stores.base import MANIFEST_NAME
@@ -98,6 +98,24 @@ def _validate(request: PrepareRequest) -> None:
         raise UsageError("--max-background must lie in [0, 1]", hint="e.g. --max-background 0.9")
     if request.workers < 1:
         raise UsageError("--workers must be at least 1", hint="e.g. --workers 4")
+    _check_raw(request.source, request.raw)
+    _check_ranges(request.options)
+
+
+def _check_raw(source: str, raw: Path | None) -> None:
+    if source in NO_RAW and raw is not None:
+        raise UsageError(f"{source} takes no RAW folder", hint=f"run `specdm prepare {source}`")
+    if source not in NO_RAW and raw is None:
+        raise UsageError(f"{source} needs a RAW folder", hint=f"run `specdm prepare {source} PATH`")
+
+
+def _check_ranges(options: PrepareOptions) -> None:
+    if options.patch_size < 8:
+        raise UsageError("--patch-size must be at least 8", hint="e.g. --patch-size 128")
+    if not 0.0 <= options.overlap < 1.0:
+        raise UsageError("--overlap must lie in [0, 1)", hint="e.g. --overlap 0.6")
+    if not 0.0 <= options.val_fraction < 1.0 or not 0.0 <= options.test_fraction < 1.0:
+        raise UsageError("split fractions must lie in [0, 1)", hint="e.g. --val-fraction 0.1")
 
 
 def prepare(

@@ -9,21 +9,38 @@ signal to the ranks (each finishes its batch in hand) and finalizes.
 from __future__ import annotations
 
 import multiprocessing
+from collections.abc import Callable
 from dataclasses import replace
 from multiprocessing.queues import SimpleQueue
-from typing import TYPE_CHECKING, Any
+from pathlib import Path
+from typing import Any, Protocol, TypeVar
 
 import torch
 from torch.multiprocessing.spawn import ProcessExitedException, ProcessRaisedException, spawn
 
-from specdm_cli.config import Progress
+from specdm_cli.config import Devices, Progress
 from specdm_cli.errors import EXIT_RESOURCE, Interrupted, SpecdmError, resource_error_from
 from specdm_cli.pipeline.signals import StopFlag, graceful_stop
 from specdm_cli.pipeline.synthesize.shards import Shard, shard_batches
 from specdm_cli.stores import open_store
 
-if TYPE_CHECKING:
-    from specdm_cli.pipeline.synthesize.synthesize import SynthesizeRequest
+
+class RankedRequest(Protocol):
+    """What the ranks need of a synthesize request (a dataclass: each rank gets a `replace`d copy)."""
+
+    @property
+    def out(self) -> Path: ...
+    @property
+    def n(self) -> int: ...
+    @property
+    def batch_size(self) -> int: ...
+    @property
+    def shard(self) -> Shard: ...
+    @property
+    def devices(self) -> Devices: ...
+
+
+Request = TypeVar("Request", bound=RankedRequest)
 
 
 class RankFailed(SpecdmError):
@@ -39,7 +56,8 @@ def sub_shard(shard: Shard, rank: int, world: int) -> Shard:
 
 
 def run_on_devices(
-    request: SynthesizeRequest,
+    request: Request,
+    worker: Callable[[Request, StopFlag], object],
     stop: StopFlag,
     progress: Progress | None,
 ) -> int:
@@ -48,7 +66,7 @@ def run_on_devices(
     before = _written(request, batches)
     failures: SimpleQueue[tuple[str, int]] = multiprocessing.get_context("spawn").SimpleQueue()
     context: Any = spawn(  # type: ignore[no-untyped-call]
-        _rank, args=(request, failures), nprocs=request.devices.ranks, join=False
+        _rank, args=(request, worker, failures), nprocs=request.devices.ranks, join=False
     )
     forwarded = False
     while not _joined(context):
@@ -75,26 +93,25 @@ def _joined(context: Any) -> bool:
         raise RankFailed(f"a device process died (exit {error.exit_code})", 1) from None
 
 
-def _written(request: SynthesizeRequest, batches: list[range]) -> int:
+def _written(request: RankedRequest, batches: list[range]) -> int:
     if not batches:
         return 0
     flags = open_store(request.out, allow_incomplete=True).written()
     return int(flags[batches[0].start : batches[-1].stop].sum())
 
 
-def _batches_done(request: SynthesizeRequest, batches: list[range]) -> int:
+def _batches_done(request: RankedRequest, batches: list[range]) -> int:
     flags = open_store(request.out, allow_incomplete=True).written()
     return sum(bool(flags[b.start : b.stop].all()) for b in batches)
 
 
 def _rank(
     rank: int,
-    request: SynthesizeRequest,
+    request: Request,
+    worker: Callable[[Request, StopFlag], object],
     failures: SimpleQueue[tuple[str, int]],
 ) -> None:
-    from specdm_cli.pipeline.synthesize.synthesize import synthesize
-
-    part = replace(
+    part = replace(  # type: ignore[type-var]
         request,
         shard=sub_shard(request.shard, rank, request.devices.ranks),
         devices=request.devices.rank(rank),
@@ -103,7 +120,7 @@ def _rank(
         torch.set_num_threads(max(1, torch.get_num_threads() // request.devices.ranks))
     try:
         with graceful_stop() as stop:
-            synthesize(part, stop)
+            worker(part, stop)
     except Interrupted:
         return
     except SpecdmError as error:

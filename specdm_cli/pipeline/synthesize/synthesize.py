@@ -247,7 +247,7 @@ def synthesize(
     manifest = join_or_create(request.out, _manifest(request, steps, devices[0]))
     batches = shard_batches(request.n, request.batch_size, request.shard)
     if request.devices.ranks > 1:
-        done = run_on_devices(request, stop, progress)
+        done = run_on_devices(request, synthesize, stop, progress)
         return _summary(request, started, Written(done), len(batches), 0, None)
     lock_name = f".specdm.lock.{request.shard.index}-of-{request.shard.count}"
     with DirLock(request.out, lock_name):
