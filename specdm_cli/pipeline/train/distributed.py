@@ -29,7 +29,8 @@ def launched_by_torchrun() -> bool:
 
 
 def run_ranks(worker: Callable[..., object], devices: list[torch.device], *args: Any) -> None:
-    """Run `worker(rank, world, device, *args)` on every rank; returns when all are done."""
+    """Run `worker(rank, world, device, *args)` on every rank (torchrun's, else one spawned
+    process per device); returns when all are done. One device in-process is `driver.launch`'s."""
     if launched_by_torchrun():
         rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
         local = int(os.environ.get("LOCAL_RANK", rank))
@@ -42,9 +43,6 @@ def run_ranks(worker: Callable[..., object], devices: list[torch.device], *args:
             int(os.environ.get("MASTER_PORT", "29500")),
         )
         _run(worker, rank, world, device, args)
-        return
-    if len(devices) == 1:
-        worker(0, 1, devices[0], *args)
         return
     port = free_port()
     spawn(_spawned, args=(worker, devices, port, args), nprocs=len(devices), join=True)  # type: ignore[no-untyped-call]

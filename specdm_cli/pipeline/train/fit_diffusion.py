@@ -31,7 +31,8 @@ from specdm_cli.pipeline.train.common import (
     torch_devices,
     validation_indices,
 )
-from specdm_cli.pipeline.train.distributed import data_parallel, launched_by_torchrun, run_ranks
+from specdm_cli.pipeline.train.distributed import data_parallel
+from specdm_cli.pipeline.train.driver import Schedule, launch, train_loop
 from specdm_cli.pipeline.train.latent_cache import (
     LatentCache,
     cache_key,
@@ -103,9 +104,13 @@ class DiffusionTrainer:
         device: torch.device,
         rank: int = 0,
         world: int = 1,
+        run: Path | None = None,
+        val: np.ndarray | None = None,
     ):
         self.cache, self.config, self.device = cache, config, device
         self.rank, self.world = rank, world
+        self.run = run
+        self.val = val if val is not None else np.zeros((0,), dtype=np.float32)
         torch.manual_seed(config.seed)
         self.unet = build_unet(unet_cfg).to(device).train()
         self.net: Any = self.unet
@@ -124,7 +129,7 @@ class DiffusionTrainer:
         """Data-parallel across ranks (after any checkpoint is loaded)."""
         self.net = data_parallel(self.unet, self.device, self.world)
 
-    def step(self, step: int) -> float:
+    def step(self, step: int) -> dict[str, float]:
         """One denoising step; the batch, z, noise and t depend only on (seed, step)."""
         rng = np.random.default_rng(step_seed(self.config.seed, step, "batch"))
         replace = len(self.cache) < self.config.batch_size
@@ -152,7 +157,37 @@ class DiffusionTrainer:
         loss = (per_sample * self.loss_weight[t]).mean()
         self.scaler.step(loss, self.optimizer)
         self.ema.update(self.unet)
-        return float(loss.detach())
+        return {"loss": float(loss.detach())}
+
+    def validate(self) -> dict[str, Any]:
+        """The EMA weights' loss on the val latents, as the record's "val_loss" field."""
+        return {"val_loss": self.val_loss(self.val)} if len(self.val) else {}
+
+    def checkpoint(self, step: int, finished: bool) -> None:
+        """EMA and training U-Nets, optimizer, scaler and EMA count, committed atomically."""
+        assert self.run is not None, "a trainer that checkpoints knows its run"
+
+        def write(folder: Path) -> None:
+            ema_unet = copy.deepcopy(self.unet)
+            self.ema.copy_to(ema_unet)
+            save_module(ema_unet, folder / "unet")
+            save_module(self.unet, folder / "train_unet")
+            runs.save_optimizer_state(self.optimizer, folder)
+            self.scaler.save(folder)
+            state = {"updates": self.ema.updates, "step": step}
+            (folder / "ema.json").write_text(json.dumps(state))
+
+        details = {
+            "unet": dict(self.unet.config),
+            "schedule": ScheduleConfig(prediction_type=self.config.prediction).model_dump(),
+            "latent_shift": self.cache.shift.tolist(),
+            "latent_scale": self.cache.scale.tolist(),
+            "learning_rate": self.config.learning_rate(),
+            "cached_views": len(self.cache),
+        }
+        identity = self.config.training_identity()
+        plain = json.loads(json.dumps(details, default=str))
+        runs.commit_checkpoint(self.run, "diffusion", step, write, identity, finished, plain)
 
     @torch.no_grad()
     def val_loss(self, latents: np.ndarray) -> float:
@@ -220,13 +255,10 @@ def fit_diffusion(
             start,
             val,
         )
-        if len(devices) == 1 and not launched_by_torchrun():
-            summary = _rank_main(0, 1, devices[0], job, stop, progress)
-        else:
-            run_ranks(_rank_main, devices, job)
-            summary = FitDiffusionSummary(
-                str(run), "", request.config.steps, request.config.steps, 0.0, 0.0, ""
-            )
+        steps = request.config.steps
+        summary = launch(devices, _rank_main, job, stop, progress) or FitDiffusionSummary(
+            str(run), "", steps, steps, 0.0, 0.0, ""
+        )
     runs.register(run, manifest.task, "diffusion", can_sample=True)
     summary.seconds = round(time.monotonic() - started, 3)
     summary.state = "resumed" if start else "trained"
@@ -263,11 +295,24 @@ def _rank_main(
     progress: Progress | None = None,
 ) -> FitDiffusionSummary:
     """One rank: open the cache, build or restore the U-Net, wrap for data parallelism, train."""
-    trainer = DiffusionTrainer(open_cache(job.run), job.config, job.unet, device, rank, world)
+    cache = open_cache(job.run)
+    trainer = DiffusionTrainer(cache, job.config, job.unet, device, rank, world, job.run, job.val)
     if job.checkpoint is not None:
         _restore(job.run, trainer, job.checkpoint, device)
     trainer.wrap()
-    return _train(job.run, trainer, job.start, job.val, job.config, stop or StopFlag(), progress)
+    config = job.config
+    schedule = Schedule(
+        config.steps,
+        config.val_every,
+        config.checkpoint_every,
+        "fit-diffusion",
+        (("stage", "diffusion"),),
+    )
+    trained = train_loop(job.run, trainer, job.start, schedule, stop or StopFlag(), progress)
+    return FitDiffusionSummary(
+        str(job.run), "", config.steps, config.steps, 0.0, trained.steps_per_second, "",
+        trained.last.get("loss"), val_loss=trained.validation.get("val_loss"),
+    )  # fmt: skip
 
 
 def _latents(
@@ -328,70 +373,3 @@ def _ema_state(path: Path) -> dict[str, int]:
         raise ModelError(
             "the checkpoint's EMA state is missing or damaged", path, "resume from another run"
         ) from None
-
-
-def _train(
-    run: Path,
-    trainer: DiffusionTrainer,
-    start: int,
-    val: np.ndarray,
-    config: DiffusionTrainConfig,
-    stop: StopFlag,
-    progress: Progress | None,
-) -> FitDiffusionSummary:
-    loss: float | None = None
-    val_loss: float | None = None
-    tick = time.monotonic()
-    for step in range(start, config.steps):
-        loss = trainer.step(step)
-        done = step + 1
-        # Read once: a signal landing later in this step is seen at the next one, never half.
-        stopping = stop.signum is not None
-        if trainer.rank == 0:
-            finished = done == config.steps
-            record: dict[str, Any] = {"stage": "diffusion", "step": done, "loss": loss}
-            if len(val) and (done % config.val_every == 0 or finished):
-                val_loss = record["val_loss"] = trainer.val_loss(val)
-            with (run / "metrics.jsonl").open("a", encoding="utf-8") as stream:
-                stream.write(json.dumps(record) + "\n")
-            if finished or done % config.checkpoint_every == 0 or stopping:
-                _checkpoint(run, trainer, config, done, finished)
-        if progress:
-            progress("fit-diffusion", done, config.steps)
-        if stopping:
-            stop.check()
-    rate = (config.steps - start) / max(time.monotonic() - tick, 1e-9)
-    return FitDiffusionSummary(
-        str(run), "", config.steps, config.steps, 0.0, round(rate, 3), "", loss, val_loss=val_loss
-    )
-
-
-def _checkpoint(
-    run: Path, trainer: DiffusionTrainer, config: DiffusionTrainConfig, step: int, finished: bool
-) -> None:
-    def write(folder: Path) -> None:
-        ema_unet = copy.deepcopy(trainer.unet)
-        trainer.ema.copy_to(ema_unet)
-        save_module(ema_unet, folder / "unet")
-        save_module(trainer.unet, folder / "train_unet")
-        runs.save_optimizer_state(trainer.optimizer, folder)
-        trainer.scaler.save(folder)
-        (folder / "ema.json").write_text(json.dumps({"updates": trainer.ema.updates, "step": step}))
-
-    details = {
-        "unet": dict(trainer.unet.config),
-        "schedule": ScheduleConfig(prediction_type=config.prediction).model_dump(),
-        "latent_shift": trainer.cache.shift.tolist(),
-        "latent_scale": trainer.cache.scale.tolist(),
-        "learning_rate": config.learning_rate(),
-        "cached_views": len(trainer.cache),
-    }
-    runs.commit_checkpoint(
-        run,
-        "diffusion",
-        step,
-        write,
-        config.training_identity(),
-        finished,
-        json.loads(json.dumps(details, default=str)),
-    )

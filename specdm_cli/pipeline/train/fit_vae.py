@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -34,7 +33,8 @@ from specdm_cli.pipeline.train.common import (
     torch_devices,
     validation_indices,
 )
-from specdm_cli.pipeline.train.distributed import data_parallel, launched_by_torchrun, run_ranks
+from specdm_cli.pipeline.train.distributed import data_parallel
+from specdm_cli.pipeline.train.driver import Schedule, launch, train_loop
 from specdm_cli.pipeline.train.vae_validation import validate
 from specdm_cli.stores import StoreReader, open_store
 
@@ -104,6 +104,8 @@ class VAETrainer:
         device: torch.device,
         rank: int = 0,
         world: int = 1,
+        run: Path | None = None,
+        val: np.ndarray | None = None,
     ):
         manifest = reader.manifest
         if manifest.normalization is None:
@@ -114,6 +116,9 @@ class VAETrainer:
             )
         self.reader, self.config, self.device = reader, config, device
         self.rank, self.world = rank, world
+        self.run = run
+        self.val = val if val is not None else np.array([], dtype=np.int64)
+        self.validation: dict[str, Any] | None = None
         self.task = manifest.task
         self.mean = torch.tensor(manifest.normalization.mean, dtype=torch.float32, device=device)
         self.std = torch.tensor(manifest.normalization.std, dtype=torch.float32, device=device)
@@ -157,6 +162,40 @@ class VAETrainer:
         self.scaler.step(losses["total"], self.optimizer)
         return {name: float(value.detach()) for name, value in losses.items()}
 
+    def validate(self) -> dict[str, Any]:
+        """Reconstruction metrics on the val samples, as the record's "val" field."""
+        if not len(self.val):
+            return {}
+        self.validation = validate(
+            self.model,
+            self.reader,
+            self.val,
+            self.task,
+            self.mean,
+            self.std,
+            self.config.batch_size,
+        )
+        return {"val": self.validation}
+
+    def checkpoint(self, step: int, finished: bool) -> None:
+        """Both branches, the optimizer and the loss scaler, committed atomically into the run."""
+        assert self.run is not None, "a trainer that checkpoints knows its run"
+
+        def write(folder: Path) -> None:
+            save_vae(self.model, folder)
+            runs.save_optimizer_state(self.optimizer, folder)
+            self.scaler.save(folder)
+
+        details = {
+            "model": self.model.config.model_dump(mode="json"),
+            "latent_layout": self.model.latent_layout(),
+            "learning_rate": self.config.learning_rate(),
+            "train_samples": len(self.indices),
+            "validation": self.validation,
+        }
+        identity = self.config.training_identity()
+        runs.commit_checkpoint(self.run, "vae", step, write, identity, finished, details)
+
 
 class _Losses(nn.Module):
     """forward() = the VAE's losses, so DistributedDataParallel can wrap the training step."""
@@ -180,11 +219,6 @@ class _Losses(nn.Module):
             valid,
             generator,
         )
-
-
-def _append_metrics(run: Path, record: dict[str, Any]) -> None:
-    with (run / "metrics.jsonl").open("a", encoding="utf-8") as stream:
-        stream.write(json.dumps(record) + "\n")
 
 
 @dataclass(frozen=True)
@@ -234,11 +268,7 @@ def fit_vae(
             start,
             validation_indices(reader, request.config.val_samples, warn),
         )
-        if len(devices) == 1 and not launched_by_torchrun():
-            summary = _rank_main(0, 1, devices[0], job, stop, progress)
-        else:
-            run_ranks(_rank_main, devices, job)
-            summary = _summary_from_run(job)
+        summary = launch(devices, _rank_main, job, stop, progress) or _summary_from_run(job)
     runs.register(run, manifest.task, "vae", can_sample=False)
     summary.seconds = round(time.monotonic() - started, 3)
     summary.state = "resumed" if start else "trained"
@@ -254,7 +284,8 @@ def _rank_main(
     progress: Progress | None = None,
 ) -> FitVAESummary:
     """One rank: build the model, load the checkpoint, wrap for data parallelism, train."""
-    trainer = VAETrainer(open_store(job.store), job.config, device, rank, world)
+    reader = open_store(job.store)
+    trainer = VAETrainer(reader, job.config, device, rank, world, job.run, job.val)
     if job.checkpoint is not None:
         load_branches(trainer.model, job.run / job.checkpoint)
         trainer.model.to(device).train()  # from_pretrained hands back eval-mode modules
@@ -262,78 +293,16 @@ def _rank_main(
     if job.checkpoint is not None:
         runs.load_optimizer_state(trainer.optimizer, job.run / job.checkpoint)
         trainer.scaler.load(job.run / job.checkpoint)
-    return _train(job.run, trainer, job.start, job.val, job.config, stop or StopFlag(), progress)
+    config = job.config
+    schedule = Schedule(config.steps, config.val_every, config.checkpoint_every, "fit-vae")
+    trained = train_loop(job.run, trainer, job.start, schedule, stop or StopFlag(), progress)
+    return FitVAESummary(
+        str(job.run), "", config.steps, config.steps, 0.0, trained.steps_per_second,
+        trained.last, trainer.validation,
+    )  # fmt: skip
 
 
 def _summary_from_run(job: _Job) -> FitVAESummary:
     stage = load_run(job.run).stages["vae"]
     validation = stage.details.get("validation")
     return FitVAESummary(str(job.run), "", stage.step, job.config.steps, 0.0, 0.0, {}, validation)
-
-
-def _train(
-    run: Path,
-    trainer: VAETrainer,
-    start: int,
-    val: np.ndarray,
-    config: VAETrainConfig,
-    stop: StopFlag,
-    progress: Progress | None,
-) -> FitVAESummary:
-    losses: dict[str, float] = {}
-    validation: dict[str, Any] | None = None
-    writer = trainer.rank == 0
-    tick = time.monotonic()
-    for step in range(start, config.steps):
-        losses = trainer.step(step)
-        done = step + 1
-        # Read once: a signal landing later in this step is seen at the next one, never half.
-        stopping = stop.signum is not None
-        if writer:
-            record: dict[str, Any] = {"step": done, **losses}
-            if len(val) and (done % config.val_every == 0 or done == config.steps):
-                validation = validate(
-                    trainer.model,
-                    trainer.reader,
-                    val,
-                    trainer.task,
-                    trainer.mean,
-                    trainer.std,
-                    config.batch_size,
-                )
-                record["val"] = validation
-            _append_metrics(run, record)
-            finished = done == config.steps
-            if finished or done % config.checkpoint_every == 0 or stopping:
-                _checkpoint(run, trainer, config, done, finished, validation)
-        if progress:
-            progress("fit-vae", done, config.steps)
-        if stopping:
-            stop.check()
-    rate = (config.steps - start) / max(time.monotonic() - tick, 1e-9)
-    return FitVAESummary(
-        str(run), "", config.steps, config.steps, 0.0, round(rate, 3), losses, validation
-    )
-
-
-def _checkpoint(
-    run: Path,
-    trainer: VAETrainer,
-    config: VAETrainConfig,
-    step: int,
-    finished: bool,
-    validation: dict[str, Any] | None,
-) -> None:
-    def write(folder: Path) -> None:
-        save_vae(trainer.model, folder)
-        runs.save_optimizer_state(trainer.optimizer, folder)
-        trainer.scaler.save(folder)
-
-    details = {
-        "model": trainer.model.config.model_dump(mode="json"),
-        "latent_layout": trainer.model.latent_layout(),
-        "learning_rate": config.learning_rate(),
-        "train_samples": len(trainer.indices),
-        "validation": validation,
-    }
-    runs.commit_checkpoint(run, "vae", step, write, config.training_identity(), finished, details)

@@ -1,0 +1,115 @@
+"""The one training driver of `fit-vae` and `fit-diffusion`: ranks, steps, metrics, checkpoints.
+
+A stage plugs in a `Trainer` (its deterministic step, its validation, its checkpoint); the
+driver owns everything else, so both stages stop, log, checkpoint and resume the same way.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol, TypeVar
+
+import torch
+
+from specdm_cli.config import Progress
+from specdm_cli.pipeline.signals import StopFlag
+from specdm_cli.pipeline.train.distributed import launched_by_torchrun, run_ranks
+
+Job = TypeVar("Job")
+Result = TypeVar("Result")
+
+
+class Trainer(Protocol):
+    """What a stage gives the driver."""
+
+    rank: int
+
+    def step(self, step: int) -> dict[str, float]:
+        """Train on batch `step`; the metrics record's fields (deterministic in (seed, step))."""
+        ...
+
+    def validate(self) -> dict[str, Any]:
+        """Fields added to the record at a validation step (empty: nothing to validate on)."""
+        ...
+
+    def checkpoint(self, step: int, finished: bool) -> None:
+        """Commit a checkpoint of `step` into the run (rank 0 only calls it)."""
+        ...
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """When the driver validates and checkpoints, and what it names the progress and records."""
+
+    steps: int
+    val_every: int
+    checkpoint_every: int
+    progress_label: str  # "fit-vae" / "fit-diffusion"
+    record_fields: tuple[tuple[str, Any], ...] = ()  # fixed fields of every metrics record
+
+
+@dataclass
+class Trained:
+    """What the loop leaves: the last step's record and validation, and the step rate."""
+
+    last: dict[str, float]
+    validation: dict[str, Any]
+    steps_per_second: float
+
+
+def launch(
+    devices: list[torch.device],
+    rank_main: Callable[[int, int, torch.device, Job, StopFlag | None, Progress | None], Result],
+    job: Job,
+    stop: StopFlag,
+    progress: Progress | None,
+) -> Result | None:
+    """Train in this process on one device, else on one process per device (None: the ranks
+    wrote their results into the run)."""
+    if len(devices) == 1 and not launched_by_torchrun():
+        return rank_main(0, 1, devices[0], job, stop, progress)
+    run_ranks(rank_main, devices, job)
+    return None
+
+
+def train_loop(
+    run: Path,
+    trainer: Trainer,
+    start: int,
+    schedule: Schedule,
+    stop: StopFlag,
+    progress: Progress | None,
+) -> Trained:
+    """Steps [start, steps): log each, validate and checkpoint on schedule (rank 0), stop cleanly."""
+    last: dict[str, float] = {}
+    validation: dict[str, Any] = {}
+    tick = time.monotonic()
+    for step in range(start, schedule.steps):
+        last = trainer.step(step)
+        done = step + 1
+        # Read once: a signal landing later in this step is seen at the next one, never half.
+        stopping = stop.signum is not None
+        if trainer.rank == 0:
+            finished = done == schedule.steps
+            record: dict[str, Any] = {**dict(schedule.record_fields), "step": done, **last}
+            if done % schedule.val_every == 0 or finished:
+                validation = trainer.validate() or validation
+                record.update(validation)
+            _append_metrics(run, record)
+            if finished or done % schedule.checkpoint_every == 0 or stopping:
+                trainer.checkpoint(done, finished)
+        if progress:
+            progress(schedule.progress_label, done, schedule.steps)
+        if stopping:
+            stop.check()
+    rate = (schedule.steps - start) / max(time.monotonic() - tick, 1e-9)
+    return Trained(last, validation, round(rate, 3))
+
+
+def _append_metrics(run: Path, record: dict[str, Any]) -> None:
+    with (run / "metrics.jsonl").open("a", encoding="utf-8") as stream:
+        stream.write(json.dumps(record) + "\n")
