@@ -13,6 +13,8 @@ import platformdirs
 from specdm_cli.stores.atomic import atomic_write_text
 from specdm_cli.stores.lock import DirLock
 
+REGISTRY_WAIT_S = 30.0
+
 
 def user_dir() -> Path:
     """specdm's user data directory; SPECDM_HOME overrides it (tests, shared machines)."""
@@ -42,7 +44,8 @@ def record_run(run: Path, task: str, stage: str, can_sample: bool) -> None:
     """Append (or update) the entry of `run` in the registry, under the registry's lock."""
     folder = user_dir()
     folder.mkdir(parents=True, exist_ok=True)
-    with DirLock(folder, ".runs.lock"):
+    # Held for the moment of one read-modify-write: wait for it rather than fail a finished run.
+    with DirLock(folder, ".runs.lock", wait=REGISTRY_WAIT_S):
         entries = [e for e in read_registry() if e.get("path") != str(run.resolve())]
         entries.append(
             {

@@ -29,7 +29,14 @@ from specdm_cli.pipeline.models import ChosenModel
 from specdm_cli.pipeline.provenance import provenance
 from specdm_cli.pipeline.require import Requirement, accepted, give_up, resume_draw
 from specdm_cli.pipeline.run_manifest import latent_shift
-from specdm_cli.pipeline.shards import Shard, finalize, join_or_create, shard_batches, write_record
+from specdm_cli.pipeline.shards import (
+    Shard,
+    finalize,
+    join_or_create,
+    shard_batches,
+    shard_lock,
+    write_record,
+)
 from specdm_cli.pipeline.signals import StopFlag
 from specdm_cli.pipeline.synth_ranks import run_on_devices
 from specdm_cli.pipeline.training import Precision, autocast, parse_device, parse_devices
@@ -38,7 +45,6 @@ from specdm_cli.pipeline.writer import BackgroundWriter
 from specdm_cli.sources.base import class_fraction
 from specdm_cli.stores import SampleMeta, open_store, open_writer
 from specdm_cli.stores.base import MANIFEST_NAME
-from specdm_cli.stores.lock import DirLock
 
 Progress = Callable[[int, int], None]
 
@@ -245,8 +251,7 @@ def synthesize(
     if len(devices) > 1:
         done = run_on_devices(request, devices, stop, progress)
         return _summary(request, started, Written(done), len(batches), 0, None)
-    lock_name = f".specdm.lock.{request.shard.index}-of-{request.shard.count}"
-    with DirLock(request.out, lock_name):
+    with shard_lock(request.out, request.n, request.batch_size, request.shard):
         writer = open_writer(request.out, manifest)
         written = writer.written()
         todo = [b for b in batches if not written[b.start : b.stop].all()]
