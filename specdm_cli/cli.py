@@ -342,6 +342,9 @@ def inspect(
     allow_incomplete: Annotated[
         bool, typer.Option(help="Read a store whose writer stopped early.")
     ] = False,
+    verify: Annotated[
+        bool, typer.Option("--verify", help="Read every sample back against its checksums.")
+    ] = False,
     json_output: JsonOption = False,
 ) -> None:
     """Validate a store and summarise it: splits, bands, classes, provenance."""
@@ -356,7 +359,7 @@ def inspect(
             from specdm_cli.errors import UsageError
 
             raise UsageError("inspect needs a STORE", hint="run `specdm inspect PATH`")
-        report = inspect_store(store, allow_incomplete)
+        report = inspect_store(store, allow_incomplete, verify)
         if json_output:
             _emit_json(report)
         else:

@@ -11,13 +11,16 @@ from rich.table import Table
 
 from specdm_cli.errors import InputDataError
 from specdm_cli.manifest import Manifest, array_names
-from specdm_cli.stores import StoreReader, open_store
+from specdm_cli.stores import StoreReader, find_damaged, open_store
 from specdm_cli.stores.geotiff_store import GeoTiffReader
-from specdm_cli.stores.zarr_store import ZarrReader, _array
+from specdm_cli.stores.zarr_store import REPAIR_HINT, ZarrReader, _array
 
 
-def inspect_store(path: Path, allow_incomplete: bool = False) -> dict[str, Any]:
-    """Validate the store at `path` and return its summary (the `--json` payload)."""
+def inspect_store(
+    path: Path, allow_incomplete: bool = False, verify: bool = False
+) -> dict[str, Any]:
+    """Validate the store at `path` and return its summary (the `--json` payload); `verify`
+    reads every written sample back against its checksums."""
     reader = open_store(path, allow_incomplete)
     _validate_layout(reader)
     manifest = reader.manifest
@@ -27,7 +30,25 @@ def inspect_store(path: Path, allow_incomplete: bool = False) -> dict[str, Any]:
         raise InputDataError(
             f"store claims complete but samples {missing} are not written", path, "re-create it"
         )
-    return _summary(path, manifest, int(written.sum()))
+    summary = _summary(path, manifest, int(written.sum()))
+    if verify:
+        summary["verified"] = _verify(reader)
+    return summary
+
+
+def _verify(reader: StoreReader) -> str:
+    """Read every written sample; damaged ones are an input error naming them (exit 3)."""
+    damaged = find_damaged(reader)
+    if damaged:
+        shown = ", ".join(map(str, damaged[:10])) + (", ..." if len(damaged) > 10 else "")
+        raise InputDataError(
+            f"{len(damaged)} damaged samples (missing or corrupt chunks): {shown}",
+            reader.root,
+            REPAIR_HINT,
+        )
+    if isinstance(reader, ZarrReader) and not reader.has_checksums:
+        return "readable (store has no checksums: written before they existed)"
+    return "all samples match their checksums"
 
 
 def _validate_layout(reader: StoreReader) -> None:
@@ -113,3 +134,5 @@ def render_report(report: dict[str, Any], console: Console) -> None:
             f"{share:.1%}" if share is not None else "-",
         )
     console.print(bands, classes)
+    if "verified" in report:
+        console.print(f"verified: {report['verified']}")

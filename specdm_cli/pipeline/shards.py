@@ -15,7 +15,7 @@ import numpy as np
 from specdm_cli.errors import InputDataError, LockHeldError, UsageError
 from specdm_cli.manifest import Manifest, load_manifest
 from specdm_cli.stores import create_store, open_store, open_writer
-from specdm_cli.stores.atomic import atomic_write_text
+from specdm_cli.stores.atomic import atomic_write_text, remove_stray_temporaries
 from specdm_cli.stores.base import MANIFEST_NAME
 from specdm_cli.stores.lock import LOCK_NAME, DirLock, live_locks
 
@@ -137,6 +137,7 @@ def finalize(out: Path, required: bool = False) -> bool:
     """
     manifest = load_manifest(out / MANIFEST_NAME)
     if manifest.complete:
+        remove_stray_temporaries(out)
         return True
     records = _records(out)
     reader = open_store(out, allow_incomplete=True)
@@ -163,4 +164,5 @@ def finalize(out: Path, required: bool = False) -> bool:
         }
     )
     open_writer(out, manifest).save_manifest(Manifest.model_validate(final.model_dump()))
+    remove_stray_temporaries(out)  # records a killed shard left half-written
     return True

@@ -43,7 +43,7 @@ from specdm_cli.pipeline.training import Precision, autocast, parse_device, pars
 from specdm_cli.pipeline.vae_io import load_vae
 from specdm_cli.pipeline.writer import BackgroundWriter
 from specdm_cli.sources.base import class_fraction
-from specdm_cli.stores import SampleMeta, open_store, open_writer
+from specdm_cli.stores import SampleMeta, forget_damaged, open_store, open_writer
 from specdm_cli.stores.base import MANIFEST_NAME
 
 Progress = Callable[[int, int], None]
@@ -252,6 +252,8 @@ def synthesize(
         done = run_on_devices(request, devices, stop, progress)
         return _summary(request, started, Written(done), len(batches), 0, None)
     with shard_lock(request.out, request.n, request.batch_size, request.shard):
+        if forget_damaged(request.out, (i for b in batches for i in b)):
+            manifest = load_manifest(request.out / MANIFEST_NAME)
         writer = open_writer(request.out, manifest)
         written = writer.written()
         todo = [b for b in batches if not written[b.start : b.stop].all()]
