@@ -414,7 +414,7 @@ def fit_vae(
     lr: Annotated[
         float | None, typer.Option(help="Learning rate [4.5e-6 x batch size, LDM].")
     ] = None,
-    steps: Annotated[int | None, typer.Option(help="Training steps [20000].")] = None,
+    steps: Annotated[int | None, typer.Option(min=1, help="Training steps [20000].")] = None,
     kl_weight: Annotated[float | None, typer.Option(help="KL weight, LDM scale [1e-6].")] = None,
     sad_weight: Annotated[float | None, typer.Option(help="SAD weight [0.1, paper Eq. 1].")] = None,
     class_weights: Annotated[str | None, typer.Option(help="none or auto [auto].")] = None,
@@ -502,7 +502,7 @@ def fit_diffusion(
     lr: Annotated[
         float | None, typer.Option(help="Learning rate [2e-6 x batch size, LDM].")
     ] = None,
-    steps: Annotated[int | None, typer.Option(help="Training steps [50000].")] = None,
+    steps: Annotated[int | None, typer.Option(min=1, help="Training steps [50000].")] = None,
     seed: Annotated[int | None, typer.Option(help="Seed [0].")] = None,
     precision: Annotated[
         Precision | None, typer.Option(help="fp32, bf16, fp16 (CUDA only) [fp32].")
@@ -592,7 +592,8 @@ def synthesize(
         Sampler, typer.Option(help="ddpm (1000 steps, paper), ddim, dpmpp.")
     ] = Sampler.dpmpp,
     steps: Annotated[
-        int | None, typer.Option(help="Denoising steps [ddpm 1000, ddim 20, dpmpp 10].")
+        int | None,
+        typer.Option(min=1, help="Denoising steps [ddpm 1000, ddim 20, dpmpp 10]."),
     ] = None,
     seed: Annotated[int, typer.Option(help="Seed: sample i depends only on (model, seed, i).")] = 0,
     batch_size: Annotated[

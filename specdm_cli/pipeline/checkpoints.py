@@ -75,7 +75,8 @@ def unlisted_weights(root: Path, folder: Path, listed: dict[str, str]) -> list[s
 def is_disk_full(exc: BaseException) -> bool:
     """safetensors reports a full disk (or a file size limit) as its own error, by errno text."""
     text = str(exc)
-    return any(word in text for word in ("code: 28", "code: 27", "StorageFull", "FileTooLarge"))
+    words = ("os error 28", "os error 27", "code: 28", "code: 27", "StorageFull", "FileTooLarge")
+    return any(word in text for word in words)
 
 
 def load_module(cls: Any, folder: Path) -> Any:

@@ -33,6 +33,7 @@ from specdm_cli.pipeline.training import (
     LossScaler,
     Precision,
     autocast,
+    check_finite_loss,
     parse_devices,
     step_seed,
     validation_indices,
@@ -386,6 +387,7 @@ def _train(
     tick = time.monotonic()
     for step in range(start, config.steps):
         loss = trainer.step(step)
+        check_finite_loss(loss, step, run)
         done = step + 1
         # Read once: a signal landing later in this step is seen at the next one, never half.
         stopping = stop.signum is not None

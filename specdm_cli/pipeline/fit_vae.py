@@ -28,6 +28,7 @@ from specdm_cli.pipeline.training import (
     LossScaler,
     Precision,
     autocast,
+    check_finite_loss,
     load_batch,
     parse_devices,
     step_seed,
@@ -337,6 +338,7 @@ def _train(
     tick = time.monotonic()
     for step in range(start, config.steps):
         losses = trainer.step(step)
+        check_finite_loss(losses["total"], step, run)
         done = step + 1
         # Read once: a signal landing later in this step is seen at the next one, never half.
         stopping = stop.signum is not None
