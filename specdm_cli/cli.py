@@ -340,6 +340,9 @@ def inspect(
     allow_incomplete: Annotated[
         bool, typer.Option(help="Read a store whose writer stopped early.")
     ] = False,
+    verify: Annotated[
+        bool, typer.Option("--verify", help="Read every sample back against its checksums.")
+    ] = False,
     json_output: JsonOption = False,
 ) -> None:
     """Validate a store and summarise it: splits, bands, classes, provenance."""
@@ -353,7 +356,7 @@ def inspect(
             from specdm_cli.errors import UsageError
 
             raise UsageError("inspect needs a STORE", hint="run `specdm inspect PATH`")
-        report = inspect_store(store, allow_incomplete)
+        report = inspect_store(store, allow_incomplete, verify)
         if json_output:
             _emit_json(report)
         else:
@@ -433,7 +436,7 @@ def fit_vae(
     lr: Annotated[
         float | None, typer.Option(help="Learning rate [4.5e-6 x batch size, LDM].")
     ] = None,
-    steps: Annotated[int | None, typer.Option(help="Training steps [20000].")] = None,
+    steps: Annotated[int | None, typer.Option(min=1, help="Training steps [20000].")] = None,
     kl_weight: Annotated[float | None, typer.Option(help="KL weight, LDM scale [1e-6].")] = None,
     sad_weight: Annotated[float | None, typer.Option(help="SAD weight [0.1, paper Eq. 1].")] = None,
     class_weights: Annotated[str | None, typer.Option(help="none or auto [auto].")] = None,
@@ -513,7 +516,7 @@ def fit_diffusion(
     lr: Annotated[
         float | None, typer.Option(help="Learning rate [2e-6 x batch size, LDM].")
     ] = None,
-    steps: Annotated[int | None, typer.Option(help="Training steps [50000].")] = None,
+    steps: Annotated[int | None, typer.Option(min=1, help="Training steps [50000].")] = None,
     seed: Annotated[int | None, typer.Option(help="Seed [0].")] = None,
     precision: PrecisionOption = None,
     ema_decay: Annotated[float | None, typer.Option(help="EMA decay [0.9999, LDM].")] = None,
@@ -590,7 +593,8 @@ def synthesize(
         SamplerName, typer.Option(help="ddpm (1000 steps, paper), ddim, dpmpp.")
     ] = "dpmpp",
     steps: Annotated[
-        int | None, typer.Option(help="Denoising steps [ddpm 1000, ddim 20, dpmpp 10].")
+        int | None,
+        typer.Option(min=1, help="Denoising steps [ddpm 1000, ddim 20, dpmpp 10]."),
     ] = None,
     seed: Annotated[int, typer.Option(help="Seed: sample i depends only on (model, seed, i).")] = 0,
     batch_size: Annotated[

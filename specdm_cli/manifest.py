@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from specdm_cli.config import StoreFormat as StoreFormat
 from specdm_cli.config import Task as Task
@@ -14,6 +15,11 @@ from specdm_cli.errors import InputDataError
 
 SCHEMA_VERSION = 1
 IGNORE_INDEX = 255
+# Bounds on what a manifest may ask a reader to allocate: far above any real dataset, far
+# below what a hostile file could make a reader attempt (count 10^30, a 10^6-band header).
+MAX_SAMPLES = 10**9
+MAX_SIDE = 65536
+MAX_BANDS = 4096
 SPLITS = ("train", "val", "test", "synthetic")
 
 # Array names: the one vocabulary of Zarr arrays, GeoTIFF folders, Dataset keys and the manifest.
@@ -63,6 +69,18 @@ class Normalization(_Strict):
     minimum: list[float]
     maximum: list[float]
     pixels: int
+
+    @model_validator(mode="after")
+    def _usable(self) -> Normalization:
+        """One finite value per band in every list, and a positive std (training divides by it)."""
+        lengths = {len(self.mean), len(self.std), len(self.minimum), len(self.maximum)}
+        if len(lengths) != 1:
+            raise ValueError("mean, std, minimum and maximum must have one value per band each")
+        if not all(math.isfinite(v) for v in (*self.mean, *self.std)):
+            raise ValueError("mean and std must be finite")
+        if any(v <= 0 for v in self.std):
+            raise ValueError("std must be positive for every band (normalisation divides by it)")
+        return self
 
 
 class SourceInfo(_Strict):
@@ -161,6 +179,36 @@ class Manifest(_Strict):
     def to_json(self) -> str:
         return self.model_dump_json(indent=2)
 
+    @model_validator(mode="after")
+    def _consistent(self) -> Manifest:
+        """Fields that describe the same thing agree, and sizes are ones a reader can hold."""
+        bands, classes = len(self.bands), len(self.classes)
+        if self.count > MAX_SAMPLES or max(self.height, self.width) > MAX_SIDE:
+            raise ValueError(f"count or size beyond what specdm reads ({MAX_SAMPLES} samples "
+                             f"of {MAX_SIDE}x{MAX_SIDE})")  # fmt: skip
+        if not 1 <= bands <= MAX_BANDS or not 1 <= classes <= IGNORE_INDEX:
+            raise ValueError(f"{bands} bands and {classes} classes: need 1-{MAX_BANDS} and 1-255")
+        if sorted(c.index for c in self.classes) != list(range(classes)):
+            raise ValueError("class indices must be 0..K-1, each once")
+        if self.arrays != list(array_names(self.task)):
+            raise ValueError(f"arrays must be {list(array_names(self.task))} for task {self.task}")
+        if self.normalization is not None and len(self.normalization.mean) != bands:
+            raise ValueError(f"normalization has not one value per band ({bands})")
+        if any(len(v) != classes for v in self.class_pixel_fraction.values()):
+            raise ValueError(f"class_pixel_fraction needs one value per class ({classes})")
+        if _dtype_kind(self.dtype) not in ("u", "i", "f"):
+            raise ValueError(f"dtype {self.dtype!r} is not a numeric type")
+        return self
+
+
+def _dtype_kind(dtype: str) -> str:
+    import numpy as np
+
+    try:
+        return str(np.dtype(dtype).kind)
+    except TypeError:
+        return "?"
+
 
 def manifest_schema() -> dict[str, Any]:
     """The JSON Schema of the manifest (`specdm inspect --schema`)."""
@@ -177,11 +225,19 @@ def load_manifest(path: Path) -> Manifest:
         ) from None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise InputDataError(f"unreadable manifest ({exc})", path, "re-create the store") from None
+    except RecursionError:  # JSON nested deeper than Python's parser goes
+        raise InputDataError(
+            "unreadable manifest (nested too deeply)", path, "re-create the store"
+        ) from None
     try:
         return Manifest.model_validate(raw)
+    except RecursionError:
+        raise InputDataError(
+            "invalid manifest: nested too deeply", path, "re-create the store"
+        ) from None
     except ValidationError as exc:
         first = exc.errors()[0]
-        where = ".".join(str(part) for part in first["loc"])
+        where = ".".join(str(part) for part in first["loc"]) or "manifest"
         raise InputDataError(
             f"invalid manifest: {where}: {first['msg']}", path, "re-create the store"
         ) from None

@@ -240,3 +240,14 @@ def test_overwrite_refuses_a_folder_that_is_not_ours(
     exit_code, _, stderr = run_cli(*args, foreign, "--overwrite")
     assert_one_error_line(exit_code, stderr, code, "not a specdm")
     assert (foreign / "chapter1.tex").read_text() == "precious"
+
+
+def test_a_weights_file_missing_from_run_json_is_refused(tiny_run: Path, tmp_path: Path) -> None:
+    run = copy_of(tiny_run, tmp_path)
+    manifest = json.loads((run / "run.json").read_text())
+    weights = manifest["stages"]["diffusion"]["weights"]
+    dropped = next(k for k in sorted(weights) if "/unet/" in k)
+    del weights[dropped]  # the EMA U-Net would load without its sha256 being checked
+    (run / "run.json").write_text(json.dumps(manifest))
+    code, stderr = load_with_the_command_that_reads(run, "run.json")
+    assert_one_error_line(code, stderr, 4, "not listed in run.json")

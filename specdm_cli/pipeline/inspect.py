@@ -9,7 +9,7 @@ import numpy as np
 
 from specdm_cli.errors import InputDataError
 from specdm_cli.manifest import Manifest, manifest_schema
-from specdm_cli.stores import check_layout, open_store
+from specdm_cli.stores import check_layout, open_store, verify_store
 
 
 def store_schema() -> dict[str, Any]:
@@ -17,8 +17,11 @@ def store_schema() -> dict[str, Any]:
     return manifest_schema()
 
 
-def inspect_store(path: Path, allow_incomplete: bool = False) -> dict[str, Any]:
-    """Validate the store at `path` and return its summary (the `--json` payload)."""
+def inspect_store(
+    path: Path, allow_incomplete: bool = False, verify: bool = False
+) -> dict[str, Any]:
+    """Validate the store at `path` and return its summary (the `--json` payload); `verify`
+    reads every written sample back against its checksums."""
     reader = open_store(path, allow_incomplete)
     check_layout(reader)
     manifest = reader.manifest
@@ -28,7 +31,10 @@ def inspect_store(path: Path, allow_incomplete: bool = False) -> dict[str, Any]:
         raise InputDataError(
             f"store claims complete but samples {missing} are not written", path, "re-create it"
         )
-    return _summary(path, manifest, int(written.sum()))
+    summary = _summary(path, manifest, int(written.sum()))
+    if verify:
+        summary["verified"] = verify_store(reader)
+    return summary
 
 
 def _summary(path: Path, manifest: Manifest, written: int) -> dict[str, Any]:

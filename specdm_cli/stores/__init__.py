@@ -2,24 +2,29 @@
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
+import sys
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Literal
 
 from specdm_cli.errors import InputDataError, UsageError
+from specdm_cli.faults import fault_point
 from specdm_cli.manifest import Manifest, array_names, load_manifest
-from specdm_cli.stores.atomic import remove_tree
+from specdm_cli.stores.atomic import remove_abandoned_creations, remove_tree
 from specdm_cli.stores.base import MANIFEST_NAME, SampleMeta, StoreReader, StoreWriter
 from specdm_cli.stores.geotiff_store import GeoTiffReader, GeoTiffWriter, create_geotiff
 from specdm_cli.stores.lock import refuse_if_locked
-from specdm_cli.stores.zarr_store import ZarrReader, ZarrWriter, _array, create_zarr
+from specdm_cli.stores.zarr_store import REPAIR_HINT, ZarrReader, ZarrWriter, _array, create_zarr
 
 __all__ = [
     "SampleMeta",
     "StoreReader",
     "StoreWriter",
     "create_store",
+    "find_damaged",
     "open_store",
     "open_writer",
     "resolve_target",
@@ -44,6 +49,37 @@ def open_store(path: Path, allow_incomplete: bool = False) -> StoreReader:
     return GeoTiffReader(path, manifest)
 
 
+def find_damaged(reader: StoreReader, indices: Iterable[int] | None = None) -> list[int]:
+    """The written samples (of `indices`, default all) whose arrays do not read back intact."""
+    written = reader.written()
+    chosen = range(len(written)) if indices is None else indices
+    damaged = []
+    for index in (i for i in chosen if i < len(written) and written[i]):
+        try:
+            reader.read(int(index))
+        except InputDataError:
+            damaged.append(int(index))
+    return damaged
+
+
+def forget_damaged(path: Path, indices: Iterable[int] | None = None) -> list[int]:
+    """Clear the written flags of damaged samples so a resume rewrites them; a complete store
+    becomes incomplete first. Returns the damaged indices (one note on stderr if any)."""
+    manifest = load_manifest(path / MANIFEST_NAME)
+    if manifest.format != "zarr":
+        return []
+    reader = ZarrReader(path, manifest)
+    damaged = find_damaged(reader, indices)
+    if damaged:
+        writer = ZarrWriter(path, manifest)
+        if manifest.complete:
+            writer.save_manifest(manifest.model_copy(update={"complete": False}))
+        writer.forget(damaged)
+        shown = ", ".join(map(str, damaged[:5])) + (", ..." if len(damaged) > 5 else "")
+        print(f"note: rewriting {len(damaged)} damaged samples ({shown}) ({path})", file=sys.stderr)
+    return damaged
+
+
 def open_writer(path: Path, manifest: Manifest) -> StoreWriter:
     """A writer over an existing store laid out by `create_store`."""
     if manifest.format == "zarr":
@@ -53,17 +89,25 @@ def open_writer(path: Path, manifest: Manifest) -> StoreWriter:
 
 def create_store(path: Path, manifest: Manifest, capacity: int, georeferenced: bool) -> None:
     """Lay out an empty store in a temporary sibling, then rename it into place atomically."""
+    remove_abandoned_creations(path)
     temp = path.with_name(f".{path.name}.creating-{os.getpid()}")
     remove_tree(temp)
+    temp.mkdir(parents=True)
+    # Held until the rename: a later run removes the folder only once its creator is dead.
+    handle = os.open(temp, os.O_RDONLY)
     try:
+        fcntl.flock(handle, fcntl.LOCK_EX)
         if manifest.format == "zarr":
             create_zarr(temp, manifest, capacity, georeferenced)
         else:
             create_geotiff(temp, manifest)
+        fault_point("store.before_rename")
         temp.rename(path)
     except BaseException:
         remove_tree(temp)
         raise
+    finally:
+        os.close(handle)
 
 
 def is_ours(path: Path) -> bool:
@@ -131,6 +175,8 @@ def resolve_target(
             path,
             "use the original command, or --overwrite",
         )
+    if manifest.complete and forget_damaged(path):
+        return "resume"  # complete on paper only: its damaged samples are written again
     return "done" if manifest.complete else "resume"
 
 
@@ -161,3 +207,18 @@ def check_layout(reader: StoreReader) -> None:
                     raise InputDataError(
                         "tile listed in the manifest is missing", tile, "re-create the store"
                     )
+
+
+def verify_store(reader: StoreReader) -> str:
+    """`inspect --verify`: read every written sample; damaged ones are an input error naming them (exit 3)."""
+    damaged = find_damaged(reader)
+    if damaged:
+        shown = ", ".join(map(str, damaged[:10])) + (", ..." if len(damaged) > 10 else "")
+        raise InputDataError(
+            f"{len(damaged)} damaged samples (missing or corrupt chunks): {shown}",
+            reader.root,
+            REPAIR_HINT,
+        )
+    if isinstance(reader, ZarrReader) and not reader.has_checksums:
+        return "readable (store has no checksums: written before they existed)"
+    return "all samples match their checksums"

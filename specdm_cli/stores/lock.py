@@ -1,91 +1,175 @@
-"""Writer lock of a store or run dir: pid, host, start time; stale locks are taken over."""
+"""Writer locks of stores and run dirs: an OS-level `flock` on a lock file kept open by its holder.
+
+The kernel drops a `flock` when its holder dies, however it dies, so a lock is held exactly
+while its process lives: no pid is ever trusted to decide that (pids are reused, and pid 1 is
+alive in every container). The holder's identity (pid, host, start time) is written into the
+lock file for messages only. A lock file left by a killed holder is taken over with one note.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import fcntl
 import json
 import os
 import socket
+import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from types import TracebackType
 
 from specdm_cli.errors import LockHeldError
 
 LOCK_NAME = ".specdm.lock"
+# A live holder is reported at once; this only rides out a probe of `is_held` by another
+# process, which holds the lock for microseconds.
+_PROBE_GRACE_S = 0.5
 
 
-def _process_alive(pid: int) -> bool:
+def _try_flock(handle: int, shared: bool = False) -> bool:
+    """Take the flock without blocking; False when another open file holds it."""
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
+        fcntl.flock(handle, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
+    except OSError as exc:
+        if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+            return False
+        raise
     return True
 
 
-def _holder(lock_path: Path) -> dict[str, object] | None:
-    """The lock's record, or None when it is stale (dead process, unreadable record)."""
+def _identity(lock_path: Path) -> dict[str, object]:
+    """The holder's record (for messages); empty while it is being written or if garbled."""
     try:
-        record = json.loads(lock_path.read_text(encoding="utf-8"))
-        pid = int(record["pid"])
-        host = str(record["host"])
+        record = json.loads(lock_path.read_text(encoding="utf-8") or "{}")
+    except (OSError, ValueError):
+        return {}
+    return record if isinstance(record, dict) else {}
+
+
+def describe(record: dict[str, object]) -> str:
+    """`process 123 on host (since 12:00:01)`, or what is known of it."""
+    if "pid" not in record:
+        return "another process"
+    text = f"process {record.get('pid')} on {record.get('host')}"
+    started = record.get("started")
+    if isinstance(started, int | float):
+        text += f" (since {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(started))})"
+    return text
+
+
+def is_held(lock_path: Path) -> bool:
+    """Does a live process hold this lock file? (A shared probe, released at once.)"""
+    try:
+        handle = os.open(lock_path, os.O_RDONLY)
     except FileNotFoundError:
-        return None
-    except (OSError, ValueError, KeyError, TypeError):
-        # A writer killed while writing its lock leaves a garbled record: nobody holds it.
-        return None
-    if host == socket.gethostname() and not _process_alive(pid):
-        return None
-    return dict(record)
+        return False
+    try:
+        return not _try_flock(handle, shared=True)
+    finally:
+        os.close(handle)
+
+
+def live_locks(folder: Path) -> Iterator[Path]:
+    """The specdm lock files in `folder` that a live process holds."""
+    for lock_path in sorted(folder.glob(f"{LOCK_NAME}*")):
+        if is_held(lock_path):
+            yield lock_path
 
 
 def refuse_if_locked(folder: Path) -> None:
     """Raise LockHeldError (exit 6) if a live process holds any specdm lock in `folder`."""
-    for lock_path in sorted(folder.glob(f"{LOCK_NAME}*")):
-        holder = _holder(lock_path)
-        if holder is not None:
-            raise LockHeldError(
-                f"in use: locked by process {holder.get('pid')} on {holder.get('host')}",
-                folder,
-                "wait for it to finish; never remove a folder a live process writes",
-            )
+    for lock_path in live_locks(folder):
+        raise LockHeldError(
+            f"in use: locked by {describe(_identity(lock_path))}",
+            folder,
+            "wait for it to finish; never remove a folder a live process writes",
+        )
 
 
 class DirLock:
-    """Exclusive lock on a folder, held by one live process at a time."""
+    """Exclusive lock on a folder, held by one live process at a time.
 
-    def __init__(self, folder: Path, name: str = LOCK_NAME):
+    `wait` seconds: how long to wait for a live holder before refusing (exit 6); locks held
+    for a moment (the run registry) wait, writers' locks refuse at once.
+    """
+
+    def __init__(self, folder: Path, name: str = LOCK_NAME, wait: float = 0.0):
         self.path = folder / name
-        self.held = False
+        self.wait = wait
+        self.handle: int | None = None
+
+    @property
+    def held(self) -> bool:
+        return self.handle is not None
 
     def acquire(self) -> None:
-        """Take the lock, taking over a stale one; a live holder raises LockHeldError (exit 6)."""
+        """Take the lock (taking over one a dead holder left); a live holder raises exit 6."""
+        deadline = time.monotonic() + max(self.wait, _PROBE_GRACE_S)
+        while True:
+            handle = self._open_locked()
+            if handle is not None:
+                break
+            if time.monotonic() >= deadline:
+                raise LockHeldError(
+                    f"locked by {describe(_identity(self.path))}",
+                    self.path.parent,
+                    "wait for it to finish (a lock whose process died is taken over by itself)",
+                )
+            time.sleep(0.02)
+        self.handle = handle
+        self._claim()
+
+    def _open_locked(self) -> int | None:
+        """An open, flocked handle on the file now at `path`, or None if a live process holds it."""
+        handle = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            if not _try_flock(handle):
+                os.close(handle)
+                return None
+            # The holder we waited for may have unlinked the file before closing it: a lock on
+            # a name nobody else can open is no lock. Only the file the path names counts.
+            if not self._names(handle):
+                os.close(handle)
+                return None
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.close(handle)
+            raise
+        return handle
+
+    def _names(self, handle: int) -> bool:
+        try:
+            current = self.path.stat()
+        except FileNotFoundError:
+            return False
+        opened = os.fstat(handle)
+        return (current.st_dev, current.st_ino) == (opened.st_dev, opened.st_ino)
+
+    def _claim(self) -> None:
+        """Write our identity, saying so when we took over a lock a dead holder left."""
+        assert self.handle is not None
+        previous = _identity(self.path)
+        if previous:
+            print(
+                f"note: took over a stale lock of {describe(previous)} ({self.path})",
+                file=sys.stderr,
+            )
         record = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.time()}
-        for _ in range(3):
-            try:
-                handle = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-            except FileExistsError:
-                holder = _holder(self.path)
-                if holder is not None:
-                    raise LockHeldError(
-                        f"locked by process {holder.get('pid')} on {holder.get('host')}",
-                        self.path.parent,
-                        "wait for it to finish, or remove the lock file if that process is gone",
-                    ) from None
-                self.path.unlink(missing_ok=True)
-                continue
-            with os.fdopen(handle, "w", encoding="utf-8") as stream:
-                json.dump(record, stream)
-            self.held = True
-            return
-        raise LockHeldError("could not take the lock", self.path, "retry")
+        os.ftruncate(self.handle, 0)
+        os.pwrite(self.handle, json.dumps(record).encode("utf-8"), 0)
 
     def release(self) -> None:
-        """Drop the lock if this process holds it."""
-        if self.held:
-            self.path.unlink(missing_ok=True)
-            self.held = False
+        """Drop the lock if this process holds it (unlinked first, so no one waits on a ghost)."""
+        if self.handle is None:
+            return
+        handle, self.handle = self.handle, None
+        try:
+            if self._names(handle):
+                self.path.unlink(missing_ok=True)
+        finally:
+            os.close(handle)
 
     def __enter__(self) -> DirLock:
         self.acquire()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import warnings
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +25,10 @@ from specdm_cli.stores.base import (
 )
 
 ATTR_KEY = "specdm"
+# Per-sample crc32 of each raster array, beside `written`: a missing chunk reads as the fill
+# value (a valid class-0 mask) and a garbled one may still decompress, so only a checksum tells.
+CHECKSUM_ARRAY = "checksum"
+REPAIR_HINT = "rerun the command that wrote it with --resume (it rewrites damaged samples)"
 # The lock, manifest.json and the progress record live beside the arrays on purpose.
 warnings.filterwarnings("ignore", message="Object at .* is not recognized as a component")
 
@@ -91,6 +96,12 @@ def _create_tables(
             "candidate", shape=(capacity,), chunks=(grid,), dtype="int64", fill_value=-1,
             dimension_names=("sample",), **common,
         )  # fmt: skip
+    checksum = group.create_array(
+        CHECKSUM_ARRAY, shape=(capacity, len(manifest.arrays)),
+        chunks=(grid, len(manifest.arrays)), dtype="uint32", fill_value=0,
+        dimension_names=("sample", "array"), **common,
+    )  # fmt: skip
+    checksum.attrs.update({"algorithm": "crc32", "arrays": list(manifest.arrays)})
     if georeferenced:
         group.create_array(
             "bounds", shape=(capacity, 4), chunks=(grid, 4), dtype="float64",
@@ -122,6 +133,17 @@ def _write_manifest(root: Path, group: zarr.Group, manifest: Manifest) -> None:
     atomic_write_text(root / MANIFEST_NAME, manifest.to_json())
 
 
+def crc32(values: np.ndarray, dtype: np.dtype[Any]) -> int:
+    """crc32 of the C-order bytes of `values` as stored (in the array's dtype)."""
+    return zlib.crc32(np.ascontiguousarray(values, dtype=dtype).tobytes())
+
+
+def _checksum_names(table: zarr.Array[Any]) -> list[str]:
+    """The arrays whose checksums the table's columns hold, in order."""
+    names = table.attrs.get("arrays")
+    return [str(n) for n in names] if isinstance(names, list) else []
+
+
 def _array(group: zarr.Group, name: str) -> zarr.Array[Any]:
     """The array `name` of `group`; a missing or misshapen one means a damaged store."""
     try:
@@ -141,13 +163,42 @@ class ZarrWriter(StoreWriter):
     def __init__(self, root: Path, manifest: Manifest):
         super().__init__(root, manifest)
         self.group = zarr.open_group(root, mode="r+", zarr_format=3, use_consolidated=False)
+        # Checksums wait here until `mark_written` writes them with the rest of the batch's
+        # table rows: one chunk of the table spans a batch, written by one thread.
+        self._checksums: dict[int, dict[str, int]] = {}
 
     def write_arrays(
         self, index: int, arrays: dict[str, np.ndarray], bounds: Bounds | None = None
     ) -> None:
         # Bounds go into the `bounds` table with the rest of the sample's metadata.
+        sums: dict[str, int] = {}
         for name, values in arrays.items():
-            _array(self.group, name)[index] = values
+            array = _array(self.group, name)
+            array[index] = values
+            sums[name] = crc32(values, array.dtype)
+        self._checksums[index] = sums
+
+    def _write_checksums(self, start: int, stop: int) -> None:
+        if CHECKSUM_ARRAY not in self.group:
+            return  # a store made before checksums existed
+        table = _array(self.group, CHECKSUM_ARRAY)
+        names = _checksum_names(table)
+        rows = np.zeros((stop - start, len(names)), dtype=np.uint32)
+        for row, index in enumerate(range(start, stop)):
+            sums = self._checksums.pop(index, None) or self._read_back(index, names)
+            rows[row] = [sums[name] for name in names]
+        table[start:stop] = rows
+
+    def _read_back(self, index: int, names: list[str]) -> dict[str, int]:
+        """Checksums of a sample written by another writer object (read from disk)."""
+        arrays = {n: _array(self.group, n) for n in names}
+        return {n: crc32(np.asarray(a[index]), a.dtype) for n, a in arrays.items()}
+
+    def forget(self, indices: list[int]) -> None:
+        """Clear the written flags of `indices` (damaged samples a resume rewrites)."""
+        flags = _array(self.group, "written")
+        for index in indices:
+            flags[index] = False
 
     def mark_written(self, start: int, metas: list[SampleMeta]) -> None:
         stop = start + len(metas)
@@ -166,6 +217,7 @@ class ZarrWriter(StoreWriter):
         if "bounds" in self.group:
             bounds = [m.bounds if m.bounds is not None else (np.nan,) * 4 for m in metas]
             _array(self.group, "bounds")[start:stop] = np.array(bounds, dtype=np.float64)
+        self._write_checksums(start, stop)
         _array(self.group, "written")[start:stop] = True
 
     def written(self) -> np.ndarray:
@@ -193,6 +245,7 @@ class ZarrReader(StoreReader):
     def __init__(self, root: Path, manifest: Manifest):
         super().__init__(root, manifest)
         self._group: zarr.Group | None = None
+        self._sums: tuple[np.ndarray, np.ndarray, list[str]] | None = None
 
     @property
     def group(self) -> zarr.Group:
@@ -208,11 +261,51 @@ class ZarrReader(StoreReader):
         return self._group
 
     def __getstate__(self) -> dict[str, Any]:
-        return {"root": self.root, "manifest": self.manifest, "_group": None}
+        return {"root": self.root, "manifest": self.manifest, "_group": None, "_sums": None}
 
     def read(self, index: int) -> dict[str, np.ndarray]:
+        """The sample's arrays, checked against its checksums (exit 3 naming it if damaged)."""
         names = (*IMAGE_ARRAYS[self.manifest.task], LABEL_ARRAY[self.manifest.task])
-        return {name: np.asarray(_array(self.group, name)[index]) for name in names}
+        arrays = {name: self._read_one(name, index) for name in names}
+        damaged = self.damage(index, arrays)
+        if damaged:
+            raise InputDataError(f"sample {index} is damaged ({damaged})", self.root, REPAIR_HINT)
+        return arrays
+
+    def _read_one(self, name: str, index: int) -> np.ndarray:
+        try:
+            return np.asarray(_array(self.group, name)[index])
+        except (RuntimeError, ValueError, OSError) as exc:  # blosc: RuntimeError
+            raise InputDataError(
+                f"sample {index} is damaged ({name}: unreadable chunk, {exc})",
+                self.root,
+                REPAIR_HINT,
+            ) from None
+
+    def damage(self, index: int, arrays: dict[str, np.ndarray]) -> str | None:
+        """What is wrong with a written sample's arrays, or None (also for stores without
+        checksums, which only unreadable chunks betray)."""
+        if self._sums is None:
+            self._sums = self._load_sums()
+        written, sums, names = self._sums
+        if index >= len(written) or not written[index]:
+            return None
+        for column, name in enumerate(names):
+            array = _array(self.group, name)
+            if name in arrays and crc32(arrays[name], array.dtype) != int(sums[index, column]):
+                return f"{name}: checksum mismatch, a chunk is missing or corrupt"
+        return None
+
+    def _load_sums(self) -> tuple[np.ndarray, np.ndarray, list[str]]:
+        if CHECKSUM_ARRAY not in self.group:
+            return np.zeros(0, dtype=bool), np.zeros((0, 0), np.uint32), []
+        table = _array(self.group, CHECKSUM_ARRAY)
+        names = _checksum_names(table)
+        return self._table("written"), self._table(CHECKSUM_ARRAY), names
+
+    @property
+    def has_checksums(self) -> bool:
+        return CHECKSUM_ARRAY in self.group
 
     def _table(self, name: str) -> np.ndarray:
         return np.asarray(_array(self.group, name)[: len(self)])

@@ -29,7 +29,14 @@ from specdm_cli.pipeline.runs.provenance import provenance
 from specdm_cli.pipeline.signals import StopFlag
 from specdm_cli.sources.base import Candidate, PrepareOptions, RawSample, SourceSpec, class_fraction
 from specdm_cli.sources.registry import NO_RAW, READERS
-from specdm_cli.stores import SampleMeta, StoreWriter, create_store, open_writer, resolve_target
+from specdm_cli.stores import (
+    SampleMeta,
+    StoreWriter,
+    create_store,
+    forget_damaged,
+    open_writer,
+    resolve_target,
+)
 from specdm_cli.stores.atomic import atomic_write_text, remove_stray_temporaries
 from specdm_cli.stores.base import MANIFEST_NAME
 from specdm_cli.stores.lock import DirLock
@@ -139,6 +146,11 @@ def prepare(
         remove_stray_temporaries(request.out)
         writer = open_writer(request.out, _load_incomplete(request.out))
         tally = _load_tally(request.out)
+        if state == "resume" and forget_damaged(request.out, range(tally.kept)):
+            # The running statistics cannot skip a sample: start over (same bytes, in place).
+            tally = PrepareTally()
+        if tally.kept == 0:  # a finished store shrank to its samples; a restart needs them all
+            writer.truncate(len(source_plan.candidates))
         writer.forget_from(tally.kept)
         _run_blocks(
             request,

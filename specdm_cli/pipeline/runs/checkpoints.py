@@ -55,6 +55,28 @@ def verify_digests(root: Path, expected: dict[str, str]) -> None:
 def save_module(module: Any, folder: Path) -> None:
     """A diffusers model as `config.json` + safetensors weights."""
     module.save_pretrained(folder, safe_serialization=True)
+    # diffusers records the folder a model was loaded from: on a resumed run, a checkpoint
+    # that is deleted once the new one is committed. The config needs no provenance of paths.
+    config = folder / "config.json"
+    values = json.loads(config.read_text(encoding="utf-8"))
+    if values.pop("_name_or_path", None) is not None:
+        atomic_write_text(config, json.dumps(values, indent=2, sort_keys=True) + "\n")
+
+
+def unlisted_weights(root: Path, folder: Path, listed: dict[str, str]) -> list[str]:
+    """Weights files under `folder` that run.json does not list (and so could not verify)."""
+    return [
+        str(p.relative_to(root))
+        for p in sorted(folder.rglob("*.safetensors"))
+        if str(p.relative_to(root)) not in listed
+    ]
+
+
+def is_disk_full(exc: BaseException) -> bool:
+    """safetensors reports a full disk (or a file size limit) as its own error, by errno text."""
+    text = str(exc)
+    words = ("os error 28", "os error 27", "code: 28", "code: 27", "StorageFull", "FileTooLarge")
+    return any(word in text for word in words)
 
 
 def load_module(cls: Any, folder: Path) -> Any:

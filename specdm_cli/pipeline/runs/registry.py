@@ -4,14 +4,18 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import time
 from pathlib import Path
 from typing import Any
 
 import platformdirs
 
+from specdm_cli.errors import InputDataError
 from specdm_cli.stores.atomic import atomic_write_text
 from specdm_cli.stores.lock import DirLock
+
+REGISTRY_WAIT_S = 30.0
 
 
 def user_dir() -> Path:
@@ -21,8 +25,20 @@ def user_dir() -> Path:
 
 
 def default_run_dir(dataset: str) -> Path:
-    """`<user data dir>/runs/<dataset>-<timestamp>`."""
-    return user_dir() / "runs" / f"{dataset}-{time.strftime('%Y%m%d-%H%M%S')}"
+    """`<user data dir>/runs/<dataset>-<timestamp>`; the name comes from a store's manifest,
+    so it is made a safe path component first."""
+    runs = user_dir() / "runs"
+    run = runs / f"{safe_component(dataset)}-{time.strftime('%Y%m%d-%H%M%S')}"
+    if not run.resolve().is_relative_to(runs.resolve()):  # defence in depth: cannot happen
+        raise InputDataError("run name escapes the runs folder", run, "pass --run")
+    return run
+
+
+def safe_component(name: str) -> str:
+    """`name` as one harmless path component: letters, digits, `.`, `_`, `-` only, no leading
+    dot, at most 64 characters (a manifest may say `../../x` or `/etc`)."""
+    cleaned = re.sub(r"[^A-Za-z0-9._-]+", "_", name).lstrip(".")[:64]
+    return cleaned or "dataset"
 
 
 def _registry() -> Path:
@@ -42,7 +58,8 @@ def record_run(run: Path, task: str, stage: str, can_sample: bool) -> None:
     """Append (or update) the entry of `run` in the registry, under the registry's lock."""
     folder = user_dir()
     folder.mkdir(parents=True, exist_ok=True)
-    with DirLock(folder, ".runs.lock"):
+    # Held for the moment of one read-modify-write: wait for it rather than fail a finished run.
+    with DirLock(folder, ".runs.lock", wait=REGISTRY_WAIT_S):
         entries = [e for e in read_registry() if e.get("path") != str(run.resolve())]
         entries.append(
             {

@@ -12,7 +12,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from specdm_cli import __version__
 from specdm_cli.errors import ModelError
 from specdm_cli.manifest import Band, ClassInfo, Normalization, Task
-from specdm_cli.pipeline.runs.checkpoints import verify_digests
+from specdm_cli.pipeline.runs.checkpoints import unlisted_weights, verify_digests
 from specdm_cli.stores.atomic import atomic_write_text
 
 RUN_FILE = "run.json"
@@ -83,7 +83,26 @@ def load_run(run: Path, verify: bool = True) -> RunManifest:
     if verify:
         for stage in manifest.stages.values():
             verify_digests(run, stage.weights)
+            _refuse_unlisted(run, stage)
     return manifest
+
+
+def _refuse_unlisted(run: Path, stage: StageState) -> None:
+    """Every weights file of a checkpoint must be listed, or it would load unverified."""
+    if stage.checkpoint is None:
+        return
+    folder = (run / stage.checkpoint).resolve()
+    if not folder.is_relative_to(run.resolve()):
+        raise ModelError(
+            "run.json names a checkpoint outside the run", folder, "re-train or restore the run"
+        )
+    unlisted = unlisted_weights(run.resolve(), folder, stage.weights)
+    if unlisted:
+        raise ModelError(
+            f"weights file not listed in run.json: {unlisted[0]}",
+            run / RUN_FILE,
+            "re-train or restore the run",
+        )
 
 
 def check_consistent(manifest: RunManifest) -> None:

@@ -8,9 +8,16 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
 
-from specdm_cli.errors import InputDataError, ModelError, UsageError
+from specdm_cli.errors import (
+    InputDataError,
+    ModelError,
+    ResourceError,
+    UsageError,
+    resource_error_from,
+)
 from specdm_cli.faults import fault_point
 from specdm_cli.pipeline.runs.checkpoints import (
+    is_disk_full,
     load_optimizer,
     publish_folder,
     save_optimizer,
@@ -157,7 +164,11 @@ def commit_checkpoint(
     temp = run / f".{stage}-{step:07d}.partial"
     remove_tree(temp)
     temp.mkdir(parents=True)
-    write(temp)
+    try:
+        write(temp)
+    except BaseException as exc:
+        remove_tree(temp)  # never leave a half-written checkpoint folder
+        raise _as_resource_error(exc, temp) from None
     (run / "checkpoints").mkdir(exist_ok=True)
     publish_folder(temp, run / relative)
     fault_point("checkpoint.after_publish")  # in place, but run.json still names the old one
@@ -175,6 +186,17 @@ def commit_checkpoint(
     for old in (run / "checkpoints").glob(f"{stage}-*"):
         if old.name != Path(relative).name:
             shutil.rmtree(old, ignore_errors=True)
+
+
+def _as_resource_error(exc: BaseException, where: Path) -> BaseException:
+    """A full disk while saving a checkpoint is exit 5, whichever library reported it."""
+    if isinstance(exc, OSError):
+        return resource_error_from(exc, where) or exc
+    if is_disk_full(exc):
+        return ResourceError(
+            "no space left on device", where, "free space, then rerun with --resume"
+        )
+    return exc
 
 
 def register(run: Path, task: str, stage: str, can_sample: bool) -> None:

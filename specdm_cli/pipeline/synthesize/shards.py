@@ -4,17 +4,20 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from specdm_cli.errors import InputDataError, UsageError
+from specdm_cli.errors import InputDataError, LockHeldError, UsageError
 from specdm_cli.manifest import Manifest, load_manifest
 from specdm_cli.stores import create_store, open_store, open_writer
-from specdm_cli.stores.atomic import atomic_write_text
+from specdm_cli.stores.atomic import atomic_write_text, remove_stray_temporaries
 from specdm_cli.stores.base import MANIFEST_NAME
+from specdm_cli.stores.lock import LOCK_NAME, DirLock, live_locks
 
 RECORDS = ".specdm/shards"
 
@@ -43,6 +46,45 @@ def shard_batches(n: int, batch: int, shard: Shard) -> list[range]:
     first = shard.index * batches // shard.count
     last = (shard.index + 1) * batches // shard.count
     return [range(k * batch, min((k + 1) * batch, n)) for k in range(first, last)]
+
+
+@contextmanager
+def shard_lock(out: Path, n: int, batch: int, shard: Shard) -> Iterator[DirLock]:
+    """Take this shard's lock, then refuse (exit 6) if a live writer holds an overlapping range.
+
+    Every writer takes its own lock before looking at the others', so of two overlapping plans
+    started together at least one sees the other.
+    """
+    with DirLock(out, f"{LOCK_NAME}.{shard.index}-of-{shard.count}") as lock:
+        _refuse_overlaps(out, lock, n, batch, _batch_span(n, batch, shard))
+        yield lock
+
+
+def _refuse_overlaps(out: Path, lock: DirLock, n: int, batch: int, mine: range) -> None:
+    for other in live_locks(out):
+        theirs = _lock_shard(other)
+        if other == lock.path or not mine:
+            continue
+        span = _batch_span(n, batch, theirs) if theirs else range(mine.start, mine.stop)
+        if span and span.start < mine.stop and mine.start < span.stop:
+            who = f"shard {theirs.index}/{theirs.count}" if theirs else "another writer"
+            raise LockHeldError(
+                f"{who} is writing batches {span.start}-{span.stop - 1} of this store, which "
+                f"overlap this shard's {mine.start}-{mine.stop - 1}",
+                out,
+                "give every process of one store the same N in --shard i/N",
+            )
+
+
+def _batch_span(n: int, batch: int, shard: Shard) -> range:
+    batches = -(-n // batch)
+    return range(shard.index * batches // shard.count, (shard.index + 1) * batches // shard.count)
+
+
+def _lock_shard(path: Path) -> Shard | None:
+    """The shard a lock file names (`.specdm.lock.i-of-N`); None for a whole-store lock."""
+    match = re.fullmatch(re.escape(LOCK_NAME) + r"\.(\d+)-of-(\d+)", path.name)
+    return Shard(int(match[1]), int(match[2])) if match else None
 
 
 def join_or_create(out: Path, manifest: Manifest) -> Manifest:
@@ -95,6 +137,7 @@ def finalize(out: Path, required: bool = False) -> bool:
     """
     manifest = load_manifest(out / MANIFEST_NAME)
     if manifest.complete:
+        remove_stray_temporaries(out)
         return True
     records = _records(out)
     reader = open_store(out, allow_incomplete=True)
@@ -121,4 +164,5 @@ def finalize(out: Path, required: bool = False) -> bool:
         }
     )
     open_writer(out, manifest).save_manifest(Manifest.model_validate(final.model_dump()))
+    remove_stray_temporaries(out)  # records a killed shard left half-written
     return True

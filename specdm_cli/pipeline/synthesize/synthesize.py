@@ -37,14 +37,14 @@ from specdm_cli.pipeline.synthesize.shards import (
     finalize,
     join_or_create,
     shard_batches,
+    shard_lock,
     write_record,
 )
 from specdm_cli.pipeline.synthesize.writer import BackgroundWriter
 from specdm_cli.pipeline.train.common import autocast, torch_devices
 from specdm_cli.sources.base import class_fraction
-from specdm_cli.stores import SampleMeta, open_store, open_writer
+from specdm_cli.stores import SampleMeta, forget_damaged, open_store, open_writer
 from specdm_cli.stores.base import MANIFEST_NAME
-from specdm_cli.stores.lock import DirLock
 
 
 @dataclass(frozen=True)
@@ -249,8 +249,9 @@ def synthesize(
     if request.devices.ranks > 1:
         done = run_on_devices(request, synthesize, stop, progress)
         return _summary(request, started, Written(done), len(batches), 0, None)
-    lock_name = f".specdm.lock.{request.shard.index}-of-{request.shard.count}"
-    with DirLock(request.out, lock_name):
+    with shard_lock(request.out, request.n, request.batch_size, request.shard):
+        if forget_damaged(request.out, (i for b in batches for i in b)):
+            manifest = load_manifest(request.out / MANIFEST_NAME)
         writer = open_writer(request.out, manifest)
         written = writer.written()
         todo = [b for b in batches if not written[b.start : b.stop].all()]

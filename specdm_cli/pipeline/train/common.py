@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import math
 from collections.abc import Callable, Iterator
 from concurrent.futures import Executor
 from pathlib import Path
@@ -153,3 +154,14 @@ class LossScaler:
             raise ModelError(
                 "the checkpoint's loss-scaler state is damaged", saved, "resume from another run"
             ) from None
+
+
+def check_finite_loss(loss: float, step: int, run: Path) -> None:
+    """A NaN or infinite loss stops training (exit 4) before it reaches a checkpoint: what was
+    saved last is still the last good state."""
+    if not math.isfinite(loss):
+        raise ModelError(
+            f"training diverged: the loss is {loss} at step {step + 1}",
+            run,
+            "lower --lr or check the store's statistics, then --resume from the last checkpoint",
+        )

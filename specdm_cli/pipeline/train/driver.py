@@ -17,6 +17,7 @@ import torch
 
 from specdm_cli.config import Progress
 from specdm_cli.pipeline.signals import StopFlag
+from specdm_cli.pipeline.train.common import check_finite_loss
 from specdm_cli.pipeline.train.distributed import launched_by_torchrun, run_ranks
 
 Job = TypeVar("Job")
@@ -49,6 +50,7 @@ class Schedule:
     val_every: int
     checkpoint_every: int
     progress_label: str  # "fit-vae" / "fit-diffusion"
+    loss_key: str  # the record field that must stay finite
     record_fields: tuple[tuple[str, Any], ...] = ()  # fixed fields of every metrics record
 
 
@@ -90,6 +92,7 @@ def train_loop(
     tick = time.monotonic()
     for step in range(start, schedule.steps):
         last = trainer.step(step)
+        check_finite_loss(last[schedule.loss_key], step, run)
         done = step + 1
         # Read once: a signal landing later in this step is seen at the next one, never half.
         stopping = stop.signum is not None

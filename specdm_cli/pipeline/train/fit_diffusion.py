@@ -306,6 +306,7 @@ def _rank_main(
         config.val_every,
         config.checkpoint_every,
         "fit-diffusion",
+        "loss",
         (("stage", "diffusion"),),
     )
     trained = train_loop(job.run, trainer, job.start, schedule, stop or StopFlag(), progress)

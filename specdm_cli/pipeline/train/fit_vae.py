@@ -294,7 +294,7 @@ def _rank_main(
         runs.load_optimizer_state(trainer.optimizer, job.run / job.checkpoint)
         trainer.scaler.load(job.run / job.checkpoint)
     config = job.config
-    schedule = Schedule(config.steps, config.val_every, config.checkpoint_every, "fit-vae")
+    schedule = Schedule(config.steps, config.val_every, config.checkpoint_every, "fit-vae", "total")
     trained = train_loop(job.run, trainer, job.start, schedule, stop or StopFlag(), progress)
     return FitVAESummary(
         str(job.run), "", config.steps, config.steps, 0.0, trained.steps_per_second,

@@ -1,0 +1,123 @@
+"""Damaged Zarr chunks: a missing, short or garbled chunk never reads as data.
+
+Each sample's arrays carry a crc32 in the store (array `checksum`, beside `written`). Readers
+check it on every read, `inspect --verify` reads everything and names the damaged samples
+(exit 3), and `--resume` rewrites them to the bytes of an undamaged run.
+"""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+import zarr
+
+from specdm_cli.errors import InputDataError
+from specdm_cli.stores import open_store
+from tests.conftest import prepare_demo, run_cli
+from tests.fault_tools import assert_one_error_line
+from tests.test_faults_concurrency import SYNTH
+
+
+def arrays(store: Path) -> dict[str, np.ndarray]:
+    return {name: np.asarray(a[:]) for name, a in zarr.open_group(store, mode="r").arrays()}
+
+
+def _delete(chunk: Path) -> None:
+    chunk.unlink()
+
+
+def _truncate(chunk: Path) -> None:
+    chunk.write_bytes(chunk.read_bytes()[: chunk.stat().st_size // 2])
+
+
+def _garble(chunk: Path) -> None:
+    data = bytearray(chunk.read_bytes())
+    data[-8:] = bytes(8)  # same length; blosc may still decompress it into other values
+    chunk.write_bytes(bytes(data))
+
+
+DAMAGE: dict[str, Callable[[Path], None]] = {
+    "missing": _delete,
+    "short": _truncate,
+    "garbled": _garble,
+}
+
+
+def _damage(store: Path, index: int, how: str) -> None:
+    for chunk in (store / "image" / "c" / str(index), store / "mask" / "c" / str(index)):
+        DAMAGE[how](next(p for p in chunk.rglob("*") if p.is_file()))
+
+
+@pytest.fixture(scope="module")
+def pristine(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return prepare_demo(tmp_path_factory.mktemp("chunks") / "s.zarr", n=24, size=16)
+
+
+@pytest.mark.parametrize("how", sorted(DAMAGE))
+def test_damaged_chunks_are_named_by_readers_and_verify(
+    pristine: Path, tmp_path: Path, how: str
+) -> None:
+    store = tmp_path / "s.zarr"
+    shutil.copytree(pristine, store)
+    _damage(store, 3, how)
+    with pytest.raises(InputDataError, match="sample 3 is damaged"):
+        open_store(store).read(3)
+    code, _, stderr = run_cli("inspect", store, "--verify")
+    assert_one_error_line(code, stderr, 3, "damaged samples")
+    assert ": 3 " in stderr and "--resume" in stderr
+
+
+def test_prepare_resume_rewrites_damaged_samples(pristine: Path, tmp_path: Path) -> None:
+    store = tmp_path / "s.zarr"
+    shutil.copytree(pristine, store)
+    _damage(store, 3, "missing")
+    _damage(store, 7, "garbled")
+    command = ("prepare", "demo", "--task", "ss", "--n", "24", "--size", "16", "--quiet")
+    code, _, stderr = run_cli(*command, "--out", store, "--resume")
+    assert code == 0, stderr
+    assert "rewriting 2 damaged samples (3, 7)" in stderr
+    expected, actual = arrays(pristine), arrays(store)
+    for name in expected:
+        np.testing.assert_array_equal(actual[name], expected[name], err_msg=name)
+    assert run_cli("inspect", store, "--verify")[0] == 0
+
+
+def test_synthesize_resume_rewrites_damaged_samples(tmp_path: Path) -> None:
+    store = tmp_path / "syn.zarr"
+    assert run_cli(*SYNTH, "--out", store)[0] == 0
+    expected = arrays(store)
+    _damage(store, 5, "missing")
+    code, _, stderr = run_cli("inspect", store, "--verify")
+    assert_one_error_line(code, stderr, 3, ": 5 ")
+    code, _, stderr = run_cli(*SYNTH, "--out", store, "--resume")
+    assert code == 0, stderr
+    actual = arrays(store)
+    for name in expected:
+        np.testing.assert_array_equal(actual[name], expected[name], err_msg=name)
+    assert run_cli("inspect", store, "--verify")[0] == 0
+
+
+def test_a_store_without_checksums_still_opens(pristine: Path, tmp_path: Path) -> None:
+    store = tmp_path / "old.zarr"
+    shutil.copytree(pristine, store, ignore=shutil.ignore_patterns("checksum"))
+    assert open_store(store).read(0)["image"].shape[0] > 0
+    code, stdout, stderr = run_cli("inspect", store, "--verify", "--json")
+    assert code == 0, stderr
+    assert "no checksums" in stdout
+    _damage(store, 2, "short")  # without checksums, an unreadable chunk is still caught
+    with pytest.raises(InputDataError, match="sample 2 is damaged"):
+        open_store(store).read(2)
+
+
+def test_fit_vae_on_a_damaged_store_is_one_line_exit_3(pristine: Path, tmp_path: Path) -> None:
+    store = tmp_path / "s.zarr"
+    shutil.copytree(pristine, store)
+    _damage(store, 3, "missing")  # reads as zeros and class 0 without the checksum
+    vae = ("--image-blocks", "8,16,16", "--mask-blocks", "8,8,16", "--norm-groups", "4",
+           "--batch-size", "4", "--threads", "2", "--quiet", "--steps", "2")  # fmt: skip
+    code, _, stderr = run_cli("fit-vae", store, "--run", tmp_path / "run", *vae)
+    assert_one_error_line(code, stderr, 3, "sample 3 is damaged")
