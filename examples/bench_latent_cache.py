@@ -24,7 +24,6 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from specdm_cli.config import DiffusionTrainConfig, parse_devices
-from specdm_cli.pipeline.runs import rundirs
 from specdm_cli.pipeline.runs.run_manifest import load_run
 from specdm_cli.pipeline.runs.vae_io import load_vae
 from specdm_cli.pipeline.train.common import d4, load_batch, step_seed, to_tensors, torch_devices
@@ -33,7 +32,7 @@ from specdm_cli.pipeline.train.fit_diffusion import (
     unet_config,
 )
 from specdm_cli.pipeline.train.latent_cache import cache_key, open_or_build
-from specdm_cli.stores import open_store
+from specdm_cli.stores import open_store, store_sha256
 
 
 def tiny_run(work: Path, size: int) -> Path:
@@ -74,7 +73,7 @@ def main() -> None:
     vae = load_vae(run, manifest, device)
     indices = reader.indices("train")
     started = time.perf_counter()
-    key = cache_key(manifest.stages["vae"].weights, rundirs.store_sha256(reader.root), "d4")
+    key = cache_key(manifest.stages["vae"].weights, store_sha256(reader.root), "d4")
     cache = open_or_build(run, vae, reader, indices, key, True, 64)
     build = time.perf_counter() - started
     blocks = tuple(int(b) for b in args.unet_blocks.split(",")) if args.unet_blocks else None

@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from specdm_cli.stores.lock import LOCK_NAME
+from specdm_cli.fs.lock import LOCK_NAME
 
 
 def spawn(*args: str | Path, fault: str | None = None) -> subprocess.Popen[str]:

@@ -18,7 +18,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from specdm_cli.pipeline.runs.checkpoints import sha256_file
+from specdm_cli.fs.paths import file_sha256
 from tests.conftest import prepare_demo, run_cli
 from tests.fault_tools import assert_one_error_line, stage_of
 from tests.test_faults_inputs import GARBLING, garble
@@ -96,7 +96,7 @@ def record_sha256(run: Path, relative: str) -> None:
     manifest = json.loads((run / "run.json").read_text())
     for stage in manifest["stages"].values():
         if relative in stage["weights"]:
-            stage["weights"][relative] = sha256_file(run / relative)
+            stage["weights"][relative] = file_sha256(run / relative)
     (run / "run.json").write_text(json.dumps(manifest))
 
 

@@ -9,7 +9,7 @@ import json
 import os
 from pathlib import Path
 
-from specdm_cli.stores.atomic import atomic_write_text
+from specdm_cli.fs.atomic import atomic_write_text
 from tests.conftest import prepare_demo, run_cli
 from tests.fault_tools import run_killed
 from tests.test_faults_concurrency import DEMO, SYNTH

@@ -13,7 +13,6 @@ import time
 from pathlib import Path
 
 from specdm_cli.pipeline.runs.registry import read_registry, record_run
-
 from tests.conftest import manifest_of, run_cli
 from tests.fault_tools import assert_one_error_line, run_killed, spawn, wait_until_stopped
 from tests.test_faults_concurrency import DEMO, SYNTH
@@ -25,7 +24,7 @@ CONTENDER = textwrap.dedent(
     import os, sys, time
     from pathlib import Path
     from specdm_cli.errors import LockHeldError
-    from specdm_cli.stores.lock import DirLock
+    from specdm_cli.fs.lock import DirLock
     folder, rounds = Path(sys.argv[1]), int(sys.argv[2])
     marker = folder / "inside"
     doubles = taken = 0
@@ -107,7 +106,7 @@ HOLDER = textwrap.dedent(
     """
     import sys, time
     from pathlib import Path
-    from specdm_cli.stores.lock import DirLock
+    from specdm_cli.fs.lock import DirLock
     with DirLock(Path(sys.argv[1]), ".runs.lock"):
         print("held", flush=True)
         time.sleep(float(sys.argv[2]))

@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 import zarr
 
+from specdm_cli.fs.lock import LOCK_NAME
 from specdm_cli.pipeline.runs.run_manifest import load_run
-from specdm_cli.stores.lock import LOCK_NAME
 from tests.conftest import prepare_demo, run_cli
 from tests.fault_tools import (
     assert_clean_run,

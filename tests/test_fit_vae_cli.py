@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from specdm_cli.pipeline.runs.checkpoints import sha256_file
+from specdm_cli.fs.paths import file_sha256
 from specdm_cli.pipeline.runs.registry import read_registry
 from tests.conftest import prepare_demo, run_cli
 
@@ -45,7 +45,7 @@ def test_run_directory_contents(demo_ss_store: Path, tmp_path: Path) -> None:
         "optimizer.safetensors",
     }
     for relative, digest in stage["weights"].items():
-        assert sha256_file(tmp_path / "run" / relative) == digest
+        assert file_sha256(tmp_path / "run" / relative) == digest
     lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(line)["step"] for line in lines] == [1, 2, 3]
     assert [e["path"] for e in read_registry()] == [str((tmp_path / "run").resolve())]

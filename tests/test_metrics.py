@@ -16,6 +16,7 @@ import zarr
 
 from specdm_cli.config import MetricsOptions
 from specdm_cli.errors import InputDataError, UsageError
+from specdm_cli.fs.paths import file_sha256
 from specdm_cli.manifest import IMAGE_ARRAYS, LABEL_ARRAY
 from specdm_cli.metrics.masks import mask_feature_dims, mask_features
 from specdm_cli.metrics.memorisation import nearest
@@ -35,7 +36,6 @@ from specdm_cli.pipeline.benchmark.features import (
     FeatureNetwork,
     default_cache_dir,
     default_config,
-    file_sha256,
     load_or_train,
 )
 from specdm_cli.pipeline.benchmark.quality import (

@@ -14,11 +14,11 @@ import xarray as xr
 import zarr
 
 from specdm_cli.errors import Interrupted
+from specdm_cli.fs.lock import LOCK_NAME, DirLock
 from specdm_cli.pipeline.prepare.prepare import PrepareRequest, prepare
 from specdm_cli.pipeline.signals import StopFlag
 from specdm_cli.sources.base import PrepareOptions
 from specdm_cli.stores import open_store
-from specdm_cli.stores.lock import LOCK_NAME, DirLock
 from tests.conftest import manifest_of, prepare_demo, run_cli
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -11,6 +10,8 @@ import numpy as np
 
 from specdm_cli.config import Progress
 from specdm_cli.errors import InputDataError, UsageError
+from specdm_cli.fs.lock import DirLock
+from specdm_cli.fs.paths import refuse_overlap
 from specdm_cli.manifest import Manifest, ParentInfo
 from specdm_cli.pipeline.runs.provenance import provenance
 from specdm_cli.stores import (
@@ -20,9 +21,8 @@ from specdm_cli.stores import (
     open_store,
     open_writer,
     resolve_target,
+    store_sha256,
 )
-from specdm_cli.stores.base import MANIFEST_NAME
-from specdm_cli.stores.lock import DirLock
 from specdm_cli.stores.quality import read_quality, write_quality
 
 
@@ -57,6 +57,7 @@ def filter_store(request: FilterRequest, progress: Progress | None = None) -> Fi
     """Copy the parent's samples scoring >= `min_quality` into a new store, complete at the end."""
     if not math.isfinite(request.min_quality) or not 0.0 <= request.min_quality <= 1.0:
         raise UsageError("--min-quality must lie in [0, 1]", hint="e.g. --min-quality 0.2")
+    refuse_overlap(request.out, {"STORE": request.store})
     reader = open_store(request.store)
     scores = read_quality(reader)
     kept = kept_indices(scores, reader.indices(None), request.min_quality)
@@ -78,14 +79,9 @@ def filter_store(request: FilterRequest, progress: Progress | None = None) -> Fi
     )
 
 
-def manifest_sha256(root: Path) -> str:
-    """sha256 of a store's manifest.json (the same digest the metrics name a store by)."""
-    return hashlib.sha256((root / MANIFEST_NAME).read_bytes()).hexdigest()
-
-
 def _subset_manifest(reader: StoreReader, kept: np.ndarray, request: FilterRequest) -> Manifest:
     parent = reader.manifest
-    parent_sha = manifest_sha256(reader.root)
+    parent_sha = store_sha256(reader.root)
     info = ParentInfo(
         path=str(request.store), manifest_sha256=parent_sha, min_quality=request.min_quality,
         parent_count=len(reader), kept=int(kept.size), parent_index=[int(i) for i in kept],

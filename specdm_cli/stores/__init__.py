@@ -12,11 +12,12 @@ from typing import Literal
 
 from specdm_cli.errors import InputDataError, UsageError
 from specdm_cli.faults import fault_point
+from specdm_cli.fs.atomic import remove_abandoned_creations, remove_tree
+from specdm_cli.fs.lock import refuse_if_locked
+from specdm_cli.fs.paths import file_sha256
 from specdm_cli.manifest import Manifest, array_names, load_manifest
-from specdm_cli.stores.atomic import remove_abandoned_creations, remove_tree
 from specdm_cli.stores.base import MANIFEST_NAME, SampleMeta, StoreReader, StoreWriter
 from specdm_cli.stores.geotiff_store import GeoTiffReader, GeoTiffWriter, create_geotiff
-from specdm_cli.stores.lock import refuse_if_locked
 from specdm_cli.stores.zarr_store import REPAIR_HINT, ZarrReader, ZarrWriter, _array, create_zarr
 
 __all__ = [
@@ -31,6 +32,7 @@ __all__ = [
 ]
 
 TargetState = Literal["fresh", "resume", "done"]
+OutputKind = Literal["store", "run"]
 
 
 def open_store(path: Path, allow_incomplete: bool = False) -> StoreReader:
@@ -110,21 +112,34 @@ def create_store(path: Path, manifest: Manifest, capacity: int, georeferenced: b
         os.close(handle)
 
 
-def is_ours(path: Path) -> bool:
-    """May `--overwrite` remove `path`? True for an empty folder or one whose manifest.json /
-    run.json validates as specdm's; a folder a live process holds locked raises LockHeldError
-    (exit 6): it is in use, not ours to remove.
+def is_ours(path: Path, kind: OutputKind) -> bool:
+    """May `--overwrite` remove `path`? True for an empty folder or one that specdm made as
+    `kind` (a store's manifest.json or a run's run.json validates); a folder a live process
+    holds locked raises LockHeldError (exit 6): it is in use, not ours to remove.
     """
     if not path.is_dir():
         return False
     if not any(path.iterdir()):
         return True
     refuse_if_locked(path)
+    if kind == "run":
+        return (path / "run.json").is_file() and _is_run_json(path / "run.json")
     try:
         load_manifest(path / MANIFEST_NAME)
     except InputDataError:
-        return (path / "run.json").is_file() and _is_run_json(path / "run.json")
+        return False
     return True
+
+
+def remove_own(path: Path, kind: OutputKind) -> None:
+    """`--overwrite`: remove `path` if specdm made it as `kind` (DESIGN.md), else refuse."""
+    if not is_ours(path, kind):
+        raise InputDataError(
+            f"refusing to overwrite a folder that is not a specdm {kind}",
+            path,
+            "remove it yourself or choose another output",
+        )
+    remove_tree(path)
 
 
 def _is_run_json(path: Path) -> bool:
@@ -153,13 +168,7 @@ def resolve_target(
     if not path.exists():
         return "fresh"
     if overwrite:
-        if not is_ours(path):
-            raise InputDataError(
-                "refusing to overwrite a folder that is not a specdm store",
-                path,
-                "remove it yourself",
-            )
-        remove_tree(path)
+        remove_own(path, "store")
         return "fresh"
     if not resume:
         raise InputDataError(
@@ -222,3 +231,8 @@ def verify_store(reader: StoreReader) -> str:
     if isinstance(reader, ZarrReader) and not reader.has_checksums:
         return "readable (store has no checksums: written before they existed)"
     return "all samples match their checksums"
+
+
+def store_sha256(root: Path) -> str:
+    """sha256 of a store's `manifest.json`: what identifies the data a run or report used."""
+    return file_sha256(root / MANIFEST_NAME)

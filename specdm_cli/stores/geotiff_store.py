@@ -14,8 +14,8 @@ from rasterio.io import MemoryFile
 from rasterio.transform import from_bounds
 
 from specdm_cli.errors import InputDataError
+from specdm_cli.fs.atomic import atomic_write_bytes, atomic_write_text, remove_tree
 from specdm_cli.manifest import GEOTIFF_FOLDERS, Manifest, SampleFiles, array_names
-from specdm_cli.stores.atomic import atomic_write_bytes, atomic_write_text, remove_tree
 from specdm_cli.stores.base import MANIFEST_NAME, Bounds, SampleMeta, StoreReader, StoreWriter
 
 MARKERS = ".specdm/written"

@@ -9,9 +9,9 @@ import numpy as np
 import zarr
 
 from specdm_cli.errors import InputDataError
+from specdm_cli.fs.atomic import atomic_write_text
 from specdm_cli.manifest import Manifest, QualityScores
 from specdm_cli.stores import StoreReader, open_writer
-from specdm_cli.stores.atomic import atomic_write_text
 
 QUALITY_ARRAY = "quality"
 QUALITY_FILE = "quality.json"

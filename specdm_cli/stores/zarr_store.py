@@ -13,8 +13,8 @@ import zarr
 import zarr.codecs
 
 from specdm_cli.errors import InputDataError
+from specdm_cli.fs.atomic import atomic_write_text
 from specdm_cli.manifest import IMAGE_ARRAYS, LABEL_ARRAY, SPLITS, Manifest
-from specdm_cli.stores.atomic import atomic_write_text
 from specdm_cli.stores.base import (
     MANIFEST_NAME,
     Bounds,

@@ -13,6 +13,9 @@ import numpy as np
 from specdm_cli import __version__
 from specdm_cli.config import Devices, DownstreamOptions, MetricsOptions, Progress
 from specdm_cli.errors import InputDataError
+from specdm_cli.fs.atomic import atomic_write_text, remove_tree
+from specdm_cli.fs.lock import DirLock
+from specdm_cli.fs.paths import refuse_overlap
 from specdm_cli.manifest import QualityScores
 from specdm_cli.pipeline.benchmark.features import (
     FeatureNetwork,
@@ -28,8 +31,6 @@ from specdm_cli.pipeline.benchmark.quality import (
 from specdm_cli.pipeline.runs.choose import choose_model
 from specdm_cli.pipeline.train.common import torch_devices
 from specdm_cli.stores import StoreReader, open_store
-from specdm_cli.stores.atomic import atomic_write_text, remove_tree
-from specdm_cli.stores.lock import DirLock
 from specdm_cli.stores.quality import write_quality
 
 from . import generator as gen
@@ -123,6 +124,12 @@ def benchmark(
     real, synthetic = open_pair(request.real, request.synthetic)
     other = load_report(request.compare) if request.compare is not None else None
     out = request.out or default_out(request.synthetic)
+    inputs = {
+        "--real": request.real,
+        "--synthetic": request.synthetic,
+        "--compare": request.compare,
+    }
+    refuse_overlap(out, inputs)
     check_out(out, request.overwrite)
     chosen = choose_model(request.model, real.manifest.task) if request.model else None
     if chosen is not None:

@@ -18,11 +18,12 @@ from torch import Tensor, nn
 
 from specdm_cli.config import Progress
 from specdm_cli.errors import InputDataError
+from specdm_cli.fs.atomic import atomic_write_text, remove_tree
+from specdm_cli.fs.paths import file_sha256
 from specdm_cli.metrics.masks import mask_features
 from specdm_cli.models.feature_net import FeatureNetConfig, build_network
 from specdm_cli.pipeline.benchmark.feature_training import train_network
-from specdm_cli.stores import StoreReader
-from specdm_cli.stores.atomic import atomic_write_text, remove_tree
+from specdm_cli.stores import StoreReader, store_sha256
 
 __all__ = ["FeatureNetwork", "default_cache_dir", "load_or_train"]
 
@@ -41,18 +42,9 @@ def default_cache_dir() -> Path:
     return Path(platformdirs.user_cache_dir("specdm")) / "features"
 
 
-def file_sha256(path: Path) -> str:
-    """sha256 hex digest of a file's bytes."""
-    digest = hashlib.sha256()
-    with path.open("rb") as stream:
-        for block in iter(lambda: stream.read(2**20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def manifest_sha256(reader: StoreReader) -> str:
     """sha256 of a store's `manifest.json`: what identifies the reference data."""
-    return file_sha256(reader.root / "manifest.json")
+    return store_sha256(reader.root)
 
 
 def band_statistics(reader: StoreReader) -> tuple[np.ndarray, np.ndarray]:

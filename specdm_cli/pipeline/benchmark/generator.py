@@ -124,12 +124,9 @@ def _batch_sampler(
     chosen: ChosenModel, device: torch.device, sampler: Any, precision: Any, batch_size: int
 ) -> Callable[[range, int], None]:
     """A function drawing and decoding samples `indices` exactly as `synthesize` does."""
-    from specdm_cli.pipeline.synthesize.synthesize import Sampler, SynthesizeRequest
+    from specdm_cli.pipeline.synthesize.sampler import Sampler, SamplingPlan
 
-    request = SynthesizeRequest(
-        chosen, Path("unused"), batch_size, sampler, batch_size=batch_size, precision=precision
-    )
-    model = Sampler(chosen, request, device)
+    model = Sampler(chosen, SamplingPlan(sampler, 0, batch_size, precision), device)
 
     def draw(indices: range, steps: int) -> None:
         model.batch(indices.start, len(indices), steps)  # arrays come back on the host

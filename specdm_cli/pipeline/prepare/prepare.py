@@ -16,6 +16,9 @@ from specdm_cli import __version__
 from specdm_cli.config import Progress
 from specdm_cli.errors import InputDataError, UsageError
 from specdm_cli.faults import fault_point
+from specdm_cli.fs.atomic import atomic_write_text, remove_stray_temporaries
+from specdm_cli.fs.lock import DirLock
+from specdm_cli.fs.paths import refuse_overlap
 from specdm_cli.manifest import (
     IGNORE_INDEX,
     LABEL_ARRAY,
@@ -37,9 +40,7 @@ from specdm_cli.stores import (
     open_writer,
     resolve_target,
 )
-from specdm_cli.stores.atomic import atomic_write_text, remove_stray_temporaries
 from specdm_cli.stores.base import MANIFEST_NAME
-from specdm_cli.stores.lock import DirLock
 
 PROGRESS_FILE = ".specdm/prepare-progress.json"
 
@@ -106,6 +107,7 @@ def _validate(request: PrepareRequest) -> None:
     if request.workers < 1:
         raise UsageError("--workers must be at least 1", hint="e.g. --workers 4")
     _check_raw(request.source, request.raw)
+    refuse_overlap(request.out, {"RAW": request.raw})
     _check_ranges(request.options)
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import inspect
 import json
 import os
@@ -17,23 +16,13 @@ from safetensors.torch import load_file, save_file
 
 from specdm_cli.errors import ModelError
 from specdm_cli.faults import fault_point
-from specdm_cli.stores.atomic import atomic_write_text
-
-WEIGHTS = "diffusion_pytorch_model.safetensors"
-
-
-def sha256_file(path: Path) -> str:
-    """Hex sha256 of a file, read in 1 MiB blocks."""
-    digest = hashlib.sha256()
-    with path.open("rb") as stream:
-        for block in iter(lambda: stream.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+from specdm_cli.fs.atomic import atomic_write_text
+from specdm_cli.fs.paths import file_sha256
 
 
 def weights_digests(root: Path, folder: Path) -> dict[str, str]:
     """sha256 of every .safetensors file under `folder`, keyed by path relative to `root`."""
-    return {str(p.relative_to(root)): sha256_file(p) for p in sorted(folder.rglob("*.safetensors"))}
+    return {str(p.relative_to(root)): file_sha256(p) for p in sorted(folder.rglob("*.safetensors"))}
 
 
 def verify_digests(root: Path, expected: dict[str, str]) -> None:
@@ -44,7 +33,7 @@ def verify_digests(root: Path, expected: dict[str, str]) -> None:
             raise ModelError(
                 "weights file listed in run.json is missing", path, "re-train or restore the run"
             )
-        if sha256_file(path) != digest:
+        if file_sha256(path) != digest:
             raise ModelError(
                 "weights do not match run.json (tampered or corrupt)",
                 path,

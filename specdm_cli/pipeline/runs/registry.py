@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import time
 from pathlib import Path
 from typing import Any
@@ -12,8 +11,9 @@ from typing import Any
 import platformdirs
 
 from specdm_cli.errors import InputDataError
-from specdm_cli.stores.atomic import atomic_write_text
-from specdm_cli.stores.lock import DirLock
+from specdm_cli.fs.atomic import atomic_write_text
+from specdm_cli.fs.lock import DirLock
+from specdm_cli.fs.paths import safe_component
 
 REGISTRY_WAIT_S = 30.0
 
@@ -32,13 +32,6 @@ def default_run_dir(dataset: str) -> Path:
     if not run.resolve().is_relative_to(runs.resolve()):  # defence in depth: cannot happen
         raise InputDataError("run name escapes the runs folder", run, "pass --run")
     return run
-
-
-def safe_component(name: str) -> str:
-    """`name` as one harmless path component: letters, digits, `.`, `_`, `-` only, no leading
-    dot, at most 64 characters (a manifest may say `../../x` or `/etc`)."""
-    cleaned = re.sub(r"[^A-Za-z0-9._-]+", "_", name).lstrip(".")[:64]
-    return cleaned or "dataset"
 
 
 def _registry() -> Path:

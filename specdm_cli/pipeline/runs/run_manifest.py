@@ -11,9 +11,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from specdm_cli import __version__
 from specdm_cli.errors import ModelError
+from specdm_cli.fs.atomic import atomic_write_text
 from specdm_cli.manifest import Band, ClassInfo, Normalization, Task
 from specdm_cli.pipeline.runs.checkpoints import unlisted_weights, verify_digests
-from specdm_cli.stores.atomic import atomic_write_text
 
 RUN_FILE = "run.json"
 

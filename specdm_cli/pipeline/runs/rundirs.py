@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -16,14 +15,14 @@ from specdm_cli.errors import (
     resource_error_from,
 )
 from specdm_cli.faults import fault_point
+from specdm_cli.fs.atomic import remove_stray_temporaries, remove_tree
+from specdm_cli.fs.lock import DirLock
 from specdm_cli.pipeline.runs.checkpoints import (
     is_disk_full,
-    load_optimizer,
     publish_folder,
-    save_optimizer,
     weights_digests,
 )
-from specdm_cli.pipeline.runs.registry import default_run_dir, record_run
+from specdm_cli.pipeline.runs.registry import record_run
 from specdm_cli.pipeline.runs.run_manifest import (
     RUN_FILE,
     RunManifest,
@@ -31,19 +30,9 @@ from specdm_cli.pipeline.runs.run_manifest import (
     load_run,
     save_run,
 )
-from specdm_cli.stores import StoreReader, is_ours
-from specdm_cli.stores.atomic import remove_stray_temporaries, remove_tree
-from specdm_cli.stores.lock import DirLock
+from specdm_cli.stores import StoreReader, remove_own
 
-__all__ = ["default_run_dir", "load_optimizer_state", "save_optimizer_state"]
-load_optimizer_state = load_optimizer
-save_optimizer_state = save_optimizer
 RunState = Literal["fresh", "resume"]
-
-
-def store_sha256(store: Path) -> str:
-    """sha256 of a store's manifest.json: what a run was trained on."""
-    return hashlib.sha256((store / "manifest.json").read_bytes()).hexdigest()
 
 
 def prepare_run_dir(run: Path, resume: bool, overwrite: bool) -> RunState:
@@ -53,11 +42,7 @@ def prepare_run_dir(run: Path, resume: bool, overwrite: bool) -> RunState:
     if not run.exists() or (run.is_dir() and not any(run.iterdir())):
         return "fresh"
     if overwrite:
-        if not is_ours(run):
-            raise InputDataError(
-                "refusing to overwrite a folder that is not a specdm run", run, "remove it yourself"
-            )
-        remove_tree(run)
+        remove_own(run, "run")
         return "fresh"
     if not resume:
         raise InputDataError(

@@ -7,7 +7,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from specdm_cli.config import Devices, Precision, Progress, SamplerName, StoreFormat, Task
-from specdm_cli.errors import InputDataError, UsageError
+from specdm_cli.errors import UsageError
+from specdm_cli.fs.paths import refuse_overlap
 from specdm_cli.pipeline.runs.choose import ChosenModel, choose_model
 from specdm_cli.pipeline.signals import StopFlag
 from specdm_cli.pipeline.synthesize.preview import write_preview
@@ -20,8 +21,7 @@ from specdm_cli.pipeline.synthesize.synthesize import (
     resolve_batch_size,
     synthesize,
 )
-from specdm_cli.stores import is_ours, open_store
-from specdm_cli.stores.atomic import remove_tree
+from specdm_cli.stores import open_store, remove_own
 
 PREVIEW_SAMPLES = 8
 
@@ -59,9 +59,10 @@ def synthesize_store(
     shard = parse_shard(options.shard)
     grid = parse_batch_size(options.batch_size)
     chosen = _model(options)
+    refuse_overlap(options.out, {"--model": chosen.path})
     notice(f"model: {chosen.path} ({chosen.kind}, sha256 {chosen.sha256[:12]})")
     if options.overwrite and options.out.exists():
-        _remove_old_store(options.out)
+        remove_own(options.out, "store")
     request = SynthesizeRequest(
         model=chosen,
         out=options.out,
@@ -92,11 +93,3 @@ def _model(options: SynthesizeOptions) -> ChosenModel:
             hint="drop --task or pick another --model",
         )
     return chosen
-
-
-def _remove_old_store(out: Path) -> None:
-    if not is_ours(out):
-        raise InputDataError(
-            "refusing to overwrite a folder that is not a specdm store", out, "remove it yourself"
-        )
-    remove_tree(out)

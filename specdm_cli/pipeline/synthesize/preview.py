@@ -8,8 +8,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from specdm_cli.fs.atomic import atomic_write_bytes
 from specdm_cli.manifest import IMAGE_ARRAYS, LABEL_ARRAY, Manifest
-from specdm_cli.stores.atomic import atomic_write_bytes
 
 
 def rgb_indices(manifest: Manifest) -> list[int]:

@@ -13,11 +13,11 @@ from typing import Any
 import numpy as np
 
 from specdm_cli.errors import InputDataError, LockHeldError, UsageError
+from specdm_cli.fs.atomic import atomic_write_text, remove_stray_temporaries
+from specdm_cli.fs.lock import LOCK_NAME, DirLock, live_locks
 from specdm_cli.manifest import Manifest, load_manifest
 from specdm_cli.stores import create_store, open_store, open_writer
-from specdm_cli.stores.atomic import atomic_write_text, remove_stray_temporaries
 from specdm_cli.stores.base import MANIFEST_NAME
-from specdm_cli.stores.lock import LOCK_NAME, DirLock, live_locks
 
 RECORDS = ".specdm/shards"
 

@@ -22,16 +22,13 @@ from specdm_cli.manifest import (
     array_names,
     load_manifest,
 )
-from specdm_cli.models.diffusion import ScheduleConfig
-from specdm_cli.models.samplers import DEFAULT_STEPS, sample_generator, sample_latents
-from specdm_cli.pipeline.runs.checkpoints import load_module
+from specdm_cli.models.samplers import DEFAULT_STEPS
 from specdm_cli.pipeline.runs.choose import ChosenModel
 from specdm_cli.pipeline.runs.provenance import provenance
-from specdm_cli.pipeline.runs.run_manifest import latent_shift
-from specdm_cli.pipeline.runs.vae_io import load_vae
 from specdm_cli.pipeline.signals import StopFlag
 from specdm_cli.pipeline.synthesize.ranks import run_on_devices
 from specdm_cli.pipeline.synthesize.require import Requirement, accepted, give_up, resume_draw
+from specdm_cli.pipeline.synthesize.sampler import Sampler, SamplingPlan
 from specdm_cli.pipeline.synthesize.shards import (
     Shard,
     finalize,
@@ -41,7 +38,7 @@ from specdm_cli.pipeline.synthesize.shards import (
     write_record,
 )
 from specdm_cli.pipeline.synthesize.writer import BackgroundWriter
-from specdm_cli.pipeline.train.common import autocast, torch_devices
+from specdm_cli.pipeline.train.common import torch_devices
 from specdm_cli.sources.base import class_fraction
 from specdm_cli.stores import SampleMeta, forget_damaged, open_store, open_writer
 from specdm_cli.stores.base import MANIFEST_NAME
@@ -172,64 +169,6 @@ def _rgb(bands: list[Any]) -> list[str] | None:
     return wanted if all(name in names for name in wanted) else None
 
 
-class Sampler:
-    """The run's U-Net (EMA weights) and VAE decoders, producing physical-unit samples."""
-
-    def __init__(self, model: ChosenModel, request: SynthesizeRequest, device: torch.device):
-        from diffusers import UNet2DModel
-
-        run, manifest = model.path, model.manifest
-        stage = manifest.stages["diffusion"]
-        self.unet = load_module(UNet2DModel, run / str(stage.checkpoint) / "unet").to(device).eval()
-        self.vae = load_vae(run, manifest, device)
-        self.scale = torch.tensor(stage.details["latent_scale"], device=device)[None, :, None, None]
-        self.shift = torch.tensor(latent_shift(stage.details), device=device)[None, :, None, None]
-        self.schedule = ScheduleConfig.model_validate(stage.details["schedule"])
-        self.mean = torch.tensor(manifest.normalization.mean, device=device)[:, None, None]
-        self.std = torch.tensor(manifest.normalization.std, device=device)[:, None, None]
-        self.side = manifest.height // self.vae.config.downsample
-        self.channels = int(self.scale.shape[1])
-        self.request, self.device, self.task = request, device, manifest.task
-        self.dtype = np.dtype(manifest.dtype)
-        self.classes = len(manifest.classes)
-
-    @torch.no_grad()
-    def batch(self, first: int, keep: int, steps: int) -> tuple[dict[str, np.ndarray], np.ndarray]:
-        """Draws first.. (always B of them, so every batch computes alike), the first `keep`
-        returned in the store's units with the values clipped per sample."""
-        padded = range(first, first + self.request.batch_size)
-        generators = [sample_generator(self.request.seed, i) for i in padded]
-        latents = sample_latents(
-            self.unet, self.request.sampler, self.schedule, steps, (self.channels, self.side, self.side),
-            generators, self.device, lambda: autocast(self.device, self.request.precision),
-        )  # fmt: skip
-        decoded = self.vae.decode_joint(latents / self.scale + self.shift)
-        arrays: dict[str, np.ndarray] = {}
-        clipped = np.zeros(keep, dtype=np.int64)
-        for name in IMAGE_ARRAYS[self.task]:
-            physical = (decoded[name][:keep].float() * self.std + self.mean).cpu().numpy()
-            arrays[name], count = to_dtype(physical, self.dtype)
-            clipped += count
-        label = decoded[LABEL_ARRAY[self.task]][:keep].argmax(dim=1)
-        arrays[LABEL_ARRAY[self.task]] = label.to(torch.uint8).cpu().numpy()
-        return arrays, clipped
-
-
-def to_dtype(values: np.ndarray, dtype: np.dtype[Any]) -> tuple[np.ndarray, np.ndarray]:
-    """Round (integer stores) and clip to the dtype's range; returns the array and the values
-    clipped in each sample (axis 0)."""
-    if np.issubdtype(dtype, np.integer):
-        info = np.iinfo(dtype)
-        values = np.rint(values)
-        low, high = float(info.min), float(info.max)
-    else:
-        finfo = np.finfo(dtype)
-        low, high = float(finfo.min), float(finfo.max)
-    outside = (values < low) | (values > high)
-    clipped = outside.reshape(len(values), -1).sum(axis=1)
-    return np.clip(values, low, high).astype(dtype), clipped
-
-
 def synthesize(
     request: SynthesizeRequest, stop: StopFlag, progress: Progress | None = None
 ) -> SynthesizeSummary:
@@ -255,7 +194,8 @@ def synthesize(
         writer = open_writer(request.out, manifest)
         written = writer.written()
         todo = [b for b in batches if not written[b.start : b.stop].all()]
-        draws = _Draws(Sampler(request.model, request, devices[0]), steps) if todo else None
+        plan = SamplingPlan(request.sampler, request.seed, request.batch_size, request.precision)
+        draws = _Draws(Sampler(request.model, plan, devices[0]), steps) if todo else None
         if draws is not None and request.require:
             candidates = open_store(request.out, allow_incomplete=True).candidates()
             draws.require(request.require, resume_draw(candidates, todo[0].start))
@@ -302,7 +242,7 @@ class _Draws:
 
     def __init__(self, sampler: Sampler, steps: int):
         self.sampler, self.steps = sampler, steps
-        self.block = sampler.request.batch_size
+        self.block = sampler.plan.batch_size
         self.requirements: tuple[Requirement, ...] = ()
         self.count = 0
         self.pending: list[Drawn] = []

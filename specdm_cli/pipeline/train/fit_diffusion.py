@@ -19,7 +19,12 @@ from specdm_cli.config import Devices, DiffusionTrainConfig, Progress
 from specdm_cli.errors import ModelError, UsageError
 from specdm_cli.models.diffusion import EMA, ScheduleConfig, UNetConfig, build_unet, ldm_betas
 from specdm_cli.pipeline.runs import rundirs as runs
-from specdm_cli.pipeline.runs.checkpoints import load_module, save_module
+from specdm_cli.pipeline.runs.checkpoints import (
+    load_module,
+    load_optimizer,
+    save_module,
+    save_optimizer,
+)
 from specdm_cli.pipeline.runs.run_manifest import RunManifest, load_run
 from specdm_cli.pipeline.runs.vae_io import load_vae
 from specdm_cli.pipeline.signals import StopFlag
@@ -40,7 +45,7 @@ from specdm_cli.pipeline.train.latent_cache import (
     open_cache,
     open_or_build,
 )
-from specdm_cli.stores import open_store
+from specdm_cli.stores import open_store, store_sha256
 
 
 @dataclass(frozen=True)
@@ -172,7 +177,7 @@ class DiffusionTrainer:
             self.ema.copy_to(ema_unet)
             save_module(ema_unet, folder / "unet")
             save_module(self.unet, folder / "train_unet")
-            runs.save_optimizer_state(self.optimizer, folder)
+            save_optimizer(self.optimizer, folder)
             self.scaler.save(folder)
             state = {"updates": self.ema.updates, "step": step}
             (folder / "ema.json").write_text(json.dumps(state))
@@ -329,7 +334,7 @@ def _latents(
     vae_stage = manifest.stages["vae"]
     store = request.store or Path(manifest.source_store)
     reader = open_store(store)
-    store_sha = runs.store_sha256(store)
+    store_sha = store_sha256(store)
     augment = vae_stage.config.get("augment", "none") == "d4"
     key = cache_key(vae_stage.weights, store_sha, "d4" if augment else "none")
     vae = load_vae(run, manifest, device)
@@ -360,7 +365,7 @@ def _restore(run: Path, trainer: DiffusionTrainer, checkpoint: str, device: torc
     trainer.optimizer = torch.optim.AdamW(
         trainer.unet.parameters(), lr=trainer.config.learning_rate()
     )
-    runs.load_optimizer_state(trainer.optimizer, folder)
+    load_optimizer(trainer.optimizer, folder)
     trainer.scaler.load(folder)
     return state["step"]
 

@@ -15,11 +15,14 @@ from torch import nn
 
 from specdm_cli.config import Devices, Progress, VAETrainConfig
 from specdm_cli.errors import InputDataError
+from specdm_cli.fs.paths import refuse_overlap
 from specdm_cli.manifest import Manifest
 from specdm_cli.models.losses import class_weights_auto
 from specdm_cli.models.vae import SpecDMVAE, VAEConfig
 from specdm_cli.pipeline.runs import rundirs as runs
+from specdm_cli.pipeline.runs.checkpoints import load_optimizer, save_optimizer
 from specdm_cli.pipeline.runs.provenance import provenance
+from specdm_cli.pipeline.runs.registry import default_run_dir
 from specdm_cli.pipeline.runs.run_manifest import load_run
 from specdm_cli.pipeline.runs.vae_io import load_branches, save_vae
 from specdm_cli.pipeline.signals import StopFlag
@@ -36,7 +39,7 @@ from specdm_cli.pipeline.train.common import (
 from specdm_cli.pipeline.train.distributed import data_parallel
 from specdm_cli.pipeline.train.driver import Schedule, launch, train_loop
 from specdm_cli.pipeline.train.vae_validation import validate
-from specdm_cli.stores import StoreReader, open_store
+from specdm_cli.stores import StoreReader, open_store, store_sha256
 
 
 @dataclass(frozen=True)
@@ -183,7 +186,7 @@ class VAETrainer:
 
         def write(folder: Path) -> None:
             save_vae(self.model, folder)
-            runs.save_optimizer_state(self.optimizer, folder)
+            save_optimizer(self.optimizer, folder)
             self.scaler.save(folder)
 
         details = {
@@ -245,11 +248,12 @@ def fit_vae(
     check_batch_divides(request.config.batch_size, request.devices)
     devices = torch_devices(request.devices)
     dataset = reader.manifest.source.dataset if reader.manifest.source else "synthetic"
-    run = request.run or runs.default_run_dir(dataset)
+    run = request.run or default_run_dir(dataset)
+    refuse_overlap(run, {"STORE": request.store})
     state = runs.prepare_run_dir(run, request.resume, request.overwrite)
     with runs.RunLock(run):
         manifest = runs.open_or_create_run(
-            run, reader, state, runs.store_sha256(request.store), provenance()
+            run, reader, state, store_sha256(request.store), provenance()
         )
         stage = manifest.stages.get("vae")
         if stage is not None:
@@ -291,7 +295,7 @@ def _rank_main(
         trainer.model.to(device).train()  # from_pretrained hands back eval-mode modules
     trainer.wrap()
     if job.checkpoint is not None:
-        runs.load_optimizer_state(trainer.optimizer, job.run / job.checkpoint)
+        load_optimizer(trainer.optimizer, job.run / job.checkpoint)
         trainer.scaler.load(job.run / job.checkpoint)
     config = job.config
     schedule = Schedule(config.steps, config.val_every, config.checkpoint_every, "fit-vae", "total")

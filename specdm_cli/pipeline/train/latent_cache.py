@@ -22,10 +22,10 @@ import zarr
 from specdm_cli.config import Progress
 from specdm_cli.errors import InputDataError
 from specdm_cli.faults import fault_point
+from specdm_cli.fs.atomic import remove_tree
 from specdm_cli.models.vae import SpecDMVAE
 from specdm_cli.pipeline.train.common import d4, load_batch, to_tensors
 from specdm_cli.stores import StoreReader
-from specdm_cli.stores.atomic import remove_tree
 
 CACHE = "latents.zarr"
 VIEWS = [(rotations, flip) for flip in (False, True) for rotations in range(4)]
