@@ -25,13 +25,14 @@ from specdm_cli.metrics.stats import (
     frechet_distance,
     jensen_shannon,
     kid,
+    mean_iou,
     roc_auc,
     roc_auc_from_histograms,
     spectral_angle,
     wasserstein1,
 )
 from specdm_cli.pipeline.benchmark import quality
-from specdm_cli.pipeline.benchmark.collect import collect, mean_iou
+from specdm_cli.pipeline.benchmark.collect import collect
 from specdm_cli.pipeline.benchmark.features import (
     FeatureNetwork,
     default_cache_dir,

@@ -257,3 +257,22 @@ def roc_auc_from_histograms(positive: ArrayLike, negative: ArrayLike) -> float:
     negatives_below = np.cumsum(neg) - neg
     wins = float((pos * (negatives_below + 0.5 * neg)).sum())
     return float(wins / (total_pos * total_neg))
+
+
+def class_iou(confusion: np.ndarray) -> np.ndarray:
+    """Per-class IoU of (..., K, K) confusion counts (truth x prediction); NaN for a class in
+    neither truth nor prediction."""
+    tp = np.diagonal(confusion, axis1=-2, axis2=-1).astype(np.float64)
+    union = confusion.sum(axis=-1) + confusion.sum(axis=-2) - tp
+    with np.errstate(invalid="ignore", divide="ignore"):
+        iou: np.ndarray = np.where(union > 0, tp / np.where(union > 0, union, 1), np.nan)
+    return iou
+
+
+def mean_iou(confusion: np.ndarray) -> np.ndarray:
+    """mIoU over the classes present in truth or prediction; (..., K, K) -> (...); NaN if none."""
+    iou = class_iou(confusion)
+    present = np.isfinite(iou)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        result: np.ndarray = np.where(present, iou, 0.0).sum(axis=-1) / present.sum(axis=-1)
+    return result

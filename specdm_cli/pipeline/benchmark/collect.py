@@ -13,7 +13,7 @@ from specdm_cli.config import Progress
 from specdm_cli.manifest import IGNORE_INDEX, IMAGE_ARRAYS, LABEL_ARRAY
 from specdm_cli.metrics.masks import mask_feature_dims
 from specdm_cli.metrics.sets import SetStats
-from specdm_cli.metrics.stats import MomentAccumulator, spectral_angle
+from specdm_cli.metrics.stats import MomentAccumulator, mean_iou, spectral_angle
 from specdm_cli.pipeline.benchmark.features import FeatureNetwork
 from specdm_cli.stores import StoreReader
 
@@ -172,17 +172,6 @@ def _add_consistency(
     per_sample = per_sample.reshape(batch, classes, classes)
     stats.confusion += per_sample.sum(axis=0)
     stats.sample_miou = np.concatenate([stats.sample_miou, mean_iou(per_sample)])
-
-
-def mean_iou(confusion: np.ndarray) -> np.ndarray:
-    """mIoU over the classes present in truth or prediction; (..., K, K) -> (...); NaN if none."""
-    tp = np.diagonal(confusion, axis1=-2, axis2=-1).astype(np.float64)
-    union = confusion.sum(axis=-1) + confusion.sum(axis=-2) - tp
-    present = union > 0
-    iou = np.where(present, tp / np.where(present, union, 1), 0.0)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        result: np.ndarray = iou.sum(axis=-1) / present.sum(axis=-1)
-    return result
 
 
 def _add_change(

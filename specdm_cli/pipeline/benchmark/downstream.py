@@ -14,8 +14,9 @@ from torch import nn
 from specdm_cli.config import DownstreamOptions, Progress
 from specdm_cli.errors import InputDataError
 from specdm_cli.manifest import IGNORE_INDEX, IMAGE_ARRAYS, LABEL_ARRAY
+from specdm_cli.metrics.stats import class_iou, mean_iou
 from specdm_cli.models.feature_net import FeatureNetConfig
-from specdm_cli.pipeline.benchmark.collect import batches, mean_iou
+from specdm_cli.pipeline.benchmark.collect import batches
 from specdm_cli.pipeline.benchmark.feature_training import TrainData, class_weights, fit
 from specdm_cli.pipeline.benchmark.features import band_statistics, default_config
 from specdm_cli.stores import StoreReader
@@ -137,10 +138,9 @@ def scores_of(confusion: np.ndarray, task: str) -> tuple[float, float, np.ndarra
     """(mIoU over present classes, F1 as F1_DEFINITION says, per-class IoU with NaN if absent)."""
     tp = np.diagonal(confusion).astype(np.float64)
     predicted, actual = confusion.sum(axis=0), confusion.sum(axis=1)
-    union = predicted + actual - tp
+    iou = class_iou(confusion)
     with np.errstate(invalid="ignore", divide="ignore"):
-        iou = np.where(union > 0, tp / union, np.nan)
-        f1 = np.where(union > 0, 2 * tp / (predicted + actual), np.nan)
+        f1 = np.where(np.isfinite(iou), 2 * tp / (predicted + actual), np.nan)
     present = f1[np.isfinite(f1)]
     macro = float(present.mean()) if present.size else math.nan
     # cd: NaN when neither truth nor prediction has any change.

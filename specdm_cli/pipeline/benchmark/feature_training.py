@@ -19,6 +19,7 @@ from specdm_cli.manifest import IGNORE_INDEX, IMAGE_ARRAYS, LABEL_ARRAY
 from specdm_cli.metrics.masks import mask_feature_dims, mask_features
 from specdm_cli.metrics.stats import MomentAccumulator
 from specdm_cli.models.feature_net import FeatureNetConfig, build_network
+from specdm_cli.models.losses import class_weights_auto
 from specdm_cli.stores import StoreReader
 
 # Training data is held in memory below this size, else read from the store at every step.
@@ -125,15 +126,10 @@ def class_weights(reference: StoreReader, classes: int) -> Tensor:
     short training, and pair consistency would then measure nothing about it. Classes absent from
     train get the largest weight; a store without train fractions gets uniform weights.
     """
-    fractions = np.asarray(reference.manifest.class_pixel_fraction.get("train", []), np.float64)
-    if fractions.size != classes or not (fractions > 0).any():
+    fractions = reference.manifest.class_pixel_fraction.get("train", [])
+    if len(fractions) != classes or not any(f > 0 for f in fractions):
         return torch.ones(classes)
-    present = fractions > 0
-    weights = np.zeros(classes)
-    weights[present] = 1.0 / np.sqrt(fractions[present])
-    weights[present] /= weights[present].mean()
-    weights[~present] = weights[present].max()
-    return torch.from_numpy(weights.astype(np.float32))
+    return class_weights_auto(fractions)
 
 
 def fit(

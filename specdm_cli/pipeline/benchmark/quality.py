@@ -17,6 +17,7 @@ from specdm_cli.metrics.sets import SetStats
 from specdm_cli.metrics.stats import (
     jensen_shannon,
     kid,
+    mean_iou,
     roc_auc_from_histograms,
     spectral_angle,
     wasserstein1,
@@ -25,7 +26,6 @@ from specdm_cli.pipeline.benchmark.collect import (
     CHANGE_RATIO_EDGES,
     CollectOptions,
     collect,
-    mean_iou,
 )
 from specdm_cli.pipeline.benchmark.features import FeatureNetwork, manifest_sha256
 from specdm_cli.stores import StoreReader

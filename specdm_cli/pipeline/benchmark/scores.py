@@ -8,8 +8,8 @@ import numpy as np
 
 from specdm_cli.config import Progress
 from specdm_cli.manifest import IGNORE_INDEX, IMAGE_ARRAYS, LABEL_ARRAY
-from specdm_cli.metrics.stats import spectral_angle
-from specdm_cli.pipeline.benchmark.collect import batches, mean_iou
+from specdm_cli.metrics.stats import mean_iou, spectral_angle
+from specdm_cli.pipeline.benchmark.collect import batches
 from specdm_cli.pipeline.benchmark.features import FeatureNetwork
 from specdm_cli.stores import StoreReader
 

@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F  # noqa: N812
 
 from specdm_cli.manifest import IGNORE_INDEX, IMAGE_ARRAYS, LABEL_ARRAY, Task
+from specdm_cli.metrics.stats import class_iou
 from specdm_cli.models.losses import denormalize, spectral_angle
 from specdm_cli.models.vae import SpecDMVAE
 from specdm_cli.pipeline.train.common import load_batch, to_tensors
@@ -46,9 +47,7 @@ class _Totals:
         np.add.at(self.confusion, (truth, predicted), 1)
 
     def summary(self, bands: int) -> dict[str, object]:
-        intersection = np.diag(self.confusion).astype(np.float64)
-        union = self.confusion.sum(0) + self.confusion.sum(1) - intersection
-        iou = np.where(union > 0, intersection / np.maximum(union, 1), np.nan)
+        iou = class_iou(self.confusion)
         values = max(self.pixels * bands, 1.0)
         return {
             "rmse": float(np.sqrt(self.sq_norm / values)),
