@@ -9,6 +9,7 @@ import json
 import logging
 import os
 import sys
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict
@@ -89,9 +90,14 @@ app = typer.Typer(
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     pretty_exceptions_show_locals=False,
-    add_completion=False,
+    # `specdm --install-completion` / `--show-completion`, as typer offers them.
+    add_completion=True,
+    # Help texts are plain text: "[default ...]" in them must print, not vanish as markup.
+    rich_markup_mode=None,
+    context_settings={"help_option_names": ["-h", "--help"]},
 )
-stderr = Console(stderr=True, highlight=False)
+# soft_wrap: a log line (paths!) is never split at the terminal width, in a file or not.
+stderr = Console(stderr=True, highlight=False, soft_wrap=True)
 
 
 def _devices(value: str | Devices) -> Devices:
@@ -120,10 +126,13 @@ PrecisionOption = Annotated[
     Precision | None, typer.Option(help="fp32, bf16, fp16 (CUDA only) [fp32].")
 ]
 ResumeOption = Annotated[
-    bool, typer.Option(help="Continue an interrupted run of the same command.")
+    bool, typer.Option("--resume", help="Continue an interrupted run of the same command.")
 ]
 OverwriteOption = Annotated[
-    bool, typer.Option(help="Replace an existing output of the same kind that specdm made.")
+    bool,
+    typer.Option(
+        "--overwrite", help="Replace an existing output of the same kind that specdm made."
+    ),
 ]
 
 
@@ -184,8 +193,19 @@ def _emit_json(payload: Any) -> None:
 
 @contextmanager
 def _progress(name: str, quiet: bool) -> Iterator[Progress]:
-    """A rich progress bar on stderr fed by progress(stage, done, total); a new stage is named
-    on its own line and restarts the bar."""
+    """Progress on stderr fed by progress(stage, done, total): a rich bar on a terminal, plain
+    unwrapped lines at a bounded rate in a log file; a new stage is named on its own line."""
+    if quiet:
+        yield lambda stage, done, total: None
+    elif stderr.is_terminal:
+        with _progress_bar(name) as update:
+            yield update
+    else:
+        yield _progress_lines(name)
+
+
+@contextmanager
+def _progress_bar(name: str) -> Iterator[Progress]:
     from rich.progress import (
         BarColumn,
         MofNCompleteColumn,
@@ -195,9 +215,6 @@ def _progress(name: str, quiet: bool) -> Iterator[Progress]:
     )
     from rich.progress import Progress as Bar
 
-    if quiet:
-        yield lambda stage, done, total: None
-        return
     columns = (
         "[progress.description]{task.description}",
         BarColumn(),
@@ -220,6 +237,41 @@ def _progress(name: str, quiet: bool) -> Iterator[Progress]:
         yield update
 
 
+# In a log file: a line at most every 10 s or every 5% of a stage, and at its end.
+LOG_SECONDS = 10.0
+LOG_FRACTION = 0.05
+
+
+def _progress_lines(name: str) -> Progress:
+    """Plain progress lines (step/total, rate, ETA) for stderr that is not a terminal."""
+    state: dict[str, Any] = {"stage": None}
+
+    def update(stage: str, done: int, total: int) -> None:
+        now = time.monotonic()
+        if stage != state["stage"]:
+            state.update(stage=stage, start=now, start_done=done, last=now, last_done=done)
+        due = now - state["last"] >= LOG_SECONDS or (
+            total > 0 and done - state["last_done"] >= LOG_FRACTION * total
+        )
+        if not (due or done == total):
+            return
+        rate = (done - state["start_done"]) / max(now - state["start"], 1e-9)
+        eta = f", ETA {_duration((total - done) / rate)}" if rate > 0 and total > done else ""
+        share = f" ({done / total:.0%})" if total > 0 else ""
+        label = name if stage == name else f"{name}: {stage}"
+        sys.stderr.write(f"{label} {done}/{total}{share}, {rate:.3g}/s{eta}\n")
+        sys.stderr.flush()
+        state.update(last=now, last_done=done)
+
+    return update
+
+
+def _duration(seconds: float) -> str:
+    minutes, secs = divmod(round(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{secs:02d}s"
+
+
 @app.command()
 def prepare(
     source: Annotated[SourceName, typer.Argument(help="segmunich, oscd, geotiff or demo.")],
@@ -228,10 +280,8 @@ def prepare(
         Path | None, typer.Option("--out", "-o", help="Output store [./<source>.zarr].")
     ] = None,
     store_format: Annotated[StoreFormat, typer.Option("--format", help="Store format.")] = "zarr",
-    resume: Annotated[
-        bool, typer.Option(help="Continue an interrupted run of the same command.")
-    ] = False,
-    overwrite: Annotated[bool, typer.Option(help="Replace an existing specdm store.")] = False,
+    resume: ResumeOption = False,
+    overwrite: OverwriteOption = False,
     max_blank: Annotated[
         float, typer.Option(help="Drop patches with more zero/nodata pixels than this.")
     ] = 0.5,
@@ -338,7 +388,7 @@ def inspect(
         bool, typer.Option("--schema", help="Print the manifest JSON Schema.")
     ] = False,
     allow_incomplete: Annotated[
-        bool, typer.Option(help="Read a store whose writer stopped early.")
+        bool, typer.Option("--allow-incomplete", help="Read a store whose writer stopped early.")
     ] = False,
     verify: Annotated[
         bool, typer.Option("--verify", help="Read every sample back against its checksums.")
@@ -472,7 +522,7 @@ def fit_vae(
     ] = None,
     norm_groups: Annotated[int | None, typer.Option(help="GroupNorm groups [32].")] = None,
     single_stream: Annotated[
-        bool, typer.Option(help="LDM baseline: one VAE on image + one-hot mask.")
+        bool, typer.Option("--single-stream", help="LDM baseline: one VAE on image + one-hot mask.")
     ] = False,
     augment: Annotated[str | None, typer.Option(help="d4 or none [d4].")] = None,
     json_output: JsonOption = False,
@@ -584,7 +634,7 @@ def fit_diffusion(
 @app.command()
 def synthesize(
     out: Annotated[Path | None, typer.Option("--out", "-o", help="Output store.")] = None,
-    n: Annotated[int, typer.Option("--n", help="Number of pairs.")] = 0,
+    n: Annotated[int | None, typer.Option("--n", help="Number of pairs.")] = None,
     model: Annotated[
         str | None, typer.Option(help="Run directory, or 'demo' [newest run of --task, else demo].")
     ] = None,
@@ -615,7 +665,8 @@ def synthesize(
     resume: Annotated[
         bool,
         typer.Option(
-            help="Continue an interrupted store (same options); a store with the same plan is joined anyway, as shards do."
+            "--resume",
+            help="Continue an interrupted store (same options); a store with the same plan is joined anyway, as shards do.",
         ),
     ] = False,
     preview: Annotated[
@@ -635,6 +686,12 @@ def synthesize(
     """Synthesize labelled pairs with a trained (or the shipped demo) model."""
     with _domain_errors():
         from specdm_cli.errors import UsageError
+
+        if finalize is None and (out is None or n is None or n <= 0):
+            # Before the heavy imports below: a usage error comes at once.
+            raise UsageError(
+                "synthesize needs --out and --n >= 1", hint="e.g. --n 1000 --out syn.zarr"
+            )
         from specdm_cli.pipeline.signals import graceful_stop
         from specdm_cli.pipeline.synthesize.command import SynthesizeOptions, synthesize_store
         from specdm_cli.pipeline.synthesize.shards import finalize as finalize_store
@@ -644,10 +701,7 @@ def synthesize(
             finalize_store(finalize, required=True)
             stderr.print(f"complete: {finalize}", markup=False)
             return
-        if out is None or n <= 0:
-            raise UsageError(
-                "synthesize needs --out and --n >= 1", hint="e.g. --n 1000 --out syn.zarr"
-            )
+        assert out is not None and n is not None
         options = SynthesizeOptions(
             out=out, n=n, model=model, task=task, sampler=sampler, steps=steps, seed=seed,
             batch_size=batch_size, precision=precision or "fp32", format=store_format,
@@ -678,7 +732,8 @@ def benchmark(
         Path | None, typer.Option("--out", "-o", help="Report folder [<synthetic>-benchmark].")
     ] = None,
     downstream: Annotated[
-        bool, typer.Option(help="Train on real / synthetic / both, test on real (slow).")
+        bool,
+        typer.Option("--downstream", help="Train on real / synthetic / both, test on real (slow)."),
     ] = False,
     real_limit: Annotated[
         int | None,
@@ -692,7 +747,10 @@ def benchmark(
     ] = 1000,
     downstream_batch_size: Annotated[int, typer.Option(min=1, help="Downstream batch size.")] = 16,
     write_scores: Annotated[
-        bool, typer.Option(help="Add a per-sample `quality` array to the synthetic store.")
+        bool,
+        typer.Option(
+            "--write-scores", help="Add a per-sample `quality` array to the synthetic store."
+        ),
     ] = False,
     compare: Annotated[
         Path | None, typer.Option(help="Another report.json to put side by side.")

@@ -12,7 +12,6 @@ EXIT_MODEL = 4
 EXIT_RESOURCE = 5
 EXIT_LOCKED = 6
 EXIT_SIGINT = 130
-EXIT_SIGTERM = 143
 
 
 class SpecdmError(Exception):

@@ -90,3 +90,16 @@ def test_synthesize_steps_help_names_the_default_step_counts() -> None:
     (steps,) = [p for p in command.params if p.name == "steps"]
     for sampler, count in DEFAULT_STEPS.items():
         assert f"{sampler} {count}" in str(steps.help)
+
+
+def test_progress_in_a_log_file_is_plain_unwrapped_lines(tmp_path: Path) -> None:
+    # CliRunner's stderr is not a terminal, as a redirected log file is not.
+    out = tmp_path / ("a-long-folder-name-that-pushes-the-path-past-eighty-columns" * 2) / "s.zarr"
+    code, _, stderr = run_cli("prepare", "demo", "--n", "24", "--size", "32", "--out", out)
+    assert code == 0, stderr
+    lines = stderr.splitlines()
+    assert "prepare 24/24 (100%)" in lines[-2] and "/s" in lines[-2]
+    assert lines[-1].startswith("created: ") and str(out) in lines[-1]  # one line, not wrapped
+    code, _, stderr = run_cli("prepare", "demo", "--n", "24", "--size", "32", "--out",
+                              tmp_path / "q.zarr", "--quiet")  # fmt: skip
+    assert code == 0 and stderr == ""

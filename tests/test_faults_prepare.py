@@ -67,7 +67,7 @@ def assert_same_store(store: Path, reference: Path) -> None:
 
 
 @pytest.mark.parametrize(
-    "point", ["prepare.after_block:2", "atomic.mid_write:3", "prepare.before_manifest"]
+    "point", ["prepare.after_block:2", "atomic.before_replace:3", "prepare.before_manifest"]
 )
 def test_kill_then_resume_gives_the_uninterrupted_store(
     tmp_path: Path, reference: Path, point: str

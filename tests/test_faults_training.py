@@ -90,11 +90,11 @@ def assert_killed_state_is_honest(run: Path, stage: str, done_before: int) -> No
 # - checkpoint.mid_write:2: `.vae-0000004.partial` holds weights and optimizer tensors, no
 #   optimizer.json; run.json names step 2. The resume checkpoints every 3 steps, so step 4 is
 #   never written again: only the new lock's clean-up removes the partial folder.
-# - atomic.mid_write:3: the third atomic write is run.json at the first checkpoint (after its
-#   creation and optimizer.json): half a `.run.json.*.tmp`, run.json has no VAE yet while
+# - atomic.before_replace:3: the third atomic write is run.json at the first checkpoint (after its
+#   creation and optimizer.json): a whole `.run.json.*.tmp` not renamed yet, run.json has no VAE while
 #   `checkpoints/vae-0000002` is already published; the resume starts from step 0.
 @pytest.mark.parametrize(
-    ("fault", "done_before"), [("checkpoint.mid_write:2", 2), ("atomic.mid_write:3", 0)]
+    ("fault", "done_before"), [("checkpoint.mid_write:2", 2), ("atomic.before_replace:3", 0)]
 )
 def test_fit_vae_killed_then_resumed_equals_the_uninterrupted_run(
     store: Path, vae_reference: dict[str, object], tmp_path: Path, fault: str, done_before: int

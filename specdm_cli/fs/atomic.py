@@ -35,12 +35,10 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
         fcntl.flock(handle, fcntl.LOCK_EX)
         os.fchmod(handle, _FILE_MODE)
         with os.fdopen(handle, "wb") as stream:
-            stream.write(data[: len(data) // 2])
-            stream.flush()
-            fault_point("atomic.mid_write")
-            stream.write(data[len(data) // 2 :])
+            stream.write(data)
             stream.flush()
             os.fsync(stream.fileno())
+        fault_point("atomic.before_replace")  # a kill here leaves the old file and a stray temp
         Path(temp).replace(path)
     except OSError as exc:
         Path(temp).unlink(missing_ok=True)

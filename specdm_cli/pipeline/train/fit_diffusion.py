@@ -232,7 +232,7 @@ def fit_diffusion(
     request: FitDiffusionRequest,
     stop: StopFlag,
     progress: Progress | None = None,
-    warn: Callable[[str], None] = print,
+    warn: Callable[[str], None] = lambda line: None,
 ) -> FitDiffusionSummary:
     """Encode the latent cache (once), then train the U-Net with EMA; resume is bit-exact."""
     started = time.monotonic()

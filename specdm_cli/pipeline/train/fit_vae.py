@@ -240,7 +240,7 @@ def fit_vae(
     request: FitVAERequest,
     stop: StopFlag,
     progress: Progress | None = None,
-    warn: Callable[[str], None] = print,
+    warn: Callable[[str], None] = lambda line: None,
 ) -> FitVAESummary:
     """Train (or resume) the VAE of a run; checkpoints are atomic and resume is bit-exact."""
     started = time.monotonic()
