@@ -32,6 +32,26 @@ def test_betas_follow_ldm_linear_formula_in_float64() -> None:
     assert bool((scheduler.alphas_cumprod[1:] < scheduler.alphas_cumprod[:-1]).all())
 
 
+def test_forward_process_matches_diffusers_helpers() -> None:
+    # fit-diffusion keeps LDM's float64 cumprod; diffusers' helpers give the same maths.
+    from diffusers.training_utils import compute_snr
+
+    scheduler = make_scheduler("ddpm", ScheduleConfig())
+    acp = torch.cumprod(1 - ldm_betas(ScheduleConfig()), dim=0).float()
+    generator = torch.Generator().manual_seed(0)
+    z, noise = (
+        torch.randn(4, 3, 8, 8, generator=generator),
+        torch.randn(4, 3, 8, 8, generator=generator),
+    )
+    t = torch.tensor([0, 10, 500, 999])
+    a = acp[t][:, None, None, None]
+    ours_noisy = a.sqrt() * z + (1 - a).sqrt() * noise
+    ours_v = a.sqrt() * noise - (1 - a).sqrt() * z
+    assert torch.allclose(ours_noisy, scheduler.add_noise(z, noise, t), atol=1e-5)
+    assert torch.allclose(ours_v, scheduler.get_velocity(z, noise, t), atol=1e-5)
+    assert torch.allclose(acp[t] / (1 - acp[t]), compute_snr(scheduler, t), rtol=1e-4)
+
+
 def test_min_snr_weights_follow_the_formula() -> None:
     acp = torch.cumprod(1 - ldm_betas(ScheduleConfig()), dim=0)
     weights = snr_weights(acp, 5.0, "epsilon")

@@ -152,6 +152,9 @@ class DiffusionTrainer:
             self.device
         )
         a = self.alphas_cumprod[t][:, None, None, None]
+        # diffusers' add_noise / get_velocity / compute_snr do this maths on float32 cumprods;
+        # ours come from LDM's float64 buffers. Parity within float32 rounding is
+        # tests/test_diffusion_maths.py::test_forward_process_matches_diffusers_helpers.
         noisy = a.sqrt() * z + (1 - a).sqrt() * noise
         with autocast(self.device, self.config.precision):
             predicted = self.net(noisy, t).sample
