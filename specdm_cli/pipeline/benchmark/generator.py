@@ -42,7 +42,7 @@ def generator_info(
         )  # fmt: skip
     vae = run.stages.get("vae")
     config = vae.config if vae else {}
-    seen = vae.details.get("train_samples") if vae else None
+    seen = run.vae_details().train_samples if vae else None
     return GeneratorInfo(
         run_id=run.run_id, kind=chosen.kind if chosen else (model.kind if model else "run"),
         path=str(chosen.path) if chosen else (model.path if model else None),

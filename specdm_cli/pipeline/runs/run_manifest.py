@@ -31,6 +31,37 @@ class StageState(BaseModel):
     details: dict[str, Any] = Field(default_factory=dict)
 
 
+class VAEDetails(BaseModel):
+    """What a finished VAE checkpoint records beside its weights (run.json, stages.vae.details)."""
+
+    model_config = ConfigDict(extra="allow")  # older and newer runs add fields: keep them
+
+    model: dict[str, Any]  # VAEConfig, as JSON
+    latent_layout: Any = None
+    learning_rate: float | None = None
+    train_samples: int | None = None
+    validation: dict[str, Any] | None = None
+
+
+class DiffusionDetails(BaseModel):
+    """What a diffusion checkpoint records (run.json, stages.diffusion.details)."""
+
+    model_config = ConfigDict(extra="allow")
+
+    schedule: dict[str, Any]  # ScheduleConfig, as JSON
+    latent_scale: list[float]
+    # Runs trained before the latents were centred have none: it is zero.
+    latent_shift: list[float] | None = None
+    unet: dict[str, Any] = Field(default_factory=dict)
+    learning_rate: float | None = None
+    cached_views: int | None = None
+
+    def shift(self) -> list[float]:
+        return (
+            self.latent_shift if self.latent_shift is not None else [0.0] * len(self.latent_scale)
+        )
+
+
 class RunManifest(BaseModel):
     """A run directory's manifest; `specdm_run` marks the folder as ours (for --overwrite)."""
 
@@ -51,6 +82,14 @@ class RunManifest(BaseModel):
     normalization: Normalization
     stages: dict[str, StageState] = Field(default_factory=dict)
     provenance: dict[str, Any] = Field(default_factory=dict)
+
+    def vae_details(self) -> VAEDetails:
+        """The VAE stage's typed details (a ValidationError if the run has none usable)."""
+        return VAEDetails.model_validate(self.stages["vae"].details)
+
+    def diffusion_details(self) -> DiffusionDetails:
+        """The diffusion stage's typed details (a ValidationError if the run has none usable)."""
+        return DiffusionDetails.model_validate(self.stages["diffusion"].details)
 
     def can_sample(self) -> bool:
         """Both stages finished: the run can synthesize."""
@@ -121,26 +160,21 @@ def check_consistent(manifest: RunManifest) -> None:
         raise ValueError(f"dtype {manifest.dtype!r} or classes unusable")
     vae = manifest.stages.get("vae")
     if vae is not None and vae.checkpoint is not None:
-        model = VAEConfig.model_validate(vae.details["model"])
+        model = VAEConfig.model_validate(manifest.vae_details().model)
         if min(manifest.height, manifest.width) < model.downsample or (
             manifest.height % model.downsample or manifest.width % model.downsample
         ):
             raise ValueError(f"size {manifest.height}x{manifest.width} does not fit the VAE")
     diffusion = manifest.stages.get("diffusion")
     if diffusion is not None and diffusion.checkpoint is not None:
-        ScheduleConfig.model_validate(diffusion.details["schedule"])
-        scale = diffusion.details["latent_scale"]
+        details = manifest.diffusion_details()
+        ScheduleConfig.model_validate(details.schedule)
+        scale = details.latent_scale
         if not _numbers(scale) or not all(v > 0 for v in scale):
             raise ValueError("latent_scale is not a list of positive numbers")
-        shift = latent_shift(diffusion.details)
+        shift = details.shift()
         if not _numbers(shift) or len(shift) != len(scale):
             raise ValueError("latent_shift is not a list of numbers, one per latent channel")
-
-
-def latent_shift(details: dict[str, Any]) -> Any:
-    """The diffusion stage's per-channel latent shift; runs trained before the latents were
-    centred have none: it is zero."""
-    return details.get("latent_shift", [0.0] * len(details["latent_scale"]))
 
 
 def _numbers(values: Any) -> bool:

@@ -36,7 +36,7 @@ def vae_config(manifest: RunManifest) -> VAEConfig:
     stage = manifest.stages.get("vae")
     if stage is None or "model" not in stage.details:
         raise ModelError("the run has no VAE", hint="run `specdm fit-vae` first")
-    return VAEConfig.model_validate(stage.details["model"])
+    return VAEConfig.model_validate(manifest.vae_details().model)
 
 
 def load_vae(run: Path, manifest: RunManifest, device: torch.device) -> SpecDMVAE:

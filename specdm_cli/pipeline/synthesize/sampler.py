@@ -18,7 +18,6 @@ from specdm_cli.models.diffusion import ScheduleConfig
 from specdm_cli.models.samplers import sample_generator, sample_latents
 from specdm_cli.pipeline.runs.checkpoints import load_module
 from specdm_cli.pipeline.runs.choose import ChosenModel
-from specdm_cli.pipeline.runs.run_manifest import latent_shift
 from specdm_cli.pipeline.runs.vae_io import load_vae
 from specdm_cli.pipeline.train.common import autocast
 
@@ -43,9 +42,10 @@ class Sampler:
         stage = manifest.stages["diffusion"]
         self.unet = load_module(UNet2DModel, run / str(stage.checkpoint) / "unet").to(device).eval()
         self.vae = load_vae(run, manifest, device)
-        self.scale = torch.tensor(stage.details["latent_scale"], device=device)[None, :, None, None]
-        self.shift = torch.tensor(latent_shift(stage.details), device=device)[None, :, None, None]
-        self.schedule = ScheduleConfig.model_validate(stage.details["schedule"])
+        details = manifest.diffusion_details()
+        self.scale = torch.tensor(details.latent_scale, device=device)[None, :, None, None]
+        self.shift = torch.tensor(details.shift(), device=device)[None, :, None, None]
+        self.schedule = ScheduleConfig.model_validate(details.schedule)
         self.mean = torch.tensor(manifest.normalization.mean, device=device)[:, None, None]
         self.std = torch.tensor(manifest.normalization.std, device=device)[:, None, None]
         self.side = manifest.height // self.vae.config.downsample

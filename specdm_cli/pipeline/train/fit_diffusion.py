@@ -26,7 +26,7 @@ from specdm_cli.pipeline.runs.checkpoints import (
     save_optimizer,
 )
 from specdm_cli.pipeline.runs.run_manifest import RunManifest, load_run
-from specdm_cli.pipeline.runs.vae_io import load_vae
+from specdm_cli.pipeline.runs.vae_io import load_vae, vae_config
 from specdm_cli.pipeline.signals import StopFlag
 from specdm_cli.pipeline.train.common import (
     LossScaler,
@@ -252,7 +252,7 @@ def fit_diffusion(
                 str(run), "already complete", stage.step, request.config.steps, 0.0, 0.0, "kept"
             )
         cache, val = _latents(run, manifest, request, devices[0], stop, progress, warn)
-        size = manifest.height // int(manifest.stages["vae"].details["model"]["downsample"])
+        size = manifest.height // vae_config(manifest).downsample
         checkpoint = stage.checkpoint if stage is not None else None
         start = stage.step if checkpoint else 0
         job = _Job(

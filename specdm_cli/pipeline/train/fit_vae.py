@@ -307,6 +307,6 @@ def _rank_main(
 
 
 def _summary_from_run(job: _Job) -> FitVAESummary:
-    stage = load_run(job.run).stages["vae"]
-    validation = stage.details.get("validation")
-    return FitVAESummary(str(job.run), "", stage.step, job.config.steps, 0.0, 0.0, {}, validation)
+    manifest = load_run(job.run)
+    step, validation = manifest.stages["vae"].step, manifest.vae_details().validation
+    return FitVAESummary(str(job.run), "", step, job.config.steps, 0.0, 0.0, {}, validation)
