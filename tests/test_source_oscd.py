@@ -17,8 +17,8 @@ from affine import Affine
 from PIL import Image
 
 from specdm_cli.errors import InputDataError
-from specdm_cli.sources import oscd
 from specdm_cli.sources.base import PrepareOptions, RawSample, SourcePlan
+from specdm_cli.sources.oscd import pixels as oscd_pixels
 from specdm_cli.sources.oscd import read_oscd
 from specdm_cli.sources.sentinel2 import S2_TEN_BANDS
 from tests.fixtures.oscd import (
@@ -313,13 +313,13 @@ def test_each_city_is_read_once_when_loaded_in_order(
     tree: Callable[..., Path], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     reads: list[str] = []
-    original = oscd._read_city
+    original = oscd_pixels._read_city
 
     def counting(ctx: Any, city: Any) -> Any:
         reads.append(city.name)
         return original(ctx, city)
 
-    monkeypatch.setattr(oscd, "_read_city", counting)
+    monkeypatch.setattr(oscd_pixels, "_read_city", counting)
     _load_all(read_oscd(tree(), SMALL))
     assert sorted(reads) == sorted(SIZES)
 
