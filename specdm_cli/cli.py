@@ -212,8 +212,12 @@ def prepare(
     ] = False,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing specdm store.")] = False,
     max_blank: Annotated[
-        float, typer.Option(help="Drop patches with more zero/nodata pixels than this.")
+        float, typer.Option(help="Drop patches with more zero/nodata image pixels than this.")
     ] = 0.5,
+    max_unlabelled: Annotated[
+        float | None,
+        typer.Option(help="Drop patches with more unlabelled (255) pixels than this [off]."),
+    ] = None,
     max_background: Annotated[
         float | None, typer.Option(help="Drop patches with more label-0 pixels than this.")
     ] = None,
@@ -223,6 +227,10 @@ def prepare(
     patch_size: Annotated[int, typer.Option(help="OSCD/GeoTIFF: patch size in pixels.")] = 256,
     overlap: Annotated[float, typer.Option(help="OSCD/GeoTIFF: patch overlap (paper: 0.6).")] = 0.6,
     nodata: Annotated[str | None, typer.Option(help="Nodata value (a number or 'nan').")] = None,
+    label_nodata: Annotated[
+        str | None,
+        typer.Option(help="GeoTIFF/SegMunich: label value meaning no data (-> 255), e.g. -1."),
+    ] = None,
     classes: Annotated[
         Path | None, typer.Option(help="GeoTIFF: class names/codes (JSON or CSV).")
     ] = None,
@@ -258,6 +266,7 @@ def prepare(
             patch_size=patch_size,
             overlap=overlap,
             nodata=_parse_nodata(nodata),
+            label_nodata=_parse_nodata(label_nodata, "--label-nodata"),
             classes_file=classes,
             splits_file=splits,
             val_fraction=val_fraction,
@@ -276,13 +285,15 @@ def prepare(
             format=store_format.value,
             options=options,
             max_blank=max_blank,
+            max_unlabelled=max_unlabelled,
             max_background=max_background,
             resume=resume,
             overwrite=overwrite,
             workers=workers,
         )
         with graceful_stop() as stop, _progress_bar(f"prepare {source.value}", quiet) as progress:
-            summary = run_prepare(request, stop, progress)
+            warn = (lambda line: None) if quiet else (lambda line: stderr.print(line, markup=False))
+            summary = run_prepare(request, stop, progress, warn)
         if not quiet:
             stderr.print(
                 f"{summary.state}: {summary.out}: {summary.count} samples {summary.split_counts}, "
@@ -320,7 +331,7 @@ def _default_test_fraction(source: str, given: float | None) -> float:
     return 0.1 if source == "demo" else 0.0
 
 
-def _parse_nodata(text: str | None) -> float | None:
+def _parse_nodata(text: str | None, option: str = "--nodata") -> float | None:
     from specdm_cli.errors import UsageError
 
     if text is None:
@@ -329,7 +340,7 @@ def _parse_nodata(text: str | None) -> float | None:
         return float(text)
     except ValueError:
         raise UsageError(
-            f"--nodata {text!r} is not a number", hint="e.g. --nodata 0 or --nodata nan"
+            f"{option} {text!r} is not a number", hint=f"e.g. {option} 0 or {option} nan"
         ) from None
 
 

@@ -247,7 +247,7 @@ def test_nodata_tags_and_option(tmp_path: Path) -> None:
     assert [c.code for c in plan.spec.classes] == [1, 2]  # the mask's nodata is no class
     sample = plan.load(plan.candidates[0])
     assert sample.arrays["mask"][5, 5] == 255 and sample.arrays["mask"][3, 4] == 255
-    assert sample.nodata_pixels == 1
+    assert sample.nodata_pixels == 2  # the mask's nodata pixel counts too (issue 15)
 
 
 def test_reads_a_specdm_geotiff_export_back(tmp_path: Path) -> None:

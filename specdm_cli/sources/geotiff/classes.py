@@ -5,7 +5,6 @@ from __future__ import annotations
 import colorsys
 import csv
 import json
-import math
 from pathlib import Path
 from typing import Any
 
@@ -20,9 +19,7 @@ from specdm_cli.manifest import (
     Task,
     load_manifest,
 )
-from specdm_cli.sources.base import (
-    PrepareOptions,
-)
+from specdm_cli.sources.base import PrepareOptions, label_nodata_mask
 from specdm_cli.sources.geotiff.layout import Files, open_raster
 
 _MASK_ROWS = 1024  # rows per read when scanning mask codes: memory stays flat on huge masks
@@ -40,7 +37,8 @@ def resolve_classes(
     exported = _manifest_classes(root, task)
     if exported is not None:
         return exported, str(root / "manifest.json")
-    codes = _discover_codes([paths[LABEL_ARRAY[task]] for paths in files.values()], root)
+    masks = [paths[LABEL_ARRAY[task]] for paths in files.values()]
+    codes = _discover_codes(masks, root, options.label_nodata)
     return _make_classes([(code, f"class_{code}", None) for code in codes], root), "masks"
 
 
@@ -137,11 +135,11 @@ def _default_colour(index: int) -> tuple[int, int, int]:
     return round(r * 255), round(g * 255), round(b * 255)
 
 
-def _discover_codes(paths: list[Path], root: Path) -> list[int]:
+def _discover_codes(paths: list[Path], root: Path, label_nodata: float | None) -> list[int]:
     """Sorted distinct label codes of every mask (nodata and 255 excluded)."""
     codes: set[int] = set()
     for path in paths:
-        codes |= _mask_codes(path)
+        codes |= _mask_codes(path, label_nodata)
     if not codes:
         raise InputDataError(
             "the label files hold no class codes (all nodata/255)", root, "check the masks"
@@ -149,25 +147,27 @@ def _discover_codes(paths: list[Path], root: Path) -> list[int]:
     return sorted(codes)
 
 
-def _mask_codes(path: Path) -> set[int]:
+def _mask_codes(path: Path, label_nodata: float | None) -> set[int]:
     codes: set[int] = set()
     with open_raster(path) as src:
+        nodata = label_nodata if label_nodata is not None else src.nodata
         for row in range(0, src.height, _MASK_ROWS):
             window = Window(0, row, src.width, min(_MASK_ROWS, src.height - row))
-            values = np.unique(label_values(src.read(1, window=window), src.nodata))
+            values = np.unique(label_values(src.read(1, window=window), nodata))
             if not np.all(np.isfinite(values)) or not np.all(values == np.round(values)):
                 raise InputDataError("label file holds non-integer values", path, "fix the file")
             codes |= {int(v) for v in values if v != IGNORE_INDEX}
     if codes and min(codes) < 0:
         raise InputDataError(
-            f"negative label code {min(codes)}", path, "declare it as the mask's nodata or fix it"
+            f"negative label code {min(codes)}",
+            path,
+            f"if {min(codes)} means no data, pass --label-nodata {min(codes)}; else fix the file",
         )
     return codes
 
 
 def label_values(raw: np.ndarray, nodata: float | None) -> np.ndarray:
-    """Raw label values with the file's nodata turned into the ignore code."""
+    """Raw label values with the label nodata (--label-nodata, else the file's tag) as 255."""
     values = raw.astype(np.float64 if raw.dtype.kind == "f" else np.int64)
-    if nodata is not None:
-        values[np.isnan(values) if math.isnan(nodata) else values == nodata] = IGNORE_INDEX
+    values[label_nodata_mask(raw, nodata)] = IGNORE_INDEX
     return values

@@ -26,6 +26,7 @@ from specdm_cli.sources.base import (
     SourcePlan,
     SourceSpec,
     apply_nodata,
+    label_nodata_mask,
     pad_image_as_nodata,
     pad_to,
     patch_bounds,
@@ -59,6 +60,7 @@ class _Context:
     width: int
     dtype: str
     nodata: float | None
+    label_nodata: float | None
     georeferenced: bool
 
 
@@ -113,7 +115,10 @@ def read_geotiff(raw: Path | None, options: PrepareOptions) -> SourcePlan:
         },
     )
     codes = tuple(int(str(c.code)) for c in classes)
-    context = _Context(task, files, codes, height, width, spec.dtype, options.nodata, bool(crs))
+    context = _Context(
+        task, files, codes, height, width, spec.dtype, options.nodata, options.label_nodata,
+        bool(crs),
+    )  # fmt: skip
     return SourcePlan(spec=spec, candidates=candidates, load=functools.partial(_load, ctx=context))
 
 
@@ -143,10 +148,13 @@ def _load(candidate: Candidate, *, ctx: _Context) -> RawSample:
     stem, y, x = candidate.ref
     paths = ctx.files[stem]
     label_name = LABEL_ARRAY[ctx.task]
-    raw_label, label_nodata, _ = _read_window(paths[label_name], y, x, ctx)
+    raw_label, file_label_nodata, _ = _read_window(paths[label_name], y, x, ctx)
+    # --label-nodata overrides the mask's tag, as --nodata does the image's.
+    label_nodata = ctx.label_nodata if ctx.label_nodata is not None else file_label_nodata
     label = remap_labels(label_values(raw_label[0], label_nodata), ctx.codes, paths[label_name])
     arrays: dict[str, np.ndarray] = {}
     invalid = np.zeros(label.shape, dtype=bool)
+    label_invalid = label_nodata_mask(raw_label[0], label_nodata)
     bounds = None
     for name in array_names(ctx.task)[:-1]:
         image, file_nodata, transform = _read_window(paths[name], y, x, ctx)
@@ -160,7 +168,12 @@ def _load(candidate: Candidate, *, ctx: _Context) -> RawSample:
             bounds = patch_bounds(transform, y, x, ctx.height, ctx.width)
     arrays[label_name] = pad_to(label, ctx.height, ctx.width, IGNORE_INDEX)
     return RawSample(
-        candidate.source_id, candidate.split, arrays, bounds, nodata_pixels=int(invalid.sum())
+        candidate.source_id,
+        candidate.split,
+        arrays,
+        bounds,
+        nodata_pixels=int((invalid | label_invalid).sum()),
+        image_nodata=pad_to(invalid, ctx.height, ctx.width, True),
     )
 
 

@@ -175,5 +175,10 @@ def load_patch(candidate: Candidate, *, ctx: Context, cache: CityCache) -> RawSa
         else None
     )
     return RawSample(
-        candidate.source_id, candidate.split, arrays, bounds, int(invalid.sum()) + padding
+        candidate.source_id,
+        candidate.split,
+        arrays,
+        bounds,
+        int(invalid.sum()) + padding,
+        image_nodata=pad_to(invalid, ctx.size, ctx.size, True),
     )
