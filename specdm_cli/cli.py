@@ -235,6 +235,13 @@ def prepare(
         Path | None, typer.Option(help="GeoTIFF: class names/codes (JSON or CSV).")
     ] = None,
     splits: Annotated[Path | None, typer.Option(help="GeoTIFF: CSV of stem,split.")] = None,
+    cities: Annotated[
+        str | None, typer.Option(help="OSCD: comma-separated cities to prepare [all listed].")
+    ] = None,
+    val_cities: Annotated[
+        str | None,
+        typer.Option(help="OSCD: comma-separated train cities for val (not --val-fraction)."),
+    ] = None,
     val_fraction: Annotated[
         float, typer.Option(help="Fraction of source files (OSCD: cities) for val.")
     ] = 0.1,
@@ -262,11 +269,13 @@ def prepare(
 
         _check_raw(source.value, raw, NO_RAW)
         options = PrepareOptions(
-            bands=tuple(b.strip() for b in bands.split(",") if b.strip()) if bands else None,
+            bands=_names(bands),
             patch_size=patch_size,
             overlap=overlap,
             nodata=_parse_nodata(nodata),
             label_nodata=_parse_nodata(label_nodata, "--label-nodata"),
+            cities=_names(cities),
+            val_cities=_names(val_cities),
             classes_file=classes,
             splits_file=splits,
             val_fraction=val_fraction,
@@ -292,8 +301,7 @@ def prepare(
             workers=workers,
         )
         with graceful_stop() as stop, _progress_bar(f"prepare {source.value}", quiet) as progress:
-            warn = (lambda line: None) if quiet else (lambda line: stderr.print(line, markup=False))
-            summary = run_prepare(request, stop, progress, warn)
+            summary = run_prepare(request, stop, progress, _warner(quiet))
         if not quiet:
             stderr.print(
                 f"{summary.state}: {summary.out}: {summary.count} samples {summary.split_counts}, "
@@ -302,6 +310,18 @@ def prepare(
             )
         if json_output:
             _emit_json(asdict(summary))
+
+
+def _warner(quiet: bool) -> Callable[[str], None]:
+    """Where a stage's warnings go: one unwrapped stderr line each, nowhere under --quiet."""
+    if quiet:
+        return lambda line: None
+    return lambda line: stderr.print(line, markup=False, soft_wrap=True)
+
+
+def _names(text: str | None) -> tuple[str, ...] | None:
+    """A comma-separated option as names; None when the option is not given."""
+    return None if text is None else tuple(n.strip() for n in text.split(",") if n.strip())
 
 
 def _check_raw(source: str, raw: Path | None, no_raw: frozenset[str]) -> None:

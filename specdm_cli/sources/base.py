@@ -23,6 +23,8 @@ class PrepareOptions:
     overlap: float = 0.6
     nodata: float | None = None
     label_nodata: float | None = None
+    cities: tuple[str, ...] | None = None
+    val_cities: tuple[str, ...] | None = None
     classes_file: Path | None = None
     splits_file: Path | None = None
     val_fraction: float = 0.1

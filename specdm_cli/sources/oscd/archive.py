@@ -34,6 +34,7 @@ class Tree(Protocol):
     def has(self, rel: str) -> bool: ...
     def has_dir(self, rel: str) -> bool: ...
     def subdirs(self) -> list[str]: ...
+    def listdir(self, rel: str) -> list[str]: ...
     def source(self, rel: str) -> Path | bytes: ...
 
 
@@ -52,6 +53,10 @@ class _DirTree:
 
     def subdirs(self) -> list[str]:
         return sorted(p.name for p in self.root.iterdir() if p.is_dir())
+
+    def listdir(self, rel: str) -> list[str]:
+        folder = self.root / rel
+        return sorted(p.name for p in folder.iterdir() if p.is_file()) if folder.is_dir() else []
 
     def source(self, rel: str) -> Path:
         # A path, not bytes: rasterio then reads headers without reading the pixels.
@@ -86,6 +91,10 @@ class _ZipTree:
     def subdirs(self) -> list[str]:
         return sorted({n.split("/")[0] for n in self.files if "/" in n})
 
+    def listdir(self, rel: str) -> list[str]:
+        inside = [n[len(rel) + 1 :] for n in self.files if n.startswith(f"{rel}/")]
+        return sorted(n for n in inside if "/" not in n)
+
     def source(self, rel: str) -> bytes:
         try:
             with zipfile.ZipFile(self.archive) as zf:
@@ -96,21 +105,31 @@ class _ZipTree:
             ) from None
 
 
-def open_trees(root: Path) -> tuple[Tree, dict[str, Tree]]:
+def open_trees(root: Path) -> tuple[Tree, dict[str, Tree | None]]:
+    """The Images tree and each split's labels tree; labels a download lacks are None."""
     images = _open_tree(root, IMAGES)
-    return images, {split: _open_tree(root, stem) for split, stem in LABELS.items()}
+    if images is None:
+        raise _missing(root, IMAGES)
+    labels = {split: _open_tree(root, stem) for split, stem in LABELS.items()}
+    if all(tree is None for tree in labels.values()):
+        raise _missing(root, LABELS["train"])
+    return images, labels
 
 
-def _open_tree(root: Path, stem: str) -> Tree:
+def _open_tree(root: Path, stem: str) -> Tree | None:
     # An extracted folder wins over its zip, as in torchgeo.
     if (root / stem).is_dir():
         return _DirTree(root / stem)
     if (root / f"{stem}.zip").is_file():
         return _ZipTree(root / f"{stem}.zip", stem)
+    return None
+
+
+def _missing(root: Path, stem: str) -> InputDataError:
     hint = f"put '{stem}' or '{stem}.zip' in {root} (RAW holds the three OSCD folders or zips)"
     if root.name in (IMAGES, *LABELS.values()):
         hint = f"pass {root.parent}, the folder that holds the three OSCD folders, not one of them"
-    raise InputDataError("OSCD folder (or its .zip) is missing", root / stem, hint)
+    return InputDataError("OSCD folder (or its .zip) is missing", root / stem, hint)
 
 
 def read_text(source: Path | bytes) -> str:

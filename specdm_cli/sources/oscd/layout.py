@@ -2,22 +2,19 @@
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
-
 from specdm_cli.errors import InputDataError
 from specdm_cli.manifest import ClassInfo
-from specdm_cli.sources.base import (
-    PrepareOptions,
-)
 from specdm_cli.sources.oscd.archive import FIX_ARCHIVE, Tree, open_png, open_raster, read_text
-from specdm_cli.sources.sentinel2 import S2_ALL_BANDS, S2_TEN_BANDS
+from specdm_cli.sources.sentinel2 import S2_ALL_BANDS, S2_TEN_BANDS, s2_band_name
 
 # Only the co-registered `_rect` folders: `imgs_1/`, `imgs_2/` hold raw native-resolution crops.
 PHASES = ("imgs_1_rect", "imgs_2_rect")
+# The same scenes at native resolution, named "<S2 product>_B01.tif": read only for bands the
+# `_rect` folders lack, with a warning (they are crops of the raw products, not co-registered).
+RAW_PHASES = ("imgs_1", "imgs_2")
 GRID_BAND = "B02"  # a 10 m band: its H x W is the grid every other band is put on
 # `code` is the class's value in cm.png terms (0 = no change, non-zero = change); the
 # `<city>-cm.tif` files say 1 and 2 instead (datasets.md 2.3).
@@ -40,6 +37,7 @@ class City:
     width: int
     crs: str | None
     transform: Any
+    band_files: dict[tuple[int, str], str]
 
 
 def select_bands(requested: tuple[str, ...] | None) -> tuple[str, ...]:
@@ -55,82 +53,80 @@ def select_bands(requested: tuple[str, ...] | None) -> tuple[str, ...]:
     return bands
 
 
-def list_cities(images: Tree, labels: dict[str, Tree]) -> dict[str, list[str]]:
-    """Cities per original split: Images/<split>.txt, else the label folder's sub-folders."""
-    listed: dict[str, list[str]] = {}
-    for split, tree in labels.items():
-        txt = f"{split}.txt"
-        if images.has(txt):
-            text = read_text(images.source(txt))
-            listed[split] = list(dict.fromkeys(n for n in re.split(r"[,\s]+", text) if n))
-        else:
-            # torchgeo's fixture has no txt files; its cities are the label sub-folders.
-            listed[split] = [n for n in tree.subdirs() if not n.startswith((".", "__"))]
-    both = sorted(set(listed["train"]) & set(listed["test"]))
-    if both:
+def open_city(
+    images: Tree, labels: Tree, name: str, split: str, bands: tuple[str, ...]
+) -> tuple[City, list[str]]:
+    """Check a city's files exist and read its headers (no pixels).
+
+    Returns the city and the band files read from the non-rectified `imgs_N/` folders because
+    `imgs_N_rect/` lacks them (a partial or re-packed download).
+    """
+    band_files, fallbacks = _band_files(images, name, bands)
+    height, width, crs, transform = _grid(images, name, band_files)
+    rel = label_rel(labels, name)
+    if rel is None:
         raise InputDataError(
-            f"cities listed as both train and test: {both}",
-            images.where("test.txt"),
-            "list each city in only one of train.txt and test.txt",
+            f"no change map for city {name!r} (cm/cm.png or cm/{name}-cm.tif)",
+            labels.where(f"{name}/cm"),
+            f"extract the whole labels archive or remove {name} from the city list",
         )
-    if not listed["train"] and not listed["test"]:
-        raise InputDataError("no OSCD cities found", images.where("train.txt"), FIX_ARCHIVE)
-    return listed
-
-
-def assign_splits(listed: dict[str, list[str]], options: PrepareOptions) -> dict[str, str]:
-    """Each city's split; val takes whole train cities, so no scene is in two splits."""
-    train = sorted(listed["train"])  # sorted: the choice must not depend on the txt order
-    n_val = 0
-    if options.val_fraction > 0 and len(train) >= 2:
-        n_val = min(len(train) - 1, max(1, round(options.val_fraction * len(train))))
-    chosen = np.random.default_rng(options.seed).permutation(len(train))[:n_val]
-    val = {train[int(i)] for i in chosen}
-    splits = {name: "test" for name in listed["test"]}
-    splits |= {name: "val" if name in val else "train" for name in listed["train"]}
-    return splits
-
-
-def open_city(images: Tree, labels: Tree, name: str, split: str, bands: tuple[str, ...]) -> City:
-    """Check a city's files exist and read its headers (no pixels)."""
-    if not images.has_dir(name):
-        raise InputDataError(
-            f"city {name!r} is listed but has no image folder",
-            images.where(name),
-            f"extract the whole Images archive or remove {name} from the city list",
-        )
-    for phase in PHASES:
-        for band in dict.fromkeys((GRID_BAND, *bands)):
-            if not images.has(f"{name}/{phase}/{band}.tif"):
-                raise InputDataError(
-                    "band file is missing", images.where(f"{name}/{phase}/{band}.tif"), FIX_ARCHIVE
-                )
-    height, width, crs, transform = _grid(images, name)
-    label_rel = _label_rel(labels, name)
-    label_hw = _label_size(labels, label_rel)
+    label_hw = _label_size(labels, rel)
     if label_hw != (height, width):
         raise InputDataError(
             f"change map is {label_hw[0]}x{label_hw[1]} but the city's images are {height}x{width}",
-            labels.where(label_rel),
+            labels.where(rel),
             "replace it with the change map of this city",
         )
-    return City(name, split, labels, label_rel, height, width, crs, transform)
+    city = City(name, split, labels, rel, height, width, crs, transform, band_files)
+    return city, fallbacks
 
 
-def _grid(images: Tree, name: str) -> tuple[int, int, str | None, Any]:
+def _band_files(
+    images: Tree, name: str, bands: tuple[str, ...]
+) -> tuple[dict[tuple[int, str], str], list[str]]:
+    """(phase index, band) -> file, `imgs_N_rect/Bxx.tif` else `imgs_N/<product>_Bxx.tif`."""
+    files: dict[tuple[int, str], str] = {}
+    fallbacks: list[str] = []
+    for index, phase in enumerate(PHASES):
+        native = _native_files(images, f"{name}/{RAW_PHASES[index]}")
+        for band in dict.fromkeys((GRID_BAND, *bands)):
+            rect = f"{name}/{phase}/{band}.tif"
+            if images.has(rect):
+                files[index, band] = rect
+            elif band in native:
+                files[index, band] = native[band]
+                fallbacks.append(native[band])
+            else:
+                raise InputDataError("band file is missing", images.where(rect), FIX_ARCHIVE)
+    return files, fallbacks
+
+
+def _native_files(images: Tree, folder: str) -> dict[str, str]:
+    """Band -> file of a non-rectified folder, whose names end in the band (`..._B8A.tif`)."""
+    found: dict[str, str] = {}
+    for file_name in images.listdir(folder):
+        band = s2_band_name(file_name)
+        if band is not None and "_" in file_name:
+            found[band] = f"{folder}/{file_name}"
+    return found
+
+
+def _grid(
+    images: Tree, name: str, band_files: dict[tuple[int, str], str]
+) -> tuple[int, int, str | None, Any]:
     """(H, W, CRS, transform) of the city's B02 in phase 1, after checking phase 2 agrees."""
     headers = []
-    for phase in PHASES:
-        with open_raster(images, f"{name}/{phase}/{GRID_BAND}.tif") as src:
+    for index in range(len(PHASES)):
+        with open_raster(images, band_files[index, GRID_BAND]) as src:
             georef = src.crs is not None and not src.transform.is_identity
             headers.append(
                 (src.height, src.width, _crs_text(src.crs) if georef else None, src.transform)
             )
     if headers[0][:2] != headers[1][:2]:
         raise InputDataError(
-            f"{GRID_BAND} is {headers[1][0]}x{headers[1][1]} in {PHASES[1]} but "
-            f"{headers[0][0]}x{headers[0][1]} in {PHASES[0]}",
-            images.where(f"{name}/{PHASES[1]}/{GRID_BAND}.tif"),
+            f"{GRID_BAND} is {headers[1][0]}x{headers[1][1]} in phase 2 but "
+            f"{headers[0][0]}x{headers[0][1]} in phase 1",
+            images.where(band_files[1, GRID_BAND]),
             FIX_ARCHIVE,
         )
     return headers[0]
@@ -141,16 +137,13 @@ def _crs_text(crs: Any) -> str:
     return f"EPSG:{epsg}" if epsg else str(crs.to_wkt())
 
 
-def _label_rel(labels: Tree, name: str) -> str:
+def label_rel(labels: Tree, name: str) -> str | None:
+    """The city's change map file, or None when the labels lack it."""
     # cm.png is what torchgeo reads; the tif (same map, values 1/2) is the fallback.
     for rel in (f"{name}/cm/cm.png", f"{name}/cm/{name}-cm.tif"):
         if labels.has(rel):
             return rel
-    raise InputDataError(
-        f"no change map for city {name!r} (cm/cm.png or cm/{name}-cm.tif)",
-        labels.where(f"{name}/cm"),
-        f"extract the whole labels archive or remove {name} from the city list",
-    )
+    return None
 
 
 def _label_size(labels: Tree, rel: str) -> tuple[int, int]:

@@ -71,7 +71,7 @@ class CityCache:
 
 
 def _read_city(ctx: Context, city: City) -> _Stack:
-    phases = [_read_phase(ctx, city, phase) for phase in PHASES]
+    phases = [_read_phase(ctx, city, index) for index in range(len(PHASES))]
     change = _read_change(city.labels, city.label_rel)
     for array in (phases[0][0], phases[1][0], change):
         array.flags.writeable = False  # shared between threads: loads copy their window
@@ -82,13 +82,13 @@ def _read_city(ctx: Context, city: City) -> _Stack:
     return _Stack((phases[0][0], phases[1][0]), (phases[0][1], phases[1][1]), change, where)
 
 
-def _read_phase(ctx: Context, city: City, phase: str) -> tuple[np.ndarray, float | None]:
+def _read_phase(ctx: Context, city: City, phase: int) -> tuple[np.ndarray, float | None]:
     """(C, H, W) uint16 of one phase on the 10 m grid and the nodata value that applies."""
     grid = (city.height, city.width)
     stack = np.empty((len(ctx.bands), *grid), dtype=np.uint16)
     tags: list[float | None] = []
     for i, band in enumerate(ctx.bands):
-        stack[i], tag = _read_band(ctx.images, f"{city.name}/{phase}/{band}.tif", grid)
+        stack[i], tag = _read_band(ctx.images, city.band_files[phase, band], grid)
         tags.append(tag)
     # --nodata overrides the files' tag, as GDAL's -srcnodata does.
     if ctx.nodata is not None:

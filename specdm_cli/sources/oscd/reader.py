@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import warnings
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -17,13 +18,19 @@ from specdm_cli.sources.base import (
     patch_windows,
     require_dir,
 )
-from specdm_cli.sources.oscd.archive import open_trees
+from specdm_cli.sources.oscd.archive import Tree, open_trees
+from specdm_cli.sources.oscd.cities import (
+    assign_splits,
+    choose_cities,
+    list_cities,
+    usable_cities,
+    val_share_warning,
+)
 from specdm_cli.sources.oscd.layout import (
     GRID_BAND,
     OSCD_CLASSES,
     SPLIT_ORDER,
-    assign_splits,
-    list_cities,
+    City,
     open_city,
     read_dates,
     select_bands,
@@ -36,10 +43,11 @@ def read_oscd(raw: Path | None, options: PrepareOptions) -> SourcePlan:
     """Open OSCD: list the cities, split them, read one header per city and phase.
 
     Args:
-        raw: the folder holding the three extracted folders (Images, Train Labels, Test
-            Labels) or the three original zips, which are read in place.
-        options: bands (default the paper's ten), patch_size, overlap, nodata, val_fraction
-            and seed (val is carved from the train cities, by city).
+        raw: the folder holding the extracted folders (Images, Train Labels, Test Labels) or
+            the original zips, which are read in place. A partial download is fine: test
+            cities without labels are skipped with a warning.
+        options: bands (default the paper's ten), patch_size, overlap, nodata, cities,
+            val_cities or val_fraction and seed (val is carved from the train cities, by city).
 
     Returns:
         The plan; its thread-safe `load` returns `image_t1`, `image_t2` (C, H, W) uint16
@@ -47,29 +55,60 @@ def read_oscd(raw: Path | None, options: PrepareOptions) -> SourcePlan:
 
     Raises:
         InputDataError: a missing folder, zip, city, band or label; a corrupt file or zip;
-            sizes that disagree; an unknown band name.
+            sizes that disagree; an unknown band or city name.
+        UsageError: --val-cities names no train city, or every one.
     """
     # Plain TIFFs (as OSCD's may be) warn on every open; a missing CRS only disables bounds.
     warnings.filterwarnings("ignore", category=NotGeoreferencedWarning)
     bands = select_bands(options.bands)
-    images, labels = open_trees(require_dir(raw, "oscd"))
-    listed = list_cities(images, labels)
+    root = require_dir(raw, "oscd")
+    images, labels = open_trees(root)
+    listed = choose_cities(list_cities(images, labels), options.cities, images)
+    listed, notes = usable_cities(root, images, labels, listed, options.cities is not None)
     splits = assign_splits(listed, options)
-    cities = {
-        name: open_city(images, labels[origin], name, splits[name], bands)
-        for origin, names in listed.items()
-        for name in names
-    }
+    cities: dict[str, City] = {}
+    native: list[str] = []
+    for origin, names in listed.items():
+        for name in names:
+            cities[name], fallbacks = open_city(
+                images, _tree(labels, origin), name, splits[name], bands
+            )
+            native += fallbacks
     crs_set = {city.crs for city in cities.values()}
     crs = crs_set.pop() if len(crs_set) == 1 else None
     ctx = Context(images, cities, bands, options.patch_size, options.nodata, crs is not None)
-    spec = _spec(ctx, crs, listed, splits)
+    spec = _spec(ctx, crs, listed, splits, native)
+    candidates = _candidates(ctx, options)
+    notes += _native_warning(native)
+    share = val_share_warning(Counter(c.ref[0] for c in candidates), splits, options)
+    notes += [share] if share else []
     load = functools.partial(load_patch, ctx=ctx, cache=CityCache(ctx))
-    return SourcePlan(spec=spec, candidates=_candidates(ctx, options), load=load)
+    return SourcePlan(spec=spec, candidates=candidates, load=load, warnings=notes)
+
+
+def _tree(labels: dict[str, Tree | None], split: str) -> Tree:
+    tree = labels[split]
+    assert tree is not None  # usable_cities kept only cities whose labels exist
+    return tree
+
+
+def _native_warning(native: list[str]) -> list[str]:
+    if not native:
+        return []
+    cities = sorted({rel.split("/", 1)[0] for rel in native})
+    return [
+        f"warning: {len(native)} band files missing from imgs_N_rect/ "
+        f"({', '.join(cities)}); read the non-rectified imgs_N/<product>_Bxx.tif instead, "
+        f"e.g. {native[0]}"
+    ]
 
 
 def _spec(
-    ctx: Context, crs: str | None, listed: dict[str, list[str]], splits: dict[str, str]
+    ctx: Context,
+    crs: str | None,
+    listed: dict[str, list[str]],
+    splits: dict[str, str],
+    native: list[str],
 ) -> SourceSpec:
     crs_by_city = {name: city.crs for name, city in ctx.cities.items()}
     details: dict[str, Any] = {
@@ -84,6 +123,8 @@ def _spec(
         },
         "resampling": f"bands off the {GRID_BAND} 10 m grid: bilinear",
     }
+    if native:
+        details["non_rectified_band_files"] = native
     if crs is None and any(crs_by_city.values()):
         details["crs_by_city"] = crs_by_city  # georeferenced, but not in one CRS: no bounds
     return SourceSpec(
