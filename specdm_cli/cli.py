@@ -725,7 +725,7 @@ def synthesize(
         ):
             summary = run_synthesize(request, stop, bar)
         if preview is not None:
-            _write_preview(out, preview)
+            _write_preview(out, preview, quiet)
         if not quiet:
             state = "complete" if summary.complete else "shard done, store not complete yet"
             stderr.print(
@@ -816,6 +816,7 @@ def benchmark(
         )  # fmt: skip
         with torch_threads(threads), _staged_progress("benchmark", quiet) as progress:
             report, folder = run_benchmark(request, progress)
+        _warn_rgb_unknown(real, quiet)
         if json_output:
             sys.stdout.write(report_json(report, per_sample=False) + "\n")
         else:
@@ -871,11 +872,25 @@ def filter_command(
             _emit_json(asdict(summary))
 
 
-def _write_preview(store: Path, picture: Path) -> None:
-    from specdm_cli.pipeline.preview import write_preview
+def _warn_rgb_unknown(store: Path, quiet: bool) -> None:
+    """Say once that the benchmark's sample pictures guess their red, green and blue bands."""
+    from specdm_cli.manifest import load_manifest
+    from specdm_cli.pipeline.preview import rgb_note
+    from specdm_cli.stores.base import MANIFEST_NAME
+
+    note = rgb_note(load_manifest(store / MANIFEST_NAME))
+    if note is not None:
+        _warner(quiet)(note)
+
+
+def _write_preview(store: Path, picture: Path, quiet: bool) -> None:
+    from specdm_cli.pipeline.preview import rgb_note, write_preview
     from specdm_cli.stores import open_store
 
     reader = open_store(store, allow_incomplete=True)
+    note = rgb_note(reader.manifest)
+    if note is not None:
+        _warner(quiet)(note)
     first = [int(i) for i in reader.indices()[:8]]
     write_preview(picture, [reader.read(i) for i in first], reader.manifest)
 

@@ -370,7 +370,7 @@ def _duplicate_class_code(root: Path, _: Path) -> Path:
     [
         (_remove_mask, "no partner in masks/"),
         (_remove_masks_folder, "folder missing"),
-        (_empty_masks_folder, "no .tif"),
+        (_empty_masks_folder, "no raster files"),
         (_neither_layout, "t1/+t2/+change/"),
         (_wrong_band_count, "expected 5 bands, found 4"),
         (_wrong_dtype, "expected dtype uint16, found float32"),

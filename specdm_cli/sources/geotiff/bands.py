@@ -5,32 +5,72 @@ from __future__ import annotations
 import math
 import re
 from pathlib import Path
+from typing import Any
 
-from specdm_cli.manifest import (
-    Band,
-)
-from specdm_cli.sources.geotiff.layout import open_raster
+from specdm_cli.manifest import Band
+from specdm_cli.sources.geotiff.layout import EXTENSIONS, open_raster
+from specdm_cli.sources.sentinel2 import S2_FWHM_NM, S2_WAVELENGTH_NM, s2_band_name
 
 # "B04 (664.6 nm)", "664.6 nm", "Band 3: 0.56 um": a number followed by a length unit.
 _WAVELENGTH = re.compile(r"\(?\s*(\d+(?:\.\d*)?)\s*(nm|um|µm|micrometers?)\s*\)?", re.IGNORECASE)
 _RGB_NM = (664.6, 559.8, 492.7)  # Sentinel-2 B04, B03, B02 centres: the usual true-colour triple
 _RGB_TOLERANCE_NM = 40.0
+_ABSOLUTE = re.compile(r"^(/|\\\\|[A-Za-z]:[\\/])")  # /x, \\server\x, C:\x
 
 
 def read_bands(path: Path, count: int) -> list[Band]:
-    """Band names and wavelengths from the descriptions and tags of `path`."""
+    """Band names and wavelengths from the descriptions and tags of `path`.
+
+    A band named by a file path (as `gdalbuildvrt -separate` and ENVI band names leave them)
+    is named by the file's stem; a set of Sentinel-2 names in any spelling (`B2`, `B02`,
+    `B8a`, `..._B02`) takes the canonical names and the S2 wavelengths.
+    """
     with open_raster(path) as src:
-        bands = []
-        for index in range(1, count + 1):
-            name, wavelength = _parse_description(src.descriptions[index - 1] or "")
-            tagged = _band_tag_wavelength(src.tags(index), src.tags(index, ns="IMAGERY"))
-            wavelength = wavelength or tagged
-            bands.append(Band(name=name or f"band_{index}", wavelength_nm=wavelength))
+        bands = _as_sentinel2([_band(src, index) for index in range(1, count + 1)])
     names = [b.name for b in bands]
     # Band names are xarray coordinates: make repeats unique rather than lose a band.
     return [
         b.model_copy(update={"name": f"{b.name}_{i + 1}"}) if names.count(b.name) > 1 else b
         for i, b in enumerate(bands)
+    ]
+
+
+def _band(src: Any, index: int) -> Band:
+    name, wavelength = _parse_description(src.descriptions[index - 1] or "")
+    imagery = src.tags(index, ns="IMAGERY")
+    wavelength = wavelength or _band_tag_wavelength(src.tags(index), imagery)
+    fwhm = _float_or_none(imagery["FWHM_UM"], 1000.0) if "FWHM_UM" in imagery else None
+    return Band(name=_trim_path(name) or f"band_{index}", wavelength_nm=wavelength, fwhm_nm=fwhm)
+
+
+def _trim_path(name: str) -> str:
+    """A band named by its source file's path -> the file's stem (`/a/T32_B04.jp2` -> `T32_B04`).
+
+    Only paths: a raster file name after a separator, or an absolute path; "NIR/red" stays.
+    """
+    base = re.split(r"[\\/]", name.rstrip("/\\"))[-1]
+    if base == name:
+        return name
+    stem, dot, suffix = base.rpartition(".")
+    if dot and f".{suffix.lower()}" in EXTENSIONS:
+        return stem
+    return base if _ABSOLUTE.match(name) else name
+
+
+def _as_sentinel2(bands: list[Band]) -> list[Band]:
+    """Canonical S2 names and wavelengths when every band is a distinct Sentinel-2 band."""
+    # All or nothing: a cube named B1..B198 must not get S2 wavelengths for its first 12 bands.
+    names = [s2_band_name(b.name) for b in bands]
+    canonical = [n for n in names if n is not None]
+    if len(canonical) != len(bands) or len(set(canonical)) != len(canonical):
+        return bands
+    return [
+        Band(
+            name=name,
+            wavelength_nm=band.wavelength_nm or S2_WAVELENGTH_NM[name],
+            fwhm_nm=band.fwhm_nm or S2_FWHM_NM[name],
+        )
+        for name, band in zip(canonical, bands, strict=True)
     ]
 
 

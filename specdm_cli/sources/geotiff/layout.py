@@ -1,4 +1,4 @@
-"""GeoTIFF folders: which layout, which files pair up, and what their headers say."""
+"""Raster folders: which layout, which files pair up, and what their headers say."""
 
 from __future__ import annotations
 
@@ -22,7 +22,9 @@ from specdm_cli.manifest import (
     array_names,
 )
 
-EXTENSIONS = (".tif", ".tiff")
+# What GDAL reads that a folder of tiles holds: GeoTIFF, JPEG 2000, VRT, ENVI/ERDAS data files
+# (`.img`, `.dat`, `.bsq`/`.bil`/`.bip`), plus extensionless ENVI data beside its `.hdr`.
+EXTENSIONS = (".tif", ".tiff", ".jp2", ".vrt", ".img", ".dat", ".bsq", ".bil", ".bip")
 _TASKS: tuple[Task, ...] = ("ss", "cd")
 
 Files = dict[str, dict[str, Path]]  # stem -> array name -> path
@@ -66,25 +68,39 @@ def infer_task(root: Path) -> Task:
     )
 
 
-def _list_tiffs(folder: Path) -> dict[str, Path]:
-    tiffs: dict[str, Path] = {}
+def _list_rasters(folder: Path) -> dict[str, Path]:
+    rasters: dict[str, Path] = {}
     for path in sorted(folder.iterdir()):
-        # Hidden names are temp files of an interrupted writer, never data.
-        if path.name.startswith(".") or path.suffix.lower() not in EXTENSIONS:
+        stem = raster_stem(path)
+        if stem is None:
             continue
-        if path.stem in tiffs:
-            raise InputDataError(
-                f"two files share the stem {path.stem!r}", path, "keep one of them"
-            )
-        tiffs[path.stem] = path
-    if not tiffs:
-        raise InputDataError("no .tif/.tiff files in folder", folder, "add the tiles")
-    return tiffs
+        if stem in rasters:
+            raise InputDataError(f"two files share the stem {stem!r}", path, "keep one of them")
+        rasters[stem] = path
+    if not rasters:
+        raise InputDataError(
+            "no raster files in folder (GeoTIFF, JPEG 2000, VRT or ENVI with its .hdr)",
+            folder,
+            "add the tiles",
+        )
+    return rasters
+
+
+def raster_stem(path: Path) -> str | None:
+    """The pairing stem of a raster file, or None for anything else (headers, sidecars)."""
+    # Hidden names are temp files of an interrupted writer, never data.
+    if path.name.startswith(".") or not path.is_file():
+        return None
+    if path.suffix.lower() in EXTENSIONS:
+        return path.stem
+    if not path.suffix and path.with_name(f"{path.name}.hdr").is_file():
+        return path.name
+    return None
 
 
 def pair_files(root: Path, task: Task) -> Files:
     names = array_names(task)
-    listed = {name: _list_tiffs(root / GEOTIFF_FOLDERS[name]) for name in names}
+    listed = {name: _list_rasters(root / GEOTIFF_FOLDERS[name]) for name in names}
     stems = sorted(set().union(*listed.values()))
     for stem in stems:
         have = [n for n in names if stem in listed[n]]
@@ -111,7 +127,7 @@ def open_raster(path: Path) -> Iterator[Any]:
     except (RasterioError, OSError) as exc:
         reason = str(exc).splitlines()[0][:120] if str(exc) else type(exc).__name__
         raise InputDataError(
-            f"unreadable or corrupt TIFF ({reason})", path, "re-export or remove the file"
+            f"unreadable or corrupt raster ({reason})", path, "re-export or remove the file"
         ) from None
 
 
