@@ -562,3 +562,8 @@ def test_zipped_download_without_test_labels_nor_a_rect_band(
         np.testing.assert_array_equal(
             sample.arrays["image_t2"], expected[source_id].arrays["image_t2"]
         )
+
+
+def test_bands_option_takes_any_sentinel2_spelling(tree: Callable[..., Path]) -> None:
+    plan = read_oscd(tree(), PrepareOptions(patch_size=16, bands=("B2", "b8a", "B08")))
+    assert [b.name for b in plan.spec.bands] == ["B02", "B8A", "B08"]

@@ -65,15 +65,17 @@ class _Context:
 
 
 def read_geotiff(raw: Path | None, options: PrepareOptions) -> SourcePlan:
-    """Open a folder of labelled GeoTIFFs: pair files by stem, check headers, plan patches.
+    """Open a folder of labelled rasters: pair files by stem, check headers, plan patches.
 
-    `images/`+`masks/` is task ss, `t1/`+`t2/`+`change/` task cd; other files (e.g. a specdm
+    `images/`+`masks/` is task ss, `t1/`+`t2/`+`change/` task cd; files are anything GDAL reads
+    that `layout.EXTENSIONS` lists (GeoTIFF, JPEG 2000, VRT, ENVI); other files (e.g. a specdm
     export's `manifest.json`) are ignored. Headers are read here, mask pixels only to discover
     classes. Samples are patch_size (capped at the largest file), smaller files padded.
 
     Args:
         raw: the folder holding the array folders.
-        options: classes_file, splits_file, val/test fractions, seed, patch_size, overlap, nodata.
+        options: classes_file, splits_file, val/test fractions, seed, patch_size, overlap,
+            nodata, label_nodata.
 
     Returns:
         The plan; its `load` is thread-safe and reads one window per file, so memory stays flat.

@@ -41,9 +41,10 @@ class City:
 
 
 def select_bands(requested: tuple[str, ...] | None) -> tuple[str, ...]:
+    """The --bands as canonical S2 names (`B2`, `b8a` are fine); default the paper's ten."""
     if requested is None:
         return S2_TEN_BANDS
-    bands = tuple(b.strip().upper() for b in requested)
+    bands = tuple(s2_band_name(b) or b.strip().upper() for b in requested)
     unknown = [b for b in bands if b not in S2_ALL_BANDS]
     if unknown or not bands or len(set(bands)) != len(bands):
         what = f"unknown band(s) {unknown}" if unknown else f"bad band list {list(requested)}"
