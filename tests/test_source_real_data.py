@@ -300,3 +300,16 @@ def test_unknown_rgb_bands_are_said_once_by_preview_and_benchmark(
     assert (tmp_path / "p.png").is_file()
     cli._write_preview(out, tmp_path / "q.png", quiet=True)
     assert capsys.readouterr().err == ""
+
+
+def test_segmunich_tiff_whose_garbled_shape_divides_by_zero_is_one_line(tmp_path: Path) -> None:
+    raw = make_segmunich(tmp_path / "raw", splits={"train": 2}, size=16, wrap=None)
+    image = raw / "train" / "img" / "2.tif"
+    data = bytearray(image.read_bytes())
+    data = data[: len(data) * 17 // 1000]
+    data[10] = 1  # tifffile's series detection then divides by zero (found by hypothesis)
+    image.write_bytes(bytes(data))
+    code, _, stderr = _prepare("segmunich", raw, "--out", tmp_path / "s.zarr")
+    assert code == 3
+    assert "corrupt or truncated TIFF" in _one_line(stderr) and "2.tif" in stderr
+    assert not (tmp_path / "s.zarr").exists()

@@ -65,8 +65,11 @@ SEGMUNICH_CLASSES: list[ClassInfo] = [
 SEGMUNICH_CODES: tuple[int, ...] = tuple(code for _, _, code in _CLASS_TABLE)
 SPLIT_ORDER = ("train", "val", "test")
 _NUM_BANDS = len(SEGMUNICH_BANDS)
-# What tifffile raises on truncated or malformed files (TiffFileError is a ValueError).
-_TIFF_ERRORS = (ValueError, OSError, struct.error, IndexError, KeyError, EOFError, TypeError)
+# What tifffile raises on truncated or malformed files (TiffFileError is a ValueError; a
+# garbled shape tag divides by zero in its series detection).
+_TIFF_ERRORS = (
+    ValueError, OSError, struct.error, IndexError, KeyError, EOFError, TypeError, ArithmeticError
+)  # fmt: skip
 
 SplitIds = dict[str, list[str]]
 
