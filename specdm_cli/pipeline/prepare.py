@@ -149,7 +149,8 @@ def prepare(
     try:
         tally = _write(request, source_plan, stop, progress)
     except InputDataError:
-        if _load_tally(request.out).kept == 0:
+        # Only a store this run created: a resumed one may hold samples its tally lost.
+        if state == "fresh" and _load_tally(request.out).kept == 0:
             remove_tree(request.out)
         raise
     if not tally.kept:
