@@ -283,8 +283,12 @@ def prepare(
     resume: ResumeOption = False,
     overwrite: OverwriteOption = False,
     max_blank: Annotated[
-        float, typer.Option(help="Drop patches with more zero/nodata pixels than this.")
+        float, typer.Option(help="Drop patches with more zero/nodata image pixels than this.")
     ] = 0.5,
+    max_unlabelled: Annotated[
+        float | None,
+        typer.Option(help="Drop patches with more unlabelled (255) pixels than this [off]."),
+    ] = None,
     max_background: Annotated[
         float | None, typer.Option(help="Drop patches with more label-0 pixels than this.")
     ] = None,
@@ -294,10 +298,21 @@ def prepare(
     patch_size: Annotated[int, typer.Option(help="OSCD/GeoTIFF: patch size in pixels.")] = 256,
     overlap: Annotated[float, typer.Option(help="OSCD/GeoTIFF: patch overlap (paper: 0.6).")] = 0.6,
     nodata: Annotated[str | None, typer.Option(help="Nodata value (a number or 'nan').")] = None,
+    label_nodata: Annotated[
+        str | None,
+        typer.Option(help="GeoTIFF/SegMunich: label value meaning no data (-> 255), e.g. -1."),
+    ] = None,
     classes: Annotated[
         Path | None, typer.Option(help="GeoTIFF: class names/codes (JSON or CSV).")
     ] = None,
     splits: Annotated[Path | None, typer.Option(help="GeoTIFF: CSV of stem,split.")] = None,
+    cities: Annotated[
+        str | None, typer.Option(help="OSCD: comma-separated cities to prepare [all listed].")
+    ] = None,
+    val_cities: Annotated[
+        str | None,
+        typer.Option(help="OSCD: comma-separated train cities for val (not --val-fraction)."),
+    ] = None,
     val_fraction: Annotated[
         float, typer.Option(help="Fraction of source files (OSCD: cities) for val.")
     ] = 0.1,
@@ -323,10 +338,13 @@ def prepare(
         from specdm_cli.pipeline.signals import graceful_stop
 
         options = PrepareOptions(
-            bands=tuple(b.strip() for b in bands.split(",") if b.strip()) if bands else None,
+            bands=_names(bands),
             patch_size=patch_size,
             overlap=overlap,
             nodata=_parse_nodata(nodata),
+            label_nodata=_parse_nodata(label_nodata, "--label-nodata"),
+            cities=_names(cities),
+            val_cities=_names(val_cities),
             classes_file=classes,
             splits_file=splits,
             val_fraction=val_fraction,
@@ -344,13 +362,14 @@ def prepare(
             format=store_format,
             options=options,
             max_blank=max_blank,
+            max_unlabelled=max_unlabelled,
             max_background=max_background,
             resume=resume,
             overwrite=overwrite,
             workers=workers,
         )
         with graceful_stop() as stop, _progress("prepare", quiet) as progress:
-            summary = run_prepare(request, stop, progress)
+            summary = run_prepare(request, stop, progress, _warn(quiet))
         if not quiet:
             stderr.print(
                 f"{summary.state}: {summary.out}: {summary.count} samples {summary.split_counts}, "
@@ -361,6 +380,11 @@ def prepare(
             _emit_json(asdict(summary))
 
 
+def _names(text: str | None) -> tuple[str, ...] | None:
+    """A comma-separated option as names; None when the option is not given."""
+    return None if text is None else tuple(n.strip() for n in text.split(",") if n.strip())
+
+
 def _default_test_fraction(source: str, given: float | None) -> float:
     # Demo scenes are free, so they get a test split (80/10/10) for downstream evaluation.
     if given is not None:
@@ -368,7 +392,7 @@ def _default_test_fraction(source: str, given: float | None) -> float:
     return 0.1 if source == "demo" else 0.0
 
 
-def _parse_nodata(text: str | None) -> float | None:
+def _parse_nodata(text: str | None, option: str = "--nodata") -> float | None:
     from specdm_cli.errors import UsageError
 
     if text is None:
@@ -377,7 +401,7 @@ def _parse_nodata(text: str | None) -> float | None:
         return float(text)
     except ValueError:
         raise UsageError(
-            f"--nodata {text!r} is not a number", hint="e.g. --nodata 0 or --nodata nan"
+            f"{option} {text!r} is not a number", hint=f"e.g. {option} 0 or {option} nan"
         ) from None
 
 
@@ -774,7 +798,7 @@ def benchmark(
     with _domain_errors():
         from specdm_cli.config import DownstreamOptions
         from specdm_cli.errors import UsageError
-        from specdm_cli.pipeline.benchmark.benchmark import BenchmarkRequest
+        from specdm_cli.pipeline.benchmark.benchmark import BenchmarkRequest, rgb_notice
         from specdm_cli.pipeline.benchmark.benchmark import benchmark as run_benchmark
         from specdm_cli.pipeline.benchmark.render import print_tables
         from specdm_cli.pipeline.benchmark.report import report_json, report_schema
@@ -805,6 +829,9 @@ def benchmark(
         )  # fmt: skip
         with torch_threads(threads), _progress("benchmark", quiet) as progress:
             report, folder = run_benchmark(request, progress)
+        note = rgb_notice(real)
+        if note is not None:
+            _warn(quiet)(note)
         if json_output:
             sys.stdout.write(report_json(report, per_sample=False) + "\n")
         else:

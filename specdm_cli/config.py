@@ -92,6 +92,9 @@ class PrepareOptions:
     patch_size: int = 256
     overlap: float = 0.6
     nodata: float | None = None
+    label_nodata: float | None = None  # a label value meaning "no label" (-> 255)
+    cities: tuple[str, ...] | None = None  # OSCD: prepare only these
+    val_cities: tuple[str, ...] | None = None  # OSCD: val by name, not by --val-fraction
     classes_file: Path | None = None
     splits_file: Path | None = None
     val_fraction: float = 0.1

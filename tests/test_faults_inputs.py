@@ -66,7 +66,8 @@ def test_garbled_segmunich_tiff_is_refused(
     raw = make_segmunich(tmp_path_factory.mktemp("raw"), splits={"train": 2}, size=16, wrap=None)
     image = raw / "train" / "img" / "2.tif"
     image.write_bytes(garble(image.read_bytes(), cut, flips))
-    out = raw.parent / "out.zarr"
+    # One output per example: a shared one would make later examples test "output exists".
+    out = raw.with_name(f"{raw.name}-out.zarr")
     code, _, stderr = run_cli("prepare", "segmunich", raw, "--out", out, "--quiet")
     if code != 0:
         assert_one_line(code, stderr, 3)

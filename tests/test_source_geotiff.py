@@ -247,7 +247,7 @@ def test_nodata_tags_and_option(tmp_path: Path) -> None:
     assert [c.code for c in plan.spec.classes] == [1, 2]  # the mask's nodata is no class
     sample = plan.load(plan.candidates[0])
     assert sample.arrays["mask"][5, 5] == 255 and sample.arrays["mask"][3, 4] == 255
-    assert sample.nodata_pixels == 1
+    assert sample.nodata_pixels == 2  # the mask's nodata pixel counts too (issue 15)
 
 
 def test_reads_a_specdm_geotiff_export_back(tmp_path: Path) -> None:
@@ -370,7 +370,7 @@ def _duplicate_class_code(root: Path, _: Path) -> Path:
     [
         (_remove_mask, "no partner in masks/"),
         (_remove_masks_folder, "folder missing"),
-        (_empty_masks_folder, "no .tif"),
+        (_empty_masks_folder, "no raster files"),
         (_neither_layout, "t1/+t2/+change/"),
         (_wrong_band_count, "expected 5 bands, found 4"),
         (_wrong_dtype, "expected dtype uint16, found float32"),

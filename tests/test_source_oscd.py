@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from collections.abc import Callable
@@ -17,10 +18,11 @@ from affine import Affine
 from PIL import Image
 
 from specdm_cli.errors import InputDataError
-from specdm_cli.sources import oscd
 from specdm_cli.sources.base import PrepareOptions, RawSample, SourcePlan
+from specdm_cli.sources.oscd import pixels as oscd_pixels
 from specdm_cli.sources.oscd import read_oscd
 from specdm_cli.sources.sentinel2 import S2_TEN_BANDS
+from tests.conftest import manifest_of, run_cli
 from tests.fixtures.oscd import (
     BANDS,
     IMAGES,
@@ -313,13 +315,13 @@ def test_each_city_is_read_once_when_loaded_in_order(
     tree: Callable[..., Path], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     reads: list[str] = []
-    original = oscd._read_city
+    original = oscd_pixels._read_city
 
     def counting(ctx: Any, city: Any) -> Any:
         reads.append(city.name)
         return original(ctx, city)
 
-    monkeypatch.setattr(oscd, "_read_city", counting)
+    monkeypatch.setattr(oscd_pixels, "_read_city", counting)
     _load_all(read_oscd(tree(), SMALL))
     assert sorted(reads) == sorted(SIZES)
 
@@ -360,7 +362,6 @@ BERCY = f"{IMAGES}/bercy"
 ERROR_CASES = {
     "images folder missing": (_drop(IMAGES), IMAGES),
     "train labels missing": (_drop(TRAIN_LABELS), TRAIN_LABELS),
-    "test labels missing": (_drop(TEST_LABELS), TEST_LABELS),
     "listed city without images": (_list_extra_city, f"{IMAGES}/paris"),
     "city without change map": (_drop(f"{TRAIN_LABELS}/bercy/cm"), f"{TRAIN_LABELS}/bercy/cm"),
     "missing band file": (_drop(f"{BERCY}/imgs_2_rect/B05.tif"), f"{BERCY}/imgs_2_rect/B05.tif"),
@@ -419,3 +420,150 @@ def test_city_in_both_train_and_test_is_an_error(raw: Path) -> None:
 def test_bad_band_lists_are_errors(tree: Callable[..., Path], bands: tuple[str, ...]) -> None:
     error = _error(tree(), PrepareOptions(bands=bands))
     assert "B13" in error.message if "B13" in bands else "band list" in error.message
+
+
+# --- partial and variant downloads (issue 15) --------------------------------------------------
+
+
+def _prepare(*args: str | Path) -> tuple[int, str, str]:
+    """The real CLI without --quiet, so warnings reach stderr."""
+    code, stdout, stderr = run_cli("prepare", "oscd", *args, "--patch-size", "16", "--json")
+    return code, stdout, stderr
+
+
+def _warnings(stderr: str) -> list[str]:
+    return [line for line in stderr.splitlines() if line.startswith("warning:")]
+
+
+def _error_line(stderr: str) -> str:
+    """The one error line (the progress bar's line is the only other one)."""
+    (line,) = [line for line in stderr.splitlines() if line.startswith("error:")]
+    assert "Traceback" not in stderr
+    return line
+
+
+def test_images_and_train_labels_only_skip_test_cities_with_one_warning(
+    raw: Path, tmp_path: Path
+) -> None:
+    shutil.rmtree(raw / TEST_LABELS)
+    code, stdout, stderr = _prepare(raw, "--out", tmp_path / "o.zarr", "--val-fraction", "0")
+    assert code == 0, stderr
+    (line,) = _warnings(stderr)
+    assert "brasilia" in line and TEST_LABELS in line
+    assert set(json.loads(stdout)["split_counts"]) == {"train"}
+    assert json.loads(stdout)["warnings"] == [line]
+
+
+def test_cities_option_needs_no_test_labels_and_warns_of_nothing(raw: Path, tmp_path: Path) -> None:
+    shutil.rmtree(raw / TEST_LABELS)
+    code, _, stderr = _prepare(
+        raw, "--out", tmp_path / "o.zarr", "--cities", "aguasclaras", "--val-fraction", "0"
+    )
+    assert code == 0, stderr
+    assert _warnings(stderr) == []
+    assert manifest_of(tmp_path / "o.zarr")["source"]["details"]["cities"] == {  # type: ignore[index]
+        "train": ["aguasclaras"],
+        "val": [],
+        "test": [],
+    }
+
+
+def test_a_test_city_asked_for_without_labels_is_an_error(raw: Path, tmp_path: Path) -> None:
+    shutil.rmtree(raw / TEST_LABELS)
+    code, _, stderr = _prepare(raw, "--out", tmp_path / "o.zarr", "--cities", "bercy,brasilia")
+    assert code == 3
+    line = _error_line(stderr)
+    assert "brasilia" in line and TEST_LABELS in line and "--cities" in line
+
+
+def test_absent_listed_cities_are_one_error_listing_all_and_cities_continues(
+    raw: Path, tmp_path: Path
+) -> None:
+    _fresh(raw / IMAGES / "train.txt").write_text("aguasclaras,bercy,paris,nantes\n")
+    code, _, stderr = _prepare(raw, "--out", tmp_path / "o.zarr")
+    assert code == 3
+    line = _error_line(stderr)
+    assert "paris, nantes" in line
+    assert "--cities aguasclaras,bercy,brasilia" in line
+    chosen = "aguasclaras,bercy,brasilia"
+    code, stdout, stderr = _prepare(raw, "--out", tmp_path / "o.zarr", "--cities", chosen)
+    assert code == 0, stderr
+    assert json.loads(stdout)["count"] > 0
+
+
+def test_unknown_city_in_cities_option_lists_the_known_ones(raw: Path, tmp_path: Path) -> None:
+    code, _, stderr = _prepare(raw, "--out", tmp_path / "o.zarr", "--cities", "bercy,rome")
+    assert code == 3
+    assert "rome" in _error_line(stderr)
+    assert "choose among aguasclaras, bercy, brasilia" in stderr
+
+
+def test_band_files_missing_from_rect_are_read_from_the_native_folder(
+    tree: Callable[..., Path], raw: Path
+) -> None:
+    # The fixture's first city holds 20 m / 60 m rect bands at native size, like imgs_N/.
+    for phase, band in ((1, "B02"), (1, "B8A"), (2, "B05")):
+        _band_file(raw, "aguasclaras", phase, band).unlink()
+    plan = read_oscd(raw, PrepareOptions(patch_size=16, overlap=0.5, val_fraction=0))
+    (line,) = plan.warnings
+    assert "3 band files" in line and "aguasclaras" in line and "imgs_1/" in line
+    native = plan.spec.details["non_rectified_band_files"]
+    assert any(rel.endswith("_B8A.tif") and "/imgs_1/" in rel for rel in native)
+    expected = _load_all(read_oscd(tree(), PrepareOptions(patch_size=16, overlap=0.5)))
+    for source_id, sample in _load_all(plan).items():
+        for name, array in sample.arrays.items():
+            np.testing.assert_array_equal(array, expected[source_id].arrays[name])
+
+
+def test_band_missing_from_both_folders_still_names_the_rect_file(raw: Path) -> None:
+    _band_file(raw, "aguasclaras", 1, "B03").unlink()
+    for path in (raw / IMAGES / "aguasclaras" / "imgs_1").glob("*_B03.tif"):
+        path.unlink()
+    assert _error(raw).path == _band_file(raw, "aguasclaras", 1, "B03")
+
+
+def test_val_share_far_above_the_fraction_warns_and_val_cities_chooses(
+    raw: Path, tmp_path: Path
+) -> None:
+    code, _, stderr = _prepare(raw, "--out", tmp_path / "a.zarr", "--val-fraction", "0.1")
+    assert code == 0, stderr
+    (line,) = _warnings(stderr)
+    assert "far above --val-fraction 0.1" in line and "--val-cities" in line
+    code, _, stderr = _prepare(raw, "--out", tmp_path / "b.zarr", "--val-cities", "bercy")
+    assert code == 0, stderr
+    assert _warnings(stderr) == []
+    cities = manifest_of(tmp_path / "b.zarr")["source"]["details"]["cities"]  # type: ignore[index]
+    assert cities["val"] == ["bercy"] and cities["train"] == ["aguasclaras"]
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [("rome", "not a train city: rome"), ("aguasclaras,bercy", "takes every train city")],
+)
+def test_bad_val_cities_are_usage_errors(
+    tree: Callable[..., Path], tmp_path: Path, value: str, message: str
+) -> None:
+    code, _, stderr = _prepare(tree(), "--out", tmp_path / "o.zarr", "--val-cities", value)
+    assert code == 2 and message in _error_line(stderr)
+
+
+def test_zipped_download_without_test_labels_nor_a_rect_band(
+    tree: Callable[..., Path], raw: Path, tmp_path: Path
+) -> None:
+    _band_file(raw, "aguasclaras", 2, "B03").unlink()
+    root = tmp_path / "zipped"
+    for stem in (IMAGES, TRAIN_LABELS):
+        shutil.make_archive(str(root / stem), "zip", raw, stem)
+    plan = read_oscd(root, SMALL)
+    assert "brasilia" in plan.warnings[0] and "imgs_2/" in plan.warnings[1]
+    assert {c.split for c in plan.candidates} == {"train", "val"}
+    expected = _load_all(read_oscd(raw, SMALL))
+    for source_id, sample in _load_all(plan).items():
+        np.testing.assert_array_equal(
+            sample.arrays["image_t2"], expected[source_id].arrays["image_t2"]
+        )
+
+
+def test_bands_option_takes_any_sentinel2_spelling(tree: Callable[..., Path]) -> None:
+    plan = read_oscd(tree(), PrepareOptions(patch_size=16, bands=("B2", "b8a", "B08")))
+    assert [b.name for b in plan.spec.bands] == ["B02", "B8A", "B08"]

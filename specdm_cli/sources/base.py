@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -46,6 +47,9 @@ class RawSample:
 
     Images are (C, H, W) in physical units with nodata already replaced; labels are (H, W)
     uint8 class indices with IGNORE_INDEX (255) for ignored and nodata pixels.
+    `image_nodata` is (H, W) bool, True where any image was nodata or padding: the filled
+    values there are stand-ins, so the blank filter counts them and statistics skip them.
+    None means every image pixel is valid.
     """
 
     source_id: str
@@ -53,15 +57,20 @@ class RawSample:
     arrays: dict[str, np.ndarray]
     bounds: tuple[float, float, float, float] | None = None
     nodata_pixels: int = 0
+    image_nodata: np.ndarray | None = None
 
 
 @dataclass
 class SourcePlan:
-    """A reader's answer to `open`: the spec and the ordered candidate list."""
+    """A reader's answer to `open`: the spec, the ordered candidates, and warnings for the user.
+
+    `warnings` are one line each; `prepare` prints them on stderr and lists them in `--json`.
+    """
 
     spec: SourceSpec
     candidates: Sequence[Candidate]
     load: Callable[[Candidate], RawSample]
+    warnings: list[str] = field(default_factory=list)
 
 
 class Reader(Protocol):
@@ -122,10 +131,14 @@ def remap_labels(raw: np.ndarray, codes: Sequence[int], path: Path | str) -> np.
     present = np.unique(values)
     unknown = [int(v) for v in present if int(v) not in lut]
     if unknown:
+        negative = [v for v in unknown if v < 0]
+        hint = (
+            f"if {negative[0]} means no data, pass --label-nodata {negative[0]}"
+            if negative
+            else "fix the label file or declare the classes"
+        )
         raise InputDataError(
-            f"unknown label code(s) {unknown[:5]} (known: {sorted(lut)})",
-            path,
-            "fix the label file or declare the classes",
+            f"unknown label code(s) {unknown[:5]} (known: {sorted(lut)})", path, hint
         )
     table = np.full(int(present.max()) + 1, IGNORE_INDEX, dtype=np.uint8)
     for code, index in lut.items():
@@ -193,9 +206,18 @@ def class_fraction(label: np.ndarray, num_classes: int) -> np.ndarray:
     return (counts[:num_classes] / total if total else np.zeros(num_classes)).astype(np.float32)
 
 
+def label_nodata_mask(raw: np.ndarray, nodata: float | None) -> np.ndarray:
+    """(H, W) bool: where a raw label equals its nodata value (NaN matches NaN)."""
+    if nodata is None:
+        return np.zeros(raw.shape, dtype=bool)
+    if math.isnan(nodata):
+        return np.isnan(raw) if raw.dtype.kind == "f" else np.zeros(raw.shape, dtype=bool)
+    return np.asarray(raw == nodata)
+
+
 def iter_nonempty_lines(path: Path) -> Iterator[str]:
-    """Stripped, non-empty lines of a text file."""
-    for line in path.read_text(encoding="utf-8").splitlines():
+    """Stripped, non-empty lines of a text file (CRLF and a byte-order mark tolerated)."""
+    for line in path.read_text(encoding="utf-8-sig").splitlines():
         if line.strip():
             yield line.strip()
 

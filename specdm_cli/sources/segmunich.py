@@ -14,7 +14,7 @@ import numpy as np
 import tifffile
 
 from specdm_cli.errors import InputDataError
-from specdm_cli.manifest import ClassInfo
+from specdm_cli.manifest import IGNORE_INDEX, ClassInfo
 from specdm_cli.sources.base import (
     Candidate,
     PrepareOptions,
@@ -23,6 +23,7 @@ from specdm_cli.sources.base import (
     SourceSpec,
     apply_nodata,
     iter_nonempty_lines,
+    label_nodata_mask,
     remap_labels,
     require_dir,
 )
@@ -64,8 +65,11 @@ SEGMUNICH_CLASSES: list[ClassInfo] = [
 SEGMUNICH_CODES: tuple[int, ...] = tuple(code for _, _, code in _CLASS_TABLE)
 SPLIT_ORDER = ("train", "val", "test")
 _NUM_BANDS = len(SEGMUNICH_BANDS)
-# What tifffile raises on truncated or malformed files (TiffFileError is a ValueError).
-_TIFF_ERRORS = (ValueError, OSError, struct.error, IndexError, KeyError, EOFError, TypeError)
+# What tifffile raises on truncated or malformed files (TiffFileError is a ValueError; a
+# garbled shape tag divides by zero in its series detection).
+_TIFF_ERRORS = (
+    ValueError, OSError, struct.error, IndexError, KeyError, EOFError, TypeError, ArithmeticError
+)  # fmt: skip
 
 SplitIds = dict[str, list[str]]
 
@@ -79,7 +83,7 @@ def read_segmunich(raw: Path | None, options: PrepareOptions) -> SourcePlan:
 
     Args:
         raw: the folder holding `dataset/`, or holding one folder that does.
-        options: `nodata` is the only option used (SegMunich itself declares none).
+        options: `nodata` and `label_nodata` (SegMunich itself declares neither).
 
     Returns:
         The plan; its `load` is thread-safe and returns `image` (10, H, W) float32 reflectance
@@ -112,7 +116,9 @@ def read_segmunich(raw: Path | None, options: PrepareOptions) -> SourcePlan:
             "splits": [s for s in SPLIT_ORDER if split_ids.get(s)],
         },
     )
-    load = functools.partial(_load, height=height, width=width, nodata=options.nodata)
+    load = functools.partial(
+        _load, height=height, width=width, nodata=options.nodata, label_nodata=options.label_nodata
+    )
     return SourcePlan(spec=spec, candidates=candidates, load=load)
 
 
@@ -147,7 +153,8 @@ def _read_split_lists(dataset: Path) -> tuple[str, SplitIds]:
     lists = {p.stem: p for p in dataset.glob("*.txt") if p.stem in SPLIT_ORDER}
     if lists:
         return "official", {
-            s: _unique_ids(list(iter_nonempty_lines(p)), p) for s, p in lists.items()
+            s: _unique_ids([_sample_id(line) for line in iter_nonempty_lines(p)], p)
+            for s, p in lists.items()
         }
     if (dataset / "metadata.csv").is_file():
         return "gfm-bench", _read_metadata_csv(dataset / "metadata.csv")
@@ -156,6 +163,14 @@ def _read_split_lists(dataset: Path) -> tuple[str, SplitIds]:
         dataset,
         "extract the whole SegMunich archive (its dataset/ folder lists the samples)",
     )
+
+
+def _sample_id(line: str) -> str:
+    """A split-file line as a sample id: the official lists omit `.tif`, re-made ones often not."""
+    for suffix in (".tif", ".tiff"):
+        if line.lower().endswith(suffix):
+            return line[: -len(suffix)]
+    return line
 
 
 def _read_metadata_csv(path: Path) -> SplitIds:
@@ -253,7 +268,14 @@ def _image_hw(shape: tuple[int, ...], path: Path) -> tuple[int, int]:
     )
 
 
-def _load(candidate: Candidate, *, height: int, width: int, nodata: float | None) -> RawSample:
+def _load(
+    candidate: Candidate,
+    *,
+    height: int,
+    width: int,
+    nodata: float | None,
+    label_nodata: float | None,
+) -> RawSample:
     img_path, label_path = candidate.ref
     image = _read_image(img_path)
     if image.shape[1:] != (height, width):
@@ -270,10 +292,18 @@ def _load(candidate: Candidate, *, height: int, width: int, nodata: float | None
             label_path,
             "replace the label with the one matching its image",
         )
+    label_invalid = label_nodata_mask(raw_label, label_nodata)
+    if label_invalid.any():
+        wide = raw_label.astype(np.float64 if raw_label.dtype.kind == "f" else np.int64)
+        raw_label = np.where(label_invalid, IGNORE_INDEX, wide)
     mask = remap_labels(raw_label, SEGMUNICH_CODES, label_path)
-    _, count = apply_nodata(image, mask, nodata, img_path)
+    invalid, _ = apply_nodata(image, mask, nodata, img_path)
     return RawSample(
-        candidate.source_id, candidate.split, {"image": image, "mask": mask}, nodata_pixels=count
+        candidate.source_id,
+        candidate.split,
+        {"image": image, "mask": mask},
+        nodata_pixels=int((invalid | label_invalid).sum()),
+        image_nodata=invalid,
     )
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 from specdm_cli.manifest import Band
 
 # S2A centre wavelengths (nm), Sentinel-2A MSI SRF (ESA COPE-GSEG-EOPG-TN-15-0007), via torchgeo;
@@ -57,3 +59,23 @@ S2_BAND_SOURCE = "Sentinel-2A MSI SRF (ESA COPE-GSEG-EOPG-TN-15-0007), via torch
 def s2_bands(names: tuple[str, ...] | list[str]) -> list[Band]:
     """Manifest bands for Sentinel-2 band names."""
     return [Band(name=n, wavelength_nm=S2_WAVELENGTH_NM[n], fwhm_nm=S2_FWHM_NM[n]) for n in names]
+
+
+# A Sentinel-2 band name at the end of a text: "B2", "B02", "b8a", "B08A", "..._B02", "B02.tif".
+_S2_NAME = re.compile(r"(?:^|[^A-Za-z0-9])B0?(\d{1,2})(A?)(?:\.(?:tiff?|jp2))?$", re.IGNORECASE)
+# L1C products carry all 13 bands; L2A drops the cirrus band B10 (12 bands).
+S2_L2A_BANDS: tuple[str, ...] = tuple(b for b in S2_ALL_BANDS if b != "B10")
+
+
+def s2_band_name(text: str) -> str | None:
+    """The canonical name (B01..B12, B8A) of a Sentinel-2 band spelling, else None.
+
+    Accepts `B1`/`B01`, `B8A`/`B8a`/`B08A`, product prefixes (`T32UQD_20200101_B02`) and a
+    `.tif`/`.jp2` suffix; anything else (B13, `band_1`, a wavelength) is not a name.
+    """
+    match = _S2_NAME.search(text.strip())
+    if match is None:
+        return None
+    number, suffix = int(match.group(1)), match.group(2).upper()
+    name = f"B{number}A" if suffix else f"B{number:02d}"
+    return name if name in S2_WAVELENGTH_NM else None

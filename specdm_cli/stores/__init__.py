@@ -179,8 +179,9 @@ def resolve_target(
         return "fresh"
     manifest = load_manifest(path / MANIFEST_NAME)
     if manifest.plan != plan:
+        changed = "; ".join(plan_differences(manifest.plan, plan)[:4])
         raise InputDataError(
-            "cannot resume: the store was made with other inputs or options",
+            f"cannot resume: the store was made with other inputs or options ({changed})",
             path,
             "use the original command, or --overwrite",
         )
@@ -236,3 +237,24 @@ def verify_store(reader: StoreReader) -> str:
 def store_sha256(root: Path) -> str:
     """sha256 of a store's `manifest.json`: what identifies the data a run or report used."""
     return file_sha256(root / MANIFEST_NAME)
+
+
+def plan_differences(old: dict[str, object], new: dict[str, object], prefix: str = "") -> list[str]:
+    """What differs between a stored plan and this run's, one `--option: store X, now Y` each."""
+    found = []
+    for key in sorted(set(old) | set(new)):
+        before, now = old.get(key), new.get(key)
+        if isinstance(before, dict) and isinstance(now, dict):
+            found += plan_differences(before, now)
+        elif before != now:
+            name = _PLAN_NAMES.get(key, f"--{key.replace('_', '-')}")
+            found.append(f"{name}: store {_shown(before)}, now {_shown(now)}")
+    return found
+
+
+# Plan keys that are not spelled as their option.
+_PLAN_NAMES = {"raw": "RAW", "source": "SOURCE", "stage": "command"}
+
+
+def _shown(value: object) -> str:
+    return "unset" if value is None else json.dumps(value)

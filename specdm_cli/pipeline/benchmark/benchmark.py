@@ -16,7 +16,7 @@ from specdm_cli.errors import InputDataError
 from specdm_cli.fs.atomic import atomic_write_text, remove_tree
 from specdm_cli.fs.lock import DirLock
 from specdm_cli.fs.paths import refuse_overlap
-from specdm_cli.manifest import QualityScores
+from specdm_cli.manifest import QualityScores, load_manifest
 from specdm_cli.pipeline.benchmark.features import (
     FeatureNetwork,
     default_config,
@@ -29,8 +29,10 @@ from specdm_cli.pipeline.benchmark.quality import (
     split_indices,
 )
 from specdm_cli.pipeline.runs.choose import choose_model
+from specdm_cli.pipeline.synthesize.preview import rgb_note
 from specdm_cli.pipeline.train.common import torch_devices
 from specdm_cli.stores import StoreReader, open_store
+from specdm_cli.stores.base import MANIFEST_NAME
 from specdm_cli.stores.quality import write_quality
 
 from . import generator as gen
@@ -101,6 +103,11 @@ def open_pair(real_path: Path, synthetic_path: Path) -> tuple[StoreReader, Store
             "benchmark against the real store the generator was trained on",
         )
     return real, synthetic
+
+
+def rgb_notice(real: Path) -> str | None:
+    """The line saying the report's sample pictures guess their red, green and blue bands."""
+    return rgb_note(load_manifest(real / MANIFEST_NAME))
 
 
 def check_out(out: Path, overwrite: bool) -> None:

@@ -6,7 +6,7 @@ import json
 import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -16,7 +16,7 @@ from specdm_cli import __version__
 from specdm_cli.config import Progress
 from specdm_cli.errors import InputDataError, UsageError
 from specdm_cli.faults import fault_point
-from specdm_cli.fs.atomic import atomic_write_text, remove_stray_temporaries
+from specdm_cli.fs.atomic import atomic_write_text, remove_stray_temporaries, remove_tree
 from specdm_cli.fs.lock import DirLock
 from specdm_cli.fs.paths import refuse_overlap
 from specdm_cli.manifest import (
@@ -30,7 +30,14 @@ from specdm_cli.manifest import (
 from specdm_cli.pipeline.prepare.tally import PrepareTally
 from specdm_cli.pipeline.runs.provenance import provenance
 from specdm_cli.pipeline.signals import StopFlag
-from specdm_cli.sources.base import Candidate, PrepareOptions, RawSample, SourceSpec, class_fraction
+from specdm_cli.sources.base import (
+    Candidate,
+    PrepareOptions,
+    RawSample,
+    SourcePlan,
+    SourceSpec,
+    class_fraction,
+)
 from specdm_cli.sources.registry import NO_RAW, READERS
 from specdm_cli.stores import (
     SampleMeta,
@@ -43,6 +50,8 @@ from specdm_cli.stores import (
 from specdm_cli.stores.base import MANIFEST_NAME
 
 PROGRESS_FILE = ".specdm/prepare-progress.json"
+# PrepareOptions fields newer than the plan format: absent from a plan while None.
+_LATER_OPTIONS = frozenset({"label_nodata", "cities", "val_cities"})
 
 
 @dataclass(frozen=True)
@@ -55,6 +64,7 @@ class PrepareRequest:
     format: Literal["zarr", "geotiff"]
     options: PrepareOptions
     max_blank: float = 0.5
+    max_unlabelled: float | None = None
     max_background: float | None = None
     resume: bool = False
     overwrite: bool = False
@@ -76,15 +86,18 @@ class PrepareSummary:
     removed: dict[str, int]
     nodata_pixels: int
     seconds: float
+    warnings: list[str] = field(default_factory=list)
 
 
 def _plan(request: PrepareRequest) -> dict[str, Any]:
     """What a resume must match: the source, the raw path, every option that shapes the store."""
-    options = {
+    options: dict[str, Any] = {
         k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(request.options).items()
     }
     options = json.loads(json.dumps(options, default=list))
-    return {
+    # Options added later are left out while unset, so stores made before them still resume.
+    options = {k: v for k, v in options.items() if not (k in _LATER_OPTIONS and v is None)}
+    plan = {
         "stage": "prepare",
         "source": request.source,
         "raw": str(request.raw.resolve()) if request.raw else None,
@@ -94,6 +107,9 @@ def _plan(request: PrepareRequest) -> dict[str, Any]:
         "max_background": request.max_background,
         "batch_grid": request.batch_grid,
     }
+    if request.max_unlabelled is not None:
+        plan["max_unlabelled"] = request.max_unlabelled
+    return plan
 
 
 def _validate(request: PrepareRequest) -> None:
@@ -102,6 +118,8 @@ def _validate(request: PrepareRequest) -> None:
         raise UsageError(f"unknown source {request.source!r}", hint=f"use one of: {known}")
     if not 0.0 <= request.max_blank <= 1.0:
         raise UsageError("--max-blank must lie in [0, 1]", hint="e.g. --max-blank 0.5")
+    if request.max_unlabelled is not None and not 0.0 <= request.max_unlabelled <= 1.0:
+        raise UsageError("--max-unlabelled must lie in [0, 1]", hint="e.g. --max-unlabelled 0.9")
     if request.max_background is not None and not 0.0 <= request.max_background <= 1.0:
         raise UsageError("--max-background must lie in [0, 1]", hint="e.g. --max-background 0.9")
     if request.workers < 1:
@@ -128,9 +146,17 @@ def _check_ranges(options: PrepareOptions) -> None:
 
 
 def prepare(
-    request: PrepareRequest, stop: StopFlag, progress: Progress | None = None
+    request: PrepareRequest,
+    stop: StopFlag,
+    progress: Progress | None = None,
+    warn: Callable[[str], None] | None = None,
 ) -> PrepareSummary:
-    """Run the prepare stage; resumable by sample index, locked, finished atomically."""
+    """Run the prepare stage; resumable by sample index, locked, finished atomically.
+
+    The reader's warnings go to `warn` as soon as the raw data is opened, and into the summary.
+    A run that commits no sample (bad input, or filters that keep no patch) removes its store:
+    there is nothing worth resuming, and a rerun with other options needs no --overwrite.
+    """
     started = time.monotonic()
     _validate(request)
     plan = _plan(request)
@@ -138,34 +164,63 @@ def prepare(
     if state == "done":
         return _summary(request.out, "already complete", started)
     source_plan = READERS[request.source](request.raw, request.options)
+    for line in source_plan.warnings:
+        if warn is not None:
+            warn(line)
     if not source_plan.candidates:
         raise InputDataError("no samples found", request.raw, "check the folder layout")
     if state == "fresh":
         manifest = _initial_manifest(request, source_plan.spec, plan, len(source_plan.candidates))
         georeferenced = source_plan.spec.crs is not None
         create_store(request.out, manifest, len(source_plan.candidates), georeferenced)
+    try:
+        tally = _write(request, source_plan, stop, progress, state == "resume")
+    except InputDataError:
+        # Only a store this run created: a resumed one may hold samples its tally lost.
+        if state == "fresh" and _load_tally(request.out).kept == 0:
+            remove_tree(request.out)
+        raise
+    if not tally.kept:
+        _remove_empty_store(request, tally)
+    summary = _summary(request.out, "resumed" if state == "resume" else "created", started)
+    return replace(summary, warnings=list(source_plan.warnings))
+
+
+def _write(
+    request: PrepareRequest,
+    source_plan: SourcePlan,
+    stop: StopFlag,
+    progress: Progress | None,
+    resumed: bool,
+) -> PrepareTally:
+    """Load, filter and write every remaining candidate under the store's lock."""
     with DirLock(request.out):
         remove_stray_temporaries(request.out)
         writer = open_writer(request.out, _load_incomplete(request.out))
         tally = _load_tally(request.out)
-        if state == "resume" and forget_damaged(request.out, range(tally.kept)):
+        if resumed and forget_damaged(request.out, range(tally.kept)):
             # The running statistics cannot skip a sample: start over (same bytes, in place).
             tally = PrepareTally()
         if tally.kept == 0:  # a finished store shrank to its samples; a restart needs them all
             writer.truncate(len(source_plan.candidates))
         writer.forget_from(tally.kept)
+        spec = source_plan.spec
         _run_blocks(
-            request,
-            source_plan.spec,
-            source_plan.candidates,
-            source_plan.load,
-            writer,
-            tally,
-            stop,
-            progress,
+            request, spec, source_plan.candidates, source_plan.load, writer, tally, stop, progress
         )
-        _finish(writer, source_plan.spec, tally, request)
-    return _summary(request.out, "resumed" if state == "resume" else "created", started)
+        if tally.kept:
+            _finish(writer, spec, tally)
+    return tally
+
+
+def _remove_empty_store(request: PrepareRequest, tally: PrepareTally) -> None:
+    """Remove a store that kept no patch, so a rerun with other filters needs no --overwrite."""
+    remove_tree(request.out)
+    raise InputDataError(
+        f"every patch was removed by the filters ({tally.removed}); no store was written",
+        request.raw,
+        "relax --max-blank / --max-unlabelled / --max-background and rerun",
+    )
 
 
 def _load_incomplete(out: Path) -> Manifest:
@@ -286,7 +341,7 @@ class _BlockWriter:
         tally.add_class_pixels(sample.split, label, classes)
         if sample.split == "train":
             images = [sample.arrays[name] for name in array_names(self.spec.task)[:-1]]
-            tally.add_band_moments(images, label != IGNORE_INDEX)
+            tally.add_band_moments(images, _image_valid(sample, label.shape))
         return SampleMeta(
             split=sample.split,
             class_fraction=class_fraction(label, classes),
@@ -312,29 +367,36 @@ def _check_shapes(sample: RawSample, spec: SourceSpec) -> None:
             )
 
 
+def _image_valid(sample: RawSample, shape: tuple[int, ...]) -> np.ndarray:
+    """(H, W) bool: pixels whose image values are real (neither nodata nor padding)."""
+    if sample.image_nodata is None:
+        return np.ones(shape, dtype=bool)
+    return ~sample.image_nodata
+
+
 def _removal_reason(sample: RawSample, spec: SourceSpec, request: PrepareRequest) -> str | None:
-    """Why a patch is dropped (the paper removes mostly blank patches; section 4.1), or None."""
+    """Why a patch is dropped (the paper removes mostly blank patches; section 4.1), or None.
+
+    Blank is the image's business only (zero in every band, or nodata): a sparse reference
+    mask leaves most pixels unlabelled (255) without them being blank; `--max-unlabelled`
+    counts those.
+    """
     label = sample.arrays[LABEL_ARRAY[spec.task]]
-    blank = label == IGNORE_INDEX
+    blank = ~_image_valid(sample, label.shape)
     for name in array_names(spec.task)[:-1]:
         blank = blank | ~np.any(sample.arrays[name], axis=0)
     if float(blank.mean()) > request.max_blank:
         return "blank"
+    unlabelled = float((label == IGNORE_INDEX).mean())
+    if request.max_unlabelled is not None and unlabelled > request.max_unlabelled:
+        return "unlabelled"
     if request.max_background is not None and float((label == 0).mean()) > request.max_background:
         return "background"
     return None
 
 
-def _finish(
-    writer: StoreWriter, spec: SourceSpec, tally: PrepareTally, request: PrepareRequest
-) -> None:
+def _finish(writer: StoreWriter, spec: SourceSpec, tally: PrepareTally) -> None:
     """Shrink to the kept samples and write the complete manifest last."""
-    if tally.kept == 0:
-        raise InputDataError(
-            f"every patch was removed by the filters ({tally.removed})",
-            request.raw,
-            "relax --max-blank / --max-background",
-        )
     writer.truncate(tally.kept)
     manifest = writer.manifest
     assert manifest.source is not None

@@ -11,7 +11,7 @@ from specdm_cli.errors import UsageError
 from specdm_cli.fs.paths import refuse_overlap
 from specdm_cli.pipeline.runs.choose import ChosenModel, choose_model
 from specdm_cli.pipeline.signals import StopFlag
-from specdm_cli.pipeline.synthesize.preview import write_preview
+from specdm_cli.pipeline.synthesize.preview import rgb_note, write_preview
 from specdm_cli.pipeline.synthesize.require import parse_require
 from specdm_cli.pipeline.synthesize.shards import parse_shard
 from specdm_cli.pipeline.synthesize.synthesize import (
@@ -80,6 +80,9 @@ def synthesize_store(
     summary = synthesize(request, stop, progress)
     if options.preview is not None:
         reader = open_store(options.out, allow_incomplete=True)
+        note = rgb_note(reader.manifest)
+        if note is not None:
+            notice(note)
         first = [int(i) for i in reader.indices()[:PREVIEW_SAMPLES]]
         write_preview(options.preview, [reader.read(i) for i in first], reader.manifest)
     return summary

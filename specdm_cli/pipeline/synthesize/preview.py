@@ -23,6 +23,17 @@ def rgb_indices(manifest: Manifest) -> list[int]:
     return [int(np.nanargmin(np.abs(wavelengths - target))) for target in (665.0, 560.0, 490.0)]
 
 
+def rgb_note(manifest: Manifest) -> str | None:
+    """A warning line when the store cannot say which bands are red, green and blue."""
+    if manifest.rgb_bands or any(band.wavelength_nm for band in manifest.bands):
+        return None
+    shown = ", ".join(manifest.bands[i].name for i in rgb_indices(manifest))
+    return (
+        "warning: the store names no red, green and blue bands (no rgb_bands, no wavelengths): "
+        f"pictures show {shown} as red, green, blue"
+    )
+
+
 def stretch(image: np.ndarray, bands: list[int]) -> np.ndarray:
     """(C, H, W) -> (H, W, 3) uint8 with a 2-98 percentile stretch per band."""
     rgb = image[bands].astype(np.float64)

@@ -1,0 +1,173 @@
+"""Classes of a GeoTIFF folder: a classes file, a specdm export's manifest, or the masks."""
+
+from __future__ import annotations
+
+import colorsys
+import csv
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from rasterio.windows import Window
+
+from specdm_cli.errors import InputDataError
+from specdm_cli.manifest import (
+    IGNORE_INDEX,
+    LABEL_ARRAY,
+    ClassInfo,
+    Task,
+    load_manifest,
+)
+from specdm_cli.sources.base import PrepareOptions, label_nodata_mask
+from specdm_cli.sources.geotiff.layout import Files, open_raster
+
+_MASK_ROWS = 1024  # rows per read when scanning mask codes: memory stays flat on huge masks
+
+
+def resolve_classes(
+    root: Path, options: PrepareOptions, task: Task, files: Files
+) -> tuple[list[ClassInfo], str]:
+    """Classes from the given file, RAW/classes.{json,csv}, a specdm manifest, or the masks."""
+    path = options.classes_file
+    if path is None:
+        path = next((p for p in (root / "classes.json", root / "classes.csv") if p.is_file()), None)
+    if path is not None:
+        return _read_classes_file(path), str(path)
+    exported = _manifest_classes(root, task)
+    if exported is not None:
+        return exported, str(root / "manifest.json")
+    masks = [paths[LABEL_ARRAY[task]] for paths in files.values()]
+    codes = _discover_codes(masks, root, options.label_nodata)
+    return _make_classes([(code, f"class_{code}", None) for code in codes], root), "masks"
+
+
+def _manifest_classes(root: Path, task: Task) -> list[ClassInfo] | None:
+    """Classes of a specdm GeoTIFF export read back: its masks hold class indices as codes."""
+    if not (root / "manifest.json").is_file():
+        return None
+    try:
+        manifest = load_manifest(root / "manifest.json")
+    except InputDataError:
+        return None  # someone else's manifest.json: not ours to interpret
+    if manifest.format != "geotiff" or manifest.task != task:
+        return None
+    return [c.model_copy(update={"code": c.index}) for c in manifest.classes]
+
+
+ClassRow = tuple[int, str, tuple[int, int, int] | None]
+
+
+def _read_classes_file(path: Path) -> list[ClassInfo]:
+    if not path.is_file():
+        raise InputDataError("classes file not found", path, "check the --classes path")
+    try:
+        text = path.read_text(encoding="utf-8")
+        rows = _classes_csv(text) if path.suffix.lower() == ".csv" else _classes_json(text)
+    except (ValueError, KeyError, TypeError, IndexError) as exc:
+        raise InputDataError(
+            f"bad classes file ({exc})",
+            path,
+            'use {"classes": [{"code": 10, "name": "water", "colour": [0, 0, 255]}]} '
+            "or CSV columns code,name[,colour]",
+        ) from None
+    return _make_classes(rows, path)
+
+
+def _classes_json(text: str) -> list[ClassRow]:
+    data = json.loads(text)
+    entries = data["classes"] if isinstance(data, dict) else data
+    if not isinstance(entries, list):
+        raise ValueError("expected a list of classes")
+    return [
+        (_code(e["code"]), str(e.get("name") or f"class_{e['code']}"), _colour(e)) for e in entries
+    ]
+
+
+def _classes_csv(text: str) -> list[ClassRow]:
+    rows = list(csv.DictReader(text.splitlines()))
+    columns = {c.strip().lower() for c in (rows[0].keys() if rows else [])}
+    if not {"code", "name"} <= columns:
+        raise ValueError(f"columns code and name needed, found {sorted(columns)}")
+    lowered = [{k.strip().lower(): (v or "").strip() for k, v in r.items() if k} for r in rows]
+    return [(_code(r["code"]), r["name"] or f"class_{r['code']}", _colour(r)) for r in lowered]
+
+
+def _code(value: Any) -> int:
+    code = int(value)
+    # Codes may exceed 254 (CORINE's are 111..523); only 255 is taken: it means ignore.
+    if str(value).strip() not in (str(code), f"{code}.0") or code < 0 or code == IGNORE_INDEX:
+        raise ValueError(f"code {value!r} is not an integer >= 0 other than 255 (ignore)")
+    return code
+
+
+def _colour(entry: dict[str, Any]) -> tuple[int, int, int] | None:
+    value = entry.get("colour", entry.get("color"))
+    if value in (None, ""):
+        return None
+    if isinstance(value, str):
+        value = value.strip().lstrip("#")
+        value = [int(value[i : i + 2], 16) for i in (0, 2, 4)] if len(value) == 6 else value
+    if not isinstance(value, list) or len(value) != 3 or not all(0 <= int(v) <= 255 for v in value):
+        raise ValueError(
+            f"colour {entry.get('colour', entry.get('color'))!r} is not #rrggbb or [r, g, b]"
+        )
+    return int(value[0]), int(value[1]), int(value[2])
+
+
+def _make_classes(rows: list[ClassRow], path: Path) -> list[ClassInfo]:
+    """ClassInfo in code order: index i is the i-th smallest code (remap_labels' order)."""
+    codes = [code for code, _, _ in rows]
+    if not rows or len(set(codes)) != len(codes):
+        what = "no classes" if not rows else "a code listed twice"
+        raise InputDataError(f"bad classes: {what}", path, "list each class code once")
+    if len(rows) > IGNORE_INDEX:
+        raise InputDataError(f"{len(rows)} classes, at most 255", path, "merge classes")
+    return [
+        ClassInfo(index=i, name=name, colour=colour or _default_colour(i), code=code)
+        for i, (code, name, colour) in enumerate(sorted(rows))
+    ]
+
+
+def _default_colour(index: int) -> tuple[int, int, int]:
+    # Golden-ratio hues: neighbouring classes get clearly different colours, any class count.
+    r, g, b = colorsys.hsv_to_rgb((index * 0.618033988749895) % 1.0, 0.65, 0.95)
+    return round(r * 255), round(g * 255), round(b * 255)
+
+
+def _discover_codes(paths: list[Path], root: Path, label_nodata: float | None) -> list[int]:
+    """Sorted distinct label codes of every mask (nodata and 255 excluded)."""
+    codes: set[int] = set()
+    for path in paths:
+        codes |= _mask_codes(path, label_nodata)
+    if not codes:
+        raise InputDataError(
+            "the label files hold no class codes (all nodata/255)", root, "check the masks"
+        )
+    return sorted(codes)
+
+
+def _mask_codes(path: Path, label_nodata: float | None) -> set[int]:
+    codes: set[int] = set()
+    with open_raster(path) as src:
+        nodata = label_nodata if label_nodata is not None else src.nodata
+        for row in range(0, src.height, _MASK_ROWS):
+            window = Window(0, row, src.width, min(_MASK_ROWS, src.height - row))
+            values = np.unique(label_values(src.read(1, window=window), nodata))
+            if not np.all(np.isfinite(values)) or not np.all(values == np.round(values)):
+                raise InputDataError("label file holds non-integer values", path, "fix the file")
+            codes |= {int(v) for v in values if v != IGNORE_INDEX}
+    if codes and min(codes) < 0:
+        raise InputDataError(
+            f"negative label code {min(codes)}",
+            path,
+            f"if {min(codes)} means no data, pass --label-nodata {min(codes)}; else fix the file",
+        )
+    return codes
+
+
+def label_values(raw: np.ndarray, nodata: float | None) -> np.ndarray:
+    """Raw label values with the label nodata (--label-nodata, else the file's tag) as 255."""
+    values = raw.astype(np.float64 if raw.dtype.kind == "f" else np.int64)
+    values[label_nodata_mask(raw, nodata)] = IGNORE_INDEX
+    return values

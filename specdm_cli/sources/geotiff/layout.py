@@ -1,0 +1,205 @@
+"""Raster folders: which layout, which files pair up, and what their headers say."""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import rasterio
+from rasterio.crs import CRS
+from rasterio.errors import RasterioError
+
+from specdm_cli.errors import InputDataError
+from specdm_cli.manifest import (
+    GEOTIFF_FOLDERS,
+    LABEL_ARRAY,
+    Task,
+    array_names,
+)
+
+# What GDAL reads that a folder of tiles holds: GeoTIFF, JPEG 2000, VRT, ENVI/ERDAS data files
+# (`.img`, `.dat`, `.bsq`/`.bil`/`.bip`), plus extensionless ENVI data beside its `.hdr`.
+EXTENSIONS = (".tif", ".tiff", ".jp2", ".vrt", ".img", ".dat", ".bsq", ".bil", ".bip")
+_TASKS: tuple[Task, ...] = ("ss", "cd")
+
+Files = dict[str, dict[str, Path]]  # stem -> array name -> path
+
+
+@dataclass(frozen=True)
+class Header:
+    """Facts of one file read from its header at open time."""
+
+    path: Path
+    count: int
+    dtype: str
+    height: int
+    width: int
+    crs: str | None
+
+
+def infer_task(root: Path) -> Task:
+    present: dict[Task, list[bool]] = {
+        task: [(root / GEOTIFF_FOLDERS[n]).is_dir() for n in array_names(task)] for task in _TASKS
+    }
+    complete = [task for task, found in present.items() if all(found)]
+    if len(complete) == 1:
+        return complete[0]
+    if complete:
+        raise InputDataError(
+            "both images/+masks/ and t1/+t2/+change/ are present",
+            root,
+            "keep one layout per folder (ss or cd)",
+        )
+    for task, found in present.items():
+        if any(found):
+            folder = GEOTIFF_FOLDERS[array_names(task)[found.index(False)]]
+            raise InputDataError(
+                "folder missing", root / folder, f"add {folder}/ beside the others"
+            )
+    raise InputDataError(
+        "no images/+masks/ (segmentation) or t1/+t2/+change/ (change detection) folders",
+        root,
+        "put the tiles in those folders, paired by file name",
+    )
+
+
+def _list_rasters(folder: Path) -> dict[str, Path]:
+    rasters: dict[str, Path] = {}
+    for path in sorted(folder.iterdir()):
+        stem = raster_stem(path)
+        if stem is None:
+            continue
+        if stem in rasters:
+            raise InputDataError(f"two files share the stem {stem!r}", path, "keep one of them")
+        rasters[stem] = path
+    if not rasters:
+        raise InputDataError(
+            "no raster files in folder (GeoTIFF, JPEG 2000, VRT or ENVI with its .hdr)",
+            folder,
+            "add the tiles",
+        )
+    return rasters
+
+
+def raster_stem(path: Path) -> str | None:
+    """The pairing stem of a raster file, or None for anything else (headers, sidecars)."""
+    # Hidden names are temp files of an interrupted writer, never data.
+    if path.name.startswith(".") or not path.is_file():
+        return None
+    if path.suffix.lower() in EXTENSIONS:
+        return path.stem
+    if not path.suffix and path.with_name(f"{path.name}.hdr").is_file():
+        return path.name
+    return None
+
+
+def pair_files(root: Path, task: Task) -> Files:
+    names = array_names(task)
+    listed = {name: _list_rasters(root / GEOTIFF_FOLDERS[name]) for name in names}
+    stems = sorted(set().union(*listed.values()))
+    for stem in stems:
+        have = [n for n in names if stem in listed[n]]
+        if len(have) < len(names):
+            missing = next(n for n in names if stem not in listed[n])
+            raise InputDataError(
+                f"{listed[have[0]][stem].name} has no partner in {GEOTIFF_FOLDERS[missing]}/",
+                root / GEOTIFF_FOLDERS[missing] / f"{stem}.tif",
+                "add the missing file or remove its partners",
+            )
+    return {stem: {name: listed[name][stem] for name in names} for stem in stems}
+
+
+@contextmanager
+def open_raster(path: Path) -> Iterator[Any]:
+    """An open rasterio dataset; GDAL failures become one input-data line naming the file."""
+    try:
+        with rasterio.open(path) as src:
+            yield src
+    except FileNotFoundError:
+        raise InputDataError(
+            "file disappeared after listing", path, "restore the file and rerun"
+        ) from None
+    except (RasterioError, OSError) as exc:
+        reason = str(exc).splitlines()[0][:120] if str(exc) else type(exc).__name__
+        raise InputDataError(
+            f"unreadable or corrupt raster ({reason})", path, "re-export or remove the file"
+        ) from None
+
+
+def _header(path: Path) -> Header:
+    with open_raster(path) as src:
+        crs = None if src.crs is None else _crs_name(src.crs.to_wkt())
+        return Header(path, src.count, str(src.dtypes[0]), src.height, src.width, crs)
+
+
+@functools.lru_cache(maxsize=16)
+def _crs_name(wkt: str) -> str:
+    """EPSG:xxxx when the CRS has a code, else its WKT (cached: a PROJ lookup per file is slow)."""
+    epsg = CRS.from_wkt(wkt).to_epsg()
+    return f"EPSG:{epsg}" if epsg else wkt
+
+
+def check_stem(paths: dict[str, Path], task: Task) -> Header:
+    """Header of the stem's (first) image after checking its partners agree with it."""
+    images = [_header(paths[name]) for name in array_names(task)[:-1]]
+    label = _header(paths[LABEL_ARRAY[task]])
+    for other in [*images[1:], label]:
+        if (other.height, other.width) != (images[0].height, images[0].width):
+            raise InputDataError(
+                f"size {other.height}x{other.width} differs from its image's "
+                f"{images[0].height}x{images[0].width}",
+                other.path,
+                f"make it match {images[0].path.name}",
+            )
+    if label.count != 1:
+        raise InputDataError(
+            f"label file has {label.count} bands, expected 1",
+            label.path,
+            "save labels as one band of class codes",
+        )
+    return images[0] if len(images) == 1 else _same_bands(images[0], images[1])
+
+
+def _same_bands(expected: Header, found: Header) -> Header:
+    if found.count != expected.count:
+        raise InputDataError(
+            f"expected {expected.count} bands, found {found.count}",
+            found.path,
+            "every image must hold the same bands",
+        )
+    if found.dtype != expected.dtype:
+        raise InputDataError(
+            f"expected dtype {expected.dtype}, found {found.dtype}",
+            found.path,
+            "convert every image to one data type",
+        )
+    return expected
+
+
+def check_all(headers: dict[str, Header]) -> str | None:
+    """The CRS every image shares (None when not georeferenced), after checking bands agree."""
+    first = next(iter(headers.values()))
+    for header in headers.values():
+        _same_bands(first, header)
+        if header.crs != first.crs:
+            raise InputDataError(
+                f"CRS {header.crs or 'none'} differs from {first.path.name}'s {first.crs or 'none'}",
+                header.path,
+                "reproject every file to one CRS (e.g. gdalwarp -t_srs)",
+            )
+    return first.crs
+
+
+def output_dtype(dtype: str, path: Path) -> str:
+    kind = np.dtype(dtype).kind
+    if kind not in "uif":
+        raise InputDataError(
+            f"unsupported image data type {dtype}", path, "convert to an integer or float type"
+        )
+    # float64 carries no information reflectance needs and doubles the store.
+    return "float32" if dtype == "float64" else dtype

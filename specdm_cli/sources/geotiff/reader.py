@@ -1,0 +1,187 @@
+"""GeoTIFF-folder reader: a user's own `images/`+`masks/` or `t1/`+`t2/`+`change/` tiles in."""
+
+from __future__ import annotations
+
+import functools
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from rasterio.errors import NotGeoreferencedWarning
+from rasterio.windows import Window
+
+from specdm_cli.manifest import (
+    GEOTIFF_FOLDERS,
+    IGNORE_INDEX,
+    LABEL_ARRAY,
+    Task,
+    array_names,
+)
+from specdm_cli.sources.base import (
+    Candidate,
+    PrepareOptions,
+    RawSample,
+    SourcePlan,
+    SourceSpec,
+    apply_nodata,
+    label_nodata_mask,
+    pad_image_as_nodata,
+    pad_to,
+    patch_bounds,
+    patch_windows,
+    remap_labels,
+    require_dir,
+)
+from specdm_cli.sources.geotiff.bands import read_bands, rgb_bands
+from specdm_cli.sources.geotiff.classes import label_values, resolve_classes
+from specdm_cli.sources.geotiff.layout import (
+    Files,
+    Header,
+    check_all,
+    check_stem,
+    infer_task,
+    open_raster,
+    output_dtype,
+    pair_files,
+)
+from specdm_cli.sources.geotiff.splits import assign_splits
+
+
+@dataclass(frozen=True)
+class _Context:
+    """Everything `load` needs; immutable, so loads in threads share it without a lock."""
+
+    task: Task
+    files: Files
+    codes: tuple[int, ...]
+    height: int
+    width: int
+    dtype: str
+    nodata: float | None
+    label_nodata: float | None
+    georeferenced: bool
+
+
+def read_geotiff(raw: Path | None, options: PrepareOptions) -> SourcePlan:
+    """Open a folder of labelled rasters: pair files by stem, check headers, plan patches.
+
+    `images/`+`masks/` is task ss, `t1/`+`t2/`+`change/` task cd; files are anything GDAL reads
+    that `layout.EXTENSIONS` lists (GeoTIFF, JPEG 2000, VRT, ENVI); other files (e.g. a specdm
+    export's `manifest.json`) are ignored. Headers are read here, mask pixels only to discover
+    classes. Samples are patch_size (capped at the largest file), smaller files padded.
+
+    Args:
+        raw: the folder holding the array folders.
+        options: classes_file, splits_file, val/test fractions, seed, patch_size, overlap,
+            nodata, label_nodata.
+
+    Returns:
+        The plan; its `load` is thread-safe and reads one window per file, so memory stays flat.
+
+    Raises:
+        InputDataError: bad layout, files, bands, sizes, CRS, classes or splits file.
+        UsageError: val/test fractions out of range.
+    """
+    # Ungeoreferenced files are valid input (spec.crs None says so); rasterio warns on each open.
+    warnings.filterwarnings("ignore", category=NotGeoreferencedWarning)
+    root = require_dir(raw, "geotiff")
+    task = infer_task(root)
+    files = pair_files(root, task)
+    headers = {stem: check_stem(paths, task) for stem, paths in files.items()}
+    first = next(iter(headers.values()))
+    crs = check_all(headers)
+    classes, classes_from = resolve_classes(root, options, task, files)
+    splits, splits_from = assign_splits(list(files), options)
+    height = min(options.patch_size, max(h.height for h in headers.values()))
+    width = min(options.patch_size, max(h.width for h in headers.values()))
+    candidates = _candidates(headers, splits, height, width, options)
+    bands = read_bands(first.path, first.count)
+    spec = SourceSpec(
+        dataset="geotiff",
+        task=task,
+        bands=bands,
+        classes=classes,
+        dtype=output_dtype(first.dtype, first.path),
+        height=height,
+        width=width,
+        crs=crs,
+        rgb_bands=rgb_bands(bands),
+        details={
+            "layout": "+".join(GEOTIFF_FOLDERS[name] for name in array_names(task)),
+            "files": len(files),
+            "classes_from": classes_from,
+            "splits_from": splits_from,
+            "label_codes": {str(c.code): c.index for c in classes},
+        },
+    )
+    codes = tuple(int(str(c.code)) for c in classes)
+    context = _Context(
+        task, files, codes, height, width, spec.dtype, options.nodata, options.label_nodata,
+        bool(crs),
+    )  # fmt: skip
+    return SourcePlan(spec=spec, candidates=candidates, load=functools.partial(_load, ctx=context))
+
+
+def _candidates(
+    headers: dict[str, Header],
+    splits: dict[str, str],
+    height: int,
+    width: int,
+    options: PrepareOptions,
+) -> list[Candidate]:
+    candidates = []
+    for stem, header in headers.items():
+        if header.height <= height and header.width <= width:
+            # One window, padded by `load` when the file is smaller than the sample size.
+            candidates.append(Candidate(stem, splits[stem], (stem, 0, 0)))
+            continue
+        # A file larger than the sample is larger than patch_size: the sample size is capped there.
+        windows = patch_windows(header.height, header.width, options.patch_size, options.overlap)
+        candidates += [
+            Candidate(f"{stem}/y{y}_x{x}", splits[stem], (stem, y, x)) for y, x in windows
+        ]
+    return candidates
+
+
+def _load(candidate: Candidate, *, ctx: _Context) -> RawSample:
+    """Read one sample's windows (the datasets are opened here, so loads may run in threads)."""
+    stem, y, x = candidate.ref
+    paths = ctx.files[stem]
+    label_name = LABEL_ARRAY[ctx.task]
+    raw_label, file_label_nodata, _ = _read_window(paths[label_name], y, x, ctx)
+    # --label-nodata overrides the mask's tag, as --nodata does the image's.
+    label_nodata = ctx.label_nodata if ctx.label_nodata is not None else file_label_nodata
+    label = remap_labels(label_values(raw_label[0], label_nodata), ctx.codes, paths[label_name])
+    arrays: dict[str, np.ndarray] = {}
+    invalid = np.zeros(label.shape, dtype=bool)
+    label_invalid = label_nodata_mask(raw_label[0], label_nodata)
+    bounds = None
+    for name in array_names(ctx.task)[:-1]:
+        image, file_nodata, transform = _read_window(paths[name], y, x, ctx)
+        image = image.astype(ctx.dtype, copy=False)
+        # --nodata overrides the file's tag, as GDAL's -srcnodata does; NaN tags declare NaN.
+        nodata = ctx.nodata if ctx.nodata is not None else file_nodata
+        mask, _ = apply_nodata(image, label, nodata, paths[name])
+        invalid |= mask
+        arrays[name] = pad_image_as_nodata(image, mask, ctx.height, ctx.width)
+        if ctx.georeferenced and bounds is None:
+            bounds = patch_bounds(transform, y, x, ctx.height, ctx.width)
+    arrays[label_name] = pad_to(label, ctx.height, ctx.width, IGNORE_INDEX)
+    return RawSample(
+        candidate.source_id,
+        candidate.split,
+        arrays,
+        bounds,
+        nodata_pixels=int((invalid | label_invalid).sum()),
+        image_nodata=pad_to(invalid, ctx.height, ctx.width, True),
+    )
+
+
+def _read_window(path: Path, y: int, x: int, ctx: _Context) -> tuple[np.ndarray, float | None, Any]:
+    """(bands, H, W) of one window (clipped to the file), the file's nodata and transform."""
+    with open_raster(path) as src:
+        window = Window(x, y, min(ctx.width, src.width - x), min(ctx.height, src.height - y))
+        # A fresh array of the window only: memory stays flat however large the file.
+        return np.asarray(src.read(window=window)), src.nodata, src.transform

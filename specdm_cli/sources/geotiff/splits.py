@@ -1,0 +1,69 @@
+"""Train/val/test of a GeoTIFF folder, by source file: a splits CSV or seeded fractions."""
+
+from __future__ import annotations
+
+import csv
+import math
+from pathlib import Path
+
+import numpy as np
+
+from specdm_cli.errors import InputDataError, UsageError
+from specdm_cli.sources.base import (
+    PrepareOptions,
+)
+from specdm_cli.sources.geotiff.layout import EXTENSIONS
+
+_SPLITS = ("train", "val", "test")
+
+
+def assign_splits(stems: list[str], options: PrepareOptions) -> tuple[dict[str, str], str]:
+    """Split per source file (never per patch: overlapping patches would leak across splits)."""
+    if options.splits_file is not None:
+        return _read_splits_file(options.splits_file, stems), str(options.splits_file)
+    val, test = options.val_fraction, options.test_fraction
+    if not (0 <= val < 1 and 0 <= test < 1 and val + test < 1):
+        raise UsageError(
+            f"val fraction {val} and test fraction {test} must be >= 0 and sum to < 1",
+            hint="e.g. --val-fraction 0.1 --test-fraction 0.1",
+        )
+    n_test = min(_share(test, len(stems)), max(len(stems) - 1, 0))
+    n_val = min(_share(val, len(stems)), max(len(stems) - 1 - n_test, 0))
+    order = np.random.default_rng(options.seed).permutation(len(stems))
+    split_of = ["test"] * n_test + ["val"] * n_val + ["train"] * (len(stems) - n_test - n_val)
+    splits = {stems[int(i)]: split_of[rank] for rank, i in enumerate(order)}
+    return splits, f"fractions val={val} test={test} seed={options.seed}"
+
+
+def _share(fraction: float, count: int) -> int:
+    # At least one file for a requested split (a val split of 0 files is no val split).
+    return max(1, math.floor(fraction * count + 0.5)) if fraction > 0 else 0
+
+
+def _read_splits_file(path: Path, stems: list[str]) -> dict[str, str]:
+    try:
+        with path.open(newline="", encoding="utf-8") as handle:
+            rows = list(csv.DictReader(handle))
+    except (OSError, UnicodeDecodeError, csv.Error) as exc:
+        raise InputDataError(f"unreadable splits file ({exc})", path, "check the path") from None
+    if not rows or not {"stem", "split"} <= {(k or "").strip() for k in rows[0]}:
+        raise InputDataError(
+            "splits file needs columns stem,split", path, "one row per file: stem,train|val|test"
+        )
+    known = set(stems)
+    splits: dict[str, str] = {}
+    for line, row in enumerate(rows, start=2):
+        stem, split = (row["stem"] or "").strip(), (row["split"] or "").strip()
+        stem = stem.rsplit(".", 1)[0] if stem.lower().endswith(EXTENSIONS) else stem
+        if split not in _SPLITS:
+            raise InputDataError(f"line {line}: split {split!r} is not train, val or test", path)
+        if stem not in known:
+            raise InputDataError(f"line {line}: no image has the stem {stem!r}", path, "fix it")
+        if splits.setdefault(stem, split) != split:
+            raise InputDataError(f"line {line}: {stem!r} is listed twice", path, "keep one row")
+    missing = [s for s in stems if s not in splits]
+    if missing:
+        raise InputDataError(
+            f"{len(missing)} file(s) have no split, e.g. {missing[0]!r}", path, "add them"
+        )
+    return splits

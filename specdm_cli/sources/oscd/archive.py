@@ -1,0 +1,168 @@
+"""The OSCD archives: each top folder, extracted or read in place from its zip."""
+
+from __future__ import annotations
+
+import io
+import zipfile
+import zlib
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import rasterio
+from PIL import Image, UnidentifiedImageError
+from rasterio.errors import RasterioError
+from rasterio.io import MemoryFile
+
+from specdm_cli.errors import InputDataError
+
+# The archives' stems; each zip holds one top folder of the same name (datasets.md 2.1).
+IMAGES = "Onera Satellite Change Detection dataset - Images"
+LABELS = {
+    "train": "Onera Satellite Change Detection dataset - Train Labels",
+    "test": "Onera Satellite Change Detection dataset - Test Labels",
+}
+FIX_ARCHIVE = "re-extract it from the OSCD archive or re-download the archive"
+
+
+class Tree(Protocol):
+    """One OSCD top folder, extracted or inside its zip; `rel` paths are '/'-joined."""
+
+    def where(self, rel: str) -> Path: ...
+    def has(self, rel: str) -> bool: ...
+    def has_dir(self, rel: str) -> bool: ...
+    def subdirs(self) -> list[str]: ...
+    def listdir(self, rel: str) -> list[str]: ...
+    def source(self, rel: str) -> Path | bytes: ...
+
+
+@dataclass(frozen=True)
+class _DirTree:
+    root: Path
+
+    def where(self, rel: str) -> Path:
+        return self.root / rel
+
+    def has(self, rel: str) -> bool:
+        return (self.root / rel).is_file()
+
+    def has_dir(self, rel: str) -> bool:
+        return (self.root / rel).is_dir()
+
+    def subdirs(self) -> list[str]:
+        return sorted(p.name for p in self.root.iterdir() if p.is_dir())
+
+    def listdir(self, rel: str) -> list[str]:
+        folder = self.root / rel
+        return sorted(p.name for p in folder.iterdir() if p.is_file()) if folder.is_dir() else []
+
+    def source(self, rel: str) -> Path:
+        # A path, not bytes: rasterio then reads headers without reading the pixels.
+        return self.root / rel
+
+
+class _ZipTree:
+    """A top folder read in place from its zip; each read opens the zip anew (thread-safe)."""
+
+    def __init__(self, archive: Path, stem: str):
+        self.archive = archive
+        try:
+            with zipfile.ZipFile(archive) as zf:
+                names = [n for n in zf.namelist() if not n.endswith("/")]
+        except (zipfile.BadZipFile, OSError, EOFError) as exc:
+            raise InputDataError(
+                f"corrupt or unreadable zip ({exc})", archive, FIX_ARCHIVE
+            ) from None
+        # Tolerate a re-zipped archive without the top folder.
+        self.prefix = f"{stem}/" if any(n.startswith(f"{stem}/") for n in names) else ""
+        self.files = {n[len(self.prefix) :] for n in names if n.startswith(self.prefix)}
+
+    def where(self, rel: str) -> Path:
+        return self.archive / f"{self.prefix}{rel}"
+
+    def has(self, rel: str) -> bool:
+        return rel in self.files
+
+    def has_dir(self, rel: str) -> bool:
+        return any(n.startswith(f"{rel}/") for n in self.files)
+
+    def subdirs(self) -> list[str]:
+        return sorted({n.split("/")[0] for n in self.files if "/" in n})
+
+    def listdir(self, rel: str) -> list[str]:
+        inside = [n[len(rel) + 1 :] for n in self.files if n.startswith(f"{rel}/")]
+        return sorted(n for n in inside if "/" not in n)
+
+    def source(self, rel: str) -> bytes:
+        try:
+            with zipfile.ZipFile(self.archive) as zf:
+                return zf.read(f"{self.prefix}{rel}")
+        except (zipfile.BadZipFile, zlib.error, OSError, EOFError, KeyError) as exc:
+            raise InputDataError(
+                f"corrupt zip: cannot read {self.prefix}{rel} ({exc})", self.archive, FIX_ARCHIVE
+            ) from None
+
+
+def open_trees(root: Path) -> tuple[Tree, dict[str, Tree | None]]:
+    """The Images tree and each split's labels tree; labels a download lacks are None."""
+    images = _open_tree(root, IMAGES)
+    if images is None:
+        raise _missing(root, IMAGES)
+    labels = {split: _open_tree(root, stem) for split, stem in LABELS.items()}
+    if all(tree is None for tree in labels.values()):
+        raise _missing(root, LABELS["train"])
+    return images, labels
+
+
+def _open_tree(root: Path, stem: str) -> Tree | None:
+    # An extracted folder wins over its zip, as in torchgeo.
+    if (root / stem).is_dir():
+        return _DirTree(root / stem)
+    if (root / f"{stem}.zip").is_file():
+        return _ZipTree(root / f"{stem}.zip", stem)
+    return None
+
+
+def _missing(root: Path, stem: str) -> InputDataError:
+    hint = f"put '{stem}' or '{stem}.zip' in {root} (RAW holds the three OSCD folders or zips)"
+    if root.name in (IMAGES, *LABELS.values()):
+        hint = f"pass {root.parent}, the folder that holds the three OSCD folders, not one of them"
+    return InputDataError("OSCD folder (or its .zip) is missing", root / stem, hint)
+
+
+def read_text(source: Path | bytes) -> str:
+    data = source.read_bytes() if isinstance(source, Path) else source
+    return data.decode("utf-8-sig", errors="replace")
+
+
+@contextmanager
+def open_raster(tree: Tree, rel: str) -> Iterator[Any]:
+    """An open rasterio dataset of a file or zip member; failures name the file."""
+    source = tree.source(rel)
+    try:
+        if isinstance(source, Path):
+            with rasterio.open(source) as src:
+                yield src
+        else:
+            with MemoryFile(source) as memory, memory.open() as src:
+                yield src
+    except (RasterioError, OSError) as exc:
+        reason = str(exc).splitlines()[0][:120] if str(exc) else type(exc).__name__
+        raise InputDataError(
+            f"corrupt or unreadable TIFF ({reason})", tree.where(rel), FIX_ARCHIVE
+        ) from None
+
+
+@contextmanager
+def open_png(tree: Tree, rel: str) -> Iterator[Image.Image]:
+    """An open PIL image of a file or zip member; failures name the file."""
+    source = tree.source(rel)
+    try:
+        with Image.open(source if isinstance(source, Path) else io.BytesIO(source)) as img:
+            yield img
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+        raise InputDataError(
+            f"corrupt or unreadable PNG ({exc})", tree.where(rel), FIX_ARCHIVE
+        ) from None

@@ -1,0 +1,159 @@
+"""OSCD cities: which the download lists and holds, which the user chose, and their splits."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import numpy as np
+
+from specdm_cli.errors import InputDataError, UsageError
+from specdm_cli.sources.base import PrepareOptions
+from specdm_cli.sources.oscd.archive import FIX_ARCHIVE, LABELS, Tree, read_text
+from specdm_cli.sources.oscd.layout import label_rel
+
+CityList = dict[str, list[str]]  # original split (train, test) -> city names
+# Val far above the asked fraction: more than twice it and more than 5 points above it.
+_VAL_SHARE_RATIO, _VAL_SHARE_MARGIN = 2.0, 0.05
+
+
+def list_cities(images: Tree, labels: dict[str, Tree | None]) -> CityList:
+    """Cities per original split: Images/<split>.txt, else the label folder's sub-folders."""
+    listed: CityList = {}
+    for split, tree in labels.items():
+        txt = f"{split}.txt"
+        if images.has(txt):
+            text = read_text(images.source(txt))
+            listed[split] = list(dict.fromkeys(n for n in re.split(r"[,\s]+", text) if n))
+        elif tree is not None:
+            # torchgeo's fixture has no txt files; its cities are the label sub-folders.
+            listed[split] = [n for n in tree.subdirs() if not n.startswith((".", "__"))]
+        else:
+            listed[split] = []
+    both = sorted(set(listed["train"]) & set(listed["test"]))
+    if both:
+        raise InputDataError(
+            f"cities listed as both train and test: {both}",
+            images.where("test.txt"),
+            "list each city in only one of train.txt and test.txt",
+        )
+    if not listed["train"] and not listed["test"]:
+        raise InputDataError("no OSCD cities found", images.where("train.txt"), FIX_ARCHIVE)
+    return listed
+
+
+def choose_cities(listed: CityList, chosen: tuple[str, ...] | None, images: Tree) -> CityList:
+    """Only the cities of --cities (each keeps its original split); all when not given."""
+    if chosen is None:
+        return listed
+    known = [name for names in listed.values() for name in names]
+    unknown = [name for name in chosen if name not in known]
+    if unknown or not chosen:
+        raise InputDataError(
+            f"--cities names no listed city: {', '.join(unknown) or 'none given'}",
+            images.where("train.txt"),
+            f"choose among {', '.join(known)}",
+        )
+    return {split: [n for n in names if n in chosen] for split, names in listed.items()}
+
+
+def usable_cities(
+    root: Path, images: Tree, labels: dict[str, Tree | None], listed: CityList, chosen: bool
+) -> tuple[CityList, list[str]]:
+    """The cities a (partial) download can prepare, and warnings about those left out.
+
+    Listed cities without images are one error naming all of them. Test cities without a
+    change map are skipped with one warning, unless --cities asked for them; train cities
+    without one are an error (a store without them would silently lose training data).
+    """
+    _require_images(images, listed)
+    usable: CityList = {}
+    warnings: list[str] = []
+    for split, names in listed.items():
+        tree = labels[split]
+        unlabelled = [n for n in names if tree is None or label_rel(tree, n) is None]
+        usable[split] = [n for n in names if n not in unlabelled]
+        if not unlabelled:
+            continue
+        where = tree.where(f"{unlabelled[0]}/cm") if tree is not None else root / LABELS[split]
+        if split == "test" and not chosen:
+            warnings.append(
+                f"warning: skipping {len(unlabelled)} test cities without a change map "
+                f"({', '.join(unlabelled)}): add '{LABELS[split]}' (or its .zip) to prepare them"
+            )
+            continue
+        raise InputDataError(
+            f"{split} cities without a change map (cm/cm.png): {', '.join(unlabelled)}",
+            where,
+            f"add '{LABELS[split]}' (or its .zip) to RAW, or choose others with --cities",
+        )
+    if not any(usable.values()):
+        raise InputDataError("no OSCD city has a change map", root, FIX_ARCHIVE)
+    return usable, warnings
+
+
+def _require_images(images: Tree, listed: CityList) -> None:
+    """One error naming every listed city whose image folder the download lacks."""
+    names = [name for split_names in listed.values() for name in split_names]
+    absent = [name for name in names if not images.has_dir(name)]
+    if not absent:
+        return
+    present = [name for name in names if name not in absent]
+    hint = (
+        f"to prepare the cities you have, pass --cities {','.join(present)}"
+        if present
+        else "extract the whole Images archive"
+    )
+    raise InputDataError(
+        f"{len(absent)} listed cities have no image folder: {', '.join(absent)}",
+        images.where(absent[0]),
+        hint,
+    )
+
+
+def assign_splits(listed: CityList, options: PrepareOptions) -> dict[str, str]:
+    """Each city's split; val takes whole train cities, so no scene is in two splits."""
+    train = sorted(listed["train"])  # sorted: the choice must not depend on the txt order
+    if options.val_cities is not None:
+        val = _val_cities(options.val_cities, train)
+    else:
+        n_val = 0
+        if options.val_fraction > 0 and len(train) >= 2:
+            n_val = min(len(train) - 1, max(1, round(options.val_fraction * len(train))))
+        chosen = np.random.default_rng(options.seed).permutation(len(train))[:n_val]
+        val = {train[int(i)] for i in chosen}
+    splits = {name: "test" for name in listed["test"]}
+    splits |= {name: "val" if name in val else "train" for name in listed["train"]}
+    return splits
+
+
+def _val_cities(names: tuple[str, ...], train: list[str]) -> set[str]:
+    unknown = [name for name in names if name not in train]
+    if unknown:
+        raise UsageError(
+            f"--val-cities: not a train city: {', '.join(unknown)}",
+            hint=f"choose among {', '.join(train)}",
+        )
+    if set(names) >= set(train):
+        raise UsageError("--val-cities takes every train city", hint="leave one for training")
+    return set(names)
+
+
+def val_share_warning(
+    patches: dict[str, int], splits: dict[str, str], options: PrepareOptions
+) -> str | None:
+    """A warning when whole-city val holds far more patches than --val-fraction asked for."""
+    if options.val_cities is not None or options.val_fraction <= 0:
+        return None
+    val = sum(n for name, n in patches.items() if splits[name] == "val")
+    train = sum(n for name, n in patches.items() if splits[name] == "train")
+    share = val / max(val + train, 1)
+    asked = options.val_fraction
+    if share <= max(_VAL_SHARE_RATIO * asked, asked + _VAL_SHARE_MARGIN):
+        return None
+    cities = sorted(name for name, split in splits.items() if split == "val")
+    return (
+        f"warning: val holds {share:.0%} of the train patches ({', '.join(cities)}: whole "
+        f"cities), far above --val-fraction {asked:g}; choose with --val-cities NAME[,NAME] "
+        "or pass --val-fraction 0"
+    )

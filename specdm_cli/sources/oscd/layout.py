@@ -1,0 +1,168 @@
+"""OSCD cities: which exist, their split, and their headers (grid, CRS, change map)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from specdm_cli.errors import InputDataError
+from specdm_cli.manifest import ClassInfo
+from specdm_cli.sources.oscd.archive import FIX_ARCHIVE, Tree, open_png, open_raster, read_text
+from specdm_cli.sources.sentinel2 import S2_ALL_BANDS, S2_TEN_BANDS, s2_band_name
+
+# Only the co-registered `_rect` folders: `imgs_1/`, `imgs_2/` hold raw native-resolution crops.
+PHASES = ("imgs_1_rect", "imgs_2_rect")
+# The same scenes at native resolution, named "<S2 product>_B01.tif": read only for bands the
+# `_rect` folders lack, with a warning (they are crops of the raw products, not co-registered).
+RAW_PHASES = ("imgs_1", "imgs_2")
+GRID_BAND = "B02"  # a 10 m band: its H x W is the grid every other band is put on
+# `code` is the class's value in cm.png terms (0 = no change, non-zero = change); the
+# `<city>-cm.tif` files say 1 and 2 instead (datasets.md 2.3).
+OSCD_CLASSES = [
+    ClassInfo(index=0, name="no change", colour=(0, 0, 0), code=0),
+    ClassInfo(index=1, name="change", colour=(255, 255, 255), code=1),
+]
+SPLIT_ORDER = ("train", "val", "test")
+
+
+@dataclass(frozen=True)
+class City:
+    """A city's facts from its headers: split, 10 m grid, georeferencing, label file."""
+
+    name: str
+    split: str
+    labels: Tree
+    label_rel: str
+    height: int
+    width: int
+    crs: str | None
+    transform: Any
+    band_files: dict[tuple[int, str], str]
+
+
+def select_bands(requested: tuple[str, ...] | None) -> tuple[str, ...]:
+    """The --bands as canonical S2 names (`B2`, `b8a` are fine); default the paper's ten."""
+    if requested is None:
+        return S2_TEN_BANDS
+    bands = tuple(s2_band_name(b) or b.strip().upper() for b in requested)
+    unknown = [b for b in bands if b not in S2_ALL_BANDS]
+    if unknown or not bands or len(set(bands)) != len(bands):
+        what = f"unknown band(s) {unknown}" if unknown else f"bad band list {list(requested)}"
+        raise InputDataError(
+            f"OSCD: {what}", hint=f"choose distinct bands among {', '.join(S2_ALL_BANDS)}"
+        )
+    return bands
+
+
+def open_city(
+    images: Tree, labels: Tree, name: str, split: str, bands: tuple[str, ...]
+) -> tuple[City, list[str]]:
+    """Check a city's files exist and read its headers (no pixels).
+
+    Returns the city and the band files read from the non-rectified `imgs_N/` folders because
+    `imgs_N_rect/` lacks them (a partial or re-packed download).
+    """
+    band_files, fallbacks = _band_files(images, name, bands)
+    height, width, crs, transform = _grid(images, name, band_files)
+    rel = label_rel(labels, name)
+    if rel is None:
+        raise InputDataError(
+            f"no change map for city {name!r} (cm/cm.png or cm/{name}-cm.tif)",
+            labels.where(f"{name}/cm"),
+            f"extract the whole labels archive or remove {name} from the city list",
+        )
+    label_hw = _label_size(labels, rel)
+    if label_hw != (height, width):
+        raise InputDataError(
+            f"change map is {label_hw[0]}x{label_hw[1]} but the city's images are {height}x{width}",
+            labels.where(rel),
+            "replace it with the change map of this city",
+        )
+    city = City(name, split, labels, rel, height, width, crs, transform, band_files)
+    return city, fallbacks
+
+
+def _band_files(
+    images: Tree, name: str, bands: tuple[str, ...]
+) -> tuple[dict[tuple[int, str], str], list[str]]:
+    """(phase index, band) -> file, `imgs_N_rect/Bxx.tif` else `imgs_N/<product>_Bxx.tif`."""
+    files: dict[tuple[int, str], str] = {}
+    fallbacks: list[str] = []
+    for index, phase in enumerate(PHASES):
+        native = _native_files(images, f"{name}/{RAW_PHASES[index]}")
+        for band in dict.fromkeys((GRID_BAND, *bands)):
+            rect = f"{name}/{phase}/{band}.tif"
+            if images.has(rect):
+                files[index, band] = rect
+            elif band in native:
+                files[index, band] = native[band]
+                fallbacks.append(native[band])
+            else:
+                raise InputDataError("band file is missing", images.where(rect), FIX_ARCHIVE)
+    return files, fallbacks
+
+
+def _native_files(images: Tree, folder: str) -> dict[str, str]:
+    """Band -> file of a non-rectified folder, whose names end in the band (`..._B8A.tif`)."""
+    found: dict[str, str] = {}
+    for file_name in images.listdir(folder):
+        band = s2_band_name(file_name)
+        if band is not None and "_" in file_name:
+            found[band] = f"{folder}/{file_name}"
+    return found
+
+
+def _grid(
+    images: Tree, name: str, band_files: dict[tuple[int, str], str]
+) -> tuple[int, int, str | None, Any]:
+    """(H, W, CRS, transform) of the city's B02 in phase 1, after checking phase 2 agrees."""
+    headers = []
+    for index in range(len(PHASES)):
+        with open_raster(images, band_files[index, GRID_BAND]) as src:
+            georef = src.crs is not None and not src.transform.is_identity
+            headers.append(
+                (src.height, src.width, _crs_text(src.crs) if georef else None, src.transform)
+            )
+    if headers[0][:2] != headers[1][:2]:
+        raise InputDataError(
+            f"{GRID_BAND} is {headers[1][0]}x{headers[1][1]} in phase 2 but "
+            f"{headers[0][0]}x{headers[0][1]} in phase 1",
+            images.where(band_files[1, GRID_BAND]),
+            FIX_ARCHIVE,
+        )
+    return headers[0]
+
+
+def _crs_text(crs: Any) -> str:
+    epsg = crs.to_epsg()
+    return f"EPSG:{epsg}" if epsg else str(crs.to_wkt())
+
+
+def label_rel(labels: Tree, name: str) -> str | None:
+    """The city's change map file, or None when the labels lack it."""
+    # cm.png is what torchgeo reads; the tif (same map, values 1/2) is the fallback.
+    for rel in (f"{name}/cm/cm.png", f"{name}/cm/{name}-cm.tif"):
+        if labels.has(rel):
+            return rel
+    return None
+
+
+def _label_size(labels: Tree, rel: str) -> tuple[int, int]:
+    if rel.endswith(".tif"):
+        with open_raster(labels, rel) as src:
+            return int(src.height), int(src.width)
+    with open_png(labels, rel) as img:
+        return img.height, img.width
+
+
+def read_dates(images: Tree, name: str) -> dict[str, str] | None:
+    """dates.txt ("date_1: 20161130" per line) as strings; None when the file is missing."""
+    rel = f"{name}/dates.txt"
+    if not images.has(rel):
+        return None
+    lines = [line for line in read_text(images.source(rel)).splitlines() if line.strip()]
+    dates: dict[str, str] = {}
+    for i, line in enumerate(lines, start=1):
+        key, sep, value = line.partition(":")
+        dates[key.strip() if sep else f"date_{i}"] = (value if sep else line).strip()
+    return dates

@@ -1,0 +1,184 @@
+"""OSCD pixels: a city's bands on the 10 m grid, its change map, and one patch of them."""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from rasterio.enums import Resampling
+
+from specdm_cli.errors import InputDataError
+from specdm_cli.manifest import IGNORE_INDEX
+from specdm_cli.sources.base import (
+    Candidate,
+    RawSample,
+    apply_nodata,
+    pad_image_as_nodata,
+    pad_to,
+    patch_bounds,
+    remap_labels,
+)
+from specdm_cli.sources.oscd.archive import FIX_ARCHIVE, Tree, open_png, open_raster
+from specdm_cli.sources.oscd.layout import GRID_BAND, PHASES, City
+
+_TIF_LABEL_CODES = (1, 2)  # <city>-cm.tif: 1 = no change, 2 = change
+_COARSE_FACTORS = (2, 6)  # 20 m and 60 m bands against the 10 m grid
+_CACHED_CITIES = 2  # a thread pool crossing a city boundary needs the old and the new city
+
+
+@dataclass(frozen=True)
+class _Stack:
+    """One city's pixels on the 10 m grid; read-only, shared by all its patches."""
+
+    images: tuple[np.ndarray, np.ndarray]
+    nodata: tuple[float | None, float | None]
+    change: np.ndarray
+    where: tuple[Path, Path]
+
+
+@dataclass(frozen=True)
+class Context:
+    """What `load` needs; immutable, so threads share it (the city cache has its own lock)."""
+
+    images: Tree
+    cities: dict[str, City]
+    bands: tuple[str, ...]
+    size: int
+    nodata: float | None
+    georeferenced: bool
+
+
+class CityCache:
+    """The full stacks of the last cities read: a city's patches share one read of its files."""
+
+    def __init__(self, ctx: Context):
+        self._ctx = ctx
+        self._lock = threading.Lock()
+        self._stacks: OrderedDict[str, _Stack] = OrderedDict()
+
+    def get(self, name: str) -> _Stack:
+        # One lock around the read too: two threads never read the same city twice.
+        with self._lock:
+            if name not in self._stacks:
+                self._stacks[name] = _read_city(self._ctx, self._ctx.cities[name])
+                while len(self._stacks) > _CACHED_CITIES:
+                    self._stacks.popitem(last=False)
+            self._stacks.move_to_end(name)
+            return self._stacks[name]
+
+
+def _read_city(ctx: Context, city: City) -> _Stack:
+    phases = [_read_phase(ctx, city, index) for index in range(len(PHASES))]
+    change = _read_change(city.labels, city.label_rel)
+    for array in (phases[0][0], phases[1][0], change):
+        array.flags.writeable = False  # shared between threads: loads copy their window
+    where = (
+        ctx.images.where(f"{city.name}/{PHASES[0]}"),
+        ctx.images.where(f"{city.name}/{PHASES[1]}"),
+    )
+    return _Stack((phases[0][0], phases[1][0]), (phases[0][1], phases[1][1]), change, where)
+
+
+def _read_phase(ctx: Context, city: City, phase: int) -> tuple[np.ndarray, float | None]:
+    """(C, H, W) uint16 of one phase on the 10 m grid and the nodata value that applies."""
+    grid = (city.height, city.width)
+    stack = np.empty((len(ctx.bands), *grid), dtype=np.uint16)
+    tags: list[float | None] = []
+    for i, band in enumerate(ctx.bands):
+        stack[i], tag = _read_band(ctx.images, city.band_files[phase, band], grid)
+        tags.append(tag)
+    # --nodata overrides the files' tag, as GDAL's -srcnodata does.
+    if ctx.nodata is not None:
+        return stack, ctx.nodata
+    return stack, next((t for t in tags if t is not None), None)
+
+
+def _read_band(tree: Tree, rel: str, grid: tuple[int, int]) -> tuple[np.ndarray, float | None]:
+    with open_raster(tree, rel) as src:
+        shape = (int(src.height), int(src.width))
+        if shape == grid:
+            data = src.read(1)
+        else:
+            _require_coarse_grid(shape, grid, tree.where(rel))
+            # Reflectance is continuous, so bilinear, not nearest: no 2x2 or 6x6 blocks.
+            data = src.read(1, out_shape=grid, resampling=Resampling.bilinear)
+        return _as_uint16(np.asarray(data), tree.where(rel)), src.nodata
+
+
+def _require_coarse_grid(shape: tuple[int, int], grid: tuple[int, int], where: Path) -> None:
+    """A band off the grid must be the same extent at 20 m or 60 m (+- one pixel of rounding)."""
+    for factor in _COARSE_FACTORS:
+        if abs(shape[0] - grid[0] / factor) <= 1 and abs(shape[1] - grid[1] / factor) <= 1:
+            return
+    raise InputDataError(
+        f"band is {shape[0]}x{shape[1]}: neither the city's {grid[0]}x{grid[1]} 10 m grid "
+        f"(of {GRID_BAND}) nor a 20 m or 60 m version of it",
+        where,
+        FIX_ARCHIVE,
+    )
+
+
+def _as_uint16(data: np.ndarray, where: Path) -> np.ndarray:
+    if data.dtype == np.uint16:
+        return data
+    finite = np.isfinite(data) if np.issubdtype(data.dtype, np.floating) else True
+    if not np.all(finite) or data.min() < 0 or data.max() > np.iinfo(np.uint16).max:
+        raise InputDataError(
+            f"band values do not fit uint16 reflectance x 10000 (dtype {data.dtype})",
+            where,
+            "OSCD bands are uint16; replace the file",
+        )
+    return np.asarray(np.rint(data), dtype=np.uint16)
+
+
+def _read_change(tree: Tree, rel: str) -> np.ndarray:
+    """The change map as uint8 0/1 (255 where the tif says ignore)."""
+    if rel.endswith(".tif"):
+        with open_raster(tree, rel) as src:
+            raw = src.read(1)
+        return remap_labels(raw, _TIF_LABEL_CODES, tree.where(rel))
+    with open_png(tree, rel) as img:
+        # A palette image turns into colours first; alpha is dropped: it is not a change.
+        rgb = img.convert("RGBA") if img.mode in ("P", "PA") else img
+        array = np.asarray(rgb)
+        if rgb.mode.endswith(("A", "a")):
+            array = array[..., :-1]
+    changed = array != 0 if array.ndim == 2 else (array != 0).any(axis=-1)
+    return np.asarray(changed, dtype=np.uint8)
+
+
+def load_patch(candidate: Candidate, *, ctx: Context, cache: CityCache) -> RawSample:
+    """Cut one window of both phases and the change map; nodata and padding get label 255."""
+    city, y, x = candidate.ref
+    stack = cache.get(city)
+    rows, cols = slice(y, y + ctx.size), slice(x, x + ctx.size)
+    change = stack.change[rows, cols].copy()
+    invalid = np.zeros(change.shape, dtype=bool)
+    patches = []
+    for image, nodata, where in zip(stack.images, stack.nodata, stack.where, strict=True):
+        patch = image[:, rows, cols].copy()
+        mask, _ = apply_nodata(patch, change, nodata, where)
+        invalid |= mask
+        patches.append(patch)
+    arrays = {
+        array: pad_image_as_nodata(patch, invalid, ctx.size, ctx.size)
+        for array, patch in zip(("image_t1", "image_t2"), patches, strict=True)
+    }
+    arrays["change"] = pad_to(change, ctx.size, ctx.size, IGNORE_INDEX)
+    padding = ctx.size * ctx.size - change.size
+    bounds = (
+        patch_bounds(ctx.cities[city].transform, y, x, ctx.size, ctx.size)
+        if ctx.georeferenced
+        else None
+    )
+    return RawSample(
+        candidate.source_id,
+        candidate.split,
+        arrays,
+        bounds,
+        int(invalid.sum()) + padding,
+        image_nodata=pad_to(invalid, ctx.size, ctx.size, True),
+    )

@@ -1,0 +1,315 @@
+"""`specdm prepare` on real data as it comes (issue 15): sparse labels, label nodata, failed
+runs that leave nothing in the way, split files saved on Windows; through the real CLI."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import rasterio
+import zarr
+from rasterio.crs import CRS
+from rasterio.transform import from_origin
+
+from specdm_cli import cli
+from specdm_cli.sources.geotiff.bands import read_bands, rgb_bands
+from specdm_cli.sources.geotiff.layout import raster_stem
+from specdm_cli.sources.sentinel2 import S2_WAVELENGTH_NM
+from tests.conftest import manifest_of, run_cli
+from tests.fixtures.real_layouts import (
+    S2_L1C_NAMES,
+    SEN1FLOODS11_CHIPS,
+    make_gdal_formats,
+    make_sen1floods11,
+    make_sparse_change,
+    write_raster,
+)
+from tests.fixtures.segmunich import make_segmunich, segmunich_sample, write_sample
+
+
+def _prepare(*args: str | Path) -> tuple[int, str, str]:
+    return run_cli("prepare", *args, "--quiet")
+
+
+def _one_line(stderr: str) -> str:
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, stderr
+    assert "Traceback" not in stderr
+    return lines[0]
+
+
+# --- 1. unlabelled is not blank --------------------------------------------------------------
+
+
+def test_sparse_reference_keeps_every_patch_at_the_default_max_blank(tmp_path: Path) -> None:
+    raw = make_sparse_change(tmp_path / "raw", labelled=0.13)
+    code, stdout, stderr = _prepare("geotiff", raw, "--out", tmp_path / "s.zarr", "--json")
+    assert code == 0, stderr
+    summary = json.loads(stdout)
+    assert summary["count"] == 4 and summary["removed"] == {}
+    assert summary["nodata_pixels"] == 0
+
+
+def test_max_unlabelled_is_its_own_counted_filter(tmp_path: Path) -> None:
+    raw = make_sparse_change(tmp_path / "raw", labelled=0.13)
+    out = tmp_path / "s.zarr"
+    code, _, stderr = _prepare("geotiff", raw, "--out", out, "--max-unlabelled", "0.5")
+    assert code == 3
+    line = _one_line(stderr)
+    assert "every patch was removed" in line and "'unlabelled': 4" in line
+    assert "--max-unlabelled" in line
+
+
+def test_normalisation_uses_every_valid_image_pixel(tmp_path: Path) -> None:
+    raw = make_sparse_change(tmp_path / "raw", labelled=0.13)
+    out = tmp_path / "s.zarr"
+    code, _, stderr = _prepare("geotiff", raw, "--out", out, "--val-fraction", "0")
+    assert code == 0, stderr
+    pixels = []
+    for folder in ("t1", "t2"):
+        for path in sorted((raw / folder).glob("*.tif")):
+            with rasterio.open(path) as src:
+                pixels.append(src.read().reshape(src.count, -1).astype(np.float64))
+    every = np.concatenate(pixels, axis=1)
+    normalization = manifest_of(out)["normalization"]
+    assert isinstance(normalization, dict)
+    assert normalization["pixels"] == every.shape[1]
+    np.testing.assert_allclose(normalization["mean"], every.mean(axis=1), rtol=1e-9)
+    np.testing.assert_allclose(normalization["std"], every.std(axis=1), rtol=1e-6)
+
+
+# --- 2. label nodata --------------------------------------------------------------------------
+
+
+def test_negative_label_without_label_nodata_names_the_file_and_the_option(
+    tmp_path: Path,
+) -> None:
+    raw = make_sen1floods11(tmp_path / "raw")
+    code, _, stderr = _prepare("geotiff", raw, "--out", tmp_path / "f.zarr")
+    assert code == 3
+    line = _one_line(stderr)
+    assert "masks/Bolivia_103757.tif" in line and "--label-nodata -1" in line
+    assert "declare it as the mask's nodata" not in line
+    assert not (tmp_path / "f.zarr").exists()
+
+
+def test_label_nodata_becomes_ignore_and_is_counted(tmp_path: Path) -> None:
+    raw = make_sen1floods11(tmp_path / "raw", nodata_share=0.25)
+    out = tmp_path / "f.zarr"
+    code, stdout, stderr = _prepare(
+        "geotiff", raw, "--out", out, "--label-nodata", "-1", "--val-fraction", "0", "--json"
+    )
+    assert code == 0, stderr
+    manifest = manifest_of(out)
+    assert [c["code"] for c in manifest["classes"]] == [0, 1]  # type: ignore[union-attr]
+    masks = zarr.open_group(out, mode="r")["mask"][:]
+    expected = 0
+    for index, stem in enumerate(SEN1FLOODS11_CHIPS):
+        with rasterio.open(raw / "masks" / f"{stem}.tif") as src:
+            raw_label = src.read(1)
+        np.testing.assert_array_equal(masks[index] == 255, raw_label == -1)
+        expected += int((raw_label == -1).sum())
+    assert json.loads(stdout)["nodata_pixels"] == expected
+    assert manifest["source"]["nodata_pixels"] == expected  # type: ignore[index]
+
+
+def test_label_nodata_must_be_a_number(tmp_path: Path) -> None:
+    raw = make_sen1floods11(tmp_path / "raw")
+    code, _, stderr = _prepare("geotiff", raw, "--out", tmp_path / "f.zarr", "--label-nodata", "x")
+    assert code == 2
+    assert "--label-nodata 'x' is not a number" in _one_line(stderr)
+
+
+# --- 6. a failed prepare leaves nothing in the way --------------------------------------------
+
+
+def test_rerun_after_every_patch_was_removed_needs_no_overwrite(tmp_path: Path) -> None:
+    raw = make_sparse_change(tmp_path / "raw")
+    out = tmp_path / "s.zarr"
+    assert _prepare("geotiff", raw, "--out", out, "--max-unlabelled", "0.2")[0] == 3
+    assert not out.exists()
+    code, _, stderr = _prepare("geotiff", raw, "--out", out)
+    assert code == 0, stderr
+    assert manifest_of(out)["complete"] is True
+
+
+def test_resume_with_a_changed_option_names_it(tmp_path: Path) -> None:
+    raw = make_sparse_change(tmp_path / "raw")
+    out = tmp_path / "s.zarr"
+    assert _prepare("geotiff", raw, "--out", out)[0] == 0
+    code, _, stderr = _prepare("geotiff", raw, "--out", out, "--resume", "--max-blank", "0.2")
+    assert code == 3
+    line = _one_line(stderr)
+    assert "--max-blank: store 0.5, now 0.2" in line
+    code, _, stderr = _prepare("geotiff", raw, "--out", out, "--resume", "--label-nodata", "7")
+    assert "--label-nodata: store unset, now 7.0" in _one_line(stderr)
+
+
+def test_resume_of_a_store_made_before_the_new_options_still_matches(tmp_path: Path) -> None:
+    raw = make_sparse_change(tmp_path / "raw")
+    out = tmp_path / "s.zarr"
+    assert _prepare("geotiff", raw, "--out", out)[0] == 0
+    plan = manifest_of(out)["plan"]
+    assert isinstance(plan, dict)
+    assert "max_unlabelled" not in plan and "label_nodata" not in plan["options"]
+    code, _, stderr = _prepare("geotiff", raw, "--out", out, "--resume")
+    assert code == 0, stderr
+
+
+# --- 7. SegMunich split files -----------------------------------------------------------------
+
+
+def test_segmunich_split_lines_with_extension_crlf_and_blank_lines(tmp_path: Path) -> None:
+    raw = make_segmunich(tmp_path / "raw", splits={"train": 3, "val": 1}, size=16)
+    dataset = raw / "TUM_128" / "dataset"
+    (dataset / "train.txt").write_bytes(b"\xef\xbb\xbf1.tif\r\n\r\n2\r\n  3.TIF \r\n\r\n")
+    (dataset / "val.txt").write_bytes(b"4\r\n")
+    code, stdout, stderr = _prepare("segmunich", raw, "--out", tmp_path / "s.zarr", "--json")
+    assert code == 0, stderr
+    assert json.loads(stdout)["split_counts"] == {"train": 3, "val": 1}
+    ids = zarr.open_group(tmp_path / "s.zarr", mode="r")["source_id"][:]
+    assert list(np.asarray(ids)) == ["train/1", "train/2", "train/3", "val/4"]
+
+
+def test_segmunich_label_nodata(tmp_path: Path) -> None:
+    raw = make_segmunich(tmp_path / "raw", splits={"train": 2}, size=16, wrap=None)
+    image, label = segmunich_sample(16, 0, 1)
+    label[:4] = 250  # a re-exported label's fill value: not a SegMunich code
+    write_sample(raw, "train", "1", image, label)
+    out = tmp_path / "s.zarr"
+    assert _prepare("segmunich", raw, "--out", out)[0] == 3
+    code, stdout, stderr = _prepare(
+        "segmunich", raw, "--out", out, "--label-nodata", "250", "--json"
+    )
+    assert code == 0, stderr
+    assert json.loads(stdout)["nodata_pixels"] == 4 * 16
+    assert (zarr.open_group(out, mode="r")["mask"][0][:4] == 255).all()
+
+
+# --- 4. any raster GDAL reads; 5. Sentinel-2 band names ---------------------------------------
+
+
+def test_envi_jpeg2000_and_vrt_images_keep_pixels_crs_and_band_names(tmp_path: Path) -> None:
+    raw = tmp_path / "raw"
+    images = make_gdal_formats(raw)
+    out = tmp_path / "g.zarr"
+    code, _, stderr = _prepare("geotiff", raw, "--out", out, "--val-fraction", "0")
+    assert code == 0, stderr
+    manifest = manifest_of(out)
+    assert manifest["crs"] == "EPSG:32632"
+    bands = manifest["bands"]
+    assert isinstance(bands, list)
+    assert [b["name"] for b in bands] == ["B02", "B03", "B04", "B08"]
+    assert [b["wavelength_nm"] for b in bands] == [492.7, 559.8, 664.6, 832.8]
+    assert manifest["rgb_bands"] == ["B04", "B03", "B02"]
+    group = zarr.open_group(out, mode="r")
+    ids = list(np.asarray(group["source_id"][:]))
+    assert sorted(ids) == sorted(images)
+    for index, stem in enumerate(ids):
+        np.testing.assert_array_equal(group["image"][index], images[stem])
+    left = [b[0] for b in np.asarray(group["bounds"][:])]
+    assert sorted(left) == [600_000.0, 601_000.0, 602_000.0, 603_000.0]
+
+
+def test_each_gdal_format_alone_names_its_bands(tmp_path: Path) -> None:
+    raw = tmp_path / "raw"
+    make_gdal_formats(raw)
+    expected = ["B02", "B03", "B04", "B08"]
+    rasters = [p for p in sorted((raw / "images").iterdir()) if raster_stem(p) is not None]
+    assert [raster_stem(p) for p in rasters] == ["envi_bare", "envi_img", "jpeg2000", "virtual"]
+    for path in rasters:
+        stem = raster_stem(path)
+        bands = read_bands(path, 4)
+        assert [b.name for b in bands] == expected, stem
+        assert bands[0].wavelength_nm == 492.7 and bands[0].fwhm_nm == 66
+
+
+def test_envi_header_wavelengths_and_path_band_names(tmp_path: Path) -> None:
+    cube = tmp_path / "cube.img"
+    geo = {"crs": CRS.from_epsg(32632), "transform": from_origin(0, 0, 1, 1)}
+    names = tuple(f"/scratch/run 3/cube_band_{i:03d}.tif" for i in range(1, 7))
+    write_raster(cube, np.ones((6, 4, 5), np.float32), geo, names, driver="ENVI")
+    cube.with_name("cube.img.aux.xml").unlink(missing_ok=True)
+    header = cube.with_suffix(".hdr")
+    header.write_text(
+        header.read_text()
+        + "wavelength units = Micrometers\nwavelength = {0.40, 0.45, 0.50, 0.55, 0.60, 0.65}\n"
+        + "fwhm = {0.01, 0.01, 0.01, 0.01, 0.01, 0.01}\n"
+    )
+    bands = read_bands(cube, 6)
+    assert [b.name for b in bands] == [f"cube_band_{i:03d}" for i in range(1, 7)]
+    np.testing.assert_allclose([b.wavelength_nm for b in bands], [400, 450, 500, 550, 600, 650])
+    assert bands[0].fwhm_nm == 10
+
+
+@pytest.mark.parametrize(
+    ("names", "expected"),
+    [
+        (S2_L1C_NAMES, ["B01", "B02", "B03", "B04", "B05", "B06", "B07", "B08", "B8A", "B09",
+                        "B10", "B11", "B12"]),
+        (("B1", "B2", "B3", "B4", "B5", "B6", "B7", "B8", "B8a", "B9", "B11", "B12"),
+         ["B01", "B02", "B03", "B04", "B05", "B06", "B07", "B08", "B8A", "B09", "B11", "B12"]),
+        (tuple(f"S2B_MSIL2A_20200101_T32UQD_{b}" for b in ("B02", "B03", "B04", "B08A")),
+         ["B02", "B03", "B04", "B8A"]),
+    ],
+)  # fmt: skip
+def test_sentinel2_band_spellings(
+    tmp_path: Path, names: tuple[str, ...], expected: list[str]
+) -> None:
+    path = tmp_path / "chip.tif"
+    write_raster(path, np.ones((len(names), 4, 4), np.uint16), {}, names)
+    bands = read_bands(path, len(names))
+    assert [b.name for b in bands] == expected
+    assert all(b.wavelength_nm == S2_WAVELENGTH_NM[b.name] for b in bands)
+    if "B04" in expected:
+        assert rgb_bands(bands) == ["B04", "B03", "B02"]
+
+
+def test_a_cube_named_b1_to_b20_is_not_sentinel2(tmp_path: Path) -> None:
+    path = tmp_path / "cube.tif"
+    names = tuple(f"B{i}" for i in range(1, 21))
+    write_raster(path, np.ones((20, 4, 4), np.uint16), {}, names)
+    bands = read_bands(path, 20)
+    assert [b.name for b in bands] == list(names)
+    assert all(b.wavelength_nm is None for b in bands) and rgb_bands(bands) is None
+
+
+def test_sen1floods11_chip_gets_s2_wavelengths_through_the_cli(tmp_path: Path) -> None:
+    raw = make_sen1floods11(tmp_path / "raw")
+    out = tmp_path / "f.zarr"
+    assert _prepare("geotiff", raw, "--out", out, "--label-nodata", "-1")[0] == 0
+    manifest = manifest_of(out)
+    assert manifest["rgb_bands"] == ["B04", "B03", "B02"]
+    assert manifest["bands"][8] == {"name": "B8A", "wavelength_nm": 864.7, "fwhm_nm": 21.0}  # type: ignore[index]
+
+
+def test_unknown_rgb_bands_are_said_once_by_preview_and_benchmark(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    raw = make_sen1floods11(tmp_path / "raw", descriptions=None)
+    out = tmp_path / "f.zarr"
+    assert _prepare("geotiff", raw, "--out", out, "--label-nodata", "-1")[0] == 0
+    assert manifest_of(out)["rgb_bands"] is None
+    cli._write_preview(out, tmp_path / "p.png", quiet=False)
+    cli._warn_rgb_unknown(out, quiet=False)
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(lines) == 2 and lines[0] == lines[1]
+    assert "no red, green and blue bands" in lines[0] and "band_1, band_2, band_3" in lines[0]
+    assert (tmp_path / "p.png").is_file()
+    cli._write_preview(out, tmp_path / "q.png", quiet=True)
+    assert capsys.readouterr().err == ""
+
+
+def test_segmunich_tiff_whose_garbled_shape_divides_by_zero_is_one_line(tmp_path: Path) -> None:
+    raw = make_segmunich(tmp_path / "raw", splits={"train": 2}, size=16, wrap=None)
+    image = raw / "train" / "img" / "2.tif"
+    data = bytearray(image.read_bytes())
+    data = data[: len(data) * 17 // 1000]
+    data[10] = 1  # tifffile's series detection then divides by zero (found by hypothesis)
+    image.write_bytes(bytes(data))
+    code, _, stderr = _prepare("segmunich", raw, "--out", tmp_path / "s.zarr")
+    assert code == 3
+    assert "corrupt or truncated TIFF" in _one_line(stderr) and "2.tif" in stderr
+    assert not (tmp_path / "s.zarr").exists()
