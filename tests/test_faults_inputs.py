@@ -83,7 +83,14 @@ def test_garbled_oscd_zip_is_refused(
     labels = next(raw.glob("*Train Labels.zip"))
     labels.write_bytes(garble(labels.read_bytes(), cut, flips))
     code, _, stderr = run_cli(
-        "prepare", "oscd", raw, "--out", raw / "out.zarr", "--quiet", "--patch-size", "16"
+        "prepare",
+        "oscd",
+        raw,
+        "--out",
+        raw.with_name(raw.name + "-out.zarr"),
+        "--quiet",
+        "--patch-size",
+        "16",
     )
     if code != 0:
         assert_one_line(code, stderr, 3)
