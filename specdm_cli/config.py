@@ -105,6 +105,15 @@ class PrepareOptions:
     size: int = 64
     band_set: DemoBandSet = "s2"
 
+    def __post_init__(self) -> None:
+        # The one check of the split fractions, whichever source reads them.
+        val, test = self.val_fraction, self.test_fraction
+        if not (0 <= val < 1 and 0 <= test < 1 and val + test < 1):
+            raise UsageError(
+                f"--val-fraction {val} and --test-fraction {test} must be >= 0 with a sum below 1",
+                hint="e.g. --val-fraction 0.1 --test-fraction 0.1",
+            )
+
 
 class VAETrainConfig(BaseModel):
     """How to train the VAE; every default says where it comes from."""

@@ -370,13 +370,6 @@ def _validate(options: PrepareOptions) -> None:
             "e.g. --size 64",
         ),
         (options.seed >= 0, f"--seed must be >= 0 (got {options.seed})", "pass a seed >= 0"),
-        (
-            options.val_fraction >= 0
-            and options.test_fraction >= 0
-            and options.val_fraction + options.test_fraction < 1,
-            "--val-fraction and --test-fraction must be >= 0 with a sum below 1",
-            "e.g. --val-fraction 0.1 --test-fraction 0.1",
-        ),
     ]
     for ok, message, hint in checks:
         if not ok:

@@ -141,8 +141,6 @@ def _check_ranges(options: PrepareOptions) -> None:
         raise UsageError("--patch-size must be at least 8", hint="e.g. --patch-size 128")
     if not 0.0 <= options.overlap < 1.0:
         raise UsageError("--overlap must lie in [0, 1)", hint="e.g. --overlap 0.6")
-    if not 0.0 <= options.val_fraction < 1.0 or not 0.0 <= options.test_fraction < 1.0:
-        raise UsageError("split fractions must lie in [0, 1)", hint="e.g. --val-fraction 0.1")
 
 
 def prepare(

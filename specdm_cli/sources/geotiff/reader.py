@@ -82,7 +82,6 @@ def read_geotiff(raw: Path | None, options: PrepareOptions) -> SourcePlan:
 
     Raises:
         InputDataError: bad layout, files, bands, sizes, CRS, classes or splits file.
-        UsageError: val/test fractions out of range.
     """
     # Ungeoreferenced files are valid input (spec.crs None says so); rasterio warns on each open.
     warnings.filterwarnings("ignore", category=NotGeoreferencedWarning)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from specdm_cli.errors import InputDataError, UsageError
+from specdm_cli.errors import InputDataError
 from specdm_cli.sources.base import (
     PrepareOptions,
 )
@@ -21,12 +21,7 @@ def assign_splits(stems: list[str], options: PrepareOptions) -> tuple[dict[str, 
     """Split per source file (never per patch: overlapping patches would leak across splits)."""
     if options.splits_file is not None:
         return _read_splits_file(options.splits_file, stems), str(options.splits_file)
-    val, test = options.val_fraction, options.test_fraction
-    if not (0 <= val < 1 and 0 <= test < 1 and val + test < 1):
-        raise UsageError(
-            f"val fraction {val} and test fraction {test} must be >= 0 and sum to < 1",
-            hint="e.g. --val-fraction 0.1 --test-fraction 0.1",
-        )
+    val, test = options.val_fraction, options.test_fraction  # checked by PrepareOptions
     n_test = min(_share(test, len(stems)), max(len(stems) - 1, 0))
     n_val = min(_share(val, len(stems)), max(len(stems) - 1 - n_test, 0))
     order = np.random.default_rng(options.seed).permutation(len(stems))
