@@ -354,3 +354,16 @@ def test_cpu_ranks_without_batch_size_use_the_cpu_default_grid(
     one, two = arrays(tmp_path / "one.zarr"), arrays(tmp_path / "two.zarr")
     for name in ("image", "mask", "written", "class_fraction"):
         np.testing.assert_array_equal(one[name], two[name], err_msg=name)
+
+
+def test_the_plan_records_cpu_threads_and_a_resume_with_others_is_refused(
+    ss_run: Path, tmp_path: Path
+) -> None:
+    # CPU kernels sum floats in thread-dependent order: the last bit of a decoded value, and so
+    # the bytes of a store, depend on the thread count; a resume must not mix two of them.
+    out = tmp_path / "t.zarr"
+    assert synth(ss_run, out, "--n", "4", "--threads", "1")[0] == 0
+    assert json.loads((out / "manifest.json").read_text())["plan"]["threads"] == 1
+    code, _, stderr = synth(ss_run, out, "--n", "4", "--threads", "2", "--resume")
+    assert code == 3 and "--threads: store 1, now 2" in stderr
+    assert synth(ss_run, out, "--n", "4", "--threads", "1", "--resume")[0] == 0

@@ -253,7 +253,7 @@ def plan_differences(old: dict[str, object], new: dict[str, object], prefix: str
 
 
 # Plan keys that are not spelled as their option.
-_PLAN_NAMES = {"raw": "RAW", "source": "SOURCE", "stage": "command"}
+_PLAN_NAMES = {"raw": "RAW", "source": "SOURCE", "stage": "command", "model_sha256": "--model"}
 
 
 def _shown(value: object) -> str:

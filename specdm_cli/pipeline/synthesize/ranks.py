@@ -118,6 +118,7 @@ def _rank(
     )
     if request.devices.kind == "cpu":  # share the cores instead of oversubscribing them
         torch.set_num_threads(max(1, torch.get_num_threads() // request.devices.ranks))
+        # = synthesize.cpu_threads_per_process, which the plan records: the bytes depend on it.
     try:
         with graceful_stop() as stop:
             worker(part, stop)

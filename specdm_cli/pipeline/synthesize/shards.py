@@ -16,7 +16,7 @@ from specdm_cli.errors import InputDataError, LockHeldError, UsageError
 from specdm_cli.fs.atomic import atomic_write_text, remove_stray_temporaries
 from specdm_cli.fs.lock import LOCK_NAME, DirLock, live_locks
 from specdm_cli.manifest import Manifest, load_manifest
-from specdm_cli.stores import create_store, open_store, open_writer
+from specdm_cli.stores import create_store, open_store, open_writer, plan_differences
 from specdm_cli.stores.base import MANIFEST_NAME
 
 RECORDS = ".specdm/shards"
@@ -97,10 +97,13 @@ def join_or_create(out: Path, manifest: Manifest) -> Manifest:
                 raise
             # Another shard created it between our check and our rename: join theirs.
     existing = load_manifest(out / MANIFEST_NAME)
-    if existing.plan != manifest.plan:
+    plan = manifest.plan
+    if "threads" not in existing.plan:  # stores made before the plan recorded threads
+        plan = {key: value for key, value in plan.items() if key != "threads"}
+    if existing.plan != plan:
+        differences = "; ".join(plan_differences(existing.plan, plan))
         raise InputDataError(
-            "the store was made by another synthesis plan (model, seed, n, sampler, steps, "
-            "precision, batch size or format differ)",
+            f"the store was made by another synthesis plan ({differences})",
             out,
             "use the same options, another --out, or --overwrite",
         )

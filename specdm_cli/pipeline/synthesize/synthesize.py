@@ -118,7 +118,18 @@ def _plan(request: SynthesizeRequest, steps: int) -> dict[str, Any]:
         "batch_size": request.batch_size,
         "format": request.format,
         **({"require": [r.text() for r in request.require]} if request.require else {}),
+        **(
+            {"threads": cpu_threads_per_process(request.devices)}
+            if request.devices.kind == "cpu"
+            else {}
+        ),
     }
+
+
+def cpu_threads_per_process(devices: Devices) -> int:
+    """torch's intra-op threads of each sampling process: the CPU kernels' float sums, so the
+    last bit of a decoded value, depend on it (CPU ranks share the threads of the command)."""
+    return max(1, torch.get_num_threads() // devices.ranks)
 
 
 def _manifest(request: SynthesizeRequest, steps: int, device: torch.device) -> Manifest:
