@@ -152,6 +152,23 @@ def main_callback(
     # GDAL/libtiff report through these loggers; our own one-line errors say what matters.
     for library in ("rasterio", "tifffile"):
         logging.getLogger(library).addHandler(logging.NullHandler())
+    _print_notes()
+
+
+class _StderrNotes(logging.Handler):
+    """Notes of the lower layers (a stale lock taken over, damaged samples rewritten), logged to
+    the `specdm_cli` logger: the CLI prints them, one line each on the stderr of the moment."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        sys.stderr.write(self.format(record) + "\n")
+
+
+def _print_notes() -> None:
+    notes = logging.getLogger("specdm_cli")
+    if not any(isinstance(handler, _StderrNotes) for handler in notes.handlers):
+        notes.addHandler(_StderrNotes())
+        notes.setLevel(logging.INFO)
+        notes.propagate = False
 
 
 @contextmanager

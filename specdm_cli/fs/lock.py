@@ -12,9 +12,9 @@ import contextlib
 import errno
 import fcntl
 import json
+import logging
 import os
 import socket
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -26,6 +26,9 @@ LOCK_NAME = ".specdm.lock"
 # A live holder is reported at once; this only rides out a probe of `is_held` by another
 # process, which holds the lock for microseconds.
 _PROBE_GRACE_S = 0.5
+
+# Notes for the user: the CLI prints them (stages and stores print nothing themselves).
+log = logging.getLogger(__name__)
 
 
 def _try_flock(handle: int, shared: bool = False) -> bool:
@@ -152,10 +155,7 @@ class DirLock:
         assert self.handle is not None
         previous = _identity(self.path)
         if previous:
-            print(
-                f"note: took over a stale lock of {describe(previous)} ({self.path})",
-                file=sys.stderr,
-            )
+            log.warning("note: took over a stale lock of %s (%s)", describe(previous), self.path)
         record = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.time()}
         os.ftruncate(self.handle, 0)
         os.pwrite(self.handle, json.dumps(record).encode("utf-8"), 0)

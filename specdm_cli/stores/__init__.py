@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import fcntl
 import json
+import logging
 import os
-import sys
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Literal
@@ -33,6 +33,9 @@ __all__ = [
 
 TargetState = Literal["fresh", "resume", "done"]
 OutputKind = Literal["store", "run"]
+
+# Notes for the user: the CLI prints them (stages and stores print nothing themselves).
+log = logging.getLogger(__name__)
 
 
 def open_store(path: Path, allow_incomplete: bool = False) -> StoreReader:
@@ -78,7 +81,7 @@ def forget_damaged(path: Path, indices: Iterable[int] | None = None) -> list[int
             writer.save_manifest(manifest.model_copy(update={"complete": False}))
         writer.forget(damaged)
         shown = ", ".join(map(str, damaged[:5])) + (", ..." if len(damaged) > 5 else "")
-        print(f"note: rewriting {len(damaged)} damaged samples ({shown}) ({path})", file=sys.stderr)
+        log.warning("note: rewriting %d damaged samples (%s) (%s)", len(damaged), shown, path)
     return damaged
 
 
