@@ -45,6 +45,7 @@ from specdm_cli.pipeline.benchmark.quality import (
     split_indices,
 )
 from specdm_cli.stores import StoreReader, open_store
+from specdm_cli.stores.zarr_store import crc32
 from tests.conftest import prepare_demo
 
 # ---------------------------------------------------------------- pure maths: golden values
@@ -249,7 +250,17 @@ def corrupted_copy(store: Path, out: Path, corruption: Corruption, rows: np.ndar
     shutil.copytree(store, out)
     group = zarr.open_group(out, mode="r+", zarr_format=3, use_consolidated=False)
     corruption(group, open_store(out).manifest.task, rows)
+    _refresh_checksums(group)  # a deliberate edit, not damage: the store's crc32s follow it
     return open_store(out)
+
+
+def _refresh_checksums(group: zarr.Group) -> None:
+    table = group["checksum"]
+    assert isinstance(table, zarr.Array)
+    names = list(table.attrs["arrays"])  # type: ignore[arg-type]
+    arrays = [group[name] for name in names]
+    for i in range(table.shape[0]):
+        table[i] = [crc32(np.asarray(a[i]), a.dtype) for a in arrays]  # type: ignore[index,union-attr]
 
 
 # ---------------------------------------------------------------- store-level: ss

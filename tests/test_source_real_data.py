@@ -13,10 +13,12 @@ import zarr
 from rasterio.crs import CRS
 from rasterio.transform import from_origin
 
-from specdm_cli import cli
+from specdm_cli.pipeline.benchmark.benchmark import rgb_notice
+from specdm_cli.pipeline.synthesize.preview import rgb_note
 from specdm_cli.sources.geotiff.bands import read_bands, rgb_bands
 from specdm_cli.sources.geotiff.layout import raster_stem
 from specdm_cli.sources.sentinel2 import S2_WAVELENGTH_NM
+from specdm_cli.stores import open_store
 from tests.conftest import manifest_of, run_cli
 from tests.fixtures.real_layouts import (
     S2_L1C_NAMES,
@@ -285,21 +287,15 @@ def test_sen1floods11_chip_gets_s2_wavelengths_through_the_cli(tmp_path: Path) -
     assert manifest["bands"][8] == {"name": "B8A", "wavelength_nm": 864.7, "fwhm_nm": 21.0}  # type: ignore[index]
 
 
-def test_unknown_rgb_bands_are_said_once_by_preview_and_benchmark(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
+def test_unknown_rgb_bands_are_said_in_one_line(tmp_path: Path) -> None:
     raw = make_sen1floods11(tmp_path / "raw", descriptions=None)
     out = tmp_path / "f.zarr"
     assert _prepare("geotiff", raw, "--out", out, "--label-nodata", "-1")[0] == 0
     assert manifest_of(out)["rgb_bands"] is None
-    cli._write_preview(out, tmp_path / "p.png", quiet=False)
-    cli._warn_rgb_unknown(out, quiet=False)
-    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
-    assert len(lines) == 2 and lines[0] == lines[1]
-    assert "no red, green and blue bands" in lines[0] and "band_1, band_2, band_3" in lines[0]
-    assert (tmp_path / "p.png").is_file()
-    cli._write_preview(out, tmp_path / "q.png", quiet=True)
-    assert capsys.readouterr().err == ""
+    note = rgb_notice(out)  # what benchmark says on stderr; synthesize --preview says the same
+    assert note is not None and note == rgb_note(open_store(out).manifest)
+    assert "no red, green and blue bands" in note and "band_1, band_2, band_3" in note
+    assert "\n" not in note
 
 
 def test_segmunich_tiff_whose_garbled_shape_divides_by_zero_is_one_line(tmp_path: Path) -> None:
