@@ -90,7 +90,8 @@ def open_pair(real_path: Path, synthetic_path: Path) -> tuple[StoreReader, Store
         raise InputDataError(
             f"the stores' samples differ in size ({a.height}x{a.width} vs {b.height}x{b.width})",
             synthetic_path,
-            "prepare the real store with the generator's patch size (demo models: --size 32)",
+            f"prepare the real store at the generator's size ({b.height} px: "
+            f"`specdm prepare ... --size {b.height}` for the demo source)",
         )
     if (len(a.bands), len(a.classes)) != (len(b.bands), len(b.classes)):
         raise InputDataError(
