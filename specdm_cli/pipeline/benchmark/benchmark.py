@@ -27,7 +27,7 @@ from specdm_cli.pipeline.benchmark.quality import (
 )
 from specdm_cli.pipeline.runs.choose import choose_model
 from specdm_cli.pipeline.train.common import torch_devices
-from specdm_cli.stores import StoreReader, open_store
+from specdm_cli.stores import StoreReader, open_store, refuse_stream_out
 from specdm_cli.stores.atomic import atomic_write_text, remove_tree
 from specdm_cli.stores.lock import DirLock
 from specdm_cli.stores.quality import write_quality
@@ -121,6 +121,8 @@ def benchmark(
     request: BenchmarkRequest, progress: Progress | None = None
 ) -> tuple[BenchmarkReport, Path]:
     """Measure, write the report folder atomically; returns the report and the folder."""
+    if request.out is not None:
+        refuse_stream_out(request.out)
     real, synthetic = open_pair(request.real, request.synthetic)
     other = load_report(request.compare) if request.compare is not None else None
     out = request.out or default_out(request.synthetic)

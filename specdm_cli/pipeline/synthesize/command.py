@@ -20,7 +20,7 @@ from specdm_cli.pipeline.synthesize.synthesize import (
     resolve_batch_size,
     synthesize,
 )
-from specdm_cli.stores import is_ours, open_store
+from specdm_cli.stores import is_ours, open_store, refuse_stream_out
 from specdm_cli.stores.atomic import remove_tree
 
 PREVIEW_SAMPLES = 8
@@ -56,6 +56,7 @@ def synthesize_store(
     """Resolve the options into a request, write the store (or this shard of it), preview it."""
     if options.n <= 0:
         raise UsageError("synthesize needs --n >= 1", hint="e.g. --n 1000 --out syn.zarr")
+    refuse_stream_out(options.out)
     shard = parse_shard(options.shard)
     grid = parse_batch_size(options.batch_size)
     chosen = _model(options)
