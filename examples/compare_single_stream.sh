@@ -28,6 +28,7 @@ prediction=${PREDICTION:-v_prediction}   # the demo models' U-Net target (README
 samples=${SAMPLES:-256}
 downstream_steps=${DOWNSTREAM_STEPS:-200}  # 0: no downstream rows
 real_limit=${REAL_LIMIT:-100}
+feature_steps=${FEATURE_STEPS:-400}       # the benchmark's feature network (its default)
 threads=${THREADS:-1}                    # per process: the two arms train side by side
 bench_threads=${BENCH_THREADS:-2}        # the benchmarks run one after the other
 
@@ -89,7 +90,8 @@ bench() {
   log "benchmark $name"
   specdm benchmark --real "$store" --synthetic "$work/syn-$task-$name.zarr" \
     --model "$work/run-$task-$name" --label "$name" --out "$work/bench-$task-$name" \
-    ${downstream[@]+"${downstream[@]}"} --threads "$bench_threads" --overwrite --quiet "$@" \
+    ${downstream[@]+"${downstream[@]}"} --feature-steps "$feature_steps" \
+    --threads "$bench_threads" --overwrite --quiet "$@" \
     >/dev/null
 }
 

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # How the demo models shipped in specdm_cli/assets/ were made (CPU, 2 cores, both tasks side by side).
 # Usage: examples/train_demo_models.sh WORKDIR   then   python examples/export_demo_models.py WORKDIR
+# CI runs the recipe at a tiny budget through N (scenes), VAE_STEPS_SS, VAE_STEPS_CD and UNET_STEPS.
 # 64x64 scenes, f = 4 (16x16 latents); networks small enough that both tasks ship in < 8 MB
 # (fp16 on export) and train in < 60 min on 2 cores. examples/check_demo_models.py gates them.
 set -euo pipefail
@@ -19,7 +20,7 @@ export SPECDM_HOME="$work/home"
 # square of 15-17), a v U-Net's matched them within 12% (ours; README, fit-diffusion).
 train() {
   local task=$1 vae_steps=$2 vae_lr=$3
-  specdm prepare demo --task "$task" --n 2048 --size 64 --seed 11 --out "$work/demo-$task.zarr" --quiet --overwrite
+  specdm prepare demo --task "$task" --n "${N:-2048}" --size 64 --seed 11 --out "$work/demo-$task.zarr" --quiet --overwrite
   specdm fit-vae "$work/demo-$task.zarr" --run "$work/run-$task" --overwrite --quiet \
     --image-blocks 16,32,32 --mask-blocks 8,16,16 --norm-groups 8 \
     --batch-size 16 --lr "$vae_lr" --steps "$vae_steps" --val-every 250 --checkpoint-every 250 --threads 1

@@ -294,7 +294,8 @@ def prepare(
     source: Annotated[SourceName, typer.Argument(help="segmunich, oscd, geotiff or demo.")],
     raw: Annotated[Path | None, typer.Argument(help="Raw data folder (not for demo).")] = None,
     out: Annotated[
-        Path | None, typer.Option("--out", "-o", help="Output store [./<source>.zarr].")
+        Path | None,
+        typer.Option("--out", "-o", help="Output store [./<source>.zarr; ./<source> for geotiff]."),
     ] = None,
     store_format: Annotated[StoreFormat, typer.Option("--format", help="Store format.")] = "zarr",
     resume: ResumeOption = False,
@@ -350,7 +351,7 @@ def prepare(
     """Turn a raw dataset into a canonical, resumable store."""
     with _domain_errors():
         from specdm_cli.config import PrepareOptions
-        from specdm_cli.pipeline.prepare.prepare import PrepareRequest
+        from specdm_cli.pipeline.prepare.prepare import PrepareRequest, default_out
         from specdm_cli.pipeline.prepare.prepare import prepare as run_prepare
         from specdm_cli.pipeline.signals import graceful_stop
 
@@ -375,7 +376,7 @@ def prepare(
         request = PrepareRequest(
             source=source,
             raw=raw,
-            out=out or Path(f"{source}.zarr"),
+            out=out or default_out(source, store_format),
             format=store_format,
             options=options,
             max_blank=max_blank,

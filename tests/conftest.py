@@ -10,6 +10,7 @@ import pytest
 from typer.testing import CliRunner
 
 from specdm_cli.cli import app
+from tests.processes import kill_started
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -56,3 +57,10 @@ def demo_cd_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def manifest_of(store: Path) -> dict[str, object]:
     loaded: dict[str, object] = json.loads((store / "manifest.json").read_text())
     return loaded
+
+
+@pytest.fixture(autouse=True)
+def _kill_spawned_process_groups() -> Iterator[None]:
+    """Whatever a test started through tests.processes dies with the test, ranks included."""
+    yield
+    kill_started()

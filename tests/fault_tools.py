@@ -6,20 +6,20 @@ import json
 import os
 import signal
 import subprocess
-import sys
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file
 
 from specdm_cli.fs.lock import LOCK_NAME
+from tests import processes
 
 
 def spawn(*args: str | Path, fault: str | None = None) -> subprocess.Popen[str]:
     """Start `python -m specdm_cli ARGS` with SPECDM_FAULT=`fault` (stderr captured)."""
     env = {**os.environ, "SPECDM_FAULT": fault} if fault else dict(os.environ)
-    return subprocess.Popen(
-        [sys.executable, "-m", "specdm_cli", *map(str, args)],
+    return processes.start(
+        processes.python(*args),
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
         text=True,

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -15,6 +14,7 @@ from specdm_cli import __version__
 from specdm_cli.cli import app
 from specdm_cli.errors import InputDataError
 from specdm_cli.stores.dataset import StoreDataset
+from tests import processes
 from tests.conftest import run_cli
 
 
@@ -24,13 +24,9 @@ def test_help_and_version_do_not_import_torch() -> None:
         "from specdm_cli.cli import app\n"
         "assert 'torch' not in sys.modules and 'zarr' not in sys.modules, 'heavy import at top'\n"
     )
-    subprocess.run([sys.executable, "-c", probe], check=True)
-    done = subprocess.run(
-        [sys.executable, "-m", "specdm_cli", "--version"],
-        capture_output=True,
-        text=True,
-        check=True,
-    )
+    assert processes.run([sys.executable, "-c", probe]).returncode == 0
+    done = processes.run(processes.python("--version"), text=True)
+    assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == f"specdm {__version__}"
 
 

@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 from specdm_cli.pipeline.runs.registry import read_registry, record_run
+from tests import processes
 from tests.conftest import manifest_of, run_cli
 from tests.fault_tools import assert_one_error_line, run_killed, spawn, wait_until_stopped
 from tests.test_faults_concurrency import DEMO, SYNTH
@@ -51,7 +52,7 @@ CONTENDER = textwrap.dedent(
 
 def test_four_contenders_never_hold_the_lock_together(tmp_path: Path) -> None:
     contenders = [
-        subprocess.Popen(
+        processes.start(
             [sys.executable, "-c", CONTENDER, str(tmp_path), "150"],
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
@@ -117,7 +118,7 @@ HOLDER = textwrap.dedent(
 def test_the_run_registry_waits_for_a_lock_held_for_a_moment(tmp_path: Path) -> None:
     home = tmp_path / "specdm-home"  # SPECDM_HOME of this test (conftest)
     home.mkdir(parents=True, exist_ok=True)
-    holder = subprocess.Popen(
+    holder = processes.start(
         [sys.executable, "-c", HOLDER, str(home), "1.5"], stdout=subprocess.PIPE, text=True
     )
     try:

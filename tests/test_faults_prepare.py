@@ -20,6 +20,8 @@ import numpy as np
 import pytest
 import zarr
 
+from tests import processes
+
 DEMO = ("prepare", "demo", "--n", "200", "--size", "32", "--seed", "5", "--quiet")
 
 
@@ -32,10 +34,9 @@ def specdm(
         if fsize is not None:
             resource.setrlimit(resource.RLIMIT_FSIZE, (fsize, fsize))
 
-    return subprocess.run(
-        [sys.executable, "-m", "specdm_cli", *map(str, args)],
-        capture_output=True, text=True, timeout=300,
-        env={**os.environ, **(env or {})}, preexec_fn=limit_file_size,
+    return processes.run(
+        processes.python(*args), text=True, env={**os.environ, **(env or {})},
+        preexec=limit_file_size,
     )  # fmt: skip
 
 
@@ -97,7 +98,7 @@ def test_sigterm_stops_cleanly_with_the_resume_hint(tmp_path: Path) -> None:
         "--out",
         str(out),
     ]
-    process = subprocess.Popen(command, stderr=subprocess.PIPE, text=True)
+    process = processes.start(command, stderr=subprocess.PIPE, text=True)
     progress = out / ".specdm" / "prepare-progress.json"
     deadline = time.monotonic() + 120
     while not progress.exists() and time.monotonic() < deadline:

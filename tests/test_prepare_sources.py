@@ -77,7 +77,8 @@ def test_oscd_zips_end_to_end_with_val_by_city(tmp_path: Path) -> None:
     manifest = manifest_of(tmp_path / "o.zarr")
     cities = manifest["source"]["details"]["cities"]  # type: ignore[index]
     assert set(cities) >= {"train", "val", "test"} and cities["val"]
-    dataset = xr.open_zarr(tmp_path / "o.zarr", consolidated=False)
+    # Stored values (reflectance x 10000), not the reflectance CF packing decodes to.
+    dataset = xr.open_zarr(tmp_path / "o.zarr", mask_and_scale=False)
     assert dataset["image_t1"].dims == ("sample", "band", "y", "x")
     assert dataset["image_t1"].dtype == np.uint16 and dataset.sizes["band"] == 10
     ids = [str(s) for s in dataset["source_id"].values]

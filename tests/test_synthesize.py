@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import subprocess
 import sys
 from pathlib import Path
 
@@ -15,6 +14,7 @@ import xarray as xr
 import zarr
 
 from specdm_cli.stores.dataset import StoreDataset
+from tests import processes
 from tests.conftest import prepare_demo, run_cli
 
 VAE = ("--image-blocks", "8,16,16", "--mask-blocks", "8,8,16", "--norm-groups", "4",
@@ -109,17 +109,13 @@ def test_a_killed_run_resumes_to_the_same_bytes(ss_run: Path, tmp_path: Path) ->
         "12",
         *FAST,
     ]
-    killed = subprocess.run(
-        command,
-        env={**os.environ, "SPECDM_FAULT": "synthesize.after_batch:2"},
-        capture_output=True,
-        text=True,
-        timeout=300,
+    killed = processes.run(
+        command, env={**os.environ, "SPECDM_FAULT": "synthesize.after_batch:2"}, text=True
     )
     assert killed.returncode == -signal.SIGKILL
     assert json.loads((out / "manifest.json").read_text())["complete"] is False
     assert int(np.asarray(zarr.open_group(out, mode="r")["written"][:]).sum()) == 8
-    resumed = subprocess.run([*command, "--resume"], capture_output=True, text=True, timeout=300)
+    resumed = processes.run([*command, "--resume"], text=True)
     assert resumed.returncode == 0, resumed.stderr
     whole, again = arrays(tmp_path / "whole.zarr"), arrays(out)
     for name in ("image", "mask", "written"):
@@ -245,9 +241,9 @@ def test_require_resumes_after_a_kill(ss_run: Path, tmp_path: Path) -> None:
     command = [sys.executable, "-m", "specdm_cli", "synthesize", "--model", str(ss_run),
                "--out", str(out), *FAST, *options]  # fmt: skip
     environment = {**os.environ, "SPECDM_FAULT": "synthesize.after_batch:1"}
-    killed = subprocess.run(command, env=environment, capture_output=True, timeout=300)
+    killed = processes.run(command, env=environment)
     assert killed.returncode == -signal.SIGKILL
-    resumed = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    resumed = processes.run(command, text=True)
     assert resumed.returncode == 0, resumed.stderr
     whole, again = arrays(tmp_path / "whole.zarr"), arrays(out)
     for name in ("image", "mask", "candidate"):

@@ -20,6 +20,7 @@ from specdm_cli.stores import (
     create_store,
     open_store,
     open_writer,
+    refuse_stream_out,
     resolve_target,
     store_sha256,
 )
@@ -57,6 +58,7 @@ def filter_store(request: FilterRequest, progress: Progress | None = None) -> Fi
     """Copy the parent's samples scoring >= `min_quality` into a new store, complete at the end."""
     if not math.isfinite(request.min_quality) or not 0.0 <= request.min_quality <= 1.0:
         raise UsageError("--min-quality must lie in [0, 1]", hint="e.g. --min-quality 0.2")
+    refuse_stream_out(request.out)
     refuse_overlap(request.out, {"STORE": request.store})
     reader = open_store(request.store)
     scores = read_quality(reader)

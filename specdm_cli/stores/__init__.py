@@ -10,6 +10,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Literal
 
+from specdm_cli.config import StoreFormat
 from specdm_cli.errors import InputDataError, UsageError
 from specdm_cli.faults import fault_point
 from specdm_cli.fs.atomic import remove_abandoned_creations, remove_tree
@@ -25,9 +26,11 @@ __all__ = [
     "StoreReader",
     "StoreWriter",
     "create_store",
+    "default_store_path",
     "find_damaged",
     "open_store",
     "open_writer",
+    "refuse_stream_out",
     "resolve_target",
 ]
 
@@ -158,6 +161,20 @@ def _is_run_json(path: Path) -> bool:
     )
 
 
+def default_store_path(stem: str, store_format: StoreFormat) -> Path:
+    """`demo.zarr` for a Zarr store, `demo` for a folder of GeoTIFF tiles (not a Zarr store)."""
+    return Path(f"{stem}.zarr") if store_format == "zarr" else Path(stem)
+
+
+def refuse_stream_out(path: Path, option: str = "--out") -> None:
+    """`--out -` would make a folder named `-`: outputs are folders, never stdout (exit 2)."""
+    if str(path) == "-":
+        raise UsageError(
+            f"{option} - is not supported: specdm writes a folder, not a stream",
+            hint=f"name a folder, e.g. {option} demo.zarr (use --json for a summary on stdout)",
+        )
+
+
 def resolve_target(
     path: Path, plan: dict[str, object], resume: bool, overwrite: bool
 ) -> TargetState:
@@ -166,6 +183,7 @@ def resolve_target(
     Returns "fresh" (nothing there, or removed by --overwrite), "resume" (an incomplete store
     of the same plan) or "done" (a complete store of the same plan, with --resume).
     """
+    refuse_stream_out(path)
     if resume and overwrite:
         raise UsageError("--resume and --overwrite exclude each other", hint="pick one")
     if not path.exists():

@@ -11,7 +11,7 @@ import rasterio
 from rasterio.crs import CRS
 from rasterio.errors import NotGeoreferencedWarning, RasterioError
 from rasterio.io import MemoryFile
-from rasterio.transform import from_bounds
+from rasterio.transform import Affine, from_bounds
 
 from specdm_cli.errors import InputDataError
 from specdm_cli.fs.atomic import atomic_write_bytes, atomic_write_text, remove_tree
@@ -59,6 +59,10 @@ def _profile(manifest: Manifest, array: np.ndarray, bounds: Any) -> dict[str, An
     if bounds is not None and manifest.crs:
         profile["crs"] = CRS.from_user_input(manifest.crs)
         profile["transform"] = from_bounds(*bounds, manifest.width, manifest.height)
+    else:
+        # An explicit pixel grid (x = column, y = row) and no CRS: no invented geolocation
+        # (DESIGN.md), and GDAL readers open the tile without a "not georeferenced" warning.
+        profile["transform"] = Affine.identity()
     return profile
 
 
@@ -69,7 +73,9 @@ def write_tile(path: Path, manifest: Manifest, array: np.ndarray, bounds: Any = 
     clean OSError (exit 5) rather than libtiff messages and a half-written file.
     """
     try:
-        with MemoryFile() as memory:
+        with MemoryFile() as memory, warnings.catch_warnings():
+            # Writing a grid without a CRS warns; the tile itself opens quietly.
+            warnings.simplefilter("ignore", NotGeoreferencedWarning)
             with memory.open(**_profile(manifest, array, bounds)) as dst:
                 _fill_tile(dst, manifest, array)
             encoded = memory.read()

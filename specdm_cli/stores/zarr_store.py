@@ -23,6 +23,15 @@ from specdm_cli.stores.base import (
     StoreWriter,
     split_code,
 )
+from specdm_cli.stores.cf import (
+    X_COORDINATE,
+    Y_COORDINATE,
+    consolidate,
+    create_spatial_coordinates,
+    image_attributes,
+    label_attributes,
+    pixel_centres,
+)
 
 ATTR_KEY = "specdm"
 # Per-sample crc32 of each raster array, beside `written`: a missing chunk reads as the fill
@@ -44,7 +53,7 @@ def create_zarr(root: Path, manifest: Manifest, capacity: int, georeferenced: bo
     bands, height, width = len(manifest.bands), manifest.height, manifest.width
     grid = manifest.batch_grid
     for name in IMAGE_ARRAYS[manifest.task]:
-        group.create_array(
+        image = group.create_array(
             name,
             shape=(capacity, bands, height, width),
             chunks=(1, bands, height, width),
@@ -53,6 +62,7 @@ def create_zarr(root: Path, manifest: Manifest, capacity: int, georeferenced: bo
             compressors=_compressor(),
             fill_value=0,
         )
+        image.attrs.update(image_attributes(manifest, georeferenced))
     label = group.create_array(
         LABEL_ARRAY[manifest.task],
         shape=(capacity, height, width),
@@ -62,9 +72,11 @@ def create_zarr(root: Path, manifest: Manifest, capacity: int, georeferenced: bo
         compressors=_compressor(),
         fill_value=0,
     )
-    label.attrs.update({"ignore_index": manifest.ignore_index})
+    label.attrs.update(label_attributes(manifest, georeferenced))
     _create_tables(group, manifest, capacity, grid, georeferenced)
     _create_coordinates(group, manifest)
+    if georeferenced:
+        create_spatial_coordinates(group, manifest, capacity)
     _write_manifest(root, group, manifest)
 
 
@@ -129,7 +141,11 @@ def _create_coordinates(group: zarr.Group, manifest: Manifest) -> None:
 
 def _write_manifest(root: Path, group: zarr.Group, manifest: Manifest) -> None:
     payload = json.loads(manifest.to_json())
+    # Rewriting the root zarr.json drops any consolidated metadata: only complete stores keep it,
+    # so it never describes arrays that change later.
     group.attrs.update({ATTR_KEY: payload})
+    if manifest.complete:
+        consolidate(root)
     atomic_write_text(root / MANIFEST_NAME, manifest.to_json())
 
 
@@ -217,8 +233,20 @@ class ZarrWriter(StoreWriter):
         if "bounds" in self.group:
             bounds = [m.bounds if m.bounds is not None else (np.nan,) * 4 for m in metas]
             _array(self.group, "bounds")[start:stop] = np.array(bounds, dtype=np.float64)
+        if X_COORDINATE in self.group:
+            self._write_pixel_centres(start, metas)
         self._write_checksums(start, stop)
         _array(self.group, "written")[start:stop] = True
+
+    def _write_pixel_centres(self, start: int, metas: list[SampleMeta]) -> None:
+        height, width = self.manifest.height, self.manifest.width
+        xs = np.full((len(metas), width), np.nan)
+        ys = np.full((len(metas), height), np.nan)
+        for row, meta in enumerate(metas):
+            if meta.bounds is not None:
+                xs[row], ys[row] = pixel_centres(meta.bounds, height, width)
+        _array(self.group, X_COORDINATE)[start : start + len(metas)] = xs
+        _array(self.group, Y_COORDINATE)[start : start + len(metas)] = ys
 
     def written(self) -> np.ndarray:
         return np.asarray(_array(self.group, "written")[:])

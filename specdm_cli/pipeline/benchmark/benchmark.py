@@ -31,7 +31,7 @@ from specdm_cli.pipeline.benchmark.quality import (
 from specdm_cli.pipeline.runs.choose import choose_model
 from specdm_cli.pipeline.synthesize.preview import rgb_note
 from specdm_cli.pipeline.train.common import torch_devices
-from specdm_cli.stores import StoreReader, open_store
+from specdm_cli.stores import StoreReader, open_store, refuse_stream_out
 from specdm_cli.stores.base import MANIFEST_NAME
 from specdm_cli.stores.quality import write_quality
 
@@ -93,7 +93,8 @@ def open_pair(real_path: Path, synthetic_path: Path) -> tuple[StoreReader, Store
         raise InputDataError(
             f"the stores' samples differ in size ({a.height}x{a.width} vs {b.height}x{b.width})",
             synthetic_path,
-            "prepare the real store with the generator's patch size (demo models: --size 32)",
+            f"prepare the real store at the generator's size ({b.height} px: "
+            f"`specdm prepare ... --size {b.height}` for the demo source)",
         )
     if (len(a.bands), len(a.classes)) != (len(b.bands), len(b.classes)):
         raise InputDataError(
@@ -128,6 +129,8 @@ def benchmark(
     request: BenchmarkRequest, progress: Progress | None = None
 ) -> tuple[BenchmarkReport, Path]:
     """Measure, write the report folder atomically; returns the report and the folder."""
+    if request.out is not None:
+        refuse_stream_out(request.out)
     real, synthetic = open_pair(request.real, request.synthetic)
     other = load_report(request.compare) if request.compare is not None else None
     out = request.out or default_out(request.synthetic)

@@ -13,7 +13,7 @@ from typing import Any, Literal
 import numpy as np
 
 from specdm_cli import __version__
-from specdm_cli.config import Progress
+from specdm_cli.config import Progress, StoreFormat
 from specdm_cli.errors import InputDataError, UsageError
 from specdm_cli.faults import fault_point
 from specdm_cli.fs.atomic import atomic_write_text, remove_stray_temporaries, remove_tree
@@ -43,8 +43,10 @@ from specdm_cli.stores import (
     SampleMeta,
     StoreWriter,
     create_store,
+    default_store_path,
     forget_damaged,
     open_writer,
+    refuse_stream_out,
     resolve_target,
 )
 from specdm_cli.stores.base import MANIFEST_NAME
@@ -112,7 +114,13 @@ def _plan(request: PrepareRequest) -> dict[str, Any]:
     return plan
 
 
+def default_out(source: str, store_format: StoreFormat) -> Path:
+    """`--out` when not given: `./<source>.zarr`, or `./<source>` for GeoTIFF tiles."""
+    return default_store_path(source, store_format)
+
+
 def _validate(request: PrepareRequest) -> None:
+    refuse_stream_out(request.out)
     if request.source not in READERS:
         known = ", ".join(sorted(READERS))
         raise UsageError(f"unknown source {request.source!r}", hint=f"use one of: {known}")

@@ -21,7 +21,7 @@ from specdm_cli.pipeline.synthesize.synthesize import (
     resolve_batch_size,
     synthesize,
 )
-from specdm_cli.stores import open_store, remove_own
+from specdm_cli.stores import open_store, refuse_stream_out, remove_own
 
 PREVIEW_SAMPLES = 8
 
@@ -56,6 +56,7 @@ def synthesize_store(
     """Resolve the options into a request, write the store (or this shard of it), preview it."""
     if options.n <= 0:
         raise UsageError("synthesize needs --n >= 1", hint="e.g. --n 1000 --out syn.zarr")
+    refuse_stream_out(options.out)
     shard = parse_shard(options.shard)
     grid = parse_batch_size(options.batch_size)
     chosen = _model(options)
