@@ -19,6 +19,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from specdm_cli.fs.paths import file_sha256
+from specdm_cli.pipeline.runs.choose import demo_model_path
 from tests.conftest import prepare_demo, run_cli
 from tests.fault_tools import assert_one_error_line, stage_of
 from tests.test_faults_inputs import GARBLING, garble
@@ -251,3 +252,18 @@ def test_a_weights_file_missing_from_run_json_is_refused(tiny_run: Path, tmp_pat
     (run / "run.json").write_text(json.dumps(manifest))
     code, stderr = load_with_the_command_that_reads(run, "run.json")
     assert_one_error_line(code, stderr, 4, "not listed in run.json")
+
+
+def test_a_run_whose_class_indices_repeat_is_a_model_error(tmp_path: Path) -> None:
+    # Found by the hypothesis test above: `"index": false` beside index 0 used to pass run.json
+    # and fail later, in the synthetic store's manifest, as "unexpected ValidationError".
+    run = tmp_path / "run"
+    shutil.copytree(demo_model_path("ss"), run)
+    document = json.loads((run / "run.json").read_text())
+    document["classes"][1]["index"] = False
+    (run / "run.json").write_text(json.dumps(document))
+    code, _, stderr = run_cli(
+        "synthesize", "--model", run, "--n", "2", "--out", tmp_path / "o.zarr"
+    )
+    assert code == 4 and "class indices" in stderr and "unexpected" not in stderr
+    assert not (tmp_path / "o.zarr").exists()

@@ -158,6 +158,8 @@ def check_consistent(manifest: RunManifest) -> None:
         raise ValueError(f"normalization has not one value per band ({bands})")
     if np.dtype(manifest.dtype).kind not in "uif" or not manifest.classes:
         raise ValueError(f"dtype {manifest.dtype!r} or classes unusable")
+    if sorted(c.index for c in manifest.classes) != list(range(len(manifest.classes))):
+        raise ValueError("class indices must be 0..K-1, each once")  # as a store's manifest
     vae = manifest.stages.get("vae")
     if vae is not None and vae.checkpoint is not None:
         model = VAEConfig.model_validate(manifest.vae_details().model)
