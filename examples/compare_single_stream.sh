@@ -26,7 +26,7 @@ vae_lr=${VAE_LR:-2e-3}                   # 1e-3 for runs past ~1,000 steps (trai
 unet_steps=${UNET_STEPS:-400}
 prediction=${PREDICTION:-v_prediction}   # the demo models' U-Net target (README, fit-diffusion)
 samples=${SAMPLES:-256}
-downstream_steps=${DOWNSTREAM_STEPS:-200}  # 0: no downstream rows
+downstream_steps=${DOWNSTREAM_STEPS:-200}  # step cap per phase (a quick look; the CLI: 3000); 0: no rows
 real_limit=${REAL_LIMIT:-100}
 feature_steps=${FEATURE_STEPS:-400}       # the benchmark's feature network (its default)
 threads=${THREADS:-1}                    # per process: the two arms train side by side
@@ -81,7 +81,7 @@ fi
 downstream=()
 if [ "$downstream_steps" -gt 0 ]; then
   downstream=(--downstream --real-limit "$real_limit" --synthetic-ratio 1,2
-    --downstream-steps "$downstream_steps")
+    --downstream-max-steps "$downstream_steps")
 fi
 
 bench() {

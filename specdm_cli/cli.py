@@ -784,9 +784,24 @@ def benchmark(
     synthetic_ratio: Annotated[
         str, typer.Option(help="Synthetic pairs per real pair, e.g. 1,3,5 (Table 6).")
     ] = "5",
-    downstream_steps: Annotated[
-        int, typer.Option(min=1, help="Optimiser steps per downstream configuration.")
-    ] = 1000,
+    downstream_seeds: Annotated[
+        int, typer.Option(min=1, help="Seeds per downstream row (mean ± std).")
+    ] = 3,
+    downstream_max_steps: Annotated[
+        int, typer.Option(min=1, help="Step cap per downstream training phase.")
+    ] = 3000,
+    downstream_patience: Annotated[
+        int, typer.Option(min=1, help="Val evaluations without a better mIoU before stopping.")
+    ] = 6,
+    downstream_eval_every: Annotated[
+        int, typer.Option(min=1, help="Steps between downstream val evaluations.")
+    ] = 50,
+    downstream_protocols: Annotated[
+        str, typer.Option(help="How synthetic pairs join real ones: mixed, pretrain or both.")
+    ] = "mixed,pretrain",
+    real_share: Annotated[
+        float, typer.Option(min=0.01, max=1.0, help="Real share of a mixed downstream batch.")
+    ] = 0.5,
     downstream_batch_size: Annotated[int, typer.Option(min=1, help="Downstream batch size.")] = 16,
     write_scores: Annotated[
         bool,
@@ -814,7 +829,7 @@ def benchmark(
 ) -> None:
     """Report how good, how useful and how fast a synthetic dataset is."""
     with _domain_errors():
-        from specdm_cli.config import DownstreamOptions
+        from specdm_cli.config import DownstreamOptions, downstream_protocol_list
         from specdm_cli.errors import UsageError
         from specdm_cli.pipeline.benchmark.benchmark import BenchmarkRequest, rgb_notice
         from specdm_cli.pipeline.benchmark.benchmark import benchmark as run_benchmark
@@ -834,11 +849,12 @@ def benchmark(
         if min(ratios) < 1:
             raise UsageError("--synthetic-ratio values must be >= 1", hint="e.g. 1,3,5")
         options = DownstreamOptions(
-            steps=downstream_steps,
-            batch_size=downstream_batch_size,
-            real_limit=real_limit,
-            ratios=ratios,
-        )
+            batch_size=downstream_batch_size, seeds=downstream_seeds,
+            eval_every=downstream_eval_every, patience=downstream_patience,
+            max_steps=downstream_max_steps, real_share=real_share,
+            protocols=downstream_protocol_list(downstream_protocols),
+            real_limit=real_limit, ratios=ratios,
+        )  # fmt: skip
         request = BenchmarkRequest(
             real=real, synthetic=synthetic, out=out, model=model,
             downstream=options if downstream else None, write_scores=write_scores,

@@ -24,8 +24,12 @@ from tests.conftest import prepare_demo, run_cli
 
 # Budgets that finish in seconds: the numbers are meaningless, the plumbing is what is tested.
 FAST = ("--feature-steps", "5", "--batch-size", "8", "--threads", "2", "--quiet")
-DOWNSTREAM = ("--downstream", "--downstream-steps", "3", "--downstream-batch-size", "4",
-              "--real-limit", "10", "--synthetic-ratio", "1,2")  # fmt: skip
+# Early stopping at a tiny scale: evaluate every step, stop after 2 without a better val
+# mIoU, at most 4 steps per phase; 3 seeds, as the protocol's default.
+MAX_STEPS, EVAL_EVERY, PATIENCE = 4, 1, 2
+DOWNSTREAM = ("--downstream", "--downstream-max-steps", str(MAX_STEPS), "--downstream-eval-every",
+              str(EVAL_EVERY), "--downstream-patience", str(PATIENCE), "--downstream-seeds", "3",
+              "--downstream-batch-size", "4", "--real-limit", "10", "--synthetic-ratio", "1,2")  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -129,21 +133,146 @@ def test_generator_side_is_measured(ss_report: Path, ss: tuple[Path, Path]) -> N
 def test_downstream_rows_train_on_the_right_data(ss_report: Path, ss: tuple[Path, Path]) -> None:
     downstream = load_report(ss_report).downstream
     assert downstream is not None and downstream.eval_split == "test"
-    counts = {row.name: (row.real_count, row.synthetic_count) for row in downstream.rows}
+    counts = {
+        row.name: (row.protocol, row.real_count, row.synthetic_count) for row in downstream.rows
+    }
     # 10 real pairs; synthetic only asks for 2 x 10 but the store has 12.
     assert counts == {
-        "real": (10, 0),
-        "synthetic": (0, 12),
-        "real+synthetic x1": (10, 10),
-        "real+synthetic x2": (10, 12),
+        "real": ("real", 10, 0),
+        "VAE round trip of real": ("round-trip", 0, 10),
+        "synthetic": ("synthetic", 0, 12),
+        "real+synthetic x1": ("mixed", 10, 10),
+        "synthetic x1 -> real": ("pretrain", 10, 10),
+        "real+synthetic x2": ("mixed", 10, 12),
+        "synthetic x2 -> real": ("pretrain", 10, 12),
     }
-    assert all(0 <= row.miou <= 1 and row.final_loss > 0 for row in downstream.rows)
-    assert downstream.config["steps"] == 3 and downstream.config["seed"] == 0
+    assert all(0 <= row.miou <= 1 for row in downstream.rows)
     real, synthetic = (open_store(p) for p in ss)
     rows = configurations(real, synthetic, DownstreamOptions(real_limit=10, ratios=(1, 2)))
     train = real.indices("train")
     assert np.array_equal(rows[0].real, train[:10]) and rows[0].synthetic.size == 0
     assert np.array_equal(rows[2].synthetic, synthetic.indices(None)[:10])
+    # Stopping watches the val split, testing uses the test split: never the same pairs.
+    assert downstream.stop_split == "val" and downstream.stop_count == real.indices("val").size
+
+
+def test_downstream_seeds_give_mean_and_spread(ss_report: Path) -> None:
+    downstream = load_report(ss_report).downstream
+    assert downstream is not None and downstream.seeds == [0, 1, 2]
+    for row in downstream.rows:
+        scores = np.array([run.miou for run in row.seeds])
+        assert [run.seed for run in row.seeds] == [0, 1, 2]
+        assert row.miou == pytest.approx(scores.mean())
+        assert row.miou_std == pytest.approx(scores.std(ddof=1))
+        assert (row.miou_min, row.miou_max) == (scores.min(), scores.max())
+    # Seeds change initialisation, batches and augmentation: some row's scores must differ.
+    assert any(row.miou_std and row.miou_std > 0 for row in downstream.rows)
+    text = (ss_report / "report.md").read_text()
+    assert "±" in text and "standard deviation over the seeds" in text
+    assert "the paper has the same leak" in text and "round-trip" in text
+
+
+def test_early_stopping_tests_the_best_val_checkpoint(ss_report: Path) -> None:
+    downstream = load_report(ss_report).downstream
+    assert downstream is not None
+    for row in downstream.rows:
+        for run in row.seeds:
+            assert len(run.best_steps) == (2 if row.protocol == "pretrain" else 1)
+            curve = np.array(run.val_curve)
+            # The tested weights are the last phase's (pretrain: the fine-tuning on real).
+            last = curve[curve[:, 0] > sum(run.phase_steps[:-1])]
+            assert run.best_val_miou == last[:, 1].max()
+            # A phase stops `PATIENCE` evaluations after its (first) best, or at the cap.
+            after_best = len(last) - 1 - int(np.argmax(last[:, 1]))
+            assert after_best == PATIENCE or run.phase_steps[-1] == MAX_STEPS
+            assert run.steps == sum(run.phase_steps) <= MAX_STEPS * len(run.phase_steps)
+
+
+def test_early_stopping_restores_the_best_weights(ss: tuple[Path, Path]) -> None:
+    from specdm_cli.pipeline.benchmark.collect import mean_iou
+    from specdm_cli.pipeline.benchmark.feature_training import TrainData, class_weights
+    from specdm_cli.pipeline.benchmark.features import band_statistics, default_config
+    from specdm_cli.pipeline.benchmark.utility_training import (
+        batches_of,
+        confusion,
+        new_model,
+        train_to_best,
+    )  # fmt: skip
+
+    real = open_store(ss[0])
+    options = DownstreamOptions(batch_size=4, eval_every=1, patience=2, max_steps=6)
+    config = default_config(real, batch_size=4)
+    stats = band_statistics(real)
+    train = TrainData([(real, real.indices("train")[:8])], *stats)
+    val = TrainData([(real, real.indices("val"))], *stats)
+    model = new_model(config, "cpu")
+    weights = class_weights(real, config.classes)
+    phase = train_to_best(
+        model, batches_of(train, None, options), val, config, options, weights, "cpu"
+    )
+    assert phase.best_val == max(score for _step, score in phase.curve)
+    again = float(mean_iou(confusion(model, val, config.classes, 4, "cpu")))
+    assert again == pytest.approx(phase.best_val, abs=1e-5)
+
+
+def test_mixed_batches_keep_the_real_share(ss: tuple[Path, Path]) -> None:
+    from specdm_cli.pipeline.benchmark.feature_training import ArraySource, TrainData
+    from specdm_cli.pipeline.benchmark.utility_training import batches_of
+
+    real = open_store(ss[0])
+    manifest, shape = real.manifest, real.read(0)["image"].shape
+
+    # Real pairs are all 0, synthetic ones all 1 (after normalisation with mean 0, std 1), so
+    # a flip or turn cannot blur which is which.
+    def constant(value: float, count: int) -> TrainData:
+        arrays = {"image": np.full(shape, value, np.float32), "mask": np.zeros(shape[1:], np.uint8)}
+        source = ArraySource(manifest, {i: arrays for i in range(count)})
+        return TrainData([(source, np.arange(count))], np.zeros(shape[0]), np.ones(shape[0]))
+
+    rng = np.random.default_rng(0)
+    for share, synthetic in ((0.5, 6), (0.25, 18), (0.75, 2)):
+        options = DownstreamOptions(batch_size=6, real_share=share)
+        batches = batches_of(constant(0.0, 10), constant(1.0, 30), options)
+        for _ in range(3):
+            images, labels = batches.draw(rng)
+            per_sample = images[0].mean(dim=(1, 2, 3)).numpy()
+            assert (
+                per_sample.tolist() == [0.0] * 6 + [1.0] * synthetic
+                and len(labels) == 6 + synthetic
+            )
+
+
+def test_round_trip_row_decodes_through_the_models_vae(ss: tuple[Path, Path]) -> None:
+    import torch
+
+    from specdm_cli.pipeline.benchmark.generator import round_trip
+    from specdm_cli.pipeline.runs.choose import choose_model
+    from specdm_cli.pipeline.runs.vae_io import load_vae
+
+    real = open_store(ss[0])
+    chosen = choose_model("demo", "ss")
+    indices = real.indices("train")[:3]
+    source = round_trip(chosen, real, indices, torch.device("cpu"))
+    norm = chosen.manifest.normalization
+    mean, std = (torch.tensor(v, dtype=torch.float32)[:, None, None] for v in (norm.mean, norm.std))
+    vae = load_vae(chosen.path, chosen.manifest, torch.device("cpu"))
+    for index in indices:
+        arrays = real.read(int(index))
+        image = (torch.from_numpy(arrays["image"].astype(np.float32)) - mean) / std
+        batch = {
+            "image": image[None],
+            "mask": torch.from_numpy(arrays["mask"].astype(np.int64))[None],
+        }
+        with torch.no_grad():
+            decoded = vae.decode_joint(vae.encode_latent(batch))
+        expected = (decoded["image"][0] * std + mean).numpy()
+        got = source.read(int(index))
+        np.testing.assert_allclose(got["image"], expected, rtol=1e-4, atol=1e-2)
+        label = decoded["mask"][0].argmax(dim=0).numpy()
+        ignored = arrays["mask"] == 255
+        assert (got["mask"][ignored] == 255).all()
+        assert np.array_equal(got["mask"][~ignored], label[~ignored])
+        assert not np.allclose(got["image"], arrays["image"])  # a round trip, not a copy
 
 
 def test_write_scores_then_filter_keeps_the_samples_above(ss_report: Path, tmp_path: Path) -> None:
@@ -245,7 +374,16 @@ def test_change_detection_report(home: Path, tmp_path: Path) -> None:
     assert report.quality.change_ratio_hist_candidate is not None and "change" in report.figures
     assert report.downstream is not None
     assert report.downstream.f1_definition == "F1 of the change class"
-    assert [r.name for r in report.downstream.rows][:2] == ["real", "synthetic"]
+    # Without --model there is no VAE to round-trip through: no such row.
+    assert [r.protocol for r in report.downstream.rows] == [
+        "real",
+        "synthetic",
+        "mixed",
+        "pretrain",
+        "mixed",
+        "pretrain",
+    ]
+    assert report.downstream.round_trip is None
 
 
 @pytest.mark.parametrize(

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from specdm_cli import __version__
 from specdm_cli.config import Devices, DownstreamOptions, MetricsOptions, Progress
@@ -28,7 +29,7 @@ from specdm_cli.pipeline.benchmark.quality import (
     compare_stores,
     split_indices,
 )
-from specdm_cli.pipeline.runs.choose import choose_model
+from specdm_cli.pipeline.runs.choose import ChosenModel, choose_model
 from specdm_cli.pipeline.synthesize.preview import rgb_note
 from specdm_cli.pipeline.train.common import torch_devices
 from specdm_cli.stores import StoreReader, open_store, refuse_stream_out
@@ -43,6 +44,7 @@ from .report import (
     REPORT_NAME,
     BenchmarkReport,
     ClosePair,
+    Downstream,
     ScoreSummary,
     StoreRef,
     check_comparable,
@@ -170,14 +172,33 @@ def benchmark(
         report.reconstruction = gen.reconstruction(chosen, real, device)
         report.throughput = gen.throughput(chosen, synthetic, device, request.throughput_batches)
     if request.downstream is not None:
-        report.downstream = run_downstream(
-            real, synthetic, request.downstream, str(device), progress
+        report.downstream = _downstream(
+            request.downstream, real, synthetic, chosen, device, progress
         )
     if other is not None:
         report.comparison = compare(report, other, request.compare or Path())
     means = (traits[0].class_means(), traits[1].class_means())
     write_report_folder(out, report, real, synthetic, means)
     return report, out
+
+
+def _downstream(
+    options: DownstreamOptions,
+    real: StoreReader,
+    synthetic: StoreReader,
+    chosen: ChosenModel | None,
+    device: torch.device,
+    progress: Progress | None,
+) -> Downstream:
+    """The utility table; with --model, its round-trip row decodes through that run's VAE."""
+    if chosen is None:
+        return run_downstream(real, synthetic, options, str(device), progress)
+    name = f"{chosen.manifest.run_id} ({chosen.kind}, sha256 {chosen.sha256[:12]})"
+    return run_downstream(
+        real, synthetic, options, str(device), progress,
+        round_trip=lambda indices: gen.round_trip(chosen, real, indices, device),
+        round_trip_name=name,
+    )  # fmt: skip
 
 
 def _ref(reader: StoreReader, sha: str) -> StoreRef:

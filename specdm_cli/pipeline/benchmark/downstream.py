@@ -1,27 +1,37 @@
 """Downstream utility (paper Tables 3, 5, 6): train a compact segmenter / siamese change detector
-on real, synthetic and real + synthetic pairs with one seed and budget, and test it on real data."""
+on real, VAE round-trip, synthetic and real + synthetic pairs, each to its best real-val
+checkpoint over several seeds, and test it on real data."""
 
 from __future__ import annotations
 
 import math
-import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
-import torch
-from torch import nn
+from torch import Tensor
 
 from specdm_cli.config import DownstreamOptions, Progress
 from specdm_cli.errors import InputDataError
-from specdm_cli.manifest import IGNORE_INDEX, IMAGE_ARRAYS, LABEL_ARRAY
 from specdm_cli.metrics.stats import class_iou, mean_iou
 from specdm_cli.models.feature_net import FeatureNetConfig
-from specdm_cli.pipeline.benchmark.collect import batches
-from specdm_cli.pipeline.benchmark.feature_training import TrainData, class_weights, fit
+from specdm_cli.pipeline.benchmark.feature_training import (
+    SampleSource,
+    TrainData,
+    class_weights,
+)
 from specdm_cli.pipeline.benchmark.features import band_statistics, default_config
 from specdm_cli.stores import StoreReader
 
-from .report import Downstream, DownstreamRow
+from .report import Downstream, DownstreamRow, SeedRun
+from .utility_training import (
+    Phase,
+    batches_of,
+    confusion,
+    new_model,
+    synthetic_per_batch,
+    train_to_best,
+)
 
 # The paper limits the real training set to 2k pairs for SS and 100 for CD (Sec. 4.3).
 PAPER_REAL_LIMIT = {"ss": 2000, "cd": 100}
@@ -33,31 +43,55 @@ NETWORK = {
     "ss": "compact U-Net segmenter (metrics.network.SegmentationNet)",
     "cd": "siamese U-Net change detector, shared encoder on t1/t2 (metrics.network.SiameseChangeNet)",
 }
+SPREAD = "standard deviation over the seeds (ddof 1); min-max in report.json"
+ROUND_TRIP_NAME = "VAE round trip of real"
 
 
 @dataclass(frozen=True)
 class Configuration:
+    """One row: its name, how it trains (`protocol`) and which pairs of each source it uses.
+
+    Protocols: "real", "synthetic" (one source); "round-trip" (the real pairs' VAE
+    reconstructions, `synthetic` indexing the real store); "mixed" (every batch a fixed share
+    real); "pretrain" (synthetic to its best val checkpoint, then fine-tuned on real).
+    """
+
     name: str
+    protocol: str
     real: np.ndarray
     synthetic: np.ndarray
 
 
 def configurations(
-    real: StoreReader, synthetic: StoreReader, options: DownstreamOptions
+    real: StoreReader, synthetic: StoreReader, options: DownstreamOptions, round_trip: bool = False
 ) -> list[Configuration]:
-    """Real only (the first `real_limit` train pairs, as `fit-vae --limit`), synthetic only
-    (as many as the largest ratio asks for) and real + ratio x synthetic for each ratio."""
-    limit = options.real_limit or PAPER_REAL_LIMIT[real.manifest.task]
-    train = real.indices("train")[:limit]
-    if train.size == 0:
-        raise InputDataError("the real store has no train split", real.root, "re-prepare it")
+    """Real only (the first `real_limit` train pairs, as `fit-vae --limit`), their VAE round
+    trips, synthetic only (as many as the largest ratio asks for) and, per ratio and protocol,
+    real + ratio x synthetic."""
+    train = real_train(real, options)
     pool = synthetic.indices(None)
     none = np.zeros(0, np.int64)
-    rows = [Configuration("real", train, none)]
-    rows.append(Configuration("synthetic", none, pool[: max(options.ratios) * train.size]))
+    rows = [Configuration("real", "real", train, none)]
+    if round_trip:
+        rows.append(Configuration(ROUND_TRIP_NAME, "round-trip", none, train))
+    rows.append(
+        Configuration("synthetic", "synthetic", none, pool[: max(options.ratios) * train.size])
+    )
     for ratio in options.ratios:
-        rows.append(Configuration(f"real+synthetic x{ratio}", train, pool[: ratio * train.size]))
+        chosen = pool[: ratio * train.size]
+        if "mixed" in options.protocols:
+            rows.append(Configuration(f"real+synthetic x{ratio}", "mixed", train, chosen))
+        if "pretrain" in options.protocols:
+            rows.append(Configuration(f"synthetic x{ratio} -> real", "pretrain", train, chosen))
     return rows
+
+
+def real_train(real: StoreReader, options: DownstreamOptions) -> np.ndarray:
+    """The first `real_limit` real train pairs (the paper's limited-data protocol)."""
+    train = real.indices("train")[: options.real_limit or PAPER_REAL_LIMIT[real.manifest.task]]
+    if train.size == 0:
+        raise InputDataError("the real store has no train split", real.root, "re-prepare it")
+    return train
 
 
 def evaluation_split(real: StoreReader) -> tuple[np.ndarray, str]:
@@ -73,65 +107,149 @@ def evaluation_split(real: StoreReader) -> tuple[np.ndarray, str]:
     )
 
 
+def stopping_split(
+    real: StoreReader, eval_split: str, options: DownstreamOptions
+) -> tuple[np.ndarray, str]:
+    """Real pairs early stopping watches, never the tested ones: val when testing on test, else
+    the train pairs past `real_limit` (which no row trains on)."""
+    if eval_split == "test" and real.indices("val").size:
+        return real.indices("val")[: options.val_limit], "val"
+    limit = options.real_limit or PAPER_REAL_LIMIT[real.manifest.task]
+    spare = real.indices("train")[limit : limit + options.val_limit]
+    if spare.size == 0:
+        raise InputDataError(
+            f"no real pairs left for early stopping: the {eval_split} split is the test set and "
+            "every train pair is in --real-limit",
+            real.root,
+            "lower --real-limit or prepare the store with --test-fraction",
+        )
+    return spare, "train pairs past --real-limit"
+
+
+@dataclass(frozen=True)
+class Setup:
+    """What every row shares: network config, stopping rule, data statistics, val and test."""
+
+    config: FeatureNetConfig
+    options: DownstreamOptions
+    stats: tuple[np.ndarray, np.ndarray]
+    weights: Tensor
+    val: TrainData
+    test: TrainData
+    device: str
+    progress: Progress | None
+
+
 def run_downstream(
     real: StoreReader,
     synthetic: StoreReader,
     options: DownstreamOptions,
     device: str = "cpu",
     progress: Progress | None = None,
+    round_trip: Callable[[np.ndarray], SampleSource] | None = None,
+    round_trip_name: str | None = None,
 ) -> Downstream:
-    """Train one network per configuration (same seed, steps, batch) and test each on real data."""
+    """Train every configuration over `options.seeds` seeds to its best real-val checkpoint and
+    test each on real data. `round_trip` (the run's VAE, given --model) adds the ceiling row."""
     config = default_config(
-        real, steps=options.steps, batch_size=options.batch_size, lr=options.lr,
+        real, steps=options.max_steps, batch_size=options.batch_size, lr=options.lr,
         seed=options.seed, width=options.width,
     )  # fmt: skip
-    mean, std = band_statistics(real)
-    weights = class_weights(real, config.classes)
+    stats = band_statistics(real)
     test, split = evaluation_split(real)
+    val, stop_split = stopping_split(real, split, options)
+    setup = Setup(
+        config, options, stats, class_weights(real, config.classes),
+        TrainData([(real, val)], *stats), TrainData([(real, test)], *stats), device, progress,
+    )  # fmt: skip
     rows = []
-    for row in configurations(real, synthetic, options):
-        sources = [(r, i) for r, i in ((real, row.real), (synthetic, row.synthetic)) if i.size]
-        if not sources:
-            continue
-        start = time.perf_counter()
-        model, losses = fit(
-            config, TrainData(sources, mean, std), weights, device, progress, row.name
+    for row in configurations(real, synthetic, options, round_trip is not None):
+        second = (
+            round_trip(row.synthetic) if row.protocol == "round-trip" and round_trip else synthetic
         )
-        confusion = confusion_on(model, real, test, (mean, std), config, device)
-        rows.append(_row(row, confusion, real, losses, time.perf_counter() - start))
+        rows.append(_run_row(row, setup, real, second))
     return Downstream(
         network=NETWORK[real.manifest.task], config=config.model_dump(),
         real_limit=options.real_limit or PAPER_REAL_LIMIT[real.manifest.task], eval_split=split,
         eval_count=int(test.size), f1_definition=F1_DEFINITION[real.manifest.task], rows=rows,
+        protocol=protocol_text(options), stop_split=stop_split, stop_count=int(val.size),
+        seeds=seed_list(options), real_share=options.real_share, spread=SPREAD,
+        round_trip=round_trip_name if round_trip is not None else None,
     )  # fmt: skip
 
 
-@torch.inference_mode()
-def confusion_on(
-    model: nn.Module,
-    reader: StoreReader,
-    indices: np.ndarray,
-    stats: tuple[np.ndarray, np.ndarray],
-    config: FeatureNetConfig,
-    device: str,
-) -> np.ndarray:
-    """(K, K) confusion of truth (rows) vs prediction over the labelled pixels of `indices`."""
-    model.eval()
-    mean, std = stats[0][:, None, None], stats[1][:, None, None]
-    task, classes = reader.manifest.task, config.classes
-    confusion = np.zeros((classes, classes), np.int64)
-    for arrays in batches(reader, indices, config.batch_size):
-        images = [
-            torch.from_numpy(((arrays[name] - mean) / std).astype(np.float32)).to(device)
-            for name in IMAGE_ARRAYS[task]
-        ]
-        _features, logits = model(images)
-        predicted = logits.argmax(dim=1).cpu().numpy().astype(np.int64)
-        truth = arrays[LABEL_ARRAY[task]].astype(np.int64)
-        valid = truth != IGNORE_INDEX
-        code = truth[valid] * classes + predicted[valid]
-        confusion += np.bincount(code, minlength=classes * classes).reshape(classes, classes)
-    return confusion
+def seed_list(options: DownstreamOptions) -> list[int]:
+    return [options.seed + k for k in range(options.seeds)]
+
+
+def protocol_text(options: DownstreamOptions) -> str:
+    """The training rule every row follows, in words (report.md and report.json)."""
+    o = options
+    return (
+        f"every row trains from scratch with AdamW (constant lr {o.lr:g}, batch {o.batch_size}), "
+        f"is evaluated on the real stopping pairs every {o.eval_every} steps, stops after "
+        f"{o.patience} evaluations without a better val mIoU (at most {o.max_steps} steps) and "
+        f"is tested with its best-val weights; a mixed batch is {o.batch_size} real + "
+        f"{synthetic_per_batch(o)} synthetic pairs (real share {o.real_share:g}), so every real "
+        "pair is seen as often per step as in real-only training; 'pretrain' rows train on "
+        "synthetic pairs to "
+        "their best val checkpoint, then fine-tune on the real pairs by the same rule; "
+        f"{o.seeds} seeds (initialisation, batch order, augmentation) per row"
+    )
+
+
+def _run_row(
+    row: Configuration, setup: Setup, real: StoreReader, second: SampleSource
+) -> DownstreamRow:
+    """Every seed of one row, then mean and spread."""
+    real_data = TrainData([(real, row.real)], *setup.stats) if row.real.size else None
+    second_data = TrainData([(second, row.synthetic)], *setup.stats) if row.synthetic.size else None
+    runs = [
+        _run_seed(row, setup, real_data, second_data, seed) for seed in seed_list(setup.options)
+    ]
+    return _summarise(row, runs, real)
+
+
+def _run_seed(
+    row: Configuration,
+    setup: Setup,
+    real_data: TrainData | None,
+    second_data: TrainData | None,
+    seed: int,
+) -> SeedRun:
+    config = setup.config.model_copy(update={"seed": seed})
+    model, options = new_model(config, setup.device), setup.options
+    if row.protocol == "pretrain":
+        plan = [batches_of(None, second_data, options), batches_of(real_data, None, options)]
+    else:
+        plan = [batches_of(real_data, second_data, options)]
+    phases: list[Phase] = []
+    for k, batches in enumerate(plan):
+        stage = f"downstream {row.name} seed {seed}" + (f" phase {k + 1}" if len(plan) > 1 else "")
+        report = (setup.progress, stage) if setup.progress else None
+        phases.append(train_to_best(
+            model, batches, setup.val, config, options, setup.weights, setup.device, report
+        ))  # fmt: skip
+    counts = confusion(model, setup.test, config.classes, config.batch_size, setup.device)
+    return _seed_run(seed, counts, phases, setup.config.task, real_data or second_data)
+
+
+def _seed_run(
+    seed: int, counts: np.ndarray, phases: list[Phase], task: str, data: TrainData | None
+) -> SeedRun:
+    assert data is not None
+    miou, f1, iou = scores_of(counts, task)
+    names = _class_names(data.readers[0])
+    offsets = np.cumsum([0] + [p.steps for p in phases])
+    return SeedRun(
+        seed=seed, miou=miou, f1=f1,
+        iou_per_class={n: float(v) for n, v in zip(names, iou, strict=True) if np.isfinite(v)},
+        steps=int(offsets[-1]), best_steps=[p.best_step for p in phases],
+        phase_steps=[p.steps for p in phases],
+        best_val_miou=phases[-1].best_val,
+        val_curve=[[float(o + s), v] for o, p in zip(offsets[:-1], phases, strict=True) for s, v in p.curve],
+        seconds=round(sum(p.seconds for p in phases), 2),
+    )  # fmt: skip
 
 
 def scores_of(confusion: np.ndarray, task: str) -> tuple[float, float, np.ndarray]:
@@ -148,24 +266,30 @@ def scores_of(confusion: np.ndarray, task: str) -> tuple[float, float, np.ndarra
     return float(mean_iou(confusion)), f1_value, iou
 
 
-def _class_names(reader: StoreReader) -> list[str]:
+def _class_names(reader: SampleSource) -> list[str]:
     if reader.manifest.task == "cd":
         return ["no change", "change"]
     return [c.name for c in sorted(reader.manifest.classes, key=lambda c: c.index)]
 
 
-def _row(
-    row: Configuration,
-    confusion: np.ndarray,
-    real: StoreReader,
-    losses: list[float],
-    seconds: float,
-) -> DownstreamRow:
-    miou, f1, iou = scores_of(confusion, real.manifest.task)
-    tail = losses[-max(1, len(losses) // 10) :]
+def _summarise(row: Configuration, runs: list[SeedRun], real: StoreReader) -> DownstreamRow:
+    """Mean, standard deviation (ddof 1; 0 for one seed) and range of the seeds' scores."""
+    miou = np.array([r.miou for r in runs])
+    f1 = np.array([r.f1 for r in runs])
+    names = _class_names(real)
+    iou = {
+        n: float(np.mean(values))
+        for n in names
+        if (values := [r.iou_per_class[n] for r in runs if n in r.iou_per_class])
+    }
     return DownstreamRow(
-        name=row.name, real_count=int(row.real.size), synthetic_count=int(row.synthetic.size),
-        miou=miou, f1=f1,
-        iou_per_class={n: float(v) for n, v in zip(_class_names(real), iou, strict=True) if np.isfinite(v)},
-        final_loss=float(np.mean(tail)), seconds=round(seconds, 2),
+        name=row.name, protocol=row.protocol, real_count=int(row.real.size),
+        synthetic_count=int(row.synthetic.size), miou=float(miou.mean()), f1=float(f1.mean()),
+        miou_std=_std(miou), f1_std=_std(f1), miou_min=float(miou.min()),
+        miou_max=float(miou.max()), iou_per_class=iou,
+        seconds=round(sum(r.seconds for r in runs), 2), seeds=runs,
     )  # fmt: skip
+
+
+def _std(values: np.ndarray) -> float:
+    return float(values.std(ddof=1)) if values.size > 1 else 0.0

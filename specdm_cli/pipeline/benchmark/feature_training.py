@@ -6,7 +6,7 @@ import math
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -15,7 +15,7 @@ from torch import Tensor, nn
 
 from specdm_cli.config import Progress
 from specdm_cli.errors import InputDataError
-from specdm_cli.manifest import IGNORE_INDEX, IMAGE_ARRAYS, LABEL_ARRAY
+from specdm_cli.manifest import IGNORE_INDEX, IMAGE_ARRAYS, LABEL_ARRAY, Manifest
 from specdm_cli.metrics.masks import mask_feature_dims, mask_features
 from specdm_cli.metrics.stats import MomentAccumulator
 from specdm_cli.models.feature_net import FeatureNetConfig, build_network
@@ -31,7 +31,7 @@ MASK_STD_FLOOR = 0.01
 
 
 @contextmanager
-def _deterministic(seed: int) -> Iterator[None]:
+def deterministic(seed: int) -> Iterator[None]:
     """Seeded, deterministic torch inside the block; global RNG and flags restored after."""
     enabled = torch.are_deterministic_algorithms_enabled()
     warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
@@ -45,6 +45,25 @@ def _deterministic(seed: int) -> Iterator[None]:
         torch.use_deterministic_algorithms(enabled, warn_only=warn_only)
 
 
+class SampleSource(Protocol):
+    """What training reads samples from: a store, or pairs derived in memory (`ArraySource`)."""
+
+    manifest: Manifest
+
+    def read(self, index: int) -> dict[str, np.ndarray]: ...
+
+
+class ArraySource:
+    """Samples held in memory and read like a store (e.g. VAE round trips of real pairs)."""
+
+    def __init__(self, manifest: Manifest, samples: dict[int, dict[str, np.ndarray]]):
+        self.manifest = manifest
+        self.samples = samples
+
+    def read(self, index: int) -> dict[str, np.ndarray]:
+        return self.samples[int(index)]
+
+
 class TrainData:
     """Samples of one or more stores, band-normalised; held in memory when small, else read per batch.
 
@@ -54,7 +73,7 @@ class TrainData:
 
     def __init__(
         self,
-        sources: Sequence[tuple[StoreReader, np.ndarray]],
+        sources: Sequence[tuple[SampleSource, np.ndarray]],
         mean: np.ndarray,
         std: np.ndarray,
     ):
@@ -151,7 +170,7 @@ def fit(
     rng = np.random.default_rng(config.seed)
     weights = weights.to(device)
     losses: list[float] = []
-    with _deterministic(config.seed):
+    with deterministic(config.seed):
         model = build_network(config).to(device)
         optimiser = torch.optim.AdamW(
             model.parameters(), lr=config.lr, weight_decay=config.weight_decay

@@ -7,13 +7,16 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from specdm_cli.errors import InputDataError, ModelError, UsageError
+from specdm_cli.manifest import IGNORE_INDEX, IMAGE_ARRAYS, LABEL_ARRAY
 from specdm_cli.pipeline.runs.choose import ChosenModel
 from specdm_cli.pipeline.runs.run_manifest import RunManifest, load_run
 from specdm_cli.stores import StoreReader
 
+from .feature_training import ArraySource
 from .report import GeneratorInfo, Reconstruction, Throughput
 
 # Without a plan to copy (a store made by another model), throughput is timed with
@@ -91,6 +94,47 @@ def reconstruction(
     model = load_vae(chosen.path, chosen.manifest, device)
     result = validate(model, real, indices, chosen.manifest.task, mean, std, batch_size)
     return Reconstruction(split=split, count=int(indices.size), **result)
+
+
+@torch.no_grad()
+def round_trip(
+    chosen: ChosenModel,
+    real: StoreReader,
+    indices: np.ndarray,
+    device: torch.device,
+    batch_size: int = 16,
+) -> ArraySource:
+    """Real pairs `indices` encoded and decoded by the run's VAE (posterior means, as Table 4).
+
+    Images come back in physical units (the store's, so downstream normalises them like real
+    ones); labels are the decoded argmax, with the real ignore pixels kept ignored (nodata is
+    not the VAE's to fill in). What a downstream model learns from these is the most any
+    generator decoding through this VAE can give it.
+    """
+    from specdm_cli.models.losses import denormalize
+    from specdm_cli.pipeline.runs.vae_io import load_vae
+    from specdm_cli.pipeline.train.common import load_batch, to_tensors
+
+    task, norm = real.manifest.task, chosen.manifest.normalization
+    mean = torch.tensor(norm.mean, dtype=torch.float32, device=device)
+    std = torch.tensor(norm.std, dtype=torch.float32, device=device)
+    model = load_vae(chosen.path, chosen.manifest, device)
+    samples: dict[int, dict[str, np.ndarray]] = {}
+    for start in range(0, len(indices), batch_size):
+        chunk = indices[start : start + batch_size]
+        arrays = load_batch(real, chunk, None)
+        batch, _valid = to_tensors(arrays, task, mean, std, device)
+        decoded = model.decode_joint(model.encode_latent(batch))
+        label = decoded[LABEL_ARRAY[task]].argmax(dim=1).cpu().numpy().astype(np.uint8)
+        label[arrays[LABEL_ARRAY[task]] == IGNORE_INDEX] = IGNORE_INDEX
+        physical = {
+            name: denormalize(decoded[name].float(), mean, std).cpu().numpy()
+            for name in IMAGE_ARRAYS[task]
+        }
+        for k, index in enumerate(chunk):
+            sample = {name: values[k] for name, values in physical.items()}
+            samples[int(index)] = sample | {LABEL_ARRAY[task]: label[k]}
+    return ArraySource(real.manifest, samples)
 
 
 def throughput(

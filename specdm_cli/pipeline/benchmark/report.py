@@ -93,21 +93,46 @@ class Throughput(_Strict):
     device: str
 
 
+class SeedRun(_Strict):
+    """One seed of one configuration: its test scores and how its training stopped."""
+
+    seed: int
+    miou: float
+    f1: float
+    iou_per_class: dict[str, float]
+    steps: int = Field(description="optimiser steps run, all phases")
+    best_steps: list[int] = Field(description="step of the best val mIoU, per phase")
+    phase_steps: list[int] = Field(default_factory=list, description="steps run, per phase")
+    best_val_miou: float = Field(description="val mIoU of the tested weights")
+    val_curve: list[list[float]] = Field(description="[step, val mIoU] per evaluation, all phases")
+    seconds: float
+
+
 class DownstreamRow(_Strict):
-    """One training configuration of the downstream network, evaluated on real data."""
+    """One training configuration of the downstream network, evaluated on real data.
+
+    `miou` and `f1` are means over the seeds; `*_std` their standard deviation (ddof 1),
+    `*_min`/`*_max` their range. Reports of the earlier one-seed, fixed-steps protocol lack them.
+    """
 
     name: str
+    protocol: str = Field("fixed-steps", description="real, round-trip, synthetic, mixed, pretrain")
     real_count: int
     synthetic_count: int
     miou: float
     f1: float
+    miou_std: float | None = None
+    f1_std: float | None = None
+    miou_min: float | None = None
+    miou_max: float | None = None
     iou_per_class: dict[str, float]
-    final_loss: float
+    final_loss: float | None = None
     seconds: float
+    seeds: list[SeedRun] = Field(default_factory=list)
 
 
 class Downstream(_Strict):
-    """Downstream utility (paper Tables 3, 5, 6): same network, seed and budget per row."""
+    """Downstream utility (paper Tables 3, 5, 6): one network, stopping rule and seeds per row."""
 
     network: str
     config: dict[str, Any]
@@ -116,6 +141,13 @@ class Downstream(_Strict):
     eval_count: int
     f1_definition: str
     rows: list[DownstreamRow]
+    protocol: str = Field("", description="how every row was trained and tested, in words")
+    stop_split: str = Field("", description="the real pairs early stopping watched")
+    stop_count: int = 0
+    seeds: list[int] = Field(default_factory=list)
+    real_share: float | None = Field(None, description="share of real pairs in a mixed batch")
+    spread: str = Field("", description="what the +- of a row is")
+    round_trip: str | None = Field(None, description="the VAE the round-trip row decoded with")
 
 
 class ComparedFigure(_Strict):
