@@ -20,6 +20,7 @@ from specdm_cli.metrics.masks import mask_feature_dims, mask_features
 from specdm_cli.metrics.stats import MomentAccumulator
 from specdm_cli.models.feature_net import FeatureNetConfig, build_network
 from specdm_cli.models.losses import class_weights_auto
+from specdm_cli.pipeline.train.common import d4
 from specdm_cli.stores import StoreReader
 
 # Training data is held in memory below this size, else read from the store at every step.
@@ -112,12 +113,14 @@ class TrainData:
         chosen = rng.choice(len(self.pool), size, replace=len(self.pool) < size)
         items = [self.sample(int(i)) for i in chosen]
         phases = len(items[0][0])
-        images = [torch.from_numpy(np.stack([it[0][p] for it in items])) for p in range(phases)]
-        labels = torch.from_numpy(np.stack([it[1] for it in items]))
+        images = [np.stack([it[0][p] for it in items]) for p in range(phases)]
+        labels = np.stack([it[1] for it in items])
         square = labels.shape[-1] == labels.shape[-2]
         turns, flip = int(rng.integers(4)) if square else 0, bool(rng.random() < 0.5)
-        images = [_augment(x, turns, flip) for x in images]
-        return images, _augment(labels, turns, flip)
+        # The one D4 of the project (fit-vae's batches use it too); contiguous copies keep the
+        # convolutions on their fast path.
+        augmented = [torch.from_numpy(d4(x, turns, flip)) for x in images]
+        return augmented, torch.from_numpy(d4(labels, turns, flip))
 
 
 def train_split_data(reader: StoreReader, mean: np.ndarray, std: np.ndarray) -> TrainData:
@@ -130,12 +133,6 @@ def train_split_data(reader: StoreReader, mean: np.ndarray, std: np.ndarray) -> 
             "use a store with a train split",
         )
     return TrainData([(reader, indices)], mean, std)
-
-
-def _augment(x: Tensor, turns: int, flip: bool) -> Tensor:
-    x = torch.rot90(x, turns, dims=(-2, -1))
-    # rot90 returns strided views; contiguous inputs keep convolutions on their fast path.
-    return (torch.flip(x, dims=(-1,)) if flip else x).contiguous()
 
 
 def class_weights(reference: StoreReader, classes: int) -> Tensor:
