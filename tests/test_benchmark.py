@@ -327,6 +327,7 @@ def test_filter_keeps_exactly_the_samples_at_or_above(
     ):
         code, _, stderr = run_cli("filter", store, *args, "--quiet")
         assert code == exit_code and words in stderr and "Traceback" not in stderr
+        assert "--resume" not in stderr  # filter takes no --resume: its hints never offer it
     code, _, stderr = run_cli("filter", ss[1], "--min-quality", "0.5", "--out", tmp_path / "e")
     assert code == 3 and "no quality scores" in stderr and not (tmp_path / "e").exists()
 

@@ -174,6 +174,8 @@ def test_refusals(vae_run: Path, tmp_path: Path) -> None:
     assert code == 4 and "run.json" in stderr
     run = copy_run(vae_run, tmp_path / "run")
     assert diffuse(run, "--steps", "2")[0] == 0
+    code, summary, stderr = diffuse(run, "--steps", "2")  # the same command again
+    assert code == 0 and summary["state"] == "already complete", stderr
     code, _, stderr = diffuse(run, "--steps", "4")
     assert code == 4 and "--resume" in stderr
     code, _, stderr = diffuse(run, "--steps", "4", "--resume", "--ema-decay", "0.99")

@@ -71,7 +71,9 @@ def filter_store(request: FilterRequest, progress: Progress | None = None) -> Fi
             "lower --min-quality",
         )
     manifest = _subset_manifest(reader, kept, request)
-    resolve_target(request.out, manifest.plan, resume=False, overwrite=request.overwrite)
+    resolve_target(
+        request.out, manifest.plan, resume=False, overwrite=request.overwrite, resumable=False
+    )
     create_store(request.out, manifest, int(kept.size), georeferenced=False)
     with DirLock(request.out):
         _copy(reader, request.out, manifest, kept, progress)

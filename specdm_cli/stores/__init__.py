@@ -176,7 +176,7 @@ def refuse_stream_out(path: Path, option: str = "--out") -> None:
 
 
 def resolve_target(
-    path: Path, plan: dict[str, object], resume: bool, overwrite: bool
+    path: Path, plan: dict[str, object], resume: bool, overwrite: bool, resumable: bool = True
 ) -> TargetState:
     """Decide what to do with an output path, per DESIGN.md's resume/overwrite rules.
 
@@ -193,7 +193,11 @@ def resolve_target(
         return "fresh"
     if not resume:
         raise InputDataError(
-            "output already exists", path, "pass --resume, --overwrite or another --out"
+            "output already exists",
+            path,
+            "pass --resume, --overwrite or another --out"
+            if resumable
+            else "pass --overwrite or another --out",
         )
     if path.is_dir() and not any(path.iterdir()):
         path.rmdir()

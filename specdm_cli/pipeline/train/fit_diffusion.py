@@ -286,6 +286,9 @@ def _check_stages(run: Path, manifest: RunManifest, request: FitDiffusionRequest
     stage = manifest.stages.get("diffusion")
     if stage is None or stage.checkpoint is None:
         return None
+    identity = request.config.training_identity()
+    if stage.finished and stage.step >= request.config.steps and stage.config == identity:
+        return stage  # the same command again: already complete (exit 0), resume or not
     if not request.resume:
         raise ModelError(
             "the run already has a diffusion model", run, "pass --resume to continue it"
