@@ -276,7 +276,8 @@ def _progress_lines(name: str) -> Progress:
         eta = f", ETA {_duration((total - done) / rate)}" if rate > 0 and total > done else ""
         share = f" ({done / total:.0%})" if total > 0 else ""
         label = name if stage == name else f"{name}: {stage}"
-        sys.stderr.write(f"{label} {done}/{total}{share}, {rate:.3g}/s{eta}\n")
+        speed = f", {rate:.3g}/s" if rate > 0 else ""
+        sys.stderr.write(f"{label} {done}/{total}{share}{speed}{eta}\n")
         sys.stderr.flush()
         state.update(last=now, last_done=done)
 

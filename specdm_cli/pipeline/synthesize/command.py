@@ -61,7 +61,7 @@ def synthesize_store(
     grid = parse_batch_size(options.batch_size)
     chosen = _model(options)
     refuse_overlap(options.out, {"--model": chosen.path})
-    notice(f"model: {chosen.path} ({chosen.kind}, sha256 {chosen.sha256[:12]})")
+    notice(f"model: {chosen.path} ({chosen.kind}, sha256 {chosen.sha256[:12]}){_why(chosen)}")
     if options.overwrite and options.out.exists():
         remove_own(options.out, "store")
     request = SynthesizeRequest(
@@ -87,6 +87,15 @@ def synthesize_store(
         first = [int(i) for i in reader.indices()[:PREVIEW_SAMPLES]]
         write_preview(options.preview, [reader.read(i) for i in first], reader.manifest)
     return summary
+
+
+def _why(chosen: ChosenModel) -> str:
+    """Why a model nobody named was chosen, and how to choose another."""
+    if chosen.kind == "registry":
+        return "; the newest registered run of this task: --model demo for the shipped model"
+    if chosen.kind == "demo":
+        return "; the shipped demo model"
+    return ""
 
 
 def _model(options: SynthesizeOptions) -> ChosenModel:
