@@ -22,6 +22,7 @@ from specdm_cli.config import Devices, Progress
 from specdm_cli.errors import EXIT_RESOURCE, Interrupted, SpecdmError, resource_error_from
 from specdm_cli.pipeline.signals import StopFlag, graceful_stop
 from specdm_cli.pipeline.synthesize.shards import Shard, shard_batches
+from specdm_cli.pipeline.train.common import cpu_threads_per_process
 from specdm_cli.stores import open_store
 
 
@@ -117,8 +118,8 @@ def _rank(
         devices=request.devices.rank(rank),
     )
     if request.devices.kind == "cpu":  # share the cores instead of oversubscribing them
-        torch.set_num_threads(max(1, torch.get_num_threads() // request.devices.ranks))
-        # = synthesize.cpu_threads_per_process, which the plan records: the bytes depend on it.
+        # The count the plan records: the bytes depend on it.
+        torch.set_num_threads(cpu_threads_per_process(request.devices))
     try:
         with graceful_stop() as stop:
             worker(part, stop)

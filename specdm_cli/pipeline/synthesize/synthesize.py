@@ -38,7 +38,7 @@ from specdm_cli.pipeline.synthesize.shards import (
     write_record,
 )
 from specdm_cli.pipeline.synthesize.writer import BackgroundWriter
-from specdm_cli.pipeline.train.common import torch_devices
+from specdm_cli.pipeline.train.common import cpu_threads_per_process, torch_devices
 from specdm_cli.sources.base import class_fraction
 from specdm_cli.stores import SampleMeta, forget_damaged, open_store, open_writer
 from specdm_cli.stores.base import MANIFEST_NAME
@@ -124,12 +124,6 @@ def _plan(request: SynthesizeRequest, steps: int) -> dict[str, Any]:
             else {}
         ),
     }
-
-
-def cpu_threads_per_process(devices: Devices) -> int:
-    """torch's intra-op threads of each sampling process: the CPU kernels' float sums, so the
-    last bit of a decoded value, depend on it (CPU ranks share the threads of the command)."""
-    return max(1, torch.get_num_threads() // devices.ranks)
 
 
 def _manifest(request: SynthesizeRequest, steps: int, device: torch.device) -> Manifest:

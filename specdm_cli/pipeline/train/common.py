@@ -35,6 +35,12 @@ def torch_devices(devices: Devices) -> list[torch.device]:
     return [torch.device(f"cuda:{index}") for index in devices.cuda_indices]
 
 
+def cpu_threads_per_process(devices: Devices) -> int:
+    """torch's intra-op threads of each sampling process: the CPU kernels' float sums, so the
+    last bit of a decoded value, depend on it (CPU ranks share the threads of the command)."""
+    return max(1, torch.get_num_threads() // devices.ranks)
+
+
 def check_batch_divides(batch_size: int, devices: Devices) -> None:
     """Data-parallel training splits every batch evenly over the ranks."""
     if batch_size % devices.ranks:
