@@ -148,6 +148,14 @@ class VAETrainConfig(BaseModel):
     layers_per_block: int = Field(2, ge=1)  # LDM kl-f4
     norm_num_groups: int = Field(32, ge=1)  # LDM / diffusers
     single_stream: bool = False  # LDM baseline of Tables 1, 2, 5
+    # Issue 20 §2: cross-entropy of a frozen compact segmenter (trained first on the train split
+    # for `semantic_steps`) on the decoded images. 0 = off: the paper's loss (see README).
+    semantic_weight: float = Field(0.0, ge=0)
+    semantic_steps: int = Field(300, ge=1)  # ours: the feature network's budget is 400
+    # LDM's patch-GAN term with its adaptive weight, from step `adversarial_start` (LDM's
+    # disc_start); 0 = off, as in the paper's loss. LDM's kl-f4 has disc_weight 0.5.
+    adversarial_weight: float = Field(0.0, ge=0)
+    adversarial_start: int = Field(0, ge=0)
 
     def learning_rate(self) -> float:
         return self.lr if self.lr is not None else 4.5e-6 * self.batch_size
