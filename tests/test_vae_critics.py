@@ -178,3 +178,13 @@ def test_patch_discriminator_takes_any_band_count() -> None:
     real, fake = torch.full((2, 1, 4, 4), 2.0), torch.full((2, 1, 4, 4), -2.0)
     assert hinge_discriminator_loss(real, fake).item() == 0.0  # both beyond the margin
     assert hinge_discriminator_loss(fake, real).item() == pytest.approx(3.0)
+
+
+@pytest.mark.slow  # two spawned processes each import torch and diffusers: about 30-60 s
+def test_two_cpu_ranks_train_with_the_semantic_term(demo_ss_store: Path, tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    code, _stdout, stderr = fit(demo_ss_store, run, "--steps", "2", "--gpus", "cpu:2", *SEMANTIC)
+    assert code == 0, stderr
+    stage = json.loads((run / "run.json").read_text())["stages"]["vae"]
+    assert stage["finished"] and 0.0 <= stage["details"]["segmenter"]["val_miou"] <= 1.0
+    assert all("image/semantic" in r for r in records(run))

@@ -150,7 +150,7 @@ class VAETrainer:
         self.adversary: Adversary | None = None
         self.losses: nn.Module = _Losses(self)
 
-    def prepare_critics(self, checkpoint: Path | None) -> None:
+    def prepare_critics(self, checkpoint: Path | None, progress: Progress | None = None) -> None:
         """The frozen segmenter (from the checkpoint, else trained now) and the discriminator
         (restored from the checkpoint), for the options that ask for them."""
         config, manifest = self.config, self.reader.manifest
@@ -158,7 +158,7 @@ class VAETrainer:
             saved = load_segmenter(checkpoint, self.device) if checkpoint else None
             self.segmenter = saved or train_segmenter(
                 self.reader, self.indices, self.val, segmenter_config(manifest, config),
-                (self.mean, self.std), self.class_weights,
+                (self.mean, self.std), self.class_weights, progress,
             )  # fmt: skip
         if config.adversarial_weight > 0:
             if self.world > 1:
@@ -376,7 +376,9 @@ def _rank_main(
     if job.checkpoint is not None:
         load_optimizer(trainer.optimizer, job.run / job.checkpoint)
         trainer.scaler.load(job.run / job.checkpoint)
-    trainer.prepare_critics(job.run / job.checkpoint if job.checkpoint is not None else None)
+    trainer.prepare_critics(
+        job.run / job.checkpoint if job.checkpoint is not None else None, progress
+    )
     config = job.config
     schedule = Schedule(config.steps, config.val_every, config.checkpoint_every, "fit-vae", "total")
     trained = train_loop(job.run, trainer, job.start, schedule, stop or StopFlag(), progress)

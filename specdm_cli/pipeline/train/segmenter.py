@@ -15,7 +15,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from specdm_cli.config import VAETrainConfig
+from specdm_cli.config import Progress, VAETrainConfig
 from specdm_cli.errors import ModelError
 from specdm_cli.fs.atomic import atomic_write_text
 from specdm_cli.manifest import IGNORE_INDEX, IMAGE_ARRAYS, LABEL_ARRAY, Manifest
@@ -81,6 +81,7 @@ def train_segmenter(
     config: FeatureNetConfig,
     stats: tuple[torch.Tensor, torch.Tensor],
     class_weights: torch.Tensor | None,
+    progress: Progress | None = None,
 ) -> Segmenter:
     """Train on `train` (D4 batches drawn from (seed, step), AdamW, cosine decay), freeze, and
     score mIoU on `val`: how much a real image tells this segmenter, the most its loss on
@@ -108,6 +109,8 @@ def train_segmenter(
         torch.autograd.backward(loss)
         optimiser.step()
         schedule.step()
+        if progress is not None:
+            progress("fit-vae segmenter", step + 1, config.steps)
     summary = {
         "train_samples": len(train),
         "steps": config.steps,
