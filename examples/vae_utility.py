@@ -73,12 +73,26 @@ def downstream_row(real: StoreReader, model: str, opts: DownstreamOptions) -> di
     }  # fmt: skip
 
 
+class RoundTrips:
+    """Round trips read like the real store they came from (its manifest, root, splits)."""
+
+    def __init__(self, trips: Any, real: StoreReader) -> None:
+        self._trips, self._real = trips, real
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._real, name)
+
+    def read(self, index: int) -> dict[str, np.ndarray]:
+        sample: dict[str, np.ndarray] = self._trips.read(index)
+        return sample
+
+
 def pair_miou(real: StoreReader, model: str, cache: Path) -> tuple[float, float]:
     """(pair mIoU of the round trips of real val, of the real val pairs), both against test."""
     network = load_or_train(real, default_config(real), cache)
     test, val = real.indices("test"), real.indices("val")
     chosen = vae_of(model, real.manifest.task)
-    trips = cast(StoreReader, round_trip(chosen, real, val, torch.device("cpu")))
+    trips = cast(StoreReader, RoundTrips(round_trip(chosen, real, val, torch.device("cpu")), real))
     trip = compare_stores(real, trips, network, reference_indices=test, candidate_indices=val)
     truth = compare_stores(real, real, network, reference_indices=test, candidate_indices=val)
     return trip.pair_miou, truth.pair_miou
@@ -104,6 +118,7 @@ def main() -> int:
     for model in args.models:
         started = time.monotonic()
         row = downstream_row(real, model, options(args))
+        print(f"{model}: downstream {row}", flush=True)
         trip, truth = pair_miou(real, model, args.cache)
         row |= {"pair_miou": trip, "real_pair_miou": truth}
         row["minutes"] = round((time.monotonic() - started) / 60, 1)

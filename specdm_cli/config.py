@@ -161,11 +161,16 @@ class VAETrainConfig(BaseModel):
         return self.lr if self.lr is not None else 4.5e-6 * self.batch_size
 
     def training_identity(self) -> dict[str, Any]:
-        """What a resume must match: everything but the schedule of steps, checks and saves."""
-        return self.model_dump(
-            exclude={"steps", "val_every", "checkpoint_every", "val_samples", "workers"},
-            mode="json",
-        )
+        """What a resume must match: everything but the schedule of steps, checks and saves.
+
+        A term that is off leaves no keys, so runs made before the term existed still resume.
+        """
+        exclude = {"steps", "val_every", "checkpoint_every", "val_samples", "workers"}
+        if self.semantic_weight == 0:
+            exclude |= {"semantic_weight", "semantic_steps"}
+        if self.adversarial_weight == 0:
+            exclude |= {"adversarial_weight", "adversarial_start"}
+        return self.model_dump(exclude=exclude, mode="json")
 
 
 class DiffusionTrainConfig(BaseModel):
