@@ -188,3 +188,14 @@ def test_two_cpu_ranks_train_with_the_semantic_term(demo_ss_store: Path, tmp_pat
     stage = json.loads((run / "run.json").read_text())["stages"]["vae"]
     assert stage["finished"] and 0.0 <= stage["details"]["segmenter"]["val_miou"] <= 1.0
     assert all("image/semantic" in r for r in records(run))
+
+
+def test_a_run_made_before_the_terms_existed_resumes(demo_ss_store: Path, tmp_path: Path) -> None:
+    """Its run.json has no semantic or adversarial keys: with the terms off, it matches."""
+    run = tmp_path / "run"
+    assert fit(demo_ss_store, run, "--steps", "1")[0] == 0
+    manifest = json.loads((run / "run.json").read_text())
+    config = manifest["stages"]["vae"]["config"]
+    assert not {k for k in config if k.startswith(("semantic", "adversarial"))}
+    code, stdout, stderr = fit(demo_ss_store, run, "--steps", "2", "--resume", "--json")
+    assert code == 0 and json.loads(stdout)["state"] == "resumed", stderr
