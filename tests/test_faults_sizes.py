@@ -16,6 +16,7 @@ import rasterio
 from rasterio.windows import Window
 
 from tests import processes
+from tests.conftest import prepare_demo, run_cli
 from tests.fault_tools import assert_one_error_line, spawn, wait_until_stopped
 from tests.fixtures.geotiff_folder import make_geotiff_folder, write_classes
 
@@ -93,3 +94,36 @@ def test_a_signal_during_the_class_scan_stops_it_at_once(tmp_path: Path) -> None
     assert scanning.returncode == 143, stderr
     assert stderr.strip() == "interrupted: rerun with --resume"
     assert not out.exists()
+
+
+def test_ctrl_c_while_the_cli_starts_prints_one_line(tmp_path: Path) -> None:
+    """Issue 16 item 7: a Ctrl-C in the first second (importing typer, rich, the CLI) printed a
+    traceback; now one line and exit 130, like a Ctrl-C in a command."""
+    starting = spawn("prepare", "demo", "--out", tmp_path / "s.zarr", fault="startup:1:stop")
+    try:
+        wait_until_stopped(starting)
+        os.kill(starting.pid, signal.SIGINT)
+        os.kill(starting.pid, signal.SIGCONT)
+        _, stderr = starting.communicate(timeout=60)
+    finally:
+        processes.kill_group(starting)
+    assert starting.returncode == 130, stderr
+    assert stderr.strip() == "interrupted: nothing was written"
+    assert not (tmp_path / "s.zarr").exists()
+
+
+def test_batch_and_sample_counts_that_cannot_fit_are_refused_at_once(tmp_path: Path) -> None:
+    """Issue 16 item 7: `--batch-size 10**9` ended in std::bad_alloc (exit 1), `--n 10**12` ran
+    two minutes before disk full: both are refused from their sizes before any work."""
+    out = tmp_path / "syn.zarr"
+    synth = ("synthesize", "--model", "demo", "--task", "ss", "--out", out, "--quiet")
+    code, _, stderr = run_cli(*synth, "--n", "2", "--batch-size", str(10**9))
+    assert_one_error_line(code, stderr, 5, "a batch of 1000000000 needs about")
+    code, _, stderr = run_cli(*synth, "--n", str(10**12))
+    assert_one_error_line(code, stderr, 5, "the store (1000000000000 samples of 64x64) needs about")
+    assert not out.exists()
+    store = prepare_demo(tmp_path / "s.zarr", n=8)
+    run = tmp_path / "run"
+    code, _, stderr = run_cli("fit-vae", store, "--run", run, "--batch-size", str(10**9))
+    assert_one_error_line(code, stderr, 5, "a training batch of 1000000000 needs about")
+    assert not run.exists()

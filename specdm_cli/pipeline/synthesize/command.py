@@ -6,10 +6,14 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
+
 from specdm_cli.config import Devices, Precision, Progress, SamplerName, StoreFormat, Task
 from specdm_cli.errors import UsageError
 from specdm_cli.fs.lock import ReadLock
 from specdm_cli.fs.paths import refuse_overlap
+from specdm_cli.fs.space import require_disk, require_memory
+from specdm_cli.manifest import array_names
 from specdm_cli.pipeline.runs.choose import ChosenModel, choose_model
 from specdm_cli.pipeline.signals import StopFlag
 from specdm_cli.pipeline.synthesize.preview import rgb_note, write_preview
@@ -23,6 +27,7 @@ from specdm_cli.pipeline.synthesize.synthesize import (
     synthesize,
 )
 from specdm_cli.stores import open_store, refuse_stream_out, remove_own
+from specdm_cli.stores.base import MANIFEST_NAME
 
 PREVIEW_SAMPLES = 8
 
@@ -93,6 +98,7 @@ def _write(
         devices=options.devices,
         require=parse_require(options.require, chosen.manifest.classes),
     )
+    _require_room(request)
     summary = synthesize(request, stop, progress)
     if options.preview is not None:
         reader = open_store(options.out, allow_incomplete=True)
@@ -102,6 +108,34 @@ def _write(
         first = [int(i) for i in reader.indices()[:PREVIEW_SAMPLES]]
         write_preview(options.preview, [reader.read(i) for i in first], reader.manifest)
     return summary
+
+
+# Working memory per sample in a batch, in float32 values per pixel beyond its own arrays: the
+# decoders' full-resolution activations (demo widths 16-32, up to 128 at the paper's; our
+# estimate, generous). Told as "about": it only has to catch sizes that cannot work.
+_DECODER_VALUES_PER_PIXEL = 256
+
+
+def _require_room(request: SynthesizeRequest) -> None:
+    """Refuse (exit 5) at once what cannot fit: a batch the memory cannot hold, a new store the
+    disk cannot hold (`--n 10**12` used to run two minutes before disk full)."""
+    manifest = request.model.manifest
+    pixels = manifest.height * manifest.width
+    images = len(array_names(manifest.task)) - 1
+    values = images * len(manifest.bands) + len(manifest.classes) + _DECODER_VALUES_PER_PIXEL
+    require_memory(
+        float(request.batch_size) * pixels * values * 4,
+        f"a batch of {request.batch_size}",
+        "use a smaller --batch-size (e.g. 16)",
+    )
+    if not (request.out / MANIFEST_NAME).exists():
+        per_pixel = images * len(manifest.bands) * np.dtype(manifest.dtype).itemsize + 1
+        require_disk(
+            float(request.n) * pixels * per_pixel,
+            request.out,
+            f"the store ({request.n} samples of {manifest.height}x{manifest.width})",
+            "free space, choose another --out or a smaller --n",
+        )
 
 
 def _why(chosen: ChosenModel) -> str:

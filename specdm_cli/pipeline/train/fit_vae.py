@@ -18,7 +18,8 @@ from specdm_cli.config import Devices, Progress, VAETrainConfig
 from specdm_cli.errors import InputDataError, UsageError
 from specdm_cli.fs.lock import ReadLock
 from specdm_cli.fs.paths import refuse_overlap
-from specdm_cli.manifest import Manifest
+from specdm_cli.fs.space import require_memory
+from specdm_cli.manifest import Manifest, array_names
 from specdm_cli.models.losses import class_weights_auto
 from specdm_cli.models.vae import SpecDMVAE, VAEConfig
 from specdm_cli.pipeline.runs import rundirs as runs
@@ -93,6 +94,22 @@ def model_config(config: VAETrainConfig, manifest: Manifest) -> VAEConfig:
             f"bad VAE shape: {reason}",
             hint="e.g. --image-blocks 16,32,32 --mask-blocks 8,16,16 --norm-groups 8 (f = 4)",
         ) from None
+
+
+# Float32 values per pixel a training sample keeps for the backward pass: both branches'
+# full-resolution activations (our estimate, generous; it only has to catch sizes that cannot
+# work, like --batch-size 10**9, which ended in std::bad_alloc, exit 1).
+_TRAINING_VALUES_PER_PIXEL = 1024
+
+
+def _require_batch_memory(batch_size: int, manifest: Manifest) -> None:
+    images = len(array_names(manifest.task)) - 1
+    values = images * len(manifest.bands) + len(manifest.classes) + _TRAINING_VALUES_PER_PIXEL
+    require_memory(
+        float(batch_size) * manifest.height * manifest.width * values * 4,
+        f"a training batch of {batch_size}",
+        "use a smaller --batch-size (e.g. 16)",
+    )
 
 
 def training_indices(reader: StoreReader, config: VAETrainConfig) -> np.ndarray:
@@ -269,6 +286,7 @@ def _fit_vae(
     started = time.monotonic()
     reader = open_store(request.store)
     model_config(request.config, reader.manifest)  # a bad shape is told before the run dir exists
+    _require_batch_memory(request.config.batch_size, reader.manifest)
     check_batch_divides(request.config.batch_size, request.devices)
     devices = torch_devices(request.devices)
     dataset = reader.manifest.source.dataset if reader.manifest.source else "synthetic"
