@@ -74,14 +74,19 @@ def forget_damaged(path: Path, indices: Iterable[int] | None = None) -> list[int
     """Clear the written flags of damaged samples so a resume rewrites them; a complete store
     becomes incomplete first. Returns the damaged indices (one note on stderr if any)."""
     manifest = load_manifest(path / MANIFEST_NAME)
-    if manifest.format != "zarr":
-        return []
-    reader = ZarrReader(path, manifest)
+    reader: ZarrReader | GeoTiffReader = (
+        ZarrReader(path, manifest) if manifest.format == "zarr" else GeoTiffReader(path, manifest)
+    )
     damaged = find_damaged(reader, indices)
     if damaged:
-        writer = ZarrWriter(path, manifest)
+        writer = (
+            ZarrWriter(path, manifest)
+            if manifest.format == "zarr"
+            else GeoTiffWriter(path, manifest)
+        )
         if manifest.complete:
-            writer.save_manifest(manifest.model_copy(update={"complete": False}))
+            # Incomplete again: a GeoTIFF store's readers then go by its markers, not `files`.
+            writer.save_manifest(manifest.model_copy(update={"complete": False, "files": None}))
         writer.forget(damaged)
         shown = ", ".join(map(str, damaged[:5])) + (", ..." if len(damaged) > 5 else "")
         log.warning("note: rewriting %d damaged samples (%s) (%s)", len(damaged), shown, path)
@@ -257,7 +262,13 @@ def verify_store(reader: StoreReader) -> str:
             reader.root,
             REPAIR_HINT,
         )
-    if isinstance(reader, ZarrReader) and not reader.has_checksums:
+    if isinstance(reader, ZarrReader):
+        unchecked = not reader.has_checksums
+    else:
+        unchecked = isinstance(reader, GeoTiffReader) and any(
+            r.crc32 is None for r in reader.records
+        )
+    if unchecked:
         return "readable (store has no checksums: written before they existed)"
     return "all samples match their checksums"
 
