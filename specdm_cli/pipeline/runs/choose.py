@@ -67,27 +67,24 @@ def choose_model(model: str | None, task: str | None) -> ChosenModel:
 def _from_registry(task: str, passed_over: list[str]) -> ChosenModel | None:
     """The newest registered run that trained its whole recipe, else the newest that can
     sample; `passed_over` gets a reason for each newer run that was not taken."""
-    short: list[tuple[Path, str]] = []
-    for path in registered_runs(task):
-        shortfall = _shortfall(path)
-        if shortfall is None:
-            why = f"the newest registered {task} run that trained its whole recipe"
-            if passed_over or short:
-                skipped = passed_over + [f"{p.name}: {r}" for p, r in short]
-                why += f"; passed over {len(skipped)} newer ({'; '.join(skipped)})"
-            return _loaded(path, "registry", why + "; --model demo for the shipped model")
-        can_sample, reason = shortfall
-        if can_sample:
-            short.append((path, reason))
-        else:
-            passed_over.append(f"{path.name}: {reason}")
-    if not short:
+    found = [(path, _shortfall(path)) for path in registered_runs(task)]
+    whole = [n for n, (_, shortfall) in enumerate(found) if shortfall is None]
+    usable = [n for n, (_, shortfall) in enumerate(found) if shortfall is None or shortfall[0]]
+    chosen = whole[0] if whole else usable[0] if usable else len(found)
+    passed_over += [f"{path.name}: {short[1]}" for path, short in found[:chosen] if short]
+    if chosen == len(found):
         return None
-    path, reason = short[0]
-    why = f"the newest registered {task} run that can sample, though it {reason}"
-    return _loaded(
-        path, "registry", why + ": expect rough samples; --model demo for the shipped one"
-    )
+    path, shortfall = found[chosen]
+    if shortfall is None:
+        why = f"the newest registered {task} run that trained its whole recipe"
+    else:
+        why = (
+            f"the newest registered {task} run that can sample, though it {shortfall[1]}: "
+            "expect rough samples"
+        )
+    if passed_over:
+        why += f"; passed over {len(passed_over)} newer ({'; '.join(passed_over)})"
+    return _loaded(path, "registry", f"{why}; --model demo for the shipped model")
 
 
 def _shortfall(run: Path) -> tuple[bool, str] | None:
