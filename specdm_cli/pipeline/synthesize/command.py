@@ -140,11 +140,7 @@ def _require_room(request: SynthesizeRequest) -> None:
 
 def _why(chosen: ChosenModel) -> str:
     """Why a model nobody named was chosen, and how to choose another."""
-    if chosen.kind == "registry":
-        return "; the newest registered run of this task: --model demo for the shipped model"
-    if chosen.kind == "demo":
-        return "; the shipped demo model"
-    return ""
+    return f"; {chosen.why}" if chosen.why else ""
 
 
 def _model(options: SynthesizeOptions) -> ChosenModel:

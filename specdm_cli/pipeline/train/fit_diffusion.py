@@ -38,7 +38,7 @@ from specdm_cli.pipeline.train.common import (
     validation_indices,
 )
 from specdm_cli.pipeline.train.distributed import data_parallel
-from specdm_cli.pipeline.train.driver import Schedule, launch, train_loop
+from specdm_cli.pipeline.train.driver import Schedule, estimating, launch, train_loop
 from specdm_cli.pipeline.train.latent_cache import (
     LatentCache,
     cache_key,
@@ -193,6 +193,7 @@ class DiffusionTrainer:
             "latent_scale": self.cache.scale.tolist(),
             "learning_rate": self.config.learning_rate(),
             "cached_views": len(self.cache),
+            "options": self.config.model_dump(mode="json"),  # what a --resume starts from
         }
         identity = self.config.training_identity()
         plain = json.loads(json.dumps(details, default=str))
@@ -265,7 +266,8 @@ def fit_diffusion(
             val,
         )
         steps = request.config.steps
-        summary = launch(devices, _rank_main, job, stop, progress) or FitDiffusionSummary(
+        told = estimating(progress, warn, "fit-diffusion", f"preset {request.config.preset}")
+        summary = launch(devices, _rank_main, job, stop, told) or FitDiffusionSummary(
             str(run), "", steps, steps, 0.0, 0.0, ""
         )
     runs.register(run, manifest.task, "diffusion", can_sample=True)

@@ -40,7 +40,7 @@ from specdm_cli.pipeline.train.common import (
     validation_indices,
 )
 from specdm_cli.pipeline.train.distributed import data_parallel
-from specdm_cli.pipeline.train.driver import Schedule, launch, train_loop
+from specdm_cli.pipeline.train.driver import Schedule, estimating, launch, train_loop
 from specdm_cli.pipeline.train.vae_validation import validate
 from specdm_cli.stores import StoreReader, open_store, store_sha256
 
@@ -222,6 +222,7 @@ class VAETrainer:
             "learning_rate": self.config.learning_rate(),
             "train_samples": len(self.indices),
             "validation": self.validation,
+            "options": self.config.model_dump(mode="json"),  # what a --resume starts from
         }
         identity = self.config.training_identity()
         runs.commit_checkpoint(self.run, "vae", step, write, identity, finished, details)
@@ -314,7 +315,9 @@ def _fit_vae(
             start,
             validation_indices(reader, request.config.val_samples, warn),
         )
-        summary = launch(devices, _rank_main, job, stop, progress) or _summary_from_run(job)
+        recipe = f"preset {request.config.preset}"
+        told = estimating(progress, warn, "fit-vae", recipe)
+        summary = launch(devices, _rank_main, job, stop, told) or _summary_from_run(job)
     runs.register(run, manifest.task, "vae", can_sample=False)
     summary.seconds = round(time.monotonic() - started, 3)
     summary.state = "resumed" if start else "trained"
