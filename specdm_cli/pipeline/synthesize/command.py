@@ -68,7 +68,9 @@ def synthesize_store(
     chosen = _model(options)
     refuse_overlap(options.out, {"--model": chosen.path})
     notice(f"model: {chosen.path} ({chosen.kind}, sha256 {chosen.sha256[:12]}){_why(chosen)}")
-    # The model is claimed while it is used: `--overwrite` elsewhere refuses to replace it.
+    if chosen.kind == "demo":  # shipped inside the package: no claim files written there
+        return _write(options, chosen, shard, grid, stop, progress, notice)
+    # A run is claimed while it is used: `--overwrite` elsewhere refuses to replace it.
     with ReadLock(chosen.path, refuse_writer=False):
         return _write(options, chosen, shard, grid, stop, progress, notice)
 
