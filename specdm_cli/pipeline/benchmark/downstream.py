@@ -9,7 +9,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
-from torch import Tensor
+from torch import Tensor, nn
 
 from specdm_cli.config import DownstreamOptions, Progress
 from specdm_cli.errors import InputDataError
@@ -23,6 +23,7 @@ from specdm_cli.pipeline.benchmark.feature_training import (
 from specdm_cli.pipeline.benchmark.features import band_statistics, default_config
 from specdm_cli.stores import StoreReader
 
+from .agreement import relabelled_data
 from .report import Downstream, DownstreamRow, SeedRun
 from .utility_training import (
     Phase,
@@ -45,6 +46,13 @@ NETWORK = {
 }
 SPREAD = "standard deviation over the seeds (ddof 1); min-max in report.json"
 ROUND_TRIP_NAME = "VAE round trip of real"
+AGREE = "-agree"
+RATIO_ROW_NAMES = {
+    "mixed": "real+synthetic x{ratio}",
+    "pretrain": "synthetic x{ratio} -> real",
+    "mixed-agree": "real+synthetic x{ratio}, agreement-relabelled",
+    "pretrain-agree": "synthetic x{ratio} -> real, agreement-relabelled",
+}
 
 
 @dataclass(frozen=True)
@@ -53,13 +61,24 @@ class Configuration:
 
     Protocols: "real", "synthetic" (one source); "round-trip" (the real pairs' VAE
     reconstructions, `synthetic` indexing the real store); "mixed" (every batch a fixed share
-    real); "pretrain" (synthetic to its best val checkpoint, then fine-tuned on real).
+    real); "pretrain" (synthetic to its best val checkpoint, then fine-tuned on real); "mixed-agree"
+    and "pretrain-agree" as those, with synthetic labels agreement-relabelled (agreement.py).
     """
 
     name: str
     protocol: str
     real: np.ndarray
     synthetic: np.ndarray
+
+    @property
+    def relabelled(self) -> bool:
+        """Whether its synthetic labels are kept only where the seed's real-only model agrees."""
+        return self.protocol.endswith(AGREE)
+
+    @property
+    def training(self) -> str:
+        """How it trains, relabelled or not: real, round-trip, synthetic, mixed or pretrain."""
+        return self.protocol.removesuffix(AGREE)
 
 
 def configurations(
@@ -79,10 +98,9 @@ def configurations(
     )
     for ratio in options.ratios:
         chosen = pool[: ratio * train.size]
-        if "mixed" in options.protocols:
-            rows.append(Configuration(f"real+synthetic x{ratio}", "mixed", train, chosen))
-        if "pretrain" in options.protocols:
-            rows.append(Configuration(f"synthetic x{ratio} -> real", "pretrain", train, chosen))
+        for protocol in options.protocols:
+            name = RATIO_ROW_NAMES[protocol].format(ratio=ratio)
+            rows.append(Configuration(name, protocol, train, chosen))
     return rows
 
 
@@ -162,12 +180,12 @@ def run_downstream(
         config, options, stats, class_weights(real, config.classes),
         TrainData([(real, val)], *stats), TrainData([(real, test)], *stats), device, progress,
     )  # fmt: skip
-    rows = []
+    rows, referees = [], Referees()
     for row in configurations(real, synthetic, options, round_trip is not None):
         second = (
             round_trip(row.synthetic) if row.protocol == "round-trip" and round_trip else synthetic
         )
-        rows.append(_run_row(row, setup, real, second))
+        rows.append(_run_row(row, setup, real, second, referees))
     return Downstream(
         network=NETWORK[real.manifest.task], config=config.model_dump(),
         real_limit=options.real_limit or PAPER_REAL_LIMIT[real.manifest.task], eval_split=split,
@@ -195,18 +213,36 @@ def protocol_text(options: DownstreamOptions) -> str:
         "synthetic pairs to "
         "their best val checkpoint, then fine-tune on the real pairs by the same rule; "
         f"{o.seeds} seeds (initialisation, batch order, augmentation) per row"
+        + (
+            "; 'agreement-relabelled' rows keep a synthetic label only where the same seed's "
+            "real-only model (its best-val weights) predicts the same class, 255 (ignored) elsewhere"
+            if any(p.endswith(AGREE) for p in o.protocols)
+            else ""
+        )
     )
 
 
+class Referees(dict[int, nn.Module]):
+    """The real-only row's best-val model of each seed: the judge agreement rows relabel with."""
+
+
 def _run_row(
-    row: Configuration, setup: Setup, real: StoreReader, second: SampleSource
+    row: Configuration, setup: Setup, real: StoreReader, second: SampleSource, referees: Referees
 ) -> DownstreamRow:
     """Every seed of one row, then mean and spread."""
     real_data = TrainData([(real, row.real)], *setup.stats) if row.real.size else None
     second_data = TrainData([(second, row.synthetic)], *setup.stats) if row.synthetic.size else None
-    runs = [
-        _run_seed(row, setup, real_data, second_data, seed) for seed in seed_list(setup.options)
-    ]
+    runs = []
+    for seed in seed_list(setup.options):
+        trained_on, kept_share = second_data, None
+        if row.relabelled and second_data is not None:
+            trained_on, kept_share = relabelled_data(
+                referees[seed], second_data, setup.config.batch_size, setup.device
+            )
+        run, model = _run_seed(row, setup, real_data, trained_on, seed)
+        if row.protocol == "real":
+            referees[seed] = model
+        runs.append(run.model_copy(update={"kept_share": kept_share}))
     return _summarise(row, runs, real)
 
 
@@ -216,10 +252,10 @@ def _run_seed(
     real_data: TrainData | None,
     second_data: TrainData | None,
     seed: int,
-) -> SeedRun:
+) -> tuple[SeedRun, nn.Module]:
     config = setup.config.model_copy(update={"seed": seed})
     model, options = new_model(config, setup.device), setup.options
-    if row.protocol == "pretrain":
+    if row.training == "pretrain":
         plan = [batches_of(None, second_data, options), batches_of(real_data, None, options)]
     else:
         plan = [batches_of(real_data, second_data, options)]
@@ -231,7 +267,7 @@ def _run_seed(
             model, batches, setup.val, config, options, setup.weights, setup.device, report
         ))  # fmt: skip
     counts = confusion(model, setup.test, config.classes, config.batch_size, setup.device)
-    return _seed_run(seed, counts, phases, setup.config.task, real_data or second_data)
+    return _seed_run(seed, counts, phases, setup.config.task, real_data or second_data), model
 
 
 def _seed_run(
@@ -286,9 +322,14 @@ def _summarise(row: Configuration, runs: list[SeedRun], real: StoreReader) -> Do
         name=row.name, protocol=row.protocol, real_count=int(row.real.size),
         synthetic_count=int(row.synthetic.size), miou=float(miou.mean()), f1=float(f1.mean()),
         miou_std=_std(miou), f1_std=_std(f1), miou_min=float(miou.min()),
-        miou_max=float(miou.max()), iou_per_class=iou,
+        miou_max=float(miou.max()), iou_per_class=iou, kept_share=_mean_kept(runs),
         seconds=round(sum(r.seconds for r in runs), 2), seeds=runs,
     )  # fmt: skip
+
+
+def _mean_kept(runs: list[SeedRun]) -> float | None:
+    shares = [r.kept_share for r in runs if r.kept_share is not None]
+    return float(np.mean(shares)) if shares else None
 
 
 def _std(values: np.ndarray) -> float:
