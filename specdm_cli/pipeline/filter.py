@@ -4,6 +4,7 @@ and/or with their labels kept only where a segmenter trained on a real store agr
 from __future__ import annotations
 
 import math
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -11,7 +12,7 @@ import numpy as np
 
 from specdm_cli.config import DownstreamOptions, Progress
 from specdm_cli.errors import InputDataError, UsageError
-from specdm_cli.fs.lock import DirLock
+from specdm_cli.fs.lock import DirLock, ReadLock
 from specdm_cli.fs.paths import refuse_overlap
 from specdm_cli.manifest import LABEL_ARRAY, AgreementInfo, Manifest, ParentInfo
 from specdm_cli.pipeline.benchmark.agreement import Referee, relabel_samples, train_referee
@@ -65,8 +66,16 @@ def kept_indices(scores: np.ndarray, written: np.ndarray, min_quality: float) ->
 def filter_store(request: FilterRequest, progress: Progress | None = None) -> FilterSummary:
     """Copy the parent's samples scoring >= `min_quality` (all of them without it) into a new
     store, their labels relabelled by agreement with a segmenter trained on `agree_with` if
-    given; `complete: true` at the end."""
+    given; `complete: true` at the end. The stores read are claimed for reading meanwhile."""
     _check(request)
+    with (
+        ReadLock(request.store),
+        ReadLock(request.agree_with) if request.agree_with else nullcontext(),
+    ):
+        return _filter(request, progress)
+
+
+def _filter(request: FilterRequest, progress: Progress | None) -> FilterSummary:
     reader = open_store(request.store)
     real = open_pair(request.agree_with, request.store)[0] if request.agree_with else None
     scores = read_quality(reader) if request.min_quality is not None else None

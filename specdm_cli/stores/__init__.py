@@ -14,7 +14,7 @@ from specdm_cli.config import StoreFormat
 from specdm_cli.errors import InputDataError, UsageError
 from specdm_cli.faults import fault_point
 from specdm_cli.fs.atomic import remove_abandoned_creations, remove_tree
-from specdm_cli.fs.lock import refuse_if_locked
+from specdm_cli.fs.lock import DirLock, refuse_if_locked
 from specdm_cli.fs.paths import file_sha256
 from specdm_cli.manifest import Manifest, array_names, load_manifest
 from specdm_cli.stores.base import MANIFEST_NAME, SampleMeta, StoreReader, StoreWriter
@@ -145,7 +145,10 @@ def remove_own(path: Path, kind: OutputKind) -> None:
             path,
             "remove it yourself or choose another output",
         )
-    remove_tree(path)
+    # Under its writer lock, so no reader starts between the check for readers and the removal.
+    with DirLock(path) as lock:
+        refuse_if_locked(path, mine=lock.path)
+        remove_tree(path)
 
 
 def _is_run_json(path: Path) -> bool:

@@ -8,12 +8,13 @@ from pathlib import Path
 
 from specdm_cli.config import Devices, Precision, Progress, SamplerName, StoreFormat, Task
 from specdm_cli.errors import UsageError
+from specdm_cli.fs.lock import ReadLock
 from specdm_cli.fs.paths import refuse_overlap
 from specdm_cli.pipeline.runs.choose import ChosenModel, choose_model
 from specdm_cli.pipeline.signals import StopFlag
 from specdm_cli.pipeline.synthesize.preview import rgb_note, write_preview
 from specdm_cli.pipeline.synthesize.require import parse_require
-from specdm_cli.pipeline.synthesize.shards import parse_shard
+from specdm_cli.pipeline.synthesize.shards import Shard, parse_shard
 from specdm_cli.pipeline.synthesize.synthesize import (
     SynthesizeRequest,
     SynthesizeSummary,
@@ -62,6 +63,20 @@ def synthesize_store(
     chosen = _model(options)
     refuse_overlap(options.out, {"--model": chosen.path})
     notice(f"model: {chosen.path} ({chosen.kind}, sha256 {chosen.sha256[:12]}){_why(chosen)}")
+    # The model is claimed while it is used: `--overwrite` elsewhere refuses to replace it.
+    with ReadLock(chosen.path, refuse_writer=False):
+        return _write(options, chosen, shard, grid, stop, progress, notice)
+
+
+def _write(
+    options: SynthesizeOptions,
+    chosen: ChosenModel,
+    shard: Shard,
+    grid: int | None,
+    stop: StopFlag,
+    progress: Progress | None,
+    notice: Callable[[str], None],
+) -> SynthesizeSummary:
     if options.overwrite and options.out.exists():
         remove_own(options.out, "store")
     request = SynthesizeRequest(

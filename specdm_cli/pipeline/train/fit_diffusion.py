@@ -17,6 +17,7 @@ from pydantic import ValidationError
 
 from specdm_cli.config import Devices, DiffusionTrainConfig, Progress
 from specdm_cli.errors import ModelError, UsageError
+from specdm_cli.fs.lock import ReadLock
 from specdm_cli.models.diffusion import EMA, ScheduleConfig, UNetConfig, build_unet, ldm_betas
 from specdm_cli.pipeline.runs import rundirs as runs
 from specdm_cli.pipeline.runs.checkpoints import (
@@ -354,9 +355,10 @@ def _latents(
             progress(stage, done, total)
         stop.check()  # an unfinished cache is rebuilt on the next run
 
-    cache = open_or_build(run, vae, reader, indices, key, augment, batch, report)
-    val = validation_indices(reader, request.config.val_samples, warn)
-    return cache, encode_means(vae, reader, val, batch)
+    with ReadLock(store):
+        cache = open_or_build(run, vae, reader, indices, key, augment, batch, report)
+        val = validation_indices(reader, request.config.val_samples, warn)
+        return cache, encode_means(vae, reader, val, batch)
 
 
 def _restore(run: Path, trainer: DiffusionTrainer, checkpoint: str, device: torch.device) -> int:

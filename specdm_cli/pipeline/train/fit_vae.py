@@ -11,10 +11,12 @@ from typing import Any
 
 import numpy as np
 import torch
+from pydantic import ValidationError
 from torch import nn
 
 from specdm_cli.config import Devices, Progress, VAETrainConfig
-from specdm_cli.errors import InputDataError
+from specdm_cli.errors import InputDataError, UsageError
+from specdm_cli.fs.lock import ReadLock
 from specdm_cli.fs.paths import refuse_overlap
 from specdm_cli.manifest import Manifest
 from specdm_cli.models.losses import class_weights_auto
@@ -69,20 +71,28 @@ class FitVAESummary:
 
 
 def model_config(config: VAETrainConfig, manifest: Manifest) -> VAEConfig:
-    """The VAE architecture for a store's bands and classes."""
-    return VAEConfig(
-        bands=len(manifest.bands),
-        num_classes=len(manifest.classes),
-        task=manifest.task,
-        single_stream=config.single_stream,
-        downsample=config.downsample,
-        image_latent_channels=config.image_latent_channels,
-        mask_latent_channels=config.mask_latent_channels,
-        image_block_out_channels=config.image_block_out_channels,
-        mask_block_out_channels=config.mask_block_out_channels,
-        layers_per_block=config.layers_per_block,
-        norm_num_groups=config.norm_num_groups,
-    )
+    """The VAE architecture for a store's bands and classes; a shape that cannot be built is a
+    usage error (exit 2), told before any training."""
+    try:
+        return VAEConfig(
+            bands=len(manifest.bands),
+            num_classes=len(manifest.classes),
+            task=manifest.task,
+            single_stream=config.single_stream,
+            downsample=config.downsample,
+            image_latent_channels=config.image_latent_channels,
+            mask_latent_channels=config.mask_latent_channels,
+            image_block_out_channels=config.image_block_out_channels,
+            mask_block_out_channels=config.mask_block_out_channels,
+            layers_per_block=config.layers_per_block,
+            norm_num_groups=config.norm_num_groups,
+        )
+    except ValidationError as error:
+        reason = error.errors()[0]["msg"].removeprefix("Value error, ")
+        raise UsageError(
+            f"bad VAE shape: {reason}",
+            hint="e.g. --image-blocks 16,32,32 --mask-blocks 8,16,16 --norm-groups 8 (f = 4)",
+        ) from None
 
 
 def training_indices(reader: StoreReader, config: VAETrainConfig) -> np.ndarray:
@@ -242,9 +252,23 @@ def fit_vae(
     progress: Progress | None = None,
     warn: Callable[[str], None] = lambda line: None,
 ) -> FitVAESummary:
-    """Train (or resume) the VAE of a run; checkpoints are atomic and resume is bit-exact."""
+    """Train (or resume) the VAE of a run; checkpoints are atomic and resume is bit-exact.
+
+    The store is claimed for reading throughout: `--overwrite` elsewhere refuses to replace it.
+    """
+    with ReadLock(request.store):
+        return _fit_vae(request, stop, progress, warn)
+
+
+def _fit_vae(
+    request: FitVAERequest,
+    stop: StopFlag,
+    progress: Progress | None,
+    warn: Callable[[str], None],
+) -> FitVAESummary:
     started = time.monotonic()
     reader = open_store(request.store)
+    model_config(request.config, reader.manifest)  # a bad shape is told before the run dir exists
     check_batch_divides(request.config.batch_size, request.devices)
     devices = torch_devices(request.devices)
     dataset = reader.manifest.source.dataset if reader.manifest.source else "synthetic"
