@@ -156,6 +156,26 @@ class Setup:
     test: TrainData
     device: str
     progress: Progress | None
+    eval_split: str = "test"
+    stop_split: str = "val"
+
+
+def make_setup(
+    real: StoreReader, options: DownstreamOptions, device: str, progress: Progress | None = None
+) -> Setup:
+    """The network config, class weights, stopping and test pairs every row of `real` shares."""
+    config = default_config(
+        real, steps=options.max_steps, batch_size=options.batch_size, lr=options.lr,
+        seed=options.seed, width=options.width,
+    )  # fmt: skip
+    stats = band_statistics(real)
+    test, split = evaluation_split(real)
+    val, stop_split = stopping_split(real, split, options)
+    return Setup(
+        config, options, stats, class_weights(real, config.classes),
+        TrainData([(real, val)], *stats), TrainData([(real, test)], *stats), device, progress,
+        split, stop_split,
+    )  # fmt: skip
 
 
 def run_downstream(
@@ -169,17 +189,7 @@ def run_downstream(
 ) -> Downstream:
     """Train every configuration over `options.seeds` seeds to its best real-val checkpoint and
     test each on real data. `round_trip` (the run's VAE, given --model) adds the ceiling row."""
-    config = default_config(
-        real, steps=options.max_steps, batch_size=options.batch_size, lr=options.lr,
-        seed=options.seed, width=options.width,
-    )  # fmt: skip
-    stats = band_statistics(real)
-    test, split = evaluation_split(real)
-    val, stop_split = stopping_split(real, split, options)
-    setup = Setup(
-        config, options, stats, class_weights(real, config.classes),
-        TrainData([(real, val)], *stats), TrainData([(real, test)], *stats), device, progress,
-    )  # fmt: skip
+    setup = make_setup(real, options, device, progress)
     rows, referees = [], Referees()
     for row in configurations(real, synthetic, options, round_trip is not None):
         second = (
@@ -187,10 +197,11 @@ def run_downstream(
         )
         rows.append(_run_row(row, setup, real, second, referees))
     return Downstream(
-        network=NETWORK[real.manifest.task], config=config.model_dump(),
-        real_limit=options.real_limit or PAPER_REAL_LIMIT[real.manifest.task], eval_split=split,
-        eval_count=int(test.size), f1_definition=F1_DEFINITION[real.manifest.task], rows=rows,
-        protocol=protocol_text(options), stop_split=stop_split, stop_count=int(val.size),
+        network=NETWORK[real.manifest.task], config=setup.config.model_dump(),
+        real_limit=options.real_limit or PAPER_REAL_LIMIT[real.manifest.task],
+        eval_split=setup.eval_split, eval_count=len(setup.test),
+        f1_definition=F1_DEFINITION[real.manifest.task], rows=rows,
+        protocol=protocol_text(options), stop_split=setup.stop_split, stop_count=len(setup.val),
         seeds=seed_list(options), real_share=options.real_share, spread=SPREAD,
         round_trip=round_trip_name if round_trip is not None else None,
     )  # fmt: skip
@@ -239,20 +250,21 @@ def _run_row(
             trained_on, kept_share = relabelled_data(
                 referees[seed], second_data, setup.config.batch_size, setup.device
             )
-        run, model = _run_seed(row, setup, real_data, trained_on, seed)
+        run, model = run_seed(row, setup, real_data, trained_on, seed)
         if row.protocol == "real":
             referees[seed] = model
         runs.append(run.model_copy(update={"kept_share": kept_share}))
     return _summarise(row, runs, real)
 
 
-def _run_seed(
+def run_seed(
     row: Configuration,
     setup: Setup,
     real_data: TrainData | None,
     second_data: TrainData | None,
     seed: int,
 ) -> tuple[SeedRun, nn.Module]:
+    """One seed of one row: train (both phases for pretrain), test; the trained model too."""
     config = setup.config.model_copy(update={"seed": seed})
     model, options = new_model(config, setup.device), setup.options
     if row.training == "pretrain":
