@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
@@ -41,9 +41,6 @@ from specdm_cli.errors import (
     SpecdmError,
     resource_error_from,
 )
-
-if TYPE_CHECKING:
-    from specdm_cli.pipeline.filter import FilterSummary
 
 
 def _usage_error_types() -> tuple[type[Exception], ...]:
@@ -883,52 +880,34 @@ def benchmark(
 
 @app.command("filter")
 def filter_command(
-    store: Annotated[Path, typer.Argument(help="A store (with quality scores for --min-quality).")],
+    store: Annotated[
+        Path, typer.Argument(help="A store with quality scores (benchmark --write-scores).")
+    ],
     min_quality: Annotated[
-        float | None, typer.Option(help="Keep the samples scoring at least this (0..1).")
-    ] = None,
-    agree_with: Annotated[
-        Path | None,
-        typer.Option(help="Real store: keep labels where a segmenter trained on it agrees."),
-    ] = None,
-    agree_seed: Annotated[int, typer.Option(help="Seed of that segmenter's training.")] = 0,
-    agree_max_steps: Annotated[
-        int, typer.Option(min=1, help="Step cap of that segmenter's training.")
-    ] = 3000,
-    out: Annotated[Path | None, typer.Option("--out", "-o", help="The derived store.")] = None,
-    threads: ThreadsOption = None,
+        float, typer.Option(help="Keep the samples scoring at least this (0..1).")
+    ],
+    out: Annotated[Path | None, typer.Option("--out", "-o", help="The subset store.")] = None,
     overwrite: OverwriteOption = False,
     json_output: JsonOption = False,
     quiet: QuietOption = False,
 ) -> None:
-    """Write a store's samples whose quality reaches --min-quality and/or whose labels are kept
-    only where a segmenter trained on --agree-with's train split agrees (255 elsewhere)."""
+    """Write the subset of a store whose per-sample quality reaches --min-quality."""
     with _domain_errors():
-        from specdm_cli.config import DownstreamOptions
         from specdm_cli.errors import UsageError
         from specdm_cli.pipeline.filter import FilterRequest, filter_store
-        from specdm_cli.pipeline.train.common import torch_threads
 
         if out is None:
             raise UsageError("filter needs --out", hint="e.g. --out syn-good.zarr")
-        referee = DownstreamOptions(seed=agree_seed, max_steps=agree_max_steps)
-        request = FilterRequest(store, min_quality, out, overwrite, agree_with, referee)
-        with torch_threads(threads), _progress("filter", quiet) as bar:
-            summary = filter_store(request, bar)
+        with _progress("filter", quiet) as bar:
+            summary = filter_store(FilterRequest(store, min_quality, out, overwrite), bar)
         if not quiet:
-            stderr.print(f"complete: {summary.out}: {_filter_line(summary)}", markup=False)
+            stderr.print(
+                f"complete: {summary.out}: kept {summary.kept} of {summary.parent_count} "
+                f"(quality >= {summary.min_quality:g})",
+                markup=False,
+            )
         if json_output:
             _emit_json(asdict(summary))
-
-
-def _filter_line(summary: FilterSummary) -> str:
-    """'kept 40 of 64 (quality >= 0.5), labels kept on 71.2% of pixels (agreement)'."""
-    parts = [f"kept {summary.kept} of {summary.parent_count}"]
-    if summary.min_quality is not None:
-        parts[0] += f" (quality >= {summary.min_quality:g})"
-    if summary.kept_pixel_share is not None:
-        parts.append(f"labels kept on {summary.kept_pixel_share:.1%} of pixels (agreement)")
-    return ", ".join(parts)
 
 
 def main() -> None:

@@ -131,27 +131,15 @@ class QualityScores(_Strict):
     count: int = Field(ge=0, description="samples scored")
 
 
-class AgreementInfo(_Strict):
-    """How `specdm filter --agree-with` relabelled: a label is kept where the referee agrees."""
-
-    real_path: str
-    real_manifest_sha256: str
-    seed: int
-    referee: dict[str, Any] = Field(description="the segmenter: network, pairs, steps, val mIoU")
-    kept_share: float | None = Field(None, description="share of label pixels kept; at the end")
-
-
 class ParentInfo(_Strict):
-    """A derived store's origin: `specdm filter` kept the parent's samples scoring >= min_quality
-    and/or relabelled them by agreement with a real-trained segmenter."""
+    """A subset store's origin: `specdm filter` kept the parent's samples scoring >= min_quality."""
 
     path: str
     manifest_sha256: str
-    min_quality: float | None = None
+    min_quality: float
     parent_count: int = Field(ge=0)
     kept: int = Field(ge=0)
     parent_index: list[int] = Field(description="for each sample here, its index in the parent")
-    agreement: AgreementInfo | None = None
 
 
 class Manifest(_Strict):

@@ -1,10 +1,8 @@
 """Agreement relabelling (issue 20 section 3): the benchmark's agreement-relabelled downstream
-rows and `specdm filter --agree-with`, end to end on tiny real and synthetic stores."""
+rows end to end on tiny real and synthetic stores, and the relabelling itself."""
 
 from __future__ import annotations
 
-import json
-import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -13,7 +11,7 @@ import pytest
 import torch
 
 from specdm_cli.config import DownstreamOptions
-from specdm_cli.manifest import IGNORE_INDEX, QualityScores
+from specdm_cli.manifest import IGNORE_INDEX
 from specdm_cli.pipeline.benchmark.agreement import agreement_labels, relabelled_data
 from specdm_cli.pipeline.benchmark.feature_training import ArraySource, TrainData, class_weights
 from specdm_cli.pipeline.benchmark.features import band_statistics, default_config
@@ -24,9 +22,7 @@ from specdm_cli.pipeline.benchmark.utility_training import (
     predictions,
     train_to_best,
 )
-from specdm_cli.sources.base import class_fraction
-from specdm_cli.stores import open_store, store_sha256
-from specdm_cli.stores.quality import write_quality
+from specdm_cli.stores import open_store
 from tests.conftest import prepare_demo, run_cli
 from tests.test_benchmark import demo_size, synthesize_demo
 
@@ -144,101 +140,3 @@ def test_an_unknown_protocol_is_a_usage_error(stores: tuple[Path, Path], tmp_pat
     )  # fmt: skip
     assert code == 2 and "mixed-agree" in stderr and stderr.count("\n") == 1
     assert not (tmp_path / "r").exists()
-
-
-def agree(synthetic: Path, real: Path, out: Path, *extra: str) -> tuple[int, str, str]:
-    return run_cli(
-        "filter", synthetic, "--agree-with", real, "--agree-max-steps", "4", "--out", out,
-        "--threads", "1", "--quiet", *extra,
-    )  # fmt: skip
-
-
-def test_filter_agree_with_writes_the_relabelled_store(
-    stores: tuple[Path, Path], tmp_path: Path
-) -> None:
-    real, synthetic = stores
-    out = tmp_path / "agreed.zarr"
-    code, stdout, stderr = agree(synthetic, real, out, "--json")
-    assert code == 0, stderr
-    parent, derived = open_store(synthetic), open_store(out)
-    manifest = derived.manifest
-    assert manifest.complete and len(derived) == len(parent) == 12
-    kept = total = 0
-    for i in range(len(derived)):
-        generated, written = parent.read(i), derived.read(i)
-        assert np.array_equal(generated["image"], written["image"])
-        ignored = written["mask"] == IGNORE_INDEX
-        assert np.array_equal(written["mask"][~ignored], generated["mask"][~ignored])
-        assert np.allclose(derived.class_fractions()[i], class_fraction(written["mask"], 7))
-        kept, total = kept + int((~ignored).sum()), total + ignored.size
-    # Provenance: the parent, the real store's manifest sha256, the seed and the share kept.
-    info = manifest.parent
-    assert info is not None and info.agreement is not None and info.min_quality is None
-    assert info.manifest_sha256 == store_sha256(synthetic) and info.parent_index == list(range(12))
-    assert info.agreement.real_manifest_sha256 == store_sha256(real)
-    assert info.agreement.seed == 0 and info.agreement.referee["steps"] <= 4
-    assert info.agreement.kept_share == pytest.approx(kept / total) and 0 < kept < total
-    assert json.loads(stdout)["kept_pixel_share"] == pytest.approx(kept / total)
-    assert manifest.quality_scores is None  # scores judged other pairs than these
-    # The same seed and threads give the same labels; an existing --out needs --overwrite.
-    again = tmp_path / "again.zarr"
-    assert agree(synthetic, real, again)[0] == 0
-    for i in range(len(derived)):
-        assert np.array_equal(open_store(again).read(i)["mask"], derived.read(i)["mask"])
-    code, _, stderr = agree(synthetic, real, out)
-    assert code == 3 and "--overwrite" in stderr and stderr.count("\n") == 1
-    assert agree(synthetic, real, out, "--overwrite")[0] == 0
-
-
-@pytest.mark.parametrize(
-    ("case", "code", "words"),
-    [
-        ("no-val", 3, "val split"),
-        ("task", 3, "task mismatch"),
-        ("inside-real", 2, "--agree-with"),
-        ("nothing-to-do", 2, "--min-quality or --agree-with"),
-    ],
-)
-def test_filter_agree_with_refuses_bad_input(
-    stores: tuple[Path, Path], tmp_path: Path, case: str, code: int, words: str
-) -> None:
-    real, synthetic = stores
-    out = tmp_path / "out.zarr"
-    if case == "no-val":
-        real = prepare_demo(tmp_path / "noval.zarr", "--val-fraction", "0", size=demo_size("ss"))
-    elif case == "task":
-        real = prepare_demo(tmp_path / "cd.zarr", task="cd", size=demo_size("ss"))
-    elif case == "inside-real":
-        out = real / "sub.zarr"
-    if case == "nothing-to-do":
-        got, _, stderr = run_cli("filter", synthetic, "--out", out)
-    else:
-        got, _, stderr = agree(synthetic, real, out)
-    assert got == code and words in stderr and stderr.count("\n") == 1, stderr
-    assert not out.exists()
-
-
-def test_filter_min_quality_and_agree_with_together(
-    stores: tuple[Path, Path], tmp_path: Path
-) -> None:
-    real, synthetic = stores
-    scored = tmp_path / "scored.zarr"
-    shutil.copytree(synthetic, scored)
-    scores = np.array([0.9, 0.1, 0.5, 0.49, 0.7, 0.0, 1.0, 0.3, 0.5, 0.2, 0.8, 0.6])
-    info = QualityScores(
-        definition="test", feature_hash="f" * 64, reference="r", reference_manifest_sha256="0",
-        count=12,
-    )  # fmt: skip
-    write_quality(scored, open_store(scored).manifest, scores, info)
-    out = tmp_path / "both.zarr"
-    code, _, stderr = agree(scored, real, out, "--min-quality", "0.5")
-    assert code == 0, stderr
-    derived, parent = open_store(out), open_store(scored)
-    info_out = derived.manifest.parent
-    assert info_out is not None and info_out.min_quality == 0.5 and info_out.agreement is not None
-    assert info_out.parent_index == [0, 2, 4, 6, 8, 10, 11] and len(derived) == 7
-    for position, index in enumerate(info_out.parent_index):
-        written, generated = derived.read(position)["mask"], parent.read(index)["mask"]
-        kept = written != IGNORE_INDEX
-        assert np.array_equal(written[kept], generated[kept])
-    assert derived.manifest.quality_scores is None

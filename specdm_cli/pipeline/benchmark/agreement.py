@@ -10,19 +10,14 @@ is kept, elsewhere the pixel is left out of the loss like nodata.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 from torch import nn
 
-from specdm_cli.config import DownstreamOptions, Progress
-from specdm_cli.errors import InputDataError
 from specdm_cli.manifest import IGNORE_INDEX, LABEL_ARRAY, Manifest
-from specdm_cli.stores import StoreReader
 
-from .feature_training import SampleSource, TrainData, class_weights
-from .features import band_statistics, default_config
-from .utility_training import batches_of, new_model, predictions, train_to_best
+from .feature_training import SampleSource, TrainData
+from .utility_training import predictions
 
 
 class RelabelledSource:
@@ -82,55 +77,3 @@ def relabelled_data(
     source = RelabelledSource(data.readers[0], result.labels)
     indices = np.array([index for _k, index in data.pool], np.int64)
     return TrainData([(source, indices)], data.mean, data.std), result.kept_share
-
-
-@dataclass(frozen=True)
-class Referee:
-    """A segmenter trained on a real store's train split, with the band statistics it expects."""
-
-    model: nn.Module
-    stats: tuple[np.ndarray, np.ndarray]
-    batch_size: int
-    details: dict[str, Any]
-
-
-def train_referee(
-    real: StoreReader,
-    options: DownstreamOptions,
-    device: str = "cpu",
-    progress: Progress | None = None,
-) -> Referee:
-    """The downstream network trained on every real train pair to its best real-val checkpoint
-    (the benchmark's rule, `options`), everything random drawn from `options.seed`."""
-    train, val = real.indices("train"), real.indices("val")[: options.val_limit]
-    if train.size == 0 or val.size == 0:
-        raise InputDataError(
-            "the real store needs a train and a val split to train the referee segmenter",
-            real.root,
-            "prepare it with --val-fraction",
-        )
-    config = default_config(
-        real, steps=options.max_steps, batch_size=options.batch_size, lr=options.lr,
-        seed=options.seed, width=options.width,
-    )  # fmt: skip
-    stats = band_statistics(real)
-    model = new_model(config, device)
-    phase = train_to_best(
-        model, batches_of(TrainData([(real, train)], *stats), None, options),
-        TrainData([(real, val)], *stats), config, options, class_weights(real, config.classes),
-        device, (progress, "referee") if progress is not None else None,
-    )  # fmt: skip
-    details = {
-        "network": config.model_dump(), "train_pairs": int(train.size),
-        "val_pairs": int(val.size), "steps": phase.steps, "best_step": phase.best_step,
-        "best_val_miou": phase.best_val, "device": device,
-    }  # fmt: skip
-    return Referee(model, stats, options.batch_size, details)
-
-
-def relabel_samples(
-    referee: Referee, source: SampleSource, indices: np.ndarray, device: str = "cpu"
-) -> Relabelled:
-    """Agreement labels of `indices` of `source`, judged by `referee`."""
-    data = TrainData([(source, indices)], *referee.stats)
-    return relabel(referee.model, data, referee.batch_size, device)
