@@ -837,7 +837,10 @@ def benchmark(
         int, typer.Option(min=1, help="Steps between downstream val evaluations.")
     ] = 50,
     downstream_protocols: Annotated[
-        str, typer.Option(help="How synthetic pairs join real ones: mixed, pretrain or both.")
+        str,
+        typer.Option(
+            help="How synthetic pairs join real ones: mixed, pretrain (and mixed-agree, pretrain-agree: relabelled)."
+        ),
     ] = "mixed,pretrain",
     real_share: Annotated[
         float, typer.Option(min=0.01, max=1.0, help="Real share of a mixed downstream batch.")

@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -323,7 +323,9 @@ class MetricsOptions(BaseModel):
     near_duplicate_percentile: float = Field(1.0, gt=0, lt=100, description="threshold percentile")
 
 
-DownstreamProtocol = Literal["mixed", "pretrain"]
+# "-agree": the same, with synthetic labels kept only where a real-trained segmenter agrees.
+DownstreamProtocol = Literal["mixed", "pretrain", "mixed-agree", "pretrain-agree"]
+DOWNSTREAM_PROTOCOLS: tuple[DownstreamProtocol, ...] = get_args(DownstreamProtocol)
 
 
 @dataclass(frozen=True)
@@ -359,11 +361,10 @@ class DownstreamOptions:
 def downstream_protocol_list(text: str) -> tuple[DownstreamProtocol, ...]:
     """`--downstream-protocols mixed,pretrain` -> ("mixed", "pretrain"); anything else is usage."""
     names = tuple(part.strip() for part in text.split(",") if part.strip())
-    known: tuple[DownstreamProtocol, ...] = ("mixed", "pretrain")
-    unknown = [name for name in names if name not in known]
+    unknown = [name for name in names if name not in DOWNSTREAM_PROTOCOLS]
     if not names or unknown:
         raise UsageError(
-            f"--downstream-protocols {text!r}: choose from mixed, pretrain",
+            f"--downstream-protocols {text!r}: choose from {', '.join(DOWNSTREAM_PROTOCOLS)}",
             hint="e.g. --downstream-protocols mixed,pretrain",
         )
-    return tuple(name for name in known if name in names)
+    return tuple(name for name in DOWNSTREAM_PROTOCOLS if name in names)
