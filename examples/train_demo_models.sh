@@ -2,6 +2,8 @@
 # How the demo models shipped in specdm_cli/assets/ were made (CPU, 2 cores, both tasks side by side).
 # Usage: examples/train_demo_models.sh WORKDIR   then   python examples/export_demo_models.py WORKDIR
 # CI runs the recipe at a tiny budget through N (scenes), VAE_STEPS_SS, VAE_STEPS_CD and UNET_STEPS.
+# The ss arm is `--preset cpu` of fit-vae and fit-diffusion (specdm_cli/config.py; options spelled
+# out so the recipe reads here; tests/test_presets.py keeps the two in step).
 # 64x64 scenes, f = 4 (16x16 latents); networks small enough that both tasks ship in < 8 MB
 # (fp16 on export) and train in < 60 min on 2 cores. examples/check_demo_models.py gates them.
 set -euo pipefail

@@ -22,6 +22,8 @@ from typer.core import TyperGroup
 
 from specdm_cli import __version__
 from specdm_cli.config import (
+    DIFFUSION_PRESETS,
+    VAE_PRESETS,
     DemoBandSet,
     Devices,
     Precision,
@@ -31,7 +33,9 @@ from specdm_cli.config import (
     SourceName,
     StoreFormat,
     Task,
+    TrainPreset,
     parse_devices,
+    preset_help,
 )
 from specdm_cli.errors import (
     EXIT_RESOURCE,
@@ -514,6 +518,22 @@ def _blocks(text: str | None) -> tuple[int, ...] | None:
         ) from None
 
 
+def _preset_option(presets: dict[TrainPreset, dict[str, Any]]) -> Any:
+    return typer.Option(
+        help=f"Training recipe [cpu on the CPU, gpu with CUDA; a --resume keeps the run's]: "
+        f"{preset_help(presets)}. Options given override it."
+    )
+
+
+def _recorded(run: Path | None, stage: str, resume: bool, model: Any) -> dict[str, Any] | None:
+    """The options a run to resume was started with (None: not a resume of that stage)."""
+    if not resume or run is None:
+        return None
+    from specdm_cli.pipeline.runs.rundirs import recorded_options
+
+    return recorded_options(run, stage, model)
+
+
 def _warn(quiet: bool) -> Callable[[str], None]:
     """Where a stage's warnings and notices go: stderr, or nowhere with --quiet."""
     return (lambda line: None) if quiet else (lambda line: stderr.print(line, markup=False))
@@ -525,11 +545,14 @@ def fit_vae(
     run: Annotated[
         Path | None, typer.Option(help="Run directory [<user data>/runs/<dataset>-<time>].")
     ] = None,
-    batch_size: Annotated[int | None, typer.Option(help="Batch size [16].")] = None,
-    lr: Annotated[
-        float | None, typer.Option(help="Learning rate [4.5e-6 x batch size, LDM].")
+    preset: Annotated[TrainPreset | None, _preset_option(VAE_PRESETS)] = None,
+    batch_size: Annotated[
+        int | None, typer.Option(help="Batch size [cpu 16, gpu 16, paper 48].")
     ] = None,
-    steps: Annotated[int | None, typer.Option(min=1, help="Training steps [20000].")] = None,
+    lr: Annotated[
+        float | None, typer.Option(help="Learning rate [cpu 1e-3; else 4.5e-6 x batch, LDM].")
+    ] = None,
+    steps: Annotated[int | None, typer.Option(min=1, help="Training steps [the preset's].")] = None,
     kl_weight: Annotated[float | None, typer.Option(help="KL weight, LDM scale [1e-6].")] = None,
     sad_weight: Annotated[float | None, typer.Option(help="SAD weight [0.1, paper Eq. 1].")] = None,
     class_weights: Annotated[str | None, typer.Option(help="none or auto [auto].")] = None,
@@ -540,9 +563,11 @@ def fit_vae(
         int | None, typer.Option(help="Reader threads for the training batches [4].")
     ] = None,
     threads: ThreadsOption = None,
-    val_every: Annotated[int | None, typer.Option(help="Validate every N steps [1000].")] = None,
+    val_every: Annotated[
+        int | None, typer.Option(help="Validate every N steps [cpu 250, else 1000].")
+    ] = None,
     checkpoint_every: Annotated[
-        int | None, typer.Option(help="Checkpoint every N steps [1000].")
+        int | None, typer.Option(help="Checkpoint every N steps [cpu 250, else 1000].")
     ] = None,
     resume: ResumeOption = False,
     overwrite: OverwriteOption = False,
@@ -552,18 +577,20 @@ def fit_vae(
     ] = None,
     downsample: Annotated[int | None, typer.Option(help="Downsampling factor 4 or 8 [4].")] = None,
     image_latent_channels: Annotated[
-        int | None, typer.Option(help="Image latent channels [4].")
+        int | None, typer.Option(help="Image latent channels [4; paper 3, LDM kl-f4].")
     ] = None,
     mask_latent_channels: Annotated[
         int | None, typer.Option(help="Mask latent channels [3].")
     ] = None,
     image_blocks: Annotated[
-        str | None, typer.Option(help="Image VAE widths, e.g. 64,128,256.")
+        str | None, typer.Option(help="Image VAE widths, e.g. 64,128,256 [the preset's].")
     ] = None,
     mask_blocks: Annotated[
-        str | None, typer.Option(help="Mask VAE widths, e.g. 32,64,128.")
+        str | None, typer.Option(help="Mask VAE widths, e.g. 32,64,128 [the preset's].")
     ] = None,
-    norm_groups: Annotated[int | None, typer.Option(help="GroupNorm groups [32].")] = None,
+    norm_groups: Annotated[
+        int | None, typer.Option(help="GroupNorm groups [cpu 8, else 32].")
+    ] = None,
     single_stream: Annotated[
         bool, typer.Option("--single-stream", help="LDM baseline: one VAE on image + one-hot mask.")
     ] = False,
@@ -586,14 +613,14 @@ def fit_vae(
 ) -> None:
     """Train the two-stream VAE (image and mask branches) on a store."""
     with _domain_errors():
-        from specdm_cli.config import VAETrainConfig
+        from specdm_cli.config import VAETrainConfig, train_values
         from specdm_cli.pipeline.signals import graceful_stop
         from specdm_cli.pipeline.train.common import torch_threads
         from specdm_cli.pipeline.train.fit_vae import FitVAERequest
         from specdm_cli.pipeline.train.fit_vae import fit_vae as run_fit_vae
 
-        config = _config_or_usage_error(
-            VAETrainConfig,
+        recorded = _recorded(run, "vae", resume, VAETrainConfig)
+        values = train_values(VAE_PRESETS, preset, gpus, recorded, dict(
             batch_size=batch_size, lr=lr, steps=steps, kl_weight=kl_weight, sad_weight=sad_weight,
             class_weights=class_weights, seed=seed, precision=precision,
             val_every=val_every, checkpoint_every=checkpoint_every, split=split, limit=limit,
@@ -604,7 +631,8 @@ def fit_vae(
             single_stream=single_stream or None, augment=augment,
             semantic_weight=semantic_weight, semantic_steps=semantic_steps,
             adversarial_weight=adversarial_weight, adversarial_start=adversarial_start,
-        )  # fmt: skip
+        ))  # fmt: skip
+        config = _config_or_usage_error(VAETrainConfig, **values)
         request = FitVAERequest(
             store=store, run=run, config=config, resume=resume, overwrite=overwrite, devices=gpus
         )
@@ -620,26 +648,36 @@ def fit_vae(
 def fit_diffusion(
     run: Annotated[Path, typer.Argument(help="A run directory with a trained VAE.")],
     store: Annotated[Path | None, typer.Option(help="Store to encode [the VAE's store].")] = None,
-    batch_size: Annotated[int | None, typer.Option(help="Batch size [32].")] = None,
-    lr: Annotated[
-        float | None, typer.Option(help="Learning rate [2e-6 x batch size, LDM].")
+    preset: Annotated[TrainPreset | None, _preset_option(DIFFUSION_PRESETS)] = None,
+    batch_size: Annotated[
+        int | None, typer.Option(help="Batch size [cpu 32, gpu 32, paper 48].")
     ] = None,
-    steps: Annotated[int | None, typer.Option(min=1, help="Training steps [50000].")] = None,
+    lr: Annotated[
+        float | None, typer.Option(help="Learning rate [cpu 1e-3; else 2e-6 x batch, LDM].")
+    ] = None,
+    steps: Annotated[int | None, typer.Option(min=1, help="Training steps [the preset's].")] = None,
     seed: Annotated[int | None, typer.Option(help="Seed [0].")] = None,
     precision: PrecisionOption = None,
     ema_decay: Annotated[float | None, typer.Option(help="EMA decay [0.9999, LDM].")] = None,
     snr_gamma: Annotated[
         float | None,
-        typer.Option(help="Min-SNR loss weights; 0 = LDM's plain mean [5, Hang et al. 2023]."),
+        typer.Option(
+            help="Min-SNR loss weights; 0 = LDM's plain mean [5, Hang et al. 2023; paper 0]."
+        ),
     ] = None,
     prediction: Annotated[
-        Prediction | None, typer.Option(help="epsilon or v_prediction [epsilon, LDM].")
+        Prediction | None,
+        typer.Option(help="epsilon or v_prediction [cpu v_prediction; else epsilon, LDM]."),
     ] = None,
     unet_blocks: Annotated[
-        str | None, typer.Option(help="U-Net widths [preset for the latent size].")
+        str | None, typer.Option(help="U-Net widths [cpu 32,64,64; else by latent size].")
     ] = None,
-    layers_per_block: Annotated[int | None, typer.Option(help="Res blocks per level [2].")] = None,
-    norm_groups: Annotated[int | None, typer.Option(help="GroupNorm groups [32].")] = None,
+    layers_per_block: Annotated[
+        int | None, typer.Option(help="Res blocks per level [cpu 1, else 2].")
+    ] = None,
+    norm_groups: Annotated[
+        int | None, typer.Option(help="GroupNorm groups [cpu 16, else 32].")
+    ] = None,
     head_dim: Annotated[int | None, typer.Option(help="Attention head width [32].")] = None,
     checkpoint_every: Annotated[
         int | None, typer.Option(help="Checkpoint every N steps [1000].")
@@ -656,20 +694,21 @@ def fit_diffusion(
 ) -> None:
     """Train the denoising U-Net on the joint latents of a run's VAE."""
     with _domain_errors():
-        from specdm_cli.config import DiffusionTrainConfig
+        from specdm_cli.config import DiffusionTrainConfig, train_values
         from specdm_cli.pipeline.signals import graceful_stop
         from specdm_cli.pipeline.train.common import torch_threads
         from specdm_cli.pipeline.train.fit_diffusion import FitDiffusionRequest
         from specdm_cli.pipeline.train.fit_diffusion import fit_diffusion as run_fit_diffusion
 
-        config = _config_or_usage_error(
-            DiffusionTrainConfig,
+        recorded = _recorded(run, "diffusion", resume, DiffusionTrainConfig)
+        values = train_values(DIFFUSION_PRESETS, preset, gpus, recorded, dict(
             batch_size=batch_size, lr=lr, steps=steps, seed=seed, precision=precision,
             ema_decay=ema_decay, snr_gamma=snr_gamma, prediction=prediction,
             block_out_channels=_blocks(unet_blocks), layers_per_block=layers_per_block,
             norm_num_groups=norm_groups, attention_head_dim=head_dim, checkpoint_every=checkpoint_every,
             val_every=val_every, val_samples=val_samples,
-        )  # fmt: skip
+        ))  # fmt: skip
+        config = _config_or_usage_error(DiffusionTrainConfig, **values)
         request = FitDiffusionRequest(
             run=run, config=config, resume=resume, devices=gpus, store=store
         )
@@ -813,7 +852,10 @@ def benchmark(
         int, typer.Option(min=1, help="Steps between downstream val evaluations.")
     ] = 50,
     downstream_protocols: Annotated[
-        str, typer.Option(help="How synthetic pairs join real ones: mixed, pretrain or both.")
+        str,
+        typer.Option(
+            help="How synthetic pairs join real ones: mixed, pretrain (and mixed-agree, pretrain-agree: relabelled)."
+        ),
     ] = "mixed,pretrain",
     real_share: Annotated[
         float, typer.Option(min=0.01, max=1.0, help="Real share of a mixed downstream batch.")

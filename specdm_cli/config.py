@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -27,6 +27,7 @@ SamplerName = Literal["ddpm", "ddim", "dpmpp"]
 ClassWeights = Literal["none", "auto"]
 Augment = Literal["d4", "none"]
 DeviceKind = Literal["cpu", "cuda"]
+TrainPreset = Literal["cpu", "gpu", "paper"]
 
 # How every stage reports progress: progress(stage, done, total); the CLI draws it.
 Progress = Callable[[str, int, int], None]
@@ -156,6 +157,9 @@ class VAETrainConfig(BaseModel):
     # disc_start); 0 = off, as in the paper's loss. LDM's kl-f4 has disc_weight 0.5.
     adversarial_weight: float = Field(0.0, ge=0)
     adversarial_start: int = Field(0, ge=0)
+    # The recipe the other values started from (VAE_PRESETS); a label only: a resume compares
+    # the values, so an explicit option may change a preset's value and still resume.
+    preset: TrainPreset = "gpu"
 
     def learning_rate(self) -> float:
         return self.lr if self.lr is not None else 4.5e-6 * self.batch_size
@@ -165,7 +169,7 @@ class VAETrainConfig(BaseModel):
 
         A term that is off leaves no keys, so runs made before the term existed still resume.
         """
-        exclude = {"steps", "val_every", "checkpoint_every", "val_samples", "workers"}
+        exclude = {"steps", "val_every", "checkpoint_every", "val_samples", "workers", "preset"}
         if self.semantic_weight == 0:
             exclude |= {"semantic_weight", "semantic_steps"}
         if self.adversarial_weight == 0:
@@ -200,14 +204,117 @@ class DiffusionTrainConfig(BaseModel):
     layers_per_block: int = Field(2, ge=1)  # LDM num_res_blocks
     norm_num_groups: int = Field(32, ge=1)
     attention_head_dim: int = Field(32, ge=1)
+    preset: TrainPreset = "gpu"  # as VAETrainConfig.preset (DIFFUSION_PRESETS)
 
     def learning_rate(self) -> float:
         return self.lr if self.lr is not None else 2e-6 * self.batch_size
 
     def training_identity(self) -> dict[str, Any]:
         return self.model_dump(
-            exclude={"steps", "checkpoint_every", "val_every", "val_samples"}, mode="json"
+            exclude={"steps", "checkpoint_every", "val_every", "val_samples", "preset"},
+            mode="json",
         )
+
+
+# Training recipes (`--preset`): values over the configs' defaults; explicit options win.
+# "cpu" is examples/train_demo_models.sh's recipe, which trains the shipped demo models in
+# 15 + 21 min on 2 cores at 64 px (ours, 2026-12-02); that script gives cd 750 VAE steps at lr
+# 2e-3, the preset the ss values that suit both. "gpu" is the configs' own defaults, the
+# widths written out. "paper" follows LDM, as the paper's Sec. 4.1 says it does: kl-f4
+# autoencoders (ch 128, ch_mult 1,2,4, z_channels 3) for both branches, LDM's batch of 12 per
+# GPU on the paper's 4 GPUs, epsilon targets with LDM's plain mean loss; the paper gives no
+# step counts, so they are gpu's.
+VAE_PRESETS: dict[TrainPreset, dict[str, Any]] = {
+    "cpu": {
+        "image_block_out_channels": (16, 32, 32),
+        "mask_block_out_channels": (8, 16, 16),
+        "norm_num_groups": 8,
+        "batch_size": 16,
+        "lr": 1e-3,
+        "steps": 1500,
+        "val_every": 250,
+        "checkpoint_every": 250,
+    },
+    "gpu": {
+        "image_block_out_channels": (64, 128, 256),
+        "mask_block_out_channels": (32, 64, 128),
+        "steps": 20_000,
+    },
+    "paper": {
+        "image_block_out_channels": (128, 256, 512),
+        "mask_block_out_channels": (128, 256, 512),
+        "image_latent_channels": 3,
+        "mask_latent_channels": 3,
+        "batch_size": 48,
+        "steps": 20_000,
+    },
+}
+DIFFUSION_PRESETS: dict[TrainPreset, dict[str, Any]] = {
+    "cpu": {
+        "block_out_channels": (32, 64, 64),
+        "norm_num_groups": 16,
+        "attention_head_dim": 32,
+        "layers_per_block": 1,
+        "batch_size": 32,
+        "lr": 1e-3,
+        "steps": 6000,
+        "prediction": "v_prediction",
+        "snr_gamma": 5.0,
+    },
+    "gpu": {"steps": 50_000},
+    "paper": {"batch_size": 48, "prediction": "epsilon", "snr_gamma": 0.0, "steps": 50_000},
+}
+_WIDTHS = ("image_block_out_channels", "mask_block_out_channels")
+
+
+def default_preset(devices: Devices) -> TrainPreset:
+    """The recipe that suits the device in use: CUDA -> gpu, the CPU -> cpu."""
+    return "gpu" if devices.kind == "cuda" else "cpu"
+
+
+def train_values(
+    presets: dict[TrainPreset, dict[str, Any]],
+    preset: TrainPreset | None,
+    devices: Devices,
+    recorded: dict[str, Any] | None,
+    explicit: dict[str, Any],
+) -> dict[str, Any]:
+    """A training config's values: the preset's, then a resumed run's recorded ones, then the
+    options given. A resume without --preset keeps the run's own recipe (runs older than
+    presets trained with the gpu one), never the device's default."""
+    given = {key: value for key, value in explicit.items() if value is not None}
+    if recorded is not None:
+        name = preset or recorded.get("preset") or "gpu"
+        base = {**presets[name], **recorded} if preset is None else {**recorded, **presets[name]}
+    else:
+        name = preset or default_preset(devices)
+        base = dict(presets[name])
+    values = {**base, **given, "preset": name}
+    downsample = int(values.get("downsample", 4))
+    for key in _WIDTHS:  # a preset's f = 4 widths, one level more for f = 8 (LDM kl-f8)
+        if key in values and key not in given and values[key]:
+            values[key] = _levels(tuple(values[key]), downsample)
+    return values
+
+
+def _levels(widths: tuple[int, ...], downsample: int) -> tuple[int, ...]:
+    levels = downsample.bit_length()  # f = 2 ** (levels - 1)
+    return (widths + widths[-1:] * levels)[:levels]
+
+
+def preset_help(presets: dict[TrainPreset, dict[str, Any]]) -> str:
+    """Each preset's widths and steps, for `--help`."""
+
+    def widths(values: dict[str, Any]) -> str:
+        shown = [values[k] for k in (*_WIDTHS, "block_out_channels") if k in values]
+        return (
+            "widths " + " / ".join(",".join(map(str, w)) for w in shown)
+            if shown
+            else "widths by latent size"
+        )
+
+    parts = [f"{name}: {widths(v)}, {v['steps']} steps" for name, v in presets.items()]
+    return "; ".join(parts)
 
 
 class MetricsOptions(BaseModel):
@@ -229,7 +336,9 @@ class MetricsOptions(BaseModel):
     near_duplicate_percentile: float = Field(1.0, gt=0, lt=100, description="threshold percentile")
 
 
-DownstreamProtocol = Literal["mixed", "pretrain"]
+# "-agree": the same, with synthetic labels kept only where a real-trained segmenter agrees.
+DownstreamProtocol = Literal["mixed", "pretrain", "mixed-agree", "pretrain-agree"]
+DOWNSTREAM_PROTOCOLS: tuple[DownstreamProtocol, ...] = get_args(DownstreamProtocol)
 
 
 @dataclass(frozen=True)
@@ -265,11 +374,10 @@ class DownstreamOptions:
 def downstream_protocol_list(text: str) -> tuple[DownstreamProtocol, ...]:
     """`--downstream-protocols mixed,pretrain` -> ("mixed", "pretrain"); anything else is usage."""
     names = tuple(part.strip() for part in text.split(",") if part.strip())
-    known: tuple[DownstreamProtocol, ...] = ("mixed", "pretrain")
-    unknown = [name for name in names if name not in known]
+    unknown = [name for name in names if name not in DOWNSTREAM_PROTOCOLS]
     if not names or unknown:
         raise UsageError(
-            f"--downstream-protocols {text!r}: choose from mixed, pretrain",
+            f"--downstream-protocols {text!r}: choose from {', '.join(DOWNSTREAM_PROTOCOLS)}",
             hint="e.g. --downstream-protocols mixed,pretrain",
         )
-    return tuple(name for name in known if name in names)
+    return tuple(name for name in DOWNSTREAM_PROTOCOLS if name in names)

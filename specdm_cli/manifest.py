@@ -119,6 +119,9 @@ class SampleFiles(_Strict):
     source_id: str | None = None
     bounds: tuple[float, float, float, float] | None = None
     candidate: int | None = Field(None, description="synthetic: the sampler draw of this sample")
+    crc32: dict[str, int] | None = Field(
+        None, description="crc32 of each array's pixel bytes as stored; absent in older stores"
+    )
 
 
 class QualityScores(_Strict):

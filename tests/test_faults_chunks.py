@@ -1,4 +1,4 @@
-"""Damaged Zarr chunks: a missing, short or garbled chunk never reads as data.
+"""Damaged Zarr chunks and GeoTIFF tiles: a missing, short or garbled one never reads as data.
 
 Each sample's arrays carry a crc32 in the store (array `checksum`, beside `written`). Readers
 check it on every read, `inspect --verify` reads everything and names the damaged samples
@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import rasterio
 import zarr
 
 from specdm_cli.errors import InputDataError
@@ -121,3 +122,26 @@ def test_fit_vae_on_a_damaged_store_is_one_line_exit_3(pristine: Path, tmp_path:
            "--batch-size", "4", "--threads", "2", "--quiet", "--steps", "2")  # fmt: skip
     code, _, stderr = run_cli("fit-vae", store, "--run", tmp_path / "run", *vae)
     assert_one_error_line(code, stderr, 3, "sample 3 is damaged")
+
+
+def test_a_garbled_geotiff_tile_is_named_and_rewritten_by_resume(tmp_path: Path) -> None:
+    """GeoTIFF stores carry each tile's crc32 in their sample records: a tile rewritten with
+    other pixels (a valid TIFF, so GDAL reads it) is named by every reader and `--resume`."""
+    store = tmp_path / "syn"
+    assert run_cli(*SYNTH, "--format", "geotiff", "--out", store)[0] == 0
+    tiles = sorted((store / "images").glob("*.tif"))
+    expected = {tile.name: tile.read_bytes() for tile in tiles}
+    with rasterio.open(tiles[5]) as src:
+        values, profile = src.read(), src.profile
+    values[0, 0, 0] += 1
+    with rasterio.open(tiles[5], "w", **profile) as dst:
+        dst.write(values)
+    code, _, stderr = run_cli("inspect", store, "--verify")
+    assert_one_error_line(code, stderr, 3, ": 5 ")
+    with pytest.raises(InputDataError, match=r"sample 5: tile images/000005\.tif does not match"):
+        open_store(store).read(5)
+    code, _, stderr = run_cli(*SYNTH, "--format", "geotiff", "--out", store, "--resume")
+    assert code == 0, stderr
+    assert {tile.name: tile.read_bytes() for tile in tiles} == expected
+    code, stdout, _ = run_cli("inspect", store, "--verify", "--json")
+    assert code == 0 and "all samples match their checksums" in stdout

@@ -1,10 +1,12 @@
 """Locks under contention: one holder at a time with many contenders, stale locks taken over
-whatever pid they name, overlapping shard plans refused, the run registry's lock waited for.
+whatever pid they name, overlapping shard plans refused, the run registry's lock waited for,
+readers' claims respected by `--overwrite`.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import socket
 import subprocess
 import sys
@@ -12,6 +14,7 @@ import textwrap
 import time
 from pathlib import Path
 
+from specdm_cli.fs.lock import DirLock, ReadLock
 from specdm_cli.pipeline.runs.registry import read_registry, record_run
 from tests import processes
 from tests.conftest import manifest_of, run_cli
@@ -127,3 +130,52 @@ def test_the_run_registry_waits_for_a_lock_held_for_a_moment(tmp_path: Path) -> 
     finally:
         holder.communicate(timeout=60)
     assert [entry["run_id"] for entry in read_registry()] == ["run"]
+
+
+# Tiny VAE training that checkpoints after its first step (so it can freeze there).
+FIT_VAE = ("fit-vae", "--steps", "4", "--batch-size", "2", "--image-blocks", "8,8,8",
+           "--mask-blocks", "8,8,8", "--norm-groups", "4", "--checkpoint-every", "1",
+           "--val-every", "100", "--threads", "1", "--quiet")  # fmt: skip
+
+
+def test_a_store_being_trained_on_is_not_replaced(tmp_path: Path) -> None:
+    """Issue 16 item 3: `prepare --overwrite` of the store `fit-vae` reads is refused (exit 6)
+    while the training lives; the run then names the store it trained on, intact."""
+    store = tmp_path / "s.zarr"
+    assert run_cli(*DEMO, "--out", store)[0] == 0
+    before = manifest_of(store)
+    trainer = spawn(*FIT_VAE, store, "--run", tmp_path / "run",
+                    fault="checkpoint.before_publish:1:stop")  # fmt: skip
+    try:
+        wait_until_stopped(trainer)
+        code, _, stderr = run_cli(*DEMO, "--seed", "4", "--out", store, "--overwrite")
+        assert_one_error_line(code, stderr, 6, "in use: read by process")
+        assert manifest_of(store) == before
+    finally:
+        processes.kill_group(trainer)
+    # The reader died: its claim died with it, and the store may be replaced now.
+    code, _, stderr = run_cli(*DEMO, "--seed", "4", "--out", store, "--overwrite")
+    assert code == 0, stderr
+    assert manifest_of(store)["plan"] != before["plan"]
+
+
+def test_readers_claim_stores_and_models_and_release_them(tmp_path: Path) -> None:
+    """A store being written (its writer lock held) is refused to a reader; a reader's claim
+    blocks `--overwrite` of a store and of a run, and leaves nothing behind when released."""
+    store = tmp_path / "s.zarr"
+    assert run_cli(*DEMO, "--out", store)[0] == 0
+    with DirLock(store):
+        code, _, stderr = run_cli("filter", store, "--min-quality", "0", "--out", tmp_path / "f")
+        assert_one_error_line(code, stderr, 6, "being written by process")
+    dead = store / ".specdm.read-1-killed.lock"  # a claim its reader left when it was killed
+    dead.write_text("{}")
+    os.utime(dead, (time.time() - 60, time.time() - 60))
+    with ReadLock(store):
+        code, _, stderr = run_cli(*DEMO, "--out", store, "--overwrite")
+        assert_one_error_line(code, stderr, 6, "in use: read by process")
+    assert sorted(p.name for p in store.glob(".specdm*")) == [".specdm"]
+    run = tmp_path / "run"
+    assert run_cli(*FIT_VAE, store, "--run", run)[0] == 0
+    with ReadLock(run, refuse_writer=False):
+        code, _, stderr = run_cli(*FIT_VAE, store, "--run", run, "--overwrite")
+        assert_one_error_line(code, stderr, 6, "in use: read by process")

@@ -148,7 +148,11 @@ def test_two_plus_two_steps_equal_four_with_ema(vae_run: Path, tmp_path: Path) -
 
 def test_loss_and_val_loss_fall(vae_run: Path, tmp_path: Path) -> None:
     run = copy_run(vae_run, tmp_path / "run")
-    code, summary, stderr = diffuse(run, "--steps", "60", "--lr", "3e-3", "--val-every", "20")
+    # LDM's epsilon targets (the gpu preset): within 60 steps their loss falls clearly, where the
+    # cpu preset's min-SNR-weighted v loss fell 3% (its weights start it near its floor).
+    code, summary, stderr = diffuse(
+        run, "--steps", "60", "--lr", "3e-3", "--val-every", "20", "--preset", "gpu"
+    )
     assert code == 0, stderr
     records = [
         json.loads(line)

@@ -114,6 +114,8 @@ def test_refusals(demo_ss_store: Path, tmp_path: Path) -> None:
         (("--downsample", "3"), 2, "--downsample"),
         (("--split", "synthetic"), 3, "no 'synthetic' samples"),
         (("--gpus", "0"), 5, "CUDA"),
+        (("--image-blocks", "8,8"), 2, "bad VAE shape: image_block_out_channels=(8, 8) gives f=2"),
+        (("--norm-groups", "3"), 2, "norm_num_groups=3 must divide"),
     ],
 )
 def test_bad_options(
@@ -124,6 +126,8 @@ def test_bad_options(
     exit_code, _, stderr = fit(demo_ss_store, tmp_path / "run", "--steps", "1", *args)
     assert exit_code == code, stderr
     assert words in stderr and "Traceback" not in stderr
+    if code == 2:  # told before anything is written
+        assert not (tmp_path / "run").exists()
 
 
 @pytest.mark.slow  # two spawned processes each import torch and diffusers: about 20-30 s

@@ -23,6 +23,8 @@ from types import TracebackType
 from specdm_cli.errors import LockHeldError
 
 LOCK_NAME = ".specdm.lock"
+# One file per reader (a reader holds its own file's flock): overwriters see every live one.
+READ_LOCK_PREFIX = ".specdm.read-"
 # A live holder is reported at once; this only rides out a probe of `is_held` by another
 # process, which holds the lock for microseconds.
 _PROBE_GRACE_S = 0.5
@@ -74,20 +76,25 @@ def is_held(lock_path: Path) -> bool:
         os.close(handle)
 
 
-def live_locks(folder: Path) -> Iterator[Path]:
-    """The specdm lock files in `folder` that a live process holds."""
-    for lock_path in sorted(folder.glob(f"{LOCK_NAME}*")):
+def live_locks(folder: Path, readers: bool = False) -> Iterator[Path]:
+    """The specdm writer lock files in `folder` (and readers' too) that a live process holds."""
+    patterns = [f"{LOCK_NAME}*", *([f"{READ_LOCK_PREFIX}*"] if readers else [])]
+    for lock_path in sorted(p for pattern in patterns for p in folder.glob(pattern)):
         if is_held(lock_path):
             yield lock_path
 
 
-def refuse_if_locked(folder: Path) -> None:
-    """Raise LockHeldError (exit 6) if a live process holds any specdm lock in `folder`."""
-    for lock_path in live_locks(folder):
+def refuse_if_locked(folder: Path, mine: Path | None = None) -> None:
+    """Raise LockHeldError (exit 6) if a live process other than the holder of `mine` holds a
+    writer's or a reader's lock on `folder`: it writes or reads it, so it is not to be removed."""
+    for lock_path in live_locks(folder, readers=True):
+        if lock_path == mine:
+            continue
+        doing = "read" if lock_path.name.startswith(READ_LOCK_PREFIX) else "locked"
         raise LockHeldError(
-            f"in use: locked by {describe(_identity(lock_path))}",
+            f"in use: {doing} by {describe(_identity(lock_path))}",
             folder,
-            "wait for it to finish; never remove a folder a live process writes",
+            "wait for it to finish; never replace a folder a live process reads or writes",
         )
 
 
@@ -182,3 +189,75 @@ class DirLock:
         trace: TracebackType | None,
     ) -> None:
         self.release()
+
+
+class ReadLock:
+    """A reader's claim on a folder, held while it reads: `--overwrite` refuses (exit 6) to
+    remove the folder meanwhile. With `refuse_writer`, a folder whose writer lock is held (being
+    repaired or replaced) is refused instead of read. A folder we may not write to cannot be
+    claimed, nor overwritten by us: it is read unclaimed, as is a missing one.
+    """
+
+    def __init__(self, folder: Path, refuse_writer: bool = True):
+        self.folder = folder
+        self.refuse_writer = refuse_writer
+        self.path = folder / f"{READ_LOCK_PREFIX}{os.getpid()}-{os.urandom(4).hex()}.lock"
+        self.handle: int | None = None
+
+    def acquire(self) -> None:
+        try:
+            handle = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o666)
+        except OSError as exc:
+            # Missing (the reader's own open says so) or not ours to write: read it unclaimed.
+            if exc.errno in (errno.ENOENT, errno.ENOTDIR, errno.EACCES, errno.EPERM, errno.EROFS):
+                return
+            raise
+        fcntl.flock(handle, fcntl.LOCK_EX)  # our own file: never contended
+        _remove_dead_claims(self.folder, self.path)
+        record = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.time()}
+        os.pwrite(handle, json.dumps(record).encode("utf-8"), 0)
+        self.handle = handle
+        writer = self.folder / LOCK_NAME
+        # Claimed before looking: of a reader and an overwriter starting together, one sees
+        # the other (the overwriter takes the writer lock before it looks for readers).
+        if self.refuse_writer and is_held(writer):
+            self.release()
+            raise LockHeldError(
+                f"being written by {describe(_identity(writer))}",
+                self.folder,
+                "wait for it to finish, then rerun",
+            )
+
+    def release(self) -> None:
+        if self.handle is None:
+            return
+        handle, self.handle = self.handle, None
+        try:
+            self.path.unlink(missing_ok=True)
+        finally:
+            os.close(handle)
+
+    def __enter__(self) -> ReadLock:
+        self.acquire()
+        return self
+
+    def __exit__(
+        self,
+        kind: type[BaseException] | None,
+        error: BaseException | None,
+        trace: TracebackType | None,
+    ) -> None:
+        self.release()
+
+
+# A claim file younger than this may be one a reader has created but not yet locked.
+_CLAIM_SETTLE_S = 10.0
+
+
+def _remove_dead_claims(folder: Path, mine: Path) -> None:
+    """Claim files of readers that died (no live flock), so they do not pile up."""
+    for claim in folder.glob(f"{READ_LOCK_PREFIX}*"):
+        with contextlib.suppress(FileNotFoundError):
+            settled = time.time() - claim.stat().st_mtime > _CLAIM_SETTLE_S
+            if claim != mine and settled and not is_held(claim):
+                claim.unlink()

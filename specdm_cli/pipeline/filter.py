@@ -10,7 +10,7 @@ import numpy as np
 
 from specdm_cli.config import Progress
 from specdm_cli.errors import InputDataError, UsageError
-from specdm_cli.fs.lock import DirLock
+from specdm_cli.fs.lock import DirLock, ReadLock
 from specdm_cli.fs.paths import refuse_overlap
 from specdm_cli.manifest import Manifest, ParentInfo
 from specdm_cli.pipeline.runs.provenance import provenance
@@ -60,6 +60,11 @@ def filter_store(request: FilterRequest, progress: Progress | None = None) -> Fi
         raise UsageError("--min-quality must lie in [0, 1]", hint="e.g. --min-quality 0.2")
     refuse_stream_out(request.out)
     refuse_overlap(request.out, {"STORE": request.store})
+    with ReadLock(request.store):
+        return _filter(request, progress)
+
+
+def _filter(request: FilterRequest, progress: Progress | None) -> FilterSummary:
     reader = open_store(request.store)
     scores = read_quality(reader)
     kept = kept_indices(scores, reader.indices(None), request.min_quality)

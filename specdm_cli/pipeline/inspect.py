@@ -8,6 +8,7 @@ from typing import Any
 import numpy as np
 
 from specdm_cli.errors import InputDataError
+from specdm_cli.fs.lock import ReadLock
 from specdm_cli.manifest import Manifest, manifest_schema
 from specdm_cli.stores import check_layout, open_store, verify_store
 
@@ -22,6 +23,12 @@ def inspect_store(
 ) -> dict[str, Any]:
     """Validate the store at `path` and return its summary (the `--json` payload); `verify`
     reads every written sample back against its checksums."""
+    # Claimed while read (a --verify reads every sample); a store being written may be inspected.
+    with ReadLock(path, refuse_writer=False):
+        return _inspect(path, allow_incomplete, verify)
+
+
+def _inspect(path: Path, allow_incomplete: bool, verify: bool) -> dict[str, Any]:
     reader = open_store(path, allow_incomplete)
     check_layout(reader)
     manifest = reader.manifest

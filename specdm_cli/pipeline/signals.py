@@ -16,11 +16,23 @@ class StopFlag:
 
     def __init__(self) -> None:
         self.signum: int | None = None
+        self.at_once = False
 
     def check(self) -> None:
         """Raise Interrupted if a stop was asked for."""
         if self.signum is not None:
             raise Interrupted(self.signum)
+
+    @contextmanager
+    def while_planning(self) -> Iterator[None]:
+        """Before a stage writes anything there is no batch to finish: a signal stops it at
+        once (scanning a huge raster's classes can take minutes and polls nothing)."""
+        self.check()
+        self.at_once = True
+        try:
+            yield
+        finally:
+            self.at_once = False
 
 
 @contextmanager
@@ -33,6 +45,8 @@ def graceful_stop() -> Iterator[StopFlag]:
 
     def handler(signum: int, frame: FrameType | None) -> None:
         flag.signum = signum
+        if flag.at_once:
+            raise Interrupted(signum)
 
     previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
     try:

@@ -12,6 +12,7 @@ import numpy as np
 
 from specdm_cli.config import PrepareOptions as PrepareOptions
 from specdm_cli.errors import InputDataError
+from specdm_cli.fs.space import require_memory
 from specdm_cli.manifest import IGNORE_INDEX, Band, ClassInfo, Task
 
 
@@ -128,7 +129,9 @@ def remap_labels(raw: np.ndarray, codes: Sequence[int], path: Path | str) -> np.
     values = raw.astype(np.int64)
     lut = {int(code): index for index, code in enumerate(codes)}
     lut.setdefault(IGNORE_INDEX, IGNORE_INDEX)
-    present = np.unique(values)
+    # Codes map through the values present, never a table of max code + 1 entries: a code of
+    # 2e9 (CORINE-style or hostile) costs nothing more than a small one.
+    present, position = np.unique(values, return_inverse=True)
     unknown = [int(v) for v in present if int(v) not in lut]
     if unknown:
         negative = [v for v in unknown if v < 0]
@@ -140,11 +143,33 @@ def remap_labels(raw: np.ndarray, codes: Sequence[int], path: Path | str) -> np.
         raise InputDataError(
             f"unknown label code(s) {unknown[:5]} (known: {sorted(lut)})", path, hint
         )
-    table = np.full(int(present.max()) + 1, IGNORE_INDEX, dtype=np.uint8)
-    for code, index in lut.items():
-        if code < table.size:
-            table[code] = index
-    return table[values]
+    indices = np.array([lut[int(v)] for v in present], dtype=np.uint8)
+    mapped: np.ndarray = indices[position].reshape(values.shape)
+    return mapped
+
+
+def require_whole_read(height: int, width: int, bytes_per_pixel: int, path: Path) -> None:
+    """Refuse (exit 5), from its header, a raster a reader loads whole that would not fit in
+    memory: a damaged or hostile header can claim any size in a tiny file."""
+    require_memory(
+        float(height) * width * bytes_per_pixel,
+        f"reading a {height}x{width} raster whole",
+        "check the file (its header may be damaged) or cut it into tiles (gdal_retile.py)",
+        path,
+    )
+
+
+def window_count(height: int, width: int, size: int, overlap: float) -> int:
+    """len(patch_windows(...)), computed without listing them (a header may ask for 10^12)."""
+    stride = max(1, round(size * (1.0 - overlap)))
+    return _start_count(height, size, stride) * _start_count(width, size, stride)
+
+
+def _start_count(length: int, size: int, stride: int) -> int:
+    if length <= size:
+        return 1
+    full = (length - size) // stride + 1
+    return full + (1 if (full - 1) * stride != length - size else 0)
 
 
 def patch_windows(height: int, width: int, size: int, overlap: float) -> list[tuple[int, int]]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import functools
 import logging
+import math
 import struct
 from collections import Counter
 from collections.abc import Sequence
@@ -26,6 +27,7 @@ from specdm_cli.sources.base import (
     label_nodata_mask,
     remap_labels,
     require_dir,
+    require_whole_read,
 )
 from specdm_cli.sources.sentinel2 import S2_RGB_BANDS, S2_TEN_BANDS, s2_bands
 
@@ -65,6 +67,7 @@ SEGMUNICH_CLASSES: list[ClassInfo] = [
 SEGMUNICH_CODES: tuple[int, ...] = tuple(code for _, _, code in _CLASS_TABLE)
 SPLIT_ORDER = ("train", "val", "test")
 _NUM_BANDS = len(SEGMUNICH_BANDS)
+_READ_THREADS = 4  # `prepare --workers`' default: patches read at once
 # What tifffile raises on truncated or malformed files (TiffFileError is a ValueError; a
 # garbled shape tag divides by zero in its series detection).
 _TIFF_ERRORS = (
@@ -99,6 +102,8 @@ def read_segmunich(raw: Path | None, options: PrepareOptions) -> SourcePlan:
     layout, split_ids = _read_split_lists(root / "dataset")
     candidates = _candidates(root, split_ids)
     height, width = _image_hw(_read_shape(candidates[0].ref[0]), candidates[0].ref[0])
+    # Patches are read whole: a float32 copy and its transpose per band, per reader thread.
+    require_whole_read(height, width, _NUM_BANDS * 4 * 2 * _READ_THREADS, candidates[0].ref[0])
     spec = SourceSpec(
         dataset="segmunich",
         task="ss",
@@ -277,6 +282,9 @@ def _load(
     label_nodata: float | None,
 ) -> RawSample:
     img_path, label_path = candidate.ref
+    # Checked from the headers before reading: a file is read whole, whatever size it claims.
+    _require_patch(img_path, height, width, _NUM_BANDS)
+    _require_patch(label_path, height, width, 1)
     image = _read_image(img_path)
     if image.shape[1:] != (height, width):
         raise InputDataError(
@@ -305,6 +313,17 @@ def _load(
         nodata_pixels=int((invalid | label_invalid).sum()),
         image_nodata=invalid,
     )
+
+
+def _require_patch(path: Path, height: int, width: int, bands: int) -> None:
+    shape = _read_shape(path)
+    if math.prod(shape) > height * width * bands:
+        raise InputDataError(
+            f"file holds {'x'.join(map(str, shape))} values, more than a {height}x{width} patch "
+            f"of {bands} band(s)",
+            path,
+            "all SegMunich patches must share one size; remove or replace the file",
+        )
 
 
 def _read_image(path: Path) -> np.ndarray:

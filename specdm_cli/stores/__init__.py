@@ -14,7 +14,7 @@ from specdm_cli.config import StoreFormat
 from specdm_cli.errors import InputDataError, UsageError
 from specdm_cli.faults import fault_point
 from specdm_cli.fs.atomic import remove_abandoned_creations, remove_tree
-from specdm_cli.fs.lock import refuse_if_locked
+from specdm_cli.fs.lock import DirLock, refuse_if_locked
 from specdm_cli.fs.paths import file_sha256
 from specdm_cli.manifest import Manifest, array_names, load_manifest
 from specdm_cli.stores.base import MANIFEST_NAME, SampleMeta, StoreReader, StoreWriter
@@ -74,14 +74,19 @@ def forget_damaged(path: Path, indices: Iterable[int] | None = None) -> list[int
     """Clear the written flags of damaged samples so a resume rewrites them; a complete store
     becomes incomplete first. Returns the damaged indices (one note on stderr if any)."""
     manifest = load_manifest(path / MANIFEST_NAME)
-    if manifest.format != "zarr":
-        return []
-    reader = ZarrReader(path, manifest)
+    reader: ZarrReader | GeoTiffReader = (
+        ZarrReader(path, manifest) if manifest.format == "zarr" else GeoTiffReader(path, manifest)
+    )
     damaged = find_damaged(reader, indices)
     if damaged:
-        writer = ZarrWriter(path, manifest)
+        writer = (
+            ZarrWriter(path, manifest)
+            if manifest.format == "zarr"
+            else GeoTiffWriter(path, manifest)
+        )
         if manifest.complete:
-            writer.save_manifest(manifest.model_copy(update={"complete": False}))
+            # Incomplete again: a GeoTIFF store's readers then go by its markers, not `files`.
+            writer.save_manifest(manifest.model_copy(update={"complete": False, "files": None}))
         writer.forget(damaged)
         shown = ", ".join(map(str, damaged[:5])) + (", ..." if len(damaged) > 5 else "")
         log.warning("note: rewriting %d damaged samples (%s) (%s)", len(damaged), shown, path)
@@ -145,7 +150,10 @@ def remove_own(path: Path, kind: OutputKind) -> None:
             path,
             "remove it yourself or choose another output",
         )
-    remove_tree(path)
+    # Under its writer lock, so no reader starts between the check for readers and the removal.
+    with DirLock(path) as lock:
+        refuse_if_locked(path, mine=lock.path)
+        remove_tree(path)
 
 
 def _is_run_json(path: Path) -> bool:
@@ -254,7 +262,13 @@ def verify_store(reader: StoreReader) -> str:
             reader.root,
             REPAIR_HINT,
         )
-    if isinstance(reader, ZarrReader) and not reader.has_checksums:
+    if isinstance(reader, ZarrReader):
+        unchecked = not reader.has_checksums
+    else:
+        unchecked = isinstance(reader, GeoTiffReader) and any(
+            r.crc32 is None for r in reader.records
+        )
+    if unchecked:
         return "readable (store has no checksums: written before they existed)"
     return "all samples match their checksums"
 

@@ -17,6 +17,7 @@ from specdm_cli.errors import InputDataError
 from specdm_cli.fs.atomic import atomic_write_bytes, atomic_write_text, remove_tree
 from specdm_cli.manifest import GEOTIFF_FOLDERS, Manifest, SampleFiles, array_names
 from specdm_cli.stores.base import MANIFEST_NAME, Bounds, SampleMeta, StoreReader, StoreWriter
+from specdm_cli.stores.zarr_store import REPAIR_HINT, crc32
 
 MARKERS = ".specdm/written"
 # Synthetic tiles carry no geolocation on purpose (DESIGN.md); set once, as filters are global.
@@ -98,7 +99,11 @@ def _fill_tile(dst: Any, manifest: Manifest, array: np.ndarray) -> None:
 
 
 class GeoTiffWriter(StoreWriter):
-    """Writes tiles; a per-sample marker file is the written flag."""
+    """Writes tiles; a per-sample marker file is the written flag and holds the tiles' crc32."""
+
+    def __init__(self, root: Path, manifest: Manifest):
+        super().__init__(root, manifest)
+        self._sums: dict[int, dict[str, int]] = {}  # written, not yet marked
 
     def write_arrays(
         self, index: int, arrays: dict[str, np.ndarray], bounds: Bounds | None = None
@@ -106,6 +111,7 @@ class GeoTiffWriter(StoreWriter):
         files = sample_files(self.manifest, index)
         for name, values in arrays.items():
             write_tile(self.root / files[name], self.manifest, values, bounds)
+        self._sums[index] = {name: crc32(values, values.dtype) for name, values in arrays.items()}
 
     def mark_written(self, start: int, metas: list[SampleMeta]) -> None:
         for index, meta in enumerate(metas, start=start):
@@ -117,6 +123,7 @@ class GeoTiffWriter(StoreWriter):
                 source_id=meta.source_id,
                 bounds=meta.bounds,
                 candidate=meta.candidate,
+                crc32=self._sums.pop(index, None),
             )
             atomic_write_text(self.root / MARKERS / f"{index:06d}.json", record.model_dump_json())
 
@@ -126,6 +133,11 @@ class GeoTiffWriter(StoreWriter):
             if index < flags.size:
                 flags[index] = True
         return flags
+
+    def forget(self, indices: list[int]) -> None:
+        """Remove the markers of `indices` (damaged samples a resume rewrites)."""
+        for index in indices:
+            (self.root / MARKERS / f"{index:06d}.json").unlink(missing_ok=True)
 
     def forget_from(self, index: int) -> None:
         for marked in _marker_indices(self.root):
@@ -176,7 +188,15 @@ class GeoTiffReader(StoreReader):
         record = self._by_index.get(index)
         if record is None:
             raise InputDataError(f"sample {index} was never written", self.root, "finish the store")
-        return {name: self._read_tile(name, rel) for name, rel in record.files.items()}
+        arrays = {name: self._read_tile(name, rel) for name, rel in record.files.items()}
+        for name, expected in (record.crc32 or {}).items():
+            if name in arrays and crc32(arrays[name], arrays[name].dtype) != expected:
+                raise InputDataError(
+                    f"sample {index}: tile {record.files[name]} does not match its checksum",
+                    self.root,
+                    REPAIR_HINT,
+                )
+        return arrays
 
     def _read_tile(self, name: str, relative: str) -> np.ndarray:
         path = (self.root / relative).resolve()

@@ -15,7 +15,7 @@ from specdm_cli import __version__
 from specdm_cli.config import Devices, DownstreamOptions, MetricsOptions, Progress
 from specdm_cli.errors import InputDataError
 from specdm_cli.fs.atomic import atomic_write_text, remove_tree
-from specdm_cli.fs.lock import DirLock
+from specdm_cli.fs.lock import DirLock, ReadLock
 from specdm_cli.fs.paths import refuse_overlap
 from specdm_cli.manifest import QualityScores, load_manifest
 from specdm_cli.pipeline.benchmark.features import (
@@ -130,7 +130,15 @@ def check_out(out: Path, overwrite: bool) -> None:
 def benchmark(
     request: BenchmarkRequest, progress: Progress | None = None
 ) -> tuple[BenchmarkReport, Path]:
-    """Measure, write the report folder atomically; returns the report and the folder."""
+    """Measure, write the report folder atomically; returns the report and the folder.
+
+    Both stores are claimed for reading meanwhile: `--overwrite` elsewhere refuses to replace them.
+    """
+    with ReadLock(request.real), ReadLock(request.synthetic):
+        return _measure(request, progress)
+
+
+def _measure(request: BenchmarkRequest, progress: Progress | None) -> tuple[BenchmarkReport, Path]:
     if request.out is not None:
         refuse_stream_out(request.out)
     real, synthetic = open_pair(request.real, request.synthetic)

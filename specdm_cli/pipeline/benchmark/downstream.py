@@ -9,7 +9,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
-from torch import Tensor
+from torch import Tensor, nn
 
 from specdm_cli.config import DownstreamOptions, Progress
 from specdm_cli.errors import InputDataError
@@ -23,6 +23,7 @@ from specdm_cli.pipeline.benchmark.feature_training import (
 from specdm_cli.pipeline.benchmark.features import band_statistics, default_config
 from specdm_cli.stores import StoreReader
 
+from .agreement import relabelled_data
 from .report import Downstream, DownstreamRow, SeedRun
 from .utility_training import (
     Phase,
@@ -45,6 +46,13 @@ NETWORK = {
 }
 SPREAD = "standard deviation over the seeds (ddof 1); min-max in report.json"
 ROUND_TRIP_NAME = "VAE round trip of real"
+AGREE = "-agree"
+RATIO_ROW_NAMES = {
+    "mixed": "real+synthetic x{ratio}",
+    "pretrain": "synthetic x{ratio} -> real",
+    "mixed-agree": "real+synthetic x{ratio}, agreement-relabelled",
+    "pretrain-agree": "synthetic x{ratio} -> real, agreement-relabelled",
+}
 
 
 @dataclass(frozen=True)
@@ -53,13 +61,24 @@ class Configuration:
 
     Protocols: "real", "synthetic" (one source); "round-trip" (the real pairs' VAE
     reconstructions, `synthetic` indexing the real store); "mixed" (every batch a fixed share
-    real); "pretrain" (synthetic to its best val checkpoint, then fine-tuned on real).
+    real); "pretrain" (synthetic to its best val checkpoint, then fine-tuned on real); "mixed-agree"
+    and "pretrain-agree" as those, with synthetic labels agreement-relabelled (agreement.py).
     """
 
     name: str
     protocol: str
     real: np.ndarray
     synthetic: np.ndarray
+
+    @property
+    def relabelled(self) -> bool:
+        """Whether its synthetic labels are kept only where the seed's real-only model agrees."""
+        return self.protocol.endswith(AGREE)
+
+    @property
+    def training(self) -> str:
+        """How it trains, relabelled or not: real, round-trip, synthetic, mixed or pretrain."""
+        return self.protocol.removesuffix(AGREE)
 
 
 def configurations(
@@ -79,10 +98,9 @@ def configurations(
     )
     for ratio in options.ratios:
         chosen = pool[: ratio * train.size]
-        if "mixed" in options.protocols:
-            rows.append(Configuration(f"real+synthetic x{ratio}", "mixed", train, chosen))
-        if "pretrain" in options.protocols:
-            rows.append(Configuration(f"synthetic x{ratio} -> real", "pretrain", train, chosen))
+        for protocol in options.protocols:
+            name = RATIO_ROW_NAMES[protocol].format(ratio=ratio)
+            rows.append(Configuration(name, protocol, train, chosen))
     return rows
 
 
@@ -138,6 +156,26 @@ class Setup:
     test: TrainData
     device: str
     progress: Progress | None
+    eval_split: str = "test"
+    stop_split: str = "val"
+
+
+def make_setup(
+    real: StoreReader, options: DownstreamOptions, device: str, progress: Progress | None = None
+) -> Setup:
+    """The network config, class weights, stopping and test pairs every row of `real` shares."""
+    config = default_config(
+        real, steps=options.max_steps, batch_size=options.batch_size, lr=options.lr,
+        seed=options.seed, width=options.width,
+    )  # fmt: skip
+    stats = band_statistics(real)
+    test, split = evaluation_split(real)
+    val, stop_split = stopping_split(real, split, options)
+    return Setup(
+        config, options, stats, class_weights(real, config.classes),
+        TrainData([(real, val)], *stats), TrainData([(real, test)], *stats), device, progress,
+        split, stop_split,
+    )  # fmt: skip
 
 
 def run_downstream(
@@ -151,28 +189,19 @@ def run_downstream(
 ) -> Downstream:
     """Train every configuration over `options.seeds` seeds to its best real-val checkpoint and
     test each on real data. `round_trip` (the run's VAE, given --model) adds the ceiling row."""
-    config = default_config(
-        real, steps=options.max_steps, batch_size=options.batch_size, lr=options.lr,
-        seed=options.seed, width=options.width,
-    )  # fmt: skip
-    stats = band_statistics(real)
-    test, split = evaluation_split(real)
-    val, stop_split = stopping_split(real, split, options)
-    setup = Setup(
-        config, options, stats, class_weights(real, config.classes),
-        TrainData([(real, val)], *stats), TrainData([(real, test)], *stats), device, progress,
-    )  # fmt: skip
-    rows = []
+    setup = make_setup(real, options, device, progress)
+    rows, referees = [], Referees()
     for row in configurations(real, synthetic, options, round_trip is not None):
         second = (
             round_trip(row.synthetic) if row.protocol == "round-trip" and round_trip else synthetic
         )
-        rows.append(_run_row(row, setup, real, second))
+        rows.append(_run_row(row, setup, real, second, referees))
     return Downstream(
-        network=NETWORK[real.manifest.task], config=config.model_dump(),
-        real_limit=options.real_limit or PAPER_REAL_LIMIT[real.manifest.task], eval_split=split,
-        eval_count=int(test.size), f1_definition=F1_DEFINITION[real.manifest.task], rows=rows,
-        protocol=protocol_text(options), stop_split=stop_split, stop_count=int(val.size),
+        network=NETWORK[real.manifest.task], config=setup.config.model_dump(),
+        real_limit=options.real_limit or PAPER_REAL_LIMIT[real.manifest.task],
+        eval_split=setup.eval_split, eval_count=len(setup.test),
+        f1_definition=F1_DEFINITION[real.manifest.task], rows=rows,
+        protocol=protocol_text(options), stop_split=setup.stop_split, stop_count=len(setup.val),
         seeds=seed_list(options), real_share=options.real_share, spread=SPREAD,
         round_trip=round_trip_name if round_trip is not None else None,
     )  # fmt: skip
@@ -195,31 +224,50 @@ def protocol_text(options: DownstreamOptions) -> str:
         "synthetic pairs to "
         "their best val checkpoint, then fine-tune on the real pairs by the same rule; "
         f"{o.seeds} seeds (initialisation, batch order, augmentation) per row"
+        + (
+            "; 'agreement-relabelled' rows keep a synthetic label only where the same seed's "
+            "real-only model (its best-val weights) predicts the same class, 255 (ignored) elsewhere"
+            if any(p.endswith(AGREE) for p in o.protocols)
+            else ""
+        )
     )
 
 
+class Referees(dict[int, nn.Module]):
+    """The real-only row's best-val model of each seed: the judge agreement rows relabel with."""
+
+
 def _run_row(
-    row: Configuration, setup: Setup, real: StoreReader, second: SampleSource
+    row: Configuration, setup: Setup, real: StoreReader, second: SampleSource, referees: Referees
 ) -> DownstreamRow:
     """Every seed of one row, then mean and spread."""
     real_data = TrainData([(real, row.real)], *setup.stats) if row.real.size else None
     second_data = TrainData([(second, row.synthetic)], *setup.stats) if row.synthetic.size else None
-    runs = [
-        _run_seed(row, setup, real_data, second_data, seed) for seed in seed_list(setup.options)
-    ]
+    runs = []
+    for seed in seed_list(setup.options):
+        trained_on, kept_share = second_data, None
+        if row.relabelled and second_data is not None:
+            trained_on, kept_share = relabelled_data(
+                referees[seed], second_data, setup.config.batch_size, setup.device
+            )
+        run, model = run_seed(row, setup, real_data, trained_on, seed)
+        if row.protocol == "real":
+            referees[seed] = model
+        runs.append(run.model_copy(update={"kept_share": kept_share}))
     return _summarise(row, runs, real)
 
 
-def _run_seed(
+def run_seed(
     row: Configuration,
     setup: Setup,
     real_data: TrainData | None,
     second_data: TrainData | None,
     seed: int,
-) -> SeedRun:
+) -> tuple[SeedRun, nn.Module]:
+    """One seed of one row: train (both phases for pretrain), test; the trained model too."""
     config = setup.config.model_copy(update={"seed": seed})
     model, options = new_model(config, setup.device), setup.options
-    if row.protocol == "pretrain":
+    if row.training == "pretrain":
         plan = [batches_of(None, second_data, options), batches_of(real_data, None, options)]
     else:
         plan = [batches_of(real_data, second_data, options)]
@@ -231,7 +279,7 @@ def _run_seed(
             model, batches, setup.val, config, options, setup.weights, setup.device, report
         ))  # fmt: skip
     counts = confusion(model, setup.test, config.classes, config.batch_size, setup.device)
-    return _seed_run(seed, counts, phases, setup.config.task, real_data or second_data)
+    return _seed_run(seed, counts, phases, setup.config.task, real_data or second_data), model
 
 
 def _seed_run(
@@ -286,9 +334,14 @@ def _summarise(row: Configuration, runs: list[SeedRun], real: StoreReader) -> Do
         name=row.name, protocol=row.protocol, real_count=int(row.real.size),
         synthetic_count=int(row.synthetic.size), miou=float(miou.mean()), f1=float(f1.mean()),
         miou_std=_std(miou), f1_std=_std(f1), miou_min=float(miou.min()),
-        miou_max=float(miou.max()), iou_per_class=iou,
+        miou_max=float(miou.max()), iou_per_class=iou, kept_share=_mean_kept(runs),
         seconds=round(sum(r.seconds for r in runs), 2), seeds=runs,
     )  # fmt: skip
+
+
+def _mean_kept(runs: list[SeedRun]) -> float | None:
+    shares = [r.kept_share for r in runs if r.kept_share is not None]
+    return float(np.mean(shares)) if shares else None
 
 
 def _std(values: np.ndarray) -> float:

@@ -12,6 +12,7 @@ import numpy as np
 from specdm_cli.manifest import Manifest
 from specdm_cli.pipeline.synthesize.preview import preview_row
 from specdm_cli.stores import StoreReader
+from specdm_cli.stores.cf import image_attributes
 
 from .report import BenchmarkReport
 
@@ -24,7 +25,8 @@ DPI = 110
 
 def _save(figure: Any, folder: Path, name: str) -> str:
     figure.tight_layout()
-    figure.savefig(folder / name, dpi=DPI)
+    # "tight": a legend placed under the axes (the class colours) is kept in the picture.
+    figure.savefig(folder / name, dpi=DPI, bbox_inches="tight")
     plt.close(figure)
     return name
 
@@ -45,7 +47,35 @@ def sample_grid(folder: Path, real: StoreReader, synthetic: StoreReader, rows: i
                 axis.imshow(preview_row(samples[row], manifest), interpolation="nearest")
             if row == 0:
                 axis.set_title(title)
+    _class_legend(figure, real.manifest)
     return _save(figure, folder, "samples.png")
+
+
+def _class_legend(figure: Any, manifest: Manifest) -> None:
+    """A row of class-colour swatches under the figure (the masks' colours; cd: t2's outline)."""
+    from matplotlib.patches import Patch
+
+    from specdm_cli.pipeline.synthesize.preview import legend_entries
+
+    entries = legend_entries(manifest, np.zeros(0, np.uint8))
+    handles = [
+        Patch(
+            facecolor=(colour[0] / 255, colour[1] / 255, colour[2] / 255),
+            edgecolor="black",
+            label=name,
+        )
+        for colour, name in entries
+    ]
+    figure.legend(
+        handles=handles,
+        loc="upper center",
+        bbox_to_anchor=(0.5, 0.0),
+        ncol=min(len(handles), 5),
+        fontsize=8,
+        frameon=False,
+        title="mask colours",
+        title_fontsize=8,
+    )
 
 
 def _class_names(manifest: Manifest) -> list[str]:
@@ -78,7 +108,8 @@ def spectral_profiles(
     for k in range(len(names), lines * columns):
         axes[k // columns][k % columns].axis("off")
     axes[0][0].legend(fontsize=7)
-    figure.supxlabel("wavelength (nm)" if all(wavelengths) else "band")
+    figure.supxlabel("band centre wavelength (nm)" if all(wavelengths) else "band (no wavelengths)")
+    figure.supylabel(f"class mean: {image_attributes(manifest, False)['long_name']}")
     return _save(figure, folder, "spectra.png")
 
 
@@ -91,13 +122,24 @@ def _bars(axis: Any, names: list[str], series: dict[str, list[float]]) -> None:
     axis.legend(fontsize=8)
 
 
-def class_distribution(folder: Path, report: BenchmarkReport) -> str:
+def class_distribution(folder: Path, report: BenchmarkReport, manifest: Manifest) -> str:
     """Fraction of labelled pixels per class, real vs synthetic (paper Fig. 4)."""
     real, syn = report.quality.class_fraction_reference, report.quality.class_fraction_candidate
     figure, axis = plt.subplots(figsize=(7, 3.2))
     _bars(axis, list(real), {"real": list(real.values()), "synthetic": [syn[k] for k in real]})
-    axis.set_ylabel("pixel fraction")
+    axis.set_ylabel("share of labelled pixels (0-1)")
+    axis.set_xlabel("class")
+    _colour_ticks(axis, manifest, list(real))
     return _save(figure, folder, "classes.png")
+
+
+def _colour_ticks(axis: Any, manifest: Manifest, names: list[str]) -> None:
+    """A square of each class's mask colour on the x axis, under its bars."""
+    colours = {c.name: c.colour for c in manifest.classes}
+    for position, name in enumerate(names):
+        if name in colours:
+            axis.plot(position, 0, "s", color=np.asarray(colours[name]) / 255, markersize=8,
+                      markeredgecolor="black", clip_on=False, transform=axis.get_xaxis_transform())  # fmt: skip
 
 
 def change_statistics(folder: Path, report: BenchmarkReport) -> str | None:
@@ -138,6 +180,7 @@ def closest_pairs(
             axis.axis("off")
             axis.imshow(preview_row(reader.read(index), reader.manifest), interpolation="nearest")
             axis.set_title(f"{label} #{index} (d={pair.feature_distance:.2f})", fontsize=8)
+    _class_legend(figure, real.manifest)
     return _save(figure, folder, "closest.png")
 
 
@@ -151,6 +194,7 @@ def downstream_bars(folder: Path, report: BenchmarkReport) -> str | None:
         axis, [r.name for r in rows], {"mIoU": [r.miou for r in rows], "F1": [r.f1 for r in rows]}
     )
     axis.set_ylim(0, 1)
+    axis.set_ylabel("score on real test pairs (0-1)")
     axis.set_title(
         f"tested on real {report.downstream.eval_split} ({report.downstream.eval_count})"
     )
@@ -168,7 +212,7 @@ def draw_all(
     figures = {
         "samples": sample_grid(folder, real, synthetic),
         "spectra": spectral_profiles(folder, real.manifest, *class_means),
-        "classes": class_distribution(folder, report),
+        "classes": class_distribution(folder, report, real.manifest),
     }
     optional = {
         "closest": closest_pairs(folder, report, real, synthetic),

@@ -206,7 +206,21 @@ def _downstream(report: BenchmarkReport) -> list[str]:
         return []
     lines = ["## Downstream utility (Tables 3, 5, 6)", "", *_downstream_notes(report)]
     rows = [downstream_cells(r) for r in d.rows]
-    return [*lines, *_table(DOWNSTREAM_HEADER, rows), ""]
+    return [*lines, *_table(DOWNSTREAM_HEADER, rows), "", *_kept_notes(d.rows)]
+
+
+def _kept_notes(rows: list[DownstreamRow]) -> list[str]:
+    """How much of the generated labels each agreement-relabelled row kept."""
+    kept = [
+        f"- {r.name}: {r.kept_share:.1%} of the generated label pixels kept (mean over seeds; "
+        + ", ".join(
+            f"seed {run.seed} {run.kept_share:.1%}" for run in r.seeds if run.kept_share is not None
+        )
+        + ")"
+        for r in rows
+        if r.kept_share is not None
+    ]
+    return [*kept, ""] if kept else []
 
 
 def _comparison(report: BenchmarkReport) -> list[str]:

@@ -106,6 +106,9 @@ class SeedRun(_Strict):
     best_val_miou: float = Field(description="val mIoU of the tested weights")
     val_curve: list[list[float]] = Field(description="[step, val mIoU] per evaluation, all phases")
     seconds: float
+    kept_share: float | None = Field(
+        None, description="agreement rows: share of generated label pixels kept"
+    )
 
 
 class DownstreamRow(_Strict):
@@ -129,6 +132,9 @@ class DownstreamRow(_Strict):
     final_loss: float | None = None
     seconds: float
     seeds: list[SeedRun] = Field(default_factory=list)
+    kept_share: float | None = Field(
+        None, description="agreement rows: mean over seeds of the label pixels kept"
+    )
 
 
 class Downstream(_Strict):

@@ -10,7 +10,7 @@ from 300 to 600 steps while a mix, seeing each real pair half as often, lagged f
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -79,28 +79,38 @@ class Phase:
     seconds: float = 0.0
 
 
-@torch.inference_mode()
 def confusion(
     model: nn.Module, data: TrainData, classes: int, batch_size: int, device: str
 ) -> np.ndarray:
     """(K, K) confusion of truth (rows) vs prediction over the labelled pixels of all of `data`."""
-    was_training = model.training
-    model.eval()
     counts = np.zeros((classes, classes), np.int64)
-    for start in range(0, len(data), batch_size):
-        items = [data.sample(i) for i in range(start, min(start + batch_size, len(data)))]
-        images = [
-            torch.from_numpy(np.stack([it[0][p] for it in items])).to(device)
-            for p in range(len(items[0][0]))
-        ]
-        _features, logits = model(images)
-        predicted = logits.argmax(dim=1).cpu().numpy().astype(np.int64)
-        truth = np.stack([it[1] for it in items])
+    for _start, predicted, truth in predictions(model, data, batch_size, device):
         valid = truth != IGNORE_INDEX
         code = truth[valid] * classes + predicted[valid]
         counts += np.bincount(code, minlength=classes * classes).reshape(classes, classes)
-    model.train(was_training)
     return counts
+
+
+@torch.inference_mode()
+def predictions(
+    model: nn.Module, data: TrainData, batch_size: int, device: str
+) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
+    """(first pool position, predicted labels, stored labels) of `data`, one batch at a time,
+    with `model` in eval mode (its training mode restored after)."""
+    was_training = model.training
+    model.eval()
+    try:
+        for start in range(0, len(data), batch_size):
+            items = [data.sample(i) for i in range(start, min(start + batch_size, len(data)))]
+            images = [
+                torch.from_numpy(np.stack([it[0][p] for it in items])).to(device)
+                for p in range(len(items[0][0]))
+            ]
+            _features, logits = model(images)
+            predicted = logits.argmax(dim=1).cpu().numpy().astype(np.int64)
+            yield start, predicted, np.stack([it[1] for it in items])
+    finally:
+        model.train(was_training)
 
 
 def new_model(config: FeatureNetConfig, device: str) -> nn.Module:
@@ -161,6 +171,8 @@ def _step(
     device: str,
 ) -> None:
     images, labels = batch
+    if not bool((labels != IGNORE_INDEX).any()):
+        return  # nothing labelled (e.g. relabelling kept no pixel of it): the loss would be 0/0
     _features, logits = model([x.to(device) for x in images])
     loss = F.cross_entropy(
         logits, labels.to(device), weight=weights.to(device), ignore_index=IGNORE_INDEX

@@ -19,6 +19,7 @@ from specdm_cli.faults import fault_point
 from specdm_cli.fs.atomic import atomic_write_text, remove_stray_temporaries, remove_tree
 from specdm_cli.fs.lock import DirLock
 from specdm_cli.fs.paths import refuse_overlap
+from specdm_cli.fs.space import require_disk
 from specdm_cli.manifest import (
     IGNORE_INDEX,
     LABEL_ARRAY,
@@ -169,13 +170,15 @@ def prepare(
     state = resolve_target(request.out, plan, request.resume, request.overwrite)
     if state == "done":
         return _summary(request.out, "already complete", started)
-    source_plan = READERS[request.source](request.raw, request.options)
+    with stop.while_planning():
+        source_plan = READERS[request.source](request.raw, request.options)
     for line in source_plan.warnings:
         if warn is not None:
             warn(line)
     if not source_plan.candidates:
         raise InputDataError("no samples found", request.raw, "check the folder layout")
     if state == "fresh":
+        _require_room(request.out, source_plan)
         manifest = _initial_manifest(request, source_plan.spec, plan, len(source_plan.candidates))
         georeferenced = source_plan.spec.crs is not None
         create_store(request.out, manifest, len(source_plan.candidates), georeferenced)
@@ -217,6 +220,24 @@ def _write(
         if tally.kept:
             _finish(writer, spec, tally)
     return tally
+
+
+def _require_room(out: Path, source_plan: SourcePlan) -> None:
+    """Refuse (exit 5) a store the disk cannot hold, from the plan's sizes, before writing.
+
+    Uncompressed bytes: Blosc-zstd saves only about 10% on reflectance (the demo store: 157 of
+    176 MB), and the filters' share of dropped patches is not known before reading them.
+    """
+    spec = source_plan.spec
+    images = len(array_names(spec.task)) - 1
+    per_pixel = images * len(spec.bands) * np.dtype(spec.dtype).itemsize + 1
+    count = len(source_plan.candidates)
+    require_disk(
+        float(count) * spec.height * spec.width * per_pixel,
+        out,
+        f"the store ({count} patches of {spec.height}x{spec.width}, {len(spec.bands)} bands)",
+        "free space or choose another --out; fewer patches: a larger --patch-size, --overlap 0",
+    )
 
 
 def _remove_empty_store(request: PrepareRequest, tally: PrepareTally) -> None:

@@ -1,4 +1,4 @@
-"""Which model `synthesize` uses: a run directory, the newest registered run, or a shipped demo."""
+"""Which model `synthesize` uses: a run directory, the best registered run, or a shipped demo."""
 
 from __future__ import annotations
 
@@ -8,9 +8,13 @@ from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
+from specdm_cli.config import DIFFUSION_PRESETS, VAE_PRESETS
 from specdm_cli.errors import ModelError, UsageError
-from specdm_cli.pipeline.runs.registry import newest_run
+from specdm_cli.pipeline.runs.registry import registered_runs
 from specdm_cli.pipeline.runs.run_manifest import RunManifest, load_run
+
+# The recipe a stage's recorded preset stands for (runs record it in details.options).
+_RECIPES = {"vae": (VAE_PRESETS, "VAE"), "diffusion": (DIFFUSION_PRESETS, "U-Net")}
 
 
 @dataclass(frozen=True)
@@ -21,6 +25,7 @@ class ChosenModel:
     kind: str  # "run", "registry" or "demo"
     manifest: RunManifest
     sha256: str
+    why: str = ""  # for a model nobody named: why this one (stderr)
 
 
 def demo_model_path(task: str) -> Path:
@@ -35,29 +40,82 @@ def model_sha256(manifest: RunManifest) -> str:
 
 
 def choose_model(model: str | None, task: str | None) -> ChosenModel:
-    """`--model PATH`, `--model demo`, or (no --model) the newest run of the task, else the demo."""
+    """`--model PATH`, `--model demo`, or (no --model) the newest registered run of the task
+    that trained its whole recipe, else the newest that can sample, else the demo."""
     if model not in (None, "demo"):
         return _loaded(Path(str(model)), "run")
     if task is None:
         raise UsageError(
             "without --model, --task is needed to pick a model", hint="pass --task ss or --task cd"
         )
+    passed_over: list[str] = []
     if model is None:
-        newest = newest_run(task)
-        if newest is not None:
-            return _loaded(newest, "registry")
+        chosen = _from_registry(task, passed_over)
+        if chosen is not None:
+            return chosen
     demo = demo_model_path(task)
     if not (demo / "run.json").is_file():
         raise ModelError(
             f"no demo model for task {task} is shipped", demo, "train one and pass --model"
         )
-    return _loaded(demo, "demo")
+    why = "the shipped demo model"
+    if passed_over:
+        why += f"; no registered {task} run can sample ({'; '.join(passed_over)})"
+    return _loaded(demo, "demo", why)
 
 
-def _loaded(path: Path, kind: str) -> ChosenModel:
+def _from_registry(task: str, passed_over: list[str]) -> ChosenModel | None:
+    """The newest registered run that trained its whole recipe, else the newest that can
+    sample; `passed_over` gets a reason for each newer run that was not taken."""
+    found = [(path, _shortfall(path)) for path in registered_runs(task)]
+    whole = [n for n, (_, shortfall) in enumerate(found) if shortfall is None]
+    usable = [n for n, (_, shortfall) in enumerate(found) if shortfall is None or shortfall[0]]
+    chosen = whole[0] if whole else usable[0] if usable else len(found)
+    passed_over += [f"{path.name}: {short[1]}" for path, short in found[:chosen] if short]
+    if chosen == len(found):
+        return None
+    path, shortfall = found[chosen]
+    if shortfall is None:
+        why = f"the newest registered {task} run that trained its whole recipe"
+    else:
+        why = (
+            f"the newest registered {task} run that can sample, though it {shortfall[1]}: "
+            "expect rough samples"
+        )
+    if passed_over:
+        why += f"; passed over {len(passed_over)} newer ({'; '.join(passed_over)})"
+    return _loaded(path, "registry", f"{why}; --model demo for the shipped model")
+
+
+def _shortfall(run: Path) -> tuple[bool, str] | None:
+    """None for a run that can sample and trained every step of its preset; else whether it
+    can sample at all, and why it falls short."""
+    try:
+        manifest = load_run(run, verify=False)
+    except ModelError:
+        return False, "unreadable run.json"
+    for name in ("vae", "diffusion"):
+        stage = manifest.stages.get(name)
+        if stage is None or not stage.finished:
+            step = stage.step if stage is not None else 0
+            return False, f"unfinished ({name} stopped at step {step})"
+    for name, (presets, label) in _RECIPES.items():
+        stage = manifest.stages[name]
+        options = stage.details.get("options")
+        preset = options.get("preset") if isinstance(options, dict) else None
+        recipe = {str(key): values["steps"] for key, values in presets.items()}.get(str(preset))
+        if isinstance(recipe, int) and stage.step < recipe:
+            return (
+                True,
+                f"trained only {stage.step} of the {preset} preset's {recipe} {label} steps",
+            )
+    return None
+
+
+def _loaded(path: Path, kind: str, why: str = "") -> ChosenModel:
     manifest = load_run(path)
     if not manifest.can_sample():
         raise ModelError(
             "the run cannot sample yet", path, "finish `specdm fit-vae` and `specdm fit-diffusion`"
         )
-    return ChosenModel(path, kind, manifest, model_sha256(manifest))
+    return ChosenModel(path, kind, manifest, model_sha256(manifest), why)

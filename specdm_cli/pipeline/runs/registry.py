@@ -69,6 +69,14 @@ def record_run(run: Path, task: str, stage: str, can_sample: bool) -> None:
 
 def newest_run(task: str, can_sample: bool = True) -> Path | None:
     """The newest registered run of `task` that can sample (and still exists)."""
+    found = registered_runs(task, can_sample)
+    return found[0] if found else None
+
+
+def registered_runs(task: str, can_sample: bool = True) -> list[Path]:
+    """The registered runs of `task` that still exist (and, by default, could sample when
+    registered), newest first."""
+    found = []
     for entry in reversed(read_registry()):
         path = Path(str(entry.get("path", "")))
         if (
@@ -76,5 +84,5 @@ def newest_run(task: str, can_sample: bool = True) -> Path | None:
             and (entry.get("can_sample") or not can_sample)
             and path.is_dir()
         ):
-            return path
-    return None
+            found.append(path)
+    return found

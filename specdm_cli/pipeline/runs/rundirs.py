@@ -7,6 +7,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
 
+from pydantic import BaseModel, ValidationError
+
 from specdm_cli.errors import (
     InputDataError,
     ModelError,
@@ -120,6 +122,30 @@ def open_or_create_run(
     )
     save_run(run, manifest)
     return manifest
+
+
+def recorded_options(run: Path, stage: str, model: type[BaseModel]) -> dict[str, Any] | None:
+    """The options a run's stage was started with, to resume it with (None: nothing to resume);
+    options that `model` (the stage's config) refuses are a damaged run (exit 4).
+
+    Runs record every option (`details.options`, preset and steps included); older runs only
+    the values a resume must match, which is what they return."""
+    if not (run / RUN_FILE).is_file():
+        return None
+    state = load_run(run, verify=False).stages.get(stage)
+    if state is None or state.checkpoint is None:
+        return None
+    options = state.details.get("options")
+    recorded = dict(options) if isinstance(options, dict) else dict(state.config)
+    try:
+        model.model_validate(recorded)
+    except ValidationError as error:
+        raise ModelError(
+            f"run.json records {stage} options that do not validate ({error.errors()[0]['msg']})",
+            run / RUN_FILE,
+            "resume with the run's original version of specdm, or start a new --run",
+        ) from None
+    return recorded
 
 
 def check_resume(run: Path, recorded: dict[str, Any], requested: dict[str, Any]) -> None:

@@ -6,14 +6,19 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
+
 from specdm_cli.config import Devices, Precision, Progress, SamplerName, StoreFormat, Task
 from specdm_cli.errors import UsageError
+from specdm_cli.fs.lock import ReadLock
 from specdm_cli.fs.paths import refuse_overlap
+from specdm_cli.fs.space import require_disk, require_memory
+from specdm_cli.manifest import array_names
 from specdm_cli.pipeline.runs.choose import ChosenModel, choose_model
 from specdm_cli.pipeline.signals import StopFlag
 from specdm_cli.pipeline.synthesize.preview import rgb_note, write_preview
 from specdm_cli.pipeline.synthesize.require import parse_require
-from specdm_cli.pipeline.synthesize.shards import parse_shard
+from specdm_cli.pipeline.synthesize.shards import Shard, parse_shard
 from specdm_cli.pipeline.synthesize.synthesize import (
     SynthesizeRequest,
     SynthesizeSummary,
@@ -22,6 +27,7 @@ from specdm_cli.pipeline.synthesize.synthesize import (
     synthesize,
 )
 from specdm_cli.stores import open_store, refuse_stream_out, remove_own
+from specdm_cli.stores.base import MANIFEST_NAME
 
 PREVIEW_SAMPLES = 8
 
@@ -62,6 +68,22 @@ def synthesize_store(
     chosen = _model(options)
     refuse_overlap(options.out, {"--model": chosen.path})
     notice(f"model: {chosen.path} ({chosen.kind}, sha256 {chosen.sha256[:12]}){_why(chosen)}")
+    if chosen.kind == "demo":  # shipped inside the package: no claim files written there
+        return _write(options, chosen, shard, grid, stop, progress, notice)
+    # A run is claimed while it is used: `--overwrite` elsewhere refuses to replace it.
+    with ReadLock(chosen.path, refuse_writer=False):
+        return _write(options, chosen, shard, grid, stop, progress, notice)
+
+
+def _write(
+    options: SynthesizeOptions,
+    chosen: ChosenModel,
+    shard: Shard,
+    grid: int | None,
+    stop: StopFlag,
+    progress: Progress | None,
+    notice: Callable[[str], None],
+) -> SynthesizeSummary:
     if options.overwrite and options.out.exists():
         remove_own(options.out, "store")
     request = SynthesizeRequest(
@@ -78,6 +100,7 @@ def synthesize_store(
         devices=options.devices,
         require=parse_require(options.require, chosen.manifest.classes),
     )
+    _require_room(request)
     summary = synthesize(request, stop, progress)
     if options.preview is not None:
         reader = open_store(options.out, allow_incomplete=True)
@@ -89,13 +112,37 @@ def synthesize_store(
     return summary
 
 
+# Working memory per sample in a batch, in float32 values per pixel beyond its own arrays: the
+# decoders' full-resolution activations (demo widths 16-32, up to 128 at the paper's; our
+# estimate, generous). Told as "about": it only has to catch sizes that cannot work.
+_DECODER_VALUES_PER_PIXEL = 256
+
+
+def _require_room(request: SynthesizeRequest) -> None:
+    """Refuse (exit 5) at once what cannot fit: a batch the memory cannot hold, a new store the
+    disk cannot hold (`--n 10**12` used to run two minutes before disk full)."""
+    manifest = request.model.manifest
+    pixels = manifest.height * manifest.width
+    images = len(array_names(manifest.task)) - 1
+    values = images * len(manifest.bands) + len(manifest.classes) + _DECODER_VALUES_PER_PIXEL
+    require_memory(
+        float(request.batch_size) * pixels * values * 4,
+        f"a batch of {request.batch_size}",
+        "use a smaller --batch-size (e.g. 16)",
+    )
+    if not (request.out / MANIFEST_NAME).exists():
+        per_pixel = images * len(manifest.bands) * np.dtype(manifest.dtype).itemsize + 1
+        require_disk(
+            float(request.n) * pixels * per_pixel,
+            request.out,
+            f"the store ({request.n} samples of {manifest.height}x{manifest.width})",
+            "free space, choose another --out or a smaller --n",
+        )
+
+
 def _why(chosen: ChosenModel) -> str:
     """Why a model nobody named was chosen, and how to choose another."""
-    if chosen.kind == "registry":
-        return "; the newest registered run of this task: --model demo for the shipped model"
-    if chosen.kind == "demo":
-        return "; the shipped demo model"
-    return ""
+    return f"; {chosen.why}" if chosen.why else ""
 
 
 def _model(options: SynthesizeOptions) -> ChosenModel:

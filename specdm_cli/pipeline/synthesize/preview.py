@@ -1,4 +1,5 @@
-"""`--preview PNG`: a grid of the first samples (RGB with a robust stretch beside coloured masks)."""
+"""`--preview PNG`: a grid of the first samples (RGB with a robust stretch beside coloured masks),
+under a title (model, seed, sampler, the bands shown as RGB) and over a class legend."""
 
 from __future__ import annotations
 
@@ -6,10 +7,10 @@ from io import BytesIO
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageDraw, ImageFont
 
 from specdm_cli.fs.atomic import atomic_write_bytes
-from specdm_cli.manifest import IMAGE_ARRAYS, LABEL_ARRAY, Manifest
+from specdm_cli.manifest import IGNORE_INDEX, IMAGE_ARRAYS, LABEL_ARRAY, Manifest
 
 
 def rgb_indices(manifest: Manifest) -> list[int]:
@@ -52,11 +53,27 @@ def colour_mask(label: np.ndarray, manifest: Manifest) -> np.ndarray:
     return coloured
 
 
+# Drawn around the changed pixels of t2: a colour that no class and no RGB stretch uses much.
+OUTLINE = (255, 0, 255)
+
+
+def outline(label: np.ndarray) -> np.ndarray:
+    """(H, W) bool: pixels of class >= 1 (changed) with a 4-neighbour that is not."""
+    changed = (label >= 1) & (label != IGNORE_INDEX)
+    padded = np.pad(changed, 1, mode="edge")
+    inner = padded[:-2, 1:-1] & padded[2:, 1:-1] & padded[1:-1, :-2] & padded[1:-1, 2:] & changed
+    edge: np.ndarray = changed & ~inner
+    return edge
+
+
 def preview_row(sample: dict[str, np.ndarray], manifest: Manifest) -> np.ndarray:
-    """One row of the grid: ss image | mask; cd t1 | t2 | change."""
+    """One row of the grid: ss image | mask; cd t1 | t2 (change outlined) | change."""
     bands = rgb_indices(manifest)
     tiles = [stretch(sample[name], bands) for name in IMAGE_ARRAYS[manifest.task]]
-    tiles.append(colour_mask(sample[LABEL_ARRAY[manifest.task]], manifest))
+    label = sample[LABEL_ARRAY[manifest.task]]
+    if manifest.task == "cd":
+        tiles[-1][outline(label)] = OUTLINE
+    tiles.append(colour_mask(label, manifest))
     gap = np.full((manifest.height, 2, 3), 255, dtype=np.uint8)
     return np.concatenate([part for tile in tiles for part in (tile, gap)][:-1], axis=1)
 
@@ -76,6 +93,63 @@ def write_preview(path: Path, samples: list[dict[str, np.ndarray]], manifest: Ma
     picture = Image.fromarray(grid).resize(
         (grid.shape[1] * scale, grid.shape[0] * scale), Image.Resampling.NEAREST
     )
+    labels = np.stack([sample[LABEL_ARRAY[manifest.task]] for sample in samples])
+    framed = _framed(picture, title_lines(manifest), legend_entries(manifest, labels))
     buffer = BytesIO()
-    picture.save(buffer, format="PNG")
+    framed.save(buffer, format="PNG")
     atomic_write_bytes(path, buffer.getvalue())
+
+
+FONT_SIZE = 14
+LINE = FONT_SIZE + 6  # pixels per text line
+SWATCH = 14
+
+
+def title_lines(manifest: Manifest) -> list[str]:
+    """What the grid shows: the model and how it sampled, the columns, the bands shown as RGB."""
+    model = manifest.model
+    made = (
+        f"{model.run_id} ({model.kind}), seed {model.seed}, {model.sampler} {model.steps} steps"
+        if model is not None
+        else f"{manifest.source.dataset if manifest.source else 'store'} ({manifest.count} pairs)"
+    )
+    columns = "image | mask" if manifest.task == "ss" else "t1 | t2 (change outlined) | change"
+    rgb = ", ".join(manifest.bands[i].name for i in rgb_indices(manifest))
+    return [made, f"each pair: {columns}; red, green, blue = {rgb}"]
+
+
+def legend_entries(manifest: Manifest, labels: np.ndarray) -> list[tuple[tuple[int, ...], str]]:
+    """(colour, name) of every class, the cd outline, and grey "ignore" where pixels have it."""
+    entries = [(tuple(c.colour), c.name) for c in sorted(manifest.classes, key=lambda c: c.index)]
+    if manifest.task == "cd":
+        entries.append((OUTLINE, "change outline on t2"))
+    if (labels == IGNORE_INDEX).any():
+        entries.append(((128, 128, 128), "ignore"))
+    return entries
+
+
+def _framed(
+    picture: Image.Image, titles: list[str], legend: list[tuple[tuple[int, ...], str]]
+) -> Image.Image:
+    """`picture` with the title lines above and the legend (wrapped to its width) below."""
+    font = ImageFont.load_default(size=FONT_SIZE)
+    width = max(picture.width, 320)
+    placed, x, y = [], 8, 0  # legend entries: (x, y) of each swatch, wrapped into lines
+    for _colour, name in legend:
+        step = SWATCH + 6 + int(font.getlength(name)) + 16
+        if x + step > width and x > 8:
+            x, y = 8, y + LINE
+        placed.append((x, y))
+        x += step
+    top, bottom = len(titles) * LINE + 6, y + LINE + 8
+    framed = Image.new("RGB", (width, top + picture.height + bottom), "white")
+    framed.paste(picture, (0, top))
+    draw = ImageDraw.Draw(framed)
+    for n, text in enumerate(titles):
+        draw.text((8, 4 + n * LINE), text, fill="black", font=font)
+    base = top + picture.height + 6
+    for (colour, name), (x, y) in zip(legend, placed, strict=True):
+        box = (x, base + y + 2, x + SWATCH - 1, base + y + 1 + SWATCH)
+        draw.rectangle(box, fill=tuple(colour), outline="black")
+        draw.text((x + SWATCH + 6, base + y), name, fill="black", font=font)
+    return framed

@@ -113,6 +113,45 @@ def train_loop(
     return Trained(last, validation, round(rate, 3))
 
 
+# Steps timed before the estimate: the first step (allocations, thread pools) is not among them.
+ESTIMATE_AFTER_STEPS = 3
+
+
+def estimating(
+    progress: Progress | None, notice: Callable[[str], None], label: str, recipe: str
+) -> Progress:
+    """`progress`, plus one notice with the wall time the remaining steps of `label` will take,
+    once ESTIMATE_AFTER_STEPS steps after the first have been timed."""
+    state: dict[str, float] = {}
+
+    def update(stage: str, done: int, total: int) -> None:
+        if progress:
+            progress(stage, done, total)
+        if stage != label or state.get("told"):
+            return
+        now = time.monotonic()
+        if "start" not in state:
+            state.update(start=now, start_done=done)
+            return
+        timed = done - state["start_done"]
+        if timed >= ESTIMATE_AFTER_STEPS and total > done:
+            per_step = (now - state["start"]) / timed
+            notice(
+                f"{label}: about {_duration(per_step * (total - done))} for the remaining "
+                f"{total - done} of {total} steps ({recipe}; {per_step:.3g} s a step over "
+                f"{timed} steps, validation and checkpoints extra)"
+            )
+            state["told"] = 1
+
+    return update
+
+
+def _duration(seconds: float) -> str:
+    minutes, secs = divmod(round(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{secs:02d}s"
+
+
 def _append_metrics(run: Path, record: dict[str, Any]) -> None:
     with (run / "metrics.jsonl").open("a", encoding="utf-8") as stream:
         stream.write(json.dumps(record) + "\n")

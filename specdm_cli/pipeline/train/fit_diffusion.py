@@ -17,6 +17,7 @@ from pydantic import ValidationError
 
 from specdm_cli.config import Devices, DiffusionTrainConfig, Progress
 from specdm_cli.errors import ModelError, UsageError
+from specdm_cli.fs.lock import ReadLock
 from specdm_cli.models.diffusion import EMA, ScheduleConfig, UNetConfig, build_unet, ldm_betas
 from specdm_cli.pipeline.runs import rundirs as runs
 from specdm_cli.pipeline.runs.checkpoints import (
@@ -37,7 +38,7 @@ from specdm_cli.pipeline.train.common import (
     validation_indices,
 )
 from specdm_cli.pipeline.train.distributed import data_parallel
-from specdm_cli.pipeline.train.driver import Schedule, launch, train_loop
+from specdm_cli.pipeline.train.driver import Schedule, estimating, launch, train_loop
 from specdm_cli.pipeline.train.latent_cache import (
     LatentCache,
     cache_key,
@@ -192,6 +193,7 @@ class DiffusionTrainer:
             "latent_scale": self.cache.scale.tolist(),
             "learning_rate": self.config.learning_rate(),
             "cached_views": len(self.cache),
+            "options": self.config.model_dump(mode="json"),  # what a --resume starts from
         }
         identity = self.config.training_identity()
         plain = json.loads(json.dumps(details, default=str))
@@ -264,7 +266,8 @@ def fit_diffusion(
             val,
         )
         steps = request.config.steps
-        summary = launch(devices, _rank_main, job, stop, progress) or FitDiffusionSummary(
+        told = estimating(progress, warn, "fit-diffusion", f"preset {request.config.preset}")
+        summary = launch(devices, _rank_main, job, stop, told) or FitDiffusionSummary(
             str(run), "", steps, steps, 0.0, 0.0, ""
         )
     runs.register(run, manifest.task, "diffusion", can_sample=True)
@@ -354,9 +357,10 @@ def _latents(
             progress(stage, done, total)
         stop.check()  # an unfinished cache is rebuilt on the next run
 
-    cache = open_or_build(run, vae, reader, indices, key, augment, batch, report)
-    val = validation_indices(reader, request.config.val_samples, warn)
-    return cache, encode_means(vae, reader, val, batch)
+    with ReadLock(store):
+        cache = open_or_build(run, vae, reader, indices, key, augment, batch, report)
+        val = validation_indices(reader, request.config.val_samples, warn)
+        return cache, encode_means(vae, reader, val, batch)
 
 
 def _restore(run: Path, trainer: DiffusionTrainer, checkpoint: str, device: torch.device) -> int:

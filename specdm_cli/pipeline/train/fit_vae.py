@@ -11,12 +11,15 @@ from typing import Any
 
 import numpy as np
 import torch
+from pydantic import ValidationError
 from torch import nn
 
 from specdm_cli.config import Devices, Progress, VAETrainConfig
 from specdm_cli.errors import InputDataError, UsageError
+from specdm_cli.fs.lock import ReadLock
 from specdm_cli.fs.paths import refuse_overlap
-from specdm_cli.manifest import IMAGE_ARRAYS, Manifest
+from specdm_cli.fs.space import require_memory
+from specdm_cli.manifest import IMAGE_ARRAYS, Manifest, array_names
 from specdm_cli.models.image_critics import ImageCritic, semantic_loss
 from specdm_cli.models.losses import class_weights_auto
 from specdm_cli.models.vae import SpecDMVAE, VAEConfig
@@ -39,7 +42,7 @@ from specdm_cli.pipeline.train.common import (
     validation_indices,
 )
 from specdm_cli.pipeline.train.distributed import data_parallel
-from specdm_cli.pipeline.train.driver import Schedule, launch, train_loop
+from specdm_cli.pipeline.train.driver import Schedule, estimating, launch, train_loop
 from specdm_cli.pipeline.train.segmenter import (
     Segmenter,
     load_segmenter,
@@ -77,19 +80,43 @@ class FitVAESummary:
 
 
 def model_config(config: VAETrainConfig, manifest: Manifest) -> VAEConfig:
-    """The VAE architecture for a store's bands and classes."""
-    return VAEConfig(
-        bands=len(manifest.bands),
-        num_classes=len(manifest.classes),
-        task=manifest.task,
-        single_stream=config.single_stream,
-        downsample=config.downsample,
-        image_latent_channels=config.image_latent_channels,
-        mask_latent_channels=config.mask_latent_channels,
-        image_block_out_channels=config.image_block_out_channels,
-        mask_block_out_channels=config.mask_block_out_channels,
-        layers_per_block=config.layers_per_block,
-        norm_num_groups=config.norm_num_groups,
+    """The VAE architecture for a store's bands and classes; a shape that cannot be built is a
+    usage error (exit 2), told before any training."""
+    try:
+        return VAEConfig(
+            bands=len(manifest.bands),
+            num_classes=len(manifest.classes),
+            task=manifest.task,
+            single_stream=config.single_stream,
+            downsample=config.downsample,
+            image_latent_channels=config.image_latent_channels,
+            mask_latent_channels=config.mask_latent_channels,
+            image_block_out_channels=config.image_block_out_channels,
+            mask_block_out_channels=config.mask_block_out_channels,
+            layers_per_block=config.layers_per_block,
+            norm_num_groups=config.norm_num_groups,
+        )
+    except ValidationError as error:
+        reason = error.errors()[0]["msg"].removeprefix("Value error, ")
+        raise UsageError(
+            f"bad VAE shape: {reason}",
+            hint="e.g. --image-blocks 16,32,32 --mask-blocks 8,16,16 --norm-groups 8 (f = 4)",
+        ) from None
+
+
+# Float32 values per pixel a training sample keeps for the backward pass: both branches'
+# full-resolution activations (our estimate, generous; it only has to catch sizes that cannot
+# work, like --batch-size 10**9, which ended in std::bad_alloc, exit 1).
+_TRAINING_VALUES_PER_PIXEL = 1024
+
+
+def _require_batch_memory(batch_size: int, manifest: Manifest) -> None:
+    images = len(array_names(manifest.task)) - 1
+    values = images * len(manifest.bands) + len(manifest.classes) + _TRAINING_VALUES_PER_PIXEL
+    require_memory(
+        float(batch_size) * manifest.height * manifest.width * values * 4,
+        f"a training batch of {batch_size}",
+        "use a smaller --batch-size (e.g. 16)",
     )
 
 
@@ -260,6 +287,7 @@ class VAETrainer:
             "learning_rate": self.config.learning_rate(),
             "train_samples": len(self.indices),
             "validation": self.validation,
+            "options": self.config.model_dump(mode="json"),  # what a --resume starts from
         }
         if self.segmenter is not None:
             details["segmenter"] = {
@@ -317,9 +345,24 @@ def fit_vae(
     progress: Progress | None = None,
     warn: Callable[[str], None] = lambda line: None,
 ) -> FitVAESummary:
-    """Train (or resume) the VAE of a run; checkpoints are atomic and resume is bit-exact."""
+    """Train (or resume) the VAE of a run; checkpoints are atomic and resume is bit-exact.
+
+    The store is claimed for reading throughout: `--overwrite` elsewhere refuses to replace it.
+    """
+    with ReadLock(request.store):
+        return _fit_vae(request, stop, progress, warn)
+
+
+def _fit_vae(
+    request: FitVAERequest,
+    stop: StopFlag,
+    progress: Progress | None,
+    warn: Callable[[str], None],
+) -> FitVAESummary:
     started = time.monotonic()
     reader = open_store(request.store)
+    model_config(request.config, reader.manifest)  # a bad shape is told before the run dir exists
+    _require_batch_memory(request.config.batch_size, reader.manifest)
     check_batch_divides(request.config.batch_size, request.devices)
     if request.config.adversarial_weight > 0 and request.devices.ranks > 1:
         raise UsageError(
@@ -351,7 +394,9 @@ def fit_vae(
             start,
             validation_indices(reader, request.config.val_samples, warn),
         )
-        summary = launch(devices, _rank_main, job, stop, progress) or _summary_from_run(job)
+        recipe = f"preset {request.config.preset}"
+        told = estimating(progress, warn, "fit-vae", recipe)
+        summary = launch(devices, _rank_main, job, stop, told) or _summary_from_run(job)
     runs.register(run, manifest.task, "vae", can_sample=False)
     summary.seconds = round(time.monotonic() - started, 3)
     summary.state = "resumed" if start else "trained"

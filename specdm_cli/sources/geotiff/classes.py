@@ -5,6 +5,7 @@ from __future__ import annotations
 import colorsys
 import csv
 import json
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +13,7 @@ import numpy as np
 from rasterio.windows import Window
 
 from specdm_cli.errors import InputDataError
+from specdm_cli.faults import fault_point
 from specdm_cli.manifest import (
     IGNORE_INDEX,
     LABEL_ARRAY,
@@ -22,7 +24,8 @@ from specdm_cli.manifest import (
 from specdm_cli.sources.base import PrepareOptions, label_nodata_mask
 from specdm_cli.sources.geotiff.layout import Files, open_raster
 
-_MASK_ROWS = 1024  # rows per read when scanning mask codes: memory stays flat on huge masks
+# Pixels per read when scanning mask codes: memory stays flat however large a mask claims to be.
+_SCAN_PIXELS = 1 << 22
 
 
 def resolve_classes(
@@ -151,9 +154,10 @@ def _mask_codes(path: Path, label_nodata: float | None) -> set[int]:
     codes: set[int] = set()
     with open_raster(path) as src:
         nodata = label_nodata if label_nodata is not None else src.nodata
-        for row in range(0, src.height, _MASK_ROWS):
-            window = Window(0, row, src.width, min(_MASK_ROWS, src.height - row))
-            values = np.unique(label_values(src.read(1, window=window), nodata))
+        for window in _scan_windows(src.height, src.width):
+            fault_point("geotiff.scan_block")
+            # Distinct raw values first (cheap in the file's own dtype), then nodata -> 255.
+            values = label_values(np.unique(src.read(1, window=window)), nodata)
             if not np.all(np.isfinite(values)) or not np.all(values == np.round(values)):
                 raise InputDataError("label file holds non-integer values", path, "fix the file")
             codes |= {int(v) for v in values if v != IGNORE_INDEX}
@@ -164,6 +168,14 @@ def _mask_codes(path: Path, label_nodata: float | None) -> set[int]:
             f"if {min(codes)} means no data, pass --label-nodata {min(codes)}; else fix the file",
         )
     return codes
+
+
+def _scan_windows(height: int, width: int) -> Iterator[Window]:
+    columns = min(width, _SCAN_PIXELS)
+    rows = max(1, _SCAN_PIXELS // columns)
+    for row in range(0, height, rows):
+        for column in range(0, width, columns):
+            yield Window(column, row, min(columns, width - column), min(rows, height - row))
 
 
 def label_values(raw: np.ndarray, nodata: float | None) -> np.ndarray:

@@ -12,6 +12,7 @@ import numpy as np
 from rasterio.errors import NotGeoreferencedWarning
 from rasterio.windows import Window
 
+from specdm_cli.fs.space import require_memory
 from specdm_cli.manifest import (
     GEOTIFF_FOLDERS,
     IGNORE_INDEX,
@@ -33,6 +34,7 @@ from specdm_cli.sources.base import (
     patch_windows,
     remap_labels,
     require_dir,
+    window_count,
 )
 from specdm_cli.sources.geotiff.bands import read_bands, rgb_bands
 from specdm_cli.sources.geotiff.classes import label_values, resolve_classes
@@ -47,6 +49,10 @@ from specdm_cli.sources.geotiff.layout import (
     pair_files,
 )
 from specdm_cli.sources.geotiff.splits import assign_splits
+
+# What one planned patch costs before any pixel is read: its Candidate, id string and the
+# store's per-sample records (measured about 400 bytes; rounded up).
+_CANDIDATE_BYTES = 1024
 
 
 @dataclass(frozen=True)
@@ -91,11 +97,12 @@ def read_geotiff(raw: Path | None, options: PrepareOptions) -> SourcePlan:
     headers = {stem: check_stem(paths, task) for stem, paths in files.items()}
     first = next(iter(headers.values()))
     crs = check_all(headers)
-    classes, classes_from = resolve_classes(root, options, task, files)
     splits, splits_from = assign_splits(list(files), options)
     height = min(options.patch_size, max(h.height for h in headers.values()))
     width = min(options.patch_size, max(h.width for h in headers.values()))
+    # Planned from the headers before any pixel is read, the class scan included.
     candidates = _candidates(headers, splits, height, width, options)
+    classes, classes_from = resolve_classes(root, options, task, files)
     bands = read_bands(first.path, first.count)
     spec = SourceSpec(
         dataset="geotiff",
@@ -130,6 +137,17 @@ def _candidates(
     width: int,
     options: PrepareOptions,
 ) -> list[Candidate]:
+    planned = sum(
+        window_count(h.height, h.width, options.patch_size, options.overlap)
+        for h in headers.values()
+    )
+    require_memory(
+        planned * _CANDIDATE_BYTES,
+        f"planning {planned} patches",
+        "check the files' sizes (a damaged header can claim any size), or prepare fewer patches: "
+        "a larger --patch-size, --overlap 0",
+        next(iter(headers.values())).path,
+    )
     candidates = []
     for stem, header in headers.items():
         if header.height <= height and header.width <= width:

@@ -7,6 +7,7 @@ from typing import Any
 
 from specdm_cli.errors import InputDataError
 from specdm_cli.manifest import ClassInfo
+from specdm_cli.sources.base import require_whole_read
 from specdm_cli.sources.oscd.archive import FIX_ARCHIVE, Tree, open_png, open_raster, read_text
 from specdm_cli.sources.sentinel2 import S2_ALL_BANDS, S2_TEN_BANDS, s2_band_name
 
@@ -64,6 +65,8 @@ def open_city(
     """
     band_files, fallbacks = _band_files(images, name, bands)
     height, width, crs, transform = _grid(images, name, band_files)
+    # A city is read whole: both phases' 13 uint16 bands plus a float band being resampled.
+    require_whole_read(height, width, 2 * 13 * 2 + 8, images.where(name))
     rel = label_rel(labels, name)
     if rel is None:
         raise InputDataError(

@@ -1,0 +1,104 @@
+"""Agreement relabelling vs plain mixing, seed by seed (issue 20, section 3).
+
+`specdm benchmark --downstream --downstream-protocols mixed,pretrain,mixed-agree,pretrain-agree`
+is the product path; it writes its table only at the end. This script trains the same rows by
+the same rule (`pipeline/benchmark/downstream.py`), seed-major (per seed: real, then each ratio
+row), and appends one JSON line per (row, seed) as soon as it is done, so a run cut short on a
+busy machine still leaves whole seeds. It skips the synthetic-only row. Then it prints mean ±
+std (ddof 1) per row over the seeds finished.
+
+    OMP_NUM_THREADS=1 python examples/agreement_by_seed.py demo-ss.zarr syn-ss.zarr out.jsonl
+
+Defaults are the README's smaller variant (batch 8, evaluation every 25 steps, patience 3, at
+most 500 steps per phase, 100 real pairs, ratio 1, seeds 0-2).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from specdm_cli.config import DownstreamOptions, downstream_protocol_list
+from specdm_cli.pipeline.benchmark.agreement import relabelled_data
+from specdm_cli.pipeline.benchmark.downstream import (
+    configurations,
+    make_setup,
+    run_seed,
+    seed_list,
+)
+from specdm_cli.pipeline.benchmark.feature_training import TrainData
+from specdm_cli.stores import StoreReader, open_store
+
+
+def measure_seed(
+    real: StoreReader, synthetic: StoreReader, options: DownstreamOptions, seed: int, out: Path
+) -> None:
+    """Every row but synthetic-only for one seed; the real row's model judges the agree rows."""
+    setup = make_setup(real, options, "cpu")
+    referee = None
+    for row in configurations(real, synthetic, options):
+        if row.protocol == "synthetic":
+            continue
+        real_data = TrainData([(real, row.real)], *setup.stats)
+        second = (
+            TrainData([(synthetic, row.synthetic)], *setup.stats) if row.synthetic.size else None
+        )
+        kept = None
+        if row.relabelled and second is not None and referee is not None:
+            second, kept = relabelled_data(referee, second, setup.config.batch_size, "cpu")
+        start = time.perf_counter()
+        run, model = run_seed(row, setup, real_data, second, seed)
+        referee = model if row.protocol == "real" else referee
+        record = {
+            "row": row.name, "protocol": row.protocol, "seed": seed, "miou": run.miou,
+            "f1": run.f1, "steps": run.steps, "best_steps": run.best_steps,
+            "best_val": run.best_val_miou, "kept_share": kept, "iou": run.iou_per_class,
+            "wall_s": round(time.perf_counter() - start, 1),
+        }  # fmt: skip
+        with out.open("a", encoding="utf-8") as handle:
+            handle.write(json.dumps(record) + "\n")
+        print(json.dumps(record), flush=True)
+
+
+def summary(out: Path) -> None:
+    """Mean ± std (ddof 1) of mIoU and F1 per row over the seeds in `out`."""
+    records = [json.loads(line) for line in out.read_text(encoding="utf-8").splitlines()]
+    for name in dict.fromkeys(r["row"] for r in records):
+        mine = [r for r in records if r["row"] == name]
+        miou, f1 = np.array([r["miou"] for r in mine]), np.array([r["f1"] for r in mine])
+        spread = miou.std(ddof=1) if miou.size > 1 else 0.0
+        kept = [r["kept_share"] for r in mine if r["kept_share"] is not None]
+        print(
+            f"{name}: mIoU {miou.mean():.3f} ± {spread:.3f} ({miou.min():.3f}-{miou.max():.3f}), "
+            f"F1 {f1.mean():.3f}, seeds {[r['seed'] for r in mine]}"
+            + (f", kept {np.mean(kept):.1%}" if kept else "")
+        )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("real", type=Path)
+    parser.add_argument("synthetic", type=Path)
+    parser.add_argument("out", type=Path, help="JSON lines, appended to")
+    parser.add_argument("--protocols", default="mixed,mixed-agree,pretrain,pretrain-agree")
+    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--real-limit", type=int, default=100)
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    options = DownstreamOptions(
+        batch_size=8, eval_every=25, patience=3, max_steps=500, real_limit=args.real_limit,
+        ratios=(1,), seeds=args.seeds, protocols=downstream_protocol_list(args.protocols),
+    )  # fmt: skip
+    real, synthetic = open_store(args.real), open_store(args.synthetic)
+    for seed in seed_list(options):
+        measure_seed(real, synthetic, options, seed, args.out)
+    summary(args.out)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,67 @@
+"""`synthesize` without `--model`: the registry's best run (its whole recipe trained) over newer
+short or unfinished ones, named with the reason on stderr."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from specdm_cli.config import DIFFUSION_PRESETS, VAE_PRESETS
+from tests.conftest import prepare_demo, run_cli
+
+VAE = ("--image-blocks", "8,16,16", "--mask-blocks", "8,8,16", "--norm-groups", "4",
+       "--batch-size", "4", "--threads", "1", "--workers", "1", "-q")  # fmt: skip
+UNET = ("--unet-blocks", "16,32", "--norm-groups", "8", "--head-dim", "8",
+        "--layers-per-block", "1", "--batch-size", "8", "--threads", "1", "-q")  # fmt: skip
+
+
+def train(store: Path, run: Path, *unet_steps: str) -> None:
+    code, _, stderr = run_cli("fit-vae", store, "--run", run, *VAE)
+    assert code == 0, stderr
+    code, _, stderr = run_cli("fit-diffusion", run, *UNET, *unet_steps)
+    assert code == 0, stderr
+
+
+def chosen_line(tmp_path: Path, name: str) -> str:
+    code, _, stderr = run_cli("synthesize", "--task", "ss", "--n", "2", "--steps", "2",
+                              "--out", tmp_path / name)  # fmt: skip
+    assert code == 0, stderr
+    return next(line for line in stderr.splitlines() if line.startswith("model: "))
+
+
+def test_a_finished_recipe_beats_newer_short_and_unfinished_runs(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The cpu recipe shrunk to 2 steps each, so a tiny run can train all of it.
+    monkeypatch.setitem(VAE_PRESETS["cpu"], "steps", 2)
+    monkeypatch.setitem(DIFFUSION_PRESETS["cpu"], "steps", 2)
+    store = prepare_demo(tmp_path / "ss.zarr", n=24, size=16)
+    full, short = tmp_path / "older", tmp_path / "newer"
+    train(store, full)
+    train(store, short, "--steps", "1")  # newer, but one U-Net step of the recipe's two
+
+    line = chosen_line(tmp_path, "a.zarr")
+    assert line.startswith(f"model: {full.resolve()} (registry")
+    assert "the newest registered ss run that trained its whole recipe" in line
+    assert "passed over 1 newer (newer: trained only 1 of the cpu preset's 2 U-Net steps)" in line
+
+    # Alone, the short run is used (the user's data beats the demo's), with a warning.
+    shutil.rmtree(full)
+    line = chosen_line(tmp_path, "b.zarr")
+    assert line.startswith(f"model: {short.resolve()} (registry")
+    assert (
+        "though it trained only 1 of the cpu preset's 2 U-Net steps: expect rough samples" in line
+    )
+
+    # A run whose resume was interrupted cannot sample: the demo, saying why.
+    manifest = json.loads((short / "run.json").read_text())
+    manifest["stages"]["diffusion"]["finished"] = False
+    (short / "run.json").write_text(json.dumps(manifest))
+    line = chosen_line(tmp_path, "c.zarr")
+    assert "(demo, sha256" in line
+    assert (
+        "no registered ss run can sample (newer: unfinished (diffusion stopped at step 1))" in line
+    )

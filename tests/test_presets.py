@@ -1,0 +1,170 @@
+"""`--preset cpu|gpu|paper` of fit-vae and fit-diffusion: defaults by device, overrides, the
+record in run.json, resume with the recorded recipe, and the wall-time estimate."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from specdm_cli.config import (
+    DIFFUSION_PRESETS,
+    VAE_PRESETS,
+    Devices,
+    default_preset,
+    train_values,
+)
+from tests.conftest import prepare_demo, run_cli
+
+# Widths small enough for 16 px scenes; the rest comes from the preset under test.
+VAE_SHAPE = ("--image-blocks", "8,16,16", "--mask-blocks", "8,8,16", "--norm-groups", "4",
+             "--batch-size", "4", "--threads", "1", "--workers", "1")  # fmt: skip
+UNET_SHAPE = ("--unet-blocks", "16,32", "--norm-groups", "8", "--head-dim", "8",
+              "--layers-per-block", "1", "--batch-size", "8", "--threads", "1")  # fmt: skip
+
+
+def stage(run: Path, name: str) -> dict[str, Any]:
+    loaded: dict[str, Any] = json.loads((run / "run.json").read_text())["stages"][name]
+    return loaded
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return prepare_demo(tmp_path_factory.mktemp("presets") / "ss.zarr", n=24, size=16)
+
+
+def test_help_shows_each_presets_widths_and_steps() -> None:
+    code, stdout, _ = run_cli("fit-vae", "--help")
+    flat = " ".join(stdout.split())
+    assert code == 0
+    assert "cpu: widths 16,32,32 / 8,16,16, 1500 steps" in flat
+    assert "gpu: widths 64,128,256 / 32,64,128, 20000 steps" in flat
+    assert "paper: widths 128,256,512 / 128,256,512, 20000 steps" in flat
+    code, stdout, _ = run_cli("fit-diffusion", "--help")
+    flat = " ".join(stdout.split())
+    assert "cpu: widths 32,64,64, 6000 steps" in flat and "gpu: widths by latent size" in flat
+
+
+def test_device_picks_the_preset_and_given_options_win() -> None:
+    assert default_preset(Devices()) == "cpu"
+    assert default_preset(Devices("cpu", (), 2)) == "cpu"
+    assert default_preset(Devices("cuda", (0,))) == "gpu"
+    on_gpu = train_values(VAE_PRESETS, None, Devices("cuda", (0,)), None, {"steps": 7})
+    assert on_gpu["preset"] == "gpu" and on_gpu["steps"] == 7
+    assert on_gpu["image_block_out_channels"] == (64, 128, 256)
+    # f = 8 takes one more level of the preset's widths (LDM kl-f8's repeated last width).
+    deeper = train_values(VAE_PRESETS, "cpu", Devices(), None, {"downsample": 8})
+    assert deeper["image_block_out_channels"] == (16, 32, 32, 32)
+    paper = train_values(DIFFUSION_PRESETS, "paper", Devices(), None, {"lr": None})
+    assert paper["prediction"] == "epsilon" and paper["snr_gamma"] == 0.0 and "lr" not in paper
+
+
+def test_cpu_preset_is_the_cpu_default_and_recorded(store: Path, tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    code, _, stderr = run_cli("fit-vae", store, "--run", run, *VAE_SHAPE, "--steps", "2", "-q")
+    assert code == 0, stderr
+    options = stage(run, "vae")["details"]["options"]
+    assert options["preset"] == "cpu" and options["lr"] == 1e-3 and options["steps"] == 2
+    assert options["checkpoint_every"] == 250  # the preset's, not the gpu default 1000
+    assert options["image_block_out_channels"] == [8, 16, 16]  # the option, not the preset's
+    code, _, stderr = run_cli("fit-diffusion", run, *UNET_SHAPE, "--steps", "2", "-q")
+    assert code == 0, stderr
+    diffusion = stage(run, "diffusion")["details"]
+    assert diffusion["options"]["preset"] == "cpu"
+    assert diffusion["schedule"]["prediction_type"] == "v_prediction"
+
+
+def test_paper_preset_trains_the_ldm_recipe(store: Path, tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    code, _, stderr = run_cli(
+        "fit-vae", store, "--run", run, "--preset", "paper", *VAE_SHAPE, "--steps", "1", "-q"
+    )
+    assert code == 0, stderr
+    details = stage(run, "vae")["details"]
+    assert details["options"]["preset"] == "paper"
+    assert details["latent_layout"] == [["image", 3], ["mask", 3]]  # LDM kl-f4's z_channels
+    assert details["learning_rate"] == pytest.approx(4.5e-6 * 4)  # LDM's scaled rate
+
+
+def test_a_resume_keeps_the_recorded_recipe(store: Path, tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    code, _, stderr = run_cli(
+        "fit-vae", store, "--run", run, "--preset", "gpu", *VAE_SHAPE, "--steps", "2", "-q"
+    )
+    assert code == 0, stderr
+    # No widths, no preset: the CPU's default recipe would be another network; the run's is used.
+    code, stdout, stderr = run_cli("fit-vae", store, "--run", run, "--resume", "--steps", "3",
+                                   "--json", "-q")  # fmt: skip
+    assert code == 0, stderr
+    assert json.loads(stdout)["state"] == "resumed"
+    options = stage(run, "vae")["details"]["options"]
+    assert options["preset"] == "gpu" and options["image_block_out_channels"] == [8, 16, 16]
+    assert options["lr"] is None and options["steps"] == 3
+    # Without --steps a resume aims at the recorded count: already there.
+    code, stdout, stderr = run_cli("fit-vae", store, "--run", run, "--resume", "--json", "-q")
+    assert code == 0 and json.loads(stdout)["state"] == "already complete", stderr
+    code, _, stderr = run_cli("fit-vae", store, "--run", run, "--resume", "--preset", "cpu",
+                              "--steps", "4", "-q")  # fmt: skip
+    assert code == 4 and "cannot resume" in stderr and "image_block_out_channels" in stderr
+
+
+def test_a_run_from_before_presets_resumes_with_its_values(store: Path, tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    code, _, stderr = run_cli(
+        "fit-vae", store, "--run", run, "--preset", "gpu", *VAE_SHAPE, "--steps", "2", "-q"
+    )
+    assert code == 0, stderr
+    manifest = json.loads((run / "run.json").read_text())
+    del manifest["stages"]["vae"]["details"]["options"]  # as runs.json of older versions
+    (run / "run.json").write_text(json.dumps(manifest))
+    code, stdout, stderr = run_cli("fit-vae", store, "--run", run, "--resume", "--steps", "3",
+                                   "--json", "-q")  # fmt: skip
+    assert code == 0 and json.loads(stdout)["state"] == "resumed", stderr
+    manifest = json.loads((run / "run.json").read_text())
+    manifest["stages"]["vae"]["details"]["options"] = {"steps": "many"}  # damaged
+    (run / "run.json").write_text(json.dumps(manifest))
+    code, _, stderr = run_cli("fit-vae", store, "--run", run, "--resume", "--steps", "4", "-q")
+    assert code == 4 and "do not validate" in stderr and len(stderr.strip().splitlines()) == 1
+
+
+def test_one_line_estimates_the_wall_time(store: Path, tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    code, _, stderr = run_cli("fit-vae", store, "--run", run, *VAE_SHAPE, "--steps", "6")
+    assert code == 0, stderr
+    estimates = [line for line in stderr.splitlines() if "for the remaining" in line]
+    assert len(estimates) == 1, stderr
+    assert (
+        estimates[0].startswith("fit-vae: about ") and "2 of 6 steps (preset cpu;" in estimates[0]
+    )
+    code, _, stderr = run_cli("fit-vae", store, "--run", tmp_path / "quiet", *VAE_SHAPE,
+                              "--steps", "6", "--quiet")  # fmt: skip
+    assert code == 0 and stderr == ""
+
+
+def test_the_cpu_preset_is_the_demo_models_recipe() -> None:
+    script = (Path(__file__).parents[1] / "examples" / "train_demo_models.sh").read_text()
+    words = " ".join(script.replace("\\\n", " ").split())
+    # The ss arm's defaults stand for the variables: VAE steps and lr, U-Net steps.
+    words = words.replace('"$vae_steps"', "1500").replace('"$vae_lr"', "1e-3")
+    words = words.replace('"${UNET_STEPS:-6000}"', "6000")
+    vae_line = words[words.index("specdm fit-vae") : words.index("specdm fit-diffusion")]
+    unet_line = words[words.index("specdm fit-diffusion") :].split(" }")[0]
+    options = {
+        "--image-blocks": "image_block_out_channels", "--mask-blocks": "mask_block_out_channels",
+        "--norm-groups": "norm_num_groups", "--batch-size": "batch_size", "--lr": "lr",
+        "--steps": "steps", "--unet-blocks": "block_out_channels", "--head-dim": "attention_head_dim",
+        "--layers-per-block": "layers_per_block", "--prediction": "prediction",
+        "--snr-gamma": "snr_gamma",
+    }  # fmt: skip
+    for line, preset in ((vae_line, VAE_PRESETS["cpu"]), (unet_line, DIFFUSION_PRESETS["cpu"])):
+        given = dict(zip(line.split(), line.split()[1:], strict=False))
+        for option, field in options.items():
+            if option in given and field in preset:
+                value, text = preset[field], given[option]
+                if isinstance(value, tuple):
+                    assert text == ",".join(map(str, value)), option
+                else:
+                    assert type(value)(text) == value, option
+    assert "--prediction v_prediction" in unet_line and "--unet-blocks 32,64,64" in unet_line
