@@ -595,6 +595,19 @@ def fit_vae(
         bool, typer.Option("--single-stream", help="LDM baseline: one VAE on image + one-hot mask.")
     ] = False,
     augment: Annotated[str | None, typer.Option(help="d4 or none [d4].")] = None,
+    semantic_weight: Annotated[
+        float | None,
+        typer.Option(help="Weight of a frozen segmenter's CE on decoded images; 0 = off [0]."),
+    ] = None,
+    semantic_steps: Annotated[
+        int | None, typer.Option(help="Training steps of that segmenter [300].")
+    ] = None,
+    adversarial_weight: Annotated[
+        float | None, typer.Option(help="Patch-GAN weight (x LDM's adaptive weight); 0 = off [0].")
+    ] = None,
+    adversarial_start: Annotated[
+        int | None, typer.Option(help="Step the patch-GAN term starts at [0].")
+    ] = None,
     json_output: JsonOption = False,
     quiet: QuietOption = False,
 ) -> None:
@@ -616,6 +629,8 @@ def fit_vae(
             mask_latent_channels=mask_latent_channels, image_block_out_channels=_blocks(image_blocks),
             mask_block_out_channels=_blocks(mask_blocks), norm_num_groups=norm_groups,
             single_stream=single_stream or None, augment=augment,
+            semantic_weight=semantic_weight, semantic_steps=semantic_steps,
+            adversarial_weight=adversarial_weight, adversarial_start=adversarial_start,
         ))  # fmt: skip
         config = _config_or_usage_error(VAETrainConfig, **values)
         request = FitVAERequest(

@@ -149,6 +149,14 @@ class VAETrainConfig(BaseModel):
     layers_per_block: int = Field(2, ge=1)  # LDM kl-f4
     norm_num_groups: int = Field(32, ge=1)  # LDM / diffusers
     single_stream: bool = False  # LDM baseline of Tables 1, 2, 5
+    # Issue 20 §2: cross-entropy of a frozen compact segmenter (trained first on the train split
+    # for `semantic_steps`) on the decoded images. 0 = off: the paper's loss (see README).
+    semantic_weight: float = Field(0.0, ge=0)
+    semantic_steps: int = Field(300, ge=1)  # ours: the feature network's budget is 400
+    # LDM's patch-GAN term with its adaptive weight, from step `adversarial_start` (LDM's
+    # disc_start); 0 = off, as in the paper's loss. LDM's kl-f4 has disc_weight 0.5.
+    adversarial_weight: float = Field(0.0, ge=0)
+    adversarial_start: int = Field(0, ge=0)
     # The recipe the other values started from (VAE_PRESETS); a label only: a resume compares
     # the values, so an explicit option may change a preset's value and still resume.
     preset: TrainPreset = "gpu"
@@ -157,11 +165,16 @@ class VAETrainConfig(BaseModel):
         return self.lr if self.lr is not None else 4.5e-6 * self.batch_size
 
     def training_identity(self) -> dict[str, Any]:
-        """What a resume must match: everything but the schedule of steps, checks and saves."""
-        return self.model_dump(
-            exclude={"steps", "val_every", "checkpoint_every", "val_samples", "workers", "preset"},
-            mode="json",
-        )
+        """What a resume must match: everything but the schedule of steps, checks and saves.
+
+        A term that is off leaves no keys, so runs made before the term existed still resume.
+        """
+        exclude = {"steps", "val_every", "checkpoint_every", "val_samples", "workers", "preset"}
+        if self.semantic_weight == 0:
+            exclude |= {"semantic_weight", "semantic_steps"}
+        if self.adversarial_weight == 0:
+            exclude |= {"adversarial_weight", "adversarial_start"}
+        return self.model_dump(exclude=exclude, mode="json")
 
 
 class DiffusionTrainConfig(BaseModel):

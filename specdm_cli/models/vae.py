@@ -12,6 +12,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import Tensor, nn
 
 from specdm_cli.manifest import IGNORE_INDEX, IMAGE_ARRAYS, LABEL_ARRAY, Task
+from specdm_cli.models.image_critics import ImageCritic
 from specdm_cli.models.losses import (
     KL_WEIGHT,
     SAD_WEIGHT,
@@ -296,6 +297,7 @@ class SpecDMVAE(nn.Module):
         class_weights: Tensor | None = None,
         valid: Tensor | None = None,
         generator: torch.Generator | None = None,
+        critic: ImageCritic | None = None,
     ) -> dict[str, Tensor]:
         """Encode, sample, decode and score a batch (paper Eq. 1-2, plus LDM's KL terms).
 
@@ -309,15 +311,18 @@ class SpecDMVAE(nn.Module):
             valid: (B, H, W) bool image pixels to score (e.g. not nodata); None = all. For cd it
                 applies to both phases.
             generator: RNG for the posterior samples.
+            critic: extra terms on the decoded images (see `models.image_critics`); its named
+                terms join the image terms and its "total" is added to the image loss.
 
         Returns:
             Scalar tensors: two-stream "image/{l1,sad,kl,total}", "mask/{ce,kl,total}"
             (cd: image terms averaged over both phases; "mask/" is the change map), or
-            single-stream "joint/{l1,sad,ce,kl,total}"; and "total", the sum to minimise.
+            single-stream "joint/{l1,sad,ce,kl,total}"; any critic terms beside them; and
+            "total", the sum to minimise.
         """
         if self.config.single_stream:
             losses = self._joint_losses(
-                batch, mean, std, sad_weight, kl_weight, class_weights, valid, generator
+                batch, mean, std, sad_weight, kl_weight, class_weights, valid, generator, critic
             )
             return {**{f"joint/{k}": v for k, v in losses.items()}, "total": losses["total"]}
         c = self.config
@@ -326,6 +331,10 @@ class SpecDMVAE(nn.Module):
         recon, post = _sample(self.image_vae, images, generator)
         image = image_branch_loss(recon, images, post, mean, std, valid_all, sad_weight, kl_weight)
         target = batch[c.label_name].long()
+        if critic is not None:
+            image = _with_critic(
+                image, critic(recon, images, target, image["l1"] + sad_weight * image["sad"])
+            )
         hot = one_hot_mask(target, c.num_classes).to(images)
         logits, mask_post = _sample(self.mask_vae, hot, generator)
         mask = mask_branch_loss(logits, target, mask_post, class_weights, kl_weight)
@@ -345,6 +354,7 @@ class SpecDMVAE(nn.Module):
         class_weights: Tensor | None,
         valid: Tensor | None,
         generator: torch.Generator | None,
+        critic: ImageCritic | None = None,
     ) -> dict[str, Tensor]:
         """Single-stream baseline: L1 + SAD on the image channels, CE on the class channels."""
         c = self.config
@@ -358,4 +368,15 @@ class SpecDMVAE(nn.Module):
         ce = mask_ce(recon[:, n_img * c.bands :], batch[c.label_name], class_weights)
         kl = kl_loss(post)
         total = l1 + sad_weight * sad + ce + kl_weight * kl
-        return {"l1": l1, "sad": sad, "ce": ce, "kl": kl, "total": total}
+        losses = {"l1": l1, "sad": sad, "ce": ce, "kl": kl, "total": total}
+        if critic is None:
+            return losses
+        return _with_critic(
+            losses, critic(rec_img, images, batch[c.label_name].long(), l1 + sad_weight * sad)
+        )
+
+
+def _with_critic(losses: dict[str, Tensor], extra: dict[str, Tensor]) -> dict[str, Tensor]:
+    """A branch's loss terms with a critic's named terms beside them, its total added."""
+    terms = {name: value for name, value in extra.items() if name != "total"}
+    return {**losses, **terms, "total": losses["total"] + extra["total"]}

@@ -19,7 +19,8 @@ from specdm_cli.errors import InputDataError, UsageError
 from specdm_cli.fs.lock import ReadLock
 from specdm_cli.fs.paths import refuse_overlap
 from specdm_cli.fs.space import require_memory
-from specdm_cli.manifest import Manifest, array_names
+from specdm_cli.manifest import IMAGE_ARRAYS, Manifest, array_names
+from specdm_cli.models.image_critics import ImageCritic, semantic_loss
 from specdm_cli.models.losses import class_weights_auto
 from specdm_cli.models.vae import SpecDMVAE, VAEConfig
 from specdm_cli.pipeline.runs import rundirs as runs
@@ -29,6 +30,7 @@ from specdm_cli.pipeline.runs.registry import default_run_dir
 from specdm_cli.pipeline.runs.run_manifest import load_run
 from specdm_cli.pipeline.runs.vae_io import load_branches, save_vae
 from specdm_cli.pipeline.signals import StopFlag
+from specdm_cli.pipeline.train.adversarial import Adversary
 from specdm_cli.pipeline.train.common import (
     LossScaler,
     autocast,
@@ -41,6 +43,12 @@ from specdm_cli.pipeline.train.common import (
 )
 from specdm_cli.pipeline.train.distributed import data_parallel
 from specdm_cli.pipeline.train.driver import Schedule, estimating, launch, train_loop
+from specdm_cli.pipeline.train.segmenter import (
+    Segmenter,
+    load_segmenter,
+    segmenter_config,
+    train_segmenter,
+)
 from specdm_cli.pipeline.train.vae_validation import validate
 from specdm_cli.stores import StoreReader, open_store, store_sha256
 
@@ -165,7 +173,57 @@ class VAETrainer:
         )
         pixels = len(manifest.bands) * manifest.height * manifest.width
         self.kl_weight = config.kl_weight / pixels
+        self.segmenter: Segmenter | None = None
+        self.adversary: Adversary | None = None
         self.losses: nn.Module = _Losses(self)
+
+    def prepare_critics(self, checkpoint: Path | None, progress: Progress | None = None) -> None:
+        """The frozen segmenter (from the checkpoint, else trained now) and the discriminator
+        (restored from the checkpoint), for the options that ask for them."""
+        config, manifest = self.config, self.reader.manifest
+        if config.semantic_weight > 0:
+            saved = load_segmenter(checkpoint, self.device) if checkpoint else None
+            self.segmenter = saved or train_segmenter(
+                self.reader, self.indices, self.val, segmenter_config(manifest, config),
+                (self.mean, self.std), self.class_weights, progress,
+            )  # fmt: skip
+        if config.adversarial_weight > 0:
+            if self.world > 1:
+                raise UsageError(  # torchrun's ranks, which fit_vae() cannot count
+                    "--adversarial-weight trains on one device only",
+                    hint="drop --gpus or the term",
+                )
+            self.adversary = Adversary(len(manifest.bands), config, self.device)
+            if checkpoint is not None:
+                self.adversary.load(checkpoint)
+
+    def critic(self, step: int) -> ImageCritic | None:
+        """The extra image terms of step `step` (None when no option asks for any)."""
+        segmenter, adversary = self.segmenter, self.adversary
+        if adversary is not None and not adversary.active(step):
+            adversary = None
+        if segmenter is None and adversary is None:
+            return None
+        weight, phases = self.config.semantic_weight, len(IMAGE_ARRAYS[self.task])
+        vae = self.model.image_vae if self.model.image_vae is not None else self.model.joint_vae
+        last_layer = vae.decoder.conv_out.weight
+
+        def terms(
+            recon: torch.Tensor, images: torch.Tensor, labels: torch.Tensor, nll: torch.Tensor
+        ) -> dict[str, torch.Tensor]:
+            out: dict[str, torch.Tensor] = {"total": recon.new_zeros(())}
+            if segmenter is not None:
+                out["semantic"] = semantic_loss(
+                    segmenter.network, recon, labels, phases, self.class_weights
+                )
+                out["total"] = out["total"] + weight * out["semantic"]
+                nll = nll + weight * out["semantic"]
+            if adversary is not None:
+                extra = adversary.term(recon, images, nll, last_layer)
+                out = {**out, **extra, "total": out["total"] + extra["total"]}
+            return out
+
+        return terms
 
     def wrap(self) -> None:
         """Data-parallel across ranks (after any checkpoint is loaded)."""
@@ -188,8 +246,12 @@ class VAETrainer:
         stream = f"posterior/{self.rank}" if self.world > 1 else "posterior"
         generator = torch.Generator().manual_seed(step_seed(self.config.seed, step, stream))
         with autocast(self.device, self.config.precision):
-            losses: dict[str, torch.Tensor] = self.losses(batch, valid, generator)
+            losses: dict[str, torch.Tensor] = self.losses(
+                batch, valid, generator, self.critic(step)
+            )
         self.scaler.step(losses["total"], self.optimizer)
+        if self.adversary is not None:
+            self.adversary.update()
         return {name: float(value.detach()) for name, value in losses.items()}
 
     def validate(self) -> dict[str, Any]:
@@ -215,6 +277,9 @@ class VAETrainer:
             save_vae(self.model, folder)
             save_optimizer(self.optimizer, folder)
             self.scaler.save(folder)
+            for critic in (self.segmenter, self.adversary):
+                if critic is not None:
+                    critic.save(folder)
 
         details = {
             "model": self.model.config.model_dump(mode="json"),
@@ -224,6 +289,11 @@ class VAETrainer:
             "validation": self.validation,
             "options": self.config.model_dump(mode="json"),  # what a --resume starts from
         }
+        if self.segmenter is not None:
+            details["segmenter"] = {
+                "config": self.segmenter.config.model_dump(mode="json"),
+                **self.segmenter.summary,
+            }
         identity = self.config.training_identity()
         runs.commit_checkpoint(self.run, "vae", step, write, identity, finished, details)
 
@@ -237,7 +307,11 @@ class _Losses(nn.Module):
         self.trainer = [trainer]  # a list: not registered as a submodule
 
     def forward(
-        self, batch: dict[str, torch.Tensor], valid: torch.Tensor, generator: torch.Generator
+        self,
+        batch: dict[str, torch.Tensor],
+        valid: torch.Tensor,
+        generator: torch.Generator,
+        critic: ImageCritic | None = None,
     ) -> dict[str, torch.Tensor]:
         t = self.trainer[0]
         return self.model.forward_losses(
@@ -249,6 +323,7 @@ class _Losses(nn.Module):
             t.class_weights,
             valid,
             generator,
+            critic,
         )
 
 
@@ -289,6 +364,10 @@ def _fit_vae(
     model_config(request.config, reader.manifest)  # a bad shape is told before the run dir exists
     _require_batch_memory(request.config.batch_size, reader.manifest)
     check_batch_divides(request.config.batch_size, request.devices)
+    if request.config.adversarial_weight > 0 and request.devices.ranks > 1:
+        raise UsageError(
+            "--adversarial-weight trains on one device only", hint="drop --gpus or the term"
+        )
     devices = torch_devices(request.devices)
     dataset = reader.manifest.source.dataset if reader.manifest.source else "synthetic"
     run = request.run or default_run_dir(dataset)
@@ -342,6 +421,9 @@ def _rank_main(
     if job.checkpoint is not None:
         load_optimizer(trainer.optimizer, job.run / job.checkpoint)
         trainer.scaler.load(job.run / job.checkpoint)
+    trainer.prepare_critics(
+        job.run / job.checkpoint if job.checkpoint is not None else None, progress
+    )
     config = job.config
     schedule = Schedule(config.steps, config.val_every, config.checkpoint_every, "fit-vae", "total")
     trained = train_loop(job.run, trainer, job.start, schedule, stop or StopFlag(), progress)

@@ -1,0 +1,135 @@
+"""The VAE's ceiling on synthetic-data utility (issue 20 §2): for each run (or `demo`), the
+downstream segmenter trained on the VAE round trips of the real train pairs, and the pair mIoU
+of the round trips of real val.
+
+    python examples/vae_utility.py --real demo.zarr RUN [RUN ...] [--seeds 3] [--threads 1]
+
+Downstream: the fair protocol of `specdm benchmark --downstream` (its round-trip row, the same
+code), by default at README's *smaller variant* (batch 8, evaluation every 25 steps, patience
+3, at most 500 steps, the first 100 real train pairs), each seed's mIoU on the real test split.
+Pair mIoU: the metrics' feature network (trained on the real train split, cached under
+`--cache`) segments the round trip of each real val image; its mIoU against the decoded mask,
+beside the same figure of the real val pairs. Prints one line per run; `--json` writes them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+from typing import Any, cast
+
+import numpy as np
+import torch
+
+from specdm_cli.config import DownstreamOptions
+from specdm_cli.pipeline.benchmark import downstream as ds
+from specdm_cli.pipeline.benchmark.feature_training import TrainData, class_weights
+from specdm_cli.pipeline.benchmark.features import band_statistics, default_config, load_or_train
+from specdm_cli.pipeline.benchmark.generator import round_trip
+from specdm_cli.pipeline.benchmark.quality import compare_stores
+from specdm_cli.pipeline.runs.choose import ChosenModel, choose_model, model_sha256
+from specdm_cli.pipeline.runs.run_manifest import load_run
+from specdm_cli.stores import StoreReader, open_store
+
+
+def options(args: argparse.Namespace) -> DownstreamOptions:
+    return DownstreamOptions(
+        batch_size=args.batch_size, seeds=args.seeds, eval_every=args.eval_every,
+        patience=args.patience, max_steps=args.max_steps, real_limit=args.real_limit,
+    )  # fmt: skip
+
+
+def vae_of(model: str, task: str) -> ChosenModel:
+    """`demo`, or a run folder whose VAE is trained (no diffusion stage needed here)."""
+    if model == "demo":
+        return choose_model("demo", task)
+    manifest = load_run(Path(model))
+    return ChosenModel(Path(model), "run", manifest, model_sha256(manifest))
+
+
+def downstream_row(real: StoreReader, model: str, opts: DownstreamOptions) -> dict[str, Any]:
+    """The round-trip row of `benchmark --downstream --model MODEL`, alone."""
+    chosen = vae_of(model, real.manifest.task)
+    config = default_config(
+        real, steps=opts.max_steps, batch_size=opts.batch_size, lr=opts.lr, seed=opts.seed,
+        width=opts.width,
+    )  # fmt: skip
+    stats = band_statistics(real)
+    test, split = ds.evaluation_split(real)
+    val, _stop = ds.stopping_split(real, split, opts)
+    setup = ds.Setup(
+        config, opts, stats, class_weights(real, config.classes),
+        TrainData([(real, val)], *stats), TrainData([(real, test)], *stats), "cpu", None,
+    )  # fmt: skip
+    train = ds.real_train(real, opts)
+    row = ds.Configuration(ds.ROUND_TRIP_NAME, "round-trip", np.zeros(0, np.int64), train)
+    trips = round_trip(chosen, real, train, torch.device("cpu"))
+    result = ds._run_row(row, setup, real, trips)  # the benchmark's own row
+    return {
+        "miou": result.miou, "miou_std": result.miou_std, "f1": result.f1,
+        "seeds": [s.miou for s in result.seeds], "steps": [s.best_steps for s in result.seeds],
+    }  # fmt: skip
+
+
+class RoundTrips:
+    """Round trips read like the real store they came from (its manifest, root, splits)."""
+
+    def __init__(self, trips: Any, real: StoreReader) -> None:
+        self._trips, self._real = trips, real
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._real, name)
+
+    def read(self, index: int) -> dict[str, np.ndarray]:
+        sample: dict[str, np.ndarray] = self._trips.read(index)
+        return sample
+
+
+def pair_miou(real: StoreReader, model: str, cache: Path) -> tuple[float, float]:
+    """(pair mIoU of the round trips of real val, of the real val pairs), both against test."""
+    network = load_or_train(real, default_config(real), cache)
+    test, val = real.indices("test"), real.indices("val")
+    chosen = vae_of(model, real.manifest.task)
+    trips = cast(StoreReader, RoundTrips(round_trip(chosen, real, val, torch.device("cpu")), real))
+    trip = compare_stores(real, trips, network, reference_indices=test, candidate_indices=val)
+    truth = compare_stores(real, real, network, reference_indices=test, candidate_indices=val)
+    return trip.pair_miou, truth.pair_miou
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("models", nargs="+", help="run folders, or demo")
+    parser.add_argument("--real", type=Path, required=True, help="real store (train/val/test)")
+    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--eval-every", type=int, default=25)
+    parser.add_argument("--patience", type=int, default=3)
+    parser.add_argument("--max-steps", type=int, default=500)
+    parser.add_argument("--real-limit", type=int, default=100)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--cache", type=Path, default=Path("feature-cache"))
+    parser.add_argument("--json", type=Path, default=None, help="write the results here")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    real = open_store(args.real)
+    results = {}
+    for model in args.models:
+        started = time.monotonic()
+        row = downstream_row(real, model, options(args))
+        print(f"{model}: downstream {row}", flush=True)
+        trip, truth = pair_miou(real, model, args.cache)
+        row |= {"pair_miou": trip, "real_pair_miou": truth}
+        row["minutes"] = round((time.monotonic() - started) / 60, 1)
+        results[model] = row
+        seeds = ", ".join(f"{v:.3f}" for v in row["seeds"])
+        print(f"{model}: round-trip mIoU {row['miou']:.3f} ± {row['miou_std']:.3f} ({seeds}), "
+              f"pair mIoU {trip:.3f} (real {truth:.3f}), {row['minutes']} min", flush=True)  # fmt: skip
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
