@@ -27,7 +27,6 @@ class StopFlag:
     def while_planning(self) -> Iterator[None]:
         """Before a stage writes anything there is no batch to finish: a signal stops it at
         once (scanning a huge raster's classes can take minutes and polls nothing)."""
-        self.check()
         self.at_once = True
         try:
             yield

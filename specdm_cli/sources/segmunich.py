@@ -70,8 +70,10 @@ _NUM_BANDS = len(SEGMUNICH_BANDS)
 _READ_THREADS = 4  # `prepare --workers`' default: patches read at once
 # What tifffile raises on truncated or malformed files (TiffFileError is a ValueError; a
 # garbled shape tag divides by zero in its series detection).
+# tifffile's parser also asserts on some garbled IFDs (reading `series` of a cut file).
 _TIFF_ERRORS = (
-    ValueError, OSError, struct.error, IndexError, KeyError, EOFError, TypeError, ArithmeticError
+    ValueError, OSError, struct.error, IndexError, KeyError, EOFError, TypeError, ArithmeticError,
+    AssertionError,
 )  # fmt: skip
 
 SplitIds = dict[str, list[str]]
