@@ -99,7 +99,14 @@ def test_a_signal_during_the_class_scan_stops_it_at_once(tmp_path: Path) -> None
 def test_ctrl_c_while_the_cli_starts_prints_one_line(tmp_path: Path) -> None:
     """Issue 16 item 7: a Ctrl-C in the first second (importing typer, rich, the CLI) printed a
     traceback; now one line and exit 130, like a Ctrl-C in a command."""
-    starting = spawn("prepare", "demo", "--out", tmp_path / "s.zarr", fault="startup:1:stop")
+    # Python leaves SIGINT ignored if its parent ignored it (a background job): restore the
+    # default, as in a terminal, so the interpreter raises KeyboardInterrupt.
+    starting = processes.start(
+        processes.python("prepare", "demo", "--out", tmp_path / "s.zarr"),
+        preexec=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+        env={**os.environ, "SPECDM_FAULT": "startup:1:stop"},
+    )  # fmt: skip
     try:
         wait_until_stopped(starting)
         os.kill(starting.pid, signal.SIGINT)

@@ -19,6 +19,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 from types import TracebackType
+from typing import Self
 
 from specdm_cli.errors import LockHeldError
 
@@ -98,7 +99,29 @@ def refuse_if_locked(folder: Path, mine: Path | None = None) -> None:
         )
 
 
-class DirLock:
+class _Held:
+    """A lock held for a `with` block: `acquire` on entry, `release` on exit, however it ends."""
+
+    def acquire(self) -> None:
+        raise NotImplementedError
+
+    def release(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self) -> Self:
+        self.acquire()
+        return self
+
+    def __exit__(
+        self,
+        kind: type[BaseException] | None,
+        error: BaseException | None,
+        trace: TracebackType | None,
+    ) -> None:
+        self.release()
+
+
+class DirLock(_Held):
     """Exclusive lock on a folder, held by one live process at a time.
 
     `wait` seconds: how long to wait for a live holder before refusing (exit 6); locks held
@@ -178,20 +201,8 @@ class DirLock:
         finally:
             os.close(handle)
 
-    def __enter__(self) -> DirLock:
-        self.acquire()
-        return self
 
-    def __exit__(
-        self,
-        kind: type[BaseException] | None,
-        error: BaseException | None,
-        trace: TracebackType | None,
-    ) -> None:
-        self.release()
-
-
-class ReadLock:
+class ReadLock(_Held):
     """A reader's claim on a folder, held while it reads: `--overwrite` refuses (exit 6) to
     remove the folder meanwhile. With `refuse_writer`, a folder whose writer lock is held (being
     repaired or replaced) is refused instead of read. A folder we may not write to cannot be
@@ -236,18 +247,6 @@ class ReadLock:
             self.path.unlink(missing_ok=True)
         finally:
             os.close(handle)
-
-    def __enter__(self) -> ReadLock:
-        self.acquire()
-        return self
-
-    def __exit__(
-        self,
-        kind: type[BaseException] | None,
-        error: BaseException | None,
-        trace: TracebackType | None,
-    ) -> None:
-        self.release()
 
 
 # A claim file younger than this may be one a reader has created but not yet locked.
