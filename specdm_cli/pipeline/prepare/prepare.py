@@ -49,6 +49,7 @@ from specdm_cli.stores import (
     open_writer,
     refuse_stream_out,
     resolve_target,
+    stored_sample_bytes,
 )
 from specdm_cli.stores.base import MANIFEST_NAME
 
@@ -223,17 +224,15 @@ def _write(
 
 
 def _require_room(out: Path, source_plan: SourcePlan) -> None:
-    """Refuse (exit 5) a store the disk cannot hold, from the plan's sizes, before writing.
-
-    Uncompressed bytes: Blosc-zstd saves only about 10% on reflectance (the demo store: 157 of
-    176 MB), and the filters' share of dropped patches is not known before reading them.
-    """
+    """Refuse (exit 5) a store the disk cannot hold, from the plan's sizes, before writing
+    (every candidate counts: the filters' share of dropped patches is not known yet)."""
     spec = source_plan.spec
-    images = len(array_names(spec.task)) - 1
-    per_pixel = images * len(spec.bands) * np.dtype(spec.dtype).itemsize + 1
     count = len(source_plan.candidates)
+    per_sample = stored_sample_bytes(
+        spec.task, len(spec.bands), spec.dtype, spec.height, spec.width
+    )
     require_disk(
-        float(count) * spec.height * spec.width * per_pixel,
+        float(count) * per_sample,
         out,
         f"the store ({count} patches of {spec.height}x{spec.width}, {len(spec.bands)} bands)",
         "free space or choose another --out; fewer patches: a larger --patch-size, --overlap 0",

@@ -6,8 +6,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
-
 from specdm_cli.config import Devices, Precision, Progress, SamplerName, StoreFormat, Task
 from specdm_cli.errors import UsageError
 from specdm_cli.fs.lock import ReadLock
@@ -26,7 +24,7 @@ from specdm_cli.pipeline.synthesize.synthesize import (
     resolve_batch_size,
     synthesize,
 )
-from specdm_cli.stores import open_store, refuse_stream_out, remove_own
+from specdm_cli.stores import open_store, refuse_stream_out, remove_own, stored_sample_bytes
 from specdm_cli.stores.base import MANIFEST_NAME
 
 PREVIEW_SAMPLES = 8
@@ -131,9 +129,11 @@ def _require_room(request: SynthesizeRequest) -> None:
         "use a smaller --batch-size (e.g. 16)",
     )
     if not (request.out / MANIFEST_NAME).exists():
-        per_pixel = images * len(manifest.bands) * np.dtype(manifest.dtype).itemsize + 1
+        per_sample = stored_sample_bytes(
+            manifest.task, len(manifest.bands), manifest.dtype, manifest.height, manifest.width
+        )
         require_disk(
-            float(request.n) * pixels * per_pixel,
+            float(request.n) * per_sample,
             request.out,
             f"the store ({request.n} samples of {manifest.height}x{manifest.width})",
             "free space, choose another --out or a smaller --n",
