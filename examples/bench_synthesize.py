@@ -15,11 +15,13 @@ CLI in a child process; peak RSS is the child's own, from wait4.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import subprocess
 import sys
 import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -37,6 +39,7 @@ class Synthesis:
 
     summary: dict[str, Any]
     peak_rss_mib: float
+    cpu_seconds: float  # the whole child: imports, sampling, writing
 
     @property
     def pairs_per_second(self) -> float:
@@ -46,18 +49,20 @@ class Synthesis:
         return float(self.summary[key]) / max(float(self.summary["seconds"]), 1e-9)
 
 
-def synthesize(out: Path, *options: str) -> Synthesis:
-    """Run the real CLI in a child process; peak RSS from the kernel's accounting of that child."""
+def synthesize(out: Path, *options: str, env: dict[str, str] | None = None) -> Synthesis:
+    """Run the real CLI in a child process; peak RSS and CPU time from the kernel's accounting
+    of that child."""
     command = [sys.executable, "-m", "specdm_cli", "synthesize", "--out", str(out), *options]
     command += ["--overwrite", "--json", "--quiet"]
-    child = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
+    child = subprocess.Popen(command, stdout=subprocess.PIPE, text=True, env=env)
     assert child.stdout is not None
     stdout = child.stdout.read()
     _, status, usage = os.wait4(child.pid, 0)
     child.returncode = os.waitstatus_to_exitcode(status)
     if child.returncode != 0:
         raise SystemExit(f"synthesize failed with exit {child.returncode}: {' '.join(command)}")
-    return Synthesis(json.loads(stdout), usage.ru_maxrss / 1024)  # Linux: ru_maxrss in KiB
+    cpu_seconds = usage.ru_utime + usage.ru_stime
+    return Synthesis(json.loads(stdout), usage.ru_maxrss / 1024, cpu_seconds)  # ru_maxrss: KiB
 
 
 def quality(reference_path: Path, candidate: Path, workdir: Path) -> dict[str, float]:
@@ -119,6 +124,56 @@ def compare_memory(args: argparse.Namespace, workdir: Path) -> None:
     print(f"\nRSS ratio n={large} / n={small}: {runs[1].peak_rss_mib / runs[0].peak_rss_mib:.2f}x")
 
 
+THREAD_SETTINGS: dict[str, tuple[list[str], dict[str, str]]] = {
+    # label: (synthesize options, environment overrides)
+    "--threads 1": (["--threads", "1"], {}),
+    "--threads 2": (["--threads", "2"], {}),
+    "default": ([], {}),
+    "default, spinning OpenMP": ([], {"OMP_WAIT_POLICY": "ACTIVE"}),  # before 0.2: torch's wait
+}
+
+
+@contextlib.contextmanager
+def busy_cores(count: int) -> Iterator[None]:
+    """`count` processes that each keep one core busy, as other jobs on a shared host do."""
+    spin = "while True: pass"
+    children = [subprocess.Popen([sys.executable, "-c", spin]) for _ in range(count)]
+    try:
+        yield
+    finally:
+        for child in children:
+            child.kill()
+            child.wait()
+
+
+def compare_threads(args: argparse.Namespace, workdir: Path) -> None:
+    """Pairs/s and CPU seconds per pair of each thread setting, on the machine as it is and with
+    one busy process per core started here; settings interleaved, best of `--thread-rounds`."""
+    common = ("--model", "demo", "--task", args.task, "--n", str(args.thread_n))
+    cores = len(os.sched_getaffinity(0))
+    results: dict[tuple[str, str], list[Synthesis]] = {}
+    for load, busy in (("as is", 0), (f"{cores} busy processes", cores)):
+        with busy_cores(busy):
+            for _ in range(args.thread_rounds):
+                for label, (options, env) in THREAD_SETTINGS.items():
+                    run = synthesize(
+                        workdir / "threads.zarr", *common, *options, env={**os.environ, **env}
+                    )
+                    results.setdefault((load, label), []).append(run)
+    print(f"\n# threads ({cores} CPUs; n={args.thread_n}, best of {args.thread_rounds})")
+    print("| machine | setting | pairs/s | CPU s / pair | pairs/s vs the best setting |")
+    print("|---|---|---|---|---|")
+    for load in dict.fromkeys(key[0] for key in results):
+        best = {label: max(runs, key=lambda r: r.pairs_per_second)
+                for (where, label), runs in results.items() if where == load}  # fmt: skip
+        top = max(run.pairs_per_second for run in best.values())
+        for label, run in best.items():
+            print(
+                f"| {load} | {label} | {run.pairs_per_second:.2f} "
+                f"| {run.cpu_seconds / run.summary['n']:.3f} | {run.pairs_per_second / top:.2f} |"
+            )
+
+
 def gpu_run(args: argparse.Namespace, workdir: Path) -> None:
     run = synthesize(
         workdir / "gpu.zarr", "--model", "demo", "--task", args.task, "--n", "10000",
@@ -143,13 +198,20 @@ def main() -> int:
     )
     parser.add_argument("--rss-steps", type=int, default=2)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--thread-n", type=int, default=64, help="samples per thread setting")
+    parser.add_argument("--thread-rounds", type=int, default=2)
+    parser.add_argument(
+        "--only", choices=["samplers", "memory", "threads"], default=None, help="one section"
+    )
     parser.add_argument("--gpu", action="store_true", help="also --n 10000 bf16 on CUDA device 0")
     parser.add_argument("--out", type=Path, default=None, help="work folder (default: temp)")
     args = parser.parse_args()
     workdir = args.out or Path(tempfile.mkdtemp(prefix="specdm-bench-syn-"))
     workdir.mkdir(parents=True, exist_ok=True)
-    compare_samplers(args, workdir)
-    compare_memory(args, workdir)
+    sections = {"samplers": compare_samplers, "memory": compare_memory, "threads": compare_threads}
+    for name, section in sections.items():
+        if args.only in (None, name):
+            section(args, workdir)
     if args.gpu:
         gpu_run(args, workdir)
     return 0

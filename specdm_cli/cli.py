@@ -737,11 +737,11 @@ def synthesize(
     ] = None,
     task: Annotated[Task | None, typer.Option(help="ss or cd (picks the default model).")] = None,
     sampler: Annotated[
-        SamplerName, typer.Option(help="ddpm (1000 steps, paper), ddim, dpmpp.")
+        SamplerName, typer.Option(help="ddpm (1000 steps, paper), ddim, dpmpp, unipc.")
     ] = "dpmpp",
     steps: Annotated[
         int | None,
-        typer.Option(min=1, help="Denoising steps [ddpm 1000, ddim 20, dpmpp 10]."),
+        typer.Option(min=1, help="Denoising steps [ddpm 1000, ddim 20, dpmpp 10, unipc 10]."),
     ] = None,
     seed: Annotated[int, typer.Option(help="Seed: sample i depends only on (model, seed, i).")] = 0,
     batch_size: Annotated[

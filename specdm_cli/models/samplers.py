@@ -15,7 +15,7 @@ from specdm_cli.models.diffusion import ScheduleConfig, make_scheduler
 # 10/20/50 whose KID and mSAD are within 10% of DDPM-1000's on both shipped demo models (64
 # samples per setting; examples/choose_sampler_steps.py, 2026-12-02). The CLI's --steps help
 # repeats these.
-DEFAULT_STEPS: dict[str, int] = {"ddpm": 1000, "ddim": 20, "dpmpp": 10}
+DEFAULT_STEPS: dict[str, int] = {"ddpm": 1000, "ddim": 20, "dpmpp": 10, "unipc": 10}
 
 
 def sample_generator(seed: int, index: int) -> torch.Generator:
