@@ -2,8 +2,9 @@
 
     python examples/choose_sampler_steps.py --task cd --n 256 --out /tmp/steps
 
-Synthesizes `--n` samples with 1000-step DDPM (the paper's reference) and with `ddim` and
-`dpmpp` over a ladder of step counts, all with the same seed (so every sampler starts from the
+Synthesizes `--n` samples with 1000-step DDPM (the paper's reference) and with `dpmpp`,
+`unipc` and `ddim` over a ladder of step counts (and, with `--student RUN`, with the distilled
+student of a copy of the demo run: `specdm distill RUN`), all with the same seed (so every sampler starts from the
 same initial noise), compares each with the real test split of the demo store that
 `examples/check_demo_models.py` uses, and prints fd_spectral, msad, pair mIoU and KID (the
 small-N estimate, with its error bar) per row. A sampler's default is the fewest steps of the
@@ -31,9 +32,10 @@ from check_demo_models import prepare, synthesize_once
 from specdm_cli.pipeline.benchmark.features import default_config, load_or_train
 from specdm_cli.pipeline.benchmark.quality import compare_stores
 from specdm_cli.pipeline.runs.choose import choose_model
+from specdm_cli.pipeline.synthesize.sampler import distilled_timesteps
 from specdm_cli.stores import open_store
 
-LADDER = (5, 10, 15, 20, 30, 50)
+LADDER = (4, 5, 6, 8, 10, 20)
 TOLERANCE = 1.10  # "within 10% of 1000-step DDPM"
 PAIR_TOLERANCE = 0.90  # the same 10%, for a figure where higher is better (pair mIoU)
 FD_MIN_SAMPLES = 256  # below this, KID (unbiased) stands in for fd_spectral
@@ -65,11 +67,13 @@ class Row:
         return distance and pairs and self.msad <= TOLERANCE * reference.msad
 
 
-def measure(task: str, sampler: str, steps: int, n: int, workdir: Path, threads: int) -> Row:
+def measure(
+    task: str, sampler: str, steps: int, n: int, workdir: Path, threads: int, model: str = "demo"
+) -> Row:
     """Synthesize (or reuse) one store and compare it with the real test split."""
-    model = choose_model("demo", task).sha256[:12]  # a retrained model gets stores of its own
-    out = workdir / f"{task}-{sampler}-{steps}-{n}-{model}.zarr"
-    summary = synthesize_once(out, "--model", "demo", "--task", task, "--n", str(n), "--sampler",
+    sha = choose_model(model, task).sha256[:12]  # a retrained model gets stores of its own
+    out = workdir / f"{task}-{sampler}-{steps}-{n}-{sha}.zarr"
+    summary = synthesize_once(out, "--model", model, "--task", task, "--n", str(n), "--sampler",
                               sampler, "--steps", str(steps), "--threads", str(threads))  # fmt: skip
     reference = open_store(prepare(task, workdir))
     network = load_or_train(reference, default_config(reference), workdir / "features")
@@ -86,9 +90,13 @@ def main() -> None:
     parser.add_argument("--task", choices=["ss", "cd"], default="cd")
     parser.add_argument("--n", type=int, default=256, help="samples per sampler setting")
     parser.add_argument("--ladder", default=",".join(map(str, LADDER)), help="step counts")
-    parser.add_argument("--samplers", default="dpmpp,ddim")
+    parser.add_argument("--samplers", default="dpmpp,unipc,ddim")
     parser.add_argument("--threads", type=int, default=2, help="CPU threads for synthesize")
     parser.add_argument("--out", type=Path, default=None, help="work folder (default: temp)")
+    parser.add_argument(
+        "--student", type=Path, default=None,
+        help="a copy of the demo run after `specdm distill`: adds its distilled sampler's row",
+    )  # fmt: skip
     args = parser.parse_args()
     workdir = args.out or Path(tempfile.mkdtemp(prefix="specdm-steps-"))
     workdir.mkdir(parents=True, exist_ok=True)
@@ -106,6 +114,12 @@ def main() -> None:
                 measured[-1].steps,
                 next(r.steps for r in measured if r.within(measured[-1])),
             )
+    if args.student:
+        steps = len(distilled_timesteps(choose_model(str(args.student), args.task)))
+        row = measure(args.task, "distilled", steps, args.n, workdir, args.threads,
+                      str(args.student))  # fmt: skip
+        rows.append(row)
+        chosen["distilled"] = steps if row.within(ddpm) else None
     print(f"# task {args.task}, {args.n} samples each vs the real test split; "
           f"pass = {'fd_spectral' if args.n >= FD_MIN_SAMPLES else 'kid'} and msad within "
           f"{TOLERANCE} x ddpm-1000, pair_miou at least {PAIR_TOLERANCE} x")  # fmt: skip

@@ -729,6 +729,53 @@ def fit_diffusion(
 
 
 @app.command()
+def distill(
+    run: Annotated[Path, typer.Argument(help="A run directory with a trained U-Net.")],
+    student_steps: Annotated[
+        int | None, typer.Option(min=1, help="U-Net evaluations per sample of the student [4].")
+    ] = None,
+    steps: Annotated[int | None, typer.Option(min=1, help="Training steps [1000].")] = None,
+    batch_size: Annotated[int | None, typer.Option(help="Batch size [32].")] = None,
+    lr: Annotated[float | None, typer.Option(help="Learning rate [1e-4].")] = None,
+    trajectories: Annotated[
+        int | None, typer.Option(help="Teacher ODE trajectories to learn from [512].")
+    ] = None,
+    seed: Annotated[int | None, typer.Option(help="Seed [0].")] = None,
+    precision: PrecisionOption = None,
+    gpus: GpusOption = Devices(),  # noqa: B008 (an immutable value)
+    threads: ThreadsOption = None,
+    resume: ResumeOption = False,
+    json_output: JsonOption = False,
+    quiet: QuietOption = False,
+) -> None:
+    """Distill the run's U-Net into a few-step student (synthesize --sampler distilled)."""
+    with _domain_errors():
+        from specdm_cli.config import DistillTrainConfig
+        from specdm_cli.pipeline.signals import graceful_stop
+        from specdm_cli.pipeline.train.common import torch_threads
+        from specdm_cli.pipeline.train.distill import DistillRequest
+        from specdm_cli.pipeline.train.distill import distill as run_distill
+
+        recorded = _recorded(run, "distill", resume, DistillTrainConfig) or {}
+        given = dict(student_steps=student_steps, steps=steps, batch_size=batch_size, lr=lr,
+                     trajectories=trajectories, seed=seed, precision=precision)  # fmt: skip
+        values = {**recorded, **{k: v for k, v in given.items() if v is not None}}
+        config = _config_or_usage_error(DistillTrainConfig, **values)
+        request = DistillRequest(run=run, config=config, resume=resume, devices=gpus)
+        with graceful_stop() as stop, torch_threads(threads), _progress("distill", quiet) as bar:
+            summary = run_distill(request, stop, bar, _warn(quiet))
+        if not quiet:
+            val = f", val loss {summary.val_loss:.5f}" if summary.val_loss is not None else ""
+            stderr.print(
+                f"{summary.state}: {summary.run}, a {summary.student_steps}-step student at "
+                f"step {summary.step}{val}",
+                markup=False,
+            )
+        if json_output:
+            _emit_json(asdict(summary))
+
+
+@app.command()
 def synthesize(
     out: Annotated[Path | None, typer.Option("--out", "-o", help="Output store.")] = None,
     n: Annotated[int | None, typer.Option("--n", help="Number of pairs.")] = None,
@@ -737,11 +784,17 @@ def synthesize(
     ] = None,
     task: Annotated[Task | None, typer.Option(help="ss or cd (picks the default model).")] = None,
     sampler: Annotated[
-        SamplerName, typer.Option(help="ddpm (1000 steps, paper), ddim, dpmpp, unipc.")
+        SamplerName,
+        typer.Option(
+            help="ddpm (1000 steps, paper), ddim, dpmpp, unipc, distilled (specdm distill)."
+        ),
     ] = "dpmpp",
     steps: Annotated[
         int | None,
-        typer.Option(min=1, help="Denoising steps [ddpm 1000, ddim 20, dpmpp 10, unipc 10]."),
+        typer.Option(
+            min=1,
+            help="Denoising steps [ddpm 1000, ddim 20, dpmpp 10, unipc 10; distilled: the student's].",
+        ),
     ] = None,
     seed: Annotated[int, typer.Option(help="Seed: sample i depends only on (model, seed, i).")] = 0,
     batch_size: Annotated[

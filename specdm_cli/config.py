@@ -23,7 +23,7 @@ SourceName = Literal["segmunich", "oscd", "geotiff", "demo"]
 DemoBandSet = Literal["s2", "hsi"]
 Precision = Literal["fp32", "bf16", "fp16"]
 Prediction = Literal["epsilon", "v_prediction"]
-SamplerName = Literal["ddpm", "ddim", "dpmpp", "unipc"]
+SamplerName = Literal["ddpm", "ddim", "dpmpp", "unipc", "distilled"]
 ClassWeights = Literal["none", "auto"]
 Augment = Literal["d4", "none"]
 DeviceKind = Literal["cpu", "cuda"]
@@ -214,6 +214,33 @@ class DiffusionTrainConfig(BaseModel):
             exclude={"steps", "checkpoint_every", "val_every", "val_samples", "preset"},
             mode="json",
         )
+
+
+class DistillTrainConfig(BaseModel):
+    """How `specdm distill` trains a few-step student of a run's U-Net."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    student_steps: int = Field(4, ge=1, le=100)  # the issue's goal: <= 4 U-Net evaluations
+    steps: int = Field(1000, ge=1)  # ours: measured on the demo models (README, distill)
+    batch_size: int = Field(32, ge=1)  # ours: (trajectory, student step) pairs per step
+    lr: float = Field(1e-4, gt=0)  # ours: a fine-tune of the teacher's weights
+    # Teacher ODE solutions drawn once per run (regenerated on --resume from the seed): each
+    # gives one regression target per student step.
+    trajectories: int = Field(512, ge=1)
+    teacher_substeps: int = Field(4, ge=1)  # DPM-Solver++ steps per student step (4 x 4 = 16)
+    ema_decay: float = Field(0.999, gt=0, lt=1)  # ours: a short fine-tune
+    seed: int = Field(0, ge=0)
+    precision: Precision = "fp32"
+    checkpoint_every: int = Field(250, ge=1)
+    val_every: int = Field(250, ge=1)
+    val_trajectories: int = Field(32, ge=1)  # held-out teacher trajectories for the val loss
+
+    def learning_rate(self) -> float:
+        return self.lr
+
+    def training_identity(self) -> dict[str, Any]:
+        return self.model_dump(exclude={"steps", "checkpoint_every", "val_every"}, mode="json")
 
 
 # Training recipes (`--preset`): values over the configs' defaults; explicit options win.

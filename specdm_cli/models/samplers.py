@@ -24,6 +24,11 @@ def sample_generator(seed: int, index: int) -> torch.Generator:
     return torch.Generator().manual_seed(int.from_bytes(digest, "little") >> 1)
 
 
+def initial_noise(generators: list[torch.Generator], shape: tuple[int, ...]) -> torch.Tensor:
+    """(B, *shape) standard normal noise, row i from generator i."""
+    return torch.stack([torch.randn(shape, generator=g) for g in generators])
+
+
 @torch.no_grad()
 def sample_latents(
     unet: Any,
@@ -43,8 +48,7 @@ def sample_latents(
     """
     scheduler = make_scheduler(sampler, schedule)
     scheduler.set_timesteps(steps)
-    noise = torch.stack([torch.randn(shape, generator=g) for g in generators])
-    latents = (noise * scheduler.init_noise_sigma).to(device)
+    latents = (initial_noise(generators, shape) * scheduler.init_noise_sigma).to(device)
     for number, timestep in enumerate(scheduler.timesteps):
         model_input = scheduler.scale_model_input(latents, timestep)
         with autocast():

@@ -62,6 +62,16 @@ class DiffusionDetails(BaseModel):
         )
 
 
+class DistillDetails(BaseModel):
+    """What a distilled student's checkpoint records (run.json, stages.distill.details)."""
+
+    model_config = ConfigDict(extra="allow")
+
+    timesteps: list[int]  # the student's, first to last; the step after the last is clean
+    teacher_weights: dict[str, str]  # the diffusion stage's weights it was distilled from
+    unet: dict[str, Any] = Field(default_factory=dict)
+
+
 class RunManifest(BaseModel):
     """A run directory's manifest; `specdm_run` marks the folder as ours (for --overwrite)."""
 
@@ -90,6 +100,10 @@ class RunManifest(BaseModel):
     def diffusion_details(self) -> DiffusionDetails:
         """The diffusion stage's typed details (a ValidationError if the run has none usable)."""
         return DiffusionDetails.model_validate(self.stages["diffusion"].details)
+
+    def distill_details(self) -> DistillDetails:
+        """The distilled student's details (the caller checked that the stage exists)."""
+        return DistillDetails.model_validate(self.stages["distill"].details)
 
     def can_sample(self) -> bool:
         """Both stages finished: the run can synthesize."""

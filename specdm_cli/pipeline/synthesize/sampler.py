@@ -13,9 +13,11 @@ import numpy as np
 import torch
 
 from specdm_cli.config import Precision, SamplerName
+from specdm_cli.errors import ModelError
 from specdm_cli.manifest import IMAGE_ARRAYS, LABEL_ARRAY
-from specdm_cli.models.diffusion import ScheduleConfig
-from specdm_cli.models.samplers import sample_generator, sample_latents
+from specdm_cli.models.diffusion import ScheduleConfig, ldm_betas
+from specdm_cli.models.distillation import sample_student
+from specdm_cli.models.samplers import initial_noise, sample_generator, sample_latents
 from specdm_cli.pipeline.runs.checkpoints import load_module
 from specdm_cli.pipeline.runs.choose import ChosenModel
 from specdm_cli.pipeline.runs.vae_io import load_vae
@@ -46,13 +48,18 @@ class Sampler:
         from diffusers import UNet2DModel
 
         run, manifest = model.path, model.manifest
-        stage = manifest.stages["diffusion"]
+        # The distilled student replaces the U-Net; it shares the teacher's latent space.
+        self.student_timesteps = distilled_timesteps(model) if plan.sampler == "distilled" else []
+        stage = manifest.stages["distill" if self.student_timesteps else "diffusion"]
         self.unet = load_module(UNet2DModel, run / str(stage.checkpoint) / "unet").to(device).eval()
         self.vae = load_vae(run, manifest, device)
         details = manifest.diffusion_details()
         self.scale = torch.tensor(details.latent_scale, device=device)[None, :, None, None]
         self.shift = torch.tensor(details.shift(), device=device)[None, :, None, None]
         self.schedule = ScheduleConfig.model_validate(details.schedule)
+        self.alphas_cumprod = torch.cumprod(1 - ldm_betas(self.schedule), 0).to(
+            device, torch.float32
+        )
         self.mean = torch.tensor(manifest.normalization.mean, device=device)[:, None, None]
         self.std = torch.tensor(manifest.normalization.std, device=device)[:, None, None]
         self.side = manifest.height // self.vae.config.downsample
@@ -67,10 +74,15 @@ class Sampler:
         returned in the store's units with the values clipped per sample."""
         padded = range(first, first + self.plan.batch_size)
         generators = [sample_generator(self.plan.seed, i) for i in padded]
-        latents = sample_latents(
-            self.unet, self.plan.sampler, self.schedule, steps, (self.channels, self.side, self.side),
-            generators, self.device, lambda: autocast(self.device, self.plan.precision),
-        )  # fmt: skip
+        shape = (self.channels, self.side, self.side)
+        precision = lambda: autocast(self.device, self.plan.precision)  # noqa: E731
+        if self.student_timesteps:
+            noise = initial_noise(generators, shape).to(self.device)
+            latents = sample_student(self.unet, self.schedule.prediction_type, self.alphas_cumprod,
+                                     self.student_timesteps, noise, precision)  # fmt: skip
+        else:
+            latents = sample_latents(self.unet, self.plan.sampler, self.schedule, steps, shape,
+                                     generators, self.device, precision)  # fmt: skip
         decoded = self.decode(latents / self.scale + self.shift)
         arrays: dict[str, np.ndarray] = {}
         clipped = np.zeros(keep, dtype=np.int64)
@@ -89,6 +101,25 @@ class Sampler:
         )
         parts = [self.vae.decode_joint(part) for part in torch.split(latents, chunk)]
         return {name: torch.cat([part[name] for part in parts]) for name in parts[0]}
+
+
+def distilled_timesteps(model: ChosenModel) -> list[int]:
+    """The timesteps of the run's distilled student; refused when there is none or when its
+    teacher is no longer the run's U-Net (fit-diffusion ran again after distill)."""
+    manifest = model.manifest
+    stage = manifest.stages.get("distill")
+    if stage is None or not stage.finished or stage.checkpoint is None:
+        raise ModelError(
+            "the model has no finished distilled student", model.path,
+            "run `specdm distill RUN` to the end first, or pick another --sampler",
+        )  # fmt: skip
+    details = manifest.distill_details()
+    if details.teacher_weights != manifest.stages["diffusion"].weights:
+        raise ModelError(
+            "the distilled student was made from an earlier U-Net of this run", model.path,
+            "run `specdm distill RUN` again",
+        )  # fmt: skip
+    return details.timesteps
 
 
 def to_dtype(values: np.ndarray, dtype: np.dtype[Any]) -> tuple[np.ndarray, np.ndarray]:

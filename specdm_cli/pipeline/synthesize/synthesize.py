@@ -28,7 +28,7 @@ from specdm_cli.pipeline.runs.provenance import provenance
 from specdm_cli.pipeline.signals import StopFlag
 from specdm_cli.pipeline.synthesize.ranks import run_on_devices
 from specdm_cli.pipeline.synthesize.require import Requirement, accepted, give_up, resume_draw
-from specdm_cli.pipeline.synthesize.sampler import Sampler, SamplingPlan
+from specdm_cli.pipeline.synthesize.sampler import Sampler, SamplingPlan, distilled_timesteps
 from specdm_cli.pipeline.synthesize.shards import (
     Shard,
     finalize,
@@ -186,7 +186,7 @@ def synthesize(
             "--require cannot be split over shards or devices: sample i is the i-th accepted draw",
             hint="run it on one device (--resume continues an interrupted run)",
         )
-    steps = request.steps or DEFAULT_STEPS[request.sampler]
+    steps = _steps(request)
     devices = torch_devices(request.devices)
     manifest = join_or_create(request.out, _manifest(request, steps, devices[0]))
     batches = shard_batches(request.n, request.batch_size, request.shard)
@@ -207,6 +207,19 @@ def synthesize(
         loop = _run(draws, writer, todo, stop, progress, len(batches) - len(todo), len(batches))
     cuda_peak = torch.cuda.max_memory_allocated(devices[0]) if devices[0].type == "cuda" else None
     return _summary(request, started, loop, len(batches), draws.count if draws else 0, cuda_peak)
+
+
+def _steps(request: SynthesizeRequest) -> int:
+    """The sampler's step count: --steps, else its default; a distilled student's own."""
+    if request.sampler != "distilled":
+        return request.steps or DEFAULT_STEPS[request.sampler]
+    student = len(distilled_timesteps(request.model))
+    if request.steps not in (None, student):
+        raise UsageError(
+            f"the run's distilled student takes {student} steps, not {request.steps}",
+            hint="drop --steps, or distill another student with --student-steps",
+        )
+    return student
 
 
 def _summary(
