@@ -8,28 +8,38 @@ ratio, fd_spectral, mSAD and KID against the demo store's real test split (the s
 network of `examples/check_demo_models.py`), and the share of wall time the background writer
 was busy and the share sampling waited for it. Then the peak RSS of `synthesize` at two sizes
 (default 256 and 4096; these runs use `--rss-steps` sampler steps, since memory does not depend
-on the step count and the point is that it stays flat in --n). Every figure comes from the real
-CLI in a child process; peak RSS is the child's own, from wait4.
+on the step count and the point is that it stays flat in --n). Then the thread settings (as
+the machine is, and with one busy process per core started here; `--only threads`), and speed
+ratios (`--only speed`): the tool against a bare in-process sample+decode loop, decoding B=64 in
+chunks against at once, and pairs/s of dpmpp 10, unipc 5 and, with `--student RUN` (a run after
+`specdm distill`), the distilled student. Every pairs/s figure comes from the real CLI in a child
+process; peak RSS and CPU time are the child's own, from wait4.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import os
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
 from check_demo_models import prepare
 
+from specdm_cli.models.samplers import DEFAULT_STEPS
 from specdm_cli.pipeline.benchmark.features import default_config, load_or_train
 from specdm_cli.pipeline.benchmark.quality import compare_stores
+from specdm_cli.pipeline.runs.choose import choose_model
+from specdm_cli.pipeline.synthesize.sampler import CPU_DECODE_CHUNK, Sampler, SamplingPlan
 from specdm_cli.stores import open_store
 
 
@@ -104,6 +114,60 @@ def compare_samplers(args: argparse.Namespace, workdir: Path) -> None:
         )
     ratio = rows["default (dpmpp)"].pairs_per_second / rows["ddpm 1000"].pairs_per_second
     print(f"\nspeed-up of the default sampler over 1000-step DDPM: {ratio:.1f}x")
+
+
+def bare_loop(model: str, task: str, n: int, plan: SamplingPlan) -> float:
+    """Pairs/s of sampling and decoding in this process, with no store, writer or CLI."""
+    sampler = Sampler(choose_model(model, task), plan, torch.device("cpu"))
+    sampler.batch(0, 1, DEFAULT_STEPS["dpmpp"])  # warm-up: allocations, thread pools
+    started = time.perf_counter()
+    for first in range(0, n, plan.batch_size):
+        sampler.batch(first, min(plan.batch_size, n - first), DEFAULT_STEPS["dpmpp"])
+    return n / (time.perf_counter() - started)
+
+
+def decode_seconds(sampler: Sampler, latents: torch.Tensor, chunk: int) -> float:
+    """Seconds per sample to decode `latents` in chunks of `chunk`."""
+    sampler.plan = dataclasses.replace(sampler.plan, decode_chunk=chunk)
+    started = time.perf_counter()
+    with torch.no_grad():
+        sampler.decode(latents)
+    return (time.perf_counter() - started) / len(latents)
+
+
+def compare_speed(args: argparse.Namespace, workdir: Path) -> None:
+    """The tool against a bare in-process loop, decoding chunked or whole, and the samplers'
+    pairs/s, all with `--threads` threads."""
+    torch.set_num_threads(args.threads)
+    n, threads = str(args.speed_n), ("--threads", str(args.threads))
+    common = ("--model", "demo", "--task", args.task, "--n", n, *threads)
+    tool = synthesize(workdir / "speed.zarr", *common)
+    bare = bare_loop("demo", args.task, args.speed_n, SamplingPlan())
+    print(f"\n# speed ({args.task}, n={args.speed_n}, {args.threads} threads)")
+    print(f"tool / bare sample+decode loop: {tool.pairs_per_second / bare:.2f} "
+          f"({tool.pairs_per_second:.2f} vs {bare:.2f} pairs/s)")  # fmt: skip
+    sampler = Sampler(choose_model("demo", args.task), SamplingPlan(batch_size=64),
+                      torch.device("cpu"))  # fmt: skip
+    latents = torch.randn(64, sampler.channels, sampler.side, sampler.side)
+    whole, chunked = [], []
+    for _ in range(3):  # interleaved, best of 3
+        whole.append(decode_seconds(sampler, latents, 64))
+        chunked.append(decode_seconds(sampler, latents, CPU_DECODE_CHUNK))
+    print(f"decoding B=64 in chunks of {CPU_DECODE_CHUNK} / at once, time per sample: "
+          f"{min(chunked) / min(whole):.2f} ({min(chunked) * 1e3:.1f} vs "
+          f"{min(whole) * 1e3:.1f} ms)")  # fmt: skip
+    rows = {"dpmpp 10 (default)": tool}
+    rows["unipc 5"] = synthesize(workdir / "unipc.zarr", *common, "--sampler", "unipc",
+                                 "--steps", "5")  # fmt: skip
+    if args.student:
+        student = ("--model", str(args.student), "--task", args.task, "--n", n, *threads)
+        rows["distilled"] = synthesize(workdir / "student.zarr", *student, "--sampler", "distilled")
+    print("| sampler | steps | pairs/s | vs default |")
+    print("|---|---|---|---|")
+    for name, run in rows.items():
+        steps = json.loads((Path(run.summary["out"]) / "manifest.json").read_text())["model"]
+        print(f"| {name} | {steps['steps']} | {run.pairs_per_second:.2f} "
+              f"| {run.pairs_per_second / tool.pairs_per_second:.2f} |")  # fmt: skip
 
 
 def compare_memory(args: argparse.Namespace, workdir: Path) -> None:
@@ -201,14 +265,18 @@ def main() -> int:
     parser.add_argument("--thread-n", type=int, default=64, help="samples per thread setting")
     parser.add_argument("--thread-rounds", type=int, default=2)
     parser.add_argument(
-        "--only", choices=["samplers", "memory", "threads"], default=None, help="one section"
-    )
+        "--only", choices=["samplers", "memory", "threads", "speed"], default=None,
+        help="one section",
+    )  # fmt: skip
+    parser.add_argument("--speed-n", type=int, default=128, help="samples per speed row")
+    parser.add_argument("--student", type=Path, default=None, help="a run after specdm distill")
     parser.add_argument("--gpu", action="store_true", help="also --n 10000 bf16 on CUDA device 0")
     parser.add_argument("--out", type=Path, default=None, help="work folder (default: temp)")
     args = parser.parse_args()
     workdir = args.out or Path(tempfile.mkdtemp(prefix="specdm-bench-syn-"))
     workdir.mkdir(parents=True, exist_ok=True)
-    sections = {"samplers": compare_samplers, "memory": compare_memory, "threads": compare_threads}
+    sections = {"samplers": compare_samplers, "memory": compare_memory,
+                "threads": compare_threads, "speed": compare_speed}  # fmt: skip
     for name, section in sections.items():
         if args.only in (None, name):
             section(args, workdir)

@@ -6,12 +6,11 @@ from __future__ import annotations
 import os
 import sys
 from pathlib import Path
-from types import ModuleType
 
 import pytest
 
-from specdm_cli import __main__ as entry
 from specdm_cli.pipeline.train.common import available_cpus, torch_threads
+from tests import processes
 
 
 @pytest.mark.parametrize(
@@ -37,19 +36,13 @@ def test_default_threads_are_the_available_cpus() -> None:
         assert torch.get_num_threads() == 1
 
 
-def _run_entry(monkeypatch: pytest.MonkeyPatch) -> str | None:
-    seen: dict[str, str | None] = {}
-    fake_cli = ModuleType("specdm_cli.cli")
-    fake_cli.main = lambda: seen.update(policy=os.environ.get("OMP_WAIT_POLICY"))  # type: ignore[attr-defined]
-    monkeypatch.setitem(sys.modules, "specdm_cli.cli", fake_cli)
-    entry.main()
-    return seen["policy"]
-
-
-def test_the_command_sets_passive_waits_before_loading_the_cli(
-    monkeypatch: pytest.MonkeyPatch,
+@pytest.mark.parametrize(("given", "seen"), [(None, "PASSIVE"), ("ACTIVE", "ACTIVE")])
+def test_importing_specdm_chooses_sleeping_waits_unless_the_user_chose(
+    given: str | None, seen: str
 ) -> None:
-    monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
-    assert _run_entry(monkeypatch) == "PASSIVE"
-    monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")  # the user's choice wins
-    assert _run_entry(monkeypatch) == "ACTIVE"
+    environment = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    if given:
+        environment["OMP_WAIT_POLICY"] = given
+    code = "import os, specdm_cli, torch; print(os.environ['OMP_WAIT_POLICY'])"
+    done = processes.run([sys.executable, "-c", code], env=environment, text=True)
+    assert done.returncode == 0 and done.stdout.strip() == seen
