@@ -29,7 +29,7 @@ from specdm_cli.config import (
     Precision,
     Prediction,
     Progress,
-    SamplerName,
+    SamplerChoice,
     SourceName,
     StoreFormat,
     Task,
@@ -784,11 +784,12 @@ def synthesize(
     ] = None,
     task: Annotated[Task | None, typer.Option(help="ss or cd (picks the default model).")] = None,
     sampler: Annotated[
-        SamplerName,
+        SamplerChoice,
         typer.Option(
-            help="ddpm (1000 steps, paper), ddim, dpmpp, unipc, distilled (specdm distill)."
+            help="auto (the run's distilled student if it has one, else dpmpp), ddpm (1000 "
+            "steps, paper), ddim, dpmpp, unipc, distilled (specdm distill)."
         ),
-    ] = "dpmpp",
+    ] = "auto",
     steps: Annotated[
         int | None,
         typer.Option(

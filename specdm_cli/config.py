@@ -24,6 +24,7 @@ DemoBandSet = Literal["s2", "hsi"]
 Precision = Literal["fp32", "bf16", "fp16"]
 Prediction = Literal["epsilon", "v_prediction"]
 SamplerName = Literal["ddpm", "ddim", "dpmpp", "unipc", "distilled"]
+SamplerChoice = Literal["auto", "ddpm", "ddim", "dpmpp", "unipc", "distilled"]  # auto: resolved
 ClassWeights = Literal["none", "auto"]
 Augment = Literal["d4", "none"]
 DeviceKind = Literal["cpu", "cuda"]

@@ -129,3 +129,19 @@ def test_refusals_are_one_line(trained: Path, distilled: Path, tmp_path: Path) -
     (stale / "run.json").write_text(json.dumps(manifest))
     code, _, stderr = synth(stale, tmp_path / "z.zarr", "--n", "2", "--sampler", "distilled")
     assert code == 4 and "earlier U-Net" in stderr
+
+
+def test_auto_takes_the_student_unless_steps_are_asked_for(
+    trained: Path, distilled: Path, tmp_path: Path
+) -> None:
+    def sampler_of(run: Path, name: str, *extra: str) -> tuple[str, int]:
+        out = tmp_path / name
+        code, _, stderr = run_cli("synthesize", "--model", run, "--out", out, "--n", "2",
+                                  "--threads", "2", "--quiet", *extra)  # fmt: skip
+        assert code == 0, stderr
+        model = json.loads((out / "manifest.json").read_text())["model"]
+        return model["sampler"], model["steps"]
+
+    assert sampler_of(distilled, "student.zarr") == ("distilled", 4)
+    assert sampler_of(distilled, "asked.zarr", "--steps", "3") == ("dpmpp", 3)
+    assert sampler_of(trained, "teacher.zarr") == ("dpmpp", 10)

@@ -16,6 +16,8 @@ from specdm_cli.models.diffusion import ScheduleConfig, make_scheduler
 # samples per setting; examples/choose_sampler_steps.py, 2026-12-02). The CLI's --steps help
 # repeats these.
 DEFAULT_STEPS: dict[str, int] = {"ddpm": 1000, "ddim": 20, "dpmpp": 10, "unipc": 10}
+# What `--sampler auto` takes for a model without a distilled student.
+DEFAULT_SAMPLER: SamplerName = "dpmpp"
 
 
 def sample_generator(seed: int, index: int) -> torch.Generator:

@@ -6,7 +6,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from specdm_cli.config import Devices, Precision, Progress, SamplerName, StoreFormat, Task
+from specdm_cli.config import Devices, Precision, Progress, SamplerChoice, StoreFormat, Task
 from specdm_cli.errors import UsageError
 from specdm_cli.fs.lock import ReadLock
 from specdm_cli.fs.paths import refuse_overlap
@@ -16,6 +16,7 @@ from specdm_cli.pipeline.runs.choose import ChosenModel, choose_model
 from specdm_cli.pipeline.signals import StopFlag
 from specdm_cli.pipeline.synthesize.preview import rgb_note, write_preview
 from specdm_cli.pipeline.synthesize.require import parse_require
+from specdm_cli.pipeline.synthesize.sampler import resolve_sampler
 from specdm_cli.pipeline.synthesize.shards import Shard, parse_shard
 from specdm_cli.pipeline.synthesize.synthesize import (
     SynthesizeRequest,
@@ -38,7 +39,7 @@ class SynthesizeOptions:
     n: int
     model: str | None = None
     task: Task | None = None
-    sampler: SamplerName = "dpmpp"
+    sampler: SamplerChoice = "auto"
     steps: int | None = None
     seed: int = 0
     batch_size: str = "auto"
@@ -88,7 +89,7 @@ def _write(
         model=chosen,
         out=options.out,
         n=options.n,
-        sampler=options.sampler,
+        sampler=resolve_sampler(options.sampler, options.steps, chosen),
         steps=options.steps,
         seed=options.seed,
         batch_size=resolve_batch_size(grid, options.out, options.devices),

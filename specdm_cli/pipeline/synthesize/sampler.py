@@ -7,17 +7,23 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from specdm_cli.config import Precision, SamplerName
+from specdm_cli.config import Precision, SamplerChoice, SamplerName
 from specdm_cli.errors import ModelError
 from specdm_cli.manifest import IMAGE_ARRAYS, LABEL_ARRAY
 from specdm_cli.models.diffusion import ScheduleConfig, ldm_betas
 from specdm_cli.models.distillation import sample_student
-from specdm_cli.models.samplers import initial_noise, sample_generator, sample_latents
+from specdm_cli.models.samplers import (
+    DEFAULT_SAMPLER,
+    initial_noise,
+    sample_generator,
+    sample_latents,
+)
 from specdm_cli.pipeline.runs.checkpoints import load_module
 from specdm_cli.pipeline.runs.choose import ChosenModel
 from specdm_cli.pipeline.runs.vae_io import load_vae
@@ -103,23 +109,39 @@ class Sampler:
         return {name: torch.cat([part[name] for part in parts]) for name in parts[0]}
 
 
+def resolve_sampler(choice: SamplerChoice, steps: int | None, model: ChosenModel) -> SamplerName:
+    """`auto`: the model's distilled student where it has a current one and no --steps asks
+    for a step count, else DEFAULT_SAMPLER (both pass examples/choose_sampler_steps.py's
+    criterion on the demo models: README, synthesize)."""
+    if choice != "auto":
+        return choice
+    return "distilled" if steps is None and _student_problem(model) is None else DEFAULT_SAMPLER
+
+
 def distilled_timesteps(model: ChosenModel) -> list[int]:
     """The timesteps of the run's distilled student; refused when there is none or when its
     teacher is no longer the run's U-Net (fit-diffusion ran again after distill)."""
+    problem = _student_problem(model)
+    if problem is not None:
+        raise ModelError(*problem)
+    return model.manifest.distill_details().timesteps
+
+
+def _student_problem(model: ChosenModel) -> tuple[str, Path, str] | None:
+    """Why the model's distilled student cannot sample (what, where, how to fix), or None."""
     manifest = model.manifest
     stage = manifest.stages.get("distill")
     if stage is None or not stage.finished or stage.checkpoint is None:
-        raise ModelError(
+        return (
             "the model has no finished distilled student", model.path,
             "run `specdm distill RUN` to the end first, or pick another --sampler",
         )  # fmt: skip
-    details = manifest.distill_details()
-    if details.teacher_weights != manifest.stages["diffusion"].weights:
-        raise ModelError(
+    if manifest.distill_details().teacher_weights != manifest.stages["diffusion"].weights:
+        return (
             "the distilled student was made from an earlier U-Net of this run", model.path,
             "run `specdm distill RUN` again",
         )  # fmt: skip
-    return details.timesteps
+    return None
 
 
 def to_dtype(values: np.ndarray, dtype: np.dtype[Any]) -> tuple[np.ndarray, np.ndarray]:
