@@ -686,6 +686,13 @@ def fit_diffusion(
         int | None, typer.Option(help="EMA loss on the val latents every N steps [1000].")
     ] = None,
     val_samples: Annotated[int | None, typer.Option(help="Val samples encoded [256].")] = None,
+    mask_condition_rate: Annotated[
+        float | None,
+        typer.Option(
+            help="Fraction of training samples that also see their clean mask, so `synthesize "
+            "--masks` can draw images for given masks; 0 = unconditioned [0]."
+        ),
+    ] = None,
     gpus: GpusOption = Devices(),  # noqa: B008 (an immutable value)
     threads: ThreadsOption = None,
     resume: ResumeOption = False,
@@ -706,7 +713,7 @@ def fit_diffusion(
             ema_decay=ema_decay, snr_gamma=snr_gamma, prediction=prediction,
             block_out_channels=_blocks(unet_blocks), layers_per_block=layers_per_block,
             norm_num_groups=norm_groups, attention_head_dim=head_dim, checkpoint_every=checkpoint_every,
-            val_every=val_every, val_samples=val_samples,
+            val_every=val_every, val_samples=val_samples, mask_condition_rate=mask_condition_rate,
         ))  # fmt: skip
         config = _config_or_usage_error(DiffusionTrainConfig, **values)
         request = FitDiffusionRequest(

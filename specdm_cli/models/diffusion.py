@@ -26,6 +26,9 @@ class UNetConfig(BaseModel):
     layers_per_block: int = Field(2, ge=1)  # LDM num_res_blocks
     norm_num_groups: int = Field(32, ge=1)  # LDM / diffusers
     attention_head_dim: int = Field(32, ge=1)  # LDM num_head_channels
+    # Extra input channels after the noisy latent: a mask-conditioned U-Net's clean mask latent
+    # and keep flag (`mask_condition`); 0 = the unconditioned U-Net.
+    condition_channels: int = Field(0, ge=0)
 
     @model_validator(mode="after")
     def _levels_fit(self) -> UNetConfig:
@@ -69,7 +72,7 @@ def build_unet(config: UNetConfig) -> Any:
     unet: Any = UNet2DModel  # untyped constructor
     return unet(
         sample_size=config.sample_size,
-        in_channels=config.channels,
+        in_channels=config.channels + config.condition_channels,
         out_channels=config.channels,
         layers_per_block=config.layers_per_block,
         block_out_channels=config.block_out_channels,
@@ -78,6 +81,26 @@ def build_unet(config: UNetConfig) -> Any:
         norm_num_groups=config.norm_num_groups,
         attention_head_dim=config.attention_head_dim,
     )
+
+
+def mask_condition(mask_latent: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """A mask-conditioned U-Net's extra input: [clean mask latent x keep, keep flag], with
+    `keep` 1 or 0 per sample; all zeros is "no mask given" (classifier-free style)."""
+    flag = keep.to(mask_latent.dtype)[:, None, None, None]
+    ones = torch.ones_like(mask_latent[:, :1])
+    return torch.cat([mask_latent * flag, ones * flag], dim=1)
+
+
+class ConditionedUNet:
+    """A mask-conditioned U-Net called like an unconditioned one: `unet(x, t)` gets the fixed
+    condition appended on the channel axis, so samplers need not know about it."""
+
+    def __init__(self, unet: Any, condition: torch.Tensor):
+        self.unet, self.condition = unet, condition
+
+    def __call__(self, sample: torch.Tensor, timestep: Any) -> Any:
+        condition = self.condition.to(device=sample.device, dtype=sample.dtype)
+        return self.unet(torch.cat([sample, condition], dim=1), timestep)
 
 
 class ScheduleConfig(BaseModel):
