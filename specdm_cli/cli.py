@@ -782,6 +782,17 @@ def synthesize(
             help="CLASS:MINFRAC[,...]: keep only samples with at least that fraction of each class."
         ),
     ] = None,
+    masks: Annotated[
+        Path | None,
+        typer.Option(
+            help="Draw images for the label maps of this store (same task, classes and size): "
+            "sample i gets mask i mod M, written as given. Needs a model trained with "
+            "--mask-condition-rate."
+        ),
+    ] = None,
+    masks_split: Annotated[
+        str | None, typer.Option(help="Only the --masks store's samples of this split [all].")
+    ] = None,
     gpus: GpusOption = Devices(),  # noqa: B008 (an immutable value)
     threads: ThreadsOption = None,
     json_output: JsonOption = False,
@@ -810,6 +821,7 @@ def synthesize(
             out=out, n=n, model=model, task=task, sampler=sampler, steps=steps, seed=seed,
             batch_size=batch_size, precision=precision or "fp32", format=store_format,
             shard=shard, devices=gpus, require=require, overwrite=overwrite, preview=preview,
+            masks=masks, masks_split=masks_split,
         )  # fmt: skip
         with graceful_stop() as stop, torch_threads(threads), _progress("synthesize", quiet) as bar:
             summary = synthesize_store(options, stop, bar, _warn(quiet))

@@ -86,7 +86,7 @@ def build_unet(config: UNetConfig) -> Any:
 def mask_condition(mask_latent: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
     """A mask-conditioned U-Net's extra input: [clean mask latent x keep, keep flag], with
     `keep` 1 or 0 per sample; all zeros is "no mask given" (classifier-free style)."""
-    flag = keep.to(mask_latent.dtype)[:, None, None, None]
+    flag = keep.to(device=mask_latent.device, dtype=mask_latent.dtype)[:, None, None, None]
     ones = torch.ones_like(mask_latent[:, :1])
     return torch.cat([mask_latent * flag, ones * flag], dim=1)
 

@@ -14,11 +14,12 @@ import torch
 
 from specdm_cli.config import Precision, SamplerName
 from specdm_cli.manifest import IMAGE_ARRAYS, LABEL_ARRAY
-from specdm_cli.models.diffusion import ScheduleConfig
+from specdm_cli.models.diffusion import ConditionedUNet, ScheduleConfig, mask_condition
 from specdm_cli.models.samplers import sample_generator, sample_latents
 from specdm_cli.pipeline.runs.checkpoints import load_module
 from specdm_cli.pipeline.runs.choose import ChosenModel
 from specdm_cli.pipeline.runs.vae_io import load_vae
+from specdm_cli.pipeline.synthesize.masks import GivenMasks, mask_latents
 from specdm_cli.pipeline.train.common import autocast
 
 
@@ -35,7 +36,13 @@ class SamplingPlan:
 class Sampler:
     """The run's U-Net (EMA weights) and VAE decoders, producing physical-unit samples."""
 
-    def __init__(self, model: ChosenModel, plan: SamplingPlan, device: torch.device):
+    def __init__(
+        self,
+        model: ChosenModel,
+        plan: SamplingPlan,
+        device: torch.device,
+        masks: GivenMasks | None = None,
+    ):
         from diffusers import UNet2DModel
 
         run, manifest = model.path, model.manifest
@@ -53,6 +60,7 @@ class Sampler:
         self.plan, self.device, self.task = plan, device, manifest.task
         self.dtype = np.dtype(manifest.dtype)
         self.classes = len(manifest.classes)
+        self.condition, self.masks = details.mask_condition, masks
 
     @torch.no_grad()
     def batch(self, first: int, keep: int, steps: int) -> tuple[dict[str, np.ndarray], np.ndarray]:
@@ -60,8 +68,9 @@ class Sampler:
         returned in the store's units with the values clipped per sample."""
         padded = range(first, first + self.plan.batch_size)
         generators = [sample_generator(self.plan.seed, i) for i in padded]
+        given = self.masks.labels(padded) if self.masks is not None else None
         latents = sample_latents(
-            self.unet, self.plan.sampler, self.schedule, steps, (self.channels, self.side, self.side),
+            self._unet(given), self.plan.sampler, self.schedule, steps, (self.channels, self.side, self.side),
             generators, self.device, lambda: autocast(self.device, self.plan.precision),
         )  # fmt: skip
         decoded = self.vae.decode_joint(latents / self.scale + self.shift)
@@ -73,7 +82,21 @@ class Sampler:
             clipped += count
         label = decoded[LABEL_ARRAY[self.task]][:keep].argmax(dim=1)
         arrays[LABEL_ARRAY[self.task]] = label.to(torch.uint8).cpu().numpy()
+        if given is not None:  # the label is the mask given, not its decoded echo
+            arrays[LABEL_ARRAY[self.task]] = given[:keep]
         return arrays, clipped
+
+    def _unet(self, given: np.ndarray | None) -> Any:
+        """The U-Net as samplers call it; a mask-conditioned one gets the given masks' latents,
+        or without masks zeros (no mask: it samples image and mask jointly)."""
+        if self.condition is None:
+            return self.unet
+        size = (self.plan.batch_size, self.condition.channels + 1, self.side, self.side)
+        if given is None:
+            return ConditionedUNet(self.unet, torch.zeros(size, device=self.device))
+        latent = mask_latents(self.vae, given, self.shift, self.scale)
+        keep = torch.ones(len(given), dtype=torch.bool)
+        return ConditionedUNet(self.unet, mask_condition(latent, keep))
 
 
 def to_dtype(values: np.ndarray, dtype: np.dtype[Any]) -> tuple[np.ndarray, np.ndarray]:
