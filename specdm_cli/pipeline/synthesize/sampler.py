@@ -62,6 +62,18 @@ class Sampler:
         self.classes = len(manifest.classes)
         self.condition, self.masks = details.mask_condition, masks
 
+    def _unet(self, given: np.ndarray | None) -> Any:
+        """The U-Net as samplers call it; a mask-conditioned one gets the given masks' latents,
+        or without masks zeros (no mask: it samples image and mask jointly)."""
+        if self.condition is None:
+            return self.unet
+        size = (self.plan.batch_size, self.condition.channels + 1, self.side, self.side)
+        if given is None:
+            return ConditionedUNet(self.unet, torch.zeros(size, device=self.device))
+        latent = mask_latents(self.vae, given, self.shift, self.scale)
+        keep = torch.ones(len(given), dtype=torch.bool)
+        return ConditionedUNet(self.unet, mask_condition(latent, keep))
+
     @torch.no_grad()
     def batch(self, first: int, keep: int, steps: int) -> tuple[dict[str, np.ndarray], np.ndarray]:
         """Draws first.. (always B of them, so every batch computes alike), the first `keep`
@@ -85,18 +97,6 @@ class Sampler:
         if given is not None:  # the label is the mask given, not its decoded echo
             arrays[LABEL_ARRAY[self.task]] = given[:keep]
         return arrays, clipped
-
-    def _unet(self, given: np.ndarray | None) -> Any:
-        """The U-Net as samplers call it; a mask-conditioned one gets the given masks' latents,
-        or without masks zeros (no mask: it samples image and mask jointly)."""
-        if self.condition is None:
-            return self.unet
-        size = (self.plan.batch_size, self.condition.channels + 1, self.side, self.side)
-        if given is None:
-            return ConditionedUNet(self.unet, torch.zeros(size, device=self.device))
-        latent = mask_latents(self.vae, given, self.shift, self.scale)
-        keep = torch.ones(len(given), dtype=torch.bool)
-        return ConditionedUNet(self.unet, mask_condition(latent, keep))
 
 
 def to_dtype(values: np.ndarray, dtype: np.dtype[Any]) -> tuple[np.ndarray, np.ndarray]:
