@@ -793,6 +793,13 @@ def synthesize(
     masks_split: Annotated[
         str | None, typer.Option(help="Only the --masks store's samples of this split [all].")
     ] = None,
+    mask_guidance: Annotated[
+        float | None,
+        typer.Option(
+            help="Classifier-free guidance weight with --masks; 1 = plain conditional, one "
+            "U-Net pass a step instead of two [2, measured]."
+        ),
+    ] = None,
     gpus: GpusOption = Devices(),  # noqa: B008 (an immutable value)
     threads: ThreadsOption = None,
     json_output: JsonOption = False,
@@ -821,7 +828,7 @@ def synthesize(
             out=out, n=n, model=model, task=task, sampler=sampler, steps=steps, seed=seed,
             batch_size=batch_size, precision=precision or "fp32", format=store_format,
             shard=shard, devices=gpus, require=require, overwrite=overwrite, preview=preview,
-            masks=masks, masks_split=masks_split,
+            masks=masks, masks_split=masks_split, mask_guidance=mask_guidance,
         )  # fmt: skip
         with graceful_stop() as stop, torch_threads(threads), _progress("synthesize", quiet) as bar:
             summary = synthesize_store(options, stop, bar, _warn(quiet))

@@ -134,6 +134,20 @@ def test_shards_and_a_killed_run_give_the_single_run_bytes(
     assert code == 3 and "--masks-split" in stderr
 
 
+def test_guidance_is_part_of_the_plan(ss: tuple[Path, Path, Path], tmp_path: Path) -> None:
+    store, run, _ = ss
+    guided, plain = tmp_path / "guided.zarr", tmp_path / "plain.zarr"
+    assert synth(run, guided, "--n", "4", "--masks", store)[0] == 0
+    assert synth(run, plain, "--n", "4", "--masks", store, "--mask-guidance", "1")[0] == 0
+    plans = [json.loads((s / "manifest.json").read_text())["plan"] for s in (guided, plain)]
+    assert [p["mask_guidance"] for p in plans] == [2.0, 1.0]
+    a, b = arrays(guided), arrays(plain)
+    np.testing.assert_array_equal(a["mask"], b["mask"])
+    assert not np.array_equal(a["image"], b["image"])
+    code, _, stderr = synth(run, plain, "--n", "4", "--masks", store, "--resume")
+    assert code == 3 and "--mask-guidance" in stderr
+
+
 def test_a_conditioned_model_still_samples_jointly(
     ss: tuple[Path, Path, Path], tmp_path: Path
 ) -> None:
@@ -165,6 +179,10 @@ def test_refusals(
         synth(run, out, "--n", "2", "--masks", tmp_path / "none"), 3, "does not exist", out
     )
     _one_line_refusal(synth(run, out, "--n", "2", "--masks-split", "test"), 2, "--masks", out)
+    _one_line_refusal(synth(run, out, "--n", "2", "--mask-guidance", "3"), 2, "--masks", out)
+    _one_line_refusal(
+        synth(run, out, "--n", "2", "--masks", store, "--mask-guidance", "0.5"), 2, "below 1", out
+    )
     _one_line_refusal(
         synth(run, out, "--n", "2", "--masks", store, "--masks-split", "nope"), 3, "nope", out
     )

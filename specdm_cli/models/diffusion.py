@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
@@ -91,16 +92,31 @@ def mask_condition(mask_latent: torch.Tensor, keep: torch.Tensor) -> torch.Tenso
     return torch.cat([mask_latent * flag, ones * flag], dim=1)
 
 
+@dataclass
+class UNetOutput:
+    """What diffusers' U-Net returns, as far as samplers read it."""
+
+    sample: torch.Tensor
+
+
 class ConditionedUNet:
     """A mask-conditioned U-Net called like an unconditioned one: `unet(x, t)` gets the fixed
-    condition appended on the channel axis, so samplers need not know about it."""
+    condition appended on the channel axis, so samplers need not know about it.
 
-    def __init__(self, unet: Any, condition: torch.Tensor):
-        self.unet, self.condition = unet, condition
+    With `guidance` w != 1, classifier-free guidance (Ho & Salimans 2022): the output is
+    free + w * (conditioned - free), `free` the same U-Net given zeros (no mask); linear in
+    the output, so it serves epsilon and v targets alike. Two U-Net passes per step."""
+
+    def __init__(self, unet: Any, condition: torch.Tensor, guidance: float = 1.0):
+        self.unet, self.condition, self.guidance = unet, condition, guidance
 
     def __call__(self, sample: torch.Tensor, timestep: Any) -> Any:
         condition = self.condition.to(device=sample.device, dtype=sample.dtype)
-        return self.unet(torch.cat([sample, condition], dim=1), timestep)
+        given = self.unet(torch.cat([sample, condition], dim=1), timestep)
+        if self.guidance == 1:
+            return given
+        free = self.unet(torch.cat([sample, torch.zeros_like(condition)], dim=1), timestep)
+        return UNetOutput(free.sample + self.guidance * (given.sample - free.sample))
 
 
 class ScheduleConfig(BaseModel):

@@ -15,7 +15,12 @@ from specdm_cli.fs.space import require_disk, require_memory
 from specdm_cli.manifest import array_names
 from specdm_cli.pipeline.runs.choose import ChosenModel, choose_model
 from specdm_cli.pipeline.signals import StopFlag
-from specdm_cli.pipeline.synthesize.masks import GivenMasks, MaskSource, require_conditioned
+from specdm_cli.pipeline.synthesize.masks import (
+    DEFAULT_GUIDANCE,
+    GivenMasks,
+    MaskSource,
+    require_conditioned,
+)
 from specdm_cli.pipeline.synthesize.preview import rgb_note, write_preview
 from specdm_cli.pipeline.synthesize.require import parse_require
 from specdm_cli.pipeline.synthesize.shards import Shard, parse_shard
@@ -53,6 +58,7 @@ class SynthesizeOptions:
     preview: Path | None = None
     masks: Path | None = None  # a store whose label maps the samples are drawn for
     masks_split: str | None = None
+    mask_guidance: float | None = None  # None: DEFAULT_GUIDANCE with --masks
 
 
 def synthesize_store(
@@ -83,16 +89,23 @@ def _mask_source(options: SynthesizeOptions, chosen: ChosenModel) -> MaskSource 
     """`--masks`: refused for an unconditioned model, with --require, or a store that does
     not fit the run (checked now, before the output exists)."""
     if options.masks is None:
-        if options.masks_split is not None:
-            raise UsageError("--masks-split needs --masks", hint="e.g. --masks data.zarr")
+        if options.masks_split is not None or options.mask_guidance is not None:
+            raise UsageError(
+                "--masks-split and --mask-guidance need --masks", hint="e.g. --masks data.zarr"
+            )
         return None
+    guidance = DEFAULT_GUIDANCE if options.mask_guidance is None else options.mask_guidance
+    if not guidance >= 1:
+        raise UsageError(
+            f"--mask-guidance {guidance} is below 1", hint="1 = the plain conditional model"
+        )
     require_conditioned(chosen.manifest, chosen.path)
     if options.require is not None:
         raise UsageError(
             "--require filters decoded masks; with --masks the masks are given",
             hint="choose the masks you want in the --masks store instead",
         )
-    source = MaskSource(options.masks, options.masks_split)
+    source = MaskSource(options.masks, options.masks_split, guidance)
     GivenMasks(source, chosen.manifest)
     return source
 

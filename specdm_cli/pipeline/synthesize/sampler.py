@@ -72,7 +72,8 @@ class Sampler:
             return ConditionedUNet(self.unet, torch.zeros(size, device=self.device))
         latent = mask_latents(self.vae, given, self.shift, self.scale)
         keep = torch.ones(len(given), dtype=torch.bool)
-        return ConditionedUNet(self.unet, mask_condition(latent, keep))
+        guidance = self.masks.source.guidance if self.masks is not None else 1.0
+        return ConditionedUNet(self.unet, mask_condition(latent, keep), guidance)
 
     @torch.no_grad()
     def batch(self, first: int, keep: int, steps: int) -> tuple[dict[str, np.ndarray], np.ndarray]:
