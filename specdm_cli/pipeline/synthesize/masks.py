@@ -16,6 +16,7 @@ import torch
 
 from specdm_cli.errors import InputDataError, UsageError
 from specdm_cli.manifest import LABEL_ARRAY
+from specdm_cli.models.diffusion import ConditionedUNet, mask_condition
 from specdm_cli.models.vae import SpecDMVAE, one_hot_mask
 from specdm_cli.pipeline.runs.run_manifest import MaskCondition, RunManifest
 from specdm_cli.stores import StoreReader, open_store, store_sha256
@@ -94,6 +95,28 @@ def mask_latents(
     channels = mean.shape[1]
     scaled: torch.Tensor = (mean - shift[:, -channels:]) * scale[:, -channels:]
     return scaled
+
+
+def conditioned(
+    unet: Any,
+    condition: MaskCondition,
+    grid: tuple[int, int],
+    masks: GivenMasks | None,
+    device: torch.device,
+) -> ConditionedUNet:
+    """A mask-conditioned U-Net as samplers call it, for batches of `grid` = (B, latent side):
+    its input is zeros (no mask: joint sampling) until `given_condition` sets given masks."""
+    batch, side = grid
+    zeros = torch.zeros((batch, condition.channels + 1, side, side), device=device)
+    return ConditionedUNet(unet, zeros, masks.source.guidance if masks is not None else 1.0)
+
+
+def given_condition(
+    vae: SpecDMVAE, labels: np.ndarray, shift: torch.Tensor, scale: torch.Tensor
+) -> torch.Tensor:
+    """The conditioned U-Net's input for given label maps: their latents, flagged as given."""
+    latent = mask_latents(vae, labels, shift, scale)
+    return mask_condition(latent, torch.ones(len(labels), dtype=torch.bool))
 
 
 def _check_fits(reader: StoreReader, run: RunManifest) -> None:

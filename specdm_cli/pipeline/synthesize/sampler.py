@@ -14,12 +14,12 @@ import torch
 
 from specdm_cli.config import Precision, SamplerName
 from specdm_cli.manifest import IMAGE_ARRAYS, LABEL_ARRAY
-from specdm_cli.models.diffusion import ConditionedUNet, ScheduleConfig, mask_condition
+from specdm_cli.models.diffusion import ScheduleConfig
 from specdm_cli.models.samplers import sample_generator, sample_latents
 from specdm_cli.pipeline.runs.checkpoints import load_module
 from specdm_cli.pipeline.runs.choose import ChosenModel
 from specdm_cli.pipeline.runs.vae_io import load_vae
-from specdm_cli.pipeline.synthesize.masks import GivenMasks, mask_latents
+from specdm_cli.pipeline.synthesize.masks import GivenMasks, conditioned, given_condition
 from specdm_cli.pipeline.train.common import autocast
 
 
@@ -61,29 +61,29 @@ class Sampler:
         self.dtype = np.dtype(manifest.dtype)
         self.classes = len(manifest.classes)
         self.condition, self.masks = details.mask_condition, masks
+        if self.condition is not None:  # samplers call it as any U-Net; `_given` sets its input
+            grid = (plan.batch_size, self.side)
+            self.unet = conditioned(self.unet, self.condition, grid, masks, device)
 
-    def _unet(self, given: np.ndarray | None) -> Any:
-        """The U-Net as samplers call it; a mask-conditioned one gets the given masks' latents,
-        or without masks zeros (no mask: it samples image and mask jointly)."""
-        if self.condition is None:
-            return self.unet
-        size = (self.plan.batch_size, self.condition.channels + 1, self.side, self.side)
-        if given is None:
-            return ConditionedUNet(self.unet, torch.zeros(size, device=self.device))
-        latent = mask_latents(self.vae, given, self.shift, self.scale)
-        keep = torch.ones(len(given), dtype=torch.bool)
-        guidance = self.masks.source.guidance if self.masks is not None else 1.0
-        return ConditionedUNet(self.unet, mask_condition(latent, keep), guidance)
+    def _given(self, first: int) -> np.ndarray | None:
+        """With --masks, the labels of batch `first` (B of them), whose latents become the
+        conditioned U-Net's input; without, None (a conditioned U-Net keeps its zeros: no mask,
+        it samples image and mask jointly)."""
+        if self.masks is None:
+            return None
+        labels = self.masks.labels(range(first, first + self.plan.batch_size))
+        self.unet.condition = given_condition(self.vae, labels, self.shift, self.scale)
+        return labels
 
     @torch.no_grad()
     def batch(self, first: int, keep: int, steps: int) -> tuple[dict[str, np.ndarray], np.ndarray]:
         """Draws first.. (always B of them, so every batch computes alike), the first `keep`
         returned in the store's units with the values clipped per sample."""
+        given = self._given(first)
         padded = range(first, first + self.plan.batch_size)
         generators = [sample_generator(self.plan.seed, i) for i in padded]
-        given = self.masks.labels(padded) if self.masks is not None else None
         latents = sample_latents(
-            self._unet(given), self.plan.sampler, self.schedule, steps, (self.channels, self.side, self.side),
+            self.unet, self.plan.sampler, self.schedule, steps, (self.channels, self.side, self.side),
             generators, self.device, lambda: autocast(self.device, self.plan.precision),
         )  # fmt: skip
         decoded = self.vae.decode_joint(latents / self.scale + self.shift)

@@ -178,6 +178,12 @@ def _rgb(bands: list[Any]) -> list[str] | None:
     return wanted if all(name in names for name in wanted) else None
 
 
+def _sampler(request: SynthesizeRequest, plan: SamplingPlan, device: torch.device) -> Sampler:
+    """The run's sampler, drawing for the given masks with --masks."""
+    given = GivenMasks(request.masks, request.model.manifest) if request.masks else None
+    return Sampler(request.model, plan, device, given)
+
+
 def synthesize(
     request: SynthesizeRequest, stop: StopFlag, progress: Progress | None = None
 ) -> SynthesizeSummary:
@@ -211,12 +217,6 @@ def synthesize(
         loop = _run(draws, writer, todo, stop, progress, len(batches) - len(todo), len(batches))
     cuda_peak = torch.cuda.max_memory_allocated(devices[0]) if devices[0].type == "cuda" else None
     return _summary(request, started, loop, len(batches), draws.count if draws else 0, cuda_peak)
-
-
-def _sampler(request: SynthesizeRequest, plan: SamplingPlan, device: torch.device) -> Sampler:
-    """The run's sampler, drawing for the given masks with --masks."""
-    given = GivenMasks(request.masks, request.model.manifest) if request.masks else None
-    return Sampler(request.model, plan, device, given)
 
 
 def _summary(
