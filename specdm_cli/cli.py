@@ -686,6 +686,13 @@ def fit_diffusion(
         int | None, typer.Option(help="EMA loss on the val latents every N steps [1000].")
     ] = None,
     val_samples: Annotated[int | None, typer.Option(help="Val samples encoded [256].")] = None,
+    mask_condition_rate: Annotated[
+        float | None,
+        typer.Option(
+            help="Fraction of training samples that also see their clean mask, so `synthesize "
+            "--masks` can draw images for given masks; 0 = unconditioned [0]."
+        ),
+    ] = None,
     gpus: GpusOption = Devices(),  # noqa: B008 (an immutable value)
     threads: ThreadsOption = None,
     resume: ResumeOption = False,
@@ -706,7 +713,7 @@ def fit_diffusion(
             ema_decay=ema_decay, snr_gamma=snr_gamma, prediction=prediction,
             block_out_channels=_blocks(unet_blocks), layers_per_block=layers_per_block,
             norm_num_groups=norm_groups, attention_head_dim=head_dim, checkpoint_every=checkpoint_every,
-            val_every=val_every, val_samples=val_samples,
+            val_every=val_every, val_samples=val_samples, mask_condition_rate=mask_condition_rate,
         ))  # fmt: skip
         config = _config_or_usage_error(DiffusionTrainConfig, **values)
         request = FitDiffusionRequest(
@@ -829,6 +836,24 @@ def synthesize(
             help="CLASS:MINFRAC[,...]: keep only samples with at least that fraction of each class."
         ),
     ] = None,
+    masks: Annotated[
+        Path | None,
+        typer.Option(
+            help="Draw images for the label maps of this store (same task, classes and size): "
+            "sample i gets mask i mod M, written as given. Needs a model trained with "
+            "--mask-condition-rate."
+        ),
+    ] = None,
+    masks_split: Annotated[
+        str | None, typer.Option(help="Only the --masks store's samples of this split [all].")
+    ] = None,
+    mask_guidance: Annotated[
+        float | None,
+        typer.Option(
+            help="Classifier-free guidance weight with --masks; 1 = plain conditional, one "
+            "U-Net pass a step instead of two [2, measured]."
+        ),
+    ] = None,
     gpus: GpusOption = Devices(),  # noqa: B008 (an immutable value)
     threads: ThreadsOption = None,
     json_output: JsonOption = False,
@@ -857,6 +882,7 @@ def synthesize(
             out=out, n=n, model=model, task=task, sampler=sampler, steps=steps, seed=seed,
             batch_size=batch_size, precision=precision or "fp32", format=store_format,
             shard=shard, devices=gpus, require=require, overwrite=overwrite, preview=preview,
+            masks=masks, masks_split=masks_split, mask_guidance=mask_guidance,
         )  # fmt: skip
         with graceful_stop() as stop, torch_threads(threads), _progress("synthesize", quiet) as bar:
             summary = synthesize_store(options, stop, bar, _warn(quiet))

@@ -206,15 +206,20 @@ class DiffusionTrainConfig(BaseModel):
     norm_num_groups: int = Field(32, ge=1)
     attention_head_dim: int = Field(32, ge=1)
     preset: TrainPreset = "gpu"  # as VAETrainConfig.preset (DIFFUSION_PRESETS)
+    # Mask conditioning, classifier-free style (Ho & Salimans 2022): the fraction of training
+    # samples whose clean mask latent the U-Net also sees; the rest see zeros, so one model
+    # samples jointly and from a given mask. 0 = an unconditioned U-Net, as before (ours).
+    mask_condition_rate: float = Field(0.0, ge=0, le=1)
 
     def learning_rate(self) -> float:
         return self.lr if self.lr is not None else 2e-6 * self.batch_size
 
     def training_identity(self) -> dict[str, Any]:
-        return self.model_dump(
-            exclude={"steps", "checkpoint_every", "val_every", "val_samples", "preset"},
-            mode="json",
-        )
+        """What a resume must match; an option that is off leaves no key (older runs resume)."""
+        exclude = {"steps", "checkpoint_every", "val_every", "val_samples", "preset"}
+        if self.mask_condition_rate == 0:
+            exclude.add("mask_condition_rate")
+        return self.model_dump(exclude=exclude, mode="json")
 
 
 class DistillTrainConfig(BaseModel):

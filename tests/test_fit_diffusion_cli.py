@@ -166,8 +166,46 @@ def test_loss_and_val_loss_fall(vae_run: Path, tmp_path: Path) -> None:
     assert val[60] < val[20]
 
 
+def test_mask_conditioning_trains_records_and_resumes(vae_run: Path, tmp_path: Path) -> None:
+    whole = copy_run(vae_run, tmp_path / "whole")
+    code, summary, stderr = diffuse(
+        whole, "--steps", "4", "--val-every", "2", "--mask-condition-rate", "0.5"
+    )
+    assert code == 0, stderr
+    stage = json.loads((whole / "run.json").read_text())["stages"]["diffusion"]
+    condition = stage["details"]["mask_condition"]
+    assert condition == {"rate": 0.5, "channels": condition["channels"], "array": "mask"}
+    # The input: 7 latent channels, then the label latent (the last `channels`) and its flag.
+    assert stage["details"]["unet"]["in_channels"] == 7 + condition["channels"] + 1
+    assert stage["details"]["unet"]["out_channels"] == 7
+    assert stage["config"]["mask_condition_rate"] == 0.5
+    assert 0 < summary["val_loss_given_mask"] < 2  # type: ignore[operator]
+    split = copy_run(vae_run, tmp_path / "split")
+    assert diffuse(split, "--steps", "2", "--mask-condition-rate", "0.5")[0] == 0
+    code, summary, stderr = diffuse(split, "--steps", "4", "--val-every", "2", "--resume")
+    assert code == 0 and summary["state"] == "resumed", stderr  # the rate comes from run.json
+    first, second = unet_weights(whole), unet_weights(split)
+    for name in first:
+        assert torch.equal(first[name], second[name]), name
+    code, _, stderr = diffuse(split, "--steps", "6", "--resume", "--mask-condition-rate", "0")
+    assert code == 4 and "mask_condition_rate" in stderr
+
+
+def test_an_unconditioned_run_records_no_condition(vae_run: Path, tmp_path: Path) -> None:
+    run = copy_run(vae_run, tmp_path / "run")
+    assert diffuse(run, "--steps", "2")[0] == 0
+    stage = json.loads((run / "run.json").read_text())["stages"]["diffusion"]
+    # No key at all: runs from before the option resume with the same training identity.
+    assert "mask_condition_rate" not in stage["config"] and "mask_condition" not in stage["details"]
+    assert stage["details"]["unet"]["in_channels"] == 7
+    code, _, stderr = diffuse(copy_run(vae_run, tmp_path / "bad"), "--mask-condition-rate", "1.5")
+    assert code == 2 and "--mask-condition-rate" in stderr and "Traceback" not in stderr
+
+
 def test_single_stream_chain(tmp_path: Path) -> None:
     run = _vae_run(tmp_path, "--single-stream", task="cd")
+    code, _, stderr = diffuse(run, "--steps", "2", "--mask-condition-rate", "0.5")
+    assert code == 2 and "two-stream" in stderr and "Traceback" not in stderr
     code, summary, stderr = diffuse(run, "--steps", "2")
     assert code == 0, stderr
     assert len(summary["latent_scale"]) == 11  # type: ignore[arg-type]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
@@ -32,6 +33,9 @@ class UNetConfig(BaseModel):
     layers_per_block: int = Field(2, ge=1)  # LDM num_res_blocks
     norm_num_groups: int = Field(32, ge=1)  # LDM / diffusers
     attention_head_dim: int = Field(32, ge=1)  # LDM num_head_channels
+    # Extra input channels after the noisy latent: a mask-conditioned U-Net's clean mask latent
+    # and keep flag (`mask_condition`); 0 = the unconditioned U-Net.
+    condition_channels: int = Field(0, ge=0)
 
     @model_validator(mode="after")
     def _levels_fit(self) -> UNetConfig:
@@ -75,7 +79,7 @@ def build_unet(config: UNetConfig) -> Any:
     unet: Any = UNet2DModel  # untyped constructor
     return unet(
         sample_size=config.sample_size,
-        in_channels=config.channels,
+        in_channels=config.channels + config.condition_channels,
         out_channels=config.channels,
         layers_per_block=config.layers_per_block,
         block_out_channels=config.block_out_channels,
@@ -84,6 +88,41 @@ def build_unet(config: UNetConfig) -> Any:
         norm_num_groups=config.norm_num_groups,
         attention_head_dim=config.attention_head_dim,
     )
+
+
+def mask_condition(mask_latent: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """A mask-conditioned U-Net's extra input: [clean mask latent x keep, keep flag], with
+    `keep` 1 or 0 per sample; all zeros is "no mask given" (classifier-free style)."""
+    flag = keep.to(device=mask_latent.device, dtype=mask_latent.dtype)[:, None, None, None]
+    ones = torch.ones_like(mask_latent[:, :1])
+    return torch.cat([mask_latent * flag, ones * flag], dim=1)
+
+
+@dataclass
+class UNetOutput:
+    """What diffusers' U-Net returns, as far as samplers read it."""
+
+    sample: torch.Tensor
+
+
+class ConditionedUNet:
+    """A mask-conditioned U-Net called like an unconditioned one: `unet(x, t)` gets the fixed
+    condition appended on the channel axis, so samplers need not know about it.
+
+    With `guidance` w != 1, classifier-free guidance (Ho & Salimans 2022): the output is
+    free + w * (conditioned - free), `free` the same U-Net given zeros (no mask); linear in
+    the output, so it serves epsilon and v targets alike. Two U-Net passes per step."""
+
+    def __init__(self, unet: Any, condition: torch.Tensor, guidance: float = 1.0):
+        self.unet, self.condition, self.guidance = unet, condition, guidance
+
+    def __call__(self, sample: torch.Tensor, timestep: Any) -> Any:
+        condition = self.condition.to(device=sample.device, dtype=sample.dtype)
+        given = self.unet(torch.cat([sample, condition], dim=1), timestep)
+        if self.guidance == 1:
+            return given
+        free = self.unet(torch.cat([sample, torch.zeros_like(condition)], dim=1), timestep)
+        return UNetOutput(free.sample + self.guidance * (given.sample - free.sample))
 
 
 class ScheduleConfig(BaseModel):

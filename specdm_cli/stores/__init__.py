@@ -304,7 +304,13 @@ def plan_differences(old: dict[str, object], new: dict[str, object], prefix: str
 
 
 # Plan keys that are not spelled as their option.
-_PLAN_NAMES = {"raw": "RAW", "source": "SOURCE", "stage": "command", "model_sha256": "--model"}
+_PLAN_NAMES = {
+    "raw": "RAW",
+    "source": "SOURCE",
+    "stage": "command",
+    "model_sha256": "--model",
+    "masks_sha256": "--masks (its manifest)",
+}
 
 
 def _shown(value: object) -> str:

@@ -43,6 +43,17 @@ class VAEDetails(BaseModel):
     validation: dict[str, Any] | None = None
 
 
+class MaskCondition(BaseModel):
+    """A mask-conditioned U-Net (fit-diffusion --mask-condition-rate): its input is the noisy
+    joint latent, then the clean label latent x keep and the keep flag (models/diffusion.py)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    rate: float = Field(ge=0, le=1)  # the fraction of training samples that saw their mask
+    channels: int = Field(ge=1)  # the label latent's channels: the joint latent's last ones
+    array: str  # the label array conditioned on: mask (ss) or change (cd)
+
+
 class DiffusionDetails(BaseModel):
     """What a diffusion checkpoint records (run.json, stages.diffusion.details)."""
 
@@ -55,6 +66,7 @@ class DiffusionDetails(BaseModel):
     unet: dict[str, Any] = Field(default_factory=dict)
     learning_rate: float | None = None
     cached_views: int | None = None
+    mask_condition: MaskCondition | None = None  # None: an unconditioned U-Net (older runs too)
 
     def shift(self) -> list[float]:
         return (
@@ -191,6 +203,16 @@ def check_consistent(manifest: RunManifest) -> None:
         shift = details.shift()
         if not _numbers(shift) or len(shift) != len(scale):
             raise ValueError("latent_shift is not a list of numbers, one per latent channel")
+        _check_unet_inputs(details)
+
+
+def _check_unet_inputs(details: DiffusionDetails) -> None:
+    """The U-Net takes the latent channels, plus the label latent and flag when conditioned."""
+    condition = details.mask_condition
+    wanted = len(details.latent_scale) + (condition.channels + 1 if condition else 0)
+    given = details.unet.get("in_channels", wanted)  # details without the U-Net's config
+    if given != wanted or (condition and condition.channels >= len(details.latent_scale)):
+        raise ValueError(f"the U-Net takes {given} input channels, the latents need {wanted}")
 
 
 def _numbers(values: Any) -> bool:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -14,6 +15,12 @@ from specdm_cli.fs.space import require_disk, require_memory
 from specdm_cli.manifest import array_names
 from specdm_cli.pipeline.runs.choose import ChosenModel, choose_model
 from specdm_cli.pipeline.signals import StopFlag
+from specdm_cli.pipeline.synthesize.masks import (
+    DEFAULT_GUIDANCE,
+    GivenMasks,
+    MaskSource,
+    require_conditioned,
+)
 from specdm_cli.pipeline.synthesize.preview import rgb_note, write_preview
 from specdm_cli.pipeline.synthesize.require import parse_require
 from specdm_cli.pipeline.synthesize.sampler import resolve_sampler
@@ -50,6 +57,9 @@ class SynthesizeOptions:
     require: str | None = None
     overwrite: bool = False
     preview: Path | None = None
+    masks: Path | None = None  # a store whose label maps the samples are drawn for
+    masks_split: str | None = None
+    mask_guidance: float | None = None  # None: DEFAULT_GUIDANCE with --masks
 
 
 def synthesize_store(
@@ -65,13 +75,45 @@ def synthesize_store(
     shard = parse_shard(options.shard)
     grid = parse_batch_size(options.batch_size)
     chosen = _model(options)
-    refuse_overlap(options.out, {"--model": chosen.path})
+    refuse_overlap(options.out, {"--model": chosen.path, "--masks": options.masks})
+    masks = _mask_source(options, chosen)
     notice(f"model: {chosen.path} ({chosen.kind}, sha256 {chosen.sha256[:12]}){_why(chosen)}")
     if chosen.kind == "demo":  # shipped inside the package: no claim files written there
-        return _write(options, chosen, shard, grid, stop, progress, notice)
+        with _reading(masks):
+            return _write(options, chosen, shard, grid, masks, stop, progress, notice)
     # A run is claimed while it is used: `--overwrite` elsewhere refuses to replace it.
-    with ReadLock(chosen.path, refuse_writer=False):
-        return _write(options, chosen, shard, grid, stop, progress, notice)
+    with ReadLock(chosen.path, refuse_writer=False), _reading(masks):
+        return _write(options, chosen, shard, grid, masks, stop, progress, notice)
+
+
+def _mask_source(options: SynthesizeOptions, chosen: ChosenModel) -> MaskSource | None:
+    """`--masks`: refused for an unconditioned model, with --require, or a store that does
+    not fit the run (checked now, before the output exists)."""
+    if options.masks is None:
+        if options.masks_split is not None or options.mask_guidance is not None:
+            raise UsageError(
+                "--masks-split and --mask-guidance need --masks", hint="e.g. --masks data.zarr"
+            )
+        return None
+    guidance = DEFAULT_GUIDANCE if options.mask_guidance is None else options.mask_guidance
+    if not guidance >= 1:
+        raise UsageError(
+            f"--mask-guidance {guidance} is below 1", hint="1 = the plain conditional model"
+        )
+    require_conditioned(chosen.manifest, chosen.path)
+    if options.require is not None:
+        raise UsageError(
+            "--require filters decoded masks; with --masks the masks are given",
+            hint="choose the masks you want in the --masks store instead",
+        )
+    source = MaskSource(options.masks, options.masks_split, guidance)
+    GivenMasks(source, chosen.manifest)
+    return source
+
+
+def _reading(masks: MaskSource | None) -> AbstractContextManager[object]:
+    """The --masks store is claimed while it is read (`--overwrite` elsewhere waits)."""
+    return ReadLock(masks.path) if masks is not None else nullcontext()
 
 
 def _write(
@@ -79,6 +121,7 @@ def _write(
     chosen: ChosenModel,
     shard: Shard,
     grid: int | None,
+    masks: MaskSource | None,
     stop: StopFlag,
     progress: Progress | None,
     notice: Callable[[str], None],
@@ -98,6 +141,7 @@ def _write(
         shard=shard,
         devices=options.devices,
         require=parse_require(options.require, chosen.manifest.classes),
+        masks=masks,
     )
     _require_room(request)
     summary = synthesize(request, stop, progress)

@@ -27,6 +27,7 @@ from specdm_cli.models.samplers import (
 from specdm_cli.pipeline.runs.checkpoints import load_module
 from specdm_cli.pipeline.runs.choose import ChosenModel
 from specdm_cli.pipeline.runs.vae_io import load_vae
+from specdm_cli.pipeline.synthesize.masks import GivenMasks, conditioned, given_condition
 from specdm_cli.pipeline.train.common import autocast
 
 # On the CPU, decoding 64 samples at once cost 1.6-2.4x per sample what 16 did (the activations
@@ -50,7 +51,13 @@ class SamplingPlan:
 class Sampler:
     """The run's U-Net (EMA weights) and VAE decoders, producing physical-unit samples."""
 
-    def __init__(self, model: ChosenModel, plan: SamplingPlan, device: torch.device):
+    def __init__(
+        self,
+        model: ChosenModel,
+        plan: SamplingPlan,
+        device: torch.device,
+        masks: GivenMasks | None = None,
+    ):
         from diffusers import UNet2DModel
 
         run, manifest = model.path, model.manifest
@@ -73,11 +80,26 @@ class Sampler:
         self.plan, self.device, self.task = plan, device, manifest.task
         self.dtype = np.dtype(manifest.dtype)
         self.classes = len(manifest.classes)
+        self.condition, self.masks = details.mask_condition, masks
+        if self.condition is not None:  # samplers call it as any U-Net; `_given` sets its input
+            grid = (plan.batch_size, self.side)
+            self.unet = conditioned(self.unet, self.condition, grid, masks, device)
+
+    def _given(self, first: int) -> np.ndarray | None:
+        """With --masks, the labels of batch `first` (B of them), whose latents become the
+        conditioned U-Net's input; without, None (a conditioned U-Net keeps its zeros: no mask,
+        it samples image and mask jointly)."""
+        if self.masks is None:
+            return None
+        labels = self.masks.labels(range(first, first + self.plan.batch_size))
+        self.unet.condition = given_condition(self.vae, labels, self.shift, self.scale)
+        return labels
 
     @torch.no_grad()
     def batch(self, first: int, keep: int, steps: int) -> tuple[dict[str, np.ndarray], np.ndarray]:
         """Draws first.. (always B of them, so every batch computes alike), the first `keep`
         returned in the store's units with the values clipped per sample."""
+        given = self._given(first)
         padded = range(first, first + self.plan.batch_size)
         generators = [sample_generator(self.plan.seed, i) for i in padded]
         shape = (self.channels, self.side, self.side)
@@ -98,6 +120,8 @@ class Sampler:
             clipped += count
         label = decoded[LABEL_ARRAY[self.task]][:keep].argmax(dim=1)
         arrays[LABEL_ARRAY[self.task]] = label.to(torch.uint8).cpu().numpy()
+        if given is not None:  # the label is the mask given, not its decoded echo
+            arrays[LABEL_ARRAY[self.task]] = given[:keep]
         return arrays, clipped
 
     def decode(self, latents: torch.Tensor) -> dict[str, torch.Tensor]:

@@ -26,6 +26,7 @@ from specdm_cli.models.samplers import DEFAULT_STEPS
 from specdm_cli.pipeline.runs.choose import ChosenModel
 from specdm_cli.pipeline.runs.provenance import provenance
 from specdm_cli.pipeline.signals import StopFlag
+from specdm_cli.pipeline.synthesize.masks import GivenMasks, MaskSource
 from specdm_cli.pipeline.synthesize.ranks import run_on_devices
 from specdm_cli.pipeline.synthesize.require import Requirement, accepted, give_up, resume_draw
 from specdm_cli.pipeline.synthesize.sampler import Sampler, SamplingPlan, distilled_timesteps
@@ -60,6 +61,7 @@ class SynthesizeRequest:
     shard: Shard = field(default_factory=Shard)
     devices: Devices = field(default_factory=Devices)
     require: tuple[Requirement, ...] = ()
+    masks: MaskSource | None = None  # --masks: sample i drawn for the given mask i mod M
 
 
 @dataclass
@@ -118,6 +120,7 @@ def _plan(request: SynthesizeRequest, steps: int) -> dict[str, Any]:
         "batch_size": request.batch_size,
         "format": request.format,
         **({"require": [r.text() for r in request.require]} if request.require else {}),
+        **(request.masks.plan() if request.masks is not None else {}),
         **(
             {"threads": cpu_threads_per_process(request.devices)}
             if request.devices.kind == "cpu"
@@ -161,6 +164,7 @@ def _manifest(request: SynthesizeRequest, steps: int, device: torch.device) -> M
                 "latent_scale": diffusion.details.get("latent_scale"),
                 "source_manifest_sha256": run.source_manifest_sha256,
                 "device": str(device),
+                **({"mask_source": request.masks.plan()} if request.masks is not None else {}),
             },
         ),
         plan=_plan(request, steps),
@@ -172,6 +176,12 @@ def _rgb(bands: list[Any]) -> list[str] | None:
     names = [band.name for band in bands]
     wanted = ["B04", "B03", "B02"]
     return wanted if all(name in names for name in wanted) else None
+
+
+def _sampler(request: SynthesizeRequest, plan: SamplingPlan, device: torch.device) -> Sampler:
+    """The run's sampler, drawing for the given masks with --masks."""
+    given = GivenMasks(request.masks, request.model.manifest) if request.masks else None
+    return Sampler(request.model, plan, device, given)
 
 
 def synthesize(
@@ -200,7 +210,7 @@ def synthesize(
         written = writer.written()
         todo = [b for b in batches if not written[b.start : b.stop].all()]
         plan = SamplingPlan(request.sampler, request.seed, request.batch_size, request.precision)
-        draws = _Draws(Sampler(request.model, plan, devices[0]), steps) if todo else None
+        draws = _Draws(_sampler(request, plan, devices[0]), steps) if todo else None
         if draws is not None and request.require:
             candidates = open_store(request.out, allow_incomplete=True).candidates()
             draws.require(request.require, resume_draw(candidates, todo[0].start))

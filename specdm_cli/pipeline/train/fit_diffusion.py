@@ -18,7 +18,14 @@ from pydantic import ValidationError
 from specdm_cli.config import Devices, DiffusionTrainConfig, Progress
 from specdm_cli.errors import ModelError, UsageError
 from specdm_cli.fs.lock import ReadLock
-from specdm_cli.models.diffusion import EMA, ScheduleConfig, UNetConfig, build_unet, ldm_betas
+from specdm_cli.models.diffusion import (
+    EMA,
+    ScheduleConfig,
+    UNetConfig,
+    build_unet,
+    ldm_betas,
+    mask_condition,
+)
 from specdm_cli.pipeline.runs import rundirs as runs
 from specdm_cli.pipeline.runs.checkpoints import (
     load_module,
@@ -71,13 +78,17 @@ class FitDiffusionSummary:
     latent_shift: list[float] = field(default_factory=list)
     latent_scale: list[float] = field(default_factory=list)
     val_loss: float | None = None
+    val_loss_given_mask: float | None = None  # mask-conditioned U-Nets
 
 
-def unet_config(config: DiffusionTrainConfig, channels: int, size: int) -> UNetConfig:
+def unet_config(
+    config: DiffusionTrainConfig, channels: int, size: int, condition_channels: int = 0
+) -> UNetConfig:
     overrides: dict[str, Any] = {
         "layers_per_block": config.layers_per_block,
         "norm_num_groups": config.norm_num_groups,
         "attention_head_dim": config.attention_head_dim,
+        "condition_channels": condition_channels,
     }
     if config.block_out_channels:
         levels = len(config.block_out_channels)
@@ -88,6 +99,30 @@ def unet_config(config: DiffusionTrainConfig, channels: int, size: int) -> UNetC
     except ValidationError as error:
         reason = error.errors()[0]["msg"].removeprefix("Value error, ")
         raise UsageError(f"the U-Net does not fit the {size}x{size} latent: {reason}") from None
+
+
+def condition_input_channels(manifest: RunManifest, config: DiffusionTrainConfig) -> int:
+    """The U-Net's extra input channels: the label latent and a keep flag when the run trains
+    mask-conditioned, else none. The label latent is the joint latent's last block."""
+    if config.mask_condition_rate == 0:
+        return 0
+    vae = vae_config(manifest)
+    if vae.single_stream:
+        raise UsageError(
+            "--mask-condition-rate needs the two-stream VAE (a separate mask latent)",
+            hint="train the VAE without --single-stream, or drop --mask-condition-rate",
+        )
+    return vae.mask_latent_channels + 1
+
+
+def mask_condition_details(manifest: RunManifest, unet: UNetConfig, rate: float) -> dict[str, Any]:
+    """run.json's record of a mask-conditioned U-Net (empty for an unconditioned one): what
+    `synthesize --masks` reads to build the same input."""
+    if not unet.condition_channels:
+        return {}
+    label = vae_config(manifest).label_name
+    channels = unet.condition_channels - 1
+    return {"mask_condition": {"rate": rate, "channels": channels, "array": label}}
 
 
 def snr_weights(alphas_cumprod: torch.Tensor, gamma: float, prediction: str) -> torch.Tensor:
@@ -117,6 +152,8 @@ class DiffusionTrainer:
         self.rank, self.world = rank, world
         self.run = run
         self.val = val if val is not None else np.zeros((0,), dtype=np.float32)
+        self.mask_channels = max(0, unet_cfg.condition_channels - 1)
+        self.condition_record: dict[str, Any] = {}  # run.json's mask_condition, if any
         torch.manual_seed(config.seed)
         self.unet = build_unet(unet_cfg).to(device).train()
         self.net: Any = self.unet
@@ -157,6 +194,9 @@ class DiffusionTrainer:
         # ours come from LDM's float64 buffers. Parity within float32 rounding is
         # tests/test_diffusion_maths.py::test_forward_process_matches_diffusers_helpers.
         noisy = a.sqrt() * z + (1 - a).sqrt() * noise
+        if self.mask_channels:  # drawn after t: an unconditioned run draws what it always drew
+            keep = torch.rand(z.shape[0], generator=generator) < self.config.mask_condition_rate
+            noisy = self.conditioned(noisy, (mean.to(self.device) - self.shift) * self.scale, keep)
         with autocast(self.device, self.config.precision):
             predicted = self.net(noisy, t).sample
         target = (
@@ -168,9 +208,23 @@ class DiffusionTrainer:
         self.ema.update(self.unet)
         return {"loss": float(loss.detach())}
 
+    def conditioned(self, noisy: torch.Tensor, clean: torch.Tensor, keep: torch.Tensor) -> Any:
+        """The U-Net's input: the noisy latent, then for a mask-conditioned U-Net the clean
+        (scaled) label latent of the samples where `keep` is true, zeros elsewhere."""
+        if not self.mask_channels:
+            return noisy
+        condition = mask_condition(clean[:, -self.mask_channels :], keep.to(self.device))
+        return torch.cat([noisy, condition], dim=1)
+
     def validate(self) -> dict[str, Any]:
-        """The EMA weights' loss on the val latents, as the record's "val_loss" field."""
-        return {"val_loss": self.val_loss(self.val)} if len(self.val) else {}
+        """The EMA weights' loss on the val latents, as the record's "val_loss" field; a
+        mask-conditioned U-Net's also given the val masks, as "val_loss_given_mask"."""
+        if not len(self.val):
+            return {}
+        fields = {"val_loss": self.val_loss(self.val)}
+        if self.mask_channels:
+            fields["val_loss_given_mask"] = self.val_loss(self.val, given_mask=True)
+        return fields
 
     def checkpoint(self, step: int, finished: bool) -> None:
         """EMA and training U-Nets, optimizer, scaler and EMA count, committed atomically."""
@@ -194,14 +248,16 @@ class DiffusionTrainer:
             "learning_rate": self.config.learning_rate(),
             "cached_views": len(self.cache),
             "options": self.config.model_dump(mode="json"),  # what a --resume starts from
+            **self.condition_record,
         }
         identity = self.config.training_identity()
         plain = json.loads(json.dumps(details, default=str))
         runs.commit_checkpoint(self.run, "diffusion", step, write, identity, finished, plain)
 
     @torch.no_grad()
-    def val_loss(self, latents: np.ndarray) -> float:
-        """The EMA weights' denoising loss on fixed val latents, noise and t (comparable across steps)."""
+    def val_loss(self, latents: np.ndarray, given_mask: bool = False) -> float:
+        """The EMA weights' denoising loss on fixed val latents, noise and t (comparable across
+        steps); a mask-conditioned U-Net sees no mask unless `given_mask`."""
         ema_unet = copy.deepcopy(self.unet).eval()
         self.ema.copy_to(ema_unet)
         generator = torch.Generator().manual_seed(step_seed(self.config.seed, 0, "val"))
@@ -213,8 +269,10 @@ class DiffusionTrainer:
             t = torch.randint(0, len(self.alphas_cumprod), (z.shape[0],), generator=generator)
             a = self.alphas_cumprod[t.to(self.device)][:, None, None, None]
             noisy = a.sqrt() * z + (1 - a).sqrt() * noise
+            keep = torch.full((z.shape[0],), given_mask)
             with autocast(self.device, self.config.precision):
-                predicted = ema_unet(noisy, t.to(self.device)).sample.float()
+                unet_input = self.conditioned(noisy, z, keep)
+                predicted = ema_unet(unet_input, t.to(self.device)).sample.float()
             if self.config.prediction == "v_prediction":  # the epsilon it implies
                 predicted = (1 - a).sqrt() * noisy + a.sqrt() * predicted
             total += float(F.mse_loss(predicted, noise, reduction="sum"))
@@ -231,6 +289,7 @@ class _Job:
     checkpoint: str | None
     start: int
     val: np.ndarray  # validation latents (posterior means), possibly empty
+    condition: dict[str, Any] = field(default_factory=dict)  # mask_condition_details
 
 
 def fit_diffusion(
@@ -253,18 +312,14 @@ def fit_diffusion(
             return FitDiffusionSummary(
                 str(run), "already complete", stage.step, request.config.steps, 0.0, 0.0, "kept"
             )
+        extra = condition_input_channels(manifest, request.config)  # refused before encoding
         cache, val = _latents(run, manifest, request, devices[0], stop, progress, warn)
         size = manifest.height // vae_config(manifest).downsample
         checkpoint = stage.checkpoint if stage is not None else None
         start = stage.step if checkpoint else 0
-        job = _Job(
-            run,
-            request.config,
-            unet_config(request.config, cache.mean.shape[1], size),
-            checkpoint,
-            start,
-            val,
-        )
+        unet = unet_config(request.config, cache.mean.shape[1], size, extra)
+        condition = mask_condition_details(manifest, unet, request.config.mask_condition_rate)
+        job = _Job(run, request.config, unet, checkpoint, start, val, condition)
         steps = request.config.steps
         told = estimating(progress, warn, "fit-diffusion", f"preset {request.config.preset}")
         summary = launch(devices, _rank_main, job, stop, told) or FitDiffusionSummary(
@@ -311,6 +366,7 @@ def _rank_main(
     """One rank: open the cache, build or restore the U-Net, wrap for data parallelism, train."""
     cache = open_cache(job.run)
     trainer = DiffusionTrainer(cache, job.config, job.unet, device, rank, world, job.run, job.val)
+    trainer.condition_record = job.condition
     if job.checkpoint is not None:
         _restore(job.run, trainer, job.checkpoint, device)
     trainer.wrap()
@@ -327,6 +383,7 @@ def _rank_main(
     return FitDiffusionSummary(
         str(job.run), "", config.steps, config.steps, 0.0, trained.steps_per_second, "",
         trained.last.get("loss"), val_loss=trained.validation.get("val_loss"),
+        val_loss_given_mask=trained.validation.get("val_loss_given_mask"),
     )  # fmt: skip
 
 
