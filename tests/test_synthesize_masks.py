@@ -202,3 +202,12 @@ def test_cd_draws_both_phases_for_the_given_change_masks(tmp_path: Path) -> None
     data = arrays(out)
     np.testing.assert_array_equal(data["change"], given_labels(store, "change")[:5])
     assert data["image_t1"].shape == data["image_t2"].shape == (5, 10, 16, 16)
+
+
+def test_distill_refuses_a_mask_conditioned_u_net(ss: tuple[Path, Path, Path]) -> None:
+    # Its student would be joint only; the refusal comes before anything is written.
+    _, run, _ = ss
+    before = (run / "run.json").read_text()
+    code, _, stderr = run_cli("distill", run, "--steps", "1", "--trajectories", "2", "--quiet")
+    assert code == 2 and "--mask-condition-rate" in stderr and "Traceback" not in stderr
+    assert (run / "run.json").read_text() == before

@@ -132,7 +132,7 @@ def _write(
         model=chosen,
         out=options.out,
         n=options.n,
-        sampler=resolve_sampler(options.sampler, options.steps, chosen),
+        sampler=resolve_sampler(options.sampler, options.steps, chosen, masks is not None),
         steps=options.steps,
         seed=options.seed,
         batch_size=resolve_batch_size(grid, options.out, options.devices),

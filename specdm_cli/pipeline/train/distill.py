@@ -254,9 +254,15 @@ def _teacher(
             "the run has no finished diffusion model to distill", run,
             "run `specdm fit-diffusion` to the end first",
         )  # fmt: skip
+    details = manifest.diffusion_details()
+    if details.mask_condition is not None:
+        raise UsageError(
+            "distill takes a U-Net trained without --mask-condition-rate; this run's also takes "
+            "a mask", hint="distill a run trained without it",
+        )  # fmt: skip
     teacher = load_module(UNet2DModel, run / stage.checkpoint / "unet").to(device).eval()
     teacher.requires_grad_(False)
-    schedule = ScheduleConfig.model_validate(manifest.diffusion_details().schedule)
+    schedule = ScheduleConfig.model_validate(details.schedule)
     return teacher, schedule, dict(stage.weights)
 
 
