@@ -62,7 +62,9 @@ class Synthesis:
 def synthesize(out: Path, *options: str, env: dict[str, str] | None = None) -> Synthesis:
     """Run the real CLI in a child process; peak RSS and CPU time from the kernel's accounting
     of that child."""
-    command = [sys.executable, "-m", "specdm_cli", "synthesize", "--out", str(out), *options]
+    launcher = ["-c", TORCH_FIRST] if "torch-first" in options else ["-m", "specdm_cli"]
+    options = tuple(option for option in options if option != "torch-first")
+    command = [sys.executable, *launcher, "synthesize", "--out", str(out), *options]
     command += ["--overwrite", "--json", "--quiet"]
     child = subprocess.Popen(command, stdout=subprocess.PIPE, text=True, env=env)
     assert child.stdout is not None
@@ -188,12 +190,19 @@ def compare_memory(args: argparse.Namespace, workdir: Path) -> None:
     print(f"\nRSS ratio n={large} / n={small}: {runs[1].peak_rss_mib / runs[0].peak_rss_mib:.2f}x")
 
 
+# Loads torch before specdm_cli, so OpenMP starts with torch's own waits (what specdm did before
+# it chose sleeping ones): libgomp spins about 3 ms before sleeping.
+TORCH_FIRST = (
+    "import runpy, torch; runpy.run_module('specdm_cli', run_name='__main__', alter_sys=True)"
+)
 THREAD_SETTINGS: dict[str, tuple[list[str], dict[str, str]]] = {
     # label: (synthesize options, environment overrides)
     "--threads 1": (["--threads", "1"], {}),
     "--threads 2": (["--threads", "2"], {}),
     "default": ([], {}),
-    "default, spinning OpenMP": ([], {"OMP_WAIT_POLICY": "ACTIVE"}),  # before 0.2: torch's wait
+    "default, spinning 0.1 ms (GOMP_SPINCOUNT=10000)": ([], {"GOMP_SPINCOUNT": "10000"}),
+    "default, torch's own OpenMP waits (before)": (["torch-first"], {}),
+    "default, spinning always (OMP_WAIT_POLICY=ACTIVE)": ([], {"OMP_WAIT_POLICY": "ACTIVE"}),
 }
 
 
