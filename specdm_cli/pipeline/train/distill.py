@@ -27,16 +27,12 @@ from specdm_cli.models.distillation import (
     teacher_trajectories,
 )
 from specdm_cli.pipeline.runs import rundirs as runs
-from specdm_cli.pipeline.runs.checkpoints import (
-    load_module,
-    load_optimizer,
-    save_module,
-    save_optimizer,
-)
+from specdm_cli.pipeline.runs.checkpoints import load_module
 from specdm_cli.pipeline.runs.run_manifest import RunManifest, load_run
 from specdm_cli.pipeline.signals import StopFlag
 from specdm_cli.pipeline.train.common import LossScaler, autocast, step_seed, torch_devices
 from specdm_cli.pipeline.train.driver import Schedule, estimating, train_loop
+from specdm_cli.pipeline.train.unet_state import ema_copy, restore_unet_training, save_unet_training
 
 TRAJECTORY_BATCH = 64  # teacher trajectories solved at once (a fixed grid: same floats each call)
 
@@ -115,7 +111,7 @@ class DistillTrainer:
         size = (self.config.batch_size,)
         rows = torch.randint(0, len(self.trajectories), size, generator=generator)
         segments = torch.randint(0, len(self.timesteps), size, generator=generator)
-        loss = self._loss(self.unet, rows, segments.to(self.device), self.trajectories)
+        loss = self._loss(self.unet, rows, segments, self.trajectories)
         self.scaler.step(loss, self.optimizer)
         self.ema.update(self.unet)
         return {"loss": float(loss.detach())}
@@ -123,8 +119,10 @@ class DistillTrainer:
     def _loss(
         self, student: Any, rows: torch.Tensor, segments: torch.Tensor, trajectories: torch.Tensor
     ) -> torch.Tensor:
-        noisy = trajectories[rows, segments.cpu()].to(self.device)
-        following = trajectories[rows, segments.cpu() + 1].to(self.device)
+        """The weighted clean-latent error of `student` on (row, segment) pairs (CPU indices)."""
+        noisy = trajectories[rows, segments].to(self.device)
+        following = trajectories[rows, segments + 1].to(self.device)
+        segments = segments.to(self.device)
         alpha_bar = self.alpha_bar[segments][:, None, None, None]
         alpha_bar_next = self.alpha_bar_next[segments][:, None, None, None]
         target = clean_target(noisy, following, alpha_bar, alpha_bar_next)
@@ -139,9 +137,9 @@ class DistillTrainer:
     @torch.no_grad()
     def validate(self) -> dict[str, Any]:
         """The EMA student's loss over every step of the held-out trajectories."""
-        student = self._ema_student().eval()
+        student = ema_copy(self).eval()
         rows = torch.arange(len(self.val)).repeat_interleave(len(self.timesteps))
-        segments = torch.arange(len(self.timesteps)).repeat(len(self.val)).to(self.device)
+        segments = torch.arange(len(self.timesteps)).repeat(len(self.val))
         total = 0.0
         for start in range(0, len(rows), self.config.batch_size):
             part = slice(start, start + self.config.batch_size)
@@ -149,11 +147,6 @@ class DistillTrainer:
                 rows[part]
             )
         return {"val_loss": total / max(1, len(rows))}
-
-    def _ema_student(self) -> Any:
-        student = copy.deepcopy(self.unet)
-        self.ema.copy_to(student)
-        return student
 
     def identity(self) -> dict[str, Any]:
         """What a resume must match: the options and the teacher."""
@@ -163,11 +156,7 @@ class DistillTrainer:
         """EMA and training students, optimizer, scaler and EMA count, committed atomically."""
 
         def write(folder: Path) -> None:
-            save_module(self._ema_student(), folder / "unet")
-            save_module(self.unet, folder / "train_unet")
-            save_optimizer(self.optimizer, folder)
-            self.scaler.save(folder)
-            (folder / "ema.json").write_text(json.dumps({"updates": self.ema.updates}))
+            save_unet_training(folder, self, step)
 
         details = {
             "timesteps": self.timesteps,
@@ -176,25 +165,6 @@ class DistillTrainer:
             "options": self.config.model_dump(mode="json"),  # what a --resume starts from
         }
         runs.commit_checkpoint(self.run, "distill", step, write, self.identity(), finished, details)
-
-    def restore(self, folder: Path) -> None:
-        """The training student, EMA, optimizer and scaler of a checkpoint."""
-        from diffusers import UNet2DModel
-
-        self.unet = load_module(UNet2DModel, folder / "train_unet").to(self.device).train()
-        ema_student = load_module(UNet2DModel, folder / "unet")
-        self.ema.shadow = {
-            k: v.detach().clone().float() for k, v in ema_student.state_dict().items()
-        }
-        try:
-            self.ema.updates = int(json.loads((folder / "ema.json").read_text())["updates"])
-        except (OSError, ValueError, TypeError, KeyError):
-            raise ModelError(
-                "the checkpoint's EMA state is missing or damaged", folder, "distill again"
-            ) from None
-        self.optimizer = torch.optim.AdamW(self.unet.parameters(), lr=self.config.learning_rate())
-        load_optimizer(self.optimizer, folder)
-        self.scaler.load(folder)
 
 
 def distill(
@@ -220,8 +190,7 @@ def distill(
                                   config.student_steps, 0.0, 0.0)  # fmt: skip
         start = 0
         if stage is not None:
-            trainer.restore(run / str(stage.checkpoint))
-            start = stage.step
+            start = restore_unet_training(run / str(stage.checkpoint), trainer, device)
 
         def report(label: str, done: int, total: int) -> None:
             if progress:

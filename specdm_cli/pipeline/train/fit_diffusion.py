@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import json
 import time
 from collections.abc import Callable
@@ -27,12 +26,6 @@ from specdm_cli.models.diffusion import (
     mask_condition,
 )
 from specdm_cli.pipeline.runs import rundirs as runs
-from specdm_cli.pipeline.runs.checkpoints import (
-    load_module,
-    load_optimizer,
-    save_module,
-    save_optimizer,
-)
 from specdm_cli.pipeline.runs.run_manifest import RunManifest, load_run
 from specdm_cli.pipeline.runs.vae_io import load_vae, vae_config
 from specdm_cli.pipeline.signals import StopFlag
@@ -52,6 +45,11 @@ from specdm_cli.pipeline.train.latent_cache import (
     encode_means,
     open_cache,
     open_or_build,
+)
+from specdm_cli.pipeline.train.unet_state import (
+    ema_copy,
+    restore_unet_training,
+    save_unet_training,
 )
 from specdm_cli.stores import open_store, store_sha256
 
@@ -231,14 +229,7 @@ class DiffusionTrainer:
         assert self.run is not None, "a trainer that checkpoints knows its run"
 
         def write(folder: Path) -> None:
-            ema_unet = copy.deepcopy(self.unet)
-            self.ema.copy_to(ema_unet)
-            save_module(ema_unet, folder / "unet")
-            save_module(self.unet, folder / "train_unet")
-            save_optimizer(self.optimizer, folder)
-            self.scaler.save(folder)
-            state = {"updates": self.ema.updates, "step": step}
-            (folder / "ema.json").write_text(json.dumps(state))
+            save_unet_training(folder, self, step)
 
         details = {
             "unet": dict(self.unet.config),
@@ -258,8 +249,7 @@ class DiffusionTrainer:
     def val_loss(self, latents: np.ndarray, given_mask: bool = False) -> float:
         """The EMA weights' denoising loss on fixed val latents, noise and t (comparable across
         steps); a mask-conditioned U-Net sees no mask unless `given_mask`."""
-        ema_unet = copy.deepcopy(self.unet).eval()
-        self.ema.copy_to(ema_unet)
+        ema_unet = ema_copy(self).eval()
         generator = torch.Generator().manual_seed(step_seed(self.config.seed, 0, "val"))
         total = 0.0
         for start in range(0, len(latents), self.config.batch_size):
@@ -368,7 +358,7 @@ def _rank_main(
     trainer = DiffusionTrainer(cache, job.config, job.unet, device, rank, world, job.run, job.val)
     trainer.condition_record = job.condition
     if job.checkpoint is not None:
-        _restore(job.run, trainer, job.checkpoint, device)
+        restore_unet_training(job.run / job.checkpoint, trainer, device)
     trainer.wrap()
     config = job.config
     schedule = Schedule(
@@ -418,31 +408,3 @@ def _latents(
         cache = open_or_build(run, vae, reader, indices, key, augment, batch, report)
         val = validation_indices(reader, request.config.val_samples, warn)
         return cache, encode_means(vae, reader, val, batch)
-
-
-def _restore(run: Path, trainer: DiffusionTrainer, checkpoint: str, device: torch.device) -> int:
-    from diffusers import UNet2DModel
-
-    folder = run / checkpoint
-    trainer.unet = load_module(UNet2DModel, folder / "train_unet").to(device).train()
-    ema_unet = load_module(UNet2DModel, folder / "unet")
-    trainer.ema.shadow = {k: v.detach().clone().float() for k, v in ema_unet.state_dict().items()}
-    state = _ema_state(folder / "ema.json")
-    trainer.ema.updates = state["updates"]
-    trainer.optimizer = torch.optim.AdamW(
-        trainer.unet.parameters(), lr=trainer.config.learning_rate()
-    )
-    load_optimizer(trainer.optimizer, folder)
-    trainer.scaler.load(folder)
-    return state["step"]
-
-
-def _ema_state(path: Path) -> dict[str, int]:
-    """The EMA's update count and step of a checkpoint; damage is a model error (exit 4)."""
-    try:
-        state = json.loads(path.read_text(encoding="utf-8"))
-        return {key: int(state[key]) for key in ("updates", "step")}
-    except (OSError, ValueError, TypeError, KeyError):
-        raise ModelError(
-            "the checkpoint's EMA state is missing or damaged", path, "resume from another run"
-        ) from None
