@@ -42,6 +42,14 @@ from specdm_cli.pipeline.runs.choose import choose_model
 from specdm_cli.pipeline.synthesize.sampler import CPU_DECODE_CHUNK, Sampler, SamplingPlan
 from specdm_cli.stores import open_store
 
+MODULE = ("-m", "specdm_cli")
+# Loads torch before specdm_cli, so OpenMP starts with torch's own waits (what specdm did before
+# it chose sleeping ones): libgomp spins about 3 ms before sleeping.
+TORCH_FIRST = (
+    "-c",
+    "import runpy, torch; runpy.run_module('specdm_cli', run_name='__main__', alter_sys=True)",
+)
+
 
 @dataclass(frozen=True)
 class Synthesis:
@@ -59,11 +67,11 @@ class Synthesis:
         return float(self.summary[key]) / max(float(self.summary["seconds"]), 1e-9)
 
 
-def synthesize(out: Path, *options: str, env: dict[str, str] | None = None) -> Synthesis:
+def synthesize(
+    out: Path, *options: str, env: dict[str, str] | None = None, launcher: tuple[str, ...] = MODULE
+) -> Synthesis:
     """Run the real CLI in a child process; peak RSS and CPU time from the kernel's accounting
     of that child."""
-    launcher = ["-c", TORCH_FIRST] if "torch-first" in options else ["-m", "specdm_cli"]
-    options = tuple(option for option in options if option != "torch-first")
     command = [sys.executable, *launcher, "synthesize", "--out", str(out), *options]
     command += ["--overwrite", "--json", "--quiet"]
     child = subprocess.Popen(command, stdout=subprocess.PIPE, text=True, env=env)
@@ -193,19 +201,18 @@ def compare_memory(args: argparse.Namespace, workdir: Path) -> None:
     print(f"\nRSS ratio n={large} / n={small}: {runs[1].peak_rss_mib / runs[0].peak_rss_mib:.2f}x")
 
 
-# Loads torch before specdm_cli, so OpenMP starts with torch's own waits (what specdm did before
-# it chose sleeping ones): libgomp spins about 3 ms before sleeping.
-TORCH_FIRST = (
-    "import runpy, torch; runpy.run_module('specdm_cli', run_name='__main__', alter_sys=True)"
-)
-THREAD_SETTINGS: dict[str, tuple[list[str], dict[str, str]]] = {
-    # label: (synthesize options, environment overrides)
-    "--threads 1": (["--threads", "1"], {}),
-    "--threads 2": (["--threads", "2"], {}),
-    "default": ([], {}),
-    "default, spinning 0.1 ms (GOMP_SPINCOUNT=10000)": ([], {"GOMP_SPINCOUNT": "10000"}),
-    "default, torch's own OpenMP waits (before)": (["torch-first"], {}),
-    "default, spinning always (OMP_WAIT_POLICY=ACTIVE)": ([], {"OMP_WAIT_POLICY": "ACTIVE"}),
+THREAD_SETTINGS: dict[str, tuple[list[str], dict[str, str], tuple[str, ...]]] = {
+    # label: (synthesize options, environment overrides, how python starts the CLI)
+    "--threads 1": (["--threads", "1"], {}, MODULE),
+    "--threads 2": (["--threads", "2"], {}, MODULE),
+    "default": ([], {}, MODULE),
+    "default, spinning 0.1 ms (GOMP_SPINCOUNT=10000)": ([], {"GOMP_SPINCOUNT": "10000"}, MODULE),
+    "default, torch's own OpenMP waits (before)": ([], {}, TORCH_FIRST),
+    "default, spinning always (OMP_WAIT_POLICY=ACTIVE)": (
+        [],
+        {"OMP_WAIT_POLICY": "ACTIVE"},
+        MODULE,
+    ),
 }
 
 
@@ -231,10 +238,10 @@ def compare_threads(args: argparse.Namespace, workdir: Path) -> None:
     for load, busy in (("as is", 0), (f"{cores} busy processes", cores)):
         with busy_cores(busy):
             for _ in range(args.thread_rounds):
-                for label, (options, env) in THREAD_SETTINGS.items():
-                    run = synthesize(
-                        workdir / "threads.zarr", *common, *options, env={**os.environ, **env}
-                    )
+                for label, (options, env, launcher) in THREAD_SETTINGS.items():
+                    out = workdir / "threads.zarr"
+                    environment = {**os.environ, **env}
+                    run = synthesize(out, *common, *options, env=environment, launcher=launcher)
                     results.setdefault((load, label), []).append(run)
     print(f"\n# threads ({cores} CPUs; n={args.thread_n}, best of {args.thread_rounds})")
     print("| machine | setting | pairs/s | CPU s / pair | pairs/s vs the best setting |")
