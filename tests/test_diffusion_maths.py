@@ -13,6 +13,7 @@ from specdm_cli.models.diffusion import (
     EMA,
     ScheduleConfig,
     UNetConfig,
+    alphas_cumprod,
     build_unet,
     ldm_betas,
     make_scheduler,
@@ -135,7 +136,7 @@ class _GaussianOracle(torch.nn.Module):
     def __init__(self, spread: float, prediction: str):
         super().__init__()
         self.spread, self.prediction = spread, prediction
-        self.acp = torch.cumprod(1 - ldm_betas(ScheduleConfig()), dim=0).float()
+        self.acp = alphas_cumprod(ScheduleConfig()).float()
 
     def forward(self, noisy: torch.Tensor, timestep: torch.Tensor) -> Any:
         a = self.acp[int(timestep)]

@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from specdm_cli.models.diffusion import ScheduleConfig, ldm_betas
+from specdm_cli.models.diffusion import ScheduleConfig, alphas_cumprod
 from specdm_cli.models.distillation import (
     clean_target,
     ddim_step,
@@ -39,7 +39,7 @@ def test_student_timesteps_start_at_noise_and_the_teacher_grid_passes_through_th
 def test_the_clean_target_is_what_makes_the_ddim_step_land_on_the_teacher() -> None:
     generator = torch.Generator().manual_seed(0)
     noisy, teacher_next = torch.randn(2, 3, 4, 4, generator=generator)
-    alphas = torch.cumprod(1 - ldm_betas(ScheduleConfig()), dim=0).float()
+    alphas = alphas_cumprod(ScheduleConfig()).float()
     for now, following in ((999, alphas[749]), (249, torch.tensor(1.0))):
         target = clean_target(noisy, teacher_next, alphas[now], following)
         assert torch.allclose(ddim_step(noisy, target, alphas[now], following), teacher_next,

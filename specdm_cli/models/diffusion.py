@@ -149,6 +149,11 @@ def ldm_betas(config: ScheduleConfig) -> torch.Tensor:
     return roots**2
 
 
+def alphas_cumprod(config: ScheduleConfig) -> torch.Tensor:
+    """alpha_bar_t = prod(1 - beta), in float64 as LDM registers it."""
+    return torch.cumprod(1 - ldm_betas(config), dim=0)
+
+
 def make_scheduler(name: SamplerName, config: ScheduleConfig) -> Any:
     """A diffusers scheduler on the schedule; LDM never clips latents, so nothing clips."""
     common = {**config.model_dump()}

@@ -11,10 +11,11 @@ import torch
 from specdm_cli.config import SamplerName
 from specdm_cli.models.diffusion import ScheduleConfig, make_scheduler
 
-# DDPM is the paper's 1000-step reference. dpmpp 10 and ddim 20: the fewest steps of the ladder
-# 10/20/50 whose KID and mSAD are within 10% of DDPM-1000's on both shipped demo models (64
-# samples per setting; examples/choose_sampler_steps.py, 2026-12-02). The CLI's --steps help
-# repeats these.
+# DDPM is the paper's 1000-step reference. dpmpp 10 and ddim 20 were the fewest steps of the
+# ladder 10/20/50 whose KID and mSAD were within 10% of DDPM-1000's on both demo models (64
+# samples; 2026-12-02). At 256 samples (2026-12-03) dpmpp passes on ss from 8 steps and no ODE
+# sampler passes on cd within 10 steps; unipc 10 matches dpmpp 10 there (README, synthesize;
+# examples/choose_sampler_steps.py). The CLI's --steps help repeats these.
 DEFAULT_STEPS: dict[str, int] = {"ddpm": 1000, "ddim": 20, "dpmpp": 10, "unipc": 10}
 # What `--sampler auto` takes for a model without a distilled student.
 DEFAULT_SAMPLER: SamplerName = "dpmpp"

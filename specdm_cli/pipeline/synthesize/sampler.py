@@ -16,7 +16,7 @@ import torch
 from specdm_cli.config import Precision, SamplerChoice, SamplerName
 from specdm_cli.errors import ModelError
 from specdm_cli.manifest import IMAGE_ARRAYS, LABEL_ARRAY
-from specdm_cli.models.diffusion import ScheduleConfig, ldm_betas
+from specdm_cli.models.diffusion import ScheduleConfig, alphas_cumprod
 from specdm_cli.models.distillation import sample_student
 from specdm_cli.models.samplers import (
     DEFAULT_SAMPLER,
@@ -70,9 +70,7 @@ class Sampler:
         self.scale = torch.tensor(details.latent_scale, device=device)[None, :, None, None]
         self.shift = torch.tensor(details.shift(), device=device)[None, :, None, None]
         self.schedule = ScheduleConfig.model_validate(details.schedule)
-        self.alphas_cumprod = torch.cumprod(1 - ldm_betas(self.schedule), 0).to(
-            device, torch.float32
-        )
+        self.alphas_cumprod = alphas_cumprod(self.schedule).to(device, torch.float32)
         self.mean = torch.tensor(manifest.normalization.mean, device=device)[:, None, None]
         self.std = torch.tensor(manifest.normalization.std, device=device)[:, None, None]
         self.side = manifest.height // self.vae.config.downsample

@@ -19,7 +19,7 @@ import torch
 
 from specdm_cli.config import Devices, DistillTrainConfig, Progress
 from specdm_cli.errors import ModelError, UsageError
-from specdm_cli.models.diffusion import EMA, ScheduleConfig, ldm_betas
+from specdm_cli.models.diffusion import EMA, ScheduleConfig, alphas_cumprod
 from specdm_cli.models.distillation import (
     clean_target,
     predicted_clean,
@@ -73,7 +73,7 @@ class DistillTrainer:
         self.config, self.device, self.run, self.rank = config, device, run, 0
         self.schedule, self.teacher_weights = schedule, teacher_weights
         self.timesteps = student_timesteps(config.student_steps, schedule.num_train_timesteps)
-        alphas = torch.cumprod(1 - ldm_betas(schedule), dim=0).to(device, torch.float32)
+        alphas = alphas_cumprod(schedule).to(device, torch.float32)
         self.alpha_bar = alphas[self.timesteps]
         self.alpha_bar_next = torch.cat([alphas[self.timesteps[1:]], alphas.new_ones(1)])
         self.unet = copy.deepcopy(teacher).train().requires_grad_(True)

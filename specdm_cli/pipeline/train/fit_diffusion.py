@@ -21,8 +21,8 @@ from specdm_cli.models.diffusion import (
     EMA,
     ScheduleConfig,
     UNetConfig,
+    alphas_cumprod,
     build_unet,
-    ldm_betas,
     mask_condition,
 )
 from specdm_cli.pipeline.runs import rundirs as runs
@@ -161,7 +161,7 @@ class DiffusionTrainer:
         self.shift = torch.from_numpy(cache.shift).to(device)[None, :, None, None]
         self.scale = torch.from_numpy(cache.scale).to(device)[None, :, None, None]
         # Products in float64, as LDM registers them, then float32 for the step.
-        acp = torch.cumprod(1 - ldm_betas(ScheduleConfig()), dim=0)
+        acp = alphas_cumprod(ScheduleConfig())
         self.alphas_cumprod = acp.to(device=device, dtype=torch.float32)
         weights = snr_weights(acp, config.snr_gamma, config.prediction)
         self.loss_weight = weights.to(device=device, dtype=torch.float32)
