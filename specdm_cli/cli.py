@@ -594,6 +594,12 @@ def fit_vae(
     single_stream: Annotated[
         bool, typer.Option("--single-stream", help="LDM baseline: one VAE on image + one-hot mask.")
     ] = False,
+    mask_aware_decoder: Annotated[
+        bool,
+        typer.Option(
+            "--mask-aware-decoder", help="The image decoder also reads the mask latent [off]."
+        ),
+    ] = False,
     augment: Annotated[str | None, typer.Option(help="d4 or none [d4].")] = None,
     semantic_weight: Annotated[
         float | None,
@@ -629,6 +635,7 @@ def fit_vae(
             mask_latent_channels=mask_latent_channels, image_block_out_channels=_blocks(image_blocks),
             mask_block_out_channels=_blocks(mask_blocks), norm_num_groups=norm_groups,
             single_stream=single_stream or None, augment=augment,
+            mask_aware_decoder=mask_aware_decoder or None,
             semantic_weight=semantic_weight, semantic_steps=semantic_steps,
             adversarial_weight=adversarial_weight, adversarial_start=adversarial_start,
         ))  # fmt: skip

@@ -150,6 +150,7 @@ class VAETrainConfig(BaseModel):
     layers_per_block: int = Field(2, ge=1)  # LDM kl-f4
     norm_num_groups: int = Field(32, ge=1)  # LDM / diffusers
     single_stream: bool = False  # LDM baseline of Tables 1, 2, 5
+    mask_aware_decoder: bool = False  # see VAEConfig; False = the paper's image decoder
     # Issue 20 §2: cross-entropy of a frozen compact segmenter (trained first on the train split
     # for `semantic_steps`) on the decoded images. 0 = off: the paper's loss (see README).
     semantic_weight: float = Field(0.0, ge=0)
@@ -175,6 +176,8 @@ class VAETrainConfig(BaseModel):
             exclude |= {"semantic_weight", "semantic_steps"}
         if self.adversarial_weight == 0:
             exclude |= {"adversarial_weight", "adversarial_start"}
+        if not self.mask_aware_decoder:
+            exclude.add("mask_aware_decoder")
         return self.model_dump(exclude=exclude, mode="json")
 
 

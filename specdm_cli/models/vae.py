@@ -69,6 +69,9 @@ class VAEConfig(BaseModel):
     layers_per_block: int = Field(2, ge=1)
     # GroupNorm groups: LDM's Normalize (32 groups) and diffusers' default; must divide widths.
     norm_num_groups: int = Field(32, ge=1)
+    # Ours (issue 20 §2-3), not the paper's: the image decoder also reads the label latent, so
+    # decoded images follow the mask's boundaries and classes. False = the paper's decoder.
+    mask_aware_decoder: bool = False
 
     @model_validator(mode="before")
     @classmethod
@@ -95,6 +98,8 @@ class VAEConfig(BaseModel):
                 raise ValueError(f"norm_num_groups={self.norm_num_groups} must divide {name}")
         if self.joint_latent_channels is not None and not self.single_stream:
             raise ValueError("joint_latent_channels applies only with single_stream=True")
+        if self.mask_aware_decoder and self.single_stream:
+            raise ValueError("mask_aware_decoder needs the two-stream VAE (no label latent)")
         return self
 
     @property
@@ -202,6 +207,18 @@ class SpecDMVAE(nn.Module):
                 c.mask_block_out_channels,
                 **common,
             )
+        self.label_to_image: nn.Conv2d | None = None
+        if c.mask_aware_decoder:
+            # diffusers sizes the decoder's first conv to its own latent. A parallel conv on the
+            # label latent, added to that conv's output, is a first conv over [image latent,
+            # label latent] and leaves the image branch a plain diffusers folder. Zero at the
+            # start: training begins from the paper's decoder.
+            width = c.image_block_out_channels[-1]
+            conv = nn.Conv2d(c.mask_latent_channels, width, 3, padding=1)
+            with torch.no_grad():
+                for parameter in conv.parameters():
+                    parameter.zero_()
+            self.label_to_image = conv
 
     def latent_layout(self) -> list[tuple[str, int]]:
         """Channel blocks of the joint latent, in order: [(stream name, channels), ...].
@@ -261,11 +278,25 @@ class SpecDMVAE(nn.Module):
         parts = {k: p.sample(generator) if sample else p.mode() for k, p in posts.items()}
         return self.join_latent(parts)
 
-    def decode_images(self, z: Tensor) -> Tensor:
-        """Image-branch latents (B, c_img, h, w) -> band-normalised images (B, C, H, W)."""
+    def decode_images(self, z: Tensor, label: Tensor | None = None) -> Tensor:
+        """Image-branch latents (B, c_img, h, w) -> band-normalised images (B, C, H, W).
+
+        `label`: the label latents (B / phases, c_mask, h, w) the mask-aware decoder reads, one
+        per pair (cd: both phases of a pair read its change latent); unused otherwise.
+        """
         if self.image_vae is None:
             raise RuntimeError("decode_images needs the two-stream VAE; use decode_joint")
-        return cast(Tensor, self.image_vae.decode(z).sample)
+        if self.label_to_image is None:
+            return cast(Tensor, self.image_vae.decode(z).sample)
+        if label is None:
+            raise ValueError("the mask-aware image decoder needs the label latent")
+        extra = self.label_to_image(label).repeat(z.shape[0] // label.shape[0], 1, 1, 1)
+        conv_in = self.image_vae.decoder.conv_in
+        hook = conv_in.register_forward_hook(lambda _module, _args, out: out + extra)
+        try:
+            return cast(Tensor, self.image_vae.decode(z).sample)
+        finally:
+            hook.remove()
 
     def decode_mask_logits(self, z: Tensor) -> Tensor:
         """Mask-branch latents (B, c_mask, h, w) -> class logits (B, K, H, W)."""
@@ -282,9 +313,10 @@ class SpecDMVAE(nn.Module):
             sizes = [c.bands] * len(c.image_names) + [c.num_classes]
             names = [*c.image_names, c.label_name]
             return dict(zip(names, torch.split(out, sizes, dim=1), strict=True))
-        images = self.decode_images(torch.cat([parts[n] for n in c.image_names], dim=0))
+        label = parts[c.label_name]
+        images = self.decode_images(torch.cat([parts[n] for n in c.image_names], dim=0), label)
         decoded = dict(zip(c.image_names, images.chunk(len(c.image_names), dim=0), strict=True))
-        decoded[c.label_name] = self.decode_mask_logits(parts[c.label_name])
+        decoded[c.label_name] = self.decode_mask_logits(label)
         return decoded
 
     def forward_losses(
@@ -328,15 +360,23 @@ class SpecDMVAE(nn.Module):
         c = self.config
         images = torch.cat([batch[name] for name in c.image_names], dim=0)
         valid_all = None if valid is None else valid.repeat(len(c.image_names), 1, 1)
-        recon, post = _sample(self.image_vae, images, generator)
-        image = image_branch_loss(recon, images, post, mean, std, valid_all, sad_weight, kl_weight)
         target = batch[c.label_name].long()
+        post = cast(Posterior, self.image_vae.encode(images).latent_dist)
+        z_image = post.sample(generator)
+        mask_post = cast(
+            Posterior,
+            self.mask_vae.encode(one_hot_mask(target, c.num_classes).to(images)).latent_dist,
+        )
+        z_label = mask_post.sample(generator)
+        # The image loss does not train the mask encoder: the label latent stays a code of the
+        # mask alone (the paper's mask branch), which the mask-aware decoder only reads.
+        recon = self.decode_images(z_image, z_label.detach())
+        image = image_branch_loss(recon, images, post, mean, std, valid_all, sad_weight, kl_weight)
         if critic is not None:
             image = _with_critic(
                 image, critic(recon, images, target, image["l1"] + sad_weight * image["sad"])
             )
-        hot = one_hot_mask(target, c.num_classes).to(images)
-        logits, mask_post = _sample(self.mask_vae, hot, generator)
+        logits = self.decode_mask_logits(z_label)
         mask = mask_branch_loss(logits, target, mask_post, class_weights, kl_weight)
         return {
             **{f"image/{k}": v for k, v in image.items()},

@@ -5,6 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
 
 from specdm_cli.errors import ModelError
 from specdm_cli.models.vae import SpecDMVAE, VAEConfig
@@ -12,6 +14,8 @@ from specdm_cli.pipeline.runs.checkpoints import load_module, save_module
 from specdm_cli.pipeline.runs.run_manifest import RunManifest
 
 BRANCHES = {"image": "image_vae", "mask": "mask_vae", "joint": "joint_vae"}
+# The mask-aware image decoder's conv on the label latent (not a diffusers model).
+LABEL_TO_IMAGE = "label_to_image"
 
 
 def save_vae(model: SpecDMVAE, folder: Path) -> None:
@@ -20,6 +24,9 @@ def save_vae(model: SpecDMVAE, folder: Path) -> None:
         module = getattr(model, attribute)
         if module is not None:
             save_module(module, folder / branch)
+    if model.label_to_image is not None:
+        (folder / LABEL_TO_IMAGE).mkdir(parents=True, exist_ok=True)
+        save_file(model.label_to_image.state_dict(), folder / LABEL_TO_IMAGE / "model.safetensors")
 
 
 def load_branches(model: SpecDMVAE, folder: Path) -> None:
@@ -29,6 +36,16 @@ def load_branches(model: SpecDMVAE, folder: Path) -> None:
     for branch, attribute in BRANCHES.items():
         if getattr(model, attribute) is not None:
             setattr(model, attribute, load_module(AutoencoderKL, folder / branch))
+    if model.label_to_image is not None:
+        path = folder / LABEL_TO_IMAGE / "model.safetensors"
+        try:
+            model.label_to_image.load_state_dict(load_file(path))
+        except (OSError, RuntimeError, SafetensorError) as exc:
+            raise ModelError(
+                f"cannot load the mask-aware decoder's weights ({exc})".splitlines()[0],
+                path,
+                "re-train or restore the run",
+            ) from None
 
 
 def vae_config(manifest: RunManifest) -> VAEConfig:

@@ -95,6 +95,7 @@ def model_config(config: VAETrainConfig, manifest: Manifest) -> VAEConfig:
             mask_block_out_channels=config.mask_block_out_channels,
             layers_per_block=config.layers_per_block,
             norm_num_groups=config.norm_num_groups,
+            mask_aware_decoder=config.mask_aware_decoder,
         )
     except ValidationError as error:
         reason = error.errors()[0]["msg"].removeprefix("Value error, ")
