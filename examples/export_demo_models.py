@@ -22,9 +22,10 @@ from safetensors.torch import load_file, save_file
 
 from specdm_cli.pipeline.runs.checkpoints import weights_digests
 from specdm_cli.pipeline.runs.run_manifest import load_run, save_run
+from specdm_cli.pipeline.runs.vae_io import BRANCHES, LABEL_TO_IMAGE
 
 ASSETS = Path(__file__).resolve().parents[1] / "specdm_cli" / "assets"
-KEEP = {"vae": ("image", "mask", "joint"), "diffusion": ("unet",)}
+KEEP = {"vae": (*BRANCHES, LABEL_TO_IMAGE), "diffusion": ("unet",)}
 
 
 def to_fp16(folder: Path) -> None:

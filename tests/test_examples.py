@@ -58,3 +58,24 @@ def test_quickstart_prepares_scenes_of_the_demo_models_size() -> None:
     text = (EXAMPLES / "quickstart.sh").read_text(encoding="utf-8")
     assert f"size={run['height']}\n" in text
     assert re.findall(r"--size \S+", text) == ['--size "$size"'] * 2
+
+
+def test_vae_utility_runs_on_a_tiny_run(tmp_path: Path) -> None:
+    # Imports alone missed a changed signature in the benchmark code it reuses (issue 20 §2).
+    from tests.conftest import prepare_demo
+    from tests.test_fit_vae_cli import fit
+
+    store = prepare_demo(tmp_path / "demo.zarr", n=80, size=16)  # a few val and test scenes
+    assert fit(store, tmp_path / "run", "--steps", "1")[0] == 0
+    out = tmp_path / "utility.json"
+    done = processes.run(
+        [sys.executable, EXAMPLES / "vae_utility.py", tmp_path / "run", "--real", store,
+         "--seeds", "2", "--max-steps", "2", "--eval-every", "1", "--patience", "1",
+         "--real-limit", "4", "--feature-steps", "2", "--cache", tmp_path / "cache",
+         "--json", out],
+        text=True,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    row = json.loads(out.read_text())[str(tmp_path / "run")]
+    assert len(row["seeds"]) == 2 and 0.0 <= row["miou"] <= 1.0
+    assert 0.0 <= row["pair_miou"] <= 1.0 and 0.0 < row["real_pair_miou"] <= 1.0
