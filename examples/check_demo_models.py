@@ -1,6 +1,7 @@
 """Gate the shipped demo models: 512 samples per task against a fresh demo store's test split.
 
     python examples/check_demo_models.py --out /tmp/check-demo      # exit 1 if any figure fails
+    python examples/check_demo_models.py --model-ss WORK/run-ss --model-cd WORK/run-cd  # retrained
 
 For each task: prepares a demo store with the generator settings of
 `examples/train_demo_models.sh` (seed 11, 64 px; more scenes, so that scenes 0..2047, the
@@ -105,23 +106,25 @@ def synthesize_once(out: Path, *options: str) -> dict[str, Any]:
     return result
 
 
-def synthesize(task: str, n: int, workdir: Path, threads: int) -> tuple[Path, float]:
-    """`n` samples of the shipped model with the default sampler; (store, pairs/s)."""
+def synthesize(task: str, model: str, n: int, workdir: Path, threads: int) -> tuple[Path, float]:
+    """`n` samples of `model` (demo: the shipped one) with the default sampler; (store, pairs/s)."""
     # A retrained model or another default step count gets a store of its own.
-    model = choose_model("demo", task).sha256[:12]
-    out = workdir / f"syn-{task}-{n}-{model}-dpmpp{DEFAULT_STEPS['dpmpp']}.zarr"
-    options = ("--model", "demo", "--task", task, "--n", str(n), "--threads", str(threads))
+    sha = choose_model(model, task).sha256[:12]
+    out = workdir / f"syn-{task}-{n}-{sha}-dpmpp{DEFAULT_STEPS['dpmpp']}.zarr"
+    options = ("--model", model, "--task", task, "--n", str(n), "--threads", str(threads))
     return out, float(synthesize_once(out, *options)["pairs_per_second"])
 
 
 class RoundTrip:
-    """A store read through the demo model's VAE: each sample encoded (posterior mean) and
-    decoded, back in physical units and the store's dtype, the mask by argmax. Samples the
-    diffusion model could at best reproduce: the VAE's ceiling on every figure."""
+    """A store read through a model's VAE: each sample encoded (posterior mean) and decoded,
+    back in physical units and the store's dtype, the mask by argmax. Samples the diffusion
+    model could at best reproduce: the VAE's ceiling on every figure."""
 
-    def __init__(self, reader: StoreReader, task: str, indices: np.ndarray) -> None:
+    def __init__(
+        self, reader: StoreReader, task: str, model_name: str, indices: np.ndarray
+    ) -> None:
         self._reader = reader
-        model = choose_model("demo", task)
+        model = choose_model(model_name, task)
         vae = load_vae(model.path, model.manifest, torch.device("cpu"))
         mean = torch.tensor(model.manifest.normalization.mean)
         std = torch.tensor(model.manifest.normalization.std)
@@ -150,11 +153,11 @@ class RoundTrip:
 
 
 def evaluate(
-    task: str, n: int, workdir: Path, threads: int, ceiling: bool = False
+    task: str, model: str, n: int, workdir: Path, threads: int, ceiling: bool = False
 ) -> tuple[list[Check], float]:
     """The checks of one task and the measured pairs/s of its synthesis."""
     reference = open_store(prepare(task, workdir))
-    synthetic_path, pairs_per_second = synthesize(task, n, workdir, threads)
+    synthetic_path, pairs_per_second = synthesize(task, model, n, workdir, threads)
     network = load_or_train(reference, default_config(reference), workdir / "features")
     test, val = reference.indices("test"), reference.indices("val")
     real = compare_stores(
@@ -168,7 +171,7 @@ def evaluate(
     print(f"# {task}: real val vs test: js_class {real.js_class:.4f}, msad {real.msad:.4f}, "
           f"pair_miou {real.pair_miou:.3f}, fd_spectral {real.fd_spectral:.3f}")  # fmt: skip
     if ceiling:
-        trip = RoundTrip(reference, task, val)
+        trip = RoundTrip(reference, task, model, val)
         vae = compare_stores(
             reference, cast(StoreReader, trip), network, reference_indices=test,
             candidate_indices=val,
@@ -188,13 +191,18 @@ def main() -> int:
     parser.add_argument(
         "--ceiling", action="store_true", help="also the figures of real val through the VAE"
     )
+    for task in ("ss", "cd"):  # gate a retrained run before export_demo_models.py ships it
+        parser.add_argument(f"--model-{task}", default="demo", help=f"{task} model [demo]")
     args = parser.parse_args()
     workdir = args.out or Path(tempfile.mkdtemp(prefix="specdm-check-demo-"))
     workdir.mkdir(parents=True, exist_ok=True)
     failed = 0
     rows = []
     for task in ("ss", "cd") if args.task == "both" else (args.task,):
-        results, pairs_per_second = evaluate(task, args.n, workdir, args.threads, args.ceiling)
+        model = getattr(args, f"model_{task}")
+        results, pairs_per_second = evaluate(
+            task, model, args.n, workdir, args.threads, args.ceiling
+        )
         rows += [(task, check) for check in results]
         print(f"# {task}: {pairs_per_second:.1f} pairs/s (default sampler, {args.threads} threads)")
     print(f"{'task':<5} {'figure':<16} {'value':>10} {'threshold':>12}  result")

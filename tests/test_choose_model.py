@@ -65,3 +65,17 @@ def test_a_finished_recipe_beats_newer_short_and_unfinished_runs(
     assert (
         "no registered ss run can sample (newer: unfinished (diffusion stopped at step 1))" in line
     )
+
+
+def test_given_masks_pick_the_newest_mask_conditioned_run(tmp_path: Path) -> None:
+    store = prepare_demo(tmp_path / "ss.zarr", n=24, size=16)
+    conditioned, plain = tmp_path / "older", tmp_path / "newer"
+    train(store, conditioned, "--steps", "1", "--mask-condition-rate", "0.5")
+    train(store, plain, "--steps", "1")
+    assert chosen_line(tmp_path, "joint.zarr").startswith(f"model: {plain.resolve()} (registry")
+    code, _, stderr = run_cli("synthesize", "--task", "ss", "--n", "2", "--steps", "2",
+                              "--masks", store, "--out", tmp_path / "given.zarr")  # fmt: skip
+    assert code == 0, stderr
+    line = next(line for line in stderr.splitlines() if line.startswith("model: "))
+    assert line.startswith(f"model: {conditioned.resolve()} (registry")
+    assert "passed over 1 newer (newer: not mask-conditioned)" in line

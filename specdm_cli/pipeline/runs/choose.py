@@ -39,9 +39,10 @@ def model_sha256(manifest: RunManifest) -> str:
     return hashlib.sha256(json.dumps(digests, sort_keys=True).encode()).hexdigest()
 
 
-def choose_model(model: str | None, task: str | None) -> ChosenModel:
+def choose_model(model: str | None, task: str | None, for_masks: bool = False) -> ChosenModel:
     """`--model PATH`, `--model demo`, or (no --model) the newest registered run of the task
-    that trained its whole recipe, else the newest that can sample, else the demo."""
+    that trained its whole recipe, else the newest that can sample, else the demo. `for_masks`
+    (`synthesize --masks`): only mask-conditioned registered runs can sample."""
     if model not in (None, "demo"):
         return _loaded(Path(str(model)), "run")
     if task is None:
@@ -50,7 +51,7 @@ def choose_model(model: str | None, task: str | None) -> ChosenModel:
         )
     passed_over: list[str] = []
     if model is None:
-        chosen = _from_registry(task, passed_over)
+        chosen = _from_registry(task, passed_over, for_masks)
         if chosen is not None:
             return chosen
     demo = demo_model_path(task)
@@ -64,10 +65,10 @@ def choose_model(model: str | None, task: str | None) -> ChosenModel:
     return _loaded(demo, "demo", why)
 
 
-def _from_registry(task: str, passed_over: list[str]) -> ChosenModel | None:
+def _from_registry(task: str, passed_over: list[str], for_masks: bool) -> ChosenModel | None:
     """The newest registered run that trained its whole recipe, else the newest that can
     sample; `passed_over` gets a reason for each newer run that was not taken."""
-    found = [(path, _shortfall(path)) for path in registered_runs(task)]
+    found = [(path, _shortfall(path, for_masks)) for path in registered_runs(task)]
     whole = [n for n, (_, shortfall) in enumerate(found) if shortfall is None]
     usable = [n for n, (_, shortfall) in enumerate(found) if shortfall is None or shortfall[0]]
     chosen = whole[0] if whole else usable[0] if usable else len(found)
@@ -87,9 +88,9 @@ def _from_registry(task: str, passed_over: list[str]) -> ChosenModel | None:
     return _loaded(path, "registry", f"{why}; --model demo for the shipped model")
 
 
-def _shortfall(run: Path) -> tuple[bool, str] | None:
+def _shortfall(run: Path, for_masks: bool = False) -> tuple[bool, str] | None:
     """None for a run that can sample and trained every step of its preset; else whether it
-    can sample at all, and why it falls short."""
+    can sample at all (with `for_masks`: for given masks), and why it falls short."""
     try:
         manifest = load_run(run, verify=False)
     except ModelError:
@@ -99,6 +100,8 @@ def _shortfall(run: Path) -> tuple[bool, str] | None:
         if stage is None or not stage.finished:
             step = stage.step if stage is not None else 0
             return False, f"unfinished ({name} stopped at step {step})"
+    if for_masks and manifest.diffusion_details().mask_condition is None:
+        return False, "not mask-conditioned"
     for name, (presets, label) in _RECIPES.items():
         stage = manifest.stages[name]
         options = stage.details.get("options")

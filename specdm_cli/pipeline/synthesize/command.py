@@ -191,7 +191,7 @@ def _why(chosen: ChosenModel) -> str:
 
 
 def _model(options: SynthesizeOptions) -> ChosenModel:
-    chosen = choose_model(options.model, options.task)
+    chosen = choose_model(options.model, options.task, for_masks=options.masks is not None)
     if options.task is not None and chosen.manifest.task != options.task:
         raise UsageError(
             f"the model is for task {chosen.manifest.task}, not {options.task}",
