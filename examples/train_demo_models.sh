@@ -2,6 +2,8 @@
 # How the demo models shipped in specdm_cli/assets/ were made (CPU, 2 cores, both tasks side by side).
 # Usage: examples/train_demo_models.sh WORKDIR   then   python examples/export_demo_models.py WORKDIR
 # CI runs the recipe at a tiny budget through N (scenes), VAE_STEPS_SS, VAE_STEPS_CD and UNET_STEPS.
+# VAE_FLAGS adds fit-vae options to both tasks for an experiment, e.g. VAE_FLAGS=--mask-aware-decoder
+# (README, fit-vae: measured against the shipped models, which it did not beat).
 # The ss arm is `--preset cpu` of fit-vae and fit-diffusion (specdm_cli/config.py; options spelled
 # out so the recipe reads here; tests/test_presets.py keeps the two in step).
 # 64x64 scenes, f = 4 (16x16 latents); networks small enough that both tasks ship in < 8 MB
@@ -25,7 +27,8 @@ train() {
   specdm prepare demo --task "$task" --n "${N:-2048}" --size 64 --seed 11 --out "$work/demo-$task.zarr" --quiet --overwrite
   specdm fit-vae "$work/demo-$task.zarr" --run "$work/run-$task" --overwrite --quiet \
     --image-blocks 16,32,32 --mask-blocks 8,16,16 --norm-groups 8 \
-    --batch-size 16 --lr "$vae_lr" --steps "$vae_steps" --val-every 250 --checkpoint-every 250 --threads 1
+    --batch-size 16 --lr "$vae_lr" --steps "$vae_steps" --val-every 250 --checkpoint-every 250 --threads 1 \
+    ${VAE_FLAGS:-}  # unquoted: several options split on spaces
   specdm fit-diffusion "$work/run-$task" --quiet \
     --unet-blocks 32,64,64 --norm-groups 16 --head-dim 32 --layers-per-block 1 \
     --batch-size 32 --lr 1e-3 --steps "${UNET_STEPS:-6000}" --val-every 1000 --checkpoint-every 1000 --threads 1 \
