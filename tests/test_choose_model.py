@@ -67,11 +67,15 @@ def test_a_finished_recipe_beats_newer_short_and_unfinished_runs(
     )
 
 
-def test_given_masks_pick_the_newest_mask_conditioned_run(tmp_path: Path) -> None:
+def test_given_masks_pick_the_newest_mask_conditioned_run(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setitem(VAE_PRESETS["cpu"], "steps", 2)  # both runs train their whole recipe
+    monkeypatch.setitem(DIFFUSION_PRESETS["cpu"], "steps", 2)
     store = prepare_demo(tmp_path / "ss.zarr", n=24, size=16)
     conditioned, plain = tmp_path / "older", tmp_path / "newer"
-    train(store, conditioned, "--steps", "1", "--mask-condition-rate", "0.5")
-    train(store, plain, "--steps", "1")
+    train(store, conditioned, "--mask-condition-rate", "0.5")
+    train(store, plain)
     assert chosen_line(tmp_path, "joint.zarr").startswith(f"model: {plain.resolve()} (registry")
     code, _, stderr = run_cli("synthesize", "--task", "ss", "--n", "2", "--steps", "2",
                               "--masks", store, "--out", tmp_path / "given.zarr")  # fmt: skip
