@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.console import Console
@@ -45,6 +45,9 @@ from specdm_cli.errors import (
     SpecdmError,
     resource_error_from,
 )
+
+if TYPE_CHECKING:
+    from specdm_cli.pipeline.synthesize.quality import JudgeMaker
 
 
 def _usage_error_types() -> tuple[type[Exception], ...]:
@@ -789,6 +792,13 @@ def distill(
             _emit_json(asdict(summary))
 
 
+def _quality_judge() -> JudgeMaker:
+    """The benchmark's judge, for `synthesize --min-quality` (synthesis may not import it)."""
+    from specdm_cli.pipeline.benchmark.judge import QualityJudge
+
+    return QualityJudge
+
+
 @app.command()
 def synthesize(
     out: Annotated[Path | None, typer.Option("--out", "-o", help="Output store.")] = None,
@@ -861,6 +871,23 @@ def synthesize(
             "U-Net pass a step instead of two [2, measured]."
         ),
     ] = None,
+    min_quality: Annotated[
+        float | None,
+        typer.Option(
+            help="Keep only samples whose quality score (benchmark's: 1 = as good as the typical "
+            "real pair) reaches this, judged against --real; scores are written into the store."
+        ),
+    ] = None,
+    real: Annotated[
+        Path | None,
+        typer.Option(help="With --min-quality: the real store the scores are calibrated on."),
+    ] = None,
+    feature_steps: Annotated[
+        int | None,
+        typer.Option(
+            min=1, help="With --min-quality: the feature network's steps (as benchmark's)."
+        ),
+    ] = None,
     gpus: GpusOption = Devices(),  # noqa: B008 (an immutable value)
     threads: ThreadsOption = None,
     json_output: JsonOption = False,
@@ -890,6 +917,8 @@ def synthesize(
             batch_size=batch_size, precision=precision or "fp32", format=store_format,
             shard=shard, devices=gpus, require=require, overwrite=overwrite, preview=preview,
             masks=masks, masks_split=masks_split, mask_guidance=mask_guidance,
+            min_quality=min_quality, real=real, feature_steps=feature_steps,
+            judge_maker=_quality_judge() if min_quality is not None else None,
         )  # fmt: skip
         with graceful_stop() as stop, torch_threads(threads), _progress("synthesize", quiet) as bar:
             summary = synthesize_store(options, stop, bar, _warn(quiet))

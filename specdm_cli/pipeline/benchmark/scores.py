@@ -46,23 +46,35 @@ def sample_traits(
     stage: str = "scores",
 ) -> SampleTraits:
     """One pass over `indices`: consistency and per-class spectral sums of every sample."""
-    task, classes = reader.manifest.task, network.config.classes
+    task = reader.manifest.task
     consistency, sums, pixels = [], [], []
     done = 0
     for arrays in batches(reader, indices, batch_size):
-        images = [arrays[name].astype(np.float64) for name in IMAGE_ARRAYS[task]]
-        labels = arrays[LABEL_ARRAY[task]].astype(np.int64)
-        _features, predicted = network.run(images)
-        consistency.append(_consistency(labels, predicted.astype(np.int64), classes))
-        one_hot = (labels[:, None] == np.arange(classes)[None, :, None, None]).astype(np.float64)
-        # (B, K, H, W) x (B, C, H, W) -> (B, K, C) per phase: class sums of spectra.
-        sums.append(np.stack([np.einsum("bkhw,bchw->bkc", one_hot, x) for x in images], axis=1))
-        pixels.append(one_hot.sum(axis=(2, 3)))
-        done += labels.shape[0]
+        traits = batch_traits(arrays, task, network)
+        consistency.append(traits.consistency)
+        sums.append(traits.class_sums)
+        pixels.append(traits.class_pixels)
+        done += traits.indices.size
         if progress is not None:
             progress(stage, done, indices.size)
     return SampleTraits(
         indices, np.concatenate(consistency), np.concatenate(sums), np.concatenate(pixels)
+    )
+
+
+def batch_traits(arrays: dict[str, np.ndarray], task: str, network: FeatureNetwork) -> SampleTraits:
+    """The traits of one batch of samples (a store's arrays, stacked), indexed 0..B-1."""
+    classes = network.config.classes
+    images = [arrays[name].astype(np.float64) for name in IMAGE_ARRAYS[task]]
+    labels = arrays[LABEL_ARRAY[task]].astype(np.int64)
+    _features, predicted = network.run(images)
+    one_hot = (labels[:, None] == np.arange(classes)[None, :, None, None]).astype(np.float64)
+    return SampleTraits(
+        indices=np.arange(labels.shape[0]),
+        consistency=_consistency(labels, predicted.astype(np.int64), classes),
+        # (B, K, H, W) x (B, C, H, W) -> (B, K, C) per phase: class sums of spectra.
+        class_sums=np.stack([np.einsum("bkhw,bchw->bkc", one_hot, x) for x in images], axis=1),
+        class_pixels=one_hot.sum(axis=(2, 3)),
     )
 
 
@@ -108,28 +120,47 @@ class Scores:
     real_quality: np.ndarray  # the real held-out samples scored the same way
 
 
+@dataclass(frozen=True)
+class Calibration:
+    """What scores are relative to: the real held-out set's class-mean spectra and its typical
+    (median) consistency and spectral angle."""
+
+    class_means: np.ndarray  # (phases, K, bands)
+    typical_consistency: float
+    typical_angle: float
+
+    @classmethod
+    def of(cls, real: SampleTraits) -> Calibration:
+        means = real.class_means()
+        angles = spectral_angles(real, means)
+        return cls(
+            means, float(np.median(real.consistency)), float(np.median(angles[np.isfinite(angles)]))
+        )
+
+    def score(self, traits: SampleTraits) -> tuple[np.ndarray, np.ndarray]:
+        """(quality in [0, 1], spectral angle) of each sample: the weaker of its two terms, as a
+        pair with a fine image but a wrong mask (or the reverse) is not a good pair."""
+        angle = spectral_angles(traits, self.class_means)
+        labels = relative_to_typical(
+            traits.consistency, self.typical_consistency, higher_is_better=True
+        )
+        spectra = relative_to_typical(angle, self.typical_angle, higher_is_better=False)
+        quality: np.ndarray = np.minimum(labels, spectra)
+        return quality, angle
+
+
 def quality_scores(real: SampleTraits, candidate: SampleTraits) -> Scores:
     """Score candidate samples against the real held-out set (see SCORE_DEFINITION).
 
     Each term compares the sample with the typical (median) real sample, so 1 means "at least as
     good as the typical real pair" on that term and 0.5 "half as good", whatever the dataset,
-    band count or class count; the score is the weaker term, as a pair with a fine image but a
-    wrong mask (or the reverse) is not a good pair.
+    band count or class count.
     """
-    means = real.class_means()
-    real_angle, cand_angle = spectral_angles(real, means), spectral_angles(candidate, means)
-    typical_consistency = float(np.median(real.consistency))
-    typical_angle = float(np.median(real_angle[np.isfinite(real_angle)]))
-
-    def score(consistency: np.ndarray, angle: np.ndarray) -> np.ndarray:
-        labels = relative_to_typical(consistency, typical_consistency, higher_is_better=True)
-        spectra = relative_to_typical(angle, typical_angle, higher_is_better=False)
-        combined: np.ndarray = np.minimum(labels, spectra)
-        return combined
-
+    calibration = Calibration.of(real)
+    quality, angle = calibration.score(candidate)
     return Scores(
-        quality=score(candidate.consistency, cand_angle),
+        quality=quality,
         consistency=candidate.consistency,
-        spectral_angle=cand_angle,
-        real_quality=score(real.consistency, real_angle),
+        spectral_angle=angle,
+        real_quality=calibration.score(real)[0],
     )

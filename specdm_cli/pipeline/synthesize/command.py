@@ -22,6 +22,7 @@ from specdm_cli.pipeline.synthesize.masks import (
     require_conditioned,
 )
 from specdm_cli.pipeline.synthesize.preview import rgb_note, write_preview
+from specdm_cli.pipeline.synthesize.quality import Judge, JudgeMaker, QualityBar
 from specdm_cli.pipeline.synthesize.require import parse_require
 from specdm_cli.pipeline.synthesize.sampler import resolve_sampler
 from specdm_cli.pipeline.synthesize.shards import Shard, parse_shard
@@ -32,6 +33,7 @@ from specdm_cli.pipeline.synthesize.synthesize import (
     resolve_batch_size,
     synthesize,
 )
+from specdm_cli.pipeline.train.common import torch_devices
 from specdm_cli.stores import open_store, refuse_stream_out, remove_own, stored_sample_bytes
 from specdm_cli.stores.base import MANIFEST_NAME
 
@@ -60,6 +62,10 @@ class SynthesizeOptions:
     masks: Path | None = None  # a store whose label maps the samples are drawn for
     masks_split: str | None = None
     mask_guidance: float | None = None  # None: DEFAULT_GUIDANCE with --masks
+    min_quality: float | None = None  # keep only draws scoring at least this against --real
+    real: Path | None = None
+    feature_steps: int | None = None  # the judge's feature network (as benchmark's option)
+    judge_maker: JudgeMaker | None = None  # with --min-quality: the benchmark's QualityJudge
 
 
 def synthesize_store(
@@ -75,15 +81,60 @@ def synthesize_store(
     shard = parse_shard(options.shard)
     grid = parse_batch_size(options.batch_size)
     chosen = _model(options)
-    refuse_overlap(options.out, {"--model": chosen.path, "--masks": options.masks})
+    refuse_overlap(
+        options.out, {"--model": chosen.path, "--masks": options.masks, "--real": options.real}
+    )
+    bar = _quality_bar(options)
     masks = _mask_source(options, chosen)
     notice(f"model: {chosen.path} ({chosen.kind}, sha256 {chosen.sha256[:12]}){_why(chosen)}")
     if chosen.kind == "demo":  # shipped inside the package: no claim files written there
-        with _reading(masks):
-            return _write(options, chosen, shard, grid, masks, stop, progress, notice)
+        with _reading(masks), _reading_real(bar):
+            return _write(options, chosen, shard, grid, (masks, bar), stop, progress, notice)
     # A run is claimed while it is used: `--overwrite` elsewhere refuses to replace it.
-    with ReadLock(chosen.path, refuse_writer=False), _reading(masks):
-        return _write(options, chosen, shard, grid, masks, stop, progress, notice)
+    with ReadLock(chosen.path, refuse_writer=False), _reading(masks), _reading_real(bar):
+        return _write(options, chosen, shard, grid, (masks, bar), stop, progress, notice)
+
+
+def _quality_bar(options: SynthesizeOptions) -> QualityBar | None:
+    """`--min-quality` with the `--real` store it is judged against, or None."""
+    if options.min_quality is None:
+        if options.real is not None or options.feature_steps is not None:
+            raise UsageError(
+                "--real and --feature-steps only serve --min-quality",
+                hint="e.g. --min-quality 0.6 --real data.zarr",
+            )
+        return None
+    if options.real is None:
+        raise UsageError(
+            "--min-quality needs --real: the real store the scores are calibrated on",
+            hint="e.g. --min-quality 0.6 --real data.zarr",
+        )
+    if options.masks is not None:
+        raise UsageError(
+            "--min-quality with --masks would skip masks: sample i is drawn for mask i",
+            hint="filter afterwards: `specdm benchmark --write-scores`, then `specdm filter`",
+        )
+    bar = QualityBar(options.min_quality, options.real, options.feature_steps)
+    bar.check()
+    return bar
+
+
+def _judge(
+    options: SynthesizeOptions,
+    bar: QualityBar | None,
+    chosen: ChosenModel,
+    progress: Progress | None,
+) -> Judge | None:
+    if bar is None:
+        return None
+    if options.judge_maker is None:
+        raise TypeError("SynthesizeOptions.judge_maker is needed with --min-quality")
+    device = str(torch_devices(options.devices)[0])
+    return options.judge_maker(bar, chosen.manifest, device, progress)
+
+
+def _reading_real(bar: QualityBar | None) -> AbstractContextManager[object]:
+    return ReadLock(bar.real) if bar is not None else nullcontext()
 
 
 def _mask_source(options: SynthesizeOptions, chosen: ChosenModel) -> MaskSource | None:
@@ -121,11 +172,14 @@ def _write(
     chosen: ChosenModel,
     shard: Shard,
     grid: int | None,
-    masks: MaskSource | None,
+    given: tuple[MaskSource | None, QualityBar | None],
     stop: StopFlag,
     progress: Progress | None,
     notice: Callable[[str], None],
 ) -> SynthesizeSummary:
+    masks, bar = given
+    # Judged before an old store is removed: a --real that does not fit leaves it in place.
+    judge = _judge(options, bar, chosen, progress)
     if options.overwrite and options.out.exists():
         remove_own(options.out, "store")
     request = SynthesizeRequest(
@@ -142,6 +196,7 @@ def _write(
         devices=options.devices,
         require=parse_require(options.require, chosen.manifest.classes),
         masks=masks,
+        quality=judge,
     )
     _require_room(request)
     summary = synthesize(request, stop, progress)

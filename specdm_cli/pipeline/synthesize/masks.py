@@ -65,7 +65,7 @@ class GivenMasks:
     def __init__(self, source: MaskSource, run: RunManifest):
         self.source = source
         self.reader = open_store(source.path)
-        _check_fits(self.reader, run)
+        check_store_fits(self.reader, run, "--masks")
         self.indices = self.reader.indices(source.split)
         if not len(self.indices):
             shown = f"in split {source.split!r}" if source.split else "written"
@@ -119,24 +119,24 @@ def given_condition(
     return mask_condition(latent, torch.ones(len(labels), dtype=torch.bool))
 
 
-def _check_fits(reader: StoreReader, run: RunManifest) -> None:
+def check_store_fits(reader: StoreReader, run: RunManifest, option: str) -> None:
     """The store's labels must mean what the run's do: same task, classes and size (exit 3)."""
     given = reader.manifest
     wanted = f"a {run.task} store of {run.height}x{run.width} px with the run's classes"
     if given.task != run.task:
         raise InputDataError(
-            f"the --masks store is task {given.task}, the model {run.task}", reader.root, wanted
+            f"the {option} store is task {given.task}, the model {run.task}", reader.root, wanted
         )
     if (given.height, given.width) != (run.height, run.width):
         raise InputDataError(
-            f"the --masks store's samples are {given.height}x{given.width} px, the model's "
+            f"the {option} store's samples are {given.height}x{given.width} px, the model's "
             f"{run.height}x{run.width}",
             reader.root,
             wanted,
         )
     if [(c.index, c.name) for c in given.classes] != [(c.index, c.name) for c in run.classes]:
         raise InputDataError(
-            f"the --masks store's classes ({len(given.classes)}) are not the model's "
+            f"the {option} store's classes ({len(given.classes)}) are not the model's "
             f"({len(run.classes)})",
             reader.root,
             wanted,

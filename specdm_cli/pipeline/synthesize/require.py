@@ -1,4 +1,6 @@
-"""`synthesize --require`: keep only candidates whose decoded mask has enough of the asked classes.
+"""`synthesize --require` (and `--min-quality`, quality.py): keep only acceptable candidates.
+
+`--require` accepts a candidate whose decoded mask has enough of the asked classes.
 
 Candidates are drawn in fixed blocks of B on their own per-candidate RNG (block k holds draws
 kB..kB+B-1); sample i is the i-th accepted candidate, and its draw index is stored. A resumed
@@ -76,11 +78,10 @@ def resume_draw(candidates: np.ndarray | None, first_sample: int) -> int:
     return int(candidates[first_sample - 1]) + 1
 
 
-def give_up(draws: int, kept: int, wanted: int, requirements: tuple[Requirement, ...]) -> None:
-    """Stop a search that is not finding enough acceptable samples."""
+def give_up(draws: int, kept: int, wanted: int, asked: str) -> None:
+    """Stop a search that is not finding enough acceptable samples (`asked`: the options)."""
     if draws >= MAX_DRAWS_PER_SAMPLE * max(wanted, 1) and kept < wanted:
-        asked = ",".join(r.text() for r in requirements)
         raise UsageError(
-            f"--require {asked}: only {kept} of {draws} draws qualified, {wanted} were wanted",
-            hint="lower the fractions (samples written so far are kept; --resume continues)",
+            f"{asked}: only {kept} of {draws} draws qualified, {wanted} were wanted",
+            hint="ask for less (samples written so far are kept; --resume continues)",
         )

@@ -15,9 +15,10 @@ import numpy as np
 from specdm_cli.errors import InputDataError, LockHeldError, UsageError
 from specdm_cli.fs.atomic import atomic_write_text, remove_stray_temporaries
 from specdm_cli.fs.lock import LOCK_NAME, DirLock, live_locks
-from specdm_cli.manifest import Manifest, load_manifest
+from specdm_cli.manifest import Manifest, QualityScores, load_manifest
 from specdm_cli.stores import create_store, open_store, open_writer, plan_differences
 from specdm_cli.stores.base import MANIFEST_NAME
+from specdm_cli.stores.quality import write_quality
 
 RECORDS = ".specdm/shards"
 
@@ -153,6 +154,7 @@ def finalize(out: Path, required: bool = False) -> bool:
                 "run the missing shards (same options), then --finalize again",
             )
         return False
+    manifest = _save_scores(out, manifest, records)
     fractions = reader.class_fractions().mean(axis=0)
     clipped = sum(r.get("clipped_values", 0) for r in records)
     values = sum(r.get("image_values", 0) for r in records)
@@ -169,3 +171,16 @@ def finalize(out: Path, required: bool = False) -> bool:
     open_writer(out, manifest).save_manifest(Manifest.model_validate(final.model_dump()))
     remove_stray_temporaries(out)  # records a killed shard left half-written
     return True
+
+
+def _save_scores(out: Path, manifest: Manifest, records: list[dict[str, Any]]) -> Manifest:
+    """With --min-quality, the recorded score of every sample becomes the store's `quality`
+    array (what `specdm filter` reads), named in the manifest."""
+    details = manifest.model.details if manifest.model is not None else {}
+    if "quality_scores" not in details:
+        return manifest
+    scores = np.full(manifest.count, np.nan)
+    for record in records:
+        scores[record["start"] : record["stop"]] = record["quality"]
+    info = QualityScores.model_validate(details["quality_scores"])
+    return write_quality(out, manifest, scores, info)

@@ -27,6 +27,7 @@ from specdm_cli.pipeline.runs.choose import ChosenModel
 from specdm_cli.pipeline.runs.provenance import provenance
 from specdm_cli.pipeline.signals import StopFlag
 from specdm_cli.pipeline.synthesize.masks import GivenMasks, MaskSource
+from specdm_cli.pipeline.synthesize.quality import Judge
 from specdm_cli.pipeline.synthesize.ranks import run_on_devices
 from specdm_cli.pipeline.synthesize.require import Requirement, accepted, give_up, resume_draw
 from specdm_cli.pipeline.synthesize.sampler import Sampler, SamplingPlan, distilled_timesteps
@@ -62,6 +63,18 @@ class SynthesizeRequest:
     devices: Devices = field(default_factory=Devices)
     require: tuple[Requirement, ...] = ()
     masks: MaskSource | None = None  # --masks: sample i drawn for the given mask i mod M
+    quality: Judge | None = None  # --min-quality: only draws scoring at least its bar
+
+    def filtered(self) -> bool:
+        """Whether sample i is the i-th accepted draw rather than draw i."""
+        return bool(self.require) or self.quality is not None
+
+    def asked(self) -> str:
+        """The filtering options, as typed."""
+        parts = [f"--require {','.join(r.text() for r in self.require)}"] if self.require else []
+        if self.quality is not None:
+            parts.append(f"--min-quality {self.quality.bar.min_quality:g}")
+        return " ".join(parts)
 
 
 @dataclass
@@ -121,6 +134,7 @@ def _plan(request: SynthesizeRequest, steps: int) -> dict[str, Any]:
         "format": request.format,
         **({"require": [r.text() for r in request.require]} if request.require else {}),
         **(request.masks.plan() if request.masks is not None else {}),
+        **(request.quality.plan() if request.quality is not None else {}),
         **(
             {"threads": cpu_threads_per_process(request.devices)}
             if request.devices.kind == "cpu"
@@ -165,6 +179,11 @@ def _manifest(request: SynthesizeRequest, steps: int, device: torch.device) -> M
                 "source_manifest_sha256": run.source_manifest_sha256,
                 "device": str(device),
                 **({"mask_source": request.masks.plan()} if request.masks is not None else {}),
+                **(
+                    {"quality_scores": request.quality.info(request.n).model_dump()}
+                    if request.quality is not None
+                    else {}
+                ),
             },
         ),
         plan=_plan(request, steps),
@@ -191,9 +210,10 @@ def synthesize(
     started = time.monotonic()
     if request.n <= 0:
         raise UsageError("--n must be at least 1", hint="e.g. --n 1000")
-    if request.require and (request.shard.count > 1 or request.devices.ranks > 1):
+    if request.filtered() and (request.shard.count > 1 or request.devices.ranks > 1):
         raise UsageError(
-            "--require cannot be split over shards or devices: sample i is the i-th accepted draw",
+            f"{request.asked()} cannot be split over shards or devices: sample i is the i-th "
+            "accepted draw",
             hint="run it on one device (--resume continues an interrupted run)",
         )
     steps = _steps(request)
@@ -211,9 +231,9 @@ def synthesize(
         todo = [b for b in batches if not written[b.start : b.stop].all()]
         plan = SamplingPlan(request.sampler, request.seed, request.batch_size, request.precision)
         draws = _Draws(_sampler(request, plan, devices[0]), steps) if todo else None
-        if draws is not None and request.require:
+        if draws is not None and request.filtered():
             candidates = open_store(request.out, allow_incomplete=True).candidates()
-            draws.require(request.require, resume_draw(candidates, todo[0].start))
+            draws.filter(request, resume_draw(candidates, todo[0].start))
         loop = _run(draws, writer, todo, stop, progress, len(batches) - len(todo), len(batches))
     cuda_peak = torch.cuda.max_memory_allocated(devices[0]) if devices[0].type == "cuda" else None
     return _summary(request, started, loop, len(batches), draws.count if draws else 0, cuda_peak)
@@ -252,7 +272,8 @@ def _summary(
     )  # fmt: skip
 
 
-Drawn = tuple[dict[str, np.ndarray], np.ndarray, np.ndarray]  # arrays, clipped, draw indices
+# arrays, values clipped, draw indices, quality scores (NaN without --min-quality), per sample
+Drawn = tuple[dict[str, np.ndarray], np.ndarray, np.ndarray, np.ndarray]
 
 
 @dataclass
@@ -265,29 +286,36 @@ class Written:
 
 
 class _Draws:
-    """The samples of grid batches: draw i for sample i, or with --require the accepted draws
-    in order, drawn in fixed blocks of B (see pipeline/require.py)."""
+    """The samples of grid batches: draw i for sample i, or with --require / --min-quality the
+    accepted draws in order, drawn in fixed blocks of B (see pipeline/require.py)."""
 
     def __init__(self, sampler: Sampler, steps: int):
         self.sampler, self.steps = sampler, steps
         self.block = sampler.plan.batch_size
         self.requirements: tuple[Requirement, ...] = ()
+        self.judge: Judge | None = None
+        self.asked = ""
         self.count = 0
         self.pending: list[Drawn] = []
 
-    def require(self, requirements: tuple[Requirement, ...], next_draw: int) -> None:
-        self.requirements = requirements
+    def filter(self, request: SynthesizeRequest, next_draw: int) -> None:
+        self.requirements, self.judge, self.asked = (
+            request.require,
+            request.quality,
+            request.asked(),
+        )
         self.next_draw = next_draw
 
     def take(self, batch: range) -> Drawn:
-        if not self.requirements:
+        if not self.asked:
             arrays, clipped = self.sampler.batch(batch.start, len(batch), self.steps)
             self.count += len(batch)
-            return arrays, clipped, np.arange(batch.start, batch.stop)
+            unscored = np.full(len(batch), np.nan)
+            return arrays, clipped, np.arange(batch.start, batch.stop), unscored
         spent = 0
         while self._waiting() < len(batch):
             spent += self._draw_block()
-            give_up(spent, self._waiting(), len(batch), self.requirements)
+            give_up(spent, self._waiting(), len(batch), self.asked)
         return self._pop(len(batch))
 
     def _waiting(self) -> int:
@@ -297,24 +325,41 @@ class _Draws:
         """Draws the block holding `next_draw`; returns how many new draws it made."""
         first = self.next_draw - self.next_draw % self.block
         arrays, clipped = self.sampler.batch(first, self.block, self.steps)
-        label = arrays[LABEL_ARRAY[self.sampler.task]]
-        keep = accepted(label, self.requirements, self.sampler.classes)
+        keep, scores = self._acceptable(arrays)
         keep[: self.next_draw - first] = False  # drawn before: written already
         rows = np.flatnonzero(keep)
-        self.pending.append(({k: v[rows] for k, v in arrays.items()}, clipped[rows], first + rows))
+        arrays = {k: v[rows] for k, v in arrays.items()}
+        self.pending.append((arrays, clipped[rows], first + rows, scores[rows]))
         made = self.block - (self.next_draw - first)
         self.count += made
         self.next_draw = first + self.block
         return made
 
+    def _acceptable(self, arrays: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+        """Which draws of a block pass every filter, and their quality scores (NaN unscored)."""
+        label = arrays[LABEL_ARRAY[self.sampler.task]]
+        keep = accepted(label, self.requirements, self.sampler.classes)
+        if self.judge is None:
+            return keep, np.full(len(label), np.nan)
+        scores = self.judge.scores(arrays)
+        return keep & (scores >= self.judge.bar.min_quality), scores
+
     def _pop(self, size: int) -> Drawn:
-        names = self.pending[0][0].keys()
-        arrays = {k: np.concatenate([d[0][k] for d in self.pending]) for k in names}
-        clipped = np.concatenate([d[1] for d in self.pending])
-        draws = np.concatenate([d[2] for d in self.pending])
-        rest = ({k: v[size:] for k, v in arrays.items()}, clipped[size:], draws[size:])
-        self.pending = [rest] if len(draws) > size else []
-        return {k: v[:size] for k, v in arrays.items()}, clipped[:size], draws[:size]
+        """The first `size` accepted draws; the rest stay pending."""
+        joined = _joined(self.pending)
+        self.pending = [_rows(joined, slice(size, None))] if len(joined[2]) > size else []
+        return _rows(joined, slice(None, size))
+
+
+def _joined(parts: list[Drawn]) -> Drawn:
+    arrays = {k: np.concatenate([part[0][k] for part in parts]) for k in parts[0][0]}
+    clipped, drawn, scores = (np.concatenate([part[i] for part in parts]) for i in (1, 2, 3))
+    return arrays, clipped, drawn, scores
+
+
+def _rows(drawn: Drawn, rows: slice) -> Drawn:
+    arrays, clipped, draws, scores = drawn
+    return {k: v[rows] for k, v in arrays.items()}, clipped[rows], draws[rows], scores[rows]
 
 
 def _run(
@@ -333,7 +378,7 @@ def _run(
     label_name = LABEL_ARRAY[manifest.task]
 
     def write(item: tuple[range, Drawn]) -> None:
-        indices, (arrays, clipped, drawn) = item
+        indices, (arrays, clipped, drawn, scores) = item
         for offset, index in enumerate(indices):
             writer.write_arrays(index, {name: values[offset] for name, values in arrays.items()})
         metas = [
@@ -343,7 +388,12 @@ def _run(
             for k in range(len(indices))
         ]
         # The record first: a kill between the two leaves the batch unwritten, so it is redone.
-        record = {"clipped_values": int(clipped.sum()), "image_values": _values(manifest, indices)}
+        record: dict[str, Any] = {
+            "clipped_values": int(clipped.sum()),
+            "image_values": _values(manifest, indices),
+        }
+        if not np.isnan(scores).all():
+            record["quality"] = [float(score) for score in scores]
         write_record(writer.root, [indices], record)
         writer.mark_written(indices.start, metas)
         fault_point("synthesize.after_batch")

@@ -1,0 +1,88 @@
+"""The judge of `synthesize --min-quality Q --real STORE`: draws scored as the benchmark scores.
+
+The score is the benchmark's (scores.py, README "Benchmark"): the weaker of
+label consistency and spectral plausibility, each relative to the typical real held-out pair of
+STORE, judged by the feature network of STORE (the one `specdm benchmark` trains and caches).
+So a store written with `--min-quality 0.6` holds the samples that `benchmark --write-scores`
+and `filter --min-quality 0.6` would keep from a larger one, without the second pass; their
+scores are written into the store, so `filter` can raise the bar later.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from specdm_cli.config import Progress
+from specdm_cli.errors import InputDataError
+from specdm_cli.manifest import QualityScores
+from specdm_cli.pipeline.benchmark.features import (
+    FeatureNetwork,
+    default_config,
+    load_or_train,
+    manifest_sha256,
+)
+from specdm_cli.pipeline.benchmark.quality import split_indices
+from specdm_cli.pipeline.benchmark.scores import (
+    SCORE_DEFINITION,
+    Calibration,
+    batch_traits,
+    sample_traits,
+)
+from specdm_cli.pipeline.runs.run_manifest import RunManifest
+from specdm_cli.pipeline.synthesize.masks import check_store_fits
+from specdm_cli.pipeline.synthesize.quality import QualityBar
+from specdm_cli.stores import open_store
+
+
+class QualityJudge:
+    """Scores batches of decoded samples against the real store's held-out pairs (a
+    synthesize.quality.Judge; the CLI hands this class to synthesize, which may not import
+    the benchmark stage)."""
+
+    def __init__(
+        self, bar: QualityBar, run: RunManifest, device: str, progress: Progress | None = None
+    ):
+        bar.check()
+        self.bar = bar
+        self.real = open_store(bar.real)
+        check_store_fits(self.real, run, "--real")
+        if len(self.real.manifest.bands) != len(run.bands):
+            raise InputDataError(
+                f"the --real store has {len(self.real.manifest.bands)} bands, the model "
+                f"{len(run.bands)}",
+                bar.real,
+                "pass the real store the model was trained on (or one like it)",
+            )
+        overrides = {"steps": bar.feature_steps} if bar.feature_steps else {}
+        self.network: FeatureNetwork = load_or_train(
+            self.real, default_config(self.real, **overrides), device=device, progress=progress
+        )
+        heldout, _split = split_indices(self.real, "heldout")
+        traits = sample_traits(
+            self.real, heldout, self.network, progress=progress, stage="scores (real)"
+        )
+        self.calibration = Calibration.of(traits)
+        self.task = run.task
+        self.real_sha256 = manifest_sha256(self.real)
+
+    def scores(self, arrays: dict[str, np.ndarray]) -> np.ndarray:
+        """(B,) quality of a batch of samples in the store's units."""
+        quality, _angle = self.calibration.score(batch_traits(arrays, self.task, self.network))
+        return quality
+
+    def plan(self) -> dict[str, Any]:
+        """What a resume must match: the bar, the real store's manifest and the judge's weights."""
+        return {
+            "min_quality": self.bar.min_quality,
+            "quality_reference_sha256": self.real_sha256,
+            "feature_hash": self.network.feature_hash,
+        }
+
+    def info(self, count: int) -> QualityScores:
+        """How the written scores were made (the manifest's `quality_scores`)."""
+        return QualityScores(
+            definition=SCORE_DEFINITION, feature_hash=self.network.feature_hash,
+            reference=str(self.bar.real), reference_manifest_sha256=self.real_sha256, count=count,
+        )  # fmt: skip
