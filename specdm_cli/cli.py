@@ -25,6 +25,7 @@ from specdm_cli.config import (
     DIFFUSION_PRESETS,
     VAE_PRESETS,
     DemoBandSet,
+    DemoVariant,
     Devices,
     Precision,
     Prediction,
@@ -352,6 +353,14 @@ def prepare(
     demo_bands: Annotated[
         DemoBandSet, typer.Option("--demo-bands", help="Demo: s2 (10 bands) or hsi (>=100).")
     ] = "s2",
+    demo_variant: Annotated[
+        DemoVariant | None,
+        typer.Option(
+            "--demo-variant",
+            help="Demo: standard, or hard (cropland, grassland and soil overlap spectrally; "
+            "meadows are told from fields by shape) [standard].",
+        ),
+    ] = None,
     workers: Annotated[int, typer.Option(help="Reader threads.")] = 4,
     json_output: JsonOption = False,
     quiet: QuietOption = False,
@@ -380,6 +389,7 @@ def prepare(
             n=n,
             size=size,
             band_set=demo_bands,
+            demo_variant=demo_variant,
         )
         request = PrepareRequest(
             source=source,

@@ -21,6 +21,7 @@ Task = Literal["ss", "cd"]
 StoreFormat = Literal["zarr", "geotiff"]
 SourceName = Literal["segmunich", "oscd", "geotiff", "demo"]
 DemoBandSet = Literal["s2", "hsi"]
+DemoVariant = Literal["standard", "hard"]
 Precision = Literal["fp32", "bf16", "fp16"]
 Prediction = Literal["epsilon", "v_prediction"]
 SamplerName = Literal["ddpm", "ddim", "dpmpp", "unipc", "distilled"]
@@ -106,6 +107,7 @@ class PrepareOptions:
     n: int = 256
     size: int = 64
     band_set: DemoBandSet = "s2"
+    demo_variant: DemoVariant | None = None  # None: standard (stores made before it resume)
 
     def __post_init__(self) -> None:
         # The one check of the split fractions, whichever source reads them.

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import json
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
+import zarr
 
 from specdm_cli.errors import EXIT_USAGE, UsageError
 from specdm_cli.sources.base import PrepareOptions, SourcePlan
@@ -22,6 +25,7 @@ from specdm_cli.sources.demo_spectra import (
     URBAN,
     WATER,
 )
+from tests.conftest import prepare_demo, run_cli
 
 
 def _plan(**kwargs: Any) -> SourcePlan:
@@ -185,3 +189,53 @@ def test_bad_options_are_one_line_usage_errors(options: dict[str, Any], words: s
     assert caught.value.exit_code == EXIT_USAGE
     assert words in caught.value.line() and "\n" not in caught.value.line()
     assert caught.value.hint
+
+
+def _field_pixels(variant: str) -> tuple[np.ndarray, np.ndarray]:
+    """(N, C) spectra and (N,) classes of the cropland, grassland and soil pixels of 24 scenes."""
+    spectra, classes = [], []
+    for sample in _samples(_plan(n=24, demo_variant=variant), 24):
+        image, mask = sample["image"].reshape(10, -1).T.astype(float), sample["mask"].ravel()
+        fields = np.isin(mask, (CROP, GRASS, SOIL))
+        spectra.append(image[fields])
+        classes.append(mask[fields])
+    return np.concatenate(spectra), np.concatenate(classes)
+
+
+def _nearest_mean_accuracy(spectra: np.ndarray, classes: np.ndarray) -> float:
+    """Share of pixels whose nearest class mean (Mahalanobis, pooled covariance) is their own."""
+    kinds = np.array([CROP, GRASS, SOIL])
+    means = np.stack([spectra[classes == c].mean(axis=0) for c in kinds])
+    inverse = np.linalg.inv(np.cov(spectra.T))
+    offsets = spectra[:, None, :] - means[None]
+    distance = np.einsum("nkc,cd,nkd->nk", offsets, inverse, offsets)
+    return float((kinds[distance.argmin(axis=1)] == classes).mean())
+
+
+def test_the_hard_variant_blurs_fields_spectrally() -> None:
+    standard = _nearest_mean_accuracy(*_field_pixels("standard"))
+    hard = _nearest_mean_accuracy(*_field_pixels("hard"))
+    # Measured 0.66 vs 0.53 (24 scenes): a pixel alone tells cropland, grassland and soil apart
+    # less often, so a segmenter needs the regions' shapes (issue 20: a demo with headroom).
+    assert hard < standard - 0.05, (standard, hard)
+    masks = [s["mask"] for s in _samples(_plan(n=50, demo_variant="hard"), 50)]
+    counts = np.bincount(np.concatenate([m.ravel() for m in masks]), minlength=len(SS_CLASSES))
+    assert (counts > 0).all(), counts
+
+
+def test_the_variant_is_in_the_plan_and_the_manifest(tmp_path: Path) -> None:
+    hard, standard = tmp_path / "hard.zarr", tmp_path / "standard.zarr"
+    prepare_demo(hard, "--demo-variant", "hard", n=8)
+    prepare_demo(standard, n=8)
+    for store, variant in ((hard, "hard"), (standard, "standard")):
+        manifest = json.loads((store / "manifest.json").read_text())
+        assert manifest["source"]["details"]["variant"] == variant
+    plans = [json.loads((s / "manifest.json").read_text())["plan"] for s in (hard, standard)]
+    assert plans[0]["options"]["demo_variant"] == "hard"
+    assert "demo_variant" not in plans[1]["options"]  # stores made before the option resume
+    assert not np.array_equal(
+        zarr.open_group(hard)["image"][:], zarr.open_group(standard)["image"][:]
+    )
+    code, _, stderr = run_cli("prepare", "demo", "--n", "8", "--size", "32", "--out", hard,
+                              "--resume")  # fmt: skip
+    assert code == 3 and "--demo-variant: store \"hard\", now unset" in stderr, stderr

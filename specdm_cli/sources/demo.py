@@ -32,11 +32,14 @@ from specdm_cli.sources.demo_spectra import (
     SOIL,
     SPECTRA_SOURCE,
     SS_CLASSES,
+    STANDARD,
     URBAN,
+    VARIANTS,
     VIGOUR,
     WATER,
     BandTable,
     Regions,
+    Variant,
     band_table,
     mixtures,
     regions,
@@ -86,6 +89,11 @@ class Scene:
     theta: float  # orientation of the field grid (rad)
     vigour: np.ndarray
     bright: np.ndarray
+    variant: Variant = STANDARD
+
+    def regions(self, rng: np.random.Generator, classes: np.ndarray | list[int]) -> Regions:
+        """New regions of `classes`, varying as the scene's variant does."""
+        return regions(rng, classes, self.variant)
 
     def paint(self, mask: np.ndarray, new: Regions, local: np.ndarray | None = None) -> None:
         """Cover `mask` with the regions `new` (pixel -> row `local`, or row 0)."""
@@ -134,7 +142,19 @@ def _add_forest(rng: np.random.Generator, scene: Scene, parcels: np.ndarray, n: 
     size = scene.rid.shape[0]  # woods of 100 m to 1 km, with ragged edges
     noise = smooth_noise(rng, size, 9.0) + 0.35 * smooth_noise(rng, size, 2.5)
     if share > 0:  # stands follow the parcel grid, so neighbouring stands differ a little
-        scene.paint(noise > np.quantile(noise, 1 - share), regions(rng, [FOREST] * n), parcels)
+        scene.paint(
+            noise > np.quantile(noise, 1 - share), scene.regions(rng, [FOREST] * n), parcels
+        )
+
+
+def _add_meadows(rng: np.random.Generator, scene: Scene, share: float) -> None:
+    """Grassland as ragged meadows across the parcel grid, split into 240 m patches that each
+    have their own mixture: their shape, not their spectrum, tells them from cropland."""
+    size = scene.rid.shape[0]
+    noise = smooth_noise(rng, size, 6.0) + 0.5 * smooth_noise(rng, size, 1.5)
+    meadow = noise > np.quantile(noise, 1 - share)
+    local, n = _blocks(size, meadow, rng.uniform(0, np.pi), 24.0)
+    scene.paint(meadow, scene.regions(rng, [GRASS] * n), local)
 
 
 def _add_town(rng: np.random.Generator, scene: Scene, roads: list[tuple[float, ...]]) -> None:
@@ -155,8 +175,8 @@ def _add_town(rng: np.random.Generator, scene: Scene, roads: list[tuple[float, .
     streets = town & ((np.mod(u, spacing[0]) < 1.1) | (np.mod(v, spacing[1]) < 1.1))
     local, n = _blocks(size, town, angle, float(spacing.mean()) / 2)
     cls = np.where(rng.random(n) < 0.82, URBAN, GRASS)
-    scene.paint(town, regions(rng, cls), local)
-    scene.paint(streets, regions(rng, [ROAD]))
+    scene.paint(town, scene.regions(rng, cls), local)
+    scene.paint(streets, scene.regions(rng, [ROAD]))
 
 
 def _add_water(rng: np.random.Generator, scene: Scene) -> None:
@@ -167,12 +187,14 @@ def _add_water(rng: np.random.Generator, scene: Scene) -> None:
         amp, wave, phase = rng.uniform(2, 10), rng.uniform(40, 120), rng.uniform(0, 2 * np.pi)
         wiggle = rng.uniform(0, 3) * np.sin(2 * np.pi * u / rng.uniform(12, 25) + phase)
         centre = rng.uniform(-0.3, 0.3) * size + amp * np.sin(2 * np.pi * u / wave + phase)
-        scene.paint(np.abs(v - centre - wiggle) < rng.uniform(1.5, 4), regions(rng, [WATER]))
+        scene.paint(np.abs(v - centre - wiggle) < rng.uniform(1.5, 4), scene.regions(rng, [WATER]))
     if rng.random() < 0.25:
         yy, xx = _grid(size)
         (cx, cy), radius = rng.uniform(-0.35, 0.35, 2) * size, rng.uniform(5, 14)
         blob = np.exp(-((xx - cx) ** 2 + (yy - cy) ** 2) / radius**2)
-        scene.paint(blob * (1 + 0.4 * smooth_noise(rng, size, 3.0)) > 0.5, regions(rng, [WATER]))
+        scene.paint(
+            blob * (1 + 0.4 * smooth_noise(rng, size, 3.0)) > 0.5, scene.regions(rng, [WATER])
+        )
 
 
 def _road_lines(rng: np.random.Generator, size: int, theta: float) -> list[tuple[float, ...]]:
@@ -185,20 +207,24 @@ def _road_lines(rng: np.random.Generator, size: int, theta: float) -> list[tuple
     return lines
 
 
-def make_scene(rng: np.random.Generator, size: int) -> Scene:
-    """Fields, then forest, a town, water and roads painted over each other in that order."""
+def make_scene(rng: np.random.Generator, size: int, variant: Variant = STANDARD) -> Scene:
+    """Fields (and meadows), then forest, a town, water and roads painted over each other."""
     theta = rng.uniform(0, np.pi)
     parcels, n = _parcels(rng, size, theta)
     p_grass, p_soil = rng.uniform(0.1, 0.5), rng.uniform(0.03, 0.15)
-    cls = rng.choice([CROP, GRASS, SOIL], size=n, p=[1 - p_grass - p_soil, p_grass, p_soil])
+    fields = [CROP, SOIL] if variant.meadows else [CROP, GRASS, SOIL]
+    shares = [1 - p_soil, p_soil] if variant.meadows else [1 - p_grass - p_soil, p_grass, p_soil]
+    cls = rng.choice(fields, size=n, p=shares)
     vigour, bright = smooth_noise(rng, size, 2.0), smooth_noise(rng, size, 0.7)
-    scene = Scene(parcels.copy(), regions(rng, cls), theta, vigour, bright)
+    scene = Scene(parcels.copy(), regions(rng, cls, variant), theta, vigour, bright, variant)
     roads = _road_lines(rng, size, theta)
+    if variant.meadows:
+        _add_meadows(rng, scene, p_grass)
     _add_forest(rng, scene, parcels, n)
     _add_town(rng, scene, roads)
     _add_water(rng, scene)
     for angle, offset, width in roads:
-        scene.paint(np.abs(_frame(size, angle)[1] - offset) < width / 2, regions(rng, [ROAD]))
+        scene.paint(np.abs(_frame(size, angle)[1] - offset) < width / 2, scene.regions(rng, [ROAD]))
     return scene
 
 
@@ -272,7 +298,7 @@ def _build(rng: np.random.Generator, scene: Scene) -> bool:
     size, angle = eligible.shape[0], scene.theta + rng.choice([0, np.pi / 2])
     mask = _rect(size, centre, angle, rng.uniform(3, 7), rng.uniform(2.5, 6)) & eligible
     local, n = _blocks(size, mask, angle, 3.0)
-    scene.paint(mask, regions(rng, np.where(rng.random(n) < 0.8, URBAN, SOIL)), local)
+    scene.paint(mask, scene.regions(rng, np.where(rng.random(n) < 0.8, URBAN, SOIL)), local)
     return True
 
 
@@ -284,7 +310,7 @@ def _clear(rng: np.random.Generator, scene: Scene) -> bool:
         return False
     size, angle = eligible.shape[0], scene.theta + rng.uniform(-0.3, 0.3)
     mask = _rect(size, centre, angle, rng.uniform(3, 8), rng.uniform(2, 6)) & eligible
-    scene.paint(mask, regions(rng, [SOIL]))
+    scene.paint(mask, scene.regions(rng, [SOIL]))
     return True
 
 
@@ -324,7 +350,7 @@ def evolve(rng: np.random.Generator, scene: Scene) -> None:
     """Between two dates: unlabelled crop phenology and brightness drift, then change events."""
     t = scene.table
     regrown = np.flatnonzero((t.cls == CROP) & (rng.random(t.cls.size) < 0.35))
-    t.abund[regrown] = mixtures(rng, CROP, regrown.size)
+    t.abund[regrown] = mixtures(rng, CROP, regrown.size, scene.variant)
     t.gain *= rng.normal(1.0, 0.02, t.gain.size).astype(np.float32)
     size = scene.rid.shape[0]
     for _ in range(rng.poisson(CHANGE_EVENTS_PER_64PX * (size / 64) ** 2)):
@@ -334,7 +360,7 @@ def evolve(rng: np.random.Generator, scene: Scene) -> None:
 
 
 def make_sample(
-    seed: int, index: int, task: str, size: int, band_set: str
+    seed: int, index: int, task: str, size: int, band_set: str, variant: str = "standard"
 ) -> dict[str, np.ndarray]:
     """The arrays of demo sample `index`: a function of (seed, index) and the options only.
 
@@ -342,7 +368,7 @@ def make_sample(
     """
     rng = np.random.default_rng([seed, index])
     table = band_table(band_set)
-    scene = make_scene(rng, size)
+    scene = make_scene(rng, size, VARIANTS[variant])
     image, label = render(rng, scene, table), scene.labels()
     if task == "ss":
         return {"image": image, "mask": label}
@@ -391,6 +417,7 @@ def spec_of(options: PrepareOptions) -> SourceSpec:
         ]
     details = {
         "band_set": options.band_set,
+        "variant": options.demo_variant or "standard",
         "spectra": SPECTRA_SOURCE,
         "pixel_size_m": 10,
         "splits": "hash of (seed, index) against val_fraction and test_fraction",
@@ -431,8 +458,9 @@ def read_demo(raw: Path | None, options: PrepareOptions) -> SourcePlan:
 
     def load(candidate: Candidate) -> RawSample:
         arrays = make_sample(
-            options.seed, int(candidate.ref), options.task, options.size, options.band_set
-        )
+            options.seed, int(candidate.ref), options.task, options.size, options.band_set,
+            options.demo_variant or "standard",
+        )  # fmt: skip
         return RawSample(candidate.source_id, candidate.split, arrays)
 
     return SourcePlan(spec=spec_of(options), candidates=candidates, load=load)

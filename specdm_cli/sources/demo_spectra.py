@@ -95,7 +95,39 @@ RECIPES: dict[int, Recipe] = {
         (0.2, {"asphalt": (.3, .6), "concrete": (.2, .5), "green": (0, .1), "shade": (.1, .35)}),
     ],
 }
+# The `hard` variant (issue 20: a demo with headroom): cropland, grassland and bare soil mix the
+# same endmembers over overlapping ranges, so a pixel's spectrum alone no longer tells them
+# apart (emerging crop looks like soil, growing and ripening crop like meadow); grassland is
+# laid out as ragged meadows instead of parcels, so the shape of a region is the cue.
+HARD_RECIPES: dict[int, Recipe] = {
+    CROP: [
+        (0.4, {"green": (0.45, 0.85), "dry": (0.05, 0.35), "dark_soil": (0.0, 0.2)}),
+        (0.3, {"green": (0.1, 0.4), "dark_soil": (0.2, 0.6), "soil": (0.1, 0.5)}),
+        (0.3, {"dry": (0.35, 0.8), "green": (0.1, 0.45), "soil": (0.0, 0.2)}),
+    ],
+    GRASS: [(1.0, {"green": (0.4, 0.85), "dry": (0.1, 0.55), "soil": (0.0, 0.15)})],
+    SOIL: [(1.0, {"soil": (0.0, 1.0), "dark_soil": (0.0, 1.0), "dry": (0.0, 0.3), "green": (0.0, 0.25)})],
+}
 # fmt: on
+
+
+@dataclass(frozen=True)
+class Variant:
+    """How a demo scene's regions vary: class recipes and the spread of brightness and slope
+    between regions of one class."""
+
+    name: str
+    recipes: dict[int, Recipe]
+    gain_sd: float
+    tilt_sd: float
+    meadows: bool  # grassland as ragged meadows over the fields, not as parcels
+
+
+STANDARD = Variant("standard", RECIPES, gain_sd=0.05, tilt_sd=0.04, meadows=False)
+# Twice the standard spread between parcels of one class: acquisition and management differ.
+HARD = Variant("hard", {**RECIPES, **HARD_RECIPES}, gain_sd=0.10, tilt_sd=0.08, meadows=True)
+VARIANTS = {variant.name: variant for variant in (STANDARD, HARD)}
+
 # Per class: amplitude of in-region brightness texture and of vigour (greenness) variation.
 ROUGHNESS = np.array([0.02, 0.12, 0.03, 0.04, 0.05, 0.04, 0.12], dtype=np.float32)
 VIGOUR = np.array([0.0, 0.04, 0.15, 0.10, 0.0, 0.0, 0.10], dtype=np.float32)
@@ -175,9 +207,9 @@ class Regions:
         return self.cls, self.abund, self.gain, self.tilt
 
 
-def mixtures(rng: np.random.Generator, cls: int, k: int) -> np.ndarray:
+def mixtures(rng: np.random.Generator, cls: int, k: int, variant: Variant = STANDARD) -> np.ndarray:
     """`k` random endmember mixtures (rows summing to 1) following the class's recipe."""
-    options = RECIPES[cls]
+    options = variant.recipes[cls]
     pick = rng.choice(len(options), size=k, p=[p for p, _ in options])
     out = np.zeros((k, len(ENDMEMBERS)), dtype=np.float32)
     for j, (_, parts) in enumerate(options):
@@ -187,15 +219,17 @@ def mixtures(rng: np.random.Generator, cls: int, k: int) -> np.ndarray:
     return np.asarray(out / out.sum(axis=1, keepdims=True), dtype=np.float32)
 
 
-def regions(rng: np.random.Generator, classes: np.ndarray | list[int]) -> Regions:
+def regions(
+    rng: np.random.Generator, classes: np.ndarray | list[int], variant: Variant = STANDARD
+) -> Regions:
     """One region per entry of `classes`, each with its own mixture, brightness and slope."""
     cls = np.asarray(classes, dtype=np.int64)
     abund = np.zeros((cls.size, len(ENDMEMBERS)), dtype=np.float32)
     for c in np.unique(cls):
         idx = np.flatnonzero(cls == c)
-        abund[idx] = mixtures(rng, int(c), idx.size)
-    gain = rng.normal(1.0, 0.05, cls.size).astype(np.float32)
-    tilt = rng.normal(0.0, 0.04, cls.size).astype(np.float32)
+        abund[idx] = mixtures(rng, int(c), idx.size, variant)
+    gain = rng.normal(1.0, variant.gain_sd, cls.size).astype(np.float32)
+    tilt = rng.normal(0.0, variant.tilt_sd, cls.size).astype(np.float32)
     return Regions(cls, abund, gain, tilt)
 
 

@@ -55,7 +55,7 @@ from specdm_cli.stores.base import MANIFEST_NAME
 
 PROGRESS_FILE = ".specdm/prepare-progress.json"
 # PrepareOptions fields newer than the plan format: absent from a plan while None.
-_LATER_OPTIONS = frozenset({"label_nodata", "cities", "val_cities"})
+_LATER_OPTIONS = frozenset({"label_nodata", "cities", "val_cities", "demo_variant"})
 
 
 @dataclass(frozen=True)
