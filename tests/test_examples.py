@@ -79,3 +79,21 @@ def test_vae_utility_runs_on_a_tiny_run(tmp_path: Path) -> None:
     row = json.loads(out.read_text())[str(tmp_path / "run")]
     assert len(row["seeds"]) == 2 and 0.0 <= row["miou"] <= 1.0
     assert 0.0 <= row["pair_miou"] <= 1.0 and 0.0 < row["real_pair_miou"] <= 1.0
+
+
+def test_real_learning_curve_runs_on_a_tiny_store(tmp_path: Path) -> None:
+    from tests.conftest import prepare_demo
+
+    store = prepare_demo(tmp_path / "hard.zarr", "--demo-variant", "hard", n=80, size=16)
+    out = tmp_path / "curve.json"
+    done = processes.run(
+        [sys.executable, EXAMPLES / "real_learning_curve.py", store, "--limits", "2,4",
+         "--seeds", "2", "--max-steps", "2", "--eval-every", "1", "--patience", "1",
+         "--json", out],
+        text=True,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    points = json.loads(out.read_text())
+    assert [p["limit"] for p in points] == [2, 4]
+    assert all(len(p["seeds"]) == 2 and 0.0 <= p["miou"] <= 1.0 for p in points)
+    assert "hard.zarr real    4: mIoU" in done.stdout

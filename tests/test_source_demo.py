@@ -238,4 +238,4 @@ def test_the_variant_is_in_the_plan_and_the_manifest(tmp_path: Path) -> None:
     )
     code, _, stderr = run_cli("prepare", "demo", "--n", "8", "--size", "32", "--out", hard,
                               "--resume")  # fmt: skip
-    assert code == 3 and "--demo-variant: store \"hard\", now unset" in stderr, stderr
+    assert code == 3 and '--demo-variant: store "hard", now unset' in stderr, stderr

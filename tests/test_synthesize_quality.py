@@ -68,7 +68,9 @@ def test_min_quality_keeps_what_benchmark_and_filter_keep(ss_run: Path, tmp_path
     scores = manifest["quality_scores"]
     assert isinstance(scores, dict) and scores["count"] == wanted
     # The scores are the store's own: `filter` can raise the bar without a benchmark pass.
-    code, _, stderr = run_cli("filter", out, "--min-quality", str(bar), "--out", tmp_path / "f.zarr")
+    code, _, stderr = run_cli(
+        "filter", out, "--min-quality", str(bar), "--out", tmp_path / "f.zarr"
+    )
     assert code == 0, stderr
     assert manifest_of(tmp_path / "f.zarr")["count"] == wanted
 
