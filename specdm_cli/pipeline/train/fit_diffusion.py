@@ -145,13 +145,14 @@ class DiffusionTrainer:
         world: int = 1,
         run: Path | None = None,
         val: np.ndarray | None = None,
+        condition_record: dict[str, Any] | None = None,  # run.json's mask_condition, if any
     ):
         self.cache, self.config, self.device = cache, config, device
         self.rank, self.world = rank, world
         self.run = run
         self.val = val if val is not None else np.zeros((0,), dtype=np.float32)
         self.mask_channels = max(0, unet_cfg.condition_channels - 1)
-        self.condition_record: dict[str, Any] = {}  # run.json's mask_condition, if any
+        self.condition_record = condition_record or {}
         torch.manual_seed(config.seed)
         self.unet = build_unet(unet_cfg).to(device).train()
         self.net: Any = self.unet
@@ -355,8 +356,9 @@ def _rank_main(
 ) -> FitDiffusionSummary:
     """One rank: open the cache, build or restore the U-Net, wrap for data parallelism, train."""
     cache = open_cache(job.run)
-    trainer = DiffusionTrainer(cache, job.config, job.unet, device, rank, world, job.run, job.val)
-    trainer.condition_record = job.condition
+    trainer = DiffusionTrainer(
+        cache, job.config, job.unet, device, rank, world, job.run, job.val, job.condition
+    )
     if job.checkpoint is not None:
         restore_unet_training(job.run / job.checkpoint, trainer, device)
     trainer.wrap()
