@@ -518,6 +518,20 @@ def _config_or_usage_error(model: Any, **values: Any) -> Any:
         raise UsageError(f"{option}: {first['msg']}", hint="see --help") from None
 
 
+def _real_curve(text: str | None) -> tuple[int, ...]:
+    """`--downstream-real-curve 25,50,200`: real train pair counts, each >= 1."""
+    from specdm_cli.errors import UsageError
+
+    if text is None:
+        return ()
+    parts = [part.strip() for part in text.split(",")]
+    if not all(part.isdigit() and int(part) >= 1 for part in parts):
+        raise UsageError(
+            f"--downstream-real-curve {text!r} is not a list of counts >= 1", hint="e.g. 25,50,200"
+        )
+    return tuple(int(part) for part in parts)
+
+
 def _blocks(text: str | None) -> tuple[int, ...] | None:
     from specdm_cli.errors import UsageError
 
@@ -987,6 +1001,13 @@ def benchmark(
         float, typer.Option(min=0.01, max=1.0, help="Real share of a mixed downstream batch.")
     ] = 0.5,
     downstream_batch_size: Annotated[int, typer.Option(min=1, help="Downstream batch size.")] = 16,
+    downstream_real_curve: Annotated[
+        str | None,
+        typer.Option(
+            help="Also train real only on the first L real pairs for each L (e.g. 25,50,200): "
+            "the learning curve that shows whether --real-limit leaves room for synthetic data."
+        ),
+    ] = None,
     write_scores: Annotated[
         bool,
         typer.Option(
@@ -1037,7 +1058,7 @@ def benchmark(
             eval_every=downstream_eval_every, patience=downstream_patience,
             max_steps=downstream_max_steps, real_share=real_share,
             protocols=downstream_protocol_list(downstream_protocols),
-            real_limit=real_limit, ratios=ratios,
+            real_limit=real_limit, ratios=ratios, real_curve=_real_curve(downstream_real_curve),
         )  # fmt: skip
         request = BenchmarkRequest(
             real=real, synthetic=synthetic, out=out, model=model,

@@ -406,6 +406,9 @@ class DownstreamOptions:
     protocols: tuple[DownstreamProtocol, ...] = ("mixed", "pretrain")
     real_limit: int | None = None  # None: the paper's 2000 (ss) / 100 (cd)
     ratios: tuple[int, ...] = (5,)  # synthetic pairs per real pair; the paper's Table 6 varies it
+    # Extra real-only rows on the first L real pairs: the learning curve that shows whether
+    # real_limit sits where more real data still helps (issue 20: a demo with headroom).
+    real_curve: tuple[int, ...] = ()
     val_limit: int = 256  # real val pairs used for stopping: as fit-vae's val_samples
 
 

@@ -29,7 +29,8 @@ FAST = ("--feature-steps", "5", "--batch-size", "8", "--threads", "2", "--quiet"
 MAX_STEPS, EVAL_EVERY, PATIENCE = 4, 1, 2
 DOWNSTREAM = ("--downstream", "--downstream-max-steps", str(MAX_STEPS), "--downstream-eval-every",
               str(EVAL_EVERY), "--downstream-patience", str(PATIENCE), "--downstream-seeds", "3",
-              "--downstream-batch-size", "4", "--real-limit", "10", "--synthetic-ratio", "1,2")  # fmt: skip
+              "--downstream-batch-size", "4", "--real-limit", "10", "--synthetic-ratio", "1,2",
+              "--downstream-real-curve", "4,10")  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -139,6 +140,7 @@ def test_downstream_rows_train_on_the_right_data(ss_report: Path, ss: tuple[Path
     # 10 real pairs; synthetic only asks for 2 x 10 but the store has 12.
     assert counts == {
         "real": ("real", 10, 0),
+        "real, first 4": ("real", 4, 0),  # the learning curve; its point at 10 is the real row
         "VAE round trip of real": ("round-trip", 0, 10),
         "synthetic": ("synthetic", 0, 12),
         "real+synthetic x1": ("mixed", 10, 10),
@@ -152,6 +154,8 @@ def test_downstream_rows_train_on_the_right_data(ss_report: Path, ss: tuple[Path
     train = real.indices("train")
     assert np.array_equal(rows[0].real, train[:10]) and rows[0].synthetic.size == 0
     assert np.array_equal(rows[2].synthetic, synthetic.indices(None)[:10])
+    curve = configurations(real, synthetic, DownstreamOptions(real_limit=10, real_curve=(4,)))
+    assert curve[1].name == "real, first 4" and np.array_equal(curve[1].real, train[:4])
     # Stopping watches the val split, testing uses the test split: never the same pairs.
     assert downstream.stop_split == "val" and downstream.stop_count == real.indices("val").size
 
@@ -378,6 +382,7 @@ def test_change_detection_report(home: Path, tmp_path: Path) -> None:
     # Without --model there is no VAE to round-trip through: no such row.
     assert [r.protocol for r in report.downstream.rows] == [
         "real",
+        "real",  # --downstream-real-curve 4,10: its point at 4 pairs
         "synthetic",
         "mixed",
         "pretrain",
@@ -438,3 +443,20 @@ def test_score_terms_are_ratios_to_the_typical_real_sample() -> None:
     np.testing.assert_allclose(
         relative_to_typical(angles, 0.2, higher_is_better=False), [1.0, 0.5, 1.0, 0.0]
     )
+
+
+def test_a_learning_curve_beyond_the_real_pairs_is_refused_at_once(
+    ss: tuple[Path, Path], tmp_path: Path
+) -> None:
+    real, synthetic = ss
+    code, _, stderr = run_cli(
+        "benchmark", "--real", real, "--synthetic", synthetic, "--out", tmp_path / "r",
+        "--downstream", "--downstream-real-curve", "5,100000", *FAST,
+    )  # fmt: skip
+    assert code == 3 and "asks for 100000 real train pairs" in stderr and "Traceback" not in stderr
+    assert not (tmp_path / "r").exists()
+    code, _, stderr = run_cli(
+        "benchmark", "--real", real, "--synthetic", synthetic, "--downstream",
+        "--downstream-real-curve", "5,x",
+    )  # fmt: skip
+    assert code == 2 and "not a list of counts" in stderr

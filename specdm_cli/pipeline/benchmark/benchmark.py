@@ -37,7 +37,7 @@ from specdm_cli.stores.base import MANIFEST_NAME
 from specdm_cli.stores.quality import write_quality
 
 from . import generator as gen
-from .downstream import run_downstream
+from .downstream import curve_pairs, real_train, run_downstream
 from .render import markdown
 from .report import (
     MARKDOWN_NAME,
@@ -142,6 +142,8 @@ def _measure(request: BenchmarkRequest, progress: Progress | None) -> tuple[Benc
     if request.out is not None:
         refuse_stream_out(request.out)
     real, synthetic = open_pair(request.real, request.synthetic)
+    if request.downstream is not None:  # the real pairs it asks for exist, before any training
+        curve_pairs(real, request.downstream, real_train(real, request.downstream).size)
     other = load_report(request.compare) if request.compare is not None else None
     out = request.out or default_out(request.synthetic)
     inputs = {

@@ -91,6 +91,10 @@ def configurations(
     pool = synthetic.indices(None)
     none = np.zeros(0, np.int64)
     rows = [Configuration("real", "real", train, none)]
+    rows += [
+        Configuration(f"real, first {limit}", "real", pairs, none)
+        for limit, pairs in curve_pairs(real, options, train.size)
+    ]
     if round_trip:
         rows.append(Configuration(ROUND_TRIP_NAME, "round-trip", none, train))
     rows.append(
@@ -110,6 +114,22 @@ def real_train(real: StoreReader, options: DownstreamOptions) -> np.ndarray:
     if train.size == 0:
         raise InputDataError("the real store has no train split", real.root, "re-prepare it")
     return train
+
+
+def curve_pairs(
+    real: StoreReader, options: DownstreamOptions, limit: int
+) -> list[tuple[int, np.ndarray]]:
+    """(L, the first L real train pairs) of each learning-curve point other than `limit`."""
+    available = real.indices("train")
+    wanted = sorted({size for size in options.real_curve if size != limit})
+    if wanted and wanted[-1] > available.size:
+        raise InputDataError(
+            f"--downstream-real-curve asks for {wanted[-1]} real train pairs, the store has "
+            f"{available.size}",
+            real.root,
+            f"keep the curve's limits at or below {available.size}",
+        )
+    return [(size, available[:size]) for size in wanted]
 
 
 def evaluation_split(real: StoreReader) -> tuple[np.ndarray, str]:
@@ -251,7 +271,7 @@ def _run_row(
                 referees[seed], second_data, setup.config.batch_size, setup.device
             )
         run, model = run_seed(row, setup, real_data, trained_on, seed)
-        if row.protocol == "real":
+        if row.name == "real":  # the main real-only row (not a learning-curve point)
             referees[seed] = model
         runs.append(run.model_copy(update={"kept_share": kept_share}))
     return _summarise(row, runs, real)
