@@ -948,8 +948,10 @@ def synthesize(
             summary = synthesize_store(options, stop, bar, _warn(quiet))
         if not quiet:
             state = "complete" if summary.complete else "shard done, store not complete yet"
+            kept = f" (kept from {summary.draws} draws)" if summary.draws > summary.written else ""
             stderr.print(
-                f"{state}: {summary.out}: {summary.written}/{summary.n} pairs, {summary.pairs_per_second} pairs/s",
+                f"{state}: {summary.out}: {summary.written}/{summary.n} pairs{kept}, "
+                f"{summary.pairs_per_second} pairs/s",
                 markup=False,
             )
         if json_output:
