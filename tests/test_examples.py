@@ -97,3 +97,17 @@ def test_real_learning_curve_runs_on_a_tiny_store(tmp_path: Path) -> None:
     assert [p["limit"] for p in points] == [2, 4]
     assert all(len(p["seeds"]) == 2 and 0.0 <= p["miou"] <= 1.0 for p in points)
     assert "hard.zarr real    4: mIoU" in done.stdout
+
+
+def test_bench_light_decoder_runs_on_the_demo_model(tmp_path: Path) -> None:
+    from tests.conftest import prepare_demo
+
+    store = prepare_demo(tmp_path / "demo.zarr", n=40, size=64)  # the demo model's tiles
+    done = processes.run(
+        [sys.executable, EXAMPLES / "bench_light_decoder.py", "--real", store, "--steps", "2",
+         "--batch-size", "2", "--repeats", "1"],
+        text=True,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert "| teacher | " in done.stdout and "| student | " in done.stdout
+    assert "student / teacher decode time: " in done.stdout
