@@ -73,9 +73,9 @@ def distill(vae: SpecDMVAE, student: Any, real: StoreReader, args: argparse.Name
         optimizer.step()
         if (step + 1) % max(args.steps // 10, 1) == 0:
             print(
-                f"  step {step + 1}/{args.steps}: L1 to the teacher {float(loss):.4f}", flush=True
+                f"  step {step + 1}/{args.steps}: L1 to the teacher {loss.item():.4f}", flush=True
             )
-    return float(loss)
+    return loss.item()
 
 
 def decoder_parameters(autoencoder: Any) -> int:
@@ -131,9 +131,11 @@ def main() -> int:
     distill(vae, student, real, args)
     teacher = vae.image_vae
     before = figures(vae, real)
-    vae.image_vae = student  # the VAE with the student decoding its images
+    trained = teacher.decoder, teacher.post_quant_conv
+    # The run's encoder with the student's decoder: the VAE as it would sample with it.
+    teacher.decoder, teacher.post_quant_conv = student.decoder, student.post_quant_conv
     after = figures(vae, real)
-    vae.image_vae = teacher
+    teacher.decoder, teacher.post_quant_conv = trained
     z = torch.randn(
         64, vae.config.image_latent_channels, *(2 * [real.manifest.height // vae.config.downsample])
     )
