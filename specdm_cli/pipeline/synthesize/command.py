@@ -30,6 +30,7 @@ from specdm_cli.pipeline.synthesize.synthesize import (
     SynthesizeRequest,
     SynthesizeSummary,
     parse_batch_size,
+    refuse_split,
     resolve_batch_size,
     synthesize,
 )
@@ -85,6 +86,11 @@ def synthesize_store(
         options.out, {"--model": chosen.path, "--masks": options.masks, "--real": options.real}
     )
     bar = _quality_bar(options)
+    # At once, before a judge is trained or masks are read.
+    asked = " ".join(f"{flag} {value}" for flag, value in
+                     (("--require", options.require), ("--min-quality", options.min_quality))
+                     if value is not None)  # fmt: skip
+    refuse_split(asked, shard, options.devices)
     masks = _mask_source(options, chosen)
     notice(f"model: {chosen.path} ({chosen.kind}, sha256 {chosen.sha256[:12]}){_why(chosen)}")
     if chosen.kind == "demo":  # shipped inside the package: no claim files written there

@@ -210,12 +210,7 @@ def synthesize(
     started = time.monotonic()
     if request.n <= 0:
         raise UsageError("--n must be at least 1", hint="e.g. --n 1000")
-    if request.filtered() and (request.shard.count > 1 or request.devices.ranks > 1):
-        raise UsageError(
-            f"{request.asked()} cannot be split over shards or devices: sample i is the i-th "
-            "accepted draw",
-            hint="run it on one device (--resume continues an interrupted run)",
-        )
+    refuse_split(request.asked(), request.shard, request.devices)
     steps = _steps(request)
     devices = torch_devices(request.devices)
     manifest = join_or_create(request.out, _manifest(request, steps, devices[0]))
@@ -237,6 +232,15 @@ def synthesize(
         loop = _run(draws, writer, todo, stop, progress, len(batches) - len(todo), len(batches))
     cuda_peak = torch.cuda.max_memory_allocated(devices[0]) if devices[0].type == "cuda" else None
     return _summary(request, started, loop, len(batches), draws.count if draws else 0, cuda_peak)
+
+
+def refuse_split(asked: str, shard: Shard, devices: Devices) -> None:
+    """Filtered draws (`asked`: their options) cannot be split: sample i is the i-th accepted."""
+    if asked and (shard.count > 1 or devices.ranks > 1):
+        raise UsageError(
+            f"{asked} cannot be split over shards or devices: sample i is the i-th accepted draw",
+            hint="run it on one device (--resume continues an interrupted run)",
+        )
 
 
 def _steps(request: SynthesizeRequest) -> int:
