@@ -68,6 +68,11 @@ class SynthesizeOptions:
     feature_steps: int | None = None  # the judge's feature network (as benchmark's option)
     judge_maker: JudgeMaker | None = None  # with --min-quality: the benchmark's QualityJudge
 
+    def filters(self) -> str:
+        """The options that filter draws (--require, --min-quality), as typed; "" for none."""
+        given = (("--require", self.require), ("--min-quality", self.min_quality))
+        return " ".join(f"{flag} {value}" for flag, value in given if value is not None)
+
 
 def synthesize_store(
     options: SynthesizeOptions,
@@ -86,11 +91,7 @@ def synthesize_store(
         options.out, {"--model": chosen.path, "--masks": options.masks, "--real": options.real}
     )
     bar = _quality_bar(options)
-    # At once, before a judge is trained or masks are read.
-    asked = " ".join(f"{flag} {value}" for flag, value in
-                     (("--require", options.require), ("--min-quality", options.min_quality))
-                     if value is not None)  # fmt: skip
-    refuse_split(asked, shard, options.devices)
+    refuse_split(options.filters(), shard, options.devices)  # before a judge is trained
     masks = _mask_source(options, chosen)
     notice(f"model: {chosen.path} ({chosen.kind}, sha256 {chosen.sha256[:12]}){_why(chosen)}")
     if chosen.kind == "demo":  # shipped inside the package: no claim files written there
