@@ -21,18 +21,15 @@ from typing import Any
 
 import numpy as np
 import torch
+from vae_utility import add_protocol_options, options
 
-from specdm_cli.config import DownstreamOptions
 from specdm_cli.pipeline.benchmark import downstream as ds
 from specdm_cli.stores import StoreReader, open_store
 
 
 def real_only(real: StoreReader, limit: int, args: argparse.Namespace) -> dict[str, Any]:
     """The benchmark's real-only row with the first `limit` real train pairs."""
-    opts = DownstreamOptions(
-        batch_size=args.batch_size, seeds=args.seeds, eval_every=args.eval_every,
-        patience=args.patience, max_steps=args.max_steps, real_limit=limit,
-    )  # fmt: skip
+    opts = options(args, limit)
     setup = ds.make_setup(real, opts, "cpu")
     train = ds.real_train(real, opts)
     row = ds.Configuration("real", "real", train, np.zeros(0, np.int64))
@@ -48,12 +45,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("stores", nargs="+", type=Path, help="real stores (train/val/test)")
     parser.add_argument("--limits", default="25,50,100,200,400", help="real train pairs")
-    parser.add_argument("--seeds", type=int, default=3)
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--eval-every", type=int, default=25)
-    parser.add_argument("--patience", type=int, default=3)
-    parser.add_argument("--max-steps", type=int, default=500)
-    parser.add_argument("--threads", type=int, default=1)
+    add_protocol_options(parser)
     parser.add_argument("--json", type=Path, default=None, help="write the results here")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)

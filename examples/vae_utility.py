@@ -25,8 +25,7 @@ import torch
 
 from specdm_cli.config import DownstreamOptions
 from specdm_cli.pipeline.benchmark import downstream as ds
-from specdm_cli.pipeline.benchmark.feature_training import TrainData, class_weights
-from specdm_cli.pipeline.benchmark.features import band_statistics, default_config, load_or_train
+from specdm_cli.pipeline.benchmark.features import default_config, load_or_train
 from specdm_cli.pipeline.benchmark.generator import round_trip
 from specdm_cli.pipeline.benchmark.quality import compare_stores
 from specdm_cli.pipeline.runs.choose import ChosenModel, choose_model, model_sha256
@@ -34,10 +33,21 @@ from specdm_cli.pipeline.runs.run_manifest import load_run
 from specdm_cli.stores import StoreReader, open_store
 
 
-def options(args: argparse.Namespace) -> DownstreamOptions:
+def add_protocol_options(parser: argparse.ArgumentParser) -> None:
+    """The downstream protocol's options, at README's *smaller variant* by default (also used
+    by real_learning_curve.py)."""
+    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--eval-every", type=int, default=25)
+    parser.add_argument("--patience", type=int, default=3)
+    parser.add_argument("--max-steps", type=int, default=500)
+    parser.add_argument("--threads", type=int, default=1)
+
+
+def options(args: argparse.Namespace, real_limit: int) -> DownstreamOptions:
     return DownstreamOptions(
         batch_size=args.batch_size, seeds=args.seeds, eval_every=args.eval_every,
-        patience=args.patience, max_steps=args.max_steps, real_limit=args.real_limit,
+        patience=args.patience, max_steps=args.max_steps, real_limit=real_limit,
     )  # fmt: skip
 
 
@@ -52,17 +62,7 @@ def vae_of(model: str, task: str) -> ChosenModel:
 def downstream_row(real: StoreReader, model: str, opts: DownstreamOptions) -> dict[str, Any]:
     """The round-trip row of `benchmark --downstream --model MODEL`, alone."""
     chosen = vae_of(model, real.manifest.task)
-    config = default_config(
-        real, steps=opts.max_steps, batch_size=opts.batch_size, lr=opts.lr, seed=opts.seed,
-        width=opts.width,
-    )  # fmt: skip
-    stats = band_statistics(real)
-    test, split = ds.evaluation_split(real)
-    val, _stop = ds.stopping_split(real, split, opts)
-    setup = ds.Setup(
-        config, opts, stats, class_weights(real, config.classes),
-        TrainData([(real, val)], *stats), TrainData([(real, test)], *stats), "cpu", None,
-    )  # fmt: skip
+    setup = ds.make_setup(real, opts, "cpu")
     train = ds.real_train(real, opts)
     row = ds.Configuration(ds.ROUND_TRIP_NAME, "round-trip", np.zeros(0, np.int64), train)
     trips = round_trip(chosen, real, train, torch.device("cpu"))
@@ -104,13 +104,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("models", nargs="+", help="run folders, or demo")
     parser.add_argument("--real", type=Path, required=True, help="real store (train/val/test)")
-    parser.add_argument("--seeds", type=int, default=3)
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--eval-every", type=int, default=25)
-    parser.add_argument("--patience", type=int, default=3)
-    parser.add_argument("--max-steps", type=int, default=500)
+    add_protocol_options(parser)
     parser.add_argument("--real-limit", type=int, default=100)
-    parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--cache", type=Path, default=Path("feature-cache"))
     parser.add_argument("--feature-steps", type=int, default=400, help="the benchmark's default")
     parser.add_argument("--json", type=Path, default=None, help="write the results here")
@@ -120,7 +115,7 @@ def main() -> int:
     results = {}
     for model in args.models:
         started = time.monotonic()
-        row = downstream_row(real, model, options(args))
+        row = downstream_row(real, model, options(args, args.real_limit))
         print(f"{model}: downstream {row}", flush=True)
         trip, truth = pair_miou(real, model, args.cache, args.feature_steps)
         row |= {"pair_miou": trip, "real_pair_miou": truth}
