@@ -44,7 +44,6 @@ class QualityJudge:
     def __init__(
         self, bar: QualityBar, run: RunManifest, device: str, progress: Progress | None = None
     ):
-        bar.check()
         self.bar = bar
         self.real = open_store(bar.real)
         check_store_fits(self.real, run, "--real")

@@ -121,9 +121,7 @@ def _quality_bar(options: SynthesizeOptions) -> QualityBar | None:
             "--min-quality with --masks would skip masks: sample i is drawn for mask i",
             hint="filter afterwards: `specdm benchmark --write-scores`, then `specdm filter`",
         )
-    bar = QualityBar(options.min_quality, options.real, options.feature_steps)
-    bar.check()
-    return bar
+    return QualityBar(options.min_quality, options.real, options.feature_steps)
 
 
 def _judge(

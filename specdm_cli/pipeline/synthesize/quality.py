@@ -29,7 +29,8 @@ class QualityBar:
     real: Path
     feature_steps: int | None = None  # None: the feature network's default training steps
 
-    def check(self) -> None:
+    def __post_init__(self) -> None:
+        # The one check of the bar, whoever builds it.
         if not math.isfinite(self.min_quality) or not 0.0 < self.min_quality <= 1.0:
             raise UsageError(
                 f"--min-quality {self.min_quality:g} is outside (0, 1]",
