@@ -29,6 +29,7 @@ from specdm_cli.pipeline.synthesize.shards import Shard, parse_shard
 from specdm_cli.pipeline.synthesize.synthesize import (
     SynthesizeRequest,
     SynthesizeSummary,
+    filter_options,
     parse_batch_size,
     refuse_split,
     resolve_batch_size,
@@ -69,9 +70,8 @@ class SynthesizeOptions:
     judge_maker: JudgeMaker | None = None  # with --min-quality: the benchmark's QualityJudge
 
     def filters(self) -> str:
-        """The options that filter draws (--require, --min-quality), as typed; "" for none."""
-        given = (("--require", self.require), ("--min-quality", self.min_quality))
-        return " ".join(f"{flag} {value}" for flag, value in given if value is not None)
+        """The options that filter draws, as typed; "" for none."""
+        return filter_options(self.require, self.min_quality)
 
 
 def synthesize_store(
@@ -183,6 +183,7 @@ def _write(
     notice: Callable[[str], None],
 ) -> SynthesizeSummary:
     masks, bar = given
+    requirements = parse_require(options.require, chosen.manifest.classes)  # before any judge
     # Judged before an old store is removed: a --real that does not fit leaves it in place.
     judge = _judge(options, bar, chosen, progress)
     if options.overwrite and options.out.exists():
@@ -199,7 +200,7 @@ def _write(
         format=options.format,
         shard=shard,
         devices=options.devices,
-        require=parse_require(options.require, chosen.manifest.classes),
+        require=requirements,
         masks=masks,
         quality=judge,
     )

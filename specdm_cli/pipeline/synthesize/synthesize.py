@@ -71,10 +71,16 @@ class SynthesizeRequest:
 
     def asked(self) -> str:
         """The filtering options, as typed."""
-        parts = [f"--require {','.join(r.text() for r in self.require)}"] if self.require else []
-        if self.quality is not None:
-            parts.append(f"--min-quality {self.quality.bar.min_quality:g}")
-        return " ".join(parts)
+        bar = self.quality.bar.min_quality if self.quality is not None else None
+        return filter_options(",".join(r.text() for r in self.require), bar)
+
+
+def filter_options(require: str | None, min_quality: float | None) -> str:
+    """The options that filter draws (--require, --min-quality) as typed; "" for none."""
+    parts = [f"--require {require}"] if require else []
+    if min_quality is not None:
+        parts.append(f"--min-quality {min_quality:g}")
+    return " ".join(parts)
 
 
 @dataclass
