@@ -602,7 +602,9 @@ def fit_vae(
     limit: Annotated[
         int | None, typer.Option(help="Train on the first N pairs (paper protocol).")
     ] = None,
-    downsample: Annotated[int | None, typer.Option(help="Downsampling factor 4 or 8 [4].")] = None,
+    downsample: Annotated[
+        int | None, typer.Option(help="Downsampling factor 2, 4 or 8 [4].")
+    ] = None,
     image_latent_channels: Annotated[
         int | None, typer.Option(help="Image latent channels [4; paper 3, LDM kl-f4].")
     ] = None,

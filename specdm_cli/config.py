@@ -144,7 +144,7 @@ class VAETrainConfig(BaseModel):
     val_every: int = Field(1000, ge=1)  # ours
     val_samples: int = Field(256, ge=1)  # ours: enough for a stable mIoU, cheap on CPU
     checkpoint_every: int = Field(1000, ge=1)  # ours
-    downsample: Literal[4, 8] = 4  # LDM kl-f4; the paper's f is blank in our copy
+    downsample: Literal[2, 4, 8] = 4  # LDM kl-f4; the paper's f is blank in our copy
     image_latent_channels: int = Field(4, ge=1)  # see VAEConfig
     mask_latent_channels: int = Field(3, ge=1)  # see VAEConfig
     image_block_out_channels: tuple[int, ...] = ()  # () = VAEConfig's default for f
@@ -329,7 +329,8 @@ def train_values(
         base = dict(presets[name])
     values = {**base, **given, "preset": name}
     downsample = int(values.get("downsample", 4))
-    for key in _WIDTHS:  # a preset's f = 4 widths, one level more for f = 8 (LDM kl-f8)
+    # A preset's widths are for f = 4: one level less for f = 2, one more for f = 8 (LDM kl-f8).
+    for key in _WIDTHS:
         if key in values and key not in given and values[key]:
             values[key] = _levels(tuple(values[key]), downsample)
     return values

@@ -211,6 +211,20 @@ def test_single_stream_chain(tmp_path: Path) -> None:
     assert len(summary["latent_scale"]) == 11  # type: ignore[arg-type]
 
 
+def test_a_downsample_2_chain_keeps_half_the_side_in_its_latents(tmp_path: Path) -> None:
+    store = prepare_demo(tmp_path / "ss.zarr", n=32, size=16)
+    run = tmp_path / "run"
+    f2 = ("--downsample", "2", "--image-blocks", "8,16", "--mask-blocks", "8,8")
+    code, _, stderr = run_cli("fit-vae", store, "--run", run, *VAE[4:], *f2, "--steps", "2")
+    assert code == 0, stderr
+    assert diffuse(run, "--steps", "2")[0] == 0
+    assert zarr.open_group(run / "latents.zarr", mode="r")["mean"].shape[-2:] == (8, 8)
+    out = tmp_path / "syn.zarr"
+    code, _, stderr = run_cli("synthesize", "--model", run, "--out", out, "--n", "2", "--quiet")
+    assert code == 0, stderr
+    assert zarr.open_group(out, mode="r")["image"].shape == (2, 10, 16, 16)
+
+
 def test_refusals(vae_run: Path, tmp_path: Path) -> None:
     code, _, stderr = diffuse(tmp_path, "--steps", "2")
     assert code == 4 and "run.json" in stderr

@@ -177,6 +177,7 @@ def test_config_defaults_follow_downsample_and_validate() -> None:
     f4 = VAEConfig(bands=10, num_classes=13)
     assert (f4.downsample, f4.image_block_out_channels) == (4, (64, 128, 256))
     assert len(VAEConfig(bands=10, num_classes=13, downsample=8).mask_block_out_channels) == 4
+    assert len(VAEConfig(bands=10, num_classes=13, downsample=2).image_block_out_channels) == 2
     with pytest.raises(ValidationError, match="downsample"):
         VAEConfig(bands=3, num_classes=2, image_block_out_channels=(8, 16))
     with pytest.raises(ValidationError, match="norm_num_groups"):

@@ -54,9 +54,12 @@ def test_device_picks_the_preset_and_given_options_win() -> None:
     on_gpu = train_values(VAE_PRESETS, None, Devices("cuda", (0,)), None, {"steps": 7})
     assert on_gpu["preset"] == "gpu" and on_gpu["steps"] == 7
     assert on_gpu["image_block_out_channels"] == (64, 128, 256)
-    # f = 8 takes one more level of the preset's widths (LDM kl-f8's repeated last width).
+    # f = 8 takes one more level of the preset's widths (LDM kl-f8's repeated last width),
+    # f = 2 one less.
     deeper = train_values(VAE_PRESETS, "cpu", Devices(), None, {"downsample": 8})
     assert deeper["image_block_out_channels"] == (16, 32, 32, 32)
+    shallower = train_values(VAE_PRESETS, "cpu", Devices(), None, {"downsample": 2})
+    assert shallower["mask_block_out_channels"] == (8, 16)
     paper = train_values(DIFFUSION_PRESETS, "paper", Devices(), None, {"lr": None})
     assert paper["prediction"] == "epsilon" and paper["snr_gamma"] == 0.0 and "lr" not in paper
 

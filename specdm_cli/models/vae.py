@@ -30,8 +30,8 @@ from specdm_cli.models.losses import (
 # ch_mult=(1, 2, 4) and kl-f8 ch_mult=(1, 2, 4, 4); we keep the multipliers at half LDM's base
 # width for the image branch and a quarter for the mask branch (a one-hot mask carries far less
 # information than a 10-13 band image). Our choice, not measured.
-DEFAULT_IMAGE_BLOCKS = {4: (64, 128, 256), 8: (64, 128, 256, 256)}
-DEFAULT_MASK_BLOCKS = {4: (32, 64, 128), 8: (32, 64, 128, 128)}
+DEFAULT_IMAGE_BLOCKS = {2: (64, 128), 4: (64, 128, 256), 8: (64, 128, 256, 256)}
+DEFAULT_MASK_BLOCKS = {2: (32, 64), 4: (32, 64, 128), 8: (32, 64, 128, 128)}
 
 
 class VAEConfig(BaseModel):
@@ -49,8 +49,9 @@ class VAEConfig(BaseModel):
     # the LDM baseline the paper compares with (Sec. 4.2-4.4).
     single_stream: bool = False
     # Spatial downsampling f. Blank in our copy of the paper (Sec. 3.1 cites LDM [43]); 4 = LDM
-    # kl-f4 and DESIGN.md (128 px -> 32 px latents).
-    downsample: Literal[4, 8] = 4
+    # kl-f4 and DESIGN.md (128 px -> 32 px latents). 2 keeps four times the latent pixels
+    # (issue 20 §2: the round trip through the VAE is the ceiling of the synthetic data).
+    downsample: Literal[2, 4, 8] = 4
     # Image latent channels. LDM kl-f4 has z_channels=3 for 3-band RGB; a 10-13 band image holds
     # more, so we take 4 (LDM kl-f8 / Stable Diffusion). Our choice.
     image_latent_channels: int = Field(4, ge=1)
