@@ -9,8 +9,15 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from specdm_cli.manifest import IGNORE_INDEX
 from specdm_cli.pipeline.benchmark.figures import sample_grid
-from specdm_cli.pipeline.synthesize.preview import LINE, OUTLINE, title_lines, write_preview
+from specdm_cli.pipeline.synthesize.preview import (
+    LINE,
+    OUTLINE,
+    colour_mask,
+    title_lines,
+    write_preview,
+)
 from specdm_cli.stores import open_store
 from tests.conftest import prepare_demo, run_cli
 
@@ -76,3 +83,19 @@ def test_benchmark_sample_figure_has_a_class_colour_legend(tmp_path: Path, task:
     for info in real.manifest.classes:
         if tuple(info.colour) != (255, 255, 255):  # white on the white page: the edge shows it
             assert has_colour(below, info.colour, tolerance=2), info.name
+
+
+@pytest.mark.parametrize("task", ["ss", "cd"])
+def test_ignored_pixels_do_not_look_like_any_class(tmp_path: Path, task: str) -> None:
+    reader = open_store(prepare_demo(tmp_path / "real.zarr", task=task, n=4, size=16))
+    sample = reader.read(0)
+    label = "mask" if task == "ss" else "change"
+    sample[label][:4] = IGNORE_INDEX
+    png = tmp_path / "p.png"
+    write_preview(png, [sample], reader.manifest)
+    ignored = np.asarray(colour_mask(sample[label], reader.manifest)[0, 0], dtype=float)
+    # The demo's road grey was 8 levels from the old fixed grey of ignored pixels.
+    used = [info.colour for info in reader.manifest.classes] + [OUTLINE]
+    assert min(np.linalg.norm(ignored - np.asarray(c)) for c in used) > 100
+    legend = np.asarray(Image.open(png).convert("RGB"))[-3 * LINE :]
+    assert has_colour(legend, tuple(int(v) for v in ignored))

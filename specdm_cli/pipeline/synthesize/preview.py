@@ -44,17 +44,28 @@ def stretch(image: np.ndarray, bands: list[int]) -> np.ndarray:
     return (scaled.transpose(1, 2, 0) * 255).astype(np.uint8)
 
 
+# Drawn around the changed pixels of t2: a colour that no class and no RGB stretch uses much.
+OUTLINE = (255, 0, 255)
+# Ignored pixels take whichever of these lies farthest from every class colour: a fixed grey
+# was the demo's road grey within 8 levels, so ignored pixels looked like roads.
+IGNORE_CANDIDATES = ((128, 128, 128), (255, 255, 255), (0, 0, 0), (0, 255, 255), (255, 255, 0))
+
+
+def ignore_colour(manifest: Manifest) -> tuple[int, int, int]:
+    """The colour of ignored pixels: the candidate farthest from the classes' and the outline's."""
+    used = np.array([info.colour for info in manifest.classes] + [OUTLINE], dtype=np.float64)
+    distances = [np.linalg.norm(used - candidate, axis=1).min() for candidate in IGNORE_CANDIDATES]
+    return IGNORE_CANDIDATES[int(np.argmax(distances))]
+
+
 def colour_mask(label: np.ndarray, manifest: Manifest) -> np.ndarray:
-    """(H, W) class indices -> (H, W, 3) uint8 in the manifest's class colours (ignore = grey)."""
-    palette = np.full((256, 3), 128, dtype=np.uint8)
+    """(H, W) class indices -> (H, W, 3) uint8 in the manifest's class colours, ignored pixels
+    in `ignore_colour`."""
+    palette = np.tile(np.array(ignore_colour(manifest), dtype=np.uint8), (256, 1))
     for info in manifest.classes:
         palette[info.index] = info.colour
     coloured: np.ndarray = palette[label]
     return coloured
-
-
-# Drawn around the changed pixels of t2: a colour that no class and no RGB stretch uses much.
-OUTLINE = (255, 0, 255)
 
 
 def outline(label: np.ndarray) -> np.ndarray:
@@ -119,12 +130,12 @@ def title_lines(manifest: Manifest) -> list[str]:
 
 
 def legend_entries(manifest: Manifest, labels: np.ndarray) -> list[tuple[tuple[int, ...], str]]:
-    """(colour, name) of every class, the cd outline, and grey "ignore" where pixels have it."""
+    """(colour, name) of every class, the cd outline, and "ignore" where pixels have it."""
     entries = [(tuple(c.colour), c.name) for c in sorted(manifest.classes, key=lambda c: c.index)]
     if manifest.task == "cd":
         entries.append((OUTLINE, "change outline on t2"))
     if (labels == IGNORE_INDEX).any():
-        entries.append(((128, 128, 128), "ignore"))
+        entries.append((ignore_colour(manifest), "ignore"))
     return entries
 
 
