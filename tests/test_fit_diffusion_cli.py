@@ -214,8 +214,8 @@ def test_single_stream_chain(tmp_path: Path) -> None:
 def test_a_downsample_2_chain_keeps_half_the_side_in_its_latents(tmp_path: Path) -> None:
     store = prepare_demo(tmp_path / "ss.zarr", n=32, size=16)
     run = tmp_path / "run"
-    f2 = ("--downsample", "2", "--image-blocks", "8,16", "--mask-blocks", "8,8")
-    code, _, stderr = run_cli("fit-vae", store, "--run", run, *VAE[4:], *f2, "--steps", "2")
+    f2 = ("--downsample", "2", "--image-blocks", "8,16", "--mask-blocks", "8,8")  # override VAE's
+    code, _, stderr = run_cli("fit-vae", store, "--run", run, *VAE, *f2, "--steps", "2")
     assert code == 0, stderr
     assert diffuse(run, "--steps", "2")[0] == 0
     assert zarr.open_group(run / "latents.zarr", mode="r")["mean"].shape[-2:] == (8, 8)
