@@ -518,31 +518,10 @@ def _config_or_usage_error(model: Any, **values: Any) -> Any:
         raise UsageError(f"{option}: {first['msg']}", hint="see --help") from None
 
 
-def _real_curve(text: str | None) -> tuple[int, ...]:
-    """`--downstream-real-curve 25,50,200`: real train pair counts, each >= 1."""
-    from specdm_cli.errors import UsageError
+def _counts(text: str | None, option: str, example: str) -> tuple[int, ...] | None:
+    from specdm_cli.config import count_list
 
-    if text is None:
-        return ()
-    parts = [part.strip() for part in text.split(",")]
-    if not all(part.isdigit() and int(part) >= 1 for part in parts):
-        raise UsageError(
-            f"--downstream-real-curve {text!r} is not a list of counts >= 1", hint="e.g. 25,50,200"
-        )
-    return tuple(int(part) for part in parts)
-
-
-def _blocks(text: str | None) -> tuple[int, ...] | None:
-    from specdm_cli.errors import UsageError
-
-    if text is None:
-        return None
-    try:
-        return tuple(int(part) for part in text.split(","))
-    except ValueError:
-        raise UsageError(
-            f"{text!r} is not a comma-separated list of widths", hint="e.g. 64,128,256"
-        ) from None
+    return None if text is None else count_list(text, option, example)
 
 
 def _preset_option(presets: dict[TrainPreset, dict[str, Any]]) -> Any:
@@ -661,8 +640,9 @@ def fit_vae(
             val_every=val_every, checkpoint_every=checkpoint_every, split=split, limit=limit,
             workers=workers,
             downsample=downsample, image_latent_channels=image_latent_channels,
-            mask_latent_channels=mask_latent_channels, image_block_out_channels=_blocks(image_blocks),
-            mask_block_out_channels=_blocks(mask_blocks), norm_num_groups=norm_groups,
+            mask_latent_channels=mask_latent_channels, norm_num_groups=norm_groups,
+            image_block_out_channels=_counts(image_blocks, "--image-blocks", "16,32,32"),
+            mask_block_out_channels=_counts(mask_blocks, "--mask-blocks", "8,16,16"),
             single_stream=single_stream or None, augment=augment,
             mask_aware_decoder=mask_aware_decoder or None,
             semantic_weight=semantic_weight, semantic_steps=semantic_steps,
@@ -747,7 +727,8 @@ def fit_diffusion(
         values = train_values(DIFFUSION_PRESETS, preset, gpus, recorded, dict(
             batch_size=batch_size, lr=lr, steps=steps, seed=seed, precision=precision,
             ema_decay=ema_decay, snr_gamma=snr_gamma, prediction=prediction,
-            block_out_channels=_blocks(unet_blocks), layers_per_block=layers_per_block,
+            block_out_channels=_counts(unet_blocks, "--unet-blocks", "32,64,64"),
+            layers_per_block=layers_per_block,
             norm_num_groups=norm_groups, attention_head_dim=head_dim, checkpoint_every=checkpoint_every,
             val_every=val_every, val_samples=val_samples, mask_condition_rate=mask_condition_rate,
         ))  # fmt: skip
@@ -1038,7 +1019,7 @@ def benchmark(
 ) -> None:
     """Report how good, how useful and how fast a synthetic dataset is."""
     with _domain_errors():
-        from specdm_cli.config import DownstreamOptions, downstream_protocol_list
+        from specdm_cli.config import DownstreamOptions, count_list, downstream_protocol_list
         from specdm_cli.errors import UsageError
         from specdm_cli.pipeline.benchmark.benchmark import BenchmarkRequest, rgb_notice
         from specdm_cli.pipeline.benchmark.benchmark import benchmark as run_benchmark
@@ -1054,15 +1035,14 @@ def benchmark(
                 "benchmark needs --real and --synthetic",
                 hint="e.g. --real real.zarr --synthetic syn.zarr",
             )
-        ratios = _blocks(synthetic_ratio) or (5,)
-        if min(ratios) < 1:
-            raise UsageError("--synthetic-ratio values must be >= 1", hint="e.g. 1,3,5")
+        ratios = count_list(synthetic_ratio, "--synthetic-ratio", "1,3,5")
+        curve = _counts(downstream_real_curve, "--downstream-real-curve", "25,50,200") or ()
         options = DownstreamOptions(
             batch_size=downstream_batch_size, seeds=downstream_seeds,
             eval_every=downstream_eval_every, patience=downstream_patience,
             max_steps=downstream_max_steps, real_share=real_share,
             protocols=downstream_protocol_list(downstream_protocols),
-            real_limit=real_limit, ratios=ratios, real_curve=_real_curve(downstream_real_curve),
+            real_limit=real_limit, ratios=ratios, real_curve=curve,
         )  # fmt: skip
         request = BenchmarkRequest(
             real=real, synthetic=synthetic, out=out, model=model,

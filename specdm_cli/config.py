@@ -413,6 +413,17 @@ class DownstreamOptions:
     val_limit: int = 256  # real val pairs used for stopping: as fit-vae's val_samples
 
 
+def count_list(text: str, option: str, example: str) -> tuple[int, ...]:
+    """`--image-blocks 16,32,32`, `--synthetic-ratio 1,3,5`: whole numbers >= 1, else usage."""
+    parts = [part.strip() for part in text.split(",")]
+    if not all(part.isdigit() and int(part) >= 1 for part in parts):
+        raise UsageError(
+            f"{option} {text!r} is not a comma-separated list of whole numbers >= 1",
+            hint=f"e.g. {option} {example}",
+        )
+    return tuple(int(part) for part in parts)
+
+
 def downstream_protocol_list(text: str) -> tuple[DownstreamProtocol, ...]:
     """`--downstream-protocols mixed,pretrain` -> ("mixed", "pretrain"); anything else is usage."""
     names = tuple(part.strip() for part in text.split(",") if part.strip())

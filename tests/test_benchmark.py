@@ -401,6 +401,7 @@ def test_change_detection_report(home: Path, tmp_path: Path) -> None:
         ("compare", 3, "not a specdm benchmark report"),
         ("no-real", 2, "needs --real"),
         ("ratio", 2, "--synthetic-ratio"),
+        ("ratio-word", 2, "--synthetic-ratio 'x'"),
         ("size", 3, "differ in size"),
     ],
 )
@@ -426,6 +427,8 @@ def test_bad_input_is_one_line(
         args[1] = prepare_demo(tmp_path / "big.zarr", n=12, size=16)
     elif case == "no-real":
         args = args[2:]
+    elif case == "ratio-word":  # once told "not a comma-separated list of widths"
+        args += ["--synthetic-ratio", "x"]
     else:
         args += ["--synthetic-ratio", "0"]
     out = tmp_path / "out"
@@ -459,4 +462,4 @@ def test_a_learning_curve_beyond_the_real_pairs_is_refused_at_once(
         "benchmark", "--real", real, "--synthetic", synthetic, "--downstream",
         "--downstream-real-curve", "5,x",
     )  # fmt: skip
-    assert code == 2 and "not a list of counts" in stderr
+    assert code == 2 and "--downstream-real-curve '5,x' is not a comma-separated list" in stderr

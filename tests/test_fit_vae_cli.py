@@ -116,6 +116,7 @@ def test_refusals(demo_ss_store: Path, tmp_path: Path) -> None:
         (("--gpus", "0"), 5, "CUDA"),
         (("--image-blocks", "8,8"), 2, "bad VAE shape: image_block_out_channels=(8, 8) gives f=2"),
         (("--norm-groups", "3"), 2, "norm_num_groups=3 must divide"),
+        (("--mask-blocks", "8,0,8"), 2, "--mask-blocks '8,0,8' is not a comma-separated list"),
     ],
 )
 def test_bad_options(
