@@ -12,6 +12,11 @@ default sampler, fits the metrics' feature network on the store's train split, a
 - synthetic vs real test (the figures gated), and
 - real val vs real test (two real halves of the same size: the floor the ratios refer to).
 
+With `--utility` it also runs `specdm benchmark --downstream` (issue 20's protocol at its
+defaults: 3 seeds, stopping on real val, 100 real train pairs, 5 synthetic pairs per real one)
+and gates issue 20's two utility figures: the VAE round trip's utility against real only, and
+real + synthetic (mixed, pretrain) against real only.
+
 Prints each figure beside its frozen threshold; exits 1 if any fails.
 """
 
@@ -53,6 +58,14 @@ JS_CLASS_MAX = 0.05  # bits, Jensen-Shannon divergence of the class pixel fracti
 MSAD_MAX = 0.05  # rad, mean over classes of the angle between mean spectra
 PAIR_MIOU_MIN_RATIO = 0.6  # x the feature network's mIoU on real val (its own ceiling)
 FD_SPECTRAL_MAX_RATIO = 3.0  # x fd_spectral of real val vs real test
+# Issue 20's gates, frozen here (2026-12-03) as the issue states them: default pairs' pair mIoU
+# at least 0.85 of real pairs'; a segmenter trained on the VAE's round trips of the real train
+# pairs at least 0.95 of one trained on the real pairs; and real + synthetic better than real
+# only by at least one spread, read as the larger of the two rows' standard deviations over
+# the seeds (a gain smaller than either row's own seed-to-seed scatter is not one).
+PAIR_MIOU_UTILITY_RATIO = 0.85
+ROUND_TRIP_MIN_RATIO = 0.95
+UTILITY_REAL_LIMIT = 100  # real train pairs: issue 20's "real limit 100"
 
 
 @dataclass(frozen=True)
@@ -76,12 +89,47 @@ def checks(synthetic: QualityReport, real: QualityReport) -> list[Check]:
         Check("msad (rad)", synthetic.msad, MSAD_MAX, True),
         Check("pair_miou", synthetic.pair_miou, PAIR_MIOU_MIN_RATIO * real.pair_miou, False),
         Check(
+            "pair_miou (#20)", synthetic.pair_miou, PAIR_MIOU_UTILITY_RATIO * real.pair_miou, False
+        ),
+        Check(
             "fd_spectral",
             synthetic.fd_spectral,
             FD_SPECTRAL_MAX_RATIO * real.fd_spectral,
             True,
         ),
     ]
+
+
+def utility_checks(rows: dict[str, dict[str, Any]]) -> list[Check]:
+    """Issue 20's utility gates from the downstream rows of a benchmark report, by protocol."""
+    real = rows["real"]
+    found = [
+        Check("round-trip utility", rows["round-trip"]["miou"],
+              ROUND_TRIP_MIN_RATIO * real["miou"], False),
+    ]  # fmt: skip
+    for protocol in ("mixed", "pretrain"):
+        row = rows[protocol]
+        spread = max(row["miou_std"], real["miou_std"])
+        found.append(Check(f"{protocol} - real", row["miou"] - real["miou"], spread, False))
+    return found
+
+
+def downstream_rows(task: str, model: str, real: Path, synthetic: Path, workdir: Path,
+                    threads: int) -> dict[str, dict[str, Any]]:  # fmt: skip
+    """`specdm benchmark --downstream` at the protocol's defaults (or its saved report): the
+    rows by protocol, each printed with its seeds."""
+    out = workdir / f"utility-{synthetic.stem}"
+    if not (out / "report.json").is_file():
+        specdm("benchmark", "--real", str(real), "--synthetic", str(synthetic), "--model", model,
+               "--downstream", "--real-limit", str(UTILITY_REAL_LIMIT), "--threads", str(threads),
+               "--out", str(out), "--overwrite", "--quiet")  # fmt: skip
+    report = json.loads((out / "report.json").read_text())
+    rows = {row["protocol"]: row for row in report["downstream"]["rows"]}
+    for row in rows.values():
+        seeds = ", ".join(f"{run['miou']:.3f}" for run in row["seeds"])
+        print(f"# {task}: downstream {row['name']}: {row['miou']:.3f} +- {row['miou_std']:.3f} "
+              f"({seeds}; {row['real_count']} real, {row['synthetic_count']} synthetic)")  # fmt: skip
+    return rows
 
 
 def specdm(*args: str) -> str:
@@ -153,10 +201,11 @@ class RoundTrip:
 
 
 def evaluate(
-    task: str, model: str, n: int, workdir: Path, threads: int, ceiling: bool = False
+    task: str, model: str, n: int, workdir: Path, threads: int, ceiling: bool, utility: bool
 ) -> tuple[list[Check], float]:
     """The checks of one task and the measured pairs/s of its synthesis."""
-    reference = open_store(prepare(task, workdir))
+    reference_path = prepare(task, workdir)
+    reference = open_store(reference_path)
     synthetic_path, pairs_per_second = synthesize(task, model, n, workdir, threads)
     network = load_or_train(reference, default_config(reference), workdir / "features")
     test, val = reference.indices("test"), reference.indices("val")
@@ -179,7 +228,11 @@ def evaluate(
         print(f"# {task}: VAE round trip of real val vs test: js_class {vae.js_class:.4f}, "
               f"msad {vae.msad:.4f}, pair_miou {vae.pair_miou:.3f}, "
               f"fd_spectral {vae.fd_spectral:.3f}")  # fmt: skip
-    return checks(synthetic, real), pairs_per_second
+    found = checks(synthetic, real)
+    if utility:
+        rows = downstream_rows(task, model, reference_path, synthetic_path, workdir, threads)
+        found += utility_checks(rows)
+    return found, pairs_per_second
 
 
 def main() -> int:
@@ -191,6 +244,9 @@ def main() -> int:
     parser.add_argument(
         "--ceiling", action="store_true", help="also the figures of real val through the VAE"
     )
+    parser.add_argument(
+        "--utility", action="store_true", help="also issue 20's downstream gates (hours on CPU)"
+    )
     for task in ("ss", "cd"):  # gate a retrained run before export_demo_models.py ships it
         parser.add_argument(f"--model-{task}", default="demo", help=f"{task} model [demo]")
     args = parser.parse_args()
@@ -201,7 +257,7 @@ def main() -> int:
     for task in ("ss", "cd") if args.task == "both" else (args.task,):
         model = getattr(args, f"model_{task}")
         results, pairs_per_second = evaluate(
-            task, model, args.n, workdir, args.threads, args.ceiling
+            task, model, args.n, workdir, args.threads, args.ceiling, args.utility
         )
         rows += [(task, check) for check in results]
         print(f"# {task}: {pairs_per_second:.1f} pairs/s (default sampler, {args.threads} threads)")

@@ -111,3 +111,26 @@ def test_bench_light_decoder_runs_on_the_demo_model(tmp_path: Path) -> None:
     assert done.returncode == 0, done.stderr
     assert "| teacher | " in done.stdout and "| student | " in done.stdout
     assert "student / teacher decode time: " in done.stdout
+
+
+def test_the_utility_gate_needs_a_gain_of_the_larger_spread(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.syspath_prepend(str(EXAMPLES))
+    import check_demo_models as check
+
+    def row(miou: float, std: float) -> dict[str, float]:
+        return {"miou": miou, "miou_std": std}
+
+    rows = {
+        "real": row(0.90, 0.01),
+        "round-trip": row(0.86, 0.01),
+        "mixed": row(0.92, 0.03),  # +0.02, less than its own spread
+        "pretrain": row(0.93, 0.02),  # +0.03, more than either spread
+    }
+    gates = {gate.name: gate for gate in check.utility_checks(rows)}
+    assert gates["round-trip utility"].passed  # 0.86 >= 0.95 x 0.90
+    assert not gates["mixed - real"].passed
+    assert gates["pretrain - real"].passed
+    rows["round-trip"] = row(0.85, 0.01)
+    assert not check.utility_checks(rows)[0].passed
