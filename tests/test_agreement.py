@@ -117,10 +117,10 @@ def test_benchmark_reports_agreement_rows_beside_plain_ones(
     rows = {row.name: row for row in downstream.rows}
     # Plain mixing and its relabelled twin side by side, in the protocols' fixed order.
     assert list(rows) == [
-        "real", "synthetic", "real+synthetic x1", "real+synthetic x1, agreement-relabelled",
+        "real", "real -> real", "synthetic", "real+synthetic x1", "real+synthetic x1, agreement-relabelled",
         "synthetic x1 -> real, agreement-relabelled",
     ]  # fmt: skip
-    mixed, pretrain = (rows[n] for n in list(rows)[3:])
+    mixed, pretrain = (rows[n] for n in list(rows)[4:])
     assert (mixed.protocol, pretrain.protocol) == ("mixed-agree", "pretrain-agree")
     assert rows["real+synthetic x1"].kept_share is None and rows["real"].kept_share is None
     # Both relabelled rows judge with the same seed's real-only model: the same share per seed.

@@ -141,6 +141,7 @@ def test_downstream_rows_train_on_the_right_data(ss_report: Path, ss: tuple[Path
     assert counts == {
         "real": ("real", 10, 0),
         "real, first 4": ("real", 4, 0),  # the learning curve; its point at 10 is the real row
+        "real -> real": ("real-twice", 10, 0),  # pretrain's control
         "VAE round trip of real": ("round-trip", 0, 10),
         "synthetic": ("synthetic", 0, 12),
         "real+synthetic x1": ("mixed", 10, 10),
@@ -153,7 +154,7 @@ def test_downstream_rows_train_on_the_right_data(ss_report: Path, ss: tuple[Path
     rows = configurations(real, synthetic, DownstreamOptions(real_limit=10, ratios=(1, 2)))
     train = real.indices("train")
     assert np.array_equal(rows[0].real, train[:10]) and rows[0].synthetic.size == 0
-    assert np.array_equal(rows[2].synthetic, synthetic.indices(None)[:10])
+    assert np.array_equal(rows[3].synthetic, synthetic.indices(None)[:10])
     curve = configurations(real, synthetic, DownstreamOptions(real_limit=10, real_curve=(4,)))
     assert curve[1].name == "real, first 4" and np.array_equal(curve[1].real, train[:4])
     # Stopping watches the val split, testing uses the test split: never the same pairs.
@@ -181,7 +182,7 @@ def test_early_stopping_tests_the_best_val_checkpoint(ss_report: Path) -> None:
     assert downstream is not None
     for row in downstream.rows:
         for run in row.seeds:
-            assert len(run.best_steps) == (2 if row.protocol == "pretrain" else 1)
+            assert len(run.best_steps) == (2 if row.protocol in ("pretrain", "real-twice") else 1)
             curve = np.array(run.val_curve)
             # The tested weights are the last phase's (pretrain: the fine-tuning on real).
             last = curve[curve[:, 0] > sum(run.phase_steps[:-1])]
@@ -190,6 +191,18 @@ def test_early_stopping_tests_the_best_val_checkpoint(ss_report: Path) -> None:
             after_best = len(last) - 1 - int(np.argmax(last[:, 1]))
             assert after_best == PATIENCE or run.phase_steps[-1] == MAX_STEPS
             assert run.steps == sum(run.phase_steps) <= MAX_STEPS * len(run.phase_steps)
+
+
+def test_pretrains_control_repeats_the_real_row_then_trains_on(ss_report: Path) -> None:
+    downstream = load_report(ss_report).downstream
+    assert downstream is not None
+    rows = {row.name: row for row in downstream.rows}
+    for real, twice in zip(rows["real"].seeds, rows["real -> real"].seeds, strict=True):
+        # Its first phase is the real row's run, step for step; the second starts from there.
+        first = real.phase_steps[0]
+        assert twice.phase_steps[0] == first and len(twice.phase_steps) == 2
+        assert twice.val_curve[: len(real.val_curve)] == real.val_curve
+        assert all(step > first for step, _ in twice.val_curve[len(real.val_curve) :])
 
 
 def test_early_stopping_restores_the_best_weights(ss: tuple[Path, Path]) -> None:
@@ -383,6 +396,7 @@ def test_change_detection_report(home: Path, tmp_path: Path) -> None:
     assert [r.protocol for r in report.downstream.rows] == [
         "real",
         "real",  # --downstream-real-curve 4,10: its point at 4 pairs
+        "real-twice",  # pretrain's control: the real pairs in its two phases
         "synthetic",
         "mixed",
         "pretrain",

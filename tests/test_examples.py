@@ -127,10 +127,11 @@ def test_the_utility_gate_needs_a_gain_of_the_larger_spread(
         "round-trip": row(0.86, 0.01),
         "mixed": row(0.92, 0.03),  # +0.02, less than its own spread
         "pretrain": row(0.93, 0.02),  # +0.03, more than either spread
+        "real-twice": row(0.92, 0.01),  # pretrain's control: +0.01 left, less than a spread
     }
     gates = {gate.name: gate for gate in check.utility_checks(rows)}
     assert gates["round-trip utility"].passed  # 0.86 >= 0.95 x 0.90
     assert not gates["mixed - real"].passed
-    assert gates["pretrain - real"].passed
+    assert gates["pretrain - real"].passed and not gates["pretrain - real-twice"].passed
     rows["round-trip"] = row(0.85, 0.01)
     assert not check.utility_checks(rows)[0].passed

@@ -119,7 +119,9 @@ class DownstreamRow(_Strict):
     """
 
     name: str
-    protocol: str = Field("fixed-steps", description="real, round-trip, synthetic, mixed, pretrain")
+    protocol: str = Field(
+        "fixed-steps", description="real, real-twice, round-trip, synthetic, mixed, pretrain"
+    )
     real_count: int
     synthetic_count: int
     miou: float
