@@ -175,6 +175,7 @@ def test_downstream_seeds_give_mean_and_spread(ss_report: Path) -> None:
     text = (ss_report / "report.md").read_text()
     assert "±" in text and "standard deviation over the seeds" in text
     assert "the paper has the same leak" in text and "round-trip" in text
+    assert "'real -> real' (their control)" in text  # the run has pretrain rows
 
 
 def test_early_stopping_tests_the_best_val_checkpoint(ss_report: Path) -> None:

@@ -65,10 +65,10 @@ class Configuration:
     """One row: its name, how it trains (`protocol`) and which pairs of each source it uses.
 
     Protocols: "real", "synthetic" (one source); "real-twice" (real, then real again: pretrain's
-    control); "round-trip" (the real pairs' VAE
-    reconstructions, `synthetic` indexing the real store); "mixed" (every batch a fixed share
-    real); "pretrain" (synthetic to its best val checkpoint, then fine-tuned on real); "mixed-agree"
-    and "pretrain-agree" as those, with synthetic labels agreement-relabelled (agreement.py).
+    control); "round-trip" (the real pairs' VAE reconstructions, `synthetic` indexing the real
+    store); "mixed" (every batch a fixed share real); "pretrain" (synthetic to its best val
+    checkpoint, then fine-tuned on real); "mixed-agree" and "pretrain-agree" as those, with
+    synthetic labels agreement-relabelled (agreement.py).
     """
 
     name: str
@@ -102,7 +102,7 @@ def configurations(
         Configuration(f"real, first {limit}", "real", pairs, none)
         for limit, pairs in curve_pairs(real, options, train.size)
     ]
-    if any(protocol.removesuffix(AGREE) == "pretrain" for protocol in options.protocols):
+    if pretrains(options):
         rows.append(Configuration(TWICE_NAME, "real-twice", train, none))
     if round_trip:
         rows.append(Configuration(ROUND_TRIP_NAME, "round-trip", none, train))
@@ -115,6 +115,11 @@ def configurations(
             name = RATIO_ROW_NAMES[protocol].format(ratio=ratio)
             rows.append(Configuration(name, protocol, train, chosen))
     return rows
+
+
+def pretrains(options: DownstreamOptions) -> bool:
+    """Whether a pretrain row runs, and with it pretrain's control."""
+    return any(protocol.removesuffix(AGREE) == "pretrain" for protocol in options.protocols)
 
 
 def real_train(real: StoreReader, options: DownstreamOptions) -> np.ndarray:
@@ -251,9 +256,13 @@ def protocol_text(options: DownstreamOptions) -> str:
         f"{synthetic_per_batch(o)} synthetic pairs (real share {o.real_share:g}), so every real "
         "pair is seen as often per step as in real-only training; 'pretrain' rows train on "
         "synthetic pairs to "
-        "their best val checkpoint, then fine-tune on the real pairs by the same rule, and "
-        "'real -> real' (their control) trains the real pairs in the same two phases; "
-        f"{o.seeds} seeds (initialisation, batch order, augmentation) per row"
+        "their best val checkpoint, then fine-tune on the real pairs by the same rule; "
+        + (
+            "'real -> real' (their control) trains the real pairs in the same two phases; "
+            if pretrains(o)
+            else ""
+        )
+        + f"{o.seeds} seeds (initialisation, batch order, augmentation) per row"
         + (
             "; 'agreement-relabelled' rows keep a synthetic label only where the same seed's "
             "real-only model (its best-val weights) predicts the same class, 255 (ignored) elsewhere"
