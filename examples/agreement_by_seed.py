@@ -52,8 +52,8 @@ def measure_seed(
         if row.relabelled and second is not None and referee is not None:
             second, kept = relabelled_data(referee, second, setup.config.batch_size, "cpu")
         start = time.perf_counter()
-        run, model = run_seed(row, setup, real_data, second, seed)
-        referee = model if row.protocol == "real" else referee
+        run, trained = run_seed(row, setup, real_data, second, seed)
+        referee = trained.model if row.protocol == "real" else referee
         record = {
             "row": row.name, "protocol": row.protocol, "seed": seed, "miou": run.miou,
             "f1": run.f1, "steps": run.steps, "best_steps": run.best_steps,

@@ -67,6 +67,7 @@ FD_SPECTRAL_MAX_RATIO = 3.0  # x fd_spectral of real val vs real test
 PAIR_MIOU_UTILITY_RATIO = 0.85
 ROUND_TRIP_MIN_RATIO = 0.95
 UTILITY_REAL_LIMIT = 100  # real train pairs: issue 20's "real limit 100"
+GATED_PROTOCOLS = {"real", "round-trip", "mixed", "pretrain", "real-twice"}
 
 
 @dataclass(frozen=True)
@@ -123,7 +124,7 @@ def downstream_rows(task: str, model: str, real: Path, synthetic: Path, workdir:
     """`specdm benchmark --downstream` at the protocol's defaults (or its saved report): the
     rows by protocol, each printed with its seeds."""
     out = workdir / f"utility-{synthetic.stem}"
-    if not (out / "report.json").is_file():
+    if not _saved_rows(out / "report.json") >= GATED_PROTOCOLS:  # none, or one without a row
         specdm("benchmark", "--real", str(real), "--synthetic", str(synthetic), "--model", model,
                "--downstream", "--real-limit", str(UTILITY_REAL_LIMIT), "--threads", str(threads),
                "--out", str(out), "--overwrite", "--quiet")  # fmt: skip
@@ -134,6 +135,13 @@ def downstream_rows(task: str, model: str, real: Path, synthetic: Path, workdir:
         print(f"# {task}: downstream {row['name']}: {row['miou']:.3f} +- {row['miou_std']:.3f} "
               f"({seeds}; {row['real_count']} real, {row['synthetic_count']} synthetic)")  # fmt: skip
     return rows
+
+
+def _saved_rows(report: Path) -> set[str]:
+    """The protocols of the downstream rows a saved report holds (none if there is none)."""
+    if not report.is_file():
+        return set()
+    return {row["protocol"] for row in json.loads(report.read_text())["downstream"]["rows"]}
 
 
 def specdm(*args: str) -> str:

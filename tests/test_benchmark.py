@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 import zarr
 
 from specdm_cli.config import DownstreamOptions
@@ -204,6 +205,33 @@ def test_pretrains_control_repeats_the_real_row_then_trains_on(ss_report: Path) 
         assert twice.phase_steps[0] == first and len(twice.phase_steps) == 2
         assert twice.val_curve[: len(real.val_curve)] == real.val_curve
         assert all(step > first for step, _ in twice.val_curve[len(real.val_curve) :])
+
+
+def test_pretrains_control_goes_on_from_the_real_row_as_if_trained_again(
+    ss: tuple[Path, Path],
+) -> None:
+    from specdm_cli.pipeline.benchmark import downstream as ds
+    from specdm_cli.pipeline.benchmark.feature_training import TrainData
+
+    real, synthetic = (open_store(p) for p in ss)
+    options = DownstreamOptions(
+        batch_size=4, eval_every=1, patience=2, max_steps=4, real_limit=10, protocols=("pretrain",)
+    )
+    stages: list[str] = []
+    setup = ds.make_setup(real, options, "cpu", lambda stage, _done, _total: stages.append(stage))
+    rows = {row.protocol: row for row in ds.configurations(real, synthetic, options)}
+    data = TrainData([(real, rows["real"].real)], *setup.stats)
+    _, real_run = ds.run_seed(rows["real"], setup, data, None, seed=1)
+    weights = {k: v.clone() for k, v in real_run.model.state_dict().items()}
+    anew, _ = ds.run_seed(rows["real-twice"], setup, data, None, seed=1)
+    stages.clear()
+    reused, _ = ds.run_seed(rows["real-twice"], setup, data, None, seed=1, before=real_run)
+    # The same curve and score as training phase 1 again, which this time did not run.
+    assert reused.model_dump(exclude={"seconds"}) == anew.model_dump(exclude={"seconds"})
+    assert set(stages) == {"downstream real -> real seed 1 phase 2"}
+    # The real row's model judges agreement rows after this: the control trained a copy.
+    after = real_run.model.state_dict()
+    assert all(torch.equal(after[k], v) for k, v in weights.items())
 
 
 def test_early_stopping_restores_the_best_weights(ss: tuple[Path, Path]) -> None:

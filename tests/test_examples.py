@@ -135,3 +135,35 @@ def test_the_utility_gate_needs_a_gain_of_the_larger_spread(
     assert gates["pretrain - real"].passed and not gates["pretrain - real-twice"].passed
     rows["round-trip"] = row(0.85, 0.01)
     assert not check.utility_checks(rows)[0].passed
+
+
+def test_the_utility_gate_reruns_a_saved_report_without_a_gated_row(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.syspath_prepend(str(EXAMPLES))
+    import check_demo_models as check
+
+    def write_report(protocols: set[str]) -> None:
+        rows = [
+            {"protocol": p, "name": p, "miou": 0.9, "miou_std": 0.01, "real_count": 100,
+             "synthetic_count": 0, "seeds": [{"miou": 0.9}]}
+            for p in sorted(protocols)
+        ]  # fmt: skip
+        out = tmp_path / "utility-syn"
+        out.mkdir(exist_ok=True)
+        (out / "report.json").write_text(json.dumps({"downstream": {"rows": rows}}))
+
+    runs: list[tuple[str, ...]] = []
+
+    def fake_specdm(*args: str) -> str:  # the benchmark, as far as its report goes
+        runs.append(args)
+        write_report(check.GATED_PROTOCOLS)
+        return ""
+
+    monkeypatch.setattr(check, "specdm", fake_specdm)
+    write_report(check.GATED_PROTOCOLS - {"real-twice"})  # saved before the control row existed
+    syn = tmp_path / "syn.zarr"
+    rows = check.downstream_rows("ss", "demo", tmp_path / "real.zarr", syn, tmp_path, 1)
+    assert len(runs) == 1 and set(rows) == check.GATED_PROTOCOLS
+    check.downstream_rows("ss", "demo", tmp_path / "real.zarr", syn, tmp_path, 1)
+    assert len(runs) == 1  # a complete saved report is read, not run again

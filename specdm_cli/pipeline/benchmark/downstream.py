@@ -4,9 +4,10 @@ checkpoint over several seeds, and test it on real data."""
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 from torch import Tensor, nn
@@ -26,6 +27,7 @@ from specdm_cli.stores import StoreReader
 from .agreement import relabelled_data
 from .report import Downstream, DownstreamRow, SeedRun
 from .utility_training import (
+    Batches,
     Phase,
     batches_of,
     confusion,
@@ -272,8 +274,17 @@ def protocol_text(options: DownstreamOptions) -> str:
     )
 
 
-class Referees(dict[int, nn.Module]):
-    """The real-only row's best-val model of each seed: the judge agreement rows relabel with."""
+@dataclass(frozen=True)
+class Trained:
+    """One seed's trained model (its best-val weights) and the phases that trained it."""
+
+    model: nn.Module
+    phases: list[Phase] = field(default_factory=list)
+
+
+class Referees(dict[int, Trained]):
+    """The real-only row's run of each seed: its model is the judge agreement rows relabel with,
+    and pretrain's control continues from a copy of it (its first phase is that run)."""
 
 
 def _run_row(
@@ -287,11 +298,12 @@ def _run_row(
         trained_on, kept_share = second_data, None
         if row.relabelled and second_data is not None:
             trained_on, kept_share = relabelled_data(
-                referees[seed], second_data, setup.config.batch_size, setup.device
+                referees[seed].model, second_data, setup.config.batch_size, setup.device
             )
-        run, model = run_seed(row, setup, real_data, trained_on, seed)
+        before = referees.get(seed) if row.training == "real-twice" else None
+        run, trained = run_seed(row, setup, real_data, trained_on, seed, before)
         if row.name == "real":  # the main real-only row (not a learning-curve point)
-            referees[seed] = model
+            referees[seed] = trained
         runs.append(run.model_copy(update={"kept_share": kept_share}))
     return _summarise(row, runs, real)
 
@@ -302,25 +314,42 @@ def run_seed(
     real_data: TrainData | None,
     second_data: TrainData | None,
     seed: int,
-) -> tuple[SeedRun, nn.Module]:
-    """One seed of one row: train (both phases for pretrain), test; the trained model too."""
-    config = setup.config.model_copy(update={"seed": seed})
-    model, options = new_model(config, setup.device), setup.options
-    if row.training == "pretrain":
-        plan = [batches_of(None, second_data, options), batches_of(real_data, None, options)]
-    elif row.training == "real-twice":
-        plan = [batches_of(real_data, None, options), batches_of(real_data, None, options)]
+    before: Trained | None = None,
+) -> tuple[SeedRun, Trained]:
+    """One seed of one row: train (both phases for pretrain), test; the trained model too.
+
+    `before`: a run of this row's first phases (the real row's for pretrain's control): training
+    goes on from a copy of its model, which ends where training those phases again would, since
+    every phase draws its randomness from the seed alone."""
+    config, options = setup.config.model_copy(update={"seed": seed}), setup.options
+    plan = _plan(row, real_data, second_data, options)
+    if before is None:
+        model, phases = new_model(config, setup.device), []
     else:
-        plan = [batches_of(real_data, second_data, options)]
-    phases: list[Phase] = []
-    for k, batches in enumerate(plan):
+        model, phases = copy.deepcopy(before.model), list(before.phases)
+    for k, batches in enumerate(plan[len(phases) :], start=len(phases)):
         stage = f"downstream {row.name} seed {seed}" + (f" phase {k + 1}" if len(plan) > 1 else "")
         report = (setup.progress, stage) if setup.progress else None
         phases.append(train_to_best(
             model, batches, setup.val, config, options, setup.weights, setup.device, report
         ))  # fmt: skip
     counts = confusion(model, setup.test, config.classes, config.batch_size, setup.device)
-    return _seed_run(seed, counts, phases, setup.config.task, real_data or second_data), model
+    run = _seed_run(seed, counts, phases, setup.config.task, real_data or second_data)
+    return run, Trained(model, phases)
+
+
+def _plan(
+    row: Configuration,
+    real_data: TrainData | None,
+    second_data: TrainData | None,
+    options: DownstreamOptions,
+) -> list[Batches]:
+    """Where each phase's batches come from."""
+    if row.training == "pretrain":
+        return [batches_of(None, second_data, options), batches_of(real_data, None, options)]
+    if row.training == "real-twice":
+        return [batches_of(real_data, None, options), batches_of(real_data, None, options)]
+    return [batches_of(real_data, second_data, options)]
 
 
 def _seed_run(
