@@ -1,4 +1,5 @@
-"""Agreement relabelling vs plain mixing, seed by seed (issue 20, section 3).
+"""The downstream rows seed by seed: agreement relabelling vs plain mixing (issue 20, section 3),
+pretrain vs its control.
 
 `specdm benchmark --downstream --downstream-protocols mixed,pretrain,mixed-agree,pretrain-agree`
 is the product path; it writes its table only at the end. This script trains the same rows by
@@ -10,7 +11,9 @@ std (ddof 1) per row over the seeds finished.
     OMP_NUM_THREADS=1 python examples/agreement_by_seed.py demo-ss.zarr syn-ss.zarr out.jsonl
 
 Defaults are the README's smaller variant (batch 8, evaluation every 25 steps, patience 3, at
-most 500 steps per phase, 100 real pairs, ratio 1, seeds 0-2).
+most 500 steps per phase, 100 real pairs, ratio 1, seeds 0-2); `--batch-size 16 --eval-every 50
+--patience 6 --max-steps 3000` is the benchmark's defaults. `--first-seed` lets processes share
+the seeds (each appending to its own file).
 """
 
 from __future__ import annotations
@@ -22,10 +25,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from vae_utility import add_protocol_options
 
 from specdm_cli.config import DownstreamOptions, downstream_protocol_list
 from specdm_cli.pipeline.benchmark.agreement import relabelled_data
 from specdm_cli.pipeline.benchmark.downstream import (
+    Trained,
     configurations,
     make_setup,
     run_seed,
@@ -38,9 +43,10 @@ from specdm_cli.stores import StoreReader, open_store
 def measure_seed(
     real: StoreReader, synthetic: StoreReader, options: DownstreamOptions, seed: int, out: Path
 ) -> None:
-    """Every row but synthetic-only for one seed; the real row's model judges the agree rows."""
+    """Every row but synthetic-only for one seed; the real row's model judges the agree rows
+    and pretrain's control goes on from it."""
     setup = make_setup(real, options, "cpu")
-    referee = None
+    referee: Trained | None = None
     for row in configurations(real, synthetic, options):
         if row.protocol == "synthetic":
             continue
@@ -50,13 +56,15 @@ def measure_seed(
         )
         kept = None
         if row.relabelled and second is not None and referee is not None:
-            second, kept = relabelled_data(referee, second, setup.config.batch_size, "cpu")
+            second, kept = relabelled_data(referee.model, second, setup.config.batch_size, "cpu")
         start = time.perf_counter()
-        run, trained = run_seed(row, setup, real_data, second, seed)
-        referee = trained.model if row.protocol == "real" else referee
+        before = referee if row.training == "real-twice" else None
+        run, trained = run_seed(row, setup, real_data, second, seed, before)
+        referee = trained if row.protocol == "real" else referee
         record = {
             "row": row.name, "protocol": row.protocol, "seed": seed, "miou": run.miou,
             "f1": run.f1, "steps": run.steps, "best_steps": run.best_steps,
+            "phase_steps": run.phase_steps,
             "best_val": run.best_val_miou, "kept_share": kept, "iou": run.iou_per_class,
             "wall_s": round(time.perf_counter() - start, 1),
         }  # fmt: skip
@@ -86,13 +94,17 @@ def main() -> None:
     parser.add_argument("synthetic", type=Path)
     parser.add_argument("out", type=Path, help="JSON lines, appended to")
     parser.add_argument("--protocols", default="mixed,mixed-agree,pretrain,pretrain-agree")
-    parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--real-limit", type=int, default=100)
+    parser.add_argument("--ratio", type=int, default=1, help="synthetic pairs per real one")
+    parser.add_argument("--first-seed", type=int, default=0)
+    add_protocol_options(parser)
     args = parser.parse_args()
-    torch.set_num_threads(1)
+    torch.set_num_threads(args.threads)
     options = DownstreamOptions(
-        batch_size=8, eval_every=25, patience=3, max_steps=500, real_limit=args.real_limit,
-        ratios=(1,), seeds=args.seeds, protocols=downstream_protocol_list(args.protocols),
+        batch_size=args.batch_size, eval_every=args.eval_every, patience=args.patience,
+        max_steps=args.max_steps, real_limit=args.real_limit, ratios=(args.ratio,),
+        seed=args.first_seed, seeds=args.seeds,
+        protocols=downstream_protocol_list(args.protocols),
     )  # fmt: skip
     real, synthetic = open_store(args.real), open_store(args.synthetic)
     for seed in seed_list(options):

@@ -81,6 +81,27 @@ def test_vae_utility_runs_on_a_tiny_run(tmp_path: Path) -> None:
     assert 0.0 <= row["pair_miou"] <= 1.0 and 0.0 < row["real_pair_miou"] <= 1.0
 
 
+def test_agreement_by_seed_runs_pretrain_and_its_control(tmp_path: Path) -> None:
+    from tests.conftest import prepare_demo
+
+    real = prepare_demo(tmp_path / "real.zarr", n=40, size=16)
+    other = prepare_demo(tmp_path / "other.zarr", "--seed", "5", n=20, size=16)  # as synthetic
+    out = tmp_path / "rows.jsonl"
+    done = processes.run(
+        [sys.executable, EXAMPLES / "agreement_by_seed.py", real, other, out, "--protocols",
+         "pretrain", "--real-limit", "6", "--ratio", "2", "--first-seed", "3", "--seeds", "1",
+         "--max-steps", "2", "--eval-every", "1", "--patience", "1", "--batch-size", "2"],
+        text=True,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    rows = {r["row"]: r for r in map(json.loads, out.read_text().splitlines())}
+    assert set(rows) == {"real", "real -> real", "synthetic x2 -> real"}
+    assert {r["seed"] for r in rows.values()} == {3}
+    # The control's first phase is the real row's run.
+    assert rows["real -> real"]["phase_steps"][0] == rows["real"]["phase_steps"][0]
+    assert "real -> real: mIoU" in done.stdout
+
+
 def test_real_learning_curve_runs_on_a_tiny_store(tmp_path: Path) -> None:
     from tests.conftest import prepare_demo
 
