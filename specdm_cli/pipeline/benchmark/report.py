@@ -105,7 +105,9 @@ class SeedRun(_Strict):
     phase_steps: list[int] = Field(default_factory=list, description="steps run, per phase")
     best_val_miou: float = Field(description="val mIoU of the tested weights")
     val_curve: list[list[float]] = Field(description="[step, val mIoU] per evaluation, all phases")
-    seconds: float
+    seconds: float = Field(
+        description="training time, all phases (real -> real: its first phase is the real row's)"
+    )
     kept_share: float | None = Field(
         None, description="agreement rows: share of generated label pixels kept"
     )
