@@ -28,15 +28,14 @@ import torch
 from vae_utility import add_protocol_options
 
 from specdm_cli.config import DownstreamOptions, downstream_protocol_list
-from specdm_cli.pipeline.benchmark.agreement import relabelled_data
 from specdm_cli.pipeline.benchmark.downstream import (
-    Trained,
+    Referees,
     configurations,
     make_setup,
-    run_seed,
+    row_data,
     seed_list,
+    train_seed,
 )
-from specdm_cli.pipeline.benchmark.feature_training import TrainData
 from specdm_cli.stores import StoreReader, open_store
 
 
@@ -46,26 +45,17 @@ def measure_seed(
     """Every row but synthetic-only for one seed; the real row's model judges the agree rows
     and pretrain's control goes on from it."""
     setup = make_setup(real, options, "cpu")
-    referee: Trained | None = None
+    referees = Referees()
     for row in configurations(real, synthetic, options):
         if row.protocol == "synthetic":
             continue
-        real_data = TrainData([(real, row.real)], *setup.stats)
-        second = (
-            TrainData([(synthetic, row.synthetic)], *setup.stats) if row.synthetic.size else None
-        )
-        kept = None
-        if row.relabelled and second is not None and referee is not None:
-            second, kept = relabelled_data(referee.model, second, setup.config.batch_size, "cpu")
         start = time.perf_counter()
-        before = referee if row.training == "real-twice" else None
-        run, trained = run_seed(row, setup, real_data, second, seed, before)
-        referee = trained if row.protocol == "real" else referee
+        run = train_seed(row, setup, *row_data(row, setup, real, synthetic), seed, referees)
         record = {
             "row": row.name, "protocol": row.protocol, "seed": seed, "miou": run.miou,
             "f1": run.f1, "steps": run.steps, "best_steps": run.best_steps,
             "phase_steps": run.phase_steps,
-            "best_val": run.best_val_miou, "kept_share": kept, "iou": run.iou_per_class,
+            "best_val": run.best_val_miou, "kept_share": run.kept_share, "iou": run.iou_per_class,
             "wall_s": round(time.perf_counter() - start, 1),
         }  # fmt: skip
         with out.open("a", encoding="utf-8") as handle:

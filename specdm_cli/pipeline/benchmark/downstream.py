@@ -291,21 +291,43 @@ def _run_row(
     row: Configuration, setup: Setup, real: StoreReader, second: SampleSource, referees: Referees
 ) -> DownstreamRow:
     """Every seed of one row, then mean and spread."""
+    real_data, second_data = row_data(row, setup, real, second)
+    runs = [
+        train_seed(row, setup, real_data, second_data, seed, referees)
+        for seed in seed_list(setup.options)
+    ]
+    return _summarise(row, runs, real)
+
+
+def row_data(
+    row: Configuration, setup: Setup, real: StoreReader, second: SampleSource
+) -> tuple[TrainData | None, TrainData | None]:
+    """The row's real and second-source pairs (None where it uses none)."""
     real_data = TrainData([(real, row.real)], *setup.stats) if row.real.size else None
     second_data = TrainData([(second, row.synthetic)], *setup.stats) if row.synthetic.size else None
-    runs = []
-    for seed in seed_list(setup.options):
-        trained_on, kept_share = second_data, None
-        if row.relabelled and second_data is not None:
-            trained_on, kept_share = relabelled_data(
-                referees[seed].model, second_data, setup.config.batch_size, setup.device
-            )
-        before = referees.get(seed) if row.training == "real-twice" else None
-        run, trained = run_seed(row, setup, real_data, trained_on, seed, before)
-        if row.name == "real":  # the main real-only row (not a learning-curve point)
-            referees[seed] = trained
-        runs.append(run.model_copy(update={"kept_share": kept_share}))
-    return _summarise(row, runs, real)
+    return real_data, second_data
+
+
+def train_seed(
+    row: Configuration,
+    setup: Setup,
+    real_data: TrainData | None,
+    second_data: TrainData | None,
+    seed: int,
+    referees: Referees,
+) -> SeedRun:
+    """One seed of one row, wired to the real row's run of the same seed: agreement rows
+    relabel with its model, pretrain's control goes on from it; the real row records it."""
+    trained_on, kept_share = second_data, None
+    if row.relabelled and second_data is not None:
+        trained_on, kept_share = relabelled_data(
+            referees[seed].model, second_data, setup.config.batch_size, setup.device
+        )
+    before = referees.get(seed) if row.training == "real-twice" else None
+    run, trained = run_seed(row, setup, real_data, trained_on, seed, before)
+    if row.name == "real":  # the main real-only row (not a learning-curve point)
+        referees[seed] = trained
+    return run.model_copy(update={"kept_share": kept_share})
 
 
 def run_seed(
