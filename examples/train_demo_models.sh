@@ -8,6 +8,8 @@
 # README (fit-vae, "Four times the latent pixels"; it won on cd, not on ss) is
 #   VAE_FLAGS="--downsample 2 --image-blocks 16,32 --mask-blocks 8,16" VAE_STEPS_SS=950
 #   VAE_STEPS_CD=475 UNET_FLAGS="--unet-blocks 16,32,64,64" UNET_STEPS=4000 examples/train_demo_models.sh WORK
+# and the single-stream twins (LDM's one VAE; README, synthesize: issue 20's gates) are
+#   VAE_FLAGS=--single-stream examples/train_demo_models.sh WORK
 # The ss arm is `--preset cpu` of fit-vae and fit-diffusion (specdm_cli/config.py; options spelled
 # out so the recipe reads here; tests/test_presets.py keeps the two in step).
 # 64x64 scenes, f = 4 (16x16 latents); networks small enough that both tasks ship in < 8 MB
