@@ -57,6 +57,7 @@ def measure_seed(
             "phase_steps": run.phase_steps,
             "best_val": run.best_val_miou, "kept_share": run.kept_share, "iou": run.iou_per_class,
             "wall_s": round(time.perf_counter() - start, 1),
+            "threads": torch.get_num_threads(),  # figures repeat only at the same count
         }  # fmt: skip
         with out.open("a", encoding="utf-8") as handle:
             handle.write(json.dumps(record) + "\n")

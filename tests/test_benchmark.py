@@ -177,6 +177,9 @@ def test_downstream_seeds_give_mean_and_spread(ss_report: Path) -> None:
     assert "±" in text and "standard deviation over the seeds" in text
     assert "the paper has the same leak" in text and "round-trip" in text
     assert "'real -> real' (their control)" in text  # the run has pretrain rows
+    # The thread count changes float sums, hence the figures: the report says what it used.
+    assert (downstream.device, downstream.threads) == ("cpu", 2)
+    assert "on cpu with 2 torch thread(s)" in text
 
 
 def test_early_stopping_tests_the_best_val_checkpoint(ss_report: Path) -> None:

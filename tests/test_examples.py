@@ -97,6 +97,7 @@ def test_agreement_by_seed_runs_pretrain_and_its_control(tmp_path: Path) -> None
     rows = {r["row"]: r for r in map(json.loads, out.read_text().splitlines())}
     assert set(rows) == {"real", "real -> real", "synthetic x2 -> real"}
     assert {r["seed"] for r in rows.values()} == {3}
+    assert {r["threads"] for r in rows.values()} == {1}  # --threads' default, recorded
     # The control's first phase is the real row's run.
     assert rows["real -> real"]["phase_steps"][0] == rows["real"]["phase_steps"][0]
     assert "real -> real: mIoU" in done.stdout

@@ -10,6 +10,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
+import torch
 from torch import Tensor, nn
 
 from specdm_cli.config import DownstreamOptions, Progress
@@ -240,6 +241,7 @@ def run_downstream(
         protocol=protocol_text(options), stop_split=setup.stop_split, stop_count=len(setup.val),
         seeds=seed_list(options), real_share=options.real_share, spread=SPREAD,
         round_trip=round_trip_name if round_trip is not None else None,
+        device=device, threads=torch.get_num_threads(),
     )  # fmt: skip
 
 

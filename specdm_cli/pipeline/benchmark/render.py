@@ -183,6 +183,12 @@ def _downstream_notes(report: BenchmarkReport) -> list[str]:
         "step of the tested (best-val) weights, of the steps run (mean over seeds, all phases).",
         "",
     ]
+    if d.threads is not None:
+        lines += [
+            f"Trained on {d.device} with {d.threads} torch thread(s): the figures repeat bit for "
+            "bit with the same device type and thread count, not across them.",
+            "",
+        ]
     gen = report.generator
     seen = gen.real_pairs_seen if gen is not None else None
     lines.append(

@@ -158,6 +158,12 @@ class Downstream(_Strict):
     real_share: float | None = Field(None, description="share of real pairs in a mixed batch")
     spread: str = Field("", description="what the +- of a row is")
     round_trip: str | None = Field(None, description="the VAE the round-trip row decoded with")
+    device: str = Field("", description="torch device the rows trained on")
+    threads: int | None = Field(
+        None,
+        description="torch CPU threads the rows trained with: float sums run in another order "
+        "with another count, so figures repeat bit for bit only with the same device and count",
+    )
 
 
 class ComparedFigure(_Strict):
