@@ -993,6 +993,14 @@ def benchmark(
             "the learning curve that shows whether --real-limit leaves room for synthetic data."
         ),
     ] = None,
+    round_trip_parts: Annotated[
+        bool,
+        typer.Option(
+            "--round-trip-parts",
+            help="With --model: also train on the round trip's images with the real labels, and "
+            "on the real images with its labels (which VAE stream bounds the ceiling).",
+        ),
+    ] = False,
     write_scores: Annotated[
         bool,
         typer.Option(
@@ -1037,12 +1045,19 @@ def benchmark(
             )
         ratios = count_list(synthetic_ratio, "--synthetic-ratio", "1,3,5")
         curve = _counts(downstream_real_curve, "--downstream-real-curve", "25,50,200") or ()
+        if round_trip_parts and (model is None or not downstream):
+            raise UsageError(
+                "--round-trip-parts splits the VAE round-trip row, which needs --downstream and "
+                "--model",
+                hint="e.g. --downstream --model demo --round-trip-parts",
+            )
         options = DownstreamOptions(
             batch_size=downstream_batch_size, seeds=downstream_seeds,
             eval_every=downstream_eval_every, patience=downstream_patience,
             max_steps=downstream_max_steps, real_share=real_share,
             protocols=downstream_protocol_list(downstream_protocols),
             real_limit=real_limit, ratios=ratios, real_curve=curve,
+            round_trip_parts=round_trip_parts,
         )  # fmt: skip
         request = BenchmarkRequest(
             real=real, synthetic=synthetic, out=out, model=model,

@@ -410,6 +410,9 @@ class DownstreamOptions:
     # Extra real-only rows on the first L real pairs: the learning curve that shows whether
     # real_limit sits where more real data still helps (issue 20: a demo with headroom).
     real_curve: tuple[int, ...] = ()
+    # With a VAE (benchmark --model): the round trip's images with the real labels, and the real
+    # images with its labels, so the ceiling's loss is split between the two streams (issue 20).
+    round_trip_parts: bool = False
     val_limit: int = 256  # real val pairs used for stopping: as fit-vae's val_samples
 
 

@@ -15,9 +15,10 @@ import zarr
 
 from specdm_cli.config import DownstreamOptions
 from specdm_cli.manifest import QualityScores, load_manifest
-from specdm_cli.pipeline.benchmark.downstream import configurations
+from specdm_cli.pipeline.benchmark.downstream import ROUND_TRIP_PARTS, HalfTrip, configurations
+from specdm_cli.pipeline.benchmark.generator import round_trip
 from specdm_cli.pipeline.benchmark.report import BenchmarkReport, load_report
-from specdm_cli.pipeline.runs.choose import demo_model_path
+from specdm_cli.pipeline.runs.choose import choose_model, demo_model_path
 from specdm_cli.pipeline.runs.run_manifest import load_run
 from specdm_cli.stores import open_store
 from specdm_cli.stores.quality import read_quality, write_quality
@@ -80,7 +81,8 @@ def ss_report(ss: tuple[Path, Path], tmp_path_factory: pytest.TempPathFactory) -
     out = root / "report"
     code, stdout, stderr = run_cli(
         "benchmark", "--real", real, "--synthetic", scored, "--model", "demo", "--out", out,
-        "--write-scores", "--throughput-batches", "1", "--json", *DOWNSTREAM, *FAST,
+        "--write-scores", "--throughput-batches", "1", "--json", "--round-trip-parts",
+        *DOWNSTREAM, *FAST,
     )  # fmt: skip
     assert code == 0, stderr
     (root / "stdout.json").write_text(stdout)
@@ -144,6 +146,8 @@ def test_downstream_rows_train_on_the_right_data(ss_report: Path, ss: tuple[Path
         "real, first 4": ("real", 4, 0),  # the learning curve; its point at 10 is the real row
         "real -> real": ("real-twice", 10, 0),  # pretrain's control
         "VAE round trip of real": ("round-trip", 0, 10),
+        "VAE round trip, images only (real labels)": ("round-trip-images", 0, 10),
+        "VAE round trip, labels only (real images)": ("round-trip-labels", 0, 10),
         "synthetic": ("synthetic", 0, 12),
         "real+synthetic x1": ("mixed", 10, 10),
         "synthetic x1 -> real": ("pretrain", 10, 10),
@@ -160,6 +164,25 @@ def test_downstream_rows_train_on_the_right_data(ss_report: Path, ss: tuple[Path
     assert curve[1].name == "real, first 4" and np.array_equal(curve[1].real, train[:4])
     # Stopping watches the val split, testing uses the test split: never the same pairs.
     assert downstream.stop_split == "val" and downstream.stop_count == real.indices("val").size
+
+
+def test_round_trip_parts_put_one_stream_back(ss: tuple[Path, Path]) -> None:
+    real = open_store(ss[0])
+    pairs = real.indices("train")[:3]
+    trips = round_trip(choose_model("demo", "ss"), real, pairs, torch.device("cpu"))
+    images, labels = (HalfTrip(trips, real, part) for part in ROUND_TRIP_PARTS)
+    for i in pairs:
+        truth, decoded = real.read(int(i)), trips.read(int(i))
+        assert not np.array_equal(decoded["image"], truth["image"])  # a lossy VAE
+        assert np.array_equal(images.read(int(i))["image"], decoded["image"])
+        assert np.array_equal(images.read(int(i))["mask"], truth["mask"])
+        assert np.array_equal(labels.read(int(i))["image"], truth["image"])
+        assert np.array_equal(labels.read(int(i))["mask"], decoded["mask"])
+    # Without a VAE there is no round trip to split: one line, usage exit.
+    code, _, stderr = run_cli(
+        "benchmark", "--real", ss[0], "--synthetic", ss[1], "--downstream", "--round-trip-parts"
+    )
+    assert code == 2 and "--round-trip-parts" in stderr and "Traceback" not in stderr
 
 
 def test_downstream_seeds_give_mean_and_spread(ss_report: Path) -> None:

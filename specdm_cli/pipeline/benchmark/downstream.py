@@ -15,6 +15,7 @@ from torch import Tensor, nn
 
 from specdm_cli.config import DownstreamOptions, Progress
 from specdm_cli.errors import InputDataError
+from specdm_cli.manifest import IMAGE_ARRAYS, LABEL_ARRAY
 from specdm_cli.metrics.stats import class_iou, mean_iou
 from specdm_cli.models.feature_net import FeatureNetConfig
 from specdm_cli.pipeline.benchmark.feature_training import (
@@ -49,6 +50,12 @@ NETWORK = {
 }
 SPREAD = "standard deviation over the seeds (ddof 1); min-max in report.json"
 ROUND_TRIP_NAME = "VAE round trip of real"
+# The round trip with one stream put back to the real one (--round-trip-parts): what each
+# decoder alone costs a model trained on its output.
+ROUND_TRIP_PARTS = {
+    "round-trip-images": "VAE round trip, images only (real labels)",
+    "round-trip-labels": "VAE round trip, labels only (real images)",
+}
 # Pretrain's control: its two phases (a fresh optimiser and patience for the second) on the real
 # pairs alone. On the ss demo (the protocol's defaults, 3 seeds, 2026-12-03) a second real phase
 # alone took real only from 0.948 to 0.958, pretrain on synthetic pairs reached 0.955: pretrain
@@ -69,7 +76,8 @@ class Configuration:
 
     Protocols: "real", "synthetic" (one source); "real-twice" (real, then real again: pretrain's
     control); "round-trip" (the real pairs' VAE reconstructions, `synthetic` indexing the real
-    store); "mixed" (every batch a fixed share real); "pretrain" (synthetic to its best val
+    store), "round-trip-images" and "round-trip-labels" (one stream decoded, the other real);
+    "mixed" (every batch a fixed share real); "pretrain" (synthetic to its best val
     checkpoint, then fine-tuned on real); "mixed-agree" and "pretrain-agree" as those, with
     synthetic labels agreement-relabelled (agreement.py).
     """
@@ -109,6 +117,10 @@ def configurations(
         rows.append(Configuration(TWICE_NAME, "real-twice", train, none))
     if round_trip:
         rows.append(Configuration(ROUND_TRIP_NAME, "round-trip", none, train))
+        if options.round_trip_parts:
+            rows += [
+                Configuration(name, part, none, train) for part, name in ROUND_TRIP_PARTS.items()
+            ]
     rows.append(
         Configuration("synthetic", "synthetic", none, pool[: max(options.ratios) * train.size])
     )
@@ -228,10 +240,12 @@ def run_downstream(
     test each on real data. `round_trip` (the run's VAE, given --model) adds the ceiling row."""
     setup = make_setup(real, options, device, progress)
     rows, referees = [], Referees()
+    trips: SampleSource | None = None  # decoded once for the round-trip rows
     for row in configurations(real, synthetic, options, round_trip is not None):
-        second = (
-            round_trip(row.synthetic) if row.protocol == "round-trip" and round_trip else synthetic
-        )
+        second: SampleSource = synthetic
+        if row.protocol.startswith("round-trip") and round_trip is not None:
+            trips = trips if trips is not None else round_trip(row.synthetic)
+            second = trips if row.protocol == "round-trip" else HalfTrip(trips, real, row.protocol)
         rows.append(_run_row(row, setup, real, second, referees))
     return Downstream(
         network=NETWORK[real.manifest.task], config=setup.config.model_dump(),
@@ -243,6 +257,24 @@ def run_downstream(
         round_trip=round_trip_name if round_trip is not None else None,
         device=device, threads=torch.get_num_threads(),
     )  # fmt: skip
+
+
+class HalfTrip:
+    """Round trips with one stream put back to the real one: decoded images with the real
+    labels ("round-trip-images"), or the real images with the decoded labels ("round-trip-labels")."""
+
+    def __init__(self, trips: SampleSource, real: StoreReader, protocol: str):
+        self.manifest = real.manifest
+        self.trips, self.real = trips, real
+        self.real_names = (
+            {LABEL_ARRAY[real.manifest.task]}
+            if protocol == "round-trip-images"
+            else set(IMAGE_ARRAYS[real.manifest.task])
+        )
+
+    def read(self, index: int) -> dict[str, np.ndarray]:
+        decoded, truth = self.trips.read(index), self.real.read(index)
+        return {name: truth[name] if name in self.real_names else decoded[name] for name in decoded}
 
 
 def seed_list(options: DownstreamOptions) -> list[int]:
