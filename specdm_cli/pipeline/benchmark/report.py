@@ -122,7 +122,9 @@ class DownstreamRow(_Strict):
 
     name: str
     protocol: str = Field(
-        "fixed-steps", description="real, real-twice, round-trip, synthetic, mixed, pretrain"
+        "fixed-steps",
+        description="real, real-twice, round-trip (-images, -labels), synthetic, mixed, pretrain "
+        "(-agree: relabelled)",
     )
     real_count: int
     synthetic_count: int
