@@ -13,7 +13,10 @@ std (ddof 1) per row over the seeds finished.
 Defaults are the README's smaller variant (batch 8, evaluation every 25 steps, patience 3, at
 most 500 steps per phase, 100 real pairs, ratio 1, seeds 0-2); `--batch-size 16 --eval-every 50
 --patience 6 --max-steps 3000` is the benchmark's defaults. `--first-seed` lets processes share
-the seeds (each appending to its own file).
+the seeds (each appending to its own file). `--skip-real` trains only the rows that use the
+synthetic store (pretrain, mixed), for another model's pairs beside real and control rows
+already measured on the same real store, seeds and thread count (they do not depend on the
+model; rows repeat bit for bit at the same thread count, README: issue 20's gates).
 """
 
 from __future__ import annotations
@@ -38,16 +41,24 @@ from specdm_cli.pipeline.benchmark.downstream import (
 )
 from specdm_cli.stores import StoreReader, open_store
 
+# Rows that need the real row's run: the control goes on from it, the agree rows ask it.
+NEED_REAL = {"real-twice", "mixed-agree", "pretrain-agree"}
+
 
 def measure_seed(
-    real: StoreReader, synthetic: StoreReader, options: DownstreamOptions, seed: int, out: Path
+    real: StoreReader,
+    synthetic: StoreReader,
+    options: DownstreamOptions,
+    seed: int,
+    out: Path,
+    skip: frozenset[str] = frozenset(),
 ) -> None:
-    """Every row but synthetic-only for one seed; the real row's model judges the agree rows
-    and pretrain's control goes on from it."""
+    """Every row but synthetic-only and the protocols in `skip` for one seed; the real row's
+    model judges the agree rows and pretrain's control goes on from it."""
     setup = make_setup(real, options, "cpu")
     referees = Referees()
     for row in configurations(real, synthetic, options):
-        if row.protocol == "synthetic":
+        if row.protocol == "synthetic" or row.protocol in skip:
             continue
         start = time.perf_counter()
         run = train_seed(row, setup, *row_data(row, setup, real, synthetic), seed, referees)
@@ -88,8 +99,13 @@ def main() -> None:
     parser.add_argument("--real-limit", type=int, default=100)
     parser.add_argument("--ratio", type=int, default=1, help="synthetic pairs per real one")
     parser.add_argument("--first-seed", type=int, default=0)
+    parser.add_argument(
+        "--skip-real", action="store_true", help="skip the real row and the rows that need it"
+    )
     add_protocol_options(parser)
     args = parser.parse_args()
+    if args.skip_real and "agree" in args.protocols:
+        parser.error("--skip-real: the agree rows need the real row's model")
     torch.set_num_threads(args.threads)
     options = DownstreamOptions(
         batch_size=args.batch_size, eval_every=args.eval_every, patience=args.patience,
@@ -99,7 +115,8 @@ def main() -> None:
     )  # fmt: skip
     real, synthetic = open_store(args.real), open_store(args.synthetic)
     for seed in seed_list(options):
-        measure_seed(real, synthetic, options, seed, args.out)
+        skip = frozenset({"real"} | NEED_REAL) if args.skip_real else frozenset()
+        measure_seed(real, synthetic, options, seed, args.out, skip)
     summary(args.out)
 
 

@@ -101,6 +101,19 @@ def test_agreement_by_seed_runs_pretrain_and_its_control(tmp_path: Path) -> None
     # The control's first phase is the real row's run.
     assert rows["real -> real"]["phase_steps"][0] == rows["real"]["phase_steps"][0]
     assert "real -> real: mIoU" in done.stdout
+    # Another model's pairs beside those rows: the same pretrain row, nothing else.
+    again = tmp_path / "again.jsonl"
+    done = processes.run(
+        [sys.executable, EXAMPLES / "agreement_by_seed.py", real, other, again, "--protocols",
+         "pretrain", "--real-limit", "6", "--ratio", "2", "--first-seed", "3", "--seeds", "1",
+         "--max-steps", "2", "--eval-every", "1", "--patience", "1", "--batch-size", "2",
+         "--skip-real"],
+        text=True,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    alone = [json.loads(line) for line in again.read_text().splitlines()]
+    assert [r["row"] for r in alone] == ["synthetic x2 -> real"]
+    assert alone[0]["miou"] == rows["synthetic x2 -> real"]["miou"]
 
 
 def test_real_learning_curve_runs_on_a_tiny_store(tmp_path: Path) -> None:
