@@ -41,8 +41,9 @@ from specdm_cli.pipeline.benchmark.downstream import (
 )
 from specdm_cli.stores import StoreReader, open_store
 
-# Rows that need the real row's run: the control goes on from it, the agree rows ask it.
-NEED_REAL = {"real-twice", "mixed-agree", "pretrain-agree"}
+# The rows no synthetic store enters: the real row and its control, which goes on from it
+# (the agree rows need the real row's model too; --skip-real refuses them).
+REAL_ROWS = frozenset({"real", "real-twice"})
 
 
 def measure_seed(
@@ -114,8 +115,8 @@ def main() -> None:
         protocols=downstream_protocol_list(args.protocols),
     )  # fmt: skip
     real, synthetic = open_store(args.real), open_store(args.synthetic)
+    skip = REAL_ROWS if args.skip_real else frozenset()
     for seed in seed_list(options):
-        skip = frozenset({"real"} | NEED_REAL) if args.skip_real else frozenset()
         measure_seed(real, synthetic, options, seed, args.out, skip)
     summary(args.out)
 
