@@ -32,15 +32,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from check_demo_models import prepare
 
+from specdm_cli.fs.atomic import remove_tree
 from specdm_cli.models.samplers import DEFAULT_STEPS
 from specdm_cli.pipeline.benchmark.features import default_config, load_or_train
 from specdm_cli.pipeline.benchmark.quality import compare_stores
 from specdm_cli.pipeline.runs.choose import choose_model
 from specdm_cli.pipeline.synthesize.sampler import CPU_DECODE_CHUNK, Sampler, SamplingPlan
-from specdm_cli.stores import open_store
+from specdm_cli.stores import create_store, open_store, open_writer
+from specdm_cli.stores.base import SampleMeta, StoreWriter
 
 MODULE = ("-m", "specdm_cli")
 # Loads torch before specdm_cli, so OpenMP starts with torch's own waits (what specdm did before
@@ -271,6 +274,44 @@ def gpu_run(args: argparse.Namespace, workdir: Path) -> None:
     )
 
 
+def write_pairs_per_second(store: Path, workdir: Path, per_sample: bool, n: int) -> float:
+    """Pairs/s of writing n samples of `store` in batches of 64 into a new store like it."""
+    source = open_store(store)
+    samples = [source.read(index) for index in range(64)]
+    batch = {name: np.stack([s[name] for s in samples]) for name in samples[0]}
+    metas = [SampleMeta("synthetic", np.zeros(len(source.manifest.classes))) for _ in samples]
+    out = workdir / "written.zarr"
+    remove_tree(out)
+    create_store(out, source.manifest, n, georeferenced=False)
+    writer = open_writer(out, source.manifest)
+    started = time.perf_counter()
+    for first in range(0, n, 64):
+        if per_sample:
+            StoreWriter.write_batch(writer, first, batch)  # one zarr call per sample and array
+        else:
+            writer.write_batch(first, batch)
+        writer.mark_written(first, metas)
+    return n / (time.perf_counter() - started)
+
+
+def compare_writing(args: argparse.Namespace, workdir: Path) -> None:
+    """The store writer alone: one slab per batch against one write per sample (what
+    synthesize did before), interleaved, best of 3, at 64 and 128 px."""
+    print(f"\n# writing {args.write_n} cd pairs into a Zarr store (batch 64, best of 3)")
+    print("| tile | per sample (pairs/s) | one slab per batch (pairs/s) | ratio |")
+    print("|---|---|---|---|")
+    for size in (64, 128):
+        store = workdir / f"write-{size}.zarr"
+        subprocess.run([sys.executable, *MODULE, "prepare", "demo", "--task", "cd", "--n", "64",
+                        "--size", str(size), "--out", str(store), "--overwrite", "--quiet"],
+                       check=True)  # fmt: skip
+        slab, loop = [], []
+        for _ in range(3):
+            loop.append(write_pairs_per_second(store, workdir, True, args.write_n))
+            slab.append(write_pairs_per_second(store, workdir, False, args.write_n))
+        print(f"| {size} px | {max(loop):.0f} | {max(slab):.0f} | {max(slab) / max(loop):.2f} |")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--task", choices=["ss", "cd"], default="cd")
@@ -284,10 +325,11 @@ def main() -> int:
     parser.add_argument("--thread-n", type=int, default=64, help="samples per thread setting")
     parser.add_argument("--thread-rounds", type=int, default=2)
     parser.add_argument(
-        "--only", choices=["samplers", "memory", "threads", "speed"], default=None,
+        "--only", choices=["samplers", "memory", "threads", "speed", "writing"], default=None,
         help="one section",
     )  # fmt: skip
     parser.add_argument("--speed-n", type=int, default=128, help="samples per speed row")
+    parser.add_argument("--write-n", type=int, default=512, help="samples per writing row")
     parser.add_argument("--student", type=Path, default=None, help="a run after specdm distill")
     parser.add_argument("--gpu", action="store_true", help="also --n 10000 bf16 on CUDA device 0")
     parser.add_argument("--out", type=Path, default=None, help="work folder (default: temp)")
@@ -295,7 +337,8 @@ def main() -> int:
     workdir = args.out or Path(tempfile.mkdtemp(prefix="specdm-bench-syn-"))
     workdir.mkdir(parents=True, exist_ok=True)
     sections = {"samplers": compare_samplers, "memory": compare_memory,
-                "threads": compare_threads, "speed": compare_speed}  # fmt: skip
+                "threads": compare_threads, "speed": compare_speed,
+                "writing": compare_writing}  # fmt: skip
     for name, section in sections.items():
         if args.only in (None, name):
             section(args, workdir)

@@ -46,6 +46,12 @@ class StoreWriter(ABC):
         `bounds` (in the manifest's CRS) georeferences formats that carry it per file.
         """
 
+    def write_batch(self, start: int, arrays: dict[str, np.ndarray]) -> None:
+        """Write samples start, start + 1, ...: each array's first axis runs over them."""
+        count = len(next(iter(arrays.values())))
+        for offset in range(count):
+            self.write_arrays(start + offset, {name: v[offset] for name, v in arrays.items()})
+
     @abstractmethod
     def mark_written(self, start: int, metas: list[SampleMeta]) -> None:
         """Record the metadata of samples start.. and flag them written (rasters already flushed)."""

@@ -389,8 +389,7 @@ def _run(
 
     def write(item: tuple[range, Drawn]) -> None:
         indices, (arrays, clipped, drawn, scores) = item
-        for offset, index in enumerate(indices):
-            writer.write_arrays(index, {name: values[offset] for name, values in arrays.items()})
+        writer.write_batch(indices.start, arrays)
         metas = [
             SampleMeta(
                 "synthetic", class_fraction(arrays[label_name][k], classes), candidate=int(drawn[k])

@@ -1,0 +1,84 @@
+#!/bin/bash
+# The CUDA paths and the GPU figures of one lent GPU machine, in one short run (issue 18, §5):
+# synthesis of the shipped demo models in fp32 and bf16 (pairs/s, wall, cuda_peak_bytes), a
+# 128 px model trained a few steps with the gpu preset (fit-vae, fit-diffusion, the latent-cache
+# benchmark, its synthesis), and `specdm distill` with the distilled sampler. Each stage has its
+# own time limit and the script goes on after a failure, so one run reports all it can.
+#
+#     bash examples/gpu_check.sh [GPUS] [N] [TRAIN_STEPS]    # defaults: 0 10000 100
+#
+# GPUS "" runs the same commands on the CPU: a dry run of this script, with a small N and
+# PRESET=cpu DISTILL_STEPS=2 TRAJECTORIES=8 (the gpu preset takes minutes a step on a CPU).
+set -u
+gpus=${1-0}
+n=${2:-10000}
+train_steps=${3:-100}
+work=$(mktemp -d "${TMPDIR:-/tmp}/specdm-gpu-XXXXXX")
+device=()
+[ -n "$gpus" ] && device=(--gpus "$gpus")
+export PYTHONUNBUFFERED=1
+
+# One line of figures from a command's --json summary; its stderr tail when it fails.
+run() {
+    local label=$1 limit=$2
+    shift 2
+    local started=$SECONDS
+    if timeout "$limit" "$@" --json >"$work/out.json" 2>"$work/err.txt"; then
+        python3 - "$label" "$((SECONDS - started))" "$work/out.json" <<'EOF'
+import json, sys
+label, wall, path = sys.argv[1], sys.argv[2], sys.argv[3]
+summary = json.loads(open(path).read())
+keys = ("n", "pairs_per_second", "seconds", "cuda_peak_bytes", "steps", "steps_per_second",
+        "batch_size", "precision", "sampler", "validation", "write_seconds")
+figures = {k: summary[k] for k in keys if k in summary}
+if figures.get("cuda_peak_bytes"):
+    figures["cuda_peak_mib"] = round(figures.pop("cuda_peak_bytes") / 2**20)
+print(f"| {label} | {wall} s | {json.dumps(figures)[:400]} |")
+EOF
+    else
+        echo "| $label | FAILED (exit $?) after $((SECONDS - started)) s |"
+        tail -c 800 "$work/err.txt"
+    fi
+}
+
+echo "# $(date -u +%FT%TZ) on $(hostname); work folder $work"
+nvidia-smi -L 2>/dev/null
+python3 -c "import torch, diffusers; print('torch', torch.__version__, 'diffusers', diffusers.__version__, 'cuda', torch.cuda.is_available() and torch.cuda.get_device_name(0))"
+echo "| stage | wall | figures |"
+echo "|---|---|---|"
+
+for task in ss cd; do
+    for precision in fp32 bf16; do
+        run "synthesize demo $task $precision n=$n" 90 specdm synthesize --model demo \
+            --task "$task" --n "$n" --precision "$precision" "${device[@]}" \
+            --out "$work/$task-$precision.zarr" --quiet
+    done
+done
+
+# The distilled student of a copy of the shipped ss model, with distill's defaults.
+cp -r "$(python3 -c "from specdm_cli.pipeline.runs.choose import choose_model; print(choose_model('demo', 'ss').path)")" "$work/student"
+distill=(--steps "${DISTILL_STEPS:-1000}" --trajectories "${TRAJECTORIES:-512}")  # distill's defaults
+run "distill demo ss ${distill[*]}" 240 specdm distill "$work/student" "${distill[@]}" \
+    "${device[@]}" --quiet
+run "synthesize student ss bf16 n=$n" 120 specdm synthesize --model "$work/student" \
+    --sampler distilled --n "$n" --precision bf16 "${device[@]}" --out "$work/student.zarr" --quiet
+
+# 128 x 128 x 10: the gpu preset trained a few steps (speed does not depend on the weights).
+run "prepare demo ss 128 px" 120 specdm prepare demo --task ss --n 512 --size 128 \
+    --out "$work/d128.zarr" --quiet
+preset=${PRESET:-gpu}
+train=(--preset "$preset" --precision bf16 --steps "$train_steps" "${device[@]}" --quiet)
+run "fit-vae 128 px $preset preset bf16, $train_steps steps" 240 specdm fit-vae "$work/d128.zarr" \
+    --run "$work/run128" "${train[@]}"
+run "fit-diffusion 128 px $preset preset bf16, $train_steps steps" 240 specdm fit-diffusion \
+    "$work/run128" "${train[@]}"
+for precision in fp32 bf16; do
+    run "synthesize 128 px $precision n=$n" 180 specdm synthesize --model "$work/run128" \
+        --n "$n" --precision "$precision" "${device[@]}" --out "$work/s128-$precision.zarr" --quiet
+done
+echo "## latent cache vs encoding every batch, 128 px gpu-preset run"
+timeout 180 python3 "$(dirname "$0")/bench_latent_cache.py" "$work/run128" --steps 30 \
+    --batch-size 48 ${gpus:+--gpus "$gpus"} 2>&1 | tail -n 8
+run "synthesize demo ss bf16 n=$n batch 512" 90 specdm synthesize --model demo --task ss \
+    --n "$n" --precision bf16 --batch-size 512 "${device[@]}" --out "$work/ss-b512.zarr" --quiet
+rm -rf "$work"
