@@ -7,8 +7,9 @@
 #
 #     bash examples/gpu_check.sh [GPUS] [N] [TRAIN_STEPS]    # defaults: 0 10000 100
 #
-# GPUS "" runs the same commands on the CPU: a dry run of this script, with a small N and
-# PRESET=cpu DISTILL_STEPS=2 TRAJECTORIES=8 (the gpu preset takes minutes a step on a CPU).
+# GPUS "" runs the same commands on the CPU: a dry run of this script (.ci/run's), with a small
+# N and SIZE=32 SCENES=32 PRESET=cpu DISTILL_STEPS=2 TRAJECTORIES=8 (the gpu preset takes
+# minutes a step on a CPU). The exit status is 1 when any stage failed.
 set -u
 gpus=${1-0}
 n=${2:-10000}
@@ -16,7 +17,9 @@ train_steps=${3:-100}
 work=$(mktemp -d "${TMPDIR:-/tmp}/specdm-gpu-XXXXXX")
 device=()
 [ -n "$gpus" ] && device=(--gpus "$gpus")
+size=${SIZE:-128}
 export PYTHONUNBUFFERED=1
+failed=0
 
 # One line of figures from a command's --json summary; its stderr tail when it fails.
 run() {
@@ -37,6 +40,7 @@ print(f"| {label} | {wall} s | {json.dumps(figures)[:400]} |")
 EOF
     else
         echo "| $label | FAILED (exit $?) after $((SECONDS - started)) s |"
+        failed=1
         tail -c 800 "$work/err.txt"
     fi
 }
@@ -64,21 +68,26 @@ run "synthesize student ss bf16 n=$n" 120 specdm synthesize --model "$work/stude
     --sampler distilled --n "$n" --precision bf16 "${device[@]}" --out "$work/student.zarr" --quiet
 
 # 128 x 128 x 10: the gpu preset trained a few steps (speed does not depend on the weights).
-run "prepare demo ss 128 px" 120 specdm prepare demo --task ss --n 512 --size 128 \
-    --out "$work/d128.zarr" --quiet
+run "prepare demo ss $size px" 120 specdm prepare demo --task ss --n "${SCENES:-512}" \
+    --size "$size" --out "$work/d128.zarr" --quiet
 preset=${PRESET:-gpu}
 train=(--preset "$preset" --precision bf16 --steps "$train_steps" "${device[@]}" --quiet)
-run "fit-vae 128 px $preset preset bf16, $train_steps steps" 240 specdm fit-vae "$work/d128.zarr" \
+run "fit-vae $size px $preset preset bf16, $train_steps steps" 240 specdm fit-vae "$work/d128.zarr" \
     --run "$work/run128" "${train[@]}"
-run "fit-diffusion 128 px $preset preset bf16, $train_steps steps" 240 specdm fit-diffusion \
+run "fit-diffusion $size px $preset preset bf16, $train_steps steps" 240 specdm fit-diffusion \
     "$work/run128" "${train[@]}"
 for precision in fp32 bf16; do
-    run "synthesize 128 px $precision n=$n" 180 specdm synthesize --model "$work/run128" \
+    run "synthesize $size px $precision n=$n" 180 specdm synthesize --model "$work/run128" \
         --n "$n" --precision "$precision" "${device[@]}" --out "$work/s128-$precision.zarr" --quiet
 done
-echo "## latent cache vs encoding every batch, 128 px gpu-preset run"
-timeout 180 python3 "$(dirname "$0")/bench_latent_cache.py" "$work/run128" --steps 30 \
-    --batch-size 48 ${gpus:+--gpus "$gpus"} 2>&1 | tail -n 8
+echo "## latent cache vs encoding every batch, the $size px run"
+if ! timeout 180 python3 "$(dirname "$0")/bench_latent_cache.py" "$work/run128" --steps 30 \
+    --batch-size 48 ${gpus:+--gpus "$gpus"} >"$work/cache.txt" 2>&1; then
+    echo "FAILED"
+    failed=1
+fi
+tail -n 8 "$work/cache.txt"
 run "synthesize demo ss bf16 n=$n batch 512" 90 specdm synthesize --model demo --task ss \
     --n "$n" --precision bf16 --batch-size 512 "${device[@]}" --out "$work/ss-b512.zarr" --quiet
 rm -rf "$work"
+exit "$failed"
