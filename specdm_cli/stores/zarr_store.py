@@ -182,24 +182,31 @@ class ZarrWriter(StoreWriter):
         # Checksums wait here until `mark_written` writes them with the rest of the batch's
         # table rows: one chunk of the table spans a batch, written by one thread.
         self._checksums: dict[int, dict[str, int]] = {}
-        # Opening an array reads its zarr.json: a third of the writer's time when done per sample.
-        self._arrays: dict[str, zarr.Array[Any]] = {}
+        # Opening an array (or asking whether one exists) reads the store: a third of the
+        # writer's time when done per sample. None: an optional array this store lacks.
+        self._arrays: dict[str, zarr.Array[Any] | None] = {}
+
+    def _optional(self, name: str) -> zarr.Array[Any] | None:
+        if name not in self._arrays:
+            self._arrays[name] = _array(self.group, name) if name in self.group else None
+        return self._arrays[name]
 
     def _handle(self, name: str) -> zarr.Array[Any]:
-        if name not in self._arrays:
-            self._arrays[name] = _array(self.group, name)
-        return self._arrays[name]
+        array = self._optional(name)
+        return _array(self.group, name) if array is None else array  # _array names what is missing
+
+    def _remember_sums(self, index: int, arrays: dict[str, np.ndarray]) -> None:
+        self._checksums[index] = {
+            name: crc32(values, self._handle(name).dtype) for name, values in arrays.items()
+        }
 
     def write_arrays(
         self, index: int, arrays: dict[str, np.ndarray], bounds: Bounds | None = None
     ) -> None:
         # Bounds go into the `bounds` table with the rest of the sample's metadata.
-        sums: dict[str, int] = {}
         for name, values in arrays.items():
-            array = self._handle(name)
-            array[index] = values
-            sums[name] = crc32(values, array.dtype)
-        self._checksums[index] = sums
+            self._handle(name)[index] = values
+        self._remember_sums(index, arrays)
 
     def write_batch(self, start: int, arrays: dict[str, np.ndarray]) -> None:
         # One slab per array: zarr encodes and stores its one-sample chunks concurrently.
@@ -207,15 +214,12 @@ class ZarrWriter(StoreWriter):
         for name, values in arrays.items():
             self._handle(name)[start : start + count] = values
         for offset in range(count):
-            self._checksums[start + offset] = {
-                name: crc32(values[offset], self._handle(name).dtype)
-                for name, values in arrays.items()
-            }
+            self._remember_sums(start + offset, {name: v[offset] for name, v in arrays.items()})
 
     def _write_checksums(self, start: int, stop: int) -> None:
-        if CHECKSUM_ARRAY not in self.group:
+        table = self._optional(CHECKSUM_ARRAY)
+        if table is None:
             return  # a store made before checksums existed
-        table = self._handle(CHECKSUM_ARRAY)
         names = _checksum_names(table)
         rows = np.zeros((stop - start, len(names)), dtype=np.uint32)
         for row, index in enumerate(range(start, stop)):
@@ -238,16 +242,15 @@ class ZarrWriter(StoreWriter):
         stop = start + len(metas)
         self._handle("split")[start:stop] = np.array([split_code(m.split) for m in metas], np.uint8)
         self._handle("class_fraction")[start:stop] = np.stack([m.class_fraction for m in metas])
-        if "source_id" in self.group:
-            ids = np.array([m.source_id or "" for m in metas])
-            self._handle("source_id")[start:stop] = ids
-        if "candidate" in self.group:
+        if (source_ids := self._optional("source_id")) is not None:
+            source_ids[start:stop] = np.array([m.source_id or "" for m in metas])
+        if (candidates := self._optional("candidate")) is not None:
             drawn = [m.candidate if m.candidate is not None else -1 for m in metas]
-            self._handle("candidate")[start:stop] = np.array(drawn, dtype=np.int64)
-        if "bounds" in self.group:
+            candidates[start:stop] = np.array(drawn, dtype=np.int64)
+        if (bounds_table := self._optional("bounds")) is not None:
             bounds = [m.bounds if m.bounds is not None else (np.nan,) * 4 for m in metas]
-            self._handle("bounds")[start:stop] = np.array(bounds, dtype=np.float64)
-        if X_COORDINATE in self.group:
+            bounds_table[start:stop] = np.array(bounds, dtype=np.float64)
+        if self._optional(X_COORDINATE) is not None:
             self._write_pixel_centres(start, metas)
         self._write_checksums(start, stop)
         self._handle("written")[start:stop] = True
