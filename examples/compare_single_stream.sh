@@ -53,7 +53,8 @@ arm() {
   specdm fit-vae "$store" --run "$run" --overwrite --quiet "$@" \
     --image-blocks 16,32,32 --mask-blocks 8,16,16 --norm-groups 8 \
     --batch-size 16 --lr "$vae_lr" --steps "$vae_steps" --seed 0 \
-    --val-every "$vae_steps" --checkpoint-every "$vae_steps" --workers 1 --threads "$threads"
+    --val-every "$vae_steps" --checkpoint-every "$vae_steps" --workers 1 --threads "$threads" \
+    --semantic-weight 0 --mask-latent-channels 3  # the paper's loss and layout, as README measured
   log "$name: fit-diffusion ($unet_steps steps)"
   specdm fit-diffusion "$run" --quiet \
     --unet-blocks 32,64,64 --layers-per-block 1 --norm-groups 16 --head-dim 32 \

@@ -10,6 +10,9 @@
 #   VAE_STEPS_CD=475 UNET_FLAGS="--unet-blocks 16,32,64,64" UNET_STEPS=4000 examples/train_demo_models.sh WORK
 # and the single-stream twins (LDM's one VAE; README, synthesize: issue 20's gates) are
 #   VAE_FLAGS=--single-stream examples/train_demo_models.sh WORK
+# The arms above were measured before the recipe gained `--mask-latent-channels 8
+# --semantic-weight 0.3` (issue 20, 2026-12-04; README, fit-vae); to repeat one as it ran, add
+# `--mask-latent-channels 3 --semantic-weight 0` to its VAE_FLAGS.
 # The ss arm is `--preset cpu` of fit-vae and fit-diffusion (specdm_cli/config.py; options spelled
 # out so the recipe reads here; tests/test_presets.py keeps the two in step).
 # 64x64 scenes, f = 4 (16x16 latents); networks small enough that both tasks ship in < 8 MB
@@ -34,7 +37,7 @@ train() {
   specdm fit-vae "$work/demo-$task.zarr" --run "$work/run-$task" --overwrite --quiet \
     --image-blocks 16,32,32 --mask-blocks 8,16,16 --norm-groups 8 \
     --batch-size 16 --lr "$vae_lr" --steps "$vae_steps" --val-every 250 --checkpoint-every 250 --threads 1 \
-    ${VAE_FLAGS:-}  # unquoted: several options split on spaces
+    --mask-latent-channels 8 --semantic-weight 0.3 ${VAE_FLAGS:-}  # unquoted: several options split on spaces
   specdm fit-diffusion "$work/run-$task" --quiet \
     --unet-blocks 32,64,64 --norm-groups 16 --head-dim 32 --layers-per-block 1 \
     --batch-size 32 --lr 1e-3 --steps "${UNET_STEPS:-6000}" --val-every 1000 --checkpoint-every 1000 --threads 1 \

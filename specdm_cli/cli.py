@@ -588,7 +588,7 @@ def fit_vae(
         int | None, typer.Option(help="Image latent channels [4; paper 3, LDM kl-f4].")
     ] = None,
     mask_latent_channels: Annotated[
-        int | None, typer.Option(help="Mask latent channels [3].")
+        int | None, typer.Option(help="Mask latent channels [cpu 8, else 3].")
     ] = None,
     image_blocks: Annotated[
         str | None, typer.Option(help="Image VAE widths, e.g. 64,128,256 [the preset's].")
@@ -611,7 +611,9 @@ def fit_vae(
     augment: Annotated[str | None, typer.Option(help="d4 or none [d4].")] = None,
     semantic_weight: Annotated[
         float | None,
-        typer.Option(help="Weight of a frozen segmenter's CE on decoded images; 0 = off [0]."),
+        typer.Option(
+            help="Weight of a frozen segmenter's CE on decoded images; 0 = off [cpu 0.3, else 0]."
+        ),
     ] = None,
     semantic_steps: Annotated[
         int | None, typer.Option(help="Training steps of that segmenter [300].")

@@ -119,6 +119,7 @@ def test_fit_vae_on_a_damaged_store_is_one_line_exit_3(pristine: Path, tmp_path:
     shutil.copytree(pristine, store)
     _damage(store, 3, "missing")  # reads as zeros and class 0 without the checksum
     vae = ("--image-blocks", "8,16,16", "--mask-blocks", "8,8,16", "--norm-groups", "4",
+           "--semantic-weight", "0", "--mask-latent-channels", "3",  # the paper's loss and layout
            "--batch-size", "4", "--threads", "2", "--quiet", "--steps", "2")  # fmt: skip
     code, _, stderr = run_cli("fit-vae", store, "--run", tmp_path / "run", *vae)
     assert_one_error_line(code, stderr, 3, "sample 3 is damaged")

@@ -134,6 +134,7 @@ def test_the_run_registry_waits_for_a_lock_held_for_a_moment(tmp_path: Path) -> 
 
 # Tiny VAE training that checkpoints after its first step (so it can freeze there).
 FIT_VAE = ("fit-vae", "--steps", "4", "--batch-size", "2", "--image-blocks", "8,8,8",
+           "--semantic-weight", "0", "--mask-latent-channels", "3",
            "--mask-blocks", "8,8,8", "--norm-groups", "4", "--checkpoint-every", "1",
            "--val-every", "100", "--threads", "1", "--quiet")  # fmt: skip
 

@@ -31,6 +31,7 @@ from tests.fault_tools import (
 )
 
 VAE = ("--image-blocks", "8,16,16", "--mask-blocks", "8,8,16", "--norm-groups", "4",
+       "--semantic-weight", "0", "--mask-latent-channels", "3",  # the paper's loss and layout
        "--batch-size", "4", "--lr", "1e-3", "--threads", "2", "--val-every", "100", "--quiet")  # fmt: skip
 UNET = ("--unet-blocks", "16,32", "--norm-groups", "8", "--head-dim", "8", "--layers-per-block", "1",
         "--batch-size", "4", "--lr", "1e-3", "--threads", "2", "--quiet")  # fmt: skip

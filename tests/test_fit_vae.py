@@ -33,6 +33,7 @@ from specdm_cli.stores import open_store
 from tests.conftest import manifest_of, prepare_demo, run_cli
 
 TINY = ("--image-blocks", "8,16,16", "--mask-blocks", "8,8,16", "--norm-groups", "4",
+        "--semantic-weight", "0", "--mask-latent-channels", "3",  # the paper's loss and layout
         "--batch-size", "4", "--lr", "1e-3", "--threads", "2", "--quiet")  # fmt: skip
 TINY_CONFIG = {
     "image_block_out_channels": (8, 16, 16),

@@ -20,7 +20,8 @@ from tests.conftest import prepare_demo, run_cli
 
 # Widths small enough for 16 px scenes; the rest comes from the preset under test.
 VAE_SHAPE = ("--image-blocks", "8,16,16", "--mask-blocks", "8,8,16", "--norm-groups", "4",
-             "--batch-size", "4", "--threads", "1", "--workers", "1")  # fmt: skip
+             "--batch-size", "4", "--threads", "1", "--workers", "1",
+             "--semantic-steps", "2")  # fmt: skip
 UNET_SHAPE = ("--unet-blocks", "16,32", "--norm-groups", "8", "--head-dim", "8",
               "--layers-per-block", "1", "--batch-size", "8", "--threads", "1")  # fmt: skip
 
@@ -72,6 +73,9 @@ def test_cpu_preset_is_the_cpu_default_and_recorded(store: Path, tmp_path: Path)
     assert options["preset"] == "cpu" and options["lr"] == 1e-3 and options["steps"] == 2
     assert options["checkpoint_every"] == 250  # the preset's, not the gpu default 1000
     assert options["image_block_out_channels"] == [8, 16, 16]  # the option, not the preset's
+    # The demo recipe's terms (issue 20): a segmenter trained first, 8 label latent channels.
+    assert options["semantic_weight"] == 0.3 and options["mask_latent_channels"] == 8
+    assert stage(run, "vae")["details"]["segmenter"]["steps"] == 2
     code, _, stderr = run_cli("fit-diffusion", run, *UNET_SHAPE, "--steps", "2", "-q")
     assert code == 0, stderr
     diffusion = stage(run, "diffusion")["details"]
@@ -159,10 +163,13 @@ def test_the_cpu_preset_is_the_demo_models_recipe() -> None:
         "--norm-groups": "norm_num_groups", "--batch-size": "batch_size", "--lr": "lr",
         "--steps": "steps", "--unet-blocks": "block_out_channels", "--head-dim": "attention_head_dim",
         "--layers-per-block": "layers_per_block", "--prediction": "prediction",
-        "--snr-gamma": "snr_gamma",
+        "--snr-gamma": "snr_gamma", "--mask-latent-channels": "mask_latent_channels",
+        "--semantic-weight": "semantic_weight",
     }  # fmt: skip
     for line, preset in ((vae_line, VAE_PRESETS["cpu"]), (unet_line, DIFFUSION_PRESETS["cpu"])):
         given = dict(zip(line.split(), line.split()[1:], strict=False))
+        recipe_fields = {field for option, field in options.items() if option in given}
+        assert recipe_fields <= preset.keys(), "the recipe gives an option the preset lacks"
         for option, field in options.items():
             if option in given and field in preset:
                 value, text = preset[field], given[option]
@@ -171,3 +178,4 @@ def test_the_cpu_preset_is_the_demo_models_recipe() -> None:
                 else:
                     assert type(value)(text) == value, option
     assert "--prediction v_prediction" in unet_line and "--unet-blocks 32,64,64" in unet_line
+    assert "--semantic-weight 0.3" in vae_line and "--mask-latent-channels 8" in vae_line
