@@ -12,6 +12,10 @@ from typer.testing import CliRunner
 from specdm_cli.cli import app
 from tests.processes import kill_started
 
+# fit-vae options for tests of other behaviour: the paper's loss and label latent (3 channels),
+# not the cpu preset's semantic term (a segmenter trained first on every call) and 8 channels.
+PAPER_LOSS = ("--semantic-weight", "0", "--mask-latent-channels", "3")
+
 
 @pytest.fixture(scope="session", autouse=True)
 def _isolated_session_user_dirs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:

@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 
 from specdm_cli.config import DIFFUSION_PRESETS, VAE_PRESETS
-from tests.conftest import prepare_demo, run_cli
+from tests.conftest import PAPER_LOSS, prepare_demo, run_cli
 
 VAE = ("--image-blocks", "8,16,16", "--mask-blocks", "8,8,16", "--norm-groups", "4",
-       "--semantic-weight", "0", "--mask-latent-channels", "3",  # the paper's loss and layout
+       *PAPER_LOSS,
        "--batch-size", "4", "--threads", "1", "--workers", "1", "-q")  # fmt: skip
 UNET = ("--unet-blocks", "16,32", "--norm-groups", "8", "--head-dim", "8",
         "--layers-per-block", "1", "--batch-size", "8", "--threads", "1", "-q")  # fmt: skip

@@ -18,7 +18,7 @@ import zarr
 
 from specdm_cli.errors import InputDataError
 from specdm_cli.stores import open_store
-from tests.conftest import prepare_demo, run_cli
+from tests.conftest import PAPER_LOSS, prepare_demo, run_cli
 from tests.fault_tools import assert_one_error_line
 from tests.test_faults_concurrency import SYNTH
 
@@ -119,7 +119,7 @@ def test_fit_vae_on_a_damaged_store_is_one_line_exit_3(pristine: Path, tmp_path:
     shutil.copytree(pristine, store)
     _damage(store, 3, "missing")  # reads as zeros and class 0 without the checksum
     vae = ("--image-blocks", "8,16,16", "--mask-blocks", "8,8,16", "--norm-groups", "4",
-           "--semantic-weight", "0", "--mask-latent-channels", "3",  # the paper's loss and layout
+           *PAPER_LOSS,
            "--batch-size", "4", "--threads", "2", "--quiet", "--steps", "2")  # fmt: skip
     code, _, stderr = run_cli("fit-vae", store, "--run", tmp_path / "run", *vae)
     assert_one_error_line(code, stderr, 3, "sample 3 is damaged")

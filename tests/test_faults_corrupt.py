@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 
 from specdm_cli.fs.paths import file_sha256
 from specdm_cli.pipeline.runs.choose import demo_model_path
-from tests.conftest import prepare_demo, run_cli
+from tests.conftest import PAPER_LOSS, prepare_demo, run_cli
 from tests.fault_tools import assert_one_error_line, stage_of
 from tests.test_faults_inputs import GARBLING, garble
 
@@ -30,7 +30,7 @@ BOUNDED = settings(
 # Cases that load and sample a model: 20 keep the file under about 30 s on 2 cores.
 EXAMPLES_20 = settings(BOUNDED, max_examples=20)
 VAE = ("--image-blocks", "8,16,16", "--mask-blocks", "8,8,16", "--norm-groups", "4",
-       "--semantic-weight", "0", "--mask-latent-channels", "3",  # the paper's loss and layout
+       *PAPER_LOSS,
        "--batch-size", "4", "--lr", "1e-3", "--threads", "2", "--quiet", "--steps", "2")  # fmt: skip
 UNET = ("--unet-blocks", "16,32", "--norm-groups", "8", "--head-dim", "8", "--layers-per-block", "1",
         "--batch-size", "4", "--lr", "1e-3", "--threads", "2", "--quiet")  # fmt: skip

@@ -17,7 +17,7 @@ from pathlib import Path
 from specdm_cli.fs.lock import DirLock, ReadLock
 from specdm_cli.pipeline.runs.registry import read_registry, record_run
 from tests import processes
-from tests.conftest import manifest_of, run_cli
+from tests.conftest import PAPER_LOSS, manifest_of, run_cli
 from tests.fault_tools import assert_one_error_line, run_killed, spawn, wait_until_stopped
 from tests.test_faults_concurrency import DEMO, SYNTH
 
@@ -134,7 +134,7 @@ def test_the_run_registry_waits_for_a_lock_held_for_a_moment(tmp_path: Path) -> 
 
 # Tiny VAE training that checkpoints after its first step (so it can freeze there).
 FIT_VAE = ("fit-vae", "--steps", "4", "--batch-size", "2", "--image-blocks", "8,8,8",
-           "--semantic-weight", "0", "--mask-latent-channels", "3",
+           *PAPER_LOSS,
            "--mask-blocks", "8,8,8", "--norm-groups", "4", "--checkpoint-every", "1",
            "--val-every", "100", "--threads", "1", "--quiet")  # fmt: skip
 

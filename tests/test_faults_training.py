@@ -18,7 +18,7 @@ import zarr
 
 from specdm_cli.fs.lock import LOCK_NAME
 from specdm_cli.pipeline.runs.run_manifest import load_run
-from tests.conftest import prepare_demo, run_cli
+from tests.conftest import PAPER_LOSS, prepare_demo, run_cli
 from tests.fault_tools import (
     assert_clean_run,
     assert_one_error_line,
@@ -31,7 +31,7 @@ from tests.fault_tools import (
 )
 
 VAE = ("--image-blocks", "8,16,16", "--mask-blocks", "8,8,16", "--norm-groups", "4",
-       "--semantic-weight", "0", "--mask-latent-channels", "3",  # the paper's loss and layout
+       *PAPER_LOSS,
        "--batch-size", "4", "--lr", "1e-3", "--threads", "2", "--val-every", "100", "--quiet")  # fmt: skip
 UNET = ("--unet-blocks", "16,32", "--norm-groups", "8", "--head-dim", "8", "--layers-per-block", "1",
         "--batch-size", "4", "--lr", "1e-3", "--threads", "2", "--quiet")  # fmt: skip

@@ -30,10 +30,10 @@ from specdm_cli.pipeline.train.fit_vae import (
     model_config,
 )
 from specdm_cli.stores import open_store
-from tests.conftest import manifest_of, prepare_demo, run_cli
+from tests.conftest import PAPER_LOSS, manifest_of, prepare_demo, run_cli
 
 TINY = ("--image-blocks", "8,16,16", "--mask-blocks", "8,8,16", "--norm-groups", "4",
-        "--semantic-weight", "0", "--mask-latent-channels", "3",  # the paper's loss and layout
+        *PAPER_LOSS,
         "--batch-size", "4", "--lr", "1e-3", "--threads", "2", "--quiet")  # fmt: skip
 TINY_CONFIG = {
     "image_block_out_channels": (8, 16, 16),

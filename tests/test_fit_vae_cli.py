@@ -11,10 +11,10 @@ from safetensors.torch import load_file
 
 from specdm_cli.fs.paths import file_sha256
 from specdm_cli.pipeline.runs.registry import read_registry
-from tests.conftest import prepare_demo, run_cli
+from tests.conftest import PAPER_LOSS, prepare_demo, run_cli
 
 TINY = ("--image-blocks", "8,16,16", "--mask-blocks", "8,8,16", "--norm-groups", "4",
-        "--semantic-weight", "0", "--mask-latent-channels", "3",  # the paper's loss and layout
+        *PAPER_LOSS,
         "--batch-size", "4", "--lr", "1e-3", "--threads", "2", "--quiet")  # fmt: skip
 
 
