@@ -99,7 +99,6 @@ def main() -> None:
     parser.add_argument("--protocols", default="mixed,mixed-agree,pretrain,pretrain-agree")
     parser.add_argument("--real-limit", type=int, default=100)
     parser.add_argument("--ratio", type=int, default=1, help="synthetic pairs per real one")
-    parser.add_argument("--first-seed", type=int, default=0)
     parser.add_argument(
         "--skip-real", action="store_true", help="skip the real row and the rows that need it"
     )

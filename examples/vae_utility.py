@@ -4,6 +4,8 @@ of the round trips of real val.
 
     python examples/vae_utility.py --real demo.zarr RUN [RUN ...] [--seeds 3] [--threads 1]
 
+`--first-seed S --seeds 1` runs one seed, so three processes can run seeds 0-2 side by side.
+
 Downstream: the fair protocol of `specdm benchmark --downstream` (its round-trip row, the same
 code), by default at README's *smaller variant* (batch 8, evaluation every 25 steps, patience
 3, at most 500 steps, the first 100 real train pairs), each seed's mIoU on the real test split.
@@ -37,6 +39,7 @@ def add_protocol_options(parser: argparse.ArgumentParser) -> None:
     """The downstream protocol's options, at README's *smaller variant* by default (also used
     by real_learning_curve.py)."""
     parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--first-seed", type=int, default=0, help="so processes share cores")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--eval-every", type=int, default=25)
     parser.add_argument("--patience", type=int, default=3)
@@ -46,7 +49,8 @@ def add_protocol_options(parser: argparse.ArgumentParser) -> None:
 
 def options(args: argparse.Namespace, real_limit: int) -> DownstreamOptions:
     return DownstreamOptions(
-        batch_size=args.batch_size, seeds=args.seeds, eval_every=args.eval_every,
+        batch_size=args.batch_size, seed=args.first_seed, seeds=args.seeds,
+        eval_every=args.eval_every,
         patience=args.patience, max_steps=args.max_steps, real_limit=real_limit,
     )  # fmt: skip
 

@@ -9,6 +9,7 @@ import json
 import re
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -67,18 +68,25 @@ def test_vae_utility_runs_on_a_tiny_run(tmp_path: Path) -> None:
 
     store = prepare_demo(tmp_path / "demo.zarr", n=80, size=16)  # a few val and test scenes
     assert fit(store, tmp_path / "run", "--steps", "1")[0] == 0
-    out = tmp_path / "utility.json"
-    done = processes.run(
-        [sys.executable, EXAMPLES / "vae_utility.py", tmp_path / "run", "--real", store,
-         "--seeds", "2", "--max-steps", "2", "--eval-every", "1", "--patience", "1",
-         "--real-limit", "4", "--feature-steps", "2", "--cache", tmp_path / "cache",
-         "--json", out],
-        text=True,
-    )  # fmt: skip
-    assert done.returncode == 0, done.stderr
-    row = json.loads(out.read_text())[str(tmp_path / "run")]
+
+    def utility(out: Path, *seeds: str) -> dict[str, Any]:
+        done = processes.run(
+            [sys.executable, EXAMPLES / "vae_utility.py", tmp_path / "run", "--real", store,
+             *seeds, "--max-steps", "2", "--eval-every", "1", "--patience", "1",
+             "--real-limit", "4", "--feature-steps", "2", "--cache", tmp_path / "cache",
+             "--json", out],
+            text=True,
+        )  # fmt: skip
+        assert done.returncode == 0, done.stderr
+        row: dict[str, Any] = json.loads(out.read_text())[str(tmp_path / "run")]
+        return row
+
+    row = utility(tmp_path / "utility.json", "--seeds", "2")
     assert len(row["seeds"]) == 2 and 0.0 <= row["miou"] <= 1.0
     assert 0.0 <= row["pair_miou"] <= 1.0 and 0.0 < row["real_pair_miou"] <= 1.0
+    # Seeds split over processes give each seed's figure as one process does.
+    alone = utility(tmp_path / "second.json", "--first-seed", "1", "--seeds", "1")
+    assert alone["seeds"] == row["seeds"][1:] and alone["steps"] == row["steps"][1:]
 
 
 def test_agreement_by_seed_runs_pretrain_and_its_control(tmp_path: Path) -> None:
