@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -25,6 +27,7 @@ from specdm_cli.sources.demo_spectra import (
     URBAN,
     WATER,
 )
+from tests import processes
 from tests.conftest import prepare_demo, run_cli
 
 
@@ -61,6 +64,22 @@ def test_threads_load_the_same_samples_as_one_loop() -> None:
         threaded = list(pool.map(plan.load, plan.candidates))
     for sample, serial in zip(threaded, _samples(plan, 8), strict=True):
         np.testing.assert_array_equal(sample.arrays["image"], serial["image"])
+
+
+def test_stores_do_not_depend_on_the_blas_thread_count(tmp_path: Path) -> None:
+    # One BLAS product moved ~3 values per scene by 1 DN between 1 and 2 threads, so the demo
+    # models' own store differed from machine to machine (ours, 2026-12-05).
+    def images(threads: str) -> np.ndarray:
+        out = tmp_path / f"threads-{threads}.zarr"
+        done = processes.run(
+            [sys.executable, "-m", "specdm_cli", "prepare", "demo", "--out", out, "--n", "8",
+             "--size", "64", "--demo-bands", "hsi", "--quiet"],
+            env=os.environ | {"OMP_NUM_THREADS": threads, "OPENBLAS_NUM_THREADS": threads},
+        )  # fmt: skip
+        assert done.returncode == 0, done.stderr
+        return np.asarray(zarr.open_array(out / "image", mode="r"))
+
+    np.testing.assert_array_equal(images("1"), images("4"))
 
 
 @pytest.mark.parametrize("task", ["ss", "cd"])

@@ -171,7 +171,9 @@ def band_table(band_set: str) -> BandTable:
     window = np.exp(-(((centre - 1400) / 45) ** 2)) + np.exp(-(((centre - 1900) / 60) ** 2))
     noise = 1.0 + 4.0 * window + 2.0 * (centre > 2400)
     arrays: list[np.ndarray] = [
-        a.astype(np.float32) for a in (centre, fwhm, fine @ response.T, noise)
+        # einsum, not `@`: BLAS results depend on its thread count (see demo.render).
+        a.astype(np.float32)
+        for a in (centre, fwhm, np.einsum("eg,bg->eb", fine, response), noise)
     ]
     for array in arrays:
         array.flags.writeable = False  # shared by every thread and sample
