@@ -7,6 +7,8 @@ before) and lists only the kept files' sha256 in run.json, so the shipped model 
 any run.
 
     python examples/export_demo_models.py WORKDIR [ASSETS]     (ASSETS: default the package's)
+
+Exports each of WORKDIR's run-ss and run-cd that exists.
 """
 
 from __future__ import annotations
@@ -61,7 +63,10 @@ def main() -> None:
     work = Path(sys.argv[1])
     # Another folder than the package's lets CI run the recipe without replacing the shipped models.
     assets = Path(sys.argv[2]) if len(sys.argv) > 2 else ASSETS
-    for task in ("ss", "cd"):
+    # The runs WORKDIR holds: a recipe run for one task replaces that task's model only.
+    tasks = [task for task in ("ss", "cd") if (work / f"run-{task}").is_dir()]
+    assert tasks, f"{work} holds no run-ss or run-cd"
+    for task in tasks:
         export(work / f"run-{task}", assets / f"demo-{task}")
         size = sum(p.stat().st_size for p in (assets / f"demo-{task}").rglob("*") if p.is_file())
         print(f"demo-{task}: {size / 2**20:.2f} MiB")

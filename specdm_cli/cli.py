@@ -588,7 +588,7 @@ def fit_vae(
         int | None, typer.Option(help="Image latent channels [4; paper 3, LDM kl-f4].")
     ] = None,
     mask_latent_channels: Annotated[
-        int | None, typer.Option(help="Mask latent channels [cpu 8, else 3].")
+        int | None, typer.Option(help="Mask latent channels [3; the cd demo model 8].")
     ] = None,
     image_blocks: Annotated[
         str | None, typer.Option(help="Image VAE widths, e.g. 64,128,256 [the preset's].")

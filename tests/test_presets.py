@@ -73,8 +73,8 @@ def test_cpu_preset_is_the_cpu_default_and_recorded(store: Path, tmp_path: Path)
     assert options["preset"] == "cpu" and options["lr"] == 1e-3 and options["steps"] == 2
     assert options["checkpoint_every"] == 250  # the preset's, not the gpu default 1000
     assert options["image_block_out_channels"] == [8, 16, 16]  # the option, not the preset's
-    # The demo recipe's terms (issue 20): a segmenter trained first, 8 label latent channels.
-    assert options["semantic_weight"] == 0.3 and options["mask_latent_channels"] == 8
+    # The demo recipe's ss arm (issue 20): a segmenter trained first, 3 label latent channels.
+    assert options["semantic_weight"] == 0.3 and options["mask_latent_channels"] == 3
     assert stage(run, "vae")["details"]["segmenter"]["steps"] == 2
     code, _, stderr = run_cli("fit-diffusion", run, *UNET_SHAPE, "--steps", "2", "-q")
     assert code == 0, stderr
@@ -155,6 +155,7 @@ def test_the_cpu_preset_is_the_demo_models_recipe() -> None:
     words = " ".join(script.replace("\\\n", " ").split())
     # The ss arm's defaults stand for the variables: VAE steps and lr, U-Net steps.
     words = words.replace('"$vae_steps"', "1500").replace('"$vae_lr"', "1e-3")
+    words = words.replace('"$label_channels"', "3")
     words = words.replace('"${UNET_STEPS:-6000}"', "6000")
     vae_line = words[words.index("specdm fit-vae") : words.index("specdm fit-diffusion")]
     unet_line = words[words.index("specdm fit-diffusion") :].split(" }")[0]
@@ -178,4 +179,5 @@ def test_the_cpu_preset_is_the_demo_models_recipe() -> None:
                 else:
                     assert type(value)(text) == value, option
     assert "--prediction v_prediction" in unet_line and "--unet-blocks 32,64,64" in unet_line
-    assert "--semantic-weight 0.3" in vae_line and "--mask-latent-channels 8" in vae_line
+    assert "--semantic-weight 0.3" in vae_line and "--mask-latent-channels 3" in vae_line
+    assert 'train ss "${VAE_STEPS_SS:-1500}" 1e-3 3 &' in words  # the ss arm is the preset
