@@ -153,7 +153,7 @@ def test_one_line_estimates_the_wall_time(store: Path, tmp_path: Path) -> None:
 def test_the_cpu_preset_is_the_demo_models_recipe() -> None:
     script = (Path(__file__).parents[1] / "examples" / "train_demo_models.sh").read_text()
     words = " ".join(script.replace("\\\n", " ").split())
-    # The ss arm's defaults stand for the variables: VAE steps and lr, U-Net steps.
+    # The ss arm's defaults stand for the variables: VAE steps, lr and label channels, U-Net steps.
     words = words.replace('"$vae_steps"', "1500").replace('"$vae_lr"', "1e-3")
     words = words.replace('"$label_channels"', "3")
     words = words.replace('"${UNET_STEPS:-6000}"', "6000")
