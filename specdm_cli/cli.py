@@ -834,7 +834,7 @@ def synthesize(
     batch_size: Annotated[
         str,
         typer.Option(
-            help="B: the batch grid, fixed when the store is created; auto = the store's, else 16 on CPU, 64 on CUDA."
+            help="B: the batch grid, fixed when the store is created; auto = the store's, else 16 on CPU, 64 on CUDA; at most --n unless --require/--min-quality filter draws."
         ),
     ] = "auto",
     precision: PrecisionOption = None,

@@ -124,7 +124,7 @@ def test_batch_and_sample_counts_that_cannot_fit_are_refused_at_once(tmp_path: P
     two minutes before disk full: both are refused from their sizes before any work."""
     out = tmp_path / "syn.zarr"
     synth = ("synthesize", "--model", "demo", "--task", "ss", "--out", out, "--quiet")
-    code, _, stderr = run_cli(*synth, "--n", "2", "--batch-size", str(10**9))
+    code, _, stderr = run_cli(*synth, "--n", str(10**9), "--batch-size", str(10**9))
     assert_one_error_line(code, stderr, 5, "a batch of 1000000000 needs about")
     code, _, stderr = run_cli(*synth, "--n", str(10**12))
     assert_one_error_line(code, stderr, 5, "the store (1000000000000 samples of 64x64) needs about")

@@ -309,11 +309,27 @@ def test_batch_size_auto_joins_the_stores_grid(ss_run: Path, tmp_path: Path) -> 
                                    "--steps", "4", "--shard", "1/2", "--json", "--quiet")  # fmt: skip
     assert code == 0 and json.loads(stdout)["complete"], stderr
     assert json.loads((out / "manifest.json").read_text())["batch_grid"] == 2
-    fresh = tmp_path / "fresh.zarr"
-    assert (
-        run_cli("synthesize", "--model", ss_run, "--out", fresh, "--n", "1", "--steps", "1")[0] == 0
-    )
-    assert json.loads((fresh / "manifest.json").read_text())["batch_grid"] == 16  # CPU default
+
+
+def test_the_grid_is_at_most_n_unless_draws_are_filtered(ss_run: Path, tmp_path: Path) -> None:
+    # A batch always computes B samples: --n 3 under the CPU default (16) or --batch-size 512
+    # would sample 16 or 512 to keep 3. With --require the draws go past n, in blocks of B.
+    def grid(name: str, *extra: str) -> int:
+        code, stdout, stderr = synth(
+            ss_run, tmp_path / f"{name}.zarr", "--n", "3", "--json", *extra
+        )
+        assert code == 0 and json.loads(stdout)["written"] == 3, stderr
+        return int(
+            json.loads((tmp_path / f"{name}.zarr" / "manifest.json").read_text())["batch_grid"]
+        )
+
+    assert grid("auto", "--batch-size", "auto") == 3 and grid("large", "--batch-size", "512") == 3
+    auto, large = arrays(tmp_path / "auto.zarr"), arrays(tmp_path / "large.zarr")
+    np.testing.assert_array_equal(auto["image"], large["image"])
+    fractions = auto["class_fraction"]
+    common = int(np.argmax(fractions.min(axis=0)))  # present in every sample drawn so far
+    bar = f"{common}:{fractions[:, common].min() / 2:.6f}"
+    assert grid("require", "--batch-size", "5", "--require", bar) == 5
 
 
 @pytest.mark.slow  # two spawned processes each import torch and diffusers: about 20-30 s

@@ -195,7 +195,9 @@ def _write(
         sampler=resolve_sampler(options.sampler, options.steps, chosen, masks is not None),
         steps=options.steps,
         seed=options.seed,
-        batch_size=resolve_batch_size(grid, options.out, options.devices),
+        batch_size=resolve_batch_size(
+            grid, options.out, options.devices, options.n, bool(options.filters())
+        ),
         precision=options.precision,
         format=options.format,
         shard=shard,

@@ -116,14 +116,16 @@ def parse_batch_size(text: str) -> int | None:
     return int(text)
 
 
-def resolve_batch_size(given: int | None, out: Path, devices: Devices) -> int:
+def resolve_batch_size(
+    given: int | None, out: Path, devices: Devices, n: int, filtered: bool
+) -> int:
     """B as given, or for `auto` the grid of the store at `out` when it exists (so a resume or
-    another shard needs no B), else a default for the device."""
-    if given is not None:
-        return given
-    if (out / MANIFEST_NAME).is_file():
+    another shard needs no B), else a default for the device; at most n when every draw is
+    kept (no --require/--min-quality), since a batch always computes B samples."""
+    if given is None and (out / MANIFEST_NAME).is_file():
         return load_manifest(out / MANIFEST_NAME).batch_grid
-    return AUTO_BATCH[devices.kind]
+    grid = AUTO_BATCH[devices.kind] if given is None else given
+    return grid if filtered else min(grid, n)
 
 
 def _plan(request: SynthesizeRequest, steps: int) -> dict[str, Any]:
