@@ -545,6 +545,32 @@ def _warn(quiet: bool) -> Callable[[str], None]:
     return (lambda line: None) if quiet else (lambda line: stderr.print(line, markup=False))
 
 
+def _train(
+    name: str,
+    stage: Callable[..., Any],
+    request: Any,
+    threads: int | None,
+    quiet: bool,
+    json_output: bool,
+    done_line: Callable[[Any], str],
+) -> None:
+    """A training stage under Ctrl-C handling, the thread count and a progress bar; then its
+    one-line outcome on stderr and, with --json, its summary on stdout."""
+    from specdm_cli.pipeline.signals import graceful_stop
+    from specdm_cli.pipeline.train.common import torch_threads
+
+    with graceful_stop() as stop, torch_threads(threads), _progress(name, quiet) as bar:
+        summary = stage(request, stop, bar, _warn(quiet))
+    if not quiet:
+        stderr.print(done_line(summary), markup=False)
+    if json_output:
+        _emit_json(asdict(summary))
+
+
+def _val_loss(value: float | None, digits: int) -> str:
+    return "" if value is None else f", val loss {value:.{digits}f}"
+
+
 @app.command("fit-vae")
 def fit_vae(
     store: Annotated[Path, typer.Argument(help="A prepared store.")],
@@ -630,8 +656,6 @@ def fit_vae(
     """Train the two-stream VAE (image and mask branches) on a store."""
     with _domain_errors():
         from specdm_cli.config import VAETrainConfig, train_values
-        from specdm_cli.pipeline.signals import graceful_stop
-        from specdm_cli.pipeline.train.common import torch_threads
         from specdm_cli.pipeline.train.fit_vae import FitVAERequest
         from specdm_cli.pipeline.train.fit_vae import fit_vae as run_fit_vae
 
@@ -654,12 +678,8 @@ def fit_vae(
         request = FitVAERequest(
             store=store, run=run, config=config, resume=resume, overwrite=overwrite, devices=gpus
         )
-        with graceful_stop() as stop, torch_threads(threads), _progress("fit-vae", quiet) as bar:
-            summary = run_fit_vae(request, stop, bar, _warn(quiet))
-        if not quiet:
-            stderr.print(f"{summary.state}: {summary.run} at step {summary.step}", markup=False)
-        if json_output:
-            _emit_json(asdict(summary))
+        _train("fit-vae", run_fit_vae, request, threads, quiet, json_output,
+               lambda done: f"{done.state}: {done.run} at step {done.step}")  # fmt: skip
 
 
 @app.command("fit-diffusion")
@@ -720,8 +740,6 @@ def fit_diffusion(
     """Train the denoising U-Net on the joint latents of a run's VAE."""
     with _domain_errors():
         from specdm_cli.config import DiffusionTrainConfig, train_values
-        from specdm_cli.pipeline.signals import graceful_stop
-        from specdm_cli.pipeline.train.common import torch_threads
         from specdm_cli.pipeline.train.fit_diffusion import FitDiffusionRequest
         from specdm_cli.pipeline.train.fit_diffusion import fit_diffusion as run_fit_diffusion
 
@@ -738,20 +756,9 @@ def fit_diffusion(
         request = FitDiffusionRequest(
             run=run, config=config, resume=resume, devices=gpus, store=store
         )
-        with (
-            graceful_stop() as stop,
-            torch_threads(threads),
-            _progress("fit-diffusion", quiet) as bar,
-        ):
-            summary = run_fit_diffusion(request, stop, bar, _warn(quiet))
-        if not quiet:
-            val = f", val loss {summary.val_loss:.4f}" if summary.val_loss is not None else ""
-            stderr.print(
-                f"{summary.state}: {summary.run} at step {summary.step} (latent cache {summary.cache}{val})",
-                markup=False,
-            )
-        if json_output:
-            _emit_json(asdict(summary))
+        _train("fit-diffusion", run_fit_diffusion, request, threads, quiet, json_output,
+               lambda done: f"{done.state}: {done.run} at step {done.step} "
+               f"(latent cache {done.cache}{_val_loss(done.val_loss, 4)})")  # fmt: skip
 
 
 @app.command()
@@ -777,8 +784,6 @@ def distill(
     """Distill the run's U-Net into a few-step student (synthesize --sampler distilled)."""
     with _domain_errors():
         from specdm_cli.config import DistillTrainConfig
-        from specdm_cli.pipeline.signals import graceful_stop
-        from specdm_cli.pipeline.train.common import torch_threads
         from specdm_cli.pipeline.train.distill import DistillRequest
         from specdm_cli.pipeline.train.distill import distill as run_distill
 
@@ -788,17 +793,9 @@ def distill(
         values = {**recorded, **{k: v for k, v in given.items() if v is not None}}
         config = _config_or_usage_error(DistillTrainConfig, **values)
         request = DistillRequest(run=run, config=config, resume=resume, devices=gpus)
-        with graceful_stop() as stop, torch_threads(threads), _progress("distill", quiet) as bar:
-            summary = run_distill(request, stop, bar, _warn(quiet))
-        if not quiet:
-            val = f", val loss {summary.val_loss:.5f}" if summary.val_loss is not None else ""
-            stderr.print(
-                f"{summary.state}: {summary.run}, a {summary.student_steps}-step student at "
-                f"step {summary.step}{val}",
-                markup=False,
-            )
-        if json_output:
-            _emit_json(asdict(summary))
+        _train("distill", run_distill, request, threads, quiet, json_output,
+               lambda done: f"{done.state}: {done.run}, a {done.student_steps}-step student at "
+               f"step {done.step}{_val_loss(done.val_loss, 5)}")  # fmt: skip
 
 
 def _quality_judge() -> JudgeMaker:

@@ -69,6 +69,21 @@ def test_cache_scales_and_run_manifest(vae_run: Path, tmp_path: Path) -> None:
     assert code == 0 and summary["cache"] == "reused"
 
 
+def test_the_outcome_line_agrees_with_the_json_summary(vae_run: Path, tmp_path: Path) -> None:
+    run = copy_run(vae_run, tmp_path / "run")
+    loud = tuple(option for option in UNET if option != "--quiet")
+    code, stdout, stderr = run_cli(
+        "fit-diffusion", run, *loud, "--steps", "2", "--val-every", "1", "--json"
+    )
+    assert code == 0, stderr
+    summary = json.loads(stdout)
+    assert summary["val_loss"] is not None and summary["step"] == 2
+    assert stderr.strip().splitlines()[-1] == (
+        f"{summary['state']}: {summary['run']} at step 2 (latent cache built, "
+        f"val loss {summary['val_loss']:.4f})"
+    )
+
+
 def test_the_unet_sees_centred_unit_latents(vae_run: Path, tmp_path: Path) -> None:
     run = copy_run(vae_run, tmp_path / "run")
     code, summary, stderr = diffuse(run, "--steps", "2")
