@@ -250,6 +250,35 @@ def test_nodata_tags_and_option(tmp_path: Path) -> None:
     assert sample.nodata_pixels == 2  # the mask's nodata pixel counts too (issue 15)
 
 
+def test_a_rounded_float_nodata_tag_masks_the_lowest_float(tmp_path: Path) -> None:
+    # ArcGIS-style exports tag float32 nodata as -3.40282e+38 and fill with -3.4028235e+38
+    # (the lowest float32); `==` on the tag misses them, GDAL's mask does not.
+    root = make_geotiff_folder(tmp_path / "raw", n=1, bands=2, dtype="float32")
+    image = _read(root / "images" / "tile_00.tif")
+    image[:, :6, :] = np.finfo(np.float32).min
+    write_image(root / "images" / "tile_00.tif", image, {}, nodata=-3.40282e38)
+    with rasterio.open(root / "images" / "tile_00.tif") as src:
+        assert src.nodata != float(np.finfo(np.float32).min)  # the tag as such files carry it
+    plan = _plan(root)
+    sample = plan.load(plan.candidates[0])
+    assert sample.nodata_pixels == 6 * 20
+    assert (sample.arrays["mask"][:6] == 255).all() and (sample.arrays["mask"][6:] != 255).all()
+    assert sample.arrays["image"].min() > 0  # filled with the valid pixels' mean
+
+
+def test_an_internal_mask_is_nodata_whatever_the_nodata_option(tmp_path: Path) -> None:
+    root = make_geotiff_folder(tmp_path / "raw", n=1, codes=[1, 2])
+    path = root / "images" / "tile_00.tif"
+    with rasterio.Env(GDAL_TIFF_INTERNAL_MASK=True), rasterio.open(path, "r+") as dst:
+        hidden = np.full((dst.height, dst.width), 255, np.uint8)
+        hidden[:, :3] = 0
+        dst.write_mask(hidden)
+    for options in ({}, {"nodata": 0}):
+        sample = (plan := _plan(root, **options)).load(plan.candidates[0])
+        assert sample.nodata_pixels == 3 * 24, options
+        assert (sample.arrays["mask"][:, :3] == 255).all(), options
+
+
 def test_reads_a_specdm_geotiff_export_back(tmp_path: Path) -> None:
     root = make_geotiff_folder(tmp_path / "export", n=2, codes=[0, 1, 2], bands=2)
     (root / ".specdm" / "written").mkdir(parents=True)

@@ -86,14 +86,16 @@ def apply_nodata(
     nodata: float | None,
     path: Path | str,
     nan_is_nodata: bool = False,
+    masked: np.ndarray | None = None,
 ) -> tuple[np.ndarray, int]:
     """Replace nodata pixels of a (C, H, W) image in place; returns (pixel mask, count).
 
-    A pixel is nodata where any band equals `nodata`, or is NaN when NaN is declared nodata.
-    Its label becomes IGNORE_INDEX and each band takes the mean of the sample's valid pixels
-    (0 when none is valid). Any other NaN or inf is an error naming `path`.
+    A pixel is nodata where any band equals `nodata`, is NaN when NaN is declared nodata, or
+    is set in `masked` (the file's own mask, e.g. GDAL's). Its label becomes IGNORE_INDEX and
+    each band takes the mean of the sample's valid pixels (0 when none is valid). Any other
+    NaN or inf is an error naming `path`.
     """
-    invalid = np.zeros(image.shape[1:], dtype=bool)
+    invalid = np.zeros(image.shape[1:], dtype=bool) if masked is None else masked.copy()
     if nodata is not None and not np.isnan(nodata):
         invalid |= (image == nodata).any(axis=0)
     if np.issubdtype(image.dtype, np.floating):

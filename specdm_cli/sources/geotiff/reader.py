@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from rasterio.enums import MaskFlags
 from rasterio.errors import NotGeoreferencedWarning
 from rasterio.windows import Window
 
@@ -167,7 +168,7 @@ def _load(candidate: Candidate, *, ctx: _Context) -> RawSample:
     stem, y, x = candidate.ref
     paths = ctx.files[stem]
     label_name = LABEL_ARRAY[ctx.task]
-    raw_label, file_label_nodata, _ = _read_window(paths[label_name], y, x, ctx)
+    raw_label, file_label_nodata, _, _ = _read_window(paths[label_name], y, x, ctx)
     # --label-nodata overrides the mask's tag, as --nodata does the image's.
     label_nodata = ctx.label_nodata if ctx.label_nodata is not None else file_label_nodata
     label = remap_labels(label_values(raw_label[0], label_nodata), ctx.codes, paths[label_name])
@@ -176,11 +177,11 @@ def _load(candidate: Candidate, *, ctx: _Context) -> RawSample:
     label_invalid = label_nodata_mask(raw_label[0], label_nodata)
     bounds = None
     for name in array_names(ctx.task)[:-1]:
-        image, file_nodata, transform = _read_window(paths[name], y, x, ctx)
+        image, file_nodata, transform, masked = _read_window(paths[name], y, x, ctx, masks=True)
         image = image.astype(ctx.dtype, copy=False)
         # --nodata overrides the file's tag, as GDAL's -srcnodata does; NaN tags declare NaN.
         nodata = ctx.nodata if ctx.nodata is not None else file_nodata
-        mask, _ = apply_nodata(image, label, nodata, paths[name])
+        mask, _ = apply_nodata(image, label, nodata, paths[name], masked=masked)
         invalid |= mask
         arrays[name] = pad_image_as_nodata(image, mask, ctx.height, ctx.width)
         if ctx.georeferenced and bounds is None:
@@ -196,9 +197,28 @@ def _load(candidate: Candidate, *, ctx: _Context) -> RawSample:
     )
 
 
-def _read_window(path: Path, y: int, x: int, ctx: _Context) -> tuple[np.ndarray, float | None, Any]:
-    """(bands, H, W) of one window (clipped to the file), the file's nodata and transform."""
+def _read_window(
+    path: Path, y: int, x: int, ctx: _Context, masks: bool = False
+) -> tuple[np.ndarray, float | None, Any, np.ndarray | None]:
+    """(bands, H, W) of one window (clipped to the file), the file's nodata and transform, and
+    with `masks` the (H, W) pixels GDAL masks out (None: none can be)."""
     with open_raster(path) as src:
         window = Window(x, y, min(ctx.width, src.width - x), min(ctx.height, src.height - y))
         # A fresh array of the window only: memory stays flat however large the file.
-        return np.asarray(src.read(window=window)), src.nodata, src.transform
+        values = np.asarray(src.read(window=window))
+        masked = _gdal_masked(src, window, ctx.nodata is not None) if masks else None
+        return values, src.nodata, src.transform, masked
+
+
+def _gdal_masked(src: Any, window: Window, nodata_overridden: bool) -> np.ndarray | None:
+    """Pixels of the window that GDAL's mask rules leave out: an internal or .msk mask, an alpha
+    band, or the nodata tag as GDAL matches it (a float32 tag written rounded, -3.40282e+38,
+    still matches -3.4028235e+38 pixels, where `==` on the tag value does not). A --nodata replaces
+    the tag, so then only the masks that are not the tag's count."""
+    flags = src.mask_flag_enums
+    if all(MaskFlags.all_valid in band for band in flags):
+        return None
+    stored = any(MaskFlags.per_dataset in band for band in flags)
+    if not stored and (nodata_overridden or not any(MaskFlags.nodata in band for band in flags)):
+        return None
+    return np.asarray((src.read_masks(window=window) == 0).any(axis=0))
