@@ -143,6 +143,17 @@ def test_splits_from_csv(tmp_path: Path) -> None:
     assert plan.load(plan.candidates[-1]).split == "train"
 
 
+def test_csv_files_saved_by_a_spreadsheet_are_read(tmp_path: Path) -> None:
+    # Excel's "CSV UTF-8" starts with a byte-order mark: the first column was '\ufeffcode'.
+    root = make_geotiff_folder(tmp_path / "raw", n=2, codes=[10, 40])
+    legend, splits = tmp_path / "legend.csv", tmp_path / "splits.csv"
+    legend.write_text("code,name\r\n10,water\r\n40,forest\r\n", encoding="utf-8-sig")
+    splits.write_text("stem,split\r\ntile_00,train\r\ntile_01,val\r\n", encoding="utf-8-sig")
+    plan = _plan(root, classes_file=legend, splits_file=splits)
+    assert [c.name for c in plan.spec.classes] == ["water", "forest"]
+    assert {c.ref[0]: c.split for c in plan.candidates} == {"tile_00": "train", "tile_01": "val"}
+
+
 def test_fraction_splits_are_by_file_and_deterministic(tmp_path: Path) -> None:
     root = make_geotiff_folder(tmp_path / "raw", n=10, size=(20, 20), bands=1)
     options = {"val_fraction": 0.2, "test_fraction": 0.3, "patch_size": 8, "overlap": 0.0}

@@ -70,6 +70,43 @@ def test_official_layout_lists_splits_in_order_and_loads_file_values(tmp_path: P
     assert mask.max() < 13 and sample.nodata_pixels == 0
 
 
+@pytest.mark.parametrize(("listed", "folder"), [("val", "test"), ("test", "val")])
+def test_val_and_test_name_one_split(tmp_path: Path, listed: str, folder: str) -> None:
+    # The official code reads test, the unpacked archive of third-party tools has val
+    # (datasets.md 1.2): a list of one name with the folder of the other is that split.
+    tree = make_segmunich(tmp_path, splits={"train": 2, listed: 2}) / "TUM_128"
+    if listed != folder:
+        (tree / listed).rename(tree / folder)
+    plan = _open(tmp_path)
+    assert [c.source_id for c in plan.candidates] == [
+        "train/1",
+        "train/2",
+        f"{listed}/3",
+        f"{listed}/4",
+    ]
+    assert plan.candidates[2].ref[0] == tree / folder / "img" / "3.tif"
+    assert plan.load(plan.candidates[2]).split == listed
+    assert len(plan.warnings) == 1 and f"read from {folder}/" in plan.warnings[0]
+
+
+def test_split_lists_saved_as_utf16_or_with_a_byte_order_mark_are_read(tmp_path: Path) -> None:
+    tree = _tree(tmp_path)
+    (tree / "dataset" / "train.txt").write_text("1\n2\n3\n", encoding="utf-16")
+    (tree / "dataset" / "val.txt").write_text("4\r\n5\r\n", encoding="utf-8-sig")
+    assert [c.source_id for c in _open(tmp_path).candidates] == [
+        "train/1", "train/2", "train/3", "val/4", "val/5"
+    ]  # fmt: skip
+
+
+def test_an_unreadable_split_list_is_an_input_error(tmp_path: Path) -> None:
+    tree = _tree(tmp_path)
+    (tree / "dataset" / "test.txt").mkdir()
+    assert _input_error(tmp_path, "cannot read").path == tree / "dataset" / "test.txt"
+    (tree / "dataset" / "test.txt").rmdir()
+    (tree / "dataset" / "train.txt").write_bytes(b"1\n\xff\xfe\xfa2\n")
+    assert _input_error(tmp_path, "not UTF-8 text").path == tree / "dataset" / "train.txt"
+
+
 def test_gfm_bench_layout_orders_train_before_test(tmp_path: Path) -> None:
     root = make_segmunich(tmp_path, layout="gfm", wrap="SegMunich")
     metadata = tmp_path / "SegMunich" / "dataset" / "metadata.csv"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import codecs
 import math
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -244,9 +245,29 @@ def label_nodata_mask(raw: np.ndarray, nodata: float | None) -> np.ndarray:
 
 def iter_nonempty_lines(path: Path) -> Iterator[str]:
     """Stripped, non-empty lines of a text file (CRLF and a byte-order mark tolerated)."""
-    for line in path.read_text(encoding="utf-8-sig").splitlines():
+    for line in read_text_input(path).splitlines():
         if line.strip():
             yield line.strip()
+
+
+def read_text_input(path: Path) -> str:
+    """A text file of the raw data: UTF-8 (a byte-order mark dropped, as spreadsheets write
+    one) or UTF-16 with its mark (Windows Notepad's "Unicode"); what cannot be read is an
+    input error naming the file, not a write error or a traceback."""
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise InputDataError(
+            f"cannot read ({exc.strerror or exc})", path, "check the file"
+        ) from None
+    try:
+        if data.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
+            return data.decode("utf-16")
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise InputDataError(
+            f"not UTF-8 text (byte {exc.start})", path, "save it as UTF-8 text"
+        ) from None
 
 
 def require_dir(path: Path | None, what: str) -> Path:

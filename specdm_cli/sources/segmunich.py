@@ -25,6 +25,7 @@ from specdm_cli.sources.base import (
     apply_nodata,
     iter_nonempty_lines,
     label_nodata_mask,
+    read_text_input,
     remap_labels,
     require_dir,
     require_whole_read,
@@ -102,7 +103,8 @@ def read_segmunich(raw: Path | None, options: PrepareOptions) -> SourcePlan:
     _quiet_logger("tifffile")
     root = _find_root(require_dir(raw, "segmunich"))
     layout, split_ids = _read_split_lists(root / "dataset")
-    candidates = _candidates(root, split_ids)
+    folders = {split: _split_folder(root, split, split_ids) for split in split_ids}
+    candidates = _candidates(folders, split_ids, root)
     height, width = _image_hw(_read_shape(candidates[0].ref[0]), candidates[0].ref[0])
     # Patches are read whole: a float32 copy and its transpose per band, per reader thread.
     require_whole_read(height, width, _NUM_BANDS * 4 * 2 * _READ_THREADS, candidates[0].ref[0])
@@ -126,7 +128,13 @@ def read_segmunich(raw: Path | None, options: PrepareOptions) -> SourcePlan:
     load = functools.partial(
         _load, height=height, width=width, nodata=options.nodata, label_nodata=options.label_nodata
     )
-    return SourcePlan(spec=spec, candidates=candidates, load=load)
+    warnings = [
+        f"split {split!r} is read from {folder.name}/ (no {split}/ folder): the two names "
+        "are used for one split"
+        for split, folder in folders.items()
+        if folder.name != split
+    ]
+    return SourcePlan(spec=spec, candidates=candidates, load=load, warnings=warnings)
 
 
 def _quiet_logger(name: str) -> None:
@@ -181,11 +189,9 @@ def _sample_id(line: str) -> str:
 
 
 def _read_metadata_csv(path: Path) -> SplitIds:
-    # utf-8-sig: a csv re-saved by a spreadsheet starts with a byte-order mark.
-    with path.open(newline="", encoding="utf-8-sig") as handle:
-        reader = csv.DictReader(handle)
-        rows = list(reader)
-        columns = set(reader.fieldnames or [])
+    reader = csv.DictReader(read_text_input(path).splitlines())
+    rows = list(reader)
+    columns = set(reader.fieldnames or [])
     if not {"id", "source"} <= columns:
         raise InputDataError(
             f"metadata.csv needs columns id and source, found {sorted(columns)}",
@@ -212,13 +218,26 @@ def _unique_ids(ids: list[str], path: Path) -> list[str]:
     return ids
 
 
-def _candidates(root: Path, split_ids: SplitIds) -> list[Candidate]:
+# The official code reads `test`, the archive as third-party tools unpack it has `val`
+# (datasets.md 1.2): a list of one name may come with the folder of the other.
+_SPLIT_SYNONYMS = {"val": "test", "test": "val"}
+
+
+def _split_folder(root: Path, split: str, split_ids: SplitIds) -> Path:
+    """`root/split`, or the synonym's folder when only that exists and has no list of its own."""
+    other = _SPLIT_SYNONYMS.get(split)
+    if (root / split).is_dir() or other is None or other in split_ids:
+        return root / split
+    return root / other if (root / other).is_dir() else root / split
+
+
+def _candidates(folders: dict[str, Path], split_ids: SplitIds, root: Path) -> list[Candidate]:
     candidates: list[Candidate] = []
     for split in SPLIT_ORDER:
         ids = split_ids.get(split, [])
         if not ids:
             continue
-        img_dir, label_dir = root / split / "img", root / split / "label"
+        img_dir, label_dir = folders[split] / "img", folders[split] / "label"
         _require_files(img_dir, ids, split)
         _require_files(label_dir, ids, split)
         candidates += [

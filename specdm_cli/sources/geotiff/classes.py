@@ -21,7 +21,7 @@ from specdm_cli.manifest import (
     Task,
     load_manifest,
 )
-from specdm_cli.sources.base import PrepareOptions, label_nodata_mask
+from specdm_cli.sources.base import PrepareOptions, label_nodata_mask, read_text_input
 from specdm_cli.sources.geotiff.layout import Files, open_raster
 
 # Pixels per read when scanning mask codes: memory stays flat however large a mask claims to be.
@@ -64,8 +64,8 @@ ClassRow = tuple[int, str, tuple[int, int, int] | None]
 def _read_classes_file(path: Path) -> list[ClassInfo]:
     if not path.is_file():
         raise InputDataError("classes file not found", path, "check the --classes path")
+    text = read_text_input(path)
     try:
-        text = path.read_text(encoding="utf-8")
         rows = _classes_csv(text) if path.suffix.lower() == ".csv" else _classes_json(text)
     except (ValueError, KeyError, TypeError, IndexError) as exc:
         raise InputDataError(

@@ -9,9 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from specdm_cli.errors import InputDataError
-from specdm_cli.sources.base import (
-    PrepareOptions,
-)
+from specdm_cli.sources.base import PrepareOptions, read_text_input
 from specdm_cli.sources.geotiff.layout import EXTENSIONS
 
 _SPLITS = ("train", "val", "test")
@@ -36,10 +34,10 @@ def _share(fraction: float, count: int) -> int:
 
 
 def _read_splits_file(path: Path, stems: list[str]) -> dict[str, str]:
+    text = read_text_input(path)
     try:
-        with path.open(newline="", encoding="utf-8") as handle:
-            rows = list(csv.DictReader(handle))
-    except (OSError, UnicodeDecodeError, csv.Error) as exc:
+        rows = list(csv.DictReader(text.splitlines()))
+    except csv.Error as exc:
         raise InputDataError(f"unreadable splits file ({exc})", path, "check the path") from None
     if not rows or not {"stem", "split"} <= {(k or "").strip() for k in rows[0]}:
         raise InputDataError(
