@@ -7,6 +7,7 @@ import functools
 import logging
 import math
 import struct
+import warnings
 from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
@@ -391,7 +392,31 @@ def _imread(path: Path) -> np.ndarray:
     except FileNotFoundError:
         raise _vanished(path) from None
     except _TIFF_ERRORS as exc:
-        raise _corrupt(path, exc) from None
+        decoded = _gdal_read(path) if "imagecodecs" in str(exc) else None
+        if decoded is None:
+            raise _corrupt(path, exc) from None
+        return decoded
+
+
+def _gdal_read(path: Path) -> np.ndarray | None:
+    """A patch re-saved compressed (e.g. by GDAL with LZW), which tifffile decodes only with
+    imagecodecs, read through GDAL in tifffile's axis order; None when GDAL sees another shape
+    than the TIFF's series (the original encoding is 128 pages, GDAL would read the first)."""
+    import rasterio
+    from rasterio.errors import NotGeoreferencedWarning, RasterioIOError
+
+    expected = _read_shape(path)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", NotGeoreferencedWarning)
+            with rasterio.open(path) as src:
+                bands = np.asarray(src.read())
+    except RasterioIOError:
+        return None
+    for candidate in (bands, bands.transpose(1, 2, 0), bands[0]):
+        if candidate.shape == expected:
+            return candidate
+    return None
 
 
 def _corrupt(path: Path, exc: Exception) -> InputDataError:
