@@ -294,6 +294,27 @@ def test_nodata_tag_of_one_phase_ignores_the_label_there(raw: Path) -> None:
     assert (sample.arrays["image_t2"][:, :4, :5] != 0).all()  # replaced by the valid mean
 
 
+@pytest.mark.parametrize("declared", ["option", "tag"])
+def test_declared_nan_in_a_float_band_is_nodata(raw: Path, declared: str) -> None:
+    # A band re-saved as float32 with NaN holes: NaN declared nodata (--nodata nan, or the
+    # file's NaN tag) marks those pixels; it was refused as values that do not fit uint16.
+    path = _band_file(raw, "bercy", 1, "B03")
+    band = tifffile.imread(path).astype(np.float32)
+    band[:3, :6] = np.nan
+    profile = {"driver": "GTiff", "count": 1, "dtype": "float32", "height": 36, "width": 44}
+    tag = {"nodata": float("nan")} if declared == "tag" else {}
+    with rasterio.open(_fresh(path), "w", **profile, **tag) as dst:
+        dst.write(band, 1)
+    options = PrepareOptions(
+        patch_size=16, overlap=0.5, nodata=float("nan") if declared == "option" else None
+    )
+    (y, x, sample), *_ = _city_samples(read_oscd(raw, options), "bercy")
+    assert (y, x) == (0, 0) and sample.nodata_pixels == 18
+    assert (sample.arrays["change"][:3, :6] == 255).all()
+    assert (sample.arrays["change"][3:] != 255).all()
+    assert (sample.arrays["image_t1"][:, :3, :6] != 0).all()  # replaced by the valid mean
+
+
 def test_georeferenced_rect_files_give_crs_and_bounds(raw: Path) -> None:
     for city, (height, width) in SIZES.items():
         for phase in (1, 2):

@@ -35,6 +35,7 @@ class _Stack:
 
     images: tuple[np.ndarray, np.ndarray]
     nodata: tuple[float | None, float | None]
+    declared_nan: tuple[np.ndarray, np.ndarray]  # (H, W): NaN in a float band, NaN declared nodata
     change: np.ndarray
     where: tuple[Path, Path]
 
@@ -71,41 +72,57 @@ class CityCache:
 
 
 def _read_city(ctx: Context, city: City) -> _Stack:
-    phases = [_read_phase(ctx, city, index) for index in range(len(PHASES))]
+    (t1, t1_nodata, t1_nan), (t2, t2_nodata, t2_nan) = (
+        _read_phase(ctx, city, index) for index in range(len(PHASES))
+    )
     change = _read_change(city.labels, city.label_rel)
-    for array in (phases[0][0], phases[1][0], change):
+    for array in (t1, t2, t1_nan, t2_nan, change):
         array.flags.writeable = False  # shared between threads: loads copy their window
     where = (
         ctx.images.where(f"{city.name}/{PHASES[0]}"),
         ctx.images.where(f"{city.name}/{PHASES[1]}"),
     )
-    return _Stack((phases[0][0], phases[1][0]), (phases[0][1], phases[1][1]), change, where)
+    return _Stack((t1, t2), (t1_nodata, t2_nodata), (t1_nan, t2_nan), change, where)
 
 
-def _read_phase(ctx: Context, city: City, phase: int) -> tuple[np.ndarray, float | None]:
-    """(C, H, W) uint16 of one phase on the 10 m grid and the nodata value that applies."""
+def _read_phase(
+    ctx: Context, city: City, phase: int
+) -> tuple[np.ndarray, float | None, np.ndarray]:
+    """(C, H, W) uint16 of one phase on the 10 m grid, the nodata value that applies, and the
+    (H, W) pixels that were NaN in a float band where NaN is declared nodata."""
     grid = (city.height, city.width)
     stack = np.empty((len(ctx.bands), *grid), dtype=np.uint16)
+    declared_nan = np.zeros(grid, dtype=bool)
     tags: list[float | None] = []
     for i, band in enumerate(ctx.bands):
-        stack[i], tag = _read_band(ctx.images, city.band_files[phase, band], grid)
+        stack[i], tag, nan = _read_band(ctx.images, city.band_files[phase, band], grid, ctx.nodata)
+        declared_nan |= nan
         tags.append(tag)
     # --nodata overrides the files' tag, as GDAL's -srcnodata does.
     if ctx.nodata is not None:
-        return stack, ctx.nodata
-    return stack, next((t for t in tags if t is not None), None)
+        return stack, ctx.nodata, declared_nan
+    return stack, next((t for t in tags if t is not None), None), declared_nan
 
 
-def _read_band(tree: Tree, rel: str, grid: tuple[int, int]) -> tuple[np.ndarray, float | None]:
+def _read_band(
+    tree: Tree, rel: str, grid: tuple[int, int], nodata: float | None
+) -> tuple[np.ndarray, float | None, np.ndarray]:
+    """One band on the grid as uint16, its nodata tag, and its NaN pixels where NaN is declared
+    nodata (`nodata`, else the tag); those hold 0 in the uint16 band."""
     with open_raster(tree, rel) as src:
         shape = (int(src.height), int(src.width))
         if shape == grid:
-            data = src.read(1)
+            data = np.asarray(src.read(1))
         else:
             _require_coarse_grid(shape, grid, tree.where(rel))
             # Reflectance is continuous, so bilinear, not nearest: no 2x2 or 6x6 blocks.
-            data = src.read(1, out_shape=grid, resampling=Resampling.bilinear)
-        return _as_uint16(np.asarray(data), tree.where(rel)), src.nodata
+            data = np.asarray(src.read(1, out_shape=grid, resampling=Resampling.bilinear))
+        declared = src.nodata if nodata is None else nodata
+        nan = np.zeros(grid, dtype=bool)
+        if declared is not None and np.isnan(declared) and data.dtype.kind == "f":
+            nan = np.isnan(data)
+            data = np.where(nan, 0, data)
+        return _as_uint16(data, tree.where(rel)), src.nodata, nan
 
 
 def _require_coarse_grid(shape: tuple[int, int], grid: tuple[int, int], where: Path) -> None:
@@ -158,9 +175,11 @@ def load_patch(candidate: Candidate, *, ctx: Context, cache: CityCache) -> RawSa
     change = stack.change[rows, cols].copy()
     invalid = np.zeros(change.shape, dtype=bool)
     patches = []
-    for image, nodata, where in zip(stack.images, stack.nodata, stack.where, strict=True):
+    for image, nodata, nan, where in zip(
+        stack.images, stack.nodata, stack.declared_nan, stack.where, strict=True
+    ):
         patch = image[:, rows, cols].copy()
-        mask, _ = apply_nodata(patch, change, nodata, where)
+        mask, _ = apply_nodata(patch, change, nodata, where, masked=nan[rows, cols])
         invalid |= mask
         patches.append(patch)
     arrays = {
