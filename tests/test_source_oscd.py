@@ -148,6 +148,18 @@ def test_folders_and_zips_give_identical_samples(tree: Callable[..., Path]) -> N
             np.testing.assert_array_equal(array, zips[source_id].arrays[name])
 
 
+def test_folders_extracted_one_level_too_deep_read_alike(raw: Path, tmp_path: Path) -> None:
+    # Windows' "Extract All" of X.zip makes X/X/...: the archive names were taken for cities.
+    nested = tmp_path / "nested"
+    for stem in (IMAGES, TRAIN_LABELS, TEST_LABELS):
+        shutil.copytree(raw / stem, nested / stem / stem, copy_function=os.link)
+    flat, deep = _load_all(read_oscd(raw, SMALL)), _load_all(read_oscd(nested, SMALL))
+    assert sorted(deep) == sorted(flat) and len(flat) > 0
+    for source_id, sample in flat.items():
+        for name, array in sample.arrays.items():
+            np.testing.assert_array_equal(deep[source_id].arrays[name], array, err_msg=name)
+
+
 @pytest.mark.parametrize("zipped", [False, True])
 def test_cities_from_label_folders_when_txt_is_missing(
     tree: Callable[..., Path], zipped: bool

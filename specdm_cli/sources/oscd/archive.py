@@ -117,9 +117,11 @@ def open_trees(root: Path) -> tuple[Tree, dict[str, Tree | None]]:
 
 
 def _open_tree(root: Path, stem: str) -> Tree | None:
-    # An extracted folder wins over its zip, as in torchgeo.
+    # An extracted folder wins over its zip, as in torchgeo. Windows' "Extract All" puts the
+    # zip's top folder inside a folder of the zip's name: the same name twice.
     if (root / stem).is_dir():
-        return _DirTree(root / stem)
+        nested = root / stem / stem
+        return _DirTree(nested if nested.is_dir() else root / stem)
     if (root / f"{stem}.zip").is_file():
         return _ZipTree(root / f"{stem}.zip", stem)
     return None
