@@ -239,7 +239,7 @@ def test_bands_option_picks_and_orders_bands(tree: Callable[..., Path]) -> None:
 def test_coarse_bands_are_resampled_bilinearly_onto_the_10m_grid(
     tree: Callable[..., Path], band: str, factor: int
 ) -> None:
-    raw = tree()
+    raw = tree(coarse_rect_city="aguasclaras")
     height, width = SIZES["aguasclaras"]
     coarse = tifffile.imread(_band_file(raw, "aguasclaras", 1, band))
     assert coarse.shape == (-(-height // factor), -(-width // factor))
@@ -534,18 +534,26 @@ def test_unknown_city_in_cities_option_lists_the_known_ones(raw: Path, tmp_path:
 def test_band_files_missing_from_rect_are_read_from_the_native_folder(
     tree: Callable[..., Path], raw: Path
 ) -> None:
-    # The fixture's first city holds 20 m / 60 m rect bands at native size, like imgs_N/.
-    for phase, band in ((1, "B02"), (1, "B8A"), (2, "B05")):
+    missing = {(1, "B02"), (1, "B8A"), (2, "B05")}
+    for phase, band in missing:
         _band_file(raw, "aguasclaras", phase, band).unlink()
     plan = read_oscd(raw, PrepareOptions(patch_size=16, overlap=0.5, val_fraction=0))
     (line,) = plan.warnings
     assert "3 band files" in line and "aguasclaras" in line and "imgs_1/" in line
     native = plan.spec.details["non_rectified_band_files"]
     assert any(rel.endswith("_B8A.tif") and "/imgs_1/" in rel for rel in native)
-    expected = _load_all(read_oscd(tree(), PrepareOptions(patch_size=16, overlap=0.5)))
+    # imgs_N/ holds the 20 m / 60 m bands at native size: read from there they equal the rect
+    # bands of a tree whose rect bands were left that coarse; the other bands are the rect ones.
+    options = PrepareOptions(patch_size=16, overlap=0.5)
+    rect = _load_all(read_oscd(tree(), options))
+    coarse = _load_all(read_oscd(tree(coarse_rect_city="aguasclaras"), options))
     for source_id, sample in _load_all(plan).items():
-        for name, array in sample.arrays.items():
-            np.testing.assert_array_equal(array, expected[source_id].arrays[name])
+        np.testing.assert_array_equal(sample.arrays["change"], rect[source_id].arrays["change"])
+        for phase, name in ((1, "image_t1"), (2, "image_t2")):
+            for index, band in enumerate(S2_TEN_BANDS):
+                source = coarse if (phase, band) in missing else rect
+                expected = source[source_id].arrays[name][index]
+                np.testing.assert_array_equal(sample.arrays[name][index], expected, err_msg=band)
 
 
 def test_band_missing_from_both_folders_still_names_the_rect_file(raw: Path) -> None:
