@@ -216,6 +216,15 @@ def test_bounds_and_crs_of_georeferenced_patches(tmp_path: Path) -> None:
     assert plan.load(candidate).bounds == pytest.approx(expected)
 
 
+def test_a_mask_without_georeferencing_is_taken_as_on_its_image_grid(tmp_path: Path) -> None:
+    root = make_geotiff_folder(tmp_path / "raw", n=2)
+    label = _read(root / "masks" / "tile_01.tif", 1)
+    write_label(root / "masks" / "tile_01.tif", label, {})
+    plan = _plan(root)
+    loaded = {c.source_id: plan.load(c) for c in plan.candidates}
+    assert len(loaded) == 2 and plan.spec.crs == f"EPSG:{CRS_EPSG}"
+
+
 def test_ungeoreferenced_folder_has_no_crs_or_bounds(tmp_path: Path) -> None:
     root = make_geotiff_folder(tmp_path / "raw", n=2, georeferenced=False)
     plan = _plan(root)
@@ -387,6 +396,25 @@ def _other_crs(root: Path, _: Path) -> Path:
     path = root / "images" / "tile_02.tif"
     geo = {"crs": CRS.from_epsg(4326), "transform": from_origin(11.0, 48.0, 1e-4, 1e-4)}
     write_image(path, _read(path), geo)
+    write_label(root / "masks" / "tile_02.tif", _read(root / "masks" / "tile_02.tif", 1), geo)
+    return path
+
+
+def _mask_in_another_crs(root: Path, _: Path) -> Path:
+    path = root / "masks" / "tile_02.tif"
+    geo = {"crs": CRS.from_epsg(4326), "transform": from_origin(11.0, 48.0, 1e-4, 1e-4)}
+    write_label(path, _read(path, 1), geo)
+    return path
+
+
+def _mask_off_its_image_grid(root: Path, _: Path) -> Path:
+    # A mask rasterised over another extent: read pixel for pixel it would label the wrong
+    # ground (3 pixels east here).
+    path = root / "masks" / "tile_01.tif"
+    with rasterio.open(path) as src:
+        transform, crs = src.transform, src.crs
+    shifted = from_origin(transform.c + 3 * PIXEL_M, transform.f, PIXEL_M, PIXEL_M)
+    write_label(path, _read(path, 1), {"crs": crs, "transform": shifted})
     return path
 
 
@@ -417,6 +445,8 @@ def _duplicate_class_code(root: Path, _: Path) -> Path:
         (_mask_size, "differs from its image"),
         (_corrupt_tiff, "corrupt"),
         (_other_crs, "CRS EPSG:4326"),
+        (_mask_in_another_crs, "differs from its image's EPSG:32632"),
+        (_mask_off_its_image_grid, "not on its image's grid"),
         (_bad_classes_json, "bad classes file"),
         (_bad_classes_csv, "columns code and name"),
         (_duplicate_class_code, "listed twice"),

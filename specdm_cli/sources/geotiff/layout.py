@@ -40,6 +40,7 @@ class Header:
     height: int
     width: int
     crs: str | None
+    grid: tuple[float, ...] | None = None  # the pixel-to-CRS transform (a..f) when georeferenced
 
 
 def infer_task(root: Path) -> Task:
@@ -134,7 +135,8 @@ def open_raster(path: Path) -> Iterator[Any]:
 def _header(path: Path) -> Header:
     with open_raster(path) as src:
         crs = None if src.crs is None else _crs_name(src.crs.to_wkt())
-        return Header(path, src.count, str(src.dtypes[0]), src.height, src.width, crs)
+        grid = None if crs is None else tuple(src.transform)[:6]
+        return Header(path, src.count, str(src.dtypes[0]), src.height, src.width, crs, grid)
 
 
 @functools.lru_cache(maxsize=16)
@@ -156,6 +158,8 @@ def check_stem(paths: dict[str, Path], task: Task) -> Header:
                 other.path,
                 f"make it match {images[0].path.name}",
             )
+    for other in [*images[1:], label]:
+        _same_grid(images[0], other)
     if label.count != 1:
         raise InputDataError(
             f"label file has {label.count} bands, expected 1",
@@ -163,6 +167,33 @@ def check_stem(paths: dict[str, Path], task: Task) -> Header:
             "save labels as one band of class codes",
         )
     return images[0] if len(images) == 1 else _same_bands(images[0], images[1])
+
+
+def _same_grid(image: Header, other: Header) -> None:
+    """Files of one stem are read pixel for pixel, so where both are georeferenced they must
+    lie on one grid: the same CRS, origin and pixel size (to a hundredth of a pixel). A mask
+    without georeferencing is taken as on its image's grid."""
+    if image.grid is None or other.grid is None:
+        return
+    if other.crs != image.crs:
+        raise InputDataError(
+            f"CRS {other.crs} differs from its image's {image.crs}",
+            other.path,
+            f"reproject it onto {image.path.name}'s grid (e.g. gdalwarp)",
+        )
+    pixel = max(abs(image.grid[0]), abs(image.grid[4]), 1e-12)
+    if any(abs(x - y) > 0.01 * pixel for x, y in zip(other.grid, image.grid, strict=True)):
+        raise InputDataError(
+            f"not on its image's grid (origin {_origin(other)}, pixel {other.grid[0]:g}; "
+            f"the image's {_origin(image)}, pixel {image.grid[0]:g})",
+            other.path,
+            f"resample it onto {image.path.name}'s grid (e.g. gdalwarp -te/-tr of the image)",
+        )
+
+
+def _origin(header: Header) -> str:
+    assert header.grid is not None
+    return f"{header.grid[2]:.2f}, {header.grid[5]:.2f}"
 
 
 def _same_bands(expected: Header, found: Header) -> Header:
