@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import rasterio
+from PIL import Image
 from rasterio.crs import CRS
 from rasterio.transform import from_origin
 
@@ -223,6 +224,16 @@ def test_a_mask_without_georeferencing_is_taken_as_on_its_image_grid(tmp_path: P
     plan = _plan(root)
     loaded = {c.source_id: plan.load(c) for c in plan.candidates}
     assert len(loaded) == 2 and plan.spec.crs == f"EPSG:{CRS_EPSG}"
+
+
+def test_png_masks_of_a_labelling_tool_pair_with_their_images(tmp_path: Path) -> None:
+    root = make_geotiff_folder(tmp_path / "raw", n=2, codes=[1, 2])
+    label = _read(root / "masks" / "tile_01.tif", 1)
+    (root / "masks" / "tile_01.tif").unlink()
+    Image.fromarray(label).save(root / "masks" / "tile_01.png")
+    plan = _plan(root)
+    sample = next(plan.load(c) for c in plan.candidates if c.source_id.startswith("tile_01"))
+    np.testing.assert_array_equal(sample.arrays["mask"], np.where(label == 1, 0, 1))
 
 
 def test_ungeoreferenced_folder_has_no_crs_or_bounds(tmp_path: Path) -> None:

@@ -23,8 +23,9 @@ from specdm_cli.manifest import (
 )
 
 # What GDAL reads that a folder of tiles holds: GeoTIFF, JPEG 2000, VRT, ENVI/ERDAS data files
-# (`.img`, `.dat`, `.bsq`/`.bil`/`.bip`), plus extensionless ENVI data beside its `.hdr`.
-EXTENSIONS = (".tif", ".tiff", ".jp2", ".vrt", ".img", ".dat", ".bsq", ".bil", ".bip")
+# (`.img`, `.dat`, `.bsq`/`.bil`/`.bip`), plus extensionless ENVI data beside its `.hdr`, and
+# PNG, as labelling tools (and mmseg's `ann_dir`) write masks.
+EXTENSIONS = (".tif", ".tiff", ".jp2", ".vrt", ".img", ".dat", ".bsq", ".bil", ".bip", ".png")
 _TASKS: tuple[Task, ...] = ("ss", "cd")
 
 Files = dict[str, dict[str, Path]]  # stem -> array name -> path
@@ -80,7 +81,7 @@ def _list_rasters(folder: Path) -> dict[str, Path]:
         rasters[stem] = path
     if not rasters:
         raise InputDataError(
-            "no raster files in folder (GeoTIFF, JPEG 2000, VRT or ENVI with its .hdr)",
+            "no raster files in folder (GeoTIFF, JPEG 2000, VRT, PNG or ENVI with its .hdr)",
             folder,
             "add the tiles",
         )
