@@ -403,7 +403,7 @@ def _gdal_read(path: Path) -> np.ndarray | None:
     imagecodecs, read through GDAL in tifffile's axis order; None when GDAL sees another shape
     than the TIFF's series (the original encoding is 128 pages, GDAL would read the first)."""
     import rasterio
-    from rasterio.errors import NotGeoreferencedWarning, RasterioIOError
+    from rasterio.errors import NotGeoreferencedWarning, RasterioError
 
     expected = _read_shape(path)
     try:
@@ -411,7 +411,7 @@ def _gdal_read(path: Path) -> np.ndarray | None:
             warnings.simplefilter("ignore", NotGeoreferencedWarning)
             with rasterio.open(path) as src:
                 bands = np.asarray(src.read())
-    except RasterioIOError:
+    except (RasterioError, OSError):  # GDAL cannot read it either: the TIFF error stands
         return None
     for candidate in (bands, bands.transpose(1, 2, 0), bands[0]):
         if candidate.shape == expected:
