@@ -170,6 +170,15 @@ def test_cities_from_label_folders_when_txt_is_missing(
     assert cities == {"train": ["aguasclaras", "bercy"], "val": [], "test": ["brasilia"]}
 
 
+def test_city_lists_in_utf16_are_read_and_undecodable_ones_named(raw: Path) -> None:
+    _fresh(raw / IMAGES / "train.txt").write_text("bercy,aguasclaras\n", encoding="utf-16")
+    options = PrepareOptions(patch_size=16, overlap=0.5, val_fraction=0)
+    cities = read_oscd(raw, options).spec.details["cities"]
+    assert cities["train"] == ["bercy", "aguasclaras"]
+    _fresh(raw / IMAGES / "train.txt").write_bytes(b"bercy,\xff\xfeaguas\n")
+    assert _error(raw).path == raw / IMAGES / "train.txt"
+
+
 def test_txt_wins_over_label_folders(raw: Path) -> None:
     _fresh(raw / IMAGES / "train.txt").write_text("bercy\n")
     cities = read_oscd(raw, SMALL).spec.details["cities"]

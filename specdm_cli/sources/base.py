@@ -260,6 +260,11 @@ def read_text_input(path: Path) -> str:
         raise InputDataError(
             f"cannot read ({exc.strerror or exc})", path, "check the file"
         ) from None
+    return decode_text(data, path)
+
+
+def decode_text(data: bytes, path: Path) -> str:
+    """The bytes of a text file (see read_text_input) as text; `path` names it in an error."""
     try:
         if data.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
             return data.decode("utf-16")

@@ -17,6 +17,7 @@ from rasterio.errors import RasterioError
 from rasterio.io import MemoryFile
 
 from specdm_cli.errors import InputDataError
+from specdm_cli.sources.base import decode_text, read_text_input
 
 # The archives' stems; each zip holds one top folder of the same name (datasets.md 2.1).
 IMAGES = "Onera Satellite Change Detection dataset - Images"
@@ -134,9 +135,12 @@ def _missing(root: Path, stem: str) -> InputDataError:
     return InputDataError("OSCD folder (or its .zip) is missing", root / stem, hint)
 
 
-def read_text(source: Path | bytes) -> str:
-    data = source.read_bytes() if isinstance(source, Path) else source
-    return data.decode("utf-8-sig", errors="replace")
+def read_text(tree: Tree, rel: str) -> str:
+    """A text file of the tree (UTF-8 or UTF-16 with its mark); an unreadable one names it."""
+    source = tree.source(rel)
+    if isinstance(source, Path):
+        return read_text_input(source)
+    return decode_text(source, tree.where(rel))
 
 
 @contextmanager

@@ -23,7 +23,7 @@ def list_cities(images: Tree, labels: dict[str, Tree | None]) -> CityList:
     for split, tree in labels.items():
         txt = f"{split}.txt"
         if images.has(txt):
-            text = read_text(images.source(txt))
+            text = read_text(images, txt)
             listed[split] = list(dict.fromkeys(n for n in re.split(r"[,\s]+", text) if n))
         elif tree is not None:
             # torchgeo's fixture has no txt files; its cities are the label sub-folders.

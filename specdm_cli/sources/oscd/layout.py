@@ -163,7 +163,7 @@ def read_dates(images: Tree, name: str) -> dict[str, str] | None:
     rel = f"{name}/dates.txt"
     if not images.has(rel):
         return None
-    lines = [line for line in read_text(images.source(rel)).splitlines() if line.strip()]
+    lines = [line for line in read_text(images, rel).splitlines() if line.strip()]
     dates: dict[str, str] = {}
     for i, line in enumerate(lines, start=1):
         key, sep, value = line.partition(":")
