@@ -41,6 +41,7 @@ def to_fp16(folder: Path) -> None:
 
 def export(run: Path, target: Path) -> None:
     manifest = load_run(run)
+    before = {name: dict(stage.weights) for name, stage in manifest.stages.items()}
     if target.exists():
         shutil.rmtree(target)
     target.mkdir(parents=True)
@@ -52,11 +53,20 @@ def export(run: Path, target: Path) -> None:
                 shutil.copytree(source, target / stage.checkpoint / part)
                 to_fp16(target / stage.checkpoint / part)
         stage.weights = weights_digests(target, target / stage.checkpoint)
+    # A stage names the weights it was made from (the U-Net its VAE's, a student its teacher's):
+    # they are the fp16 copies now.
+    for name, key, source in (
+        ("diffusion", "vae_weights", "vae"),
+        ("distill", "teacher_weights", "diffusion"),
+    ):
+        details = manifest.stages[name].details if name in manifest.stages else {}
+        if details.get(key) == before.get(source):
+            details[key] = manifest.stages[source].weights
     manifest.source_store = (
         f"demo scenes (examples/train_demo_models.sh), run {run.name}, fp16 weights"
     )
     save_run(target, manifest)
-    load_run(target)  # verifies every digest
+    assert load_run(target).can_sample()  # verifies every digest and that the stages still match
 
 
 def main() -> None:

@@ -13,6 +13,7 @@ import zarr
 from safetensors.torch import load_file
 
 from tests.conftest import PAPER_LOSS, prepare_demo, run_cli
+from tests.fault_tools import assert_one_error_line
 
 VAE = ("--image-blocks", "8,16,16", "--mask-blocks", "8,8,16", "--norm-groups", "4",
        *PAPER_LOSS,
@@ -82,6 +83,29 @@ def test_the_outcome_line_agrees_with_the_json_summary(vae_run: Path, tmp_path: 
         f"{summary['state']}: {summary['run']} at step 2 (latent cache built, "
         f"val loss {summary['val_loss']:.4f})"
     )
+
+
+def test_a_unet_of_an_earlier_vae_is_not_sampled_but_retrained(
+    vae_run: Path, tmp_path: Path
+) -> None:
+    # fit-vae --resume --steps more changes the VAE under a finished U-Net: its samples would
+    # decode through a VAE it never saw, and fit-diffusion used to answer "already complete".
+    run = copy_run(vae_run, tmp_path / "run")
+    assert diffuse(run, "--steps", "2")[0] == 0
+    store = json.loads((run / "run.json").read_text())["source_store"]
+    code, _, stderr = run_cli("fit-vae", store, "--run", run, *VAE, "--steps", "10", "--resume")
+    assert code == 0, stderr
+    synth = ("synthesize", "--model", run, "--n", "2", "--steps", "1", "--quiet")
+    code, _, stderr = run_cli(*synth, "--out", tmp_path / "stale.zarr")
+    assert_one_error_line(code, stderr, 4, "learned the latents of an earlier VAE")
+    assert not (tmp_path / "stale.zarr").exists()
+    loud = tuple(option for option in UNET if option != "--quiet")
+    code, stdout, stderr = run_cli("fit-diffusion", run, *loud, "--steps", "2", "--json")
+    assert code == 0 and json.loads(stdout)["state"] == "trained", stderr
+    assert "learned the latents of an earlier VAE: training a new one" in stderr
+    stages = json.loads((run / "run.json").read_text())["stages"]
+    assert stages["diffusion"]["details"]["vae_weights"] == stages["vae"]["weights"]
+    assert run_cli(*synth, "--out", tmp_path / "fresh.zarr")[0] == 0
 
 
 def test_the_unet_sees_centred_unit_latents(vae_run: Path, tmp_path: Path) -> None:

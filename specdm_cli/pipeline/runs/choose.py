@@ -100,6 +100,8 @@ def _shortfall(run: Path, for_masks: bool = False) -> tuple[bool, str] | None:
         if stage is None or not stage.finished:
             step = stage.step if stage is not None else 0
             return False, f"unfinished ({name} stopped at step {step})"
+    if manifest.stale_unet():
+        return False, "its U-Net learned an earlier VAE's latents (run fit-diffusion again)"
     if for_masks and manifest.diffusion_details().mask_condition is None:
         return False, "not mask-conditioned"
     for name, (presets, label) in _RECIPES.items():
@@ -117,6 +119,12 @@ def _shortfall(run: Path, for_masks: bool = False) -> tuple[bool, str] | None:
 
 def _loaded(path: Path, kind: str, why: str = "") -> ChosenModel:
     manifest = load_run(path)
+    if manifest.stale_unet():
+        raise ModelError(
+            "the run's U-Net learned the latents of an earlier VAE (fit-vae went on after it)",
+            path,
+            "run `specdm fit-diffusion RUN` again",
+        )
     if not manifest.can_sample():
         raise ModelError(
             "the run cannot sample yet", path, "finish `specdm fit-vae` and `specdm fit-diffusion`"

@@ -67,6 +67,8 @@ class DiffusionDetails(BaseModel):
     learning_rate: float | None = None
     cached_views: int | None = None
     mask_condition: MaskCondition | None = None  # None: an unconditioned U-Net (older runs too)
+    # The VAE stage's weights whose latents it learned; None in runs made before it was kept.
+    vae_weights: dict[str, str] | None = None
 
     def shift(self) -> list[float]:
         return (
@@ -118,10 +120,19 @@ class RunManifest(BaseModel):
         return DistillDetails.model_validate(self.stages["distill"].details)
 
     def can_sample(self) -> bool:
-        """Both stages finished: the run can synthesize."""
-        return all(
+        """Both stages finished, the U-Net on the VAE's latents: the run can synthesize."""
+        finished = all(
             name in self.stages and self.stages[name].finished for name in ("vae", "diffusion")
         )
+        return finished and not self.stale_unet()
+
+    def stale_unet(self) -> bool:
+        """The U-Net learned the latents of an earlier VAE of this run (fit-vae went on after
+        fit-diffusion), so its samples would decode through a VAE it never saw."""
+        if "vae" not in self.stages or "diffusion" not in self.stages:
+            return False
+        learned = self.stages["diffusion"].details.get("vae_weights")
+        return learned is not None and learned != self.stages["vae"].weights
 
 
 def load_run(run: Path, verify: bool = True) -> RunManifest:

@@ -240,6 +240,7 @@ class DiffusionTrainer:
             "learning_rate": self.config.learning_rate(),
             "cached_views": len(self.cache),
             "options": self.config.model_dump(mode="json"),  # what a --resume starts from
+            "vae_weights": load_run(self.run, verify=False).stages["vae"].weights,
             **self.condition_record,
         }
         identity = self.config.training_identity()
@@ -298,7 +299,7 @@ def fit_diffusion(
     with runs.RunLock(run):
         # Read and verified under the lock: another writer may be committing a checkpoint.
         manifest = load_run(run)
-        stage = _check_stages(run, manifest, request)
+        stage = _check_stages(run, manifest, request, warn)
         if stage is not None and stage.finished and stage.step >= request.config.steps:
             return FitDiffusionSummary(
                 str(run), "already complete", stage.step, request.config.steps, 0.0, 0.0, "kept"
@@ -325,7 +326,9 @@ def fit_diffusion(
     return summary
 
 
-def _check_stages(run: Path, manifest: RunManifest, request: FitDiffusionRequest) -> Any:
+def _check_stages(
+    run: Path, manifest: RunManifest, request: FitDiffusionRequest, warn: Callable[[str], None]
+) -> Any:
     """The diffusion stage to resume (or None); refusals for a missing VAE or a wrong resume."""
     vae_stage = manifest.stages.get("vae")
     if vae_stage is None or not vae_stage.finished:
@@ -334,6 +337,10 @@ def _check_stages(run: Path, manifest: RunManifest, request: FitDiffusionRequest
         )
     stage = manifest.stages.get("diffusion")
     if stage is None or stage.checkpoint is None:
+        return None
+    if manifest.stale_unet():
+        # Nothing of it carries over to the new latents; its checkpoint goes at the first new one.
+        warn("the run's U-Net learned the latents of an earlier VAE: training a new one")
         return None
     identity = request.config.training_identity()
     if stage.finished and stage.step >= request.config.steps and stage.config == identity:
