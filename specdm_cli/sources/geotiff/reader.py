@@ -219,6 +219,8 @@ def _gdal_masked(src: Any, window: Window, nodata_overridden: bool) -> np.ndarra
     if all(MaskFlags.all_valid in band for band in flags):
         return None
     stored = any(MaskFlags.per_dataset in band for band in flags)
-    if not stored and (nodata_overridden or not any(MaskFlags.nodata in band for band in flags)):
+    tagged = any(MaskFlags.nodata in band for band in flags)
+    # An integer tag matches exactly by `==`: GDAL's mask would only read the window again.
+    if not stored and (nodata_overridden or not tagged or np.dtype(src.dtypes[0]).kind != "f"):
         return None
     return np.asarray((src.read_masks(window=window) == 0).any(axis=0))
