@@ -145,14 +145,14 @@ class DiffusionTrainer:
         world: int = 1,
         run: Path | None = None,
         val: np.ndarray | None = None,
-        condition_record: dict[str, Any] | None = None,  # run.json's mask_condition, if any
+        recorded: dict[str, Any] | None = None,  # details fixed for the whole training
     ):
         self.cache, self.config, self.device = cache, config, device
         self.rank, self.world = rank, world
         self.run = run
         self.val = val if val is not None else np.zeros((0,), dtype=np.float32)
         self.mask_channels = max(0, unet_cfg.condition_channels - 1)
-        self.condition_record = condition_record or {}
+        self.recorded = recorded or {}
         torch.manual_seed(config.seed)
         self.unet = build_unet(unet_cfg).to(device).train()
         self.net: Any = self.unet
@@ -240,8 +240,7 @@ class DiffusionTrainer:
             "learning_rate": self.config.learning_rate(),
             "cached_views": len(self.cache),
             "options": self.config.model_dump(mode="json"),  # what a --resume starts from
-            "vae_weights": load_run(self.run, verify=False).stages["vae"].weights,
-            **self.condition_record,
+            **self.recorded,
         }
         identity = self.config.training_identity()
         plain = json.loads(json.dumps(details, default=str))
@@ -281,7 +280,9 @@ class _Job:
     checkpoint: str | None
     start: int
     val: np.ndarray  # validation latents (posterior means), possibly empty
-    condition: dict[str, Any] = field(default_factory=dict)  # mask_condition_details
+    # run.json's details that the training does not change: the VAE weights whose latents the
+    # U-Net learns (a later fit-vae makes it stale) and mask_condition_details.
+    recorded: dict[str, Any] = field(default_factory=dict)
 
 
 def fit_diffusion(
@@ -310,8 +311,11 @@ def fit_diffusion(
         checkpoint = stage.checkpoint if stage is not None else None
         start = stage.step if checkpoint else 0
         unet = unet_config(request.config, cache.mean.shape[1], size, extra)
-        condition = mask_condition_details(manifest, unet, request.config.mask_condition_rate)
-        job = _Job(run, request.config, unet, checkpoint, start, val, condition)
+        recorded = {
+            "vae_weights": manifest.stages["vae"].weights,
+            **mask_condition_details(manifest, unet, request.config.mask_condition_rate),
+        }
+        job = _Job(run, request.config, unet, checkpoint, start, val, recorded)
         steps = request.config.steps
         told = estimating(progress, warn, "fit-diffusion", f"preset {request.config.preset}")
         summary = launch(devices, _rank_main, job, stop, told) or FitDiffusionSummary(
@@ -364,7 +368,7 @@ def _rank_main(
     """One rank: open the cache, build or restore the U-Net, wrap for data parallelism, train."""
     cache = open_cache(job.run)
     trainer = DiffusionTrainer(
-        cache, job.config, job.unet, device, rank, world, job.run, job.val, job.condition
+        cache, job.config, job.unet, device, rank, world, job.run, job.val, job.recorded
     )
     if job.checkpoint is not None:
         restore_unet_training(job.run / job.checkpoint, trainer, device)
