@@ -129,13 +129,13 @@ def read_segmunich(raw: Path | None, options: PrepareOptions) -> SourcePlan:
     load = functools.partial(
         _load, height=height, width=width, nodata=options.nodata, label_nodata=options.label_nodata
     )
-    warnings = [
+    notes = [
         f"split {split!r} is read from {folder.name}/ (no {split}/ folder): the two names "
         "are used for one split"
         for split, folder in folders.items()
         if folder.name != split
     ]
-    return SourcePlan(spec=spec, candidates=candidates, load=load, warnings=warnings)
+    return SourcePlan(spec=spec, candidates=candidates, load=load, warnings=notes)
 
 
 def _quiet_logger(name: str) -> None:
