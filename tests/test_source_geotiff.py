@@ -14,6 +14,7 @@ import pytest
 import rasterio
 from PIL import Image
 from rasterio.crs import CRS
+from rasterio.enums import ColorInterp
 from rasterio.transform import from_origin
 
 from specdm_cli.errors import InputDataError
@@ -37,6 +38,11 @@ from tests.fixtures.geotiff_folder import (
 def _read(path: Path, band: int | None = None) -> np.ndarray:
     with rasterio.open(path) as src:
         return np.asarray(src.read(band) if band else src.read())
+
+
+def _geo(path: Path) -> dict[str, object]:
+    with rasterio.open(path) as src:
+        return {"crs": src.crs, "transform": src.transform}
 
 
 def _plan(root: Path, **options: object) -> SourcePlan:
@@ -310,6 +316,58 @@ def test_an_internal_mask_is_nodata_whatever_the_nodata_option(tmp_path: Path) -
         assert (sample.arrays["mask"][:, :3] == 255).all(), options
 
 
+def test_an_alpha_band_is_the_mask_of_the_others_not_a_band(tmp_path: Path) -> None:
+    # An RGBA export beside plain RGB tiles: its fourth band says where the image is valid.
+    root = make_geotiff_folder(tmp_path / "raw", n=2, bands=3, codes=[1, 2])
+    path = root / "images" / "tile_00.tif"
+    rgb = _read(path)
+    alpha = np.full(rgb.shape[1:], 255, rgb.dtype)
+    alpha[:, :5] = 0
+    write_image(path, np.concatenate([rgb, alpha[None]]), _geo(path))
+    with rasterio.open(path, "r+") as dst:
+        dst.colorinterp = [ColorInterp.red, ColorInterp.green, ColorInterp.blue, ColorInterp.alpha]
+    plan = _plan(root)
+    assert len(plan.spec.bands) == 3
+    sample = plan.load(plan.candidates[0])
+    assert sample.arrays["image"].shape[0] == 3
+    assert sample.nodata_pixels == 5 * 24
+    assert (sample.arrays["mask"][:, :5] == 255).all() and (
+        sample.arrays["mask"][:, 5:] != 255
+    ).all()
+    np.testing.assert_array_equal(sample.arrays["image"][:, :, 5:], rgb[:, :, 5:])
+
+
+def test_scale_and_offset_tags_give_one_unit_across_tiles(tmp_path: Path) -> None:
+    # Two conventions for one reflectance: DN x 1e-4 (offset 0) and (DN - 1000) x 1e-4, as
+    # Sentinel-2 L2A before and after 2022; the store must hold the same values for both.
+    root = make_geotiff_folder(tmp_path / "raw", n=2, bands=2, codes=[1, 2])
+    old, new = root / "images" / "tile_00.tif", root / "images" / "tile_01.tif"
+    reflectance_dn = _read(old)
+    reflectance_dn[:, 0, 0] = 0  # the tag's nodata: a raw value, matched before scaling
+    write_image(old, reflectance_dn, _geo(old), nodata=0)
+    shifted_dn = reflectance_dn + 1000
+    shifted_dn[:, 0, 0] = 0
+    write_image(new, shifted_dn, _geo(new), nodata=0)
+    for path, offset in ((old, 0.0), (new, -0.1)):
+        with rasterio.open(path, "r+") as dst:
+            dst.scales, dst.offsets = (1e-4, 1e-4), (offset, offset)
+    plan = _plan(root)
+    assert plan.spec.dtype == "float32"
+    assert "scale" in plan.spec.details["values"]
+    first, second = (plan.load(c) for c in plan.candidates)
+    np.testing.assert_allclose(first.arrays["image"], second.arrays["image"], atol=1e-6)
+    valid = first.arrays["mask"] != 255
+    np.testing.assert_allclose(
+        first.arrays["image"][:, valid], reflectance_dn[:, valid] * 1e-4, rtol=1e-6
+    )
+    assert first.nodata_pixels == second.nodata_pixels == 1
+
+
+def test_files_without_scale_or_offset_keep_their_values_and_dtype(tmp_path: Path) -> None:
+    plan = _plan(make_geotiff_folder(tmp_path / "raw", n=1, bands=2))
+    assert plan.spec.dtype == "uint16" and "values" not in plan.spec.details
+
+
 def test_reads_a_specdm_geotiff_export_back(tmp_path: Path) -> None:
     root = make_geotiff_folder(tmp_path / "export", n=2, codes=[0, 1, 2], bands=2)
     (root / ".specdm" / "written").mkdir(parents=True)
@@ -397,6 +455,15 @@ def _mask_size(root: Path, _: Path) -> Path:
     return path
 
 
+def _mask_with_alpha(root: Path, _: Path) -> Path:
+    path = root / "masks" / "tile_01.tif"
+    codes = _read(path)[0]
+    write_image(path, np.stack([codes, np.full_like(codes, 255)]), _geo(path))
+    with rasterio.open(path, "r+") as dst:
+        dst.colorinterp = [ColorInterp.gray, ColorInterp.alpha]
+    return path
+
+
 def _corrupt_tiff(root: Path, _: Path) -> Path:
     path = root / "images" / "tile_03.tif"
     path.write_bytes(b"II*\x00garbage" * 10)
@@ -454,6 +521,7 @@ def _duplicate_class_code(root: Path, _: Path) -> Path:
         (_wrong_band_count, "expected 5 bands, found 4"),
         (_wrong_dtype, "expected dtype uint16, found float32"),
         (_mask_size, "differs from its image"),
+        (_mask_with_alpha, "label file has 2 bands, expected 1"),
         (_corrupt_tiff, "corrupt"),
         (_other_crs, "CRS EPSG:4326"),
         (_mask_in_another_crs, "differs from its image's EPSG:32632"),

@@ -223,7 +223,7 @@ def test_each_gdal_format_alone_names_its_bands(tmp_path: Path) -> None:
     assert [raster_stem(p) for p in rasters] == ["envi_bare", "envi_img", "jpeg2000", "virtual"]
     for path in rasters:
         stem = raster_stem(path)
-        bands = read_bands(path, 4)
+        bands = read_bands(path)
         assert [b.name for b in bands] == expected, stem
         assert bands[0].wavelength_nm == 492.7 and bands[0].fwhm_nm == 66
 
@@ -240,7 +240,7 @@ def test_envi_header_wavelengths_and_path_band_names(tmp_path: Path) -> None:
         + "wavelength units = Micrometers\nwavelength = {0.40, 0.45, 0.50, 0.55, 0.60, 0.65}\n"
         + "fwhm = {0.01, 0.01, 0.01, 0.01, 0.01, 0.01}\n"
     )
-    bands = read_bands(cube, 6)
+    bands = read_bands(cube)
     assert [b.name for b in bands] == [f"cube_band_{i:03d}" for i in range(1, 7)]
     np.testing.assert_allclose([b.wavelength_nm for b in bands], [400, 450, 500, 550, 600, 650])
     assert bands[0].fwhm_nm == 10
@@ -262,7 +262,7 @@ def test_sentinel2_band_spellings(
 ) -> None:
     path = tmp_path / "chip.tif"
     write_raster(path, np.ones((len(names), 4, 4), np.uint16), {}, names)
-    bands = read_bands(path, len(names))
+    bands = read_bands(path)
     assert [b.name for b in bands] == expected
     assert all(b.wavelength_nm == S2_WAVELENGTH_NM[b.name] for b in bands)
     if "B04" in expected:
@@ -273,7 +273,7 @@ def test_a_cube_named_b1_to_b20_is_not_sentinel2(tmp_path: Path) -> None:
     path = tmp_path / "cube.tif"
     names = tuple(f"B{i}" for i in range(1, 21))
     write_raster(path, np.ones((20, 4, 4), np.uint16), {}, names)
-    bands = read_bands(path, 20)
+    bands = read_bands(path)
     assert [b.name for b in bands] == list(names)
     assert all(b.wavelength_nm is None for b in bands) and rgb_bands(bands) is None
 

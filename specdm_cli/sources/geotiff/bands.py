@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from specdm_cli.manifest import Band
-from specdm_cli.sources.geotiff.layout import EXTENSIONS, open_raster
+from specdm_cli.sources.geotiff.layout import EXTENSIONS, data_bands, open_raster
 from specdm_cli.sources.sentinel2 import S2_FWHM_NM, S2_WAVELENGTH_NM, s2_band_name
 
 # "B04 (664.6 nm)", "664.6 nm", "Band 3: 0.56 um": a number followed by a length unit.
@@ -18,7 +18,7 @@ _RGB_TOLERANCE_NM = 40.0
 _ABSOLUTE = re.compile(r"^(/|\\\\|[A-Za-z]:[\\/])")  # /x, \\server\x, C:\x
 
 
-def read_bands(path: Path, count: int) -> list[Band]:
+def read_bands(path: Path) -> list[Band]:
     """Band names and wavelengths from the descriptions and tags of `path`.
 
     A band named by a file path (as `gdalbuildvrt -separate` and ENVI band names leave them)
@@ -26,7 +26,7 @@ def read_bands(path: Path, count: int) -> list[Band]:
     `B8a`, `..._B02`) takes the canonical names and the S2 wavelengths.
     """
     with open_raster(path) as src:
-        bands = _as_sentinel2([_band(src, index) for index in range(1, count + 1)])
+        bands = _as_sentinel2([_band(src, index) for index in data_bands(src)])
     names = [b.name for b in bands]
     # Band names are xarray coordinates: make repeats unique rather than lose a band.
     return [

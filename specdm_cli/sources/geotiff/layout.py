@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 import rasterio
 from rasterio.crs import CRS
+from rasterio.enums import ColorInterp
 from rasterio.errors import RasterioError
 
 from specdm_cli.errors import InputDataError
@@ -36,12 +37,14 @@ class Header:
     """Facts of one file read from its header at open time."""
 
     path: Path
-    count: int
+    count: int  # data bands: an alpha band is GDAL's mask of the others, not a band of the image
     dtype: str
     height: int
     width: int
     crs: str | None
     grid: tuple[float, ...] | None = None  # the pixel-to-CRS transform (a..f) when georeferenced
+    scaled: bool = False  # a band carries a GDAL scale or offset: values = raw x scale + offset
+    alpha: bool = False  # an alpha band, left out of `count`
 
 
 def infer_task(root: Path) -> Task:
@@ -137,7 +140,25 @@ def _header(path: Path) -> Header:
     with open_raster(path) as src:
         crs = None if src.crs is None else _crs_name(src.crs.to_wkt())
         grid = None if crs is None else tuple(src.transform)[:6]
-        return Header(path, src.count, str(src.dtypes[0]), src.height, src.width, crs, grid)
+        bands = data_bands(src)
+        scales, offsets = band_scaling(src, bands)
+        scaled = bool((scales != 1).any() or (offsets != 0).any())
+        dtype = str(src.dtypes[bands[0] - 1]) if bands else str(src.dtypes[0])
+        alpha = len(bands) < src.count
+        return Header(path, len(bands), dtype, src.height, src.width, crs, grid, scaled, alpha)
+
+
+def data_bands(src: Any) -> list[int]:
+    """The 1-based indexes of the bands that hold values: all but an alpha band (an RGBA
+    export's fourth band), which GDAL reads as the mask of the others."""
+    return [i + 1 for i, kind in enumerate(src.colorinterp) if kind != ColorInterp.alpha]
+
+
+def band_scaling(src: Any, bands: list[int]) -> tuple[np.ndarray, np.ndarray]:
+    """(scales, offsets) of `bands` as GDAL gives them (1 and 0 where a file sets none)."""
+    scales = np.array([src.scales[i - 1] for i in bands], dtype=np.float64)
+    offsets = np.array([src.offsets[i - 1] for i in bands], dtype=np.float64)
+    return scales, offsets
 
 
 @functools.lru_cache(maxsize=16)
@@ -161,9 +182,9 @@ def check_stem(paths: dict[str, Path], task: Task) -> Header:
             )
     for other in [*images[1:], label]:
         _same_grid(images[0], other)
-    if label.count != 1:
+    if label.count != 1 or label.alpha:
         raise InputDataError(
-            f"label file has {label.count} bands, expected 1",
+            f"label file has {label.count + label.alpha} bands, expected 1",
             label.path,
             "save labels as one band of class codes",
         )
@@ -227,11 +248,13 @@ def check_all(headers: dict[str, Header]) -> str | None:
     return first.crs
 
 
-def output_dtype(dtype: str, path: Path) -> str:
+def output_dtype(dtype: str, path: Path, scaled: bool = False) -> str:
+    """The store's image dtype: the files' own, float32 for float64 or for values a scale or
+    offset turns into physical units (e.g. reflectance = DN x 0.0001 - 0.1)."""
     kind = np.dtype(dtype).kind
     if kind not in "uif":
         raise InputDataError(
             f"unsupported image data type {dtype}", path, "convert to an integer or float type"
         )
     # float64 carries no information reflectance needs and doubles the store.
-    return "float32" if dtype == "float64" else dtype
+    return "float32" if dtype == "float64" or scaled else dtype

@@ -42,8 +42,10 @@ from specdm_cli.sources.geotiff.classes import label_values, resolve_classes
 from specdm_cli.sources.geotiff.layout import (
     Files,
     Header,
+    band_scaling,
     check_all,
     check_stem,
+    data_bands,
     infer_task,
     open_raster,
     output_dtype,
@@ -69,6 +71,19 @@ class _Context:
     nodata: float | None
     label_nodata: float | None
     georeferenced: bool
+    scaled: bool  # some file scales or offsets its values: every image is read in physical units
+
+
+@dataclass(frozen=True)
+class _Window:
+    """One window of one file: its values and what its header says about them."""
+
+    values: np.ndarray  # (bands, H, W) raw, clipped to the file
+    nodata: float | None
+    transform: Any
+    masked: np.ndarray | None  # (H, W) pixels GDAL masks out; None: none can be
+    scales: np.ndarray
+    offsets: np.ndarray
 
 
 def read_geotiff(raw: Path | None, options: PrepareOptions) -> SourcePlan:
@@ -104,13 +119,14 @@ def read_geotiff(raw: Path | None, options: PrepareOptions) -> SourcePlan:
     # Planned from the headers before any pixel is read, the class scan included.
     candidates = _candidates(headers, splits, height, width, options)
     classes, classes_from = resolve_classes(root, options, task, files)
-    bands = read_bands(first.path, first.count)
+    bands = read_bands(first.path)
+    scaled = any(h.scaled for h in headers.values())
     spec = SourceSpec(
         dataset="geotiff",
         task=task,
         bands=bands,
         classes=classes,
-        dtype=output_dtype(first.dtype, first.path),
+        dtype=output_dtype(first.dtype, first.path, scaled),
         height=height,
         width=width,
         crs=crs,
@@ -121,12 +137,17 @@ def read_geotiff(raw: Path | None, options: PrepareOptions) -> SourcePlan:
             "classes_from": classes_from,
             "splits_from": splits_from,
             "label_codes": {str(c.code): c.index for c in classes},
+            **(
+                {"values": "raw x scale + offset (the files' GDAL scale and offset)"}
+                if scaled
+                else {}
+            ),
         },
     )
     codes = tuple(int(str(c.code)) for c in classes)
     context = _Context(
         task, files, codes, height, width, spec.dtype, options.nodata, options.label_nodata,
-        bool(crs),
+        bool(crs), scaled,
     )  # fmt: skip
     return SourcePlan(spec=spec, candidates=candidates, load=functools.partial(_load, ctx=context))
 
@@ -168,24 +189,29 @@ def _load(candidate: Candidate, *, ctx: _Context) -> RawSample:
     stem, y, x = candidate.ref
     paths = ctx.files[stem]
     label_name = LABEL_ARRAY[ctx.task]
-    raw_label, file_label_nodata, _, _ = _read_window(paths[label_name], y, x, ctx)
+    raw_label = _read_window(paths[label_name], y, x, ctx)
     # --label-nodata overrides the mask's tag, as --nodata does the image's.
-    label_nodata = ctx.label_nodata if ctx.label_nodata is not None else file_label_nodata
-    label = remap_labels(label_values(raw_label[0], label_nodata), ctx.codes, paths[label_name])
+    label_nodata = ctx.label_nodata if ctx.label_nodata is not None else raw_label.nodata
+    label = remap_labels(
+        label_values(raw_label.values[0], label_nodata), ctx.codes, paths[label_name]
+    )
     arrays: dict[str, np.ndarray] = {}
     invalid = np.zeros(label.shape, dtype=bool)
-    label_invalid = label_nodata_mask(raw_label[0], label_nodata)
+    label_invalid = label_nodata_mask(raw_label.values[0], label_nodata)
     bounds = None
     for name in array_names(ctx.task)[:-1]:
-        image, file_nodata, transform, masked = _read_window(paths[name], y, x, ctx, masks=True)
-        image = image.astype(ctx.dtype, copy=False)
+        window = _read_window(paths[name], y, x, ctx, masks=True)
+        image = window.values.astype(ctx.dtype, copy=False)
         # --nodata overrides the file's tag, as GDAL's -srcnodata does; NaN tags declare NaN.
-        nodata = ctx.nodata if ctx.nodata is not None else file_nodata
-        mask, _ = apply_nodata(image, label, nodata, paths[name], masked=masked)
+        nodata = ctx.nodata if ctx.nodata is not None else window.nodata
+        # Nodata is a raw value (as GDAL's tag is), so pixels are matched before any scaling.
+        mask, _ = apply_nodata(image, label, nodata, paths[name], masked=window.masked)
+        if ctx.scaled:
+            image = _physical(image, window)
         invalid |= mask
         arrays[name] = pad_image_as_nodata(image, mask, ctx.height, ctx.width)
         if ctx.georeferenced and bounds is None:
-            bounds = patch_bounds(transform, y, x, ctx.height, ctx.width)
+            bounds = patch_bounds(window.transform, y, x, ctx.height, ctx.width)
     arrays[label_name] = pad_to(label, ctx.height, ctx.width, IGNORE_INDEX)
     return RawSample(
         candidate.source_id,
@@ -197,17 +223,26 @@ def _load(candidate: Candidate, *, ctx: _Context) -> RawSample:
     )
 
 
-def _read_window(
-    path: Path, y: int, x: int, ctx: _Context, masks: bool = False
-) -> tuple[np.ndarray, float | None, Any, np.ndarray | None]:
-    """(bands, H, W) of one window (clipped to the file), the file's nodata and transform, and
-    with `masks` the (H, W) pixels GDAL masks out (None: none can be)."""
+def _physical(image: np.ndarray, window: _Window) -> np.ndarray:
+    """Raw values in the units the file's scale and offset give, per band (float32): tiles
+    written with other scales or offsets (e.g. Sentinel-2 L2A before and after its -1000
+    offset of 2022) then agree in the store."""
+    scaled = image.astype(np.float64) * window.scales[:, None, None] + window.offsets[:, None, None]
+    physical: np.ndarray = scaled.astype(np.float32)
+    return physical
+
+
+def _read_window(path: Path, y: int, x: int, ctx: _Context, masks: bool = False) -> _Window:
+    """One window of the file's data bands (clipped to the file), and with `masks` the pixels
+    GDAL masks out."""
     with open_raster(path) as src:
         window = Window(x, y, min(ctx.width, src.width - x), min(ctx.height, src.height - y))
+        bands = data_bands(src)
         # A fresh array of the window only: memory stays flat however large the file.
-        values = np.asarray(src.read(window=window))
+        values = np.asarray(src.read(bands, window=window))
         masked = _gdal_masked(src, window, ctx.nodata is not None) if masks else None
-        return values, src.nodata, src.transform, masked
+        scales, offsets = band_scaling(src, bands)
+        return _Window(values, src.nodata, src.transform, masked, scales, offsets)
 
 
 def _gdal_masked(src: Any, window: Window, nodata_overridden: bool) -> np.ndarray | None:
