@@ -45,13 +45,22 @@ def test_segmunich_official_layout_end_to_end(tmp_path: Path) -> None:
     assert list(np.asarray(group["source_id"][:2])) == ["train/1", "train/2"]
 
 
-def test_segmunich_gfm_layout(tmp_path: Path) -> None:
-    raw = make_segmunich(tmp_path / "raw", layout="gfm", wrap="SegMunich")
+@pytest.mark.parametrize(
+    ("layout", "name", "splits"),
+    [("gfm", "gfm-bench", {"train": 3, "test": 2}), ("mmseg", "mmseg", {"train": 3, "val": 2})],
+)
+def test_segmunich_gfm_and_mmseg_layouts(
+    tmp_path: Path, layout: str, name: str, splits: dict[str, int]
+) -> None:
+    raw = make_segmunich(tmp_path / "raw", layout=layout, wrap="SegMunich")
     code, stdout, stderr = run_cli(
         "prepare", "segmunich", raw, "--out", tmp_path / "g.zarr", "--json", "--quiet"
     )
     assert code == 0, stderr
-    assert json.loads(stdout)["split_counts"] == {"train": 3, "test": 2}
+    assert json.loads(stdout)["split_counts"] == splits
+    manifest = json.loads((tmp_path / "g.zarr" / "manifest.json").read_text())
+    assert manifest["source"]["details"]["layout"] == name
+    assert len(manifest["classes"]) == 13
 
 
 def test_blank_and_background_filters_are_counted(tmp_path: Path) -> None:

@@ -70,6 +70,59 @@ def test_official_layout_lists_splits_in_order_and_loads_file_values(tmp_path: P
     assert mask.max() < 13 and sample.nodata_pixels == 0
 
 
+@pytest.mark.parametrize("wrap", ["SegMunich", None])
+def test_dofa_mmseg_layout_reads_png_class_indices(tmp_path: Path, wrap: str | None) -> None:
+    # DOFA's copy (datasets.md 1.6): img_dir/ and ann_dir/ per split, labels already indices.
+    plan = _open(make_segmunich(tmp_path, layout="mmseg", wrap=wrap))
+    tree = tmp_path / wrap if wrap else tmp_path
+    assert [c.source_id for c in plan.candidates] == [
+        "train/1",
+        "train/2",
+        "train/3",
+        "val/4",
+        "val/5",
+    ]
+    assert plan.spec.details["layout"] == "mmseg"
+    assert plan.spec.details["splits"] == ["train", "val"]
+    assert [c.code for c in plan.spec.classes] == list(range(13))
+    assert [c.name for c in plan.spec.classes][:2] == ["Background", "Arable land"]
+    sample = plan.load(plan.candidates[3])
+    on_disk = np.asarray(Image.open(tree / "ann_dir" / "val" / "4.png"))
+    np.testing.assert_array_equal(sample.arrays["mask"], on_disk)
+    # The same pixels as the official layout's raw codes, remapped: one class table.
+    official_plan = _open(make_segmunich(tmp_path / "official"))
+    official = official_plan.load(official_plan.candidates[3])
+    np.testing.assert_array_equal(sample.arrays["mask"], official.arrays["mask"])
+    np.testing.assert_array_equal(sample.arrays["image"], official.arrays["image"])
+
+
+def test_mmseg_palette_png_labels_are_their_indices(tmp_path: Path) -> None:
+    make_segmunich(tmp_path, layout="mmseg", wrap=None)
+    path = tmp_path / "ann_dir" / "train" / "1.png"
+    indices = np.asarray(Image.open(path))
+    paletted = Image.fromarray(indices, mode="P")
+    paletted.putpalette([v for i in range(256) for v in (i * 7 % 256, i * 13 % 256, i)])
+    paletted.save(path)
+    plan = _open(tmp_path)
+    np.testing.assert_array_equal(plan.load(plan.candidates[0]).arrays["mask"], indices)
+
+
+def test_mmseg_image_without_its_label_is_named(tmp_path: Path) -> None:
+    make_segmunich(tmp_path, layout="mmseg", wrap=None)
+    (tmp_path / "ann_dir" / "val" / "5.png").unlink()
+    err = _input_error(tmp_path, "listed in split 'val' is missing")
+    assert err.path == tmp_path / "ann_dir" / "val" / "5.png"
+
+
+def test_mmseg_label_that_is_not_a_png_is_named(tmp_path: Path) -> None:
+    make_segmunich(tmp_path, layout="mmseg", wrap=None)
+    (tmp_path / "ann_dir" / "train" / "2.png").write_bytes(b"not a png")
+    plan = _open(tmp_path)
+    with pytest.raises(InputDataError, match="corrupt or truncated PNG") as info:
+        plan.load(plan.candidates[1])
+    assert info.value.path == tmp_path / "ann_dir" / "train" / "2.png"
+
+
 @pytest.mark.parametrize(("listed", "folder"), [("val", "test"), ("test", "val")])
 def test_val_and_test_name_one_split(tmp_path: Path, listed: str, folder: str) -> None:
     # The official code reads test, the unpacked archive of third-party tools has val

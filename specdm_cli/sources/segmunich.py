@@ -1,4 +1,5 @@
-"""SegMunich reader: the SpectralGPT TUM_128 or GFM-Bench tree in, 10-band float32 samples out."""
+"""SegMunich reader: the SpectralGPT TUM_128, GFM-Bench or DOFA/mmseg tree in, 10-band float32
+samples out."""
 
 from __future__ import annotations
 
@@ -65,8 +66,10 @@ SEGMUNICH_CLASSES: list[ClassInfo] = [
     ClassInfo(index=i, name=name, colour=colour, code=code)
     for i, (name, colour, code) in enumerate(_CLASS_TABLE)
 ]
-# Raw label code of each class, in index order: the remap of datasets.md 1.4 (21->1, ..., 14->10).
-SEGMUNICH_CODES: tuple[int, ...] = tuple(code for _, _, code in _CLASS_TABLE)
+# DOFA's mmseg copy (the earthflow archive, datasets.md 1.6): PNG labels already remapped to
+# the class indices, so a file's code is its index.
+MMSEG_CLASSES: list[ClassInfo] = [c.model_copy(update={"code": c.index}) for c in SEGMUNICH_CLASSES]
+_MMSEG_FOLDERS = ("img_dir", "ann_dir")
 SPLIT_ORDER = ("train", "val", "test")
 _NUM_BANDS = len(SEGMUNICH_BANDS)
 _READ_THREADS = 4  # `prepare --workers`' default: patches read at once
@@ -84,9 +87,10 @@ SplitIds = dict[str, list[str]]
 def read_segmunich(raw: Path | None, options: PrepareOptions) -> SourcePlan:
     """Open a SegMunich tree: find the root, list every sample and check its files exist.
 
-    Accepts the official TUM_128 layout (`dataset/<split>.txt`) and GFM-Bench's
-    (`dataset/metadata.csv` with columns id, source), as the given folder or one folder inside
-    it (e.g. `TUM_128/`, `SegMunich/`). Only the first image's header is read here.
+    Accepts the official TUM_128 layout (`dataset/<split>.txt`), GFM-Bench's
+    (`dataset/metadata.csv` with columns id, source) and DOFA's mmseg copy (`img_dir/<split>/`
+    TIFFs, `ann_dir/<split>/` PNG class indices), as the given folder or one folder inside it
+    (e.g. `TUM_128/`, `SegMunich/`). Only the first image's header is read here.
 
     Args:
         raw: the folder holding `dataset/`, or holding one folder that does.
@@ -95,7 +99,7 @@ def read_segmunich(raw: Path | None, options: PrepareOptions) -> SourcePlan:
     Returns:
         The plan; its `load` is thread-safe and returns `image` (10, H, W) float32 reflectance
         x 10000 and `mask` (H, W) uint8 class indices. `spec.details["label_codes"]` maps each
-        raw code (as a string) to its class index.
+        raw code (as a string) to its class index (mmseg labels hold the indices themselves).
 
     Raises:
         InputDataError: missing folder, split list or file; unreadable first image.
@@ -103,9 +107,13 @@ def read_segmunich(raw: Path | None, options: PrepareOptions) -> SourcePlan:
     # tifffile logs its own warnings for broken files; the InputDataError line says it once.
     _quiet_logger("tifffile")
     root = _find_root(require_dir(raw, "segmunich"))
-    layout, split_ids = _read_split_lists(root / "dataset")
-    folders = {split: _split_folder(root, split, split_ids) for split in split_ids}
-    candidates = _candidates(folders, split_ids, root)
+    if _is_mmseg(root):
+        layout, classes, candidates, folders = "mmseg", MMSEG_CLASSES, _mmseg_candidates(root), {}
+    else:
+        classes = SEGMUNICH_CLASSES
+        layout, split_ids = _read_split_lists(root / "dataset")
+        folders = {split: _split_folder(root, split, split_ids) for split in split_ids}
+        candidates = _candidates(folders, split_ids, root)
     height, width = _image_hw(_read_shape(candidates[0].ref[0]), candidates[0].ref[0])
     # Patches are read whole: a float32 copy and its transpose per band, per reader thread.
     require_whole_read(height, width, _NUM_BANDS * 4 * 2 * _READ_THREADS, candidates[0].ref[0])
@@ -113,7 +121,7 @@ def read_segmunich(raw: Path | None, options: PrepareOptions) -> SourcePlan:
         dataset="segmunich",
         task="ss",
         bands=s2_bands(SEGMUNICH_BANDS),
-        classes=list(SEGMUNICH_CLASSES),
+        classes=list(classes),
         dtype="float32",
         height=height,
         width=width,
@@ -122,13 +130,14 @@ def read_segmunich(raw: Path | None, options: PrepareOptions) -> SourcePlan:
         band_order_source=BAND_ORDER_SOURCE,
         details={
             "layout": layout,
-            "label_codes": {str(c.code): c.index for c in SEGMUNICH_CLASSES},
-            "splits": [s for s in SPLIT_ORDER if split_ids.get(s)],
+            "label_codes": {str(c.code): c.index for c in classes},
+            "splits": [s for s in SPLIT_ORDER if any(c.split == s for c in candidates)],
         },
     )
     load = functools.partial(
-        _load, height=height, width=width, nodata=options.nodata, label_nodata=options.label_nodata
-    )
+        _load, height=height, width=width, nodata=options.nodata,
+        label_nodata=options.label_nodata, codes=tuple(int(str(c.code)) for c in classes),
+    )  # fmt: skip
     notes = [
         f"split {split!r} is read from {folder.name}/ (no {split}/ folder): the two names "
         "are used for one split"
@@ -144,10 +153,18 @@ def _quiet_logger(name: str) -> None:
         logger.addHandler(logging.NullHandler())
 
 
+def _is_mmseg(tree: Path) -> bool:
+    return all((tree / name).is_dir() for name in _MMSEG_FOLDERS)
+
+
+def _is_tree(folder: Path) -> bool:
+    return (folder / "dataset").is_dir() or _is_mmseg(folder)
+
+
 def _find_root(raw: Path) -> Path:
-    if (raw / "dataset").is_dir():
+    if _is_tree(raw):
         return raw
-    inner = [d for d in sorted(raw.iterdir()) if d.is_dir() and (d / "dataset").is_dir()]
+    inner = [d for d in sorted(raw.iterdir()) if d.is_dir() and _is_tree(d)]
     if len(inner) == 1:
         return inner[0]
     if len(inner) > 1:
@@ -160,7 +177,8 @@ def _find_root(raw: Path) -> Path:
         f"extract {archives[0]} here first"
         if archives
         else "pass the folder holding dataset/<split>.txt (or dataset/metadata.csv), "
-        "<split>/img and <split>/label, or the folder containing TUM_128/"
+        "<split>/img and <split>/label (or mmseg's img_dir/ and ann_dir/), or the folder "
+        "containing TUM_128/"
     )
     raise InputDataError("no SegMunich dataset/ folder", raw / "dataset", hint)
 
@@ -252,7 +270,33 @@ def _candidates(folders: dict[str, Path], split_ids: SplitIds, root: Path) -> li
     return candidates
 
 
-def _require_files(folder: Path, ids: Sequence[str], split: str) -> None:
+def _mmseg_candidates(root: Path) -> list[Candidate]:
+    """Every `img_dir/<split>/<id>.tif` with its `ann_dir/<split>/<id>.png`; the splits are the
+    folders there (mmseg's `train` and `val`)."""
+    images, labels = (root / name for name in _MMSEG_FOLDERS)
+    candidates: list[Candidate] = []
+    for split in SPLIT_ORDER:
+        if not (images / split).is_dir():
+            continue
+        ids = sorted(p.stem for p in (images / split).glob("*.tif"))
+        _require_files(labels / split, ids, split, suffix=".png")
+        candidates += [
+            Candidate(
+                f"{split}/{i}", split, (images / split / f"{i}.tif", labels / split / f"{i}.png")
+            )
+            for i in ids
+        ]
+    if not candidates:
+        found = sorted(p.name for p in images.iterdir() if p.is_dir())
+        raise InputDataError(
+            f"no .tif images in img_dir/{{train,val,test}} (folders there: {found})",
+            images,
+            "extract the whole archive: mmseg's img_dir/<split>/<id>.tif and ann_dir/<split>/<id>.png",
+        )
+    return candidates
+
+
+def _require_files(folder: Path, ids: Sequence[str], split: str, suffix: str = ".tif") -> None:
     # One directory listing per folder instead of a stat per file: SegMunich has ~7,000 files.
     try:
         present = {p.name for p in folder.iterdir()}
@@ -262,22 +306,42 @@ def _require_files(folder: Path, ids: Sequence[str], split: str) -> None:
             folder,
             "extract the whole SegMunich archive",
         ) from None
-    missing = [i for i in ids if f"{i}.tif" not in present]
+    missing = [i for i in ids if f"{i}{suffix}" not in present]
     if missing:
         more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
         raise InputDataError(
             f"file listed in split {split!r} is missing{more}",
-            folder / f"{missing[0]}.tif",
-            f"restore the file or remove its id from the {split} split list",
+            folder / f"{missing[0]}{suffix}",
+            f"restore the file or remove its id from the {split} split list"
+            if suffix == ".tif"
+            else "restore the label, or remove its image",
         )
 
 
 def _read_shape(path: Path) -> tuple[int, ...]:
+    if path.suffix.lower() == ".png":
+        return _png_shape(path)
     try:
         with tifffile.TiffFile(path) as tif:
             return tuple(int(n) for n in tif.series[0].shape)
     except _TIFF_ERRORS as exc:
         raise _corrupt(path, exc) from None
+
+
+def _png_shape(path: Path) -> tuple[int, ...]:
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as img:
+            return (
+                img.height,
+                img.width,
+                *([len(img.getbands())] if len(img.getbands()) > 1 else []),
+            )
+    except FileNotFoundError:
+        raise _vanished(path) from None
+    except (UnidentifiedImageError, OSError, ValueError) as exc:
+        raise _corrupt(path, exc, "PNG") from None
 
 
 def _image_hw(shape: tuple[int, ...], path: Path) -> tuple[int, int]:
@@ -302,6 +366,7 @@ def _load(
     width: int,
     nodata: float | None,
     label_nodata: float | None,
+    codes: Sequence[int],
 ) -> RawSample:
     img_path, label_path = candidate.ref
     # Checked from the headers before reading: a file is read whole, whatever size it claims.
@@ -326,7 +391,7 @@ def _load(
     if label_invalid.any():
         wide = raw_label.astype(np.float64 if raw_label.dtype.kind == "f" else np.int64)
         raw_label = np.where(label_invalid, IGNORE_INDEX, wide)
-    mask = remap_labels(raw_label, SEGMUNICH_CODES, label_path)
+    mask = remap_labels(raw_label, codes, label_path)
     invalid, _ = apply_nodata(image, mask, nodata, img_path)
     return RawSample(
         candidate.source_id,
@@ -359,7 +424,7 @@ def _read_image(path: Path) -> np.ndarray:
 
 def _read_label(path: Path) -> np.ndarray:
     try:
-        label = tifffile.imread(path)
+        label = _pil_read(path, None) if path.suffix.lower() == ".png" else tifffile.imread(path)
     except FileNotFoundError:
         raise _vanished(path) from None
     except _TIFF_ERRORS as exc:
@@ -376,14 +441,19 @@ def _read_label(path: Path) -> np.ndarray:
     return label
 
 
-def _pil_read(path: Path, tiff_exc: Exception) -> np.ndarray:
+def _pil_read(path: Path, tiff_exc: Exception | None) -> np.ndarray:
+    """A label through PIL: mmseg's PNGs, or a TIFF tifffile could not read (`tiff_exc`)."""
     from PIL import Image, UnidentifiedImageError
 
     try:
         with Image.open(path) as img:
             return np.asarray(img)
-    except (UnidentifiedImageError, *_TIFF_ERRORS):
-        raise _corrupt(path, tiff_exc) from None
+    except FileNotFoundError:
+        raise _vanished(path) from None
+    except (UnidentifiedImageError, *_TIFF_ERRORS) as exc:
+        raise (
+            _corrupt(path, exc, "PNG") if tiff_exc is None else _corrupt(path, tiff_exc)
+        ) from None
 
 
 def _imread(path: Path) -> np.ndarray:
@@ -419,13 +489,13 @@ def _gdal_read(path: Path) -> np.ndarray | None:
     return None
 
 
-def _corrupt(path: Path, exc: Exception) -> InputDataError:
+def _corrupt(path: Path, exc: Exception, kind: str = "TIFF") -> InputDataError:
     reason = str(exc).splitlines()[0][:120] if str(exc) else type(exc).__name__
     # tifffile decodes LZW, JPEG, ... only with imagecodecs: then the file is fine.
     if "imagecodecs" in reason:
         return InputDataError(f"cannot decode TIFF ({reason})", path, "pip install imagecodecs")
     return InputDataError(
-        f"corrupt or truncated TIFF ({reason})", path, "re-download or remove the file"
+        f"corrupt or truncated {kind} ({reason})", path, "re-download or remove the file"
     )
 
 
