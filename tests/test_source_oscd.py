@@ -160,6 +160,37 @@ def test_folders_extracted_one_level_too_deep_read_alike(raw: Path, tmp_path: Pa
             np.testing.assert_array_equal(deep[source_id].arrays[name], array, err_msg=name)
 
 
+def _merged(raw: Path, images: Path) -> Path:
+    """SpectralGPT's layout: each city's cm/ copied into its image folder, no label folders."""
+    shutil.copytree(raw / IMAGES, images, copy_function=os.link)
+    for labels in (raw / TRAIN_LABELS, raw / TEST_LABELS):
+        for city in labels.iterdir():
+            shutil.copytree(city / "cm", images / city.name / "cm", copy_function=os.link)
+    return images
+
+
+@pytest.mark.parametrize("given", ["parent", "images"])
+def test_change_maps_merged_into_the_city_folders_read_alike(
+    raw: Path, tmp_path: Path, given: str
+) -> None:
+    images = _merged(raw, tmp_path / "merged" / IMAGES)
+    plan = read_oscd(images.parent if given == "parent" else images, SMALL)
+    assert "SpectralGPT" in plan.spec.details["label_layout"]
+    flat, merged = _load_all(read_oscd(raw, SMALL)), _load_all(plan)
+    assert sorted(merged) == sorted(flat) and len(flat) > 0
+    for source_id, sample in flat.items():
+        for name, array in sample.arrays.items():
+            np.testing.assert_array_equal(merged[source_id].arrays[name], array, err_msg=name)
+
+
+def test_merged_change_maps_without_city_lists_is_an_error(raw: Path, tmp_path: Path) -> None:
+    images = _merged(raw, tmp_path / "merged" / IMAGES)
+    for name in ("train.txt", "test.txt"):
+        (images / name).unlink()
+    err = _error(images.parent)
+    assert "no train.txt or test.txt" in str(err) and err.path == images / "train.txt"
+
+
 @pytest.mark.parametrize("zipped", [False, True])
 def test_cities_from_label_folders_when_txt_is_missing(
     tree: Callable[..., Path], zipped: bool

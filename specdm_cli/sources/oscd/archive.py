@@ -107,14 +107,33 @@ class _ZipTree:
 
 
 def open_trees(root: Path) -> tuple[Tree, dict[str, Tree | None]]:
-    """The Images tree and each split's labels tree; labels a download lacks are None."""
+    """The Images tree and each split's labels tree; labels a download lacks are None.
+
+    SpectralGPT's instructions merge the change maps into the images (`<city>/cm/cm.png` beside
+    `imgs_1_rect/`): such a folder, as RAW or as the Images folder in it, is both trees.
+    """
     images = _open_tree(root, IMAGES)
+    if images is None and _holds_change_maps(_DirTree(root)):
+        images = _DirTree(root)
     if images is None:
         raise _missing(root, IMAGES)
     labels = {split: _open_tree(root, stem) for split, stem in LABELS.items()}
     if all(tree is None for tree in labels.values()):
-        raise _missing(root, LABELS["train"])
+        if not _holds_change_maps(images):
+            raise _missing(root, LABELS["train"])
+        labels = {split: images for split in LABELS}
     return images, labels
+
+
+def labels_merged(images: Tree, labels: dict[str, Tree | None]) -> bool:
+    """Whether the change maps lie in the Images tree (SpectralGPT's layout)."""
+    return any(tree is images for tree in labels.values())
+
+
+def _holds_change_maps(tree: Tree) -> bool:
+    """A folder of cities with their images and change maps side by side."""
+    cities = tree.subdirs()
+    return any(tree.has(f"{c}/cm/cm.png") and tree.has_dir(f"{c}/imgs_1_rect") for c in cities)
 
 
 def _open_tree(root: Path, stem: str) -> Tree | None:

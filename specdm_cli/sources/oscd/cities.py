@@ -9,7 +9,7 @@ import numpy as np
 
 from specdm_cli.errors import InputDataError, UsageError
 from specdm_cli.sources.base import PrepareOptions
-from specdm_cli.sources.oscd.archive import FIX_ARCHIVE, LABELS, Tree, read_text
+from specdm_cli.sources.oscd.archive import FIX_ARCHIVE, LABELS, Tree, labels_merged, read_text
 from specdm_cli.sources.oscd.layout import label_rel
 
 CityList = dict[str, list[str]]  # original split (train, test) -> city names
@@ -20,12 +20,19 @@ _VAL_SHARE_RATIO, _VAL_SHARE_MARGIN = 2.0, 0.05
 def list_cities(images: Tree, labels: dict[str, Tree | None]) -> CityList:
     """Cities per original split: Images/<split>.txt, else the label folder's sub-folders."""
     listed: CityList = {}
+    if labels_merged(images, labels) and not any(images.has(f"{s}.txt") for s in labels):
+        # Every city folder is also a label folder: only the lists tell train from test.
+        raise InputDataError(
+            "change maps inside the city folders, but no train.txt or test.txt to split them",
+            images.where("train.txt"),
+            "restore train.txt and test.txt from the OSCD Images archive",
+        )
     for split, tree in labels.items():
         txt = f"{split}.txt"
         if images.has(txt):
             text = read_text(images, txt)
             listed[split] = list(dict.fromkeys(n for n in re.split(r"[,\s]+", text) if n))
-        elif tree is not None:
+        elif tree is not None and tree is not images:
             # torchgeo's fixture has no txt files; its cities are the label sub-folders.
             listed[split] = [n for n in tree.subdirs() if not n.startswith((".", "__"))]
         else:

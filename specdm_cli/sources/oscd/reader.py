@@ -18,7 +18,7 @@ from specdm_cli.sources.base import (
     patch_windows,
     require_dir,
 )
-from specdm_cli.sources.oscd.archive import Tree, open_trees
+from specdm_cli.sources.oscd.archive import Tree, labels_merged, open_trees
 from specdm_cli.sources.oscd.cities import (
     assign_splits,
     choose_cities,
@@ -78,6 +78,8 @@ def read_oscd(raw: Path | None, options: PrepareOptions) -> SourcePlan:
     crs = crs_set.pop() if len(crs_set) == 1 else None
     ctx = Context(images, cities, bands, options.patch_size, options.nodata, crs is not None)
     spec = _spec(ctx, crs, listed, splits, native)
+    if labels_merged(images, labels):
+        spec.details["label_layout"] = "<city>/cm/ inside the image folders (SpectralGPT)"
     candidates = _candidates(ctx, options)
     notes += _native_warning(native)
     share = val_share_warning(Counter(c.ref[0] for c in candidates), splits, options)
