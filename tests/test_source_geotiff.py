@@ -30,6 +30,7 @@ from tests.fixtures.geotiff_folder import (
     make_geotiff_folder,
     stems,
     wavelengths,
+    write_classes,
     write_image,
     write_label,
 )
@@ -110,6 +111,57 @@ def test_classes_file_option_may_declare_absent_codes(tmp_path: Path) -> None:
     raw = _read(root / "masks" / "tile_00.tif", 1)
     mask = plan.load(plan.candidates[0]).arrays["mask"]
     np.testing.assert_array_equal(mask, np.where(raw == 10, 0, 2))
+
+
+def _paint_masks(root: Path, folder: str = "masks") -> dict[int, tuple[int, int, int]]:
+    """Masks re-saved as RGB class colours (as CVAT and other labelling tools export them),
+    PNG for the first, GeoTIFF for the others; returns code -> colour of the classes file."""
+    classes = {c.code: c.colour for c in _plan(root).spec.classes}
+    for path in sorted((root / folder).iterdir()):
+        codes = _read(path)[0]
+        rgb = np.zeros((3, *codes.shape), np.uint8)
+        for code, colour in classes.items():
+            rgb[:, codes == code] = np.array(colour, np.uint8)[:, None]
+        path.unlink()
+        if path.stem.endswith("00"):
+            Image.fromarray(rgb.transpose(1, 2, 0), mode="RGB").save(path.with_suffix(".png"))
+        else:
+            write_image(path, rgb, _geo(root / "images" / path.name))
+    return {int(str(code)): colour for code, colour in classes.items()}
+
+
+def test_rgb_colour_masks_map_through_the_classes_file(tmp_path: Path) -> None:
+    root = make_geotiff_folder(tmp_path / "raw", n=3, classes_file="csv")
+    by_codes = _plan(root)
+    expected = [by_codes.load(c).arrays["mask"] for c in by_codes.candidates]
+    _paint_masks(root)
+    plan = _plan(root)
+    assert plan.spec.details["labels"].startswith("RGB")
+    assert [c.code for c in plan.spec.classes] == [c.code for c in by_codes.spec.classes]
+    for candidate, mask in zip(plan.candidates, expected, strict=True):
+        np.testing.assert_array_equal(plan.load(candidate).arrays["mask"], mask)
+
+
+def test_rgb_colour_masks_need_a_classes_file_with_every_colour(tmp_path: Path) -> None:
+    root = make_geotiff_folder(tmp_path / "raw", n=2, classes_file="csv")
+    colours = _paint_masks(root)
+    (root / "classes.csv").unlink()
+    with pytest.raises(InputDataError, match="no classes file says") as info:
+        _plan(root)
+    assert "--classes" in (info.value.hint or "")
+    partial = tmp_path / "partial.csv"
+    partial.write_text("code,name,colour\n10,water,#0a4682\n40,forest,\n100,town,#641464\n")
+    with pytest.raises(InputDataError, match=r"no colour for code\(s\) \[40\]") as info:
+        _plan(root, classes_file=partial)
+    assert info.value.path == partial
+    two = [c for c in sorted(colours) if c != 100]
+    missing = tmp_path / "two.csv"
+    write_classes(missing, two)
+    plan = _plan(root, classes_file=missing)
+    r, g, b = colours[100]
+    with pytest.raises(InputDataError, match=f"#{r:02x}{g:02x}{b:02x}") as info:
+        plan.load(plan.candidates[0])
+    assert info.value.path == root / "masks" / "tile_00.png"
 
 
 def test_change_detection_folder(tmp_path: Path) -> None:

@@ -29,12 +29,17 @@ _SCAN_PIXELS = 1 << 22
 
 
 def resolve_classes(
-    root: Path, options: PrepareOptions, task: Task, files: Files
+    root: Path, options: PrepareOptions, task: Task, files: Files, colour_masks: bool = False
 ) -> tuple[list[ClassInfo], str]:
-    """Classes from the given file, RAW/classes.{json,csv}, a specdm manifest, or the masks."""
+    """Classes from the given file, RAW/classes.{json,csv}, a specdm manifest, or the masks.
+
+    Colour masks (RGB labels) need the file, with a distinct colour for every class: the
+    colour is what a mask pixel holds."""
     path = options.classes_file
     if path is None:
         path = next((p for p in (root / "classes.json", root / "classes.csv") if p.is_file()), None)
+    if colour_masks:
+        return _colour_classes(path, root), str(path)
     if path is not None:
         return _read_classes_file(path), str(path)
     exported = _manifest_classes(root, task)
@@ -61,7 +66,52 @@ def _manifest_classes(root: Path, task: Task) -> list[ClassInfo] | None:
 ClassRow = tuple[int, str, tuple[int, int, int] | None]
 
 
+def _colour_classes(path: Path | None, root: Path) -> list[ClassInfo]:
+    if path is None:
+        raise InputDataError(
+            "RGB label files hold class colours, and no classes file says which class each is",
+            root / "classes.csv",
+            "pass --classes with columns code,name,colour (#rrggbb), one row per mask colour",
+        )
+    rows = _read_class_rows(path)
+    uncoloured = [code for code, _, colour in rows if colour is None]
+    colours = [colour for _, _, colour in rows]
+    if uncoloured or len(set(colours)) != len(colours):
+        what = f"no colour for code(s) {uncoloured[:5]}" if uncoloured else "a colour listed twice"
+        raise InputDataError(
+            f"classes file for RGB label files: {what}",
+            path,
+            "give each class the distinct colour its pixels have in the masks",
+        )
+    return _make_classes(rows, path)
+
+
+def colour_lookup(classes: list[ClassInfo]) -> dict[int, int]:
+    """Packed 0xRRGGBB colour -> class code."""
+    return {(r << 16) | (g << 8) | b: int(str(c.code)) for c in classes for r, g, b in [c.colour]}
+
+
+def codes_from_colours(rgb: np.ndarray, lookup: dict[int, int], path: Path) -> np.ndarray:
+    """(3, H, W) colours -> (H, W) class codes; a colour no class has is an error naming it."""
+    packed = (rgb[0].astype(np.int64) << 16) | (rgb[1].astype(np.int64) << 8) | rgb[2]
+    present, position = np.unique(packed, return_inverse=True)
+    unknown = [int(v) for v in present if int(v) not in lookup]
+    if unknown:
+        shown = ", ".join(f"#{v:06x}" for v in unknown[:5])
+        raise InputDataError(
+            f"mask colour(s) {shown} belong to no class of the classes file",
+            path,
+            "add them to --classes, or repaint those pixels",
+        )
+    codes = np.array([lookup[int(v)] for v in present], dtype=np.int64)
+    return codes[position.reshape(packed.shape)]
+
+
 def _read_classes_file(path: Path) -> list[ClassInfo]:
+    return _make_classes(_read_class_rows(path), path)
+
+
+def _read_class_rows(path: Path) -> list[ClassRow]:
     if not path.is_file():
         raise InputDataError("classes file not found", path, "check the --classes path")
     text = read_text_input(path)
@@ -74,7 +124,7 @@ def _read_classes_file(path: Path) -> list[ClassInfo]:
             'use {"classes": [{"code": 10, "name": "water", "colour": [0, 0, 255]}]} '
             "or CSV columns code,name[,colour]",
         ) from None
-    return _make_classes(rows, path)
+    return rows
 
 
 def _classes_json(text: str) -> list[ClassRow]:

@@ -168,8 +168,9 @@ def _crs_name(wkt: str) -> str:
     return f"EPSG:{epsg}" if epsg else wkt
 
 
-def check_stem(paths: dict[str, Path], task: Task) -> Header:
-    """Header of the stem's (first) image after checking its partners agree with it."""
+def check_stem(paths: dict[str, Path], task: Task) -> tuple[Header, Header]:
+    """Headers of the stem's (first) image and of its label, after checking they agree. A label
+    is one band of class codes, or three of class colours (RGB, as labelling tools export)."""
     images = [_header(paths[name]) for name in array_names(task)[:-1]]
     label = _header(paths[LABEL_ARRAY[task]])
     for other in [*images[1:], label]:
@@ -182,13 +183,15 @@ def check_stem(paths: dict[str, Path], task: Task) -> Header:
             )
     for other in [*images[1:], label]:
         _same_grid(images[0], other)
-    if label.count != 1 or label.alpha:
+    if label.count not in (1, 3) or label.alpha:
         raise InputDataError(
-            f"label file has {label.count + label.alpha} bands, expected 1",
+            f"label file has {label.count + label.alpha} bands, expected 1 (class codes) or "
+            "3 (RGB class colours)",
             label.path,
-            "save labels as one band of class codes",
+            "save labels as one band of class codes, or as RGB colours that --classes lists",
         )
-    return images[0] if len(images) == 1 else _same_bands(images[0], images[1])
+    image = images[0] if len(images) == 1 else _same_bands(images[0], images[1])
+    return image, label
 
 
 def _same_grid(image: Header, other: Header) -> None:

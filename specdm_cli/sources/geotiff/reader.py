@@ -38,7 +38,12 @@ from specdm_cli.sources.base import (
     window_count,
 )
 from specdm_cli.sources.geotiff.bands import read_bands, rgb_bands
-from specdm_cli.sources.geotiff.classes import label_values, resolve_classes
+from specdm_cli.sources.geotiff.classes import (
+    codes_from_colours,
+    colour_lookup,
+    label_values,
+    resolve_classes,
+)
 from specdm_cli.sources.geotiff.layout import (
     Files,
     Header,
@@ -72,6 +77,7 @@ class _Context:
     label_nodata: float | None
     georeferenced: bool
     scaled: bool  # some file scales or offsets its values: every image is read in physical units
+    colours: dict[int, int]  # packed RGB -> class code, for masks saved as colours
 
 
 @dataclass(frozen=True)
@@ -110,7 +116,9 @@ def read_geotiff(raw: Path | None, options: PrepareOptions) -> SourcePlan:
     root = require_dir(raw, "geotiff")
     task = infer_task(root)
     files = pair_files(root, task)
-    headers = {stem: check_stem(paths, task) for stem, paths in files.items()}
+    checked = {stem: check_stem(paths, task) for stem, paths in files.items()}
+    headers = {stem: image for stem, (image, _) in checked.items()}
+    colour_masks = any(label.count == 3 for _, label in checked.values())
     first = next(iter(headers.values()))
     crs = check_all(headers)
     splits, splits_from = assign_splits(list(files), options)
@@ -118,7 +126,7 @@ def read_geotiff(raw: Path | None, options: PrepareOptions) -> SourcePlan:
     width = min(options.patch_size, max(h.width for h in headers.values()))
     # Planned from the headers before any pixel is read, the class scan included.
     candidates = _candidates(headers, splits, height, width, options)
-    classes, classes_from = resolve_classes(root, options, task, files)
+    classes, classes_from = resolve_classes(root, options, task, files, colour_masks)
     bands = read_bands(first.path)
     scaled = any(h.scaled for h in headers.values())
     spec = SourceSpec(
@@ -137,6 +145,7 @@ def read_geotiff(raw: Path | None, options: PrepareOptions) -> SourcePlan:
             "classes_from": classes_from,
             "splits_from": splits_from,
             "label_codes": {str(c.code): c.index for c in classes},
+            **({"labels": "RGB class colours of the classes file"} if colour_masks else {}),
             **(
                 {"values": "raw x scale + offset (the files' GDAL scale and offset)"}
                 if scaled
@@ -147,7 +156,7 @@ def read_geotiff(raw: Path | None, options: PrepareOptions) -> SourcePlan:
     codes = tuple(int(str(c.code)) for c in classes)
     context = _Context(
         task, files, codes, height, width, spec.dtype, options.nodata, options.label_nodata,
-        bool(crs), scaled,
+        bool(crs), scaled, colour_lookup(classes) if colour_masks else {},
     )  # fmt: skip
     return SourcePlan(spec=spec, candidates=candidates, load=functools.partial(_load, ctx=context))
 
@@ -192,12 +201,16 @@ def _load(candidate: Candidate, *, ctx: _Context) -> RawSample:
     raw_label = _read_window(paths[label_name], y, x, ctx)
     # --label-nodata overrides the mask's tag, as --nodata does the image's.
     label_nodata = ctx.label_nodata if ctx.label_nodata is not None else raw_label.nodata
-    label = remap_labels(
-        label_values(raw_label.values[0], label_nodata), ctx.codes, paths[label_name]
-    )
+    raw_codes = raw_label.values[0]
+    if len(raw_label.values) == 3:  # colours: a colour is a class, never nodata
+        raw_codes, label_nodata = (
+            codes_from_colours(raw_label.values, ctx.colours, paths[label_name]),
+            None,
+        )
+    label = remap_labels(label_values(raw_codes, label_nodata), ctx.codes, paths[label_name])
     arrays: dict[str, np.ndarray] = {}
     invalid = np.zeros(label.shape, dtype=bool)
-    label_invalid = label_nodata_mask(raw_label.values[0], label_nodata)
+    label_invalid = label_nodata_mask(raw_codes, label_nodata)
     bounds = None
     for name in array_names(ctx.task)[:-1]:
         window = _read_window(paths[name], y, x, ctx, masks=True)
