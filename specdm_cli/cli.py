@@ -330,7 +330,10 @@ def prepare(
         typer.Option(help="GeoTIFF/SegMunich: label value meaning no data (-> 255), e.g. -1."),
     ] = None,
     classes: Annotated[
-        Path | None, typer.Option(help="GeoTIFF: class names/codes (JSON or CSV).")
+        Path | None,
+        typer.Option(
+            help="GeoTIFF: class codes, names, colours (JSON or CSV; RGB masks need colours)."
+        ),
     ] = None,
     splits: Annotated[Path | None, typer.Option(help="GeoTIFF: CSV of stem,split.")] = None,
     cities: Annotated[
