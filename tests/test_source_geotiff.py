@@ -380,6 +380,8 @@ def test_an_alpha_band_is_the_mask_of_the_others_not_a_band(tmp_path: Path) -> N
         dst.colorinterp = [ColorInterp.red, ColorInterp.green, ColorInterp.blue, ColorInterp.alpha]
     plan = _plan(root)
     assert len(plan.spec.bands) == 3
+    assert len(plan.warnings) == 1 and "tile_00.tif" in plan.warnings[0]
+    assert "alpha" in plan.warnings[0] and "gdal_edit" in plan.warnings[0]
     sample = plan.load(plan.candidates[0])
     assert sample.arrays["image"].shape[0] == 3
     assert sample.nodata_pixels == 5 * 24
@@ -413,6 +415,19 @@ def test_scale_and_offset_tags_give_one_unit_across_tiles(tmp_path: Path) -> Non
         first.arrays["image"][:, valid], reflectance_dn[:, valid] * 1e-4, rtol=1e-6
     )
     assert first.nodata_pixels == second.nodata_pixels == 1
+
+
+def test_a_scale_on_the_second_phase_alone_is_applied(tmp_path: Path) -> None:
+    root = make_geotiff_folder(tmp_path / "raw", task="cd", n=1, bands=2, codes=[0, 1])
+    t2 = root / "t2" / "tile_00.tif"
+    raw_t2 = _read(t2)
+    with rasterio.open(t2, "r+") as dst:
+        dst.scales, dst.offsets = (1e-4, 1e-4), (-0.1, -0.1)
+    plan = _plan(root)
+    assert plan.spec.dtype == "float32"
+    sample = plan.load(plan.candidates[0])
+    np.testing.assert_allclose(sample.arrays["image_t2"], raw_t2 * 1e-4 - 0.1, rtol=1e-5)
+    np.testing.assert_array_equal(sample.arrays["image_t1"], _read(root / "t1" / "tile_00.tif"))
 
 
 def test_files_without_scale_or_offset_keep_their_values_and_dtype(tmp_path: Path) -> None:
@@ -516,6 +531,12 @@ def _mask_with_alpha(root: Path, _: Path) -> Path:
     return path
 
 
+def _float_colour_mask(root: Path, _: Path) -> Path:
+    path = root / "masks" / "tile_01.tif"
+    write_image(path, np.ones((3, 24, 20), np.float32), _geo(path))
+    return path
+
+
 def _corrupt_tiff(root: Path, _: Path) -> Path:
     path = root / "images" / "tile_03.tif"
     path.write_bytes(b"II*\x00garbage" * 10)
@@ -574,6 +595,7 @@ def _duplicate_class_code(root: Path, _: Path) -> Path:
         (_wrong_dtype, "expected dtype uint16, found float32"),
         (_mask_size, "differs from its image"),
         (_mask_with_alpha, "label file has 2 bands, expected 1"),
+        (_float_colour_mask, "RGB label file holds float32 values"),
         (_corrupt_tiff, "corrupt"),
         (_other_crs, "CRS EPSG:4326"),
         (_mask_in_another_crs, "differs from its image's EPSG:32632"),

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import csv
+import struct
+import zlib
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -112,6 +114,19 @@ def test_mmseg_image_without_its_label_is_named(tmp_path: Path) -> None:
     (tmp_path / "ann_dir" / "val" / "5.png").unlink()
     err = _input_error(tmp_path, "listed in split 'val' is missing")
     assert err.path == tmp_path / "ann_dir" / "val" / "5.png"
+
+
+def test_mmseg_label_whose_header_claims_a_huge_size_is_named(tmp_path: Path) -> None:
+    make_segmunich(tmp_path, layout="mmseg", wrap=None)
+    path = tmp_path / "ann_dir" / "train" / "2.png"
+    data = bytearray(path.read_bytes())
+    data[16:24] = struct.pack(">II", 20000, 20000)  # IHDR width, height
+    data[29:33] = struct.pack(">I", zlib.crc32(bytes(data[12:29])))
+    path.write_bytes(bytes(data))
+    plan = _open(tmp_path)
+    with pytest.raises(InputDataError, match="PNG") as info:
+        plan.load(plan.candidates[1])
+    assert info.value.path == path
 
 
 def test_mmseg_label_that_is_not_a_png_is_named(tmp_path: Path) -> None:

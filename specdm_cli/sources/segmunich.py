@@ -340,7 +340,7 @@ def _png_shape(path: Path) -> tuple[int, ...]:
             )
     except FileNotFoundError:
         raise _vanished(path) from None
-    except (UnidentifiedImageError, OSError, ValueError) as exc:
+    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as exc:
         raise _corrupt(path, exc, "PNG") from None
 
 
@@ -450,7 +450,7 @@ def _pil_read(path: Path, tiff_exc: Exception | None) -> np.ndarray:
             return np.asarray(img)
     except FileNotFoundError:
         raise _vanished(path) from None
-    except (UnidentifiedImageError, *_TIFF_ERRORS) as exc:
+    except (UnidentifiedImageError, Image.DecompressionBombError, *_TIFF_ERRORS) as exc:
         raise (
             _corrupt(path, exc, "PNG") if tiff_exc is None else _corrupt(path, tiff_exc)
         ) from None

@@ -5,7 +5,7 @@ from __future__ import annotations
 import functools
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -190,8 +190,17 @@ def check_stem(paths: dict[str, Path], task: Task) -> tuple[Header, Header]:
             label.path,
             "save labels as one band of class codes, or as RGB colours that --classes lists",
         )
+    if label.count == 3 and label.dtype != "uint8":
+        raise InputDataError(
+            f"RGB label file holds {label.dtype} values, not 8-bit colours",
+            label.path,
+            "save colour masks as 8-bit RGB (PNG or GeoTIFF), or labels as one band of codes",
+        )
     image = images[0] if len(images) == 1 else _same_bands(images[0], images[1])
-    return image, label
+    # A cd pair is scaled, or alpha-masked, when either phase is.
+    return replace(
+        image, scaled=any(h.scaled for h in images), alpha=any(h.alpha for h in images)
+    ), label
 
 
 def _same_grid(image: Header, other: Header) -> None:

@@ -158,7 +158,21 @@ def read_geotiff(raw: Path | None, options: PrepareOptions) -> SourcePlan:
         task, files, codes, height, width, spec.dtype, options.nodata, options.label_nodata,
         bool(crs), scaled, colour_lookup(classes) if colour_masks else {},
     )  # fmt: skip
-    return SourcePlan(spec=spec, candidates=candidates, load=functools.partial(_load, ctx=context))
+    load = functools.partial(_load, ctx=context)
+    return SourcePlan(spec=spec, candidates=candidates, load=load, warnings=_alpha_notes(headers))
+
+
+def _alpha_notes(headers: dict[str, Header]) -> list[str]:
+    """A band declared alpha is read as a mask, not data: say so, since GDAL declares the 4th
+    band of any 4-band 8-bit GeoTIFF written with default options alpha (an RGB+NIR tile's NIR)."""
+    alpha = [h.path for h in headers.values() if h.alpha]
+    if not alpha:
+        return []
+    return [
+        f"warning: {len(alpha)} image file(s) declare an alpha band ({alpha[0]} first), read as "
+        "their nodata mask, not as an image band; if it holds data (e.g. NIR), clear it with "
+        "`gdal_edit.py -colorinterp_N undefined FILE` (N: the band's number, 4 in RGB+NIR)"
+    ]
 
 
 def _candidates(

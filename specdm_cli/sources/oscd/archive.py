@@ -187,7 +187,9 @@ def open_png(tree: Tree, rel: str) -> Iterator[Image.Image]:
     try:
         with Image.open(source if isinstance(source, Path) else io.BytesIO(source)) as img:
             yield img
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+    except (
+        UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError
+    ) as exc:  # fmt: skip
         raise InputDataError(
             f"corrupt or unreadable PNG ({exc})", tree.where(rel), FIX_ARCHIVE
         ) from None
