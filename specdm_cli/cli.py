@@ -637,6 +637,14 @@ def fit_vae(
             "--mask-aware-decoder", help="The image decoder also reads the mask latent [off]."
         ),
     ] = False,
+    unlabelled_class: Annotated[
+        bool,
+        typer.Option(
+            "--unlabelled-class",
+            help="Sparse labels: learn where labels are absent (255), so synthesized masks "
+            "leave it unlabelled rather than guess a class [off].",
+        ),
+    ] = False,
     augment: Annotated[str | None, typer.Option(help="d4 or none [d4].")] = None,
     semantic_weight: Annotated[
         float | None,
@@ -674,6 +682,7 @@ def fit_vae(
             mask_block_out_channels=_counts(mask_blocks, "--mask-blocks", "8,16,16"),
             single_stream=single_stream or None, augment=augment,
             mask_aware_decoder=mask_aware_decoder or None,
+            unlabelled_class=unlabelled_class or None,
             semantic_weight=semantic_weight, semantic_steps=semantic_steps,
             adversarial_weight=adversarial_weight, adversarial_start=adversarial_start,
         ))  # fmt: skip

@@ -153,6 +153,7 @@ class VAETrainConfig(BaseModel):
     norm_num_groups: int = Field(32, ge=1)  # LDM / diffusers
     single_stream: bool = False  # LDM baseline of Tables 1, 2, 5
     mask_aware_decoder: bool = False  # see VAEConfig; False = the paper's image decoder
+    unlabelled_class: bool = False  # see VAEConfig; False = 255 ignored (the paper)
     # Issue 20 §2: cross-entropy of a frozen compact segmenter (trained first on the train split
     # for `semantic_steps`) on the decoded images. 0 = off: the paper's loss (see README).
     semantic_weight: float = Field(0.0, ge=0)
@@ -180,6 +181,8 @@ class VAETrainConfig(BaseModel):
             exclude |= {"adversarial_weight", "adversarial_start"}
         if not self.mask_aware_decoder:
             exclude.add("mask_aware_decoder")
+        if not self.unlabelled_class:
+            exclude.add("unlabelled_class")
         return self.model_dump(exclude=exclude, mode="json")
 
 

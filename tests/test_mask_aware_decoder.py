@@ -1,18 +1,23 @@
 """`fit-vae --mask-aware-decoder` (issue 20 §2-3): an image decoder that also reads the label
 latent. The network's invariants, then real tiny runs through the CLI: run.json, resume
-equality, fit-diffusion and synthesize on such a run, a damaged weights file."""
+equality, fit-diffusion and synthesize on such a run, a damaged weights file. Last, the other
+mask-branch option, `--unlabelled-class` (sparse labels), through the same commands."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+import zarr
 from pydantic import ValidationError
 
+from specdm_cli.manifest import IGNORE_INDEX
 from specdm_cli.models.vae import SpecDMVAE, VAEConfig
 from tests.conftest import run_cli
+from tests.fixtures.geotiff_folder import make_geotiff_folder
 from tests.test_fit_vae_cli import fit, weights
 from tests.test_models_vae import STATS, make_batch, tiny_config
 from tests.test_synthesize import FAST, UNET
@@ -121,3 +126,31 @@ def test_fit_diffusion_and_synthesize_on_a_mask_aware_run(
     )
     assert code == 4 and "label_to_image" in stderr and "Traceback" not in stderr
     assert not (tmp_path / "again.zarr").exists()
+
+
+def test_sparse_labels_through_fit_vae_unlabelled_class_to_synthesize(tmp_path: Path) -> None:
+    # `fit-vae --unlabelled-class` on a store whose label 0 means "not labelled" (--label-nodata
+    # 0): recorded in run.json, a mask branch of K + 1 channels, U-Net and synthesis run on it.
+    raw = make_geotiff_folder(tmp_path / "raw", n=6, size=(16, 16), codes=[0, 1, 2])
+    store = tmp_path / "sparse.zarr"
+    code, _stdout, stderr = run_cli(
+        "prepare", "geotiff", raw, "--out", store, "--label-nodata", "0", "--patch-size", "16",
+        "--val-fraction", "0.2",
+    )  # fmt: skip
+    assert code == 0, stderr
+    assert "of the train label pixels are unlabelled" in stderr and "--unlabelled-class" in stderr
+    run = tmp_path / "run"
+    code, _stdout, stderr = fit(store, run, "--steps", "2", "--unlabelled-class")
+    assert code == 0, stderr
+    stage = json.loads((run / "run.json").read_text())["stages"]["vae"]
+    assert stage["config"]["unlabelled_class"] is True
+    assert stage["details"]["model"]["unlabelled_class"] is True
+    mask_weights = {k: v for k, v in weights(run).items() if k.startswith("mask/")}
+    assert any(v.ndim == 4 and v.shape[1] == 3 for v in mask_weights.values())  # 2 classes + 1
+    code, _stdout, stderr = run_cli("fit-diffusion", run, *UNET)
+    assert code == 0, stderr
+    out = tmp_path / "syn.zarr"
+    code, _stdout, stderr = run_cli("synthesize", "--model", run, "--n", "4", "--out", out, *FAST)
+    assert code == 0, stderr
+    masks = np.asarray(zarr.open_group(str(out), mode="r")["mask"][:])
+    assert set(np.unique(masks).tolist()) <= {0, 1, IGNORE_INDEX}

@@ -278,3 +278,45 @@ def test_training_steps_reduce_the_loss(task: str, single: bool) -> None:
         loss()["total"].backward()  # type: ignore[no-untyped-call]
         optimizer.step()
     assert loss()["total"].item() < 0.95 * first["total"].item()
+
+
+# --- sparse labels: the unlabelled channel ------------------------------------------------------
+
+
+def test_unlabelled_class_is_channel_k_and_decodes_to_255() -> None:
+    mask = torch.tensor([[[0, 2], [IGNORE_INDEX, 1]]], dtype=torch.uint8)
+    hot = one_hot_mask(mask, 3, unlabelled_class=True)
+    assert hot.shape == (1, 4, 2, 2)
+    assert hot[0, :, 1, 0].tolist() == [0.0, 0.0, 0.0, 1.0] and hot.sum().item() == 4.0
+    model = SpecDMVAE(tiny_config(classes=3).model_copy(update={"unlabelled_class": True}))
+    assert model.config.mask_channels == 4
+    assert model.ce_target(mask.long()).tolist() == [[[0, 2], [3, 1]]]
+    weights = model.ce_weights(torch.tensor([0.5, 1.0, 2.0]))
+    assert weights is not None and weights.tolist() == [0.5, 1.0, 2.0, 1.0]
+    logits = torch.zeros(1, 4, 1, 3)
+    logits[0, [3, 1, 0], 0, [0, 1, 2]] = 1.0
+    assert model.labels(logits).tolist() == [[[IGNORE_INDEX, 1, 0]]]
+
+
+@pytest.mark.parametrize("unlabelled", [False, True])
+def test_sparse_labels_round_trip_unlabelled_only_with_the_channel(unlabelled: bool) -> None:
+    # Labels on the left half only, as sparse reference masks: with the channel, the decoded
+    # masks leave the right half unlabelled; without it, every pixel gets a guessed class.
+    torch.manual_seed(0)
+    config = tiny_config(classes=3).model_copy(update={"unlabelled_class": unlabelled})
+    model = SpecDMVAE(config)
+    batch = make_batch(config, batch=4)
+    batch["mask"][:, :, SIZE // 2 :] = IGNORE_INDEX
+    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
+    for _ in range(60):
+        optimizer.zero_grad()
+        model.forward_losses(batch, *STATS)["total"].backward()  # type: ignore[no-untyped-call]
+        optimizer.step()
+    with torch.no_grad():
+        decoded = model.labels(model.decode_joint(model.encode_latent(batch))["mask"])
+    unlabelled_share = (decoded[:, :, SIZE // 2 :] == IGNORE_INDEX).float().mean().item()
+    labelled_share = (decoded[:, :, : SIZE // 2] == IGNORE_INDEX).float().mean().item()
+    if unlabelled:
+        assert unlabelled_share > 0.9 and labelled_share < 0.2
+    else:
+        assert unlabelled_share == 0.0

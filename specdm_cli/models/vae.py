@@ -73,6 +73,10 @@ class VAEConfig(BaseModel):
     # Ours (issue 20 §2-3), not the paper's: the image decoder also reads the label latent, so
     # decoded images follow the mask's boundaries and classes. False = the paper's decoder.
     mask_aware_decoder: bool = False
+    # Ours, for sparse labels: "unlabelled" (255) is one more mask channel, learned like a class,
+    # so decoded masks leave 255 where real labels would be absent rather than guess a class
+    # there. False = the paper's mask branch: 255 is an all-zero one-hot and ignored by the CE.
+    unlabelled_class: bool = False
 
     @model_validator(mode="before")
     @classmethod
@@ -114,6 +118,11 @@ class VAEConfig(BaseModel):
         return LABEL_ARRAY[self.task]
 
     @property
+    def mask_channels(self) -> int:
+        """Channels of the one-hot mask and its logits: the classes, and "unlabelled" if learned."""
+        return self.num_classes + int(self.unlabelled_class)
+
+    @property
     def latent_channels(self) -> int:
         """Channels of the joint latent the diffusion model sees."""
         if self.joint_latent_channels is not None:
@@ -149,17 +158,26 @@ def build_autoencoder(
     )
 
 
-def one_hot_mask(mask: Tensor, num_classes: int) -> Tensor:
-    """(B, H, W) labels -> (B, K, H, W) float one-hot (Sec. 3.4); label 255 -> all zeros.
+def one_hot_mask(mask: Tensor, num_classes: int, unlabelled_class: bool = False) -> Tensor:
+    """(B, H, W) labels -> (B, K, H, W) float one-hot (Sec. 3.4); label 255 -> all zeros, or
+    with `unlabelled_class` -> channel K of K + 1.
 
     Raises:
         RuntimeError: a label is neither in 0..K-1 nor 255 (from `F.one_hot`).
     """
     mask = mask.long()
+    if unlabelled_class:
+        mask = unlabelled_as_class(mask, num_classes)
+        return F.one_hot(mask, num_classes + 1).permute(0, 3, 1, 2).float()
     valid = mask != IGNORE_INDEX
     hot = F.one_hot(torch.where(valid, mask, torch.zeros_like(mask)), num_classes)
     hot = hot * valid.unsqueeze(-1)
     return hot.permute(0, 3, 1, 2).float()
+
+
+def unlabelled_as_class(mask: Tensor, num_classes: int) -> Tensor:
+    """Labels with 255 as class K (the unlabelled channel's index)."""
+    return torch.where(mask == IGNORE_INDEX, torch.full_like(mask, num_classes), mask)
 
 
 def _split_posterior(posterior: Posterior, parts: int) -> list[Posterior]:
@@ -193,7 +211,7 @@ class SpecDMVAE(nn.Module):
         self.joint_vae: Any = None
         common = {"layers_per_block": c.layers_per_block, "norm_num_groups": c.norm_num_groups}
         if c.single_stream:
-            channels = len(c.image_names) * c.bands + c.num_classes
+            channels = len(c.image_names) * c.bands + c.mask_channels
             self.joint_vae = build_autoencoder(
                 channels, channels, c.latent_channels, c.image_block_out_channels, **common
             )
@@ -202,8 +220,8 @@ class SpecDMVAE(nn.Module):
                 c.bands, c.bands, c.image_latent_channels, c.image_block_out_channels, **common
             )
             self.mask_vae = build_autoencoder(
-                c.num_classes,
-                c.num_classes,
+                c.mask_channels,
+                c.mask_channels,
                 c.mask_latent_channels,
                 c.mask_block_out_channels,
                 **common,
@@ -250,7 +268,7 @@ class SpecDMVAE(nn.Module):
     def _joint_input(self, batch: dict[str, Tensor]) -> Tensor:
         """Single-stream input: images then the one-hot label on the channel axis."""
         c = self.config
-        hot = one_hot_mask(batch[c.label_name], c.num_classes)
+        hot = self.one_hot(batch[c.label_name])
         images = [batch[name] for name in c.image_names]
         return torch.cat([*images, hot.to(images[0])], dim=1)
 
@@ -264,7 +282,7 @@ class SpecDMVAE(nn.Module):
         posts = dict(
             zip(c.image_names, _split_posterior(image_post, len(c.image_names)), strict=True)
         )
-        hot = one_hot_mask(batch[c.label_name], c.num_classes).to(images)
+        hot = self.one_hot(batch[c.label_name]).to(images)
         posts[c.label_name] = self.mask_vae.encode(hot).latent_dist
         return posts
 
@@ -299,6 +317,31 @@ class SpecDMVAE(nn.Module):
         finally:
             hook.remove()
 
+    def one_hot(self, labels: Tensor) -> Tensor:
+        """The mask branch's input for (B, H, W) labels (255 = unlabelled)."""
+        c = self.config
+        return one_hot_mask(labels, c.num_classes, c.unlabelled_class)
+
+    def ce_target(self, labels: Tensor) -> Tensor:
+        """Cross-entropy targets: 255 ignored, or the unlabelled channel when it is learned."""
+        labels = labels.long()
+        c = self.config
+        return unlabelled_as_class(labels, c.num_classes) if c.unlabelled_class else labels
+
+    def ce_weights(self, class_weights: Tensor | None) -> Tensor | None:
+        """Per-class CE weights, weight 1 for the unlabelled channel when it is learned."""
+        if class_weights is None or not self.config.unlabelled_class:
+            return class_weights
+        return torch.cat([class_weights, class_weights.new_ones(1)])
+
+    def labels(self, logits: Tensor) -> Tensor:
+        """Decoded (B, K[+1], H, W) logits -> (B, H, W) int64 labels, 255 where the unlabelled
+        channel wins."""
+        labels = logits.argmax(dim=1)
+        if self.config.unlabelled_class:
+            labels = torch.where(labels == self.config.num_classes, IGNORE_INDEX, labels)
+        return labels
+
     def decode_mask_logits(self, z: Tensor) -> Tensor:
         """Mask-branch latents (B, c_mask, h, w) -> class logits (B, K, H, W)."""
         if self.mask_vae is None:
@@ -311,7 +354,7 @@ class SpecDMVAE(nn.Module):
         parts = self.split_latent(z)
         if c.single_stream:
             out = cast(Tensor, self.joint_vae.decode(parts["joint"]).sample)
-            sizes = [c.bands] * len(c.image_names) + [c.num_classes]
+            sizes = [c.bands] * len(c.image_names) + [c.mask_channels]
             names = [*c.image_names, c.label_name]
             return dict(zip(names, torch.split(out, sizes, dim=1), strict=True))
         label = parts[c.label_name]
@@ -366,7 +409,7 @@ class SpecDMVAE(nn.Module):
         z_image = post.sample(generator)
         mask_post = cast(
             Posterior,
-            self.mask_vae.encode(one_hot_mask(target, c.num_classes).to(images)).latent_dist,
+            self.mask_vae.encode(self.one_hot(target).to(images)).latent_dist,
         )
         z_label = mask_post.sample(generator)
         # The image loss does not train the mask encoder: the label latent stays a code of the
@@ -378,7 +421,9 @@ class SpecDMVAE(nn.Module):
                 image, critic(recon, images, target, image["l1"] + sad_weight * image["sad"])
             )
         logits = self.decode_mask_logits(z_label)
-        mask = mask_branch_loss(logits, target, mask_post, class_weights, kl_weight)
+        mask = mask_branch_loss(
+            logits, self.ce_target(target), mask_post, self.ce_weights(class_weights), kl_weight
+        )
         return {
             **{f"image/{k}": v for k, v in image.items()},
             **{f"mask/{k}": v for k, v in mask.items()},
@@ -406,7 +451,11 @@ class SpecDMVAE(nn.Module):
         valid_all = None if valid is None else valid.repeat(n_img, 1, 1)
         l1 = masked_l1(rec_img, images, valid_all)
         sad = sad_loss(denormalize(rec_img, mean, std), denormalize(images, mean, std), valid_all)
-        ce = mask_ce(recon[:, n_img * c.bands :], batch[c.label_name], class_weights)
+        ce = mask_ce(
+            recon[:, n_img * c.bands :],
+            self.ce_target(batch[c.label_name]),
+            self.ce_weights(class_weights),
+        )
         kl = kl_loss(post)
         total = l1 + sad_weight * sad + ce + kl_weight * kl
         losses = {"l1": l1, "sad": sad, "ce": ce, "kl": kl, "total": total}

@@ -125,7 +125,7 @@ def round_trip(
         arrays = load_batch(real, chunk, None)
         batch, _valid = to_tensors(arrays, task, mean, std, device)
         decoded = model.decode_joint(model.encode_latent(batch))
-        label = decoded[LABEL_ARRAY[task]].argmax(dim=1).cpu().numpy().astype(np.uint8)
+        label = model.labels(decoded[LABEL_ARRAY[task]]).cpu().numpy().astype(np.uint8)
         label[arrays[LABEL_ARRAY[task]] == IGNORE_INDEX] = IGNORE_INDEX
         physical = {
             name: denormalize(decoded[name].float(), mean, std).cpu().numpy()

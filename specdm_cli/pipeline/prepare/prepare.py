@@ -193,7 +193,29 @@ def prepare(
     if not tally.kept:
         _remove_empty_store(request, tally)
     summary = _summary(request.out, "resumed" if state == "resume" else "created", started)
-    return replace(summary, warnings=list(source_plan.warnings))
+    sparse = _sparse_label_note(tally, source_plan.spec)
+    if sparse and warn is not None:
+        warn(sparse)
+    return replace(summary, warnings=[*source_plan.warnings, *([sparse] if sparse else [])])
+
+
+# From this share of unlabelled train pixels on, `prepare` points at `fit-vae --unlabelled-class`.
+SPARSE_LABEL_SHARE = 0.2
+
+
+def _sparse_label_note(tally: PrepareTally, spec: SourceSpec) -> str | None:
+    """A note when most train labels are absent: the paper's mask branch decodes a class in
+    every pixel, so synthesized masks would guess where the real ones say nothing."""
+    pixels = tally.split_counts.get("train", 0) * spec.height * spec.width
+    if not pixels:
+        return None
+    unlabelled = 1.0 - sum(tally.class_pixels.get("train", [])) / pixels
+    if unlabelled < SPARSE_LABEL_SHARE:
+        return None
+    return (
+        f"note: {unlabelled:.0%} of the train label pixels are unlabelled (255); "
+        "`fit-vae --unlabelled-class` keeps synthesized masks from guessing classes there"
+    )
 
 
 def _write(

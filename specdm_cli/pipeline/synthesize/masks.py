@@ -17,7 +17,7 @@ import torch
 from specdm_cli.errors import InputDataError, UsageError
 from specdm_cli.manifest import LABEL_ARRAY
 from specdm_cli.models.diffusion import ConditionedUNet, mask_condition
-from specdm_cli.models.vae import SpecDMVAE, one_hot_mask
+from specdm_cli.models.vae import SpecDMVAE
 from specdm_cli.pipeline.runs.run_manifest import MaskCondition, RunManifest
 from specdm_cli.stores import StoreReader, open_store, store_sha256
 
@@ -90,7 +90,7 @@ def mask_latents(
     posterior mean, centred and scaled like the latent cache (the joint latent's last block)."""
     assert vae.mask_vae is not None, "mask conditioning needs the two-stream VAE"
     device = shift.device
-    hot = one_hot_mask(torch.from_numpy(labels).to(device), vae.config.num_classes)
+    hot = vae.one_hot(torch.from_numpy(labels).to(device))
     mean: torch.Tensor = vae.mask_vae.encode(hot).latent_dist.mean.float()
     channels = mean.shape[1]
     scaled: torch.Tensor = (mean - shift[:, -channels:]) * scale[:, -channels:]

@@ -116,7 +116,7 @@ class Sampler:
             physical = (decoded[name][:keep].float() * self.std + self.mean).cpu().numpy()
             arrays[name], count = to_dtype(physical, self.dtype)
             clipped += count
-        label = decoded[LABEL_ARRAY[self.task]][:keep].argmax(dim=1)
+        label = self.vae.labels(decoded[LABEL_ARRAY[self.task]][:keep])
         arrays[LABEL_ARRAY[self.task]] = label.to(torch.uint8).cpu().numpy()
         if given is not None:  # the label is the mask given, not its decoded echo
             arrays[LABEL_ARRAY[self.task]] = given[:keep]

@@ -96,6 +96,7 @@ def model_config(config: VAETrainConfig, manifest: Manifest) -> VAEConfig:
             layers_per_block=config.layers_per_block,
             norm_num_groups=config.norm_num_groups,
             mask_aware_decoder=config.mask_aware_decoder,
+            unlabelled_class=config.unlabelled_class,
         )
     except ValidationError as error:
         reason = error.errors()[0]["msg"].removeprefix("Value error, ")

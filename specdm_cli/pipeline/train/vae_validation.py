@@ -42,7 +42,8 @@ class _Totals:
         ce = F.cross_entropy(logits, label, ignore_index=IGNORE_INDEX, reduction="sum")
         self.ce += float(ce)
         self.labelled += float(labelled.sum())
-        predicted = logits.argmax(dim=1)[labelled].cpu().numpy()
+        # The classes' IoU where labels exist: the unlabelled channel, if learned, is left out.
+        predicted = logits[:, : len(self.confusion)].argmax(dim=1)[labelled].cpu().numpy()
         truth = label[labelled].cpu().numpy()
         np.add.at(self.confusion, (truth, predicted), 1)
 
