@@ -183,6 +183,21 @@ def test_change_maps_merged_into_the_city_folders_read_alike(
             np.testing.assert_array_equal(merged[source_id].arrays[name], array, err_msg=name)
 
 
+def test_train_maps_merged_beside_a_test_labels_folder_read_alike(
+    raw: Path, tmp_path: Path
+) -> None:
+    images = tmp_path / "mixed" / IMAGES
+    shutil.copytree(raw / IMAGES, images, copy_function=os.link)
+    for city in (raw / TRAIN_LABELS).iterdir():
+        shutil.copytree(city / "cm", images / city.name / "cm", copy_function=os.link)
+    shutil.copytree(raw / TEST_LABELS, images.parent / TEST_LABELS, copy_function=os.link)
+    flat, mixed = _load_all(read_oscd(raw, SMALL)), _load_all(read_oscd(images.parent, SMALL))
+    assert sorted(mixed) == sorted(flat)
+    for source_id, sample in flat.items():
+        for name, array in sample.arrays.items():
+            np.testing.assert_array_equal(mixed[source_id].arrays[name], array, err_msg=name)
+
+
 def test_merged_change_maps_without_city_lists_is_an_error(raw: Path, tmp_path: Path) -> None:
     images = _merged(raw, tmp_path / "merged" / IMAGES)
     for name in ("train.txt", "test.txt"):

@@ -117,11 +117,11 @@ def open_trees(root: Path) -> tuple[Tree, dict[str, Tree | None]]:
         images = _DirTree(root)
     if images is None:
         raise _missing(root, IMAGES)
-    labels = {split: _open_tree(root, stem) for split, stem in LABELS.items()}
+    merged = images if _holds_change_maps(images) else None
+    # A split without its labels folder takes the maps merged into the images, if any.
+    labels = {split: _open_tree(root, stem) or merged for split, stem in LABELS.items()}
     if all(tree is None for tree in labels.values()):
-        if not _holds_change_maps(images):
-            raise _missing(root, LABELS["train"])
-        labels = {split: images for split in LABELS}
+        raise _missing(root, LABELS["train"])
     return images, labels
 
 
