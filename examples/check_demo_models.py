@@ -196,8 +196,9 @@ class RoundTrip:
                 arrays = load_batch(reader, chunk, None)
                 batch, _ = to_tensors(arrays, reader.manifest.task, mean, std, torch.device("cpu"))
                 decoded = vae.decode_joint(vae.encode_latent(batch))
+                labels = vae.labels(decoded[LABEL_ARRAY[task]])
                 for k, index in enumerate(chunk.tolist()):
-                    sample = {LABEL_ARRAY[task]: decoded[LABEL_ARRAY[task]][k].argmax(0).numpy()}
+                    sample = {LABEL_ARRAY[task]: labels[k].numpy()}
                     for name in IMAGE_ARRAYS[task]:
                         physical = decoded[name][k] * std[:, None, None] + mean[:, None, None]
                         sample[name] = physical.round().clamp(limits.min, limits.max).numpy()
