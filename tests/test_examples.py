@@ -89,6 +89,26 @@ def test_vae_utility_runs_on_a_tiny_run(tmp_path: Path) -> None:
     assert alone["seeds"] == row["seeds"][1:] and alone["steps"] == row["steps"][1:]
 
 
+def test_image_detail_runs_every_row_on_a_tiny_run(tmp_path: Path) -> None:
+    from tests.conftest import prepare_demo
+    from tests.test_fit_vae_cli import fit
+
+    store = prepare_demo(tmp_path / "demo.zarr", n=80, size=16)
+    assert fit(store, tmp_path / "run", "--steps", "1")[0] == 0
+    out = tmp_path / "rows.jsonl"
+    done = processes.run(
+        [sys.executable, EXAMPLES / "image_detail.py", tmp_path / "run", out, "--real", store,
+         "--seeds", "1", "--max-steps", "2", "--eval-every", "1", "--patience", "1",
+         "--real-limit", "4"],
+        text=True,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["row"] for r in records] == ["decoded", "noise", "blur", "detail"]
+    assert all(0.0 <= r["miou"] <= 1.0 for r in records)
+    assert "detail: mIoU" in done.stdout
+
+
 def test_agreement_by_seed_runs_pretrain_and_its_control(tmp_path: Path) -> None:
     from tests.conftest import prepare_demo
 
