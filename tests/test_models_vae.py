@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F  # noqa: N812
@@ -320,3 +321,34 @@ def test_sparse_labels_round_trip_unlabelled_only_with_the_channel(unlabelled: b
         assert unlabelled_share > 0.9 and labelled_share < 0.2
     else:
         assert unlabelled_share == 0.0
+
+
+def test_unlabelled_pixels_count_for_the_image_loss_only_with_the_channel() -> None:
+    from specdm_cli.pipeline.train.common import image_pixels
+
+    labelled = torch.tensor([[True, False], [False, True]])
+    assert image_pixels(labelled, unlabelled_class=False).tolist() == labelled.tolist()
+    assert image_pixels(labelled, unlabelled_class=True).all()
+
+
+def test_validation_counts_a_labelled_pixel_decoded_unlabelled_as_a_miss() -> None:
+    from specdm_cli.pipeline.train.vae_validation import _Totals
+
+    truth = torch.tensor([[[0, 0, 1, 1]]])
+    logits = torch.zeros(1, 3, 1, 4)
+    right = torch.tensor([[[0, 0, 1, 1]]])
+    missed = torch.tensor([[[0, IGNORE_INDEX, 1, IGNORE_INDEX]]])
+    scores = []
+    for decoded in (right, missed):
+        totals = _Totals(2)
+        totals.labels(logits, decoded, truth)
+        scores.append(totals.summary(bands=1)["iou"])
+    assert scores == [[1.0, 1.0], [0.5, 0.5]]
+
+
+def test_require_counts_fractions_of_every_pixel_unlabelled_included() -> None:
+    from specdm_cli.pipeline.synthesize.require import Requirement, accepted
+
+    labels = np.array([[[0, 1, 255, 255]], [[0, 1, 1, 255]]], dtype=np.uint8)
+    keep = accepted(labels, (Requirement(1, "b", 0.5),), classes=2)
+    assert keep.tolist() == [False, True]  # 1 of 4 pixels is class 1 in the first, not 1 of 2

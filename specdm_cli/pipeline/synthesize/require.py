@@ -16,7 +16,6 @@ import numpy as np
 
 from specdm_cli.errors import UsageError
 from specdm_cli.manifest import ClassInfo
-from specdm_cli.sources.base import class_fraction
 
 # Give up when this many draws per wanted sample found nothing acceptable: the model does not
 # make such samples often enough for --require to be useful.
@@ -63,8 +62,10 @@ def parse_require(text: str | None, classes: list[ClassInfo]) -> tuple[Requireme
 
 
 def accepted(labels: np.ndarray, requirements: tuple[Requirement, ...], classes: int) -> np.ndarray:
-    """Which of a batch of decoded label maps (B, H, W) meet every requirement."""
-    fractions = np.stack([class_fraction(label, classes) for label in labels])
+    """Which of a batch of decoded label maps (B, H, W) meet every requirement, as fractions of
+    all their pixels (unlabelled ones, 255, included)."""
+    fractions = np.stack([np.bincount(label.ravel(), minlength=256)[:classes] for label in labels])
+    fractions = fractions / labels[0].size
     keep = np.ones(len(labels), dtype=bool)
     for requirement in requirements:
         keep &= fractions[:, requirement.index] >= requirement.min_fraction

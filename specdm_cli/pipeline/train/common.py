@@ -107,6 +107,13 @@ def to_tensors(
     return tensors, label != IGNORE_INDEX
 
 
+def image_pixels(labelled: torch.Tensor, unlabelled_class: bool) -> torch.Tensor:
+    """The pixels the image loss and RMSE score. A label of 255 marks image nodata (padding,
+    masked pixels) and missing labels alike; with sparse labels (`--unlabelled-class`) it marks
+    the latter, whose images are real: every pixel counts then."""
+    return torch.ones_like(labelled) if unlabelled_class else labelled
+
+
 def available_cpus(cpu_max: Path = Path("/sys/fs/cgroup/cpu.max")) -> int:
     """The CPUs this process may use: its affinity mask, capped by a cgroup v2 CPU quota (a
     container limited to 2 CPUs on a 64-core host must not start 64 threads)."""

@@ -35,6 +35,7 @@ from specdm_cli.pipeline.train.common import (
     LossScaler,
     autocast,
     check_batch_divides,
+    image_pixels,
     load_batch,
     step_seed,
     to_tensors,
@@ -244,7 +245,8 @@ class VAETrainer:
             k: v[self.rank :: self.world]
             for k, v in load_batch(self.reader, chosen, augment, self.pool).items()
         }
-        batch, valid = to_tensors(arrays, self.task, self.mean, self.std, self.device)
+        batch, labelled = to_tensors(arrays, self.task, self.mean, self.std, self.device)
+        valid = image_pixels(labelled, self.config.unlabelled_class)
         stream = f"posterior/{self.rank}" if self.world > 1 else "posterior"
         generator = torch.Generator().manual_seed(step_seed(self.config.seed, step, stream))
         with autocast(self.device, self.config.precision):

@@ -10,7 +10,7 @@ from specdm_cli.manifest import IGNORE_INDEX, IMAGE_ARRAYS, LABEL_ARRAY, Task
 from specdm_cli.metrics.stats import class_iou
 from specdm_cli.models.losses import denormalize, spectral_angle
 from specdm_cli.models.vae import SpecDMVAE
-from specdm_cli.pipeline.train.common import load_batch, to_tensors
+from specdm_cli.pipeline.train.common import image_pixels, load_batch, to_tensors
 from specdm_cli.stores import StoreReader
 
 
@@ -20,7 +20,9 @@ class _Totals:
     def __init__(self, classes: int) -> None:
         self.sq_norm = self.sq_phys = self.angle = self.pixels = 0.0
         self.ce = self.labelled = 0.0
-        self.confusion = np.zeros((classes, classes), dtype=np.int64)
+        self.classes = classes
+        # One more row and column for "decoded unlabelled" (255) on a labelled pixel: a miss.
+        self.confusion = np.zeros((classes + 1, classes + 1), dtype=np.int64)
 
     def images(
         self,
@@ -37,18 +39,20 @@ class _Totals:
         self.angle += float(spectral_angle(phys_recon, phys_target)[valid].sum())
         self.pixels += float(valid.sum())
 
-    def labels(self, logits: torch.Tensor, label: torch.Tensor) -> None:
+    def labels(self, logits: torch.Tensor, decoded: torch.Tensor, label: torch.Tensor) -> None:
+        """CE of the logits and the confusion of the decoded labels (255: unlabelled) on the
+        labelled pixels of `label`."""
         labelled = label != IGNORE_INDEX
         ce = F.cross_entropy(logits, label, ignore_index=IGNORE_INDEX, reduction="sum")
         self.ce += float(ce)
         self.labelled += float(labelled.sum())
-        # The classes' IoU where labels exist: the unlabelled channel, if learned, is left out.
-        predicted = logits[:, : len(self.confusion)].argmax(dim=1)[labelled].cpu().numpy()
+        predicted = decoded[labelled].cpu().numpy()
+        predicted[predicted == IGNORE_INDEX] = self.classes
         truth = label[labelled].cpu().numpy()
         np.add.at(self.confusion, (truth, predicted), 1)
 
     def summary(self, bands: int) -> dict[str, object]:
-        iou = class_iou(self.confusion)
+        iou = class_iou(self.confusion)[: self.classes]
         values = max(self.pixels * bands, 1.0)
         return {
             "rmse": float(np.sqrt(self.sq_norm / values)),
@@ -75,12 +79,14 @@ def validate(
     totals = _Totals(model.config.num_classes)
     device = mean.device
     for start in range(0, len(indices), batch_size):
-        batch, valid = to_tensors(
+        batch, labelled = to_tensors(
             load_batch(reader, indices[start : start + batch_size], None), task, mean, std, device
         )
+        valid = image_pixels(labelled, model.config.unlabelled_class)
         decoded = model.decode_joint(model.encode_latent(batch))
         for name in IMAGE_ARRAYS[task]:
             totals.images(decoded[name].float(), batch[name], valid, mean, std)
-        totals.labels(decoded[LABEL_ARRAY[task]].float(), batch[LABEL_ARRAY[task]])
+        logits = decoded[LABEL_ARRAY[task]].float()
+        totals.labels(logits, model.labels(logits), batch[LABEL_ARRAY[task]])
     model.train()
     return totals.summary(len(mean))
