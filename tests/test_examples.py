@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 
 from tests import processes
+from tests.conftest import run_cli
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "examples"
@@ -107,6 +108,37 @@ def test_image_detail_runs_every_row_on_a_tiny_run(tmp_path: Path) -> None:
     assert [r["row"] for r in records] == ["decoded", "noise", "blur", "detail"]
     assert all(0.0 <= r["miou"] <= 1.0 for r in records)
     assert "detail: mIoU" in done.stdout
+
+
+def test_sparse_labels_makes_a_sparse_copy_and_trains_its_rows(tmp_path: Path) -> None:
+    from tests.test_fit_vae_cli import fit
+
+    export = tmp_path / "export"
+    assert run_cli(
+        "prepare", "demo", "--n", "40", "--size", "16", "--format", "geotiff", "--out", export,
+        "--quiet",
+    )[0] == 0  # fmt: skip
+    script = [sys.executable, EXAMPLES / "sparse_labels.py"]
+    done = processes.run([*script, "make", export, tmp_path / "raw"], text=True)
+    assert done.returncode == 0, done.stderr
+    store = tmp_path / "sparse.zarr"
+    code, _stdout, stderr = run_cli(
+        "prepare", "geotiff", tmp_path / "raw", "--splits", tmp_path / "raw" / "splits.csv",
+        "--patch-size", "16", "--out", store,
+    )  # fmt: skip
+    assert code == 0 and "unlabelled" in stderr, stderr
+    assert fit(store, tmp_path / "unl", "--steps", "1", "--unlabelled-class")[0] == 0
+    out = tmp_path / "rows.jsonl"
+    done = processes.run(
+        [*script, "rows", store, out, "real", tmp_path / "unl", "--seeds", "1", "--max-steps",
+         "2", "--eval-every", "1", "--patience", "1", "--real-limit", "4"],
+        text=True,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["row"] for r in records] == ["real", str(tmp_path / "unl")]
+    assert records[0]["decoded_255_share"] is None
+    assert set(records[1]["decoded_255_share"]) == {"in_unlabelled", "in_labelled"}
 
 
 def test_agreement_by_seed_runs_pretrain_and_its_control(tmp_path: Path) -> None:
