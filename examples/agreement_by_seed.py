@@ -28,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from vae_utility import add_protocol_options
+from vae_utility import add_protocol_options, append_line
 
 from specdm_cli.config import DownstreamOptions, downstream_protocol_list
 from specdm_cli.pipeline.benchmark.downstream import (
@@ -71,9 +71,7 @@ def measure_seed(
             "wall_s": round(time.perf_counter() - start, 1),
             "threads": torch.get_num_threads(),  # figures repeat only at the same count
         }  # fmt: skip
-        with out.open("a", encoding="utf-8") as handle:
-            handle.write(json.dumps(record) + "\n")
-        print(json.dumps(record), flush=True)
+        append_line(out, record)
 
 
 def summary(out: Path) -> None:

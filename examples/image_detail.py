@@ -17,14 +17,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F  # noqa: N812
-from vae_utility import add_protocol_options, options, vae_of
+from vae_utility import add_protocol_options, options, train_seeds, vae_of
 
 from specdm_cli.pipeline.benchmark import downstream as ds
 from specdm_cli.pipeline.benchmark.feature_training import ArraySource, TrainData
@@ -98,18 +97,7 @@ def measure(
             image = make(i, truth["image"].astype(np.float32), trips.read(i)["image"])
             samples[i] = {"image": image, "mask": truth["mask"]}
         data = TrainData([(ArraySource(real.manifest, samples), train)], *setup.stats)
-        config = ds.Configuration(row, "round-trip", np.zeros(0, np.int64), train)
-        for seed in ds.seed_list(opts):
-            started = time.perf_counter()
-            run, _ = ds.run_seed(config, setup, None, data, seed)
-            record = {
-                "row": row, "seed": seed, "miou": run.miou, "best_steps": run.best_steps,
-                "iou": run.iou_per_class, "wall_s": round(time.perf_counter() - started, 1),
-                "threads": torch.get_num_threads(),
-            }  # fmt: skip
-            with out.open("a", encoding="utf-8") as handle:
-                handle.write(json.dumps(record) + "\n")
-            print(json.dumps(record), flush=True)
+        train_seeds(row, data, train, setup, opts, out)
 
 
 def summary(out: Path) -> None:

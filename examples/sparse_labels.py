@@ -21,14 +21,13 @@ import argparse
 import csv
 import json
 import os
-import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import rasterio
 import torch
-from vae_utility import add_protocol_options, options, vae_of
+from vae_utility import add_protocol_options, options, train_seeds, vae_of
 
 from specdm_cli.manifest import IGNORE_INDEX
 from specdm_cli.models.losses import denormalize
@@ -123,18 +122,7 @@ def rows(real: StoreReader, names: list[str], args: argparse.Namespace, out: Pat
         if name != "real":
             source, shares = round_trips(real, name, train)
         data = TrainData([(source, train)], *setup.stats)
-        config = ds.Configuration(name, "round-trip", np.zeros(0, np.int64), train)
-        for seed in ds.seed_list(opts):
-            started = time.perf_counter()
-            run, _ = ds.run_seed(config, setup, None, data, seed)
-            record = {
-                "row": name, "seed": seed, "miou": run.miou, "best_steps": run.best_steps,
-                "iou": run.iou_per_class, "decoded_255_share": shares,
-                "wall_s": round(time.perf_counter() - started, 1),
-            }  # fmt: skip
-            with out.open("a", encoding="utf-8") as handle:
-                handle.write(json.dumps(record) + "\n")
-            print(json.dumps(record), flush=True)
+        train_seeds(name, data, train, setup, opts, out, decoded_255_share=shares)
 
 
 def main() -> None:

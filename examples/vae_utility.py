@@ -77,6 +77,31 @@ def downstream_row(real: StoreReader, model: str, opts: DownstreamOptions) -> di
     }  # fmt: skip
 
 
+def append_line(out: Path, record: dict[str, Any]) -> None:
+    """One JSON line appended to `out` (and printed) as soon as it is measured, so a run cut
+    short on a busy machine still leaves its whole rows and seeds."""
+    with out.open("a", encoding="utf-8") as handle:
+        handle.write(json.dumps(record) + "\n")
+    print(json.dumps(record), flush=True)
+
+
+def train_seeds(
+    name: str, data: Any, train: np.ndarray, setup: Any, opts: DownstreamOptions, out: Path,
+    **extra: Any,
+) -> None:  # fmt: skip
+    """Every seed of one row trained on `data` alone (as the round-trip row trains), each a
+    JSON line in `out` with `extra` beside its figures."""
+    config = ds.Configuration(name, "round-trip", np.zeros(0, np.int64), train)
+    for seed in ds.seed_list(opts):
+        started = time.perf_counter()
+        run, _ = ds.run_seed(config, setup, None, data, seed)
+        append_line(out, {
+            "row": name, "seed": seed, "miou": run.miou, "best_steps": run.best_steps,
+            "iou": run.iou_per_class, **extra, "wall_s": round(time.perf_counter() - started, 1),
+            "threads": torch.get_num_threads(),  # figures repeat only at the same count
+        })  # fmt: skip
+
+
 class RoundTrips:
     """Round trips read like the real store they came from (its manifest, root, splits)."""
 
