@@ -178,3 +178,28 @@ def test_empty_folder_is_refused(tmp_path: Path) -> None:
     (tmp_path / "empty").mkdir()
     code, _, stderr = _prepare("geotiff", tmp_path / "empty", "--out", tmp_path / "x.zarr")
     assert code == 3 and "empty" in stderr and not (tmp_path / "x.zarr").exists()
+
+
+@pytest.mark.parametrize(("option", "noted"), [("--nodata", False), ("--label-nodata", True)])
+def test_the_sparse_label_note_counts_missing_labels_not_missing_images(
+    tmp_path: Path, option: str, noted: bool
+) -> None:
+    # Half of every tile is 0: as image nodata its labels become 255 too, but no label is
+    # missing where an image is; as label nodata (with code 0) half the labels are missing.
+    raw = make_geotiff_folder(tmp_path / "raw", n=3, codes=[0, 1, 2])
+    for path in sorted((raw / "images").iterdir()):
+        with rasterio.open(path, "r+") as dst:
+            image = dst.read()
+            image[:, :, :10] = 0
+            dst.write(image)
+    for path in sorted((raw / "masks").iterdir()):
+        with rasterio.open(path, "r+") as dst:
+            mask = dst.read(1)
+            mask[:, :10] = 0
+            mask[:, 10:] = np.where(mask[:, 10:] == 0, 1, mask[:, 10:])
+            dst.write(mask, 1)
+    code, _stdout, stderr = run_cli(
+        "prepare", "geotiff", raw, "--out", tmp_path / "s.zarr", option, "0", "--max-blank", "1"
+    )
+    assert code == 0, stderr
+    assert ("--unlabelled-class" in stderr) is noted, stderr

@@ -204,12 +204,13 @@ SPARSE_LABEL_SHARE = 0.2
 
 
 def _sparse_label_note(tally: PrepareTally, spec: SourceSpec) -> str | None:
-    """A note when most train labels are absent: the paper's mask branch decodes a class in
-    every pixel, so synthesized masks would guess where the real ones say nothing."""
+    """A note when most train labels are absent where the image is real (nodata and padding
+    are not missing labels): the paper's mask branch decodes a class in every pixel, so
+    synthesized masks would guess where the real ones say nothing."""
     pixels = tally.split_counts.get("train", 0) * spec.height * spec.width
     if not pixels:
         return None
-    unlabelled = 1.0 - sum(tally.class_pixels.get("train", [])) / pixels
+    unlabelled = tally.unlabelled_train_pixels / pixels
     if unlabelled < SPARSE_LABEL_SHARE:
         return None
     return (
@@ -389,7 +390,9 @@ class _BlockWriter:
         tally.add_class_pixels(sample.split, label, classes)
         if sample.split == "train":
             images = [sample.arrays[name] for name in array_names(self.spec.task)[:-1]]
-            tally.add_band_moments(images, _image_valid(sample, label.shape))
+            image_valid = _image_valid(sample, label.shape)
+            tally.add_band_moments(images, image_valid)
+            tally.unlabelled_train_pixels += int(((label == IGNORE_INDEX) & image_valid).sum())
         return SampleMeta(
             split=sample.split,
             class_fraction=class_fraction(label, classes),

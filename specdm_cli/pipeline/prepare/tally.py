@@ -25,6 +25,8 @@ class PrepareTally:
     band_min: list[float] = field(default_factory=list)
     band_max: list[float] = field(default_factory=list)
     band_pixels: int = 0
+    # Train pixels whose image is real but whose label is 255: missing labels, not nodata.
+    unlabelled_train_pixels: int = 0
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
