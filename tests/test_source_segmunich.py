@@ -129,6 +129,17 @@ def test_mmseg_label_whose_header_claims_a_huge_size_is_named(tmp_path: Path) ->
     assert info.value.path == path
 
 
+def test_mmseg_colour_label_png_is_named_as_such(tmp_path: Path) -> None:
+    make_segmunich(tmp_path, layout="mmseg", wrap=None)
+    path = tmp_path / "ann_dir" / "train" / "1.png"
+    indices = np.asarray(Image.open(path))
+    Image.fromarray(np.stack([indices] * 3, axis=-1), mode="RGB").save(path)
+    plan = _open(tmp_path)
+    with pytest.raises(InputDataError, match="3 colour channels, not class indices") as info:
+        plan.load(plan.candidates[0])
+    assert info.value.path == path
+
+
 def test_mmseg_label_that_is_not_a_png_is_named(tmp_path: Path) -> None:
     make_segmunich(tmp_path, layout="mmseg", wrap=None)
     (tmp_path / "ann_dir" / "train" / "2.png").write_bytes(b"not a png")

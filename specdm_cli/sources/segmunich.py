@@ -404,6 +404,12 @@ def _load(
 
 def _require_patch(path: Path, height: int, width: int, bands: int) -> None:
     shape = _read_shape(path)
+    if path.suffix.lower() == ".png" and len(shape) == 3:
+        raise InputDataError(
+            f"label PNG holds {shape[2]} colour channels, not class indices",
+            path,
+            "mmseg's ann_dir PNGs hold each pixel's class index (grey or palette); re-export it",
+        )
     if math.prod(shape) > height * width * bands:
         raise InputDataError(
             f"file holds {'x'.join(map(str, shape))} values, more than a {height}x{width} patch "
