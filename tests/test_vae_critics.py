@@ -16,6 +16,7 @@ from specdm_cli.models.image_critics import (
     PatchDiscriminator,
     adaptive_weight,
     hinge_discriminator_loss,
+    patch_layers,
     semantic_loss,
 )
 from tests.test_fit_vae_cli import fit, weights
@@ -199,3 +200,26 @@ def test_a_run_made_before_the_terms_existed_resumes(demo_ss_store: Path, tmp_pa
     assert not {k for k in config if k.startswith(("semantic", "adversarial"))}
     code, stdout, stderr = fit(demo_ss_store, run, "--steps", "2", "--resume", "--json")
     assert code == 0 and json.loads(stdout)["state"] == "resumed", stderr
+
+
+def test_patch_layers_fit_the_scene_and_keep_ldms_three_from_24_px() -> None:
+    assert [patch_layers(size) for size in (4, 6, 12, 16, 23, 24, 64, 256)] == [
+        0, 1, 2, 2, 2, 3, 3, 3,
+    ]  # fmt: skip
+    for size in (6, 12, 16, 24):
+        network = PatchDiscriminator(DiscriminatorConfig(bands=2, layers=patch_layers(size)))
+        assert network(torch.zeros(1, 2, size, size)).shape[-1] >= 1
+
+
+def test_adversarial_term_runs_on_16_px_scenes(tmp_path: Path) -> None:
+    from tests.conftest import prepare_demo
+
+    store = prepare_demo(tmp_path / "small.zarr", n=24, size=16)
+    run = tmp_path / "run"
+    code, _stdout, stderr = fit(store, run, "--steps", "2", *ADVERSARIAL)
+    assert code == 0, stderr  # was "unexpected RuntimeError ... Kernel size can't be greater"
+    config = json.loads(
+        (run / json.loads((run / "run.json").read_text())["stages"]["vae"]["checkpoint"]
+         / "discriminator" / "config.json").read_text()
+    )  # fmt: skip
+    assert config["layers"] == 2

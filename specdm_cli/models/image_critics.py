@@ -47,6 +47,13 @@ class DiscriminatorConfig(BaseModel):
     layers: int = Field(3, ge=1, le=5)
 
 
+def patch_layers(size: int, wanted: int = 3) -> int:
+    """The most strided levels, up to `wanted`, a discriminator can run on `size` px scenes:
+    with L levels its last 4x4 convolutions see size / 2**L pixels, which must be at least 3
+    (LDM's 3 levels need 24 px). 0: too small for any."""
+    return max((levels for levels in range(1, wanted + 1) if size >> levels >= 3), default=0)
+
+
 class PatchDiscriminator(nn.Module):
     """pix2pix / LDM's PatchGAN: strided 4x4 convolutions, one real/fake logit per patch.
 

@@ -13,13 +13,14 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from specdm_cli.config import VAETrainConfig
-from specdm_cli.errors import ModelError
+from specdm_cli.errors import ModelError, UsageError
 from specdm_cli.fs.atomic import atomic_write_text
 from specdm_cli.models.image_critics import (
     DiscriminatorConfig,
     PatchDiscriminator,
     adaptive_weight,
     hinge_discriminator_loss,
+    patch_layers,
 )
 from specdm_cli.pipeline.runs.checkpoints import load_optimizer, save_optimizer
 from specdm_cli.pipeline.train.common import LossScaler, step_seed
@@ -33,9 +34,16 @@ BETAS = (0.5, 0.9)
 class Adversary:
     """The discriminator of one run: its generator term for the VAE and its own update."""
 
-    def __init__(self, bands: int, config: VAETrainConfig, device: torch.device):
+    def __init__(self, bands: int, size: int, config: VAETrainConfig, device: torch.device):
         self.weight, self.start = config.adversarial_weight, config.adversarial_start
-        self.config = DiscriminatorConfig(bands=bands)
+        layers = patch_layers(size)
+        if not layers:
+            raise UsageError(
+                f"--adversarial-weight needs scenes of at least 6 px, the store's are {size}",
+                hint="drop the term for this store",
+            )
+        # Fewer levels than LDM's 3 only where its patches would outgrow the scene (< 24 px).
+        self.config = DiscriminatorConfig(bands=bands, layers=layers)
         # Its own seed stream: turning the term on leaves the VAE's initialisation as it was.
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(step_seed(config.seed, 0, "discriminator"))

@@ -196,7 +196,8 @@ class VAETrainer:
                     "--adversarial-weight trains on one device only",
                     hint="drop --gpus or the term",
                 )
-            self.adversary = Adversary(len(manifest.bands), config, self.device)
+            size = min(manifest.height, manifest.width)
+            self.adversary = Adversary(len(manifest.bands), size, config, self.device)
             if checkpoint is not None:
                 self.adversary.load(checkpoint)
 
