@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import struct
 import zlib
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -116,37 +117,40 @@ def test_mmseg_image_without_its_label_is_named(tmp_path: Path) -> None:
     assert err.path == tmp_path / "ann_dir" / "val" / "5.png"
 
 
-def test_mmseg_label_whose_header_claims_a_huge_size_is_named(tmp_path: Path) -> None:
-    make_segmunich(tmp_path, layout="mmseg", wrap=None)
-    path = tmp_path / "ann_dir" / "train" / "2.png"
+def _huge_header(path: Path) -> None:
     data = bytearray(path.read_bytes())
-    data[16:24] = struct.pack(">II", 20000, 20000)  # IHDR width, height
+    data[16:24] = struct.pack(">II", 20000, 20000)  # IHDR width, height: PIL's bomb guard
     data[29:33] = struct.pack(">I", zlib.crc32(bytes(data[12:29])))
     path.write_bytes(bytes(data))
-    plan = _open(tmp_path)
-    with pytest.raises(InputDataError, match="PNG") as info:
-        plan.load(plan.candidates[1])
-    assert info.value.path == path
 
 
-def test_mmseg_colour_label_png_is_named_as_such(tmp_path: Path) -> None:
-    make_segmunich(tmp_path, layout="mmseg", wrap=None)
-    path = tmp_path / "ann_dir" / "train" / "1.png"
+def _colours(path: Path) -> None:
     indices = np.asarray(Image.open(path))
     Image.fromarray(np.stack([indices] * 3, axis=-1), mode="RGB").save(path)
-    plan = _open(tmp_path)
-    with pytest.raises(InputDataError, match="3 colour channels, not class indices") as info:
-        plan.load(plan.candidates[0])
-    assert info.value.path == path
 
 
-def test_mmseg_label_that_is_not_a_png_is_named(tmp_path: Path) -> None:
+def _not_a_png(path: Path) -> None:
+    path.write_bytes(b"not a png")
+
+
+@pytest.mark.parametrize(
+    ("damage", "words"),
+    [
+        (_huge_header, "PNG"),
+        (_colours, "3 colour channels, not class indices"),
+        (_not_a_png, "corrupt or truncated PNG"),
+    ],
+)
+def test_a_broken_mmseg_label_is_named(
+    tmp_path: Path, damage: Callable[[Path], None], words: str
+) -> None:
     make_segmunich(tmp_path, layout="mmseg", wrap=None)
-    (tmp_path / "ann_dir" / "train" / "2.png").write_bytes(b"not a png")
+    path = tmp_path / "ann_dir" / "train" / "2.png"
+    damage(path)
     plan = _open(tmp_path)
-    with pytest.raises(InputDataError, match="corrupt or truncated PNG") as info:
+    with pytest.raises(InputDataError, match=words) as info:
         plan.load(plan.candidates[1])
-    assert info.value.path == tmp_path / "ann_dir" / "train" / "2.png"
+    assert info.value.path == path
 
 
 @pytest.mark.parametrize(("listed", "folder"), [("val", "test"), ("test", "val")])
