@@ -153,18 +153,24 @@ def test_folders_extracted_one_level_too_deep_read_alike(raw: Path, tmp_path: Pa
     nested = tmp_path / "nested"
     for stem in (IMAGES, TRAIN_LABELS, TEST_LABELS):
         shutil.copytree(raw / stem, nested / stem / stem, copy_function=os.link)
-    flat, deep = _load_all(read_oscd(raw, SMALL)), _load_all(read_oscd(nested, SMALL))
-    assert sorted(deep) == sorted(flat) and len(flat) > 0
+    _assert_read_alike(raw, nested)
+
+
+def _assert_read_alike(raw: Path, other: Path) -> None:
+    """`other` gives the samples of the default tree `raw`, array for array."""
+    flat, found = _load_all(read_oscd(raw, SMALL)), _load_all(read_oscd(other, SMALL))
+    assert sorted(found) == sorted(flat) and len(flat) > 0
     for source_id, sample in flat.items():
         for name, array in sample.arrays.items():
-            np.testing.assert_array_equal(deep[source_id].arrays[name], array, err_msg=name)
+            np.testing.assert_array_equal(found[source_id].arrays[name], array, err_msg=name)
 
 
-def _merged(raw: Path, images: Path) -> Path:
-    """SpectralGPT's layout: each city's cm/ copied into its image folder, no label folders."""
+def _merged(raw: Path, images: Path, stems: tuple[str, ...] = (TRAIN_LABELS, TEST_LABELS)) -> Path:
+    """SpectralGPT's layout: each city's cm/ of the label folders `stems` copied into its image
+    folder."""
     shutil.copytree(raw / IMAGES, images, copy_function=os.link)
-    for labels in (raw / TRAIN_LABELS, raw / TEST_LABELS):
-        for city in labels.iterdir():
+    for stem in stems:
+        for city in (raw / stem).iterdir():
             shutil.copytree(city / "cm", images / city.name / "cm", copy_function=os.link)
     return images
 
@@ -174,28 +180,17 @@ def test_change_maps_merged_into_the_city_folders_read_alike(
     raw: Path, tmp_path: Path, given: str
 ) -> None:
     images = _merged(raw, tmp_path / "merged" / IMAGES)
-    plan = read_oscd(images.parent if given == "parent" else images, SMALL)
-    assert "SpectralGPT" in plan.spec.details["label_layout"]
-    flat, merged = _load_all(read_oscd(raw, SMALL)), _load_all(plan)
-    assert sorted(merged) == sorted(flat) and len(flat) > 0
-    for source_id, sample in flat.items():
-        for name, array in sample.arrays.items():
-            np.testing.assert_array_equal(merged[source_id].arrays[name], array, err_msg=name)
+    given_root = images.parent if given == "parent" else images
+    assert "SpectralGPT" in read_oscd(given_root, SMALL).spec.details["label_layout"]
+    _assert_read_alike(raw, given_root)
 
 
 def test_train_maps_merged_beside_a_test_labels_folder_read_alike(
     raw: Path, tmp_path: Path
 ) -> None:
-    images = tmp_path / "mixed" / IMAGES
-    shutil.copytree(raw / IMAGES, images, copy_function=os.link)
-    for city in (raw / TRAIN_LABELS).iterdir():
-        shutil.copytree(city / "cm", images / city.name / "cm", copy_function=os.link)
+    images = _merged(raw, tmp_path / "mixed" / IMAGES, (TRAIN_LABELS,))
     shutil.copytree(raw / TEST_LABELS, images.parent / TEST_LABELS, copy_function=os.link)
-    flat, mixed = _load_all(read_oscd(raw, SMALL)), _load_all(read_oscd(images.parent, SMALL))
-    assert sorted(mixed) == sorted(flat)
-    for source_id, sample in flat.items():
-        for name, array in sample.arrays.items():
-            np.testing.assert_array_equal(mixed[source_id].arrays[name], array, err_msg=name)
+    _assert_read_alike(raw, images.parent)
 
 
 def test_merged_change_maps_without_city_lists_is_an_error(raw: Path, tmp_path: Path) -> None:
