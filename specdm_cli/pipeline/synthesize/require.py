@@ -64,7 +64,9 @@ def parse_require(text: str | None, classes: list[ClassInfo]) -> tuple[Requireme
 def accepted(labels: np.ndarray, requirements: tuple[Requirement, ...], classes: int) -> np.ndarray:
     """Which of a batch of decoded label maps (B, H, W) meet every requirement, as fractions of
     all their pixels (unlabelled ones, 255, included)."""
-    fractions = np.stack([np.bincount(label.ravel(), minlength=256)[:classes] for label in labels])
+    fractions = np.stack(
+        [np.bincount(label.ravel(), minlength=classes)[:classes] for label in labels]
+    )
     fractions = fractions / labels[0].size
     keep = np.ones(len(labels), dtype=bool)
     for requirement in requirements:

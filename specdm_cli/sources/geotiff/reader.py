@@ -213,14 +213,13 @@ def _load(candidate: Candidate, *, ctx: _Context) -> RawSample:
     paths = ctx.files[stem]
     label_name = LABEL_ARRAY[ctx.task]
     raw_label = _read_window(paths[label_name], y, x, ctx)
-    # --label-nodata overrides the mask's tag, as --nodata does the image's.
-    label_nodata = ctx.label_nodata if ctx.label_nodata is not None else raw_label.nodata
-    raw_codes = raw_label.values[0]
     if len(raw_label.values) == 3:  # colours: a colour is a class, never nodata
-        raw_codes, label_nodata = (
-            codes_from_colours(raw_label.values, ctx.colours, paths[label_name]),
-            None,
-        )
+        raw_codes = codes_from_colours(raw_label.values, ctx.colours, paths[label_name])
+        label_nodata = None
+    else:
+        raw_codes = raw_label.values[0]
+        # --label-nodata overrides the mask's tag, as --nodata does the image's.
+        label_nodata = ctx.label_nodata if ctx.label_nodata is not None else raw_label.nodata
     label = remap_labels(label_values(raw_codes, label_nodata), ctx.codes, paths[label_name])
     arrays: dict[str, np.ndarray] = {}
     invalid = np.zeros(label.shape, dtype=bool)
