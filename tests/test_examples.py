@@ -22,7 +22,9 @@ CI = (ROOT / ".ci" / "run").read_text(encoding="utf-8")
 
 
 def _named_in_readme() -> set[str]:
-    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    """Scripts README or the measurements it points to (docs/measurements.md) name."""
+    docs = [ROOT / "README.md", ROOT / "docs" / "measurements.md"]
+    text = "\n".join(doc.read_text(encoding="utf-8") for doc in docs)
     return set(re.findall(r"examples/([\w.-]+\.(?:sh|py))", text))
 
 
