@@ -590,6 +590,10 @@ def fit_vae(
     steps: Annotated[int | None, typer.Option(min=1, help="Training steps [the preset's].")] = None,
     kl_weight: Annotated[float | None, typer.Option(help="KL weight, LDM scale [1e-6].")] = None,
     sad_weight: Annotated[float | None, typer.Option(help="SAD weight [0.1, paper Eq. 1].")] = None,
+    gradient_weight: Annotated[
+        float | None,
+        typer.Option(help="Weight of the L1 of the images' spatial differences; 0 = off [0]."),
+    ] = None,
     class_weights: Annotated[str | None, typer.Option(help="none or auto [auto].")] = None,
     seed: Annotated[int | None, typer.Option(help="Seed [0].")] = None,
     precision: PrecisionOption = None,
@@ -673,6 +677,7 @@ def fit_vae(
         recorded = _recorded(run, "vae", resume, VAETrainConfig)
         values = train_values(VAE_PRESETS, preset, gpus, recorded, dict(
             batch_size=batch_size, lr=lr, steps=steps, kl_weight=kl_weight, sad_weight=sad_weight,
+            gradient_weight=gradient_weight,
             class_weights=class_weights, seed=seed, precision=precision,
             val_every=val_every, checkpoint_every=checkpoint_every, split=split, limit=limit,
             workers=workers,

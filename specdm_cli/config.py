@@ -133,6 +133,9 @@ class VAETrainConfig(BaseModel):
     # LDM's KL weight, relative to a reconstruction loss summed over pixels (applied / C*H*W).
     kl_weight: float = Field(1e-6, ge=0)
     sad_weight: float = Field(0.1, ge=0)  # paper Eq. 1, Sec. 3.4
+    # Ours: the L1 of the images' spatial differences (models.losses.gradient_l1), for the fine
+    # detail a segmenter needs and the decoder blurs away (docs/measurements.md). 0 = off.
+    gradient_weight: float = Field(0.0, ge=0)
     class_weights: ClassWeights = "auto"  # ours: rare classes and rare change
     seed: int = Field(0, ge=0)
     precision: Precision = "fp32"
@@ -175,6 +178,8 @@ class VAETrainConfig(BaseModel):
         A term that is off leaves no keys, so runs made before the term existed still resume.
         """
         exclude = {"steps", "val_every", "checkpoint_every", "val_samples", "workers", "preset"}
+        if self.gradient_weight == 0:
+            exclude.add("gradient_weight")
         if self.semantic_weight == 0:
             exclude |= {"semantic_weight", "semantic_steps"}
         if self.adversarial_weight == 0:

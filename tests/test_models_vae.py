@@ -15,6 +15,7 @@ from specdm_cli.manifest import IGNORE_INDEX
 from specdm_cli.models.losses import (
     class_weights_auto,
     denormalize,
+    gradient_l1,
     image_branch_loss,
     kl_loss,
     mask_ce,
@@ -111,6 +112,41 @@ def test_masked_l1_and_sad_ignore_invalid_pixels() -> None:
     assert masked_l1(pred, target, torch.zeros_like(valid)).item() == 0.0
     angle = math.acos(4 / math.sqrt(2 * 10))  # (1, 3) against (1, 1)
     assert sad_loss(pred, target, valid).item() == pytest.approx(angle / 3)
+
+
+def test_gradient_l1_scores_edges_not_offsets() -> None:
+    sharp = torch.tensor([[0.0, 0.0, 1.0, 1.0], [0.0, 0.0, 1.0, 1.0]]).view(1, 1, 2, 4)
+    ramp = torch.tensor([[0.0, 1 / 3, 2 / 3, 1.0], [0.0, 1 / 3, 2 / 3, 1.0]]).view(1, 1, 2, 4)
+    # Across: sharp steps (0, 1, 0), the ramp (1/3, 1/3, 1/3): mean error 4/9; down: none.
+    assert gradient_l1(ramp, sharp).item() == pytest.approx(4 / 9)
+    assert gradient_l1(sharp + 5.0, sharp).item() == pytest.approx(0.0)  # L1 would be 5
+    row = sharp[..., :1, :]  # one row: no vertical neighbours, still the horizontal term
+    assert gradient_l1(ramp[..., :1, :], row).item() == pytest.approx(4 / 9)
+
+
+def test_gradient_l1_skips_pairs_with_an_invalid_pixel() -> None:
+    target = torch.zeros(1, 2, 3, 3)
+    pred = target.clone()
+    pred[0, :, 0, 0] = 1.0  # differs from its right and lower neighbours by 1
+    pred[0, :, 2, 2] = 100.0  # a huge error on the invalid pixel
+    valid = torch.ones(1, 3, 3, dtype=torch.bool)
+    valid[0, 2, 2] = False
+    # 5 valid pairs per axis (of 6); pixel (0, 0) is in one of them on each: 1/5 + 1/5.
+    assert gradient_l1(pred, target, valid).item() == pytest.approx(2 / 5)
+
+
+def test_image_branch_loss_adds_the_gradient_term_only_when_weighted() -> None:
+    from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+
+    generator = torch.Generator().manual_seed(5)
+    image, recon = torch.randn(2, 2, BANDS, 4, 4, generator=generator)
+    posterior = DiagonalGaussianDistribution(torch.zeros(2, 6, 1, 1))
+    plain = image_branch_loss(recon, image, posterior, *STATS)
+    weighted = image_branch_loss(recon, image, posterior, *STATS, gradient_weight=2.0)
+    assert "gradient" not in plain
+    assert weighted["gradient"].item() == pytest.approx(gradient_l1(recon, image).item())
+    expected = plain["total"] + 2.0 * weighted["gradient"]
+    assert weighted["total"].item() == pytest.approx(expected.item())
 
 
 def test_image_branch_loss_zero_for_perfect_reconstruction() -> None:

@@ -1,4 +1,4 @@
-"""`fit-vae --semantic-weight` and `--adversarial-weight` (issue 20 §2): tiny real training runs,
+"""`fit-vae --semantic-weight`, `--adversarial-weight` (issue 20 §2) and `--gradient-weight`: tiny real training runs,
 run.json, resume equality, refusals; and the maths of both terms."""
 
 from __future__ import annotations
@@ -104,6 +104,29 @@ def test_cd_and_single_stream_take_both_terms(demo_cd_store: Path, tmp_path: Pat
         assert code == 0, stderr
         prefix = "joint" if extra else "image"
         assert {f"{prefix}/semantic", f"{prefix}/adversarial"} <= records(run)[-1].keys()
+
+
+def test_gradient_weight_is_recorded_logged_and_kept_on_resume(
+    demo_ss_store: Path, tmp_path: Path
+) -> None:
+    run = tmp_path / "run"
+    assert fit(demo_ss_store, run, "--steps", "1", "--gradient-weight", "1")[0] == 0
+    stage = json.loads((run / "run.json").read_text())["stages"]["vae"]
+    assert stage["config"]["gradient_weight"] == 1.0
+    last = records(run)[-1]
+    assert last["image/gradient"] > 0
+    assert last["image/total"] > last["image/l1"] + 0.1 * last["image/sad"] + last["image/gradient"]
+    assert "image/gradient" not in records_of_plain_run(demo_ss_store, tmp_path)[-1]
+    code, _stdout, stderr = fit(
+        demo_ss_store, run, "--steps", "2", "--resume", "--gradient-weight", "2"
+    )
+    assert code != 0 and "gradient_weight" in stderr and "Traceback" not in stderr
+    single = tmp_path / "single"
+    code, _stdout, stderr = fit(
+        demo_ss_store, single, "--steps", "1", "--gradient-weight", "1", "--single-stream"
+    )
+    assert code == 0, stderr
+    assert records(single)[-1]["joint/gradient"] > 0
 
 
 def test_a_resume_with_another_weight_is_refused(demo_ss_store: Path, tmp_path: Path) -> None:

@@ -18,6 +18,7 @@ from specdm_cli.models.losses import (
     SAD_WEIGHT,
     Posterior,
     denormalize,
+    gradient_l1,
     image_branch_loss,
     kl_loss,
     mask_branch_loss,
@@ -374,6 +375,7 @@ class SpecDMVAE(nn.Module):
         valid: Tensor | None = None,
         generator: torch.Generator | None = None,
         critic: ImageCritic | None = None,
+        gradient_weight: float = 0.0,
     ) -> dict[str, Tensor]:
         """Encode, sample, decode and score a batch (paper Eq. 1-2, plus LDM's KL terms).
 
@@ -389,6 +391,7 @@ class SpecDMVAE(nn.Module):
             generator: RNG for the posterior samples.
             critic: extra terms on the decoded images (see `models.image_critics`); its named
                 terms join the image terms and its "total" is added to the image loss.
+            gradient_weight: weight of the L1 of the images' spatial differences (0: off).
 
         Returns:
             Scalar tensors: two-stream "image/{l1,sad,kl,total}", "mask/{ce,kl,total}"
@@ -397,8 +400,9 @@ class SpecDMVAE(nn.Module):
             "total", the sum to minimise.
         """
         if self.config.single_stream:
+            weights = (sad_weight, kl_weight, gradient_weight)
             losses = self._joint_losses(
-                batch, mean, std, sad_weight, kl_weight, class_weights, valid, generator, critic
+                batch, mean, std, weights, class_weights, valid, generator, critic
             )
             return {**{f"joint/{k}": v for k, v in losses.items()}, "total": losses["total"]}
         c = self.config
@@ -415,11 +419,14 @@ class SpecDMVAE(nn.Module):
         # The image loss does not train the mask encoder: the label latent stays a code of the
         # mask alone (the paper's mask branch), which the mask-aware decoder only reads.
         recon = self.decode_images(z_image, z_label.detach())
-        image = image_branch_loss(recon, images, post, mean, std, valid_all, sad_weight, kl_weight)
+        image = image_branch_loss(
+            recon, images, post, mean, std, valid_all, sad_weight, kl_weight, gradient_weight
+        )
         if critic is not None:
-            image = _with_critic(
-                image, critic(recon, images, target, image["l1"] + sad_weight * image["sad"])
-            )
+            reconstruction = image["l1"] + sad_weight * image["sad"]
+            if gradient_weight:
+                reconstruction = reconstruction + gradient_weight * image["gradient"]
+            image = _with_critic(image, critic(recon, images, target, reconstruction))
         logits = self.decode_mask_logits(z_label)
         mask = mask_branch_loss(
             logits, self.ce_target(target), mask_post, self.ce_weights(class_weights), kl_weight
@@ -435,14 +442,15 @@ class SpecDMVAE(nn.Module):
         batch: dict[str, Tensor],
         mean: Tensor,
         std: Tensor,
-        sad_weight: float,
-        kl_weight: float,
+        weights: tuple[float, float, float],
         class_weights: Tensor | None,
         valid: Tensor | None,
         generator: torch.Generator | None,
         critic: ImageCritic | None = None,
     ) -> dict[str, Tensor]:
-        """Single-stream baseline: L1 + SAD on the image channels, CE on the class channels."""
+        """Single-stream baseline: L1 + SAD (+ the differences' L1) on the image channels, CE on
+        the class channels; `weights` = (SAD, KL, gradient) weights."""
+        sad_weight, kl_weight, gradient_weight = weights
         c = self.config
         n_img = len(c.image_names)
         recon, post = _sample(self.joint_vae, self._joint_input(batch), generator)
@@ -457,12 +465,16 @@ class SpecDMVAE(nn.Module):
             self.ce_weights(class_weights),
         )
         kl = kl_loss(post)
-        total = l1 + sad_weight * sad + ce + kl_weight * kl
-        losses = {"l1": l1, "sad": sad, "ce": ce, "kl": kl, "total": total}
+        reconstruction = l1 + sad_weight * sad
+        losses = {"l1": l1, "sad": sad, "ce": ce, "kl": kl}
+        if gradient_weight:
+            losses["gradient"] = gradient_l1(rec_img, images, valid_all)
+            reconstruction = reconstruction + gradient_weight * losses["gradient"]
+        losses["total"] = reconstruction + ce + kl_weight * kl
         if critic is None:
             return losses
         return _with_critic(
-            losses, critic(rec_img, images, batch[c.label_name].long(), l1 + sad_weight * sad)
+            losses, critic(rec_img, images, batch[c.label_name].long(), reconstruction)
         )
 
 

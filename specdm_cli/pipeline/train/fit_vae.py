@@ -329,6 +329,7 @@ class _Losses(nn.Module):
             valid,
             generator,
             critic,
+            t.config.gradient_weight,
         )
 
 
