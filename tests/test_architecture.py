@@ -114,9 +114,13 @@ def test_pipeline_stages_import_earlier_stages_only() -> None:
 
 
 def test_the_cli_imports_only_the_pipeline_the_config_and_errors() -> None:
-    reached = graph()["specdm_cli.cli"]
+    cli = {module: names for module, names in graph().items() if folder(module) == "specdm_cli.cli"}
+    assert len(cli) > 1, "the cli package's modules were not found"
+    reached = set().union(*cli.values())
     outside = sorted(
-        name for name in reached if name != "specdm_cli" and not name.startswith(CLI_MAY_IMPORT)
+        name
+        for name in reached
+        if name != "specdm_cli" and not name.startswith((*CLI_MAY_IMPORT, "specdm_cli.cli"))
     )
     assert outside == []
 

@@ -1,0 +1,97 @@
+"""Options several commands share, and turning option values into configs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from specdm_cli.config import Devices, Precision, TrainPreset, parse_devices, preset_help
+from specdm_cli.errors import SpecdmError
+
+
+def parse_gpus(value: str | Devices) -> Devices:
+    """`--gpus`, parsed once for every command; a bad value is a usage error."""
+    if isinstance(value, Devices):
+        return value
+    try:
+        return parse_devices(value)
+    except SpecdmError as error:
+        raise typer.BadParameter(error.message) from None
+
+
+JsonOption = Annotated[bool, typer.Option("--json", help="Print one JSON summary on stdout.")]
+
+
+QuietOption = Annotated[bool, typer.Option("--quiet", "-q", help="No progress on stderr.")]
+
+
+GpusOption = Annotated[
+    Devices,
+    typer.Option(
+        parser=parse_gpus,
+        metavar="0,1|cpu:N",
+        show_default="CPU",
+        help="CUDA devices, one process each (e.g. 0 or 0,1); cpu:N = N CPU processes.",
+    ),
+]
+
+
+ThreadsOption = Annotated[int | None, typer.Option(min=1, help="CPU threads for torch.")]
+
+
+PrecisionOption = Annotated[
+    Precision | None, typer.Option(help="fp32, bf16, fp16 (CUDA only) [fp32].")
+]
+
+
+ResumeOption = Annotated[
+    bool, typer.Option("--resume", help="Continue an interrupted run of the same command.")
+]
+
+
+OverwriteOption = Annotated[
+    bool,
+    typer.Option(
+        "--overwrite", help="Replace an existing output of the same kind that specdm made."
+    ),
+]
+
+
+def config_or_usage_error(model: Any, **values: Any) -> Any:
+    """Validate options into a pydantic config; the first problem becomes a usage error."""
+    from pydantic import ValidationError
+
+    from specdm_cli.errors import UsageError
+
+    try:
+        return model(**{k: v for k, v in values.items() if v is not None})
+    except ValidationError as error:
+        first = error.errors()[0]
+        option = "--" + "-".join(str(first["loc"][0]).split("_")) if first["loc"] else "options"
+        raise UsageError(f"{option}: {first['msg']}", hint="see --help") from None
+
+
+def parse_counts(text: str | None, option: str, example: str) -> tuple[int, ...] | None:
+    from specdm_cli.config import count_list
+
+    return None if text is None else count_list(text, option, example)
+
+
+def preset_option(presets: dict[TrainPreset, dict[str, Any]]) -> Any:
+    return typer.Option(
+        help=f"Training recipe [cpu on the CPU, gpu with CUDA; a --resume keeps the run's]: "
+        f"{preset_help(presets)}. Options given override it."
+    )
+
+
+def recorded_values(
+    run: Path | None, stage: str, resume: bool, model: Any
+) -> dict[str, Any] | None:
+    """The options a run to resume was started with (None: not a resume of that stage)."""
+    if not resume or run is None:
+        return None
+    from specdm_cli.pipeline.runs.rundirs import recorded_options
+
+    return recorded_options(run, stage, model)

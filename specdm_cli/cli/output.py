@@ -1,0 +1,152 @@
+"""What every command prints: progress on stderr, one-line errors and exit codes, --json."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import typer
+from rich.console import Console
+
+from specdm_cli.config import Progress
+from specdm_cli.errors import (
+    EXIT_RESOURCE,
+    EXIT_SIGINT,
+    ResourceError,
+    SpecdmError,
+    resource_error_from,
+)
+
+# soft_wrap: a log line (paths!) is never split at the terminal width, in a file or not.
+stderr = Console(stderr=True, highlight=False, soft_wrap=True)
+
+
+@contextmanager
+def domain_errors() -> Iterator[None]:
+    """Domain errors become one stderr line and their exit code; never a traceback."""
+    try:
+        yield
+    except SpecdmError as error:
+        stderr.print(error.line(), markup=False, soft_wrap=True)
+        raise typer.Exit(error.exit_code) from None
+    except KeyboardInterrupt:
+        stderr.print("interrupted: rerun with --resume", markup=False)
+        raise typer.Exit(EXIT_SIGINT) from None
+    except OSError as error:
+        # Readers turn their own I/O errors into input errors; what is left is the output side.
+        resource = resource_error_from(error) or ResourceError(
+            f"cannot write ({error.strerror or error})", error.filename, "check --out"
+        )
+        stderr.print(resource.line(), markup=False, soft_wrap=True)
+        raise typer.Exit(EXIT_RESOURCE) from None
+    except MemoryError:
+        stderr.print("error: out of memory: use a smaller --batch-size or --workers", markup=False)
+        raise typer.Exit(EXIT_RESOURCE) from None
+    except Exception as error:
+        if os.environ.get("SPECDM_DEBUG"):
+            raise
+        stderr.print(
+            f"error: unexpected {type(error).__name__}: {error} "
+            "(a bug: rerun with SPECDM_DEBUG=1 for a traceback and report it)",
+            markup=False,
+            soft_wrap=True,
+        )
+        raise typer.Exit(1) from None
+
+
+def emit_json(payload: Any) -> None:
+    sys.stdout.write(json.dumps(payload, indent=2, default=str) + "\n")
+
+
+@contextmanager
+def progress_reporter(name: str, quiet: bool) -> Iterator[Progress]:
+    """Progress on stderr fed by progress(stage, done, total): a rich bar on a terminal, plain
+    unwrapped lines at a bounded rate in a log file; a new stage is named on its own line."""
+    if quiet:
+        yield lambda stage, done, total: None
+    elif stderr.is_terminal:
+        with _progress_bar(name) as update:
+            yield update
+    else:
+        yield _progress_lines(name)
+
+
+@contextmanager
+def _progress_bar(name: str) -> Iterator[Progress]:
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        TaskProgressColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
+    from rich.progress import Progress as Bar
+
+    columns = (
+        "[progress.description]{task.description}",
+        BarColumn(),
+        MofNCompleteColumn(),
+        TaskProgressColumn(),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+    )
+    with Bar(*columns, console=stderr, transient=False) as bar:
+        task = bar.add_task(name, total=None)
+        stages: list[str] = []
+
+        def update(stage: str, done: int, total: int) -> None:
+            if stages[-1:] != [stage]:
+                stages.append(stage)
+                if stage != name:
+                    stderr.print(f"{name}: {stage}", markup=False)
+            bar.update(task, completed=done, total=total)
+
+        yield update
+
+
+# In a log file: a line at most every 10 s or every 5% of a stage, and at its end.
+LOG_SECONDS = 10.0
+
+
+LOG_FRACTION = 0.05
+
+
+def _progress_lines(name: str) -> Progress:
+    """Plain progress lines (step/total, rate, ETA) for stderr that is not a terminal."""
+    state: dict[str, Any] = {"stage": None}
+
+    def update(stage: str, done: int, total: int) -> None:
+        now = time.monotonic()
+        if stage != state["stage"]:
+            state.update(stage=stage, start=now, start_done=done, last=now, last_done=done)
+        due = now - state["last"] >= LOG_SECONDS or (
+            total > 0 and done - state["last_done"] >= LOG_FRACTION * total
+        )
+        if not (due or done == total):
+            return
+        rate = (done - state["start_done"]) / max(now - state["start"], 1e-9)
+        eta = f", ETA {_duration((total - done) / rate)}" if rate > 0 and total > done else ""
+        share = f" ({done / total:.0%})" if total > 0 else ""
+        label = name if stage == name else f"{name}: {stage}"
+        speed = f", {rate:.3g}/s" if rate > 0 else ""
+        sys.stderr.write(f"{label} {done}/{total}{share}{speed}{eta}\n")
+        sys.stderr.flush()
+        state.update(last=now, last_done=done)
+
+    return update
+
+
+def _duration(seconds: float) -> str:
+    minutes, secs = divmod(round(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{secs:02d}s"
+
+
+def warning_printer(quiet: bool) -> Callable[[str], None]:
+    """Where a stage's warnings and notices go: stderr, or nowhere with --quiet."""
+    return (lambda line: None) if quiet else (lambda line: stderr.print(line, markup=False))

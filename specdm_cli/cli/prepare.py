@@ -1,0 +1,227 @@
+"""`specdm prepare` (raw files -> store) and `specdm inspect` (what a store holds)."""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+
+from specdm_cli.cli.options import JsonOption, OverwriteOption, QuietOption, ResumeOption
+from specdm_cli.cli.output import (
+    domain_errors,
+    emit_json,
+    progress_reporter,
+    stderr,
+    warning_printer,
+)
+from specdm_cli.config import DemoBandSet, DemoVariant, SourceName, StoreFormat, Task
+
+
+def prepare(
+    source: Annotated[SourceName, typer.Argument(help="segmunich, oscd, geotiff or demo.")],
+    raw: Annotated[Path | None, typer.Argument(help="Raw data folder (not for demo).")] = None,
+    out: Annotated[
+        Path | None,
+        typer.Option("--out", "-o", help="Output store [./<source>.zarr; ./<source> for geotiff]."),
+    ] = None,
+    store_format: Annotated[StoreFormat, typer.Option("--format", help="Store format.")] = "zarr",
+    resume: ResumeOption = False,
+    overwrite: OverwriteOption = False,
+    max_blank: Annotated[
+        float, typer.Option(help="Drop patches with more zero/nodata image pixels than this.")
+    ] = 0.5,
+    max_unlabelled: Annotated[
+        float | None,
+        typer.Option(help="Drop patches with more unlabelled (255) pixels than this [off]."),
+    ] = None,
+    max_background: Annotated[
+        float | None, typer.Option(help="Drop patches with more label-0 pixels than this.")
+    ] = None,
+    bands: Annotated[
+        str | None, typer.Option(help="OSCD: comma-separated bands [the paper's 10].")
+    ] = None,
+    patch_size: Annotated[int, typer.Option(help="OSCD/GeoTIFF: patch size in pixels.")] = 256,
+    overlap: Annotated[float, typer.Option(help="OSCD/GeoTIFF: patch overlap (paper: 0.6).")] = 0.6,
+    nodata: Annotated[str | None, typer.Option(help="Nodata value (a number or 'nan').")] = None,
+    label_nodata: Annotated[
+        str | None,
+        typer.Option(help="GeoTIFF/SegMunich: label value meaning no data (-> 255), e.g. -1."),
+    ] = None,
+    classes: Annotated[
+        Path | None,
+        typer.Option(
+            help="GeoTIFF: class codes, names, colours (JSON or CSV; RGB masks need colours)."
+        ),
+    ] = None,
+    splits: Annotated[Path | None, typer.Option(help="GeoTIFF: CSV of stem,split.")] = None,
+    cities: Annotated[
+        str | None, typer.Option(help="OSCD: comma-separated cities to prepare [all listed].")
+    ] = None,
+    val_cities: Annotated[
+        str | None,
+        typer.Option(help="OSCD: comma-separated train cities for val (not --val-fraction)."),
+    ] = None,
+    val_fraction: Annotated[
+        float, typer.Option(help="Fraction of source files (OSCD: cities) for val.")
+    ] = 0.1,
+    test_fraction: Annotated[
+        float | None, typer.Option(help="Fraction of source files for test [demo 0.1, else 0].")
+    ] = None,
+    seed: Annotated[int, typer.Option(help="Seed of split assignment and demo scenes.")] = 0,
+    task: Annotated[Task, typer.Option(help="Demo: ss or cd.")] = "ss",
+    n: Annotated[int, typer.Option("--n", min=1, help="Demo: number of scenes.")] = 512,
+    size: Annotated[int, typer.Option(help="Demo: scene size in pixels.")] = 64,
+    demo_bands: Annotated[
+        DemoBandSet, typer.Option("--demo-bands", help="Demo: s2 (10 bands) or hsi (>=100).")
+    ] = "s2",
+    demo_variant: Annotated[
+        DemoVariant | None,
+        typer.Option(
+            "--demo-variant",
+            help="Demo: standard, or hard (cropland, grassland and soil overlap spectrally; "
+            "meadows are told from fields by shape) [standard].",
+        ),
+    ] = None,
+    workers: Annotated[int, typer.Option(help="Reader threads.")] = 4,
+    json_output: JsonOption = False,
+    quiet: QuietOption = False,
+) -> None:
+    """Turn a raw dataset into a canonical, resumable store."""
+    with domain_errors():
+        from specdm_cli.config import PrepareOptions
+        from specdm_cli.pipeline.prepare.prepare import PrepareRequest, default_out
+        from specdm_cli.pipeline.prepare.prepare import prepare as run_prepare
+        from specdm_cli.pipeline.signals import graceful_stop
+
+        options = PrepareOptions(
+            bands=_names(bands),
+            patch_size=patch_size,
+            overlap=overlap,
+            nodata=_parse_nodata(nodata),
+            label_nodata=_parse_nodata(label_nodata, "--label-nodata"),
+            cities=_names(cities),
+            val_cities=_names(val_cities),
+            classes_file=classes,
+            splits_file=splits,
+            val_fraction=val_fraction,
+            test_fraction=_default_test_fraction(source, test_fraction),
+            seed=seed,
+            task=task,
+            n=n,
+            size=size,
+            band_set=demo_bands,
+            demo_variant=demo_variant,
+        )
+        request = PrepareRequest(
+            source=source,
+            raw=raw,
+            out=out or default_out(source, store_format),
+            format=store_format,
+            options=options,
+            max_blank=max_blank,
+            max_unlabelled=max_unlabelled,
+            max_background=max_background,
+            resume=resume,
+            overwrite=overwrite,
+            workers=workers,
+        )
+        with graceful_stop() as stop, progress_reporter("prepare", quiet) as progress:
+            summary = run_prepare(request, stop, progress, warning_printer(quiet))
+        if not quiet:
+            stderr.print(
+                f"{summary.state}: {summary.out}: {summary.count} samples {summary.split_counts}, "
+                f"removed {summary.removed or 'none'} of {summary.candidates}",
+                markup=False,
+            )
+        if json_output:
+            emit_json(asdict(summary))
+
+
+def _names(text: str | None) -> tuple[str, ...] | None:
+    """A comma-separated option as names; None when the option is not given."""
+    return None if text is None else tuple(n.strip() for n in text.split(",") if n.strip())
+
+
+def _default_test_fraction(source: str, given: float | None) -> float:
+    # Demo scenes are free, so they get a test split (80/10/10) for downstream evaluation.
+    if given is not None:
+        return given
+    return 0.1 if source == "demo" else 0.0
+
+
+def _parse_nodata(text: str | None, option: str = "--nodata") -> float | None:
+    from specdm_cli.errors import UsageError
+
+    if text is None:
+        return None
+    try:
+        return float(text)
+    except ValueError:
+        raise UsageError(
+            f"{option} {text!r} is not a number", hint=f"e.g. {option} 0 or {option} nan"
+        ) from None
+
+
+def inspect(
+    store: Annotated[Path | None, typer.Argument(help="A prepared or synthetic store.")] = None,
+    schema: Annotated[
+        bool, typer.Option("--schema", help="Print the manifest JSON Schema.")
+    ] = False,
+    allow_incomplete: Annotated[
+        bool, typer.Option("--allow-incomplete", help="Read a store whose writer stopped early.")
+    ] = False,
+    verify: Annotated[
+        bool, typer.Option("--verify", help="Read every sample back against its checksums.")
+    ] = False,
+    json_output: JsonOption = False,
+) -> None:
+    """Validate a store and summarise it: splits, bands, classes, provenance."""
+    with domain_errors():
+        from specdm_cli.pipeline.inspect import inspect_store, store_schema
+
+        if schema:
+            emit_json(store_schema())
+            return
+        if store is None:
+            from specdm_cli.errors import UsageError
+
+            raise UsageError("inspect needs a STORE", hint="run `specdm inspect PATH`")
+        report = inspect_store(store, allow_incomplete, verify)
+        if json_output:
+            emit_json(report)
+        else:
+            _render_inspect(report, Console(highlight=False))
+
+
+def _render_inspect(report: dict[str, Any], console: Console) -> None:
+    """The human-readable summary of `inspect_store`."""
+    from rich.table import Table
+
+    state = "complete" if report["complete"] else "INCOMPLETE"
+    shape = report["shape"]
+    console.print(
+        f"[bold]{report['path']}[/] {report['format']} task={report['task']} {state}: "
+        f"{report['count']} samples of {shape['bands']}x{shape['height']}x{shape['width']} "
+        f"{report['dtype']}"
+    )
+    console.print(
+        "splits: " + ", ".join(f"{k} {v}" for k, v in sorted(report["split_counts"].items()))
+    )
+    origin = report["source"] or report["model"] or {}
+    console.print(f"from: {origin.get('dataset') or origin.get('run_id')}  crs: {report['crs']}")
+    bands = Table("band", "wavelength (nm)", title="bands", title_justify="left")
+    for band in report["bands"]:
+        bands.add_row(band["name"], f"{band['wavelength_nm']:g}" if band["wavelength_nm"] else "-")
+    classes = Table("index", "class", "code", "pixels", title="classes", title_justify="left")
+    for item in report["classes"]:
+        share = item["pixel_fraction"]
+        classes.add_row(
+            str(item["index"]),
+            item["name"],
+            str(item["code"]),
+            f"{share:.1%}" if share is not None else "-",
+        )
+    console.print(bands, classes)

@@ -1,0 +1,174 @@
+"""`specdm synthesize`: a model's samples -> a store."""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated
+
+import typer
+
+from specdm_cli.cli.options import (
+    GpusOption,
+    JsonOption,
+    OverwriteOption,
+    PrecisionOption,
+    QuietOption,
+    ThreadsOption,
+)
+from specdm_cli.cli.output import (
+    domain_errors,
+    emit_json,
+    progress_reporter,
+    stderr,
+    warning_printer,
+)
+from specdm_cli.config import Devices, SamplerChoice, StoreFormat, Task
+
+if TYPE_CHECKING:
+    from specdm_cli.pipeline.synthesize.quality import JudgeMaker
+
+
+def _quality_judge() -> JudgeMaker:
+    """The benchmark's judge, for `synthesize --min-quality` (synthesis may not import it)."""
+    from specdm_cli.pipeline.benchmark.judge import QualityJudge
+
+    return QualityJudge
+
+
+def synthesize(
+    out: Annotated[Path | None, typer.Option("--out", "-o", help="Output store.")] = None,
+    n: Annotated[int | None, typer.Option("--n", help="Number of pairs.")] = None,
+    model: Annotated[
+        str | None, typer.Option(help="Run directory, or 'demo' [newest run of --task, else demo].")
+    ] = None,
+    task: Annotated[Task | None, typer.Option(help="ss or cd (picks the default model).")] = None,
+    sampler: Annotated[
+        SamplerChoice,
+        typer.Option(
+            help="auto (the run's distilled student if it has one, else dpmpp), ddpm (1000 "
+            "steps, paper), ddim, dpmpp, unipc, distilled (specdm distill)."
+        ),
+    ] = "auto",
+    steps: Annotated[
+        int | None,
+        typer.Option(
+            min=1,
+            help="Denoising steps [ddpm 1000, ddim 20, dpmpp 10, unipc 10; distilled: the student's].",
+        ),
+    ] = None,
+    seed: Annotated[int, typer.Option(help="Seed: sample i depends only on (model, seed, i).")] = 0,
+    batch_size: Annotated[
+        str,
+        typer.Option(
+            help="B: the batch grid, fixed when the store is created; auto = the store's, else 16 on CPU, 64 on CUDA; at most --n unless --require/--min-quality filter draws."
+        ),
+    ] = "auto",
+    precision: PrecisionOption = None,
+    store_format: Annotated[StoreFormat, typer.Option("--format", help="Store format.")] = "zarr",
+    shard: Annotated[
+        str | None, typer.Option(help="Write shard i of N (i/N), on batch-grid lines.")
+    ] = None,
+    finalize: Annotated[
+        Path | None, typer.Option(help="Merge the shard records of a store and finish it.")
+    ] = None,
+    overwrite: OverwriteOption = False,
+    resume: Annotated[
+        bool,
+        typer.Option(
+            "--resume",
+            help="Continue an interrupted store (same options); a store with the same plan is joined anyway, as shards do.",
+        ),
+    ] = False,
+    preview: Annotated[
+        Path | None, typer.Option(help="Write a PNG grid of the first samples.")
+    ] = None,
+    require: Annotated[
+        str | None,
+        typer.Option(
+            help="CLASS:MINFRAC[,...]: keep only samples with at least that fraction of each class."
+        ),
+    ] = None,
+    masks: Annotated[
+        Path | None,
+        typer.Option(
+            help="Draw images for the label maps of this store (same task, classes and size): "
+            "sample i gets mask i mod M, written as given. Needs a model trained with "
+            "--mask-condition-rate."
+        ),
+    ] = None,
+    masks_split: Annotated[
+        str | None, typer.Option(help="Only the --masks store's samples of this split [all].")
+    ] = None,
+    mask_guidance: Annotated[
+        float | None,
+        typer.Option(
+            help="Classifier-free guidance weight with --masks; 1 = plain conditional, one "
+            "U-Net pass a step instead of two [2, measured]."
+        ),
+    ] = None,
+    min_quality: Annotated[
+        float | None,
+        typer.Option(
+            help="Keep only samples whose quality score (benchmark's: 1 = as good as the typical "
+            "real pair) reaches this, judged against --real; scores are written into the store."
+        ),
+    ] = None,
+    real: Annotated[
+        Path | None,
+        typer.Option(help="With --min-quality: the real store the scores are calibrated on."),
+    ] = None,
+    feature_steps: Annotated[
+        int | None,
+        typer.Option(
+            min=1, help="With --min-quality: the feature network's steps (as benchmark's)."
+        ),
+    ] = None,
+    gpus: GpusOption = Devices(),  # noqa: B008 (an immutable value)
+    threads: ThreadsOption = None,
+    json_output: JsonOption = False,
+    quiet: QuietOption = False,
+) -> None:
+    """Synthesize labelled pairs with a trained (or the shipped demo) model."""
+    with domain_errors():
+        from specdm_cli.errors import UsageError
+
+        if finalize is None and (out is None or n is None or n <= 0):
+            # Before the heavy imports below: a usage error comes at once.
+            raise UsageError(
+                "synthesize needs --out and --n >= 1", hint="e.g. --n 1000 --out syn.zarr"
+            )
+        from specdm_cli.pipeline.signals import graceful_stop
+        from specdm_cli.pipeline.synthesize.command import SynthesizeOptions, synthesize_store
+        from specdm_cli.pipeline.synthesize.shards import finalize as finalize_store
+        from specdm_cli.pipeline.train.common import torch_threads
+
+        if finalize is not None:
+            finalize_store(finalize, required=True)
+            stderr.print(f"complete: {finalize}", markup=False)
+            return
+        assert out is not None and n is not None
+        options = SynthesizeOptions(
+            out=out, n=n, model=model, task=task, sampler=sampler, steps=steps, seed=seed,
+            batch_size=batch_size, precision=precision or "fp32", format=store_format,
+            shard=shard, devices=gpus, require=require, overwrite=overwrite, preview=preview,
+            masks=masks, masks_split=masks_split, mask_guidance=mask_guidance,
+            min_quality=min_quality, real=real, feature_steps=feature_steps,
+            judge_maker=_quality_judge() if min_quality is not None else None,
+        )  # fmt: skip
+        with (
+            graceful_stop() as stop,
+            torch_threads(threads),
+            progress_reporter("synthesize", quiet) as bar,
+        ):
+            summary = synthesize_store(options, stop, bar, warning_printer(quiet))
+        if not quiet:
+            state = "complete" if summary.complete else "shard done, store not complete yet"
+            kept = f" (kept from {summary.draws} draws)" if summary.draws > summary.written else ""
+            stderr.print(
+                f"{state}: {summary.out}: {summary.written}/{summary.n} pairs{kept}, "
+                f"{summary.pairs_per_second} pairs/s",
+                markup=False,
+            )
+        if json_output:
+            emit_json(asdict(summary))
