@@ -1,0 +1,103 @@
+"""SegMunich reader: the SpectralGPT TUM_128, GFM-Bench or DOFA/mmseg tree in, 10-band float32
+samples out."""
+
+from __future__ import annotations
+
+import functools
+import logging
+from pathlib import Path
+
+from specdm_cli.sources.base import (
+    PrepareOptions,
+    SourcePlan,
+    SourceSpec,
+    require_dir,
+    require_whole_read,
+)
+from specdm_cli.sources.segmunich.layout import (
+    BAND_ORDER_SOURCE,
+    MMSEG_CLASSES,
+    NUM_BANDS,
+    SEGMUNICH_BANDS,
+    SEGMUNICH_CLASSES,
+    SPLIT_ORDER,
+    find_root,
+    is_mmseg,
+    mmseg_candidates,
+    read_split_lists,
+    split_candidates,
+    split_folder,
+)
+from specdm_cli.sources.segmunich.pixels import image_hw, load_sample, read_shape
+from specdm_cli.sources.sentinel2 import S2_RGB_BANDS, s2_bands
+
+_READ_THREADS = 4  # `prepare --workers`' default: patches read at once
+
+
+def read_segmunich(raw: Path | None, options: PrepareOptions) -> SourcePlan:
+    """Open a SegMunich tree: find the root, list every sample and check its files exist.
+
+    Accepts the official TUM_128 layout (`dataset/<split>.txt`), GFM-Bench's
+    (`dataset/metadata.csv` with columns id, source) and DOFA's mmseg copy (`img_dir/<split>/`
+    TIFFs, `ann_dir/<split>/` PNG class indices), as the given folder or one folder inside it
+    (e.g. `TUM_128/`, `SegMunich/`). Only the first image's header is read here.
+
+    Args:
+        raw: the folder holding `dataset/`, or holding one folder that does.
+        options: `nodata` and `label_nodata` (SegMunich itself declares neither).
+
+    Returns:
+        The plan; its `load` is thread-safe and returns `image` (10, H, W) float32 reflectance
+        x 10000 and `mask` (H, W) uint8 class indices. `spec.details["label_codes"]` maps each
+        raw code (as a string) to its class index (mmseg labels hold the indices themselves).
+
+    Raises:
+        InputDataError: missing folder, split list or file; unreadable first image.
+    """
+    # tifffile logs its own warnings for broken files; the InputDataError line says it once.
+    _quiet_logger("tifffile")
+    root = find_root(require_dir(raw, "segmunich"))
+    if is_mmseg(root):
+        layout, classes, candidates, folders = "mmseg", MMSEG_CLASSES, mmseg_candidates(root), {}
+    else:
+        classes = SEGMUNICH_CLASSES
+        layout, split_ids = read_split_lists(root / "dataset")
+        folders = {split: split_folder(root, split, split_ids) for split in split_ids}
+        candidates = split_candidates(folders, split_ids, root)
+    height, width = image_hw(read_shape(candidates[0].ref[0]), candidates[0].ref[0])
+    # Patches are read whole: a float32 copy and its transpose per band, per reader thread.
+    require_whole_read(height, width, NUM_BANDS * 4 * 2 * _READ_THREADS, candidates[0].ref[0])
+    spec = SourceSpec(
+        dataset="segmunich",
+        task="ss",
+        bands=s2_bands(SEGMUNICH_BANDS),
+        classes=list(classes),
+        dtype="float32",
+        height=height,
+        width=width,
+        crs=None,
+        rgb_bands=list(S2_RGB_BANDS),
+        band_order_source=BAND_ORDER_SOURCE,
+        details={
+            "layout": layout,
+            "label_codes": {str(c.code): c.index for c in classes},
+            "splits": [s for s in SPLIT_ORDER if any(c.split == s for c in candidates)],
+        },
+    )
+    load = functools.partial(
+        load_sample, height=height, width=width, nodata=options.nodata,
+        label_nodata=options.label_nodata, codes=tuple(int(str(c.code)) for c in classes),
+    )  # fmt: skip
+    notes = [
+        f"split {split!r} is read from {folder.name}/ (no {split}/ folder): the two names "
+        "are used for one split"
+        for split, folder in folders.items()
+        if folder.name != split
+    ]
+    return SourcePlan(spec=spec, candidates=candidates, load=load, warnings=notes)
+
+
+def _quiet_logger(name: str) -> None:
+    logger = logging.getLogger(name)
+    if not any(isinstance(h, logging.NullHandler) for h in logger.handlers):
+        logger.addHandler(logging.NullHandler())
