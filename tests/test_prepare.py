@@ -15,7 +15,8 @@ import zarr
 
 from specdm_cli.errors import Interrupted
 from specdm_cli.fs.lock import LOCK_NAME, DirLock
-from specdm_cli.pipeline.prepare.prepare import PrepareRequest, prepare
+from specdm_cli.pipeline.prepare.prepare import prepare
+from specdm_cli.pipeline.prepare.request import PrepareRequest
 from specdm_cli.pipeline.signals import StopFlag
 from specdm_cli.sources.base import PrepareOptions
 from specdm_cli.stores import open_store

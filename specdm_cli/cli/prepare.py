@@ -92,8 +92,9 @@ def prepare(
     """Turn a raw dataset into a canonical, resumable store."""
     with domain_errors():
         from specdm_cli.config import PrepareOptions
-        from specdm_cli.pipeline.prepare.prepare import PrepareRequest, default_out
+        from specdm_cli.pipeline.prepare.prepare import default_out
         from specdm_cli.pipeline.prepare.prepare import prepare as run_prepare
+        from specdm_cli.pipeline.prepare.request import PrepareRequest
         from specdm_cli.pipeline.signals import graceful_stop
 
         options = PrepareOptions(

@@ -9,6 +9,9 @@ import numpy as np
 
 from specdm_cli.manifest import IGNORE_INDEX, Normalization
 
+# The tally of an unfinished prepare, rewritten after every block: the point a resume starts from.
+PROGRESS_FILE = ".specdm/prepare-progress.json"
+
 
 @dataclass
 class PrepareTally:
