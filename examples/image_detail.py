@@ -1,4 +1,4 @@
-"""What the image stream's ceiling loses (README, fit-vae: "What the image stream loses is fine
+"""What the image stream's ceiling loses (docs/measurements.md: "What the image stream loses is fine
 detail"): the downstream segmenter trained on the real masks of the first --real-limit train
 pairs, with images made from the same real images in four ways through a run's VAE.
 

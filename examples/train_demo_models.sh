@@ -3,12 +3,12 @@
 # Usage: examples/train_demo_models.sh WORKDIR   then   python examples/export_demo_models.py WORKDIR
 # CI runs the recipe at a tiny budget through N (scenes), VAE_STEPS_SS, VAE_STEPS_CD and UNET_STEPS.
 # VAE_FLAGS adds fit-vae options to both tasks for an experiment, e.g. VAE_FLAGS=--mask-aware-decoder
-# (README, fit-vae: measured against the shipped models, which it did not beat); UNET_FLAGS does
+# (docs/measurements.md: measured against the shipped models, which it did not beat); UNET_FLAGS does
 # the same for fit-diffusion. An option given again overrides the recipe's, so the f = 2 arm of
-# README (fit-vae, "Four times the latent pixels"; it won on cd, not on ss) is
+# docs/measurements.md ("Four times the latent pixels"; it won on cd, not on ss) is
 #   VAE_FLAGS="--downsample 2 --image-blocks 16,32 --mask-blocks 8,16" VAE_STEPS_SS=950
 #   VAE_STEPS_CD=475 UNET_FLAGS="--unet-blocks 16,32,64,64" UNET_STEPS=4000 examples/train_demo_models.sh WORK
-# and the single-stream twins (LDM's one VAE; README, synthesize: issue 20's gates) are
+# and the single-stream twins (LDM's one VAE; docs/measurements.md: issue 20's gates) are
 #   VAE_FLAGS=--single-stream examples/train_demo_models.sh WORK
 # The arms above were measured before the recipe gained `--semantic-weight 0.3` and, for cd,
 # `--mask-latent-channels 8` (issue 20, 2026-12-04/05; README, fit-vae); to repeat one as it
@@ -47,9 +47,9 @@ train() {
 # branch diverged near step 1450 (cross-entropy 0.19 -> 0.7, ours); 1e-3 trains smoothly.
 # Label latent channels: with 8 (and the semantic term) cd's pair mIoU passed issue 20's gate
 # (0.647 -> 0.821); on ss 8 raised the ceiling, but a segmenter pretrained on the pairs scored
-# 0.939 against 0.957 with 3 (mIoU, seeds 0-2; README, "The ss demo model goes back to 3 label
+# 0.939 against 0.957 with 3 (mIoU, seeds 0-2; docs/measurements.md, "The ss demo model goes back to 3 label
 # channels"), so ss keeps 3. cd with 3 (semantic term kept) scored 0.978 against 0.981 and its
-# pairs 0.805 against 0.821 (README, "Two more arms"), so cd keeps 8.
+# pairs 0.805 against 0.821 (docs/measurements.md, "Two more arms"), so cd keeps 8.
 train ss "${VAE_STEPS_SS:-1500}" 1e-3 3 &
 train cd "${VAE_STEPS_CD:-750}" 2e-3 8 &
 wait
