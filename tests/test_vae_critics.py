@@ -1,5 +1,5 @@
 """`fit-vae --semantic-weight`, `--adversarial-weight` (issue 20 §2) and `--gradient-weight`: tiny real training runs,
-run.json, resume equality, refusals; and the maths of both terms."""
+run.json, resume equality, refusals; and the maths of the terms."""
 
 from __future__ import annotations
 
@@ -23,6 +23,7 @@ from tests.test_fit_vae_cli import fit, weights
 
 SEMANTIC = ("--semantic-weight", "1", "--semantic-steps", "4")
 ADVERSARIAL = ("--adversarial-weight", "0.5", "--adversarial-start", "1")
+GRADIENT = ("--gradient-weight", "2")
 
 
 def records(run: Path) -> list[dict[str, float]]:
@@ -95,32 +96,40 @@ def test_resume_with_the_critics_equals_one_run(
         assert torch.equal(whole[name], split[name]), name
 
 
-def test_cd_and_single_stream_take_both_terms(demo_cd_store: Path, tmp_path: Path) -> None:
+def test_cd_and_single_stream_take_every_term(demo_cd_store: Path, tmp_path: Path) -> None:
     for name, extra in (("two", ()), ("single", ("--single-stream",))):
         run = tmp_path / name
         code, _stdout, stderr = fit(
-            demo_cd_store, run, "--steps", "2", *SEMANTIC, *ADVERSARIAL, *extra
+            demo_cd_store, run, "--steps", "2", *SEMANTIC, *ADVERSARIAL, *GRADIENT, *extra
         )
         assert code == 0, stderr
         prefix = "joint" if extra else "image"
-        assert {f"{prefix}/semantic", f"{prefix}/adversarial"} <= records(run)[-1].keys()
+        terms = {f"{prefix}/semantic", f"{prefix}/adversarial", f"{prefix}/gradient"}
+        assert terms <= records(run)[-1].keys()
 
 
 def test_gradient_weight_is_recorded_logged_and_kept_on_resume(
     demo_ss_store: Path, tmp_path: Path
 ) -> None:
     run = tmp_path / "run"
-    assert fit(demo_ss_store, run, "--steps", "1", "--gradient-weight", "1")[0] == 0
+    assert fit(demo_ss_store, run, "--steps", "1", *GRADIENT)[0] == 0
     stage = json.loads((run / "run.json").read_text())["stages"]["vae"]
-    assert stage["config"]["gradient_weight"] == 1.0
+    assert stage["config"]["gradient_weight"] == 2.0
     last = records(run)[-1]
+    # The image loss is l1 + 0.1 sad + 2 x gradient (+ a KL term orders of magnitude smaller).
+    extra = last["image/total"] - last["image/l1"] - 0.1 * last["image/sad"]
     assert last["image/gradient"] > 0
-    assert last["image/total"] > last["image/l1"] + 0.1 * last["image/sad"] + last["image/gradient"]
+    assert extra == pytest.approx(2 * last["image/gradient"], rel=1e-3)
     assert "image/gradient" not in records_of_plain_run(demo_ss_store, tmp_path)[-1]
     code, _stdout, stderr = fit(
-        demo_ss_store, run, "--steps", "2", "--resume", "--gradient-weight", "2"
+        demo_ss_store, run, "--steps", "2", "--resume", "--gradient-weight", "1"
     )
     assert code != 0 and "gradient_weight" in stderr and "Traceback" not in stderr
+    # A resume without the option keeps the recorded weight: 1 + 1 steps equal 2.
+    assert fit(demo_ss_store, run, "--steps", "2", "--resume")[0] == 0
+    assert fit(demo_ss_store, tmp_path / "whole", "--steps", "2", *GRADIENT)[0] == 0
+    whole, split = weights(tmp_path / "whole"), weights(run)
+    assert all(torch.equal(whole[name], split[name]) for name in whole)
     single = tmp_path / "single"
     code, _stdout, stderr = fit(
         demo_ss_store, single, "--steps", "1", "--gradient-weight", "1", "--single-stream"
