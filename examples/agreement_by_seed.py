@@ -10,9 +10,9 @@ std (ddof 1) per row over the seeds finished.
 
     OMP_NUM_THREADS=1 python examples/agreement_by_seed.py demo-ss.zarr syn-ss.zarr out.jsonl
 
-Defaults are the smaller variant (docs/measurements.md) (batch 8, evaluation every 25 steps, patience 3, at
-most 500 steps per phase, 100 real pairs, ratio 1, seeds 0-2); `--batch-size 16 --eval-every 50
---patience 6 --max-steps 3000` is the benchmark's defaults. `--first-seed` lets processes share
+Defaults are the smaller variant of docs/measurements.md (batch 8, evaluation every 25 steps,
+patience 3, at most 500 steps per phase, 100 real pairs, ratio 1, seeds 0-2); `--batch-size 16
+--eval-every 50 --patience 6 --max-steps 3000` is the benchmark's defaults. `--first-seed` lets processes share
 the seeds (each appending to its own file). `--skip-real` trains only the rows that use the
 synthetic store (pretrain, mixed), for another model's pairs beside real and control rows
 already measured on the same real store, seeds and thread count (they do not depend on the

@@ -5,8 +5,8 @@ limits, per store, so `--real-limit` can sit on the steep part of the curve.
 
 Each point is the real-only row of `specdm benchmark --downstream` (the same code: the first
 L real train pairs, trained to the best real-val mIoU, tested on the real test split), by
-default at the *smaller variant* of docs/measurements.md (batch 8, evaluation every 25 steps, patience 3, at most
-500 steps), over `--seeds` seeds. Prints one line per (store, limit); `--json` writes them.
+default at the *smaller variant* of docs/measurements.md (batch 8, evaluation every 25 steps,
+patience 3, at most 500 steps), over `--seeds` seeds. Prints one line per (store, limit); `--json` writes them.
 A store with the same scenes drawn harder (`prepare demo --demo-variant hard`) beside the
 standard one shows whether the task leaves synthetic data anything to add.
 """

@@ -7,8 +7,9 @@ of the round trips of real val.
 `--first-seed S --seeds 1` runs one seed, so three processes can run seeds 0-2 side by side.
 
 Downstream: the fair protocol of `specdm benchmark --downstream` (its round-trip row, the same
-code), by default at the *smaller variant* of docs/measurements.md (batch 8, evaluation every 25 steps, patience
-3, at most 500 steps, the first 100 real train pairs), each seed's mIoU on the real test split.
+code), by default at the *smaller variant* of docs/measurements.md (batch 8, evaluation every
+25 steps, patience 3, at most 500 steps, the first 100 real train pairs), each seed's mIoU on
+the real test split.
 Pair mIoU: the metrics' feature network (trained on the real train split, cached under
 `--cache`) segments the round trip of each real val image; its mIoU against the decoded mask,
 beside the same figure of the real val pairs. Prints one line per run; `--json` writes them.
@@ -36,8 +37,8 @@ from specdm_cli.stores import StoreReader, open_store
 
 
 def add_protocol_options(parser: argparse.ArgumentParser) -> None:
-    """The downstream protocol's options, at the *smaller variant* (docs/measurements.md) by default (also used
-    by real_learning_curve.py)."""
+    """The downstream protocol's options, at the *smaller variant* (docs/measurements.md) by
+    default (also used by real_learning_curve.py)."""
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--first-seed", type=int, default=0, help="so processes share cores")
     parser.add_argument("--batch-size", type=int, default=8)

@@ -281,9 +281,9 @@ VAE_PRESETS: dict[TrainPreset, dict[str, Any]] = {
         "val_every": 250,
         "checkpoint_every": 250,
         # Issue 20: the semantic term raised the round-trip utility of the demo VAEs and the
-        # pairs' agreement (docs/measurements.md). 8 label channels raised the ss ceiling too, but a
-        # segmenter pretrained on their pairs scored less (docs/measurements.md, "The ss demo model goes back"):
-        # the recipe gives them to cd only.
+        # pairs' agreement (docs/measurements.md). 8 label channels raised the ss ceiling too,
+        # but a segmenter pretrained on their pairs scored less (docs/measurements.md, "The ss
+        # demo model goes back"): the recipe gives them to cd only.
         "mask_latent_channels": 3,
         "semantic_weight": 0.3,
     },
@@ -400,10 +400,10 @@ class DownstreamOptions:
 
     One rule for every row: train until the real val mIoU stops improving and test the best-val
     weights, over `seeds` seeds. The stopping defaults are set well past where our smaller
-    measured variant cut training short (docs/measurements.md, "Downstream utility": ss demo, 100 real pairs, batch 8,
-    evaluation every 25 steps, patience 3, cap 500): there one real-only seed stopped at 250
-    steps on a val plateau at 0.77 while another climbed to 0.91 at 450, and the mixes reached
-    the 500-step cap still improving.
+    measured variant cut training short (docs/measurements.md, "Downstream utility": ss demo,
+    100 real pairs, batch 8, evaluation every 25 steps, patience 3, cap 500): there one
+    real-only seed stopped at 250 steps on a val plateau at 0.77 while another climbed to 0.91
+    at 450, and the mixes reached the 500-step cap still improving.
     """
 
     batch_size: int = 16  # the feature network's batch (models/feature_net.py)

@@ -132,6 +132,18 @@ def gradient_l1(pred: Tensor, target: Tensor, valid: Tensor | None = None) -> Te
     return total
 
 
+def image_reconstruction(
+    terms: dict[str, Tensor], sad_weight: float, gradient_weight: float = 0.0
+) -> Tensor:
+    """The image loss without its KL term: L1 + sad_weight * SAD, plus gradient_weight * the
+    differences' L1 when that weight is not 0 (`terms` then holds "gradient"). The critics'
+    adaptive weight compares their gradient with this one's."""
+    loss = terms["l1"] + sad_weight * terms["sad"]
+    if gradient_weight:
+        loss = loss + gradient_weight * terms["gradient"]
+    return loss
+
+
 def kl_loss(posterior: Posterior) -> Tensor:
     """KL(q(z|x) || N(0, I)) summed over latent dims (C, h, w), averaged over the batch (LDM).
 
@@ -226,10 +238,10 @@ def image_branch_loss(
     l1 = masked_l1(recon, target, valid)
     sad = sad_loss(denormalize(recon, mean, std), denormalize(target, mean, std), valid)
     kl = kl_loss(posterior)
-    losses = {"l1": l1, "sad": sad, "kl": kl, "total": l1 + sad_weight * sad + kl_weight * kl}
+    losses = {"l1": l1, "sad": sad, "kl": kl}
     if gradient_weight:
         losses["gradient"] = gradient_l1(recon, target, valid)
-        losses["total"] = losses["total"] + gradient_weight * losses["gradient"]
+    losses["total"] = image_reconstruction(losses, sad_weight, gradient_weight) + kl_weight * kl
     return losses
 
 

@@ -20,6 +20,7 @@ from specdm_cli.models.losses import (
     denormalize,
     gradient_l1,
     image_branch_loss,
+    image_reconstruction,
     kl_loss,
     mask_branch_loss,
     mask_ce,
@@ -423,9 +424,7 @@ class SpecDMVAE(nn.Module):
             recon, images, post, mean, std, valid_all, sad_weight, kl_weight, gradient_weight
         )
         if critic is not None:
-            reconstruction = image["l1"] + sad_weight * image["sad"]
-            if gradient_weight:
-                reconstruction = reconstruction + gradient_weight * image["gradient"]
+            reconstruction = image_reconstruction(image, sad_weight, gradient_weight)
             image = _with_critic(image, critic(recon, images, target, reconstruction))
         logits = self.decode_mask_logits(z_label)
         mask = mask_branch_loss(
@@ -465,11 +464,10 @@ class SpecDMVAE(nn.Module):
             self.ce_weights(class_weights),
         )
         kl = kl_loss(post)
-        reconstruction = l1 + sad_weight * sad
         losses = {"l1": l1, "sad": sad, "ce": ce, "kl": kl}
         if gradient_weight:
             losses["gradient"] = gradient_l1(rec_img, images, valid_all)
-            reconstruction = reconstruction + gradient_weight * losses["gradient"]
+        reconstruction = image_reconstruction(losses, sad_weight, gradient_weight)
         losses["total"] = reconstruction + ce + kl_weight * kl
         if critic is None:
             return losses
