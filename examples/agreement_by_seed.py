@@ -33,12 +33,12 @@ from vae_utility import add_protocol_options, append_line
 from specdm_cli.config import DownstreamOptions, downstream_protocol_list
 from specdm_cli.pipeline.benchmark.downstream import (
     Referees,
-    configurations,
     make_setup,
     row_data,
     seed_list,
     train_seed,
 )
+from specdm_cli.pipeline.benchmark.downstream_rows import configurations
 from specdm_cli.stores import StoreReader, open_store
 
 # The rows no synthetic store enters: the real row and its control, which goes on from it

@@ -26,6 +26,7 @@ import torch.nn.functional as F  # noqa: N812
 from vae_utility import add_protocol_options, options, train_seeds, vae_of
 
 from specdm_cli.pipeline.benchmark import downstream as ds
+from specdm_cli.pipeline.benchmark import downstream_rows
 from specdm_cli.pipeline.benchmark.feature_training import ArraySource, TrainData
 from specdm_cli.pipeline.benchmark.generator import round_trip
 from specdm_cli.stores import StoreReader, open_store
@@ -87,7 +88,7 @@ def measure(
 ) -> None:
     opts = options(args, args.real_limit)
     setup = ds.make_setup(real, opts, "cpu")
-    train = ds.real_train(real, opts)
+    train = downstream_rows.real_train(real, opts)
     trips = round_trip(vae_of(model, real.manifest.task), real, train, torch.device("cpu"))
     for row in rows:
         make = row_images(row, real, model, args.sigma)

@@ -24,6 +24,7 @@ import torch
 from vae_utility import add_protocol_options, options
 
 from specdm_cli.pipeline.benchmark import downstream as ds
+from specdm_cli.pipeline.benchmark import downstream_rows
 from specdm_cli.stores import StoreReader, open_store
 
 
@@ -31,8 +32,8 @@ def real_only(real: StoreReader, limit: int, args: argparse.Namespace) -> dict[s
     """The benchmark's real-only row with the first `limit` real train pairs."""
     opts = options(args, limit)
     setup = ds.make_setup(real, opts, "cpu")
-    train = ds.real_train(real, opts)
-    row = ds.Configuration("real", "real", train, np.zeros(0, np.int64))
+    train = downstream_rows.real_train(real, opts)
+    row = downstream_rows.Configuration("real", "real", train, np.zeros(0, np.int64))
     result = ds._run_row(row, setup, real, real, ds.Referees())  # the benchmark's own row
     return {
         "store": str(real.root), "limit": int(train.size), "miou": result.miou,

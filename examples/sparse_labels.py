@@ -32,6 +32,7 @@ from vae_utility import add_protocol_options, options, train_seeds, vae_of
 from specdm_cli.manifest import IGNORE_INDEX
 from specdm_cli.models.losses import denormalize
 from specdm_cli.pipeline.benchmark import downstream as ds
+from specdm_cli.pipeline.benchmark import downstream_rows
 from specdm_cli.pipeline.benchmark.feature_training import ArraySource, TrainData
 from specdm_cli.pipeline.runs.vae_io import load_vae
 from specdm_cli.pipeline.train.common import load_batch, to_tensors
@@ -115,7 +116,7 @@ def round_trips(
 def rows(real: StoreReader, names: list[str], args: argparse.Namespace, out: Path) -> None:
     opts = options(args, args.real_limit)
     setup = ds.make_setup(real, opts, "cpu")
-    train = ds.real_train(real, opts)
+    train = downstream_rows.real_train(real, opts)
     for name in names:
         source: Any = real
         shares = None

@@ -28,6 +28,7 @@ import torch
 
 from specdm_cli.config import DownstreamOptions
 from specdm_cli.pipeline.benchmark import downstream as ds
+from specdm_cli.pipeline.benchmark import downstream_rows
 from specdm_cli.pipeline.benchmark.features import default_config, load_or_train
 from specdm_cli.pipeline.benchmark.generator import round_trip
 from specdm_cli.pipeline.benchmark.quality import compare_stores
@@ -68,8 +69,10 @@ def downstream_row(real: StoreReader, model: str, opts: DownstreamOptions) -> di
     """The round-trip row of `benchmark --downstream --model MODEL`, alone."""
     chosen = vae_of(model, real.manifest.task)
     setup = ds.make_setup(real, opts, "cpu")
-    train = ds.real_train(real, opts)
-    row = ds.Configuration(ds.ROUND_TRIP_NAME, "round-trip", np.zeros(0, np.int64), train)
+    train = downstream_rows.real_train(real, opts)
+    row = downstream_rows.Configuration(
+        downstream_rows.ROUND_TRIP_NAME, "round-trip", np.zeros(0, np.int64), train
+    )
     trips = round_trip(chosen, real, train, torch.device("cpu"))
     result = ds._run_row(row, setup, real, trips, ds.Referees())  # the benchmark's own row
     return {
@@ -92,7 +95,7 @@ def train_seeds(
 ) -> None:  # fmt: skip
     """Every seed of one row trained on `data` alone (as the round-trip row trains), each a
     JSON line in `out` with `extra` beside its figures."""
-    config = ds.Configuration(name, "round-trip", np.zeros(0, np.int64), train)
+    config = downstream_rows.Configuration(name, "round-trip", np.zeros(0, np.int64), train)
     for seed in ds.seed_list(opts):
         started = time.perf_counter()
         run, _ = ds.run_seed(config, setup, None, data, seed)

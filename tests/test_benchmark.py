@@ -15,7 +15,8 @@ import zarr
 
 from specdm_cli.config import DownstreamOptions
 from specdm_cli.manifest import QualityScores, load_manifest
-from specdm_cli.pipeline.benchmark.downstream import ROUND_TRIP_PARTS, HalfTrip, configurations
+from specdm_cli.pipeline.benchmark.downstream import HalfTrip
+from specdm_cli.pipeline.benchmark.downstream_rows import ROUND_TRIP_PARTS, configurations
 from specdm_cli.pipeline.benchmark.generator import round_trip
 from specdm_cli.pipeline.benchmark.report import BenchmarkReport, load_report
 from specdm_cli.pipeline.runs.choose import choose_model, demo_model_path
@@ -245,7 +246,7 @@ def test_pretrains_control_goes_on_from_the_real_row_as_if_trained_again(
     )
     stages: list[str] = []
     setup = ds.make_setup(real, options, "cpu", lambda stage, _done, _total: stages.append(stage))
-    rows = {row.protocol: row for row in ds.configurations(real, synthetic, options)}
+    rows = {row.protocol: row for row in configurations(real, synthetic, options)}
     data = TrainData([(real, rows["real"].real)], *setup.stats)
     _, real_run = ds.run_seed(rows["real"], setup, data, None, seed=1)
     weights = {k: v.clone() for k, v in real_run.model.state_dict().items()}

@@ -15,7 +15,8 @@ import zarr
 from pydantic import ValidationError
 
 from specdm_cli.manifest import IGNORE_INDEX
-from specdm_cli.models.vae import SpecDMVAE, VAEConfig
+from specdm_cli.models.vae import SpecDMVAE
+from specdm_cli.models.vae_config import VAEConfig
 from tests.conftest import run_cli
 from tests.fixtures.geotiff_folder import make_geotiff_folder
 from tests.test_fit_vae_cli import fit, weights

@@ -23,7 +23,8 @@ from specdm_cli.models.losses import (
     sad_loss,
     spectral_angle,
 )
-from specdm_cli.models.vae import SpecDMVAE, VAEConfig, one_hot_mask
+from specdm_cli.models.vae import SpecDMVAE, one_hot_mask
+from specdm_cli.models.vae_config import VAEConfig
 
 BANDS, SIZE = 5, 16
 # Three levels (f=4) of 8-16 channels: a few milliseconds per step on CPU.

@@ -37,7 +37,8 @@ from specdm_cli.stores.base import MANIFEST_NAME
 from specdm_cli.stores.quality import write_quality
 
 from . import generator as gen
-from .downstream import curve_pairs, real_train, run_downstream
+from .downstream import run_downstream
+from .downstream_rows import curve_pairs, real_train
 from .render import markdown
 from .report import (
     MARKDOWN_NAME,

@@ -14,7 +14,6 @@ import torch
 from torch import Tensor, nn
 
 from specdm_cli.config import DownstreamOptions, Progress
-from specdm_cli.errors import InputDataError
 from specdm_cli.manifest import IMAGE_ARRAYS, LABEL_ARRAY
 from specdm_cli.metrics.stats import class_iou, mean_iou
 from specdm_cli.models.feature_net import FeatureNetConfig
@@ -27,6 +26,15 @@ from specdm_cli.pipeline.benchmark.features import band_statistics, default_conf
 from specdm_cli.stores import StoreReader
 
 from .agreement import relabelled_data
+from .downstream_rows import (
+    AGREE,
+    PAPER_REAL_LIMIT,
+    Configuration,
+    configurations,
+    evaluation_split,
+    pretrains,
+    stopping_split,
+)
 from .report import Downstream, DownstreamRow, SeedRun
 from .utility_training import (
     Batches,
@@ -38,8 +46,6 @@ from .utility_training import (
     train_to_best,
 )
 
-# The paper limits the real training set to 2k pairs for SS and 100 for CD (Sec. 4.3).
-PAPER_REAL_LIMIT = {"ss": 2000, "cd": 100}
 F1_DEFINITION = {
     "ss": "macro F1 over the classes present in truth or prediction",
     "cd": "F1 of the change class",
@@ -49,148 +55,6 @@ NETWORK = {
     "cd": "siamese U-Net change detector, shared encoder on t1/t2 (metrics.network.SiameseChangeNet)",
 }
 SPREAD = "standard deviation over the seeds (ddof 1); min-max in report.json"
-ROUND_TRIP_NAME = "VAE round trip of real"
-# The round trip with one stream put back to the real one (--round-trip-parts): what each
-# decoder alone costs a model trained on its output.
-ROUND_TRIP_PARTS = {
-    "round-trip-images": "VAE round trip, images only (real labels)",
-    "round-trip-labels": "VAE round trip, labels only (real images)",
-}
-# Pretrain's control: its two phases (a fresh optimiser and patience for the second) on the real
-# pairs alone. On the ss demo (the protocol's defaults, 3 seeds, 2026-12-03) a second real phase
-# alone took real only from 0.948 to 0.958, pretrain on synthetic pairs reached 0.955: pretrain
-# rows are read against this one, not against real only.
-TWICE_NAME = "real -> real"
-AGREE = "-agree"
-RATIO_ROW_NAMES = {
-    "mixed": "real+synthetic x{ratio}",
-    "pretrain": "synthetic x{ratio} -> real",
-    "mixed-agree": "real+synthetic x{ratio}, agreement-relabelled",
-    "pretrain-agree": "synthetic x{ratio} -> real, agreement-relabelled",
-}
-
-
-@dataclass(frozen=True)
-class Configuration:
-    """One row: its name, how it trains (`protocol`) and which pairs of each source it uses.
-
-    Protocols: "real", "synthetic" (one source); "real-twice" (real, then real again: pretrain's
-    control); "round-trip" (the real pairs' VAE reconstructions, `synthetic` indexing the real
-    store), "round-trip-images" and "round-trip-labels" (one stream decoded, the other real);
-    "mixed" (every batch a fixed share real); "pretrain" (synthetic to its best val
-    checkpoint, then fine-tuned on real); "mixed-agree" and "pretrain-agree" as those, with
-    synthetic labels agreement-relabelled (agreement.py).
-    """
-
-    name: str
-    protocol: str
-    real: np.ndarray
-    synthetic: np.ndarray
-
-    @property
-    def relabelled(self) -> bool:
-        """Whether its synthetic labels are kept only where the seed's real-only model agrees."""
-        return self.protocol.endswith(AGREE)
-
-    @property
-    def training(self) -> str:
-        """How it trains, relabelled or not: real, real-twice, round-trip, synthetic, mixed or
-        pretrain."""
-        return self.protocol.removesuffix(AGREE)
-
-
-def configurations(
-    real: StoreReader, synthetic: StoreReader, options: DownstreamOptions, round_trip: bool = False
-) -> list[Configuration]:
-    """Real only (the first `real_limit` train pairs, as `fit-vae --limit`), their VAE round
-    trips, synthetic only (as many as the largest ratio asks for) and, per ratio and protocol,
-    real + ratio x synthetic."""
-    train = real_train(real, options)
-    pool = synthetic.indices(None)
-    none = np.zeros(0, np.int64)
-    rows = [Configuration("real", "real", train, none)]
-    rows += [
-        Configuration(f"real, first {limit}", "real", pairs, none)
-        for limit, pairs in curve_pairs(real, options, train.size)
-    ]
-    if pretrains(options):
-        rows.append(Configuration(TWICE_NAME, "real-twice", train, none))
-    if round_trip:
-        rows.append(Configuration(ROUND_TRIP_NAME, "round-trip", none, train))
-        if options.round_trip_parts:
-            rows += [
-                Configuration(name, part, none, train) for part, name in ROUND_TRIP_PARTS.items()
-            ]
-    rows.append(
-        Configuration("synthetic", "synthetic", none, pool[: max(options.ratios) * train.size])
-    )
-    for ratio in options.ratios:
-        chosen = pool[: ratio * train.size]
-        for protocol in options.protocols:
-            name = RATIO_ROW_NAMES[protocol].format(ratio=ratio)
-            rows.append(Configuration(name, protocol, train, chosen))
-    return rows
-
-
-def pretrains(options: DownstreamOptions) -> bool:
-    """Whether a pretrain row runs, and with it pretrain's control."""
-    return any(protocol.removesuffix(AGREE) == "pretrain" for protocol in options.protocols)
-
-
-def real_train(real: StoreReader, options: DownstreamOptions) -> np.ndarray:
-    """The first `real_limit` real train pairs (the paper's limited-data protocol)."""
-    train = real.indices("train")[: options.real_limit or PAPER_REAL_LIMIT[real.manifest.task]]
-    if train.size == 0:
-        raise InputDataError("the real store has no train split", real.root, "re-prepare it")
-    return train
-
-
-def curve_pairs(
-    real: StoreReader, options: DownstreamOptions, limit: int
-) -> list[tuple[int, np.ndarray]]:
-    """(L, the first L real train pairs) of each learning-curve point other than `limit`."""
-    available = real.indices("train")
-    wanted = sorted({size for size in options.real_curve if size != limit})
-    if wanted and wanted[-1] > available.size:
-        raise InputDataError(
-            f"--downstream-real-curve asks for {wanted[-1]} real train pairs, the store has "
-            f"{available.size}",
-            real.root,
-            f"keep the curve's limits at or below {available.size}",
-        )
-    return [(size, available[:size]) for size in wanted]
-
-
-def evaluation_split(real: StoreReader) -> tuple[np.ndarray, str]:
-    """The real test split, else val (SegMunich and OSCD ship none: val is their test)."""
-    for split in ("test", "val"):
-        indices = real.indices(split)
-        if indices.size:
-            return indices, split
-    raise InputDataError(
-        "the real store has no test or val split to evaluate on",
-        real.root,
-        "prepare it with --test-fraction or --val-fraction",
-    )
-
-
-def stopping_split(
-    real: StoreReader, eval_split: str, options: DownstreamOptions
-) -> tuple[np.ndarray, str]:
-    """Real pairs early stopping watches, never the tested ones: val when testing on test, else
-    the train pairs past `real_limit` (which no row trains on)."""
-    if eval_split == "test" and real.indices("val").size:
-        return real.indices("val")[: options.val_limit], "val"
-    limit = options.real_limit or PAPER_REAL_LIMIT[real.manifest.task]
-    spare = real.indices("train")[limit : limit + options.val_limit]
-    if spare.size == 0:
-        raise InputDataError(
-            f"no real pairs left for early stopping: the {eval_split} split is the test set and "
-            "every train pair is in --real-limit",
-            real.root,
-            "lower --real-limit or prepare the store with --test-fraction",
-        )
-    return spare, "train pairs past --real-limit"
 
 
 @dataclass(frozen=True)

@@ -187,7 +187,7 @@ def check_consistent(manifest: RunManifest) -> None:
     import numpy as np
 
     from specdm_cli.models.diffusion import ScheduleConfig
-    from specdm_cli.models.vae import VAEConfig
+    from specdm_cli.models.vae_config import VAEConfig
 
     bands = len(manifest.bands)
     stats = manifest.normalization

@@ -9,7 +9,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from specdm_cli.errors import ModelError
-from specdm_cli.models.vae import SpecDMVAE, VAEConfig
+from specdm_cli.models.vae import SpecDMVAE
+from specdm_cli.models.vae_config import VAEConfig
 from specdm_cli.pipeline.runs.checkpoints import load_module, save_module
 from specdm_cli.pipeline.runs.run_manifest import RunManifest
 

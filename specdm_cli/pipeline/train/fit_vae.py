@@ -22,7 +22,8 @@ from specdm_cli.fs.space import require_memory
 from specdm_cli.manifest import IMAGE_ARRAYS, Manifest, array_names
 from specdm_cli.models.image_critics import ImageCritic, semantic_loss
 from specdm_cli.models.losses import class_weights_auto
-from specdm_cli.models.vae import SpecDMVAE, VAEConfig
+from specdm_cli.models.vae import SpecDMVAE
+from specdm_cli.models.vae_config import VAEConfig
 from specdm_cli.pipeline.runs import rundirs as runs
 from specdm_cli.pipeline.runs.checkpoints import load_optimizer, save_optimizer
 from specdm_cli.pipeline.runs.provenance import provenance
