@@ -427,6 +427,9 @@ class DownstreamOptions:
     # With a VAE (benchmark --model): the round trip's images with the real labels, and the real
     # images with its labels, so the ceiling's loss is split between the two streams (issue 20).
     round_trip_parts: bool = False
+    # Each ratio row again with real train pairs past real_limit in place of the synthetic ones:
+    # the most synthetic pairs could give, were they real (a flat curve leaves nothing to show).
+    oracle: bool = False
     val_limit: int = 256  # real val pairs used for stopping: as fit-vae's val_samples
 
 

@@ -7,6 +7,7 @@ import json
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -83,7 +84,7 @@ def ss_report(ss: tuple[Path, Path], tmp_path_factory: pytest.TempPathFactory) -
     code, stdout, stderr = run_cli(
         "benchmark", "--real", real, "--synthetic", scored, "--model", "demo", "--out", out,
         "--write-scores", "--throughput-batches", "1", "--json", "--round-trip-parts",
-        *DOWNSTREAM, *FAST,
+        "--downstream-oracle", *DOWNSTREAM, *FAST,
     )  # fmt: skip
     assert code == 0, stderr
     (root / "stdout.json").write_text(stdout)
@@ -152,8 +153,12 @@ def test_downstream_rows_train_on_the_right_data(ss_report: Path, ss: tuple[Path
         "synthetic": ("synthetic", 0, 12),
         "real+synthetic x1": ("mixed", 10, 10),
         "synthetic x1 -> real": ("pretrain", 10, 10),
+        "real+real x1 (oracle)": ("mixed-oracle", 20, 0),  # real pairs past the limit
+        "real x1 -> real (oracle)": ("pretrain-oracle", 20, 0),
         "real+synthetic x2": ("mixed", 10, 12),
         "synthetic x2 -> real": ("pretrain", 10, 12),
+        "real+real x2 (oracle)": ("mixed-oracle", 30, 0),
+        "real x2 -> real (oracle)": ("pretrain-oracle", 30, 0),
     }
     assert all(0 <= row.miou <= 1 for row in downstream.rows)
     real, synthetic = (open_store(p) for p in ss)
@@ -165,6 +170,38 @@ def test_downstream_rows_train_on_the_right_data(ss_report: Path, ss: tuple[Path
     assert curve[1].name == "real, first 4" and np.array_equal(curve[1].real, train[:4])
     # Stopping watches the val split, testing uses the test split: never the same pairs.
     assert downstream.stop_split == "val" and downstream.stop_count == real.indices("val").size
+    assert "'(oracle)' rows train as the row before them" in downstream.protocol
+
+
+def test_oracle_rows_train_on_real_pairs_no_other_row_uses(ss: tuple[Path, Path]) -> None:
+    real, synthetic = (open_store(p) for p in ss)
+    options = DownstreamOptions(real_limit=10, ratios=(2,), oracle=True)
+    rows = {row.protocol: row for row in configurations(real, synthetic, options)}
+    oracle, pretrain = rows["pretrain-oracle"], rows["pretrain"]
+    assert oracle.training == "pretrain" and oracle.oracle and not pretrain.oracle
+    train = real.indices("train")
+    assert np.array_equal(oracle.real, pretrain.real)  # the same 10 real pairs, then 20 more
+    assert np.array_equal(oracle.synthetic, train[10:30])
+    held_out = np.concatenate([real.indices("val"), real.indices("test")])
+    assert not np.isin(oracle.synthetic, np.concatenate([train[:10], held_out])).any()
+    # Stopping on train pairs past the limit (as when val is the test set): those are skipped.
+    stopping_on_train = DownstreamOptions(real_limit=10, ratios=(1,), oracle=True, val_limit=4)
+    without_test = _store_without(real, "test")
+    spare = configurations(without_test, synthetic, stopping_on_train)[-1].synthetic
+    assert np.array_equal(spare, train[14:24])
+
+
+def _store_without(real: Any, split: str) -> Any:
+    """`real` as a reader whose `split` is empty (the evaluation falls back to val)."""
+
+    class Without:
+        def __getattr__(self, name: str) -> Any:
+            return getattr(real, name)
+
+        def indices(self, asked: str | None) -> np.ndarray:
+            return np.zeros(0, np.int64) if asked == split else real.indices(asked)
+
+    return Without()
 
 
 def test_round_trip_parts_put_one_stream_back(ss: tuple[Path, Path]) -> None:
@@ -211,7 +248,7 @@ def test_early_stopping_tests_the_best_val_checkpoint(ss_report: Path) -> None:
     assert downstream is not None
     for row in downstream.rows:
         for run in row.seeds:
-            assert len(run.best_steps) == (2 if row.protocol in ("pretrain", "real-twice") else 1)
+            assert len(run.best_steps) == (2 if row.protocol in ("pretrain", "pretrain-oracle", "real-twice") else 1)
             curve = np.array(run.val_curve)
             # The tested weights are the last phase's (pretrain: the fine-tuning on real).
             last = curve[curve[:, 0] > sum(run.phase_steps[:-1])]
@@ -533,3 +570,23 @@ def test_a_learning_curve_beyond_the_real_pairs_is_refused_at_once(
         "--downstream-real-curve", "5,x",
     )  # fmt: skip
     assert code == 2 and "--downstream-real-curve '5,x' is not a comma-separated list" in stderr
+
+
+def test_an_oracle_beyond_the_real_pairs_is_refused_at_once(
+    ss: tuple[Path, Path], tmp_path: Path
+) -> None:
+    real, synthetic = ss
+    code, _, stderr = run_cli(
+        "benchmark", "--real", real, "--synthetic", synthetic, "--out", tmp_path / "r",
+        "--downstream", "--downstream-oracle", "--real-limit", "10", "--synthetic-ratio", "5",
+        *FAST,
+    )  # fmt: skip
+    assert (
+        code == 3 and "--downstream-oracle needs 50 real train pairs past --real-limit 10" in stderr
+    )
+    assert "Traceback" not in stderr and len(stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "r").exists()
+    code, _, stderr = run_cli(
+        "benchmark", "--real", real, "--synthetic", synthetic, "--downstream-oracle"
+    )
+    assert code == 2 and "needs --downstream" in stderr and "Traceback" not in stderr

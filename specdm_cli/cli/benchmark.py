@@ -87,6 +87,14 @@ def benchmark(
             "on the real images with its labels (which VAE stream bounds the ceiling).",
         ),
     ] = False,
+    downstream_oracle: Annotated[
+        bool,
+        typer.Option(
+            "--downstream-oracle",
+            help="Also train each real + synthetic row with real train pairs past --real-limit "
+            "in place of the synthetic ones: the most synthetic pairs could give.",
+        ),
+    ] = False,
     write_scores: Annotated[
         bool,
         typer.Option(
@@ -137,13 +145,18 @@ def benchmark(
                 "--model",
                 hint="e.g. --downstream --model demo --round-trip-parts",
             )
+        if downstream_oracle and not downstream:
+            raise UsageError(
+                "--downstream-oracle adds downstream rows, which needs --downstream",
+                hint="e.g. --downstream --downstream-oracle",
+            )
         options = DownstreamOptions(
             batch_size=downstream_batch_size, seeds=downstream_seeds,
             eval_every=downstream_eval_every, patience=downstream_patience,
             max_steps=downstream_max_steps, real_share=real_share,
             protocols=downstream_protocol_list(downstream_protocols),
             real_limit=real_limit, ratios=ratios, real_curve=curve,
-            round_trip_parts=round_trip_parts,
+            round_trip_parts=round_trip_parts, oracle=downstream_oracle,
         )  # fmt: skip
         request = BenchmarkRequest(
             real=real, synthetic=synthetic, out=out, model=model,

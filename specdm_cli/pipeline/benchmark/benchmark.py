@@ -38,7 +38,7 @@ from specdm_cli.stores.quality import write_quality
 
 from . import generator as gen
 from .downstream import run_downstream
-from .downstream_rows import curve_pairs, real_train
+from .downstream_rows import curve_pairs, oracle_pairs, real_train
 from .render import markdown
 from .report import (
     MARKDOWN_NAME,
@@ -144,7 +144,10 @@ def _measure(request: BenchmarkRequest, progress: Progress | None) -> tuple[Benc
         refuse_stream_out(request.out)
     real, synthetic = open_pair(request.real, request.synthetic)
     if request.downstream is not None:  # the real pairs it asks for exist, before any training
-        curve_pairs(real, request.downstream, real_train(real, request.downstream).size)
+        train = real_train(real, request.downstream)
+        curve_pairs(real, request.downstream, train.size)
+        if request.downstream.oracle:
+            oracle_pairs(real, request.downstream, train)
     other = load_report(request.compare) if request.compare is not None else None
     out = request.out or default_out(request.synthetic)
     inputs = {

@@ -106,7 +106,7 @@ def run_downstream(
     rows, referees = [], Referees()
     trips: SampleSource | None = None  # decoded once for the round-trip rows
     for row in configurations(real, synthetic, options, round_trip is not None):
-        second: SampleSource = synthetic
+        second: SampleSource = real if row.oracle else synthetic
         if row.protocol.startswith("round-trip") and round_trip is not None:
             trips = trips if trips is not None else round_trip(row.synthetic)
             second = trips if row.protocol == "round-trip" else HalfTrip(trips, real, row.protocol)
@@ -167,6 +167,12 @@ def protocol_text(options: DownstreamOptions) -> str:
             "; 'agreement-relabelled' rows keep a synthetic label only where the same seed's "
             "real-only model (its best-val weights) predicts the same class, 255 (ignored) elsewhere"
             if any(p.endswith(AGREE) for p in o.protocols)
+            else ""
+        )
+        + (
+            "; '(oracle)' rows train as the row before them with real train pairs that no other "
+            "row uses in place of the synthetic ones: the most those could give, were they real"
+            if o.oracle
             else ""
         )
     )
@@ -321,8 +327,9 @@ def _summarise(row: Configuration, runs: list[SeedRun], real: StoreReader) -> Do
         if (values := [r.iou_per_class[n] for r in runs if n in r.iou_per_class])
     }
     return DownstreamRow(
-        name=row.name, protocol=row.protocol, real_count=int(row.real.size),
-        synthetic_count=int(row.synthetic.size), miou=float(miou.mean()), f1=float(f1.mean()),
+        name=row.name, protocol=row.protocol,
+        real_count=int(row.real.size + (row.synthetic.size if row.oracle else 0)),
+        synthetic_count=0 if row.oracle else int(row.synthetic.size), miou=float(miou.mean()), f1=float(f1.mean()),
         miou_std=_std(miou), f1_std=_std(f1), miou_min=float(miou.min()),
         miou_max=float(miou.max()), iou_per_class=iou, kept_share=_mean_kept(runs),
         seconds=round(sum(r.seconds for r in runs), 2), seeds=runs,

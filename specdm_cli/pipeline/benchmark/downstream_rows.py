@@ -32,6 +32,14 @@ RATIO_ROW_NAMES = {
     "mixed-agree": "real+synthetic x{ratio}, agreement-relabelled",
     "pretrain-agree": "synthetic x{ratio} -> real, agreement-relabelled",
 }
+# The oracle (--downstream-oracle): a ratio row with real train pairs past the limit in place of
+# the synthetic ones, so the best a synthetic phase could give, were its pairs real, is measured
+# beside it (on the ss demo a second real phase alone gained as much as the synthetic one).
+ORACLE = "-oracle"
+ORACLE_ROW_NAMES = {
+    "mixed": "real+real x{ratio} (oracle)",
+    "pretrain": "real x{ratio} -> real (oracle)",
+}
 
 
 @dataclass(frozen=True)
@@ -43,7 +51,8 @@ class Configuration:
     store), "round-trip-images" and "round-trip-labels" (one stream decoded, the other real);
     "mixed" (every batch a fixed share real); "pretrain" (synthetic to its best val
     checkpoint, then fine-tuned on real); "mixed-agree" and "pretrain-agree" as those, with
-    synthetic labels agreement-relabelled (agreement.py).
+    synthetic labels agreement-relabelled (agreement.py); "mixed-oracle" and "pretrain-oracle"
+    as those, with `synthetic` indexing real train pairs no other row uses.
     """
 
     name: str
@@ -57,10 +66,15 @@ class Configuration:
         return self.protocol.endswith(AGREE)
 
     @property
+    def oracle(self) -> bool:
+        """Whether its second source is real pairs past the limit instead of synthetic ones."""
+        return self.protocol.endswith(ORACLE)
+
+    @property
     def training(self) -> str:
-        """How it trains, relabelled or not: real, real-twice, round-trip, synthetic, mixed or
-        pretrain."""
-        return self.protocol.removesuffix(AGREE)
+        """How it trains, relabelled, oracle or not: real, real-twice, round-trip, synthetic,
+        mixed or pretrain."""
+        return self.protocol.removesuffix(AGREE).removesuffix(ORACLE)
 
 
 def configurations(
@@ -68,7 +82,7 @@ def configurations(
 ) -> list[Configuration]:
     """Real only (the first `real_limit` train pairs, as `fit-vae --limit`), their VAE round
     trips, synthetic only (as many as the largest ratio asks for) and, per ratio and protocol,
-    real + ratio x synthetic."""
+    real + ratio x synthetic, each followed by its oracle when asked for."""
     train = real_train(real, options)
     pool = synthetic.indices(None)
     none = np.zeros(0, np.int64)
@@ -88,12 +102,37 @@ def configurations(
     rows.append(
         Configuration("synthetic", "synthetic", none, pool[: max(options.ratios) * train.size])
     )
+    spare = oracle_pairs(real, options, train) if options.oracle else none
     for ratio in options.ratios:
         chosen = pool[: ratio * train.size]
         for protocol in options.protocols:
             name = RATIO_ROW_NAMES[protocol].format(ratio=ratio)
             rows.append(Configuration(name, protocol, train, chosen))
+        if options.oracle:  # one per way of training, relabelled or not: real labels agree
+            for training in dict.fromkeys(p.removesuffix(AGREE) for p in options.protocols):
+                name = ORACLE_ROW_NAMES[training].format(ratio=ratio)
+                rows.append(
+                    Configuration(name, training + ORACLE, train, spare[: ratio * train.size])
+                )
     return rows
+
+
+def oracle_pairs(real: StoreReader, options: DownstreamOptions, train: np.ndarray) -> np.ndarray:
+    """The real train pairs no other row trains or stops on, as many as the largest ratio's
+    oracle takes; too few is an input error, raised before any training."""
+    _, eval_split = evaluation_split(real)
+    stopping, _ = stopping_split(real, eval_split, options)
+    rest = real.indices("train")[train.size :]
+    spare = rest[~np.isin(rest, stopping)]
+    wanted = max(options.ratios) * train.size
+    if spare.size < wanted:
+        raise InputDataError(
+            f"--downstream-oracle needs {wanted} real train pairs past --real-limit {train.size}"
+            f" (--synthetic-ratio {max(options.ratios)} per real pair), the store has {spare.size}",
+            real.root,
+            "lower --synthetic-ratio or --real-limit, or leave out --downstream-oracle",
+        )
+    return spare[:wanted]
 
 
 def pretrains(options: DownstreamOptions) -> bool:

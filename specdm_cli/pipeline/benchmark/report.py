@@ -124,7 +124,7 @@ class DownstreamRow(_Strict):
     protocol: str = Field(
         "fixed-steps",
         description="real, real-twice, round-trip (-images, -labels), synthetic, mixed, pretrain "
-        "(-agree: relabelled)",
+        "(-agree: relabelled; -oracle: real pairs in place of the synthetic ones)",
     )
     real_count: int
     synthetic_count: int
