@@ -52,7 +52,7 @@ class Configuration:
     "mixed" (every batch a fixed share real); "pretrain" (synthetic to its best val
     checkpoint, then fine-tuned on real); "mixed-agree" and "pretrain-agree" as those, with
     synthetic labels agreement-relabelled (agreement.py); "mixed-oracle" and "pretrain-oracle"
-    as those, with `synthetic` indexing real train pairs no other row uses.
+    as those, with `synthetic` indexing real train pairs past the limit and the stopping pairs.
     """
 
     name: str
@@ -118,7 +118,7 @@ def configurations(
 
 
 def oracle_pairs(real: StoreReader, options: DownstreamOptions, train: np.ndarray) -> np.ndarray:
-    """The real train pairs no other row trains or stops on, as many as the largest ratio's
+    """The real train pairs past the limit that no row stops on, as many as the largest ratio's
     oracle takes; too few is an input error, raised before any training."""
     _, eval_split = evaluation_split(real)
     stopping, _ = stopping_split(real, eval_split, options)
