@@ -248,7 +248,9 @@ def test_early_stopping_tests_the_best_val_checkpoint(ss_report: Path) -> None:
     assert downstream is not None
     for row in downstream.rows:
         for run in row.seeds:
-            assert len(run.best_steps) == (2 if row.protocol in ("pretrain", "pretrain-oracle", "real-twice") else 1)
+            assert len(run.best_steps) == (
+                2 if row.protocol in ("pretrain", "pretrain-oracle", "real-twice") else 1
+            )
             curve = np.array(run.val_curve)
             # The tested weights are the last phase's (pretrain: the fine-tuning on real).
             last = curve[curve[:, 0] > sum(run.phase_steps[:-1])]

@@ -16,7 +16,7 @@ import zarr
 from specdm_cli.errors import EXIT_USAGE, UsageError
 from specdm_cli.sources.base import PrepareOptions, SourcePlan
 from specdm_cli.sources.demo import read_demo
-from specdm_cli.sources.demo_spectra import (
+from specdm_cli.sources.demo.spectra import (
     ANCHOR_NM,
     CROP,
     ENDMEMBERS,
