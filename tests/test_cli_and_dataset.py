@@ -43,6 +43,14 @@ def test_dataset_keys_split_and_dtypes(demo_ss_store: Path) -> None:
     assert sample["image"].dtype == torch.float32 and sample["image"].shape == (10, 32, 32)
     assert sample["mask"].dtype == torch.int64 and sample["mask"].shape == (32, 32)
     assert "origin" not in sample
+    # A split the store lacks, or a misspelt one, is an error, not an empty dataset.
+    with pytest.raises(
+        InputDataError,
+        match=r"no 'synthetic' samples \(splits here: test \d+, train \d+, val \d+\)",
+    ):
+        StoreDataset(demo_ss_store, split="synthetic")
+    with pytest.raises(ValueError, match="split 'trian' is none of train, val, test, synthetic"):
+        StoreDataset(demo_ss_store, split="trian")
 
 
 def test_torchgeo_layout_for_change_detection(demo_cd_store: Path) -> None:

@@ -11,7 +11,7 @@ import torch
 from torch.utils.data import Dataset
 
 from specdm_cli.errors import InputDataError
-from specdm_cli.manifest import IMAGE_ARRAYS, LABEL_ARRAY
+from specdm_cli.manifest import IMAGE_ARRAYS, LABEL_ARRAY, SPLITS
 from specdm_cli.stores import StoreReader, open_store
 
 Layout = Literal["specdm", "torchgeo"]
@@ -40,8 +40,14 @@ class StoreDataset(Dataset[dict[str, Any]]):
         self.entries = [
             (origin, int(index))
             for origin, reader in enumerate(self.readers)
-            for index in reader.indices(split)
+            for index in reader.indices(_known(split))
         ]
+        if split is not None and not self.entries:  # a synthetic store has no "train" split
+            raise InputDataError(
+                f"no {split!r} samples (splits here: {_split_counts(self.readers)})",
+                self.readers[0].root,
+                "choose one of those splits, or split=None for every sample",
+            )
         self.multiple = len(self.readers) > 1
 
     def __len__(self) -> int:
@@ -57,6 +63,20 @@ class StoreDataset(Dataset[dict[str, Any]]):
         if self.multiple:
             sample["origin"] = origin
         return sample
+
+
+def _known(split: str | None) -> str | None:
+    if split is not None and split not in SPLITS:
+        raise ValueError(f"split {split!r} is none of {', '.join(SPLITS)}")
+    return split
+
+
+def _split_counts(readers: list[StoreReader]) -> str:
+    names, counts = np.unique(
+        np.concatenate([reader.splits()[reader.written()] for reader in readers]),
+        return_counts=True,
+    )
+    return ", ".join(f"{name} {count}" for name, count in zip(names, counts, strict=True)) or "none"
 
 
 def _tensor(values: np.ndarray) -> torch.Tensor:
