@@ -123,6 +123,16 @@ def test_fit_vae_on_a_damaged_store_is_one_line_exit_3(pristine: Path, tmp_path:
            "--batch-size", "4", "--threads", "2", "--quiet", "--steps", "2")  # fmt: skip
     code, _, stderr = run_cli("fit-vae", store, "--run", tmp_path / "run", *vae)
     assert_one_error_line(code, stderr, 3, "sample 3 is damaged")
+    # Nothing was trained, so nothing is left: once the store is repaired, the same command
+    # runs as it is (no --overwrite, no --resume that refuses "another store").
+    assert not (tmp_path / "run").exists()
+    (tmp_path / "mine").mkdir()  # a folder the user made stays, empty
+    code, _, stderr = run_cli("fit-vae", store, "--run", tmp_path / "mine", *vae)
+    assert code == 3 and (tmp_path / "mine").is_dir() and not any((tmp_path / "mine").iterdir())
+    shutil.rmtree(store)
+    shutil.copytree(pristine, store)
+    code, _, stderr = run_cli("fit-vae", store, "--run", tmp_path / "run", *vae)
+    assert code == 0, stderr
 
 
 def test_a_garbled_geotiff_tile_is_named_and_rewritten_by_resume(tmp_path: Path) -> None:

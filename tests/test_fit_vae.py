@@ -155,9 +155,10 @@ def test_a_store_without_a_train_split_is_refused(demo_ss_store: Path, tmp_path:
     manifest["normalization"] = None  # prepare computes it on train: none without train
     (store / "manifest.json").write_text(json.dumps(manifest))
     code, _, stderr = fit(store, tmp_path / "run", "--steps", "1")
+    assert code == 3 and "no 'train' samples" in stderr and "Traceback" not in stderr
+    code, _, stderr = fit(store, tmp_path / "run2", "--steps", "1", "--split", "val")
     assert code == 3 and "no train split" in stderr and "Traceback" not in stderr
-    code, _, stderr = fit(store, tmp_path / "run2", "--steps", "1", "--split", "train")
-    assert code == 3 and "Traceback" not in stderr
+    assert not (tmp_path / "run").exists() and not (tmp_path / "run2").exists()
 
 
 def test_run_folder_refusals(demo_ss_store: Path, demo_cd_store: Path, tmp_path: Path) -> None:

@@ -55,6 +55,24 @@ def prepare_run_dir(run: Path, resume: bool, overwrite: bool) -> RunState:
     return "resume"
 
 
+def discard_untrained(run: Path, stage: str, created: bool) -> None:
+    """A fresh run that failed before its stage's first checkpoint: remove what it wrote (the
+    folder, if this command created it), so the same command can simply be run again; as
+    `prepare` removes a store that committed no sample. Called after its RunLock is released."""
+    if (run / RUN_FILE).is_file():
+        try:
+            state = load_run(run, verify=False).stages.get(stage)
+        except (ModelError, InputDataError):
+            return  # not ours to judge: leave it
+        if state is not None and state.checkpoint is not None:
+            return
+    if created:
+        remove_tree(run)
+    else:  # an empty folder the user made: leave it empty
+        for entry in run.iterdir():
+            remove_tree(entry)
+
+
 class RunLock(DirLock):
     """The run directory's writer lock (the folder is created if needed).
 

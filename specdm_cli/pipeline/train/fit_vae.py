@@ -19,7 +19,7 @@ from specdm_cli.errors import InputDataError, UsageError
 from specdm_cli.fs.lock import ReadLock
 from specdm_cli.fs.paths import refuse_overlap
 from specdm_cli.fs.space import require_memory
-from specdm_cli.manifest import IMAGE_ARRAYS, Manifest, array_names
+from specdm_cli.manifest import IMAGE_ARRAYS, Manifest, Task, array_names
 from specdm_cli.models.image_critics import ImageCritic, semantic_loss
 from specdm_cli.models.losses import class_weights_auto
 from specdm_cli.models.vae import SpecDMVAE
@@ -369,6 +369,7 @@ def _fit_vae(
     started = time.monotonic()
     reader = open_store(request.store)
     model_config(request.config, reader.manifest)  # a bad shape is told before the run dir exists
+    training_indices(reader, request.config)  # and so is a split with no samples
     _require_batch_memory(request.config.batch_size, reader.manifest)
     check_batch_divides(request.config.batch_size, request.devices)
     if request.config.adversarial_weight > 0 and request.devices.ranks > 1:
@@ -379,7 +380,33 @@ def _fit_vae(
     dataset = reader.manifest.source.dataset if reader.manifest.source else "synthetic"
     run = request.run or default_run_dir(dataset)
     refuse_overlap(run, {"STORE": request.store})
+    created = not run.exists()
     state = runs.prepare_run_dir(run, request.resume, request.overwrite)
+    try:
+        summary, start, task = _train_in(run, state, reader, request, devices, stop, progress, warn)
+    except Exception:
+        if state == "fresh":  # nothing trained: the same command can simply be run again
+            runs.discard_untrained(run, "vae", created)
+        raise
+    if summary.state == "already complete":
+        return summary
+    runs.register(run, task, "vae", can_sample=False)
+    summary.seconds = round(time.monotonic() - started, 3)
+    summary.state = "resumed" if start else "trained"
+    return summary
+
+
+def _train_in(
+    run: Path,
+    state: runs.RunState,
+    reader: StoreReader,
+    request: FitVAERequest,
+    devices: list[torch.device],
+    stop: StopFlag,
+    progress: Progress | None,
+    warn: Callable[[str], None],
+) -> tuple[FitVAESummary, int, Task]:
+    """Train under the run's lock: (summary, the step it started from, the task)."""
     with runs.RunLock(run):
         manifest = runs.open_or_create_run(
             run, reader, state, store_sha256(request.store), provenance()
@@ -388,9 +415,10 @@ def _fit_vae(
         if stage is not None:
             runs.check_resume(run, stage.config, request.config.training_identity())
             if stage.finished and stage.step >= request.config.steps:
-                return FitVAESummary(
+                done = FitVAESummary(
                     str(run), "already complete", stage.step, request.config.steps, 0.0, 0.0
                 )
+                return done, stage.step, manifest.task
         checkpoint = stage.checkpoint if stage is not None else None
         start = stage.step if stage is not None and checkpoint else 0
         job = _Job(
@@ -404,10 +432,7 @@ def _fit_vae(
         recipe = f"preset {request.config.preset}"
         told = estimating(progress, warn, "fit-vae", recipe)
         summary = launch(devices, _rank_main, job, stop, told) or _summary_from_run(job)
-    runs.register(run, manifest.task, "vae", can_sample=False)
-    summary.seconds = round(time.monotonic() - started, 3)
-    summary.state = "resumed" if start else "trained"
-    return summary
+    return summary, start, manifest.task
 
 
 def _rank_main(
