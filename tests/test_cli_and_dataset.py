@@ -33,6 +33,9 @@ def test_help_and_version_do_not_import_torch() -> None:
 def test_help_lists_the_commands() -> None:
     code, stdout, _ = run_cli("--help")
     assert code == 0 and "prepare" in stdout and "inspect" in stdout
+    # `specdm` alone prints the same help, laid out, not squashed into an error line.
+    code, alone, stderr = run_cli()
+    assert code == 2 and stderr == "" and alone.strip() == stdout.strip()
 
 
 def test_dataset_keys_split_and_dtypes(demo_ss_store: Path) -> None:

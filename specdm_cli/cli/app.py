@@ -43,6 +43,10 @@ class _OneLineUsageErrors(TyperGroup):
             code = super().main(*args, **{**kwargs, "standalone_mode": False})
         except USAGE_ERRORS as error:
             context = getattr(error, "ctx", None)
+            if type(error).__name__ == "NoArgsIsHelpError" and context is not None:
+                # `specdm` alone: the help as --help prints it, still exit 2 (no command ran).
+                sys.stdout.write(context.get_help() + "\n")
+                sys.exit(EXIT_USAGE)
             where = context.command_path if context is not None else "specdm"
             message = " ".join(getattr(error, "format_message", error.__str__)().split())
             sys.stderr.write(f"error: {message} (see `{where} --help`)\n")
