@@ -255,6 +255,7 @@ def test_require_resumes_after_a_kill(ss_run: Path, tmp_path: Path) -> None:
     ("require", "message"),
     [
         ("nosuchclass:0.1", "no class"),
+        ("water", "'water': expected CLASS:FRACTION"),
         ("0:1.5", "in (0, 1]"),
         ("0:0.1 --shard 0/2", "cannot be split"),
         ("0:1", "draws qualified"),
@@ -269,7 +270,28 @@ def test_require_refusals(ss_run: Path, tmp_path: Path, require: str, message: s
 def test_a_missing_model_is_exit_4(tmp_path: Path) -> None:
     code, _, stderr = run_cli("synthesize", "--model", tmp_path / "nothing", "--n", "2",
                               "--out", tmp_path / "x.zarr")  # fmt: skip
-    assert code == 4 and "no run.json" in stderr and not (tmp_path / "x.zarr").exists()
+    assert code == 4 and "no such run folder" in stderr and not (tmp_path / "x.zarr").exists()
+    (tmp_path / "empty").mkdir()
+    code, _, stderr = run_cli("synthesize", "--model", tmp_path / "empty", "--n", "2",
+                              "--out", tmp_path / "x.zarr")  # fmt: skip
+    assert code == 4 and "not a run directory: no run.json" in stderr
+
+
+def test_what_a_newcomer_gets_wrong_is_told_as_it_is(tmp_path: Path) -> None:
+    out = ("--n", "2", "--out", tmp_path / "x.zarr")
+    code, _, stderr = run_cli("synthesize", "--model", "demo", *out)
+    assert code == 2 and "--model demo holds an ss and a cd model, --task is needed" in stderr
+    code, _, stderr = run_cli(
+        "synthesize", "--model", "demo", "--task", "ss", "--masks", tmp_path / "none.zarr", *out
+    )  # the path first, before what the demo model can do with masks
+    assert code == 3 and "--masks: store does not exist" in stderr
+    (tmp_path / "tile.tif").write_bytes(b"II*\x00")
+    code, _, stderr = run_cli("inspect", tmp_path / "tile.tif")
+    assert code == 3 and "not a store: a store is a folder" in stderr
+    code, _, stderr = run_cli("distill", "demo")  # the shipped models are not run folders here
+    assert code == 4 and "shipped demo models are read-only" in stderr
+    assert "copy the package's specdm_cli/assets/demo-ss" in stderr
+    assert not (tmp_path / "x.zarr").exists()
 
 
 def test_batch_size_1_and_4_agree_within_tolerance(ss_run: Path, tmp_path: Path) -> None:

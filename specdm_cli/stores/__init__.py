@@ -47,6 +47,12 @@ def open_store(path: Path, allow_incomplete: bool = False) -> StoreReader:
     """Open a store of either format for reading; an incomplete one only when asked for."""
     if not path.exists():
         raise InputDataError("store does not exist", path, "check the path or run `specdm prepare`")
+    if not path.is_dir():
+        raise InputDataError(
+            "not a store: a store is a folder (Zarr, or GeoTIFF tiles with manifest.json)",
+            path,
+            "name the folder `specdm prepare` or `specdm synthesize` wrote",
+        )
     manifest = load_manifest(path / MANIFEST_NAME)
     if not manifest.complete and not allow_incomplete:
         raise InputDataError(

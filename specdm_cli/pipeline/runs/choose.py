@@ -46,8 +46,9 @@ def choose_model(model: str | None, task: str | None, for_masks: bool = False) -
     if model not in (None, "demo"):
         return _loaded(Path(str(model)), "run")
     if task is None:
+        what = "--model demo holds an ss and a cd model" if model == "demo" else "without --model"
         raise UsageError(
-            "without --model, --task is needed to pick a model", hint="pass --task ss or --task cd"
+            f"{what}, --task is needed to pick one", hint="pass --task ss or --task cd"
         )
     passed_over: list[str] = []
     if model is None:

@@ -135,15 +135,30 @@ class RunManifest(BaseModel):
         return learned is not None and learned != self.stages["vae"].weights
 
 
+def _no_run(run: Path) -> ModelError:
+    """What a path without run.json is: nothing there, the name `demo`, or another folder."""
+    if str(run) == "demo" and not run.exists():  # `specdm distill demo`: the shipped model
+        return ModelError(
+            "no run folder 'demo' here: the shipped demo models are read-only",
+            run,
+            "copy the package's specdm_cli/assets/demo-ss (or demo-cd) folder and name the copy",
+        )
+    if not run.exists():
+        return ModelError(
+            "no such run folder",
+            run,
+            "check the path, or train one: `specdm fit-vae STORE --run RUN`",
+        )
+    return ModelError("not a run directory: no run.json", run, "run `specdm fit-vae` first")
+
+
 def load_run(run: Path, verify: bool = True) -> RunManifest:
     """Read `run.json` and (by default) check the sha256 of every weights file it lists."""
     path = run / RUN_FILE
     try:
         manifest = RunManifest.model_validate(json.loads(path.read_text(encoding="utf-8")))
     except FileNotFoundError:
-        raise ModelError(
-            "not a run directory: no run.json", run, "run `specdm fit-vae` first"
-        ) from None
+        raise _no_run(run) from None
     except (OSError, ValueError, ValidationError) as exc:
         first = str(exc).splitlines()[0]
         raise ModelError(

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from specdm_cli.config import Devices, Precision, Progress, SamplerChoice, StoreFormat, Task
-from specdm_cli.errors import UsageError
+from specdm_cli.errors import InputDataError, UsageError
 from specdm_cli.fs.lock import ReadLock
 from specdm_cli.fs.paths import refuse_overlap
 from specdm_cli.fs.space import require_disk, require_memory
@@ -155,6 +155,10 @@ def _mask_source(options: SynthesizeOptions, chosen: ChosenModel) -> MaskSource 
     if not guidance >= 1:
         raise UsageError(
             f"--mask-guidance {guidance} is below 1", hint="1 = the plain conditional model"
+        )
+    if not options.masks.exists():  # told before what the model can do with masks
+        raise InputDataError(
+            "--masks: store does not exist", options.masks, "check the path or run `specdm prepare`"
         )
     require_conditioned(chosen.manifest, chosen.path)
     if options.require is not None:

@@ -41,7 +41,12 @@ def parse_require(text: str | None, classes: list[ClassInfo]) -> tuple[Requireme
     by_name = {c.name.lower(): c for c in classes} | {str(c.index): c for c in classes}
     wanted = []
     for item in text.split(","):
-        name, _, fraction = item.strip().rpartition(":")
+        name, colon, fraction = item.strip().rpartition(":")
+        if not colon:
+            raise UsageError(
+                f"--require {item.strip()!r}: expected CLASS:FRACTION",
+                hint="e.g. --require water:0.05 (at least 5% of each sample's pixels water)",
+            )
         chosen = by_name.get(name.strip().lower())
         if chosen is None:
             known = ", ".join(c.name for c in classes)
