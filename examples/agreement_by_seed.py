@@ -14,7 +14,9 @@ Defaults are the smaller variant of docs/measurements.md (batch 8, evaluation ev
 patience 3, at most 500 steps per phase, 100 real pairs, ratio 1, seeds 0-2); `--batch-size 16
 --eval-every 50 --patience 6 --max-steps 3000` is the benchmark's defaults. `--first-seed` lets processes share
 the seeds (each appending to its own file). `--skip-real` trains only the rows that use the
-synthetic store (pretrain, mixed), for another model's pairs beside real and control rows
+synthetic store (pretrain, mixed, and their oracles with `--oracle`: `benchmark
+--downstream-oracle`'s rows, real train pairs past the limit in place of the synthetic ones),
+for another model's pairs beside real and control rows
 already measured on the same real store, seeds and thread count (they do not depend on the
 model; rows repeat bit for bit at the same thread count, docs/measurements.md: issue 20's gates).
 """
@@ -100,6 +102,11 @@ def main() -> None:
     parser.add_argument(
         "--skip-real", action="store_true", help="skip the real row and the rows that need it"
     )
+    parser.add_argument(
+        "--oracle",
+        action="store_true",
+        help="also each protocol's oracle row: real train pairs past the limit as the synthetic",
+    )
     add_protocol_options(parser)
     args = parser.parse_args()
     if args.skip_real and "agree" in args.protocols:
@@ -109,7 +116,7 @@ def main() -> None:
         batch_size=args.batch_size, eval_every=args.eval_every, patience=args.patience,
         max_steps=args.max_steps, real_limit=args.real_limit, ratios=(args.ratio,),
         seed=args.first_seed, seeds=args.seeds,
-        protocols=downstream_protocol_list(args.protocols),
+        protocols=downstream_protocol_list(args.protocols), oracle=args.oracle,
     )  # fmt: skip
     real, synthetic = open_store(args.real), open_store(args.synthetic)
     skip = REAL_ROWS if args.skip_real else frozenset()

@@ -169,13 +169,14 @@ def test_agreement_by_seed_runs_pretrain_and_its_control(tmp_path: Path) -> None
         [sys.executable, EXAMPLES / "agreement_by_seed.py", real, other, again, "--protocols",
          "pretrain", "--real-limit", "6", "--ratio", "2", "--first-seed", "3", "--seeds", "1",
          "--max-steps", "2", "--eval-every", "1", "--patience", "1", "--batch-size", "2",
-         "--skip-real"],
+         "--skip-real", "--oracle"],
         text=True,
     )  # fmt: skip
     assert done.returncode == 0, done.stderr
     alone = [json.loads(line) for line in again.read_text().splitlines()]
-    assert [r["row"] for r in alone] == ["synthetic x2 -> real"]
+    assert [r["row"] for r in alone] == ["synthetic x2 -> real", "real x2 -> real (oracle)"]
     assert alone[0]["miou"] == rows["synthetic x2 -> real"]["miou"]
+    assert alone[1]["protocol"] == "pretrain-oracle" and len(alone[1]["phase_steps"]) == 2
 
 
 def test_real_learning_curve_runs_on_a_tiny_store(tmp_path: Path) -> None:

@@ -105,8 +105,13 @@ def configurations(
     spare = oracle_pairs(real, options, train) if options.oracle else none
     for ratio in options.ratios:
         chosen = pool[: ratio * train.size]
+        short = (
+            f" ({chosen.size} of {ratio * train.size} pairs)"
+            if chosen.size < ratio * train.size
+            else ""
+        )
         for protocol in options.protocols:
-            name = RATIO_ROW_NAMES[protocol].format(ratio=ratio)
+            name = RATIO_ROW_NAMES[protocol].format(ratio=ratio) + short
             rows.append(Configuration(name, protocol, train, chosen))
         if options.oracle:  # one per way of training, relabelled or not: real labels agree
             for training in dict.fromkeys(p.removesuffix(AGREE) for p in options.protocols):

@@ -156,6 +156,9 @@ def _spread(mean: float, std: float | None) -> str:
 
 
 def downstream_cells(row: DownstreamRow) -> list[str]:
+    def spread(std: float | None) -> float | None:  # one seed has none, not a spread of 0
+        return std if len(row.seeds) > 1 else None
+
     """training data, protocol, real, synthetic, mIoU, F1, steps: one row of Tables 5-6's shape."""
     best = [sum(run.best_steps) for run in row.seeds]
     steps = (
@@ -163,7 +166,7 @@ def downstream_cells(row: DownstreamRow) -> list[str]:
     )
     return [
         row.name, row.protocol, str(row.real_count), str(row.synthetic_count),
-        _spread(row.miou, row.miou_std), _spread(row.f1, row.f1_std), steps,
+        _spread(row.miou, spread(row.miou_std)), _spread(row.f1, spread(row.f1_std)), steps,
     ]  # fmt: skip
 
 
