@@ -117,6 +117,7 @@ def main() -> None:
         max_steps=args.max_steps, real_limit=args.real_limit, ratios=(args.ratio,),
         seed=args.first_seed, seeds=args.seeds,
         protocols=downstream_protocol_list(args.protocols), oracle=args.oracle,
+        lr_drops=args.lr_drops,
     )  # fmt: skip
     real, synthetic = open_store(args.real), open_store(args.synthetic)
     skip = REAL_ROWS if args.skip_real else frozenset()

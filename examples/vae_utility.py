@@ -47,6 +47,7 @@ def add_protocol_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--patience", type=int, default=3)
     parser.add_argument("--max-steps", type=int, default=500)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--lr-drops", type=int, default=0, help="benchmark --downstream-lr-drops")
 
 
 def options(args: argparse.Namespace, real_limit: int) -> DownstreamOptions:
@@ -54,6 +55,7 @@ def options(args: argparse.Namespace, real_limit: int) -> DownstreamOptions:
         batch_size=args.batch_size, seed=args.first_seed, seeds=args.seeds,
         eval_every=args.eval_every,
         patience=args.patience, max_steps=args.max_steps, real_limit=real_limit,
+        lr_drops=args.lr_drops,
     )  # fmt: skip
 
 

@@ -417,6 +417,10 @@ class DownstreamOptions:
     eval_every: int = 50
     patience: int = 6
     max_steps: int = 3000  # a cap per phase: 6x the 500 our mixes hit while still improving
+    # Times the rate drops tenfold (from the best-val weights) when patience runs out, before
+    # stopping; 0 = stop at the first plateau. Ours (2026-12-05): at 0, 1,600 real pairs stopped
+    # after ~1,000 steps and scored below 100 pairs, a plateau of a constant rate, not of the data.
+    lr_drops: int = 0
     real_share: float = 0.5
     protocols: tuple[DownstreamProtocol, ...] = ("mixed", "pretrain")
     real_limit: int | None = None  # None: the paper's 2000 (ss) / 100 (cd)

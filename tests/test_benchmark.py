@@ -84,7 +84,7 @@ def ss_report(ss: tuple[Path, Path], tmp_path_factory: pytest.TempPathFactory) -
     code, stdout, stderr = run_cli(
         "benchmark", "--real", real, "--synthetic", scored, "--model", "demo", "--out", out,
         "--write-scores", "--throughput-batches", "1", "--json", "--round-trip-parts",
-        "--downstream-oracle", *DOWNSTREAM, *FAST,
+        "--downstream-oracle", "--downstream-lr-drops", "1", *DOWNSTREAM, *FAST,
     )  # fmt: skip
     assert code == 0, stderr
     (root / "stdout.json").write_text(stdout)
@@ -171,6 +171,7 @@ def test_downstream_rows_train_on_the_right_data(ss_report: Path, ss: tuple[Path
     # Stopping watches the val split, testing uses the test split: never the same pairs.
     assert downstream.stop_split == "val" and downstream.stop_count == real.indices("val").size
     assert "'(oracle)' rows train as the row before them" in downstream.protocol
+    assert "the first 1 such plateau(s) go back to the best-val weights" in downstream.protocol
 
 
 def test_oracle_rows_train_on_real_pairs_no_other_row_uses(ss: tuple[Path, Path]) -> None:
@@ -325,6 +326,48 @@ def test_early_stopping_restores_the_best_weights(ss: tuple[Path, Path]) -> None
     assert phase.best_val == max(score for _step, score in phase.curve)
     again = float(mean_iou(confusion(model, val, config.classes, 4, "cpu")))
     assert again == pytest.approx(phase.best_val, abs=1e-5)
+
+
+@pytest.mark.parametrize("drops", [0, 1, 2])
+def test_a_plateau_drops_the_rate_from_the_best_weights_before_stopping(
+    ss: tuple[Path, Path], drops: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from specdm_cli.pipeline.benchmark import utility_training as ut
+    from specdm_cli.pipeline.benchmark.feature_training import TrainData, class_weights
+    from specdm_cli.pipeline.benchmark.features import band_statistics, default_config
+
+    real = open_store(ss[0])
+    options = DownstreamOptions(
+        batch_size=4, eval_every=1, patience=2, max_steps=20, lr_drops=drops
+    )
+    config = default_config(real, batch_size=4)
+    stats = band_statistics(real)
+    train = TrainData([(real, real.indices("train")[:8])], *stats)
+    model = ut.new_model(config, "cpu")
+    scores = iter([0.5, 0.6] + [0.1] * 20)  # the best at step 2, then a plateau
+    monkeypatch.setattr(ut, "mean_iou", lambda _confusion: next(scores))
+    rates: list[float] = []
+    seen: list[dict[str, torch.Tensor]] = []  # the weights each step starts from
+    stepped = ut._step
+
+    def step(model: torch.nn.Module, optimiser: torch.optim.Optimizer, *rest: Any) -> None:
+        rates.append(optimiser.param_groups[0]["lr"])
+        seen.append({k: v.clone() for k, v in model.state_dict().items()})
+        stepped(model, optimiser, *rest)
+
+    monkeypatch.setattr(ut, "_step", step)
+    phase = ut.train_to_best(
+        model, ut.batches_of(train, None, options), train, config, options,
+        class_weights(real, config.classes), "cpu",
+    )  # fmt: skip
+    # Patience runs out after steps 3-4; each drop gives it two more steps at a tenth the rate.
+    assert phase.steps == 4 + 2 * drops and phase.best_step == 2
+    expected = [config.lr] * 4 + [config.lr / 10 ** (k + 1) for k in range(drops) for _ in "ab"]
+    assert rates == pytest.approx(expected)
+    best = seen[2]  # what step 3 started from: the weights of step 2, the best
+    for first_after_drop in seen[4::2]:  # each drop goes back to them
+        assert all(torch.equal(best[k], v) for k, v in first_after_drop.items())
+    assert not all(torch.equal(best[k], v) for k, v in seen[3].items())  # it had moved on
 
 
 def test_mixed_batches_keep_the_real_share(ss: tuple[Path, Path]) -> None:

@@ -72,6 +72,14 @@ def benchmark(
         float, typer.Option(min=0.01, max=1.0, help="Real share of a mixed downstream batch.")
     ] = 0.5,
     downstream_batch_size: Annotated[int, typer.Option(min=1, help="Downstream batch size.")] = 16,
+    downstream_lr_drops: Annotated[
+        int,
+        typer.Option(
+            min=0,
+            help="Times a plateau drops the rate tenfold from the best-val weights before "
+            "stopping; 0 = stop at the first [0].",
+        ),
+    ] = 0,
     downstream_real_curve: Annotated[
         str | None,
         typer.Option(
@@ -157,6 +165,7 @@ def benchmark(
             protocols=downstream_protocol_list(downstream_protocols),
             real_limit=real_limit, ratios=ratios, real_curve=curve,
             round_trip_parts=round_trip_parts, oracle=downstream_oracle,
+            lr_drops=downstream_lr_drops,
         )  # fmt: skip
         request = BenchmarkRequest(
             real=real, synthetic=synthetic, out=out, model=model,

@@ -151,8 +151,14 @@ def protocol_text(options: DownstreamOptions) -> str:
     return (
         f"every row trains from scratch with AdamW (constant lr {o.lr:g}, batch {o.batch_size}), "
         f"is evaluated on the real stopping pairs every {o.eval_every} steps, stops after "
-        f"{o.patience} evaluations without a better val mIoU (at most {o.max_steps} steps) and "
-        f"is tested with its best-val weights; a mixed batch is {o.batch_size} real + "
+        f"{o.patience} evaluations without a better val mIoU (at most {o.max_steps} steps"
+        + (
+            f"; the first {o.lr_drops} such plateau(s) go back to the best-val weights at a "
+            "tenth of the rate instead"
+            if o.lr_drops
+            else ""
+        )
+        + f") and is tested with its best-val weights; a mixed batch is {o.batch_size} real + "
         f"{synthetic_per_batch(o)} synthetic pairs (real share {o.real_share:g}), so every real "
         "pair is seen as often per step as in real-only training; 'pretrain' rows train on "
         "synthetic pairs to "

@@ -131,17 +131,27 @@ def train_to_best(
 ) -> Phase:
     """Train `model` in place until val mIoU stops improving; leaves the best-val weights loaded.
 
-    Constant learning rate: a decay schedule needs the length of training in advance, which
-    early stopping decides. Everything random comes from `config.seed`.
+    A constant learning rate: a decay schedule needs the length of training in advance, which
+    early stopping decides. With `options.lr_drops`, a plateau first goes back to the best-val
+    weights at a tenth of the rate (as many times), then stops. Everything random comes from
+    `config.seed`.
     """
     rng = np.random.default_rng(config.seed)
     optimiser = torch.optim.AdamW(
         model.parameters(), lr=config.lr, weight_decay=config.weight_decay
     )
     phase, best, start, waited = Phase(), _snapshot(model), time.perf_counter(), 0
+    drops = options.lr_drops
     with deterministic(config.seed):
         model.train()
-        while phase.steps < options.max_steps and waited < options.patience:
+        while phase.steps < options.max_steps:
+            if waited >= options.patience:
+                if not drops:
+                    break
+                drops, waited = drops - 1, 0
+                model.load_state_dict(best)
+                for group in optimiser.param_groups:
+                    group["lr"] *= 0.1
             _step(model, optimiser, batches.draw(rng), weights, device)
             phase.steps += 1
             if phase.steps % options.eval_every and phase.steps < options.max_steps:
