@@ -177,6 +177,17 @@ def test_change_detection_folder(tmp_path: Path) -> None:
     )
 
 
+def test_a_task_the_folder_does_not_hold_is_refused(tmp_path: Path) -> None:
+    from tests.conftest import run_cli
+
+    root = make_geotiff_folder(tmp_path / "raw", task="cd", codes=[0, 1], n=2)
+    code, _, stderr = run_cli("prepare", "geotiff", root, "--task", "ss", "--out", tmp_path / "s")
+    assert code == 2 and "--task ss: the geotiff data here is task cd" in stderr
+    assert not (tmp_path / "s").exists()
+    code, _, stderr = run_cli("prepare", "geotiff", root, "--task", "cd", "--out", tmp_path / "c")
+    assert code == 0, stderr
+
+
 def test_band_names_fall_back_and_wavelengths_come_from_tags(tmp_path: Path) -> None:
     root = make_geotiff_folder(tmp_path / "raw", n=1, bands=3)
     path = root / "images" / "tile_00.tif"

@@ -71,7 +71,10 @@ def prepare(
         float | None, typer.Option(help="Fraction of source files for test [demo 0.1, else 0].")
     ] = None,
     seed: Annotated[int, typer.Option(help="Seed of split assignment and demo scenes.")] = 0,
-    task: Annotated[Task, typer.Option(help="Demo: ss or cd.")] = "ss",
+    task: Annotated[
+        Task | None,
+        typer.Option(help="Demo: ss or cd [ss]; other sources: checked against the data."),
+    ] = None,
     n: Annotated[int, typer.Option("--n", min=1, help="Demo: number of scenes.")] = 512,
     size: Annotated[int, typer.Option(help="Demo: scene size in pixels.")] = 64,
     demo_bands: Annotated[
@@ -110,7 +113,7 @@ def prepare(
             val_fraction=val_fraction,
             test_fraction=_default_test_fraction(source, test_fraction),
             seed=seed,
-            task=task,
+            task=task or "ss",
             n=n,
             size=size,
             band_set=demo_bands,
@@ -128,6 +131,7 @@ def prepare(
             resume=resume,
             overwrite=overwrite,
             workers=workers,
+            task_asked=task,
         )
         with graceful_stop() as stop, progress_reporter("prepare", quiet) as progress:
             summary = run_prepare(request, stop, progress, warning_printer(quiet))

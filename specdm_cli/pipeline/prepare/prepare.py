@@ -20,6 +20,7 @@ from specdm_cli.fs.space import require_disk
 from specdm_cli.manifest import (
     Manifest,
     SourceInfo,
+    Task,
     array_names,
     load_manifest,
 )
@@ -88,6 +89,18 @@ def _plan(request: PrepareRequest) -> dict[str, Any]:
     return plan
 
 
+def _check_task(request: PrepareRequest, found: Task) -> None:
+    """`--task` names what the demo makes; of real data it must say what the data holds."""
+    asked = request.task_asked
+    if asked is not None and asked != found:
+        raise UsageError(
+            f"--task {asked}: the {request.source} data here is task {found}",
+            hint="drop --task (the data decides it: images/+masks/ is ss, t1/+t2/+change/ cd)"
+            if request.source == "geotiff"
+            else "drop --task (the dataset decides it)",
+        )
+
+
 def default_out(source: str, store_format: StoreFormat) -> Path:
     """`--out` when not given: `./<source>.zarr`, or `./<source>` for GeoTIFF tiles."""
     return default_store_path(source, store_format)
@@ -145,6 +158,7 @@ def prepare(
         return _summary(request.out, "already complete", started)
     with stop.while_planning():
         source_plan = READERS[request.source](request.raw, request.options)
+    _check_task(request, source_plan.spec.task)
     for line in source_plan.warnings:
         if warn is not None:
             warn(line)

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+from specdm_cli.manifest import Task
 from specdm_cli.sources.base import PrepareOptions
 
 
@@ -24,6 +25,8 @@ class PrepareRequest:
     resume: bool = False
     overwrite: bool = False
     workers: int = 4
+    # --task as given: the demo's task, for the other sources a check of what the data holds.
+    task_asked: Task | None = None
     # Samples per block of per-sample tables and per progress record: small enough that a
     # resume loses little, large enough that the tables are not rewritten per sample.
     batch_grid: int = 64
