@@ -13,6 +13,7 @@ import pytest
 import xarray as xr
 import zarr
 
+from specdm_cli.manifest import load_manifest
 from specdm_cli.stores.dataset import StoreDataset
 from tests import processes
 from tests.conftest import PAPER_LOSS, prepare_demo, run_cli
@@ -275,6 +276,13 @@ def test_a_missing_model_is_exit_4(tmp_path: Path) -> None:
     code, _, stderr = run_cli("synthesize", "--model", tmp_path / "empty", "--n", "2",
                               "--out", tmp_path / "x.zarr")  # fmt: skip
     assert code == 4 and "not a run directory: no run.json" in stderr
+
+
+def test_half_precision_asked_on_the_cpu_is_said_and_recorded_as_what_ran(tmp_path: Path) -> None:
+    code, _, stderr = run_cli("synthesize", "--model", "demo", "--task", "ss", "--n", "2",
+                              "--precision", "bf16", "--out", tmp_path / "x.zarr")  # fmt: skip
+    assert code == 0 and "--precision bf16 applies on CUDA; the CPU samples in fp32" in stderr
+    assert load_manifest(tmp_path / "x.zarr" / "manifest.json").model.precision == "fp32"
 
 
 def test_what_a_newcomer_gets_wrong_is_told_as_it_is(tmp_path: Path) -> None:
