@@ -251,3 +251,15 @@ def test_reader_threads_do_not_change_the_weights(demo_ss_store: Path, tmp_path:
             fit_vae(FitVAERequest(demo_ss_store, tmp_path / f"w{workers}", config), StopFlag())
         runs[workers] = checkpoint_files(tmp_path / f"w{workers}")
     assert runs[1] == runs[3]
+
+
+def test_warnings_reach_json_also_under_quiet(tmp_path: Path) -> None:
+    store = prepare_demo(tmp_path / "all-train.zarr", "--val-fraction", "0", "--test-fraction", "0")
+    code, stdout, stderr = fit(store, tmp_path / "run", "--steps", "1", "--json")  # TINY: --quiet
+    assert code == 0 and stderr == ""
+    assert json.loads(stdout)["warnings"] == [
+        "warning: the store has no val or test split; no validation"
+    ]
+    code, stdout, _ = run_cli("synthesize", "--model", "demo", "--task", "ss", "--n", "1", "--json",
+                              "--quiet", "--out", tmp_path / "s.zarr")  # fmt: skip
+    assert code == 0 and json.loads(stdout)["warnings"][0].startswith("model: ")

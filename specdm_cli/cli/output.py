@@ -147,6 +147,20 @@ def _duration(seconds: float) -> str:
     return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{secs:02d}s"
 
 
+class Warnings(list[str]):
+    """A stage's warnings and notices: on stderr as they come (not with --quiet), and kept for
+    `--json`'s `warnings`, so a pipeline reading stdout sees them too."""
+
+    def __init__(self, quiet: bool):
+        super().__init__()
+        self.quiet = quiet
+
+    def __call__(self, line: str) -> None:
+        self.append(line)
+        if not self.quiet:
+            stderr.print(line, markup=False)
+
+
 def warning_printer(quiet: bool) -> Callable[[str], None]:
     """Where a stage's warnings and notices go: stderr, or nowhere with --quiet."""
     return (lambda line: None) if quiet else (lambda line: stderr.print(line, markup=False))

@@ -17,11 +17,11 @@ from specdm_cli.cli.options import (
     ThreadsOption,
 )
 from specdm_cli.cli.output import (
+    Warnings,
     domain_errors,
     emit_json,
     progress_reporter,
     stderr,
-    warning_printer,
 )
 from specdm_cli.config import Devices, SamplerChoice, StoreFormat, Task
 
@@ -148,11 +148,10 @@ def synthesize(
             stderr.print(f"complete: {finalize}", markup=False)
             return
         assert out is not None and n is not None
+        warnings = Warnings(quiet)
         if precision not in (None, "fp32") and gpus.kind == "cpu":
             # The CPU samples in fp32 whatever is asked; the manifest must say what ran.
-            warning_printer(quiet)(
-                f"warning: --precision {precision} applies on CUDA; the CPU samples in fp32"
-            )
+            warnings(f"warning: --precision {precision} applies on CUDA; the CPU samples in fp32")
             precision = "fp32"
         options = SynthesizeOptions(
             out=out, n=n, model=model, task=task, sampler=sampler, steps=steps, seed=seed,
@@ -167,7 +166,7 @@ def synthesize(
             torch_threads(threads),
             progress_reporter("synthesize", quiet) as bar,
         ):
-            summary = synthesize_store(options, stop, bar, warning_printer(quiet))
+            summary = synthesize_store(options, stop, bar, warnings)
         if not quiet:
             state = "complete" if summary.complete else "shard done, store not complete yet"
             kept = f" (kept from {summary.draws} draws)" if summary.draws > summary.written else ""
@@ -177,4 +176,4 @@ def synthesize(
                 markup=False,
             )
         if json_output:
-            emit_json(asdict(summary))
+            emit_json({**asdict(summary), "warnings": list(warnings)})

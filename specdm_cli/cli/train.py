@@ -23,11 +23,11 @@ from specdm_cli.cli.options import (
     recorded_values,
 )
 from specdm_cli.cli.output import (
+    Warnings,
     domain_errors,
     emit_json,
     progress_reporter,
     stderr,
-    warning_printer,
 )
 from specdm_cli.config import DIFFUSION_PRESETS, VAE_PRESETS, Devices, Prediction, TrainPreset
 
@@ -46,12 +46,13 @@ def _train(
     from specdm_cli.pipeline.signals import graceful_stop
     from specdm_cli.pipeline.train.common import torch_threads
 
+    warnings = Warnings(quiet)
     with graceful_stop() as stop, torch_threads(threads), progress_reporter(name, quiet) as bar:
-        summary = stage(request, stop, bar, warning_printer(quiet))
+        summary = stage(request, stop, bar, warnings)
     if not quiet:
         stderr.print(done_line(summary), markup=False)
     if json_output:
-        emit_json(asdict(summary))
+        emit_json({**asdict(summary), "warnings": list(warnings)})
 
 
 def _val_loss(value: float | None, digits: int) -> str:
