@@ -86,3 +86,22 @@ def resource_error_from(exc: OSError, path: Path | str | None = None) -> Resourc
     if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
         return ResourceError("cannot write here", where, "choose a writable --out")
     return None
+
+
+def missing_store(path: Path, option: str = "") -> InputDataError:
+    """A store path with nothing there (told by the CLI before torch loads, and by readers)."""
+    what = f"{option}: store does not exist" if option else "store does not exist"
+    return InputDataError(what, path, "check the path or run `specdm prepare`")
+
+
+def missing_run(path: Path) -> ModelError:
+    """A run path with nothing there; the name `demo` is the shipped model, which is read-only."""
+    if str(path) == "demo":  # e.g. `specdm distill demo`
+        return ModelError(
+            "no run folder 'demo' here: the shipped demo models are read-only",
+            path,
+            "copy the package's specdm_cli/assets/demo-ss (or demo-cd) folder and name the copy",
+        )
+    return ModelError(
+        "no such run folder", path, "check the path, or train one: `specdm fit-vae STORE --run RUN`"
+    )

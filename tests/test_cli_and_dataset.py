@@ -110,3 +110,33 @@ def test_progress_in_a_log_file_is_plain_unwrapped_lines(tmp_path: Path) -> None
     code, _, stderr = run_cli("prepare", "demo", "--n", "24", "--size", "32", "--out",
                               tmp_path / "q.zarr", "--quiet")  # fmt: skip
     assert code == 0 and stderr == ""
+
+
+def test_inputs_that_are_not_there_are_told_before_torch_loads(tmp_path: Path) -> None:
+    # Loading torch takes seconds on a busy machine; a typo in a path should not.
+    script = """
+import sys
+from typer.testing import CliRunner
+from specdm_cli.cli import app
+for args in (
+    ["fit-vae", "nosuch.zarr"],
+    ["fit-diffusion", "nosuch"],
+    ["distill", "demo"],
+    ["synthesize", "--model", "nope", "--n", "2", "--out", "x.zarr"],
+    ["synthesize", "--model", "demo", "--task", "ss", "--masks", "no.zarr", "--n", "2", "--out", "x.zarr"],
+    ["benchmark", "--real", "no.zarr", "--synthetic", "no2.zarr"],
+):
+    result = CliRunner().invoke(app, args)
+    print(result.exit_code, "torch" in sys.modules, result.stderr.strip())
+"""
+    done = processes.run([sys.executable, "-c", script], text=True, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.strip().splitlines()
+    assert [line.split(" ", 2)[:2] for line in lines] == [
+        ["3", "False"], ["4", "False"], ["4", "False"], ["4", "False"], ["3", "False"],
+        ["3", "False"],
+    ]  # fmt: skip
+    assert "error: store does not exist (nosuch.zarr)" in lines[0]
+    assert "no such run folder (nosuch)" in lines[1] and "read-only" in lines[2]
+    assert "--masks: store does not exist (no.zarr)" in lines[4]
+    assert "--real: store does not exist (no.zarr)" in lines[5]

@@ -17,6 +17,7 @@ from specdm_cli.cli.options import (
     QuietOption,
     ThreadsOption,
     parse_counts,
+    require_inputs,
 )
 from specdm_cli.cli.output import (
     domain_errors,
@@ -129,6 +130,8 @@ def benchmark(
 ) -> None:
     """Report how good, how useful and how fast a synthetic dataset is."""
     with domain_errors():
+        if not schema:
+            require_inputs(stores={"--real": real, "--synthetic": synthetic}, models=(model,))
         from specdm_cli.config import DownstreamOptions, count_list, downstream_protocol_list
         from specdm_cli.errors import UsageError
         from specdm_cli.pipeline.benchmark.benchmark import BenchmarkRequest, rgb_notice

@@ -8,7 +8,7 @@ from typing import Annotated, Any
 import typer
 
 from specdm_cli.config import Devices, Precision, TrainPreset, parse_devices, preset_help
-from specdm_cli.errors import SpecdmError
+from specdm_cli.errors import SpecdmError, missing_run, missing_store
 
 
 def parse_gpus(value: str | Devices) -> Devices:
@@ -95,3 +95,20 @@ def recorded_values(
     from specdm_cli.pipeline.runs.rundirs import recorded_options
 
     return recorded_options(run, stage, model)
+
+
+def require_inputs(
+    stores: dict[str, Path | None] | None = None,
+    runs: tuple[Path, ...] = (),
+    models: tuple[str | None, ...] = (),
+) -> None:
+    """Input paths with nothing there, told before torch loads (seconds on a busy machine).
+    `stores` by option name ("" for an argument); `models` are `--model` values, where `demo`
+    names the shipped model, not a path."""
+    for option, store in (stores or {}).items():
+        if store is not None and not store.exists():
+            raise missing_store(store, option)
+    chosen = [Path(model) for model in models if model not in (None, "demo")]
+    for run in (*runs, *chosen):
+        if not run.exists():
+            raise missing_run(run)

@@ -15,6 +15,7 @@ from specdm_cli.cli.options import (
     PrecisionOption,
     QuietOption,
     ThreadsOption,
+    require_inputs,
 )
 from specdm_cli.cli.output import (
     Warnings,
@@ -138,6 +139,8 @@ def synthesize(
             raise UsageError(
                 "synthesize needs --out and --n >= 1", hint="e.g. --n 1000 --out syn.zarr"
             )
+        if finalize is None:
+            require_inputs(stores={"--masks": masks, "--real": real}, models=(model,))
         from specdm_cli.pipeline.signals import graceful_stop
         from specdm_cli.pipeline.synthesize.command import SynthesizeOptions, synthesize_store
         from specdm_cli.pipeline.synthesize.shards import finalize as finalize_store

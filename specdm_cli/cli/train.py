@@ -21,6 +21,7 @@ from specdm_cli.cli.options import (
     parse_counts,
     preset_option,
     recorded_values,
+    require_inputs,
 )
 from specdm_cli.cli.output import (
     Warnings,
@@ -154,6 +155,7 @@ def fit_vae(
 ) -> None:
     """Train the two-stream VAE (image and mask branches) on a store."""
     with domain_errors():
+        require_inputs(stores={"": store})
         from specdm_cli.config import VAETrainConfig, train_values
         from specdm_cli.pipeline.train.fit_vae import FitVAERequest
         from specdm_cli.pipeline.train.fit_vae import fit_vae as run_fit_vae
@@ -239,6 +241,7 @@ def fit_diffusion(
 ) -> None:
     """Train the denoising U-Net on the joint latents of a run's VAE."""
     with domain_errors():
+        require_inputs(stores={"--store": store}, runs=(run,))
         from specdm_cli.config import DiffusionTrainConfig, train_values
         from specdm_cli.pipeline.train.fit_diffusion import FitDiffusionRequest
         from specdm_cli.pipeline.train.fit_diffusion import fit_diffusion as run_fit_diffusion
@@ -282,6 +285,7 @@ def distill(
 ) -> None:
     """Distill the run's U-Net into a few-step student (synthesize --sampler distilled)."""
     with domain_errors():
+        require_inputs(runs=(run,))
         from specdm_cli.config import DistillTrainConfig
         from specdm_cli.pipeline.train.distill import DistillRequest
         from specdm_cli.pipeline.train.distill import distill as run_distill

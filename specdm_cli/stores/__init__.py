@@ -13,7 +13,7 @@ from typing import Literal
 import numpy as np
 
 from specdm_cli.config import StoreFormat
-from specdm_cli.errors import InputDataError, UsageError
+from specdm_cli.errors import InputDataError, UsageError, missing_store
 from specdm_cli.faults import fault_point
 from specdm_cli.fs.atomic import remove_abandoned_creations, remove_tree
 from specdm_cli.fs.lock import DirLock, refuse_if_locked
@@ -46,7 +46,7 @@ log = logging.getLogger(__name__)
 def open_store(path: Path, allow_incomplete: bool = False) -> StoreReader:
     """Open a store of either format for reading; an incomplete one only when asked for."""
     if not path.exists():
-        raise InputDataError("store does not exist", path, "check the path or run `specdm prepare`")
+        raise missing_store(path)
     if not path.is_dir():
         raise InputDataError(
             "not a store: a store is a folder (Zarr, or GeoTIFF tiles with manifest.json)",

@@ -10,7 +10,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from specdm_cli import __version__
-from specdm_cli.errors import ModelError
+from specdm_cli.errors import ModelError, missing_run
 from specdm_cli.fs.atomic import atomic_write_text
 from specdm_cli.manifest import Band, ClassInfo, Normalization, Task
 from specdm_cli.pipeline.runs.checkpoints import unlisted_weights, verify_digests
@@ -136,19 +136,9 @@ class RunManifest(BaseModel):
 
 
 def _no_run(run: Path) -> ModelError:
-    """What a path without run.json is: nothing there, the name `demo`, or another folder."""
-    if str(run) == "demo" and not run.exists():  # `specdm distill demo`: the shipped model
-        return ModelError(
-            "no run folder 'demo' here: the shipped demo models are read-only",
-            run,
-            "copy the package's specdm_cli/assets/demo-ss (or demo-cd) folder and name the copy",
-        )
+    """What a path without run.json is: nothing there (or the name `demo`), or another folder."""
     if not run.exists():
-        return ModelError(
-            "no such run folder",
-            run,
-            "check the path, or train one: `specdm fit-vae STORE --run RUN`",
-        )
+        return missing_run(run)
     return ModelError("not a run directory: no run.json", run, "run `specdm fit-vae` first")
 
 

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from specdm_cli.config import Devices, Precision, Progress, SamplerChoice, StoreFormat, Task
-from specdm_cli.errors import InputDataError, UsageError
+from specdm_cli.errors import UsageError, missing_store
 from specdm_cli.fs.lock import ReadLock
 from specdm_cli.fs.paths import refuse_overlap
 from specdm_cli.fs.space import require_disk, require_memory
@@ -157,9 +157,7 @@ def _mask_source(options: SynthesizeOptions, chosen: ChosenModel) -> MaskSource 
             f"--mask-guidance {guidance} is below 1", hint="1 = the plain conditional model"
         )
     if not options.masks.exists():  # told before what the model can do with masks
-        raise InputDataError(
-            "--masks: store does not exist", options.masks, "check the path or run `specdm prepare`"
-        )
+        raise missing_store(options.masks, "--masks")
     require_conditioned(chosen.manifest, chosen.path)
     if options.require is not None:
         raise UsageError(
