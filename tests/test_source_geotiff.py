@@ -188,6 +188,26 @@ def test_a_task_the_folder_does_not_hold_is_refused(tmp_path: Path) -> None:
     assert code == 0, stderr
 
 
+def test_a_split_far_from_its_fraction_is_a_warning(tmp_path: Path) -> None:
+    two = _plan(make_geotiff_folder(tmp_path / "two", n=2))  # --val-fraction 0.1 of 2 files
+    assert two.warnings == [
+        "warning: val is 1 of 2 source files (50%, asked 0.1): splits take whole files; "
+        "--splits FILE.csv chooses them"
+    ]
+    assert _plan(make_geotiff_folder(tmp_path / "ten", n=10)).warnings == []  # 1 of 10
+
+
+def test_change_masks_of_more_than_two_codes_are_a_warning(tmp_path: Path) -> None:
+    three = _plan(make_geotiff_folder(tmp_path / "three", task="cd", codes=[0, 1, 2], n=10))
+    assert [c.code for c in three.spec.classes] == [0, 1, 2]
+    assert three.warnings == [
+        "warning: the change masks hold 3 codes (0, 1, 2), so the store has 3 change classes, "
+        "not change / no change; if a code means no data, pass --label-nodata CODE"
+    ]
+    two = _plan(make_geotiff_folder(tmp_path / "two", task="cd", codes=[0, 1], n=10))
+    assert two.warnings == []
+
+
 def test_band_names_fall_back_and_wavelengths_come_from_tags(tmp_path: Path) -> None:
     root = make_geotiff_folder(tmp_path / "raw", n=1, bands=3)
     path = root / "images" / "tile_00.tif"
@@ -389,7 +409,7 @@ def test_an_alpha_band_is_the_mask_of_the_others_not_a_band(tmp_path: Path) -> N
     write_image(path, np.concatenate([rgb, alpha[None]]), _geo(path))
     with rasterio.open(path, "r+") as dst:
         dst.colorinterp = [ColorInterp.red, ColorInterp.green, ColorInterp.blue, ColorInterp.alpha]
-    plan = _plan(root)
+    plan = _plan(root, val_fraction=0.5)  # 1 of 2 files: no note on the split
     assert len(plan.spec.bands) == 3
     assert len(plan.warnings) == 1 and "tile_00.tif" in plan.warnings[0]
     assert "alpha" in plan.warnings[0] and "gdal_edit" in plan.warnings[0]

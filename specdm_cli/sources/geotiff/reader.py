@@ -56,7 +56,7 @@ from specdm_cli.sources.geotiff.layout import (
     output_dtype,
     pair_files,
 )
-from specdm_cli.sources.geotiff.splits import assign_splits
+from specdm_cli.sources.geotiff.splits import assign_splits, share_notes
 
 # What one planned patch costs before any pixel is read: its Candidate, id string and the
 # store's per-sample records (measured about 400 bytes; rounded up).
@@ -159,7 +159,22 @@ def read_geotiff(raw: Path | None, options: PrepareOptions) -> SourcePlan:
         bool(crs), scaled, colour_lookup(classes) if colour_masks else {},
     )  # fmt: skip
     load = functools.partial(_load, ctx=context)
-    return SourcePlan(spec=spec, candidates=candidates, load=load, warnings=_alpha_notes(headers))
+    notes = [
+        *_alpha_notes(headers), *share_notes(splits, options),
+        *_change_code_notes(task, codes, classes_from),
+    ]  # fmt: skip
+    return SourcePlan(spec=spec, candidates=candidates, load=load, warnings=notes)
+
+
+def _change_code_notes(task: Task, codes: tuple[int, ...], classes_from: str) -> list[str]:
+    """Change masks discovered to hold more than two codes: said, as it is seldom meant."""
+    if task != "cd" or classes_from != "masks" or len(codes) <= 2:
+        return []
+    return [
+        f"warning: the change masks hold {len(codes)} codes ({', '.join(map(str, codes))}), so "
+        f"the store has {len(codes)} change classes, not change / no change; if a code means "
+        "no data, pass --label-nodata CODE"
+    ]
 
 
 def _alpha_notes(headers: dict[str, Header]) -> list[str]:

@@ -28,6 +28,23 @@ def assign_splits(stems: list[str], options: PrepareOptions) -> tuple[dict[str, 
     return splits, f"fractions val={val} test={test} seed={options.seed}"
 
 
+def share_notes(splits: dict[str, str], options: PrepareOptions) -> list[str]:
+    """A warning for each split whose share of files is far from the fraction asked for: with
+    few files a split takes whole files (2 files and --val-fraction 0.1 make half of them val)."""
+    if options.splits_file is not None or not splits:
+        return []
+    notes = []
+    for split, asked in (("val", options.val_fraction), ("test", options.test_fraction)):
+        got = sum(1 for value in splits.values() if value == split)
+        share = got / len(splits)
+        if asked > 0 and (share > 2 * asked or share < asked / 2):
+            notes.append(
+                f"warning: {split} is {got} of {len(splits)} source files ({share:.0%}, asked "
+                f"{asked:g}): splits take whole files; --splits FILE.csv chooses them"
+            )
+    return notes
+
+
 def _share(fraction: float, count: int) -> int:
     # At least one file for a requested split (a val split of 0 files is no val split).
     return max(1, math.floor(fraction * count + 0.5)) if fraction > 0 else 0
