@@ -64,7 +64,8 @@ def measure_seed(
         if row.protocol == "synthetic" or row.protocol in skip:
             continue
         start = time.perf_counter()
-        run = train_seed(row, setup, *row_data(row, setup, real, synthetic), seed, referees)
+        second = real if row.oracle else synthetic  # the oracle's pairs are real ones
+        run = train_seed(row, setup, *row_data(row, setup, real, second), seed, referees)
         record = {
             "row": row.name, "protocol": row.protocol, "seed": seed, "miou": run.miou,
             "f1": run.f1, "steps": run.steps, "best_steps": run.best_steps,

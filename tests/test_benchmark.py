@@ -170,7 +170,9 @@ def test_downstream_rows_train_on_the_right_data(ss_report: Path, ss: tuple[Path
     assert curve[1].name == "real, first 4" and np.array_equal(curve[1].real, train[:4])
     # Stopping watches the val split, testing uses the test split: never the same pairs.
     assert downstream.stop_split == "val" and downstream.stop_count == real.indices("val").size
-    assert "'(oracle)' rows train as the row before them" in downstream.protocol
+    assert (
+        "'(oracle)' rows train as the mixed or pretrain row of their ratio" in downstream.protocol
+    )
     assert "the first 1 such plateau(s) go back to the best-val weights" in downstream.protocol
 
 
@@ -627,7 +629,8 @@ def test_an_oracle_beyond_the_real_pairs_is_refused_at_once(
         *FAST,
     )  # fmt: skip
     assert (
-        code == 3 and "--downstream-oracle needs 50 real train pairs past --real-limit 10" in stderr
+        code == 3
+        and "--downstream-oracle needs 50 real train pairs past the 10 of --real-limit" in stderr
     )
     assert "Traceback" not in stderr and len(stderr.strip().splitlines()) == 1
     assert not (tmp_path / "r").exists()

@@ -177,6 +177,24 @@ def test_agreement_by_seed_runs_pretrain_and_its_control(tmp_path: Path) -> None
     assert [r["row"] for r in alone] == ["synthetic x2 -> real", "real x2 -> real (oracle)"]
     assert alone[0]["miou"] == rows["synthetic x2 -> real"]["miou"]
     assert alone[1]["protocol"] == "pretrain-oracle" and len(alone[1]["phase_steps"]) == 2
+    # The oracle trains on the real store's pairs past the limit, as the benchmark's row does.
+    from specdm_cli.config import DownstreamOptions
+    from specdm_cli.pipeline.benchmark import downstream as ds
+    from specdm_cli.pipeline.benchmark.downstream_rows import configurations
+    from specdm_cli.pipeline.train.common import torch_threads
+    from specdm_cli.stores import open_store
+
+    options = DownstreamOptions(
+        batch_size=2, eval_every=1, patience=1, max_steps=2, real_limit=6, ratios=(2,),
+        seed=3, seeds=1, protocols=("pretrain",), oracle=True,
+    )  # fmt: skip
+    stores = open_store(real), open_store(other)
+    with torch_threads(1):  # as the script ran: figures repeat at one thread count
+        setup = ds.make_setup(stores[0], options, "cpu")
+        oracle = next(row for row in configurations(*stores, options) if row.oracle)
+        data = ds.row_data(oracle, setup, stores[0], stores[0])
+        expected = ds.train_seed(oracle, setup, *data, 3, ds.Referees())
+    assert alone[1]["miou"] == expected.miou
 
 
 def test_real_learning_curve_runs_on_a_tiny_store(tmp_path: Path) -> None:

@@ -186,6 +186,11 @@ def test_a_task_the_folder_does_not_hold_is_refused(tmp_path: Path) -> None:
     assert not (tmp_path / "s").exists()
     code, _, stderr = run_cli("prepare", "geotiff", root, "--task", "cd", "--out", tmp_path / "c")
     assert code == 0, stderr
+    # Refused before --overwrite removes the store that is there.
+    code, _, stderr = run_cli(
+        "prepare", "geotiff", root, "--task", "ss", "--out", tmp_path / "c", "--overwrite"
+    )
+    assert code == 2 and (tmp_path / "c" / "manifest.json").is_file()
 
 
 def test_a_split_far_from_its_fraction_is_a_warning(tmp_path: Path) -> None:

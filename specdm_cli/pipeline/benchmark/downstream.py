@@ -176,9 +176,9 @@ def protocol_text(options: DownstreamOptions) -> str:
             else ""
         )
         + (
-            "; '(oracle)' rows train as the row before them with real train pairs past the limit "
-            "and the stopping pairs in place of the synthetic ones: the most those could give, "
-            "were they real"
+            "; '(oracle)' rows train as the mixed or pretrain row of their ratio (never "
+            "relabelled) with real train pairs past the limit, and past the stopping pairs, in "
+            "place of the synthetic ones: the most those could give, were they real"
             if o.oracle
             else ""
         )

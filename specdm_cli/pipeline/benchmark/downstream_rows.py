@@ -52,7 +52,8 @@ class Configuration:
     "mixed" (every batch a fixed share real); "pretrain" (synthetic to its best val
     checkpoint, then fine-tuned on real); "mixed-agree" and "pretrain-agree" as those, with
     synthetic labels agreement-relabelled (agreement.py); "mixed-oracle" and "pretrain-oracle"
-    as those, with `synthetic` indexing real train pairs past the limit and the stopping pairs.
+    as "mixed" and "pretrain", with `synthetic` indexing real train pairs past the limit and
+    past the stopping pairs.
     """
 
     name: str
@@ -132,7 +133,7 @@ def oracle_pairs(real: StoreReader, options: DownstreamOptions, train: np.ndarra
     wanted = max(options.ratios) * train.size
     if spare.size < wanted:
         raise InputDataError(
-            f"--downstream-oracle needs {wanted} real train pairs past --real-limit {train.size}"
+            f"--downstream-oracle needs {wanted} real train pairs past the {train.size} of --real-limit"
             f" (--synthetic-ratio {max(options.ratios)} per real pair), the store has {spare.size}",
             real.root,
             "lower --synthetic-ratio or --real-limit, or leave out --downstream-oracle",

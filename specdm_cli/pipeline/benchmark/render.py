@@ -156,10 +156,11 @@ def _spread(mean: float, std: float | None) -> str:
 
 
 def downstream_cells(row: DownstreamRow) -> list[str]:
+    """training data, protocol, real, synthetic, mIoU, F1, steps: one row of Tables 5-6's shape."""
+
     def spread(std: float | None) -> float | None:  # one seed has none, not a spread of 0
         return std if len(row.seeds) > 1 else None
 
-    """training data, protocol, real, synthetic, mIoU, F1, steps: one row of Tables 5-6's shape."""
     best = [sum(run.best_steps) for run in row.seeds]
     steps = (
         f"{np.mean(best):.0f} of {np.mean([run.steps for run in row.seeds]):.0f}" if best else "-"

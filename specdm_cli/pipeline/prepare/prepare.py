@@ -20,7 +20,6 @@ from specdm_cli.fs.space import require_disk
 from specdm_cli.manifest import (
     Manifest,
     SourceInfo,
-    Task,
     array_names,
     load_manifest,
 )
@@ -34,7 +33,7 @@ from specdm_cli.sources.base import (
     SourcePlan,
     SourceSpec,
 )
-from specdm_cli.sources.registry import NO_RAW, READERS
+from specdm_cli.sources.registry import NO_RAW, READERS, data_task
 from specdm_cli.stores import (
     StoreWriter,
     create_store,
@@ -89,10 +88,13 @@ def _plan(request: PrepareRequest) -> dict[str, Any]:
     return plan
 
 
-def _check_task(request: PrepareRequest, found: Task) -> None:
+def _check_task(request: PrepareRequest) -> None:
     """`--task` names what the demo makes; of real data it must say what the data holds."""
     asked = request.task_asked
-    if asked is not None and asked != found:
+    if asked is None:
+        return
+    found = data_task(request.source, request.raw)
+    if found is not None and asked != found:
         raise UsageError(
             f"--task {asked}: the {request.source} data here is task {found}",
             hint="drop --task (the data decides it: images/+masks/ is ss, t1/+t2/+change/ cd)"
@@ -153,12 +155,12 @@ def prepare(
     started = time.monotonic()
     _validate(request)
     plan = _plan(request)
+    _check_task(request)  # before an --overwrite removes anything
     state = resolve_target(request.out, plan, request.resume, request.overwrite)
     if state == "done":
         return _summary(request.out, "already complete", started)
     with stop.while_planning():
         source_plan = READERS[request.source](request.raw, request.options)
-    _check_task(request, source_plan.spec.task)
     for line in source_plan.warnings:
         if warn is not None:
             warn(line)

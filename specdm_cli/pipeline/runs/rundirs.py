@@ -58,7 +58,8 @@ def prepare_run_dir(run: Path, resume: bool, overwrite: bool) -> RunState:
 def discard_untrained(run: Path, stage: str, created: bool) -> None:
     """A fresh run that failed before its stage's first checkpoint: remove what it wrote (the
     folder, if this command created it), so the same command can simply be run again; as
-    `prepare` removes a store that committed no sample. Called after its RunLock is released."""
+    `prepare` removes a store that committed no sample. Called holding the run's RunLock (whose
+    release then finds its file gone); a removal that fails leaves the run's own error to tell."""
     if (run / RUN_FILE).is_file():
         try:
             state = load_run(run, verify=False).stages.get(stage)
@@ -66,11 +67,14 @@ def discard_untrained(run: Path, stage: str, created: bool) -> None:
             return  # not ours to judge: leave it
         if state is not None and state.checkpoint is not None:
             return
-    if created:
-        remove_tree(run)
-    else:  # an empty folder the user made: leave it empty
-        for entry in run.iterdir():
-            remove_tree(entry)
+    try:
+        if created:
+            remove_tree(run)
+        else:  # an empty folder the user made: leave it empty
+            for entry in run.iterdir():
+                remove_tree(entry)
+    except OSError:
+        pass
 
 
 class RunLock(DirLock):

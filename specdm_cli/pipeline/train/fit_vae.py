@@ -382,12 +382,15 @@ def _fit_vae(
     refuse_overlap(run, {"STORE": request.store})
     created = not run.exists()
     state = runs.prepare_run_dir(run, request.resume, request.overwrite)
-    try:
-        summary, start, task = _train_in(run, state, reader, request, devices, stop, progress, warn)
-    except Exception:
-        if state == "fresh":  # nothing trained: the same command can simply be run again
-            runs.discard_untrained(run, "vae", created)
-        raise
+    with runs.RunLock(run):
+        try:
+            summary, start, task = _train_in(
+                run, state, reader, request, devices, stop, progress, warn
+            )
+        except Exception:
+            if state == "fresh":  # nothing trained: the same command can simply be run again
+                runs.discard_untrained(run, "vae", created)  # under our lock: no one else's
+            raise
     if summary.state == "already complete":
         return summary
     runs.register(run, task, "vae", can_sample=False)
@@ -406,32 +409,31 @@ def _train_in(
     progress: Progress | None,
     warn: Callable[[str], None],
 ) -> tuple[FitVAESummary, int, Task]:
-    """Train under the run's lock: (summary, the step it started from, the task)."""
-    with runs.RunLock(run):
-        manifest = runs.open_or_create_run(
-            run, reader, state, store_sha256(request.store), provenance()
-        )
-        stage = manifest.stages.get("vae")
-        if stage is not None:
-            runs.check_resume(run, stage.config, request.config.training_identity())
-            if stage.finished and stage.step >= request.config.steps:
-                done = FitVAESummary(
-                    str(run), "already complete", stage.step, request.config.steps, 0.0, 0.0
-                )
-                return done, stage.step, manifest.task
-        checkpoint = stage.checkpoint if stage is not None else None
-        start = stage.step if stage is not None and checkpoint else 0
-        job = _Job(
-            run,
-            request.store,
-            request.config,
-            checkpoint,
-            start,
-            validation_indices(reader, request.config.val_samples, warn),
-        )
-        recipe = f"preset {request.config.preset}"
-        told = estimating(progress, warn, "fit-vae", recipe)
-        summary = launch(devices, _rank_main, job, stop, told) or _summary_from_run(job)
+    """Train (under the run's lock): (summary, the step it started from, the task)."""
+    manifest = runs.open_or_create_run(
+        run, reader, state, store_sha256(request.store), provenance()
+    )
+    stage = manifest.stages.get("vae")
+    if stage is not None:
+        runs.check_resume(run, stage.config, request.config.training_identity())
+        if stage.finished and stage.step >= request.config.steps:
+            done = FitVAESummary(
+                str(run), "already complete", stage.step, request.config.steps, 0.0, 0.0
+            )
+            return done, stage.step, manifest.task
+    checkpoint = stage.checkpoint if stage is not None else None
+    start = stage.step if stage is not None and checkpoint else 0
+    job = _Job(
+        run,
+        request.store,
+        request.config,
+        checkpoint,
+        start,
+        validation_indices(reader, request.config.val_samples, warn),
+    )
+    recipe = f"preset {request.config.preset}"
+    told = estimating(progress, warn, "fit-vae", recipe)
+    summary = launch(devices, _rank_main, job, stop, told) or _summary_from_run(job)
     return summary, start, manifest.task
 
 
