@@ -145,6 +145,11 @@ def test_one_line_estimates_the_wall_time(store: Path, tmp_path: Path) -> None:
     assert (
         estimates[0].startswith("fit-vae: about ") and "2 of 6 steps (preset cpu;" in estimates[0]
     )
+    # The semantic term's segmenter trains first: its steps get their own line.
+    code, _, stderr = run_cli("fit-vae", store, "--run", tmp_path / "sem", *VAE_SHAPE,
+                              "--steps", "6", "--semantic-steps", "6")  # fmt: skip
+    estimates = [line for line in stderr.splitlines() if "for the remaining" in line]
+    assert [line.split(":")[0] for line in estimates] == ["fit-vae segmenter", "fit-vae"], stderr
     code, _, stderr = run_cli("fit-vae", store, "--run", tmp_path / "quiet", *VAE_SHAPE,
                               "--steps", "6", "--quiet")  # fmt: skip
     assert code == 0 and stderr == ""
