@@ -29,15 +29,16 @@ def assign_splits(stems: list[str], options: PrepareOptions) -> tuple[dict[str, 
 
 
 def share_notes(splits: dict[str, str], options: PrepareOptions) -> list[str]:
-    """A warning for each split whose share of files is far from the fraction asked for: with
-    few files a split takes whole files (2 files and --val-fraction 0.1 make half of them val)."""
+    """A warning for each split that takes far more of the files than asked: with few files a
+    split takes whole files (2 files and --val-fraction 0.1 make half of them val). One file
+    stays train, with no note: that a lone scene makes no val split is no surprise."""
     if options.splits_file is not None or not splits:
         return []
     notes = []
     for split, asked in (("val", options.val_fraction), ("test", options.test_fraction)):
         got = sum(1 for value in splits.values() if value == split)
         share = got / len(splits)
-        if asked > 0 and (share > 2 * asked or share < asked / 2):
+        if asked > 0 and share > 2 * asked:
             notes.append(
                 f"warning: {split} is {got} of {len(splits)} source files ({share:.0%}, asked "
                 f"{asked:g}): splits take whole files; --splits FILE.csv chooses them"
