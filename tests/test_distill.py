@@ -145,3 +145,11 @@ def test_auto_takes_the_student_unless_steps_are_asked_for(
     assert sampler_of(distilled, "student.zarr") == ("distilled", 4)
     assert sampler_of(distilled, "asked.zarr", "--steps", "3") == ("dpmpp", 3)
     assert sampler_of(trained, "teacher.zarr") == ("dpmpp", 10)
+
+
+def test_distill_takes_one_device_and_its_help_says_so(trained: Path) -> None:
+    code, stdout, _ = run_cli("distill", "--help")
+    words = " ".join(stdout.split())  # the help wraps at the terminal's width
+    assert code == 0 and "--gpus 0|cpu" in words and "distill runs on one device" in words
+    code, _, stderr = run_cli("distill", trained, "--gpus", "cpu:2")
+    assert code == 2 and "distill runs on one device" in stderr

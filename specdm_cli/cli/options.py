@@ -36,6 +36,17 @@ GpusOption = Annotated[
         help="CUDA devices, one process each (e.g. 0 or 0,1); cpu:N = N CPU processes.",
     ),
 ]
+# distill trains on one device (its own check refuses more): the help says so.
+OneDeviceOption = Annotated[
+    Devices,
+    typer.Option(
+        "--gpus",
+        parser=parse_gpus,
+        metavar="0|cpu",
+        show_default="CPU",
+        help="One CUDA device (e.g. 0); distill runs on one device.",
+    ),
+]
 
 
 ThreadsOption = Annotated[int | None, typer.Option(min=1, help="CPU threads for torch.")]

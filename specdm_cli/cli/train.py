@@ -12,6 +12,7 @@ import typer
 from specdm_cli.cli.options import (
     GpusOption,
     JsonOption,
+    OneDeviceOption,
     OverwriteOption,
     PrecisionOption,
     QuietOption,
@@ -277,7 +278,7 @@ def distill(
     ] = None,
     seed: Annotated[int | None, typer.Option(help="Seed [0].")] = None,
     precision: PrecisionOption = None,
-    gpus: GpusOption = Devices(),  # noqa: B008 (an immutable value)
+    gpus: OneDeviceOption = Devices(),  # noqa: B008 (an immutable value)
     threads: ThreadsOption = None,
     resume: ResumeOption = False,
     json_output: JsonOption = False,
