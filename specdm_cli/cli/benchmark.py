@@ -20,11 +20,11 @@ from specdm_cli.cli.options import (
     require_inputs,
 )
 from specdm_cli.cli.output import (
+    Warnings,
     domain_errors,
     emit_json,
     progress_reporter,
     stderr,
-    warning_printer,
 )
 from specdm_cli.config import Devices
 
@@ -180,7 +180,7 @@ def benchmark(
             report, folder = run_benchmark(request, progress)
         note = rgb_notice(real)
         if note is not None:
-            warning_printer(quiet)(note)
+            Warnings(quiet)(note)
         if json_output:
             sys.stdout.write(report_json(report, per_sample=False) + "\n")
         else:

@@ -6,7 +6,7 @@ import json
 import os
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -159,8 +159,3 @@ class Warnings(list[str]):
         self.append(line)
         if not self.quiet:
             stderr.print(line, markup=False)
-
-
-def warning_printer(quiet: bool) -> Callable[[str], None]:
-    """Where a stage's warnings and notices go: stderr, or nowhere with --quiet."""
-    return (lambda line: None) if quiet else (lambda line: stderr.print(line, markup=False))

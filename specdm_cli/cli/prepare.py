@@ -11,11 +11,11 @@ from rich.console import Console
 
 from specdm_cli.cli.options import JsonOption, OverwriteOption, QuietOption, ResumeOption
 from specdm_cli.cli.output import (
+    Warnings,
     domain_errors,
     emit_json,
     progress_reporter,
     stderr,
-    warning_printer,
 )
 from specdm_cli.config import DemoBandSet, DemoVariant, SourceName, StoreFormat, Task
 
@@ -134,7 +134,7 @@ def prepare(
             task_asked=task,
         )
         with graceful_stop() as stop, progress_reporter("prepare", quiet) as progress:
-            summary = run_prepare(request, stop, progress, warning_printer(quiet))
+            summary = run_prepare(request, stop, progress, Warnings(quiet))
         if not quiet:
             stderr.print(
                 f"{summary.state}: {summary.out}: {summary.count} samples {summary.split_counts}, "

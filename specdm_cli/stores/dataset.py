@@ -37,10 +37,11 @@ class StoreDataset(Dataset[dict[str, Any]]):
         _check_compatible(self.readers)
         self.layout = layout
         self.task = self.readers[0].manifest.task
+        _check_split_name(split)
         self.entries = [
             (origin, int(index))
             for origin, reader in enumerate(self.readers)
-            for index in reader.indices(_known(split))
+            for index in reader.indices(split)
         ]
         if split is not None and not self.entries:  # a synthetic store has no "train" split
             raise InputDataError(
@@ -65,10 +66,9 @@ class StoreDataset(Dataset[dict[str, Any]]):
         return sample
 
 
-def _known(split: str | None) -> str | None:
+def _check_split_name(split: str | None) -> None:
     if split is not None and split not in SPLITS:
         raise ValueError(f"split {split!r} is none of {', '.join(SPLITS)}")
-    return split
 
 
 def _split_counts(readers: list[StoreReader]) -> str:
