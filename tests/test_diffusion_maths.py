@@ -19,7 +19,7 @@ from specdm_cli.models.diffusion import (
     make_scheduler,
 )
 from specdm_cli.models.samplers import sample_generator, sample_latents
-from specdm_cli.pipeline.train.fit_diffusion import snr_weights
+from specdm_cli.pipeline.train.diffusion_trainer import snr_weights
 
 
 def test_betas_follow_ldm_linear_formula_in_float64() -> None:

@@ -23,12 +23,8 @@ from specdm_cli.pipeline.runs.registry import newest_run, read_registry, record_
 from specdm_cli.pipeline.runs.vae_io import load_branches, save_vae
 from specdm_cli.pipeline.signals import StopFlag
 from specdm_cli.pipeline.train.common import torch_devices, torch_threads
-from specdm_cli.pipeline.train.fit_vae import (
-    FitVAERequest,
-    VAETrainer,
-    fit_vae,
-    model_config,
-)
+from specdm_cli.pipeline.train.fit_vae import FitVAERequest, fit_vae
+from specdm_cli.pipeline.train.vae_trainer import VAETrainer, model_config
 from specdm_cli.stores import open_store
 from tests.conftest import PAPER_LOSS, manifest_of, prepare_demo, run_cli
 
