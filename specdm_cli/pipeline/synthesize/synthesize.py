@@ -26,10 +26,11 @@ from specdm_cli.models.samplers import DEFAULT_STEPS
 from specdm_cli.pipeline.runs.choose import ChosenModel
 from specdm_cli.pipeline.runs.provenance import provenance
 from specdm_cli.pipeline.signals import StopFlag
+from specdm_cli.pipeline.synthesize.draws import Drawn, Draws
 from specdm_cli.pipeline.synthesize.masks import GivenMasks, MaskSource
 from specdm_cli.pipeline.synthesize.quality import Judge
 from specdm_cli.pipeline.synthesize.ranks import run_on_devices
-from specdm_cli.pipeline.synthesize.require import Requirement, accepted, give_up, resume_draw
+from specdm_cli.pipeline.synthesize.require import Requirement, resume_draw
 from specdm_cli.pipeline.synthesize.sampler import Sampler, SamplingPlan, distilled_timesteps
 from specdm_cli.pipeline.synthesize.shards import (
     Shard,
@@ -233,10 +234,11 @@ def synthesize(
         written = writer.written()
         todo = [b for b in batches if not written[b.start : b.stop].all()]
         plan = SamplingPlan(request.sampler, request.seed, request.batch_size, request.precision)
-        draws = _Draws(_sampler(request, plan, devices[0]), steps) if todo else None
+        draws = Draws(_sampler(request, plan, devices[0]), steps) if todo else None
         if draws is not None and request.filtered():
             candidates = open_store(request.out, allow_incomplete=True).candidates()
-            draws.filter(request, resume_draw(candidates, todo[0].start))
+            next_draw = resume_draw(candidates, todo[0].start)
+            draws.filter(request.require, request.quality, request.asked(), next_draw)
         loop = _run(draws, writer, todo, stop, progress, len(batches) - len(todo), len(batches))
     cuda_peak = torch.cuda.max_memory_allocated(devices[0]) if devices[0].type == "cuda" else None
     return _summary(request, started, loop, len(batches), draws.count if draws else 0, cuda_peak)
@@ -284,10 +286,6 @@ def _summary(
     )  # fmt: skip
 
 
-# arrays, values clipped, draw indices, quality scores (NaN without --min-quality), per sample
-Drawn = tuple[dict[str, np.ndarray], np.ndarray, np.ndarray, np.ndarray]
-
-
 @dataclass
 class Written:
     """What one process's writing loop did: samples, and the writer's time (see BackgroundWriter)."""
@@ -297,85 +295,8 @@ class Written:
     blocked_seconds: float = 0.0
 
 
-class _Draws:
-    """The samples of grid batches: draw i for sample i, or with --require / --min-quality the
-    accepted draws in order, drawn in fixed blocks of B (see pipeline/require.py)."""
-
-    def __init__(self, sampler: Sampler, steps: int):
-        self.sampler, self.steps = sampler, steps
-        self.block = sampler.plan.batch_size
-        self.requirements: tuple[Requirement, ...] = ()
-        self.judge: Judge | None = None
-        self.asked = ""
-        self.count = 0
-        self.pending: list[Drawn] = []
-
-    def filter(self, request: SynthesizeRequest, next_draw: int) -> None:
-        self.requirements, self.judge, self.asked = (
-            request.require,
-            request.quality,
-            request.asked(),
-        )
-        self.next_draw = next_draw
-
-    def take(self, batch: range) -> Drawn:
-        if not self.asked:
-            arrays, clipped = self.sampler.batch(batch.start, len(batch), self.steps)
-            self.count += len(batch)
-            unscored = np.full(len(batch), np.nan)
-            return arrays, clipped, np.arange(batch.start, batch.stop), unscored
-        spent = 0
-        while self._waiting() < len(batch):
-            spent += self._draw_block()
-            give_up(spent, self._waiting(), len(batch), self.asked)
-        return self._pop(len(batch))
-
-    def _waiting(self) -> int:
-        return sum(len(drawn[2]) for drawn in self.pending)
-
-    def _draw_block(self) -> int:
-        """Draws the block holding `next_draw`; returns how many new draws it made."""
-        first = self.next_draw - self.next_draw % self.block
-        arrays, clipped = self.sampler.batch(first, self.block, self.steps)
-        keep, scores = self._acceptable(arrays)
-        keep[: self.next_draw - first] = False  # drawn before: written already
-        rows = np.flatnonzero(keep)
-        arrays = {k: v[rows] for k, v in arrays.items()}
-        self.pending.append((arrays, clipped[rows], first + rows, scores[rows]))
-        made = self.block - (self.next_draw - first)
-        self.count += made
-        self.next_draw = first + self.block
-        return made
-
-    def _acceptable(self, arrays: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
-        """Which draws of a block pass every filter, and their quality scores (NaN unscored)."""
-        label = arrays[LABEL_ARRAY[self.sampler.task]]
-        keep = accepted(label, self.requirements, self.sampler.classes)
-        if self.judge is None:
-            return keep, np.full(len(label), np.nan)
-        scores = self.judge.scores(arrays)
-        return keep & (scores >= self.judge.bar.min_quality), scores
-
-    def _pop(self, size: int) -> Drawn:
-        """The first `size` accepted draws; the rest stay pending."""
-        joined = _joined(self.pending)
-        self.pending = [_rows(joined, slice(size, None))] if len(joined[2]) > size else []
-        return _rows(joined, slice(None, size))
-
-
-def _joined(parts: list[Drawn]) -> Drawn:
-    arrays = {k: np.concatenate([part[0][k] for part in parts]) for k in parts[0][0]}
-    clipped, drawn, scores = (np.concatenate([part[i] for part in parts]) for i in (1, 2, 3))
-    return arrays, clipped, drawn, scores
-
-
-def _rows(drawn: Drawn, rows: slice) -> Drawn:
-    arrays, clipped, draws, scores = drawn
-    return {k: v[rows] for k, v in arrays.items()}, clipped[rows], draws[rows], scores[rows]
-
-
 def _run(
-    draws: _Draws | None,
+    draws: Draws | None,
     writer: Any,
     todo: list[range],
     stop: StopFlag,
