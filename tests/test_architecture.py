@@ -16,6 +16,7 @@ LAYERS = {
     "specdm_cli.errors": 0,
     "specdm_cli.faults": 0,
     "specdm_cli.config": 1,
+    "specdm_cli.presets": 1,  # imports config, its own layer: training recipes are config
     "specdm_cli.manifest": 1,
     "specdm_cli.sources": 2,
     "specdm_cli.stores": 2,
@@ -36,7 +37,12 @@ STAGES = [
     "inspect",
     "filter",
 ]
-CLI_MAY_IMPORT = ("specdm_cli.pipeline", "specdm_cli.config", "specdm_cli.errors")
+CLI_MAY_IMPORT = (
+    "specdm_cli.pipeline",
+    "specdm_cli.config",
+    "specdm_cli.presets",
+    "specdm_cli.errors",
+)
 
 
 def module_name(path: Path) -> str:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from specdm_cli.config import DIFFUSION_PRESETS, VAE_PRESETS
+from specdm_cli.presets import DIFFUSION_PRESETS, VAE_PRESETS
 from tests.conftest import PAPER_LOSS, prepare_demo, run_cli
 
 VAE = ("--image-blocks", "8,16,16", "--mask-blocks", "8,8,16", "--norm-groups", "4",

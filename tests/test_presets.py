@@ -9,13 +9,8 @@ from typing import Any
 
 import pytest
 
-from specdm_cli.config import (
-    DIFFUSION_PRESETS,
-    VAE_PRESETS,
-    Devices,
-    default_preset,
-    train_values,
-)
+from specdm_cli.config import Devices
+from specdm_cli.presets import DIFFUSION_PRESETS, VAE_PRESETS, default_preset, train_values
 from tests.conftest import prepare_demo, run_cli
 
 # Widths small enough for 16 px scenes; the rest comes from the preset under test.

@@ -7,8 +7,9 @@ from typing import Annotated, Any
 
 import typer
 
-from specdm_cli.config import Devices, Precision, TrainPreset, parse_devices, preset_help
+from specdm_cli.config import Devices, Precision, TrainPreset, parse_devices
 from specdm_cli.errors import SpecdmError, missing_run, missing_store
+from specdm_cli.presets import preset_help
 
 
 def parse_gpus(value: str | Devices) -> Devices:

@@ -31,7 +31,8 @@ from specdm_cli.cli.output import (
     progress_reporter,
     stderr,
 )
-from specdm_cli.config import DIFFUSION_PRESETS, VAE_PRESETS, Devices, Prediction, TrainPreset
+from specdm_cli.config import Devices, Prediction, TrainPreset
+from specdm_cli.presets import DIFFUSION_PRESETS, VAE_PRESETS
 
 
 def _train(
@@ -157,9 +158,10 @@ def fit_vae(
     """Train the two-stream VAE (image and mask branches) on a store."""
     with domain_errors():
         require_inputs(stores={"": store})
-        from specdm_cli.config import VAETrainConfig, train_values
+        from specdm_cli.config import VAETrainConfig
         from specdm_cli.pipeline.train.fit_vae import FitVAERequest
         from specdm_cli.pipeline.train.fit_vae import fit_vae as run_fit_vae
+        from specdm_cli.presets import train_values
 
         recorded = recorded_values(run, "vae", resume, VAETrainConfig)
         values = train_values(VAE_PRESETS, preset, gpus, recorded, dict(
@@ -243,9 +245,10 @@ def fit_diffusion(
     """Train the denoising U-Net on the joint latents of a run's VAE."""
     with domain_errors():
         require_inputs(stores={"--store": store}, runs=(run,))
-        from specdm_cli.config import DiffusionTrainConfig, train_values
+        from specdm_cli.config import DiffusionTrainConfig
         from specdm_cli.pipeline.train.fit_diffusion import FitDiffusionRequest
         from specdm_cli.pipeline.train.fit_diffusion import fit_diffusion as run_fit_diffusion
+        from specdm_cli.presets import train_values
 
         recorded = recorded_values(run, "diffusion", resume, DiffusionTrainConfig)
         values = train_values(DIFFUSION_PRESETS, preset, gpus, recorded, dict(

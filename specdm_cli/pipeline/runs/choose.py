@@ -8,10 +8,10 @@ from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
-from specdm_cli.config import DIFFUSION_PRESETS, VAE_PRESETS
 from specdm_cli.errors import ModelError, UsageError
 from specdm_cli.pipeline.runs.registry import registered_runs
 from specdm_cli.pipeline.runs.run_manifest import RunManifest, load_run
+from specdm_cli.presets import DIFFUSION_PRESETS, VAE_PRESETS
 
 # The recipe a stage's recorded preset stands for (runs record it in details.options).
 _RECIPES = {"vae": (VAE_PRESETS, "VAE"), "diffusion": (DIFFUSION_PRESETS, "U-Net")}
