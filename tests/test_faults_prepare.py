@@ -14,13 +14,17 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import pytest
+import rasterio
 import zarr
 
 from tests import processes
+from tests.fault_tools import assert_one_error_line, run_killed
+from tests.fixtures.geotiff_folder import make_geotiff_folder
 
 DEMO = ("prepare", "demo", "--n", "200", "--size", "32", "--seed", "5", "--quiet")
 
@@ -41,7 +45,7 @@ def specdm(
 
 
 def arrays(store: Path) -> dict[str, np.ndarray]:
-    return {name: np.asarray(a[:]) for name, a in zarr.open_group(store, mode="r").arrays()}
+    return {name: np.asarray(a[...]) for name, a in zarr.open_group(store, mode="r").arrays()}
 
 
 def manifest_without_provenance(store: Path) -> dict[str, object]:
@@ -140,3 +144,64 @@ def test_unwritable_output_is_exit_5(tmp_path: Path) -> None:
     done = specdm(*DEMO, "--out", "/sys/specdm-cannot-write.zarr")
     assert done.returncode == 5
     assert done.stderr.startswith("error:") and "Traceback" not in done.stderr
+
+
+def _recode_last_mask(raw: Path) -> None:
+    """One code of a tile not read yet becomes another: the class list changes, the grid does not."""
+    path = raw / "masks" / "tile_06.tif"
+    with rasterio.open(path) as src:
+        label, profile = src.read(1), src.profile
+    with rasterio.open(path, "w", **profile) as dst:
+        dst.write(np.where(label == 40, 5, label).astype(label.dtype), 1)
+
+
+def _remove_last_tile(raw: Path) -> None:
+    for folder in ("images", "masks"):
+        (raw / folder / "tile_06.tif").unlink()
+
+
+def _rename_last_tile(raw: Path) -> None:
+    for folder in ("images", "masks"):
+        (raw / folder / "tile_06.tif").rename(raw / folder / "tile_09.tif")
+
+
+@pytest.mark.parametrize(
+    ("change", "words"),
+    [
+        (_recode_last_mask, "(classes)"),
+        (_remove_last_tile, "(patches 112 -> 96)"),
+        (_rename_last_tile, "lists other patches"),
+    ],
+)
+def test_a_resume_over_changed_raw_data_is_refused(
+    tmp_path: Path, change: Callable[[Path], None], words: str
+) -> None:
+    """Samples written before the change would be read with another class list or patch grid:
+    the resume refuses in one line (exit 3) and the begun store is left as it was."""
+    raw = make_geotiff_folder(tmp_path / "raw", n=7, size=(32, 32), bands=3)
+    out = tmp_path / "store.zarr"
+    args = ("prepare", "geotiff", raw, "--out", out, "--patch-size", "8", "--overlap", "0",
+            "--val-fraction", "0", "--test-fraction", "0", "--quiet")  # fmt: skip
+    run_killed(*args, fault="prepare.after_block:1")  # 64 of the 112 patches written
+    before = arrays(out)
+    change(raw)
+    resumed = specdm(*args, "--resume")
+    # The killed run left its lock; the resume that takes it over says so in a note first.
+    told = [line for line in resumed.stderr.splitlines() if "took over a stale lock" not in line]
+    assert_one_error_line(resumed.returncode, "\n".join(told), 3, words)
+    assert "cannot resume" in resumed.stderr and "--overwrite" in resumed.stderr
+    assert json.loads((out / "manifest.json").read_text())["complete"] is False
+    for name, values in arrays(out).items():
+        np.testing.assert_array_equal(values, before[name], err_msg=name)
+
+
+def test_a_resume_over_the_same_raw_data_completes(tmp_path: Path) -> None:
+    raw = make_geotiff_folder(tmp_path / "raw", n=7, size=(32, 32), bands=3)
+    args = ("prepare", "geotiff", raw, "--patch-size", "8", "--overlap", "0",
+            "--val-fraction", "0", "--test-fraction", "0", "--quiet")  # fmt: skip
+    out, reference = tmp_path / "store.zarr", tmp_path / "reference.zarr"
+    assert specdm(*args, "--out", reference).returncode == 0
+    run_killed(*args, "--out", out, fault="prepare.after_block:1")
+    resumed = specdm(*args, "--out", out, "--resume")
+    assert resumed.returncode == 0, resumed.stderr
+    assert_same_store(out, reference)

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -29,6 +30,7 @@ from specdm_cli.pipeline.prepare.tally import PROGRESS_FILE, PrepareTally
 from specdm_cli.pipeline.runs.provenance import provenance
 from specdm_cli.pipeline.signals import StopFlag
 from specdm_cli.sources.base import (
+    Candidate,
     PrepareOptions,
     SourcePlan,
     SourceSpec,
@@ -166,11 +168,13 @@ def prepare(
             warn(line)
     if not source_plan.candidates:
         raise InputDataError("no samples found", request.raw, "check the folder layout")
+    manifest = _initial_manifest(request, source_plan.spec, plan, len(source_plan.candidates))
     if state == "fresh":
         _require_room(request.out, source_plan)
-        manifest = _initial_manifest(request, source_plan.spec, plan, len(source_plan.candidates))
         georeferenced = source_plan.spec.crs is not None
         create_store(request.out, manifest, len(source_plan.candidates), georeferenced)
+    else:
+        _refuse_changed_source(request, manifest)
     try:
         tally = _write(request, source_plan, stop, progress, state == "resume")
     except InputDataError:
@@ -207,6 +211,31 @@ def _sparse_label_note(tally: PrepareTally, spec: SourceSpec) -> str | None:
     )
 
 
+# What the raw data decides in a store's manifest: a resume must find the same, or the samples
+# written before would be read with another class list, band order or patch grid.
+_SOURCE_FIELDS = ("task", "height", "width", "dtype", "bands", "classes", "crs")
+
+
+def _refuse_changed_source(request: PrepareRequest, fresh: Manifest) -> None:
+    """Refuse (exit 3) to resume a store whose raw data has changed since it was begun."""
+    stored = _load_incomplete(request.out)
+    changed = [name for name in _SOURCE_FIELDS if getattr(stored, name) != getattr(fresh, name)]
+    assert stored.source is not None and fresh.source is not None
+    if stored.source.candidates != fresh.source.candidates:
+        changed.append(f"patches {stored.source.candidates} -> {fresh.source.candidates}")
+    if changed:
+        raise InputDataError(
+            f"cannot resume: the raw data changed since the store was begun ({', '.join(changed)})",
+            request.raw,
+            "restore the raw data, or start again with --overwrite",
+        )
+
+
+def _candidates_sha256(candidates: Sequence[Candidate]) -> str:
+    listed = "\n".join(f"{candidate.split}\t{candidate.source_id}" for candidate in candidates)
+    return hashlib.sha256(listed.encode()).hexdigest()
+
+
 def _write(
     request: PrepareRequest,
     source_plan: SourcePlan,
@@ -224,6 +253,14 @@ def _write(
             tally = PrepareTally()
         if tally.kept == 0:  # a finished store shrank to its samples; a restart needs them all
             writer.truncate(len(source_plan.candidates))
+        listed = _candidates_sha256(source_plan.candidates)
+        if tally.kept and tally.candidates_sha256 not in ("", listed):
+            raise InputDataError(
+                "cannot resume: the raw data lists other patches than when the store was begun",
+                request.raw,
+                "restore the raw data, or start again with --overwrite",
+            )
+        tally.candidates_sha256 = listed
         writer.forget_from(tally.kept)
         spec = source_plan.spec
         write_blocks(

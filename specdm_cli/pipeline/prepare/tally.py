@@ -30,6 +30,9 @@ class PrepareTally:
     band_pixels: int = 0
     # Train pixels whose image is real but whose label is 255: missing labels, not nodata.
     unlabelled_train_pixels: int = 0
+    # The candidates (split and id, in order) the samples so far came from: a resume over raw
+    # data that lists other patches would mix two datasets. "" in tallies older than it.
+    candidates_sha256: str = ""
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
