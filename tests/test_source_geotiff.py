@@ -229,6 +229,37 @@ def test_band_names_fall_back_and_wavelengths_come_from_tags(tmp_path: Path) -> 
     ]
 
 
+def _describe_bands(path: Path, names: list[str]) -> None:
+    with rasterio.open(path, "r+") as dst:
+        for index, name in enumerate(names):
+            dst.set_band_description(index + 1, name)
+
+
+@pytest.mark.parametrize(("task", "folder"), [("ss", "images"), ("cd", "t2")])
+def test_files_that_list_their_bands_in_other_orders_are_refused(
+    tmp_path: Path, task: str, folder: str
+) -> None:
+    """gdalbuildvrt over files sorted by name puts B8A after B12: the pixels of such a file
+    would be stored under the first file's band names, silently in the wrong bands."""
+    root = make_geotiff_folder(tmp_path / "raw", task=task, n=2, bands=3)
+    for path in sorted(root.glob("[it]*/*.tif")):  # images/, t1/, t2/
+        _describe_bands(path, ["B02", "B03", "B4"])  # B4 and B04 name one band
+    reordered = root / folder / "tile_01.tif"
+    _describe_bands(reordered, ["B04", "B03", "B02"])
+    with pytest.raises(
+        InputDataError, match=r"band 1 is 'B04', tile_00.tif's band 1 is 'B02'"
+    ) as info:
+        _plan(root)
+    assert info.value.path == reordered and "gdal_translate -b" in (info.value.hint or "")
+
+
+def test_bands_named_in_one_file_only_are_not_compared(tmp_path: Path) -> None:
+    root = make_geotiff_folder(tmp_path / "raw", n=2, bands=3)
+    _describe_bands(root / "images" / "tile_00.tif", ["B02", "B03", "B04"])
+    _describe_bands(root / "images" / "tile_01.tif", ["", "", ""])
+    assert [b.name for b in _plan(root).spec.bands] == ["B02", "B03", "B04"]
+
+
 def test_splits_from_csv(tmp_path: Path) -> None:
     root = make_geotiff_folder(tmp_path / "raw", size=(40, 40))
     rows = [("tile_00", "train"), ("tile_01.tif", "val"), ("tile_02", "test"), ("tile_03", "train")]

@@ -37,7 +37,7 @@ from specdm_cli.sources.base import (
     require_dir,
     window_count,
 )
-from specdm_cli.sources.geotiff.bands import read_bands, rgb_bands
+from specdm_cli.sources.geotiff.bands import check_band_order, read_bands, rgb_bands
 from specdm_cli.sources.geotiff.classes import (
     codes_from_colours,
     colour_lookup,
@@ -128,6 +128,8 @@ def read_geotiff(raw: Path | None, options: PrepareOptions) -> SourcePlan:
     candidates = _candidates(headers, splits, height, width, options)
     classes, classes_from = resolve_classes(root, options, task, files, colour_masks)
     bands = read_bands(first.path)
+    images = [paths[name] for paths in files.values() for name in array_names(task)[:-1]]
+    check_band_order(first.path, bands, images[1:])
     scaled = any(h.scaled for h in headers.values())
     spec = SourceSpec(
         dataset="geotiff",
