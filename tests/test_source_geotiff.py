@@ -351,6 +351,27 @@ def test_a_mask_without_georeferencing_is_taken_as_on_its_image_grid(tmp_path: P
     assert len(loaded) == 2 and plan.spec.crs == f"EPSG:{CRS_EPSG}"
 
 
+@pytest.mark.parametrize("image_crs", [True, False])
+def test_a_mask_with_a_transform_but_no_crs_must_lie_on_its_image_grid(
+    tmp_path: Path, image_crs: bool
+) -> None:
+    """Masks are often written with the image's transform and no CRS: the transform still
+    says where the mask lies, and a shifted one was read 16 pixels off, exit 0."""
+    root = make_geotiff_folder(tmp_path / "raw", n=1, georeferenced=image_crs)
+    image, mask = root / "images" / "tile_00.tif", root / "masks" / "tile_00.tif"
+    transform = from_origin(ORIGIN[0], ORIGIN[1], PIXEL_M, PIXEL_M)
+    if not image_crs:
+        write_image(image, _read(image), {"transform": transform})
+    label = _read(mask, 1)
+    write_label(mask, label, {"transform": transform})
+    assert len(_plan(root).candidates) == 1  # the image's own transform: on its grid
+    shifted = from_origin(ORIGIN[0] + 16 * PIXEL_M, ORIGIN[1], PIXEL_M, PIXEL_M)
+    write_label(mask, label, {"transform": shifted})
+    with pytest.raises(InputDataError, match="not on its image's grid") as info:
+        _plan(root)
+    assert info.value.path == mask
+
+
 def test_png_masks_of_a_labelling_tool_pair_with_their_images(tmp_path: Path) -> None:
     root = make_geotiff_folder(tmp_path / "raw", n=2, codes=[1, 2])
     label = _read(root / "masks" / "tile_01.tif", 1)

@@ -42,7 +42,9 @@ class Header:
     height: int
     width: int
     crs: str | None
-    grid: tuple[float, ...] | None = None  # the pixel-to-CRS transform (a..f) when georeferenced
+    # The pixel-to-world transform (a..f) when the file has one (a CRS or not: masks are often
+    # written with the image's transform and no CRS); None for the identity (no georeferencing).
+    grid: tuple[float, ...] | None = None
     scaled: bool = False  # a band carries a GDAL scale or offset: values = raw x scale + offset
     alpha: bool = False  # an alpha band, left out of `count`
 
@@ -139,7 +141,7 @@ def open_raster(path: Path) -> Iterator[Any]:
 def _header(path: Path) -> Header:
     with open_raster(path) as src:
         crs = None if src.crs is None else _crs_name(src.crs.to_wkt())
-        grid = None if crs is None else tuple(src.transform)[:6]
+        grid = None if src.transform.is_identity else tuple(src.transform)[:6]
         bands = data_bands(src)
         scales, offsets = band_scaling(src, bands)
         scaled = bool((scales != 1).any() or (offsets != 0).any())
@@ -205,11 +207,11 @@ def check_stem(paths: dict[str, Path], task: Task) -> tuple[Header, Header]:
 
 def _same_grid(image: Header, other: Header) -> None:
     """Files of one stem are read pixel for pixel, so where both are georeferenced they must
-    lie on one grid: the same CRS, origin and pixel size (to a hundredth of a pixel). A mask
-    without georeferencing is taken as on its image's grid."""
+    lie on one grid: the same CRS (where both name one), origin and pixel size (to a hundredth
+    of a pixel). A mask without a transform is taken as on its image's grid."""
     if image.grid is None or other.grid is None:
         return
-    if other.crs != image.crs:
+    if other.crs is not None and image.crs is not None and other.crs != image.crs:
         raise InputDataError(
             f"CRS {other.crs} differs from its image's {image.crs}",
             other.path,
