@@ -17,7 +17,7 @@ from rasterio.crs import CRS
 from rasterio.enums import ColorInterp
 from rasterio.transform import from_origin
 
-from specdm_cli.errors import InputDataError
+from specdm_cli.errors import InputDataError, UsageError
 from specdm_cli.manifest import Band, ClassInfo, Manifest
 from specdm_cli.sources.base import PrepareOptions, SourcePlan
 from specdm_cli.sources.geotiff import read_geotiff
@@ -728,14 +728,42 @@ def test_bad_splits_file(tmp_path: Path, rows: list[tuple[str, str]], words: str
     assert info.value.path == path
 
 
-def test_unknown_label_code_is_an_error_at_load(tmp_path: Path) -> None:
-    root = make_geotiff_folder(tmp_path / "raw", n=2)
+def test_a_code_the_classes_file_lacks_is_an_error_before_any_sample(tmp_path: Path) -> None:
+    """Found while loading, it left a half-written store after the blocks before it."""
+    root = make_geotiff_folder(tmp_path / "raw", n=2, codes=[10, 40])
     legend = tmp_path / "legend.csv"
     legend.write_text("code,name\n10,a\n40,b\n", encoding="utf-8")
-    plan = _plan(root, classes_file=legend)
-    with pytest.raises(InputDataError, match="unknown label code") as info:
-        plan.load(plan.candidates[1])
+    label = _read(root / "masks" / "tile_01.tif", 1)
+    label[0, 0] = 100
+    write_label(root / "masks" / "tile_01.tif", label, _geo(root / "masks" / "tile_01.tif"))
+    with pytest.raises(InputDataError, match=r"label code\(s\) \[100\] not in legend.csv") as info:
+        _plan(root, classes_file=legend)
     assert info.value.path == root / "masks" / "tile_01.tif"
+    assert "--label-nodata" in (info.value.hint or "")
+
+
+def test_a_nodata_tag_the_classes_file_declares_a_class_is_read_as_the_class(
+    tmp_path: Path,
+) -> None:
+    """Masks tagged nodata=0 by a tool's habit, with 0 a class of the file: every background
+    pixel became 255 and the class vanished, exit 0 and no word."""
+    root = make_geotiff_folder(tmp_path / "raw", n=2, codes=[0, 1, 2])
+    for path in sorted((root / "masks").glob("*.tif")):
+        write_label(path, _read(path, 1), _geo(path), nodata=0)
+    legend = tmp_path / "legend.csv"
+    legend.write_text("code,name\n0,background\n1,a\n2,b\n", encoding="utf-8")
+    plan = _plan(root, classes_file=legend)
+    assert any("tag 0 as nodata" in line and "read as the class" in line for line in plan.warnings)
+    raw = _read(root / "masks" / "tile_00.tif", 1)
+    np.testing.assert_array_equal(plan.load(plan.candidates[0]).arrays["mask"], raw)
+    with pytest.raises(UsageError, match=r"--label-nodata 1 is a class code in legend\.csv"):
+        _plan(root, classes_file=legend, label_nodata=1.0)
+
+
+def test_a_discovered_code_that_is_the_dtype_maximum_is_noted(tmp_path: Path) -> None:
+    root = make_geotiff_folder(tmp_path / "raw", n=1, codes=[1, 2, 65535])
+    assert any("--label-nodata 65535" in line for line in _plan(root).warnings)
+    assert not any("--label-nodata" in line for line in _plan(root, label_nodata=65535.0).warnings)
 
 
 def test_missing_classes_file_is_an_error(tmp_path: Path) -> None:

@@ -5,14 +5,15 @@ from __future__ import annotations
 import colorsys
 import csv
 import json
-from collections.abc import Iterator
+import math
+from collections.abc import Collection, Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from rasterio.windows import Window
 
-from specdm_cli.errors import InputDataError
+from specdm_cli.errors import InputDataError, UsageError
 from specdm_cli.faults import fault_point
 from specdm_cli.manifest import (
     IGNORE_INDEX,
@@ -30,24 +31,84 @@ _SCAN_PIXELS = 1 << 22
 
 def resolve_classes(
     root: Path, options: PrepareOptions, task: Task, files: Files, colour_masks: bool = False
-) -> tuple[list[ClassInfo], str]:
-    """Classes from the given file, RAW/classes.{json,csv}, a specdm manifest, or the masks.
+) -> tuple[list[ClassInfo], str, list[str]]:
+    """Classes from the given file, RAW/classes.{json,csv}, a specdm manifest, or the masks;
+    where they came from; notes for the user.
 
     Colour masks (RGB labels) need the file, with a distinct colour for every class: the
-    colour is what a mask pixel holds."""
+    colour is what a mask pixel holds. A file's codes are checked against every mask here,
+    before any sample is written."""
     path = options.classes_file
     if path is None:
         path = next((p for p in (root / "classes.json", root / "classes.csv") if p.is_file()), None)
     if colour_masks:
-        return _colour_classes(path, root), str(path)
+        return _colour_classes(path, root), str(path), []
+    masks = [paths[LABEL_ARRAY[task]] for paths in files.values()]
     if path is not None:
-        return _read_classes_file(path), str(path)
+        classes = _read_classes_file(path)
+        return classes, str(path), _check_declared_codes(masks, classes, options.label_nodata, path)
     exported = _manifest_classes(root, task)
     if exported is not None:
-        return exported, str(root / "manifest.json")
-    masks = [paths[LABEL_ARRAY[task]] for paths in files.values()]
+        return exported, str(root / "manifest.json"), []
     codes = _discover_codes(masks, root, options.label_nodata)
-    return _make_classes([(code, f"class_{code}", None) for code in codes], root), "masks"
+    classes = _make_classes([(code, f"class_{code}", None) for code in codes], root)
+    return classes, "masks", _sentinel_notes(codes, masks[0])
+
+
+def label_nodata_of(
+    option: float | None, tag: float | None, codes: Collection[int]
+) -> float | None:
+    """A mask's nodata value: --label-nodata, else its tag, unless the classes declare the
+    tagged code a class (a class list written for the data wins over a tag a tool set)."""
+    if option is not None:
+        return option
+    if tag is not None and not math.isnan(tag) and tag == round(tag) and int(tag) in codes:
+        return None
+    return tag
+
+
+def _check_declared_codes(
+    masks: list[Path], classes: list[ClassInfo], option: float | None, source: Path
+) -> list[str]:
+    """Every mask's codes must be declared (exit 3 naming the mask; found while writing, it
+    left a half-written store); a tag that names a declared code is read as the class (noted)."""
+    declared = {int(str(c.code)) for c in classes}
+    if option is not None and option == round(option) and int(option) in declared:
+        raise UsageError(
+            f"--label-nodata {option:g} is a class code in {source.name}",
+            hint="drop --label-nodata, or the class from the file",
+        )
+    overridden: set[int] = set()
+    for path in masks:
+        with open_raster(path) as src:
+            tag = src.nodata
+        if option is None and tag is not None and label_nodata_of(None, tag, declared) is None:
+            overridden.add(int(tag))
+        unknown = sorted(_mask_codes(path, option, declared) - declared)
+        if unknown:
+            raise InputDataError(
+                f"label code(s) {unknown[:5]} not in {source.name} (its codes: {sorted(declared)})",
+                path,
+                f"add them to {source.name}, or pass --label-nodata CODE if one means no data",
+            )
+    return [
+        f"note: masks tag {code} as nodata, but {source.name} declares code {code} a class: "
+        "read as the class"
+        for code in sorted(overridden)
+    ]
+
+
+def _sentinel_notes(codes: list[int], mask: Path) -> list[str]:
+    """A discovered code that is its data type's largest value is usually a nodata fill."""
+    with open_raster(mask) as src:
+        dtype = np.dtype(src.dtypes[0])
+    if dtype.kind not in "ui" or np.iinfo(dtype).max not in codes:
+        return []
+    largest = np.iinfo(dtype).max
+    return [
+        f"note: label code {largest} (the largest {dtype.name}) became a class; "
+        f"if it means no data, pass --label-nodata {largest}"
+    ]
 
 
 def _manifest_classes(root: Path, task: Task) -> list[ClassInfo] | None:
@@ -200,10 +261,10 @@ def _discover_codes(paths: list[Path], root: Path, label_nodata: float | None) -
     return sorted(codes)
 
 
-def _mask_codes(path: Path, label_nodata: float | None) -> set[int]:
+def _mask_codes(path: Path, label_nodata: float | None, declared: Collection[int] = ()) -> set[int]:
     codes: set[int] = set()
     with open_raster(path) as src:
-        nodata = label_nodata if label_nodata is not None else src.nodata
+        nodata = label_nodata_of(label_nodata, src.nodata, declared)
         for window in _scan_windows(src.height, src.width):
             fault_point("geotiff.scan_block")
             # Distinct raw values first (cheap in the file's own dtype), then nodata -> 255.

@@ -41,6 +41,7 @@ from specdm_cli.sources.geotiff.bands import check_band_order, read_bands, rgb_b
 from specdm_cli.sources.geotiff.classes import (
     codes_from_colours,
     colour_lookup,
+    label_nodata_of,
     label_values,
     resolve_classes,
 )
@@ -126,7 +127,7 @@ def read_geotiff(raw: Path | None, options: PrepareOptions) -> SourcePlan:
     width = min(options.patch_size, max(h.width for h in headers.values()))
     # Planned from the headers before any pixel is read, the class scan included.
     candidates = _candidates(headers, splits, height, width, options)
-    classes, classes_from = resolve_classes(root, options, task, files, colour_masks)
+    classes, classes_from, class_notes = resolve_classes(root, options, task, files, colour_masks)
     bands = read_bands(first.path)
     images = [paths[name] for paths in files.values() for name in array_names(task)[:-1]]
     check_band_order(first.path, bands, images[1:])
@@ -163,7 +164,7 @@ def read_geotiff(raw: Path | None, options: PrepareOptions) -> SourcePlan:
     load = functools.partial(_load, ctx=context)
     notes = [
         *_alpha_notes(headers), *share_notes(splits, options),
-        *_change_code_notes(task, codes, classes_from),
+        *_change_code_notes(task, codes, classes_from), *class_notes,
     ]  # fmt: skip
     return SourcePlan(spec=spec, candidates=candidates, load=load, warnings=notes)
 
@@ -236,7 +237,7 @@ def _load(candidate: Candidate, *, ctx: _Context) -> RawSample:
     else:
         raw_codes = raw_label.values[0]
         # --label-nodata overrides the mask's tag, as --nodata does the image's.
-        label_nodata = ctx.label_nodata if ctx.label_nodata is not None else raw_label.nodata
+        label_nodata = label_nodata_of(ctx.label_nodata, raw_label.nodata, ctx.codes)
     label = remap_labels(label_values(raw_codes, label_nodata), ctx.codes, paths[label_name])
     arrays: dict[str, np.ndarray] = {}
     invalid = np.zeros(label.shape, dtype=bool)
