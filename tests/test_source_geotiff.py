@@ -412,6 +412,25 @@ def test_float64_becomes_float32_and_nan_nodata_is_ignored(tmp_path: Path) -> No
     assert sample.nodata_pixels == 1 and sample.arrays["mask"][0, 0] == 255
 
 
+def test_nodata_nan_adds_to_a_numeric_tag(tmp_path: Path) -> None:
+    """A float file tagged -9999 that holds NaN too: the NaN error's hint, --nodata nan, made
+    the -9999 pixels data (the store's minimum became -9999)."""
+    root = make_geotiff_folder(tmp_path / "raw", n=1, bands=2, dtype="float32")
+    path = root / "images" / "tile_00.tif"
+    image = _read(path)
+    image[:, 0] = -9999
+    image[:, 1] = np.nan
+    write_image(path, image, _geo(path), nodata=-9999)
+    with pytest.raises(InputDataError, match="NaN is not declared nodata"):
+        _plan(root).load(_plan(root).candidates[0])
+    plan = _plan(root, nodata=float("nan"))
+    sample = plan.load(plan.candidates[0])
+    width = image.shape[2]
+    assert sample.nodata_pixels == 2 * width
+    assert (sample.arrays["mask"][:2] == 255).all() and (sample.arrays["mask"][2:] != 255).all()
+    assert float(sample.arrays["image"].min()) > 0
+
+
 def test_nodata_tags_and_option(tmp_path: Path) -> None:
     root = make_geotiff_folder(tmp_path / "raw", n=1, codes=[1, 2])
     label = _read(root / "masks" / "tile_00.tif", 1)

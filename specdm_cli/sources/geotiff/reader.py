@@ -80,6 +80,16 @@ class _Context:
     scaled: bool  # some file scales or offsets its values: every image is read in physical units
     colours: dict[int, int]  # packed RGB -> class code, for masks saved as colours
 
+    @property
+    def nan_declared(self) -> bool:
+        """--nodata nan: NaN is never a value, so it adds to a file's numeric tag (a float
+        file tagged -9999 with NaN pixels too needs both) instead of replacing it."""
+        return self.nodata is not None and bool(np.isnan(self.nodata))
+
+    @property
+    def replaces_tag(self) -> bool:
+        return self.nodata is not None and not self.nan_declared
+
 
 @dataclass(frozen=True)
 class _Window:
@@ -247,9 +257,11 @@ def _load(candidate: Candidate, *, ctx: _Context) -> RawSample:
         window = _read_window(paths[name], y, x, ctx, masks=True)
         image = window.values.astype(ctx.dtype, copy=False)
         # --nodata overrides the file's tag, as GDAL's -srcnodata does; NaN tags declare NaN.
-        nodata = ctx.nodata if ctx.nodata is not None else window.nodata
+        nodata = ctx.nodata if ctx.replaces_tag else window.nodata
         # Nodata is a raw value (as GDAL's tag is), so pixels are matched before any scaling.
-        mask, _ = apply_nodata(image, label, nodata, paths[name], masked=window.masked)
+        mask, _ = apply_nodata(
+            image, label, nodata, paths[name], ctx.nan_declared, masked=window.masked
+        )
         if ctx.scaled:
             image = _physical(image, window)
         invalid |= mask
@@ -284,7 +296,7 @@ def _read_window(path: Path, y: int, x: int, ctx: _Context, masks: bool = False)
         bands = data_bands(src)
         # A fresh array of the window only: memory stays flat however large the file.
         values = np.asarray(src.read(bands, window=window))
-        masked = _gdal_masked(src, window, ctx.nodata is not None) if masks else None
+        masked = _gdal_masked(src, window, ctx.replaces_tag) if masks else None
         scales, offsets = band_scaling(src, bands)
         return _Window(values, src.nodata, src.transform, masked, scales, offsets)
 
