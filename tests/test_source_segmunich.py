@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 import struct
 import zlib
 from collections.abc import Callable
@@ -17,6 +18,7 @@ from PIL import Image
 from specdm_cli.errors import InputDataError
 from specdm_cli.sources.base import PrepareOptions, SourcePlan
 from specdm_cli.sources.segmunich import SEGMUNICH_BANDS, read_segmunich
+from tests.conftest import run_cli
 from tests.fixtures.segmunich import RAW_CODES, make_segmunich
 
 OPTIONS = PrepareOptions()
@@ -359,6 +361,30 @@ def test_no_split_list(tmp_path: Path) -> None:
 
     err = _input_error(tmp_path, "no split list")
     assert err.path == tree / "dataset"
+
+
+def test_a_split_folder_without_its_list_is_told_not_dropped_silently(tmp_path: Path) -> None:
+    """A partial extract without dataset/val.txt gave a store without val, exit 0, no word."""
+    tree = _tree(tmp_path, splits={"train": 2, "val": 1})
+    (tree / "dataset" / "val.txt").unlink()
+    plan = _open(tmp_path)
+    assert {c.split for c in plan.candidates} == {"train"}
+    assert plan.warnings == [
+        "val/ has no dataset/val.txt: its 1 images are left out (restore val.txt from the "
+        "archive to read them)"
+    ]
+
+
+def test_a_store_without_train_is_told_at_prepare_not_first_by_fit_vae(tmp_path: Path) -> None:
+    tree = _tree(tmp_path / "raw", splits={"train": 2, "val": 1})
+    (tree / "dataset" / "train.txt").unlink()
+    out = tmp_path / "s.zarr"
+    code, stdout, stderr = run_cli("prepare", "segmunich", tree, "--out", out, "--json")
+    assert code == 0, stderr
+    warnings = json.loads(stdout)["warnings"]
+    assert any("train/ has no dataset/train.txt" in line for line in warnings)
+    assert any("no train split" in line and "fit-vae will refuse it" in line for line in warnings)
+    assert "no train split" in stderr
 
 
 def test_metadata_csv_without_source_column(tmp_path: Path) -> None:

@@ -185,10 +185,24 @@ def prepare(
     if not tally.kept:
         _remove_empty_store(request, tally)
     summary = _summary(request.out, "resumed" if state == "resume" else "created", started)
-    sparse = _sparse_label_note(tally, source_plan.spec)
-    if sparse and warn is not None:
-        warn(sparse)
-    return replace(summary, warnings=[*source_plan.warnings, *([sparse] if sparse else [])])
+    notes = [
+        note
+        for note in (_sparse_label_note(tally, source_plan.spec), _no_train_note(tally))
+        if note
+    ]
+    for note in notes:
+        if warn is not None:
+            warn(note)
+    return replace(summary, warnings=[*source_plan.warnings, *notes])
+
+
+def _no_train_note(tally: PrepareTally) -> str | None:
+    """Told here, not first by fit-vae: the normalisation statistics are the train split's."""
+    if tally.split_counts.get("train"):
+        return None
+    return (
+        "note: the store has no train split, so no normalisation statistics: fit-vae will refuse it"
+    )
 
 
 # From this share of unlabelled train pixels on, `prepare` points at `fit-vae --unlabelled-class`.

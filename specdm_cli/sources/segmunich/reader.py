@@ -94,7 +94,23 @@ def read_segmunich(raw: Path | None, options: PrepareOptions) -> SourcePlan:
         for split, folder in folders.items()
         if folder.name != split
     ]
+    notes += _unlisted_folder_notes(root, folders) if layout == "official" else []
     return SourcePlan(spec=spec, candidates=candidates, load=load, warnings=notes)
+
+
+def _unlisted_folder_notes(root: Path, folders: dict[str, Path]) -> list[str]:
+    """A split folder whose list is missing (a partial extract) is left out: say so, as the
+    store would otherwise just lack that split (without train.txt, fit-vae refuses it)."""
+    read = set(folders.values())
+    unlisted = [
+        root / s for s in SPLIT_ORDER if (root / s / "img").is_dir() and root / s not in read
+    ]
+    return [
+        f"{folder.name}/ has no dataset/{folder.name}.txt: its "
+        f"{sum(1 for _ in (folder / 'img').glob('*.tif'))} images are left out (restore "
+        f"{folder.name}.txt from the archive to read them)"
+        for folder in unlisted
+    ]
 
 
 def _quiet_logger(name: str) -> None:
