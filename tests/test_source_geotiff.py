@@ -227,6 +227,12 @@ def test_band_names_fall_back_and_wavelengths_come_from_tags(tmp_path: Path) -> 
         ("band_2", 560.0),
         ("SWIR", None),
     ]
+    with rasterio.open(path, "r+") as dst:  # ENVI writes its units out
+        dst.set_band_description(3, "Band 3 (1610 Nanometers)")
+    assert (_plan(root).spec.bands[2].name, _plan(root).spec.bands[2].wavelength_nm) == (
+        "Band 3",
+        1610.0,
+    )
 
 
 def _describe_bands(path: Path, names: list[str]) -> None:
@@ -380,6 +386,29 @@ def test_png_masks_of_a_labelling_tool_pair_with_their_images(tmp_path: Path) ->
     plan = _plan(root)
     sample = next(plan.load(c) for c in plan.candidates if c.source_id.startswith("tile_01"))
     np.testing.assert_array_equal(sample.arrays["mask"], np.where(label == 1, 0, 1))
+
+
+def test_a_crs_without_an_epsg_code_is_named_not_dumped_in_the_error(tmp_path: Path) -> None:
+    root = make_geotiff_folder(tmp_path / "raw", n=1)
+    mask = root / "masks" / "tile_00.tif"
+    lambert = CRS.from_proj4("+proj=lcc +lat_1=49 +lat_2=44 +lat_0=46.5 +lon_0=3 +datum=WGS84")
+    write_label(mask, _read(mask, 1), {**_geo(mask), "crs": lambert})
+    with pytest.raises(InputDataError, match="differs from its image's EPSG:") as info:
+        _plan(root)
+    assert len(str(info.value)) < 200 and "(WKT)" in str(info.value)
+
+
+def test_a_float_mask_with_nan_points_at_label_nodata_nan(tmp_path: Path) -> None:
+    root = make_geotiff_folder(tmp_path / "raw", n=1, codes=[1, 2])
+    mask = root / "masks" / "tile_00.tif"
+    label = _read(mask, 1).astype(np.float32)
+    label[0, :3] = np.nan
+    write_label(mask, label, _geo(mask))
+    with pytest.raises(InputDataError, match="holds NaN values") as info:
+        _plan(root)
+    assert "--label-nodata nan" in (info.value.hint or "")
+    plan = _plan(root, label_nodata=float("nan"))
+    assert (plan.load(plan.candidates[0]).arrays["mask"][0, :3] == 255).all()
 
 
 def test_ungeoreferenced_folder_has_no_crs_or_bounds(tmp_path: Path) -> None:

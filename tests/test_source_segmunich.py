@@ -431,14 +431,16 @@ def test_duplicate_id_in_split_list(tmp_path: Path) -> None:
     assert err.path == tree / "dataset" / "train.txt"
 
 
+@pytest.mark.parametrize("bands", [9, 13])
 @pytest.mark.parametrize("which", ["1", "3"])
-def test_wrong_band_count(tmp_path: Path, which: str) -> None:
-    # Sample 1 fails at open (it sets the spec); sample 3 fails when loaded.
+def test_wrong_band_count(tmp_path: Path, which: str, bands: int) -> None:
+    # Sample 1 fails at open (it sets the spec); sample 3 fails when loaded. 13 bands (an
+    # export with B01, B09, B10) were told as "more than a 16x16 patch ... must share one size".
     tree = _tree(tmp_path)
     path = tree / "train" / "img" / f"{which}.tif"
-    tifffile.imwrite(path, np.full((16, 16, 9), 500, dtype=np.float32))
+    tifffile.imwrite(path, np.full((16, 16, bands), 500, dtype=np.float32))
 
-    err = _input_error(tmp_path, "expected 10 bands, found 9")
+    err = _input_error(tmp_path, f"expected 10 bands, found {bands}")
     assert err.path == path
 
 

@@ -122,13 +122,23 @@ def apply_nodata(
     return invalid, count
 
 
+def require_integer_labels(raw: np.ndarray, path: Path | str) -> None:
+    """Label codes are integers; NaN is most often a float mask's "no label"."""
+    if np.issubdtype(raw.dtype, np.integer):
+        return
+    if np.isnan(raw).any():
+        raise InputDataError(
+            "label file holds NaN values",
+            path,
+            "if NaN means no label there, pass --label-nodata nan; else fix the file",
+        )
+    if not (np.all(np.isfinite(raw)) and np.all(raw == np.round(raw))):
+        raise InputDataError("label file holds non-integer values", path, "fix the file")
+
+
 def remap_labels(raw: np.ndarray, codes: Sequence[int], path: Path | str) -> np.ndarray:
     """Map raw label codes to indices 0..K-1 (255 stays ignore); an unknown code is an error."""
-    integer_valued = np.issubdtype(raw.dtype, np.integer) or (
-        np.all(np.isfinite(raw)) and np.all(raw == np.round(raw))
-    )
-    if not integer_valued:
-        raise InputDataError("label file holds non-integer values", path, "fix the file")
+    require_integer_labels(raw, path)
     values = raw.astype(np.int64)
     lut = {int(code): index for index, code in enumerate(codes)}
     lut.setdefault(IGNORE_INDEX, IGNORE_INDEX)
@@ -141,7 +151,7 @@ def remap_labels(raw: np.ndarray, codes: Sequence[int], path: Path | str) -> np.
         hint = (
             f"if {negative[0]} means no data, pass --label-nodata {negative[0]}"
             if negative
-            else "fix the label file or declare the classes"
+            else "fix the label file, or pass --label-nodata CODE if that code means no data"
         )
         raise InputDataError(
             f"unknown label code(s) {unknown[:5]} (known: {sorted(lut)})", path, hint

@@ -13,8 +13,11 @@ from specdm_cli.manifest import Band
 from specdm_cli.sources.geotiff.layout import EXTENSIONS, data_bands, open_raster
 from specdm_cli.sources.sentinel2 import S2_FWHM_NM, S2_WAVELENGTH_NM, s2_band_name
 
-# "B04 (664.6 nm)", "664.6 nm", "Band 3: 0.56 um": a number followed by a length unit.
-_WAVELENGTH = re.compile(r"\(?\s*(\d+(?:\.\d*)?)\s*(nm|um|µm|micrometers?)\s*\)?", re.IGNORECASE)
+# "B04 (664.6 nm)", "664.6 nm", "Band 3: 0.56 um", ENVI's "Band 1 (450 Nanometers)": a number
+# followed by a length unit.
+_WAVELENGTH = re.compile(
+    r"\(?\s*(\d+(?:\.\d*)?)\s*(nanometers?|nm|um|µm|micrometers?)\s*\)?", re.IGNORECASE
+)
 _RGB_NM = (664.6, 559.8, 492.7)  # Sentinel-2 B04, B03, B02 centres: the usual true-colour triple
 _RGB_TOLERANCE_NM = 40.0
 _ABSOLUTE = re.compile(r"^(/|\\\\|[A-Za-z]:[\\/])")  # /x, \\server\x, C:\x
@@ -109,7 +112,7 @@ def _as_sentinel2(bands: list[Band]) -> list[Band]:
 
 
 def _to_nm(value: float, unit: str) -> float:
-    return value if unit.lower() == "nm" else value * 1000.0
+    return value if unit.lower().startswith("n") else value * 1000.0
 
 
 def _parse_description(text: str) -> tuple[str, float | None]:

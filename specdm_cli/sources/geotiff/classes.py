@@ -22,7 +22,12 @@ from specdm_cli.manifest import (
     Task,
     load_manifest,
 )
-from specdm_cli.sources.base import PrepareOptions, label_nodata_mask, read_text_input
+from specdm_cli.sources.base import (
+    PrepareOptions,
+    label_nodata_mask,
+    read_text_input,
+    require_integer_labels,
+)
 from specdm_cli.sources.geotiff.layout import Files, open_raster
 
 # Pixels per read when scanning mask codes: memory stays flat however large a mask claims to be.
@@ -269,8 +274,7 @@ def _mask_codes(path: Path, label_nodata: float | None, declared: Collection[int
             fault_point("geotiff.scan_block")
             # Distinct raw values first (cheap in the file's own dtype), then nodata -> 255.
             values = label_values(np.unique(src.read(1, window=window)), nodata)
-            if not np.all(np.isfinite(values)) or not np.all(values == np.round(values)):
-                raise InputDataError("label file holds non-integer values", path, "fix the file")
+            require_integer_labels(values, path)
             codes |= {int(v) for v in values if v != IGNORE_INDEX}
     if codes and min(codes) < 0:
         raise InputDataError(

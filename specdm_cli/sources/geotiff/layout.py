@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
@@ -213,7 +214,7 @@ def _same_grid(image: Header, other: Header) -> None:
         return
     if other.crs is not None and image.crs is not None and other.crs != image.crs:
         raise InputDataError(
-            f"CRS {other.crs} differs from its image's {image.crs}",
+            f"CRS {_shown(other.crs)} differs from its image's {_shown(image.crs)}",
             other.path,
             f"reproject it onto {image.path.name}'s grid (e.g. gdalwarp)",
         )
@@ -225,6 +226,17 @@ def _same_grid(image: Header, other: Header) -> None:
             other.path,
             f"resample it onto {image.path.name}'s grid (e.g. gdalwarp -te/-tr of the image)",
         )
+
+
+def _shown(crs: str | None) -> str:
+    """A CRS for an error line: its EPSG code, else the name its WKT gives (a WKT is ~600
+    characters), else the start of it."""
+    if crs is None:
+        return "none"
+    if not crs.lstrip().endswith("]"):
+        return crs
+    name = re.match(r'\s*\w+\["([^"]*)"', crs)
+    return f"{name.group(1)!r} (WKT)" if name else crs[:60] + "..."
 
 
 def _origin(header: Header) -> str:
@@ -255,7 +267,7 @@ def check_all(headers: dict[str, Header]) -> str | None:
         _same_bands(first, header)
         if header.crs != first.crs:
             raise InputDataError(
-                f"CRS {header.crs or 'none'} differs from {first.path.name}'s {first.crs or 'none'}",
+                f"CRS {_shown(header.crs)} differs from {first.path.name}'s {_shown(first.crs)}",
                 header.path,
                 "reproject every file to one CRS (e.g. gdalwarp -t_srs)",
             )

@@ -124,6 +124,8 @@ def _require_patch(path: Path, height: int, width: int, bands: int) -> None:
             path,
             "mmseg's ann_dir PNGs hold each pixel's class index (grey or palette); re-export it",
         )
+    if bands == NUM_BANDS:
+        image_hw(shape, path)  # a wrong band count told as such, not as a size
     if math.prod(shape) > height * width * bands:
         raise InputDataError(
             f"file holds {'x'.join(map(str, shape))} values, more than a {height}x{width} patch "
