@@ -95,8 +95,8 @@ def test_default_spec_ten_bands_and_hand_counted_windows(tree: Callable[..., Pat
     assert [b.name for b in spec.bands] == list(S2_TEN_BANDS)
     assert spec.rgb_bands == ["B04", "B03", "B02"]
     assert [(c.index, c.name, c.code) for c in spec.classes] == [
-        (0, "no change", 0),
-        (1, "change", 1),
+        (0, "no change", "0 in cm.png, 1 in <city>-cm.tif"),
+        (1, "change", "non-zero in cm.png, 2 in <city>-cm.tif"),
     ]
     assert spec.crs is None
     # Stride 8: aguasclaras 40x48 -> 4 x 5, bercy 36x44 -> 4 x 5, brasilia 30x38 -> 3 x 4.

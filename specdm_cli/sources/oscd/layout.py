@@ -17,11 +17,16 @@ PHASES = ("imgs_1_rect", "imgs_2_rect")
 # `_rect` folders lack, with a warning (they are crops of the raw products, not co-registered).
 RAW_PHASES = ("imgs_1", "imgs_2")
 GRID_BAND = "B02"  # a 10 m band: its H x W is the grid every other band is put on
-# `code` is the class's value in cm.png terms (0 = no change, non-zero = change); the
-# `<city>-cm.tif` files say 1 and 2 instead (datasets.md 2.3).
+# `code` is the class's value in the raw files, which say it two ways (datasets.md 2.3): a
+# manifest reader must not take change for the value 1 of cm.png, which is never written.
 OSCD_CLASSES = [
-    ClassInfo(index=0, name="no change", colour=(0, 0, 0), code=0),
-    ClassInfo(index=1, name="change", colour=(255, 255, 255), code=1),
+    ClassInfo(index=0, name="no change", colour=(0, 0, 0), code="0 in cm.png, 1 in <city>-cm.tif"),
+    ClassInfo(
+        index=1,
+        name="change",
+        colour=(255, 255, 255),
+        code="non-zero in cm.png, 2 in <city>-cm.tif",
+    ),
 ]
 SPLIT_ORDER = ("train", "val", "test")
 
