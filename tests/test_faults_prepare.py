@@ -170,7 +170,7 @@ def _rename_last_tile(raw: Path) -> None:
     [
         (_recode_last_mask, "(classes)"),
         (_remove_last_tile, "(patches 112 -> 96)"),
-        (_rename_last_tile, "lists other patches"),
+        (_rename_last_tile, "(patches listed)"),
     ],
 )
 def test_a_resume_over_changed_raw_data_is_refused(
@@ -195,13 +195,21 @@ def test_a_resume_over_changed_raw_data_is_refused(
         np.testing.assert_array_equal(values, before[name], err_msg=name)
 
 
-def test_a_resume_over_the_same_raw_data_completes(tmp_path: Path) -> None:
+@pytest.mark.parametrize("older_tally", [False, True])
+def test_a_resume_over_the_same_raw_data_completes(tmp_path: Path, older_tally: bool) -> None:
+    """A progress record of a version before the raw data's fingerprint resumes unchecked."""
     raw = make_geotiff_folder(tmp_path / "raw", n=7, size=(32, 32), bands=3)
     args = ("prepare", "geotiff", raw, "--patch-size", "8", "--overlap", "0",
             "--val-fraction", "0", "--test-fraction", "0", "--quiet")  # fmt: skip
     out, reference = tmp_path / "store.zarr", tmp_path / "reference.zarr"
     assert specdm(*args, "--out", reference).returncode == 0
     run_killed(*args, "--out", out, fault="prepare.after_block:1")
+    progress = out / ".specdm" / "prepare-progress.json"
+    tally = json.loads(progress.read_text())
+    assert tally["kept"] == 64 and tally["source"]["patches"] == 112
+    if older_tally:
+        del tally["source"]
+        progress.write_text(json.dumps(tally))
     resumed = specdm(*args, "--out", out, "--resume")
     assert resumed.returncode == 0, resumed.stderr
     assert_same_store(out, reference)

@@ -249,21 +249,30 @@ def test_files_that_list_their_bands_in_other_orders_are_refused(
     would be stored under the first file's band names, silently in the wrong bands."""
     root = make_geotiff_folder(tmp_path / "raw", task=task, n=2, bands=3)
     for path in sorted(root.glob("[it]*/*.tif")):  # images/, t1/, t2/
-        _describe_bands(path, ["B02", "B03", "B4"])  # B4 and B04 name one band
+        _describe_bands(path, ["B02", "B03", "B04"])
     reordered = root / folder / "tile_01.tif"
     _describe_bands(reordered, ["B04", "B03", "B02"])
     with pytest.raises(
-        InputDataError, match=r"band 1 is 'B04', tile_00.tif's band 1 is 'B02'"
+        InputDataError, match=r"band 1 is 'B04', tile_0[01]\.tif's band 1 is 'B02'"
     ) as info:
         _plan(root)
     assert info.value.path == reordered and "gdal_translate -b" in (info.value.hint or "")
 
 
-def test_bands_named_in_one_file_only_are_not_compared(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    "names",
+    [
+        ["", "", ""],  # named in one file only
+        ["T32UPV_B02_10m", "T32UPV_B03_10m", "T32UPV_B04_10m"],  # gdalbuildvrt -separate names
+    ],
+)
+def test_bands_named_otherwise_are_not_taken_for_a_reorder(
+    tmp_path: Path, names: list[str]
+) -> None:
     root = make_geotiff_folder(tmp_path / "raw", n=2, bands=3)
-    _describe_bands(root / "images" / "tile_00.tif", ["B02", "B03", "B04"])
-    _describe_bands(root / "images" / "tile_01.tif", ["", "", ""])
-    assert [b.name for b in _plan(root).spec.bands] == ["B02", "B03", "B04"]
+    _describe_bands(root / "images" / "tile_00.tif", ["T32UPU_B02_10m", "B03", "B04"])
+    _describe_bands(root / "images" / "tile_01.tif", names)
+    assert len(_plan(root).candidates) == 2
 
 
 def test_splits_from_csv(tmp_path: Path) -> None:
@@ -806,6 +815,38 @@ def test_a_nodata_tag_the_classes_file_declares_a_class_is_read_as_the_class(
     np.testing.assert_array_equal(plan.load(plan.candidates[0]).arrays["mask"], raw)
     with pytest.raises(UsageError, match=r"--label-nodata 1 is a class code in legend\.csv"):
         _plan(root, classes_file=legend, label_nodata=1.0)
+
+
+def test_discovered_classes_leave_each_mask_its_own_nodata_tag(tmp_path: Path) -> None:
+    """Only a classes file's codes outrank a tag: a code discovered in another mask does not
+    (tile_00 tags 0 as nodata, tile_01 uses 0 as a class)."""
+    root = make_geotiff_folder(tmp_path / "raw", n=2, codes=[0, 1, 2])
+    tagged = root / "masks" / "tile_00.tif"
+    write_label(tagged, _read(tagged, 1), _geo(tagged), nodata=0)
+    plan = _plan(root)
+    assert [c.code for c in plan.spec.classes] == [0, 1, 2]
+    loaded = {c.source_id: plan.load(c).arrays["mask"] for c in plan.candidates}
+    first, second = (loaded[k] for k in sorted(loaded))
+    raw_first, raw_second = _read(tagged, 1), _read(root / "masks" / "tile_01.tif", 1)
+    np.testing.assert_array_equal(first, np.where(raw_first == 0, 255, raw_first))
+    np.testing.assert_array_equal(second, raw_second)
+
+
+@pytest.mark.parametrize(
+    ("tag", "option"), [(None, float("nan")), (float("inf"), None), (float("nan"), None)]
+)
+def test_nan_and_inf_nodata_with_a_classes_file_are_not_codes(
+    tmp_path: Path, tag: float | None, option: float | None
+) -> None:
+    root = make_geotiff_folder(tmp_path / "raw", n=1, codes=[1, 2])
+    mask = root / "masks" / "tile_00.tif"
+    label = _read(mask, 1).astype(np.float32)
+    label[0, :2] = np.nan if option is not None or tag != tag else np.inf
+    write_label(mask, label, _geo(mask), **({"nodata": tag} if tag is not None else {}))
+    legend = tmp_path / "legend.csv"
+    legend.write_text("code,name\n1,a\n2,b\n", encoding="utf-8")
+    plan = _plan(root, classes_file=legend, label_nodata=option)
+    assert (plan.load(plan.candidates[0]).arrays["mask"][0, :2] == 255).all()
 
 
 def test_a_discovered_code_that_is_the_dtype_maximum_is_noted(tmp_path: Path) -> None:

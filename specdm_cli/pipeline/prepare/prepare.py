@@ -168,13 +168,11 @@ def prepare(
             warn(line)
     if not source_plan.candidates:
         raise InputDataError("no samples found", request.raw, "check the folder layout")
-    manifest = _initial_manifest(request, source_plan.spec, plan, len(source_plan.candidates))
     if state == "fresh":
         _require_room(request.out, source_plan)
+        manifest = _initial_manifest(request, source_plan.spec, plan, len(source_plan.candidates))
         georeferenced = source_plan.spec.crs is not None
         create_store(request.out, manifest, len(source_plan.candidates), georeferenced)
-    else:
-        _refuse_changed_source(request, manifest)
     try:
         tally = _write(request, source_plan, stop, progress, state == "resume")
     except InputDataError:
@@ -225,29 +223,39 @@ def _sparse_label_note(tally: PrepareTally, spec: SourceSpec) -> str | None:
     )
 
 
-# What the raw data decides in a store's manifest: a resume must find the same, or the samples
-# written before would be read with another class list, band order or patch grid.
-_SOURCE_FIELDS = ("task", "height", "width", "dtype", "bands", "classes", "crs")
-
-
-def _refuse_changed_source(request: PrepareRequest, fresh: Manifest) -> None:
-    """Refuse (exit 3) to resume a store whose raw data has changed since it was begun."""
-    stored = _load_incomplete(request.out)
-    changed = [name for name in _SOURCE_FIELDS if getattr(stored, name) != getattr(fresh, name)]
-    assert stored.source is not None and fresh.source is not None
-    if stored.source.candidates != fresh.source.candidates:
-        changed.append(f"patches {stored.source.candidates} -> {fresh.source.candidates}")
-    if changed:
-        raise InputDataError(
-            f"cannot resume: the raw data changed since the store was begun ({', '.join(changed)})",
-            request.raw,
-            "restore the raw data, or start again with --overwrite",
-        )
-
-
-def _candidates_sha256(candidates: Sequence[Candidate]) -> str:
+def _source_fingerprint(spec: SourceSpec, candidates: Sequence[Candidate]) -> dict[str, Any]:
+    """What the raw data decides about the samples: a resume must find the same, or the ones
+    written before would sit under another class list, band order or patch grid."""
     listed = "\n".join(f"{candidate.split}\t{candidate.source_id}" for candidate in candidates)
-    return hashlib.sha256(listed.encode()).hexdigest()
+    return {
+        "task": spec.task,
+        "size": [spec.height, spec.width],
+        "dtype": spec.dtype,
+        "bands": [band.name for band in spec.bands],
+        "classes": [[c.index, str(c.code)] for c in spec.classes],
+        "crs": spec.crs,
+        "patches": len(candidates),
+        "patches listed": hashlib.sha256(listed.encode()).hexdigest(),
+    }
+
+
+def _refuse_changed_source(
+    request: PrepareRequest, begun: dict[str, Any], now: dict[str, Any]
+) -> None:
+    """Refuse (exit 3) to resume over raw data that changed since the store was begun."""
+    changed = [key for key in now if begun.get(key) != now[key]]
+    if not changed:
+        return
+    shown = [
+        f"patches {begun.get(key)} -> {now[key]}" if key == "patches" else key for key in changed
+    ]
+    if "patches" in changed:
+        shown = [key for key in shown if key != "patches listed"]
+    raise InputDataError(
+        f"cannot resume: the raw data changed since the store was begun ({', '.join(shown)})",
+        request.raw,
+        "restore the raw data, or start again with --overwrite",
+    )
 
 
 def _write(
@@ -267,14 +275,10 @@ def _write(
             tally = PrepareTally()
         if tally.kept == 0:  # a finished store shrank to its samples; a restart needs them all
             writer.truncate(len(source_plan.candidates))
-        listed = _candidates_sha256(source_plan.candidates)
-        if tally.kept and tally.candidates_sha256 not in ("", listed):
-            raise InputDataError(
-                "cannot resume: the raw data lists other patches than when the store was begun",
-                request.raw,
-                "restore the raw data, or start again with --overwrite",
-            )
-        tally.candidates_sha256 = listed
+        fingerprint = _source_fingerprint(source_plan.spec, source_plan.candidates)
+        if tally.kept and tally.source:  # tallies of older versions have none: not checked
+            _refuse_changed_source(request, tally.source, fingerprint)
+        tally.source = fingerprint
         writer.forget_from(tally.kept)
         spec = source_plan.spec
         write_blocks(

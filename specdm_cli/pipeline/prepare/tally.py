@@ -30,9 +30,9 @@ class PrepareTally:
     band_pixels: int = 0
     # Train pixels whose image is real but whose label is 255: missing labels, not nodata.
     unlabelled_train_pixels: int = 0
-    # The candidates (split and id, in order) the samples so far came from: a resume over raw
-    # data that lists other patches would mix two datasets. "" in tallies older than it.
-    candidates_sha256: str = ""
+    # What the raw data decided when the store was begun (classes, bands, patches listed...):
+    # a resume over changed raw data would mix two datasets. Empty in tallies older than it.
+    source: dict[str, Any] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)

@@ -60,6 +60,8 @@ class FitVAESummary:
     validation: dict[str, Any] | None = None
 
 
+# Float32 values per pixel a training sample keeps for the backward pass: both branches'
+# full-resolution activations (our estimate, generous; it only has to catch sizes that cannot
 # work, like --batch-size 10**9, which ended in std::bad_alloc, exit 1).
 _TRAINING_VALUES_PER_PIXEL = 1024
 

@@ -69,8 +69,6 @@ def model_config(config: VAETrainConfig, manifest: Manifest) -> VAEConfig:
         ) from None
 
 
-# Float32 values per pixel a training sample keeps for the backward pass: both branches'
-# full-resolution activations (our estimate, generous; it only has to catch sizes that cannot
 def training_indices(reader: StoreReader, config: VAETrainConfig) -> np.ndarray:
     """The training samples: the chosen split, cut to `--limit` (paper's limited-data protocol)."""
     indices = reader.indices(config.split)

@@ -4,11 +4,9 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from specdm_cli.errors import InputDataError
 from specdm_cli.manifest import Band
 from specdm_cli.sources.geotiff.layout import EXTENSIONS, data_bands, open_raster
 from specdm_cli.sources.sentinel2 import S2_FWHM_NM, S2_WAVELENGTH_NM, s2_band_name
@@ -38,38 +36,6 @@ def read_bands(path: Path) -> list[Band]:
         b.model_copy(update={"name": f"{b.name}_{i + 1}"}) if names.count(b.name) > 1 else b
         for i, b in enumerate(bands)
     ]
-
-
-def check_band_order(first: Path, bands: list[Band], others: Iterable[Path]) -> None:
-    """Files that name every band must name them in the first file's order (`bands`, its
-    names as read_bands gives them: B2 and B02 are one band). gdalbuildvrt over files sorted by
-    name puts B8A after B12: such a file's pixels would be stored under other bands' names."""
-    expected = _named(bands)
-    if expected is None:
-        return
-    for path in others:
-        found = _named(read_bands(path))
-        if found is None or found == expected:
-            continue
-        pairs = zip(expected, found, strict=False)
-        band = next((i for i, (a, b) in enumerate(pairs) if a != b), min(len(expected), len(found)))
-        raise InputDataError(
-            f"band {band + 1} is {_nth(found, band)}, {first.name}'s band {band + 1} is "
-            f"{_nth(expected, band)}: the files list their bands in other orders",
-            path,
-            "write every file's bands in one order (e.g. gdal_translate -b 1 -b 3 -b 2)",
-        )
-
-
-def _named(bands: list[Band]) -> list[str] | None:
-    """The band names, or None when a band has no name of its own (band_N)."""
-    names = [b.name for b in bands]
-    fallback = {f"band_{i + 1}" for i in range(len(bands))}
-    return None if fallback & set(names) else names
-
-
-def _nth(names: list[str], index: int) -> str:
-    return repr(names[index]) if index < len(names) else "missing"
 
 
 def _band(src: Any, index: int) -> Band:

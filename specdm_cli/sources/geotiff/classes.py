@@ -7,6 +7,7 @@ import csv
 import json
 import math
 from collections.abc import Collection, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -34,62 +35,83 @@ from specdm_cli.sources.geotiff.layout import Files, open_raster
 _SCAN_PIXELS = 1 << 22
 
 
+@dataclass(frozen=True)
+class ResolvedClasses:
+    """A folder's classes, where they came from, notes for the user, and the codes a classes
+    file declares (empty otherwise): a mask's nodata tag naming one of those is read as it."""
+
+    classes: list[ClassInfo]
+    source: str
+    notes: list[str] = field(default_factory=list)
+    declared: frozenset[int] = frozenset()
+
+
 def resolve_classes(
     root: Path, options: PrepareOptions, task: Task, files: Files, colour_masks: bool = False
-) -> tuple[list[ClassInfo], str, list[str]]:
-    """Classes from the given file, RAW/classes.{json,csv}, a specdm manifest, or the masks;
-    where they came from; notes for the user.
+) -> ResolvedClasses:
+    """Classes from the given file, RAW/classes.{json,csv}, a specdm manifest, or the masks.
 
     Colour masks (RGB labels) need the file, with a distinct colour for every class: the
-    colour is what a mask pixel holds. A file's codes are checked against every mask here,
-    before any sample is written."""
+    colour is what a mask pixel holds. A file's codes are checked against every mask here
+    (each mask's pixels read once more), before any sample is written."""
     path = options.classes_file
     if path is None:
         path = next((p for p in (root / "classes.json", root / "classes.csv") if p.is_file()), None)
     if colour_masks:
-        return _colour_classes(path, root), str(path), []
+        return ResolvedClasses(_colour_classes(path, root), str(path))
     masks = [paths[LABEL_ARRAY[task]] for paths in files.values()]
     if path is not None:
         classes = _read_classes_file(path)
-        return classes, str(path), _check_declared_codes(masks, classes, options.label_nodata, path)
+        declared = frozenset(int(str(c.code)) for c in classes)
+        notes = _check_declared_codes(masks, declared, options.label_nodata, path)
+        return ResolvedClasses(classes, str(path), notes, declared)
     exported = _manifest_classes(root, task)
     if exported is not None:
-        return exported, str(root / "manifest.json"), []
-    codes = _discover_codes(masks, root, options.label_nodata)
+        return ResolvedClasses(exported, str(root / "manifest.json"))
+    scans = [_scan_mask(mask, options.label_nodata) for mask in masks]
+    codes = sorted(set().union(*(scan.codes for scan in scans)))
+    if not codes:
+        raise InputDataError(
+            "the label files hold no class codes (all nodata/255)", root, "check the masks"
+        )
     classes = _make_classes([(code, f"class_{code}", None) for code in codes], root)
-    return classes, "masks", _sentinel_notes(codes, masks[0])
+    return ResolvedClasses(classes, "masks", _sentinel_notes(codes, scans))
 
 
 def label_nodata_of(
-    option: float | None, tag: float | None, codes: Collection[int]
+    option: float | None, tag: float | None, declared: Collection[int]
 ) -> float | None:
-    """A mask's nodata value: --label-nodata, else its tag, unless the classes declare the
+    """A mask's nodata value: --label-nodata, else its tag, unless a classes file declares the
     tagged code a class (a class list written for the data wins over a tag a tool set)."""
     if option is not None:
         return option
-    if tag is not None and not math.isnan(tag) and tag == round(tag) and int(tag) in codes:
+    return None if _integral(tag) in declared else tag
+
+
+def _integral(value: float | None) -> int | None:
+    """`value` as an int when it is a finite whole number (NaN and inf tags are not codes)."""
+    if value is None or not math.isfinite(value) or value != round(value):
         return None
-    return tag
+    return int(value)
 
 
 def _check_declared_codes(
-    masks: list[Path], classes: list[ClassInfo], option: float | None, source: Path
+    masks: list[Path], declared: frozenset[int], option: float | None, source: Path
 ) -> list[str]:
     """Every mask's codes must be declared (exit 3 naming the mask; found while writing, it
     left a half-written store); a tag that names a declared code is read as the class (noted)."""
-    declared = {int(str(c.code)) for c in classes}
-    if option is not None and option == round(option) and int(option) in declared:
+    if _integral(option) in declared:
         raise UsageError(
             f"--label-nodata {option:g} is a class code in {source.name}",
             hint="drop --label-nodata, or the class from the file",
         )
     overridden: set[int] = set()
     for path in masks:
-        with open_raster(path) as src:
-            tag = src.nodata
-        if option is None and tag is not None and label_nodata_of(None, tag, declared) is None:
-            overridden.add(int(tag))
-        unknown = sorted(_mask_codes(path, option, declared) - declared)
+        scan = _scan_mask(path, option, declared)
+        tagged = _integral(scan.tag)
+        if option is None and tagged is not None and tagged in declared:
+            overridden.add(tagged)
+        unknown = sorted(scan.codes - declared)
         if unknown:
             raise InputDataError(
                 f"label code(s) {unknown[:5]} not in {source.name} (its codes: {sorted(declared)})",
@@ -103,16 +125,18 @@ def _check_declared_codes(
     ]
 
 
-def _sentinel_notes(codes: list[int], mask: Path) -> list[str]:
-    """A discovered code that is its data type's largest value is usually a nodata fill."""
-    with open_raster(mask) as src:
-        dtype = np.dtype(src.dtypes[0])
-    if dtype.kind not in "ui" or np.iinfo(dtype).max not in codes:
-        return []
-    largest = np.iinfo(dtype).max
+def _sentinel_notes(codes: list[int], scans: list[_MaskScan]) -> list[str]:
+    """A discovered code that is its mask's data type's largest value is usually a nodata fill."""
+    largest = {
+        int(np.iinfo(scan.dtype).max): scan.dtype.name
+        for scan in scans
+        if scan.dtype.kind in "ui" and int(np.iinfo(scan.dtype).max) in scan.codes
+    }
     return [
-        f"note: label code {largest} (the largest {dtype.name}) became a class; "
-        f"if it means no data, pass --label-nodata {largest}"
+        f"note: label code {code} (the largest {name}) became a class; "
+        f"if it means no data, pass --label-nodata {code}"
+        for code, name in sorted(largest.items())
+        if code in codes
     ]
 
 
@@ -254,19 +278,15 @@ def _default_colour(index: int) -> tuple[int, int, int]:
     return round(r * 255), round(g * 255), round(b * 255)
 
 
-def _discover_codes(paths: list[Path], root: Path, label_nodata: float | None) -> list[int]:
-    """Sorted distinct label codes of every mask (nodata and 255 excluded)."""
-    codes: set[int] = set()
-    for path in paths:
-        codes |= _mask_codes(path, label_nodata)
-    if not codes:
-        raise InputDataError(
-            "the label files hold no class codes (all nodata/255)", root, "check the masks"
-        )
-    return sorted(codes)
+@dataclass(frozen=True)
+class _MaskScan:
+    codes: set[int]  # distinct codes, nodata and 255 excluded
+    tag: float | None  # the file's nodata tag
+    dtype: np.dtype[Any]
 
 
-def _mask_codes(path: Path, label_nodata: float | None, declared: Collection[int] = ()) -> set[int]:
+def _scan_mask(path: Path, label_nodata: float | None, declared: Collection[int] = ()) -> _MaskScan:
+    """One mask's codes, read window by window (memory stays flat), its tag and data type."""
     codes: set[int] = set()
     with open_raster(path) as src:
         nodata = label_nodata_of(label_nodata, src.nodata, declared)
@@ -276,13 +296,14 @@ def _mask_codes(path: Path, label_nodata: float | None, declared: Collection[int
             values = label_values(np.unique(src.read(1, window=window)), nodata)
             require_integer_labels(values, path)
             codes |= {int(v) for v in values if v != IGNORE_INDEX}
+        tag, dtype = src.nodata, np.dtype(src.dtypes[0])
     if codes and min(codes) < 0:
         raise InputDataError(
             f"negative label code {min(codes)}",
             path,
             f"if {min(codes)} means no data, pass --label-nodata {min(codes)}; else fix the file",
         )
-    return codes
+    return _MaskScan(codes, tag, dtype)
 
 
 def _scan_windows(height: int, width: int) -> Iterator[Window]:

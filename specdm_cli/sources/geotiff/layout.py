@@ -48,6 +48,7 @@ class Header:
     grid: tuple[float, ...] | None = None
     scaled: bool = False  # a band carries a GDAL scale or offset: values = raw x scale + offset
     alpha: bool = False  # an alpha band, left out of `count`
+    names: tuple[str, ...] = ()  # the data bands' descriptions ("" where a band has none)
 
 
 def infer_task(root: Path) -> Task:
@@ -148,7 +149,10 @@ def _header(path: Path) -> Header:
         scaled = bool((scales != 1).any() or (offsets != 0).any())
         dtype = str(src.dtypes[bands[0] - 1]) if bands else str(src.dtypes[0])
         alpha = len(bands) < src.count
-        return Header(path, len(bands), dtype, src.height, src.width, crs, grid, scaled, alpha)
+        names = tuple((src.descriptions[i - 1] or "").strip() for i in bands)
+        return Header(
+            path, len(bands), dtype, src.height, src.width, crs, grid, scaled, alpha, names
+        )
 
 
 def data_bands(src: Any) -> list[int]:
@@ -257,7 +261,26 @@ def _same_bands(expected: Header, found: Header) -> Header:
             found.path,
             "convert every image to one data type",
         )
+    _same_band_order(expected, found)
     return expected
+
+
+def _same_band_order(expected: Header, found: Header) -> None:
+    """Files that name the same bands must list them in one order: gdalbuildvrt over files
+    sorted by name puts B8A after B12, and such a file's pixels would be stored under the first
+    file's band names. Names that differ otherwise (a scene id in each) are not compared."""
+    if found.names == expected.names or sorted(found.names) != sorted(expected.names):
+        return
+    if not all(expected.names):
+        return  # unnamed bands: nothing says which is which
+    pairs = zip(expected.names, found.names, strict=True)
+    band = next(i for i, (a, b) in enumerate(pairs) if a != b)
+    raise InputDataError(
+        f"band {band + 1} is {found.names[band]!r}, {expected.path.name}'s band {band + 1} is "
+        f"{expected.names[band]!r}: the files list their bands in other orders",
+        found.path,
+        "write every file's bands in one order (e.g. gdal_translate -b 1 -b 3 -b 2)",
+    )
 
 
 def check_all(headers: dict[str, Header]) -> str | None:

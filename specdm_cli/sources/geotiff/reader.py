@@ -37,7 +37,7 @@ from specdm_cli.sources.base import (
     require_dir,
     window_count,
 )
-from specdm_cli.sources.geotiff.bands import check_band_order, read_bands, rgb_bands
+from specdm_cli.sources.geotiff.bands import read_bands, rgb_bands
 from specdm_cli.sources.geotiff.classes import (
     codes_from_colours,
     colour_lookup,
@@ -79,6 +79,7 @@ class _Context:
     georeferenced: bool
     scaled: bool  # some file scales or offsets its values: every image is read in physical units
     colours: dict[int, int]  # packed RGB -> class code, for masks saved as colours
+    declared: frozenset[int]  # a classes file's codes: a tag naming one is not nodata
 
     @property
     def nan_declared(self) -> bool:
@@ -137,10 +138,9 @@ def read_geotiff(raw: Path | None, options: PrepareOptions) -> SourcePlan:
     width = min(options.patch_size, max(h.width for h in headers.values()))
     # Planned from the headers before any pixel is read, the class scan included.
     candidates = _candidates(headers, splits, height, width, options)
-    classes, classes_from, class_notes = resolve_classes(root, options, task, files, colour_masks)
+    resolved = resolve_classes(root, options, task, files, colour_masks)
+    classes, classes_from = resolved.classes, resolved.source
     bands = read_bands(first.path)
-    images = [paths[name] for paths in files.values() for name in array_names(task)[:-1]]
-    check_band_order(first.path, bands, images[1:])
     scaled = any(h.scaled for h in headers.values())
     spec = SourceSpec(
         dataset="geotiff",
@@ -169,12 +169,12 @@ def read_geotiff(raw: Path | None, options: PrepareOptions) -> SourcePlan:
     codes = tuple(int(str(c.code)) for c in classes)
     context = _Context(
         task, files, codes, height, width, spec.dtype, options.nodata, options.label_nodata,
-        bool(crs), scaled, colour_lookup(classes) if colour_masks else {},
+        bool(crs), scaled, colour_lookup(classes) if colour_masks else {}, resolved.declared,
     )  # fmt: skip
     load = functools.partial(_load, ctx=context)
     notes = [
         *_alpha_notes(headers), *share_notes(splits, options),
-        *_change_code_notes(task, codes, classes_from), *class_notes,
+        *_change_code_notes(task, codes, classes_from), *resolved.notes,
     ]  # fmt: skip
     return SourcePlan(spec=spec, candidates=candidates, load=load, warnings=notes)
 
@@ -247,7 +247,7 @@ def _load(candidate: Candidate, *, ctx: _Context) -> RawSample:
     else:
         raw_codes = raw_label.values[0]
         # --label-nodata overrides the mask's tag, as --nodata does the image's.
-        label_nodata = label_nodata_of(ctx.label_nodata, raw_label.nodata, ctx.codes)
+        label_nodata = label_nodata_of(ctx.label_nodata, raw_label.nodata, ctx.declared)
     label = remap_labels(label_values(raw_codes, label_nodata), ctx.codes, paths[label_name])
     arrays: dict[str, np.ndarray] = {}
     invalid = np.zeros(label.shape, dtype=bool)
