@@ -21,6 +21,7 @@ from specdm_cli.errors import InputDataError, UsageError
 from specdm_cli.manifest import Band, ClassInfo, Manifest
 from specdm_cli.sources.base import PrepareOptions, SourcePlan
 from specdm_cli.sources.geotiff import read_geotiff
+from tests.conftest import manifest_of, run_cli
 from tests.fixtures.geotiff_folder import (
     CRS_EPSG,
     ORIGIN,
@@ -178,7 +179,6 @@ def test_change_detection_folder(tmp_path: Path) -> None:
 
 
 def test_a_task_the_folder_does_not_hold_is_refused(tmp_path: Path) -> None:
-    from tests.conftest import run_cli
 
     root = make_geotiff_folder(tmp_path / "raw", task="cd", codes=[0, 1], n=2)
     code, _, stderr = run_cli("prepare", "geotiff", root, "--task", "ss", "--out", tmp_path / "s")
@@ -418,6 +418,30 @@ def test_a_float_mask_with_nan_points_at_label_nodata_nan(tmp_path: Path) -> Non
     assert "--label-nodata nan" in (info.value.hint or "")
     plan = _plan(root, label_nodata=float("nan"))
     assert (plan.load(plan.candidates[0]).arrays["mask"][0, :3] == 255).all()
+
+
+def test_tiles_of_two_utm_zones_are_read_without_bounds(tmp_path: Path) -> None:
+    """Sentinel-2 tiles of zones 32N and 33N were refused ("reproject every file to one CRS");
+    the pixels need no shared CRS, the bounds do: they are left out, each file's CRS recorded."""
+    root = make_geotiff_folder(tmp_path / "raw", n=3)
+    for folder in ("images", "masks"):
+        path = root / folder / "tile_01.tif"
+        geo = {"crs": CRS.from_epsg(32633), "transform": from_origin(300_000, 5_300_000, 10, 10)}
+        if folder == "images":
+            write_image(path, _read(path), geo)
+        else:
+            write_label(path, _read(path, 1), geo)
+    plan = _plan(root)
+    assert plan.spec.crs is None
+    assert plan.spec.details["crs_by_file"] == {
+        "tile_00": "EPSG:32632", "tile_01": "EPSG:32633", "tile_02": "EPSG:32632"
+    }  # fmt: skip
+    assert any("lie in 2 CRSs (EPSG:32632, EPSG:32633)" in line for line in plan.warnings)
+    assert all(plan.load(c).bounds is None for c in plan.candidates)
+    out = tmp_path / "store.zarr"
+    code, _, stderr = run_cli("prepare", "geotiff", root, "--out", out, "--val-fraction", "0")
+    assert code == 0, stderr
+    assert manifest_of(out)["crs"] is None
 
 
 def test_ungeoreferenced_folder_has_no_crs_or_bounds(tmp_path: Path) -> None:
@@ -688,11 +712,10 @@ def _corrupt_tiff(root: Path, _: Path) -> Path:
     return path
 
 
-def _other_crs(root: Path, _: Path) -> Path:
+def _one_file_without_crs(root: Path, _: Path) -> Path:
     path = root / "images" / "tile_02.tif"
-    geo = {"crs": CRS.from_epsg(4326), "transform": from_origin(11.0, 48.0, 1e-4, 1e-4)}
-    write_image(path, _read(path), geo)
-    write_label(root / "masks" / "tile_02.tif", _read(root / "masks" / "tile_02.tif", 1), geo)
+    write_image(path, _read(path), {})
+    write_label(root / "masks" / "tile_02.tif", _read(root / "masks" / "tile_02.tif", 1), {})
     return path
 
 
@@ -742,7 +765,7 @@ def _duplicate_class_code(root: Path, _: Path) -> Path:
         (_mask_with_alpha, "label file has 2 bands, expected 1"),
         (_float_colour_mask, "RGB label file holds float32 values"),
         (_corrupt_tiff, "corrupt"),
-        (_other_crs, "CRS EPSG:4326"),
+        (_one_file_without_crs, "CRS none differs from tile_00.tif's EPSG:32632"),
         (_mask_in_another_crs, "differs from its image's EPSG:32632"),
         (_mask_off_its_image_grid, "not on its image's grid"),
         (_bad_classes_json, "bad classes file"),

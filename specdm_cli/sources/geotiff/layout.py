@@ -283,18 +283,19 @@ def _same_band_order(expected: Header, found: Header) -> None:
     )
 
 
-def check_all(headers: dict[str, Header]) -> str | None:
-    """The CRS every image shares (None when not georeferenced), after checking bands agree."""
+def check_all(headers: dict[str, Header]) -> dict[str, str | None]:
+    """Each stem's CRS (None where not georeferenced), after checking bands agree. Tiles may lie
+    in several CRSs (Sentinel-2 tiles of two UTM zones); files with a CRS and without may not mix."""
     first = next(iter(headers.values()))
     for header in headers.values():
         _same_bands(first, header)
-        if header.crs != first.crs:
+        if (header.crs is None) != (first.crs is None):
             raise InputDataError(
                 f"CRS {_shown(header.crs)} differs from {first.path.name}'s {_shown(first.crs)}",
                 header.path,
-                "reproject every file to one CRS (e.g. gdalwarp -t_srs)",
+                "georeference every file, or none (e.g. gdal_translate -a_srs)",
             )
-    return first.crs
+    return {stem: header.crs for stem, header in headers.items()}
 
 
 def output_dtype(dtype: str, path: Path, scaled: bool = False) -> str:

@@ -132,7 +132,8 @@ def read_geotiff(raw: Path | None, options: PrepareOptions) -> SourcePlan:
     headers = {stem: image for stem, (image, _) in checked.items()}
     colour_masks = any(label.count == 3 for _, label in checked.values())
     first = next(iter(headers.values()))
-    crs = check_all(headers)
+    crs_by_file = check_all(headers)
+    crs = _one_crs(crs_by_file)
     splits, splits_from = assign_splits(list(files), options)
     height = min(options.patch_size, max(h.height for h in headers.values()))
     width = min(options.patch_size, max(h.width for h in headers.values()))
@@ -164,6 +165,8 @@ def read_geotiff(raw: Path | None, options: PrepareOptions) -> SourcePlan:
                 if scaled
                 else {}
             ),
+            # Georeferenced, but not in one CRS: no bounds; a sample's source_id names its file.
+            **({"crs_by_file": crs_by_file} if crs is None and any(crs_by_file.values()) else {}),
         },
     )
     codes = tuple(int(str(c.code)) for c in classes)
@@ -173,10 +176,27 @@ def read_geotiff(raw: Path | None, options: PrepareOptions) -> SourcePlan:
     )  # fmt: skip
     load = functools.partial(_load, ctx=context)
     notes = [
-        *_alpha_notes(headers), *share_notes(splits, options),
+        *_crs_notes(crs_by_file, crs), *_alpha_notes(headers), *share_notes(splits, options),
         *_change_code_notes(task, codes, classes_from), *resolved.notes,
     ]  # fmt: skip
     return SourcePlan(spec=spec, candidates=candidates, load=load, warnings=notes)
+
+
+def _one_crs(crs_by_file: dict[str, str | None]) -> str | None:
+    """The CRS every file shares; None when they have none, or several."""
+    distinct = set(crs_by_file.values())
+    return distinct.pop() if len(distinct) == 1 else None
+
+
+def _crs_notes(crs_by_file: dict[str, str | None], crs: str | None) -> list[str]:
+    distinct = sorted({c for c in crs_by_file.values() if c is not None})
+    if crs is not None or not distinct:
+        return []
+    shown = ", ".join(distinct[:4]) + (", ..." if len(distinct) > 4 else "")
+    return [
+        f"note: the files lie in {len(distinct)} CRSs ({shown}): the store keeps no bounds or "
+        "CRS; each file's CRS is in the manifest (source.details.crs_by_file)"
+    ]
 
 
 def _change_code_notes(task: Task, codes: tuple[int, ...], classes_from: str) -> list[str]:
