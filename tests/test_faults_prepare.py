@@ -173,8 +173,9 @@ def _rename_last_tile(raw: Path) -> None:
         (_rename_last_tile, "(patches listed)"),
     ],
 )
+@pytest.mark.parametrize("before_progress", [False, True])
 def test_a_resume_over_changed_raw_data_is_refused(
-    tmp_path: Path, change: Callable[[Path], None], words: str
+    tmp_path: Path, change: Callable[[Path], None], words: str, before_progress: bool
 ) -> None:
     """Samples written before the change would be read with another class list or patch grid:
     the resume refuses in one line (exit 3) and the begun store is left as it was."""
@@ -183,9 +184,15 @@ def test_a_resume_over_changed_raw_data_is_refused(
     args = ("prepare", "geotiff", raw, "--out", out, "--patch-size", "8", "--overlap", "0",
             "--val-fraction", "0", "--test-fraction", "0", "--quiet")  # fmt: skip
     run_killed(*args, fault="prepare.after_block:1")  # 64 of the 112 patches written
+    if before_progress:  # killed before its first block's record: the manifest says what was begun
+        (out / ".specdm" / "prepare-progress.json").unlink()
     before = arrays(out)
     change(raw)
     resumed = specdm(*args, "--resume")
+    if before_progress and change is _rename_last_tile:
+        # No sample on record and the same classes, bands and count: a clean restart.
+        assert resumed.returncode == 0, resumed.stderr
+        return
     # The killed run left its lock; the resume that takes it over says so in a note first.
     told = [line for line in resumed.stderr.splitlines() if "took over a stale lock" not in line]
     assert_one_error_line(resumed.returncode, "\n".join(told), 3, words)

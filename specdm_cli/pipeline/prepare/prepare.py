@@ -239,11 +239,26 @@ def _source_fingerprint(spec: SourceSpec, candidates: Sequence[Candidate]) -> di
     }
 
 
+def _manifest_fingerprint(manifest: Manifest) -> dict[str, Any]:
+    """The fingerprint's fields a store's manifest holds: what a resume that has no samples
+    yet compares (the manifest was written from the raw data when the store was begun)."""
+    return {
+        "task": manifest.task,
+        "size": [manifest.height, manifest.width],
+        "dtype": manifest.dtype,
+        "bands": [band.name for band in manifest.bands],
+        "classes": [[c.index, str(c.code)] for c in manifest.classes],
+        "crs": manifest.crs,
+        "patches": manifest.source.candidates if manifest.source else None,
+    }
+
+
 def _refuse_changed_source(
     request: PrepareRequest, begun: dict[str, Any], now: dict[str, Any]
 ) -> None:
-    """Refuse (exit 3) to resume over raw data that changed since the store was begun."""
-    changed = [key for key in now if begun.get(key) != now[key]]
+    """Refuse (exit 3) to resume over raw data that changed since the store was begun; `begun`
+    holds what was recorded then (nothing in progress records of earlier versions)."""
+    changed = [key for key in now if key in begun and begun[key] != now[key]]
     if not changed:
         return
     shown = [
@@ -273,12 +288,13 @@ def _write(
         if resumed and forget_damaged(request.out, range(tally.kept)):
             # The running statistics cannot skip a sample: start over (same bytes, in place).
             tally = PrepareTally()
+        fingerprint = _source_fingerprint(source_plan.spec, source_plan.candidates)
+        if resumed:  # before anything in the store changes
+            begun = tally.source if tally.kept else _manifest_fingerprint(writer.manifest)
+            _refuse_changed_source(request, begun, fingerprint)
+        tally.source = fingerprint
         if tally.kept == 0:  # a finished store shrank to its samples; a restart needs them all
             writer.truncate(len(source_plan.candidates))
-        fingerprint = _source_fingerprint(source_plan.spec, source_plan.candidates)
-        if tally.kept and tally.source:  # tallies of older versions have none: not checked
-            _refuse_changed_source(request, tally.source, fingerprint)
-        tally.source = fingerprint
         writer.forget_from(tally.kept)
         spec = source_plan.spec
         write_blocks(
