@@ -155,6 +155,9 @@ def test_existing_output_resume_and_overwrite_rules(tmp_path: Path) -> None:
     assert code == 3 and "other inputs or options" in stderr
     assert prepare_demo(store, "--overwrite", n=5) == store
     assert manifest_of(store)["count"] == 5
+    # A mistyped RAW is the error to fix first, not the output that exists.
+    code, _, stderr = run_cli("prepare", "geotiff", tmp_path / "no-such", "--out", store)
+    assert code == 3 and "folder does not exist" in stderr and "no-such" in stderr
 
 
 def test_overwrite_refuses_a_folder_that_is_not_ours(tmp_path: Path) -> None:

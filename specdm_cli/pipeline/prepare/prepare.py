@@ -133,6 +133,8 @@ def _check_raw(source: str, raw: Path | None) -> None:
         raise UsageError(f"{source} takes no RAW folder", hint=f"run `specdm prepare {source}`")
     if source not in NO_RAW and raw is None:
         raise UsageError(f"{source} needs a RAW folder", hint=f"run `specdm prepare {source} PATH`")
+    if raw is not None and not raw.exists():  # told before any word about the output
+        raise InputDataError("folder does not exist", raw, "check the path")
 
 
 def _check_ranges(options: PrepareOptions) -> None:
