@@ -442,6 +442,10 @@ def test_tiles_of_two_utm_zones_are_read_without_bounds(tmp_path: Path) -> None:
     code, _, stderr = run_cli("prepare", "geotiff", root, "--out", out, "--val-fraction", "0")
     assert code == 0, stderr
     assert manifest_of(out)["crs"] is None
+    code, stdout, _ = run_cli("inspect", out)
+    assert (
+        code == 0 and "crs: 2 CRSs (EPSG:32632, EPSG:32633; source.details.crs_by_file)" in stdout
+    )
 
 
 def test_ungeoreferenced_folder_has_no_crs_or_bounds(tmp_path: Path) -> None:

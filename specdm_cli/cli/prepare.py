@@ -216,7 +216,9 @@ def _render_inspect(report: dict[str, Any], console: Console) -> None:
         "splits: " + ", ".join(f"{k} {v}" for k, v in sorted(report["split_counts"].items()))
     )
     origin = report["source"] or report["model"] or {}
-    console.print(f"from: {origin.get('dataset') or origin.get('run_id')}  crs: {report['crs']}")
+    console.print(
+        f"from: {origin.get('dataset') or origin.get('run_id')}  crs: {_crs_line(report)}"
+    )
     bands = Table("band", "wavelength (nm)", title="bands", title_justify="left")
     for band in report["bands"]:
         bands.add_row(band["name"], f"{band['wavelength_nm']:g}" if band["wavelength_nm"] else "-")
@@ -230,3 +232,14 @@ def _render_inspect(report: dict[str, Any], console: Console) -> None:
             f"{share:.1%}" if share is not None else "-",
         )
     console.print(bands, classes)
+
+
+def _crs_line(report: dict[str, Any]) -> str:
+    """The store's CRS; for files or cities in several, how many (the manifest lists them)."""
+    details = (report["source"] or {}).get("details") or {}
+    by_file = details.get("crs_by_file") or details.get("crs_by_city")
+    if report["crs"] is not None or not by_file:
+        return str(report["crs"])
+    distinct = sorted({crs for crs in by_file.values() if crs})
+    key = "crs_by_file" if "crs_by_file" in details else "crs_by_city"
+    return f"{len(distinct)} CRSs ({', '.join(distinct[:3])}{', ...' if len(distinct) > 3 else ''}; source.details.{key})"
