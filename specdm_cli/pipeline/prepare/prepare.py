@@ -229,29 +229,25 @@ def _source_fingerprint(spec: SourceSpec, candidates: Sequence[Candidate]) -> di
     """What the raw data decides about the samples: a resume must find the same, or the ones
     written before would sit under another class list, band order or patch grid."""
     listed = "\n".join(f"{candidate.split}\t{candidate.source_id}" for candidate in candidates)
-    return {
-        "task": spec.task,
-        "size": [spec.height, spec.width],
-        "dtype": spec.dtype,
-        "bands": [band.name for band in spec.bands],
-        "classes": [[c.index, str(c.code)] for c in spec.classes],
-        "crs": spec.crs,
-        "patches": len(candidates),
-        "patches listed": hashlib.sha256(listed.encode()).hexdigest(),
-    }
+    digest = hashlib.sha256(listed.encode()).hexdigest()
+    return {**_described(spec, len(candidates)), "patches listed": digest}
 
 
 def _manifest_fingerprint(manifest: Manifest) -> dict[str, Any]:
     """The fingerprint's fields a store's manifest holds: what a resume that has no samples
     yet compares (the manifest was written from the raw data when the store was begun)."""
+    return _described(manifest, manifest.source.candidates if manifest.source else None)
+
+
+def _described(what: SourceSpec | Manifest, patches: int | None) -> dict[str, Any]:
     return {
-        "task": manifest.task,
-        "size": [manifest.height, manifest.width],
-        "dtype": manifest.dtype,
-        "bands": [band.name for band in manifest.bands],
-        "classes": [[c.index, str(c.code)] for c in manifest.classes],
-        "crs": manifest.crs,
-        "patches": manifest.source.candidates if manifest.source else None,
+        "task": what.task,
+        "size": [what.height, what.width],
+        "dtype": what.dtype,
+        "bands": [band.name for band in what.bands],
+        "classes": [[c.index, str(c.code)] for c in what.classes],
+        "crs": what.crs,
+        "patches": patches,
     }
 
 
