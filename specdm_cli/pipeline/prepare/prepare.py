@@ -287,7 +287,7 @@ def _write(
             # The running statistics cannot skip a sample: start over (same bytes, in place).
             tally = PrepareTally()
         fingerprint = _source_fingerprint(source_plan.spec, source_plan.candidates)
-        if resumed:  # before anything in the store changes
+        if resumed:  # before the store is resized or written
             begun = tally.source if tally.kept else _manifest_fingerprint(writer.manifest)
             _refuse_changed_source(request, begun, fingerprint)
         tally.source = fingerprint
