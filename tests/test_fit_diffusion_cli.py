@@ -164,13 +164,24 @@ def test_snr_gamma_is_part_of_the_training_identity(vae_run: Path, tmp_path: Pat
     assert code == 2 and "--snr-gamma" in stderr
 
 
-def test_cache_is_rebuilt_for_another_store(vae_run: Path, tmp_path: Path) -> None:
-    run = copy_run(vae_run, tmp_path / "run")
-    assert diffuse(run, "--steps", "2")[0] == 0
+def test_another_store_builds_its_cache_but_never_under_a_trained_unet(
+    vae_run: Path, tmp_path: Path
+) -> None:
+    """A resume with another store rebuilt the cache and went on training the U-Net on latents
+    of another scale, exit 0; a store of another kind crashed (exit 1, "a bug")."""
     other = prepare_demo(tmp_path / "other.zarr", "--seed", "9", n=24, size=16)
-    code, summary, stderr = diffuse(run, "--steps", "3", "--resume", "--store", str(other))
+    run = copy_run(vae_run, tmp_path / "run")
+    code, summary, stderr = diffuse(run, "--steps", "2", "--store", str(other))
     assert code == 0, stderr
     assert summary["cache"] == "built"
+    recorded = json.loads((run / "run.json").read_text())["stages"]["diffusion"]["details"]
+    assert recorded["latent_store"]["path"] == str(other.resolve())
+    code, _, stderr = diffuse(run, "--steps", "3", "--resume")  # the VAE's own store
+    assert_one_error_line(code, stderr, 4, "learned the latents of another store")
+    assert diffuse(run, "--steps", "3", "--resume", "--store", str(other))[0] == 0
+    cd = prepare_demo(tmp_path / "cd.zarr", n=24, size=16, task="cd")
+    code, _, stderr = diffuse(copy_run(vae_run, tmp_path / "fresh"), "--store", str(cd))
+    assert_one_error_line(code, stderr, 3, "task, classes differ from those the run's VAE")
 
 
 def test_two_plus_two_steps_equal_four_with_ema(vae_run: Path, tmp_path: Path) -> None:

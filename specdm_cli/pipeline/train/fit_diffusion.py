@@ -13,7 +13,7 @@ import torch
 from pydantic import ValidationError
 
 from specdm_cli.config import Devices, DiffusionTrainConfig, Progress
-from specdm_cli.errors import ModelError, UsageError
+from specdm_cli.errors import InputDataError, ModelError, UsageError
 from specdm_cli.fs.lock import ReadLock
 from specdm_cli.models.diffusion import (
     UNetConfig,
@@ -147,13 +147,16 @@ def fit_diffusion(
                 str(run), "already complete", stage.step, request.config.steps, 0.0, 0.0, "kept"
             )
         extra = condition_input_channels(manifest, request.config)  # refused before encoding
-        cache, val = _latents(run, manifest, request, devices[0], stop, progress, warn)
+        store = request.store or Path(manifest.source_store)
+        store_sha = _check_store(run, manifest, store, stage)
+        cache, val = _latents(run, manifest, request, store, devices[0], stop, progress, warn)
         size = manifest.height // vae_config(manifest).downsample
         checkpoint = stage.checkpoint if stage is not None else None
         start = stage.step if checkpoint else 0
         unet = unet_config(request.config, cache.mean.shape[1], size, extra)
         recorded = {
             "vae_weights": manifest.stages["vae"].weights,
+            "latent_store": {"path": str(store.resolve()), "sha256": store_sha},
             **mask_condition_details(manifest, unet, request.config.mask_condition_rate),
         }
         job = _Job(run, request.config, unet, checkpoint, start, val, recorded)
@@ -231,10 +234,45 @@ def _rank_main(
     )  # fmt: skip
 
 
+# What a store shares with the run's VAE for its latents to be the VAE's kind: the VAE reads
+# these bands in this order, and its label branch one channel per class.
+def _check_store(run: Path, manifest: RunManifest, store: Path, stage: Any) -> str:
+    """The store's digest, after checking its samples fit the run's VAE (exit 3) and that a
+    resumed U-Net learned this store's latents (exit 4): another store's swapped in under a
+    trained U-Net rescaled the latents it had learned."""
+    theirs = open_store(store).manifest
+    differ = [
+        name
+        for name, ours, found in (
+            ("task", manifest.task, theirs.task),
+            ("bands", [b.name for b in manifest.bands], [b.name for b in theirs.bands]),
+            ("classes", [c.name for c in manifest.classes], [c.name for c in theirs.classes]),
+            ("size", (manifest.height, manifest.width), (theirs.height, theirs.width)),
+        )
+        if ours != found
+    ]
+    if differ:
+        raise InputDataError(
+            f"the store's {', '.join(differ)} differ from those the run's VAE was trained on",
+            store,
+            "pass a store prepared like the run's (or drop --store)",
+        )
+    store_sha = store_sha256(store)
+    learned = (stage.details.get("latent_store") or {}) if stage is not None else {}
+    if learned.get("sha256") not in (None, store_sha):
+        raise ModelError(
+            f"the run's U-Net learned the latents of another store ({learned.get('path')})",
+            run,
+            "drop --store to resume it, or train a new run",
+        )
+    return store_sha
+
+
 def _latents(
     run: Path,
     manifest: RunManifest,
     request: FitDiffusionRequest,
+    store: Path,
     device: torch.device,
     stop: StopFlag,
     progress: Progress | None,
@@ -242,7 +280,6 @@ def _latents(
 ) -> tuple[LatentCache, np.ndarray]:
     """The training latent cache (built once) and the validation latents (encoded now)."""
     vae_stage = manifest.stages["vae"]
-    store = request.store or Path(manifest.source_store)
     reader = open_store(store)
     store_sha = store_sha256(store)
     augment = vae_stage.config.get("augment", "none") == "d4"
