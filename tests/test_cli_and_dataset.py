@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -140,3 +141,23 @@ for args in (
     assert "no such run folder (nosuch)" in lines[1] and "read-only" in lines[2]
     assert "--masks: store does not exist (no.zarr)" in lines[4]
     assert "--real: store does not exist (no.zarr)" in lines[5]
+
+
+@pytest.mark.parametrize(
+    ("resumable", "line"),
+    [
+        (True, "interrupted: rerun with --resume"),
+        (False, "interrupted: this command does not resume; run it again"),
+    ],
+)
+def test_an_interrupt_points_at_resume_only_where_the_command_has_it(
+    capsys: pytest.CaptureFixture[str], resumable: bool, line: str
+) -> None:
+    """benchmark (no --resume) told users to rerun with --resume, which it refuses."""
+    from specdm_cli.cli.output import domain_errors
+    from specdm_cli.errors import Interrupted
+
+    with pytest.raises(typer.Exit) as exited, domain_errors(resumable):
+        raise Interrupted(signal.SIGINT)
+    assert exited.value.exit_code == 130
+    assert capsys.readouterr().err.startswith(line)

@@ -129,7 +129,7 @@ def benchmark(
     quiet: QuietOption = False,
 ) -> None:
     """Report how good, how useful and how fast a synthetic dataset is."""
-    with domain_errors():
+    with domain_errors(resumable=False):
         if not schema:
             require_inputs(stores={"--real": real, "--synthetic": synthetic}, models=(model,))
         from specdm_cli.config import DownstreamOptions, count_list, downstream_protocol_list
@@ -202,7 +202,7 @@ def filter_command(
     quiet: QuietOption = False,
 ) -> None:
     """Write the subset of a store whose per-sample quality reaches --min-quality."""
-    with domain_errors():
+    with domain_errors(resumable=False):
         from specdm_cli.errors import UsageError
         from specdm_cli.pipeline.filter import FilterRequest, filter_store
 

@@ -17,6 +17,7 @@ from specdm_cli.config import Progress
 from specdm_cli.errors import (
     EXIT_RESOURCE,
     EXIT_SIGINT,
+    Interrupted,
     ResourceError,
     SpecdmError,
     resource_error_from,
@@ -26,16 +27,26 @@ from specdm_cli.errors import (
 stderr = Console(stderr=True, highlight=False, soft_wrap=True)
 
 
+_NOT_RESUMABLE = (
+    "interrupted: this command does not resume; run it again (--overwrite for an --out it began)"
+)
+
+
 @contextmanager
-def domain_errors() -> Iterator[None]:
-    """Domain errors become one stderr line and their exit code; never a traceback."""
+def domain_errors(resumable: bool = True) -> Iterator[None]:
+    """Domain errors become one stderr line and their exit code; never a traceback. A command
+    without --resume (`resumable` False) is not told to rerun with it when interrupted."""
+    interrupted = "interrupted: rerun with --resume" if resumable else _NOT_RESUMABLE
     try:
         yield
+    except Interrupted as error:
+        stderr.print(interrupted, markup=False)
+        raise typer.Exit(error.exit_code) from None
     except SpecdmError as error:
         stderr.print(error.line(), markup=False, soft_wrap=True)
         raise typer.Exit(error.exit_code) from None
     except KeyboardInterrupt:
-        stderr.print("interrupted: rerun with --resume", markup=False)
+        stderr.print(interrupted, markup=False)
         raise typer.Exit(EXIT_SIGINT) from None
     except OSError as error:
         # Readers turn their own I/O errors into input errors; what is left is the output side.

@@ -184,7 +184,7 @@ def inspect(
     json_output: JsonOption = False,
 ) -> None:
     """Validate a store and summarise it: splits, bands, classes, provenance."""
-    with domain_errors():
+    with domain_errors(resumable=False):
         from specdm_cli.pipeline.inspect import inspect_store, store_schema
 
         if schema:
