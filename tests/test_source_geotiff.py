@@ -335,6 +335,11 @@ def test_patches_cover_edges_and_small_files_are_padded(tmp_path: Path) -> None:
     assert (mask[:10, :12] != 255).all()
     np.testing.assert_array_equal(padded[:, :10, :12], _read(root / "images" / "tile_01.tif"))
     assert (padded[:, 10:, :] > 0).all()  # filled like nodata (band mean), never a blank 0
+    assert [line for line in plan.warnings if "smaller than" in line] == [
+        "note: 1 of 2 files are smaller than the 16x16 patch (e.g. tile_01.tif, 10x12): padded, "
+        "the padding labelled 255 (`--patch-size` sets the patch)"
+    ]
+    assert not [line for line in _plan(root, patch_size=8).warnings if "smaller than" in line]
 
 
 def test_same_size_tiles_keep_their_size(tmp_path: Path) -> None:

@@ -176,10 +176,24 @@ def read_geotiff(raw: Path | None, options: PrepareOptions) -> SourcePlan:
     )  # fmt: skip
     load = functools.partial(_load, ctx=context)
     notes = [
-        *_crs_notes(crs_by_file, crs), *_alpha_notes(headers), *share_notes(splits, options),
+        *_crs_notes(crs_by_file, crs), *_padding_notes(headers, height, width),
+        *_alpha_notes(headers), *share_notes(splits, options),
         *_change_code_notes(task, codes, classes_from), *resolved.notes,
     ]  # fmt: skip
     return SourcePlan(spec=spec, candidates=candidates, load=load, warnings=notes)
+
+
+def _padding_notes(headers: dict[str, Header], height: int, width: int) -> list[str]:
+    """Files smaller than the patch are padded: most of a small file's patch can be fill."""
+    small = [h for h in headers.values() if h.height < height or h.width < width]
+    if not small:
+        return []
+    example = min(small, key=lambda h: h.height * h.width)
+    return [
+        f"note: {len(small)} of {len(headers)} files are smaller than the {height}x{width} patch "
+        f"(e.g. {example.path.name}, {example.height}x{example.width}): padded, the padding "
+        "labelled 255 (`--patch-size` sets the patch)"
+    ]
 
 
 def _one_crs(crs_by_file: dict[str, str | None]) -> str | None:
