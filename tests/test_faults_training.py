@@ -193,3 +193,27 @@ def test_a_signal_stops_fit_vae_at_a_checkpoint_and_resume_is_exact(
     assert_clean_run(run)
     fit_vae(store, run, *STEPS, "--resume")
     assert_same_state(checkpoint_state(run, "vae"), vae_reference)
+
+
+@pytest.mark.slow  # a fit-vae subprocess (torch imports): about 10 s
+def test_a_signal_stops_the_semantic_terms_segmenter_and_resume_starts_over(
+    tmp_path: Path,
+) -> None:
+    """The segmenter trains before the VAE's first step (300 steps, a minute or more in the cpu
+    preset); Ctrl-C went unheard until it finished. Nothing is trained yet: the run folder goes,
+    and the resume the line asks for starts the run afresh."""
+    store = prepare_demo(tmp_path / "ss.zarr", n=24, size=16)
+    run = tmp_path / "run"
+    args = ("fit-vae", store, "--run", run, *VAE, "--steps", "2", "--semantic-weight", "0.3")
+    process = spawn(*args, "--semantic-steps", "100000", fault="segmenter.after_step:1:stop")
+    try:
+        wait_until_stopped(process)
+        process.send_signal(signal.SIGINT)  # delivered when it runs again
+    finally:
+        process.send_signal(signal.SIGCONT)
+        _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 130, stderr
+    assert stderr.strip().splitlines()[-1] == "interrupted: rerun with --resume"
+    assert not run.exists()
+    code, _, stderr = run_cli(*args, "--semantic-steps", "3", "--resume")
+    assert code == 0, stderr

@@ -197,16 +197,31 @@ def _rank_main(
     if job.checkpoint is not None:
         load_optimizer(trainer.optimizer, job.run / job.checkpoint)
         trainer.scaler.load(job.run / job.checkpoint)
+    stop = stop or StopFlag()
     trainer.prepare_critics(
-        job.run / job.checkpoint if job.checkpoint is not None else None, progress
+        job.run / job.checkpoint if job.checkpoint is not None else None,
+        _stoppable(progress, stop) if world == 1 else progress,
     )
     config = job.config
     schedule = Schedule(config.steps, config.val_every, config.checkpoint_every, "fit-vae", "total")
-    trained = train_loop(job.run, trainer, job.start, schedule, stop or StopFlag(), progress)
+    trained = train_loop(job.run, trainer, job.start, schedule, stop, progress)
     return FitVAESummary(
         str(job.run), "", config.steps, config.steps, 0.0, trained.steps_per_second,
         trained.last, trainer.validation,
     )  # fmt: skip
+
+
+def _stoppable(progress: Progress | None, stop: StopFlag) -> Progress:
+    """Progress that also stops between steps: the semantic term's segmenter trains for a minute
+    or more before the VAE's first step, and Ctrl-C went unheard all that time. (One rank only:
+    ranks agree on stopping in the training loop, not here.)"""
+
+    def report(stage: str, done: int, total: int) -> None:
+        if progress is not None:
+            progress(stage, done, total)
+        stop.check()
+
+    return report
 
 
 def _summary_from_run(job: _Job) -> FitVAESummary:

@@ -17,6 +17,7 @@ from torch import nn
 
 from specdm_cli.config import Progress, VAETrainConfig
 from specdm_cli.errors import ModelError
+from specdm_cli.faults import fault_point
 from specdm_cli.fs.atomic import atomic_write_text
 from specdm_cli.manifest import IGNORE_INDEX, IMAGE_ARRAYS, LABEL_ARRAY, Manifest
 from specdm_cli.metrics.stats import mean_iou
@@ -109,6 +110,7 @@ def train_segmenter(
         torch.autograd.backward(loss)
         optimiser.step()
         schedule.step()
+        fault_point("segmenter.after_step")
         if progress is not None:
             progress("fit-vae segmenter", step + 1, config.steps)
     summary = {
