@@ -410,3 +410,19 @@ def test_the_plan_records_cpu_threads_and_a_resume_with_others_is_refused(
     code, _, stderr = synth(ss_run, out, "--n", "4", "--threads", "2", "--resume")
     assert code == 3 and "--threads: store 1, now 2" in stderr
     assert synth(ss_run, out, "--n", "4", "--threads", "1", "--resume")[0] == 0
+
+
+def test_a_require_by_raw_code_is_pointed_at_the_class_index() -> None:
+    """A user who knows road as code 7 read "no class '7'" and the names, nothing more."""
+    from specdm_cli.errors import UsageError
+    from specdm_cli.manifest import ClassInfo
+    from specdm_cli.pipeline.synthesize.require import parse_require
+
+    classes = [
+        ClassInfo(index=i, name=name, colour=(0, 0, 0), code=code)
+        for i, (name, code) in enumerate([("background", 0), ("water", 3), ("road", 7)])
+    ]
+    with pytest.raises(UsageError, match="no class '7' \\(a name or an index\\)") as info:
+        parse_require("7:0.05", classes)
+    assert info.value.hint == "classes: 0 background, 1 water (code 3), 2 road (code 7)"
+    assert parse_require("2:0.05", classes)[0].name == "road"

@@ -49,9 +49,9 @@ def parse_require(text: str | None, classes: list[ClassInfo]) -> tuple[Requireme
             )
         chosen = by_name.get(name.strip().lower())
         if chosen is None:
-            known = ", ".join(c.name for c in classes)
             raise UsageError(
-                f"--require {item.strip()!r}: no class {name.strip()!r}", hint=f"classes: {known}"
+                f"--require {item.strip()!r}: no class {name.strip()!r} (a name or an index)",
+                hint=f"classes: {_listed(classes)}",
             )
         try:
             value = float(fraction)
@@ -64,6 +64,16 @@ def parse_require(text: str | None, classes: list[ClassInfo]) -> tuple[Requireme
             )
         wanted.append(Requirement(chosen.index, chosen.name, value))
     return tuple(wanted)
+
+
+def _listed(classes: list[ClassInfo]) -> str:
+    """Each class as `--require` takes it, with its raw code where that is another number (a
+    user who knows the data by its codes, e.g. 7 for road, finds the index here)."""
+    return ", ".join(
+        f"{c.index} {c.name}"
+        + (f" (code {c.code})" if str(c.code) not in ("None", str(c.index)) else "")
+        for c in classes
+    )
 
 
 def accepted(labels: np.ndarray, requirements: tuple[Requirement, ...], classes: int) -> np.ndarray:
