@@ -25,6 +25,7 @@ from specdm_cli.pipeline.runs.run_manifest import load_run
 from specdm_cli.stores import open_store
 from specdm_cli.stores.quality import read_quality, write_quality
 from tests.conftest import prepare_demo, run_cli
+from tests.fault_tools import assert_one_error_line
 
 # Budgets that finish in seconds: the numbers are meaningless, the plumbing is what is tested.
 FAST = ("--feature-steps", "5", "--batch-size", "8", "--threads", "2", "--quiet")
@@ -638,3 +639,17 @@ def test_an_oracle_beyond_the_real_pairs_is_refused_at_once(
         "benchmark", "--real", real, "--synthetic", synthetic, "--downstream-oracle"
     )
     assert code == 2 and "needs --downstream" in stderr and "Traceback" not in stderr
+
+
+def test_too_few_held_out_samples_are_told_before_any_training(tmp_path: Path) -> None:
+    """It trained the feature network first, then said "choose another split", an option
+    benchmark does not have."""
+    real = prepare_demo(
+        tmp_path / "real.zarr", "--val-fraction", "0.1", "--test-fraction", "0", n=12
+    )
+    synthetic = prepare_demo(tmp_path / "syn.zarr", "--seed", "3", n=4)
+    out = tmp_path / "report"
+    code, _, stderr = run_cli("benchmark", "--real", real, "--synthetic", synthetic, "--out", out)
+    assert_one_error_line(code, stderr, 3, "too few samples to compare (1 in split 'heldout')")
+    assert "--val-fraction" in stderr and not out.exists()
+    assert not (tmp_path / "specdm-home" / "cache" / "features").exists()  # none trained

@@ -27,6 +27,7 @@ from specdm_cli.pipeline.benchmark.features import (
 from specdm_cli.pipeline.benchmark.quality import (
     QualityReport,
     compare_stores,
+    require_samples_to_compare,
     split_indices,
 )
 from specdm_cli.pipeline.runs.choose import ChosenModel, choose_model
@@ -143,6 +144,7 @@ def _measure(request: BenchmarkRequest, progress: Progress | None) -> tuple[Benc
     if request.out is not None:
         refuse_stream_out(request.out)
     real, synthetic = open_pair(request.real, request.synthetic)
+    require_samples_to_compare(real, synthetic)
     if request.downstream is not None:  # the real pairs it asks for exist, before any training
         train = real_train(real, request.downstream)
         curve_pairs(real, request.downstream, train.size)

@@ -232,9 +232,16 @@ def _resolve(
         raise InputDataError(
             f"too few samples to compare ({indices.size} in split {used!r})",
             reader.root,
-            "choose another split or a larger store",
+            "a real store needs 2 or more val + test samples (prepare's --val-fraction, "
+            "--test-fraction); a synthetic one, 2 or more samples",
         )
     return indices, used
+
+
+def require_samples_to_compare(reference: StoreReader, candidate: StoreReader) -> None:
+    """compare_stores' default sample sets hold enough, told before a feature network trains."""
+    _resolve(reference, "heldout", None)
+    _resolve(candidate, "all", None)
 
 
 def _check_compatible(reference: StoreReader, candidate: StoreReader, net: FeatureNetwork) -> None:
