@@ -134,17 +134,26 @@ def test_refusals_are_one_line(trained: Path, distilled: Path, tmp_path: Path) -
 def test_auto_takes_the_student_unless_steps_are_asked_for(
     trained: Path, distilled: Path, tmp_path: Path
 ) -> None:
+    said: list[str] = []
+
     def sampler_of(run: Path, name: str, *extra: str) -> tuple[str, int]:
         out = tmp_path / name
-        code, _, stderr = run_cli("synthesize", "--model", run, "--out", out, "--n", "2",
-                                  "--threads", "2", "--quiet", *extra)  # fmt: skip
+        code, stdout, stderr = run_cli("synthesize", "--model", run, "--out", out, "--n", "2",
+                                       "--threads", "2", "--quiet", "--json", *extra)  # fmt: skip
         assert code == 0, stderr
+        said.extend(line for line in json.loads(stdout)["warnings"] if line.startswith("sampler"))
         model = json.loads((out / "manifest.json").read_text())["model"]
         return model["sampler"], model["steps"]
 
     assert sampler_of(distilled, "student.zarr") == ("distilled", 4)
     assert sampler_of(distilled, "asked.zarr", "--steps", "3") == ("dpmpp", 3)
     assert sampler_of(trained, "teacher.zarr") == ("dpmpp", 10)
+    # The same command samples otherwise once a run is distilled: it says which, every time.
+    assert said == [
+        "sampler: distilled (the run's distilled student; --sampler auto)",
+        "sampler: dpmpp (--steps asks for a step count; --sampler auto)",
+        "sampler: dpmpp (no current student; --sampler auto)",
+    ]
 
 
 def test_distill_takes_one_device_and_its_help_says_so(trained: Path) -> None:

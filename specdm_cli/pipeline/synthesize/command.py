@@ -102,6 +102,14 @@ def synthesize_store(
         return _write(options, chosen, shard, grid, (masks, bar), stop, progress, notice)
 
 
+def _why_sampler(request: SynthesizeRequest, options: SynthesizeOptions) -> str:
+    if request.sampler == "distilled":
+        return "the run's distilled student"
+    if options.steps is not None:
+        return "--steps asks for a step count"
+    return "--masks: students are joint only" if request.masks else "no current student"
+
+
 def _quality_bar(options: SynthesizeOptions) -> QualityBar | None:
     """`--min-quality` with the `--real` store it is judged against, or None."""
     if options.min_quality is None:
@@ -209,6 +217,8 @@ def _write(
         quality=judge,
     )
     _require_room(request)
+    if options.sampler == "auto":  # the same command samples otherwise once a run is distilled
+        notice(f"sampler: {request.sampler} ({_why_sampler(request, options)}; --sampler auto)")
     summary = synthesize(request, stop, progress)
     if options.preview is not None:
         reader = open_store(options.out, allow_incomplete=True)
