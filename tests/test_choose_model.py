@@ -66,6 +66,10 @@ def test_a_finished_recipe_beats_newer_short_and_unfinished_runs(
     assert (
         "no registered ss run can sample (newer: unfinished (diffusion stopped at step 1))" in line
     )
+    # Named with --model, it says what to type next (it said "finish fit-vae and fit-diffusion").
+    code, _, stderr = run_cli("synthesize", "--model", short, "--n", "2", "--out", tmp_path / "d")
+    assert code == 4 and "the run cannot sample yet" in stderr
+    assert "finish it: `specdm fit-diffusion RUN --resume` (stopped at step 1)" in stderr
 
 
 def test_given_masks_pick_the_newest_mask_conditioned_run(

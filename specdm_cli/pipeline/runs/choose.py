@@ -118,6 +118,17 @@ def _shortfall(run: Path, for_masks: bool = False) -> tuple[bool, str] | None:
     return None
 
 
+def _next_stage(manifest: RunManifest) -> str:
+    """What the run needs before it can sample, as the command to type."""
+    for stage, command in (("vae", "fit-vae STORE --run RUN"), ("diffusion", "fit-diffusion RUN")):
+        state = manifest.stages.get(stage)
+        if state is None:
+            return f"run `specdm {command}`"
+        if not state.finished:
+            return f"finish it: `specdm {command} --resume` (stopped at step {state.step})"
+    return "run `specdm fit-diffusion RUN`"
+
+
 def _loaded(path: Path, kind: str, why: str = "") -> ChosenModel:
     manifest = load_run(path)
     if manifest.stale_unet():
@@ -127,7 +138,5 @@ def _loaded(path: Path, kind: str, why: str = "") -> ChosenModel:
             "run `specdm fit-diffusion RUN` again",
         )
     if not manifest.can_sample():
-        raise ModelError(
-            "the run cannot sample yet", path, "finish `specdm fit-vae` and `specdm fit-diffusion`"
-        )
+        raise ModelError("the run cannot sample yet", path, _next_stage(manifest))
     return ChosenModel(path, kind, manifest, model_sha256(manifest), why)
