@@ -103,6 +103,23 @@ def test_geotiff_format_round_trips_through_the_geotiff_reader(tmp_path: Path) -
         np.testing.assert_array_equal(again["mask"], original.read(index)["mask"])
 
 
+def test_an_export_read_back_keeps_its_own_splits(tmp_path: Path) -> None:
+    """The splits were drawn again by --val-fraction (96/32 became 115/13 for a user)."""
+    tiles = prepare_demo(tmp_path / "tiles", "--format", "geotiff", n=20)
+    exported = {f"{r['index']:06d}": r["split"] for r in manifest_of(tiles)["files"]}  # type: ignore[union-attr]
+    assert len(set(exported.values())) == 3
+    code, _, stderr = run_cli("prepare", "geotiff", tiles, "--out", tmp_path / "back.zarr",
+                              "--quiet", "--patch-size", "32")  # fmt: skip
+    assert code == 0, stderr
+    back = open_store(tmp_path / "back.zarr")
+    splits = {s: back.indices(s) for s in ("train", "val", "test")}
+    ids = back.source_ids() or []
+    assert {ids[i]: s for s, found in splits.items() for i in found} == exported
+    assert manifest_of(tmp_path / "back.zarr")["source"]["details"]["splits_from"].startswith(  # type: ignore[index]
+        "manifest.json"
+    )
+
+
 def test_cd_store_has_both_phases_and_change(demo_cd_store: Path) -> None:
     arrays = _arrays(demo_cd_store)
     assert arrays["image_t1"].shape == arrays["image_t2"].shape == (24, 10, 32, 32)

@@ -20,6 +20,7 @@ from specdm_cli.manifest import (
     IGNORE_INDEX,
     LABEL_ARRAY,
     ClassInfo,
+    Manifest,
     Task,
     load_manifest,
 )
@@ -140,8 +141,8 @@ def _sentinel_notes(codes: list[int], scans: list[_MaskScan]) -> list[str]:
     ]
 
 
-def _manifest_classes(root: Path, task: Task) -> list[ClassInfo] | None:
-    """Classes of a specdm GeoTIFF export read back: its masks hold class indices as codes."""
+def exported_manifest(root: Path, task: Task) -> Manifest | None:
+    """The manifest of a specdm GeoTIFF export of `task` in RAW, or None."""
     if not (root / "manifest.json").is_file():
         return None
     try:
@@ -149,6 +150,14 @@ def _manifest_classes(root: Path, task: Task) -> list[ClassInfo] | None:
     except InputDataError:
         return None  # someone else's manifest.json: not ours to interpret
     if manifest.format != "geotiff" or manifest.task != task:
+        return None
+    return manifest
+
+
+def _manifest_classes(root: Path, task: Task) -> list[ClassInfo] | None:
+    """Classes of a specdm GeoTIFF export read back: its masks hold class indices as codes."""
+    manifest = exported_manifest(root, task)
+    if manifest is None:
         return None
     return [c.model_copy(update={"code": c.index}) for c in manifest.classes]
 

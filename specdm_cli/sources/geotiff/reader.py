@@ -41,6 +41,7 @@ from specdm_cli.sources.geotiff.bands import read_bands, rgb_bands
 from specdm_cli.sources.geotiff.classes import (
     codes_from_colours,
     colour_lookup,
+    exported_manifest,
     label_nodata_of,
     label_values,
     resolve_classes,
@@ -57,7 +58,7 @@ from specdm_cli.sources.geotiff.layout import (
     output_dtype,
     pair_files,
 )
-from specdm_cli.sources.geotiff.splits import assign_splits, share_notes
+from specdm_cli.sources.geotiff.splits import assign_splits, export_splits, share_notes
 
 # What one planned patch costs before any pixel is read: its Candidate, id string and the
 # store's per-sample records (measured about 400 bytes; rounded up).
@@ -134,7 +135,8 @@ def read_geotiff(raw: Path | None, options: PrepareOptions) -> SourcePlan:
     first = next(iter(headers.values()))
     crs_by_file = check_all(headers)
     crs = _one_crs(crs_by_file)
-    splits, splits_from = assign_splits(list(files), options)
+    exported = export_splits(exported_manifest(root, task), list(files))
+    splits, splits_from = assign_splits(list(files), options, exported)
     height = min(options.patch_size, max(h.height for h in headers.values()))
     width = min(options.patch_size, max(h.width for h in headers.values()))
     # Planned from the headers before any pixel is read, the class scan included.

@@ -9,16 +9,22 @@ from pathlib import Path
 import numpy as np
 
 from specdm_cli.errors import InputDataError
+from specdm_cli.manifest import Manifest
 from specdm_cli.sources.base import PrepareOptions, read_text_input
 from specdm_cli.sources.geotiff.layout import EXTENSIONS
 
 _SPLITS = ("train", "val", "test")
 
 
-def assign_splits(stems: list[str], options: PrepareOptions) -> tuple[dict[str, str], str]:
-    """Split per source file (never per patch: overlapping patches would leak across splits)."""
+def assign_splits(
+    stems: list[str], options: PrepareOptions, exported: dict[str, str] | None = None
+) -> tuple[dict[str, str], str]:
+    """Split per source file (never per patch: overlapping patches would leak across splits):
+    a splits file, else a specdm export's own splits (`exported`), else seeded fractions."""
     if options.splits_file is not None:
         return _read_splits_file(options.splits_file, stems), str(options.splits_file)
+    if exported is not None:
+        return exported, "manifest.json (a specdm export's own splits)"
     val, test = options.val_fraction, options.test_fraction  # checked by PrepareOptions
     n_test = min(_share(test, len(stems)), max(len(stems) - 1, 0))
     n_val = min(_share(val, len(stems)), max(len(stems) - 1 - n_test, 0))
@@ -26,6 +32,17 @@ def assign_splits(stems: list[str], options: PrepareOptions) -> tuple[dict[str, 
     split_of = ["test"] * n_test + ["val"] * n_val + ["train"] * (len(stems) - n_test - n_val)
     splits = {stems[int(i)]: split_of[rank] for rank, i in enumerate(order)}
     return splits, f"fractions val={val} test={test} seed={options.seed}"
+
+
+def export_splits(manifest: Manifest | None, stems: list[str]) -> dict[str, str] | None:
+    """The splits a specdm GeoTIFF export recorded for its samples, by file stem; None when
+    `manifest` is not one or does not cover every stem (files added or renamed since)."""
+    if manifest is None or not manifest.files:
+        return None
+    recorded = {Path(next(iter(s.files.values()))).stem: s.split for s in manifest.files}
+    if not set(stems) <= set(recorded):
+        return None
+    return {stem: recorded[stem] for stem in stems}
 
 
 def share_notes(splits: dict[str, str], options: PrepareOptions) -> list[str]:
