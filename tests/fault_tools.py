@@ -41,6 +41,17 @@ def wait_until_stopped(process: subprocess.Popen[str]) -> None:
     assert os.WIFSTOPPED(status), f"the child exited instead of stopping (status {status})"
 
 
+def signal_at_stop(process: subprocess.Popen[str], signum: int, timeout: float = 300) -> str:
+    """Send `signum` to a child frozen at its fault point, let it run on; returns its stderr."""
+    try:
+        wait_until_stopped(process)
+        process.send_signal(signum)  # delivered when it runs again
+    finally:
+        process.send_signal(signal.SIGCONT)
+        _, stderr = process.communicate(timeout=timeout)
+    return stderr
+
+
 def assert_one_error_line(code: int, stderr: str, expected: int, words: str = "") -> None:
     """Exit code `expected`, one `error:` line on stderr (containing `words`), no traceback."""
     lines = [line for line in stderr.splitlines() if line.strip()]

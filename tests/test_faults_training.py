@@ -25,6 +25,7 @@ from tests.fault_tools import (
     assert_same_state,
     checkpoint_state,
     run_killed,
+    signal_at_stop,
     spawn,
     stage_of,
     wait_until_stopped,
@@ -141,12 +142,7 @@ def test_a_signal_stops_the_latent_cache_build_and_resume_rebuilds_it(
 ) -> None:
     run = copy_run(vae_run, tmp_path / "run")
     process = spawn("fit-diffusion", run, *UNET, *STEPS, fault="latent_cache.after_batch:1:stop")
-    try:
-        wait_until_stopped(process)
-        process.send_signal(signal.SIGTERM)  # delivered when it runs again
-    finally:
-        process.send_signal(signal.SIGCONT)
-        _, stderr = process.communicate(timeout=300)
+    stderr = signal_at_stop(process, signal.SIGTERM)
     assert process.returncode == 143, stderr
     assert stderr.strip().splitlines()[-1] == "interrupted: rerun with --resume"
     assert "complete" not in zarr.open_group(run / "latents.zarr", mode="r").attrs
@@ -206,12 +202,7 @@ def test_a_signal_stops_the_semantic_terms_segmenter_and_resume_starts_over(
     run = tmp_path / "run"
     args = ("fit-vae", store, "--run", run, *VAE, "--steps", "2", "--semantic-weight", "0.3")
     process = spawn(*args, "--semantic-steps", "100000", fault="segmenter.after_step:1:stop")
-    try:
-        wait_until_stopped(process)
-        process.send_signal(signal.SIGINT)  # delivered when it runs again
-    finally:
-        process.send_signal(signal.SIGCONT)
-        _, stderr = process.communicate(timeout=120)
+    stderr = signal_at_stop(process, signal.SIGINT, timeout=120)
     assert process.returncode == 130, stderr
     assert stderr.strip().splitlines()[-1] == "interrupted: rerun with --resume"
     assert not run.exists()
