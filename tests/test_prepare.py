@@ -146,7 +146,11 @@ def test_interrupted_prepare_resumes_to_identical_store(tmp_path: Path) -> None:
     assert manifest_of(tmp_path / "cut.zarr")["complete"] is False
     code, _, _ = run_cli("inspect", tmp_path / "cut.zarr")
     assert code == 3
-    assert run_cli("inspect", tmp_path / "cut.zarr", "--allow-incomplete")[0] == 0
+    code, stdout, _ = run_cli("inspect", tmp_path / "cut.zarr", "--allow-incomplete")
+    # It printed the capacity as the sample count ("INCOMPLETE: 40 samples" with 16 written).
+    written = open_store(tmp_path / "cut.zarr", allow_incomplete=True).written().sum()
+    assert code == 0 and f"INCOMPLETE: {written} of 40 samples written" in stdout
+    assert 0 < written < 40 and "splits: not counted until the store is complete" in stdout
     summary = prepare(_request(tmp_path / "cut.zarr", resume=True), StopFlag())
     assert summary.state == "resumed"
     whole, cut = _arrays(tmp_path / "whole.zarr"), _arrays(tmp_path / "cut.zarr")

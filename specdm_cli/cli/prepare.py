@@ -205,16 +205,20 @@ def _render_inspect(report: dict[str, Any], console: Console) -> None:
     """The human-readable summary of `inspect_store`."""
     from rich.table import Table
 
-    state = "complete" if report["complete"] else "INCOMPLETE"
     shape = report["shape"]
-    console.print(
-        f"[bold]{report['path']}[/] {report['format']} task={report['task']} {state}: "
-        f"{report['count']} samples of {shape['bands']}x{shape['height']}x{shape['width']} "
-        f"{report['dtype']}"
+    # An unfinished store's count is its capacity: say how many are written (its split counts
+    # come when it finishes).
+    counted = (
+        f"complete: {report['count']} samples of"
+        if report["complete"]
+        else f"INCOMPLETE: {report['written']} of {report['count']} samples written,"
     )
     console.print(
-        "splits: " + ", ".join(f"{k} {v}" for k, v in sorted(report["split_counts"].items()))
+        f"[bold]{report['path']}[/] {report['format']} task={report['task']} {counted} "
+        f"{shape['bands']}x{shape['height']}x{shape['width']} {report['dtype']}"
     )
+    splits = ", ".join(f"{k} {v}" for k, v in sorted(report["split_counts"].items()))
+    console.print(f"splits: {splits or 'not counted until the store is complete'}")
     origin = report["source"] or report["model"] or {}
     console.print(
         f"from: {origin.get('dataset') or origin.get('run_id')}  crs: {_crs_line(report)}"
