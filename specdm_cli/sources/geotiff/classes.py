@@ -48,7 +48,12 @@ class ResolvedClasses:
 
 
 def resolve_classes(
-    root: Path, options: PrepareOptions, task: Task, files: Files, colour_masks: bool = False
+    root: Path,
+    options: PrepareOptions,
+    task: Task,
+    files: Files,
+    colour_masks: bool = False,
+    exported: Manifest | None = None,
 ) -> ResolvedClasses:
     """Classes from the given file, RAW/classes.{json,csv}, a specdm manifest, or the masks.
 
@@ -66,9 +71,9 @@ def resolve_classes(
         declared = frozenset(int(str(c.code)) for c in classes)
         notes = _check_declared_codes(masks, declared, options.label_nodata, path)
         return ResolvedClasses(classes, str(path), notes, declared)
-    exported = _manifest_classes(root, task)
-    if exported is not None:
-        return ResolvedClasses(exported, str(root / "manifest.json"))
+    if exported is not None:  # a specdm export's masks hold class indices as codes
+        indexed = [c.model_copy(update={"code": c.index}) for c in exported.classes]
+        return ResolvedClasses(indexed, str(root / "manifest.json"))
     scans = [_scan_mask(mask, options.label_nodata) for mask in masks]
     codes = sorted(set().union(*(scan.codes for scan in scans)))
     if not codes:
@@ -76,7 +81,7 @@ def resolve_classes(
             "the label files hold no class codes (all nodata/255)", root, "check the masks"
         )
     classes = _make_classes([(code, f"class_{code}", None) for code in codes], root)
-    return ResolvedClasses(classes, "masks", _sentinel_notes(codes, scans))
+    return ResolvedClasses(classes, "masks", _sentinel_notes(scans))
 
 
 def label_nodata_of(
@@ -126,7 +131,7 @@ def _check_declared_codes(
     ]
 
 
-def _sentinel_notes(codes: list[int], scans: list[_MaskScan]) -> list[str]:
+def _sentinel_notes(scans: list[_MaskScan]) -> list[str]:
     """A discovered code that is its mask's data type's largest value is usually a nodata fill."""
     largest = {
         int(np.iinfo(scan.dtype).max): scan.dtype.name
@@ -137,7 +142,6 @@ def _sentinel_notes(codes: list[int], scans: list[_MaskScan]) -> list[str]:
         f"note: label code {code} (the largest {name}) became a class; "
         f"if it means no data, pass --label-nodata {code}"
         for code, name in sorted(largest.items())
-        if code in codes
     ]
 
 
@@ -152,14 +156,6 @@ def exported_manifest(root: Path, task: Task) -> Manifest | None:
     if manifest.format != "geotiff" or manifest.task != task:
         return None
     return manifest
-
-
-def _manifest_classes(root: Path, task: Task) -> list[ClassInfo] | None:
-    """Classes of a specdm GeoTIFF export read back: its masks hold class indices as codes."""
-    manifest = exported_manifest(root, task)
-    if manifest is None:
-        return None
-    return [c.model_copy(update={"code": c.index}) for c in manifest.classes]
 
 
 ClassRow = tuple[int, str, tuple[int, int, int] | None]

@@ -135,13 +135,13 @@ def read_geotiff(raw: Path | None, options: PrepareOptions) -> SourcePlan:
     first = next(iter(headers.values()))
     crs_by_file = check_all(headers)
     crs = _one_crs(crs_by_file)
-    exported = export_splits(exported_manifest(root, task), list(files))
-    splits, splits_from = assign_splits(list(files), options, exported)
+    exported = exported_manifest(root, task)
+    splits, splits_from = assign_splits(list(files), options, export_splits(exported, list(files)))
     height = min(options.patch_size, max(h.height for h in headers.values()))
     width = min(options.patch_size, max(h.width for h in headers.values()))
     # Planned from the headers before any pixel is read, the class scan included.
     candidates = _candidates(headers, splits, height, width, options)
-    resolved = resolve_classes(root, options, task, files, colour_masks)
+    resolved = resolve_classes(root, options, task, files, colour_masks, exported)
     classes, classes_from = resolved.classes, resolved.source
     bands = read_bands(first.path)
     scaled = any(h.scaled for h in headers.values())
