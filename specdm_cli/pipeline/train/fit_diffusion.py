@@ -149,7 +149,9 @@ def fit_diffusion(
         extra = condition_input_channels(manifest, request.config)  # refused before encoding
         store = request.store or Path(manifest.source_store)
         store_sha = _check_store(run, manifest, store, stage)
-        cache, val = _latents(run, manifest, request, store, devices[0], stop, progress, warn)
+        cache, val = _latents(
+            run, manifest, request, (store, store_sha), devices[0], stop, progress, warn
+        )
         size = manifest.height // vae_config(manifest).downsample
         checkpoint = stage.checkpoint if stage is not None else None
         start = stage.step if checkpoint else 0
@@ -272,7 +274,7 @@ def _latents(
     run: Path,
     manifest: RunManifest,
     request: FitDiffusionRequest,
-    store: Path,
+    store_and_sha: tuple[Path, str],  # checked by _check_store, its manifest's digest
     device: torch.device,
     stop: StopFlag,
     progress: Progress | None,
@@ -280,8 +282,8 @@ def _latents(
 ) -> tuple[LatentCache, np.ndarray]:
     """The training latent cache (built once) and the validation latents (encoded now)."""
     vae_stage = manifest.stages["vae"]
+    store, store_sha = store_and_sha
     reader = open_store(store)
-    store_sha = store_sha256(store)
     augment = vae_stage.config.get("augment", "none") == "d4"
     key = cache_key(vae_stage.weights, store_sha, "d4" if augment else "none")
     vae = load_vae(run, manifest, device)
