@@ -176,11 +176,25 @@ def check_resume(run: Path, recorded: dict[str, Any], requested: dict[str, Any])
         changed = sorted(
             k for k in set(recorded) | set(requested) if recorded.get(k) != requested.get(k)
         )
+        told = "; ".join(
+            f"{k}: run {_shown(recorded.get(k))}, now {_shown(requested.get(k))}"
+            for k in changed[:3]
+        )
+        more = f"; and {len(changed) - 3} more" if len(changed) > 3 else ""
         raise ModelError(
-            f"cannot resume: options differ from the run's ({', '.join(changed)})",
+            f"cannot resume: options differ from the run's ({told}{more})",
             run,
             "resume with the original options, or start a new --run",
         )
+
+
+def _shown(value: Any) -> str:
+    """An option's value as a person typed it: lists comma-joined, a missing one as unset."""
+    if value is None:
+        return "unset"
+    if isinstance(value, list | tuple):
+        return ",".join(str(v) for v in value)
+    return str(value)
 
 
 def commit_checkpoint(
