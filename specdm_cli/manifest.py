@@ -51,6 +51,29 @@ class Band(_Strict):
     fwhm_nm: float | None = None
 
 
+_RGB_NM = (664.6, 559.8, 492.7)  # Sentinel-2 B04, B03, B02 centres: the usual true-colour triple
+_RGB_TOLERANCE_NM = 40.0
+_RGB_NAMES = ("red", "green", "blue")
+
+
+def rgb_bands(bands: list[Band]) -> list[str] | None:
+    """The bands shown as red, green and blue in previews: those nearest 665/560/490 nm, else
+    bands named red, green and blue (any case: an RGB(N) product's descriptions); None when
+    the bands say neither."""
+    picked: list[str] = []
+    for target in _RGB_NM:
+        near = [b for b in bands if b.wavelength_nm is not None]
+        best = min(near, key=lambda b: abs(float(b.wavelength_nm or 0) - target), default=None)
+        if best is None or abs(float(best.wavelength_nm or 0) - target) > _RGB_TOLERANCE_NM:
+            picked = []
+            break
+        picked.append(best.name)
+    if len(set(picked)) == 3:
+        return picked
+    named = {b.name.strip().lower(): b.name for b in bands}
+    return [named[name] for name in _RGB_NAMES] if all(n in named for n in _RGB_NAMES) else None
+
+
 class ClassInfo(_Strict):
     """One label class: its index in the store, name, display colour and code in the raw data."""
 

@@ -13,9 +13,10 @@ import zarr
 from rasterio.crs import CRS
 from rasterio.transform import from_origin
 
+from specdm_cli.manifest import Band, rgb_bands
 from specdm_cli.pipeline.benchmark.benchmark import rgb_notice
 from specdm_cli.pipeline.synthesize.preview import rgb_note
-from specdm_cli.sources.geotiff.bands import read_bands, rgb_bands
+from specdm_cli.sources.geotiff.bands import read_bands
 from specdm_cli.sources.geotiff.layout import raster_stem
 from specdm_cli.sources.sentinel2 import S2_WAVELENGTH_NM
 from specdm_cli.stores import open_store
@@ -296,6 +297,24 @@ def test_unknown_rgb_bands_are_said_in_one_line(tmp_path: Path) -> None:
     assert note is not None and note == rgb_note(open_store(out).manifest)
     assert "no red, green and blue bands" in note and "band_1, band_2, band_3" in note
     assert "\n" not in note
+
+
+def test_bands_named_red_green_blue_are_the_preview_bands(tmp_path: Path) -> None:
+    """An RGB+NIR product's descriptions (no wavelengths) name the preview bands, any case."""
+    names = ("Blue", "GREEN", "red", "NIR", *(f"extra_{i}" for i in range(9)))
+    raw = make_sen1floods11(tmp_path / "raw", descriptions=names)
+    out = tmp_path / "f.zarr"
+    assert _prepare("geotiff", raw, "--out", out, "--label-nodata", "-1")[0] == 0
+    assert manifest_of(out)["rgb_bands"] == ["red", "GREEN", "Blue"]
+    assert rgb_notice(out) is None
+
+
+def test_wavelengths_outrank_band_names_for_the_preview() -> None:
+    named = [Band(name=n) for n in ("blue", "green", "red")]
+    measured = [Band(name=n, wavelength_nm=w) for n, w in (("b1", 490), ("b2", 560), ("b3", 665))]
+    assert rgb_bands(named) == ["red", "green", "blue"]
+    assert rgb_bands(named[:2]) is None
+    assert rgb_bands(named + measured) == ["b3", "b2", "b1"]
 
 
 def test_segmunich_tiff_whose_garbled_shape_divides_by_zero_is_one_line(tmp_path: Path) -> None:

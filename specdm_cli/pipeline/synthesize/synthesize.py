@@ -21,6 +21,7 @@ from specdm_cli.manifest import (
     ModelInfo,
     array_names,
     load_manifest,
+    rgb_bands,
 )
 from specdm_cli.models.samplers import DEFAULT_STEPS
 from specdm_cli.pipeline.runs.choose import ChosenModel
@@ -165,7 +166,7 @@ def _manifest(request: SynthesizeRequest, steps: int, device: torch.device) -> M
         dtype=run.dtype,
         arrays=list(array_names(run.task)),
         bands=run.bands,
-        rgb_bands=_rgb(run.bands),
+        rgb_bands=rgb_bands(run.bands),
         classes=run.classes,
         batch_grid=request.batch_size,
         normalization=run.normalization,
@@ -198,12 +199,6 @@ def _manifest(request: SynthesizeRequest, steps: int, device: torch.device) -> M
         plan=_plan(request, steps),
         provenance=provenance(),
     )
-
-
-def _rgb(bands: list[Any]) -> list[str] | None:
-    names = [band.name for band in bands]
-    wanted = ["B04", "B03", "B02"]
-    return wanted if all(name in names for name in wanted) else None
 
 
 def _sampler(request: SynthesizeRequest, plan: SamplingPlan, device: torch.device) -> Sampler:

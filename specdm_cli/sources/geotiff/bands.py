@@ -16,8 +16,6 @@ from specdm_cli.sources.sentinel2 import S2_FWHM_NM, S2_WAVELENGTH_NM, s2_band_n
 _WAVELENGTH = re.compile(
     r"\(?\s*(\d+(?:\.\d*)?)\s*(nanometers?|nm|um|µm|micrometers?)\s*\)?", re.IGNORECASE
 )
-_RGB_NM = (664.6, 559.8, 492.7)  # Sentinel-2 B04, B03, B02 centres: the usual true-colour triple
-_RGB_TOLERANCE_NM = 40.0
 _ABSOLUTE = re.compile(r"^(/|\\\\|[A-Za-z]:[\\/])")  # /x, \\server\x, C:\x
 
 
@@ -107,15 +105,3 @@ def _float_or_none(text: str, scale: float) -> float | None:
     except ValueError:
         return None
     return value if math.isfinite(value) and value > 0 else None
-
-
-def rgb_bands(bands: list[Band]) -> list[str] | None:
-    """The bands nearest red, green and blue when the image has all three, for previews."""
-    picked = []
-    for target in _RGB_NM:
-        near = [b for b in bands if b.wavelength_nm is not None]
-        best = min(near, key=lambda b: abs(float(b.wavelength_nm or 0) - target), default=None)
-        if best is None or abs(float(best.wavelength_nm or 0) - target) > _RGB_TOLERANCE_NM:
-            return None
-        picked.append(best.name)
-    return picked if len(set(picked)) == 3 else None

@@ -20,6 +20,7 @@ from specdm_cli.manifest import (
     LABEL_ARRAY,
     Task,
     array_names,
+    rgb_bands,
 )
 from specdm_cli.sources.base import (
     Candidate,
@@ -37,7 +38,7 @@ from specdm_cli.sources.base import (
     require_dir,
     window_count,
 )
-from specdm_cli.sources.geotiff.bands import read_bands, rgb_bands
+from specdm_cli.sources.geotiff.bands import read_bands
 from specdm_cli.sources.geotiff.classes import (
     codes_from_colours,
     colour_lookup,
