@@ -121,6 +121,26 @@ def test_report_files_exist_and_validate(ss_report: Path, ss: tuple[Path, Path])
     # --json on stdout: the same report without the per-sample lists.
     summary = json.loads((ss_report.parent / "stdout.json").read_text())
     assert "per_sample" not in summary["quality"] and summary["feature_hash"] == report.feature_hash
+    # 12 synthetic samples and a handful held out: the distribution figures are said to be noise.
+    held_out = report.quality.reference.count
+    assert (
+        f"**Caution:** FD and KID come from {held_out} held-out real and 12 synthetic samples, "
+        "fewer than 200: their noise can exceed the gap between two models (KID may be negative); "
+        "rank models on larger stores." in text
+    )
+
+
+def test_the_few_samples_warning_names_only_the_small_side() -> None:
+    from specdm_cli.pipeline.benchmark.quality import QualityReport, StoreSide, few_samples_caution
+
+    def quality(held_out: int, synthetic: int) -> QualityReport:
+        sides = [StoreSide(path="x", manifest_sha256="0", split="s", count=count)
+                 for count in (held_out, synthetic)]  # fmt: skip
+        return QualityReport.model_construct(reference=sides[0], candidate=sides[1])
+
+    assert few_samples_caution(quality(200, 5000)) is None
+    notice = few_samples_caution(quality(500, 64))
+    assert notice is not None and "from 64 synthetic samples" in notice and "held-out" not in notice
 
 
 def test_generator_side_is_measured(ss_report: Path, ss: tuple[Path, Path]) -> None:

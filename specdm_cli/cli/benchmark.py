@@ -136,6 +136,7 @@ def benchmark(
         from specdm_cli.errors import UsageError
         from specdm_cli.pipeline.benchmark.benchmark import BenchmarkRequest, rgb_notice
         from specdm_cli.pipeline.benchmark.benchmark import benchmark as run_benchmark
+        from specdm_cli.pipeline.benchmark.quality import few_samples_caution
         from specdm_cli.pipeline.benchmark.render import print_tables
         from specdm_cli.pipeline.benchmark.report import report_json, report_schema
         from specdm_cli.pipeline.train.common import torch_threads
@@ -178,9 +179,11 @@ def benchmark(
         )  # fmt: skip
         with torch_threads(threads), progress_reporter("benchmark", quiet) as progress:
             report, folder = run_benchmark(request, progress)
-        note = rgb_notice(real)
-        if note is not None:
-            Warnings(quiet)(note)
+        warnings = Warnings(quiet)
+        caution = few_samples_caution(report.quality)
+        for note in (rgb_notice(real), caution and f"warning: {caution}"):
+            if note:
+                warnings(note)
         if json_output:
             sys.stdout.write(report_json(report, per_sample=False) + "\n")
         else:

@@ -9,6 +9,7 @@ import numpy as np
 from rich.console import Console
 from rich.table import Table
 
+from .quality import few_samples_caution
 from .report import BenchmarkReport, DownstreamRow
 
 Row = tuple[str, float | None, float | None, str]
@@ -93,6 +94,9 @@ def _quality(report: BenchmarkReport) -> list[str]:
     rows = [[n, _fmt(s), _fmt(r), m] for n, s, r, m in quality_rows(report)]
     lines = ["## Quality (real held-out vs synthetic)", ""]
     lines += _table(["metric", "synthetic", "real", "meaning"], rows)
+    caution = few_samples_caution(report.quality)
+    if caution is not None:
+        lines += ["", f"**Caution:** {caution}."]
     per_class = [[k, _fmt(v)] for k, v in report.quality.sad_per_class.items()]
     lines += ["", "Spectral angle of class-mean spectra (rad):", ""]
     lines += _table(["class", "SAD"], per_class)
