@@ -18,7 +18,8 @@ from specdm_cli.config import DownstreamOptions
 from specdm_cli.manifest import QualityScores, load_manifest
 from specdm_cli.pipeline.benchmark.downstream import HalfTrip
 from specdm_cli.pipeline.benchmark.downstream_rows import ROUND_TRIP_PARTS, configurations
-from specdm_cli.pipeline.benchmark.generator import round_trip
+from specdm_cli.pipeline.benchmark.features import manifest_sha256
+from specdm_cli.pipeline.benchmark.generator import heldout_in_training, round_trip
 from specdm_cli.pipeline.benchmark.report import BenchmarkReport, load_report
 from specdm_cli.pipeline.runs.choose import choose_model, demo_model_path
 from specdm_cli.pipeline.runs.run_manifest import load_run
@@ -673,3 +674,41 @@ def test_too_few_held_out_samples_are_told_before_any_training(tmp_path: Path) -
     assert_one_error_line(code, stderr, 3, "too few samples to compare (1 in split 'heldout')")
     assert "--val-fraction" in stderr and not out.exists()
     assert not (tmp_path / "specdm-home" / "cache" / "features").exists()  # none trained
+
+
+def test_held_out_pairs_the_generator_trained_on_are_counted_and_cautioned(
+    ss: tuple[Path, Path], tmp_path: Path
+) -> None:
+    """A run trained on a store of the same demo scenes under other split fractions: the real
+    store's held-out scenes that were its training scenes are counted, and the report says so."""
+    real, synthetic = ss
+    trained_on = prepare_demo(
+        tmp_path / "a.zarr", "--val-fraction", "0.01", n=48, size=demo_size("ss")
+    )
+    run = tmp_path / "run"
+    shutil.copytree(demo_model_path("ss"), run)
+    record = json.loads((run / "run.json").read_text())
+    record["source_store"] = str(trained_on)
+    record["source_manifest_sha256"] = manifest_sha256(open_store(trained_on))
+    (run / "run.json").write_text(json.dumps(record))
+    # By source id, independently of the code under test.
+    a, b = open_store(trained_on), open_store(real)
+    a_ids, b_ids = a.source_ids() or [], b.source_ids() or []
+    trained = {a_ids[int(i)] for i in a.indices("train")}
+    heldout = np.union1d(b.indices("val"), b.indices("test"))
+    expected = sum(b_ids[int(i)] in trained for i in heldout)
+    assert expected > 0
+    out = tmp_path / "report"
+    code, _, stderr = run_cli("benchmark", "--real", real, "--synthetic", synthetic,
+                              "--model", run, "--out", out, "--throughput-batches", "1",
+                              "--feature-steps", "5", "--batch-size", "8", "--threads", "2")  # fmt: skip
+    assert code == 0, stderr
+    report = load_report(out / "report.json")
+    assert report.generator is not None and report.generator.heldout_in_training == expected
+    assert f"{expected} of the {heldout.size} held-out real pairs" in stderr
+    assert f"**Caution:** {expected} of the {heldout.size}" in (out / "report.md").read_text()
+    # Benchmarked against its own training store, none of the held-out pairs was trained on;
+    # a training store that is gone is not checked.
+    assert heldout_in_training(load_run(run), a) == 0
+    shutil.rmtree(trained_on)
+    assert heldout_in_training(load_run(run), b) is None

@@ -137,7 +137,7 @@ def benchmark(
         from specdm_cli.pipeline.benchmark.benchmark import BenchmarkRequest, rgb_notice
         from specdm_cli.pipeline.benchmark.benchmark import benchmark as run_benchmark
         from specdm_cli.pipeline.benchmark.quality import few_samples_caution
-        from specdm_cli.pipeline.benchmark.render import print_tables
+        from specdm_cli.pipeline.benchmark.render import heldout_caution, print_tables
         from specdm_cli.pipeline.benchmark.report import report_json, report_schema
         from specdm_cli.pipeline.train.common import torch_threads
 
@@ -180,8 +180,8 @@ def benchmark(
         with torch_threads(threads), progress_reporter("benchmark", quiet) as progress:
             report, folder = run_benchmark(request, progress)
         warnings = Warnings(quiet)
-        caution = few_samples_caution(report.quality)
-        for note in (rgb_notice(real), caution and f"warning: {caution}"):
+        cautions = (heldout_caution(report), few_samples_caution(report.quality))
+        for note in (rgb_notice(real), *(c and f"warning: {c}" for c in cautions)):
             if note:
                 warnings(note)
         if json_output:

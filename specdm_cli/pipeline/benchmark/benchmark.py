@@ -182,7 +182,7 @@ def _measure(request: BenchmarkRequest, progress: Progress | None) -> tuple[Benc
         synthetic=_ref(synthetic, synthetic_sha), feature_hash=network.feature_hash,
         quality=quality, closest_pairs=closest(quality),
         scores=summarise(scores, request.write_scores),
-        generator=gen.generator_info(synthetic, manifest_sha256(real), chosen),
+        generator=gen.generator_info(synthetic, real, chosen),
     )  # fmt: skip
     if chosen is not None:
         report.reconstruction = gen.reconstruction(chosen, real, device)

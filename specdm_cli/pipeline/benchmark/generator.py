@@ -10,13 +10,16 @@ from typing import Any
 import numpy as np
 import torch
 
-from specdm_cli.errors import InputDataError, ModelError, UsageError
-from specdm_cli.manifest import IGNORE_INDEX, IMAGE_ARRAYS, LABEL_ARRAY
+from specdm_cli.errors import InputDataError, ModelError, SpecdmError, UsageError
+from specdm_cli.manifest import IGNORE_INDEX, IMAGE_ARRAYS, LABEL_ARRAY, Manifest
 from specdm_cli.pipeline.runs.choose import ChosenModel
 from specdm_cli.pipeline.runs.run_manifest import RunManifest, load_run
-from specdm_cli.stores import StoreReader
+from specdm_cli.stores import StoreReader, open_store
+from specdm_cli.stores.base import MANIFEST_NAME
 
 from .feature_training import ArraySource
+from .features import manifest_sha256
+from .quality import split_indices
 from .report import GeneratorInfo, Reconstruction, Throughput
 
 # Without a plan to copy (a store made by another model), throughput is timed with
@@ -30,9 +33,10 @@ DEFAULT_PLAN: dict[str, Any] = {
 
 
 def generator_info(
-    synthetic: StoreReader, real_sha256: str, chosen: ChosenModel | None
+    synthetic: StoreReader, real: StoreReader, chosen: ChosenModel | None
 ) -> GeneratorInfo | None:
     """The run behind `synthetic` (--model, else the run its manifest names, if still there)."""
+    real_sha256 = manifest_sha256(real)
     model = synthetic.manifest.model
     run = chosen.manifest if chosen is not None else _run_of(model.path if model else None)
     if run is None:
@@ -53,7 +57,54 @@ def generator_info(
         real_pairs_seen=int(seen) if seen is not None else None,
         source_manifest_sha256=run.source_manifest_sha256,
         real_store_is_source=run.source_manifest_sha256 == real_sha256,
+        heldout_in_training=heldout_in_training(run, real),
     )  # fmt: skip
+
+
+# The prepare options under which a demo source id ("demo/000123") names the same scene.
+_DEMO_SCENE_OPTIONS = ("seed", "size", "task", "band_set", "demo_variant")
+
+
+def heldout_in_training(run: RunManifest, real: StoreReader) -> int | None:
+    """How many of `real`'s held-out pairs (val + test) the run trained on: source ids among the
+    pairs its VAE and U-Net trained on, read from its training store when that store is still
+    where run.json says, unchanged, and made from the same raw data (None: not checked)."""
+    trained_on = _training_store(run)
+    if trained_on is None or not _same_scenes(trained_on.manifest, real.manifest):
+        return None
+    trained_ids, real_ids = trained_on.source_ids(), real.source_ids()
+    if trained_ids is None or real_ids is None:
+        return None
+    vae = run.stages.get("vae")
+    config = vae.config if vae is not None else {}
+    trained = trained_on.indices(config.get("split"))[: config.get("limit") or None]
+    seen = {trained_ids[int(i)] for i in trained}
+    heldout, _ = split_indices(real, "heldout")
+    return sum(real_ids[int(i)] in seen for i in heldout)
+
+
+def _training_store(run: RunManifest) -> StoreReader | None:
+    path = Path(run.source_store)
+    if not (path / MANIFEST_NAME).is_file():
+        return None
+    try:
+        store = open_store(path)
+    except SpecdmError:
+        return None
+    return store if manifest_sha256(store) == run.source_manifest_sha256 else None
+
+
+def _same_scenes(a: Manifest, b: Manifest) -> bool:
+    """Both stores prepared from the same raw data (demo: the same scenes), so a source id
+    names the same place in both."""
+    plan_a, plan_b = a.plan, b.plan
+    if plan_a.get("stage") != "prepare" or plan_b.get("stage") != "prepare":
+        return False
+    if (plan_a.get("source"), plan_a.get("raw")) != (plan_b.get("source"), plan_b.get("raw")):
+        return False
+    options_a, options_b = plan_a.get("options", {}), plan_b.get("options", {})
+    demo = plan_a.get("source") == "demo"
+    return not demo or all(options_a.get(k) == options_b.get(k) for k in _DEMO_SCENE_OPTIONS)
 
 
 def _run_of(path: str | None) -> RunManifest | None:

@@ -90,7 +90,23 @@ def _head(report: BenchmarkReport) -> list[str]:
         lines.append(
             f"- generator `{gen.run_id}` ({gen.kind}) trained on {seen} real pairs of {source}"
         )
+    caution = heldout_caution(report)
+    if caution is not None:
+        lines.append(f"- **Caution:** {caution}.")
     return [*lines, f"- {report.created}, specdm {report.tool_version}", ""]
+
+
+def heldout_caution(report: BenchmarkReport) -> str | None:
+    """The sentence saying the held-out pairs include some the generator trained on, or None."""
+    gen = report.generator
+    if gen is None or not gen.heldout_in_training:
+        return None
+    heldout = report.quality.reference.count
+    return (
+        f"{gen.heldout_in_training} of the {heldout} held-out real pairs are among the pairs the "
+        "generator trained on (the same source ids in its training store): the figures against "
+        "them flatter it; benchmark against a store whose held-out pairs it never saw"
+    )
 
 
 def _quality(report: BenchmarkReport) -> list[str]:

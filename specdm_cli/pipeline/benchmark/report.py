@@ -66,6 +66,11 @@ class GeneratorInfo(_Strict):
     real_pairs_seen: int | None = Field(None, description="real pairs the VAE and U-Net trained on")
     source_manifest_sha256: str | None = None
     real_store_is_source: bool = Field(description="--real is the very store it was trained on")
+    heldout_in_training: int | None = Field(
+        None,
+        description="--real's held-out pairs that are among the pairs the generator trained on "
+        "(the same source ids in its training store); None: not checked",
+    )
 
 
 class Reconstruction(_Strict):
