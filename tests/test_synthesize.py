@@ -266,6 +266,7 @@ def test_require_refusals(ss_run: Path, tmp_path: Path, require: str, message: s
     spec, *extra = require.split()
     code, _, stderr = synth(ss_run, tmp_path / "r.zarr", "--n", "1", "--require", spec, *extra)
     assert code == 2 and message in stderr and "Traceback" not in stderr
+    assert not (tmp_path / "r.zarr").exists()  # nothing drawn: no empty store left behind
 
 
 def test_a_missing_model_is_exit_4(tmp_path: Path) -> None:
@@ -426,3 +427,43 @@ def test_a_require_by_raw_code_is_pointed_at_the_class_index() -> None:
         parse_require("7:0.05", classes)
     assert info.value.hint == "classes: 0 background, 1 water (code 3), 2 road (code 7)"
     assert parse_require("2:0.05", classes)[0].name == "road"
+
+
+def test_label_confidence_unlabels_the_decoders_unsure_pixels() -> None:
+    """The rule on logits whose probabilities are known: a 50/50 pixel is unlabelled at 0.6 and
+    kept at 0.4; a sure pixel is kept; 0 labels every pixel."""
+    import torch
+
+    from specdm_cli.pipeline.synthesize.sampler import confident_labels
+
+    even, sure = [0.0, 0.0], [0.0, 10.0]  # p = 0.5 / 0.5; p(class 1) > 0.99
+    logits = torch.tensor([even, sure]).T.reshape(1, 2, 1, 2)
+    labels = {
+        p: confident_labels(logits.argmax(dim=1), logits, p).tolist() for p in (0.0, 0.4, 0.6)
+    }
+    assert labels[0.0] == labels[0.4] == [[[0, 1]]]
+    assert labels[0.6] == [[[255, 1]]]
+
+
+def test_label_confidence_unlabels_pixels_and_nothing_else(ss_run: Path, tmp_path: Path) -> None:
+    runs = {p: tmp_path / f"p{p}.zarr" for p in ("0", "0.3", "0.5")}
+    for p, out in runs.items():
+        code, _, stderr = synth(ss_run, out, "--n", "6", "--label-confidence", p)
+        assert code == 0, stderr
+    plain, low, high = (arrays(out) for out in runs.values())
+    np.testing.assert_array_equal(plain["image"], high["image"])
+    assert (plain["mask"] != 255).all()
+    unsure_low, unsure_high = low["mask"] == 255, high["mask"] == 255
+    assert unsure_high.any() and (unsure_high >= unsure_low).all()  # a higher bar: a superset
+    np.testing.assert_array_equal(high["mask"][~unsure_high], plain["mask"][~unsure_high])
+    manifest = load_manifest(runs["0.5"] / "manifest.json")
+    assert manifest.plan["label_confidence"] == 0.5
+    assert "label_confidence" not in load_manifest(runs["0"] / "manifest.json").plan
+    code, _, stderr = synth(ss_run, runs["0.5"], "--n", "6", "--label-confidence", "0.3")
+    assert code == 3 and "another synthesis plan" in stderr
+
+
+@pytest.mark.parametrize("bar", ["1", "-0.1", "nan"])
+def test_a_label_confidence_outside_0_1_is_refused(ss_run: Path, tmp_path: Path, bar: str) -> None:
+    code, _, stderr = synth(ss_run, tmp_path / "x.zarr", "--n", "2", "--label-confidence", bar)
+    assert code == 2 and "--label-confidence" in stderr and not (tmp_path / "x.zarr").exists()

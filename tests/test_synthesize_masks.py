@@ -190,6 +190,10 @@ def test_refusals(
         synth(run, out, "--n", "2", "--masks", store, "--require", "0:0.1"), 2, "--require", out
     )
     _one_line_refusal(
+        synth(run, out, "--n", "2", "--masks", store, "--label-confidence", "0.5"),
+        2, "--label-confidence", out,
+    )  # fmt: skip
+    _one_line_refusal(
         synth(run, store / "inner", "--n", "2", "--masks", store), 2, "overlaps", store / "inner"
     )
 

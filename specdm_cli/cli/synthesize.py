@@ -125,6 +125,14 @@ def synthesize(
             min=1, help="With --min-quality: the feature network's steps (as benchmark's)."
         ),
     ] = None,
+    label_confidence: Annotated[
+        float,
+        typer.Option(
+            help="Write mask pixels whose decoded class is less probable than this as "
+            "unlabelled (255), so a segmenter trained on the pairs skips the mask decoder's "
+            "guesses; 0 labels every pixel [0].",
+        ),
+    ] = 0.0,
     gpus: GpusOption = Devices(),  # noqa: B008 (an immutable value)
     threads: ThreadsOption = None,
     json_output: JsonOption = False,
@@ -162,6 +170,7 @@ def synthesize(
             shard=shard, devices=gpus, require=require, overwrite=overwrite, preview=preview,
             masks=masks, masks_split=masks_split, mask_guidance=mask_guidance,
             min_quality=min_quality, real=real, feature_steps=feature_steps,
+            label_confidence=label_confidence,
             judge_maker=_quality_judge() if min_quality is not None else None,
         )  # fmt: skip
         with (

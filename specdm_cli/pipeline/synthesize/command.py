@@ -67,6 +67,7 @@ class SynthesizeOptions:
     min_quality: float | None = None  # keep only draws scoring at least this against --real
     real: Path | None = None
     feature_steps: int | None = None  # the judge's feature network (as benchmark's option)
+    label_confidence: float = 0.0  # decoded mask pixels less sure than this: unlabelled
     judge_maker: JudgeMaker | None = None  # with --min-quality: the benchmark's QualityJudge
 
     def filters(self) -> str:
@@ -84,6 +85,7 @@ def synthesize_store(
     if options.n <= 0:
         raise UsageError("synthesize needs --n >= 1", hint="e.g. --n 1000 --out syn.zarr")
     refuse_stream_out(options.out)
+    _check_label_confidence(options)
     shard = parse_shard(options.shard)
     grid = parse_batch_size(options.batch_size)
     chosen = _model(options)
@@ -100,6 +102,21 @@ def synthesize_store(
     # A run is claimed while it is used: `--overwrite` elsewhere refuses to replace it.
     with ReadLock(chosen.path, refuse_writer=False), _reading(masks), _reading_real(bar):
         return _write(options, chosen, shard, grid, (masks, bar), stop, progress, notice)
+
+
+def _check_label_confidence(options: SynthesizeOptions) -> None:
+    """`--label-confidence` in [0, 1) (1 would leave no pixel labelled), and only where the
+    masks are decoded."""
+    if not 0.0 <= options.label_confidence < 1.0:
+        raise UsageError(
+            f"--label-confidence {options.label_confidence:g} is outside [0, 1)",
+            hint="e.g. --label-confidence 0.7 (0 labels every pixel)",
+        )
+    if options.label_confidence and options.masks is not None:
+        raise UsageError(
+            "--label-confidence thresholds decoded masks; with --masks the masks are given",
+            hint="drop --label-confidence",
+        )
 
 
 def _why_sampler(request: SynthesizeRequest, options: SynthesizeOptions) -> str:
@@ -215,6 +232,7 @@ def _write(
         require=requirements,
         masks=masks,
         quality=judge,
+        label_confidence=options.label_confidence,
     )
     _require_room(request)
     if options.sampler == "auto":  # the same command samples otherwise once a run is distilled

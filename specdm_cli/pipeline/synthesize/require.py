@@ -101,5 +101,7 @@ def give_up(draws: int, kept: int, wanted: int, asked: str) -> None:
     if draws >= MAX_DRAWS_PER_SAMPLE * max(wanted, 1) and kept < wanted:
         raise UsageError(
             f"{asked}: only {kept} of {draws} draws qualified, {wanted} were wanted",
-            hint="ask for less (samples written so far are kept; --resume continues)",
+            hint="ask for less (samples written so far are kept; --resume continues)"
+            if kept
+            else "ask for a smaller fraction or another class (nothing was written)",
         )

@@ -15,7 +15,7 @@ import torch
 
 from specdm_cli.config import Precision, SamplerChoice, SamplerName
 from specdm_cli.errors import ModelError
-from specdm_cli.manifest import IMAGE_ARRAYS, LABEL_ARRAY
+from specdm_cli.manifest import IGNORE_INDEX, IMAGE_ARRAYS, LABEL_ARRAY
 from specdm_cli.models.diffusion import ScheduleConfig, alphas_cumprod
 from specdm_cli.models.distillation import sample_student
 from specdm_cli.models.samplers import (
@@ -46,6 +46,7 @@ class SamplingPlan:
     batch_size: int = 16
     precision: Precision = "fp32"
     decode_chunk: int | None = None  # samples per decoder call; None: CPU_DECODE_CHUNK on the CPU
+    label_confidence: float = 0.0  # pixels whose decoded class is less sure than this: 255
 
 
 class Sampler:
@@ -116,7 +117,8 @@ class Sampler:
             physical = (decoded[name][:keep].float() * self.std + self.mean).cpu().numpy()
             arrays[name], count = to_dtype(physical, self.dtype)
             clipped += count
-        label = self.vae.labels(decoded[LABEL_ARRAY[self.task]][:keep])
+        logits = decoded[LABEL_ARRAY[self.task]][:keep]
+        label = confident_labels(self.vae.labels(logits), logits, self.plan.label_confidence)
         arrays[LABEL_ARRAY[self.task]] = label.to(torch.uint8).cpu().numpy()
         if given is not None:  # the label is the mask given, not its decoded echo
             arrays[LABEL_ARRAY[self.task]] = given[:keep]
@@ -129,6 +131,19 @@ class Sampler:
         )
         parts = [self.vae.decode_joint(part) for part in torch.split(latents, chunk)]
         return {name: torch.cat([part[name] for part in parts]) for name in parts[0]}
+
+
+def confident_labels(
+    labels: torch.Tensor, logits: torch.Tensor, min_confidence: float
+) -> torch.Tensor:
+    """The decoded `labels`, unlabelled (255) where the probability of the class that won
+    (softmax of `logits`) is below `min_confidence`: a segmenter trained on the pairs skips
+    the pixels the mask decoder could not tell (class boundaries mostly) instead of learning
+    its guesses there."""
+    if min_confidence <= 0.0:
+        return labels
+    unsure = logits.float().softmax(dim=1).amax(dim=1) < min_confidence
+    return torch.where(unsure, IGNORE_INDEX, labels)
 
 
 def resolve_sampler(

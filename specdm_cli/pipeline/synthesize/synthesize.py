@@ -44,7 +44,7 @@ from specdm_cli.pipeline.synthesize.shards import (
 from specdm_cli.pipeline.synthesize.writer import BackgroundWriter
 from specdm_cli.pipeline.train.common import cpu_threads_per_process, torch_devices
 from specdm_cli.sources.base import class_fraction
-from specdm_cli.stores import SampleMeta, forget_damaged, open_store, open_writer
+from specdm_cli.stores import SampleMeta, forget_damaged, open_store, open_writer, remove_own
 from specdm_cli.stores.base import MANIFEST_NAME
 
 
@@ -66,6 +66,7 @@ class SynthesizeRequest:
     require: tuple[Requirement, ...] = ()
     masks: MaskSource | None = None  # --masks: sample i drawn for the given mask i mod M
     quality: Judge | None = None  # --min-quality: only draws scoring at least its bar
+    label_confidence: float = 0.0  # decoded mask pixels less sure than this: unlabelled (255)
 
     def filtered(self) -> bool:
         """Whether sample i is the i-th accepted draw rather than draw i."""
@@ -145,6 +146,7 @@ def _plan(request: SynthesizeRequest, steps: int) -> dict[str, Any]:
         **({"require": [r.text() for r in request.require]} if request.require else {}),
         **(request.masks.plan() if request.masks is not None else {}),
         **(request.quality.plan() if request.quality is not None else {}),
+        **({"label_confidence": request.label_confidence} if request.label_confidence else {}),
         **(
             {"threads": cpu_threads_per_process(request.devices)}
             if request.devices.kind == "cpu"
@@ -190,6 +192,11 @@ def _manifest(request: SynthesizeRequest, steps: int, device: torch.device) -> M
                 "device": str(device),
                 **({"mask_source": request.masks.plan()} if request.masks is not None else {}),
                 **(
+                    {"label_confidence": request.label_confidence}
+                    if request.label_confidence
+                    else {}
+                ),
+                **(
                     {"quality_scores": request.quality.info(request.n).model_dump()}
                     if request.quality is not None
                     else {}
@@ -217,26 +224,51 @@ def synthesize(
     refuse_split(request.asked(), request.shard, request.devices)
     steps = _steps(request)
     devices = torch_devices(request.devices)
+    fresh = not (request.out / MANIFEST_NAME).exists()
     manifest = join_or_create(request.out, _manifest(request, steps, devices[0]))
     batches = shard_batches(request.n, request.batch_size, request.shard)
     if request.devices.ranks > 1:
         done = run_on_devices(request, synthesize, stop, progress)
         return _summary(request, started, Written(done), len(batches), 0, None)
-    with shard_lock(request.out, request.n, request.batch_size, request.shard):
-        if forget_damaged(request.out, (i for b in batches for i in b)):
-            manifest = load_manifest(request.out / MANIFEST_NAME)
-        writer = open_writer(request.out, manifest)
-        written = writer.written()
-        todo = [b for b in batches if not written[b.start : b.stop].all()]
-        plan = SamplingPlan(request.sampler, request.seed, request.batch_size, request.precision)
-        draws = Draws(_sampler(request, plan, devices[0]), steps) if todo else None
-        if draws is not None and request.filtered():
-            candidates = open_store(request.out, allow_incomplete=True).candidates()
-            next_draw = resume_draw(candidates, todo[0].start)
-            draws.filter(request.require, request.quality, request.asked(), next_draw)
-        loop = _run(draws, writer, todo, stop, progress, len(batches) - len(todo), len(batches))
+    try:
+        with shard_lock(request.out, request.n, request.batch_size, request.shard):
+            loop, draws = _write_shard(
+                request, manifest, batches, steps, devices[0], stop, progress
+            )
+    except UsageError:  # filtered draws that found nothing: no empty store left to trip over
+        if fresh and not open_store(request.out, allow_incomplete=True).written().any():
+            remove_own(request.out, "store")
+        raise
     cuda_peak = torch.cuda.max_memory_allocated(devices[0]) if devices[0].type == "cuda" else None
     return _summary(request, started, loop, len(batches), draws.count if draws else 0, cuda_peak)
+
+
+def _write_shard(
+    request: SynthesizeRequest,
+    manifest: Manifest,
+    batches: list[range],
+    steps: int,
+    device: torch.device,
+    stop: StopFlag,
+    progress: Progress | None,
+) -> tuple[Written, Draws | None]:
+    """Draw and write this shard's batches not written yet (the caller holds the shard lock)."""
+    if forget_damaged(request.out, (i for b in batches for i in b)):
+        manifest = load_manifest(request.out / MANIFEST_NAME)
+    writer = open_writer(request.out, manifest)
+    written = writer.written()
+    todo = [b for b in batches if not written[b.start : b.stop].all()]
+    plan = SamplingPlan(
+        request.sampler, request.seed, request.batch_size, request.precision,
+        label_confidence=request.label_confidence,
+    )  # fmt: skip
+    draws = Draws(_sampler(request, plan, device), steps) if todo else None
+    if draws is not None and request.filtered():
+        candidates = open_store(request.out, allow_incomplete=True).candidates()
+        next_draw = resume_draw(candidates, todo[0].start)
+        draws.filter(request.require, request.quality, request.asked(), next_draw)
+    loop = _run(draws, writer, todo, stop, progress, len(batches) - len(todo), len(batches))
+    return loop, draws
 
 
 def refuse_split(asked: str, shard: Shard, devices: Devices) -> None:
