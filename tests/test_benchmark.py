@@ -132,7 +132,8 @@ def test_report_files_exist_and_validate(ss_report: Path, ss: tuple[Path, Path])
 
 
 def test_the_few_samples_warning_names_only_the_small_side() -> None:
-    from specdm_cli.pipeline.benchmark.quality import QualityReport, StoreSide, few_samples_caution
+    from specdm_cli.pipeline.benchmark.quality import QualityReport, StoreSide
+    from specdm_cli.pipeline.benchmark.render import few_samples_caution
 
     def quality(held_out: int, synthetic: int) -> QualityReport:
         sides = [StoreSide(path="x", manifest_sha256="0", split="s", count=count)

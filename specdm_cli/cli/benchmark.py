@@ -136,8 +136,11 @@ def benchmark(
         from specdm_cli.errors import UsageError
         from specdm_cli.pipeline.benchmark.benchmark import BenchmarkRequest, rgb_notice
         from specdm_cli.pipeline.benchmark.benchmark import benchmark as run_benchmark
-        from specdm_cli.pipeline.benchmark.quality import few_samples_caution
-        from specdm_cli.pipeline.benchmark.render import heldout_caution, print_tables
+        from specdm_cli.pipeline.benchmark.render import (
+            few_samples_caution,
+            heldout_caution,
+            print_tables,
+        )
         from specdm_cli.pipeline.benchmark.report import report_json, report_schema
         from specdm_cli.pipeline.train.common import torch_threads
 

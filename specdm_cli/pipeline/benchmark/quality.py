@@ -238,26 +238,6 @@ def _resolve(
     return indices, used
 
 
-# FD and KID compare distributions of 64 feature dimensions (the feature network's default);
-# from fewer than a few times that many samples their sampling noise can exceed the gaps
-# between models, and KID's unbiased estimate can come out negative.
-FEW_SAMPLES = 200
-
-
-def few_samples_caution(quality: QualityReport) -> str | None:
-    """The sentence saying the distribution figures rest on too few samples to rank models
-    by (the report's and the command's), or None."""
-    counts = {"held-out real": quality.reference.count, "synthetic": quality.candidate.count}
-    few = [f"{count} {side}" for side, count in counts.items() if count < FEW_SAMPLES]
-    if not few:
-        return None
-    return (
-        f"FD and KID come from {' and '.join(few)} samples, fewer than {FEW_SAMPLES}: "
-        "their noise can exceed the gap between two models (KID may be negative); "
-        "rank models on larger stores"
-    )
-
-
 def require_samples_to_compare(reference: StoreReader, candidate: StoreReader) -> None:
     """compare_stores' default sample sets hold enough, told before a feature network trains."""
     _resolve(reference, "heldout", None)
