@@ -68,6 +68,7 @@ def measure_seed(
         run = train_seed(row, setup, *row_data(row, setup, real, second), seed, referees)
         record = {
             "row": row.name, "protocol": row.protocol, "seed": seed, "miou": run.miou,
+            "synthetic": None if row.oracle or not row.synthetic.size else str(synthetic.root),
             "f1": run.f1, "steps": run.steps, "best_steps": run.best_steps,
             "phase_steps": run.phase_steps,
             "best_val": run.best_val_miou, "kept_share": run.kept_share, "iou": run.iou_per_class,

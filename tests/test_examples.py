@@ -160,6 +160,9 @@ def test_agreement_by_seed_runs_pretrain_and_its_control(tmp_path: Path) -> None
     assert set(rows) == {"real", "real -> real", "synthetic x2 -> real"}
     assert {r["seed"] for r in rows.values()} == {3}
     assert {r["threads"] for r in rows.values()} == {1}  # --threads' default, recorded
+    # Each line names the synthetic store it trained on, so arms can share a file.
+    assert rows["synthetic x2 -> real"]["synthetic"] == str(other)
+    assert rows["real"]["synthetic"] is None and rows["real -> real"]["synthetic"] is None
     # The control's first phase is the real row's run.
     assert rows["real -> real"]["phase_steps"][0] == rows["real"]["phase_steps"][0]
     assert "real -> real: mIoU" in done.stdout
@@ -177,6 +180,7 @@ def test_agreement_by_seed_runs_pretrain_and_its_control(tmp_path: Path) -> None
     assert [r["row"] for r in alone] == ["synthetic x2 -> real", "real x2 -> real (oracle)"]
     assert alone[0]["miou"] == rows["synthetic x2 -> real"]["miou"]
     assert alone[1]["protocol"] == "pretrain-oracle" and len(alone[1]["phase_steps"]) == 2
+    assert alone[1]["synthetic"] is None  # the oracle's pairs are real
     # The oracle trains on the real store's pairs past the limit, as the benchmark's row does.
     from specdm_cli.config import DownstreamOptions
     from specdm_cli.pipeline.benchmark import downstream as ds
