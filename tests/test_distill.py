@@ -162,3 +162,45 @@ def test_distill_takes_one_device_and_its_help_says_so(trained: Path) -> None:
     assert code == 0 and "--gpus 0|cpu" in words and "distill runs on one device" in words
     code, _, stderr = run_cli("distill", trained, "--gpus", "cpu:2")
     assert code == 2 and "distill runs on one device" in stderr
+
+
+def test_a_store_begun_before_distill_resumes_to_the_same_bytes(
+    trained: Path, tmp_path: Path
+) -> None:
+    """Distilling a run while a synthesis of it is half done: the resume (--sampler auto) goes
+    on with the sampler and weights it began with; a changed U-Net is still refused."""
+    import os
+    import signal
+    import sys
+
+    from tests import processes
+
+    run = _copy(trained, tmp_path / "run")
+    whole, out = tmp_path / "whole.zarr", tmp_path / "half.zarr"
+    assert synth(run, whole, "--n", "12")[0] == 0
+    command = [sys.executable, "-m", "specdm_cli", "synthesize", "--model", str(run),
+               "--out", str(out), "--n", "12", "--steps", "4", "--batch-size", "4",
+               "--threads", "2", "--quiet"]  # fmt: skip
+    env = {**os.environ, "SPECDM_FAULT": "synthesize.after_batch:1"}
+    assert processes.run(command, env=env).returncode == -signal.SIGKILL
+    assert run_cli("distill", run, "--steps", "4", *DISTILL)[0] == 0
+    resume = ["synthesize", "--model", run, "--n", "12", "--batch-size", "4", "--threads", "2"]
+    code, _, stderr = run_cli(*resume, "--steps", "4", "--out", out)
+    assert code == 0, stderr
+    assert "sampler: dpmpp (the store's, begun with it; --sampler auto)" in stderr
+    for name in ("image", "mask", "written"):
+        np.testing.assert_array_equal(arrays(whole)[name], arrays(out)[name], err_msg=name)
+    # Without a store to go on from, auto takes the new student.
+    code, _, stderr = run_cli("synthesize", "--model", run, "--out", tmp_path / "new.zarr",
+                              "--n", "4", "--threads", "2")  # fmt: skip
+    assert code == 0 and "sampler: distilled" in stderr, stderr
+    # A U-Net trained on since the store was begun is another model: refused.
+    again = tmp_path / "again.zarr"
+    command[command.index(str(out))] = str(again)
+    assert processes.run(command, env=env).returncode == -signal.SIGKILL
+    code, _, stderr = run_cli("fit-diffusion", run, "--resume", "--steps", "6", "--quiet")
+    assert code == 0, stderr
+    code, _, stderr = run_cli(*resume, "--steps", "4", "--out", again)
+    assert code == 3 and "another synthesis plan" in stderr and "--model" in stderr
+    assert "--sampler:" not in stderr  # the store's sampler, dpmpp, was taken again
+    assert "trained on since the store was begun" in stderr

@@ -6,13 +6,22 @@ from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import cast, get_args
 
-from specdm_cli.config import Devices, Precision, Progress, SamplerChoice, StoreFormat, Task
+from specdm_cli.config import (
+    Devices,
+    Precision,
+    Progress,
+    SamplerChoice,
+    SamplerName,
+    StoreFormat,
+    Task,
+)
 from specdm_cli.errors import UsageError, missing_store
 from specdm_cli.fs.lock import ReadLock
 from specdm_cli.fs.paths import refuse_overlap
 from specdm_cli.fs.space import require_disk, require_memory
-from specdm_cli.manifest import array_names
+from specdm_cli.manifest import array_names, load_manifest
 from specdm_cli.pipeline.runs.choose import ChosenModel, choose_model
 from specdm_cli.pipeline.signals import StopFlag
 from specdm_cli.pipeline.synthesize.masks import (
@@ -119,7 +128,19 @@ def _check_label_confidence(options: SynthesizeOptions) -> None:
         )
 
 
+def _store_sampler(options: SynthesizeOptions) -> SamplerName | None:
+    """`--sampler auto` on a store begun before: the sampler it was begun with, so a resume or
+    another shard goes on as it began even after the run gained a distilled student."""
+    manifest = options.out / MANIFEST_NAME
+    if options.sampler != "auto" or options.overwrite or not manifest.is_file():
+        return None
+    sampler = load_manifest(manifest).plan.get("sampler")
+    return cast(SamplerName, sampler) if sampler in get_args(SamplerName) else None
+
+
 def _why_sampler(request: SynthesizeRequest, options: SynthesizeOptions) -> str:
+    if _store_sampler(options) is not None:
+        return "the store's, begun with it"
     if request.sampler == "distilled":
         return "the run's distilled student"
     if options.steps is not None:
@@ -219,7 +240,8 @@ def _write(
         model=chosen,
         out=options.out,
         n=options.n,
-        sampler=resolve_sampler(options.sampler, options.steps, chosen, masks is not None),
+        sampler=_store_sampler(options)
+        or resolve_sampler(options.sampler, options.steps, chosen, masks is not None),
         steps=options.steps,
         seed=options.seed,
         batch_size=resolve_batch_size(

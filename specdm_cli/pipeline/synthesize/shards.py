@@ -101,14 +101,41 @@ def join_or_create(out: Path, manifest: Manifest) -> Manifest:
     plan = manifest.plan
     if "threads" not in existing.plan:  # stores made before the plan recorded threads
         plan = {key: value for key, value in plan.items() if key != "threads"}
-    if existing.plan != plan:
+    if existing.plan != plan and not _same_weights_since(existing, manifest, plan):
         differences = "; ".join(plan_differences(existing.plan, plan))
         raise InputDataError(
-            f"the store was made by another synthesis plan ({differences})",
+            f"the store was made by another synthesis plan ({differences}){_retrained(existing, manifest)}",
             out,
             "use the same options, another --out, or --overwrite",
         )
     return existing
+
+
+def _retrained(existing: Manifest, now: Manifest) -> str:
+    """Why one run's digest changed: it was trained on after the store was begun."""
+    before, after = existing.model, now.model
+    if before is None or after is None or before.run_id != after.run_id:
+        return ""
+    if existing.plan.get("model_sha256") == now.plan.get("model_sha256"):
+        return ""
+    return (
+        f"; run {after.run_id} was trained on since the store was begun, "
+        "so its samples would come from two models"
+    )
+
+
+def _same_weights_since(existing: Manifest, now: Manifest, plan: dict[str, Any]) -> bool:
+    """The plans differ only in the run's digest, and every weights file the store's samples
+    came from is still the run's, unchanged: the run gained a stage since (`distill`), which
+    the store's sampler does not use (a newer student or U-Net replaces its stage's file)."""
+    digest = "model_sha256"
+    if {**existing.plan, digest: None} != {**plan, digest: None}:
+        return False
+    before, after = existing.model, now.model
+    if before is None or after is None or before.run_id != after.run_id:
+        return False
+    used = before.checkpoint_sha256
+    return bool(used) and used.items() <= after.checkpoint_sha256.items()
 
 
 def write_record(out: Path, batches: list[range], stats: dict[str, Any]) -> None:
