@@ -15,7 +15,9 @@ patience 3, at most 500 steps per phase, 100 real pairs, ratio 1, seeds 0-2); `-
 --eval-every 50 --patience 6 --max-steps 3000` is the benchmark's defaults. `--first-seed` lets processes share
 the seeds (each appending to its own file). `--skip-real` trains only the rows that use the
 synthetic store (pretrain, mixed, and their oracles with `--oracle`: `benchmark
---downstream-oracle`'s rows, real train pairs past the limit in place of the synthetic ones),
+--downstream-oracle`'s rows, real train pairs past the limit in place of the synthetic ones;
+`--round-trip-oracle MODEL` trains each oracle row again on those pairs' round trip through
+MODEL's VAE: the most any generator decoding through that VAE could give, with no U-Net),
 for another model's pairs beside real and control rows
 already measured on the same real store, seeds and thread count (they do not depend on the
 model; rows repeat bit for bit at the same thread count, docs/measurements.md: issue 20's gates).
@@ -26,6 +28,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -35,12 +38,16 @@ from vae_utility import add_protocol_options, append_line
 from specdm_cli.config import DownstreamOptions, downstream_protocol_list
 from specdm_cli.pipeline.benchmark.downstream import (
     Referees,
+    Setup,
     make_setup,
     row_data,
     seed_list,
     train_seed,
 )
-from specdm_cli.pipeline.benchmark.downstream_rows import configurations
+from specdm_cli.pipeline.benchmark.downstream_rows import Configuration, configurations
+from specdm_cli.pipeline.benchmark.feature_training import SampleSource
+from specdm_cli.pipeline.benchmark.generator import round_trip
+from specdm_cli.pipeline.runs.choose import ChosenModel, choose_model
 from specdm_cli.stores import StoreReader, open_store
 
 # The rows no synthetic store enters: the real row and its control, which goes on from it
@@ -55,27 +62,47 @@ def measure_seed(
     seed: int,
     out: Path,
     skip: frozenset[str] = frozenset(),
+    decoder: ChosenModel | None = None,
 ) -> None:
     """Every row but synthetic-only and the protocols in `skip` for one seed; the real row's
-    model judges the agree rows and pretrain's control goes on from it."""
+    model judges the agree rows and pretrain's control goes on from it. With `decoder`, each
+    oracle row again on its real pairs' round trip through that run's VAE."""
     setup = make_setup(real, options, "cpu")
     referees = Referees()
     for row in configurations(real, synthetic, options):
         if row.protocol == "synthetic" or row.protocol in skip:
             continue
-        start = time.perf_counter()
         second = real if row.oracle else synthetic  # the oracle's pairs are real ones
-        run = train_seed(row, setup, *row_data(row, setup, real, second), seed, referees)
-        record = {
+        train_row(row, setup, (real, second), seed, referees, out, synthetic.root)
+        if row.oracle and decoder is not None:
+            trips = round_trip(decoder, real, row.synthetic, torch.device("cpu"))
+            name = row.name.replace("real x", "VAE round trip x", 1)
+            train_row(replace(row, name=name), setup, (real, trips), seed, referees, out, None)
+
+
+def train_row(
+    row: Configuration,
+    setup: Setup,
+    sources: tuple[StoreReader, SampleSource],
+    seed: int,
+    referees: Referees,
+    out: Path,
+    synthetic: Path | None,
+) -> None:
+    """Train one row of one seed and append its line to `out` (`synthetic`: the store its
+    second-source pairs came from, None for real pairs or their round trips)."""
+    start = time.perf_counter()
+    run = train_seed(row, setup, *row_data(row, setup, *sources), seed, referees)
+    record = {
             "row": row.name, "protocol": row.protocol, "seed": seed, "miou": run.miou,
-            "synthetic": None if row.oracle or not row.synthetic.size else str(synthetic.root),
+            "synthetic": None if row.oracle or not row.synthetic.size else str(synthetic),
             "f1": run.f1, "steps": run.steps, "best_steps": run.best_steps,
             "phase_steps": run.phase_steps,
             "best_val": run.best_val_miou, "kept_share": run.kept_share, "iou": run.iou_per_class,
             "wall_s": round(time.perf_counter() - start, 1),
             "threads": torch.get_num_threads(),  # figures repeat only at the same count
-        }  # fmt: skip
-        append_line(out, record)
+    }  # fmt: skip
+    append_line(out, record)
 
 
 def summary(out: Path) -> None:
@@ -109,10 +136,18 @@ def main() -> None:
         action="store_true",
         help="also each protocol's oracle row: real train pairs past the limit as the synthetic",
     )
+    parser.add_argument(
+        "--round-trip-oracle",
+        metavar="MODEL",
+        help="with --oracle: each oracle row again on its pairs' round trip through MODEL's VAE "
+        "(a run folder, or demo): the most any generator decoding through that VAE could give",
+    )
     add_protocol_options(parser)
     args = parser.parse_args()
     if args.skip_real and "agree" in args.protocols:
         parser.error("--skip-real: the agree rows need the real row's model")
+    if args.round_trip_oracle and not args.oracle:
+        parser.error("--round-trip-oracle: round trips of the oracle's pairs need --oracle")
     torch.set_num_threads(args.threads)
     options = DownstreamOptions(
         batch_size=args.batch_size, eval_every=args.eval_every, patience=args.patience,
@@ -123,8 +158,11 @@ def main() -> None:
     )  # fmt: skip
     real, synthetic = open_store(args.real), open_store(args.synthetic)
     skip = REAL_ROWS if args.skip_real else frozenset()
+    decoder = None
+    if args.round_trip_oracle:
+        decoder = choose_model(args.round_trip_oracle, real.manifest.task)
     for seed in seed_list(options):
-        measure_seed(real, synthetic, options, seed, args.out, skip)
+        measure_seed(real, synthetic, options, seed, args.out, skip, decoder)
     summary(args.out)
 
 

@@ -172,21 +172,31 @@ def test_agreement_by_seed_runs_pretrain_and_its_control(tmp_path: Path) -> None
         [sys.executable, EXAMPLES / "agreement_by_seed.py", real, other, again, "--protocols",
          "pretrain", "--real-limit", "6", "--ratio", "2", "--first-seed", "3", "--seeds", "1",
          "--max-steps", "2", "--eval-every", "1", "--patience", "1", "--batch-size", "2",
-         "--skip-real", "--oracle"],
+         "--skip-real", "--oracle", "--round-trip-oracle", "demo"],
         text=True,
     )  # fmt: skip
     assert done.returncode == 0, done.stderr
     alone = [json.loads(line) for line in again.read_text().splitlines()]
-    assert [r["row"] for r in alone] == ["synthetic x2 -> real", "real x2 -> real (oracle)"]
+    assert [r["row"] for r in alone] == [
+        "synthetic x2 -> real",
+        "real x2 -> real (oracle)",
+        "VAE round trip x2 -> real (oracle)",
+    ]
     assert alone[0]["miou"] == rows["synthetic x2 -> real"]["miou"]
     assert alone[1]["protocol"] == "pretrain-oracle" and len(alone[1]["phase_steps"]) == 2
     assert alone[1]["synthetic"] is None  # the oracle's pairs are real
     # The oracle trains on the real store's pairs past the limit, as the benchmark's row does.
+    import torch
+
     from specdm_cli.config import DownstreamOptions
     from specdm_cli.pipeline.benchmark import downstream as ds
     from specdm_cli.pipeline.benchmark.downstream_rows import configurations
+    from specdm_cli.pipeline.benchmark.generator import round_trip
+    from specdm_cli.pipeline.runs.choose import choose_model
     from specdm_cli.pipeline.train.common import torch_threads
     from specdm_cli.stores import open_store
+
+    cpu = torch.device("cpu")
 
     options = DownstreamOptions(
         batch_size=2, eval_every=1, patience=1, max_steps=2, real_limit=6, ratios=(2,),
@@ -198,7 +208,12 @@ def test_agreement_by_seed_runs_pretrain_and_its_control(tmp_path: Path) -> None
         oracle = next(row for row in configurations(*stores, options) if row.oracle)
         data = ds.row_data(oracle, setup, stores[0], stores[0])
         expected = ds.train_seed(oracle, setup, *data, 3, ds.Referees())
+        # The round-trip row: the same pairs, each encoded and decoded by the demo VAE.
+        trips = round_trip(choose_model("demo", "ss"), stores[0], oracle.synthetic, cpu)
+        data = ds.row_data(oracle, setup, stores[0], trips)
+        through_vae = ds.train_seed(oracle, setup, *data, 3, ds.Referees())
     assert alone[1]["miou"] == expected.miou
+    assert alone[2]["miou"] == through_vae.miou and alone[2]["synthetic"] is None
 
 
 def test_real_learning_curve_runs_on_a_tiny_store(tmp_path: Path) -> None:
