@@ -178,10 +178,15 @@ def test_downstream_rows_train_on_the_right_data(ss_report: Path, ss: tuple[Path
         "synthetic x1 -> real": ("pretrain", 10, 10),
         "real+real x1 (oracle)": ("mixed-oracle", 20, 0),  # real pairs past the limit
         "real x1 -> real (oracle)": ("pretrain-oracle", 20, 0),
+        # The oracle's real pairs through the run's VAE: decoded pairs, counted as such.
+        "real+VAE round trip x1 (oracle)": ("mixed-oracle-round-trip", 10, 10),
+        "VAE round trip x1 -> real (oracle)": ("pretrain-oracle-round-trip", 10, 10),
         "real+synthetic x2 (12 of 20 pairs)": ("mixed", 10, 12),  # the store is short: said
         "synthetic x2 -> real (12 of 20 pairs)": ("pretrain", 10, 12),
         "real+real x2 (oracle)": ("mixed-oracle", 30, 0),
         "real x2 -> real (oracle)": ("pretrain-oracle", 30, 0),
+        "real+VAE round trip x2 (oracle)": ("mixed-oracle-round-trip", 10, 20),
+        "VAE round trip x2 -> real (oracle)": ("pretrain-oracle-round-trip", 10, 20),
     }
     assert all(0 <= row.miou <= 1 for row in downstream.rows)
     real, synthetic = (open_store(p) for p in ss)
@@ -210,6 +215,15 @@ def test_oracle_rows_train_on_real_pairs_no_other_row_uses(ss: tuple[Path, Path]
     assert np.array_equal(oracle.synthetic, train[10:30])
     held_out = np.concatenate([real.indices("val"), real.indices("test")])
     assert not np.isin(oracle.synthetic, np.concatenate([train[:10], held_out])).any()
+    # With the run's VAE (--model): each oracle row again, on the same pairs decoded.
+    with_vae = configurations(real, synthetic, options, round_trip=True)
+    decoded = [row for row in with_vae if row.decoded]
+    assert [row.name for row in decoded] == [
+        "real+VAE round trip x2 (oracle)",
+        "VAE round trip x2 -> real (oracle)",
+    ]
+    assert all(np.array_equal(row.synthetic, oracle.synthetic) and row.oracle for row in decoded)
+    assert not any(row.decoded for row in configurations(real, synthetic, options))
     # Stopping on train pairs past the limit (as when val is the test set): those are skipped.
     stopping_on_train = DownstreamOptions(real_limit=10, ratios=(1,), oracle=True, val_limit=4)
     without_test = _store_without(real, "test")

@@ -110,6 +110,8 @@ def run_downstream(
         if row.protocol.startswith("round-trip") and round_trip is not None:
             trips = trips if trips is not None else round_trip(row.synthetic)
             second = trips if row.protocol == "round-trip" else HalfTrip(trips, real, row.protocol)
+        if row.decoded and round_trip is not None:
+            second = round_trip(row.synthetic)
         rows.append(_run_row(row, setup, real, second, referees))
     return Downstream(
         network=NETWORK[real.manifest.task], config=setup.config.model_dump(),
@@ -178,7 +180,9 @@ def protocol_text(options: DownstreamOptions) -> str:
         + (
             "; '(oracle)' rows train as the mixed or pretrain row of their ratio (never "
             "relabelled) with real train pairs past the limit, and past the stopping pairs, in "
-            "place of the synthetic ones: the most those could give, were they real"
+            "place of the synthetic ones: the most those could give, were they real (with --model, "
+            "again on those pairs' round trips through its VAE: the most any generator decoding "
+            "through it could give)"
             if o.oracle
             else ""
         )
@@ -333,10 +337,11 @@ def _summarise(row: Configuration, runs: list[SeedRun], real: StoreReader) -> Do
         for n in names
         if (values := [r.iou_per_class[n] for r in runs if n in r.iou_per_class])
     }
+    real_pairs = row.oracle and not row.decoded  # its second source: real pairs as they are
     return DownstreamRow(
-        name=row.name, protocol=row.protocol,
-        real_count=int(row.real.size + (row.synthetic.size if row.oracle else 0)),
-        synthetic_count=0 if row.oracle else int(row.synthetic.size), miou=float(miou.mean()), f1=float(f1.mean()),
+        name=row.name, protocol=row.protocol + ("-round-trip" if row.decoded else ""),
+        real_count=int(row.real.size + (row.synthetic.size if real_pairs else 0)),
+        synthetic_count=0 if real_pairs else int(row.synthetic.size), miou=float(miou.mean()), f1=float(f1.mean()),
         miou_std=_std(miou), f1_std=_std(f1), miou_min=float(miou.min()),
         miou_max=float(miou.max()), iou_per_class=iou, kept_share=_mean_kept(runs),
         seconds=round(sum(r.seconds for r in runs), 2), seeds=runs,

@@ -129,7 +129,8 @@ class DownstreamRow(_Strict):
     protocol: str = Field(
         "fixed-steps",
         description="real, real-twice, round-trip (-images, -labels), synthetic, mixed, pretrain "
-        "(-agree: relabelled; -oracle: real pairs in place of the synthetic ones)",
+        "(-agree: relabelled; -oracle: real pairs in place of the synthetic ones; "
+        "-oracle-round-trip: their VAE round trips)",
     )
     real_count: int
     synthetic_count: int
