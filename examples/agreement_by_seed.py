@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import json
 import time
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -64,20 +63,19 @@ def measure_seed(
     skip: frozenset[str] = frozenset(),
     decoder: ChosenModel | None = None,
 ) -> None:
-    """Every row but synthetic-only and the protocols in `skip` for one seed; the real row's
-    model judges the agree rows and pretrain's control goes on from it. With `decoder`, each
-    oracle row again on its real pairs' round trip through that run's VAE."""
+    """Every row but synthetic-only, the round trips of the limited pairs and the protocols in
+    `skip` for one seed; the real row's model judges the agree rows and pretrain's control goes
+    on from it. With `decoder`, each oracle row again on its pairs' round trip through that
+    run's VAE (the benchmark's rows with --model)."""
     setup = make_setup(real, options, "cpu")
     referees = Referees()
-    for row in configurations(real, synthetic, options):
-        if row.protocol == "synthetic" or row.protocol in skip:
+    for row in configurations(real, synthetic, options, round_trip=decoder is not None):
+        if row.protocol in skip or row.protocol.startswith(("synthetic", "round-trip")):
             continue
-        second = real if row.oracle else synthetic  # the oracle's pairs are real ones
+        second: SampleSource = real if row.oracle else synthetic  # the oracle's pairs are real
+        if row.decoded and decoder is not None:
+            second = round_trip(decoder, real, row.synthetic, torch.device("cpu"))
         train_row(row, setup, (real, second), seed, referees, out, synthetic.root)
-        if row.oracle and decoder is not None:
-            trips = round_trip(decoder, real, row.synthetic, torch.device("cpu"))
-            name = row.name.replace("real x", "VAE round trip x", 1)
-            train_row(replace(row, name=name), setup, (real, trips), seed, referees, out, None)
 
 
 def train_row(
@@ -87,14 +85,15 @@ def train_row(
     seed: int,
     referees: Referees,
     out: Path,
-    synthetic: Path | None,
+    synthetic: Path,
 ) -> None:
-    """Train one row of one seed and append its line to `out` (`synthetic`: the store its
-    second-source pairs came from, None for real pairs or their round trips)."""
+    """Train one row of one seed and append its line to `out` (`synthetic`: the synthetic
+    store, recorded for the rows that train on it)."""
     start = time.perf_counter()
     run = train_seed(row, setup, *row_data(row, setup, *sources), seed, referees)
     record = {
-            "row": row.name, "protocol": row.protocol, "seed": seed, "miou": run.miou,
+            "row": row.name, "protocol": row.protocol + ("-round-trip" if row.decoded else ""),
+            "seed": seed, "miou": run.miou,
             "synthetic": None if row.oracle or not row.synthetic.size else str(synthetic),
             "f1": run.f1, "steps": run.steps, "best_steps": run.best_steps,
             "phase_steps": run.phase_steps,
