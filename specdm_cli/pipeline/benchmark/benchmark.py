@@ -169,7 +169,7 @@ def _measure(request: BenchmarkRequest, progress: Progress | None) -> tuple[Benc
     )
     if other is not None:
         check_comparable(network.feature_hash, other, request.compare or Path())
-    synthetic_sha = manifest_sha256(synthetic)
+    synthetic_sha, real_sha = manifest_sha256(synthetic), manifest_sha256(real)
     options = MetricsOptions(batch_size=request.batch_size)
     quality = compare_stores(real, synthetic, network, options=options, progress=progress)
     traits, scores = _score(real, synthetic, network, request.batch_size, progress)
@@ -178,11 +178,11 @@ def _measure(request: BenchmarkRequest, progress: Progress | None) -> tuple[Benc
     report = BenchmarkReport(
         tool_version=__version__, created=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         command=" ".join(sys.argv), label=request.label or synthetic.root.name.split(".")[0],
-        task=real.manifest.task, real=_ref(real, manifest_sha256(real)),
+        task=real.manifest.task, real=_ref(real, real_sha),
         synthetic=_ref(synthetic, synthetic_sha), feature_hash=network.feature_hash,
         quality=quality, closest_pairs=closest(quality),
         scores=summarise(scores, request.write_scores),
-        generator=gen.generator_info(synthetic, real, chosen),
+        generator=gen.generator_info(synthetic, real, real_sha, chosen),
     )  # fmt: skip
     if chosen is not None:
         report.reconstruction = gen.reconstruction(chosen, real, device)

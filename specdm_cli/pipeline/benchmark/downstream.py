@@ -105,13 +105,18 @@ def run_downstream(
     setup = make_setup(real, options, device, progress)
     rows, referees = [], Referees()
     trips: SampleSource | None = None  # decoded once for the round-trip rows
-    for row in configurations(real, synthetic, options, round_trip is not None):
+    oracle_trips: SampleSource | None = None  # and once for every decoded oracle row
+    configured = configurations(real, synthetic, options, round_trip is not None)
+    for row in configured:
         second: SampleSource = real if row.oracle else synthetic
         if row.protocol.startswith("round-trip") and round_trip is not None:
             trips = trips if trips is not None else round_trip(row.synthetic)
             second = trips if row.protocol == "round-trip" else HalfTrip(trips, real, row.protocol)
         if row.decoded and round_trip is not None:
-            second = round_trip(row.synthetic)
+            # Every decoded oracle row's pairs are a prefix of the largest one's.
+            largest = max((r.synthetic for r in configured if r.decoded), key=len)
+            oracle_trips = oracle_trips if oracle_trips is not None else round_trip(largest)
+            second = oracle_trips
         rows.append(_run_row(row, setup, real, second, referees))
     return Downstream(
         network=NETWORK[real.manifest.task], config=setup.config.model_dump(),

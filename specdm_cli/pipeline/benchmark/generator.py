@@ -33,10 +33,9 @@ DEFAULT_PLAN: dict[str, Any] = {
 
 
 def generator_info(
-    synthetic: StoreReader, real: StoreReader, chosen: ChosenModel | None
+    synthetic: StoreReader, real: StoreReader, real_sha256: str, chosen: ChosenModel | None
 ) -> GeneratorInfo | None:
     """The run behind `synthetic` (--model, else the run its manifest names, if still there)."""
-    real_sha256 = manifest_sha256(real)
     model = synthetic.manifest.model
     run = chosen.manifest if chosen is not None else _run_of(model.path if model else None)
     if run is None:
