@@ -138,8 +138,8 @@ def _store_sampler(options: SynthesizeOptions) -> SamplerName | None:
     return cast(SamplerName, sampler) if sampler in get_args(SamplerName) else None
 
 
-def _why_sampler(request: SynthesizeRequest, options: SynthesizeOptions) -> str:
-    if _store_sampler(options) is not None:
+def _why_sampler(request: SynthesizeRequest, options: SynthesizeOptions, stored: bool) -> str:
+    if stored:
         return "the store's, begun with it"
     if request.sampler == "distilled":
         return "the run's distilled student"
@@ -236,11 +236,12 @@ def _write(
     judge = _judge(options, bar, chosen, progress)
     if options.overwrite and options.out.exists():
         remove_own(options.out, "store")
+    stored_sampler = _store_sampler(options)
     request = SynthesizeRequest(
         model=chosen,
         out=options.out,
         n=options.n,
-        sampler=_store_sampler(options)
+        sampler=stored_sampler
         or resolve_sampler(options.sampler, options.steps, chosen, masks is not None),
         steps=options.steps,
         seed=options.seed,
@@ -258,7 +259,8 @@ def _write(
     )
     _require_room(request)
     if options.sampler == "auto":  # the same command samples otherwise once a run is distilled
-        notice(f"sampler: {request.sampler} ({_why_sampler(request, options)}; --sampler auto)")
+        why = _why_sampler(request, options, stored_sampler is not None)
+        notice(f"sampler: {request.sampler} ({why}; --sampler auto)")
     summary = synthesize(request, stop, progress)
     if options.preview is not None:
         reader = open_store(options.out, allow_incomplete=True)
