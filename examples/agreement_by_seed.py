@@ -47,7 +47,7 @@ from specdm_cli.pipeline.benchmark.downstream_rows import Configuration, configu
 from specdm_cli.pipeline.benchmark.feature_training import SampleSource
 from specdm_cli.pipeline.benchmark.generator import round_trip
 from specdm_cli.pipeline.runs.choose import ChosenModel, choose_model
-from specdm_cli.stores import StoreReader, open_store
+from specdm_cli.stores import StoreReader, content_sha256, open_store
 
 # The rows no synthetic store enters: the real row and its control, which goes on from it
 # (the agree rows need the real row's model too; --skip-real refuses them).
@@ -62,20 +62,30 @@ def measure_seed(
     out: Path,
     skip: frozenset[str] = frozenset(),
     decoder: ChosenModel | None = None,
+    round_trip_only: bool = False,
 ) -> None:
     """Every row but synthetic-only, the round trips of the limited pairs and the protocols in
     `skip` for one seed; the real row's model judges the agree rows and pretrain's control goes
     on from it. With `decoder`, each oracle row again on its pairs' round trip through that
-    run's VAE (the benchmark's rows with --model)."""
+    run's VAE (the benchmark's rows with --model); `round_trip_only` trains only those."""
     setup = make_setup(real, options, "cpu")
     referees = Referees()
+    # Which data and VAE each line measured: stores made again by the same command share
+    # their content digests (not their manifests'); a decoder is named by its weights' digest.
+    inputs = {
+        "real_content": content_sha256(real), "synthetic": str(synthetic.root),
+        "synthetic_content": content_sha256(synthetic),
+        "decoder": None if decoder is None else f"{decoder.manifest.run_id} {decoder.sha256[:12]}",
+    }  # fmt: skip
     for row in configurations(real, synthetic, options, round_trip=decoder is not None):
         if row.protocol in skip or row.protocol.startswith(("synthetic", "round-trip")):
+            continue
+        if round_trip_only and not row.decoded:
             continue
         second: SampleSource = real if row.oracle else synthetic  # the oracle's pairs are real
         if row.decoded and decoder is not None:
             second = round_trip(decoder, real, row.synthetic, torch.device("cpu"))
-        train_row(row, setup, (real, second), seed, referees, out, synthetic.root)
+        train_row(row, setup, (real, second), seed, referees, out, inputs)
 
 
 def train_row(
@@ -85,16 +95,20 @@ def train_row(
     seed: int,
     referees: Referees,
     out: Path,
-    synthetic: Path,
+    inputs: dict[str, str | None],
 ) -> None:
-    """Train one row of one seed and append its line to `out` (`synthetic`: the synthetic
-    store, recorded for the rows that train on it)."""
+    """Train one row of one seed and append its line to `out` (`inputs`: the stores and
+    decoder, each recorded for the rows it enters)."""
     start = time.perf_counter()
     run = train_seed(row, setup, *row_data(row, setup, *sources), seed, referees)
+    trains_on_synthetic = bool(row.synthetic.size) and not row.oracle
     record = {
             "row": row.name, "protocol": row.protocol + ("-round-trip" if row.decoded else ""),
             "seed": seed, "miou": run.miou,
-            "synthetic": None if row.oracle or not row.synthetic.size else str(synthetic),
+            "real_content": inputs["real_content"],
+            "synthetic": inputs["synthetic"] if trains_on_synthetic else None,
+            "synthetic_content": inputs["synthetic_content"] if trains_on_synthetic else None,
+            "decoder": inputs["decoder"] if row.decoded else None,
             "f1": run.f1, "steps": run.steps, "best_steps": run.best_steps,
             "phase_steps": run.phase_steps,
             "best_val": run.best_val_miou, "kept_share": run.kept_share, "iou": run.iou_per_class,
@@ -141,12 +155,20 @@ def main() -> None:
         help="with --oracle: each oracle row again on its pairs' round trip through MODEL's VAE "
         "(a run folder, or demo): the most any generator decoding through that VAE could give",
     )
+    parser.add_argument(
+        "--round-trip-only",
+        action="store_true",
+        help="with --round-trip-oracle: only those rows (a VAE's screen; the others do not "
+        "depend on the VAE)",
+    )
     add_protocol_options(parser)
     args = parser.parse_args()
     if args.skip_real and "agree" in args.protocols:
         parser.error("--skip-real: the agree rows need the real row's model")
     if args.round_trip_oracle and not args.oracle:
         parser.error("--round-trip-oracle: round trips of the oracle's pairs need --oracle")
+    if args.round_trip_only and not args.round_trip_oracle:
+        parser.error("--round-trip-only: which VAE? name it with --round-trip-oracle")
     torch.set_num_threads(args.threads)
     options = DownstreamOptions(
         batch_size=args.batch_size, eval_every=args.eval_every, patience=args.patience,
@@ -161,7 +183,7 @@ def main() -> None:
     if args.round_trip_oracle:
         decoder = choose_model(args.round_trip_oracle, real.manifest.task)
     for seed in seed_list(options):
-        measure_seed(real, synthetic, options, seed, args.out, skip, decoder)
+        measure_seed(real, synthetic, options, seed, args.out, skip, decoder, args.round_trip_only)
     summary(args.out)
 
 

@@ -23,7 +23,7 @@ from specdm_cli.pipeline.benchmark.generator import heldout_in_training, round_t
 from specdm_cli.pipeline.benchmark.report import BenchmarkReport, load_report
 from specdm_cli.pipeline.runs.choose import choose_model, demo_model_path
 from specdm_cli.pipeline.runs.run_manifest import load_run
-from specdm_cli.stores import open_store
+from specdm_cli.stores import content_sha256, open_store
 from specdm_cli.stores.quality import read_quality, write_quality
 from tests.conftest import prepare_demo, run_cli
 from tests.fault_tools import assert_one_error_line
@@ -110,6 +110,10 @@ def test_report_files_exist_and_validate(ss_report: Path, ss: tuple[Path, Path])
     ):
         assert heading in text
     assert f"![spectra]({report.figures['spectra']})" in text
+    # The stores' content digests: what tells two reports read the same data.
+    real_content = content_sha256(open_store(ss[0]))
+    assert real_content and report.real.content_sha256 == real_content
+    assert f"content {real_content[:12]}" in text
     assert len(report.closest_pairs) == 5
     distances = [p.feature_distance for p in report.closest_pairs]
     assert distances == sorted(distances)

@@ -214,6 +214,25 @@ def test_agreement_by_seed_runs_pretrain_and_its_control(tmp_path: Path) -> None
         through_vae = ds.train_seed(oracle, setup, *data, 3, ds.Referees())
     assert alone[1]["miou"] == expected.miou
     assert alone[2]["miou"] == through_vae.miou and alone[2]["synthetic"] is None
+    # Each line names its data by content, and the decoded row its VAE by the weights' digest.
+    from specdm_cli.stores import content_sha256
+
+    assert {r["real_content"] for r in alone} == {content_sha256(stores[0])}
+    assert alone[0]["synthetic_content"] == content_sha256(stores[1])
+    assert alone[1]["synthetic_content"] is None and alone[0]["decoder"] is None
+    assert alone[2]["decoder"] == f"run-ss {choose_model('demo', 'ss').sha256[:12]}"
+    # A VAE's screen: only the round-trip rows, the same figures.
+    screen = tmp_path / "screen.jsonl"
+    done = processes.run(
+        [sys.executable, EXAMPLES / "agreement_by_seed.py", real, other, screen, "--protocols",
+         "pretrain", "--real-limit", "6", "--ratio", "2", "--first-seed", "3", "--seeds", "1",
+         "--max-steps", "2", "--eval-every", "1", "--patience", "1", "--batch-size", "2",
+         "--skip-real", "--oracle", "--round-trip-oracle", "demo", "--round-trip-only"],
+        text=True,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    only = [json.loads(line) for line in screen.read_text().splitlines()]
+    assert [(r["row"], r["miou"]) for r in only] == [(alone[2]["row"], alone[2]["miou"])]
 
 
 def test_real_learning_curve_runs_on_a_tiny_store(tmp_path: Path) -> None:

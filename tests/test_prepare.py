@@ -19,7 +19,7 @@ from specdm_cli.pipeline.prepare.prepare import prepare
 from specdm_cli.pipeline.prepare.request import PrepareRequest
 from specdm_cli.pipeline.signals import StopFlag
 from specdm_cli.sources.base import PrepareOptions
-from specdm_cli.stores import open_store
+from specdm_cli.stores import open_store, store_sha256
 from tests.conftest import manifest_of, prepare_demo, run_cli
 
 
@@ -240,3 +240,27 @@ def test_store_that_is_not_a_store_is_an_input_error(tmp_path: Path) -> None:
     (tmp_path / "fake.zarr" / "manifest.json").write_text("{not json")
     code, _, stderr = run_cli("inspect", tmp_path / "fake.zarr")
     assert code == 3 and "unreadable manifest" in stderr
+
+
+def _content(store: Path) -> str:
+    code, stdout, stderr = run_cli("inspect", store, "--json")
+    assert code == 0, stderr
+    digest: str = json.loads(stdout)["content_sha256"]
+    return digest
+
+
+def test_inspect_content_digest_names_the_data_not_the_manifest(tmp_path: Path) -> None:
+    first = prepare_demo(tmp_path / "first.zarr", n=8)
+    again = prepare_demo(tmp_path / "again.zarr", n=8)
+    tiles = prepare_demo(tmp_path / "tiles", "--format", "geotiff", n=8)
+    other_seed = prepare_demo(tmp_path / "seed.zarr", "--seed", "5", n=8)
+    other_splits = prepare_demo(tmp_path / "splits.zarr", "--val-fraction", "0.5", n=8)
+    manifest = json.loads((again / "manifest.json").read_text())
+    manifest["provenance"]["created"] = "another time"  # as a store made later would record
+    (again / "manifest.json").write_text(json.dumps(manifest))
+    assert store_sha256(first) != store_sha256(again)
+    assert _content(first) == _content(again) == _content(tiles)
+    assert _content(other_seed) != _content(first)
+    assert _content(other_splits) != _content(first)
+    code, stdout, _ = run_cli("inspect", first)
+    assert code == 0 and f"content sha256: {_content(first)}" in stdout

@@ -223,6 +223,12 @@ def _render_inspect(report: dict[str, Any], console: Console) -> None:
     console.print(
         f"from: {origin.get('dataset') or origin.get('run_id')}  crs: {_crs_line(report)}"
     )
+    content = report["content_sha256"]
+    console.print(
+        f"content sha256: {content}"
+        if content
+        else "content: no checksums (written before they existed)"
+    )
     bands = Table("band", "wavelength (nm)", title="bands", title_justify="left")
     for band in report["bands"]:
         bands.add_row(band["name"], f"{band['wavelength_nm']:g}" if band["wavelength_nm"] else "-")

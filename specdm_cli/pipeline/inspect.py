@@ -10,7 +10,7 @@ import numpy as np
 from specdm_cli.errors import InputDataError
 from specdm_cli.fs.lock import ReadLock
 from specdm_cli.manifest import Manifest, manifest_schema
-from specdm_cli.stores import check_layout, open_store, verify_store
+from specdm_cli.stores import check_layout, content_sha256, open_store, verify_store
 
 
 def store_schema() -> dict[str, Any]:
@@ -39,6 +39,7 @@ def _inspect(path: Path, allow_incomplete: bool, verify: bool) -> dict[str, Any]
             f"store claims complete but samples {missing} are not written", path, "re-create it"
         )
     summary = _summary(path, manifest, int(written.sum()))
+    summary["content_sha256"] = content_sha256(reader)
     if verify:
         summary["verified"] = verify_store(reader)
     return summary

@@ -107,6 +107,11 @@ class StoreReader(ABC):
     def candidates(self) -> np.ndarray | None:
         """Synthetic stores: the draw index of every sample (-1 unwritten), else None."""
 
+    @abstractmethod
+    def sample_checksums(self) -> np.ndarray | None:
+        """(N, arrays) crc32 of every sample's arrays in `manifest.arrays` order (0 where
+        unwritten); None for a store written before checksums existed."""
+
     def indices(self, split: str | None = None) -> np.ndarray:
         """Indices of the written samples of `split` (all splits when None)."""
         keep = self.written()

@@ -238,3 +238,13 @@ class GeoTiffReader(StoreReader):
         if self.manifest.source is None:
             return None
         return [str(v) for v in self._column("source_id", "")]
+
+    def sample_checksums(self) -> np.ndarray | None:
+        names = list(self.manifest.arrays)
+        sums = np.zeros((len(self), len(names)), dtype=np.uint32)
+        for record in self.records:
+            if record.crc32 is None:
+                return None  # written before checksums existed
+            if record.index < len(self):
+                sums[record.index] = [record.crc32[name] for name in names]
+        return sums

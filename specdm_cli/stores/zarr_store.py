@@ -371,6 +371,14 @@ class ZarrReader(StoreReader):
     def candidates(self) -> np.ndarray | None:
         return self._table("candidate") if "candidate" in self.group else None
 
+    def sample_checksums(self) -> np.ndarray | None:
+        if not self.has_checksums:
+            return None
+        table = _array(self.group, CHECKSUM_ARRAY)
+        columns = [_checksum_names(table).index(name) for name in self.manifest.arrays]
+        sums: np.ndarray = self._table(CHECKSUM_ARRAY)[:, columns] * self.written()[:, None]
+        return sums
+
     def source_ids(self) -> list[str] | None:
         if "source_id" not in self.group:
             return None

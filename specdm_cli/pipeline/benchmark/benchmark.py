@@ -33,7 +33,7 @@ from specdm_cli.pipeline.benchmark.quality import (
 from specdm_cli.pipeline.runs.choose import ChosenModel, choose_model
 from specdm_cli.pipeline.synthesize.preview import rgb_note
 from specdm_cli.pipeline.train.common import torch_devices
-from specdm_cli.stores import StoreReader, open_store, refuse_stream_out
+from specdm_cli.stores import StoreReader, content_sha256, open_store, refuse_stream_out
 from specdm_cli.stores.base import MANIFEST_NAME
 from specdm_cli.stores.quality import write_quality
 
@@ -220,7 +220,8 @@ def _downstream(
 def _ref(reader: StoreReader, sha: str) -> StoreRef:
     manifest = reader.manifest
     return StoreRef(
-        path=str(reader.root), manifest_sha256=sha, task=manifest.task,
+        path=str(reader.root), manifest_sha256=sha, content_sha256=content_sha256(reader),
+        task=manifest.task,
         count=len(reader), split_counts=manifest.split_counts,
     )  # fmt: skip
 

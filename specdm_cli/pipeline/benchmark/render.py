@@ -10,7 +10,7 @@ from rich.console import Console
 from rich.table import Table
 
 from .quality import QualityReport
-from .report import BenchmarkReport, DownstreamRow
+from .report import BenchmarkReport, DownstreamRow, StoreRef
 
 Row = tuple[str, float | None, float | None, str]
 
@@ -75,12 +75,18 @@ def _table(header: list[str], rows: list[list[str]]) -> list[str]:
     return lines + ["| " + " | ".join(row) + " |" for row in rows]
 
 
+def _content(store: StoreRef) -> str:
+    """`, content 1a2b3c4d5e6f`: two reports read the same data where these agree."""
+    return f", content {store.content_sha256[:12]}" if store.content_sha256 else ""
+
+
 def _head(report: BenchmarkReport) -> list[str]:
     lines = [
         f"# specdm benchmark: {report.label}",
         "",
-        f"- task `{report.task}`; real `{report.real.path}` ({report.real.split_counts}); "
-        f"synthetic `{report.synthetic.path}` ({report.synthetic.count} pairs)",
+        f"- task `{report.task}`; real `{report.real.path}` ({report.real.split_counts}"
+        f"{_content(report.real)}); synthetic `{report.synthetic.path}` "
+        f"({report.synthetic.count} pairs{_content(report.synthetic)})",
         f"- feature network `{report.feature_hash[:16]}` (every figure below depends on it)",
     ]
     gen = report.generator

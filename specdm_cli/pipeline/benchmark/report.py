@@ -26,6 +26,11 @@ class StoreRef(_Strict):
 
     path: str
     manifest_sha256: str
+    content_sha256: str | None = Field(
+        None,
+        description="sha256 of the samples' checksums and splits: equal for stores of the same "
+        "data (the manifest's also records when it was made); None: written before checksums",
+    )
     task: str
     count: int
     split_counts: dict[str, int]
