@@ -181,7 +181,7 @@ def main() -> None:
     skip = REAL_ROWS if args.skip_real else frozenset()
     decoder = None
     if args.round_trip_oracle:
-        decoder = choose_model(args.round_trip_oracle, real.manifest.task)
+        decoder = choose_model(args.round_trip_oracle, real.manifest.task, vae_only=True)
     for seed in seed_list(options):
         measure_seed(real, synthetic, options, seed, args.out, skip, decoder, args.round_trip_only)
     summary(args.out)

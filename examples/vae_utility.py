@@ -32,8 +32,7 @@ from specdm_cli.pipeline.benchmark import downstream_rows
 from specdm_cli.pipeline.benchmark.features import default_config, load_or_train
 from specdm_cli.pipeline.benchmark.generator import round_trip
 from specdm_cli.pipeline.benchmark.quality import compare_stores
-from specdm_cli.pipeline.runs.choose import ChosenModel, choose_model, model_sha256
-from specdm_cli.pipeline.runs.run_manifest import load_run
+from specdm_cli.pipeline.runs.choose import ChosenModel, choose_model
 from specdm_cli.stores import StoreReader, open_store
 
 
@@ -61,10 +60,7 @@ def options(args: argparse.Namespace, real_limit: int) -> DownstreamOptions:
 
 def vae_of(model: str, task: str) -> ChosenModel:
     """`demo`, or a run folder whose VAE is trained (no diffusion stage needed here)."""
-    if model == "demo":
-        return choose_model("demo", task)
-    manifest = load_run(Path(model))
-    return ChosenModel(Path(model), "run", manifest, model_sha256(manifest))
+    return choose_model(model, task, vae_only=True)
 
 
 def downstream_row(real: StoreReader, model: str, opts: DownstreamOptions) -> dict[str, Any]:

@@ -730,3 +730,32 @@ def test_held_out_pairs_the_generator_trained_on_are_counted_and_cautioned(
     assert heldout_in_training(load_run(run), a) == 0
     shutil.rmtree(trained_on)
     assert heldout_in_training(load_run(run), b) is None
+
+
+def test_a_run_with_only_its_vae_gets_round_trips_and_no_throughput(
+    ss: tuple[Path, Path], tmp_path: Path
+) -> None:
+    """A VAE is judged before a U-Net is trained on it: its reconstruction and round-trip
+    oracle rows, and a note that pairs/s needs a U-Net."""
+    real, synthetic = ss
+    run = tmp_path / "vae-only"
+    shutil.copytree(demo_model_path("ss"), run)
+    record = json.loads((run / "run.json").read_text())
+    del record["stages"]["diffusion"]
+    (run / "run.json").write_text(json.dumps(record))
+    code, _, stderr = run_cli("synthesize", "--model", run, "--n", "2", "--out", tmp_path / "s")
+    assert code == 4 and "the run cannot sample yet" in stderr
+    out = tmp_path / "report"
+    code, _, stderr = run_cli(
+        "benchmark", "--real", real, "--synthetic", synthetic, "--model", run, "--out", out,
+        "--downstream", "--downstream-protocols", "pretrain", "--downstream-oracle",
+        "--downstream-seeds", "1", "--downstream-max-steps", "1", "--downstream-eval-every", "1",
+        "--downstream-patience", "1", "--downstream-batch-size", "4", "--real-limit", "4",
+        "--synthetic-ratio", "2", "--feature-steps", "5", "--batch-size", "8", "--threads", "2",
+    )  # fmt: skip
+    assert code == 0, stderr
+    report = load_report(out / "report.json")
+    assert report.reconstruction is not None and report.throughput is None
+    assert f"note: --model {run} has no U-Net that samples yet" in stderr
+    protocols = {row.protocol for row in report.downstream.rows} if report.downstream else set()
+    assert "pretrain-oracle-round-trip" in protocols

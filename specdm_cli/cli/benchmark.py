@@ -35,7 +35,11 @@ def benchmark(
     ] = None,
     synthetic: Annotated[Path | None, typer.Option(help="The synthetic store to judge.")] = None,
     model: Annotated[
-        str | None, typer.Option(help="Run (or 'demo'): adds VAE reconstruction and pairs/s.")
+        str | None,
+        typer.Option(
+            help="Run (or 'demo'): adds VAE reconstruction and pairs/s (a run with only its VAE: "
+            "reconstruction and round trips)."
+        ),
     ] = None,
     out: Annotated[
         Path | None, typer.Option("--out", "-o", help="Report folder [<synthetic>-benchmark].")
@@ -184,7 +188,13 @@ def benchmark(
             report, folder = run_benchmark(request, progress)
         warnings = Warnings(quiet)
         cautions = (heldout_caution(report), few_samples_caution(report.quality))
-        for note in (rgb_notice(real), *(c and f"warning: {c}" for c in cautions)):
+        unet = (
+            f"note: --model {model} has no U-Net that samples yet: its VAE's reconstruction and "
+            "round trips only, no sampling throughput"
+            if model is not None and report.throughput is None
+            else None
+        )
+        for note in (rgb_notice(real), unet, *(c and f"warning: {c}" for c in cautions)):
             if note:
                 warnings(note)
         if json_output:

@@ -159,7 +159,10 @@ def _measure(request: BenchmarkRequest, progress: Progress | None) -> tuple[Benc
     }
     refuse_overlap(out, inputs)
     check_out(out, request.overwrite)
-    chosen = choose_model(request.model, real.manifest.task) if request.model else None
+    # Round trips and reconstruction need only the VAE: a run can be judged before its U-Net.
+    chosen = (
+        choose_model(request.model, real.manifest.task, vae_only=True) if request.model else None
+    )
     if chosen is not None:
         gen.check_model_fits(chosen, real)
     device = torch_devices(request.devices.one())[0]
@@ -186,7 +189,10 @@ def _measure(request: BenchmarkRequest, progress: Progress | None) -> tuple[Benc
     )  # fmt: skip
     if chosen is not None:
         report.reconstruction = gen.reconstruction(chosen, real, device)
-        report.throughput = gen.throughput(chosen, synthetic, device, request.throughput_batches)
+        if chosen.manifest.can_sample():
+            report.throughput = gen.throughput(
+                chosen, synthetic, device, request.throughput_batches
+            )
     if request.downstream is not None:
         report.downstream = _downstream(
             request.downstream, real, synthetic, chosen, device, progress

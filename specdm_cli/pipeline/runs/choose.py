@@ -39,12 +39,15 @@ def model_sha256(manifest: RunManifest) -> str:
     return hashlib.sha256(json.dumps(digests, sort_keys=True).encode()).hexdigest()
 
 
-def choose_model(model: str | None, task: str | None, for_masks: bool = False) -> ChosenModel:
+def choose_model(
+    model: str | None, task: str | None, for_masks: bool = False, vae_only: bool = False
+) -> ChosenModel:
     """`--model PATH`, `--model demo`, or (no --model) the newest registered run of the task
     that trained its whole recipe, else the newest that can sample, else the demo. `for_masks`
-    (`synthesize --masks`): only mask-conditioned registered runs can sample."""
+    (`synthesize --masks`): only mask-conditioned registered runs can sample. `vae_only`: a run
+    named by PATH needs only its VAE (round trips; `benchmark` before a U-Net is trained)."""
     if model not in (None, "demo"):
-        return _loaded(Path(str(model)), "run")
+        return _loaded(Path(str(model)), "run", vae_only=vae_only)
     if task is None:
         what = "--model demo holds an ss and a cd model" if model == "demo" else "without --model"
         raise UsageError(
@@ -129,8 +132,10 @@ def _next_stage(manifest: RunManifest) -> str:
     return "run `specdm fit-diffusion RUN`"
 
 
-def _loaded(path: Path, kind: str, why: str = "") -> ChosenModel:
+def _loaded(path: Path, kind: str, why: str = "", vae_only: bool = False) -> ChosenModel:
     manifest = load_run(path)
+    if vae_only and manifest.vae_finished():
+        return ChosenModel(path, kind, manifest, model_sha256(manifest), why)
     if manifest.stale_unet():
         raise ModelError(
             "the run's U-Net learned the latents of an earlier VAE (fit-vae went on after it)",

@@ -119,6 +119,10 @@ class RunManifest(BaseModel):
         """The distilled student's details (the caller checked that the stage exists)."""
         return DistillDetails.model_validate(self.stages["distill"].details)
 
+    def vae_finished(self) -> bool:
+        """The VAE trained to its end: the run can encode and decode (round trips)."""
+        return "vae" in self.stages and self.stages["vae"].finished
+
     def can_sample(self) -> bool:
         """Both stages finished, the U-Net on the VAE's latents: the run can synthesize."""
         finished = all(
