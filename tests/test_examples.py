@@ -267,6 +267,21 @@ def test_bench_light_decoder_runs_on_the_demo_model(tmp_path: Path) -> None:
     assert "student / teacher decode time: " in done.stdout
 
 
+def test_bench_prepare_times_a_large_file_both_ways(tmp_path: Path) -> None:
+    done = processes.run(
+        [sys.executable, EXAMPLES / "bench_prepare.py", "--large", "256", "--workers", "1",
+         "--keep", tmp_path],
+        text=True,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert "kept open: 16 patches in " in done.stdout
+    assert "opened per window: 16 patches in " in done.stdout
+    assert re.search(r"speed-up of keeping files open: \d+\.\d\dx", done.stdout)
+    from specdm_cli.stores import open_store
+
+    assert len(open_store(tmp_path / "large.zarr")) == 16
+
+
 def test_the_utility_gate_needs_a_gain_of_the_larger_spread(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:

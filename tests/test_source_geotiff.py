@@ -652,6 +652,36 @@ def test_loads_are_thread_safe(tmp_path: Path) -> None:
         np.testing.assert_array_equal(a, b)
 
 
+def test_a_files_windows_are_read_through_one_open_dataset_per_thread(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A large file is opened once per loading thread, not once per window (each open decoded
+    its blocks again), and every dataset is closed when the plan is."""
+    from specdm_cli.sources.geotiff import handles
+
+    opened: list[rasterio.io.DatasetReader] = []
+    real_open = rasterio.open
+
+    def counting_open(path: Path) -> rasterio.io.DatasetReader:
+        opened.append(real_open(path))
+        return opened[-1]
+
+    root = make_geotiff_folder(tmp_path / "raw", n=2, size=(64, 64), bands=3)
+    plan = _plan(root, patch_size=16, overlap=0)
+    monkeypatch.setattr(handles.rasterio, "open", counting_open)
+    per_window = [plan.load(c).arrays for c in plan.candidates]
+    assert len(plan.candidates) == 32 and len(opened) == 4  # 2 files x (image, mask)
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        threaded = list(pool.map(plan.load, plan.candidates))
+    assert len(opened) <= 4 + 2 * 4  # at most each thread's own handle of each file
+    for serial, other in zip(per_window, threaded, strict=True):
+        for name in ("image", "mask"):
+            np.testing.assert_array_equal(serial[name], other.arrays[name])
+    assert not all(src.closed for src in opened)
+    plan.close()
+    assert all(src.closed for src in opened)
+
+
 # --- errors: each names the culprit file -----------------------------------------------------
 
 Breaker = Callable[[Path, Path], Path]  # (root, tmp_path) -> the path the error must name

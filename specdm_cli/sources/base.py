@@ -73,6 +73,7 @@ class SourcePlan:
     candidates: Sequence[Candidate]
     load: Callable[[Candidate], RawSample]
     warnings: list[str] = field(default_factory=list)
+    close: Callable[[], None] = field(default=lambda: None)  # once every load is done
 
 
 class Reader(Protocol):

@@ -182,6 +182,8 @@ def prepare(
         if state == "fresh" and _load_tally(request.out).kept == 0:
             remove_tree(request.out)
         raise
+    finally:
+        source_plan.close()
     if not tally.kept:
         _remove_empty_store(request, tally)
     summary = _summary(request.out, "resumed" if state == "resume" else "created", started)

@@ -126,9 +126,15 @@ def pair_files(root: Path, task: Task) -> Files:
 @contextmanager
 def open_raster(path: Path) -> Iterator[Any]:
     """An open rasterio dataset; GDAL failures become one input-data line naming the file."""
+    with raster_errors(path), rasterio.open(path) as src:
+        yield src
+
+
+@contextmanager
+def raster_errors(path: Path) -> Iterator[None]:
+    """GDAL failures opening or reading `path` become one input-data line naming the file."""
     try:
-        with rasterio.open(path) as src:
-            yield src
+        yield
     except FileNotFoundError:
         raise InputDataError(
             "file disappeared after listing", path, "restore the file and rerun"

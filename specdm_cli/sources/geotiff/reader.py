@@ -47,6 +47,7 @@ from specdm_cli.sources.geotiff.classes import (
     label_values,
     resolve_classes,
 )
+from specdm_cli.sources.geotiff.handles import OpenRasters
 from specdm_cli.sources.geotiff.layout import (
     Files,
     Header,
@@ -55,11 +56,14 @@ from specdm_cli.sources.geotiff.layout import (
     check_stem,
     data_bands,
     infer_task,
-    open_raster,
     output_dtype,
     pair_files,
 )
 from specdm_cli.sources.geotiff.splits import assign_splits, export_splits, share_notes
+
+# Files each loading thread keeps open, per array of a sample (ss: image and mask): the
+# current file's and the previous one's, whose last windows a thread may still be reading.
+FILES_KEPT_OPEN_PER_ARRAY = 2
 
 # What one planned patch costs before any pixel is read: its Candidate, id string and the
 # store's per-sample records (measured about 400 bytes; rounded up).
@@ -177,13 +181,16 @@ def read_geotiff(raw: Path | None, options: PrepareOptions) -> SourcePlan:
         task, files, codes, height, width, spec.dtype, options.nodata, options.label_nodata,
         bool(crs), scaled, colour_lookup(classes) if colour_masks else {}, resolved.declared,
     )  # fmt: skip
-    load = functools.partial(_load, ctx=context)
+    rasters = OpenRasters(keep=FILES_KEPT_OPEN_PER_ARRAY * len(array_names(task)))
+    load = functools.partial(_load, ctx=context, rasters=rasters)
     notes = [
         *_crs_notes(crs_by_file, crs), *_padding_notes(headers, height, width),
         *_alpha_notes(headers), *share_notes(splits, options),
         *_change_code_notes(task, codes, classes_from), *resolved.notes,
     ]  # fmt: skip
-    return SourcePlan(spec=spec, candidates=candidates, load=load, warnings=notes)
+    return SourcePlan(
+        spec=spec, candidates=candidates, load=load, warnings=notes, close=rasters.close
+    )
 
 
 def _padding_notes(headers: dict[str, Header], height: int, width: int) -> list[str]:
@@ -272,12 +279,13 @@ def _candidates(
     return candidates
 
 
-def _load(candidate: Candidate, *, ctx: _Context) -> RawSample:
-    """Read one sample's windows (the datasets are opened here, so loads may run in threads)."""
+def _load(candidate: Candidate, *, ctx: _Context, rasters: OpenRasters) -> RawSample:
+    """Read one sample's windows (each thread reads through datasets of its own, so loads may
+    run in threads)."""
     stem, y, x = candidate.ref
     paths = ctx.files[stem]
     label_name = LABEL_ARRAY[ctx.task]
-    raw_label = _read_window(paths[label_name], y, x, ctx)
+    raw_label = _read_window(rasters, paths[label_name], y, x, ctx)
     if len(raw_label.values) == 3:  # colours: a colour is a class, never nodata
         raw_codes = codes_from_colours(raw_label.values, ctx.colours, paths[label_name])
         label_nodata = None
@@ -291,7 +299,7 @@ def _load(candidate: Candidate, *, ctx: _Context) -> RawSample:
     label_invalid = label_nodata_mask(raw_codes, label_nodata)
     bounds = None
     for name in array_names(ctx.task)[:-1]:
-        window = _read_window(paths[name], y, x, ctx, masks=True)
+        window = _read_window(rasters, paths[name], y, x, ctx, masks=True)
         image = window.values.astype(ctx.dtype, copy=False)
         # --nodata overrides the file's tag, as GDAL's -srcnodata does; NaN tags declare NaN.
         nodata = ctx.nodata if ctx.replaces_tag else window.nodata
@@ -325,10 +333,12 @@ def _physical(image: np.ndarray, window: _Window) -> np.ndarray:
     return physical
 
 
-def _read_window(path: Path, y: int, x: int, ctx: _Context, masks: bool = False) -> _Window:
+def _read_window(
+    rasters: OpenRasters, path: Path, y: int, x: int, ctx: _Context, masks: bool = False
+) -> _Window:
     """One window of the file's data bands (clipped to the file), and with `masks` the pixels
     GDAL masks out."""
-    with open_raster(path) as src:
+    with rasters.reading(path) as src:
         window = Window(x, y, min(ctx.width, src.width - x), min(ctx.height, src.height - y))
         bands = data_bands(src)
         # A fresh array of the window only: memory stays flat however large the file.
