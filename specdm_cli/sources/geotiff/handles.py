@@ -17,9 +17,9 @@ from specdm_cli.sources.geotiff.layout import raster_errors
 class OpenRasters:
     """Each thread's last `keep` files, open. A large file's windows are read one after another,
     and a handle kept open keeps GDAL's cache of the blocks it has decompressed: opened once per
-    window, every window decoded its whole block again (64 px windows of a tiled 2048 px file:
-    11x slower, `examples/bench_prepare.py --large`). A dataset is used by one thread only, as
-    rasterio requires; `close` closes them all once the reading is done."""
+    window, every window decoded its whole block again (64 px patches of a tiled 2048 px scene:
+    4.5x fewer patches/s, `examples/bench_prepare.py --large 2048`). A dataset is used by one
+    thread only, as rasterio requires; `close` closes them all once the reading is done."""
 
     def __init__(self, keep: int) -> None:
         self.keep = keep
