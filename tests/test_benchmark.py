@@ -708,6 +708,7 @@ def test_held_out_pairs_the_generator_trained_on_are_counted_and_cautioned(
     record = json.loads((run / "run.json").read_text())
     record["source_store"] = str(trained_on)
     record["source_manifest_sha256"] = manifest_sha256(open_store(trained_on))
+    record["source_content_sha256"] = content_sha256(open_store(trained_on))
     (run / "run.json").write_text(json.dumps(record))
     # By source id, independently of the code under test.
     a, b = open_store(trained_on), open_store(real)
@@ -728,6 +729,11 @@ def test_held_out_pairs_the_generator_trained_on_are_counted_and_cautioned(
     # Benchmarked against its own training store, none of the held-out pairs was trained on;
     # a training store that is gone is not checked.
     assert heldout_in_training(load_run(run), a) == 0
+    # Prepared again by the same command (another manifest digest), it is the same data.
+    shutil.rmtree(trained_on)
+    prepare_demo(trained_on, "--val-fraction", "0.01", n=48, size=demo_size("ss"))
+    assert manifest_sha256(open_store(trained_on)) != record["source_manifest_sha256"]
+    assert heldout_in_training(load_run(run), b) == expected
     shutil.rmtree(trained_on)
     assert heldout_in_training(load_run(run), b) is None
 

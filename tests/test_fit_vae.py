@@ -259,3 +259,23 @@ def test_warnings_reach_json_also_under_quiet(tmp_path: Path) -> None:
     code, stdout, _ = run_cli("synthesize", "--model", "demo", "--task", "ss", "--n", "1", "--json",
                               "--quiet", "--out", tmp_path / "s.zarr")  # fmt: skip
     assert code == 0 and json.loads(stdout)["warnings"][0].startswith("model: ")
+
+
+def test_a_store_prepared_again_resumes_the_run_another_store_is_refused(
+    tmp_path: Path,
+) -> None:
+    store = prepare_demo(tmp_path / "ss.zarr", n=16, size=16)
+    code, _, stderr = fit(store, tmp_path / "run", "--steps", "1")
+    assert code == 0, stderr
+    assert json.loads((tmp_path / "run" / "run.json").read_text())["source_content_sha256"]
+    # The same command again, as after the store was deleted: another manifest, the same data.
+    again = prepare_demo(tmp_path / "again.zarr", n=16, size=16)
+    manifest = manifest_of(again)
+    manifest["provenance"]["created"] = "later"  # type: ignore[index]
+    (again / "manifest.json").write_text(json.dumps(manifest))
+    code, _, stderr = fit(again, tmp_path / "run", "--steps", "2", "--resume")
+    assert code == 0, stderr
+    assert stage(tmp_path / "run")["step"] == 2
+    other = prepare_demo(tmp_path / "other.zarr", "--seed", "5", n=16, size=16)
+    code, _, stderr = fit(other, tmp_path / "run", "--steps", "3", "--resume")
+    assert code == 4 and "cannot resume: the run was trained on another store" in stderr

@@ -14,7 +14,7 @@ from specdm_cli.errors import InputDataError, ModelError, SpecdmError, UsageErro
 from specdm_cli.manifest import IGNORE_INDEX, IMAGE_ARRAYS, LABEL_ARRAY, Manifest
 from specdm_cli.pipeline.runs.choose import ChosenModel
 from specdm_cli.pipeline.runs.run_manifest import RunManifest, load_run
-from specdm_cli.stores import StoreReader, open_store
+from specdm_cli.stores import StoreReader, content_sha256, open_store
 from specdm_cli.stores.base import MANIFEST_NAME
 
 from .feature_training import ArraySource
@@ -55,7 +55,7 @@ def generator_info(
         train_split=config.get("split"), train_limit=config.get("limit"),
         real_pairs_seen=int(seen) if seen is not None else None,
         source_manifest_sha256=run.source_manifest_sha256,
-        real_store_is_source=run.source_manifest_sha256 == real_sha256,
+        real_store_is_source=run.trained_on(real_sha256, content_sha256(real)),
         heldout_in_training=heldout_in_training(run, real),
     )  # fmt: skip
 
@@ -90,7 +90,7 @@ def _training_store(run: RunManifest) -> StoreReader | None:
         store = open_store(path)
     except SpecdmError:
         return None
-    return store if manifest_sha256(store) == run.source_manifest_sha256 else None
+    return store if run.trained_on(manifest_sha256(store), content_sha256(store)) else None
 
 
 def _same_scenes(a: Manifest, b: Manifest) -> bool:

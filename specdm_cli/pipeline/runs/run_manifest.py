@@ -98,6 +98,9 @@ class RunManifest(BaseModel):
     dataset: str
     source_store: str
     source_manifest_sha256: str
+    # The store's samples and splits (stores.content_sha256): a store prepared again by the
+    # same command is the same data, though its manifest's digest differs. None: older runs.
+    source_content_sha256: str | None = None
     bands: list[Band]
     classes: list[ClassInfo]
     dtype: str
@@ -106,6 +109,12 @@ class RunManifest(BaseModel):
     normalization: Normalization
     stages: dict[str, StageState] = Field(default_factory=dict)
     provenance: dict[str, Any] = Field(default_factory=dict)
+
+    def trained_on(self, manifest_sha256: str, content: str | None) -> bool:
+        """A store of that manifest digest, or of the same samples and splits, is the run's
+        own training data."""
+        same_content = content is not None and content == self.source_content_sha256
+        return manifest_sha256 == self.source_manifest_sha256 or same_content
 
     def vae_details(self) -> VAEDetails:
         """The VAE stage's typed details (a ValidationError if the run has none usable)."""

@@ -32,7 +32,7 @@ from specdm_cli.pipeline.runs.run_manifest import (
     load_run,
     save_run,
 )
-from specdm_cli.stores import StoreReader, remove_own
+from specdm_cli.stores import StoreReader, content_sha256, remove_own
 
 RunState = Literal["fresh", "resume"]
 
@@ -112,9 +112,10 @@ def open_or_create_run(
     run: Path, reader: StoreReader, state: RunState, source_sha256: str, made_by: dict[str, Any]
 ) -> RunManifest:
     """The run's manifest: new for a fresh run, loaded (weights verified) for a resume."""
+    content = content_sha256(reader)
     if state == "resume":
         manifest = load_run(run)
-        if manifest.source_manifest_sha256 != source_sha256:
+        if not manifest.trained_on(source_sha256, content):
             raise ModelError(
                 "cannot resume: the run was trained on another store",
                 run,
@@ -134,6 +135,7 @@ def open_or_create_run(
         dataset=store.source.dataset if store.source else "synthetic",
         source_store=str(reader.root.resolve()),
         source_manifest_sha256=source_sha256,
+        source_content_sha256=content,
         bands=store.bands,
         classes=store.classes,
         dtype=store.dtype,
