@@ -179,6 +179,13 @@ def test_another_store_builds_its_cache_but_never_under_a_trained_unet(
     code, _, stderr = diffuse(run, "--steps", "3", "--resume")  # the VAE's own store
     assert_one_error_line(code, stderr, 4, "learned the latents of another store")
     assert diffuse(run, "--steps", "3", "--resume", "--store", str(other))[0] == 0
+    # That store prepared again by the same command: another manifest digest, the same data.
+    again = prepare_demo(tmp_path / "again.zarr", "--seed", "9", n=24, size=16)
+    manifest = json.loads((again / "manifest.json").read_text())
+    manifest["provenance"]["created"] = "later"
+    (again / "manifest.json").write_text(json.dumps(manifest))
+    code, _, stderr = diffuse(run, "--steps", "4", "--resume", "--store", str(again))
+    assert code == 0, stderr
     cd = prepare_demo(tmp_path / "cd.zarr", n=24, size=16, task="cd")
     code, _, stderr = diffuse(copy_run(vae_run, tmp_path / "fresh"), "--store", str(cd))
     assert_one_error_line(code, stderr, 3, "task, classes differ from those the run's VAE")

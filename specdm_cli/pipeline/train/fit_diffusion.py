@@ -39,7 +39,7 @@ from specdm_cli.pipeline.train.latent_cache import (
 from specdm_cli.pipeline.train.unet_state import (
     restore_unet_training,
 )
-from specdm_cli.stores import open_store, store_sha256
+from specdm_cli.stores import content_sha256, open_store, store_sha256
 
 
 @dataclass(frozen=True)
@@ -148,7 +148,7 @@ def fit_diffusion(
             )
         extra = condition_input_channels(manifest, request.config)  # refused before encoding
         store = request.store or Path(manifest.source_store)
-        store_sha = _check_store(run, manifest, store, stage)
+        store_sha, content = _check_store(run, manifest, store, stage)
         cache, val = _latents(
             run, manifest, request, (store, store_sha), devices[0], stop, progress, warn
         )
@@ -158,7 +158,11 @@ def fit_diffusion(
         unet = unet_config(request.config, cache.mean.shape[1], size, extra)
         recorded = {
             "vae_weights": manifest.stages["vae"].weights,
-            "latent_store": {"path": str(store.resolve()), "sha256": store_sha},
+            "latent_store": {
+                "path": str(store.resolve()),
+                "sha256": store_sha,
+                "content_sha256": content,
+            },
             **mask_condition_details(manifest, unet, request.config.mask_condition_rate),
         }
         job = _Job(run, request.config, unet, checkpoint, start, val, recorded)
@@ -238,11 +242,14 @@ def _rank_main(
 
 # What a store shares with the run's VAE for its latents to be the VAE's kind: the VAE reads
 # these bands in this order, and its label branch one channel per class.
-def _check_store(run: Path, manifest: RunManifest, store: Path, stage: Any) -> str:
-    """The store's digest, after checking its samples fit the run's VAE (exit 3) and that a
+def _check_store(
+    run: Path, manifest: RunManifest, store: Path, stage: Any
+) -> tuple[str, str | None]:
+    """The store's manifest and content digests, after checking its samples fit the run's VAE (exit 3) and that a
     resumed U-Net learned this store's latents (exit 4): another store's swapped in under a
     trained U-Net rescaled the latents it had learned."""
-    theirs = open_store(store).manifest
+    reader = open_store(store)
+    theirs = reader.manifest
     differ = [
         name
         for name, ours, found in (
@@ -259,15 +266,17 @@ def _check_store(run: Path, manifest: RunManifest, store: Path, stage: Any) -> s
             store,
             "pass a store prepared like the run's (or drop --store)",
         )
-    store_sha = store_sha256(store)
+    store_sha, content = store_sha256(store), content_sha256(reader)
     learned = (stage.details.get("latent_store") or {}) if stage is not None else {}
-    if learned.get("sha256") not in (None, store_sha):
+    # A store prepared again by the same command holds the same latents (content digest).
+    same_data = content is not None and learned.get("content_sha256") == content
+    if learned.get("sha256") not in (None, store_sha) and not same_data:
         raise ModelError(
             f"the run's U-Net learned the latents of another store ({learned.get('path')})",
             run,
             "drop --store to resume it, or train a new run",
         )
-    return store_sha
+    return store_sha, content
 
 
 def _latents(
