@@ -178,14 +178,15 @@ def _measure(request: BenchmarkRequest, progress: Progress | None) -> tuple[Benc
     traits, scores = _score(real, synthetic, network, request.batch_size, progress)
     if request.write_scores:
         _write_scores(synthetic, scores, network, real)
+    real_ref = _ref(real, real_sha)
     report = BenchmarkReport(
         tool_version=__version__, created=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         command=" ".join(sys.argv), label=request.label or synthetic.root.name.split(".")[0],
-        task=real.manifest.task, real=_ref(real, real_sha),
+        task=real.manifest.task, real=real_ref,
         synthetic=_ref(synthetic, synthetic_sha), feature_hash=network.feature_hash,
         quality=quality, closest_pairs=closest(quality),
         scores=summarise(scores, request.write_scores),
-        generator=gen.generator_info(synthetic, real, real_sha, chosen),
+        generator=gen.generator_info(synthetic, real, real_ref, chosen),
     )  # fmt: skip
     if chosen is not None:
         report.reconstruction = gen.reconstruction(chosen, real, device)

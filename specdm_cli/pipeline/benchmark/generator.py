@@ -20,7 +20,7 @@ from specdm_cli.stores.base import MANIFEST_NAME
 from .feature_training import ArraySource
 from .features import manifest_sha256
 from .quality import split_indices
-from .report import GeneratorInfo, Reconstruction, Throughput
+from .report import GeneratorInfo, Reconstruction, StoreRef, Throughput
 
 # Without a plan to copy (a store made by another model), throughput is timed with
 # synthesize's defaults.
@@ -33,9 +33,10 @@ DEFAULT_PLAN: dict[str, Any] = {
 
 
 def generator_info(
-    synthetic: StoreReader, real: StoreReader, real_sha256: str, chosen: ChosenModel | None
+    synthetic: StoreReader, real: StoreReader, real_ref: StoreRef, chosen: ChosenModel | None
 ) -> GeneratorInfo | None:
-    """The run behind `synthetic` (--model, else the run its manifest names, if still there)."""
+    """The run behind `synthetic` (--model, else the run its manifest names, if still there);
+    `real_ref` carries the real store's digests, computed once for the report."""
     model = synthetic.manifest.model
     run = chosen.manifest if chosen is not None else _run_of(model.path if model else None)
     if run is None:
@@ -44,7 +45,8 @@ def generator_info(
         source = model.details.get("source_manifest_sha256")
         return GeneratorInfo(
             run_id=model.run_id, kind=model.kind, path=model.path,
-            source_manifest_sha256=source, real_store_is_source=source == real_sha256,
+            source_manifest_sha256=source,
+            real_store_is_source=source == real_ref.manifest_sha256,
         )  # fmt: skip
     vae = run.stages.get("vae")
     config = vae.config if vae else {}
@@ -55,7 +57,7 @@ def generator_info(
         train_split=config.get("split"), train_limit=config.get("limit"),
         real_pairs_seen=int(seen) if seen is not None else None,
         source_manifest_sha256=run.source_manifest_sha256,
-        real_store_is_source=run.trained_on(real_sha256, content_sha256(real)),
+        real_store_is_source=run.trained_on(real_ref.manifest_sha256, real_ref.content_sha256),
         heldout_in_training=heldout_in_training(run, real),
     )  # fmt: skip
 
@@ -90,7 +92,10 @@ def _training_store(run: RunManifest) -> StoreReader | None:
         store = open_store(path)
     except SpecdmError:
         return None
-    return store if run.trained_on(manifest_sha256(store), content_sha256(store)) else None
+    sha = manifest_sha256(store)
+    # The content digest reads every sample's checksum: needed only when the manifests differ.
+    content = None if sha == run.source_manifest_sha256 else content_sha256(store)
+    return store if run.trained_on(sha, content) else None
 
 
 def _same_scenes(a: Manifest, b: Manifest) -> bool:
