@@ -488,6 +488,34 @@ def test_corrupt_zip_is_named(tree: Callable[..., Path], tmp_path: Path) -> None
     assert _error(root).path == root / f"{TRAIN_LABELS}.zip"
 
 
+@pytest.mark.parametrize("kind", ["deflate64", "encrypted"])
+def test_a_zip_python_cannot_decode_asks_for_the_extracted_folder(
+    tree: Callable[..., Path], tmp_path: Path, kind: str
+) -> None:
+    root = Path(shutil.copytree(tree(zipped=True), tmp_path / "raw"))
+    archive = root / f"{IMAGES}.zip"
+    _mark_every_member(archive, kind)
+    error = _error(root)
+    assert error.path == archive and "extracted folder" in error.hint
+    assert ("not supported" if kind == "deflate64" else "encrypted") in error.message
+
+
+def _mark_every_member(archive: Path, kind: str) -> None:
+    """Rewrite each member's headers as 7-Zip writes a Deflate64 (method 9) or an encrypted
+    (flag bit 0) member; the bytes after them stay as they were."""
+    data = bytearray(archive.read_bytes())
+    # Offsets of the method and the flags in a local header (PK\3\4) and a central one (PK\1\2).
+    for signature, flags, method in ((b"PK\x03\x04", 6, 8), (b"PK\x01\x02", 8, 10)):
+        start = data.find(signature)
+        while start >= 0:
+            if kind == "deflate64":
+                data[start + method : start + method + 2] = (9).to_bytes(2, "little")
+            else:
+                data[start + flags] |= 1
+            start = data.find(signature, start + 4)
+    archive.write_bytes(bytes(data))
+
+
 def test_missing_and_empty_raw_folders(tmp_path: Path) -> None:
     assert _error(tmp_path / "nowhere").path == tmp_path / "nowhere"
     (tmp_path / "empty").mkdir()

@@ -283,19 +283,37 @@ def test_uint16_and_lzw_labels_are_read(tmp_path: Path) -> None:
         np.testing.assert_array_equal(mask, np.vectorize(EXPECTED_INDEX.get)(codes))
 
 
-@pytest.mark.parametrize("interleave", ["pixel", "band"])
-def test_images_re_saved_compressed_by_gdal_are_read(tmp_path: Path, interleave: str) -> None:
-    # tifffile decodes LZW only with imagecodecs (not a dependency); GDAL reads such a file.
+@pytest.mark.parametrize(
+    ("compress", "interleave"), [("lzw", "pixel"), ("lzw", "band"), ("zstd", "pixel")]
+)
+def test_images_re_saved_compressed_by_gdal_are_read(
+    tmp_path: Path, compress: str, interleave: str
+) -> None:
+    # tifffile decodes LZW and ZSTD only with imagecodecs (not a dependency; for ZSTD it tries
+    # Python 3.14's `compression` module, an ImportError before); GDAL reads such a file.
     import rasterio
 
     tree = _tree(tmp_path, splits={"train": 1})
     path = tree / "train" / "img" / "1.tif"
     original = tifffile.imread(path).transpose(2, 0, 1)
     profile = {"driver": "GTiff", "count": 10, "height": 16, "width": 16, "dtype": "float32"}
-    with rasterio.open(path, "w", compress="lzw", interleave=interleave, **profile) as dst:
+    with rasterio.open(path, "w", compress=compress, interleave=interleave, **profile) as dst:
         dst.write(original)
     sample = _open(tree).load(_open(tree).candidates[0])
     np.testing.assert_array_equal(sample.arrays["image"], original)
+
+
+def test_a_label_re_saved_with_zstd_by_gdal_is_read(tmp_path: Path) -> None:
+    import rasterio
+
+    tree = _tree(tmp_path, splits={"train": 1})
+    path = tree / "train" / "label" / "1.tif"
+    codes = tifffile.imread(path)
+    profile = {"driver": "GTiff", "count": 1, "height": 16, "width": 16, "dtype": "uint8"}
+    with rasterio.open(path, "w", compress="zstd", **profile) as dst:
+        dst.write(codes[None])
+    mask = _open(tree).load(_open(tree).candidates[0]).arrays["mask"]
+    np.testing.assert_array_equal(mask, np.vectorize(EXPECTED_INDEX.get)(codes))
 
 
 def test_load_is_thread_safe_and_deterministic(tmp_path: Path) -> None:

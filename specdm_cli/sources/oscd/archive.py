@@ -104,6 +104,14 @@ class _ZipTree:
             raise InputDataError(
                 f"corrupt zip: cannot read {self.prefix}{rel} ({exc})", self.archive, FIX_ARCHIVE
             ) from None
+        except (NotImplementedError, RuntimeError) as exc:
+            # Python's zipfile reads neither Deflate64 (Windows' and 7-Zip's choice for large
+            # files) nor encrypted members; unzip and 7-Zip read both.
+            raise InputDataError(
+                f"cannot read {self.prefix}{rel} from the zip ({exc})",
+                self.archive,
+                "extract the zip (7-Zip, or unzip) and pass the extracted folder",
+            ) from None
 
 
 def open_trees(root: Path) -> tuple[Tree, dict[str, Tree | None]]:

@@ -30,6 +30,13 @@ _TIFF_ERRORS = (
     ValueError, OSError, struct.error, IndexError, KeyError, EOFError, TypeError, ArithmeticError,
     AssertionError,
 )  # fmt: skip
+# Without imagecodecs, tifffile reads ZSTD by importing Python 3.14's `compression` module.
+_TIFF_ERRORS_OR_CODEC = (*_TIFF_ERRORS, ImportError)
+
+
+def _codec_missing(exc: Exception) -> bool:
+    """tifffile could not decode the compression without an optional codec package."""
+    return isinstance(exc, ImportError) or "imagecodecs" in str(exc)
 
 
 def read_shape(path: Path) -> tuple[int, ...]:
@@ -149,10 +156,12 @@ def _read_label(path: Path) -> np.ndarray:
         label = _pil_read(path, None) if path.suffix.lower() == ".png" else tifffile.imread(path)
     except FileNotFoundError:
         raise _vanished(path) from None
-    except _TIFF_ERRORS as exc:
+    except _TIFF_ERRORS_OR_CODEC as exc:
         # The official code reads labels with PIL, so PIL-only encodings (e.g. LZW without
-        # imagecodecs) occur; only when PIL fails too is the file broken.
-        label = _pil_read(path, exc)
+        # imagecodecs) occur; a codec neither has (ZSTD) GDAL decodes; only when these fail
+        # too is the file broken.
+        decoded = _gdal_read(path) if _codec_missing(exc) else None
+        label = decoded if decoded is not None else _pil_read(path, exc)
     label = np.squeeze(label)
     if label.ndim != 2:
         raise InputDataError(
@@ -183,8 +192,8 @@ def _imread(path: Path) -> np.ndarray:
         return np.asarray(tifffile.imread(path))
     except FileNotFoundError:
         raise _vanished(path) from None
-    except _TIFF_ERRORS as exc:
-        decoded = _gdal_read(path) if "imagecodecs" in str(exc) else None
+    except _TIFF_ERRORS_OR_CODEC as exc:
+        decoded = _gdal_read(path) if _codec_missing(exc) else None
         if decoded is None:
             raise _corrupt(path, exc) from None
         return decoded
@@ -213,8 +222,8 @@ def _gdal_read(path: Path) -> np.ndarray | None:
 
 def _corrupt(path: Path, exc: Exception, kind: str = "TIFF") -> InputDataError:
     reason = str(exc).splitlines()[0][:120] if str(exc) else type(exc).__name__
-    # tifffile decodes LZW, JPEG, ... only with imagecodecs: then the file is fine.
-    if "imagecodecs" in reason:
+    # tifffile decodes LZW, JPEG, ZSTD, ... only with imagecodecs: then the file is fine.
+    if _codec_missing(exc):
         return InputDataError(f"cannot decode TIFF ({reason})", path, "pip install imagecodecs")
     return InputDataError(
         f"corrupt or truncated {kind} ({reason})", path, "re-download or remove the file"
