@@ -213,6 +213,58 @@ def test_change_masks_of_more_than_two_codes_are_a_warning(tmp_path: Path) -> No
     assert two.warnings == []
 
 
+def test_change_masks_of_0_and_255_read_255_as_change(tmp_path: Path) -> None:
+    """LEVIR-CD's, WHU-CD's and OSCD's encoding: 255 is change there, not "no label"."""
+    root = make_geotiff_folder(tmp_path / "raw", task="cd", codes=[0, 255], n=10)
+    plan = _plan(root)
+    assert [c.code for c in plan.spec.classes] == [0, 255]
+    assert "note: the change masks hold only 0 and 255: read 255 as change" in plan.warnings[0]
+    raw = _read(root / "change" / "tile_00.tif", 1)
+    change = plan.load(plan.candidates[0]).arrays["change"]
+    np.testing.assert_array_equal(change, np.where(raw == 255, 1, 0))
+    # Told that 255 means no data, the one class left is said to be no change / change pair.
+    alone = _plan(root, label_nodata=255.0)
+    assert [c.code for c in alone.spec.classes] == [0]
+    assert alone.warnings[0].startswith("warning: the change masks hold one class code (0)")
+
+
+def test_change_masks_whose_nodata_tag_is_no_change_are_a_warning(tmp_path: Path) -> None:
+    """gdal_rasterize -a_nodata 0 -burn 1: the tag makes "no change" no data; a classes file
+    that declares 0 puts it back."""
+    root = make_geotiff_folder(tmp_path / "raw", task="cd", codes=[0, 1], n=10)
+    for stem in stems(10):
+        path = root / "change" / f"{stem}.tif"
+        write_label(path, _read(path, 1), _geo(path), nodata=0)
+    tagged = _plan(root)
+    assert [c.code for c in tagged.spec.classes] == [1]
+    assert "declare both codes in a classes file" in tagged.warnings[0]
+    write_classes(root / "classes.csv", [0, 1])
+    declared = _plan(root)
+    assert [c.code for c in declared.spec.classes] == [0, 1]
+    raw = _read(root / "change" / "tile_00.tif", 1)
+    np.testing.assert_array_equal(declared.load(declared.candidates[0]).arrays["change"], raw)
+
+
+def test_a_classes_file_may_declare_255_a_class(tmp_path: Path) -> None:
+    """0/255 building masks: undeclared, 255 is "no label" (said, as one class is left);
+    declared, it is a class, and a nodata tag still reads as no label."""
+    root = make_geotiff_folder(tmp_path / "raw", codes=[0, 255], n=10)
+    undeclared = _plan(root)
+    assert [c.code for c in undeclared.spec.classes] == [0]
+    assert "if 255 is a class" in undeclared.warnings[0]
+    path = root / "masks" / "tile_00.tif"
+    raw = _read(path, 1).astype(np.uint16)
+    raw[0, 0] = 7  # a no-data fill, tagged
+    write_label(path, raw, _geo(path), nodata=7)
+    write_classes(root / "classes.json", [0, 255])
+    declared = _plan(root)
+    assert [c.code for c in declared.spec.classes] == [0, 255]
+    mask = declared.load(declared.candidates[0]).arrays["mask"]
+    expected = np.where(raw == 255, 1, 0)
+    expected[0, 0] = 255
+    np.testing.assert_array_equal(mask, expected)
+
+
 def test_band_names_fall_back_and_wavelengths_come_from_tags(tmp_path: Path) -> None:
     root = make_geotiff_folder(tmp_path / "raw", n=1, bands=3)
     path = root / "images" / "tile_00.tif"

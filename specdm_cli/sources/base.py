@@ -137,12 +137,19 @@ def require_integer_labels(raw: np.ndarray, path: Path | str) -> None:
         raise InputDataError("label file holds non-integer values", path, "fix the file")
 
 
+# A label pixel marked no data before codes map to indices: no code any raster holds, so a
+# class list may take 255 as a code (0/255 change and building masks) and nodata still reads 255.
+NODATA_CODE = -(1 << 62)
+
+
 def remap_labels(raw: np.ndarray, codes: Sequence[int], path: Path | str) -> np.ndarray:
-    """Map raw label codes to indices 0..K-1 (255 stays ignore); an unknown code is an error."""
+    """Map raw label codes to indices 0..K-1 (255 stays ignore unless it is one of `codes`,
+    NODATA_CODE is ignore); an unknown code is an error."""
     require_integer_labels(raw, path)
     values = raw.astype(np.int64)
     lut = {int(code): index for index, code in enumerate(codes)}
     lut.setdefault(IGNORE_INDEX, IGNORE_INDEX)
+    lut[NODATA_CODE] = IGNORE_INDEX
     # Codes map through the values present, never a table of max code + 1 entries: a code of
     # 2e9 (CORINE-style or hostile) costs nothing more than a small one.
     present, position = np.unique(values, return_inverse=True)

@@ -25,6 +25,7 @@ from specdm_cli.manifest import (
     load_manifest,
 )
 from specdm_cli.sources.base import (
+    NODATA_CODE,
     PrepareOptions,
     label_nodata_mask,
     read_text_input,
@@ -75,13 +76,35 @@ def resolve_classes(
         indexed = [c.model_copy(update={"code": c.index}) for c in exported.classes]
         return ResolvedClasses(indexed, str(root / "manifest.json"))
     scans = [_scan_mask(mask, options.label_nodata) for mask in masks]
-    codes = sorted(set().union(*(scan.codes for scan in scans)))
+    found = set().union(*(scan.codes for scan in scans))
+    codes, notes = _discovered_codes(found, task)
     if not codes:
         raise InputDataError(
             "the label files hold no class codes (all nodata/255)", root, "check the masks"
         )
     classes = _make_classes([(code, f"class_{code}", None) for code in codes], root)
-    return ResolvedClasses(classes, "masks", _sentinel_notes(scans))
+    return ResolvedClasses(classes, "masks", [*notes, *_sentinel_notes(scans)])
+
+
+def _discovered_codes(found: set[int], task: Task) -> tuple[list[int], list[str]]:
+    """The class codes of masks with no classes file: 255 means ignore, except in change masks
+    that hold one other code, as LEVIR-CD's, WHU-CD's and OSCD's do (0 no change, 255 change):
+    there a store without 255 would have no change at all."""
+    codes = sorted(found - {IGNORE_INDEX})
+    if IGNORE_INDEX not in found or len(codes) != 1:
+        return codes, []
+    if task == "ss":
+        warning = (
+            f"warning: the masks hold one class code ({codes[0]}) and 255, read as no label; "
+            f"if 255 is a class (0/255 building masks), declare both in a classes file: "
+            f"--classes FILE.csv with rows code,name / {codes[0]},background / 255,building"
+        )
+        return codes, [warning]
+    note = (
+        f"note: the change masks hold only {codes[0]} and 255: read 255 as change (a class); "
+        "if 255 means no data, pass --label-nodata 255"
+    )
+    return [codes[0], IGNORE_INDEX], [note]
 
 
 def label_nodata_of(
@@ -117,7 +140,7 @@ def _check_declared_codes(
         tagged = _integral(scan.tag)
         if option is None and tagged is not None and tagged in declared:
             overridden.add(tagged)
-        unknown = sorted(scan.codes - declared)
+        unknown = sorted(scan.codes - declared - {IGNORE_INDEX})  # 255 undeclared: ignore
         if unknown:
             raise InputDataError(
                 f"label code(s) {unknown[:5]} not in {source.name} (its codes: {sorted(declared)})",
@@ -136,7 +159,7 @@ def _sentinel_notes(scans: list[_MaskScan]) -> list[str]:
     largest = {
         int(np.iinfo(scan.dtype).max): scan.dtype.name
         for scan in scans
-        if scan.dtype.kind in "ui" and int(np.iinfo(scan.dtype).max) in scan.codes
+        if scan.dtype.kind in "ui" and int(np.iinfo(scan.dtype).max) in scan.codes - {IGNORE_INDEX}
     }
     return [
         f"note: label code {code} (the largest {name}) became a class; "
@@ -243,9 +266,10 @@ def _classes_csv(text: str) -> list[ClassRow]:
 
 def _code(value: Any) -> int:
     code = int(value)
-    # Codes may exceed 254 (CORINE's are 111..523); only 255 is taken: it means ignore.
-    if str(value).strip() not in (str(code), f"{code}.0") or code < 0 or code == IGNORE_INDEX:
-        raise ValueError(f"code {value!r} is not an integer >= 0 other than 255 (ignore)")
+    # Codes may exceed 254 (CORINE's are 111..523), and 255 declared is a class (0/255 masks);
+    # undeclared, 255 means ignore.
+    if str(value).strip() not in (str(code), f"{code}.0") or code < 0:
+        raise ValueError(f"code {value!r} is not an integer >= 0")
     return code
 
 
@@ -285,7 +309,7 @@ def _default_colour(index: int) -> tuple[int, int, int]:
 
 @dataclass(frozen=True)
 class _MaskScan:
-    codes: set[int]  # distinct codes, nodata and 255 excluded
+    codes: set[int]  # distinct codes, nodata excluded
     tag: float | None  # the file's nodata tag
     dtype: np.dtype[Any]
 
@@ -300,7 +324,7 @@ def _scan_mask(path: Path, label_nodata: float | None, declared: Collection[int]
             # Distinct raw values first (cheap in the file's own dtype), then nodata -> 255.
             values = label_values(np.unique(src.read(1, window=window)), nodata)
             require_integer_labels(values, path)
-            codes |= {int(v) for v in values if v != IGNORE_INDEX}
+            codes |= {int(v) for v in values if v != NODATA_CODE}
         tag, dtype = src.nodata, np.dtype(src.dtypes[0])
     if codes and min(codes) < 0:
         raise InputDataError(
@@ -320,7 +344,8 @@ def _scan_windows(height: int, width: int) -> Iterator[Window]:
 
 
 def label_values(raw: np.ndarray, nodata: float | None) -> np.ndarray:
-    """Raw label values with the label nodata (--label-nodata, else the file's tag) as 255."""
+    """Raw label values with the label nodata (--label-nodata, else the file's tag) as
+    NODATA_CODE (remap_labels reads it as 255, apart from a class coded 255)."""
     values = raw.astype(np.float64 if raw.dtype.kind == "f" else np.int64)
-    values[label_nodata_mask(raw, nodata)] = IGNORE_INDEX
+    values[label_nodata_mask(raw, nodata)] = NODATA_CODE
     return values

@@ -224,9 +224,15 @@ def _crs_notes(crs_by_file: dict[str, str | None], crs: str | None) -> list[str]
 
 
 def _change_code_notes(task: Task, codes: tuple[int, ...], classes_from: str) -> list[str]:
-    """Change masks discovered to hold more than two codes: said, as it is seldom meant."""
-    if task != "cd" or classes_from != "masks" or len(codes) <= 2:
+    """Change masks discovered to hold one code or more than two: said, as it is seldom meant."""
+    if task != "cd" or classes_from != "masks" or len(codes) == 2:
         return []
+    if len(codes) == 1:
+        return [
+            f"warning: the change masks hold one class code ({codes[0]}), the rest is no data, "
+            "so the store has no change / no change pair; if their nodata tag marks no change "
+            "(gdal_rasterize -a_nodata 0), declare both codes in a classes file (--classes)"
+        ]
     return [
         f"warning: the change masks hold {len(codes)} codes ({', '.join(map(str, codes))}), so "
         f"the store has {len(codes)} change classes, not change / no change; if a code means "
