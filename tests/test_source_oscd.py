@@ -377,6 +377,78 @@ def test_declared_nan_in_a_float_band_is_nodata(raw: Path, declared: str) -> Non
     assert (sample.arrays["image_t1"][:, :3, :6] != 0).all()  # replaced by the valid mean
 
 
+def _rewrite_band(path: Path, band: np.ndarray, **profile: Any) -> None:
+    height, width = band.shape
+    with rasterio.open(
+        _fresh(path), "w", driver="GTiff", count=1, height=height, width=width,
+        dtype=band.dtype.name, **profile,
+    ) as dst:  # fmt: skip
+        dst.write(band, 1)
+
+
+@pytest.mark.filterwarnings("ignore::rasterio.errors.NotGeoreferencedWarning")
+def test_a_nodata_value_uint16_cannot_hold_is_nodata_not_a_range_error(raw: Path) -> None:
+    """An int16 band tagged -9999 (a common GDAL export): the tag marks the pixels; the check
+    that values fit uint16 refused it."""
+    path = _band_file(raw, "bercy", 1, "B03")
+    band = tifffile.imread(path).astype(np.int16)
+    band[:3, :6] = -9999
+    _rewrite_band(path, band, nodata=-9999)
+    (y, x, sample), *_ = _city_samples(read_oscd(raw, SMALL), "bercy")
+    assert (y, x) == (0, 0) and sample.nodata_pixels == 18
+    assert (sample.arrays["change"][:3, :6] == 255).all()
+    assert (sample.arrays["change"][3:] != 255).all()
+
+
+@pytest.mark.filterwarnings("ignore::rasterio.errors.NotGeoreferencedWarning")
+@pytest.mark.parametrize("case", ["nan undeclared", "reflectance 0-1"])
+def test_float_bands_oscd_does_not_hold_are_told_with_their_fix(raw: Path, case: str) -> None:
+    path = _band_file(raw, "bercy", 1, "B03")
+    band = tifffile.imread(path).astype(np.float32)
+    if case == "nan undeclared":
+        band[:3, :6] = np.nan
+    else:  # rounded to uint16 it was 0s and 1s: the city removed as blank, exit 0
+        band /= 10000
+    _rewrite_band(path, band)
+    error = _error(raw)
+    assert error.path == path
+    assert ("--nodata nan" if case == "nan undeclared" else "by 10000") in error.hint
+
+
+def test_a_band_off_its_citys_georeferenced_grid_is_refused(raw: Path) -> None:
+    """Phase 2's B04 shifted by three pixels: stacked as it was, every pixel was misplaced."""
+    transform = Affine(10, 0, 100000, 0, -10, 200000)
+    for phase in (1, 2):
+        for band_name in ("B02", "B04"):
+            path = _band_file(raw, "bercy", phase, band_name)
+            shifted = band_name == "B04" and phase == 2
+            _rewrite_band(
+                path, tifffile.imread(path), crs="EPSG:32631",
+                transform=transform * Affine.translation(3, 0) if shifted else transform,
+            )  # fmt: skip
+    error = _error(raw)
+    assert (
+        error.path == _band_file(raw, "bercy", 2, "B04") and "off its city's grid" in error.message
+    )
+
+
+def test_label_nodata_applies_to_the_tif_change_map(
+    tree: Callable[..., Path], tmp_path: Path
+) -> None:
+    """`<city>-cm.tif` holding 0 is an unknown code, and the error points at --label-nodata:
+    that option must then do what it says."""
+    root = Path(shutil.copytree(tree(tif_labels_only="brasilia"), tmp_path / "raw"))
+    tif = root / TEST_LABELS / "brasilia" / "cm" / "brasilia-cm.tif"
+    codes = tifffile.imread(tif)
+    codes[:2, :3] = 0
+    tifffile.imwrite(_fresh(tif), codes)
+    assert "--label-nodata" in _error(root).hint
+    plan = read_oscd(root, PrepareOptions(patch_size=16, overlap=0.5, label_nodata=0))
+    (sample,) = [s for y, x, s in _city_samples(plan, "brasilia") if (y, x) == (0, 0)]
+    assert (sample.arrays["change"][:2, :3] == 255).all()
+    assert (sample.arrays["change"][2:] != 255).all()
+
+
 def test_georeferenced_rect_files_give_crs_and_bounds(raw: Path) -> None:
     for city, (height, width) in SIZES.items():
         for phase in (1, 2):

@@ -162,7 +162,9 @@ def remap_labels(raw: np.ndarray, codes: Sequence[int], path: Path | str) -> np.
             else "fix the label file, or pass --label-nodata CODE if that code means no data"
         )
         raise InputDataError(
-            f"unknown label code(s) {unknown[:5]} (known: {sorted(lut)})", path, hint
+            f"unknown label code(s) {unknown[:5]} (known: {sorted(set(lut) - {NODATA_CODE})})",
+            path,
+            hint,
         )
     indices = np.array([lut[int(v)] for v in present], dtype=np.uint8)
     mapped: np.ndarray = indices[position].reshape(values.shape)
@@ -250,6 +252,14 @@ def class_fraction(label: np.ndarray, num_classes: int) -> np.ndarray:
     counts = np.bincount(label[label != IGNORE_INDEX].ravel(), minlength=num_classes)
     total = counts.sum()
     return (counts[:num_classes] / total if total else np.zeros(num_classes)).astype(np.float32)
+
+
+def label_values(raw: np.ndarray, nodata: float | None) -> np.ndarray:
+    """Raw label values with the label nodata (--label-nodata, else the file's tag) as
+    NODATA_CODE (remap_labels reads it as 255, apart from a class coded 255)."""
+    values = raw.astype(np.float64 if raw.dtype.kind == "f" else np.int64)
+    values[label_nodata_mask(raw, nodata)] = NODATA_CODE
+    return values
 
 
 def label_nodata_mask(raw: np.ndarray, nodata: float | None) -> np.ndarray:

@@ -27,7 +27,7 @@ from specdm_cli.manifest import (
 from specdm_cli.sources.base import (
     NODATA_CODE,
     PrepareOptions,
-    label_nodata_mask,
+    label_values,
     read_text_input,
     require_integer_labels,
 )
@@ -341,11 +341,3 @@ def _scan_windows(height: int, width: int) -> Iterator[Window]:
     for row in range(0, height, rows):
         for column in range(0, width, columns):
             yield Window(column, row, min(columns, width - column), min(rows, height - row))
-
-
-def label_values(raw: np.ndarray, nodata: float | None) -> np.ndarray:
-    """Raw label values with the label nodata (--label-nodata, else the file's tag) as
-    NODATA_CODE (remap_labels reads it as 255, apart from a class coded 255)."""
-    values = raw.astype(np.float64 if raw.dtype.kind == "f" else np.int64)
-    values[label_nodata_mask(raw, nodata)] = NODATA_CODE
-    return values

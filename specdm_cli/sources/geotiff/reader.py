@@ -30,6 +30,7 @@ from specdm_cli.sources.base import (
     SourceSpec,
     apply_nodata,
     label_nodata_mask,
+    label_values,
     pad_image_as_nodata,
     pad_to,
     patch_bounds,
@@ -44,7 +45,6 @@ from specdm_cli.sources.geotiff.classes import (
     colour_lookup,
     exported_manifest,
     label_nodata_of,
-    label_values,
     resolve_classes,
 )
 from specdm_cli.sources.geotiff.handles import OpenRasters

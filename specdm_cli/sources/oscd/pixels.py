@@ -6,6 +6,7 @@ import threading
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from rasterio.enums import Resampling
@@ -16,6 +17,7 @@ from specdm_cli.sources.base import (
     Candidate,
     RawSample,
     apply_nodata,
+    label_values,
     pad_image_as_nodata,
     pad_to,
     patch_bounds,
@@ -50,6 +52,7 @@ class Context:
     size: int
     nodata: float | None
     georeferenced: bool
+    label_nodata: float | None = None  # a `<city>-cm.tif` value meaning no label (-> 255)
 
 
 class CityCache:
@@ -75,7 +78,7 @@ def _read_city(ctx: Context, city: City) -> _Stack:
     (t1, t1_nodata, t1_nan), (t2, t2_nodata, t2_nan) = (
         _read_phase(ctx, city, index) for index in range(len(PHASES))
     )
-    change = _read_change(city.labels, city.label_rel)
+    change = _read_change(city.labels, city.label_rel, ctx.label_nodata)
     for array in (t1, t2, t1_nan, t2_nan, change):
         array.flags.writeable = False  # shared between threads: loads copy their window
     where = (
@@ -95,7 +98,7 @@ def _read_phase(
     declared_nan = np.zeros(grid, dtype=bool)
     tags: list[float | None] = []
     for i, band in enumerate(ctx.bands):
-        stack[i], tag, nan = _read_band(ctx.images, city.band_files[phase, band], grid, ctx.nodata)
+        stack[i], tag, nan = _read_band(ctx.images, city.band_files[phase, band], city, ctx.nodata)
         declared_nan |= nan
         tags.append(tag)
     # --nodata overrides the files' tag, as GDAL's -srcnodata does.
@@ -105,11 +108,13 @@ def _read_phase(
 
 
 def _read_band(
-    tree: Tree, rel: str, grid: tuple[int, int], nodata: float | None
+    tree: Tree, rel: str, city: City, nodata: float | None
 ) -> tuple[np.ndarray, float | None, np.ndarray]:
-    """One band on the grid as uint16, its nodata tag, and its NaN pixels where NaN is declared
-    nodata (`nodata`, else the tag); those hold 0 in the uint16 band."""
+    """One band on the city's grid as uint16, its nodata tag, and its pixels of the declared
+    nodata (`nodata`, else the tag) that uint16 cannot hold (NaN, -9999); those hold 0."""
+    grid = (city.height, city.width)
     with open_raster(tree, rel) as src:
+        _require_city_grid(src, city, tree.where(rel))
         shape = (int(src.height), int(src.width))
         if shape == grid:
             data = np.asarray(src.read(1))
@@ -118,11 +123,36 @@ def _read_band(
             # Reflectance is continuous, so bilinear, not nearest: no 2x2 or 6x6 blocks.
             data = np.asarray(src.read(1, out_shape=grid, resampling=Resampling.bilinear))
         declared = src.nodata if nodata is None else nodata
-        nan = np.zeros(grid, dtype=bool)
-        if declared is not None and np.isnan(declared) and data.dtype.kind == "f":
-            nan = np.isnan(data)
-            data = np.where(nan, 0, data)
-        return _as_uint16(data, tree.where(rel)), src.nodata, nan
+        unheld = np.zeros(grid, dtype=bool)
+        if declared is not None and data.dtype != np.uint16:
+            unheld = np.isnan(data) if np.isnan(declared) else data == declared
+            if not np.isnan(declared) and 0 <= declared <= np.iinfo(np.uint16).max:
+                unheld[:] = False  # uint16 holds it: apply_nodata finds it in the band
+            data = np.where(unheld, 0, data)
+        return _as_uint16(data, tree.where(rel)), src.nodata, unheld
+
+
+def _require_city_grid(src: Any, city: City, where: Path) -> None:
+    """A georeferenced band must lie on the city's georeferenced grid (its CRS, and its origin
+    within one of its own pixels): a band stacked off its place shifts every pixel silently."""
+    if city.crs is None or src.crs is None or src.transform.is_identity:
+        return  # not georeferenced (OSCD's _rect files may not be): sizes alone are checked
+    crs = src.crs.to_epsg()
+    same_crs = f"EPSG:{crs}" == city.crs if crs else src.crs.to_wkt() == city.crs
+    shift = max(abs(src.transform.c - city.transform.c), abs(src.transform.f - city.transform.f))
+    if same_crs and shift <= max(abs(src.transform.a), abs(src.transform.e)):
+        return
+    what = f"origin {shift:g} units from" if same_crs else "another CRS than"
+    raise InputDataError(
+        f"band lies off its city's grid ({what} {GRID_BAND} of phase 1)",
+        where,
+        FIX_ARCHIVE,
+    )
+
+
+# A float band whose largest value is this small holds reflectance, not reflectance x 10000
+# (rounding it to uint16 leaves 0s and 1s: the city read as blank, removed without a word).
+_UNIT_REFLECTANCE_MAX = 2.0
 
 
 def _require_coarse_grid(shape: tuple[int, int], grid: tuple[int, int], where: Path) -> None:
@@ -141,7 +171,21 @@ def _require_coarse_grid(shape: tuple[int, int], grid: tuple[int, int], where: P
 def _as_uint16(data: np.ndarray, where: Path) -> np.ndarray:
     if data.dtype == np.uint16:
         return data
-    finite = np.isfinite(data) if np.issubdtype(data.dtype, np.floating) else True
+    floating = np.issubdtype(data.dtype, np.floating)
+    if floating and np.isnan(data).any():
+        raise InputDataError(
+            "band holds NaN and no nodata says what it means",
+            where,
+            "if NaN means no data, pass --nodata nan",
+        )
+    if floating and 0 < data.max() <= _UNIT_REFLECTANCE_MAX:
+        raise InputDataError(
+            f"band values lie in 0..{data.max():.3g}: reflectance, not reflectance x 10000 as "
+            "OSCD's uint16 bands hold it",
+            where,
+            "scale the bands by 10000 (gdal_calc.py -A FILE --calc='A*10000' --type UInt16)",
+        )
+    finite = np.isfinite(data) if floating else True
     if not np.all(finite) or data.min() < 0 or data.max() > np.iinfo(np.uint16).max:
         raise InputDataError(
             f"band values do not fit uint16 reflectance x 10000 (dtype {data.dtype})",
@@ -151,12 +195,12 @@ def _as_uint16(data: np.ndarray, where: Path) -> np.ndarray:
     return np.asarray(np.rint(data), dtype=np.uint16)
 
 
-def _read_change(tree: Tree, rel: str) -> np.ndarray:
-    """The change map as uint8 0/1 (255 where the tif says ignore)."""
+def _read_change(tree: Tree, rel: str, label_nodata: float | None) -> np.ndarray:
+    """The change map as uint8 0/1 (255 where the tif says ignore, or holds --label-nodata)."""
     if rel.endswith(".tif"):
         with open_raster(tree, rel) as src:
             raw = src.read(1)
-        return remap_labels(raw, _TIF_LABEL_CODES, tree.where(rel))
+        return remap_labels(label_values(raw, label_nodata), _TIF_LABEL_CODES, tree.where(rel))
     with open_png(tree, rel) as img:
         # A palette image turns into colours first; alpha is dropped: it is not a change.
         rgb = img.convert("RGBA") if img.mode in ("P", "PA") else img

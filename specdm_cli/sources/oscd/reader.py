@@ -76,7 +76,10 @@ def read_oscd(raw: Path | None, options: PrepareOptions) -> SourcePlan:
             native += fallbacks
     crs_set = {city.crs for city in cities.values()}
     crs = crs_set.pop() if len(crs_set) == 1 else None
-    ctx = Context(images, cities, bands, options.patch_size, options.nodata, crs is not None)
+    ctx = Context(
+        images, cities, bands, options.patch_size, options.nodata, crs is not None,
+        options.label_nodata,
+    )  # fmt: skip
     spec = _spec(ctx, crs, listed, splits, native)
     if labels_merged(images, labels):
         spec.details["label_layout"] = "<city>/cm/ inside the image folders (SpectralGPT)"
