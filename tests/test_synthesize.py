@@ -181,6 +181,31 @@ def test_bad_options(ss_run: Path, tmp_path: Path, args: tuple[str, ...], code: 
     assert exit_code == code and stderr.startswith("error:") and "Traceback" not in stderr
 
 
+@pytest.mark.parametrize(("sampler", "steps"), [("ddpm", 1001), ("ddim", 1000), ("dpmpp", 1000)])
+def test_more_steps_than_the_schedule_has_are_refused_before_any_output(
+    ss_run: Path, tmp_path: Path, sampler: str, steps: int
+) -> None:
+    """dpmpp at 1,000 steps divided by a zero sigma and wrote all-zero images into a store
+    marked complete; ddim and ddpm past the schedule crashed as "a bug"."""
+    out = tmp_path / "x.zarr"
+    code, _, stderr = run_cli("synthesize", "--model", ss_run, "--out", out, "--n", "1",
+                              "--sampler", sampler, "--steps", str(steps))  # fmt: skip
+    assert code == 2 and f"--steps {steps}: {sampler} takes at most" in stderr
+    assert not out.exists()
+
+
+def test_non_finite_decoded_values_are_a_model_error_not_zeros() -> None:
+    from specdm_cli.errors import ModelError
+    from specdm_cli.pipeline.synthesize.sampler import to_dtype
+
+    values = np.array([[1.0, 2.0], [np.nan, 3.0]], dtype=np.float32)
+    for dtype in (np.uint16, np.float32):
+        with pytest.raises(ModelError, match="NaN or inf"):
+            to_dtype(values, np.dtype(dtype))
+    stored, clipped = to_dtype(np.array([[1.4, 70000.0]]), np.dtype(np.uint16))
+    assert stored.tolist() == [[1, 65535]] and clipped.tolist() == [1]
+
+
 def test_a_tampered_model_is_refused(ss_run: Path, tmp_path: Path) -> None:
     import shutil
 

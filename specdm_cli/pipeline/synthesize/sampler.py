@@ -186,7 +186,14 @@ def _student_problem(model: ChosenModel) -> tuple[str, Path, str] | None:
 
 def to_dtype(values: np.ndarray, dtype: np.dtype[Any]) -> tuple[np.ndarray, np.ndarray]:
     """Round (integer stores) and clip to the dtype's range; returns the array and the values
-    clipped in each sample (axis 0)."""
+    clipped in each sample (axis 0). NaN or inf is the model's failure, never written: cast, it
+    became a plausible 0 in a store marked complete."""
+    if not np.isfinite(values).all():
+        raise ModelError(
+            "the model decoded NaN or inf values (a diverged U-Net or VAE, or a sampler "
+            "setting the schedule cannot take)",
+            hint="try the default --sampler and --steps; if it persists, retrain the run",
+        )
     if np.issubdtype(dtype, np.integer):
         info = np.iinfo(dtype)
         values = np.rint(values)

@@ -23,6 +23,7 @@ from specdm_cli.manifest import (
     load_manifest,
     rgb_bands,
 )
+from specdm_cli.models.diffusion import ScheduleConfig
 from specdm_cli.models.samplers import DEFAULT_STEPS
 from specdm_cli.pipeline.runs.choose import ChosenModel
 from specdm_cli.pipeline.runs.provenance import provenance
@@ -283,7 +284,9 @@ def refuse_split(asked: str, shard: Shard, devices: Devices) -> None:
 def _steps(request: SynthesizeRequest) -> int:
     """The sampler's step count: --steps, else its default; a distilled student's own."""
     if request.sampler != "distilled":
-        return request.steps or DEFAULT_STEPS[request.sampler]
+        steps = request.steps or DEFAULT_STEPS[request.sampler]
+        _require_steps_within_schedule(request, steps)
+        return steps
     student = len(distilled_timesteps(request.model))
     if request.steps not in (None, student):
         raise UsageError(
@@ -291,6 +294,21 @@ def _steps(request: SynthesizeRequest) -> int:
             hint="drop --steps, or distill another student with --student-steps",
         )
     return student
+
+
+def _require_steps_within_schedule(request: SynthesizeRequest, steps: int) -> None:
+    """At most the schedule's T steps (ddpm) or T - 1 (the others): diffusers then indexes
+    past the schedule (ddim, ddpm: a crash) or divides by a zero sigma (dpmpp, unipc: NaN
+    latents, written as all-zero images)."""
+    schedule = request.model.manifest.diffusion_details().schedule
+    train_steps = int(schedule.get("num_train_timesteps", ScheduleConfig().num_train_timesteps))
+    most = train_steps if request.sampler == "ddpm" else train_steps - 1
+    if steps > most:
+        raise UsageError(
+            f"--steps {steps}: {request.sampler} takes at most {most} steps on this model "
+            f"(trained over {train_steps} timesteps)",
+            hint=f"e.g. --steps {DEFAULT_STEPS[request.sampler]} (the default), or --sampler ddpm",
+        )
 
 
 def _summary(
