@@ -52,6 +52,27 @@ def test_preview_has_a_title_and_a_legend_of_every_class(tmp_path: Path) -> None
         assert has_colour(legend, info.colour), info.name
 
 
+def test_a_preview_path_that_would_destroy_a_file_is_refused_before_sampling(
+    tmp_path: Path,
+) -> None:
+    """It replaced a run's run.json, the new store's manifest, any file, with exit 0."""
+    out, notes = tmp_path / "syn.zarr", tmp_path / "notes.txt"
+    notes.write_text("mine")
+    for preview in (out / "manifest.json", notes, tmp_path):
+        code, _, stderr = run_cli("synthesize", "--model", "demo", "--task", "ss", "--n", "2",
+                                  "--steps", "2", "--out", out, "--preview", preview, "-q")  # fmt: skip
+        assert code == 2 and stderr.startswith("error:"), (preview, stderr)
+        assert not out.exists()
+    assert notes.read_text() == "mine"
+    # A picture there before (the same command again) is replaced.
+    png = tmp_path / "p.png"
+    Image.new("RGB", (2, 2)).save(png)
+    code, _, stderr = run_cli("synthesize", "--model", "demo", "--task", "ss", "--n", "2",
+                              "--steps", "2", "--out", out, "--preview", png, "-q")  # fmt: skip
+    assert code == 0, stderr
+    assert Image.open(png).size != (2, 2)
+
+
 def test_cd_preview_outlines_the_change_on_t2(tmp_path: Path) -> None:
     store = prepare_demo(tmp_path / "cd.zarr", task="cd", n=16, size=32)
     reader = open_store(store)

@@ -30,7 +30,7 @@ from specdm_cli.pipeline.synthesize.masks import (
     MaskSource,
     require_conditioned,
 )
-from specdm_cli.pipeline.synthesize.preview import rgb_note, write_preview
+from specdm_cli.pipeline.synthesize.preview import check_preview_path, rgb_note, write_preview
 from specdm_cli.pipeline.synthesize.quality import Judge, JudgeMaker, QualityBar
 from specdm_cli.pipeline.synthesize.require import parse_require
 from specdm_cli.pipeline.synthesize.sampler import resolve_sampler
@@ -98,9 +98,10 @@ def synthesize_store(
     shard = parse_shard(options.shard)
     grid = parse_batch_size(options.batch_size)
     chosen = _model(options)
-    refuse_overlap(
-        options.out, {"--model": chosen.path, "--masks": options.masks, "--real": options.real}
-    )
+    inputs = {"--model": chosen.path, "--masks": options.masks, "--real": options.real}
+    refuse_overlap(options.out, inputs)
+    if options.preview is not None:
+        check_preview_path(options.preview, {**inputs, "--out": options.out})
     bar = _quality_bar(options)
     refuse_split(options.filters(), shard, options.devices)  # before a judge is trained
     masks = _mask_source(options, chosen)

@@ -9,7 +9,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
+from specdm_cli.errors import UsageError
 from specdm_cli.fs.atomic import atomic_write_bytes
+from specdm_cli.fs.paths import refuse_overlap
 from specdm_cli.manifest import IGNORE_INDEX, IMAGE_ARRAYS, LABEL_ARRAY, Manifest
 
 
@@ -87,6 +89,29 @@ def preview_row(sample: dict[str, np.ndarray], manifest: Manifest) -> np.ndarray
     tiles.append(colour_mask(label, manifest))
     gap = np.full((manifest.height, 2, 3), 255, dtype=np.uint8)
     return np.concatenate([part for tile in tiles for part in (tile, gap)][:-1], axis=1)
+
+
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def check_preview_path(path: Path, inputs: dict[str, Path | None]) -> None:
+    """Before any sampling: the picture goes neither into an input nor the store (it replaced
+    a run's run.json, or the new store's manifest), nor over a file that is not a picture."""
+    refuse_overlap(path, inputs)
+    if path.is_dir() or (path.exists() and not _holds_png(path)):
+        raise UsageError(
+            f"--preview {path} is {'a folder' if path.is_dir() else 'a file other than a PNG'}, "
+            "which the picture would replace",
+            hint="choose a new file name ending in .png",
+        )
+
+
+def _holds_png(path: Path) -> bool:
+    try:
+        with path.open("rb") as handle:
+            return handle.read(len(_PNG_SIGNATURE)) == _PNG_SIGNATURE
+    except OSError:
+        return False
 
 
 def write_preview(path: Path, samples: list[dict[str, np.ndarray]], manifest: Manifest) -> None:
