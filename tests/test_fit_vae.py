@@ -4,6 +4,7 @@ refusals of stores and run folders, --limit, the validation fallback, the regist
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import signal
 from pathlib import Path
@@ -219,6 +220,37 @@ def test_registry_finds_the_newest_run_per_task(tmp_path: Path) -> None:
     assert newest_run("ss") == runs["ss-old"].resolve()  # a deleted run is skipped
     entries = read_registry()
     assert {"run_id", "path", "task", "stage", "can_sample", "finished"} <= entries[0].keys()
+
+
+def test_a_damaged_registry_is_told_not_read_as_empty(demo_ss_store: Path, tmp_path: Path) -> None:
+    """Read as empty, `synthesize` without --model took the demo model instead of the user's
+    runs and the next run's record erased every entry; a list with other items crashed."""
+    registry = Path(os.environ["SPECDM_HOME"]) / "runs.json"
+    registry.parent.mkdir(parents=True)
+    registry.write_text('[{"path": "/x", "task": "ss"')
+    code, _, stderr = run_cli("synthesize", "--task", "ss", "--n", "1", "--out", tmp_path / "s")
+    assert code == 3 and "run registry" in stderr and str(registry) in stderr
+    assert not (tmp_path / "s").exists()
+    registry.write_text('["x", 3, {"path": "/x", "task": "ss"}]')
+    assert read_registry() == [{"path": "/x", "task": "ss"}]
+
+
+def test_the_same_command_registers_a_complete_run_its_registry_lacks(
+    demo_ss_store: Path, tmp_path: Path
+) -> None:
+    """Trained while the registry could not be written, the run was told "already complete"
+    by every --resume after and never registered."""
+    run = tmp_path / "run"
+    assert fit(demo_ss_store, run, "--steps", "1")[0] == 0
+    registry = Path(os.environ["SPECDM_HOME"]) / "runs.json"
+    registry.unlink()
+    code, stdout, stderr = fit(demo_ss_store, run, "--steps", "1", "--resume", "--json")
+    assert code == 0 and json.loads(stdout)["state"] == "already complete", stderr
+    assert [entry["path"] for entry in read_registry()] == [str(run.resolve())]
+    # An entry of a later stage is kept as it is.
+    record_run(run, "ss", "diffusion", can_sample=True)
+    assert fit(demo_ss_store, run, "--steps", "1", "--resume")[0] == 0
+    assert newest_run("ss") == run.resolve()
 
 
 @pytest.mark.parametrize("text", ["cpu:0", "cpu:x", "a,b", ""])

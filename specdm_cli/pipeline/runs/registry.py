@@ -38,13 +38,30 @@ def _registry() -> Path:
     return user_dir() / "runs.json"
 
 
+_FIX_REGISTRY = (
+    "move it away: runs stay where they are (`--model RUN` names one), and the next finished "
+    "run starts a new registry"
+)
+
+
 def read_registry() -> list[dict[str, Any]]:
-    """All registry entries, oldest first (an unreadable registry reads as empty)."""
+    """All registry entries, oldest first; none before the first run. A registry that cannot
+    be read is an input error: read as empty, it sent commands to the demo model instead of
+    the user's runs, and the next run's record erased every entry."""
+    path = _registry()
     try:
-        entries = json.loads(_registry().read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
         return []
-    return entries if isinstance(entries, list) else []
+    except (OSError, UnicodeDecodeError) as exc:
+        raise InputDataError(f"cannot read the run registry ({exc})", path, _FIX_REGISTRY) from None
+    try:
+        entries = json.loads(text)
+    except ValueError:
+        entries = None
+    if not isinstance(entries, list):
+        raise InputDataError("the run registry is not a JSON list of runs", path, _FIX_REGISTRY)
+    return [entry for entry in entries if isinstance(entry, dict)]
 
 
 def record_run(run: Path, task: str, stage: str, can_sample: bool) -> None:

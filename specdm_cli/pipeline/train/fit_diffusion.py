@@ -143,6 +143,7 @@ def fit_diffusion(
         manifest = load_run(run)
         stage = _check_stages(run, manifest, request, warn)
         if stage is not None and stage.finished and stage.step >= request.config.steps:
+            runs.ensure_registered(run, manifest.task, "diffusion", can_sample=True)
             return FitDiffusionSummary(
                 str(run), "already complete", stage.step, request.config.steps, 0.0, 0.0, "kept"
             )

@@ -134,6 +134,9 @@ def _fit_vae(
                 runs.discard_untrained(run, "vae", created)  # under our lock: no one else's
             raise
     if summary.state == "already complete":
+        # A registry that could not be written when the run finished left it unregistered;
+        # the same command again mends that.
+        runs.ensure_registered(run, task, "vae", can_sample=False)
         return summary
     runs.register(run, task, "vae", can_sample=False)
     summary.seconds = round(time.monotonic() - started, 3)
