@@ -114,6 +114,19 @@ def test_a_store_without_checksums_still_opens(pristine: Path, tmp_path: Path) -
         open_store(store).read(2)
 
 
+@pytest.mark.parametrize("content", ["", "{not json", '{"zarr_format": 3}'])
+def test_an_arrays_garbled_metadata_is_one_line_naming_the_store(
+    pristine: Path, tmp_path: Path, content: str
+) -> None:
+    """`inspect` stopped with "unexpected JSONDecodeError" (exit 1) where readers said exit 3."""
+    store = tmp_path / "s.zarr"
+    shutil.copytree(pristine, store)
+    (store / "image" / "zarr.json").write_text(content)
+    code, _, stderr = run_cli("inspect", store)
+    assert_one_error_line(code, stderr, 3, "array 'image'")
+    assert f"({store})" in stderr and "file:" not in stderr
+
+
 def test_fit_vae_on_a_damaged_store_is_one_line_exit_3(pristine: Path, tmp_path: Path) -> None:
     store = tmp_path / "s.zarr"
     shutil.copytree(pristine, store)

@@ -161,16 +161,29 @@ def _checksum_names(table: zarr.Array[Any]) -> list[str]:
 
 
 def _array(group: zarr.Group, name: str) -> zarr.Array[Any]:
-    """The array `name` of `group`; a missing or misshapen one means a damaged store."""
+    """The array `name` of `group`; a missing, misshapen or unreadable one is a damaged store."""
     try:
         node = group[name]
     except KeyError:
         node = None
+    except (ValueError, TypeError) as exc:  # its zarr.json garbled (JSON or metadata errors)
+        reason = str(exc).splitlines()[0][:120] if str(exc) else type(exc).__name__
+        raise InputDataError(
+            f"store's array {name!r} has unreadable metadata ({reason})",
+            _store_root(group),
+            "re-create the store",
+        ) from None
     if not isinstance(node, zarr.Array):
         raise InputDataError(
-            f"store has no array {name!r}", str(group.store_path), "re-create the store"
+            f"store has no array {name!r}", _store_root(group), "re-create the store"
         )
     return node
+
+
+def _store_root(group: zarr.Group) -> Path:
+    """The store's folder, as users gave it (store_path reads "file:/path")."""
+    root = getattr(group.store, "root", None)
+    return Path(root) if root is not None else Path(str(group.store_path))
 
 
 class ZarrWriter(StoreWriter):
