@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, get_args
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from specdm_cli.errors import UsageError
 
@@ -191,6 +191,15 @@ class VAETrainConfig(BaseModel):
         return self.model_dump(exclude=exclude, mode="json")
 
 
+def require_groups_divide(widths: tuple[int, ...], groups: int) -> None:
+    """GroupNorm splits each level's channels into `groups` equal groups."""
+    if any(width % groups for width in widths):
+        raise ValueError(
+            f"{groups} norm groups must divide every U-Net width {widths} "
+            "(--norm-groups, --unet-blocks)"
+        )
+
+
 class DiffusionTrainConfig(BaseModel):
     """How to train the U-Net; every default says where it comes from."""
 
@@ -223,6 +232,12 @@ class DiffusionTrainConfig(BaseModel):
     # samples whose clean mask latent the U-Net also sees; the rest see zeros, so one model
     # samples jointly and from a given mask. 0 = an unconditioned U-Net, as before (ours).
     mask_condition_rate: float = Field(0.0, ge=0, le=1)
+
+    @model_validator(mode="after")
+    def _widths_fit_groups(self) -> DiffusionTrainConfig:
+        if self.block_out_channels is not None:
+            require_groups_divide(self.block_out_channels, self.norm_num_groups)
+        return self
 
     def learning_rate(self) -> float:
         return self.lr if self.lr is not None else 2e-6 * self.batch_size

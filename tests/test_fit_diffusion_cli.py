@@ -296,6 +296,26 @@ def test_refusals(vae_run: Path, tmp_path: Path) -> None:
     assert code == 4 and "ema_decay" in stderr
 
 
+@pytest.mark.parametrize(
+    ("options", "words"),
+    [
+        (("--unet-blocks", "7"), "norm groups must divide every U-Net width (7,)"),
+        (("--unet-blocks", "16,32", "--norm-groups", "12"), "(--norm-groups, --unet-blocks)"),
+        (("--norm-groups", "0"), "--norm-groups: Input should be greater"),
+        (("--head-dim", "0"), "--head-dim: Input should be greater"),
+    ],
+)
+def test_a_unet_groupnorm_cannot_split_is_a_usage_error_naming_the_options(
+    vae_run: Path, tmp_path: Path, options: tuple[str, ...], words: str
+) -> None:
+    """--unet-blocks 7 stopped in GroupNorm as "a bug" (exit 1); field names were told as
+    options that do not exist (--norm-num-groups, --attention-head-dim)."""
+    run = copy_run(vae_run, tmp_path / "run")
+    code, _, stderr = diffuse(run, "--steps", "1", *options)
+    assert code == 2 and words in stderr and "Traceback" not in stderr, stderr
+    assert "diffusion" not in json.loads((run / "run.json").read_text())["stages"]
+
+
 @pytest.mark.slow  # two spawned processes each import torch and diffusers: about 20-30 s
 def test_two_cpu_ranks_share_the_fit_vae_code_path(vae_run: Path, tmp_path: Path) -> None:
     run = copy_run(vae_run, tmp_path / "run")

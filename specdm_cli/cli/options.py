@@ -81,8 +81,19 @@ def config_or_usage_error(model: Any, **values: Any) -> Any:
         return model(**{k: v for k, v in values.items() if v is not None})
     except ValidationError as error:
         first = error.errors()[0]
-        option = "--" + "-".join(str(first["loc"][0]).split("_")) if first["loc"] else "options"
-        raise UsageError(f"{option}: {first['msg']}", hint="see --help") from None
+        field = str(first["loc"][0]) if first["loc"] else None
+        message = str(first["msg"]).removeprefix("Value error, ")
+        if field is not None:  # a check across options names them in its message
+            message = f"{_OPTION_OF.get(field, '--' + field.replace('_', '-'))}: {message}"
+        raise UsageError(message, hint="see --help") from None
+
+
+# Config fields whose option has another name than the field's.
+_OPTION_OF = {
+    "norm_num_groups": "--norm-groups",
+    "attention_head_dim": "--head-dim",
+    "block_out_channels": "--unet-blocks",
+}
 
 
 def parse_counts(text: str | None, option: str, example: str) -> tuple[int, ...] | None:

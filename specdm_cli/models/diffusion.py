@@ -16,7 +16,7 @@ from diffusers import (
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import nn
 
-from specdm_cli.config import SamplerName
+from specdm_cli.config import SamplerName, require_groups_divide
 
 
 class UNetConfig(BaseModel):
@@ -43,6 +43,7 @@ class UNetConfig(BaseModel):
         halvings = len(self.block_out_channels) - 1
         if len(self.attention) != len(self.block_out_channels):
             raise ValueError("one attention flag per U-Net level is needed")
+        require_groups_divide(self.block_out_channels, self.norm_num_groups)
         if self.sample_size % 2**halvings:
             raise ValueError(
                 f"{len(self.block_out_channels)} U-Net levels need a latent side divisible by "
