@@ -84,7 +84,7 @@ def resource_error_from(exc: OSError, path: Path | str | None = None) -> Resourc
             "no space left on device", where, "free space, then rerun with --resume"
         )
     if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
-        return ResourceError("cannot write here", where, "choose a writable --out")
+        return ResourceError("cannot write here", where, "make it writable, or write elsewhere")
     return None
 
 

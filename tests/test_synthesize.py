@@ -87,6 +87,14 @@ def test_shards_merge_into_the_single_run_bytes(ss_run: Path, tmp_path: Path) ->
     assert code == 0 and json.loads(stdout)["complete"] is False
     code, _, stderr = run_cli("synthesize", "--finalize", shards)
     assert code == 3 and "not written yet" in stderr
+    # What --finalize cannot mean: options it ignored, no store, a store no shards wrote.
+    code, _, stderr = run_cli("synthesize", "--finalize", shards, "--n", "5", "--out", tmp_path)
+    assert code == 2 and "takes no --out or --n" in stderr
+    code, _, stderr = run_cli("synthesize", "--finalize", tmp_path / "none.zarr")
+    assert code == 3 and "no store to finalize" in stderr
+    real = prepare_demo(tmp_path / "real.zarr", n=4, size=16)
+    code, _, stderr = run_cli("synthesize", "--finalize", real)
+    assert code == 2 and "not a store that synthesize wrote" in stderr
     assert synth(ss_run, shards, "--n", "11", "--shard", "0/3")[0] == 0
     code, stdout, _ = synth(ss_run, shards, "--n", "11", "--shard", "2/3", "--json")
     assert code == 0 and json.loads(stdout)["complete"] is True

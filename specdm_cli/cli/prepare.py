@@ -100,6 +100,11 @@ def prepare(
         from specdm_cli.pipeline.prepare.request import PrepareRequest
         from specdm_cli.pipeline.signals import graceful_stop
 
+        _refuse_options_the_source_ignores(source, {
+            "--bands": bands, "--nodata": nodata, "--label-nodata": label_nodata,
+            "--classes": classes, "--splits": splits, "--cities": cities,
+            "--val-cities": val_cities, "--demo-variant": demo_variant,
+        })  # fmt: skip
         options = PrepareOptions(
             bands=_names(bands),
             patch_size=patch_size,
@@ -155,6 +160,33 @@ def _default_test_fraction(source: str, given: float | None) -> float:
     if given is not None:
         return given
     return 0.1 if source == "demo" else 0.0
+
+
+# The sources that read each option with no default (the others ignored it without a word).
+_READ_BY: dict[str, tuple[str, ...]] = {
+    "--bands": ("oscd",),
+    "--nodata": ("segmunich", "oscd", "geotiff"),
+    "--label-nodata": ("segmunich", "oscd", "geotiff"),
+    "--classes": ("geotiff",),
+    "--splits": ("geotiff",),
+    "--cities": ("oscd",),
+    "--val-cities": ("oscd",),
+    "--demo-variant": ("demo",),
+}
+
+
+def _refuse_options_the_source_ignores(source: str, given: dict[str, object]) -> None:
+    from specdm_cli.errors import UsageError
+
+    ignored = [
+        name for name, value in given.items() if value is not None and source not in _READ_BY[name]
+    ]
+    if ignored:
+        readers = " / ".join(_READ_BY[ignored[0]])
+        raise UsageError(
+            f"prepare {source} does not read {', '.join(ignored)} ({ignored[0]} is for {readers})",
+            hint=f"drop {', '.join(ignored)}, or check the source name",
+        )
 
 
 def _parse_nodata(text: str | None, option: str = "--nodata") -> float | None:

@@ -147,6 +147,11 @@ def synthesize(
             raise UsageError(
                 "synthesize needs --out and --n >= 1", hint="e.g. --n 1000 --out syn.zarr"
             )
+        if finalize is not None and (out is not None or n is not None):
+            raise UsageError(
+                "--finalize finishes the store its shards wrote and takes no --out or --n",
+                hint="e.g. specdm synthesize --finalize syn.zarr",
+            )
         if finalize is None:
             require_inputs(stores={"--masks": masks, "--real": real}, models=(model,))
         from specdm_cli.pipeline.signals import graceful_stop

@@ -167,7 +167,7 @@ def recorded_options(run: Path, stage: str, model: type[BaseModel]) -> dict[str,
         raise ModelError(
             f"run.json records {stage} options that do not validate ({error.errors()[0]['msg']})",
             run / RUN_FILE,
-            "resume with the run's original version of specdm, or start a new --run",
+            "resume with the run's original version of specdm, or train another run folder",
         ) from None
     return recorded
 
@@ -186,7 +186,7 @@ def check_resume(run: Path, recorded: dict[str, Any], requested: dict[str, Any])
         raise ModelError(
             f"cannot resume: options differ from the run's ({told}{more})",
             run,
-            "resume with the original options, or start a new --run",
+            "resume with the original options, or train another run folder (fit-vae --run NEW; for later stages a copy of this one)",
         )
 
 

@@ -166,7 +166,17 @@ def finalize(out: Path, required: bool = False) -> bool:
 
     Returns whether the store is complete; with `required`, an unfinished store is an error.
     """
+    if not (out / MANIFEST_NAME).is_file():
+        raise InputDataError(
+            "no store to finalize here", out, "pass the --out that the shards wrote to"
+        )
     manifest = load_manifest(out / MANIFEST_NAME)
+    if manifest.plan.get("stage") != "synthesize":
+        raise UsageError(
+            f"{out} is not a store that synthesize wrote (its plan: "
+            f"{manifest.plan.get('stage') or 'none'}), so there are no shards to finalize",
+            hint="pass the --out that the shards wrote to",
+        )
     if manifest.complete:
         remove_stray_temporaries(out)
         return True

@@ -246,7 +246,9 @@ def _stage_to_resume(
         return stage  # the same command again: already complete
     if not request.resume:
         raise ModelError(
-            "the run already has a distilled student", run, "pass --resume to continue it"
+            "the run already has a distilled student",
+            run,
+            "pass --resume to continue it; for other options distill a copy of the run folder",
         )
     runs.check_resume(run, stage.config, identity)
     return stage
