@@ -195,11 +195,18 @@ def test_limit_class_weights_and_validation_on_test(tmp_path: Path) -> None:
 def test_half_precision_is_fp32_on_the_cpu(demo_ss_store: Path, tmp_path: Path) -> None:
     if torch.cuda.is_available():
         pytest.skip("a GPU is present")
+    told = {}
     for precision in ("fp32", "bf16"):
-        assert (
-            fit(demo_ss_store, tmp_path / precision, "--steps", "1", "--precision", precision)[0]
-            == 0
+        code, stdout, stderr = fit(
+            demo_ss_store, tmp_path / precision, "--steps", "1", "--precision", precision, "--json"
         )
+        assert code == 0, stderr
+        told[precision] = json.loads(stdout)["warnings"]
+    # run.json records what was asked (a resume must match it): the user is told what ran.
+    assert told == {
+        "fp32": [],
+        "bf16": ["warning: --precision bf16 applies on CUDA; the CPU trains in fp32"],
+    }
     fp32, bf16 = (
         load_file(next((tmp_path / p).rglob("image/*.safetensors"))) for p in ("fp32", "bf16")
     )

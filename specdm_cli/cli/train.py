@@ -50,6 +50,10 @@ def _train(
     from specdm_cli.pipeline.train.common import torch_threads
 
     warnings = Warnings(quiet)
+    precision = request.config.precision
+    if precision != "fp32" and request.devices.kind == "cpu":
+        # Recorded as asked (a resume must match it), so the run's record alone would mislead.
+        warnings(f"warning: --precision {precision} applies on CUDA; the CPU trains in fp32")
     with graceful_stop() as stop, torch_threads(threads), progress_reporter(name, quiet) as bar:
         summary = stage(request, stop, bar, warnings)
     if not quiet:
