@@ -165,6 +165,37 @@ def test_rgb_colour_masks_need_a_classes_file_with_every_colour(tmp_path: Path) 
     assert info.value.path == root / "masks" / "tile_00.png"
 
 
+@pytest.mark.parametrize("mode", ["RGBA", "LA"])
+def test_an_alpha_band_in_a_label_marks_unlabelled_pixels(tmp_path: Path, mode: str) -> None:
+    """Labelling tools export RGBA colour masks and LA code masks: refused as "4 bands" before.
+    A transparent pixel is unlabelled whatever colour or code it holds."""
+    root = make_geotiff_folder(tmp_path / "raw", n=3, classes_file="csv")
+    by_codes = _plan(root)
+    expected = [by_codes.load(c).arrays["mask"] for c in by_codes.candidates]
+    colours = _paint_masks(root) if mode == "RGBA" else {}
+    for path in sorted((root / "masks").iterdir()):
+        values = _read(path)
+        alpha = np.full(values.shape[1:], 255, np.uint8)
+        alpha[:2, :3] = 0
+        values[:, :2, :3] = 7  # neither a class colour nor a class code
+        stacked = np.concatenate([values.astype(np.uint8), alpha[None]]).transpose(1, 2, 0)
+        path.unlink()
+        Image.fromarray(stacked.squeeze() if mode == "LA" else stacked, mode=mode).save(
+            path.with_suffix(".png")
+        )
+    if mode == "LA":
+        (root / "classes.csv").unlink()  # discovered from the masks: 7 is not among them
+    plan = _plan(root)
+    assert [c.code for c in plan.spec.classes] == [c.code for c in by_codes.spec.classes]
+    for candidate, mask in zip(plan.candidates, expected, strict=True):
+        loaded = plan.load(candidate)
+        assert (loaded.arrays["mask"][:2, :3] == 255).all() and loaded.nodata_pixels >= 6
+        unmasked = np.ones(mask.shape, bool)
+        unmasked[:2, :3] = False
+        np.testing.assert_array_equal(loaded.arrays["mask"][unmasked], mask[unmasked])
+    assert colours or mode == "LA"
+
+
 def test_change_detection_folder(tmp_path: Path) -> None:
     root = make_geotiff_folder(tmp_path / "raw", task="cd", codes=[0, 1], n=3)
     plan = _plan(root)
@@ -782,12 +813,10 @@ def _mask_size(root: Path, _: Path) -> Path:
     return path
 
 
-def _mask_with_alpha(root: Path, _: Path) -> Path:
+def _two_band_mask(root: Path, _: Path) -> Path:
     path = root / "masks" / "tile_01.tif"
     codes = _read(path)[0]
-    write_image(path, np.stack([codes, np.full_like(codes, 255)]), _geo(path))
-    with rasterio.open(path, "r+") as dst:
-        dst.colorinterp = [ColorInterp.gray, ColorInterp.alpha]
+    write_image(path, np.stack([codes, codes]), _geo(path))
     return path
 
 
@@ -853,7 +882,7 @@ def _duplicate_class_code(root: Path, _: Path) -> Path:
         (_wrong_band_count, "expected 5 bands, found 4"),
         (_wrong_dtype, "expected dtype uint16, found float32"),
         (_mask_size, "differs from its image"),
-        (_mask_with_alpha, "label file has 2 bands, expected 1"),
+        (_two_band_mask, "label file has 2 bands, expected 1"),
         (_float_colour_mask, "RGB label file holds float32 values"),
         (_corrupt_tiff, "corrupt"),
         (_one_file_without_crs, "CRS none differs from tile_00.tif's EPSG:32632"),

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from rasterio.enums import ColorInterp
 from rasterio.windows import Window
 
 from specdm_cli.errors import InputDataError, UsageError
@@ -209,9 +210,14 @@ def colour_lookup(classes: list[ClassInfo]) -> dict[int, int]:
     return {(r << 16) | (g << 8) | b: int(str(c.code)) for c in classes for r, g, b in [c.colour]}
 
 
-def codes_from_colours(rgb: np.ndarray, lookup: dict[int, int], path: Path) -> np.ndarray:
-    """(3, H, W) colours -> (H, W) class codes; a colour no class has is an error naming it."""
+def codes_from_colours(
+    rgb: np.ndarray, lookup: dict[int, int], path: Path, skip: np.ndarray | None = None
+) -> np.ndarray:
+    """(3, H, W) colours -> (H, W) class codes; a colour no class has is an error naming it.
+    Pixels in `skip` (transparent) are not looked up: their code is any class's."""
     packed = (rgb[0].astype(np.int64) << 16) | (rgb[1].astype(np.int64) << 8) | rgb[2]
+    if skip is not None:
+        packed[skip] = next(iter(lookup))
     present, position = np.unique(packed, return_inverse=True)
     unknown = [int(v) for v in present if int(v) not in lookup]
     if unknown:
@@ -319,10 +325,14 @@ def _scan_mask(path: Path, label_nodata: float | None, declared: Collection[int]
     codes: set[int] = set()
     with open_raster(path) as src:
         nodata = label_nodata_of(label_nodata, src.nodata, declared)
+        alpha = ColorInterp.alpha in src.colorinterp
         for window in _scan_windows(src.height, src.width):
             fault_point("geotiff.scan_block")
             # Distinct raw values first (cheap in the file's own dtype), then nodata -> 255.
-            values = label_values(np.unique(src.read(1, window=window)), nodata)
+            raw = src.read(1, window=window)
+            if alpha:  # transparent pixels are unlabelled, whatever value they hold
+                raw = raw[src.read_masks(1, window=window) != 0]
+            values = label_values(np.unique(raw), nodata)
             require_integer_labels(values, path)
             codes |= {int(v) for v in values if v != NODATA_CODE}
         tag, dtype = src.nodata, np.dtype(src.dtypes[0])

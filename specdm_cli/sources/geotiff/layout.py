@@ -196,10 +196,11 @@ def check_stem(paths: dict[str, Path], task: Task) -> tuple[Header, Header]:
             )
     for other in [*images[1:], label]:
         _same_grid(images[0], other)
-    if label.count not in (1, 3) or label.alpha:
+    # An alpha band (RGBA, LA exports of labelling tools) marks unlabelled pixels: not a band.
+    if label.count not in (1, 3):
         raise InputDataError(
-            f"label file has {label.count + label.alpha} bands, expected 1 (class codes) or "
-            "3 (RGB class colours)",
+            f"label file has {label.count} bands, expected 1 (class codes) or "
+            "3 (RGB class colours), each with an alpha band or not",
             label.path,
             "save labels as one band of class codes, or as RGB colours that --classes lists",
         )

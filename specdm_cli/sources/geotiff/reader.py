@@ -23,6 +23,7 @@ from specdm_cli.manifest import (
     rgb_bands,
 )
 from specdm_cli.sources.base import (
+    NODATA_CODE,
     Candidate,
     PrepareOptions,
     RawSample,
@@ -291,18 +292,26 @@ def _load(candidate: Candidate, *, ctx: _Context, rasters: OpenRasters) -> RawSa
     stem, y, x = candidate.ref
     paths = ctx.files[stem]
     label_name = LABEL_ARRAY[ctx.task]
-    raw_label = _read_window(rasters, paths[label_name], y, x, ctx)
+    raw_label = _read_window(rasters, paths[label_name], y, x, ctx, masks=True)
+    transparent = _transparent(raw_label)
     if len(raw_label.values) == 3:  # colours: a colour is a class, never nodata
-        raw_codes = codes_from_colours(raw_label.values, ctx.colours, paths[label_name])
+        raw_codes = codes_from_colours(
+            raw_label.values, ctx.colours, paths[label_name], skip=transparent
+        )
         label_nodata = None
     else:
         raw_codes = raw_label.values[0]
         # --label-nodata overrides the mask's tag, as --nodata does the image's.
         label_nodata = label_nodata_of(ctx.label_nodata, raw_label.nodata, ctx.declared)
-    label = remap_labels(label_values(raw_codes, label_nodata), ctx.codes, paths[label_name])
+    values = label_values(raw_codes, label_nodata)
+    if transparent is not None:
+        values[transparent] = NODATA_CODE
+    label = remap_labels(values, ctx.codes, paths[label_name])
     arrays: dict[str, np.ndarray] = {}
     invalid = np.zeros(label.shape, dtype=bool)
     label_invalid = label_nodata_mask(raw_codes, label_nodata)
+    if transparent is not None:
+        label_invalid |= transparent
     bounds = None
     for name in array_names(ctx.task)[:-1]:
         window = _read_window(rasters, paths[name], y, x, ctx, masks=True)
@@ -352,6 +361,14 @@ def _read_window(
         masked = _gdal_masked(src, window, ctx.replaces_tag) if masks else None
         scales, offsets = band_scaling(src, bands)
         return _Window(values, src.nodata, src.transform, masked, scales, offsets)
+
+
+def _transparent(window: _Window) -> np.ndarray | None:
+    """A label's pixels its alpha band (or internal mask) leaves out: unlabelled. A nodata tag
+    is not this: it is read by value, as --label-nodata replaces it."""
+    if window.masked is None or window.nodata is not None:
+        return None
+    return window.masked
 
 
 def _gdal_masked(src: Any, window: Window, nodata_overridden: bool) -> np.ndarray | None:
