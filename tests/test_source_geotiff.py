@@ -813,6 +813,14 @@ def _mask_size(root: Path, _: Path) -> Path:
     return path
 
 
+def _dangling_link(root: Path, _: Path) -> Path:
+    """What git-annex and DVC leave before a fetch: 3 of 4 pairs were prepared, exit 0."""
+    path = root / "images" / "tile_01.tif"
+    path.unlink()
+    path.symlink_to(root / ".git" / "annex" / "objects" / "tile_01.tif")
+    return path
+
+
 def _two_band_mask(root: Path, _: Path) -> Path:
     path = root / "masks" / "tile_01.tif"
     codes = _read(path)[0]
@@ -883,6 +891,7 @@ def _duplicate_class_code(root: Path, _: Path) -> Path:
         (_wrong_dtype, "expected dtype uint16, found float32"),
         (_mask_size, "differs from its image"),
         (_two_band_mask, "label file has 2 bands, expected 1"),
+        (_dangling_link, "broken link"),
         (_float_colour_mask, "RGB label file holds float32 values"),
         (_corrupt_tiff, "corrupt"),
         (_one_file_without_crs, "CRS none differs from tile_00.tif's EPSG:32632"),

@@ -112,6 +112,27 @@ def test_mmseg_palette_png_labels_are_their_indices(tmp_path: Path) -> None:
     np.testing.assert_array_equal(plan.load(plan.candidates[0]).arrays["mask"], indices)
 
 
+def test_macos_appledouble_files_are_not_samples(tmp_path: Path) -> None:
+    """A copy made on macOS leaves ._<id>.tif beside each file; it was taken for a sample."""
+    make_segmunich(tmp_path, layout="mmseg", wrap=None)
+    (tmp_path / "img_dir" / "train" / "._1.tif").write_bytes(b"\x00\x05\x16\x07")
+    assert [c.source_id for c in _open(tmp_path).candidates][:3] == [
+        "train/1",
+        "train/2",
+        "train/3",
+    ]
+
+
+def test_a_tree_extracted_twice_over_by_windows_is_found(tmp_path: Path) -> None:
+    """Windows' "Extract All" of TUM_128.zip into TUM_128/ makes TUM_128/TUM_128/; that folder
+    was refused with a hint to pass "the folder containing TUM_128/", which it was."""
+    raw = tmp_path / "download"
+    make_segmunich(tmp_path / "x")
+    (raw / "TUM_128").mkdir(parents=True)
+    (tmp_path / "x" / "TUM_128").rename(raw / "TUM_128" / "TUM_128")
+    assert len(_open(raw).candidates) == len(_open(raw / "TUM_128" / "TUM_128").candidates) > 0
+
+
 def test_mmseg_image_without_its_label_is_named(tmp_path: Path) -> None:
     make_segmunich(tmp_path, layout="mmseg", wrap=None)
     (tmp_path / "ann_dir" / "val" / "5.png").unlink()

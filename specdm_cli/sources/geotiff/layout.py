@@ -98,7 +98,16 @@ def _list_rasters(folder: Path) -> dict[str, Path]:
 def raster_stem(path: Path) -> str | None:
     """The pairing stem of a raster file, or None for anything else (headers, sidecars)."""
     # Hidden names are temp files of an interrupted writer, never data.
-    if path.name.startswith(".") or not path.is_file():
+    if path.name.startswith("."):
+        return None
+    if path.is_symlink() and not path.exists() and path.suffix.lower() in EXTENSIONS:
+        raise InputDataError(
+            "broken link: the raster it points to is not there (git-annex and DVC leave these "
+            "until the data is fetched)",
+            path,
+            "fetch the data (git annex get, dvc pull) or remove the link",
+        )
+    if not path.is_file():
         return None
     if path.suffix.lower() in EXTENSIONS:
         return path.stem

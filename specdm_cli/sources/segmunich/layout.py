@@ -80,7 +80,10 @@ def _is_tree(folder: Path) -> bool:
 def find_root(raw: Path) -> Path:
     if _is_tree(raw):
         return raw
-    inner = [d for d in sorted(raw.iterdir()) if d.is_dir() and _is_tree(d)]
+    folders = [d for d in sorted(raw.iterdir()) if d.is_dir()]
+    inner = [d for d in folders if _is_tree(d)]
+    if not inner:  # Windows' "Extract All" of TUM_128.zip makes TUM_128/TUM_128/
+        inner = [d / d.name for d in folders if (d / d.name).is_dir() and _is_tree(d / d.name)]
     if len(inner) == 1:
         return inner[0]
     if len(inner) > 1:
@@ -194,7 +197,8 @@ def mmseg_candidates(root: Path) -> list[Candidate]:
     for split in SPLIT_ORDER:
         if not (images / split).is_dir():
             continue
-        ids = sorted(p.stem for p in (images / split).glob("*.tif"))
+        # Never a hidden file: macOS leaves ._<id>.tif beside each file it copies.
+        ids = sorted(p.stem for p in (images / split).glob("*.tif") if not p.name.startswith("."))
         _require_files(labels / split, ids, split, suffix=".png")
         candidates += [
             Candidate(
