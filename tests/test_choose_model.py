@@ -88,3 +88,11 @@ def test_given_masks_pick_the_newest_mask_conditioned_run(
     line = next(line for line in stderr.splitlines() if line.startswith("model: "))
     assert line.startswith(f"model: {conditioned.resolve()} (registry")
     assert "passed over 1 newer (newer: not mask-conditioned)" in line
+
+
+def test_a_model_path_that_is_a_file_is_named_as_such(tmp_path: Path) -> None:
+    """It was told as "unreadable run.json ([Errno 20] Not a directory: ...)"."""
+    (tmp_path / "weights.safetensors").write_bytes(b"x")
+    code, _, stderr = run_cli("synthesize", "--model", tmp_path / "weights.safetensors",
+                              "--n", "1", "--out", tmp_path / "s.zarr")  # fmt: skip
+    assert code == 4 and "names a file, not a run folder" in stderr and "Errno" not in stderr

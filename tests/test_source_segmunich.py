@@ -133,6 +133,16 @@ def test_a_tree_extracted_twice_over_by_windows_is_found(tmp_path: Path) -> None
     assert len(_open(raw).candidates) == len(_open(raw / "TUM_128" / "TUM_128").candidates) > 0
 
 
+def test_an_rgb_label_tiff_is_told_as_colours_not_as_a_size(tmp_path: Path) -> None:
+    """It was told "all SegMunich patches must share one size"."""
+    tree = _tree(tmp_path, splits={"train": 2})
+    path = tree / "train" / "label" / "1.tif"
+    codes = tifffile.imread(path)
+    tifffile.imwrite(path, np.stack([codes] * 3, axis=-1), photometric="rgb")
+    err = _input_error(tmp_path, "label TIFF holds 3 colour channels, not class codes")
+    assert err.path == path
+
+
 def test_mmseg_image_without_its_label_is_named(tmp_path: Path) -> None:
     make_segmunich(tmp_path, layout="mmseg", wrap=None)
     (tmp_path / "ann_dir" / "val" / "5.png").unlink()

@@ -47,7 +47,14 @@ def choose_model(
     (`synthesize --masks`): only mask-conditioned registered runs can sample. `vae_only`: a run
     named by PATH needs only its VAE (round trips; `benchmark` before a U-Net is trained)."""
     if model not in (None, "demo"):
-        return _loaded(Path(str(model)), "run", vae_only=vae_only)
+        path = Path(str(model))
+        if path.is_file():
+            raise ModelError(
+                "--model names a file, not a run folder",
+                path,
+                "pass the folder holding run.json (fit-vae's --run), or demo",
+            )
+        return _loaded(path, "run", vae_only=vae_only)
     if task is None:
         what = "--model demo holds an ss and a cd model" if model == "demo" else "without --model"
         raise UsageError(

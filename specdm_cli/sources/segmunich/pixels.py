@@ -131,6 +131,13 @@ def _require_patch(path: Path, height: int, width: int, bands: int) -> None:
             path,
             "mmseg's ann_dir PNGs hold each pixel's class index (grey or palette); re-export it",
         )
+    colour_channels = shape[-1] if len(shape) == 3 and shape[-1] in (3, 4) else 0
+    if bands == 1 and colour_channels and shape[:2] == (height, width):
+        raise InputDataError(
+            f"label TIFF holds {colour_channels} colour channels, not class codes",
+            path,
+            "SegMunich labels are single-band maps of raw class codes; re-export it as one band",
+        )
     if bands == NUM_BANDS:
         image_hw(shape, path)  # a wrong band count told as such, not as a size
     if math.prod(shape) > height * width * bands:
