@@ -235,6 +235,45 @@ def test_agreement_by_seed_runs_pretrain_and_its_control(tmp_path: Path) -> None
     assert [(r["row"], r["miou"]) for r in only] == [(alone[2]["row"], alone[2]["miou"])]
 
 
+def test_retrieved_detail_puts_a_bank_scenes_own_detail_back_and_trains_its_row(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A decoded bank scene's nearest surroundings are its own: the detail retrieved makes it
+    the real scene again, to float precision (blocks, folds and lookups line up)."""
+    import numpy as np
+    import torch
+
+    from specdm_cli.pipeline.benchmark.generator import round_trip
+    from specdm_cli.pipeline.runs.choose import choose_model
+    from specdm_cli.stores import open_store
+    from tests.conftest import prepare_demo
+
+    monkeypatch.syspath_prepend(str(EXAMPLES))
+    import retrieved_detail
+
+    real = prepare_demo(tmp_path / "real.zarr", n=40, size=16)
+    store, decoder = open_store(real), choose_model("demo", "ss", vae_only=True)
+    banked = store.indices("train")[-4:]
+    bank = retrieved_detail.build_bank(store, decoder, banked, retrieved_detail.Lookup(4, 8, 6))
+    trips = round_trip(decoder, store, banked[:2], torch.device("cpu"))
+    detailed = retrieved_detail.with_detail(trips, store, bank)
+    for i in banked[:2].tolist():
+        truth = store.read(i)["image"].astype(np.float32)
+        np.testing.assert_allclose(detailed.read(i)["image"], truth, rtol=0, atol=1e-2)
+        assert not np.allclose(trips.read(i)["image"], truth, atol=1.0)
+    out = tmp_path / "rows.jsonl"
+    done = processes.run(
+        [sys.executable, EXAMPLES / "retrieved_detail.py", real, "demo", out, "--real-limit", "6",
+         "--ratio", "2", "--bank", "4", "--dims", "6", "--first-seed", "3", "--seeds", "1",
+         "--max-steps", "2", "--eval-every", "1", "--patience", "1", "--batch-size", "2"],
+        text=True,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    (line,) = [json.loads(text) for text in out.read_text().splitlines()]
+    assert line["row"] == "VAE round trip x2 -> real (oracle) + retrieved detail"
+    assert "+ retrieved detail (bank 4, block 4, context 8, dims 6)" in line["decoder"]
+
+
 def test_real_learning_curve_runs_on_a_tiny_store(tmp_path: Path) -> None:
     from tests.conftest import prepare_demo
 

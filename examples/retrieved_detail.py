@@ -1,0 +1,177 @@
+"""Detail retrieved from other real scenes onto decoded images (docs/measurements.md: "Detail
+retrieved from other scenes"): the round-trip oracle rows of `agreement_by_seed.py` again, each
+decoded image given back fine detail by example, as example-based super-resolution does.
+
+The VAE's decoder loses the fine detail a segmenter needs ("What the image stream loses is fine
+detail": the real image's own detail put back on decoded images recovered most of the loss). A
+decoded image has no real image to take it from; this takes it from others. A bank of real
+scenes that no row trains or tests on is encoded and decoded by the same VAE; each block of
+`--block` pixels of a decoded image looks up the bank block whose decoded surroundings
+(`--context` pixels square, band-normalised, projected on their first `--dims` principal
+components) are nearest, and adds that block's residual (real - decoded).
+
+    OMP_NUM_THREADS=1 python examples/retrieved_detail.py real-ss.zarr demo out.jsonl \
+        --real-limit 10 --ratio 50 --lr-drops 1 --batch-size 16 --eval-every 50 --patience 6 \
+        --max-steps 3000 --first-seed 0 --seeds 1
+
+Per seed: each protocol's round-trip oracle row with retrieved detail (protocol
+`...-oracle-round-trip-detail`; the plain round trip is `agreement_by_seed.py
+--round-trip-oracle MODEL --round-trip-only`, the same rows, seeds and store). Before training it
+prints how much of the oracle pairs' true residual the retrieved one explains.
+"""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F  # noqa: N812
+from agreement_by_seed import train_row
+from vae_utility import add_protocol_options
+
+from specdm_cli.config import DownstreamOptions, downstream_protocol_list
+from specdm_cli.pipeline.benchmark.downstream import Referees, make_setup, seed_list
+from specdm_cli.pipeline.benchmark.downstream_rows import configurations
+from specdm_cli.pipeline.benchmark.feature_training import ArraySource
+from specdm_cli.pipeline.benchmark.generator import round_trip
+from specdm_cli.pipeline.runs.choose import ChosenModel, choose_model
+from specdm_cli.stores import StoreReader, content_sha256, open_store
+
+_CPU = torch.device("cpu")
+_QUERY_CHUNK = 4096  # blocks looked up at once: distances to the whole bank stay ~1 GB
+
+
+@dataclass(frozen=True)
+class Lookup:
+    block: int
+    context: int
+    dims: int
+
+
+@dataclass
+class Bank:
+    """Decoded surroundings (projected) and residual blocks of the bank's scenes."""
+
+    lookup: Lookup
+    mean: torch.Tensor  # (C, 1, 1) band means, physical units
+    std: torch.Tensor
+    centre: torch.Tensor  # (F,) feature mean before projection
+    basis: torch.Tensor  # (F, dims)
+    keys: torch.Tensor  # (N, dims)
+    residuals: torch.Tensor  # (C * block * block, N)
+
+    def features(self, decoded: torch.Tensor) -> torch.Tensor:
+        """(C, H, W) physical -> (blocks, dims) projected surroundings of every block."""
+        return (_surroundings(decoded, self.mean, self.std, self.lookup) - self.centre) @ self.basis
+
+    def detail(self, decoded: torch.Tensor) -> torch.Tensor:
+        """(C, H, W) residual to add: each block's nearest bank block's."""
+        query = self.features(decoded)
+        nearest = torch.cat(
+            [torch.cdist(chunk, self.keys).argmin(dim=1) for chunk in query.split(_QUERY_CHUNK)]
+        )
+        height, width = decoded.shape[1:]
+        block = self.lookup.block
+        folded = F.fold(
+            self.residuals[:, nearest][None], (height, width), kernel_size=block, stride=block
+        )
+        return folded[0]
+
+
+def _surroundings(
+    image: torch.Tensor, mean: torch.Tensor, std: torch.Tensor, lookup: Lookup
+) -> torch.Tensor:
+    """(blocks, C * context^2): the band-normalised pixels around each block, edges reflected."""
+    pad = (lookup.context - lookup.block) // 2
+    normalised = ((image - mean) / std)[None]
+    padded = F.pad(normalised, (pad, pad, pad, pad), mode="reflect")
+    return F.unfold(padded, lookup.context, stride=lookup.block)[0].T
+
+
+def build_bank(
+    real: StoreReader, decoder: ChosenModel, indices: np.ndarray, lookup: Lookup
+) -> Bank:
+    norm = real.manifest.normalization
+    assert norm is not None
+    mean = torch.tensor(norm.mean, dtype=torch.float32).view(-1, 1, 1)
+    std = torch.tensor(norm.std, dtype=torch.float32).view(-1, 1, 1)
+    trips = round_trip(decoder, real, indices, _CPU)
+    features, residuals = [], []
+    for i in indices.tolist():
+        decoded = torch.from_numpy(trips.read(i)["image"].astype(np.float32))
+        truth = torch.from_numpy(real.read(i)["image"].astype(np.float32))
+        features.append(_surroundings(decoded, mean, std, lookup))
+        residuals.append(F.unfold((truth - decoded)[None], lookup.block, stride=lookup.block)[0])
+    stacked = torch.cat(features)
+    centre = stacked.mean(dim=0)
+    sample = stacked[torch.randperm(len(stacked), generator=torch.Generator().manual_seed(0))]
+    _, _, vectors = torch.linalg.svd(sample[:20_000] - centre, full_matrices=False)
+    basis = vectors[: lookup.dims].T.contiguous()
+    keys = (stacked - centre) @ basis
+    return Bank(lookup, mean, std, centre, basis, keys, torch.cat(residuals, dim=1))
+
+
+def with_detail(trips: ArraySource, real: StoreReader, bank: Bank) -> ArraySource:
+    """The round trips with retrieved detail; prints how much of the true residual it explains."""
+    samples, explained, energy = {}, 0.0, 0.0
+    for i, sample in trips.samples.items():
+        decoded = torch.from_numpy(sample["image"].astype(np.float32))
+        detail = bank.detail(decoded)
+        truth = torch.from_numpy(real.read(i)["image"].astype(np.float32)) - decoded
+        scale = bank.std
+        explained += float((((truth - detail) / scale) ** 2).sum())
+        energy += float(((truth / scale) ** 2).sum())
+        samples[i] = {**sample, "image": (decoded + detail).numpy()}
+    print(f"retrieved detail: 1 - |true - retrieved|^2 / |true|^2 = {1 - explained / energy:.3f}")
+    return ArraySource(trips.manifest, samples)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("real", type=Path, help="real ss store")
+    parser.add_argument("model", help="the VAE's run folder, or demo")
+    parser.add_argument("out", type=Path, help="JSON lines, appended to")
+    parser.add_argument("--protocols", default="pretrain")
+    parser.add_argument("--real-limit", type=int, default=10)
+    parser.add_argument("--ratio", type=int, default=50, help="oracle pairs per real one")
+    parser.add_argument("--bank", type=int, default=300, help="real scenes the detail comes from")
+    parser.add_argument("--block", type=int, default=4)
+    parser.add_argument("--context", type=int, default=8)
+    parser.add_argument("--dims", type=int, default=48)
+    add_protocol_options(parser)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    options = DownstreamOptions(
+        batch_size=args.batch_size, eval_every=args.eval_every, patience=args.patience,
+        max_steps=args.max_steps, real_limit=args.real_limit, ratios=(args.ratio,),
+        seed=args.first_seed, seeds=args.seeds,
+        protocols=downstream_protocol_list(args.protocols), oracle=True, lr_drops=args.lr_drops,
+    )  # fmt: skip
+    real = open_store(args.real)
+    decoder = choose_model(args.model, real.manifest.task, vae_only=True)
+    rows = [row for row in configurations(real, real, options, round_trip=True) if row.decoded]
+    used = np.concatenate([np.concatenate([row.real, row.synthetic]) for row in rows])
+    # The bank: the train split's last scenes, which no row trains on; val and test stay out.
+    banked = real.indices("train")[-args.bank :]
+    if np.isin(banked, used).any():
+        parser.error("--bank overlaps the rows' pairs: the train split is too small for it")
+    bank = build_bank(real, decoder, banked, Lookup(args.block, args.context, args.dims))
+    inputs = {
+        "real_content": content_sha256(real), "synthetic": None, "synthetic_content": None,
+        "decoder": f"{decoder.manifest.run_id} {decoder.sha256[:12]} + retrieved detail "
+        f"(bank {args.bank}, block {args.block}, context {args.context}, dims {args.dims})",
+    }  # fmt: skip
+    trips = {row.name: with_detail(round_trip(decoder, real, row.synthetic, _CPU), real, bank)
+             for row in rows}  # fmt: skip
+    for seed in seed_list(options):
+        setup, referees = make_setup(real, options, "cpu"), Referees()
+        for row in rows:
+            detailed = replace(row, name=f"{row.name} + retrieved detail")
+            train_row(detailed, setup, (real, trips[row.name]), seed, referees, args.out, inputs)
+
+
+if __name__ == "__main__":
+    main()
