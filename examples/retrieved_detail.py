@@ -14,6 +14,9 @@ components) are nearest, and adds that block's residual (real - decoded).
         --real-limit 10 --ratio 50 --lr-drops 1 --batch-size 16 --eval-every 50 --patience 6 \
         --max-steps 3000 --first-seed 0 --seeds 1
 
+`--unmatched` is the control: each block takes a random bank block's residual, detail as real
+as the retrieved one but placed without regard to the image.
+
 Per seed: each protocol's round-trip oracle row with retrieved detail (protocol
 `...-oracle-round-trip-detail`; the plain round trip is `agreement_by_seed.py
 --round-trip-oracle MODEL --round-trip-only`, the same rows, seeds and store). Before training it
@@ -49,6 +52,7 @@ class Lookup:
     block: int
     context: int
     dims: int
+    matched: bool = True  # False: any bank block, drawn at random (the control)
 
 
 @dataclass
@@ -67,12 +71,17 @@ class Bank:
         """(C, H, W) physical -> (blocks, dims) projected surroundings of every block."""
         return (_surroundings(decoded, self.mean, self.std, self.lookup) - self.centre) @ self.basis
 
-    def detail(self, decoded: torch.Tensor) -> torch.Tensor:
-        """(C, H, W) residual to add: each block's nearest bank block's."""
+    def detail(self, decoded: torch.Tensor, seed: int = 0) -> torch.Tensor:
+        """(C, H, W) residual to add: each block's nearest bank block's (unmatched: a random
+        bank block's, drawn from `seed`)."""
         query = self.features(decoded)
-        nearest = torch.cat(
-            [torch.cdist(chunk, self.keys).argmin(dim=1) for chunk in query.split(_QUERY_CHUNK)]
-        )
+        if self.lookup.matched:
+            nearest = torch.cat(
+                [torch.cdist(chunk, self.keys).argmin(dim=1) for chunk in query.split(_QUERY_CHUNK)]
+            )
+        else:
+            draw = torch.Generator().manual_seed(seed)
+            nearest = torch.randint(len(self.keys), (len(query),), generator=draw)
         height, width = decoded.shape[1:]
         block = self.lookup.block
         folded = F.fold(
@@ -119,7 +128,7 @@ def with_detail(trips: ArraySource, real: StoreReader, bank: Bank) -> ArraySourc
     samples, explained, energy = {}, 0.0, 0.0
     for i, sample in trips.samples.items():
         decoded = torch.from_numpy(sample["image"].astype(np.float32))
-        detail = bank.detail(decoded)
+        detail = bank.detail(decoded, seed=int(i))
         truth = torch.from_numpy(real.read(i)["image"].astype(np.float32)) - decoded
         scale = bank.std
         explained += float((((truth - detail) / scale) ** 2).sum())
@@ -141,6 +150,11 @@ def main() -> None:
     parser.add_argument("--block", type=int, default=4)
     parser.add_argument("--context", type=int, default=8)
     parser.add_argument("--dims", type=int, default=48)
+    parser.add_argument(
+        "--unmatched",
+        action="store_true",
+        help="the control: each block takes a random bank block's residual, not the nearest's",
+    )
     add_protocol_options(parser)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -158,10 +172,12 @@ def main() -> None:
     banked = real.indices("train")[-args.bank :]
     if np.isin(banked, used).any():
         parser.error("--bank overlaps the rows' pairs: the train split is too small for it")
-    bank = build_bank(real, decoder, banked, Lookup(args.block, args.context, args.dims))
+    lookup = Lookup(args.block, args.context, args.dims, matched=not args.unmatched)
+    bank = build_bank(real, decoder, banked, lookup)
+    kind = "unmatched detail" if args.unmatched else "retrieved detail"
     inputs = {
         "real_content": content_sha256(real), "synthetic": None, "synthetic_content": None,
-        "decoder": f"{decoder.manifest.run_id} {decoder.sha256[:12]} + retrieved detail "
+        "decoder": f"{decoder.manifest.run_id} {decoder.sha256[:12]} + {kind} "
         f"(bank {args.bank}, block {args.block}, context {args.context}, dims {args.dims})",
     }  # fmt: skip
     trips = {row.name: with_detail(round_trip(decoder, real, row.synthetic, _CPU), real, bank)
@@ -169,7 +185,7 @@ def main() -> None:
     for seed in seed_list(options):
         setup, referees = make_setup(real, options, "cpu"), Referees()
         for row in rows:
-            detailed = replace(row, name=f"{row.name} + retrieved detail")
+            detailed = replace(row, name=f"{row.name} + {kind}")
             train_row(detailed, setup, (real, trips[row.name]), seed, referees, args.out, inputs)
 
 

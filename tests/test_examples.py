@@ -261,6 +261,12 @@ def test_retrieved_detail_puts_a_bank_scenes_own_detail_back_and_trains_its_row(
         truth = store.read(i)["image"].astype(np.float32)
         np.testing.assert_allclose(detailed.read(i)["image"], truth, rtol=0, atol=1e-2)
         assert not np.allclose(trips.read(i)["image"], truth, atol=1.0)
+    # The control draws bank blocks at random: real detail, not the scene's own.
+    unmatched = retrieved_detail.Lookup(4, 8, 6, matched=False)
+    control = retrieved_detail.build_bank(store, decoder, banked, unmatched)
+    first = int(banked[0])
+    drawn = retrieved_detail.with_detail(trips, store, control).read(first)["image"]
+    assert not np.allclose(drawn, store.read(first)["image"].astype(np.float32), atol=1.0)
     out = tmp_path / "rows.jsonl"
     done = processes.run(
         [sys.executable, EXAMPLES / "retrieved_detail.py", real, "demo", out, "--real-limit", "6",
