@@ -129,7 +129,7 @@ def _grid(
         with open_raster(images, band_files[index, GRID_BAND]) as src:
             georef = src.crs is not None and not src.transform.is_identity
             headers.append(
-                (src.height, src.width, _crs_text(src.crs) if georef else None, src.transform)
+                (src.height, src.width, crs_text(src.crs) if georef else None, src.transform)
             )
     if headers[0][:2] != headers[1][:2]:
         raise InputDataError(
@@ -141,7 +141,8 @@ def _grid(
     return headers[0]
 
 
-def _crs_text(crs: Any) -> str:
+def crs_text(crs: Any) -> str:
+    """A CRS as the city records it: its EPSG code, else its WKT."""
     epsg = crs.to_epsg()
     return f"EPSG:{epsg}" if epsg else str(crs.to_wkt())
 

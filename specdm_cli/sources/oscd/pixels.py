@@ -24,7 +24,7 @@ from specdm_cli.sources.base import (
     remap_labels,
 )
 from specdm_cli.sources.oscd.archive import FIX_ARCHIVE, Tree, open_png, open_raster
-from specdm_cli.sources.oscd.layout import GRID_BAND, PHASES, City
+from specdm_cli.sources.oscd.layout import GRID_BAND, PHASES, City, crs_text
 
 _TIF_LABEL_CODES = (1, 2)  # <city>-cm.tif: 1 = no change, 2 = change
 _COARSE_FACTORS = (2, 6)  # 20 m and 60 m bands against the 10 m grid
@@ -124,10 +124,10 @@ def _read_band(
             data = np.asarray(src.read(1, out_shape=grid, resampling=Resampling.bilinear))
         declared = src.nodata if nodata is None else nodata
         unheld = np.zeros(grid, dtype=bool)
-        if declared is not None and data.dtype != np.uint16:
+        # A value uint16 holds stays in the band, where apply_nodata finds it.
+        held = declared is not None and 0 <= declared <= np.iinfo(np.uint16).max
+        if declared is not None and not held and data.dtype != np.uint16:
             unheld = np.isnan(data) if np.isnan(declared) else data == declared
-            if not np.isnan(declared) and 0 <= declared <= np.iinfo(np.uint16).max:
-                unheld[:] = False  # uint16 holds it: apply_nodata finds it in the band
             data = np.where(unheld, 0, data)
         return _as_uint16(data, tree.where(rel)), src.nodata, unheld
 
@@ -137,8 +137,7 @@ def _require_city_grid(src: Any, city: City, where: Path) -> None:
     within one of its own pixels): a band stacked off its place shifts every pixel silently."""
     if city.crs is None or src.crs is None or src.transform.is_identity:
         return  # not georeferenced (OSCD's _rect files may not be): sizes alone are checked
-    crs = src.crs.to_epsg()
-    same_crs = f"EPSG:{crs}" == city.crs if crs else src.crs.to_wkt() == city.crs
+    same_crs = crs_text(src.crs) == city.crs
     shift = max(abs(src.transform.c - city.transform.c), abs(src.transform.f - city.transform.f))
     if same_crs and shift <= max(abs(src.transform.a), abs(src.transform.e)):
         return
