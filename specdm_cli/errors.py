@@ -76,6 +76,12 @@ class Interrupted(SpecdmError):
         return "interrupted: rerun with --resume"
 
 
+def reason_of(exc: BaseException) -> str:
+    """An exception's first line, short enough for one stderr line (its type when it says
+    nothing): what a library reported, quoted inside our own message."""
+    return str(exc).splitlines()[0][:120] if str(exc) else type(exc).__name__
+
+
 def resource_error_from(exc: OSError, path: Path | str | None = None) -> ResourceError | None:
     """Disk full and unwritable paths as one-line resource errors (exit 5); None for the rest."""
     where = path if path is not None else exc.filename

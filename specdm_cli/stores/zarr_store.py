@@ -12,7 +12,7 @@ import numpy as np
 import zarr
 import zarr.codecs
 
-from specdm_cli.errors import InputDataError
+from specdm_cli.errors import InputDataError, reason_of
 from specdm_cli.fs.atomic import atomic_write_text
 from specdm_cli.manifest import IMAGE_ARRAYS, LABEL_ARRAY, SPLITS, Manifest
 from specdm_cli.stores.base import (
@@ -167,7 +167,7 @@ def _array(group: zarr.Group, name: str) -> zarr.Array[Any]:
     except KeyError:
         node = None
     except (ValueError, TypeError) as exc:  # its zarr.json garbled (JSON or metadata errors)
-        reason = str(exc).splitlines()[0][:120] if str(exc) else type(exc).__name__
+        reason = reason_of(exc)
         raise InputDataError(
             f"store's array {name!r} has unreadable metadata ({reason})",
             _store_root(group),

@@ -16,7 +16,7 @@ from rasterio.crs import CRS
 from rasterio.enums import ColorInterp
 from rasterio.errors import RasterioError
 
-from specdm_cli.errors import InputDataError
+from specdm_cli.errors import InputDataError, reason_of
 from specdm_cli.manifest import (
     GEOTIFF_FOLDERS,
     LABEL_ARRAY,
@@ -149,7 +149,7 @@ def raster_errors(path: Path) -> Iterator[None]:
             "file disappeared after listing", path, "restore the file and rerun"
         ) from None
     except (RasterioError, OSError) as exc:
-        reason = str(exc).splitlines()[0][:120] if str(exc) else type(exc).__name__
+        reason = reason_of(exc)
         raise InputDataError(
             f"unreadable or corrupt raster ({reason})", path, "re-export or remove the file"
         ) from None

@@ -16,7 +16,7 @@ from PIL import Image, UnidentifiedImageError
 from rasterio.errors import RasterioError
 from rasterio.io import MemoryFile
 
-from specdm_cli.errors import InputDataError
+from specdm_cli.errors import InputDataError, reason_of
 from specdm_cli.sources.base import decode_text, read_text_input
 
 # The archives' stems; each zip holds one top folder of the same name (datasets.md 2.1).
@@ -182,7 +182,7 @@ def open_raster(tree: Tree, rel: str) -> Iterator[Any]:
             with MemoryFile(source) as memory, memory.open() as src:
                 yield src
     except (RasterioError, OSError) as exc:
-        reason = str(exc).splitlines()[0][:120] if str(exc) else type(exc).__name__
+        reason = reason_of(exc)
         raise InputDataError(
             f"corrupt or unreadable TIFF ({reason})", tree.where(rel), FIX_ARCHIVE
         ) from None

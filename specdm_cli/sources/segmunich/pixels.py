@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import tifffile
 
-from specdm_cli.errors import InputDataError
+from specdm_cli.errors import InputDataError, reason_of
 from specdm_cli.manifest import IGNORE_INDEX
 from specdm_cli.sources.base import (
     Candidate,
@@ -228,7 +228,7 @@ def _gdal_read(path: Path) -> np.ndarray | None:
 
 
 def _corrupt(path: Path, exc: Exception, kind: str = "TIFF") -> InputDataError:
-    reason = str(exc).splitlines()[0][:120] if str(exc) else type(exc).__name__
+    reason = reason_of(exc)
     # tifffile decodes LZW, JPEG, ZSTD, ... only with imagecodecs: then the file is fine.
     if _codec_missing(exc):
         return InputDataError(f"cannot decode TIFF ({reason})", path, "pip install imagecodecs")
