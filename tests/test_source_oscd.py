@@ -415,16 +415,23 @@ def test_float_bands_oscd_does_not_hold_are_told_with_their_fix(raw: Path, case:
     assert ("--nodata nan" if case == "nan undeclared" else "by 10000") in error.hint
 
 
-def test_a_band_off_its_citys_georeferenced_grid_is_refused(raw: Path) -> None:
-    """Phase 2's B04 shifted by three pixels: stacked as it was, every pixel was misplaced."""
+@pytest.mark.filterwarnings("ignore::rasterio.errors.NotGeoreferencedWarning")
+@pytest.mark.parametrize("case", ["shifted", "another CRS, phase 1 not georeferenced"])
+def test_a_band_off_its_citys_georeferenced_grid_is_refused(raw: Path, case: str) -> None:
+    """Phase 2's B04 shifted by three pixels: stacked as it was, every pixel was misplaced. Where
+    phase 1's B02 carries no georeference, phase 2's is the grid (no band was checked)."""
     transform = Affine(10, 0, 100000, 0, -10, 200000)
     for phase in (1, 2):
         for band_name in ("B02", "B04"):
             path = _band_file(raw, "bercy", phase, band_name)
-            shifted = band_name == "B04" and phase == 2
+            if case != "shifted" and phase == 1:
+                continue  # left as the fixture wrote it: no CRS, no transform
+            odd = band_name == "B04" and phase == 2
+            shifted = transform * Affine.translation(3, 0) if odd else transform
+            crs = "EPSG:32632" if odd and case != "shifted" else "EPSG:32631"
             _rewrite_band(
-                path, tifffile.imread(path), crs="EPSG:32631",
-                transform=transform * Affine.translation(3, 0) if shifted else transform,
+                path, tifffile.imread(path), crs=crs,
+                transform=shifted if case == "shifted" else transform,
             )  # fmt: skip
     error = _error(raw)
     assert (

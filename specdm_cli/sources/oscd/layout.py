@@ -123,7 +123,8 @@ def _native_files(images: Tree, folder: str) -> dict[str, str]:
 def _grid(
     images: Tree, name: str, band_files: dict[tuple[int, str], str]
 ) -> tuple[int, int, str | None, Any]:
-    """(H, W, CRS, transform) of the city's B02 in phase 1, after checking phase 2 agrees."""
+    """(H, W, CRS, transform) of the city's B02 (phase 1's, or phase 2's where only that one is
+    georeferenced: the grid every band is checked against), after checking the sizes agree."""
     headers = []
     for index in range(len(PHASES)):
         with open_raster(images, band_files[index, GRID_BAND]) as src:
@@ -138,7 +139,8 @@ def _grid(
             images.where(band_files[1, GRID_BAND]),
             FIX_ARCHIVE,
         )
-    return headers[0]
+    georeferenced = [header for header in headers if header[2] is not None]
+    return (georeferenced or headers)[0]
 
 
 def crs_text(crs: Any) -> str:

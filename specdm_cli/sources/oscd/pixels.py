@@ -143,7 +143,7 @@ def _require_city_grid(src: Any, city: City, where: Path) -> None:
         return
     what = f"origin {shift:g} units from" if same_crs else "another CRS than"
     raise InputDataError(
-        f"band lies off its city's grid ({what} {GRID_BAND} of phase 1)",
+        f"band lies off its city's grid ({what} its {GRID_BAND})",
         where,
         FIX_ARCHIVE,
     )
