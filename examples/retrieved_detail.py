@@ -26,16 +26,16 @@ prints how much of the oracle pairs' true residual the retrieved one explains.
 from __future__ import annotations
 
 import argparse
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F  # noqa: N812
 from agreement_by_seed import train_row
 from vae_utility import add_protocol_options
 
 from specdm_cli.config import DownstreamOptions, downstream_protocol_list
+from specdm_cli.models.detail import Bank, Lookup, build_bank
 from specdm_cli.pipeline.benchmark.downstream import Referees, make_setup, seed_list
 from specdm_cli.pipeline.benchmark.downstream_rows import configurations
 from specdm_cli.pipeline.benchmark.feature_training import ArraySource
@@ -44,91 +44,38 @@ from specdm_cli.pipeline.runs.choose import ChosenModel, choose_model
 from specdm_cli.stores import StoreReader, content_sha256, open_store
 
 _CPU = torch.device("cpu")
-_QUERY_CHUNK = 4096  # blocks looked up at once: distances to the whole bank stay ~1 GB
 
 
-@dataclass(frozen=True)
-class Lookup:
-    block: int
-    context: int
-    dims: int
-    matched: bool = True  # False: any bank block, drawn at random (the control)
-
-
-@dataclass
-class Bank:
-    """Decoded surroundings (projected) and residual blocks of the bank's scenes."""
-
-    lookup: Lookup
-    mean: torch.Tensor  # (C, 1, 1) band means, physical units
-    std: torch.Tensor
-    centre: torch.Tensor  # (F,) feature mean before projection
-    basis: torch.Tensor  # (F, dims)
-    keys: torch.Tensor  # (N, dims)
-    residuals: torch.Tensor  # (C * block * block, N)
-
-    def features(self, decoded: torch.Tensor) -> torch.Tensor:
-        """(C, H, W) physical -> (blocks, dims) projected surroundings of every block."""
-        return (_surroundings(decoded, self.mean, self.std, self.lookup) - self.centre) @ self.basis
-
-    def detail(self, decoded: torch.Tensor, seed: int = 0) -> torch.Tensor:
-        """(C, H, W) residual to add: each block's nearest bank block's (unmatched: a random
-        bank block's, drawn from `seed`)."""
-        query = self.features(decoded)
-        if self.lookup.matched:
-            nearest = torch.cat(
-                [torch.cdist(chunk, self.keys).argmin(dim=1) for chunk in query.split(_QUERY_CHUNK)]
-            )
-        else:
-            draw = torch.Generator().manual_seed(seed)
-            nearest = torch.randint(len(self.keys), (len(query),), generator=draw)
-        height, width = decoded.shape[1:]
-        block = self.lookup.block
-        folded = F.fold(
-            self.residuals[:, nearest][None], (height, width), kernel_size=block, stride=block
-        )
-        return folded[0]
-
-
-def _surroundings(
-    image: torch.Tensor, mean: torch.Tensor, std: torch.Tensor, lookup: Lookup
-) -> torch.Tensor:
-    """(blocks, C * context^2): the band-normalised pixels around each block, edges reflected."""
-    pad = (lookup.context - lookup.block) // 2
-    normalised = ((image - mean) / std)[None]
-    padded = F.pad(normalised, (pad, pad, pad, pad), mode="reflect")
-    return F.unfold(padded, lookup.context, stride=lookup.block)[0].T
-
-
-def build_bank(
-    real: StoreReader, decoder: ChosenModel, indices: np.ndarray, lookup: Lookup
-) -> Bank:
+def bank_of(real: StoreReader, decoder: ChosenModel, indices: np.ndarray, lookup: Lookup) -> Bank:
+    """The bank of the real scenes `indices` through the decoder's VAE."""
     norm = real.manifest.normalization
     assert norm is not None
     mean = torch.tensor(norm.mean, dtype=torch.float32).view(-1, 1, 1)
     std = torch.tensor(norm.std, dtype=torch.float32).view(-1, 1, 1)
     trips = round_trip(decoder, real, indices, _CPU)
-    features, residuals = [], []
-    for i in indices.tolist():
-        decoded = torch.from_numpy(trips.read(i)["image"].astype(np.float32))
-        truth = torch.from_numpy(real.read(i)["image"].astype(np.float32))
-        features.append(_surroundings(decoded, mean, std, lookup))
-        residuals.append(F.unfold((truth - decoded)[None], lookup.block, stride=lookup.block)[0])
-    stacked = torch.cat(features)
-    centre = stacked.mean(dim=0)
-    sample = stacked[torch.randperm(len(stacked), generator=torch.Generator().manual_seed(0))]
-    _, _, vectors = torch.linalg.svd(sample[:20_000] - centre, full_matrices=False)
-    basis = vectors[: lookup.dims].T.contiguous()
-    keys = (stacked - centre) @ basis
-    return Bank(lookup, mean, std, centre, basis, keys, torch.cat(residuals, dim=1))
+    pairs = ((_image(trips.read(i)), _image(real.read(i))) for i in indices.tolist())
+    return build_bank(pairs, mean, std, lookup)
 
 
-def with_detail(trips: ArraySource, real: StoreReader, bank: Bank) -> ArraySource:
+def _image(sample: dict[str, np.ndarray]) -> torch.Tensor:
+    return torch.from_numpy(sample["image"].astype(np.float32))
+
+
+def unmatched_detail(bank: Bank, decoded: torch.Tensor, seed: int) -> torch.Tensor:
+    """The control: each block takes a random bank block's residual, drawn from `seed`."""
+    blocks = (decoded.shape[1] // bank.lookup.block) * (decoded.shape[2] // bank.lookup.block)
+    draw = torch.Generator().manual_seed(seed)
+    return bank.detail(decoded, torch.randint(len(bank.keys), (blocks,), generator=draw))
+
+
+def with_detail(
+    trips: ArraySource, real: StoreReader, bank: Bank, matched: bool = True
+) -> ArraySource:
     """The round trips with retrieved detail; prints how much of the true residual it explains."""
     samples, explained, energy = {}, 0.0, 0.0
     for i, sample in trips.samples.items():
         decoded = torch.from_numpy(sample["image"].astype(np.float32))
-        detail = bank.detail(decoded, seed=int(i))
+        detail = bank.detail(decoded) if matched else unmatched_detail(bank, decoded, int(i))
         truth = torch.from_numpy(real.read(i)["image"].astype(np.float32)) - decoded
         scale = bank.std
         explained += float((((truth - detail) / scale) ** 2).sum())
@@ -172,16 +119,19 @@ def main() -> None:
     banked = real.indices("train")[-args.bank :]
     if np.isin(banked, used).any():
         parser.error("--bank overlaps the rows' pairs: the train split is too small for it")
-    lookup = Lookup(args.block, args.context, args.dims, matched=not args.unmatched)
-    bank = build_bank(real, decoder, banked, lookup)
+    bank = bank_of(real, decoder, banked, Lookup(args.block, args.context, args.dims))
     kind = "unmatched detail" if args.unmatched else "retrieved detail"
     inputs = {
         "real_content": content_sha256(real), "synthetic": None, "synthetic_content": None,
         "decoder": f"{decoder.manifest.run_id} {decoder.sha256[:12]} + {kind} "
         f"(bank {args.bank}, block {args.block}, context {args.context}, dims {args.dims})",
     }  # fmt: skip
-    trips = {row.name: with_detail(round_trip(decoder, real, row.synthetic, _CPU), real, bank)
-             for row in rows}  # fmt: skip
+    trips = {
+        row.name: with_detail(
+            round_trip(decoder, real, row.synthetic, _CPU), real, bank, not args.unmatched
+        )
+        for row in rows
+    }
     for seed in seed_list(options):
         setup, referees = make_setup(real, options, "cpu"), Referees()
         for row in rows:

@@ -243,6 +243,7 @@ def test_retrieved_detail_puts_a_bank_scenes_own_detail_back_and_trains_its_row(
     import numpy as np
     import torch
 
+    from specdm_cli.models.detail import Lookup
     from specdm_cli.pipeline.benchmark.generator import round_trip
     from specdm_cli.pipeline.runs.choose import choose_model
     from specdm_cli.stores import open_store
@@ -254,7 +255,7 @@ def test_retrieved_detail_puts_a_bank_scenes_own_detail_back_and_trains_its_row(
     real = prepare_demo(tmp_path / "real.zarr", n=40, size=16)
     store, decoder = open_store(real), choose_model("demo", "ss", vae_only=True)
     banked = store.indices("train")[-4:]
-    bank = retrieved_detail.build_bank(store, decoder, banked, retrieved_detail.Lookup(4, 8, 6))
+    bank = retrieved_detail.bank_of(store, decoder, banked, Lookup(4, 8, 6))
     trips = round_trip(decoder, store, banked[:2], torch.device("cpu"))
     detailed = retrieved_detail.with_detail(trips, store, bank)
     for i in banked[:2].tolist():
@@ -262,10 +263,8 @@ def test_retrieved_detail_puts_a_bank_scenes_own_detail_back_and_trains_its_row(
         np.testing.assert_allclose(detailed.read(i)["image"], truth, rtol=0, atol=1e-2)
         assert not np.allclose(trips.read(i)["image"], truth, atol=1.0)
     # The control draws bank blocks at random: real detail, not the scene's own.
-    unmatched = retrieved_detail.Lookup(4, 8, 6, matched=False)
-    control = retrieved_detail.build_bank(store, decoder, banked, unmatched)
     first = int(banked[0])
-    drawn = retrieved_detail.with_detail(trips, store, control).read(first)["image"]
+    drawn = retrieved_detail.with_detail(trips, store, bank, matched=False).read(first)["image"]
     assert not np.allclose(drawn, store.read(first)["image"].astype(np.float32), atol=1.0)
     out = tmp_path / "rows.jsonl"
     done = processes.run(
