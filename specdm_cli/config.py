@@ -277,6 +277,29 @@ class DistillTrainConfig(BaseModel):
         return self.model_dump(exclude={"steps", "checkpoint_every", "val_every"}, mode="json")
 
 
+class DetailConfig(BaseModel):
+    """How `specdm fit-detail` builds a run's bank of retrieved detail (models/detail.py)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    # None: as many train scenes as give DETAIL_BANK_BLOCKS blocks (the bank measured).
+    scenes: int | None = Field(None, ge=1)
+    block: int = Field(4, ge=1)  # pixels a retrieved residual covers (measured: 4)
+    context: int = Field(8, ge=1)  # pixels of decoded surroundings a block is matched by
+    dims: int = Field(48, ge=1)  # principal components of the surroundings kept
+
+    @model_validator(mode="after")
+    def _context_holds_the_block(self) -> DetailConfig:
+        if self.context < self.block or (self.context - self.block) % 2:
+            raise ValueError("--context must be --block plus an even number of pixels")
+        return self
+
+
+# docs/measurements.md: 300 scenes of 64 x 64 px in blocks of 4 (the bank measured). A block's
+# lookup costs one distance per bank block, so larger scenes take fewer of them.
+DETAIL_BANK_BLOCKS = 76_800
+
+
 class MetricsOptions(BaseModel):
     """How `compare_stores` samples and bins; every default says why."""
 

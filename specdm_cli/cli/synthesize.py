@@ -133,6 +133,14 @@ def synthesize(
             "guesses; 0 labels every pixel [0].",
         ),
     ] = 0.0,
+    detail: Annotated[
+        bool,
+        typer.Option(
+            "--detail",
+            help="Add the run's retrieved detail (built by `specdm fit-detail`) to the decoded "
+            "images: fine detail the VAE's decoder loses, taken from real scenes.",
+        ),
+    ] = False,
     gpus: GpusOption = Devices(),  # noqa: B008 (an immutable value)
     threads: ThreadsOption = None,
     json_output: JsonOption = False,
@@ -175,7 +183,7 @@ def synthesize(
             shard=shard, devices=gpus, require=require, overwrite=overwrite, preview=preview,
             masks=masks, masks_split=masks_split, mask_guidance=mask_guidance,
             min_quality=min_quality, real=real, feature_steps=feature_steps,
-            label_confidence=label_confidence,
+            label_confidence=label_confidence, detail=detail,
             judge_maker=_quality_judge() if min_quality is not None else None,
         )  # fmt: skip
         with (

@@ -1,4 +1,4 @@
-"""`specdm fit-vae`, `fit-diffusion` and `distill`: options -> config -> one training driver."""
+"""`specdm fit-vae`, `fit-diffusion`, `distill` and `fit-detail`: options -> config -> a driver."""
 
 from __future__ import annotations
 
@@ -307,3 +307,57 @@ def distill(
         _train("distill", run_distill, request, threads, quiet, json_output,
                lambda done: f"{done.state}: {done.run}, a {done.student_steps}-step student at "
                f"step {done.step}{_val_loss(done.val_loss, 5)}")  # fmt: skip
+
+
+def fit_detail(
+    run: Annotated[Path, typer.Argument(help="A run directory with a trained VAE (ss).")],
+    store: Annotated[Path, typer.Argument(help="A real store of the run's bands and classes.")],
+    scenes: Annotated[
+        int | None,
+        typer.Option(min=1, help="Train scenes of the bank [as many as make 76,800 blocks]."),
+    ] = None,
+    block: Annotated[
+        int | None, typer.Option(min=1, help="Pixels per retrieved block [4].")
+    ] = None,
+    context: Annotated[
+        int | None, typer.Option(min=1, help="Pixels of surroundings a block is matched by [8].")
+    ] = None,
+    dims: Annotated[
+        int | None, typer.Option(min=1, help="Principal components of the surroundings [48].")
+    ] = None,
+    overwrite: Annotated[
+        bool, typer.Option("--overwrite", help="Replace a bank built with other options.")
+    ] = False,
+    gpus: OneDeviceOption = Devices(),  # noqa: B008 (an immutable value)
+    threads: ThreadsOption = None,
+    json_output: JsonOption = False,
+    quiet: QuietOption = False,
+) -> None:
+    """Build a bank of real detail for `synthesize --detail` (fine detail the VAE loses)."""
+    with domain_errors():
+        require_inputs(stores={"": store}, runs=(run,))
+        from specdm_cli.config import DetailConfig
+        from specdm_cli.pipeline.signals import graceful_stop
+        from specdm_cli.pipeline.train.common import torch_threads
+        from specdm_cli.pipeline.train.fit_detail import FitDetailRequest
+        from specdm_cli.pipeline.train.fit_detail import fit_detail as build
+
+        config = config_or_usage_error(
+            DetailConfig, scenes=scenes, block=block, context=context, dims=dims
+        )
+        request = FitDetailRequest(run, store, config, overwrite, gpus)
+        warnings = Warnings(quiet)
+        with (
+            graceful_stop() as stop,
+            torch_threads(threads),
+            progress_reporter("fit-detail", quiet) as bar,
+        ):
+            done = build(request, stop, bar, warnings)
+        if not quiet:
+            stderr.print(
+                f"{done.state}: {done.run}, {done.blocks} blocks of {done.scenes} scenes "
+                f"({done.bank_bytes / 2**20:.1f} MiB)",
+                markup=False,
+            )
+        if json_output:
+            emit_json({**asdict(done), "warnings": list(warnings)})

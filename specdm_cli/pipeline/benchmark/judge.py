@@ -30,8 +30,7 @@ from specdm_cli.pipeline.benchmark.scores import (
     batch_traits,
     sample_traits,
 )
-from specdm_cli.pipeline.runs.run_manifest import RunManifest
-from specdm_cli.pipeline.synthesize.masks import check_store_fits
+from specdm_cli.pipeline.runs.run_manifest import RunManifest, check_store_fits
 from specdm_cli.pipeline.synthesize.quality import QualityBar
 from specdm_cli.stores import open_store
 

@@ -10,10 +10,11 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from specdm_cli import __version__
-from specdm_cli.errors import ModelError, missing_run
+from specdm_cli.errors import InputDataError, ModelError, missing_run
 from specdm_cli.fs.atomic import atomic_write_text
 from specdm_cli.manifest import Band, ClassInfo, Normalization, Task
 from specdm_cli.pipeline.runs.checkpoints import unlisted_weights, verify_digests
+from specdm_cli.stores import StoreReader
 
 RUN_FILE = "run.json"
 
@@ -259,3 +260,27 @@ def _numbers(values: Any) -> bool:
 def save_run(run: Path, manifest: RunManifest) -> None:
     """Write `run.json` atomically."""
     atomic_write_text(run / RUN_FILE, manifest.model_dump_json(indent=2))
+
+
+def check_store_fits(reader: StoreReader, run: RunManifest, option: str) -> None:
+    """The store's labels must mean what the run's do: same task, classes and size (exit 3)."""
+    given = reader.manifest
+    wanted = f"a {run.task} store of {run.height}x{run.width} px with the run's classes"
+    if given.task != run.task:
+        raise InputDataError(
+            f"the {option} store is task {given.task}, the model {run.task}", reader.root, wanted
+        )
+    if (given.height, given.width) != (run.height, run.width):
+        raise InputDataError(
+            f"the {option} store's samples are {given.height}x{given.width} px, the model's "
+            f"{run.height}x{run.width}",
+            reader.root,
+            wanted,
+        )
+    if [(c.index, c.name) for c in given.classes] != [(c.index, c.name) for c in run.classes]:
+        raise InputDataError(
+            f"the {option} store's classes ({len(given.classes)}) are not the model's "
+            f"({len(run.classes)})",
+            reader.root,
+            wanted,
+        )

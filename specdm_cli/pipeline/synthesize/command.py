@@ -23,6 +23,7 @@ from specdm_cli.fs.paths import refuse_overlap
 from specdm_cli.fs.space import require_disk, require_memory
 from specdm_cli.manifest import array_names, load_manifest
 from specdm_cli.pipeline.runs.choose import ChosenModel, choose_model
+from specdm_cli.pipeline.runs.detail_io import require_bank
 from specdm_cli.pipeline.signals import StopFlag
 from specdm_cli.pipeline.synthesize.masks import (
     DEFAULT_GUIDANCE,
@@ -77,6 +78,7 @@ class SynthesizeOptions:
     real: Path | None = None
     feature_steps: int | None = None  # the judge's feature network (as benchmark's option)
     label_confidence: float = 0.0  # decoded mask pixels less sure than this: unlabelled
+    detail: bool = False  # add the run's retrieved detail (fit-detail) to decoded images
     judge_maker: JudgeMaker | None = None  # with --min-quality: the benchmark's QualityJudge
 
     def filters(self) -> str:
@@ -98,6 +100,8 @@ def synthesize_store(
     shard = parse_shard(options.shard)
     grid = parse_batch_size(options.batch_size)
     chosen = _model(options)
+    if options.detail:
+        require_bank(chosen.path, chosen.manifest)
     inputs = {"--model": chosen.path, "--masks": options.masks, "--real": options.real}
     refuse_overlap(options.out, inputs)
     if options.preview is not None:
@@ -257,6 +261,7 @@ def _write(
         masks=masks,
         quality=judge,
         label_confidence=options.label_confidence,
+        detail=options.detail,
     )
     _require_room(request)
     if options.sampler == "auto":  # the same command samples otherwise once a run is distilled

@@ -18,8 +18,8 @@ from specdm_cli.errors import InputDataError, UsageError
 from specdm_cli.manifest import LABEL_ARRAY
 from specdm_cli.models.diffusion import ConditionedUNet, mask_condition
 from specdm_cli.models.vae import SpecDMVAE
-from specdm_cli.pipeline.runs.run_manifest import MaskCondition, RunManifest
-from specdm_cli.stores import StoreReader, open_store, store_sha256
+from specdm_cli.pipeline.runs.run_manifest import MaskCondition, RunManifest, check_store_fits
+from specdm_cli.stores import open_store, store_sha256
 
 # Classifier-free guidance weight. On the 64 px ss demo (2,500 U-Net steps at rate 0.5, 256
 # samples for the 55 test masks) pair mIoU was 0.398 at w 1, 0.483 at 2 and 0.481 at 4, and
@@ -117,27 +117,3 @@ def given_condition(
     """The conditioned U-Net's input for given label maps: their latents, flagged as given."""
     latent = mask_latents(vae, labels, shift, scale)
     return mask_condition(latent, torch.ones(len(labels), dtype=torch.bool))
-
-
-def check_store_fits(reader: StoreReader, run: RunManifest, option: str) -> None:
-    """The store's labels must mean what the run's do: same task, classes and size (exit 3)."""
-    given = reader.manifest
-    wanted = f"a {run.task} store of {run.height}x{run.width} px with the run's classes"
-    if given.task != run.task:
-        raise InputDataError(
-            f"the {option} store is task {given.task}, the model {run.task}", reader.root, wanted
-        )
-    if (given.height, given.width) != (run.height, run.width):
-        raise InputDataError(
-            f"the {option} store's samples are {given.height}x{given.width} px, the model's "
-            f"{run.height}x{run.width}",
-            reader.root,
-            wanted,
-        )
-    if [(c.index, c.name) for c in given.classes] != [(c.index, c.name) for c in run.classes]:
-        raise InputDataError(
-            f"the {option} store's classes ({len(given.classes)}) are not the model's "
-            f"({len(run.classes)})",
-            reader.root,
-            wanted,
-        )

@@ -26,6 +26,7 @@ from specdm_cli.models.samplers import (
 )
 from specdm_cli.pipeline.runs.checkpoints import load_module
 from specdm_cli.pipeline.runs.choose import ChosenModel
+from specdm_cli.pipeline.runs.detail_io import load_bank
 from specdm_cli.pipeline.runs.vae_io import load_vae
 from specdm_cli.pipeline.synthesize.masks import GivenMasks, conditioned, given_condition
 from specdm_cli.pipeline.train.common import autocast
@@ -47,6 +48,7 @@ class SamplingPlan:
     precision: Precision = "fp32"
     decode_chunk: int | None = None  # samples per decoder call; None: CPU_DECODE_CHUNK on the CPU
     label_confidence: float = 0.0  # pixels whose decoded class is less sure than this: 255
+    detail: bool = False  # add the run's retrieved detail (fit-detail) to decoded images
 
 
 class Sampler:
@@ -80,6 +82,7 @@ class Sampler:
         self.dtype = np.dtype(manifest.dtype)
         self.classes = len(manifest.classes)
         self.condition, self.masks = details.mask_condition, masks
+        self.bank = load_bank(run, manifest) if plan.detail else None
         if self.condition is not None:  # samplers call it as any U-Net; `_given` sets its input
             grid = (plan.batch_size, self.side)
             self.unet = conditioned(self.unet, self.condition, grid, masks, device)
@@ -114,8 +117,10 @@ class Sampler:
         arrays: dict[str, np.ndarray] = {}
         clipped = np.zeros(keep, dtype=np.int64)
         for name in IMAGE_ARRAYS[self.task]:
-            physical = (decoded[name][:keep].float() * self.std + self.mean).cpu().numpy()
-            arrays[name], count = to_dtype(physical, self.dtype)
+            physical = (decoded[name][:keep].float() * self.std + self.mean).cpu()
+            if self.bank is not None:
+                physical += torch.stack([self.bank.detail(image) for image in physical])
+            arrays[name], count = to_dtype(physical.numpy(), self.dtype)
             clipped += count
         logits = decoded[LABEL_ARRAY[self.task]][:keep]
         label = confident_labels(self.vae.labels(logits), logits, self.plan.label_confidence)

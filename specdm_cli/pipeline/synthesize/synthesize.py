@@ -26,6 +26,7 @@ from specdm_cli.manifest import (
 from specdm_cli.models.diffusion import ScheduleConfig
 from specdm_cli.models.samplers import DEFAULT_STEPS
 from specdm_cli.pipeline.runs.choose import ChosenModel
+from specdm_cli.pipeline.runs.detail_io import STAGE as DETAIL_STAGE
 from specdm_cli.pipeline.runs.provenance import provenance
 from specdm_cli.pipeline.signals import StopFlag
 from specdm_cli.pipeline.synthesize.draws import Drawn, Draws
@@ -68,6 +69,7 @@ class SynthesizeRequest:
     masks: MaskSource | None = None  # --masks: sample i drawn for the given mask i mod M
     quality: Judge | None = None  # --min-quality: only draws scoring at least its bar
     label_confidence: float = 0.0  # decoded mask pixels less sure than this: unlabelled (255)
+    detail: bool = False  # add the run's retrieved detail (fit-detail) to decoded images
 
     def filtered(self) -> bool:
         """Whether sample i is the i-th accepted draw rather than draw i."""
@@ -148,6 +150,7 @@ def _plan(request: SynthesizeRequest, steps: int) -> dict[str, Any]:
         **(request.masks.plan() if request.masks is not None else {}),
         **(request.quality.plan() if request.quality is not None else {}),
         **({"label_confidence": request.label_confidence} if request.label_confidence else {}),
+        **({"detail": _bank_weights(request.model)} if request.detail else {}),
         **(
             {"threads": cpu_threads_per_process(request.devices)}
             if request.devices.kind == "cpu"
@@ -197,6 +200,7 @@ def _manifest(request: SynthesizeRequest, steps: int, device: torch.device) -> M
                     if request.label_confidence
                     else {}
                 ),
+                **({"detail": _bank_details(request.model)} if request.detail else {}),
                 **(
                     {"quality_scores": request.quality.info(request.n).model_dump()}
                     if request.quality is not None
@@ -207,6 +211,18 @@ def _manifest(request: SynthesizeRequest, steps: int, device: torch.device) -> M
         plan=_plan(request, steps),
         provenance=provenance(),
     )
+
+
+def _bank_weights(model: ChosenModel) -> dict[str, str]:
+    """The detail bank's file digests: a resume or shard must add the same detail."""
+    return dict(model.manifest.stages[DETAIL_STAGE].weights)
+
+
+def _bank_details(model: ChosenModel) -> dict[str, Any]:
+    """How the bank was built (fit-detail's options and the store), for the manifest."""
+    stage = model.manifest.stages[DETAIL_STAGE]
+    identity = {k: v for k, v in stage.config.items() if k != "vae_weights"}  # in checkpoint_sha256
+    return {**identity, **stage.details}
 
 
 def _sampler(request: SynthesizeRequest, plan: SamplingPlan, device: torch.device) -> Sampler:
@@ -262,6 +278,7 @@ def _write_shard(
     plan = SamplingPlan(
         request.sampler, request.seed, request.batch_size, request.precision,
         label_confidence=request.label_confidence,
+        detail=request.detail,
     )  # fmt: skip
     draws = Draws(_sampler(request, plan, device), steps) if todo else None
     if draws is not None and request.filtered():

@@ -1,0 +1,42 @@
+"""Save and load a run's detail bank (`specdm fit-detail`; models/detail.py)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from safetensors import SafetensorError
+
+from specdm_cli.errors import ModelError, UsageError
+from specdm_cli.models.detail import Bank
+from specdm_cli.pipeline.runs.run_manifest import RunManifest
+
+STAGE = "detail"
+BANK_FILE = "bank.safetensors"
+
+
+def require_bank(run: Path, manifest: RunManifest) -> Path:
+    """The bank file of a run whose bank fits its VAE; exit 2 without one, 4 if stale."""
+    stage = manifest.stages.get(STAGE)
+    if stage is None or not stage.finished or stage.checkpoint is None:
+        raise UsageError(
+            "the model has no detail bank for --detail", run,
+            "build one with `specdm fit-detail RUN STORE` (the demo models have none)",
+        )  # fmt: skip
+    if stage.config.get("vae_weights") != dict(manifest.stages["vae"].weights):
+        raise ModelError(
+            "the run's detail bank was built with an earlier VAE", run,
+            "rebuild it: specdm fit-detail RUN STORE --overwrite",
+        )  # fmt: skip
+    return run / stage.checkpoint / BANK_FILE
+
+
+def load_bank(run: Path, manifest: RunManifest) -> Bank:
+    """The run's detail bank (see `require_bank`); a damaged file is exit 4."""
+    path = require_bank(run, manifest)
+    try:
+        return Bank.load(path)
+    except (OSError, KeyError, ValueError, TypeError, SafetensorError) as exc:
+        raise ModelError(
+            f"cannot load the detail bank ({exc})".splitlines()[0], path,
+            "rebuild it: specdm fit-detail RUN STORE --overwrite",
+        ) from None  # fmt: skip

@@ -1,0 +1,169 @@
+"""The `fit-detail` stage: a bank of detail retrieved by example, saved in the run beside its
+VAE, that `synthesize --detail` adds to decoded images (models/detail.py).
+
+The bank's scenes are real ones from the store's train split, spread evenly over it, each
+encoded and decoded by the run's VAE; built in one pass (no steps to resume), it replaces a bank
+of other options only with `--overwrite`.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from specdm_cli.config import DETAIL_BANK_BLOCKS, DetailConfig, Devices, Progress
+from specdm_cli.errors import InputDataError, ModelError, UsageError
+from specdm_cli.fs.lock import ReadLock
+from specdm_cli.models.detail import Bank, Lookup, build_bank
+from specdm_cli.models.losses import denormalize
+from specdm_cli.pipeline.runs import rundirs as runs
+from specdm_cli.pipeline.runs.choose import ChosenModel, choose_model
+from specdm_cli.pipeline.runs.detail_io import BANK_FILE, STAGE
+from specdm_cli.pipeline.runs.run_manifest import RunManifest, check_store_fits, load_run
+from specdm_cli.pipeline.runs.vae_io import load_vae
+from specdm_cli.pipeline.signals import StopFlag
+from specdm_cli.pipeline.train.common import load_batch, to_tensors, torch_devices
+from specdm_cli.stores import StoreReader, content_sha256, open_store
+
+_ROUND_TRIP_CHUNK = 32  # scenes decoded between progress reports and Ctrl-C checks
+
+
+@dataclass(frozen=True)
+class FitDetailRequest:
+    run: Path
+    store: Path
+    config: DetailConfig
+    overwrite: bool = False
+    devices: Devices = field(default_factory=Devices)
+
+
+@dataclass
+class FitDetailSummary:
+    run: str
+    state: str
+    scenes: int
+    blocks: int
+    bank_bytes: int
+    seconds: float
+
+
+def fit_detail(
+    request: FitDetailRequest,
+    stop: StopFlag,
+    progress: Progress | None = None,
+    warn: Callable[[str], None] = lambda line: None,
+) -> FitDetailSummary:
+    """Build the run's detail bank from the store's train scenes (or find it built)."""
+    started = time.monotonic()
+    if request.devices.ranks > 1:
+        raise UsageError("fit-detail runs on one device", hint="pass one device to --gpus")
+    device = torch_devices(request.devices)[0]
+    load_run(request.run, verify=False)  # a clear error before the lock creates anything
+    with ReadLock(request.store), runs.RunLock(request.run):
+        real = open_store(request.store)
+        chosen = _vae_of(request.run, real)
+        scenes = bank_scenes(real, request.config, chosen.manifest)
+        identity = _identity(request.config, real, chosen.manifest, scenes)
+        stage = chosen.manifest.stages.get(STAGE)
+        if stage is not None and stage.finished and stage.config == identity:
+            return _summary(request.run, "already complete", stage.details, started)
+        if stage is not None and not request.overwrite:
+            raise ModelError(
+                "the run already has a detail bank, built from other scenes or options",
+                request.run,
+                "pass --overwrite to replace it, or the options it was built with",
+            )
+        lookup = Lookup(request.config.block, request.config.context, request.config.dims)
+        bank = build_bank(round_trips(chosen, real, scenes, device, stop, progress),
+                          *_band_statistics(chosen.manifest), lookup)  # fmt: skip
+        details = {"scenes": len(scenes), "blocks": len(bank.keys),
+                   "bank_bytes": _bank_bytes(bank), "store": str(request.store)}  # fmt: skip
+        runs.commit_checkpoint(request.run, STAGE, 1, lambda folder: bank.save(folder / BANK_FILE),
+                               identity, True, details)  # fmt: skip
+    return _summary(request.run, "built", details, started)
+
+
+def _vae_of(run: Path, real: StoreReader) -> ChosenModel:
+    """The run (its VAE finished), for an ss store its labels fit."""
+    chosen = choose_model(str(run), real.manifest.task, vae_only=True)
+    if chosen.manifest.task != "ss":
+        raise UsageError(
+            "fit-detail is measured on semantic segmentation only; this run is cd",
+            run,
+            "synthesize cd pairs without --detail",
+        )
+    check_store_fits(real, chosen.manifest, "fit-detail")
+    if [b.name for b in real.manifest.bands] != [b.name for b in chosen.manifest.bands]:
+        raise InputDataError(
+            "the store's bands are not the run's", real.root, "pass the store the run trained on"
+        )
+    return chosen
+
+
+def bank_scenes(real: StoreReader, config: DetailConfig, run: RunManifest) -> np.ndarray:
+    """The train scenes of the bank, spread evenly over the split (neighbours look alike)."""
+    train = real.indices("train")
+    if len(train) == 0:
+        raise InputDataError(
+            "the store has no train scenes to build the bank from", real.root,
+            "pass a prepared store with a train split",
+        )  # fmt: skip
+    per_scene = (run.height // config.block) * (run.width // config.block)
+    wanted = config.scenes or max(1, DETAIL_BANK_BLOCKS // per_scene)
+    picks = np.linspace(0, len(train) - 1, min(wanted, len(train))).round().astype(int)
+    chosen: np.ndarray = train[np.unique(picks)]
+    return chosen
+
+
+def _identity(
+    config: DetailConfig, real: StoreReader, run: RunManifest, scenes: np.ndarray
+) -> dict[str, object]:
+    """What the same command must match to find its bank built."""
+    return {**config.model_dump(mode="json"), "scenes": len(scenes),
+            "store_content_sha256": content_sha256(real),
+            "vae_weights": dict(run.stages["vae"].weights)}  # fmt: skip
+
+
+def round_trips(
+    chosen: ChosenModel,
+    real: StoreReader,
+    scenes: np.ndarray,
+    device: torch.device,
+    stop: StopFlag,
+    progress: Progress | None,
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """(decoded, real) image of every bank scene, physical units: each encoded (posterior
+    mean) and decoded by the run's VAE."""
+    vae = load_vae(chosen.path, chosen.manifest, device)
+    mean, std = (t.flatten().to(device) for t in _band_statistics(chosen.manifest))
+    for start in range(0, len(scenes), _ROUND_TRIP_CHUNK):
+        arrays = load_batch(real, scenes[start : start + _ROUND_TRIP_CHUNK], None)
+        batch, _valid = to_tensors(arrays, "ss", mean, std, device)
+        with torch.no_grad():
+            decoded = vae.decode_joint(vae.encode_latent(batch))["image"].float()
+        physical = denormalize(decoded, mean, std).cpu()
+        yield from zip(physical, torch.from_numpy(arrays["image"].astype(np.float32)), strict=True)
+        if progress:
+            progress("fit-detail", start + len(arrays["image"]), len(scenes))
+        stop.check()
+
+
+def _band_statistics(run: RunManifest) -> tuple[torch.Tensor, torch.Tensor]:
+    mean = torch.tensor(run.normalization.mean, dtype=torch.float32).view(-1, 1, 1)
+    std = torch.tensor(run.normalization.std, dtype=torch.float32).view(-1, 1, 1)
+    return mean, std
+
+
+def _bank_bytes(bank: Bank) -> int:
+    return int(bank.keys.nbytes + bank.residuals.nbytes)
+
+
+def _summary(run: Path, state: str, details: dict[str, object], started: float) -> FitDetailSummary:
+    scenes, blocks, size = (int(str(details[k])) for k in ("scenes", "blocks", "bank_bytes"))
+    return FitDetailSummary(str(run), state, scenes, blocks, size,
+                            round(time.monotonic() - started, 3))  # fmt: skip
