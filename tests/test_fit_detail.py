@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 
+from specdm_cli.models.detail import Bank, Lookup
 from specdm_cli.pipeline.runs.choose import choose_model
 from specdm_cli.pipeline.runs.detail_io import load_bank
 from specdm_cli.pipeline.runs.run_manifest import load_run
@@ -47,6 +48,19 @@ def banked(trained: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def _stage(run: Path) -> Any:
     return json.loads((run / "run.json").read_text())["stages"]["detail"]
+
+
+def test_the_chunked_lookup_finds_what_a_full_distance_matrix_does() -> None:
+    """Bank blocks scored in chunks, a running minimum across them: the nearest of all."""
+    draw = torch.Generator().manual_seed(0)
+    lookup = Lookup(block=2, context=4, dims=6)
+    keys = torch.randn(5000, 6, generator=draw)  # three chunks, the last one partial
+    ones = torch.ones(3, 1, 1)
+    basis = torch.randn(3 * 16, 6, generator=draw)
+    bank = Bank(lookup, ones * 0, ones, torch.zeros(3 * 16), basis, keys, torch.zeros(12, 5000))
+    image = torch.randn(3, 32, 32, generator=draw)
+    expected = torch.cdist(bank.features(image), keys).argmin(dim=1)
+    assert torch.equal(bank.nearest(image), expected) and len(expected) == 256
 
 
 def test_a_bank_scene_gets_its_own_detail_back(banked: Path, trained: Path) -> None:
