@@ -131,6 +131,26 @@ def test_refusals_are_one_line(trained: Path, distilled: Path, tmp_path: Path) -
     assert code == 4 and "earlier U-Net" in stderr
 
 
+def test_overwrite_distills_a_new_student_in_place(distilled: Path, tmp_path: Path) -> None:
+    """Other options needed a copy of the run folder (the hint said so): --overwrite replaces
+    the student, and nothing of the old one is left."""
+    run = _copy(distilled, tmp_path / "run")
+    code, _, stderr = run_cli("distill", run, "--steps", "2", "--resume", "--overwrite", *DISTILL)
+    assert code == 2 and "exclude each other" in stderr
+    code, _, stderr = run_cli(
+        "distill", run, "--steps", "2", "--student-steps", "2", "--overwrite", *DISTILL
+    )
+    assert code == 0, stderr
+    stage = json.loads((run / "run.json").read_text())["stages"]["distill"]
+    assert stage["finished"] and stage["details"]["timesteps"] == [999, 499]
+    assert [p.name for p in (run / "checkpoints").glob("distill-*")] == ["distill-0000002"]
+    out = tmp_path / "two.zarr"
+    code, _, stderr = run_cli("synthesize", "--model", run, "--sampler", "distilled", "--n", "2",
+                              "--batch-size", "2", "--threads", "2", "--quiet", "--out", out)  # fmt: skip
+    assert code == 0, stderr
+    assert json.loads((out / "manifest.json").read_text())["model"]["steps"] == 2
+
+
 def test_auto_takes_the_student_unless_steps_are_asked_for(
     trained: Path, distilled: Path, tmp_path: Path
 ) -> None:

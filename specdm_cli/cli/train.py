@@ -288,6 +288,9 @@ def distill(
     gpus: OneDeviceOption = Devices(),  # noqa: B008 (an immutable value)
     threads: ThreadsOption = None,
     resume: ResumeOption = False,
+    overwrite: Annotated[
+        bool, typer.Option("--overwrite", help="Replace the run's distilled student.")
+    ] = False,
     json_output: JsonOption = False,
     quiet: QuietOption = False,
 ) -> None:
@@ -303,7 +306,9 @@ def distill(
                      trajectories=trajectories, seed=seed, precision=precision)  # fmt: skip
         values = {**recorded, **{k: v for k, v in given.items() if v is not None}}
         config = config_or_usage_error(DistillTrainConfig, **values)
-        request = DistillRequest(run=run, config=config, resume=resume, devices=gpus)
+        request = DistillRequest(
+            run=run, config=config, resume=resume, overwrite=overwrite, devices=gpus
+        )
         _train("distill", run_distill, request, threads, quiet, json_output,
                lambda done: f"{done.state}: {done.run}, a {done.student_steps}-step student at "
                f"step {done.step}{_val_loss(done.val_loss, 5)}")  # fmt: skip

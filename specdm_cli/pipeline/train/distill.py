@@ -42,6 +42,7 @@ class DistillRequest:
     run: Path
     config: DistillTrainConfig
     resume: bool = False
+    overwrite: bool = False  # replace the run's student (kept until the new one's checkpoint)
     devices: Devices = field(default_factory=Devices)
 
 
@@ -175,6 +176,8 @@ def distill(
 ) -> DistillSummary:
     """Draw the teacher's trajectories, then train (or resume) the student."""
     started = time.monotonic()
+    if request.resume and request.overwrite:
+        raise UsageError("--resume and --overwrite exclude each other", hint="pick one")
     if request.devices.ranks > 1:
         raise UsageError("distill runs on one device", hint="pass one device to --gpus")
     device = torch_devices(request.devices)[0]
@@ -244,11 +247,13 @@ def _stage_to_resume(
         return None
     if stage.finished and stage.step >= request.config.steps and stage.config == identity:
         return stage  # the same command again: already complete
+    if request.overwrite:
+        return None  # a new student; its first checkpoint replaces the stage
     if not request.resume:
         raise ModelError(
             "the run already has a distilled student",
             run,
-            "pass --resume to continue it; for other options distill a copy of the run folder",
+            "pass --resume to continue it, or --overwrite to distill a new one",
         )
     runs.check_resume(run, stage.config, identity)
     return stage
