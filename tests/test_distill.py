@@ -179,7 +179,7 @@ def test_auto_takes_the_student_unless_steps_are_asked_for(
 def test_distill_takes_one_device_and_its_help_says_so(trained: Path) -> None:
     code, stdout, _ = run_cli("distill", "--help")
     words = " ".join(stdout.split())  # the help wraps at the terminal's width
-    assert code == 0 and "--gpus 0|cpu" in words and "distill runs on one device" in words
+    assert code == 0 and "--gpus 0|cpu" in words and "this command runs on one device" in words
     code, _, stderr = run_cli("distill", trained, "--gpus", "cpu:2")
     assert code == 2 and "distill runs on one device" in stderr
 

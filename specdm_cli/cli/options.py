@@ -37,7 +37,7 @@ GpusOption = Annotated[
         help="CUDA devices, one process each (e.g. 0 or 0,1); cpu:N = N CPU processes.",
     ),
 ]
-# distill trains on one device (its own check refuses more): the help says so.
+# distill and fit-detail run on one device (their own checks refuse more): the help says so.
 OneDeviceOption = Annotated[
     Devices,
     typer.Option(
@@ -45,7 +45,7 @@ OneDeviceOption = Annotated[
         parser=parse_gpus,
         metavar="0|cpu",
         show_default="CPU",
-        help="One CUDA device (e.g. 0); distill runs on one device.",
+        help="One CUDA device (e.g. 0); this command runs on one device.",
     ),
 ]
 
