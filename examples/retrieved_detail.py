@@ -53,8 +53,11 @@ def bank_of(real: StoreReader, decoder: ChosenModel, indices: np.ndarray, lookup
     mean = torch.tensor(norm.mean, dtype=torch.float32).view(-1, 1, 1)
     std = torch.tensor(norm.std, dtype=torch.float32).view(-1, 1, 1)
     trips = round_trip(decoder, real, indices, _CPU)
-    pairs = ((_image(trips.read(i)), _image(real.read(i))) for i in indices.tolist())
-    return build_bank(pairs, mean, std, lookup)
+    scenes = (
+        (_image(trips.read(i)), _image(real.read(i)), torch.from_numpy(real.read(i)["mask"]))
+        for i in indices.tolist()
+    )
+    return build_bank(scenes, mean, std, lookup)
 
 
 def _image(sample: dict[str, np.ndarray]) -> torch.Tensor:
@@ -65,7 +68,7 @@ def unmatched_detail(bank: Bank, decoded: torch.Tensor, seed: int) -> torch.Tens
     """The control: each block takes a random bank block's residual, drawn from `seed`."""
     blocks = (decoded.shape[1] // bank.lookup.block) * (decoded.shape[2] // bank.lookup.block)
     draw = torch.Generator().manual_seed(seed)
-    return bank.detail(decoded, torch.randint(len(bank.keys), (blocks,), generator=draw))
+    return bank.detail(decoded, chosen=torch.randint(len(bank.keys), (blocks,), generator=draw))
 
 
 def with_detail(

@@ -5,8 +5,8 @@ real pairs, its synthetic pairs' images given retrieved detail first.
 `examples/retrieved_detail.py` measures the same detail on round trips of real pairs. The bank
 is built as there (the real store's last `--bank` train scenes, which no row uses, through the
 model's VAE). `--class-matched` looks each block up only among the bank blocks whose real label's
-majority class is the class the sample's mask draws there (a road block takes road detail); the
-plain lookup, as `synthesize --detail`, matches the decoded image alone.
+majority class is the class the sample's mask draws there (a road block takes road detail), as
+`synthesize --detail` does; without it the lookup matches the decoded image alone.
 
     OMP_NUM_THREADS=1 python examples/samples_detail.py real-ss.zarr syn500.zarr demo out.jsonl \
         --class-matched --real-limit 10 --ratio 50 --lr-drops 1 --batch-size 16 --eval-every 50 \
@@ -21,7 +21,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F  # noqa: N812
 from agreement_by_seed import train_row
 from retrieved_detail import bank_of
 from vae_utility import add_protocol_options
@@ -35,41 +34,17 @@ from specdm_cli.pipeline.runs.choose import choose_model
 from specdm_cli.stores import StoreReader, content_sha256, open_store
 
 
-def block_classes(mask: np.ndarray, classes: int, block: int) -> torch.Tensor:
-    """(blocks,) each block's majority class (unlabelled pixels count for none)."""
-    labels = torch.from_numpy(mask.astype(np.int64))
-    onehot = torch.stack([(labels == c).float() for c in range(classes)])[None]
-    counts = F.unfold(onehot, block, stride=block)[0].view(classes, block * block, -1)
-    return counts.sum(dim=1).argmax(dim=0)
-
-
-def class_matched(bank: Bank, bank_classes: torch.Tensor, decoded: torch.Tensor,
-                  wanted: torch.Tensor) -> torch.Tensor:  # fmt: skip
-    """(blocks,) the nearest bank block of each block's class (of any class where the bank has
-    none of it)."""
-    query, chosen = bank.features(decoded), torch.empty(len(wanted), dtype=torch.long)
-    for value in wanted.unique().tolist():
-        where = wanted == value
-        pool = torch.nonzero(bank_classes == value).flatten()
-        pool = pool if len(pool) else torch.arange(len(bank.keys))
-        chosen[where] = pool[torch.cdist(query[where], bank.keys[pool]).argmin(dim=1)]
-    return chosen
-
-
 def with_detail(
-    synthetic: StoreReader, indices: np.ndarray, bank: Bank, bank_classes: torch.Tensor | None
+    synthetic: StoreReader, indices: np.ndarray, bank: Bank, class_matched: bool
 ) -> ArraySource:
-    """The samples `indices` with retrieved detail (class-matched when `bank_classes`)."""
-    classes, block = len(synthetic.manifest.classes), bank.lookup.block
+    """The samples `indices` with retrieved detail (looked up within the mask's class when
+    `class_matched`, as `synthesize --detail` does)."""
     samples = {}
     for i in indices.tolist():
         sample = synthetic.read(i)
         decoded = torch.from_numpy(sample["image"].astype(np.float32))
-        chosen = None
-        if bank_classes is not None:
-            wanted = block_classes(sample["mask"], classes, block)
-            chosen = class_matched(bank, bank_classes, decoded, wanted)
-        samples[i] = {**sample, "image": (decoded + bank.detail(decoded, chosen)).numpy()}
+        mask = torch.from_numpy(sample["mask"]) if class_matched else None
+        samples[i] = {**sample, "image": (decoded + bank.detail(decoded, mask)).numpy()}
     return ArraySource(synthetic.manifest, samples)
 
 
@@ -98,13 +73,8 @@ def main() -> None:
         parser.error("--bank overlaps the row's real pairs: the train split is too small for it")
     decoder = choose_model(args.model, "ss", vae_only=True)
     bank = bank_of(real, decoder, banked, Lookup())
-    classes = len(real.manifest.classes)
-    bank_classes = None
-    if args.class_matched:
-        masks = [real.read(i)["mask"] for i in banked.tolist()]
-        bank_classes = torch.cat([block_classes(m, classes, bank.lookup.block) for m in masks])
     kind = "class-matched detail" if args.class_matched else "retrieved detail"
-    detailed = with_detail(synthetic, row.synthetic, bank, bank_classes)
+    detailed = with_detail(synthetic, row.synthetic, bank, args.class_matched)
     inputs = {
         "real_content": content_sha256(real), "synthetic": str(args.synthetic),
         "synthetic_content": content_sha256(synthetic),

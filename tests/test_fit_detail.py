@@ -3,6 +3,7 @@ use in synthesis, and the refusals."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 from pathlib import Path
@@ -11,8 +12,10 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 
-from specdm_cli.models.detail import Bank, Lookup
+from specdm_cli.models.detail import NO_CLASS, Bank, Lookup, block_classes
 from specdm_cli.pipeline.runs.choose import choose_model
 from specdm_cli.pipeline.runs.detail_io import load_bank
 from specdm_cli.pipeline.runs.run_manifest import load_run
@@ -20,7 +23,7 @@ from specdm_cli.pipeline.signals import StopFlag
 from specdm_cli.pipeline.train.fit_detail import round_trips
 from specdm_cli.stores import open_store
 from tests.conftest import run_cli
-from tests.test_synthesize import arrays, synth, train_run
+from tests.test_synthesize import UNET, VAE, arrays, synth, train_run
 
 QUIET = ("--threads", "2", "--quiet")
 
@@ -50,22 +53,57 @@ def _stage(run: Path) -> Any:
     return json.loads((run / "run.json").read_text())["stages"]["detail"]
 
 
+def _random_bank(blocks: int, classes: torch.Tensor) -> Bank:
+    draw = torch.Generator().manual_seed(0)
+    lookup, ones = Lookup(block=2, context=4, dims=6), torch.ones(3, 1, 1)
+    keys, basis = torch.randn(blocks, 6, generator=draw), torch.randn(3 * 16, 6, generator=draw)
+    residuals = torch.randn(12, blocks, generator=draw)
+    return Bank(lookup, ones * 0, ones, torch.zeros(3 * 16), basis, keys, residuals, classes)
+
+
 def test_the_chunked_lookup_finds_what_a_full_distance_matrix_does() -> None:
     """Bank blocks scored in chunks, a running minimum across them: the nearest of all."""
-    draw = torch.Generator().manual_seed(0)
-    lookup = Lookup(block=2, context=4, dims=6)
-    keys = torch.randn(5000, 6, generator=draw)  # three chunks, the last one partial
-    ones = torch.ones(3, 1, 1)
-    basis = torch.randn(3 * 16, 6, generator=draw)
-    bank = Bank(lookup, ones * 0, ones, torch.zeros(3 * 16), basis, keys, torch.zeros(12, 5000))
-    image = torch.randn(3, 32, 32, generator=draw)
-    expected = torch.cdist(bank.features(image), keys).argmin(dim=1)
+    bank = _random_bank(5000, torch.zeros(5000, dtype=torch.long))  # the last chunk partial
+    image = torch.randn(3, 32, 32, generator=torch.Generator().manual_seed(1))
+    expected = torch.cdist(bank.features(image), bank.keys).argmin(dim=1)
     assert torch.equal(bank.nearest(image), expected) and len(expected) == 256
 
 
+def test_block_classes_are_majorities_of_the_labelled_pixels() -> None:
+    mask = torch.tensor([[1, 1, 2, 2], [1, 255, 2, 3], [255, 255, 0, 3], [255, 255, 3, 0]])
+    # A tie goes to the lower class; a block without a label has NO_CLASS.
+    assert block_classes(mask, 2).tolist() == [1, 2, NO_CLASS, 0]
+    assert block_classes(torch.full((4, 4), 255), 2).tolist() == [NO_CLASS] * 4
+
+
+def test_lookups_within_the_mask_s_class_find_the_nearest_block_of_that_class(
+    tmp_path: Path,
+) -> None:
+    """Each block takes the nearest bank block of the class its mask draws (the nearest of all
+    where the bank has none of that class, or the block no label), across chunk boundaries and
+    through a save and load."""
+    draw = torch.Generator().manual_seed(2)
+    bank_classes = torch.randint(0, 3, (7000,), generator=draw)  # classes 0-2, unsorted
+    bank = _random_bank(7000, bank_classes)
+    bank.save(tmp_path / "bank.safetensors")
+    loaded = Bank.load(tmp_path / "bank.safetensors")
+    image = torch.randn(3, 32, 32, generator=draw)
+    mask = torch.randint(0, 5, (32, 32), generator=draw)  # 3 and 4: none in the bank
+    mask[:2, :2] = 255
+    wanted = block_classes(mask, 2)
+    distances = torch.cdist(bank.features(image), bank.keys)
+    for chosen in (bank.nearest(image, wanted), loaded.nearest(image, wanted)):
+        for block, value in enumerate(wanted.tolist()):
+            pool = bank.classes == value if value in (0, 1, 2) else torch.ones(7000, dtype=bool)
+            row = distances[block].where(pool, torch.inf)
+            assert int(chosen[block]) == int(row.argmin()), (block, value)
+    assert torch.equal(bank.detail(image, mask), loaded.detail(image, mask))
+    assert not torch.equal(bank.detail(image, mask), bank.detail(image))
+
+
 def test_a_bank_scene_gets_its_own_detail_back(banked: Path, trained: Path) -> None:
-    """Each block of a decoded bank scene finds its own surroundings nearest: decoded + detail
-    is the real scene again, to float precision (blocks, folds and lookups line up)."""
+    """Each block of a decoded bank scene finds its own surroundings nearest among the blocks of
+    its class: decoded + detail is the real scene again, to float precision (blocks, folds and lookups line up)."""
     stage, real = _stage(banked), open_store(_store(trained))
     train = real.indices("train")
     assert stage["finished"] and stage["details"]["scenes"] == len(train)
@@ -74,9 +112,9 @@ def test_a_bank_scene_gets_its_own_detail_back(banked: Path, trained: Path) -> N
     assert bank.keys.shape == (len(train) * 16, 48)  # 16 x 16 px scenes: 16 blocks of 4 x 4
     chosen = choose_model(str(banked), "ss", vae_only=True)
     pairs = round_trips(chosen, real, train[:3], torch.device("cpu"), StopFlag(), None)
-    for decoded, truth in pairs:
+    for decoded, truth, label in pairs:
         assert not torch.allclose(decoded, truth, atol=1.0)
-        torch.testing.assert_close(decoded + bank.detail(decoded), truth, rtol=0, atol=1e-2)
+        torch.testing.assert_close(decoded + bank.detail(decoded, label), truth, rtol=0, atol=1e-2)
 
 
 def test_the_same_command_finds_it_built_and_other_options_need_overwrite(
@@ -138,3 +176,57 @@ def test_refusals_are_one_line(trained: Path, banked: Path, tmp_path: Path) -> N
     (cd / "run.json").write_text(json.dumps({**manifest, "task": "cd"}))
     code, _, stderr = run_cli("fit-detail", cd, _store(trained), *QUIET)
     assert code == 2 and "semantic segmentation only" in stderr and "Traceback" not in stderr
+
+
+def test_synthesize_detail_looks_up_within_the_mask_it_writes(
+    trained: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The label each image's detail is matched on is the one stored beside it: the decoded
+    mask, or with --masks the mask given."""
+    looked_up: list[np.ndarray] = []
+    detail = Bank.detail
+
+    def spy(bank: Bank, decoded: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        assert mask is not None
+        looked_up.append(mask.numpy().copy())
+        return detail(bank, decoded, mask)
+
+    store, conditioned = _store(trained), tmp_path / "conditioned"
+    for command in (
+        ("fit-vae", store, "--run", conditioned, *VAE),
+        ("fit-diffusion", conditioned, *UNET, "--mask-condition-rate", "0.5"),
+        ("fit-detail", conditioned, store, *QUIET),
+    ):
+        code, _, stderr = run_cli(*command)
+        assert code == 0, stderr
+    monkeypatch.setattr(Bank, "detail", spy)
+    for out, extra in (("decoded.zarr", ()), ("given.zarr", ("--masks", str(store)))):
+        looked_up.clear()
+        code, _, stderr = synth(conditioned, tmp_path / out, "--n", "4", "--detail", *extra)
+        assert code == 0, stderr
+        assert np.array_equal(np.stack(looked_up), arrays(tmp_path / out)["mask"])
+
+
+def test_a_bank_without_block_classes_is_rebuilt_not_used(
+    banked: Path, trained: Path, tmp_path: Path
+) -> None:
+    """A bank of the first kind (matched on the image alone) is refused with the fix, and the
+    same fit-detail command rebuilds it only with --overwrite."""
+    old = _copy(banked, tmp_path / "old")
+    path = old / _stage(old)["checkpoint"] / "bank.safetensors"
+    tensors = load_file(path)
+    save_file({k: v for k, v in tensors.items() if k != "classes"}, path,
+              metadata=safe_open(str(path), "pt").metadata())  # fmt: skip
+    manifest = json.loads((old / "run.json").read_text())
+    del manifest["stages"]["detail"]["config"]["lookup"]
+    name = f"{_stage(old)['checkpoint']}/bank.safetensors"
+    manifest["stages"]["detail"]["weights"][name] = hashlib.sha256(path.read_bytes()).hexdigest()
+    (old / "run.json").write_text(json.dumps(manifest))
+    code, _, stderr = synth(old, tmp_path / "x.zarr", "--n", "2", "--detail")
+    assert code == 4 and "no block classes" in stderr and "--overwrite" in stderr
+    assert "Traceback" not in stderr and not (tmp_path / "x.zarr").exists()
+    code, _, stderr = run_cli("fit-detail", old, _store(trained), *QUIET)
+    assert code == 4 and "--overwrite" in stderr
+    code, _, stderr = run_cli("fit-detail", old, _store(trained), "--overwrite", *QUIET)
+    assert code == 0, stderr
+    assert synth(old, tmp_path / "y.zarr", "--n", "2", "--detail")[0] == 0

@@ -166,26 +166,18 @@ def round_trip(
     not the VAE's to fill in). What a downstream model learns from these is the most any
     generator decoding through this VAE can give it.
     """
-    from specdm_cli.models.losses import denormalize
     from specdm_cli.pipeline.runs.vae_io import load_vae
-    from specdm_cli.pipeline.train.common import load_batch, to_tensors
+    from specdm_cli.pipeline.train.common import round_trip_batches
 
     task, norm = real.manifest.task, chosen.manifest.normalization
     mean = torch.tensor(norm.mean, dtype=torch.float32, device=device)
     std = torch.tensor(norm.std, dtype=torch.float32, device=device)
     model = load_vae(chosen.path, chosen.manifest, device)
     samples: dict[int, dict[str, np.ndarray]] = {}
-    for start in range(0, len(indices), batch_size):
-        chunk = indices[start : start + batch_size]
-        arrays = load_batch(real, chunk, None)
-        batch, _valid = to_tensors(arrays, task, mean, std, device)
-        decoded = model.decode_joint(model.encode_latent(batch))
+    for chunk, arrays, decoded in round_trip_batches(model, real, indices, mean, std, batch_size):
         label = model.labels(decoded[LABEL_ARRAY[task]]).cpu().numpy().astype(np.uint8)
         label[arrays[LABEL_ARRAY[task]] == IGNORE_INDEX] = IGNORE_INDEX
-        physical = {
-            name: denormalize(decoded[name].float(), mean, std).cpu().numpy()
-            for name in IMAGE_ARRAYS[task]
-        }
+        physical = {name: decoded[name].cpu().numpy() for name in IMAGE_ARRAYS[task]}
         for k, index in enumerate(chunk):
             sample = {name: values[k] for name, values in physical.items()}
             samples[int(index)] = sample | {LABEL_ARRAY[task]: label[k]}

@@ -2,20 +2,24 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 from safetensors import SafetensorError
 
 from specdm_cli.errors import ModelError, UsageError
-from specdm_cli.models.detail import Bank
+from specdm_cli.models.detail import Bank, check_bank_file
 from specdm_cli.pipeline.runs.run_manifest import RunManifest
 
 STAGE = "detail"
 BANK_FILE = "bank.safetensors"
+T = TypeVar("T")
 
 
 def require_bank(run: Path, manifest: RunManifest) -> Path:
-    """The bank file of a run whose bank fits its VAE; exit 2 without one, 4 if stale."""
+    """The bank file of a run whose bank fits its VAE and this lookup; exit 2 without one, 4 if
+    stale or damaged."""
     stage = manifest.stages.get(STAGE)
     if stage is None or not stage.finished or stage.checkpoint is None:
         raise UsageError(
@@ -27,14 +31,21 @@ def require_bank(run: Path, manifest: RunManifest) -> Path:
             "the run's detail bank was built with an earlier VAE", run,
             "rebuild it: specdm fit-detail RUN STORE --overwrite",
         )  # fmt: skip
-    return run / stage.checkpoint / BANK_FILE
+    path = run / stage.checkpoint / BANK_FILE
+    _readable(lambda: check_bank_file(path), path)
+    return path
 
 
 def load_bank(run: Path, manifest: RunManifest) -> Bank:
-    """The run's detail bank (see `require_bank`); a damaged file is exit 4."""
+    """The run's detail bank (see `require_bank`)."""
     path = require_bank(run, manifest)
+    return _readable(lambda: Bank.load(path), path)
+
+
+def _readable(read: Callable[[], T], path: Path) -> T:
+    """What `read` returns; a damaged bank or one of an earlier kind is exit 4 with the fix."""
     try:
-        return Bank.load(path)
+        return read()
     except (OSError, KeyError, ValueError, TypeError, SafetensorError) as exc:
         raise ModelError(
             f"cannot load the detail bank ({exc})".splitlines()[0], path,

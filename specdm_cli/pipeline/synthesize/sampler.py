@@ -114,20 +114,25 @@ class Sampler:
             latents = sample_latents(self.unet, self.plan.sampler, self.schedule, steps, shape,
                                      generators, self.device, precision)  # fmt: skip
         decoded = self.decode(latents / self.scale + self.shift)
-        arrays: dict[str, np.ndarray] = {}
+        logits = decoded[LABEL_ARRAY[self.task]][:keep]
+        label = confident_labels(self.vae.labels(logits), logits, self.plan.label_confidence)
+        # With --masks the label is the mask given, not its decoded echo.
+        labels = label.to(torch.uint8).cpu().numpy() if given is None else given[:keep]
+        arrays: dict[str, np.ndarray] = {LABEL_ARRAY[self.task]: labels}
         clipped = np.zeros(keep, dtype=np.int64)
         for name in IMAGE_ARRAYS[self.task]:
             physical = (decoded[name][:keep].float() * self.std + self.mean).cpu()
             if self.bank is not None:
-                physical += torch.stack([self.bank.detail(image) for image in physical])
+                physical += self._detail(physical, labels)
             arrays[name], count = to_dtype(physical.numpy(), self.dtype)
             clipped += count
-        logits = decoded[LABEL_ARRAY[self.task]][:keep]
-        label = confident_labels(self.vae.labels(logits), logits, self.plan.label_confidence)
-        arrays[LABEL_ARRAY[self.task]] = label.to(torch.uint8).cpu().numpy()
-        if given is not None:  # the label is the mask given, not its decoded echo
-            arrays[LABEL_ARRAY[self.task]] = given[:keep]
         return arrays, clipped
+
+    def _detail(self, images: torch.Tensor, labels: np.ndarray) -> torch.Tensor:
+        """The bank's detail for each image, looked up within the classes its label draws."""
+        assert self.bank is not None
+        masks = torch.from_numpy(labels)
+        return torch.stack([self.bank.detail(i, m) for i, m in zip(images, masks, strict=True)])
 
     def decode(self, latents: torch.Tensor) -> dict[str, torch.Tensor]:
         """Both decoders over the batch, in chunks of the plan's decode_chunk samples."""

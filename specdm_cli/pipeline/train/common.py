@@ -10,6 +10,7 @@ import os
 from collections.abc import Callable, Iterator
 from concurrent.futures import Executor
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -17,7 +18,11 @@ import torch
 from specdm_cli.config import Devices, Precision
 from specdm_cli.errors import ModelError, ResourceError, UsageError
 from specdm_cli.manifest import IGNORE_INDEX, IMAGE_ARRAYS, LABEL_ARRAY, Task
+from specdm_cli.models.losses import denormalize
 from specdm_cli.stores import StoreReader
+
+if TYPE_CHECKING:  # diffusers is imported only where a VAE is built
+    from specdm_cli.models.vae import SpecDMVAE
 
 
 def torch_devices(devices: Devices) -> list[torch.device]:
@@ -105,6 +110,29 @@ def to_tensors(
         image = torch.from_numpy(batch[name].astype(np.float32)).to(device)
         tensors[name] = (image - mean[:, None, None]) / std[:, None, None]
     return tensors, label != IGNORE_INDEX
+
+
+def round_trip_batches(
+    vae: SpecDMVAE,
+    real: StoreReader,
+    indices: np.ndarray,
+    mean: torch.Tensor,
+    std: torch.Tensor,
+    batch_size: int,
+) -> Iterator[tuple[np.ndarray, dict[str, np.ndarray], dict[str, torch.Tensor]]]:
+    """The real pairs `indices` a batch at a time, encoded (posterior means) and decoded by the
+    VAE: each batch's indices, its arrays as stored, and the decoded arrays (images in physical
+    units, the label as logits) on the VAE's device. `mean`, `std`: (C,) on that device."""
+    task = real.manifest.task
+    for start in range(0, len(indices), batch_size):
+        chunk = indices[start : start + batch_size]
+        arrays = load_batch(real, chunk, None)
+        batch, _valid = to_tensors(arrays, task, mean, std, mean.device)
+        with torch.no_grad():
+            decoded = vae.decode_joint(vae.encode_latent(batch))
+        for name in IMAGE_ARRAYS[task]:
+            decoded[name] = denormalize(decoded[name].float(), mean, std)
+        yield chunk, arrays, decoded
 
 
 def image_pixels(labelled: torch.Tensor, unlabelled_class: bool) -> torch.Tensor:

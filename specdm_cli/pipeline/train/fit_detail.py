@@ -20,17 +20,19 @@ from specdm_cli.config import DETAIL_BANK_BLOCKS, DetailConfig, Devices, Progres
 from specdm_cli.errors import InputDataError, ModelError, UsageError
 from specdm_cli.fs.lock import ReadLock
 from specdm_cli.models.detail import Bank, Lookup, build_bank
-from specdm_cli.models.losses import denormalize
 from specdm_cli.pipeline.runs import rundirs as runs
 from specdm_cli.pipeline.runs.choose import ChosenModel, choose_model
 from specdm_cli.pipeline.runs.detail_io import BANK_FILE, STAGE
 from specdm_cli.pipeline.runs.run_manifest import RunManifest, check_store_fits, load_run
 from specdm_cli.pipeline.runs.vae_io import load_vae
 from specdm_cli.pipeline.signals import StopFlag
-from specdm_cli.pipeline.train.common import load_batch, to_tensors, torch_devices
+from specdm_cli.pipeline.train.common import round_trip_batches, torch_devices
 from specdm_cli.stores import StoreReader, content_sha256, open_store
 
 _ROUND_TRIP_CHUNK = 32  # scenes decoded between progress reports and Ctrl-C checks
+# How blocks are looked up: in the identity, so a bank of an earlier kind (no block classes)
+# is not "already complete" but rebuilt with --overwrite.
+LOOKUP = "within the mask's class"
 
 
 @dataclass(frozen=True)
@@ -124,7 +126,7 @@ def _identity(
     config: DetailConfig, real: StoreReader, run: RunManifest, scenes: np.ndarray
 ) -> dict[str, object]:
     """What the same command must match to find its bank built."""
-    return {**config.model_dump(mode="json"), "scenes": len(scenes),
+    return {**config.model_dump(mode="json"), "scenes": len(scenes), "lookup": LOOKUP,
             "store_content_sha256": content_sha256(real),
             "vae_weights": dict(run.stages["vae"].weights)}  # fmt: skip
 
@@ -136,20 +138,19 @@ def round_trips(
     device: torch.device,
     stop: StopFlag,
     progress: Progress | None,
-) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """(decoded, real) image of every bank scene, physical units: each encoded (posterior
-    mean) and decoded by the run's VAE."""
+) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """(decoded, real, label) of every bank scene, images in physical units: each encoded
+    (posterior mean) and decoded by the run's VAE."""
     vae = load_vae(chosen.path, chosen.manifest, device)
     mean, std = (t.flatten().to(device) for t in _band_statistics(chosen.manifest))
-    for start in range(0, len(scenes), _ROUND_TRIP_CHUNK):
-        arrays = load_batch(real, scenes[start : start + _ROUND_TRIP_CHUNK], None)
-        batch, _valid = to_tensors(arrays, "ss", mean, std, device)
-        with torch.no_grad():
-            decoded = vae.decode_joint(vae.encode_latent(batch))["image"].float()
-        physical = denormalize(decoded, mean, std).cpu()
-        yield from zip(physical, torch.from_numpy(arrays["image"].astype(np.float32)), strict=True)
+    done = 0
+    for _, arrays, decoded in round_trip_batches(vae, real, scenes, mean, std, _ROUND_TRIP_CHUNK):
+        truth = torch.from_numpy(arrays["image"].astype(np.float32))
+        labels = torch.from_numpy(arrays["mask"])
+        yield from zip(decoded["image"].cpu(), truth, labels, strict=True)
+        done += len(labels)
         if progress:
-            progress("fit-detail", start + len(arrays["image"]), len(scenes))
+            progress("fit-detail", done, len(scenes))
         stop.check()
 
 
