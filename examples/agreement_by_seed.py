@@ -32,7 +32,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from vae_utility import add_protocol_options, append_line
+from vae_utility import add_protocol_options, append_line, protocol_options
 
 from specdm_cli.config import DownstreamOptions, downstream_protocol_list
 from specdm_cli.pipeline.benchmark.downstream import (
@@ -170,12 +170,9 @@ def main() -> None:
     if args.round_trip_only and not args.round_trip_oracle:
         parser.error("--round-trip-only: which VAE? name it with --round-trip-oracle")
     torch.set_num_threads(args.threads)
-    options = DownstreamOptions(
-        batch_size=args.batch_size, eval_every=args.eval_every, patience=args.patience,
-        max_steps=args.max_steps, real_limit=args.real_limit, ratios=(args.ratio,),
-        seed=args.first_seed, seeds=args.seeds,
+    options = protocol_options(
+        args, args.real_limit, ratios=(args.ratio,),
         protocols=downstream_protocol_list(args.protocols), oracle=args.oracle,
-        lr_drops=args.lr_drops,
     )  # fmt: skip
     real, synthetic = open_store(args.real), open_store(args.synthetic)
     skip = REAL_ROWS if args.skip_real else frozenset()

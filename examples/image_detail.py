@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F  # noqa: N812
-from vae_utility import add_protocol_options, options, train_seeds, vae_of
+from vae_utility import add_protocol_options, protocol_options, train_seeds, vae_of
 
 from specdm_cli.pipeline.benchmark import downstream as ds
 from specdm_cli.pipeline.benchmark import downstream_rows
@@ -86,7 +86,7 @@ def row_images(
 def measure(
     real: StoreReader, model: str, args: argparse.Namespace, rows: list[str], out: Path
 ) -> None:
-    opts = options(args, args.real_limit)
+    opts = protocol_options(args, args.real_limit)
     setup = ds.make_setup(real, opts, "cpu")
     train = downstream_rows.real_train(real, opts)
     trips = round_trip(vae_of(model, real.manifest.task), real, train, torch.device("cpu"))

@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from vae_utility import add_protocol_options, options
+from vae_utility import add_protocol_options, protocol_options
 
 from specdm_cli.pipeline.benchmark import downstream as ds
 from specdm_cli.pipeline.benchmark import downstream_rows
@@ -30,7 +30,7 @@ from specdm_cli.stores import StoreReader, open_store
 
 def real_only(real: StoreReader, limit: int, args: argparse.Namespace) -> dict[str, Any]:
     """The benchmark's real-only row with the first `limit` real train pairs."""
-    opts = options(args, limit)
+    opts = protocol_options(args, limit)
     setup = ds.make_setup(real, opts, "cpu")
     train = downstream_rows.real_train(real, opts)
     row = downstream_rows.Configuration("real", "real", train, np.zeros(0, np.int64))

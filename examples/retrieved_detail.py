@@ -32,9 +32,9 @@ from pathlib import Path
 import numpy as np
 import torch
 from agreement_by_seed import train_row
-from vae_utility import add_protocol_options
+from vae_utility import add_protocol_options, protocol_options
 
-from specdm_cli.config import DownstreamOptions, downstream_protocol_list
+from specdm_cli.config import downstream_protocol_list
 from specdm_cli.models.detail import Bank, Lookup, build_bank
 from specdm_cli.pipeline.benchmark.downstream import Referees, make_setup, seed_list
 from specdm_cli.pipeline.benchmark.downstream_rows import configurations
@@ -108,11 +108,9 @@ def main() -> None:
     add_protocol_options(parser)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    options = DownstreamOptions(
-        batch_size=args.batch_size, eval_every=args.eval_every, patience=args.patience,
-        max_steps=args.max_steps, real_limit=args.real_limit, ratios=(args.ratio,),
-        seed=args.first_seed, seeds=args.seeds,
-        protocols=downstream_protocol_list(args.protocols), oracle=True, lr_drops=args.lr_drops,
+    options = protocol_options(
+        args, args.real_limit, ratios=(args.ratio,),
+        protocols=downstream_protocol_list(args.protocols), oracle=True,
     )  # fmt: skip
     real = open_store(args.real)
     decoder = choose_model(args.model, real.manifest.task, vae_only=True)

@@ -23,9 +23,8 @@ import numpy as np
 import torch
 from agreement_by_seed import train_row
 from retrieved_detail import bank_of
-from vae_utility import add_protocol_options
+from vae_utility import add_protocol_options, protocol_options
 
-from specdm_cli.config import DownstreamOptions
 from specdm_cli.models.detail import Bank, Lookup
 from specdm_cli.pipeline.benchmark.downstream import Referees, make_setup, seed_list
 from specdm_cli.pipeline.benchmark.downstream_rows import configurations
@@ -61,11 +60,7 @@ def main() -> None:
     add_protocol_options(parser)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    options = DownstreamOptions(
-        batch_size=args.batch_size, eval_every=args.eval_every, patience=args.patience,
-        max_steps=args.max_steps, real_limit=args.real_limit, ratios=(args.ratio,),
-        seed=args.first_seed, seeds=args.seeds, protocols=("pretrain",), lr_drops=args.lr_drops,
-    )  # fmt: skip
+    options = protocol_options(args, args.real_limit, ratios=(args.ratio,), protocols=("pretrain",))
     real, synthetic = open_store(args.real), open_store(args.synthetic)
     (row,) = [r for r in configurations(real, synthetic, options) if r.protocol == "pretrain"]
     banked = real.indices("train")[-args.bank :]

@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 import rasterio
 import torch
-from vae_utility import add_protocol_options, options, train_seeds, vae_of
+from vae_utility import add_protocol_options, protocol_options, train_seeds, vae_of
 
 from specdm_cli.manifest import IGNORE_INDEX
 from specdm_cli.models.losses import denormalize
@@ -114,7 +114,7 @@ def round_trips(
 
 
 def rows(real: StoreReader, names: list[str], args: argparse.Namespace, out: Path) -> None:
-    opts = options(args, args.real_limit)
+    opts = protocol_options(args, args.real_limit)
     setup = ds.make_setup(real, opts, "cpu")
     train = downstream_rows.real_train(real, opts)
     for name in names:

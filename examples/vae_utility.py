@@ -49,12 +49,13 @@ def add_protocol_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--lr-drops", type=int, default=0, help="benchmark --downstream-lr-drops")
 
 
-def options(args: argparse.Namespace, real_limit: int) -> DownstreamOptions:
+def protocol_options(args: argparse.Namespace, real_limit: int, **more: Any) -> DownstreamOptions:
+    """The protocol of `add_protocol_options`' arguments, at `real_limit` real pairs, with
+    `more` of DownstreamOptions' fields (ratios, protocols, oracle)."""
     return DownstreamOptions(
         batch_size=args.batch_size, seed=args.first_seed, seeds=args.seeds,
-        eval_every=args.eval_every,
-        patience=args.patience, max_steps=args.max_steps, real_limit=real_limit,
-        lr_drops=args.lr_drops,
+        eval_every=args.eval_every, patience=args.patience, max_steps=args.max_steps,
+        real_limit=real_limit, lr_drops=args.lr_drops, **more,
     )  # fmt: skip
 
 
@@ -146,7 +147,7 @@ def main() -> int:
     results = {}
     for model in args.models:
         started = time.monotonic()
-        row = downstream_row(real, model, options(args, args.real_limit))
+        row = downstream_row(real, model, protocol_options(args, args.real_limit))
         print(f"{model}: downstream {row}", flush=True)
         trip, truth = pair_miou(real, model, args.cache, args.feature_steps)
         row |= {"pair_miou": trip, "real_pair_miou": truth}
