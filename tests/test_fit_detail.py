@@ -171,6 +171,12 @@ def test_refusals_are_one_line(trained: Path, banked: Path, tmp_path: Path) -> N
     assert code == 4 and "earlier VAE" in stderr and "--overwrite" in stderr
     code, _, stderr = run_cli("fit-detail", banked, _store(trained), "--context", "5", *QUIET)
     assert code == 2 and "--context" in stderr
+    unfinished = _copy(trained, tmp_path / "unfinished")
+    manifest = json.loads((unfinished / "run.json").read_text())
+    manifest["stages"]["vae"]["finished"] = False
+    (unfinished / "run.json").write_text(json.dumps(manifest))
+    code, _, stderr = run_cli("fit-detail", unfinished, _store(trained), *QUIET)
+    assert code == 4 and "VAE is not trained yet" in stderr and "fit-vae" in stderr
     cd = _copy(trained, tmp_path / "cd")
     manifest = json.loads((cd / "run.json").read_text())
     (cd / "run.json").write_text(json.dumps({**manifest, "task": "cd"}))

@@ -143,6 +143,8 @@ def _loaded(path: Path, kind: str, why: str = "", vae_only: bool = False) -> Cho
     manifest = load_run(path)
     if vae_only and manifest.vae_finished():
         return ChosenModel(path, kind, manifest, model_sha256(manifest), why)
+    if vae_only:
+        raise ModelError("the run's VAE is not trained yet", path, _next_stage(manifest))
     if manifest.stale_unet():
         raise ModelError(
             "the run's U-Net learned the latents of an earlier VAE (fit-vae went on after it)",
