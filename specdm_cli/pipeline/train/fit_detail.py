@@ -161,7 +161,7 @@ def _band_statistics(run: RunManifest) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _bank_bytes(bank: Bank) -> int:
-    return int(bank.keys.nbytes + bank.residuals.nbytes)
+    return int(bank.keys.nbytes + bank.residuals.nbytes + bank.classes.nbytes)
 
 
 def _summary(run: Path, state: str, details: dict[str, object], started: float) -> FitDetailSummary:
