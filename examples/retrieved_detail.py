@@ -53,9 +53,10 @@ def bank_of(real: StoreReader, decoder: ChosenModel, indices: np.ndarray, lookup
     mean = torch.tensor(norm.mean, dtype=torch.float32).view(-1, 1, 1)
     std = torch.tensor(norm.std, dtype=torch.float32).view(-1, 1, 1)
     trips = round_trip(decoder, real, indices, _CPU)
+    truths = (real.read(i) for i in indices.tolist())
     scenes = (
-        (_image(trips.read(i)), _image(real.read(i)), torch.from_numpy(real.read(i)["mask"]))
-        for i in indices.tolist()
+        (_image(trips.read(i)), _image(truth), torch.from_numpy(truth["mask"]))
+        for i, truth in zip(indices.tolist(), truths, strict=True)
     )
     return build_bank(scenes, mean, std, lookup)
 

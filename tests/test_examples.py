@@ -21,6 +21,11 @@ EXAMPLES = ROOT / "examples"
 CI = (ROOT / ".ci" / "run").read_text(encoding="utf-8")
 
 
+# The downstream protocol at its smallest, one seed (3): the scripts' rows run, not converge.
+ONE_TINY_SEED = ("--first-seed", "3", "--seeds", "1", "--max-steps", "2", "--eval-every", "1",
+                 "--patience", "1", "--batch-size", "2")  # fmt: skip
+
+
 def _named_in_readme() -> set[str]:
     """Scripts README or the measurements it points to (docs/measurements.md) name."""
     docs = [ROOT / "README.md", ROOT / "docs" / "measurements.md"]
@@ -151,8 +156,7 @@ def test_agreement_by_seed_runs_pretrain_and_its_control(tmp_path: Path) -> None
     out = tmp_path / "rows.jsonl"
     done = processes.run(
         [sys.executable, EXAMPLES / "agreement_by_seed.py", real, other, out, "--protocols",
-         "pretrain", "--real-limit", "6", "--ratio", "2", "--first-seed", "3", "--seeds", "1",
-         "--max-steps", "2", "--eval-every", "1", "--patience", "1", "--batch-size", "2"],
+         "pretrain", "--real-limit", "6", "--ratio", "2", *ONE_TINY_SEED],
         text=True,
     )  # fmt: skip
     assert done.returncode == 0, done.stderr
@@ -170,8 +174,7 @@ def test_agreement_by_seed_runs_pretrain_and_its_control(tmp_path: Path) -> None
     again = tmp_path / "again.jsonl"
     done = processes.run(
         [sys.executable, EXAMPLES / "agreement_by_seed.py", real, other, again, "--protocols",
-         "pretrain", "--real-limit", "6", "--ratio", "2", "--first-seed", "3", "--seeds", "1",
-         "--max-steps", "2", "--eval-every", "1", "--patience", "1", "--batch-size", "2",
+         "pretrain", "--real-limit", "6", "--ratio", "2", *ONE_TINY_SEED,
          "--skip-real", "--oracle", "--round-trip-oracle", "demo"],
         text=True,
     )  # fmt: skip
@@ -225,8 +228,7 @@ def test_agreement_by_seed_runs_pretrain_and_its_control(tmp_path: Path) -> None
     screen = tmp_path / "screen.jsonl"
     done = processes.run(
         [sys.executable, EXAMPLES / "agreement_by_seed.py", real, other, screen, "--protocols",
-         "pretrain", "--real-limit", "6", "--ratio", "2", "--first-seed", "3", "--seeds", "1",
-         "--max-steps", "2", "--eval-every", "1", "--patience", "1", "--batch-size", "2",
+         "pretrain", "--real-limit", "6", "--ratio", "2", *ONE_TINY_SEED,
          "--skip-real", "--oracle", "--round-trip-oracle", "demo", "--round-trip-only"],
         text=True,
     )  # fmt: skip
@@ -269,8 +271,7 @@ def test_retrieved_detail_puts_a_bank_scenes_own_detail_back_and_trains_its_row(
     out = tmp_path / "rows.jsonl"
     done = processes.run(
         [sys.executable, EXAMPLES / "retrieved_detail.py", real, "demo", out, "--real-limit", "6",
-         "--ratio", "2", "--bank", "4", "--dims", "6", "--first-seed", "3", "--seeds", "1",
-         "--max-steps", "2", "--eval-every", "1", "--patience", "1", "--batch-size", "2"],
+         "--ratio", "2", "--bank", "4", "--dims", "6", *ONE_TINY_SEED],
         text=True,
     )  # fmt: skip
     assert done.returncode == 0, done.stderr
@@ -286,8 +287,7 @@ def test_samples_detail_trains_its_row(tmp_path: Path) -> None:
     out = tmp_path / "rows.jsonl"
     done = processes.run(
         [sys.executable, EXAMPLES / "samples_detail.py", real, real, "demo", out, "--class-matched",
-         "--real-limit", "6", "--ratio", "2", "--bank", "4", "--first-seed", "3", "--seeds", "1",
-         "--max-steps", "2", "--eval-every", "1", "--patience", "1", "--batch-size", "2"],
+         "--real-limit", "6", "--ratio", "2", "--bank", "4", *ONE_TINY_SEED],
         text=True,
     )  # fmt: skip
     assert done.returncode == 0, done.stderr
