@@ -64,13 +64,20 @@ def read_registry() -> list[dict[str, Any]]:
     return [entry for entry in entries if isinstance(entry, dict)]
 
 
-def record_run(run: Path, task: str, stage: str, can_sample: bool) -> None:
-    """Append (or update) the entry of `run` in the registry, under the registry's lock."""
+def record_run(
+    run: Path, task: str, stage: str, can_sample: bool, keep_existing: bool = False
+) -> None:
+    """Append (or update) the entry of `run` in the registry, under the registry's lock;
+    `keep_existing` leaves an entry already there as it is (perhaps of a later stage)."""
     folder = user_dir()
     folder.mkdir(parents=True, exist_ok=True)
     # Held for the moment of one read-modify-write: wait for it rather than fail a finished run.
     with DirLock(folder, ".runs.lock", wait=REGISTRY_WAIT_S):
-        entries = [e for e in read_registry() if e.get("path") != str(run.resolve())]
+        current = read_registry()
+        others = [e for e in current if e.get("path") != str(run.resolve())]
+        if keep_existing and len(others) < len(current):
+            return
+        entries = others
         entries.append(
             {
                 "path": str(run.resolve()),
