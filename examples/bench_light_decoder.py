@@ -53,6 +53,7 @@ def image_latents(vae: SpecDMVAE, batch: dict[str, torch.Tensor], task: str) -> 
 def distill(vae: SpecDMVAE, student: Any, real: StoreReader, args: argparse.Namespace) -> float:
     """Train the student's decoder on the teacher's outputs; returns the last loss."""
     task, norm = real.manifest.task, real.manifest.normalization
+    assert norm is not None, "a prepared store records its normalisation"
     mean, std = torch.tensor(norm.mean), torch.tensor(norm.std)
     train = real.indices("train")
     rng = np.random.default_rng(0)
@@ -66,10 +67,11 @@ def distill(vae: SpecDMVAE, student: Any, real: StoreReader, args: argparse.Name
         )
         with torch.no_grad():
             z = image_latents(vae, batch, task)
-            target = vae.image_vae.decode(z).sample  # type: ignore[union-attr]
+            assert vae.image_vae is not None
+            target = vae.image_vae.decode(z).sample
         loss = F.l1_loss(student.decode(z).sample, target)
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        loss.backward()  # type: ignore[no-untyped-call]
         optimizer.step()
         if (step + 1) % max(args.steps // 10, 1) == 0:
             print(
@@ -98,6 +100,7 @@ def decode_seconds(decoders: dict[str, Any], z: torch.Tensor, repeats: int) -> d
 
 def figures(vae: SpecDMVAE, real: StoreReader) -> dict[str, Any]:
     norm = real.manifest.normalization
+    assert norm is not None, "a prepared store records its normalisation"
     val = real.indices("val")[:256]
     return validate(vae, real, val, real.manifest.task, torch.tensor(norm.mean),
                     torch.tensor(norm.std), 16)  # fmt: skip

@@ -130,10 +130,10 @@ def main() -> None:
         print(f"{row.sampler:<8} {row.steps:>5} {row.fd_spectral:>11.4f} {row.msad:>8.4f} "
               f"{row.pair_miou:>6.3f} "
               f"{row.kid:>8.4f} {row.kid_std:>8.4f} {row.pairs_per_second:>8.1f}  {mark}")  # fmt: skip
-    for sampler, steps in chosen.items():
-        print(f"# {sampler}: fewest passing steps = {steps if steps else 'none of the ladder'}")
-    for sampler, (top, steps) in converged.items():
-        print(f"# {sampler}: fewest within {TOLERANCE} x its own {top} steps = {steps}")
+    for sampler, fewest in chosen.items():
+        print(f"# {sampler}: fewest passing steps = {fewest if fewest else 'none of the ladder'}")
+    for sampler, (top, within) in converged.items():
+        print(f"# {sampler}: fewest within {TOLERANCE} x its own {top} steps = {within}")
 
 
 if __name__ == "__main__":

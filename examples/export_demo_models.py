@@ -55,13 +55,13 @@ def export(run: Path, target: Path) -> None:
         stage.weights = weights_digests(target, target / stage.checkpoint)
     # A stage names the weights it was made from (the U-Net its VAE's, a student its teacher's):
     # they are the fp16 copies now.
-    for name, key, source in (
+    for name, key, made_from in (
         ("diffusion", "vae_weights", "vae"),
         ("distill", "teacher_weights", "diffusion"),
     ):
         details = manifest.stages[name].details if name in manifest.stages else {}
-        if details.get(key) == before.get(source):
-            details[key] = manifest.stages[source].weights
+        if details.get(key) == before.get(made_from):
+            details[key] = manifest.stages[made_from].weights
     manifest.source_store = (
         f"demo scenes (examples/train_demo_models.sh), run {run.name}, fp16 weights"
     )

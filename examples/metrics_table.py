@@ -28,14 +28,25 @@ from specdm_cli.manifest import IMAGE_ARRAYS, LABEL_ARRAY
 from specdm_cli.pipeline.benchmark.features import default_config, load_or_train
 from specdm_cli.pipeline.benchmark.quality import QualityReport, compare_stores
 from specdm_cli.stores import open_store
+from specdm_cli.stores.zarr_store import CHECKSUM_ARRAY, crc32
 
 Corruption = Callable[[zarr.Group, str, np.ndarray], None]
 
 
+def array_of(group: zarr.Group, name: str) -> zarr.Array[Any]:
+    array = group[name]
+    assert isinstance(array, zarr.Array), f"{name} is not an array"
+    return array
+
+
+def read(group: zarr.Group, name: str, index: int | slice) -> np.ndarray:
+    return np.asarray(array_of(group, name)[index])
+
+
 def shuffle_masks(group: zarr.Group, task: str, rows: np.ndarray) -> None:
     """Give each sample of `rows` the mask of another one (a derangement by rotation)."""
-    label = group[LABEL_ARRAY[task]]
-    masks = np.stack([label[int(i)] for i in rows])
+    label = array_of(group, LABEL_ARRAY[task])
+    masks = np.stack([read(group, LABEL_ARRAY[task], int(i)) for i in rows])
     for i, mask in zip(rows, np.roll(masks, 1, axis=0), strict=True):
         label[int(i)] = mask
 
@@ -43,9 +54,9 @@ def shuffle_masks(group: zarr.Group, task: str, rows: np.ndarray) -> None:
 def spectral_shift(group: zarr.Group, task: str, rows: np.ndarray) -> None:
     """Scale the red-edge/NIR bands (4-8) by 0.85 and lift the visible ones (0-2) by 300."""
     for name in IMAGE_ARRAYS[task]:
-        array = group[name]
+        array = array_of(group, name)
         for i in rows:
-            image = array[int(i)].astype(np.float64)
+            image = read(group, name, int(i)).astype(np.float64)
             image[3:8] *= 0.85
             image[0:3] += 300
             array[int(i)] = np.clip(image, 0, 65535).astype(array.dtype)
@@ -54,38 +65,39 @@ def spectral_shift(group: zarr.Group, task: str, rows: np.ndarray) -> None:
 def blur(group: zarr.Group, task: str, rows: np.ndarray) -> None:
     """A 5 x 5 box blur of every band (edges replicated)."""
     for name in IMAGE_ARRAYS[task]:
-        array = group[name]
+        array = array_of(group, name)
         for i in rows:
-            image = array[int(i)].astype(np.float64)
+            image = read(group, name, int(i)).astype(np.float64)
             padded = np.pad(image, ((0, 0), (2, 2), (2, 2)), mode="edge")
             height, width = image.shape[1:]
-            total = sum(
-                padded[:, dy : dy + height, dx : dx + width] for dy in range(5) for dx in range(5)
-            )
+            total = np.zeros_like(image)
+            for dy in range(5):
+                for dx in range(5):
+                    total += padded[:, dy : dy + height, dx : dx + width]
             array[int(i)] = np.rint(total / 25).astype(array.dtype)
 
 
 def rebalance(group: zarr.Group, task: str, rows: np.ndarray) -> None:
     """Drop (mark unwritten) the half of `rows` richest in the rarest class of `rows`."""
-    fractions = np.asarray(group["class_fraction"][:])[rows]
+    fractions = read(group, "class_fraction", slice(None))[rows]
     rare = int(np.argmin(fractions.mean(axis=0)))
     order = np.argsort(-fractions[:, rare], kind="stable")
-    written = group["written"]
+    written = array_of(group, "written")
     for i in rows[order[: rows.size // 2]]:
         written[int(i)] = False
 
 
 def train_copies(group: zarr.Group, task: str, rows: np.ndarray) -> None:
     """Overwrite `rows` with train samples plus sensor-like noise (sd 10 DN): a memorising model."""
-    train = np.flatnonzero(np.asarray(group["split"][:]) == 0)
+    train = np.flatnonzero(read(group, "split", slice(None)) == 0)
     rng = np.random.default_rng(0)
     for i, source in zip(rows, train, strict=False):
         for name in (*IMAGE_ARRAYS[task], LABEL_ARRAY[task]):
-            values = group[name][int(source)]
+            values = read(group, name, int(source))
             if name in IMAGE_ARRAYS[task]:
                 noisy = values.astype(np.float64) + rng.normal(0.0, 10.0, values.shape)
                 values = np.clip(np.rint(noisy), 0, 65535).astype(values.dtype)
-            group[name][int(i)] = values
+            array_of(group, name)[int(i)] = values
 
 
 CORRUPTIONS: dict[str, Corruption] = {
@@ -102,7 +114,18 @@ def corrupted_copy(store: Path, out: Path, corruption: Corruption, rows: np.ndar
     shutil.copytree(store, out)
     group = zarr.open_group(out, mode="r+", zarr_format=3, use_consolidated=False)
     corruption(group, open_store(out).manifest.task, rows)
+    refresh_checksums(group, rows)
     return out
+
+
+def refresh_checksums(group: zarr.Group, rows: np.ndarray) -> None:
+    """Checksum the corrupted samples anew: readers refuse a sample edited behind the writer's
+    back as damaged, and these edits are meant to be read."""
+    table = array_of(group, CHECKSUM_ARRAY)
+    names = [str(name) for name in table.attrs["arrays"]]  # type: ignore[union-attr]
+    for i in rows:
+        sums = [crc32(read(group, name, int(i)), array_of(group, name).dtype) for name in names]
+        table[int(i)] = np.array(sums, dtype=np.uint32)
 
 
 def prepare(out: Path, task: str, n: int, size: int) -> Path:

@@ -327,6 +327,22 @@ def test_bench_light_decoder_runs_on_the_demo_model(tmp_path: Path) -> None:
     assert "student / teacher decode time: " in done.stdout
 
 
+def test_metrics_table_reads_its_corrupted_copies(tmp_path: Path) -> None:
+    """Its corruptions edit samples through the Zarr API: readers took them for damaged chunks
+    (checksums) and the script stopped at its first copy."""
+    done = processes.run(
+        [sys.executable, EXAMPLES / "metrics_table.py", "--task", "ss", "--n", "32", "--size",
+         "16", "--steps", "2", "--out", tmp_path],
+        text=True,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    cells = [line.split() for line in done.stdout.splitlines() if not line.startswith("#")]
+    rows = {words[0]: words[1:] for words in cells if words}
+    # Masks shuffled across samples: each class's spectra scatter (msad), images untouched.
+    real, shuffled = float(rows["msad"][0]), float(rows["msad"][1])
+    assert shuffled > 2 * real and rows["fd_spectral"][0] == rows["fd_spectral"][1]
+
+
 def test_bench_prepare_times_a_large_file_both_ways(tmp_path: Path) -> None:
     done = processes.run(
         [sys.executable, EXAMPLES / "bench_prepare.py", "--large", "256", "--workers", "1",
