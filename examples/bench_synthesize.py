@@ -286,11 +286,13 @@ def write_pairs_per_second(store: Path, workdir: Path, per_sample: bool, n: int)
     writer = open_writer(out, source.manifest)
     started = time.perf_counter()
     for first in range(0, n, 64):
+        count = min(64, n - first)  # the last batch of an n that 64 does not divide
+        part = {name: values[:count] for name, values in batch.items()}
         if per_sample:
-            StoreWriter.write_batch(writer, first, batch)  # one zarr call per sample and array
+            StoreWriter.write_batch(writer, first, part)  # one zarr call per sample and array
         else:
-            writer.write_batch(first, batch)
-        writer.mark_written(first, metas)
+            writer.write_batch(first, part)
+        writer.mark_written(first, metas[:count])
     return n / (time.perf_counter() - started)
 
 
