@@ -57,6 +57,9 @@ class Bank:
         return (surroundings(decoded, self.mean, self.std, self.lookup) - self.centre) @ self.basis
 
     def __post_init__(self) -> None:
+        # Keys and residuals are stored as float16 (half the file: docs/measurements.md, "A bank
+        # in float16"); held at that precision here, a bank in memory is the bank on disk.
+        self.keys, self.residuals = _float16_values(self.keys), _float16_values(self.residuals)
         # Blocks sorted by class (stably, so a bank's order is its own), so that each class's
         # blocks are one slice of the keys: a class-matched lookup scans only that slice.
         order = torch.argsort(self.classes, stable=True)
@@ -111,10 +114,15 @@ class Bank:
         blocks = self.residuals[:, chosen][None]
         return F.fold(blocks, (height, width), kernel_size=size, stride=size)[0]
 
+    @property
+    def stored_bytes(self) -> int:
+        """The bank's size on disk, less its few hundred header and statistics bytes."""
+        return 2 * (self.keys.numel() + self.residuals.numel() + self.classes.numel())
+
     def save(self, path: Path) -> None:
         tensors = {"mean": self.mean, "std": self.std, "centre": self.centre,
-                   "basis": self.basis, "keys": self.keys, "residuals": self.residuals,
-                   "classes": self.classes}  # fmt: skip
+                   "basis": self.basis, "keys": self.keys.half(),
+                   "residuals": self.residuals.half(), "classes": self.classes.short()}  # fmt: skip
         save_file({k: v.contiguous() for k, v in tensors.items()}, path,
                   metadata={"lookup": json.dumps(asdict(self.lookup))})  # fmt: skip
 
@@ -124,7 +132,15 @@ class Bank:
         lookup = check_bank_file(path)
         tensors = load_file(path)
         return cls(lookup, tensors["mean"], tensors["std"], tensors["centre"], tensors["basis"],
-                   tensors["keys"], tensors["residuals"], tensors["classes"])  # fmt: skip
+                   tensors["keys"].float(), tensors["residuals"].float(),
+                   tensors["classes"].long())  # fmt: skip
+
+
+def _float16_values(values: torch.Tensor) -> torch.Tensor:
+    """`values` (float32) rounded to float16; a residual past float16's range (65,504, no
+    real one) is clipped to it rather than stored as infinity."""
+    largest = torch.finfo(torch.float16).max
+    return values.float().clamp(-largest, largest).half().float()
 
 
 def check_bank_file(path: Path) -> Lookup:

@@ -19,7 +19,7 @@ import torch
 from specdm_cli.config import DETAIL_BANK_BLOCKS, DetailConfig, Devices, Progress
 from specdm_cli.errors import InputDataError, ModelError, UsageError
 from specdm_cli.fs.lock import ReadLock
-from specdm_cli.models.detail import Bank, Lookup, build_bank
+from specdm_cli.models.detail import Lookup, build_bank
 from specdm_cli.pipeline.runs import rundirs as runs
 from specdm_cli.pipeline.runs.choose import ChosenModel, choose_model
 from specdm_cli.pipeline.runs.detail_io import BANK_FILE, STAGE
@@ -84,7 +84,7 @@ def fit_detail(
         bank = build_bank(round_trips(chosen, real, scenes, device, stop, progress),
                           *_band_statistics(chosen.manifest), lookup)  # fmt: skip
         details = {"scenes": len(scenes), "blocks": len(bank.keys),
-                   "bank_bytes": _bank_bytes(bank), "store": str(request.store)}  # fmt: skip
+                   "bank_bytes": bank.stored_bytes, "store": str(request.store)}  # fmt: skip
         runs.commit_checkpoint(request.run, STAGE, 1, lambda folder: bank.save(folder / BANK_FILE),
                                identity, True, details)  # fmt: skip
     return _summary(request.run, "built", details, started)
@@ -158,10 +158,6 @@ def _band_statistics(run: RunManifest) -> tuple[torch.Tensor, torch.Tensor]:
     mean = torch.tensor(run.normalization.mean, dtype=torch.float32).view(-1, 1, 1)
     std = torch.tensor(run.normalization.std, dtype=torch.float32).view(-1, 1, 1)
     return mean, std
-
-
-def _bank_bytes(bank: Bank) -> int:
-    return int(bank.keys.nbytes + bank.residuals.nbytes + bank.classes.nbytes)
 
 
 def _summary(run: Path, state: str, details: dict[str, object], started: float) -> FitDetailSummary:
