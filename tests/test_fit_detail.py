@@ -15,7 +15,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from specdm_cli.models.detail import NO_CLASS, Bank, Lookup, block_classes
+from specdm_cli.models.detail import NO_CLASS, Bank, Lookup, block_classes, build_bank
 from specdm_cli.pipeline.runs.choose import choose_model
 from specdm_cli.pipeline.runs.detail_io import load_bank
 from specdm_cli.pipeline.runs.run_manifest import load_run
@@ -58,6 +58,7 @@ def _random_bank(blocks: int, classes: torch.Tensor) -> Bank:
     lookup, ones = Lookup(block=2, context=4, dims=6), torch.ones(3, 1, 1)
     keys, basis = torch.randn(blocks, 6, generator=draw), torch.randn(3 * 16, 6, generator=draw)
     residuals = torch.randn(12, blocks, generator=draw)
+    keys, residuals = keys.half().float(), residuals.half().float()  # as build_bank rounds them
     return Bank(lookup, ones * 0, ones, torch.zeros(3 * 16), basis, keys, residuals, classes)
 
 
@@ -101,10 +102,15 @@ def test_lookups_within_the_mask_s_class_find_the_nearest_block_of_that_class(
     assert not torch.equal(bank.detail(image, mask), bank.detail(image))
 
 
-def test_a_bank_is_stored_in_float16_and_held_at_that_precision(tmp_path: Path) -> None:
-    """Half the file of float32; the bank in memory (as fit-detail built it) is the bank read
-    back, so a lookup cannot differ between the two."""
-    bank = _random_bank(3000, torch.randint(0, 3, (3000,)))
+def test_a_bank_is_stored_in_float16_and_built_at_that_precision(tmp_path: Path) -> None:
+    """Half the file of float32; `build_bank` rounds to float16, so the bank fit-detail built is
+    the bank read back and a lookup cannot differ between the two."""
+    draw = torch.Generator().manual_seed(3)
+    scenes = [(torch.randn(3, 16, 16, generator=draw) * 500 + 2000,
+               torch.randn(3, 16, 16, generator=draw) * 500 + 2000,
+               torch.randint(0, 3, (16, 16), generator=draw)) for _ in range(40)]  # fmt: skip
+    bank = build_bank(scenes, torch.full((3, 1, 1), 2000.0), torch.full((3, 1, 1), 500.0),
+                      Lookup(block=4, context=8, dims=12))  # fmt: skip
     bank.save(tmp_path / "bank.safetensors")
     stored = load_file(tmp_path / "bank.safetensors")
     assert [stored[k].dtype for k in ("keys", "residuals", "classes")] == [
@@ -115,6 +121,8 @@ def test_a_bank_is_stored_in_float16_and_held_at_that_precision(tmp_path: Path) 
     assert all(torch.equal(getattr(loaded, k), getattr(bank, k))
                for k in ("keys", "residuals", "classes"))  # fmt: skip
     assert loaded.keys.dtype == torch.float32 and loaded.classes.dtype == torch.int64
+    image = scenes[0][0]
+    assert torch.equal(bank.detail(image, scenes[0][2]), loaded.detail(image, scenes[0][2]))
 
 
 def test_a_bank_scene_gets_its_own_detail_back(banked: Path, trained: Path) -> None:
@@ -124,6 +132,9 @@ def test_a_bank_scene_gets_its_own_detail_back(banked: Path, trained: Path) -> N
     stage, real = _stage(banked), open_store(_store(trained))
     train = real.indices("train")
     assert stage["finished"] and stage["details"]["scenes"] == len(train)
+    bank_file = banked / stage["checkpoint"] / "bank.safetensors"
+    on_disk = bank_file.stat().st_size  # keys, residuals, classes; then header, basis
+    assert stage["details"]["bank_bytes"] < on_disk < stage["details"]["bank_bytes"] + 256 * 1024
     assert list(stage["weights"]) == [f"{stage['checkpoint']}/bank.safetensors"]
     bank = load_bank(banked, load_run(banked))
     assert bank.keys.shape == (len(train) * 16, 48)  # 16 x 16 px scenes: 16 blocks of 4 x 4

@@ -57,9 +57,6 @@ class Bank:
         return (surroundings(decoded, self.mean, self.std, self.lookup) - self.centre) @ self.basis
 
     def __post_init__(self) -> None:
-        # Keys and residuals are stored as float16 (half the file: docs/measurements.md, "A bank
-        # in float16"); held at that precision here, a bank in memory is the bank on disk.
-        self.keys, self.residuals = _float16_values(self.keys), _float16_values(self.residuals)
         # Blocks sorted by class (stably, so a bank's order is its own), so that each class's
         # blocks are one slice of the keys: a class-matched lookup scans only that slice.
         order = torch.argsort(self.classes, stable=True)
@@ -116,7 +113,8 @@ class Bank:
 
     @property
     def stored_bytes(self) -> int:
-        """The bank's size on disk, less its few hundred header and statistics bytes."""
+        """The bank's keys, residuals and classes on disk: the file less its header and its
+        float32 statistics and basis (0.1 MB at the defaults)."""
         return 2 * (self.keys.numel() + self.residuals.numel() + self.classes.numel())
 
     def save(self, path: Path) -> None:
@@ -195,5 +193,7 @@ def build_bank(
     _, _, vectors = torch.linalg.svd(stacked[order[:_PCA_ROWS]] - centre, full_matrices=False)
     basis = vectors[: lookup.dims].T.contiguous()
     keys = (stacked - centre) @ basis
-    return Bank(lookup, mean, std, centre, basis, keys, torch.cat(residuals, dim=1),
-                torch.cat(classes))  # fmt: skip
+    # Keys and residuals are saved as float16 (half the file: docs/measurements.md, "A bank in
+    # float16"), so they are rounded to it here: the bank built is the bank read back.
+    return Bank(lookup, mean, std, centre, basis, _float16_values(keys),
+                _float16_values(torch.cat(residuals, dim=1)), torch.cat(classes))  # fmt: skip

@@ -24,7 +24,7 @@ from specdm_cli.pipeline.runs.checkpoints import (
     publish_folder,
     weights_digests,
 )
-from specdm_cli.pipeline.runs.registry import record_run
+from specdm_cli.pipeline.runs.registry import read_registry, record_run
 from specdm_cli.pipeline.runs.run_manifest import (
     RUN_FILE,
     RunManifest,
@@ -255,6 +255,7 @@ def register(run: Path, task: str, stage: str, can_sample: bool) -> None:
 
 def ensure_registered(run: Path, task: str, stage: str, can_sample: bool) -> None:
     """Register a run found already complete when the registry lacks it (its write failed
-    when the run finished); an entry there, perhaps of a later stage, is kept as it is. The
-    check is made under the registry's lock, so a stage finishing meanwhile is not undone."""
-    record_run(run, task, stage, can_sample, keep_existing=True)
+    when the run finished); an entry there, perhaps of a later stage, is kept as it is. Checked
+    again under the registry's lock, so a stage finishing meanwhile is not undone."""
+    if all(entry.get("path") != str(run.resolve()) for entry in read_registry()):
+        record_run(run, task, stage, can_sample, keep_existing=True)
