@@ -16,6 +16,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from specdm_cli.models.detail import NO_CLASS, Bank, Lookup, block_classes, build_bank
+from specdm_cli.pipeline.benchmark.report import load_report
 from specdm_cli.pipeline.runs.choose import choose_model
 from specdm_cli.pipeline.runs.detail_io import load_bank
 from specdm_cli.pipeline.runs.run_manifest import load_run
@@ -169,15 +170,17 @@ def test_the_same_command_finds_it_built_and_other_options_need_overwrite(
     assert [p.name for p in (run / "checkpoints").glob("detail-*")] == ["detail-0000001"]
 
 
-def test_synthesize_detail_changes_images_only_and_is_recorded_and_deterministic(
+def test_detail_is_the_default_of_a_banked_run_changes_images_only_and_is_recorded(
     banked: Path, tmp_path: Path
 ) -> None:
     plain, detailed, again = tmp_path / "p.zarr", tmp_path / "d.zarr", tmp_path / "d1.zarr"
-    assert synth(banked, plain, "--n", "4")[0] == 0
+    assert synth(banked, plain, "--n", "4", "--no-detail")[0] == 0
     code, _, stderr = synth(banked, detailed, "--n", "4", "--detail")
     assert code == 0, stderr
-    code, _, stderr = synth(banked, again, "--n", "4", "--detail", "--threads", "1")
-    assert code == 0, stderr
+    # The default: detail, as the run has a bank, and the same arrays at another thread count.
+    code, _, stderr = run_cli("synthesize", "--model", banked, "--out", again, "--n", "4",
+                              "--steps", "4", "--batch-size", "4", "--threads", "1")  # fmt: skip
+    assert code == 0 and "detail: the run's retrieved detail" in stderr, stderr
     with_detail, without = arrays(detailed), arrays(plain)
     assert np.array_equal(with_detail["mask"], without["mask"])
     assert not np.array_equal(with_detail["image"], without["image"])
@@ -266,3 +269,36 @@ def test_a_bank_without_block_classes_is_rebuilt_not_used(
     code, _, stderr = run_cli("fit-detail", old, _store(trained), "--overwrite", *QUIET)
     assert code == 0, stderr
     assert synth(old, tmp_path / "y.zarr", "--n", "2", "--detail")[0] == 0
+
+
+def test_a_store_begun_before_the_bank_goes_on_without_it(trained: Path, tmp_path: Path) -> None:
+    """The default follows a store begun before: a resume after fit-detail goes on as begun."""
+    run, out = _copy(trained, tmp_path / "run"), tmp_path / "syn.zarr"
+    assert synth(run, out, "--n", "4")[0] == 0
+    assert run_cli("fit-detail", run, _store(trained), *QUIET)[0] == 0
+    code, _, stderr = synth(run, out, "--n", "4", "--resume", "--json")
+    assert code == 0, stderr
+    assert "detail" not in json.loads((out / "manifest.json").read_text())["plan"]
+    code, _, stderr = synth(run, out, "--n", "4", "--resume", "--detail")
+    assert code != 0 and "Traceback" not in stderr
+
+
+def test_the_benchmark_s_round_trip_row_adds_the_run_s_bank(
+    banked: Path, trained: Path, tmp_path: Path
+) -> None:
+    """The oracle decodes as the run's generator does: VAE, then the bank's detail."""
+    synthetic, out = tmp_path / "syn.zarr", tmp_path / "report"
+    assert synth(banked, synthetic, "--n", "4")[0] == 0
+    code, _, stderr = run_cli(
+        "benchmark", "--real", _store(trained), "--synthetic", synthetic, "--model", banked,
+        "--out", out, "--downstream", "--downstream-protocols", "pretrain", "--downstream-oracle",
+        "--downstream-seeds", "1", "--downstream-max-steps", "1", "--downstream-eval-every", "1",
+        "--downstream-patience", "1", "--downstream-batch-size", "4", "--real-limit", "4",
+        "--synthetic-ratio", "1", "--feature-steps", "5", "--batch-size", "8", "--threads", "2",
+        "--quiet",
+    )  # fmt: skip
+    assert code == 0, stderr
+    downstream = load_report(out / "report.json").downstream
+    assert downstream is not None and downstream.round_trip is not None
+    assert downstream.round_trip.endswith("+ retrieved detail (its fit-detail bank)")
+    assert "pretrain-oracle-round-trip" in {row.protocol for row in downstream.rows}

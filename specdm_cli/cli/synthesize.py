@@ -134,13 +134,16 @@ def synthesize(
         ),
     ] = 0.0,
     detail: Annotated[
-        bool,
+        bool | None,
         typer.Option(
-            "--detail",
+            "--detail/--no-detail",
             help="Add the run's retrieved detail (built by `specdm fit-detail`) to the decoded "
-            "images: fine detail the VAE's decoder loses, taken from real scenes.",
+            "images: fine detail the VAE's decoder loses, taken from real scenes of the class "
+            "the mask draws. Default: where the run has a bank (a store begun before: as it "
+            "began).",
+            show_default=False,
         ),
-    ] = False,
+    ] = None,
     gpus: GpusOption = Devices(),  # noqa: B008 (an immutable value)
     threads: ThreadsOption = None,
     json_output: JsonOption = False,

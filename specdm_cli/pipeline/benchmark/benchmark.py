@@ -31,6 +31,7 @@ from specdm_cli.pipeline.benchmark.quality import (
     split_indices,
 )
 from specdm_cli.pipeline.runs.choose import ChosenModel, choose_model
+from specdm_cli.pipeline.runs.detail_io import has_bank, load_bank
 from specdm_cli.pipeline.synthesize.preview import rgb_note
 from specdm_cli.pipeline.train.common import torch_devices
 from specdm_cli.stores import StoreReader, content_sha256, open_store, refuse_stream_out
@@ -213,13 +214,17 @@ def _downstream(
     device: torch.device,
     progress: Progress | None,
 ) -> Downstream:
-    """The utility table; with --model, its round-trip row decodes through that run's VAE."""
+    """The utility table; with --model, its round-trip row decodes through that run's VAE, and
+    its detail bank where it has one (as `synthesize` adds it by default)."""
     if chosen is None:
         return run_downstream(real, synthetic, options, str(device), progress)
     name = f"{chosen.manifest.run_id} ({chosen.kind}, sha256 {chosen.sha256[:12]})"
+    bank = load_bank(chosen.path, chosen.manifest) if has_bank(chosen.manifest) else None
+    if bank is not None:
+        name += " + retrieved detail (its fit-detail bank)"
     return run_downstream(
         real, synthetic, options, str(device), progress,
-        round_trip=lambda indices: gen.round_trip(chosen, real, indices, device),
+        round_trip=lambda indices: gen.round_trip(chosen, real, indices, device, bank=bank),
         round_trip_name=name,
     )  # fmt: skip
 

@@ -12,6 +12,7 @@ import torch
 
 from specdm_cli.errors import InputDataError, ModelError, SpecdmError, UsageError
 from specdm_cli.manifest import IGNORE_INDEX, IMAGE_ARRAYS, LABEL_ARRAY, Manifest
+from specdm_cli.models.detail import Bank
 from specdm_cli.pipeline.runs.choose import ChosenModel
 from specdm_cli.pipeline.runs.run_manifest import RunManifest, load_run
 from specdm_cli.stores import StoreReader, content_sha256, open_store
@@ -158,13 +159,15 @@ def round_trip(
     indices: np.ndarray,
     device: torch.device,
     batch_size: int = 16,
+    bank: Bank | None = None,
 ) -> ArraySource:
     """Real pairs `indices` encoded and decoded by the run's VAE (posterior means, as Table 4).
 
     Images come back in physical units (the store's, so downstream normalises them like real
-    ones); labels are the decoded argmax, with the real ignore pixels kept ignored (nodata is
-    not the VAE's to fill in). What a downstream model learns from these is the most any
-    generator decoding through this VAE can give it.
+    ones), with `bank`'s retrieved detail added as `synthesize --detail` adds it; labels are the
+    decoded argmax, with the real ignore pixels kept ignored (nodata is not the VAE's to fill
+    in). What a downstream model learns from these is the most any generator decoding through
+    this VAE (and bank) can give it.
     """
     from specdm_cli.pipeline.runs.vae_io import load_vae
     from specdm_cli.pipeline.train.common import round_trip_batches
@@ -177,9 +180,15 @@ def round_trip(
     for chunk, arrays, decoded in round_trip_batches(model, real, indices, mean, std, batch_size):
         label = model.labels(decoded[LABEL_ARRAY[task]]).cpu().numpy().astype(np.uint8)
         label[arrays[LABEL_ARRAY[task]] == IGNORE_INDEX] = IGNORE_INDEX
-        physical = {name: decoded[name].cpu().numpy() for name in IMAGE_ARRAYS[task]}
+        physical = {name: decoded[name].cpu() for name in IMAGE_ARRAYS[task]}
+        if bank is not None:
+            masks = torch.from_numpy(label)
+            for images in physical.values():
+                images += torch.stack(
+                    [bank.detail(i, m) for i, m in zip(images, masks, strict=True)]
+                )
         for k, index in enumerate(chunk):
-            sample = {name: values[k] for name, values in physical.items()}
+            sample = {name: values[k].numpy() for name, values in physical.items()}
             samples[int(index)] = sample | {LABEL_ARRAY[task]: label[k]}
     return ArraySource(real.manifest, samples)
 

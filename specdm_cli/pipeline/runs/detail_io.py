@@ -17,6 +17,12 @@ BANK_FILE = "bank.safetensors"
 T = TypeVar("T")
 
 
+def has_bank(manifest: RunManifest) -> bool:
+    """Whether the run has a detail bank built (fitting its VAE or not)."""
+    stage = manifest.stages.get(STAGE)
+    return stage is not None and stage.finished
+
+
 def require_bank(run: Path, manifest: RunManifest) -> Path:
     """The bank file of a run whose bank fits its VAE and this lookup; exit 2 without one, 4 if
     stale or damaged."""
@@ -29,7 +35,7 @@ def require_bank(run: Path, manifest: RunManifest) -> Path:
     if stage.config.get("vae_weights") != dict(manifest.stages["vae"].weights):
         raise ModelError(
             "the run's detail bank was built with an earlier VAE", run,
-            "rebuild it: specdm fit-detail RUN STORE --overwrite",
+            "rebuild it: specdm fit-detail RUN STORE --overwrite (or synthesize --no-detail)",
         )  # fmt: skip
     path = run / stage.checkpoint / BANK_FILE
     _readable(lambda: check_bank_file(path), path)
@@ -49,5 +55,5 @@ def _readable(read: Callable[[], T], path: Path) -> T:
     except (OSError, KeyError, ValueError, TypeError, SafetensorError) as exc:
         raise ModelError(
             f"cannot load the detail bank ({exc})".splitlines()[0], path,
-            "rebuild it: specdm fit-detail RUN STORE --overwrite",
+            "rebuild it: specdm fit-detail RUN STORE --overwrite (or synthesize --no-detail)",
         ) from None  # fmt: skip

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import cast, get_args
+from typing import Any, cast, get_args
 
 from specdm_cli.config import (
     Devices,
@@ -23,7 +23,7 @@ from specdm_cli.fs.paths import refuse_overlap
 from specdm_cli.fs.space import require_disk, require_memory
 from specdm_cli.manifest import array_names, load_manifest
 from specdm_cli.pipeline.runs.choose import ChosenModel, choose_model
-from specdm_cli.pipeline.runs.detail_io import require_bank
+from specdm_cli.pipeline.runs.detail_io import has_bank, require_bank
 from specdm_cli.pipeline.signals import StopFlag
 from specdm_cli.pipeline.synthesize.masks import (
     DEFAULT_GUIDANCE,
@@ -78,7 +78,7 @@ class SynthesizeOptions:
     real: Path | None = None
     feature_steps: int | None = None  # the judge's feature network (as benchmark's option)
     label_confidence: float = 0.0  # decoded mask pixels less sure than this: unlabelled
-    detail: bool = False  # add the run's retrieved detail (fit-detail) to decoded images
+    detail: bool | None = None  # the run's retrieved detail (fit-detail); None: if it has a bank
     judge_maker: JudgeMaker | None = None  # with --min-quality: the benchmark's QualityJudge
 
     def filters(self) -> str:
@@ -100,6 +100,7 @@ def synthesize_store(
     shard = parse_shard(options.shard)
     grid = parse_batch_size(options.batch_size)
     chosen = _model(options)
+    options = replace(options, detail=_detail(options, chosen, notice))
     if options.detail:
         require_bank(chosen.path, chosen.manifest)
     inputs = {"--model": chosen.path, "--masks": options.masks, "--real": options.real}
@@ -133,14 +134,34 @@ def _check_label_confidence(options: SynthesizeOptions) -> None:
         )
 
 
+def _store_plan(options: SynthesizeOptions) -> dict[str, Any] | None:
+    """The plan of the store `--out` begun before (None: none, or --overwrite replaces it)."""
+    manifest = options.out / MANIFEST_NAME
+    if options.overwrite or not manifest.is_file():
+        return None
+    return load_manifest(manifest).plan
+
+
 def _store_sampler(options: SynthesizeOptions) -> SamplerName | None:
     """`--sampler auto` on a store begun before: the sampler it was begun with, so a resume or
     another shard goes on as it began even after the run gained a distilled student."""
-    manifest = options.out / MANIFEST_NAME
-    if options.sampler != "auto" or options.overwrite or not manifest.is_file():
-        return None
-    sampler = load_manifest(manifest).plan.get("sampler")
+    plan = _store_plan(options) if options.sampler == "auto" else None
+    sampler = plan.get("sampler") if plan is not None else None
     return cast(SamplerName, sampler) if sampler in get_args(SamplerName) else None
+
+
+def _detail(options: SynthesizeOptions, chosen: ChosenModel, notice: Callable[[str], None]) -> bool:
+    """--detail/--no-detail; by default as a store begun before began (so a resume or shard
+    goes on alike after the run gained a bank), else on where the run has a detail bank."""
+    if options.detail is not None:
+        return options.detail
+    plan = _store_plan(options)
+    detail = "detail" in plan if plan is not None else has_bank(chosen.manifest)
+    if detail:
+        notice(
+            "detail: the run's retrieved detail (its fit-detail bank; --no-detail leaves it out)"
+        )
+    return detail
 
 
 def _why_sampler(request: SynthesizeRequest, options: SynthesizeOptions, stored: bool) -> str:
@@ -261,7 +282,7 @@ def _write(
         masks=masks,
         quality=judge,
         label_confidence=options.label_confidence,
-        detail=options.detail,
+        detail=bool(options.detail),  # resolved by _detail
     )
     _require_room(request)
     if options.sampler == "auto":  # the same command samples otherwise once a run is distilled
