@@ -111,6 +111,11 @@ class Bank:
         blocks = self.residuals[:, chosen][None]
         return F.fold(blocks, (height, width), kernel_size=size, stride=size)[0]
 
+    def detail_of_batch(self, images: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+        """(B, C, H, W) residuals for a batch of decoded images, each looked up within the
+        classes its (H, W) mask draws."""
+        return torch.stack([self.detail(i, m) for i, m in zip(images, masks, strict=True)])
+
     @property
     def stored_bytes(self) -> int:
         """The bank's keys, residuals and classes on disk: the file less its header and its

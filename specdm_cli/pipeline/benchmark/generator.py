@@ -182,11 +182,8 @@ def round_trip(
         label[arrays[LABEL_ARRAY[task]] == IGNORE_INDEX] = IGNORE_INDEX
         physical = {name: decoded[name].cpu() for name in IMAGE_ARRAYS[task]}
         if bank is not None:
-            masks = torch.from_numpy(label)
             for images in physical.values():
-                images += torch.stack(
-                    [bank.detail(i, m) for i, m in zip(images, masks, strict=True)]
-                )
+                images += bank.detail_of_batch(images, torch.from_numpy(label))
         for k, index in enumerate(chunk):
             sample = {name: values[k].numpy() for name, values in physical.items()}
             samples[int(index)] = sample | {LABEL_ARRAY[task]: label[k]}

@@ -123,16 +123,10 @@ class Sampler:
         for name in IMAGE_ARRAYS[self.task]:
             physical = (decoded[name][:keep].float() * self.std + self.mean).cpu()
             if self.bank is not None:
-                physical += self._detail(physical, labels)
+                physical += self.bank.detail_of_batch(physical, torch.from_numpy(labels))
             arrays[name], count = to_dtype(physical.numpy(), self.dtype)
             clipped += count
         return arrays, clipped
-
-    def _detail(self, images: torch.Tensor, labels: np.ndarray) -> torch.Tensor:
-        """The bank's detail for each image, looked up within the classes its label draws."""
-        assert self.bank is not None
-        masks = torch.from_numpy(labels)
-        return torch.stack([self.bank.detail(i, m) for i, m in zip(images, masks, strict=True)])
 
     def decode(self, latents: torch.Tensor) -> dict[str, torch.Tensor]:
         """Both decoders over the batch, in chunks of the plan's decode_chunk samples."""
