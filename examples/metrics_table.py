@@ -28,7 +28,7 @@ from specdm_cli.manifest import IMAGE_ARRAYS, LABEL_ARRAY
 from specdm_cli.pipeline.benchmark.features import default_config, load_or_train
 from specdm_cli.pipeline.benchmark.quality import QualityReport, compare_stores
 from specdm_cli.stores import open_store
-from specdm_cli.stores.zarr_store import CHECKSUM_ARRAY, crc32
+from specdm_cli.stores.zarr_store import ZarrWriter
 
 Corruption = Callable[[zarr.Group, str, np.ndarray], None]
 
@@ -113,19 +113,11 @@ def corrupted_copy(store: Path, out: Path, corruption: Corruption, rows: np.ndar
     """A copy of `store` with `corruption` applied to samples `rows` through the Zarr API."""
     shutil.copytree(store, out)
     group = zarr.open_group(out, mode="r+", zarr_format=3, use_consolidated=False)
-    corruption(group, open_store(out).manifest.task, rows)
-    refresh_checksums(group, rows)
+    manifest = open_store(out).manifest
+    corruption(group, manifest.task, rows)
+    # Readers refuse a sample edited behind the writer's back as damaged; these edits are meant.
+    ZarrWriter(out, manifest).checksum_again(int(i) for i in rows)
     return out
-
-
-def refresh_checksums(group: zarr.Group, rows: np.ndarray) -> None:
-    """Checksum the corrupted samples anew: readers refuse a sample edited behind the writer's
-    back as damaged, and these edits are meant to be read."""
-    table = array_of(group, CHECKSUM_ARRAY)
-    names = [str(name) for name in table.attrs["arrays"]]  # type: ignore[union-attr]
-    for i in rows:
-        sums = [crc32(read(group, name, int(i)), array_of(group, name).dtype) for name in names]
-        table[int(i)] = np.array(sums, dtype=np.uint32)
 
 
 def prepare(out: Path, task: str, n: int, size: int) -> Path:
