@@ -95,7 +95,8 @@ def _vae_of(run: Path, real: StoreReader) -> ChosenModel:
     chosen = choose_model(str(run), real.manifest.task, vae_only=True)
     if chosen.manifest.task != "ss":
         raise UsageError(
-            "fit-detail is measured on semantic segmentation only; this run is cd",
+            "fit-detail is for semantic segmentation only: on cd pairs retrieved detail was"
+            " measured to be no gain (docs/measurements.md); this run is cd",
             run,
             "synthesize cd pairs without --detail",
         )
