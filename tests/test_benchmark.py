@@ -287,6 +287,31 @@ def test_downstream_seeds_give_mean_and_spread(ss_report: Path) -> None:
     assert "on cpu with 2 torch thread(s)" in text
 
 
+def test_rows_are_paired_by_seed_with_real_only_and_their_control(ss_report: Path) -> None:
+    """report.md gives each row's gains over real only (pretrain rows: over their control too)
+    seed by seed, from the scores in report.json, with the mean's 95% t-interval."""
+    downstream = load_report(ss_report).downstream
+    assert downstream is not None
+    rows = {row.name: row for row in downstream.rows}
+    text = (ss_report / "report.md").read_text()
+    table = text.split("### Paired by seed")[1].split("\n\n")[2].splitlines()[2:]
+    cells = {(c[0], c[1]): c[2:] for c in (line.strip("| ").split(" | ") for line in table)}
+    pretrain = next(n for n, r in rows.items() if r.protocol == "pretrain")
+    control = next(n for n, r in rows.items() if r.protocol == "real-twice")
+    assert ("real", "real") not in cells and (control, "real") not in cells
+    for base in ("real", control):
+        gains = np.array([a.miou - b.miou for a, b in zip(rows[pretrain].seeds, rows[base].seeds,
+                                                              strict=True)])  # fmt: skip
+        by_seed, mean, interval, above = cells[(pretrain, base)]
+        assert by_seed == ", ".join(f"{g:+.3f}" for g in gains)
+        half = 4.303 * gains.std(ddof=1) / np.sqrt(3)  # Student's t, 2 degrees of freedom
+        assert mean == f"{gains.mean():+.3f}"
+        assert interval == f"{gains.mean() - half:+.3f} to {gains.mean() + half:+.3f}"
+        assert above == f"{int((gains > 0).sum())} of 3"
+    mixed = next(n for n, r in rows.items() if r.protocol == "mixed")
+    assert (mixed, "real") in cells and (mixed, control) not in cells
+
+
 def test_early_stopping_tests_the_best_val_checkpoint(ss_report: Path) -> None:
     downstream = load_report(ss_report).downstream
     assert downstream is not None

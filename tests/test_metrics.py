@@ -25,10 +25,12 @@ from specdm_cli.metrics.stats import (
     frechet_distance,
     jensen_shannon,
     kid,
+    mean_interval,
     mean_iou,
     roc_auc,
     roc_auc_from_histograms,
     spectral_angle,
+    t_quantile_975,
     wasserstein1,
 )
 from specdm_cli.pipeline.benchmark import quality
@@ -470,3 +472,24 @@ def test_change_detection_metrics(tmp_path: Path) -> None:
     assert (real.change_angle_auc_candidate or 0.0) > 0.8
     assert (shuffled.change_angle_auc_candidate or 1.0) < 0.65
     assert shuffled.pair_miou < real.pair_miou
+
+
+@pytest.mark.parametrize("degrees", [1, 2, 4, 8, 30, 31, 60])
+def test_t_quantiles_leave_2_5_percent_in_each_tail(degrees: int) -> None:
+    """The density of Student's t integrated between -q and q is 0.95 (table and expansion)."""
+    q = t_quantile_975(degrees)
+    x = np.linspace(-q, q, 400_001)
+    norm = math.gamma((degrees + 1) / 2) / (math.sqrt(degrees * math.pi) * math.gamma(degrees / 2))
+    density = norm * (1 + x**2 / degrees) ** (-(degrees + 1) / 2)
+    area = float(np.sum((density[1:] + density[:-1]) / 2 * np.diff(x)))
+    assert area == pytest.approx(0.95, abs=2e-4)
+
+
+def test_a_mean_interval_is_t_times_the_standard_error() -> None:
+    gains = [0.009, 0.011, -0.007, 0.008]
+    mean, low, high = mean_interval(gains)
+    assert mean == pytest.approx(np.mean(gains))
+    half = t_quantile_975(3) * np.std(gains, ddof=1) / 2
+    assert (low, high) == pytest.approx((mean - half, mean + half))
+    with pytest.raises(ValueError):
+        mean_interval([0.01])

@@ -9,6 +9,8 @@ import numpy as np
 from rich.console import Console
 from rich.table import Table
 
+from specdm_cli.metrics.stats import mean_interval
+
 from .quality import QualityReport
 from .report import BenchmarkReport, DownstreamRow, StoreRef
 
@@ -265,7 +267,43 @@ def _downstream(report: BenchmarkReport) -> list[str]:
         return []
     lines = ["## Downstream utility (Tables 3, 5, 6)", "", *_downstream_notes(report)]
     rows = [downstream_cells(r) for r in d.rows]
-    return [*lines, *_table(DOWNSTREAM_HEADER, rows), "", *_kept_notes(d.rows)]
+    lines += [*_table(DOWNSTREAM_HEADER, rows), "", *_kept_notes(d.rows)]
+    paired = paired_cells(d.rows)
+    if not paired:
+        return lines
+    return [*lines, "### Paired by seed", "",
+            "Each row's test mIoU less its baseline's on the same seed (the same initialisation, "
+            "batches and real pairs), the mean of those gains and its two-sided 95% t-interval: "
+            "above zero, the gain is beyond the seeds' scatter.", "",
+            *_table(PAIRED_HEADER, paired), ""]  # fmt: skip
+
+
+PAIRED_HEADER = ["training data", "against", "gain by seed", "mean gain", "95% interval", "above"]
+
+
+def paired_cells(rows: list[DownstreamRow]) -> list[list[str]]:
+    """Every row against real only, and rows that pretrain against their control (real, then
+    real again), seed by seed, where the two share two or more seeds."""
+    real = next((r for r in rows if r.name == "real"), None)
+    control = next((r for r in rows if r.protocol == "real-twice"), None)
+    cells = []
+    for row in rows:
+        bases = [real] + ([control] if row.protocol.startswith("pretrain") else [])
+        for base in bases:
+            if base is None or base is row or row.protocol in ("real", "real-twice"):
+                continue
+            theirs = {run.seed: run.miou for run in base.seeds}
+            seeds = [run.seed for run in row.seeds if run.seed in theirs]
+            if len(seeds) < 2:
+                continue
+            mine = {run.seed: run.miou for run in row.seeds}
+            gains = [mine[seed] - theirs[seed] for seed in seeds]
+            mean, low, high = mean_interval(gains)
+            by_seed = ", ".join(f"{g:+.3f}" for g in gains)
+            above = f"{sum(g > 0 for g in gains)} of {len(gains)}"
+            cells.append([row.name, base.name, by_seed, f"{mean:+.3f}",
+                          f"{low:+.3f} to {high:+.3f}", above])  # fmt: skip
+    return cells
 
 
 def _kept_notes(rows: list[DownstreamRow]) -> list[str]:
@@ -327,3 +365,11 @@ def print_tables(report: BenchmarkReport, console: Console) -> None:
         for r in report.downstream.rows:
             rows.add_row(*downstream_cells(r))
         console.print(rows)
+        paired = paired_cells(report.downstream.rows)
+        if paired:
+            gains = Table(title="downstream, paired by seed (mIoU gain, two-sided 95% t-interval)")
+            for column in PAIRED_HEADER:
+                gains.add_column(column, justify="left" if column == "training data" else "right")
+            for cells in paired:
+                gains.add_row(*cells)
+            console.print(gains)
