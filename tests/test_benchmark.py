@@ -20,7 +20,8 @@ from specdm_cli.pipeline.benchmark.downstream import HalfTrip
 from specdm_cli.pipeline.benchmark.downstream_rows import ROUND_TRIP_PARTS, configurations
 from specdm_cli.pipeline.benchmark.features import manifest_sha256
 from specdm_cli.pipeline.benchmark.generator import heldout_in_training, round_trip
-from specdm_cli.pipeline.benchmark.report import BenchmarkReport, load_report
+from specdm_cli.pipeline.benchmark.render import markdown
+from specdm_cli.pipeline.benchmark.report import BenchmarkReport, compare, load_report
 from specdm_cli.pipeline.runs.choose import choose_model, demo_model_path
 from specdm_cli.pipeline.runs.run_manifest import load_run
 from specdm_cli.stores import content_sha256, open_store
@@ -310,6 +311,39 @@ def test_rows_are_paired_by_seed_with_real_only_and_their_control(ss_report: Pat
         assert above == f"{int((gains > 0).sum())} of 3"
     mixed = next(n for n, r in rows.items() if r.protocol == "mixed")
     assert (mixed, "real") in cells and (mixed, control) not in cells
+
+
+def test_compare_pairs_downstream_rows_by_seed_only_on_the_same_protocol(
+    ss_report: Path,
+) -> None:
+    """Two reports of one real store and protocol: each row against the other's same row, seed
+    by seed (here the other's pretrain scores lowered by known amounts); another real store or
+    another protocol: no pairing, as a seed no longer means the same training."""
+    this = load_report(ss_report)
+    assert this.downstream is not None
+    other = this.model_copy(deep=True)
+    assert other.downstream is not None
+    other.label = "other"
+    pretrain = next(row for row in other.downstream.rows if row.protocol == "pretrain")
+    lowered = [0.010, 0.030, -0.005]
+    for run, by in zip(pretrain.seeds, lowered, strict=True):
+        run.miou -= by
+    comparison = compare(this, other, Path("other/report.json"))
+    pairs = {pair.row: pair for pair in comparison.paired}
+    assert set(pairs) == {row.name for row in this.downstream.rows}
+    assert pairs[pretrain.name].gains == pytest.approx(lowered)
+    assert pairs[pretrain.name].seeds == [0, 1, 2]
+    assert pairs[pretrain.name].against == f"{pretrain.name} (other)"
+    assert all(pair.gains == [0.0] * 3 for name, pair in pairs.items() if name != pretrain.name)
+    this.comparison = comparison
+    assert "paired by seed with other's" in markdown(this)
+    elsewhere = other.model_copy(deep=True)
+    elsewhere.real.content_sha256 = "0" * 64
+    assert compare(this, elsewhere, Path("x")).paired == []
+    longer = other.model_copy(deep=True)
+    assert longer.downstream is not None
+    longer.downstream.config = {**longer.downstream.config, "max_steps": 99}
+    assert compare(this, longer, Path("x")).paired == []
 
 
 def test_early_stopping_tests_the_best_val_checkpoint(ss_report: Path) -> None:

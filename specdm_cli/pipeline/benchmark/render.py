@@ -9,10 +9,8 @@ import numpy as np
 from rich.console import Console
 from rich.table import Table
 
-from specdm_cli.metrics.stats import mean_interval
-
 from .quality import QualityReport
-from .report import BenchmarkReport, DownstreamRow, StoreRef
+from .report import BenchmarkReport, DownstreamRow, PairedGain, StoreRef, paired_gain
 
 Row = tuple[str, float | None, float | None, str]
 
@@ -286,24 +284,19 @@ def paired_cells(rows: list[DownstreamRow]) -> list[list[str]]:
     real again), seed by seed, where the two share two or more seeds."""
     real = next((r for r in rows if r.name == "real"), None)
     control = next((r for r in rows if r.protocol == "real-twice"), None)
-    cells = []
+    pairs = []
     for row in rows:
+        if row.protocol in ("real", "real-twice"):
+            continue
         bases = [real] + ([control] if row.protocol.startswith("pretrain") else [])
-        for base in bases:
-            if base is None or base is row or row.protocol in ("real", "real-twice"):
-                continue
-            theirs = {run.seed: run.miou for run in base.seeds}
-            seeds = [run.seed for run in row.seeds if run.seed in theirs]
-            if len(seeds) < 2:
-                continue
-            mine = {run.seed: run.miou for run in row.seeds}
-            gains = [mine[seed] - theirs[seed] for seed in seeds]
-            mean, low, high = mean_interval(gains)
-            by_seed = ", ".join(f"{g:+.3f}" for g in gains)
-            above = f"{sum(g > 0 for g in gains)} of {len(gains)}"
-            cells.append([row.name, base.name, by_seed, f"{mean:+.3f}",
-                          f"{low:+.3f} to {high:+.3f}", above])  # fmt: skip
-    return cells
+        pairs += [paired_gain(row, base, base.name) for base in bases if base is not None]
+    return [_paired_row(pair) for pair in pairs if pair is not None]
+
+
+def _paired_row(pair: PairedGain) -> list[str]:
+    above = f"{sum(g > 0 for g in pair.gains)} of {len(pair.gains)}"
+    return [pair.row, pair.against, ", ".join(f"{g:+.3f}" for g in pair.gains),
+            f"{pair.mean:+.3f}", f"{pair.low:+.3f} to {pair.high:+.3f}", above]  # fmt: skip
 
 
 def _kept_notes(rows: list[DownstreamRow]) -> list[str]:
@@ -329,7 +322,14 @@ def _comparison(report: BenchmarkReport) -> list[str]:
         delta = None if f.this is None or f.other is None else f.this - f.other
         rows.append([f.name, _fmt(f.this), _fmt(f.other), _fmt(delta)])
     lines = [f"## Comparison with `{c.other}`", ""]
-    return [*lines, *_table(["figure", c.this_label, c.other_label, "difference"], rows), ""]
+    lines += [*_table(["figure", c.this_label, c.other_label, "difference"], rows), ""]
+    if not c.paired:
+        return lines
+    return [*lines, f"### Downstream rows paired by seed with {c.other_label}'s", "",
+            "Both reports trained on the same real store with the same protocol, so a seed is "
+            "the same training but for the synthetic pairs: each row's mIoU less the other "
+            "report's same row, seed by seed, with the mean gain's two-sided 95% t-interval.", "",
+            *_table(PAIRED_HEADER, [_paired_row(pair) for pair in c.paired]), ""]  # fmt: skip
 
 
 def markdown(report: BenchmarkReport) -> str:
@@ -365,11 +365,19 @@ def print_tables(report: BenchmarkReport, console: Console) -> None:
         for r in report.downstream.rows:
             rows.add_row(*downstream_cells(r))
         console.print(rows)
-        paired = paired_cells(report.downstream.rows)
-        if paired:
-            gains = Table(title="downstream, paired by seed (mIoU gain, two-sided 95% t-interval)")
-            for column in PAIRED_HEADER:
-                gains.add_column(column, justify="left" if column == "training data" else "right")
-            for cells in paired:
-                gains.add_row(*cells)
-            console.print(gains)
+        _print_paired(console, "downstream, paired by seed", paired_cells(report.downstream.rows))
+    if comparison is not None and comparison.paired:
+        across = [_paired_row(pair) for pair in comparison.paired]
+        _print_paired(console, f"downstream, paired by seed with {comparison.other_label}", across)
+
+
+def _print_paired(console: Console, title: str, cells: list[list[str]]) -> None:
+    """mIoU gains seed by seed, with the mean's two-sided 95% t-interval."""
+    if not cells:
+        return
+    table = Table(title=f"{title} (mIoU gain, two-sided 95% t-interval)")
+    for column in PAIRED_HEADER:
+        table.add_column(column, justify="left" if column == "training data" else "right")
+    for row in cells:
+        table.add_row(*row)
+    console.print(table)

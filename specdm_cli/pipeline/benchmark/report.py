@@ -10,6 +10,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from specdm_cli.errors import InputDataError
+from specdm_cli.metrics.stats import mean_interval
 from specdm_cli.pipeline.benchmark.quality import QualityReport
 
 REPORT_SCHEMA_VERSION = 1
@@ -185,6 +186,30 @@ class ComparedFigure(_Strict):
     other: float | None
 
 
+class PairedGain(_Strict):
+    """One downstream row's test mIoU less another's, seed by seed, over the seeds both ran."""
+
+    row: str
+    against: str
+    seeds: list[int]
+    gains: list[float]
+    mean: float
+    low: float = Field(description="two-sided 95% t-interval of the mean gain (ddof 1)")
+    high: float
+
+
+def paired_gain(row: DownstreamRow, base: DownstreamRow, against: str) -> PairedGain | None:
+    """`row` against `base` seed by seed; None where they share fewer than two seeds."""
+    theirs = {run.seed: run.miou for run in base.seeds}
+    shared = [run for run in row.seeds if run.seed in theirs]
+    if len(shared) < 2:
+        return None
+    gains = [run.miou - theirs[run.seed] for run in shared]
+    mean, low, high = mean_interval(gains)
+    return PairedGain(row=row.name, against=against, seeds=[run.seed for run in shared],
+                      gains=gains, mean=mean, low=low, high=high)  # fmt: skip
+
+
 class Comparison(_Strict):
     """This report beside another computed with the same feature network."""
 
@@ -192,6 +217,11 @@ class Comparison(_Strict):
     this_label: str
     other_label: str
     figures: list[ComparedFigure]
+    paired: list[PairedGain] = Field(
+        default_factory=list,
+        description="downstream rows of the same name against the other report's, seed by "
+        "seed; only where both trained on the same real store with the same protocol",
+    )
 
 
 class BenchmarkReport(_Strict):
@@ -300,6 +330,21 @@ def compare(this: BenchmarkReport, other: BenchmarkReport, other_path: Path) -> 
     names = list(mine) + [name for name in theirs if name not in mine]
     figures = [ComparedFigure(name=n, this=mine.get(n), other=theirs.get(n)) for n in names]
     other_label = other.label if other.label != this.label else f"{other.label} (other)"
-    return Comparison(
-        other=str(other_path), this_label=this.label, other_label=other_label, figures=figures
-    )
+    return Comparison(other=str(other_path), this_label=this.label, other_label=other_label,
+                      figures=figures, paired=_paired_across(this, other, other_label))  # fmt: skip
+
+
+def _paired_across(
+    this: BenchmarkReport, other: BenchmarkReport, other_label: str
+) -> list[PairedGain]:
+    """This report's downstream rows against the other's of the same name, seed by seed: a
+    pairing only where a seed means the same training (the same real store and protocol)."""
+    mine, theirs = this.downstream, other.downstream
+    if mine is None or theirs is None or this.real.content_sha256 is None:
+        return []
+    if this.real.content_sha256 != other.real.content_sha256 or mine.config != theirs.config:
+        return []
+    bases = {row.name: row for row in theirs.rows}
+    pairs = (paired_gain(row, bases[row.name], f"{row.name} ({other_label})")
+             for row in mine.rows if row.name in bases)  # fmt: skip
+    return [pair for pair in pairs if pair is not None]
