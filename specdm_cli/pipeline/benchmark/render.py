@@ -358,25 +358,24 @@ def print_tables(report: BenchmarkReport, console: Console) -> None:
             cells.append(_fmt(other.get(names.get(name, name))))
         table.add_row(*cells)
     console.print(table)
+    gains = "(mIoU gain, two-sided 95% t-interval)"
     if report.downstream is not None:
-        rows = Table(title=f"downstream, tested on real {report.downstream.eval_split}")
-        for column in DOWNSTREAM_HEADER:
-            rows.add_column(column, justify="left" if column == "training data" else "right")
-        for r in report.downstream.rows:
-            rows.add_row(*downstream_cells(r))
-        console.print(rows)
-        _print_paired(console, "downstream, paired by seed", paired_cells(report.downstream.rows))
-    if comparison is not None and comparison.paired:
-        across = [_paired_row(pair) for pair in comparison.paired]
-        _print_paired(console, f"downstream, paired by seed with {comparison.other_label}", across)
+        d = report.downstream
+        _print_rows(console, f"downstream, tested on real {d.eval_split}", DOWNSTREAM_HEADER,
+                    [downstream_cells(r) for r in d.rows])  # fmt: skip
+        _print_rows(console, f"downstream, paired by seed {gains}", PAIRED_HEADER,
+                    paired_cells(d.rows))  # fmt: skip
+    if comparison is not None:
+        _print_rows(console, f"downstream, paired by seed with {comparison.other_label} {gains}",
+                    PAIRED_HEADER, [_paired_row(pair) for pair in comparison.paired])  # fmt: skip
 
 
-def _print_paired(console: Console, title: str, cells: list[list[str]]) -> None:
-    """mIoU gains seed by seed, with the mean's two-sided 95% t-interval."""
+def _print_rows(console: Console, title: str, header: list[str], cells: list[list[str]]) -> None:
+    """A terminal table of downstream rows (nothing where there are none)."""
     if not cells:
         return
-    table = Table(title=f"{title} (mIoU gain, two-sided 95% t-interval)")
-    for column in PAIRED_HEADER:
+    table = Table(title=title)
+    for column in header:
         table.add_column(column, justify="left" if column == "training data" else "right")
     for row in cells:
         table.add_row(*row)
