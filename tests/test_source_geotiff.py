@@ -21,6 +21,8 @@ from specdm_cli.errors import InputDataError, UsageError
 from specdm_cli.manifest import Band, ClassInfo, Manifest
 from specdm_cli.sources.base import PrepareOptions, SourcePlan
 from specdm_cli.sources.geotiff import read_geotiff
+from specdm_cli.sources.geotiff import reader as geotiff_reader
+from specdm_cli.stores import open_store
 from tests.conftest import manifest_of, run_cli
 from tests.fixtures.geotiff_folder import (
     CRS_EPSG,
@@ -423,6 +425,75 @@ def test_patches_cover_edges_and_small_files_are_padded(tmp_path: Path) -> None:
         "the padding labelled 255 (`--patch-size` sets the patch)"
     ]
     assert not [line for line in _plan(root, patch_size=8).warnings if "smaller than" in line]
+
+
+def test_a_scene_smaller_than_the_patch_is_kept_not_dropped_as_blank(tmp_path: Path) -> None:
+    """Its padding is neither blank nor unlabelled land: `--max-blank` and `--max-unlabelled`
+    count the pixels the scene covers (a 6 x 8 scene is under a fifth of a 16 x 16 patch)."""
+    root = make_geotiff_folder(tmp_path / "raw", n=2, sizes=[(16, 16), (6, 8)], bands=2)
+    out = tmp_path / "store.zarr"
+    code, _, stderr = run_cli("prepare", "geotiff", root, "--out", out, "--patch-size", "16",
+                              "--val-fraction", "0", "--test-fraction", "0",
+                              "--max-unlabelled", "0.5")  # fmt: skip
+    assert code == 0, stderr
+    store = open_store(out)
+    ids = store.source_ids() or []
+    assert sorted(ids) == ["tile_00", "tile_01"]
+    small = store.read(ids.index("tile_01"))["mask"]
+    assert (small[6:] == 255).all() and (small[:, 8:] == 255).all() and (small[:6, :8] != 255).all()
+
+
+def _band_vrt(bands: list[tuple[Path, str]], height: int, width: int) -> str:
+    """A VRT stacking one-band files, each band keeping its file's type (`gdalbuildvrt
+    -separate`)."""
+    stacked = "".join(
+        f'<VRTRasterBand dataType="{kind}" band="{i + 1}"><SimpleSource><SourceFilename '
+        f'relativeToVRT="0">{path}</SourceFilename><SourceBand>1</SourceBand></SimpleSource>'
+        "</VRTRasterBand>"
+        for i, (path, kind) in enumerate(bands)
+    )
+    return f'<VRTDataset rasterXSize="{width}" rasterYSize="{height}">{stacked}</VRTDataset>'
+
+
+def test_a_vrt_of_bands_of_two_types_is_read_at_the_type_that_holds_both(tmp_path: Path) -> None:
+    """UInt16 and Float32 band files stacked: a float32 store with every value as written."""
+    root = make_geotiff_folder(tmp_path / "raw", n=2, size=(16, 16), bands=1,
+                               georeferenced=False)  # fmt: skip
+    parts, written = tmp_path / "bands", {}
+    parts.mkdir()
+    for stem in ("tile_00", "tile_01"):
+        counts = (root / "images" / f"{stem}.tif").rename(parts / f"{stem}_dn.tif")
+        ratio = np.random.default_rng(0).random((1, 16, 16)).astype(np.float32)
+        write_image(parts / f"{stem}_ratio.tif", ratio, {})
+        (root / "images" / f"{stem}.vrt").write_text(
+            _band_vrt([(counts, "UInt16"), (parts / f"{stem}_ratio.tif", "Float32")], 16, 16)
+        )
+        written[stem] = np.concatenate([_read(counts).astype(np.float32), ratio])
+    out = tmp_path / "store.zarr"
+    code, _, stderr = run_cli("prepare", "geotiff", root, "--out", out, "--patch-size", "16",
+                              "--val-fraction", "0", "--test-fraction", "0")  # fmt: skip
+    assert code == 0, stderr
+    store = open_store(out)
+    assert store.manifest.dtype == "float32"
+    for index, stem in enumerate(store.source_ids() or []):
+        np.testing.assert_array_equal(store.read(index)["image"], written[stem])
+
+
+def test_a_failure_that_is_not_the_input_s_leaves_no_empty_store(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Whatever fails before a first sample is written, no store is left that a rerun would
+    have to be told to --overwrite or --resume."""
+    root = make_geotiff_folder(tmp_path / "raw", n=2)
+
+    def broken(*args: object, **kwargs: object) -> None:
+        raise RuntimeError("a reader's bug")
+
+    monkeypatch.setattr(geotiff_reader, "_read_window", broken)
+    out = tmp_path / "store.zarr"
+    code, _, stderr = run_cli("prepare", "geotiff", root, "--out", out, "--workers", "1")
+    assert code == 1 and "a reader's bug" in stderr and "Traceback" not in stderr
+    assert not out.exists()
 
 
 def test_same_size_tiles_keep_their_size(tmp_path: Path) -> None:

@@ -22,6 +22,7 @@ from specdm_cli.sources.base import PrepareOptions, RawSample, SourcePlan
 from specdm_cli.sources.oscd import pixels as oscd_pixels
 from specdm_cli.sources.oscd import read_oscd
 from specdm_cli.sources.sentinel2 import S2_TEN_BANDS
+from specdm_cli.stores import open_store
 from tests.conftest import manifest_of, run_cli
 from tests.fixtures.oscd import (
     BANDS,
@@ -270,6 +271,17 @@ def test_city_smaller_than_a_patch_is_padded_as_nodata(tree: Callable[..., Path]
     assert image.shape == (10, 16, 16)
     means = image[:, :10, :12].reshape(10, -1).mean(axis=1).astype(np.uint16)
     np.testing.assert_array_equal(image[:, 15, 15], means)
+
+
+def test_a_city_smaller_than_half_a_patch_is_kept_in_the_store(
+    tree: Callable[..., Path], tmp_path: Path
+) -> None:
+    """Padding is not blank land: a 6 x 8 city (under a fifth of the 16 x 16 patch) is kept,
+    where `--max-blank` counted its padding and dropped it."""
+    root = tree(cities={"tiny": ("train", 6, 8), "other": ("test", 20, 20)})
+    code, _, stderr = _prepare(root, "--out", tmp_path / "o.zarr", "--val-fraction", "0")
+    assert code == 0, stderr
+    assert "tiny/y0_x0" in (open_store(tmp_path / "o.zarr").source_ids() or [])
 
 
 def test_bands_option_picks_and_orders_bands(tree: Callable[..., Path]) -> None:

@@ -51,7 +51,8 @@ class RawSample:
     uint8 class indices with IGNORE_INDEX (255) for ignored and nodata pixels.
     `image_nodata` is (H, W) bool, True where any image was nodata or padding: the filled
     values there are stand-ins, so the blank filter counts them and statistics skip them.
-    None means every image pixel is valid.
+    None means every image pixel is valid. `covered` is the (h, w) the source covers at the
+    top left of a patch padded to size (a scene smaller than the patch); None: all of it.
     """
 
     source_id: str
@@ -60,6 +61,7 @@ class RawSample:
     bounds: tuple[float, float, float, float] | None = None
     nodata_pixels: int = 0
     image_nodata: np.ndarray | None = None
+    covered: tuple[int, int] | None = None
 
 
 @dataclass

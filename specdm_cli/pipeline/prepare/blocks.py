@@ -140,12 +140,15 @@ def _removal_reason(sample: RawSample, spec: SourceSpec, request: PrepareRequest
 
     Blank is the image's business only (zero in every band, or nodata): a sparse reference
     mask leaves most pixels unlabelled (255) without them being blank; `--max-unlabelled`
-    counts those.
+    counts those. Each share is of the pixels the source covers: a scene smaller than the
+    patch is padded, and its padding is no one's blank or unlabelled land.
     """
     label = sample.arrays[LABEL_ARRAY[spec.task]]
-    blank = ~_image_valid(sample, label.shape)
+    height, width = sample.covered or label.shape
+    blank = ~_image_valid(sample, label.shape)[:height, :width]
     for name in array_names(spec.task)[:-1]:
-        blank = blank | ~np.any(sample.arrays[name], axis=0)
+        blank = blank | ~np.any(sample.arrays[name][:, :height, :width], axis=0)
+    label = label[:height, :width]
     if float(blank.mean()) > request.max_blank:
         return "blank"
     unlabelled = float((label == IGNORE_INDEX).mean())

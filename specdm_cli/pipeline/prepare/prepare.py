@@ -12,7 +12,7 @@ from typing import Any
 
 from specdm_cli import __version__
 from specdm_cli.config import Progress, StoreFormat
-from specdm_cli.errors import InputDataError, UsageError
+from specdm_cli.errors import InputDataError, Interrupted, ResourceError, UsageError
 from specdm_cli.faults import fault_point
 from specdm_cli.fs.atomic import remove_stray_temporaries, remove_tree
 from specdm_cli.fs.lock import DirLock
@@ -177,9 +177,12 @@ def prepare(
         create_store(request.out, manifest, len(source_plan.candidates), georeferenced)
     try:
         tally = _write(request, source_plan, stop, progress, state == "resume")
-    except InputDataError:
-        # Only a store this run created: a resumed one may hold samples its tally lost.
-        if state == "fresh" and _load_tally(request.out).kept == 0:
+    except Exception as exc:
+        # After bad input or a bug, a store this run created and filled with nothing is not
+        # worth resuming; a fault of the machine (disk full, I/O, Ctrl-C) leaves it to
+        # --resume, and a resumed store may hold samples its tally lost.
+        fault = isinstance(exc, (OSError, ResourceError, Interrupted))
+        if state == "fresh" and not fault and _load_tally(request.out).kept == 0:
             remove_tree(request.out)
         raise
     finally:

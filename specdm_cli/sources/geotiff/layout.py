@@ -162,7 +162,7 @@ def _header(path: Path) -> Header:
         bands = data_bands(src)
         scales, offsets = band_scaling(src, bands)
         scaled = bool((scales != 1).any() or (offsets != 0).any())
-        dtype = str(src.dtypes[bands[0] - 1]) if bands else str(src.dtypes[0])
+        dtype = str(bands_dtype(src, bands))
         alpha = len(bands) < src.count
         names = tuple((src.descriptions[i - 1] or "").strip() for i in bands)
         return Header(
@@ -174,6 +174,12 @@ def data_bands(src: Any) -> list[int]:
     """The 1-based indexes of the bands that hold values: all but an alpha band (an RGBA
     export's fourth band), which GDAL reads as the mask of the others."""
     return [i + 1 for i, kind in enumerate(src.colorinterp) if kind != ColorInterp.alpha]
+
+
+def bands_dtype(src: Any, bands: list[int]) -> np.dtype[Any]:
+    """The type that holds every one of `bands` (a VRT of band files keeps each file's type:
+    UInt16 and Float32 read as float32)."""
+    return np.result_type(*(src.dtypes[i - 1] for i in bands or [1]))
 
 
 def band_scaling(src: Any, bands: list[int]) -> tuple[np.ndarray, np.ndarray]:

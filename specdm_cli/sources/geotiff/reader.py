@@ -53,6 +53,7 @@ from specdm_cli.sources.geotiff.layout import (
     Files,
     Header,
     band_scaling,
+    bands_dtype,
     check_all,
     check_stem,
     data_bands,
@@ -336,6 +337,7 @@ def _load(candidate: Candidate, *, ctx: _Context, rasters: OpenRasters) -> RawSa
         bounds,
         nodata_pixels=int((invalid | label_invalid).sum()),
         image_nodata=pad_to(invalid, ctx.height, ctx.width, True),
+        covered=(label.shape[0], label.shape[1]),
     )
 
 
@@ -357,10 +359,19 @@ def _read_window(
         window = Window(x, y, min(ctx.width, src.width - x), min(ctx.height, src.height - y))
         bands = data_bands(src)
         # A fresh array of the window only: memory stays flat however large the file.
-        values = np.asarray(src.read(bands, window=window))
+        values = _read_bands(src, bands, window)
         masked = _gdal_masked(src, window, ctx.replaces_tag) if masks else None
         scales, offsets = band_scaling(src, bands)
         return _Window(values, src.nodata, src.transform, masked, scales, offsets)
+
+
+def _read_bands(src: Any, bands: list[int], window: Window) -> np.ndarray:
+    """`bands` of the window, in the type that holds them all: rasterio reads bands of several
+    types (a VRT of band files) only one at a time."""
+    if len({src.dtypes[i - 1] for i in bands}) <= 1:
+        return np.asarray(src.read(bands, window=window))
+    dtype = bands_dtype(src, bands)
+    return np.stack([src.read(i, window=window).astype(dtype) for i in bands])
 
 
 def _transparent(window: _Window) -> np.ndarray | None:

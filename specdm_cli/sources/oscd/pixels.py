@@ -243,4 +243,5 @@ def load_patch(candidate: Candidate, *, ctx: Context, cache: CityCache) -> RawSa
         bounds,
         int(invalid.sum()) + padding,
         image_nodata=pad_to(invalid, ctx.size, ctx.size, True),
+        covered=(change.shape[0], change.shape[1]),
     )
