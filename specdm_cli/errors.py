@@ -79,6 +79,8 @@ class Interrupted(SpecdmError):
 def reason_of(exc: BaseException) -> str:
     """An exception's first line, short enough for one stderr line (its type when it says
     nothing): what a library reported, quoted inside our own message."""
+    if "See previous exception" in str(exc) and exc.__cause__ is not None:
+        return reason_of(exc.__cause__)  # rasterio keeps GDAL's reason (a missing file) there
     return str(exc).splitlines()[0][:120] if str(exc) else type(exc).__name__
 
 

@@ -479,6 +479,22 @@ def test_a_vrt_of_bands_of_two_types_is_read_at_the_type_that_holds_both(tmp_pat
         np.testing.assert_array_equal(store.read(index)["image"], written[stem])
 
 
+def test_a_vrt_whose_band_file_is_missing_is_one_line_naming_that_file(tmp_path: Path) -> None:
+    """GDAL's reason, not rasterio's "See previous exception", and no store left."""
+    root = make_geotiff_folder(tmp_path / "raw", n=2, size=(16, 16), bands=1)
+    parts = tmp_path / "bands"
+    parts.mkdir()
+    for stem in ("tile_00", "tile_01"):
+        counts = (root / "images" / f"{stem}.tif").rename(parts / f"{stem}_B01.tif")
+        (root / "images" / f"{stem}.vrt").write_text(_band_vrt([(counts, "UInt16")], 16, 16))
+    (parts / "tile_01_B01.tif").unlink()
+    out = tmp_path / "store.zarr"
+    code, _, stderr = run_cli("prepare", "geotiff", root, "--out", out, "--workers", "1")
+    (line,) = [line for line in stderr.splitlines() if line.startswith("error:")]
+    assert code == 3 and "tile_01_B01.tif" in line and "Traceback" not in stderr, stderr
+    assert not out.exists()
+
+
 def test_a_failure_that_is_not_the_input_s_leaves_no_empty_store(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

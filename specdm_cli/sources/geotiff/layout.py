@@ -151,7 +151,9 @@ def raster_errors(path: Path) -> Iterator[None]:
     except (RasterioError, OSError) as exc:
         reason = reason_of(exc)
         raise InputDataError(
-            f"unreadable or corrupt raster ({reason})", path, "re-export or remove the file"
+            f"unreadable or corrupt raster ({reason})",
+            path,
+            "re-export or remove the file (a VRT: restore the files it names)",
         ) from None
 
 
