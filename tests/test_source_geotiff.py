@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import csv
+import errno
 import json
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -493,6 +494,28 @@ def test_a_vrt_whose_band_file_is_missing_is_one_line_naming_that_file(tmp_path:
     (line,) = [line for line in stderr.splitlines() if line.startswith("error:")]
     assert code == 3 and "tile_01_B01.tif" in line and "Traceback" not in stderr, stderr
     assert not out.exists()
+
+
+def test_a_raw_folder_you_may_not_read_is_input_data_not_an_unwritable_output(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Exit 3 naming the folder, where it was exit 5 "cannot write here". Tests run as root,
+    whom chmod does not stop, so the listing's EACCES is raised as a user would meet it."""
+    root = make_geotiff_folder(tmp_path / "raw", n=2)
+    listing = Path.iterdir
+
+    def refused(folder: Path) -> Iterator[Path]:
+        if folder.name == "masks":
+            raise PermissionError(errno.EACCES, "Permission denied", str(folder))
+        return listing(folder)
+
+    monkeypatch.setattr(Path, "iterdir", refused)
+    for task in ((), ("--task", "ss")):
+        out = tmp_path / "store.zarr"
+        code, _, stderr = run_cli("prepare", "geotiff", root, "--out", out, *task)
+        (line,) = [line for line in stderr.splitlines() if line.startswith("error:")]
+        assert code == 3 and "cannot read the raw data (Permission denied)" in line, stderr
+        assert str(root / "masks") in line and not out.exists()
 
 
 def test_a_failure_that_is_not_the_input_s_leaves_no_empty_store(

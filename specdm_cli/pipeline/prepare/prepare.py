@@ -5,14 +5,15 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from specdm_cli import __version__
 from specdm_cli.config import Progress, StoreFormat
-from specdm_cli.errors import InputDataError, Interrupted, ResourceError, UsageError
+from specdm_cli.errors import InputDataError, Interrupted, ResourceError, UsageError, reason_of
 from specdm_cli.faults import fault_point
 from specdm_cli.fs.atomic import remove_stray_temporaries, remove_tree
 from specdm_cli.fs.lock import DirLock
@@ -95,7 +96,8 @@ def _check_task(request: PrepareRequest) -> None:
     asked = request.task_asked
     if asked is None:
         return
-    found = data_task(request.source, request.raw)
+    with _reading_raw(request.raw):
+        found = data_task(request.source, request.raw)
     if found is not None and asked != found:
         raise UsageError(
             f"--task {asked}: the {request.source} data here is task {found}",
@@ -163,7 +165,7 @@ def prepare(
     state = resolve_target(request.out, plan, request.resume, request.overwrite)
     if state == "done":
         return _summary(request.out, "already complete", started)
-    with stop.while_planning():
+    with stop.while_planning(), _reading_raw(request.raw):
         source_plan = READERS[request.source](request.raw, request.options)
     for line in source_plan.warnings:
         if warn is not None:
@@ -322,6 +324,20 @@ def _require_room(out: Path, source_plan: SourcePlan) -> None:
         f"the store ({count} patches of {spec.height}x{spec.width}, {len(spec.bands)} bands)",
         "free space or choose another --out; fewer patches: a larger --patch-size, --overlap 0",
     )
+
+
+@contextmanager
+def _reading_raw(raw: Path | None) -> Iterator[None]:
+    """Opening the raw data only reads it, so a permission refused there is the input's (exit
+    3), not an output that cannot be written (exit 5)."""
+    try:
+        yield
+    except PermissionError as exc:
+        raise InputDataError(
+            f"cannot read the raw data ({exc.strerror or reason_of(exc)})",
+            exc.filename or raw,
+            "give your user read access to it (ls -l shows who has it)",
+        ) from None
 
 
 def _remove_empty_store(request: PrepareRequest, tally: PrepareTally) -> None:
