@@ -223,6 +223,15 @@ def test_a_live_lock_is_refused_and_a_stale_lock_taken_over(tmp_path: Path) -> N
         (["prepare", "demo", "--cities", "paris"], 2, "prepare demo does not read --cities"),
         (["prepare", "segmunich", "raw", "--classes", "c.csv"], 2, "--classes is for geotiff"),
         (["prepare", "oscd", "raw", "--demo-variant", "hard"], 2, "does not read --demo-variant"),
+        # Options with defaults count where given: SegMunich has its own patches and splits.
+        (
+            ["prepare", "segmunich", "raw", "--patch-size", "16", "--seed", "3"],
+            2,
+            "prepare segmunich does not read --patch-size, --seed (--patch-size is for oscd",
+        ),
+        (["prepare", "segmunich", "raw", "--val-fraction", "0.5"], 2, "not read --val-fraction"),
+        (["prepare", "oscd", "raw", "--n", "8"], 2, "prepare oscd does not read --n"),
+        (["prepare", "demo", "--overlap", "0.5"], 2, "prepare demo does not read --overlap"),
         (["prepare", "segmunich", "/does/not/exist"], 3, "does not exist"),
         (["inspect", "/does/not/exist.zarr"], 3, "does not exist"),
     ],

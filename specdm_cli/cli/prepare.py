@@ -21,6 +21,7 @@ from specdm_cli.config import DemoBandSet, DemoVariant, SourceName, StoreFormat,
 
 
 def prepare(
+    ctx: typer.Context,
     source: Annotated[SourceName, typer.Argument(help="segmunich, oscd, geotiff or demo.")],
     raw: Annotated[Path | None, typer.Argument(help="Raw data folder (not for demo).")] = None,
     out: Annotated[
@@ -100,11 +101,7 @@ def prepare(
         from specdm_cli.pipeline.prepare.request import PrepareRequest
         from specdm_cli.pipeline.signals import graceful_stop
 
-        _refuse_options_the_source_ignores(source, {
-            "--bands": bands, "--nodata": nodata, "--label-nodata": label_nodata,
-            "--classes": classes, "--splits": splits, "--cities": cities,
-            "--val-cities": val_cities, "--demo-variant": demo_variant,
-        })  # fmt: skip
+        _refuse_options_the_source_ignores(source, ctx)
         options = PrepareOptions(
             bands=_names(bands),
             patch_size=patch_size,
@@ -163,30 +160,47 @@ def _default_test_fraction(source: str, given: float | None) -> float:
 
 
 # The sources that read each option with no default (the others ignored it without a word).
+# The sources that read each option: one given to another is refused, not silently dropped
+# (SegMunich's 128 px patches and its own split lists take no --patch-size or --val-fraction).
 _READ_BY: dict[str, tuple[str, ...]] = {
-    "--bands": ("oscd",),
-    "--nodata": ("segmunich", "oscd", "geotiff"),
-    "--label-nodata": ("segmunich", "oscd", "geotiff"),
-    "--classes": ("geotiff",),
-    "--splits": ("geotiff",),
-    "--cities": ("oscd",),
-    "--val-cities": ("oscd",),
-    "--demo-variant": ("demo",),
+    "bands": ("oscd",),
+    "patch_size": ("oscd", "geotiff"),
+    "overlap": ("oscd", "geotiff"),
+    "nodata": ("segmunich", "oscd", "geotiff"),
+    "label_nodata": ("segmunich", "oscd", "geotiff"),
+    "classes": ("geotiff",),
+    "splits": ("geotiff",),
+    "cities": ("oscd",),
+    "val_cities": ("oscd",),
+    "val_fraction": ("oscd", "geotiff", "demo"),
+    "test_fraction": ("geotiff", "demo"),
+    "seed": ("oscd", "geotiff", "demo"),
+    "n": ("demo",),
+    "size": ("demo",),
+    "demo_bands": ("demo",),
+    "demo_variant": ("demo",),
 }
 
 
-def _refuse_options_the_source_ignores(source: str, given: dict[str, object]) -> None:
+def _refuse_options_the_source_ignores(source: str, ctx: typer.Context) -> None:
+    """Options given on the command line (or by environment) that `source` does not read."""
     from specdm_cli.errors import UsageError
 
-    ignored = [
-        name for name, value in given.items() if value is not None and source not in _READ_BY[name]
-    ]
+    # By name: typer's Context is its own click's, whose ParameterSource is not click's.
+    sources = {name: ctx.get_parameter_source(name) for name in _READ_BY}
+    given = [name for name, where in sources.items() if where and where.name != "DEFAULT"]
+    ignored = [name for name in given if source not in _READ_BY[name]]
     if ignored:
+        options = ", ".join(_option(name) for name in ignored)
         readers = " / ".join(_READ_BY[ignored[0]])
         raise UsageError(
-            f"prepare {source} does not read {', '.join(ignored)} ({ignored[0]} is for {readers})",
-            hint=f"drop {', '.join(ignored)}, or check the source name",
+            f"prepare {source} does not read {options} ({_option(ignored[0])} is for {readers})",
+            hint=f"drop {options}, or check the source name",
         )
+
+
+def _option(name: str) -> str:
+    return "--" + name.replace("_", "-")
 
 
 def _parse_nodata(text: str | None, option: str = "--nodata") -> float | None:
