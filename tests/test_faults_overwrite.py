@@ -67,3 +67,40 @@ def test_prepare_inside_its_raw_folder_is_refused(tmp_path: Path) -> None:
     code, _, stderr = run_cli("prepare", "geotiff", raw, "--out", raw / "out.zarr", "--quiet")
     assert code == 2 and "overlaps the input" in stderr
     assert sorted(p.name for p in raw.iterdir()) == ["keep.txt"]
+
+
+def test_overwrite_replaces_only_a_store_the_same_command_made(tmp_path: Path) -> None:
+    """A prepared store is real data: `synthesize --overwrite` onto it is refused, as is
+    `prepare --overwrite` onto a synthetic store; each replaces its own."""
+    real = prepare_demo(tmp_path / "real.zarr", n=8)
+    synthetic = tmp_path / "syn.zarr"
+    synth = ("synthesize", "--model", "demo", "--task", "ss", "--n", "2", "--steps", "2",
+             "--threads", "1", "--quiet", "--out")  # fmt: skip
+    assert run_cli(*synth, synthetic)[0] == 0
+    before = tree_bytes(real), tree_bytes(synthetic)
+    code, _, stderr = run_cli(*synth, real, "--overwrite")
+    assert code == 3 and "`specdm prepare` made with `specdm synthesize`" in stderr, stderr
+    code, _, stderr = run_cli("prepare", "demo", "--n", "8", "--size", "32", "--out", synthetic,
+                              "--overwrite", "--quiet")  # fmt: skip
+    assert code == 3 and "`specdm synthesize` made with `specdm prepare`" in stderr, stderr
+    assert (tree_bytes(real), tree_bytes(synthetic)) == before
+    assert run_cli(*synth, synthetic, "--overwrite", "--seed", "1")[0] == 0
+    assert tree_bytes(synthetic) != before[1]
+
+
+def test_a_refused_overwrite_leaves_the_old_store(tmp_path: Path) -> None:
+    """Every option is checked before the old store is removed: steps past the schedule, a
+    sampler the model lacks, a batch the memory cannot hold."""
+    synthetic = tmp_path / "syn.zarr"
+    synth = ("synthesize", "--model", "demo", "--task", "ss", "--n", "2", "--threads", "1",
+             "--quiet", "--out", synthetic)  # fmt: skip
+    assert run_cli(*synth, "--steps", "2")[0] == 0
+    before = tree_bytes(synthetic)
+    for refused, code in (
+        (("--steps", "5000"), 2),
+        (("--sampler", "distilled"), 4),
+        (("--batch-size", "1000000000", "--require", "0:0.01"), 5),
+    ):
+        exit_code, _, stderr = run_cli(*synth, "--overwrite", *refused)
+        assert exit_code == code and "Traceback" not in stderr, (refused, stderr)
+        assert tree_bytes(synthetic) == before, refused

@@ -119,6 +119,25 @@ def test_ctrl_c_while_the_cli_starts_prints_one_line(tmp_path: Path) -> None:
     assert not (tmp_path / "s.zarr").exists()
 
 
+def test_ctrl_c_while_require_draws_stops_after_the_block_in_hand(tmp_path: Path) -> None:
+    """A rare `--require` draws block after block before a batch is whole (here never: road
+    over every pixel); a Ctrl-C there went unheard until it gave up, minutes later, with exit 2.
+    Now the next block boundary stops it: exit 130, resumable."""
+    out = tmp_path / "syn.zarr"
+    drawing = spawn("synthesize", "--model", "demo", "--task", "ss", "--n", "4", "--batch-size",
+                    "4", "--steps", "2", "--threads", "1", "--require", "road:1.0", "--out", out,
+                    fault="synthesize-draw-block:2:stop")  # fmt: skip
+    try:
+        wait_until_stopped(drawing)
+        os.kill(drawing.pid, signal.SIGINT)
+        os.kill(drawing.pid, signal.SIGCONT)
+        _, stderr = drawing.communicate(timeout=120)
+    finally:
+        processes.kill_group(drawing)
+    assert drawing.returncode == 130, stderr
+    assert stderr.strip().splitlines()[-1] == "interrupted: rerun with --resume"
+
+
 def test_batch_and_sample_counts_that_cannot_fit_are_refused_at_once(tmp_path: Path) -> None:
     """Issue 16 item 7: `--batch-size 10**9` ended in std::bad_alloc (exit 1), `--n 10**12` ran
     two minutes before disk full: both are refused from their sizes before any work."""

@@ -151,18 +151,32 @@ def is_ours(path: Path, kind: OutputKind) -> bool:
     return True
 
 
-def remove_own(path: Path, kind: OutputKind) -> None:
-    """`--overwrite`: remove `path` if specdm made it as `kind` (DESIGN.md), else refuse."""
+def remove_own(path: Path, kind: OutputKind, stage: object = None) -> None:
+    """`--overwrite`: remove `path` if specdm made it as `kind` (DESIGN.md), and a store only if
+    the `stage` overwriting it made it (where given): `synthesize --overwrite` onto a prepared
+    store would delete real data. Else refuse."""
     if not is_ours(path, kind):
         raise InputDataError(
             f"refusing to overwrite a folder that is not a specdm {kind}",
             path,
             "remove it yourself or choose another output",
         )
+    made_by = _made_by(path) if kind == "store" else None
+    if stage is not None and made_by not in (None, stage):
+        raise InputDataError(
+            f"refusing to overwrite a store `specdm {made_by}` made with `specdm {stage}`",
+            path,
+            "choose another output (remove it yourself if it is no longer needed)",
+        )
     # Under its writer lock, so no reader starts between the check for readers and the removal.
     with DirLock(path) as lock:
         refuse_if_locked(path, mine=lock.path)
         remove_tree(path)
+
+
+def _made_by(store: Path) -> object:
+    """The stage that made the store (its plan's), None for a store that records none."""
+    return (load_manifest(store / MANIFEST_NAME).plan or {}).get("stage")
 
 
 def _is_run_json(path: Path) -> bool:
@@ -216,7 +230,7 @@ def resolve_target(
     if not path.exists():
         return "fresh"
     if overwrite:
-        remove_own(path, "store")
+        remove_own(path, "store", plan.get("stage"))
         return "fresh"
     if not resume:
         raise InputDataError(

@@ -39,6 +39,7 @@ from specdm_cli.pipeline.synthesize.shards import Shard, parse_shard
 from specdm_cli.pipeline.synthesize.synthesize import (
     SynthesizeRequest,
     SynthesizeSummary,
+    check_steps,
     filter_options,
     parse_batch_size,
     refuse_split,
@@ -260,8 +261,6 @@ def _write(
     requirements = parse_require(options.require, chosen.manifest.classes)  # before any judge
     # Judged before an old store is removed: a --real that does not fit leaves it in place.
     judge = _judge(options, bar, chosen, progress)
-    if options.overwrite and options.out.exists():
-        remove_own(options.out, "store")
     stored_sampler = _store_sampler(options)
     request = SynthesizeRequest(
         model=chosen,
@@ -272,7 +271,11 @@ def _write(
         steps=options.steps,
         seed=options.seed,
         batch_size=resolve_batch_size(
-            grid, options.out, options.devices, options.n, bool(options.filters())
+            grid,
+            None if options.overwrite else options.out,
+            options.devices,
+            options.n,
+            bool(options.filters()),
         ),
         precision=options.precision,
         format=options.format,
@@ -284,7 +287,11 @@ def _write(
         label_confidence=options.label_confidence,
         detail=bool(options.detail),  # resolved by _detail
     )
-    _require_room(request)
+    # Every option checked before --overwrite removes the old store: a refusal leaves it.
+    check_steps(request)
+    _require_room(request, replacing=options.overwrite)
+    if options.overwrite and options.out.exists():
+        remove_own(options.out, "store", "synthesize")
     if options.sampler == "auto":  # the same command samples otherwise once a run is distilled
         why = _why_sampler(request, options, stored_sampler is not None)
         notice(f"sampler: {request.sampler} ({why}; --sampler auto)")
@@ -305,9 +312,10 @@ def _write(
 _DECODER_VALUES_PER_PIXEL = 256
 
 
-def _require_room(request: SynthesizeRequest) -> None:
+def _require_room(request: SynthesizeRequest, replacing: bool) -> None:
     """Refuse (exit 5) at once what cannot fit: a batch the memory cannot hold, a new store the
-    disk cannot hold (`--n 10**12` used to run two minutes before disk full)."""
+    disk cannot hold (`--n 10**12` used to run two minutes before disk full); `replacing`, the
+    store at `out` is to be removed first (its space not counted free: a refusal keeps it)."""
     manifest = request.model.manifest
     pixels = manifest.height * manifest.width
     images = len(array_names(manifest.task)) - 1
@@ -317,7 +325,7 @@ def _require_room(request: SynthesizeRequest) -> None:
         f"a batch of {request.batch_size}",
         "use a smaller --batch-size (e.g. 16)",
     )
-    if not (request.out / MANIFEST_NAME).exists():
+    if replacing or not (request.out / MANIFEST_NAME).exists():
         per_sample = stored_sample_bytes(
             manifest.task, len(manifest.bands), manifest.dtype, manifest.height, manifest.width
         )

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import numpy as np
 
+from specdm_cli.faults import fault_point
 from specdm_cli.manifest import LABEL_ARRAY
+from specdm_cli.pipeline.signals import StopFlag
 from specdm_cli.pipeline.synthesize.quality import Judge
 from specdm_cli.pipeline.synthesize.require import Requirement, accepted, give_up
 from specdm_cli.pipeline.synthesize.sampler import Sampler
@@ -18,8 +20,8 @@ class Draws:
     """The samples of grid batches: draw i for sample i, or with --require / --min-quality the
     accepted draws in order, drawn in fixed blocks of B (see require.py)."""
 
-    def __init__(self, sampler: Sampler, steps: int):
-        self.sampler, self.steps = sampler, steps
+    def __init__(self, sampler: Sampler, steps: int, stop: StopFlag):
+        self.sampler, self.steps, self.stop = sampler, steps, stop
         self.block = sampler.plan.batch_size
         self.requirements: tuple[Requirement, ...] = ()
         self.judge: Judge | None = None
@@ -45,6 +47,8 @@ class Draws:
             return arrays, clipped, np.arange(batch.start, batch.stop), unscored
         spent = 0
         while self._waiting() < len(batch):
+            # Between blocks: a rare --require may draw for minutes before a batch is whole.
+            self.stop.check()
             spent += self._draw_block()
             give_up(spent, self._waiting(), len(batch), self.asked)
         return self._pop(len(batch))
@@ -56,6 +60,7 @@ class Draws:
         """Draws the block holding `next_draw`; returns how many new draws it made."""
         first = self.next_draw - self.next_draw % self.block
         arrays, clipped = self.sampler.batch(first, self.block, self.steps)
+        fault_point("synthesize-draw-block")
         keep, scores = self._acceptable(arrays)
         keep[: self.next_draw - first] = False  # drawn before: written already
         rows = np.flatnonzero(keep)

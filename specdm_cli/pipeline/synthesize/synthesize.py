@@ -123,12 +123,13 @@ def parse_batch_size(text: str) -> int | None:
 
 
 def resolve_batch_size(
-    given: int | None, out: Path, devices: Devices, n: int, filtered: bool
+    given: int | None, out: Path | None, devices: Devices, n: int, filtered: bool
 ) -> int:
     """B as given, or for `auto` the grid of the store at `out` when it exists (so a resume or
-    another shard needs no B), else a default for the device; at most n when every draw is
-    kept (no --require/--min-quality), since a batch always computes B samples."""
-    if given is None and (out / MANIFEST_NAME).is_file():
+    another shard needs no B; None: a store there is to be replaced), else a default for the
+    device; at most n when every draw is kept (no --require/--min-quality), since a batch
+    always computes B samples."""
+    if given is None and out is not None and (out / MANIFEST_NAME).is_file():
         return load_manifest(out / MANIFEST_NAME).batch_grid
     grid = AUTO_BATCH[devices.kind] if given is None else given
     return grid if filtered else min(grid, n)
@@ -239,7 +240,7 @@ def synthesize(
     if request.n <= 0:
         raise UsageError("--n must be at least 1", hint="e.g. --n 1000")
     refuse_split(request.asked(), request.shard, request.devices)
-    steps = _steps(request)
+    steps = check_steps(request)
     devices = torch_devices(request.devices)
     fresh = not (request.out / MANIFEST_NAME).exists()
     manifest = join_or_create(request.out, _manifest(request, steps, devices[0]))
@@ -254,7 +255,7 @@ def synthesize(
             )
     except UsageError:  # filtered draws that found nothing: no empty store left to trip over
         if fresh and not open_store(request.out, allow_incomplete=True).written().any():
-            remove_own(request.out, "store")
+            remove_own(request.out, "store", "synthesize")
         raise
     cuda_peak = torch.cuda.max_memory_allocated(devices[0]) if devices[0].type == "cuda" else None
     return _summary(request, started, loop, len(batches), draws.count if draws else 0, cuda_peak)
@@ -280,7 +281,7 @@ def _write_shard(
         label_confidence=request.label_confidence,
         detail=request.detail,
     )  # fmt: skip
-    draws = Draws(_sampler(request, plan, device), steps) if todo else None
+    draws = Draws(_sampler(request, plan, device), steps, stop) if todo else None
     if draws is not None and request.filtered():
         candidates = open_store(request.out, allow_incomplete=True).candidates()
         next_draw = resume_draw(candidates, todo[0].start)
@@ -298,7 +299,7 @@ def refuse_split(asked: str, shard: Shard, devices: Devices) -> None:
         )
 
 
-def _steps(request: SynthesizeRequest) -> int:
+def check_steps(request: SynthesizeRequest) -> int:
     """The sampler's step count: --steps, else its default; a distilled student's own."""
     if request.sampler != "distilled":
         steps = request.steps or DEFAULT_STEPS[request.sampler]
