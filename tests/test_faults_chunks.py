@@ -102,6 +102,22 @@ def test_synthesize_resume_rewrites_damaged_samples(tmp_path: Path) -> None:
     assert run_cli("inspect", store, "--verify")[0] == 0
 
 
+def test_a_damaged_per_sample_table_is_one_line_exit_3(tmp_path: Path) -> None:
+    """The tables of what was written and what it holds: a short chunk there was exit 1,
+    "unexpected RuntimeError (a bug)", from inspect and --resume alike; every reader of a table
+    now names it."""
+    store = tmp_path / "syn.zarr"
+    assert run_cli(*SYNTH, "--out", store)[0] == 0
+    for table in ("written", "class_fraction"):
+        chunk = next(p for p in (store / table / "c").rglob("*") if p.is_file())
+        chunk.write_bytes(chunk.read_bytes()[:10])  # blosc's header cut: it cannot decompress
+    for command in (("inspect", store), (*SYNTH, "--out", store, "--resume")):
+        code, _, stderr = run_cli(*command)
+        assert_one_error_line(code, stderr, 3, "per-sample table 'written' is damaged")
+    with pytest.raises(InputDataError, match="'class_fraction' is damaged"):
+        open_store(store, allow_incomplete=True).class_fractions()
+
+
 def test_a_store_without_checksums_still_opens(pristine: Path, tmp_path: Path) -> None:
     store = tmp_path / "old.zarr"
     shutil.copytree(pristine, store, ignore=shutil.ignore_patterns("checksum"))

@@ -69,9 +69,9 @@ def read_quality(reader: StoreReader) -> np.ndarray:
         else:
             raw = json.loads((reader.root / QUALITY_FILE).read_text(encoding="utf-8"))["quality"]
             values = np.array([np.nan if v is None else v for v in raw], np.float64)
-    except (OSError, KeyError, ValueError, TypeError) as exc:
+    except (OSError, KeyError, ValueError, TypeError, RuntimeError) as exc:  # blosc: Runtime
         raise InputDataError(
-            f"unreadable quality scores ({exc})",
+            f"unreadable quality scores ({exc})".splitlines()[0],
             reader.root,
             "rerun `specdm benchmark --write-scores`",
         ) from None

@@ -161,6 +161,21 @@ def _checksum_names(table: zarr.Array[Any]) -> list[str]:
     return [str(n) for n in names] if isinstance(names, list) else []
 
 
+def read_table(
+    array: zarr.Array[Any], name: str, root: Path, rows: int | None = None
+) -> np.ndarray:
+    """A per-sample table's first `rows` (all: None); a short or garbled chunk is exit 3 naming
+    the table, never a crash (blosc and zstd raise RuntimeError) nor values read as data."""
+    try:
+        return np.asarray(array[:rows])
+    except (RuntimeError, ValueError, OSError) as exc:
+        raise InputDataError(
+            f"the per-sample table {name!r} is damaged (unreadable chunk, {exc})".splitlines()[0],
+            root,
+            "re-create the store: its record of what was written cannot be trusted",
+        ) from None
+
+
 def _array(group: zarr.Group, name: str) -> zarr.Array[Any]:
     """The array `name` of `group`; a missing, misshapen or unreadable one is a damaged store."""
     try:
@@ -286,7 +301,7 @@ class ZarrWriter(StoreWriter):
         self._handle(Y_COORDINATE)[start : start + len(metas)] = ys
 
     def written(self) -> np.ndarray:
-        return np.asarray(self._handle("written")[:])
+        return read_table(self._handle("written"), "written", self.root)
 
     def forget_from(self, index: int) -> None:
         flags = self._handle("written")
@@ -374,7 +389,7 @@ class ZarrReader(StoreReader):
         return CHECKSUM_ARRAY in self.group
 
     def _table(self, name: str) -> np.ndarray:
-        return np.asarray(_array(self.group, name)[: len(self)])
+        return read_table(_array(self.group, name), name, self.root, len(self))
 
     def splits(self) -> np.ndarray:
         codes = self._table("split")
