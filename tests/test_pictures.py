@@ -58,7 +58,8 @@ def test_a_preview_path_that_would_destroy_a_file_is_refused_before_sampling(
     """It replaced a run's run.json, the new store's manifest, any file, with exit 0."""
     out, notes = tmp_path / "syn.zarr", tmp_path / "notes.txt"
     notes.write_text("mine")
-    for preview in (out / "manifest.json", notes, tmp_path):
+    # The last: a folder on its path is a file, which failed the write after sampling.
+    for preview in (out / "manifest.json", notes, tmp_path, notes / "p.png"):
         code, _, stderr = run_cli("synthesize", "--model", "demo", "--task", "ss", "--n", "2",
                                   "--steps", "2", "--out", out, "--preview", preview, "-q")  # fmt: skip
         assert code == 2 and stderr.startswith("error:"), (preview, stderr)

@@ -104,6 +104,14 @@ def check_preview_path(path: Path, inputs: dict[str, Path | None]) -> None:
             "which the picture would replace",
             hint="choose a new file name ending in .png",
         )
+    # The nearest existing folder above it: a file there (`--preview notes.txt/p.png`) would
+    # fail the write only after every sample was drawn.
+    above = next((folder for folder in path.absolute().parents if folder.exists()), None)
+    if above is not None and not above.is_dir():
+        raise UsageError(
+            f"--preview {path}: {above} is a file, not a folder the picture can go in",
+            hint="choose a path whose folders are folders",
+        )
 
 
 def _holds_png(path: Path) -> bool:
