@@ -126,7 +126,7 @@ def test_ctrl_c_while_require_draws_stops_after_the_block_in_hand(tmp_path: Path
     out = tmp_path / "syn.zarr"
     drawing = spawn("synthesize", "--model", "demo", "--task", "ss", "--n", "4", "--batch-size",
                     "4", "--steps", "2", "--threads", "1", "--require", "road:1.0", "--out", out,
-                    fault="synthesize-draw-block:2:stop")  # fmt: skip
+                    fault="synthesize.draw_block:2:stop")  # fmt: skip
     try:
         wait_until_stopped(drawing)
         os.kill(drawing.pid, signal.SIGINT)
@@ -136,6 +136,27 @@ def test_ctrl_c_while_require_draws_stops_after_the_block_in_hand(tmp_path: Path
         processes.kill_group(drawing)
     assert drawing.returncode == 130, stderr
     assert stderr.strip().splitlines()[-1] == "interrupted: rerun with --resume"
+
+
+def test_sigterm_stops_a_command_without_resume_in_one_line_and_drops_its_claim(
+    tmp_path: Path,
+) -> None:
+    """`inspect`, `filter` and `benchmark` died where SIGTERM found them, leaving their read
+    claim on the store; now they stop as Ctrl-C stops them: exit 143 and one line."""
+    store = prepare_demo(tmp_path / "s.zarr", n=8, size=16)
+    verifying = spawn("inspect", store, "--verify", fault="inspect.verify:1:stop")
+    try:
+        wait_until_stopped(verifying)
+        os.kill(verifying.pid, signal.SIGTERM)
+        os.kill(verifying.pid, signal.SIGCONT)
+        _, stderr = verifying.communicate(timeout=120)
+    finally:
+        processes.kill_group(verifying)
+    assert verifying.returncode == 143, stderr
+    assert stderr.strip().startswith("interrupted: this command does not resume")
+    assert not [
+        p.name for p in store.iterdir() if p.name.startswith((".specdm.read-", ".specdm.lock"))
+    ]
 
 
 def test_batch_and_sample_counts_that_cannot_fit_are_refused_at_once(tmp_path: Path) -> None:

@@ -27,6 +27,7 @@ from specdm_cli.cli.output import (
     stderr,
 )
 from specdm_cli.config import Devices
+from specdm_cli.pipeline.signals import stop_at_once
 
 
 def benchmark(
@@ -133,7 +134,7 @@ def benchmark(
     quiet: QuietOption = False,
 ) -> None:
     """Report how good, how useful and how fast a synthetic dataset is."""
-    with domain_errors(resumable=False):
+    with domain_errors(resumable=False), stop_at_once():
         if not schema:
             require_inputs(stores={"--real": real, "--synthetic": synthetic}, models=(model,))
         from specdm_cli.config import DownstreamOptions, count_list, downstream_protocol_list
@@ -218,7 +219,7 @@ def filter_command(
     quiet: QuietOption = False,
 ) -> None:
     """Write the subset of a store whose per-sample quality reaches --min-quality."""
-    with domain_errors(resumable=False):
+    with domain_errors(resumable=False), stop_at_once():
         from specdm_cli.errors import UsageError
         from specdm_cli.pipeline.filter import FilterRequest, filter_store
 

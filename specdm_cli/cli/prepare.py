@@ -18,6 +18,7 @@ from specdm_cli.cli.output import (
     stderr,
 )
 from specdm_cli.config import DemoBandSet, DemoVariant, SourceName, StoreFormat, Task
+from specdm_cli.pipeline.signals import stop_at_once
 
 
 def prepare(
@@ -230,7 +231,7 @@ def inspect(
     json_output: JsonOption = False,
 ) -> None:
     """Validate a store and summarise it: splits, bands, classes, provenance."""
-    with domain_errors(resumable=False):
+    with domain_errors(resumable=False), stop_at_once():
         from specdm_cli.pipeline.inspect import inspect_store, store_schema
 
         if schema:

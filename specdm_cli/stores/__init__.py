@@ -287,6 +287,7 @@ def check_layout(reader: StoreReader) -> None:
 
 def verify_store(reader: StoreReader) -> str:
     """`inspect --verify`: read every written sample; damaged ones are an input error naming them (exit 3)."""
+    fault_point("inspect.verify")
     damaged = find_damaged(reader)
     if damaged:
         shown = ", ".join(map(str, damaged[:10])) + (", ..." if len(damaged) > 10 else "")

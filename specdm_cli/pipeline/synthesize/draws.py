@@ -60,7 +60,7 @@ class Draws:
         """Draws the block holding `next_draw`; returns how many new draws it made."""
         first = self.next_draw - self.next_draw % self.block
         arrays, clipped = self.sampler.batch(first, self.block, self.steps)
-        fault_point("synthesize-draw-block")
+        fault_point("synthesize.draw_block")
         keep, scores = self._acceptable(arrays)
         keep[: self.next_draw - first] = False  # drawn before: written already
         rows = np.flatnonzero(keep)
