@@ -104,3 +104,22 @@ def test_a_refused_overwrite_leaves_the_old_store(tmp_path: Path) -> None:
         exit_code, _, stderr = run_cli(*synth, "--overwrite", *refused)
         assert exit_code == code and "Traceback" not in stderr, (refused, stderr)
         assert tree_bytes(synthetic) == before, refused
+
+
+def test_an_out_that_is_no_store_is_named_as_the_output(tmp_path: Path) -> None:
+    """A file, or a folder of something else, was told to `run specdm prepare first` or that its
+    manifest was unreadable; an empty folder is used with --overwrite."""
+    synth = ("synthesize", "--model", "demo", "--task", "ss", "--n", "2", "--steps", "2",
+             "--threads", "1", "--quiet", "--out")  # fmt: skip
+    a_file, empty, foreign = tmp_path / "notes.txt", tmp_path / "empty", tmp_path / "foreign"
+    a_file.write_text("mine")
+    empty.mkdir()
+    foreign.mkdir()
+    (foreign / "keep.txt").write_text("mine")
+    for out, words in ((a_file, "--out is a file"), (empty, "holds no specdm store"),
+                       (foreign, "holds no specdm store")):  # fmt: skip
+        code, _, stderr = run_cli(*synth, out)
+        assert code == 3 and words in stderr and "choose another --out" in stderr, stderr
+    assert a_file.read_text() == "mine" and (foreign / "keep.txt").read_text() == "mine"
+    assert run_cli(*synth, empty, "--overwrite")[0] == 0
+    assert (empty / "manifest.json").is_file()

@@ -175,7 +175,10 @@ def remove_own(path: Path, kind: OutputKind, stage: object = None) -> None:
 
 
 def _made_by(store: Path) -> object:
-    """The stage that made the store (its plan's), None for a store that records none."""
+    """The stage that made the store (its plan's), None for one that records none or for an
+    empty folder."""
+    if not (store / MANIFEST_NAME).is_file():
+        return None
     return (load_manifest(store / MANIFEST_NAME).plan or {}).get("stage")
 
 

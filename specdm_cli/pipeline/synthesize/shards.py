@@ -97,6 +97,7 @@ def join_or_create(out: Path, manifest: Manifest) -> Manifest:
             if not out.exists():
                 raise
             # Another shard created it between our check and our rename: join theirs.
+    _refuse_what_is_not_a_store(out)
     existing = load_manifest(out / MANIFEST_NAME)
     plan = manifest.plan
     if "threads" not in existing.plan:  # stores made before the plan recorded threads
@@ -109,6 +110,18 @@ def join_or_create(out: Path, manifest: Manifest) -> Manifest:
             "use the same options, another --out, or --overwrite",
         )
     return existing
+
+
+def _refuse_what_is_not_a_store(out: Path) -> None:
+    """An --out that exists as a file or a folder of something else (a store is created whole,
+    manifest and all, so a shard never sees one half made)."""
+    if not out.is_dir():
+        raise InputDataError("--out is a file, not a store", out, "choose another --out")
+    if not (out / MANIFEST_NAME).exists():
+        raise InputDataError(
+            "--out is a folder that holds no specdm store", out,
+            "choose another --out (an empty folder: pass --overwrite to use it)",
+        )  # fmt: skip
 
 
 def _retrained(existing: Manifest, now: Manifest) -> str:
