@@ -588,6 +588,22 @@ def test_filter_keeps_exactly_the_samples_at_or_above(
     assert code == 3 and "no quality scores" in stderr and not (tmp_path / "e").exists()
 
 
+def test_a_filter_cut_short_leaves_no_store(ss: tuple[Path, Path], tmp_path: Path) -> None:
+    """filter does not resume: a copy stopped by a damaged parent sample (or Ctrl-C) is removed,
+    where it stood in the way of the same command again until --overwrite."""
+    store = tmp_path / "syn.zarr"
+    shutil.copytree(ss[1], store)
+    info = QualityScores(definition="test", feature_hash="f" * 64, reference="r",
+                         reference_manifest_sha256="0", count=12)  # fmt: skip
+    write_quality(store, open_store(store).manifest, np.linspace(0, 1, 12), info)
+    chunk = next(p for p in (store / "image" / "c" / "9").rglob("*") if p.is_file())
+    chunk.write_bytes(chunk.read_bytes()[:10])
+    out = tmp_path / "sub.zarr"
+    code, _, stderr = run_cli("filter", store, "--min-quality", "0.5", "--out", out, "--quiet")
+    assert code == 3 and "sample 9 is damaged" in stderr and "Traceback" not in stderr, stderr
+    assert not out.exists()
+
+
 @pytest.mark.slow(reason="two more benchmark runs, one training another feature network")
 def test_compare_lines_up_reports_of_one_feature_network(
     ss_report: Path, ss: tuple[Path, Path], tmp_path: Path

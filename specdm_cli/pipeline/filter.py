@@ -10,6 +10,7 @@ import numpy as np
 
 from specdm_cli.config import Progress
 from specdm_cli.errors import InputDataError, UsageError
+from specdm_cli.fs.atomic import remove_tree
 from specdm_cli.fs.lock import DirLock, ReadLock
 from specdm_cli.fs.paths import refuse_overlap
 from specdm_cli.manifest import Manifest, ParentInfo
@@ -80,9 +81,15 @@ def _filter(request: FilterRequest, progress: Progress | None) -> FilterSummary:
         request.out, manifest.plan, resume=False, overwrite=request.overwrite, resumable=False
     )
     create_store(request.out, manifest, int(kept.size), georeferenced=False)
-    with DirLock(request.out):
-        _copy(reader, request.out, manifest, kept, progress)
-        _finish(reader, request.out, manifest, kept, scores)
+    try:
+        with DirLock(request.out):
+            _copy(reader, request.out, manifest, kept, progress)
+            _finish(reader, request.out, manifest, kept, scores)
+    except BaseException:
+        # filter does not resume: a copy cut short (Ctrl-C, a damaged parent sample) is of no
+        # use, and left there it would stand in the way of the same command again.
+        remove_tree(request.out)
+        raise
     return FilterSummary(
         str(request.out), str(request.store), request.min_quality, len(reader), int(kept.size)
     )
