@@ -17,7 +17,7 @@ from rasterio.windows import Window
 
 from tests import processes
 from tests.conftest import prepare_demo, run_cli
-from tests.fault_tools import assert_one_error_line, spawn, wait_until_stopped
+from tests.fault_tools import assert_one_error_line, signal_at_stop, spawn, wait_until_stopped
 from tests.fixtures.geotiff_folder import make_geotiff_folder, write_classes
 
 HUGE_CODE = 2_000_000_000
@@ -84,13 +84,7 @@ def test_a_signal_during_the_class_scan_stops_it_at_once(tmp_path: Path) -> None
     raw = hostile_folder(tmp_path / "raw", size=6_000, bands=2)
     out = tmp_path / "s.zarr"
     scanning = spawn("prepare", "geotiff", raw, "--out", out, fault="geotiff.scan_block:2:stop")
-    try:
-        wait_until_stopped(scanning)
-        os.kill(scanning.pid, signal.SIGTERM)
-        os.kill(scanning.pid, signal.SIGCONT)
-        _, stderr = scanning.communicate(timeout=60)
-    finally:
-        processes.kill_group(scanning)
+    stderr = signal_at_stop(scanning, signal.SIGTERM, timeout=60)
     assert scanning.returncode == 143, stderr
     assert stderr.strip() == "interrupted: rerun with --resume"
     assert not out.exists()
@@ -127,13 +121,7 @@ def test_ctrl_c_while_require_draws_stops_after_the_block_in_hand(tmp_path: Path
     drawing = spawn("synthesize", "--model", "demo", "--task", "ss", "--n", "4", "--batch-size",
                     "4", "--steps", "2", "--threads", "1", "--require", "road:1.0", "--out", out,
                     fault="synthesize.draw_block:2:stop")  # fmt: skip
-    try:
-        wait_until_stopped(drawing)
-        os.kill(drawing.pid, signal.SIGINT)
-        os.kill(drawing.pid, signal.SIGCONT)
-        _, stderr = drawing.communicate(timeout=120)
-    finally:
-        processes.kill_group(drawing)
+    stderr = signal_at_stop(drawing, signal.SIGINT, timeout=120)
     assert drawing.returncode == 130, stderr
     assert stderr.strip().splitlines()[-1] == "interrupted: rerun with --resume"
 
@@ -145,13 +133,7 @@ def test_sigterm_stops_a_command_without_resume_in_one_line_and_drops_its_claim(
     claim on the store; now they stop as Ctrl-C stops them: exit 143 and one line."""
     store = prepare_demo(tmp_path / "s.zarr", n=8, size=16)
     verifying = spawn("inspect", store, "--verify", fault="inspect.verify:1:stop")
-    try:
-        wait_until_stopped(verifying)
-        os.kill(verifying.pid, signal.SIGTERM)
-        os.kill(verifying.pid, signal.SIGCONT)
-        _, stderr = verifying.communicate(timeout=120)
-    finally:
-        processes.kill_group(verifying)
+    stderr = signal_at_stop(verifying, signal.SIGTERM, timeout=120)
     assert verifying.returncode == 143, stderr
     assert stderr.strip().startswith("interrupted: this command does not resume")
     assert not [
