@@ -15,7 +15,14 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from specdm_cli.models.detail import NO_CLASS, Bank, Lookup, block_classes, build_bank
+from specdm_cli.models.detail import (
+    NO_CLASS,
+    Bank,
+    Lookup,
+    block_classes,
+    build_bank,
+    label_patterns,
+)
 from specdm_cli.pipeline.benchmark.report import load_report
 from specdm_cli.pipeline.runs.choose import choose_model
 from specdm_cli.pipeline.runs.detail_io import load_bank
@@ -55,12 +62,16 @@ def _stage(run: Path) -> Any:
 
 
 def _random_bank(blocks: int, classes: torch.Tensor) -> Bank:
+    """2 x 2 blocks of 3 bands, labels 0-2 drawn at random (the majority `classes` is not
+    theirs: a lookup must not rely on the two agreeing)."""
     draw = torch.Generator().manual_seed(0)
     lookup, ones = Lookup(block=2, context=4, dims=6), torch.ones(3, 1, 1)
     keys, basis = torch.randn(blocks, 6, generator=draw), torch.randn(3 * 16, 6, generator=draw)
     residuals = torch.randn(12, blocks, generator=draw)
     keys, residuals = keys.half().float(), residuals.half().float()  # as build_bank rounds them
-    return Bank(lookup, ones * 0, ones, torch.zeros(3 * 16), basis, keys, residuals, classes)
+    labels = torch.randint(0, 3, (blocks, 4), generator=draw)
+    return Bank(lookup, ones * 0, ones, torch.zeros(3 * 16), basis, keys, residuals, classes,
+                labels)  # fmt: skip
 
 
 def test_the_chunked_lookup_finds_what_a_full_distance_matrix_does() -> None:
@@ -78,11 +89,20 @@ def test_block_classes_are_majorities_of_the_labelled_pixels() -> None:
     assert block_classes(torch.full((4, 4), 255), 2).tolist() == [NO_CLASS] * 4
 
 
-def test_lookups_within_the_mask_s_class_find_the_nearest_block_of_that_class(
+def _differing_pixels(mask_block: torch.Tensor, bank_labels: torch.Tensor) -> torch.Tensor:
+    """(bank blocks,) pixels whose labels differ from the mask block's; a pixel the mask leaves
+    unlabelled counts half (it matches no label, and no label matches it)."""
+    labelled = mask_block != 255
+    differ = (bank_labels != mask_block) & labelled
+    return differ.sum(dim=1) + 0.5 * (~labelled).sum()
+
+
+def test_lookups_take_the_mask_s_class_then_its_pattern_then_the_nearest_key(
     tmp_path: Path,
 ) -> None:
-    """Each block takes the nearest bank block of the class its mask draws (the nearest of all
-    where the bank has none of that class, or the block no label), across chunk boundaries and
+    """Each block takes, among the bank blocks of the class its mask draws (all of them where
+    the bank has none of that class, or the block no label), those whose labels differ from the
+    mask's at the fewest pixels, and of those the nearest key; across chunk boundaries and
     through a save and load."""
     draw = torch.Generator().manual_seed(2)
     bank_classes = torch.randint(0, 3, (7000,), generator=draw)  # classes 0-2, unsorted
@@ -92,12 +112,14 @@ def test_lookups_within_the_mask_s_class_find_the_nearest_block_of_that_class(
     image = torch.randn(3, 32, 32, generator=draw)
     mask = torch.randint(0, 5, (32, 32), generator=draw)  # 3 and 4: none in the bank
     mask[:2, :2] = 255
-    wanted = block_classes(mask, 2)
-    distances = torch.cdist(bank.features(image), bank.keys)
-    for chosen in (bank.nearest(image, wanted), loaded.nearest(image, wanted)):
+    wanted, patterns = block_classes(mask, 2), label_patterns(mask, 2)
+    distances = torch.cdist(bank.features(image), bank.keys).pow(2)
+    for chosen in (bank.nearest(image, mask), loaded.nearest(image, mask)):
         for block, value in enumerate(wanted.tolist()):
             pool = bank.classes == value if value in (0, 1, 2) else torch.ones(7000, dtype=bool)
-            row = distances[block].where(pool, torch.inf)
+            fewest = _differing_pixels(patterns[block], bank.labels)
+            fewest = fewest == fewest.where(pool, torch.inf).min()
+            row = distances[block].where(pool & fewest, torch.inf)
             assert int(chosen[block]) == int(row.argmin()), (block, value)
     assert torch.equal(bank.detail(image, mask), loaded.detail(image, mask))
     assert not torch.equal(bank.detail(image, mask), bank.detail(image))
@@ -114,21 +136,21 @@ def test_a_bank_is_stored_in_float16_and_built_at_that_precision(tmp_path: Path)
                       Lookup(block=4, context=8, dims=12))  # fmt: skip
     bank.save(tmp_path / "bank.safetensors")
     stored = load_file(tmp_path / "bank.safetensors")
-    assert [stored[k].dtype for k in ("keys", "residuals", "classes")] == [
-        torch.float16, torch.float16, torch.int16]  # fmt: skip
+    assert [stored[k].dtype for k in ("keys", "residuals", "classes", "labels")] == [
+        torch.float16, torch.float16, torch.int16, torch.uint8]  # fmt: skip
     size = (tmp_path / "bank.safetensors").stat().st_size
     assert bank.stored_bytes < size < bank.stored_bytes + 64 * 1024  # the rest: header, basis
     loaded = Bank.load(tmp_path / "bank.safetensors")
     assert all(torch.equal(getattr(loaded, k), getattr(bank, k))
-               for k in ("keys", "residuals", "classes"))  # fmt: skip
+               for k in ("keys", "residuals", "classes", "labels"))  # fmt: skip
     assert loaded.keys.dtype == torch.float32 and loaded.classes.dtype == torch.int64
     image = scenes[0][0]
     assert torch.equal(bank.detail(image, scenes[0][2]), loaded.detail(image, scenes[0][2]))
 
 
 def test_a_bank_scene_gets_its_own_detail_back(banked: Path, trained: Path) -> None:
-    """Each block of a decoded bank scene finds its own surroundings nearest among the blocks of
-    its class: decoded + detail is the real scene again, to the float16 precision the bank keeps
+    """Each block of a decoded bank scene finds its own labels and surroundings nearest among
+    the blocks of its class: decoded + detail is the real scene again, to the float16 precision the bank keeps
     its residuals at (blocks, folds and lookups line up)."""
     stage, real = _stage(banked), open_store(_store(trained))
     train = real.indices("train")
@@ -246,23 +268,32 @@ def test_synthesize_detail_looks_up_within_the_mask_it_writes(
         assert np.array_equal(np.stack(looked_up), arrays(tmp_path / out)["mask"])
 
 
-def test_a_bank_without_block_classes_is_rebuilt_not_used(
-    banked: Path, trained: Path, tmp_path: Path
+@pytest.mark.parametrize(
+    ("left_out", "lookup", "message"),
+    [
+        ("classes", None, "no block classes"),
+        ("labels", "within the mask's class", "no block labels"),
+    ],
+)
+def test_a_bank_of_an_earlier_kind_is_rebuilt_not_used(
+    banked: Path, trained: Path, tmp_path: Path, left_out: str, lookup: str | None, message: str
 ) -> None:
-    """A bank of the first kind (matched on the image alone) is refused with the fix, and the
-    same fit-detail command rebuilds it only with --overwrite."""
+    """A bank of an earlier kind (matched on the image alone, or on the mask's class alone) is
+    refused with the fix, and the same fit-detail command rebuilds it only with --overwrite."""
     old = _copy(banked, tmp_path / "old")
     path = old / _stage(old)["checkpoint"] / "bank.safetensors"
     tensors = load_file(path)
-    save_file({k: v for k, v in tensors.items() if k != "classes"}, path,
-              metadata=safe_open(str(path), "pt").metadata())  # fmt: skip
+    kept = {k: v for k, v in tensors.items() if k not in {left_out, "labels"}}
+    save_file(kept, path, metadata=safe_open(str(path), "pt").metadata())
     manifest = json.loads((old / "run.json").read_text())
     del manifest["stages"]["detail"]["config"]["lookup"]
+    if lookup is not None:
+        manifest["stages"]["detail"]["config"]["lookup"] = lookup
     name = f"{_stage(old)['checkpoint']}/bank.safetensors"
     manifest["stages"]["detail"]["weights"][name] = hashlib.sha256(path.read_bytes()).hexdigest()
     (old / "run.json").write_text(json.dumps(manifest))
     code, _, stderr = synth(old, tmp_path / "x.zarr", "--n", "2", "--detail")
-    assert code == 4 and "no block classes" in stderr and "--overwrite" in stderr
+    assert code == 4 and message in stderr and "--overwrite" in stderr
     assert "Traceback" not in stderr and not (tmp_path / "x.zarr").exists()
     code, _, stderr = run_cli("fit-detail", old, _store(trained), *QUIET)
     assert code == 4 and "--overwrite" in stderr

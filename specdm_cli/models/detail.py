@@ -8,12 +8,16 @@ A decoded image's block takes the residual of the bank block whose key is neares
 example-based super-resolution does, looked up among the bank blocks whose real label's majority
 class is the class the image's mask draws there: a road block takes road detail, not the field
 texture its surroundings may look like (docs/measurements.md, "Matched within the class the mask
-draws"). Built once (`specdm fit-detail`), saved in the run.
+draws"). Among those, the blocks whose real labels differ from the mask's at the fewest pixels
+come first, so a field's edge takes a residual with an edge where the mask has one
+(docs/measurements.md, "Matched to the mask's pattern"). Built once (`specdm fit-detail`), saved
+in the run.
 """
 
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -30,6 +34,9 @@ from specdm_cli.manifest import IGNORE_INDEX
 _KEY_CHUNK = 2048
 _PCA_ROWS = 20_000  # surroundings the principal components are fitted on
 NO_CLASS = -1  # a block without a labelled pixel: looked up among every bank block
+# What one pixel whose label differs from the mask's costs, in squared key distance: enough that
+# the fewest differing pixels come first (measured: 256 and past it pick alike, 64 less so).
+_PATTERN_SCALE = math.sqrt(1024.0)  # on one-hot labels: squared, the weight
 
 
 @dataclass(frozen=True)
@@ -51,6 +58,7 @@ class Bank:
     keys: torch.Tensor  # (N, dims)
     residuals: torch.Tensor  # (C * block * block, N)
     classes: torch.Tensor  # (N,) each block's majority class, NO_CLASS where it has no label
+    labels: torch.Tensor  # (N, block * block) each block's real labels, IGNORE_INDEX unlabelled
 
     def features(self, decoded: torch.Tensor) -> torch.Tensor:
         """(C, H, W) physical -> (blocks, dims) projected surroundings of every block."""
@@ -61,33 +69,53 @@ class Bank:
         # blocks are one slice of the keys: a class-matched lookup scans only that slice.
         order = torch.argsort(self.classes, stable=True)
         self.keys, self.residuals = self.keys[order], self.residuals[:, order]
-        self.classes = self.classes[order]
+        self.classes, self.labels = self.classes[order], self.labels[order]
         self.key_norms = self.keys.pow(2).sum(dim=1)
+        # Keys with each block's labels one-hot, weighted: |q - k|^2 then counts the pixels
+        # whose labels differ (twice, times the weight) on top of the surroundings' distance.
+        labelled = self.labels[self.labels != IGNORE_INDEX]
+        self.label_count = int(labelled.max()) + 1 if len(labelled) else 1
+        self.pattern_keys = torch.cat([self.keys, self._one_hot(self.labels)], dim=1)
+        self.pattern_norms = self.pattern_keys.pow(2).sum(dim=1)
         values, counts = torch.unique_consecutive(self.classes, return_counts=True)
         ends = counts.cumsum(0).tolist()
         self.pools = {int(v): slice(e - n, e) for v, n, e in zip(values, counts, ends, strict=True)}
 
-    def nearest(self, decoded: torch.Tensor, wanted: torch.Tensor | None = None) -> torch.Tensor:
-        """(blocks,) the bank block whose key is nearest each block's; with `wanted` (each
-        block's class), the nearest of that class (of any where the bank has none of it)."""
+    def _one_hot(self, labels: torch.Tensor) -> torch.Tensor:
+        """(blocks, classes * block^2) weighted one-hot labels; zeros where unlabelled."""
+        known = (labels >= 0) & (labels < self.label_count)
+        onehot = F.one_hot(labels.where(known, self.label_count), self.label_count + 1)
+        return onehot[..., :-1].flatten(1).float() * _PATTERN_SCALE
+
+    def nearest(self, decoded: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """(blocks,) the bank block whose key is nearest each block's; with the (H, W) `mask`,
+        the nearest of the class the mask draws there (of any where the bank has none of it)
+        among those whose labels differ from the mask's at the fewest pixels."""
         query = self.features(decoded)
         everything = slice(0, len(self.keys))
-        if wanted is None:
-            return self._nearest_in(query, everything)
+        if mask is None:
+            return self._nearest_in(query, everything, self.keys, self.key_norms)
+        wanted = block_classes(mask, self.lookup.block)
+        query = torch.cat([query, self._one_hot(label_patterns(mask, self.lookup.block))], dim=1)
         chosen = torch.empty(len(query), dtype=torch.long)
         for value in torch.unique(wanted).tolist():
-            where = wanted == value
-            chosen[where] = self._nearest_in(query[where], self.pools.get(value, everything))
+            where, pool = wanted == value, self.pools.get(value, everything)
+            chosen[where] = self._nearest_in(query[where], pool, self.pattern_keys,
+                                             self.pattern_norms)  # fmt: skip
         return chosen
 
-    def _nearest_in(self, query: torch.Tensor, pool: slice) -> torch.Tensor:
-        """(queries,) the nearest key of the bank blocks `pool`, scored a chunk at a time."""
+    @staticmethod
+    def _nearest_in(
+        query: torch.Tensor, pool: slice, keys: torch.Tensor, norms: torch.Tensor
+    ) -> torch.Tensor:
+        """(queries,) the nearest of `keys` (squared norms `norms`) among the bank blocks
+        `pool`, scored a chunk at a time."""
         best = torch.full((len(query),), torch.inf)
         chosen = torch.zeros(len(query), dtype=torch.long)
         for start in range(pool.start, pool.stop, _KEY_CHUNK):
             part = slice(start, min(start + _KEY_CHUNK, pool.stop))
             # |q - k|^2 less |q|^2, which is the same for every k: one matrix product.
-            scores = torch.addmm(self.key_norms[part], query, self.keys[part].T, alpha=-2)
+            scores = torch.addmm(norms[part], query, keys[part].T, alpha=-2)
             value, index = scores.min(dim=1)
             nearer = value < best
             best = torch.where(nearer, value, best)
@@ -104,8 +132,7 @@ class Bank:
         within the class `mask` (H, W) draws there (any class without a mask), or the bank
         blocks `chosen` (one per block)."""
         if chosen is None:
-            wanted = None if mask is None else block_classes(mask, self.lookup.block)
-            chosen = self.nearest(decoded, wanted)
+            chosen = self.nearest(decoded, mask)
         height, width = decoded.shape[1:]
         size = self.lookup.block
         blocks = self.residuals[:, chosen][None]
@@ -118,14 +145,17 @@ class Bank:
 
     @property
     def stored_bytes(self) -> int:
-        """The bank's keys, residuals and classes on disk: the file less its header and its
+        """The bank's keys, residuals, classes and labels on disk: the file less its header and its
         float32 statistics and basis (0.1 MB at the defaults)."""
-        return 2 * (self.keys.numel() + self.residuals.numel() + self.classes.numel())
+        return 2 * (self.keys.numel() + self.residuals.numel() + self.classes.numel()) + (
+            self.labels.numel()
+        )
 
     def save(self, path: Path) -> None:
         tensors = {"mean": self.mean, "std": self.std, "centre": self.centre,
                    "basis": self.basis, "keys": self.keys.half(),
-                   "residuals": self.residuals.half(), "classes": self.classes.short()}  # fmt: skip
+                   "residuals": self.residuals.half(), "classes": self.classes.short(),
+                   "labels": self.labels.to(torch.uint8)}  # fmt: skip
         save_file({k: v.contiguous() for k, v in tensors.items()}, path,
                   metadata={"lookup": json.dumps(asdict(self.lookup))})  # fmt: skip
 
@@ -136,7 +166,7 @@ class Bank:
         tensors = load_file(path)
         return cls(lookup, tensors["mean"], tensors["std"], tensors["centre"], tensors["basis"],
                    tensors["keys"].float(), tensors["residuals"].float(),
-                   tensors["classes"].long())  # fmt: skip
+                   tensors["classes"].long(), tensors["labels"].long())  # fmt: skip
 
 
 def _float16_values(values: torch.Tensor) -> torch.Tensor:
@@ -152,6 +182,8 @@ def check_bank_file(path: Path) -> Lookup:
         lookup = Lookup(**json.loads((handle.metadata() or {})["lookup"]))
         if "classes" not in handle.keys():  # noqa: SIM118 (a safetensors handle, not a dict)
             raise ValueError("built before class-matched lookups: it has no block classes")
+        if "labels" not in handle.keys():  # noqa: SIM118
+            raise ValueError("built before pattern-matched lookups: it has no block labels")
     return lookup
 
 
@@ -178,6 +210,12 @@ def block_classes(mask: torch.Tensor, block: int) -> torch.Tensor:
     return majority.where(votes.sum(dim=0) > 0, NO_CLASS)
 
 
+def label_patterns(mask: torch.Tensor, block: int) -> torch.Tensor:
+    """(blocks, block^2) the labels of each `block` x `block` block of the (H, W) `mask`."""
+    blocks = F.unfold(mask[None, None].float(), block, stride=block)[0].T
+    return blocks.long()
+
+
 def build_bank(
     scenes: Iterable[tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
     mean: torch.Tensor,
@@ -186,12 +224,13 @@ def build_bank(
 ) -> Bank:
     """The bank of (decoded, real, label) scenes, images (C, H, W) in physical units, labels
     (H, W); mean and std are the run's band statistics, shaped (C, 1, 1)."""
-    features, residuals, classes = [], [], []
+    features, residuals, classes, labels = [], [], [], []
     for decoded, truth, label in scenes:
         features.append(surroundings(decoded, mean, std, lookup))
         residual = (truth - decoded)[None]
         residuals.append(F.unfold(residual, lookup.block, stride=lookup.block)[0])
         classes.append(block_classes(label, lookup.block))
+        labels.append(label_patterns(label, lookup.block))
     stacked = torch.cat(features)
     centre = stacked.mean(dim=0)
     order = torch.randperm(len(stacked), generator=torch.Generator().manual_seed(0))
@@ -201,4 +240,5 @@ def build_bank(
     # Keys and residuals are saved as float16 (half the file: docs/measurements.md, "A bank in
     # float16"), so they are rounded to it here: the bank built is the bank read back.
     return Bank(lookup, mean, std, centre, basis, _float16_values(keys),
-                _float16_values(torch.cat(residuals, dim=1)), torch.cat(classes))  # fmt: skip
+                _float16_values(torch.cat(residuals, dim=1)), torch.cat(classes),
+                torch.cat(labels))  # fmt: skip

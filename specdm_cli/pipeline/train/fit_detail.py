@@ -30,9 +30,9 @@ from specdm_cli.pipeline.train.common import round_trip_batches, torch_devices
 from specdm_cli.stores import StoreReader, content_sha256, open_store
 
 _ROUND_TRIP_CHUNK = 32  # scenes decoded between progress reports and Ctrl-C checks
-# How blocks are looked up: in the identity, so a bank of an earlier kind (no block classes)
+# How blocks are looked up: in the identity, so a bank of an earlier kind (no block labels)
 # is not "already complete" but rebuilt with --overwrite.
-LOOKUP = "within the mask's class"
+LOOKUP = "within the mask's class, its pattern first"
 
 
 @dataclass(frozen=True)
