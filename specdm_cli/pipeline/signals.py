@@ -58,17 +58,8 @@ def graceful_stop() -> Iterator[StopFlag]:
 @contextmanager
 def stop_at_once() -> Iterator[None]:
     """For a command with no batch to finish and no resume (benchmark, filter, inspect): SIGTERM
-    raises Interrupted where it lands, as Ctrl-C raises KeyboardInterrupt, so the command
-    releases its locks and says it stopped, rather than dying where it stands (main thread)."""
-    if threading.current_thread() is not threading.main_thread():
+    (and Ctrl-C) raise Interrupted where they land, so the command releases its locks and says
+    it stopped, rather than dying where SIGTERM found it."""
+    with graceful_stop() as flag:
+        flag.at_once = True
         yield
-        return
-
-    def handler(signum: int, frame: FrameType | None) -> None:
-        raise Interrupted(signum)
-
-    previous = signal.signal(signal.SIGTERM, handler)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
