@@ -118,6 +118,34 @@ def test_a_damaged_per_sample_table_is_one_line_exit_3(tmp_path: Path) -> None:
         open_store(store, allow_incomplete=True).class_fractions()
 
 
+def _garble_middle(chunk: Path) -> None:
+    data = bytearray(chunk.read_bytes())
+    middle = len(data) // 2
+    data[middle : middle + 4] = bytes(b ^ 0xFF for b in data[middle : middle + 4])
+    chunk.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("damage", [_truncate, _garble_middle], ids=["half", "garbled"])
+def test_a_table_chunk_cut_past_blosc_header_is_named_not_read_as_values(
+    tmp_path: Path, damage: Callable[[Path], None]
+) -> None:
+    """A table chunk cut past blosc's header, or garbled inside it, decompressed into other
+    values (class fractions of 7e9) with no error: each table chunk carries a crc32c now."""
+    store = tmp_path / "syn.zarr"
+    assert run_cli(*SYNTH, "--out", store)[0] == 0
+    readers = {"class_fraction": "class_fractions", "split": "splits",
+               "candidate": "candidates", "checksum": "sample_checksums"}  # fmt: skip
+    for table, read in readers.items():
+        chunk = min(p for p in (store / table / "c").rglob("*") if p.is_file())  # samples 0-
+        pristine = chunk.read_bytes()
+        damage(chunk)
+        with pytest.raises(InputDataError, match=f"'{table}' is damaged"):
+            getattr(open_store(store), read)()
+        chunk.write_bytes(pristine)
+    code, _, stderr = run_cli("inspect", store, "--verify")
+    assert code == 0, stderr
+
+
 def test_a_store_without_checksums_still_opens(pristine: Path, tmp_path: Path) -> None:
     store = tmp_path / "old.zarr"
     shutil.copytree(pristine, store, ignore=shutil.ignore_patterns("checksum"))

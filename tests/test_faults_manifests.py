@@ -53,6 +53,30 @@ def test_inconsistent_manifests_are_one_line_exit_3(
     assert_one_error_line(code, stderr, 3, "invalid manifest")
 
 
+def _one_band_more(manifest: dict[str, Any]) -> None:
+    manifest["bands"].append({**manifest["bands"][-1], "name": "extra"})
+    for statistic in ("mean", "std", "minimum", "maximum"):
+        manifest["normalization"][statistic].append(manifest["normalization"][statistic][-1])
+
+
+DISAGREEING: dict[str, tuple[Callable[[dict[str, Any]], None], str]] = {
+    "dtype": (lambda m: m.update(dtype="float32"), "holds uint16, manifest says float32"),
+    "bands": (_one_band_more, "manifest says 16 samples of (11, 16, 16)"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(DISAGREEING))
+def test_a_manifest_valid_alone_but_not_the_arrays_is_exit_3(
+    pristine: Path, tmp_path: Path, case: str
+) -> None:
+    """A hand-edited dtype or band list passed `inspect --verify` (exit 0): the manifest checked
+    only against itself, the arrays only against their checksums."""
+    change, message = DISAGREEING[case]
+    store = edited(pristine, tmp_path, change)
+    code, _, stderr = run_cli("inspect", store, "--verify")
+    assert_one_error_line(code, stderr, 3, message)
+
+
 def test_a_manifest_nested_too_deeply_is_one_line_exit_3(pristine: Path, tmp_path: Path) -> None:
     store = tmp_path / "s.zarr"
     shutil.copytree(pristine, store)

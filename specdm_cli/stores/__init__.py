@@ -19,7 +19,14 @@ from specdm_cli.faults import fault_point
 from specdm_cli.fs.atomic import remove_abandoned_creations, remove_tree
 from specdm_cli.fs.lock import DirLock, refuse_if_locked
 from specdm_cli.fs.paths import file_sha256
-from specdm_cli.manifest import Manifest, Task, array_names, load_manifest
+from specdm_cli.manifest import (
+    IMAGE_ARRAYS,
+    LABEL_ARRAY,
+    Manifest,
+    Task,
+    array_names,
+    load_manifest,
+)
 from specdm_cli.stores.base import MANIFEST_NAME, SampleMeta, StoreReader, StoreWriter
 from specdm_cli.stores.geotiff_store import GeoTiffReader, GeoTiffWriter, create_geotiff
 from specdm_cli.stores.zarr_store import REPAIR_HINT, ZarrReader, ZarrWriter, _array, create_zarr
@@ -263,13 +270,18 @@ def check_layout(reader: StoreReader) -> None:
     """Arrays (Zarr) or tiles (GeoTIFF) agree with the manifest; else the store is damaged."""
     manifest = reader.manifest
     if isinstance(reader, ZarrReader):
-        for name in array_names(manifest.task):
+        for name, (shape, dtype) in _expected_arrays(manifest).items():
             array = _array(reader.group, name)
-            expected_tail = (manifest.height, manifest.width)
-            if array.shape[0] != manifest.count or tuple(array.shape[-2:]) != expected_tail:
+            if array.shape != shape:
                 raise InputDataError(
                     f"array {name} has shape {array.shape}, manifest says {manifest.count} samples "
-                    f"of {expected_tail}",
+                    f"of {shape[1:]}",
+                    reader.root,
+                    "re-create the store",
+                )
+            if array.dtype != dtype:
+                raise InputDataError(
+                    f"array {name} holds {array.dtype}, manifest says {dtype}",
                     reader.root,
                     "re-create the store",
                 )
@@ -286,6 +298,14 @@ def check_layout(reader: StoreReader) -> None:
                     raise InputDataError(
                         "tile listed in the manifest is missing", tile, "re-create the store"
                     )
+
+
+def _expected_arrays(manifest: Manifest) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+    """Each raster array's shape and dtype as the manifest describes them."""
+    pixels = (manifest.height, manifest.width)
+    image = ((manifest.count, len(manifest.bands), *pixels), np.dtype(manifest.dtype))
+    label = ((manifest.count, *pixels), np.dtype("uint8"))
+    return {**dict.fromkeys(IMAGE_ARRAYS[manifest.task], image), LABEL_ARRAY[manifest.task]: label}
 
 
 def verify_store(reader: StoreReader) -> str:

@@ -48,6 +48,13 @@ def _compressor() -> zarr.codecs.BloscCodec:
     return zarr.codecs.BloscCodec(cname="zstd", clevel=3, shuffle="bitshuffle")
 
 
+def _table_codecs() -> tuple[zarr.codecs.BloscCodec, zarr.codecs.Crc32cCodec]:
+    # A table chunk cut past blosc's header, or garbled, decompresses into other values with no
+    # error (class fractions of 7e9); its crc32c makes zarr refuse it. The raster arrays need
+    # none: the per-sample `checksum` table covers them.
+    return _compressor(), zarr.codecs.Crc32cCodec()
+
+
 def create_zarr(root: Path, manifest: Manifest, capacity: int, georeferenced: bool) -> None:
     """Lay out an empty store with room for `capacity` samples (shrunk when finished)."""
     group = zarr.open_group(root, mode="w", zarr_format=3)
@@ -84,7 +91,7 @@ def create_zarr(root: Path, manifest: Manifest, capacity: int, georeferenced: bo
 def _create_tables(
     group: zarr.Group, manifest: Manifest, capacity: int, grid: int, georeferenced: bool
 ) -> None:
-    common: dict[str, Any] = {"compressors": _compressor()}
+    common: dict[str, Any] = {"compressors": _table_codecs()}
     group.create_array(
         "written", shape=(capacity,), chunks=(grid,), dtype=bool, fill_value=False,
         dimension_names=("sample",), **common,
@@ -102,7 +109,7 @@ def _create_tables(
     if manifest.source is not None:
         group.create_array(
             "source_id", shape=(capacity,), chunks=(grid,), dtype=str,
-            dimension_names=("sample",),
+            dimension_names=("sample",), **common,
         )  # fmt: skip
     if manifest.model is not None:
         group.create_array(
