@@ -72,7 +72,7 @@ def main() -> None:
     indices = reader.indices("train")
     started = time.perf_counter()
     key = cache_key(manifest.stages["vae"].weights, store_sha256(reader.root), "d4")
-    cache = open_or_build(run, vae, reader, indices, key, True, 64)
+    cache = open_or_build(run, vae, reader, manifest.normalization, indices, key, True, 64)
     build = time.perf_counter() - started
     blocks = tuple(int(b) for b in args.unet_blocks.split(",")) if args.unet_blocks else None
     config = DiffusionTrainConfig(batch_size=args.batch_size, lr=1e-4, block_out_channels=blocks)

@@ -122,7 +122,7 @@ class PrepareOptions:
 class VAETrainConfig(BaseModel):
     """How to train the VAE; every default says where it comes from."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     # Our choice for one 24-80 GB GPU at 128 px; LDM's kl-f4 config uses 12 per GPU.
     batch_size: int = Field(16, ge=1)
@@ -203,7 +203,7 @@ def require_groups_divide(widths: tuple[int, ...], groups: int) -> None:
 class DiffusionTrainConfig(BaseModel):
     """How to train the U-Net; every default says where it comes from."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     batch_size: int = Field(32, ge=1)  # ours: one GPU at 32x32 latents (LDM: 48)
     # None = LDM's base_learning_rate 2e-6 x batch size (its scale_lr); the paper's is blank.
@@ -253,7 +253,7 @@ class DiffusionTrainConfig(BaseModel):
 class DistillTrainConfig(BaseModel):
     """How `specdm distill` trains a few-step student of a run's U-Net."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     student_steps: int = Field(4, ge=1, le=100)  # the issue's goal: <= 4 U-Net evaluations
     steps: int = Field(1000, ge=1)  # ours: measured on the demo models (README, distill)
@@ -280,7 +280,7 @@ class DistillTrainConfig(BaseModel):
 class DetailConfig(BaseModel):
     """How `specdm fit-detail` builds a run's bank of retrieved detail (models/detail.py)."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     # None: as many train scenes as give DETAIL_BANK_BLOCKS blocks (the bank measured).
     scenes: int | None = Field(None, ge=1)

@@ -12,6 +12,11 @@ import torch
 import zarr
 from safetensors.torch import load_file
 
+from specdm_cli.pipeline.runs.run_manifest import load_run
+from specdm_cli.pipeline.runs.vae_io import load_vae
+from specdm_cli.pipeline.train.common import load_batch, to_tensors
+from specdm_cli.pipeline.train.latent_cache import open_cache
+from specdm_cli.stores import open_store
 from tests.conftest import PAPER_LOSS, prepare_demo, run_cli
 from tests.fault_tools import assert_one_error_line
 
@@ -324,3 +329,70 @@ def test_two_cpu_ranks_share_the_fit_vae_code_path(vae_run: Path, tmp_path: Path
     stage = json.loads((run / "run.json").read_text())["stages"]["diffusion"]
     assert stage["finished"] and stage["step"] == 2
     assert summary["cache"] == "built"
+
+
+def test_another_store_is_encoded_with_the_statistics_the_vae_learnt(
+    vae_run: Path, tmp_path: Path
+) -> None:
+    """`--store OTHER` normalised OTHER's images by OTHER's band statistics, not the run's: the
+    VAE saw other inputs than it learnt, and synthesize denormalises with the run's."""
+    other = prepare_demo(tmp_path / "other.zarr", "--seed", "9", n=24, size=16)
+    run = copy_run(vae_run, tmp_path / "run")
+    assert diffuse(run, "--steps", "1", "--store", str(other))[0] == 0
+    manifest = load_run(run)
+    reader = open_store(other)
+    assert manifest.normalization is not None and reader.manifest.normalization is not None
+    assert manifest.normalization.mean != reader.manifest.normalization.mean
+    vae, cpu = load_vae(run, manifest, torch.device("cpu")), torch.device("cpu")
+    first = load_batch(reader, reader.indices("train")[:1], None)
+    mean, std = (torch.tensor(v) for v in (manifest.normalization.mean, manifest.normalization.std))
+    with torch.no_grad():
+        posteriors = vae.encode(to_tensors(first, "ss", mean, std, cpu)[0])
+        expected = vae.join_latent({k: p.mean for k, p in posteriors.items()}).numpy()
+    np.testing.assert_allclose(open_cache(run).mean[0], expected[0], atol=1e-5)
+
+
+def test_a_resume_with_steps_at_or_below_the_step_reached_is_refused(
+    vae_run: Path, tmp_path: Path
+) -> None:
+    """An unfinished stage resumed with fewer --steps trained nothing, said "resumed" (exit 0,
+    a negative step rate) and stayed unfinished, so the next stage refused the run."""
+    run = copy_run(vae_run, tmp_path / "run")
+    assert diffuse(run, "--steps", "4")[0] == 0
+    manifest = json.loads((run / "run.json").read_text())
+    manifest["stages"]["diffusion"]["finished"] = False  # as a run stopped at step 4 of 8
+    (run / "run.json").write_text(json.dumps(manifest))
+    for steps in ("3", "4"):
+        code, _, stderr = diffuse(run, "--steps", steps, "--resume")
+        assert_one_error_line(code, stderr, 2, f"--steps {steps} is not above the step")
+    code, summary, stderr = diffuse(run, "--steps", "5", "--resume")
+    assert code == 0 and summary["step"] == 5, stderr
+
+
+def test_a_store_without_samples_of_the_vae_s_split_is_refused_before_a_cache(
+    vae_run: Path, tmp_path: Path
+) -> None:
+    """A synthetic store (no train split) crashed the cache build ("unexpected ValueError")
+    and left a cache marked complete with NaN statistics."""
+    empty = prepare_demo(
+        tmp_path / "val-only.zarr",
+        "--val-fraction",
+        "0.5",
+        "--test-fraction",
+        "0.49",
+        n=24,
+        size=16,
+    )
+    assert len(open_store(empty).indices("train")) == 0
+    run = copy_run(vae_run, tmp_path / "run")
+    code, _, stderr = diffuse(run, "--store", str(empty), "--steps", "1")
+    assert_one_error_line(code, stderr, 3, "no 'train' samples")
+    assert not (run / "latents.zarr").exists()
+
+
+@pytest.mark.parametrize("value", ["inf", "nan"])
+def test_a_learning_rate_that_is_not_finite_is_a_usage_error(
+    vae_run: Path, tmp_path: Path, value: str
+) -> None:
+    code, _, stderr = diffuse(copy_run(vae_run, tmp_path / "run"), "--lr", value)
+    assert_one_error_line(code, stderr, 2, "--lr")

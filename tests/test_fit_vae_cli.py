@@ -152,3 +152,17 @@ def test_two_cpu_ranks_train_with_gloo_and_checkpoint_once(
     )  # rank 0 alone writes
     code, _, stderr = fit(demo_ss_store, tmp_path / "odd", "--steps", "1", "--gpus", "cpu:3")
     assert code == 2 and "multiple" in stderr
+
+
+def test_a_resume_with_steps_at_or_below_the_step_reached_is_refused(
+    demo_ss_store: Path, tmp_path: Path
+) -> None:
+    """It trained nothing, said "resumed" (exit 0) and left the VAE unfinished."""
+    run = tmp_path / "run"
+    assert fit(demo_ss_store, run, "--steps", "2")[0] == 0
+    manifest = json.loads((run / "run.json").read_text())
+    manifest["stages"]["vae"]["finished"] = False  # as a run stopped at step 2 of 4
+    (run / "run.json").write_text(json.dumps(manifest))
+    code, _, stderr = fit(demo_ss_store, run, "--steps", "1", "--resume")
+    assert code == 2 and "--steps 1 is not above the step the run's VAE reached (2)" in stderr
+    assert fit(demo_ss_store, run, "--steps", "3", "--resume")[0] == 0

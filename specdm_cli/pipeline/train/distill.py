@@ -31,7 +31,7 @@ from specdm_cli.pipeline.runs.checkpoints import load_module
 from specdm_cli.pipeline.runs.run_manifest import RunManifest, load_run
 from specdm_cli.pipeline.signals import StopFlag
 from specdm_cli.pipeline.train.common import LossScaler, autocast, step_seed, torch_devices
-from specdm_cli.pipeline.train.driver import Schedule, estimating, train_loop
+from specdm_cli.pipeline.train.driver import Schedule, check_resume_steps, estimating, train_loop
 from specdm_cli.pipeline.train.unet_state import ema_copy, restore_unet_training, save_unet_training
 
 TRAJECTORY_BATCH = 64  # teacher trajectories solved at once (a fixed grid: same floats each call)
@@ -194,6 +194,7 @@ def distill(
         start = 0
         if stage is not None:
             start = restore_unet_training(run / str(stage.checkpoint), trainer, device)
+            check_resume_steps(start, config.steps, "student")
 
         def report(label: str, done: int, total: int) -> None:
             if progress:

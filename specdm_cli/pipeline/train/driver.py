@@ -16,6 +16,7 @@ from typing import Any, Protocol, TypeVar
 import torch
 
 from specdm_cli.config import Progress
+from specdm_cli.errors import UsageError
 from specdm_cli.pipeline.signals import StopFlag
 from specdm_cli.pipeline.train.common import check_finite_loss
 from specdm_cli.pipeline.train.distributed import launched_by_torchrun, run_ranks
@@ -76,6 +77,16 @@ def launch(
         return rank_main(0, 1, devices[0], job, stop, progress)
     run_ranks(rank_main, devices, job)
     return None
+
+
+def check_resume_steps(start: int, steps: int, stage: str) -> None:
+    """An unfinished stage resumed with --steps at or below the step it reached would train
+    nothing and stay unfinished (and the next stage refuse the run): refused instead."""
+    if start >= steps:
+        raise UsageError(
+            f"--steps {steps} is not above the step the run's {stage} reached ({start})",
+            hint=f"resume with --steps {start + 1} or more, or train again with --overwrite",
+        )
 
 
 def train_loop(

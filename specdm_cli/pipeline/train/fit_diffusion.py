@@ -28,7 +28,13 @@ from specdm_cli.pipeline.train.common import (
     validation_indices,
 )
 from specdm_cli.pipeline.train.diffusion_trainer import DiffusionTrainer
-from specdm_cli.pipeline.train.driver import Schedule, estimating, launch, train_loop
+from specdm_cli.pipeline.train.driver import (
+    Schedule,
+    check_resume_steps,
+    estimating,
+    launch,
+    train_loop,
+)
 from specdm_cli.pipeline.train.latent_cache import (
     LatentCache,
     cache_key,
@@ -147,6 +153,8 @@ def fit_diffusion(
             return FitDiffusionSummary(
                 str(run), "already complete", stage.step, request.config.steps, 0.0, 0.0, "kept"
             )
+        if stage is not None and stage.checkpoint:
+            check_resume_steps(stage.step, request.config.steps, "U-Net")
         extra = condition_input_channels(manifest, request.config)  # refused before encoding
         store = request.store or Path(manifest.source_store)
         store_sha, content = _check_store(run, manifest, store, stage)
@@ -295,11 +303,19 @@ def _latents(
     store, store_sha = store_and_sha
     reader = open_store(store)
     augment = vae_stage.config.get("augment", "none") == "d4"
-    key = cache_key(vae_stage.weights, store_sha, "d4" if augment else "none")
-    vae = load_vae(run, manifest, device)
+    statistics = manifest.normalization  # the VAE's inputs, whatever store they come from
+    own = None if reader.manifest.normalization == statistics else statistics
+    key = cache_key(vae_stage.weights, store_sha, "d4" if augment else "none", own)
     split = str(vae_stage.config.get("split", "train"))
     limit = vae_stage.config.get("limit")
     indices = reader.indices(split)[: limit or None]
+    if len(indices) == 0:
+        raise InputDataError(
+            f"the store has no {split!r} samples to encode (the split the run's VAE trained on)",
+            store,
+            "pass a prepared store of the same bands and classes with --store",
+        )
+    vae = load_vae(run, manifest, device)
     batch = max(1, min(64, request.config.batch_size))
 
     def report(stage: str, done: int, total: int) -> None:
@@ -308,6 +324,6 @@ def _latents(
         stop.check()  # an unfinished cache is rebuilt on the next run
 
     with ReadLock(store):
-        cache = open_or_build(run, vae, reader, indices, key, augment, batch, report)
+        cache = open_or_build(run, vae, reader, statistics, indices, key, augment, batch, report)
         val = validation_indices(reader, request.config.val_samples, warn)
-        return cache, encode_means(vae, reader, val, batch)
+        return cache, encode_means(vae, reader, statistics, val, batch)

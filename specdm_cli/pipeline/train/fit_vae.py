@@ -29,7 +29,13 @@ from specdm_cli.pipeline.train.common import (
     torch_devices,
     validation_indices,
 )
-from specdm_cli.pipeline.train.driver import Schedule, estimating, launch, train_loop
+from specdm_cli.pipeline.train.driver import (
+    Schedule,
+    check_resume_steps,
+    estimating,
+    launch,
+    train_loop,
+)
 from specdm_cli.pipeline.train.vae_trainer import VAETrainer, model_config, training_indices
 from specdm_cli.stores import StoreReader, open_store, store_sha256
 
@@ -168,6 +174,8 @@ def _train_in(
             return done, stage.step, manifest.task
     checkpoint = stage.checkpoint if stage is not None else None
     start = stage.step if stage is not None and checkpoint else 0
+    if start:
+        check_resume_steps(start, request.config.steps, "VAE")
     job = _Job(
         run,
         request.store,
