@@ -468,6 +468,31 @@ def test_label_nodata_applies_to_the_tif_change_map(
     assert (sample.arrays["change"][2:] != 255).all()
 
 
+def test_a_tif_change_map_s_nodata_tag_reads_as_255(
+    tree: Callable[..., Path], tmp_path: Path
+) -> None:
+    """`<city>-cm.tif` tagged nodata 0 (as the README says, the tag is read like
+    --label-nodata) failed with exit 3 "unknown label code(s) [0]"."""
+    root = Path(shutil.copytree(tree(tif_labels_only="brasilia"), tmp_path / "raw"))
+    tif = root / TEST_LABELS / "brasilia" / "cm" / "brasilia-cm.tif"
+    codes = tifffile.imread(tif)
+    codes[:2, :3] = 0
+    with rasterio.open(
+        _fresh(tif), "w", driver="GTiff", height=codes.shape[0], width=codes.shape[1],
+        count=1, dtype="uint8", nodata=0,
+    ) as dst:  # fmt: skip
+        dst.write(codes, 1)
+    out = tmp_path / "store.zarr"
+    code, _, stderr = run_cli(
+        "prepare", "oscd", root, "--out", out, "--patch-size", "16", "--val-fraction", "0", "-q"
+    )
+    assert code == 0, stderr
+    plan = read_oscd(root, SMALL)
+    (sample,) = [s for y, x, s in _city_samples(plan, "brasilia") if (y, x) == (0, 0)]
+    assert (sample.arrays["change"][:2, :3] == 255).all()
+    assert (sample.arrays["change"][2:] != 255).all()
+
+
 def test_georeferenced_rect_files_give_crs_and_bounds(raw: Path) -> None:
     for city, (height, width) in SIZES.items():
         for phase in (1, 2):
