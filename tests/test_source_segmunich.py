@@ -569,3 +569,38 @@ def test_not_a_tiff(tmp_path: Path) -> None:
 
     err = _input_error(tmp_path, "corrupt or truncated TIFF")
     assert err.path == path
+
+
+def _rewrite_as_geotiff(path: Path, array: np.ndarray, nodata: float) -> None:
+    """`array` ((H, W, C) or (H, W)) as GDAL writes a patch: band-separate, GDAL_NODATA tag."""
+    import rasterio
+
+    bands = array.transpose(2, 0, 1) if array.ndim == 3 else array[None]
+    profile = {"driver": "GTiff", "count": bands.shape[0], "dtype": str(bands.dtype)}
+    with rasterio.open(
+        path, "w", height=bands.shape[1], width=bands.shape[2], nodata=nodata, **profile
+    ) as dst:
+        dst.write(bands)
+
+
+def test_geotiff_nodata_tags_of_image_and_label_read_as_255(tmp_path: Path) -> None:
+    """tifffile never reads GDAL's nodata tag (42113): an image tagged 0 kept its 0 pixels as
+    reflectance, a label tagged 200 was exit 3 "unknown label code(s) [200]"."""
+    raw = tmp_path / "raw"
+    tree = _tree(raw, splits={"train": 2})
+    image_path, label_path = tree / "train" / "img" / "1.tif", tree / "train" / "label" / "1.tif"
+    image, label = tifffile.imread(image_path), tifffile.imread(label_path)
+    image[:3] = 0
+    label[-2:] = 200
+    _rewrite_as_geotiff(image_path, image, nodata=0)
+    _rewrite_as_geotiff(label_path, label, nodata=200)
+    tagged_class = tree / "train" / "label" / "2.tif"  # 0 is Background: a class, not nodata
+    _rewrite_as_geotiff(tagged_class, tifffile.imread(tagged_class), nodata=0)
+    code, _, stderr = run_cli("prepare", "segmunich", raw, "--out", tmp_path / "s.zarr", "-q")
+    assert code == 0, stderr
+    plan = _open(raw)
+    first, second = (plan.load(c) for c in plan.candidates)
+    assert (first.arrays["mask"][:3] == 255).all() and (first.arrays["mask"][-2:] == 255).all()
+    assert (first.arrays["mask"][3:-2] != 255).all()
+    assert first.arrays["image"].min() > 0  # the tagged pixels filled with the valid mean
+    assert (second.arrays["mask"] != 255).all()
