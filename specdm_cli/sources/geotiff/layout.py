@@ -25,9 +25,13 @@ from specdm_cli.manifest import (
 )
 
 # What GDAL reads that a folder of tiles holds: GeoTIFF, JPEG 2000, VRT, ENVI/ERDAS data files
-# (`.img`, `.dat`, `.bsq`/`.bil`/`.bip`), plus extensionless ENVI data beside its `.hdr`, and
-# PNG, as labelling tools (and mmseg's `ann_dir`) write masks.
+# (`.img`, `.dat`, `.bsq`/`.bil`/`.bip`), and PNG, as labelling tools (and mmseg's `ann_dir`)
+# write masks. ENVI data of any other name (`.raw` of SPECIM cameras, none) is found by its
+# `.hdr`.
 EXTENSIONS = (".tif", ".tiff", ".jp2", ".vrt", ".img", ".dat", ".bsq", ".bil", ".bip", ".png")
+# Files beside ENVI data that are no raster: its header, ENVI's statistics and display files,
+# GDAL's sidecars (`.aux.xml` ends in `.xml`).
+_SIDECARS = (".hdr", ".sta", ".enp", ".xml", ".aux", ".msk", ".ovr")
 _TASKS: tuple[Task, ...] = ("ss", "cd")
 
 Files = dict[str, dict[str, Path]]  # stem -> array name -> path
@@ -109,11 +113,16 @@ def raster_stem(path: Path) -> str | None:
         )
     if not path.is_file():
         return None
-    if path.suffix.lower() in EXTENSIONS:
+    if path.suffix.lower() in EXTENSIONS or _beside_envi_header(path):
         return path.stem
-    if not path.suffix and path.with_name(f"{path.name}.hdr").is_file():
-        return path.name
     return None
+
+
+def _beside_envi_header(path: Path) -> bool:
+    """ENVI data with a header where GDAL's ENVI driver looks: `<stem>.hdr` or `<name>.hdr`."""
+    if path.suffix.lower() in _SIDECARS:
+        return False
+    return path.with_suffix(".hdr").is_file() or path.with_name(f"{path.name}.hdr").is_file()
 
 
 def pair_files(root: Path, task: Task) -> Files:
