@@ -604,3 +604,18 @@ def test_geotiff_nodata_tags_of_image_and_label_read_as_255(tmp_path: Path) -> N
     assert (first.arrays["mask"][3:-2] != 255).all()
     assert first.arrays["image"].min() > 0  # the tagged pixels filled with the valid mean
     assert (second.arrays["mask"] != 255).all()
+
+
+@pytest.mark.parametrize("which", ["img/2", "label/3"])
+def test_a_broken_link_says_fetch_the_data(tmp_path: Path, which: str) -> None:
+    """A git-annex or DVC link not yet fetched was "corrupt or truncated TIFF ([Errno 2] ...",
+    cut off, telling to re-download a file that only needs fetching."""
+    raw = tmp_path / "raw"
+    path = _tree(raw) / "train" / f"{which}.tif"
+    path.unlink()
+    path.symlink_to("../../.git/annex/objects/Xk/SHA256E-s678238--0123456789abcdef.tif")
+    code, _, stderr = run_cli("prepare", "segmunich", raw, "--out", tmp_path / "s.zarr", "-q")
+    assert code == 3
+    (line,) = stderr.strip().splitlines()
+    assert line.startswith("error: broken link") and str(path) in line
+    assert "git annex get, dvc pull" in line and "Errno" not in line

@@ -318,6 +318,17 @@ def decode_text(data: bytes, path: Path) -> str:
         ) from None
 
 
+def broken_link(path: Path) -> InputDataError:
+    """The error of a link whose target is missing: git-annex and DVC leave these until the
+    data is fetched, so the fix is fetching, not re-downloading a "corrupt" file."""
+    return InputDataError(
+        "broken link: the raster it points to is not there (git-annex and DVC leave these "
+        "until the data is fetched)",
+        path,
+        "fetch the data (git annex get, dvc pull) or remove the link",
+    )
+
+
 def require_dir(path: Path | None, what: str) -> Path:
     """`path` as an existing non-empty directory, else a one-line input error."""
     if path is None:

@@ -23,6 +23,7 @@ from specdm_cli.manifest import (
     Task,
     array_names,
 )
+from specdm_cli.sources.base import broken_link
 
 # What GDAL reads that a folder of tiles holds: GeoTIFF, JPEG 2000, VRT, ENVI/ERDAS data files
 # (`.img`, `.dat`, `.bsq`/`.bil`/`.bip`), and PNG, as labelling tools (and mmseg's `ann_dir`)
@@ -105,12 +106,7 @@ def raster_stem(path: Path) -> str | None:
     if path.name.startswith("."):
         return None
     if path.is_symlink() and not path.exists() and path.suffix.lower() in EXTENSIONS:
-        raise InputDataError(
-            "broken link: the raster it points to is not there (git-annex and DVC leave these "
-            "until the data is fetched)",
-            path,
-            "fetch the data (git annex get, dvc pull) or remove the link",
-        )
+        raise broken_link(path)
     if not path.is_file():
         return None
     if path.suffix.lower() in EXTENSIONS or _beside_envi_header(path):

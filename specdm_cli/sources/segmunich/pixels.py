@@ -18,6 +18,7 @@ from specdm_cli.sources.base import (
     Candidate,
     RawSample,
     apply_nodata,
+    broken_link,
     label_nodata_mask,
     remap_labels,
 )
@@ -46,6 +47,8 @@ def read_shape(path: Path) -> tuple[int, ...]:
     try:
         with tifffile.TiffFile(path) as tif:
             return tuple(int(n) for n in tif.series[0].shape)
+    except FileNotFoundError:
+        raise _vanished(path) from None
     except _TIFF_ERRORS as exc:
         raise _corrupt(path, exc) from None
 
@@ -260,4 +263,6 @@ def _corrupt(path: Path, exc: Exception, kind: str = "TIFF") -> InputDataError:
 
 
 def _vanished(path: Path) -> InputDataError:
+    if path.is_symlink():  # listed, as a link is, but its target was never fetched
+        return broken_link(path)
     return InputDataError("file disappeared after listing", path, "restore the file and rerun")
