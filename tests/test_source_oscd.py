@@ -17,7 +17,7 @@ import tifffile
 from affine import Affine
 from PIL import Image
 
-from specdm_cli.errors import InputDataError
+from specdm_cli.errors import InputDataError, reason_of
 from specdm_cli.sources.base import PrepareOptions, RawSample, SourcePlan
 from specdm_cli.sources.oscd import pixels as oscd_pixels
 from specdm_cli.sources.oscd import read_oscd
@@ -630,6 +630,36 @@ def _mark_every_member(archive: Path, kind: str) -> None:
                 data[start + flags] |= 1
             start = data.find(signature, start + 4)
     archive.write_bytes(bytes(data))
+
+
+def test_an_empty_band_file_says_gdal_s_reason_not_its_path_twice(
+    raw: Path, tmp_path: Path
+) -> None:
+    """GDAL puts the file first ("'/long/path/B04.tif' not recognized as ..."): cut at 120
+    characters, the reason was lost behind a path the line names anyway."""
+    band = _fresh(_band_file(raw, "bercy", 1, "B04"))
+    band.write_bytes(b"")
+    code, _, stderr = run_cli(
+        "prepare", "oscd", raw, "--out", tmp_path / "o.zarr", "--patch-size", "16", "-q"
+    )
+    (line,) = stderr.strip().splitlines()
+    assert code == 3 and line.count(str(band)) == 1
+    assert "(not recognized as being in a supported file format.)" in line
+
+
+@pytest.mark.parametrize(
+    ("gdal", "reason"),
+    [
+        ("4f0c1b2e-9bb9-445c-92b1-6ecff99f7f25.tif: TIFFReadDirectory:Failed", "TIFFReadDirectory"),
+        ("/data/S2/B02.jp2: No such file or directory", "/data/S2/B02.jp2: No such"),
+    ],
+)
+def test_gdal_s_name_of_a_zip_member_goes_that_of_another_file_stays(
+    gdal: str, reason: str
+) -> None:
+    """A zip member is read in memory, under a uuid name that tells the user nothing; a VRT's
+    missing band file is the reason itself."""
+    assert reason_of(OSError(gdal), "bercy/imgs_1_rect/B04.tif").startswith(reason)
 
 
 def test_missing_and_empty_raw_folders(tmp_path: Path) -> None:

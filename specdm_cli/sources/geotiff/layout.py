@@ -154,7 +154,7 @@ def raster_errors(path: Path) -> Iterator[None]:
             "file disappeared after listing", path, "restore the file and rerun"
         ) from None
     except (RasterioError, OSError) as exc:
-        reason = reason_of(exc)
+        reason = reason_of(exc, path)
         raise InputDataError(
             f"unreadable or corrupt raster ({reason})",
             path,

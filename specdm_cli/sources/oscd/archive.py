@@ -182,7 +182,7 @@ def open_raster(tree: Tree, rel: str) -> Iterator[Any]:
             with MemoryFile(source) as memory, memory.open() as src:
                 yield src
     except (RasterioError, OSError) as exc:
-        reason = reason_of(exc)
+        reason = reason_of(exc, rel)
         raise InputDataError(
             f"corrupt or unreadable TIFF ({reason})", tree.where(rel), FIX_ARCHIVE
         ) from None
