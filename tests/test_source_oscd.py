@@ -31,6 +31,7 @@ from tests.fixtures.oscd import (
     TRAIN_LABELS,
     make_oscd,
     oscd_city,
+    rezip_with_backslashes,
 )
 
 SMALL = PrepareOptions(patch_size=16, overlap=0.5)
@@ -587,6 +588,26 @@ def test_broken_trees_raise_input_errors_naming_the_culprit(raw: Path, case: str
     edit, culprit = ERROR_CASES[case]
     edit(raw)
     assert _error(raw).path == raw / culprit
+
+
+def test_zips_with_backslash_names_read_as_the_folders(
+    tree: Callable[..., Path], tmp_path: Path
+) -> None:
+    """Zips of PowerShell 5's Compress-Archive (`bercy\\imgs_1_rect\\B01.tif`) were "no OSCD
+    cities found"."""
+    root = Path(shutil.copytree(tree(zipped=True), tmp_path / "raw"))
+    rezip_with_backslashes(root)
+    code, _, stderr = run_cli(
+        "prepare", "oscd", root, "--out", tmp_path / "o.zarr", "--patch-size", "16",
+        "--val-fraction", "0", "-q",
+    )  # fmt: skip
+    assert code == 0, stderr
+    from_dirs, from_zips = read_oscd(tree(), SMALL), read_oscd(root, SMALL)
+    assert from_dirs.candidates == from_zips.candidates
+    dirs, zips = _load_all(from_dirs), _load_all(from_zips)
+    for source_id, sample in dirs.items():
+        for name, array in sample.arrays.items():
+            np.testing.assert_array_equal(array, zips[source_id].arrays[name])
 
 
 def test_corrupt_member_of_a_zip_is_named_inside_the_zip(raw: Path, tmp_path: Path) -> None:
