@@ -619,3 +619,22 @@ def test_a_broken_link_says_fetch_the_data(tmp_path: Path, which: str) -> None:
     (line,) = stderr.strip().splitlines()
     assert line.startswith("error: broken link") and str(path) in line
     assert "git annex get, dvc pull" in line and "Errno" not in line
+
+
+@pytest.mark.parametrize("layout", ["official", "mmseg"])
+def test_upper_case_extensions_are_the_same_files(tmp_path: Path, layout: str) -> None:
+    """`1.TIF` (as a Windows tool or a FAT copy names it) was "file listed in split 'train' is
+    missing"; the mmseg layout found no images at all."""
+    raw = make_segmunich(tmp_path / "raw", layout=layout, wrap=None)
+    expected = _open(raw)
+    samples = [expected.load(c) for c in expected.candidates]
+    for path in [p for p in raw.rglob("*") if p.suffix in (".tif", ".png")]:
+        path.rename(path.with_suffix(path.suffix.upper()))
+    code, _, stderr = run_cli("prepare", "segmunich", raw, "--out", tmp_path / "s.zarr", "-q")
+    assert code == 0, stderr
+    plan = _open(raw)
+    assert [c.source_id for c in plan.candidates] == [c.source_id for c in expected.candidates]
+    assert all(p.exists() and p.suffix.isupper() for c in plan.candidates for p in c.ref)
+    for candidate, sample in zip(plan.candidates, samples, strict=True):
+        for name, array in plan.load(candidate).arrays.items():
+            np.testing.assert_array_equal(array, sample.arrays[name])
