@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import re
 from pathlib import Path
 
 # Exit codes of DESIGN.md: a pipeline branches on them.
@@ -76,12 +77,34 @@ class Interrupted(SpecdmError):
         return "interrupted: rerun with --resume"
 
 
-def reason_of(exc: BaseException) -> str:
+def reason_of(exc: BaseException, path: Path | str | None = None) -> str:
     """An exception's first line, short enough for one stderr line (its type when it says
-    nothing): what a library reported, quoted inside our own message."""
+    nothing): what a library reported, quoted inside our own message, which names `path`."""
     if "See previous exception" in str(exc) and exc.__cause__ is not None:
-        return reason_of(exc.__cause__)  # rasterio keeps GDAL's reason (a missing file) there
-    return str(exc).splitlines()[0][:120] if str(exc) else type(exc).__name__
+        # rasterio keeps GDAL's reason (a missing file) there
+        return reason_of(exc.__cause__, path)
+    first = str(exc).splitlines()[0] if str(exc) else ""
+    # Shortened after the path is gone: a long path would leave no room for the reason.
+    reason = _without_leading_path(first, Path(path).name) if path is not None else first
+    return reason[:120] if reason else type(exc).__name__
+
+
+# rasterio's MemoryFile (a zip member read in memory): a uuid name under /vsimem/.
+_MEMORY_FILE = re.compile(r"(?:/vsimem/)?[0-9a-f]{8}(?:-[0-9a-f]{4}){3}-[0-9a-f]{12}(?:\.\w+)?")
+
+
+def _without_leading_path(text: str, name: str) -> str:
+    """`text` less the file GDAL puts first ("'/a/b.tif' not recognized as ...", "b.tif:
+    TIFFReadDirectory..."), when it is the file named `name` or GDAL's in-memory copy of it (a
+    zip member); a path to another file (a VRT's missing band) is the reason itself and stays."""
+    if text.startswith("'") and "'" in text[1:]:
+        lead, rest = text[1:].split("'", 1)
+    elif ": " in text:
+        lead, rest = text.split(": ", 1)
+    else:
+        return text
+    ours = (bool(name) and lead.endswith(name)) or _MEMORY_FILE.fullmatch(lead) is not None
+    return rest.lstrip(" :") if ours and rest.strip(" :") else text
 
 
 def resource_error_from(exc: OSError, path: Path | str | None = None) -> ResourceError | None:

@@ -726,6 +726,24 @@ def test_a_rounded_float_nodata_tag_masks_the_lowest_float(tmp_path: Path) -> No
     assert sample.arrays["image"].min() > 0  # filled with the valid pixels' mean
 
 
+def test_a_float_label_s_rounded_nodata_tag_matches_the_lowest_float(tmp_path: Path) -> None:
+    """A float32 label as ArcGIS/QGIS export it (tag -3.40282e+38, pixels -FLT_MAX) failed
+    with exit 3 "negative label code -340282346638528859811704183484516925440"."""
+    root = make_geotiff_folder(tmp_path / "raw", n=2, codes=[1, 2])
+    for mask in sorted((root / "masks").glob("*.tif")):
+        label = _read(mask, 1).astype(np.float32)
+        label[:4] = np.finfo(np.float32).min
+        write_label(mask, label, _geo(mask), nodata=-3.40282e38)
+    out = tmp_path / "store.zarr"
+    code, _, stderr = run_cli("prepare", "geotiff", root, "--out", out, "--patch-size", "32")
+    assert code == 0, stderr
+    store = open_store(out)
+    for index in range(len(store.source_ids() or [])):
+        mask = store.read(index)["mask"]
+        assert (mask[:4] == 255).all() and (mask[4:24, :20] != 255).all()
+    assert [c["code"] for c in manifest_of(out)["classes"]] == [1, 2]
+
+
 def test_an_internal_mask_is_nodata_whatever_the_nodata_option(tmp_path: Path) -> None:
     root = make_geotiff_folder(tmp_path / "raw", n=1, codes=[1, 2])
     path = root / "images" / "tile_00.tif"

@@ -17,7 +17,7 @@ import tifffile
 from affine import Affine
 from PIL import Image
 
-from specdm_cli.errors import InputDataError
+from specdm_cli.errors import InputDataError, reason_of
 from specdm_cli.sources.base import PrepareOptions, RawSample, SourcePlan
 from specdm_cli.sources.oscd import pixels as oscd_pixels
 from specdm_cli.sources.oscd import read_oscd
@@ -31,6 +31,7 @@ from tests.fixtures.oscd import (
     TRAIN_LABELS,
     make_oscd,
     oscd_city,
+    rezip_with_backslashes,
 )
 
 SMALL = PrepareOptions(patch_size=16, overlap=0.5)
@@ -468,6 +469,31 @@ def test_label_nodata_applies_to_the_tif_change_map(
     assert (sample.arrays["change"][2:] != 255).all()
 
 
+def test_a_tif_change_map_s_nodata_tag_reads_as_255(
+    tree: Callable[..., Path], tmp_path: Path
+) -> None:
+    """`<city>-cm.tif` tagged nodata 0 (as the README says, the tag is read like
+    --label-nodata) failed with exit 3 "unknown label code(s) [0]"."""
+    root = Path(shutil.copytree(tree(tif_labels_only="brasilia"), tmp_path / "raw"))
+    tif = root / TEST_LABELS / "brasilia" / "cm" / "brasilia-cm.tif"
+    codes = tifffile.imread(tif)
+    codes[:2, :3] = 0
+    with rasterio.open(
+        _fresh(tif), "w", driver="GTiff", height=codes.shape[0], width=codes.shape[1],
+        count=1, dtype="uint8", nodata=0,
+    ) as dst:  # fmt: skip
+        dst.write(codes, 1)
+    out = tmp_path / "store.zarr"
+    code, _, stderr = run_cli(
+        "prepare", "oscd", root, "--out", out, "--patch-size", "16", "--val-fraction", "0", "-q"
+    )
+    assert code == 0, stderr
+    plan = read_oscd(root, SMALL)
+    (sample,) = [s for y, x, s in _city_samples(plan, "brasilia") if (y, x) == (0, 0)]
+    assert (sample.arrays["change"][:2, :3] == 255).all()
+    assert (sample.arrays["change"][2:] != 255).all()
+
+
 def test_georeferenced_rect_files_give_crs_and_bounds(raw: Path) -> None:
     for city, (height, width) in SIZES.items():
         for phase in (1, 2):
@@ -564,6 +590,26 @@ def test_broken_trees_raise_input_errors_naming_the_culprit(raw: Path, case: str
     assert _error(raw).path == raw / culprit
 
 
+def test_zips_with_backslash_names_read_as_the_folders(
+    tree: Callable[..., Path], tmp_path: Path
+) -> None:
+    """Zips of PowerShell 5's Compress-Archive (`bercy\\imgs_1_rect\\B01.tif`) were "no OSCD
+    cities found"."""
+    root = Path(shutil.copytree(tree(zipped=True), tmp_path / "raw"))
+    rezip_with_backslashes(root)
+    code, _, stderr = run_cli(
+        "prepare", "oscd", root, "--out", tmp_path / "o.zarr", "--patch-size", "16",
+        "--val-fraction", "0", "-q",
+    )  # fmt: skip
+    assert code == 0, stderr
+    from_dirs, from_zips = read_oscd(tree(), SMALL), read_oscd(root, SMALL)
+    assert from_dirs.candidates == from_zips.candidates
+    dirs, zips = _load_all(from_dirs), _load_all(from_zips)
+    for source_id, sample in dirs.items():
+        for name, array in sample.arrays.items():
+            np.testing.assert_array_equal(array, zips[source_id].arrays[name])
+
+
 def test_corrupt_member_of_a_zip_is_named_inside_the_zip(raw: Path, tmp_path: Path) -> None:
     _fresh(raw / BERCY / "imgs_1_rect" / "B03.tif").write_bytes(b"garbage" * 20)
     root = tmp_path / "zipped"
@@ -605,6 +651,36 @@ def _mark_every_member(archive: Path, kind: str) -> None:
                 data[start + flags] |= 1
             start = data.find(signature, start + 4)
     archive.write_bytes(bytes(data))
+
+
+def test_an_empty_band_file_says_gdal_s_reason_not_its_path_twice(
+    raw: Path, tmp_path: Path
+) -> None:
+    """GDAL puts the file first ("'/long/path/B04.tif' not recognized as ..."): cut at 120
+    characters, the reason was lost behind a path the line names anyway."""
+    band = _fresh(_band_file(raw, "bercy", 1, "B04"))
+    band.write_bytes(b"")
+    code, _, stderr = run_cli(
+        "prepare", "oscd", raw, "--out", tmp_path / "o.zarr", "--patch-size", "16", "-q"
+    )
+    (line,) = stderr.strip().splitlines()
+    assert code == 3 and line.count(str(band)) == 1
+    assert "(not recognized as being in a supported file format.)" in line
+
+
+@pytest.mark.parametrize(
+    ("gdal", "reason"),
+    [
+        ("4f0c1b2e-9bb9-445c-92b1-6ecff99f7f25.tif: TIFFReadDirectory:Failed", "TIFFReadDirectory"),
+        ("/data/S2/B02.jp2: No such file or directory", "/data/S2/B02.jp2: No such"),
+    ],
+)
+def test_gdal_s_name_of_a_zip_member_goes_that_of_another_file_stays(
+    gdal: str, reason: str
+) -> None:
+    """A zip member is read in memory, under a uuid name that tells the user nothing; a VRT's
+    missing band file is the reason itself."""
+    assert reason_of(OSError(gdal), "bercy/imgs_1_rect/B04.tif").startswith(reason)
 
 
 def test_missing_and_empty_raw_folders(tmp_path: Path) -> None:

@@ -21,9 +21,11 @@ from specdm_cli.sources.geotiff.layout import raster_stem
 from specdm_cli.sources.sentinel2 import S2_WAVELENGTH_NM
 from specdm_cli.stores import open_store
 from tests.conftest import manifest_of, run_cli
+from tests.fixtures.geotiff_folder import make_geotiff_folder
 from tests.fixtures.real_layouts import (
     S2_L1C_NAMES,
     SEN1FLOODS11_CHIPS,
+    images_to_envi,
     make_gdal_formats,
     make_sen1floods11,
     make_sparse_change,
@@ -227,6 +229,29 @@ def test_each_gdal_format_alone_names_its_bands(tmp_path: Path) -> None:
         bands = read_bands(path)
         assert [b.name for b in bands] == expected, stem
         assert bands[0].wavelength_nm == 492.7 and bands[0].fwhm_nm == 66
+
+
+@pytest.mark.parametrize("suffix", [".raw", ".cube"])
+def test_envi_data_of_any_extension_beside_its_header_is_read(tmp_path: Path, suffix: str) -> None:
+    """`tile.raw` + `tile.hdr` (SPECIM, GDAL's ENVI driver) was "no raster files in folder"."""
+    raw = make_geotiff_folder(tmp_path / "raw", n=2)
+    expected = {p.stem: _pixels(p) for p in sorted((raw / "images").glob("*.tif"))}
+    images_to_envi(raw, suffix)
+    sidecars = sorted(p.name for p in (raw / "images").iterdir() if raster_stem(p) is None)
+    assert sidecars == sorted(
+        f"tile_0{i}{end}" for i in (0, 1) for end in (".hdr", f"{suffix}.aux.xml")
+    )
+    out = tmp_path / "g.zarr"
+    code, _, stderr = _prepare("geotiff", raw, "--out", out, "--val-fraction", "0")
+    assert code == 0, stderr
+    group = zarr.open_group(out, mode="r")
+    for index, stem in enumerate(np.asarray(group["source_id"][:])):
+        np.testing.assert_array_equal(group["image"][index], expected[str(stem)])
+
+
+def _pixels(path: Path) -> np.ndarray:
+    with rasterio.open(path) as src:
+        return np.asarray(src.read())
 
 
 def test_envi_header_wavelengths_and_path_band_names(tmp_path: Path) -> None:

@@ -569,3 +569,72 @@ def test_not_a_tiff(tmp_path: Path) -> None:
 
     err = _input_error(tmp_path, "corrupt or truncated TIFF")
     assert err.path == path
+
+
+def _rewrite_as_geotiff(path: Path, array: np.ndarray, nodata: float) -> None:
+    """`array` ((H, W, C) or (H, W)) as GDAL writes a patch: band-separate, GDAL_NODATA tag."""
+    import rasterio
+
+    bands = array.transpose(2, 0, 1) if array.ndim == 3 else array[None]
+    profile = {"driver": "GTiff", "count": bands.shape[0], "dtype": str(bands.dtype)}
+    with rasterio.open(
+        path, "w", height=bands.shape[1], width=bands.shape[2], nodata=nodata, **profile
+    ) as dst:
+        dst.write(bands)
+
+
+def test_geotiff_nodata_tags_of_image_and_label_read_as_255(tmp_path: Path) -> None:
+    """tifffile never reads GDAL's nodata tag (42113): an image tagged 0 kept its 0 pixels as
+    reflectance, a label tagged 200 was exit 3 "unknown label code(s) [200]"."""
+    raw = tmp_path / "raw"
+    tree = _tree(raw, splits={"train": 2})
+    image_path, label_path = tree / "train" / "img" / "1.tif", tree / "train" / "label" / "1.tif"
+    image, label = tifffile.imread(image_path), tifffile.imread(label_path)
+    image[:3] = 0
+    label[-2:] = 200
+    _rewrite_as_geotiff(image_path, image, nodata=0)
+    _rewrite_as_geotiff(label_path, label, nodata=200)
+    tagged_class = tree / "train" / "label" / "2.tif"  # 0 is Background: a class, not nodata
+    _rewrite_as_geotiff(tagged_class, tifffile.imread(tagged_class), nodata=0)
+    code, _, stderr = run_cli("prepare", "segmunich", raw, "--out", tmp_path / "s.zarr", "-q")
+    assert code == 0, stderr
+    plan = _open(raw)
+    first, second = (plan.load(c) for c in plan.candidates)
+    assert (first.arrays["mask"][:3] == 255).all() and (first.arrays["mask"][-2:] == 255).all()
+    assert (first.arrays["mask"][3:-2] != 255).all()
+    assert first.arrays["image"].min() > 0  # the tagged pixels filled with the valid mean
+    assert (second.arrays["mask"] != 255).all()
+
+
+@pytest.mark.parametrize("which", ["img/2", "label/3"])
+def test_a_broken_link_says_fetch_the_data(tmp_path: Path, which: str) -> None:
+    """A git-annex or DVC link not yet fetched was "corrupt or truncated TIFF ([Errno 2] ...",
+    cut off, telling to re-download a file that only needs fetching."""
+    raw = tmp_path / "raw"
+    path = _tree(raw) / "train" / f"{which}.tif"
+    path.unlink()
+    path.symlink_to("../../.git/annex/objects/Xk/SHA256E-s678238--0123456789abcdef.tif")
+    code, _, stderr = run_cli("prepare", "segmunich", raw, "--out", tmp_path / "s.zarr", "-q")
+    assert code == 3
+    (line,) = stderr.strip().splitlines()
+    assert line.startswith("error: broken link") and str(path) in line
+    assert "git annex get, dvc pull" in line and "Errno" not in line
+
+
+@pytest.mark.parametrize("layout", ["official", "mmseg"])
+def test_upper_case_extensions_are_the_same_files(tmp_path: Path, layout: str) -> None:
+    """`1.TIF` (as a Windows tool or a FAT copy names it) was "file listed in split 'train' is
+    missing"; the mmseg layout found no images at all."""
+    raw = make_segmunich(tmp_path / "raw", layout=layout, wrap=None)
+    expected = _open(raw)
+    samples = [expected.load(c) for c in expected.candidates]
+    for path in [p for p in raw.rglob("*") if p.suffix in (".tif", ".png")]:
+        path.rename(path.with_suffix(path.suffix.upper()))
+    code, _, stderr = run_cli("prepare", "segmunich", raw, "--out", tmp_path / "s.zarr", "-q")
+    assert code == 0, stderr
+    plan = _open(raw)
+    assert [c.source_id for c in plan.candidates] == [c.source_id for c in expected.candidates]
+    assert all(p.exists() and p.suffix.isupper() for c in plan.candidates for p in c.ref)
+    for candidate, sample in zip(plan.candidates, samples, strict=True):
+        for name, array in plan.load(candidate).arrays.items():
+            np.testing.assert_array_equal(array, sample.arrays[name])

@@ -270,7 +270,20 @@ def label_nodata_mask(raw: np.ndarray, nodata: float | None) -> np.ndarray:
         return np.zeros(raw.shape, dtype=bool)
     if math.isnan(nodata):
         return np.isnan(raw) if raw.dtype.kind == "f" else np.zeros(raw.shape, dtype=bool)
+    if raw.dtype == np.float32:
+        return _float32_equal(raw, nodata)
     return np.asarray(raw == nodata)
+
+
+def _float32_equal(raw: np.ndarray, nodata: float) -> np.ndarray:
+    """Where float32 pixels equal `nodata` as GDAL's nodata mask (the image side) matches them:
+    ARE_REAL_EQUAL in float32, so a tag written rounded (-3.40282e+38, ArcGIS and QGIS) still
+    matches the -3.4028235e+38 pixels of the same files, which `==` on the tag misses."""
+    with np.errstate(over="ignore"):
+        tag = np.float32(nodata)
+        # The sum overflows to inf beside +-FLT_MAX: that is what lets GDAL match a rounded tag.
+        tolerance = 2 * np.finfo(np.float32).eps * np.abs(raw + tag)
+        return np.asarray((raw == tag) | (np.abs(raw - tag) < tolerance))
 
 
 def iter_nonempty_lines(path: Path) -> Iterator[str]:
@@ -303,6 +316,17 @@ def decode_text(data: bytes, path: Path) -> str:
         raise InputDataError(
             f"not UTF-8 text (byte {exc.start})", path, "save it as UTF-8 text"
         ) from None
+
+
+def broken_link(path: Path) -> InputDataError:
+    """The error of a link whose target is missing: git-annex and DVC leave these until the
+    data is fetched, so the fix is fetching, not re-downloading a "corrupt" file."""
+    return InputDataError(
+        "broken link: the raster it points to is not there (git-annex and DVC leave these "
+        "until the data is fetched)",
+        path,
+        "fetch the data (git annex get, dvc pull) or remove the link",
+    )
 
 
 def require_dir(path: Path | None, what: str) -> Path:

@@ -23,11 +23,16 @@ from specdm_cli.manifest import (
     Task,
     array_names,
 )
+from specdm_cli.sources.base import broken_link
 
 # What GDAL reads that a folder of tiles holds: GeoTIFF, JPEG 2000, VRT, ENVI/ERDAS data files
-# (`.img`, `.dat`, `.bsq`/`.bil`/`.bip`), plus extensionless ENVI data beside its `.hdr`, and
-# PNG, as labelling tools (and mmseg's `ann_dir`) write masks.
+# (`.img`, `.dat`, `.bsq`/`.bil`/`.bip`), and PNG, as labelling tools (and mmseg's `ann_dir`)
+# write masks. ENVI data of any other name (`.raw` of SPECIM cameras, none) is found by its
+# `.hdr`.
 EXTENSIONS = (".tif", ".tiff", ".jp2", ".vrt", ".img", ".dat", ".bsq", ".bil", ".bip", ".png")
+# Files beside ENVI data that are no raster: its header, ENVI's statistics and display files,
+# GDAL's sidecars (`.aux.xml` ends in `.xml`).
+_SIDECARS = (".hdr", ".sta", ".enp", ".xml", ".aux", ".msk", ".ovr")
 _TASKS: tuple[Task, ...] = ("ss", "cd")
 
 Files = dict[str, dict[str, Path]]  # stem -> array name -> path
@@ -101,19 +106,19 @@ def raster_stem(path: Path) -> str | None:
     if path.name.startswith("."):
         return None
     if path.is_symlink() and not path.exists() and path.suffix.lower() in EXTENSIONS:
-        raise InputDataError(
-            "broken link: the raster it points to is not there (git-annex and DVC leave these "
-            "until the data is fetched)",
-            path,
-            "fetch the data (git annex get, dvc pull) or remove the link",
-        )
+        raise broken_link(path)
     if not path.is_file():
         return None
-    if path.suffix.lower() in EXTENSIONS:
+    if path.suffix.lower() in EXTENSIONS or _beside_envi_header(path):
         return path.stem
-    if not path.suffix and path.with_name(f"{path.name}.hdr").is_file():
-        return path.name
     return None
+
+
+def _beside_envi_header(path: Path) -> bool:
+    """ENVI data with a header where GDAL's ENVI driver looks: `<stem>.hdr` or `<name>.hdr`."""
+    if path.suffix.lower() in _SIDECARS:
+        return False
+    return path.with_suffix(".hdr").is_file() or path.with_name(f"{path.name}.hdr").is_file()
 
 
 def pair_files(root: Path, task: Task) -> Files:
@@ -149,7 +154,7 @@ def raster_errors(path: Path) -> Iterator[None]:
             "file disappeared after listing", path, "restore the file and rerun"
         ) from None
     except (RasterioError, OSError) as exc:
-        reason = reason_of(exc)
+        reason = reason_of(exc, path)
         raise InputDataError(
             f"unreadable or corrupt raster ({reason})",
             path,

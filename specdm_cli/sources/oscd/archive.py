@@ -71,11 +71,15 @@ class _ZipTree:
         self.archive = archive
         try:
             with zipfile.ZipFile(archive) as zf:
-                names = [n for n in zf.namelist() if not n.endswith("/")]
+                listed = zf.namelist()
         except (zipfile.BadZipFile, OSError, EOFError) as exc:
             raise InputDataError(
                 f"corrupt or unreadable zip ({exc})", archive, FIX_ARCHIVE
             ) from None
+        # Windows PowerShell 5's Compress-Archive writes `\` between folders, against the zip
+        # spec: names are read with `/`, and each member is read by the name it has in the zip.
+        self._members = {n.replace("\\", "/"): n for n in listed}
+        names = [n for n in self._members if not n.endswith("/")]
         # Tolerate a re-zipped archive without the top folder.
         self.prefix = f"{stem}/" if any(n.startswith(f"{stem}/") for n in names) else ""
         self.files = {n[len(self.prefix) :] for n in names if n.startswith(self.prefix)}
@@ -99,7 +103,7 @@ class _ZipTree:
     def source(self, rel: str) -> bytes:
         try:
             with zipfile.ZipFile(self.archive) as zf:
-                return zf.read(f"{self.prefix}{rel}")
+                return zf.read(self._members[f"{self.prefix}{rel}"])
         except (zipfile.BadZipFile, zlib.error, OSError, EOFError, KeyError) as exc:
             raise InputDataError(
                 f"corrupt zip: cannot read {self.prefix}{rel} ({exc})", self.archive, FIX_ARCHIVE
@@ -182,7 +186,7 @@ def open_raster(tree: Tree, rel: str) -> Iterator[Any]:
             with MemoryFile(source) as memory, memory.open() as src:
                 yield src
     except (RasterioError, OSError) as exc:
-        reason = reason_of(exc)
+        reason = reason_of(exc, rel)
         raise InputDataError(
             f"corrupt or unreadable TIFF ({reason})", tree.where(rel), FIX_ARCHIVE
         ) from None

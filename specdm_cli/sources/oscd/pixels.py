@@ -195,11 +195,13 @@ def _as_uint16(data: np.ndarray, where: Path) -> np.ndarray:
 
 
 def _read_change(tree: Tree, rel: str, label_nodata: float | None) -> np.ndarray:
-    """The change map as uint8 0/1 (255 where the tif says ignore, or holds --label-nodata)."""
+    """The change map as uint8 0/1 (255 where the tif holds --label-nodata, else its nodata
+    tag)."""
     if rel.endswith(".tif"):
         with open_raster(tree, rel) as src:
-            raw = src.read(1)
-        return remap_labels(label_values(raw, label_nodata), _TIF_LABEL_CODES, tree.where(rel))
+            raw, tag = src.read(1), src.nodata
+        nodata = label_nodata if label_nodata is not None else _tag_nodata(tag)
+        return remap_labels(label_values(raw, nodata), _TIF_LABEL_CODES, tree.where(rel))
     with open_png(tree, rel) as img:
         # A palette image turns into colours first; alpha is dropped: it is not a change.
         rgb = img.convert("RGBA") if img.mode in ("P", "PA") else img
@@ -208,6 +210,12 @@ def _read_change(tree: Tree, rel: str, label_nodata: float | None) -> np.ndarray
             array = array[..., :-1]
     changed = array != 0 if array.ndim == 2 else (array != 0).any(axis=-1)
     return np.asarray(changed, dtype=np.uint8)
+
+
+def _tag_nodata(tag: float | None) -> float | None:
+    """A change map's nodata tag, unless it names a code: a tag a tool set never turns every
+    "no change" (1) or "change" (2) pixel into 255 (as a geotiff classes file wins over a tag)."""
+    return None if tag in _TIF_LABEL_CODES else tag
 
 
 def load_patch(candidate: Candidate, *, ctx: Context, cache: CityCache) -> RawSample:

@@ -175,12 +175,11 @@ def split_candidates(folders: dict[str, Path], split_ids: SplitIds, root: Path) 
         ids = split_ids.get(split, [])
         if not ids:
             continue
-        img_dir, label_dir = folders[split] / "img", folders[split] / "label"
-        _require_files(img_dir, ids, split)
-        _require_files(label_dir, ids, split)
+        images = _require_files(folders[split] / "img", ids, split)
+        labels = _require_files(folders[split] / "label", ids, split)
         candidates += [
-            Candidate(f"{split}/{i}", split, (img_dir / f"{i}.tif", label_dir / f"{i}.tif"))
-            for i in ids
+            Candidate(f"{split}/{i}", split, pair)
+            for i, pair in zip(ids, zip(images, labels, strict=True), strict=True)
         ]
     if not candidates:
         raise InputDataError(
@@ -198,13 +197,15 @@ def mmseg_candidates(root: Path) -> list[Candidate]:
         if not (images / split).is_dir():
             continue
         # Never a hidden file: macOS leaves ._<id>.tif beside each file it copies.
-        ids = sorted(p.stem for p in (images / split).glob("*.tif") if not p.name.startswith("."))
-        _require_files(labels / split, ids, split, suffix=".png")
+        tifs = sorted(
+            (p for p in (images / split).iterdir() if is_tif(p) and not p.name.startswith(".")),
+            key=lambda p: p.stem,
+        )
+        ids = [p.stem for p in tifs]
+        pngs = _require_files(labels / split, ids, split, suffix=".png")
         candidates += [
-            Candidate(
-                f"{split}/{i}", split, (images / split / f"{i}.tif", labels / split / f"{i}.png")
-            )
-            for i in ids
+            Candidate(f"{split}/{i}", split, pair)
+            for i, pair in zip(ids, zip(tifs, pngs, strict=True), strict=True)
         ]
     if not candidates:
         found = sorted(p.name for p in images.iterdir() if p.is_dir())
@@ -216,16 +217,28 @@ def mmseg_candidates(root: Path) -> list[Candidate]:
     return candidates
 
 
-def _require_files(folder: Path, ids: Sequence[str], split: str, suffix: str = ".tif") -> None:
+def is_tif(path: Path) -> bool:
+    """A `.tif` of any case: `1.TIF` is the same file as Windows tools and FAT copies name it."""
+    return path.suffix.lower() == ".tif"
+
+
+def _require_files(
+    folder: Path, ids: Sequence[str], split: str, suffix: str = ".tif"
+) -> list[Path]:
+    """The file `<id><suffix>` of each id in `folder`, by its real name (the suffix of any
+    case; an exact match first); a missing one is an input error naming it."""
     # One directory listing per folder instead of a stat per file: SegMunich has ~7,000 files.
     try:
-        present = {p.name for p in folder.iterdir()}
+        listed = sorted(folder.iterdir(), key=lambda p: (p.suffix != p.suffix.lower(), p.name))
     except OSError:
         raise InputDataError(
             f"folder missing for split {split!r}",
             folder,
             "extract the whole SegMunich archive",
         ) from None
+    present: dict[str, Path] = {}
+    for path in listed:
+        present.setdefault(path.stem + path.suffix.lower(), path)
     missing = [i for i in ids if f"{i}{suffix}" not in present]
     if missing:
         more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
@@ -236,3 +249,4 @@ def _require_files(folder: Path, ids: Sequence[str], split: str, suffix: str = "
             if suffix == ".tif"
             else "restore the label, or remove its image",
         )
+    return [present[f"{i}{suffix}"] for i in ids]

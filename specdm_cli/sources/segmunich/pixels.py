@@ -18,6 +18,7 @@ from specdm_cli.sources.base import (
     Candidate,
     RawSample,
     apply_nodata,
+    broken_link,
     label_nodata_mask,
     remap_labels,
 )
@@ -32,6 +33,7 @@ _TIFF_ERRORS = (
 )  # fmt: skip
 # Without imagecodecs, tifffile reads ZSTD by importing Python 3.14's `compression` module.
 _TIFF_ERRORS_OR_CODEC = (*_TIFF_ERRORS, ImportError)
+_GDAL_NODATA = 42113  # GDAL's private TIFF tag: the nodata value as ASCII text
 
 
 def _codec_missing(exc: Exception) -> bool:
@@ -45,6 +47,8 @@ def read_shape(path: Path) -> tuple[int, ...]:
     try:
         with tifffile.TiffFile(path) as tif:
             return tuple(int(n) for n in tif.series[0].shape)
+    except FileNotFoundError:
+        raise _vanished(path) from None
     except _TIFF_ERRORS as exc:
         raise _corrupt(path, exc) from None
 
@@ -108,12 +112,20 @@ def load_sample(
             label_path,
             "replace the label with the one matching its image",
         )
+    if label_nodata is None:
+        tag = _gdal_nodata(label_path)
+        # The class table wins over a tag a tool set (as a geotiff classes file does): a tag
+        # of 0 never turns every Background pixel into 255.
+        label_nodata = None if tag in codes else tag
     label_invalid = label_nodata_mask(raw_label, label_nodata)
     if label_invalid.any():
         wide = raw_label.astype(np.float64 if raw_label.dtype.kind == "f" else np.int64)
         raw_label = np.where(label_invalid, IGNORE_INDEX, wide)
     mask = remap_labels(raw_label, codes, label_path)
-    invalid, _ = apply_nodata(image, mask, nodata, img_path)
+    # --nodata replaces the image's tag; NaN is never a value, so --nodata nan adds to it.
+    nan_declared = nodata is not None and math.isnan(nodata)
+    image_nodata = _gdal_nodata(img_path) if nodata is None or nan_declared else nodata
+    invalid, _ = apply_nodata(image, mask, image_nodata, img_path, nan_declared)
     return RawSample(
         candidate.source_id,
         candidate.split,
@@ -121,6 +133,19 @@ def load_sample(
         nodata_pixels=int((invalid | label_invalid).sum()),
         image_nodata=invalid,
     )
+
+
+def _gdal_nodata(path: Path) -> float | None:
+    """The GDAL_NODATA tag (42113) of a patch re-saved by GDAL, which tifffile's reads ignore;
+    None when the file has none (SegMunich's own patches) or is a PNG."""
+    if path.suffix.lower() == ".png":
+        return None
+    try:
+        with tifffile.TiffFile(path) as tif:
+            tag = tif.pages.first.tags.get(_GDAL_NODATA)
+            return None if tag is None else float(str(tag.value).strip("\x00 "))
+    except _TIFF_ERRORS:  # a tag that is no number, or the file gone since it was read: no tag
+        return None
 
 
 def _require_patch(path: Path, height: int, width: int, bands: int) -> None:
@@ -238,4 +263,6 @@ def _corrupt(path: Path, exc: Exception, kind: str = "TIFF") -> InputDataError:
 
 
 def _vanished(path: Path) -> InputDataError:
+    if path.is_symlink():  # listed, as a link is, but its target was never fetched
+        return broken_link(path)
     return InputDataError("file disappeared after listing", path, "restore the file and rerun")

@@ -23,6 +23,7 @@ from specdm_cli.sources.segmunich.layout import (
     SPLIT_ORDER,
     find_root,
     is_mmseg,
+    is_tif,
     mmseg_candidates,
     read_split_lists,
     split_candidates,
@@ -107,7 +108,7 @@ def _unlisted_folder_notes(root: Path, folders: dict[str, Path]) -> list[str]:
     ]
     return [
         f"{folder.name}/ has no dataset/{folder.name}.txt: its "
-        f"{sum(1 for _ in (folder / 'img').glob('*.tif'))} images are left out (restore "
+        f"{sum(1 for p in (folder / 'img').iterdir() if is_tif(p))} images are left out (restore "
         f"{folder.name}.txt from the archive to read them)"
         for folder in unlisted
     ]
