@@ -18,20 +18,40 @@ from tests.processes import kill_started
 PAPER_LOSS = ("--semantic-weight", "0", "--mask-latent-channels", "3")
 
 
+@pytest.fixture(scope="session")
+def shared_demo_bank(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One cache of the ss demo model's detail bank for the session (built on first use, a few
+    seconds): every test's home links to it. A test of the cache itself removes the link."""
+    return tmp_path_factory.mktemp("demo-detail")
+
+
+def home_sharing_the_demo_bank(home: Path, shared: Path) -> str:
+    """`home` (made) with its demo-bank cache linked to the session's `shared` one."""
+    (home / "cache").mkdir(parents=True, exist_ok=True)
+    (home / "cache" / "demo-detail").symlink_to(shared, target_is_directory=True)
+    return str(home)
+
+
 @pytest.fixture(scope="session", autouse=True)
-def _isolated_session_user_dirs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+def _isolated_session_user_dirs(
+    tmp_path_factory: pytest.TempPathFactory, shared_demo_bank: Path
+) -> Iterator[None]:
     """Session and module fixtures (tiny runs made once) register their runs too: keep those
     out of the real home directory as well, or a developer's `synthesize` would pick them."""
+    home = tmp_path_factory.mktemp("specdm-home")
     with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("SPECDM_HOME", str(tmp_path_factory.mktemp("specdm-home")))
+        patch.setenv("SPECDM_HOME", home_sharing_the_demo_bank(home, shared_demo_bank))
         patch.setenv("HF_HUB_OFFLINE", "1")
         yield
 
 
 @pytest.fixture(autouse=True)
-def _isolated_user_dirs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Each test gets a registry and caches of its own."""
-    monkeypatch.setenv("SPECDM_HOME", str(tmp_path / "specdm-home"))
+def _isolated_user_dirs(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, shared_demo_bank: Path
+) -> None:
+    """Each test gets a registry and caches of its own (the demo bank's shared)."""
+    home = tmp_path / "specdm-home"
+    monkeypatch.setenv("SPECDM_HOME", home_sharing_the_demo_bank(home, shared_demo_bank))
 
 
 def run_cli(*args: str | Path) -> tuple[int, str, str]:

@@ -23,18 +23,20 @@ from specdm_cli.pipeline.benchmark.utility_training import (
     train_to_best,
 )
 from specdm_cli.stores import open_store
-from tests.conftest import prepare_demo, run_cli
+from tests.conftest import home_sharing_the_demo_bank, prepare_demo, run_cli
 from tests.test_benchmark import demo_size, synthesize_demo
 
 TINY = DownstreamOptions(batch_size=4, eval_every=1, patience=2, max_steps=4)
 
 
 @pytest.fixture(scope="module")
-def stores(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, Path]]:
+def stores(
+    tmp_path_factory: pytest.TempPathFactory, shared_demo_bank: Path
+) -> Iterator[tuple[Path, Path]]:
     """(real ss store, synthetic ss store of the shipped demo model), with their own SPECDM_HOME."""
     root = tmp_path_factory.mktemp("agree")
     with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("SPECDM_HOME", str(root / "home"))
+        patch.setenv("SPECDM_HOME", home_sharing_the_demo_bank(root / "home", shared_demo_bank))
         real = prepare_demo(root / "real.zarr", n=48, size=demo_size("ss"))
         yield real, synthesize_demo(root / "syn.zarr", "ss", 12)
 

@@ -26,7 +26,7 @@ from specdm_cli.pipeline.runs.choose import choose_model, demo_model_path
 from specdm_cli.pipeline.runs.run_manifest import load_run
 from specdm_cli.stores import content_sha256, open_store
 from specdm_cli.stores.quality import read_quality, write_quality
-from tests.conftest import prepare_demo, run_cli
+from tests.conftest import home_sharing_the_demo_bank, prepare_demo, run_cli
 from tests.fault_tools import assert_one_error_line
 
 # Budgets that finish in seconds: the numbers are meaningless, the plumbing is what is tested.
@@ -41,11 +41,11 @@ DOWNSTREAM = ("--downstream", "--downstream-max-steps", str(MAX_STEPS), "--downs
 
 
 @pytest.fixture(scope="module")
-def home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+def home(tmp_path_factory: pytest.TempPathFactory, shared_demo_bank: Path) -> Iterator[Path]:
     """One SPECDM_HOME for the module, so the feature network is trained once per budget."""
     folder = tmp_path_factory.mktemp("home")
     with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("SPECDM_HOME", str(folder))
+        patch.setenv("SPECDM_HOME", home_sharing_the_demo_bank(folder, shared_demo_bank))
         yield folder
 
 

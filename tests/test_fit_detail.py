@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
 from pathlib import Path
 from typing import Any
@@ -28,7 +29,9 @@ from specdm_cli.pipeline.runs.choose import choose_model
 from specdm_cli.pipeline.runs.detail_io import load_bank
 from specdm_cli.pipeline.runs.run_manifest import load_run
 from specdm_cli.pipeline.signals import StopFlag
+from specdm_cli.pipeline.train.demo_detail import BANK_SCENES, BANK_STORE, bank_scenes
 from specdm_cli.pipeline.train.fit_detail import round_trips
+from specdm_cli.sources.demo.reader import make_sample
 from specdm_cli.stores import open_store
 from tests.conftest import run_cli
 from tests.test_synthesize import UNET, VAE, arrays, synth, train_run
@@ -199,9 +202,10 @@ def test_detail_is_the_default_of_a_banked_run_changes_images_only_and_is_record
     assert synth(banked, plain, "--n", "4", "--no-detail")[0] == 0
     code, _, stderr = synth(banked, detailed, "--n", "4", "--detail")
     assert code == 0, stderr
-    # The default: detail, as the run has a bank, and the same arrays at another thread count.
+    # The default: detail, as the run has a bank, the same arrays as --detail's (at the same
+    # thread count: the last bit of a decoded value depends on it, README, synthesize).
     code, _, stderr = run_cli("synthesize", "--model", banked, "--out", again, "--n", "4",
-                              "--steps", "4", "--batch-size", "4", "--threads", "1")  # fmt: skip
+                              "--steps", "4", "--batch-size", "4", "--threads", "2")  # fmt: skip
     assert code == 0 and "detail: the run's retrieved detail" in stderr, stderr
     with_detail, without = arrays(detailed), arrays(plain)
     assert np.array_equal(with_detail["mask"], without["mask"])
@@ -333,3 +337,65 @@ def test_the_benchmark_s_round_trip_row_adds_the_run_s_bank(
     assert downstream is not None and downstream.round_trip is not None
     assert downstream.round_trip.endswith("+ retrieved detail (its fit-detail bank)")
     assert "pretrain-oracle-round-trip" in {row.protocol for row in downstream.rows}
+
+
+DEMO = ("synthesize", "--model", "demo", "--task", "ss", "--n", "2", "--steps", "2")
+
+
+def _own_demo_cache() -> Path:
+    """This test's own demo-bank cache, in place of the session's shared one."""
+    link = Path(os.environ["SPECDM_HOME"]) / "cache" / "demo-detail"
+    link.unlink()
+    return link
+
+
+def test_the_demo_model_builds_its_bank_once_and_adds_its_detail(tmp_path: Path) -> None:
+    """The ss demo model's bank (too large to ship) is built on first use on one thread, so
+    --threads does not change its bytes, then found; --no-detail leaves it out and builds none."""
+    cache = _own_demo_cache()
+    plain = tmp_path / "plain.zarr"
+    assert run_cli(*DEMO, "--no-detail", "--out", plain, "--quiet")[0] == 0
+    assert not cache.exists()
+    first, again = tmp_path / "d.zarr", tmp_path / "d1.zarr"
+    code, _, stderr = run_cli(*DEMO, "--out", first, "--threads", "2")
+    assert code == 0 and "building the demo model's detail bank once" in stderr, stderr
+    (bank,) = cache.glob("*/checkpoints/detail-*/bank.safetensors")
+    built = hashlib.sha256(bank.read_bytes()).hexdigest()
+    code, _, stderr = run_cli(*DEMO, "--out", again, "--threads", "2")
+    assert code == 0 and "building" not in stderr and "detail: the run's" in stderr, stderr
+    assert all(np.array_equal(arrays(first)[k], arrays(again)[k]) for k in arrays(first))
+    assert np.array_equal(arrays(first)["mask"], arrays(plain)["mask"])
+    assert not np.array_equal(arrays(first)["image"], arrays(plain)["image"])
+    shutil.rmtree(cache)
+    assert run_cli(*DEMO, "--out", tmp_path / "t1.zarr", "--threads", "1", "--quiet")[0] == 0
+    assert hashlib.sha256(bank.read_bytes()).hexdigest() == built
+
+
+def test_a_damaged_demo_bank_is_built_again(tmp_path: Path, shared_demo_bank: Path) -> None:
+    assert run_cli(*DEMO, "--out", tmp_path / "a.zarr", "--quiet")[0] == 0  # the shared one
+    cache = _own_demo_cache()
+    shutil.copytree(shared_demo_bank, cache)
+    (bank,) = cache.glob("*/checkpoints/detail-*/bank.safetensors")
+    pristine = bank.read_bytes()
+    bank.write_bytes(pristine[: len(pristine) // 2])
+    code, _, stderr = run_cli(*DEMO, "--out", tmp_path / "b.zarr")
+    assert code == 0 and "building the demo model's detail bank once" in stderr, stderr
+    assert bank.read_bytes() == pristine
+    assert not list(cache.glob(".*partial"))
+
+
+def test_the_demo_bank_s_scenes_are_train_scenes_of_the_store_it_was_measured_on(
+    tmp_path: Path,
+) -> None:
+    """The recipe: `prepare demo --task ss --n 5120 --size 64 --seed 11`'s train split, spread
+    evenly; checked on the first 160 scenes of that store (sample i depends on (seed, i) only)."""
+    store = tmp_path / "s.zarr"
+    command = ("prepare", "demo", "--task", "ss", "--n", "160", "--size", "64", "--seed", "11")
+    assert run_cli(*command, "--out", store, "--quiet")[0] == 0
+    real = open_store(store)
+    scenes = [int(i) for i in bank_scenes() if i < 160]
+    assert len(bank_scenes()) == BANK_SCENES and len(scenes) >= 2
+    assert set(scenes) <= set(real.indices("train").tolist())
+    for index in scenes:
+        made = make_sample(BANK_STORE.seed, index, "ss", BANK_STORE.size, "s2")
+        assert np.array_equal(made["image"], real.read(index)["image"])

@@ -32,8 +32,10 @@ from specdm_cli.pipeline.benchmark.quality import (
 )
 from specdm_cli.pipeline.runs.choose import ChosenModel, choose_model
 from specdm_cli.pipeline.runs.detail_io import has_bank, load_bank
+from specdm_cli.pipeline.signals import StopFlag
 from specdm_cli.pipeline.synthesize.preview import rgb_note
 from specdm_cli.pipeline.train.common import torch_devices
+from specdm_cli.pipeline.train.demo_detail import demo_with_bank
 from specdm_cli.stores import StoreReader, content_sha256, open_store, refuse_stream_out
 from specdm_cli.stores.base import MANIFEST_NAME
 from specdm_cli.stores.quality import write_quality
@@ -166,6 +168,8 @@ def _measure(request: BenchmarkRequest, progress: Progress | None) -> tuple[Benc
     )
     if chosen is not None:
         gen.check_model_fits(chosen, real)
+        if chosen.kind == "demo" and chosen.manifest.task == "ss":  # as synthesize samples it
+            chosen = demo_with_bank(chosen, StopFlag(), progress)
     device = torch_devices(request.devices.one())[0]
     overrides = {"steps": request.feature_steps} if request.feature_steps else {}
     network = load_or_train(

@@ -30,7 +30,7 @@ def require_bank(run: Path, manifest: RunManifest) -> Path:
     if stage is None or not stage.finished or stage.checkpoint is None:
         raise UsageError(
             "the model has no detail bank for --detail", run,
-            "build one with `specdm fit-detail RUN STORE` (the demo models have none)",
+            "build one with `specdm fit-detail RUN STORE` (the cd demo model has none)",
         )  # fmt: skip
     if stage.config.get("vae_weights") != dict(manifest.stages["vae"].weights):
         raise ModelError(

@@ -47,6 +47,7 @@ from specdm_cli.pipeline.synthesize.synthesize import (
     synthesize,
 )
 from specdm_cli.pipeline.train.common import torch_devices
+from specdm_cli.pipeline.train.demo_detail import demo_with_bank
 from specdm_cli.stores import open_store, refuse_stream_out, remove_own, stored_sample_bytes
 from specdm_cli.stores.base import MANIFEST_NAME
 
@@ -101,6 +102,8 @@ def synthesize_store(
     shard = parse_shard(options.shard)
     grid = parse_batch_size(options.batch_size)
     chosen = _model(options)
+    if _wants_demo_bank(options, chosen):
+        chosen = demo_with_bank(chosen, stop, progress, notice)
     options = replace(options, detail=_detail(options, chosen, notice))
     if options.detail:
         require_bank(chosen.path, chosen.manifest)
@@ -149,6 +152,15 @@ def _store_sampler(options: SynthesizeOptions) -> SamplerName | None:
     plan = _store_plan(options) if options.sampler == "auto" else None
     sampler = plan.get("sampler") if plan is not None else None
     return cast(SamplerName, sampler) if sampler in get_args(SamplerName) else None
+
+
+def _wants_demo_bank(options: SynthesizeOptions, chosen: ChosenModel) -> bool:
+    """Whether synthesis adds the ss demo model's detail: by default, unless a store begun
+    before began without it (the bank is built on first use: train/demo_detail.py)."""
+    if chosen.kind != "demo" or chosen.manifest.task != "ss" or options.detail is False:
+        return False
+    plan = _store_plan(options) if options.detail is None else None
+    return plan is None or "detail" in plan
 
 
 def _detail(options: SynthesizeOptions, chosen: ChosenModel, notice: Callable[[str], None]) -> bool:

@@ -82,7 +82,7 @@ def fit_detail(
             )
         lookup = Lookup(request.config.block, request.config.context, request.config.dims)
         bank = build_bank(round_trips(chosen, real, scenes, device, stop, progress),
-                          *_band_statistics(chosen.manifest), lookup)  # fmt: skip
+                          *band_statistics(chosen.manifest), lookup)  # fmt: skip
         details = {"scenes": len(scenes), "blocks": len(bank.keys),
                    "bank_bytes": bank.stored_bytes, "store": str(request.store)}  # fmt: skip
         runs.commit_checkpoint(request.run, STAGE, 1, lambda folder: bank.save(folder / BANK_FILE),
@@ -117,9 +117,13 @@ def bank_scenes(real: StoreReader, config: DetailConfig, run: RunManifest) -> np
             "pass a prepared store with a train split",
         )  # fmt: skip
     per_scene = (run.height // config.block) * (run.width // config.block)
-    wanted = config.scenes or max(1, DETAIL_BANK_BLOCKS // per_scene)
-    picks = np.linspace(0, len(train) - 1, min(wanted, len(train))).round().astype(int)
-    chosen: np.ndarray = train[np.unique(picks)]
+    return spread_evenly(train, config.scenes or max(1, DETAIL_BANK_BLOCKS // per_scene))
+
+
+def spread_evenly(indices: np.ndarray, wanted: int) -> np.ndarray:
+    """Up to `wanted` of `indices`, evenly spaced over them (first and last included)."""
+    picks = np.linspace(0, len(indices) - 1, min(wanted, len(indices))).round().astype(int)
+    chosen: np.ndarray = indices[np.unique(picks)]
     return chosen
 
 
@@ -143,7 +147,7 @@ def round_trips(
     """(decoded, real, label) of every bank scene, images in physical units: each encoded
     (posterior mean) and decoded by the run's VAE."""
     vae = load_vae(chosen.path, chosen.manifest, device)
-    mean, std = (t.flatten().to(device) for t in _band_statistics(chosen.manifest))
+    mean, std = (t.flatten().to(device) for t in band_statistics(chosen.manifest))
     done = 0
     for _, arrays, decoded in round_trip_batches(vae, real, scenes, mean, std, _ROUND_TRIP_CHUNK):
         truth = torch.from_numpy(arrays["image"].astype(np.float32))
@@ -155,7 +159,7 @@ def round_trips(
         stop.check()
 
 
-def _band_statistics(run: RunManifest) -> tuple[torch.Tensor, torch.Tensor]:
+def band_statistics(run: RunManifest) -> tuple[torch.Tensor, torch.Tensor]:
     mean = torch.tensor(run.normalization.mean, dtype=torch.float32).view(-1, 1, 1)
     std = torch.tensor(run.normalization.std, dtype=torch.float32).view(-1, 1, 1)
     return mean, std
