@@ -209,7 +209,7 @@ def commit_checkpoint(
     details: dict[str, Any],
 ) -> None:
     """Write a checkpoint folder aside, move it into place, then point run.json at it."""
-    relative = f"checkpoints/{stage}-{step:07d}"
+    relative = f"checkpoints/{_unused_name(run / 'checkpoints', f'{stage}-{step:07d}')}"
     temp = run / f".{stage}-{step:07d}.partial"
     remove_tree(temp)
     temp.mkdir(parents=True)
@@ -235,6 +235,16 @@ def commit_checkpoint(
     for old in (run / "checkpoints").glob(f"{stage}-*"):
         if old.name != Path(relative).name:
             shutil.rmtree(old, ignore_errors=True)
+
+
+def _unused_name(checkpoints: Path, name: str) -> str:
+    """`name`, else `name-2`, `name-3`...: the first no folder holds. The same step committed
+    again (`fit-detail --overwrite`, `distill --overwrite`, a U-Net of an earlier VAE trained
+    anew) must not replace the folder run.json names: a kill between the removal and the move
+    left run.json naming a missing folder. The old one goes once run.json names the new one."""
+    taken = {folder.name for folder in checkpoints.glob(f"{name}*")}
+    fresh = (f"{name}-{n}" if n > 1 else name for n in range(1, len(taken) + 2))
+    return next(candidate for candidate in fresh if candidate not in taken)
 
 
 def _as_resource_error(exc: BaseException, where: Path) -> BaseException:
