@@ -9,6 +9,7 @@ the run dir holds no temporary file, partial or unnamed checkpoint folder, or lo
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -260,3 +261,32 @@ def test_a_signal_stops_two_ranks_at_a_checkpoint(
     assert recorded["step"] == 3  # the step in hand when the signal landed, checkpointed
     assert all(entry.get("path") != str(run.resolve()) for entry in read_registry())
     assert_clean_run(run)
+
+
+def test_fit_vae_overwrite_keeps_the_old_run_until_the_new_one_checkpoints(
+    store: Path, vae_run: Path, tmp_path: Path
+) -> None:
+    """`--overwrite` removed the old run before anything of the new one existed: a divergence,
+    a bad store, Ctrl-C or a kill before the new run's first checkpoint lost both."""
+    run = copy_run(vae_run, tmp_path / "run")
+    before = checkpoint_state(run, "vae")
+    # Diverges at step 2, before the first checkpoint (step 2): the old run comes back.
+    code, _, stderr = run_cli("fit-vae", store, "--run", run, *VAE, *STEPS, "--lr", "1e12",
+                              "--overwrite")  # fmt: skip
+    assert_one_error_line(code, stderr, 4, "diverged")
+    assert_same_state(checkpoint_state(run, "vae"), before)
+    assert_clean_run(run)
+    # Killed while writing its first checkpoint: the next writer on the run brings it back.
+    run_killed("fit-vae", store, "--run", run, *VAE, *STEPS, "--overwrite",
+               fault="checkpoint.mid_write:1")  # fmt: skip
+    code, stdout, stderr = run_cli("fit-vae", store, "--run", run, *VAE, "--steps", "2",
+                                   "--resume", "--json")  # fmt: skip
+    assert code == 0 and json.loads(stdout)["state"] == "already complete", stderr
+    assert_same_state(checkpoint_state(run, "vae"), before)
+    # A new run's first checkpoint replaces the old run: nothing of it is left.
+    fit_vae(store, run, *STEPS, "--overwrite")
+    stage = stage_of(run, "vae")
+    assert stage is not None and stage["step"] == 6 and stage["finished"] is True
+    assert set(load_run(run).stages) == {"vae"}
+    assert_clean_run(run)
+    assert sorted(p.name for p in run.iterdir()) == ["checkpoints", "metrics.jsonl", "run.json"]
