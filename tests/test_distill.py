@@ -143,7 +143,10 @@ def test_overwrite_distills_a_new_student_in_place(distilled: Path, tmp_path: Pa
     assert code == 0, stderr
     stage = json.loads((run / "run.json").read_text())["stages"]["distill"]
     assert stage["finished"] and stage["details"]["timesteps"] == [999, 499]
-    assert [p.name for p in (run / "checkpoints").glob("distill-*")] == ["distill-0000002"]
+    # The same step's name was taken by the old student: the new one got a fresh one.
+    assert [f"checkpoints/{p.name}" for p in (run / "checkpoints").glob("distill-*")] == [
+        stage["checkpoint"]
+    ]
     out = tmp_path / "two.zarr"
     code, _, stderr = run_cli("synthesize", "--model", run, "--sampler", "distilled", "--n", "2",
                               "--batch-size", "2", "--threads", "2", "--quiet", "--out", out)  # fmt: skip

@@ -192,7 +192,39 @@ def test_the_same_command_finds_it_built_and_other_options_need_overwrite(
     )
     assert code == 0, stderr
     assert _stage(run)["weights"] != first and _stage(run)["config"]["dims"] == 8
-    assert [p.name for p in (run / "checkpoints").glob("detail-*")] == ["detail-0000001"]
+    named = _stage(run)["checkpoint"]  # published under a fresh name: the old one stayed till then
+    assert [f"checkpoints/{p.name}" for p in (run / "checkpoints").glob("detail-*")] == [named]
+
+
+class _Killed(BaseException):
+    """A SIGKILL, as far as the disk can tell: nothing after it runs (no `except Exception`)."""
+
+
+def test_a_crash_while_a_new_bank_is_published_keeps_the_old_one(
+    banked: Path, trained: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`--overwrite` commits the bank under the same step as the old one: the old folder used to
+    be removed before the new one was moved into place, so a kill between left run.json naming
+    a missing folder, and every later synthesize of the run failed (exit 4)."""
+    run, real_rename = _copy(banked, tmp_path / "run"), Path.rename
+
+    def killed_at_publish(self: Path, target: Any) -> Path:
+        if Path(target).parent.name == "checkpoints":
+            raise _Killed
+        return real_rename(self, target)
+
+    monkeypatch.setattr(Path, "rename", killed_at_publish)
+    with pytest.raises(_Killed):
+        run_cli("fit-detail", run, _store(trained), "--dims", "8", "--overwrite", *QUIET)
+    monkeypatch.undo()
+    load_run(run)  # every weights file run.json lists is there and matches its sha256
+    code, _, stderr = synth(run, tmp_path / "x.zarr", "--n", "2", "--no-detail")
+    assert code == 0, stderr
+    code, _, stderr = run_cli("fit-detail", run, _store(trained), "--dims", "8", "--overwrite",
+                              *QUIET)  # fmt: skip
+    assert code == 0, stderr
+    named = _stage(run)["checkpoint"]
+    assert [f"checkpoints/{p.name}" for p in (run / "checkpoints").glob("detail-*")] == [named]
 
 
 def test_detail_is_the_default_of_a_banked_run_changes_images_only_and_is_recorded(

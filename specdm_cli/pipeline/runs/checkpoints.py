@@ -5,7 +5,6 @@ from __future__ import annotations
 import inspect
 import json
 import os
-import shutil
 import warnings
 from pathlib import Path
 from typing import Any
@@ -209,8 +208,7 @@ def _kind(value: Any) -> Any:
 
 
 def publish_folder(temp: Path, final: Path) -> None:
-    """Move a fully written folder into place (the old one, if any, is removed first)."""
+    """Move a fully written folder into place; `final` must not exist (`commit_checkpoint`
+    picks a fresh name, so the folder run.json names stays until it names the new one)."""
     fault_point("checkpoint.before_publish")
-    if final.exists():
-        shutil.rmtree(final)
     temp.rename(final)

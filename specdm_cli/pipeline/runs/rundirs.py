@@ -18,7 +18,7 @@ from specdm_cli.errors import (
 )
 from specdm_cli.faults import fault_point
 from specdm_cli.fs.atomic import remove_stray_temporaries, remove_tree
-from specdm_cli.fs.lock import DirLock
+from specdm_cli.fs.lock import DirLock, refuse_if_locked
 from specdm_cli.pipeline.runs.checkpoints import (
     is_disk_full,
     publish_folder,
@@ -32,9 +32,12 @@ from specdm_cli.pipeline.runs.run_manifest import (
     load_run,
     save_run,
 )
-from specdm_cli.stores import StoreReader, content_sha256, remove_own
+from specdm_cli.stores import StoreReader, content_sha256, is_ours
 
-RunState = Literal["fresh", "resume"]
+RunState = Literal["fresh", "resume", "overwrite"]
+# `fit-vae --overwrite`: the old run, moved aside inside the folder, until the new run's first
+# checkpoint commits; while it is being moved (either way) it is in OLD_RUN_MOVING.
+OLD_RUN, OLD_RUN_MOVING = ".old-run", ".old-run-moving"
 
 
 def prepare_run_dir(run: Path, resume: bool, overwrite: bool) -> RunState:
@@ -44,8 +47,13 @@ def prepare_run_dir(run: Path, resume: bool, overwrite: bool) -> RunState:
     if not run.exists() or (run.is_dir() and not any(run.iterdir())):
         return "fresh"
     if overwrite:
-        remove_own(run, "run")
-        return "fresh"
+        if not is_ours(run, "run"):
+            raise InputDataError(
+                "refusing to overwrite a folder that is not a specdm run",
+                run,
+                "remove it yourself or choose another output",
+            )
+        return "overwrite"  # set aside under the run's lock (`set_aside`), not removed
     if not resume:
         raise InputDataError(
             "run directory already exists", run, "pass --resume, --overwrite or another --run"
@@ -53,6 +61,49 @@ def prepare_run_dir(run: Path, resume: bool, overwrite: bool) -> RunState:
     if not (run / RUN_FILE).exists():
         raise ModelError("not a run directory: no run.json", run, "choose another --run")
     return "resume"
+
+
+def set_aside(run: Path, lock: Path) -> None:
+    """`--overwrite`: move the old run aside inside its folder (the new one starts empty); it
+    goes at the new run's first checkpoint, and comes back if the new run stops before it."""
+    refuse_if_locked(run, mine=lock)  # a reader of the old run would lose it under its feet
+    moving = run / OLD_RUN_MOVING
+    moving.mkdir()
+    for entry in _run_entries(run):
+        entry.rename(moving / entry.name)
+    moving.rename(run / OLD_RUN)
+
+
+def settle_old_run(run: Path) -> None:
+    """The run set aside by `--overwrite` goes once run.json names the new VAE's checkpoint, else
+    comes back whole (after a failure, or when a killed overwrite's lock is taken over). Each
+    step leaves a state this function can finish: the folder's name says which it is."""
+    old, moving = run / OLD_RUN, run / OLD_RUN_MOVING
+    if old.is_dir():
+        if _names_vae_checkpoint(run):
+            remove_tree(old)
+            return
+        for entry in _run_entries(run):  # the new run's, which never checkpointed
+            remove_tree(entry)
+        old.rename(moving)
+    if moving.is_dir():  # moved back whole: a kill part way through moves the rest next time
+        for entry in moving.iterdir():
+            entry.rename(run / entry.name)
+        moving.rmdir()
+
+
+def _run_entries(run: Path) -> list[Path]:
+    """What a run folder holds but its locks and the old run set aside."""
+    kept = (OLD_RUN, OLD_RUN_MOVING)
+    return [e for e in run.iterdir() if e.name not in kept and not e.name.startswith(".specdm")]
+
+
+def _names_vae_checkpoint(run: Path) -> bool:
+    try:
+        stage = load_run(run, verify=False).stages.get("vae")
+    except ModelError:
+        return False
+    return stage is not None and stage.checkpoint is not None
 
 
 def discard_untrained(run: Path, stage: str, created: bool) -> None:
@@ -94,7 +145,9 @@ class RunLock(DirLock):
 
 
 def remove_strays(run: Path) -> None:
-    """Temporary files, unpublished checkpoint folders, published ones run.json does not name."""
+    """Temporary files, unpublished checkpoint folders, published ones run.json does not name;
+    an old run a killed `--overwrite` set aside comes back (or goes, see `settle_old_run`)."""
+    settle_old_run(run)
     remove_stray_temporaries(run)
     for partial in run.glob(".*.partial"):
         remove_tree(partial)
@@ -209,7 +262,7 @@ def commit_checkpoint(
     details: dict[str, Any],
 ) -> None:
     """Write a checkpoint folder aside, move it into place, then point run.json at it."""
-    relative = f"checkpoints/{stage}-{step:07d}"
+    relative = f"checkpoints/{_unused_name(run / 'checkpoints', f'{stage}-{step:07d}')}"
     temp = run / f".{stage}-{step:07d}.partial"
     remove_tree(temp)
     temp.mkdir(parents=True)
@@ -231,10 +284,21 @@ def commit_checkpoint(
         details=details,
     )
     save_run(run, manifest)
+    settle_old_run(run)  # an old run `--overwrite` set aside goes now
     fault_point("checkpoint.after_commit")  # run.json names the new one; the old one is still there
     for old in (run / "checkpoints").glob(f"{stage}-*"):
         if old.name != Path(relative).name:
             shutil.rmtree(old, ignore_errors=True)
+
+
+def _unused_name(checkpoints: Path, name: str) -> str:
+    """`name`, else `name-2`, `name-3`...: the first no folder holds. The same step committed
+    again (`fit-detail --overwrite`, `distill --overwrite`, a U-Net of an earlier VAE trained
+    anew) must not replace the folder run.json names: a kill between the removal and the move
+    left run.json naming a missing folder. The old one goes once run.json names the new one."""
+    taken = {folder.name for folder in checkpoints.glob(f"{name}*")}
+    fresh = (f"{name}-{n}" if n > 1 else name for n in range(1, len(taken) + 2))
+    return next(candidate for candidate in fresh if candidate not in taken)
 
 
 def _as_resource_error(exc: BaseException, where: Path) -> BaseException:

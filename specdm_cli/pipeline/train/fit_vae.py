@@ -130,13 +130,17 @@ def _fit_vae(
     refuse_overlap(run, {"STORE": request.store})
     created = not run.exists()
     state = runs.prepare_run_dir(run, request.resume, request.overwrite)
-    with runs.RunLock(run):
+    with runs.RunLock(run) as lock:
+        if state == "overwrite":
+            runs.set_aside(run, lock.path)
         try:
             summary, start, task = _train_in(
                 run, state, reader, request, devices, stop, progress, warn
             )
         except Exception:
-            if state == "fresh":  # nothing trained: the same command can simply be run again
+            if state == "overwrite":  # the old run back, unless the new one checkpointed
+                runs.settle_old_run(run)
+            elif state == "fresh":  # nothing trained: the same command can simply be run again
                 runs.discard_untrained(run, "vae", created)  # under our lock: no one else's
             raise
     if summary.state == "already complete":
