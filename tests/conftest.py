@@ -49,7 +49,8 @@ def _isolated_session_user_dirs(
 def _isolated_user_dirs(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, shared_demo_bank: Path
 ) -> None:
-    """Each test gets a registry and caches of its own (the demo bank's shared)."""
+    """Each test gets a registry and caches of its own (the demo bank's shared), in
+    tmp_path / "specdm-home", made now: a test wanting an empty folder makes one in tmp_path."""
     home = tmp_path / "specdm-home"
     monkeypatch.setenv("SPECDM_HOME", home_sharing_the_demo_bank(home, shared_demo_bank))
 

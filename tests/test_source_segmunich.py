@@ -384,8 +384,10 @@ def test_missing_folder(tmp_path: Path) -> None:
 
 
 def test_empty_folder(tmp_path: Path) -> None:
-    err = _input_error(tmp_path, "empty")
-    assert err.path == tmp_path
+    empty = tmp_path / "raw"  # tmp_path holds the test's SPECDM_HOME (conftest)
+    empty.mkdir()
+    err = _input_error(empty, "empty")
+    assert err.path == empty
 
 
 def test_folder_without_dataset_folder(tmp_path: Path) -> None:

@@ -15,6 +15,7 @@ import os
 import signal
 import socket
 import sys
+import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from multiprocessing.queues import SimpleQueue
@@ -231,6 +232,9 @@ def data_parallel(module: nn.Module, device: torch.device, world: int) -> nn.Mod
         return module
     from torch.nn.parallel import DistributedDataParallel
 
+    # A hint about speed, not numbers: a 1x1 convolution's grad may come out with other strides
+    # than its bucket's (the same values); printed on a rank's stderr, it read as a failure.
+    warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides")
     return DistributedDataParallel(
         module, device_ids=[device.index] if device.type == "cuda" else None
     )
