@@ -102,9 +102,10 @@ def synthesize_store(
     shard = parse_shard(options.shard)
     grid = parse_batch_size(options.batch_size)
     chosen = _model(options)
-    if _wants_demo_bank(options, chosen):
-        chosen = demo_with_bank(chosen, stop, progress, notice)
-    options = replace(options, detail=_detail(options, chosen, notice))
+    wanted = _wanted_detail(options)
+    if wanted is not False and chosen.kind == "demo" and chosen.manifest.task == "ss":
+        chosen = demo_with_bank(chosen, stop, progress, notice)  # its bank, built on first use
+    options = replace(options, detail=_detail(options, wanted, chosen, notice))
     if options.detail:
         require_bank(chosen.path, chosen.manifest)
     inputs = {"--model": chosen.path, "--masks": options.masks, "--real": options.real}
@@ -154,23 +155,24 @@ def _store_sampler(options: SynthesizeOptions) -> SamplerName | None:
     return cast(SamplerName, sampler) if sampler in get_args(SamplerName) else None
 
 
-def _wants_demo_bank(options: SynthesizeOptions, chosen: ChosenModel) -> bool:
-    """Whether synthesis adds the ss demo model's detail: by default, unless a store begun
-    before began without it (the bank is built on first use: train/demo_detail.py)."""
-    if chosen.kind != "demo" or chosen.manifest.task != "ss" or options.detail is False:
-        return False
-    plan = _store_plan(options) if options.detail is None else None
-    return plan is None or "detail" in plan
-
-
-def _detail(options: SynthesizeOptions, chosen: ChosenModel, notice: Callable[[str], None]) -> bool:
+def _wanted_detail(options: SynthesizeOptions) -> bool | None:
     """--detail/--no-detail; by default as a store begun before began (so a resume or shard
-    goes on alike after the run gained a bank), else on where the run has a detail bank."""
+    goes on alike after the run gained a bank); None: where the run has a detail bank."""
     if options.detail is not None:
         return options.detail
     plan = _store_plan(options)
-    detail = "detail" in plan if plan is not None else has_bank(chosen.manifest)
-    if detail:
+    return None if plan is None else "detail" in plan
+
+
+def _detail(
+    options: SynthesizeOptions,
+    wanted: bool | None,
+    chosen: ChosenModel,
+    notice: Callable[[str], None],
+) -> bool:
+    """Whether the images get the run's retrieved detail (`_wanted_detail`, said when by default)."""
+    detail = has_bank(chosen.manifest) if wanted is None else wanted
+    if detail and options.detail is None:
         notice(
             "detail: the run's retrieved detail (its fit-detail bank; --no-detail leaves it out)"
         )

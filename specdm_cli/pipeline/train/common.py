@@ -123,16 +123,23 @@ def round_trip_batches(
     """The real pairs `indices` a batch at a time, encoded (posterior means) and decoded by the
     VAE: each batch's indices, its arrays as stored, and the decoded arrays (images in physical
     units, the label as logits) on the VAE's device. `mean`, `std`: (C,) on that device."""
-    task = real.manifest.task
     for start in range(0, len(indices), batch_size):
         chunk = indices[start : start + batch_size]
         arrays = load_batch(real, chunk, None)
-        batch, _valid = to_tensors(arrays, task, mean, std, mean.device)
-        with torch.no_grad():
-            decoded = vae.decode_joint(vae.encode_latent(batch))
-        for name in IMAGE_ARRAYS[task]:
-            decoded[name] = denormalize(decoded[name].float(), mean, std)
-        yield chunk, arrays, decoded
+        yield chunk, arrays, round_trip_arrays(vae, arrays, real.manifest.task, mean, std)
+
+
+def round_trip_arrays(
+    vae: SpecDMVAE, arrays: dict[str, np.ndarray], task: Task, mean: torch.Tensor, std: torch.Tensor
+) -> dict[str, torch.Tensor]:
+    """Stacked arrays as stored, encoded (posterior means) and decoded by the VAE: images in
+    physical units, the label as logits, on the VAE's device (`mean`, `std`: (C,) there)."""
+    batch, _valid = to_tensors(arrays, task, mean, std, mean.device)
+    with torch.no_grad():
+        decoded = vae.decode_joint(vae.encode_latent(batch))
+    for name in IMAGE_ARRAYS[task]:
+        decoded[name] = denormalize(decoded[name].float(), mean, std)
+    return decoded
 
 
 def image_pixels(labelled: torch.Tensor, unlabelled_class: bool) -> torch.Tensor:

@@ -26,14 +26,13 @@ from specdm_cli.config import DETAIL_BANK_BLOCKS, DetailConfig, Progress
 from specdm_cli.errors import ModelError, UsageError, reason_of, resource_error_from
 from specdm_cli.fs.atomic import remove_tree
 from specdm_cli.models.detail import Lookup, build_bank
-from specdm_cli.models.losses import denormalize
 from specdm_cli.pipeline.runs import rundirs as runs
 from specdm_cli.pipeline.runs.choose import ChosenModel, model_sha256
 from specdm_cli.pipeline.runs.detail_io import BANK_FILE, STAGE, require_bank
 from specdm_cli.pipeline.runs.run_manifest import RunManifest, load_run
 from specdm_cli.pipeline.runs.vae_io import load_vae
 from specdm_cli.pipeline.signals import StopFlag
-from specdm_cli.pipeline.train.common import to_tensors, torch_threads
+from specdm_cli.pipeline.train.common import round_trip_arrays, torch_threads
 from specdm_cli.pipeline.train.fit_detail import LOOKUP, band_statistics, spread_evenly
 from specdm_cli.sources.demo.reader import make_sample, split_of
 
@@ -152,10 +151,7 @@ def _round_trips(
         chunk = scenes[start : start + _CHUNK]
         samples = [make_sample(BANK_STORE.seed, int(i), "ss", BANK_STORE.size, "s2") for i in chunk]
         arrays = {name: np.stack([s[name] for s in samples]) for name in samples[0]}
-        batch, _valid = to_tensors(arrays, "ss", mean, std, device)
-        with torch.no_grad():
-            decoded = vae.decode_joint(vae.encode_latent(batch))
-        images = denormalize(decoded["image"].float(), mean, std)
+        images = round_trip_arrays(vae, arrays, "ss", mean, std)["image"]
         truth = torch.from_numpy(arrays["image"].astype(np.float32))
         yield from zip(images, truth, torch.from_numpy(arrays["mask"]), strict=True)
         if progress:
