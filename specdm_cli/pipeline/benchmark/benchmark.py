@@ -168,8 +168,7 @@ def _measure(request: BenchmarkRequest, progress: Progress | None) -> tuple[Benc
     )
     if chosen is not None:
         gen.check_model_fits(chosen, real)
-        if chosen.kind == "demo" and chosen.manifest.task == "ss":  # as synthesize samples it
-            chosen = demo_with_bank(chosen, StopFlag(), progress)
+        chosen = demo_with_bank(chosen, StopFlag(), progress)  # as synthesize samples it
     device = torch_devices(request.devices.one())[0]
     overrides = {"steps": request.feature_steps} if request.feature_steps else {}
     network = load_or_train(

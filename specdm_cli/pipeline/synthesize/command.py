@@ -103,8 +103,8 @@ def synthesize_store(
     grid = parse_batch_size(options.batch_size)
     chosen = _model(options)
     wanted = _wanted_detail(options)
-    if wanted is not False and chosen.kind == "demo" and chosen.manifest.task == "ss":
-        chosen = demo_with_bank(chosen, stop, progress, notice)  # its bank, built on first use
+    if wanted is not False:  # the ss demo model's bank, built on its first use
+        chosen = demo_with_bank(chosen, stop, progress, notice)
     options = replace(options, detail=_detail(options, wanted, chosen, notice))
     if options.detail:
         require_bank(chosen.path, chosen.manifest)

@@ -71,7 +71,10 @@ def demo_with_bank(
     progress: Progress | None = None,
     notice: Callable[[str], None] = lambda line: None,
 ) -> ChosenModel:
-    """The shipped ss demo model with its detail bank: the cached copy, built first if needed."""
+    """The shipped ss demo model with its detail bank: the cached copy, built first if needed;
+    any other model as it is."""
+    if demo.kind != "demo" or demo.manifest.task != "ss":
+        return demo
     cached = cache_dir() / demo.sha256[:16]
     manifest = _usable(cached)
     if manifest is None:
