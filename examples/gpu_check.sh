@@ -11,7 +11,9 @@
 #
 # GPUS "" runs the same commands on the CPU: a dry run of this script (.ci/run's), with a small
 # N and SIZE=32 SCENES=32 PRESET=cpu DISTILL_STEPS=2 TRAJECTORIES=8 CACHE_STEPS=2 (the gpu
-# preset takes minutes a step on a CPU). The exit status is 1 when any stage failed.
+# preset takes minutes a step on a CPU), CACHE_BATCH=8 and VAE_FLAGS="--semantic-steps 2" (the
+# cpu preset trains its semantic term's segmenter first: 40 s). The exit status is 1 when any
+# stage failed.
 set -u
 gpus=${1-0}
 n=${2:-10000}
@@ -79,7 +81,7 @@ run "prepare demo ss $size px" 60 specdm prepare demo --task ss --n "${SCENES:-5
 preset=${PRESET:-gpu}
 train=(--preset "$preset" --precision bf16 --steps "$train_steps" "${device[@]}" --quiet)
 run "fit-vae $size px $preset preset bf16, $train_steps steps" 120 specdm fit-vae \
-    "$work/d128.zarr" --run "$work/run128" "${train[@]}"
+    "$work/d128.zarr" --run "$work/run128" "${train[@]}" ${VAE_FLAGS:-}  # unquoted: options split
 run "fit-diffusion $size px $preset preset bf16, $train_steps steps" 120 specdm fit-diffusion \
     "$work/run128" "${train[@]}"
 for precision in fp32 bf16; do
@@ -91,7 +93,7 @@ echo "## latent cache vs encoding every batch, the $size px run"
 guard=()
 [ -n "$gpus" ] && guard=(timeout 120)
 if ! "${guard[@]}" python3 "$(dirname "$0")/bench_latent_cache.py" "$work/run128" \
-    --steps "${CACHE_STEPS:-30}" --batch-size 48 ${gpus:+--gpus "$gpus"} \
+    --steps "${CACHE_STEPS:-30}" --batch-size "${CACHE_BATCH:-48}" ${gpus:+--gpus "$gpus"} \
     >"$work/cache.txt" 2>&1; then
     echo "FAILED"
     failed=1
