@@ -268,3 +268,26 @@ def test_a_run_whose_class_indices_repeat_is_a_model_error(tmp_path: Path) -> No
     )
     assert code == 4 and "class indices" in stderr and "unexpected" not in stderr
     assert not (tmp_path / "o.zarr").exists()
+
+
+def test_damaged_optimizer_state_s_hint_trains_the_stage_anew(
+    tiny_run: Path, tmp_path: Path
+) -> None:
+    """The hint was "restart without --resume", which the run then refused ("pass --resume"):
+    fit-diffusion had no way to train its U-Net again. --overwrite does, as its hint says."""
+    run = copy_of(tiny_run, tmp_path)
+    recorded = stage_of(run, "diffusion")
+    assert recorded is not None
+    (run / str(recorded["checkpoint"]) / "optimizer.json").write_text("{")
+    steps = ("fit-diffusion", run, *UNET, "--steps", "3")
+    code, _, stderr = run_cli(*steps, "--resume")
+    assert_one_error_line(code, stderr, 4, "--overwrite in place of --resume")
+    code, _, stderr = run_cli(*steps)
+    assert_one_error_line(code, stderr, 4, "or --overwrite to train a new one")
+    code, _, stderr = run_cli(*steps, "--overwrite", "--resume")
+    assert code == 2 and "exclude each other" in stderr
+    assert run_cli(*steps, "--overwrite")[0] == 0
+    stage = stage_of(run, "diffusion")
+    assert stage is not None and stage["finished"] is True and stage["step"] == 3
+    folders = [f"checkpoints/{p.name}" for p in (run / "checkpoints").glob("diffusion-*")]
+    assert folders == [stage["checkpoint"]]  # the old U-Net's went at the new one's checkpoint

@@ -222,6 +222,7 @@ def test_fit_vae_overwrite_keeps_the_old_run_until_the_new_one_checkpoints(
     code, _, stderr = run_cli("fit-vae", store, "--run", run, *VAE, *STEPS, "--lr", "1e12",
                               "--overwrite")  # fmt: skip
     assert_one_error_line(code, stderr, 4, "diverged")
+    assert "a lower --lr and --overwrite" in stderr  # "then --resume" met "options differ"
     assert_same_state(checkpoint_state(run, "vae"), before)
     assert_clean_run(run)
     # Killed while writing its first checkpoint: the next writer on the run brings it back.

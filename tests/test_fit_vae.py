@@ -238,8 +238,22 @@ def test_a_damaged_registry_is_told_not_read_as_empty(demo_ss_store: Path, tmp_p
     code, _, stderr = run_cli("synthesize", "--task", "ss", "--n", "1", "--out", tmp_path / "s")
     assert code == 3 and "run registry" in stderr and str(registry) in stderr
     assert not (tmp_path / "s").exists()
+    # Refused before training, not after it (the run is registered when it ends).
+    code, _, stderr = fit(demo_ss_store, tmp_path / "run", "--steps", "1")
+    assert code == 3 and "run registry" in stderr and not (tmp_path / "run").exists()
     registry.write_text('["x", 3, {"path": "/x", "task": "ss"}]')
     assert read_registry() == [{"path": "/x", "task": "ss"}]
+
+
+def test_a_run_option_naming_a_file_is_told_so(demo_ss_store: Path, tmp_path: Path) -> None:
+    """It was "run directory already exists" (pass --resume), or with --overwrite "not a
+    specdm run" (a folder)."""
+    named = tmp_path / "run.txt"
+    named.write_text("notes")
+    for extra in ((), ("--overwrite",), ("--resume",)):
+        code, _, stderr = fit(demo_ss_store, named, "--steps", "1", *extra)
+        assert code == 3 and "--run names a file, not a run folder" in stderr, stderr
+    assert named.read_text() == "notes"
 
 
 def test_the_same_command_registers_a_complete_run_its_registry_lacks(

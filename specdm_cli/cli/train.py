@@ -46,9 +46,13 @@ def _train(
 ) -> None:
     """A training stage under Ctrl-C handling, the thread count and a progress bar; then its
     one-line outcome on stderr and, with --json, its summary on stdout."""
+    from specdm_cli.pipeline.runs.registry import read_registry
     from specdm_cli.pipeline.signals import graceful_stop
     from specdm_cli.pipeline.train.common import torch_threads
 
+    # The run is registered when training ends: a registry that cannot be read is refused now,
+    # not after hours of training.
+    read_registry()
     warnings = Warnings(quiet)
     precision = request.config.precision
     if precision != "fp32" and request.devices.kind == "cpu":
@@ -243,6 +247,14 @@ def fit_diffusion(
     gpus: GpusOption = Devices(),  # noqa: B008 (an immutable value)
     threads: ThreadsOption = None,
     resume: ResumeOption = False,
+    overwrite: Annotated[
+        bool,
+        typer.Option(
+            "--overwrite",
+            help="Train a new U-Net in place of the run's (kept until the new one's first "
+            "checkpoint).",
+        ),
+    ] = False,
     json_output: JsonOption = False,
     quiet: QuietOption = False,
 ) -> None:
@@ -265,7 +277,7 @@ def fit_diffusion(
         ))  # fmt: skip
         config = config_or_usage_error(DiffusionTrainConfig, **values)
         request = FitDiffusionRequest(
-            run=run, config=config, resume=resume, devices=gpus, store=store
+            run=run, config=config, resume=resume, devices=gpus, store=store, overwrite=overwrite
         )
         _train("fit-diffusion", run_fit_diffusion, request, threads, quiet, json_output,
                lambda done: f"{done.state}: {done.run} at step {done.step} "

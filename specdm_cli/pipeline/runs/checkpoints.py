@@ -18,6 +18,9 @@ from specdm_cli.faults import fault_point
 from specdm_cli.fs.atomic import atomic_write_text
 from specdm_cli.fs.paths import file_sha256
 
+# The hint of a damaged training state: resuming cannot use it, and the run folder exists.
+AGAIN_FROM_THE_START = "train the stage again from the start: --overwrite in place of --resume"
+
 
 def weights_digests(root: Path, folder: Path) -> dict[str, str]:
     """sha256 of every .safetensors file under `folder`, keyed by path relative to `root`."""
@@ -165,7 +168,7 @@ def load_optimizer(optimizer: torch.optim.Optimizer, folder: Path) -> None:
         optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
     except (OSError, SafetensorError, ValueError, TypeError, KeyError, AttributeError) as exc:
         raise ModelError(
-            f"unreadable optimizer state ({_first_line(exc)})", folder, "restart without --resume"
+            f"unreadable optimizer state ({_first_line(exc)})", folder, AGAIN_FROM_THE_START
         ) from None
 
 

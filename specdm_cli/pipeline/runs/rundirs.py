@@ -44,6 +44,8 @@ def prepare_run_dir(run: Path, resume: bool, overwrite: bool) -> RunState:
     """DESIGN.md's rules for an output folder, applied to a run directory."""
     if resume and overwrite:
         raise UsageError("--resume and --overwrite exclude each other", hint="pick one")
+    if run.exists() and not run.is_dir():
+        raise InputDataError("--run names a file, not a run folder", run, "choose another --run")
     if not run.exists() or (run.is_dir() and not any(run.iterdir())):
         return "fresh"
     if overwrite:

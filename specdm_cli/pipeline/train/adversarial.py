@@ -22,7 +22,11 @@ from specdm_cli.models.image_critics import (
     hinge_discriminator_loss,
     patch_layers,
 )
-from specdm_cli.pipeline.runs.checkpoints import load_optimizer, save_optimizer
+from specdm_cli.pipeline.runs.checkpoints import (
+    AGAIN_FROM_THE_START,
+    load_optimizer,
+    save_optimizer,
+)
 from specdm_cli.pipeline.train.common import LossScaler, step_seed
 
 FOLDER = "discriminator"  # inside a checkpoint folder
@@ -104,7 +108,7 @@ class Adversary:
             raise ModelError(
                 f"unreadable discriminator ({type(exc).__name__})",
                 folder,
-                "restart without --resume",
+                AGAIN_FROM_THE_START,
             ) from None
         load_optimizer(self.optimizer, folder)
         self.scaler.load(folder)

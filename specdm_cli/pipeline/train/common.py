@@ -222,5 +222,5 @@ def check_finite_loss(loss: float, step: int, run: Path) -> None:
         raise ModelError(
             f"training diverged: the loss is {loss} at step {step + 1}",
             run,
-            "lower --lr or check the store's statistics, then --resume from the last checkpoint",
+            "check the store's statistics, or train again with a lower --lr and --overwrite",
         )

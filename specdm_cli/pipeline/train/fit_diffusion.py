@@ -55,6 +55,7 @@ class FitDiffusionRequest:
     resume: bool = False
     devices: Devices = field(default_factory=Devices)
     store: Path | None = None  # default: the store the VAE was trained on
+    overwrite: bool = False  # a new U-Net; the run's own is kept until the new one's checkpoint
 
 
 @dataclass
@@ -140,6 +141,8 @@ def fit_diffusion(
 ) -> FitDiffusionSummary:
     """Encode the latent cache (once), then train the U-Net with EMA; resume is bit-exact."""
     started = time.monotonic()
+    if request.resume and request.overwrite:
+        raise UsageError("--resume and --overwrite exclude each other", hint="pick one")
     check_batch_divides(request.config.batch_size, request.devices)
     devices = torch_devices(request.devices)
     run = request.run
@@ -205,12 +208,16 @@ def _check_stages(
         # Nothing of it carries over to the new latents; its checkpoint goes at the first new one.
         warn("the run's U-Net learned the latents of an earlier VAE: training a new one")
         return None
+    if request.overwrite:
+        return None  # its first checkpoint replaces the stage
     identity = request.config.training_identity()
     if stage.finished and stage.step >= request.config.steps and stage.config == identity:
         return stage  # the same command again: already complete (exit 0), resume or not
     if not request.resume:
         raise ModelError(
-            "the run already has a diffusion model", run, "pass --resume to continue it"
+            "the run already has a diffusion model",
+            run,
+            "pass --resume to continue it, or --overwrite to train a new one",
         )
     runs.check_resume(run, stage.config, request.config.training_identity())
     return stage

@@ -23,6 +23,7 @@ from specdm_cli.manifest import IGNORE_INDEX, IMAGE_ARRAYS, LABEL_ARRAY, Manifes
 from specdm_cli.metrics.stats import mean_iou
 from specdm_cli.models.feature_net import FeatureNetConfig, build_network
 from specdm_cli.models.losses import mask_ce
+from specdm_cli.pipeline.runs.checkpoints import AGAIN_FROM_THE_START
 from specdm_cli.pipeline.train.common import load_batch, step_seed, to_tensors
 from specdm_cli.stores import StoreReader
 
@@ -70,7 +71,7 @@ def load_segmenter(checkpoint: Path, device: torch.device) -> Segmenter | None:
         summary = dict(record["summary"])
     except (OSError, SafetensorError, ValueError, TypeError, KeyError, RuntimeError) as exc:
         raise ModelError(
-            f"unreadable segmenter ({type(exc).__name__})", folder, "restart without --resume"
+            f"unreadable segmenter ({type(exc).__name__})", folder, AGAIN_FROM_THE_START
         ) from None
     return Segmenter(network.to(device), config, summary)
 
