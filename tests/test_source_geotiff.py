@@ -25,6 +25,7 @@ from specdm_cli.sources.geotiff import read_geotiff
 from specdm_cli.sources.geotiff import reader as geotiff_reader
 from specdm_cli.stores import open_store
 from tests.conftest import manifest_of, run_cli
+from tests.fault_tools import assert_one_error_line
 from tests.fixtures.geotiff_folder import (
     CRS_EPSG,
     ORIGIN,
@@ -225,6 +226,16 @@ def test_a_task_the_folder_does_not_hold_is_refused(tmp_path: Path) -> None:
         "prepare", "geotiff", root, "--task", "ss", "--out", tmp_path / "c", "--overwrite"
     )
     assert code == 2 and (tmp_path / "c" / "manifest.json").is_file()
+
+
+def test_a_layout_one_folder_down_is_named(tmp_path: Path) -> None:
+    """An archive unpacked into a folder of its own name (raw/tiles/images, raw/tiles/masks)
+    was told "put the tiles in those folders"."""
+    nested = make_geotiff_folder(tmp_path / "raw" / "tiles", task="ss", codes=[1, 2], n=2)
+    (tmp_path / "raw" / "docs").mkdir()
+    code, _, stderr = run_cli("prepare", "geotiff", tmp_path / "raw", "--out", tmp_path / "s")
+    assert_one_error_line(code, stderr, 3, f"the tiles are one folder down: pass {nested}")
+    assert not (tmp_path / "s").exists()
 
 
 def test_a_split_far_from_its_fraction_is_a_warning(tmp_path: Path) -> None:

@@ -56,10 +56,21 @@ class Header:
     names: tuple[str, ...] = ()  # the data bands' descriptions ("" where a band has none)
 
 
-def infer_task(root: Path) -> Task:
-    present: dict[Task, list[bool]] = {
+def _folders_present(root: Path) -> dict[Task, list[bool]]:
+    """For each task, which of its folders `root` holds."""
+    return {
         task: [(root / GEOTIFF_FOLDERS[n]).is_dir() for n in array_names(task)] for task in _TASKS
     }
+
+
+def _nested_layout(root: Path) -> Path | None:
+    """A subfolder holding a whole layout: an archive unpacked into a folder of its own name."""
+    children = sorted(child for child in root.iterdir() if child.is_dir())
+    return next((c for c in children if any(map(all, _folders_present(c).values()))), None)
+
+
+def infer_task(root: Path) -> Task:
+    present = _folders_present(root)
     complete = [task for task, found in present.items() if all(found)]
     if len(complete) == 1:
         return complete[0]
@@ -75,10 +86,13 @@ def infer_task(root: Path) -> Task:
             raise InputDataError(
                 "folder missing", root / folder, f"add {folder}/ beside the others"
             )
+    nested = _nested_layout(root) if root.is_dir() else None
     raise InputDataError(
         "no images/+masks/ (segmentation) or t1/+t2/+change/ (change detection) folders",
         root,
-        "put the tiles in those folders, paired by file name",
+        f"the tiles are one folder down: pass {nested}"
+        if nested
+        else "put the tiles in those folders, paired by file name",
     )
 
 
