@@ -128,7 +128,12 @@ def test_refusals_are_one_line(trained: Path, distilled: Path, tmp_path: Path) -
     manifest["stages"]["distill"]["details"]["teacher_weights"] = {"unet": "0" * 64}
     (stale / "run.json").write_text(json.dumps(manifest))
     code, _, stderr = synth(stale, tmp_path / "z.zarr", "--n", "2", "--sampler", "distilled")
-    assert code == 4 and "earlier U-Net" in stderr
+    assert code == 4 and "earlier U-Net" in stderr and "`specdm distill RUN` again" in stderr
+    # The hint's command distils a new student (it said "pass --resume", which then refused).
+    code, _, stderr = run_cli("distill", stale, "--steps", "2", "--trajectories", "8",
+                              "--batch-size", "4", "--threads", "2")  # fmt: skip
+    assert code == 0 and "learned an earlier U-Net: distilling a new one" in stderr, stderr
+    assert synth(stale, tmp_path / "w.zarr", "--n", "2", "--sampler", "distilled")[0] == 0
 
 
 def test_overwrite_distills_a_new_student_in_place(distilled: Path, tmp_path: Path) -> None:

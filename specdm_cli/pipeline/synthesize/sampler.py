@@ -183,7 +183,7 @@ def _student_problem(model: ChosenModel) -> tuple[str, Path, str] | None:
     if manifest.distill_details().teacher_weights != manifest.stages["diffusion"].weights:
         return (
             "the distilled student was made from an earlier U-Net of this run", model.path,
-            "run `specdm distill RUN` again",
+            "run `specdm distill RUN` again (it distils a new student)",
         )  # fmt: skip
     return None
 

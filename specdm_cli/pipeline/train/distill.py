@@ -187,7 +187,7 @@ def distill(
         manifest = load_run(run)
         teacher, schedule, weights = _teacher(run, manifest, device)
         trainer = DistillTrainer(teacher, schedule, weights, config, device, run)
-        stage = _stage_to_resume(run, manifest, request, trainer.identity())
+        stage = _stage_to_resume(run, manifest, request, trainer, warn)
         if stage is not None and stage.finished and stage.step >= config.steps:
             return DistillSummary(str(run), "already complete", stage.step, config.steps,
                                   config.student_steps, 0.0, 0.0)  # fmt: skip
@@ -240,12 +240,21 @@ def _teacher(
 
 
 def _stage_to_resume(
-    run: Path, manifest: RunManifest, request: DistillRequest, identity: dict[str, Any]
+    run: Path,
+    manifest: RunManifest,
+    request: DistillRequest,
+    trainer: DistillTrainer,
+    warn: Callable[[str], None],
 ) -> Any:
     """The distill stage to continue (or None); refusals for a run already distilled."""
     stage = manifest.stages.get("distill")
     if stage is None or stage.checkpoint is None:
         return None
+    if manifest.distill_details().teacher_weights != trainer.teacher_weights:
+        # fit-diffusion trained on (or anew) since: nothing of the student carries over.
+        warn("the run's student learned an earlier U-Net: distilling a new one")
+        return None
+    identity = trainer.identity()
     if stage.finished and stage.step >= request.config.steps and stage.config == identity:
         return stage  # the same command again: already complete
     if request.overwrite:
