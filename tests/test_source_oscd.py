@@ -467,6 +467,8 @@ def test_label_nodata_applies_to_the_tif_change_map(
     (sample,) = [s for y, x, s in _city_samples(plan, "brasilia") if (y, x) == (0, 0)]
     assert (sample.arrays["change"][:2, :3] == 255).all()
     assert (sample.arrays["change"][2:] != 255).all()
+    # Counted in source.nodata_pixels, as the README says (they were not, for OSCD).
+    assert sample.nodata_pixels == 6
 
 
 def test_a_tif_change_map_s_nodata_tag_reads_as_255(

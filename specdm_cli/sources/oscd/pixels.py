@@ -230,6 +230,9 @@ def load_patch(candidate: Candidate, *, ctx: Context, cache: CityCache) -> RawSa
     stack = cache.get(city)
     rows, cols = slice(y, y + ctx.size), slice(x, x + ctx.size)
     change = stack.change[rows, cols].copy()
+    # The change map's own nodata (--label-nodata, a tif's tag): counted, but the images
+    # there are valid (unlabelled is not blank).
+    label_invalid = change == IGNORE_INDEX
     invalid = np.zeros(change.shape, dtype=bool)
     patches = []
     for image, nodata, nan, where in zip(
@@ -255,7 +258,7 @@ def load_patch(candidate: Candidate, *, ctx: Context, cache: CityCache) -> RawSa
         candidate.split,
         arrays,
         bounds,
-        int(invalid.sum()) + padding,
+        int((invalid | label_invalid).sum()) + padding,
         image_nodata=pad_to(invalid, ctx.size, ctx.size, True),
         covered=(change.shape[0], change.shape[1]),
     )
