@@ -606,6 +606,19 @@ def test_png_masks_of_a_labelling_tool_pair_with_their_images(tmp_path: Path) ->
     np.testing.assert_array_equal(sample.arrays["mask"], np.where(label == 1, 0, 1))
 
 
+def test_a_missing_partner_of_a_png_set_is_named_as_png(tmp_path: Path) -> None:
+    """A PNG set's missing mask was named `masks/tile_02.tif`: now with the extension its
+    folder's files have (`.png` masks beside `.tif` images, as mmseg's `ann_dir` holds)."""
+    root = make_geotiff_folder(tmp_path / "raw", n=3, codes=[1, 2])
+    for mask in sorted((root / "masks").glob("*.tif")):
+        Image.fromarray(_read(mask, 1)).save(mask.with_suffix(".png"))
+        mask.unlink()
+    (root / "masks" / "tile_02.png").unlink()
+    code, _, stderr = run_cli("prepare", "geotiff", root, "--out", tmp_path / "s.zarr", "-q")
+    assert_one_error_line(code, stderr, 3, f"({root / 'masks' / 'tile_02.png'})")
+    assert not (tmp_path / "s.zarr").exists()
+
+
 def test_a_crs_without_an_epsg_code_is_named_not_dumped_in_the_error(tmp_path: Path) -> None:
     root = make_geotiff_folder(tmp_path / "raw", n=1)
     mask = root / "masks" / "tile_00.tif"
