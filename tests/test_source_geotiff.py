@@ -381,6 +381,25 @@ def test_splits_from_csv(tmp_path: Path) -> None:
     assert plan.load(plan.candidates[-1]).split == "train"
 
 
+def test_splits_file_stems_written_as_paths_name_their_tiles(tmp_path: Path) -> None:
+    """`images/tile_00.tif`, `./tile_01.tif` or a Windows path was "no image has the stem
+    'images/tile_00'" (exit 3, hint "fix it"): each now names the tile its file name does."""
+    root = make_geotiff_folder(tmp_path / "raw", n=4, size=(16, 16))
+    rows = [
+        ("images/tile_00.tif", "train"), ("./tile_01.tif", "val"),
+        (f"{root}\\masks\\tile_02.TIF", "test"), ("tile_03", "train"),
+    ]  # fmt: skip
+    out = tmp_path / "s.zarr"
+    splits = _write_splits(tmp_path / "s.csv", rows)
+    code, _, stderr = run_cli("prepare", "geotiff", root, "--out", out, "--splits", splits, "-q")
+    assert code == 0, stderr
+    assert manifest_of(out)["source"]["split_counts"] == {"train": 2, "val": 1, "test": 1}  # type: ignore[index]
+    bad = _write_splits(tmp_path / "bad.csv", [*rows[:3], ("images/tile_3", "train")])
+    code, _, stderr = run_cli("prepare", "geotiff", root, "--out", tmp_path / "b", "--splits", bad)
+    assert_one_error_line(code, stderr, 3, "line 5: no image has the stem 'tile_3'")
+    assert "without folder or extension, e.g. 'tile_00'" in stderr
+
+
 def test_csv_files_saved_by_a_spreadsheet_are_read(tmp_path: Path) -> None:
     # Excel's "CSV UTF-8" starts with a byte-order mark: the first column was '\ufeffcode'.
     root = make_geotiff_folder(tmp_path / "raw", n=2, codes=[10, 40])
