@@ -169,6 +169,29 @@ def test_rgb_colour_masks_need_a_classes_file_with_every_colour(tmp_path: Path) 
     assert info.value.path == root / "masks" / "tile_00.png"
 
 
+def test_grey_masks_saved_as_rgb_read_as_class_codes(tmp_path: Path) -> None:
+    """A grey mask re-saved as RGB (R = G = B, as image editors save it) was refused: "RGB
+    label files hold class colours, and no classes file says which class each is"."""
+    root = make_geotiff_folder(tmp_path / "raw", n=3, codes=[0, 1, 2], size=(16, 16))
+    code, _, stderr = run_cli("prepare", "geotiff", root, "--out", tmp_path / "codes.zarr", "-q")
+    assert code == 0, stderr
+    for path in sorted((root / "masks").iterdir()):
+        grey = np.repeat(_read(path, 1)[None], 3, axis=0)
+        path.unlink()
+        if path.stem.endswith("00"):
+            Image.fromarray(grey.transpose(1, 2, 0), mode="RGB").save(path.with_suffix(".png"))
+        else:
+            write_image(path, grey, _geo(root / "images" / path.name))
+    out = tmp_path / "grey.zarr"
+    code, _, stderr = run_cli("prepare", "geotiff", root, "--out", out)
+    assert code == 0, stderr
+    assert "note: 3 RGB mask(s) hold only grey levels (R = G = B" in stderr
+    stores = [open_store(store) for store in (tmp_path / "codes.zarr", out)]
+    for index in range(len(stores[0])):
+        np.testing.assert_array_equal(*(s.read(index)["mask"] for s in stores))
+    assert [c["code"] for c in manifest_of(out)["classes"]] == [0, 1, 2]  # type: ignore[index]
+
+
 @pytest.mark.parametrize("mode", ["RGBA", "LA"])
 def test_an_alpha_band_in_a_label_marks_unlabelled_pixels(tmp_path: Path, mode: str) -> None:
     """Labelling tools export RGBA colour masks and LA code masks: refused as "4 bands" before.
