@@ -169,6 +169,29 @@ def test_rgb_colour_masks_need_a_classes_file_with_every_colour(tmp_path: Path) 
     assert info.value.path == root / "masks" / "tile_00.png"
 
 
+def test_grey_masks_saved_as_rgb_read_as_class_codes(tmp_path: Path) -> None:
+    """A grey mask re-saved as RGB (R = G = B, as image editors save it) was refused: "RGB
+    label files hold class colours, and no classes file says which class each is"."""
+    root = make_geotiff_folder(tmp_path / "raw", n=3, codes=[0, 1, 2], size=(16, 16))
+    code, _, stderr = run_cli("prepare", "geotiff", root, "--out", tmp_path / "codes.zarr", "-q")
+    assert code == 0, stderr
+    for path in sorted((root / "masks").iterdir()):
+        grey = np.repeat(_read(path, 1)[None], 3, axis=0)
+        path.unlink()
+        if path.stem.endswith("00"):
+            Image.fromarray(grey.transpose(1, 2, 0), mode="RGB").save(path.with_suffix(".png"))
+        else:
+            write_image(path, grey, _geo(root / "images" / path.name))
+    out = tmp_path / "grey.zarr"
+    code, _, stderr = run_cli("prepare", "geotiff", root, "--out", out)
+    assert code == 0, stderr
+    assert "note: 3 RGB mask(s) hold only grey levels (R = G = B" in stderr
+    stores = [open_store(store) for store in (tmp_path / "codes.zarr", out)]
+    for index in range(len(stores[0])):
+        np.testing.assert_array_equal(*(s.read(index)["mask"] for s in stores))
+    assert [c["code"] for c in manifest_of(out)["classes"]] == [0, 1, 2]  # type: ignore[index]
+
+
 @pytest.mark.parametrize("mode", ["RGBA", "LA"])
 def test_an_alpha_band_in_a_label_marks_unlabelled_pixels(tmp_path: Path, mode: str) -> None:
     """Labelling tools export RGBA colour masks and LA code masks: refused as "4 bands" before.
@@ -379,6 +402,25 @@ def test_splits_from_csv(tmp_path: Path) -> None:
     by_file = {c.ref[0]: c.split for c in plan.candidates}
     assert by_file == {"tile_00": "train", "tile_01": "val", "tile_02": "test", "tile_03": "train"}
     assert plan.load(plan.candidates[-1]).split == "train"
+
+
+def test_splits_file_stems_written_as_paths_name_their_tiles(tmp_path: Path) -> None:
+    """`images/tile_00.tif`, `./tile_01.tif` or a Windows path was "no image has the stem
+    'images/tile_00'" (exit 3, hint "fix it"): each now names the tile its file name does."""
+    root = make_geotiff_folder(tmp_path / "raw", n=4, size=(16, 16))
+    rows = [
+        ("images/tile_00.tif", "train"), ("./tile_01.tif", "val"),
+        (f"{root}\\masks\\tile_02.TIF", "test"), ("tile_03", "train"),
+    ]  # fmt: skip
+    out = tmp_path / "s.zarr"
+    splits = _write_splits(tmp_path / "s.csv", rows)
+    code, _, stderr = run_cli("prepare", "geotiff", root, "--out", out, "--splits", splits, "-q")
+    assert code == 0, stderr
+    assert manifest_of(out)["source"]["split_counts"] == {"train": 2, "val": 1, "test": 1}  # type: ignore[index]
+    bad = _write_splits(tmp_path / "bad.csv", [*rows[:3], ("images/tile_3", "train")])
+    code, _, stderr = run_cli("prepare", "geotiff", root, "--out", tmp_path / "b", "--splits", bad)
+    assert_one_error_line(code, stderr, 3, "line 5: no image has the stem 'tile_3'")
+    assert "without folder or extension, e.g. 'tile_00'" in stderr
 
 
 def test_csv_files_saved_by_a_spreadsheet_are_read(tmp_path: Path) -> None:
@@ -604,6 +646,19 @@ def test_png_masks_of_a_labelling_tool_pair_with_their_images(tmp_path: Path) ->
     plan = _plan(root)
     sample = next(plan.load(c) for c in plan.candidates if c.source_id.startswith("tile_01"))
     np.testing.assert_array_equal(sample.arrays["mask"], np.where(label == 1, 0, 1))
+
+
+def test_a_missing_partner_of_a_png_set_is_named_as_png(tmp_path: Path) -> None:
+    """A PNG set's missing mask was named `masks/tile_02.tif`: now with the extension its
+    folder's files have (`.png` masks beside `.tif` images, as mmseg's `ann_dir` holds)."""
+    root = make_geotiff_folder(tmp_path / "raw", n=3, codes=[1, 2])
+    for mask in sorted((root / "masks").glob("*.tif")):
+        Image.fromarray(_read(mask, 1)).save(mask.with_suffix(".png"))
+        mask.unlink()
+    (root / "masks" / "tile_02.png").unlink()
+    code, _, stderr = run_cli("prepare", "geotiff", root, "--out", tmp_path / "s.zarr", "-q")
+    assert_one_error_line(code, stderr, 3, f"({root / 'masks' / 'tile_02.png'})")
+    assert not (tmp_path / "s.zarr").exists()
 
 
 def test_a_crs_without_an_epsg_code_is_named_not_dumped_in_the_error(tmp_path: Path) -> None:

@@ -467,6 +467,8 @@ def test_label_nodata_applies_to_the_tif_change_map(
     (sample,) = [s for y, x, s in _city_samples(plan, "brasilia") if (y, x) == (0, 0)]
     assert (sample.arrays["change"][:2, :3] == 255).all()
     assert (sample.arrays["change"][2:] != 255).all()
+    # Counted in source.nodata_pixels, as the README says (they were not, for OSCD).
+    assert sample.nodata_pixels == 6
 
 
 def test_a_tif_change_map_s_nodata_tag_reads_as_255(
@@ -492,6 +494,33 @@ def test_a_tif_change_map_s_nodata_tag_reads_as_255(
     (sample,) = [s for y, x, s in _city_samples(plan, "brasilia") if (y, x) == (0, 0)]
     assert (sample.arrays["change"][:2, :3] == 255).all()
     assert (sample.arrays["change"][2:] != 255).all()
+
+
+def test_label_nodata_applies_to_cm_png_and_prefers_the_tif(raw: Path, tmp_path: Path) -> None:
+    """--label-nodata was ignored, without a word, where a city's change map is cm.png. Now
+    the tif is read where a city has one (the option's value is in its codes); a cm.png alone
+    takes the value as a grey level, and 0 ("no change" there) is refused with exit 2."""
+    png = raw / TEST_LABELS / "brasilia" / "cm" / "cm.png"
+    _fresh(raw / TEST_LABELS / "brasilia" / "cm" / "brasilia-cm.tif")
+    grey = np.asarray(Image.open(png)).copy()
+    grey[:2, :3] = 128  # a hand-drawn "unknown" patch
+    Image.fromarray(grey).save(_fresh(png))
+    out = tmp_path / "store.zarr"
+    code, _, stderr = run_cli(
+        "prepare", "oscd", raw, "--out", out, "--patch-size", "16", "--val-fraction", "0",
+        "--label-nodata", "128", "-q",
+    )  # fmt: skip
+    assert code == 0, stderr
+    plan = read_oscd(raw, PrepareOptions(patch_size=16, overlap=0.5, label_nodata=128))
+    assert plan.spec.details["label_source"]["bercy"] == "cm/bercy-cm.tif"
+    (sample,) = [s for y, x, s in _city_samples(plan, "brasilia") if (y, x) == (0, 0)]
+    assert (sample.arrays["change"][:2, :3] == 255).all()
+    assert (sample.arrays["change"][2:] != 255).all()
+    code, _, stderr = run_cli(
+        "prepare", "oscd", raw, "--out", tmp_path / "zero.zarr", "--label-nodata", "0", "-q"
+    )
+    assert code == 2 and "--label-nodata 0 is 'no change' in cm.png" in _error_line(stderr)
+    assert "brasilia" in _error_line(stderr) and not (tmp_path / "zero.zarr").exists()
 
 
 def test_georeferenced_rect_files_give_crs_and_bounds(raw: Path) -> None:

@@ -50,7 +50,7 @@ def prepare(
     nodata: Annotated[str | None, typer.Option(help="Nodata value (a number or 'nan').")] = None,
     label_nodata: Annotated[
         str | None,
-        typer.Option(help="GeoTIFF/SegMunich: label value meaning no data (-> 255), e.g. -1."),
+        typer.Option(help="Label value meaning no data (-> 255), e.g. -1."),
     ] = None,
     classes: Annotated[
         Path | None,

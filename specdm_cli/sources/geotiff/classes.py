@@ -62,9 +62,7 @@ def resolve_classes(
     Colour masks (RGB labels) need the file, with a distinct colour for every class: the
     colour is what a mask pixel holds. A file's codes are checked against every mask here
     (each mask's pixels read once more), before any sample is written."""
-    path = options.classes_file
-    if path is None:
-        path = next((p for p in (root / "classes.json", root / "classes.csv") if p.is_file()), None)
+    path = classes_path(root, options)
     if colour_masks:
         return ResolvedClasses(_colour_classes(path, root), str(path))
     masks = [paths[LABEL_ARRAY[task]] for paths in files.values()]
@@ -85,6 +83,44 @@ def resolve_classes(
         )
     classes = _make_classes([(code, f"class_{code}", None) for code in codes], root)
     return ResolvedClasses(classes, "masks", [*notes, *_sentinel_notes(scans)])
+
+
+def classes_path(root: Path, options: PrepareOptions) -> Path | None:
+    """The classes file: --classes, else RAW/classes.json or RAW/classes.csv, else None."""
+    if options.classes_file is not None:
+        return options.classes_file
+    return next((p for p in (root / "classes.json", root / "classes.csv") if p.is_file()), None)
+
+
+def grey_rgb_notes(masks: list[Path], path: Path | None) -> list[str] | None:
+    """A note when RGB masks hold grey levels only (R = G = B, as image editors save a grey
+    mask): they are then read as class codes, not colours. None when they are colour masks:
+    a pixel is not grey, or a classes file gives every class a colour (grey ones included)."""
+    if not masks:
+        return None
+    if path is not None and all(colour for _, _, colour in _read_class_rows(path)):
+        return None
+    if not all(_all_grey(mask) for mask in masks):
+        return None
+    return [
+        f"note: {len(masks)} RGB mask(s) hold only grey levels (R = G = B, e.g. "
+        f"{masks[0].name}): read as class codes, not colours"
+    ]
+
+
+def _all_grey(path: Path) -> bool:
+    """Whether every opaque pixel of an RGB mask has R = G = B (read window by window)."""
+    with open_raster(path) as src:
+        alpha = ColorInterp.alpha in src.colorinterp
+        bands = [i + 1 for i, kind in enumerate(src.colorinterp) if kind != ColorInterp.alpha]
+        for window in _scan_windows(src.height, src.width):
+            rgb = src.read(bands, window=window)
+            grey = (rgb[0] == rgb[1]) & (rgb[1] == rgb[2])
+            if alpha:
+                grey |= src.read_masks(1, window=window) == 0
+            if not grey.all():
+                return False
+    return True
 
 
 def _discovered_codes(found: set[int], task: Task) -> tuple[list[int], list[str]]:

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import functools
 import re
-from collections.abc import Iterator
+from collections import Counter
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -143,12 +144,21 @@ def pair_files(root: Path, task: Task) -> Files:
         have = [n for n in names if stem in listed[n]]
         if len(have) < len(names):
             missing = next(n for n in names if stem not in listed[n])
+            partner = listed[have[0]][stem]
+            suffix = _usual_suffix(listed[missing].values(), partner.suffix)
             raise InputDataError(
-                f"{listed[have[0]][stem].name} has no partner in {GEOTIFF_FOLDERS[missing]}/",
-                root / GEOTIFF_FOLDERS[missing] / f"{stem}.tif",
+                f"{partner.name} has no partner in {GEOTIFF_FOLDERS[missing]}/",
+                root / GEOTIFF_FOLDERS[missing] / f"{stem}{suffix}",
                 "add the missing file or remove its partners",
             )
     return {stem: {name: listed[name][stem] for name in names} for stem in stems}
+
+
+def _usual_suffix(paths: Iterable[Path], fallback: str) -> str:
+    """The extension most files of a folder have: a missing file of a PNG set (or of mmseg's
+    `.png` masks beside `.tif` images) is named as the user would save it, not as `.tif`."""
+    counts = Counter(path.suffix for path in paths)
+    return counts.most_common(1)[0][0] if counts else fallback
 
 
 @contextmanager

@@ -42,9 +42,11 @@ from specdm_cli.sources.base import (
 )
 from specdm_cli.sources.geotiff.bands import read_bands
 from specdm_cli.sources.geotiff.classes import (
+    classes_path,
     codes_from_colours,
     colour_lookup,
     exported_manifest,
+    grey_rgb_notes,
     label_nodata_of,
     resolve_classes,
 )
@@ -138,7 +140,9 @@ def read_geotiff(raw: Path | None, options: PrepareOptions) -> SourcePlan:
     files = pair_files(root, task)
     checked = {stem: check_stem(paths, task) for stem, paths in files.items()}
     headers = {stem: image for stem, (image, _) in checked.items()}
-    colour_masks = any(label.count == 3 for _, label in checked.values())
+    rgb_masks = [label.path for _, label in checked.values() if label.count == 3]
+    grey_notes = grey_rgb_notes(rgb_masks, classes_path(root, options))
+    colour_masks = bool(rgb_masks) and grey_notes is None
     first = next(iter(headers.values()))
     crs_by_file = check_all(headers)
     crs = _one_crs(crs_by_file)
@@ -188,7 +192,7 @@ def read_geotiff(raw: Path | None, options: PrepareOptions) -> SourcePlan:
     notes = [
         *_crs_notes(crs_by_file, crs), *_padding_notes(headers, height, width),
         *_alpha_notes(headers), *share_notes(splits, options),
-        *_change_code_notes(task, codes, classes_from), *resolved.notes,
+        *_change_code_notes(task, codes, classes_from), *resolved.notes, *(grey_notes or []),
     ]  # fmt: skip
     return SourcePlan(
         spec=spec, candidates=candidates, load=load, warnings=notes, close=rasters.close
@@ -295,13 +299,13 @@ def _load(candidate: Candidate, *, ctx: _Context, rasters: OpenRasters) -> RawSa
     label_name = LABEL_ARRAY[ctx.task]
     raw_label = _read_window(rasters, paths[label_name], y, x, ctx, masks=True)
     transparent = _transparent(raw_label)
-    if len(raw_label.values) == 3:  # colours: a colour is a class, never nodata
+    if len(raw_label.values) == 3 and ctx.colours:  # colours: a colour is a class, never nodata
         raw_codes = codes_from_colours(
             raw_label.values, ctx.colours, paths[label_name], skip=transparent
         )
         label_nodata = None
     else:
-        raw_codes = raw_label.values[0]
+        raw_codes = raw_label.values[0]  # one band of codes, or grey RGB: R holds them
         # --label-nodata overrides the mask's tag, as --nodata does the image's.
         label_nodata = label_nodata_of(ctx.label_nodata, raw_label.nodata, ctx.declared)
     values = label_values(raw_codes, label_nodata)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import math
+import re
 from pathlib import Path
 
 import numpy as np
@@ -68,6 +69,13 @@ def _share(fraction: float, count: int) -> int:
     return max(1, math.floor(fraction * count + 0.5)) if fraction > 0 else 0
 
 
+def _file_stem(cell: str) -> str:
+    """A splits file's stem as pairing names files: a path (`images/tile_00.tif`, `./tile_00`,
+    `images\\tile_00.tif` from Windows) or a file name names the same tile as `tile_00`."""
+    name = re.split(r"[/\\]", cell.strip())[-1]
+    return name.rsplit(".", 1)[0] if name.lower().endswith(EXTENSIONS) else name
+
+
 def _read_splits_file(path: Path, stems: list[str]) -> dict[str, str]:
     text = read_text_input(path)
     try:
@@ -81,12 +89,15 @@ def _read_splits_file(path: Path, stems: list[str]) -> dict[str, str]:
     known = set(stems)
     splits: dict[str, str] = {}
     for line, row in enumerate(rows, start=2):
-        stem, split = (row["stem"] or "").strip(), (row["split"] or "").strip()
-        stem = stem.rsplit(".", 1)[0] if stem.lower().endswith(EXTENSIONS) else stem
+        stem, split = _file_stem(row["stem"] or ""), (row["split"] or "").strip()
         if split not in _SPLITS:
             raise InputDataError(f"line {line}: split {split!r} is not train, val or test", path)
         if stem not in known:
-            raise InputDataError(f"line {line}: no image has the stem {stem!r}", path, "fix it")
+            raise InputDataError(
+                f"line {line}: no image has the stem {stem!r}",
+                path,
+                f"write each file's name without folder or extension, e.g. {stems[0]!r}",
+            )
         if splits.setdefault(stem, split) != split:
             raise InputDataError(f"line {line}: {stem!r} is listed twice", path, "keep one row")
     missing = [s for s in stems if s not in splits]

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
-from specdm_cli.errors import InputDataError
+from specdm_cli.errors import InputDataError, UsageError
 from specdm_cli.manifest import ClassInfo
 from specdm_cli.sources.base import require_whole_read
 from specdm_cli.sources.oscd.archive import FIX_ARCHIVE, Tree, open_png, open_raster, read_text
@@ -61,7 +62,12 @@ def select_bands(requested: tuple[str, ...] | None) -> tuple[str, ...]:
 
 
 def open_city(
-    images: Tree, labels: Tree, name: str, split: str, bands: tuple[str, ...]
+    images: Tree,
+    labels: Tree,
+    name: str,
+    split: str,
+    bands: tuple[str, ...],
+    label_nodata: float | None = None,
 ) -> tuple[City, list[str]]:
     """Check a city's files exist and read its headers (no pixels).
 
@@ -72,13 +78,14 @@ def open_city(
     height, width, crs, transform = _grid(images, name, band_files)
     # A city is read whole: both phases' 13 uint16 bands plus a float band being resampled.
     require_whole_read(height, width, 2 * 13 * 2 + 8, images.where(name))
-    rel = label_rel(labels, name)
+    rel = label_rel(labels, name, prefer_tif=label_nodata is not None)
     if rel is None:
         raise InputDataError(
             f"no change map for city {name!r} (cm/cm.png or cm/{name}-cm.tif)",
             labels.where(f"{name}/cm"),
             f"extract the whole labels archive or remove {name} from the city list",
         )
+    _require_png_nodata(label_nodata, labels.where(rel))
     label_hw = _label_size(labels, rel)
     if label_hw != (height, width):
         raise InputDataError(
@@ -149,13 +156,25 @@ def crs_text(crs: Any) -> str:
     return f"EPSG:{epsg}" if epsg else str(crs.to_wkt())
 
 
-def label_rel(labels: Tree, name: str) -> str | None:
+def label_rel(labels: Tree, name: str, prefer_tif: bool = False) -> str | None:
     """The city's change map file, or None when the labels lack it."""
-    # cm.png is what torchgeo reads; the tif (same map, values 1/2) is the fallback.
-    for rel in (f"{name}/cm/cm.png", f"{name}/cm/{name}-cm.tif"):
+    # cm.png is what torchgeo reads; the tif (same map, values 1/2) is the fallback, and is
+    # read first under --label-nodata, whose value the README gives in the tif's codes.
+    files = [f"{name}/cm/cm.png", f"{name}/cm/{name}-cm.tif"]
+    for rel in reversed(files) if prefer_tif else files:
         if labels.has(rel):
             return rel
     return None
+
+
+def _require_png_nodata(label_nodata: float | None, where: Path) -> None:
+    """--label-nodata on a cm.png: 0 is "no change" there, a class, never no data."""
+    if label_nodata == 0 and where.suffix == ".png":
+        raise UsageError(
+            "--label-nodata 0 is 'no change' in cm.png (0 no change, non-zero change)",
+            where,
+            "drop --label-nodata, or give the value that marks no data in cm.png",
+        )
 
 
 def _label_size(labels: Tree, rel: str) -> tuple[int, int]:

@@ -17,6 +17,7 @@ from specdm_cli.sources.base import (
     Candidate,
     RawSample,
     apply_nodata,
+    label_nodata_mask,
     label_values,
     pad_image_as_nodata,
     pad_to,
@@ -195,8 +196,8 @@ def _as_uint16(data: np.ndarray, where: Path) -> np.ndarray:
 
 
 def _read_change(tree: Tree, rel: str, label_nodata: float | None) -> np.ndarray:
-    """The change map as uint8 0/1 (255 where the tif holds --label-nodata, else its nodata
-    tag)."""
+    """The change map as uint8 0/1, 255 where it holds --label-nodata (the tif: else its nodata
+    tag; cm.png: a grey value, or a colour whose channels all equal it)."""
     if rel.endswith(".tif"):
         with open_raster(tree, rel) as src:
             raw, tag = src.read(1), src.nodata
@@ -208,8 +209,13 @@ def _read_change(tree: Tree, rel: str, label_nodata: float | None) -> np.ndarray
         array = np.asarray(rgb)
         if rgb.mode.endswith(("A", "a")):
             array = array[..., :-1]
+    grey = array if array.ndim == 2 else array[..., 0]
     changed = array != 0 if array.ndim == 2 else (array != 0).any(axis=-1)
-    return np.asarray(changed, dtype=np.uint8)
+    # Not the tag path: a PNG has no nodata tag, so only the option marks no data here.
+    unlabelled = label_nodata_mask(grey, label_nodata)
+    if array.ndim == 3:
+        unlabelled &= (array == array[..., :1]).all(axis=-1)
+    return np.where(unlabelled, IGNORE_INDEX, changed).astype(np.uint8)
 
 
 def _tag_nodata(tag: float | None) -> float | None:
@@ -224,6 +230,9 @@ def load_patch(candidate: Candidate, *, ctx: Context, cache: CityCache) -> RawSa
     stack = cache.get(city)
     rows, cols = slice(y, y + ctx.size), slice(x, x + ctx.size)
     change = stack.change[rows, cols].copy()
+    # The change map's own nodata (--label-nodata, a tif's tag): counted, but the images
+    # there are valid (unlabelled is not blank).
+    label_invalid = change == IGNORE_INDEX
     invalid = np.zeros(change.shape, dtype=bool)
     patches = []
     for image, nodata, nan, where in zip(
@@ -249,7 +258,7 @@ def load_patch(candidate: Candidate, *, ctx: Context, cache: CityCache) -> RawSa
         candidate.split,
         arrays,
         bounds,
-        int(invalid.sum()) + padding,
+        int((invalid | label_invalid).sum()) + padding,
         image_nodata=pad_to(invalid, ctx.size, ctx.size, True),
         covered=(change.shape[0], change.shape[1]),
     )

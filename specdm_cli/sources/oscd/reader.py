@@ -71,7 +71,7 @@ def read_oscd(raw: Path | None, options: PrepareOptions) -> SourcePlan:
     for origin, names in listed.items():
         for name in names:
             cities[name], fallbacks = open_city(
-                images, _tree(labels, origin), name, splits[name], bands
+                images, _tree(labels, origin), name, splits[name], bands, options.label_nodata
             )
             native += fallbacks
     crs_set = {city.crs for city in cities.values()}
