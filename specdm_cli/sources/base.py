@@ -279,7 +279,8 @@ def _float32_equal(raw: np.ndarray, nodata: float) -> np.ndarray:
     """Where float32 pixels equal `nodata` as GDAL's nodata mask (the image side) matches them:
     ARE_REAL_EQUAL in float32, so a tag written rounded (-3.40282e+38, ArcGIS and QGIS) still
     matches the -3.4028235e+38 pixels of the same files, which `==` on the tag misses."""
-    with np.errstate(over="ignore"):
+    # inf - inf (an inf tag over inf pixels) is NaN, and compares False: `==` matched them.
+    with np.errstate(over="ignore", invalid="ignore"):
         tag = np.float32(nodata)
         # The sum overflows to inf beside +-FLT_MAX: that is what lets GDAL match a rounded tag.
         tolerance = 2 * np.finfo(np.float32).eps * np.abs(raw + tag)
