@@ -13,6 +13,7 @@ EXIT_MODEL = 4
 EXIT_RESOURCE = 5
 EXIT_LOCKED = 6
 EXIT_SIGINT = 130
+EXIT_SIGPIPE = 141  # the reader of stdout left, as a tool killed by SIGPIPE exits in a shell
 
 
 class SpecdmError(Exception):

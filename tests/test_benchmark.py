@@ -706,6 +706,48 @@ def test_bad_input_is_one_line(
     assert stderr.startswith("error:") and stderr.count("\n") == 1 and not out.exists()
 
 
+@pytest.mark.parametrize("field", ["bands", "classes"])
+def test_stores_whose_band_or_class_names_differ_are_refused(
+    field: str, ss: tuple[Path, Path], tmp_path: Path
+) -> None:
+    """Only their counts were compared: a report set band B03 against B02, one class against
+    another, and looked valid."""
+    real, synthetic = ss
+    other = tmp_path / "other.zarr"
+    shutil.copytree(real, other)
+    manifest = json.loads((other / "manifest.json").read_text())
+    entries = manifest[field]
+    entries[0]["name"], entries[1]["name"] = entries[1]["name"], entries[0]["name"]
+    (other / "manifest.json").write_text(json.dumps(manifest))
+    out = tmp_path / "out"
+    code, _, stderr = run_cli("benchmark", "--real", other, "--synthetic", synthetic,
+                              "--out", out, *FAST)  # fmt: skip
+    assert_one_error_line(code, stderr, 3, f"the stores' {field} differ: 2 of")
+    assert not out.exists()
+
+
+def test_a_report_inside_the_model_is_refused(ss: tuple[Path, Path]) -> None:
+    """It was written into the run folder, or with --model demo into the installed package."""
+    real, synthetic = ss
+    out = demo_model_path("ss") / "report"
+    code, _, stderr = run_cli("benchmark", "--real", real, "--synthetic", synthetic,
+                              "--model", "demo", "--out", out, *FAST)  # fmt: skip
+    assert_one_error_line(code, stderr, 2, "(--model)")
+    assert not out.exists()
+
+
+def test_synthetic_dot_reports_beside_the_store(
+    ss: tuple[Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`--synthetic .` from inside the store was "unexpected ValueError: ... empty name"."""
+    real, synthetic = ss
+    copy = Path(shutil.copytree(synthetic, tmp_path / "syn.zarr"))
+    monkeypatch.chdir(copy)
+    code, _, stderr = run_cli("benchmark", "--real", real, "--synthetic", ".", *FAST)
+    assert code == 0, stderr
+    assert load_report(tmp_path / "syn-benchmark" / "report.json").synthetic.count == 12
+
+
 def test_score_terms_are_ratios_to_the_typical_real_sample() -> None:
     from specdm_cli.pipeline.benchmark.scores import relative_to_typical
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
 import sys
 from pathlib import Path
 
@@ -161,3 +162,23 @@ def test_an_interrupt_points_at_resume_only_where_the_command_has_it(
         raise Interrupted(signal.SIGINT)
     assert exited.value.exit_code == 130
     assert capsys.readouterr().err.startswith(line)
+
+
+@pytest.mark.parametrize("extra", [(), ("--json",)], ids=["table", "json"])
+def test_a_reader_that_leaves_the_pipe_gets_a_quiet_exit_141(
+    demo_ss_store: Path, extra: tuple[str, ...]
+) -> None:
+    """`specdm inspect STORE | head -1` exited 1 with nothing on stderr (rich's and click's
+    default): a `set -o pipefail` job failed without a word. 141 is what `cat` gets there."""
+    process = processes.start(
+        processes.python("inspect", demo_ss_store, *extra), None,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    )  # fmt: skip
+    assert process.stdout is not None and process.stderr is not None
+    process.stdout.close()  # before the CLI has imported: its first write meets no reader
+    try:
+        stderr = process.stderr.read()
+        assert process.wait(timeout=120) == 141, stderr
+    finally:
+        processes.kill_group(process)
+    assert stderr == b""

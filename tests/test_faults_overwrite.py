@@ -8,6 +8,7 @@ from pathlib import Path
 
 from specdm_cli.pipeline.runs.choose import demo_model_path
 from tests.conftest import prepare_demo, run_cli
+from tests.fault_tools import assert_one_error_line
 
 
 def tree_bytes(root: Path) -> dict[str, bytes]:
@@ -78,6 +79,10 @@ def test_overwrite_replaces_only_a_store_the_same_command_made(tmp_path: Path) -
              "--threads", "1", "--quiet", "--out")  # fmt: skip
     assert run_cli(*synth, synthetic)[0] == 0
     before = tree_bytes(real), tree_bytes(synthetic)
+    # Without --overwrite it was a list of some 15 plan differences ending "or --overwrite".
+    code, _, stderr = run_cli(*synth, real)
+    assert_one_error_line(code, stderr, 3, "--out is a store `specdm prepare` made, not a synth")
+    assert "--overwrite replaces only a store synthesize made" in stderr
     code, _, stderr = run_cli(*synth, real, "--overwrite")
     assert code == 3 and "`specdm prepare` made with `specdm synthesize`" in stderr, stderr
     code, _, stderr = run_cli("prepare", "demo", "--n", "8", "--size", "32", "--out", synthetic,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from typing import Annotated, Any
 
@@ -10,7 +11,7 @@ import typer
 from typer.core import TyperGroup
 
 from specdm_cli import __version__
-from specdm_cli.errors import EXIT_SIGINT, EXIT_USAGE
+from specdm_cli.errors import EXIT_SIGINT, EXIT_SIGPIPE, EXIT_USAGE
 
 
 def _usage_error_types() -> tuple[type[Exception], ...]:
@@ -36,6 +37,18 @@ USAGE_ERRORS = _usage_error_types()
 
 class _OneLineUsageErrors(TyperGroup):
     """Usage errors as one stderr line with exit 2, instead of a multi-line panel."""
+
+    def invoke(self, ctx: Any) -> Any:
+        try:
+            result = super().invoke(ctx)
+            sys.stdout.flush()  # a reader that left is found here, not in the flush at exit
+        except BrokenPipeError:
+            # `specdm inspect STORE | head -1`: the reader has what it wanted. Click said exit
+            # 1 with nothing on stderr; quiet, with the code `cat` gets in that pipe. Anything
+            # written later goes nowhere.
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            raise typer.Exit(EXIT_SIGPIPE) from None
+        return result
 
     def main(self, *args: Any, **kwargs: Any) -> Any:
         kwargs.pop("standalone_mode", None)

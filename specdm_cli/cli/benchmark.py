@@ -8,7 +8,6 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.console import Console
 
 from specdm_cli.cli.options import (
     GpusOption,
@@ -20,6 +19,7 @@ from specdm_cli.cli.options import (
     require_inputs,
 )
 from specdm_cli.cli.output import (
+    StdoutConsole,
     Warnings,
     domain_errors,
     emit_json,
@@ -201,7 +201,7 @@ def benchmark(
         if json_output:
             sys.stdout.write(report_json(report, per_sample=False) + "\n")
         else:
-            print_tables(report, Console(highlight=False))
+            print_tables(report, StdoutConsole())
         if not quiet:
             stderr.print(f"report: {folder / 'report.md'}", markup=False)
 

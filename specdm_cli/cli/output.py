@@ -27,6 +27,18 @@ from specdm_cli.errors import (
 stderr = Console(stderr=True, highlight=False, soft_wrap=True)
 
 
+class StdoutConsole(Console):
+    """Rich's console for tables on stdout. Its reader may leave (`| head -1`), where rich
+    exits 1 with nothing said: the application's own handling (quiet, exit 141) takes it."""
+
+    def __init__(self) -> None:
+        super().__init__(highlight=False)
+
+    def on_broken_pipe(self) -> None:
+        self.quiet = True
+        raise BrokenPipeError
+
+
 _NOT_RESUMABLE = (
     "interrupted: this command does not resume; run it again (--overwrite for an --out it began)"
 )
@@ -48,6 +60,8 @@ def domain_errors(resumable: bool = True) -> Iterator[None]:
     except KeyboardInterrupt:
         stderr.print(interrupted, markup=False)
         raise typer.Exit(EXIT_SIGINT) from None
+    except BrokenPipeError:
+        raise  # the reader of stdout left: the application's (quiet, exit 141)
     except OSError as error:
         # Readers turn their own I/O errors into input errors; what is left is the output side.
         resource = resource_error_from(error) or ResourceError(

@@ -11,6 +11,7 @@ from rich.console import Console
 
 from specdm_cli.cli.options import JsonOption, OverwriteOption, QuietOption, ResumeOption
 from specdm_cli.cli.output import (
+    StdoutConsole,
     Warnings,
     domain_errors,
     emit_json,
@@ -245,7 +246,7 @@ def inspect(
         if json_output:
             emit_json(report)
         else:
-            _render_inspect(report, Console(highlight=False))
+            _render_inspect(report, StdoutConsole())
 
 
 def _render_inspect(report: dict[str, Any], console: Console) -> None:

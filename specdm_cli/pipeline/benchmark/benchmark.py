@@ -82,7 +82,8 @@ class BenchmarkRequest:
 
 
 def default_out(synthetic: Path) -> Path:
-    """`syn.zarr` -> `syn-benchmark/` beside it."""
+    """`syn.zarr` -> `syn-benchmark/` beside it (resolved first: `.` has no name)."""
+    synthetic = synthetic.resolve()
     return synthetic.with_name(f"{synthetic.name.split('.')[0] or synthetic.name}-benchmark")
 
 
@@ -110,7 +111,27 @@ def open_pair(real_path: Path, synthetic_path: Path) -> tuple[StoreReader, Store
             synthetic_path,
             "benchmark against the real store the generator was trained on",
         )
+    _require_same_names(
+        "bands", [x.name for x in a.bands], [x.name for x in b.bands], synthetic_path
+    )
+    _require_same_names(
+        "classes", [x.name for x in a.classes], [x.name for x in b.classes], synthetic_path
+    )
     return real, synthetic
+
+
+def _require_same_names(what: str, real: list[str], synthetic: list[str], where: Path) -> None:
+    """Counts alike, names or order apart: every figure would compare one band (or class)
+    with another, and the report would look valid."""
+    differ = [(r, s) for r, s in zip(real, synthetic, strict=True) if r != s]
+    if differ:
+        first_real, first_synthetic = differ[0]
+        raise InputDataError(
+            f"the stores' {what} differ: {len(differ)} of {len(real)} by name or order (real "
+            f"{first_real!r} where the synthetic store has {first_synthetic!r})",
+            where,
+            "benchmark against the real store the generator was trained on",
+        )
 
 
 def rgb_notice(real: Path) -> str | None:
@@ -160,12 +181,13 @@ def _measure(request: BenchmarkRequest, progress: Progress | None) -> tuple[Benc
         "--synthetic": request.synthetic,
         "--compare": request.compare,
     }
-    refuse_overlap(out, inputs)
-    check_out(out, request.overwrite)
     # Round trips and reconstruction need only the VAE: a run can be judged before its U-Net.
     chosen = (
         choose_model(request.model, real.manifest.task, vae_only=True) if request.model else None
     )
+    # A report inside the run (or the installed demo model) would be taken for part of it.
+    refuse_overlap(out, {**inputs, "--model": chosen.path if chosen else None})
+    check_out(out, request.overwrite)
     if chosen is not None:
         gen.check_model_fits(chosen, real)
         chosen = demo_with_bank(chosen, StopFlag(), progress)  # as synthesize samples it

@@ -99,6 +99,7 @@ def join_or_create(out: Path, manifest: Manifest) -> Manifest:
             # Another shard created it between our check and our rename: join theirs.
     _refuse_what_is_not_a_store(out)
     existing = load_manifest(out / MANIFEST_NAME)
+    _refuse_another_command_s(out, existing.plan.get("stage"))
     plan = manifest.plan
     if "threads" not in existing.plan:  # stores made before the plan recorded threads
         plan = {key: value for key, value in plan.items() if key != "threads"}
@@ -122,6 +123,19 @@ def _refuse_what_is_not_a_store(out: Path) -> None:
             "--out is a folder that holds no specdm store", out,
             "choose another --out (an empty folder: pass --overwrite to use it)",
         )  # fmt: skip
+
+
+def _refuse_another_command_s(out: Path, made_by: object) -> None:
+    """A store of another command (`prepare`, `filter`): its plan differs in everything, and
+    the list of differences hid what it is (with an --overwrite that is then refused)."""
+    if made_by == "synthesize":
+        return
+    if made_by is None:  # an earlier version's store: --overwrite may replace it
+        what, hint = "a store whose plan names no command", "choose another --out, or --overwrite"
+    else:
+        what = f"a store `specdm {made_by}` made, not a synthesis"
+        hint = "choose another --out (--overwrite replaces only a store synthesize made)"
+    raise InputDataError(f"--out is {what}", out, hint)
 
 
 def _retrained(existing: Manifest, now: Manifest) -> str:
