@@ -84,7 +84,11 @@ def test_min_quality_resumes_after_a_kill(ss_run: Path, tmp_path: Path) -> None:
                "--out", str(out), *FAST, *options]  # fmt: skip
     environment = {**os.environ, "SPECDM_FAULT": "synthesize.after_batch:1"}
     assert processes.run(command, env=environment).returncode == -signal.SIGKILL
-    resumed = processes.run(command, text=True)
+    # Another --feature-steps is refused before a judge is trained; none takes the store's
+    # (it trained the default's judge for minutes, then refused the plan).
+    other = processes.run([*command[: -len(JUDGE)], "--feature-steps", "6"], text=True)
+    assert other.returncode == 3 and "the store was begun with 5" in other.stderr, other.stderr
+    resumed = processes.run(command[: -len(JUDGE)], text=True)
     assert resumed.returncode == 0, resumed.stderr
     whole, again = arrays(tmp_path / "whole.zarr"), arrays(out)
     for name in ("image", "mask", "candidate", "quality"):

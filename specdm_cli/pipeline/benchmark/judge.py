@@ -76,6 +76,8 @@ class QualityJudge:
             "min_quality": self.bar.min_quality,
             "quality_reference_sha256": self.real_sha256,
             "feature_hash": self.network.feature_hash,
+            # What trains that judge: a resume takes it from here (`synthesize._feature_steps`).
+            "feature_steps": self.bar.feature_steps,
         }
 
     def info(self, count: int) -> QualityScores:

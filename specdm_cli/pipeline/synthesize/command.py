@@ -17,7 +17,7 @@ from specdm_cli.config import (
     StoreFormat,
     Task,
 )
-from specdm_cli.errors import UsageError, missing_store
+from specdm_cli.errors import InputDataError, UsageError, missing_store
 from specdm_cli.fs.lock import ReadLock
 from specdm_cli.fs.paths import refuse_overlap
 from specdm_cli.fs.space import require_disk, require_memory
@@ -208,7 +208,24 @@ def _quality_bar(options: SynthesizeOptions) -> QualityBar | None:
             "--min-quality with --masks would skip masks: sample i is drawn for mask i",
             hint="filter afterwards: `specdm benchmark --write-scores`, then `specdm filter`",
         )
-    return QualityBar(options.min_quality, options.real, options.feature_steps)
+    return QualityBar(options.min_quality, options.real, _feature_steps(options))
+
+
+def _feature_steps(options: SynthesizeOptions) -> int | None:
+    """--feature-steps; by default the store's begun before. A resume without it trained the
+    judge for minutes at the default, then refused the plan; another value is refused now."""
+    plan = _store_plan(options) or {}
+    if "feature_steps" not in plan:
+        return options.feature_steps
+    recorded = plan["feature_steps"]
+    if options.feature_steps not in (None, recorded):
+        raise InputDataError(
+            f"--feature-steps {options.feature_steps}: the store was begun with "
+            f"{recorded or 'the default'}",
+            options.out,
+            "drop --feature-steps to go on as it began, or choose another --out",
+        )
+    return cast(int | None, recorded)
 
 
 def _judge(

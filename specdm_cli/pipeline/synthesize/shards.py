@@ -88,6 +88,9 @@ def _lock_shard(path: Path) -> Shard | None:
     return Shard(int(match[1]), int(match[2])) if match else None
 
 
+LATER_PLAN_KEYS = ("threads", "feature_steps")
+
+
 def join_or_create(out: Path, manifest: Manifest) -> Manifest:
     """Join the store at `out` if its plan matches `manifest.plan`, else create it atomically."""
     if not out.exists():
@@ -101,8 +104,8 @@ def join_or_create(out: Path, manifest: Manifest) -> Manifest:
     existing = load_manifest(out / MANIFEST_NAME)
     _refuse_another_command_s(out, existing.plan.get("stage"))
     plan = manifest.plan
-    if "threads" not in existing.plan:  # stores made before the plan recorded threads
-        plan = {key: value for key, value in plan.items() if key != "threads"}
+    # Stores made before the plan recorded these: compared without them.
+    plan = {k: v for k, v in plan.items() if k in existing.plan or k not in LATER_PLAN_KEYS}
     if existing.plan != plan and not _same_weights_since(existing, manifest, plan):
         differences = "; ".join(plan_differences(existing.plan, plan))
         raise InputDataError(
