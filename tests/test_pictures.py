@@ -55,16 +55,21 @@ def test_preview_has_a_title_and_a_legend_of_every_class(tmp_path: Path) -> None
 def test_a_preview_path_that_would_destroy_a_file_is_refused_before_sampling(
     tmp_path: Path,
 ) -> None:
-    """It replaced a run's run.json, the new store's manifest, any file, with exit 0."""
-    out, notes = tmp_path / "syn.zarr", tmp_path / "notes.txt"
+    """It replaced a run's run.json, the new store's manifest, any file, with exit 0; and
+    wrote a PNG under any name (`p.jpg`)."""
+    out, notes, folder = tmp_path / "syn.zarr", tmp_path / "notes.png", tmp_path / "dir.png"
     notes.write_text("mine")
+    folder.mkdir()
     # The last: a folder on its path is a file, which failed the write after sampling.
-    for preview in (out / "manifest.json", notes, tmp_path, notes / "p.png"):
+    cases = {out / "manifest.json": "overlaps", tmp_path / "p.jpg": "the picture is a PNG",
+             notes: "a file other than a PNG", folder: "is a folder",
+             notes / "p.png": "is a file, not a folder"}  # fmt: skip
+    for preview, words in cases.items():
         code, _, stderr = run_cli("synthesize", "--model", "demo", "--task", "ss", "--n", "2",
                                   "--steps", "2", "--out", out, "--preview", preview, "-q")  # fmt: skip
-        assert code == 2 and stderr.startswith("error:"), (preview, stderr)
+        assert code == 2 and stderr.startswith("error:") and words in stderr, (preview, stderr)
         assert not out.exists()
-    assert notes.read_text() == "mine"
+    assert notes.read_text() == "mine" and not (tmp_path / "p.jpg").exists()
     # A picture there before (the same command again) is replaced.
     png = tmp_path / "p.png"
     Image.new("RGB", (2, 2)).save(png)

@@ -98,6 +98,10 @@ def check_preview_path(path: Path, inputs: dict[str, Path | None]) -> None:
     """Before any sampling: the picture goes neither into an input nor the store (it replaced
     a run's run.json, or the new store's manifest), nor over a file that is not a picture."""
     refuse_overlap(path, inputs)
+    if path.suffix.lower() != ".png":  # a PNG it is: `p.jpg` held one that viewers misread
+        raise UsageError(
+            f"--preview {path}: the picture is a PNG", hint="choose a file name ending in .png"
+        )
     if path.is_dir() or (path.exists() and not _holds_png(path)):
         raise UsageError(
             f"--preview {path} is {'a folder' if path.is_dir() else 'a file other than a PNG'}, "
