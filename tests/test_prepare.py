@@ -78,6 +78,8 @@ def test_inspect_json_and_schema(demo_ss_store: Path) -> None:
     assert abs(sum(c["pixel_fraction"] for c in report["classes"]) - 1.0) < 1e-6
     code, stdout, _ = run_cli("inspect", "--schema")
     assert code == 0 and "complete" in json.loads(stdout)["properties"]
+    code, stdout, stderr = run_cli("inspect", demo_ss_store, "--schema")  # the store was ignored
+    assert code == 2 and "reads no STORE" in stderr and stdout == ""
     code, stdout, _ = run_cli("inspect", demo_ss_store)
     assert code == 0 and "B8A" in stdout
 

@@ -233,14 +233,18 @@ def inspect(
 ) -> None:
     """Validate a store and summarise it: splits, bands, classes, provenance."""
     with domain_errors(resumable=False), stop_at_once():
+        from specdm_cli.errors import UsageError
         from specdm_cli.pipeline.inspect import inspect_store, store_schema
 
+        if schema and store is not None:  # it was ignored: the schema read as the store's check
+            raise UsageError(
+                "--schema prints the manifest schema of every store; it reads no STORE",
+                hint=f"drop --schema to inspect {store}, or drop {store}",
+            )
         if schema:
             emit_json(store_schema())
             return
         if store is None:
-            from specdm_cli.errors import UsageError
-
             raise UsageError("inspect needs a STORE", hint="run `specdm inspect PATH`")
         report = inspect_store(store, allow_incomplete, verify)
         if json_output:
