@@ -29,7 +29,8 @@ from specdm_cli.manifest import (
 )
 from specdm_cli.stores.base import MANIFEST_NAME, SampleMeta, StoreReader, StoreWriter
 from specdm_cli.stores.geotiff_store import GeoTiffReader, GeoTiffWriter, create_geotiff
-from specdm_cli.stores.zarr_store import REPAIR_HINT, ZarrReader, ZarrWriter, _array, create_zarr
+from specdm_cli.stores.hints import incomplete_hint, repair_hint
+from specdm_cli.stores.zarr_store import ZarrReader, ZarrWriter, _array, create_zarr
 
 __all__ = [
     "SampleMeta",
@@ -66,7 +67,7 @@ def open_store(path: Path, allow_incomplete: bool = False) -> StoreReader:
         raise InputDataError(
             "store is incomplete (its writer stopped early)",
             path,
-            "rerun its command with --resume",
+            incomplete_hint(path, manifest),
         )
     if manifest.format == "zarr":
         return ZarrReader(path, manifest)
@@ -317,7 +318,7 @@ def verify_store(reader: StoreReader) -> str:
         raise InputDataError(
             f"{len(damaged)} damaged samples (missing or corrupt chunks): {shown}",
             reader.root,
-            REPAIR_HINT,
+            repair_hint(reader.manifest),
         )
     if isinstance(reader, ZarrReader):
         unchecked = not reader.has_checksums

@@ -33,12 +33,12 @@ from specdm_cli.stores.cf import (
     label_attributes,
     pixel_centres,
 )
+from specdm_cli.stores.hints import repair_hint
 
 ATTR_KEY = "specdm"
 # Per-sample crc32 of each raster array, beside `written`: a missing chunk reads as the fill
 # value (a valid class-0 mask) and a garbled one may still decompress, so only a checksum tells.
 CHECKSUM_ARRAY = "checksum"
-REPAIR_HINT = "rerun the command that wrote it with --resume (it rewrites damaged samples)"
 # The lock, manifest.json and the progress record live beside the arrays on purpose.
 warnings.filterwarnings("ignore", message="Object at .* is not recognized as a component")
 
@@ -357,7 +357,9 @@ class ZarrReader(StoreReader):
         arrays = {name: self._read_one(name, index) for name in names}
         damaged = self.damage(index, arrays)
         if damaged:
-            raise InputDataError(f"sample {index} is damaged ({damaged})", self.root, REPAIR_HINT)
+            raise InputDataError(
+                f"sample {index} is damaged ({damaged})", self.root, repair_hint(self.manifest)
+            )
         return arrays
 
     def _read_one(self, name: str, index: int) -> np.ndarray:
@@ -367,7 +369,7 @@ class ZarrReader(StoreReader):
             raise InputDataError(
                 f"sample {index} is damaged ({name}: unreadable chunk, {exc})",
                 self.root,
-                REPAIR_HINT,
+                repair_hint(self.manifest),
             ) from None
 
     def damage(self, index: int, arrays: dict[str, np.ndarray]) -> str | None:
