@@ -240,6 +240,12 @@ class GeoTiffReader(StoreReader):
             return None
         return [str(v) for v in self._column("source_id", "")]
 
+    def bounds(self) -> np.ndarray | None:
+        if not self.manifest.crs:
+            return None
+        unknown = (np.nan,) * 4
+        return np.array([unknown if b is None else b for b in self._column("bounds", None)])
+
     def sample_checksums(self) -> np.ndarray | None:
         names = list(self.manifest.arrays)
         sums = np.zeros((len(self), len(names)), dtype=np.uint32)

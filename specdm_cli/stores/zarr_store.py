@@ -463,3 +463,6 @@ class ZarrReader(StoreReader):
         if "source_id" not in self.group:
             return None
         return [str(s) for s in self._table("source_id")]
+
+    def bounds(self) -> np.ndarray | None:
+        return self._table("bounds") if "bounds" in self.group else None
