@@ -147,3 +147,21 @@ def test_filter_of_a_store_with_a_lost_split_chunk_is_exit_3(scored: Path, tmp_p
     code, _, stderr = run_cli("filter", store, "--min-quality", "0", "--out", out)
     assert_one_error_line(code, stderr, 3, "table 'split' is damaged")
     assert f"({store})" in stderr and not out.exists()
+
+
+def test_a_store_written_before_every_chunk_was_stored_reads_as_before(
+    prepared: Path, tmp_path: Path
+) -> None:
+    """zarr skipped the all-fill chunks of earlier stores' tables (a batch of wholly unlabelled
+    patches: class fractions 0): a chunk missing there may be data, so it is not judged."""
+    store = Path(shutil.copytree(prepared, tmp_path / "old.zarr"))
+    metadata = store / "class_fraction" / "zarr.json"
+    record = json.loads(metadata.read_text())
+    del record["attributes"]["every_chunk_stored"]
+    metadata.write_text(json.dumps(record))
+    _chunk(store, "class_fraction").unlink()
+    fractions, original = (
+        open_store(store).class_fractions(),
+        open_store(prepared).class_fractions(),
+    )
+    assert fractions.shape == original.shape and original[0].any() and not fractions[0].any()

@@ -12,7 +12,7 @@ from specdm_cli.errors import InputDataError
 from specdm_cli.fs.atomic import atomic_write_text
 from specdm_cli.manifest import Manifest, QualityScores
 from specdm_cli.stores import StoreReader, open_writer
-from specdm_cli.stores.tables import missing_rows, table_damaged
+from specdm_cli.stores.tables import EVERY_CHUNK_STORED, missing_rows, table_damaged
 from specdm_cli.stores.zarr_store import QUALITY_ARRAY, TABLE_CONFIG, table_codecs
 
 __all__ = ["QUALITY_ARRAY", "QUALITY_FILE", "read_quality", "write_quality"]
@@ -45,7 +45,7 @@ def write_quality(
         array = group.create_array(
             QUALITY_ARRAY, shape=values.shape, chunks=(manifest.batch_grid,), dtype="float32",
             fill_value=np.nan, dimension_names=("sample",), overwrite=True,
-            compressors=table_codecs(),
+            compressors=table_codecs(), attributes={EVERY_CHUNK_STORED: True},
         )  # fmt: skip
         array.with_config(TABLE_CONFIG)[:] = values
     else:

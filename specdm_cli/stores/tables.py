@@ -12,6 +12,11 @@ from zarr.core.sync import sync
 
 from specdm_cli.errors import InputDataError
 
+# The attribute of a table written with every chunk stored (`zarr_store.TABLE_CONFIG`). Tables
+# of earlier stores lack it: zarr skipped their all-fill chunks (a batch of wholly unlabelled
+# patches has class fractions 0), so a chunk missing there may be data, and is not judged.
+EVERY_CHUNK_STORED = "every_chunk_stored"
+
 
 def _stored_keys(array: zarr.Array[Any]) -> set[str]:
     """The chunk keys of `array` present in the store (one listing, not one look-up a chunk)."""
@@ -40,6 +45,8 @@ def _written_rows(written: np.ndarray, rows: list[slice]) -> np.ndarray:
 def missing_rows(array: zarr.Array[Any], written: np.ndarray) -> np.ndarray:
     """Written samples whose chunk of the per-sample table `array` is not in the store: zarr
     reads it as the fill value (split 255, fraction 0, score NaN), which is not their data."""
+    if not array.attrs.get(EVERY_CHUNK_STORED):
+        return np.array([], dtype=np.int64)
     stored = _stored_keys(array)
     others = (0,) * (array.ndim - 1)  # a table is chunked on its sample axis only
     lost = [

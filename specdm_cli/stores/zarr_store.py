@@ -35,7 +35,12 @@ from specdm_cli.stores.cf import (
     pixel_centres,
 )
 from specdm_cli.stores.hints import repair_hint
-from specdm_cli.stores.tables import damaged_rows, missing_rows, table_damaged
+from specdm_cli.stores.tables import (
+    EVERY_CHUNK_STORED,
+    damaged_rows,
+    missing_rows,
+    table_damaged,
+)
 
 ATTR_KEY = "specdm"
 # Per-sample crc32 of each raster array, beside `written`: a missing chunk reads as the fill
@@ -99,7 +104,11 @@ def create_zarr(root: Path, manifest: Manifest, capacity: int, georeferenced: bo
 def _create_tables(
     group: zarr.Group, manifest: Manifest, capacity: int, grid: int, georeferenced: bool
 ) -> None:
-    common: dict[str, Any] = {"compressors": table_codecs()}
+    common: dict[str, Any] = {
+        "compressors": table_codecs(),
+        "attributes": {EVERY_CHUNK_STORED: True},
+        "config": TABLE_CONFIG,
+    }
     group.create_array(
         "written", shape=(capacity,), chunks=(grid,), dtype=bool, fill_value=False,
         dimension_names=("sample",), **common,
