@@ -25,6 +25,7 @@ from specdm_cli.stores import (
     resolve_target,
     store_sha256,
 )
+from specdm_cli.stores.base import Bounds
 from specdm_cli.stores.quality import read_quality, write_quality
 
 
@@ -80,10 +81,13 @@ def _filter(request: FilterRequest, progress: Progress | None) -> FilterSummary:
     resolve_target(
         request.out, manifest.plan, resume=False, overwrite=request.overwrite, resumable=False
     )
-    create_store(request.out, manifest, int(kept.size), georeferenced=False)
+    # A georeferenced parent gives a georeferenced subset: its CRS stays in the manifest, so
+    # each kept sample's bounds (and the CF grid mapping, pixel centres) must come along.
+    bounds = reader.bounds()
+    create_store(request.out, manifest, int(kept.size), georeferenced=bounds is not None)
     try:
         with DirLock(request.out):
-            _copy(reader, request.out, manifest, kept, progress)
+            _copy(reader, request.out, manifest, kept, bounds, progress)
             _finish(reader, request.out, manifest, kept, scores)
     except BaseException:
         # filter does not resume: a copy cut short (Ctrl-C, a damaged parent sample) is of no
@@ -121,35 +125,62 @@ def _subset_manifest(reader: StoreReader, kept: np.ndarray, request: FilterReque
     )
 
 
+@dataclass(frozen=True)
+class _ParentFacts:
+    """The parent's per-sample tables, read once (each read checks the whole table)."""
+
+    splits: np.ndarray
+    fractions: np.ndarray
+    ids: list[str] | None
+    draws: np.ndarray | None
+    bounds: np.ndarray | None
+
+    def metas(self, chunk: np.ndarray) -> list[SampleMeta]:
+        """Split, class fractions, source id, bounds and (synthetic) draw index of `chunk`:
+        the subset still says where each sample came from and where it lies."""
+        return [
+            SampleMeta(
+                str(self.splits[i]),
+                self.fractions[i],
+                self.ids[i] if self.ids is not None else None,
+                bounds=_bounds_of(self.bounds, int(i)),
+                candidate=int(self.draws[i]) if self.draws is not None else None,
+            )
+            for i in chunk
+        ]
+
+
 def _copy(
     reader: StoreReader,
     out: Path,
     manifest: Manifest,
     kept: np.ndarray,
+    bounds: np.ndarray | None,
     progress: Progress | None,
 ) -> None:
     """Write the kept samples at positions 0..k-1, one batch-grid batch at a time."""
     writer = open_writer(out, manifest)
-    splits, fractions = reader.splits(), reader.class_fractions()
-    ids, draws = reader.source_ids(), reader.candidates()
+    facts = _ParentFacts(
+        reader.splits(), reader.class_fractions(), reader.source_ids(), reader.candidates(), bounds
+    )
     grid = manifest.batch_grid
     for start in range(0, kept.size, grid):
         chunk = kept[start : start + grid]
-        for position, index in enumerate(chunk, start=start):
-            writer.write_arrays(position, reader.read(int(index)))
-        # Synthetic samples keep their draw index: the subset still says where each came from.
-        metas = [
-            SampleMeta(
-                str(splits[i]),
-                fractions[i],
-                ids[i] if ids is not None else None,
-                candidate=int(draws[i]) if draws is not None else None,
-            )
-            for i in chunk
-        ]
+        metas = facts.metas(chunk)
+        for position, (index, meta) in enumerate(zip(chunk, metas, strict=True), start=start):
+            # GeoTIFF tiles carry their bounds themselves; Zarr keeps them in `bounds`.
+            writer.write_arrays(position, reader.read(int(index)), meta.bounds)
         writer.mark_written(start, metas)
         if progress is not None:
             progress("filter", min(start + grid, int(kept.size)), int(kept.size))
+
+
+def _bounds_of(bounds: np.ndarray | None, index: int) -> Bounds | None:
+    """A sample's bounds as the writers take them; None where unknown (NaN) or not georeferenced."""
+    if bounds is None or not np.isfinite(bounds[index]).all():
+        return None
+    west, south, east, north = (float(v) for v in bounds[index])
+    return west, south, east, north
 
 
 def _finish(

@@ -29,7 +29,9 @@ from specdm_cli.manifest import (
 )
 from specdm_cli.stores.base import MANIFEST_NAME, SampleMeta, StoreReader, StoreWriter
 from specdm_cli.stores.geotiff_store import GeoTiffReader, GeoTiffWriter, create_geotiff
-from specdm_cli.stores.zarr_store import REPAIR_HINT, ZarrReader, ZarrWriter, _array, create_zarr
+from specdm_cli.stores.hints import incomplete_hint, repair_hint
+from specdm_cli.stores.tables import shown_samples, table_damaged
+from specdm_cli.stores.zarr_store import QUALITY_ARRAY, ZarrReader, ZarrWriter, _array, create_zarr
 
 __all__ = [
     "SampleMeta",
@@ -66,7 +68,7 @@ def open_store(path: Path, allow_incomplete: bool = False) -> StoreReader:
         raise InputDataError(
             "store is incomplete (its writer stopped early)",
             path,
-            "rerun its command with --resume",
+            incomplete_hint(path, manifest),
         )
     if manifest.format == "zarr":
         return ZarrReader(path, manifest)
@@ -74,16 +76,37 @@ def open_store(path: Path, allow_incomplete: bool = False) -> StoreReader:
 
 
 def find_damaged(reader: StoreReader, indices: Iterable[int] | None = None) -> list[int]:
-    """The written samples (of `indices`, default all) whose arrays do not read back intact."""
+    """The written samples (of `indices`, default all) whose arrays do not read back intact,
+    or whose rows of a per-sample table (split, class fractions, ...) are lost."""
     written = reader.written()
     chosen = range(len(written)) if indices is None else indices
+    lost = _table_damage(reader, scores=False)  # a resume rewrites samples, not scores
+    in_tables = set(np.concatenate(list(lost.values())).tolist()) if lost else set()
     damaged = []
     for index in (i for i in chosen if i < len(written) and written[i]):
+        if int(index) in in_tables:
+            damaged.append(int(index))
+            continue
         try:
             reader.read(int(index))
         except InputDataError:
             damaged.append(int(index))
     return damaged
+
+
+def _table_damage(reader: StoreReader, scores: bool = True) -> dict[str, np.ndarray]:
+    """Zarr stores: the written samples each damaged per-sample table lost, the quality scores'
+    too if `scores` (GeoTIFF stores keep those facts in sample records, which load whole or fail)."""
+    if not isinstance(reader, ZarrReader):
+        return {}
+    return reader.damaged_tables(scores)
+
+
+def _table_hint(reader: StoreReader, name: str) -> str:
+    """Samples are rewritten by their writer's --resume; scores by scoring the store again."""
+    if name == QUALITY_ARRAY:
+        return "rerun `specdm benchmark --write-scores` on it"
+    return repair_hint(reader.manifest)
 
 
 def forget_damaged(path: Path, indices: Iterable[int] | None = None) -> list[int]:
@@ -309,15 +332,18 @@ def _expected_arrays(manifest: Manifest) -> dict[str, tuple[tuple[int, ...], np.
 
 
 def verify_store(reader: StoreReader) -> str:
-    """`inspect --verify`: read every written sample; damaged ones are an input error naming them (exit 3)."""
+    """`inspect --verify`: read every per-sample table and written sample; damage is an input
+    error naming the table or the samples (exit 3)."""
     fault_point("inspect.verify")
+    for name, rows in _table_damage(reader).items():
+        raise table_damaged(name, rows, reader.root, _table_hint(reader, name))
     damaged = find_damaged(reader)
     if damaged:
-        shown = ", ".join(map(str, damaged[:10])) + (", ..." if len(damaged) > 10 else "")
         raise InputDataError(
-            f"{len(damaged)} damaged samples (missing or corrupt chunks): {shown}",
+            f"{len(damaged)} damaged samples (missing or corrupt chunks): "
+            f"{shown_samples(np.array(damaged))}",
             reader.root,
-            REPAIR_HINT,
+            repair_hint(reader.manifest),
         )
     if isinstance(reader, ZarrReader):
         unchecked = not reader.has_checksums

@@ -108,6 +108,11 @@ class StoreReader(ABC):
         """Synthetic stores: the draw index of every sample (-1 unwritten), else None."""
 
     @abstractmethod
+    def bounds(self) -> np.ndarray | None:
+        """Georeferenced stores: (N, 4) bounds of every sample in the manifest's CRS (NaN where
+        unknown), else None."""
+
+    @abstractmethod
     def sample_checksums(self) -> np.ndarray | None:
         """(N, arrays) crc32 of every sample's arrays in `manifest.arrays` order (0 where
         unwritten); None for a store written before checksums existed."""

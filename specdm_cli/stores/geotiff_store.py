@@ -17,7 +17,8 @@ from specdm_cli.errors import InputDataError
 from specdm_cli.fs.atomic import atomic_write_bytes, atomic_write_text, remove_tree
 from specdm_cli.manifest import GEOTIFF_FOLDERS, Manifest, SampleFiles, array_names
 from specdm_cli.stores.base import MANIFEST_NAME, Bounds, SampleMeta, StoreReader, StoreWriter
-from specdm_cli.stores.zarr_store import REPAIR_HINT, crc32
+from specdm_cli.stores.hints import repair_hint
+from specdm_cli.stores.zarr_store import crc32
 
 MARKERS = ".specdm/written"
 # Synthetic tiles carry no geolocation on purpose (DESIGN.md); set once, as filters are global.
@@ -194,7 +195,7 @@ class GeoTiffReader(StoreReader):
                 raise InputDataError(
                     f"sample {index}: tile {record.files[name]} does not match its checksum",
                     self.root,
-                    REPAIR_HINT,
+                    repair_hint(self.manifest),
                 )
         return arrays
 
@@ -238,6 +239,12 @@ class GeoTiffReader(StoreReader):
         if self.manifest.source is None:
             return None
         return [str(v) for v in self._column("source_id", "")]
+
+    def bounds(self) -> np.ndarray | None:
+        if not self.manifest.crs:
+            return None
+        unknown = (np.nan,) * 4
+        return np.array([unknown if b is None else b for b in self._column("bounds", None)])
 
     def sample_checksums(self) -> np.ndarray | None:
         names = list(self.manifest.arrays)

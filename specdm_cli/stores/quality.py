@@ -12,9 +12,12 @@ from specdm_cli.errors import InputDataError
 from specdm_cli.fs.atomic import atomic_write_text
 from specdm_cli.manifest import Manifest, QualityScores
 from specdm_cli.stores import StoreReader, open_writer
+from specdm_cli.stores.tables import EVERY_CHUNK_STORED, missing_rows, table_damaged
+from specdm_cli.stores.zarr_store import QUALITY_ARRAY, TABLE_CONFIG, table_codecs
 
-QUALITY_ARRAY = "quality"
+__all__ = ["QUALITY_ARRAY", "QUALITY_FILE", "read_quality", "write_quality"]
 QUALITY_FILE = "quality.json"
+RESCORE_HINT = "rerun `specdm benchmark --write-scores` on it"
 
 
 def write_quality(
@@ -37,11 +40,14 @@ def write_quality(
         writer.save_manifest(manifest.model_copy(update={"quality_scores": None}))
     if manifest.format == "zarr":
         group = zarr.open_group(root, mode="r+", zarr_format=3, use_consolidated=False)
+        # A crc32c like every table (a garbled chunk is refused, not read as scores), and every
+        # chunk stored, all-NaN ones too: a missing chunk is then damage, not "unscored".
         array = group.create_array(
             QUALITY_ARRAY, shape=values.shape, chunks=(manifest.batch_grid,), dtype="float32",
             fill_value=np.nan, dimension_names=("sample",), overwrite=True,
+            compressors=table_codecs(), attributes={EVERY_CHUNK_STORED: True},
         )  # fmt: skip
-        array[:] = values
+        array.with_config(TABLE_CONFIG)[:] = values
     else:
         payload = {"quality": [None if np.isnan(v) else float(v) for v in values]}
         atomic_write_text(root / QUALITY_FILE, json.dumps(payload))
@@ -61,11 +67,7 @@ def read_quality(reader: StoreReader) -> np.ndarray:
         )
     try:
         if manifest.format == "zarr":
-            group = zarr.open_group(reader.root, mode="r", zarr_format=3, use_consolidated=False)
-            array = group[QUALITY_ARRAY]
-            if not isinstance(array, zarr.Array):
-                raise KeyError(QUALITY_ARRAY)
-            values = np.asarray(array[:], np.float64)
+            values = _read_zarr_scores(reader)
         else:
             raw = json.loads((reader.root / QUALITY_FILE).read_text(encoding="utf-8"))["quality"]
             values = np.array([np.nan if v is None else v for v in raw], np.float64)
@@ -73,12 +75,26 @@ def read_quality(reader: StoreReader) -> np.ndarray:
         raise InputDataError(
             f"unreadable quality scores ({exc})".splitlines()[0],
             reader.root,
-            "rerun `specdm benchmark --write-scores`",
+            RESCORE_HINT,
         ) from None
     if values.shape != (manifest.count,):
         raise InputDataError(
             "quality scores do not match the store's sample count",
             reader.root,
-            "rerun `specdm benchmark --write-scores`",
+            RESCORE_HINT,
         )
+    return values
+
+
+def _read_zarr_scores(reader: StoreReader) -> np.ndarray:
+    """The `quality` array; a written sample's lost chunk is damage, not NaN ("unscored" is
+    only ever an unwritten sample: benchmark scores every written one)."""
+    group = zarr.open_group(reader.root, mode="r", zarr_format=3, use_consolidated=False)
+    array = group[QUALITY_ARRAY]
+    if not isinstance(array, zarr.Array):
+        raise KeyError(QUALITY_ARRAY)
+    values = np.asarray(array[:], np.float64)
+    lost = missing_rows(array, reader.written())
+    if lost.size:
+        raise table_damaged(QUALITY_ARRAY, lost, reader.root, RESCORE_HINT)
     return values

@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 import zarr
 import zarr.codecs
+from zarr.core.array_spec import ArrayConfigParams
 
 from specdm_cli.errors import InputDataError, reason_of
 from specdm_cli.fs.atomic import atomic_write_text
@@ -33,12 +34,24 @@ from specdm_cli.stores.cf import (
     label_attributes,
     pixel_centres,
 )
+from specdm_cli.stores.hints import repair_hint
+from specdm_cli.stores.tables import (
+    EVERY_CHUNK_STORED,
+    damaged_rows,
+    missing_rows,
+    table_damaged,
+)
 
 ATTR_KEY = "specdm"
 # Per-sample crc32 of each raster array, beside `written`: a missing chunk reads as the fill
 # value (a valid class-0 mask) and a garbled one may still decompress, so only a checksum tells.
 CHECKSUM_ARRAY = "checksum"
-REPAIR_HINT = "rerun the command that wrote it with --resume (it rewrites damaged samples)"
+# Per-sample scores (benchmark --write-scores, synthesize --min-quality): see stores/quality.py.
+QUALITY_ARRAY = "quality"
+# Tables are written with their all-fill chunks too (zarr skips those by default): then a
+# chunk missing where samples are written is damage, never a chunk of legitimate fill values
+# (an all-NaN score, a batch of wholly unlabelled patches with class fractions 0).
+TABLE_CONFIG: ArrayConfigParams = {"write_empty_chunks": True}
 # The lock, manifest.json and the progress record live beside the arrays on purpose.
 warnings.filterwarnings("ignore", message="Object at .* is not recognized as a component")
 
@@ -48,7 +61,7 @@ def _compressor() -> zarr.codecs.BloscCodec:
     return zarr.codecs.BloscCodec(cname="zstd", clevel=3, shuffle="bitshuffle")
 
 
-def _table_codecs() -> tuple[zarr.codecs.BloscCodec, zarr.codecs.Crc32cCodec]:
+def table_codecs() -> tuple[zarr.codecs.BloscCodec, zarr.codecs.Crc32cCodec]:
     # A table chunk cut past blosc's header, or garbled, decompresses into other values with no
     # error (class fractions of 7e9); its crc32c makes zarr refuse it. The raster arrays need
     # none: the per-sample `checksum` table covers them.
@@ -91,7 +104,11 @@ def create_zarr(root: Path, manifest: Manifest, capacity: int, georeferenced: bo
 def _create_tables(
     group: zarr.Group, manifest: Manifest, capacity: int, grid: int, georeferenced: bool
 ) -> None:
-    common: dict[str, Any] = {"compressors": _table_codecs()}
+    common: dict[str, Any] = {
+        "compressors": table_codecs(),
+        "attributes": {EVERY_CHUNK_STORED: True},
+        "config": TABLE_CONFIG,
+    }
     group.create_array(
         "written", shape=(capacity,), chunks=(grid,), dtype=bool, fill_value=False,
         dimension_names=("sample",), **common,
@@ -224,7 +241,10 @@ class ZarrWriter(StoreWriter):
 
     def _optional(self, name: str) -> zarr.Array[Any] | None:
         if name not in self._arrays:
-            self._arrays[name] = _array(self.group, name) if name in self.group else None
+            array = _array(self.group, name) if name in self.group else None
+            if array is not None and name not in self.manifest.arrays:  # a table, not a raster
+                array = array.with_config(TABLE_CONFIG)
+            self._arrays[name] = array
         return self._arrays[name]
 
     def _handle(self, name: str) -> zarr.Array[Any]:
@@ -357,7 +377,9 @@ class ZarrReader(StoreReader):
         arrays = {name: self._read_one(name, index) for name in names}
         damaged = self.damage(index, arrays)
         if damaged:
-            raise InputDataError(f"sample {index} is damaged ({damaged})", self.root, REPAIR_HINT)
+            raise InputDataError(
+                f"sample {index} is damaged ({damaged})", self.root, repair_hint(self.manifest)
+            )
         return arrays
 
     def _read_one(self, name: str, index: int) -> np.ndarray:
@@ -367,7 +389,7 @@ class ZarrReader(StoreReader):
             raise InputDataError(
                 f"sample {index} is damaged ({name}: unreadable chunk, {exc})",
                 self.root,
-                REPAIR_HINT,
+                repair_hint(self.manifest),
             ) from None
 
     def damage(self, index: int, arrays: dict[str, np.ndarray]) -> str | None:
@@ -396,7 +418,32 @@ class ZarrReader(StoreReader):
         return CHECKSUM_ARRAY in self.group
 
     def _table(self, name: str) -> np.ndarray:
-        return read_table(_array(self.group, name), name, self.root, len(self))
+        """A per-sample table; a written sample whose chunk is lost is exit 3 naming the table,
+        not its fill value read as data (`written` itself: a lost chunk reads as unwritten)."""
+        array = _array(self.group, name)
+        values = read_table(array, name, self.root, len(self))
+        if name != "written":
+            lost = missing_rows(array, self.written())
+            if lost.size:
+                raise table_damaged(name, lost, self.root, repair_hint(self.manifest))
+        return values
+
+    def damaged_tables(self, scores: bool = True) -> dict[str, np.ndarray]:
+        """`inspect --verify`: each per-sample table with chunks missing or unreadable where
+        samples are written, and those samples; the quality scores too if `scores` (and the
+        manifest names them)."""
+        written = self.written()
+        found = {}
+        for name, array in self.group.arrays():
+            dimensions = getattr(array.metadata, "dimension_names", None) or ()
+            if dimensions[:1] != ("sample",) or name in (*self.manifest.arrays, "written"):
+                continue
+            if name == QUALITY_ARRAY and (not scores or self.manifest.quality_scores is None):
+                continue  # unasked, or a killed --write-scores: the manifest says there are none
+            rows = damaged_rows(array, written)
+            if rows.size:
+                found[name] = rows
+        return found
 
     def splits(self) -> np.ndarray:
         codes = self._table("split")
@@ -425,3 +472,6 @@ class ZarrReader(StoreReader):
         if "source_id" not in self.group:
             return None
         return [str(s) for s in self._table("source_id")]
+
+    def bounds(self) -> np.ndarray | None:
+        return self._table("bounds") if "bounds" in self.group else None

@@ -1,0 +1,48 @@
+"""What to tell a user whose store is incomplete or damaged: the fix depends on who wrote it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from specdm_cli.manifest import Manifest
+
+# Must match pipeline/synthesize/shards.RECORDS (stores may not import the pipeline): each
+# shard of a `synthesize --shard i/N` store leaves a record there once its batches are written.
+SHARD_RECORDS = ".specdm/shards"
+# For a store whose plan names no stage (written before plans recorded one).
+GENERIC_HINT = "rerun the command that wrote it with --resume (it rewrites damaged samples)"
+
+
+def _stage(manifest: Manifest) -> object:
+    return (manifest.plan or {}).get("stage")
+
+
+def repair_hint(manifest: Manifest) -> str:
+    """How to rewrite a store's damaged samples or tables: `filter` has no --resume (its
+    output is made again with --overwrite); `prepare` and `synthesize` rewrite them on --resume."""
+    stage = _stage(manifest)
+    if stage == "filter":
+        return (
+            "rerun `specdm filter` with the same options and --overwrite (filter does not resume)"
+        )
+    if stage in ("prepare", "synthesize"):
+        return f"rerun `specdm {stage}` with the same options and --resume (it rewrites them)"
+    return GENERIC_HINT
+
+
+def incomplete_hint(root: Path, manifest: Manifest) -> str:
+    """How to finish an incomplete store: a shard store whose shards have begun recording needs
+    the missing shards (or only --finalize); a filter output is made again; else --resume."""
+    stage = _stage(manifest)
+    if stage == "filter":
+        return (
+            "rerun `specdm filter` with the same options and --overwrite (filter does not resume)"
+        )
+    if stage == "synthesize" and any((root / SHARD_RECORDS).glob("*.json")):
+        return (
+            "run the shards still missing (the same options and --shard i/N), then "
+            f"`specdm synthesize --finalize {root}`"
+        )
+    if stage in ("prepare", "synthesize"):
+        return f"rerun `specdm {stage}` with the same options and --resume"
+    return "rerun its command with --resume"
