@@ -15,6 +15,7 @@ import os
 import signal
 import socket
 import sys
+import time
 import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -33,6 +34,7 @@ from specdm_cli.pipeline.signals import StopFlag, graceful_stop
 # stopped by signal n, anything else the rank's error.
 Outcome = tuple[int, str]
 STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM}
+TEARDOWN_GRACE_S = 20.0  # from the last rank's outcome to its process's exit
 
 
 class RankFailed(SpecdmError):
@@ -86,7 +88,8 @@ def _spawned(
     args: tuple[Any, ...],
 ) -> None:
     _init(rank, len(devices), devices[rank], "127.0.0.1", port)
-    _run(worker, rank, len(devices), devices[rank], (*args, stop))
+    # The process group is left after the rank has told its outcome (`_spawned_rank`).
+    worker(rank, len(devices), devices[rank], *args, stop)
 
 
 def _init(rank: int, world: int, device: torch.device, address: str, port: int) -> None:
@@ -142,13 +145,19 @@ def run_spawned(
         context: Any = spawn(  # type: ignore[no-untyped-call]
             _spawned_rank, args=(worker, args, outcomes), nprocs=nprocs, join=False
         )
-    forwarded, died = False, None
+    forwarded, died, told = False, None, []
+    all_told: float | None = None
     try:
         while not context.join(timeout=0.5):
+            told += _drained(outcomes)
             if stop.signum is not None and not forwarded:
                 for process in context.processes:
                     process.terminate()
                 forwarded = True
+            if len(told) == nprocs:
+                all_told = all_told or time.monotonic()
+                if time.monotonic() - all_told > TEARDOWN_GRACE_S:
+                    _end_lingering(context.processes)
             if waiting is not None:
                 waiting()
     except ProcessRaisedException as error:  # not a domain error: a bug, reported as such
@@ -156,7 +165,17 @@ def run_spawned(
         raise RankFailed(f"a device process failed: {last}", 1) from None
     except ProcessExitedException as error:  # torch stopped the other ranks before it raised
         died = error
-    _raise_unless_done(_drained(outcomes), nprocs, stop, died)
+    told += _drained(outcomes)
+    _raise_unless_done(told, nprocs, stop, died if len(told) < nprocs else None)
+
+
+def _end_lingering(processes: list[Any]) -> None:
+    """Every rank has told how it ended, and one still has not exited: torch's teardown was
+    seen to wait on a rank that had left (gloo, after a stop, in some runs on a loaded machine). Nothing
+    is left for it to do."""
+    for process in processes:
+        if process.is_alive():
+            process.kill()
 
 
 def _drained(outcomes: SimpleQueue[Outcome]) -> list[Outcome]:
@@ -209,6 +228,8 @@ def _spawned_rank(
         # the default action it would meet after the handlers go would kill the rank.
         signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
     outcomes.put(outcome)
+    if dist.is_initialized():  # told first: the parent ends a rank whose teardown waits on
+        dist.destroy_process_group()
     if 0 < outcome[0] < 128:
         sys.exit(outcome[0])
 
