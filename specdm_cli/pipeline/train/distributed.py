@@ -28,6 +28,7 @@ from torch import nn
 from torch.multiprocessing.spawn import ProcessExitedException, ProcessRaisedException, spawn
 
 from specdm_cli.errors import EXIT_RESOURCE, Interrupted, SpecdmError, resource_error_from
+from specdm_cli.faults import fault_point
 from specdm_cli.pipeline.signals import StopFlag, graceful_stop
 
 # What a spawned rank reports before it exits: (exit code, its one line); 0 is done, 128 + n
@@ -228,6 +229,7 @@ def _spawned_rank(
         # the default action it would meet after the handlers go would kill the rank.
         signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
     outcomes.put(outcome)
+    fault_point("rank.after_outcome")  # a teardown that never ends (the parent ends the rank)
     if dist.is_initialized():  # told first: the parent ends a rank whose teardown waits on
         dist.destroy_process_group()
     if 0 < outcome[0] < 128:
