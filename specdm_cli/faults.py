@@ -2,7 +2,7 @@
 
 `SPECDM_FAULT=point[:nth[:action]]`: the nth time `point` is reached (default the first), the
 process sends itself SIGKILL (`kill`, the default) or SIGSTOP (`stop`: it stays alive and keeps
-its locks until the test continues or kills it). The fault suite uses it to stop the real CLI
+its locks until the test continues or kills it); several faults are comma-separated. The fault suite uses it to stop the real CLI
 deterministically, e.g. after the second block of `prepare` or in the middle of a checkpoint
 write, then checks that `--resume` recovers exactly. Without the variable every call is a
 dictionary lookup and nothing else.
@@ -19,14 +19,16 @@ _ACTIONS = {"kill": signal.SIGKILL, "stop": signal.SIGSTOP}
 
 
 def fault_point(name: str) -> None:
-    """Kill (or stop) this process the nth time `name` is reached, if SPECDM_FAULT asks for it."""
+    """Kill (or stop) this process the nth time `name` is reached, if SPECDM_FAULT asks for it
+    (several faults: comma-separated)."""
     wanted = os.environ.get("SPECDM_FAULT")
     if not wanted:
         return
-    point, _, rest = wanted.partition(":")
-    if point != name:
+    faults = [spec.split(":") for spec in wanted.split(",")]
+    mine = [spec[1:] or [""] for spec in faults if spec[0] == name]
+    if not mine:
         return
-    nth, _, action = rest.partition(":")
     _seen[name] += 1
-    if _seen[name] == int(nth or 1):
-        os.kill(os.getpid(), _ACTIONS[action or "kill"])
+    for nth, *action in mine:
+        if _seen[name] == int(nth or 1):
+            os.kill(os.getpid(), _ACTIONS[action[0] if action else "kill"])

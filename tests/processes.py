@@ -15,6 +15,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -82,3 +83,34 @@ def run(
 def python(*args: str | Path) -> list[str]:
     """The command line `python -m specdm_cli ARGS` (the real CLI in a fresh interpreter)."""
     return [sys.executable, "-m", "specdm_cli", *map(str, args)]
+
+
+def ranks_of(parent: int) -> list[int]:
+    """The spawned rank processes of `parent` (not its multiprocessing helpers)."""
+    children = Path(f"/proc/{parent}/task/{parent}/children").read_text().split()
+    return [
+        pid for pid in map(int, children)
+        if b"spawn_main" in Path(f"/proc/{pid}/cmdline").read_bytes()
+    ]  # fmt: skip
+
+
+def is_stopped(pid: int) -> bool:
+    """Whether `pid` is stopped (SIGSTOP, e.g. frozen at a SPECDM_FAULT point)."""
+    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "T"
+
+
+def has_pending(pid: int, signum: int) -> bool:
+    """Whether `signum` waits for `pid` to handle it (e.g. sent while it is stopped)."""
+    fields = dict(
+        line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines()
+    )
+    pending = int(fields["ShdPnd"], 16) | int(fields["SigPnd"], 16)
+    return bool(pending >> (signum - 1) & 1)
+
+
+def wait_for(condition: Callable[[], bool], seconds: float = 120) -> None:
+    """Poll `condition` until it holds; fail after `seconds`."""
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.2)

@@ -13,14 +13,13 @@ import json
 import os
 import signal
 import sys
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import pytest
 import zarr
 
+from tests import processes
 from tests.conftest import manifest_of, run_cli
 from tests.fault_tools import assert_one_error_line, spawn, wait_until_stopped
 
@@ -91,26 +90,6 @@ def test_synthesize_shards_locks_and_finalize(tmp_path: Path) -> None:
         np.testing.assert_array_equal(merged[name], expected[name], err_msg=name)
 
 
-def _ranks(parent: int) -> list[int]:
-    """The spawned rank processes of `parent` (not its multiprocessing helpers)."""
-    children = Path(f"/proc/{parent}/task/{parent}/children").read_text().split()
-    return [
-        pid for pid in map(int, children)
-        if b"spawn_main" in Path(f"/proc/{pid}/cmdline").read_bytes()
-    ]  # fmt: skip
-
-
-def _stopped(pid: int) -> bool:
-    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "T"
-
-
-def _wait_for(condition: Callable[[], bool], seconds: float = 120) -> None:
-    deadline = time.monotonic() + seconds
-    while not condition():
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.2)
-
-
 @pytest.mark.slow  # two spawned ranks import torch (about 20 s)
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")
 def test_ranks_stop_when_their_parent_is_killed(tmp_path: Path) -> None:
@@ -119,13 +98,18 @@ def test_ranks_stop_when_their_parent_is_killed(tmp_path: Path) -> None:
     out = tmp_path / "s.zarr"
     options = (*SYNTH, "--n", "64", "--gpus", "cpu:2", "--out", out)  # later --n wins
     parent = spawn(*options, fault="synthesize.after_batch:1:stop")
-    _wait_for(lambda: len(_ranks(parent.pid)) == 2 and all(map(_stopped, _ranks(parent.pid))))
-    ranks = _ranks(parent.pid)
+    processes.wait_for(
+        lambda: (
+            len(processes.ranks_of(parent.pid)) == 2
+            and all(map(processes.is_stopped, processes.ranks_of(parent.pid)))
+        )
+    )
+    ranks = processes.ranks_of(parent.pid)
     parent.kill()  # SIGKILL: nothing in the parent can stop its ranks
     parent.wait()
     for pid in ranks:
         os.kill(pid, signal.SIGCONT)  # each now sees the signal its parent's death sent
-    _wait_for(lambda: not any(Path(f"/proc/{pid}").exists() for pid in ranks), 60)
+    processes.wait_for(lambda: not any(Path(f"/proc/{pid}").exists() for pid in ranks), 60)
     written = np.asarray(zarr.open_group(out, mode="r")["written"][:])
     assert 0 < written.sum() < 64  # they stopped after the batch in hand, not at the end
     code, _, stderr = run_cli(*options, "--resume")  # no orphan holds a lock

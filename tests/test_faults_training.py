@@ -10,6 +10,7 @@ the run dir holds no temporary file, partial or unnamed checkpoint folder, or lo
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import signal
 from pathlib import Path
@@ -18,7 +19,9 @@ import pytest
 import zarr
 
 from specdm_cli.fs.lock import LOCK_NAME
+from specdm_cli.pipeline.runs.registry import read_registry
 from specdm_cli.pipeline.runs.run_manifest import load_run
+from tests import processes
 from tests.conftest import PAPER_LOSS, prepare_demo, run_cli
 from tests.fault_tools import (
     assert_clean_run,
@@ -209,6 +212,58 @@ def test_a_signal_stops_the_semantic_terms_segmenter_and_resume_starts_over(
     assert not run.exists()
     code, _, stderr = run_cli(*args, "--semantic-steps", "3", "--resume")
     assert code == 0, stderr
+
+
+# Ctrl-C reaches the whole process group; a batch system's SIGTERM often the parent alone.
+@pytest.mark.slow  # a CLI subprocess and two spawned ranks import torch: about 40 s each
+@pytest.mark.parametrize(
+    ("stage", "signum", "to_group", "exit_code"),
+    [("fit-vae", signal.SIGINT, True, 130), ("fit-diffusion", signal.SIGTERM, False, 143)],
+    ids=["fit-vae-ctrl-c", "fit-diffusion-sigterm-to-parent"],
+)
+def test_a_signal_stops_two_ranks_at_a_checkpoint(
+    store: Path,
+    vae_run: Path,
+    tmp_path: Path,
+    stage: str,
+    signum: signal.Signals,
+    to_group: bool,
+    exit_code: int,
+) -> None:
+    """The ranks finish the step in hand together, rank 0 checkpoints it, and the parent says
+    interrupted; it used to exit 0 reporting "trained" (and registering) an unfinished run."""
+    run = tmp_path / "run"
+    if stage == "fit-vae":
+        args: tuple[str | Path, ...] = ("fit-vae", store, "--run", run, *VAE)
+    else:
+        args = ("fit-diffusion", copy_run(vae_run, run), *UNET)
+    # Rank 0 freezes right after its first checkpoint (step 2); rank 1 waits for it in step 3.
+    # With SIGTERM, each rank also freezes once it has told how it ended, as a torch teardown
+    # that waited on a rank that had left did (1 run in several under load): the parent ends it.
+    fault = "checkpoint.after_commit:1:stop" + ("" if to_group else ",rank.after_outcome:1:stop")
+    parent = spawn(*args, "--steps", "400", "--checkpoint-every", "2", "--gpus", "cpu:2",
+                   fault=fault)  # fmt: skip
+
+    def frozen_ranks() -> list[int]:
+        return [pid for pid in processes.ranks_of(parent.pid) if processes.is_stopped(pid)]
+
+    processes.wait_for(lambda: bool(frozen_ranks()), seconds=300)  # torch imports, twice
+    frozen = frozen_ranks()
+    if to_group:
+        os.killpg(parent.pid, signum)
+    else:
+        parent.send_signal(signum)  # the parent forwards it to the ranks
+        processes.wait_for(lambda: all(processes.has_pending(pid, signum) for pid in frozen))
+    for pid in frozen:
+        os.kill(pid, signal.SIGCONT)
+    _, stderr = parent.communicate(timeout=300)
+    assert parent.returncode == exit_code, stderr
+    assert stderr.strip().splitlines() == ["interrupted: rerun with --resume"]  # the ranks' too
+    recorded = stage_of(run, stage.removeprefix("fit-"))
+    assert recorded is not None and recorded["finished"] is False, recorded
+    assert recorded["step"] == 3  # the step in hand when the signal landed, checkpointed
+    assert all(entry.get("path") != str(run.resolve()) for entry in read_registry())
+    assert_clean_run(run)
 
 
 def test_fit_vae_overwrite_keeps_the_old_run_until_the_new_one_checkpoints(

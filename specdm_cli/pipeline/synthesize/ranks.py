@@ -8,21 +8,18 @@ signal to the ranks (each finishes its batch in hand) and finalizes.
 
 from __future__ import annotations
 
-import multiprocessing
 from collections.abc import Callable
 from dataclasses import replace
-from multiprocessing.queues import SimpleQueue
 from pathlib import Path
-from typing import Any, Protocol, TypeVar
+from typing import Protocol, TypeVar
 
 import torch
-from torch.multiprocessing.spawn import ProcessExitedException, ProcessRaisedException, spawn
 
 from specdm_cli.config import Devices, Progress
-from specdm_cli.errors import EXIT_RESOURCE, Interrupted, SpecdmError, resource_error_from
-from specdm_cli.pipeline.signals import StopFlag, graceful_stop
+from specdm_cli.pipeline.signals import StopFlag
 from specdm_cli.pipeline.synthesize.shards import Shard, shard_batches
 from specdm_cli.pipeline.train.common import cpu_threads_per_process
+from specdm_cli.pipeline.train.distributed import run_spawned
 from specdm_cli.stores import open_store
 
 
@@ -44,14 +41,6 @@ class RankedRequest(Protocol):
 Request = TypeVar("Request", bound=RankedRequest)
 
 
-class RankFailed(SpecdmError):
-    """A device's process stopped with an error; its own line is the message."""
-
-    def __init__(self, line: str, exit_code: int):
-        super().__init__(line.removeprefix("error: "))
-        self.exit_code = exit_code
-
-
 def sub_shard(shard: Shard, rank: int, world: int) -> Shard:
     return Shard(shard.index * world + rank, shard.count * world)
 
@@ -65,33 +54,13 @@ def run_on_devices(
     """Synthesize this shard with one process per device; returns the samples this call wrote."""
     batches = shard_batches(request.n, request.batch_size, request.shard)
     before = _written(request, batches)
-    failures: SimpleQueue[tuple[str, int]] = multiprocessing.get_context("spawn").SimpleQueue()
-    context: Any = spawn(  # type: ignore[no-untyped-call]
-        _rank, args=(request, worker, failures), nprocs=request.devices.ranks, join=False
-    )
-    forwarded = False
-    while not _joined(context):
-        if stop.signum is not None and not forwarded:
-            for process in context.processes:
-                process.terminate()  # SIGTERM: the rank finishes its batch in hand
-            forwarded = True
+
+    def waiting() -> None:
         if progress:
             progress("synthesize", _batches_done(request, batches), len(batches))
-    if not failures.empty():
-        line, code = failures.get()
-        raise RankFailed(line, code)
-    stop.check()
+
+    run_spawned(_rank, request.devices.ranks, (request, worker), stop, waiting)
     return _written(request, batches) - before
-
-
-def _joined(context: Any) -> bool:
-    try:
-        return bool(context.join(timeout=0.5))
-    except ProcessRaisedException as error:  # not a domain error: a bug, reported as such
-        last = str(error).strip().splitlines()[-1]
-        raise RankFailed(f"a device process failed: {last}", 1) from None
-    except ProcessExitedException as error:
-        raise RankFailed(f"a device process died (exit {error.exit_code})", 1) from None
 
 
 def _written(request: RankedRequest, batches: list[range]) -> int:
@@ -107,10 +76,7 @@ def _batches_done(request: RankedRequest, batches: list[range]) -> int:
 
 
 def _rank(
-    rank: int,
-    request: Request,
-    worker: Callable[[Request, StopFlag], object],
-    failures: SimpleQueue[tuple[str, int]],
+    rank: int, stop: StopFlag, request: Request, worker: Callable[[Request, StopFlag], object]
 ) -> None:
     part = replace(  # type: ignore[type-var]
         request,
@@ -120,13 +86,4 @@ def _rank(
     if request.devices.kind == "cpu":  # share the cores instead of oversubscribing them
         # The count the plan records: the bytes depend on it.
         torch.set_num_threads(cpu_threads_per_process(request.devices))
-    try:
-        with graceful_stop() as stop:
-            worker(part, stop)
-    except Interrupted:
-        return
-    except SpecdmError as error:
-        failures.put((error.line(), error.exit_code))
-    except OSError as error:
-        resource = resource_error_from(error)
-        failures.put((resource.line() if resource else f"error: {error}", EXIT_RESOURCE))
+    worker(part, stop)

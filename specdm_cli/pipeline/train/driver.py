@@ -16,10 +16,10 @@ from typing import Any, Protocol, TypeVar
 import torch
 
 from specdm_cli.config import Progress
-from specdm_cli.errors import UsageError
+from specdm_cli.errors import Interrupted, UsageError
 from specdm_cli.pipeline.signals import StopFlag
 from specdm_cli.pipeline.train.common import check_finite_loss
-from specdm_cli.pipeline.train.distributed import launched_by_torchrun, run_ranks
+from specdm_cli.pipeline.train.distributed import launched_by_torchrun, run_ranks, stop_of_any_rank
 
 Job = TypeVar("Job")
 Result = TypeVar("Result")
@@ -72,10 +72,10 @@ def launch(
     progress: Progress | None,
 ) -> Result | None:
     """Train in this process on one device, else on one process per device (None: the ranks
-    wrote their results into the run)."""
+    wrote their results into the run). Raises Interrupted when a signal stopped the training."""
     if len(devices) == 1 and not launched_by_torchrun():
         return rank_main(0, 1, devices[0], job, stop, progress)
-    run_ranks(rank_main, devices, job)
+    run_ranks(rank_main, devices, stop, job)
     return None
 
 
@@ -105,8 +105,9 @@ def train_loop(
         last = trainer.step(step)
         check_finite_loss(last[schedule.loss_key], step, run)
         done = step + 1
-        # Read once: a signal landing later in this step is seen at the next one, never half.
-        stopping = stop.signum is not None
+        # Read once, and agreed by all ranks: a signal landing later in this step is seen at
+        # the next one, never half, and no rank steps on alone.
+        stopping = stop_of_any_rank(stop.signum)
         if trainer.rank == 0:
             finished = done == schedule.steps
             record: dict[str, Any] = {**dict(schedule.record_fields), "step": done, **last}
@@ -119,7 +120,7 @@ def train_loop(
         if progress:
             progress(schedule.progress_label, done, schedule.steps)
         if stopping:
-            stop.check()
+            raise Interrupted(stopping)  # this rank's signal, or another rank's
     rate = (schedule.steps - start) / max(time.monotonic() - tick, 1e-9)
     return Trained(last, validation, round(rate, 3))
 
