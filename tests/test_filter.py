@@ -57,3 +57,19 @@ def test_filter_of_geotiff_tiles_keeps_each_tiles_georeferencing(tmp_path: Path)
         ):
             assert tile.crs == source.crs and tile.crs is not None
             assert tile.transform == source.transform
+
+
+def test_a_bar_typed_as_a_stored_score_prints_keeps_that_sample(tmp_path: Path) -> None:
+    """Scores are kept as float32: `--min-quality 0.29975167`, the score as numpy prints it,
+    was a float64 just above it and dropped the very sample it was read from."""
+    store = _scored_geotiff_prepare(tmp_path, "zarr")
+    manifest = open_store(store).manifest
+    scores = np.full(manifest.count, 0.1, np.float32)
+    scores[1] = 0.2997516691684723  # np.float32 prints it 0.29975167
+    write_quality(store, manifest, scores, manifest.quality_scores)  # type: ignore[arg-type]
+    typed = str(np.float32(scores[1]))
+    assert float(typed) > float(scores[1])  # the float64 bar is above the stored score
+    out = tmp_path / "sub.zarr"
+    code, _, stderr = run_cli("filter", store, "--min-quality", typed, "--out", out, "--quiet")
+    assert code == 0, stderr
+    assert manifest_of(out)["parent"]["parent_index"] == [1]  # type: ignore[index]

@@ -26,7 +26,7 @@ from specdm_cli.stores import (
     store_sha256,
 )
 from specdm_cli.stores.base import Bounds
-from specdm_cli.stores.quality import read_quality, write_quality
+from specdm_cli.stores.quality import at_least, read_quality, write_quality
 
 
 @dataclass(frozen=True)
@@ -50,9 +50,7 @@ class FilterSummary:
 
 def kept_indices(scores: np.ndarray, written: np.ndarray, min_quality: float) -> np.ndarray:
     """Written samples scoring at least `min_quality` (a NaN score never passes), in order."""
-    with np.errstate(invalid="ignore"):
-        passing = scores[written] >= min_quality
-    kept: np.ndarray = written[passing]
+    kept: np.ndarray = written[at_least(scores[written], min_quality)]
     return kept
 
 

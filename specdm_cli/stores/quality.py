@@ -15,9 +15,18 @@ from specdm_cli.stores import StoreReader, open_writer
 from specdm_cli.stores.tables import EVERY_CHUNK_STORED, missing_rows, table_damaged
 from specdm_cli.stores.zarr_store import QUALITY_ARRAY, TABLE_CONFIG, table_codecs
 
-__all__ = ["QUALITY_ARRAY", "QUALITY_FILE", "read_quality", "write_quality"]
+__all__ = ["QUALITY_ARRAY", "QUALITY_FILE", "at_least", "read_quality", "write_quality"]
 QUALITY_FILE = "quality.json"
 RESCORE_HINT = "rerun `specdm benchmark --write-scores` on it"
+
+
+def at_least(scores: np.ndarray, bar: float) -> np.ndarray:
+    """Which scores reach `bar`, both rounded as a Zarr store keeps scores (float32): a bar typed
+    as a stored score prints (0.29975167) keeps that sample, where the float64 bar was above its
+    float32 score. A NaN score never passes."""
+    with np.errstate(invalid="ignore"):
+        passing: np.ndarray = np.asarray(scores, np.float32) >= np.float32(bar)
+    return passing
 
 
 def write_quality(

@@ -11,6 +11,7 @@ from specdm_cli.pipeline.signals import StopFlag
 from specdm_cli.pipeline.synthesize.quality import Judge
 from specdm_cli.pipeline.synthesize.require import Requirement, accepted, give_up
 from specdm_cli.pipeline.synthesize.sampler import Sampler
+from specdm_cli.stores.quality import at_least
 
 # arrays, values clipped, draw indices, quality scores (NaN without --min-quality), per sample
 Drawn = tuple[dict[str, np.ndarray], np.ndarray, np.ndarray, np.ndarray]
@@ -78,7 +79,7 @@ class Draws:
         if self.judge is None:
             return keep, np.full(len(label), np.nan)
         scores = self.judge.scores(arrays)
-        return keep & (scores >= self.judge.bar.min_quality), scores
+        return keep & at_least(scores, self.judge.bar.min_quality), scores
 
     def _pop(self, size: int) -> Drawn:
         """The first `size` accepted draws; the rest stay pending."""
