@@ -62,7 +62,8 @@ def test_prepare_second_writer_refused_stale_lock_taken_over(tmp_path: Path) -> 
 
 def test_synthesize_shards_locks_and_finalize(tmp_path: Path) -> None:
     whole = tmp_path / "whole.zarr"
-    assert run_cli(*SYNTH, "--out", whole)[0] == 0
+    code, _, stderr = run_cli(*SYNTH, "--out", whole)
+    assert code == 0, stderr
     out = tmp_path / "shards.zarr"
     # Shard 0 freezes after its first batch is written, holding `.specdm.lock.0-of-2`.
     first = spawn(*SYNTH, "--out", out, "--shard", "0/2", fault="synthesize.after_batch:1:stop")
