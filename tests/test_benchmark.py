@@ -640,10 +640,11 @@ def test_change_detection_report(home: Path, tmp_path: Path) -> None:
     out = tmp_path / "cd"
     code, _, stderr = run_cli(
         "benchmark", "--real", real, "--synthetic", synthetic, "--out", out,
-        *DOWNSTREAM, *FAST,
+        *DOWNSTREAM, "--downstream-seeds", "1", *FAST,  # the rows, not their seeds (ss's tests)
     )  # fmt: skip
     assert code == 0, stderr
     report = BenchmarkReport.model_validate_json((out / "report.json").read_text())
+    assert report.downstream is not None and report.downstream.seeds == [0]
     assert report.quality.change_ratio_hist_candidate is not None and "change" in report.figures
     assert report.downstream is not None
     assert report.downstream.f1_definition == "F1 of the change class"

@@ -84,7 +84,7 @@ def test_the_whole_pipeline_runs_with_sockets_blocked(
     for command in (
         ("prepare", "demo", "--n", "12", "--size", "16", "--out", store, "--quiet"),
         ("fit-vae", store, "--run", run, "--image-blocks", "8,16,16", "--mask-blocks", "8,8,16",
-         *tiny),
+         "--semantic-steps", "2", *tiny),  # the semantic term's segmenter too, for 2 steps
         ("fit-diffusion", run, "--unet-blocks", "16,32", "--head-dim", "8",
          "--layers-per-block", "1", *tiny),
         ("synthesize", "--model", run, "--n", "2", "--batch-size", "2", "--steps", "2",

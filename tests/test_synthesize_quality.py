@@ -86,8 +86,8 @@ def test_min_quality_resumes_after_a_kill(ss_run: Path, tmp_path: Path) -> None:
     assert processes.run(command, env=environment).returncode == -signal.SIGKILL
     # Another --feature-steps is refused before a judge is trained; none takes the store's
     # (it trained the default's judge for minutes, then refused the plan).
-    other = processes.run([*command[: -len(JUDGE)], "--feature-steps", "6"], text=True)
-    assert other.returncode == 3 and "the store was begun with 5" in other.stderr, other.stderr
+    code, _, stderr = synth(ss_run, out, *options[: -len(JUDGE)], "--feature-steps", "6")
+    assert code == 3 and "the store was begun with 5" in stderr, stderr
     resumed = processes.run(command[: -len(JUDGE)], text=True)
     assert resumed.returncode == 0, resumed.stderr
     whole, again = arrays(tmp_path / "whole.zarr"), arrays(out)

@@ -35,7 +35,7 @@ from specdm_cli.pipeline.signals import StopFlag, graceful_stop
 # stopped by signal n, anything else the rank's error.
 Outcome = tuple[int, str]
 STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM}
-TEARDOWN_GRACE_S = 20.0  # from the last rank's outcome to its process's exit
+TEARDOWN_GRACE_S = 5.0  # from the last rank's outcome to its process's exit
 
 
 class RankFailed(SpecdmError):
