@@ -6,11 +6,12 @@ from pathlib import Path
 
 from specdm_cli.manifest import Manifest
 
-# Must match pipeline/synthesize/shards.RECORDS (stores may not import the pipeline): each
-# shard of a `synthesize --shard i/N` store leaves a record there once its batches are written.
+# Each shard of a `synthesize --shard i/N` store leaves a record here once its batches are
+# written (pipeline/synthesize/shards.py writes them; stores may not import the pipeline).
 SHARD_RECORDS = ".specdm/shards"
 # For a store whose plan names no stage (written before plans recorded one).
 GENERIC_HINT = "rerun the command that wrote it with --resume (it rewrites damaged samples)"
+FILTER_HINT = "rerun `specdm filter` with the same options and --overwrite (filter does not resume)"
 
 
 def _stage(manifest: Manifest) -> object:
@@ -22,9 +23,7 @@ def repair_hint(manifest: Manifest) -> str:
     output is made again with --overwrite); `prepare` and `synthesize` rewrite them on --resume."""
     stage = _stage(manifest)
     if stage == "filter":
-        return (
-            "rerun `specdm filter` with the same options and --overwrite (filter does not resume)"
-        )
+        return FILTER_HINT
     if stage in ("prepare", "synthesize"):
         return f"rerun `specdm {stage}` with the same options and --resume (it rewrites them)"
     return GENERIC_HINT
@@ -35,9 +34,7 @@ def incomplete_hint(root: Path, manifest: Manifest) -> str:
     the missing shards (or only --finalize); a filter output is made again; else --resume."""
     stage = _stage(manifest)
     if stage == "filter":
-        return (
-            "rerun `specdm filter` with the same options and --overwrite (filter does not resume)"
-        )
+        return FILTER_HINT
     if stage == "synthesize" and any((root / SHARD_RECORDS).glob("*.json")):
         return (
             "run the shards still missing (the same options and --shard i/N), then "

@@ -104,10 +104,10 @@ def create_zarr(root: Path, manifest: Manifest, capacity: int, georeferenced: bo
 def _create_tables(
     group: zarr.Group, manifest: Manifest, capacity: int, grid: int, georeferenced: bool
 ) -> None:
+    # Written later through the writer's handles, which carry TABLE_CONFIG (`_optional`).
     common: dict[str, Any] = {
         "compressors": table_codecs(),
         "attributes": {EVERY_CHUNK_STORED: True},
-        "config": TABLE_CONFIG,
     }
     group.create_array(
         "written", shape=(capacity,), chunks=(grid,), dtype=bool, fill_value=False,

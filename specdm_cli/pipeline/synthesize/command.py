@@ -170,7 +170,8 @@ def _detail(
     chosen: ChosenModel,
     notice: Callable[[str], None],
 ) -> bool:
-    """Whether the images get the run's retrieved detail (`_wanted_detail`, said when by default)."""
+    """Whether the images get the run's retrieved detail (`_wanted_detail`); said when it is
+    on without --detail."""
     detail = has_bank(chosen.manifest) if wanted is None else wanted
     if detail and options.detail is None:
         notice(

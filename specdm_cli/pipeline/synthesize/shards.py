@@ -18,9 +18,8 @@ from specdm_cli.fs.lock import LOCK_NAME, DirLock, live_locks
 from specdm_cli.manifest import Manifest, QualityScores, load_manifest
 from specdm_cli.stores import create_store, open_store, open_writer, plan_differences
 from specdm_cli.stores.base import MANIFEST_NAME
+from specdm_cli.stores.hints import SHARD_RECORDS
 from specdm_cli.stores.quality import write_quality
-
-RECORDS = ".specdm/shards"
 
 
 @dataclass(frozen=True)
@@ -174,11 +173,11 @@ def write_record(out: Path, batches: list[range], stats: dict[str, Any]) -> None
         return
     start, stop = batches[0].start, batches[-1].stop
     record = {"start": start, "stop": stop, **stats}
-    atomic_write_text(out / RECORDS / f"{start:09d}-{stop:09d}.json", json.dumps(record))
+    atomic_write_text(out / SHARD_RECORDS / f"{start:09d}-{stop:09d}.json", json.dumps(record))
 
 
 def _records(out: Path) -> list[dict[str, Any]]:
-    folder = out / RECORDS
+    folder = out / SHARD_RECORDS
     if not folder.is_dir():
         return []
     return [json.loads(p.read_text(encoding="utf-8")) for p in sorted(folder.glob("*.json"))]

@@ -172,8 +172,8 @@ def run_spawned(
 
 def _end_lingering(processes: list[Any]) -> None:
     """Every rank has told how it ended, and one still has not exited: torch's teardown was
-    seen to wait on a rank that had left (gloo, after a stop, in some runs on a loaded machine). Nothing
-    is left for it to do."""
+    seen to wait on a rank that had left (gloo, after a stop, in some runs on a loaded
+    machine). Nothing is left for it to do."""
     for process in processes:
         if process.is_alive():
             process.kill()
