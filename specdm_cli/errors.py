@@ -43,6 +43,12 @@ class UsageError(SpecdmError):
     exit_code = EXIT_USAGE
 
 
+def refuse_resume_with_overwrite(resume: bool, overwrite: bool) -> None:
+    """--resume continues an output, --overwrite replaces it: every command that has both."""
+    if resume and overwrite:
+        raise UsageError("--resume and --overwrite exclude each other", hint="pick one")
+
+
 class InputDataError(SpecdmError):
     """Raw data or a store that is missing, malformed or inconsistent."""
 

@@ -14,7 +14,12 @@ from typing import Literal
 import numpy as np
 
 from specdm_cli.config import StoreFormat
-from specdm_cli.errors import InputDataError, UsageError, missing_store
+from specdm_cli.errors import (
+    InputDataError,
+    UsageError,
+    missing_store,
+    refuse_resume_with_overwrite,
+)
 from specdm_cli.faults import fault_point
 from specdm_cli.fs.atomic import remove_abandoned_creations, remove_tree
 from specdm_cli.fs.lock import DirLock, refuse_if_locked
@@ -258,8 +263,7 @@ def resolve_target(
     of the same plan) or "done" (a complete store of the same plan, with --resume).
     """
     refuse_stream_out(path)
-    if resume and overwrite:
-        raise UsageError("--resume and --overwrite exclude each other", hint="pick one")
+    refuse_resume_with_overwrite(resume, overwrite)
     if not path.exists():
         return "fresh"
     if overwrite:

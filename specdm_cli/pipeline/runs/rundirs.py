@@ -13,7 +13,7 @@ from specdm_cli.errors import (
     InputDataError,
     ModelError,
     ResourceError,
-    UsageError,
+    refuse_resume_with_overwrite,
     resource_error_from,
 )
 from specdm_cli.faults import fault_point
@@ -42,8 +42,7 @@ OLD_RUN, OLD_RUN_MOVING = ".old-run", ".old-run-moving"
 
 def prepare_run_dir(run: Path, resume: bool, overwrite: bool) -> RunState:
     """DESIGN.md's rules for an output folder, applied to a run directory."""
-    if resume and overwrite:
-        raise UsageError("--resume and --overwrite exclude each other", hint="pick one")
+    refuse_resume_with_overwrite(resume, overwrite)
     if run.exists() and not run.is_dir():
         raise InputDataError("--run names a file, not a run folder", run, "choose another --run")
     if not run.exists() or (run.is_dir() and not any(run.iterdir())):

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from specdm_cli.config import Devices, DistillTrainConfig, Progress
-from specdm_cli.errors import ModelError, UsageError
+from specdm_cli.errors import ModelError, UsageError, refuse_resume_with_overwrite
 from specdm_cli.models.diffusion import EMA, ScheduleConfig, alphas_cumprod
 from specdm_cli.models.distillation import (
     clean_target,
@@ -176,8 +176,7 @@ def distill(
 ) -> DistillSummary:
     """Draw the teacher's trajectories, then train (or resume) the student."""
     started = time.monotonic()
-    if request.resume and request.overwrite:
-        raise UsageError("--resume and --overwrite exclude each other", hint="pick one")
+    refuse_resume_with_overwrite(request.resume, request.overwrite)
     if request.devices.ranks > 1:
         raise UsageError("distill runs on one device", hint="pass one device to --gpus")
     device = torch_devices(request.devices)[0]

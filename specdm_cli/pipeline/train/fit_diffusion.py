@@ -13,7 +13,7 @@ import torch
 from pydantic import ValidationError
 
 from specdm_cli.config import Devices, DiffusionTrainConfig, Progress
-from specdm_cli.errors import InputDataError, ModelError, UsageError
+from specdm_cli.errors import InputDataError, ModelError, UsageError, refuse_resume_with_overwrite
 from specdm_cli.fs.lock import ReadLock
 from specdm_cli.models.diffusion import (
     UNetConfig,
@@ -141,8 +141,7 @@ def fit_diffusion(
 ) -> FitDiffusionSummary:
     """Encode the latent cache (once), then train the U-Net with EMA; resume is bit-exact."""
     started = time.monotonic()
-    if request.resume and request.overwrite:
-        raise UsageError("--resume and --overwrite exclude each other", hint="pick one")
+    refuse_resume_with_overwrite(request.resume, request.overwrite)
     check_batch_divides(request.config.batch_size, request.devices)
     devices = torch_devices(request.devices)
     run = request.run
@@ -219,7 +218,7 @@ def _check_stages(
             run,
             "pass --resume to continue it, or --overwrite to train a new one",
         )
-    runs.check_resume(run, stage.config, request.config.training_identity())
+    runs.check_resume(run, stage.config, identity)
     return stage
 
 
