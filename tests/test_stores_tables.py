@@ -165,3 +165,23 @@ def test_a_store_written_before_every_chunk_was_stored_reads_as_before(
         open_store(prepared).class_fractions(),
     )
     assert fractions.shape == original.shape and original[0].any() and not fractions[0].any()
+
+
+def test_a_lost_written_chunk_of_a_complete_store_is_damage(scored: Path, tmp_path: Path) -> None:
+    """It read as unwritten: `filter` and the training dataset skipped those samples silently."""
+    store = tmp_path / "syn.zarr"
+    shutil.copytree(scored, store)
+    _chunk(store, "written", 1).unlink()  # samples 2 and 3
+    code, _, stderr = run_cli("inspect", store, "--verify")
+    assert_one_error_line(code, stderr, 3, "table 'written' is damaged")
+    out = tmp_path / "good.zarr"
+    code, _, stderr = run_cli("filter", store, "--min-quality", "0", "--out", out)
+    assert_one_error_line(code, stderr, 3, "table 'written' is damaged")
+    assert "samples: 2, 3" in stderr and not out.exists()
+    with pytest.raises(InputDataError, match="'written' is damaged"):
+        StoreDataset(store)
+    # The hint holds: --resume writes those samples again, to the same data.
+    code, _, stderr = run_cli(*SYNTH, "--out", store, "--resume")
+    assert code == 0, stderr
+    assert run_cli("inspect", store, "--verify")[0] == 0
+    assert _content(store) == _content(scored)

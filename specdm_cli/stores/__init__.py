@@ -121,7 +121,10 @@ def forget_damaged(path: Path, indices: Iterable[int] | None = None) -> list[int
     reader: ZarrReader | GeoTiffReader = (
         ZarrReader(path, manifest) if manifest.format == "zarr" else GeoTiffReader(path, manifest)
     )
-    damaged = find_damaged(reader, indices)
+    lost = reader.lost_written() if isinstance(reader, ZarrReader) else np.zeros(0, np.int64)
+    if lost.size:  # read as unwritten once the store is incomplete: the resume writes them
+        reader = ZarrReader(path, manifest.model_copy(update={"complete": False}))
+    damaged = sorted({*find_damaged(reader, indices), *lost.tolist()})
     if damaged:
         writer = (
             ZarrWriter(path, manifest)

@@ -419,14 +419,21 @@ class ZarrReader(StoreReader):
 
     def _table(self, name: str) -> np.ndarray:
         """A per-sample table; a written sample whose chunk is lost is exit 3 naming the table,
-        not its fill value read as data (`written` itself: a lost chunk reads as unwritten)."""
+        not its fill value read as data. A lost chunk of `written` itself reads as unwritten
+        in a store still being written (a resume writes those samples again), and is exit 3 in
+        a complete one, whose samples are all written: else readers would skip them silently."""
         array = _array(self.group, name)
         values = read_table(array, name, self.root, len(self))
-        if name != "written":
-            lost = missing_rows(array, self.written())
-            if lost.size:
-                raise table_damaged(name, lost, self.root, repair_hint(self.manifest))
+        lost = missing_rows(array, self.written()) if name != "written" else self.lost_written()
+        if lost.size:
+            raise table_damaged(name, lost, self.root, repair_hint(self.manifest))
         return values
+
+    def lost_written(self) -> np.ndarray:
+        """Samples of a complete store whose chunk of `written` is lost (they read as unwritten)."""
+        if not self.manifest.complete:
+            return np.zeros(0, dtype=np.int64)
+        return missing_rows(_array(self.group, "written"), np.ones(len(self), dtype=bool))
 
     def damaged_tables(self, scores: bool = True) -> dict[str, np.ndarray]:
         """`inspect --verify`: each per-sample table with chunks missing or unreadable where
