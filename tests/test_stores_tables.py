@@ -185,3 +185,16 @@ def test_a_lost_written_chunk_of_a_complete_store_is_damage(scored: Path, tmp_pa
     assert code == 0, stderr
     assert run_cli("inspect", store, "--verify")[0] == 0
     assert _content(store) == _content(scored)
+
+
+def test_verify_names_every_damaged_table(scored: Path, tmp_path: Path) -> None:
+    """It named the first table only: once that was mended, the next --verify found another.
+    The scores come last, so the hint is the one that mends the samples' tables."""
+    store = tmp_path / "syn.zarr"
+    shutil.copytree(scored, store)
+    for table, chunk in (("quality", 0), ("split", 1), ("candidate", 3)):
+        _chunk(store, table, chunk).unlink()
+    code, _, stderr = run_cli("inspect", store, "--verify")
+    assert_one_error_line(code, stderr, 3, "table 'split' is damaged")
+    assert "written samples: 2, 3" in stderr and "also the tables 'candidate' (6, 7)" in stderr
+    assert "'quality' (0, 1)" in stderr and "`specdm synthesize`" in stderr

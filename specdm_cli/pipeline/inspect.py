@@ -38,10 +38,12 @@ def _inspect(path: Path, allow_incomplete: bool, verify: bool) -> dict[str, Any]
         raise InputDataError(
             f"store claims complete but samples {missing} are not written", path, "re-create it"
         )
+    # Verified before the digest reads the tables, so damage is told in full (every table).
+    verified = verify_store(reader) if verify else None
     summary = _summary(path, manifest, int(written.sum()))
     summary["content_sha256"] = content_sha256(reader)
-    if verify:
-        summary["verified"] = verify_store(reader)
+    if verified is not None:
+        summary["verified"] = verified
     return summary
 
 

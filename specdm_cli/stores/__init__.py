@@ -8,6 +8,7 @@ import json
 import logging
 import os
 from collections.abc import Iterable
+from collections.abc import Set as AbstractSet
 from pathlib import Path
 from typing import Literal
 
@@ -83,19 +84,27 @@ def open_store(path: Path, allow_incomplete: bool = False) -> StoreReader:
 def find_damaged(reader: StoreReader, indices: Iterable[int] | None = None) -> list[int]:
     """The written samples (of `indices`, default all) whose arrays do not read back intact,
     or whose rows of a per-sample table (split, class fractions, ...) are lost."""
-    written = reader.written()
-    chosen = range(len(written)) if indices is None else indices
     lost = _table_damage(reader, scores=False)  # a resume rewrites samples, not scores
     in_tables = set(np.concatenate(list(lost.values())).tolist()) if lost else set()
+    return _unreadable_samples(reader, indices, in_tables)
+
+
+def _unreadable_samples(
+    reader: StoreReader, indices: Iterable[int] | None = None, known: AbstractSet[int] = frozenset()
+) -> list[int]:
+    """The written samples (of `indices`, default all) in `known`, or whose arrays do not read
+    back intact."""
+    written = reader.written()
+    chosen = range(len(written)) if indices is None else indices
     damaged = []
-    for index in (i for i in chosen if i < len(written) and written[i]):
-        if int(index) in in_tables:
-            damaged.append(int(index))
+    for index in (int(i) for i in chosen if i < len(written) and written[i]):
+        if index in known:
+            damaged.append(index)
             continue
         try:
-            reader.read(int(index))
+            reader.read(index)
         except InputDataError:
-            damaged.append(int(index))
+            damaged.append(index)
     return damaged
 
 
@@ -105,6 +114,17 @@ def _table_damage(reader: StoreReader, scores: bool = True) -> dict[str, np.ndar
     if not isinstance(reader, ZarrReader):
         return {}
     return reader.damaged_tables(scores)
+
+
+def _tables_damaged(reader: StoreReader, tables: dict[str, np.ndarray]) -> InputDataError:
+    """One line naming every damaged table; a table of samples first (its writer's --resume
+    mends it; the scores' hint only where they alone are damaged)."""
+    names = sorted(tables, key=lambda name: name == QUALITY_ARRAY)
+    error = table_damaged(names[0], tables[names[0]], reader.root, _table_hint(reader, names[0]))
+    also = [f"{name!r} ({shown_samples(tables[name])})" for name in names[1:]]
+    if also:
+        error.message += f"; also the tables {', '.join(also)}"
+    return error
 
 
 def _table_hint(reader: StoreReader, name: str) -> str:
@@ -342,9 +362,10 @@ def verify_store(reader: StoreReader) -> str:
     """`inspect --verify`: read every per-sample table and written sample; damage is an input
     error naming the table or the samples (exit 3)."""
     fault_point("inspect.verify")
-    for name, rows in _table_damage(reader).items():
-        raise table_damaged(name, rows, reader.root, _table_hint(reader, name))
-    damaged = find_damaged(reader)
+    tables = _table_damage(reader)
+    if tables:
+        raise _tables_damaged(reader, tables)
+    damaged = _unreadable_samples(reader)  # the tables were read whole above
     if damaged:
         raise InputDataError(
             f"{len(damaged)} damaged samples (missing or corrupt chunks): "
