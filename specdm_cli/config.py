@@ -87,6 +87,12 @@ def parse_devices(text: str | None) -> Devices:
     return Devices("cuda", tuple(int(part) for part in indices))
 
 
+def trainable_side(height: int, width: int) -> int:
+    """The largest square side, a multiple of 8, that patches of height x width hold: `fit-vae`
+    halves a side up to three times (f = 8) and turns samples by 90 degrees."""
+    return max(8, min(height, width) // 8 * 8)
+
+
 @dataclass(frozen=True)
 class PrepareOptions:
     """Every `specdm prepare` option a reader may look at (each reader uses its own few)."""
@@ -110,6 +116,12 @@ class PrepareOptions:
     demo_variant: DemoVariant | None = None  # None: standard (stores made before it resume)
 
     def __post_init__(self) -> None:
+        for option, side in (("--patch-size", self.patch_size), ("--size", self.size)):
+            if side != trainable_side(side, side):
+                raise UsageError(
+                    f"{option} {side}: samples are square with a side that is a multiple of 8",
+                    hint=f"e.g. {option} {trainable_side(side, side)}",
+                )
         # The one check of the split fractions, whichever source reads them.
         val, test = self.val_fraction, self.test_fraction
         if not (0 <= val < 1 and 0 <= test < 1 and val + test < 1):

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from specdm_cli import __version__
-from specdm_cli.config import Progress, StoreFormat
+from specdm_cli.config import Progress, StoreFormat, trainable_side
 from specdm_cli.errors import InputDataError, Interrupted, ResourceError, UsageError, reason_of
 from specdm_cli.faults import fault_point
 from specdm_cli.fs.atomic import remove_stray_temporaries, remove_tree
@@ -167,7 +167,8 @@ def prepare(
         return _summary(request.out, "already complete", started)
     with stop.while_planning(), _reading_raw(request.raw):
         source_plan = READERS[request.source](request.raw, request.options)
-    for line in source_plan.warnings:
+    early = [*source_plan.warnings, *_untrainable_note(request, source_plan.spec)]
+    for line in early:
         if warn is not None:
             warn(line)
     if not source_plan.candidates:
@@ -200,7 +201,24 @@ def prepare(
     for note in notes:
         if warn is not None:
             warn(note)
-    return replace(summary, warnings=[*source_plan.warnings, *notes])
+    return replace(summary, warnings=[*early, *notes])
+
+
+def _untrainable_note(request: PrepareRequest, spec: SourceSpec) -> list[str]:
+    """Samples `fit-vae` cannot train on, told now rather than at its first step."""
+    height, width = spec.height, spec.width
+    side = trainable_side(height, width)
+    if height == width == side:
+        return []
+    fix = (
+        f"--patch-size {side} gives samples it can"
+        if request.source in ("geotiff", "oscd")
+        else f"cut them to {side}x{side} first"
+    )
+    return [
+        f"warning: samples are {height}x{width}: fit-vae trains on square samples whose side is "
+        f"a multiple of 8 ({fix})"
+    ]
 
 
 def _no_train_note(tally: PrepareTally) -> str | None:

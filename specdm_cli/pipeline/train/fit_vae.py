@@ -36,7 +36,12 @@ from specdm_cli.pipeline.train.driver import (
     launch,
     train_loop,
 )
-from specdm_cli.pipeline.train.vae_trainer import VAETrainer, model_config, training_indices
+from specdm_cli.pipeline.train.vae_trainer import (
+    VAETrainer,
+    model_config,
+    require_trainable_samples,
+    training_indices,
+)
 from specdm_cli.stores import StoreReader, open_store, store_sha256
 
 
@@ -117,6 +122,7 @@ def _fit_vae(
     started = time.monotonic()
     reader = open_store(request.store)
     model_config(request.config, reader.manifest)  # a bad shape is told before the run dir exists
+    require_trainable_samples(reader, request.config.downsample)
     training_indices(reader, request.config)  # and so is a split with no samples
     _require_batch_memory(request.config.batch_size, reader.manifest)
     check_batch_divides(request.config.batch_size, request.devices)

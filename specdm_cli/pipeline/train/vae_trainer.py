@@ -12,7 +12,7 @@ import torch
 from pydantic import ValidationError
 from torch import nn
 
-from specdm_cli.config import Progress, VAETrainConfig
+from specdm_cli.config import Progress, VAETrainConfig, trainable_side
 from specdm_cli.errors import InputDataError, UsageError
 from specdm_cli.manifest import IMAGE_ARRAYS, Manifest
 from specdm_cli.models.image_critics import ImageCritic, semantic_loss
@@ -67,6 +67,19 @@ def model_config(config: VAETrainConfig, manifest: Manifest) -> VAEConfig:
             f"bad VAE shape: {reason}",
             hint="e.g. --image-blocks 16,32,32 --mask-blocks 8,16,16 --norm-groups 8 (f = 4)",
         ) from None
+
+
+def require_trainable_samples(reader: StoreReader, downsample: int) -> None:
+    """Square samples whose side the VAE halves to a whole latent: another store (a SegMunich
+    tree of odd patches, one prepared before sides were checked) is exit 3 before training."""
+    height, width = reader.manifest.height, reader.manifest.width
+    if height != width or height % downsample:
+        raise InputDataError(
+            f"the store's samples are {height}x{width}: the VAE trains on square samples whose "
+            f"side is a multiple of {downsample} (--downsample)",
+            reader.root,
+            f"prepare the store again with --patch-size {trainable_side(height, width)}",
+        )
 
 
 def training_indices(reader: StoreReader, config: VAETrainConfig) -> np.ndarray:
