@@ -46,3 +46,20 @@ def test_importing_specdm_chooses_sleeping_waits_unless_the_user_chose(
     code = "import os, specdm_cli, torch; print(os.environ['OMP_WAIT_POLICY'])"
     done = processes.run([sys.executable, "-c", code], env=environment, text=True)
     assert done.returncode == 0 and done.stdout.strip() == seen
+
+
+@pytest.mark.parametrize(("given", "seen"), [(None, 256 << 20), ("64", 64 << 20)])
+def test_importing_specdm_bounds_gdals_block_cache_unless_the_user_chose(
+    given: str | None, seen: int
+) -> None:
+    """GDAL's default (5% of RAM, filled by every prepare worker's handles) made a 4000 x 4000
+    scene peak at 1.39 GB: GDAL sees 256 MB (rasterio gives bytes) unless the user set it."""
+    environment = {k: v for k, v in os.environ.items() if k != "GDAL_CACHEMAX"}
+    if given:
+        environment["GDAL_CACHEMAX"] = given
+    code = (
+        "import specdm_cli, rasterio; from rasterio.env import get_gdal_config; "
+        "print(get_gdal_config('GDAL_CACHEMAX'))"
+    )
+    done = processes.run([sys.executable, "-c", code], env=environment, text=True)
+    assert done.returncode == 0 and int(done.stdout) == seen, done.stderr
