@@ -220,3 +220,30 @@ def test_a_resume_over_the_same_raw_data_completes(tmp_path: Path, older_tally: 
     resumed = specdm(*args, "--out", out, "--resume")
     assert resumed.returncode == 0, resumed.stderr
     assert_same_store(out, reference)
+
+
+def test_a_damaged_tile_met_mid_run_names_the_partial_store_and_both_ways_on(
+    tmp_path: Path,
+) -> None:
+    """The line said "re-export or remove the file" alone: removing it, then --resume, was
+    refused ("the raw data changed"); the store the run left was not mentioned."""
+    from tests.conftest import manifest_of, run_cli
+
+    raw = make_geotiff_folder(tmp_path / "raw", n=70, size=(32, 32))
+    bad = raw / "images" / "tile_68.tif"
+    with rasterio.open(bad) as src:  # in 16 x 16 tiles after its header: the cut takes pixels
+        profile, pixels = src.profile, src.read()
+    profile.update(compress="deflate", tiled=True, blockxsize=16, blockysize=16)
+    with rasterio.open(bad, "w", **profile) as dst:
+        dst.write(pixels)
+    whole = bad.read_bytes()
+    bad.write_bytes(whole[: len(whole) * 2 // 3])  # the header intact, the pixels cut
+    out = tmp_path / "out.zarr"
+    code, _, stderr = run_cli("prepare", "geotiff", raw, "--out", out, "--workers", "1", "-q")
+    assert_one_error_line(code, stderr, 3, "tile_68.tif")
+    assert f"{out} keeps the samples written so far" in stderr
+    assert "--resume" in stderr and "--overwrite" in stderr
+    assert out.exists() and not manifest_of(out)["complete"]
+    bad.write_bytes(whole)  # the first way: the file mended, the run resumed
+    code, _, stderr = run_cli("prepare", "geotiff", raw, "--out", out, "--resume")
+    assert code == 0 and manifest_of(out)["count"] == 70, stderr

@@ -187,6 +187,8 @@ def prepare(
         fault = isinstance(exc, (OSError, ResourceError, Interrupted))
         if state == "fresh" and not fault and _load_tally(request.out).kept == 0:
             remove_tree(request.out)
+        elif isinstance(exc, InputDataError):
+            _name_the_partial_store(exc, request.out)
         raise
     finally:
         source_plan.close()
@@ -202,6 +204,16 @@ def prepare(
         if warn is not None:
             warn(note)
     return replace(summary, warnings=[*early, *notes])
+
+
+def _name_the_partial_store(error: InputDataError, out: Path) -> None:
+    """Bad raw data met mid-run leaves the samples written so far: say so, and both ways on
+    (removing the file changes the plan, which a --resume refuses)."""
+    fix = error.hint or "fix the file"
+    error.hint = (
+        f"{fix}; {out} keeps the samples written so far: once the file is fixed, rerun with "
+        "--resume, or without the file, with --overwrite"
+    )
 
 
 def _untrainable_note(request: PrepareRequest, spec: SourceSpec) -> list[str]:
