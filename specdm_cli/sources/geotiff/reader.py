@@ -147,7 +147,8 @@ def read_geotiff(raw: Path | None, options: PrepareOptions) -> SourcePlan:
     crs_by_file = check_all(headers)
     crs = _one_crs(crs_by_file)
     exported = exported_manifest(root, task)
-    splits, splits_from = assign_splits(list(files), options, export_splits(exported, list(files)))
+    recorded = export_splits(exported, list(files))
+    splits, splits_from = assign_splits(list(files), options, recorded)
     height = min(options.patch_size, max(h.height for h in headers.values()))
     width = min(options.patch_size, max(h.width for h in headers.values()))
     # Planned from the headers before any pixel is read, the class scan included.
@@ -191,7 +192,7 @@ def read_geotiff(raw: Path | None, options: PrepareOptions) -> SourcePlan:
     load = functools.partial(_load, ctx=context, rasters=rasters)
     notes = [
         *_crs_notes(crs_by_file, crs), *_padding_notes(headers, height, width),
-        *_alpha_notes(headers), *share_notes(splits, options),
+        *_alpha_notes(headers), *(share_notes(splits, options) if recorded is None else []),
         *_change_code_notes(task, codes, classes_from), *resolved.notes, *(grey_notes or []),
     ]  # fmt: skip
     return SourcePlan(
