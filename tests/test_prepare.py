@@ -21,6 +21,7 @@ from specdm_cli.pipeline.signals import StopFlag
 from specdm_cli.sources.base import PrepareOptions
 from specdm_cli.stores import open_store, store_sha256
 from tests.conftest import manifest_of, prepare_demo, run_cli
+from tests.fixtures.geotiff_folder import make_geotiff_folder
 
 
 def _arrays(store: Path) -> dict[str, np.ndarray]:
@@ -121,6 +122,27 @@ def test_an_export_read_back_keeps_its_own_splits(tmp_path: Path) -> None:
     assert manifest_of(tmp_path / "back.zarr")["source"]["details"]["splits_from"].startswith(  # type: ignore[index]
         "manifest.json"
     )
+
+
+def test_a_masks_colour_table_gives_its_classes_colours_and_the_export_keeps_them(
+    tmp_path: Path,
+) -> None:
+    """Land-cover masks ship a palette: it was replaced by invented colours, in the manifest
+    and in a GeoTIFF export's masks."""
+    raw = make_geotiff_folder(tmp_path / "raw", n=2, size=(16, 16))
+    palette = {10: (255, 0, 0), 40: (0, 128, 0), 100: (0, 0, 255)}
+    for mask in (raw / "masks").iterdir():
+        with rasterio.open(mask, "r+") as dst:
+            dst.write_colormap(1, {code: (*rgb, 255) for code, rgb in palette.items()})
+    tiles = tmp_path / "tiles"
+    code, _, stderr = run_cli("prepare", "geotiff", raw, "--out", tiles, "--format", "geotiff",
+                              "--patch-size", "16", "--quiet")  # fmt: skip
+    assert code == 0, stderr
+    classes = manifest_of(tiles)["classes"]
+    assert {c["code"]: tuple(c["colour"]) for c in classes} == palette  # type: ignore[union-attr,index]
+    with rasterio.open(next((tiles / "masks").iterdir())) as exported:
+        table = exported.colormap(1)
+    assert [table[c["index"]][:3] for c in classes] == list(palette.values())  # type: ignore[union-attr,index]
 
 
 def test_cd_store_has_both_phases_and_change(demo_cd_store: Path) -> None:

@@ -81,8 +81,10 @@ def resolve_classes(
         raise InputDataError(
             "the label files hold no class codes (all nodata/255)", root, "check the masks"
         )
-    classes = _make_classes([(code, f"class_{code}", None) for code in codes], root)
-    return ResolvedClasses(classes, "masks", [*notes, *_sentinel_notes(scans)])
+    # The masks' own colour table, where they carry one, so a GeoTIFF export keeps its colours.
+    palette = next((scan.palette for scan in scans if scan.palette), {})
+    rows = [(code, f"class_{code}", palette.get(code)) for code in codes]
+    return ResolvedClasses(_make_classes(rows, root), "masks", [*notes, *_sentinel_notes(scans)])
 
 
 def classes_path(root: Path, options: PrepareOptions) -> Path | None:
@@ -354,6 +356,7 @@ class _MaskScan:
     codes: set[int]  # distinct codes, nodata excluded
     tag: float | None  # the file's nodata tag
     dtype: np.dtype[Any]
+    palette: dict[int, tuple[int, int, int]] | None = None  # the file's colour table, if any
 
 
 def _scan_mask(path: Path, label_nodata: float | None, declared: Collection[int] = ()) -> _MaskScan:
@@ -371,14 +374,23 @@ def _scan_mask(path: Path, label_nodata: float | None, declared: Collection[int]
             values = label_values(np.unique(raw), nodata)
             require_integer_labels(values, path)
             codes |= {int(v) for v in values if v != NODATA_CODE}
-        tag, dtype = src.nodata, np.dtype(src.dtypes[0])
+        tag, dtype, palette = src.nodata, np.dtype(src.dtypes[0]), _palette(src)
     if codes and min(codes) < 0:
         raise InputDataError(
             f"negative label code {min(codes)}",
             path,
             f"if {min(codes)} means no data, pass --label-nodata {min(codes)}; else fix the file",
         )
-    return _MaskScan(codes, tag, dtype)
+    return _MaskScan(codes, tag, dtype, palette)
+
+
+def _palette(src: Any) -> dict[int, tuple[int, int, int]] | None:
+    """A paletted mask's colours by code (land-cover products ship them), else None."""
+    try:
+        table = src.colormap(1)
+    except ValueError:  # rasterio: "NULL color table"
+        return None
+    return {int(code): (r, g, b) for code, (r, g, b, _alpha) in table.items()}
 
 
 def _scan_windows(height: int, width: int) -> Iterator[Window]:
