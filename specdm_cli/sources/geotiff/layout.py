@@ -27,10 +27,13 @@ from specdm_cli.manifest import (
 from specdm_cli.sources.base import broken_link
 
 # What GDAL reads that a folder of tiles holds: GeoTIFF, JPEG 2000, VRT, ENVI/ERDAS data files
-# (`.img`, `.dat`, `.bsq`/`.bil`/`.bip`), and PNG, as labelling tools (and mmseg's `ann_dir`)
-# write masks. ENVI data of any other name (`.raw` of SPECIM cameras, none) is found by its
-# `.hdr`.
-EXTENSIONS = (".tif", ".tiff", ".jp2", ".vrt", ".img", ".dat", ".bsq", ".bil", ".bip", ".png")
+# (`.img`, `.dat`, `.bsq`/`.bil`/`.bip`), PNG, as labelling tools (and mmseg's `ann_dir`) write
+# masks, and JPEG, as DeepGlobe ships its images. ENVI data of any other name (`.raw` of SPECIM
+# cameras, none) is found by its `.hdr`.
+# A JPEG is lossy: a JPEG mask's class codes change along every edge, so masks are refused.
+_LOSSY = (".jpg", ".jpeg")
+_ENVI = (".img", ".dat", ".bsq", ".bil", ".bip")
+EXTENSIONS = (".tif", ".tiff", ".jp2", ".vrt", ".png", *_LOSSY, *_ENVI)
 # Files beside ENVI data that are no raster: its header, ENVI's statistics and display files,
 # GDAL's sidecars (`.aux.xml` ends in `.xml`).
 _SIDECARS = (".hdr", ".sta", ".enp", ".xml", ".aux", ".msk", ".ovr")
@@ -108,7 +111,7 @@ def _list_rasters(folder: Path) -> dict[str, Path]:
         rasters[stem] = path
     if not rasters:
         raise InputDataError(
-            "no raster files in folder (GeoTIFF, JPEG 2000, VRT, PNG or ENVI with its .hdr)",
+            "no raster files in folder (GeoTIFF, JPEG 2000, VRT, PNG, JPEG or ENVI with its .hdr)",
             folder,
             "add the tiles",
         )
@@ -139,6 +142,7 @@ def _beside_envi_header(path: Path) -> bool:
 def pair_files(root: Path, task: Task) -> Files:
     names = array_names(task)
     listed = {name: _list_rasters(root / GEOTIFF_FOLDERS[name]) for name in names}
+    _refuse_lossy_labels(listed[LABEL_ARRAY[task]].values())
     stems = sorted(set().union(*listed.values()))
     for stem in stems:
         have = [n for n in names if stem in listed[n]]
@@ -152,6 +156,16 @@ def pair_files(root: Path, task: Task) -> Files:
                 "add the missing file or remove its partners",
             )
     return {stem: {name: listed[name][stem] for name in names} for stem in stems}
+
+
+def _refuse_lossy_labels(labels: Iterable[Path]) -> None:
+    lossy = next((path for path in labels if path.suffix.lower() in _LOSSY), None)
+    if lossy is not None:
+        raise InputDataError(
+            "a JPEG mask is lossy: its class codes change along every edge",
+            lossy,
+            "export the masks as PNG or GeoTIFF",
+        )
 
 
 def _usual_suffix(paths: Iterable[Path], fallback: str) -> str:
