@@ -12,6 +12,8 @@ from PIL import Image
 from specdm_cli.stores import open_store
 from tests.conftest import run_cli
 from tests.fault_tools import assert_one_error_line
+from tests.fixtures.geotiff_folder import make_geotiff_folder
+from tests.fixtures.real_layouts import images_to_envi
 
 
 def _rgb(seed: int, size: int = 16) -> np.ndarray:
@@ -60,3 +62,25 @@ def test_a_jpeg_mask_is_refused_as_lossy(tmp_path: Path, suffix: str) -> None:
     assert_one_error_line(code, stderr, 3, f"({masks / f'a{suffix}'})")
     assert "lossy" in stderr and "PNG or GeoTIFF" in stderr
     assert not (tmp_path / "s.zarr").exists()
+
+
+def test_envi_data_beside_its_camera_s_notes_and_logs_is_read(tmp_path: Path) -> None:
+    """`t.raw` + `t.hdr` beside `t.log` and `t.txt`: "two files share the stem 't'"."""
+    raw = make_geotiff_folder(tmp_path / "raw", n=2)
+    images_to_envi(raw, ".raw")
+    for end in (".txt", ".log", ".csv", ".json", ".xml", ".md", ".html", ".pdf"):
+        (raw / "images" / f"tile_00{end}").write_text("integration time 12 ms\n")
+    code, stderr = _prepare(raw, tmp_path / "s.zarr", "--val-fraction", "0")
+    assert code == 0, stderr
+    assert sorted(open_store(tmp_path / "s.zarr").source_ids() or []) == ["tile_00", "tile_01"]
+
+
+def test_two_rasters_of_one_stem_are_both_named(tmp_path: Path) -> None:
+    """An ENVI cube beside its PNG quicklook: the line named only one of them."""
+    images, masks = _folders(tmp_path / "raw")
+    Image.fromarray(_rgb(0)).save(images / "t.png")
+    Image.fromarray(_rgb(0)).save(images / "t.tif")
+    Image.fromarray(_codes(0)).save(masks / "t.png")
+    code, stderr = _prepare(tmp_path / "raw", tmp_path / "s.zarr")
+    assert_one_error_line(code, stderr, 3, "t.png and t.tif share the stem 't'")
+    assert "keep one" in stderr

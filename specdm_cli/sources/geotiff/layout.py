@@ -35,8 +35,16 @@ _LOSSY = (".jpg", ".jpeg")
 _ENVI = (".img", ".dat", ".bsq", ".bil", ".bip")
 EXTENSIONS = (".tif", ".tiff", ".jp2", ".vrt", ".png", *_LOSSY, *_ENVI)
 # Files beside ENVI data that are no raster: its header, ENVI's statistics and display files,
-# GDAL's sidecars (`.aux.xml` ends in `.xml`).
-_SIDECARS = (".hdr", ".sta", ".enp", ".xml", ".aux", ".msk", ".ovr")
+# GDAL's sidecars (`.aux.xml` ends in `.xml`), world and projection files.
+_SIDECARS = (".hdr", ".sta", ".enp", ".xml", ".aux", ".msk", ".ovr", ".tfw", ".wld", ".prj")
+# What cameras and people leave beside a cube (`t.raw` + `t.hdr` + `t.log`): logs, notes,
+# metadata, reports, styles, archives; none is a raster, whatever header lies beside it.
+_COMPANIONS = frozenset({
+    ".txt", ".log", ".csv", ".tsv", ".json", ".yaml", ".yml", ".ini", ".cfg",
+    ".md", ".rst", ".html", ".htm", ".pdf", ".doc", ".docx", ".rtf", ".qml", ".sld",
+    ".zip", ".gz", ".7z", ".tar", ".py", ".sh", ".db", ".kml", ".kmz",
+})  # fmt: skip
+_NOT_RASTERS = _COMPANIONS.union(_SIDECARS)
 _TASKS: tuple[Task, ...] = ("ss", "cd")
 
 Files = dict[str, dict[str, Path]]  # stem -> array name -> path
@@ -107,7 +115,11 @@ def _list_rasters(folder: Path) -> dict[str, Path]:
         if stem is None:
             continue
         if stem in rasters:
-            raise InputDataError(f"two files share the stem {stem!r}", path, "keep one of them")
+            raise InputDataError(
+                f"{rasters[stem].name} and {path.name} share the stem {stem!r}",
+                path,
+                "files pair by name without extension: keep one of them in the folder",
+            )
         rasters[stem] = path
     if not rasters:
         raise InputDataError(
@@ -134,7 +146,7 @@ def raster_stem(path: Path) -> str | None:
 
 def _beside_envi_header(path: Path) -> bool:
     """ENVI data with a header where GDAL's ENVI driver looks: `<stem>.hdr` or `<name>.hdr`."""
-    if path.suffix.lower() in _SIDECARS:
+    if path.suffix.lower() in _NOT_RASTERS:
         return False
     return path.with_suffix(".hdr").is_file() or path.with_name(f"{path.name}.hdr").is_file()
 
