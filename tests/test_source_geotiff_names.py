@@ -3,6 +3,7 @@ names in two Unicode forms, custom CRSs spelled two ways, and thousands of tiles
 
 from __future__ import annotations
 
+import unicodedata
 from pathlib import Path
 
 import numpy as np
@@ -84,3 +85,23 @@ def test_two_rasters_of_one_stem_are_both_named(tmp_path: Path) -> None:
     code, stderr = _prepare(tmp_path / "raw", tmp_path / "s.zarr")
     assert_one_error_line(code, stderr, 3, "t.png and t.tif share the stem 't'")
     assert "keep one" in stderr
+
+
+def test_names_in_either_unicode_form_pair_and_take_their_split(tmp_path: Path) -> None:
+    """An image named on macOS (NFD) and its mask named on Linux (NFC) were "Zürich.tif has no
+    partner in masks/"; a splits file may spell the stem either way."""
+    images, masks = _folders(tmp_path / "raw")
+    for i, name in enumerate(["Zürich", "Köln"]):
+        Image.fromarray(_rgb(i)).save(images / f"{unicodedata.normalize('NFD', name)}.png")
+        Image.fromarray(_codes(i)).save(masks / f"{unicodedata.normalize('NFC', name)}.png")
+    splits = tmp_path / "splits.csv"
+    rows = [f"{unicodedata.normalize('NFD', 'Zürich')}.png,val", "images/Köln.png,train"]
+    splits.write_text("\n".join(["stem,split", *rows]) + "\n", encoding="utf-8")
+    code, stderr = _prepare(tmp_path / "raw", tmp_path / "s.zarr", "--splits", str(splits))
+    assert code == 0, stderr
+    store = open_store(tmp_path / "s.zarr")
+    ids = store.source_ids() or []
+    assert sorted(ids) == sorted(unicodedata.normalize("NFC", n) for n in ["Zürich", "Köln"])
+    assert (
+        dict(zip(ids, store.splits(), strict=True))[unicodedata.normalize("NFC", "Zürich")] == "val"
+    )

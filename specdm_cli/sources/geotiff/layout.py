@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import re
+import unicodedata
 from collections import Counter
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
@@ -140,8 +141,14 @@ def raster_stem(path: Path) -> str | None:
     if not path.is_file():
         return None
     if path.suffix.lower() in EXTENSIONS or _beside_envi_header(path):
-        return path.stem
+        return pairing_name(path.stem)
     return None
+
+
+def pairing_name(name: str) -> str:
+    """`name` in Unicode's composed form (NFC): macOS and its zips write `Zürich` decomposed
+    (u + combining diaeresis), Linux and Windows tools composed; both name one tile."""
+    return unicodedata.normalize("NFC", name)
 
 
 def _beside_envi_header(path: Path) -> bool:
