@@ -8,12 +8,15 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import rasterio
 from PIL import Image
+from rasterio.crs import CRS
+from rasterio.transform import from_origin
 
 from specdm_cli.stores import open_store
 from tests.conftest import run_cli
 from tests.fault_tools import assert_one_error_line
-from tests.fixtures.geotiff_folder import make_geotiff_folder
+from tests.fixtures.geotiff_folder import make_geotiff_folder, write_image, write_label
 from tests.fixtures.real_layouts import images_to_envi
 
 
@@ -105,3 +108,50 @@ def test_names_in_either_unicode_form_pair_and_take_their_split(tmp_path: Path) 
     assert (
         dict(zip(ids, store.splits(), strict=True))[unicodedata.normalize("NFC", "Zürich")] == "val"
     )
+
+
+_LAEA = "+proj=laea +lat_0=52 +lon_0=10 +x_0=0 +y_0=0 +ellps=GRS80 +units=m +no_defs"
+
+
+def _esri(crs: CRS) -> CRS:
+    """The CRS as ArcGIS writes it (ESRI WKT): the same CRS, other text."""
+    return CRS.from_wkt(crs.to_wkt(version="WKT1_ESRI"))
+
+
+def _custom_crs_folder(root: Path, mask_crs: CRS, second_image_crs: CRS) -> Path:
+    """Two tiles in a CRS without an EPSG code, written from its PROJ string; the masks, and
+    the second image, in `mask_crs` and `second_image_crs`."""
+    root = make_geotiff_folder(root, n=2)
+    for i, stem in enumerate(["tile_00", "tile_01"]):
+        geo = {"transform": from_origin(1000 + 1000 * i, 2000, 10, 10)}
+        image, mask = root / "images" / f"{stem}.tif", root / "masks" / f"{stem}.tif"
+        write_image(
+            image, _pixels(image), {**geo, "crs": [CRS.from_proj4(_LAEA), second_image_crs][i]}
+        )
+        write_label(mask, _pixels(mask)[0], {**geo, "crs": mask_crs})
+    return root
+
+
+def _pixels(path: Path) -> np.ndarray:
+    with rasterio.open(path) as src:
+        return np.asarray(src.read())
+
+
+def test_one_custom_crs_spelled_two_ways_is_one_crs(tmp_path: Path) -> None:
+    """A PROJ-string image and its ESRI-WKT mask were "CRS 'unknown' (WKT) differs from its
+    image's 'unknown' (WKT)"; tiles spelled both ways are one CRS, so bounds are kept."""
+    esri = _esri(CRS.from_proj4(_LAEA))
+    raw = _custom_crs_folder(tmp_path / "raw", mask_crs=esri, second_image_crs=esri)
+    code, stderr = _prepare(raw, tmp_path / "s.zarr", "--val-fraction", "0")
+    assert code == 0, stderr
+    manifest = open_store(tmp_path / "s.zarr").manifest
+    assert manifest.crs is not None and CRS.from_user_input(manifest.crs) == CRS.from_proj4(_LAEA)
+
+
+def test_two_custom_crss_are_told_apart_in_the_error(tmp_path: Path) -> None:
+    other = CRS.from_proj4(_LAEA.replace("+lon_0=10", "+lon_0=11"))
+    raw = _custom_crs_folder(tmp_path / "raw", mask_crs=_esri(other), second_image_crs=other)
+    code, stderr = _prepare(raw, tmp_path / "s.zarr")
+    mask = raw / "masks" / "tile_00.tif"
+    assert_one_error_line(code, stderr, 3, f"({mask})")
+    assert "+lon_0=11" in stderr and "+lon_0=10" in stderr and "unknown" not in stderr

@@ -302,9 +302,10 @@ def _same_grid(image: Header, other: Header) -> None:
     of a pixel). A mask without a transform is taken as on its image's grid."""
     if image.grid is None or other.grid is None:
         return
-    if other.crs is not None and image.crs is not None and other.crs != image.crs:
+    if other.crs is not None and image.crs is not None and not _same_crs(other.crs, image.crs):
+        shown, image_shown = _told_apart(other.crs, image.crs)
         raise InputDataError(
-            f"CRS {_shown(other.crs)} differs from its image's {_shown(image.crs)}",
+            f"CRS {shown} differs from its image's {image_shown}",
             other.path,
             f"reproject it onto {image.path.name}'s grid (e.g. gdalwarp)",
         )
@@ -327,6 +328,31 @@ def _shown(crs: str | None) -> str:
         return crs
     name = re.match(r'\s*\w+\["([^"]*)"', crs)
     return f"{name.group(1)!r} (WKT)" if name else crs[:60] + "..."
+
+
+@functools.lru_cache(maxsize=64)
+def _same_crs(first: str, second: str) -> bool:
+    """Whether two spellings name one CRS, as rasterio compares them (`CRS ==`): a custom CRS
+    written from a PROJ string and from its ESRI WKT (as ArcGIS writes masks) differ as text."""
+    return first == second or CRS.from_user_input(first) == CRS.from_user_input(second)
+
+
+def _told_apart(first: str, second: str) -> tuple[str, str]:
+    """Two CRSs that differ, shown so the reader sees how: by EPSG code or WKT name, else (two
+    custom CRSs, both named 'unknown') by their PROJ strings."""
+    shown = _shown(first), _shown(second)
+    if shown[0] != shown[1]:
+        return shown
+    return _proj(first), _proj(second)
+
+
+def _proj(crs: str) -> str:
+    # Flags (`+no_defs`, `+type=crs`) are the same in every CRS: left out.
+    terms = [f"+{key}={value}" for key, value in CRS.from_user_input(crs).to_dict().items()]
+    text = " ".join(term for term in terms if not term.endswith("=True"))
+    if not text:  # a CRS PROJ strings cannot express
+        return _shown(crs)
+    return repr(text if len(text) <= 120 else text[:117] + "...")
 
 
 def _origin(header: Header) -> str:
@@ -381,7 +407,21 @@ def check_all(headers: dict[str, Header]) -> dict[str, str | None]:
                 header.path,
                 "georeference every file, or none (e.g. gdal_translate -a_srs)",
             )
-    return {stem: header.crs for stem, header in headers.items()}
+    return _one_spelling({stem: header.crs for stem, header in headers.items()})
+
+
+def _one_spelling(crs_by_stem: dict[str, str | None]) -> dict[str, str | None]:
+    """Each CRS as the first file that names it spells it: tiles of one custom CRS written
+    as a PROJ string and as ESRI WKT are one CRS, so the store keeps its bounds."""
+    spellings: list[str] = []
+    for stem, crs in crs_by_stem.items():
+        if crs is None:
+            continue
+        known = next((seen for seen in spellings if _same_crs(seen, crs)), None)
+        if known is None:
+            spellings.append(crs)
+        crs_by_stem[stem] = known or crs
+    return crs_by_stem
 
 
 def output_dtype(dtype: str, path: Path, scaled: bool = False) -> str:
