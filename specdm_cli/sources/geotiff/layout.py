@@ -197,8 +197,17 @@ def _usual_suffix(paths: Iterable[Path], fallback: str) -> str:
 @contextmanager
 def open_raster(path: Path) -> Iterator[Any]:
     """An open rasterio dataset; GDAL failures become one input-data line naming the file."""
-    with raster_errors(path), rasterio.open(path) as src:
+    with raster_errors(path), open_dataset(path) as src:
         yield src
+
+
+def open_dataset(path: Path) -> Any:
+    """`rasterio.open(path)`, without GDAL listing the file's folder to find its sidecars: it
+    asks for each (`.aux.xml`, `.msk`, ENVI's `.hdr`) by name instead. In a folder of 2,000
+    tiles the listing was most of each open (about 2 of 3 ms), and planning opens every file."""
+    # Set per thread where it is not the main one (rasterio's Env), so loading threads may open.
+    with rasterio.Env(GDAL_DISABLE_READDIR_ON_OPEN="TRUE"):
+        return rasterio.open(path)
 
 
 @contextmanager
