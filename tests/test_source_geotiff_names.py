@@ -13,6 +13,9 @@ from PIL import Image
 from rasterio.crs import CRS
 from rasterio.transform import from_origin
 
+from specdm_cli.config import PrepareOptions
+from specdm_cli.sources.geotiff.classes import resolve_classes
+from specdm_cli.sources.geotiff.layout import check_stems, pair_files
 from specdm_cli.stores import open_store
 from tests.conftest import run_cli
 from tests.fault_tools import assert_one_error_line
@@ -48,7 +51,7 @@ def test_jpeg_images_pair_with_png_masks(tmp_path: Path, suffix: str) -> None:
     images, masks = _folders(tmp_path / "raw")
     for i, stem in enumerate(["a", "b"]):
         image = images / f"{stem}{suffix if stem == 'a' else '.png'}"
-        Image.fromarray(_rgb(i)).save(image, **({"quality": 95} if image.suffix != ".png" else {}))
+        Image.fromarray(_rgb(i)).save(image, quality=95)  # PNG ignores the quality
         Image.fromarray(_codes(i)).save(masks / f"{stem}.png")
     code, stderr = _prepare(tmp_path / "raw", tmp_path / "s.zarr", "--patch-size", "16")
     assert code == 0, stderr
@@ -155,3 +158,24 @@ def test_two_custom_crss_are_told_apart_in_the_error(tmp_path: Path) -> None:
     mask = raw / "masks" / "tile_00.tif"
     assert_one_error_line(code, stderr, 3, f"({mask})")
     assert "+lon_0=11" in stderr and "+lon_0=10" in stderr and "unknown" not in stderr
+
+
+@pytest.mark.parametrize("classes_file", [None, "csv"])
+def test_planning_reports_headers_and_mask_scans_as_it_goes(
+    tmp_path: Path, classes_file: str | None
+) -> None:
+    """The hooks of planning's progress (2,000 tiles were ~30 s without a line): each file's
+    header, then each mask's scan, reported through the stage progress callback."""
+    raw = make_geotiff_folder(tmp_path / "raw", n=3, classes_file=classes_file)
+    files = pair_files(raw, "ss")
+    calls: list[tuple[str, int, int]] = []
+
+    def record(stage: str, done: int, total: int) -> None:
+        calls.append((stage, done, total))
+
+    check_stems(files, "ss", record)
+    resolve_classes(raw, PrepareOptions(), "ss", files, progress=record)
+    assert calls == [
+        *(("reading headers", done, 3) for done in (1, 2, 3)),
+        *(("scanning masks", done, 3) for done in (1, 2, 3)),
+    ]

@@ -18,6 +18,7 @@ from rasterio.crs import CRS
 from rasterio.enums import ColorInterp
 from rasterio.errors import RasterioError
 
+from specdm_cli.config import Progress
 from specdm_cli.errors import InputDataError, reason_of
 from specdm_cli.manifest import (
     GEOTIFF_FOLDERS,
@@ -267,6 +268,19 @@ def _crs_name(wkt: str) -> str:
     """EPSG:xxxx when the CRS has a code, else its WKT (cached: a PROJ lookup per file is slow)."""
     epsg = CRS.from_wkt(wkt).to_epsg()
     return f"EPSG:{epsg}" if epsg else wkt
+
+
+def check_stems(
+    files: Files, task: Task, progress: Progress | None = None
+) -> dict[str, tuple[Header, Header]]:
+    """`check_stem` of every stem, reported to `progress` as the stage "reading headers": a
+    folder of 2,000 tiles takes seconds before the first patch is planned."""
+    checked = {}
+    for done, (stem, paths) in enumerate(files.items(), start=1):
+        checked[stem] = check_stem(paths, task)
+        if progress is not None:
+            progress("reading headers", done, len(files))
+    return checked
 
 
 def check_stem(paths: dict[str, Path], task: Task) -> tuple[Header, Header]:
