@@ -937,7 +937,7 @@ def test_a_files_windows_are_read_through_one_open_dataset_per_thread(
     from specdm_cli.sources.geotiff import handles
 
     opened: list[rasterio.io.DatasetReader] = []
-    real_open = rasterio.open
+    real_open = handles.open_dataset
 
     def counting_open(path: Path) -> rasterio.io.DatasetReader:
         opened.append(real_open(path))
@@ -945,7 +945,7 @@ def test_a_files_windows_are_read_through_one_open_dataset_per_thread(
 
     root = make_geotiff_folder(tmp_path / "raw", n=2, size=(64, 64), bands=3)
     plan = _plan(root, patch_size=16, overlap=0)
-    monkeypatch.setattr(handles.rasterio, "open", counting_open)
+    monkeypatch.setattr(handles, "open_dataset", counting_open)
     per_window = [plan.load(c).arrays for c in plan.candidates]
     assert len(plan.candidates) == 32 and len(opened) == 4  # 2 files x (image, mask)
     with ThreadPoolExecutor(max_workers=2) as pool:

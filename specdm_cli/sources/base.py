@@ -12,6 +12,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from specdm_cli.config import PrepareOptions as PrepareOptions
+from specdm_cli.config import Progress
 from specdm_cli.errors import InputDataError
 from specdm_cli.fs.space import require_memory
 from specdm_cli.manifest import IGNORE_INDEX, Band, ClassInfo, Task
@@ -81,7 +82,11 @@ class SourcePlan:
 class Reader(Protocol):
     """A raw dataset reader: list candidates cheaply, load one on demand (thread-safe)."""
 
-    def __call__(self, raw: Path | None, options: PrepareOptions) -> SourcePlan: ...
+    def __call__(
+        self, raw: Path | None, options: PrepareOptions, progress: Progress | None = None
+    ) -> SourcePlan:
+        """`progress` hears of a long planning (a folder of thousands of tiles)."""
+        ...
 
 
 def apply_nodata(

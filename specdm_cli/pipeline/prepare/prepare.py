@@ -166,7 +166,7 @@ def prepare(
     if state == "done":
         return _summary(request.out, "already complete", started)
     with stop.while_planning(), _reading_raw(request.raw):
-        source_plan = READERS[request.source](request.raw, request.options)
+        source_plan = READERS[request.source](request.raw, request.options, progress)
     early = [*source_plan.warnings, *_untrainable_note(request, source_plan.spec)]
     for line in early:
         if warn is not None:

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
+from specdm_cli.config import Progress
 from specdm_cli.errors import UsageError
 from specdm_cli.manifest import Band
 from specdm_cli.sources.base import Candidate, PrepareOptions, RawSample, SourcePlan, SourceSpec
@@ -101,7 +102,9 @@ def spec_of(options: PrepareOptions) -> SourceSpec:
     )
 
 
-def read_demo(raw: Path | None, options: PrepareOptions) -> SourcePlan:
+def read_demo(
+    raw: Path | None, options: PrepareOptions, progress: Progress | None = None
+) -> SourcePlan:
     """Plan `options.n` synthetic land-cover samples; `raw` is not used (nothing to read).
 
     Uses task, n, size, seed, band_set ("s2" or "hsi"), val_fraction and test_fraction; sample

@@ -15,6 +15,7 @@ import numpy as np
 from rasterio.enums import ColorInterp
 from rasterio.windows import Window
 
+from specdm_cli.config import Progress
 from specdm_cli.errors import InputDataError, UsageError
 from specdm_cli.faults import fault_point
 from specdm_cli.manifest import (
@@ -56,12 +57,14 @@ def resolve_classes(
     files: Files,
     colour_masks: bool = False,
     exported: Manifest | None = None,
+    progress: Progress | None = None,
 ) -> ResolvedClasses:
     """Classes from the given file, RAW/classes.{json,csv}, a specdm manifest, or the masks.
 
     Colour masks (RGB labels) need the file, with a distinct colour for every class: the
     colour is what a mask pixel holds. A file's codes are checked against every mask here
-    (each mask's pixels read once more), before any sample is written."""
+    (each mask's pixels read once more, reported to `progress` as "scanning masks"), before
+    any sample is written."""
     path = classes_path(root, options)
     if colour_masks:
         return ResolvedClasses(_colour_classes(path, root), str(path))
@@ -69,12 +72,12 @@ def resolve_classes(
     if path is not None:
         classes = _read_classes_file(path)
         declared = frozenset(int(str(c.code)) for c in classes)
-        notes = _check_declared_codes(masks, declared, options.label_nodata, path)
+        notes = _check_declared_codes(masks, declared, options.label_nodata, path, progress)
         return ResolvedClasses(classes, str(path), notes, declared)
     if exported is not None:  # a specdm export's masks hold class indices as codes
         indexed = [c.model_copy(update={"code": c.index}) for c in exported.classes]
         return ResolvedClasses(indexed, str(root / "manifest.json"))
-    scans = [_scan_mask(mask, options.label_nodata) for mask in masks]
+    scans = [scan for _, scan in _scan_masks(masks, options.label_nodata, (), progress)]
     found = set().union(*(scan.codes for scan in scans))
     codes, notes = _discovered_codes(found, task)
     if not codes:
@@ -164,7 +167,11 @@ def _integral(value: float | None) -> int | None:
 
 
 def _check_declared_codes(
-    masks: list[Path], declared: frozenset[int], option: float | None, source: Path
+    masks: list[Path],
+    declared: frozenset[int],
+    option: float | None,
+    source: Path,
+    progress: Progress | None = None,
 ) -> list[str]:
     """Every mask's codes must be declared (exit 3 naming the mask; found while writing, it
     left a half-written store); a tag that names a declared code is read as the class (noted)."""
@@ -174,8 +181,7 @@ def _check_declared_codes(
             hint="drop --label-nodata, or the class from the file",
         )
     overridden: set[int] = set()
-    for path in masks:
-        scan = _scan_mask(path, option, declared)
+    for path, scan in _scan_masks(masks, option, declared, progress):
         tagged = _integral(scan.tag)
         if option is None and tagged is not None and tagged in declared:
             overridden.add(tagged)
@@ -357,6 +363,19 @@ class _MaskScan:
     tag: float | None  # the file's nodata tag
     dtype: np.dtype[Any]
     palette: dict[int, tuple[int, int, int]] | None = None  # the file's colour table, if any
+
+
+def _scan_masks(
+    masks: list[Path],
+    label_nodata: float | None,
+    declared: Collection[int],
+    progress: Progress | None,
+) -> Iterator[tuple[Path, _MaskScan]]:
+    """Each mask with its scan, in turn, reported to `progress` as "scanning masks"."""
+    for done, path in enumerate(masks, start=1):
+        yield path, _scan_mask(path, label_nodata, declared)
+        if progress is not None:
+            progress("scanning masks", done, len(masks))
 
 
 def _scan_mask(path: Path, label_nodata: float | None, declared: Collection[int] = ()) -> _MaskScan:

@@ -9,9 +9,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-import rasterio
-
-from specdm_cli.sources.geotiff.layout import raster_errors
+from specdm_cli.sources.geotiff.layout import open_dataset, raster_errors
 
 
 class OpenRasters:
@@ -33,7 +31,7 @@ class OpenRasters:
             mine = self._mine()
             src = mine.pop(path, None)
             if src is None:
-                src = rasterio.open(path)
+                src = open_dataset(path)
             try:
                 yield src
             except BaseException:

@@ -13,6 +13,7 @@ from rasterio.enums import MaskFlags
 from rasterio.errors import NotGeoreferencedWarning
 from rasterio.windows import Window
 
+from specdm_cli.config import Progress
 from specdm_cli.fs.space import require_memory
 from specdm_cli.manifest import (
     GEOTIFF_FOLDERS,
@@ -57,7 +58,7 @@ from specdm_cli.sources.geotiff.layout import (
     band_scaling,
     bands_dtype,
     check_all,
-    check_stem,
+    check_stems,
     data_bands,
     infer_task,
     output_dtype,
@@ -114,7 +115,12 @@ class _Window:
     offsets: np.ndarray
 
 
-def read_geotiff(raw: Path | None, options: PrepareOptions) -> SourcePlan:
+PLANNING_PROGRESS_FILES = 100
+
+
+def read_geotiff(
+    raw: Path | None, options: PrepareOptions, progress: Progress | None = None
+) -> SourcePlan:
     """Open a folder of labelled rasters: pair files by stem, check headers, plan patches.
 
     `images/`+`masks/` is task ss, `t1/`+`t2/`+`change/` task cd; files are anything GDAL reads
@@ -138,7 +144,10 @@ def read_geotiff(raw: Path | None, options: PrepareOptions) -> SourcePlan:
     root = require_dir(raw, "geotiff")
     task = infer_task(root)
     files = pair_files(root, task)
-    checked = {stem: check_stem(paths, task) for stem, paths in files.items()}
+    # Planning reads every header and scans every mask: told on the progress where that takes
+    # seconds (2,000 tiles: ~15 s), not in a small folder, whose errors stay one line.
+    planning = progress if len(files) >= PLANNING_PROGRESS_FILES else None
+    checked = check_stems(files, task, planning)
     headers = {stem: image for stem, (image, _) in checked.items()}
     rgb_masks = [label.path for _, label in checked.values() if label.count == 3]
     grey_notes = grey_rgb_notes(rgb_masks, classes_path(root, options))
@@ -153,7 +162,7 @@ def read_geotiff(raw: Path | None, options: PrepareOptions) -> SourcePlan:
     width = min(options.patch_size, max(h.width for h in headers.values()))
     # Planned from the headers before any pixel is read, the class scan included.
     candidates = _candidates(headers, splits, height, width, options)
-    resolved = resolve_classes(root, options, task, files, colour_masks, exported)
+    resolved = resolve_classes(root, options, task, files, colour_masks, exported, planning)
     classes, classes_from = resolved.classes, resolved.source
     bands = read_bands(first.path)
     scaled = any(h.scaled for h in headers.values())

@@ -12,7 +12,7 @@ import numpy as np
 from specdm_cli.errors import InputDataError
 from specdm_cli.manifest import Manifest
 from specdm_cli.sources.base import PrepareOptions, read_text_input
-from specdm_cli.sources.geotiff.layout import EXTENSIONS
+from specdm_cli.sources.geotiff.layout import EXTENSIONS, pairing_name
 
 _SPLITS = ("train", "val", "test")
 
@@ -71,8 +71,9 @@ def _share(fraction: float, count: int) -> int:
 
 def _file_stem(cell: str) -> str:
     """A splits file's stem as pairing names files: a path (`images/tile_00.tif`, `./tile_00`,
-    `images\\tile_00.tif` from Windows) or a file name names the same tile as `tile_00`."""
-    name = re.split(r"[/\\]", cell.strip())[-1]
+    `images\\tile_00.tif` from Windows) or a file name names the same tile as `tile_00`, in
+    either Unicode form."""
+    name = pairing_name(re.split(r"[/\\]", cell.strip())[-1])
     return name.rsplit(".", 1)[0] if name.lower().endswith(EXTENSIONS) else name
 
 

@@ -10,6 +10,7 @@ from typing import Any
 
 from rasterio.errors import NotGeoreferencedWarning
 
+from specdm_cli.config import Progress
 from specdm_cli.sources.base import (
     Candidate,
     PrepareOptions,
@@ -39,7 +40,9 @@ from specdm_cli.sources.oscd.pixels import CityCache, Context, load_patch
 from specdm_cli.sources.sentinel2 import S2_RGB_BANDS, s2_bands
 
 
-def read_oscd(raw: Path | None, options: PrepareOptions) -> SourcePlan:
+def read_oscd(
+    raw: Path | None, options: PrepareOptions, progress: Progress | None = None
+) -> SourcePlan:
     """Open OSCD: list the cities, split them, read one header per city and phase.
 
     Args:

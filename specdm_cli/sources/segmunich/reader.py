@@ -7,6 +7,7 @@ import functools
 import logging
 from pathlib import Path
 
+from specdm_cli.config import Progress
 from specdm_cli.sources.base import (
     PrepareOptions,
     SourcePlan,
@@ -35,7 +36,9 @@ from specdm_cli.sources.sentinel2 import S2_RGB_BANDS, s2_bands
 _READ_THREADS = 4  # `prepare --workers`' default: patches read at once
 
 
-def read_segmunich(raw: Path | None, options: PrepareOptions) -> SourcePlan:
+def read_segmunich(
+    raw: Path | None, options: PrepareOptions, progress: Progress | None = None
+) -> SourcePlan:
     """Open a SegMunich tree: find the root, list every sample and check its files exist.
 
     Accepts the official TUM_128 layout (`dataset/<split>.txt`), GFM-Bench's
