@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import functools
-import re
 import unicodedata
 from collections import Counter
 from collections.abc import Iterable, Iterator
@@ -14,7 +12,6 @@ from typing import Any
 
 import numpy as np
 import rasterio
-from rasterio.crs import CRS
 from rasterio.enums import ColorInterp
 from rasterio.errors import RasterioError
 
@@ -27,6 +24,7 @@ from specdm_cli.manifest import (
     array_names,
 )
 from specdm_cli.sources.base import broken_link
+from specdm_cli.sources.geotiff.crs import crs_name, one_spelling, same_crs, shown_crs, told_apart
 
 # What GDAL reads that a folder of tiles holds: GeoTIFF, JPEG 2000, VRT, ENVI/ERDAS data files
 # (`.img`, `.dat`, `.bsq`/`.bil`/`.bip`), PNG, as labelling tools (and mmseg's `ann_dir`) write
@@ -231,7 +229,7 @@ def raster_errors(path: Path) -> Iterator[None]:
 
 def _header(path: Path) -> Header:
     with open_raster(path) as src:
-        crs = None if src.crs is None else _crs_name(src.crs.to_wkt())
+        crs = None if src.crs is None else crs_name(src.crs.to_wkt())
         grid = None if src.transform.is_identity else tuple(src.transform)[:6]
         bands = data_bands(src)
         scales, offsets = band_scaling(src, bands)
@@ -261,13 +259,6 @@ def band_scaling(src: Any, bands: list[int]) -> tuple[np.ndarray, np.ndarray]:
     scales = np.array([src.scales[i - 1] for i in bands], dtype=np.float64)
     offsets = np.array([src.offsets[i - 1] for i in bands], dtype=np.float64)
     return scales, offsets
-
-
-@functools.lru_cache(maxsize=16)
-def _crs_name(wkt: str) -> str:
-    """EPSG:xxxx when the CRS has a code, else its WKT (cached: a PROJ lookup per file is slow)."""
-    epsg = CRS.from_wkt(wkt).to_epsg()
-    return f"EPSG:{epsg}" if epsg else wkt
 
 
 def check_stems(
@@ -325,8 +316,8 @@ def _same_grid(image: Header, other: Header) -> None:
     of a pixel). A mask without a transform is taken as on its image's grid."""
     if image.grid is None or other.grid is None:
         return
-    if other.crs is not None and image.crs is not None and not _same_crs(other.crs, image.crs):
-        shown, image_shown = _told_apart(other.crs, image.crs)
+    if other.crs is not None and image.crs is not None and not same_crs(other.crs, image.crs):
+        shown, image_shown = told_apart(other.crs, image.crs)
         raise InputDataError(
             f"CRS {shown} differs from its image's {image_shown}",
             other.path,
@@ -340,42 +331,6 @@ def _same_grid(image: Header, other: Header) -> None:
             other.path,
             f"resample it onto {image.path.name}'s grid (e.g. gdalwarp -te/-tr of the image)",
         )
-
-
-def _shown(crs: str | None) -> str:
-    """A CRS for an error line: its EPSG code, else the name its WKT gives (a WKT is ~600
-    characters), else the start of it."""
-    if crs is None:
-        return "none"
-    if not crs.lstrip().endswith("]"):
-        return crs
-    name = re.match(r'\s*\w+\["([^"]*)"', crs)
-    return f"{name.group(1)!r} (WKT)" if name else crs[:60] + "..."
-
-
-@functools.lru_cache(maxsize=64)
-def _same_crs(first: str, second: str) -> bool:
-    """Whether two spellings name one CRS, as rasterio compares them (`CRS ==`): a custom CRS
-    written from a PROJ string and from its ESRI WKT (as ArcGIS writes masks) differ as text."""
-    return first == second or CRS.from_user_input(first) == CRS.from_user_input(second)
-
-
-def _told_apart(first: str, second: str) -> tuple[str, str]:
-    """Two CRSs that differ, shown so the reader sees how: by EPSG code or WKT name, else (two
-    custom CRSs, both named 'unknown') by their PROJ strings."""
-    shown = _shown(first), _shown(second)
-    if shown[0] != shown[1]:
-        return shown
-    return _proj(first), _proj(second)
-
-
-def _proj(crs: str) -> str:
-    # Flags (`+no_defs`, `+type=crs`) are the same in every CRS: left out.
-    terms = [f"+{key}={value}" for key, value in CRS.from_user_input(crs).to_dict().items()]
-    text = " ".join(term for term in terms if not term.endswith("=True"))
-    if not text:  # a CRS PROJ strings cannot express
-        return _shown(crs)
-    return repr(text if len(text) <= 120 else text[:117] + "...")
 
 
 def _origin(header: Header) -> str:
@@ -426,25 +381,11 @@ def check_all(headers: dict[str, Header]) -> dict[str, str | None]:
         _same_bands(first, header)
         if (header.crs is None) != (first.crs is None):
             raise InputDataError(
-                f"CRS {_shown(header.crs)} differs from {first.path.name}'s {_shown(first.crs)}",
+                f"CRS {shown_crs(header.crs)} differs from {first.path.name}'s {shown_crs(first.crs)}",
                 header.path,
                 "georeference every file, or none (e.g. gdal_translate -a_srs)",
             )
-    return _one_spelling({stem: header.crs for stem, header in headers.items()})
-
-
-def _one_spelling(crs_by_stem: dict[str, str | None]) -> dict[str, str | None]:
-    """Each CRS as the first file that names it spells it: tiles of one custom CRS written
-    as a PROJ string and as ESRI WKT are one CRS, so the store keeps its bounds."""
-    spellings: list[str] = []
-    for stem, crs in crs_by_stem.items():
-        if crs is None:
-            continue
-        known = next((seen for seen in spellings if _same_crs(seen, crs)), None)
-        if known is None:
-            spellings.append(crs)
-        crs_by_stem[stem] = known or crs
-    return crs_by_stem
+    return one_spelling({stem: header.crs for stem, header in headers.items()})
 
 
 def output_dtype(dtype: str, path: Path, scaled: bool = False) -> str:
