@@ -124,6 +124,10 @@ def test_report_files_exist_and_validate(ss_report: Path, ss: tuple[Path, Path])
     schema = json.loads(stdout)
     written = json.loads((ss_report / "report.json").read_text())
     assert code == 0 and set(schema["required"]) <= set(written) <= set(schema["properties"])
+    # With stores it ran nothing and said nothing of them: they are a usage error.
+    code, stdout, stderr = run_cli("benchmark", "--schema", "--real", ss[0])
+    assert_one_error_line(code, stderr, 2, "--schema prints the report.json schema")
+    assert "drop --real" in stderr and stdout == ""
     # --json on stdout: the same report without the per-sample lists.
     summary = json.loads((ss_report.parent / "stdout.json").read_text())
     assert "per_sample" not in summary["quality"] and summary["feature_hash"] == report.feature_hash

@@ -150,6 +150,12 @@ def benchmark(
         from specdm_cli.pipeline.train.common import torch_threads
 
         if schema:
+            given = [name for name, path in (("--real", real), ("--synthetic", synthetic)) if path]
+            if given:
+                raise UsageError(
+                    "--schema prints the report.json schema; it runs no benchmark",
+                    hint=f"drop --schema to benchmark, or drop {' and '.join(given)}",
+                )
             emit_json(report_schema())
             return
         if real is None or synthetic is None:
