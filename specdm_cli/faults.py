@@ -4,8 +4,8 @@
 process sends itself SIGKILL (`kill`, the default) or SIGSTOP (`stop`: it stays alive and keeps
 its locks until the test continues or kills it); several faults are comma-separated. The
 fault suite uses it to stop the real CLI deterministically, e.g. after the second block of
-`prepare` or in the middle of a checkpoint write, then checks that `--resume` recovers exactly. Without the variable every call is a
-dictionary lookup and nothing else.
+`prepare` or in the middle of a checkpoint write, then checks that `--resume` recovers exactly.
+Without the variable every call is a dictionary lookup and nothing else.
 """
 
 from __future__ import annotations
