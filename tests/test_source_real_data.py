@@ -29,6 +29,7 @@ from tests.fixtures.real_layouts import (
     make_gdal_formats,
     make_sen1floods11,
     make_sparse_change,
+    rasters_to_netcdf,
     write_raster,
 )
 from tests.fixtures.segmunich import make_segmunich, segmunich_sample, write_sample
@@ -252,6 +253,69 @@ def test_envi_data_of_any_extension_beside_its_header_is_read(tmp_path: Path, su
 def _pixels(path: Path) -> np.ndarray:
     with rasterio.open(path) as src:
         return np.asarray(src.read())
+
+
+def test_netcdf_masks_are_read_like_geotiff(tmp_path: Path) -> None:
+    """`.nc` (GDAL's netCDF driver) was passed over: "no raster files in folder"."""
+    raw = make_geotiff_folder(tmp_path / "raw", n=2)
+    code, _, stderr = _prepare("geotiff", raw, "--out", tmp_path / "tif.zarr", "--seed", "3")
+    assert code == 0, stderr
+    assert len(rasters_to_netcdf(raw / "masks")) == 2
+    code, _, stderr = _prepare("geotiff", raw, "--out", tmp_path / "nc.zarr", "--seed", "3")
+    assert code == 0, stderr
+    from_tif, from_netcdf = (
+        zarr.open_group(tmp_path / n, mode="r") for n in ("tif.zarr", "nc.zarr")
+    )
+    for name in ("source_id", "image", "mask"):
+        np.testing.assert_array_equal(from_netcdf[name][:], from_tif[name][:])
+    assert (
+        manifest_of(tmp_path / "nc.zarr")["classes"]
+        == manifest_of(tmp_path / "tif.zarr")["classes"]
+    )
+
+
+def test_netcdf_of_subdatasets_is_refused_naming_them_and_a_vrt_of_them_is_read(
+    tmp_path: Path,
+) -> None:
+    raw = make_geotiff_folder(tmp_path / "raw", n=2, bands=3)
+    expected = {p.stem: _pixels(p) for p in sorted((raw / "images").glob("*.tif"))}
+    first = rasters_to_netcdf(raw / "images")[0]
+    code, _, stderr = _prepare("geotiff", raw, "--out", tmp_path / "g.zarr")
+    assert code == 3
+    line = _one_line(stderr)
+    assert "subdatasets (Band1, Band2, Band3)" in line and first.name in line
+    assert "gdalbuildvrt -separate" in line
+    assert not (tmp_path / "g.zarr").exists()
+    # The fix the line gives: the netCDF files kept elsewhere, a VRT stacking their subdatasets
+    # in images/, as gdalbuildvrt -separate writes it.
+    kept = tmp_path / "netcdf"
+    kept.mkdir()
+    for netcdf in sorted((raw / "images").glob("*.nc")):
+        netcdf.rename(kept / netcdf.name)
+        _stack_subdatasets(kept / netcdf.name, netcdf.with_suffix(".vrt"), bands=3)
+    out = tmp_path / "v.zarr"
+    code, _, stderr = _prepare("geotiff", raw, "--out", out, "--val-fraction", "0")
+    assert code == 0, stderr
+    group = zarr.open_group(out, mode="r")
+    for index, stem in enumerate(np.asarray(group["source_id"][:])):
+        np.testing.assert_array_equal(group["image"][index], expected[str(stem)])
+
+
+def _stack_subdatasets(netcdf: Path, vrt: Path, bands: int) -> None:
+    with rasterio.open(f'NETCDF:"{netcdf}":Band1') as src:
+        height, width, gdal_type = src.height, src.width, {"uint16": "UInt16"}[src.dtypes[0]]
+        geo = ", ".join(repr(value) for value in src.transform.to_gdal())
+        crs = src.crs.to_wkt()
+    band_xml = "".join(
+        f'<VRTRasterBand dataType="{gdal_type}" band="{i}"><SimpleSource>'
+        f'<SourceFilename>NETCDF:"{netcdf}":Band{i}</SourceFilename><SourceBand>1</SourceBand>'
+        "</SimpleSource></VRTRasterBand>"
+        for i in range(1, bands + 1)
+    )
+    vrt.write_text(
+        f'<VRTDataset rasterXSize="{width}" rasterYSize="{height}"><SRS>{crs}</SRS>'
+        f"<GeoTransform>{geo}</GeoTransform>{band_xml}</VRTDataset>"
+    )
 
 
 def test_envi_header_wavelengths_and_path_band_names(tmp_path: Path) -> None:

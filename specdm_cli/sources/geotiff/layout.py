@@ -12,6 +12,7 @@ from typing import Any
 
 import numpy as np
 import rasterio
+from rasterio.drivers import raster_driver_extensions
 from rasterio.enums import ColorInterp
 from rasterio.errors import RasterioError
 
@@ -26,14 +27,14 @@ from specdm_cli.manifest import (
 from specdm_cli.sources.base import broken_link
 from specdm_cli.sources.geotiff.crs import crs_name, one_spelling, same_crs, shown_crs, told_apart
 
-# What GDAL reads that a folder of tiles holds: GeoTIFF, JPEG 2000, VRT, ENVI/ERDAS data files
-# (`.img`, `.dat`, `.bsq`/`.bil`/`.bip`), PNG, as labelling tools (and mmseg's `ann_dir`) write
-# masks, and JPEG, as DeepGlobe ships its images. ENVI data of any other name (`.raw` of SPECIM
-# cameras, none) is found by its `.hdr`.
 # A JPEG is lossy: a JPEG mask's class codes change along every edge, so masks are refused.
 _LOSSY = (".jpg", ".jpeg")
+# ENVI/ERDAS data files; ENVI data of any other name (`.raw` of SPECIM cameras, none) is found
+# by its `.hdr`.
 _ENVI = (".img", ".dat", ".bsq", ".bil", ".bip")
-EXTENSIONS = (".tif", ".tiff", ".jp2", ".vrt", ".png", *_LOSSY, *_ENVI)
+# HDF files (PRISMA's `.he5`, MODIS `.hdf`) are listed so that they are refused by name (they
+# hold subdatasets) rather than passed over; GDAL names no extension for them.
+_HDF = (".h5", ".hdf5", ".he5", ".hdf")
 # Files beside ENVI data that are no raster: its header, ENVI's statistics and display files,
 # GDAL's sidecars (`.aux.xml` ends in `.xml`), world and projection files.
 _SIDECARS = (".hdr", ".sta", ".enp", ".xml", ".aux", ".msk", ".ovr", ".tfw", ".wld", ".prj")
@@ -45,6 +46,20 @@ _COMPANIONS = frozenset({
     ".zip", ".gz", ".7z", ".tar", ".py", ".sh", ".db", ".kml", ".kmz",
 })  # fmt: skip
 _NOT_RASTERS = _COMPANIONS.union(_SIDECARS)
+# Databases that hold vector layers as often as rasters (an annotation GeoPackage in masks/)
+# and web-map tile pyramids: not tiles of a dataset.
+_CONTAINERS = frozenset({".gpkg", ".gpkg.zip", ".sqlite", ".mbtiles"})
+
+
+def _gdal_extensions() -> tuple[str, ...]:
+    """Every extension a raster driver of this GDAL build names (netCDF, WebP, ERDAS, ASCII
+    grids, ...), with the ones above: the files of a tile folder that are read as rasters."""
+    named = {f".{ext.lower()}" for ext in raster_driver_extensions()}
+    named -= _NOT_RASTERS | _CONTAINERS
+    return tuple(sorted(named.union(_LOSSY, _ENVI, _HDF, (".tif", ".tiff", ".vrt"))))
+
+
+EXTENSIONS = _gdal_extensions()
 _TASKS: tuple[Task, ...] = ("ss", "cd")
 
 Files = dict[str, dict[str, Path]]  # stem -> array name -> path
@@ -123,7 +138,7 @@ def _list_rasters(folder: Path) -> dict[str, Path]:
         rasters[stem] = path
     if not rasters:
         raise InputDataError(
-            "no raster files in folder (GeoTIFF, JPEG 2000, VRT, PNG, JPEG or ENVI with its .hdr)",
+            "no raster files in folder (none of the extensions GDAL reads, no ENVI .hdr)",
             folder,
             "add the tiles",
         )
@@ -229,6 +244,7 @@ def raster_errors(path: Path) -> Iterator[None]:
 
 def _header(path: Path) -> Header:
     with open_raster(path) as src:
+        _refuse_without_bands(src, path)
         crs = None if src.crs is None else crs_name(src.crs.to_wkt())
         grid = None if src.transform.is_identity else tuple(src.transform)[:6]
         bands = data_bands(src)
@@ -240,6 +256,23 @@ def _header(path: Path) -> Header:
         return Header(
             path, len(bands), dtype, src.height, src.width, crs, grid, scaled, alpha, names
         )
+
+
+def _refuse_without_bands(src: Any, path: Path) -> None:
+    """A netCDF or HDF file of several variables opens as a list of subdatasets, no bands:
+    which of them are the image's bands (and in which order) only its user knows."""
+    if src.count:
+        return
+    names = [name.rsplit(":", 1)[-1] for name in src.subdatasets]
+    if not names:
+        raise InputDataError("the raster holds no bands", path, "re-export or remove the file")
+    shown = ", ".join(names[:4]) + (f", ... ({len(names)} in all)" if len(names) > 4 else "")
+    raise InputDataError(
+        f"holds subdatasets ({shown}), no bands of its own",
+        path,
+        f"stack the bands into one file: gdalbuildvrt -separate {path.stem}.vrt "
+        f"{src.subdatasets[0]} ..., or gdal_translate it to GeoTIFF",
+    )
 
 
 def data_bands(src: Any) -> list[int]:

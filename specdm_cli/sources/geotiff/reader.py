@@ -123,8 +123,8 @@ def read_geotiff(
 ) -> SourcePlan:
     """Open a folder of labelled rasters: pair files by stem, check headers, plan patches.
 
-    `images/`+`masks/` is task ss, `t1/`+`t2/`+`change/` task cd; files are anything GDAL reads
-    that `layout.EXTENSIONS` lists (GeoTIFF, JPEG 2000, VRT, ENVI); other files (e.g. a specdm
+    `images/`+`masks/` is task ss, `t1/`+`t2/`+`change/` task cd; files are those `layout.EXTENSIONS`
+    lists (every raster extension of the installed GDAL) and ENVI data by its header; others (a specdm
     export's `manifest.json`) are ignored. Headers are read here, mask pixels only to discover
     classes. Samples are patch_size (capped at the largest file), smaller files padded.
 
