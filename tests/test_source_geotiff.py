@@ -776,6 +776,36 @@ def test_nodata_tags_and_option(tmp_path: Path) -> None:
     assert sample.nodata_pixels == 2  # the mask's nodata pixel counts too (issue 15)
 
 
+@pytest.mark.parametrize(
+    ("dtype", "one_band_at_the_tag_is"), [("uint8", "a colour"), ("uint16", "nodata")]
+)
+def test_a_pixel_with_the_tag_in_one_band(
+    tmp_path: Path, dtype: str, one_band_at_the_tag_is: str
+) -> None:
+    """8-bit RGB orthophotos tagged nodata 0 lost every pixel with a 0 in one channel (a deep
+    shadow, a saturated blue) to nodata: label 255, colour replaced by the tile's mean. In a
+    reflectance cube one band at the tag is still a band's footprint edge: nodata."""
+    root = make_geotiff_folder(tmp_path / "raw", n=1, bands=3, codes=[1, 2])
+    path = root / "images" / "tile_00.tif"
+    image = np.random.default_rng(0).integers(1, 256, size=(3, 24, 20)).astype(dtype)
+    image[0, 2, :] = 0  # row 2: red at the tag
+    image[:, 5, :] = 0  # row 5: every band at the tag
+    write_image(path, image, _geo(path), nodata=0)
+    out = tmp_path / "store.zarr"
+    code, _, stderr = run_cli("prepare", "geotiff", root, "--out", out, "--val-fraction", "0")
+    assert code == 0, stderr
+    stored = open_store(out).read(0)
+    mask, pixels = stored["mask"][:24, :20], stored["image"][:, :24, :20]
+    assert (mask[5] == 255).all() and (mask[[0, 1, 3, 4, 6]] != 255).all()
+    if one_band_at_the_tag_is == "a colour":
+        assert (mask[2] != 255).all()
+        np.testing.assert_array_equal(pixels[:, 2], image[:, 2])
+    else:
+        assert (mask[2] == 255).all()
+        assert (pixels[0, 2] > 0).all()  # filled with the valid pixels' mean
+    assert manifest_of(out)["source"]["nodata_pixels"] == 20 * (1 if dtype == "uint8" else 2)
+
+
 def test_a_rounded_float_nodata_tag_masks_the_lowest_float(tmp_path: Path) -> None:
     # ArcGIS-style exports tag float32 nodata as -3.40282e+38 and fill with -3.4028235e+38
     # (the lowest float32); `==` on the tag misses them, GDAL's mask does not.

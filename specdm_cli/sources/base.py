@@ -99,14 +99,18 @@ def apply_nodata(
 ) -> tuple[np.ndarray, int]:
     """Replace nodata pixels of a (C, H, W) image in place; returns (pixel mask, count).
 
-    A pixel is nodata where any band equals `nodata`, is NaN when NaN is declared nodata, or
-    is set in `masked` (the file's own mask, e.g. GDAL's). Its label becomes IGNORE_INDEX and
-    each band takes the mean of the sample's valid pixels (0 when none is valid). Any other
-    NaN or inf is an error naming `path`.
+    A pixel is nodata where any band equals `nodata` (every band, in 8-bit imagery), is NaN
+    when NaN is declared nodata, or is set in `masked` (the file's own mask, e.g. GDAL's). Its
+    label becomes IGNORE_INDEX and each band takes the mean of the sample's valid pixels (0
+    when none is valid). Any other NaN or inf is an error naming `path`.
     """
     invalid = np.zeros(image.shape[1:], dtype=bool) if masked is None else masked.copy()
     if nodata is not None and not np.isnan(nodata):
-        invalid |= (image == nodata).any(axis=0)
+        matches = image == nodata
+        # In a cube of reflectance one band at the tag is that band's footprint edge or fill; in
+        # 8-bit imagery (RGB photos) 0 or 255 in one channel is a colour (a deep shadow, a bright
+        # sky), so there, as in GDAL's dataset mask, only a pixel of the tag in every band is none.
+        invalid |= matches.all(axis=0) if image.dtype == np.uint8 else matches.any(axis=0)
     if np.issubdtype(image.dtype, np.floating):
         nan_pixels = np.isnan(image).any(axis=0)
         if nan_is_nodata or (nodata is not None and np.isnan(nodata)):
