@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import rasterio
+import rasterio.shutil
 import xarray as xr
 import zarr
 
@@ -143,6 +144,54 @@ def test_a_masks_colour_table_gives_its_classes_colours_and_the_export_keeps_the
     with rasterio.open(next((tiles / "masks").iterdir())) as exported:
         table = exported.colormap(1)
     assert [table[c["index"]][:3] for c in classes] == list(palette.values())  # type: ignore[union-attr,index]
+
+
+# A raster attribute table as ArcGIS writes one beside a classified GeoTIFF: a value column,
+# a count, and the names in a string column it does not mark GFU_Name.
+_ARCGIS_RAT = """<PAMDataset><PAMRasterBand band="1">
+<GDALRasterAttributeTable tableType="thematic">
+<FieldDefn index="0"><Name>Value</Name><Type>0</Type><Usage>0</Usage></FieldDefn>
+<FieldDefn index="1"><Name>Count</Name><Type>1</Type><Usage>1</Usage></FieldDefn>
+<FieldDefn index="2"><Name>Class_Name</Name><Type>2</Type><Usage>0</Usage></FieldDefn>
+<Row index="0"><F>10</F><F>120</F><F>Water</F></Row>
+<Row index="1"><F>40</F><F>80</F><F>Cropland</F></Row>
+<Row index="2"><F>100</F><F>30</F><F>Built-up</F></Row>
+</GDALRasterAttributeTable></PAMRasterBand></PAMDataset>"""
+# GDAL's category names: the code is the position, blanks are codes without a name.
+_GDAL_CATEGORIES = (
+    '<PAMDataset><PAMRasterBand band="1"><CategoryNames>'
+    + "<Category></Category>" * 10 + "<Category>Water</Category>"
+    + "<Category></Category>" * 29 + "<Category>Cropland</Category>"
+    + "<Category></Category>" * 59 + "<Category>Built-up</Category>"
+    + "</CategoryNames></PAMRasterBand></PAMDataset>"
+)  # fmt: skip
+
+
+@pytest.mark.parametrize("sidecar", ["arcgis-rat", "gdal-categories", "envi-header"])
+def test_the_class_names_a_mask_file_carries_name_the_classes(tmp_path: Path, sidecar: str) -> None:
+    """Classified products (NLCD, CORINE, ENVI classifications) name their codes in a sidecar:
+    the classes were `class_10`, `class_40`, `class_100` in the manifest and every report."""
+    raw = make_geotiff_folder(tmp_path / "raw", n=2, size=(16, 16))
+    for mask in sorted((raw / "masks").glob("*.tif")):
+        if sidecar == "envi-header":
+            envi = mask.with_suffix(".img")
+            rasterio.shutil.copy(mask, envi, driver="ENVI")
+            mask.unlink()
+            with envi.with_suffix(".hdr").open("a") as header:
+                header.write("file type = ENVI Classification\nclasses = 101\nclass names = {")
+                header.write(", ".join({10: "Water", 40: "Cropland", 100: "Built-up"}.get(i, "")
+                                       for i in range(101)) + "}\n")  # fmt: skip
+        else:
+            xml = _ARCGIS_RAT if sidecar == "arcgis-rat" else _GDAL_CATEGORIES
+            Path(f"{mask}.aux.xml").write_text(xml)
+    out = tmp_path / "s.zarr"
+    code, _, stderr = run_cli("prepare", "geotiff", raw, "--out", out, "--patch-size", "16",
+                              "--quiet")  # fmt: skip
+    assert code == 0, stderr
+    classes = manifest_of(out)["classes"]
+    assert {c["code"]: c["name"] for c in classes} == {  # type: ignore[union-attr,index]
+        10: "Water", 40: "Cropland", 100: "Built-up"
+    }  # fmt: skip
 
 
 def test_cd_store_has_both_phases_and_change(demo_cd_store: Path) -> None:

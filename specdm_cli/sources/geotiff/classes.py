@@ -33,6 +33,7 @@ from specdm_cli.sources.base import (
     read_text_input,
     require_integer_labels,
 )
+from specdm_cli.sources.geotiff.categories import category_names
 from specdm_cli.sources.geotiff.layout import Files, open_raster
 
 # Pixels per read when scanning mask codes: memory stays flat however large a mask claims to be.
@@ -84,9 +85,11 @@ def resolve_classes(
         raise InputDataError(
             "the label files hold no class codes (all nodata/255)", root, "check the masks"
         )
-    # The masks' own colour table, where they carry one, so a GeoTIFF export keeps its colours.
+    # The masks' own colour table and class names, where they carry them, so a GeoTIFF export
+    # keeps their colours and reports name the classes as the product does.
     palette = next((scan.palette for scan in scans if scan.palette), {})
-    rows = [(code, f"class_{code}", palette.get(code)) for code in codes]
+    names = next((scan.names for scan in scans if scan.names), {})
+    rows = [(code, names.get(code, f"class_{code}"), palette.get(code)) for code in codes]
     return ResolvedClasses(_make_classes(rows, root), "masks", [*notes, *_sentinel_notes(scans)])
 
 
@@ -363,6 +366,7 @@ class _MaskScan:
     tag: float | None  # the file's nodata tag
     dtype: np.dtype[Any]
     palette: dict[int, tuple[int, int, int]] | None = None  # the file's colour table, if any
+    names: dict[int, str] = field(default_factory=dict)  # the file's class names, if any
 
 
 def _scan_masks(
@@ -394,13 +398,14 @@ def _scan_mask(path: Path, label_nodata: float | None, declared: Collection[int]
             require_integer_labels(values, path)
             codes |= {int(v) for v in values if v != NODATA_CODE}
         tag, dtype, palette = src.nodata, np.dtype(src.dtypes[0]), _palette(src)
+        names = category_names(src, path)
     if codes and min(codes) < 0:
         raise InputDataError(
             f"negative label code {min(codes)}",
             path,
             f"if {min(codes)} means no data, pass --label-nodata {min(codes)}; else fix the file",
         )
-    return _MaskScan(codes, tag, dtype, palette)
+    return _MaskScan(codes, tag, dtype, palette, names)
 
 
 def _palette(src: Any) -> dict[int, tuple[int, int, int]] | None:
