@@ -140,6 +140,29 @@ def test_disk_full_is_exit_5_and_a_resume_with_space_completes(tmp_path: Path) -
     assert manifest["complete"] is True and len(manifest["files"]) == 40
 
 
+def test_a_damaged_sample_marker_of_a_geotiff_store_is_rewritten_by_resume(
+    tmp_path: Path,
+) -> None:
+    """A GeoTIFF store's sample markers are its written flags: one cut short (a disk fault)
+    made `--resume` exit 1 "unexpected ValidationError ... a bug"."""
+    args = ("prepare", "demo", "--n", "160", "--size", "32", "--seed", "5", "--format", "geotiff",
+            "--workers", "1", "--quiet")  # fmt: skip
+    reference, out = tmp_path / "reference", tmp_path / "tiles"
+    assert specdm(*args, "--out", reference).returncode == 0
+    run_killed(*args, "--out", out, fault="prepare.after_block:1")
+    markers = sorted((out / ".specdm" / "written").glob("*.json"))
+    assert markers, "the killed run marked no sample"
+    markers[0].write_bytes(markers[0].read_bytes()[:40])
+    again = specdm(*args, "--out", out, "--resume")
+    assert again.returncode == 0, again.stderr
+    assert f"rewriting 1 damaged samples ({int(markers[0].stem)})" in again.stderr
+    tiles = sorted(p.relative_to(reference) for p in reference.rglob("*.tif"))
+    assert tiles == sorted(p.relative_to(out) for p in out.rglob("*.tif"))
+    for tile in tiles:
+        assert (out / tile).read_bytes() == (reference / tile).read_bytes(), tile
+    assert manifest_without_provenance(out) == manifest_without_provenance(reference)
+
+
 def test_unwritable_output_is_exit_5(tmp_path: Path) -> None:
     done = specdm(*DEMO, "--out", "/sys/specdm-cannot-write.zarr")
     assert done.returncode == 5

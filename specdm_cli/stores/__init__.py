@@ -119,7 +119,8 @@ def _table_damage(reader: StoreReader, scores: bool = True) -> dict[str, np.ndar
 def _tables_damaged(reader: StoreReader, tables: dict[str, np.ndarray]) -> InputDataError:
     """One line naming every damaged table; a table of samples first (its writer's --resume
     mends it; the scores' hint only where they alone are damaged)."""
-    names = sorted(tables, key=lambda name: name == QUALITY_ARRAY)
+    # By name, not by the group's listing, whose order the file system chooses.
+    names = sorted(tables, key=lambda name: (name == QUALITY_ARRAY, name))
     error = table_damaged(names[0], tables[names[0]], reader.root, _table_hint(reader, names[0]))
     also = [f"{name!r} ({shown_samples(tables[name])})" for name in names[1:]]
     if also:
@@ -141,10 +142,13 @@ def forget_damaged(path: Path, indices: Iterable[int] | None = None) -> list[int
     reader: ZarrReader | GeoTiffReader = (
         ZarrReader(path, manifest) if manifest.format == "zarr" else GeoTiffReader(path, manifest)
     )
-    lost = reader.lost_written() if isinstance(reader, ZarrReader) else np.zeros(0, np.int64)
-    if lost.size:  # read as unwritten once the store is incomplete: the resume writes them
-        reader = ZarrReader(path, manifest.model_copy(update={"complete": False}))
-    damaged = sorted({*find_damaged(reader, indices), *lost.tolist()})
+    if isinstance(reader, ZarrReader):
+        lost = reader.lost_written().tolist()
+        if lost:  # read as unwritten once the store is incomplete: the resume writes them
+            reader = ZarrReader(path, manifest.model_copy(update={"complete": False}))
+    else:
+        lost = reader.damaged_markers  # left out of its records: read as unwritten already
+    damaged = sorted({*find_damaged(reader, indices), *lost})
     if damaged:
         writer = (
             ZarrWriter(path, manifest)

@@ -8,6 +8,7 @@ from typing import Any
 
 import numpy as np
 import rasterio
+from pydantic import ValidationError
 from rasterio.crs import CRS
 from rasterio.errors import NotGeoreferencedWarning, RasterioError
 from rasterio.io import MemoryFile
@@ -163,6 +164,18 @@ def _marker_indices(root: Path) -> list[int]:
     return sorted(int(p.stem) for p in (root / MARKERS).glob("*.json") if p.stem.isdigit())
 
 
+def _marker(root: Path, index: int) -> SampleFiles | None:
+    """Sample `index`'s record, or None where its marker is damaged (cut short by a disk fault,
+    edited, or naming another sample)."""
+    try:
+        record = SampleFiles.model_validate_json(
+            (root / MARKERS / f"{index:06d}.json").read_bytes()
+        )
+    except (ValidationError, OSError):
+        return None
+    return record if record.index == index else None
+
+
 def _records(root: Path, count: int) -> list[SampleFiles]:
     records = []
     for index in range(count):
@@ -176,14 +189,21 @@ class GeoTiffReader(StoreReader):
 
     def __init__(self, root: Path, manifest: Manifest):
         super().__init__(root, manifest)
+        self.damaged_markers: list[int] = []
         self.records = manifest.files if manifest.files is not None else self._markers()
         self._by_index = {record.index: record for record in self.records}
 
     def _markers(self) -> list[SampleFiles]:
-        return [
-            SampleFiles.model_validate_json((self.root / MARKERS / f"{i:06d}.json").read_bytes())
-            for i in _marker_indices(self.root)
-        ]
+        """The samples' records; a marker that does not parse is left out (read as unwritten,
+        as a Zarr store's lost `written` chunk is) and listed in `damaged_markers`."""
+        records = []
+        for index in _marker_indices(self.root):
+            record = _marker(self.root, index)
+            if record is None:
+                self.damaged_markers.append(index)
+            else:
+                records.append(record)
+        return records
 
     def read(self, index: int) -> dict[str, np.ndarray]:
         record = self._by_index.get(index)
