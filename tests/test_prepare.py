@@ -22,6 +22,7 @@ from specdm_cli.pipeline.signals import StopFlag
 from specdm_cli.sources.base import PrepareOptions
 from specdm_cli.stores import open_store, store_sha256
 from tests.conftest import manifest_of, prepare_demo, run_cli
+from tests.fault_tools import assert_one_error_line
 from tests.fixtures.geotiff_folder import make_geotiff_folder
 
 
@@ -253,6 +254,26 @@ def test_existing_output_resume_and_overwrite_rules(tmp_path: Path) -> None:
     # A mistyped RAW is the error to fix first, not the output that exists.
     code, _, stderr = run_cli("prepare", "geotiff", tmp_path / "no-such", "--out", store)
     assert code == 3 and "folder does not exist" in stderr and "no-such" in stderr
+
+
+@pytest.mark.parametrize(
+    ("source", "archive", "fix"),
+    [
+        ("geotiff", "tiles.zip", "unzip tiles.zip -d DIR"),
+        ("segmunich", "TUM_128.tar.gz", "tar -xf TUM_128.tar.gz -C DIR"),
+        ("oscd", "Onera Satellite Change Detection dataset - Images.zip", "read in place"),
+    ],
+)
+def test_an_archive_passed_as_raw_says_how_to_read_it(
+    tmp_path: Path, source: str, archive: str, fix: str
+) -> None:
+    """A download passed before extracting it was "not a folder: pass the folder that holds
+    the raw data", which says nothing of the archive."""
+    path = tmp_path / archive
+    path.write_bytes(b"PK\x03\x04")
+    code, _, stderr = run_cli("prepare", source, path, "--out", tmp_path / "s.zarr")
+    assert_one_error_line(code, stderr, 3, "an archive, not a folder")
+    assert fix in stderr and not (tmp_path / "s.zarr").exists()
 
 
 def test_overwrite_refuses_a_folder_that_is_not_ours(tmp_path: Path) -> None:

@@ -339,6 +339,10 @@ def broken_link(path: Path) -> InputDataError:
     )
 
 
+# Downloads people pass as RAW before extracting them (OSCD's reader reads its zips in place).
+_ARCHIVES = (".zip", ".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tar.xz", ".7z", ".rar")
+
+
 def require_dir(path: Path | None, what: str) -> Path:
     """`path` as an existing non-empty directory, else a one-line input error."""
     if path is None:
@@ -346,6 +350,19 @@ def require_dir(path: Path | None, what: str) -> Path:
     if not path.exists():
         raise InputDataError("folder does not exist", path, "check the path")
     if not path.is_dir():
+        if what == "oscd" and path.suffix.lower() == ".zip":
+            raise InputDataError(
+                "an archive, not a folder",
+                path,
+                f"pass the folder that holds it ({path.parent}): OSCD's zips are read in place",
+            )
+        if path.name.lower().endswith(_ARCHIVES):
+            raise InputDataError(
+                "an archive, not a folder",
+                path,
+                f"extract it (e.g. `unzip {path.name} -d DIR`, `tar -xf {path.name} -C DIR`) "
+                "and pass the folder",
+            )
         raise InputDataError("not a folder", path, "pass the folder that holds the raw data")
     if not any(path.iterdir()):
         raise InputDataError("folder is empty", path, "download or extract the data into it")
