@@ -318,6 +318,30 @@ def _stack_subdatasets(netcdf: Path, vrt: Path, bands: int) -> None:
     )
 
 
+def test_polygon_labels_in_place_of_masks_say_to_rasterize_them(tmp_path: Path) -> None:
+    raw = make_geotiff_folder(tmp_path / "raw", n=2)
+    for mask in sorted((raw / "masks").glob("*.tif")):
+        mask.unlink()
+        mask.with_suffix(".geojson").write_text('{"type": "FeatureCollection", "features": []}')
+    code, _, stderr = _prepare("geotiff", raw, "--out", tmp_path / "g.zarr")
+    assert code == 3
+    line = _one_line(stderr)
+    assert "vector labels (tile_00.geojson, tile_01.geojson)" in line and "gdal_rasterize" in line
+
+
+def test_tiles_in_split_subfolders_are_named_with_the_fix(tmp_path: Path) -> None:
+    raw = make_geotiff_folder(tmp_path / "raw", n=4)
+    for folder in ("images", "masks"):
+        for index, tile in enumerate(sorted((raw / folder).glob("*.tif"))):
+            split = raw / folder / ("train" if index < 3 else "val")
+            split.mkdir(exist_ok=True)
+            tile.rename(split / tile.name)
+    code, _, stderr = _prepare("geotiff", raw, "--out", tmp_path / "g.zarr")
+    assert code == 3
+    line = _one_line(stderr)
+    assert "in its subfolders (train/, val/)" in line and "--splits FILE.csv" in line
+
+
 def test_envi_header_wavelengths_and_path_band_names(tmp_path: Path) -> None:
     cube = tmp_path / "cube.img"
     geo = {"crs": CRS.from_epsg(32632), "transform": from_origin(0, 0, 1, 1)}

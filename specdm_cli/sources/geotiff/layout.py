@@ -46,6 +46,10 @@ _COMPANIONS = frozenset({
     ".zip", ".gz", ".7z", ".tar", ".py", ".sh", ".db", ".kml", ".kmz",
 })  # fmt: skip
 _NOT_RASTERS = _COMPANIONS.union(_SIDECARS)
+# Labels drawn as polygons (GeoJSON, shapefiles, GeoPackage, COCO-style JSON): no masks yet.
+_VECTORS = frozenset({
+    ".geojson", ".json", ".shp", ".gpkg", ".kml", ".kmz", ".gml", ".fgb", ".parquet",
+})  # fmt: skip
 # Databases that hold vector layers as often as rasters (an annotation GeoPackage in masks/)
 # and web-map tile pyramids: not tiles of a dataset.
 _CONTAINERS = frozenset({".gpkg", ".gpkg.zip", ".sqlite", ".mbtiles"})
@@ -137,12 +141,40 @@ def _list_rasters(folder: Path) -> dict[str, Path]:
             )
         rasters[stem] = path
     if not rasters:
-        raise InputDataError(
-            "no raster files in folder (none of the extensions GDAL reads, no ENVI .hdr)",
-            folder,
-            "add the tiles",
-        )
+        raise _no_rasters(folder)
     return rasters
+
+
+def _no_rasters(folder: Path) -> InputDataError:
+    """What a folder without rasters holds instead, where that tells the fix: polygons to
+    rasterize, or tiles one folder down (split folders)."""
+    vectors = sorted(p.name for p in folder.iterdir() if p.suffix.lower() in _VECTORS)
+    if vectors:
+        return InputDataError(
+            f"no raster files in folder, but vector labels ({', '.join(vectors[:2])}"
+            f"{', ...' if len(vectors) > 2 else ''})",
+            folder,
+            "rasterize each onto its image's grid (gdal_rasterize -a CLASS_FIELD -te/-tr of "
+            "the image) and save the masks here by the images' names",
+        )
+    nested = sorted(p.name for p in folder.iterdir() if p.is_dir() and _holds_rasters(p))
+    if nested:
+        return InputDataError(
+            f"no raster files in folder; they are in its subfolders "
+            f"({', '.join(name + '/' for name in nested)})",
+            folder,
+            f"move them up into {folder.name}/ (and their partners into theirs) and give their "
+            "splits as --splits FILE.csv (columns stem,split)",
+        )
+    return InputDataError(
+        "no raster files in folder (none of the extensions GDAL reads, no ENVI .hdr)",
+        folder,
+        "add the tiles",
+    )
+
+
+def _holds_rasters(folder: Path) -> bool:
+    return any(p.suffix.lower() in EXTENSIONS for p in folder.iterdir() if p.is_file())
 
 
 def raster_stem(path: Path) -> str | None:
