@@ -329,17 +329,50 @@ def test_polygon_labels_in_place_of_masks_say_to_rasterize_them(tmp_path: Path) 
     assert "vector labels (tile_00.geojson, tile_01.geojson)" in line and "gdal_rasterize" in line
 
 
-def test_tiles_in_split_subfolders_are_named_with_the_fix(tmp_path: Path) -> None:
-    raw = make_geotiff_folder(tmp_path / "raw", n=4)
+def _into_subfolders(raw: Path, names: tuple[str, str]) -> dict[str, str]:
+    """Tiles 0-2 into images/<first>/ and masks/<first>/, the rest into <second>/; returns
+    each tile's new stem (`train/tile_00`)."""
+    moved = {}
     for folder in ("images", "masks"):
         for index, tile in enumerate(sorted((raw / folder).glob("*.tif"))):
-            split = raw / folder / ("train" if index < 3 else "val")
-            split.mkdir(exist_ok=True)
-            tile.rename(split / tile.name)
+            sub = names[0] if index < 3 else names[1]
+            (raw / folder / sub).mkdir(exist_ok=True)
+            tile.rename(raw / folder / sub / tile.name)
+            moved[f"{sub}/{tile.stem}"] = sub
+    return moved
+
+
+def test_tiles_in_split_folders_take_their_folder_s_split(tmp_path: Path) -> None:
+    """`images/train/` + `masks/train/` (as many downloads ship) was "no raster files"."""
+    raw = make_geotiff_folder(tmp_path / "raw", n=5)
+    # Numbering that starts again in each split: the folder tells the tiles apart.
+    (raw / "images" / "tile_04.tif").rename(raw / "images" / "x.tif")
+    (raw / "masks" / "tile_04.tif").rename(raw / "masks" / "x.tif")
+    moved = _into_subfolders(raw, ("Training", "val"))
+    for folder in ("images", "masks"):
+        (raw / folder / "val" / "x.tif").rename(raw / folder / "val" / "tile_00.tif")
+    out = tmp_path / "g.zarr"
+    code, _, stderr = _prepare("geotiff", raw, "--out", out, "--patch-size", "16")
+    assert code == 0, stderr
+    store = open_store(out)
+    ids, splits = store.source_ids() or [], store.splits()
+    tiles = [source_id.rsplit("/", 1)[0] for source_id in ids]  # `<stem>/y0_x0`: a patch
+    by_tile = {tile: {str(splits[i]) for i, t in enumerate(tiles) if t == tile} for tile in tiles}
+    assert by_tile == {
+        "Training/tile_00": {"train"}, "Training/tile_01": {"train"},
+        "Training/tile_02": {"train"}, "val/tile_03": {"val"}, "val/tile_00": {"val"},
+    }  # fmt: skip
+    assert len(moved) == 5
+    assert manifest_of(out)["source"]["details"]["splits_from"] == "split folders"  # type: ignore[index]
+
+
+def test_tiles_in_other_subfolders_are_named_with_the_fix(tmp_path: Path) -> None:
+    raw = make_geotiff_folder(tmp_path / "raw", n=4)
+    _into_subfolders(raw, ("region_a", "region_b"))
     code, _, stderr = _prepare("geotiff", raw, "--out", tmp_path / "g.zarr")
     assert code == 3
     line = _one_line(stderr)
-    assert "in its subfolders (train/, val/)" in line and "--splits FILE.csv" in line
+    assert "in its subfolders (region_a/, region_b/)" in line and "--splits FILE.csv" in line
 
 
 def test_envi_header_wavelengths_and_path_band_names(tmp_path: Path) -> None:

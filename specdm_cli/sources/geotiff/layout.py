@@ -65,6 +65,11 @@ def _gdal_extensions() -> tuple[str, ...]:
 
 EXTENSIONS = _gdal_extensions()
 _TASKS: tuple[Task, ...] = ("ss", "cd")
+# Split folders inside images/ and masks/, by the names datasets give them.
+SPLIT_FOLDER_NAMES = {
+    "train": "train", "training": "train", "val": "val", "valid": "val",
+    "validation": "val", "test": "test", "testing": "test",
+}  # fmt: skip
 
 Files = dict[str, dict[str, Path]]  # stem -> array name -> path
 
@@ -128,6 +133,33 @@ def infer_task(root: Path) -> Task:
 
 
 def _list_rasters(folder: Path) -> dict[str, Path]:
+    """The folder's rasters by pairing stem; where it holds none but split folders
+    (`images/train/`, `masks/train/`, as many downloads ship), theirs, by `train/<stem>`."""
+    rasters = _list_folder(folder)
+    if rasters:
+        return rasters
+    for split_folder in _split_folders(folder):
+        rasters |= {
+            f"{split_folder.name}/{stem}": path for stem, path in _list_folder(split_folder).items()
+        }
+    if not rasters:
+        raise _no_rasters(folder)
+    return rasters
+
+
+def _split_folders(folder: Path) -> list[Path]:
+    return sorted(
+        p for p in folder.iterdir() if p.is_dir() and p.name.lower() in SPLIT_FOLDER_NAMES
+    )
+
+
+def split_of_stem(stem: str) -> str | None:
+    """The split a stem's folder names (`train/tile_00` -> train), or None outside one."""
+    folder, slash, _ = stem.partition("/")
+    return SPLIT_FOLDER_NAMES.get(folder.lower()) if slash else None
+
+
+def _list_folder(folder: Path) -> dict[str, Path]:
     rasters: dict[str, Path] = {}
     for path in sorted(folder.iterdir()):
         stem = raster_stem(path)
@@ -140,8 +172,6 @@ def _list_rasters(folder: Path) -> dict[str, Path]:
                 "files pair by name without extension: keep one of them in the folder",
             )
         rasters[stem] = path
-    if not rasters:
-        raise _no_rasters(folder)
     return rasters
 
 

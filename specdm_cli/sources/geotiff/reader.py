@@ -64,7 +64,7 @@ from specdm_cli.sources.geotiff.layout import (
     output_dtype,
     pair_files,
 )
-from specdm_cli.sources.geotiff.splits import assign_splits, export_splits, share_notes
+from specdm_cli.sources.geotiff.splits import assign_splits, recorded_splits, share_notes
 
 # Files each loading thread keeps open, per array of a sample (ss: image and mask): the
 # current file's and the previous one's, whose last windows a thread may still be reading.
@@ -156,7 +156,7 @@ def read_geotiff(
     crs_by_file = check_all(headers)
     crs = _one_crs(crs_by_file)
     exported = exported_manifest(root, task)
-    recorded = export_splits(exported, list(files))
+    recorded = recorded_splits(exported, list(files))
     splits, splits_from = assign_splits(list(files), options, recorded)
     height = min(options.patch_size, max(h.height for h in headers.values()))
     width = min(options.patch_size, max(h.width for h in headers.values()))

@@ -12,20 +12,23 @@ import numpy as np
 from specdm_cli.errors import InputDataError
 from specdm_cli.manifest import Manifest
 from specdm_cli.sources.base import PrepareOptions, read_text_input
-from specdm_cli.sources.geotiff.layout import EXTENSIONS, pairing_name
+from specdm_cli.sources.geotiff.layout import EXTENSIONS, pairing_name, split_of_stem
 
 _SPLITS = ("train", "val", "test")
 
 
 def assign_splits(
-    stems: list[str], options: PrepareOptions, exported: dict[str, str] | None = None
+    stems: list[str],
+    options: PrepareOptions,
+    recorded: tuple[dict[str, str], str] | None = None,
 ) -> tuple[dict[str, str], str]:
     """Split per source file (never per patch: overlapping patches would leak across splits):
-    a splits file, else a specdm export's own splits (`exported`), else seeded fractions."""
+    a splits file, else splits the data records (`recorded`: each stem's split and where it is
+    recorded: an export's manifest, split folders), else seeded fractions."""
     if options.splits_file is not None:
         return _read_splits_file(options.splits_file, stems), str(options.splits_file)
-    if exported is not None:
-        return exported, "manifest.json (a specdm export's own splits)"
+    if recorded is not None:
+        return recorded
     val, test = options.val_fraction, options.test_fraction  # checked by PrepareOptions
     n_test = min(_share(test, len(stems)), max(len(stems) - 1, 0))
     n_val = min(_share(val, len(stems)), max(len(stems) - 1 - n_test, 0))
@@ -35,15 +38,22 @@ def assign_splits(
     return splits, f"fractions val={val} test={test} seed={options.seed}"
 
 
-def export_splits(manifest: Manifest | None, stems: list[str]) -> dict[str, str] | None:
-    """The splits a specdm GeoTIFF export recorded for its samples, by file stem; None when
-    `manifest` is not one or does not cover every stem (files added or renamed since)."""
+def recorded_splits(
+    manifest: Manifest | None, stems: list[str]
+) -> tuple[dict[str, str], str] | None:
+    """The splits the data records, and where: a specdm GeoTIFF export's manifest (when it
+    covers every stem: files may have been added or renamed since), or split folders
+    (`images/train/`) when every file lies in one; None otherwise."""
+    folders = {stem: split_of_stem(stem) for stem in stems}
+    if stems and all(folders.values()):
+        return {stem: str(split) for stem, split in folders.items()}, "split folders"
     if manifest is None or not manifest.files:
         return None
     recorded = {Path(next(iter(s.files.values()))).stem: s.split for s in manifest.files}
     if not set(stems) <= set(recorded):
         return None
-    return {stem: recorded[stem] for stem in stems}
+    splits = {stem: recorded[stem] for stem in stems}
+    return splits, "manifest.json (a specdm export's own splits)"
 
 
 def share_notes(splits: dict[str, str], options: PrepareOptions) -> list[str]:
