@@ -366,6 +366,35 @@ def test_tiles_in_split_folders_take_their_folder_s_split(tmp_path: Path) -> Non
     assert manifest_of(out)["source"]["details"]["splits_from"] == "split folders"  # type: ignore[index]
 
 
+def test_split_folders_at_the_top_take_their_split_and_one_without_masks_is_named(
+    tmp_path: Path,
+) -> None:
+    """`train/images/` + `train/masks/`, `val/...` (Kaggle-style downloads) was "no images/ +
+    masks/ folders; the tiles are one folder down: pass raw/train", which left val out."""
+    raw = tmp_path / "raw"
+    for split, seed in (("train", 0), ("Val", 1)):
+        make_geotiff_folder(raw / split, n=2, seed=seed)
+    out = tmp_path / "g.zarr"
+    code, _, stderr = _prepare("geotiff", raw, "--out", out, "--patch-size", "16")
+    assert code == 0, stderr
+    store = open_store(out)
+    tiles = {
+        i.rsplit("/", 1)[0]: str(s)
+        for i, s in zip(store.source_ids() or [], store.splits(), strict=True)
+    }
+    assert tiles == {
+        "train/tile_00": "train",
+        "train/tile_01": "train",
+        "Val/tile_00": "val",
+        "Val/tile_01": "val",
+    }
+    (raw / "test" / "images").mkdir(parents=True)  # a test split shipped without its masks
+    code, _, stderr = _prepare("geotiff", raw, "--out", tmp_path / "h.zarr")
+    assert code == 3
+    line = _one_line(stderr)
+    assert "a split folder lacks the folders" in line and "move test/ out of raw/" in line
+
+
 def test_tiles_in_other_subfolders_are_named_with_the_fix(tmp_path: Path) -> None:
     raw = make_geotiff_folder(tmp_path / "raw", n=4)
     _into_subfolders(raw, ("region_a", "region_b"))

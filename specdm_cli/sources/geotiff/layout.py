@@ -105,7 +105,34 @@ def _nested_layout(root: Path) -> Path | None:
     return next((c for c in children if any(map(all, _folders_present(c).values()))), None)
 
 
+def _split_layouts(root: Path) -> list[Path]:
+    """Split folders at the top, each holding a whole layout (`train/images/`, `val/images/`,
+    as Kaggle-style downloads ship), where `root` holds no layout of its own."""
+    if any(map(any, _folders_present(root).values())):
+        return []
+    layouts = [f for f in _split_folders(root) if any(map(any, _folders_present(f).values()))]
+    for layout in layouts:
+        if not any(map(all, _folders_present(layout).values())):
+            raise InputDataError(
+                "a split folder lacks the folders its layout needs (a test split shipped "
+                "without its masks?)",
+                layout,
+                f"add them, or move {layout.name}/ out of {root.name}/ to prepare the others",
+            )
+    return layouts
+
+
 def infer_task(root: Path) -> Task:
+    layouts = _split_layouts(root)
+    tasks = {infer_task(layout) for layout in layouts}
+    if len(tasks) == 1:
+        return tasks.pop()
+    if tasks:
+        raise InputDataError(
+            f"split folders of both layouts ({', '.join(f.name + '/' for f in layouts)})",
+            root,
+            "keep one layout per dataset (ss or cd)",
+        )
     present = _folders_present(root)
     complete = [task for task, found in present.items() if all(found)]
     if len(complete) == 1:
@@ -235,6 +262,13 @@ def _beside_envi_header(path: Path) -> bool:
 
 
 def pair_files(root: Path, task: Task) -> Files:
+    layouts = _split_layouts(root)
+    if layouts:  # `train/images/x.tif` pairs as `train/x`, as `images/train/x.tif` does
+        return {
+            f"{layout.name}/{stem}": paths
+            for layout in layouts
+            for stem, paths in pair_files(layout, task).items()
+        }
     names = array_names(task)
     listed = {name: _list_rasters(root / GEOTIFF_FOLDERS[name]) for name in names}
     _refuse_lossy_labels(listed[LABEL_ARRAY[task]].values())
