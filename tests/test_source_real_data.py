@@ -395,6 +395,31 @@ def test_split_folders_at_the_top_take_their_split_and_one_without_masks_is_name
     assert "a split folder lacks the folders" in line and "move test/ out of raw/" in line
 
 
+def test_a_splits_file_names_tiles_of_split_folders_by_their_folder(tmp_path: Path) -> None:
+    raw = make_geotiff_folder(tmp_path / "raw", n=4)
+    _into_subfolders(raw, ("train", "val"))
+    splits = tmp_path / "splits.csv"
+    rows = ["images/train/tile_00.tif,test", "train\\tile_01,val", "train/tile_02,train",
+            "val/tile_03.tif,train"]  # fmt: skip
+    splits.write_text("stem,split\n" + "\n".join(rows) + "\n")
+    out = tmp_path / "g.zarr"
+    code, _, stderr = _prepare(
+        "geotiff", raw, "--out", out, "--splits", splits, "--patch-size", "16"
+    )
+    assert code == 0, stderr
+    store = open_store(out)
+    tiles = {
+        i.rsplit("/", 1)[0]: str(s)
+        for i, s in zip(store.source_ids() or [], store.splits(), strict=True)
+    }
+    assert tiles == {
+        "train/tile_00": "test",
+        "train/tile_01": "val",
+        "train/tile_02": "train",
+        "val/tile_03": "train",
+    }
+
+
 def test_tiles_in_other_subfolders_are_named_with_the_fix(tmp_path: Path) -> None:
     raw = make_geotiff_folder(tmp_path / "raw", n=4)
     _into_subfolders(raw, ("region_a", "region_b"))

@@ -79,12 +79,15 @@ def _share(fraction: float, count: int) -> int:
     return max(1, math.floor(fraction * count + 0.5)) if fraction > 0 else 0
 
 
-def _file_stem(cell: str) -> str:
+def _file_stem(cell: str, known: set[str]) -> str:
     """A splits file's stem as pairing names files: a path (`images/tile_00.tif`, `./tile_00`,
     `images\\tile_00.tif` from Windows) or a file name names the same tile as `tile_00`, in
-    either Unicode form."""
-    name = pairing_name(re.split(r"[/\\]", cell.strip())[-1])
-    return name.rsplit(".", 1)[0] if name.lower().endswith(EXTENSIONS) else name
+    either Unicode form; a tile of a split folder keeps its folder (`train/tile_00`)."""
+    parts = [pairing_name(part) for part in re.split(r"[/\\]", cell.strip())]
+    name = parts[-1]
+    name = name.rsplit(".", 1)[0] if name.lower().endswith(EXTENSIONS) else name
+    in_folder = f"{parts[-2]}/{name}" if len(parts) > 1 else None
+    return in_folder if in_folder in known else name
 
 
 def _read_splits_file(path: Path, stems: list[str]) -> dict[str, str]:
@@ -100,7 +103,7 @@ def _read_splits_file(path: Path, stems: list[str]) -> dict[str, str]:
     known = set(stems)
     splits: dict[str, str] = {}
     for line, row in enumerate(rows, start=2):
-        stem, split = _file_stem(row["stem"] or ""), (row["split"] or "").strip()
+        stem, split = _file_stem(row["stem"] or "", known), (row["split"] or "").strip()
         if split not in _SPLITS:
             raise InputDataError(f"line {line}: split {split!r} is not train, val or test", path)
         if stem not in known:
