@@ -60,6 +60,36 @@ def test_prepare_second_writer_refused_stale_lock_taken_over(tmp_path: Path) -> 
         np.testing.assert_array_equal(actual[name], expected[name], err_msg=name)
 
 
+def test_a_second_writer_is_refused_while_an_overwrite_has_removed_the_old_store(
+    tmp_path: Path,
+) -> None:
+    """Between removing the old store and creating the new one, `--overwrite` held no lock: a
+    second `prepare --overwrite` started then went ahead, and one of the two failed with exit 5
+    "cannot write (No such file or directory)" or lost the store that the other had made."""
+    out = tmp_path / "s.zarr"
+    assert run_cli(*DEMO, "--out", out)[0] == 0
+    reference = arrays(out)
+    first = spawn(*DEMO, "--out", out, "--overwrite", fault="store.after_remove:1:stop")
+    try:
+        wait_until_stopped(first)
+        assert not out.exists()  # the old store is gone, the new one not made yet
+        for extra in ((), ("--overwrite",), ("--resume",)):
+            code, _, stderr = run_cli(*DEMO, "--out", out, *extra)
+            assert_one_error_line(code, stderr, 6, f"process {first.pid}")
+            assert str(out) in stderr
+        assert not out.exists()
+        first.send_signal(signal.SIGCONT)
+        _, stderr = first.communicate(timeout=300)
+        assert first.returncode == 0, stderr
+    finally:
+        if first.poll() is None:
+            first.kill()
+            first.communicate(timeout=60)
+    for name, expected in reference.items():
+        np.testing.assert_array_equal(arrays(out)[name], expected, err_msg=name)
+    assert not list(tmp_path.glob(".s.zarr*")), "claim or removal leftovers"
+
+
 def test_synthesize_shards_locks_and_finalize(tmp_path: Path) -> None:
     whole = tmp_path / "whole.zarr"
     code, _, stderr = run_cli(*SYNTH, "--out", whole)

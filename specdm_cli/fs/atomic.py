@@ -92,7 +92,22 @@ def remove_stray_temporaries(root: Path) -> int:
 
 def remove_abandoned_creations(path: Path) -> None:
     """Remove `.NAME.creating-PID` siblings of `path` that no live process holds (a store whose
-    creator was killed before it renamed the store into place)."""
+    creator was killed before it renamed the store into place), and `.NAME.removing-PID` ones
+    whose remover died before it finished (an --overwrite killed mid-removal)."""
     for leftover in path.parent.glob(f".{path.name}.creating-*"):
         if leftover.is_dir() and not _in_use(leftover):
             remove_tree(leftover)
+    for leftover in path.parent.glob(f".{path.name}.removing-*"):
+        pid = leftover.name.rsplit("-", 1)[-1]
+        if leftover.is_dir() and not (pid.isdigit() and _alive(int(pid))):
+            remove_tree(leftover)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # another user's process
+    return True

@@ -128,9 +128,14 @@ class DirLock(_Held):
     for a moment (the run registry) wait, writers' locks refuse at once.
     """
 
-    def __init__(self, folder: Path, name: str = LOCK_NAME, wait: float = 0.0):
+    announce_takeover = True
+
+    def __init__(
+        self, folder: Path, name: str = LOCK_NAME, wait: float = 0.0, subject: Path | None = None
+    ):
         self.path = folder / name
         self.wait = wait
+        self.subject = subject or folder  # what a refusal names
         self.handle: int | None = None
 
     @property
@@ -147,7 +152,7 @@ class DirLock(_Held):
             if time.monotonic() >= deadline:
                 raise LockHeldError(
                     f"locked by {describe(_identity(self.path))}",
-                    self.path.parent,
+                    self.subject,
                     "wait for it to finish (a lock whose process died is taken over by itself)",
                 )
             time.sleep(0.02)
@@ -184,7 +189,7 @@ class DirLock(_Held):
         """Write our identity, saying so when we took over a lock a dead holder left."""
         assert self.handle is not None
         previous = _identity(self.path)
-        if previous:
+        if previous and self.announce_takeover:
             log.warning("note: took over a stale lock of %s (%s)", describe(previous), self.path)
         record = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.time()}
         os.ftruncate(self.handle, 0)
@@ -200,6 +205,21 @@ class DirLock(_Held):
                 self.path.unlink(missing_ok=True)
         finally:
             os.close(handle)
+
+
+def claim_output(path: Path) -> DirLock:
+    """A writer's claim on an output's name, beside it (`.NAME.specdm.lock`): held while the
+    output may not exist (an --overwrite between removing the old store and creating the new),
+    so a second writer of the same path is refused (exit 6) then too, not only while the
+    store's own lock exists."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return _OutputClaim(path.parent, f".{path.name}{LOCK_NAME}", subject=path)
+
+
+class _OutputClaim(DirLock):
+    # A claim a killed writer left is taken over without a note: the store's own lock, left
+    # beside it, already gives one.
+    announce_takeover = False
 
 
 class ReadLock(_Held):

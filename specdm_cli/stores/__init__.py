@@ -230,10 +230,16 @@ def remove_own(path: Path, kind: OutputKind, stage: object = None) -> None:
             path,
             "choose another output (remove it yourself if it is no longer needed)",
         )
-    # Under its writer lock, so no reader starts between the check for readers and the removal.
+    # Under its writer lock, so no reader starts between the check for readers and the removal;
+    # renamed aside first, so no one sees a store half removed (its lock file gone, so unlocked,
+    # its manifest gone, so "not a specdm store"): the name holds the whole store or nothing.
+    aside = path.with_name(f".{path.name}.removing-{os.getpid()}")
     with DirLock(path) as lock:
         refuse_if_locked(path, mine=lock.path)
-        remove_tree(path)
+        remove_tree(aside)
+        path.rename(aside)
+    remove_tree(aside)
+    fault_point("store.after_remove")  # the name is free: the new store is not made yet
 
 
 def _made_by(store: Path) -> object:

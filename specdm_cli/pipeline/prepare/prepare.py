@@ -16,7 +16,7 @@ from specdm_cli.config import Progress, StoreFormat, trainable_side
 from specdm_cli.errors import InputDataError, Interrupted, ResourceError, UsageError, reason_of
 from specdm_cli.faults import fault_point
 from specdm_cli.fs.atomic import remove_stray_temporaries, remove_tree
-from specdm_cli.fs.lock import DirLock
+from specdm_cli.fs.lock import DirLock, claim_output
 from specdm_cli.fs.paths import refuse_overlap
 from specdm_cli.fs.space import require_disk
 from specdm_cli.manifest import (
@@ -162,6 +162,18 @@ def prepare(
     _validate(request)
     plan = _plan(request)
     _check_task(request)  # before an --overwrite removes anything
+    with claim_output(request.out):
+        return _prepare(request, plan, stop, started, progress, warn)
+
+
+def _prepare(
+    request: PrepareRequest,
+    plan: dict[str, Any],
+    stop: StopFlag,
+    started: float,
+    progress: Progress | None,
+    warn: Callable[[str], None] | None,
+) -> PrepareSummary:
     state = resolve_target(request.out, plan, request.resume, request.overwrite)
     if state == "done":
         return _summary(request.out, "already complete", started)
