@@ -90,6 +90,26 @@ def test_a_second_writer_is_refused_while_an_overwrite_has_removed_the_old_store
     assert not list(tmp_path.glob(".s.zarr*")), "claim or removal leftovers"
 
 
+def test_inspect_of_a_store_being_written_names_its_writer(tmp_path: Path) -> None:
+    """It said "store is incomplete (its writer stopped early): rerun ... --resume", which the
+    live writer's lock then refused."""
+    out = tmp_path / "s.zarr"
+    first = spawn(*DEMO, "--out", out, fault="prepare.after_block:1:stop")
+    try:
+        wait_until_stopped(first)
+        code, _, stderr = run_cli("inspect", out)
+        assert_one_error_line(code, stderr, 6, f"being written by process {first.pid}")
+        assert "--allow-incomplete" in stderr and "--resume" not in stderr
+        code, stdout, stderr = run_cli("inspect", out, "--allow-incomplete", "--json")
+        assert code == 0, stderr
+        assert json.loads(stdout)["complete"] is False
+    finally:
+        first.kill()
+        first.communicate(timeout=60)
+    code, _, stderr = run_cli("inspect", out)  # its writer is dead now: it stopped early
+    assert_one_error_line(code, stderr, 3, "--resume")
+
+
 def test_synthesize_shards_locks_and_finalize(tmp_path: Path) -> None:
     whole = tmp_path / "whole.zarr"
     code, _, stderr = run_cli(*SYNTH, "--out", whole)

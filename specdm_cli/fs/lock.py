@@ -85,6 +85,12 @@ def live_locks(folder: Path, readers: bool = False) -> Iterator[Path]:
             yield lock_path
 
 
+def live_writer(folder: Path) -> str | None:
+    """Who writes `folder` now ("process 12 on host (since ...)"), or None: no live writer."""
+    held = next(live_locks(folder), None)
+    return None if held is None else describe(_identity(held))
+
+
 def refuse_if_locked(folder: Path, mine: Path | None = None) -> None:
     """Raise LockHeldError (exit 6) if a live process other than the holder of `mine` holds a
     writer's or a reader's lock on `folder`: it writes or reads it, so it is not to be removed."""

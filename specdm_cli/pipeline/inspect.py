@@ -7,10 +7,11 @@ from typing import Any
 
 import numpy as np
 
-from specdm_cli.errors import InputDataError
-from specdm_cli.fs.lock import ReadLock
-from specdm_cli.manifest import Manifest, manifest_schema
+from specdm_cli.errors import InputDataError, LockHeldError
+from specdm_cli.fs.lock import ReadLock, live_writer
+from specdm_cli.manifest import Manifest, load_manifest, manifest_schema
 from specdm_cli.stores import check_layout, content_sha256, open_store, verify_store
+from specdm_cli.stores.base import MANIFEST_NAME
 
 
 def store_schema() -> dict[str, Any]:
@@ -25,7 +26,24 @@ def inspect_store(
     reads every written sample back against its checksums."""
     # Claimed while read (a --verify reads every sample); a store being written may be inspected.
     with ReadLock(path, refuse_writer=False):
+        if not allow_incomplete:
+            _refuse_while_written(path)
         return _inspect(path, allow_incomplete, verify)
+
+
+def _refuse_while_written(path: Path) -> None:
+    """An incomplete store a live process writes: not "its writer stopped early, --resume",
+    which that writer's lock would refuse."""
+    writer = live_writer(path)
+    if writer is None or not (path / MANIFEST_NAME).is_file():
+        return
+    if load_manifest(path / MANIFEST_NAME).complete:
+        return  # complete, with scores or a repair being written: readable as it is
+    raise LockHeldError(
+        f"store is being written by {writer}",
+        path,
+        "wait for it to finish, or pass --allow-incomplete to see what is written so far",
+    )
 
 
 def _inspect(path: Path, allow_incomplete: bool, verify: bool) -> dict[str, Any]:
