@@ -71,6 +71,23 @@ def test_synthetic_store_is_a_store(ss_run: Path, tmp_path: Path) -> None:
     assert (tmp_path / "p.png").read_bytes()[:4] == b"\x89PNG"
 
 
+def test_samples_of_a_run_open_in_xarray_in_its_training_store_s_units(
+    ss_run: Path, tmp_path: Path
+) -> None:
+    """A run trained on demo scenes (reflectance x 10000) gave samples that xarray showed as raw
+    integers, 10,000 times its training store's reflectance: only the shipped demo models'
+    samples carried the scale."""
+    out = tmp_path / "syn.zarr"
+    assert synth(ss_run, out, "--n", "4")[0] == 0
+    manifest = load_manifest(out / "manifest.json")
+    assert manifest.model is not None and manifest.model.kind != "demo"
+    assert manifest.model.details["source_dataset"] == "demo"
+    image = xr.open_zarr(out)["image"]
+    raw = xr.open_zarr(out, mask_and_scale=False)["image"]
+    assert image.attrs["units"] == "1" and raw.attrs["scale_factor"] == 1e-4
+    np.testing.assert_allclose(image[0].values, raw[0].values * 1e-4)
+
+
 def test_same_seed_same_bytes_other_seed_other_bytes(ss_run: Path, tmp_path: Path) -> None:
     assert synth(ss_run, tmp_path / "a.zarr", "--n", "6")[0] == 0
     assert synth(ss_run, tmp_path / "b.zarr", "--n", "6")[0] == 0

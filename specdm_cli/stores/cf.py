@@ -23,11 +23,15 @@ REFLECTANCE_SCALE = 1e-4
 
 
 def _reflectance(manifest: Manifest) -> bool:
-    """Are the image values reflectance x 10000? Real data by source; synthetic data only from
-    the demo models (trained on demo scenes): other runs' sources are not in the manifest."""
+    """Are the image values reflectance x 10000? Real data by source; synthetic data by the
+    source its model was trained on (stores synthesized before it was recorded: the demo
+    models only, trained on demo scenes)."""
     if manifest.source is not None:
         return manifest.source.dataset in REFLECTANCE_SOURCES
-    return manifest.model is not None and manifest.model.kind == "demo"
+    if manifest.model is None:
+        return False
+    trained_on = manifest.model.details.get("source_dataset")
+    return trained_on in REFLECTANCE_SOURCES or manifest.model.kind == "demo"
 
 
 def image_attributes(manifest: Manifest, georeferenced: bool) -> dict[str, Any]:

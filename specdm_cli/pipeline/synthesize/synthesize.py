@@ -194,6 +194,7 @@ def _manifest(request: SynthesizeRequest, steps: int, device: torch.device) -> M
                 "latent_shift": diffusion.details.get("latent_shift"),
                 "latent_scale": diffusion.details.get("latent_scale"),
                 "source_manifest_sha256": run.source_manifest_sha256,
+                "source_dataset": run.dataset,  # what the values mean (stores/cf.py)
                 "device": str(device),
                 **({"mask_source": request.masks.plan()} if request.masks is not None else {}),
                 **(
