@@ -25,6 +25,20 @@ def test_a_store_abandoned_while_created_is_removed_by_the_next_run(tmp_path: Pa
     assert not list(tmp_path.glob(".s.zarr.creating-*"))
 
 
+def test_an_overwrite_killed_while_removing_the_old_store_leaves_it_to_the_next_run(
+    tmp_path: Path,
+) -> None:
+    out = tmp_path / "s.zarr"
+    assert run_cli(*DEMO, "--out", out)[0] == 0
+    run_killed(*DEMO, "--out", out, "--overwrite", fault="store.after_remove")
+    assert not out.exists()  # the old store was renamed aside whole, then removed
+    aside = tmp_path / ".s.zarr.removing-999999999"  # what a kill mid-removal leaves
+    (aside / "image").mkdir(parents=True)
+    code, _, stderr = run_cli(*DEMO, "--out", out)
+    assert code == 0, stderr
+    assert sorted(p.name for p in tmp_path.glob("*s.zarr*")) == ["s.zarr"]  # no claim, no aside
+
+
 def test_stray_shard_records_are_removed_by_a_resume(tmp_path: Path) -> None:
     out = tmp_path / "syn.zarr"
     assert run_cli(*SYNTH, "--out", out)[0] == 0
