@@ -342,6 +342,16 @@ def _into_subfolders(raw: Path, names: tuple[str, str]) -> dict[str, str]:
     return moved
 
 
+def _split_of_each_tile(store_path: Path) -> dict[str, str]:
+    """Each source tile's split (source ids are `<stem>/y0_x0`: a patch of the tile)."""
+    store = open_store(store_path)
+    splits: dict[str, set[str]] = {}
+    for source_id, split in zip(store.source_ids() or [], store.splits(), strict=True):
+        splits.setdefault(source_id.rsplit("/", 1)[0], set()).add(str(split))
+    assert all(len(found) == 1 for found in splits.values()), "a tile in two splits"
+    return {tile: found.pop() for tile, found in splits.items()}
+
+
 def test_tiles_in_split_folders_take_their_folder_s_split(tmp_path: Path) -> None:
     """`images/train/` + `masks/train/` (as many downloads ship) was "no raster files"."""
     raw = make_geotiff_folder(tmp_path / "raw", n=5)
@@ -354,13 +364,9 @@ def test_tiles_in_split_folders_take_their_folder_s_split(tmp_path: Path) -> Non
     out = tmp_path / "g.zarr"
     code, _, stderr = _prepare("geotiff", raw, "--out", out, "--patch-size", "16")
     assert code == 0, stderr
-    store = open_store(out)
-    ids, splits = store.source_ids() or [], store.splits()
-    tiles = [source_id.rsplit("/", 1)[0] for source_id in ids]  # `<stem>/y0_x0`: a patch
-    by_tile = {tile: {str(splits[i]) for i, t in enumerate(tiles) if t == tile} for tile in tiles}
-    assert by_tile == {
-        "Training/tile_00": {"train"}, "Training/tile_01": {"train"},
-        "Training/tile_02": {"train"}, "val/tile_03": {"val"}, "val/tile_00": {"val"},
+    assert _split_of_each_tile(out) == {
+        "Training/tile_00": "train", "Training/tile_01": "train",
+        "Training/tile_02": "train", "val/tile_03": "val", "val/tile_00": "val",
     }  # fmt: skip
     assert len(moved) == 5
     assert manifest_of(out)["source"]["details"]["splits_from"] == "split folders"  # type: ignore[index]
@@ -377,12 +383,7 @@ def test_split_folders_at_the_top_take_their_split_and_one_without_masks_is_name
     out = tmp_path / "g.zarr"
     code, _, stderr = _prepare("geotiff", raw, "--out", out, "--patch-size", "16")
     assert code == 0, stderr
-    store = open_store(out)
-    tiles = {
-        i.rsplit("/", 1)[0]: str(s)
-        for i, s in zip(store.source_ids() or [], store.splits(), strict=True)
-    }
-    assert tiles == {
+    assert _split_of_each_tile(out) == {
         "train/tile_00": "train",
         "train/tile_01": "train",
         "Val/tile_00": "val",
@@ -407,12 +408,7 @@ def test_a_splits_file_names_tiles_of_split_folders_by_their_folder(tmp_path: Pa
         "geotiff", raw, "--out", out, "--splits", splits, "--patch-size", "16"
     )
     assert code == 0, stderr
-    store = open_store(out)
-    tiles = {
-        i.rsplit("/", 1)[0]: str(s)
-        for i, s in zip(store.source_ids() or [], store.splits(), strict=True)
-    }
-    assert tiles == {
+    assert _split_of_each_tile(out) == {
         "train/tile_00": "test",
         "train/tile_01": "val",
         "train/tile_02": "train",
