@@ -242,7 +242,11 @@ def test_envi_data_of_any_extension_beside_its_header_is_read(tmp_path: Path, su
     assert sidecars == sorted(
         f"tile_0{i}{end}" for i in (0, 1) for end in (".hdr", f"{suffix}.aux.xml")
     )
-    out = tmp_path / "g.zarr"
+    _assert_prepared_images(raw, tmp_path / "g.zarr", expected)
+
+
+def _assert_prepared_images(raw: Path, out: Path, expected: dict[str, np.ndarray]) -> None:
+    """`prepare geotiff RAW` stores each tile's pixels as they are (one patch per tile)."""
     code, _, stderr = _prepare("geotiff", raw, "--out", out, "--val-fraction", "0")
     assert code == 0, stderr
     group = zarr.open_group(out, mode="r")
@@ -293,12 +297,7 @@ def test_netcdf_of_subdatasets_is_refused_naming_them_and_a_vrt_of_them_is_read(
     for netcdf in sorted((raw / "images").glob("*.nc")):
         netcdf.rename(kept / netcdf.name)
         _stack_subdatasets(kept / netcdf.name, netcdf.with_suffix(".vrt"), bands=3)
-    out = tmp_path / "v.zarr"
-    code, _, stderr = _prepare("geotiff", raw, "--out", out, "--val-fraction", "0")
-    assert code == 0, stderr
-    group = zarr.open_group(out, mode="r")
-    for index, stem in enumerate(np.asarray(group["source_id"][:])):
-        np.testing.assert_array_equal(group["image"][index], expected[str(stem)])
+    _assert_prepared_images(raw, tmp_path / "v.zarr", expected)
 
 
 def _stack_subdatasets(netcdf: Path, vrt: Path, bands: int) -> None:
