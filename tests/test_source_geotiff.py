@@ -6,6 +6,8 @@ import csv
 import errno
 import json
 import re
+import subprocess
+import sys
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -866,7 +868,7 @@ def test_an_alpha_band_is_the_mask_of_the_others_not_a_band(tmp_path: Path) -> N
     plan = _plan(root, val_fraction=0.5)  # 1 of 2 files: no note on the split
     assert len(plan.spec.bands) == 3
     assert len(plan.warnings) == 1 and "tile_00.tif" in plan.warnings[0]
-    assert "alpha" in plan.warnings[0] and "gdal_edit" in plan.warnings[0]
+    assert "alpha" in plan.warnings[0] and "rio edit-info" in plan.warnings[0]
     sample = plan.load(plan.candidates[0])
     assert sample.arrays["image"].shape[0] == 3
     assert sample.nodata_pixels == 5 * 24
@@ -1087,6 +1089,33 @@ def _mask_off_its_image_grid(root: Path, _: Path) -> Path:
     shifted = from_origin(transform.c + 3 * PIXEL_M, transform.f, PIXEL_M, PIXEL_M)
     write_label(path, _read(path, 1), {"crs": crs, "transform": shifted})
     return path
+
+
+def test_the_rio_warp_a_grid_error_gives_puts_the_mask_on_its_image_s_grid(
+    tmp_path: Path,
+) -> None:
+    """The fix the line gives works as written (rio ships with rasterio; gdalwarp, which it
+    named before, is not installed with specdm)."""
+    root = make_geotiff_folder(tmp_path / "raw", n=2)
+    mask = _mask_off_its_image_grid(root, tmp_path)
+    with pytest.raises(InputDataError) as info:
+        _plan(root)
+    command = re.search(
+        r"rio warp (\S+) OUT --like (\S+) --src-nodata 255 --dst-nodata 255", info.value.hint or ""
+    )
+    assert command is not None and command.groups() == ("masks/tile_01.tif", "images/tile_01.tif")
+    warped = tmp_path / "warped.tif"
+    rio = Path(sys.executable).parent / "rio"
+    subprocess.run([rio, "warp", command[1], warped, "--like", command[2], "--src-nodata", "255",
+                    "--dst-nodata", "255"],
+                   cwd=root, check=True)  # fmt: skip
+    warped.replace(mask)
+    plan = _plan(root)
+    assert [c.code for c in plan.spec.classes] == [10, 40, 100]  # no class 0 from the warp
+    warped_sample = next(c for c in plan.candidates if c.source_id.startswith("tile_01"))
+    labels = plan.load(warped_sample).arrays["mask"][:24, :20]
+    # The mask lay 3 pixels east: the image's 3 western columns have no label now.
+    assert (labels[:, :3] == 255).all() and (labels[:, 3:] != 255).all()
 
 
 def _bad_classes_json(root: Path, _: Path) -> Path:

@@ -4,6 +4,8 @@ runs that leave nothing in the way, split files saved on Windows; through the re
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -278,7 +280,7 @@ def test_netcdf_masks_are_read_like_geotiff(tmp_path: Path) -> None:
     )
 
 
-def test_netcdf_of_subdatasets_is_refused_naming_them_and_a_vrt_of_them_is_read(
+def test_netcdf_of_subdatasets_is_refused_naming_them_and_the_rio_stack_fix_works(
     tmp_path: Path,
 ) -> None:
     raw = make_geotiff_folder(tmp_path / "raw", n=2, bands=3)
@@ -288,33 +290,16 @@ def test_netcdf_of_subdatasets_is_refused_naming_them_and_a_vrt_of_them_is_read(
     assert code == 3
     line = _one_line(stderr)
     assert "subdatasets (Band1, Band2, Band3)" in line and first.name in line
-    assert "gdalbuildvrt -separate" in line
+    assert f"rio stack --driver GTiff 'netcdf:{first}:Band1' ... {first.stem}.tif" in line
     assert not (tmp_path / "g.zarr").exists()
-    # The fix the line gives: the netCDF files kept elsewhere, a VRT stacking their subdatasets
-    # in images/, as gdalbuildvrt -separate writes it.
-    kept = tmp_path / "netcdf"
-    kept.mkdir()
+    # The fix the line gives, with every subdataset; the netCDF files kept elsewhere.
+    rio = Path(sys.executable).parent / "rio"
     for netcdf in sorted((raw / "images").glob("*.nc")):
-        netcdf.rename(kept / netcdf.name)
-        _stack_subdatasets(kept / netcdf.name, netcdf.with_suffix(".vrt"), bands=3)
+        bands = [f"netcdf:{netcdf}:Band{i}" for i in (1, 2, 3)]
+        stacked = netcdf.with_suffix(".tif")
+        subprocess.run([rio, "stack", "--driver", "GTiff", *bands, stacked], check=True)
+        netcdf.rename(tmp_path / netcdf.name)
     _assert_prepared_images(raw, tmp_path / "v.zarr", expected)
-
-
-def _stack_subdatasets(netcdf: Path, vrt: Path, bands: int) -> None:
-    with rasterio.open(f'NETCDF:"{netcdf}":Band1') as src:
-        height, width, gdal_type = src.height, src.width, {"uint16": "UInt16"}[src.dtypes[0]]
-        geo = ", ".join(repr(value) for value in src.transform.to_gdal())
-        crs = src.crs.to_wkt()
-    band_xml = "".join(
-        f'<VRTRasterBand dataType="{gdal_type}" band="{i}"><SimpleSource>'
-        f'<SourceFilename>NETCDF:"{netcdf}":Band{i}</SourceFilename><SourceBand>1</SourceBand>'
-        "</SimpleSource></VRTRasterBand>"
-        for i in range(1, bands + 1)
-    )
-    vrt.write_text(
-        f'<VRTDataset rasterXSize="{width}" rasterYSize="{height}"><SRS>{crs}</SRS>'
-        f"<GeoTransform>{geo}</GeoTransform>{band_xml}</VRTDataset>"
-    )
 
 
 def test_polygon_labels_in_place_of_masks_say_to_rasterize_them(tmp_path: Path) -> None:

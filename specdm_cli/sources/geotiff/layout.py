@@ -366,8 +366,8 @@ def _refuse_without_bands(src: Any, path: Path) -> None:
     raise InputDataError(
         f"holds subdatasets ({shown}), no bands of its own",
         path,
-        f"stack the bands into one file: gdalbuildvrt -separate {path.stem}.vrt "
-        f"{src.subdatasets[0]} ..., or gdal_translate it to GeoTIFF",
+        f"stack the bands into one file: rio stack --driver GTiff '{src.subdatasets[0]}' ... "
+        f"{path.stem}.tif (or gdalbuildvrt -separate {path.stem}.vrt with them)",
     )
 
 
@@ -414,10 +414,12 @@ def check_stem(paths: dict[str, Path], task: Task) -> tuple[Header, Header]:
                 f"size {other.height}x{other.width} differs from its image's "
                 f"{images[0].height}x{images[0].width}",
                 other.path,
-                f"make it match {images[0].path.name}",
+                _onto_grid_hint("resample", other, images[0], other is label)
+                if other.grid and images[0].grid
+                else f"make it match {images[0].path.name}",
             )
     for other in [*images[1:], label]:
-        _same_grid(images[0], other)
+        _same_grid(images[0], other, other is label)
     # An alpha band (RGBA, LA exports of labelling tools) marks unlabelled pixels: not a band.
     if label.count not in (1, 3):
         raise InputDataError(
@@ -439,7 +441,7 @@ def check_stem(paths: dict[str, Path], task: Task) -> tuple[Header, Header]:
     ), label
 
 
-def _same_grid(image: Header, other: Header) -> None:
+def _same_grid(image: Header, other: Header, label: bool) -> None:
     """Files of one stem are read pixel for pixel, so where both are georeferenced they must
     lie on one grid: the same CRS (where both name one), origin and pixel size (to a hundredth
     of a pixel). A mask without a transform is taken as on its image's grid."""
@@ -450,7 +452,7 @@ def _same_grid(image: Header, other: Header) -> None:
         raise InputDataError(
             f"CRS {shown} differs from its image's {image_shown}",
             other.path,
-            f"reproject it onto {image.path.name}'s grid (e.g. gdalwarp)",
+            _onto_grid_hint("reproject", other, image, label),
         )
     pixel = max(abs(image.grid[0]), abs(image.grid[4]), 1e-12)
     if any(abs(x - y) > 0.01 * pixel for x, y in zip(other.grid, image.grid, strict=True)):
@@ -458,8 +460,20 @@ def _same_grid(image: Header, other: Header) -> None:
             f"not on its image's grid (origin {_origin(other)}, pixel {other.grid[0]:g}; "
             f"the image's {_origin(image)}, pixel {image.grid[0]:g})",
             other.path,
-            f"resample it onto {image.path.name}'s grid (e.g. gdalwarp -te/-tr of the image)",
+            _onto_grid_hint("resample", other, image, label),
         )
+
+
+def _onto_grid_hint(verb: str, other: Header, image: Header, label: bool) -> str:
+    """The command that puts `other` on `image`'s grid: rio's (rasterio ships it, so it is
+    there wherever specdm is), by folder and name, as a mask and its image share a name. A
+    mask's pixels the warp cannot cover are unlabelled (255), not a class code 0."""
+    moved, target = (f"{h.path.parent.name}/{h.path.name}" for h in (other, image))
+    unlabelled = " --src-nodata 255 --dst-nodata 255" if label else ""
+    return (
+        f"{verb} it onto {target}'s grid: rio warp {moved} OUT --like {target}{unlabelled} "
+        "(nearest neighbour, so values stay as they are), then put OUT in its place"
+    )
 
 
 def _origin(header: Header) -> str:

@@ -265,7 +265,8 @@ def _alpha_notes(headers: dict[str, Header]) -> list[str]:
     return [
         f"warning: {len(alpha)} image file(s) declare an alpha band ({alpha[0]} first), read as "
         "their nodata mask, not as an image band; if it holds data (e.g. NIR), clear it with "
-        "`gdal_edit.py -colorinterp_N undefined FILE` (N: the band's number, 4 in RGB+NIR)"
+        "`rio edit-info FILE --colorinterp red,green,blue,undefined` (rasterio's command, "
+        "installed with specdm; gdal_edit.py -colorinterp_4 undefined FILE does the same)"
     ]
 
 
