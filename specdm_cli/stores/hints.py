@@ -6,9 +6,12 @@ from pathlib import Path
 
 from specdm_cli.manifest import Manifest
 
-# Each shard of a `synthesize --shard i/N` store leaves a record here once its batches are
-# written (pipeline/synthesize/shards.py writes them; stores may not import the pipeline).
+# Every synthesize writer, sharded or not, leaves a record here per batch written
+# (pipeline/synthesize/shards.py writes them; stores may not import the pipeline).
 SHARD_RECORDS = ".specdm/shards"
+# Only a store that a `synthesize --shard i/N` joined holds this: what tells a sharded store
+# from a plain one (whose per-batch records look the same).
+SHARDED_MARK = ".specdm/sharded.json"
 # For a store whose plan names no stage (written before plans recorded one).
 GENERIC_HINT = "rerun the command that wrote it with --resume (it rewrites damaged samples)"
 FILTER_HINT = "rerun `specdm filter` with the same options and --overwrite (filter does not resume)"
@@ -30,12 +33,12 @@ def repair_hint(manifest: Manifest) -> str:
 
 
 def incomplete_hint(root: Path, manifest: Manifest) -> str:
-    """How to finish an incomplete store: a shard store whose shards have begun recording needs
-    the missing shards (or only --finalize); a filter output is made again; else --resume."""
+    """How to finish an incomplete store: a store written with --shard i/N needs the missing
+    shards (or only --finalize); a filter output is made again; else --resume."""
     stage = _stage(manifest)
     if stage == "filter":
         return FILTER_HINT
-    if stage == "synthesize" and any((root / SHARD_RECORDS).glob("*.json")):
+    if stage == "synthesize" and (root / SHARDED_MARK).is_file():
         return (
             "run the shards still missing (the same options and --shard i/N), then "
             f"`specdm synthesize --finalize {root}`"

@@ -39,6 +39,7 @@ from specdm_cli.pipeline.synthesize.shards import (
     Shard,
     finalize,
     join_or_create,
+    mark_sharded,
     shard_batches,
     shard_lock,
     write_record,
@@ -236,6 +237,16 @@ def synthesize(
     request: SynthesizeRequest, stop: StopFlag, progress: Progress | None = None
 ) -> SynthesizeSummary:
     """Write this shard's batches (skipping written ones), record them, finalize when all are in."""
+    return _synthesize(request, stop, progress, sharded=request.shard.count > 1)
+
+
+def _synthesize(
+    request: SynthesizeRequest,
+    stop: StopFlag,
+    progress: Progress | None = None,
+    sharded: bool = False,
+) -> SynthesizeSummary:
+    """`synthesize`; `sharded`: the user gave --shard i/N (a rank's sub-shard is not that)."""
     started = time.monotonic()
     if request.n <= 0:
         raise UsageError("--n must be at least 1", hint="e.g. --n 1000")
@@ -244,9 +255,11 @@ def synthesize(
     devices = torch_devices(request.devices)
     fresh = not (request.out / MANIFEST_NAME).exists()
     manifest = join_or_create(request.out, _manifest(request, steps, devices[0]))
+    if sharded:
+        mark_sharded(request.out, request.shard)
     batches = shard_batches(request.n, request.batch_size, request.shard)
-    if request.devices.ranks > 1:
-        done = run_on_devices(request, synthesize, stop, progress)
+    if request.devices.ranks > 1:  # each rank writes a sub-shard, unmarked: --resume finishes it
+        done = run_on_devices(request, _synthesize, stop, progress)
         return _summary(request, started, Written(done), len(batches), 0, None)
     try:
         with shard_lock(request.out, request.n, request.batch_size, request.shard):
