@@ -257,6 +257,8 @@ def inspect(
         bool, typer.Option("--verify", help="Read every sample back against its checksums.")
     ] = False,
     json_output: JsonOption = False,
+    # Taken like every command's, so a script can pass it to all: inspect shows no progress.
+    quiet: QuietOption = False,
 ) -> None:
     """Validate a store and summarise it: splits, bands, classes, provenance."""
     with domain_errors(resumable=False), stop_at_once():
