@@ -105,6 +105,7 @@ class SynthesizeSummary:
     write_seconds: float = 0.0  # this process's writer busy time (overlaps sampling; 0 with ranks)
     write_wait_seconds: float = 0.0  # time sampling waited for the writer: what I/O added
     cuda_peak_bytes: int | None = None  # one CUDA device: torch's peak allocated memory
+    already_complete: bool = False  # the store was complete before and this call wrote nothing
 
 
 # Ours: on 2 CPU cores pairs/s stops growing beyond about 16; on CUDA a larger grid keeps the
@@ -260,7 +261,7 @@ def _synthesize(
     batches = shard_batches(request.n, request.batch_size, request.shard)
     if request.devices.ranks > 1:  # each rank writes a sub-shard, unmarked: --resume finishes it
         done = run_on_devices(request, _synthesize, stop, progress)
-        return _summary(request, started, Written(done), len(batches), 0, None)
+        return _summary(request, started, Written(done), len(batches), 0, None, manifest.complete)
     try:
         with shard_lock(request.out, request.n, request.batch_size, request.shard):
             loop, draws = _write_shard(
@@ -271,7 +272,10 @@ def _synthesize(
             remove_own(request.out, "store", "synthesize")
         raise
     cuda_peak = torch.cuda.max_memory_allocated(devices[0]) if devices[0].type == "cuda" else None
-    return _summary(request, started, loop, len(batches), draws.count if draws else 0, cuda_peak)
+    return _summary(
+        request, started, loop, len(batches), draws.count if draws else 0, cuda_peak,
+        manifest.complete,
+    )  # fmt: skip
 
 
 def _write_shard(
@@ -349,8 +353,10 @@ def _summary(
     batches: int,
     draws: int,
     cuda_peak_bytes: int | None,
+    was_complete: bool,
 ) -> SynthesizeSummary:
-    """Finalize the store if every part is in, and say what this call did."""
+    """Finalize the store if every part is in, and say what this call did (`was_complete`: the
+    store was complete when this call began)."""
     complete = finalize(request.out)
     seconds = time.monotonic() - started
     return SynthesizeSummary(
@@ -358,7 +364,7 @@ def _summary(
         int(open_store(request.out, allow_incomplete=True).written().sum()), batches,
         round(seconds, 3), round(loop.samples / max(seconds, 1e-9), 3), complete,
         draws or loop.samples, round(loop.busy_seconds, 3), round(loop.blocked_seconds, 3),
-        cuda_peak_bytes,
+        cuda_peak_bytes, was_complete and complete and loop.samples == 0,
     )  # fmt: skip
 
 
