@@ -426,6 +426,18 @@ def test_two_cpu_ranks_write_the_single_run_bytes(ss_run: Path, tmp_path: Path) 
 
 
 @pytest.mark.slow  # two spawned processes each import torch and diffusers: about 20-30 s
+def test_cpu_ranks_show_the_progress_end_once(tmp_path: Path) -> None:
+    """The parent polls the ranks twice a second till they exit: `synthesize 4/4 (100%)` came
+    once per poll (four times)."""
+    code, _, stderr = run_cli("synthesize", "--model", "demo", "--task", "ss", "--n", "8",
+                              "--batch-size", "2", "--steps", "2", "--no-detail", "--gpus",
+                              "cpu:2", "--threads", "2", "--out", tmp_path / "two.zarr")  # fmt: skip
+    assert code == 0, stderr
+    ends = [line for line in stderr.splitlines() if line.startswith("synthesize 4/4")]
+    assert len(ends) == 1, stderr
+
+
+@pytest.mark.slow  # two spawned processes each import torch and diffusers: about 20-30 s
 def test_cpu_ranks_without_batch_size_use_the_cpu_default_grid(
     ss_run: Path, tmp_path: Path
 ) -> None:

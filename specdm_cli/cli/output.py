@@ -148,12 +148,17 @@ def _progress_lines(name: str) -> Progress:
     def update(stage: str, done: int, total: int) -> None:
         now = time.monotonic()
         if stage != state["stage"]:
-            state.update(stage=stage, start=now, start_done=done, last=now, last_done=done)
+            state.update(
+                stage=stage, start=now, start_done=done, last=now, last_done=done, ended=False
+            )
         due = now - state["last"] >= LOG_SECONDS or (
             total > 0 and done - state["last_done"] >= LOG_FRACTION * total
         )
+        if done == total and state["ended"]:
+            return  # told once: a poller (the parent of --gpus ranks) repeats it till they exit
         if not (due or done == total):
             return
+        state["ended"] = done == total
         rate = (done - state["start_done"]) / max(now - state["start"], 1e-9)
         eta = f", ETA {_duration((total - done) / rate)}" if rate > 0 and total > done else ""
         share = f" ({done / total:.0%})" if total > 0 else ""
