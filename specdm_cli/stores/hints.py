@@ -46,3 +46,22 @@ def incomplete_hint(root: Path, manifest: Manifest) -> str:
     if stage in ("prepare", "synthesize"):
         return f"rerun `specdm {stage}` with the same options and --resume"
     return "rerun its command with --resume"
+
+
+# What gives a store of `prepare SOURCE` a val or test split, which benchmark and validation read.
+HELD_OUT_OPTIONS = {
+    "demo": "more scenes (--n) or a larger --val-fraction/--test-fraction, or another --seed "
+    "(each scene's split is drawn from the seed and its index)",
+    "geotiff": "more source files, a larger --val-fraction/--test-fraction (splits take whole "
+    "files), or --splits FILE.csv",
+    "oscd": "--val-cities, or --val-fraction (of the train cities)",
+    "segmunich": "the dataset's val or test list (dataset/val.txt, dataset/test.txt)",
+}
+
+
+def held_out_hint(manifest: Manifest) -> str:
+    """How to prepare the store again with a val or test split, for the source it came from."""
+    how = HELD_OUT_OPTIONS.get(str((manifest.plan or {}).get("source")))
+    if how is None:
+        return "prepare it again with a val or test split"
+    return f"prepare it again with --overwrite and {how}"
