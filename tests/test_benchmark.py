@@ -708,6 +708,27 @@ def test_bad_input_is_one_line(
     assert stderr.startswith("error:") and stderr.count("\n") == 1 and not out.exists()
 
 
+def test_a_real_store_without_val_or_test_is_told_at_prepare_and_benchmark_says_how(
+    tmp_path: Path,
+) -> None:
+    """24 demo scenes of seed 11 drew no val or test scene: prepare said nothing, and benchmark
+    only "re-prepare it", not how."""
+    real = tmp_path / "d64.zarr"
+    code, stdout, stderr = run_cli("prepare", "demo", "--n", "24", "--seed", "11", "--out", real,
+                                   "--json", "--quiet")  # fmt: skip
+    assert code == 0 and json.loads(stdout)["split_counts"] == {"train": 24}, stderr
+    how = "more scenes (--n) or a larger --val-fraction/--test-fraction, or another --seed"
+    (warning,) = json.loads(stdout)["warnings"]
+    assert warning.startswith("warning: the store has no val or test split") and how in warning
+    synthetic = tmp_path / "s.zarr"
+    code, _, stderr = run_cli("synthesize", "--model", "demo", "--task", "ss", "--n", "2",
+                              "--steps", "2", "--no-detail", "--quiet", "--out", synthetic)  # fmt: skip
+    assert code == 0, stderr
+    code, _, stderr = run_cli("benchmark", "--real", real, "--synthetic", synthetic, "--model",
+                              "demo", "--out", tmp_path / "out", *FAST)  # fmt: skip
+    assert_one_error_line(code, stderr, 3, f"prepare it again with --overwrite and {how}")
+
+
 @pytest.mark.parametrize("field", ["bands", "classes"])
 def test_stores_whose_band_or_class_names_differ_are_refused(
     field: str, ss: tuple[Path, Path], tmp_path: Path

@@ -40,6 +40,16 @@ def test_help_lists_the_commands() -> None:
     assert code == 2 and stderr == "" and alone.strip() == stdout.strip()
 
 
+def test_every_command_takes_quiet(demo_ss_store: Path) -> None:
+    """`inspect -q` was "No such option" (exit 2) while the README has every command take it."""
+    for name in typer.main.get_command(app).commands:  # type: ignore[attr-defined]
+        code, stdout, _ = run_cli(name, "--help")
+        assert code == 0 and "--quiet" in stdout and "-q" in stdout, name
+    code, quiet, stderr = run_cli("inspect", demo_ss_store, "-q")
+    assert code == 0 and stderr == "", stderr
+    assert quiet == run_cli("inspect", demo_ss_store)[1]
+
+
 def test_dataset_keys_split_and_dtypes(demo_ss_store: Path) -> None:
     train = StoreDataset(demo_ss_store, split="train")
     everything = StoreDataset(demo_ss_store)

@@ -147,6 +147,8 @@ def test_one_line_estimates_the_wall_time(store: Path, tmp_path: Path) -> None:
                               "--steps", "6", "--semantic-steps", "6")  # fmt: skip
     estimates = [line for line in stderr.splitlines() if "for the remaining" in line]
     assert [line.split(":")[0] for line in estimates] == ["fit-vae segmenter", "fit-vae"], stderr
+    # Its progress names the command once: it was `fit-vae: fit-vae segmenter 6/6`.
+    assert "fit-vae segmenter 6/6 (100%)" in stderr and "fit-vae: fit-vae" not in stderr, stderr
     code, _, stderr = run_cli("fit-vae", store, "--run", tmp_path / "quiet", *VAE_SHAPE,
                               "--steps", "6", "--quiet")  # fmt: skip
     assert code == 0 and stderr == ""

@@ -425,6 +425,20 @@ def test_splits_file_stems_written_as_paths_name_their_tiles(tmp_path: Path) -> 
     assert "without folder or extension, e.g. 'tile_00'" in stderr
 
 
+def test_splits_file_with_split_fractions_or_seed_is_a_usage_error(tmp_path: Path) -> None:
+    """The file chooses every split: --val-fraction, --test-fraction and --seed were ignored
+    with exit 0 and no word; given (not left at their defaults) they are exit 2 now."""
+    root = make_geotiff_folder(tmp_path / "raw", n=2, size=(16, 16))
+    splits = _write_splits(tmp_path / "s.csv", [("tile_00", "train"), ("tile_01", "val")])
+    command = ("prepare", "geotiff", root, "--out", tmp_path / "s.zarr", "--splits", splits)
+    code, _, stderr = run_cli(*command, "--val-fraction", "0.5", "--seed", "3")
+    assert_one_error_line(code, stderr, 2, "--splits gives every tile's split")
+    assert "--val-fraction, --seed would not be read" in stderr
+    code, _, stderr = run_cli(*command, "--test-fraction", "0.2")
+    assert_one_error_line(code, stderr, 2, "--test-fraction would not be read")
+    assert not (tmp_path / "s.zarr").exists()
+
+
 def test_csv_files_saved_by_a_spreadsheet_are_read(tmp_path: Path) -> None:
     # Excel's "CSV UTF-8" starts with a byte-order mark: the first column was '\ufeffcode'.
     root = make_geotiff_folder(tmp_path / "raw", n=2, codes=[10, 40])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 from pathlib import Path
 
 import numpy as np
@@ -10,7 +11,7 @@ from specdm_cli.manifest import QualityScores
 from specdm_cli.stores import open_store
 from specdm_cli.stores.quality import write_quality
 from tests.conftest import run_cli
-from tests.fault_tools import assert_one_error_line, run_killed
+from tests.fault_tools import assert_one_error_line, run_killed, signal_at_stop, spawn
 from tests.test_faults_concurrency import SYNTH
 
 
@@ -36,6 +37,20 @@ def test_a_killed_filter_output_says_overwrite_and_a_shard_store_the_missing_sha
     assert_one_error_line(code, stderr, 3, "incomplete")
     assert "`specdm filter`" in stderr and "--overwrite" in stderr and "--resume" not in stderr
     assert run_cli(*command, "--overwrite")[0] == 0
+
+
+def test_an_interrupted_plain_synthesize_says_resume_not_shards(tmp_path: Path) -> None:
+    """A plain run also leaves a record per batch: readers took them for shards and sent the
+    user to `--shard i/N` and `--finalize`, which fails on a store nobody sharded."""
+    store = tmp_path / "syn.zarr"
+    process = spawn(*SYNTH, "--out", store, fault="synthesize.after_batch:1:stop")
+    assert "interrupted" in signal_at_stop(process, signal.SIGINT)
+    code, _, stderr = run_cli("inspect", store)
+    assert_one_error_line(
+        code, stderr, 3, "rerun `specdm synthesize` with the same options and --resume"
+    )
+    assert "--shard" not in stderr and "--finalize" not in stderr
+    assert run_cli(*SYNTH, "--out", store, "--resume")[0] == 0
 
 
 def test_a_killed_prepare_says_prepare_resume(tmp_path: Path) -> None:

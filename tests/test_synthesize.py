@@ -336,6 +336,18 @@ def test_half_precision_asked_on_the_cpu_is_said_and_recorded_as_what_ran(tmp_pa
     assert load_manifest(tmp_path / "x.zarr" / "manifest.json").model.precision == "fp32"
 
 
+def test_a_complete_store_made_again_is_already_complete_with_no_rate(tmp_path: Path) -> None:
+    """The same command again wrote nothing but said "complete: ... 0.0 pairs/s"."""
+    command = ("synthesize", "--model", "demo", "--task", "ss", "--n", "2", "--steps", "2",
+               "--no-detail", "--out", tmp_path / "x.zarr")  # fmt: skip
+    code, _, stderr = run_cli(*command)
+    assert code == 0 and "complete: " in stderr and "pairs/s" in stderr, stderr
+    code, stdout, stderr = run_cli(*command, "--json")
+    assert code == 0, stderr
+    assert stderr.splitlines()[-1] == f"already complete: {tmp_path / 'x.zarr'}: 2/2 pairs"
+    assert json.loads(stdout)["already_complete"] is True
+
+
 def test_what_a_newcomer_gets_wrong_is_told_as_it_is(tmp_path: Path) -> None:
     out = ("--n", "2", "--out", tmp_path / "x.zarr")
     code, _, stderr = run_cli("synthesize", "--model", "demo", *out)
@@ -428,6 +440,18 @@ def test_two_cpu_ranks_write_the_single_run_bytes(ss_run: Path, tmp_path: Path) 
     code, _, stderr = synth(ss_run, tmp_path / "r.zarr", "--n", "2", "--gpus", "cpu:2",
                             "--require", "0:0.1")  # fmt: skip
     assert code == 2 and "cannot be split" in stderr
+
+
+@pytest.mark.slow  # two spawned processes each import torch and diffusers: about 20-30 s
+def test_cpu_ranks_show_the_progress_end_once(tmp_path: Path) -> None:
+    """The parent polls the ranks twice a second till they exit: `synthesize 4/4 (100%)` came
+    once per poll (four times)."""
+    code, _, stderr = run_cli("synthesize", "--model", "demo", "--task", "ss", "--n", "8",
+                              "--batch-size", "2", "--steps", "2", "--no-detail", "--gpus",
+                              "cpu:2", "--threads", "2", "--out", tmp_path / "two.zarr")  # fmt: skip
+    assert code == 0, stderr
+    ends = [line for line in stderr.splitlines() if line.startswith("synthesize 4/4")]
+    assert len(ends) == 1, stderr
 
 
 @pytest.mark.slow  # two spawned processes each import torch and diffusers: about 20-30 s

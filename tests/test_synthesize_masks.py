@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import zarr
 
+import specdm_cli
 from tests import processes
 from tests.conftest import prepare_demo, run_cli
 from tests.test_synthesize import FAST, UNET, VAE, arrays
@@ -171,8 +172,9 @@ def test_refusals(
     store, run, plain = ss
     out = tmp_path / "x.zarr"
     _one_line_refusal(
-        synth(plain, out, "--n", "2", "--masks", store), 2, "--mask-condition-rate", out
-    )
+        synth(plain, out, "--n", "2", "--masks", store),
+        2, f"`specdm fit-diffusion {plain} --mask-condition-rate 0.5 --overwrite`", out,
+    )  # fmt: skip
     _one_line_refusal(synth(run, out, "--n", "2", "--masks", demo_cd_store), 3, "task cd", out)
     _one_line_refusal(synth(run, out, "--n", "2", "--masks", demo_ss_store), 3, "32x32", out)
     _one_line_refusal(
@@ -215,3 +217,27 @@ def test_distill_refuses_a_mask_conditioned_u_net(ss: tuple[Path, Path, Path]) -
     code, _, stderr = run_cli("distill", run, "--steps", "1", "--trajectories", "2", "--quiet")
     assert code == 2 and "--mask-condition-rate" in stderr and "Traceback" not in stderr
     assert (run / "run.json").read_text() == before
+
+
+@pytest.mark.slow  # a U-Net trained 2 steps on the shipped model's copy: about 20 s
+def test_the_demo_model_refusal_says_what_works_and_it_does(tmp_path: Path) -> None:
+    """The fix told was `specdm fit-diffusion --mask-condition-rate 0.5`, with no RUN (and the
+    shipped model is read-only, its training store not shipped)."""
+    out = tmp_path / "x.zarr"
+    sample = ("--n", "2", "--steps", "2", "--no-detail", "--quiet", "--out", out)
+    masks = prepare_demo(tmp_path / "m.zarr", size=64)
+    _one_line_refusal(
+        run_cli("synthesize", "--model", "demo", "--task", "ss", *sample, "--masks", masks),
+        2, "copy the package's specdm_cli/assets/demo-ss folder to COPY", out,
+    )  # fmt: skip
+    # What the line says, done: the copy, a demo store, its U-Net trained with the condition.
+    copy = shutil.copytree(Path(specdm_cli.__file__).parent / "assets" / "demo-ss", tmp_path / "c")
+    code, _, stderr = run_cli("prepare", "demo", "--task", "ss", "--n", "24", "--out",
+                              tmp_path / "demo.zarr", "--quiet")  # fmt: skip
+    assert code == 0, stderr
+    code, _, stderr = run_cli("fit-diffusion", copy, "--store", tmp_path / "demo.zarr",
+                              "--mask-condition-rate", "0.5", "--overwrite", "--steps", "2",
+                              "--quiet")  # fmt: skip
+    assert code == 0, stderr
+    code, _, stderr = run_cli("synthesize", "--model", copy, *sample, "--masks", masks)
+    assert code == 0, stderr

@@ -128,7 +128,7 @@ def _progress_bar(name: str) -> Iterator[Progress]:
             if stages[-1:] != [stage]:
                 stages.append(stage)
                 if stage != name:
-                    stderr.print(f"{name}: {stage}", markup=False)
+                    stderr.print(_label(name, stage), markup=False)
             bar.update(task, completed=done, total=total)
 
         yield update
@@ -148,22 +148,35 @@ def _progress_lines(name: str) -> Progress:
     def update(stage: str, done: int, total: int) -> None:
         now = time.monotonic()
         if stage != state["stage"]:
-            state.update(stage=stage, start=now, start_done=done, last=now, last_done=done)
+            state.update(
+                stage=stage, start=now, start_done=done, last=now, last_done=done, ended=False
+            )
         due = now - state["last"] >= LOG_SECONDS or (
             total > 0 and done - state["last_done"] >= LOG_FRACTION * total
         )
+        if done == total and state["ended"]:
+            return  # told once: a poller (the parent of --gpus ranks) repeats it till they exit
         if not (due or done == total):
             return
+        state["ended"] = done == total
         rate = (done - state["start_done"]) / max(now - state["start"], 1e-9)
         eta = f", ETA {_duration((total - done) / rate)}" if rate > 0 and total > done else ""
         share = f" ({done / total:.0%})" if total > 0 else ""
-        label = name if stage == name else f"{name}: {stage}"
+        label = _label(name, stage)
         speed = f", {rate:.3g}/s" if rate > 0 else ""
         sys.stderr.write(f"{label} {done}/{total}{share}{speed}{eta}\n")
         sys.stderr.flush()
         state.update(last=now, last_done=done)
 
     return update
+
+
+def _label(name: str, stage: str) -> str:
+    """A stage of command `name` as progress names it: `prepare: scanning masks`, but a stage
+    named after its command once (`fit-vae segmenter`, not `fit-vae: fit-vae segmenter`)."""
+    if stage == name or stage.startswith(f"{name} "):
+        return stage
+    return f"{name}: {stage}"
 
 
 def _duration(seconds: float) -> str:

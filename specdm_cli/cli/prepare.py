@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import asdict
 from pathlib import Path
 from typing import Annotated, Any
@@ -104,6 +105,7 @@ def prepare(
         from specdm_cli.pipeline.signals import graceful_stop
 
         _refuse_options_the_source_ignores(source, ctx)
+        _refuse_fractions_with_a_splits_file(ctx)
         options = PrepareOptions(
             bands=_names(bands),
             patch_size=patch_size,
@@ -188,10 +190,7 @@ def _refuse_options_the_source_ignores(source: str, ctx: typer.Context) -> None:
     """Options given on the command line (or by environment) that `source` does not read."""
     from specdm_cli.errors import UsageError
 
-    # By name: typer's Context is its own click's, whose ParameterSource is not click's.
-    sources = {name: ctx.get_parameter_source(name) for name in _READ_BY}
-    given = [name for name, where in sources.items() if where and where.name != "DEFAULT"]
-    ignored = [name for name in given if source not in _READ_BY[name]]
+    ignored = [name for name in _given(ctx, _READ_BY) if source not in _READ_BY[name]]
     if ignored:
         options = ", ".join(_option(name) for name in ignored)
         readers = " / ".join(_READ_BY[ignored[0]])
@@ -199,6 +198,34 @@ def _refuse_options_the_source_ignores(source: str, ctx: typer.Context) -> None:
             f"prepare {source} does not read {options} ({_option(ignored[0])} is for {readers})",
             hint=f"drop {options}, or check the source name",
         )
+
+
+# With --splits FILE.csv the file gives every tile's split: the seeded fractions are not read
+# (the seed is read for nothing else in `prepare geotiff`).
+_SPLIT_BY_FRACTIONS = ("val_fraction", "test_fraction", "seed")
+
+
+def _refuse_fractions_with_a_splits_file(ctx: typer.Context) -> None:
+    """--val-fraction, --test-fraction or --seed given with --splits: they were silently unread."""
+    from specdm_cli.errors import UsageError
+
+    if not _given(ctx, ("splits",)):
+        return
+    unread = _given(ctx, _SPLIT_BY_FRACTIONS)
+    if unread:
+        options = ", ".join(_option(name) for name in unread)
+        raise UsageError(
+            f"--splits gives every tile's split, so {options} would not be read",
+            hint=f"drop {options}, or drop --splits to split by seeded fractions",
+        )
+
+
+def _given(ctx: typer.Context, names: Iterable[str]) -> list[str]:
+    """Which of these parameters were given on the command line (or by environment), not
+    left at their defaults."""
+    # By name: typer's Context is its own click's, whose ParameterSource is not click's.
+    sources = {name: ctx.get_parameter_source(name) for name in names}
+    return [name for name, where in sources.items() if where and where.name != "DEFAULT"]
 
 
 def _option(name: str) -> str:
@@ -230,6 +257,8 @@ def inspect(
         bool, typer.Option("--verify", help="Read every sample back against its checksums.")
     ] = False,
     json_output: JsonOption = False,
+    # Taken like every command's, so a script can pass it to all: inspect shows no progress.
+    quiet: QuietOption = False,
 ) -> None:
     """Validate a store and summarise it: splits, bands, classes, provenance."""
     with domain_errors(resumable=False), stop_at_once():

@@ -28,6 +28,7 @@ from specdm_cli.config import Devices, SamplerChoice, StoreFormat, Task
 
 if TYPE_CHECKING:
     from specdm_cli.pipeline.synthesize.quality import JudgeMaker
+    from specdm_cli.pipeline.synthesize.synthesize import SynthesizeSummary
 
 
 def _quality_judge() -> JudgeMaker:
@@ -196,12 +197,18 @@ def synthesize(
         ):
             summary = synthesize_store(options, stop, bar, warnings)
         if not quiet:
-            state = "complete" if summary.complete else "shard done, store not complete yet"
-            kept = f" (kept from {summary.draws} draws)" if summary.draws > summary.written else ""
-            stderr.print(
-                f"{state}: {summary.out}: {summary.written}/{summary.n} pairs{kept}, "
-                f"{summary.pairs_per_second} pairs/s",
-                markup=False,
-            )
+            stderr.print(_done_line(summary), markup=False)
         if json_output:
             emit_json({**asdict(summary), "warnings": list(warnings)})
+
+
+def _done_line(summary: SynthesizeSummary) -> str:
+    """What the call did; a store found complete gets no rate (no pair was made)."""
+    if summary.already_complete:
+        return f"already complete: {summary.out}: {summary.written}/{summary.n} pairs"
+    state = "complete" if summary.complete else "shard done, store not complete yet"
+    kept = f" (kept from {summary.draws} draws)" if summary.draws > summary.written else ""
+    return (
+        f"{state}: {summary.out}: {summary.written}/{summary.n} pairs{kept}, "
+        f"{summary.pairs_per_second} pairs/s"
+    )

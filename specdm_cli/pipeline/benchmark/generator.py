@@ -17,6 +17,7 @@ from specdm_cli.pipeline.runs.choose import ChosenModel
 from specdm_cli.pipeline.runs.run_manifest import RunManifest, load_run
 from specdm_cli.stores import StoreReader, content_sha256, open_store
 from specdm_cli.stores.base import MANIFEST_NAME
+from specdm_cli.stores.hints import held_out_hint
 
 from .feature_training import ArraySource
 from .features import manifest_sha256
@@ -143,7 +144,9 @@ def reconstruction(
     split = "val" if real.indices("val").size else "test"
     indices = real.indices(split)
     if indices.size == 0:
-        raise InputDataError("the real store has no val or test split", real.root, "re-prepare it")
+        raise InputDataError(
+            "the real store has no val or test split", real.root, held_out_hint(real.manifest)
+        )
     norm = chosen.manifest.normalization
     mean = torch.tensor(norm.mean, dtype=torch.float32, device=device)
     std = torch.tensor(norm.std, dtype=torch.float32, device=device)

@@ -48,6 +48,7 @@ from specdm_cli.stores import (
     stored_sample_bytes,
 )
 from specdm_cli.stores.base import MANIFEST_NAME
+from specdm_cli.stores.hints import HELD_OUT_OPTIONS
 
 # PrepareOptions fields newer than the plan format: absent from a plan while None.
 _LATER_OPTIONS = frozenset({"label_nodata", "cities", "val_cities", "demo_variant"})
@@ -209,7 +210,11 @@ def _prepare(
     summary = _summary(request.out, "resumed" if state == "resume" else "created", started)
     notes = [
         note
-        for note in (_sparse_label_note(tally, source_plan.spec), _no_train_note(tally))
+        for note in (
+            _sparse_label_note(tally, source_plan.spec),
+            _no_train_note(tally),
+            _no_held_out_warning(request, tally),
+        )
         if note
     ]
     for note in notes:
@@ -251,6 +256,19 @@ def _no_train_note(tally: PrepareTally) -> str | None:
         return None
     return (
         "note: the store has no train split, so no normalisation statistics: fit-vae will refuse it"
+    )
+
+
+def _no_held_out_warning(request: PrepareRequest, tally: PrepareTally) -> str | None:
+    """A store asked for a val or test split that got none (24 demo scenes can draw none):
+    benchmark refuses it later, and training validates on nothing."""
+    counts = tally.split_counts
+    asked = request.options.val_fraction > 0 or request.options.test_fraction > 0
+    if not asked or counts.get("val") or counts.get("test") or not counts.get("train"):
+        return None
+    how = HELD_OUT_OPTIONS.get(request.source, "")
+    return "warning: the store has no val or test split, which benchmark and validation need" + (
+        f"; to get one, prepare it again with {how}" if how else ""
     )
 
 

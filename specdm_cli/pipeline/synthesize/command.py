@@ -263,7 +263,7 @@ def _mask_source(options: SynthesizeOptions, chosen: ChosenModel) -> MaskSource 
         )
     if not options.masks.exists():  # told before what the model can do with masks
         raise missing_store(options.masks, "--masks")
-    require_conditioned(chosen.manifest, chosen.path)
+    require_conditioned(chosen.manifest, chosen.path, demo=chosen.kind == "demo")
     if options.require is not None:
         raise UsageError(
             "--require filters decoded masks; with --masks the masks are given",

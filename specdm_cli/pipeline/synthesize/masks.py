@@ -47,16 +47,35 @@ class MaskSource:
         }
 
 
-def require_conditioned(manifest: RunManifest, path: Path) -> MaskCondition:
-    """The run's mask condition, or a usage error: an unconditioned U-Net cannot take masks."""
+def require_conditioned(manifest: RunManifest, path: Path, demo: bool = False) -> MaskCondition:
+    """The run's mask condition, or a usage error: an unconditioned U-Net cannot take masks
+    (`demo`: the shipped demo model, which is read-only, at `path` or a cached copy of it)."""
     condition = manifest.diffusion_details().mask_condition
     if condition is None:
+        if demo:
+            raise UsageError(
+                "the shipped demo model was trained without mask conditioning, so it cannot "
+                "take --masks",
+                hint=_conditioned_demo_hint(manifest.task),
+            )
         raise UsageError(
             "the model was trained without mask conditioning, so it cannot take --masks",
             path,
-            "retrain with `specdm fit-diffusion --mask-condition-rate 0.5` (or drop --masks)",
+            f"train its U-Net again with `specdm fit-diffusion {path} --mask-condition-rate 0.5 "
+            "--overwrite` (or drop --masks)",
         )
     return condition
+
+
+def _conditioned_demo_hint(task: str) -> str:
+    """The shipped model is read-only and its training store is not shipped: a copy is trained
+    on a demo store of the same 64 px scenes (what examples/train_demo_models.sh made)."""
+    return (
+        f"copy the package's specdm_cli/assets/demo-{task} folder to COPY, then "
+        f"`specdm prepare demo --task {task} --out demo.zarr` and `specdm fit-diffusion COPY "
+        "--store demo.zarr --mask-condition-rate 0.5 --overwrite`, and pass --model COPY "
+        "(or train your own run; or drop --masks)"
+    )
 
 
 class GivenMasks:

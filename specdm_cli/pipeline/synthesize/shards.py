@@ -18,7 +18,7 @@ from specdm_cli.fs.lock import LOCK_NAME, DirLock, live_locks
 from specdm_cli.manifest import Manifest, QualityScores, load_manifest
 from specdm_cli.stores import create_store, open_store, open_writer, plan_differences
 from specdm_cli.stores.base import MANIFEST_NAME
-from specdm_cli.stores.hints import SHARD_RECORDS
+from specdm_cli.stores.hints import SHARD_RECORDS, SHARDED_MARK
 from specdm_cli.stores.quality import write_quality
 
 
@@ -165,6 +165,13 @@ def _same_weights_since(existing: Manifest, now: Manifest, plan: dict[str, Any])
         return False
     used = before.checkpoint_sha256
     return bool(used) and used.items() <= after.checkpoint_sha256.items()
+
+
+def mark_sharded(out: Path, shard: Shard) -> None:
+    """Note in the store that a `--shard i/N` writes it, so readers of an unfinished store tell
+    the user to run the missing shards rather than --resume one plain run."""
+    if not (out / SHARDED_MARK).is_file():
+        atomic_write_text(out / SHARDED_MARK, json.dumps({"count": shard.count}))
 
 
 def write_record(out: Path, batches: list[range], stats: dict[str, Any]) -> None:

@@ -39,6 +39,7 @@ from specdm_cli.pipeline.synthesize.shards import (
     Shard,
     finalize,
     join_or_create,
+    mark_sharded,
     shard_batches,
     shard_lock,
     write_record,
@@ -104,6 +105,7 @@ class SynthesizeSummary:
     write_seconds: float = 0.0  # this process's writer busy time (overlaps sampling; 0 with ranks)
     write_wait_seconds: float = 0.0  # time sampling waited for the writer: what I/O added
     cuda_peak_bytes: int | None = None  # one CUDA device: torch's peak allocated memory
+    already_complete: bool = False  # the store was complete before and this call wrote nothing
 
 
 # Ours: on 2 CPU cores pairs/s stops growing beyond about 16; on CUDA a larger grid keeps the
@@ -237,6 +239,16 @@ def synthesize(
     request: SynthesizeRequest, stop: StopFlag, progress: Progress | None = None
 ) -> SynthesizeSummary:
     """Write this shard's batches (skipping written ones), record them, finalize when all are in."""
+    return _synthesize(request, stop, progress, sharded=request.shard.count > 1)
+
+
+def _synthesize(
+    request: SynthesizeRequest,
+    stop: StopFlag,
+    progress: Progress | None = None,
+    sharded: bool = False,
+) -> SynthesizeSummary:
+    """`synthesize`; `sharded`: the user gave --shard i/N (a rank's sub-shard is not that)."""
     started = time.monotonic()
     if request.n <= 0:
         raise UsageError("--n must be at least 1", hint="e.g. --n 1000")
@@ -245,10 +257,12 @@ def synthesize(
     devices = torch_devices(request.devices)
     fresh = not (request.out / MANIFEST_NAME).exists()
     manifest = join_or_create(request.out, _manifest(request, steps, devices[0]))
+    if sharded:
+        mark_sharded(request.out, request.shard)
     batches = shard_batches(request.n, request.batch_size, request.shard)
-    if request.devices.ranks > 1:
-        done = run_on_devices(request, synthesize, stop, progress)
-        return _summary(request, started, Written(done), len(batches), 0, None)
+    if request.devices.ranks > 1:  # each rank writes a sub-shard, unmarked: --resume finishes it
+        done = run_on_devices(request, _synthesize, stop, progress)
+        return _summary(request, started, Written(done), len(batches), 0, None, manifest.complete)
     try:
         with shard_lock(request.out, request.n, request.batch_size, request.shard):
             loop, draws = _write_shard(
@@ -259,7 +273,10 @@ def synthesize(
             remove_own(request.out, "store", "synthesize")
         raise
     cuda_peak = torch.cuda.max_memory_allocated(devices[0]) if devices[0].type == "cuda" else None
-    return _summary(request, started, loop, len(batches), draws.count if draws else 0, cuda_peak)
+    return _summary(
+        request, started, loop, len(batches), draws.count if draws else 0, cuda_peak,
+        manifest.complete,
+    )  # fmt: skip
 
 
 def _write_shard(
@@ -337,8 +354,10 @@ def _summary(
     batches: int,
     draws: int,
     cuda_peak_bytes: int | None,
+    was_complete: bool,
 ) -> SynthesizeSummary:
-    """Finalize the store if every part is in, and say what this call did."""
+    """Finalize the store if every part is in, and say what this call did (`was_complete`: the
+    store was complete when this call began)."""
     complete = finalize(request.out)
     seconds = time.monotonic() - started
     return SynthesizeSummary(
@@ -346,7 +365,7 @@ def _summary(
         int(open_store(request.out, allow_incomplete=True).written().sum()), batches,
         round(seconds, 3), round(loop.samples / max(seconds, 1e-9), 3), complete,
         draws or loop.samples, round(loop.busy_seconds, 3), round(loop.blocked_seconds, 3),
-        cuda_peak_bytes,
+        cuda_peak_bytes, was_complete and complete and loop.samples == 0,
     )  # fmt: skip
 
 
