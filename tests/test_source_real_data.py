@@ -354,6 +354,10 @@ def test_tiles_in_split_folders_take_their_folder_s_split(tmp_path: Path) -> Non
     }  # fmt: skip
     assert len(moved) == 5
     assert manifest_of(out)["source"]["details"]["splits_from"] == "split folders"  # type: ignore[index]
+    args = ("--out", tmp_path / "h.zarr", "--patch-size", "16", "--val-fraction", "0.5")
+    code, _, stderr = run_cli("prepare", "geotiff", raw, *args)
+    assert code == 0, stderr
+    assert "the splits come from split folders: --val-fraction not read" in stderr
 
 
 def test_split_folders_at_the_top_take_their_split_and_one_without_masks_is_named(

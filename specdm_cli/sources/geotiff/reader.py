@@ -201,12 +201,27 @@ def read_geotiff(
     load = functools.partial(_load, ctx=context, rasters=rasters)
     notes = [
         *_crs_notes(crs_by_file, crs), *_padding_notes(headers, height, width),
-        *_alpha_notes(headers), *(share_notes(splits, options) if recorded is None else []),
+        *_alpha_notes(headers),
+        *(share_notes(splits, options) if recorded is None else _unread_split_options(options, splits_from)),
         *_change_code_notes(task, codes, classes_from), *resolved.notes, *(grey_notes or []),
     ]  # fmt: skip
     return SourcePlan(
         spec=spec, candidates=candidates, load=load, warnings=notes, close=rasters.close
     )
+
+
+def _unread_split_options(options: PrepareOptions, splits_from: str) -> list[str]:
+    """Fractions or a seed set away from their defaults where the data records its splits
+    (split folders, an export's manifest): they are not read, and said so."""
+    defaults = PrepareOptions()
+    unread = [
+        f"--{name.replace('_', '-')}"
+        for name in ("val_fraction", "test_fraction", "seed")
+        if getattr(options, name) != getattr(defaults, name)
+    ]
+    if not unread or options.splits_file is not None:
+        return []
+    return [f"warning: the splits come from {splits_from}: {', '.join(unread)} not read"]
 
 
 def _padding_notes(headers: dict[str, Header], height: int, width: int) -> list[str]:
