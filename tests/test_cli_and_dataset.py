@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -48,6 +49,12 @@ def test_every_command_takes_quiet(demo_ss_store: Path) -> None:
     code, quiet, stderr = run_cli("inspect", demo_ss_store, "-q")
     assert code == 0 and stderr == "", stderr
     assert quiet == run_cli("inspect", demo_ss_store)[1]
+    # --verify reads every sample (minutes for a large store): told on stderr, unless -q.
+    code, verified, stderr = run_cli("inspect", demo_ss_store, "--verify", "--json")
+    assert code == 0 and "inspect: reading samples 24/24 (100%)" in stderr, stderr
+    assert json.loads(verified)["verified"]
+    code, _, stderr = run_cli("inspect", demo_ss_store, "--verify", "-q")
+    assert code == 0 and stderr == "", stderr
 
 
 def test_dataset_keys_split_and_dtypes(demo_ss_store: Path) -> None:

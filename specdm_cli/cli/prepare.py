@@ -257,7 +257,6 @@ def inspect(
         bool, typer.Option("--verify", help="Read every sample back against its checksums.")
     ] = False,
     json_output: JsonOption = False,
-    # Taken like every command's, so a script can pass it to all: inspect shows no progress.
     quiet: QuietOption = False,
 ) -> None:
     """Validate a store and summarise it: splits, bands, classes, provenance."""
@@ -275,7 +274,9 @@ def inspect(
             return
         if store is None:
             raise UsageError("inspect needs a STORE", hint="run `specdm inspect PATH`")
-        report = inspect_store(store, allow_incomplete, verify)
+        # Only --verify takes long enough to tell (it reads every sample).
+        with progress_reporter("inspect", quiet or not verify) as progress:
+            report = inspect_store(store, allow_incomplete, verify, progress)
         if json_output:
             emit_json(report)
         else:

@@ -7,6 +7,7 @@ from typing import Any
 
 import numpy as np
 
+from specdm_cli.config import Progress
 from specdm_cli.errors import InputDataError, LockHeldError
 from specdm_cli.fs.lock import ReadLock, live_writer
 from specdm_cli.manifest import Manifest, load_manifest, manifest_schema
@@ -20,7 +21,10 @@ def store_schema() -> dict[str, Any]:
 
 
 def inspect_store(
-    path: Path, allow_incomplete: bool = False, verify: bool = False
+    path: Path,
+    allow_incomplete: bool = False,
+    verify: bool = False,
+    progress: Progress | None = None,
 ) -> dict[str, Any]:
     """Validate the store at `path` and return its summary (the `--json` payload); `verify`
     reads every written sample back against its checksums."""
@@ -28,7 +32,7 @@ def inspect_store(
     with ReadLock(path, refuse_writer=False):
         if not allow_incomplete:
             _refuse_while_written(path)
-        return _inspect(path, allow_incomplete, verify)
+        return _inspect(path, allow_incomplete, verify, progress)
 
 
 def _refuse_while_written(path: Path) -> None:
@@ -46,7 +50,9 @@ def _refuse_while_written(path: Path) -> None:
     )
 
 
-def _inspect(path: Path, allow_incomplete: bool, verify: bool) -> dict[str, Any]:
+def _inspect(
+    path: Path, allow_incomplete: bool, verify: bool, progress: Progress | None
+) -> dict[str, Any]:
     reader = open_store(path, allow_incomplete)
     check_layout(reader)
     manifest = reader.manifest
@@ -57,7 +63,7 @@ def _inspect(path: Path, allow_incomplete: bool, verify: bool) -> dict[str, Any]
             f"store claims complete but samples {missing} are not written", path, "re-create it"
         )
     # Verified before the digest reads the tables, so damage is told in full (every table).
-    verified = verify_store(reader) if verify else None
+    verified = verify_store(reader, progress) if verify else None
     summary = _summary(path, manifest, int(written.sum()))
     summary["content_sha256"] = content_sha256(reader)
     if verified is not None:

@@ -14,7 +14,7 @@ from typing import Literal
 
 import numpy as np
 
-from specdm_cli.config import StoreFormat
+from specdm_cli.config import Progress, StoreFormat
 from specdm_cli.errors import (
     InputDataError,
     UsageError,
@@ -90,14 +90,18 @@ def find_damaged(reader: StoreReader, indices: Iterable[int] | None = None) -> l
 
 
 def _unreadable_samples(
-    reader: StoreReader, indices: Iterable[int] | None = None, known: AbstractSet[int] = frozenset()
+    reader: StoreReader,
+    indices: Iterable[int] | None = None,
+    known: AbstractSet[int] = frozenset(),
+    progress: Progress | None = None,
 ) -> list[int]:
     """The written samples (of `indices`, default all) in `known`, or whose arrays do not read
-    back intact."""
+    back intact; each read told to `progress` as "reading samples"."""
     written = reader.written()
     chosen = range(len(written)) if indices is None else indices
+    todo = [int(i) for i in chosen if i < len(written) and written[i]]
     damaged = []
-    for index in (int(i) for i in chosen if i < len(written) and written[i]):
+    for done, index in enumerate(todo, start=1):
         if index in known:
             damaged.append(index)
             continue
@@ -105,6 +109,8 @@ def _unreadable_samples(
             reader.read(index)
         except InputDataError:
             damaged.append(index)
+        if progress is not None:
+            progress("reading samples", done, len(todo))
     return damaged
 
 
@@ -368,14 +374,14 @@ def _expected_arrays(manifest: Manifest) -> dict[str, tuple[tuple[int, ...], np.
     return {**dict.fromkeys(IMAGE_ARRAYS[manifest.task], image), LABEL_ARRAY[manifest.task]: label}
 
 
-def verify_store(reader: StoreReader) -> str:
-    """`inspect --verify`: read every per-sample table and written sample; damage is an input
-    error naming the table or the samples (exit 3)."""
+def verify_store(reader: StoreReader, progress: Progress | None = None) -> str:
+    """`inspect --verify`: read every per-sample table and written sample (told to `progress`);
+    damage is an input error naming the table or the samples (exit 3)."""
     fault_point("inspect.verify")
     tables = _table_damage(reader)
     if tables:
         raise _tables_damaged(reader, tables)
-    damaged = _unreadable_samples(reader)  # the tables were read whole above
+    damaged = _unreadable_samples(reader, progress=progress)  # tables were read whole above
     if damaged:
         raise InputDataError(
             f"{len(damaged)} damaged samples (missing or corrupt chunks): "
