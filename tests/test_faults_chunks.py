@@ -67,7 +67,7 @@ def test_damaged_chunks_are_named_by_readers_and_verify(
     _damage(store, 3, how)
     with pytest.raises(InputDataError, match="sample 3 is damaged"):
         open_store(store).read(3)
-    code, _, stderr = run_cli("inspect", store, "--verify")
+    code, _, stderr = run_cli("inspect", store, "--verify", "-q")
     assert_one_error_line(code, stderr, 3, "damaged samples")
     assert ": 3 " in stderr and "--resume" in stderr
 
@@ -92,7 +92,7 @@ def test_synthesize_resume_rewrites_damaged_samples(tmp_path: Path) -> None:
     assert run_cli(*SYNTH, "--out", store)[0] == 0
     expected = arrays(store)
     _damage(store, 5, "missing")
-    code, _, stderr = run_cli("inspect", store, "--verify")
+    code, _, stderr = run_cli("inspect", store, "--verify", "-q")
     assert_one_error_line(code, stderr, 3, ": 5 ")
     code, _, stderr = run_cli(*SYNTH, "--out", store, "--resume")
     assert code == 0, stderr
@@ -142,7 +142,7 @@ def test_a_table_chunk_cut_past_blosc_header_is_named_not_read_as_values(
         with pytest.raises(InputDataError, match=f"'{table}' is damaged"):
             getattr(open_store(store), read)()
         chunk.write_bytes(pristine)
-    code, _, stderr = run_cli("inspect", store, "--verify")
+    code, _, stderr = run_cli("inspect", store, "--verify", "-q")
     assert code == 0, stderr
 
 
@@ -204,7 +204,7 @@ def test_a_garbled_geotiff_tile_is_named_and_rewritten_by_resume(tmp_path: Path)
     values[0, 0, 0] += 1
     with rasterio.open(tiles[5], "w", **profile) as dst:
         dst.write(values)
-    code, _, stderr = run_cli("inspect", store, "--verify")
+    code, _, stderr = run_cli("inspect", store, "--verify", "-q")
     assert_one_error_line(code, stderr, 3, ": 5 ")
     with pytest.raises(InputDataError, match=r"sample 5: tile images/000005\.tif does not match"):
         open_store(store).read(5)

@@ -73,7 +73,7 @@ def test_a_manifest_valid_alone_but_not_the_arrays_is_exit_3(
     only against itself, the arrays only against their checksums."""
     change, message = DISAGREEING[case]
     store = edited(pristine, tmp_path, change)
-    code, _, stderr = run_cli("inspect", store, "--verify")
+    code, _, stderr = run_cli("inspect", store, "--verify", "-q")
     assert_one_error_line(code, stderr, 3, message)
 
 

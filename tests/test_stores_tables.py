@@ -75,7 +75,7 @@ def test_verify_and_readers_refuse_a_damaged_table_and_resume_repairs_it(
     shutil.copytree(prepared, store)
     assert callable(damage)
     damage(_chunk(store, table))
-    code, _, stderr = run_cli("inspect", store, "--verify")
+    code, _, stderr = run_cli("inspect", store, "--verify", "-q")
     assert_one_error_line(code, stderr, 3, f"table {table!r} is damaged")
     assert "`specdm prepare`" in stderr and "--resume" in stderr
     read = {"split": "splits", "class_fraction": "class_fractions"}[table]
@@ -97,7 +97,7 @@ def test_a_lost_draw_table_chunk_is_named_and_synthesize_resume_rewrites_it(
     store = tmp_path / "syn.zarr"
     shutil.copytree(scored, store)
     _chunk(store, "candidate", 1).unlink()  # samples 2 and 3
-    code, _, stderr = run_cli("inspect", store, "--verify")
+    code, _, stderr = run_cli("inspect", store, "--verify", "-q")
     assert_one_error_line(code, stderr, 3, "table 'candidate' is damaged")
     assert "2 written samples: 2, 3" in stderr and "`specdm synthesize`" in stderr
     code, _, stderr = run_cli(*SYNTH, "--out", store, "--resume")
@@ -113,7 +113,7 @@ def test_a_lost_quality_chunk_is_damage_not_unscored(scored: Path, tmp_path: Pat
     store = tmp_path / "syn.zarr"
     shutil.copytree(scored, store)
     _chunk(store, "quality", 1).unlink()
-    code, _, stderr = run_cli("inspect", store, "--verify")
+    code, _, stderr = run_cli("inspect", store, "--verify", "-q")
     assert_one_error_line(code, stderr, 3, "table 'quality' is damaged")
     assert "benchmark --write-scores" in stderr
     out = tmp_path / "all.zarr"
@@ -172,7 +172,7 @@ def test_a_lost_written_chunk_of_a_complete_store_is_damage(scored: Path, tmp_pa
     store = tmp_path / "syn.zarr"
     shutil.copytree(scored, store)
     _chunk(store, "written", 1).unlink()  # samples 2 and 3
-    code, _, stderr = run_cli("inspect", store, "--verify")
+    code, _, stderr = run_cli("inspect", store, "--verify", "-q")
     assert_one_error_line(code, stderr, 3, "table 'written' is damaged")
     out = tmp_path / "good.zarr"
     code, _, stderr = run_cli("filter", store, "--min-quality", "0", "--out", out)
@@ -194,7 +194,7 @@ def test_verify_names_every_damaged_table(scored: Path, tmp_path: Path) -> None:
     shutil.copytree(scored, store)
     for table, chunk in (("quality", 0), ("split", 1), ("candidate", 3)):
         _chunk(store, table, chunk).unlink()
-    code, _, stderr = run_cli("inspect", store, "--verify")
+    code, _, stderr = run_cli("inspect", store, "--verify", "-q")
     assert_one_error_line(code, stderr, 3, "table 'candidate' is damaged")
     assert "written samples: 6, 7; also the tables 'split' (2, 3), 'quality' (0, 1)" in stderr
     assert "`specdm synthesize`" in stderr
