@@ -113,10 +113,15 @@ def test_an_export_read_back_keeps_its_own_splits(tmp_path: Path) -> None:
     tiles = prepare_demo(tmp_path / "tiles", "--format", "geotiff", n=20)
     exported = {f"{r['index']:06d}": r["split"] for r in manifest_of(tiles)["files"]}  # type: ignore[union-attr]
     assert len(set(exported.values())) == 3
-    # --val-fraction is not what splits it: no warning that the val split is far above it.
+    # --val-fraction is not what splits it: said so, with no warning that the val split is far
+    # above it.
     code, _, stderr = run_cli("prepare", "geotiff", tiles, "--out", tmp_path / "back.zarr",
                               "--patch-size", "32", "--val-fraction", "0.01")  # fmt: skip
-    assert code == 0 and "warning" not in stderr, stderr
+    warnings = [line for line in stderr.splitlines() if line.startswith("warning")]
+    assert code == 0 and warnings == [
+        "warning: the splits come from manifest.json (a specdm export's own splits): "
+        "--val-fraction not read"
+    ], stderr
     back = open_store(tmp_path / "back.zarr")
     splits = {s: back.indices(s) for s in ("train", "val", "test")}
     ids = back.source_ids() or []
