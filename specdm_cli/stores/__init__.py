@@ -102,16 +102,19 @@ def _unreadable_samples(
     todo = [int(i) for i in chosen if i < len(written) and written[i]]
     damaged = []
     for done, index in enumerate(todo, start=1):
-        if index in known:
-            damaged.append(index)
-            continue
-        try:
-            reader.read(index)
-        except InputDataError:
+        if index in known or not _reads_back(reader, index):
             damaged.append(index)
         if progress is not None:
             progress("reading samples", done, len(todo))
     return damaged
+
+
+def _reads_back(reader: StoreReader, index: int) -> bool:
+    try:
+        reader.read(index)
+    except InputDataError:
+        return False
+    return True
 
 
 def _table_damage(reader: StoreReader, scores: bool = True) -> dict[str, np.ndarray]:
