@@ -174,10 +174,17 @@ def test_unreadable_oscd_zip_is_one_line(tmp_path: Path) -> None:
     assert zipfile.is_zipfile(next(raw.glob("*Train Labels.zip")))
 
 
-def test_empty_folder_is_refused(tmp_path: Path) -> None:
+def test_empty_folder_is_refused_leaving_no_folder_made_for_the_output(tmp_path: Path) -> None:
     (tmp_path / "empty").mkdir()
-    code, _, stderr = _prepare("geotiff", tmp_path / "empty", "--out", tmp_path / "x.zarr")
-    assert code == 3 and "empty" in stderr and not (tmp_path / "x.zarr").exists()
+    out = tmp_path / "stores" / "new" / "x.zarr"
+    code, _, stderr = _prepare("geotiff", tmp_path / "empty", "--out", out)
+    assert code == 3 and "empty" in stderr
+    assert not (tmp_path / "stores").exists()
+    (tmp_path / "stores").mkdir()
+    (tmp_path / "stores" / "mine.txt").write_text("not specdm's")
+    code, _, stderr = _prepare("geotiff", tmp_path / "empty", "--out", out)
+    assert code == 3
+    assert sorted(p.name for p in (tmp_path / "stores").iterdir()) == ["mine.txt"]
 
 
 @pytest.mark.parametrize(("option", "noted"), [("--nodata", False), ("--label-nodata", True)])

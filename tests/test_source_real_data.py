@@ -360,6 +360,44 @@ def test_tiles_in_split_folders_take_their_folder_s_split(tmp_path: Path) -> Non
     assert "the splits come from split folders: --val-fraction not read" in stderr
 
 
+def test_split_folders_spelled_differently_in_images_and_masks_pair(tmp_path: Path) -> None:
+    """`images/Train/` beside `masks/train/` (and `val/` beside `validation/`) was "tile_00.tif
+    has no partner in masks/": one split, whatever its folders' case or word."""
+    raw = make_geotiff_folder(tmp_path / "raw", n=4)
+    _into_subfolders(raw, ("Train", "val"))
+    (raw / "masks" / "Train").rename(raw / "masks" / "train")
+    (raw / "masks" / "val").rename(raw / "masks" / "validation")
+    out = tmp_path / "g.zarr"
+    code, _, stderr = _prepare("geotiff", raw, "--out", out, "--patch-size", "16")
+    assert code == 0, stderr
+    assert _split_of_each_tile(out) == {
+        "Train/tile_00": "train", "Train/tile_01": "train",
+        "Train/tile_02": "train", "val/tile_03": "val",
+    }  # fmt: skip
+    (raw / "images" / "training").mkdir()  # a second folder of one split holding a tile again
+    (raw / "images" / "training" / "tile_00.tif").hardlink_to(
+        raw / "images" / "Train" / "tile_00.tif"
+    )
+    code, _, stderr = _prepare("geotiff", raw, "--out", tmp_path / "h.zarr")
+    assert code == 3
+    line = _one_line(stderr)
+    assert "two folders of the train split (Train/ and training/) hold tile_00" in line
+
+
+def test_a_classes_json_beside_missing_masks_is_no_vector_label(tmp_path: Path) -> None:
+    raw = make_geotiff_folder(tmp_path / "raw", n=2)
+    for mask in sorted((raw / "masks").glob("*.tif")):
+        mask.unlink()
+    (raw / "masks" / "classes.json").write_text('{"0": "water", "1": "forest"}')
+    code, _, stderr = _prepare("geotiff", raw, "--out", tmp_path / "g.zarr")
+    assert code == 3
+    line = _one_line(stderr)
+    assert "no raster files in folder" in line and "vector" not in line
+    (raw / "masks" / "labels.json").write_text('{"images": [], "annotations": []}')  # COCO
+    code, _, stderr = _prepare("geotiff", raw, "--out", tmp_path / "g.zarr")
+    assert code == 3 and "vector labels (labels.json)" in _one_line(stderr)
+
+
 def test_split_folders_at_the_top_take_their_split_and_one_without_masks_is_named(
     tmp_path: Path,
 ) -> None:
@@ -407,10 +445,16 @@ def test_a_splits_file_names_tiles_of_split_folders_by_their_folder(tmp_path: Pa
 def test_tiles_in_other_subfolders_are_named_with_the_fix(tmp_path: Path) -> None:
     raw = make_geotiff_folder(tmp_path / "raw", n=4)
     _into_subfolders(raw, ("region_a", "region_b"))
+    # ENVI data named by its header alone (`.raw` beside `.hdr`) counts as tiles there too.
+    envi = raw / "images" / "region_c"
+    envi.mkdir()
+    (envi / "cube.raw").write_bytes(bytes(16))
+    (envi / "cube.hdr").write_text("ENVI\n")
     code, _, stderr = _prepare("geotiff", raw, "--out", tmp_path / "g.zarr")
     assert code == 3
     line = _one_line(stderr)
-    assert "in its subfolders (region_a/, region_b/)" in line and "--splits FILE.csv" in line
+    assert "in its subfolders (region_a/, region_b/, region_c/)" in line
+    assert "--splits FILE.csv" in line
 
 
 def test_envi_header_wavelengths_and_path_band_names(tmp_path: Path) -> None:

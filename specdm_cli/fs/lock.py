@@ -217,15 +217,29 @@ def claim_output(path: Path) -> DirLock:
     """A writer's claim on an output's name, beside it (`.NAME.specdm.lock`): held while the
     output may not exist (an --overwrite between removing the old store and creating the new),
     so a second writer of the same path is refused (exit 6) then too, not only while the
-    store's own lock exists."""
+    store's own lock exists. Folders made for the claim go with it where nothing was written
+    into them (a run refused on its input leaves no empty `--out` parent behind)."""
+    made = [folder for folder in (path.parent, *path.parent.parents) if not folder.exists()]
     path.parent.mkdir(parents=True, exist_ok=True)
-    return _OutputClaim(path.parent, f".{path.name}{LOCK_NAME}", subject=path)
+    return _OutputClaim(path.parent, f".{path.name}{LOCK_NAME}", subject=path, made=made)
 
 
 class _OutputClaim(DirLock):
     # A claim a killed writer left is taken over without a note: the store's own lock, left
     # beside it, already gives one.
     announce_takeover = False
+
+    def __init__(self, folder: Path, name: str, subject: Path, made: list[Path]):
+        super().__init__(folder, name, subject=subject)
+        self.made = made  # innermost first
+
+    def release(self) -> None:
+        super().release()
+        for folder in self.made:
+            try:
+                folder.rmdir()  # only an empty one: the output, or anyone else's file, keeps it
+            except OSError:
+                break
 
 
 class ReadLock(_Held):

@@ -50,6 +50,8 @@ _NOT_RASTERS = _COMPANIONS.union(_SIDECARS)
 _VECTORS = frozenset({
     ".geojson", ".json", ".shp", ".gpkg", ".kml", ".kmz", ".gml", ".fgb", ".parquet",
 })  # fmt: skip
+# What a `.json` of polygon labels holds near its start: GeoJSON's features, COCO's annotations.
+_VECTOR_JSON_KEYS = (b'"FeatureCollection"', b'"Feature"', b'"coordinates"', b'"annotations"')
 # Databases that hold vector layers as often as rasters (an annotation GeoPackage in masks/)
 # and web-map tile pyramids: not tiles of a dataset.
 _CONTAINERS = frozenset({".gpkg", ".gpkg.zip", ".sqlite", ".mbtiles"})
@@ -205,7 +207,7 @@ def _list_folder(folder: Path) -> dict[str, Path]:
 def _no_rasters(folder: Path) -> InputDataError:
     """What a folder without rasters holds instead, where that tells the fix: polygons to
     rasterize, or tiles one folder down (split folders)."""
-    vectors = sorted(p.name for p in folder.iterdir() if p.suffix.lower() in _VECTORS)
+    vectors = sorted(p.name for p in folder.iterdir() if _holds_vectors(p))
     if vectors:
         return InputDataError(
             f"no raster files in folder, but vector labels ({', '.join(vectors[:2])}"
@@ -230,8 +232,22 @@ def _no_rasters(folder: Path) -> InputDataError:
     )
 
 
+def _holds_vectors(path: Path) -> bool:
+    """A file of polygon labels; a `.json` only where it holds features or annotations (GeoJSON
+    named `.json`, COCO), not a `classes.json` beside the masks."""
+    suffix = path.suffix.lower()
+    if suffix != ".json" or not path.is_file():
+        return suffix in _VECTORS
+    try:
+        with path.open("rb") as file:
+            start = file.read(1 << 20)
+    except OSError:
+        return False
+    return any(key in start for key in _VECTOR_JSON_KEYS)
+
+
 def _holds_rasters(folder: Path) -> bool:
-    return any(p.suffix.lower() in EXTENSIONS for p in folder.iterdir() if p.is_file())
+    return any(raster_stem(p) is not None for p in folder.iterdir())
 
 
 def raster_stem(path: Path) -> str | None:
@@ -271,6 +287,7 @@ def pair_files(root: Path, task: Task) -> Files:
         }
     names = array_names(task)
     listed = {name: _list_rasters(root / GEOTIFF_FOLDERS[name]) for name in names}
+    _one_spelling_per_split(listed)
     _refuse_lossy_labels(listed[LABEL_ARRAY[task]].values())
     stems = sorted(set().union(*listed.values()))
     for stem in stems:
@@ -285,6 +302,29 @@ def pair_files(root: Path, task: Task) -> Files:
                 "add the missing file or remove its partners",
             )
     return {stem: {name: listed[name][stem] for name in names} for stem in stems}
+
+
+def _one_spelling_per_split(listed: dict[str, dict[str, Path]]) -> None:
+    """`images/Train/` beside `masks/train/` (or `masks/training/`) is one split: each tile of
+    a split takes the spelling of the first folder listed for it (the images'), so they pair."""
+    spellings: dict[str, str] = {}
+    for rasters in listed.values():
+        for stem in list(rasters):
+            folder, _, rest = stem.partition("/")
+            split = split_of_stem(stem)
+            if split is None:
+                continue
+            spelling = spellings.setdefault(split, folder)
+            if spelling == folder:
+                continue
+            same = f"{spelling}/{rest}"
+            if same in rasters:
+                raise InputDataError(
+                    f"two folders of the {split} split ({spelling}/ and {folder}/) hold {rest}",
+                    rasters[stem],
+                    "keep one folder per split",
+                )
+            rasters[same] = rasters.pop(stem)
 
 
 def _refuse_lossy_labels(labels: Iterable[Path]) -> None:
