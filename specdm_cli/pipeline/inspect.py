@@ -10,9 +10,15 @@ import numpy as np
 from specdm_cli.config import Progress
 from specdm_cli.errors import InputDataError, LockHeldError
 from specdm_cli.fs.lock import ReadLock, live_writer
-from specdm_cli.manifest import Manifest, load_manifest, manifest_schema
-from specdm_cli.stores import check_layout, content_sha256, open_store, verify_store
-from specdm_cli.stores.base import MANIFEST_NAME
+from specdm_cli.manifest import Manifest, manifest_schema
+from specdm_cli.stores import (
+    StoreReader,
+    check_layout,
+    content_sha256,
+    incomplete_store,
+    open_store,
+    verify_store,
+)
 
 
 def store_schema() -> dict[str, Any]:
@@ -30,19 +36,18 @@ def inspect_store(
     reads every written sample back against its checksums."""
     # Claimed while read (a --verify reads every sample); a store being written may be inspected.
     with ReadLock(path, refuse_writer=False):
-        if not allow_incomplete:
-            _refuse_while_written(path)
-        return _inspect(path, allow_incomplete, verify, progress)
+        reader = open_store(path, allow_incomplete=True)
+        if not (allow_incomplete or reader.manifest.complete):
+            _refuse_incomplete(path, reader.manifest)
+        return _inspect(reader, verify, progress)
 
 
-def _refuse_while_written(path: Path) -> None:
-    """An incomplete store a live process writes: not "its writer stopped early, --resume",
-    which that writer's lock would refuse."""
+def _refuse_incomplete(path: Path, manifest: Manifest) -> None:
+    """An incomplete store a live process writes is told as such, not as "its writer stopped
+    early, --resume", which that writer's lock would refuse."""
     writer = live_writer(path)
-    if writer is None or not (path / MANIFEST_NAME).is_file():
-        return
-    if load_manifest(path / MANIFEST_NAME).complete:
-        return  # complete, with scores or a repair being written: readable as it is
+    if writer is None:
+        raise incomplete_store(path, manifest)
     raise LockHeldError(
         f"store is being written by {writer}",
         path,
@@ -50,10 +55,8 @@ def _refuse_while_written(path: Path) -> None:
     )
 
 
-def _inspect(
-    path: Path, allow_incomplete: bool, verify: bool, progress: Progress | None
-) -> dict[str, Any]:
-    reader = open_store(path, allow_incomplete)
+def _inspect(reader: StoreReader, verify: bool, progress: Progress | None) -> dict[str, Any]:
+    path = reader.root
     check_layout(reader)
     manifest = reader.manifest
     written = reader.written()

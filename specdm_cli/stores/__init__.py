@@ -71,14 +71,17 @@ def open_store(path: Path, allow_incomplete: bool = False) -> StoreReader:
         )
     manifest = load_manifest(path / MANIFEST_NAME)
     if not manifest.complete and not allow_incomplete:
-        raise InputDataError(
-            "store is incomplete (its writer stopped early)",
-            path,
-            incomplete_hint(path, manifest),
-        )
+        raise incomplete_store(path, manifest)
     if manifest.format == "zarr":
         return ZarrReader(path, manifest)
     return GeoTiffReader(path, manifest)
+
+
+def incomplete_store(path: Path, manifest: Manifest) -> InputDataError:
+    """A store its writer left incomplete, with the command that completes it."""
+    return InputDataError(
+        "store is incomplete (its writer stopped early)", path, incomplete_hint(path, manifest)
+    )
 
 
 def find_damaged(reader: StoreReader, indices: Iterable[int] | None = None) -> list[int]:
