@@ -302,6 +302,69 @@ def test_netcdf_of_subdatasets_is_refused_naming_them_and_the_rio_stack_fix_work
     _assert_prepared_images(raw, tmp_path / "v.zarr", expected)
 
 
+def _with_bad_bands(raw: Path, bad: slice) -> dict[str, np.ndarray]:
+    """Fill bands `bad` of every image with the nodata tag -9999, as hyperspectral products
+    ship their water-vapour bands; returns each tile's pixels."""
+    pixels = {}
+    for tif in sorted((raw / "images").glob("*.tif")):
+        with rasterio.open(tif, "r+") as src:
+            data = src.read()
+            data[bad] = -9999
+            src.nodata = -9999
+            src.write(data)
+        pixels[tif.stem] = data
+    return pixels
+
+
+def test_bad_bands_filled_with_nodata_are_named_and_left_out_with_bands(tmp_path: Path) -> None:
+    """A cube whose bands 6-7 are nodata in every pixel was "every patch was removed by the
+    filters: relax --max-blank", which cannot help (each pixel counts as nodata)."""
+    raw = make_geotiff_folder(tmp_path / "raw", n=2, bands=12, dtype="float32", size=(8, 8))
+    pixels = _with_bad_bands(raw, slice(5, 7))
+    code, _, stderr = _prepare("geotiff", raw, "--out", tmp_path / "g.zarr")
+    assert code == 3
+    line = _one_line(stderr)
+    assert "bands 6-7 hold only nodata in every pixel" in line and "tile_00.tif" in line
+    assert line.endswith("leave them out: --bands 1-5,8-12")
+    keep = [*range(5), *range(7, 12)]
+    out = tmp_path / "k.zarr"
+    args = ("--out", out, "--val-fraction", "0", "--bands", "1-5,8-12")
+    code, _, stderr = _prepare("geotiff", raw, *args)
+    assert code == 0, stderr
+    group = zarr.open_group(out, mode="r")
+    for index, stem in enumerate(np.asarray(group["source_id"][:])):
+        np.testing.assert_array_equal(group["image"][index], pixels[str(stem)][keep])
+    manifest = manifest_of(out)
+    assert [b["name"] for b in manifest["bands"]] == [f"B{i + 1:02d}" for i in keep]
+    assert manifest["source"]["details"]["bands_read"] == [i + 1 for i in keep]  # type: ignore[index]
+
+
+@pytest.mark.parametrize(
+    ("bands", "code", "words"),
+    [
+        ("B02,b04", 0, ""),
+        ("13", 3, "--bands 13 is past the 12 bands of the images"),
+        ("2,1-3", 2, "--bands names band 2 twice"),
+        ("NIR", 3, "--bands NIR: no band of that name (the images' bands: B01, B02,"),
+        ("3-1", 2, "--bands 3-1: not a range of band numbers"),
+    ],
+)
+def test_bands_by_number_or_name_and_their_errors(
+    tmp_path: Path, bands: str, code: int, words: str
+) -> None:
+    raw = make_geotiff_folder(tmp_path / "raw", n=1, bands=12, size=(8, 8))
+    out = tmp_path / "g.zarr"
+    got, _, stderr = _prepare("geotiff", raw, "--out", out, "--val-fraction", "0", "--bands", bands)
+    assert got == code, stderr
+    if code:
+        assert words in _one_line(stderr)
+    else:
+        assert [b["name"] for b in manifest_of(out)["bands"]] == ["B02", "B04"]
+        with rasterio.open(raw / "images" / "tile_00.tif") as src:
+            expected = src.read([2, 4])
+        np.testing.assert_array_equal(zarr.open_group(out, mode="r")["image"][0], expected)
+
+
 def test_polygon_labels_in_place_of_masks_say_to_rasterize_them(tmp_path: Path) -> None:
     raw = make_geotiff_folder(tmp_path / "raw", n=2)
     for mask in sorted((raw / "masks").glob("*.tif")):

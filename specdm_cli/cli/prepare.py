@@ -45,7 +45,11 @@ def prepare(
         float | None, typer.Option(help="Drop patches with more label-0 pixels than this.")
     ] = None,
     bands: Annotated[
-        str | None, typer.Option(help="OSCD: comma-separated bands [the paper's 10].")
+        str | None,
+        typer.Option(
+            help="OSCD: comma-separated bands [the paper's 10]; GeoTIFF: bands to keep, by "
+            "number or name (1-5,8-12) [all]."
+        ),
     ] = None,
     patch_size: Annotated[int, typer.Option(help="OSCD/GeoTIFF: patch size in pixels.")] = 256,
     overlap: Annotated[float, typer.Option(help="OSCD/GeoTIFF: patch overlap (paper: 0.6).")] = 0.6,
@@ -167,7 +171,7 @@ def _default_test_fraction(source: str, given: float | None) -> float:
 # The sources that read each option: one given to another is refused, not silently dropped
 # (SegMunich's 128 px patches and its own split lists take no --patch-size or --val-fraction).
 _READ_BY: dict[str, tuple[str, ...]] = {
-    "bands": ("oscd",),
+    "bands": ("oscd", "geotiff"),
     "patch_size": ("oscd", "geotiff"),
     "overlap": ("oscd", "geotiff"),
     "nodata": ("segmunich", "oscd", "geotiff"),

@@ -64,6 +64,7 @@ from specdm_cli.sources.geotiff.layout import (
     output_dtype,
     pair_files,
 )
+from specdm_cli.sources.geotiff.selection import chosen_positions, refuse_empty_bands
 from specdm_cli.sources.geotiff.splits import assign_splits, recorded_splits, share_notes
 
 # Files each loading thread keeps open, per array of a sample (ss: image and mask): the
@@ -91,6 +92,7 @@ class _Context:
     scaled: bool  # some file scales or offsets its values: every image is read in physical units
     colours: dict[int, int]  # packed RGB -> class code, for masks saved as colours
     declared: frozenset[int]  # a classes file's codes: a tag naming one is not nodata
+    positions: tuple[int, ...]  # the images' bands the store keeps (--bands), among data bands
 
     @property
     def nan_declared(self) -> bool:
@@ -164,7 +166,11 @@ def read_geotiff(
     candidates = _candidates(headers, splits, height, width, options)
     resolved = resolve_classes(root, options, task, files, colour_masks, exported, planning)
     classes, classes_from = resolved.classes, resolved.source
-    bands = read_bands(first.path)
+    file_bands = read_bands(first.path)
+    positions = chosen_positions(options.bands, file_bands, first.path)
+    for name in array_names(task)[:-1]:
+        refuse_empty_bands(next(iter(files.values()))[name], positions, options.nodata)
+    bands = [file_bands[p] for p in positions]
     scaled = any(h.scaled for h in headers.values())
     spec = SourceSpec(
         dataset="geotiff",
@@ -182,6 +188,7 @@ def read_geotiff(
             "classes_from": classes_from,
             "splits_from": splits_from,
             "label_codes": {str(c.code): c.index for c in classes},
+            **({"bands_read": [p + 1 for p in positions]} if options.bands else {}),
             **({"labels": "RGB class colours of the classes file"} if colour_masks else {}),
             **(
                 {"values": "raw x scale + offset (the files' GDAL scale and offset)"}
@@ -196,6 +203,7 @@ def read_geotiff(
     context = _Context(
         task, files, codes, height, width, spec.dtype, options.nodata, options.label_nodata,
         bool(crs), scaled, colour_lookup(classes) if colour_masks else {}, resolved.declared,
+        tuple(positions),
     )  # fmt: skip
     rasters = OpenRasters(keep=FILES_KEPT_OPEN_PER_ARRAY * len(array_names(task)))
     load = functools.partial(_load, ctx=context, rasters=rasters)
@@ -323,7 +331,7 @@ def _load(candidate: Candidate, *, ctx: _Context, rasters: OpenRasters) -> RawSa
     stem, y, x = candidate.ref
     paths = ctx.files[stem]
     label_name = LABEL_ARRAY[ctx.task]
-    raw_label = _read_window(rasters, paths[label_name], y, x, ctx, masks=True)
+    raw_label = _read_window(rasters, paths[label_name], y, x, ctx)
     transparent = _transparent(raw_label)
     if len(raw_label.values) == 3 and ctx.colours:  # colours: a colour is a class, never nodata
         raw_codes = codes_from_colours(
@@ -345,7 +353,7 @@ def _load(candidate: Candidate, *, ctx: _Context, rasters: OpenRasters) -> RawSa
         label_invalid |= transparent
     bounds = None
     for name in array_names(ctx.task)[:-1]:
-        window = _read_window(rasters, paths[name], y, x, ctx, masks=True)
+        window = _read_window(rasters, paths[name], y, x, ctx, ctx.positions)
         image = window.values.astype(ctx.dtype, copy=False)
         # --nodata overrides the file's tag, as GDAL's -srcnodata does; NaN tags declare NaN.
         nodata = ctx.nodata if ctx.replaces_tag else window.nodata
@@ -381,16 +389,23 @@ def _physical(image: np.ndarray, window: _Window) -> np.ndarray:
 
 
 def _read_window(
-    rasters: OpenRasters, path: Path, y: int, x: int, ctx: _Context, masks: bool = False
+    rasters: OpenRasters,
+    path: Path,
+    y: int,
+    x: int,
+    ctx: _Context,
+    positions: tuple[int, ...] | None = None,
 ) -> _Window:
-    """One window of the file's data bands (clipped to the file), and with `masks` the pixels
-    GDAL masks out."""
+    """One window of the file's data bands (those at `positions` among them, where given),
+    clipped to the file, with the pixels GDAL masks out."""
     with rasters.reading(path) as src:
         window = Window(x, y, min(ctx.width, src.width - x), min(ctx.height, src.height - y))
         bands = data_bands(src)
+        if positions is not None:
+            bands = [bands[p] for p in positions]
         # A fresh array of the window only: memory stays flat however large the file.
         values = _read_bands(src, bands, window)
-        masked = _gdal_masked(src, window, ctx.replaces_tag) if masks else None
+        masked = _gdal_masked(src, bands, window, ctx.replaces_tag)
         scales, offsets = band_scaling(src, bands)
         return _Window(values, src.nodata, src.transform, masked, scales, offsets)
 
@@ -412,7 +427,9 @@ def _transparent(window: _Window) -> np.ndarray | None:
     return window.masked
 
 
-def _gdal_masked(src: Any, window: Window, nodata_overridden: bool) -> np.ndarray | None:
+def _gdal_masked(
+    src: Any, bands: list[int], window: Window, nodata_overridden: bool
+) -> np.ndarray | None:
     """Pixels of the window that GDAL's mask rules leave out: an internal or .msk mask, an alpha
     band, or the nodata tag as GDAL matches it (a float32 tag written rounded, -3.40282e+38,
     still matches -3.4028235e+38 pixels, where `==` on the tag value does not). A --nodata replaces
@@ -425,4 +442,4 @@ def _gdal_masked(src: Any, window: Window, nodata_overridden: bool) -> np.ndarra
     # An integer tag matches exactly by `==`: GDAL's mask would only read the window again.
     if not stored and (nodata_overridden or not tagged or np.dtype(src.dtypes[0]).kind != "f"):
         return None
-    return np.asarray((src.read_masks(window=window) == 0).any(axis=0))
+    return np.asarray((src.read_masks(bands, window=window) == 0).any(axis=0))

@@ -1,0 +1,110 @@
+"""`prepare geotiff --bands`: which of the files' bands the store keeps, and the bad bands of a
+cube (filled with nodata in every pixel) that make the option necessary."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+from rasterio.enums import Resampling
+
+from specdm_cli.errors import InputDataError, UsageError
+from specdm_cli.manifest import Band
+from specdm_cli.sources.geotiff.layout import data_bands, open_raster
+
+_RANGE = re.compile(r"^(\d+)\s*-\s*(\d+)$")
+# Pixels a side of the read that looks for bad bands: a band at the fill value in every one of
+# 128 x 128 pixels spread over the file holds no data (water-vapour bands, as some
+# hyperspectral products ship them).
+_PROBE_SIDE = 128
+
+
+def chosen_positions(selection: Sequence[str] | None, bands: list[Band], path: Path) -> list[int]:
+    """0-based positions, among the files' data bands, of the bands `--bands` names (1-based
+    numbers, ranges `1-5`, or band names as `inspect` shows them); every band without it."""
+    if not selection:
+        return list(range(len(bands)))
+    positions: list[int] = []
+    for token in selection:
+        positions += _positions_of(token, [band.name for band in bands], path)
+    repeated = sorted({p + 1 for p in positions if positions.count(p) > 1})
+    if repeated:
+        raise UsageError(
+            f"--bands names band {repeated[0]} twice", hint="name each band once, in file order"
+        )
+    return positions
+
+
+def _positions_of(token: str, names: list[str], path: Path) -> list[int]:
+    count = len(names)
+    ranged = _RANGE.match(token)
+    if token.isdigit() or ranged:
+        first, last = (int(token), int(token)) if ranged is None else map(int, ranged.groups())
+        if not 1 <= first <= last:
+            raise UsageError(f"--bands {token}: not a range of band numbers", hint="e.g. 1-5,8-12")
+        if last > count:
+            raise InputDataError(
+                f"--bands {token} is past the {count} bands of the images",
+                path,
+                f"number bands 1 to {count}",
+            )
+        return list(range(first - 1, last))
+    lowered = [name.lower() for name in names]
+    if token.lower() in lowered:
+        return [lowered.index(token.lower())]
+    shown = ", ".join(names[:6]) + (", ..." if count > 6 else "")
+    raise InputDataError(
+        f"--bands {token}: no band of that name (the images' bands: {shown})",
+        path,
+        "name bands by number (1-5,8-12) or as listed",
+    )
+
+
+def refuse_empty_bands(path: Path, positions: list[int], nodata: float | None) -> None:
+    """Exit 3 where some chosen bands of `path` hold only nodata (the tag or `nodata`, or NaN)
+    while others hold data: each of their pixels would count as nodata (a pixel is nodata where
+    any band is), so every patch would be dropped as blank. The fix leaves them out."""
+    with open_raster(path) as src:
+        if np.dtype(src.dtypes[0]) == np.uint8:
+            return  # 8-bit pixels are nodata only in every band (base.apply_nodata)
+        fill = src.nodata if nodata is None else nodata
+        shape = (min(src.height, _PROBE_SIDE), min(src.width, _PROBE_SIDE))
+        indexes = [data_bands(src)[p] for p in positions]
+        # One read (a pixel-interleaved cube decodes once), band by band only where a VRT of
+        # band files mixes types, which one read cannot return.
+        groups = [indexes] if len({src.dtypes[i - 1] for i in indexes}) == 1 else indexes
+        values = [
+            src.read(group, out_shape=shape, resampling=Resampling.nearest) for group in groups
+        ]
+    bands = np.concatenate([v.reshape(-1, *shape) for v in values])
+    bad = [p for p, band in zip(positions, bands, strict=True) if _only_fill(band, fill)]
+    if not bad or len(bad) == len(positions):
+        return  # no bad band, or a file of nodata only (a scene's edge): the filters say so
+    kept = [p for p in positions if p not in bad]
+    raise InputDataError(
+        f"bands {_ranges(bad)} hold only nodata in every pixel (bad bands of the sensor?): "
+        "every pixel would count as nodata",
+        path,
+        f"leave them out: --bands {_ranges(kept)}",
+    )
+
+
+def _only_fill(values: np.ndarray, fill: float | None) -> bool:
+    """Whether `values` hold nothing but `fill` or NaN."""
+    empty = np.isnan(values) if values.dtype.kind == "f" else np.zeros(values.shape, dtype=bool)
+    if fill is not None and not np.isnan(fill):
+        empty |= values == fill
+    return bool(empty.all())
+
+
+def _ranges(positions: list[int]) -> str:
+    """0-based positions as 1-based ranges: [0, 1, 2, 4] -> `1-3,5`."""
+    spans: list[list[int]] = []
+    for number in (p + 1 for p in positions):
+        if spans and number == spans[-1][-1] + 1:
+            spans[-1].append(number)
+        else:
+            spans.append([number])
+    return ",".join(str(s[0]) if len(s) == 1 else f"{s[0]}-{s[-1]}" for s in spans)
