@@ -66,8 +66,13 @@ def test_max_unlabelled_is_its_own_counted_filter(tmp_path: Path) -> None:
     code, _, stderr = _prepare("geotiff", raw, "--out", out, "--max-unlabelled", "0.5")
     assert code == 3
     line = _one_line(stderr)
-    assert "every patch was removed" in line and "'unlabelled': 4" in line
-    assert "--max-unlabelled" in line
+    assert "every patch was removed by the filters (4 by --max-unlabelled 0.5)" in line
+    assert line.endswith("relax --max-unlabelled and rerun")
+    code, _, stderr = run_cli("prepare", "geotiff", raw, "--out", out, "--max-unlabelled", "0.9")
+    assert code == 0, stderr
+    assert stderr.splitlines()[-1].endswith(
+        ": 4 samples (train 3, val 1), 0 of 4 patches removed by the filters"
+    )  # words, not Python dicts
 
 
 def test_normalisation_uses_every_valid_image_pixel(tmp_path: Path) -> None:

@@ -147,12 +147,19 @@ def prepare(
             summary = run_prepare(request, stop, progress, Warnings(quiet))
         if not quiet:
             stderr.print(
-                f"{summary.state}: {summary.out}: {summary.count} samples {summary.split_counts}, "
-                f"removed {summary.removed or 'none'} of {summary.candidates}",
+                f"{summary.state}: {summary.out}: {summary.count} samples "
+                f"({_counts(summary.split_counts)}), {sum(summary.removed.values())} of "
+                f"{summary.candidates} patches removed by the filters"
+                + (f" ({_counts(summary.removed)})" if summary.removed else ""),
                 markup=False,
             )
         if json_output:
             emit_json(asdict(summary))
+
+
+def _counts(counts: dict[str, int]) -> str:
+    """`train 28, val 3`: a tally as words, not a Python dict."""
+    return ", ".join(f"{name} {count}" for name, count in counts.items()) or "none"
 
 
 def _names(text: str | None) -> tuple[str, ...] | None:

@@ -80,11 +80,16 @@ def _content(store: StoreRef) -> str:
     return f", content {store.content_sha256[:12]}" if store.content_sha256 else ""
 
 
+def _pairs_by_split(store: StoreRef) -> str:
+    """`train 841, val 83, test 100`: the real store's pairs by split, as words."""
+    return ", ".join(f"{split} {count}" for split, count in store.split_counts.items())
+
+
 def _head(report: BenchmarkReport) -> list[str]:
     lines = [
         f"# specdm benchmark: {report.label}",
         "",
-        f"- task `{report.task}`; real `{report.real.path}` ({report.real.split_counts}"
+        f"- task `{report.task}`; real `{report.real.path}` ({_pairs_by_split(report.real)}"
         f"{_content(report.real)}); synthetic `{report.synthetic.path}` "
         f"({report.synthetic.count} pairs{_content(report.synthetic)})",
         f"- feature network `{report.feature_hash[:16]}` (every figure below depends on it)",

@@ -403,10 +403,20 @@ def _reading_raw(raw: Path | None) -> Iterator[None]:
 def _remove_empty_store(request: PrepareRequest, tally: PrepareTally) -> None:
     """Remove a store that kept no patch, so a rerun with other filters needs no --overwrite."""
     remove_tree(request.out)
+    limits = {
+        "blank": ("--max-blank", request.max_blank),
+        "unlabelled": ("--max-unlabelled", request.max_unlabelled),
+        "background": ("--max-background", request.max_background),
+    }
+    options = [limits[reason] for reason in sorted(tally.removed)]
+    removed = ", ".join(
+        f"{tally.removed[reason]} by {option} {value}"
+        for reason, (option, value) in zip(sorted(tally.removed), options, strict=True)
+    )
     raise InputDataError(
-        f"every patch was removed by the filters ({tally.removed}); no store was written",
+        f"every patch was removed by the filters ({removed}); no store was written",
         request.raw,
-        "relax --max-blank / --max-unlabelled / --max-background and rerun",
+        f"relax {' / '.join(option for option, _ in options)} and rerun",
     )
 
 
