@@ -76,12 +76,13 @@ class LockHeldError(SpecdmError):
 class Interrupted(SpecdmError):
     """SIGINT or SIGTERM arrived; the work in hand was finished and the rest can be resumed."""
 
-    def __init__(self, signum: int):
-        super().__init__("interrupted", hint="rerun with --resume")
+    def __init__(self, signum: int, hint: str = "rerun with --resume"):
+        super().__init__("interrupted", hint=hint)
+        self.signum = signum
         self.exit_code = 128 + signum
 
     def line(self) -> str:
-        return "interrupted: rerun with --resume"
+        return f"interrupted: {self.hint}"
 
 
 def reason_of(exc: BaseException, path: Path | str | None = None) -> str:

@@ -19,7 +19,7 @@ import pytest
 import zarr
 
 from specdm_cli.fs.lock import LOCK_NAME
-from specdm_cli.pipeline.runs.registry import read_registry
+from specdm_cli.pipeline.runs.registry import read_registry, user_dir
 from specdm_cli.pipeline.runs.run_manifest import load_run
 from tests import processes
 from tests.conftest import PAPER_LOSS, prepare_demo, run_cli
@@ -187,7 +187,7 @@ def test_a_signal_stops_fit_vae_at_a_checkpoint_and_resume_is_exact(
         _, stderr = process.communicate(timeout=300)
     # The signal landed during step 2's clean-up: step 3 is trained and checkpointed, then exit.
     assert process.returncode == exit_code, stderr
-    assert stderr.strip().splitlines()[-1] == "interrupted: rerun with --resume"
+    assert stderr.strip().splitlines()[-1] == f"interrupted: rerun with --resume (the run: {run})"
     stage = stage_of(run, "vae")
     assert stage is not None and stage["step"] == 3 and stage["finished"] is False
     assert_clean_run(run)
@@ -201,17 +201,40 @@ def test_a_signal_stops_the_semantic_terms_segmenter_and_resume_starts_over(
 ) -> None:
     """The segmenter trains before the VAE's first step (300 steps, a minute or more in the cpu
     preset); Ctrl-C went unheard until it finished. Nothing is trained yet: the run folder goes,
-    and the resume the line asks for starts the run afresh."""
+    and the line says to run the command again (it said "rerun with --resume")."""
     store = prepare_demo(tmp_path / "ss.zarr", n=24, size=16)
     run = tmp_path / "run"
     args = ("fit-vae", store, "--run", run, *VAE, "--steps", "2", "--semantic-weight", "0.3")
     process = spawn(*args, "--semantic-steps", "100000", fault="segmenter.after_step:1:stop")
     stderr = signal_at_stop(process, signal.SIGINT, timeout=120)
     assert process.returncode == 130, stderr
-    assert stderr.strip().splitlines()[-1] == "interrupted: rerun with --resume"
+    assert stderr.strip().splitlines()[-1] == (
+        "interrupted: nothing was trained yet: run the same command again"
+    )
     assert not run.exists()
-    code, _, stderr = run_cli(*args, "--semantic-steps", "3", "--resume")
+    code, _, stderr = run_cli(*args, "--semantic-steps", "3")
     assert code == 0, stderr
+
+
+def test_fit_vae_without_run_interrupted_is_resumed_by_the_same_command_with_resume(
+    store: Path, vae_reference: dict[str, object], tmp_path: Path
+) -> None:
+    """`fit-vae STORE` (a run folder of its own choosing), then Ctrl-C and `--resume`: the
+    resume started a second folder from step 0, and the first was never named."""
+    process = spawn("fit-vae", store, *VAE, *STEPS, fault="checkpoint.after_commit:1:stop")
+    stderr = signal_at_stop(process, signal.SIGINT)
+    assert process.returncode == 130, stderr
+    runs = sorted((user_dir() / "runs").iterdir())
+    assert len(runs) == 1 and stderr.strip().splitlines()[-1] == (
+        f"interrupted: rerun with --resume (the run: {runs[0]})"
+    )
+    code, stdout, stderr = run_cli("fit-vae", store, *VAE, *STEPS, "--resume", "--json")
+    assert code == 0, stderr
+    assert json.loads(stdout)["run"] == str(runs[0]) and sorted(runs[0].parent.iterdir()) == runs
+    assert_same_state(checkpoint_state(runs[0], "vae"), vae_reference)
+    other = prepare_demo(tmp_path / "other.zarr", "--seed", "1", n=12, size=16)
+    code, _, stderr = run_cli("fit-vae", other, *VAE, "--resume")
+    assert code == 3 and "--resume without --run: no run of this store" in stderr
 
 
 # Ctrl-C reaches the whole process group; a batch system's SIGTERM often the parent alone.
@@ -258,7 +281,8 @@ def test_a_signal_stops_two_ranks_at_a_checkpoint(
         os.kill(pid, signal.SIGCONT)
     _, stderr = parent.communicate(timeout=300)
     assert parent.returncode == exit_code, stderr
-    assert stderr.strip().splitlines() == ["interrupted: rerun with --resume"]  # the ranks' too
+    told = "rerun with --resume" + (f" (the run: {run})" if stage == "fit-vae" else "")
+    assert stderr.strip().splitlines() == [f"interrupted: {told}"]  # the ranks' lines too
     recorded = stage_of(run, stage.removeprefix("fit-"))
     assert recorded is not None and recorded["finished"] is False, recorded
     assert recorded["step"] == 3  # the step in hand when the signal landed, checkpointed

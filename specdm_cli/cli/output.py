@@ -52,7 +52,7 @@ def domain_errors(resumable: bool = True) -> Iterator[None]:
     try:
         yield
     except Interrupted as error:
-        stderr.print(interrupted, markup=False)
+        stderr.print(error.line() if resumable else _NOT_RESUMABLE, markup=False)
         raise typer.Exit(error.exit_code) from None
     except SpecdmError as error:
         stderr.print(error.line(), markup=False, soft_wrap=True)

@@ -107,18 +107,19 @@ def _names_vae_checkpoint(run: Path) -> bool:
     return stage is not None and stage.checkpoint is not None
 
 
-def discard_untrained(run: Path, stage: str, created: bool) -> None:
+def discard_untrained(run: Path, stage: str, created: bool) -> bool:
     """A fresh run that failed before its stage's first checkpoint: remove what it wrote (the
     folder, if this command created it), so the same command can simply be run again; as
     `prepare` removes a store that committed no sample. Called holding the run's RunLock (whose
-    release then finds its file gone); a removal that fails leaves the run's own error to tell."""
+    release then finds its file gone); a removal that fails leaves the run's own error to tell.
+    Returns whether the run was discarded (False: it holds a checkpoint to resume from)."""
     if (run / RUN_FILE).is_file():
         try:
             state = load_run(run, verify=False).stages.get(stage)
         except (ModelError, InputDataError):
-            return  # not ours to judge: leave it
+            return False  # not ours to judge: leave it
         if state is not None and state.checkpoint is not None:
-            return
+            return False
     try:
         if created:
             remove_tree(run)
@@ -126,7 +127,8 @@ def discard_untrained(run: Path, stage: str, created: bool) -> None:
             for entry in run.iterdir():
                 remove_tree(entry)
     except OSError:
-        pass
+        return False
+    return True
 
 
 class RunLock(DirLock):

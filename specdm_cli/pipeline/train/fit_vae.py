@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from specdm_cli.config import Devices, Progress, VAETrainConfig
-from specdm_cli.errors import UsageError
+from specdm_cli.errors import InputDataError, Interrupted, ModelError, UsageError
 from specdm_cli.fs.lock import ReadLock
 from specdm_cli.fs.paths import refuse_overlap
 from specdm_cli.fs.space import require_memory
@@ -20,8 +20,8 @@ from specdm_cli.manifest import Manifest, Task, array_names
 from specdm_cli.pipeline.runs import rundirs as runs
 from specdm_cli.pipeline.runs.checkpoints import load_optimizer
 from specdm_cli.pipeline.runs.provenance import provenance
-from specdm_cli.pipeline.runs.registry import default_run_dir
-from specdm_cli.pipeline.runs.run_manifest import load_run
+from specdm_cli.pipeline.runs.registry import default_run_dir, user_dir
+from specdm_cli.pipeline.runs.run_manifest import RUN_FILE, load_run
 from specdm_cli.pipeline.runs.vae_io import load_branches
 from specdm_cli.pipeline.signals import StopFlag
 from specdm_cli.pipeline.train.common import (
@@ -132,7 +132,7 @@ def _fit_vae(
         )
     devices = torch_devices(request.devices)
     dataset = reader.manifest.source.dataset if reader.manifest.source else "synthetic"
-    run = request.run or default_run_dir(dataset)
+    run = request.run or _default_run(dataset, request.store, request.resume)
     refuse_overlap(run, {"STORE": request.store})
     created = not run.exists()
     state = runs.prepare_run_dir(run, request.resume, request.overwrite)
@@ -143,11 +143,14 @@ def _fit_vae(
             summary, start, task = _train_in(
                 run, state, reader, request, devices, stop, progress, warn
             )
-        except Exception:
+        except Exception as error:
+            discarded = False
             if state == "overwrite":  # the old run back, unless the new one checkpointed
                 runs.settle_old_run(run)
             elif state == "fresh":  # nothing trained: the same command can simply be run again
-                runs.discard_untrained(run, "vae", created)  # under our lock: no one else's
+                discarded = runs.discard_untrained(run, "vae", created)  # under our lock
+            if isinstance(error, Interrupted):
+                raise _told_how_to_go_on(error, run, discarded) from None
             raise
     if summary.state == "already complete":
         # A registry that could not be written when the run finished left it unregistered;
@@ -158,6 +161,41 @@ def _fit_vae(
     summary.seconds = round(time.monotonic() - started, 3)
     summary.state = "resumed" if start else "trained"
     return summary
+
+
+def _default_run(dataset: str, store: Path, resume: bool) -> Path:
+    """A new run folder; with --resume, the newest run of this store under the runs folder (an
+    interrupted `fit-vae STORE` without --run is continued by the same command with --resume)."""
+    if not resume:
+        return default_run_dir(dataset)
+    digest = store_sha256(store)
+    runs_dir = user_dir() / "runs"
+    ours = [
+        path.parent for path in runs_dir.glob(f"*/{RUN_FILE}") if _run_of(path.parent) == digest
+    ]
+    if not ours:
+        raise InputDataError(
+            "--resume without --run: no run of this store in the runs folder",
+            store,
+            f"pass --run RUN (a run folder under {runs_dir}, or where you put it)",
+        )
+    return max(ours, key=lambda run: (run / RUN_FILE).stat().st_mtime)
+
+
+def _run_of(run: Path) -> str | None:
+    """The store digest a run was trained on, None for a run.json that cannot be read."""
+    try:
+        return load_run(run, verify=False).source_manifest_sha256
+    except (ModelError, InputDataError):
+        return None
+
+
+def _told_how_to_go_on(stopped: Interrupted, run: Path, discarded: bool) -> Interrupted:
+    """The interruption with what to run next: nothing to resume before the first checkpoint
+    (the run was removed), else the run that --resume continues, by name."""
+    if discarded:
+        return Interrupted(stopped.signum, "nothing was trained yet: run the same command again")
+    return Interrupted(stopped.signum, f"rerun with --resume (the run: {run})")
 
 
 def _train_in(
