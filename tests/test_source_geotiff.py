@@ -281,6 +281,8 @@ def test_change_masks_of_more_than_two_codes_are_a_warning(tmp_path: Path) -> No
     ]
     two = _plan(make_geotiff_folder(tmp_path / "two", task="cd", codes=[0, 1], n=10))
     assert two.warnings == []
+    assert [c.name for c in two.spec.classes] == ["no change", "change"]
+    assert [c.name for c in three.spec.classes] == ["class_0", "class_1", "class_2"]
 
 
 def test_change_masks_of_0_and_255_read_255_as_change(tmp_path: Path) -> None:
@@ -288,6 +290,7 @@ def test_change_masks_of_0_and_255_read_255_as_change(tmp_path: Path) -> None:
     root = make_geotiff_folder(tmp_path / "raw", task="cd", codes=[0, 255], n=10)
     plan = _plan(root)
     assert [c.code for c in plan.spec.classes] == [0, 255]
+    assert [c.name for c in plan.spec.classes] == ["no change", "change"]  # not class_0/255
     assert "note: the change masks hold only 0 and 255: read 255 as change" in plan.warnings[0]
     raw = _read(root / "change" / "tile_00.tif", 1)
     change = plan.load(plan.candidates[0]).arrays["change"]

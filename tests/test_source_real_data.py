@@ -452,6 +452,25 @@ def test_split_folders_spelled_differently_in_images_and_masks_pair(tmp_path: Pa
     assert "two folders of the train split (Train/ and training/) hold tile_00" in line
 
 
+def test_a_class_only_in_held_out_tiles_is_warned_of(tmp_path: Path) -> None:
+    """A class present in val but not in train: prepare said nothing, and its IoU of 0 pulled
+    the segmenter's val mIoU down with no model able to learn it."""
+    raw = make_geotiff_folder(tmp_path / "raw", n=4)
+    with rasterio.open(raw / "masks" / "tile_03.tif", "r+") as src:
+        mask = src.read(1)
+        mask[:4] = 77  # a rare class, drawn only in the val tile
+        src.write(mask, 1)
+    splits = tmp_path / "splits.csv"
+    splits.write_text("stem,split\ntile_00,train\ntile_01,train\ntile_02,test\ntile_03,val\n")
+    args = ("--out", tmp_path / "g.zarr", "--splits", splits)
+    code, _, stderr = run_cli("prepare", "geotiff", raw, *args)
+    assert code == 0, stderr
+    assert "warning: 1 class(es) have no train pixels, only held-out ones: class_77 (val)" in stderr
+    splits.write_text("stem,split\ntile_00,train\ntile_01,val\ntile_02,test\ntile_03,train\n")
+    code, _, stderr = run_cli("prepare", "geotiff", raw, "--overwrite", *args)
+    assert code == 0 and "no train pixels" not in stderr, stderr
+
+
 def test_a_classes_json_beside_missing_masks_is_no_vector_label(tmp_path: Path) -> None:
     raw = make_geotiff_folder(tmp_path / "raw", n=2)
     for mask in sorted((raw / "masks").glob("*.tif")):
@@ -603,6 +622,23 @@ def test_bands_named_red_green_blue_are_the_preview_bands(tmp_path: Path) -> Non
     assert _prepare("geotiff", raw, "--out", out, "--label-nodata", "-1")[0] == 0
     assert manifest_of(out)["rgb_bands"] == ["red", "GREEN", "Blue"]
     assert rgb_notice(out) is None
+
+
+def test_a_plain_rgb_geotiff_names_its_bands_by_colour(tmp_path: Path) -> None:
+    """An RGB GeoTIFF or orthophoto (PHOTOMETRIC=RGB, no band descriptions) was `band_1..3`,
+    with no preview bands: GDAL's colour interpretation names them."""
+    raw = make_geotiff_folder(tmp_path / "raw", n=2, bands=3, dtype="uint8")
+    for tif in sorted((raw / "images").glob("*.tif")):
+        with rasterio.open(tif) as src:
+            profile, pixels = src.profile, src.read()
+        profile.update(photometric="RGB")
+        with rasterio.open(tif, "w", **profile) as dst:
+            dst.write(pixels)  # no descriptions: the colour interpretation is all it says
+    out = tmp_path / "g.zarr"
+    assert _prepare("geotiff", raw, "--out", out, "--patch-size", "16")[0] == 0
+    manifest = manifest_of(out)
+    assert [b["name"] for b in manifest["bands"]] == ["red", "green", "blue"]
+    assert manifest["rgb_bands"] == ["red", "green", "blue"]
 
 
 def test_wavelengths_outrank_band_names_for_the_preview() -> None:

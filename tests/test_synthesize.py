@@ -445,13 +445,22 @@ def test_two_cpu_ranks_write_the_single_run_bytes(ss_run: Path, tmp_path: Path) 
 @pytest.mark.slow  # two spawned processes each import torch and diffusers: about 20-30 s
 def test_cpu_ranks_show_the_progress_end_once(tmp_path: Path) -> None:
     """The parent polls the ranks twice a second till they exit: `synthesize 4/4 (100%)` came
-    once per poll (four times)."""
+    once per poll (four times). It counts pairs (8), as the summary's rate does, not batches."""
     code, _, stderr = run_cli("synthesize", "--model", "demo", "--task", "ss", "--n", "8",
                               "--batch-size", "2", "--steps", "2", "--no-detail", "--gpus",
                               "cpu:2", "--threads", "2", "--out", tmp_path / "two.zarr")  # fmt: skip
     assert code == 0, stderr
-    ends = [line for line in stderr.splitlines() if line.startswith("synthesize 4/4")]
+    ends = [line for line in stderr.splitlines() if line.startswith("synthesize 8/8")]
     assert len(ends) == 1, stderr
+
+
+def test_progress_counts_pairs_not_batches(tmp_path: Path) -> None:
+    """`synthesize 2/2 (100%), 0.5/s` counted batches of 2 while the summary gave pairs/s."""
+    code, _, stderr = run_cli("synthesize", "--model", "demo", "--task", "ss", "--n", "3",
+                              "--batch-size", "2", "--steps", "2", "--no-detail", "--threads",
+                              "1", "--out", tmp_path / "p.zarr")  # fmt: skip
+    assert code == 0, stderr
+    assert any(line.startswith("synthesize 3/3 (100%)") for line in stderr.splitlines()), stderr
 
 
 @pytest.mark.slow  # two spawned processes each import torch and diffusers: about 20-30 s

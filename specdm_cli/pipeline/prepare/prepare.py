@@ -214,6 +214,7 @@ def _prepare(
             _sparse_label_note(tally, source_plan.spec),
             _no_train_note(tally),
             _no_held_out_warning(request, tally),
+            _untrained_classes_warning(tally, source_plan.spec),
         )
         if note
     ]
@@ -269,6 +270,29 @@ def _no_held_out_warning(request: PrepareRequest, tally: PrepareTally) -> str | 
     how = HELD_OUT_OPTIONS.get(request.source, "")
     return "warning: the store has no val or test split, which benchmark and validation need" + (
         f"; to get one, prepare it again with {how}" if how else ""
+    )
+
+
+def _untrained_classes_warning(tally: PrepareTally, spec: SourceSpec) -> str | None:
+    """Classes that val or test hold and train does not: no model trained on the store can
+    segment or synthesize them, and their IoU of 0 pulls every held-out mIoU down."""
+    train = tally.class_pixels.get("train")
+    if not train:
+        return None  # no train split: told by _no_train_note
+    held_out = [
+        (split, pixels) for split, pixels in sorted(tally.class_pixels.items()) if split != "train"
+    ]
+    missing = [
+        f"{spec.classes[index].name} ({', '.join(s for s, p in held_out if p[index])})"
+        for index, count in enumerate(train)
+        if count == 0 and any(pixels[index] for _, pixels in held_out)
+    ]
+    if not missing:
+        return None
+    return (
+        f"warning: {len(missing)} class(es) have no train pixels, only held-out ones: "
+        f"{', '.join(missing)}; no model trained on this store learns them: move tiles that "
+        "hold them to train (--splits FILE.csv for your own rasters)"
     )
 
 

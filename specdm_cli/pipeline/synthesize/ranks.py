@@ -57,7 +57,7 @@ def run_on_devices(
 
     def waiting() -> None:
         if progress:
-            progress("synthesize", _batches_done(request, batches), len(batches))
+            progress("synthesize", _written(request, batches), sum(map(len, batches)))
 
     run_spawned(_rank, request.devices.ranks, (request, worker), stop, waiting)
     return _written(request, batches) - before
@@ -68,11 +68,6 @@ def _written(request: RankedRequest, batches: list[range]) -> int:
         return 0
     flags = open_store(request.out, allow_incomplete=True).written()
     return int(flags[batches[0].start : batches[-1].stop].sum())
-
-
-def _batches_done(request: RankedRequest, batches: list[range]) -> int:
-    flags = open_store(request.out, allow_incomplete=True).written()
-    return sum(bool(flags[b.start : b.stop].all()) for b in batches)
 
 
 def _rank(

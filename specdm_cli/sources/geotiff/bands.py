@@ -7,6 +7,8 @@ import re
 from pathlib import Path
 from typing import Any
 
+from rasterio.enums import ColorInterp
+
 from specdm_cli.manifest import Band
 from specdm_cli.sources.geotiff.layout import EXTENSIONS, data_bands, open_raster
 from specdm_cli.sources.sentinel2 import S2_FWHM_NM, S2_WAVELENGTH_NM, s2_band_name
@@ -16,6 +18,7 @@ from specdm_cli.sources.sentinel2 import S2_FWHM_NM, S2_WAVELENGTH_NM, s2_band_n
 _WAVELENGTH = re.compile(
     r"\(?\s*(\d+(?:\.\d*)?)\s*(nanometers?|nm|um|µm|micrometers?)\s*\)?", re.IGNORECASE
 )
+_COLOURS = (ColorInterp.red, ColorInterp.green, ColorInterp.blue)
 _ABSOLUTE = re.compile(r"^(/|\\\\|[A-Za-z]:[\\/])")  # /x, \\server\x, C:\x
 
 
@@ -41,7 +44,14 @@ def _band(src: Any, index: int) -> Band:
     imagery = src.tags(index, ns="IMAGERY")
     wavelength = wavelength or _band_tag_wavelength(src.tags(index), imagery)
     fwhm = _float_or_none(imagery["FWHM_UM"], 1000.0) if "FWHM_UM" in imagery else None
-    return Band(name=_trim_path(name) or f"band_{index}", wavelength_nm=wavelength, fwhm_nm=fwhm)
+    named = _trim_path(name) or _colour_name(src.colorinterp[index - 1]) or f"band_{index}"
+    return Band(name=named, wavelength_nm=wavelength, fwhm_nm=fwhm)
+
+
+def _colour_name(interp: ColorInterp) -> str | None:
+    """A band without a description, named by GDAL's colour interpretation where that is a
+    colour (a plain RGB GeoTIFF or PNG): `red`, `green`, `blue`, which previews then show."""
+    return interp.name if interp in _COLOURS else None
 
 
 def _trim_path(name: str) -> str:

@@ -89,8 +89,17 @@ def resolve_classes(
     # keeps their colours and reports name the classes as the product does.
     palette = next((scan.palette for scan in scans if scan.palette), {})
     names = next((scan.names for scan in scans if scan.names), {})
-    rows = [(code, names.get(code, f"class_{code}"), palette.get(code)) for code in codes]
+    fallback = _change_names(codes) if task == "cd" else {}
+    rows = [
+        (code, names.get(code) or fallback.get(code, f"class_{code}"), palette.get(code))
+        for code in codes
+    ]
     return ResolvedClasses(_make_classes(rows, root), "masks", [*notes, *_sentinel_notes(scans)])
+
+
+def _change_names(codes: list[int]) -> dict[int, str]:
+    """A change mask's two codes (0/1, 0/255) named as OSCD's classes are, lower first."""
+    return dict(zip(codes, ("no change", "change"), strict=True)) if len(codes) == 2 else {}
 
 
 def classes_path(root: Path, options: PrepareOptions) -> Path | None:
