@@ -40,6 +40,7 @@ from specdm_cli.pipeline.train.segmenter import (
 )
 from specdm_cli.pipeline.train.vae_validation import validate
 from specdm_cli.stores import StoreReader
+from specdm_cli.stores.hints import prepare_again
 
 
 def model_config(config: VAETrainConfig, manifest: Manifest) -> VAEConfig:
@@ -73,12 +74,13 @@ def require_trainable_samples(reader: StoreReader, downsample: int) -> None:
     """Square samples whose side the VAE halves to a whole latent: another store (a SegMunich
     tree of odd patches, one prepared before sides were checked) is exit 3 before training."""
     height, width = reader.manifest.height, reader.manifest.width
+    side = trainable_side(height, width)
     if height != width or height % downsample:
         raise InputDataError(
             f"the store's samples are {height}x{width}: the VAE trains on square samples whose "
             f"side is a multiple of {downsample} (--downsample)",
             reader.root,
-            f"prepare the store again with --patch-size {trainable_side(height, width)}",
+            f"prepare it again: {prepare_again(reader.root, reader.manifest, side)}",
         )
 
 
