@@ -4,6 +4,7 @@ real (tiny) training of the feature and downstream networks."""
 from __future__ import annotations
 
 import json
+import shlex
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
@@ -26,8 +27,9 @@ from specdm_cli.pipeline.runs.choose import choose_model, demo_model_path
 from specdm_cli.pipeline.runs.run_manifest import load_run
 from specdm_cli.stores import content_sha256, open_store
 from specdm_cli.stores.quality import read_quality, write_quality
-from tests.conftest import home_sharing_the_demo_bank, prepare_demo, run_cli
+from tests.conftest import home_sharing_the_demo_bank, manifest_of, prepare_demo, run_cli
 from tests.fault_tools import assert_one_error_line
+from tests.fixtures.geotiff_folder import make_geotiff_folder
 
 # Budgets that finish in seconds: the numbers are meaningless, the plumbing is what is tested.
 FAST = ("--feature-steps", "5", "--batch-size", "8", "--threads", "2", "--quiet")
@@ -727,6 +729,34 @@ def test_a_real_store_without_val_or_test_is_told_at_prepare_and_benchmark_says_
     code, _, stderr = run_cli("benchmark", "--real", real, "--synthetic", synthetic, "--model",
                               "demo", "--out", tmp_path / "out", *FAST)  # fmt: skip
     assert_one_error_line(code, stderr, 3, f"prepare it again with --overwrite and {how}")
+
+
+def test_stores_of_another_size_name_every_difference_and_a_prepare_that_works(
+    tmp_path: Path,
+) -> None:
+    """A 60-band 16 px real store against a 3-band 32 px synthetic one was "differ in size
+    (16x16 vs 32x32) ...: `specdm prepare ... --size 32` for the demo source": the bands went
+    unnamed and --size is exit 2 for a GeoTIFF source. Every difference is named now, bands
+    first; a size alone gets the real store's own prepare command (--patch-size), which works."""
+    raw = make_geotiff_folder(tmp_path / "raw", n=2, size=(32, 32), bands=3, codes=[1, 2])
+    other = make_geotiff_folder(tmp_path / "other", n=2, size=(16, 16), bands=4, codes=[1, 2])
+    small, large, wide = tmp_path / "small.zarr", tmp_path / "large.zarr", tmp_path / "wide.zarr"
+    for folder, out, side in ((raw, small, "16"), (raw, large, "32"), (other, wide, "16")):
+        code, _, stderr = run_cli("prepare", "geotiff", folder, "--out", out,
+                                  "--patch-size", side, "--val-fraction", "0.5", "-q")  # fmt: skip
+        assert code == 0, stderr
+    out = tmp_path / "out"
+    code, _, stderr = run_cli("benchmark", "--real", wide, "--synthetic", large, "--out", out)
+    assert_one_error_line(code, stderr, 3, "differ in bands (4 vs 3), size (16x16 vs 32x32)")
+    assert "benchmark against the real store the generator" in stderr and "--size" not in stderr
+    code, _, stderr = run_cli("benchmark", "--real", small, "--synthetic", large, "--out", out)
+    assert_one_error_line(code, stderr, 3, "the stores differ in size (16x16 vs 32x32)")
+    command = shlex.split(stderr.split("`")[1])
+    assert command[:4] == ["specdm", "prepare", "geotiff", str(raw.resolve())], stderr
+    assert "--patch-size 32" in stderr and "--val-fraction 0.5" in stderr and not out.exists()
+    code, _, stderr = run_cli(*command[1:], "-q")
+    assert code == 0, stderr
+    assert manifest_of(tmp_path / "small-32px.zarr")["height"] == 32
 
 
 @pytest.mark.parametrize("field", ["bands", "classes"])
