@@ -104,20 +104,23 @@ def fit_vae(
     stop: StopFlag,
     progress: Progress | None = None,
     warn: Callable[[str], None] = lambda line: None,
+    notice: Callable[[str], None] = lambda line: None,
 ) -> FitVAESummary:
     """Train (or resume) the VAE of a run; checkpoints are atomic and resume is bit-exact.
 
-    The store is claimed for reading throughout: `--overwrite` elsewhere refuses to replace it.
+    `warn` takes warnings (what a pipeline may act on), `notice` progress lines such as the
+    time estimate. The store is claimed for reading throughout: `--overwrite` elsewhere refuses
+    to replace it.
     """
     with ReadLock(request.store):
-        return _fit_vae(request, stop, progress, warn)
+        return _fit_vae(request, stop, progress, (warn, notice))
 
 
 def _fit_vae(
     request: FitVAERequest,
     stop: StopFlag,
     progress: Progress | None,
-    warn: Callable[[str], None],
+    told: tuple[Callable[[str], None], Callable[[str], None]],
 ) -> FitVAESummary:
     started = time.monotonic()
     reader = open_store(request.store)
@@ -141,7 +144,7 @@ def _fit_vae(
             runs.set_aside(run, lock.path)
         try:
             summary, start, task = _train_in(
-                run, state, reader, request, devices, stop, progress, warn
+                run, state, reader, request, devices, stop, progress, told
             )
         except Exception as error:
             discarded = False
@@ -206,9 +209,11 @@ def _train_in(
     devices: list[torch.device],
     stop: StopFlag,
     progress: Progress | None,
-    warn: Callable[[str], None],
+    told: tuple[Callable[[str], None], Callable[[str], None]],
 ) -> tuple[FitVAESummary, int, Task]:
-    """Train (under the run's lock): (summary, the step it started from, the task)."""
+    """Train (under the run's lock): (summary, the step it started from, the task); `told`:
+    where warnings and notices go."""
+    warn, notice = told
     manifest = runs.open_or_create_run(
         run, reader, state, store_sha256(request.store), provenance()
     )
@@ -233,8 +238,8 @@ def _train_in(
         validation_indices(reader, request.config.val_samples, warn),
     )
     recipe = f"preset {request.config.preset}"
-    told = estimating(progress, warn, "fit-vae", recipe)
-    summary = launch(devices, _rank_main, job, stop, told) or _summary_from_run(job)
+    timed = estimating(progress, notice, "fit-vae", recipe)
+    summary = launch(devices, _rank_main, job, stop, timed) or _summary_from_run(job)
     return summary, start, manifest.task
 
 
