@@ -166,3 +166,18 @@ def test_a_resume_with_steps_at_or_below_the_step_reached_is_refused(
     code, _, stderr = fit(demo_ss_store, run, "--steps", "1", "--resume")
     assert code == 2 and "--steps 1 is not above the step the run's VAE reached (2)" in stderr
     assert fit(demo_ss_store, run, "--steps", "3", "--resume")[0] == 0
+
+
+def test_a_limit_above_the_split_is_warned_of(demo_ss_store: Path, tmp_path: Path) -> None:
+    """`--limit 100` on a store of fewer train pairs trained on them all without a word: the
+    limited-data protocol asked for was not the one run."""
+    train = json.loads((demo_ss_store / "manifest.json").read_text())["split_counts"]["train"]
+    code, stdout, stderr = run_cli("fit-vae", demo_ss_store, "--run", tmp_path / "run",
+                                   *TINY[:-1], "--steps", "1", "--limit", "1000", "--json")  # fmt: skip
+    assert code == 0, stderr
+    words = f"--limit 1000 is above the {train} 'train' samples of the store: fit-vae trains on all"
+    assert [w for w in json.loads(stdout)["warnings"] if words in w], stdout
+    assert words in stderr
+    code, stdout, stderr = fit(demo_ss_store, tmp_path / "cut", "--steps", "1", "--limit", "2",
+                               "--json")  # fmt: skip
+    assert code == 0 and json.loads(stdout)["warnings"] == [], stdout

@@ -127,6 +127,7 @@ def _fit_vae(
     model_config(request.config, reader.manifest)  # a bad shape is told before the run dir exists
     require_trainable_samples(reader, request.config.downsample)
     training_indices(reader, request.config)  # and so is a split with no samples
+    _warn_of_an_idle_limit(reader, request.config, told[0])
     _require_batch_memory(request.config.batch_size, reader.manifest)
     check_batch_divides(request.config.batch_size, request.devices)
     if request.config.adversarial_weight > 0 and request.devices.ranks > 1:
@@ -164,6 +165,19 @@ def _fit_vae(
     summary.seconds = round(time.monotonic() - started, 3)
     summary.state = "resumed" if start else "trained"
     return summary
+
+
+def _warn_of_an_idle_limit(
+    reader: StoreReader, config: VAETrainConfig, warn: Callable[[str], None]
+) -> None:
+    """--limit at or above the split's size cuts nothing: the limited-data protocol asked for
+    is then not the one run."""
+    size = len(reader.indices(config.split))
+    if config.limit is not None and config.limit > size:
+        warn(
+            f"warning: --limit {config.limit} is above the {size} {config.split!r} samples of "
+            f"the store: fit-vae trains on all {size}"
+        )
 
 
 def _default_run(dataset: str, store: Path, resume: bool) -> Path:
