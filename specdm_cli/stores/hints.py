@@ -126,3 +126,27 @@ def _carried_options(source: str, plan: dict[str, object]) -> list[str]:
         if plan.get(key) is not None and plan.get(key) != default:
             words += [f"--{key.replace('_', '-')}", str(plan[key])]
     return words
+
+
+# What gives a store of `prepare SOURCE` a train split, where fit-vae's normalisation comes from.
+TRAIN_OPTIONS = {
+    "demo": "smaller --val-fraction/--test-fraction (they took every scene) or more scenes (--n)",
+    "geotiff": "a smaller --val-fraction/--test-fraction (they took every file), or a --splits "
+    "file that names some files train",
+    "oscd": "fewer --val-cities or a smaller --val-fraction (they took every train city)",
+    "segmunich": "the dataset's train list (dataset/train.txt)",
+}
+
+
+def train_split_hint(manifest: Manifest) -> str:
+    """How to prepare the store again with a train split (the normalisation statistics are the
+    train split's, so no other split can stand in for it), for the source it came from."""
+    plan = manifest.plan or {}
+    source = str(plan.get("source"))
+    options = plan.get("options") if isinstance(plan.get("options"), dict) else {}
+    splits_file = (options or {}).get("splits_file")
+    if source == "geotiff" and splits_file:
+        how = f"a --splits file that names some files train ({splits_file} names none)"
+    else:
+        how = TRAIN_OPTIONS.get(source, "a train split")
+    return f"prepare it again with --overwrite and {how}"
