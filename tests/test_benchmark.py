@@ -23,6 +23,7 @@ from specdm_cli.pipeline.benchmark.features import manifest_sha256
 from specdm_cli.pipeline.benchmark.generator import heldout_in_training, round_trip
 from specdm_cli.pipeline.benchmark.render import markdown
 from specdm_cli.pipeline.benchmark.report import BenchmarkReport, compare, load_report
+from specdm_cli.pipeline.benchmark.scores import SCORE_DEFINITION
 from specdm_cli.pipeline.runs.choose import choose_model, demo_model_path
 from specdm_cli.pipeline.runs.run_manifest import load_run
 from specdm_cli.stores import content_sha256, open_store
@@ -729,6 +730,30 @@ def test_a_real_store_without_val_or_test_is_told_at_prepare_and_benchmark_says_
     code, _, stderr = run_cli("benchmark", "--real", real, "--synthetic", synthetic, "--model",
                               "demo", "--out", tmp_path / "out", *FAST)  # fmt: skip
     assert_one_error_line(code, stderr, 3, f"prepare it again with --overwrite and {how}")
+
+
+def test_a_real_store_of_train_only_is_said_to_be_the_train_reference(
+    ss: tuple[Path, Path], tmp_path: Path
+) -> None:
+    """Without val or test the train pairs stood in silently, called "held-out real" ("FD and
+    KID come from 4 held-out real", "real held-out: 0.96"), though the feature network was
+    fitted on them. The report, --json and a warning say it is the train split and what that
+    flatters; the exit stays 0."""
+    real = prepare_demo(tmp_path / "train.zarr", "--val-fraction", "0", "--test-fraction", "0",
+                        n=12, size=demo_size("ss"))  # fmt: skip
+    out = tmp_path / "out"
+    code, stdout, stderr = run_cli("benchmark", "--real", real, "--synthetic", ss[1],
+                                   "--out", out, "--json", *FAST[:-1])  # fmt: skip
+    assert code == 0, stderr
+    said = "the real store has no val or test split, so the real reference is its 12 train pairs"
+    assert f"warning: {said}" in stderr and "FD, KID and the scores favour" in stderr
+    assert "prepare it again with --overwrite and more scenes (--n)" in stderr
+    summary = json.loads(stdout)
+    assert summary["quality"]["reference"]["split"] == "train"
+    assert [c for c in summary["cautions"] if c.startswith(said)], summary["cautions"]
+    text = (out / "report.md").read_text().replace(SCORE_DEFINITION, "")  # the score in general
+    assert "## Quality (real train vs synthetic)" in text and f"**Caution:** {said}" in text
+    assert "(real train: " in text and "held-out real" not in text and "real held-out" not in text
 
 
 def test_stores_of_another_size_name_every_difference_and_a_prepare_that_works(

@@ -38,13 +38,13 @@ from specdm_cli.pipeline.train.common import torch_devices
 from specdm_cli.pipeline.train.demo_detail import demo_with_bank
 from specdm_cli.stores import StoreReader, content_sha256, open_store, refuse_stream_out
 from specdm_cli.stores.base import MANIFEST_NAME
-from specdm_cli.stores.hints import prepare_again
+from specdm_cli.stores.hints import held_out_hint, prepare_again
 from specdm_cli.stores.quality import write_quality
 
 from . import generator as gen
 from .downstream import run_downstream
 from .downstream_rows import curve_pairs, oracle_pairs, real_train
-from .render import markdown
+from .render import cautions, markdown
 from .report import (
     MARKDOWN_NAME,
     REPORT_NAME,
@@ -255,6 +255,7 @@ def _measure(request: BenchmarkRequest, progress: Progress | None) -> tuple[Benc
         )
     if other is not None:
         report.comparison = compare(report, other, request.compare or Path())
+    report.cautions = cautions(report, held_out_hint(real.manifest))
     means = (traits[0].class_means(), traits[1].class_means())
     write_report_folder(out, report, real, synthetic, means)
     return report, out
