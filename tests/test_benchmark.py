@@ -4,6 +4,7 @@ real (tiny) training of the feature and downstream networks."""
 from __future__ import annotations
 
 import json
+import shlex
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,12 +23,14 @@ from specdm_cli.pipeline.benchmark.features import manifest_sha256
 from specdm_cli.pipeline.benchmark.generator import heldout_in_training, round_trip
 from specdm_cli.pipeline.benchmark.render import markdown
 from specdm_cli.pipeline.benchmark.report import BenchmarkReport, compare, load_report
+from specdm_cli.pipeline.benchmark.scores import SCORE_DEFINITION
 from specdm_cli.pipeline.runs.choose import choose_model, demo_model_path
 from specdm_cli.pipeline.runs.run_manifest import load_run
 from specdm_cli.stores import content_sha256, open_store
 from specdm_cli.stores.quality import read_quality, write_quality
-from tests.conftest import home_sharing_the_demo_bank, prepare_demo, run_cli
+from tests.conftest import home_sharing_the_demo_bank, manifest_of, prepare_demo, run_cli
 from tests.fault_tools import assert_one_error_line
+from tests.fixtures.geotiff_folder import make_geotiff_folder
 
 # Budgets that finish in seconds: the numbers are meaningless, the plumbing is what is tested.
 FAST = ("--feature-steps", "5", "--batch-size", "8", "--threads", "2", "--quiet")
@@ -727,6 +730,58 @@ def test_a_real_store_without_val_or_test_is_told_at_prepare_and_benchmark_says_
     code, _, stderr = run_cli("benchmark", "--real", real, "--synthetic", synthetic, "--model",
                               "demo", "--out", tmp_path / "out", *FAST)  # fmt: skip
     assert_one_error_line(code, stderr, 3, f"prepare it again with --overwrite and {how}")
+
+
+def test_a_real_store_of_train_only_is_said_to_be_the_train_reference(
+    ss: tuple[Path, Path], tmp_path: Path
+) -> None:
+    """Without val or test the train pairs stood in silently, called "held-out real" ("FD and
+    KID come from 4 held-out real", "real held-out: 0.96"), though the feature network was
+    fitted on them. The report, --json and a warning say it is the train split and what that
+    flatters; the exit stays 0."""
+    real = prepare_demo(tmp_path / "train.zarr", "--val-fraction", "0", "--test-fraction", "0",
+                        n=12, size=demo_size("ss"))  # fmt: skip
+    out = tmp_path / "out"
+    code, stdout, stderr = run_cli("benchmark", "--real", real, "--synthetic", ss[1],
+                                   "--out", out, "--json", *FAST[:-1])  # fmt: skip
+    assert code == 0, stderr
+    said = "the real store has no val or test split, so the real reference is its 12 train pairs"
+    assert f"warning: {said}" in stderr and "FD, KID and the scores favour" in stderr
+    assert "prepare it again with --overwrite and more scenes (--n)" in stderr
+    summary = json.loads(stdout)
+    assert summary["quality"]["reference"]["split"] == "train"
+    assert [c for c in summary["cautions"] if c.startswith(said)], summary["cautions"]
+    text = (out / "report.md").read_text().replace(SCORE_DEFINITION, "")  # the score in general
+    assert "## Quality (real train vs synthetic)" in text and f"**Caution:** {said}" in text
+    assert "(real train: " in text and "held-out real" not in text and "real held-out" not in text
+
+
+def test_stores_of_another_size_name_every_difference_and_a_prepare_that_works(
+    tmp_path: Path,
+) -> None:
+    """A 60-band 16 px real store against a 3-band 32 px synthetic one was "differ in size
+    (16x16 vs 32x32) ...: `specdm prepare ... --size 32` for the demo source": the bands went
+    unnamed and --size is exit 2 for a GeoTIFF source. Every difference is named now, bands
+    first; a size alone gets the real store's own prepare command (--patch-size), which works."""
+    raw = make_geotiff_folder(tmp_path / "raw", n=2, size=(32, 32), bands=3, codes=[1, 2])
+    other = make_geotiff_folder(tmp_path / "other", n=2, size=(16, 16), bands=4, codes=[1, 2])
+    small, large, wide = tmp_path / "small.zarr", tmp_path / "large.zarr", tmp_path / "wide.zarr"
+    for folder, out, side in ((raw, small, "16"), (raw, large, "32"), (other, wide, "16")):
+        code, _, stderr = run_cli("prepare", "geotiff", folder, "--out", out,
+                                  "--patch-size", side, "--val-fraction", "0.5", "-q")  # fmt: skip
+        assert code == 0, stderr
+    out = tmp_path / "out"
+    code, _, stderr = run_cli("benchmark", "--real", wide, "--synthetic", large, "--out", out)
+    assert_one_error_line(code, stderr, 3, "differ in bands (4 vs 3), size (16x16 vs 32x32)")
+    assert "benchmark against the real store the generator" in stderr and "--size" not in stderr
+    code, _, stderr = run_cli("benchmark", "--real", small, "--synthetic", large, "--out", out)
+    assert_one_error_line(code, stderr, 3, "the stores differ in size (16x16 vs 32x32)")
+    command = shlex.split(stderr.split("`")[1])
+    assert command[:4] == ["specdm", "prepare", "geotiff", str(raw.resolve())], stderr
+    assert "--patch-size 32" in stderr and "--val-fraction 0.5" in stderr and not out.exists()
+    code, _, stderr = run_cli(*command[1:], "-q")
+    assert code == 0, stderr
+    assert manifest_of(tmp_path / "small-32px.zarr")["height"] == 32
 
 
 @pytest.mark.parametrize("field", ["bands", "classes"])

@@ -153,8 +153,9 @@ def test_a_store_without_a_train_split_is_refused(demo_ss_store: Path, tmp_path:
     (store / "manifest.json").write_text(json.dumps(manifest))
     code, _, stderr = fit(store, tmp_path / "run", "--steps", "1")
     assert code == 3 and "no 'train' samples" in stderr and "Traceback" not in stderr
+    assert "--split " not in stderr and "--val-fraction/--test-fraction" in stderr
     code, _, stderr = fit(store, tmp_path / "run2", "--steps", "1", "--split", "val")
-    assert code == 3 and "no train split" in stderr and "Traceback" not in stderr
+    assert code == 3 and "no normalisation statistics" in stderr and "Traceback" not in stderr
     assert not (tmp_path / "run").exists() and not (tmp_path / "run2").exists()
 
 

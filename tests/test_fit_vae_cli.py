@@ -12,6 +12,8 @@ from safetensors.torch import load_file
 from specdm_cli.fs.paths import file_sha256
 from specdm_cli.pipeline.runs.registry import read_registry
 from tests.conftest import PAPER_LOSS, prepare_demo, run_cli
+from tests.fault_tools import assert_one_error_line
+from tests.fixtures.geotiff_folder import make_geotiff_folder
 
 TINY = ("--image-blocks", "8,16,16", "--mask-blocks", "8,8,16", "--norm-groups", "4",
         *PAPER_LOSS,
@@ -166,3 +168,40 @@ def test_a_resume_with_steps_at_or_below_the_step_reached_is_refused(
     code, _, stderr = fit(demo_ss_store, run, "--steps", "1", "--resume")
     assert code == 2 and "--steps 1 is not above the step the run's VAE reached (2)" in stderr
     assert fit(demo_ss_store, run, "--steps", "3", "--resume")[0] == 0
+
+
+def test_a_limit_above_the_split_is_warned_of(demo_ss_store: Path, tmp_path: Path) -> None:
+    """`--limit 100` on a store of fewer train pairs trained on them all without a word: the
+    limited-data protocol asked for was not the one run."""
+    train = json.loads((demo_ss_store / "manifest.json").read_text())["split_counts"]["train"]
+    code, stdout, stderr = run_cli("fit-vae", demo_ss_store, "--run", tmp_path / "run",
+                                   *TINY[:-1], "--steps", "1", "--limit", "1000", "--json")  # fmt: skip
+    assert code == 0, stderr
+    words = f"--limit 1000 is above the {train} 'train' samples of the store: fit-vae trains on all"
+    assert [w for w in json.loads(stdout)["warnings"] if words in w], stdout
+    assert words in stderr
+    code, stdout, stderr = fit(demo_ss_store, tmp_path / "cut", "--steps", "1", "--limit", "2",
+                               "--json")  # fmt: skip
+    assert code == 0 and json.loads(stdout)["warnings"] == [], stdout
+
+
+def test_a_store_without_train_gets_a_prepare_fix_not_split(tmp_path: Path) -> None:
+    """Without a train split fit-vae said "prepare a train split or pass --split", and --split
+    val then failed with "no normalisation statistics ...: re-run prepare": a dead end. The
+    statistics are the train split's, so both say how to prepare a train split now."""
+    raw = make_geotiff_folder(tmp_path / "raw", n=2, size=(16, 16))
+    splits = tmp_path / "splits.csv"
+    splits.write_text("stem,split\ntile_00,val\ntile_01,val\n", encoding="utf-8")
+    store = tmp_path / "val.zarr"
+    code, _, stderr = run_cli("prepare", "geotiff", raw, "--out", store, "--splits", splits, "-q")
+    assert code == 0, stderr
+    fix = f"prepare it again with --overwrite and a --splits file that names some files train ({splits} names none)"
+    for split in ((), ("--split", "val")):
+        code, _, stderr = fit(store, tmp_path / "run", "--steps", "1", *split)
+        assert_one_error_line(code, stderr, 3, "no 'train' samples, so no normalisation statistics")
+        assert fix in stderr and "--split " not in stderr and not (tmp_path / "run").exists()
+    # A split the store lacks, beside a train split, is told which splits it holds.
+    held = prepare_demo(tmp_path / "held.zarr", "--test-fraction", "0", n=8, size=16)
+    code, _, stderr = fit(held, tmp_path / "run", "--steps", "1", "--split", "test")
+    assert_one_error_line(code, stderr, 3, "the store has no 'test' samples")
+    assert "pass --split with a split it holds: train (" in stderr

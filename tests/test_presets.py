@@ -154,6 +154,19 @@ def test_one_line_estimates_the_wall_time(store: Path, tmp_path: Path) -> None:
     assert code == 0 and stderr == ""
 
 
+def test_the_estimate_is_progress_on_stderr_not_a_json_warning(store: Path, tmp_path: Path) -> None:
+    """`--json`'s `warnings` held the estimate lines of fit-vae and fit-diffusion, so a pipeline
+    could not take a non-empty list as a signal: they stay on stderr, out of the list."""
+    run = tmp_path / "run"
+    code, stdout, stderr = run_cli("fit-vae", store, "--run", run, *VAE_SHAPE, "--steps", "6",
+                                   "--json")  # fmt: skip
+    assert code == 0 and "fit-vae: about " in stderr, stderr
+    assert json.loads(stdout)["warnings"] == []
+    code, stdout, stderr = run_cli("fit-diffusion", run, *UNET_SHAPE, "--steps", "6", "--json")
+    assert code == 0 and "fit-diffusion: about " in stderr, stderr
+    assert json.loads(stdout)["warnings"] == []
+
+
 def test_the_cpu_preset_is_the_demo_models_recipe() -> None:
     script = (Path(__file__).parents[1] / "examples" / "train_demo_models.sh").read_text()
     words = " ".join(script.replace("\\\n", " ").split())

@@ -4,6 +4,7 @@ failed at its first step with "unexpected RuntimeError ... (a bug)", exit 1."""
 
 from __future__ import annotations
 
+import shlex
 from pathlib import Path
 
 from tests.conftest import manifest_of, run_cli
@@ -39,3 +40,24 @@ def test_a_patch_size_not_a_multiple_of_8_is_a_usage_error(tmp_path: Path) -> No
         code, _, stderr = run_cli("prepare", *command, "--out", out)
         assert_one_error_line(code, stderr, 2, f"{command[-2]} {command[-1]}: samples are square")
         assert f"e.g. {command[-2]} {int(command[-1]) // 8 * 8}" in stderr and not out.exists()
+
+
+def test_fit_vae_gives_a_prepare_command_that_works_as_written(tmp_path: Path) -> None:
+    """The hint was "prepare the store again with --patch-size 24", which exits 3 as written
+    (the store exists; --overwrite was missing). It is a whole command now, with the store's
+    raw folder, its split options and --overwrite, and it makes a store fit-vae trains on."""
+    raw = make_geotiff_folder(tmp_path / "raw", n=4, size=(30, 30))
+    odd = tmp_path / "odd.zarr"
+    code, _, stderr = run_cli("prepare", "geotiff", raw, "--out", odd, "--val-fraction", "0.3")
+    assert code == 0, stderr
+    code, _, stderr = run_cli("fit-vae", odd, "--run", tmp_path / "run", *TINY, "--steps", "1")
+    assert_one_error_line(code, stderr, 3, "the store's samples are 30x30")
+    command = shlex.split(stderr.split("`")[1])
+    assert command[:3] == ["specdm", "prepare", "geotiff"] and command[-1] == "--overwrite"
+    assert "--patch-size 24" in stderr and "--val-fraction 0.3" in stderr
+    code, _, stderr = run_cli(*command[1:], "-q")
+    assert code == 0, stderr
+    assert (manifest_of(odd)["height"], manifest_of(odd)["width"]) == (24, 24)
+    assert "val=0.3" in manifest_of(odd)["source"]["details"]["splits_from"]  # type: ignore[index]
+    code, _, stderr = run_cli("fit-vae", odd, "--run", tmp_path / "run", *TINY, "--steps", "1")
+    assert code == 0, stderr

@@ -428,6 +428,32 @@ def test_splits_file_stems_written_as_paths_name_their_tiles(tmp_path: Path) -> 
     assert "without folder or extension, e.g. 'tile_00'" in stderr
 
 
+def test_splits_file_without_a_header_is_read_and_a_wrong_header_names_the_fix(
+    tmp_path: Path,
+) -> None:
+    """Rows `tile_00,train` with no header line were refused with "needs columns stem,split:
+    one row per file: stem,train|val|test", a hint describing the very file given. A first row
+    whose second field is a split name is a row now; a header of other words names `stem,split`."""
+    root = make_geotiff_folder(tmp_path / "raw", n=3, size=(16, 16))
+    splits = tmp_path / "s.csv"
+    splits.write_text("tile_00,train\ntile_01,val\ntile_02,test\n", encoding="utf-8")
+    out = tmp_path / "s.zarr"
+    code, _, stderr = run_cli("prepare", "geotiff", root, "--out", out, "--splits", splits, "-q")
+    assert code == 0, stderr
+    assert manifest_of(out)["source"]["split_counts"] == {"train": 1, "val": 1, "test": 1}  # type: ignore[index]
+    splits.write_text("tile_00,training\n", encoding="utf-8")
+    code, _, stderr = run_cli(
+        "prepare", "geotiff", root, "--out", tmp_path / "b", "--splits", splits
+    )
+    assert_one_error_line(code, stderr, 3, "needs a header line stem,split")
+    assert "start the file with the line `stem,split`" in stderr
+    splits.write_text("tile_00,train\ntile_01,val\ntile_02,training\n", encoding="utf-8")
+    code, _, stderr = run_cli(
+        "prepare", "geotiff", root, "--out", tmp_path / "b", "--splits", splits
+    )
+    assert_one_error_line(code, stderr, 3, "line 3: split 'training' is not train, val or test")
+
+
 def test_splits_file_with_split_fractions_or_seed_is_a_usage_error(tmp_path: Path) -> None:
     """The file chooses every split: --val-fraction, --test-fraction and --seed were ignored
     with exit 0 and no word; given (not left at their defaults) they are exit 2 now."""

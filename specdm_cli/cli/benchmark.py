@@ -141,11 +141,7 @@ def benchmark(
         from specdm_cli.errors import UsageError
         from specdm_cli.pipeline.benchmark.benchmark import BenchmarkRequest, rgb_notice
         from specdm_cli.pipeline.benchmark.benchmark import benchmark as run_benchmark
-        from specdm_cli.pipeline.benchmark.render import (
-            few_samples_caution,
-            heldout_caution,
-            print_tables,
-        )
+        from specdm_cli.pipeline.benchmark.render import print_tables
         from specdm_cli.pipeline.benchmark.report import report_json, report_schema
         from specdm_cli.pipeline.train.common import torch_threads
 
@@ -194,14 +190,13 @@ def benchmark(
         with torch_threads(threads), progress_reporter("benchmark", quiet) as progress:
             report, folder = run_benchmark(request, progress)
         warnings = Warnings(quiet)
-        cautions = (heldout_caution(report), few_samples_caution(report.quality))
         unet = (
             f"note: --model {model} has no U-Net that samples yet: its VAE's reconstruction and "
             "round trips only, no sampling throughput"
             if model is not None and report.throughput is None
             else None
         )
-        for note in (rgb_notice(real), unet, *(c and f"warning: {c}" for c in cautions)):
+        for note in (rgb_notice(real), unet, *(f"warning: {c}" for c in report.cautions)):
             if note:
                 warnings(note)
         if json_output:

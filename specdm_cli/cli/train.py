@@ -59,11 +59,22 @@ def _train(
         # Recorded as asked (a resume must match it), so the run's record alone would mislead.
         warnings(f"warning: --precision {precision} applies on CUDA; the CPU trains in fp32")
     with graceful_stop() as stop, torch_threads(threads), progress_reporter(name, quiet) as bar:
-        summary = stage(request, stop, bar, warnings)
+        summary = stage(request, stop, bar, warnings, notice=_notice(quiet))
     if not quiet:
         stderr.print(done_line(summary), markup=False)
     if json_output:
         emit_json({**asdict(summary), "warnings": list(warnings)})
+
+
+def _notice(quiet: bool) -> Callable[[str], None]:
+    """Where a stage's progress lines (the time estimate) go: stderr unless --quiet, never
+    --json's `warnings`, so that a pipeline can take a warning there as a signal."""
+
+    def notice(line: str) -> None:
+        if not quiet:
+            stderr.print(line, markup=False)
+
+    return notice
 
 
 def _val_loss(value: float | None, digits: int) -> str:

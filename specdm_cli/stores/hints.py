@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shlex
 from pathlib import Path
 
 from specdm_cli.manifest import Manifest
@@ -64,4 +65,88 @@ def held_out_hint(manifest: Manifest) -> str:
     how = HELD_OUT_OPTIONS.get(str((manifest.plan or {}).get("source")))
     if how is None:
         return "prepare it again with a val or test split"
+    return f"prepare it again with --overwrite and {how}"
+
+
+# The `prepare` option that sets a source's sample side (SegMunich's patches are 128 px, fixed).
+SIDE_OPTION = {"demo": "--size", "geotiff": "--patch-size", "oscd": "--patch-size"}
+# The options a prepared store records (`plan.options`, `plan.*`) that `prepare_again` carries:
+# key, flag, the sources that read it, and the CLI default it is left out at (None: never).
+_CARRIED: tuple[tuple[str, str, tuple[str, ...], object], ...] = (
+    ("bands", "--bands", ("oscd", "geotiff"), None),
+    ("overlap", "--overlap", ("oscd", "geotiff"), 0.6),
+    ("nodata", "--nodata", ("segmunich", "oscd", "geotiff"), None),
+    ("label_nodata", "--label-nodata", ("segmunich", "oscd", "geotiff"), None),
+    ("classes_file", "--classes", ("geotiff",), None),
+    ("splits_file", "--splits", ("geotiff",), None),
+    ("cities", "--cities", ("oscd",), None),
+    ("val_cities", "--val-cities", ("oscd",), None),
+    ("val_fraction", "--val-fraction", ("oscd", "geotiff", "demo"), 0.1),
+    ("test_fraction", "--test-fraction", ("geotiff", "demo"), 0.0),  # demo: 0.1
+    ("seed", "--seed", ("oscd", "geotiff", "demo"), 0),
+    ("task", "--task", ("demo",), "ss"),
+    ("n", "--n", ("demo",), 512),
+    ("band_set", "--demo-bands", ("demo",), "s2"),
+    ("demo_variant", "--demo-variant", ("demo",), None),
+)
+# With --splits the file gives every split: these are refused beside it (exit 2).
+_SPLIT_BY_FRACTIONS = ("val_fraction", "test_fraction", "seed")
+
+
+def prepare_again(root: Path, manifest: Manifest, side: int, out: Path | None = None) -> str:
+    """The `specdm prepare` command that makes the store again with samples `side` px square:
+    its source's own size option, its raw folder and recorded options (so its splits stay),
+    then `--overwrite` of the store or a new `out`; a sentence where the source has no size
+    option (SegMunich) or the store records no prepare plan."""
+    plan = manifest.plan or {}
+    source = str(plan.get("source", ""))
+    option = SIDE_OPTION.get(source)
+    if plan.get("stage") != "prepare" or option is None:
+        return f"prepare a store of {side}x{side} px samples"
+    words = ["specdm", "prepare", source, *([str(plan["raw"])] if plan.get("raw") else [])]
+    words += ["--out", str(out or root), option, str(side)]
+    if plan.get("format") == "geotiff":
+        words += ["--format", "geotiff"]
+    words += _carried_options(source, plan)
+    return f"`{shlex.join(words if out else [*words, '--overwrite'])}`"
+
+
+def _carried_options(source: str, plan: dict[str, object]) -> list[str]:
+    recorded = plan.get("options")
+    options = dict(recorded) if isinstance(recorded, dict) else {}
+    words: list[str] = []
+    for key, flag, readers, default in _CARRIED:
+        value = options.get(key)
+        default = 0.1 if (key, source) == ("test_fraction", "demo") else default
+        skip = key in _SPLIT_BY_FRACTIONS and options.get("splits_file") is not None
+        if source not in readers or value is None or value == default or skip:
+            continue
+        words += [flag, ",".join(map(str, value)) if isinstance(value, list) else str(value)]
+    for key, default in (("max_blank", 0.5), ("max_background", None), ("max_unlabelled", None)):
+        if plan.get(key) is not None and plan.get(key) != default:
+            words += [f"--{key.replace('_', '-')}", str(plan[key])]
+    return words
+
+
+# What gives a store of `prepare SOURCE` a train split, where fit-vae's normalisation comes from.
+TRAIN_OPTIONS = {
+    "demo": "smaller --val-fraction/--test-fraction (they took every scene) or more scenes (--n)",
+    "geotiff": "a smaller --val-fraction/--test-fraction (they took every file), or a --splits "
+    "file that names some files train",
+    "oscd": "fewer --val-cities or a smaller --val-fraction (they took every train city)",
+    "segmunich": "the dataset's train list (dataset/train.txt)",
+}
+
+
+def train_split_hint(manifest: Manifest) -> str:
+    """How to prepare the store again with a train split (the normalisation statistics are the
+    train split's, so no other split can stand in for it), for the source it came from."""
+    plan = manifest.plan or {}
+    source = str(plan.get("source"))
+    options = plan.get("options") if isinstance(plan.get("options"), dict) else {}
+    splits_file = (options or {}).get("splits_file")
+    if source == "geotiff" and splits_file:
+        how = f"a --splits file that names some files train ({splits_file} names none)"
+    else:
+        how = TRAIN_OPTIONS.get(source, "a train split")
     return f"prepare it again with --overwrite and {how}"

@@ -38,12 +38,13 @@ from specdm_cli.pipeline.train.common import torch_devices
 from specdm_cli.pipeline.train.demo_detail import demo_with_bank
 from specdm_cli.stores import StoreReader, content_sha256, open_store, refuse_stream_out
 from specdm_cli.stores.base import MANIFEST_NAME
+from specdm_cli.stores.hints import held_out_hint, prepare_again
 from specdm_cli.stores.quality import write_quality
 
 from . import generator as gen
 from .downstream import run_downstream
 from .downstream_rows import curve_pairs, oracle_pairs, real_train
-from .render import markdown
+from .render import cautions, markdown
 from .report import (
     MARKDOWN_NAME,
     REPORT_NAME,
@@ -97,20 +98,7 @@ def open_pair(real_path: Path, synthetic_path: Path) -> tuple[StoreReader, Store
             synthetic_path,
             f"benchmark a synthetic {a.task} store against it",
         )
-    if (a.height, a.width) != (b.height, b.width):
-        raise InputDataError(
-            f"the stores' samples differ in size ({a.height}x{a.width} vs {b.height}x{b.width})",
-            synthetic_path,
-            f"prepare the real store at the generator's size ({b.height} px: "
-            f"`specdm prepare ... --size {b.height}` for the demo source)",
-        )
-    if (len(a.bands), len(a.classes)) != (len(b.bands), len(b.classes)):
-        raise InputDataError(
-            f"the stores differ in bands ({len(a.bands)} vs {len(b.bands)}) or classes "
-            f"({len(a.classes)} vs {len(b.classes)})",
-            synthetic_path,
-            "benchmark against the real store the generator was trained on",
-        )
+    _require_same_shape(real, synthetic)
     _require_same_names(
         "bands", [x.name for x in a.bands], [x.name for x in b.bands], synthetic_path
     )
@@ -118,6 +106,47 @@ def open_pair(real_path: Path, synthetic_path: Path) -> tuple[StoreReader, Store
         "classes", [x.name for x in a.classes], [x.name for x in b.classes], synthetic_path
     )
     return real, synthetic
+
+
+def _require_same_shape(real: StoreReader, synthetic: StoreReader) -> None:
+    """Band count, sample size and class count alike, each difference named (bands first: no
+    prepare option mends that one); the fix for a size alone is the real store's own source's
+    prepare command at the generator's size, into a new store beside it."""
+    a, b = real.manifest, synthetic.manifest
+    differ = [
+        f"{what} ({x} vs {y})"
+        for what, x, y in (
+            ("bands", len(a.bands), len(b.bands)),
+            ("size", f"{a.height}x{a.width}", f"{b.height}x{b.width}"),
+            ("classes", len(a.classes), len(b.classes)),
+        )
+        if x != y
+    ]
+    if not differ:
+        return
+    reason = f"the stores differ in {', '.join(differ)}, real vs synthetic"
+    if not differ[0].startswith("size") or len(differ) > 1 or b.height != b.width:
+        model = f" ({b.model.path})" if b.model is not None and b.model.path else ""
+        raise InputDataError(
+            reason,
+            synthetic.root,
+            f"benchmark against the real store the generator{model} was trained on",
+        )
+    _require_same_names(
+        "bands", [x.name for x in a.bands], [x.name for x in b.bands], synthetic.root
+    )
+    _require_same_names(
+        "classes", [x.name for x in a.classes], [x.name for x in b.classes], synthetic.root
+    )
+    root = real.root
+    suffix = ".zarr" if root.suffix == ".zarr" else ""
+    name = f"{root.name.removesuffix('.zarr')}-{b.height}px{suffix}"
+    command = prepare_again(root, a, b.height, out=root.with_name(name))
+    raise InputDataError(
+        reason,
+        synthetic.root,
+        f"prepare the real store at the generator's {b.height} px: {command}",
+    )
 
 
 def _require_same_names(what: str, real: list[str], synthetic: list[str], where: Path) -> None:
@@ -226,6 +255,7 @@ def _measure(request: BenchmarkRequest, progress: Progress | None) -> tuple[Benc
         )
     if other is not None:
         report.comparison = compare(report, other, request.compare or Path())
+    report.cautions = cautions(report, held_out_hint(real.manifest))
     means = (traits[0].class_means(), traits[1].class_means())
     write_report_folder(out, report, real, synthetic, means)
     return report, out

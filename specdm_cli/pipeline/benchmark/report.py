@@ -245,6 +245,12 @@ class BenchmarkReport(_Strict):
     downstream: Downstream | None = None
     comparison: Comparison | None = None
     figures: dict[str, str] = Field(default_factory=dict, description="name -> PNG file")
+    cautions: list[str] = Field(
+        default_factory=list,
+        description="what limits the figures, as sentences (also warned of on stderr): the "
+        "real reference is the train split (`quality.reference.split` 'train': the store has no "
+        "val or test split), held-out pairs the generator trained on, too few samples",
+    )
 
     def headline(self) -> dict[str, float | None]:
         """The figures a table shows and `--compare` lines up, by name."""

@@ -33,6 +33,7 @@ from specdm_cli.pipeline.runs.run_manifest import (
     save_run,
 )
 from specdm_cli.stores import StoreReader, content_sha256, is_ours
+from specdm_cli.stores.hints import train_split_hint
 
 RunState = Literal["fresh", "resume", "overwrite"]
 # `fit-vae --overwrite`: the old run, moved aside inside the folder, until the new run's first
@@ -183,7 +184,7 @@ def open_or_create_run(
         raise InputDataError(
             "the store has no normalisation statistics (no train split)",
             reader.root,
-            "re-run prepare",
+            train_split_hint(store),
         )
     manifest = RunManifest(
         run_id=run.name,

@@ -173,8 +173,10 @@ def distill(
     stop: StopFlag,
     progress: Progress | None = None,
     warn: Callable[[str], None] = lambda line: None,
+    notice: Callable[[str], None] = lambda line: None,
 ) -> DistillSummary:
-    """Draw the teacher's trajectories, then train (or resume) the student."""
+    """Draw the teacher's trajectories, then train (or resume) the student; `warn` takes
+    warnings, `notice` progress lines such as the time estimate."""
     started = time.monotonic()
     refuse_resume_with_overwrite(request.resume, request.overwrite)
     if request.devices.ranks > 1:
@@ -205,7 +207,7 @@ def distill(
         trainer.draw_trajectories(teacher, shape, report)
         schedule_of_steps = Schedule(config.steps, config.val_every, config.checkpoint_every,
                                      "distill", "loss", (("stage", "distill"),))  # fmt: skip
-        told = estimating(progress, warn, "distill", f"{config.student_steps}-step student")
+        told = estimating(progress, notice, "distill", f"{config.student_steps}-step student")
         trained = train_loop(run, trainer, start, schedule_of_steps, stop, told)
     return DistillSummary(
         str(run), "resumed" if start else "trained", config.steps, config.steps,

@@ -138,8 +138,10 @@ def fit_diffusion(
     stop: StopFlag,
     progress: Progress | None = None,
     warn: Callable[[str], None] = lambda line: None,
+    notice: Callable[[str], None] = lambda line: None,
 ) -> FitDiffusionSummary:
-    """Encode the latent cache (once), then train the U-Net with EMA; resume is bit-exact."""
+    """Encode the latent cache (once), then train the U-Net with EMA; resume is bit-exact.
+    `warn` takes warnings, `notice` progress lines such as the time estimate."""
     started = time.monotonic()
     refuse_resume_with_overwrite(request.resume, request.overwrite)
     check_batch_divides(request.config.batch_size, request.devices)
@@ -178,7 +180,7 @@ def fit_diffusion(
         }
         job = _Job(run, request.config, unet, checkpoint, start, val, recorded)
         steps = request.config.steps
-        told = estimating(progress, warn, "fit-diffusion", f"preset {request.config.preset}")
+        told = estimating(progress, notice, "fit-diffusion", f"preset {request.config.preset}")
         summary = launch(devices, _rank_main, job, stop, told) or FitDiffusionSummary(
             str(run), "", steps, steps, 0.0, 0.0, ""
         )

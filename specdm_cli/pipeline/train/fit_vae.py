@@ -104,26 +104,30 @@ def fit_vae(
     stop: StopFlag,
     progress: Progress | None = None,
     warn: Callable[[str], None] = lambda line: None,
+    notice: Callable[[str], None] = lambda line: None,
 ) -> FitVAESummary:
     """Train (or resume) the VAE of a run; checkpoints are atomic and resume is bit-exact.
 
-    The store is claimed for reading throughout: `--overwrite` elsewhere refuses to replace it.
+    `warn` takes warnings (what a pipeline may act on), `notice` progress lines such as the
+    time estimate. The store is claimed for reading throughout: `--overwrite` elsewhere refuses
+    to replace it.
     """
     with ReadLock(request.store):
-        return _fit_vae(request, stop, progress, warn)
+        return _fit_vae(request, stop, progress, (warn, notice))
 
 
 def _fit_vae(
     request: FitVAERequest,
     stop: StopFlag,
     progress: Progress | None,
-    warn: Callable[[str], None],
+    told: tuple[Callable[[str], None], Callable[[str], None]],
 ) -> FitVAESummary:
     started = time.monotonic()
     reader = open_store(request.store)
     model_config(request.config, reader.manifest)  # a bad shape is told before the run dir exists
     require_trainable_samples(reader, request.config.downsample)
     training_indices(reader, request.config)  # and so is a split with no samples
+    _warn_of_an_idle_limit(reader, request.config, told[0])
     _require_batch_memory(request.config.batch_size, reader.manifest)
     check_batch_divides(request.config.batch_size, request.devices)
     if request.config.adversarial_weight > 0 and request.devices.ranks > 1:
@@ -141,7 +145,7 @@ def _fit_vae(
             runs.set_aside(run, lock.path)
         try:
             summary, start, task = _train_in(
-                run, state, reader, request, devices, stop, progress, warn
+                run, state, reader, request, devices, stop, progress, told
             )
         except Exception as error:
             discarded = False
@@ -161,6 +165,19 @@ def _fit_vae(
     summary.seconds = round(time.monotonic() - started, 3)
     summary.state = "resumed" if start else "trained"
     return summary
+
+
+def _warn_of_an_idle_limit(
+    reader: StoreReader, config: VAETrainConfig, warn: Callable[[str], None]
+) -> None:
+    """--limit at or above the split's size cuts nothing: the limited-data protocol asked for
+    is then not the one run."""
+    size = len(reader.indices(config.split))
+    if config.limit is not None and config.limit > size:
+        warn(
+            f"warning: --limit {config.limit} is above the {size} {config.split!r} samples of "
+            f"the store: fit-vae trains on all {size}"
+        )
 
 
 def _default_run(dataset: str, store: Path, resume: bool) -> Path:
@@ -206,9 +223,11 @@ def _train_in(
     devices: list[torch.device],
     stop: StopFlag,
     progress: Progress | None,
-    warn: Callable[[str], None],
+    told: tuple[Callable[[str], None], Callable[[str], None]],
 ) -> tuple[FitVAESummary, int, Task]:
-    """Train (under the run's lock): (summary, the step it started from, the task)."""
+    """Train (under the run's lock): (summary, the step it started from, the task); `told`:
+    where warnings and notices go."""
+    warn, notice = told
     manifest = runs.open_or_create_run(
         run, reader, state, store_sha256(request.store), provenance()
     )
@@ -233,8 +252,8 @@ def _train_in(
         validation_indices(reader, request.config.val_samples, warn),
     )
     recipe = f"preset {request.config.preset}"
-    told = estimating(progress, warn, "fit-vae", recipe)
-    summary = launch(devices, _rank_main, job, stop, told) or _summary_from_run(job)
+    timed = estimating(progress, notice, "fit-vae", recipe)
+    summary = launch(devices, _rank_main, job, stop, timed) or _summary_from_run(job)
     return summary, start, manifest.task
 
 

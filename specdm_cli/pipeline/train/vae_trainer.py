@@ -14,7 +14,7 @@ from torch import nn
 
 from specdm_cli.config import Progress, VAETrainConfig, trainable_side
 from specdm_cli.errors import InputDataError, UsageError
-from specdm_cli.manifest import IMAGE_ARRAYS, Manifest
+from specdm_cli.manifest import IMAGE_ARRAYS, SPLITS, Manifest
 from specdm_cli.models.image_critics import ImageCritic, semantic_loss
 from specdm_cli.models.losses import class_weights_auto
 from specdm_cli.models.vae import SpecDMVAE
@@ -40,6 +40,7 @@ from specdm_cli.pipeline.train.segmenter import (
 )
 from specdm_cli.pipeline.train.vae_validation import validate
 from specdm_cli.stores import StoreReader
+from specdm_cli.stores.hints import prepare_again, train_split_hint
 
 
 def model_config(config: VAETrainConfig, manifest: Manifest) -> VAEConfig:
@@ -73,23 +74,35 @@ def require_trainable_samples(reader: StoreReader, downsample: int) -> None:
     """Square samples whose side the VAE halves to a whole latent: another store (a SegMunich
     tree of odd patches, one prepared before sides were checked) is exit 3 before training."""
     height, width = reader.manifest.height, reader.manifest.width
+    side = trainable_side(height, width)
     if height != width or height % downsample:
         raise InputDataError(
             f"the store's samples are {height}x{width}: the VAE trains on square samples whose "
             f"side is a multiple of {downsample} (--downsample)",
             reader.root,
-            f"prepare the store again with --patch-size {trainable_side(height, width)}",
+            f"prepare it again: {prepare_again(reader.root, reader.manifest, side)}",
         )
 
 
 def training_indices(reader: StoreReader, config: VAETrainConfig) -> np.ndarray:
-    """The training samples: the chosen split, cut to `--limit` (paper's limited-data protocol)."""
+    """The training samples: the chosen split, cut to `--limit` (paper's limited-data protocol).
+    A store without a train split has no normalisation statistics (prepare computes them on
+    train), so no other split can be trained on: its fix is a prepare with a train split."""
+    manifest = reader.manifest
+    if manifest.normalization is None and len(reader.indices("train")) == 0:
+        raise InputDataError(
+            "the store has no 'train' samples, so no normalisation statistics to train with",
+            reader.root,
+            train_split_hint(manifest),
+        )
     indices = reader.indices(config.split)
     if len(indices) == 0:
+        counts = manifest.split_counts
+        held = ", ".join(f"{split} ({counts[split]})" for split in SPLITS if counts.get(split))
         raise InputDataError(
             f"the store has no {config.split!r} samples",
             reader.root,
-            "prepare a train split or pass --split",
+            f"pass --split with a split it holds: {held}" if held else "prepare it again",
         )
     return indices[: config.limit] if config.limit else indices
 
@@ -112,7 +125,7 @@ class VAETrainer:
             raise InputDataError(
                 "the store has no normalisation statistics (no train split)",
                 reader.root,
-                "re-run prepare",
+                train_split_hint(manifest),
             )
         self.reader, self.config, self.device = reader, config, device
         self.rank, self.world = rank, world

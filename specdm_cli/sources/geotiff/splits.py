@@ -93,17 +93,14 @@ def _file_stem(cell: str, known: set[str]) -> str:
 def _read_splits_file(path: Path, stems: list[str]) -> dict[str, str]:
     text = read_text_input(path)
     try:
-        rows = list(csv.DictReader(text.splitlines()))
+        table = [row for row in csv.reader(text.splitlines()) if any(c.strip() for c in row)]
     except csv.Error as exc:
         raise InputDataError(f"unreadable splits file ({exc})", path, "check the path") from None
-    if not rows or not {"stem", "split"} <= {(k or "").strip() for k in rows[0]}:
-        raise InputDataError(
-            "splits file needs columns stem,split", path, "one row per file: stem,train|val|test"
-        )
+    rows, first_line = _split_rows(table, path)
     known = set(stems)
     splits: dict[str, str] = {}
-    for line, row in enumerate(rows, start=2):
-        stem, split = _file_stem(row["stem"] or "", known), (row["split"] or "").strip()
+    for line, (cell, split) in enumerate(rows, start=first_line):
+        stem = _file_stem(cell, known)
         if split not in _SPLITS:
             raise InputDataError(f"line {line}: split {split!r} is not train, val or test", path)
         if stem not in known:
@@ -120,3 +117,24 @@ def _read_splits_file(path: Path, stems: list[str]) -> dict[str, str]:
             f"{len(missing)} file(s) have no split, e.g. {missing[0]!r}", path, "add them"
         )
     return splits
+
+
+def _split_rows(table: list[list[str]], path: Path) -> tuple[list[tuple[str, str]], int]:
+    """Each row's (stem, split) and the line number of the first: after a `stem,split` header
+    (columns in any order), or from line 1 when the file has no header, which a first row whose
+    second field is a split name (`tile_00,train`) shows; a header never reads so."""
+    head = [cell.strip() for cell in table[0]] if table else []
+    if len(head) >= 2 and head[1] in _SPLITS:
+        return [(row[0], row[1].strip() if len(row) > 1 else "") for row in table], 1
+    if not {"stem", "split"} <= set(head):
+        raise InputDataError(
+            "splits file needs a header line stem,split or rows stem,train|val|test",
+            path,
+            "start the file with the line `stem,split`, then one row per file: tile_00,train",
+        )
+    at_stem, at_split = head.index("stem"), head.index("split")
+    return [(_cell(row, at_stem), _cell(row, at_split).strip()) for row in table[1:]], 2
+
+
+def _cell(row: list[str], at: int) -> str:
+    return row[at] if at < len(row) else ""
