@@ -804,6 +804,14 @@ def test_stores_whose_band_or_class_names_differ_are_refused(
     assert not out.exists()
 
 
+def test_a_model_of_another_task_is_a_model_error(ss: tuple[Path, Path], tmp_path: Path) -> None:
+    """Exit 2 (usage) before; a model that does not fit the data is exit 4, as synthesize's."""
+    real, synthetic = ss
+    code, _, stderr = run_cli("benchmark", "--real", real, "--synthetic", synthetic, "--model",
+                              demo_model_path("cd"), "--out", tmp_path / "out", *FAST)  # fmt: skip
+    assert_one_error_line(code, stderr, 4, "the model is for task cd with 10 bands")
+
+
 def test_a_report_inside_the_model_is_refused(ss: tuple[Path, Path]) -> None:
     """It was written into the run folder, or with --model demo into the installed package."""
     real, synthetic = ss

@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from specdm_cli.errors import InputDataError, ModelError, SpecdmError, UsageError
+from specdm_cli.errors import InputDataError, ModelError, SpecdmError
 from specdm_cli.manifest import IGNORE_INDEX, IMAGE_ARRAYS, LABEL_ARRAY, Manifest
 from specdm_cli.models.detail import Bank
 from specdm_cli.pipeline.runs.choose import ChosenModel
@@ -126,7 +126,7 @@ def check_model_fits(chosen: ChosenModel, real: StoreReader) -> None:
     """The run must be of the real store's task and band count."""
     run, manifest = chosen.manifest, real.manifest
     if run.task != manifest.task or len(run.bands) != len(manifest.bands):
-        raise UsageError(
+        raise ModelError(
             f"the model is for task {run.task} with {len(run.bands)} bands, the real store is "
             f"{manifest.task} with {len(manifest.bands)}",
             chosen.path,
