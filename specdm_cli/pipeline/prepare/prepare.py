@@ -48,7 +48,7 @@ from specdm_cli.stores import (
     stored_sample_bytes,
 )
 from specdm_cli.stores.base import MANIFEST_NAME
-from specdm_cli.stores.hints import HELD_OUT_OPTIONS
+from specdm_cli.stores.hints import HELD_OUT_OPTIONS, TRAIN_OPTIONS
 
 # PrepareOptions fields newer than the plan format: absent from a plan while None.
 _LATER_OPTIONS = frozenset({"label_nodata", "cities", "val_cities", "demo_variant"})
@@ -212,7 +212,7 @@ def _prepare(
         note
         for note in (
             _sparse_label_note(tally, source_plan.spec),
-            _no_train_note(tally),
+            _no_train_note(request, tally),
             _no_held_out_warning(request, tally),
             _untrained_classes_warning(tally, source_plan.spec),
         )
@@ -251,12 +251,14 @@ def _untrainable_note(request: PrepareRequest, spec: SourceSpec) -> list[str]:
     ]
 
 
-def _no_train_note(tally: PrepareTally) -> str | None:
+def _no_train_note(request: PrepareRequest, tally: PrepareTally) -> str | None:
     """Told here, not first by fit-vae: the normalisation statistics are the train split's."""
     if tally.split_counts.get("train"):
         return None
+    how = TRAIN_OPTIONS.get(request.source, "a train split")
     return (
-        "note: the store has no train split, so no normalisation statistics: fit-vae will refuse it"
+        "note: the store has no train split, so no normalisation statistics: fit-vae will refuse "
+        f"it; to train on it, prepare it again with --overwrite and {how}"
     )
 
 
