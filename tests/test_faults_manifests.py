@@ -93,13 +93,17 @@ def test_steps_below_one_are_a_usage_error(command: str, steps: str, tmp_path: P
     assert "--steps" in stderr and "Traceback" not in stderr
 
 
-def test_a_dataset_name_cannot_escape_the_runs_folder(pristine: Path, tmp_path: Path) -> None:
+def test_a_store_s_odd_name_makes_a_safe_run_folder_and_the_dataset_none(
+    pristine: Path, tmp_path: Path
+) -> None:
     store = edited(pristine, tmp_path, lambda m: m["source"].update(dataset="../../ESCAPED"))
-    code, _, stderr = run_cli("fit-vae", store, *VAE)  # no --run: the default run folder
+    odd = store.rename(store.with_name("a b;$(x)..zarr"))  # the store's name names the run
+    code, _, stderr = run_cli("fit-vae", odd, *VAE)  # no --run: the default run folder
     assert code == 0, stderr
-    assert not list(tmp_path.rglob("ESCAPED*"))  # the name went through the sanitiser
+    assert not list(tmp_path.rglob("ESCAPED*"))
     runs = list((tmp_path / "specdm-home" / "runs").iterdir())
-    assert len(runs) == 1 and "ESCAPED-" in runs[0].name and "/" not in runs[0].name, runs
+    assert len(runs) == 1 and runs[0].parent == tmp_path / "specdm-home" / "runs", runs
+    assert runs[0].name.startswith("a") and not {"/", " ", ";", "$"} & set(runs[0].name), runs
 
 
 def test_a_diverging_loss_stops_with_exit_4_naming_the_step(pristine: Path, tmp_path: Path) -> None:

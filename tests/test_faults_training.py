@@ -225,6 +225,7 @@ def test_fit_vae_without_run_interrupted_is_resumed_by_the_same_command_with_res
     stderr = signal_at_stop(process, signal.SIGINT)
     assert process.returncode == 130, stderr
     runs = sorted((user_dir() / "runs").iterdir())
+    assert runs[0].name.startswith("s-")  # the store's name (s.zarr), not its source's (demo)
     assert len(runs) == 1 and stderr.strip().splitlines()[-1] == (
         f"interrupted: rerun with --resume (the run: {runs[0]})"
     )

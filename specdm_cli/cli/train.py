@@ -84,7 +84,7 @@ def _val_loss(value: float | None, digits: int) -> str:
 def fit_vae(
     store: Annotated[Path, typer.Argument(help="A prepared store.")],
     run: Annotated[
-        Path | None, typer.Option(help="Run directory [<user data>/runs/<dataset>-<time>].")
+        Path | None, typer.Option(help="Run directory [<user data>/runs/<store name>-<time>].")
     ] = None,
     preset: Annotated[TrainPreset | None, preset_option(VAE_PRESETS)] = None,
     batch_size: Annotated[

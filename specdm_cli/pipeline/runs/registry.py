@@ -24,11 +24,13 @@ def user_dir() -> Path:
     return Path(home) if home else Path(platformdirs.user_data_dir("specdm"))
 
 
-def default_run_dir(dataset: str) -> Path:
-    """`<user data dir>/runs/<dataset>-<timestamp>`; the name comes from a store's manifest,
-    so it is made a safe path component first."""
+def default_run_dir(store: Path) -> Path:
+    """`<user data dir>/runs/<store name>-<timestamp>` (`rgb.zarr` -> `rgb-20261207-0448`): the
+    store's name, not its source's, tells one's own datasets apart (every GeoTIFF folder's runs
+    were `geotiff-<time>`); made a safe path component first."""
     runs = user_dir() / "runs"
-    run = runs / f"{safe_component(dataset)}-{time.strftime('%Y%m%d-%H%M%S')}"
+    name = store.resolve().name.removesuffix(".zarr") or "run"
+    run = runs / f"{safe_component(name)}-{time.strftime('%Y%m%d-%H%M%S')}"
     if not run.resolve().is_relative_to(runs.resolve()):  # defence in depth: cannot happen
         raise InputDataError("run name escapes the runs folder", run, "pass --run")
     return run

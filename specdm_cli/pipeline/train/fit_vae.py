@@ -135,8 +135,7 @@ def _fit_vae(
             "--adversarial-weight trains on one device only", hint="drop --gpus or the term"
         )
     devices = torch_devices(request.devices)
-    dataset = reader.manifest.source.dataset if reader.manifest.source else "synthetic"
-    run = request.run or _default_run(dataset, request.store, request.resume)
+    run = request.run or _default_run(request.store, request.resume)
     refuse_overlap(run, {"STORE": request.store})
     created = not run.exists()
     state = runs.prepare_run_dir(run, request.resume, request.overwrite)
@@ -180,11 +179,11 @@ def _warn_of_an_idle_limit(
         )
 
 
-def _default_run(dataset: str, store: Path, resume: bool) -> Path:
+def _default_run(store: Path, resume: bool) -> Path:
     """A new run folder; with --resume, the newest run of this store under the runs folder (an
     interrupted `fit-vae STORE` without --run is continued by the same command with --resume)."""
     if not resume:
-        return default_run_dir(dataset)
+        return default_run_dir(store)
     digest = store_sha256(store)
     runs_dir = user_dir() / "runs"
     ours = [
