@@ -54,6 +54,20 @@ def test_run_directory_contents(demo_ss_store: Path, tmp_path: Path) -> None:
     assert [e["path"] for e in read_registry()] == [str((tmp_path / "run").resolve())]
 
 
+def test_the_last_line_gives_the_validation_figures(demo_ss_store: Path, tmp_path: Path) -> None:
+    """It said `trained: RUN at step 20` only; fit-diffusion's gives its val loss."""
+    run = tmp_path / "run"
+    told = [arg for arg in TINY if arg != "--quiet"]
+    code, stdout, stderr = run_cli("fit-vae", demo_ss_store, "--run", run, *told, "--steps", "2",
+                                   "--val-every", "2", "--json")  # fmt: skip
+    assert code == 0, stderr
+    val = json.loads(stdout)["validation"]
+    assert stderr.splitlines()[-1] == (
+        f"trained: {run} at step 2 (val: RMSE {val['rmse']:.3f} normalised, "
+        f"SAD {val['sad']:.3f} rad, mask mIoU {val['miou']:.3f})"
+    )
+
+
 @pytest.mark.parametrize("extra", [(), ("--single-stream",)])
 def test_change_detection_and_single_stream_train(
     demo_cd_store: Path, tmp_path: Path, extra: tuple[str, ...]
