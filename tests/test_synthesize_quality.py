@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from tests import processes
-from tests.conftest import manifest_of, run_cli
+from tests.conftest import manifest_of, prepare_demo, run_cli
 from tests.test_synthesize import FAST, arrays, synth, train_run
 
 JUDGE = ("--feature-steps", "5")
@@ -73,6 +73,22 @@ def test_min_quality_keeps_what_benchmark_and_filter_keep(ss_run: Path, tmp_path
     )
     assert code == 0, stderr
     assert manifest_of(tmp_path / "f.zarr")["count"] == wanted
+
+
+def test_a_real_store_without_held_out_pairs_is_said_to_set_the_bar_on_train(
+    ss_run: Path, tmp_path: Path
+) -> None:
+    """The judge fell back to the train pairs (which its feature network fitted) in silence."""
+    train_only = prepare_demo(tmp_path / "t.zarr", "--val-fraction", "0", "--test-fraction", "0",
+                              n=24, size=16)  # fmt: skip
+    code, _, stderr = synth(ss_run, tmp_path / "s.zarr", "--n", "2", "--min-quality", "0.01",
+                            "--real", train_only, *JUDGE)  # fmt: skip
+    assert code == 0, stderr
+    assert "warning: the --real store has no val or test split, so the scores are relative to " \
+        "its train pairs" in stderr  # fmt: skip
+    code, _, stderr = synth(ss_run, tmp_path / "h.zarr", "--n", "2", "--min-quality", "0.01",
+                            "--real", real_store(ss_run), *JUDGE)  # fmt: skip
+    assert code == 0 and "no val or test split" not in stderr, stderr
 
 
 def test_min_quality_resumes_after_a_kill(ss_run: Path, tmp_path: Path) -> None:

@@ -10,6 +10,7 @@ scores are written into the store, so `filter` can raise the bar later.
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import numpy as np
@@ -34,6 +35,9 @@ from specdm_cli.pipeline.runs.run_manifest import RunManifest, check_store_fits
 from specdm_cli.pipeline.synthesize.quality import QualityBar
 from specdm_cli.stores import open_store
 
+# Notes for the user: the CLI prints them on stderr.
+log = logging.getLogger(__name__)
+
 
 class QualityJudge:
     """Scores batches of decoded samples against the real store's held-out pairs (a
@@ -57,7 +61,14 @@ class QualityJudge:
         self.network: FeatureNetwork = load_or_train(
             self.real, default_config(self.real, **overrides), device=device, progress=progress
         )
-        heldout, _split = split_indices(self.real, "heldout")
+        heldout, split = split_indices(self.real, "heldout")
+        if split == "train":
+            log.warning(
+                "warning: the --real store has no val or test split, so the scores are "
+                "relative to its train pairs, which the feature network was fitted on, not to "
+                "unseen real pairs; prepare it with a val or test split for that bar (%s)",
+                bar.real,
+            )
         traits = sample_traits(
             self.real, heldout, self.network, progress=progress, stage="scores (real)"
         )
