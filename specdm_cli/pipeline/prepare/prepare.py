@@ -434,10 +434,10 @@ def _remove_empty_store(request: PrepareRequest, tally: PrepareTally) -> None:
         "unlabelled": ("--max-unlabelled", request.max_unlabelled),
         "background": ("--max-background", request.max_background),
     }
-    options = [limits[reason] for reason in sorted(tally.removed)]
+    options = [limits[reason] for reason in sorted(tally.removed)] or list(limits.values())
     removed = ", ".join(
-        f"{tally.removed[reason]} by {option} {value}"
-        for reason, (option, value) in zip(sorted(tally.removed), options, strict=True)
+        f"{tally.removed[reason]} by {limits[reason][0]} {limits[reason][1]}"
+        for reason in sorted(tally.removed)
     )
     raise InputDataError(
         f"every patch was removed by the filters ({removed}); no store was written",
