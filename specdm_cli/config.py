@@ -9,7 +9,7 @@ networks in `models/`, as diffusers and nanoGPT keep them.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Literal, get_args
 
@@ -110,7 +110,7 @@ class PrepareOptions:
     test_fraction: float = 0.0
     seed: int = 0
     task: Task = "ss"
-    n: int = 256
+    n: int = 512
     size: int = 64
     band_set: DemoBandSet = "s2"
     demo_variant: DemoVariant | None = None  # None: standard (stores made before it resume)
@@ -129,6 +129,47 @@ class PrepareOptions:
                 f"--val-fraction {val} and --test-fraction {test} must be >= 0 with a sum below 1",
                 hint="e.g. --val-fraction 0.1 --test-fraction 0.1",
             )
+
+
+def default_test_fraction(source: str) -> float:
+    """Demo scenes are free, so they get a test split (80/10/10) for downstream evaluation."""
+    return 0.1 if source == "demo" else 0.0
+
+
+_SOURCES: tuple[SourceName, ...] = get_args(SourceName)
+# The `prepare` options a store's plan records (by PrepareOptions field), each with its flag and
+# the sources that read it: `prepare` refuses one its source does not read, and a hint that
+# prepares a store again carries those its source read.
+PREPARE_FLAGS: dict[str, tuple[str, tuple[SourceName, ...]]] = {
+    "bands": ("--bands", ("oscd", "geotiff")),
+    "patch_size": ("--patch-size", ("oscd", "geotiff")),
+    "overlap": ("--overlap", ("oscd", "geotiff")),
+    "nodata": ("--nodata", ("segmunich", "oscd", "geotiff")),
+    "label_nodata": ("--label-nodata", ("segmunich", "oscd", "geotiff")),
+    "classes_file": ("--classes", ("geotiff",)),
+    "splits_file": ("--splits", ("geotiff",)),
+    "cities": ("--cities", ("oscd",)),
+    "val_cities": ("--val-cities", ("oscd",)),
+    "val_fraction": ("--val-fraction", ("oscd", "geotiff", "demo")),
+    "test_fraction": ("--test-fraction", ("geotiff", "demo")),
+    "seed": ("--seed", ("oscd", "geotiff", "demo")),
+    "task": ("--task", _SOURCES),  # demo makes the task; the others check it against the data
+    "n": ("--n", ("demo",)),
+    "size": ("--size", ("demo",)),
+    "band_set": ("--demo-bands", ("demo",)),
+    "demo_variant": ("--demo-variant", ("demo",)),
+}
+
+# With --splits FILE.csv the file gives every tile's split: these seeded-split options are not
+# read (the seed is read for nothing else in `prepare geotiff`), so they are refused beside it.
+SPLIT_BY_FRACTIONS = ("val_fraction", "test_fraction", "seed")
+
+
+def prepare_default(field: str, source: str) -> object:
+    """What `specdm prepare SOURCE` uses for a PrepareOptions field it is not given."""
+    if field == "test_fraction":
+        return default_test_fraction(source)
+    return next(item.default for item in fields(PrepareOptions) if item.name == field)
 
 
 class VAETrainConfig(BaseModel):

@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import shlex
 import signal
 from pathlib import Path
 
 import numpy as np
 
+from specdm_cli.config import PREPARE_FLAGS, default_test_fraction, prepare_default
 from specdm_cli.manifest import QualityScores
 from specdm_cli.stores import open_store
+from specdm_cli.stores.hints import prepare_again
 from specdm_cli.stores.quality import write_quality
-from tests.conftest import run_cli
+from tests.conftest import manifest_of, run_cli
 from tests.fault_tools import assert_one_error_line, run_killed, signal_at_stop, spawn
 from tests.test_faults_concurrency import SYNTH
 
@@ -62,3 +65,44 @@ def test_a_killed_prepare_says_prepare_resume(tmp_path: Path) -> None:
         code, stderr, 3, "rerun `specdm prepare` with the same options and --resume"
     )
     assert run_cli(*command, "--out", out, "--resume")[0] == 0
+
+
+def test_prepare_again_carries_every_recorded_option_the_source_reads(tmp_path: Path) -> None:
+    """The command a mismatched side is answered with makes the same store at the new side:
+    each option away from its command-line default is carried, read from the table that
+    `prepare` also refuses a source's unread options by."""
+    first = tmp_path / "first.zarr"
+    options = ("--n", "256", "--test-fraction", "0.0", "--seed", "3", "--demo-variant", "hard")
+    code, _, stderr = run_cli("prepare", "demo", "--out", first, "--size", "16", *options, "-q")
+    assert code == 0, stderr
+    again = tmp_path / "again.zarr"
+    command = shlex.split(prepare_again(first, open_store(first).manifest, 8, out=again)[1:-1])
+    for option, value in zip(options[::2], options[1::2], strict=True):
+        assert command[command.index(option) + 1] == value, command
+    code, _, stderr = run_cli(*command[1:], "-q")
+    assert code == 0, stderr
+    plans = [manifest_of(store)["plan"] for store in (first, again)]
+    assert [{**plan["options"], "size": None} for plan in plans] == [  # type: ignore[index]
+        {**plans[0]["options"], "size": None}  # type: ignore[index]
+    ] * 2
+    assert manifest_of(again)["height"] == 8
+
+
+def test_the_flag_table_names_prepare_options_with_their_command_line_defaults() -> None:
+    """Hints leave an option out at `prepare_default`; were the command line's default another,
+    the command they give would prepare a different store."""
+    import typer.core
+    import typer.main
+
+    from specdm_cli.cli.app import app
+
+    group = typer.main.get_command(app)
+    assert isinstance(group, typer.core.TyperGroup)
+    command = group.commands["prepare"]
+    defaults = {param.opts[0]: param.default for param in command.params if param.opts}
+    for field, (flag, readers) in PREPARE_FLAGS.items():
+        for source in readers:
+            given = defaults[flag]
+            if field == "test_fraction" and given is None:  # each source's own
+                given = default_test_fraction(source)
+            assert given == prepare_default(field, source) or (field == "task" and given is None)

@@ -102,7 +102,7 @@ def prepare(
 ) -> None:
     """Turn a raw dataset into a canonical, resumable store."""
     with domain_errors():
-        from specdm_cli.config import PrepareOptions
+        from specdm_cli.config import PrepareOptions, default_test_fraction
         from specdm_cli.pipeline.prepare.prepare import default_out
         from specdm_cli.pipeline.prepare.prepare import prepare as run_prepare
         from specdm_cli.pipeline.prepare.request import PrepareRequest
@@ -121,7 +121,7 @@ def prepare(
             classes_file=classes,
             splits_file=splits,
             val_fraction=val_fraction,
-            test_fraction=_default_test_fraction(source, test_fraction),
+            test_fraction=default_test_fraction(source) if test_fraction is None else test_fraction,
             seed=seed,
             task=task or "ss",
             n=n,
@@ -167,62 +167,38 @@ def _names(text: str | None) -> tuple[str, ...] | None:
     return None if text is None else tuple(n.strip() for n in text.split(",") if n.strip())
 
 
-def _default_test_fraction(source: str, given: float | None) -> float:
-    # Demo scenes are free, so they get a test split (80/10/10) for downstream evaluation.
-    if given is not None:
-        return given
-    return 0.1 if source == "demo" else 0.0
+def _read_by() -> dict[str, tuple[str, ...]]:
+    """The sources that read each option, by its parameter name here (`--demo-bands`:
+    demo_bands): one given to another source is refused, not silently dropped (SegMunich's
+    128 px patches and its own split lists take no --patch-size or --val-fraction)."""
+    from specdm_cli.config import PREPARE_FLAGS
 
-
-# The sources that read each option with no default (the others ignored it without a word).
-# The sources that read each option: one given to another is refused, not silently dropped
-# (SegMunich's 128 px patches and its own split lists take no --patch-size or --val-fraction).
-_READ_BY: dict[str, tuple[str, ...]] = {
-    "bands": ("oscd", "geotiff"),
-    "patch_size": ("oscd", "geotiff"),
-    "overlap": ("oscd", "geotiff"),
-    "nodata": ("segmunich", "oscd", "geotiff"),
-    "label_nodata": ("segmunich", "oscd", "geotiff"),
-    "classes": ("geotiff",),
-    "splits": ("geotiff",),
-    "cities": ("oscd",),
-    "val_cities": ("oscd",),
-    "val_fraction": ("oscd", "geotiff", "demo"),
-    "test_fraction": ("geotiff", "demo"),
-    "seed": ("oscd", "geotiff", "demo"),
-    "n": ("demo",),
-    "size": ("demo",),
-    "demo_bands": ("demo",),
-    "demo_variant": ("demo",),
-}
+    return {flag[2:].replace("-", "_"): readers for flag, readers in PREPARE_FLAGS.values()}
 
 
 def _refuse_options_the_source_ignores(source: str, ctx: typer.Context) -> None:
     """Options given on the command line (or by environment) that `source` does not read."""
     from specdm_cli.errors import UsageError
 
-    ignored = [name for name in _given(ctx, _READ_BY) if source not in _READ_BY[name]]
+    read_by = _read_by()
+    ignored = [name for name in _given(ctx, read_by) if source not in read_by[name]]
     if ignored:
         options = ", ".join(_option(name) for name in ignored)
-        readers = " / ".join(_READ_BY[ignored[0]])
+        readers = " / ".join(read_by[ignored[0]])
         raise UsageError(
             f"prepare {source} does not read {options} ({_option(ignored[0])} is for {readers})",
             hint=f"drop {options}, or check the source name",
         )
 
 
-# With --splits FILE.csv the file gives every tile's split: the seeded fractions are not read
-# (the seed is read for nothing else in `prepare geotiff`).
-_SPLIT_BY_FRACTIONS = ("val_fraction", "test_fraction", "seed")
-
-
 def _refuse_fractions_with_a_splits_file(ctx: typer.Context) -> None:
     """--val-fraction, --test-fraction or --seed given with --splits: they were silently unread."""
+    from specdm_cli.config import SPLIT_BY_FRACTIONS
     from specdm_cli.errors import UsageError
 
     if not _given(ctx, ("splits",)):
         return
-    unread = _given(ctx, _SPLIT_BY_FRACTIONS)
+    unread = _given(ctx, SPLIT_BY_FRACTIONS)
     if unread:
         options = ", ".join(_option(name) for name in unread)
         raise UsageError(

@@ -5,6 +5,7 @@ from __future__ import annotations
 import shlex
 from pathlib import Path
 
+from specdm_cli.config import PREPARE_FLAGS, SPLIT_BY_FRACTIONS, prepare_default
 from specdm_cli.manifest import Manifest
 
 # Every synthesize writer, sharded or not, leaves a record here per batch written
@@ -70,27 +71,6 @@ def held_out_hint(manifest: Manifest) -> str:
 
 # The `prepare` option that sets a source's sample side (SegMunich's patches are 128 px, fixed).
 SIDE_OPTION = {"demo": "--size", "geotiff": "--patch-size", "oscd": "--patch-size"}
-# The options a prepared store records (`plan.options`, `plan.*`) that `prepare_again` carries:
-# key, flag, the sources that read it, and the CLI default it is left out at (None: never).
-_CARRIED: tuple[tuple[str, str, tuple[str, ...], object], ...] = (
-    ("bands", "--bands", ("oscd", "geotiff"), None),
-    ("overlap", "--overlap", ("oscd", "geotiff"), 0.6),
-    ("nodata", "--nodata", ("segmunich", "oscd", "geotiff"), None),
-    ("label_nodata", "--label-nodata", ("segmunich", "oscd", "geotiff"), None),
-    ("classes_file", "--classes", ("geotiff",), None),
-    ("splits_file", "--splits", ("geotiff",), None),
-    ("cities", "--cities", ("oscd",), None),
-    ("val_cities", "--val-cities", ("oscd",), None),
-    ("val_fraction", "--val-fraction", ("oscd", "geotiff", "demo"), 0.1),
-    ("test_fraction", "--test-fraction", ("geotiff", "demo"), 0.0),  # demo: 0.1
-    ("seed", "--seed", ("oscd", "geotiff", "demo"), 0),
-    ("task", "--task", ("demo",), "ss"),
-    ("n", "--n", ("demo",), 512),
-    ("band_set", "--demo-bands", ("demo",), "s2"),
-    ("demo_variant", "--demo-variant", ("demo",), None),
-)
-# With --splits the file gives every split: these are refused beside it (exit 2).
-_SPLIT_BY_FRACTIONS = ("val_fraction", "test_fraction", "seed")
 
 
 def prepare_again(root: Path, manifest: Manifest, side: int, out: Path | None = None) -> str:
@@ -112,20 +92,28 @@ def prepare_again(root: Path, manifest: Manifest, side: int, out: Path | None = 
 
 
 def _carried_options(source: str, plan: dict[str, object]) -> list[str]:
+    """The options `plan` records that `source` reads, each left out at its default (and the
+    seeded-split ones beside a --splits file); the size option is the caller's."""
     recorded = plan.get("options")
     options = dict(recorded) if isinstance(recorded, dict) else {}
+    by_file = options.get("splits_file") is not None
     words: list[str] = []
-    for key, flag, readers, default in _CARRIED:
-        value = options.get(key)
-        default = 0.1 if (key, source) == ("test_fraction", "demo") else default
-        skip = key in _SPLIT_BY_FRACTIONS and options.get("splits_file") is not None
-        if source not in readers or value is None or value == default or skip:
+    for field, (flag, readers) in PREPARE_FLAGS.items():
+        value = options.get(field)
+        unread = field in SPLIT_BY_FRACTIONS and by_file
+        if flag == SIDE_OPTION.get(source) or source not in readers or unread:
             continue
-        words += [flag, ",".join(map(str, value)) if isinstance(value, list) else str(value)]
+        if value is not None and value != _as_recorded(prepare_default(field, source)):
+            words += [flag, ",".join(map(str, value)) if isinstance(value, list) else str(value)]
     for key, default in (("max_blank", 0.5), ("max_background", None), ("max_unlabelled", None)):
         if plan.get(key) is not None and plan.get(key) != default:
             words += [f"--{key.replace('_', '-')}", str(plan[key])]
     return words
+
+
+def _as_recorded(value: object) -> object:
+    """A default as a plan's JSON holds it (tuples as lists)."""
+    return list(value) if isinstance(value, tuple) else value
 
 
 # What gives a store of `prepare SOURCE` a train split, where fit-vae's normalisation comes from.
