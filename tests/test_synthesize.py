@@ -231,6 +231,19 @@ def test_non_finite_decoded_values_are_a_model_error_not_zeros() -> None:
     assert stored.tolist() == [[1, 65535]] and clipped.tolist() == [1]
 
 
+def test_bands_never_negative_in_real_train_data_are_never_negative_in_samples() -> None:
+    """A float reflectance store got samples down to -0.054 (an unsigned store clips at 0 by
+    its dtype); a band whose real values go negative keeps its negative samples."""
+    from specdm_cli.pipeline.synthesize.sampler import band_floor, to_dtype
+
+    floor = band_floor([0.0, -0.2])  # train minima: band 0 reflectance, band 1 a difference
+    values = np.array([[[-0.054, 0.3]], [[-0.1, 0.2]]])[None].repeat(2, axis=0)  # (N, C, 1, 2)
+    for dtype in (np.float32, np.int16):
+        stored, clipped = to_dtype(values * 1000, np.dtype(dtype), floor)
+        assert stored[:, 0].min() == 0 and stored[:, 1].min() < 0, dtype
+        assert clipped.tolist() == [1, 1]
+
+
 def test_a_tampered_model_is_refused(ss_run: Path, tmp_path: Path) -> None:
     import shutil
 

@@ -76,6 +76,7 @@ class Sampler:
         self.alphas_cumprod = alphas_cumprod(self.schedule).to(device, torch.float32)
         self.mean = torch.tensor(manifest.normalization.mean, device=device)[:, None, None]
         self.std = torch.tensor(manifest.normalization.std, device=device)[:, None, None]
+        self.floor = band_floor(manifest.normalization.minimum)
         self.side = manifest.height // self.vae.config.downsample
         self.channels = int(self.scale.shape[1])
         self.plan, self.device, self.task = plan, device, manifest.task
@@ -124,7 +125,7 @@ class Sampler:
             physical = (decoded[name][:keep].float() * self.std + self.mean).cpu()
             if self.bank is not None:
                 physical += self.bank.detail_of_batch(physical, torch.from_numpy(labels))
-            arrays[name], count = to_dtype(physical.numpy(), self.dtype)
+            arrays[name], count = to_dtype(physical.numpy(), self.dtype, self.floor)
             clipped += count
         return arrays, clipped
 
@@ -188,10 +189,13 @@ def _student_problem(model: ChosenModel) -> tuple[str, Path, str] | None:
     return None
 
 
-def to_dtype(values: np.ndarray, dtype: np.dtype[Any]) -> tuple[np.ndarray, np.ndarray]:
-    """Round (integer stores) and clip to the dtype's range; returns the array and the values
-    clipped in each sample (axis 0). NaN or inf is the model's failure, never written: cast, it
-    became a plausible 0 in a store marked complete."""
+def to_dtype(
+    values: np.ndarray, dtype: np.dtype[Any], floor: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """Round (integer stores) and clip (N, C, ...) values to the dtype's range and to a per-band
+    `floor` (C,); returns the array and the values clipped in each sample (axis 0). NaN or inf
+    is the model's failure, never written: cast, it became a plausible 0 in a store marked
+    complete."""
     if not np.isfinite(values).all():
         raise ModelError(
             "the model decoded NaN or inf values (a diverged U-Net or VAE, or a sampler "
@@ -201,10 +205,18 @@ def to_dtype(values: np.ndarray, dtype: np.dtype[Any]) -> tuple[np.ndarray, np.n
     if np.issubdtype(dtype, np.integer):
         info = np.iinfo(dtype)
         values = np.rint(values)
-        low, high = float(info.min), float(info.max)
+        low, high = np.asarray(info.min, np.float64), float(info.max)
     else:
         finfo = np.finfo(dtype)
-        low, high = float(finfo.min), float(finfo.max)
+        low, high = np.asarray(finfo.min, np.float64), float(finfo.max)
+    if floor is not None:
+        low = np.maximum(low, floor.reshape(-1, *[1] * (values.ndim - 2)))
     outside = (values < low) | (values > high)
     clipped = outside.reshape(len(values), -1).sum(axis=1)
     return np.clip(values, low, high).astype(dtype), clipped
+
+
+def band_floor(minimum: list[float]) -> np.ndarray:
+    """0 for each band whose real train values are never negative (reflectance, radiance):
+    samples of such a band stay >= 0 in a float or signed store as in an unsigned one."""
+    return np.where(np.asarray(minimum) >= 0, 0.0, -np.inf)
