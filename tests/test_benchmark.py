@@ -23,7 +23,7 @@ from specdm_cli.pipeline.benchmark.features import manifest_sha256
 from specdm_cli.pipeline.benchmark.generator import heldout_in_training, round_trip
 from specdm_cli.pipeline.benchmark.render import markdown
 from specdm_cli.pipeline.benchmark.report import BenchmarkReport, compare, load_report
-from specdm_cli.pipeline.benchmark.scores import SCORE_DEFINITION
+from specdm_cli.pipeline.benchmark.scores import score_definition
 from specdm_cli.pipeline.runs.choose import choose_model, demo_model_path
 from specdm_cli.pipeline.runs.run_manifest import load_run
 from specdm_cli.stores import content_sha256, open_store
@@ -751,7 +751,9 @@ def test_a_real_store_of_train_only_is_said_to_be_the_train_reference(
     summary = json.loads(stdout)
     assert summary["quality"]["reference"]["split"] == "train"
     assert [c for c in summary["cautions"] if c.startswith(said)], summary["cautions"]
-    text = (out / "report.md").read_text().replace(SCORE_DEFINITION, "")  # the score in general
+    assert summary["scores"]["definition"] == score_definition("train")
+    assert "real = the real store's train samples" in summary["scores"]["definition"]
+    text = (out / "report.md").read_text()
     assert "## Quality (real train vs synthetic)" in text and f"**Caution:** {said}" in text
     assert "(real train: " in text and "held-out real" not in text and "real held-out" not in text
 

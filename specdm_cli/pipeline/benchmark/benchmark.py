@@ -58,7 +58,7 @@ from .report import (
     load_report,
     report_json,
 )
-from .scores import SCORE_DEFINITION, SampleTraits, Scores, quality_scores, sample_traits
+from .scores import SampleTraits, Scores, quality_scores, sample_traits
 
 CLOSEST_SHOWN = 5
 
@@ -300,12 +300,12 @@ def _score(
     batch_size: int,
     progress: Progress | None,
 ) -> tuple[tuple[SampleTraits, SampleTraits], Scores]:
-    heldout, _split = split_indices(real, "heldout")
+    heldout, split = split_indices(real, "heldout")
     real_traits = sample_traits(real, heldout, network, batch_size, progress, "scores (real)")
     syn_traits = sample_traits(
         synthetic, synthetic.indices(None), network, batch_size, progress, "scores (synthetic)"
     )
-    return (real_traits, syn_traits), quality_scores(real_traits, syn_traits)
+    return (real_traits, syn_traits), quality_scores(real_traits, syn_traits, split)
 
 
 def _write_scores(
@@ -314,7 +314,7 @@ def _write_scores(
     values = np.full(len(synthetic), np.nan)
     values[synthetic.indices(None)] = scores.quality
     info = QualityScores(
-        definition=SCORE_DEFINITION, feature_hash=network.feature_hash, reference=str(real.root),
+        definition=scores.definition, feature_hash=network.feature_hash, reference=str(real.root),
         reference_manifest_sha256=manifest_sha256(real), count=int(scores.quality.size),
     )  # fmt: skip
     with DirLock(synthetic.root):
@@ -344,7 +344,7 @@ def summarise(scores: Scores, written: bool) -> ScoreSummary:
     levels = {"q05": 5, "q25": 25, "median": 50, "q75": 75, "q95": 95}
     finite = scores.spectral_angle[np.isfinite(scores.spectral_angle)]
     return ScoreSummary(
-        definition=SCORE_DEFINITION, count=int(q.size), mean=float(q.mean()),
+        definition=scores.definition, count=int(q.size), mean=float(q.mean()),
         quantiles={k: float(np.percentile(q, v)) for k, v in levels.items()},
         share_at_least={str(t): float((q >= t).mean()) for t in (0.1, 0.25, 0.5)},
         real_mean=float(scores.real_quality.mean()),

@@ -26,10 +26,10 @@ from specdm_cli.pipeline.benchmark.features import (
 )
 from specdm_cli.pipeline.benchmark.quality import split_indices
 from specdm_cli.pipeline.benchmark.scores import (
-    SCORE_DEFINITION,
     Calibration,
     batch_traits,
     sample_traits,
+    score_definition,
 )
 from specdm_cli.pipeline.runs.run_manifest import RunManifest, check_store_fits
 from specdm_cli.pipeline.synthesize.quality import QualityBar
@@ -73,6 +73,7 @@ class QualityJudge:
             self.real, heldout, self.network, progress=progress, stage="scores (real)"
         )
         self.calibration = Calibration.of(traits)
+        self.real_split = split
         self.task = run.task
         self.real_sha256 = manifest_sha256(self.real)
 
@@ -94,6 +95,6 @@ class QualityJudge:
     def info(self, count: int) -> QualityScores:
         """How the written scores were made (the manifest's `quality_scores`)."""
         return QualityScores(
-            definition=SCORE_DEFINITION, feature_hash=self.network.feature_hash,
+            definition=score_definition(self.real_split), feature_hash=self.network.feature_hash,
             reference=str(self.bar.real), reference_manifest_sha256=self.real_sha256, count=count,
         )  # fmt: skip

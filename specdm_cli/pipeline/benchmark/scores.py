@@ -13,12 +13,21 @@ from specdm_cli.pipeline.benchmark.collect import batches
 from specdm_cli.pipeline.benchmark.features import FeatureNetwork
 from specdm_cli.stores import StoreReader
 
-SCORE_DEFINITION = (
-    "min(consistency / median real consistency, median real spectral angle / spectral angle), "
-    "each capped at 1; consistency = mIoU of the feature network's prediction vs the sample's "
-    "own mask, spectral angle = pixel-weighted angle between the sample's and the real "
-    "class-mean spectra; real = the real held-out samples"
-)
+
+def score_definition(real_split: str) -> str:
+    """What a score means, with the real samples it is relative to: `real_split` is the split
+    `split_indices(real, "heldout")` used ("heldout", or "train" where there is none)."""
+    real = (
+        "the real store's train samples (it has no val or test split)"
+        if real_split == "train"
+        else "the real held-out samples"
+    )
+    return (
+        "min(consistency / median real consistency, median real spectral angle / spectral "
+        "angle), each capped at 1; consistency = mIoU of the feature network's prediction vs the "
+        "sample's own mask, spectral angle = pixel-weighted angle between the sample's and the "
+        f"real class-mean spectra; real = {real}"
+    )
 
 
 @dataclass
@@ -118,6 +127,7 @@ class Scores:
     consistency: np.ndarray
     spectral_angle: np.ndarray
     real_quality: np.ndarray  # the real held-out samples scored the same way
+    definition: str  # score_definition of the real split they are relative to
 
 
 @dataclass(frozen=True)
@@ -149,8 +159,9 @@ class Calibration:
         return quality, angle
 
 
-def quality_scores(real: SampleTraits, candidate: SampleTraits) -> Scores:
-    """Score candidate samples against the real held-out set (see SCORE_DEFINITION).
+def quality_scores(real: SampleTraits, candidate: SampleTraits, real_split: str) -> Scores:
+    """Score candidate samples against the real held-out set, or train where `real_split` says
+    so (see `score_definition`).
 
     Each term compares the sample with the typical (median) real sample, so 1 means "at least as
     good as the typical real pair" on that term and 0.5 "half as good", whatever the dataset,
@@ -163,4 +174,5 @@ def quality_scores(real: SampleTraits, candidate: SampleTraits) -> Scores:
         consistency=candidate.consistency,
         spectral_angle=angle,
         real_quality=calibration.score(real)[0],
+        definition=score_definition(real_split),
     )
