@@ -121,7 +121,7 @@ def test_refusals_are_one_line(trained: Path, distilled: Path, tmp_path: Path) -
     code, _, stderr = synth(trained, tmp_path / "y.zarr", "--n", "2", "--sampler", "distilled")
     assert code == 4 and "no finished distilled student" in stderr
     code, _, stderr = run_cli("distill", distilled, "--steps", "8", *DISTILL)
-    assert code == 4 and "--resume" in stderr
+    assert code == 3 and "already has a distilled student" in stderr and "--resume" in stderr
     assert "Traceback" not in stderr and not (tmp_path / "x.zarr").exists()
     stale = _copy(distilled, tmp_path / "stale")
     manifest = json.loads((stale / "run.json").read_text())

@@ -283,7 +283,7 @@ def test_damaged_optimizer_state_s_hint_trains_the_stage_anew(
     code, _, stderr = run_cli(*steps, "--resume")
     assert_one_error_line(code, stderr, 4, "--overwrite in place of --resume")
     code, _, stderr = run_cli(*steps)
-    assert_one_error_line(code, stderr, 4, "or --overwrite to train a new one")
+    assert_one_error_line(code, stderr, 3, "or --overwrite to train a new one")
     code, _, stderr = run_cli(*steps, "--overwrite", "--resume")
     assert code == 2 and "exclude each other" in stderr
     assert run_cli(*steps, "--overwrite")[0] == 0

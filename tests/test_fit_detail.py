@@ -185,8 +185,8 @@ def test_the_same_command_finds_it_built_and_other_options_need_overwrite(
     code, stdout, _ = run_cli("fit-detail", run, store, "--scenes", "4", "--json", *QUIET)
     assert code == 0 and json.loads(stdout)["state"] == "already complete"
     code, _, stderr = run_cli("fit-detail", run, store, "--scenes", "4", "--dims", "8", *QUIET)
-    assert code == 4 and "--overwrite" in stderr and "Traceback" not in stderr
-    assert _stage(run)["weights"] == first
+    assert code == 3 and "already has a detail bank" in stderr and "--overwrite" in stderr
+    assert "Traceback" not in stderr and _stage(run)["weights"] == first
     code, _, stderr = run_cli(
         "fit-detail", run, store, "--scenes", "4", "--dims", "8", "--overwrite", *QUIET
     )
@@ -332,7 +332,7 @@ def test_a_bank_of_an_earlier_kind_is_rebuilt_not_used(
     assert code == 4 and message in stderr and "--overwrite" in stderr
     assert "Traceback" not in stderr and not (tmp_path / "x.zarr").exists()
     code, _, stderr = run_cli("fit-detail", old, _store(trained), *QUIET)
-    assert code == 4 and "--overwrite" in stderr
+    assert code == 3 and "already has a detail bank" in stderr and "--overwrite" in stderr
     code, _, stderr = run_cli("fit-detail", old, _store(trained), "--overwrite", *QUIET)
     assert code == 0, stderr
     assert synth(old, tmp_path / "y.zarr", "--n", "2", "--detail")[0] == 0

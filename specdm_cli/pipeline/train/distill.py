@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from specdm_cli.config import Devices, DistillTrainConfig, Progress
-from specdm_cli.errors import ModelError, UsageError, refuse_resume_with_overwrite
+from specdm_cli.errors import InputDataError, ModelError, UsageError, refuse_resume_with_overwrite
 from specdm_cli.models.diffusion import EMA, ScheduleConfig, alphas_cumprod
 from specdm_cli.models.distillation import (
     clean_target,
@@ -261,7 +261,7 @@ def _stage_to_resume(
     if request.overwrite:
         return None  # a new student; its first checkpoint replaces the stage
     if not request.resume:
-        raise ModelError(
+        raise InputDataError(
             "the run already has a distilled student",
             run,
             "pass --resume to continue it, or --overwrite to distill a new one",

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from specdm_cli.config import DETAIL_BANK_BLOCKS, DetailConfig, Devices, Progress
-from specdm_cli.errors import InputDataError, ModelError, UsageError
+from specdm_cli.errors import InputDataError, UsageError
 from specdm_cli.fs.lock import ReadLock
 from specdm_cli.models.detail import Lookup, build_bank
 from specdm_cli.pipeline.runs import rundirs as runs
@@ -75,7 +75,7 @@ def fit_detail(
         if stage is not None and stage.finished and stage.config == identity:
             return _summary(request.run, "already complete", stage.details, started)
         if stage is not None and not request.overwrite:
-            raise ModelError(
+            raise InputDataError(
                 "the run already has a detail bank, built from other scenes or options",
                 request.run,
                 "pass --overwrite to replace it, or the options it was built with",

@@ -215,7 +215,7 @@ def _check_stages(
     if stage.finished and stage.step >= request.config.steps and stage.config == identity:
         return stage  # the same command again: already complete (exit 0), resume or not
     if not request.resume:
-        raise ModelError(
+        raise InputDataError(
             "the run already has a diffusion model",
             run,
             "pass --resume to continue it, or --overwrite to train a new one",
