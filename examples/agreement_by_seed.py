@@ -21,6 +21,8 @@ MODEL's VAE: the most any generator decoding through that VAE could give, with n
 for another model's pairs beside real and control rows
 already measured on the same real store, seeds and thread count (they do not depend on the
 model; rows repeat bit for bit at the same thread count, docs/measurements.md: issue 20's gates).
+`--real-rows-only` trains the real row and its control alone: more seeds of them beside synthetic
+rows already measured.
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ import numpy as np
 import torch
 from vae_utility import add_protocol_options, append_line, protocol_options
 
-from specdm_cli.config import DownstreamOptions, downstream_protocol_list
+from specdm_cli.config import DOWNSTREAM_PROTOCOLS, DownstreamOptions, downstream_protocol_list
 from specdm_cli.pipeline.benchmark.downstream import (
     Referees,
     Setup,
@@ -145,6 +147,12 @@ def main() -> None:
         "--skip-real", action="store_true", help="skip the real row and the rows that need it"
     )
     parser.add_argument(
+        "--real-rows-only",
+        action="store_true",
+        help="only the real row and its control (no synthetic store enters them; SYNTHETIC is "
+        "still opened, for the lines' record)",
+    )
+    parser.add_argument(
         "--oracle",
         action="store_true",
         help="also each protocol's oracle row: real train pairs past the limit as the synthetic",
@@ -175,7 +183,11 @@ def main() -> None:
         protocols=downstream_protocol_list(args.protocols), oracle=args.oracle,
     )  # fmt: skip
     real, synthetic = open_store(args.real), open_store(args.synthetic)
+    if args.real_rows_only and (args.skip_real or args.oracle):
+        parser.error("--real-rows-only: --skip-real and --oracle add rows it leaves out")
     skip = REAL_ROWS if args.skip_real else frozenset()
+    if args.real_rows_only:
+        skip = frozenset(DOWNSTREAM_PROTOCOLS)
     decoder = None
     if args.round_trip_oracle:
         decoder = choose_model(args.round_trip_oracle, real.manifest.task, vae_only=True)

@@ -170,6 +170,16 @@ def test_agreement_by_seed_runs_pretrain_and_its_control(tmp_path: Path) -> None
     # The control's first phase is the real row's run.
     assert rows["real -> real"]["phase_steps"][0] == rows["real"]["phase_steps"][0]
     assert "real -> real: mIoU" in done.stdout
+    # The rows no synthetic store enters, alone: the same figures, no pretrain row.
+    real_rows = tmp_path / "real-rows.jsonl"
+    done = processes.run(
+        [sys.executable, EXAMPLES / "agreement_by_seed.py", real, other, real_rows, "--protocols",
+         "pretrain", "--real-limit", "6", "--ratio", "2", *ONE_TINY_SEED, "--real-rows-only"],
+        text=True,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    alone_rows = {r["row"]: r["miou"] for r in map(json.loads, real_rows.read_text().splitlines())}
+    assert alone_rows == {name: rows[name]["miou"] for name in ("real", "real -> real")}
     # Another model's pairs beside those rows: the same pretrain row, nothing else.
     again = tmp_path / "again.jsonl"
     done = processes.run(
