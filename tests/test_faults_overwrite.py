@@ -7,8 +7,9 @@ import shutil
 from pathlib import Path
 
 from specdm_cli.pipeline.runs.choose import demo_model_path
-from tests.conftest import prepare_demo, run_cli
+from tests.conftest import manifest_of, prepare_demo, run_cli
 from tests.fault_tools import assert_one_error_line
+from tests.fixtures.geotiff_folder import make_geotiff_folder
 
 
 def tree_bytes(root: Path) -> dict[str, bytes]:
@@ -109,6 +110,23 @@ def test_a_refused_overwrite_leaves_the_old_store(tmp_path: Path) -> None:
         exit_code, _, stderr = run_cli(*synth, "--overwrite", *refused)
         assert exit_code == code and "Traceback" not in stderr, (refused, stderr)
         assert tree_bytes(synthetic) == before, refused
+
+
+def test_a_prepare_overwrite_that_fails_on_its_inputs_leaves_the_old_store(
+    tmp_path: Path,
+) -> None:
+    """The old store was removed before RAW and the options were read: a band typo or a wrong
+    folder (exit 3) left no store at all, where a real dataset's takes hours to make."""
+    raw = make_geotiff_folder(tmp_path / "raw", n=3, size=(16, 16))
+    store = tmp_path / "s.zarr"
+    assert run_cli("prepare", "geotiff", raw, "--out", store, "--quiet")[0] == 0
+    before = tree_bytes(store)
+    for refused in ((raw, "--bands", "1,99"), (tmp_path / "nowhere",), (tmp_path,)):
+        code, _, stderr = run_cli("prepare", "geotiff", *refused, "--out", store, "--overwrite")
+        assert code in (2, 3) and "Traceback" not in stderr, (refused, stderr)
+        assert tree_bytes(store) == before, refused
+    assert run_cli("prepare", "geotiff", raw, "--out", store, "--overwrite", "--bands", "1")[0] == 0
+    assert manifest_of(store)["source"]["details"]["bands_read"] == [1]  # type: ignore[index]
 
 
 def test_an_out_that_is_no_store_is_named_as_the_output(tmp_path: Path) -> None:

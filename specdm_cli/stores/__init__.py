@@ -229,6 +229,22 @@ def remove_own(path: Path, kind: OutputKind, stage: object = None) -> None:
     """`--overwrite`: remove `path` if specdm made it as `kind` (DESIGN.md), and a store only if
     the `stage` overwriting it made it (where given): `synthesize --overwrite` onto a prepared
     store would delete real data. Else refuse."""
+    refuse_overwrite_of_others(path, kind, stage)
+    # Under its writer lock, so no reader starts between the check for readers and the removal;
+    # renamed aside first, so no one sees a store half removed (its lock file gone, so unlocked,
+    # its manifest gone, so "not a specdm store"): the name holds the whole store or nothing.
+    aside = path.with_name(f".{path.name}.removing-{os.getpid()}")
+    with DirLock(path) as lock:
+        refuse_if_locked(path, mine=lock.path)
+        remove_tree(aside)
+        path.rename(aside)
+    remove_tree(aside)
+    fault_point("store.after_remove")  # the name is free: the new store is not made yet
+
+
+def refuse_overwrite_of_others(path: Path, kind: OutputKind, stage: object = None) -> None:
+    """`--overwrite` of `path` (which exists) is refused unless specdm made it as `kind`, by
+    `stage` where given (see `remove_own`): checked before a command reads its inputs."""
     if not is_ours(path, kind):
         raise InputDataError(
             f"refusing to overwrite a folder that is not a specdm {kind}",
@@ -242,16 +258,6 @@ def remove_own(path: Path, kind: OutputKind, stage: object = None) -> None:
             path,
             "choose another output (remove it yourself if it is no longer needed)",
         )
-    # Under its writer lock, so no reader starts between the check for readers and the removal;
-    # renamed aside first, so no one sees a store half removed (its lock file gone, so unlocked,
-    # its manifest gone, so "not a specdm store"): the name holds the whole store or nothing.
-    aside = path.with_name(f".{path.name}.removing-{os.getpid()}")
-    with DirLock(path) as lock:
-        refuse_if_locked(path, mine=lock.path)
-        remove_tree(aside)
-        path.rename(aside)
-    remove_tree(aside)
-    fault_point("store.after_remove")  # the name is free: the new store is not made yet
 
 
 def _made_by(store: Path) -> object:

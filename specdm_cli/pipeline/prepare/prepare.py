@@ -13,7 +13,14 @@ from typing import Any
 
 from specdm_cli import __version__
 from specdm_cli.config import Progress, StoreFormat, trainable_side
-from specdm_cli.errors import InputDataError, Interrupted, ResourceError, UsageError, reason_of
+from specdm_cli.errors import (
+    InputDataError,
+    Interrupted,
+    ResourceError,
+    UsageError,
+    reason_of,
+    refuse_resume_with_overwrite,
+)
 from specdm_cli.faults import fault_point
 from specdm_cli.fs.atomic import remove_stray_temporaries, remove_tree
 from specdm_cli.fs.lock import DirLock, claim_output
@@ -43,6 +50,7 @@ from specdm_cli.stores import (
     default_store_path,
     forget_damaged,
     open_writer,
+    refuse_overwrite_of_others,
     refuse_stream_out,
     resolve_target,
     stored_sample_bytes,
@@ -115,6 +123,7 @@ def default_out(source: str, store_format: StoreFormat) -> Path:
 
 def _validate(request: PrepareRequest) -> None:
     refuse_stream_out(request.out)
+    refuse_resume_with_overwrite(request.resume, request.overwrite)
     if request.source not in READERS:
         known = ", ".join(sorted(READERS))
         raise UsageError(f"unknown source {request.source!r}", hint=f"use one of: {known}")
@@ -175,17 +184,20 @@ def _prepare(
     progress: Progress | None,
     warn: Callable[[str], None] | None,
 ) -> PrepareSummary:
-    state = resolve_target(request.out, plan, request.resume, request.overwrite)
+    # With --overwrite the old store goes only once RAW and the options are read: a typo in
+    # them (exit 3) left no store at all, and a real dataset's store takes hours to make.
+    state = None if request.overwrite else resolve_target(request.out, plan, request.resume, False)
     if state == "done":
         return _summary(request.out, "already complete", started)
-    with stop.while_planning(), _reading_raw(request.raw):
-        source_plan = READERS[request.source](request.raw, request.options, progress)
-    early = [*source_plan.warnings, *_untrainable_note(request, source_plan.spec)]
-    for line in early:
-        if warn is not None:
-            warn(line)
-    if not source_plan.candidates:
-        raise InputDataError("no samples found", request.raw, "check the folder layout")
+    if request.overwrite and request.out.exists():
+        refuse_overwrite_of_others(request.out, "store", plan["stage"])
+    source_plan, early = _read_source(request, stop, progress, warn)
+    if state is None:
+        try:
+            state = resolve_target(request.out, plan, request.resume, request.overwrite)
+        except BaseException:
+            source_plan.close()
+            raise
     if state == "fresh":
         _require_room(request.out, source_plan)
         manifest = _initial_manifest(request, source_plan.spec, plan, len(source_plan.candidates))
@@ -222,6 +234,25 @@ def _prepare(
         if warn is not None:
             warn(note)
     return replace(summary, warnings=[*early, *notes])
+
+
+def _read_source(
+    request: PrepareRequest,
+    stop: StopFlag,
+    progress: Progress | None,
+    warn: Callable[[str], None] | None,
+) -> tuple[SourcePlan, list[str]]:
+    """The source's plan of the raw data and the notes told before any sample is written."""
+    with stop.while_planning(), _reading_raw(request.raw):
+        source_plan = READERS[request.source](request.raw, request.options, progress)
+    early = [*source_plan.warnings, *_untrainable_note(request, source_plan.spec)]
+    for line in early:
+        if warn is not None:
+            warn(line)
+    if not source_plan.candidates:
+        source_plan.close()
+        raise InputDataError("no samples found", request.raw, "check the folder layout")
+    return source_plan, early
 
 
 def _name_the_partial_store(error: InputDataError, out: Path) -> None:
