@@ -272,7 +272,7 @@ def test_refusals_are_one_line(trained: Path, banked: Path, tmp_path: Path) -> N
     manifest = json.loads((cd / "run.json").read_text())
     (cd / "run.json").write_text(json.dumps({**manifest, "task": "cd"}))
     code, _, stderr = run_cli("fit-detail", cd, _store(trained), *QUIET)
-    assert code == 2 and "semantic segmentation only" in stderr and "Traceback" not in stderr
+    assert code == 3 and "task ss, the model cd" in stderr and "Traceback" not in stderr
 
 
 def test_synthesize_detail_looks_up_within_the_mask_it_writes(

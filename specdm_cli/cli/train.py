@@ -350,7 +350,7 @@ def distill(
 
 
 def fit_detail(
-    run: Annotated[Path, typer.Argument(help="A run directory with a trained VAE (ss).")],
+    run: Annotated[Path, typer.Argument(help="A run directory with a trained VAE (ss or cd).")],
     store: Annotated[Path, typer.Argument(help="A real store of the run's bands and classes.")],
     scenes: Annotated[
         int | None,

@@ -12,6 +12,12 @@ draws"). Among those, the blocks whose real labels differ from the mask's at the
 come first, so a field's edge takes a residual with an edge where the mask has one
 (docs/measurements.md, "Matched to the mask's pattern"). Built once (`specdm fit-detail`), saved
 in the run.
+
+A change-detection pair is one image of both phases' bands to the bank (t1's, then t2's): a
+block's key is both phases' surroundings and its residual both phases', looked up within the
+class the change mask draws, so the two phases of a place take the detail of one real place
+(a lookup per phase pulled unchanged pixels' phases apart: docs/measurements.md, "On cd pairs,
+retrieved detail looked up once for both phases" and "On cd pairs, pattern first").
 """
 
 from __future__ import annotations
@@ -167,6 +173,16 @@ class Bank:
         return cls(lookup, tensors["mean"], tensors["std"], tensors["centre"], tensors["basis"],
                    tensors["keys"].float(), tensors["residuals"].float(),
                    tensors["classes"].long(), tensors["labels"].long())  # fmt: skip
+
+
+def add_detail(bank: Bank, phases: list[torch.Tensor], masks: torch.Tensor) -> None:
+    """Add in place to each scene of the (B, C, H, W) `phases` (an ss image; a cd pair's t1 and
+    t2) the detail looked up on its phases as one image of their bands stacked, within the
+    classes its (H, W) mask of `masks` (B, H, W) draws."""
+    detail = bank.detail_of_batch(torch.cat(phases, dim=1), masks)
+    shares = torch.split(detail, [phase.shape[1] for phase in phases], dim=1)
+    for phase, share in zip(phases, shares, strict=True):
+        phase += share
 
 
 def _float16_values(values: torch.Tensor) -> torch.Tensor:

@@ -12,7 +12,7 @@ import torch
 
 from specdm_cli.errors import InputDataError, ModelError, SpecdmError
 from specdm_cli.manifest import IGNORE_INDEX, IMAGE_ARRAYS, LABEL_ARRAY, Manifest
-from specdm_cli.models.detail import Bank
+from specdm_cli.models.detail import Bank, add_detail
 from specdm_cli.pipeline.runs.choose import ChosenModel
 from specdm_cli.pipeline.runs.run_manifest import RunManifest, load_run
 from specdm_cli.stores import StoreReader, content_sha256, open_store
@@ -184,9 +184,8 @@ def round_trip(
         label = model.labels(decoded[LABEL_ARRAY[task]]).cpu().numpy().astype(np.uint8)
         label[arrays[LABEL_ARRAY[task]] == IGNORE_INDEX] = IGNORE_INDEX
         physical = {name: decoded[name].cpu() for name in IMAGE_ARRAYS[task]}
-        if bank is not None:
-            for images in physical.values():
-                images += bank.detail_of_batch(images, torch.from_numpy(label))
+        if bank is not None:  # a cd pair's phases take one lookup (models/detail.py)
+            add_detail(bank, list(physical.values()), torch.from_numpy(label))
         for k, index in enumerate(chunk):
             sample = {name: values[k].numpy() for name, values in physical.items()}
             samples[int(index)] = sample | {LABEL_ARRAY[task]: label[k]}

@@ -16,6 +16,7 @@ import torch
 from specdm_cli.config import Precision, SamplerChoice, SamplerName
 from specdm_cli.errors import ModelError
 from specdm_cli.manifest import IGNORE_INDEX, IMAGE_ARRAYS, LABEL_ARRAY
+from specdm_cli.models.detail import add_detail
 from specdm_cli.models.diffusion import ScheduleConfig, alphas_cumprod
 from specdm_cli.models.distillation import sample_student
 from specdm_cli.models.samplers import (
@@ -120,12 +121,13 @@ class Sampler:
         # With --masks the label is the mask given, not its decoded echo.
         labels = label.to(torch.uint8).cpu().numpy() if given is None else given[:keep]
         arrays: dict[str, np.ndarray] = {LABEL_ARRAY[self.task]: labels}
+        names = IMAGE_ARRAYS[self.task]
+        physical = [(decoded[name][:keep].float() * self.std + self.mean).cpu() for name in names]
+        if self.bank is not None:  # a cd pair's phases take one lookup (models/detail.py)
+            add_detail(self.bank, physical, torch.from_numpy(labels))
         clipped = np.zeros(keep, dtype=np.int64)
-        for name in IMAGE_ARRAYS[self.task]:
-            physical = (decoded[name][:keep].float() * self.std + self.mean).cpu()
-            if self.bank is not None:
-                physical += self.bank.detail_of_batch(physical, torch.from_numpy(labels))
-            arrays[name], count = to_dtype(physical.numpy(), self.dtype, self.floor)
+        for name, values in zip(names, physical, strict=True):
+            arrays[name], count = to_dtype(values.numpy(), self.dtype, self.floor)
             clipped += count
         return arrays, clipped
 

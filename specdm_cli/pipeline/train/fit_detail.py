@@ -2,8 +2,9 @@
 VAE, that `synthesize --detail` adds to decoded images (models/detail.py).
 
 The bank's scenes are real ones from the store's train split, spread evenly over it, each
-encoded and decoded by the run's VAE; built in one pass (no steps to resume), it replaces a bank
-of other options only with `--overwrite`.
+encoded and decoded by the run's VAE (a cd pair's two phases as one image of both phases' bands);
+built in one pass (no steps to resume), it replaces a bank of other options only with
+`--overwrite`.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import torch
 from specdm_cli.config import DETAIL_BANK_BLOCKS, DetailConfig, Devices, Progress
 from specdm_cli.errors import InputDataError, UsageError
 from specdm_cli.fs.lock import ReadLock
+from specdm_cli.manifest import IMAGE_ARRAYS, LABEL_ARRAY
 from specdm_cli.models.detail import Lookup, build_bank
 from specdm_cli.pipeline.runs import rundirs as runs
 from specdm_cli.pipeline.runs.choose import ChosenModel, choose_model
@@ -82,7 +84,7 @@ def fit_detail(
             )
         lookup = Lookup(request.config.block, request.config.context, request.config.dims)
         bank = build_bank(round_trips(chosen, real, scenes, device, stop, progress),
-                          *band_statistics(chosen.manifest), lookup)  # fmt: skip
+                          *bank_statistics(chosen.manifest), lookup)  # fmt: skip
         details = {"scenes": len(scenes), "blocks": len(bank.keys),
                    "bank_bytes": bank.stored_bytes, "store": str(request.store)}  # fmt: skip
         runs.commit_checkpoint(request.run, STAGE, 1, lambda folder: bank.save(folder / BANK_FILE),
@@ -91,15 +93,8 @@ def fit_detail(
 
 
 def _vae_of(run: Path, real: StoreReader) -> ChosenModel:
-    """The run (its VAE finished), for an ss store its labels fit."""
+    """The run (its VAE finished), for a store of its task whose labels fit."""
     chosen = choose_model(str(run), real.manifest.task, vae_only=True)
-    if chosen.manifest.task != "ss":
-        raise UsageError(
-            "fit-detail is for semantic segmentation only: on cd pairs retrieved detail was"
-            " measured to be no gain (docs/measurements.md); this run is cd",
-            run,
-            "synthesize cd pairs without --detail",
-        )
     check_store_fits(real, chosen.manifest, "fit-detail")
     if [b.name for b in real.manifest.bands] != [b.name for b in chosen.manifest.bands]:
         raise InputDataError(
@@ -130,8 +125,10 @@ def spread_evenly(indices: np.ndarray, wanted: int) -> np.ndarray:
 def _identity(
     config: DetailConfig, real: StoreReader, run: RunManifest, scenes: np.ndarray
 ) -> dict[str, object]:
-    """What the same command must match to find its bank built."""
-    return {**config.model_dump(mode="json"), "scenes": len(scenes), "lookup": LOOKUP,
+    """What the same command must match to find its bank built (a cd bank also says that its
+    images are both phases' bands; an ss bank's identity is as it was before cd banks)."""
+    phases = {"phases": list(IMAGE_ARRAYS["cd"])} if run.task == "cd" else {}
+    return {**config.model_dump(mode="json"), "scenes": len(scenes), "lookup": LOOKUP, **phases,
             "store_content_sha256": content_sha256(real),
             "vae_weights": dict(run.stages["vae"].weights)}  # fmt: skip
 
@@ -145,18 +142,30 @@ def round_trips(
     progress: Progress | None,
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
     """(decoded, real, label) of every bank scene, images in physical units: each encoded
-    (posterior mean) and decoded by the run's VAE."""
+    (posterior mean) and decoded by the run's VAE; a cd pair's phases are one image of t1's
+    bands then t2's, its label the change mask."""
     vae = load_vae(chosen.path, chosen.manifest, device)
     mean, std = (t.flatten().to(device) for t in band_statistics(chosen.manifest))
+    task = chosen.manifest.task
+    names = IMAGE_ARRAYS[task]
     done = 0
     for _, arrays, decoded in round_trip_batches(vae, real, scenes, mean, std, _ROUND_TRIP_CHUNK):
-        truth = torch.from_numpy(arrays["image"].astype(np.float32))
-        labels = torch.from_numpy(arrays["mask"])
-        yield from zip(decoded["image"].cpu(), truth, labels, strict=True)
+        images = torch.cat([decoded[name].cpu() for name in names], dim=1)
+        truth = np.concatenate([arrays[name] for name in names], axis=1).astype(np.float32)
+        labels = torch.from_numpy(arrays[LABEL_ARRAY[task]])
+        yield from zip(images, torch.from_numpy(truth), labels, strict=True)
         done += len(labels)
         if progress:
             progress("fit-detail", done, len(scenes))
         stop.check()
+
+
+def bank_statistics(run: RunManifest) -> tuple[torch.Tensor, torch.Tensor]:
+    """The band means and stds (C', 1, 1) of the bank's images: a cd pair's, of both phases'
+    bands, are the run's repeated (the VAE normalises both phases alike)."""
+    mean, std = band_statistics(run)
+    phases = len(IMAGE_ARRAYS[run.task])
+    return mean.repeat(phases, 1, 1), std.repeat(phases, 1, 1)
 
 
 def band_statistics(run: RunManifest) -> tuple[torch.Tensor, torch.Tensor]:
