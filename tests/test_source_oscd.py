@@ -761,6 +761,33 @@ def test_images_and_train_labels_only_skip_test_cities_with_one_warning(
     assert json.loads(stdout)["warnings"] == [line]
 
 
+def test_a_store_that_skipped_test_cities_says_so_once_test_labels_are_added(
+    raw: Path, tmp_path: Path
+) -> None:
+    """Adding the Test Labels as the warning says, then --resume, was "already complete"
+    (exit 0) and the store still lacked test; a plain rerun asked for --resume. Now the
+    manifest records the skipped cities, and either rerun is refused with --overwrite."""
+    labels = raw / TEST_LABELS
+    labels.rename(tmp_path / "later")
+    out = tmp_path / "o.zarr"
+    code, _, stderr = _prepare(raw, "--out", out, "--val-fraction", "0")
+    assert code == 0, stderr
+    (part,) = manifest_of(out)["source"]["details"]["left_out"]  # type: ignore[index]
+    assert part["part"] == "test cities brasilia"
+    assert str(labels.absolute()) in part["restored_by"]
+    (tmp_path / "later").rename(labels)
+    for rerun in (["--resume"], []):
+        code, _, stderr = _prepare(raw, "--out", out, "--val-fraction", "0", *rerun)
+        assert code == 3, stderr
+        line = _error_line(stderr)
+        assert "left out test cities brasilia" in line and str(labels.absolute()) in line
+        assert line.endswith("rerun with --overwrite to prepare the whole dataset")
+    code, stdout, stderr = _prepare(raw, "--out", out, "--val-fraction", "0", "--overwrite")
+    assert code == 0, stderr
+    assert set(json.loads(stdout)["split_counts"]) == {"train", "test"}
+    assert "left_out" not in manifest_of(out)["source"]["details"]  # type: ignore[operator]
+
+
 def test_cities_option_needs_no_test_labels_and_warns_of_nothing(raw: Path, tmp_path: Path) -> None:
     shutil.rmtree(raw / TEST_LABELS)
     code, _, stderr = _prepare(
@@ -870,7 +897,7 @@ def test_zipped_download_without_test_labels_nor_a_rect_band(
     for stem in (IMAGES, TRAIN_LABELS):
         shutil.make_archive(str(root / stem), "zip", raw, stem)
     plan = read_oscd(root, SMALL)
-    assert "brasilia" in plan.warnings[0] and "imgs_2/" in plan.warnings[1]
+    assert "brasilia" in plan.left_out[0].warning and "imgs_2/" in plan.warnings[0]
     assert {c.split for c in plan.candidates} == {"train", "val"}
     expected = _load_all(read_oscd(raw, SMALL))
     for source_id, sample in _load_all(plan).items():

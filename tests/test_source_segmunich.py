@@ -420,10 +420,45 @@ def test_a_split_folder_without_its_list_is_told_not_dropped_silently(tmp_path: 
     (tree / "dataset" / "val.txt").unlink()
     plan = _open(tmp_path)
     assert {c.split for c in plan.candidates} == {"train"}
-    assert plan.warnings == [
+    assert [part.warning for part in plan.left_out] == [
         "val/ has no dataset/val.txt: its 1 images are left out (restore val.txt from the "
         "archive to read them)"
     ]
+
+
+def test_a_store_that_left_val_out_says_so_once_val_txt_is_restored(tmp_path: Path) -> None:
+    """Restoring val.txt as the warning says, then --resume, was "already complete" (exit 0)
+    and the store still lacked val; a plain rerun asked for --resume. Now the manifest records
+    what was left out, and either rerun is refused with the fix that works (--overwrite)."""
+    tree = _tree(tmp_path / "raw", splits={"train": 2, "val": 1})
+    listing = tree / "dataset" / "val.txt"
+    listing.rename(tmp_path / "val.txt")
+    out = tmp_path / "s.zarr"
+    code, _, stderr = run_cli("prepare", "segmunich", tree, "--out", out)
+    assert code == 0, stderr
+    details = json.loads((out / "manifest.json").read_text())["source"]["details"]
+    assert details["left_out"] == [
+        {
+            "part": "the 1 images of val/",
+            "reason": "no dataset/val.txt lists them",
+            "restored_by": [str(listing.absolute())],
+        }
+    ]
+    # Told nothing new while RAW still lacks it: --resume keeps the complete store.
+    code, _, stderr = run_cli("prepare", "segmunich", tree, "--out", out, "--resume")
+    assert code == 0 and "already complete" in stderr
+    (tmp_path / "val.txt").rename(listing)
+    for rerun in (["--resume"], []):
+        code, _, stderr = run_cli("prepare", "segmunich", tree, "--out", out, *rerun)
+        assert code == 3, stderr
+        (line,) = stderr.strip().splitlines()
+        assert "left out the 1 images of val/" in line and str(listing.absolute()) in line
+        assert line.endswith("rerun with --overwrite to prepare the whole dataset")
+    code, _, stderr = run_cli("prepare", "segmunich", tree, "--out", out, "--overwrite")
+    assert code == 0, stderr
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["split_counts"] == {"train": 2, "val": 1}
+    assert "left_out" not in manifest["source"]["details"]
 
 
 def test_a_store_without_train_is_told_at_prepare_not_first_by_fit_vae(tmp_path: Path) -> None:

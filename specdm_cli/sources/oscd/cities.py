@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from specdm_cli.errors import InputDataError, UsageError
-from specdm_cli.sources.base import PrepareOptions
+from specdm_cli.sources.base import LeftOut, PrepareOptions
 from specdm_cli.sources.oscd.archive import FIX_ARCHIVE, LABELS, Tree, labels_merged, read_text
 from specdm_cli.sources.oscd.layout import label_rel
 
@@ -66,37 +66,69 @@ def choose_cities(listed: CityList, chosen: tuple[str, ...] | None, images: Tree
 
 def usable_cities(
     root: Path, images: Tree, labels: dict[str, Tree | None], listed: CityList, chosen: bool
-) -> tuple[CityList, list[str]]:
-    """The cities a (partial) download can prepare, and warnings about those left out.
+) -> tuple[CityList, list[LeftOut]]:
+    """The cities a (partial) download can prepare, and the test cities it leaves out.
 
     Listed cities without images are one error naming all of them. Test cities without a
-    change map are skipped with one warning, unless --cities asked for them; train cities
+    change map are left out with one warning, unless --cities asked for them; train cities
     without one are an error (a store without them would silently lose training data).
     """
     _require_images(images, listed)
     usable: CityList = {}
-    warnings: list[str] = []
+    left_out: list[LeftOut] = []
     for split, names in listed.items():
         tree = labels[split]
         unlabelled = [n for n in names if tree is None or label_rel(tree, n) is None]
         usable[split] = [n for n in names if n not in unlabelled]
         if not unlabelled:
             continue
-        where = tree.where(f"{unlabelled[0]}/cm") if tree is not None else root / LABELS[split]
         if split == "test" and not chosen:
-            warnings.append(
-                f"warning: skipping {len(unlabelled)} test cities without a change map "
-                f"({', '.join(unlabelled)}): add '{LABELS[split]}' (or its .zip) to prepare them"
-            )
+            left_out.append(_left_out_test(root, images, tree, unlabelled))
             continue
-        raise InputDataError(
-            f"{split} cities without a change map (cm/cm.png): {', '.join(unlabelled)}",
-            where,
-            f"add '{LABELS[split]}' (or its .zip) to RAW, or choose others with --cities",
-        )
+        raise _unlabelled_train(root, images, tree, split, unlabelled)
     if not any(usable.values()):
         raise InputDataError("no OSCD city has a change map", root, FIX_ARCHIVE)
-    return usable, warnings
+    return usable, left_out
+
+
+def _own_labels(images: Tree, tree: Tree | None) -> bool:
+    """Whether the split's labels are a labels archive of their own (not absent or merged)."""
+    return tree is not None and tree is not images
+
+
+def _left_out_test(root: Path, images: Tree, tree: Tree | None, names: list[str]) -> LeftOut:
+    """Test cities without a change map: the Test Labels archive is absent, or lacks them."""
+    stem = LABELS["test"]
+    archive = [root / stem, root / f"{stem}.zip"]
+    if _own_labels(images, tree):
+        assert tree is not None
+        reason = f"no cm/cm.png in '{stem}'"
+        fix = f"re-extract their cm/ folders from '{stem}'"
+        maps = [tree.where(f"{n}/cm/{f}") for n in names for f in ("cm.png", f"{n}-cm.tif")]
+        # A zip's members are no paths on disk: only an extracted folder's maps are watched.
+        restored_by = maps if tree.where("").is_dir() else []
+    else:
+        reason = f"no '{stem}' folder or .zip in RAW"
+        fix = f"add '{stem}' (or its .zip)"
+        restored_by = [path for path in archive if not path.exists()]
+    return LeftOut(
+        part=f"test cities {', '.join(names)}",
+        reason=reason,
+        warning=f"warning: skipping {len(names)} test cities without a change map "
+        f"({', '.join(names)}): {fix} to prepare them",
+        restored_by=tuple(str(path) for path in restored_by),
+    )
+
+
+def _unlabelled_train(
+    root: Path, images: Tree, tree: Tree | None, split: str, names: list[str]
+) -> InputDataError:
+    """Train cities without a change map: an error (a store without them loses training data)."""
+    return InputDataError(
+        f"{split} cities without a change map (cm/cm.png): {', '.join(names)}",
+        tree.where(f"{names[0]}/cm") if tree is not None else root / LABELS[split],
+        f"add '{LABELS[split]}' (or its .zip) to RAW, or choose others with --cities",
+    )
 
 
 def _require_images(images: Tree, listed: CityList) -> None:

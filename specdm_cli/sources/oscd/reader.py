@@ -67,7 +67,8 @@ def read_oscd(
     root = require_dir(raw, "oscd")
     images, labels = open_trees(root)
     listed = choose_cities(list_cities(images, labels), options.cities, images)
-    listed, notes = usable_cities(root, images, labels, listed, options.cities is not None)
+    listed, left_out = usable_cities(root, images, labels, listed, options.cities is not None)
+    notes: list[str] = []
     splits = assign_splits(listed, options)
     cities: dict[str, City] = {}
     native: list[str] = []
@@ -91,7 +92,7 @@ def read_oscd(
     share = val_share_warning(Counter(c.ref[0] for c in candidates), splits, options)
     notes += [share] if share else []
     load = functools.partial(load_patch, ctx=ctx, cache=CityCache(ctx))
-    return SourcePlan(spec=spec, candidates=candidates, load=load, warnings=notes)
+    return SourcePlan(spec, candidates, load, warnings=notes, left_out=left_out)
 
 
 def _tree(labels: dict[str, Tree | None], split: str) -> Tree:

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from specdm_cli.config import Progress
 from specdm_cli.sources.base import (
+    LeftOut,
     PrepareOptions,
     SourcePlan,
     SourceSpec,
@@ -98,23 +99,31 @@ def read_segmunich(
         for split, folder in folders.items()
         if folder.name != split
     ]
-    notes += _unlisted_folder_notes(root, folders) if layout == "official" else []
-    return SourcePlan(spec=spec, candidates=candidates, load=load, warnings=notes)
+    left_out = _unlisted_folders(root, folders) if layout == "official" else []
+    return SourcePlan(spec, candidates, load, warnings=notes, left_out=left_out)
 
 
-def _unlisted_folder_notes(root: Path, folders: dict[str, Path]) -> list[str]:
+def _unlisted_folders(root: Path, folders: dict[str, Path]) -> list[LeftOut]:
     """A split folder whose list is missing (a partial extract) is left out: say so, as the
     store would otherwise just lack that split (without train.txt, fit-vae refuses it)."""
     read = set(folders.values())
     unlisted = [
         root / s for s in SPLIT_ORDER if (root / s / "img").is_dir() and root / s not in read
     ]
-    return [
-        f"{folder.name}/ has no dataset/{folder.name}.txt: its "
-        f"{sum(1 for p in (folder / 'img').iterdir() if is_tif(p))} images are left out (restore "
-        f"{folder.name}.txt from the archive to read them)"
-        for folder in unlisted
-    ]
+    left_out = []
+    for folder in unlisted:
+        images = sum(1 for p in (folder / "img").iterdir() if is_tif(p))
+        listing = root / "dataset" / f"{folder.name}.txt"
+        left_out.append(
+            LeftOut(
+                part=f"the {images} images of {folder.name}/",
+                reason=f"no dataset/{folder.name}.txt lists them",
+                warning=f"{folder.name}/ has no dataset/{folder.name}.txt: its {images} images "
+                f"are left out (restore {folder.name}.txt from the archive to read them)",
+                restored_by=(str(listing),),
+            )
+        )
+    return left_out
 
 
 def _quiet_logger(name: str) -> None:
