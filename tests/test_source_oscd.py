@@ -788,6 +788,19 @@ def test_a_store_that_skipped_test_cities_says_so_once_test_labels_are_added(
     assert "left_out" not in manifest_of(out)["source"]["details"]  # type: ignore[operator]
 
 
+def test_quiet_still_tells_of_test_cities_left_out(raw: Path, tmp_path: Path) -> None:
+    """With -q the run exited 0 and printed nothing: --quiet silences progress, not data
+    left out."""
+    shutil.rmtree(raw / TEST_LABELS)
+    out = tmp_path / "o.zarr"
+    code, _, stderr = run_cli("prepare", "oscd", raw, "--out", out, "--patch-size", "16", "-q")
+    assert code == 0, stderr
+    (line,) = stderr.strip().splitlines()
+    assert line.startswith("warning: skipping 1 test cities") and "brasilia" in line
+    (part,) = manifest_of(out)["source"]["details"]["left_out"]  # type: ignore[index]
+    assert part["part"] == "test cities brasilia"
+
+
 def test_cities_option_needs_no_test_labels_and_warns_of_nothing(raw: Path, tmp_path: Path) -> None:
     shutil.rmtree(raw / TEST_LABELS)
     code, _, stderr = _prepare(

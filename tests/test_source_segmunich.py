@@ -461,6 +461,22 @@ def test_a_store_that_left_val_out_says_so_once_val_txt_is_restored(tmp_path: Pa
     assert "left_out" not in manifest["source"]["details"]
 
 
+def test_quiet_still_tells_of_a_split_folder_left_out(tmp_path: Path) -> None:
+    """With -q the run exited 0 and printed nothing: --quiet silences progress, not data
+    left out."""
+    tree = _tree(tmp_path / "raw", splits={"train": 2, "val": 1, "test": 1})
+    (tree / "dataset" / "val.txt").unlink()
+    out = tmp_path / "s.zarr"
+    code, _, stderr = run_cli("prepare", "segmunich", tree, "--out", out, "-q")
+    assert code == 0, stderr
+    assert stderr.strip().splitlines() == [
+        "val/ has no dataset/val.txt: its 1 images are left out (restore val.txt from the "
+        "archive to read them)"
+    ]
+    details = json.loads((out / "manifest.json").read_text())["source"]["details"]
+    assert [part["part"] for part in details["left_out"]] == ["the 1 images of val/"]
+
+
 def test_a_store_without_train_is_told_at_prepare_not_first_by_fit_vae(tmp_path: Path) -> None:
     tree = _tree(tmp_path / "raw", splits={"train": 2, "val": 1})
     (tree / "dataset" / "train.txt").unlink()
