@@ -619,6 +619,26 @@ def test_broken_trees_raise_input_errors_naming_the_culprit(raw: Path, case: str
     assert _error(raw).path == raw / culprit
 
 
+@pytest.mark.parametrize("rel", [f"{BERCY}/imgs_1_rect/B03.tif", f"{BERCY}/imgs_2_rect/B02.tif"])
+def test_a_bad_band_s_hint_leaves_its_city_out_as_written(
+    raw: Path, tmp_path: Path, rel: str
+) -> None:
+    """Met while planning (B02's header) or mid-run (another band's pixels): removing the file
+    alone, then rerunning, says it is missing; the line now gives the --cities that leaves the
+    city out, and that rerun prepares the others."""
+    _garbage(rel)(raw)
+    out = tmp_path / "o.zarr"
+    code, _, stderr = _prepare(raw, "--out", out)
+    assert code == 3
+    line = _error_line(stderr)
+    assert f"({raw / rel})" in line and "or leave bercy out: --cities aguasclaras,brasilia" in line
+    code, stdout, stderr = _prepare(
+        raw, "--out", out, "--cities", "aguasclaras,brasilia", "--overwrite"
+    )
+    assert code == 0, stderr
+    assert json.loads(stdout)["split_counts"]["test"] > 0
+
+
 def test_zips_with_backslash_names_read_as_the_folders(
     tree: Callable[..., Path], tmp_path: Path
 ) -> None:

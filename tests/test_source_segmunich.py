@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 import struct
 import zlib
 from collections.abc import Callable
@@ -618,6 +619,77 @@ def test_truncated_tiff(tmp_path: Path, which: str) -> None:
     err = _input_error(tmp_path, "corrupt or truncated TIFF")
     assert err.path == path
     assert "re-download" in (err.hint or "")
+
+
+def _leave_out_as_told(hint: str, tree: Path) -> None:
+    """Do what the hint's "leave the sample out: ..." says, word for word."""
+    told = hint.split("leave the sample out: ", 1)[1].split(";", 1)[0]
+    line = re.fullmatch(r"delete its line \((\w+)\) from (\S+)", told)
+    row = re.fullmatch(r"delete its row \(id (\w+)\) from (\S+)", told)
+    image = re.fullmatch(r"remove its image (\S+)", told)
+    if line or row:
+        sample_id, listing = (line or row).groups()  # type: ignore[union-attr]
+        kept = [x for x in Path(listing).read_text().splitlines() if x.split(",")[0] != sample_id]
+        Path(listing).write_text("\n".join(kept) + "\n")
+    else:
+        assert image, hint
+        Path(image.group(1)).unlink()
+
+
+@pytest.mark.parametrize(
+    ("layout", "bad", "told"),
+    [
+        (
+            "official",
+            "TUM_128/train/img/2.tif",
+            "delete its line (2) from {tree}/dataset/train.txt",
+        ),
+        ("official", "TUM_128/val/label/5.tif", "delete its line (5) from {tree}/dataset/val.txt"),
+        ("gfm", "TUM_128/test/img/4.tif", "delete its row (id 4) from {tree}/dataset/metadata.csv"),
+        ("mmseg", "TUM_128/ann_dir/val/4.png", "remove its image {tree}/img_dir/val/4.tif"),
+    ],
+)
+def test_a_bad_file_s_hint_leaves_its_sample_out_as_written(
+    tmp_path: Path, layout: str, bad: str, told: str
+) -> None:
+    """ "re-download or remove the file" did not work as written: the id was still in its split
+    list, and the rerun said the file listed there is missing. The hint now says how to leave
+    the sample out where the layout lists it, and doing just that reads the rest."""
+    make_segmunich(tmp_path, layout)
+    tree = tmp_path / "TUM_128"
+    path = tmp_path / bad
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    err = _input_error(tmp_path, "corrupt or truncated")
+    assert err.path == path
+    assert f"leave the sample out: {told.format(tree=tree)}" in (err.hint or "")
+    path.unlink()
+    _leave_out_as_told(err.hint or "", tree)
+    plan = _open(tmp_path)
+    assert len(plan.candidates) == 4
+    for candidate in plan.candidates:
+        plan.load(candidate)
+
+
+def test_a_bad_file_met_mid_run_is_left_out_as_the_line_says(tmp_path: Path) -> None:
+    """The real CLI: the store keeps the samples written so far, and the sample left out as
+    the line says, --overwrite prepares the rest."""
+    tree = _tree(tmp_path / "raw", splits={"train": 80})
+    bad = tree / "train" / "img" / "70.tif"
+    bad.write_bytes(bad.read_bytes()[: bad.stat().st_size // 2])
+    out = tmp_path / "s.zarr"
+    code, _, stderr = run_cli("prepare", "segmunich", tree, "--out", out, "--workers", "1", "-q")
+    assert code == 3
+    (line,) = stderr.strip().splitlines()
+    assert f"delete its line (70) from {tree}/dataset/train.txt" in line
+    assert line.endswith(
+        f"{out} keeps the samples written so far: rerun with --resume once the file is fixed "
+        "(leaving it out needs --overwrite)"
+    )
+    bad.unlink()
+    _leave_out_as_told(line, tree)
+    code, _, stderr = run_cli("prepare", "segmunich", tree, "--out", out, "--overwrite", "-q")
+    assert code == 0, stderr
+    assert json.loads((out / "manifest.json").read_text())["count"] == 79
 
 
 def test_not_a_tiff(tmp_path: Path) -> None:

@@ -274,11 +274,12 @@ def _read_source(
 
 def _name_the_partial_store(error: InputDataError, out: Path) -> None:
     """Bad raw data met mid-run leaves the samples written so far: say so, and both ways on
-    (removing the file changes the plan, which a --resume refuses)."""
+    (leaving the sample out as the source's hint says changes the plan, which a --resume
+    refuses)."""
     fix = error.hint or "fix the file"
     error.hint = (
-        f"{fix}; {out} keeps the samples written so far: once the file is fixed, rerun with "
-        "--resume, or without the file, with --overwrite"
+        f"{fix}; {out} keeps the samples written so far: rerun with --resume once the file is "
+        "fixed (leaving it out needs --overwrite)"
     )
 
 

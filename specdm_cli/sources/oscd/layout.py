@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -45,6 +47,20 @@ class City:
     crs: str | None
     transform: Any
     band_files: dict[tuple[int, str], str]
+
+
+@contextmanager
+def leaving_out(name: str, names: Iterable[str]) -> Iterator[None]:
+    """A bad file of city `name` also says how to leave the city out: --cities with the others
+    (removing the file alone makes a rerun say it is missing)."""
+    try:
+        yield
+    except InputDataError as exc:
+        others = [other for other in names if other != name]
+        if others:
+            fix = exc.hint or "fix the file"
+            exc.hint = f"{fix}, or leave {name} out: --cities {','.join(others)}"
+        raise
 
 
 def select_bands(requested: tuple[str, ...] | None) -> tuple[str, ...]:

@@ -25,7 +25,7 @@ from specdm_cli.sources.base import (
     remap_labels,
 )
 from specdm_cli.sources.oscd.archive import FIX_ARCHIVE, Tree, open_png, open_raster
-from specdm_cli.sources.oscd.layout import GRID_BAND, PHASES, City, crs_text
+from specdm_cli.sources.oscd.layout import GRID_BAND, PHASES, City, crs_text, leaving_out
 
 _TIF_LABEL_CODES = (1, 2)  # <city>-cm.tif: 1 = no change, 2 = change
 _COARSE_FACTORS = (2, 6)  # 20 m and 60 m bands against the 10 m grid
@@ -225,6 +225,13 @@ def _tag_nodata(tag: float | None) -> float | None:
 
 
 def load_patch(candidate: Candidate, *, ctx: Context, cache: CityCache) -> RawSample:
+    """Cut one window of both phases and the change map; nodata and padding get label 255
+    (a bad file's error also says how to leave its city out)."""
+    with leaving_out(candidate.ref[0], ctx.cities):
+        return _cut_patch(candidate, ctx, cache)
+
+
+def _cut_patch(candidate: Candidate, ctx: Context, cache: CityCache) -> RawSample:
     """Cut one window of both phases and the change map; nodata and padding get label 255."""
     city, y, x = candidate.ref
     stack = cache.get(city)

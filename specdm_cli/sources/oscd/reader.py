@@ -32,6 +32,7 @@ from specdm_cli.sources.oscd.layout import (
     OSCD_CLASSES,
     SPLIT_ORDER,
     City,
+    leaving_out,
     open_city,
     read_dates,
     select_bands,
@@ -72,11 +73,13 @@ def read_oscd(
     splits = assign_splits(listed, options)
     cities: dict[str, City] = {}
     native: list[str] = []
+    every = [name for names in listed.values() for name in names]
     for origin, names in listed.items():
         for name in names:
-            cities[name], fallbacks = open_city(
-                images, _tree(labels, origin), name, splits[name], bands, options.label_nodata
-            )
+            with leaving_out(name, every):
+                cities[name], fallbacks = open_city(
+                    images, _tree(labels, origin), name, splits[name], bands, options.label_nodata
+                )
             native += fallbacks
     crs_set = {city.crs for city in cities.values()}
     crs = crs_set.pop() if len(crs_set) == 1 else None
