@@ -45,6 +45,7 @@ from specdm_cli.pipeline.signals import StopFlag
 from specdm_cli.sources.base import (
     Candidate,
     PrepareOptions,
+    RawSample,
     SourcePlan,
     SourceSpec,
 )
@@ -223,7 +224,7 @@ def _prepare(
         fault = isinstance(exc, (OSError, ResourceError, Interrupted))
         if state == "fresh" and not fault and _load_tally(request.out).kept == 0:
             remove_tree(request.out)
-        elif isinstance(exc, InputDataError):
+        elif isinstance(exc, _BadFile):  # not a refusal: "raw data changed" is no file to fix
             _name_the_partial_store(exc, request.out)
         raise
     finally:
@@ -270,6 +271,24 @@ def _read_source(
         source_plan.close()
         raise InputDataError("no samples found", request.raw, "check the folder layout")
     return source_plan, early
+
+
+class _BadFile(InputDataError):
+    """An input error met loading a sample: a file of the raw data to fix or leave out."""
+
+
+def _telling_bad_files(load: Callable[[Candidate], RawSample]) -> Callable[[Candidate], RawSample]:
+    """`load`, whose input errors are _BadFile: only they get the partial store's hint."""
+
+    def told(candidate: Candidate) -> RawSample:
+        try:
+            return load(candidate)
+        except _BadFile:
+            raise
+        except InputDataError as exc:
+            raise _BadFile(exc.message, exc.path, exc.hint) from None
+
+    return told
 
 
 def _name_the_partial_store(error: InputDataError, out: Path) -> None:
@@ -437,9 +456,8 @@ def _write(
             writer.truncate(len(source_plan.candidates))
         writer.forget_from(tally.kept)
         spec = source_plan.spec
-        write_blocks(
-            request, spec, source_plan.candidates, source_plan.load, writer, tally, stop, progress
-        )
+        load = _telling_bad_files(source_plan.load)
+        write_blocks(request, spec, source_plan.candidates, load, writer, tally, stop, progress)
         if tally.kept:
             _finish(writer, spec, tally)
     return tally
