@@ -890,6 +890,29 @@ def test_band_files_missing_from_rect_are_read_from_the_native_folder(
                 np.testing.assert_array_equal(sample.arrays[name][index], expected, err_msg=band)
 
 
+def test_band_files_named_in_another_case_are_read(tree: Callable[..., Path], raw: Path) -> None:
+    """`B02.TIF` (FAT and Windows copies) and `B8a.tif` were "band file is missing": the file
+    was there. They are read as SegMunich's `1.TIF` is, with the same pixels."""
+    folder = raw / IMAGES / "bercy" / "imgs_1_rect"
+    for path in list(folder.iterdir()):
+        path.rename(path.with_suffix(".TIF"))
+    _band_file(raw, "bercy", 2, "B8A").rename(_band_file(raw, "bercy", 2, "B8a"))
+    expected = _load_all(read_oscd(tree(), SMALL))
+    loaded = _load_all(read_oscd(raw, SMALL))
+    assert loaded.keys() == expected.keys()
+    for source_id, sample in loaded.items():
+        for name, array in sample.arrays.items():
+            np.testing.assert_array_equal(array, expected[source_id].arrays[name], err_msg=name)
+
+
+def test_a_band_file_twice_in_names_differing_by_case_is_refused_naming_both(raw: Path) -> None:
+    band = _band_file(raw, "bercy", 1, "B04")
+    shutil.copy(band, band.with_suffix(".TIF"))
+    err = _error(raw)
+    assert "B04.TIF, B04.tif" in err.message and err.path is not None
+    assert err.path.parent == band.parent
+
+
 def test_band_missing_from_both_folders_still_names_the_rect_file(raw: Path) -> None:
     _band_file(raw, "aguasclaras", 1, "B03").unlink()
     for path in (raw / IMAGES / "aguasclaras" / "imgs_1").glob("*_B03.tif"):

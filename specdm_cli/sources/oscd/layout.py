@@ -121,16 +121,34 @@ def _band_files(
     fallbacks: list[str] = []
     for index, phase in enumerate(PHASES):
         native = _native_files(images, f"{name}/{RAW_PHASES[index]}")
+        present = _by_lower_name(images, f"{name}/{phase}")
         for band in dict.fromkeys((GRID_BAND, *bands)):
             rect = f"{name}/{phase}/{band}.tif"
-            if images.has(rect):
-                files[index, band] = rect
+            found = present.get(f"{band}.tif".lower(), [])
+            if len(found) > 1:
+                raise InputDataError(
+                    f"band {band} twice, in names that differ only by case: "
+                    f"{', '.join(n.rsplit('/', 1)[1] for n in found)}",
+                    images.where(found[0]),
+                    "remove the copy that is not the band",
+                )
+            if found:
+                files[index, band] = found[0]
             elif band in native:
                 files[index, band] = native[band]
                 fallbacks.append(native[band])
             else:
                 raise InputDataError("band file is missing", images.where(rect), FIX_ARCHIVE)
     return files, fallbacks
+
+
+def _by_lower_name(images: Tree, folder: str) -> dict[str, list[str]]:
+    """The files of `folder` by lower-case name: `B02.TIF` (FAT and Windows copies) and
+    `B8a.tif` are the band files `B02.tif` and `B8A.tif`."""
+    found: dict[str, list[str]] = {}
+    for file_name in images.listdir(folder):
+        found.setdefault(file_name.lower(), []).append(f"{folder}/{file_name}")
+    return found
 
 
 def _native_files(images: Tree, folder: str) -> dict[str, str]:
