@@ -671,7 +671,58 @@ def test_corrupt_member_of_a_zip_is_named_inside_the_zip(raw: Path, tmp_path: Pa
 def test_corrupt_zip_is_named(tree: Callable[..., Path], tmp_path: Path) -> None:
     root = Path(shutil.copytree(tree(zipped=True), tmp_path / "raw", copy_function=os.link))
     _fresh(root / f"{TRAIN_LABELS}.zip").write_bytes(b"PK truncated")
-    assert _error(root).path == root / f"{TRAIN_LABELS}.zip"
+    error = _error(root)
+    assert error.path == root / f"{TRAIN_LABELS}.zip"
+    # A zip is re-downloaded, not "re-extracted from the OSCD archive": it is that archive.
+    assert error.hint == "re-download the zip (OSCD's zips are read in place)"
+
+
+def test_a_band_missing_from_a_zip_asks_for_the_zip_not_a_re_extraction(
+    raw: Path, tmp_path: Path
+) -> None:
+    _band_file(raw, "bercy", 1, "B04").unlink()
+    root = tmp_path / "zipped"
+    for stem in (IMAGES, TRAIN_LABELS, TEST_LABELS):
+        shutil.make_archive(str(root / stem), "zip", raw, stem)
+    error = _error(root)
+    assert error.path == root / f"{IMAGES}.zip" / BERCY / "imgs_1_rect" / "B04.tif"
+    assert error.hint is not None and error.hint.startswith("re-download the zip")
+
+
+@pytest.mark.parametrize("inside", ["own folders", "images folder"])
+def test_zips_extracted_one_level_down_are_found(raw: Path, tmp_path: Path, inside: str) -> None:
+    """`unzip X.zip -d images` (or the label zips into the Images folder) put each top folder
+    one level down: "OSCD folder (or its .zip) is missing", naming neither."""
+    deeper = tmp_path / "deeper"
+    folders = {IMAGES: "images", TRAIN_LABELS: "train", TEST_LABELS: "test"}
+    if inside == "images folder":
+        folders = {IMAGES: "", TRAIN_LABELS: IMAGES, TEST_LABELS: IMAGES}
+    for stem, folder in folders.items():
+        shutil.copytree(raw / stem, deeper / folder / stem, copy_function=os.link)
+    _assert_read_alike(raw, deeper)
+
+
+def test_a_partial_images_folder_beside_its_whole_zip_is_named_with_the_fix(
+    raw: Path, tmp_path: Path
+) -> None:
+    """An interrupted unzip: the partial folder was read, and the hint said to drop the train
+    city it lacks (--cities), never naming the whole zip beside it."""
+    root = tmp_path / "partial"
+    for stem in (IMAGES, TRAIN_LABELS, TEST_LABELS):
+        shutil.make_archive(str(root / stem), "zip", raw, stem)
+    shutil.copytree(raw / IMAGES, root / IMAGES, copy_function=os.link)
+    shutil.rmtree(root / IMAGES / "bercy")
+    code, _, stderr = _prepare(root, "--out", tmp_path / "o.zarr")
+    assert code == 3
+    line = _error_line(stderr)
+    assert f"{IMAGES}.zip beside it" in line and "move the folder away to read the zip" in line
+    assert "--cities" not in line
+    (root / IMAGES).rename(tmp_path / "moved away")
+    _assert_read_alike(raw, root)
+    shutil.copytree(raw / TRAIN_LABELS, root / TRAIN_LABELS, copy_function=os.link)
+    shutil.rmtree(root / TRAIN_LABELS / "bercy")  # the same of the Train Labels
+    code, _, stderr = _prepare(root, "--out", tmp_path / "o.zarr")
+    assert code == 3 and f"{TRAIN_LABELS}.zip beside it" in _error_line(stderr)
 
 
 @pytest.mark.parametrize("kind", ["deflate64", "encrypted"])
@@ -833,6 +884,18 @@ def test_cities_option_needs_no_test_labels_and_warns_of_nothing(raw: Path, tmp_
         "val": [],
         "test": [],
     }
+
+
+def test_a_train_city_s_change_map_missing_from_its_labels_asks_to_re_extract_it(
+    raw: Path, tmp_path: Path
+) -> None:
+    """The Train Labels folder is there: "add '... Train Labels' to RAW" did not fit."""
+    shutil.rmtree(raw / TRAIN_LABELS / "bercy" / "cm")
+    code, _, stderr = _prepare(raw, "--out", tmp_path / "o.zarr")
+    assert code == 3
+    line = _error_line(stderr)
+    assert f"({raw / TRAIN_LABELS / 'bercy' / 'cm'})" in line
+    assert f"re-extract their cm/ folders from '{TRAIN_LABELS}'" in line and "add '" not in line
 
 
 def test_a_test_city_asked_for_without_labels_is_an_error(raw: Path, tmp_path: Path) -> None:

@@ -9,7 +9,15 @@ import numpy as np
 
 from specdm_cli.errors import InputDataError, UsageError
 from specdm_cli.sources.base import LeftOut, PrepareOptions
-from specdm_cli.sources.oscd.archive import FIX_ARCHIVE, LABELS, Tree, labels_merged, read_text
+from specdm_cli.sources.oscd.archive import (
+    FIX_ARCHIVE,
+    IMAGES,
+    LABELS,
+    Tree,
+    labels_merged,
+    read_text,
+    zip_beside,
+)
 from specdm_cli.sources.oscd.layout import label_rel
 
 CityList = dict[str, list[str]]  # original split (train, test) -> city names
@@ -73,7 +81,7 @@ def usable_cities(
     change map are left out with one warning, unless --cities asked for them; train cities
     without one are an error (a store without them would silently lose training data).
     """
-    _require_images(images, listed)
+    _require_images(root, images, listed)
     usable: CityList = {}
     left_out: list[LeftOut] = []
     for split, names in listed.items():
@@ -123,23 +131,46 @@ def _left_out_test(root: Path, images: Tree, tree: Tree | None, names: list[str]
 def _unlabelled_train(
     root: Path, images: Tree, tree: Tree | None, split: str, names: list[str]
 ) -> InputDataError:
-    """Train cities without a change map: an error (a store without them loses training data)."""
-    return InputDataError(
-        f"{split} cities without a change map (cm/cm.png): {', '.join(names)}",
-        tree.where(f"{names[0]}/cm") if tree is not None else root / LABELS[split],
-        f"add '{LABELS[split]}' (or its .zip) to RAW, or choose others with --cities",
+    """Train cities without a change map: an error (a store without them loses training data)
+    whose hint fits what RAW holds."""
+    stem = LABELS[split]
+    message = f"{split} cities without a change map (cm/cm.png): {', '.join(names)}"
+    if not _own_labels(images, tree):
+        where = root / stem if tree is None else images.where(f"{names[0]}/cm")
+        fix = f"add '{stem}' (or its .zip) to RAW, or choose others with --cities"
+        return InputDataError(message, where, fix)
+    assert tree is not None
+    beside = zip_beside(root, stem, tree)
+    fix = (
+        _partial_folder_fix(tree, beside)
+        if beside is not None
+        else f"re-extract their cm/ folders from '{stem}' (or re-download it), or choose "
+        "others with --cities"
+    )
+    return InputDataError(message, tree.where(f"{names[0]}/cm"), fix)
+
+
+def _partial_folder_fix(tree: Tree, beside: Path) -> str:
+    """An extracted folder that lacks files beside its whole zip: an interrupted unzip."""
+    return (
+        f"the folder {tree.where('')} looks like an interrupted extraction of {beside.name} "
+        "beside it, and the folder is read first: move the folder away to read the zip, or "
+        "extract the zip again in full"
     )
 
 
-def _require_images(images: Tree, listed: CityList) -> None:
+def _require_images(root: Path, images: Tree, listed: CityList) -> None:
     """One error naming every listed city whose image folder the download lacks."""
     names = [name for split_names in listed.values() for name in split_names]
     absent = [name for name in names if not images.has_dir(name)]
     if not absent:
         return
     present = [name for name in names if name not in absent]
+    beside = zip_beside(root, IMAGES, images)
     hint = (
-        f"to prepare the cities you have, pass --cities {','.join(present)}"
+        _partial_folder_fix(images, beside)
+        if beside is not None
+        else f"to prepare the cities you have, pass --cities {','.join(present)}"
         if present
         else "extract the whole Images archive"
     )

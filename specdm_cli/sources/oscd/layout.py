@@ -11,7 +11,7 @@ from typing import Any
 from specdm_cli.errors import InputDataError, UsageError
 from specdm_cli.manifest import ClassInfo
 from specdm_cli.sources.base import require_whole_read
-from specdm_cli.sources.oscd.archive import FIX_ARCHIVE, Tree, open_png, open_raster, read_text
+from specdm_cli.sources.oscd.archive import Tree, fix_of, open_png, open_raster, read_text
 from specdm_cli.sources.sentinel2 import S2_ALL_BANDS, S2_TEN_BANDS, s2_band_name
 
 # Only the co-registered `_rect` folders: `imgs_1/`, `imgs_2/` hold raw native-resolution crops.
@@ -138,7 +138,7 @@ def _band_files(
                 files[index, band] = native[band]
                 fallbacks.append(native[band])
             else:
-                raise InputDataError("band file is missing", images.where(rect), FIX_ARCHIVE)
+                raise InputDataError("band file is missing", images.where(rect), fix_of(images))
     return files, fallbacks
 
 
@@ -178,7 +178,7 @@ def _grid(
             f"{GRID_BAND} is {headers[1][0]}x{headers[1][1]} in phase 2 but "
             f"{headers[0][0]}x{headers[0][1]} in phase 1",
             images.where(band_files[1, GRID_BAND]),
-            FIX_ARCHIVE,
+            fix_of(images),
         )
     georeferenced = [header for header in headers if header[2] is not None]
     return (georeferenced or headers)[0]
