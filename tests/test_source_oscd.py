@@ -998,14 +998,24 @@ def test_val_share_far_above_the_fraction_warns_and_val_cities_chooses(
 
 
 @pytest.mark.parametrize(
-    ("value", "message"),
-    [("rome", "not a train city: rome"), ("aguasclaras,bercy", "takes every train city")],
+    ("option", "value", "message", "exit_code"),
+    [
+        # A value naming what the data lacks is exit 3 (input data) for every option; it was 2
+        # for --val-cities alone.
+        ("--bands", "B02,B88", "unknown band(s) ['B88']", 3),
+        ("--cities", "rome", "names no listed city: rome", 3),
+        ("--val-cities", "rome", "not a train city: rome", 3),
+        ("--val-cities", "brasilia", "not a train city: brasilia", 3),
+        # A choice that leaves no train city is a usage error, as out-of-range values are.
+        ("--val-cities", "aguasclaras,bercy", "takes every train city", 2),
+        ("--overlap", "1.5", "--overlap must lie in [0, 1)", 2),
+    ],
 )
-def test_bad_val_cities_are_usage_errors(
-    tree: Callable[..., Path], tmp_path: Path, value: str, message: str
+def test_bad_option_values_exit_by_one_rule(
+    tree: Callable[..., Path], tmp_path: Path, option: str, value: str, message: str, exit_code: int
 ) -> None:
-    code, _, stderr = _prepare(tree(), "--out", tmp_path / "o.zarr", "--val-cities", value)
-    assert code == 2 and message in _error_line(stderr)
+    code, _, stderr = _prepare(tree(), "--out", tmp_path / "o.zarr", option, value)
+    assert code == exit_code and message in _error_line(stderr)
 
 
 def test_zipped_download_without_test_labels_nor_a_rect_band(

@@ -199,8 +199,8 @@ def assign_splits(listed: CityList, options: PrepareOptions) -> dict[str, str]:
 
 def _val_cities(names: tuple[str, ...], train: list[str]) -> set[str]:
     unknown = [name for name in names if name not in train]
-    if unknown:
-        raise UsageError(
+    if unknown:  # a value naming what the data lacks: exit 3, as --cities and --bands are
+        raise InputDataError(
             f"--val-cities: not a train city: {', '.join(unknown)}",
             hint=f"choose among {', '.join(train)}",
         )

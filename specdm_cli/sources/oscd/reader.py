@@ -59,8 +59,9 @@ def read_oscd(
 
     Raises:
         InputDataError: a missing folder, zip, city, band or label; a corrupt file or zip;
-            sizes that disagree; an unknown band or city name.
-        UsageError: --val-cities names no train city, or every one.
+            sizes that disagree; an unknown band or city name (--bands, --cities, or
+            --val-cities naming no train city).
+        UsageError: --val-cities names every train city.
     """
     # Plain TIFFs (as OSCD's may be) warn on every open; a missing CRS only disables bounds.
     warnings.filterwarnings("ignore", category=NotGeoreferencedWarning)
