@@ -692,6 +692,22 @@ def test_a_bad_file_met_mid_run_is_left_out_as_the_line_says(tmp_path: Path) -> 
     assert json.loads((out / "manifest.json").read_text())["count"] == 79
 
 
+@pytest.mark.parametrize("code", [255, 99])
+def test_raw_255_labels_count_as_nodata_as_declared_ones_do(tmp_path: Path, code: int) -> None:
+    """A raw 255 (SegMunich's ignore value) left `source.nodata_pixels` at 0, while the same
+    pixels coded 99 and declared --label-nodata 99 counted."""
+    tree = _tree(tmp_path / "raw", splits={"train": 2})
+    label = tree / "train" / "label" / "2.tif"
+    codes = tifffile.imread(label)
+    codes[3:5, 2:9] = code
+    tifffile.imwrite(label, codes)
+    out = tmp_path / "s.zarr"
+    declared = ["--label-nodata", "99"] if code == 99 else []
+    code_, _, stderr = run_cli("prepare", "segmunich", tree, "--out", out, "-q", *declared)
+    assert code_ == 0, stderr
+    assert json.loads((out / "manifest.json").read_text())["source"]["nodata_pixels"] == 14
+
+
 def test_not_a_tiff(tmp_path: Path) -> None:
     tree = _tree(tmp_path)
     path = tree / "val" / "img" / "5.tif"

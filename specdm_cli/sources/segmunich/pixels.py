@@ -122,6 +122,9 @@ def load_sample(
         wide = raw_label.astype(np.float64 if raw_label.dtype.kind == "f" else np.int64)
         raw_label = np.where(label_invalid, IGNORE_INDEX, wide)
     mask = remap_labels(raw_label, codes, label_path)
+    # A raw 255 is SegMunich's ignore value (the official training's): no data, counted as the
+    # declared --label-nodata pixels are (they read 255 here too).
+    unlabelled = mask == IGNORE_INDEX
     # --nodata replaces the image's tag; NaN is never a value, so --nodata nan adds to it.
     nan_declared = nodata is not None and math.isnan(nodata)
     image_nodata = _gdal_nodata(img_path) if nodata is None or nan_declared else nodata
@@ -130,7 +133,7 @@ def load_sample(
         candidate.source_id,
         candidate.split,
         {"image": image, "mask": mask},
-        nodata_pixels=int((invalid | label_invalid).sum()),
+        nodata_pixels=int((invalid | unlabelled).sum()),
         image_nodata=invalid,
     )
 
