@@ -220,6 +220,10 @@ def test_a_resume_over_changed_raw_data_is_refused(
     told = [line for line in resumed.stderr.splitlines() if "took over a stale lock" not in line]
     assert_one_error_line(resumed.returncode, "\n".join(told), 3, words)
     assert "cannot resume" in resumed.stderr and "--overwrite" in resumed.stderr
+    # Not a bad file's hint too ("once the file is fixed, rerun with --resume"): no file is
+    # involved, and --resume is what was just refused.
+    (line,) = [line for line in told if line.startswith("error:")]
+    assert line.endswith("restore the raw data, or start again with --overwrite"), line
     assert json.loads((out / "manifest.json").read_text())["complete"] is False
     for name, values in arrays(out).items():
         np.testing.assert_array_equal(values, before[name], err_msg=name)

@@ -619,6 +619,26 @@ def test_broken_trees_raise_input_errors_naming_the_culprit(raw: Path, case: str
     assert _error(raw).path == raw / culprit
 
 
+@pytest.mark.parametrize("rel", [f"{BERCY}/imgs_1_rect/B03.tif", f"{BERCY}/imgs_2_rect/B02.tif"])
+def test_a_bad_band_s_hint_leaves_its_city_out_as_written(
+    raw: Path, tmp_path: Path, rel: str
+) -> None:
+    """Met while planning (B02's header) or mid-run (another band's pixels): removing the file
+    alone, then rerunning, says it is missing; the line now gives the --cities that leaves the
+    city out, and that rerun prepares the others."""
+    _garbage(rel)(raw)
+    out = tmp_path / "o.zarr"
+    code, _, stderr = _prepare(raw, "--out", out)
+    assert code == 3
+    line = _error_line(stderr)
+    assert f"({raw / rel})" in line and "or leave bercy out: --cities aguasclaras,brasilia" in line
+    code, stdout, stderr = _prepare(
+        raw, "--out", out, "--cities", "aguasclaras,brasilia", "--overwrite"
+    )
+    assert code == 0, stderr
+    assert json.loads(stdout)["split_counts"]["test"] > 0
+
+
 def test_zips_with_backslash_names_read_as_the_folders(
     tree: Callable[..., Path], tmp_path: Path
 ) -> None:
@@ -651,7 +671,58 @@ def test_corrupt_member_of_a_zip_is_named_inside_the_zip(raw: Path, tmp_path: Pa
 def test_corrupt_zip_is_named(tree: Callable[..., Path], tmp_path: Path) -> None:
     root = Path(shutil.copytree(tree(zipped=True), tmp_path / "raw", copy_function=os.link))
     _fresh(root / f"{TRAIN_LABELS}.zip").write_bytes(b"PK truncated")
-    assert _error(root).path == root / f"{TRAIN_LABELS}.zip"
+    error = _error(root)
+    assert error.path == root / f"{TRAIN_LABELS}.zip"
+    # A zip is re-downloaded, not "re-extracted from the OSCD archive": it is that archive.
+    assert error.hint == "re-download the zip (OSCD's zips are read in place)"
+
+
+def test_a_band_missing_from_a_zip_asks_for_the_zip_not_a_re_extraction(
+    raw: Path, tmp_path: Path
+) -> None:
+    _band_file(raw, "bercy", 1, "B04").unlink()
+    root = tmp_path / "zipped"
+    for stem in (IMAGES, TRAIN_LABELS, TEST_LABELS):
+        shutil.make_archive(str(root / stem), "zip", raw, stem)
+    error = _error(root)
+    assert error.path == root / f"{IMAGES}.zip" / BERCY / "imgs_1_rect" / "B04.tif"
+    assert error.hint is not None and error.hint.startswith("re-download the zip")
+
+
+@pytest.mark.parametrize("inside", ["own folders", "images folder"])
+def test_zips_extracted_one_level_down_are_found(raw: Path, tmp_path: Path, inside: str) -> None:
+    """`unzip X.zip -d images` (or the label zips into the Images folder) put each top folder
+    one level down: "OSCD folder (or its .zip) is missing", naming neither."""
+    deeper = tmp_path / "deeper"
+    folders = {IMAGES: "images", TRAIN_LABELS: "train", TEST_LABELS: "test"}
+    if inside == "images folder":
+        folders = {IMAGES: "", TRAIN_LABELS: IMAGES, TEST_LABELS: IMAGES}
+    for stem, folder in folders.items():
+        shutil.copytree(raw / stem, deeper / folder / stem, copy_function=os.link)
+    _assert_read_alike(raw, deeper)
+
+
+def test_a_partial_images_folder_beside_its_whole_zip_is_named_with_the_fix(
+    raw: Path, tmp_path: Path
+) -> None:
+    """An interrupted unzip: the partial folder was read, and the hint said to drop the train
+    city it lacks (--cities), never naming the whole zip beside it."""
+    root = tmp_path / "partial"
+    for stem in (IMAGES, TRAIN_LABELS, TEST_LABELS):
+        shutil.make_archive(str(root / stem), "zip", raw, stem)
+    shutil.copytree(raw / IMAGES, root / IMAGES, copy_function=os.link)
+    shutil.rmtree(root / IMAGES / "bercy")
+    code, _, stderr = _prepare(root, "--out", tmp_path / "o.zarr")
+    assert code == 3
+    line = _error_line(stderr)
+    assert f"{IMAGES}.zip beside it" in line and "move the folder away to read the zip" in line
+    assert "--cities" not in line
+    (root / IMAGES).rename(tmp_path / "moved away")
+    _assert_read_alike(raw, root)
+    shutil.copytree(raw / TRAIN_LABELS, root / TRAIN_LABELS, copy_function=os.link)
+    shutil.rmtree(root / TRAIN_LABELS / "bercy")  # the same of the Train Labels
+    code, _, stderr = _prepare(root, "--out", tmp_path / "o.zarr")
+    assert code == 3 and f"{TRAIN_LABELS}.zip beside it" in _error_line(stderr)
 
 
 @pytest.mark.parametrize("kind", ["deflate64", "encrypted"])
@@ -761,6 +832,46 @@ def test_images_and_train_labels_only_skip_test_cities_with_one_warning(
     assert json.loads(stdout)["warnings"] == [line]
 
 
+def test_a_store_that_skipped_test_cities_says_so_once_test_labels_are_added(
+    raw: Path, tmp_path: Path
+) -> None:
+    """Adding the Test Labels as the warning says, then --resume, was "already complete"
+    (exit 0) and the store still lacked test; a plain rerun asked for --resume. Now the
+    manifest records the skipped cities, and either rerun is refused with --overwrite."""
+    labels = raw / TEST_LABELS
+    labels.rename(tmp_path / "later")
+    out = tmp_path / "o.zarr"
+    code, _, stderr = _prepare(raw, "--out", out, "--val-fraction", "0")
+    assert code == 0, stderr
+    (part,) = manifest_of(out)["source"]["details"]["left_out"]  # type: ignore[index]
+    assert part["part"] == "test cities brasilia"
+    assert str(labels.absolute()) in part["restored_by"]
+    (tmp_path / "later").rename(labels)
+    for rerun in (["--resume"], []):
+        code, _, stderr = _prepare(raw, "--out", out, "--val-fraction", "0", *rerun)
+        assert code == 3, stderr
+        line = _error_line(stderr)
+        assert "left out test cities brasilia" in line and str(labels.absolute()) in line
+        assert line.endswith("rerun with --overwrite to prepare the whole dataset")
+    code, stdout, stderr = _prepare(raw, "--out", out, "--val-fraction", "0", "--overwrite")
+    assert code == 0, stderr
+    assert set(json.loads(stdout)["split_counts"]) == {"train", "test"}
+    assert "left_out" not in manifest_of(out)["source"]["details"]  # type: ignore[operator]
+
+
+def test_quiet_still_tells_of_test_cities_left_out(raw: Path, tmp_path: Path) -> None:
+    """With -q the run exited 0 and printed nothing: --quiet silences progress, not data
+    left out."""
+    shutil.rmtree(raw / TEST_LABELS)
+    out = tmp_path / "o.zarr"
+    code, _, stderr = run_cli("prepare", "oscd", raw, "--out", out, "--patch-size", "16", "-q")
+    assert code == 0, stderr
+    (line,) = stderr.strip().splitlines()
+    assert line.startswith("warning: skipping 1 test cities") and "brasilia" in line
+    (part,) = manifest_of(out)["source"]["details"]["left_out"]  # type: ignore[index]
+    assert part["part"] == "test cities brasilia"
+
+
 def test_cities_option_needs_no_test_labels_and_warns_of_nothing(raw: Path, tmp_path: Path) -> None:
     shutil.rmtree(raw / TEST_LABELS)
     code, _, stderr = _prepare(
@@ -773,6 +884,18 @@ def test_cities_option_needs_no_test_labels_and_warns_of_nothing(raw: Path, tmp_
         "val": [],
         "test": [],
     }
+
+
+def test_a_train_city_s_change_map_missing_from_its_labels_asks_to_re_extract_it(
+    raw: Path, tmp_path: Path
+) -> None:
+    """The Train Labels folder is there: "add '... Train Labels' to RAW" did not fit."""
+    shutil.rmtree(raw / TRAIN_LABELS / "bercy" / "cm")
+    code, _, stderr = _prepare(raw, "--out", tmp_path / "o.zarr")
+    assert code == 3
+    line = _error_line(stderr)
+    assert f"({raw / TRAIN_LABELS / 'bercy' / 'cm'})" in line
+    assert f"re-extract their cm/ folders from '{TRAIN_LABELS}'" in line and "add '" not in line
 
 
 def test_a_test_city_asked_for_without_labels_is_an_error(raw: Path, tmp_path: Path) -> None:
@@ -830,6 +953,29 @@ def test_band_files_missing_from_rect_are_read_from_the_native_folder(
                 np.testing.assert_array_equal(sample.arrays[name][index], expected, err_msg=band)
 
 
+def test_band_files_named_in_another_case_are_read(tree: Callable[..., Path], raw: Path) -> None:
+    """`B02.TIF` (FAT and Windows copies) and `B8a.tif` were "band file is missing": the file
+    was there. They are read as SegMunich's `1.TIF` is, with the same pixels."""
+    folder = raw / IMAGES / "bercy" / "imgs_1_rect"
+    for path in list(folder.iterdir()):
+        path.rename(path.with_suffix(".TIF"))
+    _band_file(raw, "bercy", 2, "B8A").rename(_band_file(raw, "bercy", 2, "B8a"))
+    expected = _load_all(read_oscd(tree(), SMALL))
+    loaded = _load_all(read_oscd(raw, SMALL))
+    assert loaded.keys() == expected.keys()
+    for source_id, sample in loaded.items():
+        for name, array in sample.arrays.items():
+            np.testing.assert_array_equal(array, expected[source_id].arrays[name], err_msg=name)
+
+
+def test_a_band_file_twice_in_names_differing_by_case_is_refused_naming_both(raw: Path) -> None:
+    band = _band_file(raw, "bercy", 1, "B04")
+    shutil.copy(band, band.with_suffix(".TIF"))
+    err = _error(raw)
+    assert "B04.TIF, B04.tif" in err.message and err.path is not None
+    assert err.path.parent == band.parent
+
+
 def test_band_missing_from_both_folders_still_names_the_rect_file(raw: Path) -> None:
     _band_file(raw, "aguasclaras", 1, "B03").unlink()
     for path in (raw / IMAGES / "aguasclaras" / "imgs_1").glob("*_B03.tif"):
@@ -852,14 +998,24 @@ def test_val_share_far_above_the_fraction_warns_and_val_cities_chooses(
 
 
 @pytest.mark.parametrize(
-    ("value", "message"),
-    [("rome", "not a train city: rome"), ("aguasclaras,bercy", "takes every train city")],
+    ("option", "value", "message", "exit_code"),
+    [
+        # A value naming what the data lacks is exit 3 (input data) for every option; it was 2
+        # for --val-cities alone.
+        ("--bands", "B02,B88", "unknown band(s) ['B88']", 3),
+        ("--cities", "rome", "names no listed city: rome", 3),
+        ("--val-cities", "rome", "not a train city: rome", 3),
+        ("--val-cities", "brasilia", "not a train city: brasilia", 3),
+        # A choice that leaves no train city is a usage error, as out-of-range values are.
+        ("--val-cities", "aguasclaras,bercy", "takes every train city", 2),
+        ("--overlap", "1.5", "--overlap must lie in [0, 1)", 2),
+    ],
 )
-def test_bad_val_cities_are_usage_errors(
-    tree: Callable[..., Path], tmp_path: Path, value: str, message: str
+def test_bad_option_values_exit_by_one_rule(
+    tree: Callable[..., Path], tmp_path: Path, option: str, value: str, message: str, exit_code: int
 ) -> None:
-    code, _, stderr = _prepare(tree(), "--out", tmp_path / "o.zarr", "--val-cities", value)
-    assert code == 2 and message in _error_line(stderr)
+    code, _, stderr = _prepare(tree(), "--out", tmp_path / "o.zarr", option, value)
+    assert code == exit_code and message in _error_line(stderr)
 
 
 def test_zipped_download_without_test_labels_nor_a_rect_band(
@@ -870,7 +1026,7 @@ def test_zipped_download_without_test_labels_nor_a_rect_band(
     for stem in (IMAGES, TRAIN_LABELS):
         shutil.make_archive(str(root / stem), "zip", raw, stem)
     plan = read_oscd(root, SMALL)
-    assert "brasilia" in plan.warnings[0] and "imgs_2/" in plan.warnings[1]
+    assert "brasilia" in plan.left_out[0].warning and "imgs_2/" in plan.warnings[0]
     assert {c.split for c in plan.candidates} == {"train", "val"}
     expected = _load_all(read_oscd(raw, SMALL))
     for source_id, sample in _load_all(plan).items():

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 import struct
 import zlib
 from collections.abc import Callable
@@ -420,10 +421,61 @@ def test_a_split_folder_without_its_list_is_told_not_dropped_silently(tmp_path: 
     (tree / "dataset" / "val.txt").unlink()
     plan = _open(tmp_path)
     assert {c.split for c in plan.candidates} == {"train"}
-    assert plan.warnings == [
+    assert [part.warning for part in plan.left_out] == [
         "val/ has no dataset/val.txt: its 1 images are left out (restore val.txt from the "
         "archive to read them)"
     ]
+
+
+def test_a_store_that_left_val_out_says_so_once_val_txt_is_restored(tmp_path: Path) -> None:
+    """Restoring val.txt as the warning says, then --resume, was "already complete" (exit 0)
+    and the store still lacked val; a plain rerun asked for --resume. Now the manifest records
+    what was left out, and either rerun is refused with the fix that works (--overwrite)."""
+    tree = _tree(tmp_path / "raw", splits={"train": 2, "val": 1})
+    listing = tree / "dataset" / "val.txt"
+    listing.rename(tmp_path / "val.txt")
+    out = tmp_path / "s.zarr"
+    code, _, stderr = run_cli("prepare", "segmunich", tree, "--out", out)
+    assert code == 0, stderr
+    details = json.loads((out / "manifest.json").read_text())["source"]["details"]
+    assert details["left_out"] == [
+        {
+            "part": "the 1 images of val/",
+            "reason": "no dataset/val.txt lists them",
+            "restored_by": [str(listing.absolute())],
+        }
+    ]
+    # Told nothing new while RAW still lacks it: --resume keeps the complete store.
+    code, _, stderr = run_cli("prepare", "segmunich", tree, "--out", out, "--resume")
+    assert code == 0 and "already complete" in stderr
+    (tmp_path / "val.txt").rename(listing)
+    for rerun in (["--resume"], []):
+        code, _, stderr = run_cli("prepare", "segmunich", tree, "--out", out, *rerun)
+        assert code == 3, stderr
+        (line,) = stderr.strip().splitlines()
+        assert "left out the 1 images of val/" in line and str(listing.absolute()) in line
+        assert line.endswith("rerun with --overwrite to prepare the whole dataset")
+    code, _, stderr = run_cli("prepare", "segmunich", tree, "--out", out, "--overwrite")
+    assert code == 0, stderr
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["split_counts"] == {"train": 2, "val": 1}
+    assert "left_out" not in manifest["source"]["details"]
+
+
+def test_quiet_still_tells_of_a_split_folder_left_out(tmp_path: Path) -> None:
+    """With -q the run exited 0 and printed nothing: --quiet silences progress, not data
+    left out."""
+    tree = _tree(tmp_path / "raw", splits={"train": 2, "val": 1, "test": 1})
+    (tree / "dataset" / "val.txt").unlink()
+    out = tmp_path / "s.zarr"
+    code, _, stderr = run_cli("prepare", "segmunich", tree, "--out", out, "-q")
+    assert code == 0, stderr
+    assert stderr.strip().splitlines() == [
+        "val/ has no dataset/val.txt: its 1 images are left out (restore val.txt from the "
+        "archive to read them)"
+    ]
+    details = json.loads((out / "manifest.json").read_text())["source"]["details"]
+    assert [part["part"] for part in details["left_out"]] == ["the 1 images of val/"]
 
 
 def test_a_store_without_train_is_told_at_prepare_not_first_by_fit_vae(tmp_path: Path) -> None:
@@ -567,6 +619,93 @@ def test_truncated_tiff(tmp_path: Path, which: str) -> None:
     err = _input_error(tmp_path, "corrupt or truncated TIFF")
     assert err.path == path
     assert "re-download" in (err.hint or "")
+
+
+def _leave_out_as_told(hint: str, tree: Path) -> None:
+    """Do what the hint's "leave the sample out: ..." says, word for word."""
+    told = hint.split("leave the sample out: ", 1)[1].split(";", 1)[0]
+    line = re.fullmatch(r"delete its line \((\w+)\) from (\S+)", told)
+    row = re.fullmatch(r"delete its row \(id (\w+)\) from (\S+)", told)
+    image = re.fullmatch(r"remove its image (\S+)", told)
+    if line or row:
+        sample_id, listing = (line or row).groups()  # type: ignore[union-attr]
+        kept = [x for x in Path(listing).read_text().splitlines() if x.split(",")[0] != sample_id]
+        Path(listing).write_text("\n".join(kept) + "\n")
+    else:
+        assert image, hint
+        Path(image.group(1)).unlink()
+
+
+@pytest.mark.parametrize(
+    ("layout", "bad", "told"),
+    [
+        (
+            "official",
+            "TUM_128/train/img/2.tif",
+            "delete its line (2) from {tree}/dataset/train.txt",
+        ),
+        ("official", "TUM_128/val/label/5.tif", "delete its line (5) from {tree}/dataset/val.txt"),
+        ("gfm", "TUM_128/test/img/4.tif", "delete its row (id 4) from {tree}/dataset/metadata.csv"),
+        ("mmseg", "TUM_128/ann_dir/val/4.png", "remove its image {tree}/img_dir/val/4.tif"),
+    ],
+)
+def test_a_bad_file_s_hint_leaves_its_sample_out_as_written(
+    tmp_path: Path, layout: str, bad: str, told: str
+) -> None:
+    """ "re-download or remove the file" did not work as written: the id was still in its split
+    list, and the rerun said the file listed there is missing. The hint now says how to leave
+    the sample out where the layout lists it, and doing just that reads the rest."""
+    make_segmunich(tmp_path, layout)
+    tree = tmp_path / "TUM_128"
+    path = tmp_path / bad
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    err = _input_error(tmp_path, "corrupt or truncated")
+    assert err.path == path
+    assert f"leave the sample out: {told.format(tree=tree)}" in (err.hint or "")
+    path.unlink()
+    _leave_out_as_told(err.hint or "", tree)
+    plan = _open(tmp_path)
+    assert len(plan.candidates) == 4
+    for candidate in plan.candidates:
+        plan.load(candidate)
+
+
+def test_a_bad_file_met_mid_run_is_left_out_as_the_line_says(tmp_path: Path) -> None:
+    """The real CLI: the store keeps the samples written so far, and the sample left out as
+    the line says, --overwrite prepares the rest."""
+    tree = _tree(tmp_path / "raw", splits={"train": 80})
+    bad = tree / "train" / "img" / "70.tif"
+    bad.write_bytes(bad.read_bytes()[: bad.stat().st_size // 2])
+    out = tmp_path / "s.zarr"
+    code, _, stderr = run_cli("prepare", "segmunich", tree, "--out", out, "--workers", "1", "-q")
+    assert code == 3
+    (line,) = stderr.strip().splitlines()
+    assert f"delete its line (70) from {tree}/dataset/train.txt" in line
+    assert line.endswith(
+        f"{out} keeps the samples written so far: rerun with --resume once the file is fixed "
+        "(leaving it out needs --overwrite)"
+    )
+    bad.unlink()
+    _leave_out_as_told(line, tree)
+    code, _, stderr = run_cli("prepare", "segmunich", tree, "--out", out, "--overwrite", "-q")
+    assert code == 0, stderr
+    assert json.loads((out / "manifest.json").read_text())["count"] == 79
+
+
+@pytest.mark.parametrize("code", [255, 99])
+def test_raw_255_labels_count_as_nodata_as_declared_ones_do(tmp_path: Path, code: int) -> None:
+    """A raw 255 (SegMunich's ignore value) left `source.nodata_pixels` at 0, while the same
+    pixels coded 99 and declared --label-nodata 99 counted."""
+    tree = _tree(tmp_path / "raw", splits={"train": 2})
+    label = tree / "train" / "label" / "2.tif"
+    codes = tifffile.imread(label)
+    codes[3:5, 2:9] = code
+    tifffile.imwrite(label, codes)
+    out = tmp_path / "s.zarr"
+    declared = ["--label-nodata", "99"] if code == 99 else []
+    code_, _, stderr = run_cli("prepare", "segmunich", tree, "--out", out, "-q", *declared)
+    assert code_ == 0, stderr
+    assert json.loads((out / "manifest.json").read_text())["source"]["nodata_pixels"] == 14
 
 
 def test_not_a_tiff(tmp_path: Path) -> None:

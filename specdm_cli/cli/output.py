@@ -197,3 +197,8 @@ class Warnings(list[str]):
         self.append(line)
         if not self.quiet:
             stderr.print(line, markup=False)
+
+    def always(self, line: str) -> None:
+        """A warning --quiet does not silence: part of the data is missing (not progress)."""
+        self.append(line)
+        stderr.print(line, markup=False)

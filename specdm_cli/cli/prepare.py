@@ -143,8 +143,9 @@ def prepare(
             workers=workers,
             task_asked=task,
         )
+        warnings = Warnings(quiet)
         with graceful_stop() as stop, progress_reporter("prepare", quiet) as progress:
-            summary = run_prepare(request, stop, progress, Warnings(quiet))
+            summary = run_prepare(request, stop, progress, warnings, warnings.always)
         if not quiet:
             stderr.print(
                 f"{summary.state}: {summary.out}: {summary.count} samples "

@@ -65,11 +65,32 @@ class RawSample:
     covered: tuple[int, int] | None = None
 
 
+@dataclass(frozen=True)
+class LeftOut:
+    """A part of the raw data a reader left out (a partial download), and why.
+
+    `restored_by` are paths of which any, once present, makes a rerun read the part: a
+    complete store that recorded the part is then refused rather than kept as it is.
+    """
+
+    part: str  # e.g. "test cities brasilia, chongqing"
+    reason: str  # e.g. "no 'Onera ... - Test Labels' folder or .zip in RAW"
+    warning: str  # the one line told (even under --quiet: data is missing, not progress)
+    restored_by: tuple[str, ...] = ()
+
+    def record(self) -> dict[str, Any]:
+        """The manifest's entry (`source.details.left_out`)."""
+        watched = [str(Path(path).absolute()) for path in self.restored_by]  # any cwd reruns
+        return {"part": self.part, "reason": self.reason, "restored_by": watched}
+
+
 @dataclass
 class SourcePlan:
     """A reader's answer to `open`: the spec, the ordered candidates, and warnings for the user.
 
     `warnings` are one line each; `prepare` prints them on stderr and lists them in `--json`.
+    `left_out` are the parts of the raw data the plan leaves out: told even under --quiet and
+    recorded in the manifest.
     """
 
     spec: SourceSpec
@@ -77,6 +98,7 @@ class SourcePlan:
     load: Callable[[Candidate], RawSample]
     warnings: list[str] = field(default_factory=list)
     close: Callable[[], None] = field(default=lambda: None)  # once every load is done
+    left_out: list[LeftOut] = field(default_factory=list)
 
 
 class Reader(Protocol):

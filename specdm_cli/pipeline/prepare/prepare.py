@@ -33,6 +33,11 @@ from specdm_cli.manifest import (
     load_manifest,
 )
 from specdm_cli.pipeline.prepare.blocks import write_blocks
+from specdm_cli.pipeline.prepare.left_out import (
+    LEFT_OUT,
+    left_out_records,
+    refuse_left_out_now_present,
+)
 from specdm_cli.pipeline.prepare.request import PrepareRequest
 from specdm_cli.pipeline.prepare.tally import PROGRESS_FILE, PrepareTally
 from specdm_cli.pipeline.runs.provenance import provenance
@@ -40,6 +45,7 @@ from specdm_cli.pipeline.signals import StopFlag
 from specdm_cli.sources.base import (
     Candidate,
     PrepareOptions,
+    RawSample,
     SourcePlan,
     SourceSpec,
 )
@@ -161,10 +167,13 @@ def prepare(
     stop: StopFlag,
     progress: Progress | None = None,
     warn: Callable[[str], None] | None = None,
+    alert: Callable[[str], None] | None = None,
 ) -> PrepareSummary:
     """Run the prepare stage; resumable by sample index, locked, finished atomically.
 
-    The reader's warnings go to `warn` as soon as the raw data is opened, and into the summary.
+    The reader's warnings go to `warn` as soon as the raw data is opened, and into the summary;
+    those saying part of the raw data is left out go to `alert` (default `warn`): the CLI
+    prints them even under --quiet, which silences progress, not missing data.
     A run that commits no sample (bad input, or filters that keep no patch) removes its store:
     there is nothing worth resuming, and a rerun with other options needs no --overwrite.
     """
@@ -173,7 +182,7 @@ def prepare(
     plan = _plan(request)
     _check_task(request)  # before an --overwrite removes anything
     with claim_output(request.out):
-        return _prepare(request, plan, stop, started, progress, warn)
+        return _prepare(request, plan, stop, started, progress, warn, alert or warn)
 
 
 def _prepare(
@@ -183,15 +192,18 @@ def _prepare(
     started: float,
     progress: Progress | None,
     warn: Callable[[str], None] | None,
+    alert: Callable[[str], None] | None,
 ) -> PrepareSummary:
     # With --overwrite the old store goes only once RAW and the options are read: a typo in
     # them (exit 3) left no store at all, and a real dataset's store takes hours to make.
+    if not request.overwrite:
+        refuse_left_out_now_present(request.out)
     state = None if request.overwrite else resolve_target(request.out, plan, request.resume, False)
     if state == "done":
         return _summary(request.out, "already complete", started)
     if request.overwrite and request.out.exists():
         refuse_overwrite_of_others(request.out, "store", plan["stage"])
-    source_plan, early = _read_source(request, stop, progress, warn)
+    source_plan, early = _read_source(request, stop, progress, warn, alert)
     if state is None:
         try:
             state = resolve_target(request.out, plan, request.resume, request.overwrite)
@@ -200,7 +212,7 @@ def _prepare(
             raise
     if state == "fresh":
         _require_room(request.out, source_plan)
-        manifest = _initial_manifest(request, source_plan.spec, plan, len(source_plan.candidates))
+        manifest = _initial_manifest(request, source_plan, plan)
         georeferenced = source_plan.spec.crs is not None
         create_store(request.out, manifest, len(source_plan.candidates), georeferenced)
     try:
@@ -212,7 +224,7 @@ def _prepare(
         fault = isinstance(exc, (OSError, ResourceError, Interrupted))
         if state == "fresh" and not fault and _load_tally(request.out).kept == 0:
             remove_tree(request.out)
-        elif isinstance(exc, InputDataError):
+        elif isinstance(exc, _BadFile):  # not a refusal: "raw data changed" is no file to fix
             _name_the_partial_store(exc, request.out)
         raise
     finally:
@@ -241,27 +253,52 @@ def _read_source(
     stop: StopFlag,
     progress: Progress | None,
     warn: Callable[[str], None] | None,
+    alert: Callable[[str], None] | None,
 ) -> tuple[SourcePlan, list[str]]:
     """The source's plan of the raw data and the notes told before any sample is written."""
     with stop.while_planning(), _reading_raw(request.raw):
         source_plan = READERS[request.source](request.raw, request.options, progress)
+    left_out = [part.warning for part in source_plan.left_out]
+    for line in left_out:
+        if alert is not None:
+            alert(line)
     early = [*source_plan.warnings, *_untrainable_note(request, source_plan.spec)]
     for line in early:
         if warn is not None:
             warn(line)
+    early = [*left_out, *early]
     if not source_plan.candidates:
         source_plan.close()
         raise InputDataError("no samples found", request.raw, "check the folder layout")
     return source_plan, early
 
 
+class _BadFile(InputDataError):
+    """An input error met loading a sample: a file of the raw data to fix or leave out."""
+
+
+def _telling_bad_files(load: Callable[[Candidate], RawSample]) -> Callable[[Candidate], RawSample]:
+    """`load`, whose input errors are _BadFile: only they get the partial store's hint."""
+
+    def told(candidate: Candidate) -> RawSample:
+        try:
+            return load(candidate)
+        except _BadFile:
+            raise
+        except InputDataError as exc:
+            raise _BadFile(exc.message, exc.path, exc.hint) from None
+
+    return told
+
+
 def _name_the_partial_store(error: InputDataError, out: Path) -> None:
     """Bad raw data met mid-run leaves the samples written so far: say so, and both ways on
-    (removing the file changes the plan, which a --resume refuses)."""
+    (leaving the sample out as the source's hint says changes the plan, which a --resume
+    refuses)."""
     fix = error.hint or "fix the file"
     error.hint = (
-        f"{fix}; {out} keeps the samples written so far: once the file is fixed, rerun with "
-        "--resume, or without the file, with --overwrite"
+        f"{fix}; {out} keeps the samples written so far: rerun with --resume once the file is "
+        "fixed (leaving it out needs --overwrite)"
     )
 
 
@@ -419,9 +456,8 @@ def _write(
             writer.truncate(len(source_plan.candidates))
         writer.forget_from(tally.kept)
         spec = source_plan.spec
-        write_blocks(
-            request, spec, source_plan.candidates, source_plan.load, writer, tally, stop, progress
-        )
+        load = _telling_bad_files(source_plan.load)
+        write_blocks(request, spec, source_plan.candidates, load, writer, tally, stop, progress)
         if tally.kept:
             _finish(writer, spec, tally)
     return tally
@@ -489,8 +525,12 @@ def _load_tally(out: Path) -> PrepareTally:
 
 
 def _initial_manifest(
-    request: PrepareRequest, spec: SourceSpec, plan: dict[str, Any], capacity: int
+    request: PrepareRequest, source_plan: SourcePlan, plan: dict[str, Any]
 ) -> Manifest:
+    spec, capacity = source_plan.spec, len(source_plan.candidates)
+    details = dict(spec.details)
+    if source_plan.left_out:  # what a partial download lacked, for a rerun to notice
+        details[LEFT_OUT] = left_out_records(source_plan.left_out)
     return Manifest(
         tool_version=__version__,
         format=request.format,
@@ -510,7 +550,7 @@ def _initial_manifest(
             dataset=spec.dataset,
             raw_path=plan["raw"],
             candidates=capacity,
-            details=spec.details,
+            details=details,
         ),
         plan=plan,
         provenance=provenance(),

@@ -26,6 +26,7 @@ LABELS = {
     "test": "Onera Satellite Change Detection dataset - Test Labels",
 }
 FIX_ARCHIVE = "re-extract it from the OSCD archive or re-download the archive"
+FIX_ZIP = "re-download the zip (OSCD's zips are read in place)"  # no re-extracting a zip itself
 
 
 class Tree(Protocol):
@@ -73,9 +74,7 @@ class _ZipTree:
             with zipfile.ZipFile(archive) as zf:
                 listed = zf.namelist()
         except (zipfile.BadZipFile, OSError, EOFError) as exc:
-            raise InputDataError(
-                f"corrupt or unreadable zip ({exc})", archive, FIX_ARCHIVE
-            ) from None
+            raise InputDataError(f"corrupt or unreadable zip ({exc})", archive, FIX_ZIP) from None
         # Windows PowerShell 5's Compress-Archive writes `\` between folders, against the zip
         # spec: names are read with `/`, and each member is read by the name it has in the zip.
         self._members = {n.replace("\\", "/"): n for n in listed}
@@ -106,7 +105,7 @@ class _ZipTree:
                 return zf.read(self._members[f"{self.prefix}{rel}"])
         except (zipfile.BadZipFile, zlib.error, OSError, EOFError, KeyError) as exc:
             raise InputDataError(
-                f"corrupt zip: cannot read {self.prefix}{rel} ({exc})", self.archive, FIX_ARCHIVE
+                f"corrupt zip: cannot read {self.prefix}{rel} ({exc})", self.archive, FIX_ZIP
             ) from None
         except (NotImplementedError, RuntimeError) as exc:
             # Python's zipfile reads neither Deflate64 (Windows' and 7-Zip's choice for large
@@ -116,6 +115,20 @@ class _ZipTree:
                 self.archive,
                 "extract the zip (7-Zip, or unzip) and pass the extracted folder",
             ) from None
+
+
+def fix_of(tree: Tree) -> str:
+    """The fix of a bad or missing file of `tree`: re-extract it, or for a zip re-download it."""
+    return FIX_ZIP if isinstance(tree, _ZipTree) else FIX_ARCHIVE
+
+
+def zip_beside(root: Path, stem: str, tree: Tree | None) -> Path | None:
+    """The `<stem>.zip` beside the extracted folder `tree` reads instead (an interrupted unzip
+    leaves a partial folder, which wins over the zip), or None."""
+    beside = root / f"{stem}.zip"
+    if tree is None or isinstance(tree, _ZipTree) or not beside.is_file():
+        return None
+    return beside
 
 
 def open_trees(root: Path) -> tuple[Tree, dict[str, Tree | None]]:
@@ -151,12 +164,37 @@ def _holds_change_maps(tree: Tree) -> bool:
 def _open_tree(root: Path, stem: str) -> Tree | None:
     # An extracted folder wins over its zip, as in torchgeo. Windows' "Extract All" puts the
     # zip's top folder inside a folder of the zip's name: the same name twice.
-    if (root / stem).is_dir():
-        nested = root / stem / stem
-        return _DirTree(nested if nested.is_dir() else root / stem)
-    if (root / f"{stem}.zip").is_file():
-        return _ZipTree(root / f"{stem}.zip", stem)
+    found = _folder_or_zip(root, stem)
+    if found is None:
+        # `unzip X.zip -d images`, or into the Images folder: the top folder one level down.
+        deeper = [f for d in _subfolders(root) if (f := _folder_or_zip(d, stem)) is not None]
+        if len(deeper) > 1:
+            raise InputDataError(
+                f"'{stem}' found in several folders: {', '.join(str(f) for f in deeper)}",
+                root,
+                f"keep one and move it into {root}",
+            )
+        found = deeper[0] if deeper else None
+    if found is None:
+        return None
+    if found.is_dir():
+        nested = found / stem
+        return _DirTree(nested if nested.is_dir() else found)
+    return _ZipTree(found, stem)
+
+
+def _folder_or_zip(folder: Path, stem: str) -> Path | None:
+    if (folder / stem).is_dir():
+        return folder / stem
+    if (folder / f"{stem}.zip").is_file():
+        return folder / f"{stem}.zip"
     return None
+
+
+def _subfolders(root: Path) -> list[Path]:
+    return sorted(
+        d for d in root.iterdir() if d.is_dir() and not d.name.startswith((".", "__MACOSX"))
+    )
 
 
 def _missing(root: Path, stem: str) -> InputDataError:
@@ -188,7 +226,7 @@ def open_raster(tree: Tree, rel: str) -> Iterator[Any]:
     except (RasterioError, OSError) as exc:
         reason = reason_of(exc, rel)
         raise InputDataError(
-            f"corrupt or unreadable TIFF ({reason})", tree.where(rel), FIX_ARCHIVE
+            f"corrupt or unreadable TIFF ({reason})", tree.where(rel), fix_of(tree)
         ) from None
 
 
@@ -203,5 +241,5 @@ def open_png(tree: Tree, rel: str) -> Iterator[Image.Image]:
         UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError
     ) as exc:  # fmt: skip
         raise InputDataError(
-            f"corrupt or unreadable PNG ({exc})", tree.where(rel), FIX_ARCHIVE
+            f"corrupt or unreadable PNG ({exc})", tree.where(rel), fix_of(tree)
         ) from None

@@ -8,8 +8,16 @@ from pathlib import Path
 import numpy as np
 
 from specdm_cli.errors import InputDataError, UsageError
-from specdm_cli.sources.base import PrepareOptions
-from specdm_cli.sources.oscd.archive import FIX_ARCHIVE, LABELS, Tree, labels_merged, read_text
+from specdm_cli.sources.base import LeftOut, PrepareOptions
+from specdm_cli.sources.oscd.archive import (
+    FIX_ARCHIVE,
+    IMAGES,
+    LABELS,
+    Tree,
+    labels_merged,
+    read_text,
+    zip_beside,
+)
 from specdm_cli.sources.oscd.layout import label_rel
 
 CityList = dict[str, list[str]]  # original split (train, test) -> city names
@@ -66,48 +74,103 @@ def choose_cities(listed: CityList, chosen: tuple[str, ...] | None, images: Tree
 
 def usable_cities(
     root: Path, images: Tree, labels: dict[str, Tree | None], listed: CityList, chosen: bool
-) -> tuple[CityList, list[str]]:
-    """The cities a (partial) download can prepare, and warnings about those left out.
+) -> tuple[CityList, list[LeftOut]]:
+    """The cities a (partial) download can prepare, and the test cities it leaves out.
 
     Listed cities without images are one error naming all of them. Test cities without a
-    change map are skipped with one warning, unless --cities asked for them; train cities
+    change map are left out with one warning, unless --cities asked for them; train cities
     without one are an error (a store without them would silently lose training data).
     """
-    _require_images(images, listed)
+    _require_images(root, images, listed)
     usable: CityList = {}
-    warnings: list[str] = []
+    left_out: list[LeftOut] = []
     for split, names in listed.items():
         tree = labels[split]
         unlabelled = [n for n in names if tree is None or label_rel(tree, n) is None]
         usable[split] = [n for n in names if n not in unlabelled]
         if not unlabelled:
             continue
-        where = tree.where(f"{unlabelled[0]}/cm") if tree is not None else root / LABELS[split]
         if split == "test" and not chosen:
-            warnings.append(
-                f"warning: skipping {len(unlabelled)} test cities without a change map "
-                f"({', '.join(unlabelled)}): add '{LABELS[split]}' (or its .zip) to prepare them"
-            )
+            left_out.append(_left_out_test(root, images, tree, unlabelled))
             continue
-        raise InputDataError(
-            f"{split} cities without a change map (cm/cm.png): {', '.join(unlabelled)}",
-            where,
-            f"add '{LABELS[split]}' (or its .zip) to RAW, or choose others with --cities",
-        )
+        raise _unlabelled_train(root, images, tree, split, unlabelled)
     if not any(usable.values()):
         raise InputDataError("no OSCD city has a change map", root, FIX_ARCHIVE)
-    return usable, warnings
+    return usable, left_out
 
 
-def _require_images(images: Tree, listed: CityList) -> None:
+def _own_labels(images: Tree, tree: Tree | None) -> bool:
+    """Whether the split's labels are a labels archive of their own (not absent or merged)."""
+    return tree is not None and tree is not images
+
+
+def _left_out_test(root: Path, images: Tree, tree: Tree | None, names: list[str]) -> LeftOut:
+    """Test cities without a change map: the Test Labels archive is absent, or lacks them."""
+    stem = LABELS["test"]
+    archive = [root / stem, root / f"{stem}.zip"]
+    if _own_labels(images, tree):
+        assert tree is not None
+        reason = f"no cm/cm.png in '{stem}'"
+        fix = f"re-extract their cm/ folders from '{stem}'"
+        maps = [tree.where(f"{n}/cm/{f}") for n in names for f in ("cm.png", f"{n}-cm.tif")]
+        # A zip's members are no paths on disk: only an extracted folder's maps are watched.
+        restored_by = maps if tree.where("").is_dir() else []
+    else:
+        reason = f"no '{stem}' folder or .zip in RAW"
+        fix = f"add '{stem}' (or its .zip)"
+        restored_by = [path for path in archive if not path.exists()]
+    return LeftOut(
+        part=f"test cities {', '.join(names)}",
+        reason=reason,
+        warning=f"warning: skipping {len(names)} test cities without a change map "
+        f"({', '.join(names)}): {fix} to prepare them",
+        restored_by=tuple(str(path) for path in restored_by),
+    )
+
+
+def _unlabelled_train(
+    root: Path, images: Tree, tree: Tree | None, split: str, names: list[str]
+) -> InputDataError:
+    """Train cities without a change map: an error (a store without them loses training data)
+    whose hint fits what RAW holds."""
+    stem = LABELS[split]
+    message = f"{split} cities without a change map (cm/cm.png): {', '.join(names)}"
+    if not _own_labels(images, tree):
+        where = root / stem if tree is None else images.where(f"{names[0]}/cm")
+        fix = f"add '{stem}' (or its .zip) to RAW, or choose others with --cities"
+        return InputDataError(message, where, fix)
+    assert tree is not None
+    beside = zip_beside(root, stem, tree)
+    fix = (
+        _partial_folder_fix(tree, beside)
+        if beside is not None
+        else f"re-extract their cm/ folders from '{stem}' (or re-download it), or choose "
+        "others with --cities"
+    )
+    return InputDataError(message, tree.where(f"{names[0]}/cm"), fix)
+
+
+def _partial_folder_fix(tree: Tree, beside: Path) -> str:
+    """An extracted folder that lacks files beside its whole zip: an interrupted unzip."""
+    return (
+        f"the folder {tree.where('')} looks like an interrupted extraction of {beside.name} "
+        "beside it, and the folder is read first: move the folder away to read the zip, or "
+        "extract the zip again in full"
+    )
+
+
+def _require_images(root: Path, images: Tree, listed: CityList) -> None:
     """One error naming every listed city whose image folder the download lacks."""
     names = [name for split_names in listed.values() for name in split_names]
     absent = [name for name in names if not images.has_dir(name)]
     if not absent:
         return
     present = [name for name in names if name not in absent]
+    beside = zip_beside(root, IMAGES, images)
     hint = (
-        f"to prepare the cities you have, pass --cities {','.join(present)}"
+        _partial_folder_fix(images, beside)
+        if beside is not None
+        else f"to prepare the cities you have, pass --cities {','.join(present)}"
         if present
         else "extract the whole Images archive"
     )
@@ -136,8 +199,8 @@ def assign_splits(listed: CityList, options: PrepareOptions) -> dict[str, str]:
 
 def _val_cities(names: tuple[str, ...], train: list[str]) -> set[str]:
     unknown = [name for name in names if name not in train]
-    if unknown:
-        raise UsageError(
+    if unknown:  # a value naming what the data lacks: exit 3, as --cities and --bands are
+        raise InputDataError(
             f"--val-cities: not a train city: {', '.join(unknown)}",
             hint=f"choose among {', '.join(train)}",
         )

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -9,7 +11,7 @@ from typing import Any
 from specdm_cli.errors import InputDataError, UsageError
 from specdm_cli.manifest import ClassInfo
 from specdm_cli.sources.base import require_whole_read
-from specdm_cli.sources.oscd.archive import FIX_ARCHIVE, Tree, open_png, open_raster, read_text
+from specdm_cli.sources.oscd.archive import Tree, fix_of, open_png, open_raster, read_text
 from specdm_cli.sources.sentinel2 import S2_ALL_BANDS, S2_TEN_BANDS, s2_band_name
 
 # Only the co-registered `_rect` folders: `imgs_1/`, `imgs_2/` hold raw native-resolution crops.
@@ -45,6 +47,20 @@ class City:
     crs: str | None
     transform: Any
     band_files: dict[tuple[int, str], str]
+
+
+@contextmanager
+def leaving_out(name: str, names: Iterable[str]) -> Iterator[None]:
+    """A bad file of city `name` also says how to leave the city out: --cities with the others
+    (removing the file alone makes a rerun say it is missing)."""
+    try:
+        yield
+    except InputDataError as exc:
+        others = [other for other in names if other != name]
+        if others:
+            fix = exc.hint or "fix the file"
+            exc.hint = f"{fix}, or leave {name} out: --cities {','.join(others)}"
+        raise
 
 
 def select_bands(requested: tuple[str, ...] | None) -> tuple[str, ...]:
@@ -105,16 +121,34 @@ def _band_files(
     fallbacks: list[str] = []
     for index, phase in enumerate(PHASES):
         native = _native_files(images, f"{name}/{RAW_PHASES[index]}")
+        present = _by_lower_name(images, f"{name}/{phase}")
         for band in dict.fromkeys((GRID_BAND, *bands)):
             rect = f"{name}/{phase}/{band}.tif"
-            if images.has(rect):
-                files[index, band] = rect
+            found = present.get(f"{band}.tif".lower(), [])
+            if len(found) > 1:
+                raise InputDataError(
+                    f"band {band} twice, in names that differ only by case: "
+                    f"{', '.join(n.rsplit('/', 1)[1] for n in found)}",
+                    images.where(found[0]),
+                    "remove the copy that is not the band",
+                )
+            if found:
+                files[index, band] = found[0]
             elif band in native:
                 files[index, band] = native[band]
                 fallbacks.append(native[band])
             else:
-                raise InputDataError("band file is missing", images.where(rect), FIX_ARCHIVE)
+                raise InputDataError("band file is missing", images.where(rect), fix_of(images))
     return files, fallbacks
+
+
+def _by_lower_name(images: Tree, folder: str) -> dict[str, list[str]]:
+    """The files of `folder` by lower-case name: `B02.TIF` (FAT and Windows copies) and
+    `B8a.tif` are the band files `B02.tif` and `B8A.tif`."""
+    found: dict[str, list[str]] = {}
+    for file_name in images.listdir(folder):
+        found.setdefault(file_name.lower(), []).append(f"{folder}/{file_name}")
+    return found
 
 
 def _native_files(images: Tree, folder: str) -> dict[str, str]:
@@ -144,7 +178,7 @@ def _grid(
             f"{GRID_BAND} is {headers[1][0]}x{headers[1][1]} in phase 2 but "
             f"{headers[0][0]}x{headers[0][1]} in phase 1",
             images.where(band_files[1, GRID_BAND]),
-            FIX_ARCHIVE,
+            fix_of(images),
         )
     georeferenced = [header for header in headers if header[2] is not None]
     return (georeferenced or headers)[0]

@@ -24,8 +24,8 @@ from specdm_cli.sources.base import (
     patch_bounds,
     remap_labels,
 )
-from specdm_cli.sources.oscd.archive import FIX_ARCHIVE, Tree, open_png, open_raster
-from specdm_cli.sources.oscd.layout import GRID_BAND, PHASES, City, crs_text
+from specdm_cli.sources.oscd.archive import Tree, fix_of, open_png, open_raster
+from specdm_cli.sources.oscd.layout import GRID_BAND, PHASES, City, crs_text, leaving_out
 
 _TIF_LABEL_CODES = (1, 2)  # <city>-cm.tif: 1 = no change, 2 = change
 _COARSE_FACTORS = (2, 6)  # 20 m and 60 m bands against the 10 m grid
@@ -115,12 +115,12 @@ def _read_band(
     nodata (`nodata`, else the tag) that uint16 cannot hold (NaN, -9999); those hold 0."""
     grid = (city.height, city.width)
     with open_raster(tree, rel) as src:
-        _require_city_grid(src, city, tree.where(rel))
+        _require_city_grid(src, city, tree.where(rel), fix_of(tree))
         shape = (int(src.height), int(src.width))
         if shape == grid:
             data = np.asarray(src.read(1))
         else:
-            _require_coarse_grid(shape, grid, tree.where(rel))
+            _require_coarse_grid(shape, grid, tree.where(rel), fix_of(tree))
             # Reflectance is continuous, so bilinear, not nearest: no 2x2 or 6x6 blocks.
             data = np.asarray(src.read(1, out_shape=grid, resampling=Resampling.bilinear))
         declared = src.nodata if nodata is None else nodata
@@ -133,7 +133,7 @@ def _read_band(
         return _as_uint16(data, tree.where(rel)), src.nodata, unheld
 
 
-def _require_city_grid(src: Any, city: City, where: Path) -> None:
+def _require_city_grid(src: Any, city: City, where: Path, fix: str) -> None:
     """A georeferenced band must lie on the city's georeferenced grid (its CRS, and its origin
     within one of its own pixels): a band stacked off its place shifts every pixel silently."""
     if city.crs is None or src.crs is None or src.transform.is_identity:
@@ -146,7 +146,7 @@ def _require_city_grid(src: Any, city: City, where: Path) -> None:
     raise InputDataError(
         f"band lies off its city's grid ({what} its {GRID_BAND})",
         where,
-        FIX_ARCHIVE,
+        fix,
     )
 
 
@@ -155,7 +155,9 @@ def _require_city_grid(src: Any, city: City, where: Path) -> None:
 _UNIT_REFLECTANCE_MAX = 2.0
 
 
-def _require_coarse_grid(shape: tuple[int, int], grid: tuple[int, int], where: Path) -> None:
+def _require_coarse_grid(
+    shape: tuple[int, int], grid: tuple[int, int], where: Path, fix: str
+) -> None:
     """A band off the grid must be the same extent at 20 m or 60 m (+- one pixel of rounding)."""
     for factor in _COARSE_FACTORS:
         if abs(shape[0] - grid[0] / factor) <= 1 and abs(shape[1] - grid[1] / factor) <= 1:
@@ -164,7 +166,7 @@ def _require_coarse_grid(shape: tuple[int, int], grid: tuple[int, int], where: P
         f"band is {shape[0]}x{shape[1]}: neither the city's {grid[0]}x{grid[1]} 10 m grid "
         f"(of {GRID_BAND}) nor a 20 m or 60 m version of it",
         where,
-        FIX_ARCHIVE,
+        fix,
     )
 
 
@@ -225,6 +227,13 @@ def _tag_nodata(tag: float | None) -> float | None:
 
 
 def load_patch(candidate: Candidate, *, ctx: Context, cache: CityCache) -> RawSample:
+    """Cut one window of both phases and the change map; nodata and padding get label 255
+    (a bad file's error also says how to leave its city out)."""
+    with leaving_out(candidate.ref[0], ctx.cities):
+        return _cut_patch(candidate, ctx, cache)
+
+
+def _cut_patch(candidate: Candidate, ctx: Context, cache: CityCache) -> RawSample:
     """Cut one window of both phases and the change map; nodata and padding get label 255."""
     city, y, x = candidate.ref
     stack = cache.get(city)

@@ -32,6 +32,7 @@ from specdm_cli.sources.oscd.layout import (
     OSCD_CLASSES,
     SPLIT_ORDER,
     City,
+    leaving_out,
     open_city,
     read_dates,
     select_bands,
@@ -58,8 +59,9 @@ def read_oscd(
 
     Raises:
         InputDataError: a missing folder, zip, city, band or label; a corrupt file or zip;
-            sizes that disagree; an unknown band or city name.
-        UsageError: --val-cities names no train city, or every one.
+            sizes that disagree; an unknown band or city name (--bands, --cities, or
+            --val-cities naming no train city).
+        UsageError: --val-cities names every train city.
     """
     # Plain TIFFs (as OSCD's may be) warn on every open; a missing CRS only disables bounds.
     warnings.filterwarnings("ignore", category=NotGeoreferencedWarning)
@@ -67,15 +69,18 @@ def read_oscd(
     root = require_dir(raw, "oscd")
     images, labels = open_trees(root)
     listed = choose_cities(list_cities(images, labels), options.cities, images)
-    listed, notes = usable_cities(root, images, labels, listed, options.cities is not None)
+    listed, left_out = usable_cities(root, images, labels, listed, options.cities is not None)
+    notes: list[str] = []
     splits = assign_splits(listed, options)
     cities: dict[str, City] = {}
     native: list[str] = []
+    every = [name for names in listed.values() for name in names]
     for origin, names in listed.items():
         for name in names:
-            cities[name], fallbacks = open_city(
-                images, _tree(labels, origin), name, splits[name], bands, options.label_nodata
-            )
+            with leaving_out(name, every):
+                cities[name], fallbacks = open_city(
+                    images, _tree(labels, origin), name, splits[name], bands, options.label_nodata
+                )
             native += fallbacks
     crs_set = {city.crs for city in cities.values()}
     crs = crs_set.pop() if len(crs_set) == 1 else None
@@ -91,7 +96,7 @@ def read_oscd(
     share = val_share_warning(Counter(c.ref[0] for c in candidates), splits, options)
     notes += [share] if share else []
     load = functools.partial(load_patch, ctx=ctx, cache=CityCache(ctx))
-    return SourcePlan(spec=spec, candidates=candidates, load=load, warnings=notes)
+    return SourcePlan(spec, candidates, load, warnings=notes, left_out=left_out)
 
 
 def _tree(labels: dict[str, Tree | None], split: str) -> Tree:

@@ -217,6 +217,18 @@ def mmseg_candidates(root: Path) -> list[Candidate]:
     return candidates
 
 
+def leave_out_hint(layout: str, root: Path, candidate: Candidate) -> str:
+    """How to leave a sample out of the raw data: the split lists name the samples (mmseg's
+    image files do), so removing a bad file alone makes a rerun say it is missing."""
+    split, sample_id = candidate.source_id.split("/", 1)
+    lists = root / "dataset"
+    if layout == "official":
+        return f"leave the sample out: delete its line ({sample_id}) from {lists / split}.txt"
+    if layout == "gfm-bench":
+        return f"leave the sample out: delete its row (id {sample_id}) from {lists}/metadata.csv"
+    return f"leave the sample out: remove its image {candidate.ref[0]}"
+
+
 def is_tif(path: Path) -> bool:
     """A `.tif` of any case: `1.TIF` is the same file as Windows tools and FAT copies name it."""
     return path.suffix.lower() == ".tif"

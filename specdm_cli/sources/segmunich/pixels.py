@@ -80,7 +80,7 @@ def image_hw(shape: tuple[int, ...], path: Path) -> tuple[int, int]:
     raise InputDataError(
         f"expected {NUM_BANDS} bands, {what} (array shape {shape})",
         path,
-        "SegMunich images hold 10 bands as (H, W, 10) or (10, H, W); remove or replace the file",
+        "SegMunich images hold 10 bands as (H, W, 10) or (10, H, W); replace the file",
     )
 
 
@@ -102,7 +102,7 @@ def load_sample(
         raise InputDataError(
             f"image is {image.shape[1]}x{image.shape[2]} but the first image is {height}x{width}",
             img_path,
-            "all SegMunich patches must share one size; remove or replace the file",
+            "all SegMunich patches must share one size; replace the file",
         )
     raw_label = _read_label(label_path)
     if raw_label.shape != image.shape[1:]:
@@ -122,6 +122,9 @@ def load_sample(
         wide = raw_label.astype(np.float64 if raw_label.dtype.kind == "f" else np.int64)
         raw_label = np.where(label_invalid, IGNORE_INDEX, wide)
     mask = remap_labels(raw_label, codes, label_path)
+    # A raw 255 is SegMunich's ignore value (the official training's): no data, counted as the
+    # declared --label-nodata pixels are (they read 255 here too).
+    unlabelled = mask == IGNORE_INDEX
     # --nodata replaces the image's tag; NaN is never a value, so --nodata nan adds to it.
     nan_declared = nodata is not None and math.isnan(nodata)
     image_nodata = _gdal_nodata(img_path) if nodata is None or nan_declared else nodata
@@ -130,7 +133,7 @@ def load_sample(
         candidate.source_id,
         candidate.split,
         {"image": image, "mask": mask},
-        nodata_pixels=int((invalid | label_invalid).sum()),
+        nodata_pixels=int((invalid | unlabelled).sum()),
         image_nodata=invalid,
     )
 
@@ -170,7 +173,7 @@ def _require_patch(path: Path, height: int, width: int, bands: int) -> None:
             f"file holds {'x'.join(map(str, shape))} values, more than a {height}x{width} patch "
             f"of {bands} band(s)",
             path,
-            "all SegMunich patches must share one size; remove or replace the file",
+            "all SegMunich patches must share one size; replace the file",
         )
 
 
@@ -257,9 +260,7 @@ def _corrupt(path: Path, exc: Exception, kind: str = "TIFF") -> InputDataError:
     # tifffile decodes LZW, JPEG, ZSTD, ... only with imagecodecs: then the file is fine.
     if _codec_missing(exc):
         return InputDataError(f"cannot decode TIFF ({reason})", path, "pip install imagecodecs")
-    return InputDataError(
-        f"corrupt or truncated {kind} ({reason})", path, "re-download or remove the file"
-    )
+    return InputDataError(f"corrupt or truncated {kind} ({reason})", path, "re-download the file")
 
 
 def _vanished(path: Path) -> InputDataError:

@@ -5,11 +5,17 @@ from __future__ import annotations
 
 import functools
 import logging
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from specdm_cli.config import Progress
+from specdm_cli.errors import InputDataError
 from specdm_cli.sources.base import (
+    Candidate,
+    LeftOut,
     PrepareOptions,
+    RawSample,
     SourcePlan,
     SourceSpec,
     require_dir,
@@ -25,6 +31,7 @@ from specdm_cli.sources.segmunich.layout import (
     find_root,
     is_mmseg,
     is_tif,
+    leave_out_hint,
     mmseg_candidates,
     read_split_lists,
     split_candidates,
@@ -68,7 +75,8 @@ def read_segmunich(
         layout, split_ids = read_split_lists(root / "dataset")
         folders = {split: split_folder(root, split, split_ids) for split in split_ids}
         candidates = split_candidates(folders, split_ids, root)
-    height, width = image_hw(read_shape(candidates[0].ref[0]), candidates[0].ref[0])
+    with _leaving_out(layout, root, candidates[0]):
+        height, width = image_hw(read_shape(candidates[0].ref[0]), candidates[0].ref[0])
     # Patches are read whole: a float32 copy and its transpose per band, per reader thread.
     require_whole_read(height, width, NUM_BANDS * 4 * 2 * _READ_THREADS, candidates[0].ref[0])
     spec = SourceSpec(
@@ -88,33 +96,59 @@ def read_segmunich(
             "splits": [s for s in SPLIT_ORDER if any(c.split == s for c in candidates)],
         },
     )
-    load = functools.partial(
+    read = functools.partial(
         load_sample, height=height, width=width, nodata=options.nodata,
         label_nodata=options.label_nodata, codes=tuple(int(str(c.code)) for c in classes),
     )  # fmt: skip
+    load = functools.partial(_load, read=read, layout=layout, root=root)
     notes = [
         f"split {split!r} is read from {folder.name}/ (no {split}/ folder): the two names "
         "are used for one split"
         for split, folder in folders.items()
         if folder.name != split
     ]
-    notes += _unlisted_folder_notes(root, folders) if layout == "official" else []
-    return SourcePlan(spec=spec, candidates=candidates, load=load, warnings=notes)
+    left_out = _unlisted_folders(root, folders) if layout == "official" else []
+    return SourcePlan(spec, candidates, load, warnings=notes, left_out=left_out)
 
 
-def _unlisted_folder_notes(root: Path, folders: dict[str, Path]) -> list[str]:
+def _load(
+    candidate: Candidate, *, read: Callable[[Candidate], RawSample], layout: str, root: Path
+) -> RawSample:
+    with _leaving_out(layout, root, candidate):
+        return read(candidate)
+
+
+@contextmanager
+def _leaving_out(layout: str, root: Path, candidate: Candidate) -> Iterator[None]:
+    """A bad file's error also says how to leave its sample out (see leave_out_hint)."""
+    try:
+        yield
+    except InputDataError as exc:
+        exc.hint = f"{exc.hint or 'fix the file'}, or {leave_out_hint(layout, root, candidate)}"
+        raise
+
+
+def _unlisted_folders(root: Path, folders: dict[str, Path]) -> list[LeftOut]:
     """A split folder whose list is missing (a partial extract) is left out: say so, as the
     store would otherwise just lack that split (without train.txt, fit-vae refuses it)."""
     read = set(folders.values())
     unlisted = [
         root / s for s in SPLIT_ORDER if (root / s / "img").is_dir() and root / s not in read
     ]
-    return [
-        f"{folder.name}/ has no dataset/{folder.name}.txt: its "
-        f"{sum(1 for p in (folder / 'img').iterdir() if is_tif(p))} images are left out (restore "
-        f"{folder.name}.txt from the archive to read them)"
-        for folder in unlisted
-    ]
+    left_out = []
+    for folder in unlisted:
+        images = sum(1 for p in (folder / "img").iterdir() if is_tif(p))
+        listing = root / "dataset" / f"{folder.name}.txt"
+        left_out.append(
+            LeftOut(
+                part=f"the {images} images of {folder.name}/",
+                reason=f"no dataset/{folder.name}.txt lists them",
+                warning=f"{folder.name}/ has no dataset/{folder.name}.txt: its {images} images "
+                f"are left out (restore {folder.name}.txt from the archive to read them)",
+                restored_by=(str(listing),),
+            )
+        )
+    return left_out
 
 
 def _quiet_logger(name: str) -> None:
