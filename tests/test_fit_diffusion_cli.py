@@ -295,8 +295,8 @@ def test_refusals(vae_run: Path, tmp_path: Path) -> None:
     assert diffuse(run, "--steps", "2")[0] == 0
     code, summary, stderr = diffuse(run, "--steps", "2")  # the same command again
     assert code == 0 and summary["state"] == "already complete", stderr
-    code, _, stderr = diffuse(run, "--steps", "4")
-    assert code == 4 and "--resume" in stderr
+    code, _, stderr = diffuse(run, "--steps", "4")  # an existing output, as fit-vae's run folder
+    assert code == 3 and "already has a diffusion model" in stderr and "--resume" in stderr
     code, _, stderr = diffuse(run, "--steps", "4", "--resume", "--ema-decay", "0.99")
     assert code == 4 and "ema_decay" in stderr
 
