@@ -164,6 +164,15 @@ PREPARE_FLAGS: dict[str, tuple[str, tuple[SourceName, ...]]] = {
 # read (the seed is read for nothing else in `prepare geotiff`), so they are refused beside it.
 SPLIT_BY_FRACTIONS = ("val_fraction", "test_fraction", "seed")
 
+# The patch filters `prepare` applies (--max-blank, --max-unlabelled, --max-background), by
+# PrepareRequest field; None is off. A plan records them beside its options.
+MAX_BLANK = 0.5
+PATCH_FILTER_DEFAULTS: dict[str, float | None] = {
+    "max_blank": MAX_BLANK,
+    "max_unlabelled": None,
+    "max_background": None,
+}
+
 
 def prepare_default(field: str, source: str) -> object:
     """What `specdm prepare SOURCE` uses for a PrepareOptions field it is not given."""

@@ -8,8 +8,15 @@ from pathlib import Path
 
 import numpy as np
 
-from specdm_cli.config import PREPARE_FLAGS, default_test_fraction, prepare_default
+from specdm_cli.config import (
+    PATCH_FILTER_DEFAULTS,
+    PREPARE_FLAGS,
+    PrepareOptions,
+    default_test_fraction,
+    prepare_default,
+)
 from specdm_cli.manifest import QualityScores
+from specdm_cli.pipeline.prepare.request import PrepareRequest
 from specdm_cli.stores import open_store
 from specdm_cli.stores.hints import prepare_again
 from specdm_cli.stores.quality import write_quality
@@ -106,3 +113,9 @@ def test_the_flag_table_names_prepare_options_with_their_command_line_defaults()
             if field == "test_fraction" and given is None:  # each source's own
                 given = default_test_fraction(source)
             assert given == prepare_default(field, source) or (field == "task" and given is None)
+    for field, default in PATCH_FILTER_DEFAULTS.items():
+        assert defaults[f"--{field.replace('_', '-')}"] == default
+        assert (
+            getattr(PrepareRequest("demo", None, Path("x"), "zarr", PrepareOptions()), field)
+            == default
+        )

@@ -19,7 +19,7 @@ from specdm_cli.cli.output import (
     progress_reporter,
     stderr,
 )
-from specdm_cli.config import DemoBandSet, DemoVariant, SourceName, StoreFormat, Task
+from specdm_cli.config import MAX_BLANK, DemoBandSet, DemoVariant, SourceName, StoreFormat, Task
 from specdm_cli.pipeline.signals import stop_at_once
 
 
@@ -36,7 +36,7 @@ def prepare(
     overwrite: OverwriteOption = False,
     max_blank: Annotated[
         float, typer.Option(help="Drop patches with more zero/nodata image pixels than this.")
-    ] = 0.5,
+    ] = MAX_BLANK,
     max_unlabelled: Annotated[
         float | None,
         typer.Option(help="Drop patches with more unlabelled (255) pixels than this [off]."),

@@ -5,7 +5,12 @@ from __future__ import annotations
 import shlex
 from pathlib import Path
 
-from specdm_cli.config import PREPARE_FLAGS, SPLIT_BY_FRACTIONS, prepare_default
+from specdm_cli.config import (
+    PATCH_FILTER_DEFAULTS,
+    PREPARE_FLAGS,
+    SPLIT_BY_FRACTIONS,
+    prepare_default,
+)
 from specdm_cli.manifest import Manifest
 
 # Every synthesize writer, sharded or not, leaves a record here per batch written
@@ -105,7 +110,7 @@ def _carried_options(source: str, plan: dict[str, object]) -> list[str]:
             continue
         if value is not None and value != _as_recorded(prepare_default(field, source)):
             words += [flag, ",".join(map(str, value)) if isinstance(value, list) else str(value)]
-    for key, default in (("max_blank", 0.5), ("max_background", None), ("max_unlabelled", None)):
+    for key, default in PATCH_FILTER_DEFAULTS.items():
         if plan.get(key) is not None and plan.get(key) != default:
             words += [f"--{key.replace('_', '-')}", str(plan[key])]
     return words

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+from specdm_cli.config import MAX_BLANK
 from specdm_cli.manifest import Task
 from specdm_cli.sources.base import PrepareOptions
 
@@ -19,7 +20,7 @@ class PrepareRequest:
     out: Path
     format: Literal["zarr", "geotiff"]
     options: PrepareOptions
-    max_blank: float = 0.5
+    max_blank: float = MAX_BLANK
     max_unlabelled: float | None = None
     max_background: float | None = None
     resume: bool = False
