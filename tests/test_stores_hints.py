@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import shlex
 import signal
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from specdm_cli.config import (
     PATCH_FILTER_DEFAULTS,
@@ -22,6 +24,7 @@ from specdm_cli.stores.hints import prepare_again
 from specdm_cli.stores.quality import write_quality
 from tests.conftest import manifest_of, run_cli
 from tests.fault_tools import assert_one_error_line, run_killed, signal_at_stop, spawn
+from tests.fixtures.geotiff_folder import make_geotiff_folder
 from tests.test_faults_concurrency import SYNTH
 
 
@@ -93,6 +96,40 @@ def test_prepare_again_carries_every_recorded_option_the_source_reads(tmp_path: 
         {**plans[0]["options"], "size": None}  # type: ignore[index]
     ] * 2
     assert manifest_of(again)["height"] == 8
+
+
+def test_relative_classes_and_splits_paths_give_a_hint_that_runs_from_anywhere(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """--classes/--splits were recorded as given, so the prepare-again command quoted a path
+    relative to a folder the user may no longer be in; stores recorded so still resume."""
+    raw = make_geotiff_folder(tmp_path / "raw", n=2, size=(16, 16), classes_file="csv")
+    (tmp_path / "splits.csv").write_text("stem,split\ntile_00,train\ntile_01,val\n")
+    monkeypatch.chdir(tmp_path)
+    store = tmp_path / "g.zarr"
+    paths = ("--classes", "raw/classes.csv", "--splits", "splits.csv")
+    command = ("prepare", "geotiff", raw, "--out", store, "--patch-size", "16", *paths, "-q")
+    code, _, stderr = run_cli(*command)
+    assert code == 0, stderr
+    options = manifest_of(store)["plan"]["options"]  # type: ignore[index]
+    assert options["classes_file"] == str(tmp_path / "raw" / "classes.csv")
+    assert options["splits_file"] == str(tmp_path / "splits.csv")
+    monkeypatch.chdir(tmp_path / "raw")
+    again = tmp_path / "again.zarr"
+    hint = prepare_again(store, open_store(store).manifest, 8, out=again)
+    code, _, stderr = run_cli(*shlex.split(hint[1:-1])[1:], "-q")
+    assert code == 0 and manifest_of(again)["height"] == 8, stderr
+    # A store that recorded them as given resumes from the folder they were given in.
+    manifest = json.loads((store / "manifest.json").read_text())
+    manifest["plan"]["options"].update(classes_file="raw/classes.csv", splits_file="splits.csv")
+    (store / "manifest.json").write_text(json.dumps(manifest))
+    absolute = ("--classes", raw / "classes.csv", "--splits", tmp_path / "splits.csv")
+    code, _, stderr = run_cli(*command[:-5], *absolute, "--resume")  # from raw/: other files
+    assert_one_error_line(code, stderr, 3, "cannot resume: the store was made with other inputs")
+    assert '--classes: store "raw/classes.csv", now ' in stderr  # the flag, not the field
+    monkeypatch.chdir(tmp_path)
+    code, stdout, stderr = run_cli(*command[:-1], "--resume", "--json")
+    assert code == 0 and json.loads(stdout)["state"] == "already complete", stderr
 
 
 def test_the_flag_table_names_prepare_options_with_their_command_line_defaults() -> None:

@@ -14,7 +14,7 @@ from typing import Literal
 
 import numpy as np
 
-from specdm_cli.config import Progress, StoreFormat
+from specdm_cli.config import PREPARE_FLAGS, Progress, StoreFormat
 from specdm_cli.errors import (
     InputDataError,
     UsageError,
@@ -437,7 +437,8 @@ def plan_differences(old: dict[str, object], new: dict[str, object], prefix: str
         if isinstance(before, dict) and isinstance(now, dict):
             found += plan_differences(before, now)
         elif before != now:
-            name = _PLAN_NAMES.get(key, f"--{key.replace('_', '-')}")
+            flag = PREPARE_FLAGS.get(key, (f"--{key.replace('_', '-')}",))[0]
+            name = _PLAN_NAMES.get(key, flag)
             found.append(f"{name}: store {_shown(before)}, now {_shown(now)}")
     return found
 

@@ -66,6 +66,7 @@ from specdm_cli.stores.hints import HELD_OUT_OPTIONS, TRAIN_OPTIONS
 
 # PrepareOptions fields newer than the plan format: absent from a plan while None.
 _LATER_OPTIONS = frozenset({"label_nodata", "cities", "val_cities", "demo_variant"})
+_PATH_OPTIONS = ("classes_file", "splits_file")
 
 
 @dataclass(frozen=True)
@@ -91,6 +92,10 @@ def _plan(request: PrepareRequest) -> dict[str, Any]:
     options = json.loads(json.dumps(options, default=list))
     # Options added later are left out while unset, so stores made before them still resume.
     options = {k: v for k, v in options.items() if not (k in _LATER_OPTIONS and v is None)}
+    # Resolved, as the raw path is: the prepare-again hints quote them to run from any folder.
+    for key in _PATH_OPTIONS:
+        if options.get(key) is not None:
+            options[key] = str(Path(options[key]).resolve())
     plan = {
         "stage": "prepare",
         "source": request.source,
@@ -104,6 +109,23 @@ def _plan(request: PrepareRequest) -> dict[str, Any]:
     if request.max_unlabelled is not None:
         plan["max_unlabelled"] = request.max_unlabelled
     return plan
+
+
+def _with_paths_as_recorded(out: Path, plan: dict[str, Any]) -> dict[str, Any]:
+    """Stores made before the paths were resolved recorded --classes/--splits as given: where
+    such a path names the same file from here, `plan` holds it as recorded, so the store resumes."""
+    try:
+        recorded_options = load_manifest(out / MANIFEST_NAME).plan.get("options")
+    except InputDataError:  # no store, or one resolve_target judges
+        return plan
+    if not isinstance(recorded_options, dict):
+        return plan
+    options = dict(plan["options"])
+    for key in _PATH_OPTIONS:
+        given = recorded_options.get(key)
+        if isinstance(given, str) and options.get(key) == str(Path(given).resolve()):
+            options[key] = given
+    return {**plan, "options": options}
 
 
 def _check_task(request: PrepareRequest) -> None:
@@ -198,6 +220,7 @@ def _prepare(
     # them (exit 3) left no store at all, and a real dataset's store takes hours to make.
     if not request.overwrite:
         refuse_left_out_now_present(request.out)
+        plan = _with_paths_as_recorded(request.out, plan)
     state = None if request.overwrite else resolve_target(request.out, plan, request.resume, False)
     if state == "done":
         return _summary(request.out, "already complete", started)
