@@ -19,7 +19,8 @@ from specdm_cli.models.image_critics import (
     patch_layers,
     semantic_loss,
 )
-from tests.test_fit_vae_cli import fit, weights
+from tests.conftest import run_cli
+from tests.test_fit_vae_cli import TINY, fit, weights
 
 SEMANTIC = ("--semantic-weight", "1", "--semantic-steps", "4")
 ADVERSARIAL = ("--adversarial-weight", "0.5", "--adversarial-start", "1")
@@ -52,6 +53,20 @@ def test_semantic_weight_trains_a_segmenter_first_and_records_it(
         > last["image/l1"] + 0.1 * last["image/sad"] + 0.99 * last["image/semantic"]
     )
     assert "image/semantic" not in records_of_plain_run(demo_ss_store, tmp_path)[-1]
+
+
+def test_a_run_shorter_than_its_segmenter_says_what_it_trains_first(
+    demo_ss_store: Path, tmp_path: Path
+) -> None:
+    """`fit-vae --steps 2` under the cpu preset trained a 300-step segmenter first, unsaid."""
+    told = [arg for arg in TINY if arg != "--quiet"]
+    for steps, said in (("2", True), ("4", False)):
+        run = tmp_path / f"run{steps}"
+        command = ("fit-vae", demo_ss_store, "--run", run, *told, "--steps", steps, *SEMANTIC)
+        code, _stdout, stderr = run_cli(*command)
+        assert code == 0, stderr
+        note = f"note: the semantic term's segmenter trains 4 steps before the VAE's {steps} "
+        assert (note in stderr) == said, stderr
 
 
 def records_of_plain_run(store: Path, tmp_path: Path) -> list[dict[str, float]]:

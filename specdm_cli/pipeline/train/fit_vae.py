@@ -179,6 +179,18 @@ def _warn_of_an_idle_limit(
         )
 
 
+def _note_a_longer_segmenter(
+    config: VAETrainConfig, checkpoint: str | None, notice: Callable[[str], None]
+) -> None:
+    """A short run (`--steps 2` to try the command) first trains the semantic term's segmenter
+    for its own steps: a minute on a CPU that the run's --steps do not explain."""
+    if checkpoint is None and config.semantic_weight > 0 and config.steps < config.semantic_steps:
+        notice(
+            f"note: the semantic term's segmenter trains {config.semantic_steps} steps before "
+            f"the VAE's {config.steps} (--semantic-weight 0 leaves the term out)"
+        )
+
+
 def _default_run(store: Path, resume: bool) -> Path:
     """A new run folder; with --resume, the newest run of this store under the runs folder (an
     interrupted `fit-vae STORE` without --run is continued by the same command with --resume)."""
@@ -250,6 +262,7 @@ def _train_in(
         start,
         validation_indices(reader, request.config.val_samples, warn),
     )
+    _note_a_longer_segmenter(request.config, checkpoint, notice)
     recipe = f"preset {request.config.preset}"
     timed = estimating(progress, notice, "fit-vae", recipe)
     summary = launch(devices, _rank_main, job, stop, timed) or _summary_from_run(job)
