@@ -20,7 +20,11 @@ from specdm_cli.manifest import QualityScores, load_manifest
 from specdm_cli.pipeline.benchmark.downstream import HalfTrip
 from specdm_cli.pipeline.benchmark.downstream_rows import ROUND_TRIP_PARTS, configurations
 from specdm_cli.pipeline.benchmark.features import manifest_sha256
-from specdm_cli.pipeline.benchmark.generator import heldout_in_training, round_trip
+from specdm_cli.pipeline.benchmark.generator import (
+    heldout_in_training,
+    round_trip,
+    synthesize_defaults,
+)
 from specdm_cli.pipeline.benchmark.render import markdown
 from specdm_cli.pipeline.benchmark.report import BenchmarkReport, compare, load_report
 from specdm_cli.pipeline.benchmark.scores import score_definition
@@ -169,6 +173,24 @@ def test_generator_side_is_measured(ss_report: Path, ss: tuple[Path, Path]) -> N
     assert recon.rmse > 0 and 0 < recon.sad < 1.6 and 0 <= recon.miou <= 1
     # The synthetic store's own plan is what gets timed.
     assert (speed.steps, speed.batch_size, speed.pairs) == (2, 4, 4) and speed.pairs_per_second > 0
+
+
+def test_a_store_of_another_model_is_timed_as_synthesize_samples_by_default(
+    tmp_path: Path,
+) -> None:
+    """Without a plan of this model's to copy, throughput was timed at dpmpp 20 steps, twice
+    synthesize's default of 10 (and a run's distilled student was passed over)."""
+    out = tmp_path / "s.zarr"
+    code, _, stderr = run_cli("synthesize", "--model", "demo", "--task", "ss", "--n", "2",
+                              "--out", out, "--no-detail", "--threads", "2", "-q")  # fmt: skip
+    assert code == 0, stderr
+    plan = manifest_of(out)["plan"]
+    defaults = synthesize_defaults(choose_model("demo", "ss"), torch.device("cpu"))
+    assert {key: defaults[key] for key in ("sampler", "steps", "precision")} == {
+        key: plan[key]  # type: ignore[index]
+        for key in ("sampler", "steps", "precision")
+    }
+    assert plan["batch_size"] == min(defaults["batch_size"], 2)  # type: ignore[index]
 
 
 def test_downstream_rows_train_on_the_right_data(ss_report: Path, ss: tuple[Path, Path]) -> None:

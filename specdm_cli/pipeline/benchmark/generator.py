@@ -24,15 +24,6 @@ from .features import manifest_sha256
 from .quality import split_indices
 from .report import GeneratorInfo, Reconstruction, StoreRef, Throughput
 
-# Without a plan to copy (a store made by another model), throughput is timed with
-# synthesize's defaults.
-DEFAULT_PLAN: dict[str, Any] = {
-    "sampler": "dpmpp",
-    "steps": 20,
-    "batch_size": 16,
-    "precision": "fp32",
-}
-
 
 def generator_info(
     synthetic: StoreReader, real: StoreReader, real_ref: StoreRef, chosen: ChosenModel | None
@@ -201,8 +192,9 @@ def throughput(
     made it, so the figure is the speed that store was made at.
     """
     plan = synthetic.manifest.plan
+    defaults = synthesize_defaults(chosen, device)
     same = plan.get("model_sha256") == chosen.sha256
-    settings = {key: plan[key] if same else DEFAULT_PLAN[key] for key in DEFAULT_PLAN}
+    settings = {key: plan[key] if same else defaults[key] for key in defaults}
     size, steps = int(settings["batch_size"]), int(settings["steps"])
     draw = _batch_sampler(
         chosen, device, str(settings["sampler"]), str(settings["precision"]), size
@@ -217,6 +209,21 @@ def throughput(
         batch_size=size, sampler=str(settings["sampler"]), steps=steps,
         precision=str(settings["precision"]), device=str(device),
     )  # fmt: skip
+
+
+def synthesize_defaults(chosen: ChosenModel, device: torch.device) -> dict[str, Any]:
+    """What `specdm synthesize --model MODEL` samples with on `device` given no sampling
+    options: timed for a store this model did not make, which has no plan of its own to copy."""
+    from specdm_cli.pipeline.synthesize.sampler import resolve_sampler
+    from specdm_cli.pipeline.synthesize.synthesize import AUTO_BATCH, sampler_steps
+
+    sampler = resolve_sampler("auto", None, chosen)
+    return {
+        "sampler": sampler,
+        "steps": sampler_steps(sampler, None, chosen),
+        "batch_size": AUTO_BATCH[device.type],
+        "precision": "fp32",
+    }
 
 
 def _batch_sampler(

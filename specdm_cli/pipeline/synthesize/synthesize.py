@@ -320,32 +320,37 @@ def refuse_split(asked: str, shard: Shard, devices: Devices) -> None:
 
 
 def check_steps(request: SynthesizeRequest) -> int:
-    """The sampler's step count: --steps, else its default; a distilled student's own."""
-    if request.sampler != "distilled":
-        steps = request.steps or DEFAULT_STEPS[request.sampler]
-        _require_steps_within_schedule(request, steps)
+    """The request's step count (`sampler_steps`)."""
+    return sampler_steps(request.sampler, request.steps, request.model)
+
+
+def sampler_steps(sampler: SamplerName, steps: int | None, model: ChosenModel) -> int:
+    """The sampler's step count: `steps` (--steps), else its default; a distilled student's own."""
+    if sampler != "distilled":
+        steps = steps or DEFAULT_STEPS[sampler]
+        _require_steps_within_schedule(sampler, steps, model)
         return steps
-    student = len(distilled_timesteps(request.model))
-    if request.steps not in (None, student):
+    student = len(distilled_timesteps(model))
+    if steps not in (None, student):
         raise UsageError(
-            f"the run's distilled student takes {student} steps, not {request.steps}",
+            f"the run's distilled student takes {student} steps, not {steps}",
             hint="drop --steps, or distill another student with --student-steps",
         )
     return student
 
 
-def _require_steps_within_schedule(request: SynthesizeRequest, steps: int) -> None:
+def _require_steps_within_schedule(sampler: SamplerName, steps: int, model: ChosenModel) -> None:
     """At most the schedule's T steps (ddpm) or T - 1 (the others): diffusers then indexes
     past the schedule (ddim, ddpm: a crash) or divides by a zero sigma (dpmpp, unipc: NaN
     latents, written as all-zero images)."""
-    schedule = request.model.manifest.diffusion_details().schedule
+    schedule = model.manifest.diffusion_details().schedule
     train_steps = int(schedule.get("num_train_timesteps", ScheduleConfig().num_train_timesteps))
-    most = train_steps if request.sampler == "ddpm" else train_steps - 1
+    most = train_steps if sampler == "ddpm" else train_steps - 1
     if steps > most:
         raise UsageError(
-            f"--steps {steps}: {request.sampler} takes at most {most} steps on this model "
+            f"--steps {steps}: {sampler} takes at most {most} steps on this model "
             f"(trained over {train_steps} timesteps)",
-            hint=f"e.g. --steps {DEFAULT_STEPS[request.sampler]} (the default), or --sampler ddpm",
+            hint=f"e.g. --steps {DEFAULT_STEPS[sampler]} (the default), or --sampler ddpm",
         )
 
 
