@@ -26,7 +26,7 @@ from specdm_cli.cli.output import (
     progress_reporter,
     stderr,
 )
-from specdm_cli.config import Devices
+from specdm_cli.config import Devices, DownstreamOptions
 from specdm_cli.pipeline.signals import stop_at_once
 
 
@@ -55,29 +55,31 @@ def benchmark(
     ] = None,
     synthetic_ratio: Annotated[
         str, typer.Option(help="Synthetic pairs per real pair, e.g. 1,3,5 (Table 6).")
-    ] = "5",
+    ] = ",".join(map(str, DownstreamOptions.ratios)),
     downstream_seeds: Annotated[
         int, typer.Option(min=1, help="Seeds per downstream row (mean ± std).")
-    ] = 3,
+    ] = DownstreamOptions.seeds,
     downstream_max_steps: Annotated[
         int, typer.Option(min=1, help="Step cap per downstream training phase.")
-    ] = 3000,
+    ] = DownstreamOptions.max_steps,
     downstream_patience: Annotated[
         int, typer.Option(min=1, help="Val evaluations without a better mIoU before stopping.")
-    ] = 6,
+    ] = DownstreamOptions.patience,
     downstream_eval_every: Annotated[
         int, typer.Option(min=1, help="Steps between downstream val evaluations.")
-    ] = 50,
+    ] = DownstreamOptions.eval_every,
     downstream_protocols: Annotated[
         str,
         typer.Option(
             help="How synthetic pairs join real ones: mixed, pretrain (and mixed-agree, pretrain-agree: relabelled)."
         ),
-    ] = "mixed,pretrain",
+    ] = ",".join(DownstreamOptions.protocols),
     real_share: Annotated[
         float, typer.Option(min=0.01, max=1.0, help="Real share of a mixed downstream batch.")
-    ] = 0.5,
-    downstream_batch_size: Annotated[int, typer.Option(min=1, help="Downstream batch size.")] = 16,
+    ] = DownstreamOptions.real_share,
+    downstream_batch_size: Annotated[
+        int, typer.Option(min=1, help="Downstream batch size.")
+    ] = DownstreamOptions.batch_size,
     downstream_lr_drops: Annotated[
         int,
         typer.Option(
@@ -85,7 +87,7 @@ def benchmark(
             help="Times a plateau drops the rate tenfold from the best-val weights before "
             "stopping; 0 = stop at the first [0].",
         ),
-    ] = 0,
+    ] = DownstreamOptions.lr_drops,
     downstream_real_curve: Annotated[
         str | None,
         typer.Option(

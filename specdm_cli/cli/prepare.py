@@ -19,7 +19,15 @@ from specdm_cli.cli.output import (
     progress_reporter,
     stderr,
 )
-from specdm_cli.config import MAX_BLANK, DemoBandSet, DemoVariant, SourceName, StoreFormat, Task
+from specdm_cli.config import (
+    MAX_BLANK,
+    DemoBandSet,
+    DemoVariant,
+    PrepareOptions,
+    SourceName,
+    StoreFormat,
+    Task,
+)
 from specdm_cli.pipeline.signals import stop_at_once
 
 
@@ -51,8 +59,12 @@ def prepare(
             "number or name (1-5,8-12) [all]."
         ),
     ] = None,
-    patch_size: Annotated[int, typer.Option(help="OSCD/GeoTIFF: patch size in pixels.")] = 256,
-    overlap: Annotated[float, typer.Option(help="OSCD/GeoTIFF: patch overlap (paper: 0.6).")] = 0.6,
+    patch_size: Annotated[
+        int, typer.Option(help="OSCD/GeoTIFF: patch size in pixels.")
+    ] = PrepareOptions.patch_size,
+    overlap: Annotated[
+        float, typer.Option(help="OSCD/GeoTIFF: patch overlap (paper: 0.6).")
+    ] = PrepareOptions.overlap,
     nodata: Annotated[str | None, typer.Option(help="Nodata value (a number or 'nan').")] = None,
     label_nodata: Annotated[
         str | None,
@@ -74,20 +86,24 @@ def prepare(
     ] = None,
     val_fraction: Annotated[
         float, typer.Option(help="Fraction of source files (OSCD: cities) for val.")
-    ] = 0.1,
+    ] = PrepareOptions.val_fraction,
     test_fraction: Annotated[
         float | None, typer.Option(help="Fraction of source files for test [demo 0.1, else 0].")
     ] = None,
-    seed: Annotated[int, typer.Option(help="Seed of split assignment and demo scenes.")] = 0,
+    seed: Annotated[
+        int, typer.Option(help="Seed of split assignment and demo scenes.")
+    ] = PrepareOptions.seed,
     task: Annotated[
         Task | None,
         typer.Option(help="Demo: ss or cd [ss]; other sources: checked against the data."),
     ] = None,
-    n: Annotated[int, typer.Option("--n", min=1, help="Demo: number of scenes.")] = 512,
-    size: Annotated[int, typer.Option(help="Demo: scene size in pixels.")] = 64,
+    n: Annotated[
+        int, typer.Option("--n", min=1, help="Demo: number of scenes.")
+    ] = PrepareOptions.n,
+    size: Annotated[int, typer.Option(help="Demo: scene size in pixels.")] = PrepareOptions.size,
     demo_bands: Annotated[
         DemoBandSet, typer.Option("--demo-bands", help="Demo: s2 (10 bands) or hsi (>=100).")
-    ] = "s2",
+    ] = PrepareOptions.band_set,
     demo_variant: Annotated[
         DemoVariant | None,
         typer.Option(
@@ -102,7 +118,7 @@ def prepare(
 ) -> None:
     """Turn a raw dataset into a canonical, resumable store."""
     with domain_errors():
-        from specdm_cli.config import PrepareOptions, default_test_fraction
+        from specdm_cli.config import default_test_fraction
         from specdm_cli.pipeline.prepare.prepare import default_out
         from specdm_cli.pipeline.prepare.prepare import prepare as run_prepare
         from specdm_cli.pipeline.prepare.request import PrepareRequest
