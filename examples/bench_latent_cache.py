@@ -24,9 +24,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from specdm_cli.config import DiffusionTrainConfig, parse_devices
+from specdm_cli.pipeline.devices import torch_devices
 from specdm_cli.pipeline.runs.run_manifest import load_run
 from specdm_cli.pipeline.runs.vae_io import load_vae
-from specdm_cli.pipeline.train.common import d4, load_batch, step_seed, to_tensors, torch_devices
+from specdm_cli.pipeline.train.common import d4, load_batch, step_seed, to_tensors
 from specdm_cli.pipeline.train.diffusion_trainer import DiffusionTrainer
 from specdm_cli.pipeline.train.fit_diffusion import unet_config
 from specdm_cli.pipeline.train.latent_cache import cache_key, open_or_build

@@ -29,6 +29,7 @@ LAYERS = {
 # Inside pipeline/, a stage may use the stages before it (data flows one way).
 STAGES = [
     "signals",
+    "devices",
     "runs",
     "prepare",
     "train",

@@ -205,8 +205,8 @@ def test_agreement_by_seed_runs_pretrain_and_its_control(tmp_path: Path) -> None
     from specdm_cli.pipeline.benchmark import downstream as ds
     from specdm_cli.pipeline.benchmark.downstream_rows import configurations
     from specdm_cli.pipeline.benchmark.generator import round_trip
+    from specdm_cli.pipeline.devices import torch_threads
     from specdm_cli.pipeline.runs.choose import choose_model
-    from specdm_cli.pipeline.train.common import torch_threads
     from specdm_cli.stores import open_store
 
     cpu = torch.device("cpu")

@@ -19,11 +19,11 @@ from specdm_cli.config import Devices, VAETrainConfig, parse_devices
 from specdm_cli.errors import Interrupted, UsageError
 from specdm_cli.manifest import SPLITS
 from specdm_cli.models.vae import SpecDMVAE
+from specdm_cli.pipeline.devices import torch_devices, torch_threads
 from specdm_cli.pipeline.runs.checkpoints import load_optimizer, save_optimizer
 from specdm_cli.pipeline.runs.registry import newest_run, read_registry, record_run
 from specdm_cli.pipeline.runs.vae_io import load_branches, save_vae
 from specdm_cli.pipeline.signals import StopFlag
-from specdm_cli.pipeline.train.common import torch_devices, torch_threads
 from specdm_cli.pipeline.train.fit_vae import FitVAERequest, fit_vae
 from specdm_cli.pipeline.train.vae_trainer import VAETrainer, model_config
 from specdm_cli.stores import open_store

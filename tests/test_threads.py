@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from specdm_cli.pipeline.train.common import available_cpus, torch_threads
+from specdm_cli.pipeline.devices import available_cpus, torch_threads
 from tests import processes
 
 

@@ -145,7 +145,7 @@ def benchmark(
         from specdm_cli.pipeline.benchmark.benchmark import benchmark as run_benchmark
         from specdm_cli.pipeline.benchmark.render import print_tables
         from specdm_cli.pipeline.benchmark.report import report_json, report_schema
-        from specdm_cli.pipeline.train.common import torch_threads
+        from specdm_cli.pipeline.devices import torch_threads
 
         if schema:
             given = [name for name, path in (("--real", real), ("--synthetic", synthetic)) if path]

@@ -166,10 +166,10 @@ def synthesize(
             )
         if finalize is None:
             require_inputs(stores={"--masks": masks, "--real": real}, models=(model,))
+        from specdm_cli.pipeline.devices import torch_threads
         from specdm_cli.pipeline.signals import graceful_stop
         from specdm_cli.pipeline.synthesize.command import SynthesizeOptions, synthesize_store
         from specdm_cli.pipeline.synthesize.shards import finalize as finalize_store
-        from specdm_cli.pipeline.train.common import torch_threads
 
         if finalize is not None:
             finalize_store(finalize, required=True)

@@ -46,9 +46,9 @@ def _train(
 ) -> None:
     """A training stage under Ctrl-C handling, the thread count and a progress bar; then its
     one-line outcome on stderr and, with --json, its summary on stdout."""
+    from specdm_cli.pipeline.devices import torch_threads
     from specdm_cli.pipeline.runs.registry import read_registry
     from specdm_cli.pipeline.signals import graceful_stop
-    from specdm_cli.pipeline.train.common import torch_threads
 
     # The run is registered when training ends: a registry that cannot be read is refused now,
     # not after hours of training.
@@ -377,8 +377,8 @@ def fit_detail(
     with domain_errors():
         require_inputs(stores={"": store}, runs=(run,))
         from specdm_cli.config import DetailConfig
+        from specdm_cli.pipeline.devices import torch_threads
         from specdm_cli.pipeline.signals import graceful_stop
-        from specdm_cli.pipeline.train.common import torch_threads
         from specdm_cli.pipeline.train.fit_detail import FitDetailRequest
         from specdm_cli.pipeline.train.fit_detail import fit_detail as build
 

@@ -30,11 +30,11 @@ from specdm_cli.pipeline.benchmark.quality import (
     require_samples_to_compare,
     split_indices,
 )
+from specdm_cli.pipeline.devices import torch_devices
 from specdm_cli.pipeline.runs.choose import ChosenModel, choose_model
 from specdm_cli.pipeline.runs.detail_io import has_bank, load_bank
 from specdm_cli.pipeline.signals import StopFlag
 from specdm_cli.pipeline.synthesize.preview import rgb_note
-from specdm_cli.pipeline.train.common import torch_devices
 from specdm_cli.pipeline.train.demo_detail import demo_with_bank
 from specdm_cli.stores import StoreReader, content_sha256, open_store, refuse_stream_out
 from specdm_cli.stores.base import MANIFEST_NAME

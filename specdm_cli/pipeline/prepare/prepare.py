@@ -2,17 +2,16 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from specdm_cli import __version__
-from specdm_cli.config import Progress, StoreFormat, trainable_side
+from specdm_cli.config import Progress, StoreFormat
 from specdm_cli.errors import (
     InputDataError,
     Interrupted,
@@ -38,7 +37,19 @@ from specdm_cli.pipeline.prepare.left_out import (
     left_out_records,
     refuse_left_out_now_present,
 )
+from specdm_cli.pipeline.prepare.notes import (
+    no_held_out_warning,
+    no_train_note,
+    sparse_label_note,
+    untrainable_note,
+    untrained_classes_warning,
+)
 from specdm_cli.pipeline.prepare.request import PrepareRequest
+from specdm_cli.pipeline.prepare.resume import (
+    manifest_fingerprint,
+    refuse_changed_source,
+    source_fingerprint,
+)
 from specdm_cli.pipeline.prepare.tally import PROGRESS_FILE, PrepareTally
 from specdm_cli.pipeline.runs.provenance import provenance
 from specdm_cli.pipeline.signals import StopFlag
@@ -62,7 +73,6 @@ from specdm_cli.stores import (
     stored_sample_bytes,
 )
 from specdm_cli.stores.base import MANIFEST_NAME
-from specdm_cli.stores.hints import HELD_OUT_OPTIONS, TRAIN_OPTIONS
 
 # PrepareOptions fields newer than the plan format: absent from a plan while None.
 _LATER_OPTIONS = frozenset({"label_nodata", "cities", "val_cities", "demo_variant"})
@@ -258,10 +268,10 @@ def _prepare(
     notes = [
         note
         for note in (
-            _sparse_label_note(tally, source_plan.spec),
-            _no_train_note(request, tally),
-            _no_held_out_warning(request, tally),
-            _untrained_classes_warning(tally, source_plan.spec),
+            sparse_label_note(tally, source_plan.spec),
+            no_train_note(request, tally),
+            no_held_out_warning(request, tally),
+            untrained_classes_warning(tally, source_plan.spec),
         )
         if note
     ]
@@ -285,7 +295,7 @@ def _read_source(
     for line in left_out:
         if alert is not None:
             alert(line)
-    early = [*source_plan.warnings, *_untrainable_note(request, source_plan.spec)]
+    early = [*source_plan.warnings, *untrainable_note(request, source_plan.spec)]
     for line in early:
         if warn is not None:
             warn(line)
@@ -325,136 +335,6 @@ def _name_the_partial_store(error: InputDataError, out: Path) -> None:
     )
 
 
-def _untrainable_note(request: PrepareRequest, spec: SourceSpec) -> list[str]:
-    """Samples `fit-vae` cannot train on, told now rather than at its first step."""
-    height, width = spec.height, spec.width
-    side = trainable_side(height, width)
-    if height == width == side:
-        return []
-    fix = (
-        f"--patch-size {side} gives samples it can"
-        if request.source in ("geotiff", "oscd")
-        else f"cut them to {side}x{side} first"
-    )
-    return [
-        f"warning: samples are {height}x{width}: fit-vae trains on square samples whose side is "
-        f"a multiple of 8 ({fix})"
-    ]
-
-
-def _no_train_note(request: PrepareRequest, tally: PrepareTally) -> str | None:
-    """Told here, not first by fit-vae: the normalisation statistics are the train split's."""
-    if tally.split_counts.get("train"):
-        return None
-    how = TRAIN_OPTIONS.get(request.source, "a train split")
-    return (
-        "note: the store has no train split, so no normalisation statistics: fit-vae will refuse "
-        f"it; to train on it, prepare it again with --overwrite and {how}"
-    )
-
-
-def _no_held_out_warning(request: PrepareRequest, tally: PrepareTally) -> str | None:
-    """A store asked for a val or test split that got none (24 demo scenes can draw none):
-    benchmark refuses it later, and training validates on nothing."""
-    counts = tally.split_counts
-    asked = request.options.val_fraction > 0 or request.options.test_fraction > 0
-    if not asked or counts.get("val") or counts.get("test") or not counts.get("train"):
-        return None
-    how = HELD_OUT_OPTIONS.get(request.source, "")
-    return "warning: the store has no val or test split, which benchmark and validation need" + (
-        f"; to get one, prepare it again with {how}" if how else ""
-    )
-
-
-def _untrained_classes_warning(tally: PrepareTally, spec: SourceSpec) -> str | None:
-    """Classes that val or test hold and train does not: no model trained on the store can
-    segment or synthesize them, and their IoU of 0 pulls every held-out mIoU down."""
-    train = tally.class_pixels.get("train")
-    if not train:
-        return None  # no train split: told by _no_train_note
-    held_out = [
-        (split, pixels) for split, pixels in sorted(tally.class_pixels.items()) if split != "train"
-    ]
-    missing = [
-        f"{spec.classes[index].name} ({', '.join(s for s, p in held_out if p[index])})"
-        for index, count in enumerate(train)
-        if count == 0 and any(pixels[index] for _, pixels in held_out)
-    ]
-    if not missing:
-        return None
-    return (
-        f"warning: {len(missing)} class(es) have no train pixels, only held-out ones: "
-        f"{', '.join(missing)}; no model trained on this store learns them: move tiles that "
-        "hold them to train (--splits FILE.csv for your own rasters)"
-    )
-
-
-# From this share of unlabelled train pixels on, `prepare` points at `fit-vae --unlabelled-class`.
-SPARSE_LABEL_SHARE = 0.2
-
-
-def _sparse_label_note(tally: PrepareTally, spec: SourceSpec) -> str | None:
-    """A note when most train labels are absent where the image is real (nodata and padding
-    are not missing labels): the paper's mask branch decodes a class in every pixel, so
-    synthesized masks would guess where the real ones say nothing."""
-    pixels = tally.split_counts.get("train", 0) * spec.height * spec.width
-    if not pixels:
-        return None
-    unlabelled = tally.unlabelled_train_pixels / pixels
-    if unlabelled < SPARSE_LABEL_SHARE:
-        return None
-    return (
-        f"note: {unlabelled:.0%} of the train label pixels are unlabelled (255); "
-        "`fit-vae --unlabelled-class` keeps synthesized masks from guessing classes there"
-    )
-
-
-def _source_fingerprint(spec: SourceSpec, candidates: Sequence[Candidate]) -> dict[str, Any]:
-    """What the raw data decides about the samples: a resume must find the same, or the ones
-    written before would sit under another class list, band order or patch grid."""
-    listed = "\n".join(f"{candidate.split}\t{candidate.source_id}" for candidate in candidates)
-    digest = hashlib.sha256(listed.encode()).hexdigest()
-    return {**_described(spec, len(candidates)), "patches listed": digest}
-
-
-def _manifest_fingerprint(manifest: Manifest) -> dict[str, Any]:
-    """The fingerprint's fields a store's manifest holds: what a resume that has no samples
-    yet compares (the manifest was written from the raw data when the store was begun)."""
-    return _described(manifest, manifest.source.candidates if manifest.source else None)
-
-
-def _described(what: SourceSpec | Manifest, patches: int | None) -> dict[str, Any]:
-    return {
-        "task": what.task,
-        "size": [what.height, what.width],
-        "dtype": what.dtype,
-        "bands": [band.name for band in what.bands],
-        "classes": [[c.index, str(c.code)] for c in what.classes],
-        "crs": what.crs,
-        "patches": patches,
-    }
-
-
-def _refuse_changed_source(
-    request: PrepareRequest, begun: dict[str, Any], now: dict[str, Any]
-) -> None:
-    """Refuse (exit 3) to resume over raw data that changed since the store was begun; `begun`
-    holds what was recorded then (nothing in progress records of earlier versions)."""
-    changed = [key for key in now if key in begun and begun[key] != now[key]]
-    if not changed:
-        return
-    shown = [
-        f"patches {begun.get(key)} -> {now[key]}" if key == "patches" else key for key in changed
-    ]
-    if "patches" in changed:
-        shown = [key for key in shown if key != "patches listed"]
-    raise InputDataError(
-        f"cannot resume: the raw data changed since the store was begun ({', '.join(shown)})",
-        request.raw,
-        "restore the raw data, or start again with --overwrite",
-    )
-
-
 def _write(
     request: PrepareRequest,
     source_plan: SourcePlan,
@@ -470,10 +350,10 @@ def _write(
         if resumed and forget_damaged(request.out, range(tally.kept)):
             # The running statistics cannot skip a sample: start over (same bytes, in place).
             tally = PrepareTally()
-        fingerprint = _source_fingerprint(source_plan.spec, source_plan.candidates)
+        fingerprint = source_fingerprint(source_plan.spec, source_plan.candidates)
         if resumed:  # before the store is resized or written
-            begun = tally.source if tally.kept else _manifest_fingerprint(writer.manifest)
-            _refuse_changed_source(request, begun, fingerprint)
+            begun = tally.source if tally.kept else manifest_fingerprint(writer.manifest)
+            refuse_changed_source(request, begun, fingerprint)
         tally.source = fingerprint
         if tally.kept == 0:  # a finished store shrank to its samples; a restart needs them all
             writer.truncate(len(source_plan.candidates))

@@ -22,6 +22,7 @@ from specdm_cli.fs.lock import ReadLock
 from specdm_cli.fs.paths import refuse_overlap
 from specdm_cli.fs.space import require_disk, require_memory
 from specdm_cli.manifest import array_names, load_manifest
+from specdm_cli.pipeline.devices import torch_devices
 from specdm_cli.pipeline.runs.choose import ChosenModel, choose_model
 from specdm_cli.pipeline.runs.detail_io import has_bank, require_bank
 from specdm_cli.pipeline.signals import StopFlag
@@ -46,7 +47,6 @@ from specdm_cli.pipeline.synthesize.synthesize import (
     resolve_batch_size,
     synthesize,
 )
-from specdm_cli.pipeline.train.common import torch_devices
 from specdm_cli.pipeline.train.demo_detail import demo_with_bank
 from specdm_cli.stores import open_store, refuse_stream_out, remove_own, stored_sample_bytes
 from specdm_cli.stores.base import MANIFEST_NAME

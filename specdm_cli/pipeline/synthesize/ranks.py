@@ -16,10 +16,9 @@ from typing import Protocol, TypeVar
 import torch
 
 from specdm_cli.config import Devices, Progress
+from specdm_cli.pipeline.devices import cpu_threads_per_process, run_spawned
 from specdm_cli.pipeline.signals import StopFlag
 from specdm_cli.pipeline.synthesize.shards import Shard, shard_batches
-from specdm_cli.pipeline.train.common import cpu_threads_per_process
-from specdm_cli.pipeline.train.distributed import run_spawned
 from specdm_cli.stores import open_store
 
 

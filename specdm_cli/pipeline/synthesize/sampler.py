@@ -25,12 +25,12 @@ from specdm_cli.models.samplers import (
     sample_generator,
     sample_latents,
 )
+from specdm_cli.pipeline.devices import autocast
 from specdm_cli.pipeline.runs.checkpoints import load_module
 from specdm_cli.pipeline.runs.choose import ChosenModel
 from specdm_cli.pipeline.runs.detail_io import load_bank
 from specdm_cli.pipeline.runs.vae_io import load_vae
 from specdm_cli.pipeline.synthesize.masks import GivenMasks, conditioned, given_condition
-from specdm_cli.pipeline.train.common import autocast
 
 # On the CPU, decoding 64 samples at once cost 1.6-2.4x per sample what 16 did (the activations
 # leave the cache), while the U-Net gains from big batches; so decoding goes in chunks of 16

@@ -25,6 +25,7 @@ from specdm_cli.manifest import (
 )
 from specdm_cli.models.diffusion import ScheduleConfig
 from specdm_cli.models.samplers import DEFAULT_STEPS
+from specdm_cli.pipeline.devices import cpu_threads_per_process, torch_devices
 from specdm_cli.pipeline.runs.choose import ChosenModel
 from specdm_cli.pipeline.runs.detail_io import STAGE as DETAIL_STAGE
 from specdm_cli.pipeline.runs.provenance import provenance
@@ -45,7 +46,6 @@ from specdm_cli.pipeline.synthesize.shards import (
     write_record,
 )
 from specdm_cli.pipeline.synthesize.writer import BackgroundWriter
-from specdm_cli.pipeline.train.common import cpu_threads_per_process, torch_devices
 from specdm_cli.sources.base import class_fraction
 from specdm_cli.stores import SampleMeta, forget_damaged, open_store, open_writer, remove_own
 from specdm_cli.stores.base import MANIFEST_NAME

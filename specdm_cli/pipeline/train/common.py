@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import math
-import os
 from collections.abc import Callable, Iterator
 from concurrent.futures import Executor
 from pathlib import Path
@@ -16,35 +14,13 @@ import numpy as np
 import torch
 
 from specdm_cli.config import Devices, Precision
-from specdm_cli.errors import ModelError, ResourceError, UsageError
+from specdm_cli.errors import ModelError, UsageError
 from specdm_cli.manifest import IGNORE_INDEX, IMAGE_ARRAYS, LABEL_ARRAY, Task
 from specdm_cli.models.losses import denormalize
 from specdm_cli.stores import StoreReader
 
 if TYPE_CHECKING:  # diffusers is imported only where a VAE is built
     from specdm_cli.models.vae import SpecDMVAE
-
-
-def torch_devices(devices: Devices) -> list[torch.device]:
-    """One torch device per rank; CUDA asked for but absent is a resource error (exit 5)."""
-    if devices.kind == "cpu":
-        return [torch.device("cpu")] * devices.ranks
-    if not torch.cuda.is_available():
-        raise ResourceError(
-            "CUDA was asked for but no GPU is available", hint="drop --gpus to run on the CPU"
-        )
-    missing = [index for index in devices.cuda_indices if index >= torch.cuda.device_count()]
-    if missing:
-        raise ResourceError(
-            f"no CUDA device {missing[0]}", hint=f"there are {torch.cuda.device_count()}"
-        )
-    return [torch.device(f"cuda:{index}") for index in devices.cuda_indices]
-
-
-def cpu_threads_per_process(devices: Devices) -> int:
-    """torch's intra-op threads of each sampling process: the CPU kernels' float sums, so the
-    last bit of a decoded value, depend on it (CPU ranks share the threads of the command)."""
-    return max(1, torch.get_num_threads() // devices.ranks)
 
 
 def check_batch_divides(batch_size: int, devices: Devices) -> None:
@@ -54,16 +30,6 @@ def check_batch_divides(batch_size: int, devices: Devices) -> None:
             f"--batch-size must be a multiple of the {devices.ranks} ranks",
             hint=f"e.g. --batch-size {devices.ranks * 8}",
         )
-
-
-def autocast(
-    device: torch.device, precision: Precision
-) -> contextlib.AbstractContextManager[object]:
-    """Mixed precision on CUDA; the CPU always runs fp32 (bf16 there is slower and noisier)."""
-    if device.type != "cuda" or precision == "fp32":
-        return contextlib.nullcontext()
-    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
-    return torch.autocast(device_type="cuda", dtype=dtype)
 
 
 def step_seed(seed: int, step: int, stream: str) -> int:
@@ -147,28 +113,6 @@ def image_pixels(labelled: torch.Tensor, unlabelled_class: bool) -> torch.Tensor
     masked pixels) and missing labels alike; with sparse labels (`--unlabelled-class`) it marks
     the latter, whose images are real: every pixel counts then."""
     return torch.ones_like(labelled) if unlabelled_class else labelled
-
-
-def available_cpus(cpu_max: Path = Path("/sys/fs/cgroup/cpu.max")) -> int:
-    """The CPUs this process may use: its affinity mask, capped by a cgroup v2 CPU quota (a
-    container limited to 2 CPUs on a 64-core host must not start 64 threads)."""
-    cpus = len(os.sched_getaffinity(0))
-    try:
-        quota, period = cpu_max.read_text(encoding="ascii").split()
-        return max(1, min(cpus, int(quota) // int(period)))
-    except (OSError, ValueError):  # no cgroup v2, or "max": no quota
-        return cpus
-
-
-@contextlib.contextmanager
-def torch_threads(count: int | None) -> Iterator[None]:
-    """Set torch's intra-op threads for a stage, by default the CPUs it may use (restored after)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(count or available_cpus())
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
 
 
 def validation_indices(reader: StoreReader, limit: int, warn: Callable[[str], None]) -> np.ndarray:

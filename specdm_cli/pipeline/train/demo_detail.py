@@ -26,13 +26,14 @@ from specdm_cli.config import DETAIL_BANK_BLOCKS, DetailConfig, Progress
 from specdm_cli.errors import ModelError, UsageError, reason_of, resource_error_from
 from specdm_cli.fs.atomic import remove_tree
 from specdm_cli.models.detail import Lookup, build_bank
+from specdm_cli.pipeline.devices import torch_threads
 from specdm_cli.pipeline.runs import rundirs as runs
 from specdm_cli.pipeline.runs.choose import ChosenModel, model_sha256
 from specdm_cli.pipeline.runs.detail_io import BANK_FILE, STAGE, require_bank
 from specdm_cli.pipeline.runs.run_manifest import RunManifest, load_run
 from specdm_cli.pipeline.runs.vae_io import load_vae
 from specdm_cli.pipeline.signals import StopFlag
-from specdm_cli.pipeline.train.common import round_trip_arrays, torch_threads
+from specdm_cli.pipeline.train.common import round_trip_arrays
 from specdm_cli.pipeline.train.fit_detail import LOOKUP, band_statistics, spread_evenly
 from specdm_cli.sources.demo.reader import make_sample, split_of
 

@@ -20,12 +20,9 @@ from specdm_cli.models.diffusion import (
     build_unet,
     mask_condition,
 )
+from specdm_cli.pipeline.devices import autocast
 from specdm_cli.pipeline.runs import rundirs as runs
-from specdm_cli.pipeline.train.common import (
-    LossScaler,
-    autocast,
-    step_seed,
-)
+from specdm_cli.pipeline.train.common import LossScaler, step_seed
 from specdm_cli.pipeline.train.distributed import data_parallel
 from specdm_cli.pipeline.train.latent_cache import (
     LatentCache,

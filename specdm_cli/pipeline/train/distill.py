@@ -26,11 +26,12 @@ from specdm_cli.models.distillation import (
     student_timesteps,
     teacher_trajectories,
 )
+from specdm_cli.pipeline.devices import autocast, torch_devices
 from specdm_cli.pipeline.runs import rundirs as runs
 from specdm_cli.pipeline.runs.checkpoints import load_module
 from specdm_cli.pipeline.runs.run_manifest import RunManifest, load_run
 from specdm_cli.pipeline.signals import StopFlag
-from specdm_cli.pipeline.train.common import LossScaler, autocast, step_seed, torch_devices
+from specdm_cli.pipeline.train.common import LossScaler, step_seed
 from specdm_cli.pipeline.train.driver import Schedule, check_resume_steps, estimating, train_loop
 from specdm_cli.pipeline.train.unet_state import ema_copy, restore_unet_training, save_unet_training
 

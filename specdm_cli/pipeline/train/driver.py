@@ -1,7 +1,7 @@
-"""The one training driver of `fit-vae` and `fit-diffusion`: ranks, steps, metrics, checkpoints.
+"""The one driver of `fit-vae`, `fit-diffusion` and `distill`: ranks, steps, metrics, checkpoints.
 
 A stage plugs in a `Trainer` (its deterministic step, its validation, its checkpoint); the
-driver owns everything else, so both stages stop, log, checkpoint and resume the same way.
+driver owns everything else, so every stage stops, logs, checkpoints and resumes the same way.
 """
 
 from __future__ import annotations

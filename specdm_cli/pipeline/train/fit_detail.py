@@ -22,13 +22,14 @@ from specdm_cli.errors import InputDataError, UsageError
 from specdm_cli.fs.lock import ReadLock
 from specdm_cli.manifest import IMAGE_ARRAYS, LABEL_ARRAY
 from specdm_cli.models.detail import Lookup, build_bank
+from specdm_cli.pipeline.devices import torch_devices
 from specdm_cli.pipeline.runs import rundirs as runs
 from specdm_cli.pipeline.runs.choose import ChosenModel, choose_model
 from specdm_cli.pipeline.runs.detail_io import BANK_FILE, STAGE
 from specdm_cli.pipeline.runs.run_manifest import RunManifest, check_store_fits, load_run
 from specdm_cli.pipeline.runs.vae_io import load_vae
 from specdm_cli.pipeline.signals import StopFlag
-from specdm_cli.pipeline.train.common import round_trip_batches, torch_devices
+from specdm_cli.pipeline.train.common import round_trip_batches
 from specdm_cli.stores import StoreReader, content_sha256, open_store
 
 _ROUND_TRIP_CHUNK = 32  # scenes decoded between progress reports and Ctrl-C checks

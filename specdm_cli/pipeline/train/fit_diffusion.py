@@ -18,15 +18,12 @@ from specdm_cli.fs.lock import ReadLock
 from specdm_cli.models.diffusion import (
     UNetConfig,
 )
+from specdm_cli.pipeline.devices import torch_devices
 from specdm_cli.pipeline.runs import rundirs as runs
 from specdm_cli.pipeline.runs.run_manifest import RunManifest, load_run
 from specdm_cli.pipeline.runs.vae_io import load_vae, vae_config
 from specdm_cli.pipeline.signals import StopFlag
-from specdm_cli.pipeline.train.common import (
-    check_batch_divides,
-    torch_devices,
-    validation_indices,
-)
+from specdm_cli.pipeline.train.common import check_batch_divides, validation_indices
 from specdm_cli.pipeline.train.diffusion_trainer import DiffusionTrainer
 from specdm_cli.pipeline.train.driver import (
     Schedule,

@@ -17,6 +17,7 @@ from specdm_cli.fs.lock import ReadLock
 from specdm_cli.fs.paths import refuse_overlap
 from specdm_cli.fs.space import require_memory
 from specdm_cli.manifest import Manifest, Task, array_names
+from specdm_cli.pipeline.devices import torch_devices
 from specdm_cli.pipeline.runs import rundirs as runs
 from specdm_cli.pipeline.runs.checkpoints import load_optimizer
 from specdm_cli.pipeline.runs.provenance import provenance
@@ -24,11 +25,7 @@ from specdm_cli.pipeline.runs.registry import default_run_dir, user_dir
 from specdm_cli.pipeline.runs.run_manifest import RUN_FILE, load_run
 from specdm_cli.pipeline.runs.vae_io import load_branches
 from specdm_cli.pipeline.signals import StopFlag
-from specdm_cli.pipeline.train.common import (
-    check_batch_divides,
-    torch_devices,
-    validation_indices,
-)
+from specdm_cli.pipeline.train.common import check_batch_divides, validation_indices
 from specdm_cli.pipeline.train.driver import (
     Schedule,
     check_resume_steps,

@@ -19,13 +19,13 @@ from specdm_cli.models.image_critics import ImageCritic, semantic_loss
 from specdm_cli.models.losses import class_weights_auto
 from specdm_cli.models.vae import SpecDMVAE
 from specdm_cli.models.vae_config import VAEConfig
+from specdm_cli.pipeline.devices import autocast
 from specdm_cli.pipeline.runs import rundirs as runs
 from specdm_cli.pipeline.runs.checkpoints import save_optimizer
 from specdm_cli.pipeline.runs.vae_io import save_vae
 from specdm_cli.pipeline.train.adversarial import Adversary
 from specdm_cli.pipeline.train.common import (
     LossScaler,
-    autocast,
     image_pixels,
     load_batch,
     step_seed,
