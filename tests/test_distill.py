@@ -142,6 +142,11 @@ def test_overwrite_distills_a_new_student_in_place(distilled: Path, tmp_path: Pa
     run = _copy(distilled, tmp_path / "run")
     code, _, stderr = run_cli("distill", run, "--steps", "2", "--resume", "--overwrite", *DISTILL)
     assert code == 2 and "exclude each other" in stderr
+    # The command that made the student, with --overwrite, distils anew (was "already
+    # complete"; fit-diffusion --overwrite trained a new U-Net).
+    code, stdout, stderr = run_cli("distill", run, "--steps", "4", "--overwrite", "--json",
+                                   *DISTILL)  # fmt: skip
+    assert code == 0 and json.loads(stdout)["state"] == "trained", stderr
     code, _, stderr = run_cli(
         "distill", run, "--steps", "2", "--student-steps", "2", "--overwrite", *DISTILL
     )

@@ -247,6 +247,34 @@ def check_resume(run: Path, recorded: dict[str, Any], requested: dict[str, Any])
         )
 
 
+def stage_to_resume(
+    run: Path,
+    stage: StageState,
+    identity: dict[str, Any],
+    steps: int,
+    asked: tuple[bool, bool],
+    what: tuple[str, str],
+) -> StageState | None:
+    """A checkpointed stage of the run, for a command asked (--resume, --overwrite): None to
+    train anew (--overwrite; its first checkpoint replaces the stage), the stage itself when
+    the same command ran it to its steps (already complete, --resume or not) or to continue
+    with --resume (the same identity, else exit 3); without --resume, exit 3. `what` names the
+    stage ("a diffusion model") and what --overwrite does ("train a new one")."""
+    resume, overwrite = asked
+    if overwrite:
+        return None
+    if stage.finished and stage.step >= steps and stage.config == identity:
+        return stage
+    if not resume:
+        raise InputDataError(
+            f"the run already has {what[0]}",
+            run,
+            f"pass --resume to continue it, or --overwrite to {what[1]}",
+        )
+    check_resume(run, stage.config, identity)
+    return stage
+
+
 def _shown(value: Any) -> str:
     """An option's value as a person typed it: lists comma-joined, a missing one as unset."""
     if value is None:

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from specdm_cli.config import Devices, DistillTrainConfig, Progress
-from specdm_cli.errors import InputDataError, ModelError, UsageError, refuse_resume_with_overwrite
+from specdm_cli.errors import ModelError, UsageError, refuse_resume_with_overwrite
 from specdm_cli.models.diffusion import EMA, ScheduleConfig, alphas_cumprod
 from specdm_cli.models.distillation import (
     clean_target,
@@ -256,16 +256,7 @@ def _stage_to_resume(
         # fit-diffusion trained on (or anew) since: nothing of the student carries over.
         warn("the run's student learned an earlier U-Net: distilling a new one")
         return None
-    identity = trainer.identity()
-    if stage.finished and stage.step >= request.config.steps and stage.config == identity:
-        return stage  # the same command again: already complete
-    if request.overwrite:
-        return None  # a new student; its first checkpoint replaces the stage
-    if not request.resume:
-        raise InputDataError(
-            "the run already has a distilled student",
-            run,
-            "pass --resume to continue it, or --overwrite to distill a new one",
-        )
-    runs.check_resume(run, stage.config, identity)
-    return stage
+    return runs.stage_to_resume(
+        run, stage, trainer.identity(), request.config.steps,
+        (request.resume, request.overwrite), ("a distilled student", "distill a new one"),
+    )  # fmt: skip

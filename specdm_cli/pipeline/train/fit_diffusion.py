@@ -206,19 +206,10 @@ def _check_stages(
         # Nothing of it carries over to the new latents; its checkpoint goes at the first new one.
         warn("the run's U-Net learned the latents of an earlier VAE: training a new one")
         return None
-    if request.overwrite:
-        return None  # its first checkpoint replaces the stage
-    identity = request.config.training_identity()
-    if stage.finished and stage.step >= request.config.steps and stage.config == identity:
-        return stage  # the same command again: already complete (exit 0), resume or not
-    if not request.resume:
-        raise InputDataError(
-            "the run already has a diffusion model",
-            run,
-            "pass --resume to continue it, or --overwrite to train a new one",
-        )
-    runs.check_resume(run, stage.config, identity)
-    return stage
+    return runs.stage_to_resume(
+        run, stage, request.config.training_identity(), request.config.steps,
+        (request.resume, request.overwrite), ("a diffusion model", "train a new one"),
+    )  # fmt: skip
 
 
 def _rank_main(
