@@ -8,6 +8,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from types import FrameType
 
+from specdm_cli.config import Progress
 from specdm_cli.errors import Interrupted
 
 
@@ -32,6 +33,19 @@ class StopFlag:
             yield
         finally:
             self.at_once = False
+
+
+def stoppable(progress: Progress | None, stop: StopFlag) -> Progress:
+    """`progress` that also stops after each report: for work that runs minutes before a
+    stage's first batch (a segmenter, a cache, a bank) and would not hear Ctrl-C otherwise.
+    (One rank only: ranks agree on stopping in the training loop.)"""
+
+    def report(stage: str, done: int, total: int) -> None:
+        if progress is not None:
+            progress(stage, done, total)
+        stop.check()
+
+    return report
 
 
 @contextmanager

@@ -32,7 +32,7 @@ from specdm_cli.pipeline.runs.choose import ChosenModel, model_sha256
 from specdm_cli.pipeline.runs.detail_io import BANK_FILE, STAGE, require_bank
 from specdm_cli.pipeline.runs.run_manifest import RunManifest, load_run
 from specdm_cli.pipeline.runs.vae_io import load_vae
-from specdm_cli.pipeline.signals import StopFlag
+from specdm_cli.pipeline.signals import StopFlag, stoppable
 from specdm_cli.pipeline.train.common import round_trip_arrays
 from specdm_cli.pipeline.train.fit_detail import LOOKUP, band_statistics, spread_evenly
 from specdm_cli.sources.demo.reader import make_sample, split_of
@@ -151,6 +151,7 @@ def _round_trips(
     device = torch.device("cpu")
     vae = load_vae(demo.path, demo.manifest, device)
     mean, std = (t.flatten() for t in band_statistics(demo.manifest))
+    report = stoppable(progress, stop)
     for start in range(0, len(scenes), _CHUNK):
         chunk = scenes[start : start + _CHUNK]
         samples = [make_sample(BANK_STORE.seed, int(i), "ss", BANK_STORE.size, "s2") for i in chunk]
@@ -158,6 +159,4 @@ def _round_trips(
         images = round_trip_arrays(vae, arrays, "ss", mean, std)["image"]
         truth = torch.from_numpy(arrays["image"].astype(np.float32))
         yield from zip(images, truth, torch.from_numpy(arrays["mask"]), strict=True)
-        if progress:
-            progress("detail bank", min(start + _CHUNK, len(scenes)), len(scenes))
-        stop.check()
+        report("detail bank", min(start + _CHUNK, len(scenes)), len(scenes))

@@ -30,7 +30,7 @@ from specdm_cli.pipeline.devices import autocast, torch_devices
 from specdm_cli.pipeline.runs import rundirs as runs
 from specdm_cli.pipeline.runs.checkpoints import load_module
 from specdm_cli.pipeline.runs.run_manifest import RunManifest, load_run
-from specdm_cli.pipeline.signals import StopFlag
+from specdm_cli.pipeline.signals import StopFlag, stoppable
 from specdm_cli.pipeline.train.common import LossScaler, step_seed
 from specdm_cli.pipeline.train.driver import Schedule, check_resume_steps, estimating, train_loop
 from specdm_cli.pipeline.train.unet_state import ema_copy, restore_unet_training, save_unet_training
@@ -198,14 +198,9 @@ def distill(
             start = restore_unet_training(run / str(stage.checkpoint), trainer, device)
             check_resume_steps(start, config.steps, "student")
 
-        def report(label: str, done: int, total: int) -> None:
-            if progress:
-                progress(label, done, total)
-            stop.check()
-
         side = int(teacher.config.sample_size)
         shape = (int(teacher.config.in_channels), side, side)
-        trainer.draw_trajectories(teacher, shape, report)
+        trainer.draw_trajectories(teacher, shape, stoppable(progress, stop))
         schedule_of_steps = Schedule(config.steps, config.val_every, config.checkpoint_every,
                                      "distill", "loss", (("stage", "distill"),))  # fmt: skip
         told = estimating(progress, notice, "distill", f"{config.student_steps}-step student")

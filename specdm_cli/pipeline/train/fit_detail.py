@@ -28,7 +28,7 @@ from specdm_cli.pipeline.runs.choose import ChosenModel, choose_model
 from specdm_cli.pipeline.runs.detail_io import BANK_FILE, STAGE
 from specdm_cli.pipeline.runs.run_manifest import RunManifest, check_store_fits, load_run
 from specdm_cli.pipeline.runs.vae_io import load_vae
-from specdm_cli.pipeline.signals import StopFlag
+from specdm_cli.pipeline.signals import StopFlag, stoppable
 from specdm_cli.pipeline.train.common import round_trip_batches
 from specdm_cli.stores import StoreReader, content_sha256, open_store
 
@@ -149,16 +149,14 @@ def round_trips(
     mean, std = (t.flatten().to(device) for t in band_statistics(chosen.manifest))
     task = chosen.manifest.task
     names = IMAGE_ARRAYS[task]
-    done = 0
+    done, report = 0, stoppable(progress, stop)
     for _, arrays, decoded in round_trip_batches(vae, real, scenes, mean, std, _ROUND_TRIP_CHUNK):
         images = torch.cat([decoded[name].cpu() for name in names], dim=1)
         truth = np.concatenate([arrays[name] for name in names], axis=1).astype(np.float32)
         labels = torch.from_numpy(arrays[LABEL_ARRAY[task]])
         yield from zip(images, torch.from_numpy(truth), labels, strict=True)
         done += len(labels)
-        if progress:
-            progress("fit-detail", done, len(scenes))
-        stop.check()
+        report("fit-detail", done, len(scenes))
 
 
 def bank_statistics(run: RunManifest) -> tuple[torch.Tensor, torch.Tensor]:

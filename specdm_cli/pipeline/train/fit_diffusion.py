@@ -22,7 +22,7 @@ from specdm_cli.pipeline.devices import torch_devices
 from specdm_cli.pipeline.runs import rundirs as runs
 from specdm_cli.pipeline.runs.run_manifest import RunManifest, load_run
 from specdm_cli.pipeline.runs.vae_io import load_vae, vae_config
-from specdm_cli.pipeline.signals import StopFlag
+from specdm_cli.pipeline.signals import StopFlag, stoppable
 from specdm_cli.pipeline.train.common import check_batch_divides, validation_indices
 from specdm_cli.pipeline.train.diffusion_trainer import DiffusionTrainer
 from specdm_cli.pipeline.train.driver import (
@@ -314,12 +314,9 @@ def _latents(
     vae = load_vae(run, manifest, device)
     batch = max(1, min(64, request.config.batch_size))
 
-    def report(stage: str, done: int, total: int) -> None:
-        if progress:
-            progress(stage, done, total)
-        stop.check()  # an unfinished cache is rebuilt on the next run
-
     with ReadLock(store):
+        # A stop leaves an unfinished cache, which the next run builds again.
+        report = stoppable(progress, stop)
         cache = open_or_build(run, vae, reader, statistics, indices, key, augment, batch, report)
         val = validation_indices(reader, request.config.val_samples, warn)
         return cache, encode_means(vae, reader, statistics, val, batch)

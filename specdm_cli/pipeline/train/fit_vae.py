@@ -24,7 +24,7 @@ from specdm_cli.pipeline.runs.provenance import provenance
 from specdm_cli.pipeline.runs.registry import default_run_dir, user_dir
 from specdm_cli.pipeline.runs.run_manifest import RUN_FILE, load_run
 from specdm_cli.pipeline.runs.vae_io import load_branches
-from specdm_cli.pipeline.signals import StopFlag
+from specdm_cli.pipeline.signals import StopFlag, stoppable
 from specdm_cli.pipeline.train.common import check_batch_divides, validation_indices
 from specdm_cli.pipeline.train.driver import (
     Schedule,
@@ -287,7 +287,7 @@ def _rank_main(
     stop = stop or StopFlag()
     trainer.prepare_critics(
         job.run / job.checkpoint if job.checkpoint is not None else None,
-        _stoppable(progress, stop) if world == 1 else progress,
+        stoppable(progress, stop) if world == 1 else progress,
     )
     config = job.config
     schedule = Schedule(config.steps, config.val_every, config.checkpoint_every, "fit-vae", "total")
@@ -296,19 +296,6 @@ def _rank_main(
         str(job.run), "", config.steps, config.steps, 0.0, trained.steps_per_second,
         trained.last, trainer.validation,
     )  # fmt: skip
-
-
-def _stoppable(progress: Progress | None, stop: StopFlag) -> Progress:
-    """Progress that also stops between steps: the semantic term's segmenter trains for a minute
-    or more before the VAE's first step, and Ctrl-C went unheard all that time. (One rank only:
-    ranks agree on stopping in the training loop, not here.)"""
-
-    def report(stage: str, done: int, total: int) -> None:
-        if progress is not None:
-            progress(stage, done, total)
-        stop.check()
-
-    return report
 
 
 def _summary_from_run(job: _Job) -> FitVAESummary:
