@@ -65,7 +65,7 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=64, help="tile size of the tiny demo run")
     parser.add_argument("--unet-blocks", default=None, help="U-Net widths [the preset]")
     args = parser.parse_args()
-    device = torch_devices(parse_devices(args.gpus).one())[0]
+    device = torch_devices(parse_devices(args.gpus).one("bench_latent_cache"))[0]
     run = args.run or tiny_run(Path(tempfile.mkdtemp(prefix="specdm-cache-")), args.size)
     manifest = load_run(run)
     reader = open_store(Path(manifest.source_store))

@@ -59,11 +59,11 @@ class Devices:
             return ",".join(str(index) for index in self.cuda_indices)
         return "cpu" if self.cpu_ranks == 1 else f"cpu:{self.cpu_ranks}"
 
-    def one(self) -> Devices:
-        """These devices for a command that runs one process."""
+    def one(self, command: str) -> Devices:
+        """These devices for `command`, which runs one process."""
         if self.ranks > 1:
             raise UsageError(
-                f"--gpus {self.option()}: this command runs on one device",
+                f"--gpus {self.option()}: {command} runs on one device",
                 hint="pass one device, e.g. --gpus 0",
             )
         return self

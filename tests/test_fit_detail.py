@@ -262,6 +262,8 @@ def test_refusals_are_one_line(trained: Path, banked: Path, tmp_path: Path) -> N
     assert code == 4 and "earlier VAE" in stderr and "--overwrite" in stderr
     code, _, stderr = run_cli("fit-detail", banked, _store(trained), "--context", "5", *QUIET)
     assert code == 2 and "--context" in stderr
+    code, _, stderr = run_cli("fit-detail", banked, _store(trained), "--gpus", "cpu:2", *QUIET)
+    assert code == 2 and "--gpus cpu:2: fit-detail runs on one device" in stderr
     unfinished = _copy(trained, tmp_path / "unfinished")
     manifest = json.loads((unfinished / "run.json").read_text())
     manifest["stages"]["vae"]["finished"] = False

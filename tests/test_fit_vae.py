@@ -289,8 +289,8 @@ def test_gpus_strings() -> None:
     assert (two.kind, two.ranks, two.option()) == ("cuda", 2, "0,1")
     assert two.rank(1) == Devices("cuda", (1,))
     assert parse_devices(parse_devices("cpu:3").option()) == parse_devices("cpu:3")
-    with pytest.raises(UsageError, match="one device"):
-        parse_devices("cpu:2").one()
+    with pytest.raises(UsageError, match="cpu:2: benchmark runs on one device"):
+        parse_devices("cpu:2").one("benchmark")
 
 
 def test_reader_threads_do_not_change_the_weights(demo_ss_store: Path, tmp_path: Path) -> None:

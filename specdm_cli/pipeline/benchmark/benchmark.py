@@ -220,7 +220,7 @@ def _measure(request: BenchmarkRequest, progress: Progress | None) -> tuple[Benc
     if chosen is not None:
         gen.check_model_fits(chosen, real)
         chosen = demo_with_bank(chosen, StopFlag(), progress)  # as synthesize samples it
-    device = torch_devices(request.devices.one())[0]
+    device = torch_devices(request.devices.one("benchmark"))[0]
     overrides = {"steps": request.feature_steps} if request.feature_steps else {}
     network = load_or_train(
         real, default_config(real, **overrides), device=str(device), progress=progress

@@ -180,9 +180,7 @@ def distill(
     warnings, `notice` progress lines such as the time estimate."""
     started = time.monotonic()
     refuse_resume_with_overwrite(request.resume, request.overwrite)
-    if request.devices.ranks > 1:
-        raise UsageError("distill runs on one device", hint="pass one device to --gpus")
-    device = torch_devices(request.devices)[0]
+    device = torch_devices(request.devices.one("distill"))[0]
     run, config = request.run, request.config
     load_run(run, verify=False)  # a clear error before the lock creates anything
     with runs.RunLock(run):

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from specdm_cli.config import DETAIL_BANK_BLOCKS, DetailConfig, Devices, Progress
-from specdm_cli.errors import InputDataError, UsageError
+from specdm_cli.errors import InputDataError
 from specdm_cli.fs.lock import ReadLock
 from specdm_cli.manifest import IMAGE_ARRAYS, LABEL_ARRAY
 from specdm_cli.models.detail import Lookup, build_bank
@@ -65,9 +65,7 @@ def fit_detail(
 ) -> FitDetailSummary:
     """Build the run's detail bank from the store's train scenes (or find it built)."""
     started = time.monotonic()
-    if request.devices.ranks > 1:
-        raise UsageError("fit-detail runs on one device", hint="pass one device to --gpus")
-    device = torch_devices(request.devices)[0]
+    device = torch_devices(request.devices.one("fit-detail"))[0]
     load_run(request.run, verify=False)  # a clear error before the lock creates anything
     with ReadLock(request.store), runs.RunLock(request.run):
         real = open_store(request.store)
