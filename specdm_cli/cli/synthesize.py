@@ -177,10 +177,6 @@ def synthesize(
             return
         assert out is not None and n is not None
         warnings = Warnings(quiet)
-        if precision not in (None, "fp32") and gpus.kind == "cpu":
-            # The CPU samples in fp32 whatever is asked; the manifest must say what ran.
-            warnings(f"warning: --precision {precision} applies on CUDA; the CPU samples in fp32")
-            precision = "fp32"
         options = SynthesizeOptions(
             out=out, n=n, model=model, task=task, sampler=sampler, steps=steps, seed=seed,
             batch_size=batch_size, precision=precision or "fp32", format=store_format,

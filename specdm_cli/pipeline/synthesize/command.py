@@ -98,6 +98,10 @@ def synthesize_store(
     if options.n <= 0:
         raise UsageError("synthesize needs --n >= 1", hint="e.g. --n 1000 --out syn.zarr")
     refuse_stream_out(options.out)
+    if options.precision != "fp32" and options.devices.kind == "cpu":
+        # The CPU samples in fp32 whatever is asked; the manifest must say what ran.
+        notice(f"warning: --precision {options.precision} applies on CUDA; the CPU samples in fp32")
+        options = replace(options, precision="fp32")
     _check_label_confidence(options)
     shard = parse_shard(options.shard)
     grid = parse_batch_size(options.batch_size)
