@@ -64,7 +64,7 @@ class Devices:
         if self.ranks > 1:
             raise UsageError(
                 f"--gpus {self.option()}: {command} runs on one device",
-                hint="pass one device, e.g. --gpus 0",
+                hint="pass one device, e.g. --gpus " + ("cpu" if self.kind == "cpu" else "0"),
             )
         return self
 

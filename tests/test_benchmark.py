@@ -24,6 +24,7 @@ from specdm_cli.pipeline.benchmark.generator import (
     heldout_in_training,
     round_trip,
     synthesize_defaults,
+    throughput,
 )
 from specdm_cli.pipeline.benchmark.render import markdown
 from specdm_cli.pipeline.benchmark.report import BenchmarkReport, compare, load_report
@@ -191,6 +192,16 @@ def test_a_store_of_another_model_is_timed_as_synthesize_samples_by_default(
         for key in ("sampler", "steps", "precision")
     }
     assert plan["batch_size"] == min(defaults["batch_size"], 2)  # type: ignore[index]
+    # The store as if another model had made it: throughput times those defaults.
+    manifest = json.loads((out / "manifest.json").read_text())
+    manifest["plan"]["model_sha256"] = "0" * 64
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    speed = throughput(choose_model("demo", "ss"), open_store(out), torch.device("cpu"), 1)
+    assert (speed.sampler, speed.steps, speed.batch_size) == (
+        defaults["sampler"],
+        defaults["steps"],
+        defaults["batch_size"],
+    )
 
 
 def test_downstream_rows_train_on_the_right_data(ss_report: Path, ss: tuple[Path, Path]) -> None:

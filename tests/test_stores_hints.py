@@ -114,17 +114,23 @@ def test_relative_classes_and_splits_paths_give_a_hint_that_runs_from_anywhere(
     options = manifest_of(store)["plan"]["options"]  # type: ignore[index]
     assert options["classes_file"] == str(tmp_path / "raw" / "classes.csv")
     assert options["splits_file"] == str(tmp_path / "splits.csv")
+    details = manifest_of(store)["source"]["details"]  # type: ignore[index]
+    assert (details["classes_from"], details["splits_from"]) == (
+        options["classes_file"],
+        options["splits_file"],
+    )
     monkeypatch.chdir(tmp_path / "raw")
     again = tmp_path / "again.zarr"
     hint = prepare_again(store, open_store(store).manifest, 8, out=again)
     code, _, stderr = run_cli(*shlex.split(hint[1:-1])[1:], "-q")
     assert code == 0 and manifest_of(again)["height"] == 8, stderr
-    # A store that recorded them as given resumes from the folder they were given in.
+    # A store that recorded them as given resumes from the folder they were given in, as
+    # written there; from another folder it is refused, whichever files are named now.
     manifest = json.loads((store / "manifest.json").read_text())
     manifest["plan"]["options"].update(classes_file="raw/classes.csv", splits_file="splits.csv")
     (store / "manifest.json").write_text(json.dumps(manifest))
     absolute = ("--classes", raw / "classes.csv", "--splits", tmp_path / "splits.csv")
-    code, _, stderr = run_cli(*command[:-5], *absolute, "--resume")  # from raw/: other files
+    code, _, stderr = run_cli(*command[:-5], *absolute, "--resume")  # from raw/
     assert_one_error_line(code, stderr, 3, "cannot resume: the store was made with other inputs")
     assert '--classes: store "raw/classes.csv", now ' in stderr  # the flag, not the field
     monkeypatch.chdir(tmp_path)

@@ -349,6 +349,23 @@ def test_half_precision_asked_on_the_cpu_is_said_and_recorded_as_what_ran(tmp_pa
     assert load_manifest(tmp_path / "x.zarr" / "manifest.json").model.precision == "fp32"
 
 
+def test_half_precision_asked_of_the_pipeline_on_the_cpu_is_recorded_as_what_ran(
+    tmp_path: Path,
+) -> None:
+    """A Python caller of `synthesize_store` (not only the CLI) gets the CPU's fp32 rule."""
+    from specdm_cli.pipeline.signals import StopFlag
+    from specdm_cli.pipeline.synthesize.command import SynthesizeOptions, synthesize_store
+
+    told: list[str] = []
+    options = SynthesizeOptions(out=tmp_path / "x.zarr", n=2, model="demo", task="ss",
+                                steps=2, precision="bf16", detail=False)  # fmt: skip
+    synthesize_store(options, StopFlag(), None, told.append)
+    assert "warning: --precision bf16 applies on CUDA; the CPU samples in fp32" in told
+    manifest = load_manifest(tmp_path / "x.zarr" / "manifest.json")
+    assert manifest.model is not None and manifest.model.precision == "fp32"
+    assert manifest.plan["precision"] == "fp32"
+
+
 def test_a_complete_store_made_again_is_already_complete_with_no_rate(tmp_path: Path) -> None:
     """The same command again wrote nothing but said "complete: ... 0.0 pairs/s"."""
     command = ("synthesize", "--model", "demo", "--task", "ss", "--n", "2", "--steps", "2",

@@ -139,7 +139,7 @@ def benchmark(
     with domain_errors(resumable=False), stop_at_once():
         if not schema:
             require_inputs(stores={"--real": real, "--synthetic": synthetic}, models=(model,))
-        from specdm_cli.config import DownstreamOptions, count_list, downstream_protocol_list
+        from specdm_cli.config import count_list, downstream_protocol_list
         from specdm_cli.errors import UsageError
         from specdm_cli.pipeline.benchmark.benchmark import BenchmarkRequest, rgb_notice
         from specdm_cli.pipeline.benchmark.benchmark import benchmark as run_benchmark

@@ -84,20 +84,24 @@ def resolve_target(
     return "done" if manifest.complete else "resume"
 
 
-def plan_differences(old: dict[str, object], new: dict[str, object], prefix: str = "") -> list[str]:
-    """What differs between a stored plan and this run's, one `--option: store X, now Y` each."""
+def plan_differences(
+    old: dict[str, object], new: dict[str, object], flags: dict[str, str] | None = None
+) -> list[str]:
+    """What differs between a stored plan and this run's, one `--option: store X, now Y` each;
+    `flags` names keys not spelled as their option (a prepare plan's `options`: PREPARE_FLAGS)."""
     found = []
     for key in sorted(set(old) | set(new)):
         before, now = old.get(key), new.get(key)
         if isinstance(before, dict) and isinstance(now, dict):
-            found += plan_differences(before, now)
+            prepare_options = key == "options" and old.get("stage") == "prepare"
+            found += plan_differences(before, now, _PREPARE_FLAG if prepare_options else None)
         elif before != now:
-            flag = PREPARE_FLAGS.get(key, (f"--{key.replace('_', '-')}",))[0]
-            name = _PLAN_NAMES.get(key, flag)
+            name = (flags or _PLAN_NAMES).get(key, f"--{key.replace('_', '-')}")
             found.append(f"{name}: store {_shown(before)}, now {_shown(now)}")
     return found
 
 
+_PREPARE_FLAG = {field: flag for field, (flag, _readers) in PREPARE_FLAGS.items()}
 # Plan keys that are not spelled as their option.
 _PLAN_NAMES = {
     "raw": "RAW",

@@ -192,9 +192,9 @@ def throughput(
     made it, so the figure is the speed that store was made at.
     """
     plan = synthetic.manifest.plan
-    defaults = synthesize_defaults(chosen, device)
     same = plan.get("model_sha256") == chosen.sha256
-    settings = {key: plan[key] if same else defaults[key] for key in defaults}
+    defaults = synthesize_defaults(chosen, device)  # its keys are those timed
+    settings = {key: plan[key] if same else value for key, value in defaults.items()}
     size, steps = int(settings["batch_size"]), int(settings["steps"])
     draw = _batch_sampler(
         chosen, device, str(settings["sampler"]), str(settings["precision"]), size

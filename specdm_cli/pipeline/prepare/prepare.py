@@ -102,10 +102,6 @@ def _plan(request: PrepareRequest) -> dict[str, Any]:
     options = json.loads(json.dumps(options, default=list))
     # Options added later are left out while unset, so stores made before them still resume.
     options = {k: v for k, v in options.items() if not (k in _LATER_OPTIONS and v is None)}
-    # Resolved, as the raw path is: the prepare-again hints quote them to run from any folder.
-    for key in _PATH_OPTIONS:
-        if options.get(key) is not None:
-            options[key] = str(Path(options[key]).resolve())
     plan = {
         "stage": "prepare",
         "source": request.source,
@@ -119,6 +115,14 @@ def _plan(request: PrepareRequest) -> dict[str, Any]:
     if request.max_unlabelled is not None:
         plan["max_unlabelled"] = request.max_unlabelled
     return plan
+
+
+def _with_resolved_paths(request: PrepareRequest) -> PrepareRequest:
+    """--classes and --splits resolved, as RAW is: the plan and the source's details record
+    them, and the prepare-again hints quote them to run from any folder."""
+    paths = {key: getattr(request.options, key) for key in _PATH_OPTIONS}
+    resolved = {key: path.resolve() for key, path in paths.items() if path is not None}
+    return replace(request, options=replace(request.options, **resolved))
 
 
 def _with_paths_as_recorded(out: Path, plan: dict[str, Any]) -> dict[str, Any]:
@@ -211,6 +215,7 @@ def prepare(
     """
     started = time.monotonic()
     _validate(request)
+    request = _with_resolved_paths(request)
     plan = _plan(request)
     _check_task(request)  # before an --overwrite removes anything
     with claim_output(request.out):

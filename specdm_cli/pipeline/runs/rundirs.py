@@ -252,15 +252,16 @@ def stage_to_resume(
     stage: StageState,
     identity: dict[str, Any],
     steps: int,
-    asked: tuple[bool, bool],
+    *,
+    resume: bool,
+    overwrite: bool,
     what: tuple[str, str],
 ) -> StageState | None:
-    """A checkpointed stage of the run, for a command asked (--resume, --overwrite): None to
+    """A checkpointed stage of the run, for a command given --resume or --overwrite: None to
     train anew (--overwrite; its first checkpoint replaces the stage), the stage itself when
     the same command ran it to its steps (already complete, --resume or not) or to continue
     with --resume (the same identity, else exit 3); without --resume, exit 3. `what` names the
     stage ("a diffusion model") and what --overwrite does ("train a new one")."""
-    resume, overwrite = asked
     if overwrite:
         return None
     if stage.finished and stage.step >= steps and stage.config == identity:

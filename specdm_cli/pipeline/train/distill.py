@@ -251,5 +251,5 @@ def _stage_to_resume(
         return None
     return runs.stage_to_resume(
         run, stage, trainer.identity(), request.config.steps,
-        (request.resume, request.overwrite), ("a distilled student", "distill a new one"),
+        resume=request.resume, overwrite=request.overwrite, what=("a distilled student", "distill a new one"),
     )  # fmt: skip

@@ -208,7 +208,7 @@ def _check_stages(
         return None
     return runs.stage_to_resume(
         run, stage, request.config.training_identity(), request.config.steps,
-        (request.resume, request.overwrite), ("a diffusion model", "train a new one"),
+        resume=request.resume, overwrite=request.overwrite, what=("a diffusion model", "train a new one"),
     )  # fmt: skip
 
 
