@@ -181,6 +181,27 @@ def prepare_default(field: str, source: str) -> object:
     return next(item.default for item in fields(PrepareOptions) if item.name == field)
 
 
+# Training config fields whose option is not `--<field>` (None: no training command has one; the
+# field is named as run.json holds it). The rest are `--<field-with-dashes>`; a test checks both
+# against the training commands' --help.
+TRAIN_FLAGS: dict[str, str | None] = {
+    "image_block_out_channels": "--image-blocks",
+    "mask_block_out_channels": "--mask-blocks",
+    "block_out_channels": "--unet-blocks",
+    "norm_num_groups": "--norm-groups",
+    "attention_head_dim": "--head-dim",
+    "teacher_substeps": None,
+    "val_trajectories": None,
+}
+
+
+def train_option(field: str) -> str:
+    """How a message names a training config field: its option, else the field itself."""
+    if field in TRAIN_FLAGS:
+        return TRAIN_FLAGS[field] or field
+    return "--" + field.replace("_", "-")
+
+
 class VAETrainConfig(BaseModel):
     """How to train the VAE; every default says where it comes from."""
 

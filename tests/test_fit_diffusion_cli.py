@@ -251,7 +251,7 @@ def test_mask_conditioning_trains_records_and_resumes(vae_run: Path, tmp_path: P
     for name in first:
         assert torch.equal(first[name], second[name]), name
     code, _, stderr = diffuse(split, "--steps", "6", "--resume", "--mask-condition-rate", "0")
-    assert code == 4 and "mask_condition_rate" in stderr
+    assert code == 4 and "--mask-condition-rate: run 0.5, now unset" in stderr
 
 
 def test_an_unconditioned_run_records_no_condition(vae_run: Path, tmp_path: Path) -> None:
@@ -298,7 +298,7 @@ def test_refusals(vae_run: Path, tmp_path: Path) -> None:
     code, _, stderr = diffuse(run, "--steps", "4")  # an existing output, as fit-vae's run folder
     assert code == 3 and "already has a diffusion model" in stderr and "--resume" in stderr
     code, _, stderr = diffuse(run, "--steps", "4", "--resume", "--ema-decay", "0.99")
-    assert code == 4 and "ema_decay" in stderr
+    assert code == 4 and "--ema-decay: run 0.9999, now 0.99" in stderr
 
 
 @pytest.mark.parametrize(

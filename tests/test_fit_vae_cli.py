@@ -115,7 +115,7 @@ def test_refusals(demo_ss_store: Path, tmp_path: Path) -> None:
     run = tmp_path / "run"
     assert fit(demo_ss_store, run, "--steps", "2")[0] == 0
     code, _, stderr = fit(demo_ss_store, run, "--steps", "4", "--resume", "--sad-weight", "0")
-    assert code == 4 and "sad_weight" in stderr
+    assert code == 4 and "--sad-weight: run 0.1, now 0.0" in stderr
     code, _, stderr = fit(demo_ss_store, run, "--steps", "4")
     assert code == 3 and "already exists" in stderr
     weights_file = next(run.rglob("image/diffusion_pytorch_model.safetensors"))

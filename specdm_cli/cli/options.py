@@ -7,7 +7,7 @@ from typing import Annotated, Any
 
 import typer
 
-from specdm_cli.config import Devices, Precision, TrainPreset, parse_devices
+from specdm_cli.config import Devices, Precision, TrainPreset, parse_devices, train_option
 from specdm_cli.errors import SpecdmError, missing_run, missing_store
 from specdm_cli.presets import preset_help
 
@@ -84,16 +84,8 @@ def config_or_usage_error(model: Any, **values: Any) -> Any:
         field = str(first["loc"][0]) if first["loc"] else None
         message = str(first["msg"]).removeprefix("Value error, ")
         if field is not None:  # a check across options names them in its message
-            message = f"{_OPTION_OF.get(field, '--' + field.replace('_', '-'))}: {message}"
+            message = f"{train_option(field)}: {message}"
         raise UsageError(message, hint="see --help") from None
-
-
-# Config fields whose option has another name than the field's.
-_OPTION_OF = {
-    "norm_num_groups": "--norm-groups",
-    "attention_head_dim": "--head-dim",
-    "block_out_channels": "--unet-blocks",
-}
 
 
 def parse_counts(text: str | None, option: str, example: str) -> tuple[int, ...] | None:

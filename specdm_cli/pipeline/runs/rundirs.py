@@ -9,6 +9,12 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ValidationError
 
+from specdm_cli.config import (
+    DiffusionTrainConfig,
+    DistillTrainConfig,
+    VAETrainConfig,
+    train_option,
+)
 from specdm_cli.errors import (
     InputDataError,
     ModelError,
@@ -236,7 +242,7 @@ def check_resume(run: Path, recorded: dict[str, Any], requested: dict[str, Any])
             k for k in set(recorded) | set(requested) if recorded.get(k) != requested.get(k)
         )
         told = "; ".join(
-            f"{k}: run {_shown(recorded.get(k))}, now {_shown(requested.get(k))}"
+            f"{_option(k)}: run {_shown(recorded.get(k))}, now {_shown(requested.get(k))}"
             for k in changed[:3]
         )
         more = f"; and {len(changed) - 3} more" if len(changed) > 3 else ""
@@ -274,6 +280,19 @@ def stage_to_resume(
         )
     check_resume(run, stage.config, identity)
     return stage
+
+
+def _option(key: str) -> str:
+    """A resume identity's key as the user sets it: a config field's option (a key that is no
+    field, such as distill's teacher_weights, as it is)."""
+    return train_option(key) if key in _TRAIN_FIELDS else key
+
+
+_TRAIN_FIELDS = {
+    *VAETrainConfig.model_fields,
+    *DiffusionTrainConfig.model_fields,
+    *DistillTrainConfig.model_fields,
+}
 
 
 def _shown(value: Any) -> str:
