@@ -141,3 +141,89 @@ def test_each_training_field_is_named_by_the_option_of_its_command() -> None:
         named = train_option(field)
         unset = named == field and f"--{field.replace('_', '-')}" not in flags
         assert named in flags or unset, field
+
+
+def test_a_run_from_before_presets_resumes_with_its_values(store: Path, tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    code, _, stderr = run_cli(
+        "fit-vae", store, "--run", run, "--preset", "gpu", *VAE_SHAPE, "--steps", "2", "-q"
+    )
+    assert code == 0, stderr
+    manifest = json.loads((run / "run.json").read_text())
+    del manifest["stages"]["vae"]["details"]["options"]  # as runs.json of older versions
+    (run / "run.json").write_text(json.dumps(manifest))
+    code, stdout, stderr = run_cli("fit-vae", store, "--run", run, "--resume", "--steps", "3",
+                                   "--json", "-q")  # fmt: skip
+    assert code == 0 and json.loads(stdout)["state"] == "resumed", stderr
+    manifest = json.loads((run / "run.json").read_text())
+    manifest["stages"]["vae"]["details"]["options"] = {"steps": "many"}  # damaged
+    (run / "run.json").write_text(json.dumps(manifest))
+    code, _, stderr = run_cli("fit-vae", store, "--run", run, "--resume", "--steps", "4", "-q")
+    assert code == 4 and "do not validate" in stderr and len(stderr.strip().splitlines()) == 1
+
+
+def test_one_line_estimates_the_wall_time(store: Path, tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    code, _, stderr = run_cli("fit-vae", store, "--run", run, *VAE_SHAPE, "--steps", "6")
+    assert code == 0, stderr
+    estimates = [line for line in stderr.splitlines() if "for the remaining" in line]
+    assert len(estimates) == 1, stderr
+    assert (
+        estimates[0].startswith("fit-vae: about ") and "2 of 6 steps (preset cpu;" in estimates[0]
+    )
+    # The semantic term's segmenter trains first: its steps get their own line.
+    code, _, stderr = run_cli("fit-vae", store, "--run", tmp_path / "sem", *VAE_SHAPE,
+                              "--steps", "6", "--semantic-steps", "6")  # fmt: skip
+    estimates = [line for line in stderr.splitlines() if "for the remaining" in line]
+    assert [line.split(":")[0] for line in estimates] == ["fit-vae segmenter", "fit-vae"], stderr
+    # Its progress names the command once: it was `fit-vae: fit-vae segmenter 6/6`.
+    assert "fit-vae segmenter 6/6 (100%)" in stderr and "fit-vae: fit-vae" not in stderr, stderr
+    code, _, stderr = run_cli("fit-vae", store, "--run", tmp_path / "quiet", *VAE_SHAPE,
+                              "--steps", "6", "--quiet")  # fmt: skip
+    assert code == 0 and stderr == ""
+
+
+def test_the_estimate_is_progress_on_stderr_not_a_json_warning(store: Path, tmp_path: Path) -> None:
+    """`--json`'s `warnings` held the estimate lines of fit-vae and fit-diffusion, so a pipeline
+    could not take a non-empty list as a signal: they stay on stderr, out of the list."""
+    run = tmp_path / "run"
+    code, stdout, stderr = run_cli("fit-vae", store, "--run", run, *VAE_SHAPE, "--steps", "6",
+                                   "--json")  # fmt: skip
+    assert code == 0 and "fit-vae: about " in stderr, stderr
+    assert json.loads(stdout)["warnings"] == []
+    code, stdout, stderr = run_cli("fit-diffusion", run, *UNET_SHAPE, "--steps", "6", "--json")
+    assert code == 0 and "fit-diffusion: about " in stderr, stderr
+    assert json.loads(stdout)["warnings"] == []
+
+
+def test_the_cpu_preset_is_the_demo_models_recipe() -> None:
+    script = (Path(__file__).parents[1] / "examples" / "train_demo_models.sh").read_text()
+    words = " ".join(script.replace("\\\n", " ").split())
+    # The ss arm's defaults stand for the variables: VAE steps, lr and label channels, U-Net steps.
+    words = words.replace('"$vae_steps"', "1500").replace('"$vae_lr"', "1e-3")
+    words = words.replace('"$label_channels"', "3")
+    words = words.replace('"${UNET_STEPS:-6000}"', "6000")
+    vae_line = words[words.index("specdm fit-vae") : words.index("specdm fit-diffusion")]
+    unet_line = words[words.index("specdm fit-diffusion") :].split(" }")[0]
+    options = {
+        "--image-blocks": "image_block_out_channels", "--mask-blocks": "mask_block_out_channels",
+        "--norm-groups": "norm_num_groups", "--batch-size": "batch_size", "--lr": "lr",
+        "--steps": "steps", "--unet-blocks": "block_out_channels", "--head-dim": "attention_head_dim",
+        "--layers-per-block": "layers_per_block", "--prediction": "prediction",
+        "--snr-gamma": "snr_gamma", "--mask-latent-channels": "mask_latent_channels",
+        "--semantic-weight": "semantic_weight",
+    }  # fmt: skip
+    for line, preset in ((vae_line, VAE_PRESETS["cpu"]), (unet_line, DIFFUSION_PRESETS["cpu"])):
+        given = dict(zip(line.split(), line.split()[1:], strict=False))
+        recipe_fields = {field for option, field in options.items() if option in given}
+        assert recipe_fields <= preset.keys(), "the recipe gives an option the preset lacks"
+        for option, field in options.items():
+            if option in given:
+                value, text = preset[field], given[option]
+                if isinstance(value, tuple):
+                    assert text == ",".join(map(str, value)), option
+                else:
+                    assert type(value)(text) == value, option
+    assert "--prediction v_prediction" in unet_line and "--unet-blocks 32,64,64" in unet_line
+    assert "--semantic-weight 0.3" in vae_line and "--mask-latent-channels 3" in vae_line
+    assert 'train ss "${VAE_STEPS_SS:-1500}" 1e-3 3 &' in words  # the ss arm is the preset

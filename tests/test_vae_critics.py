@@ -159,7 +159,9 @@ def test_a_resume_with_another_weight_is_refused(demo_ss_store: Path, tmp_path: 
         demo_ss_store, tmp_path / "run", "--steps", "2", "--resume", "--semantic-weight", "2",
         "--semantic-steps", "4",
     )  # fmt: skip
-    assert code != 0 and "semantic_weight" in stderr and "Traceback" not in stderr
+    assert (
+        code != 0 and "--semantic-weight: run 1.0, now 2.0" in stderr and "Traceback" not in stderr
+    )
 
 
 def test_a_damaged_discriminator_is_a_model_error(demo_ss_store: Path, tmp_path: Path) -> None:
