@@ -214,7 +214,7 @@ def throughput(
 def synthesize_defaults(chosen: ChosenModel, device: torch.device) -> dict[str, Any]:
     """What `specdm synthesize --model MODEL` samples with on `device` given no sampling
     options: timed for a store this model did not make, which has no plan of its own to copy."""
-    from specdm_cli.pipeline.synthesize.sampler import resolve_sampler
+    from specdm_cli.pipeline.synthesize.sampler import SamplingPlan, resolve_sampler
     from specdm_cli.pipeline.synthesize.synthesize import AUTO_BATCH, sampler_steps
 
     sampler = resolve_sampler("auto", None, chosen)
@@ -222,7 +222,7 @@ def synthesize_defaults(chosen: ChosenModel, device: torch.device) -> dict[str, 
         "sampler": sampler,
         "steps": sampler_steps(sampler, None, chosen),
         "batch_size": AUTO_BATCH[device.type],
-        "precision": "fp32",
+        "precision": SamplingPlan.precision,
     }
 
 
