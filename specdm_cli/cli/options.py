@@ -101,7 +101,31 @@ def preset_option(presets: dict[TrainPreset, dict[str, Any]]) -> Any:
     )
 
 
-def recorded_values(
+def train_config(
+    model: Any,
+    stage: str,
+    given: dict[str, Any],
+    *,
+    run: Path | None,
+    resume: bool,
+    presets: dict[TrainPreset, dict[str, Any]] | None = None,
+    preset: TrainPreset | None = None,
+    devices: Devices = Devices(),  # noqa: B008 (an immutable value)
+) -> Any:
+    """A training command's config: a preset's values (where the stage has presets), a resumed
+    run's recorded options, the options given (None: not given); the first problem is a usage
+    error. The one place the three training commands resolve their options."""
+    from specdm_cli.presets import train_values
+
+    recorded = _recorded_values(run, stage, resume, model)
+    if presets is None:
+        values = {**(recorded or {}), **{k: v for k, v in given.items() if v is not None}}
+    else:
+        values = train_values(presets, preset, devices, recorded, given)
+    return config_or_usage_error(model, **values)
+
+
+def _recorded_values(
     run: Path | None, stage: str, resume: bool, model: Any
 ) -> dict[str, Any] | None:
     """The options a run to resume was started with (None: not a resume of that stage)."""

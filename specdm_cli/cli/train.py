@@ -21,8 +21,8 @@ from specdm_cli.cli.options import (
     config_or_usage_error,
     parse_counts,
     preset_option,
-    recorded_values,
     require_inputs,
+    train_config,
 )
 from specdm_cli.cli.output import (
     Warnings,
@@ -191,10 +191,8 @@ def fit_vae(
         from specdm_cli.config import VAETrainConfig
         from specdm_cli.pipeline.train.fit_vae import FitVAERequest
         from specdm_cli.pipeline.train.fit_vae import fit_vae as run_fit_vae
-        from specdm_cli.presets import train_values
 
-        recorded = recorded_values(run, "vae", resume, VAETrainConfig)
-        values = train_values(VAE_PRESETS, preset, gpus, recorded, dict(
+        config = train_config(VAETrainConfig, "vae", dict(
             batch_size=batch_size, lr=lr, steps=steps, kl_weight=kl_weight, sad_weight=sad_weight,
             gradient_weight=gradient_weight,
             class_weights=class_weights, seed=seed, precision=precision,
@@ -209,8 +207,7 @@ def fit_vae(
             unlabelled_class=unlabelled_class or None,
             semantic_weight=semantic_weight, semantic_steps=semantic_steps,
             adversarial_weight=adversarial_weight, adversarial_start=adversarial_start,
-        ))  # fmt: skip
-        config = config_or_usage_error(VAETrainConfig, **values)
+        ), run=run, resume=resume, presets=VAE_PRESETS, preset=preset, devices=gpus)  # fmt: skip
         request = FitVAERequest(
             store=store, run=run, config=config, resume=resume, overwrite=overwrite, devices=gpus
         )
@@ -287,18 +284,15 @@ def fit_diffusion(
         from specdm_cli.config import DiffusionTrainConfig
         from specdm_cli.pipeline.train.fit_diffusion import FitDiffusionRequest
         from specdm_cli.pipeline.train.fit_diffusion import fit_diffusion as run_fit_diffusion
-        from specdm_cli.presets import train_values
 
-        recorded = recorded_values(run, "diffusion", resume, DiffusionTrainConfig)
-        values = train_values(DIFFUSION_PRESETS, preset, gpus, recorded, dict(
+        config = train_config(DiffusionTrainConfig, "diffusion", dict(
             batch_size=batch_size, lr=lr, steps=steps, seed=seed, precision=precision,
             ema_decay=ema_decay, snr_gamma=snr_gamma, prediction=prediction,
             block_out_channels=parse_counts(unet_blocks, "--unet-blocks", "32,64,64"),
             layers_per_block=layers_per_block,
             norm_num_groups=norm_groups, attention_head_dim=head_dim, checkpoint_every=checkpoint_every,
             val_every=val_every, val_samples=val_samples, mask_condition_rate=mask_condition_rate,
-        ))  # fmt: skip
-        config = config_or_usage_error(DiffusionTrainConfig, **values)
+        ), run=run, resume=resume, presets=DIFFUSION_PRESETS, preset=preset, devices=gpus)  # fmt: skip
         request = FitDiffusionRequest(
             run=run, config=config, resume=resume, devices=gpus, store=store, overwrite=overwrite
         )
@@ -336,11 +330,9 @@ def distill(
         from specdm_cli.pipeline.train.distill import DistillRequest
         from specdm_cli.pipeline.train.distill import distill as run_distill
 
-        recorded = recorded_values(run, "distill", resume, DistillTrainConfig) or {}
         given = dict(student_steps=student_steps, steps=steps, batch_size=batch_size, lr=lr,
                      trajectories=trajectories, seed=seed, precision=precision)  # fmt: skip
-        values = {**recorded, **{k: v for k, v in given.items() if v is not None}}
-        config = config_or_usage_error(DistillTrainConfig, **values)
+        config = train_config(DistillTrainConfig, "distill", given, run=run, resume=resume)
         request = DistillRequest(
             run=run, config=config, resume=resume, overwrite=overwrite, devices=gpus
         )
