@@ -15,12 +15,12 @@ from specdm_cli.stores.base import MANIFEST_NAME
 LEFT_OUT = "left_out"  # source.details' list of what the raw data lacked when the store was made
 
 
-def refuse_left_out_now_present(out: Path) -> None:
-    """Refuse (exit 3) to keep, or resume, a complete store that left out part of a partial
-    download which RAW now holds: its --resume would be a silent no-op ("already complete")
-    and the store would still lack that part; --overwrite prepares it whole."""
-    manifest = _complete_manifest(out)
-    if manifest is None or manifest.source is None:
+def refuse_left_out_now_present(out: Path, manifest: Manifest | None) -> None:
+    """Refuse (exit 3) to keep, or resume, a complete store (`manifest`, read from `out`) that
+    left out part of a partial download which RAW now holds: its --resume would be a silent no-op
+    ("already complete") and the store would still lack that part; --overwrite prepares it
+    whole."""
+    if manifest is None or not manifest.complete or manifest.source is None:
         return
     parts = manifest.source.details.get(LEFT_OUT)
     for part in parts if isinstance(parts, list) else []:
@@ -35,16 +35,15 @@ def refuse_left_out_now_present(out: Path) -> None:
             )
 
 
-def _complete_manifest(out: Path) -> Manifest | None:
-    """The manifest of a complete store at `out`; None for anything else (resolve_target
-    judges those)."""
+def existing_manifest(out: Path) -> Manifest | None:
+    """The manifest of a store at `out`; None where there is none or it cannot be read
+    (resolve_target judges those)."""
     if not (out / MANIFEST_NAME).is_file():
         return None
     try:
-        manifest = load_manifest(out / MANIFEST_NAME)
+        return load_manifest(out / MANIFEST_NAME)
     except InputDataError:
         return None
-    return manifest if manifest.complete else None
 
 
 def left_out_records(parts: Sequence[LeftOut]) -> list[dict[str, Any]]:

@@ -34,6 +34,7 @@ from specdm_cli.manifest import (
 from specdm_cli.pipeline.prepare.blocks import write_blocks
 from specdm_cli.pipeline.prepare.left_out import (
     LEFT_OUT,
+    existing_manifest,
     left_out_records,
     refuse_left_out_now_present,
 )
@@ -125,13 +126,10 @@ def _with_resolved_paths(request: PrepareRequest) -> PrepareRequest:
     return replace(request, options=replace(request.options, **resolved))
 
 
-def _with_paths_as_recorded(out: Path, plan: dict[str, Any]) -> dict[str, Any]:
+def _with_paths_as_recorded(existing: Manifest | None, plan: dict[str, Any]) -> dict[str, Any]:
     """Stores made before the paths were resolved recorded --classes/--splits as given: where
     such a path names the same file from here, `plan` holds it as recorded, so the store resumes."""
-    try:
-        recorded_options = load_manifest(out / MANIFEST_NAME).plan.get("options")
-    except InputDataError:  # no store, or one resolve_target judges
-        return plan
+    recorded_options = None if existing is None else existing.plan.get("options")
     if not isinstance(recorded_options, dict):
         return plan
     options = dict(plan["options"])
@@ -234,8 +232,9 @@ def _prepare(
     # With --overwrite the old store goes only once RAW and the options are read: a typo in
     # them (exit 3) left no store at all, and a real dataset's store takes hours to make.
     if not request.overwrite:
-        refuse_left_out_now_present(request.out)
-        plan = _with_paths_as_recorded(request.out, plan)
+        existing = existing_manifest(request.out)
+        refuse_left_out_now_present(request.out, existing)
+        plan = _with_paths_as_recorded(existing, plan)
     state = None if request.overwrite else resolve_target(request.out, plan, request.resume, False)
     if state == "done":
         return _summary(request.out, "already complete", started)
