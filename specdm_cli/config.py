@@ -402,6 +402,11 @@ class MetricsOptions(BaseModel):
     near_duplicate_percentile: float = Field(1.0, gt=0, lt=100, description="threshold percentile")
 
 
+# `specdm benchmark`'s own batches (BenchmarkRequest): batches timed for pairs/s, and samples per
+# batch of the metrics' feature passes.
+THROUGHPUT_BATCHES = 2
+METRICS_BATCH_SIZE = 32
+
 # "-agree": the same, with synthetic labels kept only where a real-trained segmenter agrees.
 DownstreamProtocol = Literal["mixed", "pretrain", "mixed-agree", "pretrain-agree"]
 DOWNSTREAM_PROTOCOLS: tuple[DownstreamProtocol, ...] = get_args(DownstreamProtocol)

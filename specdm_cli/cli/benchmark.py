@@ -26,7 +26,12 @@ from specdm_cli.cli.output import (
     progress_reporter,
     stderr,
 )
-from specdm_cli.config import Devices, DownstreamOptions
+from specdm_cli.config import (
+    METRICS_BATCH_SIZE,
+    THROUGHPUT_BATCHES,
+    Devices,
+    DownstreamOptions,
+)
 from specdm_cli.pipeline.signals import stop_at_once
 
 
@@ -124,8 +129,12 @@ def benchmark(
     feature_steps: Annotated[
         int | None, typer.Option(min=1, help="Feature network training steps [400].")
     ] = None,
-    throughput_batches: Annotated[int, typer.Option(min=1, help="Batches timed for pairs/s.")] = 2,
-    batch_size: Annotated[int, typer.Option(min=1, help="Samples per metrics batch.")] = 32,
+    throughput_batches: Annotated[int, typer.Option(min=1, help="Batches timed for pairs/s.")] = (
+        THROUGHPUT_BATCHES
+    ),
+    batch_size: Annotated[int, typer.Option(min=1, help="Samples per metrics batch.")] = (
+        METRICS_BATCH_SIZE
+    ),
     gpus: GpusOption = Devices(),  # noqa: B008 (an immutable value)
     threads: ThreadsOption = None,
     overwrite: OverwriteOption = False,

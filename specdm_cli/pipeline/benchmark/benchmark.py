@@ -12,7 +12,14 @@ import numpy as np
 import torch
 
 from specdm_cli import __version__
-from specdm_cli.config import Devices, DownstreamOptions, MetricsOptions, Progress
+from specdm_cli.config import (
+    METRICS_BATCH_SIZE,
+    THROUGHPUT_BATCHES,
+    Devices,
+    DownstreamOptions,
+    MetricsOptions,
+    Progress,
+)
 from specdm_cli.errors import InputDataError
 from specdm_cli.fs.atomic import atomic_write_text, remove_tree
 from specdm_cli.fs.lock import DirLock, ReadLock
@@ -78,8 +85,8 @@ class BenchmarkRequest:
     feature_steps: int | None = None  # None: the feature network's default budget
     label: str | None = None
     devices: Devices = field(default_factory=Devices)
-    throughput_batches: int = 2
-    batch_size: int = 32
+    throughput_batches: int = THROUGHPUT_BATCHES
+    batch_size: int = METRICS_BATCH_SIZE
 
 
 def default_out(synthetic: Path) -> Path:
