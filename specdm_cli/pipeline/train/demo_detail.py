@@ -25,16 +25,20 @@ import torch
 from specdm_cli.config import DETAIL_BANK_BLOCKS, DetailConfig, Progress
 from specdm_cli.errors import ModelError, UsageError, reason_of, resource_error_from
 from specdm_cli.fs.atomic import remove_tree
-from specdm_cli.models.detail import Lookup, build_bank
+from specdm_cli.models.detail import Lookup
 from specdm_cli.pipeline.devices import torch_threads
-from specdm_cli.pipeline.runs import rundirs as runs
 from specdm_cli.pipeline.runs.choose import ChosenModel, model_sha256
-from specdm_cli.pipeline.runs.detail_io import BANK_FILE, STAGE, require_bank
+from specdm_cli.pipeline.runs.detail_io import require_bank
 from specdm_cli.pipeline.runs.run_manifest import RunManifest, load_run
 from specdm_cli.pipeline.runs.vae_io import load_vae
 from specdm_cli.pipeline.signals import StopFlag, stoppable
 from specdm_cli.pipeline.train.common import round_trip_arrays
-from specdm_cli.pipeline.train.fit_detail import LOOKUP, band_statistics, spread_evenly
+from specdm_cli.pipeline.train.fit_detail import (
+    LOOKUP,
+    band_statistics,
+    commit_bank,
+    spread_evenly,
+)
 from specdm_cli.sources.demo.reader import make_sample, split_of
 
 
@@ -121,19 +125,16 @@ def _build(demo: ChosenModel, cached: Path, stop: StopFlag, progress: Progress |
 def _commit_bank(run: Path, demo: ChosenModel, stop: StopFlag, progress: Progress | None) -> None:
     scenes = bank_scenes()
     config = DetailConfig(scenes=BANK_SCENES)
-    lookup = Lookup(config.block, config.context, config.dims)
-    mean, std = band_statistics(demo.manifest)
-    # On one thread: decoded scenes, so the bank's bytes, differ with torch's thread count, and a
-    # store's plan records the bank's digest: whatever --threads, one machine builds one bank.
-    with torch_threads(1):
-        bank = build_bank(_round_trips(demo, scenes, stop, progress), mean, std, lookup)
     identity = {**config.model_dump(mode="json"), "scenes": len(scenes), "lookup": LOOKUP,
                 "store": BANK_STORE.command,
                 "vae_weights": dict(demo.manifest.stages["vae"].weights)}  # fmt: skip
-    details = {"scenes": len(scenes), "blocks": len(bank.keys),
-               "bank_bytes": bank.stored_bytes, "store": identity["store"]}  # fmt: skip
-    runs.commit_checkpoint(run, STAGE, 1, lambda folder: bank.save(folder / BANK_FILE),
-                           identity, True, details)  # fmt: skip
+    trips = _round_trips(demo, scenes, stop, progress)
+    # On one thread: decoded scenes, so the bank's bytes, differ with torch's thread count, and a
+    # store's plan records the bank's digest: whatever --threads, one machine builds one bank.
+    with torch_threads(1):
+        commit_bank(
+            run, config, trips, band_statistics(demo.manifest), identity, BANK_STORE.command
+        )
 
 
 def bank_scenes() -> np.ndarray:

@@ -81,14 +81,28 @@ def fit_detail(
                 request.run,
                 "pass --overwrite to replace it, or the options it was built with",
             )
-        lookup = Lookup(request.config.block, request.config.context, request.config.dims)
-        bank = build_bank(round_trips(chosen, real, scenes, device, stop, progress),
-                          *bank_statistics(chosen.manifest), lookup)  # fmt: skip
-        details = {"scenes": len(scenes), "blocks": len(bank.keys),
-                   "bank_bytes": bank.stored_bytes, "store": str(request.store)}  # fmt: skip
-        runs.commit_checkpoint(request.run, STAGE, 1, lambda folder: bank.save(folder / BANK_FILE),
-                               identity, True, details)  # fmt: skip
+        trips = round_trips(chosen, real, scenes, device, stop, progress)
+        details = commit_bank(request.run, request.config, trips, bank_statistics(chosen.manifest),
+                              identity, str(request.store))  # fmt: skip
     return _summary(request.run, "built", details, started)
+
+
+def commit_bank(
+    run: Path,
+    config: DetailConfig,
+    trips: Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
+    statistics: tuple[torch.Tensor, torch.Tensor],
+    identity: dict[str, object],
+    store: str,
+) -> dict[str, object]:
+    """Build a bank from (decoded, real, label) round trips and commit it as the run's detail
+    stage; its details (scenes, blocks, bytes, `store`: where the scenes came from)."""
+    bank = build_bank(trips, *statistics, Lookup(config.block, config.context, config.dims))
+    details = {"scenes": identity["scenes"], "blocks": len(bank.keys),
+               "bank_bytes": bank.stored_bytes, "store": store}  # fmt: skip
+    runs.commit_checkpoint(run, STAGE, 1, lambda folder: bank.save(folder / BANK_FILE),
+                           identity, True, details)  # fmt: skip
+    return details
 
 
 def _vae_of(run: Path, real: StoreReader) -> ChosenModel:
