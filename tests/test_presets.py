@@ -43,6 +43,23 @@ def test_help_shows_each_presets_widths_and_steps() -> None:
     assert "cpu: widths 32,64,64, 6000 steps" in flat and "gpu: widths by latent size" in flat
 
 
+def test_a_preset_without_steps_trains_its_configs_and_says_so() -> None:
+    from specdm_cli.config import DiffusionTrainConfig, VAETrainConfig
+    from specdm_cli.presets import preset_help, preset_steps
+
+    for presets, model in (
+        (VAE_PRESETS, VAETrainConfig),
+        (DIFFUSION_PRESETS, DiffusionTrainConfig),
+    ):
+        steps = preset_steps(presets, model)
+        trained = model(**train_values(presets, "gpu", Devices(), None, {})).steps
+        assert "steps" not in presets["gpu"] and steps["gpu"] == trained == model().steps
+        assert steps["cpu"] == presets["cpu"]["steps"] != trained
+        assert "gpu: " in preset_help(presets, model) and f"{trained} steps" in preset_help(
+            presets, model
+        )
+
+
 def test_device_picks_the_preset_and_given_options_win() -> None:
     assert default_preset(Devices()) == "cpu"
     assert default_preset(Devices("cpu", (), 2)) == "cpu"

@@ -94,10 +94,10 @@ def parse_counts(text: str | None, option: str, example: str) -> tuple[int, ...]
     return None if text is None else count_list(text, option, example)
 
 
-def preset_option(presets: dict[TrainPreset, dict[str, Any]]) -> Any:
+def preset_option(presets: dict[TrainPreset, dict[str, Any]], model: Any) -> Any:
     return typer.Option(
         help=f"Training recipe [cpu on the CPU, gpu with CUDA; a --resume keeps the run's]: "
-        f"{preset_help(presets)}. Options given override it."
+        f"{preset_help(presets, model)}. Options given override it."
     )
 
 
