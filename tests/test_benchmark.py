@@ -1003,3 +1003,17 @@ def test_a_run_with_only_its_vae_gets_round_trips_and_no_throughput(
     assert f"note: --model {run} has no U-Net that samples yet" in stderr
     protocols = {row.protocol for row in report.downstream.rows} if report.downstream else set()
     assert "pretrain-oracle-round-trip" in protocols
+
+
+def test_benchmark_takes_one_device_refused_before_any_work(
+    ss: tuple[Path, Path], tmp_path: Path
+) -> None:
+    code, stdout, _ = run_cli("benchmark", "--help")
+    words = " ".join(stdout.split())  # the help wraps at the terminal's width
+    assert code == 0 and "--gpus 0|cpu" in words and "this command runs on one device" in words
+    real, synthetic = ss
+    out = tmp_path / "report"
+    code, _, stderr = run_cli("benchmark", "--real", real, "--synthetic", synthetic, "--model",
+                              "demo", "--gpus", "cpu:2", "--out", out)  # fmt: skip
+    assert code == 2 and "--gpus cpu:2: benchmark runs on one device" in stderr
+    assert len(stderr.strip().splitlines()) == 1 and not out.exists()

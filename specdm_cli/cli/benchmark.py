@@ -10,8 +10,8 @@ from typing import Annotated
 import typer
 
 from specdm_cli.cli.options import (
-    GpusOption,
     JsonOption,
+    OneDeviceOption,
     OverwriteOption,
     QuietOption,
     ThreadsOption,
@@ -37,9 +37,11 @@ from specdm_cli.pipeline.signals import stop_at_once
 
 def benchmark(
     real: Annotated[
-        Path | None, typer.Option(help="The real store (held-out splits compared).")
+        Path | None, typer.Option(help="The real store (held-out splits compared; required).")
     ] = None,
-    synthetic: Annotated[Path | None, typer.Option(help="The synthetic store to judge.")] = None,
+    synthetic: Annotated[
+        Path | None, typer.Option(help="The synthetic store to judge (required).")
+    ] = None,
     model: Annotated[
         str | None,
         typer.Option(
@@ -90,7 +92,7 @@ def benchmark(
         typer.Option(
             min=0,
             help="Times a plateau drops the rate tenfold from the best-val weights before "
-            "stopping; 0 = stop at the first [0].",
+            "stopping; 0 = stop at the first.",
         ),
     ] = DownstreamOptions.lr_drops,
     downstream_real_curve: Annotated[
@@ -135,7 +137,7 @@ def benchmark(
     batch_size: Annotated[int, typer.Option(min=1, help="Samples per metrics batch.")] = (
         METRICS_BATCH_SIZE
     ),
-    gpus: GpusOption = Devices(),  # noqa: B008 (an immutable value)
+    gpus: OneDeviceOption = Devices(),  # noqa: B008 (an immutable value)
     threads: ThreadsOption = None,
     overwrite: OverwriteOption = False,
     schema: Annotated[
@@ -225,7 +227,9 @@ def filter_command(
     min_quality: Annotated[
         float, typer.Option(help="Keep the samples scoring at least this (0..1).")
     ],
-    out: Annotated[Path | None, typer.Option("--out", "-o", help="The subset store.")] = None,
+    out: Annotated[
+        Path | None, typer.Option("--out", "-o", help="The subset store (required).")
+    ] = None,
     overwrite: OverwriteOption = False,
     json_output: JsonOption = False,
     quiet: QuietOption = False,

@@ -37,7 +37,9 @@ def prepare(
     raw: Annotated[Path | None, typer.Argument(help="Raw data folder (not for demo).")] = None,
     out: Annotated[
         Path | None,
-        typer.Option("--out", "-o", help="Output store [./<source>.zarr; ./<source> for geotiff]."),
+        typer.Option(
+            "--out", "-o", help="Output store [./<source>.zarr; ./<source> with --format geotiff]."
+        ),
     ] = None,
     store_format: Annotated[StoreFormat, typer.Option("--format", help="Store format.")] = "zarr",
     resume: ResumeOption = False,

@@ -39,8 +39,12 @@ def _quality_judge() -> JudgeMaker:
 
 
 def synthesize(
-    out: Annotated[Path | None, typer.Option("--out", "-o", help="Output store.")] = None,
-    n: Annotated[int | None, typer.Option("--n", help="Number of pairs.")] = None,
+    out: Annotated[
+        Path | None, typer.Option("--out", "-o", help="Output store (required unless --finalize).")
+    ] = None,
+    n: Annotated[
+        int | None, typer.Option("--n", help="Number of pairs (required unless --finalize).")
+    ] = None,
     model: Annotated[
         str | None, typer.Option(help="Run directory, or 'demo' [newest run of --task, else demo].")
     ] = None,
@@ -131,7 +135,7 @@ def synthesize(
         typer.Option(
             help="Write mask pixels whose decoded class is less probable than this as "
             "unlabelled (255), so a segmenter trained on the pairs skips the mask decoder's "
-            "guesses; 0 labels every pixel [0].",
+            "guesses; 0 labels every pixel.",
         ),
     ] = 0.0,
     detail: Annotated[
