@@ -382,13 +382,19 @@ class DetailConfig(BaseModel):
 # lookup costs one distance per bank block, so larger scenes take fewer of them.
 DETAIL_BANK_BLOCKS = 76_800
 
+# `specdm benchmark`'s own batches (BenchmarkRequest), ours: the batches timed for pairs/s after
+# a warm-up one (generator.throughput), and the samples per feature-network pass of the metrics
+# (MetricsOptions), whose memory then does not grow with the store.
+THROUGHPUT_BATCHES = 2
+METRICS_BATCH_SIZE = 32
+
 
 class MetricsOptions(BaseModel):
     """How `compare_stores` samples and bins; every default says why."""
 
     model_config = ConfigDict(extra="forbid")
 
-    batch_size: int = Field(32, ge=1, description="samples per forward pass")
+    batch_size: int = Field(METRICS_BATCH_SIZE, ge=1, description="samples per forward pass")
     # Bińkowski et al. / torch-fidelity use 100 subsets of 1000; capped at half the smaller set.
     kid_subsets: int = Field(100, ge=2, description="KID subsets")
     kid_subset_size: int = Field(1000, ge=2, description="KID subset size")
@@ -401,11 +407,6 @@ class MetricsOptions(BaseModel):
     # the time; a candidate fraction well above 0.01 means copies.
     near_duplicate_percentile: float = Field(1.0, gt=0, lt=100, description="threshold percentile")
 
-
-# `specdm benchmark`'s own batches (BenchmarkRequest): batches timed for pairs/s, and samples per
-# batch of the metrics' feature passes.
-THROUGHPUT_BATCHES = 2
-METRICS_BATCH_SIZE = 32
 
 # "-agree": the same, with synthetic labels kept only where a real-trained segmenter agrees.
 DownstreamProtocol = Literal["mixed", "pretrain", "mixed-agree", "pretrain-agree"]

@@ -5,18 +5,20 @@ from __future__ import annotations
 
 from typing import Any
 
-from pydantic import BaseModel
-
-from specdm_cli.config import Devices, TrainPreset
+from specdm_cli.config import Devices, DiffusionTrainConfig, TrainPreset, VAETrainConfig
 
 # Training recipes (`--preset`): values over the configs' defaults; explicit options win.
 # "cpu" is examples/train_demo_models.sh's recipe, which trains the shipped demo models in
 # 15 + 21 min on 2 cores at 64 px (ours, 2026-12-02); that script gives cd 750 VAE steps at lr
-# 2e-3, the preset the ss values that suit both. "gpu" is the configs' own defaults, the VAE's
-# widths written out (for f = 4; train_values fits them to f). "paper" follows LDM, as the paper's Sec. 4.1 says it does: kl-f4
-# autoencoders (ch 128, ch_mult 1,2,4, z_channels 3) for both branches, LDM's batch of 12 per
-# GPU on the paper's 4 GPUs, epsilon targets with LDM's plain mean loss; the paper gives no
-# step counts, so they are the configs'.
+# 2e-3, the preset the ss values that suit both. "gpu" is the configs' own defaults, the
+# widths and steps written out (steps read from the configs). "paper" follows LDM, as the
+# paper's Sec. 4.1 says it does: kl-f4 autoencoders (ch 128, ch_mult 1,2,4, z_channels 3) for
+# both branches, LDM's batch of 12 per GPU on the paper's 4 GPUs, epsilon targets with LDM's
+# plain mean loss; the paper gives no step counts, so they are the configs'.
+# A preset names its steps even where they are its config's: a resume that names a preset
+# trains to that preset's steps, not to the run's recorded count (train_values).
+_VAE_STEPS: int = VAETrainConfig.model_fields["steps"].default
+_UNET_STEPS: int = DiffusionTrainConfig.model_fields["steps"].default
 VAE_PRESETS: dict[TrainPreset, dict[str, Any]] = {
     "cpu": {
         "image_block_out_channels": (16, 32, 32),
@@ -37,6 +39,7 @@ VAE_PRESETS: dict[TrainPreset, dict[str, Any]] = {
     "gpu": {
         "image_block_out_channels": (64, 128, 256),
         "mask_block_out_channels": (32, 64, 128),
+        "steps": _VAE_STEPS,
     },
     "paper": {
         "image_block_out_channels": (128, 256, 512),
@@ -44,6 +47,7 @@ VAE_PRESETS: dict[TrainPreset, dict[str, Any]] = {
         "image_latent_channels": 3,
         "mask_latent_channels": 3,
         "batch_size": 48,
+        "steps": _VAE_STEPS,
     },
 }
 DIFFUSION_PRESETS: dict[TrainPreset, dict[str, Any]] = {
@@ -58,8 +62,8 @@ DIFFUSION_PRESETS: dict[TrainPreset, dict[str, Any]] = {
         "prediction": "v_prediction",
         "snr_gamma": 5.0,
     },
-    "gpu": {},
-    "paper": {"batch_size": 48, "prediction": "epsilon", "snr_gamma": 0.0},
+    "gpu": {"steps": _UNET_STEPS},
+    "paper": {"batch_size": 48, "prediction": "epsilon", "snr_gamma": 0.0, "steps": _UNET_STEPS},
 }
 _WIDTHS = ("image_block_out_channels", "mask_block_out_channels")
 
@@ -100,17 +104,8 @@ def _levels(widths: tuple[int, ...], downsample: int) -> tuple[int, ...]:
     return (widths + widths[-1:] * levels)[:levels]
 
 
-def preset_steps(
-    presets: dict[TrainPreset, dict[str, Any]], model: type[BaseModel]
-) -> dict[TrainPreset, int]:
-    """The steps each preset trains: its own, else its config's (`model`) default."""
-    default = model.model_fields["steps"].default
-    return {name: int(values.get("steps", default)) for name, values in presets.items()}
-
-
-def preset_help(presets: dict[TrainPreset, dict[str, Any]], model: type[BaseModel]) -> str:
+def preset_help(presets: dict[TrainPreset, dict[str, Any]]) -> str:
     """Each preset's widths and steps, for `--help`."""
-    steps = preset_steps(presets, model)
 
     def widths(values: dict[str, Any]) -> str:
         shown = [values[k] for k in (*_WIDTHS, "block_out_channels") if k in values]
@@ -120,4 +115,5 @@ def preset_help(presets: dict[TrainPreset, dict[str, Any]], model: type[BaseMode
             else "widths by latent size"
         )
 
-    return "; ".join(f"{name}: {widths(v)}, {steps[name]} steps" for name, v in presets.items())
+    parts = [f"{name}: {widths(v)}, {v['steps']} steps" for name, v in presets.items()]
+    return "; ".join(parts)

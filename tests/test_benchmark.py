@@ -1006,8 +1006,10 @@ def test_a_run_with_only_its_vae_gets_round_trips_and_no_throughput(
 
 
 def test_benchmark_takes_one_device_refused_before_any_work(
-    ss: tuple[Path, Path], tmp_path: Path
+    ss: tuple[Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    # An empty home: the refusal must come before the demo model's bank is built there.
+    monkeypatch.setenv("SPECDM_HOME", str(tmp_path / "home"))
     code, stdout, _ = run_cli("benchmark", "--help")
     words = " ".join(stdout.split())  # the help wraps at the terminal's width
     assert code == 0 and "--gpus 0|cpu" in words and "this command runs on one device" in words
@@ -1017,3 +1019,4 @@ def test_benchmark_takes_one_device_refused_before_any_work(
                               "demo", "--gpus", "cpu:2", "--out", out)  # fmt: skip
     assert code == 2 and "--gpus cpu:2: benchmark runs on one device" in stderr
     assert len(stderr.strip().splitlines()) == 1 and not out.exists()
+    assert not (tmp_path / "home").exists()

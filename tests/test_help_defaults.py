@@ -31,6 +31,12 @@ COMMANDS: dict[str, tuple[type[BaseModel], dict[TrainPreset, dict[str, Any]] | N
     "fit-detail": (DetailConfig, None),
 }
 SCOPES = ("cpu", "gpu", "paper", "else")
+# Brackets with no value to check: a path, the recipe itself, or the preset's (its own test).
+NOT_VALUES = {
+    ("fit-vae", "--run"), ("fit-vae", "--preset"), ("fit-vae", "--steps"),
+    ("fit-vae", "--image-blocks"), ("fit-vae", "--mask-blocks"), ("fit-diffusion", "--store"),
+    ("fit-diffusion", "--preset"), ("fit-diffusion", "--steps"), ("fit-detail", "--scenes"),
+}  # fmt: skip
 # A value: a number, widths (32,64,64) or one word (auto, d4, fp32, v_prediction, off).
 LITERAL = re.compile(r"-?[0-9][0-9.e+-]*|[0-9]+(,[0-9]+)+|[a-z][a-z0-9_]*")
 
@@ -86,10 +92,12 @@ def test_each_default_in_brackets_is_what_the_presets_train_with(command: str) -
     configs = trained_with(model, presets)
     checked = 0
     for param in group.commands[command].params:
-        stated = stated_defaults(getattr(param, "help", None) or "")
+        text = getattr(param, "help", None) or ""
+        stated = stated_defaults(text)
         field = field_of(param.opts[0], model)
-        if not stated or field is None:
+        if (command, param.opts[0]) in NOT_VALUES or "[" not in text:
             continue
+        assert stated and field is not None, f"{param.opts[0]}: no default read from {text!r}"
         named = {scope for scope, _ in stated}
         for preset, config in configs.items():
             for scope, text in stated:
@@ -97,7 +105,7 @@ def test_each_default_in_brackets_is_what_the_presets_train_with(command: str) -
                     value = getattr(config, field)
                     assert matches(value, text), f"{param.opts[0]} says [{text}], {preset} {value}"
                     checked += 1
-    assert checked >= len(configs) * 3, f"{command}: only {checked} defaults read from its --help"
+    assert checked >= len(configs), f"{command}: no default read from its --help"
 
 
 def test_the_reader_of_brackets_reads_scopes_and_skips_comments() -> None:

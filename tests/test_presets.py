@@ -43,20 +43,21 @@ def test_help_shows_each_presets_widths_and_steps() -> None:
     assert "cpu: widths 32,64,64, 6000 steps" in flat and "gpu: widths by latent size" in flat
 
 
-def test_a_preset_without_steps_trains_its_configs_and_says_so() -> None:
+def test_a_resume_that_names_a_preset_trains_to_its_steps() -> None:
+    """gpu and paper train their configs' step counts; named on a resume, a preset's steps
+    replace the run's recorded count, as its other values do."""
     from specdm_cli.config import DiffusionTrainConfig, VAETrainConfig
-    from specdm_cli.presets import preset_help, preset_steps
 
     for presets, model in (
         (VAE_PRESETS, VAETrainConfig),
         (DIFFUSION_PRESETS, DiffusionTrainConfig),
     ):
-        steps = preset_steps(presets, model)
-        trained = model(**train_values(presets, "gpu", Devices(), None, {})).steps
-        assert "steps" not in presets["gpu"] and steps["gpu"] == trained == model().steps
-        assert steps["cpu"] == presets["cpu"]["steps"] != trained
-        assert "gpu: " in preset_help(presets, model) and f"{trained} steps" in preset_help(
-            presets, model
+        for name in ("gpu", "paper"):
+            assert presets[name]["steps"] == model().steps
+            recorded = {"preset": "cpu", "steps": 5}
+            assert train_values(presets, name, Devices(), recorded, {})["steps"] == model().steps
+        assert (
+            train_values(presets, None, Devices(), {"preset": "gpu", "steps": 5}, {})["steps"] == 5
         )
 
 

@@ -37,7 +37,8 @@ GpusOption = Annotated[
         help="CUDA devices, one process each (e.g. 0 or 0,1); cpu:N = N CPU processes.",
     ),
 ]
-# distill and fit-detail run on one device (their own checks refuse more): the help says so.
+# distill, fit-detail and benchmark run on one device (`Devices.one` refuses more): the help
+# says so.
 OneDeviceOption = Annotated[
     Devices,
     typer.Option(
@@ -94,10 +95,10 @@ def parse_counts(text: str | None, option: str, example: str) -> tuple[int, ...]
     return None if text is None else count_list(text, option, example)
 
 
-def preset_option(presets: dict[TrainPreset, dict[str, Any]], model: Any) -> Any:
+def preset_option(presets: dict[TrainPreset, dict[str, Any]]) -> Any:
     return typer.Option(
         help=f"Training recipe [cpu on the CPU, gpu with CUDA; a --resume keeps the run's]: "
-        f"{preset_help(presets, model)}. Options given override it."
+        f"{preset_help(presets)}. Options given override it."
     )
 
 
@@ -113,8 +114,9 @@ def train_config(
     devices: Devices = Devices(),  # noqa: B008 (an immutable value)
 ) -> Any:
     """A training command's config: a preset's values (where the stage has presets), a resumed
-    run's recorded options, the options given (None: not given); the first problem is a usage
-    error. The one place the three training commands resolve their options."""
+    run's recorded options, the options given (None: not given). The one place the three
+    training commands resolve their options: a value the config refuses is a usage error (exit
+    2), recorded options it refuses a damaged run (exit 4)."""
     from specdm_cli.presets import train_values
 
     recorded = _recorded_values(run, stage, resume, model)

@@ -31,13 +31,7 @@ from specdm_cli.cli.output import (
     progress_reporter,
     stderr,
 )
-from specdm_cli.config import (
-    Devices,
-    DiffusionTrainConfig,
-    Prediction,
-    TrainPreset,
-    VAETrainConfig,
-)
+from specdm_cli.config import Devices, Prediction, TrainPreset
 from specdm_cli.presets import DIFFUSION_PRESETS, VAE_PRESETS
 
 
@@ -103,7 +97,7 @@ def fit_vae(
     run: Annotated[
         Path | None, typer.Option(help="Run directory [<user data>/runs/<store name>-<time>].")
     ] = None,
-    preset: Annotated[TrainPreset | None, preset_option(VAE_PRESETS, VAETrainConfig)] = None,
+    preset: Annotated[TrainPreset | None, preset_option(VAE_PRESETS)] = None,
     batch_size: Annotated[
         int | None, typer.Option(help="Batch size [cpu 16, gpu 16, paper 48].")
     ] = None,
@@ -194,6 +188,7 @@ def fit_vae(
     """Train the two-stream VAE (image and mask branches) on a store."""
     with domain_errors():
         require_inputs(stores={"": store})
+        from specdm_cli.config import VAETrainConfig
         from specdm_cli.pipeline.train.fit_vae import FitVAERequest
         from specdm_cli.pipeline.train.fit_vae import fit_vae as run_fit_vae
 
@@ -224,9 +219,7 @@ def fit_vae(
 def fit_diffusion(
     run: Annotated[Path, typer.Argument(help="A run directory with a trained VAE.")],
     store: Annotated[Path | None, typer.Option(help="Store to encode [the VAE's store].")] = None,
-    preset: Annotated[
-        TrainPreset | None, preset_option(DIFFUSION_PRESETS, DiffusionTrainConfig)
-    ] = None,
+    preset: Annotated[TrainPreset | None, preset_option(DIFFUSION_PRESETS)] = None,
     batch_size: Annotated[
         int | None, typer.Option(help="Batch size [cpu 32, gpu 32, paper 48].")
     ] = None,
@@ -288,6 +281,7 @@ def fit_diffusion(
     """Train the denoising U-Net on the joint latents of a run's VAE."""
     with domain_errors():
         require_inputs(stores={"--store": store}, runs=(run,))
+        from specdm_cli.config import DiffusionTrainConfig
         from specdm_cli.pipeline.train.fit_diffusion import FitDiffusionRequest
         from specdm_cli.pipeline.train.fit_diffusion import fit_diffusion as run_fit_diffusion
 
@@ -298,7 +292,8 @@ def fit_diffusion(
             layers_per_block=layers_per_block,
             norm_num_groups=norm_groups, attention_head_dim=head_dim, checkpoint_every=checkpoint_every,
             val_every=val_every, val_samples=val_samples, mask_condition_rate=mask_condition_rate,
-        ), run=run, resume=resume, presets=DIFFUSION_PRESETS, preset=preset, devices=gpus)  # fmt: skip
+        ), run=run, resume=resume, presets=DIFFUSION_PRESETS, preset=preset,
+           devices=gpus)  # fmt: skip
         request = FitDiffusionRequest(
             run=run, config=config, resume=resume, devices=gpus, store=store, overwrite=overwrite
         )

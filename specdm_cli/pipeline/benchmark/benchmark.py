@@ -196,12 +196,12 @@ def benchmark(
 
     Both stores are claimed for reading meanwhile: `--overwrite` elsewhere refuses to replace them.
     """
+    request.devices.one("benchmark")  # refused before any work
     with ReadLock(request.real), ReadLock(request.synthetic):
         return _measure(request, progress)
 
 
 def _measure(request: BenchmarkRequest, progress: Progress | None) -> tuple[BenchmarkReport, Path]:
-    device = torch_devices(request.devices.one("benchmark"))[0]  # refused before any work
     if request.out is not None:
         refuse_stream_out(request.out)
     real, synthetic = open_pair(request.real, request.synthetic)
@@ -228,6 +228,7 @@ def _measure(request: BenchmarkRequest, progress: Progress | None) -> tuple[Benc
     if chosen is not None:
         gen.check_model_fits(chosen, real)
         chosen = demo_with_bank(chosen, StopFlag(), progress)  # as synthesize samples it
+    device = torch_devices(request.devices)[0]
     overrides = {"steps": request.feature_steps} if request.feature_steps else {}
     network = load_or_train(
         real, default_config(real, **overrides), device=str(device), progress=progress

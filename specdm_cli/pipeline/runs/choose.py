@@ -7,21 +7,14 @@ import json
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Any
 
-from pydantic import BaseModel
-
-from specdm_cli.config import DiffusionTrainConfig, TrainPreset, VAETrainConfig
 from specdm_cli.errors import ModelError, UsageError
 from specdm_cli.pipeline.runs.registry import registered_runs
 from specdm_cli.pipeline.runs.run_manifest import RunManifest, load_run
-from specdm_cli.presets import DIFFUSION_PRESETS, VAE_PRESETS, preset_steps
+from specdm_cli.presets import DIFFUSION_PRESETS, VAE_PRESETS
 
 # The recipe a stage's recorded preset stands for (runs record it in details.options).
-_RECIPES: dict[str, tuple[dict[TrainPreset, dict[str, Any]], type[BaseModel], str]] = {
-    "vae": (VAE_PRESETS, VAETrainConfig, "VAE"),
-    "diffusion": (DIFFUSION_PRESETS, DiffusionTrainConfig, "U-Net"),
-}
+_RECIPES = {"vae": (VAE_PRESETS, "VAE"), "diffusion": (DIFFUSION_PRESETS, "U-Net")}
 
 
 @dataclass(frozen=True)
@@ -122,12 +115,11 @@ def _shortfall(run: Path, for_masks: bool = False) -> tuple[bool, str] | None:
         return False, "its U-Net learned an earlier VAE's latents (run fit-diffusion again)"
     if for_masks and manifest.diffusion_details().mask_condition is None:
         return False, "not mask-conditioned"
-    for name, (presets, model, label) in _RECIPES.items():
+    for name, (presets, label) in _RECIPES.items():
         stage = manifest.stages[name]
         options = stage.details.get("options")
         preset = options.get("preset") if isinstance(options, dict) else None
-        steps = preset_steps(presets, model)
-        recipe = {str(key): value for key, value in steps.items()}.get(str(preset))
+        recipe = {str(key): values["steps"] for key, values in presets.items()}.get(str(preset))
         if isinstance(recipe, int) and stage.step < recipe:
             return (
                 True,

@@ -129,12 +129,12 @@ def _commit_bank(run: Path, demo: ChosenModel, stop: StopFlag, progress: Progres
                 "store": BANK_STORE.command,
                 "vae_weights": dict(demo.manifest.stages["vae"].weights)}  # fmt: skip
     trips = _round_trips(demo, scenes, stop, progress)
-    # On one thread: decoded scenes, so the bank's bytes, differ with torch's thread count, and a
-    # store's plan records the bank's digest: whatever --threads, one machine builds one bank.
+    # Built (the round trips run as the bank consumes them) and committed on one thread:
+    # decoded scenes, so the bank's bytes, differ with torch's thread count, and a store's plan
+    # records the bank's digest: whatever --threads, one machine builds one bank.
     with torch_threads(1):
-        commit_bank(
-            run, config, trips, band_statistics(demo.manifest), identity, BANK_STORE.command
-        )
+        commit_bank(run, config, trips, band_statistics(demo.manifest), identity, len(scenes),
+                    BANK_STORE.command)  # fmt: skip
 
 
 def bank_scenes() -> np.ndarray:

@@ -83,7 +83,7 @@ def fit_detail(
             )
         trips = round_trips(chosen, real, scenes, device, stop, progress)
         details = commit_bank(request.run, request.config, trips, bank_statistics(chosen.manifest),
-                              identity, str(request.store))  # fmt: skip
+                              identity, len(scenes), str(request.store))  # fmt: skip
     return _summary(request.run, "built", details, started)
 
 
@@ -93,12 +93,13 @@ def commit_bank(
     trips: Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
     statistics: tuple[torch.Tensor, torch.Tensor],
     identity: dict[str, object],
+    scenes: int,
     store: str,
 ) -> dict[str, object]:
-    """Build a bank from (decoded, real, label) round trips and commit it as the run's detail
-    stage; its details (scenes, blocks, bytes, `store`: where the scenes came from)."""
+    """Build a bank from the round trips of `scenes` scenes, (decoded, real, label) each, and
+    commit it as the run's detail stage; its details (`store`: where the scenes came from)."""
     bank = build_bank(trips, *statistics, Lookup(config.block, config.context, config.dims))
-    details = {"scenes": identity["scenes"], "blocks": len(bank.keys),
+    details: dict[str, object] = {"scenes": scenes, "blocks": len(bank.keys),
                "bank_bytes": bank.stored_bytes, "store": store}  # fmt: skip
     runs.commit_checkpoint(run, STAGE, 1, lambda folder: bank.save(folder / BANK_FILE),
                            identity, True, details)  # fmt: skip
