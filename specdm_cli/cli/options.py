@@ -9,7 +9,7 @@ import typer
 
 from specdm_cli.config import Devices, Precision, TrainPreset, parse_devices, train_option
 from specdm_cli.errors import SpecdmError, missing_run, missing_store
-from specdm_cli.presets import preset_help
+from specdm_cli.presets import preset_help, train_values
 
 
 def parse_gpus(value: str | Devices) -> Devices:
@@ -117,8 +117,6 @@ def train_config(
     run's recorded options, the options given (None: not given). The one place the three
     training commands resolve their options: a value the config refuses is a usage error (exit
     2), recorded options it refuses a damaged run (exit 4)."""
-    from specdm_cli.presets import train_values
-
     recorded = _recorded_values(run, stage, resume, model)
     if presets is None:
         values = {**(recorded or {}), **{k: v for k, v in given.items() if v is not None}}
