@@ -28,11 +28,11 @@ THUMBNAIL_BANDS = 16
 
 @dataclass
 class CollectOptions:
-    """What a pass computes and with which resolution."""
+    """What a pass computes and with which resolution (sizes from MetricsOptions)."""
 
     band_edges: np.ndarray  # (bands, bins + 1) value histogram edges, shared by both stores
-    batch_size: int = 32
-    pixel_grid: int = 8  # thumbnail cells per side for pixel-space neighbours
+    batch_size: int
+    pixel_grid: int  # thumbnail cells per side for pixel-space neighbours
     full: bool = True  # False: only the neighbour banks (features, thumbnails)
 
 
