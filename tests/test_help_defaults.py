@@ -5,6 +5,7 @@ configs and presets, so this is what keeps the two from drifting apart."""
 from __future__ import annotations
 
 import re
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -119,3 +120,23 @@ def test_the_reader_of_brackets_reads_scopes_and_skips_comments() -> None:
     assert stated_defaults("Widths [cpu 32,64,64; else by latent size].") == [("cpu", "32,64,64")]
     assert stated_defaults("Widths [the preset's].") == []
     assert not matches(0.2, "0.1") and matches((8, 16), "8,16") and matches(None, "off")
+
+
+# typer's own options, which its --help explains.
+TYPER_OPTIONS = {"--install-completion", "--show-completion", "--help"}
+
+
+def test_every_option_of_every_command_is_named_in_readme() -> None:
+    readme = (Path(__file__).parents[1] / "README.md").read_text(encoding="utf-8")
+    group = typer.main.get_command(app)
+    assert isinstance(group, typer.core.TyperGroup)
+    commands = [("", group), *group.commands.items()]
+    unnamed = [
+        f"{name} {option}"
+        for name, command in commands
+        for param in command.params
+        for option in param.opts
+        if option.startswith("--") and option not in TYPER_OPTIONS
+        if not re.search(rf"{re.escape(option)}(?![\w-])", readme)
+    ]
+    assert len(commands) > 8 and not unnamed, f"options README does not name: {unnamed}"
