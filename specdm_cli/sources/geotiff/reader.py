@@ -188,15 +188,7 @@ def read_geotiff(
             "classes_from": classes_from,
             "splits_from": splits_from,
             "label_codes": {str(c.code): c.index for c in classes},
-            **({"bands_read": [p + 1 for p in positions]} if options.bands else {}),
-            **({"labels": "RGB class colours of the classes file"} if colour_masks else {}),
-            **(
-                {"values": "raw x scale + offset (the files' GDAL scale and offset)"}
-                if scaled
-                else {}
-            ),
-            # Georeferenced, but not in one CRS: no bounds; a sample's source_id names its file.
-            **({"crs_by_file": crs_by_file} if crs is None and any(crs_by_file.values()) else {}),
+            **_optional_details(options, positions, colour_masks, scaled, crs, crs_by_file),
         },
     )
     codes = tuple(int(str(c.code)) for c in classes)
@@ -216,6 +208,28 @@ def read_geotiff(
     return SourcePlan(
         spec=spec, candidates=candidates, load=load, warnings=notes, close=rasters.close
     )
+
+
+def _optional_details(
+    options: PrepareOptions,
+    positions: list[int],
+    colour_masks: bool,
+    scaled: bool,
+    crs: str | None,
+    crs_by_file: dict[str, str | None],
+) -> dict[str, object]:
+    """The manifest details a plain folder of rasters does not need."""
+    details: dict[str, object] = {}
+    if options.bands:
+        details["bands_read"] = [p + 1 for p in positions]
+    if colour_masks:
+        details["labels"] = "RGB class colours of the classes file"
+    if scaled:
+        details["values"] = "raw x scale + offset (the files' GDAL scale and offset)"
+    # Georeferenced, but not in one CRS: no bounds; a sample's source_id names its file.
+    if crs is None and any(crs_by_file.values()):
+        details["crs_by_file"] = crs_by_file
+    return details
 
 
 def _unread_split_options(options: PrepareOptions, splits_from: str) -> list[str]:
