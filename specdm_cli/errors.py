@@ -133,6 +133,12 @@ def missing_store(path: Path, option: str = "") -> InputDataError:
     return InputDataError(what, path, "check the path or run `specdm prepare`")
 
 
+def task_needed(model: str | None) -> UsageError:
+    """`--model demo` or no --model without --task: which of the ss and cd models is meant."""
+    what = "--model demo holds an ss and a cd model" if model == "demo" else "without --model"
+    return UsageError(f"{what}, --task is needed to pick one", hint="pass --task ss or --task cd")
+
+
 def missing_run(path: Path) -> ModelError:
     """A run path with nothing there; the name `demo` is the shipped model, which is read-only."""
     if str(path) == "demo":  # e.g. `specdm distill demo`

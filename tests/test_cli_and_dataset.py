@@ -161,6 +161,36 @@ for args in (
     assert "--real: store does not exist (no.zarr)" in lines[5]
 
 
+def test_synthesize_usage_errors_that_need_no_model_are_told_before_torch_loads(
+    tmp_path: Path,
+) -> None:
+    # They were told after torch and diffusers loaded: 10-19 s on a busy machine.
+    script = """
+import sys
+from typer.testing import CliRunner
+from specdm_cli.cli import app
+base = ["synthesize", "--n", "2", "--out", "x.zarr"]
+for args in (
+    ["--model", "demo"],
+    [],
+    ["--task", "ss", "--batch-size", "abc"],
+    ["--task", "ss", "--preview", "x.jpg"],
+    ["--task", "cd", "--shard", "2/2"],
+):
+    result = CliRunner().invoke(app, [*base, *args])
+    print(result.exit_code, "torch" in sys.modules, result.stderr.strip())
+"""
+    done = processes.run([sys.executable, "-c", script], text=True, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.strip().splitlines()
+    assert [line.split(" ", 2)[:2] for line in lines] == [["2", "False"]] * 5, lines
+    assert "--model demo holds an ss and a cd model, --task is needed" in lines[0]
+    assert "without --model, --task is needed" in lines[1]
+    assert "--batch-size 'abc'" in lines[2] and "--preview x.jpg" in lines[3]
+    assert "--shard '2/2'" in lines[4]
+    assert not (tmp_path / "x.zarr").exists()
+
+
 @pytest.mark.parametrize(
     ("resumable", "line"),
     [

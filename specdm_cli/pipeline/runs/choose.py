@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
-from specdm_cli.errors import ModelError, UsageError
+from specdm_cli.errors import ModelError, task_needed
 from specdm_cli.pipeline.runs.registry import registered_runs
 from specdm_cli.pipeline.runs.run_manifest import RunManifest, load_run
 from specdm_cli.presets import DIFFUSION_PRESETS, VAE_PRESETS
@@ -56,10 +56,7 @@ def choose_model(
             )
         return _loaded(path, "run", vae_only=vae_only)
     if task is None:
-        what = "--model demo holds an ss and a cd model" if model == "demo" else "without --model"
-        raise UsageError(
-            f"{what}, --task is needed to pick one", hint="pass --task ss or --task cd"
-        )
+        raise task_needed(model)
     passed_over: list[str] = []
     if model is None:
         chosen = _from_registry(task, passed_over, for_masks)

@@ -36,13 +36,12 @@ from specdm_cli.pipeline.synthesize.preview import check_preview_path, rgb_note,
 from specdm_cli.pipeline.synthesize.quality import Judge, JudgeMaker, QualityBar
 from specdm_cli.pipeline.synthesize.require import parse_require
 from specdm_cli.pipeline.synthesize.sampler import resolve_sampler
-from specdm_cli.pipeline.synthesize.shards import Shard, parse_shard
+from specdm_cli.pipeline.synthesize.shards import Shard, parse_batch_size, parse_shard
 from specdm_cli.pipeline.synthesize.synthesize import (
     SynthesizeRequest,
     SynthesizeSummary,
     check_steps,
     filter_options,
-    parse_batch_size,
     refuse_split,
     resolve_batch_size,
     synthesize,

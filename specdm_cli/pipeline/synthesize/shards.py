@@ -30,6 +30,17 @@ class Shard:
     count: int = 1
 
 
+def parse_batch_size(text: str) -> int | None:
+    """`--batch-size`: a number >= 1, or None for `auto`."""
+    if text.strip().lower() == "auto":
+        return None
+    if not text.strip().isdigit() or int(text) < 1:
+        raise UsageError(
+            f"--batch-size {text!r} is not a number >= 1 or auto", hint="e.g. --batch-size 16"
+        )
+    return int(text)
+
+
 def parse_shard(text: str | None) -> Shard:
     """`i/N` with 0 <= i < N; None means the whole job."""
     if text is None:

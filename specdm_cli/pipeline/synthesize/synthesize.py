@@ -113,17 +113,6 @@ class SynthesizeSummary:
 AUTO_BATCH = {"cpu": 16, "cuda": 64}
 
 
-def parse_batch_size(text: str) -> int | None:
-    """`--batch-size`: a number >= 1, or None for `auto`."""
-    if text.strip().lower() == "auto":
-        return None
-    if not text.strip().isdigit() or int(text) < 1:
-        raise UsageError(
-            f"--batch-size {text!r} is not a number >= 1 or auto", hint="e.g. --batch-size 16"
-        )
-    return int(text)
-
-
 def resolve_batch_size(
     given: int | None, out: Path | None, devices: Devices, n: int, filtered: bool
 ) -> int:
