@@ -897,6 +897,30 @@ def test_a_learning_curve_beyond_the_real_pairs_is_refused_at_once(
     assert code == 2 and "--downstream-real-curve '5,x' is not a comma-separated list" in stderr
 
 
+def test_a_real_limit_above_the_store_is_recorded_as_trained_and_cautioned(
+    ss: tuple[Path, Path], tmp_path: Path
+) -> None:
+    """The report said the real rows trained on --real-limit's 2000 (the default) where the
+    store had 38 train pairs, and credited the synthetic rows with more real scenes."""
+    real, synthetic = ss
+    train = open_store(real).indices("train").size
+    out = tmp_path / "report"
+    limited = [arg for arg in DOWNSTREAM if arg not in ("--real-limit", "10")]
+    code, _, stderr = run_cli(
+        "benchmark", "--real", real, "--synthetic", synthetic, "--out", out, *limited,
+        "--downstream-seeds", "1", *[arg for arg in FAST if arg != "--quiet"],
+    )  # fmt: skip
+    assert code == 0, stderr
+    report = BenchmarkReport.model_validate_json((out / "report.json").read_text())
+    assert report.downstream is not None and 10 < train < 2000
+    assert (report.downstream.real_limit, report.downstream.real_limit_asked) == (train, 2000)
+    assert report.downstream.rows[0].real_count == train
+    caution = f"the real rows trained on all {train} train pairs of the real store"
+    assert any(caution in line for line in report.cautions)
+    assert f"warning: {caution}" in stderr
+    assert f"pass --real-limit {train} or less" in (out / "report.md").read_text()
+
+
 def test_an_oracle_beyond_the_real_pairs_is_refused_at_once(
     ss: tuple[Path, Path], tmp_path: Path
 ) -> None:

@@ -28,11 +28,12 @@ from specdm_cli.stores import StoreReader
 from .agreement import relabelled_data
 from .downstream_rows import (
     AGREE,
-    PAPER_REAL_LIMIT,
     Configuration,
+    asked_real_limit,
     configurations,
     evaluation_split,
     pretrains,
+    real_train,
     stopping_split,
 )
 from .report import Downstream, DownstreamRow, SeedRun
@@ -120,7 +121,7 @@ def run_downstream(
         rows.append(_run_row(row, setup, real, second, referees))
     return Downstream(
         network=NETWORK[real.manifest.task], config=setup.config.model_dump(),
-        real_limit=options.real_limit or PAPER_REAL_LIMIT[real.manifest.task],
+        real_limit=len(real_train(real, options)), real_limit_asked=_above_store(real, options),
         eval_split=setup.eval_split, eval_count=len(setup.test),
         f1_definition=F1_DEFINITION[real.manifest.task], rows=rows,
         protocol=protocol_text(options), stop_split=setup.stop_split, stop_count=len(setup.val),
@@ -128,6 +129,12 @@ def run_downstream(
         round_trip=round_trip_name if round_trip is not None else None,
         device=device, threads=torch.get_num_threads(),
     )  # fmt: skip
+
+
+def _above_store(real: StoreReader, options: DownstreamOptions) -> int | None:
+    """The real limit asked for where the store has fewer train pairs (the rows take them all)."""
+    asked = asked_real_limit(real, options)
+    return asked if asked > len(real_train(real, options)) else None
 
 
 class HalfTrip:

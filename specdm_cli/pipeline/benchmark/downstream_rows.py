@@ -158,9 +158,14 @@ def pretrains(options: DownstreamOptions) -> bool:
     return any(protocol.removesuffix(AGREE) == "pretrain" for protocol in options.protocols)
 
 
+def asked_real_limit(real: StoreReader, options: DownstreamOptions) -> int:
+    """--real-limit, else the paper's for the task (more than a small store holds, maybe)."""
+    return options.real_limit or PAPER_REAL_LIMIT[real.manifest.task]
+
+
 def real_train(real: StoreReader, options: DownstreamOptions) -> np.ndarray:
     """The first `real_limit` real train pairs (the paper's limited-data protocol)."""
-    train = real.indices("train")[: options.real_limit or PAPER_REAL_LIMIT[real.manifest.task]]
+    train = real.indices("train")[: asked_real_limit(real, options)]
     if train.size == 0:
         raise InputDataError("the real store has no train split", real.root, "re-prepare it")
     return train
@@ -202,7 +207,7 @@ def stopping_split(
     the train pairs past `real_limit` (which no row trains on)."""
     if eval_split == "test" and real.indices("val").size:
         return real.indices("val")[: options.val_limit], "val"
-    limit = options.real_limit or PAPER_REAL_LIMIT[real.manifest.task]
+    limit = asked_real_limit(real, options)
     spare = real.indices("train")[limit : limit + options.val_limit]
     if spare.size == 0:
         raise InputDataError(

@@ -160,7 +160,10 @@ class Downstream(_Strict):
 
     network: str
     config: dict[str, Any]
-    real_limit: int
+    real_limit: int = Field(description="the real train pairs the real rows trained on")
+    real_limit_asked: int | None = Field(
+        None, description="the limit asked for, where the store had fewer train pairs"
+    )
     eval_split: str
     eval_count: int
     f1_definition: str
