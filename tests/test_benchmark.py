@@ -710,6 +710,7 @@ def test_change_detection_report(home: Path, tmp_path: Path) -> None:
         ("ratio", 2, "--synthetic-ratio"),
         ("ratio-word", 2, "--synthetic-ratio 'x'"),
         ("size", 3, "differ in size"),
+        ("swapped", 2, "is a synthetic store (made by "),
     ],
 )
 def test_bad_input_is_one_line(
@@ -734,6 +735,8 @@ def test_bad_input_is_one_line(
         args[1] = prepare_demo(tmp_path / "big.zarr", n=12, size=16)
     elif case == "no-real":
         args = args[2:]
+    elif case == "swapped":  # once "too few samples to compare" with a prepare hint
+        args = ["--real", synthetic, "--synthetic", real]
     elif case == "ratio-word":  # once told "not a comma-separated list of widths"
         args += ["--synthetic-ratio", "x"]
     else:
@@ -742,6 +745,7 @@ def test_bad_input_is_one_line(
     exit_code, _, stderr = run_cli("benchmark", *args, "--out", out, *FAST)
     assert exit_code == code and words in stderr, stderr
     assert stderr.startswith("error:") and stderr.count("\n") == 1 and not out.exists()
+    assert case != "swapped" or stderr.rstrip().endswith("swap --real and --synthetic")
 
 
 def test_a_real_store_without_val_or_test_is_told_at_prepare_and_benchmark_says_how(

@@ -372,10 +372,16 @@ def test_a_complete_store_made_again_is_already_complete_with_no_rate(tmp_path: 
                "--no-detail", "--out", tmp_path / "x.zarr")  # fmt: skip
     code, _, stderr = run_cli(*command)
     assert code == 0 and "complete: " in stderr and "pairs/s" in stderr, stderr
+    assert "preview" not in stderr
     code, stdout, stderr = run_cli(*command, "--json")
     assert code == 0, stderr
     assert stderr.splitlines()[-1] == f"already complete: {tmp_path / 'x.zarr'}: 2/2 pairs"
     assert json.loads(stdout)["already_complete"] is True
+    # The summary line says where --preview put its picture (it said nothing of it).
+    png = tmp_path / "x.png"
+    code, stdout, stderr = run_cli(*command, "--preview", png, "--json")
+    assert code == 0 and stderr.splitlines()[-1].endswith(f"2/2 pairs; preview {png}"), stderr
+    assert json.loads(stdout)["preview"] == str(png) and png.read_bytes()[:4] == b"\x89PNG"
 
 
 def test_what_a_newcomer_gets_wrong_is_told_as_it_is(tmp_path: Path) -> None:

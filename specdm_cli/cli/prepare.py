@@ -317,6 +317,8 @@ def _render_inspect(report: dict[str, Any], console: Console) -> None:
         if content
         else "content: no checksums (written before they existed)"
     )
+    if "verified" in report:  # --verify: damage would have been an error instead
+        console.print(f"verified: {report['verified']}")
     bands = Table("band", "wavelength (nm)", title="bands", title_justify="left")
     for band in report["bands"]:
         bands.add_row(band["name"], f"{band['wavelength_nm']:g}" if band["wavelength_nm"] else "-")

@@ -232,11 +232,12 @@ def _refuse_at_once(
 
 def _done_line(summary: SynthesizeSummary) -> str:
     """What the call did; a store found complete gets no rate (no pair was made)."""
+    preview = f"; preview {summary.preview}" if summary.preview else ""
     if summary.already_complete:
-        return f"already complete: {summary.out}: {summary.written}/{summary.n} pairs"
+        return f"already complete: {summary.out}: {summary.written}/{summary.n} pairs{preview}"
     state = "complete" if summary.complete else "shard done, store not complete yet"
     kept = f" (kept from {summary.draws} draws)" if summary.draws > summary.written else ""
     return (
         f"{state}: {summary.out}: {summary.written}/{summary.n} pairs{kept}, "
-        f"{summary.pairs_per_second} pairs/s"
+        f"{summary.pairs_per_second} pairs/s{preview}"
     )

@@ -20,7 +20,7 @@ from specdm_cli.config import (
     MetricsOptions,
     Progress,
 )
-from specdm_cli.errors import InputDataError
+from specdm_cli.errors import InputDataError, UsageError
 from specdm_cli.fs.atomic import atomic_write_text, remove_tree
 from specdm_cli.fs.lock import DirLock, ReadLock
 from specdm_cli.fs.paths import refuse_overlap
@@ -99,6 +99,14 @@ def open_pair(real_path: Path, synthetic_path: Path) -> tuple[StoreReader, Store
     """Both stores, complete, of one task, band count and class count."""
     real, synthetic = open_store(real_path), open_store(synthetic_path)
     a, b = real.manifest, synthetic.manifest
+    if a.model is not None:  # its samples have no held-out split to compare against
+        raise UsageError(
+            f"--real {real_path} is a synthetic store (made by {a.model.path or a.model.run_id}); --real takes a "
+            "store `specdm prepare` made",
+            hint="swap --real and --synthetic"
+            if b.model is None
+            else "pass the prepared store the model's samples should be compared with",
+        )
     if a.task != b.task:
         raise InputDataError(
             f"task mismatch: the real store is {a.task}, the synthetic store {b.task}",
@@ -118,7 +126,7 @@ def open_pair(real_path: Path, synthetic_path: Path) -> tuple[StoreReader, Store
 def _require_same_shape(real: StoreReader, synthetic: StoreReader) -> None:
     """Band count, sample size and class count alike, each difference named (bands first: no
     prepare option mends that one); the fix for a size alone is the real store's own source's
-    prepare command at the generator's size, into a new store beside it."""
+    prepare command at the synthetic store's size, into a new store beside it."""
     a, b = real.manifest, synthetic.manifest
     differ = [
         f"{what} ({x} vs {y})"
@@ -152,7 +160,7 @@ def _require_same_shape(real: StoreReader, synthetic: StoreReader) -> None:
     raise InputDataError(
         reason,
         synthetic.root,
-        f"prepare the real store at the generator's {b.height} px: {command}",
+        f"prepare the real store at the synthetic store's {b.height} px: {command}",
     )
 
 

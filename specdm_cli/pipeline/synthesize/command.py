@@ -338,6 +338,7 @@ def _write(
             notice(note)
         first = [int(i) for i in reader.indices()[:PREVIEW_SAMPLES]]
         write_preview(options.preview, [reader.read(i) for i in first], reader.manifest)
+        summary = replace(summary, preview=str(options.preview))
     return summary
 
 

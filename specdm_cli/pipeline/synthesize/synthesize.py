@@ -106,6 +106,7 @@ class SynthesizeSummary:
     write_wait_seconds: float = 0.0  # time sampling waited for the writer: what I/O added
     cuda_peak_bytes: int | None = None  # one CUDA device: torch's peak allocated memory
     already_complete: bool = False  # the store was complete before and this call wrote nothing
+    preview: str | None = None  # the PNG of the first pairs, where --preview asked for one
 
 
 # Ours: on 2 CPU cores pairs/s stops growing beyond about 16; on CUDA a larger grid keeps the
