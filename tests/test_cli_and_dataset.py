@@ -59,6 +59,29 @@ def test_every_command_takes_quiet(demo_ss_store: Path) -> None:
     assert "verified: all samples match their checksums" in stdout and "verified" not in quiet
 
 
+def test_a_store_given_for_a_run_and_a_run_for_a_store_are_named_as_such(
+    demo_ss_store: Path,
+) -> None:
+    """`fit-diffusion STORE` said "run `specdm fit-vae` first" and `fit-vae RUN` "run `specdm
+    prepare` first", though the folder was the other one of the pair."""
+    from specdm_cli.pipeline.runs.choose import demo_model_path
+
+    run = demo_model_path("ss")
+    out = demo_ss_store.with_name("x.zarr")
+    for_runs: list[list[str | Path]] = [
+        ["fit-diffusion", demo_ss_store],
+        ["synthesize", "--model", demo_ss_store, "--n", "2", "--out", out],
+    ]
+    for command in for_runs:
+        code, _, stderr = run_cli(*command)
+        assert code == 4 and "a store (manifest.json), no run.json" in stderr, stderr
+        assert f"specdm fit-vae {demo_ss_store} --run RUN" in stderr
+    for name in ("fit-vae", "inspect"):
+        code, _, stderr = run_cli(name, run)
+        assert code == 3 and "a run folder (run.json), no manifest.json" in stderr, stderr
+        assert "the store it was trained on" in stderr and stderr.count("\n") == 1
+
+
 def test_dataset_keys_split_and_dtypes(demo_ss_store: Path) -> None:
     train = StoreDataset(demo_ss_store, split="train")
     everything = StoreDataset(demo_ss_store)

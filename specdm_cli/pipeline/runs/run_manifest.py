@@ -15,6 +15,7 @@ from specdm_cli.fs.atomic import atomic_write_text
 from specdm_cli.manifest import Band, ClassInfo, Normalization, Task
 from specdm_cli.pipeline.runs.checkpoints import unlisted_weights, verify_digests
 from specdm_cli.stores import StoreReader
+from specdm_cli.stores.base import MANIFEST_NAME
 
 RUN_FILE = "run.json"
 
@@ -153,6 +154,12 @@ def _no_run(run: Path) -> ModelError:
     """What a path without run.json is: nothing there (or the name `demo`), or another folder."""
     if not run.exists():
         return missing_run(run)
+    if (run / MANIFEST_NAME).is_file():  # a store where a run was asked for
+        return ModelError(
+            "not a run directory: a store (manifest.json), no run.json",
+            run,
+            f"train a run on it (specdm fit-vae {run} --run RUN) and pass the run",
+        )
     return ModelError("not a run directory: no run.json", run, "run `specdm fit-vae` first")
 
 
