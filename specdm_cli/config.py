@@ -93,6 +93,12 @@ def trainable_side(height: int, width: int) -> int:
     return max(8, min(height, width) // 8 * 8)
 
 
+def _sides_near(side: int) -> str:
+    """The trainable sides either side of one that is not: "24 or 32" for 30."""
+    below = side // 8 * 8
+    return f"{below} or {below + 8}" if below >= 8 else "8"
+
+
 @dataclass(frozen=True)
 class PrepareOptions:
     """Every `specdm prepare` option a reader may look at (each reader uses its own few)."""
@@ -120,7 +126,7 @@ class PrepareOptions:
             if side != trainable_side(side, side):
                 raise UsageError(
                     f"{option} {side}: samples are square with a side that is a multiple of 8",
-                    hint=f"e.g. {option} {trainable_side(side, side)}",
+                    hint=f"e.g. {option} {_sides_near(side)}",
                 )
         # The one check of the split fractions, whichever source reads them.
         val, test = self.val_fraction, self.test_fraction

@@ -452,6 +452,18 @@ def test_split_folders_spelled_differently_in_images_and_masks_pair(tmp_path: Pa
     assert "two folders of the train split (Train/ and training/) hold tile_00" in line
 
 
+def test_the_demo_s_untrained_class_warning_gives_the_demo_s_fix(tmp_path: Path) -> None:
+    """Four demo scenes leave a class out of train on most seeds; the fix named a --splits file,
+    which `prepare demo` does not read."""
+    warned = []
+    for seed in range(4):
+        code, _, stderr = run_cli("prepare", "demo", "--n", "4", "--size", "32", "--seed", str(seed),
+                                  "--out", tmp_path / f"d{seed}.zarr")  # fmt: skip
+        assert code == 0, stderr
+        warned += [line for line in stderr.splitlines() if "no train pixels" in line]
+    assert warned and all(line.endswith("more scenes (--n) or another --seed") for line in warned)
+
+
 def test_a_class_only_in_held_out_tiles_is_warned_of(tmp_path: Path) -> None:
     """A class present in val but not in train: prepare said nothing, and its IoU of 0 pulled
     the segmenter's val mIoU down with no model able to learn it."""
@@ -466,6 +478,7 @@ def test_a_class_only_in_held_out_tiles_is_warned_of(tmp_path: Path) -> None:
     code, _, stderr = run_cli("prepare", "geotiff", raw, *args)
     assert code == 0, stderr
     assert "warning: 1 class(es) have no train pixels, only held-out ones: class_77 (val)" in stderr
+    assert "move tiles that hold them to train (--splits FILE.csv)" in stderr
     splits.write_text("stem,split\ntile_00,train\ntile_01,val\ntile_02,test\ntile_03,train\n")
     code, _, stderr = run_cli("prepare", "geotiff", raw, "--overwrite", *args)
     assert code == 0 and "no train pixels" not in stderr, stderr

@@ -72,9 +72,18 @@ def untrained_classes_warning(tally: PrepareTally, spec: SourceSpec) -> str | No
         return None
     return (
         f"warning: {len(missing)} class(es) have no train pixels, only held-out ones: "
-        f"{', '.join(missing)}; no model trained on this store learns them: move tiles that "
-        "hold them to train (--splits FILE.csv for your own rasters)"
+        f"{', '.join(missing)}; no model trained on this store learns them: "
+        f"{_TRAIN_CLASS_FIX.get(spec.dataset, _TRAIN_CLASS_FIX['geotiff'])}"
     )
+
+
+# How a source's store gets a class into train (the demo draws each scene's split by seed).
+_TRAIN_CLASS_FIX = {
+    "demo": "more scenes (--n) or another --seed",
+    "geotiff": "move tiles that hold them to train (--splits FILE.csv)",
+    "oscd": "move cities that hold them to train (--val-cities)",
+    "segmunich": "the dataset's own val/test lists hold them out",
+}
 
 
 # From this share of unlabelled train pixels on, `prepare` points at `fit-vae --unlabelled-class`.
