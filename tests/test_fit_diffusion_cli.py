@@ -88,6 +88,10 @@ def test_the_outcome_line_agrees_with_the_json_summary(vae_run: Path, tmp_path: 
         f"{summary['state']}: {summary['run']} at step 2 (latent cache built, "
         f"val loss {summary['val_loss']:.4f})"
     )
+    # The cache's progress counts views: it says so, so the count is not taken for samples.
+    views = json.loads((run / "run.json").read_text())["stages"]["diffusion"]["details"]
+    samples = views["cached_views"] // 8
+    assert f"encode latents ({samples} samples x 8 views) {samples * 8}/{samples * 8}" in stderr
 
 
 def test_a_unet_of_an_earlier_vae_is_not_sampled_but_retrained(

@@ -117,6 +117,8 @@ def _build(
     std_a = group.create_array("std", shape=shape, chunks=chunks, dtype="float32")
     sums = np.zeros((2, channels), dtype=np.float64)
     done = 0
+    # "304/304" for 38 samples read as if the store had 304: the views are said.
+    stage = f"encode latents ({len(indices)} samples x {len(views)} views)"
     for start in range(0, total, batch_size):
         entries = range(start, min(start + batch_size, total))
         chosen = [views[e % len(views)] for e in entries]
@@ -127,7 +129,7 @@ def _build(
         done += len(entries)
         fault_point("latent_cache.after_batch")
         if progress:
-            progress("encode latents", done, total)
+            progress(stage, done, total)
     count = total * side * side
     shift = sums[0] / count
     variance = np.maximum(sums[1] / count - shift**2, 1e-12)
