@@ -8,6 +8,7 @@ networks in `models/`, as diffusers and nanoGPT keep them.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -69,6 +70,11 @@ class Devices:
         return self
 
 
+def is_digits(text: str) -> bool:
+    """ASCII digits only: `str.isdigit` also takes "²", which `int` then refuses (a traceback)."""
+    return re.fullmatch(r"[0-9]+", text) is not None
+
+
 def parse_devices(text: str | None) -> Devices:
     """`--gpus`: none or "cpu" = the CPU; "0,1" = those CUDA devices; "cpu:N" = N CPU ranks."""
     if text is None or text.strip().lower() == "cpu":
@@ -76,11 +82,11 @@ def parse_devices(text: str | None) -> Devices:
     given = text.strip().lower()
     if given.startswith("cpu:"):
         count = given.removeprefix("cpu:")
-        if not count.isdigit() or int(count) < 1:
+        if not is_digits(count) or int(count) < 1:
             raise UsageError(f"--gpus {text!r}: cpu:N needs N >= 1", hint="e.g. --gpus cpu:2")
         return Devices("cpu", (), int(count))
     indices = [part.strip() for part in given.split(",") if part.strip()]
-    if not indices or not all(part.isdigit() for part in indices):
+    if not indices or not all(is_digits(part) for part in indices):
         raise UsageError(
             f"--gpus {text!r} is not a list of device numbers", hint="e.g. --gpus 0,1 or cpu:2"
         )
@@ -465,7 +471,7 @@ class DownstreamOptions:
 def count_list(text: str, option: str, example: str) -> tuple[int, ...]:
     """`--image-blocks 16,32,32`, `--synthetic-ratio 1,3,5`: whole numbers >= 1, else usage."""
     parts = [part.strip() for part in text.split(",")]
-    if not all(part.isdigit() and int(part) >= 1 for part in parts):
+    if not all(is_digits(part) and int(part) >= 1 for part in parts):
         raise UsageError(
             f"{option} {text!r} is not a comma-separated list of whole numbers >= 1",
             hint=f"e.g. {option} {example}",

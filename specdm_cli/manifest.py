@@ -241,25 +241,14 @@ def manifest_schema() -> dict[str, Any]:
     return Manifest.model_json_schema()
 
 
-def _not_a_store(folder: Path) -> InputDataError:
-    """A folder without manifest.json; a run folder (run.json) is said to be one."""
-    if (folder / "run.json").is_file():
-        return InputDataError(
-            "not a specdm store: a run folder (run.json), no manifest.json",
-            folder,
-            "pass the store it was trained on (run.json's `source_store`)",
-        )
-    return InputDataError(
-        "not a specdm store: no manifest.json", folder, "run `specdm prepare` first"
-    )
-
-
 def load_manifest(path: Path) -> Manifest:
     """Read and validate a `manifest.json`, as an input-data error if it is not one."""
     try:
         raw = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
-        raise _not_a_store(path.parent) from None
+        raise InputDataError(
+            "not a specdm store: no manifest.json", path.parent, "run `specdm prepare` first"
+        ) from None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise InputDataError(f"unreadable manifest ({exc})", path, "re-create the store") from None
     except RecursionError:  # JSON nested deeper than Python's parser goes

@@ -162,6 +162,24 @@ def test_the_few_samples_warning_names_only_the_small_side() -> None:
     assert notice is not None and "from 64 synthetic samples" in notice and "held-out" not in notice
 
 
+def test_the_leak_sentence_goes_only_where_the_generator_saw_the_real_rows_pairs(
+    ss_report: Path,
+) -> None:
+    """The sentence crediting synthetic rows with more real scenes stood even where the
+    generator trained on no pair the real rows lack; a count alone does not show that."""
+    report = load_report(ss_report / "report.json")
+    assert report.generator is not None and report.downstream is not None
+    leak = "synthetic rows carry information from more real scenes"
+    assert leak in markdown(report)  # the demo model: 1,637 pairs of another store
+    few = report.generator.model_copy(update={"real_pairs_seen": report.downstream.real_limit})
+    assert leak in markdown(report.model_copy(update={"generator": few}))  # another store
+    mine = few.model_copy(update={"real_store_is_source": True, "train_split": "train"})
+    text = markdown(report.model_copy(update={"generator": mine}))
+    assert leak not in text and "all of them among the real rows'" in text
+    other_split = mine.model_copy(update={"train_split": "val"})
+    assert leak in markdown(report.model_copy(update={"generator": other_split}))
+
+
 def test_generator_side_is_measured(ss_report: Path, ss: tuple[Path, Path]) -> None:
     report = load_report(ss_report)
     real = open_store(ss[0])
@@ -383,6 +401,19 @@ def test_compare_pairs_downstream_rows_by_seed_only_on_the_same_protocol(
     assert longer.downstream is not None
     longer.downstream.config = {**longer.downstream.config, "max_steps": 99}
     assert compare(this, longer, Path("x")).paired == []
+    # Another patience (in the protocol's words only), or another real limit: another training.
+    patient = other.model_copy(deep=True)
+    assert patient.downstream is not None
+    patient.downstream.protocol = patient.downstream.protocol.replace(
+        f"stops after {PATIENCE} evaluations", f"stops after {PATIENCE + 1} evaluations"
+    )
+    assert patient.downstream.protocol != this.downstream.protocol
+    assert compare(this, patient, Path("x")).paired == []
+    more_real = other.model_copy(deep=True)
+    assert more_real.downstream is not None
+    more_real.downstream.rows[0].real_count += 5
+    paired = {pair.row for pair in compare(this, more_real, Path("x")).paired}
+    assert paired == {row.name for row in this.downstream.rows[1:]}
 
 
 def test_early_stopping_tests_the_best_val_checkpoint(ss_report: Path) -> None:
@@ -923,6 +954,24 @@ def test_a_real_limit_above_the_store_is_recorded_as_trained_and_cautioned(
     assert any(caution in line for line in report.cautions)
     assert f"warning: {caution}" in stderr
     assert f"pass --real-limit {train} or less" in (out / "report.md").read_text()
+
+
+def test_no_pairs_left_for_early_stopping_is_refused_before_any_work(
+    ss: tuple[Path, Path], tmp_path: Path
+) -> None:
+    """Without a test split the stopping pairs are the train pairs past the real limit; with
+    none left the refusal came after the feature network and every quality metric (minutes),
+    and named --real-limit to a user who never gave it."""
+    real = prepare_demo(tmp_path / "no-test.zarr", "--test-fraction", "0", "--val-fraction",
+                        "0.3", n=24, size=demo_size("ss"))  # fmt: skip
+    out = tmp_path / "report"
+    code, _, stderr = run_cli(  # not --quiet: any work would print its progress
+        "benchmark", "--real", real, "--synthetic", ss[1], "--out", out, "--downstream",
+        "--feature-steps", "5", "--threads", "2",
+    )  # fmt: skip
+    words = "every train pair is in the paper's 2000 (--real-limit's default)"
+    assert_one_error_line(code, stderr, 3, words)
+    assert "no real pairs left for early stopping" in stderr and not out.exists()
 
 
 def test_an_oracle_beyond_the_real_pairs_is_refused_at_once(

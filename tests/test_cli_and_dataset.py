@@ -60,14 +60,14 @@ def test_every_command_takes_quiet(demo_ss_store: Path) -> None:
 
 
 def test_a_store_given_for_a_run_and_a_run_for_a_store_are_named_as_such(
-    demo_ss_store: Path,
+    demo_ss_store: Path, tmp_path: Path
 ) -> None:
     """`fit-diffusion STORE` said "run `specdm fit-vae` first" and `fit-vae RUN` "run `specdm
     prepare` first", though the folder was the other one of the pair."""
     from specdm_cli.pipeline.runs.choose import demo_model_path
 
     run = demo_model_path("ss")
-    out = demo_ss_store.with_name("x.zarr")
+    out = tmp_path / "x.zarr"
     for_runs: list[list[str | Path]] = [
         ["fit-diffusion", demo_ss_store],
         ["synthesize", "--model", demo_ss_store, "--n", "2", "--out", out],
@@ -79,7 +79,20 @@ def test_a_store_given_for_a_run_and_a_run_for_a_store_are_named_as_such(
     for name in ("fit-vae", "inspect"):
         code, _, stderr = run_cli(name, run)
         assert code == 3 and "a run folder (run.json), no manifest.json" in stderr, stderr
-        assert "the store it was trained on" in stderr and stderr.count("\n") == 1
+        assert "the store it was trained on (its run.json names demo scenes" in stderr
+        assert stderr.count("\n") == 1
+    # A synthetic store names the run that made it; another tool's run.json is no run.
+    synthetic = tmp_path / "syn.zarr"
+    code, _, stderr = run_cli("synthesize", "--model", "demo", "--task", "ss", "--n", "1",
+                              "--steps", "1", "--no-detail", "-q", "--out", synthetic)  # fmt: skip
+    assert code == 0, stderr
+    code, _, stderr = run_cli("fit-diffusion", synthetic)
+    assert code == 4 and f"pass the run that made it ({run})" in stderr, stderr
+    foreign = tmp_path / "other-tool-run"
+    foreign.mkdir()
+    (foreign / "run.json").write_text('{"id": 1}')
+    code, _, stderr = run_cli("inspect", foreign)
+    assert code == 3 and "not a specdm store: no manifest.json" in stderr, stderr
 
 
 def test_dataset_keys_split_and_dtypes(demo_ss_store: Path) -> None:
@@ -201,6 +214,7 @@ for args in (
     ["--task", "ss", "--batch-size", "abc"],
     ["--task", "ss", "--preview", "x.jpg"],
     ["--task", "cd", "--shard", "2/2"],
+    ["--task", "ss", "--batch-size", "\u00b2"],  # "²".isdigit() is True; int("²") raised
 ):
     result = CliRunner().invoke(app, [*base, *args])
     print(result.exit_code, "torch" in sys.modules, result.stderr.strip())
@@ -208,11 +222,11 @@ for args in (
     done = processes.run([sys.executable, "-c", script], text=True, cwd=tmp_path)
     assert done.returncode == 0, done.stderr
     lines = done.stdout.strip().splitlines()
-    assert [line.split(" ", 2)[:2] for line in lines] == [["2", "False"]] * 5, lines
+    assert [line.split(" ", 2)[:2] for line in lines] == [["2", "False"]] * 6, lines
     assert "--model demo holds an ss and a cd model, --task is needed" in lines[0]
     assert "without --model, --task is needed" in lines[1]
     assert "--batch-size 'abc'" in lines[2] and "--preview x.jpg" in lines[3]
-    assert "--shard '2/2'" in lines[4]
+    assert "--shard '2/2'" in lines[4] and "is not a number >= 1 or auto" in lines[5]
     assert not (tmp_path / "x.zarr").exists()
 
 

@@ -275,7 +275,7 @@ def test_the_same_command_registers_a_complete_run_its_registry_lacks(
     assert newest_run("ss") == run.resolve()
 
 
-@pytest.mark.parametrize("text", ["cpu:0", "cpu:x", "a,b", ""])
+@pytest.mark.parametrize("text", ["cpu:0", "cpu:x", "a,b", "", "cpu:²", "0,²"])  # "²".isdigit()
 def test_bad_gpus_strings_are_usage_errors(text: str) -> None:
     with pytest.raises(UsageError):
         parse_devices(text)

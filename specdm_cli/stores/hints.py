@@ -131,6 +131,16 @@ TRAIN_OPTIONS = {
 }
 
 
+# What moves a class into the train split of a store of `prepare SOURCE` (SegMunich's split
+# lists are the dataset's own: nothing to move).
+TRAIN_CLASS_OPTIONS = {
+    "demo": "more scenes (--n) or another --seed",
+    "geotiff": "move tiles that hold them to train (--splits FILE.csv)",
+    "oscd": "keep cities that hold them out of val (--val-cities, or another --seed for "
+    "--val-fraction)",
+}
+
+
 def train_split_hint(manifest: Manifest) -> str:
     """How to prepare the store again with a train split (the normalisation statistics are the
     train split's, so no other split can stand in for it), for the source it came from."""

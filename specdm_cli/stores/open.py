@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import fcntl
+import json
 import os
 from pathlib import Path
 
@@ -13,6 +14,7 @@ from specdm_cli.manifest import Manifest, load_manifest
 from specdm_cli.stores.base import MANIFEST_NAME, StoreReader, StoreWriter
 from specdm_cli.stores.geotiff_store import GeoTiffReader, GeoTiffWriter, create_geotiff
 from specdm_cli.stores.hints import incomplete_hint
+from specdm_cli.stores.ownership import is_run_json
 from specdm_cli.stores.zarr_store import ZarrReader, ZarrWriter, create_zarr
 
 
@@ -26,12 +28,26 @@ def open_store(path: Path, allow_incomplete: bool = False) -> StoreReader:
             path,
             "name the folder `specdm prepare` or `specdm synthesize` wrote",
         )
+    if not (path / MANIFEST_NAME).exists() and is_run_json(path / "run.json"):
+        raise _run_for_a_store(path)
     manifest = load_manifest(path / MANIFEST_NAME)
     if not manifest.complete and not allow_incomplete:
         raise incomplete_store(path, manifest)
     if manifest.format == "zarr":
         return ZarrReader(path, manifest)
     return GeoTiffReader(path, manifest)
+
+
+def _run_for_a_store(run: Path) -> InputDataError:
+    """A run folder where a store was asked for: the store it names is what was meant."""
+    source = json.loads((run / "run.json").read_text(encoding="utf-8")).get("source_store")
+    return InputDataError(
+        "not a specdm store: a run folder (run.json), no manifest.json",
+        run,
+        f"pass the store it was trained on (its run.json names {source})"
+        if source
+        else "pass a store `specdm prepare` made",
+    )
 
 
 def incomplete_store(path: Path, manifest: Manifest) -> InputDataError:

@@ -31,7 +31,7 @@ def is_ours(path: Path, kind: OutputKind) -> bool:
         return True
     refuse_if_locked(path)
     if kind == "run":
-        return (path / "run.json").is_file() and _is_run_json(path / "run.json")
+        return (path / "run.json").is_file() and is_run_json(path / "run.json")
     try:
         load_manifest(path / MANIFEST_NAME)
     except InputDataError:
@@ -82,7 +82,7 @@ def _made_by(store: Path) -> object:
     return (load_manifest(store / MANIFEST_NAME).plan or {}).get("stage")
 
 
-def _is_run_json(path: Path) -> bool:
+def is_run_json(path: Path) -> bool:
     """A run.json specdm wrote: `"specdm_run": true` beside a run's own fields, not any JSON."""
     try:
         record = json.loads(path.read_text(encoding="utf-8"))

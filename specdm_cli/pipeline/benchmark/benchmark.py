@@ -50,7 +50,13 @@ from specdm_cli.stores.quality import write_quality
 
 from . import generator as gen
 from .downstream import run_downstream
-from .downstream_rows import curve_pairs, oracle_pairs, real_train
+from .downstream_rows import (
+    curve_pairs,
+    evaluation_split,
+    oracle_pairs,
+    real_train,
+    stopping_split,
+)
 from .render import cautions, markdown
 from .report import (
     MARKDOWN_NAME,
@@ -216,6 +222,7 @@ def _measure(request: BenchmarkRequest, progress: Progress | None) -> tuple[Benc
     require_samples_to_compare(real, synthetic)
     if request.downstream is not None:  # the real pairs it asks for exist, before any training
         train = real_train(real, request.downstream)
+        stopping_split(real, evaluation_split(real)[1], request.downstream)
         curve_pairs(real, request.downstream, train.size)
         if request.downstream.oracle:
             oracle_pairs(real, request.downstream, train)

@@ -145,7 +145,8 @@ def oracle_pairs(real: StoreReader, options: DownstreamOptions, train: np.ndarra
     wanted = max(options.ratios) * train.size
     if spare.size < wanted:
         raise InputDataError(
-            f"--downstream-oracle needs {wanted} real train pairs past the {train.size} of --real-limit"
+            f"--downstream-oracle needs {wanted} real train pairs past the {train.size} of "
+            f"{_limit_named(real, options)}"
             f" (--synthetic-ratio {max(options.ratios)} per real pair), the store has {spare.size}",
             real.root,
             "lower --synthetic-ratio or --real-limit, or leave out --downstream-oracle",
@@ -212,8 +213,16 @@ def stopping_split(
     if spare.size == 0:
         raise InputDataError(
             f"no real pairs left for early stopping: the {eval_split} split is the test set and "
-            "every train pair is in --real-limit",
+            f"every train pair is in {_limit_named(real, options)}",
             real.root,
             "lower --real-limit or prepare the store with --test-fraction",
         )
     return spare, "train pairs past --real-limit"
+
+
+def _limit_named(real: StoreReader, options: DownstreamOptions) -> str:
+    """--real-limit as given, or the default that stood in for it (users who never gave one
+    read "--real-limit" as an option of theirs)."""
+    if options.real_limit is not None:
+        return "--real-limit"
+    return f"the paper's {PAPER_REAL_LIMIT[real.manifest.task]} (--real-limit's default)"

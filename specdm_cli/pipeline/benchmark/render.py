@@ -298,8 +298,13 @@ def _downstream_notes(report: BenchmarkReport) -> list[str]:
     seen = gen.real_pairs_seen if gen is not None else None
     trained = f"The generator trained on {seen if seen is not None else 'an unknown number of'}"
     trained += f" real pairs, the real rows here on {d.real_limit}"
-    if seen is not None and seen <= d.real_limit:
-        lines.append(f"{trained}.")
+    # The real rows take the first pairs of the train split: a generator that trained on no
+    # more of this very store's train split saw only pairs they have.
+    nested = gen is not None and gen.real_store_is_source and gen.train_split in (None, "train")
+    if seen is not None and seen <= d.real_limit and nested:
+        lines.append(
+            f"{trained}: all of them among the real rows' (the first of this store's train split)."
+        )
     else:
         lines.append(
             f"{trained}: synthetic rows carry information from more real scenes than the "

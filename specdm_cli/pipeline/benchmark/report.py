@@ -160,7 +160,10 @@ class Downstream(_Strict):
 
     network: str
     config: dict[str, Any]
-    real_limit: int = Field(description="the real train pairs the real rows trained on")
+    real_limit: int = Field(
+        description="the real train pairs the real rows trained on (reports before 2026-12-07: "
+        "the limit asked for, which a smaller store cut short; rows' real_count is right in both)"
+    )
     real_limit_asked: int | None = Field(
         None, description="the limit asked for, where the store had fewer train pairs"
     )
@@ -351,9 +354,22 @@ def _paired_across(
     mine, theirs = this.downstream, other.downstream
     if mine is None or theirs is None or this.real.content_sha256 is None:
         return []
-    if this.real.content_sha256 != other.real.content_sha256 or mine.config != theirs.config:
+    if this.real.content_sha256 != other.real.content_sha256 or not _same_rule(mine, theirs):
         return []
     bases = {row.name: row for row in theirs.rows}
     pairs = (paired_gain(row, bases[row.name], f"{row.name} ({other_label})")
-             for row in mine.rows if row.name in bases)  # fmt: skip
+             for row in mine.rows
+             if row.name in bases and row.real_count == bases[row.name].real_count)  # fmt: skip
     return [pair for pair in pairs if pair is not None]
+
+
+def _same_rule(mine: Downstream, theirs: Downstream) -> bool:
+    """One training rule: network, stopping pairs, real share, and the protocol's rule clause
+    (learning rate, evaluation interval, patience, rate drops; before the clauses on pretrain
+    rows and seeds, which may differ between reports whose common rows still pair)."""
+
+    def rule(d: Downstream) -> tuple[object, ...]:
+        clause = d.protocol.split("; 'pretrain' rows")[0]
+        return (d.config, d.stop_split, d.stop_count, d.real_share, clause)
+
+    return rule(mine) == rule(theirs)

@@ -10,7 +10,7 @@ from specdm_cli.config import trainable_side
 from specdm_cli.pipeline.prepare.request import PrepareRequest
 from specdm_cli.pipeline.prepare.tally import PrepareTally
 from specdm_cli.sources.base import SourceSpec
-from specdm_cli.stores.hints import HELD_OUT_OPTIONS, TRAIN_OPTIONS
+from specdm_cli.stores.hints import HELD_OUT_OPTIONS, TRAIN_CLASS_OPTIONS, TRAIN_OPTIONS
 
 
 def untrainable_note(request: PrepareRequest, spec: SourceSpec) -> list[str]:
@@ -70,20 +70,12 @@ def untrained_classes_warning(tally: PrepareTally, spec: SourceSpec) -> str | No
     ]
     if not missing:
         return None
+    how = TRAIN_CLASS_OPTIONS.get(spec.dataset)
     return (
         f"warning: {len(missing)} class(es) have no train pixels, only held-out ones: "
-        f"{', '.join(missing)}; no model trained on this store learns them: "
-        f"{_TRAIN_CLASS_FIX.get(spec.dataset, _TRAIN_CLASS_FIX['geotiff'])}"
+        f"{', '.join(missing)}; no model trained on this store learns them"
+        + (f": {how}" if how else "")
     )
-
-
-# How a source's store gets a class into train (the demo draws each scene's split by seed).
-_TRAIN_CLASS_FIX = {
-    "demo": "more scenes (--n) or another --seed",
-    "geotiff": "move tiles that hold them to train (--splits FILE.csv)",
-    "oscd": "move cities that hold them to train (--val-cities)",
-    "segmunich": "the dataset's own val/test lists hold them out",
-}
 
 
 # From this share of unlabelled train pixels on, `prepare` points at `fit-vae --unlabelled-class`.

@@ -12,6 +12,7 @@ from typing import Any
 
 import numpy as np
 
+from specdm_cli.config import is_digits
 from specdm_cli.errors import InputDataError, LockHeldError, UsageError
 from specdm_cli.fs.atomic import atomic_write_text, remove_stray_temporaries
 from specdm_cli.fs.lock import LOCK_NAME, DirLock, live_locks
@@ -34,7 +35,7 @@ def parse_batch_size(text: str) -> int | None:
     """`--batch-size`: a number >= 1, or None for `auto`."""
     if text.strip().lower() == "auto":
         return None
-    if not text.strip().isdigit() or int(text) < 1:
+    if not is_digits(text.strip()) or int(text) < 1:
         raise UsageError(
             f"--batch-size {text!r} is not a number >= 1 or auto", hint="e.g. --batch-size 16"
         )
