@@ -175,7 +175,9 @@ def synthesize(
             )
         if finalize is None:
             require_inputs(stores={"--masks": masks, "--real": real}, models=(model,))
-            _refuse_at_once(model, task, batch_size, shard, preview, out)
+            from specdm_cli.pipeline.synthesize.arguments import refuse_at_once
+
+            refuse_at_once(model, task, batch_size, shard, preview, out)
         from specdm_cli.pipeline.devices import torch_threads
         from specdm_cli.pipeline.signals import graceful_stop
         from specdm_cli.pipeline.synthesize.command import SynthesizeOptions, synthesize_store
@@ -206,28 +208,6 @@ def synthesize(
             stderr.print(_done_line(summary), markup=False)
         if json_output:
             emit_json({**asdict(summary), "warnings": list(warnings)})
-
-
-def _refuse_at_once(
-    model: str | None,
-    task: Task | None,
-    batch_size: str,
-    shard: str | None,
-    preview: Path | None,
-    out: Path | None,
-) -> None:
-    """The usage errors that need no model, told before torch and diffusers load (~8 s on a
-    busy machine); the pipeline checks them again for callers that skip the CLI."""
-    from specdm_cli.errors import task_needed
-    from specdm_cli.pipeline.synthesize.preview import check_preview_path
-    from specdm_cli.pipeline.synthesize.shards import parse_batch_size, parse_shard
-
-    if model in (None, "demo") and task is None:
-        raise task_needed(model)
-    parse_batch_size(batch_size)
-    parse_shard(shard)
-    if preview is not None:
-        check_preview_path(preview, {"--out": out})
 
 
 def _done_line(summary: SynthesizeSummary) -> str:
