@@ -50,6 +50,17 @@ def _run_for_a_store(run: Path) -> InputDataError:
     )
 
 
+def manifest_in(folder: Path) -> Manifest | None:
+    """The manifest of the specdm store `folder` is; None where it has none or another's (an
+    unreadable one is for the caller to judge)."""
+    if not (folder / MANIFEST_NAME).is_file():
+        return None
+    try:
+        return load_manifest(folder / MANIFEST_NAME)
+    except InputDataError:
+        return None
+
+
 def incomplete_store(path: Path, manifest: Manifest) -> InputDataError:
     """A store its writer left incomplete, with the command that completes it."""
     return InputDataError(

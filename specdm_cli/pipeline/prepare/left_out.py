@@ -8,9 +8,8 @@ from pathlib import Path
 from typing import Any
 
 from specdm_cli.errors import InputDataError
-from specdm_cli.manifest import Manifest, load_manifest
+from specdm_cli.manifest import Manifest
 from specdm_cli.sources.base import LeftOut
-from specdm_cli.stores.base import MANIFEST_NAME
 
 LEFT_OUT = "left_out"  # source.details' list of what the raw data lacked when the store was made
 
@@ -33,17 +32,6 @@ def refuse_left_out_now_present(out: Path, manifest: Manifest | None) -> None:
                 out,
                 "rerun with --overwrite to prepare the whole dataset",
             )
-
-
-def existing_manifest(out: Path) -> Manifest | None:
-    """The manifest of a store at `out`; None where there is none or it cannot be read
-    (resolve_target judges those)."""
-    if not (out / MANIFEST_NAME).is_file():
-        return None
-    try:
-        return load_manifest(out / MANIFEST_NAME)
-    except InputDataError:
-        return None
 
 
 def left_out_records(parts: Sequence[LeftOut]) -> list[dict[str, Any]]:

@@ -34,7 +34,6 @@ from specdm_cli.manifest import (
 from specdm_cli.pipeline.prepare.blocks import write_blocks
 from specdm_cli.pipeline.prepare.left_out import (
     LEFT_OUT,
-    existing_manifest,
     left_out_records,
     refuse_left_out_now_present,
 )
@@ -74,6 +73,7 @@ from specdm_cli.stores import (
     stored_sample_bytes,
 )
 from specdm_cli.stores.base import MANIFEST_NAME
+from specdm_cli.stores.open import manifest_in
 
 # PrepareOptions fields newer than the plan format: absent from a plan while None.
 _LATER_OPTIONS = frozenset({"label_nodata", "cities", "val_cities", "demo_variant"})
@@ -232,7 +232,7 @@ def _prepare(
     # With --overwrite the old store goes only once RAW and the options are read: a typo in
     # them (exit 3) left no store at all, and a real dataset's store takes hours to make.
     if not request.overwrite:
-        existing = existing_manifest(request.out)
+        existing = manifest_in(request.out)
         refuse_left_out_now_present(request.out, existing)
         plan = _with_paths_as_recorded(existing, plan)
     state = None if request.overwrite else resolve_target(request.out, plan, request.resume, False)

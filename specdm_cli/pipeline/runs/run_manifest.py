@@ -12,10 +12,10 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from specdm_cli import __version__
 from specdm_cli.errors import InputDataError, ModelError, missing_run
 from specdm_cli.fs.atomic import atomic_write_text
-from specdm_cli.manifest import Band, ClassInfo, Manifest, Normalization, Task, load_manifest
+from specdm_cli.manifest import Band, ClassInfo, Normalization, Task
 from specdm_cli.pipeline.runs.checkpoints import unlisted_weights, verify_digests
 from specdm_cli.stores import StoreReader
-from specdm_cli.stores.base import MANIFEST_NAME
+from specdm_cli.stores.open import manifest_in
 
 RUN_FILE = "run.json"
 
@@ -154,7 +154,7 @@ def _no_run(run: Path) -> ModelError:
     """What a path without run.json is: nothing there (or the name `demo`), or another folder."""
     if not run.exists():
         return missing_run(run)
-    store = _store_in(run)
+    store = manifest_in(run)
     if store is not None:  # a store where a run was asked for
         made_by = store.model.path if store.model is not None else None
         return ModelError(
@@ -165,16 +165,6 @@ def _no_run(run: Path) -> ModelError:
             else f"train a run on it (specdm fit-vae {run} --run RUN) and pass the run",
         )
     return ModelError("not a run directory: no run.json", run, "run `specdm fit-vae` first")
-
-
-def _store_in(folder: Path) -> Manifest | None:
-    """The manifest of the specdm store `folder` is, or None (no manifest.json, or another's)."""
-    if not (folder / MANIFEST_NAME).is_file():
-        return None
-    try:
-        return load_manifest(folder / MANIFEST_NAME)
-    except InputDataError:
-        return None
 
 
 def load_run(run: Path, verify: bool = True) -> RunManifest:
