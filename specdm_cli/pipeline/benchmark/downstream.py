@@ -104,6 +104,8 @@ def run_downstream(
     """Train every configuration over `options.seeds` seeds to its best real-val checkpoint and
     test each on real data. `round_trip` (the run's VAE, given --model) adds the ceiling row."""
     setup = make_setup(real, options, device, progress)
+    # The limit asked for is recorded only where the store had fewer train pairs.
+    trained, asked = len(real_train(real, options)), asked_real_limit(real, options)
     rows, referees = [], Referees()
     trips: SampleSource | None = None  # decoded once for the round-trip rows
     oracle_trips: SampleSource | None = None  # and once for every decoded oracle row
@@ -121,7 +123,7 @@ def run_downstream(
         rows.append(_run_row(row, setup, real, second, referees))
     return Downstream(
         network=NETWORK[real.manifest.task], config=setup.config.model_dump(),
-        real_limit=len(real_train(real, options)), real_limit_asked=_above_store(real, options),
+        real_limit=trained, real_limit_asked=asked if asked > trained else None,
         eval_split=setup.eval_split, eval_count=len(setup.test),
         f1_definition=F1_DEFINITION[real.manifest.task], rows=rows,
         protocol=protocol_text(options), stop_split=setup.stop_split, stop_count=len(setup.val),
@@ -129,12 +131,6 @@ def run_downstream(
         round_trip=round_trip_name if round_trip is not None else None,
         device=device, threads=torch.get_num_threads(),
     )  # fmt: skip
-
-
-def _above_store(real: StoreReader, options: DownstreamOptions) -> int | None:
-    """The real limit asked for where the store has fewer train pairs (the rows take them all)."""
-    asked = asked_real_limit(real, options)
-    return asked if asked > len(real_train(real, options)) else None
 
 
 class HalfTrip:
