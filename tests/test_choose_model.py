@@ -62,7 +62,7 @@ def test_a_finished_recipe_beats_newer_short_and_unfinished_runs(
     manifest["stages"]["diffusion"]["finished"] = False
     (short / "run.json").write_text(json.dumps(manifest))
     line = chosen_line(tmp_path, "c.zarr")
-    assert "(demo, sha256" in line
+    assert line.startswith("model: demo (ss with its detail bank, sha256 ")
     assert (
         "no registered ss run can sample (newer: unfinished (diffusion stopped at step 1))" in line
     )
@@ -96,3 +96,21 @@ def test_a_model_path_that_is_a_file_is_named_as_such(tmp_path: Path) -> None:
     code, _, stderr = run_cli("synthesize", "--model", tmp_path / "weights.safetensors",
                               "--n", "1", "--out", tmp_path / "s.zarr")  # fmt: skip
     assert code == 4 and "names a file, not a run folder" in stderr and "Errno" not in stderr
+
+
+def test_the_demo_is_named_as_the_demo_with_or_without_its_bank(tmp_path: Path) -> None:
+    """The line gave the demo's folder (inside the package, or a cache folder named after the
+    shipped model's digest beside the printed digest of the copy with its bank; review13 F8)."""
+    lines = []
+    for detail in ("--detail", "--no-detail"):
+        code, _, stderr = run_cli("synthesize", "--model", "demo", "--task", "ss", "--n", "1",
+                                  "--steps", "1", "--out", tmp_path / f"{detail}.zarr",
+                                  detail)  # fmt: skip
+        assert code == 0, stderr
+        lines.append(next(line for line in stderr.splitlines() if line.startswith("model: ")))
+    digests = [json.loads((tmp_path / f"{d}.zarr" / "manifest.json").read_text())["plan"]
+               ["model_sha256"][:12] for d in ("--detail", "--no-detail")]  # fmt: skip
+    banked, plain = lines
+    assert banked.startswith(f"model: demo (ss with its detail bank, sha256 {digests[0]}; cached")
+    assert plain == f"model: demo (ss, sha256 {digests[1]}); the shipped demo model"
+    assert digests[0] != digests[1]

@@ -118,7 +118,7 @@ def synthesize_store(
     bar = _quality_bar(options)
     refuse_split(options.filters(), shard, options.devices)  # before a judge is trained
     masks = _mask_source(options, chosen)
-    notice(f"model: {chosen.path} ({chosen.kind}, sha256 {chosen.sha256[:12]}){_why(chosen)}")
+    notice(model_line(chosen))
     if chosen.kind == "demo":  # shipped inside the package: no claim files written there
         with _reading(masks), _reading_real(bar):
             return _write(options, chosen, shard, grid, (masks, bar), stop, progress, notice)
@@ -373,9 +373,19 @@ def _require_room(request: SynthesizeRequest, replacing: bool) -> None:
         )
 
 
-def _why(chosen: ChosenModel) -> str:
-    """Why a model nobody named was chosen, and how to choose another."""
-    return f"; {chosen.why}" if chosen.why else ""
+def model_line(chosen: ChosenModel) -> str:
+    """Which model samples: a run by its folder; the demo by name, its folder being inside the
+    package, or a cache folder named after the shipped model's digest where it has its bank."""
+    why = f"; {chosen.why}" if chosen.why else ""  # for a model nobody named: how to choose another
+    sha = chosen.sha256[:12]
+    if chosen.kind != "demo":
+        return f"model: {chosen.path} ({chosen.kind}, sha256 {sha}){why}"
+    if has_bank(chosen.manifest):
+        task = chosen.manifest.task
+        return (
+            f"model: demo ({task} with its detail bank, sha256 {sha}; cached in {chosen.path}){why}"
+        )
+    return f"model: demo ({chosen.manifest.task}, sha256 {sha}){why}"
 
 
 def _model(options: SynthesizeOptions) -> ChosenModel:
