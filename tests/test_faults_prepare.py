@@ -163,10 +163,13 @@ def test_a_damaged_sample_marker_of_a_geotiff_store_is_rewritten_by_resume(
     assert manifest_without_provenance(out) == manifest_without_provenance(reference)
 
 
-def test_unwritable_output_is_exit_5(tmp_path: Path) -> None:
-    done = specdm(*DEMO, "--out", "/sys/specdm-cannot-write.zarr")
-    assert done.returncode == 5
-    assert done.stderr.startswith("error:") and "Traceback" not in done.stderr
+def test_unwritable_output_is_exit_5_naming_the_output(tmp_path: Path) -> None:
+    """The line named the claim file beside the output (`/proc/.x.zarr.specdm.lock`), a name
+    the user never gave (review13 F12)."""
+    for out in ("/sys/specdm-cannot-write.zarr", "/proc/specdm-cannot-write.zarr"):
+        done = specdm(*DEMO, "--out", out)
+        assert_one_error_line(done.returncode, done.stderr, 5, f"({out})")
+        assert ".specdm.lock" not in done.stderr
 
 
 def _recode_last_mask(raw: Path) -> None:

@@ -233,6 +233,12 @@ class _OutputClaim(DirLock):
         super().__init__(folder, name, subject=subject)
         self.made = made  # innermost first
 
+    def acquire(self) -> None:
+        try:
+            super().acquire()
+        except OSError as error:  # the claim file is ours to name: the user named the output
+            raise OSError(error.errno, error.strerror, str(self.subject)) from None
+
     def release(self) -> None:
         super().release()
         for folder in self.made:
