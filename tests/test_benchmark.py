@@ -188,6 +188,7 @@ def test_generator_side_is_measured(ss_report: Path, ss: tuple[Path, Path]) -> N
     # The demo run saw the train pairs of its own store, which is not this one.
     seen = load_run(demo_model_path("ss")).stages["vae"].details["train_samples"]
     assert generator.real_pairs_seen == seen > 0 and not generator.real_store_is_source
+    assert generator.synthetic_made_by is None  # the demo model with its bank made the store
     assert recon.split == "val" and recon.count == real.indices("val").size
     assert recon.rmse > 0 and 0 < recon.sad < 1.6 and 0 <= recon.miou <= 1
     # The synthetic store's own plan is what gets timed.
@@ -220,6 +221,39 @@ def test_a_store_of_another_model_is_timed_as_synthesize_samples_by_default(
         defaults["steps"],
         defaults["batch_size"],
     )
+
+
+def test_a_store_another_model_made_is_cautioned_and_the_demos_own_is_judged_as_made(
+    ss: tuple[Path, Path], tmp_path: Path
+) -> None:
+    """`benchmark --model demo` on a store another run made reported the demo as its generator
+    without a word (review13 F7), and a store of `synthesize --model demo --no-detail` was
+    judged through the detail bank it was made without."""
+    real, plain = ss[0], tmp_path / "plain.zarr"
+    code, _, stderr = run_cli("synthesize", "--model", "demo", "--task", "ss", "--n", "4",
+                              "--out", plain, "--no-detail", "--steps", "2", "--threads", "2",
+                              "-q")  # fmt: skip
+    assert code == 0, stderr
+
+    def benchmark(out: Path) -> BenchmarkReport:
+        code, _, stderr = run_cli("benchmark", "--real", real, "--synthetic", plain, "--model",
+                                  "demo", "--out", out, "--throughput-batches", "1", *FAST)  # fmt: skip
+        assert code == 0, stderr
+        return load_report(out)
+
+    report = benchmark(tmp_path / "own")
+    assert report.generator is not None and report.generator.synthetic_made_by is None
+    assert report.generator.path == str(demo_model_path("ss"))  # not the copy with the bank
+    assert not any("did not make" in caution for caution in report.cautions)
+    manifest = json.loads((plain / "manifest.json").read_text())
+    manifest["model"]["run_id"], manifest["model"]["details"]["model_sha256"] = "run-x", "ab" * 32
+    (plain / "manifest.json").write_text(json.dumps(manifest))
+    report = benchmark(tmp_path / "other")
+    assert report.generator is not None
+    assert report.generator.synthetic_made_by == "run-x (demo, sha256 abababababab)"
+    said = "--model run-ss (demo) did not make the synthetic store, run-x (demo, sha256 abab"
+    assert any(said in caution for caution in report.cautions)  # stderr too, without --quiet
+    assert said in (tmp_path / "other" / "report.md").read_text()
 
 
 def test_downstream_rows_train_on_the_right_data(ss_report: Path, ss: tuple[Path, Path]) -> None:
@@ -401,14 +435,28 @@ def test_compare_pairs_downstream_rows_by_seed_only_on_the_same_protocol(
     assert longer.downstream is not None
     longer.downstream.config = {**longer.downstream.config, "max_steps": 99}
     assert compare(this, longer, Path("x")).paired == []
-    # Another patience (in the protocol's words only), or another real limit: another training.
+    # Another patience, or another real limit: another training. The rule is read from its
+    # fields, not from the protocol's words (reworded, the same rule still pairs); a report
+    # from before the fields were recorded is read from its words.
+    assert this.downstream.stopping == {"eval_every": EVAL_EVERY, "patience": PATIENCE,
+                                        "lr_drops": 1}  # fmt: skip
     patient = other.model_copy(deep=True)
-    assert patient.downstream is not None
-    patient.downstream.protocol = patient.downstream.protocol.replace(
+    assert patient.downstream is not None and patient.downstream.stopping is not None
+    patient.downstream.stopping["patience"] += 1
+    assert compare(this, patient, Path("x")).paired == []
+    reworded = other.model_copy(deep=True)
+    assert reworded.downstream is not None
+    reworded.downstream.protocol = reworded.downstream.protocol.replace("every row", "each row")
+    assert len(compare(this, reworded, Path("x")).paired) == len(this.downstream.rows)
+    old = patient.model_copy(deep=True)
+    assert old.downstream is not None
+    old.downstream.stopping = None
+    old.downstream.protocol = old.downstream.protocol.replace(
         f"stops after {PATIENCE} evaluations", f"stops after {PATIENCE + 1} evaluations"
     )
-    assert patient.downstream.protocol != this.downstream.protocol
-    assert compare(this, patient, Path("x")).paired == []
+    assert compare(this, old, Path("x")).paired == []
+    old.downstream.protocol = this.downstream.protocol
+    assert len(compare(this, old, Path("x")).paired) == len(this.downstream.rows)
     more_real = other.model_copy(deep=True)
     assert more_real.downstream is not None
     more_real.downstream.rows[0].real_count += 5

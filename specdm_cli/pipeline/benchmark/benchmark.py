@@ -242,7 +242,8 @@ def _measure(request: BenchmarkRequest, progress: Progress | None) -> tuple[Benc
     check_out(out, request.overwrite)
     if chosen is not None:
         gen.check_model_fits(chosen, real)
-        chosen = demo_with_bank(chosen, StopFlag(), progress)  # as synthesize samples it
+        if not gen.made_by(synthetic, chosen):  # a store of `--no-detail` is judged without it
+            chosen = demo_with_bank(chosen, StopFlag(), progress)  # as synthesize samples it
     device = torch_devices(request.devices)[0]
     overrides = {"steps": request.feature_steps} if request.feature_steps else {}
     network = load_or_train(

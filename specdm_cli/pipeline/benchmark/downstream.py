@@ -127,6 +127,8 @@ def run_downstream(
         eval_split=setup.eval_split, eval_count=len(setup.test),
         f1_definition=F1_DEFINITION[real.manifest.task], rows=rows,
         protocol=protocol_text(options), stop_split=setup.stop_split, stop_count=len(setup.val),
+        stopping={"eval_every": options.eval_every, "patience": options.patience,
+                  "lr_drops": options.lr_drops},
         seeds=seed_list(options), real_share=options.real_share, spread=SPREAD,
         round_trip=round_trip_name if round_trip is not None else None,
         device=device, threads=torch.get_num_threads(),

@@ -52,7 +52,23 @@ def generator_info(
         source_manifest_sha256=run.source_manifest_sha256,
         real_store_is_source=run.trained_on(real_ref.manifest_sha256, real_ref.content_sha256),
         heldout_in_training=heldout_in_training(run, real),
+        synthetic_made_by=_other_maker(synthetic, chosen),
     )  # fmt: skip
+
+
+def made_by(synthetic: StoreReader, chosen: ChosenModel) -> bool:
+    """`chosen` is the model (weights and bank) that made the synthetic store."""
+    model = synthetic.manifest.model
+    return model is not None and model.details.get("model_sha256") == chosen.sha256
+
+
+def _other_maker(synthetic: StoreReader, chosen: ChosenModel | None) -> str | None:
+    """The model the synthetic store names, where --model is another one."""
+    model = synthetic.manifest.model
+    if chosen is None or model is None or made_by(synthetic, chosen):
+        return None
+    sha = str(model.details.get("model_sha256") or "unrecorded")
+    return f"{model.run_id} ({model.kind}, sha256 {sha[:12]})"
 
 
 # The prepare options under which a demo source id ("demo/000123") names the same scene.

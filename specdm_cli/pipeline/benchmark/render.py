@@ -157,8 +157,22 @@ def cautions(report: BenchmarkReport, how: str) -> list[str]:
         heldout_caution(report),
         few_samples_caution(report.quality),
         real_limit_caution(report),
+        other_maker_caution(report),
     )
     return [caution for caution in found if caution]
+
+
+def other_maker_caution(report: BenchmarkReport) -> str | None:
+    """The sentence saying --model did not make the synthetic store, or None."""
+    gen = report.generator
+    if gen is None or gen.synthetic_made_by is None:
+        return None
+    return (
+        f"--model {gen.run_id} ({gen.kind}) did not make the synthetic store, "
+        f"{gen.synthetic_made_by} did: the reconstruction, throughput and round-trip figures "
+        "measure --model, the quality and synthetic rows the store; pass the --model that made "
+        "it, or leave --model out"
+    )
 
 
 def real_limit_caution(report: BenchmarkReport) -> str | None:

@@ -77,6 +77,12 @@ class GeneratorInfo(_Strict):
         description="--real's held-out pairs that are among the pairs the generator trained on "
         "(the same source ids in its training store); None: not checked",
     )
+    synthetic_made_by: str | None = Field(
+        None,
+        description="the model that made the synthetic store where --model did not (its run id "
+        "and model_sha256's first 12 digits, from the store's manifest); None: --model made it, "
+        "or no --model was given, or the store names no model",
+    )
 
 
 class Reconstruction(_Strict):
@@ -174,6 +180,11 @@ class Downstream(_Strict):
     protocol: str = Field("", description="how every row was trained and tested, in words")
     stop_split: str = Field("", description="the real pairs early stopping watched")
     stop_count: int = 0
+    stopping: dict[str, int] | None = Field(
+        None,
+        description="the stopping rule beside config's budget: eval_every, patience, lr_drops "
+        "(None: reports before 2026-12-07, whose protocol says it in words)",
+    )
     seeds: list[int] = Field(default_factory=list)
     real_share: float | None = Field(None, description="share of real pairs in a mixed batch")
     spread: str = Field("", description="what the +- of a row is")
@@ -364,12 +375,14 @@ def _paired_across(
 
 
 def _same_rule(mine: Downstream, theirs: Downstream) -> bool:
-    """One training rule: network, stopping pairs, real share, and the protocol's rule clause
-    (learning rate, evaluation interval, patience, rate drops; before the clauses on pretrain
-    rows and seeds, which may differ between reports whose common rows still pair)."""
+    """One training rule: network and budget, stopping pairs, real share, and the stopping rule
+    (evaluation interval, patience, rate drops). A report from before `stopping` was recorded
+    says it in its protocol's rule clause (before the clauses on pretrain rows and seeds, which
+    may differ between reports whose common rows still pair)."""
+    recorded = mine.stopping is not None and theirs.stopping is not None
 
     def rule(d: Downstream) -> tuple[object, ...]:
-        clause = d.protocol.split("; 'pretrain' rows")[0]
-        return (d.config, d.stop_split, d.stop_count, d.real_share, clause)
+        stopping = d.stopping if recorded else d.protocol.split("; 'pretrain' rows")[0]
+        return (d.config, d.stop_split, d.stop_count, d.real_share, stopping)
 
     return rule(mine) == rule(theirs)
