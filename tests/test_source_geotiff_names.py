@@ -68,6 +68,53 @@ def test_a_jpeg_mask_is_refused_as_lossy(tmp_path: Path, suffix: str) -> None:
     assert not (tmp_path / "s.zarr").exists()
 
 
+def _rewrite_masks(raw: Path, driver: str, suffix: str, **options: object) -> list[Path]:
+    """Every mask of a made folder rewritten with `driver` and creation `options`."""
+    written = []
+    for tif in sorted((raw / "masks").glob("*.tif")):
+        with rasterio.open(tif) as src:
+            codes = src.read(1)
+            profile = {key: src.profile[key] for key in ("count", "dtype", "height", "width")}
+            profile.update(crs=src.crs, transform=src.transform, driver=driver, **options)
+        tif.unlink()
+        with rasterio.open(tif.with_suffix(suffix), "w", **profile) as dst:
+            dst.write(codes, 1)
+        written.append(tif.with_suffix(suffix))
+    return written
+
+
+@pytest.mark.parametrize(
+    ("driver", "suffix", "options", "said"),
+    [
+        ("GTiff", ".tif", {"compress": "jpeg"}, "JPEG-compressed"),
+        ("GTiff", ".tif", {"compress": "lerc", "max_z_error": 3}, "LERC-compressed"),
+        ("JP2OpenJPEG", ".jp2", {}, "compressed with loss (JP2OpenJPEG)"),
+    ],
+)
+def test_a_mask_compressed_with_loss_is_refused(
+    tmp_path: Path, driver: str, suffix: str, options: dict[str, object], said: str
+) -> None:
+    """A JPEG-in-TIFF or default JPEG 2000 mask prepared with exit 0 and a class gone (the
+    codes change along edges; review15 H1): only the `.jpg` extension was refused."""
+    raw = make_geotiff_folder(tmp_path / "raw", n=2, size=(32, 32))
+    first = _rewrite_masks(raw, driver, suffix, **options)[0]
+    code, stderr = _prepare(raw, tmp_path / "s.zarr", "--patch-size", "32")
+    assert_one_error_line(code, stderr, 3, f"the mask is {said}")
+    assert f"({first})" in stderr and "COMPRESS=DEFLATE" in stderr
+    assert not (tmp_path / "s.zarr").exists()
+
+
+def test_a_mask_in_lossless_jpeg_2000_keeps_its_codes(tmp_path: Path) -> None:
+    raw = make_geotiff_folder(tmp_path / "raw", n=2, size=(32, 32))
+    _rewrite_masks(raw, "JP2OpenJPEG", ".jp2", QUALITY=100, REVERSIBLE="YES")
+    code, stderr = _prepare(raw, tmp_path / "s.zarr", "--patch-size", "32", "--val-fraction", "0")
+    assert code == 0, stderr
+    store = open_store(tmp_path / "s.zarr")
+    assert [c.code for c in store.manifest.classes] == [10, 40, 100]
+    masks = [store.read(i)["mask"] for i in store.indices("train")]
+    assert {int(v) for mask in masks for v in np.unique(mask)} == {0, 1, 2}
+
+
 def test_envi_data_beside_its_camera_s_notes_and_logs_is_read(tmp_path: Path) -> None:
     """`t.raw` + `t.hdr` beside `t.log` and `t.txt`: "two files share the stem 't'"."""
     raw = make_geotiff_folder(tmp_path / "raw", n=2)

@@ -92,6 +92,7 @@ class Header:
     scaled: bool = False  # a band carries a GDAL scale or offset: values = raw x scale + offset
     alpha: bool = False  # an alpha band, left out of `count`
     names: tuple[str, ...] = ()  # the data bands' descriptions ("" where a band has none)
+    lossy: str | None = None  # how the file is compressed with loss (None: losslessly or not)
 
 
 def _folders_present(root: Path) -> dict[Task, list[bool]]:
@@ -390,8 +391,24 @@ def _header(path: Path) -> Header:
         alpha = len(bands) < src.count
         names = tuple((src.descriptions[i - 1] or "").strip() for i in bands)
         return Header(
-            path, len(bands), dtype, src.height, src.width, crs, grid, scaled, alpha, names
-        )
+            path, len(bands), dtype, src.height, src.width, crs, grid, scaled, alpha, names,
+            lossy_compression(src),
+        )  # fmt: skip
+
+
+def lossy_compression(src: Any) -> str | None:
+    """How a raster is compressed with loss, in words, or None: JPEG in a TIFF, LERC with an
+    error above half a code, or what GDAL reports as lossy (JPEG 2000 unless written with
+    REVERSIBLE=YES, WebP unless lossless). Fine for an image; a mask's codes change."""
+    structure = src.tags(ns="IMAGE_STRUCTURE")
+    method = str(structure.get("COMPRESSION", "")).upper()
+    if method == "JPEG":
+        return "JPEG-compressed"
+    if method == "LERC" and float(structure.get("MAX_Z_ERROR") or 0) > 0.5:
+        return f"LERC-compressed with an error up to {structure['MAX_Z_ERROR']}"
+    if structure.get("COMPRESSION_REVERSIBILITY") == "LOSSY":
+        return f"compressed with loss ({src.driver})"
+    return None
 
 
 def _refuse_without_bands(src: Any, path: Path) -> None:
@@ -460,6 +477,13 @@ def check_stem(paths: dict[str, Path], task: Task) -> tuple[Header, Header]:
             )
     for other in [*images[1:], label]:
         _same_grid(images[0], other, other is label)
+    if label.lossy is not None:
+        raise InputDataError(
+            f"the mask is {label.lossy}: its class codes change along every edge",
+            label.path,
+            "export the masks losslessly: gdal_translate -co COMPRESS=DEFLATE (JPEG 2000: "
+            "-co REVERSIBLE=YES -co QUALITY=100), or as PNG",
+        )
     # An alpha band (RGBA, LA exports of labelling tools) marks unlabelled pixels: not a band.
     if label.count not in (1, 3):
         raise InputDataError(
