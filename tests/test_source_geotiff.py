@@ -787,6 +787,33 @@ def test_float64_becomes_float32_and_nan_nodata_is_ignored(tmp_path: Path) -> No
     assert sample.nodata_pixels == 1 and sample.arrays["mask"][0, 0] == 255
 
 
+def test_a_bad_file_met_mid_run_says_which_rerun_takes_the_option_its_hint_names(
+    tmp_path: Path,
+) -> None:
+    """The line said "pass --nodata nan ...; rerun with --resume once the file is fixed", and
+    `--nodata nan --resume` is refused: another option is another plan (review15 M6)."""
+    root = make_geotiff_folder(tmp_path / "raw", n=12, bands=2, dtype="float32", size=(32, 32))
+    last = root / "images" / "tile_11.tif"
+    image = _read(last)
+    image[:, 0, 0] = np.nan
+    write_image(last, image, _geo(last))
+    out = tmp_path / "s.zarr"
+    args = ("prepare", "geotiff", root, "--out", out, "--patch-size", "16", "--workers", "1",
+            "--val-fraction", "0", "-q")  # fmt: skip
+    code, _, stderr = run_cli(*args)
+    assert_one_error_line(code, stderr, 3, "pass --nodata nan")
+    assert stderr.strip().endswith(
+        f"{out} keeps the samples written so far: once the file itself is fixed, rerun the same "
+        "command with --resume; with another option or the file left out, rerun with --overwrite"
+    )
+    assert manifest_of(out)["complete"] is False
+    code, _, stderr = run_cli(*args, "--nodata", "nan", "--resume")
+    assert_one_error_line(code, stderr, 3, "cannot resume")
+    code, _, stderr = run_cli(*args, "--nodata", "nan", "--overwrite")
+    assert code == 0, stderr
+    assert manifest_of(out)["complete"] is True
+
+
 def test_nodata_nan_adds_to_a_numeric_tag(tmp_path: Path) -> None:
     """A float file tagged -9999 that holds NaN too: the NaN error's hint, --nodata nan, made
     the -9999 pixels data (the store's minimum became -9999)."""

@@ -682,8 +682,9 @@ def test_a_bad_file_met_mid_run_is_left_out_as_the_line_says(tmp_path: Path) -> 
     (line,) = stderr.strip().splitlines()
     assert f"delete its line (70) from {tree}/dataset/train.txt" in line
     assert line.endswith(
-        f"{out} keeps the samples written so far: rerun with --resume once the file is fixed "
-        "(leaving it out needs --overwrite)"
+        f"{out} keeps the samples written so far: once the file itself is fixed, rerun the "
+        "same command with --resume; with another option or the file left out, rerun with "
+        "--overwrite"
     )
     bad.unlink()
     _leave_out_as_told(line, tree)

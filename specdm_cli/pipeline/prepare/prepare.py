@@ -330,12 +330,13 @@ def _telling_bad_files(load: Callable[[Candidate], RawSample]) -> Callable[[Cand
 
 def _name_the_partial_store(error: InputDataError, out: Path) -> None:
     """Bad raw data met mid-run leaves the samples written so far: say so, and both ways on
-    (leaving the sample out as the source's hint says changes the plan, which a --resume
-    refuses)."""
+    (an option the source's hint names, or leaving the sample out, changes the plan, which a
+    --resume refuses)."""
     fix = error.hint or "fix the file"
     error.hint = (
-        f"{fix}; {out} keeps the samples written so far: rerun with --resume once the file is "
-        "fixed (leaving it out needs --overwrite)"
+        f"{fix}; {out} keeps the samples written so far: once the file itself is fixed, rerun "
+        "the same command with --resume; with another option or the file left out, rerun with "
+        "--overwrite"
     )
 
 
