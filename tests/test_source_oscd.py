@@ -238,6 +238,21 @@ def test_rgba_change_map_ignores_alpha(tree: Callable[..., Path]) -> None:
         np.testing.assert_array_equal(sample.arrays["change"], expected)
 
 
+@pytest.mark.parametrize(("value", "name"), [(1, "no change"), (2, "change")])
+def test_label_nodata_naming_a_tif_class_is_a_usage_error(
+    tree: Callable[..., Path], tmp_path: Path, value: int, name: str
+) -> None:
+    """`--label-nodata 1` on `<city>-cm.tif` labels turned every "no change" pixel into 255
+    with exit 0 and a note (review15 M5); cm.png's 0 was refused, the tif's codes were not."""
+    root = tree(tif_labels_only="brasilia")
+    out = tmp_path / "s.zarr"
+    code, _, stderr = run_cli("prepare", "oscd", root, "--out", out, "--patch-size", "16",
+                              "--label-nodata", str(value), "-q")  # fmt: skip
+    said = f"--label-nodata {value} is the class '{name}' in "
+    assert code == 2 and said in _error_line(stderr) and "-cm.tif" in _error_line(stderr)
+    assert not out.exists()
+
+
 def test_tif_labels_two_means_change(tree: Callable[..., Path]) -> None:
     root = tree(rgba_city="bercy", tif_labels_only="brasilia")
     assert not (root / TEST_LABELS / "brasilia" / "cm" / "cm.png").exists()
@@ -519,8 +534,8 @@ def test_label_nodata_applies_to_cm_png_and_prefers_the_tif(raw: Path, tmp_path:
     code, _, stderr = run_cli(
         "prepare", "oscd", raw, "--out", tmp_path / "zero.zarr", "--label-nodata", "0", "-q"
     )
-    assert code == 2 and "--label-nodata 0 is 'no change' in cm.png" in _error_line(stderr)
-    assert "brasilia" in _error_line(stderr) and not (tmp_path / "zero.zarr").exists()
+    said = "--label-nodata 0 is the class 'no change' in brasilia/cm/cm.png"
+    assert code == 2 and said in _error_line(stderr) and not (tmp_path / "zero.zarr").exists()
 
 
 def test_georeferenced_rect_files_give_crs_and_bounds(raw: Path) -> None:

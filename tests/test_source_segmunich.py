@@ -693,6 +693,19 @@ def test_a_bad_file_met_mid_run_is_left_out_as_the_line_says(tmp_path: Path) -> 
     assert json.loads((out / "manifest.json").read_text())["count"] == 79
 
 
+@pytest.mark.parametrize(("code", "name"), [(0, "Background"), (21, "Arable land")])
+def test_label_nodata_naming_a_class_is_a_usage_error(tmp_path: Path, code: int, name: str) -> None:
+    """`--label-nodata 0` turned every Background pixel into 255 with exit 0 and a note
+    (review15 M5), where `prepare geotiff` refuses a class code."""
+    tree = _tree(tmp_path / "raw", splits={"train": 2})
+    out = tmp_path / "s.zarr"
+    exit_code, _, stderr = run_cli("prepare", "segmunich", tree, "--out", out,
+                                   "--label-nodata", str(code), "-q")  # fmt: skip
+    said = f"error: --label-nodata {code} is the class '{name}' in SegMunich's labels"
+    assert exit_code == 2 and stderr.startswith(said) and len(stderr.strip().splitlines()) == 1
+    assert not out.exists()
+
+
 @pytest.mark.parametrize("code", [255, 99])
 def test_raw_255_labels_count_as_nodata_as_declared_ones_do(tmp_path: Path, code: int) -> None:
     """A raw 255 (SegMunich's ignore value) left `source.nodata_pixels` at 0, while the same

@@ -13,7 +13,7 @@ import numpy as np
 
 from specdm_cli.config import PrepareOptions as PrepareOptions
 from specdm_cli.config import Progress
-from specdm_cli.errors import InputDataError
+from specdm_cli.errors import InputDataError, UsageError
 from specdm_cli.fs.space import require_memory
 from specdm_cli.manifest import IGNORE_INDEX, Band, ClassInfo, Task
 
@@ -285,6 +285,24 @@ def class_fraction(label: np.ndarray, num_classes: int) -> np.ndarray:
     counts = np.bincount(label[label != IGNORE_INDEX].ravel(), minlength=num_classes)
     total = counts.sum()
     return (counts[:num_classes] / total if total else np.zeros(num_classes)).astype(np.float32)
+
+
+def integral(value: float | None) -> int | None:
+    """`value` as an int when it is a finite whole number (NaN and inf tags are not codes)."""
+    if value is None or not math.isfinite(value) or value != round(value):
+        return None
+    return int(value)
+
+
+def refuse_class_nodata(label_nodata: float | None, classes: dict[int, str], where: str) -> None:
+    """`--label-nodata` naming one of a dataset's class codes would turn every pixel of that
+    class into 255 (ignored): a usage error, as in `prepare geotiff`, not a store without it."""
+    code = integral(label_nodata)
+    if code in classes:
+        raise UsageError(
+            f"--label-nodata {code} is the class {classes[code]!r} in {where}",
+            hint="drop --label-nodata, or give the value that marks no data in the labels",
+        )
 
 
 def label_values(raw: np.ndarray, nodata: float | None) -> np.ndarray:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import colorsys
 import csv
 import json
-import math
 from collections.abc import Collection, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,6 +28,7 @@ from specdm_cli.manifest import (
 from specdm_cli.sources.base import (
     NODATA_CODE,
     PrepareOptions,
+    integral,
     label_values,
     read_text_input,
     require_integer_labels,
@@ -168,14 +168,7 @@ def label_nodata_of(
     tagged code a class (a class list written for the data wins over a tag a tool set)."""
     if option is not None:
         return option
-    return None if _integral(tag) in declared else tag
-
-
-def _integral(value: float | None) -> int | None:
-    """`value` as an int when it is a finite whole number (NaN and inf tags are not codes)."""
-    if value is None or not math.isfinite(value) or value != round(value):
-        return None
-    return int(value)
+    return None if integral(tag) in declared else tag
 
 
 def _check_declared_codes(
@@ -187,14 +180,14 @@ def _check_declared_codes(
 ) -> list[str]:
     """Every mask's codes must be declared (exit 3 naming the mask; found while writing, it
     left a half-written store); a tag that names a declared code is read as the class (noted)."""
-    if _integral(option) in declared:
+    if integral(option) in declared:
         raise UsageError(
             f"--label-nodata {option:g} is a class code in {source.name}",
             hint="drop --label-nodata, or the class from the file",
         )
     overridden: set[int] = set()
     for path, scan in _scan_masks(masks, option, declared, progress):
-        tagged = _integral(scan.tag)
+        tagged = integral(scan.tag)
         if option is None and tagged is not None and tagged in declared:
             overridden.add(tagged)
         unknown = sorted(scan.codes - declared - {IGNORE_INDEX})  # 255 undeclared: ignore

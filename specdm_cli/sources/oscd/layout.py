@@ -5,12 +5,11 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
-from specdm_cli.errors import InputDataError, UsageError
+from specdm_cli.errors import InputDataError
 from specdm_cli.manifest import ClassInfo
-from specdm_cli.sources.base import require_whole_read
+from specdm_cli.sources.base import refuse_class_nodata, require_whole_read
 from specdm_cli.sources.oscd.archive import Tree, fix_of, open_png, open_raster, read_text
 from specdm_cli.sources.sentinel2 import S2_ALL_BANDS, S2_TEN_BANDS, s2_band_name
 
@@ -101,7 +100,8 @@ def open_city(
             labels.where(f"{name}/cm"),
             f"extract the whole labels archive or remove {name} from the city list",
         )
-    _require_png_nodata(label_nodata, labels.where(rel))
+    where = labels.where(rel)
+    refuse_class_nodata(label_nodata, _CHANGE_CODES[where.suffix], f"{name}/cm/{where.name}")
     label_hw = _label_size(labels, rel)
     if label_hw != (height, width):
         raise InputDataError(
@@ -201,14 +201,8 @@ def label_rel(labels: Tree, name: str, prefer_tif: bool = False) -> str | None:
     return None
 
 
-def _require_png_nodata(label_nodata: float | None, where: Path) -> None:
-    """--label-nodata on a cm.png: 0 is "no change" there, a class, never no data."""
-    if label_nodata == 0 and where.suffix == ".png":
-        raise UsageError(
-            "--label-nodata 0 is 'no change' in cm.png (0 no change, non-zero change)",
-            where,
-            "drop --label-nodata, or give the value that marks no data in cm.png",
-        )
+# A change map's class codes: cm.png is 0 (no change) or non-zero (change), the tif 1 or 2.
+_CHANGE_CODES = {".png": {0: "no change"}, ".tif": {1: "no change", 2: "change"}}
 
 
 def _label_size(labels: Tree, rel: str) -> tuple[int, int]:

@@ -18,6 +18,7 @@ from specdm_cli.sources.base import (
     RawSample,
     SourcePlan,
     SourceSpec,
+    refuse_class_nodata,
     require_dir,
     require_whole_read,
 )
@@ -75,6 +76,8 @@ def read_segmunich(
         layout, split_ids = read_split_lists(root / "dataset")
         folders = {split: split_folder(root, split, split_ids) for split in split_ids}
         candidates = split_candidates(folders, split_ids, root)
+    codes = {int(str(c.code)): c.name for c in classes}
+    refuse_class_nodata(options.label_nodata, codes, f"SegMunich's labels ({layout} layout)")
     with _leaving_out(layout, root, candidates[0]):
         height, width = image_hw(read_shape(candidates[0].ref[0]), candidates[0].ref[0])
     # Patches are read whole: a float32 copy and its transpose per band, per reader thread.
@@ -98,7 +101,7 @@ def read_segmunich(
     )
     read = functools.partial(
         load_sample, height=height, width=width, nodata=options.nodata,
-        label_nodata=options.label_nodata, codes=tuple(int(str(c.code)) for c in classes),
+        label_nodata=options.label_nodata, codes=tuple(codes),
     )  # fmt: skip
     load = functools.partial(_load, read=read, layout=layout, root=root)
     notes = [
