@@ -467,6 +467,27 @@ def test_a_band_off_its_citys_georeferenced_grid_is_refused(raw: Path, case: str
     )
 
 
+@pytest.mark.filterwarnings("ignore::rasterio.errors.NotGeoreferencedWarning")
+@pytest.mark.parametrize("damage", ["empty", "no grid's size"])
+def test_a_broken_band_of_the_last_city_is_told_before_any_sample_is_written(
+    raw: Path, tmp_path: Path, damage: str
+) -> None:
+    """Planning read only B02's header: an empty (or odd-sized) B8A of the last city was found
+    after every other city was written, leaving an incomplete store (review15 M4)."""
+    last = read_oscd(raw, SMALL).candidates[-1].ref[0]
+    band = _band_file(raw, last, 2, "B8A")
+    if damage == "empty":
+        _fresh(band).write_bytes(b"")
+    else:
+        _rewrite_band(band, np.ones((7, 5), np.uint16))
+    out = tmp_path / "s.zarr"
+    code, _, stderr = run_cli("prepare", "oscd", raw, "--out", out, "--patch-size", "16",
+                              "--workers", "1", "-q")  # fmt: skip
+    assert code == 3 and f"({band})" in _error_line(stderr)
+    assert f"leave {last} out: --cities" in _error_line(stderr)
+    assert not out.exists()
+
+
 def test_label_nodata_applies_to_the_tif_change_map(
     tree: Callable[..., Path], tmp_path: Path
 ) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from specdm_cli.errors import InputDataError
@@ -110,7 +111,56 @@ def open_city(
             "replace it with the change map of this city",
         )
     city = City(name, split, labels, rel, height, width, crs, transform, band_files)
+    _check_band_headers(images, city)
     return city, fallbacks
+
+
+_COARSE_FACTORS = (2, 6)  # 20 m and 60 m bands against the 10 m grid
+
+
+def _check_band_headers(images: Tree, city: City) -> None:
+    """Every band file opens and lies on the city's grid (at 10, 20 or 60 m): read from the
+    headers while planning, so a broken band of one city is not found after the cities before
+    it are written (the pixels' own checks, NaN and 0-1 reflectance, come as they are read)."""
+    grid = (city.height, city.width)
+    for rel in dict.fromkeys(city.band_files.values()):
+        with open_raster(images, rel) as src:
+            require_city_grid(src, city, images.where(rel), fix_of(images))
+            shape = (int(src.height), int(src.width))
+            if shape != grid:
+                require_coarse_grid(shape, grid, images.where(rel), fix_of(images))
+
+
+def require_city_grid(src: Any, city: City, where: Path, fix: str) -> None:
+    """A georeferenced band must lie on the city's georeferenced grid (its CRS, and its origin
+    within one of its own pixels): a band stacked off its place shifts every pixel silently."""
+    if city.crs is None or src.crs is None or src.transform.is_identity:
+        return  # not georeferenced (OSCD's _rect files may not be): sizes alone are checked
+    same_crs = crs_text(src.crs) == city.crs
+    shift = max(abs(src.transform.c - city.transform.c), abs(src.transform.f - city.transform.f))
+    if same_crs and shift <= max(abs(src.transform.a), abs(src.transform.e)):
+        return
+    what = f"origin {shift:g} units from" if same_crs else "another CRS than"
+    raise InputDataError(
+        f"band lies off its city's grid ({what} its {GRID_BAND})",
+        where,
+        fix,
+    )
+
+
+def require_coarse_grid(
+    shape: tuple[int, int], grid: tuple[int, int], where: Path, fix: str
+) -> None:
+    """A band off the grid must be the same extent at 20 m or 60 m (+- one pixel of rounding)."""
+    for factor in _COARSE_FACTORS:
+        if abs(shape[0] - grid[0] / factor) <= 1 and abs(shape[1] - grid[1] / factor) <= 1:
+            return
+    raise InputDataError(
+        f"band is {shape[0]}x{shape[1]}: neither the city's {grid[0]}x{grid[1]} 10 m grid "
+        f"(of {GRID_BAND}) nor a 20 m or 60 m version of it",
+        where,
+        fix,
+    )
 
 
 def _band_files(

@@ -6,7 +6,6 @@ import threading
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 from rasterio.enums import Resampling
@@ -25,10 +24,15 @@ from specdm_cli.sources.base import (
     remap_labels,
 )
 from specdm_cli.sources.oscd.archive import Tree, fix_of, open_png, open_raster
-from specdm_cli.sources.oscd.layout import GRID_BAND, PHASES, City, crs_text, leaving_out
+from specdm_cli.sources.oscd.layout import (
+    PHASES,
+    City,
+    leaving_out,
+    require_city_grid,
+    require_coarse_grid,
+)
 
 _TIF_LABEL_CODES = (1, 2)  # <city>-cm.tif: 1 = no change, 2 = change
-_COARSE_FACTORS = (2, 6)  # 20 m and 60 m bands against the 10 m grid
 _CACHED_CITIES = 2  # a thread pool crossing a city boundary needs the old and the new city
 
 
@@ -115,12 +119,12 @@ def _read_band(
     nodata (`nodata`, else the tag) that uint16 cannot hold (NaN, -9999); those hold 0."""
     grid = (city.height, city.width)
     with open_raster(tree, rel) as src:
-        _require_city_grid(src, city, tree.where(rel), fix_of(tree))
+        require_city_grid(src, city, tree.where(rel), fix_of(tree))
         shape = (int(src.height), int(src.width))
         if shape == grid:
             data = np.asarray(src.read(1))
         else:
-            _require_coarse_grid(shape, grid, tree.where(rel), fix_of(tree))
+            require_coarse_grid(shape, grid, tree.where(rel), fix_of(tree))
             # Reflectance is continuous, so bilinear, not nearest: no 2x2 or 6x6 blocks.
             data = np.asarray(src.read(1, out_shape=grid, resampling=Resampling.bilinear))
         declared = src.nodata if nodata is None else nodata
@@ -133,41 +137,9 @@ def _read_band(
         return _as_uint16(data, tree.where(rel)), src.nodata, unheld
 
 
-def _require_city_grid(src: Any, city: City, where: Path, fix: str) -> None:
-    """A georeferenced band must lie on the city's georeferenced grid (its CRS, and its origin
-    within one of its own pixels): a band stacked off its place shifts every pixel silently."""
-    if city.crs is None or src.crs is None or src.transform.is_identity:
-        return  # not georeferenced (OSCD's _rect files may not be): sizes alone are checked
-    same_crs = crs_text(src.crs) == city.crs
-    shift = max(abs(src.transform.c - city.transform.c), abs(src.transform.f - city.transform.f))
-    if same_crs and shift <= max(abs(src.transform.a), abs(src.transform.e)):
-        return
-    what = f"origin {shift:g} units from" if same_crs else "another CRS than"
-    raise InputDataError(
-        f"band lies off its city's grid ({what} its {GRID_BAND})",
-        where,
-        fix,
-    )
-
-
 # A float band whose largest value is this small holds reflectance, not reflectance x 10000
 # (rounding it to uint16 leaves 0s and 1s: the city read as blank, removed without a word).
 _UNIT_REFLECTANCE_MAX = 2.0
-
-
-def _require_coarse_grid(
-    shape: tuple[int, int], grid: tuple[int, int], where: Path, fix: str
-) -> None:
-    """A band off the grid must be the same extent at 20 m or 60 m (+- one pixel of rounding)."""
-    for factor in _COARSE_FACTORS:
-        if abs(shape[0] - grid[0] / factor) <= 1 and abs(shape[1] - grid[1] / factor) <= 1:
-            return
-    raise InputDataError(
-        f"band is {shape[0]}x{shape[1]}: neither the city's {grid[0]}x{grid[1]} 10 m grid "
-        f"(of {GRID_BAND}) nor a 20 m or 60 m version of it",
-        where,
-        fix,
-    )
 
 
 def _as_uint16(data: np.ndarray, where: Path) -> np.ndarray:
