@@ -452,6 +452,57 @@ def test_split_folders_spelled_differently_in_images_and_masks_pair(tmp_path: Pa
     assert "two folders of the train split (Train/ and training/) hold tile_00" in line
 
 
+def test_top_folders_in_another_case_are_read_and_a_labels_folder_is_named(
+    tmp_path: Path,
+) -> None:
+    """`Images/` + `Masks/` (Windows and Kaggle trees) were "no images/+masks/ folders", and a
+    `labels/` in place of `masks/` went unnamed in "folder missing" (review15 M2)."""
+    raw = make_geotiff_folder(tmp_path / "raw", n=2)
+    (raw / "images").rename(raw / "Images")
+    (raw / "masks").rename(raw / "Masks")
+    out = tmp_path / "g.zarr"
+    code, _, stderr = _prepare("geotiff", raw, "--out", out, "--val-fraction", "0")
+    assert code == 0, stderr
+    assert sorted(open_store(out).source_ids() or []) == ["tile_00", "tile_01"]
+    (raw / "Masks").rename(raw / "labels")
+    code, _, stderr = _prepare("geotiff", raw, "--out", tmp_path / "h.zarr")
+    assert code == 3
+    assert _one_line(stderr).endswith("raw/ has labels/: rename it masks/ (or link it: ln -s "
+                                      "labels masks)")  # fmt: skip
+
+
+def test_a_split_folder_without_its_masks_is_named_as_a_folder(tmp_path: Path) -> None:
+    """`images/test/` without `masks/test/` (a test split shipped unlabelled) was told as one of
+    its tiles without a partner; the README promises the folder named (review15 M3)."""
+    raw = make_geotiff_folder(tmp_path / "raw", n=4)
+    _into_subfolders(raw, ("train", "test"))
+    for tile in (raw / "masks" / "test").iterdir():
+        tile.unlink()
+    (raw / "masks" / "test").rmdir()
+    code, _, stderr = _prepare("geotiff", raw, "--out", tmp_path / "g.zarr")
+    assert code == 3
+    line = _one_line(stderr)
+    assert "images/test/ has no partner folder in masks/" in line
+    assert f"({raw / 'masks' / 'test'})" in line and "move images/test/ out of images/" in line
+
+
+@pytest.mark.parametrize(("image", "mask"), [("t0", "t0_mask"), ("123_sat", "123_mask")])
+def test_a_mask_named_with_a_suffix_is_named_with_the_rename(
+    tmp_path: Path, image: str, mask: str
+) -> None:
+    """`masks/t0_mask.tif` (DeepGlobe: `123_sat`/`123_mask`) was "t0.tif has no partner ...:
+    add the missing file or remove its partners", which told the user to delete data (M1)."""
+    raw = make_geotiff_folder(tmp_path / "raw", n=1)
+    (raw / "images" / "tile_00.tif").rename(raw / "images" / f"{image}.tif")
+    (raw / "masks" / "tile_00.tif").rename(raw / "masks" / f"{mask}.tif")
+    code, _, stderr = _prepare("geotiff", raw, "--out", tmp_path / "g.zarr")
+    assert code == 3
+    line = _one_line(stderr)
+    held, wanted = raw / "masks" / f"{mask}.tif", raw / "masks" / f"{image}.tif"
+    assert f"{image}.tif has no partner in masks/, which holds {mask}.tif" in line
+    assert line.endswith(f"(e.g. mv '{held}' '{wanted}')") and "remove" not in line
+
+
 def test_the_demo_s_untrained_class_warning_gives_the_demo_s_fix(tmp_path: Path) -> None:
     """Four demo scenes leave a class out of train on most seeds; the fix named a --splits file,
     which `prepare demo` does not read."""

@@ -95,11 +95,40 @@ class Header:
     lossy: str | None = None  # how the file is compressed with loss (None: losslessly or not)
 
 
+def layout_folder(root: Path, name: str) -> Path:
+    """The folder of array `name` in `root`: `images/`, else the one folder of that name in
+    another case (`Images/`, as Windows and Kaggle trees have it), else the missing `images/`."""
+    exact = root / GEOTIFF_FOLDERS[name]
+    if exact.is_dir() or not root.is_dir():
+        return exact
+    other_case = [
+        child for child in root.iterdir()
+        if child.is_dir() and child.name.lower() == exact.name
+    ]  # fmt: skip
+    return other_case[0] if len(other_case) == 1 else exact
+
+
+# Folder names that hold masks in other datasets' layouts: named when masks/ is missing.
+_MASK_FOLDER_NAMES = ("labels", "label", "annotations", "ann_dir", "gt", "groundtruth", "mask")
+
+
 def _folders_present(root: Path) -> dict[Task, list[bool]]:
     """For each task, which of its folders `root` holds."""
-    return {
-        task: [(root / GEOTIFF_FOLDERS[n]).is_dir() for n in array_names(task)] for task in _TASKS
-    }
+    return {task: [layout_folder(root, n).is_dir() for n in array_names(task)] for task in _TASKS}
+
+
+def _missing_folder(root: Path, folder: str) -> InputDataError:
+    """`folder` is missing beside the others: named, with a folder that may hold its files."""
+    near = [
+        child.name for child in sorted(root.iterdir())
+        if child.is_dir() and folder == "masks" and child.name.lower() in _MASK_FOLDER_NAMES
+    ]  # fmt: skip
+    hint = (
+        f"{root.name}/ has {near[0]}/: rename it masks/ (or link it: ln -s {near[0]} masks)"
+        if near
+        else f"add {folder}/ beside the others"
+    )
+    return InputDataError("folder missing", root / folder, hint)
 
 
 def _nested_layout(root: Path) -> Path | None:
@@ -148,10 +177,7 @@ def infer_task(root: Path) -> Task:
         )
     for task, found in present.items():
         if any(found):
-            folder = GEOTIFF_FOLDERS[array_names(task)[found.index(False)]]
-            raise InputDataError(
-                "folder missing", root / folder, f"add {folder}/ beside the others"
-            )
+            raise _missing_folder(root, GEOTIFF_FOLDERS[array_names(task)[found.index(False)]])
     nested = _nested_layout(root) if root.is_dir() else None
     raise InputDataError(
         "no images/+masks/ (segmentation) or t1/+t2/+change/ (change detection) folders",
@@ -287,22 +313,80 @@ def pair_files(root: Path, task: Task) -> Files:
             for stem, paths in pair_files(layout, task).items()
         }
     names = array_names(task)
-    listed = {name: _list_rasters(root / GEOTIFF_FOLDERS[name]) for name in names}
+    folders = {name: layout_folder(root, name) for name in names}
+    listed = {name: _list_rasters(folders[name]) for name in names}
     _one_spelling_per_split(listed)
+    _refuse_split_without_partner(folders, listed)
     _refuse_lossy_labels(listed[LABEL_ARRAY[task]].values())
     stems = sorted(set().union(*listed.values()))
-    for stem in stems:
+    # An image's missing partner is told first: the fix named is then the mask's name.
+    for stem in sorted(stems, key=lambda stem: stem not in listed[names[0]]):
         have = [n for n in names if stem in listed[n]]
         if len(have) < len(names):
             missing = next(n for n in names if stem not in listed[n])
-            partner = listed[have[0]][stem]
-            suffix = _usual_suffix(listed[missing].values(), partner.suffix)
-            raise InputDataError(
-                f"{partner.name} has no partner in {GEOTIFF_FOLDERS[missing]}/",
-                root / GEOTIFF_FOLDERS[missing] / f"{stem}{suffix}",
-                "add the missing file or remove its partners",
-            )
+            raise _no_partner(stem, listed[have[0]], folders[missing], listed[missing])
     return {stem: {name: listed[name][stem] for name in names} for stem in stems}
+
+
+def _refuse_split_without_partner(
+    folders: dict[str, Path], listed: dict[str, dict[str, Path]]
+) -> None:
+    """`images/test/` without `masks/test/` (a test split shipped unlabelled): the whole split
+    folder named, not the first of its hundreds of tiles."""
+    splits = {name: {split_of_stem(stem) for stem in rasters} for name, rasters in listed.items()}
+    for name, found in splits.items():
+        for other, theirs in splits.items():
+            lacking = sorted(split for split in found - theirs if split is not None)
+            if lacking:
+                split = lacking[0]
+                held = next(p for s, p in listed[name].items() if split_of_stem(s) == split)
+                raise InputDataError(
+                    f"{folders[name].name}/{held.parent.name}/ has no partner folder in "
+                    f"{folders[other].name}/ (a {split} split shipped without its "
+                    f"{folders[other].name}?)",
+                    folders[other] / held.parent.name,
+                    f"add it, or move {folders[name].name}/{held.parent.name}/ out of "
+                    f"{folders[name].name}/ to prepare the other splits",
+                )
+
+
+# Suffixes datasets add to a tile's id in one folder (DeepGlobe: 123_sat.jpg, 123_mask.png).
+_ROLE_SUFFIXES = ("sat", "img", "image", "rgb", "mask", "masks", "label", "labels", "gt", "lbl")
+
+
+def _no_partner(
+    stem: str, rasters: dict[str, Path], folder: Path, others: dict[str, Path]
+) -> InputDataError:
+    """A tile of `rasters` without its file in `folder` (holding `others`): where `folder`
+    holds the tile under a suffixed name (`t0_mask.tif` for `t0.tif`), that is named, with the
+    rename."""
+    partner = rasters[stem]
+    unpaired = sorted(other for other in others if other not in rasters)
+    near = next((others[o] for o in unpaired if _same_tile(stem, o)), None)
+    if near is not None:
+        wanted = folder / f"{stem}{near.suffix}"
+        return InputDataError(
+            f"{partner.name} has no partner in {folder.name}/, which holds {near.name}: files "
+            "pair by the same name",
+            near,
+            f"give each file its partner's name (e.g. mv '{near}' '{wanted}')",
+        )
+    suffix = _usual_suffix(others.values(), partner.suffix)
+    return InputDataError(
+        f"{partner.name} has no partner in {folder.name}/",
+        folder / f"{stem}{suffix}",
+        f"add the missing file, or remove {partner.name}",
+    )
+
+
+def _same_tile(stem: str, other: str) -> bool:
+    """`other` names the tile `stem` names with a role suffix on either or both."""
+
+    def base(name: str) -> str:
+        head, sep, tail = name.rpartition("_") if "_" in name else name.rpartition("-")
+        return head if sep and tail.lower() in _ROLE_SUFFIXES else name
+
+    return stem != other and base(stem) == base(other)
 
 
 def _one_spelling_per_split(listed: dict[str, dict[str, Path]]) -> None:
