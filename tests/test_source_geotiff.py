@@ -156,6 +156,7 @@ def test_rgb_colour_masks_need_a_classes_file_with_every_colour(tmp_path: Path) 
     with pytest.raises(InputDataError, match="no classes file says") as info:
         _plan(root)
     assert "--classes" in (info.value.hint or "")
+    assert info.value.path == root  # it named root/classes.csv, a file that is not there
     partial = tmp_path / "partial.csv"
     partial.write_text("code,name,colour\n10,water,#0a4682\n40,forest,\n100,town,#641464\n")
     with pytest.raises(InputDataError, match=r"no colour for code\(s\) \[40\]") as info:

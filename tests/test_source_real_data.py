@@ -321,6 +321,15 @@ def _with_bad_bands(raw: Path, bad: slice) -> dict[str, np.ndarray]:
     return pixels
 
 
+def test_one_bad_band_is_named_in_the_singular(tmp_path: Path) -> None:
+    raw = make_geotiff_folder(tmp_path / "raw", n=1, bands=6, dtype="float32", size=(8, 8))
+    _with_bad_bands(raw, slice(3, 4))
+    code, _, stderr = _prepare("geotiff", raw, "--out", tmp_path / "g.zarr")
+    assert code == 3
+    line = _one_line(stderr)
+    assert "band 4 holds only nodata in every pixel" in line and "--bands 1-3,5-6" in line
+
+
 def test_bad_bands_filled_with_nodata_are_named_and_left_out_with_bands(tmp_path: Path) -> None:
     """A cube whose bands 6-7 are nodata in every pixel was "every patch was removed by the
     filters: relax --max-blank", which cannot help (each pixel counts as nodata)."""

@@ -529,6 +529,10 @@ def test_split_folder_missing(tmp_path: Path) -> None:
 
     err = _input_error(tmp_path, "folder missing for split 'test'")
     assert err.path == tree / "test" / "img"
+    # A partial extract: the way on to the other splits, not only the whole archive (review15).
+    assert (err.hint or "").endswith(
+        "or take split 'test' out of the split lists in dataset/ to prepare the other splits"
+    )
 
 
 def test_duplicate_id_in_split_list(tmp_path: Path) -> None:

@@ -238,8 +238,9 @@ def _colour_classes(path: Path | None, root: Path) -> list[ClassInfo]:
     if path is None:
         raise InputDataError(
             "RGB label files hold class colours, and no classes file says which class each is",
-            root / "classes.csv",
-            "pass --classes with columns code,name,colour (#rrggbb), one row per mask colour",
+            root,
+            f"write a classes file with columns code,name,colour (#rrggbb), one row per mask "
+            f"colour, as {root / 'classes.csv'} or passed as --classes FILE",
         )
     rows = _read_class_rows(path)
     uncoloured = [code for code, _, colour in rows if colour is None]

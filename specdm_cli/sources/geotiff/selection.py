@@ -83,8 +83,9 @@ def refuse_empty_bands(path: Path, positions: list[int], nodata: float | None) -
     if not bad or len(bad) == len(positions):
         return  # no bad band, or a file of nodata only (a scene's edge): the filters say so
     kept = [p for p in positions if p not in bad]
+    which = f"bands {_ranges(bad)} hold" if len(bad) > 1 else f"band {bad[0] + 1} holds"
     raise InputDataError(
-        f"bands {_ranges(bad)} hold only nodata in every pixel (bad bands of the sensor?): "
+        f"{which} only nodata in every pixel (bad bands of the sensor?): "
         "every pixel would count as nodata",
         path,
         f"leave them out: --bands {_ranges(kept)}",

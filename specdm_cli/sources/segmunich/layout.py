@@ -202,7 +202,9 @@ def mmseg_candidates(root: Path) -> list[Candidate]:
             key=lambda p: p.stem,
         )
         ids = [p.stem for p in tifs]
-        pngs = _require_files(labels / split, ids, split, suffix=".png")
+        pngs = _require_files(
+            labels / split, ids, split, ".png", f"move {images.name}/{split}/ away"
+        )
         candidates += [
             Candidate(f"{split}/{i}", split, pair)
             for i, pair in zip(ids, zip(tifs, pngs, strict=True), strict=True)
@@ -235,10 +237,12 @@ def is_tif(path: Path) -> bool:
 
 
 def _require_files(
-    folder: Path, ids: Sequence[str], split: str, suffix: str = ".tif"
+    folder: Path, ids: Sequence[str], split: str, suffix: str = ".tif", leave_out: str = ""
 ) -> list[Path]:
     """The file `<id><suffix>` of each id in `folder`, by its real name (the suffix of any
-    case; an exact match first); a missing one is an input error naming it."""
+    case; an exact match first); a missing one is an input error naming it, and a missing
+    folder how to `leave_out` its split (a partial extract)."""
+    leave_out = leave_out or f"take split {split!r} out of the split lists in dataset/"
     # One directory listing per folder instead of a stat per file: SegMunich has ~7,000 files.
     try:
         listed = sorted(folder.iterdir(), key=lambda p: (p.suffix != p.suffix.lower(), p.name))
@@ -246,7 +250,7 @@ def _require_files(
         raise InputDataError(
             f"folder missing for split {split!r}",
             folder,
-            "extract the whole SegMunich archive",
+            f"extract the whole SegMunich archive, or {leave_out} to prepare the other splits",
         ) from None
     present: dict[str, Path] = {}
     for path in listed:
