@@ -957,6 +957,19 @@ def test_absent_listed_cities_are_one_error_listing_all_and_cities_continues(
     assert json.loads(stdout)["count"] > 0
 
 
+def test_a_city_folder_in_another_case_than_the_list_is_named_with_the_rename(
+    raw: Path, tmp_path: Path
+) -> None:
+    """`Bercy/` where train.txt lists `bercy`: the hint was `--cities` without bercy, leaving
+    out data the user has (review15 L2)."""
+    (raw / IMAGES / "bercy").rename(raw / IMAGES / "Bercy")
+    code, _, stderr = _prepare(raw, "--out", tmp_path / "o.zarr")
+    assert code == 3
+    assert _error_line(stderr).endswith(
+        "the folders are named in another case than the city list: rename Bercy/ to bercy/"
+    )
+
+
 def test_unknown_city_in_cities_option_lists_the_known_ones(raw: Path, tmp_path: Path) -> None:
     code, _, stderr = _prepare(raw, "--out", tmp_path / "o.zarr", "--cities", "bercy,rome")
     assert code == 3

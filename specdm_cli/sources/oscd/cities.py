@@ -167,8 +167,12 @@ def _require_images(root: Path, images: Tree, listed: CityList) -> None:
         return
     present = [name for name in names if name not in absent]
     beside = zip_beside(root, IMAGES, images)
+    by_lower = {folder.lower(): folder for folder in images.subdirs()}
+    renames = [f"{by_lower[n.lower()]}/ to {n}/" for n in absent if n.lower() in by_lower]
     hint = (
-        _partial_folder_fix(images, beside)
+        f"the folders are named in another case than the city list: rename {', '.join(renames)}"
+        if renames
+        else _partial_folder_fix(images, beside)
         if beside is not None
         else f"to prepare the cities you have, pass --cities {','.join(present)}"
         if present
