@@ -13,6 +13,7 @@ from PIL import Image
 from rasterio.crs import CRS
 from rasterio.transform import from_origin
 
+from specdm_cli.sources.geotiff.layout import lossy_compression
 from specdm_cli.stores import open_store
 from tests.conftest import run_cli
 from tests.fault_tools import assert_one_error_line
@@ -88,6 +89,8 @@ def _rewrite_masks(raw: Path, driver: str, suffix: str, **options: object) -> li
     [
         ("GTiff", ".tif", {"compress": "jpeg"}, "JPEG-compressed"),
         ("GTiff", ".tif", {"compress": "lerc", "max_z_error": 3}, "LERC-compressed"),
+        ("GTiff", ".tif", {"compress": "lerc_deflate", "max_z_error": 3}, "LERC-compressed"),
+        ("GTiff", ".tif", {"compress": "lerc_zstd", "max_z_error": 3}, "LERC-compressed"),
         ("JP2OpenJPEG", ".jp2", {}, "compressed with loss (JP2OpenJPEG)"),
     ],
 )
@@ -100,8 +103,20 @@ def test_a_mask_compressed_with_loss_is_refused(
     first = _rewrite_masks(raw, driver, suffix, **options)[0]
     code, stderr = _prepare(raw, tmp_path / "s.zarr", "--patch-size", "32")
     assert_one_error_line(code, stderr, 3, f"the mask is {said}")
-    assert f"({first})" in stderr and "COMPRESS=DEFLATE" in stderr
+    assert f"({first})" in stderr and "compressing this file again keeps its damage" in stderr
     assert not (tmp_path / "s.zarr").exists()
+
+
+def test_a_colour_mask_in_ycbcr_jpeg_reads_as_lossy(tmp_path: Path) -> None:
+    """GDAL names RGB JPEG-in-TIFF `YCbCr JPEG`: the check for `JPEG` alone let it through to
+    "add these colours to --classes", JPEG's artefacts as classes (review16)."""
+    path = tmp_path / "m.tif"
+    profile = {"driver": "GTiff", "height": 16, "width": 16, "count": 3, "dtype": "uint8"}
+    with rasterio.open(path, "w", **profile, compress="jpeg", photometric="ycbcr") as dst:
+        dst.write(np.stack([_codes(0) * 100] * 3))
+    with rasterio.open(path) as src:
+        assert src.tags(ns="IMAGE_STRUCTURE")["COMPRESSION"] == "YCbCr JPEG"
+        assert lossy_compression(src) == "JPEG-compressed: its class codes change along edges"
 
 
 def test_a_mask_in_lossless_jpeg_2000_keeps_its_codes(tmp_path: Path) -> None:

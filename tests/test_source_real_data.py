@@ -487,12 +487,21 @@ def test_a_split_folder_without_its_masks_is_named_as_a_folder(tmp_path: Path) -
     _into_subfolders(raw, ("train", "test"))
     for tile in (raw / "masks" / "test").iterdir():
         tile.unlink()
-    (raw / "masks" / "test").rmdir()
     code, _, stderr = _prepare("geotiff", raw, "--out", tmp_path / "g.zarr")
     assert code == 3
     line = _one_line(stderr)
-    assert "images/test/ has no partner folder in masks/" in line
+    assert "images/test/ has files and masks/test/ holds no files" in line
     assert f"({raw / 'masks' / 'test'})" in line and "move images/test/ out of images/" in line
+    (raw / "masks" / "test").rmdir()
+    code, _, stderr = _prepare("geotiff", raw, "--out", tmp_path / "g.zarr")
+    assert code == 3
+    assert "images/test/ has files and masks/test/ is missing" in _one_line(stderr)
+    for tile in (raw / "masks" / "train").iterdir():  # masks without split folders
+        tile.rename(raw / "masks" / tile.name)
+    (raw / "masks" / "train").rmdir()
+    code, _, stderr = _prepare("geotiff", raw, "--out", tmp_path / "g.zarr")
+    assert code == 3
+    assert "masks/ holds its files without split folders" in _one_line(stderr)
 
 
 @pytest.mark.parametrize(("image", "mask"), [("t0", "t0_mask"), ("123_sat", "123_mask")])
@@ -510,6 +519,33 @@ def test_a_mask_named_with_a_suffix_is_named_with_the_rename(
     held, wanted = raw / "masks" / f"{mask}.tif", raw / "masks" / f"{image}.tif"
     assert f"{image}.tif has no partner in masks/, which holds {mask}.tif" in line
     assert line.endswith(f"(e.g. mv '{held}' '{wanted}')") and "remove" not in line
+
+
+def test_the_rename_of_a_suffixed_mask_stays_in_its_split_folder(tmp_path: Path) -> None:
+    """With `images/Train/` beside `masks/train/`, the `mv` named `masks/Train/`, a folder that
+    is not there (review16 M5)."""
+    raw = make_geotiff_folder(tmp_path / "raw", n=2)
+    _into_subfolders(raw, ("Train", "Train"))
+    (raw / "masks" / "Train").rename(raw / "masks" / "train")
+    held = raw / "masks" / "train" / "tile_00_mask.tif"
+    (raw / "masks" / "train" / "tile_00.tif").rename(held)
+    code, _, stderr = _prepare("geotiff", raw, "--out", tmp_path / "g.zarr")
+    assert code == 3
+    assert _one_line(stderr).endswith(f"(e.g. mv '{held}' '{held.with_name('tile_00.tif')}')")
+    held.unlink()  # no near name: the missing file is named in the folder that holds its split
+    code, _, stderr = _prepare("geotiff", raw, "--out", tmp_path / "g.zarr")
+    assert code == 3
+    assert f"({raw / 'masks' / 'train' / 'tile_00.tif'})" in _one_line(stderr)
+
+
+def test_two_layout_folders_differing_only_by_case_are_named(tmp_path: Path) -> None:
+    """`Masks/` and `MASKS/`: told "folder missing: add masks/" (review16 L3)."""
+    raw = make_geotiff_folder(tmp_path / "raw", n=1)
+    (raw / "masks").rename(raw / "Masks")
+    (raw / "MASKS").mkdir()
+    code, _, stderr = _prepare("geotiff", raw, "--out", tmp_path / "g.zarr")
+    assert code == 3
+    assert "MASKS/ and Masks/ differ only by case" in _one_line(stderr)
 
 
 def test_the_demo_s_untrained_class_warning_gives_the_demo_s_fix(tmp_path: Path) -> None:

@@ -102,10 +102,16 @@ def layout_folder(root: Path, name: str) -> Path:
     if exact.is_dir() or not root.is_dir():
         return exact
     other_case = [
-        child for child in root.iterdir()
+        child for child in sorted(root.iterdir())
         if child.is_dir() and child.name.lower() == exact.name
     ]  # fmt: skip
-    return other_case[0] if len(other_case) == 1 else exact
+    if len(other_case) > 1:
+        raise InputDataError(
+            f"{' and '.join(c.name + '/' for c in other_case)} differ only by case",
+            root,
+            f"keep one of them, named {exact.name}/",
+        )
+    return other_case[0] if other_case else exact
 
 
 # Folder names that hold masks in other datasets' layouts: named when masks/ is missing.
@@ -338,16 +344,30 @@ def _refuse_split_without_partner(
         for other, theirs in splits.items():
             lacking = sorted(split for split in found - theirs if split is not None)
             if lacking:
-                split = lacking[0]
-                held = next(p for s, p in listed[name].items() if split_of_stem(s) == split)
-                raise InputDataError(
-                    f"{folders[name].name}/{held.parent.name}/ has no partner folder in "
-                    f"{folders[other].name}/ (a {split} split shipped without its "
-                    f"{folders[other].name}?)",
-                    folders[other] / held.parent.name,
-                    f"add it, or move {folders[name].name}/{held.parent.name}/ out of "
-                    f"{folders[name].name}/ to prepare the other splits",
-                )
+                held = next(p for s, p in listed[name].items() if split_of_stem(s) == lacking[0])
+                raise _split_without_partner(held.parent, folders[other], None in theirs)
+
+
+def _split_without_partner(held: Path, other: Path, other_flat: bool) -> InputDataError:
+    """`held` (a split folder with files) has no files in `other`'s folder of its split."""
+    split = SPLIT_FOLDER_NAMES[held.name.lower()]
+    mine = f"{held.parent.name}/{held.name}/"
+    if other_flat:
+        return InputDataError(
+            f"{mine} is a split folder, and {other.name}/ holds its files without split folders",
+            other,
+            f"put the files of both in the same split folders ({other.name}/{held.name}/ ...)",
+        )
+    spellings = {word for word, meant in SPLIT_FOLDER_NAMES.items() if meant == split}
+    named = [p for p in sorted(other.iterdir()) if p.is_dir() and p.name.lower() in spellings]
+    where = named[0] if named else other / held.name
+    what = "holds no files" if named else "is missing"
+    return InputDataError(
+        f"{mine} has files and {other.name}/{where.name}/ {what} (a {split} split shipped "
+        f"without its {other.name}?)",
+        where,
+        f"add them, or move {mine} out of {held.parent.name}/ to prepare the other splits",
+    )
 
 
 # Suffixes datasets add to a tile's id in one folder (DeepGlobe: 123_sat.jpg, 123_mask.png).
@@ -364,7 +384,7 @@ def _no_partner(
     unpaired = sorted(other for other in others if other not in rasters)
     near = next((others[o] for o in unpaired if _same_tile(stem, o)), None)
     if near is not None:
-        wanted = folder / f"{stem}{near.suffix}"
+        wanted = near.with_name(f"{partner.stem}{near.suffix}")  # renamed where it is
         return InputDataError(
             f"{partner.name} has no partner in {folder.name}/, which holds {near.name}: files "
             "pair by the same name",
@@ -372,11 +392,21 @@ def _no_partner(
             f"give each file its partner's name (e.g. mv '{near}' '{wanted}')",
         )
     suffix = _usual_suffix(others.values(), partner.suffix)
+    split = _split_folder_of(stem, others)
     return InputDataError(
         f"{partner.name} has no partner in {folder.name}/",
-        folder / f"{stem}{suffix}",
+        (split or folder / stem.rpartition("/")[0]) / f"{partner.stem}{suffix}",
         f"add the missing file, or remove {partner.name}",
     )
+
+
+def _split_folder_of(stem: str, others: dict[str, Path]) -> Path | None:
+    """The folder holding the other side's files of `stem`'s split, spelled as it is on disk
+    (`masks/train/` where the images have `images/Train/`), or None: no file of that split."""
+    split = split_of_stem(stem)
+    if split is None:
+        return None
+    return next((p.parent for s, p in sorted(others.items()) if split_of_stem(s) == split), None)
 
 
 def _same_tile(stem: str, other: str) -> bool:
@@ -481,17 +511,20 @@ def _header(path: Path) -> Header:
 
 
 def lossy_compression(src: Any) -> str | None:
-    """How a raster is compressed with loss, in words, or None: JPEG in a TIFF, LERC with an
-    error above half a code, or what GDAL reports as lossy (JPEG 2000 unless written with
+    """How a raster is compressed with loss and what that does to codes, in words, or None:
+    JPEG in a TIFF (GDAL's `JPEG`, `YCbCr JPEG`), LERC with an error above half a code (`LERC`,
+    `LERC_DEFLATE`, `LERC_ZSTD`), or what GDAL reports as lossy (JPEG 2000 unless written with
     REVERSIBLE=YES, WebP unless lossless). Fine for an image; a mask's codes change."""
     structure = src.tags(ns="IMAGE_STRUCTURE")
     method = str(structure.get("COMPRESSION", "")).upper()
-    if method == "JPEG":
-        return "JPEG-compressed"
-    if method == "LERC" and float(structure.get("MAX_Z_ERROR") or 0) > 0.5:
-        return f"LERC-compressed with an error up to {structure['MAX_Z_ERROR']}"
+    edges = "its class codes change along edges"
+    if "JPEG" in method:
+        return f"JPEG-compressed: {edges}"
+    error = float(structure.get("MAX_Z_ERROR") or 0)
+    if method.startswith("LERC") and error > 0.5:
+        return f"LERC-compressed with an error up to {error:g}: its class codes move by up to that"
     if structure.get("COMPRESSION_REVERSIBILITY") == "LOSSY":
-        return f"compressed with loss ({src.driver})"
+        return f"compressed with loss ({src.driver}): {edges}"
     return None
 
 
@@ -563,10 +596,11 @@ def check_stem(paths: dict[str, Path], task: Task) -> tuple[Header, Header]:
         _same_grid(images[0], other, other is label)
     if label.lossy is not None:
         raise InputDataError(
-            f"the mask is {label.lossy}: its class codes change along every edge",
+            f"the mask is {label.lossy}",
             label.path,
-            "export the masks losslessly: gdal_translate -co COMPRESS=DEFLATE (JPEG 2000: "
-            "-co REVERSIBLE=YES -co QUALITY=100), or as PNG",
+            "export the masks again from their source (the labelling tool or the original "
+            "files) without loss, as PNG or GeoTIFF (DEFLATE, LZW); compressing this file again "
+            "keeps its damage",
         )
     # An alpha band (RGBA, LA exports of labelling tools) marks unlabelled pixels: not a band.
     if label.count not in (1, 3):
