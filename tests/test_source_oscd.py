@@ -557,6 +557,12 @@ def test_label_nodata_applies_to_cm_png_and_prefers_the_tif(raw: Path, tmp_path:
     )
     said = "--label-nodata 0 is the class 'no change' in brasilia/cm/cm.png"
     assert code == 2 and said in _error_line(stderr) and not (tmp_path / "zero.zarr").exists()
+    # 255 is how an 8-bit cm.png holds change: as nodata it emptied the class (review16 M2).
+    code, _, stderr = run_cli(
+        "prepare", "oscd", raw, "--out", tmp_path / "full.zarr", "--label-nodata", "255", "-q"
+    )
+    said = "--label-nodata 255 is the class 'change' in brasilia/cm/cm.png"
+    assert code == 2 and said in _error_line(stderr) and not (tmp_path / "full.zarr").exists()
 
 
 def test_georeferenced_rect_files_give_crs_and_bounds(raw: Path) -> None:

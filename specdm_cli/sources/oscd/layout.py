@@ -251,8 +251,12 @@ def label_rel(labels: Tree, name: str, prefer_tif: bool = False) -> str | None:
     return None
 
 
-# A change map's class codes: cm.png is 0 (no change) or non-zero (change), the tif 1 or 2.
-_CHANGE_CODES = {".png": {0: "no change"}, ".tif": {1: "no change", 2: "change"}}
+# A change map's class codes: cm.png is 0 (no change) or non-zero (change: 255 in 8-bit maps, 1
+# in 16-bit 0/1 ones), the tif 1 or 2. Another grey level may mark unlabelled pixels.
+_CHANGE_CODES = {
+    ".png": {0: "no change", 1: "change", 255: "change"},
+    ".tif": {1: "no change", 2: "change"},
+}
 
 
 def _label_size(labels: Tree, rel: str) -> tuple[int, int]:
