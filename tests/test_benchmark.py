@@ -22,15 +22,20 @@ from specdm_cli.pipeline.benchmark.downstream_rows import ROUND_TRIP_PARTS, conf
 from specdm_cli.pipeline.benchmark.features import manifest_sha256
 from specdm_cli.pipeline.benchmark.generator import (
     heldout_in_training,
+    made_by,
     round_trip,
     synthesize_defaults,
     throughput,
+    with_detail,
 )
 from specdm_cli.pipeline.benchmark.render import markdown
 from specdm_cli.pipeline.benchmark.report import BenchmarkReport, compare, load_report
 from specdm_cli.pipeline.benchmark.scores import score_definition
 from specdm_cli.pipeline.runs.choose import choose_model, demo_model_path
+from specdm_cli.pipeline.runs.detail_io import has_bank
 from specdm_cli.pipeline.runs.run_manifest import load_run
+from specdm_cli.pipeline.signals import StopFlag
+from specdm_cli.pipeline.train.demo_detail import demo_with_bank
 from specdm_cli.stores import content_sha256, open_store
 from specdm_cli.stores.quality import read_quality, write_quality
 from tests.conftest import home_sharing_the_demo_bank, manifest_of, prepare_demo, run_cli
@@ -189,6 +194,7 @@ def test_generator_side_is_measured(ss_report: Path, ss: tuple[Path, Path]) -> N
     seen = load_run(demo_model_path("ss")).stages["vae"].details["train_samples"]
     assert generator.real_pairs_seen == seen > 0 and not generator.real_store_is_source
     assert generator.synthetic_made_by is None  # the demo model with its bank made the store
+    assert speed.detail  # as the store was sampled: with the bank (timed without it before)
     assert recon.split == "val" and recon.count == real.indices("val").size
     assert recon.rmse > 0 and 0 < recon.sad < 1.6 and 0 <= recon.miou <= 1
     # The synthetic store's own plan is what gets timed.
@@ -244,9 +250,10 @@ def test_a_store_another_model_made_is_cautioned_and_the_demos_own_is_judged_as_
     report = benchmark(tmp_path / "own")
     assert report.generator is not None and report.generator.synthetic_made_by is None
     assert report.generator.path == str(demo_model_path("ss"))  # not the copy with the bank
+    assert report.throughput is not None and not report.throughput.detail
     assert not any("did not make" in caution for caution in report.cautions)
     manifest = json.loads((plain / "manifest.json").read_text())
-    manifest["model"]["run_id"], manifest["model"]["details"]["model_sha256"] = "run-x", "ab" * 32
+    manifest["model"]["run_id"], manifest["plan"]["model_sha256"] = "run-x", "ab" * 32
     (plain / "manifest.json").write_text(json.dumps(manifest))
     report = benchmark(tmp_path / "other")
     assert report.generator is not None
@@ -254,6 +261,24 @@ def test_a_store_another_model_made_is_cautioned_and_the_demos_own_is_judged_as_
     said = "--model run-ss (demo) did not make the synthetic store, run-x (demo, sha256 abab"
     assert any(said in caution for caution in report.cautions)  # stderr too, without --quiet
     assert said in (tmp_path / "other" / "report.md").read_text()
+
+
+def test_a_store_sampled_without_detail_is_judged_without_the_runs_bank(
+    ss: tuple[Path, Path], tmp_path: Path
+) -> None:
+    """A run's model digest covers its bank whether or not `--no-detail` left it out, so a
+    run's `--no-detail` store had its round trips and speed taken with the bank (review16 M3):
+    the store's plan says whether detail was added."""
+    chosen = demo_with_bank(choose_model("demo", "ss"), StopFlag())
+    assert has_bank(chosen.manifest) and with_detail(open_store(ss[1]), chosen)
+    plain = Path(shutil.copytree(ss[1], tmp_path / "plain.zarr"))
+    manifest = json.loads((plain / "manifest.json").read_text())
+    del manifest["plan"]["detail"]  # as `synthesize --model RUN --no-detail` writes it
+    (plain / "manifest.json").write_text(json.dumps(manifest))
+    assert made_by(open_store(plain), chosen) and not with_detail(open_store(plain), chosen)
+    manifest["plan"]["model_sha256"] = "0" * 64  # another model's store: synthesize's default
+    (plain / "manifest.json").write_text(json.dumps(manifest))
+    assert with_detail(open_store(plain), chosen)
 
 
 def test_downstream_rows_train_on_the_right_data(ss_report: Path, ss: tuple[Path, Path]) -> None:

@@ -39,7 +39,7 @@ from specdm_cli.pipeline.benchmark.quality import (
 )
 from specdm_cli.pipeline.devices import torch_devices
 from specdm_cli.pipeline.runs.choose import ChosenModel, choose_model
-from specdm_cli.pipeline.runs.detail_io import has_bank, load_bank
+from specdm_cli.pipeline.runs.detail_io import load_bank
 from specdm_cli.pipeline.signals import StopFlag
 from specdm_cli.pipeline.synthesize.preview import rgb_note
 from specdm_cli.pipeline.train.demo_detail import demo_with_bank
@@ -294,11 +294,12 @@ def _downstream(
     progress: Progress | None,
 ) -> Downstream:
     """The utility table; with --model, its round-trip row decodes through that run's VAE, and
-    its detail bank where it has one (as `synthesize` adds it by default)."""
+    its detail bank where the store was sampled with it (`gen.with_detail`)."""
     if chosen is None:
         return run_downstream(real, synthetic, options, str(device), progress)
     name = f"{chosen.manifest.run_id} ({chosen.kind}, sha256 {chosen.sha256[:12]})"
-    bank = load_bank(chosen.path, chosen.manifest) if has_bank(chosen.manifest) else None
+    detail = gen.with_detail(synthetic, chosen)
+    bank = load_bank(chosen.path, chosen.manifest) if detail else None
     if bank is not None:
         name += " + retrieved detail (its fit-detail bank)"
     return run_downstream(

@@ -14,6 +14,7 @@ from specdm_cli.errors import InputDataError, ModelError, SpecdmError
 from specdm_cli.manifest import IGNORE_INDEX, IMAGE_ARRAYS, LABEL_ARRAY, Manifest
 from specdm_cli.models.detail import Bank, add_detail
 from specdm_cli.pipeline.runs.choose import ChosenModel
+from specdm_cli.pipeline.runs.detail_io import has_bank
 from specdm_cli.pipeline.runs.run_manifest import RunManifest, load_run
 from specdm_cli.stores import StoreReader, content_sha256, open_store
 from specdm_cli.stores.base import MANIFEST_NAME
@@ -57,9 +58,18 @@ def generator_info(
 
 
 def made_by(synthetic: StoreReader, chosen: ChosenModel) -> bool:
-    """`chosen` is the model (weights and bank) that made the synthetic store."""
-    model = synthetic.manifest.model
-    return model is not None and model.details.get("model_sha256") == chosen.sha256
+    """`chosen` is the model (weights and bank) that made the synthetic store (the digest its
+    plan records, which every shard and resume of the store agreed on)."""
+    return synthetic.manifest.plan.get("model_sha256") == chosen.sha256
+
+
+def with_detail(synthetic: StoreReader, chosen: ChosenModel) -> bool:
+    """Whether --model's figures (throughput, round trips) add its retrieved detail: as the
+    synthetic store was sampled where this model made it (`--no-detail` leaves it out of the
+    store's plan), else as `synthesize` samples by default, with the bank the run has."""
+    if not has_bank(chosen.manifest):
+        return False
+    return "detail" in synthetic.manifest.plan if made_by(synthetic, chosen) else True
 
 
 def _other_maker(synthetic: StoreReader, chosen: ChosenModel | None) -> str | None:
@@ -67,8 +77,10 @@ def _other_maker(synthetic: StoreReader, chosen: ChosenModel | None) -> str | No
     model = synthetic.manifest.model
     if chosen is None or model is None or made_by(synthetic, chosen):
         return None
-    sha = str(model.details.get("model_sha256") or "unrecorded")
-    return f"{model.run_id} ({model.kind}, sha256 {sha[:12]})"
+    sha = str(synthetic.manifest.plan.get("model_sha256") or "unrecorded")[:12]
+    if model.run_id == chosen.manifest.run_id and model.kind == chosen.kind != "demo":
+        return f"an earlier state of {model.run_id} (sha256 {sha}; its weights changed since)"
+    return f"{model.run_id} ({model.kind}, sha256 {sha})"
 
 
 # The prepare options under which a demo source id ("demo/000123") names the same scene.
@@ -204,16 +216,17 @@ def throughput(
 ) -> Throughput:
     """Pairs per second of sampling + decoding (no I/O): `batches` batches after a warm-up one.
 
-    The synthetic store's own plan (sampler, steps, B, precision) is timed when this model
-    made it, so the figure is the speed that store was made at.
+    The synthetic store's own plan (sampler, steps, B, precision, detail) is timed when this
+    model made it, so the figure is the speed that store was made at.
     """
     plan = synthetic.manifest.plan
-    same = plan.get("model_sha256") == chosen.sha256
+    same = made_by(synthetic, chosen)
     defaults = synthesize_defaults(chosen, device)  # its keys are those timed
     settings = {key: plan[key] if same else value for key, value in defaults.items()}
     size, steps = int(settings["batch_size"]), int(settings["steps"])
+    detail = with_detail(synthetic, chosen)
     draw = _batch_sampler(
-        chosen, device, str(settings["sampler"]), str(settings["precision"]), size
+        chosen, device, str(settings["sampler"]), str(settings["precision"]), size, detail
     )
     draw(range(0, size), steps)
     start = time.perf_counter()
@@ -223,7 +236,7 @@ def throughput(
     return Throughput(
         pairs_per_second=round(batches * size / max(seconds, 1e-9), 3), pairs=batches * size,
         batch_size=size, sampler=str(settings["sampler"]), steps=steps,
-        precision=str(settings["precision"]), device=str(device),
+        precision=str(settings["precision"]), device=str(device), detail=detail,
     )  # fmt: skip
 
 
@@ -243,12 +256,18 @@ def synthesize_defaults(chosen: ChosenModel, device: torch.device) -> dict[str, 
 
 
 def _batch_sampler(
-    chosen: ChosenModel, device: torch.device, sampler: Any, precision: Any, batch_size: int
+    chosen: ChosenModel,
+    device: torch.device,
+    sampler: Any,
+    precision: Any,
+    batch_size: int,
+    detail: bool,
 ) -> Callable[[range, int], None]:
     """A function drawing and decoding samples `indices` exactly as `synthesize` does."""
     from specdm_cli.pipeline.synthesize.sampler import Sampler, SamplingPlan
 
-    model = Sampler(chosen, SamplingPlan(sampler, 0, batch_size, precision), device)
+    plan = SamplingPlan(sampler, 0, batch_size, precision, detail=detail)
+    model = Sampler(chosen, plan, device)
 
     def draw(indices: range, steps: int) -> None:
         model.batch(indices.start, len(indices), steps)  # arrays come back on the host

@@ -108,6 +108,7 @@ class Throughput(_Strict):
     steps: int
     precision: str
     device: str
+    detail: bool = Field(False, description="retrieved detail added to each decoded pair")
 
 
 class SeedRun(_Strict):
