@@ -13,7 +13,7 @@ from PIL import Image
 from rasterio.crs import CRS
 from rasterio.transform import from_origin
 
-from specdm_cli.sources.geotiff.layout import lossy_compression
+from specdm_cli.sources.geotiff.headers import lossy_compression
 from specdm_cli.stores import open_store
 from tests.conftest import run_cli
 from tests.fault_tools import assert_one_error_line

@@ -10,7 +10,8 @@ from typing import Any
 from rasterio.enums import ColorInterp
 
 from specdm_cli.manifest import Band
-from specdm_cli.sources.geotiff.layout import EXTENSIONS, data_bands, open_raster
+from specdm_cli.sources.geotiff.headers import data_bands, open_raster
+from specdm_cli.sources.geotiff.layout import EXTENSIONS
 from specdm_cli.sources.sentinel2 import S2_FWHM_NM, S2_WAVELENGTH_NM, s2_band_name
 
 # "B04 (664.6 nm)", "664.6 nm", "Band 3: 0.56 um", ENVI's "Band 1 (450 Nanometers)": a number

@@ -34,7 +34,8 @@ from specdm_cli.sources.base import (
     require_integer_labels,
 )
 from specdm_cli.sources.geotiff.categories import category_names
-from specdm_cli.sources.geotiff.layout import Files, open_raster
+from specdm_cli.sources.geotiff.headers import open_raster
+from specdm_cli.sources.geotiff.layout import Files
 
 # Pixels per read when scanning mask codes: memory stays flat however large a mask claims to be.
 _SCAN_PIXELS = 1 << 22

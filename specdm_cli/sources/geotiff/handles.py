@@ -9,7 +9,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from specdm_cli.sources.geotiff.layout import open_dataset, raster_errors
+from specdm_cli.sources.geotiff.headers import open_dataset, raster_errors
 
 
 class OpenRasters:

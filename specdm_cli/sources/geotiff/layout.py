@@ -1,23 +1,15 @@
-"""Raster folders: which layout, which files pair up, and what their headers say."""
+"""Raster folders: which layout, and which files pair up (their headers: headers.py)."""
 
 from __future__ import annotations
 
 import unicodedata
 from collections import Counter
-from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass, replace
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
 
-import numpy as np
-import rasterio
 from rasterio.drivers import raster_driver_extensions
-from rasterio.enums import ColorInterp
-from rasterio.errors import RasterioError
 
-from specdm_cli.config import Progress
-from specdm_cli.errors import InputDataError, reason_of
+from specdm_cli.errors import InputDataError
 from specdm_cli.manifest import (
     GEOTIFF_FOLDERS,
     LABEL_ARRAY,
@@ -25,7 +17,6 @@ from specdm_cli.manifest import (
     array_names,
 )
 from specdm_cli.sources.base import broken_link
-from specdm_cli.sources.geotiff.crs import crs_name, one_spelling, same_crs, shown_crs, told_apart
 
 # A JPEG is lossy: a JPEG mask's class codes change along every edge, so masks are refused.
 _LOSSY = (".jpg", ".jpeg")
@@ -74,25 +65,6 @@ SPLIT_FOLDER_NAMES = {
 }  # fmt: skip
 
 Files = dict[str, dict[str, Path]]  # stem -> array name -> path
-
-
-@dataclass(frozen=True)
-class Header:
-    """Facts of one file read from its header at open time."""
-
-    path: Path
-    count: int  # data bands: an alpha band is GDAL's mask of the others, not a band of the image
-    dtype: str
-    height: int
-    width: int
-    crs: str | None
-    # The pixel-to-world transform (a..f) when the file has one (a CRS or not: masks are often
-    # written with the image's transform and no CRS); None for the identity (no georeferencing).
-    grid: tuple[float, ...] | None = None
-    scaled: bool = False  # a band carries a GDAL scale or offset: values = raw x scale + offset
-    alpha: bool = False  # an alpha band, left out of `count`
-    names: tuple[str, ...] = ()  # the data bands' descriptions ("" where a band has none)
-    lossy: str | None = None  # how the file is compressed with loss (None: losslessly or not)
 
 
 def layout_folder(root: Path, name: str) -> Path:
@@ -457,269 +429,3 @@ def _usual_suffix(paths: Iterable[Path], fallback: str) -> str:
     `.png` masks beside `.tif` images) is named as the user would save it, not as `.tif`."""
     counts = Counter(path.suffix for path in paths)
     return counts.most_common(1)[0][0] if counts else fallback
-
-
-@contextmanager
-def open_raster(path: Path) -> Iterator[Any]:
-    """An open rasterio dataset; GDAL failures become one input-data line naming the file."""
-    with raster_errors(path), open_dataset(path) as src:
-        yield src
-
-
-def open_dataset(path: Path) -> Any:
-    """`rasterio.open(path)`, without GDAL listing the file's folder to find its sidecars: it
-    asks for each (`.aux.xml`, `.msk`, ENVI's `.hdr`) by name instead. In a folder of 2,000
-    tiles the listing was most of each open (about 2 of 3 ms), and planning opens every file."""
-    # Set per thread where it is not the main one (rasterio's Env), so loading threads may open.
-    with rasterio.Env(GDAL_DISABLE_READDIR_ON_OPEN="TRUE"):
-        return rasterio.open(path)
-
-
-@contextmanager
-def raster_errors(path: Path) -> Iterator[None]:
-    """GDAL failures opening or reading `path` become one input-data line naming the file."""
-    try:
-        yield
-    except FileNotFoundError:
-        raise InputDataError(
-            "file disappeared after listing", path, "restore the file and rerun"
-        ) from None
-    except (RasterioError, OSError) as exc:
-        reason = reason_of(exc, path)
-        raise InputDataError(
-            f"unreadable or corrupt raster ({reason})",
-            path,
-            "re-export or remove the file (a VRT: restore the files it names)",
-        ) from None
-
-
-def _header(path: Path) -> Header:
-    with open_raster(path) as src:
-        _refuse_without_bands(src, path)
-        crs = None if src.crs is None else crs_name(src.crs.to_wkt())
-        grid = None if src.transform.is_identity else tuple(src.transform)[:6]
-        bands = data_bands(src)
-        scales, offsets = band_scaling(src, bands)
-        scaled = bool((scales != 1).any() or (offsets != 0).any())
-        dtype = str(bands_dtype(src, bands))
-        alpha = len(bands) < src.count
-        names = tuple((src.descriptions[i - 1] or "").strip() for i in bands)
-        return Header(
-            path, len(bands), dtype, src.height, src.width, crs, grid, scaled, alpha, names,
-            lossy_compression(src),
-        )  # fmt: skip
-
-
-def lossy_compression(src: Any) -> str | None:
-    """How a raster is compressed with loss and what that does to codes, in words, or None:
-    JPEG in a TIFF (GDAL's `JPEG`, `YCbCr JPEG`), LERC with an error above half a code (`LERC`,
-    `LERC_DEFLATE`, `LERC_ZSTD`), or what GDAL reports as lossy (JPEG 2000 unless written with
-    REVERSIBLE=YES, WebP unless lossless). Fine for an image; a mask's codes change."""
-    structure = src.tags(ns="IMAGE_STRUCTURE")
-    method = str(structure.get("COMPRESSION", "")).upper()
-    edges = "its class codes change along edges"
-    if "JPEG" in method:
-        return f"JPEG-compressed: {edges}"
-    error = float(structure.get("MAX_Z_ERROR") or 0)
-    if method.startswith("LERC") and error > 0.5:
-        return f"LERC-compressed with an error up to {error:g}: its class codes move by up to that"
-    if structure.get("COMPRESSION_REVERSIBILITY") == "LOSSY":
-        return f"compressed with loss ({src.driver}): {edges}"
-    return None
-
-
-def _refuse_without_bands(src: Any, path: Path) -> None:
-    """A netCDF or HDF file of several variables opens as a list of subdatasets, no bands:
-    which of them are the image's bands (and in which order) only its user knows."""
-    if src.count:
-        return
-    names = [name.rsplit(":", 1)[-1] for name in src.subdatasets]
-    if not names:
-        raise InputDataError("the raster holds no bands", path, "re-export or remove the file")
-    shown = ", ".join(names[:4]) + (f", ... ({len(names)} in all)" if len(names) > 4 else "")
-    raise InputDataError(
-        f"holds subdatasets ({shown}), no bands of its own",
-        path,
-        f"stack the bands into one file: rio stack --driver GTiff '{src.subdatasets[0]}' ... "
-        f"{path.stem}.tif (or gdalbuildvrt -separate {path.stem}.vrt with them)",
-    )
-
-
-def data_bands(src: Any) -> list[int]:
-    """The 1-based indexes of the bands that hold values: all but an alpha band (an RGBA
-    export's fourth band), which GDAL reads as the mask of the others."""
-    return [i + 1 for i, kind in enumerate(src.colorinterp) if kind != ColorInterp.alpha]
-
-
-def bands_dtype(src: Any, bands: list[int]) -> np.dtype[Any]:
-    """The type that holds every one of `bands` (a VRT of band files keeps each file's type:
-    UInt16 and Float32 read as float32)."""
-    return np.result_type(*(src.dtypes[i - 1] for i in bands or [1]))
-
-
-def band_scaling(src: Any, bands: list[int]) -> tuple[np.ndarray, np.ndarray]:
-    """(scales, offsets) of `bands` as GDAL gives them (1 and 0 where a file sets none)."""
-    scales = np.array([src.scales[i - 1] for i in bands], dtype=np.float64)
-    offsets = np.array([src.offsets[i - 1] for i in bands], dtype=np.float64)
-    return scales, offsets
-
-
-def check_stems(
-    files: Files, task: Task, progress: Progress | None = None
-) -> dict[str, tuple[Header, Header]]:
-    """`check_stem` of every stem, reported to `progress` as the stage "reading headers": a
-    folder of 2,000 tiles takes seconds before the first patch is planned."""
-    checked = {}
-    for done, (stem, paths) in enumerate(files.items(), start=1):
-        checked[stem] = check_stem(paths, task)
-        if progress is not None:
-            progress("reading headers", done, len(files))
-    return checked
-
-
-def check_stem(paths: dict[str, Path], task: Task) -> tuple[Header, Header]:
-    """Headers of the stem's (first) image and of its label, after checking they agree. A label
-    is one band of class codes, or three of class colours (RGB, as labelling tools export)."""
-    images = [_header(paths[name]) for name in array_names(task)[:-1]]
-    label = _header(paths[LABEL_ARRAY[task]])
-    for other in [*images[1:], label]:
-        if (other.height, other.width) != (images[0].height, images[0].width):
-            raise InputDataError(
-                f"size {other.height}x{other.width} differs from its image's "
-                f"{images[0].height}x{images[0].width}",
-                other.path,
-                _onto_grid_hint("resample", other, images[0], other is label)
-                if other.grid and images[0].grid
-                else f"make it match {images[0].path.name}",
-            )
-    for other in [*images[1:], label]:
-        _same_grid(images[0], other, other is label)
-    if label.lossy is not None:
-        raise InputDataError(
-            f"the mask is {label.lossy}",
-            label.path,
-            "export the masks again from their source (the labelling tool or the original "
-            "files) without loss, as PNG or GeoTIFF (DEFLATE, LZW); compressing this file again "
-            "keeps its damage",
-        )
-    # An alpha band (RGBA, LA exports of labelling tools) marks unlabelled pixels: not a band.
-    if label.count not in (1, 3):
-        raise InputDataError(
-            f"label file has {label.count} bands, expected 1 (class codes) or "
-            "3 (RGB class colours), each with an alpha band or not",
-            label.path,
-            "save labels as one band of class codes, or as RGB colours that --classes lists",
-        )
-    if label.count == 3 and label.dtype != "uint8":
-        raise InputDataError(
-            f"RGB label file holds {label.dtype} values, not 8-bit colours",
-            label.path,
-            "save colour masks as 8-bit RGB (PNG or GeoTIFF), or labels as one band of codes",
-        )
-    image = images[0] if len(images) == 1 else _same_bands(images[0], images[1])
-    # A cd pair is scaled, or alpha-masked, when either phase is.
-    return replace(
-        image, scaled=any(h.scaled for h in images), alpha=any(h.alpha for h in images)
-    ), label
-
-
-def _same_grid(image: Header, other: Header, label: bool) -> None:
-    """Files of one stem are read pixel for pixel, so where both are georeferenced they must
-    lie on one grid: the same CRS (where both name one), origin and pixel size (to a hundredth
-    of a pixel). A mask without a transform is taken as on its image's grid."""
-    if image.grid is None or other.grid is None:
-        return
-    if other.crs is not None and image.crs is not None and not same_crs(other.crs, image.crs):
-        shown, image_shown = told_apart(other.crs, image.crs)
-        raise InputDataError(
-            f"CRS {shown} differs from its image's {image_shown}",
-            other.path,
-            _onto_grid_hint("reproject", other, image, label),
-        )
-    pixel = max(abs(image.grid[0]), abs(image.grid[4]), 1e-12)
-    if any(abs(x - y) > 0.01 * pixel for x, y in zip(other.grid, image.grid, strict=True)):
-        raise InputDataError(
-            f"not on its image's grid (origin {_origin(other)}, pixel {other.grid[0]:g}; "
-            f"the image's {_origin(image)}, pixel {image.grid[0]:g})",
-            other.path,
-            _onto_grid_hint("resample", other, image, label),
-        )
-
-
-def _onto_grid_hint(verb: str, other: Header, image: Header, label: bool) -> str:
-    """The command that puts `other` on `image`'s grid: rio's (rasterio ships it, so it is
-    there wherever specdm is), by folder and name, as a mask and its image share a name. A
-    mask's pixels the warp cannot cover are unlabelled (255), not a class code 0."""
-    moved, target = (f"{h.path.parent.name}/{h.path.name}" for h in (other, image))
-    unlabelled = " --src-nodata 255 --dst-nodata 255" if label else ""
-    return (
-        f"{verb} it onto {target}'s grid: rio warp {moved} OUT --like {target}{unlabelled} "
-        "(nearest neighbour, so values stay as they are), then put OUT in its place"
-    )
-
-
-def _origin(header: Header) -> str:
-    assert header.grid is not None
-    return f"{header.grid[2]:.2f}, {header.grid[5]:.2f}"
-
-
-def _same_bands(expected: Header, found: Header) -> Header:
-    if found.count != expected.count:
-        raise InputDataError(
-            f"expected {expected.count} bands, found {found.count}",
-            found.path,
-            "every image must hold the same bands",
-        )
-    if found.dtype != expected.dtype:
-        raise InputDataError(
-            f"expected dtype {expected.dtype}, found {found.dtype}",
-            found.path,
-            "convert every image to one data type",
-        )
-    _same_band_order(expected, found)
-    return expected
-
-
-def _same_band_order(expected: Header, found: Header) -> None:
-    """Files that name the same bands must list them in one order: gdalbuildvrt over files
-    sorted by name puts B8A after B12, and such a file's pixels would be stored under the first
-    file's band names. Names that differ otherwise (a scene id in each) are not compared."""
-    if found.names == expected.names or sorted(found.names) != sorted(expected.names):
-        return
-    if not all(expected.names):
-        return  # unnamed bands: nothing says which is which
-    pairs = zip(expected.names, found.names, strict=True)
-    band = next(i for i, (a, b) in enumerate(pairs) if a != b)
-    raise InputDataError(
-        f"band {band + 1} is {found.names[band]!r}, {expected.path.name}'s band {band + 1} is "
-        f"{expected.names[band]!r}: the files list their bands in other orders",
-        found.path,
-        "write every file's bands in one order (e.g. gdal_translate -b 1 -b 3 -b 2)",
-    )
-
-
-def check_all(headers: dict[str, Header]) -> dict[str, str | None]:
-    """Each stem's CRS (None where not georeferenced), after checking bands agree. Tiles may lie
-    in several CRSs (Sentinel-2 tiles of two UTM zones); files with a CRS and without may not mix."""
-    first = next(iter(headers.values()))
-    for header in headers.values():
-        _same_bands(first, header)
-        if (header.crs is None) != (first.crs is None):
-            raise InputDataError(
-                f"CRS {shown_crs(header.crs)} differs from {first.path.name}'s {shown_crs(first.crs)}",
-                header.path,
-                "georeference every file, or none (e.g. gdal_translate -a_srs)",
-            )
-    return one_spelling({stem: header.crs for stem, header in headers.items()})
-
-
-def output_dtype(dtype: str, path: Path, scaled: bool = False) -> str:
-    """The store's image dtype: the files' own, float32 for float64 or for values a scale or
-    offset turns into physical units (e.g. reflectance = DN x 0.0001 - 0.1)."""
-    kind = np.dtype(dtype).kind
-    if kind not in "uif":
-        raise InputDataError(
-            f"unsupported image data type {dtype}", path, "convert to an integer or float type"
-        )
-    # float64 carries no information reflectance needs and doubles the store.
-    return "float32" if dtype == "float64" or scaled else dtype

@@ -52,18 +52,16 @@ from specdm_cli.sources.geotiff.classes import (
     resolve_classes,
 )
 from specdm_cli.sources.geotiff.handles import OpenRasters
-from specdm_cli.sources.geotiff.layout import (
-    Files,
+from specdm_cli.sources.geotiff.headers import (
     Header,
     band_scaling,
     bands_dtype,
     check_all,
     check_stems,
     data_bands,
-    infer_task,
     output_dtype,
-    pair_files,
 )
+from specdm_cli.sources.geotiff.layout import Files, infer_task, pair_files
 from specdm_cli.sources.geotiff.selection import chosen_positions, refuse_empty_bands
 from specdm_cli.sources.geotiff.splits import assign_splits, recorded_splits, share_notes
 

@@ -12,7 +12,7 @@ from rasterio.enums import Resampling
 
 from specdm_cli.errors import InputDataError, UsageError
 from specdm_cli.manifest import Band
-from specdm_cli.sources.geotiff.layout import data_bands, open_raster
+from specdm_cli.sources.geotiff.headers import data_bands, open_raster
 
 _RANGE = re.compile(r"^(\d+)\s*-\s*(\d+)$")
 # Pixels a side of the read that looks for bad bands: a band at the fill value in every one of
