@@ -523,6 +523,25 @@ def test_label_listed_but_missing(tmp_path: Path) -> None:
     assert err.path == tree / "train" / "label" / "2.tif"
 
 
+def test_list_lines_giving_file_paths_name_their_files(tmp_path: Path) -> None:
+    """A re-made list of `train/img/1.tif` lines looked for `img/train/img/1.tif` (review15 L4)."""
+    tree = _tree(tmp_path, splits={"train": 3})
+    ids = (tree / "dataset" / "train.txt").read_text().split()
+    (tree / "dataset" / "train.txt").write_text("".join(f"train/img/{i}.tif\n" for i in ids))
+    plan = read_segmunich(tree, PrepareOptions())
+    assert [c.source_id for c in plan.candidates] == [f"train/{i}" for i in ids]
+
+
+def test_a_label_in_another_format_is_named(tmp_path: Path) -> None:
+    """`label/1.png` beside a list naming 1: "file ... missing (label/1.tif)" alone (L4)."""
+    tree = _tree(tmp_path, splits={"train": 2})
+    first = (tree / "dataset" / "train.txt").read_text().split()[0]
+    label = tree / "train" / "label" / f"{first}.tif"
+    label.rename(label.with_suffix(".png"))
+    err = _input_error(tmp_path, f"{first}.png is there, in another format than .tif")
+    assert err.path == label and "gdal_translate -of GTiff" in (err.hint or "")
+
+
 def test_split_folder_missing(tmp_path: Path) -> None:
     tree = _tree(tmp_path)
     (tree / "dataset" / "test.txt").write_text("9\n")

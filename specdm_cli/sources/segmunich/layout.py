@@ -119,7 +119,9 @@ def read_split_lists(dataset: Path) -> tuple[str, SplitIds]:
 
 
 def _sample_id(line: str) -> str:
-    """A split-file line as a sample id: the official lists omit `.tif`, re-made ones often not."""
+    """A split-file line as a sample id: the official lists omit `.tif`, re-made ones often not,
+    and some give the file's path (`train/img/1.tif`): its name is the id."""
+    line = line.replace("\\", "/").rsplit("/", 1)[-1]
     for suffix in (".tif", ".tiff"):
         if line.lower().endswith(suffix):
             return line[: -len(suffix)]
@@ -258,10 +260,15 @@ def _require_files(
     missing = [i for i in ids if f"{i}{suffix}" not in present]
     if missing:
         more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        other = next((p for p in listed if p.stem == missing[0]), None)
+        beside = f"; {other.name} is there, in another format than {suffix}" if other else ""
         raise InputDataError(
-            f"file listed in split {split!r} is missing{more}",
+            f"file listed in split {split!r} is missing{more}{beside}",
             folder / f"{missing[0]}{suffix}",
-            f"restore the file or remove its id from the {split} split list"
+            f"convert the files to {suffix} (e.g. gdal_translate -of GTiff {other.name} "
+            f"{missing[0]}{suffix})"
+            if other is not None
+            else f"restore the file or remove its id from the {split} split list"
             if suffix == ".tif"
             else "restore the label, or remove its image",
         )
