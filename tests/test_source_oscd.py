@@ -1009,12 +1009,15 @@ def test_band_files_missing_from_rect_are_read_from_the_native_folder(
 
 
 def test_band_files_named_in_another_case_are_read(tree: Callable[..., Path], raw: Path) -> None:
-    """`B02.TIF` (FAT and Windows copies) and `B8a.tif` were "band file is missing": the file
-    was there. They are read as SegMunich's `1.TIF` is, with the same pixels."""
+    """`B02.TIF` (FAT and Windows copies), `B8a.tif` and `B2.tif` (re-exported unpadded) were
+    "band file is missing": the file was there. They are read as SegMunich's `1.TIF` is, with
+    the same pixels."""
     folder = raw / IMAGES / "bercy" / "imgs_1_rect"
     for path in list(folder.iterdir()):
         path.rename(path.with_suffix(".TIF"))
     _band_file(raw, "bercy", 2, "B8A").rename(_band_file(raw, "bercy", 2, "B8a"))
+    for path in (raw / IMAGES / "aguasclaras" / "imgs_2_rect").glob("B0?.tif"):
+        path.rename(path.with_name(path.name.replace("B0", "B")))  # B2.tif (review15 L3)
     expected = _load_all(read_oscd(tree(), SMALL))
     loaded = _load_all(read_oscd(raw, SMALL))
     assert loaded.keys() == expected.keys()

@@ -177,7 +177,7 @@ def _band_files(
             found = present.get(f"{band}.tif".lower(), [])
             if len(found) > 1:
                 raise InputDataError(
-                    f"band {band} twice, in names that differ only by case: "
+                    f"band {band} twice, in names that differ only by case or padding: "
                     f"{', '.join(n.rsplit('/', 1)[1] for n in found)}",
                     images.where(found[0]),
                     "remove the copy that is not the band",
@@ -193,11 +193,15 @@ def _band_files(
 
 
 def _by_lower_name(images: Tree, folder: str) -> dict[str, list[str]]:
-    """The files of `folder` by lower-case name: `B02.TIF` (FAT and Windows copies) and
-    `B8a.tif` are the band files `B02.tif` and `B8A.tif`."""
+    """The files of `folder` by lower-case name, a band file's by its band: `B02.TIF` (FAT and
+    Windows copies), `B8a.tif` and `B2.tif` (re-exported unpadded) are the band files
+    `B02.tif`, `B8A.tif` and `B02.tif`."""
     found: dict[str, list[str]] = {}
     for file_name in images.listdir(folder):
-        found.setdefault(file_name.lower(), []).append(f"{folder}/{file_name}")
+        tif = file_name.lower().endswith(".tif") and "_" not in file_name
+        band = s2_band_name(file_name) if tif else None
+        key = f"{band}.tif" if band is not None else file_name
+        found.setdefault(key.lower(), []).append(f"{folder}/{file_name}")
     return found
 
 
