@@ -78,7 +78,7 @@ def _other_maker(synthetic: StoreReader, chosen: ChosenModel | None) -> str | No
     if chosen is None or model is None or made_by(synthetic, chosen):
         return None
     sha = str(synthetic.manifest.plan.get("model_sha256") or "unrecorded")[:12]
-    if model.run_id == chosen.manifest.run_id and model.kind == chosen.kind != "demo":
+    if model.run_id == chosen.manifest.run_id and "demo" not in (model.kind, chosen.kind):
         return f"an earlier state of {model.run_id} (sha256 {sha}; its weights changed since)"
     return f"{model.run_id} ({model.kind}, sha256 {sha})"
 
