@@ -503,6 +503,8 @@ def test_metadata_csv_without_source_column(tmp_path: Path) -> None:
 
     err = _input_error(tmp_path, "columns id and source")
     assert err.path == metadata
+    # Another tool's CSV: the way on is the lists this reader also takes (review15 L7).
+    assert "dataset/<split>.txt lists" in (err.hint or "")
 
 
 def test_image_listed_but_missing(tmp_path: Path) -> None:

@@ -134,9 +134,10 @@ def _read_metadata_csv(path: Path) -> SplitIds:
     columns = set(reader.fieldnames or [])
     if not {"id", "source"} <= columns:
         raise InputDataError(
-            f"metadata.csv needs columns id and source, found {sorted(columns)}",
+            f"metadata.csv needs columns id and source (GFM-Bench's), found {sorted(columns)}",
             path,
-            "restore the file from the GFM-Bench archive",
+            "restore the file from the GFM-Bench archive, or give the splits as "
+            "dataset/<split>.txt lists (one id a line) and move this file away",
         )
     split_ids: SplitIds = {}
     for line, row in enumerate(rows, start=2):
