@@ -1,13 +1,16 @@
-"""Rows of `agreement_by_seed.py` set against other rows seed by seed, as `benchmark --compare`
-pairs a report's rows: each seed's difference, the mean, its two-sided 95% t-interval and on
-how many seeds the first side is above; e.g. the declared cd gate's bank rows against plain.
+"""Rows of agreement_by_seed.py set against other rows seed by seed, with a 95% interval.
+
+As `benchmark --compare` pairs a report's rows: each seed's difference, the mean, its
+two-sided 95% t-interval and on how many seeds the first side is above; e.g. the declared cd
+gate's bank rows against plain.
 
     python examples/paired_rows.py cdbank-s*.jsonl --against cdplain-s*.jsonl
 
-Rows pair by name and seed (`--row` picks one name; default every name both sides hold). A
-seed found twice on one side (files of two runs mixed), or two sides trained on different real
-stores (the rows' `real_content` digests), is refused: the difference would not be the
-synthetic pairs' alone.
+Rows pair by name and seed (`--row` picks one name; default every name both sides hold); the
+seeds and rows one side lacks are named. A seed found twice on one side (files of two runs
+mixed), rows of one side from two synthetic stores (`synthetic_content`), or rows trained on
+two real stores (`real_content`) are refused: the difference would not be the synthetic
+pairs' alone.
 """
 
 from __future__ import annotations
@@ -27,31 +30,45 @@ def by_row_and_seed(paths: list[Path]) -> dict[str, dict[int, Record]]:
     """Every JSON line of `paths` by row name, then seed; a seed twice is an error."""
     rows: dict[str, dict[int, Record]] = {}
     for path in paths:
-        for line in path.read_text(encoding="utf-8").splitlines():
+        for line in filter(str.strip, path.read_text(encoding="utf-8").splitlines()):
             record = json.loads(line)
             seeds = rows.setdefault(record["row"], {})
             if record["seed"] in seeds:
-                raise SystemExit(f"error: {path}: seed {record['seed']} of {record['row']!r} twice")
+                refuse(f"seed {record['seed']} of {record['row']!r} twice", path,
+                       "pass the files of one run per side")  # fmt: skip
             seeds[record["seed"]] = record
     return rows
+
+
+def refuse(what: str, where: Path | str, fix: str) -> None:
+    sys.exit(f"error: {what} ({where}): {fix}")
+
+
+def one_digest(records: list[Record], key: str, row: str, what: str) -> None:
+    """The records' `key` digests (those recorded) name one store, else the comparison is off."""
+    digests = {r[key] for r in records if r.get(key)}
+    if len(digests) > 1:
+        refuse(f"the rows of {row!r} come from {len(digests)} {what}", row,
+               f"compare rows of one {what[:-1]} per side")  # fmt: skip
 
 
 def change_iou(record: Record) -> float | None:
     """The last class's IoU (cd: change), where the record has per-class IoUs."""
     iou = record.get("iou")
     values = list(iou.values()) if isinstance(iou, dict) else iou
-    return float(values[-1]) if values else None
+    return float(values[-1]) if values and values[-1] is not None else None
 
 
 def paired(row: str, mine: dict[int, Record], theirs: dict[int, Record]) -> list[str]:
     """The lines of one row's comparison; an error where the real stores differ."""
     seeds = sorted(set(mine) & set(theirs))
-    digests = {mine[s].get("real_content") for s in seeds} | {
-        theirs[s].get("real_content") for s in seeds
-    }
-    if len(digests) > 1:
-        raise SystemExit(f"error: {row!r}: the rows trained on different real stores")
+    for records in (mine, theirs):
+        one_digest(list(records.values()), "synthetic_content", row, "synthetic stores")
+    one_digest([*mine.values(), *theirs.values()], "real_content", row, "real stores")
     lines, gains = [f"{row}:"], []
+    for side, records in (("first", mine), ("--against", theirs)):
+        if alone := sorted(set(records) - set(seeds)):
+            lines.append(f"  seeds only on the {side} side, left out: {alone}")
     for seed in seeds:
         gain = mine[seed]["miou"] - theirs[seed]["miou"]
         gains.append(gain)
@@ -83,7 +100,10 @@ def main() -> None:
     mine, theirs = by_row_and_seed(args.mine), by_row_and_seed(args.against)
     names = [args.row] if args.row else [name for name in mine if name in theirs]
     if not names or any(name not in mine or name not in theirs for name in names):
-        sys.exit("error: no row of that name on both sides")
+        refuse("no row of that name on both sides", args.row or "every row",
+               f"name one of {sorted(set(mine) & set(theirs))}")  # fmt: skip
+    for name in sorted(set(mine) ^ set(theirs)):
+        print(f"{name}: on one side only, left out")
     for name in names:
         print("\n".join(paired(name, mine[name], theirs[name])))
 

@@ -3,6 +3,7 @@ real (tiny) training of the feature and downstream networks."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shlex
 import shutil
@@ -23,6 +24,7 @@ from specdm_cli.pipeline.benchmark.features import manifest_sha256
 from specdm_cli.pipeline.benchmark.generator import (
     heldout_in_training,
     made_by,
+    other_maker,
     round_trip,
     synthesize_defaults,
     throughput,
@@ -279,6 +281,23 @@ def test_a_store_sampled_without_detail_is_judged_without_the_runs_bank(
     manifest["plan"]["model_sha256"] = "0" * 64  # another model's store: synthesize's default
     (plain / "manifest.json").write_text(json.dumps(manifest))
     assert with_detail(open_store(plain), chosen)
+
+
+def test_a_store_of_an_earlier_state_of_the_run_is_named_as_such(
+    ss: tuple[Path, Path], tmp_path: Path
+) -> None:
+    """After `fit-detail` or more `fit-diffusion` on the run that made the store, the caution
+    read "--model run-a did not make the synthetic store, run-a (...) did" (review16 L5)."""
+    chosen = dataclasses.replace(choose_model("demo", "ss"), kind="run")
+    store = Path(shutil.copytree(ss[1], tmp_path / "s.zarr"))
+    manifest = json.loads((store / "manifest.json").read_text())
+    manifest["plan"]["model_sha256"], manifest["model"]["kind"] = "cd" * 32, "registry"
+    (store / "manifest.json").write_text(json.dumps(manifest))
+    earlier = f"an earlier state of {chosen.manifest.run_id} (sha256 cdcdcdcdcdcd; its weights"
+    assert (other_maker(open_store(store), chosen) or "").startswith(earlier)
+    manifest["model"]["run_id"] = "run-y"
+    (store / "manifest.json").write_text(json.dumps(manifest))
+    assert other_maker(open_store(store), chosen) == "run-y (registry, sha256 cdcdcdcdcdcd)"
 
 
 def test_downstream_rows_train_on_the_right_data(ss_report: Path, ss: tuple[Path, Path]) -> None:

@@ -426,34 +426,42 @@ def test_the_utility_gate_reruns_a_saved_report_without_a_gated_row(
     assert len(runs) == 1  # a complete saved report is read, not run again
 
 
-def _rows(path: Path, mious: dict[int, float], real: str = "r0") -> Path:
+def _rows(path: Path, mious: dict[int, float], real: str = "r0", synthetic: str = "s0") -> Path:
     lines = [{"row": "synthetic x50 -> real", "seed": seed, "miou": miou, "real_content": real,
-              "iou": {"no change": 0.99, "change": miou}} for seed, miou in mious.items()]  # fmt: skip
+              "synthetic_content": synthetic, "iou": {"no change": 0.99, "change": miou}}
+             for seed, miou in mious.items()]  # fmt: skip
     path.write_text("".join(json.dumps(line) + "\n" for line in lines))
     return path
 
 
 def test_paired_rows_sets_rows_against_others_seed_by_seed(tmp_path: Path) -> None:
-    """The cd gate's figures came from a script outside the repository (review of 2026-12-07):
-    the pairing, its interval and its refusals are the example's now."""
-    gains = [0.010, 0.030, -0.005]
-    plain = {seed: 0.90 + seed / 100 for seed in range(3)}
-    mine = _rows(tmp_path / "bank.jsonl", {s: plain[s] + g for s, g in enumerate(gains)})
-    theirs = _rows(tmp_path / "plain.jsonl", {**plain, 7: 0.5})  # seed 7: no partner, left out
+    """The cd gate's figures came from a script outside the repository: the pairing by seed,
+    its interval and its refusals are the example's now. The sides hold their seeds in other
+    orders and one seed the other lacks, so pairing by position would show."""
+    gains = {4: 0.010, 2: 0.030, 9: -0.005}
+    plain = {9: 0.92, 7: 0.5, 2: 0.90, 4: 0.91}  # seed 7: no partner, named and left out
+    mine = _rows(tmp_path / "bank.jsonl", {s: plain[s] + g for s, g in gains.items()})
+    theirs = _rows(tmp_path / "plain.jsonl", plain, synthetic="s1")
     script = [sys.executable, EXAMPLES / "paired_rows.py"]
     done = processes.run([*script, mine, "--against", theirs], text=True)
     assert done.returncode == 0, done.stderr
-    mean = sum(gains) / 3
-    sd = (sum((g - mean) ** 2 for g in gains) / 2) ** 0.5
+    values = list(gains.values())
+    mean = sum(values) / 3
+    sd = (sum((g - mean) ** 2 for g in values) / 2) ** 0.5
     t_975 = 0.95 / (2 * 0.975 * 0.025) ** 0.5  # Student's t quantile in closed form for 2 df
     half = t_975 * sd / 3**0.5
-    assert f"mean {mean:+.4f} (95% {mean - half:+.4f} to {mean + half:+.4f}), above on 2/3" in (
-        done.stdout
-    )
-    assert "seed 2: 0.9150 against 0.9200, -0.0050, last class IoU -0.005" in done.stdout
-    assert "seed 7" not in done.stdout
+    said = f"mean {mean:+.4f} (95% {mean - half:+.4f} to {mean + half:+.4f}), above on 2/3"
+    assert said in done.stdout
+    assert "seed 9: 0.9150 against 0.9200, -0.0050, last class IoU -0.005" in done.stdout
+    assert "seeds only on the --against side, left out: [7]" in done.stdout
     other_store = _rows(tmp_path / "other.jsonl", plain, real="r1")
     done = processes.run([*script, mine, "--against", other_store], text=True)
-    assert done.returncode != 0 and "trained on different real stores" in done.stderr
+    assert done.returncode != 0 and "come from 2 real stores" in done.stderr
+    lines = theirs.read_text().splitlines()
+    lines[0] = lines[0].replace('"s1"', '"s2"')  # one seed of another synthetic store
+    mixed = tmp_path / "mixed.jsonl"
+    mixed.write_text("\n".join(lines) + "\n")
+    done = processes.run([*script, mine, "--against", mixed], text=True)
+    assert done.returncode != 0 and "come from 2 synthetic stores" in done.stderr
     done = processes.run([*script, mine, mine, "--against", theirs], text=True)
-    assert done.returncode != 0 and "seed 0 of 'synthetic x50 -> real' twice" in done.stderr
+    assert done.returncode != 0 and "seed 4 of 'synthetic x50 -> real' twice" in done.stderr

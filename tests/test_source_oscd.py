@@ -1018,6 +1018,10 @@ def test_band_files_named_in_another_case_are_read(tree: Callable[..., Path], ra
     _band_file(raw, "bercy", 2, "B8A").rename(_band_file(raw, "bercy", 2, "B8a"))
     for path in (raw / IMAGES / "aguasclaras" / "imgs_2_rect").glob("B0?.tif"):
         path.rename(path.with_name(path.name.replace("B0", "B")))  # B2.tif (review15 L3)
+    # A user's copy beside a band is no band file (review17: "B02 twice" once padding was read).
+    shutil.copy(
+        _band_file(raw, "bercy", 2, "B02"), folder.parent / "imgs_2_rect" / "Copy of B02.tif"
+    )
     expected = _load_all(read_oscd(tree(), SMALL))
     loaded = _load_all(read_oscd(raw, SMALL))
     assert loaded.keys() == expected.keys()

@@ -534,6 +534,36 @@ def test_list_lines_giving_file_paths_name_their_files(tmp_path: Path) -> None:
     assert [c.source_id for c in plan.candidates] == [f"train/{i}" for i in ids]
 
 
+def test_list_lines_into_another_split_s_folder_are_not_read_from_this_one(
+    tmp_path: Path,
+) -> None:
+    """`val/img/1.tif` in train.txt was read as train's 1 (review17): only this split's own
+    folder is stripped from a path; another is reported missing."""
+    tree = _tree(tmp_path, splits={"train": 2, "val": 1})
+    first = (tree / "dataset" / "train.txt").read_text().split()[0]
+    (tree / "dataset" / "train.txt").write_text(f"val/img/{first}.tif\n")
+    err = _input_error(tmp_path, "file listed in split 'train' is missing")
+    assert err.path == tree / "train" / "img" / "val" / "img" / f"{first}.tif"
+
+
+def test_a_tiff_spelled_patch_is_the_listed_tif(tmp_path: Path) -> None:
+    tree = _tree(tmp_path, splits={"train": 2})
+    first = (tree / "dataset" / "train.txt").read_text().split()[0]
+    image = tree / "train" / "img" / f"{first}.tif"
+    image.rename(image.with_suffix(".tiff"))
+    plan = read_segmunich(tree, PrepareOptions())
+    assert plan.candidates[0].ref[0] == image.with_suffix(".tiff")
+
+
+def test_an_mmseg_label_in_another_format_gets_the_png_conversion(tmp_path: Path) -> None:
+    """The hint was `gdal_translate -of GTiff 1.tif 1.png`: a TIFF named .png (review17)."""
+    root = make_segmunich(tmp_path, layout="mmseg", wrap=None)
+    label = next((root / "ann_dir" / "train").glob("*.png"))
+    label.rename(label.with_suffix(".tif"))
+    err = _input_error(root, f"{label.stem}.tif is there, in another format than .png")
+    assert f"gdal_translate -of PNG {label.stem}.tif {label.name}" in (err.hint or "")
+
+
 def test_a_label_in_another_format_is_named(tmp_path: Path) -> None:
     """`label/1.png` beside a list naming 1: "file ... missing (label/1.tif)" alone (L4)."""
     tree = _tree(tmp_path, splits={"train": 2})

@@ -53,7 +53,7 @@ def generator_info(
         source_manifest_sha256=run.source_manifest_sha256,
         real_store_is_source=run.trained_on(real_ref.manifest_sha256, real_ref.content_sha256),
         heldout_in_training=heldout_in_training(run, real),
-        synthetic_made_by=_other_maker(synthetic, chosen),
+        synthetic_made_by=other_maker(synthetic, chosen),
     )  # fmt: skip
 
 
@@ -72,7 +72,7 @@ def with_detail(synthetic: StoreReader, chosen: ChosenModel) -> bool:
     return "detail" in synthetic.manifest.plan if made_by(synthetic, chosen) else True
 
 
-def _other_maker(synthetic: StoreReader, chosen: ChosenModel | None) -> str | None:
+def other_maker(synthetic: StoreReader, chosen: ChosenModel | None) -> str | None:
     """The model the synthetic store names, where --model is another one."""
     model = synthetic.manifest.model
     if chosen is None or model is None or made_by(synthetic, chosen):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -177,10 +178,10 @@ def _band_files(
             found = present.get(f"{band}.tif".lower(), [])
             if len(found) > 1:
                 raise InputDataError(
-                    f"band {band} twice, in names that differ only by case or padding: "
+                    f"band {band} twice, in names that differ only by case or zero padding: "
                     f"{', '.join(n.rsplit('/', 1)[1] for n in found)}",
                     images.where(found[0]),
-                    "remove the copy that is not the band",
+                    "keep one of the two files",
                 )
             if found:
                 files[index, band] = found[0]
@@ -192,14 +193,18 @@ def _band_files(
     return files, fallbacks
 
 
+# A rectified folder's band file, the whole name: `B02.tif`, `B2.TIF`, `B8a.tif` (not `Copy of
+# B02.tif` or `RGB-B2.tif`, which are no band files of the dataset).
+_BAND_FILE = re.compile(r"B0?\d{1,2}A?\.tif", re.IGNORECASE)
+
+
 def _by_lower_name(images: Tree, folder: str) -> dict[str, list[str]]:
     """The files of `folder` by lower-case name, a band file's by its band: `B02.TIF` (FAT and
     Windows copies), `B8a.tif` and `B2.tif` (re-exported unpadded) are the band files
     `B02.tif`, `B8A.tif` and `B02.tif`."""
     found: dict[str, list[str]] = {}
     for file_name in images.listdir(folder):
-        tif = file_name.lower().endswith(".tif") and "_" not in file_name
-        band = s2_band_name(file_name) if tif else None
+        band = s2_band_name(file_name) if _BAND_FILE.fullmatch(file_name) else None
         key = f"{band}.tif" if band is not None else file_name
         found.setdefault(key.lower(), []).append(f"{folder}/{file_name}")
     return found

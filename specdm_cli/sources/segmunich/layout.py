@@ -106,7 +106,7 @@ def read_split_lists(dataset: Path) -> tuple[str, SplitIds]:
     lists = {p.stem: p for p in dataset.glob("*.txt") if p.stem in SPLIT_ORDER}
     if lists:
         return "official", {
-            s: _unique_ids([_sample_id(line) for line in iter_nonempty_lines(p)], p)
+            s: _unique_ids([_sample_id(line, s) for line in iter_nonempty_lines(p)], p)
             for s, p in lists.items()
         }
     if (dataset / "metadata.csv").is_file():
@@ -118,10 +118,16 @@ def read_split_lists(dataset: Path) -> tuple[str, SplitIds]:
     )
 
 
-def _sample_id(line: str) -> str:
+def _sample_id(line: str, split: str) -> str:
     """A split-file line as a sample id: the official lists omit `.tif`, re-made ones often not,
-    and some give the file's path (`train/img/1.tif`): its name is the id."""
-    line = line.replace("\\", "/").rsplit("/", 1)[-1]
+    and some give the file's path in the split's own folder (`train/img/1.tif` in train.txt).
+    A path into another folder is kept whole, so it is reported missing, never read from
+    this split's folder."""
+    line = line.replace("\\", "/")
+    for prefix in (f"{split}/img/", "img/"):
+        if line.lower().startswith(prefix):
+            line = line[len(prefix) :]
+            break
     for suffix in (".tif", ".tiff"):
         if line.lower().endswith(suffix):
             return line[: -len(suffix)]
@@ -137,7 +143,7 @@ def _read_metadata_csv(path: Path) -> SplitIds:
             f"metadata.csv needs columns id and source (GFM-Bench's), found {sorted(columns)}",
             path,
             "restore the file from the GFM-Bench archive, or give the splits as "
-            "dataset/<split>.txt lists (one id a line) and move this file away",
+            "dataset/<split>.txt lists (one id a line), which are read first",
         )
     split_ids: SplitIds = {}
     for line, row in enumerate(rows, start=2):
@@ -239,6 +245,11 @@ def is_tif(path: Path) -> bool:
     return path.suffix.lower() == ".tif"
 
 
+# `.tiff` and `.TIF` are the `.tif` a list's id names; the driver that writes each suffix.
+_TIF_SPELLINGS = {".tiff": ".tif"}
+_DRIVERS = {".tif": "GTiff", ".png": "PNG"}
+
+
 def _require_files(
     folder: Path, ids: Sequence[str], split: str, suffix: str = ".tif", leave_out: str = ""
 ) -> list[Path]:
@@ -257,17 +268,19 @@ def _require_files(
         ) from None
     present: dict[str, Path] = {}
     for path in listed:
-        present.setdefault(path.stem + path.suffix.lower(), path)
+        present.setdefault(
+            path.stem + _TIF_SPELLINGS.get(path.suffix.lower(), path.suffix.lower()), path
+        )
     missing = [i for i in ids if f"{i}{suffix}" not in present]
     if missing:
         more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
-        other = next((p for p in listed if p.stem == missing[0]), None)
+        other = next((p for p in listed if p.stem == missing[0] and p.is_file()), None)
         beside = f"; {other.name} is there, in another format than {suffix}" if other else ""
         raise InputDataError(
             f"file listed in split {split!r} is missing{more}{beside}",
             folder / f"{missing[0]}{suffix}",
-            f"convert the files to {suffix} (e.g. gdal_translate -of GTiff {other.name} "
-            f"{missing[0]}{suffix})"
+            f"convert the files to {suffix} (e.g. gdal_translate -of {_DRIVERS[suffix]} "
+            f"{other.name} {missing[0]}{suffix})"
             if other is not None
             else f"restore the file or remove its id from the {split} split list"
             if suffix == ".tif"
