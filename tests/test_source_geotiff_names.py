@@ -130,6 +130,25 @@ def test_a_mask_in_lossless_jpeg_2000_keeps_its_codes(tmp_path: Path) -> None:
     assert {int(v) for mask in masks for v in np.unique(mask)} == {0, 1, 2}
 
 
+def test_bands_an_envi_header_marks_bad_are_left_out_with_a_note(tmp_path: Path) -> None:
+    """The header's bad band list (bbl) was not read: the store kept band 4, or a band of fill
+    stopped the run asking for --bands (review15 L6). --bands still chooses."""
+    raw = make_geotiff_folder(tmp_path / "raw", n=2, size=(16, 16))
+    for data in images_to_envi(raw, ".img"):
+        header = data.with_suffix(".hdr")
+        header.write_text(header.read_text() + "bbl = {1, 1, 1, 0, 1}\n")
+    code, _, stderr = run_cli("prepare", "geotiff", raw, "--out", tmp_path / "s.zarr",
+                              "--patch-size", "16", "--val-fraction", "0")  # fmt: skip
+    assert code == 0, stderr
+    assert "note: left out band 4, which the ENVI header of tile_00.img marks bad" in stderr
+    store = open_store(tmp_path / "s.zarr")
+    assert [band.name for band in store.manifest.bands] == [f"B0{i}" for i in (1, 2, 3, 5)]
+    code, stderr = _prepare(raw, tmp_path / "t.zarr", "--patch-size", "16", "--val-fraction", "0",
+                            "--bands", "1-5")  # fmt: skip
+    assert code == 0, stderr
+    assert len(open_store(tmp_path / "t.zarr").manifest.bands) == 5
+
+
 def test_envi_data_beside_its_camera_s_notes_and_logs_is_read(tmp_path: Path) -> None:
     """`t.raw` + `t.hdr` beside `t.log` and `t.txt`: "two files share the stem 't'"."""
     raw = make_geotiff_folder(tmp_path / "raw", n=2)

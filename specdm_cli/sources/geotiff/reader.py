@@ -62,7 +62,12 @@ from specdm_cli.sources.geotiff.headers import (
     output_dtype,
 )
 from specdm_cli.sources.geotiff.layout import Files, infer_task, pair_files
-from specdm_cli.sources.geotiff.selection import chosen_positions, refuse_empty_bands
+from specdm_cli.sources.geotiff.selection import (
+    bad_bands_note,
+    chosen_positions,
+    envi_bad_bands,
+    refuse_empty_bands,
+)
 from specdm_cli.sources.geotiff.splits import assign_splits, recorded_splits, share_notes
 
 # Files each loading thread keeps open, per array of a sample (ss: image and mask): the
@@ -165,7 +170,8 @@ def read_geotiff(
     resolved = resolve_classes(root, options, task, files, colour_masks, exported, planning)
     classes, classes_from = resolved.classes, resolved.source
     file_bands = read_bands(first.path)
-    positions = chosen_positions(options.bands, file_bands, first.path)
+    bad = [] if options.bands else envi_bad_bands(first.path, len(file_bands))
+    positions = chosen_positions(options.bands, file_bands, first.path, bad)
     for name in array_names(task)[:-1]:
         refuse_empty_bands(next(iter(files.values()))[name], positions, options.nodata)
     bands = [file_bands[p] for p in positions]
@@ -202,6 +208,7 @@ def read_geotiff(
         *_alpha_notes(headers),
         *(share_notes(splits, options) if recorded is None else _unread_split_options(options, splits_from)),
         *_change_code_notes(task, codes, classes_from), *resolved.notes, *(grey_notes or []),
+        *([bad_bands_note(bad, first.path)] if bad else []),
     ]  # fmt: skip
     return SourcePlan(
         spec=spec, candidates=candidates, load=load, warnings=notes, close=rasters.close

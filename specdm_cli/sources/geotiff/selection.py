@@ -21,11 +21,14 @@ _RANGE = re.compile(r"^(\d+)\s*-\s*(\d+)$")
 _PROBE_SIDE = 128
 
 
-def chosen_positions(selection: Sequence[str] | None, bands: list[Band], path: Path) -> list[int]:
+def chosen_positions(
+    selection: Sequence[str] | None, bands: list[Band], path: Path, bad: Sequence[int] = ()
+) -> list[int]:
     """0-based positions, among the files' data bands, of the bands `--bands` names (1-based
-    numbers, ranges `1-5`, or band names as `inspect` shows them); every band without it."""
+    numbers, ranges `1-5`, or band names as `inspect` shows them); without it, every band but
+    the `bad` ones (an ENVI header's bad band list)."""
     if not selection:
-        return list(range(len(bands)))
+        return [p for p in range(len(bands)) if p not in bad]
     positions: list[int] = []
     for token in selection:
         positions += _positions_of(token, [band.name for band in bands], path)
@@ -59,6 +62,26 @@ def _positions_of(token: str, names: list[str], path: Path) -> list[int]:
         f"--bands {token}: no band of that name (the images' bands: {shown})",
         path,
         "name bands by number (1-5,8-12) or as listed",
+    )
+
+
+def envi_bad_bands(path: Path, count: int) -> list[int]:
+    """0-based positions an ENVI header's bad band list (`bbl`, 0 = bad) marks bad, where it
+    lists `count` bands and leaves some good; [] for any other file."""
+    with open_raster(path) as src:
+        listed = src.tags(ns="ENVI").get("bbl")
+    flags = [flag.strip() for flag in (listed or "").strip("{} ").split(",")]
+    if len(flags) != count:
+        return []
+    bad = [p for p, flag in enumerate(flags) if flag in ("0", "0.0")]
+    return bad if len(bad) < count else []
+
+
+def bad_bands_note(bad: Sequence[int], path: Path) -> str:
+    numbers = _ranges(list(bad))
+    return (
+        f"note: left out band{'s' if len(bad) > 1 else ''} {numbers}, which the ENVI header of "
+        f"{path.name} marks bad (bbl); --bands chooses the bands instead"
     )
 
 
