@@ -126,13 +126,13 @@ def _check_band_headers(images: Tree, city: City) -> None:
     grid = (city.height, city.width)
     for rel in dict.fromkeys(city.band_files.values()):
         with open_raster(images, rel) as src:
-            require_city_grid(src, city, images.where(rel), fix_of(images))
+            _require_city_grid(src, city, images.where(rel), fix_of(images))
             shape = (int(src.height), int(src.width))
             if shape != grid:
-                require_coarse_grid(shape, grid, images.where(rel), fix_of(images))
+                _require_coarse_grid(shape, grid, images.where(rel), fix_of(images))
 
 
-def require_city_grid(src: Any, city: City, where: Path, fix: str) -> None:
+def _require_city_grid(src: Any, city: City, where: Path, fix: str) -> None:
     """A georeferenced band must lie on the city's georeferenced grid (its CRS, and its origin
     within one of its own pixels): a band stacked off its place shifts every pixel silently."""
     if city.crs is None or src.crs is None or src.transform.is_identity:
@@ -149,7 +149,7 @@ def require_city_grid(src: Any, city: City, where: Path, fix: str) -> None:
     )
 
 
-def require_coarse_grid(
+def _require_coarse_grid(
     shape: tuple[int, int], grid: tuple[int, int], where: Path, fix: str
 ) -> None:
     """A band off the grid must be the same extent at 20 m or 60 m (+- one pixel of rounding)."""

@@ -23,13 +23,11 @@ from specdm_cli.sources.base import (
     patch_bounds,
     remap_labels,
 )
-from specdm_cli.sources.oscd.archive import Tree, fix_of, open_png, open_raster
+from specdm_cli.sources.oscd.archive import Tree, open_png, open_raster
 from specdm_cli.sources.oscd.layout import (
     PHASES,
     City,
     leaving_out,
-    require_city_grid,
-    require_coarse_grid,
 )
 
 _TIF_LABEL_CODES = (1, 2)  # <city>-cm.tif: 1 = no change, 2 = change
@@ -119,12 +117,10 @@ def _read_band(
     nodata (`nodata`, else the tag) that uint16 cannot hold (NaN, -9999); those hold 0."""
     grid = (city.height, city.width)
     with open_raster(tree, rel) as src:
-        require_city_grid(src, city, tree.where(rel), fix_of(tree))
-        shape = (int(src.height), int(src.width))
-        if shape == grid:
+        # On the city's grid at 10, 20 or 60 m: open_city checked every band's header.
+        if (src.height, src.width) == grid:
             data = np.asarray(src.read(1))
         else:
-            require_coarse_grid(shape, grid, tree.where(rel), fix_of(tree))
             # Reflectance is continuous, so bilinear, not nearest: no 2x2 or 6x6 blocks.
             data = np.asarray(src.read(1, out_shape=grid, resampling=Resampling.bilinear))
         declared = src.nodata if nodata is None else nodata
