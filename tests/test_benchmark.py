@@ -974,6 +974,38 @@ def test_a_model_of_another_task_is_a_model_error(ss: tuple[Path, Path], tmp_pat
     assert_one_error_line(code, stderr, 4, "the model is for task cd with 10 bands")
 
 
+def test_a_model_of_other_classes_is_a_model_error(ss: tuple[Path, Path], tmp_path: Path) -> None:
+    """Only task and band count were checked: a model whose class 1 is another store's class 2
+    had its reconstruction mIoU scored class against the wrong class."""
+    copies = [Path(shutil.copytree(store, tmp_path / store.name)) for store in ss]
+    for store in copies:
+        manifest = json.loads((store / "manifest.json").read_text())
+        classes = manifest["classes"]
+        classes[0]["name"], classes[1]["name"] = classes[1]["name"], classes[0]["name"]
+        (store / "manifest.json").write_text(json.dumps(manifest))
+    code, _, stderr = run_cli("benchmark", "--real", copies[0], "--synthetic", copies[1],
+                              "--model", "demo", "--out", tmp_path / "out", *FAST)  # fmt: skip
+    assert_one_error_line(code, stderr, 4, "classes are not the real store's")
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_model_of_another_tile_size_is_cautioned(tmp_path: Path) -> None:
+    """The demo model (64 px) reconstructed 32 px real tiles without a word (review13 F7)."""
+    real = prepare_demo(tmp_path / "real.zarr", n=16, size=demo_size("ss") // 2)
+    synthetic = Path(shutil.copytree(real, tmp_path / "syn.zarr"))
+    out = tmp_path / "report"
+    code, _, stderr = run_cli("benchmark", "--real", real, "--synthetic", synthetic, "--model",
+                              "demo", "--out", out, "--throughput-batches", "1", *FAST)  # fmt: skip
+    assert code == 0, stderr
+    report = load_report(out)
+    size, half = demo_size("ss"), demo_size("ss") // 2
+    assert report.generator is not None
+    assert report.generator.tile_sizes == {"model": [size, size], "real": [half, half]}
+    said = f"learned {size}x{size} px tiles, the real store's are {half}x{half} px"
+    assert any(said in caution for caution in report.cautions)
+    assert said in (out / "report.md").read_text()
+
+
 def test_a_report_inside_the_model_is_refused(ss: tuple[Path, Path]) -> None:
     """It was written into the run folder, or with --model demo into the installed package."""
     real, synthetic = ss

@@ -54,6 +54,7 @@ def generator_info(
         real_store_is_source=run.trained_on(real_ref.manifest_sha256, real_ref.content_sha256),
         heldout_in_training=heldout_in_training(run, real),
         synthetic_made_by=other_maker(synthetic, chosen),
+        tile_sizes=other_tile_size(chosen, real),
     )  # fmt: skip
 
 
@@ -81,6 +82,15 @@ def other_maker(synthetic: StoreReader, chosen: ChosenModel | None) -> str | Non
     if model.run_id == chosen.manifest.run_id and "demo" not in (model.kind, chosen.kind):
         return f"an earlier state of {model.run_id} (sha256 {sha}; its weights changed since)"
     return f"{model.run_id} ({model.kind}, sha256 {sha})"
+
+
+def other_tile_size(chosen: ChosenModel | None, real: StoreReader) -> dict[str, list[int]] | None:
+    """--model's tile size and the real store's, where they differ."""
+    if chosen is None:
+        return None
+    model = [chosen.manifest.height, chosen.manifest.width]
+    tiles = [real.manifest.height, real.manifest.width]
+    return None if model == tiles else {"model": model, "real": tiles}
 
 
 # The prepare options under which a demo source id ("demo/000123") names the same scene.
@@ -142,12 +152,20 @@ def _run_of(path: str | None) -> RunManifest | None:
 
 
 def check_model_fits(chosen: ChosenModel, real: StoreReader) -> None:
-    """The run must be of the real store's task and band count."""
+    """The run must be of the real store's task, band count and classes."""
     run, manifest = chosen.manifest, real.manifest
     if run.task != manifest.task or len(run.bands) != len(manifest.bands):
         raise ModelError(
             f"the model is for task {run.task} with {len(run.bands)} bands, the real store is "
             f"{manifest.task} with {len(manifest.bands)}",
+            chosen.path,
+            "pass the --model trained on data like --real",
+        )
+    if [(c.index, c.name) for c in run.classes] != [(c.index, c.name) for c in manifest.classes]:
+        raise ModelError(
+            f"the model's {len(run.classes)} classes are not the real store's "
+            f"{len(manifest.classes)} (by index and name): its masks would be scored against "
+            "other classes",
             chosen.path,
             "pass the --model trained on data like --real",
         )

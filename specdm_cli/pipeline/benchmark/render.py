@@ -158,6 +158,7 @@ def cautions(report: BenchmarkReport, how: str) -> list[str]:
         few_samples_caution(report.quality),
         real_limit_caution(report),
         other_maker_caution(report),
+        tile_size_caution(report),
     )
     return [caution for caution in found if caution]
 
@@ -172,6 +173,19 @@ def other_maker_caution(report: BenchmarkReport) -> str | None:
         f"{gen.synthetic_made_by} did: the reconstruction, throughput and round-trip figures "
         "measure --model, the quality and synthetic rows the store; pass the --model that made "
         "it, or leave --model out"
+    )
+
+
+def tile_size_caution(report: BenchmarkReport) -> str | None:
+    """The sentence saying --model learned tiles of another size than the real store's, or None."""
+    gen = report.generator
+    if gen is None or gen.tile_sizes is None:
+        return None
+    model, real = ("x".join(map(str, gen.tile_sizes[side])) for side in ("model", "real"))
+    return (
+        f"--model {gen.run_id} ({gen.kind}) learned {model} px tiles, the real store's are "
+        f"{real} px: its reconstruction and round trips are measured on tiles of a size it never "
+        f"trained on; benchmark against a real store of {model} px tiles"
     )
 
 

@@ -83,6 +83,12 @@ class GeneratorInfo(_Strict):
         "and model_sha256's first 12 digits, from the store's manifest); None: --model made it, "
         "or no --model was given, or the store names no model",
     )
+    tile_sizes: dict[str, list[int]] | None = Field(
+        None,
+        description="{'model': [h, w], 'real': [h, w]} where --model learned tiles of another "
+        "size than the real store's: its reconstruction and round trips then run on tiles of a "
+        "size it did not train on; None: the same size, or no --model",
+    )
 
 
 class Reconstruction(_Strict):
