@@ -122,7 +122,10 @@ _COARSE_FACTORS = (2, 6)  # 20 m and 60 m bands against the 10 m grid
 def _check_band_headers(images: Tree, city: City) -> None:
     """Every band file opens and lies on the city's grid (at 10, 20 or 60 m): read from the
     headers while planning, so a broken band of one city is not found after the cities before
-    it are written (the pixels' own checks, NaN and 0-1 reflectance, come as they are read)."""
+    it are written (the pixels' own checks, NaN and 0-1 reflectance, come as they are read).
+    A zip's member is inflated whole here, not read header-only through GDAL's /vsizip/ (9x
+    faster on the headers, ~8% of a prepare): inflating checks its CRC, so a damaged download
+    stops before the first city is written."""
     grid = (city.height, city.width)
     for rel in dict.fromkeys(city.band_files.values()):
         with open_raster(images, rel) as src:
