@@ -1289,7 +1289,7 @@ def test_a_nodata_tag_the_classes_file_declares_a_class_is_read_as_the_class(
     assert any("tag 0 as nodata" in line and "read as the class" in line for line in plan.warnings)
     raw = _read(root / "masks" / "tile_00.tif", 1)
     np.testing.assert_array_equal(plan.load(plan.candidates[0]).arrays["mask"], raw)
-    with pytest.raises(UsageError, match=r"--label-nodata 1 is a class code in legend\.csv"):
+    with pytest.raises(UsageError, match=r"--label-nodata 1 is the class 'a' in legend\.csv"):
         _plan(root, classes_file=legend, label_nodata=1.0)
 
 

@@ -295,8 +295,9 @@ def integral(value: float | None) -> int | None:
 
 
 def refuse_class_nodata(label_nodata: float | None, classes: dict[int, str], where: str) -> None:
-    """`--label-nodata` naming one of a dataset's class codes would turn every pixel of that
-    class into 255 (ignored): a usage error, as in `prepare geotiff`, not a store without it."""
+    """`--label-nodata` naming one of a dataset's class codes (`classes`: code -> name, from
+    its label codes or a classes file at `where`) would turn every pixel of that class into 255
+    (ignored): a usage error, not a store without the class."""
     code = integral(label_nodata)
     if code in classes:
         raise UsageError(

@@ -15,7 +15,7 @@ from rasterio.enums import ColorInterp
 from rasterio.windows import Window
 
 from specdm_cli.config import Progress
-from specdm_cli.errors import InputDataError, UsageError
+from specdm_cli.errors import InputDataError
 from specdm_cli.faults import fault_point
 from specdm_cli.manifest import (
     IGNORE_INDEX,
@@ -31,6 +31,7 @@ from specdm_cli.sources.base import (
     integral,
     label_values,
     read_text_input,
+    refuse_class_nodata,
     require_integer_labels,
 )
 from specdm_cli.sources.geotiff.categories import category_names
@@ -73,7 +74,9 @@ def resolve_classes(
     masks = [paths[LABEL_ARRAY[task]] for paths in files.values()]
     if path is not None:
         classes = _read_classes_file(path)
-        declared = frozenset(int(str(c.code)) for c in classes)
+        named = {int(str(c.code)): c.name for c in classes}
+        refuse_class_nodata(options.label_nodata, named, path.name)
+        declared = frozenset(named)
         notes = _check_declared_codes(masks, declared, options.label_nodata, path, progress)
         return ResolvedClasses(classes, str(path), notes, declared)
     if exported is not None:  # a specdm export's masks hold class indices as codes
@@ -181,11 +184,6 @@ def _check_declared_codes(
 ) -> list[str]:
     """Every mask's codes must be declared (exit 3 naming the mask; found while writing, it
     left a half-written store); a tag that names a declared code is read as the class (noted)."""
-    if integral(option) in declared:
-        raise UsageError(
-            f"--label-nodata {option:g} is a class code in {source.name}",
-            hint="drop --label-nodata, or the class from the file",
-        )
     overridden: set[int] = set()
     for path, scan in _scan_masks(masks, option, declared, progress):
         tagged = integral(scan.tag)
