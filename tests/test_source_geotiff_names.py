@@ -149,6 +149,23 @@ def test_bands_an_envi_header_marks_bad_are_left_out_with_a_note(tmp_path: Path)
     assert len(open_store(tmp_path / "t.zarr").manifest.bands) == 5
 
 
+def test_envi_headers_that_mark_other_bands_bad_are_refused(tmp_path: Path) -> None:
+    """Only the first file's bad band list (bbl) was read: a band another header marks bad was
+    stored from that file, and one the first marks bad was left out of every file."""
+    raw = make_geotiff_folder(tmp_path / "raw", n=2, size=(16, 16))
+    marked = ("1, 1, 1, 0, 1", "1, 0, 1, 1, 1")
+    for data, flags in zip(images_to_envi(raw, ".img"), marked, strict=True):
+        header = data.with_suffix(".hdr")
+        header.write_text(header.read_text() + f"bbl = {{{flags}}}\n")
+    out = tmp_path / "s.zarr"
+    code, _, stderr = run_cli("prepare", "geotiff", raw, "--out", out, "--patch-size", "16",
+                              "--val-fraction", "0")  # fmt: skip
+    assert_one_error_line(code, stderr, 3, "its ENVI header marks band 2 bad, that of tile_00.img")
+    assert "tile_01.img" in stderr and not out.exists()
+    code, stderr = _prepare(raw, out, "--patch-size", "16", "--val-fraction", "0", "--bands", "1-5")
+    assert code == 0, stderr
+
+
 def test_envi_data_beside_its_camera_s_notes_and_logs_is_read(tmp_path: Path) -> None:
     """`t.raw` + `t.hdr` beside `t.log` and `t.txt`: "two files share the stem 't'"."""
     raw = make_geotiff_folder(tmp_path / "raw", n=2)

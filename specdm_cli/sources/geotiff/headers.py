@@ -38,6 +38,7 @@ class Header:
     alpha: bool = False  # an alpha band, left out of `count`
     names: tuple[str, ...] = ()  # the data bands' descriptions ("" where a band has none)
     lossy: str | None = None  # how the file is compressed with loss (None: losslessly or not)
+    bad_bands: tuple[int, ...] = ()  # 0-based data bands an ENVI header's `bbl` marks bad
 
 
 @contextmanager
@@ -87,8 +88,19 @@ def _header(path: Path) -> Header:
         names = tuple((src.descriptions[i - 1] or "").strip() for i in bands)
         return Header(
             path, len(bands), dtype, src.height, src.width, crs, grid, scaled, alpha, names,
-            lossy_compression(src),
+            lossy_compression(src), envi_bad_bands(src, len(bands)),
         )  # fmt: skip
+
+
+def envi_bad_bands(src: Any, count: int) -> tuple[int, ...]:
+    """0-based positions an ENVI header's bad band list (`bbl`, 0 = bad) marks bad, where it
+    lists `count` bands and leaves some good; () for any other file."""
+    listed = src.tags(ns="ENVI").get("bbl")
+    flags = [flag.strip() for flag in (listed or "").strip("{} ").split(",")]
+    if len(flags) != count:
+        return ()
+    bad = tuple(p for p, flag in enumerate(flags) if flag in ("0", "0.0"))
+    return bad if len(bad) < count else ()
 
 
 def lossy_compression(src: Any) -> str | None:
@@ -198,10 +210,10 @@ def check_stem(paths: dict[str, Path], task: Task) -> tuple[Header, Header]:
             "save colour masks as 8-bit RGB (PNG or GeoTIFF), or labels as one band of codes",
         )
     image = images[0] if len(images) == 1 else _same_bands(images[0], images[1])
-    # A cd pair is scaled, or alpha-masked, when either phase is.
-    return replace(
-        image, scaled=any(h.scaled for h in images), alpha=any(h.alpha for h in images)
-    ), label
+    # A cd pair is scaled, or alpha-masked, when either phase is; a band bad in either is bad.
+    bad = tuple(sorted({p for header in images for p in header.bad_bands}))
+    scaled, alpha = any(h.scaled for h in images), any(h.alpha for h in images)
+    return replace(image, scaled=scaled, alpha=alpha, bad_bands=bad), label
 
 
 def _same_grid(image: Header, other: Header, label: bool) -> None:

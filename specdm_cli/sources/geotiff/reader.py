@@ -65,7 +65,7 @@ from specdm_cli.sources.geotiff.layout import Files, infer_task, pair_files
 from specdm_cli.sources.geotiff.selection import (
     bad_bands_note,
     chosen_positions,
-    envi_bad_bands,
+    one_bad_band_list,
     refuse_empty_bands,
 )
 from specdm_cli.sources.geotiff.splits import assign_splits, recorded_splits, share_notes
@@ -170,7 +170,7 @@ def read_geotiff(
     resolved = resolve_classes(root, options, task, files, colour_masks, exported, planning)
     classes, classes_from = resolved.classes, resolved.source
     file_bands = read_bands(first.path)
-    bad = [] if options.bands else envi_bad_bands(first.path, len(file_bands))
+    bad = () if options.bands else one_bad_band_list(list(headers.values()))
     positions = chosen_positions(options.bands, file_bands, first.path, bad)
     for name in array_names(task)[:-1]:
         refuse_empty_bands(next(iter(files.values()))[name], positions, options.nodata)

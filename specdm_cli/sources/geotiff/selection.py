@@ -12,7 +12,7 @@ from rasterio.enums import Resampling
 
 from specdm_cli.errors import InputDataError, UsageError
 from specdm_cli.manifest import Band
-from specdm_cli.sources.geotiff.headers import data_bands, open_raster
+from specdm_cli.sources.geotiff.headers import Header, data_bands, open_raster
 
 _RANGE = re.compile(r"^(\d+)\s*-\s*(\d+)$")
 # Pixels a side of the read that looks for bad bands: a band at the fill value in every one of
@@ -65,16 +65,23 @@ def _positions_of(token: str, names: list[str], path: Path) -> list[int]:
     )
 
 
-def envi_bad_bands(path: Path, count: int) -> list[int]:
-    """0-based positions an ENVI header's bad band list (`bbl`, 0 = bad) marks bad, where it
-    lists `count` bands and leaves some good; [] for any other file."""
-    with open_raster(path) as src:
-        listed = src.tags(ns="ENVI").get("bbl")
-    flags = [flag.strip() for flag in (listed or "").strip("{} ").split(",")]
-    if len(flags) != count:
-        return []
-    bad = [p for p, flag in enumerate(flags) if flag in ("0", "0.0")]
-    return bad if len(bad) < count else []
+def one_bad_band_list(headers: Sequence[Header]) -> tuple[int, ...]:
+    """The bands the images' ENVI headers mark bad (`bbl`), which must be the same in every
+    file: the first file's list chose the bands of all of them."""
+    first = headers[0]
+    for header in headers[1:]:
+        if header.bad_bands != first.bad_bands:
+            raise InputDataError(
+                f"its ENVI header marks {_marked(header.bad_bands)} bad, that of "
+                f"{first.path.name} {_marked(first.bad_bands)}",
+                header.path,
+                "give every header one bad band list (bbl), or choose the bands with --bands",
+            )
+    return first.bad_bands
+
+
+def _marked(bad: Sequence[int]) -> str:
+    return f"band{'s' if len(bad) > 1 else ''} {_ranges(list(bad))}" if bad else "no band"
 
 
 def bad_bands_note(bad: Sequence[int], path: Path) -> str:
