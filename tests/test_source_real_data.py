@@ -354,6 +354,35 @@ def test_bad_bands_filled_with_nodata_are_named_and_left_out_with_bands(tmp_path
 
 
 @pytest.mark.parametrize(
+    ("strip", "thin_band", "bad"),
+    [((50, 78), None, "band 3 holds"), (None, 4, None)],
+    ids=["data-off-the-first-windows", "a-band-with-data-in-its-top-rows"],
+)
+def test_bands_are_judged_on_the_whole_file_not_the_first_windows(
+    tmp_path: Path, strip: tuple[int, int] | None, thin_band: int | None, bad: str | None
+) -> None:
+    """The probe's 16 windows, read alone, let a fill band pass where the data lay between
+    them (a flight line's strip), and called a band with data in its top rows all nodata."""
+    raw = make_geotiff_folder(tmp_path / "raw", n=1, bands=5, dtype="float32", size=(256, 256))
+    tif = raw / "images" / "tile_00.tif"
+    with rasterio.open(tif, "r+") as src:
+        data = src.read()
+        if strip is not None:
+            data[:, :, : strip[0]] = data[:, :, strip[1] :] = -9999
+            data[2] = -9999
+        if thin_band is not None:
+            data[thin_band, 12:] = -9999
+        src.nodata = -9999
+        src.write(data)
+    code, _, stderr = _prepare("geotiff", raw, "--out", tmp_path / "g.zarr", "--val-fraction",
+                               "0", "--max-blank", "1", "--patch-size", "32")  # fmt: skip
+    if bad is None:
+        assert code == 0, stderr
+    else:
+        assert code == 3 and f"{bad} only nodata in every pixel" in _one_line(stderr)
+
+
+@pytest.mark.parametrize(
     ("bands", "code", "words"),
     [
         ("B02,b04", 0, ""),

@@ -6,8 +6,10 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
+from rasterio.enums import Resampling
 from rasterio.windows import Window
 
 from specdm_cli.errors import InputDataError, UsageError
@@ -15,7 +17,7 @@ from specdm_cli.manifest import Band
 from specdm_cli.sources.geotiff.headers import Header, data_bands, open_raster
 
 _RANGE = re.compile(r"^(\d+)\s*-\s*(\d+)$")
-# Pixels a side of the read that looks for bad bands: a band at the fill value in every one of
+# Pixels a side of the reads that look for bad bands: a band at the fill value in every one of
 # 128 x 128 pixels spread over the file holds no data (water-vapour bands, as some
 # hyperspectral products ship them).
 _PROBE_SIDE = 128
@@ -95,22 +97,24 @@ def bad_bands_note(bad: Sequence[int], path: Path) -> str:
 def refuse_empty_bands(path: Path, positions: list[int], nodata: float | None) -> None:
     """Exit 3 where some chosen bands of `path` hold only nodata (the tag or `nodata`, or NaN)
     while others hold data: each of their pixels would count as nodata (a pixel is nodata where
-    any band is), so every patch would be dropped as blank. The fix leaves them out."""
+    any band is), so every patch would be dropped as blank. The fix leaves them out.
+
+    Bands with data in a few windows are cleared at once; the others (suspects, all of them in
+    a file whose data misses the windows) are read again on a grid over the whole file, which
+    decodes every block of the bands read (80 s for a sparse 20,000 px file of 512 bands)."""
     with open_raster(path) as src:
         if np.dtype(src.dtypes[0]) == np.uint8:
             return  # 8-bit pixels are nodata only in every band (base.apply_nodata)
         fill = src.nodata if nodata is None else nodata
-        indexes = [data_bands(src)[p] for p in positions]
-        # Each window read once for all bands (a pixel-interleaved cube decodes a block once),
-        # band by band only where a VRT of band files mixes types, which one read cannot return.
-        groups = (
-            [indexes] if len({src.dtypes[i - 1] for i in indexes}) == 1 else [[i] for i in indexes]
-        )
-        windows = _probe_windows(src.height, src.width)
-        bands = np.concatenate(
-            [np.stack([src.read(group, window=w) for w in windows], 1) for group in groups]
-        ).reshape(len(indexes), -1)
-    bad = [p for p, band in zip(positions, bands, strict=True) if _only_fill(band, fill)]
+        band_of = dict(zip(positions, (data_bands(src)[p] for p in positions), strict=True))
+        windowed = _sampled(src, list(band_of.values()), _probe_windows(src.height, src.width))
+        suspects = [
+            p for p, band in zip(positions, windowed, strict=True) if _only_fill(band, fill)
+        ]
+        if not suspects:
+            return
+        spread = _sampled(src, [band_of[p] for p in suspects])
+    bad = [p for p, band in zip(suspects, spread, strict=True) if _only_fill(band, fill)]
     if not bad or len(bad) == len(positions):
         return  # no bad band, or a file of nodata only (a scene's edge): the filters say so
     kept = [p for p in positions if p not in bad]
@@ -123,16 +127,33 @@ def refuse_empty_bands(path: Path, positions: list[int], nodata: float | None) -
     )
 
 
+def _sampled(src: Any, indexes: list[int], windows: list[Window] | None = None) -> np.ndarray:
+    """(bands, pixels) of the 1-based band `indexes`: read in `windows`, else on a grid of
+    128 x 128 pixels over the whole file (a nearest-neighbour decimated read)."""
+    # One read of each window for all bands (a pixel-interleaved cube decodes a block once),
+    # band by band only where a VRT of band files mixes types, which one read cannot return.
+    same_type = len({src.dtypes[i - 1] for i in indexes}) == 1
+    groups = [indexes] if same_type else [[i] for i in indexes]
+    if windows is None:
+        shape = (min(src.height, _PROBE_SIDE), min(src.width, _PROBE_SIDE))
+        reads = [
+            src.read(g, out_shape=(len(g), *shape), resampling=Resampling.nearest) for g in groups
+        ]
+    else:
+        reads = [np.stack([src.read(g, window=w) for w in windows], 1) for g in groups]
+    return np.concatenate([values.reshape(len(values), -1) for values in reads])
+
+
 def _probe_windows(height: int, width: int) -> list[Window]:
-    """Windows at the centres of a 4 x 4 grid over the file (not its edges, where a scene's
-    swath often leaves every band empty), 128 x 128 pixels in all: a read of each touches a
-    block or a few per band, where a decimated read of a 20,000 px cube decodes every block
-    (80 s for a sparse file of 512 bands)."""
+    """Windows at the centres of a 4 x 4 grid over the file, 128 x 128 pixels in all (fewer,
+    not repeated, in a file under 128 px a side): a read of each touches a block or a few of
+    a band."""
     side_y, side_x = min(height, _PROBE_SIDE // 4), min(width, _PROBE_SIDE // 4)
     centres = (np.arange(4) + 0.5) / 4
     rows = np.clip(centres * height - side_y / 2, 0, height - side_y).astype(int)
     cols = np.clip(centres * width - side_x / 2, 0, width - side_x).astype(int)
-    return [Window(int(x), int(y), side_x, side_y) for y in rows for x in cols]
+    corners = dict.fromkeys((int(x), int(y)) for y in rows for x in cols)
+    return [Window(x, y, side_x, side_y) for x, y in corners]
 
 
 def _only_fill(values: np.ndarray, fill: float | None) -> bool:
