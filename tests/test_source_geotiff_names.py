@@ -160,10 +160,27 @@ def test_envi_headers_that_mark_other_bands_bad_are_refused(tmp_path: Path) -> N
     out = tmp_path / "s.zarr"
     code, _, stderr = run_cli("prepare", "geotiff", raw, "--out", out, "--patch-size", "16",
                               "--val-fraction", "0")  # fmt: skip
-    assert_one_error_line(code, stderr, 3, "its ENVI header marks band 2 bad, that of tile_00.img")
+    said = "the bad bands its ENVI header lists (bbl) are 2, images/tile_00.img's 4"
+    assert_one_error_line(code, stderr, 3, said)
     assert "tile_01.img" in stderr and not out.exists()
     code, stderr = _prepare(raw, out, "--patch-size", "16", "--val-fraction", "0", "--bands", "1-5")
     assert code == 0, stderr
+
+
+def test_the_phases_of_a_cd_pair_must_list_one_set_of_bad_bands(tmp_path: Path) -> None:
+    """The pair's lists were merged, and a refusal or note named the t1 file for a band its
+    t2 partner's header marked (review18 M3)."""
+    raw = make_geotiff_folder(tmp_path / "raw", task="cd", n=2, size=(16, 16))
+    for folder, flags in (("t1", "1, 1, 1, 0, 1"), ("t2", "1, 0, 1, 0, 1")):
+        for data in images_to_envi(raw, ".img", folder):
+            header = data.with_suffix(".hdr")
+            header.write_text(header.read_text() + f"bbl = {{{flags}}}\n")
+    out = tmp_path / "s.zarr"
+    code, _, stderr = run_cli("prepare", "geotiff", raw, "--out", out, "--patch-size", "16",
+                              "--val-fraction", "0")  # fmt: skip
+    said = "the bad bands its ENVI header lists (bbl) are 2, 4, t1/tile_00.img's 4"
+    assert_one_error_line(code, stderr, 3, said)
+    assert f"({raw / 't2' / 'tile_00.img'})" in stderr and not out.exists()
 
 
 def test_envi_data_beside_its_camera_s_notes_and_logs_is_read(tmp_path: Path) -> None:

@@ -94,13 +94,34 @@ def _header(path: Path) -> Header:
 
 def envi_bad_bands(src: Any, count: int) -> tuple[int, ...]:
     """0-based positions an ENVI header's bad band list (`bbl`, 0 = bad) marks bad, where it
-    lists `count` bands and leaves some good; () for any other file."""
+    lists `count` numbers and leaves some band good; () for any other file."""
     listed = src.tags(ns="ENVI").get("bbl")
-    flags = [flag.strip() for flag in (listed or "").strip("{} ").split(",")]
+    try:
+        flags = [float(flag) for flag in (listed or "").strip("{} ").split(",")]
+    except ValueError:
+        return ()
     if len(flags) != count:
         return ()
-    bad = tuple(p for p, flag in enumerate(flags) if flag in ("0", "0.0"))
+    bad = tuple(p for p, flag in enumerate(flags) if flag == 0)
     return bad if len(bad) < count else ()
+
+
+def refuse_other_bad_bands(expected: Header, found: Header) -> None:
+    """Exit 3 where `found`'s ENVI bad band list is not `expected`'s: one list chooses the
+    bands of every file."""
+    if found.bad_bands == expected.bad_bands:
+        return
+    raise InputDataError(
+        f"the bad bands its ENVI header lists (bbl) are {_listed(found.bad_bands)}, "
+        f"{expected.path.parent.name}/{expected.path.name}'s {_listed(expected.bad_bands)}",
+        found.path,
+        "give every header one bad band list, or choose the bands with --bands",
+    )
+
+
+def _listed(bad: tuple[int, ...]) -> str:
+    """1-based band numbers, or `none`."""
+    return ", ".join(str(p + 1) for p in bad) if bad else "none"
 
 
 def lossy_compression(src: Any) -> str | None:
@@ -210,10 +231,12 @@ def check_stem(paths: dict[str, Path], task: Task) -> tuple[Header, Header]:
             "save colour masks as 8-bit RGB (PNG or GeoTIFF), or labels as one band of codes",
         )
     image = images[0] if len(images) == 1 else _same_bands(images[0], images[1])
-    # A cd pair is scaled, or alpha-masked, when either phase is; a band bad in either is bad.
-    bad = tuple(sorted({p for header in images for p in header.bad_bands}))
-    scaled, alpha = any(h.scaled for h in images), any(h.alpha for h in images)
-    return replace(image, scaled=scaled, alpha=alpha, bad_bands=bad), label
+    for other in images[1:]:
+        refuse_other_bad_bands(images[0], other)
+    # A cd pair is scaled, or alpha-masked, when either phase is.
+    return replace(
+        image, scaled=any(h.scaled for h in images), alpha=any(h.alpha for h in images)
+    ), label
 
 
 def _same_grid(image: Header, other: Header, label: bool) -> None:

@@ -14,7 +14,12 @@ from rasterio.windows import Window
 
 from specdm_cli.errors import InputDataError, UsageError
 from specdm_cli.manifest import Band
-from specdm_cli.sources.geotiff.headers import Header, data_bands, open_raster
+from specdm_cli.sources.geotiff.headers import (
+    Header,
+    data_bands,
+    open_raster,
+    refuse_other_bad_bands,
+)
 
 _RANGE = re.compile(r"^(\d+)\s*-\s*(\d+)$")
 # Pixels a side of the reads that look for bad bands: a band at the fill value in every one of
@@ -68,22 +73,15 @@ def _positions_of(token: str, names: list[str], path: Path) -> list[int]:
 
 
 def one_bad_band_list(headers: Sequence[Header]) -> tuple[int, ...]:
-    """The bands the images' ENVI headers mark bad (`bbl`), which must be the same in every
-    file: the first file's list chose the bands of all of them."""
-    first = headers[0]
+    """The bands the images' ENVI headers mark bad (`bbl`), 0-based.
+
+    Raises:
+        InputDataError: a header lists other bad bands than the first file's, which would
+            choose the bands of all files.
+    """
     for header in headers[1:]:
-        if header.bad_bands != first.bad_bands:
-            raise InputDataError(
-                f"its ENVI header marks {_marked(header.bad_bands)} bad, that of "
-                f"{first.path.name} {_marked(first.bad_bands)}",
-                header.path,
-                "give every header one bad band list (bbl), or choose the bands with --bands",
-            )
-    return first.bad_bands
-
-
-def _marked(bad: Sequence[int]) -> str:
-    return f"band{'s' if len(bad) > 1 else ''} {_ranges(list(bad))}" if bad else "no band"
+        refuse_other_bad_bands(headers[0], header)
+    return headers[0].bad_bands
 
 
 def bad_bands_note(bad: Sequence[int], path: Path) -> str:
