@@ -31,7 +31,12 @@ from specdm_cli.pipeline.benchmark.generator import (
     with_detail,
 )
 from specdm_cli.pipeline.benchmark.render import markdown
-from specdm_cli.pipeline.benchmark.report import BenchmarkReport, compare, load_report
+from specdm_cli.pipeline.benchmark.report import (
+    BenchmarkReport,
+    TileSizes,
+    compare,
+    load_report,
+)
 from specdm_cli.pipeline.benchmark.scores import score_definition
 from specdm_cli.pipeline.runs.choose import choose_model, demo_model_path
 from specdm_cli.pipeline.runs.detail_io import has_bank
@@ -70,7 +75,7 @@ def _shared_home(home: Path, monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def demo_size(task: str) -> int:
-    """The tile size of the shipped demo model: real stores must match it."""
+    """The tile size of the shipped demo model, which the fixtures' real stores take."""
     return load_run(demo_model_path(task)).height
 
 
@@ -196,6 +201,8 @@ def test_generator_side_is_measured(ss_report: Path, ss: tuple[Path, Path]) -> N
     seen = load_run(demo_model_path("ss")).stages["vae"].details["train_samples"]
     assert generator.real_pairs_seen == seen > 0 and not generator.real_store_is_source
     assert generator.synthetic_made_by is None  # the demo model with its bank made the store
+    assert generator.tile_sizes is None  # the real store's tiles are the model's
+    assert not any("px tiles" in caution for caution in report.cautions)
     assert speed.detail  # as the store was sampled: with the bank (timed without it before)
     assert recon.split == "val" and recon.count == real.indices("val").size
     assert recon.rmse > 0 and 0 < recon.sad < 1.6 and 0 <= recon.miou <= 1
@@ -985,8 +992,32 @@ def test_a_model_of_other_classes_is_a_model_error(ss: tuple[Path, Path], tmp_pa
         (store / "manifest.json").write_text(json.dumps(manifest))
     code, _, stderr = run_cli("benchmark", "--real", copies[0], "--synthetic", copies[1],
                               "--model", "demo", "--out", tmp_path / "out", *FAST)  # fmt: skip
-    assert_one_error_line(code, stderr, 4, "classes are not the real store's")
+    first, second = (c.name for c in load_run(demo_model_path("ss")).classes[:2])
+    said = f"class 0 is {second!r} in the real store, {first!r} in the model"
+    assert_one_error_line(code, stderr, 4, said)
     assert not (tmp_path / "out").exists()
+
+
+def test_real_tiles_the_vae_cannot_take_are_refused_before_any_training(tmp_path: Path) -> None:
+    """30 px tiles (`prepare geotiff` keeps 30 px files whole under --patch-size 32) ended in
+    "unexpected RuntimeError ... (a bug)", exit 1, after the feature network had trained."""
+    classes = load_run(demo_model_path("ss")).classes
+    legend = tmp_path / "classes.csv"
+    legend.write_text("code,name\n" + "".join(f"{c.index},{c.name}\n" for c in classes))
+    raw = make_geotiff_folder(tmp_path / "raw", n=8, size=(30, 30), bands=10,
+                              codes=[c.index for c in classes])  # fmt: skip
+    real = tmp_path / "real.zarr"
+    code, _, stderr = run_cli("prepare", "geotiff", raw, "--out", real, "--patch-size", "32",
+                              "--val-fraction", "0.25", "--classes", legend, "--quiet")  # fmt: skip
+    assert code == 0, stderr
+    synthetic = Path(shutil.copytree(real, tmp_path / "syn.zarr"))
+    out = tmp_path / "report"
+    code, _, stderr = run_cli("benchmark", "--real", real, "--synthetic", synthetic, "--model",
+                              "demo", "--out", out, *FAST)  # fmt: skip
+    step = load_run(demo_model_path("ss")).vae_details().model["downsample"]
+    said = f"the real store's tiles are 30x30 px, not a multiple of the {step} px the model's VAE"
+    assert_one_error_line(code, stderr, 3, said)
+    assert not out.exists()
 
 
 def test_a_model_of_another_tile_size_is_cautioned(tmp_path: Path) -> None:
@@ -1000,7 +1031,7 @@ def test_a_model_of_another_tile_size_is_cautioned(tmp_path: Path) -> None:
     report = load_report(out)
     size, half = demo_size("ss"), demo_size("ss") // 2
     assert report.generator is not None
-    assert report.generator.tile_sizes == {"model": [size, size], "real": [half, half]}
+    assert report.generator.tile_sizes == TileSizes(model=(size, size), real=(half, half))
     said = f"learned {size}x{size} px tiles, the real store's are {half}x{half} px"
     assert any(said in caution for caution in report.cautions)
     assert said in (out / "report.md").read_text()

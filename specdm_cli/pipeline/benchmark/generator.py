@@ -15,7 +15,7 @@ from specdm_cli.manifest import IGNORE_INDEX, IMAGE_ARRAYS, LABEL_ARRAY, Manifes
 from specdm_cli.models.detail import Bank, add_detail
 from specdm_cli.pipeline.runs.choose import ChosenModel
 from specdm_cli.pipeline.runs.detail_io import has_bank
-from specdm_cli.pipeline.runs.run_manifest import RunManifest, load_run
+from specdm_cli.pipeline.runs.run_manifest import RunManifest, class_difference, load_run
 from specdm_cli.stores import StoreReader, content_sha256, open_store
 from specdm_cli.stores.base import MANIFEST_NAME
 from specdm_cli.stores.hints import held_out_hint
@@ -23,7 +23,7 @@ from specdm_cli.stores.hints import held_out_hint
 from .feature_training import ArraySource
 from .features import manifest_sha256
 from .quality import split_indices
-from .report import GeneratorInfo, Reconstruction, StoreRef, Throughput
+from .report import GeneratorInfo, Reconstruction, StoreRef, Throughput, TileSizes
 
 
 def generator_info(
@@ -84,13 +84,13 @@ def other_maker(synthetic: StoreReader, chosen: ChosenModel | None) -> str | Non
     return f"{model.run_id} ({model.kind}, sha256 {sha})"
 
 
-def other_tile_size(chosen: ChosenModel | None, real: StoreReader) -> dict[str, list[int]] | None:
+def other_tile_size(chosen: ChosenModel | None, real: StoreReader) -> TileSizes | None:
     """--model's tile size and the real store's, where they differ."""
     if chosen is None:
         return None
-    model = [chosen.manifest.height, chosen.manifest.width]
-    tiles = [real.manifest.height, real.manifest.width]
-    return None if model == tiles else {"model": model, "real": tiles}
+    model = (chosen.manifest.height, chosen.manifest.width)
+    tiles = (real.manifest.height, real.manifest.width)
+    return None if model == tiles else TileSizes(model=model, real=tiles)
 
 
 # The prepare options under which a demo source id ("demo/000123") names the same scene.
@@ -152,22 +152,31 @@ def _run_of(path: str | None) -> RunManifest | None:
 
 
 def check_model_fits(chosen: ChosenModel, real: StoreReader) -> None:
-    """The run must be of the real store's task, band count and classes."""
+    """The run must be of the real store's task, band count and classes (exit 4), and its VAE
+    must take the real store's tiles (exit 3)."""
+    from specdm_cli.models.vae_config import VAEConfig
+
     run, manifest = chosen.manifest, real.manifest
+    fix = "pass the --model trained on data like --real"
     if run.task != manifest.task or len(run.bands) != len(manifest.bands):
         raise ModelError(
             f"the model is for task {run.task} with {len(run.bands)} bands, the real store is "
             f"{manifest.task} with {len(manifest.bands)}",
             chosen.path,
-            "pass the --model trained on data like --real",
+            fix,
         )
-    if [(c.index, c.name) for c in run.classes] != [(c.index, c.name) for c in manifest.classes]:
+    differ = class_difference(run.classes, manifest.classes, "the real store")
+    if differ is not None:
         raise ModelError(
-            f"the model's {len(run.classes)} classes are not the real store's "
-            f"{len(manifest.classes)} (by index and name): its masks would be scored against "
-            "other classes",
-            chosen.path,
-            "pass the --model trained on data like --real",
+            f"{differ}: its masks would be scored against other classes", chosen.path, fix
+        )
+    step = VAEConfig.model_validate(run.vae_details().model).downsample
+    if manifest.height % step or manifest.width % step:
+        raise InputDataError(
+            f"the real store's tiles are {manifest.height}x{manifest.width} px, not a multiple of "
+            f"the {step} px the model's VAE downsamples by",
+            real.root,
+            f"prepare the real store at a --patch-size that is a multiple of {step}",
         )
 
 

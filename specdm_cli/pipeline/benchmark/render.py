@@ -181,7 +181,7 @@ def tile_size_caution(report: BenchmarkReport) -> str | None:
     gen = report.generator
     if gen is None or gen.tile_sizes is None:
         return None
-    model, real = ("x".join(map(str, gen.tile_sizes[side])) for side in ("model", "real"))
+    model, real = ("x".join(map(str, size)) for size in (gen.tile_sizes.model, gen.tile_sizes.real))
     return (
         f"--model {gen.run_id} ({gen.kind}) learned {model} px tiles, the real store's are "
         f"{real} px: its reconstruction and round trips are measured on tiles of a size it never "

@@ -61,6 +61,13 @@ class ScoreSummary(_Strict):
     written: bool = Field(description="written into the synthetic store (--write-scores)")
 
 
+class TileSizes(_Strict):
+    """--model's tile size and the real store's, (height, width) in pixels."""
+
+    model: tuple[int, int]
+    real: tuple[int, int]
+
+
 class GeneratorInfo(_Strict):
     """The model behind the synthetic store and the real data it saw."""
 
@@ -83,11 +90,11 @@ class GeneratorInfo(_Strict):
         "and model_sha256's first 12 digits, from the store's manifest); None: --model made it, "
         "or no --model was given, or the store names no model",
     )
-    tile_sizes: dict[str, list[int]] | None = Field(
+    tile_sizes: TileSizes | None = Field(
         None,
-        description="{'model': [h, w], 'real': [h, w]} where --model learned tiles of another "
-        "size than the real store's: its reconstruction and round trips then run on tiles of a "
-        "size it did not train on; None: the same size, or no --model",
+        description="where --model learned tiles of another size than the real store's: its "
+        "reconstruction and round trips then run on tiles of a size it did not train on; "
+        "None: the same size, or no --model",
     )
 
 

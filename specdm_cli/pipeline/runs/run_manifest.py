@@ -288,10 +288,23 @@ def check_store_fits(reader: StoreReader, run: RunManifest, option: str) -> None
             reader.root,
             wanted,
         )
-    if [(c.index, c.name) for c in given.classes] != [(c.index, c.name) for c in run.classes]:
-        raise InputDataError(
-            f"the {option} store's classes ({len(given.classes)}) are not the model's "
-            f"({len(run.classes)})",
-            reader.root,
-            wanted,
-        )
+    differ = class_difference(run.classes, given.classes, f"the {option} store")
+    if differ is not None:
+        raise InputDataError(differ, reader.root, wanted)
+
+
+def class_difference(
+    model: list[ClassInfo], store: list[ClassInfo], named: str = "the store"
+) -> str | None:
+    """Where a model's classes and a store's (`named`) part, by index and name, in words; None
+    where they are the same (a mask's class index must mean one class in both)."""
+    ours_by_index = {c.index: c.name for c in model}
+    theirs_by_index = {c.index: c.name for c in store}
+    for index in sorted(ours_by_index.keys() | theirs_by_index.keys()):
+        ours, theirs = ours_by_index.get(index), theirs_by_index.get(index)
+        if ours != theirs:
+            return (
+                f"class {index} is {theirs or 'missing'!r} in {named}, {ours or 'missing'!r} in "
+                f"the model ({len(store)} and {len(model)} classes)"
+            )
+    return None
