@@ -130,15 +130,24 @@ def test_a_mask_in_lossless_jpeg_2000_keeps_its_codes(tmp_path: Path) -> None:
     assert {int(v) for mask in masks for v in np.unique(mask)} == {0, 1, 2}
 
 
+def _list_bad_bands(data: Path, flags: str) -> None:
+    """Add a bad band list (`bbl = {1, 0, ...}`, 0 = bad) to the ENVI header of `data`."""
+    header = data.with_suffix(".hdr")
+    header.write_text(header.read_text() + f"bbl = {{{flags}}}\n")
+
+
+def _prepare_16(raw: Path, out: Path) -> tuple[int, str, str]:
+    return run_cli("prepare", "geotiff", raw, "--out", out, "--patch-size", "16",
+                   "--val-fraction", "0")  # fmt: skip
+
+
 def test_bands_an_envi_header_marks_bad_are_left_out_with_a_note(tmp_path: Path) -> None:
     """The header's bad band list (bbl) was not read: the store kept band 4, or a band of fill
     stopped the run asking for --bands (review15 L6). --bands still chooses."""
     raw = make_geotiff_folder(tmp_path / "raw", n=2, size=(16, 16))
     for data in images_to_envi(raw, ".img"):
-        header = data.with_suffix(".hdr")
-        header.write_text(header.read_text() + "bbl = {1, 1, 1, 0, 1}\n")
-    code, _, stderr = run_cli("prepare", "geotiff", raw, "--out", tmp_path / "s.zarr",
-                              "--patch-size", "16", "--val-fraction", "0")  # fmt: skip
+        _list_bad_bands(data, "1, 1, 1, 0, 1")
+    code, _, stderr = _prepare_16(raw, tmp_path / "s.zarr")
     assert code == 0, stderr
     assert "note: left out band 4, which the ENVI header of tile_00.img marks bad" in stderr
     store = open_store(tmp_path / "s.zarr")
@@ -155,11 +164,9 @@ def test_envi_headers_that_mark_other_bands_bad_are_refused(tmp_path: Path) -> N
     raw = make_geotiff_folder(tmp_path / "raw", n=2, size=(16, 16))
     marked = ("1, 1, 1, 0, 1", "1, 0, 1, 1, 1")
     for data, flags in zip(images_to_envi(raw, ".img"), marked, strict=True):
-        header = data.with_suffix(".hdr")
-        header.write_text(header.read_text() + f"bbl = {{{flags}}}\n")
+        _list_bad_bands(data, flags)
     out = tmp_path / "s.zarr"
-    code, _, stderr = run_cli("prepare", "geotiff", raw, "--out", out, "--patch-size", "16",
-                              "--val-fraction", "0")  # fmt: skip
+    code, _, stderr = _prepare_16(raw, out)
     said = "the bad bands its ENVI header lists (bbl) are 2, images/tile_00.img's 4"
     assert_one_error_line(code, stderr, 3, said)
     assert "tile_01.img" in stderr and not out.exists()
@@ -173,11 +180,9 @@ def test_the_phases_of_a_cd_pair_must_list_one_set_of_bad_bands(tmp_path: Path) 
     raw = make_geotiff_folder(tmp_path / "raw", task="cd", n=2, size=(16, 16))
     for folder, flags in (("t1", "1, 1, 1, 0, 1"), ("t2", "1, 0, 1, 0, 1")):
         for data in images_to_envi(raw, ".img", folder):
-            header = data.with_suffix(".hdr")
-            header.write_text(header.read_text() + f"bbl = {{{flags}}}\n")
+            _list_bad_bands(data, flags)
     out = tmp_path / "s.zarr"
-    code, _, stderr = run_cli("prepare", "geotiff", raw, "--out", out, "--patch-size", "16",
-                              "--val-fraction", "0")  # fmt: skip
+    code, _, stderr = _prepare_16(raw, out)
     said = "the bad bands its ENVI header lists (bbl) are 2, 4, t1/tile_00.img's 4"
     assert_one_error_line(code, stderr, 3, said)
     assert f"({raw / 't2' / 'tile_00.img'})" in stderr and not out.exists()
