@@ -136,9 +136,9 @@ def _list_bad_bands(data: Path, flags: str) -> None:
     header.write_text(header.read_text() + f"bbl = {{{flags}}}\n")
 
 
-def _prepare_16(raw: Path, out: Path) -> tuple[int, str, str]:
+def _prepare_16(raw: Path, out: Path, *extra: str) -> tuple[int, str, str]:
     return run_cli("prepare", "geotiff", raw, "--out", out, "--patch-size", "16",
-                   "--val-fraction", "0")  # fmt: skip
+                   "--val-fraction", "0", *extra)  # fmt: skip
 
 
 def test_bands_an_envi_header_marks_bad_are_left_out_with_a_note(tmp_path: Path) -> None:
@@ -186,6 +186,8 @@ def test_the_phases_of_a_cd_pair_must_list_one_set_of_bad_bands(tmp_path: Path) 
     said = "the bad bands its ENVI header lists (bbl) are 2, 4, t1/tile_00.img's 4"
     assert_one_error_line(code, stderr, 3, said)
     assert f"({raw / 't2' / 'tile_00.img'})" in stderr and not out.exists()
+    code, _, stderr = _prepare_16(raw, out, "--bands", "1-5")  # --bands chooses: lists unread
+    assert code == 0, stderr
 
 
 def test_envi_data_beside_its_camera_s_notes_and_logs_is_read(tmp_path: Path) -> None:

@@ -179,21 +179,25 @@ def band_scaling(src: Any, bands: list[int]) -> tuple[np.ndarray, np.ndarray]:
 
 
 def check_stems(
-    files: Files, task: Task, progress: Progress | None = None
+    files: Files, task: Task, progress: Progress | None = None, bad_bands_chosen: bool = True
 ) -> dict[str, tuple[Header, Header]]:
     """`check_stem` of every stem, reported to `progress` as the stage "reading headers": a
     folder of 2,000 tiles takes seconds before the first patch is planned."""
     checked = {}
     for done, (stem, paths) in enumerate(files.items(), start=1):
-        checked[stem] = check_stem(paths, task)
+        checked[stem] = check_stem(paths, task, bad_bands_chosen)
         if progress is not None:
             progress("reading headers", done, len(files))
     return checked
 
 
-def check_stem(paths: dict[str, Path], task: Task) -> tuple[Header, Header]:
+def check_stem(
+    paths: dict[str, Path], task: Task, bad_bands_chosen: bool = True
+) -> tuple[Header, Header]:
     """Headers of the stem's (first) image and of its label, after checking they agree. A label
-    is one band of class codes, or three of class colours (RGB, as labelling tools export)."""
+    is one band of class codes, or three of class colours (RGB, as labelling tools export). A
+    cd pair's phases list one set of ENVI bad bands where those choose the bands
+    (`bad_bands_chosen`: no --bands)."""
     images = [_header(paths[name]) for name in array_names(task)[:-1]]
     label = _header(paths[LABEL_ARRAY[task]])
     for other in [*images[1:], label]:
@@ -231,7 +235,7 @@ def check_stem(paths: dict[str, Path], task: Task) -> tuple[Header, Header]:
             "save colour masks as 8-bit RGB (PNG or GeoTIFF), or labels as one band of codes",
         )
     image = images[0] if len(images) == 1 else _same_bands(images[0], images[1])
-    for other in images[1:]:
+    for other in images[1:] if bad_bands_chosen else []:
         refuse_other_bad_bands(images[0], other)
     # A cd pair is scaled, or alpha-masked, when either phase is.
     return replace(

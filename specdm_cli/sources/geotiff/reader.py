@@ -152,7 +152,7 @@ def read_geotiff(
     # Planning reads every header and scans every mask: told on the progress where that takes
     # seconds (2,000 tiles: ~15 s), not in a small folder, whose errors stay one line.
     planning = progress if len(files) >= PLANNING_PROGRESS_FILES else None
-    checked = check_stems(files, task, planning)
+    checked = check_stems(files, task, planning, bad_bands_chosen=not options.bands)
     headers = {stem: image for stem, (image, _) in checked.items()}
     rgb_masks = [label.path for _, label in checked.values() if label.count == 3]
     grey_notes = grey_rgb_notes(rgb_masks, classes_path(root, options))
