@@ -104,7 +104,8 @@ def refuse_empty_bands(path: Path, positions: list[int], nodata: float | None) -
         if np.dtype(src.dtypes[0]) == np.uint8:
             return  # 8-bit pixels are nodata only in every band (base.apply_nodata)
         fill = src.nodata if nodata is None else nodata
-        band_of = dict(zip(positions, (data_bands(src)[p] for p in positions), strict=True))
+        file_bands = data_bands(src)  # src.colorinterp asks GDAL for every band: read once
+        band_of = {p: file_bands[p] for p in positions}
         windowed = _sampled(src, list(band_of.values()), _probe_windows(src.height, src.width))
         suspects = [
             p for p, band in zip(positions, windowed, strict=True) if _only_fill(band, fill)
